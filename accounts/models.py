@@ -1,0 +1,1 @@
+"""Accounts: users are Django's own; API tokens are DRF's ``authtoken``."""

@@ -1,0 +1,207 @@
+"""Measurement steps shared by the scenarios: connect, publish, collect, compute.
+
+A step runs on live nodes and the worker pool; it returns plain numbers. Server
+figures are summed over every node's process tree; Redis CPU comes from INFO, since
+a design that leans on Redis moves its cost there.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import redis
+
+from bench.options import Options
+from bench.pool import WorkerPool
+from bench.procinfo import Usage, usage_of
+from bench.publisher import MAX_LANES, PublishOutcome, PublishSpec
+from bench.servers import Node, Target
+from bench.stats import DeliveryStats, merge_all
+from bench.subscriber import SubscribeSpec
+
+DELIVERY_CEILING_PER_SEC = 200_000  # sizes the publisher lanes; above any server here
+CONNECT_TIMEOUT_PER_CONN_SECS = 0.05
+CONNECT_TIMEOUT_MIN_SECS = 60.0
+COMMAND_SLACK_SECS = 60.0
+
+
+@dataclass
+class RunContext:
+    """One target under one server, with the client workers that drive it."""
+
+    options: Options
+    target: Target
+    server: str
+    pool: WorkerPool
+    tag: str
+    port_cursor: int = 0
+
+    def next_ports(self, count: int) -> int:
+        """First of ``count`` fresh ports, so no phase meets a previous one's sockets."""
+        first = self.options.base_port + self.port_cursor
+        self.port_cursor = (self.port_cursor + count) % 400
+        return first
+
+    def channel(self, name: str) -> str:
+        return f"bench-{self.tag}-{name}"
+
+
+@dataclass
+class ConnectResult:
+    """How a connect phase went."""
+
+    opened: int
+    failures: dict[str, int]
+    elapsed_secs: float
+
+    @property
+    def rate_per_sec(self) -> float:
+        return self.opened / self.elapsed_secs if self.elapsed_secs > 0 else 0.0
+
+
+def connect_subscribers(
+    ctx: RunContext,
+    ports: list[int],
+    channels: list[str],
+    count: int,
+    local_hosts: tuple[str, ...] = (),
+) -> ConnectResult:
+    """Open ``count`` subscribed connections spread over the subscriber workers."""
+    workers = ctx.pool.subscriber_count
+    calls: dict[int, dict[str, Any]] = {}
+    offset = 0
+    for index in range(workers):
+        share = count // workers + (1 if index < count % workers else 0)
+        spec = SubscribeSpec(
+            host=ctx.options.host,
+            port=ports[0],
+            path="/ws/",
+            channels=channels,
+            count=share,
+            offset=offset,
+            concurrency=ctx.options.connect_concurrency,
+            fmt=ctx.options.fmt,
+            local_hosts=local_hosts,
+            ports=tuple(ports),
+        )
+        calls[index] = {"spec": spec}
+        offset += share
+    timeout = max(CONNECT_TIMEOUT_MIN_SECS, count * CONNECT_TIMEOUT_PER_CONN_SECS)
+    answers = ctx.pool.call_each("subscribe", calls, timeout).values()
+    failures: dict[str, int] = {}
+    for answer in answers:
+        for reason, number in answer["failures"].items():
+            failures[reason] = failures.get(reason, 0) + number
+    started = min(answer["started"] for answer in answers)
+    finished = max(answer["finished"] for answer in answers)
+    opened = sum(answer["opened"] for answer in answers)
+    return ConnectResult(opened, failures, finished - started)
+
+
+def close_subscribers(ctx: RunContext) -> None:
+    ctx.pool.call_subscribers("close", COMMAND_SLACK_SECS)
+
+
+def publisher_lanes(options: Options, subscribers_per_channel: int) -> int:
+    """Enough publishing connections that the per-connection cap is not the limit."""
+    if options.lane_rate <= 0:
+        return 4
+    wanted_rate = DELIVERY_CEILING_PER_SEC / max(1, subscribers_per_channel)
+    return max(2, min(MAX_LANES, math.ceil(wanted_rate / options.lane_rate)))
+
+
+def base_publish_spec(
+    ctx: RunContext, port: int, channels: list[str], fanout: int
+) -> PublishSpec:
+    options = ctx.options
+    return PublishSpec(
+        host=options.host,
+        port=port,
+        channels=channels,
+        token=ctx.target.token,
+        window=options.window,
+        lanes=publisher_lanes(options, fanout),
+        lane_rate=options.lane_rate,
+        payload_bytes=options.payload_bytes,
+        fmt=options.fmt,
+    )
+
+
+def redis_cpu_secs(redis_url: str) -> float:
+    try:
+        info = redis.Redis.from_url(redis_url).info("cpu")
+    except redis.RedisError:
+        return 0.0
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+@dataclass
+class PublishResult:
+    """What one publish phase delivered and what it cost."""
+
+    outcome: PublishOutcome
+    stats: DeliveryStats
+    server: Usage
+    clients: Usage
+    redis_cpu_secs: float
+    wall_secs: float
+
+
+def publish_and_collect(
+    ctx: RunContext, nodes: list[Node], spec: PublishSpec
+) -> PublishResult:
+    """Run one publish phase, wait for the deliveries, and take the costs."""
+    pool = ctx.pool
+    node_pids = [node.pid for node in nodes]
+    server_before = usage_of(node_pids)
+    clients_before = usage_of(pool.pids)
+    redis_before = redis_cpu_secs(ctx.options.redis_url)
+    wall_start = time.time()
+    timeout = spec.duration_secs + COMMAND_SLACK_SECS
+    outcome: PublishOutcome = pool.call_each(
+        "publish", {pool.publisher: {"spec": spec}}, timeout
+    )[pool.publisher]
+    drain = ctx.options.drain_secs
+    parts = pool.call_subscribers(
+        "collect",
+        drain + COMMAND_SLACK_SECS,
+        final_seq=outcome.final_seq,
+        drain_secs=drain,
+    )
+    return PublishResult(
+        outcome=outcome,
+        stats=merge_all(parts),
+        server=usage_of(node_pids) - server_before,
+        clients=usage_of(pool.pids) - clients_before,
+        redis_cpu_secs=redis_cpu_secs(ctx.options.redis_url) - redis_before,
+        wall_secs=time.time() - wall_start,
+    )
+
+
+def publish_metrics(result: PublishResult) -> dict[str, Any]:
+    """The report's delivery figures from one publish phase."""
+    stats, outcome = result.stats, result.outcome
+    span = (stats.last_rx - outcome.started) if stats.last_rx else 0.0
+    received = stats.received
+    per_delivery = 1e6 / received if received else 0.0
+    publish_span = max(1e-9, outcome.finished - outcome.started)
+    return {
+        **stats.summary(),
+        "published": outcome.published,
+        "publish_failed": outcome.failed,
+        "publish_errors": outcome.errors,
+        "publish_per_s": round(outcome.published / publish_span, 1),
+        "stalled": outcome.stalled,
+        "deliveries_per_s": round(received / span, 1) if span > 0 else 0.0,
+        "server_cpu_us_per_delivery": round(result.server.cpu_secs * per_delivery, 2),
+        "redis_cpu_us_per_delivery": round(result.redis_cpu_secs * per_delivery, 2),
+        "server_cores_busy": round(result.server.cpu_secs / result.wall_secs, 2),
+        "client_cores_busy": round(result.clients.cpu_secs / result.wall_secs, 2),
+    }
+
+
+def with_overrides(spec: PublishSpec, **changes: Any) -> PublishSpec:
+    return replace(spec, **changes)

@@ -1,0 +1,78 @@
+"""Knobs of a benchmark run: sizes, durations and pacing, with full and quick presets.
+
+The full defaults keep a default run (every default scenario, three targets, two
+servers) under about 15 minutes on the 2-core machine; ``--quick`` is a smoke run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_SCENARIOS = (
+    "idle",
+    "fanout",
+    "latency",
+    "many_channels",
+    "rest_publish",
+    "two_nodes",
+)
+EXPLICIT_SCENARIOS = ("scale_100k",)  # only run when named
+ALL_SCENARIOS = DEFAULT_SCENARIOS + EXPLICIT_SCENARIOS
+
+
+@dataclass
+class Options:
+    """Everything a scenario needs to know about the run."""
+
+    scenarios: list[str] = field(default_factory=lambda: list(DEFAULT_SCENARIOS))
+    servers: list[str] = field(default_factory=lambda: ["uvicorn", "daphne"])
+    targets: list[str] = field(
+        default_factory=lambda: ["ours", "channels_ref", "bare_ref"]
+    )
+    fmt: str = "json"
+    host: str = "127.0.0.1"
+    base_port: int = 18_100
+    subscriber_workers: int = 2
+    connect_concurrency: int = 64  # handshakes in flight per worker
+    idle_connections: int = 10_000
+    fanout_sweep: list[int] = field(default_factory=lambda: [1_000, 2_500, 5_000])
+    fanout_secs: float = 8.0
+    # (subscribers, publishes per second): the issue's two latency targets.
+    latency_points: list[tuple[int, float]] = field(
+        default_factory=lambda: [(1_000, 10.0), (5_000, 2.0)]
+    )
+    latency_secs: float = 12.0
+    many_connections: int = 5_000
+    many_channels: int = 100
+    rest_subscribers: int = 1_000
+    two_node_subscribers: int = 1_000
+    scale_connections: int = 100_000
+    scale_conns_per_node: int = 17_000  # under the 20,000 files one process may open
+    scale_conns_per_worker: int = 18_000
+    window: int = 8  # messages published and not yet seen by the probe
+    lane_rate: float = 45.0  # per publishing connection; the contract allows 50/s
+    rest_lanes: int = 8
+    payload_bytes: int = 64
+    drain_secs: float = 20.0
+    database_url: str = "postgres://postgres@127.0.0.1:5432/bench"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    ours_command: str = (
+        "runnode"  # "runnode", "raw", or a template with {server} {port}...
+    )
+    results_path: str = ""
+
+
+def apply_quick(options: Options) -> Options:
+    """Shrink a run to a ~1 minute smoke check (a few hundred connections)."""
+    options.idle_connections = 300
+    options.fanout_sweep = [300]
+    options.fanout_secs = 3.0
+    options.latency_points = [(300, 10.0)]
+    options.latency_secs = 3.0
+    options.many_connections = 300
+    options.many_channels = 10
+    options.rest_subscribers = 200
+    options.two_node_subscribers = 200
+    options.scale_connections = 2_000
+    options.drain_secs = 10.0
+    return options

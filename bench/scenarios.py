@@ -1,0 +1,272 @@
+"""The scenarios of issue 3: each starts its own nodes, drives them, stops them.
+
+Every scenario returns rows, one per measured step, with the same keys wherever a
+figure applies; report.py lays them out and computes the ratios to the references.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench.measure import (
+    RunContext,
+    base_publish_spec,
+    close_subscribers,
+    connect_subscribers,
+    publish_and_collect,
+    publish_metrics,
+    with_overrides,
+)
+from bench.pool import WorkerPool
+from bench.procinfo import usage_of
+from bench.servers import Node, start_nodes, stop_nodes
+
+Row = dict[str, Any]
+IDLE_WARMUP_CONNECTIONS = 50  # loads lazy imports and caches before the baseline
+SETTLE_SECS = 2.0
+KIB = 1024
+SCALE_LOCAL_HOSTS = tuple(f"127.0.0.{i}" for i in range(2, 12))
+SCALE_BROADCASTS = 3
+SCALE_BROADCAST_INTERVAL_SECS = 2.0
+
+
+def _row(ctx: RunContext, scenario: str, step: str, **figures: Any) -> Row:
+    return {
+        "scenario": scenario,
+        "step": step,
+        "server": ctx.server,
+        "target": ctx.target.name,
+        **figures,
+    }
+
+
+class running_nodes:
+    """Start nodes for one scenario; always stop them and drop the subscribers."""
+
+    def __init__(self, ctx: RunContext, count: int = 1) -> None:
+        self.ctx = ctx
+        self.count = count
+        self.nodes: list[Node] = []
+
+    def __enter__(self) -> list[Node]:
+        ctx = self.ctx
+        first = ctx.next_ports(self.count)
+        self.nodes = start_nodes(
+            ctx.target, ctx.server, ctx.options.host, first, self.count
+        )
+        return self.nodes
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            close_subscribers(self.ctx)
+        finally:
+            stop_nodes(self.nodes)
+
+
+def idle(ctx: RunContext) -> list[Row]:
+    """N subscribed, silent connections: connect rate and server RSS per connection."""
+    count = ctx.options.idle_connections
+    channels = [ctx.channel("idle")]
+    with running_nodes(ctx) as nodes:
+        ports = [nodes[0].port]
+        connect_subscribers(ctx, ports, channels, IDLE_WARMUP_CONNECTIONS)
+        time.sleep(SETTLE_SECS / 2)
+        before = usage_of([nodes[0].pid])
+        connected = connect_subscribers(ctx, ports, channels, count)
+        time.sleep(SETTLE_SECS)
+        after = usage_of([nodes[0].pid])
+    grown = after.rss_bytes - before.rss_bytes
+    return [
+        _row(
+            ctx,
+            "idle",
+            f"N={count}",
+            connections=connected.opened,
+            connect_failures=connected.failures,
+            connect_per_s=round(connected.rate_per_sec, 1),
+            rss_per_conn_kb=round(grown / max(1, connected.opened) / KIB, 2),
+            server_rss_mb=round(after.rss_bytes / KIB / KIB, 1),
+        )
+    ]
+
+
+def _publish_step(
+    ctx: RunContext,
+    scenario: str,
+    step: str,
+    subscribers: int,
+    channels: list[str],
+    tune: Callable[[Any, list[Node]], Any],
+    node_count: int = 1,
+) -> Row:
+    with running_nodes(ctx, node_count) as nodes:
+        connected = connect_subscribers(ctx, [nodes[0].port], channels, subscribers)
+        fanout = math.ceil(subscribers / len(channels))
+        spec = tune(base_publish_spec(ctx, nodes[-1].port, channels, fanout), nodes)
+        result = publish_and_collect(ctx, nodes, spec)
+    return _row(
+        ctx,
+        scenario,
+        step,
+        connections=connected.opened,
+        connect_failures=connected.failures,
+        connect_per_s=round(connected.rate_per_sec, 1),
+        **publish_metrics(result),
+    )
+
+
+def fanout(ctx: RunContext) -> list[Row]:
+    """One channel, N subscribers, publishing as fast as the server delivers."""
+    duration = ctx.options.fanout_secs
+    rows = []
+    for count in ctx.options.fanout_sweep:
+        rows.append(
+            _publish_step(
+                ctx,
+                "fanout",
+                f"N={count}",
+                count,
+                [ctx.channel(f"fan{count}")],
+                lambda spec, nodes: with_overrides(spec, duration_secs=duration),
+            )
+        )
+    return rows
+
+
+def latency(ctx: RunContext) -> list[Row]:
+    """One channel, N subscribers, a fixed low publish rate: the latency percentiles."""
+    duration = ctx.options.latency_secs
+    rows = []
+    for count, rate in ctx.options.latency_points:
+        rows.append(
+            _publish_step(
+                ctx,
+                "latency",
+                f"N={count} @{rate:g}/s",
+                count,
+                [ctx.channel(f"lat{count}")],
+                lambda spec, nodes, rate=rate: with_overrides(
+                    spec, mode="rate", rate=rate, duration_secs=duration, lanes=2
+                ),
+            )
+        )
+    return rows
+
+
+def many_channels(ctx: RunContext) -> list[Row]:
+    """N connections over K channels, publishes spread round-robin over the channels."""
+    count, kinds = ctx.options.many_connections, ctx.options.many_channels
+    channels = [ctx.channel(f"many{index}") for index in range(kinds)]
+    duration = ctx.options.fanout_secs
+    return [
+        _publish_step(
+            ctx,
+            "many_channels",
+            f"N={count} K={kinds}",
+            count,
+            channels,
+            lambda spec, nodes: with_overrides(spec, duration_secs=duration),
+        )
+    ]
+
+
+def rest_publish(ctx: RunContext) -> list[Row]:
+    """One channel, N subscribers, publishes over REST as fast as they are delivered."""
+    count = ctx.options.rest_subscribers
+    options = ctx.options
+    return [
+        _publish_step(
+            ctx,
+            "rest_publish",
+            f"N={count}",
+            count,
+            [ctx.channel("rest")],
+            lambda spec, nodes: with_overrides(
+                spec,
+                via="rest",
+                duration_secs=options.fanout_secs,
+                lanes=options.rest_lanes,
+                lane_rate=0.0,
+            ),
+        )
+    ]
+
+
+def two_nodes(ctx: RunContext) -> list[Row]:
+    """Subscribers on node A, publishers on node B: the cross-node path (Redis)."""
+    count = ctx.options.two_node_subscribers
+    duration = ctx.options.fanout_secs
+    return [
+        _publish_step(
+            ctx,
+            "two_nodes",
+            f"N={count}",
+            count,
+            [ctx.channel("two")],
+            lambda spec, nodes: with_overrides(
+                spec, duration_secs=duration, probe_port=nodes[0].port
+            ),
+            node_count=2,
+        )
+    ]
+
+
+def scale_100k(ctx: RunContext) -> list[Row]:
+    """Many nodes, N connections on one channel: total RSS and broadcast completion."""
+    options = ctx.options
+    count = options.scale_connections
+    node_count = max(1, math.ceil(count / options.scale_conns_per_node))
+    workers = max(2, math.ceil(count / options.scale_conns_per_worker))
+    channels = [ctx.channel("scale")]
+    pool = WorkerPool(workers)
+    scaled = RunContext(options, ctx.target, ctx.server, pool, ctx.tag, ctx.port_cursor)
+    try:
+        with running_nodes(scaled, node_count) as nodes:
+            ports = [node.port for node in nodes]
+            connected = connect_subscribers(
+                scaled, ports, channels, count, SCALE_LOCAL_HOSTS
+            )
+            time.sleep(SETTLE_SECS)
+            rss = usage_of([node.pid for node in nodes]).rss_bytes
+            spec = with_overrides(
+                base_publish_spec(scaled, ports[0], channels, count),
+                mode="rate",
+                rate=1.0 / SCALE_BROADCAST_INTERVAL_SECS,
+                max_messages=SCALE_BROADCASTS,
+                duration_secs=SCALE_BROADCASTS * SCALE_BROADCAST_INTERVAL_SECS,
+                lanes=1,
+            )
+            result = publish_and_collect(scaled, nodes, spec)
+    finally:
+        ctx.port_cursor = scaled.port_cursor
+        pool.close()
+    metrics = publish_metrics(result)
+    return [
+        _row(
+            ctx,
+            "scale_100k",
+            f"N={count} nodes={node_count}",
+            connections=connected.opened,
+            connect_failures=connected.failures,
+            connect_per_s=round(connected.rate_per_sec, 1),
+            server_rss_mb=round(rss / KIB / KIB, 1),
+            rss_per_conn_kb=round(rss / max(1, connected.opened) / KIB, 2),
+            # The slowest connection's wait for a broadcast is the max latency.
+            broadcast_complete_ms=metrics["lat_max_ms"],
+            **metrics,
+        )
+    ]
+
+
+SCENARIOS: dict[str, Callable[[RunContext], list[Row]]] = {
+    "idle": idle,
+    "fanout": fanout,
+    "latency": latency,
+    "many_channels": many_channels,
+    "rest_publish": rest_publish,
+    "two_nodes": two_nodes,
+    "scale_100k": scale_100k,
+}

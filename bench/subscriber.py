@@ -1,0 +1,215 @@
+"""Subscriber side of the load generator: many connections in one process, counted.
+
+Each connection subscribes to one channel, remembers the channel's seq from the
+`subscribed` reply (its base) and then checks every `message` against the last seq it
+saw: +1 is a delivery, a jump is a gap, anything not above the last is a duplicate.
+At the end the orchestrator says each channel's final seq and every connection's loss
+is ``final - base - unique deliveries``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.stats import BUCKETS_PER_SEC, DeliveryStats
+from bench.wire import WireFormat, get_format
+from bench.wsclient import CLOSE_ABNORMAL, WsConnection, ws_connect
+
+SUBSCRIBE_TIMEOUT_SECS = 30.0
+DRAIN_POLL_SECS = 0.05
+ERROR_SAMPLE_LIMIT = 20  # distinct error texts kept per worker, to keep replies small
+
+
+@dataclass(slots=True)
+class Subscription:
+    """Per-connection bookkeeping: the channel, its base seq and the last seq seen."""
+
+    channel: str
+    ready: asyncio.Future[int]
+    base: int = -1
+    last: int = -1
+    unique: int = 0
+
+
+@dataclass(frozen=True)
+class SubscribeSpec:
+    """Where and how a worker opens its share of subscriber connections."""
+
+    host: str
+    port: int
+    path: str
+    channels: list[str]
+    count: int
+    offset: int  # global index of this worker's first connection (picks channels)
+    concurrency: int
+    fmt: str = "json"
+    local_hosts: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()  # several nodes: connection i goes to ports[i % n]
+
+
+class SubscriberSet:
+    """All subscriber connections of one worker process and what they received."""
+
+    def __init__(self) -> None:
+        self.connections: list[WsConnection] = []
+        self.stats = DeliveryStats()
+        self._format: WireFormat = get_format("json")
+        self._closing = False
+
+    async def open(self, spec: SubscribeSpec) -> dict[str, Any]:
+        """Open and subscribe ``spec.count`` connections; report timing and failures."""
+        self._format = get_format(spec.fmt)
+        self._closing = False
+        gate = asyncio.Semaphore(spec.concurrency)
+        started = time.time()
+        outcomes = await asyncio.gather(
+            *(self._open_one(spec, spec.offset + i, gate) for i in range(spec.count))
+        )
+        failures: dict[str, int] = {}
+        for outcome in outcomes:
+            if outcome is not None:
+                failures[outcome] = failures.get(outcome, 0) + 1
+        return {
+            "opened": spec.count - sum(failures.values()),
+            "failures": failures,
+            "started": started,
+            "finished": time.time(),
+        }
+
+    async def _open_one(
+        self, spec: SubscribeSpec, index: int, gate: asyncio.Semaphore
+    ) -> str | None:
+        channel = spec.channels[index % len(spec.channels)]
+        port = spec.ports[index % len(spec.ports)] if spec.ports else spec.port
+        local = (
+            spec.local_hosts[index % len(spec.local_hosts)]
+            if spec.local_hosts
+            else None
+        )
+        async with gate:
+            try:
+                conn = await ws_connect(
+                    spec.host,
+                    port,
+                    spec.path,
+                    self._on_message,
+                    subprotocol=self._format.subprotocol,
+                    on_close=self._on_close,
+                    local_host=local,
+                )
+                sub = Subscription(channel, asyncio.get_running_loop().create_future())
+                conn.state = sub
+                self.connections.append(conn)
+                request = {"type": "subscribe", "channel": channel}
+                conn.send(self._format.encode(request), self._format.opcode)
+                await asyncio.wait_for(sub.ready, SUBSCRIBE_TIMEOUT_SECS)
+            except Exception as exc:  # noqa: BLE001 - a refusal is a figure, not a crash
+                return _describe(exc)
+        return None
+
+    def _on_message(self, conn: WsConnection, payload: bytes, now: float) -> None:
+        # Hot path: one call per delivered frame, so locals and no helper calls.
+        message = self._format.decode(payload)
+        kind = message.get("type")
+        sub: Subscription = conn.state  # type: ignore[assignment]
+        if kind == "message":
+            stats = self.stats
+            seq = message["seq"]
+            last = sub.last
+            stats.received += 1
+            if seq > last:
+                if seq != last + 1 and last >= 0:
+                    stats.gaps += seq - last - 1
+                sub.last = seq
+                sub.unique += 1
+            else:
+                stats.duplicates += 1
+            data = message.get("data")
+            sent = data.get("t") if isinstance(data, dict) else None
+            latency = now - (sent if sent is not None else message["timestamp"])
+            histogram = stats.latency
+            bucket = int(latency * BUCKETS_PER_SEC) if latency > 0 else 0
+            counts = histogram.counts
+            counts[bucket] = counts.get(bucket, 0) + 1
+            histogram.total += 1
+            if latency > histogram.max_secs:
+                histogram.max_secs = latency
+            if not stats.first_rx:
+                stats.first_rx = now
+            stats.last_rx = now
+        elif kind == "subscribed":
+            sub.base = sub.last = int(message["seq"])
+            if not sub.ready.done():
+                sub.ready.set_result(sub.base)
+        elif kind == "error":
+            self._count_error(str(message.get("code")))
+            if sub is not None and not sub.ready.done():
+                sub.ready.set_exception(RuntimeError(f"error {message.get('code')}"))
+
+    def _on_close(self, conn: WsConnection) -> None:
+        sub = conn.state
+        if isinstance(sub, Subscription) and not sub.ready.done():
+            sub.ready.set_exception(ConnectionError(f"closed {conn.close_code}"))
+        if self._closing:
+            return
+        stats = self.stats
+        stats.closed_by_server += 1
+        code = conn.close_code or CLOSE_ABNORMAL
+        stats.close_codes[code] = stats.close_codes.get(code, 0) + 1
+
+    def _count_error(self, code: str) -> None:
+        errors = self.stats.errors
+        if code in errors or len(errors) < ERROR_SAMPLE_LIMIT:
+            errors[code] = errors.get(code, 0) + 1
+
+    async def collect(
+        self, final_seq: dict[str, int], drain_secs: float
+    ) -> DeliveryStats:
+        """Wait until every open connection has its channel's final seq, then count."""
+        await self._wait_drained(final_seq, drain_secs)
+        stats = self.stats
+        stats.connections = len(self.connections)
+        stats.expected = stats.missing = 0
+        for conn in self.connections:
+            sub: Subscription = conn.state  # type: ignore[assignment]
+            if sub.base < 0:
+                continue
+            expected = max(0, final_seq.get(sub.channel, sub.base) - sub.base)
+            stats.expected += expected
+            stats.missing += max(0, expected - sub.unique)
+        return stats
+
+    async def _wait_drained(self, final_seq: dict[str, int], drain_secs: float) -> None:
+        deadline = time.monotonic() + drain_secs
+        while time.monotonic() < deadline:
+            if all(self._is_drained(conn, final_seq) for conn in self.connections):
+                return
+            await asyncio.sleep(DRAIN_POLL_SECS)
+
+    @staticmethod
+    def _is_drained(conn: WsConnection, final_seq: dict[str, int]) -> bool:
+        sub: Subscription = conn.state  # type: ignore[assignment]
+        return conn.closed or sub.base < 0 or sub.last >= final_seq.get(sub.channel, 0)
+
+    def reset_counts(self) -> None:
+        """Start a new measurement on the same connections."""
+        self.stats = DeliveryStats()
+
+    async def close_all(self) -> int:
+        """Drop every connection (abort: a clean close of thousands adds nothing)."""
+        self._closing = True
+        count = len(self.connections)
+        for conn in self.connections:
+            conn.abort()
+        self.connections = []
+        self.stats = DeliveryStats()
+        await asyncio.sleep(0)
+        return count
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)[:80]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

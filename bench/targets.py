@@ -1,0 +1,116 @@
+"""What the benchmark measures: our server and the two references, ready to launch.
+
+Our server needs a database, migrations and an API token for its publishers before
+a node starts; the references need nothing but Redis. Preparing ours runs Django's
+own management commands as subprocesses, the way an operator would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+
+import psycopg
+
+from bench.servers import (
+    BARE_APP,
+    CHANNELS_REF_APP,
+    OURS_APP,
+    REPO_ROOT,
+    RUNNODE_TEMPLATE,
+    Target,
+)
+
+TARGET_NAMES = ("ours", "channels_ref", "bare_ref")
+BENCH_USERNAME = "bench"
+MANAGE_TIMEOUT_SECS = 300.0
+TOKEN_PATTERN = re.compile(r"\b[0-9a-f]{40}\b")
+
+
+class TargetSetupError(Exception):
+    """Raised when our server cannot be prepared (no manage.py, a failed migrate, ...)."""
+
+
+def _ours_env(database_url: str, redis_url: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "DJANGO_SETTINGS_MODULE": "realtime_project.settings",
+    }
+
+
+def build_targets(
+    names: list[str], *, database_url: str, redis_url: str, ours_command: str
+) -> list[Target]:
+    """The requested targets in order; ``ours`` is prepared (migrated, token made)."""
+    ours_template = {"runnode": RUNNODE_TEMPLATE, "raw": ""}.get(
+        ours_command, ours_command
+    )
+    catalogue = {
+        "ours": Target(
+            "ours", OURS_APP, _ours_env(database_url, redis_url), ours_template
+        ),
+        "channels_ref": Target(
+            "channels_ref",
+            CHANNELS_REF_APP,
+            {
+                "REDIS_URL": redis_url,
+                "DJANGO_SETTINGS_MODULE": "bench.references.channels_ref.settings",
+            },
+        ),
+        "bare_ref": Target(
+            "bare_ref", BARE_APP, multi_node_env={"BARE_HUB_REDIS_URL": redis_url}
+        ),
+    }
+    targets = [catalogue[name] for name in names]
+    return [prepare_ours(t, database_url) if t.name == "ours" else t for t in targets]
+
+
+def _ensure_database(database_url: str) -> None:
+    name = database_url.rsplit("/", 1)[1].split("?", 1)[0]
+    admin_url = database_url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+        ).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def _manage(env: dict[str, str], *args: str) -> str:
+    command = [sys.executable, "manage.py", *args]
+    result = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        env={**os.environ, **env, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=MANAGE_TIMEOUT_SECS,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise TargetSetupError(
+            f"manage.py {' '.join(args)} failed:\n{result.stderr[-2000:]}"
+        )
+    return result.stdout
+
+
+def prepare_ours(target: Target, database_url: str) -> Target:
+    """Create the database, migrate, make the bench user and its token."""
+    if not (REPO_ROOT / "manage.py").exists():
+        raise TargetSetupError("no manage.py yet: our server cannot be measured")
+    _ensure_database(database_url)
+    _manage(target.env, "migrate", "--noinput")
+    make_user = (
+        "from django.contrib.auth import get_user_model; "
+        f"get_user_model().objects.get_or_create(username={BENCH_USERNAME!r})"
+    )
+    _manage(target.env, "shell", "-c", make_user)
+    output = _manage(target.env, "drf_create_token", BENCH_USERNAME)
+    match = TOKEN_PATTERN.search(output)
+    if match is None:
+        raise TargetSetupError(f"no token in drf_create_token output: {output!r}")
+    return replace(target, token=match.group(0))

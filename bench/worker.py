@@ -1,0 +1,88 @@
+"""Client worker process: one uvloop event loop that obeys the orchestrator's commands.
+
+The orchestrator talks to each worker over a multiprocessing pipe: a command is a
+``(name, kwargs)`` tuple and every command gets exactly one reply, ``("ok", result)``
+or ``("error", traceback text)``. Connections live in the worker between commands, so
+a scenario can connect, publish, collect and close as separate steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from bench.procinfo import raise_fd_limit
+from bench.publisher import PublishSpec, run_publish
+from bench.subscriber import SubscriberSet, SubscribeSpec
+
+
+class Worker:
+    """The commands a worker understands; each returns something picklable."""
+
+    def __init__(self) -> None:
+        self.subscribers = SubscriberSet()
+
+    async def cmd_subscribe(self, spec: SubscribeSpec) -> dict[str, Any]:
+        return await self.subscribers.open(spec)
+
+    async def cmd_reset(self) -> None:
+        self.subscribers.reset_counts()
+
+    async def cmd_collect(self, final_seq: dict[str, int], drain_secs: float) -> Any:
+        return await self.subscribers.collect(final_seq, drain_secs)
+
+    async def cmd_close(self) -> int:
+        return await self.subscribers.close_all()
+
+    async def cmd_publish(self, spec: PublishSpec) -> Any:
+        return await run_publish(spec)
+
+    async def cmd_ping(self) -> str:
+        return "pong"
+
+
+async def _serve(pipe: Connection) -> None:
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+
+    def on_readable() -> None:
+        try:
+            inbox.put_nowait(pipe.recv())
+        except EOFError:  # the orchestrator died: stop rather than spin
+            inbox.put_nowait(("exit", {}))
+
+    loop.add_reader(pipe.fileno(), on_readable)
+    worker = Worker()
+    try:
+        while True:
+            name, kwargs = await inbox.get()
+            if name == "exit":
+                await worker.cmd_close()
+                return
+            pipe.send(await _run_command(worker, name, kwargs))
+    finally:
+        loop.remove_reader(pipe.fileno())
+
+
+async def _run_command(
+    worker: Worker, name: str, kwargs: dict[str, Any]
+) -> tuple[str, Any]:
+    try:
+        handler = getattr(worker, f"cmd_{name}")
+        return "ok", await handler(**kwargs)
+    except Exception:  # noqa: BLE001 - reported to the orchestrator, which decides
+        return "error", traceback.format_exc()
+
+
+def worker_main(pipe: Connection) -> None:
+    """Process entry point (spawned): raise the file limit, run the loop."""
+    raise_fd_limit()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # plain asyncio still works, only slower
+        pass
+    asyncio.run(_serve(pipe))

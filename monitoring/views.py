@@ -1,0 +1,25 @@
+"""Health (the process answers) and readiness (its dependencies answer)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from django.conf import settings
+from django.http import HttpRequest, JsonResponse
+
+from monitoring.checks import check_database, check_redis
+
+
+async def health(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"status": "ok", "server_id": settings.NODE_ID})
+
+
+async def ready(request: HttpRequest) -> JsonResponse:
+    failures = [
+        failure
+        for failure in await asyncio.gather(check_database(), check_redis(settings.REDIS_URL))
+        if failure is not None
+    ]
+    if failures:
+        return JsonResponse({"status": "unavailable", "failing": failures}, status=503)
+    return JsonResponse({"status": "ready", "server_id": settings.NODE_ID})

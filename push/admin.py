@@ -1,0 +1,85 @@
+"""Django admin: live connections, stored history and channels.
+
+History is read-only: editing or deleting a message in place would make clients that
+already received it disagree with what resumes and REST return.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from push.models import Channel, Connection, Message
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class LiveFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("live", "Live"), ("closed", "Closed")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Connection]) -> QuerySet:
+        if self.value() == "live":
+            return queryset.filter(disconnected_at__isnull=True)
+        if self.value() == "closed":
+            return queryset.filter(disconnected_at__isnull=False)
+        return queryset
+
+
+@admin.register(Connection)
+class ConnectionAdmin(ReadOnlyAdmin):
+    list_display = (
+        "connection_id",
+        "user",
+        "ip",
+        "server_id",
+        "wire_format",
+        "connected_at",
+        "disconnected_at",
+        "close_code",
+        "last_heartbeat",
+        "is_live",
+    )
+    list_filter = (LiveFilter, "server_id", "wire_format")
+    search_fields = ("connection_id", "user__username", "ip", "server_id")
+    list_select_related = ("user",)
+    date_hierarchy = "connected_at"
+
+    @admin.display(boolean=True, description="live")
+    def is_live(self, obj: Connection) -> bool:
+        return obj.is_live
+
+
+@admin.register(Message)
+class MessageAdmin(ReadOnlyAdmin):
+    list_display = ("channel", "seq", "message_id", "publisher", "created_at", "data_preview")
+    search_fields = ("channel__name", "message_id")
+    ordering = ("channel__name", "seq")
+    list_select_related = ("channel", "publisher")
+    show_full_result_count = False
+
+    @admin.display(description="data")
+    def data_preview(self, obj: Message) -> str:
+        return obj.data if len(obj.data) <= 120 else obj.data[:117] + "..."
+
+
+@admin.register(Channel)
+class ChannelAdmin(ReadOnlyAdmin):
+    list_display = ("name", "last_seq", "created_at")
+    search_fields = ("name",)
+    ordering = ("name",)

@@ -1,0 +1,51 @@
+"""The one place a REST error becomes a reply: the contract's error envelope.
+
+``PushError`` keeps its code and status; DRF's own exceptions are mapped onto the
+closest contract code, keeping DRF's per-field messages under ``errors``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import exceptions
+from rest_framework.response import Response
+from rest_framework.views import exception_handler
+
+from push.errors import ErrorCode, PushError
+
+
+def _first_field_message(detail: Any, prefix: str = "") -> str:
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            name = key if key != "non_field_errors" else ""
+            return _first_field_message(value, f"{prefix}{name}: " if name else prefix)
+    if isinstance(detail, list) and detail:
+        return _first_field_message(detail[0], prefix)
+    return f"{prefix}{detail}"
+
+
+def _envelope(code: str, message: str, status: int, **extra: Any) -> Response:
+    return Response({"type": "error", "code": code, "message": message, **extra}, status=status)
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, PushError):
+        extra = {"field": exc.field} if exc.field else {}
+        return _envelope(exc.code.value, exc.message, exc.http_status, **extra)
+    if isinstance(exc, exceptions.ParseError):
+        return _envelope(ErrorCode.INVALID_JSON.value, str(exc.detail), 400)
+    if isinstance(exc, exceptions.ValidationError):
+        return _envelope(
+            ErrorCode.INVALID_MESSAGE.value,
+            _first_field_message(exc.detail),
+            400,
+            errors=exc.detail,
+        )
+    response = exception_handler(exc, context)
+    if response is not None and isinstance(exc, exceptions.APIException):
+        code = {403: ErrorCode.FORBIDDEN.value, 404: ErrorCode.NOT_FOUND.value}.get(
+            response.status_code, str(exc.default_code).upper()
+        )
+        response.data = {"type": "error", "code": code, "message": str(exc.detail)}
+    return response

@@ -1,0 +1,48 @@
+"""REST request and response shapes; the rules themselves live in services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from push.message import ChannelMessage
+from push.models import Channel
+
+
+class PublishSerializer(serializers.Serializer):
+    # allow_null: JSON null is a value like any other and may be published.
+    data = serializers.JSONField(allow_null=True)
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict) and "data" not in data:
+            raise serializers.ValidationError({"data": ["This field is required."]})
+        return super().to_internal_value(data)
+
+
+class HistoryQuerySerializer(serializers.Serializer):
+    since = serializers.IntegerField(min_value=0, required=False, default=0)
+    limit = serializers.IntegerField(min_value=1, required=False)
+
+    def __init__(self, *args: Any, max_limit: int, default_limit: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["limit"].default = default_limit
+        self._max_limit = max_limit
+
+    def validate_limit(self, value: int) -> int:
+        if value > self._max_limit:
+            raise serializers.ValidationError(f"Ensure this value is at most {self._max_limit}.")
+        return value
+
+
+def published_body(message: ChannelMessage) -> dict[str, Any]:
+    return {
+        "channel": message.channel,
+        "seq": message.seq,
+        "message_id": message.message_id,
+        "timestamp": message.timestamp,
+    }
+
+
+def channel_body(channel: Channel) -> dict[str, Any]:
+    return {"name": channel.name, "last_seq": channel.last_seq}

@@ -1,0 +1,87 @@
+"""REST API: publish to a channel, read its history, list channels.
+
+Views check the request's shape and ask ``accounts.permissions`` and the services;
+they hold no rules of their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from rest_framework import exceptions, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts.permissions import authorize_publish, authorize_subscribe, visible_channels
+from push import metrics, selectors
+from push.api.serializers import (
+    HistoryQuerySerializer,
+    PublishSerializer,
+    channel_body,
+    published_body,
+)
+from push.conf import push_settings
+from push.errors import ErrorCode, PushError
+from push.protocol import validate_channel_name
+from push.services import message_publish
+
+
+def _page_url(request: Request, **params: Any) -> str:
+    query = request.query_params.copy()
+    for key, value in params.items():
+        query[key] = str(value)
+    return request.build_absolute_uri(request.path) + "?" + urlencode(query)
+
+
+class ChannelMessagesView(APIView):
+    def post(self, request: Request, channel: str) -> Response:
+        validate_channel_name(channel)
+        if not request.user or not request.user.is_authenticated:
+            raise exceptions.NotAuthenticated()
+        authorize_publish(request.user, channel)
+        if len(request.body) > push_settings.MAX_FRAME_BYTES:
+            raise PushError(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"body is larger than {push_settings.MAX_FRAME_BYTES} bytes",
+            )
+        serializer = PublishSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        message = message_publish(
+            channel=channel,
+            data=serializer.validated_data["data"],
+            publisher_id=request.user.pk,
+        )
+        metrics.MESSAGES_PUBLISHED.labels("rest").inc()
+        return Response(published_body(message), status=status.HTTP_201_CREATED)
+
+    def get(self, request: Request, channel: str) -> Response:
+        validate_channel_name(channel)
+        authorize_subscribe(request.user, channel)
+        query = HistoryQuerySerializer(
+            data=request.query_params,
+            max_limit=push_settings.HISTORY_PAGE_MAX,
+            default_limit=push_settings.HISTORY_PAGE_DEFAULT,
+        )
+        query.is_valid(raise_exception=True)
+        since, limit = query.validated_data["since"], query.validated_data["limit"]
+        messages = selectors.message_list_since(channel=channel, since=since, limit=limit + 1)
+        has_more = len(messages) > limit
+        messages = messages[:limit]
+        next_url = _page_url(request, since=messages[-1].seq, limit=limit) if has_more else None
+        return Response({"results": [m.envelope() for m in messages], "next": next_url})
+
+
+class ChannelListView(APIView):
+    PAGE_SIZE = 100
+
+    def get(self, request: Request) -> Response:
+        after = request.query_params.get("after", "")
+        channels = list(visible_channels(request.user, selectors.channel_list(), after=after)[
+            : self.PAGE_SIZE + 1
+        ])
+        has_more = len(channels) > self.PAGE_SIZE
+        channels = channels[: self.PAGE_SIZE]
+        next_url = _page_url(request, after=channels[-1].name) if has_more else None
+        return Response({"results": [channel_body(c) for c in channels], "next": next_url})

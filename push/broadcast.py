@@ -1,0 +1,53 @@
+"""Hands a committed message to the fan-out path, from whatever thread committed it.
+
+In a server process the node (hub + broker) runs on the event loop, and the commit
+happens on a database thread: the message is passed to the loop without waiting.
+Elsewhere (a management command, a shell, a worker) there is no node, and the message
+goes straight to the channel layer so the server nodes receive it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+from push.message import ChannelMessage
+
+if TYPE_CHECKING:
+    from push.node import Node
+
+logger = logging.getLogger(__name__)
+
+_running_node: Node | None = None
+
+
+def set_running_node(node: Node | None) -> None:
+    global _running_node
+    _running_node = node
+
+
+def running_node() -> Node | None:
+    return _running_node
+
+
+def broadcast_from_sync(message: ChannelMessage) -> None:
+    node = _running_node
+    if node is not None and node.is_running:
+        node.loop.call_soon_threadsafe(node.broadcast, message)
+        return
+    try:
+        async_to_sync(_publish_without_node)(message)
+    except Exception:
+        # Stored and committed: nodes catch up from the database on their next sync.
+        logger.exception("broadcast of %r failed; subscribers catch up from history", message)
+
+
+async def _publish_without_node(message: ChannelMessage) -> None:
+    from push.broker import channel_group
+
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.group_send(channel_group(message.channel), message.to_broker())

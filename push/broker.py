@@ -1,0 +1,107 @@
+"""Cross-node transport: the Channels layer carrying node-level groups.
+
+Each node process owns one inbox channel on the layer and joins a group per push
+channel it has local subscribers for, so a published message crosses Redis once per
+node, never once per subscriber; the hub then fans it out locally. Works with any
+Channels layer: the in-memory one for a single process, Redis pub/sub across nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from push.message import ChannelMessage
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_EVENT = "push.message"
+# How long to wait before reading the inbox again after the layer failed (Redis down).
+RECEIVE_RETRY_SECS = 0.5
+
+
+def channel_group(channel: str) -> str:
+    """The layer group of a push channel. Push channel names allow ``:`` and ``@``,
+    which group names do not, so the group is named by a digest of the name."""
+    return "ch." + hashlib.blake2b(channel.encode(), digest_size=16).hexdigest()
+
+
+class Broker:
+    def __init__(
+        self,
+        layer: Any,
+        *,
+        on_message: Callable[[ChannelMessage], None],
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        on_receive_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.layer = layer
+        self.on_message = on_message
+        self.on_event = on_event
+        self.on_receive_error = on_receive_error
+        self.inbox: str | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._outgoing: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+        self._sender: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.inbox = await self.layer.new_channel("push.node.")
+        loop = asyncio.get_running_loop()
+        self._listener = loop.create_task(self._listen(), name="push-broker-listen")
+        self._sender = loop.create_task(self._send_loop(), name="push-broker-send")
+
+    async def stop(self) -> None:
+        for task in (self._listener, self._sender):
+            if task is not None:
+                task.cancel()
+        self._listener = self._sender = None
+
+    async def join(self, channel: str) -> None:
+        await self.layer.group_add(channel_group(channel), self.inbox)
+
+    async def leave(self, channel: str) -> None:
+        await self.layer.group_discard(channel_group(channel), self.inbox)
+
+    def publish_soon(self, message: ChannelMessage) -> None:
+        """Queue a committed message for the other nodes; one sender keeps the order."""
+        self._outgoing.put_nowait(message)
+
+    async def send_event(self, group: str, event: dict[str, Any]) -> None:
+        await self.layer.group_send(group, event)
+
+    async def _send_loop(self) -> None:
+        while True:
+            message = await self._outgoing.get()
+            try:
+                await self.layer.group_send(channel_group(message.channel), message.to_broker())
+            except Exception as exc:
+                # Already committed: other nodes catch up from the database when their
+                # periodic sync sees the channel's seq move without them.
+                logger.warning("broker publish of %r failed: %s", message, exc)
+
+    async def _listen(self) -> None:
+        inbox = self.inbox
+        while True:
+            try:
+                payload = await self.layer.receive(inbox)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.on_receive_error is not None:
+                    self.on_receive_error(exc)
+                logger.warning("broker receive failed: %s", exc)
+                await asyncio.sleep(RECEIVE_RETRY_SECS)
+                continue
+            self._dispatch(payload)
+
+    def _dispatch(self, payload: dict[str, Any]) -> None:
+        try:
+            if payload.get("type") == MESSAGE_EVENT:
+                self.on_message(ChannelMessage.from_broker(payload))
+            elif self.on_event is not None:
+                self.on_event(payload)
+        except Exception:
+            logger.exception("broker event %r could not be handled", payload.get("type"))

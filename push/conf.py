@@ -1,0 +1,49 @@
+"""The push server's options: ``settings.PUSH`` behind one accessor with defaults
+(DRF's ``api_settings`` habit), so nothing else indexes the settings dict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+
+@dataclass(frozen=True)
+class PushSettings:
+    MAX_FRAME_BYTES: int = 1_048_576
+    HEARTBEAT_INTERVAL_SECS: int = 25
+    SEND_QUEUE_MAX_FRAMES: int = 1000
+    SEND_QUEUE_MAX_BYTES: int = 8 * 1_048_576
+    DROP_OLDEST_CHANNELS: list[str] = field(default_factory=list)
+    HISTORY_PAGE_DEFAULT: int = 100
+    HISTORY_PAGE_MAX: int = 1000
+    GAP_WAIT_SECS: float = 0.2
+    SYNC_INTERVAL_SECS: float = 1.0
+    REGISTRY_FLUSH_SECS: float = 1.0
+    GC_GEN0_THRESHOLD: int = 50_000
+    GC_FREEZE: bool = True
+
+
+def _load(overrides: dict[str, Any]) -> PushSettings:
+    unknown = set(overrides) - set(PushSettings.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown PUSH settings: {sorted(unknown)}")
+    return PushSettings(**overrides)
+
+
+class _Accessor:
+    """Reads ``settings.PUSH`` on first use and again after ``reload()`` (tests)."""
+
+    _cached: PushSettings | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._cached is None:
+            self._cached = _load(getattr(settings, "PUSH", {}))
+        return getattr(self._cached, name)
+
+    def reload(self) -> None:
+        self._cached = None
+
+
+push_settings = _Accessor()

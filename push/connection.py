@@ -1,0 +1,121 @@
+"""One client connection's state: its wire format, outbox and subscriptions.
+
+The consumer owns one of these per WebSocket. Replies and pushed messages share the
+outbox, so a client always receives them in the order the server produced them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import uuid
+from typing import Any
+
+from push import metrics
+from push.codecs import Codec
+from push.conf import push_settings
+from push.errors import CloseCode, PushError
+from push.hub import Subscription
+from push.outbox import OutFrame, Outbox, Send, daphne_backlog_probe
+from push.protocol import RequestId, error
+
+logger = logging.getLogger(__name__)
+
+# How long a closing connection may take to hand its queued frames to the server.
+CLOSE_FLUSH_SECS = 2.0
+
+
+class ConnectionState(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class InvalidTransition(RuntimeError):
+    """Raised when a connection is moved to a state it cannot reach from its current one."""
+
+
+class ClientConnection:
+    def __init__(self, *, send: Send, codec: Codec, user: Any, on_closing: Any = None) -> None:
+        self.connection_id = uuid.uuid4()
+        self.codec = codec
+        self.user = user
+        self.state = ConnectionState.OPEN
+        self.close_code: int | None = None
+        self.subscriptions: dict[str, Subscription] = {}
+        self._send = send
+        self._loop = asyncio.get_running_loop()
+        self._on_closing = on_closing
+        self.outbox = Outbox(
+            send,
+            max_frames=push_settings.SEND_QUEUE_MAX_FRAMES,
+            max_bytes=push_settings.SEND_QUEUE_MAX_BYTES,
+            on_overflow=self._on_overflow,
+            on_drop=metrics.DROPPED_FRAMES.inc,
+            on_send_failed=self._on_send_failed,
+            backlog_probe=daphne_backlog_probe(send),
+        )
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is ConnectionState.OPEN
+
+    def send_envelope(self, envelope: dict[str, Any]) -> None:
+        payload = self.codec.encode(envelope)
+        self.outbox.push(OutFrame(self.codec.send_event(payload), len(payload)))
+
+    def send_error(self, exc: PushError, request_id: RequestId | None) -> None:
+        metrics.ERRORS.labels(exc.code.value).inc()
+        self.send_envelope(error(code=exc.code, message=exc.message, request_id=request_id))
+
+    def close(self, code: int) -> None:
+        """Close after the frames already queued (an error reply, say) are sent."""
+        if self.state is not ConnectionState.OPEN:
+            return
+        self._transition(ConnectionState.CLOSING, code)
+        self.outbox.seal()
+        self._loop.create_task(self._flush_and_close(code))
+
+    def abort(self, code: int) -> None:
+        """Close at once, dropping whatever is queued (slow consumer, drain deadline)."""
+        if self.state is not ConnectionState.OPEN:
+            return
+        self._transition(ConnectionState.CLOSING, code)
+        self.outbox.discard()
+        self._loop.create_task(self._send_close(code))
+
+    def mark_closed(self, code: int | None) -> None:
+        if self.state is ConnectionState.CLOSED:
+            return
+        if self.close_code is None:
+            self.close_code = code
+        self.state = ConnectionState.CLOSED
+        self.outbox.discard()
+
+    def _transition(self, new_state: ConnectionState, code: int) -> None:
+        if self.state is not ConnectionState.OPEN:
+            raise InvalidTransition(f"{self.state} -> {new_state}")
+        self.state = new_state
+        self.close_code = code
+        if self._on_closing is not None:
+            self._on_closing(self)
+
+    async def _flush_and_close(self, code: int) -> None:
+        await self.outbox.flush(CLOSE_FLUSH_SECS)
+        await self._send_close(code)
+
+    async def _send_close(self, code: int) -> None:
+        try:
+            await self._send({"type": "websocket.close", "code": code})
+        except Exception as exc:  # already gone
+            logger.debug("close of %s failed: %s", self.connection_id, exc)
+
+    def _on_overflow(self) -> None:
+        # Called from inside the fan-out loop: never change subscriptions here.
+        if self.state is ConnectionState.OPEN:
+            metrics.SLOW_CONSUMER_DISCONNECTS.inc()
+            self._loop.call_soon(self.abort, CloseCode.SLOW_CONSUMER)
+
+    def _on_send_failed(self, exc: BaseException) -> None:
+        logger.debug("send to %s failed: %s", self.connection_id, exc)

@@ -1,0 +1,239 @@
+"""The WebSocket consumer: handshake, decode, call a service, reply.
+
+It reads inbound frames in a plain loop instead of Channels' dispatch machinery
+(a task and an ``asyncio.wait`` per frame, and a hop to the database thread before
+every handler): nothing here touches the database except through services, and the
+consumer has no channel-layer channel of its own, because fan-out reaches it through
+the node's hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from channels.consumer import AsyncConsumer
+
+from accounts.permissions import authorize_publish, authorize_subscribe
+from push import metrics, protocol
+from push.codecs import UnknownSubprotocol, negotiate
+from push.conf import push_settings
+from push.connection import ClientConnection
+from push.errors import CloseCode, ErrorCode, PushError
+from push.node import Node, get_node
+from push.protocol import Heartbeat, Publish, RequestId, Subscribe, Unsubscribe
+from push.registry import ConnectionRecord
+from push.services_async import message_publish_async
+
+logger = logging.getLogger(__name__)
+
+
+def _client_ip(scope: Mapping[str, Any]) -> str | None:
+    client = scope.get("client")
+    return client[0] if client else None
+
+
+def _frame_size(payload: str | bytes) -> int:
+    # A str of n characters is at most 4n UTF-8 bytes: encode only when it matters.
+    if isinstance(payload, str) and len(payload) * 4 > push_settings.MAX_FRAME_BYTES:
+        return len(payload.encode("utf-8", "surrogatepass"))
+    return len(payload)
+
+
+class PushConsumer(AsyncConsumer):
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.scope = scope
+        self.connection: ClientConnection | None = None
+        self.node: Node | None = None
+        close_code: int | None = None
+        try:
+            while True:
+                event = await receive()
+                kind = event["type"]
+                if kind == "websocket.receive":
+                    if self.connection is not None and self.connection.is_open:
+                        await self.on_frame(self.connection, event)
+                elif kind == "websocket.connect":
+                    if not await self.on_connect(send):
+                        return
+                elif kind == "websocket.disconnect":
+                    close_code = event.get("code")
+                    return
+        finally:
+            self.on_closed(close_code)
+
+    # ----- connection lifecycle --------------------------------------------------------
+
+    async def on_connect(self, send: Any) -> bool:
+        try:
+            codec, subprotocol = negotiate(self.scope.get("subprotocols") or [])
+        except UnknownSubprotocol:
+            await send({"type": "websocket.close", "code": CloseCode.POLICY})
+            return False
+        try:
+            self.node = await get_node()
+        except Exception:
+            logger.exception("node could not start")
+            await send({"type": "websocket.close", "code": CloseCode.TRY_AGAIN_LATER})
+            return False
+        await send({"type": "websocket.accept", "subprotocol": subprotocol})
+        user = self.scope.get("user")
+        connection = ClientConnection(
+            send=send, codec=codec, user=user, on_closing=self._release_subscriptions
+        )
+        self.connection = connection
+        connection.send_envelope(
+            protocol.connection_established(
+                connection_id=str(connection.connection_id),
+                server_id=self.node.server_id,
+                heartbeat_interval=push_settings.HEARTBEAT_INTERVAL_SECS,
+                timestamp=time.time(),
+            )
+        )
+        self.node.registry.opened(
+            ConnectionRecord(
+                connection_id=connection.connection_id,
+                user_id=user.pk if user is not None and user.is_authenticated else None,
+                ip=_client_ip(self.scope),
+                wire_format=codec.name,
+                connected_at=_now(),
+            )
+        )
+        metrics.CONNECTIONS_OPENED.labels(codec.name).inc()
+        metrics.CONNECTIONS_ACTIVE.labels(codec.name).inc()
+        return True
+
+    def on_closed(self, close_code: int | None) -> None:
+        connection = self.connection
+        if connection is None:
+            return
+        self._release_subscriptions(connection)
+        connection.mark_closed(close_code)
+        if self.node is not None:
+            self.node.registry.closed(connection.connection_id, connection.close_code)
+        metrics.CONNECTIONS_ACTIVE.labels(connection.codec.name).dec()
+        metrics.CONNECTIONS_CLOSED.labels(str(connection.close_code or "peer")).inc()
+
+    def _release_subscriptions(self, connection: ClientConnection) -> None:
+        if self.node is None:
+            return
+        for subscription in connection.subscriptions.values():
+            self.node.hub.unsubscribe(subscription)
+        connection.subscriptions.clear()
+
+    # ----- inbound frames ----------------------------------------------------------------
+
+    async def on_frame(self, connection: ClientConnection, event: dict[str, Any]) -> None:
+        request_id: RequestId | None = None
+        try:
+            payload = connection.codec.frame_payload(event)
+            if _frame_size(payload) > push_settings.MAX_FRAME_BYTES:
+                raise PushError(
+                    ErrorCode.MESSAGE_TOO_LARGE,
+                    f"frame is larger than {push_settings.MAX_FRAME_BYTES} bytes",
+                )
+            envelope = connection.codec.decode(payload)
+            if isinstance(envelope, Mapping):
+                request_id = protocol.read_request_id(envelope)
+            request = protocol.parse_request(envelope)
+            metrics.FRAMES_RECEIVED.labels(_REQUEST_TYPES[type(request)]).inc()
+            await self._handlers[type(request)](self, connection, request)
+        except PushError as exc:
+            connection.send_error(exc, request_id)
+            if exc.close_code is not None:
+                connection.close(exc.close_code)
+        except Exception:
+            logger.exception("request failed on %s", connection.connection_id)
+            connection.send_error(
+                PushError(ErrorCode.UNAVAILABLE, "the server could not handle this request"),
+                request_id,
+            )
+
+    async def handle_subscribe(self, connection: ClientConnection, request: Subscribe) -> None:
+        authorize_subscribe(connection.user, request.channel)
+        assert self.node is not None  # set in on_connect, before any frame
+        existing = connection.subscriptions.get(request.channel)
+        if existing is not None and existing.active:
+            # Already receiving the channel's stream without a gap: nothing to replay.
+            connection.send_envelope(
+                protocol.subscribed(
+                    channel=request.channel,
+                    seq=max(existing.channel.delivered_seq, existing.last_seq),
+                    recovered=None if request.since is None else True,
+                    request_id=request.id,
+                )
+            )
+            return
+
+        def reply(seq: int, recovered: bool | None) -> None:
+            connection.send_envelope(
+                protocol.subscribed(
+                    channel=request.channel, seq=seq, recovered=recovered, request_id=request.id
+                )
+            )
+
+        subscription = await self.node.hub.subscribe(
+            connection, request.channel, since=request.since, reply=reply
+        )
+        if connection.is_open:
+            connection.subscriptions[request.channel] = subscription
+        else:
+            self.node.hub.unsubscribe(subscription)
+
+    async def handle_unsubscribe(
+        self, connection: ClientConnection, request: Unsubscribe
+    ) -> None:
+        subscription = connection.subscriptions.pop(request.channel, None)
+        if subscription is None:
+            raise PushError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {request.channel!r}")
+        assert self.node is not None
+        self.node.hub.unsubscribe(subscription)
+        connection.send_envelope(
+            protocol.unsubscribed(channel=request.channel, request_id=request.id)
+        )
+
+    async def handle_publish(self, connection: ClientConnection, request: Publish) -> None:
+        authorize_publish(connection.user, request.channel)
+        user = connection.user
+        message = await message_publish_async(
+            channel=request.channel,
+            data=request.data,
+            publisher_id=user.pk if user is not None and user.is_authenticated else None,
+        )
+        metrics.MESSAGES_PUBLISHED.labels("websocket").inc()
+        connection.send_envelope(
+            protocol.published(
+                channel=message.channel,
+                seq=message.seq,
+                message_id=message.message_id,
+                request_id=request.id,
+            )
+        )
+
+    async def handle_heartbeat(self, connection: ClientConnection, request: Heartbeat) -> None:
+        connection.send_envelope(
+            protocol.heartbeat_ack(timestamp=time.time(), request_id=request.id)
+        )
+
+    _handlers: dict[type, Callable[[Any, ClientConnection, Any], Awaitable[None]]] = {
+        Subscribe: handle_subscribe,
+        Unsubscribe: handle_unsubscribe,
+        Publish: handle_publish,
+        Heartbeat: handle_heartbeat,
+    }
+
+
+_REQUEST_TYPES = {
+    Subscribe: "subscribe",
+    Unsubscribe: "unsubscribe",
+    Publish: "publish",
+    Heartbeat: "heartbeat",
+}
+
+
+def _now() -> Any:
+    from django.utils import timezone
+
+    return timezone.now()

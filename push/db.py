@@ -1,0 +1,50 @@
+"""Running ORM work from the event loop.
+
+Database calls run on a small pool of threads (``thread_sensitive=False``), each with
+its own persistent connection, instead of Channels' one shared database thread, so a
+slow query never queues every other connection's work behind it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+from asgiref.sync import sync_to_async
+from django.db import DatabaseError, IntegrityError, close_old_connections
+
+from push.errors import ErrorCode, PushError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+logger = logging.getLogger(__name__)
+
+
+def database_unavailable(exc: BaseException) -> PushError:
+    return PushError(ErrorCode.UNAVAILABLE, f"database unavailable: {type(exc).__name__}")
+
+
+def _guarded(func: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(func)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        # Drops a connection that failed or outlived CONN_MAX_AGE, so a restarted
+        # PostgreSQL costs one failed call, not a dead thread.
+        close_old_connections()
+        try:
+            return func(*args, **kwargs)
+        except IntegrityError:
+            raise
+        except DatabaseError as exc:
+            logger.warning("database call %s failed: %s", func.__name__, exc)
+            close_old_connections()
+            raise database_unavailable(exc) from exc
+
+    return run
+
+
+def db_call(func: Callable[P, R]) -> Callable[P, object]:
+    """Wrap a sync ORM function as an awaitable that runs on the database threads."""
+    return sync_to_async(_guarded(func), thread_sensitive=False)

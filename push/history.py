@@ -1,0 +1,22 @@
+"""The hub's view of stored history, read from PostgreSQL on the database threads."""
+
+from __future__ import annotations
+
+from push import selectors
+from push.db import db_call
+from push.selectors import HistoryPage
+
+_history_page = db_call(selectors.history_page)
+_latest_seq = db_call(selectors.channel_latest_seq)
+_latest_seqs = db_call(selectors.channel_latest_seqs)
+
+
+class DatabaseHistory:
+    async def latest_seq(self, channel: str) -> int:
+        return await _latest_seq(channel=channel)  # type: ignore[no-any-return]
+
+    async def latest_seqs(self, channels: list[str]) -> dict[str, int]:
+        return await _latest_seqs(channels=channels)  # type: ignore[no-any-return]
+
+    async def page(self, channel: str, since: int, limit: int) -> HistoryPage:
+        return await _history_page(channel=channel, since=since, limit=limit)  # type: ignore[no-any-return]

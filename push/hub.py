@@ -1,0 +1,447 @@
+"""Node-local fan-out: the hub that turns one message into frames for every local
+subscriber, in ``seq`` order, each seq once.
+
+Messages reach the hub from the broker (other nodes) and from local publishers, in
+any order. Per channel the hub remembers the last seq it fanned out; a message that
+arrives early waits in a small reorder buffer, and a gap that does not fill within
+``gap_wait_secs`` is read back from history. A periodic sync compares each channel's
+last seq with the database, so a message whose broadcast was lost (Redis restart)
+still arrives, late but in order.
+
+Each message is encoded once per wire format in use and the same frame object goes
+into every subscriber's outbox. Live subscribers are kept per format in plain dicts,
+so the inner loop is one call per subscriber and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import fnmatch
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
+
+from push import metrics
+from push.errors import ErrorCode, PushError
+from push.message import ChannelMessage
+from push.outbox import OutFrame
+from push.selectors import HistoryPage
+
+if TYPE_CHECKING:
+    from push.codecs import Codec
+    from push.outbox import Outbox
+
+logger = logging.getLogger(__name__)
+
+# Messages read per history query when replaying or repairing a gap.
+HISTORY_BATCH = 500
+# A reorder buffer this long means the gap will not fill by itself: repair at once.
+MAX_PENDING_PER_CHANNEL = 1000
+# An empty channel stays joined this long, so clients that reconnect or flap between
+# subscribe and unsubscribe do not cost a broker round trip each time.
+LINGER_SECS = 10.0
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a connection."""
+
+    codec: Codec
+    outbox: Outbox
+
+
+class History(Protocol):
+    async def latest_seq(self, channel: str) -> int: ...
+
+    async def latest_seqs(self, channels: list[str]) -> dict[str, int]: ...
+
+    async def page(self, channel: str, since: int, limit: int) -> HistoryPage: ...
+
+
+class ChannelState(enum.Enum):
+    JOINING = "joining"
+    LIVE = "live"
+    LEAVING = "leaving"
+
+
+class Subscription:
+    """One connection's subscription to one channel on this node."""
+
+    __slots__ = ("subscriber", "channel", "last_seq", "buffer", "active")
+
+    def __init__(self, subscriber: Subscriber, channel: HubChannel, last_seq: int) -> None:
+        self.subscriber = subscriber
+        self.channel = channel
+        # Live subscriptions are always at the channel's delivered_seq; this is read
+        # only while the subscription catches up (replay) or sits ahead of the hub.
+        self.last_seq = last_seq
+        # Live messages that arrive while the replay is read are held here.
+        self.buffer: list[ChannelMessage] | None = None
+        self.active = True
+
+
+class HubChannel:
+    __slots__ = (
+        "name",
+        "state",
+        "live",
+        "catching_up",
+        "delivered_seq",
+        "pending",
+        "droppable",
+        "ready",
+        "repair_handle",
+        "repairing",
+        "sync_mark",
+        "linger_handle",
+    )
+
+    def __init__(self, name: str, droppable: bool, loop: asyncio.AbstractEventLoop) -> None:
+        self.name = name
+        self.state = ChannelState.JOINING
+        # codec name -> {outbox.push: subscription}: the fan-out loop calls the keys.
+        self.live: dict[str, dict[Callable[[OutFrame], bool], Subscription]] = {}
+        self.catching_up: dict[Subscription, None] = {}
+        self.delivered_seq = 0
+        self.pending: dict[int, ChannelMessage] = {}
+        self.droppable = droppable
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.repair_handle: asyncio.TimerHandle | None = None
+        self.repairing = False
+        # The database's last seq at the previous sync: if the hub is still behind it
+        # a whole sync interval later, the broadcast was lost and history fills in.
+        self.sync_mark = 0
+        self.linger_handle: asyncio.TimerHandle | None = None
+
+    def subscriber_count(self) -> int:
+        return sum(len(subs) for subs in self.live.values()) + len(self.catching_up)
+
+
+def encode_frame(codec: Codec, message: ChannelMessage, droppable: bool) -> OutFrame:
+    frame = message.frames.get(codec.name)
+    if frame is None:
+        payload = codec.encode_message(message)
+        frame = OutFrame(codec.send_event(payload), len(payload), droppable)
+        message.frames[codec.name] = frame
+    return frame
+
+
+class Hub:
+    def __init__(
+        self,
+        *,
+        history: History,
+        join: Callable[[str], Awaitable[None]],
+        leave: Callable[[str], Awaitable[None]],
+        drop_oldest_patterns: list[str],
+        gap_wait_secs: float,
+        linger_secs: float = LINGER_SECS,
+    ) -> None:
+        self.history = history
+        self._join = join
+        self._leave = leave
+        self._drop_oldest_patterns = drop_oldest_patterns
+        self.gap_wait_secs = gap_wait_secs
+        self.linger_secs = linger_secs
+        self.channels: dict[str, HubChannel] = {}
+        self.loop = asyncio.get_running_loop()
+
+    # ----- subscribing ---------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        subscriber: Subscriber,
+        channel: str,
+        *,
+        since: int | None,
+        reply: Callable[[int, bool | None], None],
+    ) -> Subscription:
+        """Attach a subscriber; ``reply(seq, recovered)`` is called before any message
+        reaches it. With ``since``, every stored message after it is replayed first,
+        then the live stream follows with nothing missing and nothing twice."""
+        hub_channel = await self._channel_for_subscribe(channel)
+        if since is None or since >= hub_channel.delivered_seq and not hub_channel.pending:
+            return self._attach_live(subscriber, hub_channel, since, reply)
+        return await self._attach_with_replay(subscriber, hub_channel, since, reply)
+
+    def _attach_live(
+        self,
+        subscriber: Subscriber,
+        hub_channel: HubChannel,
+        since: int | None,
+        reply: Callable[[int, bool | None], None],
+    ) -> Subscription:
+        subscription = Subscription(subscriber, hub_channel, hub_channel.delivered_seq)
+        reply(max(hub_channel.delivered_seq, since or 0), None if since is None else True)
+        if since is not None and since > hub_channel.delivered_seq:
+            # The client has seen further than this node (it came from a node ahead of
+            # us): hold back until the hub catches up to what it already has.
+            subscription.last_seq = since
+            hub_channel.catching_up[subscription] = None
+        else:
+            self._make_live(subscription)
+        metrics.SUBSCRIPTIONS.inc()
+        return subscription
+
+    async def _attach_with_replay(
+        self,
+        subscriber: Subscriber,
+        hub_channel: HubChannel,
+        since: int,
+        reply: Callable[[int, bool | None], None],
+    ) -> Subscription:
+        subscription = Subscription(subscriber, hub_channel, since)
+        subscription.buffer = []
+        hub_channel.catching_up[subscription] = None
+        metrics.SUBSCRIPTIONS.inc()
+        try:
+            page = await self.history.page(hub_channel.name, since, HISTORY_BATCH)
+            reply(max(page.latest_seq, hub_channel.delivered_seq), page.complete_from_since)
+            if not page.complete_from_since and page.messages:
+                # Retention trimmed part of the range: replay from the oldest kept one.
+                subscription.last_seq = page.messages[0].seq - 1
+            while subscription.active:
+                self._replay(subscription, page.messages)
+                if len(page.messages) < HISTORY_BATCH:
+                    break
+                await subscriber.outbox.wait_below(subscriber.outbox.max_frames // 2)
+                page = await self.history.page(
+                    hub_channel.name, subscription.last_seq, HISTORY_BATCH
+                )
+        except BaseException:
+            self.unsubscribe(subscription)
+            raise
+        if subscription.active:
+            self._finish_replay(subscription)
+        return subscription
+
+    def _replay(self, subscription: Subscription, messages: list[ChannelMessage]) -> None:
+        push = subscription.subscriber.outbox.push
+        codec = subscription.subscriber.codec
+        droppable = subscription.channel.droppable
+        for message in messages:
+            if message.seq > subscription.last_seq:
+                subscription.last_seq = message.seq
+                push(encode_frame(codec, message, droppable))
+
+    def _finish_replay(self, subscription: Subscription) -> None:
+        buffered = subscription.buffer or []
+        subscription.buffer = None
+        self._replay(subscription, buffered)
+        hub_channel = subscription.channel
+        if subscription.last_seq <= hub_channel.delivered_seq:
+            del hub_channel.catching_up[subscription]
+            self._make_live(subscription)
+        # else: ahead of the hub; _feed_catching_up promotes it when the hub arrives.
+
+    def _make_live(self, subscription: Subscription) -> None:
+        subscriber = subscription.subscriber
+        subscription.last_seq = subscription.channel.delivered_seq
+        by_codec = subscription.channel.live.setdefault(subscriber.codec.name, {})
+        by_codec[subscriber.outbox.push] = subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        if not subscription.active:
+            return
+        subscription.active = False
+        metrics.SUBSCRIPTIONS.dec()
+        hub_channel = subscription.channel
+        hub_channel.catching_up.pop(subscription, None)
+        by_codec = hub_channel.live.get(subscription.subscriber.codec.name)
+        if by_codec is not None:
+            by_codec.pop(subscription.subscriber.outbox.push, None)
+            if not by_codec:
+                del hub_channel.live[subscription.subscriber.codec.name]
+        if hub_channel.subscriber_count() == 0 and hub_channel.linger_handle is None:
+            hub_channel.linger_handle = self.loop.call_later(
+                self.linger_secs, self._leave_if_empty, hub_channel
+            )
+
+    # ----- channel membership on the broker ------------------------------------------
+
+    async def _channel_for_subscribe(self, name: str) -> HubChannel:
+        while True:
+            hub_channel = self.channels.get(name)
+            if hub_channel is None:
+                hub_channel = await self._join_channel(name)
+            elif not hub_channel.ready.done():
+                await asyncio.shield(hub_channel.ready)
+            if hub_channel.state is ChannelState.LEAVING:
+                await asyncio.shield(hub_channel.ready)
+                continue
+            if hub_channel.linger_handle is not None:
+                hub_channel.linger_handle.cancel()
+                hub_channel.linger_handle = None
+            return hub_channel
+
+    async def _join_channel(self, name: str) -> HubChannel:
+        droppable = any(fnmatch.fnmatchcase(name, p) for p in self._drop_oldest_patterns)
+        hub_channel = HubChannel(name, droppable, self.loop)
+        self.channels[name] = hub_channel
+        try:
+            # Join first, then read the last seq: anything committed after the read is
+            # broadcast after the join, so it reaches us; anything before is <= seq.
+            await self._join(name)
+            hub_channel.delivered_seq = await self.history.latest_seq(name)
+        except BaseException as exc:
+            self.channels.pop(name, None)
+            hub_channel.ready.set_exception(
+                PushError(ErrorCode.UNAVAILABLE, "channel could not be joined")
+            )
+            hub_channel.ready.exception()  # retrieved: waiters get their own error
+            if isinstance(exc, PushError):
+                raise
+            raise PushError(ErrorCode.UNAVAILABLE, f"message broker unavailable: {exc}") from exc
+        hub_channel.sync_mark = hub_channel.delivered_seq
+        hub_channel.state = ChannelState.LIVE
+        hub_channel.ready.set_result(None)
+        metrics.HUB_CHANNELS.set(len(self.channels))
+        self._drain_pending(hub_channel)
+        return hub_channel
+
+    def _leave_if_empty(self, hub_channel: HubChannel) -> None:
+        hub_channel.linger_handle = None
+        if hub_channel.subscriber_count() or hub_channel.state is not ChannelState.LIVE:
+            return
+        hub_channel.state = ChannelState.LEAVING
+        hub_channel.ready = self.loop.create_future()
+        self.loop.create_task(self._leave_channel(hub_channel))
+
+    async def _leave_channel(self, hub_channel: HubChannel) -> None:
+        try:
+            await self._leave(hub_channel.name)
+        except Exception as exc:
+            logger.warning("leaving %s on the broker failed: %s", hub_channel.name, exc)
+        finally:
+            if self.channels.get(hub_channel.name) is hub_channel:
+                del self.channels[hub_channel.name]
+            if hub_channel.repair_handle is not None:
+                hub_channel.repair_handle.cancel()
+            hub_channel.ready.set_result(None)
+            metrics.HUB_CHANNELS.set(len(self.channels))
+
+    # ----- ordering and fan-out --------------------------------------------------------
+
+    def deliver(self, message: ChannelMessage) -> None:
+        """Take a message from the broker or a local publisher, in any order."""
+        hub_channel = self.channels.get(message.channel)
+        if hub_channel is None or hub_channel.state is ChannelState.LEAVING:
+            return
+        if hub_channel.state is ChannelState.JOINING:
+            hub_channel.pending[message.seq] = message
+            return
+        next_seq = hub_channel.delivered_seq + 1
+        if message.seq == next_seq:
+            self._fan_out(hub_channel, message)
+            if hub_channel.pending:
+                self._drain_pending(hub_channel)
+        elif message.seq > next_seq:
+            hub_channel.pending[message.seq] = message
+            if len(hub_channel.pending) > MAX_PENDING_PER_CHANNEL:
+                self._start_repair(hub_channel)
+            else:
+                self._schedule_repair(hub_channel)
+        # else: seen already (our own publish echoed by the broker, or a repair).
+
+    def _drain_pending(self, hub_channel: HubChannel) -> None:
+        pending = hub_channel.pending
+        for seq in [seq for seq in pending if seq <= hub_channel.delivered_seq]:
+            del pending[seq]
+        while (message := pending.pop(hub_channel.delivered_seq + 1, None)) is not None:
+            self._fan_out(hub_channel, message)
+        if pending:
+            self._schedule_repair(hub_channel)
+
+    def _fan_out(self, hub_channel: HubChannel, message: ChannelMessage) -> None:
+        hub_channel.delivered_seq = message.seq
+        delivered = 0
+        droppable = hub_channel.droppable
+        for codec_name, by_codec in hub_channel.live.items():
+            frame = message.frames.get(codec_name)
+            if frame is None:
+                codec = next(iter(by_codec.values())).subscriber.codec
+                frame = encode_frame(codec, message, droppable)
+            for push in by_codec:
+                push(frame)
+            delivered += len(by_codec)
+        if hub_channel.catching_up:
+            self._feed_catching_up(hub_channel, message)
+        metrics.MESSAGES_FANNED_OUT.inc()
+        metrics.DELIVERIES.inc(delivered)
+        metrics.PUBLISH_TO_DELIVERY.observe(max(0.0, time.time() - message.timestamp))
+
+    def _feed_catching_up(self, hub_channel: HubChannel, message: ChannelMessage) -> None:
+        for subscription in list(hub_channel.catching_up):
+            if subscription.buffer is not None:
+                subscription.buffer.append(message)
+                continue
+            self._replay(subscription, [message])
+            if subscription.last_seq <= hub_channel.delivered_seq:
+                del hub_channel.catching_up[subscription]
+                self._make_live(subscription)
+
+    # ----- filling gaps from history ---------------------------------------------------
+
+    def _schedule_repair(self, hub_channel: HubChannel, delay: float | None = None) -> None:
+        if hub_channel.repair_handle is not None or hub_channel.repairing:
+            return
+        hub_channel.repair_handle = self.loop.call_later(
+            self.gap_wait_secs if delay is None else delay, self._start_repair, hub_channel
+        )
+
+    def _start_repair(self, hub_channel: HubChannel) -> None:
+        if hub_channel.repair_handle is not None:
+            hub_channel.repair_handle.cancel()
+            hub_channel.repair_handle = None
+        if hub_channel.repairing or hub_channel.state is not ChannelState.LIVE:
+            return
+        hub_channel.repairing = True
+        self.loop.create_task(self._repair(hub_channel))
+
+    async def _repair(self, hub_channel: HubChannel) -> None:
+        metrics.GAP_REPAIRS.inc()
+        retry = False
+        try:
+            while hub_channel.state is ChannelState.LIVE:
+                page = await self.history.page(
+                    hub_channel.name, hub_channel.delivered_seq, HISTORY_BATCH
+                )
+                before = hub_channel.delivered_seq
+                for message in page.messages:
+                    self.deliver(message)
+                if hub_channel.pending and hub_channel.delivered_seq == before:
+                    self._skip_trimmed_gap(hub_channel)
+                if len(page.messages) < HISTORY_BATCH or hub_channel.delivered_seq == before:
+                    break
+        except Exception as exc:
+            logger.warning("history read for %s failed: %s", hub_channel.name, exc)
+            retry = True
+        finally:
+            hub_channel.repairing = False
+        if retry or hub_channel.pending:
+            self._schedule_repair(hub_channel, delay=max(self.gap_wait_secs, 1.0))
+
+    def _skip_trimmed_gap(self, hub_channel: HubChannel) -> None:
+        """History does not have the missing seqs (retention removed them): go on from
+        the next message we hold; subscribers see the gap in seq, as the contract says."""
+        first_held = min(hub_channel.pending)
+        logger.warning(
+            "%s: seqs %d..%d are not in history; skipping",
+            hub_channel.name,
+            hub_channel.delivered_seq + 1,
+            first_held - 1,
+        )
+        hub_channel.delivered_seq = first_held - 1
+        self._drain_pending(hub_channel)
+
+    async def sync_with_history(self) -> None:
+        """Catch up channels whose broadcast was lost: compare with the database."""
+        live = [c for c in self.channels.values() if c.state is ChannelState.LIVE]
+        if not live:
+            return
+        latest = await self.history.latest_seqs([c.name for c in live])
+        for hub_channel in live:
+            if hub_channel.delivered_seq < hub_channel.sync_mark:
+                self._start_repair(hub_channel)
+            hub_channel.sync_mark = latest.get(hub_channel.name, 0)

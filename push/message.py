@@ -1,0 +1,74 @@
+"""A published channel message as it travels through the fan-out path.
+
+``data_json`` is the canonical JSON text of the published value: it is what the
+database stores and what crosses the broker, so the value is parsed only when a
+binary format needs it, and encoded once per wire format per node (``frames``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class ChannelMessage:
+    __slots__ = ("channel", "seq", "message_id", "data_json", "timestamp", "_data", "frames")
+
+    def __init__(
+        self, *, channel: str, seq: int, message_id: str, data_json: str, timestamp: float
+    ) -> None:
+        self.channel = channel
+        self.seq = seq
+        self.message_id = message_id
+        self.data_json = data_json
+        self.timestamp = timestamp
+        self._data: Any = _UNPARSED
+        # Encoded frames by codec name, shared by every subscriber of that format.
+        self.frames: dict[str, Any] = {}
+
+    @property
+    def data(self) -> Any:
+        if self._data is _UNPARSED:
+            self._data = json.loads(self.data_json)
+        return self._data
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "type": "message",
+            "channel": self.channel,
+            "seq": self.seq,
+            "message_id": self.message_id,
+            "data": self.data,
+            "timestamp": self.timestamp,
+        }
+
+    def to_broker(self) -> dict[str, Any]:
+        return {
+            "type": "push.message",
+            "channel": self.channel,
+            "seq": self.seq,
+            "message_id": self.message_id,
+            "data_json": self.data_json,
+            "timestamp": self.timestamp,
+        }
+
+    @classmethod
+    def from_broker(cls, payload: dict[str, Any]) -> ChannelMessage:
+        return cls(
+            channel=payload["channel"],
+            seq=payload["seq"],
+            message_id=payload["message_id"],
+            data_json=payload["data_json"],
+            timestamp=payload["timestamp"],
+        )
+
+    def __repr__(self) -> str:
+        return f"ChannelMessage({self.channel!r}, seq={self.seq})"
+
+
+_UNPARSED: Any = object()
+
+
+def dump_data(data: Any) -> str:
+    """Canonical JSON text of a validated value, as stored and broadcast."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)

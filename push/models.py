@@ -1,0 +1,70 @@
+"""Stored state of the push server: channels, their numbered messages, connections.
+
+PostgreSQL is the source of truth: Redis keeps nothing on disk, so every message is
+committed here before anyone is told it exists.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+
+class Channel(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    # The highest seq handed out; the next message gets last_seq + 1, allocated by an
+    # atomic upsert so two nodes publishing at once never repeat or skip a number.
+    last_seq = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Message(models.Model):
+    channel = models.ForeignKey(Channel, on_delete=models.CASCADE, related_name="messages")
+    seq = models.BigIntegerField()
+    message_id = models.UUIDField(unique=True)
+    # The published value as canonical JSON text, not jsonb: jsonb refuses strings
+    # holding U+0000 and would round big integers and floats through numeric.
+    data = models.TextField()
+    publisher = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    created_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["channel", "seq"], name="message_unique_channel_seq")
+        ]
+        ordering = ["channel", "seq"]
+
+    def __str__(self) -> str:
+        return f"{self.channel_id}#{self.seq}"
+
+
+class Connection(models.Model):
+    connection_id = models.UUIDField(unique=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    server_id = models.CharField(max_length=100, db_index=True)
+    wire_format = models.CharField(max_length=16, default="json")
+    connected_at = models.DateTimeField()
+    disconnected_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    close_code = models.IntegerField(null=True, blank=True)
+    last_heartbeat = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-connected_at"]
+
+    @property
+    def is_live(self) -> bool:
+        return self.disconnected_at is None
+
+    def __str__(self) -> str:
+        return str(self.connection_id)

@@ -1,0 +1,175 @@
+"""Per-connection send queue: the last step of the fan-out path.
+
+The hub appends shared, already-encoded frames; a writer task exists only while the
+queue has something in it, so an idle connection costs no task. The queue is bounded
+(frames and bytes) because a client that stops reading must never hold memory or
+delay anyone else: when it overflows, the connection is closed with 4002, unless the
+frame belongs to a drop-oldest channel (tickers), in which case the oldest such
+frame is dropped and the client sees the gap in ``seq``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class OutFrame:
+    """One encoded frame as an ASGI send event, shared by all its recipients."""
+
+    __slots__ = ("event", "size", "droppable")
+
+    def __init__(self, event: dict[str, Any], size: int, droppable: bool = False) -> None:
+        self.event = event
+        self.size = size
+        self.droppable = droppable
+
+
+class Outbox:
+    __slots__ = (
+        "_send",
+        "_queue",
+        "_queued_bytes",
+        "_writer",
+        "_closed",
+        "max_frames",
+        "max_bytes",
+        "backlog_probe",
+        "on_overflow",
+        "on_drop",
+        "on_send_failed",
+    )
+
+    def __init__(
+        self,
+        send: Send,
+        *,
+        max_frames: int,
+        max_bytes: int,
+        on_overflow: Callable[[], None],
+        on_drop: Callable[[], None] | None = None,
+        on_send_failed: Callable[[BaseException], None] | None = None,
+        backlog_probe: Callable[[], int] | None = None,
+    ) -> None:
+        self._send = send
+        self._queue: collections.deque[OutFrame] = collections.deque()
+        self._queued_bytes = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.on_overflow = on_overflow
+        self.on_drop = on_drop
+        self.on_send_failed = on_send_failed
+        # Bytes the server has accepted but not yet written to the socket, where the
+        # server does not push back through ``send`` (daphne buffers without limit).
+        self.backlog_probe = backlog_probe
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def push(self, frame: OutFrame) -> bool:
+        """Queue a frame; False when the connection is closed or was just overflowed."""
+        if self._closed:
+            return False
+        if len(self._queue) >= self.max_frames or (
+            self._queue and self._queued_bytes + frame.size > self.max_bytes
+        ):
+            if not (frame.droppable and self._drop_oldest_droppable()):
+                # Refuse everything from now on: the connection is being dropped.
+                self._closed = True
+                self.on_overflow()
+                return False
+        self._queue.append(frame)
+        self._queued_bytes += frame.size
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+        return True
+
+    def _drop_oldest_droppable(self) -> bool:
+        for index, queued in enumerate(self._queue):
+            if queued.droppable:
+                del self._queue[index]
+                self._queued_bytes -= queued.size
+                if self.on_drop is not None:
+                    self.on_drop()
+                return True
+        return False
+
+    async def _drain(self) -> None:
+        queue = self._queue
+        send = self._send
+        try:
+            while queue:
+                frame = queue.popleft()
+                self._queued_bytes -= frame.size
+                await send(frame.event)
+            probe = self.backlog_probe
+            if probe is not None and probe() > self.max_bytes:
+                self._closed = True
+                self.on_overflow()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the peer went away mid-send
+            self._closed = True
+            queue.clear()
+            if self.on_send_failed is not None:
+                self.on_send_failed(exc)
+        finally:
+            self._writer = None
+
+    async def flush(self, timeout: float) -> None:
+        """Wait until every queued frame was handed to the server, or ``timeout``."""
+        writer = self._writer
+        if writer is not None:
+            await asyncio.wait({writer}, timeout=timeout)
+
+    async def wait_below(self, frames: int, poll_secs: float = 0.005) -> None:
+        """Wait until at most ``frames`` are queued (or the outbox closed): a replay
+        paces itself by the client's reading instead of overflowing its queue."""
+        while not self._closed and len(self._queue) > frames:
+            await asyncio.sleep(poll_secs)
+
+    def discard(self) -> None:
+        """Close the queue: drop what is queued and stop the writer."""
+        self._closed = True
+        self._queue.clear()
+        self._queued_bytes = 0
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+
+    def seal(self) -> None:
+        """Refuse new frames but let the queued ones be sent."""
+        self._closed = True
+
+
+def daphne_backlog_probe(send: Any) -> Callable[[], int] | None:
+    """A probe of daphne's unsent bytes for this socket, or None under other servers.
+
+    daphne hands the application ``partial(server.handle_reply, protocol)`` and writes
+    every frame straight into Twisted's transport buffer, which grows without bound
+    for a peer that stops reading; this reads that buffer's size.
+    """
+    args = getattr(send, "args", None)
+    protocol = args[0] if args else None
+    transport = getattr(protocol, "transport", None)
+    if transport is None or not hasattr(transport, "dataBuffer"):
+        return None
+
+    def backlog() -> int:
+        return (
+            len(transport.dataBuffer)
+            - getattr(transport, "offset", 0)
+            + getattr(transport, "_tempDataLen", 0)
+        )
+
+    return backlog

@@ -1,0 +1,73 @@
+"""Reads of stored history and channel state (no writes; services hold those)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from django.db.models import QuerySet
+
+from push.message import ChannelMessage
+from push.models import Channel, Message
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    since: int
+    messages: list[ChannelMessage]
+    # The channel's highest seq when the page was read.
+    latest_seq: int
+
+    @property
+    def complete_from_since(self) -> bool:
+        """True when nothing after ``since`` was trimmed away by retention."""
+        if self.latest_seq <= self.since:
+            return True
+        return bool(self.messages) and self.messages[0].seq == self.since + 1
+
+
+def _to_channel_message(channel: str, row: Message) -> ChannelMessage:
+    return ChannelMessage(
+        channel=channel,
+        seq=row.seq,
+        message_id=str(row.message_id),
+        data_json=row.data,
+        timestamp=row.created_at.timestamp(),
+    )
+
+
+def message_list_since(*, channel: str, since: int, limit: int) -> list[ChannelMessage]:
+    """Stored messages of ``channel`` with ``seq > since``, oldest first."""
+    rows = (
+        Message.objects.filter(channel__name=channel, seq__gt=since)
+        .order_by("seq")
+        .only("seq", "message_id", "data", "created_at")[:limit]
+    )
+    return [_to_channel_message(channel, row) for row in rows]
+
+
+def history_page(*, channel: str, since: int, limit: int) -> HistoryPage:
+    """A page of history for a resume, with the channel's latest seq read first, so
+    every message up to it is either in the page or after the page's last seq."""
+    latest = channel_latest_seq(channel=channel)
+    messages = message_list_since(channel=channel, since=since, limit=limit)
+    return HistoryPage(since=since, messages=messages, latest_seq=latest)
+
+
+def channel_latest_seq(*, channel: str) -> int:
+    value = Channel.objects.filter(name=channel).values_list("last_seq", flat=True).first()
+    return value or 0
+
+
+def channel_latest_seqs(*, channels: Iterable[str]) -> dict[str, int]:
+    names = list(channels)
+    latest: dict[str, int] = {}
+    # Chunked so a node serving tens of thousands of channels never builds one huge IN.
+    for start in range(0, len(names), 1000):
+        chunk = names[start : start + 1000]
+        latest.update(Channel.objects.filter(name__in=chunk).values_list("name", "last_seq"))
+    return latest
+
+
+def channel_list() -> QuerySet[Channel]:
+    return Channel.objects.order_by("name")

@@ -1,0 +1,172 @@
+"""Django settings for the push server. Every value that varies between machines comes
+from ``realtime_project.env``; nothing else here reads the environment."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from pathlib import Path
+
+import dj_database_url
+
+from realtime_project.env import (
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_optional_str,
+    env_str,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = env_bool("DEBUG", False)
+_secret = env_optional_str("SECRET_KEY")
+if _secret is None:
+    if not DEBUG:
+        raise RuntimeError("SECRET_KEY must be set when DEBUG is off")
+    _secret = "dev-only-insecure-key-do-not-use-in-production"
+SECRET_KEY = _secret
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+# Browser origins allowed to open a WebSocket; by default the allowed hosts.
+ALLOWED_ORIGINS = env_list("ALLOWED_ORIGINS", ALLOWED_HOSTS)
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_prometheus",
+    "accounts",
+    "push",
+    "monitoring",
+]
+
+MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
+]
+
+ROOT_URLCONF = "realtime_project.urls"
+ASGI_APPLICATION = "realtime_project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
+DATABASES = {
+    "default": dj_database_url.parse(
+        DATABASE_URL,
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 600),
+        conn_health_checks=True,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # IMMEDIATE takes the write lock at BEGIN, so two concurrent publishers queue on the
+    # lock instead of one failing with "database is locked" when it upgrades.
+    DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 20}
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_optional_str("REDIS_URL")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            # Pub/sub: one PUBLISH per message reaches every subscribed node, and each
+            # node subscribes once per channel it has local subscribers for.
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": "push"},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            # The node's own inbox receives every message of every channel it serves;
+            # the default capacity of 100 would drop messages under a burst.
+            "CONFIG": {"capacity": 100_000, "expiry": 3600},
+        }
+    }
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    "EXCEPTION_HANDLER": "push.api.exceptions.api_exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+# Identifies this node process in connection_established, the connection registry and
+# the admin. Unique per process, so two nodes on one host never share it.
+NODE_ID = env_str("NODE_ID", f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+
+# The push server's own options; read through push.conf.push_settings.
+PUSH = {
+    "MAX_FRAME_BYTES": env_int("PUSH_MAX_FRAME_BYTES", 1_048_576),
+    "HEARTBEAT_INTERVAL_SECS": env_int("PUSH_HEARTBEAT_INTERVAL_SECS", 25),
+    "SEND_QUEUE_MAX_FRAMES": env_int("PUSH_SEND_QUEUE_MAX_FRAMES", 1000),
+    "SEND_QUEUE_MAX_BYTES": env_int("PUSH_SEND_QUEUE_MAX_BYTES", 8 * 1_048_576),
+    "DROP_OLDEST_CHANNELS": env_list("PUSH_DROP_OLDEST_CHANNELS", []),
+    "HISTORY_PAGE_DEFAULT": env_int("PUSH_HISTORY_PAGE_DEFAULT", 100),
+    "HISTORY_PAGE_MAX": env_int("PUSH_HISTORY_PAGE_MAX", 1000),
+    "GAP_WAIT_SECS": env_float("PUSH_GAP_WAIT_SECS", 0.2),
+    "SYNC_INTERVAL_SECS": env_float("PUSH_SYNC_INTERVAL_SECS", 1.0),
+    "REGISTRY_FLUSH_SECS": env_float("PUSH_REGISTRY_FLUSH_SECS", 1.0),
+    "GC_GEN0_THRESHOLD": env_int("PUSH_GC_GEN0_THRESHOLD", 50_000),
+    "GC_FREEZE": env_bool("PUSH_GC_FREEZE", True),
+}
+
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.channels.server": {"level": "WARNING"},
+        "daphne": {"level": "WARNING"},
+    },
+}
