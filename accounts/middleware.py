@@ -73,4 +73,3 @@ class TokenAuthMiddleware:
             key = session_key(scope)
             user = await _session_user(dict(scope), key) if key else AnonymousUser()
         return await self.inner(dict(scope, user=user), receive, send)
-

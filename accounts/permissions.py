@@ -36,7 +36,7 @@ def can_subscribe(user: Any, channel: str) -> bool:
     if is_public_channel(channel):
         return True
     if channel.startswith(USER_PREFIX):
-        return _owns_user_channel(user, channel) or _is_authenticated(user) and user.is_staff
+        return _owns_user_channel(user, channel) or (_is_authenticated(user) and user.is_staff)
     return _is_authenticated(user) and user.is_staff
 
 

@@ -48,9 +48,7 @@ def _latency_points(text: str) -> list[tuple[int, float]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     add = parser.add_argument
     add(
         "--scenario",
@@ -229,9 +227,7 @@ def run(options: Options) -> list[Row]:
     return rows
 
 
-def _document(
-    options: Options, rows: list[Row], ratios: list[Row], wall: float
-) -> dict[str, Any]:
+def _document(options: Options, rows: list[Row], ratios: list[Row], wall: float) -> dict[str, Any]:
     return {
         "bench": "push-server",
         "version": 1,
@@ -239,9 +235,7 @@ def _document(
         "wall_secs": round(wall, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "options": {
-            key: value
-            for key, value in vars(options).items()
-            if key not in ("database_url",)
+            key: value for key, value in vars(options).items() if key not in ("database_url",)
         },
         "rows": rows,
         "ratios": ratios,

@@ -113,9 +113,7 @@ def publisher_lanes(options: Options, subscribers_per_channel: int) -> int:
     return max(2, min(MAX_LANES, math.ceil(wanted_rate / options.lane_rate)))
 
 
-def base_publish_spec(
-    ctx: RunContext, port: int, channels: list[str], fanout: int
-) -> PublishSpec:
+def base_publish_spec(ctx: RunContext, port: int, channels: list[str], fanout: int) -> PublishSpec:
     options = ctx.options
     return PublishSpec(
         host=options.host,
@@ -150,9 +148,7 @@ class PublishResult:
     wall_secs: float
 
 
-def publish_and_collect(
-    ctx: RunContext, nodes: list[Node], spec: PublishSpec
-) -> PublishResult:
+def publish_and_collect(ctx: RunContext, nodes: list[Node], spec: PublishSpec) -> PublishResult:
     """Run one publish phase, wait for the deliveries, and take the costs."""
     pool = ctx.pool
     node_pids = [node.pid for node in nodes]
@@ -161,9 +157,9 @@ def publish_and_collect(
     redis_before = redis_cpu_secs(ctx.options.redis_url)
     wall_start = time.time()
     timeout = spec.duration_secs + COMMAND_SLACK_SECS
-    outcome: PublishOutcome = pool.call_each(
-        "publish", {pool.publisher: {"spec": spec}}, timeout
-    )[pool.publisher]
+    outcome: PublishOutcome = pool.call_each("publish", {pool.publisher: {"spec": spec}}, timeout)[
+        pool.publisher
+    ]
     drain = ctx.options.drain_secs
     parts = pool.call_subscribers(
         "collect",

@@ -26,9 +26,7 @@ class Options:
 
     scenarios: list[str] = field(default_factory=lambda: list(DEFAULT_SCENARIOS))
     servers: list[str] = field(default_factory=lambda: ["uvicorn", "daphne"])
-    targets: list[str] = field(
-        default_factory=lambda: ["ours", "channels_ref", "bare_ref"]
-    )
+    targets: list[str] = field(default_factory=lambda: ["ours", "channels_ref", "bare_ref"])
     fmt: str = "json"
     host: str = "127.0.0.1"
     base_port: int = 18_100
@@ -56,9 +54,7 @@ class Options:
     drain_secs: float = 20.0
     database_url: str = "postgres://postgres@127.0.0.1:5432/bench"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    ours_command: str = (
-        "runnode"  # "runnode", "raw", or a template with {server} {port}...
-    )
+    ours_command: str = "runnode"  # "runnode", "raw", or a template with {server} {port}...
     results_path: str = ""
 
 

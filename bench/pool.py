@@ -75,9 +75,7 @@ class WorkerPool:
             for index in kwargs_by_worker
         }
 
-    def call_subscribers(
-        self, command: str, timeout_secs: float, **kwargs: Any
-    ) -> list[Any]:
+    def call_subscribers(self, command: str, timeout_secs: float, **kwargs: Any) -> list[Any]:
         indices = range(self.subscriber_count)
         answers = self.call_each(command, {i: kwargs for i in indices}, timeout_secs)
         return [answers[i] for i in indices]

@@ -70,9 +70,7 @@ class PublishOutcome:
 class Lane(Protocol):
     """One publishing transport."""
 
-    async def publish(
-        self, channel: str, data: dict[str, Any]
-    ) -> tuple[int | None, str]:
+    async def publish(self, channel: str, data: dict[str, Any]) -> tuple[int | None, str]:
         """Publish once; return (seq, "") or (None, error code)."""
         ...
 
@@ -104,9 +102,7 @@ class WsLane:
             if pending is not None and not pending.done():
                 pending.set_result(message)
 
-    async def publish(
-        self, channel: str, data: dict[str, Any]
-    ) -> tuple[int | None, str]:
+    async def publish(self, channel: str, data: dict[str, Any]) -> tuple[int | None, str]:
         if self.conn is None:
             raise RuntimeError("publish on a lane that was never opened")
         self._pending = asyncio.get_running_loop().create_future()
@@ -137,9 +133,7 @@ class RestLane:
             timeout=REPLY_TIMEOUT_SECS,
         )
 
-    async def publish(
-        self, channel: str, data: dict[str, Any]
-    ) -> tuple[int | None, str]:
+    async def publish(self, channel: str, data: dict[str, Any]) -> tuple[int | None, str]:
         try:
             reply = await self._client.post(
                 f"/api/v1/channels/{channel}/messages", json={"data": data}
@@ -207,9 +201,7 @@ class Gate:
         if spec.mode == "rate":
             index = self.issued
             self.issued += 1
-            await asyncio.sleep(
-                max(0.0, self.started + index / spec.rate - time.time())
-            )
+            await asyncio.sleep(max(0.0, self.started + index / spec.rate - time.time()))
         else:
             if not await self._wait_window():
                 return None

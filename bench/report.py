@@ -95,11 +95,7 @@ def compute_ratios(rows: list[Row]) -> list[Row]:
             entry.update({"server": row["server"], "versus": reference})
             for metric in RATIO_METRICS:
                 mine, theirs = row.get(metric), other.get(metric)
-                if (
-                    isinstance(mine, int | float)
-                    and isinstance(theirs, int | float)
-                    and theirs
-                ):
+                if isinstance(mine, int | float) and isinstance(theirs, int | float) and theirs:
                     entry[metric] = round(mine / theirs, 2)
             ratios.append(entry)
     return ratios

@@ -54,9 +54,7 @@ class running_nodes:
     def __enter__(self) -> list[Node]:
         ctx = self.ctx
         first = ctx.next_ports(self.count)
-        self.nodes = start_nodes(
-            ctx.target, ctx.server, ctx.options.host, first, self.count
-        )
+        self.nodes = start_nodes(ctx.target, ctx.server, ctx.options.host, first, self.count)
         return self.nodes
 
     def __exit__(self, *exc: object) -> None:
@@ -226,9 +224,7 @@ def scale_100k(ctx: RunContext) -> list[Row]:
     try:
         with running_nodes(scaled, node_count) as nodes:
             ports = [node.port for node in nodes]
-            connected = connect_subscribers(
-                scaled, ports, channels, count, SCALE_LOCAL_HOSTS
-            )
+            connected = connect_subscribers(scaled, ports, channels, count, SCALE_LOCAL_HOSTS)
             time.sleep(SETTLE_SECS)
             rss = usage_of([node.pid for node in nodes]).rss_bytes
             spec = with_overrides(

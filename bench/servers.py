@@ -28,9 +28,7 @@ SERVERS = ("uvicorn", "daphne")
 OURS_APP = "realtime_project.asgi:application"
 BARE_APP = "bench.references.bare_hub:app"
 CHANNELS_REF_APP = "bench.references.channels_ref.asgi:application"
-RUNNODE_TEMPLATE = (
-    "{python} manage.py runnode --server {server} --host {host} --port {port}"
-)
+RUNNODE_TEMPLATE = "{python} manage.py runnode --server {server} --host {host} --port {port}"
 
 
 class ServerStartError(Exception):
@@ -118,9 +116,7 @@ def _log_tail(path: Path) -> str:
     return data[-LOG_TAIL_BYTES:].decode(errors="replace")
 
 
-def start_node(
-    target: Target, server: str, host: str, port: int, multi_node: bool
-) -> Node:
+def start_node(target: Target, server: str, host: str, port: int, multi_node: bool) -> Node:
     """Start one node and wait until it answers HTTP; raise with its log if not."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"{target.name}-{server}-{port}.log"
@@ -179,16 +175,12 @@ def _signal_group(pgid: int, signum: int) -> None:
         pass
 
 
-def start_nodes(
-    target: Target, server: str, host: str, first_port: int, count: int
-) -> list[Node]:
+def start_nodes(target: Target, server: str, host: str, first_port: int, count: int) -> list[Node]:
     """Start ``count`` nodes on consecutive ports; on any failure stop those started."""
     nodes: list[Node] = []
     try:
         for index in range(count):
-            nodes.append(
-                start_node(target, server, host, first_port + index, count > 1)
-            )
+            nodes.append(start_node(target, server, host, first_port + index, count > 1))
     except BaseException:
         stop_nodes(nodes)
         raise

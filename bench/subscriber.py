@@ -84,11 +84,7 @@ class SubscriberSet:
     ) -> str | None:
         channel = spec.channels[index % len(spec.channels)]
         port = spec.ports[index % len(spec.ports)] if spec.ports else spec.port
-        local = (
-            spec.local_hosts[index % len(spec.local_hosts)]
-            if spec.local_hosts
-            else None
-        )
+        local = spec.local_hosts[index % len(spec.local_hosts)] if spec.local_hosts else None
         async with gate:
             try:
                 conn = await ws_connect(
@@ -106,7 +102,7 @@ class SubscriberSet:
                 request = {"type": "subscribe", "channel": channel}
                 conn.send(self._format.encode(request), self._format.opcode)
                 await asyncio.wait_for(sub.ready, SUBSCRIBE_TIMEOUT_SECS)
-            except Exception as exc:  # noqa: BLE001 - a refusal is a figure, not a crash
+            except Exception as exc:
                 return _describe(exc)
         return None
 
@@ -165,9 +161,7 @@ class SubscriberSet:
         if code in errors or len(errors) < ERROR_SAMPLE_LIMIT:
             errors[code] = errors.get(code, 0) + 1
 
-    async def collect(
-        self, final_seq: dict[str, int], drain_secs: float
-    ) -> DeliveryStats:
+    async def collect(self, final_seq: dict[str, int], drain_secs: float) -> DeliveryStats:
         """Wait until every open connection has its channel's final seq, then count."""
         await self._wait_drained(final_seq, drain_secs)
         stats = self.stats

@@ -46,13 +46,9 @@ def build_targets(
     names: list[str], *, database_url: str, redis_url: str, ours_command: str
 ) -> list[Target]:
     """The requested targets in order; ``ours`` is prepared (migrated, token made)."""
-    ours_template = {"runnode": RUNNODE_TEMPLATE, "raw": ""}.get(
-        ours_command, ours_command
-    )
+    ours_template = {"runnode": RUNNODE_TEMPLATE, "raw": ""}.get(ours_command, ours_command)
     catalogue = {
-        "ours": Target(
-            "ours", OURS_APP, _ours_env(database_url, redis_url), ours_template
-        ),
+        "ours": Target("ours", OURS_APP, _ours_env(database_url, redis_url), ours_template),
         "channels_ref": Target(
             "channels_ref",
             CHANNELS_REF_APP,
@@ -61,9 +57,7 @@ def build_targets(
                 "DJANGO_SETTINGS_MODULE": "bench.references.channels_ref.settings",
             },
         ),
-        "bare_ref": Target(
-            "bare_ref", BARE_APP, multi_node_env={"BARE_HUB_REDIS_URL": redis_url}
-        ),
+        "bare_ref": Target("bare_ref", BARE_APP, multi_node_env={"BARE_HUB_REDIS_URL": redis_url}),
     }
     targets = [catalogue[name] for name in names]
     return [prepare_ours(t, database_url) if t.name == "ours" else t for t in targets]
@@ -73,9 +67,7 @@ def _ensure_database(database_url: str) -> None:
     name = database_url.rsplit("/", 1)[1].split("?", 1)[0]
     admin_url = database_url.rsplit("/", 1)[0] + "/postgres"
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        exists = conn.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
-        ).fetchone()
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if not exists:
             conn.execute(f'CREATE DATABASE "{name}"')
 
@@ -92,9 +84,7 @@ def _manage(env: dict[str, str], *args: str) -> str:
         check=False,
     )
     if result.returncode != 0:
-        raise TargetSetupError(
-            f"manage.py {' '.join(args)} failed:\n{result.stderr[-2000:]}"
-        )
+        raise TargetSetupError(f"manage.py {' '.join(args)} failed:\n{result.stderr[-2000:]}")
     return result.stdout
 
 

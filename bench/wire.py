@@ -50,9 +50,7 @@ FORMATS: dict[str, WireFormat] = {
     # No subprotocol offered for JSON: the contract makes JSON the default, and the
     # reference servers need not know subprotocols to be driven.
     "json": WireFormat("json", None, OPCODE_TEXT, _json_encode, _fast_json.loads),
-    "msgpack": WireFormat(
-        "msgpack", "v1.msgpack", OPCODE_BINARY, _msgpack_encode, _msgpack_decode
-    ),
+    "msgpack": WireFormat("msgpack", "v1.msgpack", OPCODE_BINARY, _msgpack_encode, _msgpack_decode),
 }
 
 

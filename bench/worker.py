@@ -66,13 +66,11 @@ async def _serve(pipe: Connection) -> None:
         loop.remove_reader(pipe.fileno())
 
 
-async def _run_command(
-    worker: Worker, name: str, kwargs: dict[str, Any]
-) -> tuple[str, Any]:
+async def _run_command(worker: Worker, name: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
     try:
         handler = getattr(worker, f"cmd_{name}")
         return "ok", await handler(**kwargs)
-    except Exception:  # noqa: BLE001 - reported to the orchestrator, which decides
+    except Exception:
         return "error", traceback.format_exc()
 
 

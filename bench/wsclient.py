@@ -40,9 +40,7 @@ class HandshakeError(Exception):
     """Raised when the server answers the upgrade with anything but 101."""
 
 
-def _handshake_request(
-    host: str, port: int, path: str, subprotocol: str | None
-) -> bytes:
+def _handshake_request(host: str, port: int, path: str, subprotocol: str | None) -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
         f"GET {path} HTTP/1.1",
@@ -162,9 +160,7 @@ class WsConnection(asyncio.Protocol):
 
     def _fail_handshake(self, status_line: bytes) -> None:
         if not self.opened.done():
-            self.opened.set_exception(
-                HandshakeError(status_line.decode(errors="replace"))
-            )
+            self.opened.set_exception(HandshakeError(status_line.decode(errors="replace")))
         if self.transport is not None:
             self.transport.close()
 
@@ -215,9 +211,7 @@ class WsConnection(asyncio.Protocol):
             self._on_close_frame(payload)
 
     def _on_close_frame(self, payload: bytes) -> None:
-        code = (
-            int.from_bytes(payload[:2], "big") if len(payload) >= 2 else CLOSE_NO_STATUS
-        )
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else CLOSE_NO_STATUS
         self.close_code = code
         if self.transport is not None:
             self.transport.write(encode_frame(payload[:2], OPCODE_CLOSE))

@@ -17,7 +17,7 @@ from push.codecs import Codec
 from push.conf import push_settings
 from push.errors import CloseCode, PushError
 from push.hub import Subscription
-from push.outbox import OutFrame, Outbox, Send, daphne_backlog_probe
+from push.outbox import Outbox, OutFrame, Send, daphne_backlog_probe
 from push.protocol import RequestId, error
 
 logger = logging.getLogger(__name__)

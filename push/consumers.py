@@ -182,9 +182,7 @@ class PushConsumer(AsyncConsumer):
         else:
             self.node.hub.unsubscribe(subscription)
 
-    async def handle_unsubscribe(
-        self, connection: ClientConnection, request: Unsubscribe
-    ) -> None:
+    async def handle_unsubscribe(self, connection: ClientConnection, request: Unsubscribe) -> None:
         subscription = connection.subscriptions.pop(request.channel, None)
         if subscription is None:
             raise PushError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {request.channel!r}")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
 from asgiref.sync import sync_to_async
-from django.db import DatabaseError, IntegrityError, close_old_connections
+from django.db import DatabaseError, IntegrityError, close_old_connections, connections
 
 from push.errors import ErrorCode, PushError
 
@@ -21,6 +23,11 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 logger = logging.getLogger(__name__)
+
+# Each thread keeps one persistent connection, so this bounds the node's connections
+# to PostgreSQL (plus Django's own request thread).
+DATABASE_THREADS = 6
+_executor = ThreadPoolExecutor(max_workers=DATABASE_THREADS, thread_name_prefix="push-db")
 
 
 def database_unavailable(exc: BaseException) -> PushError:
@@ -47,4 +54,21 @@ def _guarded(func: Callable[P, R]) -> Callable[P, R]:
 
 def db_call(func: Callable[P, R]) -> Callable[P, object]:
     """Wrap a sync ORM function as an awaitable that runs on the database threads."""
-    return sync_to_async(_guarded(func), thread_sensitive=False)
+    return sync_to_async(_guarded(func), thread_sensitive=False, executor=_executor)
+
+
+def close_database_threads() -> None:
+    """Close every database thread's connection (tests, shutdown).
+
+    A barrier makes each worker thread take exactly one of the jobs, so every
+    thread-local connection is reached.
+    """
+    barrier = threading.Barrier(DATABASE_THREADS)
+
+    def close_in_this_thread() -> None:
+        barrier.wait(timeout=10)
+        connections.close_all()
+
+    futures = [_executor.submit(close_in_this_thread) for _ in range(DATABASE_THREADS)]
+    for future in futures:
+        future.result(timeout=15)

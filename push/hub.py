@@ -68,7 +68,7 @@ class ChannelState(enum.Enum):
 class Subscription:
     """One connection's subscription to one channel on this node."""
 
-    __slots__ = ("subscriber", "channel", "last_seq", "buffer", "active")
+    __slots__ = ("active", "buffer", "channel", "last_seq", "subscriber")
 
     def __init__(self, subscriber: Subscriber, channel: HubChannel, last_seq: int) -> None:
         self.subscriber = subscriber
@@ -83,18 +83,18 @@ class Subscription:
 
 class HubChannel:
     __slots__ = (
-        "name",
-        "state",
-        "live",
         "catching_up",
         "delivered_seq",
-        "pending",
         "droppable",
+        "linger_handle",
+        "live",
+        "name",
+        "pending",
         "ready",
         "repair_handle",
         "repairing",
+        "state",
         "sync_mark",
-        "linger_handle",
     )
 
     def __init__(self, name: str, droppable: bool, loop: asyncio.AbstractEventLoop) -> None:
@@ -161,7 +161,7 @@ class Hub:
         reaches it. With ``since``, every stored message after it is replayed first,
         then the live stream follows with nothing missing and nothing twice."""
         hub_channel = await self._channel_for_subscribe(channel)
-        if since is None or since >= hub_channel.delivered_seq and not hub_channel.pending:
+        if since is None or (since >= hub_channel.delivered_seq and not hub_channel.pending):
             return self._attach_live(subscriber, hub_channel, since, reply)
         return await self._attach_with_replay(subscriber, hub_channel, since, reply)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 
 class ChannelMessage:
-    __slots__ = ("channel", "seq", "message_id", "data_json", "timestamp", "_data", "frames")
+    __slots__ = ("_data", "channel", "data_json", "frames", "message_id", "seq", "timestamp")
 
     def __init__(
         self, *, channel: str, seq: int, message_id: str, data_json: str, timestamp: float

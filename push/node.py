@@ -38,9 +38,7 @@ class Node:
             drop_oldest_patterns=list(push_settings.DROP_OLDEST_CHANNELS),
             gap_wait_secs=push_settings.GAP_WAIT_SECS,
         )
-        self.registry = ConnectionRegistry(
-            server_id, flush_secs=push_settings.REGISTRY_FLUSH_SECS
-        )
+        self.registry = ConnectionRegistry(server_id, flush_secs=push_settings.REGISTRY_FLUSH_SECS)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:

@@ -21,7 +21,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class OutFrame:
     """One encoded frame as an ASGI send event, shared by all its recipients."""
 
-    __slots__ = ("event", "size", "droppable")
+    __slots__ = ("droppable", "event", "size")
 
     def __init__(self, event: dict[str, Any], size: int, droppable: bool = False) -> None:
         self.event = event
@@ -31,16 +31,16 @@ class OutFrame:
 
 class Outbox:
     __slots__ = (
-        "_send",
+        "_closed",
         "_queue",
         "_queued_bytes",
+        "_send",
         "_writer",
-        "_closed",
-        "max_frames",
-        "max_bytes",
         "backlog_probe",
-        "on_overflow",
+        "max_bytes",
+        "max_frames",
         "on_drop",
+        "on_overflow",
         "on_send_failed",
     )
 
@@ -80,14 +80,14 @@ class Outbox:
         """Queue a frame; False when the connection is closed or was just overflowed."""
         if self._closed:
             return False
-        if len(self._queue) >= self.max_frames or (
+        full = len(self._queue) >= self.max_frames or (
             self._queue and self._queued_bytes + frame.size > self.max_bytes
-        ):
-            if not (frame.droppable and self._drop_oldest_droppable()):
-                # Refuse everything from now on: the connection is being dropped.
-                self._closed = True
-                self.on_overflow()
-                return False
+        )
+        if full and not (frame.droppable and self._drop_oldest_droppable()):
+            # Refuse everything from now on: the connection is being dropped.
+            self._closed = True
+            self.on_overflow()
+            return False
         self._queue.append(frame)
         self._queued_bytes += frame.size
         if self._writer is None:
@@ -126,11 +126,11 @@ class Outbox:
         finally:
             self._writer = None
 
-    async def flush(self, timeout: float) -> None:
-        """Wait until every queued frame was handed to the server, or ``timeout``."""
+    async def flush(self, deadline_secs: float) -> None:
+        """Wait until every queued frame was handed to the server, or the deadline."""
         writer = self._writer
         if writer is not None:
-            await asyncio.wait({writer}, timeout=timeout)
+            await asyncio.wait({writer}, timeout=deadline_secs)
 
     async def wait_below(self, frames: int, poll_secs: float = 0.005) -> None:
         """Wait until at most ``frames`` are queued (or the outbox closed): a replay

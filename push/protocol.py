@@ -140,9 +140,7 @@ def _check_value(value: Any, depth: int) -> None:
         return
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise PushError(
-                ErrorCode.INVALID_MESSAGE, "'data' holds NaN or Infinity", field="data"
-            )
+            raise PushError(ErrorCode.INVALID_MESSAGE, "'data' holds NaN or Infinity", field="data")
         return
     if isinstance(value, list | tuple):
         for item in value:
@@ -256,7 +254,5 @@ def heartbeat_ack(*, timestamp: float, request_id: RequestId | None) -> dict[str
     return _with_id({"type": "heartbeat_ack", "timestamp": timestamp}, request_id)
 
 
-def error(
-    *, code: ErrorCode, message: str, request_id: RequestId | None = None
-) -> dict[str, Any]:
+def error(*, code: ErrorCode, message: str, request_id: RequestId | None = None) -> dict[str, Any]:
     return _with_id({"type": "error", "code": code.value, "message": message}, request_id)

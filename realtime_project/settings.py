@@ -25,7 +25,7 @@ _secret = env_optional_str("SECRET_KEY")
 if _secret is None:
     if not DEBUG:
         raise RuntimeError("SECRET_KEY must be set when DEBUG is off")
-    _secret = "dev-only-insecure-key-do-not-use-in-production"
+    _secret = "dev-only-insecure-key-do-not-use-in-production"  # noqa: S105 - DEBUG only
 SECRET_KEY = _secret
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
@@ -102,7 +102,7 @@ if REDIS_URL:
             # Pub/sub: one PUBLISH per message reaches every subscribed node, and each
             # node subscribes once per channel it has local subscribers for.
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": "push"},
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("REDIS_PREFIX", "push")},
         }
     }
 else:
@@ -114,6 +114,10 @@ else:
             "CONFIG": {"capacity": 100_000, "expiry": 3600},
         }
     }
+
+# Django refuses bodies over this before a view runs; keep it above the frame limit so a
+# REST publish over the limit gets the contract's MESSAGE_TOO_LARGE instead.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("PUSH_MAX_FRAME_BYTES", 1_048_576) * 2 + 65_536
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

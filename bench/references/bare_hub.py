@@ -69,7 +69,7 @@ class Subscriber:
             queue = self.queue
             while queue:
                 await self.send({"type": "websocket.send", "text": queue.popleft()})
-        except Exception:  # noqa: BLE001 - the peer left mid-write; disconnect cleans up
+        except Exception:
             self.queue.clear()
         finally:
             self.writing = False
@@ -77,7 +77,7 @@ class Subscriber:
     async def _close_slow(self) -> None:
         try:
             await self.send({"type": "websocket.close", "code": CLOSE_SLOW_CONSUMER})
-        except Exception:  # noqa: BLE001, S110 - the peer is already gone
+        except Exception:  # noqa: S110 - the peer is already gone
             pass
 
 

@@ -78,9 +78,11 @@ class ChannelListView(APIView):
 
     def get(self, request: Request) -> Response:
         after = request.query_params.get("after", "")
-        channels = list(visible_channels(request.user, selectors.channel_list(), after=after)[
-            : self.PAGE_SIZE + 1
-        ])
+        channels = list(
+            visible_channels(request.user, selectors.channel_list(), after=after)[
+                : self.PAGE_SIZE + 1
+            ]
+        )
         has_more = len(channels) > self.PAGE_SIZE
         channels = channels[: self.PAGE_SIZE]
         next_url = _page_url(request, after=channels[-1].name) if has_more else None

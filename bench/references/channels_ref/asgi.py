@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault(
-    "DJANGO_SETTINGS_MODULE", "bench.references.channels_ref.settings"
-)
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.references.channels_ref.settings")
 
 from channels.routing import ProtocolTypeRouter, URLRouter
 from django.core.asgi import get_asgi_application

@@ -35,9 +35,7 @@ def new_message(channel: str, seq: int, data: Any) -> dict[str, Any]:
 async def publish(channel_layer: Any, channel: str, data: Any) -> dict[str, Any]:
     """Number the message and hand it to the group (shared by consumer and view)."""
     message = new_message(channel, await next_seq(channel), data)
-    await channel_layer.group_send(
-        group_name(channel), {"type": "push.message", **message}
-    )
+    await channel_layer.group_send(group_name(channel), {"type": "push.message", **message})
     return message
 
 
@@ -59,13 +57,9 @@ class PushConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         for channel in self.channels_joined:
-            await self.channel_layer.group_discard(
-                group_name(channel), self.channel_name
-            )
+            await self.channel_layer.group_discard(group_name(channel), self.channel_name)
 
-    async def receive(
-        self, text_data: str | None = None, bytes_data: bytes | None = None
-    ) -> None:
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:
             request = json.loads(text_data or "")
             kind = request["type"]
@@ -75,9 +69,7 @@ class PushConsumer(AsyncWebsocketConsumer):
         if kind == "subscribe":
             await self._subscribe(request["channel"])
         elif kind == "publish":
-            message = await publish(
-                self.channel_layer, request["channel"], request.get("data")
-            )
+            message = await publish(self.channel_layer, request["channel"], request.get("data"))
             reply = {key: message[key] for key in ("channel", "seq", "message_id")}
             await self._send_json({"type": "published", **reply})
         elif kind == "heartbeat":

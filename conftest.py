@@ -1,0 +1,25 @@
+"""Fixtures shared by every test package."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+async def fresh_node():
+    """Each test's event loop gets its own node; stop it so nothing leaks between tests."""
+    from push.node import stop_node
+
+    yield
+    await stop_node()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_database_threads(django_db_setup, django_db_blocker):  # type: ignore[no-untyped-def]
+    """The database threads hold connections; close them before the test database is
+    dropped, or PostgreSQL refuses to drop a database that is still in use."""
+    yield
+    from push.db import close_database_threads
+
+    with django_db_blocker.unblock():
+        close_database_threads()

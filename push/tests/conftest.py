@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import User
+from rest_framework.authtoken.models import Token
+
+from push.codecs import CODECS
+
+WIRE_FORMATS = sorted(CODECS)
+
+
+@pytest.fixture(params=WIRE_FORMATS)
+def wire_format(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def publisher_token(transactional_db: None) -> str:
+    user = User.objects.create_user("publisher", password="x")
+    return Token.objects.create(user=user).key
+
+
+@pytest.fixture
+def staff_token(transactional_db: None) -> str:
+    user = User.objects.create_user("operator", password="x", is_staff=True)
+    return Token.objects.create(user=user).key
+
+
+@pytest.fixture
+def other_user(transactional_db: None) -> User:
+    return User.objects.create_user("other", password="x")

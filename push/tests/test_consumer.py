@@ -1,0 +1,386 @@
+"""The WebSocket contract, frame by frame, for every wire format."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from django.test import override_settings
+
+from push.errors import CloseCode
+from push.tests.wsclient import connected_client, open_client
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
+
+
+async def test_connection_established_comes_first(wire_format: str) -> None:
+    accepted, client, subprotocol = await open_client(subprotocol=wire_format)
+    assert accepted
+    assert subprotocol == wire_format
+    hello = await client.recv()
+    assert hello["type"] == "connection_established"
+    uuid.UUID(hello["connection_id"])
+    assert hello["server_id"]
+    assert hello["heartbeat_interval"] == 25
+    assert isinstance(hello["timestamp"], float)
+    await client.close()
+
+
+async def test_no_subprotocol_means_json_and_none_echoed() -> None:
+    accepted, client, subprotocol = await open_client()
+    assert accepted and subprotocol is None
+    assert (await client.recv())["type"] == "connection_established"
+    await client.close()
+
+
+async def test_only_unknown_subprotocols_are_refused() -> None:
+    accepted, _, _ = await open_client(subprotocol="v2.xml")
+    assert not accepted
+
+
+async def test_subscribe_replies_with_seq_and_echoes_id(wire_format: str) -> None:
+    client = await connected_client(subprotocol=wire_format)
+    reply = await client.request({"type": "subscribe", "channel": "news", "id": "a-1"})
+    assert reply == {"type": "subscribed", "channel": "news", "seq": 0, "id": "a-1"}
+    reply = await client.request({"type": "subscribe", "channel": "sport", "id": 7})
+    assert reply == {"type": "subscribed", "channel": "sport", "seq": 0, "id": 7}
+    await client.close()
+
+
+async def test_publish_reaches_every_subscriber_with_seq(
+    wire_format: str, publisher_token: str
+) -> None:
+    subscriber = await connected_client(subprotocol=wire_format)
+    await subscriber.request({"type": "subscribe", "channel": "news"})
+    publisher = await connected_client(subprotocol=wire_format, token=publisher_token)
+    data = {"text": "hello", "n": 1}
+    reply = await publisher.request({"type": "publish", "channel": "news", "data": data, "id": 99})
+    assert reply["type"] == "published"
+    assert reply["seq"] == 1 and reply["channel"] == "news" and reply["id"] == 99
+    message = await subscriber.recv_type("message")
+    assert message["channel"] == "news"
+    assert message["seq"] == 1
+    assert message["message_id"] == reply["message_id"]
+    assert message["data"] == data
+    assert isinstance(message["timestamp"], float)
+    await subscriber.close()
+    await publisher.close()
+
+
+async def test_publisher_subscribed_to_its_channel_gets_both_frames(
+    wire_format: str, publisher_token: str
+) -> None:
+    client = await connected_client(subprotocol=wire_format, token=publisher_token)
+    await client.request({"type": "subscribe", "channel": "echo"})
+    await client.send({"type": "publish", "channel": "echo", "data": "x"})
+    frames = [await client.recv(), await client.recv()]
+    assert sorted(f["type"] for f in frames) == ["message", "published"]
+    await client.close()
+
+
+async def test_messages_across_formats_are_identical(publisher_token: str) -> None:
+    json_client = await connected_client(subprotocol="v1.json")
+    msgpack_client = await connected_client(subprotocol="v1.msgpack")
+    for client in (json_client, msgpack_client):
+        await client.request({"type": "subscribe", "channel": "mixed"})
+    publisher = await connected_client(token=publisher_token)
+    data = {"nested": [1, 2.5, None, True, "é"], "big": 2**64 - 1, "neg": -(2**63)}
+    await publisher.request({"type": "publish", "channel": "mixed", "data": data})
+    received = [await c.recv_type("message") for c in (json_client, msgpack_client)]
+    assert received[0] == received[1]
+    assert received[0]["data"] == data
+    for client in (json_client, msgpack_client, publisher):
+        await client.close()
+
+
+async def test_data_round_trips_losslessly(wire_format: str, publisher_token: str) -> None:
+    client = await connected_client(subprotocol=wire_format, token=publisher_token)
+    await client.request({"type": "subscribe", "channel": "exact"})
+    values = [
+        "nul\u0000inside",
+        2**64 - 1,
+        -(2**63),
+        0.1,
+        1e308,
+        5e-324,
+        [],
+        {},
+        None,
+        {"a": {"b": {"c": [1, "two", 3.0]}}},
+    ]
+    for value in values:
+        await client.send({"type": "publish", "channel": "exact", "data": value})
+        frames = [await client.recv(), await client.recv()]
+        message = next(f for f in frames if f["type"] == "message")
+        assert message["data"] == value
+        assert type(message["data"]) is type(value)
+    await client.close()
+
+
+async def test_unsubscribe_stops_delivery(wire_format: str, publisher_token: str) -> None:
+    subscriber = await connected_client(subprotocol=wire_format)
+    await subscriber.request({"type": "subscribe", "channel": "news"})
+    reply = await subscriber.request({"type": "unsubscribe", "channel": "news", "id": "u"})
+    assert reply == {"type": "unsubscribed", "channel": "news", "id": "u"}
+    publisher = await connected_client(token=publisher_token)
+    await publisher.request({"type": "publish", "channel": "news", "data": 1})
+    await subscriber.expect_nothing()
+    await subscriber.close()
+    await publisher.close()
+
+
+async def test_heartbeat_is_acknowledged(wire_format: str) -> None:
+    client = await connected_client(subprotocol=wire_format)
+    reply = await client.request({"type": "heartbeat", "id": 5})
+    assert reply["type"] == "heartbeat_ack" and reply["id"] == 5
+    assert isinstance(reply["timestamp"], float)
+    await client.close()
+
+
+async def test_resubscribing_keeps_one_stream(wire_format: str, publisher_token: str) -> None:
+    client = await connected_client(subprotocol=wire_format, token=publisher_token)
+    await client.request({"type": "subscribe", "channel": "twice"})
+    reply = await client.request({"type": "subscribe", "channel": "twice"})
+    assert reply["type"] == "subscribed"
+    await client.send({"type": "publish", "channel": "twice", "data": 1})
+    frames = [await client.recv(), await client.recv()]
+    assert sorted(f["type"] for f in frames) == ["message", "published"]
+    await client.expect_nothing()
+    await client.close()
+
+
+# ----- errors ---------------------------------------------------------------------------
+
+
+def _undecodable_payload(wire_format: str) -> str | bytes:
+    return {"v1.json": "{not json", "v1.msgpack": b"\xc1", "v1.protobuf": b"\xff\xff\xff"}[
+        wire_format
+    ]
+
+
+def _wrong_frame_type(wire_format: str) -> str | bytes:
+    return b'{"type":"heartbeat"}' if wire_format == "v1.json" else '{"type":"heartbeat"}'
+
+
+async def _assert_still_usable(client) -> None:  # type: ignore[no-untyped-def]
+    reply = await client.request({"type": "heartbeat"})
+    assert reply["type"] == "heartbeat_ack"
+
+
+async def test_undecodable_frame_is_invalid_json(wire_format: str) -> None:
+    client = await connected_client(subprotocol=wire_format)
+    await client.send_payload(_undecodable_payload(wire_format))
+    reply = await client.recv()
+    assert reply["type"] == "error" and reply["code"] == "INVALID_JSON"
+    assert reply["message"]
+    await _assert_still_usable(client)
+    await client.close()
+
+
+async def test_wrong_frame_type_is_invalid_json(wire_format: str) -> None:
+    client = await connected_client(subprotocol=wire_format)
+    await client.send_payload(_wrong_frame_type(wire_format))
+    reply = await client.recv()
+    assert reply["code"] == "INVALID_JSON"
+    await _assert_still_usable(client)
+    await client.close()
+
+
+async def test_json_rejects_nan() -> None:
+    client = await connected_client()
+    await client.send_payload('{"type":"publish","channel":"a","data":NaN}')
+    assert (await client.recv())["code"] == "INVALID_JSON"
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        {"channel": "news"},
+        {"type": "shout", "channel": "news"},
+        {"type": 5},
+    ],
+)
+async def test_unknown_message_type(wire_format: str, envelope: dict) -> None:
+    client = await connected_client(subprotocol=wire_format)
+    reply = await client.request({**envelope, "id": "q"})
+    assert reply["type"] == "error"
+    assert reply["code"] == "UNKNOWN_MESSAGE_TYPE"
+    assert reply["id"] == "q"
+    await _assert_still_usable(client)
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        {"type": "subscribe"},
+        {"type": "subscribe", "channel": 5},
+        {"type": "subscribe", "channel": ""},
+        {"type": "subscribe", "channel": "x" * 101},
+        {"type": "subscribe", "channel": "has space"},
+        {"type": "subscribe", "channel": "news*"},
+        {"type": "subscribe", "channel": "nëws"},
+        {"type": "subscribe", "channel": "news/x"},
+        {"type": "subscribe", "channel": "news", "since": -1},
+        {"type": "subscribe", "channel": "news", "since": "3"},
+        {"type": "subscribe", "channel": "news", "since": True},
+        {"type": "unsubscribe"},
+        {"type": "publish", "channel": "news"},
+        {"type": "publish", "data": 1},
+        {"type": "heartbeat", "id": "x" * 65},
+        {"type": "heartbeat", "id": 1.5},
+        {"type": "heartbeat", "id": [1]},
+    ],
+)
+async def test_invalid_message(wire_format: str, envelope: dict) -> None:
+    client = await connected_client(subprotocol=wire_format)
+    reply = await client.request(envelope)
+    assert reply["type"] == "error"
+    assert reply["code"] == "INVALID_MESSAGE", reply
+    await _assert_still_usable(client)
+    await client.close()
+
+
+async def test_envelope_that_is_not_a_map(wire_format: str) -> None:
+    client = await connected_client(subprotocol=wire_format)
+    if wire_format == "v1.protobuf":
+        pytest.skip("every protobuf frame decodes to an Envelope message")
+    await client.send_payload(client.codec.encode([1, 2]))  # type: ignore[arg-type]
+    assert (await client.recv())["code"] == "INVALID_MESSAGE"
+    await client.close()
+
+
+async def test_error_echoes_valid_id(wire_format: str) -> None:
+    client = await connected_client(subprotocol=wire_format)
+    reply = await client.request({"type": "subscribe", "channel": "bad name", "id": 12})
+    assert reply["code"] == "INVALID_MESSAGE" and reply["id"] == 12
+    await client.close()
+
+
+async def test_bad_frame_never_reaches_other_clients(wire_format: str) -> None:
+    subscriber = await connected_client(subprotocol=wire_format)
+    await subscriber.request({"type": "subscribe", "channel": "news"})
+    attacker = await connected_client(subprotocol=wire_format)
+    await attacker.send_payload(_undecodable_payload(wire_format))
+    await attacker.recv()
+    await attacker.send({"type": "publish", "channel": "news", "data": "x"})
+    await attacker.recv()
+    await subscriber.expect_nothing()
+    await subscriber.close()
+    await attacker.close()
+
+
+async def test_anonymous_publish_is_forbidden(wire_format: str) -> None:
+    client = await connected_client(subprotocol=wire_format)
+    reply = await client.request({"type": "publish", "channel": "news", "data": 1, "id": 3})
+    assert reply["code"] == "FORBIDDEN" and reply["id"] == 3
+    await _assert_still_usable(client)
+    await client.close()
+
+
+@pytest.mark.parametrize("channel", ["private-room", "presence-lobby", "user:1"])
+async def test_reserved_channels_are_forbidden_to_anonymous(wire_format: str, channel: str) -> None:
+    client = await connected_client(subprotocol=wire_format)
+    reply = await client.request({"type": "subscribe", "channel": channel})
+    assert reply["code"] == "FORBIDDEN"
+    await client.close()
+
+
+async def test_unsubscribe_without_subscription(wire_format: str) -> None:
+    client = await connected_client(subprotocol=wire_format)
+    reply = await client.request({"type": "unsubscribe", "channel": "news", "id": "n"})
+    assert reply["code"] == "NOT_SUBSCRIBED" and reply["id"] == "n"
+    await _assert_still_usable(client)
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [2**64, -(2**63) - 1],
+)
+async def test_unrepresentable_data_is_refused(
+    wire_format: str, publisher_token: str, value: int
+) -> None:
+    if wire_format != "v1.json":
+        pytest.skip("only JSON can carry integers past 64 bits on the wire")
+    client = await connected_client(subprotocol=wire_format, token=publisher_token)
+    reply = await client.request({"type": "publish", "channel": "news", "data": value})
+    assert reply["code"] == "INVALID_MESSAGE"
+    await client.close()
+
+
+FRAME_LIMIT = 2000
+
+
+@override_settings(PUSH={"MAX_FRAME_BYTES": FRAME_LIMIT})
+async def test_frame_of_exactly_the_limit_is_accepted(
+    wire_format: str, publisher_token: str
+) -> None:
+    client = await connected_client(subprotocol=wire_format, token=publisher_token)
+    envelope = {"type": "publish", "channel": "big", "data": ""}
+    overhead = len(client.codec.encode(envelope))
+    envelope["data"] = "x" * (FRAME_LIMIT - overhead)
+    payload = client.codec.encode(envelope)
+    if len(payload) != FRAME_LIMIT:  # length prefixes may grow with the string
+        envelope["data"] = "x" * (FRAME_LIMIT - overhead - (len(payload) - FRAME_LIMIT))
+        payload = client.codec.encode(envelope)
+    assert len(payload) == FRAME_LIMIT
+    await client.send_payload(payload)
+    assert (await client.recv())["type"] == "published"
+    await client.close()
+
+
+@override_settings(PUSH={"MAX_FRAME_BYTES": FRAME_LIMIT})
+async def test_frame_over_the_limit_closes_1009(wire_format: str, publisher_token: str) -> None:
+    subscriber = await connected_client()
+    await subscriber.request({"type": "subscribe", "channel": "big"})
+    client = await connected_client(subprotocol=wire_format, token=publisher_token)
+    envelope = {"type": "publish", "channel": "big", "data": "x" * FRAME_LIMIT, "id": 1}
+    await client.send(envelope)
+    reply = await client.recv()
+    assert reply["code"] == "MESSAGE_TOO_LARGE"
+    assert await client.expect_close() == CloseCode.TOO_LARGE
+    await subscriber.expect_nothing()
+    await subscriber.close()
+
+
+async def test_invalid_token_is_refused_at_handshake(transactional_db: None) -> None:
+    accepted, _, detail = await open_client(token="not-a-token")
+    assert not accepted
+
+
+async def test_foreign_browser_origin_is_refused() -> None:
+    accepted, _, _ = await open_client(headers=[(b"origin", b"https://evil.example")])
+    assert not accepted
+
+
+async def test_allowed_browser_origin_and_no_origin_are_accepted() -> None:
+    accepted, client, _ = await open_client(headers=[(b"origin", b"http://localhost:8000")])
+    assert accepted
+    await client.close()
+    accepted, client, _ = await open_client()
+    assert accepted
+    await client.close()
+
+
+async def test_path_without_trailing_slash() -> None:
+    accepted, client, _ = await open_client(path="/ws")
+    assert accepted
+    await client.close()
+
+
+async def test_user_channel_belongs_to_its_user(other_user, publisher_token: str) -> None:  # type: ignore[no-untyped-def]
+    from rest_framework.authtoken.models import Token
+
+    from push.db import db_call
+
+    token = await db_call(lambda: Token.objects.create(user=other_user).key)()
+    client = await connected_client(token=token)
+    own = await client.request({"type": "subscribe", "channel": f"user:{other_user.pk}"})
+    assert own["type"] == "subscribed"
+    padded = await client.request({"type": "subscribe", "channel": f"user:0{other_user.pk}"})
+    assert padded["code"] == "FORBIDDEN"
+    other = await client.request({"type": "subscribe", "channel": f"user:{other_user.pk + 1}"})
+    assert other["code"] == "FORBIDDEN"
+    await client.close()

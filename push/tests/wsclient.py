@@ -1,0 +1,104 @@
+"""A test client over Channels' ``WebsocketCommunicator`` that speaks any wire format,
+so every protocol test runs for JSON, MessagePack and Protobuf alike."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from channels.testing import WebsocketCommunicator
+
+from push.codecs import CODECS, DEFAULT_CODEC, Codec
+
+RECEIVE_TIMEOUT_SECS = 5.0
+
+
+class WsClient:
+    def __init__(self, communicator: WebsocketCommunicator, codec: Codec) -> None:
+        self.communicator = communicator
+        self.codec = codec
+        self.close_code: int | None = None
+
+    async def send(self, envelope: dict[str, Any]) -> None:
+        await self.send_payload(self.codec.encode(envelope))
+
+    async def send_payload(self, payload: str | bytes) -> None:
+        if isinstance(payload, bytes):
+            await self.communicator.send_to(bytes_data=payload)
+        else:
+            await self.communicator.send_to(text_data=payload)
+
+    async def recv(self, timeout: float = RECEIVE_TIMEOUT_SECS) -> dict[str, Any]:
+        output = await self.communicator.receive_output(timeout)
+        if output["type"] == "websocket.close":
+            self.close_code = output.get("code")
+            raise ConnectionClosed(self.close_code)
+        assert output["type"] == "websocket.send", output
+        if self.codec.binary:
+            assert output.get("bytes") is not None, "binary format must send binary frames"
+            return self.codec.decode(output["bytes"])  # type: ignore[no-any-return]
+        assert output.get("text") is not None, "JSON must be sent as text frames"
+        return self.codec.decode(output["text"])  # type: ignore[no-any-return]
+
+    async def recv_type(self, kind: str, timeout: float = RECEIVE_TIMEOUT_SECS) -> dict[str, Any]:
+        """The next envelope of type ``kind``; fails on anything else in between."""
+        envelope = await self.recv(timeout)
+        assert envelope["type"] == kind, envelope
+        return envelope
+
+    async def request(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        await self.send(envelope)
+        return await self.recv()
+
+    async def expect_nothing(self, wait_secs: float = 0.2) -> None:
+        assert await self.communicator.receive_nothing(wait_secs), "unexpected frame"
+
+    async def expect_close(self, timeout: float = RECEIVE_TIMEOUT_SECS) -> int | None:
+        while True:
+            output = await self.communicator.receive_output(timeout)
+            if output["type"] == "websocket.close":
+                self.close_code = output.get("code")
+                return self.close_code
+
+    async def close(self) -> None:
+        await self.communicator.disconnect()
+        await asyncio.sleep(0)
+
+
+class ConnectionClosed(Exception):
+    """Raised when the server closed the connection while a frame was expected."""
+
+    def __init__(self, code: int | None) -> None:
+        super().__init__(f"closed with {code}")
+        self.code = code
+
+
+async def open_client(
+    *,
+    subprotocol: str | None = None,
+    token: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    path: str = "/ws/",
+) -> tuple[bool, WsClient, Any]:
+    """Connect to the real ASGI application; returns (accepted, client, handshake)."""
+    from realtime_project.asgi import application
+
+    if token is not None:
+        path = f"{path}?token={token}"
+    communicator = WebsocketCommunicator(
+        application,
+        path,
+        headers=headers or [],
+        subprotocols=[subprotocol] if subprotocol else None,
+    )
+    connected, detail = await communicator.connect(timeout=RECEIVE_TIMEOUT_SECS)
+    codec = CODECS.get(subprotocol or "", DEFAULT_CODEC)
+    return connected, WsClient(communicator, codec), detail
+
+
+async def connected_client(**kwargs: Any) -> WsClient:
+    """A client past the handshake and the ``connection_established`` frame."""
+    accepted, client, _ = await open_client(**kwargs)
+    assert accepted, "handshake refused"
+    await client.recv_type("connection_established")
+    return client

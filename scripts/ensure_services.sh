@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Makes sure PostgreSQL and Redis answer on 127.0.0.1 before the tests run: starts them
+# if they are installed but stopped, installs them from Debian's packages if missing.
+set -euo pipefail
+
+PG_HOST=127.0.0.1
+PG_PORT=5432
+REDIS_PORT=6379
+
+answers() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+wait_for() {
+  local host=$1 port=$2 name=$3
+  for _ in $(seq 1 60); do
+    if answers "$host" "$port"; then return 0; fi
+    sleep 0.5
+  done
+  echo "ensure_services: $name is not answering on $host:$port" >&2
+  return 1
+}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() {
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+if ! answers "$PG_HOST" "$PG_PORT"; then
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    echo "ensure_services: installing PostgreSQL"
+    apt_install postgresql
+  fi
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  echo "ensure_services: starting PostgreSQL $version"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  wait_for "$PG_HOST" "$PG_PORT" PostgreSQL
+fi
+
+if ! answers 127.0.0.1 "$REDIS_PORT"; then
+  if ! command -v redis-server >/dev/null 2>&1; then
+    echo "ensure_services: installing Redis"
+    apt_install redis-server
+  fi
+  echo "ensure_services: starting Redis"
+  as_root mkdir -p /var/lib/redis /var/log/redis
+  as_root redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" \
+    --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  wait_for 127.0.0.1 "$REDIS_PORT" Redis
+fi
