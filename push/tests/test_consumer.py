@@ -346,7 +346,7 @@ async def test_frame_over_the_limit_closes_1009(wire_format: str, publisher_toke
 
 
 async def test_invalid_token_is_refused_at_handshake(transactional_db: None) -> None:
-    accepted, _, detail = await open_client(token="not-a-token")
+    accepted, _, _ = await open_client(token="not-a-token")
     assert not accepted
 
 

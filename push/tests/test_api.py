@@ -1,0 +1,198 @@
+"""REST API: publish, history, channel list, as a client of the HTTP API sees them."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import override_settings
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from push.models import Message
+from push.services import message_publish
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def client() -> APIClient:
+    return APIClient()
+
+
+@pytest.fixture
+def publisher(client: APIClient) -> APIClient:
+    user = User.objects.create_user("rest-publisher", password="x")
+    token = Token.objects.create(user=user)
+    authed = APIClient()
+    authed.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return authed
+
+
+def _publish(api: APIClient, channel: str, body: object, **extra: str):  # type: ignore[no-untyped-def]
+    return api.post(
+        f"/api/v1/channels/{channel}/messages",
+        data=json.dumps(body),
+        content_type="application/json",
+        **extra,
+    )
+
+
+def test_publish_returns_201_with_seq(publisher: APIClient) -> None:
+    first = _publish(publisher, "news", {"data": {"a": 1}})
+    assert first.status_code == 201
+    body = first.json()
+    assert set(body) == {"channel", "seq", "message_id", "timestamp"}
+    assert body["channel"] == "news" and body["seq"] == 1
+    second = _publish(publisher, "news", {"data": 2})
+    assert second.json()["seq"] == 2
+
+
+def test_publish_stores_data_losslessly(publisher: APIClient, client: APIClient) -> None:
+    data = {"s": "a\u0000b", "max": 2**64 - 1, "min": -(2**63), "f": 0.1, "tiny": 5e-324}
+    _publish(publisher, "exact", {"data": data})
+    stored = client.get("/api/v1/channels/exact/messages").json()["results"][0]
+    assert stored["data"] == data
+    assert json.loads(Message.objects.get().data) == data
+
+
+def test_publish_requires_a_token(client: APIClient) -> None:
+    response = _publish(client, "news", {"data": 1})
+    assert response.status_code == 401
+    assert response.json()["type"] == "error"
+
+
+def test_publish_with_a_bad_token_is_refused(client: APIClient) -> None:
+    response = _publish(client, "news", {"data": 1}, HTTP_AUTHORIZATION="Token nope")
+    assert response.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({}, "data"), ({"other": 1}, "data")],
+)
+def test_publish_without_data_names_the_field(publisher: APIClient, body: dict, field: str) -> None:
+    response = _publish(publisher, "news", body)
+    assert response.status_code == 400
+    payload = response.json()
+    assert payload["code"] == "INVALID_MESSAGE"
+    assert field in payload["message"]
+
+
+def test_publish_with_malformed_json(publisher: APIClient) -> None:
+    response = publisher.post(
+        "/api/v1/channels/news/messages", data="{oops", content_type="application/json"
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == "INVALID_JSON"
+
+
+def test_publish_null_is_a_value(publisher: APIClient) -> None:
+    assert _publish(publisher, "news", {"data": None}).status_code == 201
+
+
+def test_publish_out_of_range_integer(publisher: APIClient) -> None:
+    response = _publish(publisher, "news", {"data": 2**64})
+    assert response.status_code == 400
+    assert response.json()["code"] == "INVALID_MESSAGE"
+
+
+def test_publish_to_bad_channel_name(publisher: APIClient) -> None:
+    response = _publish(publisher, "bad*name", {"data": 1})
+    assert response.status_code == 400
+    assert response.json()["code"] == "INVALID_MESSAGE"
+
+
+def test_publish_to_private_channel_needs_a_grant(publisher: APIClient) -> None:
+    response = _publish(publisher, "private-room", {"data": 1})
+    assert response.status_code == 403
+    assert response.json()["code"] == "FORBIDDEN"
+
+
+@override_settings(PUSH={"MAX_FRAME_BYTES": 1000})
+def test_publish_over_the_size_limit(publisher: APIClient) -> None:
+    response = _publish(publisher, "news", {"data": "x" * 2000})
+    assert response.status_code == 413
+    assert response.json()["code"] == "MESSAGE_TOO_LARGE"
+
+
+def test_history_is_oldest_first_and_paginated(publisher: APIClient, client: APIClient) -> None:
+    for n in range(5):
+        _publish(publisher, "feed", {"data": n})
+    page = client.get("/api/v1/channels/feed/messages?since=1&limit=2").json()
+    assert [m["seq"] for m in page["results"]] == [2, 3]
+    first = page["results"][0]
+    assert set(first) == {"type", "channel", "seq", "message_id", "data", "timestamp"}
+    assert first["data"] == 1
+    page = client.get(page["next"]).json()
+    assert [m["seq"] for m in page["results"]] == [4, 5]
+    assert page["next"] is None
+
+
+def test_history_defaults(publisher: APIClient, client: APIClient) -> None:
+    _publish(publisher, "feed", {"data": 1})
+    page = client.get("/api/v1/channels/feed/messages").json()
+    assert [m["seq"] for m in page["results"]] == [1]
+    assert client.get("/api/v1/channels/empty/messages").json() == {"results": [], "next": None}
+
+
+@pytest.mark.parametrize("query", ["since=-1", "since=abc", "limit=0", "limit=1001", "limit=x"])
+def test_history_bad_query(client: APIClient, query: str) -> None:
+    response = client.get(f"/api/v1/channels/feed/messages?{query}")
+    assert response.status_code == 400
+    assert response.json()["code"] == "INVALID_MESSAGE"
+
+
+def test_history_of_private_channel_is_forbidden(client: APIClient) -> None:
+    assert client.get("/api/v1/channels/private-x/messages").status_code == 403
+
+
+def test_channel_list_shows_last_seq_and_hides_private(
+    publisher: APIClient, client: APIClient
+) -> None:
+    _publish(publisher, "alpha", {"data": 1})
+    _publish(publisher, "alpha", {"data": 2})
+    _publish(publisher, "beta", {"data": 1})
+    message_publish(channel="private-secret", data=1)
+    listing = client.get("/api/v1/channels/").json()
+    assert listing["results"] == [
+        {"name": "alpha", "last_seq": 2},
+        {"name": "beta", "last_seq": 1},
+    ]
+    assert listing["next"] is None
+
+
+def test_concurrent_publishers_get_gapless_seqs() -> None:
+    threads, per_thread = 8, 25
+
+    def publish_many(worker: int) -> list[int]:
+        from django.db import connection
+
+        try:
+            return [
+                message_publish(channel="race", data={"w": worker, "i": i}).seq
+                for i in range(per_thread)
+            ]
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(publish_many, range(threads)))
+    seqs = sorted(seq for worker in results for seq in worker)
+    assert seqs == list(range(1, threads * per_thread + 1))
+    for worker in results:
+        assert worker == sorted(worker), "one publisher's messages keep their order"
+    stored = list(Message.objects.filter(channel__name="race").values_list("seq", flat=True))
+    assert sorted(stored) == seqs
+
+
+def test_publish_inside_a_rolled_back_transaction_stores_nothing() -> None:
+    from django.db import transaction
+
+    with pytest.raises(RuntimeError), transaction.atomic():
+        message_publish(channel="tx", data=1)
+        raise RuntimeError("application failed")
+    assert not Message.objects.filter(channel__name="tx").exists()
+    assert message_publish(channel="tx", data=2).seq == 1

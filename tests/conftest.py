@@ -1,0 +1,52 @@
+"""End-to-end fixtures: real daphne/uvicorn nodes sharing PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.servers import Database, ServerNode, create_token, manage
+
+
+@pytest.fixture(scope="session")
+def e2e_database() -> Iterator[Database]:
+    database = Database(os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"))
+    database.create()
+    yield database
+    database.drop()
+
+
+@pytest.fixture(scope="session")
+def e2e_env(e2e_database: Database) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "DATABASE_URL": e2e_database.url,
+        "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        # Pub/sub channels are shared by every Redis database: a prefix of our own keeps
+        # other test runs and servers on this machine out of these tests.
+        "REDIS_PREFIX": f"e2e{uuid.uuid4().hex[:8]}",
+        "DEBUG": "0",
+        "SECRET_KEY": "e2e-secret",
+        "PUSH_SYNC_INTERVAL_SECS": "0.5",
+    }
+    manage(env, "migrate", "--no-input")
+    return env
+
+
+@pytest.fixture(scope="session")
+def publisher_token(e2e_env: dict[str, str]) -> str:
+    return create_token(e2e_env, "e2e-publisher")
+
+
+@pytest.fixture(scope="module")
+def two_nodes(e2e_env: dict[str, str]) -> Iterator[tuple[ServerNode, ServerNode]]:
+    nodes = (
+        ServerNode(e2e_env, name="node-a").start(),
+        ServerNode(e2e_env, name="node-b").start(),
+    )
+    yield nodes
+    for node in nodes:
+        node.stop()

@@ -1,0 +1,153 @@
+"""Real server processes for end-to-end tests: a database of their own, nodes started
+with ``manage.py runnode`` on free ports, stopped by PID when the tests are done."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import dj_database_url
+import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG_DIR = ROOT / "artifacts" / "e2e-logs"
+START_TIMEOUT_SECS = 30.0
+STOP_TIMEOUT_SECS = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Database:
+    """A PostgreSQL database created for one test session and dropped after it."""
+
+    def __init__(self, base_url: str) -> None:
+        config = dj_database_url.parse(base_url)
+        self.host = config.get("HOST") or "127.0.0.1"
+        self.port = int(config.get("PORT") or 5432)
+        self.user = config.get("USER") or "postgres"
+        self.name = f"push_e2e_{os.getpid()}"
+        self.url = f"postgres://{self.user}@{self.host}:{self.port}/{self.name}"
+
+    def _admin(self) -> psycopg.Connection:
+        return psycopg.connect(
+            host=self.host, port=self.port, user=self.user, dbname="postgres", autocommit=True
+        )
+
+    def create(self) -> None:
+        with self._admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+
+    def drop(self) -> None:
+        with self._admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+    def query(self, sql: str, *params: object) -> list[tuple]:
+        with psycopg.connect(self.url) as conn:
+            return conn.execute(sql, params).fetchall()
+
+
+def manage(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stderr}")
+    return result.stdout
+
+
+def create_token(env: dict[str, str], username: str, *, staff: bool = False) -> str:
+    script = (
+        "from django.contrib.auth.models import User;"
+        "from rest_framework.authtoken.models import Token;"
+        f"u, _ = User.objects.get_or_create(username={username!r},"
+        f" defaults={{'is_staff': {staff}}});"
+        "print('TOKEN=' + Token.objects.get_or_create(user=u)[0].key)"
+    )
+    output = manage(env, "shell", "-c", script)
+    return next(line[6:] for line in output.splitlines() if line.startswith("TOKEN="))
+
+
+class ServerNode:
+    """One ``manage.py runnode`` process."""
+
+    def __init__(self, env: dict[str, str], *, server: str = "daphne", name: str = "") -> None:
+        self.server = server
+        self.name = name or f"{server}-{uuid.uuid4().hex[:6]}"
+        self.env = {**env, "NODE_ID": self.name}
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOG_DIR / f"{self.name}.log"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/"
+
+    def start(self) -> ServerNode:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "manage.py",
+                "runnode",
+                "--server",
+                self.server,
+                "--port",
+                str(self.port),
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait_healthy()
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_SECS
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log()}")
+            try:
+                if httpx.get(f"{self.http_url}/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not answer /health: {self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(STOP_TIMEOUT_SECS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(STOP_TIMEOUT_SECS)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,56 @@
+"""A small real WebSocket client for end-to-end tests (the ``websockets`` library)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+RECEIVE_TIMEOUT_SECS = 10.0
+
+
+async def open_ws(url: str, *, token: str | None = None) -> ClientConnection:
+    if token:
+        url = f"{url}?token={token}"
+    ws = await connect(url, open_timeout=10, max_size=None)
+    hello = json.loads(await asyncio.wait_for(ws.recv(), RECEIVE_TIMEOUT_SECS))
+    assert hello["type"] == "connection_established", hello
+    return ws
+
+
+async def request(ws: ClientConnection, envelope: dict[str, Any]) -> dict[str, Any]:
+    await ws.send(json.dumps(envelope))
+    return json.loads(await asyncio.wait_for(ws.recv(), RECEIVE_TIMEOUT_SECS))
+
+
+async def subscribe(
+    url: str, channel: str, *, since: int | None = None, token: str | None = None
+) -> tuple[ClientConnection, dict[str, Any]]:
+    ws = await open_ws(url, token=token)
+    envelope: dict[str, Any] = {"type": "subscribe", "channel": channel}
+    if since is not None:
+        envelope["since"] = since
+    reply = await request(ws, envelope)
+    assert reply["type"] == "subscribed", reply
+    return ws, reply
+
+
+async def collect_messages(
+    ws: ClientConnection, count: int, *, timeout: float = 30.0
+) -> list[dict[str, Any]]:
+    """The next ``count`` message envelopes (other frames are skipped)."""
+    messages: list[dict[str, Any]] = []
+
+    async def read() -> None:
+        while len(messages) < count:
+            envelope = json.loads(await ws.recv())
+            if envelope["type"] == "message":
+                messages.append(envelope)
+
+    # A short list is the answer on timeout: the test compares it with what it expected.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(read(), timeout)
+    return messages
