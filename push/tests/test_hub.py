@@ -1,0 +1,335 @@
+"""The node-local hub: order, exactly-once, gap repair, resume seam, slow consumers.
+
+Driven directly, with an in-memory history and broker, so each race is staged exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from push.codecs import CODECS, Codec
+from push.hub import Hub
+from push.message import ChannelMessage
+from push.outbox import Outbox
+from push.selectors import HistoryPage
+
+JSON = CODECS["v1.json"]
+MSGPACK = CODECS["v1.msgpack"]
+
+
+def make_message(channel: str, seq: int) -> ChannelMessage:
+    return ChannelMessage(
+        channel=channel,
+        seq=seq,
+        message_id=f"00000000-0000-0000-0000-{seq:012d}",
+        data_json=json.dumps({"n": seq}),
+        timestamp=1.0,
+    )
+
+
+class MemoryHistory:
+    def __init__(self) -> None:
+        self.stored: dict[str, list[ChannelMessage]] = {}
+        self.latest: dict[str, int] = {}
+        self.page_gate: asyncio.Event | None = None
+        self.page_calls = 0
+
+    def store(self, channel: str, seq: int) -> ChannelMessage:
+        message = make_message(channel, seq)
+        self.stored.setdefault(channel, []).append(message)
+        self.latest[channel] = max(self.latest.get(channel, 0), seq)
+        return message
+
+    async def latest_seq(self, channel: str) -> int:
+        return self.latest.get(channel, 0)
+
+    async def latest_seqs(self, channels: list[str]) -> dict[str, int]:
+        return {c: self.latest.get(c, 0) for c in channels}
+
+    async def page(self, channel: str, since: int, limit: int) -> HistoryPage:
+        self.page_calls += 1
+        latest = self.latest.get(channel, 0)
+        if self.page_gate is not None:
+            await self.page_gate.wait()
+        messages = [m for m in self.stored.get(channel, []) if m.seq > since][:limit]
+        # Fresh objects, as a database read would give.
+        copies = [make_message(channel, m.seq) for m in messages]
+        return HistoryPage(since=since, messages=copies, latest_seq=latest)
+
+
+class FakeClient:
+    """A subscriber whose outbox records what would have been sent."""
+
+    def __init__(self, codec: Codec = JSON, max_frames: int = 1000) -> None:
+        self.codec = codec
+        self.sent: list[dict[str, Any]] = []
+        self.overflowed = False
+        self.replies: list[tuple[int, bool | None]] = []
+        self.outbox = Outbox(
+            self._send, max_frames=max_frames, max_bytes=10**9, on_overflow=self._overflow
+        )
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        payload = event.get("text") if event.get("text") is not None else event["bytes"]
+        self.sent.append(self.codec.decode(payload))
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+
+    def reply(self, seq: int, recovered: bool | None) -> None:
+        self.replies.append((seq, recovered))
+
+    def seqs(self) -> list[int]:
+        return [m["seq"] for m in self.sent if m.get("type") == "message"]
+
+
+class Membership:
+    def __init__(self) -> None:
+        self.joined: list[str] = []
+        self.left: list[str] = []
+
+    async def join(self, channel: str) -> None:
+        self.joined.append(channel)
+
+    async def leave(self, channel: str) -> None:
+        self.left.append(channel)
+
+
+async def make_hub(history: MemoryHistory, **kwargs: Any) -> tuple[Hub, Membership]:
+    membership = Membership()
+    hub = Hub(
+        history=history,
+        join=membership.join,
+        leave=membership.leave,
+        drop_oldest_patterns=kwargs.pop("drop_oldest_patterns", []),
+        gap_wait_secs=kwargs.pop("gap_wait_secs", 0.05),
+        **kwargs,
+    )
+    return hub, membership
+
+
+async def settle(seconds: float = 0.02) -> None:
+    await asyncio.sleep(seconds)
+
+
+async def test_messages_arriving_out_of_order_are_delivered_in_order() -> None:
+    history = MemoryHistory()
+    hub, membership = await make_hub(history)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=None, reply=client.reply)
+    assert membership.joined == ["news"] and client.replies == [(0, None)]
+    for seq in (2, 3, 1, 5, 4):
+        hub.deliver(make_message("news", seq))
+    await settle()
+    assert client.seqs() == [1, 2, 3, 4, 5]
+
+
+async def test_duplicates_are_dropped() -> None:
+    history = MemoryHistory()
+    hub, _ = await make_hub(history)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=None, reply=client.reply)
+    for seq in (1, 1, 2, 1, 2, 3):
+        hub.deliver(make_message("news", seq))
+    await settle()
+    assert client.seqs() == [1, 2, 3]
+
+
+async def test_gap_that_does_not_fill_is_read_from_history() -> None:
+    history = MemoryHistory()
+    hub, _ = await make_hub(history)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=None, reply=client.reply)
+    for seq in (1, 2, 3, 4):
+        history.store("news", seq)
+    hub.deliver(make_message("news", 1))
+    hub.deliver(make_message("news", 4))  # 2 and 3 were lost on the way
+    await settle(0.2)
+    assert client.seqs() == [1, 2, 3, 4]
+
+
+async def test_lost_last_message_is_caught_by_the_periodic_sync() -> None:
+    history = MemoryHistory()
+    hub, _ = await make_hub(history)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=None, reply=client.reply)
+    history.store("news", 1)  # committed, but its broadcast never arrives
+    await hub.sync_with_history()  # first sync only notes where the database is
+    await settle()
+    assert client.seqs() == []
+    await hub.sync_with_history()  # a whole interval later the hub is still behind
+    await settle()
+    assert client.seqs() == [1]
+
+
+async def test_subscribe_without_since_starts_after_latest_seq() -> None:
+    history = MemoryHistory()
+    for seq in (1, 2, 3):
+        history.store("news", seq)
+    hub, _ = await make_hub(history)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=None, reply=client.reply)
+    assert client.replies == [(3, None)]
+    hub.deliver(make_message("news", 3))  # a late broadcast of an old message
+    hub.deliver(make_message("news", 4))
+    await settle()
+    assert client.seqs() == [4]
+
+
+async def test_resume_replays_then_goes_live_without_duplicates() -> None:
+    history = MemoryHistory()
+    for seq in range(1, 6):
+        history.store("news", seq)
+    hub, _ = await make_hub(history)
+    first = FakeClient()
+    await hub.subscribe(first, "news", since=None, reply=first.reply)
+    resumed = FakeClient()
+    await hub.subscribe(resumed, "news", since=2, reply=resumed.reply)
+    assert resumed.replies == [(5, True)]
+    history.store("news", 6)
+    hub.deliver(make_message("news", 6))
+    await settle()
+    assert resumed.seqs() == [3, 4, 5, 6]
+    assert first.seqs() == [6]
+
+
+async def test_live_messages_during_the_replay_read_are_held_then_deduplicated() -> None:
+    history = MemoryHistory()
+    for seq in range(1, 4):
+        history.store("news", seq)
+    hub, _ = await make_hub(history)
+    watcher = FakeClient()
+    await hub.subscribe(watcher, "news", since=None, reply=watcher.reply)
+    history.page_gate = asyncio.Event()
+    resumed = FakeClient()
+    task = asyncio.create_task(hub.subscribe(resumed, "news", since=0, reply=resumed.reply))
+    await settle()
+    # While the replay is being read, 4 and 5 are published and broadcast.
+    for seq in (4, 5):
+        history.store("news", seq)
+        hub.deliver(make_message("news", seq))
+    history.page_gate.set()
+    await task
+    hub.deliver(make_message("news", 6))
+    await settle()
+    assert resumed.seqs() == [1, 2, 3, 4, 5, 6]
+    assert watcher.seqs() == [4, 5, 6]
+
+
+async def test_resume_from_trimmed_history_is_not_recovered() -> None:
+    history = MemoryHistory()
+    for seq in range(5, 9):  # 1..4 were removed by retention
+        history.store("news", seq)
+    history.latest["news"] = 8
+    hub, _ = await make_hub(history)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=1, reply=client.reply)
+    await settle()
+    assert client.replies == [(8, False)]
+    assert client.seqs() == [5, 6, 7, 8]
+
+
+async def test_resume_with_nothing_missed_is_recovered() -> None:
+    history = MemoryHistory()
+    history.store("news", 1)
+    hub, _ = await make_hub(history)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=1, reply=client.reply)
+    assert client.replies == [(1, True)]
+
+
+async def test_each_message_is_encoded_once_per_format() -> None:
+    calls: dict[str, int] = {"json": 0, "msgpack": 0}
+
+    class Counting:
+        def __init__(self, inner: Codec) -> None:
+            self.inner = inner
+            self.name = inner.name
+            self.binary = inner.binary
+
+        def encode_message(self, message: ChannelMessage) -> Any:
+            calls[self.name] += 1
+            return self.inner.encode_message(message)
+
+        def send_event(self, payload: Any) -> dict[str, Any]:
+            return self.inner.send_event(payload)
+
+        def decode(self, payload: Any) -> Any:
+            return self.inner.decode(payload)
+
+    history = MemoryHistory()
+    hub, _ = await make_hub(history)
+    clients = [FakeClient(Counting(JSON)) for _ in range(50)]  # type: ignore[arg-type]
+    clients += [FakeClient(Counting(MSGPACK)) for _ in range(50)]  # type: ignore[arg-type]
+    for client in clients:
+        await hub.subscribe(client, "news", since=None, reply=client.reply)
+    for seq in (1, 2, 3):
+        hub.deliver(make_message("news", seq))
+    await settle()
+    assert calls == {"json": 3, "msgpack": 3}
+    assert all(client.seqs() == [1, 2, 3] for client in clients)
+
+
+async def test_slow_subscriber_overflows_without_affecting_others() -> None:
+    history = MemoryHistory()
+    hub, _ = await make_hub(history)
+    fast = FakeClient()
+    slow = FakeClient(max_frames=3)
+    slow.outbox._send = _never_returns  # type: ignore[method-assign]
+    for client in (fast, slow):
+        await hub.subscribe(client, "news", since=None, reply=client.reply)
+    for seq in range(1, 21):
+        hub.deliver(make_message("news", seq))
+    await settle()
+    assert slow.overflowed
+    assert fast.seqs() == list(range(1, 21))
+
+
+async def test_drop_oldest_channel_drops_instead_of_disconnecting() -> None:
+    history = MemoryHistory()
+    hub, _ = await make_hub(history, drop_oldest_patterns=["ticker:*"])
+    slow = FakeClient(max_frames=3)
+    gate = asyncio.Event()
+    original_send = slow._send
+
+    async def gated_send(event: dict[str, Any]) -> None:
+        await gate.wait()
+        await original_send(event)
+
+    slow.outbox._send = gated_send  # type: ignore[method-assign]
+    await hub.subscribe(slow, "ticker:ACME", since=None, reply=slow.reply)
+    for seq in range(1, 11):
+        hub.deliver(make_message("ticker:ACME", seq))
+    await settle()
+    gate.set()
+    await settle()
+    assert not slow.overflowed
+    seqs = slow.seqs()
+    assert seqs == sorted(seqs) and seqs[-1] == 10 and len(seqs) <= 4
+
+
+async def test_empty_channel_is_left_after_linger() -> None:
+    history = MemoryHistory()
+    hub, membership = await make_hub(history, linger_secs=0.05)
+    client = FakeClient()
+    subscription = await hub.subscribe(client, "news", since=None, reply=client.reply)
+    hub.unsubscribe(subscription)
+    await settle(0.15)
+    assert membership.left == ["news"]
+    assert "news" not in hub.channels
+    again = FakeClient()
+    await hub.subscribe(again, "news", since=None, reply=again.reply)
+    assert membership.joined == ["news", "news"]
+
+
+async def _never_returns(event: dict[str, Any]) -> None:
+    await asyncio.Event().wait()
+
+
+@pytest.fixture(autouse=True)
+def _no_database() -> None:
+    """These tests never touch the database."""
