@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: venv run test lint format services bench
+.PHONY: venv run test lint format services bench token
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,8 @@ test: venv services lint
 
 bench: venv services
 	$(PY) -m bench $(BENCH_ARGS)
+
+# A user with an API token for publishing on the development server: make token USER=alice
+token: venv
+	DEBUG=1 $(PY) manage.py shell -c "from django.contrib.auth.models import User; User.objects.get_or_create(username='$(USER)')" >/dev/null
+	DEBUG=1 $(PY) manage.py drf_create_token $(USER)
