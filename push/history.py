@@ -9,6 +9,7 @@ from push.selectors import HistoryPage
 _history_page = db_call(selectors.history_page)
 _latest_seq = db_call(selectors.channel_latest_seq)
 _latest_seqs = db_call(selectors.channel_latest_seqs)
+_history_recent = db_call(selectors.history_recent)
 
 
 class DatabaseHistory:
@@ -20,3 +21,6 @@ class DatabaseHistory:
 
     async def page(self, channel: str, since: int, limit: int) -> HistoryPage:
         return await _history_page(channel=channel, since=since, limit=limit)  # type: ignore[no-any-return]
+
+    async def recent(self, channel: str, count: int) -> HistoryPage:
+        return await _history_recent(channel=channel, count=count)  # type: ignore[no-any-return]

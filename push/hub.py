@@ -16,6 +16,7 @@ so the inner loop is one call per subscriber and nothing else.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import fnmatch
 import logging
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 HISTORY_BATCH = 500
 # A reorder buffer this long means the gap will not fill by itself: repair at once.
 MAX_PENDING_PER_CHANNEL = 1000
+# Recent messages kept per channel in memory, so clients that resume after a short
+# drop (or all at once, after a node restart) are served without a database read.
+RECENT_PER_CHANNEL = 256
 # An empty channel stays joined this long, so clients that reconnect or flap between
 # subscribe and unsubscribe do not cost a broker round trip each time.
 LINGER_SECS = 10.0
@@ -57,6 +61,8 @@ class History(Protocol):
     async def latest_seqs(self, channels: list[str]) -> dict[str, int]: ...
 
     async def page(self, channel: str, since: int, limit: int) -> HistoryPage: ...
+
+    async def recent(self, channel: str, count: int) -> HistoryPage: ...
 
 
 class ChannelState(enum.Enum):
@@ -91,13 +97,16 @@ class HubChannel:
         "name",
         "pending",
         "ready",
+        "recent",
         "repair_handle",
         "repairing",
         "state",
         "sync_mark",
     )
 
-    def __init__(self, name: str, droppable: bool, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, name: str, droppable: bool, loop: asyncio.AbstractEventLoop, recent_size: int
+    ) -> None:
         self.name = name
         self.state = ChannelState.JOINING
         # codec name -> {outbox.push: subscription}: the fan-out loop calls the keys.
@@ -113,6 +122,13 @@ class HubChannel:
         # a whole sync interval later, the broadcast was lost and history fills in.
         self.sync_mark = 0
         self.linger_handle: asyncio.TimerHandle | None = None
+        # The last messages fanned out, contiguous and ending at delivered_seq.
+        self.recent: collections.deque[ChannelMessage] = collections.deque(maxlen=recent_size)
+
+    def covers_since(self, since: int) -> bool:
+        """True when every message after ``since`` is in ``recent``."""
+        recent = self.recent
+        return bool(recent) and recent[0].seq <= since + 1
 
     def subscriber_count(self) -> int:
         return sum(len(subs) for subs in self.live.values()) + len(self.catching_up)
@@ -137,6 +153,7 @@ class Hub:
         drop_oldest_patterns: list[str],
         gap_wait_secs: float,
         linger_secs: float = LINGER_SECS,
+        recent_size: int = RECENT_PER_CHANNEL,
     ) -> None:
         self.history = history
         self._join = join
@@ -144,6 +161,7 @@ class Hub:
         self._drop_oldest_patterns = drop_oldest_patterns
         self.gap_wait_secs = gap_wait_secs
         self.linger_secs = linger_secs
+        self.recent_size = recent_size
         self.channels: dict[str, HubChannel] = {}
         self.loop = asyncio.get_running_loop()
 
@@ -163,7 +181,25 @@ class Hub:
         hub_channel = await self._channel_for_subscribe(channel)
         if since is None or (since >= hub_channel.delivered_seq and not hub_channel.pending):
             return self._attach_live(subscriber, hub_channel, since, reply)
+        if hub_channel.covers_since(since):
+            return self._attach_from_recent(subscriber, hub_channel, since, reply)
         return await self._attach_with_replay(subscriber, hub_channel, since, reply)
+
+    def _attach_from_recent(
+        self,
+        subscriber: Subscriber,
+        hub_channel: HubChannel,
+        since: int,
+        reply: Callable[[int, bool | None], None],
+    ) -> Subscription:
+        """Resume from memory: no await between the replay and going live, so nothing
+        can slip in between, and the frames are the ones already encoded for others."""
+        subscription = Subscription(subscriber, hub_channel, since)
+        reply(hub_channel.delivered_seq, True)
+        self._replay(subscription, list(hub_channel.recent))
+        self._make_live(subscription)
+        metrics.SUBSCRIPTIONS.inc()
+        return subscription
 
     def _attach_live(
         self,
@@ -277,13 +313,14 @@ class Hub:
 
     async def _join_channel(self, name: str) -> HubChannel:
         droppable = any(fnmatch.fnmatchcase(name, p) for p in self._drop_oldest_patterns)
-        hub_channel = HubChannel(name, droppable, self.loop)
+        hub_channel = HubChannel(name, droppable, self.loop, self.recent_size)
         self.channels[name] = hub_channel
         try:
             # Join first, then read the last seq: anything committed after the read is
             # broadcast after the join, so it reaches us; anything before is <= seq.
             await self._join(name)
-            hub_channel.delivered_seq = await self.history.latest_seq(name)
+            window = await self.history.recent(name, self.recent_size)
+            hub_channel.delivered_seq = window.latest_seq
         except BaseException as exc:
             self.channels.pop(name, None)
             hub_channel.ready.set_exception(
@@ -293,6 +330,7 @@ class Hub:
             if isinstance(exc, PushError):
                 raise
             raise PushError(ErrorCode.UNAVAILABLE, f"message broker unavailable: {exc}") from exc
+        hub_channel.recent.extend(m for m in window.messages if m.seq <= window.latest_seq)
         hub_channel.sync_mark = hub_channel.delivered_seq
         hub_channel.state = ChannelState.LIVE
         hub_channel.ready.set_result(None)
@@ -355,6 +393,7 @@ class Hub:
 
     def _fan_out(self, hub_channel: HubChannel, message: ChannelMessage) -> None:
         hub_channel.delivered_seq = message.seq
+        hub_channel.recent.append(message)
         delivered = 0
         droppable = hub_channel.droppable
         for codec_name, by_codec in hub_channel.live.items():
@@ -433,6 +472,7 @@ class Hub:
             first_held - 1,
         )
         hub_channel.delivered_seq = first_held - 1
+        hub_channel.recent.clear()  # it must stay contiguous
         self._drain_pending(hub_channel)
 
     async def sync_with_history(self) -> None:

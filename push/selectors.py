@@ -54,6 +54,19 @@ def history_page(*, channel: str, since: int, limit: int) -> HistoryPage:
     return HistoryPage(since=since, messages=messages, latest_seq=latest)
 
 
+def history_recent(*, channel: str, count: int) -> HistoryPage:
+    """The channel's latest seq and its last ``count`` messages, oldest first."""
+    latest = channel_latest_seq(channel=channel)
+    rows = (
+        Message.objects.filter(channel__name=channel, seq__lte=latest)
+        .order_by("-seq")
+        .only("seq", "message_id", "data", "created_at")[:count]
+    )
+    messages = [_to_channel_message(channel, row) for row in reversed(rows)]
+    since = messages[0].seq - 1 if messages else latest
+    return HistoryPage(since=since, messages=messages, latest_seq=latest)
+
+
 def channel_latest_seq(*, channel: str) -> int:
     value = Channel.objects.filter(name=channel).values_list("last_seq", flat=True).first()
     return value or 0

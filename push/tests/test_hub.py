@@ -37,6 +37,7 @@ class MemoryHistory:
         self.latest: dict[str, int] = {}
         self.page_gate: asyncio.Event | None = None
         self.page_calls = 0
+        self.recent_calls = 0
 
     def store(self, channel: str, seq: int) -> ChannelMessage:
         message = make_message(channel, seq)
@@ -49,6 +50,14 @@ class MemoryHistory:
 
     async def latest_seqs(self, channels: list[str]) -> dict[str, int]:
         return {c: self.latest.get(c, 0) for c in channels}
+
+    async def recent(self, channel: str, count: int) -> HistoryPage:
+        self.recent_calls += 1
+        latest = self.latest.get(channel, 0)
+        stored = [m for m in self.stored.get(channel, []) if m.seq <= latest][-count:]
+        messages = [make_message(channel, m.seq) for m in stored]
+        since = messages[0].seq - 1 if messages else latest
+        return HistoryPage(since=since, messages=messages, latest_seq=latest)
 
     async def page(self, channel: str, since: int, limit: int) -> HistoryPage:
         self.page_calls += 1
@@ -201,7 +210,8 @@ async def test_live_messages_during_the_replay_read_are_held_then_deduplicated()
     history = MemoryHistory()
     for seq in range(1, 4):
         history.store("news", seq)
-    hub, _ = await make_hub(history)
+    # No recent messages in memory: the resume has to read history, with an await.
+    hub, _ = await make_hub(history, recent_size=0)
     watcher = FakeClient()
     await hub.subscribe(watcher, "news", since=None, reply=watcher.reply)
     history.page_gate = asyncio.Event()
@@ -218,6 +228,20 @@ async def test_live_messages_during_the_replay_read_are_held_then_deduplicated()
     await settle()
     assert resumed.seqs() == [1, 2, 3, 4, 5, 6]
     assert watcher.seqs() == [4, 5, 6]
+
+
+async def test_resume_within_recent_messages_reads_no_history() -> None:
+    history = MemoryHistory()
+    for seq in range(1, 11):
+        history.store("news", seq)
+    hub, _ = await make_hub(history)
+    clients = [FakeClient() for _ in range(100)]
+    for client in clients:
+        await hub.subscribe(client, "news", since=7, reply=client.reply)
+    hub.deliver(make_message("news", 11))
+    await settle()
+    assert history.page_calls == 0 and history.recent_calls == 1
+    assert all(c.seqs() == [8, 9, 10, 11] and c.replies == [(10, True)] for c in clients)
 
 
 async def test_resume_from_trimmed_history_is_not_recovered() -> None:
