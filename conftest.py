@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 async def fresh_node():
     """Each test's event loop gets its own node; stop it so nothing leaks between tests."""
     from push.node import stop_node
@@ -19,7 +19,12 @@ def _close_database_threads(django_db_setup, django_db_blocker):  # type: ignore
     """The database threads hold connections; close them before the test database is
     dropped, or PostgreSQL refuses to drop a database that is still in use."""
     yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
     from push.db import close_database_threads
 
     with django_db_blocker.unblock():
         close_database_threads()
+        # The async ORM and sync_to_async() in tests use asgiref's own thread.
+        SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=15)

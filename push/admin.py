@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
-from django.db.models import QuerySet
+from django.db.models import Min, QuerySet
 from django.http import HttpRequest
 
 from push.models import Channel, Connection, Message
+from push.retention import retention_policy
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -80,6 +81,17 @@ class MessageAdmin(ReadOnlyAdmin):
 
 @admin.register(Channel)
 class ChannelAdmin(ReadOnlyAdmin):
-    list_display = ("name", "last_seq", "created_at")
+    list_display = ("name", "last_seq", "oldest_kept_seq", "retention", "created_at")
     search_fields = ("name",)
     ordering = ("name",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Channel]:
+        return super().get_queryset(request).annotate(oldest_seq=Min("messages__seq"))
+
+    @admin.display(description="oldest kept seq", ordering="oldest_seq")
+    def oldest_kept_seq(self, obj: Channel) -> int | None:
+        return obj.oldest_seq  # type: ignore[attr-defined, no-any-return]
+
+    @admin.display(description="retention")
+    def retention(self, obj: Channel) -> str:
+        return retention_policy(obj.name).describe()

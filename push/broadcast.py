@@ -35,9 +35,12 @@ def running_node() -> Node | None:
 
 def broadcast_from_sync(message: ChannelMessage) -> None:
     node = _running_node
-    if node is not None and node.is_running:
-        node.loop.call_soon_threadsafe(node.broadcast, message)
-        return
+    if node is not None and node.is_running and not node.loop.is_closed():
+        try:
+            node.loop.call_soon_threadsafe(node.broadcast, message)
+            return
+        except RuntimeError:  # the loop closed in between (shutdown)
+            pass
     try:
         async_to_sync(_publish_without_node)(message)
     except Exception:

@@ -23,6 +23,12 @@ class PushSettings:
     REGISTRY_FLUSH_SECS: float = 1.0
     GC_GEN0_THRESHOLD: int = 50_000
     GC_FREEZE: bool = True
+    IDEMPOTENCY_WINDOW_SECS: int = 86_400
+    RECENT_PER_CHANNEL: int = 256
+    RETENTION_MAX_MESSAGES: int = 10_000
+    RETENTION_MAX_AGE_SECS: int = 7 * 86_400
+    # (channel-name pattern, max messages or None, max age in seconds or None)
+    RETENTION_RULES: list[tuple[str, int | None, int | None]] = field(default_factory=list)
 
 
 def _load(overrides: dict[str, Any]) -> PushSettings:

@@ -68,3 +68,25 @@ class Connection(models.Model):
 
     def __str__(self) -> str:
         return str(self.connection_id)
+
+
+class IdempotencyKey(models.Model):
+    """A REST publish's ``Idempotency-Key``: a retry within the window gets the first
+    publish's message instead of publishing again."""
+
+    # Who published: "user:<id>" (the key is scoped to the credential and the channel).
+    principal = models.CharField(max_length=64)
+    channel = models.CharField(max_length=100)
+    key = models.CharField(max_length=255)
+    message = models.ForeignKey(Message, null=True, on_delete=models.CASCADE)
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["principal", "channel", "key"], name="idempotency_key_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.principal}/{self.channel}/{self.key}"

@@ -37,6 +37,7 @@ class Node:
             leave=self.broker.leave,
             drop_oldest_patterns=list(push_settings.DROP_OLDEST_CHANNELS),
             gap_wait_secs=push_settings.GAP_WAIT_SECS,
+            recent_size=push_settings.RECENT_PER_CHANNEL,
         )
         self.registry = ConnectionRegistry(server_id, flush_secs=push_settings.REGISTRY_FLUSH_SECS)
         self._tasks: list[asyncio.Task[None]] = []

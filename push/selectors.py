@@ -26,7 +26,7 @@ class HistoryPage:
         return bool(self.messages) and self.messages[0].seq == self.since + 1
 
 
-def _to_channel_message(channel: str, row: Message) -> ChannelMessage:
+def channel_message_from_row(channel: str, row: Message) -> ChannelMessage:
     return ChannelMessage(
         channel=channel,
         seq=row.seq,
@@ -43,7 +43,7 @@ def message_list_since(*, channel: str, since: int, limit: int) -> list[ChannelM
         .order_by("seq")
         .only("seq", "message_id", "data", "created_at")[:limit]
     )
-    return [_to_channel_message(channel, row) for row in rows]
+    return [channel_message_from_row(channel, row) for row in rows]
 
 
 def history_page(*, channel: str, since: int, limit: int) -> HistoryPage:
@@ -62,7 +62,7 @@ def history_recent(*, channel: str, count: int) -> HistoryPage:
         .order_by("-seq")
         .only("seq", "message_id", "data", "created_at")[:count]
     )
-    messages = [_to_channel_message(channel, row) for row in reversed(rows)]
+    messages = [channel_message_from_row(channel, row) for row in reversed(rows)]
     since = messages[0].seq - 1 if messages else latest
     return HistoryPage(since=since, messages=messages, latest_seq=latest)
 

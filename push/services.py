@@ -12,13 +12,15 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 
 from push import broadcast
+from push.conf import push_settings
 from push.errors import ErrorCode, PushError
 from push.message import ChannelMessage, dump_data
-from push.models import Channel, Message
+from push.models import Channel, IdempotencyKey, Message
 from push.protocol import validate_channel_name, validate_data
+from push.selectors import channel_message_from_row
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -54,6 +56,32 @@ def _encode_data(data: Any) -> str:
     return data_json
 
 
+def _store_message(
+    channel: str, data_json: str, publisher_id: int | None
+) -> tuple[ChannelMessage, Message]:
+    # Whole microseconds, so the live timestamp and the one read back from the
+    # database later (resume, REST history) are the same float.
+    micros = time.time_ns() // 1000
+    created_at = _EPOCH + timedelta(microseconds=micros)
+    channel_id, seq = _allocate_seq(channel, created_at)
+    row = Message.objects.create(
+        channel_id=channel_id,
+        seq=seq,
+        message_id=uuid.uuid4(),
+        data=data_json,
+        publisher_id=publisher_id,
+        created_at=created_at,
+    )
+    message = ChannelMessage(
+        channel=channel,
+        seq=seq,
+        message_id=str(row.message_id),
+        data_json=data_json,
+        timestamp=micros / 1_000_000,
+    )
+    return message, row
+
+
 def message_publish(*, channel: str, data: Any, publisher_id: int | None = None) -> ChannelMessage:
     """Store a message and broadcast it once the surrounding transaction commits.
 
@@ -62,28 +90,63 @@ def message_publish(*, channel: str, data: Any, publisher_id: int | None = None)
     """
     validate_channel_name(channel)
     data_json = _encode_data(data)
-    # Whole microseconds, so the live timestamp and the one read back from the
-    # database later (resume, REST history) are the same float.
-    micros = time.time_ns() // 1000
-    timestamp = micros / 1_000_000
-    created_at = _EPOCH + timedelta(microseconds=micros)
     with transaction.atomic():
-        channel_id, seq = _allocate_seq(channel, created_at)
-        message_id = uuid.uuid4()
-        Message.objects.create(
-            channel_id=channel_id,
-            seq=seq,
-            message_id=message_id,
-            data=data_json,
-            publisher_id=publisher_id,
-            created_at=created_at,
-        )
-        message = ChannelMessage(
-            channel=channel,
-            seq=seq,
-            message_id=str(message_id),
-            data_json=data_json,
-            timestamp=timestamp,
-        )
+        message, _ = _store_message(channel, data_json, publisher_id)
         transaction.on_commit(lambda: broadcast.broadcast_from_sync(message))
     return message
+
+
+def message_publish_idempotent(
+    *,
+    channel: str,
+    data: Any,
+    publisher_id: int | None,
+    principal: str,
+    idempotency_key: str,
+) -> tuple[ChannelMessage, bool]:
+    """Publish once per (principal, channel, key) within the idempotency window.
+
+    Returns the message and whether it is the first publish's (a retry). The key row
+    is inserted before the message: a concurrent retry with the same key, on any node,
+    waits on that insert, fails on the unique constraint once the first commits, and
+    then returns the first publish's message; its own transaction published nothing.
+    """
+    validate_channel_name(channel)
+    data_json = _encode_data(data)
+    for _attempt in range(3):
+        try:
+            with transaction.atomic():
+                return _publish_under_key(
+                    channel, data_json, publisher_id, principal, idempotency_key
+                )
+        except IntegrityError:
+            continue  # a concurrent publish with this key committed first: read it
+    raise PushError(ErrorCode.UNAVAILABLE, "idempotent publish kept conflicting; retry")
+
+
+def _publish_under_key(
+    channel: str, data_json: str, publisher_id: int | None, principal: str, key: str
+) -> tuple[ChannelMessage, bool]:
+    now = _EPOCH + timedelta(microseconds=time.time_ns() // 1000)
+    window = timedelta(seconds=push_settings.IDEMPOTENCY_WINDOW_SECS)
+    scope = IdempotencyKey.objects.filter(principal=principal, channel=channel, key=key)
+    scope.filter(created_at__lt=now - window).delete()
+    existing = scope.select_related("message").first()
+    if existing is not None and existing.message is not None:
+        return channel_message_from_row(channel, existing.message), True
+    record = IdempotencyKey.objects.create(
+        principal=principal, channel=channel, key=key, created_at=now
+    )
+    message, row = _store_message(channel, data_json, publisher_id)
+    record.message = row
+    record.save(update_fields=["message"])
+    transaction.on_commit(lambda: broadcast.broadcast_from_sync(message))
+    return message, False
+
+
+def publish(channel: str, data: Any, *, publisher_id: int | None = None) -> ChannelMessage:
+    """Publish from application code: ``push.services.publish("orders", {...})``.
+
+    The message joins the caller's transaction and reaches subscribers after it commits.
+    """
+    return message_publish(channel=channel, data=data, publisher_id=publisher_id)

@@ -80,3 +80,51 @@ def env_float(name: str, default: float) -> float:
 
 def env_list(name: str, default: list[str]) -> list[str]:
     return _read(name, default, _csv)
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def parse_duration_secs(raw: str) -> int:
+    """``90``, ``90s``, ``15m``, ``12h`` or ``30d`` as whole seconds."""
+    raw = raw.strip().lower()
+    unit = raw[-1:] if raw[-1:] in _DURATION_UNITS else "s"
+    number = raw[:-1] if raw[-1:] in _DURATION_UNITS else raw
+    value = int(number) * _DURATION_UNITS[unit]
+    if value <= 0:
+        raise ValueError("expected a positive duration such as 90s, 15m, 12h or 30d")
+    return value
+
+
+def env_duration_secs(name: str, default: int) -> int:
+    return _read(name, default, parse_duration_secs)
+
+
+def _optional_limit(raw: str, parse: Callable[[str], int]) -> int | None:
+    raw = raw.strip()
+    return None if raw in ("", "-") else parse(raw)
+
+
+def _retention_rules(raw: str) -> list[tuple[str, int | None, int | None]]:
+    rules = []
+    for item in raw.split(";"):
+        if not item.strip():
+            continue
+        pattern, _, limits = item.partition("=")
+        count, _, age = limits.partition("/")
+        if not pattern.strip() or not limits:
+            raise ValueError(f"rule {item!r} is not PATTERN=COUNT/AGE")
+        rules.append(
+            (
+                pattern.strip(),
+                _optional_limit(count, _positive_int),
+                _optional_limit(age, parse_duration_secs),
+            )
+        )
+    return rules
+
+
+def env_retention_rules(name: str) -> list[tuple[str, int | None, int | None]]:
+    """``ticker:*=1000/-;chat:*=-/30d``: per pattern, max messages and max age (``-``
+    for no limit); the first matching pattern wins."""
+    return _read(name, [], _retention_rules)

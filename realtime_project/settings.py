@@ -11,10 +11,12 @@ import dj_database_url
 
 from realtime_project.env import (
     env_bool,
+    env_duration_secs,
     env_float,
     env_int,
     env_list,
     env_optional_str,
+    env_retention_rules,
     env_str,
 )
 
@@ -160,6 +162,11 @@ PUSH = {
     "REGISTRY_FLUSH_SECS": env_float("PUSH_REGISTRY_FLUSH_SECS", 1.0),
     "GC_GEN0_THRESHOLD": env_int("PUSH_GC_GEN0_THRESHOLD", 50_000),
     "GC_FREEZE": env_bool("PUSH_GC_FREEZE", True),
+    "IDEMPOTENCY_WINDOW_SECS": env_duration_secs("PUSH_IDEMPOTENCY_WINDOW", 86_400),
+    "RECENT_PER_CHANNEL": env_int("PUSH_RECENT_PER_CHANNEL", 256),
+    "RETENTION_MAX_MESSAGES": env_int("PUSH_RETENTION_MAX_MESSAGES", 10_000),
+    "RETENTION_MAX_AGE_SECS": env_duration_secs("PUSH_RETENTION_MAX_AGE", 7 * 86_400),
+    "RETENTION_RULES": env_retention_rules("PUSH_RETENTION_RULES"),
 }
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()

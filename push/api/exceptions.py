@@ -6,13 +6,17 @@ closest contract code, keeping DRF's per-field messages under ``errors``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from django.db import DatabaseError
 from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
 from push.errors import ErrorCode, PushError
+
+logger = logging.getLogger(__name__)
 
 
 def _first_field_message(detail: Any, prefix: str = "") -> str:
@@ -33,6 +37,9 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     if isinstance(exc, PushError):
         extra = {"field": exc.field} if exc.field else {}
         return _envelope(exc.code.value, exc.message, exc.http_status, **extra)
+    if isinstance(exc, DatabaseError):
+        logger.warning("database error answering a REST request: %s", exc)
+        return _envelope(ErrorCode.UNAVAILABLE.value, "database unavailable; retry later", 503)
     if isinstance(exc, exceptions.ParseError):
         return _envelope(ErrorCode.INVALID_JSON.value, str(exc.detail), 400)
     if isinstance(exc, exceptions.ValidationError):

@@ -25,7 +25,9 @@ from push.api.serializers import (
 from push.conf import push_settings
 from push.errors import ErrorCode, PushError
 from push.protocol import validate_channel_name
-from push.services import message_publish
+from push.services import message_publish, message_publish_idempotent
+
+MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
 def _page_url(request: Request, **params: Any) -> str:
@@ -33,6 +35,19 @@ def _page_url(request: Request, **params: Any) -> str:
     for key, value in params.items():
         query[key] = str(value)
     return request.build_absolute_uri(request.path) + "?" + urlencode(query)
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not key.isprintable():
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE,
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable characters",
+            field="Idempotency-Key",
+        )
+    return key
 
 
 class ChannelMessagesView(APIView):
@@ -48,11 +63,21 @@ class ChannelMessagesView(APIView):
             )
         serializer = PublishSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        message = message_publish(
-            channel=channel,
-            data=serializer.validated_data["data"],
-            publisher_id=request.user.pk,
-        )
+        data = serializer.validated_data["data"]
+        key = _idempotency_key(request)
+        replayed = False
+        if key is None:
+            message = message_publish(channel=channel, data=data, publisher_id=request.user.pk)
+        else:
+            message, replayed = message_publish_idempotent(
+                channel=channel,
+                data=data,
+                publisher_id=request.user.pk,
+                principal=f"user:{request.user.pk}",
+                idempotency_key=key,
+            )
+        if replayed:
+            return Response(published_body(message), status=status.HTTP_200_OK)
         metrics.MESSAGES_PUBLISHED.labels("rest").inc()
         return Response(published_body(message), status=status.HTTP_201_CREATED)
 

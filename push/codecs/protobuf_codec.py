@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from google.protobuf.message import Message as ProtoMessage
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from push.codecs import Codec, Payload, undecodable
 from push.message import ChannelMessage
@@ -107,6 +108,11 @@ _SCHEMA: dict[str, dict[str, _Field]] = {
 }
 
 ENVELOPE_TYPES: frozenset[str] = frozenset(_SCHEMA)
+_KEY_BY_PROTO_NAME: dict[str, dict[str, str]] = {
+    kind: {field.proto_name: field.key for field in fields.values()}
+    for kind, fields in _SCHEMA.items()
+}
+_ENVELOPE_ID_FIELDS = frozenset({"id_str", "id_int"})
 
 
 class ProtobufCodec(Codec):
@@ -115,22 +121,13 @@ class ProtobufCodec(Codec):
     binary = True
 
     def decode(self, payload: Payload) -> dict[str, Any]:
-        if isinstance(payload, str):
-            payload = payload.encode("utf-8", "surrogatepass")
-        try:
-            frame = push_pb2.Envelope.FromString(payload)
-        except Exception as exc:  # DecodeError, and whatever else hostile bytes provoke
-            raise undecodable(f"not a push.v1.Envelope: {type(exc).__name__}") from exc
+        frame = _parse_frame(payload)
         envelope: dict[str, Any] = {}
         kind = frame.WhichOneof("kind")
         if kind is not None:  # none set: the protocol answers UNKNOWN_MESSAGE_TYPE
             envelope["type"] = kind
-            body = getattr(frame, kind)
-            for field in _SCHEMA[kind].values():
-                _GETTERS[field.kind](body, field, envelope)
-        id_field = frame.WhichOneof("id")
-        if id_field is not None:
-            envelope["id"] = getattr(frame, id_field)
+            _decode_body(kind, getattr(frame, kind), envelope)
+        _decode_request_id(frame, envelope)
         return envelope
 
     def encode(self, envelope: dict[str, Any]) -> bytes:
@@ -171,6 +168,31 @@ class ProtobufCodec(Codec):
 # ----- decoding ----------------------------------------------------------------------
 
 
+def _parse_frame(payload: Payload) -> push_pb2.Envelope:
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8", "surrogatepass")
+    try:
+        return push_pb2.Envelope.FromString(payload)
+    except Exception as exc:  # DecodeError, and whatever else hostile bytes provoke
+        raise undecodable(f"not a push.v1.Envelope: {type(exc).__name__}") from exc
+
+
+def _decode_body(kind: str, body: ProtoMessage, envelope: dict[str, Any]) -> None:
+    for field in _SCHEMA[kind].values():
+        _GETTERS[field.kind](body, field, envelope)
+    for name, raw in _wrong_wire_types(body).items():
+        envelope[_KEY_BY_PROTO_NAME[kind][name]] = raw
+
+
+def _decode_request_id(frame: push_pb2.Envelope, envelope: dict[str, Any]) -> None:
+    id_field = frame.WhichOneof("id")
+    if id_field is not None:
+        envelope["id"] = getattr(frame, id_field)
+    for name, raw in _wrong_wire_types(frame).items():
+        if name in _ENVELOPE_ID_FIELDS:
+            envelope["id"] = raw
+
+
 def _get_scalar(body: ProtoMessage, field: _Field, out: dict[str, Any]) -> None:
     if field.optional and not body.HasField(field.key):
         return
@@ -203,6 +225,30 @@ _GETTERS: dict[_Kind, Callable[[ProtoMessage, _Field, dict[str, Any]], None]] = 
     _Kind.MEMBER: _get_member,
     _Kind.MEMBERS: _get_members,
 }
+
+
+def _wrong_wire_types(message: ProtoMessage) -> dict[str, bytes]:
+    """Fields of the schema that arrived with another wire type (a string where an
+    integer belongs): proto name -> the field's raw bytes (empty unless length-delimited).
+
+    Parsers keep such a field as an unknown one, so it would read as absent and a
+    ``since`` sent as a string would silently subscribe without replay. Put back as
+    bytes, which no contract field accepts, it is refused as INVALID_MESSAGE, a field of
+    the wrong type, the same answer as in JSON and MessagePack. Unknown field numbers
+    (a newer schema's fields) are still ignored.
+    """
+    try:
+        unknown = UnknownFieldSet(message)
+        if not len(unknown):
+            return {}
+        known = message.DESCRIPTOR.fields_by_number
+        return {
+            known[field.field_number].name: field.data if isinstance(field.data, bytes) else b""
+            for field in unknown
+            if field.field_number in known
+        }
+    except Exception as exc:  # groups nested in hostile bytes and the like
+        raise undecodable(f"unreadable unknown fields: {type(exc).__name__}") from exc
 
 
 def _decode_member(member: push_pb2.Member) -> dict[str, Any]:

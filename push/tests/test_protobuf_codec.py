@@ -354,6 +354,33 @@ def test_undecodable_frames_are_invalid_json(payload: bytes | str) -> None:
     assert caught.value.code is ErrorCode.INVALID_JSON
 
 
+WITH_ID_Q = b"\x0a\x01q"  # Envelope.id_str = "q"
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        (b"\x22\x02\x08\x05" + WITH_ID_Q, "channel"),  # subscribe.channel as varint 5
+        (b"\x22\x06\x0a\x01a\x12\x013" + WITH_ID_Q, "since"),  # since as the string "3"
+        (b"\x22\x05\x0a\x01a\x18\x07" + WITH_ID_Q, "token"),  # token as varint 7
+        (b"\x42\x05\x0a\x01a\x10\x01" + WITH_ID_Q, "data"),  # publish.data_json as varint
+        (b"\x11" + b"\x00" * 6 + b"\xf8\x3f\x52\x00", "id"),  # id_int as the double 1.5
+        (b"\x12\x01\x01\x52\x00", "id"),  # id_int as a length-delimited list
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_known_field_with_a_wrong_wire_type_is_invalid_message(payload: bytes, field: str) -> None:
+    # The protobuf form of "a field of the wrong type": not dropped as unknown, refused.
+    decoded = codec.decode(payload)
+    assert isinstance(decoded[field], bytes)
+    with pytest.raises(PushError) as caught:
+        protocol.parse_request(decoded)
+    assert caught.value.code is ErrorCode.INVALID_MESSAGE
+    assert caught.value.field == field
+    if field != "id":
+        assert protocol.read_request_id(decoded) == "q"
+
+
 def test_empty_and_unknown_kinds_are_unknown_message_type_with_the_id() -> None:
     # Field 99 stands for an envelope type added to the schema after this server.
     future_kind = b"\x9a\x06\x00"

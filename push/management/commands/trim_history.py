@@ -1,0 +1,29 @@
+"""Apply history retention to every channel, once or every N seconds."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from push.retention import history_trim
+
+
+class Command(BaseCommand):
+    help = "Delete stored messages that the retention settings no longer keep."
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--every", type=float, default=None, help="repeat every this many seconds"
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        while True:
+            trimmed = history_trim()
+            total = sum(trimmed.values())
+            self.stdout.write(f"trimmed {total} messages in {len(trimmed)} channels")
+            if options["every"] is None:
+                return
+            time.sleep(options["every"])
