@@ -51,6 +51,12 @@ class Codec(abc.ABC):
         return payload
 
 
+class UnencodableEnvelope(ValueError):
+    """Raised when a map given to ``encode`` has a field or value the format cannot hold
+    (in protobuf: an unknown ``type``, a field of the wrong type, an id that is neither a
+    string nor a 64-bit integer, ``data`` that is not a JSON value)."""
+
+
 def undecodable(detail: str) -> PushError:
     return PushError(ErrorCode.INVALID_JSON, f"frame does not decode: {detail}")
 

@@ -24,15 +24,9 @@ from typing import Any, NoReturn
 from google.protobuf.message import Message as ProtoMessage
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from push.codecs import Codec, Payload, undecodable
+from push.codecs import Codec, Payload, UnencodableEnvelope, undecodable
 from push.message import ChannelMessage
 from push.proto import push_pb2
-
-
-class UnencodableEnvelope(ValueError):
-    """Raised when a map given to ``encode`` has a field or value the protobuf schema
-    cannot hold (an unknown ``type``, a field of the wrong type, an id that is neither a
-    string nor a 64-bit integer, ``data`` that is not a JSON value)."""
 
 
 def _reject_constant(name: str) -> NoReturn:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import struct
 import uuid
+from typing import Any
 
 import pytest
 from django.test import override_settings
 
+from push.codecs import UnencodableEnvelope
 from push.errors import CloseCode
-from push.tests.wsclient import connected_client, open_client
+from push.tests.conftest import WIRE_FORMATS
+from push.tests.wsclient import WsClient, connected_client, open_client
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
@@ -79,17 +84,18 @@ async def test_publisher_subscribed_to_its_channel_gets_both_frames(
 
 
 async def test_messages_across_formats_are_identical(publisher_token: str) -> None:
-    json_client = await connected_client(subprotocol="v1.json")
-    msgpack_client = await connected_client(subprotocol="v1.msgpack")
-    for client in (json_client, msgpack_client):
+    clients = [await connected_client(subprotocol=name) for name in WIRE_FORMATS]
+    for client in clients:
         await client.request({"type": "subscribe", "channel": "mixed"})
-    publisher = await connected_client(token=publisher_token)
-    data = {"nested": [1, 2.5, None, True, "é"], "big": 2**64 - 1, "neg": -(2**63)}
-    await publisher.request({"type": "publish", "channel": "mixed", "data": data})
-    received = [await c.recv_type("message") for c in (json_client, msgpack_client)]
-    assert received[0] == received[1]
-    assert received[0]["data"] == data
-    for client in (json_client, msgpack_client, publisher):
+    data = {"nested": [1, 2.5, None, True, "é\u0000"], "big": 2**64 - 1, "neg": -(2**63)}
+    for publishing_format in WIRE_FORMATS:
+        publisher = await connected_client(subprotocol=publishing_format, token=publisher_token)
+        await publisher.request({"type": "publish", "channel": "mixed", "data": data})
+        received = [await c.recv_type("message") for c in clients]
+        assert all(envelope == received[0] for envelope in received)
+        assert received[0]["data"] == data
+        await publisher.close()
+    for client in clients:
         await client.close()
 
 
@@ -162,6 +168,41 @@ def _wrong_frame_type(wire_format: str) -> str | bytes:
     return b'{"type":"heartbeat"}' if wire_format == "v1.json" else '{"type":"heartbeat"}'
 
 
+def _only_id(codec) -> bytes:  # type: ignore[no-untyped-def]
+    return codec.encode({"id": "q"})  # type: ignore[no-any-return]
+
+
+# A typed schema cannot encode these envelopes; these are the frames a client with a
+# wrong or newer schema would send instead. Field 99 is a kind from a newer schema.
+_PROTOBUF_EQUIVALENTS: dict[str, Any] = {
+    '{"channel": "news", "id": "q"}': _only_id,
+    '{"channel": "news", "id": "q", "type": "shout"}': lambda c: _only_id(c) + b"\x9a\x06\x00",
+    '{"id": "q", "type": 5}': lambda c: _only_id(c) + b"\x9a\x06\x00",
+    # subscribe.channel sent as a varint; subscribe.since sent as a string
+    '{"channel": 5, "type": "subscribe"}': lambda c: b"\x22\x02\x08\x05",
+    '{"channel": "news", "since": "3", "type": "subscribe"}': (
+        lambda c: b"\x22\x09\x0a\x04news\x12\x013"
+    ),
+    # bool and int64 share a wire type: since=True is since=1, a valid request
+    '{"channel": "news", "since": true, "type": "subscribe"}': None,
+    # the id as a double, and as a nested message, beside an empty heartbeat
+    '{"id": 1.5, "type": "heartbeat"}': lambda c: b"\x11" + struct.pack("<d", 1.5) + b"\x52\x00",
+    '{"id": [1], "type": "heartbeat"}': lambda c: b"\x12\x01\x01\x52\x00",
+}
+
+
+async def _send_envelope(client: WsClient, envelope: dict) -> None:
+    """Send ``envelope``; for a format that cannot encode it, the equivalent raw frame."""
+    try:
+        payload = client.codec.encode(envelope)
+    except UnencodableEnvelope:
+        make_raw = _PROTOBUF_EQUIVALENTS[json.dumps(envelope, sort_keys=True)]
+        if make_raw is None:
+            pytest.skip(f"{envelope} has no distinct {client.codec.name} form")
+        payload = make_raw(client.codec)
+    await client.send_payload(payload)
+
+
 async def _assert_still_usable(client) -> None:  # type: ignore[no-untyped-def]
     reply = await client.request({"type": "heartbeat"})
     assert reply["type"] == "heartbeat_ack"
@@ -203,7 +244,8 @@ async def test_json_rejects_nan() -> None:
 )
 async def test_unknown_message_type(wire_format: str, envelope: dict) -> None:
     client = await connected_client(subprotocol=wire_format)
-    reply = await client.request({**envelope, "id": "q"})
+    await _send_envelope(client, {**envelope, "id": "q"})
+    reply = await client.recv()
     assert reply["type"] == "error"
     assert reply["code"] == "UNKNOWN_MESSAGE_TYPE"
     assert reply["id"] == "q"
@@ -235,7 +277,8 @@ async def test_unknown_message_type(wire_format: str, envelope: dict) -> None:
 )
 async def test_invalid_message(wire_format: str, envelope: dict) -> None:
     client = await connected_client(subprotocol=wire_format)
-    reply = await client.request(envelope)
+    await _send_envelope(client, envelope)
+    reply = await client.recv()
     assert reply["type"] == "error"
     assert reply["code"] == "INVALID_MESSAGE", reply
     await _assert_still_usable(client)
@@ -302,8 +345,8 @@ async def test_unsubscribe_without_subscription(wire_format: str) -> None:
 async def test_unrepresentable_data_is_refused(
     wire_format: str, publisher_token: str, value: int
 ) -> None:
-    if wire_format != "v1.json":
-        pytest.skip("only JSON can carry integers past 64 bits on the wire")
+    if wire_format == "v1.msgpack":
+        pytest.skip("MessagePack cannot carry integers past 64 bits on the wire")
     client = await connected_client(subprotocol=wire_format, token=publisher_token)
     reply = await client.request({"type": "publish", "channel": "news", "data": value})
     assert reply["code"] == "INVALID_MESSAGE"

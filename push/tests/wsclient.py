@@ -23,10 +23,11 @@ class WsClient:
         await self.send_payload(self.codec.encode(envelope))
 
     async def send_payload(self, payload: str | bytes) -> None:
+        # send_input, not send_to: send_to refuses empty frames, which real clients send.
         if isinstance(payload, bytes):
-            await self.communicator.send_to(bytes_data=payload)
+            await self.communicator.send_input({"type": "websocket.receive", "bytes": payload})
         else:
-            await self.communicator.send_to(text_data=payload)
+            await self.communicator.send_input({"type": "websocket.receive", "text": payload})
 
     async def recv(self, timeout: float = RECEIVE_TIMEOUT_SECS) -> dict[str, Any]:
         output = await self.communicator.receive_output(timeout)
