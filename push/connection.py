@@ -17,8 +17,9 @@ from push.codecs import Codec
 from push.conf import push_settings
 from push.errors import CloseCode, PushError
 from push.hub import Subscription
-from push.outbox import Outbox, OutFrame, Send, daphne_backlog_probe
+from push.outbox import Outbox, OutFrame, Send
 from push.protocol import RequestId, error
+from push.server_adapters import allow_slow_close, daphne_backlog_probe
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,10 @@ class ClientConnection:
         await self._send_close(code)
 
     async def _send_close(self, code: int) -> None:
+        allow_slow_close(self._send)
         try:
-            await self._send({"type": "websocket.close", "code": code})
+            # int(): daphne's WebSocket library refuses an IntEnum as a close code.
+            await self._send({"type": "websocket.close", "code": int(code)})
         except Exception as exc:  # already gone
             logger.debug("close of %s failed: %s", self.connection_id, exc)
 

@@ -70,13 +70,13 @@ class PushConsumer(AsyncConsumer):
         try:
             codec, subprotocol = negotiate(self.scope.get("subprotocols") or [])
         except UnknownSubprotocol:
-            await send({"type": "websocket.close", "code": CloseCode.POLICY})
+            await send({"type": "websocket.close", "code": int(CloseCode.POLICY)})
             return False
         try:
             self.node = await get_node()
         except Exception:
             logger.exception("node could not start")
-            await send({"type": "websocket.close", "code": CloseCode.TRY_AGAIN_LATER})
+            await send({"type": "websocket.close", "code": int(CloseCode.TRY_AGAIN_LATER)})
             return False
         await send({"type": "websocket.accept", "subprotocol": subprotocol})
         user = self.scope.get("user")

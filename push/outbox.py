@@ -17,6 +17,12 @@ from typing import Any
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+# Where the server does not push back (daphne), the writer pauses while the server has
+# more than this many unsent bytes for the socket, and resumes below the second bound.
+BACKLOG_PAUSE_BYTES = 256 * 1024
+BACKLOG_RESUME_BYTES = 64 * 1024
+BACKLOG_POLL_SECS = 0.01
+
 
 class OutFrame:
     """One encoded frame as an ASGI send event, shared by all its recipients."""
@@ -107,15 +113,14 @@ class Outbox:
     async def _drain(self) -> None:
         queue = self._queue
         send = self._send
+        probe = self.backlog_probe
         try:
             while queue:
+                if probe is not None and probe() > BACKLOG_PAUSE_BYTES:
+                    await self._wait_for_backlog(probe)
                 frame = queue.popleft()
                 self._queued_bytes -= frame.size
                 await send(frame.event)
-            probe = self.backlog_probe
-            if probe is not None and probe() > self.max_bytes:
-                self._closed = True
-                self.on_overflow()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the peer went away mid-send
@@ -125,6 +130,12 @@ class Outbox:
                 self.on_send_failed(exc)
         finally:
             self._writer = None
+
+    async def _wait_for_backlog(self, probe: Callable[[], int]) -> None:
+        """Hold frames here while the server's own buffer drains, so a reader that fell
+        behind fills this bounded queue (and meets its limits) instead of the server's."""
+        while not self._closed and probe() > BACKLOG_RESUME_BYTES:
+            await asyncio.sleep(BACKLOG_POLL_SECS)
 
     async def flush(self, deadline_secs: float) -> None:
         """Wait until every queued frame was handed to the server, or the deadline."""
@@ -150,26 +161,3 @@ class Outbox:
     def seal(self) -> None:
         """Refuse new frames but let the queued ones be sent."""
         self._closed = True
-
-
-def daphne_backlog_probe(send: Any) -> Callable[[], int] | None:
-    """A probe of daphne's unsent bytes for this socket, or None under other servers.
-
-    daphne hands the application ``partial(server.handle_reply, protocol)`` and writes
-    every frame straight into Twisted's transport buffer, which grows without bound
-    for a peer that stops reading; this reads that buffer's size.
-    """
-    args = getattr(send, "args", None)
-    protocol = args[0] if args else None
-    transport = getattr(protocol, "transport", None)
-    if transport is None or not hasattr(transport, "dataBuffer"):
-        return None
-
-    def backlog() -> int:
-        return (
-            len(transport.dataBuffer)
-            - getattr(transport, "offset", 0)
-            + getattr(transport, "_tempDataLen", 0)
-        )
-
-    return backlog

@@ -1,0 +1,52 @@
+"""What ASGI does not say about the server underneath, for daphne.
+
+ASGI gives a WebSocket application no flow control on ``send`` and no say over the
+close handshake. uvicorn pushes back by making ``send`` wait; daphne writes every
+frame into Twisted's buffer at once. These helpers reach daphne's protocol object
+(daphne passes ``partial(server.handle_reply, protocol)`` as ``send``) and do nothing
+under any other server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+# How long a closing connection may take to read the frames queued before its close
+# frame. autobahn's default (1 s) drops a slow reader with 1006 before it can see the
+# 4002 that tells it why; this gives it the time to catch up.
+CLOSE_HANDSHAKE_SECS = 10.0
+
+
+def _daphne_protocol(send: Any) -> Any | None:
+    args = getattr(send, "args", None)
+    protocol = args[0] if args else None
+    return protocol if hasattr(protocol, "transport") else None
+
+
+def daphne_backlog_probe(send: Any) -> Callable[[], int] | None:
+    """A probe of daphne's unsent bytes for this socket, or None under other servers.
+
+    daphne hands the application ``partial(server.handle_reply, protocol)`` and writes
+    every frame straight into Twisted's transport buffer, which grows without bound
+    for a peer that stops reading; this reads that buffer's size.
+    """
+    transport = getattr(_daphne_protocol(send), "transport", None)
+    if transport is None or not hasattr(transport, "dataBuffer"):
+        return None
+
+    def backlog() -> int:
+        return (
+            len(transport.dataBuffer)
+            - getattr(transport, "offset", 0)
+            + getattr(transport, "_tempDataLen", 0)
+        )
+
+    return backlog
+
+
+def allow_slow_close(send: Any) -> None:
+    """Let a closing daphne connection drain its queued frames before the close frame."""
+    protocol = _daphne_protocol(send)
+    if protocol is not None and hasattr(protocol, "closeHandshakeTimeout"):
+        protocol.closeHandshakeTimeout = CLOSE_HANDSHAKE_SECS

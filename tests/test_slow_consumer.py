@@ -1,0 +1,112 @@
+"""A client that stops reading never slows the others and is disconnected with 4002,
+under both servers; on a drop-oldest channel it loses old messages instead."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.servers import ServerNode
+from tests.wsclient import collect_messages, open_ws, request, subscribe
+
+pytestmark = pytest.mark.e2e
+
+PAYLOAD_BYTES = 64 * 1024
+MESSAGES = 300  # ~19 MB: more than the kernel's socket buffers and the send queue
+
+
+@pytest.fixture(scope="module", params=["daphne", "uvicorn"])
+def small_queue_node(
+    request: pytest.FixtureRequest, e2e_env: dict[str, str]
+) -> Iterator[ServerNode]:
+    env = {
+        **e2e_env,
+        "PUSH_SEND_QUEUE_MAX_BYTES": str(512 * 1024),
+        "PUSH_SEND_QUEUE_MAX_FRAMES": "64",
+        "PUSH_DROP_OLDEST_CHANNELS": "ticker:*",
+    }
+    node = ServerNode(env, server=request.param, name=f"slow-{request.param}").start()
+    yield node
+    node.stop()
+
+
+async def _stalled_subscriber(url: str, channel: str):  # type: ignore[no-untyped-def]
+    # max_queue=1: the client library stops reading the socket after one unread frame,
+    # so the server's writes back up exactly as with a client that froze.
+    ws = await connect(url, max_queue=1, max_size=None)
+    await ws.recv()
+    await ws.send(json.dumps({"type": "subscribe", "channel": channel}))
+    await ws.recv()
+    return ws
+
+
+async def _flood(node: ServerNode, token: str, channel: str) -> None:
+    publisher = await open_ws(node.ws_url, token=token)
+    blob = "x" * PAYLOAD_BYTES
+    for i in range(MESSAGES):
+        reply = await request(
+            publisher, {"type": "publish", "channel": channel, "data": {"i": i, "blob": blob}}
+        )
+        assert reply["type"] == "published", reply
+    await publisher.close()
+
+
+def _metric(node: ServerNode, name: str) -> float:
+    body = httpx.get(f"{node.http_url}/metrics", timeout=5).text
+    for line in body.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_stalled_reader_is_disconnected_and_others_get_everything(
+    small_queue_node: ServerNode, publisher_token: str
+) -> None:
+    channel = f"flood-{uuid.uuid4().hex[:8]}"
+    before = _metric(small_queue_node, "push_slow_consumer_disconnects_total")
+    stalled = await _stalled_subscriber(small_queue_node.ws_url, channel)
+    healthy, _ = await subscribe(small_queue_node.ws_url, channel)
+    collecting = asyncio.create_task(collect_messages(healthy, MESSAGES, timeout=60))
+    await _flood(small_queue_node, publisher_token, channel)
+    received = await collecting
+    assert [m["seq"] for m in received] == list(range(1, MESSAGES + 1))
+    assert _metric(small_queue_node, "push_slow_consumer_disconnects_total") == before + 1
+    # Once the stalled client reads again it finds the close code the contract gives.
+    close_code = None
+    try:
+        while True:
+            await asyncio.wait_for(stalled.recv(), 10)
+    except Exception:
+        close_code = stalled.close_code
+    assert close_code == 4002
+    await healthy.close()
+
+
+async def test_stalled_reader_on_drop_oldest_channel_stays_connected(
+    small_queue_node: ServerNode, publisher_token: str
+) -> None:
+    channel = f"ticker:{uuid.uuid4().hex[:8]}"
+    before = _metric(small_queue_node, "push_slow_consumer_disconnects_total")
+    stalled = await _stalled_subscriber(small_queue_node.ws_url, channel)
+    await _flood(small_queue_node, publisher_token, channel)
+    assert _metric(small_queue_node, "push_slow_consumer_disconnects_total") == before
+    assert _metric(small_queue_node, "push_dropped_frames_total") > 0
+    seqs = []
+    try:
+        while True:
+            envelope = json.loads(await asyncio.wait_for(stalled.recv(), 3))
+            if envelope["type"] == "message":
+                seqs.append(envelope["seq"])
+                if envelope["seq"] == MESSAGES:
+                    break
+    except TimeoutError:
+        pass
+    assert seqs == sorted(seqs) and seqs[-1] == MESSAGES
+    assert len(seqs) < MESSAGES, "the client sees the gap where old messages were dropped"
+    await stalled.close()
