@@ -19,7 +19,7 @@ from push.errors import CloseCode, PushError
 from push.hub import Subscription
 from push.outbox import Outbox, OutFrame, Send
 from push.protocol import RequestId, error
-from push.server_adapters import allow_slow_close, daphne_backlog_probe
+from push.server_adapters import allow_slow_close, close_with_any_code, daphne_backlog_probe
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,8 @@ class ClientConnection:
 
     async def _send_close(self, code: int) -> None:
         allow_slow_close(self._send)
+        if close_with_any_code(self._send, int(code)):
+            return
         try:
             # int(): daphne's WebSocket library refuses an IntEnum as a close code.
             await self._send({"type": "websocket.close", "code": int(code)})

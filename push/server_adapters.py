@@ -50,3 +50,16 @@ def allow_slow_close(send: Any) -> None:
     protocol = _daphne_protocol(send)
     if protocol is not None and hasattr(protocol, "closeHandshakeTimeout"):
         protocol.closeHandshakeTimeout = CLOSE_HANDSHAKE_SECS
+
+
+def close_with_any_code(send: Any, code: int) -> bool:
+    """Close a daphne connection with ``code`` even where daphne's WebSocket library
+    (autobahn) refuses it. autobahn's ``sendClose`` takes only 1000 and 3000-4999, but
+    the contract closes with 1001, 1008, 1009, 1011, 1012 and 1013 as well; its
+    ``sendCloseFrame`` sends any code. Returns False when ``send`` is not daphne's."""
+    protocol = _daphne_protocol(send)
+    send_close_frame = getattr(protocol, "sendCloseFrame", None)
+    if send_close_frame is None or getattr(protocol, "state", None) != protocol.STATE_OPEN:
+        return False
+    send_close_frame(code=code, isReply=False)
+    return True

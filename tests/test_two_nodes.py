@@ -7,9 +7,10 @@ import uuid
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from tests.servers import ServerNode
-from tests.wsclient import collect_messages, open_ws, request, subscribe
+from tests.wsclient import collect_messages, open_ws, request, request_raw, subscribe
 
 pytestmark = pytest.mark.e2e
 
@@ -140,3 +141,25 @@ async def test_uvicorn_and_daphne_nodes_work_together(
         await publisher.close()
     finally:
         uvicorn_node.stop()
+
+
+async def test_frame_size_limit_on_a_real_server(
+    two_nodes: tuple[ServerNode, ServerNode], publisher_token: str
+) -> None:
+    """The server's own WebSocket limit sits above ours, so an oversized frame gets the
+    contract's error envelope and then the 1009 close, and one of exactly the limit
+    passes."""
+    limit = 1_048_576
+    ws = await open_ws(two_nodes[0].ws_url, token=publisher_token)
+    head = '{"type":"publish","channel":"big","data":"'
+    tail = '"}'
+    exact = head + "x" * (limit - len(head) - len(tail)) + tail
+    assert len(exact.encode()) == limit
+    reply = await request_raw(ws, exact)
+    assert reply["type"] == "published", reply
+    over = head + "x" * (limit - len(head) - len(tail) + 1) + tail
+    reply = await request_raw(ws, over)
+    assert reply["code"] == "MESSAGE_TOO_LARGE"
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(ws.recv(), 5)
+    assert ws.close_code == 1009

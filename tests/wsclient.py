@@ -26,6 +26,11 @@ async def request(ws: ClientConnection, envelope: dict[str, Any]) -> dict[str, A
     return json.loads(await asyncio.wait_for(ws.recv(), RECEIVE_TIMEOUT_SECS))
 
 
+async def request_raw(ws: ClientConnection, frame: str | bytes) -> dict[str, Any]:
+    await ws.send(frame)
+    return json.loads(await asyncio.wait_for(ws.recv(), RECEIVE_TIMEOUT_SECS))
+
+
 async def subscribe(
     url: str, channel: str, *, since: int | None = None, token: str | None = None
 ) -> tuple[ClientConnection, dict[str, Any]]:
