@@ -56,7 +56,12 @@ class ConnectionAdmin(ReadOnlyAdmin):
         "last_heartbeat",
         "is_live",
     )
-    list_filter = (LiveFilter, "server_id", "wire_format")
+    list_filter = (
+        LiveFilter,
+        "server_id",
+        ("user", admin.RelatedOnlyFieldListFilter),
+        "wire_format",
+    )
     search_fields = ("connection_id", "user__username", "ip", "server_id")
     list_select_related = ("user",)
     date_hierarchy = "connected_at"
