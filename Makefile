@@ -44,4 +44,5 @@ bench: venv services
 # A user with an API token for publishing on the development server: make token USER=alice
 token: venv
 	DEBUG=1 $(PY) manage.py shell -c "from django.contrib.auth.models import User; User.objects.get_or_create(username='$(USER)')" >/dev/null
+	DEBUG=1 $(PY) manage.py grant $(USER) '*' --publish >/dev/null
 	DEBUG=1 $(PY) manage.py drf_create_token $(USER)

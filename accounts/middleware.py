@@ -1,13 +1,14 @@
-"""WebSocket authentication: a DRF token in ``?token=`` or the session cookie.
+"""WebSocket authentication: a user or service token in ``?token=``, or the session.
 
 An invalid or revoked token is refused at the handshake (HTTP 403), never downgraded
 to anonymous. A connection with neither token nor session cookie is anonymous without
-a trip to the database thread, which keeps anonymous connects cheap.
+a trip to the database thread, which keeps anonymous connects cheap. The scope gets
+``principal`` (who, with their grants) and ``user`` (Django's user or anonymous).
 """
 
 from __future__ import annotations
 
-from http.cookies import SimpleCookie
+from http.cookies import CookieError, SimpleCookie
 from importlib import import_module
 from typing import Any
 from urllib.parse import parse_qs
@@ -15,22 +16,13 @@ from urllib.parse import parse_qs
 from channels.auth import get_user
 from channels.security.websocket import WebsocketDenier
 from django.conf import settings
-from django.contrib.auth.models import AnonymousUser
 
+from accounts.principals import ANONYMOUS, Principal, authenticate_key, principal_for_user
 from push.db import db_call
 from push.errors import PushError
 
-
-def _token_user(key: str) -> Any | None:
-    from rest_framework.authtoken.models import Token
-
-    token = Token.objects.select_related("user").filter(key=key).first()
-    if token is None or not token.user.is_active:
-        return None
-    return token.user
-
-
-_token_user_async = db_call(_token_user)
+_authenticate_key = db_call(authenticate_key)
+_principal_for_user = db_call(principal_for_user)
 
 
 def query_token(scope: dict[str, Any]) -> str | None:
@@ -43,17 +35,35 @@ def session_key(scope: dict[str, Any]) -> str | None:
     for name, value in scope.get("headers", []):
         if name == b"cookie":
             cookie = SimpleCookie()
-            cookie.load(value.decode("latin-1"))
+            try:
+                cookie.load(value.decode("latin-1"))
+            except CookieError:
+                return None
             morsel = cookie.get(settings.SESSION_COOKIE_NAME)
             if morsel is not None and morsel.value:
                 return morsel.value
     return None
 
 
-async def _session_user(scope: dict[str, Any], key: str) -> Any:
+async def _session_principal(scope: dict[str, Any], key: str) -> Principal:
     engine = import_module(settings.SESSION_ENGINE)
-    scope["session"] = engine.SessionStore(key)
-    return await get_user(scope)
+    session_scope = dict(scope, session=engine.SessionStore(key))
+    user = await get_user(session_scope)
+    if not user.is_authenticated:
+        return ANONYMOUS
+    return await _principal_for_user(user)  # type: ignore[no-any-return]
+
+
+async def resolve_principal(scope: dict[str, Any]) -> Principal | None:
+    """The scope's principal; None when a token was given and is not valid."""
+    token = query_token(scope)
+    try:
+        if token is not None:
+            return await _authenticate_key(token)  # type: ignore[no-any-return]
+        key = session_key(scope)
+        return await _session_principal(scope, key) if key else ANONYMOUS
+    except PushError:  # database down: refuse rather than guess who this is
+        return None
 
 
 class TokenAuthMiddleware:
@@ -61,15 +71,9 @@ class TokenAuthMiddleware:
         self.inner = inner
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
-        token = query_token(scope)
-        if token is not None:
-            try:
-                user = await _token_user_async(token)
-            except PushError:  # database down: refuse rather than guess
-                user = None
-            if user is None:
-                return await WebsocketDenier()(scope, receive, send)
-        else:
-            key = session_key(scope)
-            user = await _session_user(dict(scope), key) if key else AnonymousUser()
-        return await self.inner(dict(scope, user=user), receive, send)
+        principal = await resolve_principal(scope)
+        if principal is None:
+            return await WebsocketDenier()(scope, receive, send)
+        return await self.inner(
+            dict(scope, principal=principal, user=principal.user), receive, send
+        )

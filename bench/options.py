@@ -34,12 +34,12 @@ class Options:
     connect_concurrency: int = 64  # handshakes in flight per worker
     idle_connections: int = 10_000
     fanout_sweep: list[int] = field(default_factory=lambda: [1_000, 2_500, 5_000])
-    fanout_secs: float = 8.0
+    fanout_secs: float = 6.0
     # (subscribers, publishes per second): the two latency targets.
     latency_points: list[tuple[int, float]] = field(
         default_factory=lambda: [(1_000, 10.0), (5_000, 2.0)]
     )
-    latency_secs: float = 12.0
+    latency_secs: float = 10.0
     many_connections: int = 5_000
     many_channels: int = 100
     rest_subscribers: int = 1_000

@@ -7,6 +7,7 @@ Every node is a subprocess in its own session, started here and stopped here by 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -169,10 +170,8 @@ def stop_node(node: Node) -> None:
 
 
 def _signal_group(pgid: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def start_nodes(target: Target, server: str, host: str, first_port: int, count: int) -> list[Node]:

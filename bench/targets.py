@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import subprocess
 import sys
 from dataclasses import replace
@@ -39,6 +40,9 @@ def _ours_env(database_url: str, redis_url: str) -> dict[str, str]:
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "DJANGO_SETTINGS_MODULE": "realtime_project.settings",
+        # DEBUG stays off (it records every query); then the settings want a key.
+        "SECRET_KEY": secrets.token_urlsafe(32),
+        "REDIS_PREFIX": "pushbench",  # apart from a developer's own data in db 0
     }
 
 

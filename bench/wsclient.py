@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import time
 from collections.abc import Callable
 
@@ -31,6 +32,7 @@ CLOSE_NORMAL = 1000
 CLOSE_NO_STATUS = 1005
 CLOSE_ABNORMAL = 1006
 MAX_HANDSHAKE_BYTES = 16_384
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
 
 MessageHandler = Callable[["WsConnection", bytes, float], None]
 CloseHandler = Callable[["WsConnection"], None]
@@ -112,17 +114,23 @@ class WsConnection(asyncio.Protocol):
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""
-        # Fast path: in a fan-out almost every read is one small final data frame.
-        first = data[0]
-        length = data[1] & 0x7F
-        if (first == 0x81 or first == 0x82) and length < 126 and len(data) == length + 2:
-            self._on_message(self, data[2:], time.time())
+        # Fast path: in a fan-out almost every read is exactly one final data frame.
+        if len(data) >= 2 and data[0] in (0x81, 0x82) and self._deliver_single(data):
             return
-        if (first == 0x81 or first == 0x82) and length == 126 and len(data) >= 4:
-            if len(data) == int.from_bytes(data[2:4], "big") + 4:
-                self._on_message(self, data[4:], time.time())
-                return
         self._parse_frames(data, time.time())
+
+    def _deliver_single(self, data: bytes) -> bool:
+        length = data[1] & 0x7F
+        header = 2
+        if length == 126 and len(data) >= 4:
+            length = int.from_bytes(data[2:4], "big")
+            header = 4
+        elif length >= 126:
+            return False
+        if len(data) != header + length:
+            return False
+        self._on_message(self, data[header:], time.time())
+        return True
 
     def send(self, payload: bytes, opcode: int) -> None:
         """Queue one message; the transport buffers, the kernel does the rest."""
@@ -218,6 +226,23 @@ class WsConnection(asyncio.Protocol):
             self.transport.close()
 
 
+async def _open_socket(host: str, port: int, local_host: str | None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if local_host:
+            # Without this, bind() picks the source port alone and each 127.0.0.x
+            # runs out after ~28,000 connections, slowing down long before that;
+            # with it, connect() picks the port per destination (the whole 4-tuple).
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((local_host, 0))
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def ws_connect(
     host: str,
     port: int,
@@ -232,19 +257,15 @@ async def ws_connect(
     """Open one upgraded connection; raise on refusal, handshake error or timeout."""
     loop = asyncio.get_running_loop()
     request = _handshake_request(host, port, path, subprotocol)
-    local_addr = (local_host, 0) if local_host else None
-    _, conn = await asyncio.wait_for(
-        loop.create_connection(
-            lambda: WsConnection(request, on_message, on_close),
-            host,
-            port,
-            local_addr=local_addr,
-        ),
-        timeout_secs,
+    sock = await asyncio.wait_for(_open_socket(host, port, local_host), timeout_secs)
+    _, conn = await loop.create_connection(
+        lambda: WsConnection(request, on_message, on_close), sock=sock
     )
     try:
         await asyncio.wait_for(asyncio.shield(conn.opened), timeout_secs)
     except BaseException:
+        # Retrieve the late outcome, so asyncio does not log it as never retrieved.
+        conn.opened.add_done_callback(lambda done: done.cancelled() or done.exception())
         conn.abort()
         raise
     return conn

@@ -29,6 +29,15 @@ class PushSettings:
     RETENTION_MAX_AGE_SECS: int = 7 * 86_400
     # (channel-name pattern, max messages or None, max age in seconds or None)
     RETENTION_RULES: list[tuple[str, int | None, int | None]] = field(default_factory=list)
+    ANONYMOUS_SUBSCRIBE: bool = True
+    SUBSCRIPTION_TOKEN_SECRET: str | None = None
+    RATE_BURST: int = 100
+    RATE_PER_SEC: float = 50.0
+    RATE_LIMIT_CLOSE_AFTER: int = 200
+    MAX_SUBSCRIPTIONS_PER_CONNECTION: int = 1000
+    MAX_CONNECTIONS_PER_USER: int = 100
+    MAX_CONNECTIONS_PER_IP: int = 0
+    REVOCATION_CHECK_SECS: float = 5.0
 
 
 def _load(overrides: dict[str, Any]) -> PushSettings:

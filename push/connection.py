@@ -10,16 +10,20 @@ import asyncio
 import enum
 import logging
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from push import metrics
 from push.codecs import Codec
 from push.conf import push_settings
 from push.errors import CloseCode, PushError
 from push.hub import Subscription
+from push.limits import TokenBucket
 from push.outbox import Outbox, OutFrame, Send
 from push.protocol import RequestId, error
 from push.server_adapters import allow_slow_close, close_with_any_code, daphne_backlog_probe
+
+if TYPE_CHECKING:
+    from accounts.principals import Principal
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +42,21 @@ class InvalidTransition(RuntimeError):
 
 
 class ClientConnection:
-    def __init__(self, *, send: Send, codec: Codec, user: Any, on_closing: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        send: Send,
+        codec: Codec,
+        principal: Principal,
+        ip: str | None = None,
+        on_closing: Any = None,
+    ) -> None:
         self.connection_id = uuid.uuid4()
         self.codec = codec
-        self.user = user
+        self.principal = principal
+        self.ip = ip
+        self.rate = TokenBucket(push_settings.RATE_BURST, push_settings.RATE_PER_SEC)
+        self.rate_limited_frames = 0
         self.state = ConnectionState.OPEN
         self.close_code: int | None = None
         self.subscriptions: dict[str, Subscription] = {}

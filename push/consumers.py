@@ -17,6 +17,8 @@ from typing import Any
 from channels.consumer import AsyncConsumer
 
 from accounts.permissions import authorize_publish, authorize_subscribe
+from accounts.principals import ANONYMOUS, Principal
+from accounts.subscription_tokens import subscription_token_verify
 from push import metrics, protocol
 from push.codecs import UnknownSubprotocol, negotiate
 from push.conf import push_settings
@@ -79,11 +81,20 @@ class PushConsumer(AsyncConsumer):
             await send({"type": "websocket.close", "code": int(CloseCode.TRY_AGAIN_LATER)})
             return False
         await send({"type": "websocket.accept", "subprotocol": subprotocol})
-        user = self.scope.get("user")
+        principal: Principal = self.scope.get("principal") or ANONYMOUS
         connection = ClientConnection(
-            send=send, codec=codec, user=user, on_closing=self._release_subscriptions
+            send=send,
+            codec=codec,
+            principal=principal,
+            ip=_client_ip(self.scope),
+            on_closing=self._release_subscriptions,
         )
         self.connection = connection
+        if not self.node.admit(connection):
+            # Accepted first so the client learns why: 1013 is "try again later".
+            connection.close(CloseCode.TRY_AGAIN_LATER)
+            self.connection = None
+            return True
         connection.send_envelope(
             protocol.connection_established(
                 connection_id=str(connection.connection_id),
@@ -95,8 +106,8 @@ class PushConsumer(AsyncConsumer):
         self.node.registry.opened(
             ConnectionRecord(
                 connection_id=connection.connection_id,
-                user_id=user.pk if user is not None and user.is_authenticated else None,
-                ip=_client_ip(self.scope),
+                user_id=principal.user_id,
+                ip=connection.ip,
                 wire_format=codec.name,
                 connected_at=_now(),
             )
@@ -112,6 +123,7 @@ class PushConsumer(AsyncConsumer):
         self._release_subscriptions(connection)
         connection.mark_closed(close_code)
         if self.node is not None:
+            self.node.release(connection)
             self.node.registry.closed(connection.connection_id, connection.close_code)
         metrics.CONNECTIONS_ACTIVE.labels(connection.codec.name).dec()
         metrics.CONNECTIONS_CLOSED.labels(str(connection.close_code or "peer")).inc()
@@ -127,6 +139,9 @@ class PushConsumer(AsyncConsumer):
 
     async def on_frame(self, connection: ClientConnection, event: dict[str, Any]) -> None:
         request_id: RequestId | None = None
+        if not connection.rate.take():
+            self._rate_limited(connection)
+            return
         try:
             payload = connection.codec.frame_payload(event)
             if _frame_size(payload) > push_settings.MAX_FRAME_BYTES:
@@ -151,9 +166,21 @@ class PushConsumer(AsyncConsumer):
                 request_id,
             )
 
+    def _rate_limited(self, connection: ClientConnection) -> None:
+        connection.rate_limited_frames += 1
+        if connection.rate_limited_frames > push_settings.RATE_LIMIT_CLOSE_AFTER:
+            connection.close(CloseCode.POLICY)
+            return
+        connection.send_error(
+            PushError(ErrorCode.RATE_LIMITED, "too many messages; slow down"), None
+        )
+
     async def handle_subscribe(self, connection: ClientConnection, request: Subscribe) -> None:
-        authorize_subscribe(connection.user, request.channel)
-        assert self.node is not None  # set in on_connect, before any frame
+        if request.token is not None:
+            subscription_token_verify(request.token, channel=request.channel)
+        else:
+            authorize_subscribe(connection.principal, request.channel)
+        node = self._require_node()
         existing = connection.subscriptions.get(request.channel)
         if existing is not None and existing.active:
             # Already receiving the channel's stream without a gap: nothing to replay.
@@ -167,6 +194,12 @@ class PushConsumer(AsyncConsumer):
             )
             return
 
+        if len(connection.subscriptions) >= push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION:
+            raise PushError(
+                ErrorCode.FORBIDDEN,
+                f"subscription limit of {push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION} reached",
+            )
+
         def reply(seq: int, recovered: bool | None) -> None:
             connection.send_envelope(
                 protocol.subscribed(
@@ -174,31 +207,29 @@ class PushConsumer(AsyncConsumer):
                 )
             )
 
-        subscription = await self.node.hub.subscribe(
+        subscription = await node.hub.subscribe(
             connection, request.channel, since=request.since, reply=reply
         )
         if connection.is_open:
             connection.subscriptions[request.channel] = subscription
         else:
-            self.node.hub.unsubscribe(subscription)
+            node.hub.unsubscribe(subscription)
 
     async def handle_unsubscribe(self, connection: ClientConnection, request: Unsubscribe) -> None:
         subscription = connection.subscriptions.pop(request.channel, None)
         if subscription is None:
             raise PushError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {request.channel!r}")
-        assert self.node is not None
-        self.node.hub.unsubscribe(subscription)
+        self._require_node().hub.unsubscribe(subscription)
         connection.send_envelope(
             protocol.unsubscribed(channel=request.channel, request_id=request.id)
         )
 
     async def handle_publish(self, connection: ClientConnection, request: Publish) -> None:
-        authorize_publish(connection.user, request.channel)
-        user = connection.user
+        authorize_publish(connection.principal, request.channel)
         message = await message_publish_async(
             channel=request.channel,
             data=request.data,
-            publisher_id=user.pk if user is not None and user.is_authenticated else None,
+            publisher_id=connection.principal.user_id,
         )
         metrics.MESSAGES_PUBLISHED.labels("websocket").inc()
         connection.send_envelope(
@@ -214,6 +245,11 @@ class PushConsumer(AsyncConsumer):
         connection.send_envelope(
             protocol.heartbeat_ack(timestamp=time.time(), request_id=request.id)
         )
+
+    def _require_node(self) -> Node:
+        if self.node is None:  # set in on_connect, before any frame is read
+            raise RuntimeError("frame handled before the connection was accepted")
+        return self.node
 
     _handlers: dict[type, Callable[[Any, ClientConnection, Any], Awaitable[None]]] = {
         Subscribe: handle_subscribe,

@@ -10,19 +10,30 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import uuid
+from typing import TYPE_CHECKING
 
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from accounts.principals import credentials_still_valid
 from push import broadcast as broadcast_module
 from push.broker import Broker
 from push.conf import push_settings
+from push.db import db_call
+from push.errors import CloseCode
 from push.history import DatabaseHistory
 from push.hub import Hub
+from push.limits import ConnectionCounter
 from push.message import ChannelMessage
 from push.registry import ConnectionRegistry
 
+if TYPE_CHECKING:
+    from push.connection import ClientConnection
+
 logger = logging.getLogger(__name__)
+
+_credentials_still_valid = db_call(credentials_still_valid)
 
 
 class Node:
@@ -41,12 +52,35 @@ class Node:
         )
         self.registry = ConnectionRegistry(server_id, flush_secs=push_settings.REGISTRY_FLUSH_SECS)
         self._tasks: list[asyncio.Task[None]] = []
+        # Live connections of this node, for revocation checks, admin actions and drain.
+        self.connections: dict[uuid.UUID, ClientConnection] = {}
+        self._per_user = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_USER)
+        self._per_ip = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_IP)
+
+    def admit(self, connection: ClientConnection) -> bool:
+        """Count a new connection against the per-user and per-IP limits of this node."""
+        user_key = connection.principal.key if connection.principal.is_authenticated else None
+        if not self._per_user.try_add(user_key):
+            return False
+        if not self._per_ip.try_add(connection.ip):
+            self._per_user.remove(user_key)
+            return False
+        self.connections[connection.connection_id] = connection
+        return True
+
+    def release(self, connection: ClientConnection) -> None:
+        if self.connections.pop(connection.connection_id, None) is None:
+            return
+        principal = connection.principal
+        self._per_user.remove(principal.key if principal.is_authenticated else None)
+        self._per_ip.remove(connection.ip)
 
     async def start(self) -> None:
         await self.broker.start()
         self._tasks = [
             self.loop.create_task(self.registry.run(), name="push-registry"),
             self.loop.create_task(self._sync_loop(), name="push-history-sync"),
+            self.loop.create_task(self._revocation_loop(), name="push-revocation"),
         ]
         self.is_running = True
         broadcast_module.set_running_node(self)
@@ -74,6 +108,32 @@ class Node:
                 await self.hub.sync_with_history()
             except Exception as exc:
                 logger.warning("history sync failed: %s", exc)
+
+    async def _revocation_loop(self) -> None:
+        while True:
+            await asyncio.sleep(push_settings.REVOCATION_CHECK_SECS)
+            try:
+                await self.close_revoked()
+            except Exception as exc:
+                logger.warning("revocation check failed: %s", exc)
+
+    async def close_revoked(self) -> int:
+        """Close (1008) every connection whose token was revoked or user deactivated."""
+        held = {
+            c.principal.credential: c
+            for c in self.connections.values()
+            if c.principal.credential is not None
+        }
+        if not held:
+            return 0
+        valid = await _credentials_still_valid(set(held))
+        closed = 0
+        for connection in list(self.connections.values()):
+            credential = connection.principal.credential
+            if credential is not None and credential not in valid and connection.is_open:
+                connection.close(CloseCode.POLICY)
+                closed += 1
+        return closed
 
 
 _node: Node | None = None

@@ -74,6 +74,18 @@ def env_int(name: str, default: int) -> int:
     return _read(name, default, _positive_int)
 
 
+def env_int_or_zero(name: str, default: int) -> int:
+    """A count where 0 means "no limit"."""
+
+    def non_negative(raw: str) -> int:
+        value = int(raw)
+        if value < 0:
+            raise ValueError("expected 0 (no limit) or a positive integer")
+        return value
+
+    return _read(name, default, non_negative)
+
+
 def env_float(name: str, default: float) -> float:
     return _read(name, default, _positive_float)
 

@@ -14,6 +14,7 @@ from realtime_project.env import (
     env_duration_secs,
     env_float,
     env_int,
+    env_int_or_zero,
     env_list,
     env_optional_str,
     env_retention_rules,
@@ -117,6 +118,19 @@ else:
         }
     }
 
+# Throttle counters must be shared by every node, so with Redis they live there.
+CACHES = {
+    "default": (
+        {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": env_str("REDIS_PREFIX", "push"),
+        }
+        if REDIS_URL
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
+}
+
 # Django refuses bodies over this before a view runs; keep it above the frame limit so a
 # REST publish over the limit gets the contract's MESSAGE_TOO_LARGE instead.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("PUSH_MAX_FRAME_BYTES", 1_048_576) * 2 + 65_536
@@ -136,9 +150,14 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "accounts.authentication.PushTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
+    "DEFAULT_THROTTLE_CLASSES": ["accounts.throttling.PrincipalRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {
+        "principal": env_str("PUSH_REST_RATE", "6000/min"),
+        "anonymous": env_str("PUSH_REST_ANON_RATE", "600/min"),
+    },
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
     "EXCEPTION_HANDLER": "push.api.exceptions.api_exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -167,6 +186,15 @@ PUSH = {
     "RETENTION_MAX_MESSAGES": env_int("PUSH_RETENTION_MAX_MESSAGES", 10_000),
     "RETENTION_MAX_AGE_SECS": env_duration_secs("PUSH_RETENTION_MAX_AGE", 7 * 86_400),
     "RETENTION_RULES": env_retention_rules("PUSH_RETENTION_RULES"),
+    "ANONYMOUS_SUBSCRIBE": env_bool("PUSH_ANONYMOUS_SUBSCRIBE", True),
+    "SUBSCRIPTION_TOKEN_SECRET": env_optional_str("PUSH_SUBSCRIPTION_TOKEN_SECRET"),
+    "RATE_BURST": env_int("PUSH_RATE_BURST", 100),
+    "RATE_PER_SEC": env_float("PUSH_RATE_PER_SEC", 50.0),
+    "RATE_LIMIT_CLOSE_AFTER": env_int("PUSH_RATE_LIMIT_CLOSE_AFTER", 200),
+    "MAX_SUBSCRIPTIONS_PER_CONNECTION": env_int("PUSH_MAX_SUBSCRIPTIONS_PER_CONNECTION", 1000),
+    "MAX_CONNECTIONS_PER_USER": env_int("PUSH_MAX_CONNECTIONS_PER_USER", 100),
+    "MAX_CONNECTIONS_PER_IP": env_int_or_zero("PUSH_MAX_CONNECTIONS_PER_IP", 0),
+    "REVOCATION_CHECK_SECS": env_float("PUSH_REVOCATION_CHECK_SECS", 5.0),
 }
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()

@@ -6,4 +6,5 @@ urlpatterns = [
     path("api/v1/", include("push.api.urls")),
     path("", include("monitoring.urls")),
     path("", include("django_prometheus.urls")),
+    path("", include("push.demo")),
 ]

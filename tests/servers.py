@@ -79,6 +79,8 @@ def create_token(env: dict[str, str], username: str, *, staff: bool = False) -> 
         "from rest_framework.authtoken.models import Token;"
         f"u, _ = User.objects.get_or_create(username={username!r},"
         f" defaults={{'is_staff': {staff}}});"
+        "from accounts.models import ChannelGrant;"
+        "ChannelGrant.objects.get_or_create(user=u, pattern='*', can_publish=True);"
         "print('TOKEN=' + Token.objects.get_or_create(user=u)[0].key)"
     )
     output = manage(env, "shell", "-c", script)

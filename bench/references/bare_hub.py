@@ -17,6 +17,7 @@ to its own subscribers; without it, everything stays in the process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -37,6 +38,11 @@ REST_PREFIX = "/api/v1/channels/"
 REST_SUFFIX = "/messages"
 SERVER_ID = f"barehub-{os.getpid()}"
 HEARTBEAT_INTERVAL_SECS = 25
+RELAY_SCRIPT = """
+local seq = redis.call('INCR', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. seq .. ARGV[3])
+return seq
+"""
 
 
 class Subscriber:
@@ -75,10 +81,9 @@ class Subscriber:
             self.writing = False
 
     async def _close_slow(self) -> None:
-        try:
+        # The peer may already be gone; then there is nothing left to close.
+        with contextlib.suppress(Exception):
             await self.send({"type": "websocket.close", "code": CLOSE_SLOW_CONSUMER})
-        except Exception:  # noqa: S110 - the peer is already gone
-            pass
 
 
 class Hub:
@@ -108,25 +113,28 @@ class Hub:
 
     async def publish(self, channel: str, data: Any) -> dict[str, Any]:
         """Number, encode once, fan out (locally or through the relay)."""
+        message_id = str(uuid.uuid4())
+        timestamp = time.time()
+        # The frame is built around its seq, so the seq can be filled in last.
+        head = f'{{"type":"message","channel":{json.dumps(channel)},"seq":'
+        tail = (
+            f',"message_id":"{message_id}","data":{json.dumps(data, separators=(",", ":"))}'
+            f',"timestamp":{timestamp!r}}}'
+        )
         if self.redis is not None:
-            seq = int(await self.redis.incr(SEQ_KEY_PREFIX + channel))
+            seq = await self._relay(channel, head, tail)
         else:
             seq = self.seqs.get(channel, 0) + 1
             self.seqs[channel] = seq
-        message = {
-            "type": "message",
-            "channel": channel,
-            "seq": seq,
-            "message_id": str(uuid.uuid4()),
-            "data": data,
-            "timestamp": time.time(),
-        }
-        frame = json.dumps(message, separators=(",", ":"))
-        if self.redis is not None:
-            await self.redis.publish(RELAY_CHANNEL, f"{channel}\n{frame}")
-        else:
-            self.fan_out(channel, frame)
-        return message
+            self.fan_out(channel, f"{head}{seq}{tail}")
+        return {"channel": channel, "seq": seq, "message_id": message_id, "timestamp": timestamp}
+
+    async def _relay(self, channel: str, head: str, tail: str) -> int:
+        # INCR and PUBLISH in one script: two round trips would let two publishers
+        # interleave, and subscribers would see seq 6 before seq 5.
+        relay_head = f"{channel}\n{head}"
+        keys_and_args = (SEQ_KEY_PREFIX + channel, RELAY_CHANNEL, relay_head, tail)
+        return int(await self.redis.eval(RELAY_SCRIPT, 1, *keys_and_args))
 
     def fan_out(self, channel: str, frame: str) -> None:
         for subscriber in self.channels.get(channel, ()):

@@ -51,8 +51,10 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         )
     response = exception_handler(exc, context)
     if response is not None and isinstance(exc, exceptions.APIException):
-        code = {403: ErrorCode.FORBIDDEN.value, 404: ErrorCode.NOT_FOUND.value}.get(
-            response.status_code, str(exc.default_code).upper()
-        )
+        code = {
+            403: ErrorCode.FORBIDDEN.value,
+            404: ErrorCode.NOT_FOUND.value,
+            429: ErrorCode.RATE_LIMITED.value,
+        }.get(response.status_code, str(exc.default_code).upper())
         response.data = {"type": "error", "code": code, "message": str(exc.detail)}
     return response

@@ -14,6 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.authentication import request_principal
 from accounts.permissions import authorize_publish, authorize_subscribe, visible_channels
 from push import metrics, selectors
 from push.api.serializers import (
@@ -53,9 +54,10 @@ def _idempotency_key(request: Request) -> str | None:
 class ChannelMessagesView(APIView):
     def post(self, request: Request, channel: str) -> Response:
         validate_channel_name(channel)
-        if not request.user or not request.user.is_authenticated:
+        principal = request_principal(request)
+        if not principal.is_authenticated:
             raise exceptions.NotAuthenticated()
-        authorize_publish(request.user, channel)
+        authorize_publish(principal, channel)
         if len(request.body) > push_settings.MAX_FRAME_BYTES:
             raise PushError(
                 ErrorCode.MESSAGE_TOO_LARGE,
@@ -67,13 +69,13 @@ class ChannelMessagesView(APIView):
         key = _idempotency_key(request)
         replayed = False
         if key is None:
-            message = message_publish(channel=channel, data=data, publisher_id=request.user.pk)
+            message = message_publish(channel=channel, data=data, publisher_id=principal.user_id)
         else:
             message, replayed = message_publish_idempotent(
                 channel=channel,
                 data=data,
-                publisher_id=request.user.pk,
-                principal=f"user:{request.user.pk}",
+                publisher_id=principal.user_id,
+                principal=principal.key,
                 idempotency_key=key,
             )
         if replayed:
@@ -83,7 +85,7 @@ class ChannelMessagesView(APIView):
 
     def get(self, request: Request, channel: str) -> Response:
         validate_channel_name(channel)
-        authorize_subscribe(request.user, channel)
+        authorize_subscribe(request_principal(request), channel)
         query = HistoryQuerySerializer(
             data=request.query_params,
             max_limit=push_settings.HISTORY_PAGE_MAX,
@@ -104,7 +106,7 @@ class ChannelListView(APIView):
     def get(self, request: Request) -> Response:
         after = request.query_params.get("after", "")
         channels = list(
-            visible_channels(request.user, selectors.channel_list(), after=after)[
+            visible_channels(request_principal(request), selectors.channel_list(), after=after)[
                 : self.PAGE_SIZE + 1
             ]
         )

@@ -4,6 +4,7 @@ import pytest
 from django.contrib.auth.models import User
 from rest_framework.authtoken.models import Token
 
+from accounts.models import ChannelGrant
 from push.codecs import CODECS
 
 WIRE_FORMATS = sorted(CODECS)
@@ -17,6 +18,7 @@ def wire_format(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def publisher_token(transactional_db: None) -> str:
     user = User.objects.create_user("publisher", password="x")
+    ChannelGrant.objects.create(user=user, pattern="*", can_publish=True)
     return Token.objects.create(user=user).key
 
 

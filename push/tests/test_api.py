@@ -11,6 +11,7 @@ from django.test import override_settings
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from accounts.models import ChannelGrant
 from push.models import Message
 from push.services import message_publish
 
@@ -25,6 +26,7 @@ def client() -> APIClient:
 @pytest.fixture
 def publisher(client: APIClient) -> APIClient:
     user = User.objects.create_user("rest-publisher", password="x")
+    ChannelGrant.objects.create(user=user, pattern="*", can_publish=True)
     token = Token.objects.create(user=user)
     authed = APIClient()
     authed.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
@@ -105,10 +107,16 @@ def test_publish_to_bad_channel_name(publisher: APIClient) -> None:
     assert response.json()["code"] == "INVALID_MESSAGE"
 
 
-def test_publish_to_private_channel_needs_a_grant(publisher: APIClient) -> None:
-    response = _publish(publisher, "private-room", {"data": 1})
-    assert response.status_code == 403
-    assert response.json()["code"] == "FORBIDDEN"
+def test_publish_needs_a_grant_for_that_channel() -> None:
+    user = User.objects.create_user("news-only", password="x")
+    ChannelGrant.objects.create(user=user, pattern="news", can_publish=True)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    assert _publish(api, "news", {"data": 1}).status_code == 201
+    for channel in ("private-room", "sport", "Private-news"):
+        response = _publish(api, channel, {"data": 1})
+        assert response.status_code == 403
+        assert response.json()["code"] == "FORBIDDEN"
 
 
 @override_settings(PUSH={"MAX_FRAME_BYTES": 1000})

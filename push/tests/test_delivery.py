@@ -17,6 +17,7 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from accounts.models import ChannelGrant
 from push.models import Channel, IdempotencyKey, Message
 from push.retention import channel_trim, retention_policy
 from push.services import message_publish, publish
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def _api_for(username: str) -> APIClient:
     user = User.objects.create_user(username, password="x")
+    ChannelGrant.objects.create(user=user, pattern="*", can_publish=True)
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
     return api
@@ -80,6 +82,7 @@ def test_malformed_key_is_refused(key: str) -> None:
 
 def test_racing_retries_publish_once() -> None:
     user = User.objects.create_user("racer", password="x")
+    ChannelGrant.objects.create(user=user, pattern="*", can_publish=True)
     token = Token.objects.create(user=user).key
 
     def post(_: int) -> tuple[int, dict]:
@@ -210,6 +213,7 @@ def failing_storage():  # type: ignore[no-untyped-def]
 @pytest.mark.usefixtures("failing_storage")
 async def test_storage_failure_gives_an_error_and_delivers_nothing(wire_format: str) -> None:
     user = await sync_to_async(User.objects.create_user)("pub", password="x")
+    await ChannelGrant.objects.acreate(user=user, pattern="*", can_publish=True)
     token = (await Token.objects.acreate(user=user)).key
     subscriber = await connected_client(subprotocol=wire_format)
     await subscriber.request({"type": "subscribe", "channel": "fail-orders"})

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.test import Client, override_settings
 
+from accounts.models import ChannelGrant
 from push.models import Connection
 from push.node import get_node
 from push.services import message_publish
@@ -54,7 +55,8 @@ async def test_many_connections_cost_one_batch_not_a_write_each() -> None:
 
 
 async def test_session_cookie_authenticates_the_websocket() -> None:
-    await sync_to_async(User.objects.create_user)("dave", password="pw")
+    dave = await sync_to_async(User.objects.create_user)("dave", password="pw")
+    await ChannelGrant.objects.acreate(user=dave, pattern="news", can_publish=True)
 
     def login_cookie() -> str:
         browser = Client()

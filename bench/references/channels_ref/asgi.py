@@ -12,7 +12,7 @@ from django.urls import path
 
 django_application = get_asgi_application()
 
-from bench.references.channels_ref.consumers import PushConsumer
+from bench.references.channels_ref.consumers import PushConsumer  # noqa: E402
 
 application = ProtocolTypeRouter(
     {

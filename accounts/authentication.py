@@ -1,0 +1,58 @@
+"""REST authentication: ``Authorization: Token <key>`` with a user token or a service
+token; the request's ``auth`` is then the caller's ``Principal``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework.authentication import BaseAuthentication, get_authorization_header
+from rest_framework.exceptions import AuthenticationFailed
+from rest_framework.request import Request
+
+from accounts.principals import Principal, authenticate_key, principal_for_user
+
+
+class ServiceAccount:
+    """What DRF sees as ``request.user`` for a service token: authenticated, no person."""
+
+    is_authenticated = True
+    is_anonymous = False
+    is_active = True
+    is_staff = False
+    pk = None
+
+    def __init__(self, principal: Principal) -> None:
+        self.principal = principal
+
+    def __str__(self) -> str:
+        return f"service:{self.principal.name}"
+
+
+class PushTokenAuthentication(BaseAuthentication):
+    keyword = "Token"
+
+    def authenticate(self, request: Request) -> tuple[Any, Principal] | None:
+        parts = get_authorization_header(request).split()
+        if not parts or parts[0].lower() != self.keyword.lower().encode():
+            return None
+        if len(parts) != 2:
+            raise AuthenticationFailed("Authorization must be: Token <key>")
+        principal = authenticate_key(parts[1].decode("latin-1"))
+        if principal is None:
+            raise AuthenticationFailed("Invalid or revoked token.")
+        user = principal.user if principal.kind == "user" else ServiceAccount(principal)
+        return user, principal
+
+    def authenticate_header(self, request: Request) -> str:
+        return self.keyword
+
+
+def request_principal(request: Request) -> Principal:
+    """The caller's principal, built once per request (throttles and views both ask)."""
+    if isinstance(request.auth, Principal):
+        return request.auth
+    cached = getattr(request, "_push_principal", None)
+    if cached is None:
+        cached = principal_for_user(request.user)
+        request._push_principal = cached  # type: ignore[attr-defined]
+    return cached

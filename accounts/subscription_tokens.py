@@ -1,0 +1,76 @@
+"""Signed subscription tokens: a back-end that owns its users lets a browser subscribe
+to one channel for a short time, without a grant row in our database.
+
+Format (easy to mint in any language): ``<payload>.<signature>``, both base64url
+without padding; payload is the JSON ``{"ch": channel, "exp": unix_seconds,
+"info": {...}}`` (``info`` optional, shown as the member's info on presence channels);
+signature is HMAC-SHA256 of the payload text with the shared secret
+(``PUSH_SUBSCRIPTION_TOKEN_SECRET``, by default Django's ``SECRET_KEY``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+from django.conf import settings
+
+from push.conf import push_settings
+from push.errors import ErrorCode, PushError
+
+MAX_TOKEN_CHARS = 4096
+
+
+def _secret() -> bytes:
+    return (push_settings.SUBSCRIPTION_TOKEN_SECRET or settings.SECRET_KEY).encode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _sign(payload: str) -> str:
+    return _b64(hmac.new(_secret(), payload.encode(), hashlib.sha256).digest())
+
+
+def subscription_token_issue(
+    *, channel: str, ttl_secs: int, info: dict[str, Any] | None = None
+) -> str:
+    claims: dict[str, Any] = {"ch": channel, "exp": int(time.time()) + ttl_secs}
+    if info is not None:
+        claims["info"] = info
+    payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
+    return f"{payload}.{_sign(payload)}"
+
+
+def _forbidden(reason: str) -> PushError:
+    return PushError(ErrorCode.FORBIDDEN, f"subscription token refused: {reason}")
+
+
+def subscription_token_verify(token: str, *, channel: str) -> dict[str, Any]:
+    """The token's claims if it is genuine, unexpired and for ``channel``."""
+    if len(token) > MAX_TOKEN_CHARS or token.count(".") != 1:
+        raise _forbidden("malformed")
+    payload, signature = token.split(".")
+    if not hmac.compare_digest(_sign(payload), signature):
+        raise _forbidden("bad signature")
+    try:
+        claims = json.loads(_unb64(payload))
+    except (ValueError, binascii.Error) as exc:
+        raise _forbidden("malformed") from exc
+    if not isinstance(claims, dict) or not isinstance(claims.get("exp"), int):
+        raise _forbidden("malformed")
+    if claims.get("ch") != channel:
+        raise _forbidden("issued for another channel")
+    if claims["exp"] <= time.time():
+        raise _forbidden("expired")
+    return claims

@@ -1,0 +1,28 @@
+"""REST throttling per credential: each user or service token has its own budget, and
+anonymous callers share one per IP address. Counters live in the shared cache (Redis
+when configured), so the budget holds across nodes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework.request import Request
+from rest_framework.throttling import SimpleRateThrottle
+
+from accounts.authentication import request_principal
+
+
+class PrincipalRateThrottle(SimpleRateThrottle):
+    scope = "principal"
+
+    def allow_request(self, request: Request, view: Any) -> bool:
+        principal = request_principal(request)
+        self.scope = "principal" if principal.is_authenticated else "anonymous"
+        self.rate = self.get_rate()
+        self.num_requests, self.duration = self.parse_rate(self.rate)
+        return super().allow_request(request, view)
+
+    def get_cache_key(self, request: Request, view: Any) -> str | None:
+        principal = request_principal(request)
+        ident = principal.key if principal.is_authenticated else self.get_ident(request)
+        return f"throttle_{self.scope}_{ident}"

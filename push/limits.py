@@ -1,0 +1,52 @@
+"""Per-connection and per-node limits that keep one client from hurting the others."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+
+class TokenBucket:
+    """``burst`` frames at once, refilled at ``rate_per_sec``; the contract's default is
+    a burst of 100 and 50 per second sustained."""
+
+    __slots__ = ("burst", "clock", "rate_per_sec", "tokens", "updated")
+
+    def __init__(self, burst: int, rate_per_sec: float, clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+        self.burst = burst
+        self.rate_per_sec = rate_per_sec
+        self.tokens = float(burst)
+        self.clock = clock
+        self.updated = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_sec)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class ConnectionCounter:
+    """Open connections per key (user, IP) on this node, against a limit (0: none)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._counts: Counter[object] = Counter()
+
+    def try_add(self, key: object) -> bool:
+        if key is None:
+            return True
+        if self.limit and self._counts[key] >= self.limit:
+            return False
+        self._counts[key] += 1
+        return True
+
+    def remove(self, key: object) -> None:
+        if key is None:
+            return
+        self._counts[key] -= 1
+        if self._counts[key] <= 0:
+            del self._counts[key]

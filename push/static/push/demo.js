@@ -1,0 +1,181 @@
+// The demo page: a live feed of one channel through the JavaScript client, a publish
+// box, the connection state, messages per second and latency.
+//
+// The page also exposes what it received for tests: `#feed[data-seqs]` lists every seq
+// in arrival order and `#state[data-state]` the client's state.
+
+import { PushClient } from "./pushclient.js";
+import * as msgpack from "./msgpack.js";
+
+const FEED_ITEMS_SHOWN = 200;
+const RATE_WINDOW_MS = 5_000;
+const LATENCY_SAMPLES = 100;
+const STATS_REFRESH_MS = 500;
+// A demo should come back quickly after a restart; the library default (30 s) suits
+// fleets of clients better.
+const DEMO_MAX_DELAY_MS = 5_000;
+
+const $ = (id) => document.getElementById(id);
+const root = $("demo");
+
+const view = {
+  client: null,
+  channel: root.dataset.channel || "demo",
+  seqs: [],
+  arrivals: [],
+  latencies: [],
+  gaps: 0,
+  reconnects: 0,
+};
+
+function wsUrl() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}/ws/`;
+}
+
+function logEvent(text, kind = "") {
+  const item = document.createElement("li");
+  item.textContent = `${new Date().toLocaleTimeString()}  ${text}`;
+  if (kind) item.className = kind;
+  $("events").prepend(item);
+  while ($("events").children.length > 50) $("events").lastChild.remove();
+}
+
+function showState(state) {
+  $("state").dataset.state = state;
+  $("state-label").textContent = state;
+}
+
+function resetFeed() {
+  view.seqs = [];
+  view.arrivals = [];
+  view.latencies = [];
+  view.gaps = 0;
+  $("feed").replaceChildren();
+  $("feed").dataset.seqs = "";
+  $("feed-empty").hidden = false;
+  $("feed-channel").textContent = view.channel;
+}
+
+function cell(className, text) {
+  const span = document.createElement("span");
+  span.className = className;
+  span.textContent = text;
+  return span;
+}
+
+function showMessage(message) {
+  const now = Date.now();
+  const latencyMs = Math.max(0, now - message.timestamp * 1000);
+  view.seqs.push(message.seq);
+  view.arrivals.push(now);
+  view.latencies.push(latencyMs);
+  if (view.latencies.length > LATENCY_SAMPLES) view.latencies.shift();
+
+  const item = document.createElement("li");
+  item.className = "fresh";
+  item.dataset.seq = message.seq;
+  item.append(
+    cell("seq", `#${message.seq}`),
+    cell("time", new Date(message.timestamp * 1000).toLocaleTimeString()),
+    cell("lat", `${latencyMs.toFixed(0)} ms`),
+    cell("data", JSON.stringify(message.data)),
+  );
+  const feed = $("feed");
+  feed.prepend(item);
+  while (feed.children.length > FEED_ITEMS_SHOWN) feed.lastChild.remove();
+  feed.dataset.seqs = view.seqs.join(",");
+  $("feed-empty").hidden = true;
+  $("received").textContent = view.seqs.length;
+  $("last-seq").textContent = message.seq;
+}
+
+function refreshStats() {
+  const now = Date.now();
+  while (view.arrivals.length && view.arrivals[0] < now - RATE_WINDOW_MS) view.arrivals.shift();
+  $("rate").textContent = (view.arrivals.length / (RATE_WINDOW_MS / 1000)).toFixed(1);
+  if (view.latencies.length) {
+    const last = view.latencies[view.latencies.length - 1];
+    // The median, not the mean: one replayed backlog after a reconnect would otherwise
+    // dominate the figure for the next hundred messages.
+    const sorted = [...view.latencies].sort((a, b) => a - b);
+    const median = sorted[Math.floor(sorted.length / 2)];
+    $("latency").textContent = `${last.toFixed(0)} · ${median.toFixed(0)}`;
+  }
+  $("gaps").textContent = view.gaps;
+  $("reconnects").textContent = view.reconnects;
+}
+
+function wire(client) {
+  client.on("state", ({ state, previous }) => {
+    showState(state);
+    if (state === "connected" && previous === "reconnecting") view.reconnects += 1;
+    logEvent(`${previous} → ${state}`);
+  });
+  client.on("open", (hello) => {
+    $("server-id").textContent = hello.server_id;
+    $("connection-id").textContent = hello.connection_id;
+  });
+  client.on("close", ({ code, willReconnect, delayMs }) => {
+    if (willReconnect) {
+      logEvent(`closed (${code}), retrying in ${(delayMs / 1000).toFixed(1)} s`);
+    } else {
+      logEvent(`closed (${code})`);
+    }
+  });
+  client.on("gap", ({ channel, expected, received }) => {
+    view.gaps += 1;
+    logEvent(`gap on ${channel}: expected ${expected}, got ${received}`, "gap");
+  });
+  client.on("unrecovered", ({ channel }) => logEvent(`history of ${channel} was trimmed: refetch`, "gap"));
+  client.on("error", (error) => logEvent(`error: ${error.message}`, "gap"));
+}
+
+async function start() {
+  view.client?.close();
+  view.channel = $("channel").value.trim() || "demo";
+  const url = new URL(location.href);
+  url.searchParams.set("channel", view.channel);
+  history.replaceState(null, "", url);
+  resetFeed();
+
+  const options = { token: $("token").value.trim() || null, maxDelayMs: DEMO_MAX_DELAY_MS };
+  if ($("format").value === "msgpack") options.msgpack = msgpack;
+  const client = new PushClient(wsUrl(), options);
+  view.client = client;
+  wire(client);
+  client.connect().catch((error) => logEvent(`could not connect: ${error.message}`, "gap"));
+  try {
+    const subscription = await client.subscribe(view.channel, showMessage);
+    logEvent(`subscribed to ${view.channel} at seq ${subscription.seq}`);
+  } catch (error) {
+    logEvent(`subscribe failed: ${error.message}`, "gap");
+  }
+}
+
+async function publish() {
+  const text = $("publish-data").value;
+  let data;
+  try {
+    data = JSON.parse(text);
+  } catch {
+    data = text;
+  }
+  const result = $("publish-result");
+  try {
+    const reply = await view.client.publish(view.channel, data);
+    result.className = "ok";
+    result.textContent = `published, seq ${reply.seq}`;
+  } catch (error) {
+    result.className = "bad";
+    result.textContent = error.code === "FORBIDDEN" ? "forbidden: enter a token and connect" : error.message;
+  }
+}
+
+$("connect").addEventListener("click", start);
+$("publish").addEventListener("click", publish);
+$("publish-data").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) publish();
+});
+setInterval(refreshStats, STATS_REFRESH_MS);
+start();

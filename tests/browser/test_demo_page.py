@@ -1,0 +1,126 @@
+"""The demo page in headless Chromium against real nodes: it connects, shows what is
+published over REST and from its own publish box, and resumes without a gap when its
+node restarts while messages keep being published elsewhere."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.servers import ROOT, ServerNode
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+SCREENSHOT = ROOT / "artifacts" / "demo-page.png"
+WAIT_SECS = 20.0
+
+
+@pytest.fixture
+def page_node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
+    node = ServerNode(e2e_env, name=f"demo-{uuid.uuid4().hex[:6]}").start()
+    yield node
+    node.stop()
+
+
+def wait_for(what: str, check: Callable[[], Any], driver: Any, timeout: float = WAIT_SECS) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    console = "\n".join(str(entry) for entry in driver.get_log("browser"))
+    raise AssertionError(f"timed out waiting for {what}; browser console:\n{console}")
+
+
+def page_state(driver: Any) -> str:
+    return driver.find_element("id", "state").get_attribute("data-state")
+
+
+def page_seqs(driver: Any) -> list[int]:
+    text = driver.find_element("id", "feed").get_attribute("data-seqs") or ""
+    return [int(seq) for seq in text.split(",") if seq]
+
+
+def publish_rest(node: ServerNode, token: str, channel: str, data: Any) -> int:
+    response = httpx.post(
+        f"{node.http_url}/api/v1/channels/{channel}/messages",
+        json={"data": data},
+        headers={"Authorization": f"Token {token}"},
+        timeout=10,
+    )
+    assert response.status_code == 201, response.text
+    return int(response.json()["seq"])
+
+
+def wait_for_seqs(driver: Any, expected: list[int]) -> None:
+    wait_for(f"seqs {expected}", lambda: page_seqs(driver) == expected, driver)
+
+
+def open_demo(driver: Any, node: ServerNode, channel: str) -> None:
+    driver.get(f"{node.http_url}/?channel={channel}")
+    wait_for("the page to connect", lambda: page_state(driver) == "connected", driver)
+
+
+def test_demo_page_serves_the_client_as_a_javascript_module(page_node: ServerNode) -> None:
+    page = httpx.get(f"{page_node.http_url}/", timeout=10)
+    script = httpx.get(f"{page_node.http_url}/client/pushclient.js", timeout=10)
+    assert page.status_code == 200
+    assert "/client/demo.js" in page.text
+    assert script.status_code == 200
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert "export class PushClient" in script.text
+    assert httpx.get(f"{page_node.http_url}/client/settings.py", timeout=10).status_code == 404
+
+
+def test_page_receives_rest_messages_and_resumes_after_a_restart_without_gaps(
+    browser: Any, page_node: ServerNode, e2e_env: dict[str, str], publisher_token: str
+) -> None:
+    channel = f"demo-{uuid.uuid4().hex[:8]}"
+    open_demo(browser, page_node, channel)
+
+    # Published over REST, shown on the page.
+    for i in range(1, 4):
+        publish_rest(page_node, publisher_token, channel, {"text": f"rest {i}"})
+    wait_for_seqs(browser, [1, 2, 3])
+    assert '{"text":"rest 3"}' in browser.find_element("id", "feed").text
+
+    # Published from the page's own box, with a token: the page reconnects with it.
+    browser.find_element("id", "token").send_keys(publisher_token)
+    browser.find_element("id", "connect").click()
+    wait_for("the reconnect with a token", lambda: page_state(browser) == "connected", browser)
+    # The page starts a fresh feed on Connect: it subscribes at the channel's current seq.
+    box = browser.find_element("id", "publish-data")
+    box.clear()
+    box.send_keys(json.dumps({"text": "from the page"}))
+    browser.find_element("id", "publish").click()
+    wait_for_seqs(browser, [4])
+    assert "published, seq 4" in browser.find_element("id", "publish-result").text
+
+    # The page's node goes down; another node keeps publishing what the page misses.
+    other = ServerNode(e2e_env, name=f"other-{uuid.uuid4().hex[:6]}").start()
+    try:
+        page_node.stop()
+        wait_for("the page to notice", lambda: page_state(browser) == "reconnecting", browser)
+        missed = [publish_rest(other, publisher_token, channel, {"missed": i}) for i in range(5)]
+        assert missed == [5, 6, 7, 8, 9]
+        page_node.start()  # the same port: the page reconnects by itself
+        wait_for("the page to reconnect", lambda: page_state(browser) == "connected", browser)
+        for i in range(3):
+            publish_rest(other, publisher_token, channel, {"after": i})
+        wait_for_seqs(browser, list(range(4, 13)))
+    finally:
+        other.stop()
+
+    # Stats refresh twice a second: wait for the figure of the one restart.
+    reconnects = browser.find_element("id", "reconnects")
+    wait_for("the reconnect count", lambda: reconnects.text == "1", browser)
+    assert browser.find_element("id", "gaps").text == "0"
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOT))
