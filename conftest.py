@@ -28,3 +28,8 @@ def _close_database_threads(django_db_setup, django_db_blocker):  # type: ignore
         close_database_threads()
         # The async ORM and sync_to_async() in tests use asgiref's own thread.
         SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=15)
+        connections.close_all()
+        # With PostgreSQL's pool the connections outlive close_all(); the pool holds them.
+        for connection in connections.all():
+            if hasattr(connection, "close_pool"):
+                connection.close_pool()

@@ -90,6 +90,18 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A pool per node process: daphne and uvicorn run each request's sync code on a
+    # thread of its own, and persistent per-thread connections would pile up until
+    # PostgreSQL refuses more ("too many clients"). The pool bounds and reuses them.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["OPTIONS"] = {
+        "pool": {
+            "min_size": 2,
+            "max_size": env_int("DATABASE_POOL_MAX", 16),
+            "timeout": env_float("DATABASE_POOL_TIMEOUT_SECS", 10.0),
+        }
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # IMMEDIATE takes the write lock at BEGIN, so two concurrent publishers queue on the
     # lock instead of one failing with "database is locked" when it upgrades.

@@ -48,3 +48,9 @@ if ! answers 127.0.0.1 "$REDIS_PORT"; then
     --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
   wait_for 127.0.0.1 "$REDIS_PORT" Redis
 fi
+
+# The browser tests drive Debian's Chromium through chromedriver (no browser download).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  echo "ensure_services: installing chromium and chromium-driver"
+  apt_install chromium chromium-driver
+fi

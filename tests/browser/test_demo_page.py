@@ -122,5 +122,22 @@ def test_page_receives_rest_messages_and_resumes_after_a_restart_without_gaps(
     reconnects = browser.find_element("id", "reconnects")
     wait_for("the reconnect count", lambda: reconnects.text == "1", browser)
     assert browser.find_element("id", "gaps").text == "0"
+    replayed = browser.find_elements("css selector", "#feed li .lat")
+    assert [cell.text for cell in replayed[3:8]] == ["replayed"] * 5  # seqs 9..5
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SCREENSHOT))
+
+
+def test_page_speaks_messagepack_with_the_vendored_codec(
+    browser: Any, page_node: ServerNode, publisher_token: str
+) -> None:
+    channel = f"demo-mp-{uuid.uuid4().hex[:8]}"
+    open_demo(browser, page_node, channel)
+    browser.find_element("css selector", "#format option[value=msgpack]").click()
+    browser.find_element("id", "connect").click()
+    wait_for("the msgpack connection", lambda: page_state(browser) == "connected", browser)
+    data = {"big": 2**53 - 1, "float": 0.1, "text": "héllo ✓", "list": [None, True]}
+    publish_rest(page_node, publisher_token, channel, data)
+    wait_for_seqs(browser, [1])
+    shown = browser.find_element("css selector", "#feed li .data").text
+    assert json.loads(shown) == data

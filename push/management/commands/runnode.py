@@ -11,6 +11,7 @@ from django.core.management.base import BaseCommand
 from push.conf import push_settings
 
 APPLICATION = "realtime_project.asgi:application"
+LISTEN_BACKLOG = 4096
 
 
 def server_max_message_bytes() -> int:
@@ -56,17 +57,18 @@ class Command(BaseCommand):
             lifespan="off",
             access_log=options["access_log"],
             log_level="warning",
-            backlog=4096,
+            backlog=LISTEN_BACKLOG,
         )
 
     def _run_daphne(self, options: dict[str, Any]) -> None:
         from daphne.cli import CommandLineInterface
 
+        # An endpoint string, not --bind/--port: Twisted's default listen backlog of 50
+        # drops connections when thousands of clients reconnect at once.
+        host = options["host"].replace(":", "\\:")
         argv = [
-            "--bind",
-            options["host"],
-            "--port",
-            str(options["port"]),
+            "--endpoint",
+            f"tcp:port={options['port']}:interface={host}:backlog={LISTEN_BACKLOG}",
             "--websocket-max-message-size",
             str(server_max_message_bytes()),
             "--websocket-max-frame-size",

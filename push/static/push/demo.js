@@ -64,13 +64,16 @@ function cell(className, text) {
   return span;
 }
 
-function showMessage(message) {
+function showMessage(message, { replayed }) {
   const now = Date.now();
   const latencyMs = Math.max(0, now - message.timestamp * 1000);
   view.seqs.push(message.seq);
   view.arrivals.push(now);
-  view.latencies.push(latencyMs);
-  if (view.latencies.length > LATENCY_SAMPLES) view.latencies.shift();
+  // A replayed message's age is how long we were away, not how fast delivery is.
+  if (!replayed) {
+    view.latencies.push(latencyMs);
+    if (view.latencies.length > LATENCY_SAMPLES) view.latencies.shift();
+  }
 
   const item = document.createElement("li");
   item.className = "fresh";
@@ -78,7 +81,7 @@ function showMessage(message) {
   item.append(
     cell("seq", `#${message.seq}`),
     cell("time", new Date(message.timestamp * 1000).toLocaleTimeString()),
-    cell("lat", `${latencyMs.toFixed(0)} ms`),
+    cell("lat", replayed ? "replayed" : `${latencyMs.toFixed(0)} ms`),
     cell("data", JSON.stringify(message.data)),
   );
   const feed = $("feed");
@@ -96,8 +99,7 @@ function refreshStats() {
   $("rate").textContent = (view.arrivals.length / (RATE_WINDOW_MS / 1000)).toFixed(1);
   if (view.latencies.length) {
     const last = view.latencies[view.latencies.length - 1];
-    // The median, not the mean: one replayed backlog after a reconnect would otherwise
-    // dominate the figure for the next hundred messages.
+    // The median, not the mean: one stalled message should not colour the next hundred.
     const sorted = [...view.latencies].sort((a, b) => a - b);
     const median = sorted[Math.floor(sorted.length / 2)];
     $("latency").textContent = `${last.toFixed(0)} · ${median.toFixed(0)}`;

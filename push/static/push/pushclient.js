@@ -98,7 +98,9 @@ class Subscription {
     // The last seq delivered to the handler (or the channel's seq when we joined): the
     // resume point for `since` after a reconnect.
     this.lastSeq = since ?? null;
-    this.requestedSince = since ?? null;
+    // After a resume, messages up to the `subscribed` reply's seq are replays of stored
+    // history: handlers get `{ replayed: true }` so live statistics can leave them out.
+    this.replayUntil = null;
     this.ready = null; // settled on the first `subscribed` (or error) reply
   }
 
@@ -303,9 +305,10 @@ export class PushClient {
       this.emit("gap", { channel: message.channel, expected: last + 1, received: message.seq });
     }
     subscription.lastSeq = message.seq;
+    const meta = { replayed: subscription.replayUntil !== null && message.seq <= subscription.replayUntil };
     this.emit("message", message);
     try {
-      subscription.handler?.(message);
+      subscription.handler?.(message, meta);
     } catch (error) {
       console.error(`pushclient: the handler of "${message.channel}" failed`, error);
     }
@@ -316,6 +319,7 @@ export class PushClient {
     if (subscription) {
       // Without `since` the reply's seq is the channel's latest: live messages follow it.
       if (subscription.lastSeq === null) subscription.lastSeq = reply.seq;
+      else subscription.replayUntil = reply.seq;
       if (reply.recovered === false) {
         // The server could not replay everything after `since` (history trimmed): the
         // application should refetch its state over REST.
@@ -390,7 +394,8 @@ export class PushClient {
   }
 
   /**
-   * Subscribe to `channel`; `handler(message)` gets every message once, in seq order.
+   * Subscribe to `channel`; `handler(message, { replayed })` gets every message once, in
+   * seq order (`replayed` is true for stored messages sent by a resume).
    * Resolves with the subscription when the server answers `subscribed` (waiting for
    * the connection if it is not up yet). `since` resumes from a seq the caller stored.
    */

@@ -1,0 +1,20 @@
+"""An asyncio client for the push server (wire contract v1): subscribe, publish,
+reconnect with backoff and resume with ``since``. ``python -m pushclient --help``."""
+
+from pushclient.backoff import backoff_ceiling, backoff_delay
+from pushclient.client import PushClient, Subscription
+from pushclient.errors import ConnectionClosed, ConnectionLost, NotConnected, PushError
+from pushclient.state import State, is_terminal_close
+
+__all__ = [
+    "ConnectionClosed",
+    "ConnectionLost",
+    "NotConnected",
+    "PushClient",
+    "PushError",
+    "State",
+    "Subscription",
+    "backoff_ceiling",
+    "backoff_delay",
+    "is_terminal_close",
+]

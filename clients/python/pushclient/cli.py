@@ -1,0 +1,124 @@
+"""The command line: ``subscribe`` prints every message as one JSON line on stdout;
+``publish`` sends one JSON value and prints the ``published`` reply.
+
+    python -m pushclient subscribe news chat --url ws://127.0.0.1:8000/ws/
+    python -m pushclient publish news '{"headline": "hello"}' --token KEY
+
+``--url`` and ``--token`` default to ``$PUSH_URL`` and ``$PUSH_TOKEN``. State changes,
+gaps and errors go to stderr, so stdout stays one message per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pushclient.client import PushClient
+from pushclient.errors import PushError
+
+DEFAULT_URL = "ws://127.0.0.1:8000/ws/"
+# A publish is one request: fail fast instead of retrying forever like a subscriber.
+PUBLISH_CONNECT_TIMEOUT_SECS = 10.0
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pushclient", description=__doc__.split("\n")[0]
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("PUSH_URL", DEFAULT_URL))
+    common.add_argument("--token", default=os.environ.get("PUSH_TOKEN"))
+    common.add_argument("--format", choices=["json", "msgpack"], default="json")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    subscribe = commands.add_parser("subscribe", parents=[common], help="print messages")
+    subscribe.add_argument("channels", nargs="+", metavar="CHANNEL")
+    subscribe.add_argument("--since", type=int, help="resume every channel after this seq")
+    subscribe.add_argument("--count", type=int, help="exit after this many messages")
+    subscribe.add_argument("--max-delay", type=float, default=30.0, help="backoff cap, seconds")
+
+    publish = commands.add_parser("publish", parents=[common], help="publish one message")
+    publish.add_argument("channel", metavar="CHANNEL")
+    publish.add_argument("data", metavar="DATA", help="a JSON value")
+    return parser
+
+
+def _stderr(event: str, detail: dict[str, Any]) -> None:
+    print(json.dumps({"event": event, **detail}, default=str), file=sys.stderr, flush=True)
+
+
+async def _subscribe(args: argparse.Namespace) -> int:
+    client = PushClient(
+        args.url, token=args.token, format=args.format, max_delay_secs=args.max_delay
+    )
+    done = asyncio.Event()
+    received = 0
+
+    def print_message(message: dict[str, Any]) -> None:
+        nonlocal received
+        print(json.dumps(message, ensure_ascii=False), flush=True)
+        received += 1
+        if args.count is not None and received >= args.count:
+            done.set()
+
+    for event in ("state", "gap", "unrecovered", "error"):
+        client.on(event, lambda detail, event=event: _stderr(event, detail))
+    client.on("close", lambda detail: done.set() if not detail["will_reconnect"] else None)
+    try:
+        await client.connect()
+        # Concurrently: one round trip for all channels. Each resumes after `since`.
+        subscriptions = await asyncio.gather(
+            *(
+                client.subscribe(channel, print_message, since=args.since)
+                for channel in args.channels
+            )
+        )
+        for sub in subscriptions:
+            _stderr("subscribed", {"channel": sub.channel, "seq": sub.seq})
+        await done.wait()
+    except PushError as exc:
+        _stderr("error", {"code": exc.code, "message": exc.message})
+        return EXIT_ERROR
+    finally:
+        await client.close()
+    return EXIT_OK
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    try:
+        data = json.loads(args.data)
+    except ValueError as exc:
+        print(f"DATA must be JSON text: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.token:
+        print("publishing needs --token (or $PUSH_TOKEN)", file=sys.stderr)
+        return EXIT_USAGE
+    client = PushClient(args.url, token=args.token, format=args.format)
+    try:
+        await asyncio.wait_for(client.connect(), PUBLISH_CONNECT_TIMEOUT_SECS)
+        reply = await client.publish(args.channel, data)
+    except (PushError, TimeoutError) as exc:
+        print(f"publish failed: {exc or 'timed out'}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        await client.close()
+    print(json.dumps(reply), flush=True)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = _subscribe if args.command == "subscribe" else _publish
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(command(args))
+    return EXIT_OK

@@ -1,0 +1,502 @@
+"""The asyncio client of the push server's wire contract, version 1 (PROTOCOL.md).
+
+Same semantics as the JavaScript client (``push/static/push/pushclient.js``): requests
+carry an ``id`` and their awaitables settle on the reply with that id; the client
+reconnects with capped exponential backoff and full jitter, resubscribes every channel
+with ``since`` = the last seq it delivered, drops duplicates, reports gaps, and sends
+the contract's heartbeat, reconnecting when two intervals pass without a frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed as WebSocketClosed
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
+
+from pushclient.backoff import DEFAULT_BASE_DELAY_SECS, DEFAULT_MAX_DELAY_SECS, backoff_delay
+from pushclient.errors import ConnectionClosed, ConnectionLost, NotConnected, PushError
+from pushclient.formats import get_format
+from pushclient.state import State, check_transition, is_terminal_close
+
+logger = logging.getLogger("pushclient")
+
+Handler = Callable[[dict[str, Any]], Awaitable[None] | None]
+Listener = Callable[[dict[str, Any]], None]
+
+DEFAULT_REQUEST_TIMEOUT_SECS = 10.0
+DEFAULT_OPEN_TIMEOUT_SECS = 10.0
+# Our own close code for a silent connection, the same as the server's heartbeat timeout.
+HEARTBEAT_TIMEOUT_CLOSE = 4001
+# A refused handshake with these statuses is the contract's "invalid token": retrying
+# with the same token cannot help, as with close code 1008.
+_AUTH_REFUSED_STATUSES = frozenset({401, 403})
+_POLICY_CLOSE = 1008
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One channel this client receives; kept across reconnects until unsubscribed."""
+
+    channel: str
+    handler: Handler | None
+    # The last seq delivered to the handler (or the channel's seq when we joined): the
+    # resume point sent as ``since`` after a reconnect.
+    last_seq: int | None
+    ready: asyncio.Future[dict[str, Any]]
+    seq: int | None = None
+    recovered: bool | None = None
+
+
+@dataclass(eq=False)
+class _Pending:
+    future: asyncio.Future[dict[str, Any]] | None
+    subscription: Subscription | None = None
+
+
+@dataclass
+class _ConnectionEnd:
+    code: int | None
+    reason: str = ""
+
+
+def _with_token(url: str, token: str | None) -> str:
+    if not token:
+        return url
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "token"] + [("token", token)]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@dataclass(eq=False)
+class _Events:
+    listeners: dict[str, list[Listener]] = field(default_factory=dict)
+
+    def on(self, event: str, listener: Listener) -> Callable[[], None]:
+        self.listeners.setdefault(event, []).append(listener)
+        return lambda: self.listeners[event].remove(listener)
+
+    def emit(self, event: str, detail: dict[str, Any]) -> None:
+        for listener in list(self.listeners.get(event, ())):
+            try:
+                listener(detail)
+            except Exception:
+                # One broken listener must not stop the others or the connection.
+                logger.exception("a %r listener failed", event)
+
+
+class PushClient:
+    """``async with PushClient(url, token=...) as client: await client.subscribe(...)``.
+
+    Events (``client.on(name, listener)``, the listener gets one dict): ``state``
+    {state, previous}, ``open`` (the connection_established envelope), ``close``
+    {code, reason, will_reconnect, delay_secs}, ``message`` (every message), ``gap``
+    {channel, expected, received}, ``unrecovered`` {channel, since, seq}, ``error``
+    {code, message, envelope}.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        format: str = "json",
+        base_delay_secs: float = DEFAULT_BASE_DELAY_SECS,
+        max_delay_secs: float = DEFAULT_MAX_DELAY_SECS,
+        request_timeout_secs: float = DEFAULT_REQUEST_TIMEOUT_SECS,
+        open_timeout_secs: float = DEFAULT_OPEN_TIMEOUT_SECS,
+        heartbeat_interval_secs: float | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.format = get_format(format)
+        self.base_delay_secs = base_delay_secs
+        self.max_delay_secs = max_delay_secs
+        self.request_timeout_secs = request_timeout_secs
+        self.open_timeout_secs = open_timeout_secs
+        # None: use the interval the server announces in connection_established.
+        self.heartbeat_interval_secs = heartbeat_interval_secs
+        self.rand = rand
+
+        self.server_id: str | None = None
+        self.connection_id: str | None = None
+        self.attempt = 0
+        self._state = State.DISCONNECTED
+        self._events = _Events()
+        self._subscriptions: dict[str, Subscription] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 1
+        self._ws: ClientConnection | None = None
+        self._heartbeat_secs: float | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._run_task: asyncio.Task[None] | None = None
+        self._connect_waiters: list[asyncio.Future[None]] = []
+        self._closing = False
+
+    # ----- state and events ------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def on(self, event: str, listener: Listener) -> Callable[[], None]:
+        """Listen to an event; returns a function that removes the listener."""
+        return self._events.on(event, listener)
+
+    def _set_state(self, target: State) -> None:
+        if target == self._state:
+            return
+        check_transition(self._state, target)
+        previous, self._state = self._state, target
+        self._events.emit("state", {"state": target.value, "previous": previous.value})
+
+    def last_seq(self, channel: str) -> int | None:
+        subscription = self._subscriptions.get(channel)
+        return subscription.last_seq if subscription else None
+
+    # ----- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> PushClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect (and keep reconnecting); returns on ``connection_established``.
+
+        Raises ``ConnectionClosed`` if the client closes for good first.
+        """
+        if self._state == State.CONNECTED:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._connect_waiters.append(waiter)
+        if self._state == State.DISCONNECTED:
+            self._closing = False
+            self.attempt = 0
+            self._set_state(State.CONNECTING)
+            self._run_task = asyncio.create_task(self._run(), name="pushclient")
+        await waiter
+
+    async def close(self) -> None:
+        """Close for good: no reconnect; requests in flight fail with ``ConnectionClosed``."""
+        self._closing = True
+        task, self._run_task = self._run_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._finish(_ConnectionEnd(1000, "client closed"))
+
+    async def _run(self) -> None:
+        try:
+            await self._reconnect_forever()
+        except Exception as exc:
+            # A bug here must not leave callers waiting on a client that no longer runs.
+            logger.exception("the connection loop failed")
+            self._finish(_ConnectionEnd(None, f"client error: {exc!r}"))
+
+    async def _reconnect_forever(self) -> None:
+        while True:
+            end = await self._one_connection()
+            if self._closing or is_terminal_close(end.code):
+                self._finish(end)
+                return
+            delay = backoff_delay(
+                self.attempt,
+                base_secs=self.base_delay_secs,
+                max_secs=self.max_delay_secs,
+                rand=self.rand,
+            )
+            self.attempt += 1
+            self._set_state(State.RECONNECTING)
+            self._events.emit(
+                "close",
+                {
+                    "code": end.code,
+                    "reason": end.reason,
+                    "will_reconnect": True,
+                    "delay_secs": delay,
+                },
+            )
+            await asyncio.sleep(delay)
+
+    def _finish(self, end: _ConnectionEnd) -> None:
+        was_open = self._state != State.DISCONNECTED
+        if was_open:
+            self._set_state(State.DISCONNECTED)
+        error = ConnectionClosed(f"connection closed ({end.code}) {end.reason}".strip(), end.code)
+        self._fail_pending(error, keep_subscribes=False)
+        for subscription in self._subscriptions.values():
+            if not subscription.ready.done():
+                subscription.ready.set_exception(error)
+        for waiter in self._connect_waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._connect_waiters.clear()
+        if was_open:
+            self._events.emit(
+                "close", {"code": end.code, "reason": end.reason, "will_reconnect": False}
+            )
+
+    async def _one_connection(self) -> _ConnectionEnd:
+        try:
+            ws = await connect(
+                _with_token(self.url, self.token),
+                subprotocols=[Subprotocol(self.format.subprotocol)],
+                open_timeout=self.open_timeout_secs,
+                # The contract's heartbeat does the liveness check, and the server
+                # enforces the frame limit; no proxy: we talk to the server directly.
+                ping_interval=None,
+                max_size=None,
+                compression=None,
+                proxy=None,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            code = _POLICY_CLOSE if status in _AUTH_REFUSED_STATUSES else None
+            return _ConnectionEnd(code, f"handshake refused with HTTP {status}")
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            return _ConnectionEnd(None, f"{type(exc).__name__}: {exc}")
+        self._ws = ws
+        try:
+            return await self._read_frames(ws)
+        finally:
+            self._ws = None
+            self._stop_heartbeat()
+            self._fail_pending(ConnectionLost(), keep_subscribes=True)
+            # Shielded: close() cancels this task, and the socket must still be closed.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(ws.close())
+
+    async def _read_frames(self, ws: ClientConnection) -> _ConnectionEnd:
+        while True:
+            # Before connection_established the open timeout applies; after it, two
+            # heartbeat intervals without any frame mean a dead connection that TCP
+            # has not noticed yet (a laptop lid, a NAT that forgot us).
+            silence = 2 * self._heartbeat_secs if self._heartbeat_secs else self.open_timeout_secs
+            try:
+                frame = await asyncio.wait_for(ws.recv(), silence)
+            except TimeoutError:
+                ws.transport.abort()
+                return _ConnectionEnd(HEARTBEAT_TIMEOUT_CLOSE, "heartbeat timeout")
+            except WebSocketClosed as exc:
+                received = exc.rcvd
+                if received is None:
+                    return _ConnectionEnd(None, "the connection dropped")
+                return _ConnectionEnd(received.code, received.reason)
+            try:
+                envelope = self.format.decode(frame)
+            except ValueError as exc:
+                self._events.emit("error", {"code": "UNDECODABLE", "message": str(exc)})
+                continue
+            if isinstance(envelope, dict):
+                await self._dispatch(ws, envelope)
+
+    # ----- inbound envelopes -----------------------------------------------------------
+
+    async def _dispatch(self, ws: ClientConnection, envelope: dict[str, Any]) -> None:
+        kind = envelope.get("type")
+        if kind == "connection_established":
+            await self._on_established(ws, envelope)
+        elif kind == "message":
+            await self._on_message(envelope)
+        elif kind == "subscribed":
+            self._on_subscribed(envelope)
+        elif kind == "error":
+            self._on_error(envelope)
+        else:
+            self._settle(envelope)
+
+    async def _on_established(self, ws: ClientConnection, envelope: dict[str, Any]) -> None:
+        self.server_id = envelope.get("server_id")
+        self.connection_id = envelope.get("connection_id")
+        self.attempt = 0
+        self._heartbeat_secs = self.heartbeat_interval_secs or float(
+            envelope.get("heartbeat_interval") or 25
+        )
+        self._heartbeat_task = asyncio.create_task(self._send_heartbeats(ws, self._heartbeat_secs))
+        self._set_state(State.CONNECTED)
+        self._events.emit("open", envelope)
+        for subscription in list(self._subscriptions.values()):
+            await self._send_subscribe(ws, subscription)
+        for waiter in self._connect_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._connect_waiters.clear()
+
+    async def _on_message(self, message: dict[str, Any]) -> None:
+        subscription = self._subscriptions.get(message.get("channel", ""))
+        if subscription is None:
+            return
+        seq = message["seq"]
+        last = subscription.last_seq
+        # A resume may overlap what was already delivered: never hand a seq twice.
+        if last is not None and seq <= last:
+            return
+        if last is not None and seq > last + 1:
+            self._events.emit(
+                "gap", {"channel": subscription.channel, "expected": last + 1, "received": seq}
+            )
+        subscription.last_seq = seq
+        self._events.emit("message", message)
+        if subscription.handler is None:
+            return
+        try:
+            result = subscription.handler(message)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.exception("the handler of %r failed", subscription.channel)
+
+    def _on_subscribed(self, reply: dict[str, Any]) -> None:
+        subscription = self._subscriptions.get(reply.get("channel", ""))
+        if subscription is not None:
+            # Without `since` the reply's seq is the channel's latest: live messages follow.
+            if subscription.last_seq is None:
+                subscription.last_seq = reply["seq"]
+            if reply.get("recovered") is False:
+                # History was trimmed past `since`: the application refetches over REST.
+                self._events.emit(
+                    "unrecovered",
+                    {
+                        "channel": subscription.channel,
+                        "since": subscription.last_seq,
+                        "seq": reply["seq"],
+                    },
+                )
+        self._settle(reply)
+
+    def _on_error(self, envelope: dict[str, Any]) -> None:
+        error = PushError(envelope.get("code", "ERROR"), envelope.get("message", ""), envelope)
+        request = self._pending.get(envelope["id"]) if "id" in envelope else None
+        if request is None:
+            self._events.emit(
+                "error", {"code": error.code, "message": error.message, "envelope": envelope}
+            )
+            return
+        if request.subscription is not None:
+            # A refused subscribe must not be sent again on every reconnect.
+            self._subscriptions.pop(request.subscription.channel, None)
+        self._settle(envelope, error)
+
+    def _settle(self, reply: dict[str, Any], error: PushError | None = None) -> None:
+        request = self._pending.pop(reply["id"], None) if "id" in reply else None
+        if request is None:
+            return
+        target = request.future
+        if request.subscription is not None:
+            target = request.subscription.ready
+        if target is None or target.done():
+            return
+        if error is not None:
+            target.set_exception(error)
+        else:
+            target.set_result(reply)
+
+    def _fail_pending(self, error: PushError, *, keep_subscribes: bool) -> None:
+        for request_id, request in list(self._pending.items()):
+            # A subscribe in flight is sent again after the reconnect; its caller waits.
+            if keep_subscribes and request.subscription is not None:
+                del self._pending[request_id]
+                continue
+            del self._pending[request_id]
+            if request.future is not None and not request.future.done():
+                request.future.set_exception(error)
+
+    # ----- requests --------------------------------------------------------------------
+
+    def _take_id(self) -> int:
+        request_id, self._next_id = self._next_id, self._next_id + 1
+        return request_id
+
+    async def _send(self, ws: ClientConnection, envelope: dict[str, Any]) -> None:
+        await ws.send(self.format.encode(envelope))
+
+    async def _send_subscribe(self, ws: ClientConnection, subscription: Subscription) -> None:
+        envelope: dict[str, Any] = {"type": "subscribe", "channel": subscription.channel}
+        if subscription.last_seq is not None:
+            envelope["since"] = subscription.last_seq
+        envelope["id"] = request_id = self._take_id()
+        self._pending[request_id] = _Pending(future=None, subscription=subscription)
+        with contextlib.suppress(WebSocketClosed):  # the reconnect sends it again
+            await self._send(ws, envelope)
+
+    async def _request(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        ws = self._ws
+        if self._state != State.CONNECTED or ws is None:
+            raise NotConnected(self._state.value)
+        request_id = self._take_id()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = _Pending(future=future)
+        try:
+            await self._send(ws, {**envelope, "id": request_id})
+            return await asyncio.wait_for(future, self.request_timeout_secs)
+        except WebSocketClosed as exc:
+            raise ConnectionLost() from exc
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def subscribe(
+        self, channel: str, handler: Handler | None = None, *, since: int | None = None
+    ) -> Subscription:
+        """Receive ``channel``: ``handler(message)`` gets every message once, in seq order.
+
+        Returns when the server answers ``subscribed`` (waiting for the connection if it
+        is not up). ``since`` resumes from a seq the caller stored. Raises ``PushError``
+        (for example FORBIDDEN) or ``ConnectionClosed``.
+        """
+        existing = self._subscriptions.get(channel)
+        if existing is not None:
+            existing.handler = handler
+            await existing.ready
+            return existing
+        ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        subscription = Subscription(channel, handler, since, ready)
+        self._subscriptions[channel] = subscription
+        if self._state == State.CONNECTED and self._ws is not None:
+            await self._send_subscribe(self._ws, subscription)
+        reply = await ready
+        subscription.seq = reply["seq"]
+        subscription.recovered = reply.get("recovered")
+        return subscription
+
+    async def unsubscribe(self, channel: str) -> dict[str, Any] | None:
+        """Stop receiving ``channel``; returns the reply, or None when not connected."""
+        if self._subscriptions.pop(channel, None) is None or self._state != State.CONNECTED:
+            return None
+        return await self._request({"type": "unsubscribe", "channel": channel})
+
+    async def publish(self, channel: str, data: Any) -> dict[str, Any]:
+        """Publish ``data`` (any JSON value); returns the ``published`` reply.
+
+        Not queued while disconnected: a WebSocket publish has no idempotency key, so
+        the caller decides whether to retry (or publishes over REST with one).
+        """
+        return await self._request({"type": "publish", "channel": channel, "data": data})
+
+    # ----- heartbeat -------------------------------------------------------------------
+
+    async def _send_heartbeats(self, ws: ClientConnection, interval_secs: float) -> None:
+        with contextlib.suppress(WebSocketClosed):
+            while True:
+                await asyncio.sleep(interval_secs)
+                await self._send(ws, {"type": "heartbeat"})
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            self._heartbeat_task = None
+        self._heartbeat_secs = None
