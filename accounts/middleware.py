@@ -2,8 +2,8 @@
 
 An invalid or revoked token is refused at the handshake (HTTP 403), never downgraded
 to anonymous. A connection with neither token nor session cookie is anonymous without
-a trip to the database thread, which keeps anonymous connects cheap. The scope gets
-``principal`` (who, with their grants) and ``user`` (Django's user or anonymous).
+a trip to the database thread, which keeps anonymous connects cheap. ``push.entry``
+puts the result in the scope as ``principal`` (who, with their grants) and ``user``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from channels.auth import get_user
-from channels.security.websocket import WebsocketDenier
 from django.conf import settings
 
 from accounts.principals import ANONYMOUS, Principal, authenticate_key, principal_for_user
@@ -64,16 +63,3 @@ async def resolve_principal(scope: dict[str, Any]) -> Principal | None:
         return await _session_principal(scope, key) if key else ANONYMOUS
     except PushError:  # database down: refuse rather than guess who this is
         return None
-
-
-class TokenAuthMiddleware:
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
-        principal = await resolve_principal(scope)
-        if principal is None:
-            return await WebsocketDenier()(scope, receive, send)
-        return await self.inner(
-            dict(scope, principal=principal, user=principal.user), receive, send
-        )

@@ -42,6 +42,23 @@ class InvalidTransition(RuntimeError):
 
 
 class ClientConnection:
+    # Slots: tens of thousands of these live on a node; a __dict__ each is ~1 KB more.
+    __slots__ = (
+        "_loop",
+        "_on_closing",
+        "_send",
+        "close_code",
+        "codec",
+        "connection_id",
+        "ip",
+        "outbox",
+        "principal",
+        "rate",
+        "rate_limited_frames",
+        "state",
+        "subscriptions",
+    )
+
     def __init__(
         self,
         *,

@@ -37,6 +37,15 @@ def _client_ip(scope: Mapping[str, Any]) -> str | None:
     return client[0] if client else None
 
 
+def _request_id_of(connection: ClientConnection, event: dict[str, Any]) -> RequestId | None:
+    """The request's id, so a refused request is still answered under its id."""
+    try:
+        envelope = connection.codec.decode(connection.codec.frame_payload(event))
+    except PushError:
+        return None
+    return protocol.read_request_id(envelope) if isinstance(envelope, Mapping) else None
+
+
 def _frame_size(payload: str | bytes) -> int:
     # A str of n characters is at most 4n UTF-8 bytes: encode only when it matters.
     if isinstance(payload, str) and len(payload) * 4 > push_settings.MAX_FRAME_BYTES:
@@ -140,7 +149,7 @@ class PushConsumer(AsyncConsumer):
     async def on_frame(self, connection: ClientConnection, event: dict[str, Any]) -> None:
         request_id: RequestId | None = None
         if not connection.rate.take():
-            self._rate_limited(connection)
+            self._rate_limited(connection, event)
             return
         try:
             payload = connection.codec.frame_payload(event)
@@ -166,13 +175,14 @@ class PushConsumer(AsyncConsumer):
                 request_id,
             )
 
-    def _rate_limited(self, connection: ClientConnection) -> None:
+    def _rate_limited(self, connection: ClientConnection, event: dict[str, Any]) -> None:
         connection.rate_limited_frames += 1
         if connection.rate_limited_frames > push_settings.RATE_LIMIT_CLOSE_AFTER:
             connection.close(CloseCode.POLICY)
             return
         connection.send_error(
-            PushError(ErrorCode.RATE_LIMITED, "too many messages; slow down"), None
+            PushError(ErrorCode.RATE_LIMITED, "too many messages; slow down"),
+            _request_id_of(connection, event),
         )
 
     async def handle_subscribe(self, connection: ClientConnection, request: Subscribe) -> None:

@@ -62,7 +62,9 @@ class Outbox:
         backlog_probe: Callable[[], int] | None = None,
     ) -> None:
         self._send = send
-        self._queue: collections.deque[OutFrame] = collections.deque()
+        # Created on first use and dropped when drained: an empty deque is ~600 bytes,
+        # and most connections are idle most of the time.
+        self._queue: collections.deque[OutFrame] | None = None
         self._queued_bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -80,30 +82,34 @@ class Outbox:
         return self._closed
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._queue) if self._queue is not None else 0
 
     def push(self, frame: OutFrame) -> bool:
         """Queue a frame; False when the connection is closed or was just overflowed."""
         if self._closed:
             return False
-        full = len(self._queue) >= self.max_frames or (
-            self._queue and self._queued_bytes + frame.size > self.max_bytes
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = collections.deque()
+        full = len(queue) >= self.max_frames or (
+            queue and self._queued_bytes + frame.size > self.max_bytes
         )
         if full and not (frame.droppable and self._drop_oldest_droppable()):
             # Refuse everything from now on: the connection is being dropped.
             self._closed = True
             self.on_overflow()
             return False
-        self._queue.append(frame)
+        queue.append(frame)
         self._queued_bytes += frame.size
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._drain())
         return True
 
     def _drop_oldest_droppable(self) -> bool:
-        for index, queued in enumerate(self._queue):
+        queue = self._queue or ()
+        for index, queued in enumerate(queue):
             if queued.droppable:
-                del self._queue[index]
+                del self._queue[index]  # type: ignore[index]
                 self._queued_bytes -= queued.size
                 if self.on_drop is not None:
                     self.on_drop()
@@ -112,6 +118,8 @@ class Outbox:
 
     async def _drain(self) -> None:
         queue = self._queue
+        if queue is None:
+            return
         send = self._send
         probe = self.backlog_probe
         try:
@@ -130,6 +138,8 @@ class Outbox:
                 self.on_send_failed(exc)
         finally:
             self._writer = None
+            if self._queue is queue and not queue:
+                self._queue = None
 
     async def _wait_for_backlog(self, probe: Callable[[], int]) -> None:
         """Hold frames here while the server's own buffer drains, so a reader that fell
@@ -146,13 +156,15 @@ class Outbox:
     async def wait_below(self, frames: int, poll_secs: float = 0.005) -> None:
         """Wait until at most ``frames`` are queued (or the outbox closed): a replay
         paces itself by the client's reading instead of overflowing its queue."""
-        while not self._closed and len(self._queue) > frames:
+        while not self._closed and len(self) > frames:
             await asyncio.sleep(poll_secs)
 
     def discard(self) -> None:
         """Close the queue: drop what is queued and stop the writer."""
         self._closed = True
-        self._queue.clear()
+        if self._queue is not None:
+            self._queue.clear()
+            self._queue = None
         self._queued_bytes = 0
         if self._writer is not None:
             self._writer.cancel()

@@ -31,6 +31,9 @@ def e2e_env(e2e_database: Database) -> dict[str, str]:
         "DEBUG": "0",
         "SECRET_KEY": "e2e-secret",
         "PUSH_SYNC_INTERVAL_SECS": "0.5",
+        # These tests publish hundreds of messages a second from one connection.
+        "PUSH_RATE_BURST": "100000",
+        "PUSH_RATE_PER_SEC": "100000",
     }
     manage(env, "migrate", "--no-input")
     return env

@@ -427,3 +427,25 @@ async def test_user_channel_belongs_to_its_user(other_user, publisher_token: str
     other = await client.request({"type": "subscribe", "channel": f"user:{other_user.pk + 1}"})
     assert other["code"] == "FORBIDDEN"
     await client.close()
+
+
+@override_settings(PUSH={"RATE_BURST": 5, "RATE_PER_SEC": 0.001, "RATE_LIMIT_CLOSE_AFTER": 3})
+async def test_rate_limit_answers_then_closes_1008(wire_format: str) -> None:
+    client = await connected_client(subprotocol=wire_format)
+    for n in range(5):
+        assert (await client.request({"type": "heartbeat", "id": n}))["type"] == "heartbeat_ack"
+    for n in range(3):
+        reply = await client.request({"type": "heartbeat", "id": f"over-{n}"})
+        assert reply["code"] == "RATE_LIMITED" and reply["id"] == f"over-{n}"
+    await client.send({"type": "heartbeat"})
+    assert await client.expect_close() == CloseCode.POLICY
+
+
+@override_settings(PUSH={"MAX_SUBSCRIPTIONS_PER_CONNECTION": 2})
+async def test_subscription_limit(wire_format: str) -> None:
+    client = await connected_client(subprotocol=wire_format)
+    for channel in ("a", "b"):
+        assert (await client.request({"type": "subscribe", "channel": channel}))["seq"] == 0
+    reply = await client.request({"type": "subscribe", "channel": "c"})
+    assert reply["code"] == "FORBIDDEN" and "limit" in reply["message"]
+    await client.close()
