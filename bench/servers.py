@@ -46,7 +46,7 @@ def asgi_command(server: str, app: str, host: str, port: int) -> list[str]:
                 "--loop",
                 "uvloop",
                 "--ws",
-                "websockets",
+                os.environ.get("BENCH_UVICORN_WS", "websockets"),
                 "--ws-per-message-deflate",
                 "false",
             ),

@@ -43,6 +43,10 @@ def _ours_env(database_url: str, redis_url: str) -> dict[str, str]:
         # DEBUG stays off (it records every query); then the settings want a key.
         "SECRET_KEY": secrets.token_urlsafe(32),
         "REDIS_PREFIX": "pushbench",  # apart from a developer's own data in db 0
+        # Publishers here send far above the per-connection default (50/s): the rate
+        # limit is part of the product, but what this measures is fan-out.
+        "PUSH_RATE_BURST": "1000000",
+        "PUSH_RATE_PER_SEC": "1000000",
     }
 
 
@@ -103,6 +107,14 @@ def prepare_ours(target: Target, database_url: str) -> Target:
         f"get_user_model().objects.get_or_create(username={BENCH_USERNAME!r})"
     )
     _manage(target.env, "shell", "-c", make_user)
+    # Publishing needs a grant; "*" covers every channel the scenarios use.
+    grants = (
+        "from accounts.models import ChannelGrant;"
+        "from django.contrib.auth.models import User;"
+        f"ChannelGrant.objects.get_or_create(user=User.objects.get(username={BENCH_USERNAME!r}),"
+        " pattern='*', can_publish=True)"
+    )
+    _manage(target.env, "shell", "-c", grants)
     output = _manage(target.env, "drf_create_token", BENCH_USERNAME)
     match = TOKEN_PATTERN.search(output)
     if match is None:

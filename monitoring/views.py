@@ -8,6 +8,7 @@ from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 
 from monitoring.checks import check_database, check_redis
+from push.broadcast import running_node
 
 
 async def health(request: HttpRequest) -> JsonResponse:
@@ -15,6 +16,10 @@ async def health(request: HttpRequest) -> JsonResponse:
 
 
 async def ready(request: HttpRequest) -> JsonResponse:
+    node = running_node()
+    if node is not None and node.draining:
+        # Load balancers stop sending new clients here while it shuts down.
+        return JsonResponse({"status": "draining", "failing": ["node draining"]}, status=503)
     failures = [
         failure
         for failure in await asyncio.gather(check_database(), check_redis(settings.REDIS_URL))

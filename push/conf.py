@@ -38,6 +38,10 @@ class PushSettings:
     MAX_CONNECTIONS_PER_USER: int = 100
     MAX_CONNECTIONS_PER_IP: int = 0
     REVOCATION_CHECK_SECS: float = 5.0
+    # A client that sends nothing (no heartbeat, no request) for this long is closed
+    # with 4001; three missed heartbeat intervals by default.
+    HEARTBEAT_TIMEOUT_SECS: float = 75.0
+    DRAIN_DEADLINE_SECS: float = 20.0
 
 
 def _load(overrides: dict[str, Any]) -> PushSettings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,8 @@ class ClientConnection:
         "codec",
         "connection_id",
         "ip",
+        "last_seen",
+        "opened_at",
         "outbox",
         "principal",
         "rate",
@@ -74,6 +77,8 @@ class ClientConnection:
         self.ip = ip
         self.rate = TokenBucket(push_settings.RATE_BURST, push_settings.RATE_PER_SEC)
         self.rate_limited_frames = 0
+        # When the client last sent anything; silence past the heartbeat timeout is 4001.
+        self.last_seen = self.opened_at = time.monotonic()
         self.state = ConnectionState.OPEN
         self.close_code: int | None = None
         self.subscriptions: dict[str, Subscription] = {}

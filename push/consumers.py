@@ -37,6 +37,48 @@ def _client_ip(scope: Mapping[str, Any]) -> str | None:
     return client[0] if client else None
 
 
+connection_log = logging.getLogger("push.connections")
+
+_CLOSE_REASONS = {
+    CloseCode.NORMAL: "normal",
+    CloseCode.GOING_AWAY: "going away",
+    CloseCode.POLICY: "policy",
+    CloseCode.TOO_LARGE: "frame too large",
+    CloseCode.SERVER_ERROR: "server error",
+    CloseCode.SERVICE_RESTART: "service restart",
+    CloseCode.TRY_AGAIN_LATER: "try again later",
+    CloseCode.HEARTBEAT_TIMEOUT: "heartbeat timeout",
+    CloseCode.SLOW_CONSUMER: "slow consumer",
+}
+
+
+def _log_connection(
+    connection: ClientConnection, peer_code: int | None, *, by_server: bool
+) -> None:
+    """One line per connection, at its close: who, how long, and why it ended."""
+    if not connection_log.isEnabledFor(logging.INFO):
+        return
+    code = connection.close_code if by_server else peer_code
+    reason = _CLOSE_REASONS.get(code, "client closed") if by_server else "client closed"
+    connection_log.info(
+        "connection %s closed after %.1f s: %s",
+        connection.connection_id,
+        time.monotonic() - connection.opened_at,
+        reason,
+        extra={
+            "connection_id": str(connection.connection_id),
+            "principal": connection.principal.key,
+            "ip": connection.ip,
+            "wire_format": connection.codec.name,
+            "duration_secs": round(time.monotonic() - connection.opened_at, 3),
+            "close_code": code,
+            "closed_by": "server" if by_server else "client",
+            "reason": reason,
+            "subscriptions": len(connection.subscriptions),
+        },
+    )
+
+
 def _request_id_of(connection: ClientConnection, event: dict[str, Any]) -> RequestId | None:
     """The request's id, so a refused request is still answered under its id."""
     try:
@@ -99,6 +141,11 @@ class PushConsumer(AsyncConsumer):
             on_closing=self._release_subscriptions,
         )
         self.connection = connection
+        if self.node.draining:
+            # This node is shutting down: go to another one and resume there.
+            connection.close(CloseCode.GOING_AWAY)
+            self.connection = None
+            return True
         if not self.node.admit(connection):
             # Accepted first so the client learns why: 1013 is "try again later".
             connection.close(CloseCode.TRY_AGAIN_LATER)
@@ -129,6 +176,7 @@ class PushConsumer(AsyncConsumer):
         connection = self.connection
         if connection is None:
             return
+        _log_connection(connection, close_code, by_server=not connection.is_open)
         self._release_subscriptions(connection)
         connection.mark_closed(close_code)
         if self.node is not None:
@@ -148,6 +196,7 @@ class PushConsumer(AsyncConsumer):
 
     async def on_frame(self, connection: ClientConnection, event: dict[str, Any]) -> None:
         request_id: RequestId | None = None
+        connection.last_seen = time.monotonic()
         if not connection.rate.take():
             self._rate_limited(connection, event)
             return

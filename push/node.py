@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ class Node:
         self.server_id = server_id
         self.loop = asyncio.get_running_loop()
         self.is_running = False
+        self.draining = False
         self.broker = Broker(get_channel_layer(), on_message=self._on_broker_message)
         self.hub = Hub(
             history=DatabaseHistory(),
@@ -81,6 +83,7 @@ class Node:
             self.loop.create_task(self.registry.run(), name="push-registry"),
             self.loop.create_task(self._sync_loop(), name="push-history-sync"),
             self.loop.create_task(self._revocation_loop(), name="push-revocation"),
+            self.loop.create_task(self._heartbeat_loop(), name="push-heartbeats"),
         ]
         self.is_running = True
         broadcast_module.set_running_node(self)
@@ -88,6 +91,7 @@ class Node:
 
     async def stop(self) -> None:
         self.is_running = False
+        self.draining = False
         if broadcast_module.running_node() is self:
             broadcast_module.set_running_node(None)
         for task in self._tasks:
@@ -108,6 +112,39 @@ class Node:
                 await self.hub.sync_with_history()
             except Exception as exc:
                 logger.warning("history sync failed: %s", exc)
+
+    async def _heartbeat_loop(self) -> None:
+        timeout = push_settings.HEARTBEAT_TIMEOUT_SECS
+        while True:
+            await asyncio.sleep(min(5.0, timeout / 3))
+            self.close_silent(timeout)
+
+    def close_silent(self, timeout_secs: float) -> int:
+        """Close (4001) connections that sent nothing for ``timeout_secs``."""
+        cutoff = time.monotonic() - timeout_secs
+        silent = [c for c in self.connections.values() if c.last_seen < cutoff and c.is_open]
+        for connection in silent:
+            connection.close(CloseCode.HEARTBEAT_TIMEOUT)
+        return len(silent)
+
+    async def drain(self, *, code: int, deadline_secs: float) -> None:
+        """Tell every client to go, let queued frames out, record the closes, stop."""
+        self.draining = True
+        deadline = self.loop.time() + deadline_secs
+        logger.info("node %s draining %d connections", self.server_id, len(self.connections))
+        for connection in list(self.connections.values()):
+            connection.close(code)
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections.values()):
+            connection.abort(code)
+            connection.mark_closed(code)
+            self.release(connection)
+        try:
+            await self.registry.close_all(code)
+        except Exception as exc:
+            logger.warning("could not mark connections closed: %s", exc)
+        await self.stop()
 
     async def _revocation_loop(self) -> None:
         while True:
@@ -168,6 +205,12 @@ async def stop_node() -> None:
     node, _node, _starting = _node, None, None
     if node is not None:
         await node.stop()
+
+
+async def drain_running_node(*, code: int, deadline_secs: float) -> None:
+    node = broadcast_module.running_node()
+    if node is not None and node.is_running:
+        await node.drain(code=code, deadline_secs=deadline_secs)
 
 
 def tune_garbage_collector(*, gen0_threshold: int, freeze: bool) -> None:

@@ -89,6 +89,10 @@ class Outbox:
         if self._closed:
             return False
         queue = self._queue
+        if self._writer is None and not queue:
+            probe = self.backlog_probe
+            if probe is None or probe() <= BACKLOG_PAUSE_BYTES:
+                return self._send_now(frame)
         if queue is None:
             queue = self._queue = collections.deque()
         full = len(queue) >= self.max_frames or (
@@ -105,6 +109,35 @@ class Outbox:
             self._writer = asyncio.get_running_loop().create_task(self._drain())
         return True
 
+    def _send_now(self, frame: OutFrame) -> bool:
+        """Hand the frame to the server within this call, without a task.
+
+        Both servers' ``send`` complete without suspending while the socket takes data
+        (uvicorn's waits only when its transport paused writing; daphne's never
+        waits), so the coroutine is stepped by hand: a delivery then costs the write
+        and nothing else, not a task and a loop turn per connection. If the server
+        does make it wait, the rest of that send continues in the writer task.
+        """
+        coroutine = self._send(frame.event)
+        try:
+            waiting_on = coroutine.send(None)
+        except StopIteration:
+            return True
+        except Exception as exc:  # the peer went away
+            self._fail(exc)
+            return False
+        self._writer = asyncio.get_running_loop().create_task(
+            self._drain(_Resumed(coroutine, waiting_on))
+        )
+        return True
+
+    def _fail(self, exc: BaseException) -> None:
+        self._closed = True
+        if self._queue is not None:
+            self._queue.clear()
+        if self.on_send_failed is not None:
+            self.on_send_failed(exc)
+
     def _drop_oldest_droppable(self) -> bool:
         queue = self._queue or ()
         for index, queued in enumerate(queue):
@@ -116,13 +149,14 @@ class Outbox:
                 return True
         return False
 
-    async def _drain(self) -> None:
-        queue = self._queue
-        if queue is None:
-            return
+    async def _drain(self, unfinished: _Resumed | None = None) -> None:
         send = self._send
         probe = self.backlog_probe
+        queue = self._queue
         try:
+            if unfinished is not None:
+                await unfinished
+                queue = self._queue
             while queue:
                 if probe is not None and probe() > BACKLOG_PAUSE_BYTES:
                     await self._wait_for_backlog(probe)
@@ -132,13 +166,10 @@ class Outbox:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the peer went away mid-send
-            self._closed = True
-            queue.clear()
-            if self.on_send_failed is not None:
-                self.on_send_failed(exc)
+            self._fail(exc)
         finally:
             self._writer = None
-            if self._queue is queue and not queue:
+            if self._queue is not None and not self._queue:
                 self._queue = None
 
     async def _wait_for_backlog(self, probe: Callable[[], int]) -> None:
@@ -173,3 +204,31 @@ class Outbox:
     def seal(self) -> None:
         """Refuse new frames but let the queued ones be sent."""
         self._closed = True
+
+
+class _Resumed:
+    """Awaits the rest of a coroutine that was stepped by hand and then suspended:
+    what ``yield from`` does, for a coroutine already started."""
+
+    __slots__ = ("coroutine", "waiting_on")
+
+    def __init__(self, coroutine: Any, waiting_on: Any) -> None:
+        self.coroutine = coroutine
+        self.waiting_on = waiting_on
+
+    def __await__(self) -> Any:
+        coroutine = self.coroutine
+        to_yield = self.waiting_on
+        while True:
+            try:
+                sent = yield to_yield
+            except BaseException as exc:  # cancellation included: pass it in
+                try:
+                    to_yield = coroutine.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+                continue
+            try:
+                to_yield = coroutine.send(sent)
+            except StopIteration as stop:
+                return stop.value

@@ -207,17 +207,31 @@ PUSH = {
     "MAX_CONNECTIONS_PER_USER": env_int("PUSH_MAX_CONNECTIONS_PER_USER", 100),
     "MAX_CONNECTIONS_PER_IP": env_int_or_zero("PUSH_MAX_CONNECTIONS_PER_IP", 0),
     "REVOCATION_CHECK_SECS": env_float("PUSH_REVOCATION_CHECK_SECS", 5.0),
+    "HEARTBEAT_TIMEOUT_SECS": env_float("PUSH_HEARTBEAT_TIMEOUT_SECS", 75.0),
+    "DRAIN_DEADLINE_SECS": env_float("PUSH_DRAIN_DEADLINE_SECS", 20.0),
 }
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+LOG_JSON = env_bool("LOG_JSON", False)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"redact": {"()": "push.logs.RedactFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "push.logs.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_JSON else "plain",
+            "filters": ["redact"],
+        }
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
+        "uvicorn.access": {"handlers": ["console"], "propagate": False},
     },
 }

@@ -1,17 +1,31 @@
-"""Run this project as one node under daphne (production) or uvicorn, with the
-server options the push server needs, so no one has to remember them."""
+"""Run this project as one node under daphne (production) or uvicorn, with the server
+options the push server needs and a graceful drain on SIGTERM.
+
+Drain: the node stops accepting WebSockets, tells every client to go (1001: reconnect
+to another node and resume with ``since``), lets queued frames go out, marks its
+connections closed in the registry, and exits within ``PUSH_DRAIN_DEADLINE_SECS``.
+A second SIGTERM or SIGINT stops at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
 from typing import Any
 
+import uvicorn
 from django.core.management.base import BaseCommand
 
 from push.conf import push_settings
+from push.errors import CloseCode
+from push.node import drain_running_node
 
 APPLICATION = "realtime_project.asgi:application"
 LISTEN_BACKLOG = 4096
+
+logger = logging.getLogger(__name__)
 
 
 def server_max_message_bytes() -> int:
@@ -19,6 +33,15 @@ def server_max_message_bytes() -> int:
     # contract's MESSAGE_TOO_LARGE envelope before the 1009 close; beyond this the
     # server itself closes with 1009.
     return push_settings.MAX_FRAME_BYTES * 4 + 65_536
+
+
+async def _drain() -> None:
+    try:
+        await drain_running_node(
+            code=CloseCode.GOING_AWAY, deadline_secs=push_settings.DRAIN_DEADLINE_SECS
+        )
+    except Exception:
+        logger.exception("drain failed; stopping anyway")
 
 
 class Command(BaseCommand):
@@ -31,6 +54,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--access-log", action="store_true", help="log every HTTP request (off by default)"
         )
+        parser.add_argument(
+            "--proxy-headers",
+            action="store_true",
+            help="trust X-Forwarded-For from the proxy in front (nginx)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["server"] == "uvicorn":
@@ -39,15 +67,15 @@ class Command(BaseCommand):
             self._run_daphne(options)
 
     def _run_uvicorn(self, options: dict[str, Any]) -> None:
-        import uvicorn
-
-        uvicorn.run(
+        config = uvicorn.Config(
             APPLICATION,
             host=options["host"],
             port=options["port"],
             loop="uvloop",
             http="httptools",
-            ws="websockets",
+            # The sans-I/O implementation: ~30% less CPU per frame than the legacy one
+            # in the fan-out benchmark, with the same flow control.
+            ws="websockets-sansio",
             ws_per_message_deflate=False,
             ws_max_size=server_max_message_bytes(),
             # The push protocol has its own heartbeat; the server's ping only has to
@@ -56,29 +84,91 @@ class Command(BaseCommand):
             ws_ping_timeout=20.0,
             lifespan="off",
             access_log=options["access_log"],
+            proxy_headers=options["proxy_headers"],
             log_level="warning",
             backlog=LISTEN_BACKLOG,
         )
+        DrainingUvicornServer(config).run()
 
     def _run_daphne(self, options: dict[str, Any]) -> None:
-        from daphne.cli import CommandLineInterface
+        from daphne.server import Server
+        from django.utils.module_loading import import_string
 
-        # An endpoint string, not --bind/--port: Twisted's default listen backlog of 50
+        application = import_string(APPLICATION.replace(":", "."))
+        # An endpoint string, not host/port: Twisted's default listen backlog of 50
         # drops connections when thousands of clients reconnect at once.
         host = options["host"].replace(":", "\\:")
-        argv = [
-            "--endpoint",
-            f"tcp:port={options['port']}:interface={host}:backlog={LISTEN_BACKLOG}",
-            "--websocket-max-message-size",
-            str(server_max_message_bytes()),
-            "--websocket-max-frame-size",
-            str(server_max_message_bytes()),
-            # Verbosity 0: no access log on stdout (every WebSocket and request would
-            # be a line, at tens of thousands per second); --access-log turns it on.
-            "--verbosity",
-            "0",
-            APPLICATION,
-        ]
-        if options["access_log"]:
-            argv[:0] = ["--access-log", "-"]
-        CommandLineInterface().run(argv)
+        server = Server(
+            application=application,
+            endpoints=[f"tcp:port={options['port']}:interface={host}:backlog={LISTEN_BACKLOG}"],
+            signal_handlers=False,
+            action_logger=RedactingAccessLog() if options["access_log"] else None,
+            websocket_max_message_size=server_max_message_bytes(),
+            websocket_max_frame_size=server_max_message_bytes(),
+            # daphne's default closes every WebSocket after 24 hours.
+            websocket_timeout=-1,
+            proxy_forwarded_address_header="X-Forwarded-For" if options["proxy_headers"] else None,
+            proxy_forwarded_port_header="X-Forwarded-Port" if options["proxy_headers"] else None,
+            proxy_forwarded_proto_header="X-Forwarded-Proto" if options["proxy_headers"] else None,
+            verbosity=0,
+        )
+        _install_daphne_drain()
+        server.run()
+
+
+def _install_daphne_drain() -> None:
+    from twisted.internet import reactor
+
+    state = {"draining": False}
+
+    def stop(signum: int, frame: Any) -> None:
+        if state["draining"]:
+            reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
+            return
+        state["draining"] = True
+        reactor.callFromThread(_drain_then_stop)  # type: ignore[attr-defined]
+
+    def _drain_then_stop() -> None:
+        task = asyncio.get_event_loop().create_task(_drain())
+        task.add_done_callback(lambda _: reactor.stop())  # type: ignore[attr-defined]
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+class DrainingUvicornServer(uvicorn.Server):
+    """uvicorn's Server with our drain before its own shutdown."""
+
+    draining = False
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.draining:
+            return super().handle_exit(sig, frame)
+        self.draining = True
+        loop = asyncio.get_event_loop()
+
+        def start() -> None:
+            task = loop.create_task(_drain())
+            task.add_done_callback(
+                lambda _: super(DrainingUvicornServer, self).handle_exit(sig, frame)
+            )
+
+        loop.call_soon_threadsafe(start)
+
+
+class RedactingAccessLog:
+    """daphne's access log with ``token=...`` removed from logged paths."""
+
+    def __init__(self) -> None:
+        import sys
+
+        from daphne.access import AccessLogGenerator
+
+        self._inner = AccessLogGenerator(sys.stdout)
+
+    def __call__(self, protocol: str, action: str, details: dict[str, Any]) -> None:
+        from push.logs import redact
+
+        if "path" in details:
+            details = dict(details, path=redact(str(details["path"])))
+        self._inner(protocol, action, details)

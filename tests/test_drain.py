@@ -1,0 +1,79 @@
+"""Graceful drain: SIGTERM makes a node tell its clients to go (1001) and exit; clients
+that resume on another node lose nothing. Runs under daphne and uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from tests.servers import Database, ServerNode
+from tests.wsclient import open_ws, subscribe
+
+pytestmark = pytest.mark.e2e
+
+CLIENTS = 20
+MESSAGES = 200
+
+
+async def _follow(first_url: str, fallback_url: str, channel: str, seen: list[int]) -> int | None:
+    """Read until the node sends us away, then resume on the other node until all arrive."""
+    ws, _ = await subscribe(first_url, channel, since=0)
+    close_code = None
+    try:
+        while True:
+            envelope = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            if envelope["type"] == "message":
+                seen.append(envelope["seq"])
+    except ConnectionClosed:
+        close_code = ws.close_code
+    ws, _ = await subscribe(fallback_url, channel, since=seen[-1] if seen else 0)
+    while len(seen) < MESSAGES:
+        envelope = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        if envelope["type"] == "message":
+            seen.append(envelope["seq"])
+    await ws.close()
+    return close_code
+
+
+@pytest.mark.parametrize("server", ["daphne", "uvicorn"])
+async def test_sigterm_drains_and_clients_resume_elsewhere(
+    e2e_env: dict[str, str], e2e_database: Database, publisher_token: str, server: str
+) -> None:
+    draining = ServerNode(e2e_env, server=server, name=f"drain-{server}").start()
+    staying = ServerNode(e2e_env, name=f"stay-{server}").start()
+    try:
+        channel = f"drain-{uuid.uuid4().hex[:8]}"
+        seen: list[list[int]] = [[] for _ in range(CLIENTS)]
+        followers = [
+            asyncio.create_task(_follow(draining.ws_url, staying.ws_url, channel, s)) for s in seen
+        ]
+        await asyncio.sleep(0.5)
+        publisher = await open_ws(staying.ws_url, token=publisher_token)
+        for i in range(MESSAGES):
+            await publisher.send(json.dumps({"type": "publish", "channel": channel, "data": i}))
+            if i == MESSAGES // 3:
+                started = time.monotonic()
+                await asyncio.to_thread(draining.stop)
+                drain_secs = time.monotonic() - started
+            await asyncio.sleep(0.005)
+        close_codes = await asyncio.gather(*followers)
+        assert set(close_codes) == {1001}, close_codes
+        for received in seen:
+            assert received == list(range(1, MESSAGES + 1))
+        assert drain_secs < 15
+        # uvicorn re-raises the SIGTERM it handled once it has shut down (-15).
+        assert draining.process is not None and draining.process.returncode in (0, -15)
+        still_open = e2e_database.query(
+            "SELECT count(*) FROM push_connection WHERE server_id = %s AND disconnected_at IS NULL",
+            draining.name,
+        )
+        assert still_open == [(0,)], "the drained node marked its connections closed"
+        await publisher.close()
+    finally:
+        draining.stop()
+        staying.stop()
