@@ -61,8 +61,12 @@ def can_subscribe(principal: Principal, channel: str) -> bool:
 def can_publish(principal: Principal, channel: str) -> bool:
     if principal.is_staff:
         return True
-    if not principal.is_authenticated or _is_user_channel(channel):
+    if not principal.is_authenticated:
         return False
+    if _is_user_channel(channel):
+        # Users never publish to each other's channels; a back-end service may, with a
+        # grant such as "user:*".
+        return principal.kind == "service" and _granted(principal, channel, "publish")
     return _granted(principal, channel, "publish")
 
 

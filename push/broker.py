@@ -9,11 +9,14 @@ Channels layer: the in-memory one for a single process, Redis pub/sub across nod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from push import metrics
 from push.message import ChannelMessage
 
 logger = logging.getLogger(__name__)
@@ -21,6 +24,18 @@ logger = logging.getLogger(__name__)
 MESSAGE_EVENT = "push.message"
 # How long to wait before reading the inbox again after the layer failed (Redis down).
 RECEIVE_RETRY_SECS = 0.5
+
+
+@contextlib.contextmanager
+def _timed(operation: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    except Exception:
+        metrics.BROKER_ERRORS.labels(operation).inc()
+        raise
+    finally:
+        metrics.BROKER_CALL_SECONDS.labels(operation).observe(time.perf_counter() - started)
 
 
 def channel_group(channel: str) -> str:
@@ -60,10 +75,12 @@ class Broker:
         self._listener = self._sender = None
 
     async def join(self, channel: str) -> None:
-        await self.layer.group_add(channel_group(channel), self.inbox)
+        with _timed("join"):
+            await self.layer.group_add(channel_group(channel), self.inbox)
 
     async def leave(self, channel: str) -> None:
-        await self.layer.group_discard(channel_group(channel), self.inbox)
+        with _timed("leave"):
+            await self.layer.group_discard(channel_group(channel), self.inbox)
 
     def publish_soon(self, message: ChannelMessage) -> None:
         """Queue a committed message for the other nodes; one sender keeps the order."""
@@ -76,7 +93,8 @@ class Broker:
         while True:
             message = await self._outgoing.get()
             try:
-                await self.layer.group_send(channel_group(message.channel), message.to_broker())
+                with _timed("publish"):
+                    await self.layer.group_send(channel_group(message.channel), message.to_broker())
             except Exception as exc:
                 # Already committed: other nodes catch up from the database when their
                 # periodic sync sees the channel's seq move without them.

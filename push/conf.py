@@ -42,6 +42,9 @@ class PushSettings:
     # with 4001; three missed heartbeat intervals by default.
     HEARTBEAT_TIMEOUT_SECS: float = 75.0
     DRAIN_DEADLINE_SECS: float = 20.0
+    # Write fan-out frames to sockets directly under daphne and uvicorn's sans-I/O
+    # WebSocket (push.server_adapters); off sends every frame through ASGI.
+    DIRECT_WRITES: bool = True
 
 
 def _load(overrides: dict[str, Any]) -> PushSettings:

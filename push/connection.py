@@ -21,7 +21,12 @@ from push.hub import Subscription
 from push.limits import TokenBucket
 from push.outbox import Outbox, OutFrame, Send
 from push.protocol import RequestId, error
-from push.server_adapters import allow_slow_close, close_with_any_code, daphne_backlog_probe
+from push.server_adapters import (
+    allow_slow_close,
+    close_with_any_code,
+    daphne_backlog_probe,
+    raw_writer,
+)
 
 if TYPE_CHECKING:
     from accounts.principals import Principal
@@ -93,6 +98,7 @@ class ClientConnection:
             on_drop=metrics.DROPPED_FRAMES.inc,
             on_send_failed=self._on_send_failed,
             backlog_probe=daphne_backlog_probe(send),
+            raw=raw_writer(send) if push_settings.DIRECT_WRITES else None,
         )
 
     @property

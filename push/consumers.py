@@ -211,8 +211,11 @@ class PushConsumer(AsyncConsumer):
             if isinstance(envelope, Mapping):
                 request_id = protocol.read_request_id(envelope)
             request = protocol.parse_request(envelope)
-            metrics.FRAMES_RECEIVED.labels(_REQUEST_TYPES[type(request)]).inc()
+            kind = _REQUEST_TYPES[type(request)]
+            metrics.FRAMES_RECEIVED.labels(kind).inc()
+            started = time.perf_counter()
             await self._handlers[type(request)](self, connection, request)
+            metrics.REQUEST_SECONDS.labels(kind).observe(time.perf_counter() - started)
         except PushError as exc:
             connection.send_error(exc, request_id)
             if exc.close_code is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
@@ -17,6 +18,7 @@ from typing import ParamSpec, TypeVar
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, IntegrityError, close_old_connections, connections
 
+from push import metrics
 from push.errors import ErrorCode, PushError
 
 P = ParamSpec("P")
@@ -40,6 +42,7 @@ def _guarded(func: Callable[P, R]) -> Callable[P, R]:
         # Drops a connection that failed or outlived CONN_MAX_AGE, so a restarted
         # PostgreSQL costs one failed call, not a dead thread.
         close_old_connections()
+        started = time.perf_counter()
         try:
             return func(*args, **kwargs)
         except IntegrityError:
@@ -48,6 +51,10 @@ def _guarded(func: Callable[P, R]) -> Callable[P, R]:
             logger.warning("database call %s failed: %s", func.__name__, exc)
             close_old_connections()
             raise database_unavailable(exc) from exc
+        finally:
+            metrics.DATABASE_CALL_SECONDS.labels(func.__name__).observe(
+                time.perf_counter() - started
+            )
 
     return run
 

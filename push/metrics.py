@@ -42,3 +42,24 @@ PUBLISH_TO_DELIVERY = Histogram(
     "Time from publish (message timestamp) to fan-out on this node",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+
+_CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+DATABASE_CALL_SECONDS = Histogram(
+    "push_database_call_seconds",
+    "Database work per call, by function",
+    ["call"],
+    buckets=_CALL_BUCKETS,
+)
+BROKER_CALL_SECONDS = Histogram(
+    "push_broker_call_seconds",
+    "Redis channel-layer calls, by operation",
+    ["operation"],
+    buckets=_CALL_BUCKETS,
+)
+REQUEST_SECONDS = Histogram(
+    "push_request_seconds",
+    "Time to handle one client request, by type",
+    ["type"],
+    buckets=_CALL_BUCKETS,
+)
+BROKER_ERRORS = Counter("push_broker_errors_total", "Failed channel-layer calls", ["operation"])

@@ -15,6 +15,8 @@ import collections
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from push.wsframe import data_frame
+
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 # Where the server does not push back (daphne), the writer pauses while the server has
@@ -25,14 +27,26 @@ BACKLOG_POLL_SECS = 0.01
 
 
 class OutFrame:
-    """One encoded frame as an ASGI send event, shared by all its recipients."""
+    """One encoded frame, shared by all its recipients: as an ASGI send event, and as
+    the WebSocket frame's bytes (built on first use) for writing to sockets directly."""
 
-    __slots__ = ("droppable", "event", "size")
+    __slots__ = ("_wire", "droppable", "event", "size")
 
     def __init__(self, event: dict[str, Any], size: int, droppable: bool = False) -> None:
         self.event = event
         self.size = size
         self.droppable = droppable
+        self._wire: bytes | None = None
+
+    @property
+    def wire(self) -> bytes:
+        if self._wire is None:
+            payload = self.event.get("bytes")
+            if payload is None:
+                self._wire = data_frame(self.event["text"].encode(), binary=False)
+            else:
+                self._wire = data_frame(payload, binary=True)
+        return self._wire
 
 
 class Outbox:
@@ -48,6 +62,8 @@ class Outbox:
         "on_drop",
         "on_overflow",
         "on_send_failed",
+        "raw_writable",
+        "raw_write",
     )
 
     def __init__(
@@ -60,6 +76,7 @@ class Outbox:
         on_drop: Callable[[], None] | None = None,
         on_send_failed: Callable[[BaseException], None] | None = None,
         backlog_probe: Callable[[], int] | None = None,
+        raw: tuple[Callable[[bytes], None], Callable[[], bool]] | None = None,
     ) -> None:
         self._send = send
         # Created on first use and dropped when drained: an empty deque is ~600 bytes,
@@ -76,6 +93,8 @@ class Outbox:
         # Bytes the server has accepted but not yet written to the socket, where the
         # server does not push back through ``send`` (daphne buffers without limit).
         self.backlog_probe = backlog_probe
+        # Writing whole frames to the socket directly (see push.server_adapters).
+        self.raw_write, self.raw_writable = raw if raw is not None else (None, None)
 
     @property
     def closed(self) -> bool:
@@ -92,6 +111,10 @@ class Outbox:
         if self._writer is None and not queue:
             probe = self.backlog_probe
             if probe is None or probe() <= BACKLOG_PAUSE_BYTES:
+                raw_writable = self.raw_writable
+                if raw_writable is not None and raw_writable():
+                    self.raw_write(frame.wire)  # type: ignore[misc]
+                    return True
                 return self._send_now(frame)
         if queue is None:
             queue = self._queue = collections.deque()

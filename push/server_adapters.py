@@ -1,10 +1,16 @@
-"""What ASGI does not say about the server underneath, for daphne.
+"""What ASGI does not say about the server underneath, for daphne and uvicorn.
 
-ASGI gives a WebSocket application no flow control on ``send`` and no say over the
-close handshake. uvicorn pushes back by making ``send`` wait; daphne writes every
-frame into Twisted's buffer at once. These helpers reach daphne's protocol object
-(daphne passes ``partial(server.handle_reply, protocol)`` as ``send``) and do nothing
-under any other server.
+ASGI gives a WebSocket application no flow control on ``send``, no say over the close
+handshake, and one server call per frame. uvicorn pushes back by making ``send`` wait;
+daphne writes every frame into Twisted's buffer at once. These helpers reach the
+server's protocol object (daphne passes ``partial(server.handle_reply, protocol)`` as
+``send``, uvicorn its protocol's bound ``send``) and do nothing under other servers.
+
+``raw_writer`` is the fan-out's fast path: a data frame built once (``push.wsframe``)
+is written to each subscriber's socket directly, skipping the per-frame work of the
+server's WebSocket library (framing the same bytes again for every subscriber). It is
+only used while the connection is open and the socket takes data; everything else
+(accept, close, flow control) stays with the server.
 """
 
 from __future__ import annotations
@@ -63,3 +69,39 @@ def close_with_any_code(send: Any, code: int) -> bool:
         return False
     send_close_frame(code=code, isReply=False)
     return True
+
+
+def raw_writer(send: Any) -> tuple[Callable[[bytes], None], Callable[[], bool]] | None:
+    """``(write, writable)`` for writing whole frames to the socket, or None."""
+    protocol = getattr(send, "__self__", None)
+    if type(protocol).__name__ == "WebSocketsSansIOProtocol":
+        return _uvicorn_sansio_writer(protocol)
+    protocol = _daphne_protocol(send)
+    if protocol is not None and hasattr(protocol, "sendCloseFrame"):
+        return _daphne_writer(protocol)
+    return None
+
+
+def _uvicorn_sansio_writer(protocol: Any) -> tuple[Callable[[bytes], None], Callable[[], bool]]:
+    transport = protocol.transport
+    writable_event = protocol.writable
+
+    def writable() -> bool:
+        return (
+            writable_event.is_set()
+            and not protocol.close_sent
+            and not protocol.disconnected
+            and not transport.is_closing()
+        )
+
+    return transport.write, writable
+
+
+def _daphne_writer(protocol: Any) -> tuple[Callable[[bytes], None], Callable[[], bool]]:
+    transport = protocol.transport
+    open_state = protocol.STATE_OPEN
+
+    def writable() -> bool:
+        return protocol.state == open_state and transport.connected
+
+    return transport.write, writable

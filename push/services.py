@@ -144,6 +144,16 @@ def _publish_under_key(
     return message, False
 
 
+def user_channel(user_id: int) -> str:
+    return f"user:{user_id}"
+
+
+def user_message_send(*, user_id: int, data: Any) -> ChannelMessage:
+    """Deliver ``data`` to every connection of one user, on every node: it is published
+    on the user's own channel, which only that user can subscribe to."""
+    return message_publish(channel=user_channel(user_id), data=data)
+
+
 def publish(channel: str, data: Any, *, publisher_id: int | None = None) -> ChannelMessage:
     """Publish from application code: ``push.services.publish("orders", {...})``.
 

@@ -26,7 +26,7 @@ from push.api.serializers import (
 from push.conf import push_settings
 from push.errors import ErrorCode, PushError
 from push.protocol import validate_channel_name
-from push.services import message_publish, message_publish_idempotent
+from push.services import message_publish, message_publish_idempotent, user_channel
 
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
@@ -51,37 +51,43 @@ def _idempotency_key(request: Request) -> str | None:
     return key
 
 
+def _publish_response(request: Request, channel: str) -> Response:
+    """Publish the request's ``data`` on ``channel`` for the REST caller (201, or 200
+    with the first result for a retried ``Idempotency-Key``)."""
+    principal = request_principal(request)
+    if not principal.is_authenticated:
+        raise exceptions.NotAuthenticated()
+    authorize_publish(principal, channel)
+    if len(request.body) > push_settings.MAX_FRAME_BYTES:
+        raise PushError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"body is larger than {push_settings.MAX_FRAME_BYTES} bytes",
+        )
+    serializer = PublishSerializer(data=request.data)
+    serializer.is_valid(raise_exception=True)
+    data = serializer.validated_data["data"]
+    key = _idempotency_key(request)
+    replayed = False
+    if key is None:
+        message = message_publish(channel=channel, data=data, publisher_id=principal.user_id)
+    else:
+        message, replayed = message_publish_idempotent(
+            channel=channel,
+            data=data,
+            publisher_id=principal.user_id,
+            principal=principal.key,
+            idempotency_key=key,
+        )
+    if replayed:
+        return Response(published_body(message), status=status.HTTP_200_OK)
+    metrics.MESSAGES_PUBLISHED.labels("rest").inc()
+    return Response(published_body(message), status=status.HTTP_201_CREATED)
+
+
 class ChannelMessagesView(APIView):
     def post(self, request: Request, channel: str) -> Response:
         validate_channel_name(channel)
-        principal = request_principal(request)
-        if not principal.is_authenticated:
-            raise exceptions.NotAuthenticated()
-        authorize_publish(principal, channel)
-        if len(request.body) > push_settings.MAX_FRAME_BYTES:
-            raise PushError(
-                ErrorCode.MESSAGE_TOO_LARGE,
-                f"body is larger than {push_settings.MAX_FRAME_BYTES} bytes",
-            )
-        serializer = PublishSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        data = serializer.validated_data["data"]
-        key = _idempotency_key(request)
-        replayed = False
-        if key is None:
-            message = message_publish(channel=channel, data=data, publisher_id=principal.user_id)
-        else:
-            message, replayed = message_publish_idempotent(
-                channel=channel,
-                data=data,
-                publisher_id=principal.user_id,
-                principal=principal.key,
-                idempotency_key=key,
-            )
-        if replayed:
-            return Response(published_body(message), status=status.HTTP_200_OK)
-        metrics.MESSAGES_PUBLISHED.labels("rest").inc()
-        return Response(published_body(message), status=status.HTTP_201_CREATED)
+        return _publish_response(request, channel)
 
     def get(self, request: Request, channel: str) -> Response:
         validate_channel_name(channel)
@@ -114,3 +120,10 @@ class ChannelListView(APIView):
         channels = channels[: self.PAGE_SIZE]
         next_url = _page_url(request, after=channels[-1].name) if has_more else None
         return Response({"results": [channel_body(c) for c in channels], "next": next_url})
+
+
+class UserMessagesView(APIView):
+    """``POST /api/v1/users/<id>/messages``: to all of one user's connections."""
+
+    def post(self, request: Request, user_id: int) -> Response:
+        return _publish_response(request, user_channel(user_id))

@@ -1,0 +1,51 @@
+"""The shipped Grafana dashboard and Prometheus config name only metrics we expose."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+import push.metrics  # noqa: F401 - registers our metrics
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+METRIC_NAME = re.compile(r"\b((?:push|django)_[a-z0-9_]+)\b")
+
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("", "_sum", "_count", "_created"),
+    "gauge": ("",),
+    "info": ("_info",),
+}
+
+
+def exposed_sample_names() -> set[str]:
+    import django_prometheus.middleware  # noqa: F401 - registers Django's metrics
+
+    names: set[str] = set()
+    for family in REGISTRY.collect():
+        names.update(family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",)))
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def dashboard_exprs() -> list[str]:
+    dashboard = json.loads((DEPLOY / "grafana" / "push-dashboard.json").read_text())
+    return [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+
+
+@pytest.mark.parametrize("expr", dashboard_exprs())
+def test_every_panel_metric_exists(expr: str) -> None:
+    names = METRIC_NAME.findall(expr)
+    assert names, f"panel without a metric: {expr}"
+    missing = set(names) - exposed_sample_names()
+    assert not missing, f"{expr} names metrics nobody exposes: {missing}"
+
+
+def test_prometheus_scrapes_metrics_path() -> None:
+    config = (DEPLOY / "prometheus.yml").read_text()
+    assert "metrics_path: /metrics" in config
