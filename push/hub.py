@@ -92,6 +92,7 @@ class HubChannel:
         "catching_up",
         "delivered_seq",
         "droppable",
+        "fanned_out",
         "linger_handle",
         "live",
         "name",
@@ -113,6 +114,7 @@ class HubChannel:
         self.live: dict[str, dict[Callable[[OutFrame], bool], Subscription]] = {}
         self.catching_up: dict[Subscription, None] = {}
         self.delivered_seq = 0
+        self.fanned_out = 0  # messages fanned out here, for the admin's rates
         self.pending: dict[int, ChannelMessage] = {}
         self.droppable = droppable
         self.ready: asyncio.Future[None] = loop.create_future()
@@ -393,6 +395,7 @@ class Hub:
 
     def _fan_out(self, hub_channel: HubChannel, message: ChannelMessage) -> None:
         hub_channel.delivered_seq = message.seq
+        hub_channel.fanned_out += 1
         hub_channel.recent.append(message)
         delivered = 0
         droppable = hub_channel.droppable

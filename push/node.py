@@ -12,7 +12,7 @@ import gc
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -20,6 +20,13 @@ from django.conf import settings
 from accounts.principals import credentials_still_valid
 from push import broadcast as broadcast_module
 from push.broker import Broker
+from push.cluster import (
+    ANNOUNCE_SECS,
+    CONTROL_GROUP,
+    DISCONNECT_EVENT,
+    TOP_CHANNELS,
+    NodeDirectory,
+)
 from push.conf import push_settings
 from push.db import db_call
 from push.errors import CloseCode
@@ -27,7 +34,7 @@ from push.history import DatabaseHistory
 from push.hub import Hub
 from push.limits import ConnectionCounter
 from push.message import ChannelMessage
-from push.registry import ConnectionRegistry
+from push.registry import ConnectionRegistry, close_node_connections
 
 if TYPE_CHECKING:
     from push.connection import ClientConnection
@@ -35,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _credentials_still_valid = db_call(credentials_still_valid)
+_close_all = db_call(close_node_connections)
 
 
 class Node:
@@ -43,7 +51,12 @@ class Node:
         self.loop = asyncio.get_running_loop()
         self.is_running = False
         self.draining = False
-        self.broker = Broker(get_channel_layer(), on_message=self._on_broker_message)
+        self.broker = Broker(
+            get_channel_layer(), on_message=self._on_broker_message, on_event=self._on_control
+        )
+        self.directory = NodeDirectory(settings.REDIS_URL, server_id)
+        self.started_at = time.time()
+        self._rate_marks: tuple[float, dict[str, int]] = (time.monotonic(), {})
         self.hub = Hub(
             history=DatabaseHistory(),
             join=self.broker.join,
@@ -79,11 +92,13 @@ class Node:
 
     async def start(self) -> None:
         await self.broker.start()
+        await self.broker.layer.group_add(CONTROL_GROUP, self.broker.inbox)
         self._tasks = [
             self.loop.create_task(self.registry.run(), name="push-registry"),
             self.loop.create_task(self._sync_loop(), name="push-history-sync"),
             self.loop.create_task(self._revocation_loop(), name="push-revocation"),
             self.loop.create_task(self._heartbeat_loop(), name="push-heartbeats"),
+            self.loop.create_task(self._cluster_loop(), name="push-cluster"),
         ]
         self.is_running = True
         broadcast_module.set_running_node(self)
@@ -112,6 +127,59 @@ class Node:
                 await self.hub.sync_with_history()
             except Exception as exc:
                 logger.warning("history sync failed: %s", exc)
+
+    def _on_control(self, event: dict[str, Any]) -> None:
+        if event.get("type") != DISCONNECT_EVENT:
+            return
+        connection_ids = set(event.get("connection_ids") or ())
+        user_ids = set(event.get("user_ids") or ())
+        code = int(event.get("code") or CloseCode.POLICY)
+        for connection in list(self.connections.values()):
+            if (
+                str(connection.connection_id) in connection_ids
+                or connection.principal.user_id in user_ids
+            ):
+                connection.close(code)
+
+    def stats(self) -> dict[str, Any]:
+        """What this node serves, with per-channel message rates since the last call."""
+        now = time.monotonic()
+        then, previous = self._rate_marks
+        elapsed = max(now - then, 1e-6)
+        counts = {name: c.fanned_out for name, c in self.hub.channels.items()}
+        self._rate_marks = (now, counts)
+        channels = sorted(
+            (
+                (name, c.subscriber_count(), (counts[name] - previous.get(name, 0)) / elapsed)
+                for name, c in self.hub.channels.items()
+            ),
+            key=lambda item: -item[1],
+        )[:TOP_CHANNELS]
+        return {
+            "server_id": self.server_id,
+            "connections": len(self.connections),
+            "channels": [
+                {"name": n, "subscribers": s, "messages_per_sec": round(r, 2)}
+                for n, s, r in channels
+            ],
+            "channel_count": len(self.hub.channels),
+            "draining": self.draining,
+            "started_at": self.started_at,
+            "updated_at": time.time(),
+        }
+
+    async def _cluster_loop(self) -> None:
+        while True:
+            try:
+                await self.directory.announce(self.stats())
+                for server_id in await self.directory.dead_nodes():
+                    if server_id != self.server_id:
+                        closed = await _close_all(server_id, CloseCode.SERVER_ERROR)
+                        await self.directory.forget(server_id)
+                        logger.warning("node %s is gone: %d connections closed", server_id, closed)
+            except Exception as exc:
+                logger.warning("cluster announce failed: %s", exc)
+            await asyncio.sleep(ANNOUNCE_SECS)
 
     async def _heartbeat_loop(self) -> None:
         timeout = push_settings.HEARTBEAT_TIMEOUT_SECS
@@ -142,6 +210,7 @@ class Node:
             self.release(connection)
         try:
             await self.registry.close_all(code)
+            await self.directory.withdraw()
         except Exception as exc:
             logger.warning("could not mark connections closed: %s", exc)
         await self.stop()

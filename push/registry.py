@@ -82,14 +82,15 @@ def _write_batch(
         )
 
 
-def _close_all(server_id: str, close_code: int) -> int:
+def close_node_connections(server_id: str, close_code: int) -> int:
+    """Mark every still-open connection of ``server_id`` closed; returns how many."""
     return Connection.objects.filter(server_id=server_id, disconnected_at__isnull=True).update(
         disconnected_at=_now(), close_code=close_code
     )
 
 
 _write_batch_async = db_call(_write_batch)
-_close_all_async = db_call(_close_all)
+_close_all_async = db_call(close_node_connections)
 
 
 class ConnectionRegistry:

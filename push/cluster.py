@@ -1,0 +1,127 @@
+"""The cluster as operators see it: which nodes are alive, what each one serves, and
+commands that reach every node (disconnect a connection or a user).
+
+Each node writes a liveness key with its stats to Redis every ``ANNOUNCE_SECS``
+(expiring after ``NODE_TTL_SECS``) and keeps a score in a sorted set of nodes. A node
+whose score is older than ``DEAD_AFTER_SECS`` died without draining: the next node to
+notice marks that node's connections closed in the registry. Commands travel over
+the channel layer's control group, which every node joins. Without Redis (one
+process) the directory is that process alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from push.errors import CloseCode
+
+logger = logging.getLogger(__name__)
+
+CONTROL_GROUP = "push.control"
+DISCONNECT_EVENT = "push.disconnect"
+ANNOUNCE_SECS = 5.0
+NODE_TTL_SECS = 15
+DEAD_AFTER_SECS = 30.0
+TOP_CHANNELS = 100
+
+
+def _prefix() -> str:
+    layers = getattr(settings, "CHANNEL_LAYERS", {})
+    return str(layers.get("default", {}).get("CONFIG", {}).get("prefix", "push"))
+
+
+def node_key(server_id: str) -> str:
+    return f"{_prefix()}:node:{server_id}"
+
+
+def nodes_key() -> str:
+    return f"{_prefix()}:nodes"
+
+
+class NodeDirectory:
+    """This node's side: announce itself, and reap nodes that died."""
+
+    def __init__(self, redis_url: str | None, server_id: str) -> None:
+        self.server_id = server_id
+        self._redis: Any = None
+        if redis_url:
+            from redis import asyncio as aioredis
+
+            self._redis = aioredis.Redis.from_url(
+                redis_url, socket_connect_timeout=2, socket_timeout=5
+            )
+
+    async def announce(self, stats: dict[str, Any]) -> None:
+        if self._redis is None:
+            return
+        now = time.time()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(node_key(self.server_id), json.dumps(stats), ex=NODE_TTL_SECS)
+            pipe.zadd(nodes_key(), {self.server_id: now})
+            await pipe.execute()
+
+    async def withdraw(self) -> None:
+        if self._redis is None:
+            return
+        await self._redis.delete(node_key(self.server_id))
+        await self._redis.zrem(nodes_key(), self.server_id)
+
+    async def dead_nodes(self) -> list[str]:
+        if self._redis is None:
+            return []
+        cutoff = time.time() - DEAD_AFTER_SECS
+        members = await self._redis.zrangebyscore(nodes_key(), "-inf", cutoff)
+        return [m.decode() if isinstance(m, bytes) else m for m in members]
+
+    async def forget(self, server_id: str) -> None:
+        if self._redis is not None:
+            await self._redis.zrem(nodes_key(), server_id)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+def cluster_nodes() -> list[dict[str, Any]]:
+    """Every live node's last announcement (admin). Sync; reads Redis when configured."""
+    redis_url = getattr(settings, "REDIS_URL", None)
+    if not redis_url:
+        from push.broadcast import running_node
+
+        node = running_node()
+        return [node.stats()] if node is not None else []
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        ids = [m.decode() for m in client.zrange(nodes_key(), 0, -1)]
+        raw = client.mget([node_key(i) for i in ids]) if ids else []
+    finally:
+        client.close()
+    return [json.loads(value) for value in raw if value]
+
+
+def connections_disconnect(
+    *,
+    connection_ids: list[str] | None = None,
+    user_ids: list[int] | None = None,
+    code: int = CloseCode.POLICY,
+) -> None:
+    """Close these connections, and every connection of these users, on every node."""
+    event = {
+        "type": DISCONNECT_EVENT,
+        "connection_ids": [str(c) for c in connection_ids or []],
+        "user_ids": [int(u) for u in user_ids or []],
+        "code": int(code),
+    }
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    async_to_sync(layer.group_send)(CONTROL_GROUP, event)
