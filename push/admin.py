@@ -6,12 +6,16 @@ already received it disagree with what resumes and REST return.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib import admin
 from django.db.models import Min, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import path
 
+from push.cluster import cluster_nodes, connections_disconnect
 from push.models import Channel, Connection, Message
 from push.retention import retention_policy
 
@@ -66,9 +70,63 @@ class ConnectionAdmin(ReadOnlyAdmin):
     list_select_related = ("user",)
     date_hierarchy = "connected_at"
 
+    actions = ("disconnect_connections", "disconnect_users")
+    change_list_template = "admin/push/connection_change_list.html"
+
     @admin.display(boolean=True, description="live")
     def is_live(self, obj: Connection) -> bool:
         return obj.is_live
+
+    @admin.action(description="Disconnect the selected connections (whatever their node)")
+    def disconnect_connections(self, request: HttpRequest, queryset: QuerySet) -> None:
+        ids = [
+            str(c)
+            for c in queryset.filter(disconnected_at__isnull=True).values_list(
+                "connection_id", flat=True
+            )
+        ]
+        connections_disconnect(connection_ids=ids)
+        self.message_user(request, f"Asked every node to close {len(ids)} connection(s).")
+
+    @admin.action(description="Disconnect every connection of the selected connections' users")
+    def disconnect_users(self, request: HttpRequest, queryset: QuerySet) -> None:
+        user_ids = sorted({u for u in queryset.values_list("user_id", flat=True) if u})
+        connections_disconnect(user_ids=user_ids)
+        self.message_user(
+            request, f"Asked every node to close the connections of {len(user_ids)} user(s)."
+        )
+
+    def get_urls(self) -> list[Any]:
+        nodes = path("nodes/", self.admin_site.admin_view(self.nodes_view), name="push_nodes")
+        return [nodes, *super().get_urls()]
+
+    def nodes_view(self, request: HttpRequest) -> HttpResponse:
+        """Every live node, and the busiest channels summed over nodes."""
+        nodes = cluster_nodes()
+        channels: dict[str, dict[str, Any]] = {}
+        for node in nodes:
+            node["started"] = datetime.fromtimestamp(node["started_at"], tz=UTC)
+            node["updated"] = datetime.fromtimestamp(node["updated_at"], tz=UTC)
+            for channel in node["channels"]:
+                total = channels.setdefault(
+                    channel["name"],
+                    {
+                        "name": channel["name"],
+                        "subscribers": 0,
+                        "messages_per_sec": 0.0,
+                        "nodes": 0,
+                    },
+                )
+                total["subscribers"] += channel["subscribers"]
+                # Every node fans out every message of a channel it serves: the rate is
+                # the channel's, not a share of it.
+                total["messages_per_sec"] = max(
+                    total["messages_per_sec"], channel["messages_per_sec"]
+                )
+                total["nodes"] += 1
+        busiest = sorted(channels.values(), key=lambda c: -c["subscribers"])
+        context = {**self.admin_site.each_context(request), "nodes": nodes, "channels": busiest}
+        return TemplateResponse(request, "admin/push/nodes.html", context)
 
 
 @admin.register(Message)

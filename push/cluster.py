@@ -1,10 +1,11 @@
 """The cluster as operators see it: which nodes are alive, what each one serves, and
 commands that reach every node (disconnect a connection or a user).
 
-Each node writes a liveness key with its stats to Redis every ``ANNOUNCE_SECS``
-(expiring after ``NODE_TTL_SECS``) and keeps a score in a sorted set of nodes. A node
-whose score is older than ``DEAD_AFTER_SECS`` died without draining: the next node to
-notice marks that node's connections closed in the registry. Commands travel over
+Each node writes a liveness key with its stats to Redis every
+``PUSH_CLUSTER_ANNOUNCE_SECS`` (expiring after three of those) and keeps a score in a
+sorted set of nodes. A node whose score is older than ``PUSH_NODE_DEAD_AFTER_SECS``
+died without draining: the next node to notice marks that node's connections closed
+in the registry. Commands travel over
 the channel layer's control group, which every node joins. Without Redis (one
 process) the directory is that process alone.
 """
@@ -26,9 +27,6 @@ logger = logging.getLogger(__name__)
 
 CONTROL_GROUP = "push.control"
 DISCONNECT_EVENT = "push.disconnect"
-ANNOUNCE_SECS = 5.0
-NODE_TTL_SECS = 15
-DEAD_AFTER_SECS = 30.0
 TOP_CHANNELS = 100
 
 
@@ -48,8 +46,12 @@ def nodes_key() -> str:
 class NodeDirectory:
     """This node's side: announce itself, and reap nodes that died."""
 
-    def __init__(self, redis_url: str | None, server_id: str) -> None:
+    def __init__(
+        self, redis_url: str | None, server_id: str, *, announce_secs: float, dead_after_secs: float
+    ) -> None:
         self.server_id = server_id
+        self.announce_secs = announce_secs
+        self.dead_after_secs = dead_after_secs
         self._redis: Any = None
         if redis_url:
             from redis import asyncio as aioredis
@@ -63,7 +65,8 @@ class NodeDirectory:
             return
         now = time.time()
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(node_key(self.server_id), json.dumps(stats), ex=NODE_TTL_SECS)
+            ttl_secs = max(1, int(self.announce_secs * 3))
+            pipe.set(node_key(self.server_id), json.dumps(stats), ex=ttl_secs)
             pipe.zadd(nodes_key(), {self.server_id: now})
             await pipe.execute()
 
@@ -76,7 +79,7 @@ class NodeDirectory:
     async def dead_nodes(self) -> list[str]:
         if self._redis is None:
             return []
-        cutoff = time.time() - DEAD_AFTER_SECS
+        cutoff = time.time() - self.dead_after_secs
         members = await self._redis.zrangebyscore(nodes_key(), "-inf", cutoff)
         return [m.decode() if isinstance(m, bytes) else m for m in members]
 

@@ -45,6 +45,8 @@ class PushSettings:
     # Write fan-out frames to sockets directly under daphne and uvicorn's sans-I/O
     # WebSocket (push.server_adapters); off sends every frame through ASGI.
     DIRECT_WRITES: bool = True
+    CLUSTER_ANNOUNCE_SECS: float = 5.0
+    NODE_DEAD_AFTER_SECS: float = 30.0
 
 
 def _load(overrides: dict[str, Any]) -> PushSettings:

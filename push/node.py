@@ -21,7 +21,6 @@ from accounts.principals import credentials_still_valid
 from push import broadcast as broadcast_module
 from push.broker import Broker
 from push.cluster import (
-    ANNOUNCE_SECS,
     CONTROL_GROUP,
     DISCONNECT_EVENT,
     TOP_CHANNELS,
@@ -54,7 +53,12 @@ class Node:
         self.broker = Broker(
             get_channel_layer(), on_message=self._on_broker_message, on_event=self._on_control
         )
-        self.directory = NodeDirectory(settings.REDIS_URL, server_id)
+        self.directory = NodeDirectory(
+            settings.REDIS_URL,
+            server_id,
+            announce_secs=push_settings.CLUSTER_ANNOUNCE_SECS,
+            dead_after_secs=push_settings.NODE_DEAD_AFTER_SECS,
+        )
         self.started_at = time.time()
         self._rate_marks: tuple[float, dict[str, int]] = (time.monotonic(), {})
         self.hub = Hub(
@@ -179,7 +183,7 @@ class Node:
                         logger.warning("node %s is gone: %d connections closed", server_id, closed)
             except Exception as exc:
                 logger.warning("cluster announce failed: %s", exc)
-            await asyncio.sleep(ANNOUNCE_SECS)
+            await asyncio.sleep(push_settings.CLUSTER_ANNOUNCE_SECS)
 
     async def _heartbeat_loop(self) -> None:
         timeout = push_settings.HEARTBEAT_TIMEOUT_SECS

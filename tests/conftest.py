@@ -34,6 +34,8 @@ def e2e_env(e2e_database: Database) -> dict[str, str]:
         # These tests publish hundreds of messages a second from one connection.
         "PUSH_RATE_BURST": "100000",
         "PUSH_RATE_PER_SEC": "100000",
+        "PUSH_CLUSTER_ANNOUNCE_SECS": "0.5",
+        "PUSH_NODE_DEAD_AFTER_SECS": "3",
     }
     manage(env, "migrate", "--no-input")
     return env

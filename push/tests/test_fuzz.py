@@ -61,7 +61,10 @@ class FuzzSession:
 
 
 @pytest.fixture
-def fuzz_session():  # type: ignore[no-untyped-def]
+def fuzz_session(settings):  # type: ignore[no-untyped-def]
+    # Hundreds of frames a second from one connection: above the default rate limit,
+    # which has tests of its own.
+    settings.PUSH = {"RATE_BURST": 1_000_000, "RATE_PER_SEC": 1_000_000}
     session = FuzzSession()
     yield session
     session.run(session.close())

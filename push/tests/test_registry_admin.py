@@ -81,6 +81,9 @@ def test_admin_lists_connections_messages_and_channels() -> None:
         "/admin/push/connection/?state=live",
         "/admin/push/message/?q=news",
         "/admin/push/channel/",
+        "/admin/push/connection/nodes/",
+        "/admin/accounts/channelgrant/",
+        "/admin/accounts/servicetoken/",
     ):
         response = browser.get(path)
         assert response.status_code == 200, path
