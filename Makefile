@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: venv run test lint format services bench token
+.PHONY: venv run test lint format services bench bench-codecs token
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ test: venv services lint
 
 bench: venv services
 	$(PY) -m bench $(BENCH_ARGS)
+
+bench-codecs: venv
+	$(PY) -m bench.codecs
 
 # A user with an API token for publishing on the development server: make token USER=alice
 token: venv

@@ -22,6 +22,13 @@ class PrincipalRateThrottle(SimpleRateThrottle):
         self.num_requests, self.duration = self.parse_rate(self.rate)
         return super().allow_request(request, view)
 
+    def get_rate(self) -> str | None:
+        # Read the rates when asked, not once at import as DRF's class attribute does,
+        # so settings changed at runtime (and in tests) apply.
+        from rest_framework.settings import api_settings
+
+        return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)  # type: ignore[no-any-return]
+
     def get_cache_key(self, request: Request, view: Any) -> str | None:
         principal = request_principal(request)
         ident = principal.key if principal.is_authenticated else self.get_ident(request)

@@ -22,6 +22,7 @@ from push.message import ChannelMessage
 logger = logging.getLogger(__name__)
 
 MESSAGE_EVENT = "push.message"
+PRESENCE_EVENT = "push.presence"
 # How long to wait before reading the inbox again after the layer failed (Redis down).
 RECEIVE_RETRY_SECS = 0.5
 

@@ -53,6 +53,7 @@ class NodeDirectory:
         self.announce_secs = announce_secs
         self.dead_after_secs = dead_after_secs
         self._redis: Any = None
+        self.prefix = _prefix()
         if redis_url:
             from redis import asyncio as aioredis
 
@@ -69,6 +70,10 @@ class NodeDirectory:
             pipe.set(node_key(self.server_id), json.dumps(stats), ex=ttl_secs)
             pipe.zadd(nodes_key(), {self.server_id: now})
             await pipe.execute()
+
+    @property
+    def redis(self) -> Any:
+        return self._redis
 
     async def withdraw(self) -> None:
         if self._redis is None:

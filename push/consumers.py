@@ -16,7 +16,12 @@ from typing import Any
 
 from channels.consumer import AsyncConsumer
 
-from accounts.permissions import authorize_publish, authorize_subscribe
+from accounts.permissions import (
+    authorize_presence,
+    authorize_publish,
+    authorize_subscribe,
+    is_presence_channel,
+)
 from accounts.principals import ANONYMOUS, Principal
 from accounts.subscription_tokens import subscription_token_verify
 from push import metrics, protocol
@@ -25,7 +30,8 @@ from push.conf import push_settings
 from push.connection import ClientConnection
 from push.errors import CloseCode, ErrorCode, PushError
 from push.node import Node, get_node
-from push.protocol import Heartbeat, Publish, RequestId, Subscribe, Unsubscribe
+from push.presence import member
+from push.protocol import Heartbeat, Presence, Publish, RequestId, Subscribe, Unsubscribe
 from push.registry import ConnectionRecord
 from push.services_async import message_publish_async
 
@@ -77,6 +83,30 @@ def _log_connection(
             "subscriptions": len(connection.subscriptions),
         },
     )
+
+
+def presence_member(connection: ClientConnection, claims: dict[str, Any] | None) -> dict[str, Any]:
+    """Who this connection is on a presence channel: its user, or the identity a signed
+    subscription token names (``user_id`` and ``info`` in its claims)."""
+    if claims is not None and "user_id" in claims:
+        return member(claims["user_id"], claims.get("info"))
+    principal = connection.principal
+    if principal.kind == "user":
+        return member(principal.id, {"username": principal.name})
+    if principal.kind == "service":
+        return member(principal.key, {"service": principal.name})
+    info = claims.get("info") if claims else None
+    return member(str(connection.connection_id), info)
+
+
+async def _leave_presence(node: Node, connection_id: str, channels: list[str]) -> None:
+    for channel in channels:
+        try:
+            left = await node.presence.leave(channel, connection_id)
+            if left is not None:
+                await node.announce_presence("leave", channel, left)
+        except Exception as exc:  # Redis down: the dead-node reaper is not for this node
+            logger.warning("presence leave on %s failed: %s", channel, exc)
 
 
 def _request_id_of(connection: ClientConnection, event: dict[str, Any]) -> RequestId | None:
@@ -186,11 +216,17 @@ class PushConsumer(AsyncConsumer):
         metrics.CONNECTIONS_CLOSED.labels(str(connection.close_code or "peer")).inc()
 
     def _release_subscriptions(self, connection: ClientConnection) -> None:
-        if self.node is None:
+        node = self.node
+        if node is None:
             return
+        presence_channels = [c for c in connection.subscriptions if is_presence_channel(c)]
         for subscription in connection.subscriptions.values():
-            self.node.hub.unsubscribe(subscription)
+            node.hub.unsubscribe(subscription)
         connection.subscriptions.clear()
+        if presence_channels:
+            node.loop.create_task(
+                _leave_presence(node, str(connection.connection_id), presence_channels)
+            )
 
     # ----- inbound frames ----------------------------------------------------------------
 
@@ -238,8 +274,9 @@ class PushConsumer(AsyncConsumer):
         )
 
     async def handle_subscribe(self, connection: ClientConnection, request: Subscribe) -> None:
+        claims = None
         if request.token is not None:
-            subscription_token_verify(request.token, channel=request.channel)
+            claims = subscription_token_verify(request.token, channel=request.channel)
         else:
             authorize_subscribe(connection.principal, request.channel)
         node = self._require_node()
@@ -272,16 +309,42 @@ class PushConsumer(AsyncConsumer):
         subscription = await node.hub.subscribe(
             connection, request.channel, since=request.since, reply=reply
         )
-        if connection.is_open:
-            connection.subscriptions[request.channel] = subscription
-        else:
+        if not connection.is_open:
             node.hub.unsubscribe(subscription)
+            return
+        connection.subscriptions[request.channel] = subscription
+        if is_presence_channel(request.channel):
+            await self._join_presence(node, connection, request.channel, claims)
+
+    async def _join_presence(
+        self,
+        node: Node,
+        connection: ClientConnection,
+        channel: str,
+        claims: dict[str, Any] | None,
+    ) -> None:
+        joined = presence_member(connection, claims)
+        if await node.presence.join(channel, str(connection.connection_id), joined):
+            await node.announce_presence("join", channel, joined)
+
+    async def handle_presence(self, connection: ClientConnection, request: Presence) -> None:
+        # A member of the channel sees who else is there; others need the presence right.
+        subscribed = request.channel in connection.subscriptions
+        if not (subscribed and is_presence_channel(request.channel)):
+            authorize_presence(connection.principal, request.channel)
+        members = await self._require_node().presence.members(request.channel)
+        connection.send_envelope(
+            protocol.presence(channel=request.channel, members=members, request_id=request.id)
+        )
 
     async def handle_unsubscribe(self, connection: ClientConnection, request: Unsubscribe) -> None:
         subscription = connection.subscriptions.pop(request.channel, None)
         if subscription is None:
             raise PushError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {request.channel!r}")
-        self._require_node().hub.unsubscribe(subscription)
+        node = self._require_node()
+        node.hub.unsubscribe(subscription)
+        if is_presence_channel(request.channel):
+            await _leave_presence(node, str(connection.connection_id), [request.channel])
         connection.send_envelope(
             protocol.unsubscribed(channel=request.channel, request_id=request.id)
         )
@@ -318,6 +381,7 @@ class PushConsumer(AsyncConsumer):
         Unsubscribe: handle_unsubscribe,
         Publish: handle_publish,
         Heartbeat: handle_heartbeat,
+        Presence: handle_presence,
     }
 
 
@@ -326,6 +390,7 @@ _REQUEST_TYPES = {
     Unsubscribe: "unsubscribe",
     Publish: "publish",
     Heartbeat: "heartbeat",
+    Presence: "presence",
 }
 
 

@@ -22,7 +22,7 @@ import fnmatch
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from push import metrics
 from push.errors import ErrorCode, PushError
@@ -412,6 +412,19 @@ class Hub:
         metrics.MESSAGES_FANNED_OUT.inc()
         metrics.DELIVERIES.inc(delivered)
         metrics.PUBLISH_TO_DELIVERY.observe(max(0.0, time.time() - message.timestamp))
+
+    def deliver_event(self, channel: str, envelope: dict[str, Any]) -> None:
+        """Push an envelope that is not a numbered message (presence join and leave) to
+        the channel's subscribers on this node, encoded once per format."""
+        hub_channel = self.channels.get(channel)
+        if hub_channel is None:
+            return
+        for by_codec in hub_channel.live.values():
+            codec = next(iter(by_codec.values())).subscriber.codec
+            payload = codec.encode(envelope)
+            frame = OutFrame(codec.send_event(payload), len(payload))
+            for push in by_codec:
+                push(frame)
 
     def _feed_catching_up(self, hub_channel: HubChannel, message: ChannelMessage) -> None:
         for subscription in list(hub_channel.catching_up):

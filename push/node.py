@@ -19,7 +19,7 @@ from django.conf import settings
 
 from accounts.principals import credentials_still_valid
 from push import broadcast as broadcast_module
-from push.broker import Broker
+from push.broker import PRESENCE_EVENT, Broker, channel_group
 from push.cluster import (
     CONTROL_GROUP,
     DISCONNECT_EVENT,
@@ -33,6 +33,8 @@ from push.history import DatabaseHistory
 from push.hub import Hub
 from push.limits import ConnectionCounter
 from push.message import ChannelMessage
+from push.presence import PresenceStore
+from push.protocol import presence_change
 from push.registry import ConnectionRegistry, close_node_connections
 
 if TYPE_CHECKING:
@@ -59,6 +61,7 @@ class Node:
             announce_secs=push_settings.CLUSTER_ANNOUNCE_SECS,
             dead_after_secs=push_settings.NODE_DEAD_AFTER_SECS,
         )
+        self.presence = PresenceStore(self.directory.redis, self.directory.prefix, server_id)
         self.started_at = time.time()
         self._rate_marks: tuple[float, dict[str, int]] = (time.monotonic(), {})
         self.hub = Hub(
@@ -132,7 +135,20 @@ class Node:
             except Exception as exc:
                 logger.warning("history sync failed: %s", exc)
 
+    async def announce_presence(self, kind: str, channel: str, member: dict[str, Any]) -> None:
+        """Tell every node serving ``channel`` (this one too) that a member joined/left."""
+        event = {"type": PRESENCE_EVENT, "channel": channel, "kind": kind, "member": member}
+        await self.broker.send_event(channel_group(channel), event)
+
     def _on_control(self, event: dict[str, Any]) -> None:
+        if event.get("type") == PRESENCE_EVENT:
+            self.hub.deliver_event(
+                event["channel"],
+                presence_change(
+                    kind=event["kind"], channel=event["channel"], member=event["member"]
+                ),
+            )
+            return
         if event.get("type") != DISCONNECT_EVENT:
             return
         connection_ids = set(event.get("connection_ids") or ())
@@ -179,11 +195,19 @@ class Node:
                 for server_id in await self.directory.dead_nodes():
                     if server_id != self.server_id:
                         closed = await _close_all(server_id, CloseCode.SERVER_ERROR)
+                        await self._reap_presence(server_id)
                         await self.directory.forget(server_id)
                         logger.warning("node %s is gone: %d connections closed", server_id, closed)
             except Exception as exc:
                 logger.warning("cluster announce failed: %s", exc)
             await asyncio.sleep(push_settings.CLUSTER_ANNOUNCE_SECS)
+
+    async def _reap_presence(self, server_id: str) -> None:
+        """A dead node's members leave, announced as if their connections had closed."""
+        for channel, connection_id in await self.presence.entries_of(server_id):
+            left = await self.presence.leave(channel, connection_id, server_id=server_id)
+            if left is not None:
+                await self.announce_presence("leave", channel, left)
 
     async def _heartbeat_loop(self) -> None:
         timeout = push_settings.HEARTBEAT_TIMEOUT_SECS

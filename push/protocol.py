@@ -55,7 +55,13 @@ class Heartbeat:
     id: RequestId | None = None
 
 
-Request = Subscribe | Unsubscribe | Publish | Heartbeat
+@dataclass(frozen=True, slots=True)
+class Presence:
+    channel: str
+    id: RequestId | None = None
+
+
+Request = Subscribe | Unsubscribe | Publish | Heartbeat | Presence
 
 
 def is_valid_channel_name(name: object) -> bool:
@@ -185,7 +191,12 @@ def _parse_heartbeat(envelope: Mapping[str, Any], request_id: RequestId | None) 
     return Heartbeat(id=request_id)
 
 
+def _parse_presence(envelope: Mapping[str, Any], request_id: RequestId | None) -> Presence:
+    return Presence(channel=validate_channel_name(envelope.get("channel")), id=request_id)
+
+
 _PARSERS = {
+    "presence": _parse_presence,
     "subscribe": _parse_subscribe,
     "unsubscribe": _parse_unsubscribe,
     "publish": _parse_publish,
@@ -256,3 +267,14 @@ def heartbeat_ack(*, timestamp: float, request_id: RequestId | None) -> dict[str
 
 def error(*, code: ErrorCode, message: str, request_id: RequestId | None = None) -> dict[str, Any]:
     return _with_id({"type": "error", "code": code.value, "message": message}, request_id)
+
+
+def presence(
+    *, channel: str, members: list[dict[str, Any]], request_id: RequestId | None
+) -> dict[str, Any]:
+    return _with_id({"type": "presence", "channel": channel, "members": members}, request_id)
+
+
+def presence_change(*, kind: str, channel: str, member: dict[str, Any]) -> dict[str, Any]:
+    """A ``join`` or ``leave`` pushed to the channel's subscribers."""
+    return {"type": kind, "channel": channel, "member": member}

@@ -56,3 +56,50 @@ async def test_killed_node_connections_are_marked_closed_by_another(
     assert e2e_database.query(query, doomed.name) == [(0,)]
     for ws in clients:
         ws.transport.abort()
+
+
+async def test_presence_across_nodes_and_a_dead_node_members_leave(
+    two_nodes: tuple[ServerNode, ServerNode], e2e_env: dict[str, str]
+) -> None:
+    room = f"presence-{uuid.uuid4().hex[:6]}"
+    grant = "from accounts.models import ChannelGrant; from django.contrib.auth.models import User;"
+
+    def member_token(name: str) -> str:
+        token = create_token(e2e_env, name)
+        manage(
+            e2e_env,
+            "shell",
+            "-c",
+            grant + f"ChannelGrant.objects.create(user=User.objects.get(username={name!r}),"
+            " pattern='presence-*', can_subscribe=True)",
+        )
+        return token
+
+    watcher_token = await asyncio.to_thread(member_token, f"w-{uuid.uuid4().hex[:6]}")
+    roamer_token = await asyncio.to_thread(member_token, f"r-{uuid.uuid4().hex[:6]}")
+    watcher = await open_ws(two_nodes[0].ws_url, token=watcher_token)
+    await watcher.send(json.dumps({"type": "subscribe", "channel": room}))
+
+    async def next_of(kind: str) -> dict:
+        while True:
+            envelope = json.loads(await asyncio.wait_for(watcher.recv(), 15))
+            if envelope["type"] == kind:
+                return envelope
+
+    await next_of("join")  # the watcher itself
+    doomed = ServerNode(e2e_env, name=f"doomed-{uuid.uuid4().hex[:6]}").start()
+    tabs = [
+        await open_ws(doomed.ws_url, token=roamer_token),
+        await open_ws(two_nodes[1].ws_url, token=roamer_token),
+    ]
+    for tab in tabs:
+        await tab.send(json.dumps({"type": "subscribe", "channel": room}))
+    joined = await next_of("join")
+    await watcher.send(json.dumps({"type": "presence", "channel": room}))
+    listing = await next_of("presence")
+    assert len(listing["members"]) == 2, "three connections, two members"
+    doomed.stop(signal.SIGKILL)  # the roamer is still there through node B: no leave
+    await tabs[1].close()  # now its last connection is gone (the dead one is reaped)
+    left = await next_of("leave")
+    assert left["member"]["user_id"] == joined["member"]["user_id"]
+    await watcher.close()

@@ -1,9 +1,15 @@
 from django.urls import path
 
-from push.api.views import ChannelListView, ChannelMessagesView, UserMessagesView
+from push.api.views import (
+    ChannelListView,
+    ChannelMessagesView,
+    ChannelPresenceView,
+    UserMessagesView,
+)
 
 urlpatterns = [
     path("channels/", ChannelListView.as_view(), name="channel-list"),
     path("channels/<str:channel>/messages", ChannelMessagesView.as_view(), name="channel-messages"),
+    path("channels/<str:channel>/presence", ChannelPresenceView.as_view(), name="presence"),
     path("users/<int:user_id>/messages", UserMessagesView.as_view(), name="user-messages"),
 ]

@@ -15,7 +15,12 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.authentication import request_principal
-from accounts.permissions import authorize_publish, authorize_subscribe, visible_channels
+from accounts.permissions import (
+    authorize_presence,
+    authorize_publish,
+    authorize_subscribe,
+    visible_channels,
+)
 from push import metrics, selectors
 from push.api.serializers import (
     HistoryQuerySerializer,
@@ -25,6 +30,7 @@ from push.api.serializers import (
 )
 from push.conf import push_settings
 from push.errors import ErrorCode, PushError
+from push.presence import presence_members_sync
 from push.protocol import validate_channel_name
 from push.services import message_publish, message_publish_idempotent, user_channel
 
@@ -127,3 +133,12 @@ class UserMessagesView(APIView):
 
     def post(self, request: Request, user_id: int) -> Response:
         return _publish_response(request, user_channel(user_id))
+
+
+class ChannelPresenceView(APIView):
+    """``GET /api/v1/channels/<presence-channel>/presence``: who is there now."""
+
+    def get(self, request: Request, channel: str) -> Response:
+        validate_channel_name(channel)
+        authorize_presence(request_principal(request), channel)
+        return Response({"channel": channel, "members": presence_members_sync(channel)})

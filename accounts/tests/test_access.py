@@ -1,0 +1,214 @@
+"""Access control as clients meet it: grants, service tokens, signed subscription
+tokens, revocation of live connections, connection limits, REST throttling, sending
+to one user."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings as django_settings
+from django.contrib.auth.models import Group, User
+from django.core.management import call_command
+from django.test import override_settings
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from accounts.models import ChannelGrant, ServiceToken
+from accounts.subscription_tokens import subscription_token_issue
+from push.errors import CloseCode
+from push.node import get_node
+from push.tests.wsclient import connected_client, open_client
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _user_token(username: str, **grant: object) -> tuple[User, str]:
+    user = User.objects.create_user(username, password="x")
+    if grant:
+        ChannelGrant.objects.create(user=user, **grant)
+    return user, Token.objects.create(user=user).key
+
+
+# ----- grants -----------------------------------------------------------------------------
+
+
+async def test_private_channel_needs_a_grant_and_a_group_grant_counts() -> None:
+    def setup() -> tuple[str, str]:
+        _, outsider = _user_token("outsider")
+        member, member_token = _user_token("member")
+        group = Group.objects.create(name="staffroom")
+        member.groups.add(group)
+        ChannelGrant.objects.create(group=group, pattern="private-staff*", can_subscribe=True)
+        return outsider, member_token
+
+    outsider, member = await sync_to_async(setup)()
+    for token, expected in ((outsider, "error"), (member, "subscribed")):
+        client = await connected_client(token=token)
+        reply = await client.request({"type": "subscribe", "channel": "private-staffroom"})
+        assert reply["type"] == expected, reply
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "channel", ["PRIVATE-x", "Private-x", "presence-x", "USER:1", "user:01", "user:1.0"]
+)
+async def test_look_alike_reserved_names_stay_closed(channel: str) -> None:
+    client = await connected_client()
+    reply = await client.request({"type": "subscribe", "channel": channel})
+    assert reply["code"] == "FORBIDDEN"
+    await client.close()
+
+
+# ----- service tokens ---------------------------------------------------------------------
+
+
+def test_service_token_scoped_publish_over_rest() -> None:
+    call_command("service_token", "create", "feed", "--scope", "publish:ticker:*", stdout=_Sink())
+    key = _Sink.last
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {key}")
+    ok = api.post("/api/v1/channels/ticker:ACME/messages", {"data": 1}, format="json")
+    assert ok.status_code == 201
+    denied = api.post("/api/v1/channels/news/messages", {"data": 1}, format="json")
+    assert denied.status_code == 403
+    token = ServiceToken.objects.get(name="feed")
+    assert token.last_used_at is not None and token.key_hash != key
+    call_command("service_token", "revoke", "feed", stdout=_Sink())
+    gone = api.post("/api/v1/channels/ticker:ACME/messages", {"data": 1}, format="json")
+    assert gone.status_code == 401
+
+
+def test_send_to_one_user_needs_staff_or_a_granted_service() -> None:
+    target, _ = _user_token("target")
+    _, plain = _user_token("plain", pattern="*", can_publish=True)
+    service, key = ServiceToken.issue("notifier")
+    ChannelGrant.objects.create(service_token=service, pattern="user:*", can_publish=True)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {plain}")
+    url = f"/api/v1/users/{target.pk}/messages"
+    assert api.post(url, {"data": "hi"}, format="json").status_code == 403
+    api.credentials(HTTP_AUTHORIZATION=f"Token {key}")
+    response = api.post(url, {"data": "hi"}, format="json")
+    assert response.status_code == 201
+    assert response.json()["channel"] == f"user:{target.pk}"
+
+
+async def test_user_receives_what_is_sent_to_them_on_every_connection() -> None:
+    def setup() -> tuple[User, str, str]:
+        target, token = _user_token("target")
+        service, key = ServiceToken.issue("notifier")
+        ChannelGrant.objects.create(service_token=service, pattern="user:*", can_publish=True)
+        return target, token, key
+
+    target, token, key = await sync_to_async(setup)()
+    tabs = [await connected_client(token=token) for _ in range(2)]
+    for tab in tabs:
+        await tab.request({"type": "subscribe", "channel": f"user:{target.pk}"})
+
+    def send() -> int:
+        api = APIClient()
+        api.credentials(HTTP_AUTHORIZATION=f"Token {key}")
+        return api.post(f"/api/v1/users/{target.pk}/messages", {"data": "ping"}, format="json")
+
+    await sync_to_async(send)()
+    for tab in tabs:
+        assert (await tab.recv_type("message"))["data"] == "ping"
+        await tab.close()
+
+
+# ----- signed subscription tokens ---------------------------------------------------------
+
+
+async def test_signed_token_grants_one_private_channel() -> None:
+    token = subscription_token_issue(channel="private-room-7", ttl_secs=60, info={"name": "Ann"})
+    client = await connected_client()
+    reply = await client.request({"type": "subscribe", "channel": "private-room-7", "token": token})
+    assert reply["type"] == "subscribed"
+    other = await client.request({"type": "subscribe", "channel": "private-room-8", "token": token})
+    assert other["code"] == "FORBIDDEN" and "another channel" in other["message"]
+    await client.close()
+
+
+@pytest.mark.parametrize("tamper", ["expired", "signature", "payload", "garbage"])
+async def test_bad_signed_tokens_are_forbidden(tamper: str) -> None:
+    token = subscription_token_issue(channel="private-x", ttl_secs=60)
+    payload, signature = token.split(".")
+    if tamper == "expired":
+        token = subscription_token_issue(channel="private-x", ttl_secs=-1)
+    elif tamper == "signature":
+        token = f"{payload}.{signature[:-2]}AA"
+    elif tamper == "payload":
+        forged = json.dumps({"ch": "private-x", "exp": int(time.time()) + 10**6})
+        token = base64.urlsafe_b64encode(forged.encode()).rstrip(b"=").decode() + "." + signature
+    else:
+        token = "not-a-token"
+    client = await connected_client()
+    reply = await client.request({"type": "subscribe", "channel": "private-x", "token": token})
+    assert reply["code"] == "FORBIDDEN"
+    await client.close()
+
+
+# ----- revocation and limits --------------------------------------------------------------
+
+
+@override_settings(PUSH={"REVOCATION_CHECK_SECS": 0.2})
+async def test_revoked_token_closes_its_open_connections() -> None:
+    _, token = await sync_to_async(_user_token)("leaver")
+    client = await connected_client(token=token)
+    await Token.objects.filter(key=token).adelete()
+    assert await client.expect_close(timeout=5) == CloseCode.POLICY
+    accepted, _, _ = await open_client(token=token)
+    assert not accepted, "a revoked token is refused, not downgraded to anonymous"
+
+
+@override_settings(PUSH={"MAX_CONNECTIONS_PER_USER": 2})
+async def test_connections_per_user_are_limited() -> None:
+    _, token = await sync_to_async(_user_token)("busy")
+    first = await connected_client(token=token)
+    second = await connected_client(token=token)
+    accepted, third, _ = await open_client(token=token)
+    assert accepted
+    assert await third.expect_close() == CloseCode.TRY_AGAIN_LATER
+    await first.close()
+    await second.close()
+    node = await get_node()
+    assert not node.connections
+
+
+@override_settings(
+    REST_FRAMEWORK={
+        **django_settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {"principal": "3/min", "anonymous": "2/min"},
+    }
+)
+def test_rest_is_throttled_per_credential() -> None:
+    from django.core.cache import cache
+
+    cache.clear()
+    _, token = _user_token("chatty", pattern="*", can_publish=True)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+    codes = [
+        api.post("/api/v1/channels/news/messages", {"data": n}, format="json").status_code
+        for n in range(4)
+    ]
+    assert codes == [201, 201, 201, 429]
+    limited = api.post("/api/v1/channels/news/messages", {"data": 9}, format="json")
+    assert limited.json()["code"] == "RATE_LIMITED"
+
+
+class _Sink:
+    """A stdout that remembers the last line a command wrote (the key it printed)."""
+
+    last = ""
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            _Sink.last = text.strip()
+
+    def flush(self) -> None:
+        pass

@@ -1,0 +1,99 @@
+"""Presence on presence-* channels: one member per user however many connections,
+join with the first, leave with the last, member lists over WebSocket and REST."""
+
+from __future__ import annotations
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth.models import User
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from accounts.models import ChannelGrant
+from push.tests.wsclient import connected_client
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ROOM = "presence-lobby"
+
+
+def _member_token(username: str) -> tuple[int, str]:
+    user = User.objects.create_user(username, password="x")
+    ChannelGrant.objects.create(user=user, pattern="presence-*", can_subscribe=True)
+    return user.pk, Token.objects.create(user=user).key
+
+
+async def _join(token: str, wire_format: str = "v1.json"):  # type: ignore[no-untyped-def]
+    client = await connected_client(token=token, subprotocol=wire_format)
+    reply = await client.request({"type": "subscribe", "channel": ROOM})
+    assert reply["type"] == "subscribed", reply
+    return client
+
+
+async def test_one_member_per_user_join_first_leave_last(wire_format: str) -> None:
+    ann_id, ann = await sync_to_async(_member_token)("ann")
+    bob_id, bob = await sync_to_async(_member_token)("bob")
+    watcher = await _join(ann, wire_format)
+    joined = await watcher.recv_type("join")
+    assert joined["member"]["user_id"] == ann_id
+    bob_tabs = [await _join(bob) for _ in range(3)]
+    joined = await watcher.recv_type("join")
+    assert joined == {
+        "type": "join",
+        "channel": ROOM,
+        "member": {"user_id": bob_id, "info": {"username": "bob"}},
+    }
+    await watcher.expect_nothing(0.3)  # the second and third tab are the same member
+    listing = await watcher.request({"type": "presence", "channel": ROOM, "id": 1})
+    assert listing["id"] == 1
+    assert sorted(m["user_id"] for m in listing["members"]) == sorted([ann_id, bob_id])
+    for tab in bob_tabs[:2]:
+        await tab.close()
+    await watcher.expect_nothing(0.3)
+    await bob_tabs[2].request({"type": "unsubscribe", "channel": ROOM})
+    left = await watcher.recv_type("leave")
+    assert left["member"]["user_id"] == bob_id
+    await bob_tabs[2].close()
+    await watcher.close()
+
+
+async def test_member_list_needs_membership_or_presence_right() -> None:
+    _, ann = await sync_to_async(_member_token)("ann")
+    outsider = await connected_client()
+    reply = await outsider.request({"type": "presence", "channel": ROOM})
+    assert reply["code"] == "FORBIDDEN"
+    reply = await outsider.request({"type": "presence", "channel": "news"})
+    assert reply["code"] in {"FORBIDDEN", "INVALID_MESSAGE"}
+    member = await _join(ann)
+    assert (await member.request({"type": "presence", "channel": ROOM}))["type"] in {
+        "join",
+        "presence",
+    }
+    await outsider.close()
+    await member.close()
+
+
+async def test_presence_over_rest() -> None:
+    ann_id, ann = await sync_to_async(_member_token)("ann")
+    member = await _join(ann)
+    await member.recv_type("join")
+
+    def listing(token: str) -> tuple[int, dict]:
+        api = APIClient()
+        api.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+        response = api.get(f"/api/v1/channels/{ROOM}/presence")
+        return response.status_code, response.json()
+
+    def watcher_token() -> str:
+        user = User.objects.create_user("watcher", password="x")
+        ChannelGrant.objects.create(
+            user=user, pattern="presence-*", can_subscribe=True, can_presence=True
+        )
+        return Token.objects.create(user=user).key
+
+    status, body = await sync_to_async(listing)(await sync_to_async(watcher_token)())
+    assert status == 200
+    assert [m["user_id"] for m in body["members"]] == [ann_id]
+    status, _ = await sync_to_async(listing)(ann)  # a member without the presence right
+    assert status == 403
+    await member.close()
