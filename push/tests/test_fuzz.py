@@ -83,27 +83,19 @@ async def _answered_and_usable(client: WsClient, observer: WsClient | None) -> N
 
 
 @settings(
-    max_examples=FUZZ_EXAMPLES,
+    max_examples=FUZZ_EXAMPLES * 2,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(wire_format=st.sampled_from(WIRE_FORMATS), payload=st.binary(max_size=300))
-def test_arbitrary_bytes(fuzz_session: FuzzSession, wire_format: str, payload: bytes) -> None:
-    async def scenario() -> None:
-        client = await fuzz_session.client(wire_format)
-        await client.send_payload(payload)
-        await _answered_and_usable(client, fuzz_session.observer)
-
-    fuzz_session.run(scenario())
-
-
-@settings(
-    max_examples=FUZZ_EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
+@given(
+    wire_format=st.sampled_from(WIRE_FORMATS),
+    payload=st.binary(max_size=300) | st.text(max_size=300),
 )
-@given(wire_format=st.sampled_from(WIRE_FORMATS), payload=st.text(max_size=300))
-def test_arbitrary_text(fuzz_session: FuzzSession, wire_format: str, payload: str) -> None:
+def test_arbitrary_frames(
+    fuzz_session: FuzzSession, wire_format: str, payload: bytes | str
+) -> None:
+    """Any bytes or text, as a binary or a text frame, on any format's connection."""
+
     async def scenario() -> None:
         client = await fuzz_session.client(wire_format)
         await client.send_payload(payload)
