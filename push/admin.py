@@ -9,13 +9,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from django.conf import settings
 from django.contrib import admin
 from django.db.models import Min, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path
 
-from push.cluster import cluster_nodes, connections_disconnect
+from push.cluster import cluster_nodes, connections_disconnect, redis_prefix
+from push.event_worker import dead_letters
 from push.models import Channel, Connection, Message
 from push.retention import retention_policy
 
@@ -98,7 +100,30 @@ class ConnectionAdmin(ReadOnlyAdmin):
 
     def get_urls(self) -> list[Any]:
         nodes = path("nodes/", self.admin_site.admin_view(self.nodes_view), name="push_nodes")
-        return [nodes, *super().get_urls()]
+        dead = path(
+            "events/dead/", self.admin_site.admin_view(self.dead_events_view), name="push_dead"
+        )
+        return [nodes, dead, *super().get_urls()]
+
+    def dead_events_view(self, request: HttpRequest) -> HttpResponse:
+        """Lifecycle events that kept failing their handlers (the dead-letter stream)."""
+        stream = f"{redis_prefix()}:events"
+        rows: list[dict[str, Any]] = []
+        if settings.REDIS_URL:
+            import redis
+
+            client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
+            try:
+                rows = dead_letters(client, stream)
+            finally:
+                client.close()
+        context = {
+            **self.admin_site.each_context(request),
+            "rows": rows,
+            "stream": stream,
+            "available": bool(settings.REDIS_URL),
+        }
+        return TemplateResponse(request, "admin/push/dead_events.html", context)
 
     def nodes_view(self, request: HttpRequest) -> HttpResponse:
         """Every live node, and the busiest channels summed over nodes."""

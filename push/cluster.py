@@ -30,17 +30,17 @@ DISCONNECT_EVENT = "push.disconnect"
 TOP_CHANNELS = 100
 
 
-def _prefix() -> str:
+def redis_prefix() -> str:
     layers = getattr(settings, "CHANNEL_LAYERS", {})
     return str(layers.get("default", {}).get("CONFIG", {}).get("prefix", "push"))
 
 
 def node_key(server_id: str) -> str:
-    return f"{_prefix()}:node:{server_id}"
+    return f"{redis_prefix()}:node:{server_id}"
 
 
 def nodes_key() -> str:
-    return f"{_prefix()}:nodes"
+    return f"{redis_prefix()}:nodes"
 
 
 class NodeDirectory:
@@ -53,7 +53,7 @@ class NodeDirectory:
         self.announce_secs = announce_secs
         self.dead_after_secs = dead_after_secs
         self._redis: Any = None
-        self.prefix = _prefix()
+        self.prefix = redis_prefix()
         if redis_url:
             from redis import asyncio as aioredis
 

@@ -47,6 +47,13 @@ class PushSettings:
     DIRECT_WRITES: bool = True
     CLUSTER_ANNOUNCE_SECS: float = 5.0
     NODE_DEAD_AFTER_SECS: float = 30.0
+    EVENTS: bool = True
+    EVENT_STREAM_MAXLEN: int = 1_000_000
+    EVENT_HANDLERS: list[str] = field(default_factory=list)
+    EVENT_MAX_ATTEMPTS: int = 5
+    EVENT_RETRY_SECS: float = 10.0
+    WEBHOOK_URLS: list[str] = field(default_factory=list)
+    WEBHOOK_SECRET: str | None = None
 
 
 def _load(overrides: dict[str, Any]) -> PushSettings:

@@ -24,7 +24,7 @@ from accounts.permissions import (
 )
 from accounts.principals import ANONYMOUS, Principal
 from accounts.subscription_tokens import subscription_token_verify
-from push import metrics, protocol
+from push import events, metrics, protocol
 from push.codecs import UnknownSubprotocol, negotiate
 from push.conf import push_settings
 from push.connection import ClientConnection
@@ -198,6 +198,13 @@ class PushConsumer(AsyncConsumer):
                 connected_at=_now(),
             )
         )
+        self.node.events.emit(
+            events.CONNECT,
+            connection_id=str(connection.connection_id),
+            principal=principal.key,
+            ip=connection.ip,
+            wire_format=codec.name,
+        )
         metrics.CONNECTIONS_OPENED.labels(codec.name).inc()
         metrics.CONNECTIONS_ACTIVE.labels(codec.name).inc()
         return True
@@ -207,6 +214,15 @@ class PushConsumer(AsyncConsumer):
         if connection is None:
             return
         _log_connection(connection, close_code, by_server=not connection.is_open)
+        if self.node is not None:
+            self.node.events.emit(
+                events.DISCONNECT,
+                connection_id=str(connection.connection_id),
+                principal=connection.principal.key,
+                close_code=connection.close_code if not connection.is_open else close_code,
+                duration_secs=round(time.monotonic() - connection.opened_at, 3),
+                channels=list(connection.subscriptions),
+            )
         self._release_subscriptions(connection)
         connection.mark_closed(close_code)
         if self.node is not None:
@@ -313,6 +329,12 @@ class PushConsumer(AsyncConsumer):
             node.hub.unsubscribe(subscription)
             return
         connection.subscriptions[request.channel] = subscription
+        node.events.emit(
+            events.SUBSCRIBE,
+            connection_id=str(connection.connection_id),
+            principal=connection.principal.key,
+            channel=request.channel,
+        )
         if is_presence_channel(request.channel):
             await self._join_presence(node, connection, request.channel, claims)
 
@@ -343,6 +365,12 @@ class PushConsumer(AsyncConsumer):
             raise PushError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {request.channel!r}")
         node = self._require_node()
         node.hub.unsubscribe(subscription)
+        node.events.emit(
+            events.UNSUBSCRIBE,
+            connection_id=str(connection.connection_id),
+            principal=connection.principal.key,
+            channel=request.channel,
+        )
         if is_presence_channel(request.channel):
             await _leave_presence(node, str(connection.connection_id), [request.channel])
         connection.send_envelope(

@@ -63,3 +63,9 @@ REQUEST_SECONDS = Histogram(
     buckets=_CALL_BUCKETS,
 )
 BROKER_ERRORS = Counter("push_broker_errors_total", "Failed channel-layer calls", ["operation"])
+EVENTS_DROPPED = Counter(
+    "push_events_dropped_total", "Lifecycle events dropped while Redis was unreachable"
+)
+EVENTS_PROCESSED = Counter(
+    "push_events_processed_total", "Lifecycle events handled by workers", ["outcome"]
+)

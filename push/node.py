@@ -29,6 +29,7 @@ from push.cluster import (
 from push.conf import push_settings
 from push.db import db_call
 from push.errors import CloseCode
+from push.events import EventLog
 from push.history import DatabaseHistory
 from push.hub import Hub
 from push.limits import ConnectionCounter
@@ -62,12 +63,18 @@ class Node:
             dead_after_secs=push_settings.NODE_DEAD_AFTER_SECS,
         )
         self.presence = PresenceStore(self.directory.redis, self.directory.prefix, server_id)
+        self.events = EventLog(
+            self.directory.redis if push_settings.EVENTS else None,
+            self.directory.prefix,
+            server_id,
+            maxlen=push_settings.EVENT_STREAM_MAXLEN,
+        )
         self.started_at = time.time()
         self._rate_marks: tuple[float, dict[str, int]] = (time.monotonic(), {})
         self.hub = Hub(
             history=DatabaseHistory(),
-            join=self.broker.join,
-            leave=self.broker.leave,
+            join=self._join_channel,
+            leave=self._leave_channel,
             drop_oldest_patterns=list(push_settings.DROP_OLDEST_CHANNELS),
             gap_wait_secs=push_settings.GAP_WAIT_SECS,
             recent_size=push_settings.RECENT_PER_CHANNEL,
@@ -106,6 +113,7 @@ class Node:
             self.loop.create_task(self._revocation_loop(), name="push-revocation"),
             self.loop.create_task(self._heartbeat_loop(), name="push-heartbeats"),
             self.loop.create_task(self._cluster_loop(), name="push-cluster"),
+            self.loop.create_task(self.events.run(), name="push-events"),
         ]
         self.is_running = True
         broadcast_module.set_running_node(self)
@@ -134,6 +142,20 @@ class Node:
                 await self.hub.sync_with_history()
             except Exception as exc:
                 logger.warning("history sync failed: %s", exc)
+
+    async def _join_channel(self, channel: str) -> None:
+        await self.broker.join(channel)
+        try:
+            await self.events.occupied(channel)
+        except Exception as exc:  # events are for operators; delivery goes on
+            logger.warning("occupancy of %s not recorded: %s", channel, exc)
+
+    async def _leave_channel(self, channel: str) -> None:
+        await self.broker.leave(channel)
+        try:
+            await self.events.vacated(channel)
+        except Exception as exc:
+            logger.warning("vacancy of %s not recorded: %s", channel, exc)
 
     async def announce_presence(self, kind: str, channel: str, member: dict[str, Any]) -> None:
         """Tell every node serving ``channel`` (this one too) that a member joined/left."""
@@ -196,6 +218,7 @@ class Node:
                     if server_id != self.server_id:
                         closed = await _close_all(server_id, CloseCode.SERVER_ERROR)
                         await self._reap_presence(server_id)
+                        await self.events.vacate_all_of(server_id)
                         await self.directory.forget(server_id)
                         logger.warning("node %s is gone: %d connections closed", server_id, closed)
             except Exception as exc:
@@ -238,6 +261,8 @@ class Node:
             self.release(connection)
         try:
             await self.registry.close_all(code)
+            await self.events.vacate_all_of(self.server_id)
+            await self.events.flush()
             await self.directory.withdraw()
         except Exception as exc:
             logger.warning("could not mark connections closed: %s", exc)

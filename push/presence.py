@@ -135,7 +135,7 @@ def presence_members_sync(channel: str) -> list[Member]:
     from django.conf import settings
 
     from push.broadcast import running_node
-    from push.cluster import _prefix
+    from push.cluster import redis_prefix
 
     if not settings.REDIS_URL:
         node = running_node()
@@ -144,6 +144,6 @@ def presence_members_sync(channel: str) -> list[Member]:
 
     client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=5)
     try:
-        return _members_from(client.hgetall(f"{_prefix()}:presence:{channel}:members"))
+        return _members_from(client.hgetall(f"{redis_prefix()}:presence:{channel}:members"))
     finally:
         client.close()

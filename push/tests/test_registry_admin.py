@@ -82,6 +82,7 @@ def test_admin_lists_connections_messages_and_channels() -> None:
         "/admin/push/message/?q=news",
         "/admin/push/channel/",
         "/admin/push/connection/nodes/",
+        "/admin/push/connection/events/dead/",
         "/admin/accounts/channelgrant/",
         "/admin/accounts/servicetoken/",
     ):

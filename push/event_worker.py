@@ -1,0 +1,149 @@
+"""The event worker: reads lifecycle events from the stream with a consumer group and
+runs the handlers (``PUSH_EVENT_HANDLERS``, plus the webhook sender when
+``PUSH_WEBHOOK_URLS`` is set, plus any ``register_handler``).
+
+An entry is acknowledged only after every handler succeeded. A worker that dies leaves
+its entries pending; any worker claims entries idle for ``PUSH_EVENT_RETRY_SECS``
+(XAUTOCLAIM) and runs them again, so handlers see each event at least once (dedupe by
+the event's ``id``). An entry that failed ``PUSH_EVENT_MAX_ATTEMPTS`` times moves to
+the dead-letter stream ``<prefix>:events:dead``, shown in the admin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.utils.module_loading import import_string
+
+from push import metrics
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], None]
+DEFAULT_GROUP = "push-handlers"
+BATCH = 100
+BLOCK_MS = 1000
+
+_registered: list[Handler] = []
+
+
+def register_handler(handler: Handler) -> Handler:
+    """Run ``handler(event)`` for every lifecycle event (usable as a decorator)."""
+    _registered.append(handler)
+    return handler
+
+
+def configured_handlers() -> list[Handler]:
+    from push.conf import push_settings
+
+    handlers = [import_string(path) for path in push_settings.EVENT_HANDLERS]
+    if push_settings.WEBHOOK_URLS:
+        from push.webhooks import deliver_webhooks
+
+        handlers.append(deliver_webhooks)
+    return handlers + _registered
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class EventWorker:
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        handlers: list[Handler],
+        max_attempts: int,
+        retry_idle_ms: int,
+    ) -> None:
+        self.redis = redis
+        self.stream = stream
+        self.dead_stream = f"{stream}:dead"
+        self.group = group
+        self.consumer = consumer
+        self.handlers = handlers
+        self.max_attempts = max_attempts
+        self.retry_idle_ms = retry_idle_ms
+
+    def ensure_group(self) -> None:
+        try:
+            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except Exception as exc:  # BUSYGROUP: another worker made it first
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def step(self) -> int:
+        """Handle what others left pending, then new entries; returns how many."""
+        handled = 0
+        _, claimed, *_ = self.redis.xautoclaim(
+            self.stream, self.group, self.consumer, self.retry_idle_ms, "0-0", count=BATCH
+        )
+        for entry_id, fields in claimed:
+            handled += self._handle(entry_id, fields)
+        reply = self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=BATCH, block=BLOCK_MS
+        )
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                handled += self._handle(entry_id, fields)
+        return handled
+
+    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
+        self.ensure_group()
+        while not stop():
+            try:
+                self.step()
+            except Exception as exc:  # Redis away: wait and go on
+                logger.warning("event worker step failed: %s", exc)
+                time.sleep(1.0)
+
+    def _handle(self, entry_id: Any, fields: dict[Any, Any]) -> int:
+        if not fields:  # trimmed away while pending
+            self.redis.xack(self.stream, self.group, entry_id)
+            return 0
+        raw = _text(fields.get(b"event") or fields.get("event") or "{}")
+        event = json.loads(raw)
+        try:
+            for handler in self.handlers:
+                handler(event)
+        except Exception as exc:
+            self._failed(entry_id, raw, exc)
+            return 0
+        self.redis.xack(self.stream, self.group, entry_id)
+        metrics.EVENTS_PROCESSED.labels("handled").inc()
+        return 1
+
+    def _failed(self, entry_id: Any, raw: str, exc: Exception) -> None:
+        pending = self.redis.xpending_range(
+            self.stream, self.group, min=entry_id, max=entry_id, count=1
+        )
+        attempts = pending[0]["times_delivered"] if pending else 1
+        logger.warning("event %s failed (attempt %d): %s", _text(entry_id), attempts, exc)
+        if attempts < self.max_attempts:
+            metrics.EVENTS_PROCESSED.labels("retry").inc()
+            return  # stays pending; claimed again after the retry delay
+        self.redis.xadd(
+            self.dead_stream,
+            {"event": raw, "error": f"{type(exc).__name__}: {exc}"[:500], "attempts": attempts},
+            maxlen=100_000,
+            approximate=True,
+        )
+        self.redis.xack(self.stream, self.group, entry_id)
+        metrics.EVENTS_PROCESSED.labels("dead").inc()
+
+
+def dead_letters(redis: Any, stream: str, count: int = 100) -> list[dict[str, Any]]:
+    """The newest entries of the dead-letter stream (admin)."""
+    rows = []
+    for entry_id, fields in redis.xrevrange(f"{stream}:dead", count=count):
+        decoded = {_text(k): _text(v) for k, v in fields.items()}
+        rows.append({"id": _text(entry_id), **decoded})
+    return rows

@@ -1,0 +1,48 @@
+"""Process lifecycle events (``push.event_worker``); run as many as you like."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import uuid
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from push.cluster import redis_prefix
+from push.conf import push_settings
+from push.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers
+
+
+class Command(BaseCommand):
+    help = "Run the lifecycle-event handlers (webhooks and your own) from the event stream."
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--group", default=DEFAULT_GROUP)
+        parser.add_argument("--consumer", default=f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if not settings.REDIS_URL:
+            raise CommandError("lifecycle events need REDIS_URL")
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=10)
+        worker = EventWorker(
+            client,
+            stream=f"{redis_prefix()}:events",
+            group=options["group"],
+            consumer=options["consumer"],
+            handlers=configured_handlers(),
+            max_attempts=push_settings.EVENT_MAX_ATTEMPTS,
+            retry_idle_ms=int(push_settings.EVENT_RETRY_SECS * 1000),
+        )
+        stopping = {"now": False}
+
+        def stop(signum: int, frame: Any) -> None:
+            stopping["now"] = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        self.stdout.write(f"event worker {options['consumer']} in group {options['group']}")
+        worker.run(stop=lambda: stopping["now"])
