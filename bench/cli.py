@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a small smoke run, about a minute per target",
     )
-    add("--format", dest="fmt", default="json", help="wire format: json or msgpack")
+    add("--format", dest="fmt", default="json", help="wire format: json, msgpack or protobuf")
     add("--workers", type=int, help="subscriber worker processes (default 2)")
     add("--idle-connections", type=int)
     add("--fanout-sweep", type=_int_list, help="e.g. 1000,2500,5000")

@@ -1,8 +1,9 @@
 """Wire formats of the load generator: one codec per subprotocol, same maps in all.
 
 The load generator never branches on the format anywhere else: a scenario names a
-format ("json", "msgpack") and the client takes its subprotocol, its frame opcode and
-its encode/decode functions from here. Adding v1.protobuf later is one more entry.
+format ("json", "msgpack", "protobuf") and the client takes its subprotocol, its frame
+opcode and its encode/decode functions from here (protobuf: the server's own codec, so
+only our server speaks it).
 """
 
 from __future__ import annotations
@@ -46,11 +47,20 @@ def _msgpack_decode(payload: bytes) -> Any:
     return msgpack.unpackb(payload, raw=False)
 
 
+def _protobuf_format() -> WireFormat:
+    # The server's own codec: the schema and its generated code live in push/proto.
+    from push.codecs.protobuf_codec import ProtobufCodec
+
+    codec = ProtobufCodec()
+    return WireFormat("protobuf", "v1.protobuf", OPCODE_BINARY, codec.encode, codec.decode)
+
+
 FORMATS: dict[str, WireFormat] = {
     # No subprotocol offered for JSON: the contract makes JSON the default, and the
     # reference servers need not know subprotocols to be driven.
     "json": WireFormat("json", None, OPCODE_TEXT, _json_encode, _fast_json.loads),
     "msgpack": WireFormat("msgpack", "v1.msgpack", OPCODE_BINARY, _msgpack_encode, _msgpack_decode),
+    "protobuf": _protobuf_format(),
 }
 
 
