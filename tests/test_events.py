@@ -199,3 +199,33 @@ async def test_webhooks_are_signed_and_retried(e2e_env: dict[str, str], tmp_path
         worker.wait(10)
         node.stop()
         server.shutdown()
+
+
+async def test_occupancy_is_counted_across_nodes(e2e_env: dict[str, str], tmp_path: Path) -> None:
+    """Two nodes serving one channel make one occupied event, and one vacated event once
+    both let it go (each node keeps an empty channel joined for 10 s before leaving)."""
+    env = _event_env(e2e_env, tmp_path)
+    nodes = [ServerNode(env, name=f"occ-{n}-{uuid.uuid4().hex[:4]}").start() for n in range(2)]
+    try:
+        channel = f"occupied-{uuid.uuid4().hex[:6]}"
+        sockets = [(await subscribe(node.ws_url, channel))[0] for node in nodes for _ in range(2)]
+        client = redis.Redis.from_url(env["REDIS_URL"])
+
+        def kinds() -> list[str]:
+            entries = client.xrange(f"{env['REDIS_PREFIX']}:events")
+            events = [json.loads(fields[b"event"]) for _, fields in entries]
+            return [e["type"] for e in events if e.get("channel") == channel]
+
+        await asyncio.sleep(0.5)
+        assert kinds().count("channel_occupied") == 1
+        for ws in sockets:
+            await ws.close()
+        for _ in range(60):
+            if "channel_vacated" in kinds():
+                break
+            await asyncio.sleep(0.5)
+        assert kinds().count("channel_occupied") == 1
+        assert kinds().count("channel_vacated") == 1
+    finally:
+        for node in nodes:
+            node.stop()
