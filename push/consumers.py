@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from channels.consumer import AsyncConsumer
+from django.utils import timezone
 
 from accounts.permissions import (
     authorize_presence,
@@ -29,8 +30,9 @@ from push.codecs import UnknownSubprotocol, negotiate
 from push.conf import push_settings
 from push.connection import ClientConnection
 from push.errors import CloseCode, ErrorCode, PushError
+from push.logs import log_connection_closed
 from push.node import Node, get_node
-from push.presence import member
+from push.presence import leave_presence, presence_member
 from push.protocol import Heartbeat, Presence, Publish, RequestId, Subscribe, Unsubscribe
 from push.registry import ConnectionRecord
 from push.services_async import message_publish_async
@@ -41,72 +43,6 @@ logger = logging.getLogger(__name__)
 def _client_ip(scope: Mapping[str, Any]) -> str | None:
     client = scope.get("client")
     return client[0] if client else None
-
-
-connection_log = logging.getLogger("push.connections")
-
-_CLOSE_REASONS = {
-    CloseCode.NORMAL: "normal",
-    CloseCode.GOING_AWAY: "going away",
-    CloseCode.POLICY: "policy",
-    CloseCode.TOO_LARGE: "frame too large",
-    CloseCode.SERVER_ERROR: "server error",
-    CloseCode.SERVICE_RESTART: "service restart",
-    CloseCode.TRY_AGAIN_LATER: "try again later",
-    CloseCode.HEARTBEAT_TIMEOUT: "heartbeat timeout",
-    CloseCode.SLOW_CONSUMER: "slow consumer",
-}
-
-
-def _log_connection(
-    connection: ClientConnection, peer_code: int | None, *, by_server: bool
-) -> None:
-    """One line per connection, at its close: who, how long, and why it ended."""
-    if not connection_log.isEnabledFor(logging.INFO):
-        return
-    code = connection.close_code if by_server else peer_code
-    reason = _CLOSE_REASONS.get(code, "client closed") if by_server else "client closed"
-    connection_log.info(
-        "connection %s closed after %.1f s: %s",
-        connection.connection_id,
-        time.monotonic() - connection.opened_at,
-        reason,
-        extra={
-            "connection_id": str(connection.connection_id),
-            "principal": connection.principal.key,
-            "ip": connection.ip,
-            "wire_format": connection.codec.name,
-            "duration_secs": round(time.monotonic() - connection.opened_at, 3),
-            "close_code": code,
-            "closed_by": "server" if by_server else "client",
-            "reason": reason,
-            "subscriptions": len(connection.subscriptions),
-        },
-    )
-
-
-def presence_member(connection: ClientConnection, claims: dict[str, Any] | None) -> dict[str, Any]:
-    """Who this connection is on a presence channel: its user, or the identity a signed
-    subscription token names (``user_id`` and ``info`` in its claims)."""
-    if claims is not None and "user_id" in claims:
-        return member(claims["user_id"], claims.get("info"))
-    principal = connection.principal
-    if principal.kind == "user":
-        return member(principal.id, {"username": principal.name})
-    if principal.kind == "service":
-        return member(principal.key, {"service": principal.name})
-    info = claims.get("info") if claims else None
-    return member(str(connection.connection_id), info)
-
-
-async def _leave_presence(node: Node, connection_id: str, channels: list[str]) -> None:
-    for channel in channels:
-        try:
-            left = await node.presence.leave(channel, connection_id)
-            if left is not None:
-                await node.announce_presence("leave", channel, left)
-        except Exception as exc:  # Redis down: the dead-node reaper is not for this node
-            logger.warning("presence leave on %s failed: %s", channel, exc)
 
 
 def _request_id_of(connection: ClientConnection, event: dict[str, Any]) -> RequestId | None:
@@ -195,7 +131,7 @@ class PushConsumer(AsyncConsumer):
                 user_id=principal.user_id,
                 ip=connection.ip,
                 wire_format=codec.name,
-                connected_at=_now(),
+                connected_at=timezone.now(),
             )
         )
         self.node.events.emit(
@@ -213,7 +149,7 @@ class PushConsumer(AsyncConsumer):
         connection = self.connection
         if connection is None:
             return
-        _log_connection(connection, close_code, by_server=not connection.is_open)
+        log_connection_closed(connection, close_code, by_server=not connection.is_open)
         if self.node is not None:
             self.node.events.emit(
                 events.DISCONNECT,
@@ -241,7 +177,7 @@ class PushConsumer(AsyncConsumer):
         connection.subscriptions.clear()
         if presence_channels:
             node.loop.create_task(
-                _leave_presence(node, str(connection.connection_id), presence_channels)
+                leave_presence(node, str(connection.connection_id), presence_channels)
             )
 
     # ----- inbound frames ----------------------------------------------------------------
@@ -372,7 +308,7 @@ class PushConsumer(AsyncConsumer):
             channel=request.channel,
         )
         if is_presence_channel(request.channel):
-            await _leave_presence(node, str(connection.connection_id), [request.channel])
+            await leave_presence(node, str(connection.connection_id), [request.channel])
         connection.send_envelope(
             protocol.unsubscribed(channel=request.channel, request_id=request.id)
         )
@@ -420,9 +356,3 @@ _REQUEST_TYPES = {
     Heartbeat: "heartbeat",
     Presence: "presence",
 }
-
-
-def _now() -> Any:
-    from django.utils import timezone
-
-    return timezone.now()

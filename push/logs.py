@@ -11,7 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
+
+from push.errors import CloseCode
+
+if TYPE_CHECKING:
+    from push.connection import ClientConnection
 
 _SECRET_IN_QUERY = re.compile(r"((?:^|[?&\s\"'])(?:token|key|api_key)=)[^&\s\"']+", re.IGNORECASE)
 _SECRET_IN_HEADER = re.compile(r"(Authorization:\s*Token\s+)\S+", re.IGNORECASE)
@@ -44,3 +50,45 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
+
+
+connection_log = logging.getLogger("push.connections")
+
+_CLOSE_REASONS = {
+    CloseCode.NORMAL: "normal",
+    CloseCode.GOING_AWAY: "going away",
+    CloseCode.POLICY: "policy",
+    CloseCode.TOO_LARGE: "frame too large",
+    CloseCode.SERVER_ERROR: "server error",
+    CloseCode.SERVICE_RESTART: "service restart",
+    CloseCode.TRY_AGAIN_LATER: "try again later",
+    CloseCode.HEARTBEAT_TIMEOUT: "heartbeat timeout",
+    CloseCode.SLOW_CONSUMER: "slow consumer",
+}
+
+
+def log_connection_closed(
+    connection: ClientConnection, peer_code: int | None, *, by_server: bool
+) -> None:
+    """One line per connection, at its close: who, how long, and why it ended."""
+    if not connection_log.isEnabledFor(logging.INFO):
+        return
+    code = connection.close_code if by_server else peer_code
+    reason = _CLOSE_REASONS.get(code, "client closed") if by_server else "client closed"
+    connection_log.info(
+        "connection %s closed after %.1f s: %s",
+        connection.connection_id,
+        time.monotonic() - connection.opened_at,
+        reason,
+        extra={
+            "connection_id": str(connection.connection_id),
+            "principal": connection.principal.key,
+            "ip": connection.ip,
+            "wire_format": connection.codec.name,
+            "duration_secs": round(time.monotonic() - connection.opened_at, 3),
+            "close_code": code,
+            "closed_by": "server" if by_server else "client",
+            "reason": reason,
+            "subscriptions": len(connection.subscriptions),
+        },
+    )

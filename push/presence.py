@@ -11,7 +11,14 @@ Without Redis (one process) the same rules run in memory.
 from __future__ import annotations
 
 import json
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from push.connection import ClientConnection
+    from push.node import Node
+
+logger = logging.getLogger(__name__)
 
 Member = dict[str, Any]
 
@@ -147,3 +154,27 @@ def presence_members_sync(channel: str) -> list[Member]:
         return _members_from(client.hgetall(f"{redis_prefix()}:presence:{channel}:members"))
     finally:
         client.close()
+
+
+def presence_member(connection: ClientConnection, claims: dict[str, Any] | None) -> dict[str, Any]:
+    """Who this connection is on a presence channel: its user, or the identity a signed
+    subscription token names (``user_id`` and ``info`` in its claims)."""
+    if claims is not None and "user_id" in claims:
+        return member(claims["user_id"], claims.get("info"))
+    principal = connection.principal
+    if principal.kind == "user":
+        return member(principal.id, {"username": principal.name})
+    if principal.kind == "service":
+        return member(principal.key, {"service": principal.name})
+    info = claims.get("info") if claims else None
+    return member(str(connection.connection_id), info)
+
+
+async def leave_presence(node: Node, connection_id: str, channels: list[str]) -> None:
+    for channel in channels:
+        try:
+            left = await node.presence.leave(channel, connection_id)
+            if left is not None:
+                await node.announce_presence("leave", channel, left)
+        except Exception as exc:  # Redis down: the dead-node reaper is not for this node
+            logger.warning("presence leave on %s failed: %s", channel, exc)
