@@ -7,15 +7,11 @@ from push.db import db_call
 from push.selectors import HistoryPage
 
 _history_page = db_call(selectors.history_page)
-_latest_seq = db_call(selectors.channel_latest_seq)
 _latest_seqs = db_call(selectors.channel_latest_seqs)
 _history_recent = db_call(selectors.history_recent)
 
 
 class DatabaseHistory:
-    async def latest_seq(self, channel: str) -> int:
-        return await _latest_seq(channel=channel)  # type: ignore[no-any-return]
-
     async def latest_seqs(self, channels: list[str]) -> dict[str, int]:
         return await _latest_seqs(channels=channels)  # type: ignore[no-any-return]
 

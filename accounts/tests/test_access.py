@@ -212,3 +212,13 @@ class _Sink:
 
     def flush(self) -> None:
         pass
+
+
+def test_user_message_send_from_application_code() -> None:
+    from push.models import Message
+    from push.services import user_message_send
+
+    target, _ = _user_token("someone")
+    message = user_message_send(user_id=target.pk, data={"note": "hi"})
+    assert message.channel == f"user:{target.pk}" and message.seq == 1
+    assert Message.objects.get(channel__name=f"user:{target.pk}").seq == 1

@@ -45,9 +45,6 @@ class MemoryHistory:
         self.latest[channel] = max(self.latest.get(channel, 0), seq)
         return message
 
-    async def latest_seq(self, channel: str) -> int:
-        return self.latest.get(channel, 0)
-
     async def latest_seqs(self, channels: list[str]) -> dict[str, int]:
         return {c: self.latest.get(c, 0) for c in channels}
 
