@@ -179,7 +179,9 @@ class Hub:
         reaches it. With ``since``, every stored message after it is replayed first,
         then the live stream follows with nothing missing and nothing twice."""
         hub_channel = await self._channel_for_subscribe(channel)
-        if since is None or (since >= hub_channel.delivered_seq and not hub_channel.pending):
+        if since is None or since >= hub_channel.delivered_seq:
+            # Messages held for reordering are past delivered_seq: they reach this
+            # subscriber through the normal path, in order.
             return self._attach_live(subscriber, hub_channel, since, reply)
         if hub_channel.covers_since(since):
             return self._attach_from_recent(subscriber, hub_channel, since, reply)
@@ -390,6 +392,10 @@ class Hub:
             self._fan_out(hub_channel, message)
         if pending:
             self._schedule_repair(hub_channel)
+        elif hub_channel.repair_handle is not None:
+            # The gap filled by itself: no history read needed.
+            hub_channel.repair_handle.cancel()
+            hub_channel.repair_handle = None
 
     def _fan_out(self, hub_channel: HubChannel, message: ChannelMessage) -> None:
         hub_channel.delivered_seq = message.seq
@@ -457,15 +463,15 @@ class Hub:
         retry = False
         try:
             while hub_channel.state is ChannelState.LIVE:
-                page = await self.history.page(
-                    hub_channel.name, hub_channel.delivered_seq, HISTORY_BATCH
-                )
-                before = hub_channel.delivered_seq
+                # The seq the page is read from, taken before the read: live messages
+                # keep arriving while it runs, and only the page can prove a trim.
+                since = hub_channel.delivered_seq
+                page = await self.history.page(hub_channel.name, since, HISTORY_BATCH)
+                if not page.complete_from_since:
+                    self._skip_trimmed_gap(hub_channel, page)
                 for message in page.messages:
                     self.deliver(message)
-                if hub_channel.pending and hub_channel.delivered_seq == before:
-                    self._skip_trimmed_gap(hub_channel)
-                if len(page.messages) < HISTORY_BATCH or hub_channel.delivered_seq == before:
+                if len(page.messages) < HISTORY_BATCH or hub_channel.delivered_seq == since:
                     break
         except Exception as exc:
             logger.warning("history read for %s failed: %s", hub_channel.name, exc)
@@ -475,17 +481,24 @@ class Hub:
         if retry or hub_channel.pending:
             self._schedule_repair(hub_channel, delay=max(self.gap_wait_secs, 1.0))
 
-    def _skip_trimmed_gap(self, hub_channel: HubChannel) -> None:
-        """History does not have the missing seqs (retention removed them): go on from
-        the next message we hold; subscribers see the gap in seq, as the contract says."""
-        first_held = min(hub_channel.pending)
+    def _skip_trimmed_gap(self, hub_channel: HubChannel, page: HistoryPage) -> None:
+        """History lacks seqs after the page's ``since`` although later ones were
+        committed (retention removed them): go on from the oldest kept message;
+        subscribers see the gap in seq, as the contract says.
+
+        Only the page is evidence of a trim. Commits are in seq order, so a page whose
+        latest seq is past ``since`` holds ``since + 1`` unless it was deleted; a
+        message that is merely late on the broker never looks like this."""
+        first_kept = page.messages[0].seq if page.messages else page.latest_seq + 1
+        if hub_channel.delivered_seq >= first_kept - 1:
+            return  # the gap filled while the page was read
         logger.warning(
             "%s: seqs %d..%d are not in history; skipping",
             hub_channel.name,
             hub_channel.delivered_seq + 1,
-            first_held - 1,
+            first_kept - 1,
         )
-        hub_channel.delivered_seq = first_held - 1
+        hub_channel.delivered_seq = first_kept - 1
         hub_channel.recent.clear()  # it must stay contiguous
         self._drain_pending(hub_channel)
 

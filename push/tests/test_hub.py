@@ -158,6 +158,66 @@ async def test_gap_that_does_not_fill_is_read_from_history() -> None:
     assert client.seqs() == [1, 2, 3, 4]
 
 
+async def test_repair_racing_live_messages_skips_nothing_in_flight() -> None:
+    """A repair's history read is slow; meanwhile the gap fills live and a new one
+    opens whose message is committed but still on its way. The repair must not take
+    the new gap for trimmed history."""
+    history = MemoryHistory()
+    hub, _ = await make_hub(history, gap_wait_secs=0.01)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=None, reply=client.reply)
+    for seq in (1, 2, 3):
+        history.store("news", seq)
+    hub.deliver(make_message("news", 1))
+    hub.deliver(make_message("news", 3))  # 2 is late: a repair is scheduled
+    history.page_gate = asyncio.Event()
+    await settle(0.05)
+    assert history.page_calls == 1  # the repair is reading, held at the gate
+    hub.deliver(make_message("news", 2))  # the gap fills live
+    hub.deliver(make_message("news", 5))  # 4 and 5 commit after the read began
+    history.page_gate.set()
+    await settle()
+    history.page_gate = None
+    history.store("news", 4)
+    history.store("news", 5)
+    hub.deliver(make_message("news", 4))
+    await settle(0.1)
+    assert client.seqs() == [1, 2, 3, 4, 5]
+
+
+async def test_gap_removed_by_retention_is_skipped() -> None:
+    history = MemoryHistory()
+    hub, _ = await make_hub(history, gap_wait_secs=0.01)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=None, reply=client.reply)
+    for seq in (1, 2, 3, 4):
+        history.store("news", seq)
+    history.stored["news"] = [m for m in history.stored["news"] if m.seq not in (2, 3)]
+    hub.deliver(make_message("news", 1))
+    hub.deliver(make_message("news", 4))
+    await settle(0.1)
+    assert client.seqs() == [1, 4]
+
+
+async def test_resume_ahead_of_a_node_with_held_messages_gets_no_duplicate() -> None:
+    """The client saw seq 3 on another node; this node has delivered 1 and holds 3
+    waiting for 2. The client gets exactly what comes after 3."""
+    history = MemoryHistory()
+    hub, _ = await make_hub(history, gap_wait_secs=5.0)
+    watcher = FakeClient()
+    await hub.subscribe(watcher, "news", since=None, reply=watcher.reply)
+    hub.deliver(make_message("news", 1))
+    hub.deliver(make_message("news", 3))
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=3, reply=client.reply)
+    for seq in (2, 4):
+        hub.deliver(make_message("news", seq))
+    await settle()
+    assert client.replies == [(3, True)]
+    assert client.seqs() == [4]
+    assert watcher.seqs() == [1, 2, 3, 4]
+
+
 async def test_lost_last_message_is_caught_by_the_periodic_sync() -> None:
     history = MemoryHistory()
     hub, _ = await make_hub(history)
