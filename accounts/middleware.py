@@ -1,4 +1,5 @@
-"""WebSocket authentication: a user or service token in ``?token=``, or the session.
+"""Stream authentication (WebSocket and SSE): a user or service token in ``?token=`` or
+an ``Authorization: Token`` header, or the session.
 
 An invalid or revoked token is refused at the handshake (HTTP 403), never downgraded
 to anonymous. A connection with neither token nor session cookie is anonymous without
@@ -44,6 +45,16 @@ def session_key(scope: dict[str, Any]) -> str | None:
     return None
 
 
+def header_token(scope: dict[str, Any]) -> str | None:
+    """The key of an ``Authorization: Token <key>`` header (what the REST API takes)."""
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, key = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "token" and key.strip():
+                return key.strip()
+    return None
+
+
 async def _session_principal(scope: dict[str, Any], key: str) -> Principal:
     engine = import_module(settings.SESSION_ENGINE)
     session_scope = dict(scope, session=engine.SessionStore(key))
@@ -55,7 +66,7 @@ async def _session_principal(scope: dict[str, Any], key: str) -> Principal:
 
 async def resolve_principal(scope: dict[str, Any]) -> Principal | None:
     """The scope's principal; None when a token was given and is not valid."""
-    token = query_token(scope)
+    token = query_token(scope) or header_token(scope)
     try:
         if token is not None:
             return await _authenticate_key(token)  # type: ignore[no-any-return]

@@ -48,6 +48,8 @@ class InvalidTransition(RuntimeError):
 
 
 class ClientConnection:
+    # The outbox kind: a transport with its own framing per subscriber (SSE) swaps it.
+    outbox_class: type[Outbox] = Outbox
     # Slots: tens of thousands of these live on a node; a __dict__ each is ~1 KB more.
     __slots__ = (
         "_loop",
@@ -90,7 +92,10 @@ class ClientConnection:
         self._send = send
         self._loop = asyncio.get_running_loop()
         self._on_closing = on_closing
-        self.outbox = Outbox(
+        self.outbox = self._make_outbox(send)
+
+    def _make_outbox(self, send: Send) -> Outbox:
+        return self.outbox_class(
             send,
             max_frames=push_settings.SEND_QUEUE_MAX_FRAMES,
             max_bytes=push_settings.SEND_QUEUE_MAX_BYTES,

@@ -15,34 +15,31 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from channels.consumer import AsyncConsumer
-from django.utils import timezone
 
 from accounts.permissions import (
     authorize_presence,
     authorize_publish,
-    authorize_subscribe,
     is_presence_channel,
 )
 from accounts.principals import ANONYMOUS, Principal
-from accounts.subscription_tokens import subscription_token_verify
 from push import events, metrics, protocol
 from push.codecs import UnknownSubprotocol, negotiate
 from push.conf import push_settings
 from push.connection import ClientConnection
 from push.errors import CloseCode, ErrorCode, PushError
-from push.logs import log_connection_closed
 from push.node import Node, get_node
-from push.presence import leave_presence, presence_member
+from push.presence import leave_presence
 from push.protocol import Heartbeat, Presence, Publish, RequestId, Subscribe, Unsubscribe
-from push.registry import ConnectionRecord
 from push.services_async import message_publish_async
+from push.sessions import (
+    channel_subscribe,
+    client_ip,
+    session_closed,
+    session_open,
+    subscriptions_release,
+)
 
 logger = logging.getLogger(__name__)
-
-
-def _client_ip(scope: Mapping[str, Any]) -> str | None:
-    client = scope.get("client")
-    return client[0] if client else None
 
 
 def _request_id_of(connection: ClientConnection, event: dict[str, Any]) -> RequestId | None:
@@ -99,86 +96,25 @@ class PushConsumer(AsyncConsumer):
             return False
         await send({"type": "websocket.accept", "subprotocol": subprotocol})
         principal: Principal = self.scope.get("principal") or ANONYMOUS
+        node = self.node
         connection = ClientConnection(
             send=send,
             codec=codec,
             principal=principal,
-            ip=_client_ip(self.scope),
-            on_closing=self._release_subscriptions,
+            ip=client_ip(self.scope),
+            on_closing=lambda closing: subscriptions_release(node, closing),
         )
+        refusal = session_open(node, connection)
+        if refusal is not None:
+            # Accepted first so the client learns why (1013 is "try again later").
+            connection.close(refusal)
+            return True
         self.connection = connection
-        if self.node.draining:
-            # This node is shutting down: go to another one and resume there.
-            connection.close(CloseCode.GOING_AWAY)
-            self.connection = None
-            return True
-        if not self.node.admit(connection):
-            # Accepted first so the client learns why: 1013 is "try again later".
-            connection.close(CloseCode.TRY_AGAIN_LATER)
-            self.connection = None
-            return True
-        connection.send_envelope(
-            protocol.connection_established(
-                connection_id=str(connection.connection_id),
-                server_id=self.node.server_id,
-                heartbeat_interval=push_settings.HEARTBEAT_INTERVAL_SECS,
-                timestamp=time.time(),
-            )
-        )
-        self.node.registry.opened(
-            ConnectionRecord(
-                connection_id=connection.connection_id,
-                user_id=principal.user_id,
-                ip=connection.ip,
-                wire_format=codec.name,
-                connected_at=timezone.now(),
-            )
-        )
-        self.node.events.emit(
-            events.CONNECT,
-            connection_id=str(connection.connection_id),
-            principal=principal.key,
-            ip=connection.ip,
-            wire_format=codec.name,
-        )
-        metrics.CONNECTIONS_OPENED.labels(codec.name).inc()
-        metrics.CONNECTIONS_ACTIVE.labels(codec.name).inc()
         return True
 
     def on_closed(self, close_code: int | None) -> None:
-        connection = self.connection
-        if connection is None:
-            return
-        log_connection_closed(connection, close_code, by_server=not connection.is_open)
-        if self.node is not None:
-            self.node.events.emit(
-                events.DISCONNECT,
-                connection_id=str(connection.connection_id),
-                principal=connection.principal.key,
-                close_code=connection.close_code if not connection.is_open else close_code,
-                duration_secs=round(time.monotonic() - connection.opened_at, 3),
-                channels=list(connection.subscriptions),
-            )
-        self._release_subscriptions(connection)
-        connection.mark_closed(close_code)
-        if self.node is not None:
-            self.node.release(connection)
-            self.node.registry.closed(connection.connection_id, connection.close_code)
-        metrics.CONNECTIONS_ACTIVE.labels(connection.codec.name).dec()
-        metrics.CONNECTIONS_CLOSED.labels(str(connection.close_code or "peer")).inc()
-
-    def _release_subscriptions(self, connection: ClientConnection) -> None:
-        node = self.node
-        if node is None:
-            return
-        presence_channels = [c for c in connection.subscriptions if is_presence_channel(c)]
-        for subscription in connection.subscriptions.values():
-            node.hub.unsubscribe(subscription)
-        connection.subscriptions.clear()
-        if presence_channels:
-            node.loop.create_task(
-                leave_presence(node, str(connection.connection_id), presence_channels)
-            )
+        if self.connection is not None and self.node is not None:
+            session_closed(self.node, self.connection, close_code)
 
     # ----- inbound frames ----------------------------------------------------------------
 
@@ -226,31 +162,6 @@ class PushConsumer(AsyncConsumer):
         )
 
     async def handle_subscribe(self, connection: ClientConnection, request: Subscribe) -> None:
-        claims = None
-        if request.token is not None:
-            claims = subscription_token_verify(request.token, channel=request.channel)
-        else:
-            authorize_subscribe(connection.principal, request.channel)
-        node = self._require_node()
-        existing = connection.subscriptions.get(request.channel)
-        if existing is not None and existing.active:
-            # Already receiving the channel's stream without a gap: nothing to replay.
-            connection.send_envelope(
-                protocol.subscribed(
-                    channel=request.channel,
-                    seq=max(existing.channel.delivered_seq, existing.last_seq),
-                    recovered=None if request.since is None else True,
-                    request_id=request.id,
-                )
-            )
-            return
-
-        if len(connection.subscriptions) >= push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION:
-            raise PushError(
-                ErrorCode.FORBIDDEN,
-                f"subscription limit of {push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION} reached",
-            )
-
         def reply(seq: int, recovered: bool | None) -> None:
             connection.send_envelope(
                 protocol.subscribed(
@@ -258,32 +169,14 @@ class PushConsumer(AsyncConsumer):
                 )
             )
 
-        subscription = await node.hub.subscribe(
-            connection, request.channel, since=request.since, reply=reply
+        await channel_subscribe(
+            self._require_node(),
+            connection,
+            request.channel,
+            since=request.since,
+            token=request.token,
+            reply=reply,
         )
-        if not connection.is_open:
-            node.hub.unsubscribe(subscription)
-            return
-        connection.subscriptions[request.channel] = subscription
-        node.events.emit(
-            events.SUBSCRIBE,
-            connection_id=str(connection.connection_id),
-            principal=connection.principal.key,
-            channel=request.channel,
-        )
-        if is_presence_channel(request.channel):
-            await self._join_presence(node, connection, request.channel, claims)
-
-    async def _join_presence(
-        self,
-        node: Node,
-        connection: ClientConnection,
-        channel: str,
-        claims: dict[str, Any] | None,
-    ) -> None:
-        joined = presence_member(connection, claims)
-        if await node.presence.join(channel, str(connection.connection_id), joined):
-            await node.announce_presence("join", channel, joined)
 
     async def handle_presence(self, connection: ClientConnection, request: Presence) -> None:
         # A member of the channel sees who else is there; others need the presence right.

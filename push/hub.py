@@ -138,7 +138,13 @@ def encode_frame(codec: Codec, message: ChannelMessage, droppable: bool) -> OutF
     frame = message.frames.get(codec.name)
     if frame is None:
         payload = codec.encode_message(message)
-        frame = OutFrame(codec.send_event(payload), len(payload), droppable)
+        frame = OutFrame(
+            codec.send_event(payload),
+            len(payload),
+            droppable,
+            channel=message.channel,
+            seq=message.seq,
+        )
         message.frames[codec.name] = frame
     return frame
 

@@ -30,12 +30,24 @@ class OutFrame:
     """One encoded frame, shared by all its recipients: as an ASGI send event, and as
     the WebSocket frame's bytes (built on first use) for writing to sockets directly."""
 
-    __slots__ = ("_wire", "droppable", "event", "size")
+    __slots__ = ("_wire", "channel", "droppable", "event", "seq", "size")
 
-    def __init__(self, event: dict[str, Any], size: int, droppable: bool = False) -> None:
+    def __init__(
+        self,
+        event: dict[str, Any],
+        size: int,
+        droppable: bool = False,
+        *,
+        channel: str | None = None,
+        seq: int | None = None,
+    ) -> None:
         self.event = event
         self.size = size
         self.droppable = droppable
+        # Which channel message this frame carries (None for replies and events): a
+        # transport that tracks a cursor (SSE's ``id:``) reads it here.
+        self.channel = channel
+        self.seq = seq
         self._wire: bytes | None = None
 
     @property

@@ -1,4 +1,5 @@
-"""ASGI entry point: HTTP to Django, WebSocket to the push consumer.
+"""ASGI entry point: HTTP to Django, WebSocket to the push consumer, ``/sse/`` to the
+Server-Sent Events stream.
 
 WebSockets pass the origin check (browsers only; a client without ``Origin`` is not a
 browser and is allowed) and token or session authentication before the consumer, in
@@ -21,8 +22,10 @@ from django.conf import settings  # noqa: E402
 from push.conf import push_settings  # noqa: E402
 from push.entry import WebSocketEntry  # noqa: E402
 from push.node import tune_garbage_collector  # noqa: E402
+from push.sse import SSE_PATHS, SseEntry  # noqa: E402
 
 websocket_entry = WebSocketEntry(settings.ALLOWED_ORIGINS)
+sse_entry = SseEntry(settings.ALLOWED_ORIGINS)
 
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -30,6 +33,8 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     without one more frame held for every connection)."""
     if scope["type"] == "websocket":
         return await websocket_entry(scope, receive, send)
+    if scope["type"] == "http" and scope["path"] in SSE_PATHS:
+        return await sse_entry(scope, receive, send)
     return await django_asgi_app(scope, receive, send)
 
 

@@ -1,0 +1,148 @@
+"""A client session's life on a node, whatever carries it (WebSocket or SSE).
+
+Opening (limits, greeting, registry, events), subscribing (permissions, resume,
+presence) and closing (release everything, record why) are the same for both
+transports; the transport only decides how frames travel and how requests arrive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from django.utils import timezone
+
+from accounts.permissions import authorize_subscribe, is_presence_channel
+from accounts.subscription_tokens import subscription_token_verify
+from push import events, metrics, protocol
+from push.conf import push_settings
+from push.connection import ClientConnection
+from push.errors import CloseCode, ErrorCode, PushError
+from push.logs import log_connection_closed
+from push.node import Node
+from push.presence import leave_presence, presence_member
+from push.registry import ConnectionRecord
+
+Reply = Callable[[int, bool | None], None]
+
+
+def client_ip(scope: Mapping[str, Any]) -> str | None:
+    client = scope.get("client")
+    return client[0] if client else None
+
+
+def session_open(node: Node, connection: ClientConnection) -> CloseCode | None:
+    """Admit the connection and greet it, or say with which code to close it (the node
+    is draining, or the client is over its connection limits)."""
+    if node.draining:
+        # This node is shutting down: go to another one and resume there.
+        return CloseCode.GOING_AWAY
+    if not node.admit(connection):
+        return CloseCode.TRY_AGAIN_LATER
+    connection.send_envelope(
+        protocol.connection_established(
+            connection_id=str(connection.connection_id),
+            server_id=node.server_id,
+            heartbeat_interval=push_settings.HEARTBEAT_INTERVAL_SECS,
+            timestamp=time.time(),
+        )
+    )
+    node.registry.opened(
+        ConnectionRecord(
+            connection_id=connection.connection_id,
+            user_id=connection.principal.user_id,
+            ip=connection.ip,
+            wire_format=connection.codec.name,
+            connected_at=timezone.now(),
+        )
+    )
+    node.events.emit(
+        events.CONNECT,
+        connection_id=str(connection.connection_id),
+        principal=connection.principal.key,
+        ip=connection.ip,
+        wire_format=connection.codec.name,
+    )
+    metrics.CONNECTIONS_OPENED.labels(connection.codec.name).inc()
+    metrics.CONNECTIONS_ACTIVE.labels(connection.codec.name).inc()
+    return None
+
+
+def session_closed(node: Node, connection: ClientConnection, close_code: int | None) -> None:
+    """Everything an admitted connection leaves behind when it ends: subscriptions,
+    presence, limits, the registry row, the disconnect event and the metrics."""
+    log_connection_closed(connection, close_code, by_server=not connection.is_open)
+    node.events.emit(
+        events.DISCONNECT,
+        connection_id=str(connection.connection_id),
+        principal=connection.principal.key,
+        close_code=connection.close_code if not connection.is_open else close_code,
+        duration_secs=round(time.monotonic() - connection.opened_at, 3),
+        channels=list(connection.subscriptions),
+    )
+    subscriptions_release(node, connection)
+    connection.mark_closed(close_code)
+    node.release(connection)
+    node.registry.closed(connection.connection_id, connection.close_code)
+    metrics.CONNECTIONS_ACTIVE.labels(connection.codec.name).dec()
+    metrics.CONNECTIONS_CLOSED.labels(str(connection.close_code or "peer")).inc()
+
+
+def subscriptions_release(node: Node, connection: ClientConnection) -> None:
+    presence_channels = [c for c in connection.subscriptions if is_presence_channel(c)]
+    for subscription in connection.subscriptions.values():
+        node.hub.unsubscribe(subscription)
+    connection.subscriptions.clear()
+    if presence_channels:
+        node.loop.create_task(
+            leave_presence(node, str(connection.connection_id), presence_channels)
+        )
+
+
+async def channel_subscribe(
+    node: Node,
+    connection: ClientConnection,
+    channel: str,
+    *,
+    since: int | None,
+    token: str | None,
+    reply: Reply,
+) -> None:
+    """Subscribe after the permission check (or a signed subscription token): resume
+    from ``since`` when given, join presence on ``presence-`` channels.
+
+    ``reply(seq, recovered)`` is called before the first message of the channel reaches
+    the connection."""
+    claims = None
+    if token is not None:
+        claims = subscription_token_verify(token, channel=channel)
+    else:
+        authorize_subscribe(connection.principal, channel)
+    existing = connection.subscriptions.get(channel)
+    if existing is not None and existing.active:
+        # Already receiving the channel's stream without a gap: nothing to replay.
+        reply(
+            max(existing.channel.delivered_seq, existing.last_seq), None if since is None else True
+        )
+        return
+    if len(connection.subscriptions) >= push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION:
+        raise PushError(
+            ErrorCode.FORBIDDEN,
+            f"subscription limit of {push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION} reached",
+        )
+    subscription = await node.hub.subscribe(connection, channel, since=since, reply=reply)
+    if not connection.is_open:
+        node.hub.unsubscribe(subscription)
+        return
+    connection.subscriptions[channel] = subscription
+    node.events.emit(
+        events.SUBSCRIBE,
+        connection_id=str(connection.connection_id),
+        principal=connection.principal.key,
+        channel=channel,
+    )
+    if is_presence_channel(channel):
+        joined = presence_member(connection, claims)
+        if await node.presence.join(channel, str(connection.connection_id), joined):
+            await node.announce_presence("join", channel, joined)

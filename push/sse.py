@@ -1,0 +1,336 @@
+"""Server-Sent Events: the receive-only fallback for clients that cannot hold a WebSocket.
+
+``GET /sse/?channel=news&channel=chat`` opens one stream for several channels, with the
+WebSocket's authentication (``?token=``, ``Authorization: Token``, or the session
+cookie) and permissions. The stream is a ``ClientConnection`` like any WebSocket: the
+same hub fans out to it, the same bounded outbox and slow-consumer policy apply, the
+same registry, limits, drain and metrics see it. Only the framing differs
+(``push.codecs.sse_codec``) and the cursor: every ``message`` event carries ``id:`` =
+the last seq delivered on every channel of the stream (``news:43,chat:7``), which the
+browser sends back as ``Last-Event-ID`` when it reconnects, and which resumes each
+channel exactly as ``subscribe`` with ``since`` does.
+
+Every problem after the response started is an ``error`` event; a fatal one (no
+channel could be subscribed, bad token, bad cursor) ends the stream. The response
+itself only fails (405, 503) when the request is not an SSE request or the node is
+down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from accounts.middleware import resolve_principal
+from accounts.permissions import authorize_subscribe
+from accounts.principals import Principal
+from push import metrics, protocol
+from push.codecs.json_codec import JsonCodec
+from push.codecs.sse_codec import SSE_CODEC
+from push.conf import push_settings
+from push.connection import ClientConnection
+from push.db import db_call
+from push.errors import CloseCode, ErrorCode, PushError
+from push.node import Node, get_node
+from push.outbox import Outbox, OutFrame
+from push.protocol import validate_channel_name
+from push.security import BrowserOriginValidator
+from push.selectors import channel_latest_seqs
+from push.sessions import (
+    channel_subscribe,
+    client_ip,
+    session_closed,
+    session_open,
+    subscriptions_release,
+)
+
+logger = logging.getLogger(__name__)
+
+_latest_seqs = db_call(channel_latest_seqs)
+
+SSE_PATHS = frozenset({"/sse/", "/sse"})
+RESPONSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache, no-transform"),
+    # nginx: pass each event on at once instead of buffering the response.
+    (b"x-accel-buffering", b"no"),
+]
+_JSON = JsonCodec()
+PING_FRAME = OutFrame(SSE_CODEC.send_event(b": ping\n\n"), 8)
+END_OF_STREAM = {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+# ----- the cursor ----------------------------------------------------------------------
+
+
+def cursor_format(cursor: dict[str, int]) -> str:
+    return ",".join(f"{channel}:{seq}" for channel, seq in cursor.items())
+
+
+def cursor_parse(text: str) -> dict[str, int]:
+    """``news:43,chat:7`` -> {"news": 43, "chat": 7}. Channel names may hold ``:``
+    (``user:42``), so the seq is what follows the last one; they never hold ``,``."""
+    cursor: dict[str, int] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        channel, _, seq = part.rpartition(":")
+        if not seq.isascii() or not seq.isdigit():
+            raise PushError(
+                ErrorCode.INVALID_MESSAGE,
+                f"cursor entry {part[:120]!r} is not <channel>:<seq>",
+                field="since",
+            )
+        cursor[validate_channel_name(channel, field="since")] = int(seq)
+    return cursor
+
+
+# ----- the request ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    channels: list[str]
+    since: dict[str, int]
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def stream_request(scope: dict[str, Any]) -> StreamRequest:
+    """The channels and resume cursor of a stream request. ``Last-Event-ID`` wins over
+    ``?since=``: a browser reconnects to the same URL and sends the newer cursor."""
+    params = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    channels = list(dict.fromkeys(params.get("channel", [])))
+    if not channels:
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE, "name at least one channel: ?channel=", field="channel"
+        )
+    for channel in channels:
+        validate_channel_name(channel)
+    since_text = _header(scope, b"last-event-id")
+    if since_text is None:
+        since_values = params.get("since")
+        since_text = since_values[-1] if since_values else ""
+    return StreamRequest(channels=channels, since=cursor_parse(since_text))
+
+
+def _origin(scope: dict[str, Any]) -> Any:
+    value = _header(scope, b"origin")
+    return urlparse(value) if value is not None else None
+
+
+# ----- the stream ----------------------------------------------------------------------
+
+
+class SseOutbox(Outbox):
+    """An outbox that writes each message event's ``id:`` line from this stream's
+    cursor after the shared bytes of the event."""
+
+    __slots__ = ("cursor",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cursor: dict[str, int] = {}
+
+    def push(self, frame: OutFrame) -> bool:
+        channel = frame.channel
+        if channel is not None:
+            cursor = self.cursor
+            cursor[channel] = frame.seq  # type: ignore[assignment]
+            body = frame.event["body"] + f"id: {cursor_format(cursor)}\n\n".encode()
+            frame = OutFrame(SSE_CODEC.send_event(body), len(body), frame.droppable)
+        return super().push(frame)
+
+
+class SseConnection(ClientConnection):
+    outbox_class = SseOutbox
+    __slots__ = ("finished",)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(codec=SSE_CODEC, **kwargs)
+        # Resolved once the response has ended, by the server (close) or the client.
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def cursor(self) -> dict[str, int]:
+        return self.outbox.cursor  # type: ignore[attr-defined,no-any-return]
+
+    async def _send_close(self, code: int) -> None:
+        try:
+            await self._send(END_OF_STREAM)
+        except Exception as exc:  # the client is gone already
+            logger.debug("end of stream %s failed: %s", self.connection_id, exc)
+        finally:
+            self.end()
+
+    def end(self) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+
+class SseEntry:
+    def __init__(self, allowed_origins: list[str]) -> None:
+        self.origins = BrowserOriginValidator(None, allowed_origins)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("method") != "GET":
+            return await _refuse(send, 405, PushError(ErrorCode.INVALID_MESSAGE, "use GET"))
+        try:
+            request = stream_request(scope)
+            principal = await self._authenticate(scope)
+        except PushError as exc:
+            return await _refuse(send, exc.http_status, exc)
+        try:
+            node = await get_node()
+        except Exception:
+            logger.exception("node could not start")
+            return await _refuse(send, 503, PushError(ErrorCode.UNAVAILABLE, "not ready"))
+        connection = SseConnection(
+            send=send,
+            principal=principal,
+            ip=client_ip(scope),
+            on_closing=lambda closing: subscriptions_release(node, closing),
+        )
+        await send({"type": "http.response.start", "status": 200, "headers": RESPONSE_HEADERS})
+        refusal = session_open(node, connection)
+        if refusal is not None:
+            connection.send_error(_REFUSALS[refusal], None)
+            connection.close(refusal)
+            return await _until_finished(connection, receive)
+        try:
+            _streams_ping(connection)
+            await _subscribe_all(node, connection, request)
+            if not connection.subscriptions and connection.is_open:
+                # Nothing to stream: the errors above were fatal, so the stream ends.
+                connection.close(CloseCode.POLICY)
+            await _until_finished(connection, receive)
+        finally:
+            _streams.discard(connection)
+            session_closed(node, connection, None)
+            connection.end()
+
+    async def _authenticate(self, scope: dict[str, Any]) -> Principal:
+        """The WebSocket handshake's checks, refused the same way (403)."""
+        if not self.origins.valid_origin(_origin(scope)):
+            raise PushError(ErrorCode.FORBIDDEN, "this origin may not open streams")
+        principal = await resolve_principal(scope)
+        if principal is None:
+            raise PushError(ErrorCode.FORBIDDEN, "the token is not valid (or was revoked)")
+        return principal
+
+
+_REFUSALS = {
+    CloseCode.GOING_AWAY: PushError(ErrorCode.UNAVAILABLE, "this node is restarting; reconnect"),
+    CloseCode.TRY_AGAIN_LATER: PushError(
+        ErrorCode.RATE_LIMITED, "too many connections; try again later"
+    ),
+}
+
+
+async def _subscribe_all(node: Node, connection: SseConnection, request: StreamRequest) -> None:
+    """Subscribe every channel of the stream from a known seq, so the cursor names every
+    channel from the first event on: a channel the client gave no seq for starts at
+    its latest seq, read up front, instead of wherever its turn to subscribe comes."""
+    allowed = [c for c in request.channels if _permitted(connection, c)]
+    fresh = [channel for channel in allowed if channel not in request.since]
+    try:
+        latest = await _latest_seqs(channels=fresh) if fresh else {}
+    except Exception as exc:
+        logger.warning("stream start failed: %s", exc)
+        connection.send_error(PushError(ErrorCode.UNAVAILABLE, "history is unavailable"), None)
+        return
+    cursor = connection.cursor
+    for channel in allowed:
+        cursor[channel] = request.since.get(channel, latest.get(channel, 0))
+    for channel in allowed:
+        try:
+            await channel_subscribe(
+                node, connection, channel, since=cursor[channel], token=None, reply=_no_reply
+            )
+        except PushError as exc:
+            cursor.pop(channel, None)
+            _send_channel_error(connection, channel, exc)
+
+
+def _permitted(connection: SseConnection, channel: str) -> bool:
+    try:
+        authorize_subscribe(connection.principal, channel)
+    except PushError as exc:
+        _send_channel_error(connection, channel, exc)
+        return False
+    return True
+
+
+def _send_channel_error(connection: SseConnection, channel: str, exc: PushError) -> None:
+    """An ``error`` event naming the channel it is about (a stream has no request ids)."""
+    metrics.ERRORS.labels(exc.code.value).inc()
+    envelope = protocol.error(code=exc.code, message=exc.message)
+    envelope["channel"] = channel
+    connection.send_envelope(envelope)
+
+
+def _no_reply(seq: int, recovered: bool | None) -> None:
+    """SSE has no ``subscribed`` event: the stream's cursor already says where it is."""
+
+
+async def _until_finished(connection: SseConnection, receive: Any) -> None:
+    """Wait until the server ended the stream or the client went away."""
+    client_gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({client_gone, connection.finished}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        client_gone.cancel()
+
+
+async def _disconnected(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _refuse(send: Any, status: int, exc: PushError) -> None:
+    """Refuse before the stream starts, with the error envelope as JSON."""
+    metrics.ERRORS.labels(exc.code.value).inc()
+    body = _JSON.encode(protocol.error(code=exc.code, message=exc.message)).encode()
+    headers = [(b"content-type", b"application/json")]
+    if status == 405:
+        headers.append((b"allow", b"GET"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ----- the heartbeat -------------------------------------------------------------------
+
+# Open streams of this process, pinged every heartbeat interval by one task.
+_streams: set[SseConnection] = set()
+_pinger: asyncio.Task[None] | None = None
+
+
+def _streams_ping(connection: SseConnection) -> None:
+    global _pinger
+    _streams.add(connection)
+    loop = asyncio.get_running_loop()
+    if _pinger is None or _pinger.done() or _pinger.get_loop() is not loop:
+        _pinger = loop.create_task(_ping_forever(), name="push-sse-ping")
+
+
+async def _ping_forever() -> None:
+    """``: ping`` on every stream each heartbeat interval, so proxies never see an idle
+    stream; it also stands for the client's heartbeat, which an SSE client cannot send.
+    A reader that stopped reading fills its outbox with pings and is dropped as slow."""
+    while True:
+        await asyncio.sleep(push_settings.HEARTBEAT_INTERVAL_SECS)
+        now = time.monotonic()
+        for connection in list(_streams):
+            if connection.is_open:
+                connection.last_seen = now
+                connection.outbox.push(PING_FRAME)
