@@ -32,7 +32,7 @@ from push import metrics, protocol
 from push.codecs.json_codec import JsonCodec
 from push.codecs.sse_codec import SSE_CODEC
 from push.conf import push_settings
-from push.connection import ClientConnection
+from push.connection import CLOSE_FLUSH_SECS, ClientConnection
 from push.db import db_call
 from push.errors import CloseCode, ErrorCode, PushError
 from push.node import Node, get_node
@@ -167,8 +167,10 @@ class SseConnection(ClientConnection):
 
     async def _send_close(self, code: int) -> None:
         try:
-            await self._send(END_OF_STREAM)
-        except Exception as exc:  # the client is gone already
+            # Bounded: a reader that stopped reading would hold the end of the stream
+            # (and this connection) forever; returning lets the server drop the socket.
+            await asyncio.wait_for(self._send(END_OF_STREAM), CLOSE_FLUSH_SECS)
+        except Exception as exc:  # the client is gone already, or stalled
             logger.debug("end of stream %s failed: %s", self.connection_id, exc)
         finally:
             self.end()

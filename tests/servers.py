@@ -151,5 +151,13 @@ class ServerNode:
             process.kill()
             process.wait(STOP_TIMEOUT_SECS)
 
+    def metric(self, name: str) -> float:
+        """The current value of an unlabelled metric on this node's /metrics."""
+        body = httpx.get(f"{self.http_url}/metrics", timeout=5).text
+        for line in body.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

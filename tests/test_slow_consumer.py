@@ -8,7 +8,6 @@ import json
 import uuid
 from collections.abc import Iterator
 
-import httpx
 import pytest
 from websockets.asyncio.client import connect
 
@@ -57,26 +56,18 @@ async def _flood(node: ServerNode, token: str, channel: str) -> None:
     await publisher.close()
 
 
-def _metric(node: ServerNode, name: str) -> float:
-    body = httpx.get(f"{node.http_url}/metrics", timeout=5).text
-    for line in body.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 async def test_stalled_reader_is_disconnected_and_others_get_everything(
     small_queue_node: ServerNode, publisher_token: str
 ) -> None:
     channel = f"flood-{uuid.uuid4().hex[:8]}"
-    before = _metric(small_queue_node, "push_slow_consumer_disconnects_total")
+    before = small_queue_node.metric("push_slow_consumer_disconnects_total")
     stalled = await _stalled_subscriber(small_queue_node.ws_url, channel)
     healthy, _ = await subscribe(small_queue_node.ws_url, channel)
     collecting = asyncio.create_task(collect_messages(healthy, MESSAGES, timeout=60))
     await _flood(small_queue_node, publisher_token, channel)
     received = await collecting
     assert [m["seq"] for m in received] == list(range(1, MESSAGES + 1))
-    assert _metric(small_queue_node, "push_slow_consumer_disconnects_total") == before + 1
+    assert small_queue_node.metric("push_slow_consumer_disconnects_total") == before + 1
     # Once the stalled client reads again it finds the close code the contract gives.
     close_code = None
     try:
@@ -92,11 +83,11 @@ async def test_stalled_reader_on_drop_oldest_channel_stays_connected(
     small_queue_node: ServerNode, publisher_token: str
 ) -> None:
     channel = f"ticker:{uuid.uuid4().hex[:8]}"
-    before = _metric(small_queue_node, "push_slow_consumer_disconnects_total")
+    before = small_queue_node.metric("push_slow_consumer_disconnects_total")
     stalled = await _stalled_subscriber(small_queue_node.ws_url, channel)
     await _flood(small_queue_node, publisher_token, channel)
-    assert _metric(small_queue_node, "push_slow_consumer_disconnects_total") == before
-    assert _metric(small_queue_node, "push_dropped_frames_total") > 0
+    assert small_queue_node.metric("push_slow_consumer_disconnects_total") == before
+    assert small_queue_node.metric("push_dropped_frames_total") > 0
     seqs = []
     try:
         while True:
