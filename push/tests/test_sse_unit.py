@@ -1,0 +1,101 @@
+"""The SSE stream's pieces without a server: cursor syntax, request parsing, and the
+hub's fan-out to SSE streams (one encode per message, each stream its own id)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from push.codecs.sse_codec import SSE_CODEC
+from push.errors import PushError
+from push.hub import Hub
+from push.message import ChannelMessage
+from push.sse import SseOutbox, cursor_format, cursor_parse, stream_request
+from push.tests.test_hub import MemoryHistory, make_message
+
+
+def test_cursor_round_trips_channel_names_with_colons() -> None:
+    cursor = {"news": 43, "user:42": 7, "a.b@c": 0}
+    assert cursor_format(cursor) == "news:43,user:42:7,a.b@c:0"
+    assert cursor_parse(cursor_format(cursor)) == cursor
+    assert cursor_parse("") == {}
+
+
+@pytest.mark.parametrize("text", ["news", "news:", "news:-1", "news:4x", ":3", "bad name:1"])
+def test_bad_cursor_is_invalid_message(text: str) -> None:
+    with pytest.raises(PushError) as caught:
+        cursor_parse(text)
+    assert caught.value.code == "INVALID_MESSAGE"
+
+
+def _scope(query: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
+    return {"query_string": query.encode(), "headers": headers or []}
+
+
+def test_request_takes_channels_once_and_last_event_id_over_since() -> None:
+    request = stream_request(_scope("channel=a&channel=b&channel=a&since=a:1"))
+    assert request.channels == ["a", "b"] and request.since == {"a": 1}
+    header = [(b"last-event-id", b"a:5,b:2")]
+    assert stream_request(_scope("channel=a&channel=b&since=a:1", header)).since == {
+        "a": 5,
+        "b": 2,
+    }
+
+
+def test_request_without_channel_is_refused() -> None:
+    with pytest.raises(PushError):
+        stream_request(_scope("since=a:1"))
+
+
+class SseClient:
+    """A subscriber with an SSE outbox that records the bytes each stream would get."""
+
+    def __init__(self) -> None:
+        self.codec = SSE_CODEC
+        self.bodies: list[bytes] = []
+        self.outbox = SseOutbox(
+            self._send, max_frames=100, max_bytes=10**9, on_overflow=lambda: None
+        )
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        self.bodies.append(event["body"])
+
+
+async def test_each_message_is_encoded_once_for_every_sse_stream() -> None:
+    encodes = 0
+    encode_message = SSE_CODEC.encode_message
+
+    def counting(message: ChannelMessage) -> bytes:
+        nonlocal encodes
+        encodes += 1
+        return encode_message(message)
+
+    SSE_CODEC.encode_message = counting  # type: ignore[method-assign]
+    try:
+        hub = Hub(
+            history=MemoryHistory(),
+            join=_nothing,
+            leave=_nothing,
+            drop_oldest_patterns=[],
+            gap_wait_secs=0.05,
+        )
+        streams = [SseClient() for _ in range(20)]
+        for stream in streams:
+            await hub.subscribe(stream, "news", since=None, reply=lambda seq, recovered: None)
+            stream.outbox.cursor.update({"news": 0, "chat": 4})
+        for seq in (1, 2):
+            hub.deliver(make_message("news", seq))
+    finally:
+        del SSE_CODEC.encode_message
+    assert encodes == 2
+    expected = [
+        encode_message(make_message("news", 1)) + b"id: news:1,chat:4\n\n",
+        encode_message(make_message("news", 2)) + b"id: news:2,chat:4\n\n",
+    ]
+    assert all(stream.bodies == expected for stream in streams)
+    assert expected[0].startswith(b'event: message\ndata: {"type":"message","channel":"news"')
+
+
+async def _nothing(channel: str) -> None:
+    return None
