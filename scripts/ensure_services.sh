@@ -54,3 +54,17 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   echo "ensure_services: installing chromium and chromium-driver"
   apt_install chromium chromium-driver
 fi
+
+# The deployment tests check deploy/prometheus*.yml with promtool, taken from Debian's
+# prometheus package without installing (or starting) the Prometheus server itself.
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "ensure_services: installing promtool"
+  as_root apt-get update -qq
+  promtool_dir=$(mktemp -d)
+  # apt would fetch as its _apt user, who cannot write to this private folder.
+  (cd "$promtool_dir" && apt-get download -qq -o APT::Sandbox::User=root prometheus)
+  dpkg-deb --fsys-tarfile "$promtool_dir"/prometheus_*.deb \
+    | tar -x -C "$promtool_dir" ./usr/bin/promtool
+  as_root install -m 0755 "$promtool_dir/usr/bin/promtool" /usr/local/bin/promtool
+  rm -rf "$promtool_dir"
+fi
