@@ -68,3 +68,9 @@ if ! command -v promtool >/dev/null 2>&1; then
   as_root install -m 0755 "$promtool_dir/usr/bin/promtool" /usr/local/bin/promtool
   rm -rf "$promtool_dir"
 fi
+
+# nginx -t checks deploy/nginx/ in the deployment tests; only the binary is used.
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  echo "ensure_services: installing nginx"
+  apt_install nginx
+fi

@@ -370,15 +370,13 @@ def test_compose_prometheus_scrapes_every_node() -> None:
 def test_compose_grafana_is_provisioned_with_the_dashboard() -> None:
     mounts = bind_mounts(services()["grafana"])
     provisioning = mounts["/etc/grafana/provisioning"]
-    (datasource,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
-        "datasources"
-    ]
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    (datasource,) = datasources["datasources"]
     assert datasource["type"] == "prometheus" and datasource["isDefault"]
     assert datasource["url"] == "http://prometheus:9090"
     assert "127.0.0.1:9090:9090" in services()["prometheus"]["ports"]
-    (provider,) = yaml.safe_load((provisioning / "dashboards" / "push.yml").read_text())[
-        "providers"
-    ]
+    providers = yaml.safe_load((provisioning / "dashboards" / "push.yml").read_text())
+    (provider,) = providers["providers"]
     dashboards = {Path(t).parent: s for t, s in mounts.items() if t.endswith(".json")}
     assert dashboards == {Path(provider["options"]["path"]): DEPLOY / "grafana/push-dashboard.json"}
     dashboard = json.loads((DEPLOY / "grafana" / "push-dashboard.json").read_text())
