@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: venv run test lint format services bench bench-codecs token
+.PHONY: venv run test lint format services bench bench-codecs token cluster cluster-stop test-faults
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,24 @@ format: venv
 test: venv services lint
 	DEBUG=1 DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) \
 	REDIS_PREFIX=pushtest$$$$ $(PY) -m pytest $(PYTEST_ARGS)
+
+# Fault tests against a cluster of their own (nginx, 3 daphne nodes, their own
+# redis-server, PostgreSQL behind a TCP proxy): slower, so not part of `make test`.
+test-faults: venv services
+	DEBUG=1 DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) \
+	REDIS_PREFIX=pushfaults$$$$ $(PY) -m pytest -m faults tests/faults $(PYTEST_ARGS)
+
+# N daphne nodes behind nginx on 127.0.0.1:$(CLUSTER_PORT), against DATABASE_URL and
+# REDIS_URL (default: the test services); every PID in .cluster/state.json.
+N ?= 3
+CLUSTER_PORT ?= 8080
+cluster: venv services
+	DATABASE_URL=$(or $(DATABASE_URL),$(TEST_DATABASE_URL)) \
+	REDIS_URL=$(or $(REDIS_URL),$(TEST_REDIS_URL)) \
+	$(PY) scripts/cluster.py start --nodes $(N) --port $(CLUSTER_PORT)
+
+cluster-stop:
+	$(PY) scripts/cluster.py stop
 
 bench: venv services
 	$(PY) -m bench $(BENCH_ARGS)

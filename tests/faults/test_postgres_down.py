@@ -1,0 +1,90 @@
+"""PostgreSQL unreachable (the TCP proxy in front of it stopped): publishers are told
+UNAVAILABLE (WebSocket `error`, REST 503), subscribers stay connected, and once
+PostgreSQL is back publishing works again and subscribers receive the new messages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection
+
+from scripts.cluster import Cluster
+from tests.faults import clients
+from tests.faults.report import measure
+from tests.faults.services import OwnedProcess
+from tests.wsclient import open_ws
+
+pytestmark = pytest.mark.faults
+
+CLIENTS = 50
+# Above the nodes' database pool timeout (DATABASE_POOL_TIMEOUT_SECS, 10 s): that is
+# how long a request waits for a connection before it is answered UNAVAILABLE.
+REPLY_TIMEOUT_SECS = 30.0
+RECOVERY_TIMEOUT_SECS = 60.0
+
+
+async def ws_publish(ws: ClientConnection, channel: str, request_id: int) -> dict[str, Any]:
+    envelope = {"type": "publish", "channel": channel, "data": {"ws": request_id}, "id": request_id}
+    await ws.send(json.dumps(envelope))
+    return json.loads(await asyncio.wait_for(ws.recv(), REPLY_TIMEOUT_SECS))
+
+
+async def ws_publish_until_published(ws: ClientConnection, channel: str, first_id: int) -> int:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RECOVERY_TIMEOUT_SECS
+    request_id = first_id
+    while (reply := await ws_publish(ws, channel, request_id))["type"] != "published":
+        assert reply["code"] == "UNAVAILABLE", reply
+        assert loop.time() < deadline, "WebSocket publishing did not come back"
+        request_id += 1
+        await asyncio.sleep(0.2)
+    return int(reply["seq"])
+
+
+@pytest.mark.timeout(180)
+async def test_publishers_get_unavailable_and_subscribers_stay_while_postgres_is_away(
+    cluster: Cluster, channel: str, publisher_token: str, pg_proxy: OwnedProcess
+) -> None:
+    loop = asyncio.get_running_loop()
+    async with (
+        await open_ws(cluster.proxy_ws_url, token=publisher_token) as ws,
+        clients.audience(cluster.proxy_ws_url, channel, CLIENTS) as audience,
+        clients.RestPublisher(cluster.proxy_url, publisher_token, channel) as rest,
+    ):
+        assert (await ws_publish(ws, channel, 1))["type"] == "published"
+        await rest.publish(0)
+
+        await asyncio.to_thread(pg_proxy.stop)
+        cut_at = loop.time()
+        ws_reply, rest_reply = await asyncio.gather(ws_publish(ws, channel, 2), rest.post_once(1))
+        answered_secs = loop.time() - cut_at
+        assert ws_reply["type"] == "error" and ws_reply["code"] == "UNAVAILABLE", ws_reply
+        assert ws_reply["id"] == 2
+        assert rest_reply.status_code == 503, rest_reply.text
+        assert rest_reply.json()["code"] == "UNAVAILABLE"
+        assert audience.disconnected() == [], "subscribers stay connected"
+
+        pg_proxy.launch()
+        await asyncio.to_thread(pg_proxy.wait_answering)
+        back_at = loop.time()
+        await rest.publish(1, give_up_secs=RECOVERY_TIMEOUT_SECS)
+        rest_recovery_secs = loop.time() - back_at
+        await ws_publish_until_published(ws, channel, 3)
+        ws_recovery_secs = loop.time() - back_at
+        await audience.wait_until_received(4, RECOVERY_TIMEOUT_SECS)
+
+    assert rest.last_seq <= 4, "the refused publishes took no seq"
+    assert audience.wrong_sequences(4) == []
+    assert audience.disconnected() == [], "no subscriber was disconnected"
+    name = "PostgreSQL unreachable"
+    measure(
+        name, "answered UNAVAILABLE (WebSocket error, REST 503) after", f"{answered_secs:.2f} s"
+    )
+    measure(
+        name, "REST publishing works again after PostgreSQL is back", f"{rest_recovery_secs:.2f} s"
+    )
+    measure(name, "WebSocket publishing works again after", f"{ws_recovery_secs:.2f} s")
+    measure(name, "subscribers disconnected", f"0 of {CLIENTS}")
