@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from django.db import DatabaseError
+from redis.exceptions import RedisError
 from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
@@ -40,6 +41,11 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     if isinstance(exc, DatabaseError):
         logger.warning("database error answering a REST request: %s", exc)
         return _envelope(ErrorCode.UNAVAILABLE.value, "database unavailable; retry later", 503)
+    if isinstance(exc, RedisError):
+        # The REST throttle's counters live in Redis: while it restarts, the request is
+        # refused as the contract says for a dependency that is down, not as a crash.
+        logger.warning("Redis error answering a REST request: %s", exc)
+        return _envelope(ErrorCode.UNAVAILABLE.value, "Redis unavailable; retry later", 503)
     if isinstance(exc, exceptions.ParseError):
         return _envelope(ErrorCode.INVALID_JSON.value, str(exc.detail), 400)
     if isinstance(exc, exceptions.ValidationError):
