@@ -16,10 +16,10 @@ from urllib.parse import parse_qs
 
 from channels.auth import get_user
 from django.conf import settings
+from django.db import DatabaseError
 
 from accounts.principals import ANONYMOUS, Principal, authenticate_key, principal_for_user
-from push.db import db_call
-from push.errors import PushError
+from push.db import database_unavailable, db_call
 
 _authenticate_key = db_call(authenticate_key)
 _principal_for_user = db_call(principal_for_user)
@@ -65,12 +65,17 @@ async def _session_principal(scope: dict[str, Any], key: str) -> Principal:
 
 
 async def resolve_principal(scope: dict[str, Any]) -> Principal | None:
-    """The scope's principal; None when a token was given and is not valid."""
+    """The scope's principal; None when a token was given and is not valid.
+
+    Raises ``PushError(UNAVAILABLE)`` when the database cannot say (it is down): the
+    client is told to try again later, never that its valid token is invalid."""
     token = query_token(scope) or header_token(scope)
+    if token is not None:
+        return await _authenticate_key(token)  # type: ignore[no-any-return]
+    key = session_key(scope)
+    if not key:
+        return ANONYMOUS
     try:
-        if token is not None:
-            return await _authenticate_key(token)  # type: ignore[no-any-return]
-        key = session_key(scope)
-        return await _session_principal(scope, key) if key else ANONYMOUS
-    except PushError:  # database down: refuse rather than guess who this is
-        return None
+        return await _session_principal(scope, key)
+    except DatabaseError as exc:
+        raise database_unavailable(exc) from exc

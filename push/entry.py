@@ -16,7 +16,9 @@ from channels.security.websocket import WebsocketDenier
 
 from accounts.middleware import resolve_principal
 from push.consumers import PushConsumer
+from push.errors import CloseCode, PushError
 from push.security import BrowserOriginValidator
+from push.server_adapters import close_with_any_code
 
 WEBSOCKET_PATHS = frozenset({"/ws/", "/ws"})
 
@@ -37,7 +39,10 @@ class WebSocketEntry:
             _origin(scope)
         ):
             return await WebsocketDenier()(scope, receive, send)
-        principal = await resolve_principal(scope)
+        try:
+            principal = await resolve_principal(scope)
+        except PushError:
+            return await _try_again_later(receive, send)
         if principal is None:
             return await WebsocketDenier()(scope, receive, send)
         # The server made this scope for this connection alone: adding to it in place
@@ -45,3 +50,13 @@ class WebSocketEntry:
         scope["principal"] = principal
         scope["user"] = principal.user
         return await PushConsumer()(scope, receive, send)
+
+
+async def _try_again_later(receive: Any, send: Any) -> None:
+    """The token could not be checked (the database is down): accept and close with
+    1013, so the client retries later instead of reading 403 as a bad token."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    if not close_with_any_code(send, CloseCode.TRY_AGAIN_LATER):
+        await send({"type": "websocket.close", "code": int(CloseCode.TRY_AGAIN_LATER)})

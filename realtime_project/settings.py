@@ -102,7 +102,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         "pool": {
             "min_size": 2,
             "max_size": env_int("DATABASE_POOL_MAX", 16),
-            "timeout": env_float("DATABASE_POOL_TIMEOUT_SECS", 10.0),
+            # Only an outage makes a request wait for a connection (the pool is larger
+            # than the threads that use it): answer UNAVAILABLE well within a
+            # WebSocket handshake's time limit (daphne's is 5 s).
+            "timeout": env_float("DATABASE_POOL_TIMEOUT_SECS", 3.0),
         }
     }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":

@@ -8,8 +8,10 @@ import asyncio
 import json
 from typing import Any
 
+import httpx
 import pytest
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from scripts.cluster import Cluster
 from tests.faults import clients
@@ -20,7 +22,7 @@ from tests.wsclient import open_ws
 pytestmark = pytest.mark.faults
 
 CLIENTS = 50
-# Above the nodes' database pool timeout (DATABASE_POOL_TIMEOUT_SECS, 10 s): that is
+# Above the nodes' database pool timeout (DATABASE_POOL_TIMEOUT_SECS, 3 s): that is
 # how long a request waits for a connection before it is answered UNAVAILABLE.
 REPLY_TIMEOUT_SECS = 30.0
 RECOVERY_TIMEOUT_SECS = 60.0
@@ -42,6 +44,23 @@ async def ws_publish_until_published(ws: ClientConnection, channel: str, first_i
         request_id += 1
         await asyncio.sleep(0.2)
     return int(reply["seq"])
+
+
+async def token_holders_are_told_to_try_again_later(
+    cluster: Cluster, token: str, channel: str
+) -> None:
+    """A valid token cannot be checked without the database: the WebSocket is closed
+    with 1013 and the SSE request answered 503, never refused as an invalid token."""
+    async with connect(f"{cluster.proxy_ws_url}?token={token}") as ws:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), REPLY_TIMEOUT_SECS)
+    assert ws.close_code == 1013
+    async with httpx.AsyncClient(timeout=REPLY_TIMEOUT_SECS) as http:
+        response = await http.get(
+            f"{cluster.proxy_url}/sse/", params={"channel": channel, "token": token}
+        )
+    assert response.status_code == 503, response.text
+    assert response.json()["code"] == "UNAVAILABLE"
 
 
 @pytest.mark.timeout(180)
@@ -66,6 +85,7 @@ async def test_publishers_get_unavailable_and_subscribers_stay_while_postgres_is
         assert rest_reply.status_code == 503, rest_reply.text
         assert rest_reply.json()["code"] == "UNAVAILABLE"
         assert audience.disconnected() == [], "subscribers stay connected"
+        await token_holders_are_told_to_try_again_later(cluster, publisher_token, channel)
 
         pg_proxy.launch()
         await asyncio.to_thread(pg_proxy.wait_answering)
