@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.servers import ServerNode
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -59,3 +62,11 @@ def browser() -> Iterator[Any]:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def page_node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
+    """The node that serves the demo page (and, on the fallback, its stream and REST)."""
+    node = ServerNode(e2e_env, name=f"demo-{uuid.uuid4().hex[:6]}").start()
+    yield node
+    node.stop()

@@ -5,62 +5,23 @@ node restarts while messages keep being published elsewhere."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.servers import ROOT, ServerNode
+from tests.browser.pages import (
+    page_state,
+    publish_from_page,
+    publish_rest,
+    save_screenshot,
+    wait_for,
+    wait_for_seqs,
+)
+from tests.servers import ServerNode
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
-
-SCREENSHOT = ROOT / "artifacts" / "demo-page.png"
-WAIT_SECS = 20.0
-
-
-@pytest.fixture
-def page_node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
-    node = ServerNode(e2e_env, name=f"demo-{uuid.uuid4().hex[:6]}").start()
-    yield node
-    node.stop()
-
-
-def wait_for(what: str, check: Callable[[], Any], driver: Any, timeout: float = WAIT_SECS) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    console = "\n".join(str(entry) for entry in driver.get_log("browser"))
-    raise AssertionError(f"timed out waiting for {what}; browser console:\n{console}")
-
-
-def page_state(driver: Any) -> str:
-    return driver.find_element("id", "state").get_attribute("data-state")
-
-
-def page_seqs(driver: Any) -> list[int]:
-    text = driver.find_element("id", "feed").get_attribute("data-seqs") or ""
-    return [int(seq) for seq in text.split(",") if seq]
-
-
-def publish_rest(node: ServerNode, token: str, channel: str, data: Any) -> int:
-    response = httpx.post(
-        f"{node.http_url}/api/v1/channels/{channel}/messages",
-        json={"data": data},
-        headers={"Authorization": f"Token {token}"},
-        timeout=10,
-    )
-    assert response.status_code == 201, response.text
-    return int(response.json()["seq"])
-
-
-def wait_for_seqs(driver: Any, expected: list[int]) -> None:
-    wait_for(f"seqs {expected}", lambda: page_seqs(driver) == expected, driver)
 
 
 def open_demo(driver: Any, node: ServerNode, channel: str) -> None:
@@ -96,10 +57,7 @@ def test_page_receives_rest_messages_and_resumes_after_a_restart_without_gaps(
     browser.find_element("id", "connect").click()
     wait_for("the reconnect with a token", lambda: page_state(browser) == "connected", browser)
     # The page starts a fresh feed on Connect: it subscribes at the channel's current seq.
-    box = browser.find_element("id", "publish-data")
-    box.clear()
-    box.send_keys(json.dumps({"text": "from the page"}))
-    browser.find_element("id", "publish").click()
+    publish_from_page(browser, json.dumps({"text": "from the page"}))
     wait_for_seqs(browser, [4])
     assert "published, seq 4" in browser.find_element("id", "publish-result").text
 
@@ -124,8 +82,7 @@ def test_page_receives_rest_messages_and_resumes_after_a_restart_without_gaps(
     assert browser.find_element("id", "gaps").text == "0"
     replayed = browser.find_elements("css selector", "#feed li .lat")
     assert [cell.text for cell in replayed[3:8]] == ["replayed"] * 5  # seqs 9..5
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    browser.save_screenshot(str(SCREENSHOT))
+    save_screenshot(browser, "demo-page.png")
 
 
 def test_page_speaks_messagepack_with_the_vendored_codec(

@@ -3,6 +3,10 @@
 //
 // The page also exposes what it received for tests: `#feed[data-seqs]` lists every seq
 // in arrival order and `#state[data-state]` the client's state.
+//
+// `/?transport=sse` makes the client skip the WebSocket (`transports: ["sse"]`), and
+// `/?ws=ws://127.0.0.1:1/ws/` points its WebSocket elsewhere (a closed port shows the
+// fallback by itself); the event stream and REST stay on the page's own node.
 
 import { PushClient } from "./pushclient.js";
 import * as msgpack from "./msgpack.js";
@@ -14,6 +18,12 @@ const STATS_REFRESH_MS = 500;
 // A demo should come back quickly after a restart; the library default (30 s) suits
 // fleets of clients better.
 const DEMO_MAX_DELAY_MS = 5_000;
+const TRANSPORTS = Object.freeze({
+  auto: ["websocket", "sse"],
+  sse: ["sse"],
+  websocket: ["websocket"],
+});
+const TRANSPORT_LABELS = Object.freeze({ websocket: "WebSocket", sse: "Server-Sent Events + REST" });
 
 const $ = (id) => document.getElementById(id);
 const root = $("demo");
@@ -29,6 +39,8 @@ const view = {
 };
 
 function wsUrl() {
+  const override = new URLSearchParams(location.search).get("ws");
+  if (override) return override;
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   return `${scheme}//${location.host}/ws/`;
 }
@@ -41,9 +53,11 @@ function logEvent(text, kind = "") {
   while ($("events").children.length > 50) $("events").lastChild.remove();
 }
 
-function showState(state) {
+function showState(state, transport) {
   $("state").dataset.state = state;
   $("state-label").textContent = state;
+  const connected = state === "connected" || state === "sse";
+  $("transport-used").textContent = connected ? TRANSPORT_LABELS[transport] : "–";
 }
 
 function resetFeed() {
@@ -110,8 +124,9 @@ function refreshStats() {
 
 function wire(client) {
   client.on("state", ({ state, previous }) => {
-    showState(state);
-    if (state === "connected" && previous === "reconnecting") view.reconnects += 1;
+    showState(state, client.transport);
+    // Back over either transport; sse -> connected is a switch, not a reconnect.
+    if ((state === "connected" || state === "sse") && previous === "reconnecting") view.reconnects += 1;
     logEvent(`${previous} → ${state}`);
   });
   client.on("open", (hello) => {
@@ -136,12 +151,21 @@ function wire(client) {
 async function start() {
   view.client?.close();
   view.channel = $("channel").value.trim() || "demo";
+  const transport = $("transport").value;
   const url = new URL(location.href);
   url.searchParams.set("channel", view.channel);
+  if (transport === "auto") url.searchParams.delete("transport");
+  else url.searchParams.set("transport", transport);
   history.replaceState(null, "", url);
   resetFeed();
 
-  const options = { token: $("token").value.trim() || null, maxDelayMs: DEMO_MAX_DELAY_MS };
+  const options = {
+    token: $("token").value.trim() || null,
+    maxDelayMs: DEMO_MAX_DELAY_MS,
+    transports: TRANSPORTS[transport],
+    sseUrl: `${location.origin}/sse/`,
+    apiUrl: `${location.origin}/api/v1/`,
+  };
   if ($("format").value === "msgpack") options.msgpack = msgpack;
   const client = new PushClient(wsUrl(), options);
   view.client = client;
@@ -149,7 +173,9 @@ async function start() {
   client.connect().catch((error) => logEvent(`could not connect: ${error.message}`, "gap"));
   try {
     const subscription = await client.subscribe(view.channel, showMessage);
-    logEvent(`subscribed to ${view.channel} at seq ${subscription.seq}`);
+    // Over SSE there is no `subscribed` reply: the seq is known with the first message.
+    const at = subscription.seq === null ? "" : ` at seq ${subscription.seq}`;
+    logEvent(`subscribed to ${view.channel}${at}`);
   } catch (error) {
     logEvent(`subscribe failed: ${error.message}`, "gap");
   }
@@ -165,15 +191,18 @@ async function publish() {
   }
   const result = $("publish-result");
   try {
+    const overRest = view.client.state === "sse";
     const reply = await view.client.publish(view.channel, data);
     result.className = "ok";
-    result.textContent = `published, seq ${reply.seq}`;
+    result.textContent = `published, seq ${reply.seq}${overRest ? " (over REST)" : ""}`;
   } catch (error) {
     result.className = "bad";
     result.textContent = error.code === "FORBIDDEN" ? "forbidden: enter a token and connect" : error.message;
   }
 }
 
+const askedTransport = new URLSearchParams(location.search).get("transport");
+if (askedTransport in TRANSPORTS) $("transport").value = askedTransport;
 $("connect").addEventListener("click", start);
 $("publish").addEventListener("click", publish);
 $("publish-data").addEventListener("keydown", (event) => {

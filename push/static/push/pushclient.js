@@ -13,14 +13,24 @@
 // with `since` (the last seq it delivered), reports gaps, and keeps the connection
 // honest with the contract's heartbeat. MessagePack is used when the caller passes an
 // `{ encode, decode }` pair as `msgpack` (for example the vendored `./msgpack.js`).
+//
+// When the WebSocket cannot connect (a proxy that refuses the upgrade, a browser
+// without WebSocket) it falls back to Server-Sent Events (PROTOCOL.md, "Server-Sent
+// Events") and publishes over REST, keeping its subscriptions and per-channel cursors,
+// and tries the WebSocket again from time to time. The policy is `preferredTransport`.
 
 export const State = Object.freeze({
   CONNECTING: "connecting",
   CONNECTED: "connected",
   RECONNECTING: "reconnecting",
   DISCONNECTED: "disconnected",
-  // Reserved for the Server-Sent Events fallback: the transitions below already
-  // allow it, so adding that transport does not reshape the state machine.
+  // Connected through the Server-Sent Events fallback: messages arrive, publishing goes
+  // through REST, subscribe and unsubscribe reopen the stream.
+  SSE: "sse",
+});
+
+export const Transport = Object.freeze({
+  WEBSOCKET: "websocket",
   SSE: "sse",
 });
 
@@ -41,11 +51,20 @@ const TERMINAL_CLOSE_CODES = new Set([1000, 1008, 1009]);
 
 export const DEFAULT_BASE_DELAY_MS = 500;
 export const DEFAULT_MAX_DELAY_MS = 30_000;
+// One failed WebSocket open is often a node restarting; two in a row, while the page
+// itself loaded over HTTP, more likely a proxy that refuses the upgrade.
+export const DEFAULT_SSE_FALLBACK_AFTER = 2;
 const DEFAULT_REQUEST_TIMEOUT_MS = 10_000;
+// A proxy that accepts the upgrade and then forwards nothing hangs a handshake for
+// minutes; without this bound such a WebSocket would never count as failed.
+const DEFAULT_OPEN_TIMEOUT_MS = 10_000;
 const DEFAULT_HEARTBEAT_INTERVAL_MS = 25_000;
 // Browsers only let a page close with 1000 or 3000-4999; 4001 mirrors the server's own
 // heartbeat-timeout code so logs read the same on both sides.
 const HEARTBEAT_TIMEOUT_CLOSE = 4001;
+// An event stream has no close code; a lost or refused one is reported like a WebSocket
+// that dropped without a close frame, so `close` listeners see one shape.
+const STREAM_LOST_CLOSE = 1006;
 
 /** Capped exponential backoff with full jitter: uniform in [0, min(max, base * 2^attempt)]. */
 export function backoffDelay(attempt, { baseMs = DEFAULT_BASE_DELAY_MS, maxMs = DEFAULT_MAX_DELAY_MS, random = Math.random } = {}) {
@@ -90,6 +109,40 @@ function withToken(url, token) {
   return parsed.toString();
 }
 
+function absoluteUrl(url) {
+  return new URL(url, globalThis.location?.href).toString();
+}
+
+// The HTTP endpoints sit next to the WebSocket one: ws://host/ws/ -> http://host/sse/.
+function siblingUrl(wsUrl, path) {
+  const parsed = new URL(wsUrl, globalThis.location?.href);
+  parsed.protocol = parsed.protocol === "wss:" ? "https:" : "http:";
+  parsed.pathname = parsed.pathname.replace(/(^|\/)ws\/?$/, "$1").replace(/\/?$/, "/") + path;
+  parsed.search = "";
+  parsed.hash = "";
+  return parsed.toString();
+}
+
+/** The SSE cursor `news:43,chat:7` (PROTOCOL.md) as a Map; channel names may contain ":". */
+export function parseCursor(text) {
+  const cursor = new Map();
+  for (const part of (text ?? "").split(",")) {
+    const colon = part.lastIndexOf(":");
+    const seq = part.slice(colon + 1);
+    if (colon > 0 && /^\d+$/.test(seq)) cursor.set(part.slice(0, colon), Number(seq));
+  }
+  return cursor;
+}
+
+export function formatCursor(entries) {
+  return [...entries].map(([channel, seq]) => `${channel}:${seq}`).join(",");
+}
+
+// Django's CSRF cookie: a session-authenticated REST publish must echo it in a header.
+function csrfToken() {
+  return globalThis.document?.cookie?.match(/(?:^|;\s*)csrftoken=([^;]+)/)?.[1] ?? null;
+}
+
 class Subscription {
   constructor(client, channel, handler, since) {
     this.client = client;
@@ -119,9 +172,17 @@ export class PushClient {
     this.requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
     // null: use what the server announces in connection_established.
     this.heartbeatIntervalMs = options.heartbeatIntervalMs ?? null;
+    this.openTimeoutMs = options.openTimeoutMs ?? DEFAULT_OPEN_TIMEOUT_MS;
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this.transports = options.transports ?? [Transport.WEBSOCKET, Transport.SSE];
+    this.sseFallbackAfter = options.sseFallbackAfter ?? DEFAULT_SSE_FALLBACK_AFTER;
+    this.sseUrl = absoluteUrl(options.sseUrl ?? siblingUrl(url, "sse/"));
+    this.apiUrl = absoluteUrl(options.apiUrl ?? siblingUrl(url, "api/v1/"));
+    this.EventSource = options.EventSource ?? globalThis.EventSource;
+    this.fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);
 
     this.state = State.DISCONNECTED;
+    this.transport = null; // of the current (or last) connection attempt
     this.serverId = null;
     this.connectionId = null;
     this.subscriptions = new Map();
@@ -130,6 +191,11 @@ export class PushClient {
     this.nextId = 1;
     this.attempt = 0;
     this.ws = null;
+    this.openTimer = null;
+    this.wsFailures = 0; // WebSocket opens that failed in a row
+    this.stream = null; // the Server-Sent Events stream: { source, channels, openedAt, openTimer }
+    this.reopenTimer = null;
+    this.probeTimer = null;
     this.closedByUser = false;
     this.reconnectTimer = null;
     this.heartbeatTimer = null;
@@ -173,17 +239,27 @@ export class PushClient {
 
   // ----- connection --------------------------------------------------------------------
 
-  /** Open the connection; resolves on `connection_established`, rejects if it closes for good first. */
+  /**
+   * Open the connection; resolves on `connection_established` (over the WebSocket or the
+   * SSE fallback), rejects if it closes for good first.
+   */
   connect() {
-    if (this.state === State.CONNECTED) return Promise.resolve(this);
-    const connected = new Promise((resolve, reject) => this.connectWaiters.push({ resolve, reject }));
+    if (this.state === State.CONNECTED || this.state === State.SSE) return Promise.resolve(this);
     if (this.state === State.DISCONNECTED) {
+      this.wsFailures = 0;
+      const transport = this.preferredTransport();
+      if (!transport) {
+        return Promise.reject(new PushError("NO_TRANSPORT", `none of ${this.transports.join(", ")} is available here`));
+      }
       this.closedByUser = false;
       this.attempt = 0;
       this.setState(State.CONNECTING);
-      this.openSocket();
+      // An event stream names its channels when it opens: wait one task so that
+      // subscribe() calls made right after connect() ride on the first stream.
+      if (transport === Transport.SSE) this.reconnectTimer = setTimeout(() => this.openTransport(transport), 0);
+      else this.openTransport(transport);
     }
-    return connected;
+    return new Promise((resolve, reject) => this.connectWaiters.push({ resolve, reject }));
   }
 
   /** Close for good: no reconnect. Pending requests are rejected. */
@@ -194,6 +270,28 @@ export class PushClient {
     this.finish({ code: 1000, reason: "client closed" });
   }
 
+  canUse(transport) {
+    if (!this.transports.includes(transport)) return false;
+    if (transport === Transport.WEBSOCKET) return typeof this.WebSocket === "function";
+    return typeof this.EventSource === "function";
+  }
+
+  // The fallback policy: the WebSocket while it works; Server-Sent Events when the
+  // WebSocket is not allowed (`transports`), not available, or failed to open
+  // `sseFallbackAfter` times in a row. From SSE the WebSocket is retried by probes
+  // (`scheduleProbe`), and a stream that fails to open hands back to the WebSocket.
+  preferredTransport() {
+    const webSocket = this.canUse(Transport.WEBSOCKET);
+    if (!this.canUse(Transport.SSE)) return webSocket ? Transport.WEBSOCKET : null;
+    return webSocket && this.wsFailures < this.sseFallbackAfter ? Transport.WEBSOCKET : Transport.SSE;
+  }
+
+  openTransport(transport) {
+    this.transport = transport;
+    if (transport === Transport.SSE) this.openStream();
+    else this.openSocket();
+  }
+
   openSocket() {
     const ws = new this.WebSocket(withToken(this.url, this.token), [this.format.subprotocol]);
     ws.binaryType = "arraybuffer";
@@ -202,12 +300,21 @@ export class PushClient {
     // onerror is always followed by onclose, which decides what happens next.
     ws.onerror = () => {};
     this.ws = ws;
+    this.openTimer = setTimeout(() => this.onOpenTimeout(ws), this.openTimeoutMs);
+  }
+
+  onOpenTimeout(ws) {
+    if (ws !== this.ws) return;
+    ws.onmessage = ws.onclose = ws.onerror = null;
+    ws.close();
+    this.onSocketClosed(ws, STREAM_LOST_CLOSE, `no connection_established within ${this.openTimeoutMs} ms`);
   }
 
   // Detach and close the current socket without letting its close event run our logic.
   dropSocket(code, reason) {
     const ws = this.ws;
     this.ws = null;
+    clearTimeout(this.openTimer);
     this.stopHeartbeat();
     if (!ws) return;
     ws.onmessage = ws.onclose = ws.onerror = null;
@@ -220,8 +327,16 @@ export class PushClient {
 
   onSocketClosed(ws, code, reason) {
     if (ws !== this.ws) return;
+    const opened = this.state === State.CONNECTED;
     this.ws = null;
+    clearTimeout(this.openTimer);
     this.stopHeartbeat();
+    if (this.transport === Transport.SSE) {
+      // A probe from the SSE fallback that did not get through: the stream carries on.
+      this.wsFailures += 1;
+      this.scheduleProbe();
+      return;
+    }
     this.failPending(new PushError("CONNECTION_LOST", `connection closed (${code})`));
     if (this.closedByUser || isTerminalCloseCode(code)) {
       if (code === 1009) {
@@ -230,20 +345,25 @@ export class PushClient {
       this.finish({ code, reason });
       return;
     }
-    this.scheduleReconnect({ code, reason });
+    // A socket that worked and dropped says nothing against the WebSocket; one that
+    // never reached connection_established counts towards the fallback.
+    if (!opened) this.wsFailures += 1;
+    this.scheduleReconnect({ code, reason }, this.preferredTransport());
   }
 
-  scheduleReconnect({ code, reason }) {
+  scheduleReconnect({ code, reason }, transport) {
     const delayMs = backoffDelay(this.attempt, { baseMs: this.baseDelayMs, maxMs: this.maxDelayMs });
     this.attempt += 1;
     this.setState(State.RECONNECTING);
-    this.emit("close", { code, reason, willReconnect: true, delayMs });
+    this.emit("close", { code, reason, willReconnect: true, delayMs, transport: this.transport });
     this.reconnectTimer = setTimeout(() => {
-      if (!this.closedByUser) this.openSocket();
+      if (!this.closedByUser) this.openTransport(transport);
     }, delayMs);
   }
 
   finish({ code, reason }) {
+    this.closeStream();
+    this.cancelProbe();
     const wasOpen = this.state !== State.DISCONNECTED;
     if (wasOpen) this.setState(State.DISCONNECTED);
     this.failPending(new PushError("CONNECTION_CLOSED", `connection closed (${code})`));
@@ -252,7 +372,7 @@ export class PushClient {
     }
     const error = new PushError("CONNECTION_CLOSED", `connection closed (${code}) ${reason ?? ""}`.trim());
     for (const waiter of this.connectWaiters.splice(0)) waiter.reject(error);
-    if (wasOpen) this.emit("close", { code, reason, willReconnect: false });
+    if (wasOpen) this.emit("close", { code, reason, willReconnect: false, transport: this.transport });
   }
 
   // ----- inbound frames ----------------------------------------------------------------
@@ -285,6 +405,16 @@ export class PushClient {
   }
 
   onEstablished(envelope) {
+    clearTimeout(this.openTimer);
+    if (this.transport === Transport.SSE) {
+      // A probe got through: leave the stream; the subscribes below resume every
+      // channel from its cursor, so nothing is lost or repeated in the switch.
+      this.closeStream();
+      clearTimeout(this.probeTimer);
+      this.probeTimer = null;
+      this.transport = Transport.WEBSOCKET;
+    }
+    this.wsFailures = 0;
     this.serverId = envelope.server_id;
     this.connectionId = envelope.connection_id;
     this.attempt = 0;
@@ -295,7 +425,7 @@ export class PushClient {
     for (const waiter of this.connectWaiters.splice(0)) waiter.resolve(this);
   }
 
-  onMessage(message) {
+  onMessage(message, replayed = null) {
     const subscription = this.subscriptions.get(message.channel);
     if (!subscription) return;
     const last = subscription.lastSeq;
@@ -305,7 +435,7 @@ export class PushClient {
       this.emit("gap", { channel: message.channel, expected: last + 1, received: message.seq });
     }
     subscription.lastSeq = message.seq;
-    const meta = { replayed: subscription.replayUntil !== null && message.seq <= subscription.replayUntil };
+    const meta = { replayed: replayed ?? (subscription.replayUntil !== null && message.seq <= subscription.replayUntil) };
     this.emit("message", message);
     try {
       subscription.handler?.(message, meta);
@@ -411,6 +541,7 @@ export class PushClient {
     });
     this.subscriptions.set(channel, subscription);
     if (this.state === State.CONNECTED) this.sendSubscribe(subscription);
+    else if (this.state === State.SSE) this.reopenStreamSoon();
     return ready.then((reply) => {
       subscription.ready = null;
       subscription.seq = reply.seq;
@@ -419,15 +550,26 @@ export class PushClient {
     });
   }
 
-  /** Stop receiving `channel`. Resolves at once when not connected (nothing to tell the server). */
+  /**
+   * Stop receiving `channel`. Resolves at once when not connected (nothing to tell the
+   * server), and on SSE (the stream is reopened without the channel).
+   */
   async unsubscribe(channel) {
     if (!this.subscriptions.delete(channel)) return null;
+    if (this.state === State.SSE) {
+      this.reopenStreamSoon();
+      return { type: "unsubscribed", channel };
+    }
     if (this.state !== State.CONNECTED) return null;
     return this.request({ type: "unsubscribe", channel });
   }
 
-  /** Publish `data` (any JSON value); resolves with the `published` reply ({seq, message_id}). */
+  /**
+   * Publish `data` (any JSON value); resolves with the `published` reply ({seq, message_id}).
+   * On SSE it is a REST POST that resolves the same way.
+   */
   publish(channel, data) {
+    if (this.state === State.SSE) return this.publishRest(channel, data);
     // Not queued while disconnected: a WebSocket publish has no idempotency key, so the
     // caller decides whether to retry (or uses REST with an Idempotency-Key).
     return this.request({ type: "publish", channel, data });
@@ -435,6 +577,202 @@ export class PushClient {
 
   lastSeq(channel) {
     return this.subscriptions.get(channel)?.lastSeq ?? null;
+  }
+
+  // ----- Server-Sent Events fallback -----------------------------------------------------
+
+  streamUrl(channels) {
+    const url = new URL(withToken(this.sseUrl, this.token));
+    for (const channel of channels) url.searchParams.append("channel", channel);
+    // Our own cursors, not the browser's Last-Event-ID: they also cover a stream opened
+    // with a new channel list, and channels the WebSocket delivered before the fallback.
+    const known = channels.map((channel) => [channel, this.lastSeq(channel)]).filter(([, seq]) => seq !== null);
+    if (known.length) url.searchParams.set("since", formatCursor(known));
+    return url.toString();
+  }
+
+  openStream() {
+    this.closeStream();
+    const channels = [...this.subscriptions.keys()];
+    if (!channels.length) {
+      // The server streams named channels only. With none there is nothing to receive,
+      // and publishing needs no stream: on SSE without one until a subscribe.
+      this.enterSse(null);
+      return;
+    }
+    const source = new this.EventSource(this.streamUrl(channels));
+    const stream = { source, channels, openedAt: null, openTimer: null };
+    source.addEventListener("connection_established", (event) => {
+      if (stream === this.stream) this.onStreamEstablished(stream, event);
+    });
+    source.addEventListener("message", (event) => {
+      if (stream === this.stream) this.onStreamMessage(stream, event);
+    });
+    // The one name serves both the server's `event: error` (a MessageEvent with data)
+    // and the browser's report of a failed or lost connection (a plain Event).
+    source.addEventListener("error", (event) => {
+      if (stream !== this.stream) return;
+      if (typeof event.data === "string") this.onStreamError(event);
+      else this.onStreamLost(stream);
+    });
+    stream.openTimer = setTimeout(() => {
+      if (stream === this.stream) this.onStreamLost(stream);
+    }, this.openTimeoutMs);
+    this.stream = stream;
+  }
+
+  closeStream() {
+    const stream = this.stream;
+    this.stream = null;
+    clearTimeout(this.reopenTimer);
+    this.reopenTimer = null;
+    if (!stream) return;
+    clearTimeout(stream.openTimer);
+    stream.source.close();
+  }
+
+  // Subscribe and unsubscribe on SSE reopen the stream with the new channel list; one
+  // reopen serves several calls made in a row.
+  reopenStreamSoon() {
+    if (this.reopenTimer) return;
+    this.reopenTimer = setTimeout(() => {
+      this.reopenTimer = null;
+      if (this.state === State.SSE) this.openStream();
+    }, 0);
+  }
+
+  decodeStreamEvent(event) {
+    try {
+      return JSON.parse(event.data);
+    } catch (error) {
+      this.emit("error", error);
+      return null;
+    }
+  }
+
+  onStreamEstablished(stream, event) {
+    const envelope = this.decodeStreamEvent(event);
+    if (!envelope) return;
+    clearTimeout(stream.openTimer);
+    stream.openedAt = envelope.timestamp;
+    this.serverId = envelope.server_id;
+    this.connectionId = envelope.connection_id;
+    this.enterSse(envelope);
+    for (const channel of stream.channels) {
+      const subscription = this.subscriptions.get(channel);
+      subscription?.ready?.resolve({ type: "subscribed", channel, seq: subscription.lastSeq });
+    }
+    // Channels subscribed while this stream was opening are not on it yet.
+    const current = [...this.subscriptions.keys()];
+    if (current.length !== stream.channels.length || current.some((c) => !stream.channels.includes(c))) {
+      this.reopenStreamSoon();
+    }
+  }
+
+  enterSse(envelope) {
+    this.attempt = 0;
+    this.setState(State.SSE);
+    if (envelope) this.emit("open", envelope);
+    for (const waiter of this.connectWaiters.splice(0)) waiter.resolve(this);
+    if (!this.probeTimer && !this.ws) this.scheduleProbe();
+  }
+
+  onStreamMessage(stream, event) {
+    const message = this.decodeStreamEvent(event);
+    if (!message) return;
+    // No `subscribed` reply tells where a replay ends: what was published before the
+    // stream opened is the replay.
+    this.onMessage(message, stream.openedAt !== null && message.timestamp < stream.openedAt);
+    // The event id is the server's cursor for every channel of the stream: it gives a
+    // resume point to channels that have not had a message yet. Read after delivery, or
+    // the message itself would count as already seen.
+    for (const [channel, seq] of parseCursor(event.lastEventId)) {
+      const subscription = this.subscriptions.get(channel);
+      if (subscription && subscription.lastSeq === null) subscription.lastSeq = seq;
+    }
+  }
+
+  onStreamError(event) {
+    const envelope = this.decodeStreamEvent(event);
+    if (!envelope) return;
+    const error = new PushError(envelope.code, envelope.message, envelope);
+    // A channel the server refused is dropped, as a refused WebSocket subscribe is, so
+    // the next stream does not ask for it again.
+    const subscription = envelope.channel ? this.subscriptions.get(envelope.channel) : null;
+    if (subscription) {
+      this.subscriptions.delete(envelope.channel);
+      if (subscription.ready) {
+        subscription.ready.reject(error);
+        return;
+      }
+    }
+    this.emit("error", error);
+  }
+
+  // The browser would reconnect by itself with Last-Event-ID after a fixed pause; the
+  // client reconnects instead, with the same jittered backoff as the WebSocket and the
+  // same cursor in `since`, and may try the WebSocket first.
+  onStreamLost(stream) {
+    const wasOn = this.state === State.SSE;
+    const reason = stream.openedAt === null ? "event stream did not open" : "event stream lost";
+    this.closeStream();
+    this.cancelProbe();
+    if (this.closedByUser) return;
+    // A stream that worked comes back as a stream; one that never opened says nothing
+    // for SSE over the WebSocket, so the WebSocket gets the next turn when allowed.
+    const next = wasOn || !this.canUse(Transport.WEBSOCKET) ? Transport.SSE : Transport.WEBSOCKET;
+    this.scheduleReconnect({ code: STREAM_LOST_CLOSE, reason }, next);
+  }
+
+  // While on SSE the WebSocket is tried again after the backoff of its failures so far
+  // (a few seconds at first, then up to maxDelayMs), and replaces the stream when it opens.
+  scheduleProbe() {
+    if (this.closedByUser || !this.canUse(Transport.WEBSOCKET)) return;
+    const delayMs = backoffDelay(this.wsFailures, { baseMs: this.baseDelayMs, maxMs: this.maxDelayMs });
+    this.probeTimer = setTimeout(() => {
+      this.probeTimer = null;
+      if (this.state === State.SSE && !this.ws) this.openSocket();
+    }, delayMs);
+  }
+
+  cancelProbe() {
+    clearTimeout(this.probeTimer);
+    this.probeTimer = null;
+    if (this.transport === Transport.SSE) this.dropSocket(1000, "probe cancelled");
+  }
+
+  channelUrl(channel) {
+    return new URL(`channels/${encodeURIComponent(channel)}/messages`, this.apiUrl).toString();
+  }
+
+  async publishRest(channel, data) {
+    if (!this.fetch) throw new PushError("NOT_CONNECTED", "no fetch() to publish over REST");
+    const headers = { "Content-Type": "application/json", Accept: "application/json" };
+    if (this.token) headers.Authorization = `Token ${this.token}`;
+    else if (csrfToken()) headers["X-CSRFToken"] = csrfToken();
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), this.requestTimeoutMs);
+    let response;
+    let body;
+    try {
+      response = await this.fetch(this.channelUrl(channel), {
+        method: "POST",
+        headers,
+        body: JSON.stringify({ data }),
+        credentials: "same-origin",
+        signal: abort.signal,
+      });
+      body = await response.json().catch(() => null);
+    } catch (error) {
+      if (abort.signal.aborted) throw new PushError("TIMEOUT", `no reply to "publish" within ${this.requestTimeoutMs} ms`);
+      throw new PushError("CONNECTION_LOST", `publish over REST failed: ${error.message}`);
+    } finally {
+      clearTimeout(timer);
+    }
+    if (!response.ok) {
+      throw new PushError(body?.code ?? `HTTP_${response.status}`, body?.message ?? `HTTP ${response.status}`, body);
+    }
+    return { type: "published", channel: body?.channel ?? channel, seq: body?.seq, message_id: body?.message_id, timestamp: body?.timestamp };
   }
 
   // ----- heartbeat ---------------------------------------------------------------------
@@ -460,7 +798,7 @@ export class PushClient {
     if (!this.ws) return;
     this.dropSocket(HEARTBEAT_TIMEOUT_CLOSE, "heartbeat timeout");
     this.failPending(new PushError("CONNECTION_LOST", "heartbeat timeout"));
-    this.scheduleReconnect({ code: HEARTBEAT_TIMEOUT_CLOSE, reason: "heartbeat timeout" });
+    this.scheduleReconnect({ code: HEARTBEAT_TIMEOUT_CLOSE, reason: "heartbeat timeout" }, this.preferredTransport());
   }
 
   stopHeartbeat() {
