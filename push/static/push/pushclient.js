@@ -527,7 +527,8 @@ export class PushClient {
    * Subscribe to `channel`; `handler(message, { replayed })` gets every message once, in
    * seq order (`replayed` is true for stored messages sent by a resume).
    * Resolves with the subscription when the server answers `subscribed` (waiting for
-   * the connection if it is not up yet). `since` resumes from a seq the caller stored.
+   * the connection if it is not up yet), or on SSE when a stream carrying the channel
+   * opens. `since` resumes from a seq the caller stored.
    */
   subscribe(channel, handler, { since = null } = {}) {
     const existing = this.subscriptions.get(channel);
