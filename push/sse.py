@@ -10,10 +10,11 @@ the last seq delivered on every channel of the stream (``news:43,chat:7``), whic
 browser sends back as ``Last-Event-ID`` when it reconnects, and which resumes each
 channel exactly as ``subscribe`` with ``since`` does.
 
-Every problem after the response started is an ``error`` event; a fatal one (no
-channel could be subscribed, bad token, bad cursor) ends the stream. The response
-itself only fails (405, 503) when the request is not an SSE request or the node is
-down.
+Every problem after the response started is an ``error`` event naming its channel;
+a fatal one (no channel could be subscribed) ends the stream. A request that cannot
+become a stream is refused before it starts, as a WebSocket handshake would be, with
+the error envelope as JSON: 403 (token or origin), 400 (channel or cursor), 405 (not
+GET), 503 (the database cannot check the token, or the node is not ready).
 """
 
 from __future__ import annotations
