@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import uuid
+import warnings
 from pathlib import Path
 
 import dj_database_url
@@ -168,6 +169,8 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 # Served straight from the apps' static directories when collectstatic has not run
 # (development, tests); an image runs collectstatic at build time.
 WHITENOISE_USE_FINDERS = True
+# Without collectstatic there is no STATIC_ROOT yet, which is fine with the finders.
+warnings.filterwarnings("ignore", message="No directory at", module="whitenoise.base")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

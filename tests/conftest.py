@@ -55,3 +55,20 @@ def two_nodes(e2e_env: dict[str, str]) -> Iterator[tuple[ServerNode, ServerNode]
     yield nodes
     for node in nodes:
         node.stop()
+
+
+@pytest.fixture(scope="session", params=["daphne", "uvicorn"])
+def small_queue_node(
+    request: pytest.FixtureRequest, e2e_env: dict[str, str]
+) -> Iterator[ServerNode]:
+    """A node whose send queues are small, so a reader that stops reading overflows
+    quickly; ``ticker:*`` channels drop their oldest frames instead."""
+    env = {
+        **e2e_env,
+        "PUSH_SEND_QUEUE_MAX_BYTES": str(512 * 1024),
+        "PUSH_SEND_QUEUE_MAX_FRAMES": "64",
+        "PUSH_DROP_OLDEST_CHANNELS": "ticker:*",
+    }
+    node = ServerNode(env, server=request.param, name=f"slow-{request.param}").start()
+    yield node
+    node.stop()

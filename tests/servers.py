@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 import httpx
@@ -161,3 +162,15 @@ class ServerNode:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+async def publish_rest(node: ServerNode, token: str, channel: str, data: Any) -> int:
+    """Publish over REST on ``node``; the new message's seq."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.post(
+            f"{node.http_url}/api/v1/channels/{channel}/messages",
+            json={"data": data},
+            headers={"Authorization": f"Token {token}"},
+        )
+    assert response.status_code == 201, response.text
+    return int(response.json()["seq"])

@@ -13,11 +13,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from tests.servers import ROOT, ServerNode
+from tests.servers import ROOT, ServerNode, publish_rest
 
 CLIENT_PATH = ROOT / "clients" / "python"
 if str(CLIENT_PATH) not in sys.path:
@@ -120,17 +119,6 @@ def other_node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
 
 def channel_name(prefix: str = "py") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-async def publish_rest(node: ServerNode, token: str, channel: str, data: Any) -> int:
-    async with httpx.AsyncClient(timeout=10) as http:
-        response = await http.post(
-            f"{node.http_url}/api/v1/channels/{channel}/messages",
-            json={"data": data},
-            headers={"Authorization": f"Token {token}"},
-        )
-    assert response.status_code == 201, response.text
-    return int(response.json()["seq"])
 
 
 async def eventually(what: str, check: Callable[[], bool], timeout: float = WAIT_SECS) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from websockets.asyncio.client import connect
@@ -18,21 +17,6 @@ pytestmark = pytest.mark.e2e
 
 PAYLOAD_BYTES = 64 * 1024
 MESSAGES = 300  # ~19 MB: more than the kernel's socket buffers and the send queue
-
-
-@pytest.fixture(scope="module", params=["daphne", "uvicorn"])
-def small_queue_node(
-    request: pytest.FixtureRequest, e2e_env: dict[str, str]
-) -> Iterator[ServerNode]:
-    env = {
-        **e2e_env,
-        "PUSH_SEND_QUEUE_MAX_BYTES": str(512 * 1024),
-        "PUSH_SEND_QUEUE_MAX_FRAMES": "64",
-        "PUSH_DROP_OLDEST_CHANNELS": "ticker:*",
-    }
-    node = ServerNode(env, server=request.param, name=f"slow-{request.param}").start()
-    yield node
-    node.stop()
 
 
 async def _stalled_subscriber(url: str, channel: str):  # type: ignore[no-untyped-def]

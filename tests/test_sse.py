@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.servers import ServerNode, create_token
+from tests.servers import ServerNode, create_token, publish_rest
 from tests.sseclient import SseEvent, SseStream, sse_url
 from tests.wsclient import open_ws, request
 
@@ -45,17 +45,6 @@ def _channel(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-async def _publish_rest(node: ServerNode, token: str, channel: str, data: Any) -> int:
-    async with httpx.AsyncClient(timeout=10) as http:
-        response = await http.post(
-            f"{node.http_url}/api/v1/channels/{channel}/messages",
-            json={"data": data},
-            headers={"Authorization": f"Token {token}"},
-        )
-    assert response.status_code == 201, response.text
-    return int(response.json()["seq"])
-
-
 async def _next_event(events: Any, timeout: float = RECEIVE_TIMEOUT) -> SseEvent:
     return await asyncio.wait_for(anext(events), timeout)
 
@@ -78,7 +67,7 @@ async def test_stream_carries_several_channels_with_a_cursor_in_each_id(
         assert hello.data["type"] == "connection_established"
         assert hello.data["server_id"] and hello.data["heartbeat_interval"] == 1
         for channel in (news, chat, news, news, chat):
-            await _publish_rest(publisher_node, publisher_token, channel, {"on": channel})
+            await publish_rest(publisher_node, publisher_token, channel, {"on": channel})
         cursor = {news: 0, chat: 0}
         for _ in range(5):
             event = await _next_event(events)
@@ -97,7 +86,7 @@ async def test_resume_by_since_and_by_last_event_id_which_wins(
     node = sse_nodes[0]
     channel = _channel("resume")
     for n in range(5):
-        await _publish_rest(sse_nodes[1], publisher_token, channel, n)
+        await publish_rest(sse_nodes[1], publisher_token, channel, n)
 
     async def seqs_after(url: str, headers: dict[str, str], count: int) -> list[int]:
         async with (
@@ -201,7 +190,7 @@ async def test_permissions_are_the_websockets(
             assert [e.data["code"] for e in errors] == ["FORBIDDEN", "FORBIDDEN"]
             assert [e.data["channel"] for e in errors] == [private, "user:1"]
             token = create_token(e2e_env, f"sse-writer-{uuid.uuid4().hex[:6]}")
-            await _publish_rest(sse_nodes[1], token, public, "hello")
+            await publish_rest(sse_nodes[1], token, public, "hello")
             message = await _next_event(events)
             assert message.data["channel"] == public and message.data["data"] == "hello"
 
@@ -216,7 +205,7 @@ async def test_permissions_are_the_websockets(
         ) as response:
             events = SseStream(response).events()
             assert (await _next_event(events)).event == "connection_established"
-            await _publish_rest(sse_nodes[1], token, private, "secret")
+            await publish_rest(sse_nodes[1], token, private, "secret")
             assert (await _next_event(events)).data["data"] == "secret"
 
         refused = {
@@ -253,20 +242,6 @@ async def test_idle_stream_gets_ping_comments(sse_nodes: tuple[ServerNode, Serve
 
 PAYLOAD_BYTES = 64 * 1024
 MESSAGES = 200
-
-
-@pytest.fixture(scope="module", params=["daphne", "uvicorn"])
-def small_queue_node(
-    request: pytest.FixtureRequest, e2e_env: dict[str, str]
-) -> Iterator[ServerNode]:
-    env = {
-        **e2e_env,
-        "PUSH_SEND_QUEUE_MAX_BYTES": str(512 * 1024),
-        "PUSH_SEND_QUEUE_MAX_FRAMES": "64",
-    }
-    node = ServerNode(env, server=request.param, name=f"sse-slow-{request.param}").start()
-    yield node
-    node.stop()
 
 
 def _stalled_stream(node: ServerNode, channel: str) -> socket.socket:
