@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario",
         action="append",
         choices=ALL_SCENARIOS,
-        help="repeatable; default: all but scale_100k",
+        help="repeatable; default: all but scale_100k and the sse_ ones",
     )
     add("--server", choices=(*SERVERS, "both"), default="both")
     add(
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--base-port", type=int)
     add("--database-url")
     add("--redis-url")
+    add("--redis-prefix", help="REDIS_PREFIX of our nodes (default pushbench)")
     add(
         "--ours-command",
         help="'runnode' (default), 'raw' (uvicorn/daphne on the ASGI app) "
@@ -121,6 +122,7 @@ OPTION_FLAGS = {
     "base_port": "base_port",
     "database_url": "database_url",
     "redis_url": "redis_url",
+    "redis_prefix": "redis_prefix",
     "ours_command": "ours_command",
     "results": "results_path",
 }
@@ -152,6 +154,7 @@ def _prepare_targets(options: Options) -> tuple[list[Target], list[Row]]:
                 database_url=options.database_url,
                 redis_url=options.redis_url,
                 ours_command=options.ours_command,
+                redis_prefix=options.redis_prefix,
             )
         except TargetSetupError as exc:
             print(f"[bench] skipping {name}: {exc}", file=sys.stderr)

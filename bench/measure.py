@@ -26,6 +26,7 @@ DELIVERY_CEILING_PER_SEC = 200_000  # sizes the publisher lanes; above any serve
 CONNECT_TIMEOUT_PER_CONN_SECS = 0.05
 CONNECT_TIMEOUT_MIN_SECS = 60.0
 COMMAND_SLACK_SECS = 60.0
+TRANSPORT_PATHS = {"ws": "/ws/", "sse": "/sse/"}
 
 
 @dataclass
@@ -68,8 +69,14 @@ def connect_subscribers(
     channels: list[str],
     count: int,
     local_hosts: tuple[str, ...] = (),
+    *,
+    transport: str = "ws",
+    base_seqs: dict[str, int] | None = None,
 ) -> ConnectResult:
-    """Open ``count`` subscribed connections spread over the subscriber workers."""
+    """Open ``count`` subscribed connections spread over the subscriber workers.
+
+    ``transport="sse"`` opens Server-Sent Events streams instead of WebSockets, each
+    resuming after its channel's seq in ``base_seqs`` (0 when absent)."""
     workers = ctx.pool.subscriber_count
     calls: dict[int, dict[str, Any]] = {}
     offset = 0
@@ -78,7 +85,7 @@ def connect_subscribers(
         spec = SubscribeSpec(
             host=ctx.options.host,
             port=ports[0],
-            path="/ws/",
+            path=TRANSPORT_PATHS[transport],
             channels=channels,
             count=share,
             offset=offset,
@@ -86,6 +93,8 @@ def connect_subscribers(
             fmt=ctx.options.fmt,
             local_hosts=local_hosts,
             ports=tuple(ports),
+            transport=transport,
+            base_seqs=dict(base_seqs or {}),
         )
         calls[index] = {"spec": spec}
         offset += share
@@ -193,6 +202,7 @@ def publish_metrics(result: PublishResult) -> dict[str, Any]:
         "stalled": outcome.stalled,
         "deliveries_per_s": round(received / span, 1) if span > 0 else 0.0,
         "server_cpu_us_per_delivery": round(result.server.cpu_secs * per_delivery, 2),
+        "client_cpu_us_per_delivery": round(result.clients.cpu_secs * per_delivery, 2),
         "redis_cpu_us_per_delivery": round(result.redis_cpu_secs * per_delivery, 2),
         "server_cores_busy": round(result.server.cpu_secs / result.wall_secs, 2),
         "client_cores_busy": round(result.clients.cpu_secs / result.wall_secs, 2),

@@ -16,7 +16,8 @@ DEFAULT_SCENARIOS = (
     "rest_publish",
     "two_nodes",
 )
-EXPLICIT_SCENARIOS = ("scale_100k",)  # only run when named
+# Only run when named: scale_100k takes the machine; the SSE ones serve only `ours`.
+EXPLICIT_SCENARIOS = ("scale_100k", "sse_idle", "sse_fanout", "sse_latency")
 ALL_SCENARIOS = DEFAULT_SCENARIOS + EXPLICIT_SCENARIOS
 
 
@@ -54,6 +55,7 @@ class Options:
     drain_secs: float = 20.0
     database_url: str = "postgres://postgres@127.0.0.1:5432/bench"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "pushbench"  # our nodes' keys and channel-layer groups
     ours_command: str = "runnode"  # "runnode", "raw", or a template with {server} {port}...
     results_path: str = ""
 

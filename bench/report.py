@@ -71,6 +71,8 @@ def _notes(row: Row) -> str:
             parts.append(f"{key}={row[key]}")
     if row.get("stalled"):
         parts.append("publisher stalled (probe saw no progress)")
+    if row.get("skipped"):
+        parts.append(f"skipped: {row['skipped']}")
     if row.get("error"):
         parts.append(f"FAILED: {row['error']}")
     return "; ".join(parts)

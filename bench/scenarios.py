@@ -2,6 +2,9 @@
 
 Every scenario returns rows, one per measured step, with the same keys wherever a
 figure applies; report.py lays them out and computes the ratios to the references.
+The ``sse_`` scenarios (issue 10) are ``idle``, ``fanout`` and ``latency`` with
+Server-Sent Events streams as the subscribers (publishers and the probe stay
+WebSockets), for targets that serve ``/sse/``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ KIB = 1024
 SCALE_LOCAL_HOSTS = tuple(f"127.0.0.{i}" for i in range(2, 12))
 SCALE_BROADCASTS = 3
 SCALE_BROADCAST_INTERVAL_SECS = 2.0
+# An SSE stream's head (and first event) comes before the server has subscribed it, and
+# nothing says when it has; the streams resume from a known seq, so a late subscription
+# loses nothing, but its first deliveries would be replays with inflated latency.
+SSE_SUBSCRIBE_SETTLE_SECS = 1.0
 
 
 def _row(ctx: RunContext, scenario: str, step: str, **figures: Any) -> Row:
@@ -65,23 +72,45 @@ class running_nodes:
             stop_nodes(self.nodes)
 
 
+def _subscribers_settle(transport: str) -> None:
+    if transport == "sse":
+        time.sleep(SSE_SUBSCRIBE_SETTLE_SECS)
+
+
+def _without_sse(ctx: RunContext, scenario: str) -> list[Row] | None:
+    """A row saying why an ``sse_`` scenario was skipped, or None if it can run."""
+    if ctx.target.serves_sse:
+        return None
+    return [_row(ctx, scenario, "-", skipped="the target serves no /sse/")]
+
+
 def idle(ctx: RunContext) -> list[Row]:
     """N subscribed, silent connections: connect rate and server RSS per connection."""
+    return _idle(ctx, "idle", "ws")
+
+
+def sse_idle(ctx: RunContext) -> list[Row]:
+    """N idle SSE streams on one channel: server RSS per stream (connect rate: to the
+    response head, since a stream has no `subscribed` reply)."""
+    return _without_sse(ctx, "sse_idle") or _idle(ctx, "sse_idle", "sse")
+
+
+def _idle(ctx: RunContext, scenario: str, transport: str) -> list[Row]:
     count = ctx.options.idle_connections
     channels = [ctx.channel("idle")]
     with running_nodes(ctx) as nodes:
         ports = [nodes[0].port]
-        connect_subscribers(ctx, ports, channels, IDLE_WARMUP_CONNECTIONS)
+        connect_subscribers(ctx, ports, channels, IDLE_WARMUP_CONNECTIONS, transport=transport)
         time.sleep(SETTLE_SECS / 2)
         before = usage_of([nodes[0].pid])
-        connected = connect_subscribers(ctx, ports, channels, count)
+        connected = connect_subscribers(ctx, ports, channels, count, transport=transport)
         time.sleep(SETTLE_SECS)
         after = usage_of([nodes[0].pid])
     grown = after.rss_bytes - before.rss_bytes
     return [
         _row(
             ctx,
-            "idle",
+            scenario,
             f"N={count}",
             connections=connected.opened,
             connect_failures=connected.failures,
@@ -100,9 +129,13 @@ def _publish_step(
     channels: list[str],
     tune: Callable[[Any, list[Node]], Any],
     node_count: int = 1,
+    transport: str = "ws",
 ) -> Row:
     with running_nodes(ctx, node_count) as nodes:
-        connected = connect_subscribers(ctx, [nodes[0].port], channels, subscribers)
+        connected = connect_subscribers(
+            ctx, [nodes[0].port], channels, subscribers, transport=transport
+        )
+        _subscribers_settle(transport)
         fanout = math.ceil(subscribers / len(channels))
         spec = tune(base_publish_spec(ctx, nodes[-1].port, channels, fanout), nodes)
         result = publish_and_collect(ctx, nodes, spec)
@@ -124,24 +157,44 @@ def fanout(ctx: RunContext) -> list[Row]:
     channel (they start counting at the seq their `subscribed` reply gives), so the
     5,000 step does not pay for 8,500 handshakes and three node starts.
     """
+    return _fanout(ctx, "fanout", "ws")
+
+
+def sse_fanout(ctx: RunContext) -> list[Row]:
+    """``fanout`` with SSE streams as the subscribers (each step's new streams resume
+    after the seq the previous step's publishers reached)."""
+    return _without_sse(ctx, "sse_fanout") or _fanout(ctx, "sse_fanout", "sse")
+
+
+def _fanout(ctx: RunContext, scenario: str, transport: str) -> list[Row]:
     duration = ctx.options.fanout_secs
     channels = [ctx.channel("fan")]
+    seqs: dict[str, int] = {}  # each channel's last published seq
     rows: list[Row] = []
     with running_nodes(ctx) as nodes:
         port = nodes[0].port
         connected_total = 0
         for count in sorted(ctx.options.fanout_sweep):
             ctx.pool.call_subscribers("reset", COMMAND_SLACK_SECS)
-            connected = connect_subscribers(ctx, [port], channels, count - connected_total)
+            connected = connect_subscribers(
+                ctx,
+                [port],
+                channels,
+                count - connected_total,
+                transport=transport,
+                base_seqs=seqs,
+            )
+            _subscribers_settle(transport)
             connected_total = count
             spec = with_overrides(
                 base_publish_spec(ctx, port, channels, count), duration_secs=duration
             )
             result = publish_and_collect(ctx, nodes, spec)
+            seqs.update(result.outcome.final_seq)
             rows.append(
                 _row(
                     ctx,
-                    "fanout",
+                    scenario,
                     f"N={count}",
                     connections=result.stats.connections,
                     connect_failures=connected.failures,
@@ -154,19 +207,29 @@ def fanout(ctx: RunContext) -> list[Row]:
 
 def latency(ctx: RunContext) -> list[Row]:
     """One channel, N subscribers, a fixed low publish rate: the latency percentiles."""
+    return _latency(ctx, "latency", "ws")
+
+
+def sse_latency(ctx: RunContext) -> list[Row]:
+    """``latency`` with SSE streams as the subscribers."""
+    return _without_sse(ctx, "sse_latency") or _latency(ctx, "sse_latency", "sse")
+
+
+def _latency(ctx: RunContext, scenario: str, transport: str) -> list[Row]:
     duration = ctx.options.latency_secs
     rows = []
     for count, rate in ctx.options.latency_points:
         rows.append(
             _publish_step(
                 ctx,
-                "latency",
+                scenario,
                 f"N={count} @{rate:g}/s",
                 count,
                 [ctx.channel(f"lat{count}")],
                 lambda spec, nodes, rate=rate: with_overrides(
                     spec, mode="rate", rate=rate, duration_secs=duration, lanes=2
                 ),
+                transport=transport,
             )
         )
     return rows
@@ -283,4 +346,7 @@ SCENARIOS: dict[str, Callable[[RunContext], list[Row]]] = {
     "rest_publish": rest_publish,
     "two_nodes": two_nodes,
     "scale_100k": scale_100k,
+    "sse_idle": sse_idle,
+    "sse_fanout": sse_fanout,
+    "sse_latency": sse_latency,
 }

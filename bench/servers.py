@@ -74,6 +74,7 @@ class Target:
     command_template: str = ""  # empty: the raw uvicorn/daphne command for ``app``
     multi_node_env: dict[str, str] = field(default_factory=dict)
     token: str = ""  # publishers' API token, when the target checks one
+    serves_sse: bool = False  # answers GET /sse/ (the sse_ scenarios need it)
 
     def command(self, server: str, host: str, port: int) -> list[str]:
         if not self.command_template:

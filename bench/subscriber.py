@@ -5,18 +5,24 @@ Each connection subscribes to one channel, remembers the channel's seq from the
 saw: +1 is a delivery, a jump is a gap, anything not above the last is a duplicate.
 At the end the orchestrator says each channel's final seq and every connection's loss
 is ``final - base - unique deliveries``.
+
+A Server-Sent Events stream (``transport="sse"``) has no `subscribed` reply: the
+orchestrator names each channel's current seq, the stream resumes after it
+(``?since=``), so that seq is the base and nothing published later can be missed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from bench.httpconn import CLOSE_ABNORMAL, HttpConnection
+from bench.sseclient import sse_connect, sse_path
 from bench.stats import BUCKETS_PER_SEC, DeliveryStats
 from bench.wire import WireFormat, get_format
-from bench.wsclient import CLOSE_ABNORMAL, WsConnection, ws_connect
+from bench.wsclient import ws_connect
 
 SUBSCRIBE_TIMEOUT_SECS = 30.0
 DRAIN_POLL_SECS = 0.05
@@ -49,20 +55,24 @@ class SubscribeSpec:
     fmt: str = "json"
     local_hosts: tuple[str, ...] = ()
     ports: tuple[int, ...] = ()  # several nodes: connection i goes to ports[i % n]
+    transport: str = "ws"  # "ws" or "sse" (a stream per connection, JSON only)
+    # SSE: each channel's seq before the streams open, where they resume (0 if absent).
+    base_seqs: dict[str, int] = field(default_factory=dict)
 
 
 class SubscriberSet:
     """All subscriber connections of one worker process and what they received."""
 
     def __init__(self) -> None:
-        self.connections: list[WsConnection] = []
+        self.connections: list[HttpConnection] = []
         self.stats = DeliveryStats()
         self._format: WireFormat = get_format("json")
         self._closing = False
 
     async def open(self, spec: SubscribeSpec) -> dict[str, Any]:
         """Open and subscribe ``spec.count`` connections; report timing and failures."""
-        self._format = get_format(spec.fmt)
+        # An SSE stream's events are JSON whatever the publishers speak.
+        self._format = get_format("json" if spec.transport == "sse" else spec.fmt)
         self._closing = False
         gate = asyncio.Semaphore(spec.concurrency)
         started = time.time()
@@ -88,26 +98,51 @@ class SubscriberSet:
         local = spec.local_hosts[index % len(spec.local_hosts)] if spec.local_hosts else None
         async with gate:
             try:
-                conn = await ws_connect(
-                    spec.host,
-                    port,
-                    spec.path,
-                    self._on_message,
-                    subprotocol=self._format.subprotocol,
-                    on_close=self._on_close,
-                    local_host=local,
-                )
-                sub = Subscription(channel, asyncio.get_running_loop().create_future())
-                conn.state = sub
-                self.connections.append(conn)
-                request = {"type": "subscribe", "channel": channel}
-                conn.send(self._format.encode(request), self._format.opcode)
-                await asyncio.wait_for(sub.ready, SUBSCRIBE_TIMEOUT_SECS)
+                if spec.transport == "sse":
+                    await self._open_stream(spec, channel, port, local)
+                else:
+                    await self._open_websocket(spec, channel, port, local)
             except Exception as exc:
                 return _describe(exc)
         return None
 
-    def _on_message(self, conn: WsConnection, payload: bytes, now: float) -> None:
+    async def _open_websocket(
+        self, spec: SubscribeSpec, channel: str, port: int, local: str | None
+    ) -> None:
+        conn = await ws_connect(
+            spec.host,
+            port,
+            spec.path,
+            self._on_message,
+            subprotocol=self._format.subprotocol,
+            on_close=self._on_close,
+            local_host=local,
+        )
+        sub = Subscription(channel, asyncio.get_running_loop().create_future())
+        conn.state = sub
+        self.connections.append(conn)
+        request = {"type": "subscribe", "channel": channel}
+        conn.send(self._format.encode(request), self._format.opcode)
+        await asyncio.wait_for(sub.ready, SUBSCRIBE_TIMEOUT_SECS)
+
+    async def _open_stream(
+        self, spec: SubscribeSpec, channel: str, port: int, local: str | None
+    ) -> None:
+        base = spec.base_seqs.get(channel, 0)
+        sub = Subscription(channel, asyncio.get_running_loop().create_future(), base, base)
+        sub.ready.set_result(base)  # the stream resumes after ``base``: known already
+        conn = await sse_connect(
+            spec.host,
+            port,
+            sse_path(spec.path, [channel], {channel: base}),
+            self._on_message,
+            on_close=self._on_close,
+            local_host=local,
+            state=sub,
+        )
+        self.connections.append(conn)
+
+    def _on_message(self, conn: HttpConnection, payload: bytes, now: float) -> None:
         # Hot path: one call per delivered frame, so locals and no helper calls.
         message = self._format.decode(payload)
         kind = message.get("type")
@@ -146,7 +181,7 @@ class SubscriberSet:
             if sub is not None and not sub.ready.done():
                 sub.ready.set_exception(RuntimeError(f"error {message.get('code')}"))
 
-    def _on_close(self, conn: WsConnection) -> None:
+    def _on_close(self, conn: HttpConnection) -> None:
         sub = conn.state
         if isinstance(sub, Subscription) and not sub.ready.done():
             sub.ready.set_exception(ConnectionError(f"closed {conn.close_code}"))
@@ -189,7 +224,7 @@ class SubscriberSet:
             await asyncio.sleep(DRAIN_POLL_SECS)
 
     @staticmethod
-    def _is_drained(conn: WsConnection, final_seq: dict[str, int]) -> bool:
+    def _is_drained(conn: HttpConnection, final_seq: dict[str, int]) -> bool:
         sub: Subscription = conn.state  # type: ignore[assignment]
         return conn.closed or sub.base < 0 or sub.last >= final_seq.get(sub.channel, 0)
 

@@ -35,14 +35,14 @@ class TargetSetupError(Exception):
     """Raised when our server cannot be prepared (no manage.py, a failed migrate, ...)."""
 
 
-def _ours_env(database_url: str, redis_url: str) -> dict[str, str]:
+def _ours_env(database_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
     return {
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "DJANGO_SETTINGS_MODULE": "realtime_project.settings",
         # DEBUG stays off (it records every query); then the settings want a key.
         "SECRET_KEY": secrets.token_urlsafe(32),
-        "REDIS_PREFIX": "pushbench",  # apart from a developer's own data in db 0
+        "REDIS_PREFIX": redis_prefix,  # apart from a developer's own data in db 0
         # Publishers here send far above the per-connection default (50/s): the rate
         # limit is part of the product, but what this measures is fan-out.
         "PUSH_RATE_BURST": "1000000",
@@ -54,12 +54,23 @@ def _ours_env(database_url: str, redis_url: str) -> dict[str, str]:
 
 
 def build_targets(
-    names: list[str], *, database_url: str, redis_url: str, ours_command: str
+    names: list[str],
+    *,
+    database_url: str,
+    redis_url: str,
+    ours_command: str,
+    redis_prefix: str = "pushbench",
 ) -> list[Target]:
     """The requested targets in order; ``ours`` is prepared (migrated, token made)."""
     ours_template = {"runnode": RUNNODE_TEMPLATE, "raw": ""}.get(ours_command, ours_command)
     catalogue = {
-        "ours": Target("ours", OURS_APP, _ours_env(database_url, redis_url), ours_template),
+        "ours": Target(
+            "ours",
+            OURS_APP,
+            _ours_env(database_url, redis_url, redis_prefix),
+            ours_template,
+            serves_sse=True,
+        ),
         "channels_ref": Target(
             "channels_ref",
             CHANNELS_REF_APP,

@@ -14,12 +14,12 @@ Two shortcuts a load tool may take and a real client must not:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
-import socket
 import time
 from collections.abc import Callable
+
+from bench.httpconn import HttpConnection, open_connection, request_head
 
 OPCODE_CONTINUATION = 0x0
 OPCODE_CLOSE = 0x8
@@ -30,23 +30,14 @@ MASK_BIT = 0x80
 ZERO_MASK_KEY = b"\x00\x00\x00\x00"
 CLOSE_NORMAL = 1000
 CLOSE_NO_STATUS = 1005
-CLOSE_ABNORMAL = 1006
-MAX_HANDSHAKE_BYTES = 16_384
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
 
 MessageHandler = Callable[["WsConnection", bytes, float], None]
 CloseHandler = Callable[["WsConnection"], None]
 
 
-class HandshakeError(Exception):
-    """Raised when the server answers the upgrade with anything but 101."""
-
-
 def _handshake_request(host: str, port: int, path: str, subprotocol: str | None) -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
-        f"GET {path} HTTP/1.1",
-        f"Host: {host}:{port}",
         "Upgrade: websocket",
         "Connection: Upgrade",
         f"Sec-WebSocket-Key: {key}",
@@ -54,7 +45,7 @@ def _handshake_request(host: str, port: int, path: str, subprotocol: str | None)
     ]
     if subprotocol:
         lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return request_head("GET", host, port, path, lines)
 
 
 def encode_frame(payload: bytes, opcode: int) -> bytes:
@@ -70,8 +61,10 @@ def encode_frame(payload: bytes, opcode: int) -> bytes:
     return header + ZERO_MASK_KEY + payload
 
 
-class WsConnection(asyncio.Protocol):
+class WsConnection(HttpConnection):
     """One client connection: handshake, then frames to ``on_message``."""
+
+    expected_status = b"HTTP/1.1 101"
 
     def __init__(
         self,
@@ -79,36 +72,13 @@ class WsConnection(asyncio.Protocol):
         on_message: MessageHandler,
         on_close: CloseHandler | None = None,
     ) -> None:
-        self._request = request
-        self._on_message = on_message
-        self._on_close = on_close
-        self._buffer = b""
+        super().__init__(request, on_message, on_close)
         self._fragments: list[bytes] = []
         self._fragment_opcode = 0
-        self._upgraded = False
-        self.transport: asyncio.Transport | None = None
-        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.close_code: int | None = None
-        self.closed = False
-        # Free slot for the owner's per-connection state (subscriber bookkeeping).
-        self.state: object = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.write(self._request)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.close_code is None:
-            self.close_code = CLOSE_ABNORMAL
-        if not self.opened.done():
-            self.opened.set_exception(ConnectionError(f"closed before upgrade: {exc}"))
-        if self._on_close is not None:
-            self._on_close(self)
 
     def data_received(self, data: bytes) -> None:
-        if not self._upgraded:
-            data = self._read_handshake(data)
+        if not self.head_read:
+            data = self.read_head(data)
             if not data:
                 return
         if self._buffer:
@@ -143,34 +113,6 @@ class WsConnection(asyncio.Protocol):
             return
         self.transport.write(encode_frame(code.to_bytes(2, "big"), OPCODE_CLOSE))
         self.transport.close()
-
-    def abort(self) -> None:
-        """Drop the socket at once (end of a phase with thousands of connections)."""
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _read_handshake(self, data: bytes) -> bytes:
-        self._buffer += data
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buffer) > MAX_HANDSHAKE_BYTES:
-                self._fail_handshake(b"oversized handshake response")
-            return b""
-        head, rest = self._buffer[:end], self._buffer[end + 4 :]
-        self._buffer = b""
-        if not head.startswith(b"HTTP/1.1 101"):
-            self._fail_handshake(head.split(b"\r\n", 1)[0])
-            return b""
-        self._upgraded = True
-        if not self.opened.done():
-            self.opened.set_result(None)
-        return rest
-
-    def _fail_handshake(self, status_line: bytes) -> None:
-        if not self.opened.done():
-            self.opened.set_exception(HandshakeError(status_line.decode(errors="replace")))
-        if self.transport is not None:
-            self.transport.close()
 
     def _parse_frames(self, data: bytes, now: float) -> None:
         # Server frames are never masked, so a header is 2, 4 or 10 bytes.
@@ -226,23 +168,6 @@ class WsConnection(asyncio.Protocol):
             self.transport.close()
 
 
-async def _open_socket(host: str, port: int, local_host: str | None) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        if local_host:
-            # Without this, bind() picks the source port alone and each 127.0.0.x
-            # runs out after ~28,000 connections, slowing down long before that;
-            # with it, connect() picks the port per destination (the whole 4-tuple).
-            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            sock.bind((local_host, 0))
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 async def ws_connect(
     host: str,
     port: int,
@@ -255,17 +180,11 @@ async def ws_connect(
     timeout_secs: float = 10.0,
 ) -> WsConnection:
     """Open one upgraded connection; raise on refusal, handshake error or timeout."""
-    loop = asyncio.get_running_loop()
     request = _handshake_request(host, port, path, subprotocol)
-    sock = await asyncio.wait_for(_open_socket(host, port, local_host), timeout_secs)
-    _, conn = await loop.create_connection(
-        lambda: WsConnection(request, on_message, on_close), sock=sock
+    return await open_connection(
+        host,
+        port,
+        lambda: WsConnection(request, on_message, on_close),
+        local_host=local_host,
+        timeout_secs=timeout_secs,
     )
-    try:
-        await asyncio.wait_for(asyncio.shield(conn.opened), timeout_secs)
-    except BaseException:
-        # Retrieve the late outcome, so asyncio does not log it as never retrieved.
-        conn.opened.add_done_callback(lambda done: done.cancelled() or done.exception())
-        conn.abort()
-        raise
-    return conn
