@@ -53,9 +53,13 @@ class OutFrame:
     @property
     def wire(self) -> bytes:
         if self._wire is None:
-            payload = self.event.get("bytes")
-            if payload is None:
-                self._wire = data_frame(self.event["text"].encode(), binary=False)
+            event = self.event
+            if event["type"] == "http.response.body":
+                # One chunk of a chunked response body (an SSE event); never empty.
+                body = event["body"]
+                self._wire = b"%x\r\n%b\r\n" % (len(body), body)
+            elif (payload := event.get("bytes")) is None:
+                self._wire = data_frame(event["text"].encode(), binary=False)
             else:
                 self._wire = data_frame(payload, binary=True)
         return self._wire

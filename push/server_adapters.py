@@ -8,9 +8,10 @@ server's protocol object (daphne passes ``partial(server.handle_reply, protocol)
 
 ``raw_writer`` is the fan-out's fast path: a data frame built once (``push.wsframe``)
 is written to each subscriber's socket directly, skipping the per-frame work of the
-server's WebSocket library (framing the same bytes again for every subscriber). It is
-only used while the connection is open and the socket takes data; everything else
-(accept, close, flow control) stays with the server.
+server's WebSocket library (framing the same bytes again for every subscriber); an
+SSE event goes out the same way as one chunk of the response body. It is only used
+while the connection is open and the socket takes data; everything else (accept,
+the response head, close, flow control) stays with the server.
 """
 
 from __future__ import annotations
@@ -72,13 +73,21 @@ def close_with_any_code(send: Any, code: int) -> bool:
 
 
 def raw_writer(send: Any) -> tuple[Callable[[bytes], None], Callable[[], bool]] | None:
-    """``(write, writable)`` for writing whole frames to the socket, or None."""
+    """``(write, writable)`` for writing whole frames to the socket, or None.
+
+    For a WebSocket a frame is a data frame; for a streaming HTTP response (SSE) it is
+    one chunk of the chunked body, written only once the server has sent the head."""
     protocol = getattr(send, "__self__", None)
-    if type(protocol).__name__ == "WebSocketsSansIOProtocol":
+    kind = type(protocol).__name__
+    if kind == "WebSocketsSansIOProtocol":
         return _uvicorn_sansio_writer(protocol)
+    if kind == "RequestResponseCycle" and type(protocol).__module__.endswith("httptools_impl"):
+        return _uvicorn_http_writer(protocol)
     protocol = _daphne_protocol(send)
     if protocol is not None and hasattr(protocol, "sendCloseFrame"):
         return _daphne_writer(protocol)
+    if protocol is not None and hasattr(protocol, "startedWriting"):
+        return _daphne_http_writer(protocol)
     return None
 
 
@@ -97,16 +106,54 @@ def _uvicorn_sansio_writer(protocol: Any) -> tuple[Callable[[bytes], None], Call
     return transport.write, writable
 
 
+def _uvicorn_http_writer(cycle: Any) -> tuple[Callable[[bytes], None], Callable[[], bool]]:
+    transport = cycle.transport
+    flow = cycle.flow
+
+    def writable() -> bool:
+        return (
+            cycle.response_started
+            and cycle.chunked_encoding is True
+            and not cycle.response_complete
+            and not cycle.disconnected
+            and not flow.write_paused
+            and not transport.is_closing()
+        )
+
+    return transport.write, writable
+
+
 def _daphne_writer(protocol: Any) -> tuple[Callable[[bytes], None], Callable[[], bool]]:
     transport = protocol.transport
     open_state = protocol.STATE_OPEN
-    sock = getattr(transport, "socket", None)
 
     def writable() -> bool:
         return protocol.state == open_state and transport.connected
 
+    return _twisted_direct_write(transport), writable
+
+
+def _daphne_http_writer(request: Any) -> tuple[Callable[[bytes], None], Callable[[], bool]]:
+    transport = request.transport
+
+    def writable() -> bool:
+        # The head goes out with Twisted's first write; chunks may follow it directly.
+        return bool(
+            request.startedWriting
+            and request.chunked
+            and not request.finished
+            and not request._disconnected
+            and request.channel is not None
+            and transport.connected
+        )
+
+    return _twisted_direct_write(transport), writable
+
+
+def _twisted_direct_write(transport: Any) -> Callable[[bytes], None]:
+    sock = getattr(transport, "socket", None)
     if sock is None:  # not a plain TCP transport (TLS in Twisted): let it buffer
-        return transport.write, writable
+        return transport.write  # type: ignore[no-any-return]
 
     def write(frame: bytes) -> None:
         # Twisted's write only buffers, then polls for writability and sends on the
@@ -127,4 +174,4 @@ def _daphne_writer(protocol: Any) -> tuple[Callable[[bytes], None], Callable[[],
         if sent < len(frame):
             transport.write(frame[sent:])
 
-    return write, writable
+    return write
