@@ -34,9 +34,9 @@ from push.services_async import message_publish_async
 from push.sessions import (
     channel_subscribe,
     client_ip,
+    releaser,
     session_closed,
     session_open,
-    subscriptions_release,
 )
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class PushConsumer(AsyncConsumer):
             codec=codec,
             principal=principal,
             ip=client_ip(self.scope),
-            on_closing=lambda closing: subscriptions_release(node, closing),
+            on_closing=releaser(node),
         )
         refusal = session_open(node, connection)
         if refusal is not None:

@@ -7,6 +7,7 @@ transports; the transport only decides how frames travel and how requests arrive
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -87,6 +88,16 @@ def session_closed(node: Node, connection: ClientConnection, close_code: int | N
     node.registry.closed(connection.connection_id, connection.close_code)
     metrics.CONNECTIONS_ACTIVE.labels(connection.codec.name).dec()
     metrics.CONNECTIONS_CLOSED.labels(str(connection.close_code or "peer")).inc()
+
+
+def releaser(node: Node) -> Callable[[ClientConnection], None]:
+    """``subscriptions_release`` bound to ``node``, one object per node: every
+    connection holds it, and a closure each would cost ~180 bytes per connection."""
+    release: Callable[[ClientConnection], None] | None = getattr(node, "_releaser", None)
+    if release is None:
+        release = functools.partial(subscriptions_release, node)
+        node._releaser = release  # type: ignore[attr-defined]
+    return release
 
 
 def subscriptions_release(node: Node, connection: ClientConnection) -> None:

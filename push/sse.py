@@ -44,9 +44,9 @@ from push.selectors import channel_latest_seqs
 from push.sessions import (
     channel_subscribe,
     client_ip,
+    releaser,
     session_closed,
     session_open,
-    subscriptions_release,
 )
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class SseEntry:
             send=send,
             principal=principal,
             ip=client_ip(scope),
-            on_closing=lambda closing: subscriptions_release(node, closing),
+            on_closing=releaser(node),
         )
         await send({"type": "http.response.start", "status": 200, "headers": RESPONSE_HEADERS})
         refusal = session_open(node, connection)
