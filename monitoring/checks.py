@@ -8,6 +8,7 @@ from channels.layers import get_channel_layer
 from django.db import connection
 
 from push.db import db_call
+from push.redis_client import redis_async
 
 DEPENDENCY_TIMEOUT_SECS = 2.0
 
@@ -31,10 +32,7 @@ async def check_database() -> str | None:
 async def check_redis(redis_url: str | None) -> str | None:
     if not redis_url:
         return None
-    from redis import asyncio as aioredis
-
-    client = aioredis.Redis.from_url(
-        redis_url,
+    client = redis_async(
         socket_connect_timeout=DEPENDENCY_TIMEOUT_SECS,
         socket_timeout=DEPENDENCY_TIMEOUT_SECS,
     )

@@ -19,6 +19,7 @@ from django.urls import path
 from push.cluster import cluster_nodes, connections_disconnect, redis_prefix
 from push.event_worker import dead_letters
 from push.models import Channel, Connection, Message
+from push.redis_client import redis_sync
 from push.retention import retention_policy
 
 
@@ -110,9 +111,7 @@ class ConnectionAdmin(ReadOnlyAdmin):
         stream = f"{redis_prefix()}:events"
         rows: list[dict[str, Any]] = []
         if settings.REDIS_URL:
-            import redis
-
-            client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
+            client = redis_sync(socket_timeout=5)
             try:
                 rows = dead_letters(client, stream)
             finally:

@@ -22,6 +22,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from push.errors import CloseCode
+from push.redis_client import redis_async, redis_sync
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,7 @@ class NodeDirectory:
         self._redis: Any = None
         self.prefix = redis_prefix()
         if redis_url:
-            from redis import asyncio as aioredis
-
-            self._redis = aioredis.Redis.from_url(
-                redis_url, socket_connect_timeout=2, socket_timeout=5
-            )
+            self._redis = redis_async(socket_connect_timeout=2, socket_timeout=5)
 
     async def announce(self, stats: dict[str, Any]) -> None:
         if self._redis is None:
@@ -105,9 +102,7 @@ def cluster_nodes() -> list[dict[str, Any]]:
 
         node = running_node()
         return [node.stats()] if node is not None else []
-    import redis
-
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+    client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
     try:
         ids = [m.decode() for m in client.zrange(nodes_key(), 0, -1)]
         raw = client.mget([node_key(i) for i in ids]) if ids else []

@@ -147,9 +147,9 @@ def presence_members_sync(channel: str) -> list[Member]:
     if not settings.REDIS_URL:
         node = running_node()
         return node.presence.members_in_memory(channel) if node is not None else []
-    import redis
+    from push.redis_client import redis_sync
 
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=5)
+    client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
     try:
         return _members_from(client.hgetall(f"{redis_prefix()}:presence:{channel}:members"))
     finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dj_database_url
 
+from push.redis_client import channel_layer_host, sentinel_address
 from realtime_project.env import (
     env_bool,
     env_duration_secs,
@@ -118,13 +119,20 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_optional_str("REDIS_URL")
+# With Sentinel, every Redis client asks these for the current master (push.redis_client);
+# REDIS_URL then gives only the database and the password.
+REDIS_SENTINELS = [sentinel_address(a) for a in env_list("REDIS_SENTINELS", [])]
+REDIS_SENTINEL_MASTER = env_str("REDIS_SENTINEL_MASTER", "mymaster")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             # Pub/sub: one PUBLISH per message reaches every subscribed node, and each
             # node subscribes once per channel it has local subscribers for.
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("REDIS_PREFIX", "push")},
+            "CONFIG": {
+                "hosts": [channel_layer_host(REDIS_URL, REDIS_SENTINELS, REDIS_SENTINEL_MASTER)],
+                "prefix": env_str("REDIS_PREFIX", "push"),
+            },
         }
     }
 else:
@@ -144,6 +152,9 @@ CACHES = {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": env_str("REDIS_PREFIX", "push"),
+            "OPTIONS": (
+                {"pool_class": "push.redis_client.CacheSentinelPool"} if REDIS_SENTINELS else {}
+            ),
         }
         if REDIS_URL
         else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}

@@ -8,13 +8,13 @@ import socket
 import uuid
 from typing import Any
 
-import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from push.cluster import redis_prefix
 from push.conf import push_settings
 from push.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers
+from push.redis_client import redis_sync
 
 
 class Command(BaseCommand):
@@ -27,7 +27,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if not settings.REDIS_URL:
             raise CommandError("lifecycle events need REDIS_URL")
-        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=10)
+        client = redis_sync(socket_timeout=10)
         worker = EventWorker(
             client,
             stream=f"{redis_prefix()}:events",

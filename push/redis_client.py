@@ -1,0 +1,91 @@
+"""Every Redis client of the project is made here, so one setting decides how Redis is
+found for all of them: the channel layer, the cluster directory, presence, lifecycle
+events, the readiness check, the admin and Django's cache.
+
+``REDIS_URL`` alone: that server (any Redis, a managed one, ``rediss://`` for TLS).
+With ``REDIS_SENTINELS`` (``host:port`` of each Sentinel) the clients ask Sentinel for
+the current master of ``REDIS_SENTINEL_MASTER`` and ask again after a failover;
+``REDIS_URL`` then still gives the database number and the password, not the host.
+
+This module imports no settings at import time: ``realtime_project.settings`` uses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from redis import asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.connection import parse_url
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+# How long to wait for a Sentinel to answer which server is the master.
+SENTINEL_TIMEOUT_SECS = 2.0
+
+
+def sentinel_address(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) as redis-py's Sentinel takes it."""
+    host, _, port = text.strip().rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"a Sentinel address is host:port, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def master_options(url: str) -> dict[str, Any]:
+    """What of ``url`` still applies when Sentinel names the host: database, user,
+    password. The connection class is Sentinel's own."""
+    options = parse_url(url)
+    for key in ("host", "port", "connection_class", "path"):
+        options.pop(key, None)
+    return options
+
+
+def channel_layer_host(
+    url: str, sentinels: list[tuple[str, int]], master: str
+) -> str | dict[str, Any]:
+    """One entry of the channel layer's ``hosts``; channels-redis builds a Sentinel
+    pool from a dict with ``sentinels`` and ``master_name``."""
+    if not sentinels:
+        return url
+    return {
+        "sentinels": sentinels,
+        "master_name": master,
+        "sentinel_kwargs": {"socket_timeout": SENTINEL_TIMEOUT_SECS},
+        **master_options(url),
+    }
+
+
+def _settings() -> tuple[str, list[tuple[str, int]], str]:
+    from django.conf import settings
+
+    if not settings.REDIS_URL:
+        raise RuntimeError("no REDIS_URL: this process runs without Redis")
+    return settings.REDIS_URL, settings.REDIS_SENTINELS, settings.REDIS_SENTINEL_MASTER
+
+
+def redis_sync(**options: Any) -> redis.Redis:
+    url, sentinels, master = _settings()
+    if not sentinels:
+        return redis.Redis.from_url(url, **options)
+    sentinel = Sentinel(sentinels, sentinel_kwargs={"socket_timeout": SENTINEL_TIMEOUT_SECS})
+    return sentinel.master_for(master, **master_options(url), **options)
+
+
+def redis_async(**options: Any) -> aioredis.Redis:
+    url, sentinels, master = _settings()
+    if not sentinels:
+        return aioredis.Redis.from_url(url, **options)
+    sentinel = AsyncSentinel(sentinels, sentinel_kwargs={"socket_timeout": SENTINEL_TIMEOUT_SECS})
+    return sentinel.master_for(master, **master_options(url), **options)
+
+
+class CacheSentinelPool(SentinelConnectionPool):
+    """Django's Redis cache builds its pool with ``pool_class.from_url(LOCATION, ...)``:
+    this one answers with the Sentinel-managed pool of the configured master."""
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> CacheSentinelPool:  # type: ignore[override]
+        _, sentinels, master = _settings()
+        sentinel = Sentinel(sentinels, sentinel_kwargs={"socket_timeout": SENTINEL_TIMEOUT_SECS})
+        return cls(master, sentinel, **master_options(url), **options)
