@@ -22,8 +22,10 @@ from bench.options import ALL_SCENARIOS, Options, apply_quick
 from bench.pool import WorkerError, WorkerPool
 from bench.procinfo import raise_fd_limit
 from bench.report import (
+    compare_slow_to_fanout,
     compute_ratios,
     format_ratios,
+    format_slow_comparison,
     format_table,
     json_line,
     write_results,
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario",
         action="append",
         choices=ALL_SCENARIOS,
-        help="repeatable; default: all but scale_100k and the sse_ ones",
+        help="repeatable; default: all but scale_100k, the sse_ and the slow_ ones",
     )
     add("--server", choices=(*SERVERS, "both"), default="both")
     add(
@@ -80,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--rest-subscribers", type=int)
     add("--two-node-subscribers", type=int)
     add("--scale-connections", type=int)
+    add("--stalled-fraction", type=float, help="slow_ scenarios: stalled per healthy (0.01)")
+    add("--stalled-min", type=int, help="slow_ scenarios: at least this many stalled (10)")
+    add("--slow-secs", type=float, help="slow_ scenarios: longest flood (30)")
+    add("--slow-queue-frames", type=int, help="slow_ scenarios: server's send queue frames")
+    add("--slow-queue-bytes", type=int, help="slow_ scenarios: server's send queue bytes")
     add("--window", type=int, help="max-rate mode: messages not yet seen by the probe")
     add(
         "--lane-rate",
@@ -116,6 +123,11 @@ OPTION_FLAGS = {
     "rest_subscribers": "rest_subscribers",
     "two_node_subscribers": "two_node_subscribers",
     "scale_connections": "scale_connections",
+    "stalled_fraction": "stalled_fraction",
+    "stalled_min": "stalled_min",
+    "slow_secs": "slow_secs",
+    "slow_queue_frames": "slow_queue_frames",
+    "slow_queue_bytes": "slow_queue_bytes",
     "window": "window",
     "lane_rate": "lane_rate",
     "payload_bytes": "payload_bytes",
@@ -255,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_ratios(ratios))
     document = _document(options, rows, ratios, time.monotonic() - started)
+    slow = compare_slow_to_fanout(rows)
+    if slow:
+        print()
+        print(format_slow_comparison(slow))
+        document["slow_consumer_vs_fanout"] = slow
     print(json_line(document))
     write_results(
         Path(options.results_path) if options.results_path else DEFAULT_RESULTS,

@@ -18,6 +18,9 @@ CLOSE_ABNORMAL = 1006  # the socket ended without a close (RFC 6455's code for i
 MAX_HEAD_BYTES = 16_384
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
 
+# (level, option, value) set on a client socket before it connects.
+SocketOption = tuple[int, int, int]
+
 # (connection, payload, receive time): one call per message; the owner's hot path.
 MessageHandler = Callable[[Any, bytes, float], None]
 CloseHandler = Callable[[Any], None]
@@ -104,10 +107,14 @@ def request_head(method: str, host: str, port: int, path: str, headers: list[str
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-async def _open_socket(host: str, port: int, local_host: str | None) -> socket.socket:
+async def _open_socket(
+    host: str, port: int, local_host: str | None, options: tuple[SocketOption, ...]
+) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
+        for level, option, value in options:  # before connect: buffers and MSS take effect
+            sock.setsockopt(level, option, value)
         if local_host:
             # Without this, bind() picks the source port alone and each 127.0.0.x
             # runs out after ~28,000 connections, slowing down long before that;
@@ -131,11 +138,14 @@ async def open_connection(
     *,
     local_host: str | None,
     timeout_secs: float,
+    socket_options: tuple[SocketOption, ...] = (),
 ) -> ConnectionT:
     """Connect, send the request and wait for an accepted head; raise on refusal,
     a wrong status or timeout (and drop the socket)."""
     loop = asyncio.get_running_loop()
-    sock = await asyncio.wait_for(_open_socket(host, port, local_host), timeout_secs)
+    sock = await asyncio.wait_for(
+        _open_socket(host, port, local_host, socket_options), timeout_secs
+    )
     _, conn = await loop.create_connection(factory, sock=sock)
     try:
         await asyncio.wait_for(asyncio.shield(conn.opened), timeout_secs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,6 +28,11 @@ CONNECT_TIMEOUT_PER_CONN_SECS = 0.05
 CONNECT_TIMEOUT_MIN_SECS = 60.0
 COMMAND_SLACK_SECS = 60.0
 TRANSPORT_PATHS = {"ws": "/ws/", "sse": "/sse/"}
+WATCH_INTERVAL_SECS = 0.25
+MIB = 1024 * 1024
+
+# Called every WATCH_INTERVAL_SECS while a publish phase runs; True ends the phase.
+Watch = Callable[[], bool]
 
 
 @dataclass
@@ -72,11 +78,13 @@ def connect_subscribers(
     *,
     transport: str = "ws",
     base_seqs: dict[str, int] | None = None,
+    stall: bool = False,
 ) -> ConnectResult:
     """Open ``count`` subscribed connections spread over the subscriber workers.
 
     ``transport="sse"`` opens Server-Sent Events streams instead of WebSockets, each
-    resuming after its channel's seq in ``base_seqs`` (0 when absent)."""
+    resuming after its channel's seq in ``base_seqs`` (0 when absent). ``stall=True``
+    opens stalled ones: they stop reading once subscribed, and are counted apart."""
     workers = ctx.pool.subscriber_count
     calls: dict[int, dict[str, Any]] = {}
     offset = 0
@@ -95,6 +103,7 @@ def connect_subscribers(
             ports=tuple(ports),
             transport=transport,
             base_seqs=dict(base_seqs or {}),
+            stall=stall,
         )
         calls[index] = {"spec": spec}
         offset += share
@@ -157,7 +166,25 @@ class PublishResult:
     wall_secs: float
 
 
-def publish_and_collect(ctx: RunContext, nodes: list[Node], spec: PublishSpec) -> PublishResult:
+def _run_publisher(pool: WorkerPool, spec: PublishSpec, watch: Watch | None) -> PublishOutcome:
+    """The publish phase in the publisher worker, with ``watch`` called meanwhile."""
+    index = pool.publisher
+    timeout = spec.duration_secs + COMMAND_SLACK_SECS
+    if watch is None:
+        return pool.call_each("publish", {index: {"spec": spec}}, timeout)[index]
+    deadline = time.monotonic() + timeout
+    pool.send(index, "publish", spec=spec)
+    stopping = False
+    while time.monotonic() < deadline and not pool.answered(index, WATCH_INTERVAL_SECS):
+        if not stopping and watch():
+            pool.interrupt(index)
+            stopping = True
+    return pool.receive(index, max(0.1, deadline - time.monotonic()))
+
+
+def publish_and_collect(
+    ctx: RunContext, nodes: list[Node], spec: PublishSpec, watch: Watch | None = None
+) -> PublishResult:
     """Run one publish phase, wait for the deliveries, and take the costs."""
     pool = ctx.pool
     node_pids = [node.pid for node in nodes]
@@ -165,10 +192,7 @@ def publish_and_collect(ctx: RunContext, nodes: list[Node], spec: PublishSpec) -
     clients_before = usage_of(pool.pids)
     redis_before = redis_cpu_secs(ctx.options.redis_url)
     wall_start = time.time()
-    timeout = spec.duration_secs + COMMAND_SLACK_SECS
-    outcome: PublishOutcome = pool.call_each("publish", {pool.publisher: {"spec": spec}}, timeout)[
-        pool.publisher
-    ]
+    outcome = _run_publisher(pool, spec, watch)
     drain = ctx.options.drain_secs
     parts = pool.call_subscribers(
         "collect",
@@ -204,6 +228,7 @@ def publish_metrics(result: PublishResult) -> dict[str, Any]:
         "server_cpu_us_per_delivery": round(result.server.cpu_secs * per_delivery, 2),
         "client_cpu_us_per_delivery": round(result.clients.cpu_secs * per_delivery, 2),
         "redis_cpu_us_per_delivery": round(result.redis_cpu_secs * per_delivery, 2),
+        "server_rss_growth_mb": round(result.server.rss_bytes / MIB, 1),
         "server_cores_busy": round(result.server.cpu_secs / result.wall_secs, 2),
         "client_cores_busy": round(result.clients.cpu_secs / result.wall_secs, 2),
     }

@@ -16,8 +16,16 @@ DEFAULT_SCENARIOS = (
     "rest_publish",
     "two_nodes",
 )
-# Only run when named: scale_100k takes the machine; the SSE ones serve only `ours`.
-EXPLICIT_SCENARIOS = ("scale_100k", "sse_idle", "sse_fanout", "sse_latency")
+# Only run when named: scale_100k takes the machine; the SSE and slow-consumer ones
+# serve only `ours`.
+EXPLICIT_SCENARIOS = (
+    "scale_100k",
+    "sse_idle",
+    "sse_fanout",
+    "sse_latency",
+    "slow_consumer",
+    "slow_drop_oldest",
+)
 ALL_SCENARIOS = DEFAULT_SCENARIOS + EXPLICIT_SCENARIOS
 
 
@@ -48,6 +56,14 @@ class Options:
     scale_connections: int = 100_000
     scale_conns_per_node: int = 17_000  # under the 20,000 files one process may open
     scale_conns_per_worker: int = 18_000
+    # Slow consumers: stalled subscribers per healthy one (at least stalled_min); the
+    # flood lasts at most slow_secs, less once every stalled one was dealt with. Keep it
+    # under 35 s: uvicorn closes a peer that leaves its 20 s ping unanswered for 20 s.
+    stalled_fraction: float = 0.01
+    stalled_min: int = 10
+    slow_secs: float = 30.0
+    slow_queue_frames: int = 0  # PUSH_SEND_QUEUE_MAX_FRAMES of those nodes; 0: default
+    slow_queue_bytes: int = 0  # PUSH_SEND_QUEUE_MAX_BYTES of those nodes; 0: default
     window: int = 8  # messages published and not yet seen by the probe
     lane_rate: float = 45.0  # per publishing connection; the contract allows 50/s
     rest_lanes: int = 8
@@ -72,5 +88,6 @@ def apply_quick(options: Options) -> Options:
     options.rest_subscribers = 200
     options.two_node_subscribers = 200
     options.scale_connections = 2_000
+    options.slow_secs = 10.0
     options.drain_secs = 10.0
     return options

@@ -13,7 +13,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from bench.worker import worker_main
+from bench.worker import STOP_COMMAND, worker_main
 
 SPAWN_TIMEOUT_SECS = 30.0
 EXIT_TIMEOUT_SECS = 10.0
@@ -50,6 +50,14 @@ class WorkerPool:
 
     def send(self, index: int, command: str, **kwargs: Any) -> None:
         self._pipes[index].send((command, kwargs))
+
+    def answered(self, index: int, timeout_secs: float) -> bool:
+        """Whether worker ``index`` has an answer waiting (after up to ``timeout_secs``)."""
+        return self._pipes[index].poll(timeout_secs)
+
+    def interrupt(self, index: int) -> None:
+        """End worker ``index``'s publish phase now; its answer comes as usual."""
+        self.send(index, STOP_COMMAND)
 
     def receive(self, index: int, timeout_secs: float) -> Any:
         pipe = self._pipes[index]

@@ -185,18 +185,24 @@ class Probe:
 class Gate:
     """Hands out publishes (a channel each) to lanes and records their outcome."""
 
-    def __init__(self, spec: PublishSpec, probe: Probe | None) -> None:
+    def __init__(
+        self, spec: PublishSpec, probe: Probe | None, stop: asyncio.Event | None = None
+    ) -> None:
         self.spec = spec
         self.probe = probe
         self.outcome = PublishOutcome()
         self.issued = 0
         self.started = time.time()
         self.deadline = self.started + spec.duration_secs
+        self.stop = stop  # set by the orchestrator to end the phase before the deadline
+
+    def over(self) -> bool:
+        return time.time() >= self.deadline or (self.stop is not None and self.stop.is_set())
 
     async def acquire(self) -> str | None:
         """The channel of the next publish, or None when the phase is over."""
         spec = self.spec
-        if self.issued >= spec.max_messages or time.time() >= self.deadline:
+        if self.issued >= spec.max_messages or self.over():
             return None
         if spec.mode == "rate":
             index = self.issued
@@ -220,7 +226,7 @@ class Gate:
             except TimeoutError:
                 self.outcome.stalled = True
                 return False
-            if time.time() >= self.deadline:
+            if self.over():
                 return False
         return True
 
@@ -261,15 +267,16 @@ async def _open_lanes(spec: PublishSpec, fmt: WireFormat) -> list[Lane]:
     return lanes
 
 
-async def run_publish(spec: PublishSpec) -> PublishOutcome:
-    """Run one publish phase to its end and report what was published."""
+async def run_publish(spec: PublishSpec, stop: asyncio.Event | None = None) -> PublishOutcome:
+    """Run one publish phase to its end (or until ``stop`` is set) and report what was
+    published."""
     fmt = get_format(spec.fmt)
     probe = Probe(fmt) if spec.mode == "window" else None
     if probe is not None:
         await probe.open(spec)
         await asyncio.sleep(0.2)  # let the probe's subscriptions land before publishing
     lanes = await _open_lanes(spec, fmt)
-    gate = Gate(spec, probe)
+    gate = Gate(spec, probe, stop)
     padding = "x" * spec.payload_bytes
     gate.outcome.started = time.time()
     try:

@@ -3,6 +3,10 @@
 Ratios are ours / reference for the same scenario, step and server, so each line
 reads "our figure is x times the reference's". For deliveries/s and connects/s
 higher is better; for RSS, CPU per delivery and latency lower is better.
+
+The slow-consumer steps are set beside the ``fanout`` step of the same N, server and
+target in the same run: the healthy subscribers' figures with and without stalled
+ones on the channel, and what happened to the stalled ones.
 """
 
 from __future__ import annotations
@@ -20,8 +24,26 @@ RATIO_METRICS = (
     "server_cpu_us_per_delivery",
     "lat_p99_ms",
 )
+SLOW_SCENARIOS = ("slow_consumer", "slow_drop_oldest")
+# The healthy subscribers' figures, with stalled ones on the channel and in ``fanout``.
+SLOW_COMPARED: tuple[tuple[str, str], ...] = (
+    ("deliveries_per_s", "deliv/s"),
+    ("lat_p50_ms", "p50 ms"),
+    ("lat_p99_ms", "p99 ms"),
+    ("lat_max_ms", "max ms"),
+    ("loss", "loss"),
+    ("server_rss_growth_mb", "RSS +MB"),
+)
+SLOW_FIGURES: tuple[tuple[str, str], ...] = (
+    ("stalled_subscribers", "stalled"),
+    ("stalled_closed_4002", "4002"),
+    ("first_4002_after_s", "1st 4002 s"),
+    ("last_4002_after_s", "last 4002 s"),
+    ("dropped_frames", "dropped"),
+    ("rss_peak_growth_mb", "peak +MB"),
+)
 COLUMNS: tuple[tuple[str, str, int], ...] = (
-    ("scenario", "scenario", 13),
+    ("scenario", "scenario", 16),
     ("step", "step", 16),
     ("server", "server", 7),
     ("target", "target", 12),
@@ -71,11 +93,25 @@ def _notes(row: Row) -> str:
             parts.append(f"{key}={row[key]}")
     if row.get("stalled"):
         parts.append("publisher stalled (probe saw no progress)")
+    if row["scenario"] in SLOW_SCENARIOS and "stalled_closed_4002" in row:
+        parts.append(_stalled_note(row))
     if row.get("skipped"):
         parts.append(f"skipped: {row['skipped']}")
     if row.get("error"):
         parts.append(f"FAILED: {row['error']}")
     return "; ".join(parts)
+
+
+def _stalled_note(row: Row) -> str:
+    closed = f"{row['stalled_closed_4002']} of {row['stalled_subscribers']} stalled closed 4002"
+    if row.get("first_4002_after_s") is not None:
+        closed += f" {row['first_4002_after_s']}-{row['last_4002_after_s']} s into the flood"
+    return (
+        f"{closed} ({row['flood_secs']} s); dropped frames {row['dropped_frames']}; "
+        f"read again: codes {row['stalled_close_codes']}, gaps {row['stalled_gaps']}; "
+        f"server RSS +{row['rss_peak_growth_mb']} MB at peak, +{row['server_rss_growth_mb']} "
+        "MB at the end"
+    )
 
 
 def _key(row: Row) -> tuple[str, str, str]:
@@ -128,3 +164,45 @@ def write_results(path: Path, document: dict[str, Any]) -> None:
 
 def json_line(document: dict[str, Any]) -> str:
     return json.dumps(document, separators=(",", ":"), sort_keys=True)
+
+
+def compare_slow_to_fanout(rows: list[Row]) -> list[Row]:
+    """Every slow-consumer step beside the ``fanout`` step of the same N (if run)."""
+    plain = {
+        (row["step"], row["server"], row["target"]): row
+        for row in rows
+        if row["scenario"] == "fanout" and not row.get("error")
+    }
+    entries: list[Row] = []
+    for row in rows:
+        if row["scenario"] not in SLOW_SCENARIOS or "stalled_closed_4002" not in row:
+            continue
+        fanout = plain.get((row["step"], row["server"], row["target"]), {})
+        entry = {key: row[key] for key in ("scenario", "step", "server", "target")}
+        for key, _ in SLOW_COMPARED:
+            entry[key] = row.get(key)
+            entry[f"fanout_{key}"] = fanout.get(key)
+        entry.update({key: row.get(key) for key, _ in SLOW_FIGURES})
+        entries.append(entry)
+    return entries
+
+
+def format_slow_comparison(entries: list[Row]) -> str:
+    """Healthy figures as "with stalled / in fanout", then the stalled ones' fate."""
+    header = f"{'scenario':>16} {'step':>10} {'server':>7} " + " ".join(
+        [*(title.rjust(17) for _, title in SLOW_COMPARED), *(t.rjust(11) for _, t in SLOW_FIGURES)]
+    )
+    lines = ["healthy subscribers: with stalled ones / in fanout at the same N", header]
+    lines.append("-" * len(header))
+    for entry in entries:
+        pairs = [
+            f"{_cell(entry[key], 8).strip()} / {_cell(entry[f'fanout_{key}'], 8).strip()}"
+            for key, _ in SLOW_COMPARED
+        ]
+        cells = [
+            *(pair.rjust(17) for pair in pairs),
+            *(_cell(entry[key], 11) for key, _ in SLOW_FIGURES),
+        ]
+        head = f"{entry['scenario']:>16} {entry['step'][:10]:>10} {entry['server']:>7} "
+        lines.append(head + " ".join(cells))
+    return "\n".join(lines)

@@ -4,7 +4,9 @@ Every scenario returns rows, one per measured step, with the same keys wherever 
 figure applies; report.py lays them out and computes the ratios to the references.
 The ``sse_`` scenarios (issue 10) are ``idle``, ``fanout`` and ``latency`` with
 Server-Sent Events streams as the subscribers (publishers and the probe stay
-WebSockets), for targets that serve ``/sse/``.
+WebSockets), for targets that serve ``/sse/``. The ``slow_`` ones are ``fanout`` with
+stalled subscribers on the channel (``bench.slowconsumer``), for targets that bound
+their send queues.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from bench.measure import (
@@ -27,6 +30,7 @@ from bench.measure import (
 from bench.pool import WorkerPool
 from bench.procinfo import usage_of
 from bench.servers import Node, start_nodes, stop_nodes
+from bench.slowconsumer import Flood, flood_step
 
 Row = dict[str, Any]
 IDLE_WARMUP_CONNECTIONS = 50  # loads lazy imports and caches before the baseline
@@ -54,15 +58,17 @@ def _row(ctx: RunContext, scenario: str, step: str, **figures: Any) -> Row:
 class running_nodes:
     """Start nodes for one scenario; always stop them and drop the subscribers."""
 
-    def __init__(self, ctx: RunContext, count: int = 1) -> None:
+    def __init__(self, ctx: RunContext, count: int = 1, env: dict[str, str] | None = None) -> None:
         self.ctx = ctx
         self.count = count
+        self.env = env or {}  # on top of the target's own environment
         self.nodes: list[Node] = []
 
     def __enter__(self) -> list[Node]:
         ctx = self.ctx
         first = ctx.next_ports(self.count)
-        self.nodes = start_nodes(ctx.target, ctx.server, ctx.options.host, first, self.count)
+        target = replace(ctx.target, env={**ctx.target.env, **self.env})
+        self.nodes = start_nodes(target, ctx.server, ctx.options.host, first, self.count)
         return self.nodes
 
     def __exit__(self, *exc: object) -> None:
@@ -79,9 +85,11 @@ def _subscribers_settle(transport: str) -> None:
 
 def _without_sse(ctx: RunContext, scenario: str) -> list[Row] | None:
     """A row saying why an ``sse_`` scenario was skipped, or None if it can run."""
-    if ctx.target.serves_sse:
-        return None
-    return [_row(ctx, scenario, "-", skipped="the target serves no /sse/")]
+    return _skip_unless(ctx, scenario, ctx.target.serves_sse, "the target serves no /sse/")
+
+
+def _skip_unless(ctx: RunContext, scenario: str, can_run: bool, reason: str) -> list[Row] | None:
+    return None if can_run else [_row(ctx, scenario, "-", skipped=reason)]
 
 
 def idle(ctx: RunContext) -> list[Row]:
@@ -166,12 +174,36 @@ def sse_fanout(ctx: RunContext) -> list[Row]:
     return _without_sse(ctx, "sse_fanout") or _fanout(ctx, "sse_fanout", "sse")
 
 
-def _fanout(ctx: RunContext, scenario: str, transport: str) -> list[Row]:
+def slow_consumer(ctx: RunContext) -> list[Row]:
+    """``fanout`` with stalled subscribers on the channel: they must be closed with 4002
+    and the healthy ones lose nothing."""
+    return _without_bounded_queues(ctx, "slow_consumer") or _fanout(
+        ctx, "slow_consumer", "ws", Flood(drop_oldest=False)
+    )
+
+
+def slow_drop_oldest(ctx: RunContext) -> list[Row]:
+    """``slow_consumer`` on a drop-oldest channel: the stalled subscribers stay connected
+    and lose their oldest queued frames."""
+    return _without_bounded_queues(ctx, "slow_drop_oldest") or _fanout(
+        ctx, "slow_drop_oldest", "ws", Flood(drop_oldest=True)
+    )
+
+
+def _without_bounded_queues(ctx: RunContext, scenario: str) -> list[Row] | None:
+    # A target with unbounded queues would only grow until the machine runs out.
+    reason = "the target has no slow-consumer policy"
+    return _skip_unless(ctx, scenario, ctx.target.bounds_send_queues, reason)
+
+
+def _fanout(
+    ctx: RunContext, scenario: str, transport: str, flood: Flood | None = None
+) -> list[Row]:
     duration = ctx.options.fanout_secs
-    channels = [ctx.channel("fan")]
+    channels = [flood.channel(ctx) if flood else ctx.channel("fan")]
     seqs: dict[str, int] = {}  # each channel's last published seq
     rows: list[Row] = []
-    with running_nodes(ctx) as nodes:
+    with running_nodes(ctx, env=flood.node_env(ctx.options) if flood else None) as nodes:
         port = nodes[0].port
         connected_total = 0
         for count in sorted(ctx.options.fanout_sweep):
@@ -189,7 +221,11 @@ def _fanout(ctx: RunContext, scenario: str, transport: str) -> list[Row]:
             spec = with_overrides(
                 base_publish_spec(ctx, port, channels, count), duration_secs=duration
             )
-            result = publish_and_collect(ctx, nodes, spec)
+            stalled: Row = {}
+            if flood is None:
+                result = publish_and_collect(ctx, nodes, spec)
+            else:
+                result, stalled = flood_step(ctx, nodes, channels[0], count, spec, flood)
             seqs.update(result.outcome.final_seq)
             rows.append(
                 _row(
@@ -200,6 +236,7 @@ def _fanout(ctx: RunContext, scenario: str, transport: str) -> list[Row]:
                     connect_failures=connected.failures,
                     connect_per_s=round(connected.rate_per_sec, 1),
                     **publish_metrics(result),
+                    **stalled,
                 )
             )
     return rows
@@ -349,4 +386,6 @@ SCENARIOS: dict[str, Callable[[RunContext], list[Row]]] = {
     "sse_idle": sse_idle,
     "sse_fanout": sse_fanout,
     "sse_latency": sse_latency,
+    "slow_consumer": slow_consumer,
+    "slow_drop_oldest": slow_drop_oldest,
 }

@@ -75,6 +75,8 @@ class Target:
     multi_node_env: dict[str, str] = field(default_factory=dict)
     token: str = ""  # publishers' API token, when the target checks one
     serves_sse: bool = False  # answers GET /sse/ (the sse_ scenarios need it)
+    # Bounds each send queue, with 4002 or drop-oldest (the slow_ scenarios need it).
+    bounds_send_queues: bool = False
 
     def command(self, server: str, host: str, port: int) -> list[str]:
         if not self.command_template:

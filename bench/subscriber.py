@@ -6,6 +6,10 @@ saw: +1 is a delivery, a jump is a gap, anything not above the last is a duplica
 At the end the orchestrator says each channel's final seq and every connection's loss
 is ``final - base - unique deliveries``.
 
+A stalled subscriber (``stall=True``, the slow-consumer scenarios) subscribes the same
+way, then stops reading its socket (``pause_reading``) until the orchestrator resumes it
+to read what the server did meanwhile: the close code, or the gaps in seq.
+
 A Server-Sent Events stream (``transport="sse"``) has no `subscribed` reply: the
 orchestrator names each channel's current seq, the stream resumes after it
 (``?since=``), so that seq is the base and nothing published later can be missed.
@@ -14,6 +18,7 @@ orchestrator names each channel's current seq, the stream resumes after it
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +33,15 @@ SUBSCRIBE_TIMEOUT_SECS = 30.0
 DRAIN_POLL_SECS = 0.05
 QUIET_SECS = 3.0  # no frame for this long ends the wait for stragglers
 ERROR_SAMPLE_LIMIT = 20  # distinct error texts kept per worker, to keep replies small
+# A stalled subscriber's socket: a small receive buffer (the kernel doubles it) and an
+# Internet-sized MSS. Over loopback the MSS is 64 KB and the server's kernel send buffer
+# grows to 4 MB (about 20,000 small frames) for a peer that reads nothing, before the
+# server's own send queue holds a frame; with a 1,460-byte MSS it stops near 100 KB, as
+# for a client across a network.
+STALLED_SOCKET_OPTIONS = (
+    (socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),
+    (socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460),
+)
 
 
 @dataclass(slots=True)
@@ -58,6 +72,7 @@ class SubscribeSpec:
     transport: str = "ws"  # "ws" or "sse" (a stream per connection, JSON only)
     # SSE: each channel's seq before the streams open, where they resume (0 if absent).
     base_seqs: dict[str, int] = field(default_factory=dict)
+    stall: bool = False  # WebSocket only: stop reading once subscribed
 
 
 class SubscriberSet:
@@ -117,6 +132,7 @@ class SubscriberSet:
             subprotocol=self._format.subprotocol,
             on_close=self._on_close,
             local_host=local,
+            socket_options=STALLED_SOCKET_OPTIONS if spec.stall else (),
         )
         sub = Subscription(channel, asyncio.get_running_loop().create_future())
         conn.state = sub
@@ -124,6 +140,8 @@ class SubscriberSet:
         request = {"type": "subscribe", "channel": channel}
         conn.send(self._format.encode(request), self._format.opcode)
         await asyncio.wait_for(sub.ready, SUBSCRIBE_TIMEOUT_SECS)
+        if spec.stall and conn.transport is not None:
+            conn.transport.pause_reading()
 
     async def _open_stream(
         self, spec: SubscribeSpec, channel: str, port: int, local: str | None
@@ -227,6 +245,12 @@ class SubscriberSet:
     def _is_drained(conn: HttpConnection, final_seq: dict[str, int]) -> bool:
         sub: Subscription = conn.state  # type: ignore[assignment]
         return conn.closed or sub.base < 0 or sub.last >= final_seq.get(sub.channel, 0)
+
+    def resume_reading(self) -> None:
+        """Stalled connections read again (what piled up, then the close if any)."""
+        for conn in self.connections:
+            if conn.transport is not None and not conn.closed:
+                conn.transport.resume_reading()
 
     def reset_counts(self) -> None:
         """Start a new measurement on the same connections: each counts from now."""

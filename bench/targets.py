@@ -70,6 +70,7 @@ def build_targets(
             _ours_env(database_url, redis_url, redis_prefix),
             ours_template,
             serves_sse=True,
+            bounds_send_queues=True,
         ),
         "channels_ref": Target(
             "channels_ref",

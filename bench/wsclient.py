@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable
 
-from bench.httpconn import HttpConnection, open_connection, request_head
+from bench.httpconn import HttpConnection, SocketOption, open_connection, request_head
 
 OPCODE_CONTINUATION = 0x0
 OPCODE_CLOSE = 0x8
@@ -178,6 +178,7 @@ async def ws_connect(
     on_close: CloseHandler | None = None,
     local_host: str | None = None,
     timeout_secs: float = 10.0,
+    socket_options: tuple[SocketOption, ...] = (),
 ) -> WsConnection:
     """Open one upgraded connection; raise on refusal, handshake error or timeout."""
     request = _handshake_request(host, port, path, subprotocol)
@@ -187,4 +188,5 @@ async def ws_connect(
         lambda: WsConnection(request, on_message, on_close),
         local_host=local_host,
         timeout_secs=timeout_secs,
+        socket_options=socket_options,
     )
