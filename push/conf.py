@@ -41,6 +41,9 @@ class PushSettings:
     # A client that sends nothing (no heartbeat, no request) for this long is closed
     # with 4001; three missed heartbeat intervals by default.
     HEARTBEAT_TIMEOUT_SECS: float = 75.0
+    # How long a closed connection's socket may wait for the client to read what was
+    # queued before the close (a slow reader's 4002); then it is dropped.
+    CLOSE_TIMEOUT_SECS: float = 10.0
     DRAIN_DEADLINE_SECS: float = 20.0
     # Write fan-out frames to sockets directly under daphne and uvicorn's sans-I/O
     # WebSocket (push.server_adapters); off sends every frame through ASGI.

@@ -25,6 +25,7 @@ from push.server_adapters import (
     allow_slow_close,
     close_with_any_code,
     daphne_backlog_probe,
+    drop_if_still_open,
     raw_writer,
 )
 
@@ -155,7 +156,8 @@ class ClientConnection:
         await self._send_close(code)
 
     async def _send_close(self, code: int) -> None:
-        allow_slow_close(self._send)
+        allow_slow_close(self._send, push_settings.CLOSE_TIMEOUT_SECS)
+        drop_if_still_open(self._send, push_settings.CLOSE_TIMEOUT_SECS)
         if close_with_any_code(self._send, int(code)):
             return
         try:

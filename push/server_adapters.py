@@ -16,6 +16,7 @@ the response head, close, flow control) stays with the server.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -52,11 +53,25 @@ def daphne_backlog_probe(send: Any) -> Callable[[], int] | None:
     return backlog
 
 
-def allow_slow_close(send: Any) -> None:
+def allow_slow_close(send: Any, secs: float = CLOSE_HANDSHAKE_SECS) -> None:
     """Let a closing daphne connection drain its queued frames before the close frame."""
     protocol = _daphne_protocol(send)
     if protocol is not None and hasattr(protocol, "closeHandshakeTimeout"):
-        protocol.closeHandshakeTimeout = CLOSE_HANDSHAKE_SECS
+        protocol.closeHandshakeTimeout = secs
+
+
+def drop_if_still_open(send: Any, after_secs: float = CLOSE_HANDSHAKE_SECS) -> None:
+    """Under uvicorn, drop the socket ``after_secs`` after the server closed it.
+
+    uvicorn closes a transport by flushing it first, and a client that never reads
+    again never lets the flush finish: its socket (and the bytes queued for it) would
+    stay on the server for good, after the connection left every count and limit.
+    daphne needs none of this (autobahn drops it after its close handshake timeout)."""
+    owner = getattr(send, "__self__", None)
+    transport = getattr(owner, "transport", None)
+    if transport is None or not hasattr(transport, "abort"):
+        return
+    asyncio.get_running_loop().call_later(after_secs, transport.abort)
 
 
 def close_with_any_code(send: Any, code: int) -> bool:

@@ -41,6 +41,7 @@ from push.outbox import Outbox, OutFrame
 from push.protocol import validate_channel_name
 from push.security import BrowserOriginValidator
 from push.selectors import channel_latest_seqs
+from push.server_adapters import drop_if_still_open
 from push.sessions import (
     channel_subscribe,
     client_ip,
@@ -169,10 +170,12 @@ class SseConnection(ClientConnection):
     async def _send_close(self, code: int) -> None:
         try:
             # Bounded: a reader that stopped reading would hold the end of the stream
-            # (and this connection) forever; returning lets the server drop the socket.
+            # (and this connection) forever.
             await asyncio.wait_for(self._send(END_OF_STREAM), CLOSE_FLUSH_SECS)
         except Exception as exc:  # the client is gone already, or stalled
             logger.debug("end of stream %s failed: %s", self.connection_id, exc)
+            # Not after a clean end: the connection may then serve the next request.
+            drop_if_still_open(self._send, after_secs=0)
         finally:
             self.end()
 

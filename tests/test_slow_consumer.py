@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Iterator
 
+import psutil
 import pytest
 from websockets.asyncio.client import connect
 
@@ -85,3 +87,43 @@ async def test_stalled_reader_on_drop_oldest_channel_stays_connected(
     assert seqs == sorted(seqs) and seqs[-1] == MESSAGES
     assert len(seqs) < MESSAGES, "the client sees the gap where old messages were dropped"
     await stalled.close()
+
+
+@pytest.fixture(scope="module", params=["daphne", "uvicorn"])
+def quick_close_node(
+    request: pytest.FixtureRequest, e2e_env: dict[str, str]
+) -> Iterator[ServerNode]:
+    env = {
+        **e2e_env,
+        "PUSH_SEND_QUEUE_MAX_BYTES": str(512 * 1024),
+        "PUSH_SEND_QUEUE_MAX_FRAMES": "64",
+        "PUSH_CLOSE_TIMEOUT_SECS": "1",
+    }
+    node = ServerNode(env, server=request.param, name=f"quick-close-{request.param}").start()
+    yield node
+    node.stop()
+
+
+def _server_holds_socket_of(node: ServerNode, client_port: int) -> bool:
+    assert node.process is not None
+    connections = psutil.Process(node.process.pid).net_connections(kind="tcp")
+    return any(c.raddr and c.raddr.port == client_port for c in connections)
+
+
+async def test_a_dropped_reader_that_never_reads_again_leaves_no_socket_behind(
+    quick_close_node: ServerNode, publisher_token: str
+) -> None:
+    """Closed with 4002, the client still reads nothing: after PUSH_CLOSE_TIMEOUT_SECS
+    the server lets go of its socket, so a client cannot hold sockets past its limits."""
+    channel = f"flood-{uuid.uuid4().hex[:8]}"
+    before = quick_close_node.metric("push_slow_consumer_disconnects_total")
+    stalled = await _stalled_subscriber(quick_close_node.ws_url, channel)
+    client_port = stalled.local_address[1]
+    await _flood(quick_close_node, publisher_token, channel)
+    assert quick_close_node.metric("push_slow_consumer_disconnects_total") == before + 1
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while _server_holds_socket_of(quick_close_node, client_port):
+        assert loop.time() < deadline, "the server still holds the stalled client's socket"
+        await asyncio.sleep(0.2)
+    stalled.transport.abort()
