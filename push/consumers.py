@@ -34,7 +34,6 @@ from push.services_async import message_publish_async
 from push.sessions import (
     channel_subscribe,
     client_ip,
-    releaser,
     session_closed,
     session_open,
 )
@@ -102,7 +101,7 @@ class PushConsumer(AsyncConsumer):
             codec=codec,
             principal=principal,
             ip=client_ip(self.scope),
-            on_closing=releaser(node),
+            on_closing=node.on_connection_closing,
         )
         refusal = session_open(node, connection)
         if refusal is not None:

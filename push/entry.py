@@ -10,7 +10,6 @@ connection, a seventh of the budget for one.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlparse
 
 from channels.security.websocket import WebsocketDenier
 
@@ -23,21 +22,12 @@ from push.server_adapters import close_with_any_code
 WEBSOCKET_PATHS = frozenset({"/ws/", "/ws"})
 
 
-def _origin(scope: dict[str, Any]) -> Any:
-    for name, value in scope.get("headers", ()):
-        if name == b"origin":
-            return urlparse(value.decode("latin-1"))
-    return None
-
-
 class WebSocketEntry:
     def __init__(self, allowed_origins: list[str]) -> None:
         self.origins = BrowserOriginValidator(None, allowed_origins)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope.get("path") not in WEBSOCKET_PATHS or not self.origins.valid_origin(
-            _origin(scope)
-        ):
+        if scope.get("path") not in WEBSOCKET_PATHS or not self.origins.allows(scope):
             return await WebsocketDenier()(scope, receive, send)
         try:
             principal = await resolve_principal(scope)

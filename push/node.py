@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from accounts.permissions import is_presence_channel
 from accounts.principals import credentials_still_valid
 from push import broadcast as broadcast_module
 from push.broker import PRESENCE_EVENT, Broker, channel_group
@@ -34,7 +35,7 @@ from push.history import DatabaseHistory
 from push.hub import Hub
 from push.limits import ConnectionCounter
 from push.message import ChannelMessage
-from push.presence import PresenceStore
+from push.presence import PresenceStore, leave_presence
 from push.protocol import presence_change
 from push.registry import ConnectionRegistry, close_node_connections
 
@@ -85,6 +86,9 @@ class Node:
         self.connections: dict[uuid.UUID, ClientConnection] = {}
         self._per_user = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_USER)
         self._per_ip = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_IP)
+        # Every connection's on_closing: one bound method shared by all of them, where
+        # a fresh one (or a closure) per connection would cost each ~100 bytes.
+        self.on_connection_closing = self.release_subscriptions
 
     def admit(self, connection: ClientConnection) -> bool:
         """Count a new connection against the per-user and per-IP limits of this node."""
@@ -96,6 +100,17 @@ class Node:
             return False
         self.connections[connection.connection_id] = connection
         return True
+
+    def release_subscriptions(self, connection: ClientConnection) -> None:
+        """Unsubscribe a closing connection everywhere; presence members leave."""
+        presence_channels = [c for c in connection.subscriptions if is_presence_channel(c)]
+        for subscription in connection.subscriptions.values():
+            self.hub.unsubscribe(subscription)
+        connection.subscriptions.clear()
+        if presence_channels:
+            self.loop.create_task(
+                leave_presence(self, str(connection.connection_id), presence_channels)
+            )
 
     def release(self, connection: ClientConnection) -> None:
         if self.connections.pop(connection.connection_id, None) is None:

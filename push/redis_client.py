@@ -65,19 +65,23 @@ def _settings() -> tuple[str, list[tuple[str, int]], str]:
 
 
 def redis_sync(**options: Any) -> redis.Redis:
-    url, sentinels, master = _settings()
-    if not sentinels:
-        return redis.Redis.from_url(url, **options)
-    sentinel = Sentinel(sentinels, sentinel_kwargs={"socket_timeout": SENTINEL_TIMEOUT_SECS})
-    return sentinel.master_for(master, **master_options(url), **options)
+    return _client(redis.Redis, Sentinel, options)  # type: ignore[no-any-return]
 
 
 def redis_async(**options: Any) -> aioredis.Redis:
+    return _client(aioredis.Redis, AsyncSentinel, options)  # type: ignore[no-any-return]
+
+
+def _client(redis_class: Any, sentinel_class: Any, options: dict[str, Any]) -> Any:
     url, sentinels, master = _settings()
     if not sentinels:
-        return aioredis.Redis.from_url(url, **options)
-    sentinel = AsyncSentinel(sentinels, sentinel_kwargs={"socket_timeout": SENTINEL_TIMEOUT_SECS})
+        return redis_class.from_url(url, **options)
+    sentinel = _sentinel(sentinel_class, sentinels)
     return sentinel.master_for(master, **master_options(url), **options)
+
+
+def _sentinel(sentinel_class: Any, sentinels: list[tuple[str, int]]) -> Any:
+    return sentinel_class(sentinels, sentinel_kwargs={"socket_timeout": SENTINEL_TIMEOUT_SECS})
 
 
 class CacheSentinelPool(SentinelConnectionPool):
@@ -87,5 +91,4 @@ class CacheSentinelPool(SentinelConnectionPool):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> CacheSentinelPool:  # type: ignore[override]
         _, sentinels, master = _settings()
-        sentinel = Sentinel(sentinels, sentinel_kwargs={"socket_timeout": SENTINEL_TIMEOUT_SECS})
-        return cls(master, sentinel, **master_options(url), **options)
+        return cls(master, _sentinel(Sentinel, sentinels), **master_options(url), **options)

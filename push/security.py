@@ -1,4 +1,4 @@
-"""Origin check for WebSocket handshakes, as the contract words it.
+"""Origin check for WebSocket handshakes and SSE streams, as the contract words it.
 
 Channels' ``OriginValidator`` refuses a handshake without ``Origin``; the contract
 allows it (a client that sends none is not a browser, and a browser always sends one),
@@ -8,6 +8,7 @@ so only a present ``Origin`` is checked against the allowed origins.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlparse
 
 from channels.security.websocket import OriginValidator
 
@@ -17,3 +18,10 @@ class BrowserOriginValidator(OriginValidator):
         if parsed_origin is None:
             return True
         return self.validate_origin(parsed_origin)
+
+    def allows(self, scope: dict[str, Any]) -> bool:
+        """Whether the request's ``Origin`` (WebSocket handshake or SSE) may connect."""
+        for name, value in scope.get("headers", ()):
+            if name == b"origin":
+                return self.valid_origin(urlparse(value.decode("latin-1")))
+        return True

@@ -20,11 +20,6 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-# How long a closing connection may take to read the frames queued before its close
-# frame. autobahn's default (1 s) drops a slow reader with 1006 before it can see the
-# 4002 that tells it why; this gives it the time to catch up.
-CLOSE_HANDSHAKE_SECS = 10.0
-
 
 def _daphne_protocol(send: Any) -> Any | None:
     args = getattr(send, "args", None)
@@ -53,14 +48,16 @@ def daphne_backlog_probe(send: Any) -> Callable[[], int] | None:
     return backlog
 
 
-def allow_slow_close(send: Any, secs: float = CLOSE_HANDSHAKE_SECS) -> None:
-    """Let a closing daphne connection drain its queued frames before the close frame."""
+def allow_slow_close(send: Any, secs: float) -> None:
+    """Let a closing daphne connection drain its queued frames before the close frame
+    for ``secs``: autobahn's default (1 s) drops a slow reader with 1006 before it can
+    see the 4002 that tells it why."""
     protocol = _daphne_protocol(send)
     if protocol is not None and hasattr(protocol, "closeHandshakeTimeout"):
         protocol.closeHandshakeTimeout = secs
 
 
-def drop_if_still_open(send: Any, after_secs: float = CLOSE_HANDSHAKE_SECS) -> None:
+def drop_if_still_open(send: Any, after_secs: float) -> None:
     """Under uvicorn, drop the socket ``after_secs`` after the server closed it.
 
     uvicorn closes a transport by flushing it first, and a client that never reads

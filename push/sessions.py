@@ -7,7 +7,6 @@ transports; the transport only decides how frames travel and how requests arrive
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,7 +21,7 @@ from push.connection import ClientConnection
 from push.errors import CloseCode, ErrorCode, PushError
 from push.logs import log_connection_closed
 from push.node import Node
-from push.presence import leave_presence, presence_member
+from push.presence import presence_member
 from push.registry import ConnectionRecord
 
 Reply = Callable[[int, bool | None], None]
@@ -82,33 +81,12 @@ def session_closed(node: Node, connection: ClientConnection, close_code: int | N
         duration_secs=round(time.monotonic() - connection.opened_at, 3),
         channels=list(connection.subscriptions),
     )
-    subscriptions_release(node, connection)
+    node.release_subscriptions(connection)
     connection.mark_closed(close_code)
     node.release(connection)
     node.registry.closed(connection.connection_id, connection.close_code)
     metrics.CONNECTIONS_ACTIVE.labels(connection.codec.name).dec()
     metrics.CONNECTIONS_CLOSED.labels(str(connection.close_code or "peer")).inc()
-
-
-def releaser(node: Node) -> Callable[[ClientConnection], None]:
-    """``subscriptions_release`` bound to ``node``, one object per node: every
-    connection holds it, and a closure each would cost ~180 bytes per connection."""
-    release: Callable[[ClientConnection], None] | None = getattr(node, "_releaser", None)
-    if release is None:
-        release = functools.partial(subscriptions_release, node)
-        node._releaser = release  # type: ignore[attr-defined]
-    return release
-
-
-def subscriptions_release(node: Node, connection: ClientConnection) -> None:
-    presence_channels = [c for c in connection.subscriptions if is_presence_channel(c)]
-    for subscription in connection.subscriptions.values():
-        node.hub.unsubscribe(subscription)
-    connection.subscriptions.clear()
-    if presence_channels:
-        node.loop.create_task(
-            leave_presence(node, str(connection.connection_id), presence_channels)
-        )
 
 
 async def channel_subscribe(

@@ -24,13 +24,13 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs
 
 from accounts.middleware import resolve_principal
 from accounts.permissions import authorize_subscribe
 from accounts.principals import Principal
 from push import metrics, protocol
-from push.codecs.json_codec import JsonCodec
+from push.codecs import DEFAULT_CODEC
 from push.codecs.sse_codec import SSE_CODEC
 from push.conf import push_settings
 from push.connection import CLOSE_FLUSH_SECS, ClientConnection
@@ -45,7 +45,6 @@ from push.server_adapters import drop_if_still_open
 from push.sessions import (
     channel_subscribe,
     client_ip,
-    releaser,
     session_closed,
     session_open,
 )
@@ -61,7 +60,6 @@ RESPONSE_HEADERS = [
     # nginx: pass each event on at once instead of buffering the response.
     (b"x-accel-buffering", b"no"),
 ]
-_JSON = JsonCodec()
 PING_FRAME = OutFrame(SSE_CODEC.send_event(b": ping\n\n"), 8)
 END_OF_STREAM = {"type": "http.response.body", "body": b"", "more_body": False}
 
@@ -124,11 +122,6 @@ def stream_request(scope: dict[str, Any]) -> StreamRequest:
         since_values = params.get("since")
         since_text = since_values[-1] if since_values else ""
     return StreamRequest(channels=channels, since=cursor_parse(since_text))
-
-
-def _origin(scope: dict[str, Any]) -> Any:
-    value = _header(scope, b"origin")
-    return urlparse(value) if value is not None else None
 
 
 # ----- the stream ----------------------------------------------------------------------
@@ -205,7 +198,7 @@ class SseEntry:
             send=send,
             principal=principal,
             ip=client_ip(scope),
-            on_closing=releaser(node),
+            on_closing=node.on_connection_closing,
         )
         await send({"type": "http.response.start", "status": 200, "headers": RESPONSE_HEADERS})
         refusal = session_open(node, connection)
@@ -227,7 +220,7 @@ class SseEntry:
 
     async def _authenticate(self, scope: dict[str, Any]) -> Principal:
         """The WebSocket handshake's checks, refused the same way (403)."""
-        if not self.origins.valid_origin(_origin(scope)):
+        if not self.origins.allows(scope):
             raise PushError(ErrorCode.FORBIDDEN, "this origin may not open streams")
         principal = await resolve_principal(scope)
         if principal is None:
@@ -306,7 +299,7 @@ async def _disconnected(receive: Any) -> None:
 async def _refuse(send: Any, status: int, exc: PushError) -> None:
     """Refuse before the stream starts, with the error envelope as JSON."""
     metrics.ERRORS.labels(exc.code.value).inc()
-    body = _JSON.encode(protocol.error(code=exc.code, message=exc.message)).encode()
+    body = DEFAULT_CODEC.encode(protocol.error(code=exc.code, message=exc.message)).encode()
     headers = [(b"content-type", b"application/json")]
     if status == 405:
         headers.append((b"allow", b"GET"))

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers import Database, ServerNode, create_token, manage
+from tests.servers import Database, ServerNode, create_token, manage, small_queue_env
 
 
 @pytest.fixture(scope="session")
@@ -63,12 +63,7 @@ def small_queue_node(
 ) -> Iterator[ServerNode]:
     """A node whose send queues are small, so a reader that stops reading overflows
     quickly; ``ticker:*`` channels drop their oldest frames instead."""
-    env = {
-        **e2e_env,
-        "PUSH_SEND_QUEUE_MAX_BYTES": str(512 * 1024),
-        "PUSH_SEND_QUEUE_MAX_FRAMES": "64",
-        "PUSH_DROP_OLDEST_CHANNELS": "ticker:*",
-    }
+    env = small_queue_env(e2e_env, PUSH_DROP_OLDEST_CHANNELS="ticker:*")
     node = ServerNode(env, server=request.param, name=f"slow-{request.param}").start()
     yield node
     node.stop()

@@ -174,3 +174,13 @@ async def publish_rest(node: ServerNode, token: str, channel: str, data: Any) ->
         )
     assert response.status_code == 201, response.text
     return int(response.json()["seq"])
+
+
+def small_queue_env(env: dict[str, str], **extra: str) -> dict[str, str]:
+    """Send queues so small that a reader that stops reading overflows within seconds."""
+    return {
+        **env,
+        "PUSH_SEND_QUEUE_MAX_BYTES": str(512 * 1024),
+        "PUSH_SEND_QUEUE_MAX_FRAMES": "64",
+        **extra,
+    }

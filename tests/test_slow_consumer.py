@@ -12,8 +12,8 @@ import psutil
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.servers import ServerNode
-from tests.wsclient import collect_messages, open_ws, request, subscribe
+from tests.servers import ServerNode, small_queue_env
+from tests.wsclient import collect_messages, flood, subscribe
 
 pytestmark = pytest.mark.e2e
 
@@ -32,14 +32,7 @@ async def _stalled_subscriber(url: str, channel: str):  # type: ignore[no-untype
 
 
 async def _flood(node: ServerNode, token: str, channel: str) -> None:
-    publisher = await open_ws(node.ws_url, token=token)
-    blob = "x" * PAYLOAD_BYTES
-    for i in range(MESSAGES):
-        reply = await request(
-            publisher, {"type": "publish", "channel": channel, "data": {"i": i, "blob": blob}}
-        )
-        assert reply["type"] == "published", reply
-    await publisher.close()
+    await flood(node.ws_url, token, channel, MESSAGES, PAYLOAD_BYTES)
 
 
 async def test_stalled_reader_is_disconnected_and_others_get_everything(
@@ -93,12 +86,7 @@ async def test_stalled_reader_on_drop_oldest_channel_stays_connected(
 def quick_close_node(
     request: pytest.FixtureRequest, e2e_env: dict[str, str]
 ) -> Iterator[ServerNode]:
-    env = {
-        **e2e_env,
-        "PUSH_SEND_QUEUE_MAX_BYTES": str(512 * 1024),
-        "PUSH_SEND_QUEUE_MAX_FRAMES": "64",
-        "PUSH_CLOSE_TIMEOUT_SECS": "1",
-    }
+    env = small_queue_env(e2e_env, PUSH_CLOSE_TIMEOUT_SECS="1")
     node = ServerNode(env, server=request.param, name=f"quick-close-{request.param}").start()
     yield node
     node.stop()

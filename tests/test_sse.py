@@ -17,7 +17,7 @@ import pytest
 
 from tests.servers import ServerNode, create_token, publish_rest
 from tests.sseclient import SseEvent, SseStream, sse_url
-from tests.wsclient import open_ws, request
+from tests.wsclient import flood, open_ws, request
 
 pytestmark = pytest.mark.e2e
 
@@ -290,14 +290,7 @@ async def test_stalled_sse_reader_is_dropped_and_others_get_everything(
             return [(await _next_event(events, timeout=30)).data["seq"] for _ in range(MESSAGES)]
 
         collecting = asyncio.create_task(collect())
-        publisher = await open_ws(small_queue_node.ws_url, token=publisher_token)
-        blob = "x" * PAYLOAD_BYTES
-        for i in range(MESSAGES):
-            reply = await request(
-                publisher, {"type": "publish", "channel": channel, "data": {"i": i, "b": blob}}
-            )
-            assert reply["type"] == "published", reply
-        await publisher.close()
+        await flood(small_queue_node.ws_url, publisher_token, channel, MESSAGES, PAYLOAD_BYTES)
         received = await collecting
     assert received == list(range(1, MESSAGES + 1))
     ended = await asyncio.to_thread(_read_to_end, stalled, 15.0)

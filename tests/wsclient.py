@@ -59,3 +59,15 @@ async def collect_messages(
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(read(), timeout)
     return messages
+
+
+async def flood(url: str, token: str, channel: str, count: int, payload_bytes: int) -> None:
+    """Publish ``count`` messages of ``payload_bytes`` each, one after another."""
+    publisher = await open_ws(url, token=token)
+    blob = "x" * payload_bytes
+    for i in range(count):
+        reply = await request(
+            publisher, {"type": "publish", "channel": channel, "data": {"i": i, "blob": blob}}
+        )
+        assert reply["type"] == "published", reply
+    await publisher.close()

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from push.codecs import Codec, Payload
-from push.codecs.json_codec import JsonCodec
+from push.codecs import DEFAULT_CODEC, Codec, Payload
 from push.errors import ErrorCode, PushError
 from push.message import ChannelMessage
-
-_json = JsonCodec()
 
 
 class SseCodec(Codec):
@@ -30,11 +27,11 @@ class SseCodec(Codec):
         raise PushError(ErrorCode.INVALID_MESSAGE, "an SSE stream is receive-only")
 
     def encode(self, envelope: dict[str, Any]) -> bytes:
-        return _event(envelope["type"], _json.encode(envelope)) + b"\n"
+        return _event(envelope["type"], DEFAULT_CODEC.encode(envelope)) + b"\n"
 
     def encode_message(self, message: ChannelMessage) -> bytes:
         # JSON escapes CR and LF inside strings, so the envelope is one ``data:`` line.
-        return _event("message", _json.encode_message(message))
+        return _event("message", DEFAULT_CODEC.encode_message(message))
 
     def send_event(self, payload: Payload) -> dict[str, Any]:
         return {"type": "http.response.body", "body": payload, "more_body": True}
