@@ -14,6 +14,27 @@ async def fresh_node():
     await stop_node()
 
 
+@pytest.fixture(autouse=True)
+def _forget_cached_recent_history():
+    """Each test's database starts empty while Redis lives on: drop the recent-history
+    cache after a test, or the next one would read another test's messages."""
+    yield
+    from django.conf import settings
+
+    if not settings.REDIS_URL:
+        return
+    from push.cluster import redis_prefix
+    from push.redis_client import redis_sync
+
+    client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=f"{redis_prefix()}:recent:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _close_database_threads(django_db_setup, django_db_blocker):  # type: ignore[no-untyped-def]
     """The database threads hold connections; close them before the test database is

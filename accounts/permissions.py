@@ -5,7 +5,10 @@ rule changes in one place for every transport. Reserved prefixes (the contract):
 ``private-`` needs a grant, ``user:<id>`` belongs to that user alone (only the server
 and staff publish to it), ``presence-`` is private plus a member list. Prefixes are
 matched without regard to case, so ``Private-x`` is as closed as ``private-x``.
-Publishing always needs a grant (or staff); anonymous clients never publish.
+Signed-in users publish to public channels (``PUSH_USERS_PUBLISH``, on by default, so a
+token made with ``drf_create_token`` publishes as the contract describes); everything
+else needs a grant (or staff). Service tokens publish only where their scopes allow,
+and anonymous clients never publish.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ def can_publish(principal: Principal, channel: str) -> bool:
         # Users never publish to each other's channels; a back-end service may, with a
         # grant such as "user:*".
         return principal.kind == "service" and _granted(principal, channel, "publish")
+    if principal.kind == "user" and is_public_channel(channel) and push_settings.USERS_PUBLISH:
+        return True
     return _granted(principal, channel, "publish")
 
 

@@ -9,12 +9,17 @@ goes straight to the channel layer so the server nodes receive it.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 
+from push.cluster import redis_prefix
+from push.conf import push_settings
 from push.message import ChannelMessage
+from push.recent_cache import add_to_pipeline
+from push.redis_client import redis_sync
 
 if TYPE_CHECKING:
     from push.node import Node
@@ -42,10 +47,28 @@ def broadcast_from_sync(message: ChannelMessage) -> None:
         except RuntimeError:  # the loop closed in between (shutdown)
             pass
     try:
+        _cache_without_node(message)
         async_to_sync(_publish_without_node)(message)
     except Exception:
         # Stored and committed: nodes catch up from the database on their next sync.
         logger.exception("broadcast of %r failed; subscribers catch up from history", message)
+
+
+_sync_redis: Any = None
+
+
+def _cache_without_node(message: ChannelMessage) -> None:
+    """Append to the recent-history cache from a process without a node."""
+    global _sync_redis
+    size = push_settings.RECENT_CACHE_SIZE
+    if not settings.REDIS_URL or size <= 0:
+        return
+    if _sync_redis is None:
+        _sync_redis = redis_sync(socket_connect_timeout=2, socket_timeout=5)
+    with _sync_redis.pipeline(transaction=False) as pipe:
+        ttl = push_settings.RECENT_CACHE_TTL_SECS
+        add_to_pipeline(pipe, redis_prefix(), message, size, ttl)
+        pipe.execute()
 
 
 async def _publish_without_node(message: ChannelMessage) -> None:

@@ -25,11 +25,14 @@ class PushSettings:
     GC_FREEZE: bool = True
     IDEMPOTENCY_WINDOW_SECS: int = 86_400
     RECENT_PER_CHANNEL: int = 256
+    RECENT_CACHE_SIZE: int = 100
+    RECENT_CACHE_TTL_SECS: int = 3600
     RETENTION_MAX_MESSAGES: int = 10_000
     RETENTION_MAX_AGE_SECS: int = 7 * 86_400
     # (channel-name pattern, max messages or None, max age in seconds or None)
     RETENTION_RULES: list[tuple[str, int | None, int | None]] = field(default_factory=list)
     ANONYMOUS_SUBSCRIBE: bool = True
+    USERS_PUBLISH: bool = True
     SUBSCRIPTION_TOKEN_SECRET: str | None = None
     RATE_BURST: int = 100
     RATE_PER_SEC: float = 50.0

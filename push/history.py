@@ -1,10 +1,16 @@
-"""The hub's view of stored history, read from PostgreSQL on the database threads."""
+"""The hub's view of stored history: PostgreSQL on the database threads, with the
+recent messages of a channel it joins read from the Redis cache when it has them."""
 
 from __future__ import annotations
 
+import logging
+
 from push import selectors
 from push.db import db_call
+from push.recent_cache import RecentCache
 from push.selectors import HistoryPage
+
+logger = logging.getLogger(__name__)
 
 _history_page = db_call(selectors.history_page)
 _latest_seqs = db_call(selectors.channel_latest_seqs)
@@ -20,3 +26,24 @@ class DatabaseHistory:
 
     async def recent(self, channel: str, count: int) -> HistoryPage:
         return await _history_recent(channel=channel, count=count)  # type: ignore[no-any-return]
+
+
+class CachedHistory(DatabaseHistory):
+    """Recent history from the Redis cache, everything else from PostgreSQL."""
+
+    def __init__(self, cache: RecentCache) -> None:
+        self.cache = cache
+
+    async def recent(self, channel: str, count: int) -> HistoryPage:
+        try:
+            messages = await self.cache.read(channel, count)
+        except Exception as exc:
+            logger.warning("recent-history cache read of %s failed: %s", channel, exc)
+            messages = []
+        if not messages:
+            return await super().recent(channel, count)
+        # The cache's newest seq stands for the channel's latest: if a newer message
+        # exists, the hub sees the channel move past it and repairs from history.
+        return HistoryPage(
+            since=messages[0].seq - 1, messages=messages, latest_seq=messages[-1].seq
+        )

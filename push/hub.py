@@ -28,6 +28,7 @@ from push import metrics
 from push.errors import ErrorCode, PushError
 from push.message import ChannelMessage
 from push.outbox import OutFrame
+from push.retention import retention_policy
 from push.selectors import HistoryPage
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class ChannelState(enum.Enum):
 class Subscription:
     """One connection's subscription to one channel on this node."""
 
-    __slots__ = ("active", "buffer", "channel", "last_seq", "subscriber")
+    __slots__ = ("active", "buffer", "buffer_dropped", "channel", "last_seq", "subscriber")
 
     def __init__(self, subscriber: Subscriber, channel: HubChannel, last_seq: int) -> None:
         self.subscriber = subscriber
@@ -82,6 +83,9 @@ class Subscription:
         self.last_seq = last_seq
         # Live messages that arrive while the replay is read are held here.
         self.buffer: list[ChannelMessage] | None = None
+        # Set when the buffer outgrew its bound and was emptied: the replay then reads
+        # history on until it has passed what was thrown away.
+        self.buffer_dropped = False
         self.active = True
 
 
@@ -99,6 +103,7 @@ class HubChannel:
         "recent",
         "repair_handle",
         "repairing",
+        "retention",
         "state",
         "sync_mark",
     )
@@ -115,6 +120,7 @@ class HubChannel:
         self.fanned_out = 0  # messages fanned out here, for the admin's rates
         self.pending: dict[int, ChannelMessage] = {}
         self.droppable = droppable
+        self.retention = retention_policy(name)
         self.ready: asyncio.Future[None] = loop.create_future()
         self.repair_handle: asyncio.TimerHandle | None = None
         self.repairing = False
@@ -201,10 +207,14 @@ class Hub:
         reply: Callable[[int, bool | None], None],
     ) -> Subscription:
         """Resume from memory: no await between the replay and going live, so nothing
-        can slip in between, and the frames are the ones already encoded for others."""
+        can slip in between, and the frames are the ones already encoded for others.
+        Retention applies here as in the database: what it no longer keeps is not
+        replayed, and the client learns it from ``recovered: false``."""
         subscription = Subscription(subscriber, hub_channel, since)
-        reply(hub_channel.delivered_seq, True)
-        self._replay(subscription, list(hub_channel.recent))
+        kept = hub_channel.retention.kept(list(hub_channel.recent), hub_channel.delivered_seq)
+        recovered = bool(kept) and kept[0].seq <= since + 1
+        reply(hub_channel.delivered_seq, recovered)
+        self._replay(subscription, kept)
         self._make_live(subscription)
         metrics.SUBSCRIPTIONS.inc()
         return subscription
@@ -247,8 +257,9 @@ class Hub:
                 subscription.last_seq = page.messages[0].seq - 1
             while subscription.active:
                 self._replay(subscription, page.messages)
-                if len(page.messages) < HISTORY_BATCH:
+                if len(page.messages) < HISTORY_BATCH and not subscription.buffer_dropped:
                     break
+                subscription.buffer_dropped = False
                 await subscriber.outbox.wait_below(subscriber.outbox.max_frames // 2)
                 page = await self.history.page(
                     hub_channel.name, subscription.last_seq, HISTORY_BATCH
@@ -438,8 +449,14 @@ class Hub:
 
     def _feed_catching_up(self, hub_channel: HubChannel, message: ChannelMessage) -> None:
         for subscription in list(hub_channel.catching_up):
-            if subscription.buffer is not None:
-                subscription.buffer.append(message)
+            buffer = subscription.buffer
+            if buffer is not None:
+                if len(buffer) >= MAX_PENDING_PER_CHANNEL:
+                    # A replay slower than the channel: forget what is held (it is
+                    # stored) instead of holding an unbounded list.
+                    buffer.clear()
+                    subscription.buffer_dropped = True
+                buffer.append(message)
                 continue
             self._replay(subscription, [message])
             if subscription.last_seq <= hub_channel.delivered_seq:

@@ -35,6 +35,11 @@ DROPPED_FRAMES = Counter(
 GAP_REPAIRS = Counter(
     "push_gap_repairs_total", "Times the hub read missing messages back from history"
 )
+RECENT_CACHE_READS = Counter(
+    "push_recent_cache_reads_total",
+    "Channel joins that read recent history from the Redis cache",
+    ["result"],
+)
 HUB_CHANNELS = Gauge("push_hub_channels", "Channels with subscribers on this node")
 SUBSCRIPTIONS = Gauge("push_subscriptions", "Subscriptions on this node")
 PUBLISH_TO_DELIVERY = Histogram(

@@ -31,12 +31,13 @@ from push.conf import push_settings
 from push.db import db_call
 from push.errors import CloseCode
 from push.events import EventLog
-from push.history import DatabaseHistory
+from push.history import CachedHistory, DatabaseHistory
 from push.hub import Hub
 from push.limits import ConnectionCounter
 from push.message import ChannelMessage
 from push.presence import PresenceStore, leave_presence
 from push.protocol import presence_change
+from push.recent_cache import RecentCache
 from push.registry import ConnectionRegistry, close_node_connections
 
 if TYPE_CHECKING:
@@ -72,8 +73,16 @@ class Node:
         )
         self.started_at = time.time()
         self._rate_marks: tuple[float, dict[str, int]] = (time.monotonic(), {})
+        self.recent_cache = RecentCache(
+            self.directory.redis,
+            self.directory.prefix,
+            size=push_settings.RECENT_CACHE_SIZE,
+            ttl_secs=push_settings.RECENT_CACHE_TTL_SECS,
+        )
         self.hub = Hub(
-            history=DatabaseHistory(),
+            history=CachedHistory(self.recent_cache)
+            if self.recent_cache.enabled
+            else DatabaseHistory(),
             join=self._join_channel,
             leave=self._leave_channel,
             drop_oldest_patterns=list(push_settings.DROP_OLDEST_CHANNELS),
@@ -129,6 +138,7 @@ class Node:
             self.loop.create_task(self._heartbeat_loop(), name="push-heartbeats"),
             self.loop.create_task(self._cluster_loop(), name="push-cluster"),
             self.loop.create_task(self.events.run(), name="push-events"),
+            self.loop.create_task(self.recent_cache.run(), name="push-recent-cache"),
         ]
         self.is_running = True
         broadcast_module.set_running_node(self)
@@ -144,8 +154,11 @@ class Node:
         await self.broker.stop()
 
     def broadcast(self, message: ChannelMessage) -> None:
+        """A message committed on this node: to local subscribers, the other nodes and
+        the recent-history cache."""
         self.hub.deliver(message)
         self.broker.publish_soon(message)
+        self.recent_cache.append_soon(message)
 
     def _on_broker_message(self, message: ChannelMessage) -> None:
         self.hub.deliver(message)

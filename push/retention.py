@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -17,6 +18,7 @@ from django.db.models import Min
 from django.utils import timezone
 
 from push.conf import push_settings
+from push.message import ChannelMessage
 from push.models import Channel, IdempotencyKey, Message
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,28 @@ DELETE_BATCH = 5000
 class RetentionPolicy:
     max_messages: int | None
     max_age_secs: int | None
+
+    def oldest_kept_seq(self, latest_seq: int) -> int:
+        """The lowest seq the count limit keeps, whatever the trim job has deleted."""
+        if self.max_messages is None:
+            return 1
+        return max(1, latest_seq - self.max_messages + 1)
+
+    def oldest_kept_timestamp(self, now: float) -> float | None:
+        """Unix time before which messages are past the age limit, if there is one."""
+        return None if self.max_age_secs is None else now - self.max_age_secs
+
+    def kept(self, messages: list[ChannelMessage], latest_seq: int) -> list[ChannelMessage]:
+        """``messages`` without those this policy no longer keeps.
+
+        Every read that serves a resume (memory, the Redis cache, PostgreSQL) applies
+        the policy itself, so a client gets the same answer from every node whether
+        or not ``trim_history`` has run yet."""
+        first_seq = self.oldest_kept_seq(latest_seq)
+        cutoff = self.oldest_kept_timestamp(time.time())
+        return [
+            m for m in messages if m.seq >= first_seq and (cutoff is None or m.timestamp >= cutoff)
+        ]
 
     def describe(self) -> str:
         count = f"last {self.max_messages} messages" if self.max_messages else "all messages"

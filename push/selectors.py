@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from django.db.models import QuerySet
 
 from push.message import ChannelMessage
 from push.models import Channel, Message
+from push.retention import retention_policy
 
 
 @dataclass(frozen=True)
@@ -46,19 +49,38 @@ def message_list_since(*, channel: str, since: int, limit: int) -> list[ChannelM
     return [channel_message_from_row(channel, row) for row in rows]
 
 
+def _kept_rows(channel: str, latest: int) -> QuerySet[Message]:
+    """The channel's rows that its retention policy keeps, trimmed yet or not."""
+    policy = retention_policy(channel)
+    rows = Message.objects.filter(channel__name=channel, seq__gte=policy.oldest_kept_seq(latest))
+    cutoff = policy.oldest_kept_timestamp(time.time())
+    if cutoff is not None:
+        rows = rows.filter(created_at__gte=datetime.fromtimestamp(cutoff, tz=UTC))
+    return rows
+
+
 def history_page(*, channel: str, since: int, limit: int) -> HistoryPage:
     """A page of history for a resume, with the channel's latest seq read first, so
-    every message up to it is either in the page or after the page's last seq."""
+    every message up to it is either in the page or after the page's last seq. Only
+    what retention keeps is read, so a trim shows up as a page not starting at
+    ``since + 1`` whether or not the trim job has deleted the rows yet."""
     latest = channel_latest_seq(channel=channel)
-    messages = message_list_since(channel=channel, since=since, limit=limit)
+    rows = (
+        _kept_rows(channel, latest)
+        .filter(seq__gt=since)
+        .order_by("seq")
+        .only("seq", "message_id", "data", "created_at")[:limit]
+    )
+    messages = [channel_message_from_row(channel, row) for row in rows]
     return HistoryPage(since=since, messages=messages, latest_seq=latest)
 
 
 def history_recent(*, channel: str, count: int) -> HistoryPage:
-    """The channel's latest seq and its last ``count`` messages, oldest first."""
+    """The channel's latest seq and its last ``count`` kept messages, oldest first."""
     latest = channel_latest_seq(channel=channel)
     rows = (
-        Message.objects.filter(channel__name=channel, seq__lte=latest)
+        _kept_rows(channel, latest)
+        .filter(seq__lte=latest)
         .order_by("-seq")
         .only("seq", "message_id", "data", "created_at")[:count]
     )

@@ -91,7 +91,9 @@ DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
 DATABASES = {
     "default": dj_database_url.parse(
         DATABASE_URL,
-        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 600),
+        # Connections are not kept per thread: PostgreSQL gets a pool (below), and
+        # SQLite, a file, costs nothing to open.
+        conn_max_age=0,
         conn_health_checks=True,
     )
 }
@@ -99,7 +101,6 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # A pool per node process: daphne and uvicorn run each request's sync code on a
     # thread of its own, and persistent per-thread connections would pile up until
     # PostgreSQL refuses more ("too many clients"). The pool bounds and reuses them.
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["OPTIONS"] = {
         "pool": {
             "min_size": 2,
@@ -114,7 +115,6 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # IMMEDIATE takes the write lock at BEGIN, so two concurrent publishers queue on the
     # lock instead of one failing with "database is locked" when it upgrades.
     DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 20}
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -218,16 +218,19 @@ PUSH = {
     "GC_FREEZE": env_bool("PUSH_GC_FREEZE", True),
     "IDEMPOTENCY_WINDOW_SECS": env_duration_secs("PUSH_IDEMPOTENCY_WINDOW", 86_400),
     "RECENT_PER_CHANNEL": env_int("PUSH_RECENT_PER_CHANNEL", 256),
-    "RETENTION_MAX_MESSAGES": env_int("PUSH_RETENTION_MAX_MESSAGES", 10_000),
+    "RECENT_CACHE_SIZE": env_int_or_zero("PUSH_RECENT_CACHE_SIZE", 100),
+    "RECENT_CACHE_TTL_SECS": env_duration_secs("PUSH_RECENT_CACHE_TTL", 3600),
+    "RETENTION_MAX_MESSAGES": env_int_or_zero("PUSH_RETENTION_MAX_MESSAGES", 10_000),
     "RETENTION_MAX_AGE_SECS": env_duration_secs("PUSH_RETENTION_MAX_AGE", 7 * 86_400),
     "RETENTION_RULES": env_retention_rules("PUSH_RETENTION_RULES"),
     "ANONYMOUS_SUBSCRIBE": env_bool("PUSH_ANONYMOUS_SUBSCRIBE", True),
+    "USERS_PUBLISH": env_bool("PUSH_USERS_PUBLISH", True),
     "SUBSCRIPTION_TOKEN_SECRET": env_optional_str("PUSH_SUBSCRIPTION_TOKEN_SECRET"),
     "RATE_BURST": env_int("PUSH_RATE_BURST", 100),
     "RATE_PER_SEC": env_float("PUSH_RATE_PER_SEC", 50.0),
     "RATE_LIMIT_CLOSE_AFTER": env_int("PUSH_RATE_LIMIT_CLOSE_AFTER", 200),
     "MAX_SUBSCRIPTIONS_PER_CONNECTION": env_int("PUSH_MAX_SUBSCRIPTIONS_PER_CONNECTION", 1000),
-    "MAX_CONNECTIONS_PER_USER": env_int("PUSH_MAX_CONNECTIONS_PER_USER", 100),
+    "MAX_CONNECTIONS_PER_USER": env_int_or_zero("PUSH_MAX_CONNECTIONS_PER_USER", 100),
     "MAX_CONNECTIONS_PER_IP": env_int_or_zero("PUSH_MAX_CONNECTIONS_PER_IP", 0),
     "REVOCATION_CHECK_SECS": env_float("PUSH_REVOCATION_CHECK_SECS", 5.0),
     "HEARTBEAT_TIMEOUT_SECS": env_float("PUSH_HEARTBEAT_TIMEOUT_SECS", 75.0),

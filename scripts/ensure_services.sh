@@ -37,6 +37,21 @@ if ! answers "$PG_HOST" "$PG_PORT"; then
   wait_for "$PG_HOST" "$PG_PORT" PostgreSQL
 fi
 
+# The tests connect as postgres over TCP without a password (TEST_DATABASE_URL). A fresh
+# Debian cluster asks for one on 127.0.0.1: trust local TCP logins instead (this is a
+# test machine) and make the database the tests connect to.
+as_postgres() { as_root runuser -u postgres -- "$@"; }
+if ! psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -w -qAtc 'select 1' \
+    >/dev/null 2>&1; then
+  hba=$(as_postgres psql -qAtc 'show hba_file')
+  echo "ensure_services: trusting local TCP logins in $hba"
+  as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+  as_postgres psql -qAtc 'select pg_reload_conf()' >/dev/null
+fi
+if ! psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -w -qAtc 'select 1' test >/dev/null 2>&1; then
+  createdb -h "$PG_HOST" -p "$PG_PORT" -U postgres -w test
+fi
+
 if ! answers 127.0.0.1 "$REDIS_PORT"; then
   if ! command -v redis-server >/dev/null 2>&1; then
     echo "ensure_services: installing Redis"

@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import uuid
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -52,9 +53,28 @@ async def _read_for(ws, seconds: float, seen: list[int]) -> None:  # type: ignor
             seen.append(envelope["seq"])
 
 
+@pytest.fixture(scope="module", params=["recent-in-memory", "replayed-from-postgresql"])
+def resume_nodes(
+    request: pytest.FixtureRequest, e2e_env: dict[str, str]
+) -> Iterator[tuple[ServerNode, ServerNode]]:
+    """Two nodes that serve resumes from the messages they hold, or (one message held,
+    no Redis cache) from PostgreSQL with live messages buffered during the replay."""
+    env = e2e_env
+    if request.param == "replayed-from-postgresql":
+        env = {**e2e_env, "PUSH_RECENT_PER_CHANNEL": "1", "PUSH_RECENT_CACHE_SIZE": "0"}
+    nodes = (
+        ServerNode(env, name=f"{request.param}-a").start(),
+        ServerNode(env, name=f"{request.param}-b").start(),
+    )
+    yield nodes
+    for node in nodes:
+        node.stop()
+
+
 async def test_subscriber_reconnecting_at_random_moments_sees_every_seq_once(
-    two_nodes: tuple[ServerNode, ServerNode], publisher_token: str
+    resume_nodes: tuple[ServerNode, ServerNode], publisher_token: str
 ) -> None:
+    two_nodes = resume_nodes
     channel = f"resume-{uuid.uuid4().hex[:8]}"
     rng = random.Random(20261126)
     seen: list[int] = []
@@ -96,6 +116,9 @@ async def test_idempotent_retries_racing_on_two_nodes_publish_once(
 ) -> None:
     channel = f"idem-{uuid.uuid4().hex[:8]}"
     headers = {"Authorization": f"Token {publisher_token}", "Idempotency-Key": "pay-42"}
+    subscriber = await open_ws(two_nodes[1].ws_url)
+    await subscriber.send(json.dumps({"type": "subscribe", "channel": channel}))
+    assert json.loads(await subscriber.recv())["type"] == "subscribed"
     async with httpx.AsyncClient(timeout=10) as http:
         responses = await asyncio.gather(
             *[
@@ -111,3 +134,7 @@ async def test_idempotent_retries_racing_on_two_nodes_publish_once(
     assert sorted(r.status_code for r in responses) == [200] * 9 + [201]
     assert len({r.json()["message_id"] for r in responses}) == 1
     assert [m["seq"] for m in history.json()["results"]] == [1]
+    received: list[int] = []
+    await _read_for(subscriber, 1.0, received)
+    await subscriber.close()
+    assert received == [1], "the subscriber must see the retried publish exactly once"

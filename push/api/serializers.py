@@ -15,7 +15,12 @@ class PublishSerializer(serializers.Serializer):
     data = serializers.JSONField(allow_null=True)
 
     def to_internal_value(self, data: Any) -> Any:
-        if isinstance(data, dict) and "data" not in data:
+        if not isinstance(data, dict):
+            # Not DRF's "Expected a dictionary": say which field the body must carry.
+            raise serializers.ValidationError(
+                {"data": ['The body must be a JSON object with the field "data".']}
+            )
+        if "data" not in data:
             raise serializers.ValidationError({"data": ["This field is required."]})
         return super().to_internal_value(data)
 

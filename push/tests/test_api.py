@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from django.contrib.auth.models import User
+from django.core.management import call_command
 from django.test import override_settings
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
@@ -73,7 +76,7 @@ def test_publish_with_a_bad_token_is_refused(client: APIClient) -> None:
 
 @pytest.mark.parametrize(
     ("body", "field"),
-    [({}, "data"), ({"other": 1}, "data")],
+    [({}, "data"), ({"other": 1}, "data"), ("just text", "data"), ([1, 2], "data")],
 )
 def test_publish_without_data_names_the_field(publisher: APIClient, body: dict, field: str) -> None:
     response = _publish(publisher, "news", body)
@@ -107,11 +110,27 @@ def test_publish_to_bad_channel_name(publisher: APIClient) -> None:
     assert response.json()["code"] == "INVALID_MESSAGE"
 
 
-def test_publish_needs_a_grant_for_that_channel() -> None:
+def _api_with_news_grant() -> APIClient:
     user = User.objects.create_user("news-only", password="x")
     ChannelGrant.objects.create(user=user, pattern="news", can_publish=True)
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return api
+
+
+def test_users_publish_to_public_channels_and_reserved_ones_need_a_grant() -> None:
+    api = _api_with_news_grant()
+    assert _publish(api, "news", {"data": 1}).status_code == 201
+    assert _publish(api, "sport", {"data": 1}).status_code == 201
+    for channel in ("private-room", "Private-news", "presence-room", "user:999"):
+        response = _publish(api, channel, {"data": 1})
+        assert response.status_code == 403
+        assert response.json()["code"] == "FORBIDDEN"
+
+
+@override_settings(PUSH={"USERS_PUBLISH": False})
+def test_without_users_publish_every_channel_needs_a_grant() -> None:
+    api = _api_with_news_grant()
     assert _publish(api, "news", {"data": 1}).status_code == 201
     for channel in ("private-room", "sport", "Private-news"):
         response = _publish(api, channel, {"data": 1})
@@ -204,3 +223,15 @@ def test_publish_inside_a_rolled_back_transaction_stores_nothing() -> None:
         raise RuntimeError("application failed")
     assert not Message.objects.filter(channel__name="tx").exists()
     assert message_publish(channel="tx", data=2).seq == 1
+
+
+def test_a_token_made_by_drf_create_token_authenticates_rest() -> None:
+    User.objects.create_user("carol")
+    out = io.StringIO()
+    call_command("drf_create_token", "carol", stdout=out)
+    key = re.search(r"Generated token (\w+)", out.getvalue())
+    assert key is not None, out.getvalue()
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {key.group(1)}")
+    response = _publish(api, "news", {"data": "hi"})
+    assert response.status_code == 201, response.json()

@@ -3,7 +3,9 @@ inside application transactions."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -17,6 +19,7 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+import push
 from accounts.models import ChannelGrant
 from push.models import Channel, IdempotencyKey, Message
 from push.retention import channel_trim, retention_policy
@@ -266,4 +269,29 @@ async def test_publish_inside_transaction_is_delivered_after_commit() -> None:
     message = await subscriber.recv_type("message")
     assert message["data"] == {"state": "paid"} and message["seq"] == 1
     assert gate_checked == [True]
+    await subscriber.close()
+
+
+async def test_nothing_reaches_subscribers_before_the_transaction_commits() -> None:
+    subscriber = await connected_client()
+    await subscriber.request({"type": "subscribe", "channel": "invoices"})
+    published, release = threading.Event(), threading.Event()
+
+    def invoice_paid() -> None:
+        try:
+            with transaction.atomic():
+                push.publish("invoices", {"state": "paid"})
+                published.set()
+                release.wait(10)
+        finally:
+            connection.close()
+
+    paying = asyncio.ensure_future(sync_to_async(invoice_paid, thread_sensitive=False)())
+    assert await asyncio.get_running_loop().run_in_executor(None, published.wait, 10)
+    # Stored inside a transaction that is still open: nobody may see it yet.
+    await subscriber.expect_nothing(0.3)
+    release.set()
+    await paying
+    message = await subscriber.recv_type("message")
+    assert message["data"] == {"state": "paid"} and message["seq"] == 1
     await subscriber.close()

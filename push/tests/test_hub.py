@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
 
 from push.codecs import CODECS, Codec
-from push.hub import Hub
+from push.hub import MAX_PENDING_PER_CHANNEL, Hub
 from push.message import ChannelMessage
 from push.outbox import Outbox
 from push.selectors import HistoryPage
@@ -27,7 +28,7 @@ def make_message(channel: str, seq: int) -> ChannelMessage:
         seq=seq,
         message_id=f"00000000-0000-0000-0000-{seq:012d}",
         data_json=json.dumps({"n": seq}),
-        timestamp=1.0,
+        timestamp=time.time(),
     )
 
 
@@ -414,3 +415,27 @@ async def _never_returns(event: dict[str, Any]) -> None:
 @pytest.fixture(autouse=True)
 def _no_database() -> None:
     """These tests never touch the database."""
+
+
+async def test_a_replay_slower_than_the_channel_holds_a_bounded_buffer() -> None:
+    history = MemoryHistory()
+    for seq in range(1, 6):
+        history.store("busy", seq)
+    hub, _ = await make_hub(history, recent_size=0)
+    watcher = FakeClient(max_frames=5000)
+    await hub.subscribe(watcher, "busy", since=None, reply=watcher.reply)
+    history.page_gate = asyncio.Event()
+    resumed = FakeClient(max_frames=5000)
+    resuming = asyncio.create_task(hub.subscribe(resumed, "busy", since=0, reply=resumed.reply))
+    await settle()
+    # The replay's first read is stuck while the channel runs far ahead of it.
+    last = 5 + MAX_PENDING_PER_CHANNEL + 100
+    for seq in range(6, last + 1):
+        hub.deliver(history.store("busy", seq))
+    (held,) = hub.channels["busy"].catching_up
+    assert held.buffer is not None and len(held.buffer) <= MAX_PENDING_PER_CHANNEL
+    history.page_gate.set()
+    await resuming
+    hub.deliver(history.store("busy", last + 1))
+    await settle(0.1)
+    assert resumed.seqs() == list(range(1, last + 2))

@@ -84,14 +84,15 @@ async def test_each_message_is_encoded_once_for_every_sse_stream() -> None:
         for stream in streams:
             await hub.subscribe(stream, "news", since=None, reply=lambda seq, recovered: None)
             stream.outbox.cursor.update({"news": 0, "chat": 4})
-        for seq in (1, 2):
-            hub.deliver(make_message("news", seq))
+        messages = [make_message("news", seq) for seq in (1, 2)]
+        for message in messages:
+            hub.deliver(message)
     finally:
         del SSE_CODEC.encode_message
     assert encodes == 2
     expected = [
-        encode_message(make_message("news", 1)) + b"id: news:1,chat:4\n\n",
-        encode_message(make_message("news", 2)) + b"id: news:2,chat:4\n\n",
+        encode_message(messages[0]) + b"id: news:1,chat:4\n\n",
+        encode_message(messages[1]) + b"id: news:2,chat:4\n\n",
     ]
     assert all(stream.bodies == expected for stream in streams)
     assert expected[0].startswith(b'event: message\ndata: {"type":"message","channel":"news"')

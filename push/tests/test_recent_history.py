@@ -1,0 +1,181 @@
+"""Recent history: what a node holds in memory and the Redis cache a restarted node
+reads, both bound by retention exactly as PostgreSQL is."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.test import override_settings
+from prometheus_client import REGISTRY
+
+from push import history
+from push.cluster import redis_prefix
+from push.node import get_node, stop_node
+from push.recent_cache import recent_key
+from push.redis_client import redis_async
+from push.services import message_publish
+from push.tests.wsclient import WsClient, connected_client
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+needs_redis = pytest.mark.skipif(not settings.REDIS_URL, reason="the cache lives in Redis")
+
+
+async def _publish(channel: str, count: int) -> None:
+    for n in range(count):
+        await sync_to_async(message_publish)(channel=channel, data=n)
+
+
+async def _watching(channel: str) -> WsClient:
+    """A subscriber, so this node holds the channel's messages in memory."""
+    client = await connected_client()
+    await client.request({"type": "subscribe", "channel": channel})
+    return client
+
+
+async def _resume(channel: str, since: int, replayed: int) -> tuple[dict[str, Any], list[int]]:
+    client = await connected_client()
+    reply = await client.request({"type": "subscribe", "channel": channel, "since": since})
+    seqs = [(await client.recv_type("message"))["seq"] for _ in range(replayed)]
+    await client.expect_nothing()
+    await client.close()
+    return reply, seqs
+
+
+async def _cached_seqs(channel: str, count: int) -> list[int]:
+    """The seqs in the channel's stream, once the node has appended ``count``."""
+    redis = redis_async()
+    try:
+        for _ in range(100):
+            entries = await redis.xrange(recent_key(redis_prefix(), channel))
+            if len(entries) >= count:
+                return [int(fields[b"s"]) for _, fields in entries]
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{channel}: the cache holds {len(entries)} of {count}")
+    finally:
+        await redis.aclose()
+
+
+def _cache_reads(result: str) -> float:
+    value = REGISTRY.get_sample_value("push_recent_cache_reads_total", {"result": result})
+    return value or 0.0
+
+
+@pytest.fixture
+def database_recent_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every read of recent history from PostgreSQL."""
+    calls: list[str] = []
+    read = history._history_recent
+
+    async def recording(*, channel: str, count: int) -> Any:
+        calls.append(channel)
+        return await read(channel=channel, count=count)
+
+    monkeypatch.setattr(history, "_history_recent", recording)
+    return calls
+
+
+# ----- retention on the node's memory ------------------------------------------------
+
+
+@override_settings(PUSH={"RETENTION_MAX_MESSAGES": 3})
+async def test_a_live_node_replays_only_what_retention_keeps() -> None:
+    watcher = await _watching("kept3")
+    await _publish("kept3", 8)
+    # No trim job has run: the database still has all 8, the node holds them too.
+    reply, seqs = await _resume("kept3", since=2, replayed=3)
+    assert (reply["seq"], reply["recovered"], seqs) == (8, False, [6, 7, 8])
+    reply, seqs = await _resume("kept3", since=5, replayed=3)
+    assert (reply["recovered"], seqs) == (True, [6, 7, 8])
+    await watcher.close()
+
+
+@override_settings(PUSH={"RETENTION_MAX_AGE_SECS": 1})
+async def test_a_live_node_replays_nothing_older_than_the_age_limit() -> None:
+    watcher = await _watching("young")
+    await _publish("young", 3)
+    await asyncio.sleep(1.2)
+    await _publish("young", 1)
+    reply, seqs = await _resume("young", since=0, replayed=1)
+    assert (reply["seq"], reply["recovered"], seqs) == (4, False, [4])
+    await watcher.close()
+
+
+@needs_redis
+@override_settings(PUSH={"RETENTION_MAX_MESSAGES": 3})
+async def test_every_node_gives_the_same_answer_under_retention(
+    database_recent_reads: list[str],
+) -> None:
+    await _publish("same", 8)
+    from_database = await _resume("same", since=2, replayed=3)
+    await stop_node()
+    await _cached_seqs("same", 3)
+    from_cache = await _resume("same", since=2, replayed=3)
+    assert from_database == from_cache
+    assert from_cache[0]["recovered"] is False and from_cache[1] == [6, 7, 8]
+
+
+# ----- the Redis cache after a restart ------------------------------------------------
+
+
+@needs_redis
+async def test_a_restarted_node_resumes_from_the_cache_without_the_database(
+    database_recent_reads: list[str],
+) -> None:
+    await get_node()
+    await _publish("warm", 5)
+    assert await _cached_seqs("warm", 5) == [1, 2, 3, 4, 5]
+    await stop_node()  # a restart: the new node holds nothing in memory
+    hits = _cache_reads("hit")
+    client = await connected_client()
+    reply = await client.request({"type": "subscribe", "channel": "warm", "since": 2})
+    assert (reply["seq"], reply["recovered"]) == (5, True)
+    assert [(await client.recv_type("message"))["seq"] for _ in range(3)] == [3, 4, 5]
+    assert database_recent_reads == [] and _cache_reads("hit") == hits + 1
+    await _publish("warm", 1)
+    assert (await client.recv_type("message"))["seq"] == 6
+    await client.close()
+
+
+@needs_redis
+async def test_a_cache_lost_with_redis_falls_back_to_the_database(
+    database_recent_reads: list[str],
+) -> None:
+    await get_node()
+    await _publish("lost", 5)
+    await _cached_seqs("lost", 5)
+    await stop_node()
+    redis = redis_async()
+    await redis.delete(recent_key(redis_prefix(), "lost"))
+    await redis.aclose()
+    reply, seqs = await _resume("lost", since=2, replayed=3)
+    assert (reply["seq"], reply["recovered"], seqs) == (5, True, [3, 4, 5])
+    assert database_recent_reads == ["lost"]
+
+
+@needs_redis
+@override_settings(PUSH={"SYNC_INTERVAL_SECS": 0.2})
+async def test_a_cache_missing_the_newest_message_still_delivers_it() -> None:
+    await get_node()
+    await _publish("stale", 5)
+    await _cached_seqs("stale", 5)
+    await stop_node()
+    redis = redis_async()
+    key = recent_key(redis_prefix(), "stale")
+    newest = await redis.xrevrange(key, count=1)
+    await redis.xdel(key, newest[0][0])  # as if that append had failed
+    await redis.aclose()
+    client = await connected_client()
+    reply = await client.request({"type": "subscribe", "channel": "stale", "since": 2})
+    # The node knows the channel up to 4: it says so, and delivers 5 once its sync
+    # with the database sees the channel ahead of it.
+    assert (reply["seq"], reply["recovered"]) == (4, True)
+    assert [(await client.recv_type("message"))["seq"] for _ in range(3)] == [3, 4, 5]
+    await _publish("stale", 1)
+    assert (await client.recv_type("message"))["seq"] == 6
+    await client.expect_nothing()
+    await client.close()
