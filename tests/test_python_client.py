@@ -1,27 +1,36 @@
 """The Python client (``clients/python/pushclient``) against real nodes: reconnect after
-a restart, resume without a gap, request ids, errors, the heartbeat watchdog, backoff
-bounds, and the command line as a subprocess."""
+a restart with the backoff it documents, resume without a gap, gap repair, request ids,
+errors, the heartbeat watchdog, and the command line as a subprocess."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.error import URLError
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from tests.servers import ROOT, ServerNode, publish_rest
+from tests.wsclient import flood
 
 CLIENT_PATH = ROOT / "clients" / "python"
-if str(CLIENT_PATH) not in sys.path:
+# requirements.txt installs the client (`-e ./clients/python`); an environment built
+# before that line reads it from the source tree instead.
+CLIENT_INSTALLED = importlib.util.find_spec("pushclient") is not None
+if not CLIENT_INSTALLED:
     sys.path.insert(0, str(CLIENT_PATH))
 
+import pushclient.client  # noqa: E402
 from pushclient import (  # noqa: E402
     ConnectionClosed,
     PushClient,
@@ -31,6 +40,7 @@ from pushclient import (  # noqa: E402
     backoff_delay,
     is_terminal_close,
 )
+from pushclient.client import Subscription  # noqa: E402
 from pushclient.state import InvalidTransition, check_transition  # noqa: E402
 
 WAIT_SECS = 20.0
@@ -85,19 +95,96 @@ def test_a_wrong_state_transition_fails_loudly() -> None:
         check_transition(State.DISCONNECTED, State.CONNECTED)
 
 
-async def test_a_seq_jump_is_reported_as_a_gap_and_duplicates_are_dropped() -> None:
-    client = PushClient("ws://127.0.0.1:1/ws/")
-    gaps: list[dict[str, Any]] = []
-    seen: list[int] = []
-    client.on("gap", gaps.append)
-    ready = asyncio.get_running_loop().create_future()
-    from pushclient.client import Subscription
+class FakeHistory:
+    """The REST history of one channel as ``PushClient.get_json`` reads it: the stored
+    seqs, and how many reads fail before one succeeds."""
 
-    client._subscriptions["news"] = Subscription("news", lambda m: seen.append(m["seq"]), 3, ready)
-    for seq in (4, 4, 7, 6, 8):
-        await client._on_message({"type": "message", "channel": "news", "seq": seq, "data": 0})
-    assert seen == [4, 7, 8]
-    assert gaps == [{"channel": "news", "expected": 5, "received": 7}]
+    def __init__(self, stored: range, *, failures: int = 0) -> None:
+        self.stored = stored
+        self.failures = failures
+        self.requests: list[tuple[str, dict[str, str]]] = []
+
+    def __call__(self, url: str, headers: dict[str, str], timeout_secs: float) -> Any:
+        self.requests.append((url, headers))
+        if self.failures:
+            self.failures -= 1
+            raise URLError("connection refused")
+        query = parse_qs(urlsplit(url).query)
+        since, limit = int(query["since"][0]), int(query["limit"][0])
+        seqs = [seq for seq in self.stored if seq > since][:limit]
+        return {"results": [message(seq) for seq in seqs], "next": None}
+
+
+def message(seq: int) -> dict[str, Any]:
+    return {"type": "message", "channel": "news", "seq": seq, "data": seq, "timestamp": 0.0}
+
+
+async def feed(history: FakeHistory, seqs: list[int], **options: Any) -> dict[str, list[Any]]:
+    """Hand ``seqs`` to a client whose handler of ``news`` has delivered up to 3, wait for
+    any repair to finish, and say what the handler and the listeners saw."""
+    client = PushClient("ws://push.test/ws/", token="key", **options)
+    client.get_json = history  # type: ignore[method-assign]
+    seen: dict[str, list[Any]] = {"seqs": [], "gap": [], "unrecovered": [], "error": []}
+    for event in ("gap", "unrecovered", "error"):
+        client.on(event, seen[event].append)
+    ready = asyncio.get_running_loop().create_future()
+    subscription = Subscription("news", lambda m: seen["seqs"].append(m["seq"]), 3, ready)
+    client._subscriptions["news"] = subscription
+    for seq in seqs:
+        await client._on_message(message(seq))
+    await eventually("the repair", lambda: subscription.held is None, timeout=5)
+    return seen
+
+
+async def test_duplicates_are_dropped_and_gaps_are_filled_in_order_from_history() -> None:
+    history = FakeHistory(range(1, 10))
+    # 6 and 9 arrive while the first gap is open: held, then delivered in their turn.
+    seen = await feed(history, [4, 4, 7, 6, 9, 6])
+    assert seen["seqs"] == [4, 5, 6, 7, 8, 9]
+    assert seen["gap"] == [
+        {"channel": "news", "from": 5, "to": 5, "expected": 5, "received": 6},
+        {"channel": "news", "from": 8, "to": 8, "expected": 8, "received": 9},
+    ]
+    assert seen["unrecovered"] == seen["error"] == []
+    urls = [urlsplit(url) for url, _ in history.requests]
+    assert [u.path for u in urls] == ["/api/v1/channels/news/messages"] * 2
+    assert [parse_qs(u.query) for u in urls] == [
+        {"since": ["4"], "limit": ["1"]},
+        {"since": ["7"], "limit": ["1"]},
+    ]
+    assert all(headers["Authorization"] == "Token key" for _, headers in history.requests)
+
+
+@pytest.mark.parametrize(
+    ("stored", "failures", "delivered", "unrecovered", "errors"),
+    [
+        # Retention trimmed 5 and 6: the rest is delivered, the loss reported.
+        (range(7, 20), 0, [4, 7, 8, 9], [{"channel": "news", "since": 4, "seq": 6}], []),
+        # Two failed reads are retried; the third gets the range.
+        (range(1, 20), 2, [4, 5, 6, 7, 8, 9], [], []),
+        # The history cannot be read at all: reported, and delivery goes on.
+        (
+            range(1, 20),
+            99,
+            [4, 8, 9],
+            [{"channel": "news", "since": 4, "seq": 7}],
+            ["GAP_REPAIR_FAILED"],
+        ),
+    ],
+    ids=["trimmed", "retried", "unreadable"],
+)
+async def test_a_gap_the_history_cannot_fill_is_reported_and_delivery_goes_on(
+    stored: range,
+    failures: int,
+    delivered: list[int],
+    unrecovered: list[dict[str, Any]],
+    errors: list[str],
+) -> None:
+    history = FakeHistory(stored, failures=failures)
+    seen = await feed(history, [4, 8, 9], base_delay_secs=0.01, max_delay_secs=0.02)
+    assert seen["seqs"] == delivered
+    assert seen["unrecovered"] == unrecovered
+    assert [error["code"] for error in seen["error"]] == errors
 
 
 # ----- against real nodes ----------------------------------------------------------------
@@ -170,6 +257,84 @@ async def test_reconnects_after_a_restart_and_resumes_without_a_gap(
     assert "reconnecting" in states and states[-2:] == ["connected", "disconnected"]
 
 
+class Jitter:
+    """A deterministic jitter source: cycles through ``draws`` and remembers each one."""
+
+    def __init__(self, *draws: float) -> None:
+        self.draws = draws
+        self.used: list[float] = []
+
+    def __call__(self) -> float:
+        draw = self.draws[len(self.used) % len(self.draws)]
+        self.used.append(draw)
+        return draw
+
+
+BACKOFF_BASE_SECS = 0.05
+BACKOFF_MAX_SECS = 0.4
+# The node stays down this long: with the delays above, enough retries to reach the cap.
+OUTAGE_SECS = 2.0
+# asyncio may wake a sleeper up to its clock's resolution early; far below this.
+CLOCK_SLACK_SECS = 0.001
+
+
+@e2e
+async def test_reconnect_delays_follow_the_backoff_and_start_again_at_base(
+    node: ServerNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    attempts: list[float] = []  # when each connection attempt started
+    real_connect = pushclient.client.connect
+
+    def recording_connect(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(loop.time())
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(pushclient.client, "connect", recording_connect)
+    jitter = Jitter(1.0, 0.5, 0.75, 0.25)
+    closes: list[tuple[float, float]] = []  # (when, the delay the client chose)
+    client = PushClient(
+        node.ws_url, base_delay_secs=BACKOFF_BASE_SECS, max_delay_secs=BACKOFF_MAX_SECS, rand=jitter
+    )
+    client.on(
+        "close",
+        lambda detail: (
+            closes.append((loop.time(), detail["delay_secs"])) if detail["will_reconnect"] else None
+        ),
+    )
+    await client.connect()
+    try:
+        await asyncio.to_thread(node.stop)
+        await asyncio.sleep(OUTAGE_SECS)
+        await asyncio.to_thread(node.start)
+        await eventually("the reconnect", lambda: client.state == State.CONNECTED, timeout=30)
+        outage = list(closes)
+        # The rule documented in docs/clients.md: retry n waits draw * min(max, base * 2^n).
+        expected = [
+            draw * min(BACKOFF_MAX_SECS, BACKOFF_BASE_SECS * 2**n)
+            for n, draw in enumerate(jitter.used)
+        ]
+        assert [delay for _, delay in outage] == pytest.approx(expected)
+        assert len(outage) >= 5, "the outage should last past the cap (retry 3 on)"
+        # Retry n started at least its delay after the close that announced the delay,
+        # so also after the attempt before it (or the drop, for the first).
+        retries = attempts[1 : len(outage) + 1]
+        assert len(retries) == len(outage)
+        for n, ((closed_at, delay), started) in enumerate(zip(outage, retries, strict=True)):
+            assert started - closed_at >= delay - CLOCK_SLACK_SECS, (n, started - closed_at)
+            if n:
+                assert started - attempts[n] >= delay - CLOCK_SLACK_SECS
+
+        # Connected again: the next drop starts over at the base delay.
+        await asyncio.to_thread(node.stop)
+        await eventually("the next retry", lambda: len(attempts) > len(outage) + 1, timeout=10)
+    finally:
+        await client.close()
+    dropped_at, first_delay = closes[len(outage)]
+    assert first_delay == pytest.approx(jitter.used[len(outage)] * BACKOFF_BASE_SECS)
+    assert attempts[len(outage) + 1] - dropped_at >= first_delay - CLOCK_SLACK_SECS
+
+
 @e2e
 async def test_subscribe_with_since_replays_the_stored_tail(
     node: ServerNode, publisher_token: str
@@ -185,6 +350,42 @@ async def test_subscribe_with_since_replays_the_stored_tail(
         assert client.last_seq(channel) == 6
     assert [m["seq"] for m in received] == [3, 4, 5, 6]
     assert [m["data"] for m in received] == [{"n": 2}, {"n": 3}, {"n": 4}, {"n": 5}]
+
+
+# Enough large messages to fill the kernel's socket buffers and the small send queue of
+# small_queue_node while the client does not read (tests/test_slow_consumer.py's flood).
+FLOOD_MESSAGES = 300
+FLOOD_PAYLOAD_BYTES = 64 * 1024
+
+
+@e2e
+async def test_a_gap_from_a_drop_oldest_channel_is_filled_from_history_in_order(
+    small_queue_node: ServerNode, publisher_token: str
+) -> None:
+    node = small_queue_node
+    channel = f"ticker:{uuid.uuid4().hex[:8]}"  # drop-oldest on this node
+    reading = asyncio.Event()
+    seqs: list[int] = []
+    gaps: list[dict[str, Any]] = []
+
+    async def stall_then_read(message: dict[str, Any]) -> None:
+        # The handler runs in the client's read loop: while it waits, nothing is read,
+        # and the node's send queue for this client overflows.
+        await reading.wait()
+        seqs.append(message["seq"])
+
+    dropped_before = node.metric("push_dropped_frames_total")
+    async with PushClient(node.ws_url, token=publisher_token) as client:
+        client.on("gap", gaps.append)
+        await client.subscribe(channel, stall_then_read)
+        await flood(node.ws_url, publisher_token, channel, FLOOD_MESSAGES, FLOOD_PAYLOAD_BYTES)
+        assert node.metric("push_dropped_frames_total") > dropped_before
+        reading.set()
+        await eventually("every message", lambda: len(seqs) >= FLOOD_MESSAGES, timeout=60)
+    assert seqs == list(range(1, FLOOD_MESSAGES + 1))
+    assert gaps, "the node dropped frames: the client saw at least one gap"
+    for gap in gaps:
+        assert 1 < gap["from"] <= gap["to"] < gap["received"] <= FLOOD_MESSAGES
 
 
 @e2e
@@ -266,14 +467,39 @@ async def test_a_silent_connection_is_dropped_after_two_heartbeats_and_retried(
 # ----- the command line ------------------------------------------------------------------
 
 
+def cli_env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    if not CLIENT_INSTALLED:
+        env["PYTHONPATH"] = str(CLIENT_PATH)
+    return env
+
+
+def test_the_installed_client_runs_from_any_directory(tmp_path: Path) -> None:
+    if not CLIENT_INSTALLED:
+        reason = "pushclient is not installed here: pip install -r requirements.txt"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    result = subprocess.run(
+        [sys.executable, "-m", "pushclient", "--help"],
+        cwd=tmp_path,  # outside the repository: only the installed package can answer
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "{subscribe,publish}" in result.stdout
+
+
 async def run_cli(*args: str) -> asyncio.subprocess.Process:
-    env = {**os.environ, "PYTHONPATH": str(CLIENT_PATH)}
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "pushclient",
         *args,
-        env=env,
+        env=cli_env(),
         cwd=Path(ROOT),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -1,9 +1,11 @@
 """Headless Chromium for the browser tests: Debian's ``chromium`` driven by its
 ``chromium-driver`` through Selenium. Nothing is downloaded; without the browser the
-tests skip and say which packages to install."""
+tests skip and say which packages to install, except in CI (``CI`` set), where a
+missing browser fails them. The session ends by listing the screenshots it saved."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.browser.pages import SAVED_SCREENSHOTS
 from tests.servers import ServerNode
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -42,9 +45,20 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "browser: drives a headless Chromium against real nodes")
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if SAVED_SCREENSHOTS:
+        terminalreporter.write_sep("-", "browser screenshots")
+        for path in dict.fromkeys(SAVED_SCREENSHOTS):
+            terminalreporter.write_line(str(path))
+
+
 @pytest.fixture
 def browser() -> Iterator[Any]:
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        # CI installs them (scripts/ensure_services.sh): missing there is a broken
+        # setup, not a machine without a browser.
+        if os.environ.get("CI"):
+            pytest.fail(MISSING_BROWSER)
         pytest.skip(MISSING_BROWSER)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

@@ -1,11 +1,12 @@
 """What the browser tests read off the demo page and how they publish to it: the
-page's state and seq list, waits that print the browser console when they time out,
-and REST publishing from the test."""
+page's state, subprotocol and seq list, waits that print the browser console when they
+time out, REST publishing from the test, and the screenshots saved on the way."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +15,8 @@ from tests.servers import ROOT, ServerNode
 
 ARTIFACTS = ROOT / "artifacts"
 WAIT_SECS = 20.0
+# Every screenshot this session saved, for the summary at its end (conftest.py).
+SAVED_SCREENSHOTS: list[Path] = []
 
 
 def wait_for(what: str, check: Callable[[], Any], driver: Any, timeout: float = WAIT_SECS) -> Any:
@@ -29,6 +32,10 @@ def wait_for(what: str, check: Callable[[], Any], driver: Any, timeout: float = 
 
 def page_state(driver: Any) -> str:
     return driver.find_element("id", "state").get_attribute("data-state")
+
+
+def page_protocol(driver: Any) -> str:
+    return driver.find_element("id", "state").get_attribute("data-protocol") or ""
 
 
 def page_seqs(driver: Any) -> list[int]:
@@ -64,4 +71,6 @@ def publish_from_page(driver: Any, text: str) -> None:
 
 def save_screenshot(driver: Any, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(ARTIFACTS / name))
+    path = ARTIFACTS / name
+    driver.save_screenshot(str(path))
+    SAVED_SCREENSHOTS.append(path)

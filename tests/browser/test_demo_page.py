@@ -1,17 +1,20 @@
 """The demo page in headless Chromium against real nodes: it connects, shows what is
-published over REST and from its own publish box, and resumes without a gap when its
-node restarts while messages keep being published elsewhere."""
+published over REST and from its own publish box, resumes over the WebSocket (with
+`since`, the SSE fallback turned off) without a gap when its node restarts while
+messages keep being published elsewhere, and speaks MessagePack when asked."""
 
 from __future__ import annotations
 
 import json
 import uuid
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
 
 from tests.browser.pages import (
+    page_protocol,
     page_state,
     publish_from_page,
     publish_rest,
@@ -24,8 +27,8 @@ from tests.servers import ServerNode
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 
-def open_demo(driver: Any, node: ServerNode, channel: str) -> None:
-    driver.get(f"{node.http_url}/?channel={channel}")
+def open_demo(driver: Any, node: ServerNode, channel: str, **params: str) -> None:
+    driver.get(f"{node.http_url}/?{urlencode({'channel': channel, **params})}")
     wait_for("the page to connect", lambda: page_state(driver) == "connected", driver)
 
 
@@ -44,7 +47,10 @@ def test_page_receives_rest_messages_and_resumes_after_a_restart_without_gaps(
     browser: Any, page_node: ServerNode, e2e_env: dict[str, str], publisher_token: str
 ) -> None:
     channel = f"demo-{uuid.uuid4().hex[:8]}"
-    open_demo(browser, page_node, channel)
+    # WebSocket only: the restart below must be survived by a WebSocket resume with
+    # `since`, not by the SSE fallback (tests/browser/test_sse_fallback.py has that).
+    open_demo(browser, page_node, channel, transport="websocket")
+    assert page_protocol(browser) == "v1.json"
 
     # Published over REST, shown on the page.
     for i in range(1, 4):
@@ -80,6 +86,9 @@ def test_page_receives_rest_messages_and_resumes_after_a_restart_without_gaps(
     reconnects = browser.find_element("id", "reconnects")
     wait_for("the reconnect count", lambda: reconnects.text == "1", browser)
     assert browser.find_element("id", "gaps").text == "0"
+    assert browser.find_element("id", "transport-used").text == "WebSocket"
+    assert "transport=websocket" in browser.current_url
+    assert "sse" not in browser.find_element("id", "events").text
     replayed = browser.find_elements("css selector", "#feed li .lat")
     assert [cell.text for cell in replayed[3:8]] == ["replayed"] * 5  # seqs 9..5
     save_screenshot(browser, "demo-page.png")
@@ -92,7 +101,8 @@ def test_page_speaks_messagepack_with_the_vendored_codec(
     open_demo(browser, page_node, channel)
     browser.find_element("css selector", "#format option[value=msgpack]").click()
     browser.find_element("id", "connect").click()
-    wait_for("the msgpack connection", lambda: page_state(browser) == "connected", browser)
+    wait_for("the msgpack connection", lambda: page_protocol(browser) == "v1.msgpack", browser)
+    assert page_state(browser) == "connected"
     data = {"big": 2**53 - 1, "float": 0.1, "text": "héllo ✓", "list": [None, True]}
     publish_rest(page_node, publisher_token, channel, data)
     wait_for_seqs(browser, [1])

@@ -7,6 +7,10 @@ function established(connectionId) {
   return { type: "connection_established", connection_id: connectionId, server_id: "node-a", heartbeat_interval: 25, timestamp: now() };
 }
 
+export function messageEnvelope(channel, seq, { data = { seq }, timestamp = now() } = {}) {
+  return { type: "message", channel, seq, message_id: `m-${channel}-${seq}`, data, timestamp };
+}
+
 export class FakeSocket {
   static opened = [];
 
@@ -15,6 +19,9 @@ export class FakeSocket {
     this.protocols = protocols;
     this.sent = [];
     this.closed = false;
+    this.closeCode = null; // what the client closed with
+    this.protocol = ""; // the browser's: empty until the server picks one
+    this.readyState = 0; // CONNECTING
     FakeSocket.opened.push(this);
   }
 
@@ -22,21 +29,31 @@ export class FakeSocket {
     this.sent.push(JSON.parse(frame));
   }
 
-  close() {
+  close(code = 1005) {
     this.closed = true;
+    this.closeCode = code;
+    this.readyState = 3; // CLOSED
   }
 
   receive(envelope) {
     this.onmessage?.({ data: JSON.stringify(envelope) });
   }
 
+  // The server accepts the first subprotocol offered, as ours does.
   establish() {
+    this.readyState = 1; // OPEN
+    this.protocol = this.protocols[0];
     this.receive(established(`ws-${FakeSocket.opened.length}`));
+  }
+
+  message(channel, seq) {
+    this.receive(messageEnvelope(channel, seq));
   }
 
   // The handshake was refused or the network dropped: no close frame.
   fail(code = 1006) {
     this.closed = true;
+    this.readyState = 3;
     this.onclose?.({ code, reason: "" });
   }
 
@@ -87,7 +104,7 @@ export class FakeEventSource {
   }
 
   message(channel, seq, { cursor = `${channel}:${seq}`, timestamp = now(), data = { seq } } = {}) {
-    const envelope = { type: "message", channel, seq, message_id: `m-${channel}-${seq}`, data, timestamp };
+    const envelope = messageEnvelope(channel, seq, { data, timestamp });
     this.dispatch("message", { data: JSON.stringify(envelope), lastEventId: cursor });
   }
 
@@ -104,8 +121,8 @@ export class FakeEventSource {
 export function fakeFetch(respond) {
   const calls = [];
   const fetch = async (url, init) => {
-    calls.push({ url, ...init, body: JSON.parse(init.body) });
-    const { status, body } = respond(url, init);
+    calls.push({ url, ...init, body: init.body === undefined ? undefined : JSON.parse(init.body) });
+    const { status, body } = await respond(url, init);
     return {
       ok: status >= 200 && status < 300,
       status,

@@ -33,7 +33,8 @@ EXIT_USAGE = 2
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pushclient", description=__doc__.split("\n")[0]
+        prog="python -m pushclient",
+        description="Subscribe to channels of a push server, or publish to one.",
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=os.environ.get("PUSH_URL", DEFAULT_URL))

@@ -3,8 +3,9 @@
 Same semantics as the JavaScript client (``push/static/push/pushclient.js``): requests
 carry an ``id`` and their awaitables settle on the reply with that id; the client
 reconnects with capped exponential backoff and full jitter, resubscribes every channel
-with ``since`` = the last seq it delivered, drops duplicates, reports gaps, and sends
-the contract's heartbeat, reconnecting when two intervals pass without a frame.
+with ``since`` = the last seq it delivered, drops duplicates, repairs gaps from the REST
+history, and sends the contract's heartbeat, reconnecting when two intervals pass
+without a frame.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from websockets.typing import Subprotocol
 from pushclient.backoff import DEFAULT_BASE_DELAY_SECS, DEFAULT_MAX_DELAY_SECS, backoff_delay
 from pushclient.errors import ConnectionClosed, ConnectionLost, NotConnected, PushError
 from pushclient.formats import get_format
+from pushclient.history import GetJson, api_url_for, fetch_range, get_json
 from pushclient.state import State, check_transition, is_terminal_close
 
 logger = logging.getLogger("pushclient")
@@ -42,6 +44,9 @@ HEARTBEAT_TIMEOUT_CLOSE = 4001
 # with the same token cannot help, as with close code 1008.
 _AUTH_REFUSED_STATUSES = frozenset({401, 403})
 _POLICY_CLOSE = 1008
+# Reads of a gap's messages before the client gives the range up as unrecovered: a node
+# restarting answers again within a few backoff delays; a refusal never will.
+GAP_FETCH_ATTEMPTS = 3
 
 
 @dataclass(eq=False)
@@ -56,6 +61,15 @@ class Subscription:
     ready: asyncio.Future[dict[str, Any]]
     seq: int | None = None
     recovered: bool | None = None
+    # While a gap is being repaired: the messages that arrived meanwhile, by seq (which
+    # also drops duplicates); None when delivery is not held back.
+    held: dict[int, dict[str, Any]] | None = None
+    repair: asyncio.Task[None] | None = None
+
+    @property
+    def delivered(self) -> int:
+        """The last seq delivered, 0 before any."""
+        return self.last_seq or 0
 
 
 @dataclass(eq=False)
@@ -101,9 +115,12 @@ class PushClient:
     Events (``client.on(name, listener)``, the listener gets one dict): ``state``
     {state, previous}, ``open`` (the connection_established envelope), ``close``
     {code, reason, will_reconnect, delay_secs}, ``message`` (every message), ``gap``
-    {channel, expected, received}, ``unrecovered`` {channel, since, seq}, ``error``
-    {code, message, envelope}.
+    {channel, from, to, expected, received}, ``unrecovered`` {channel, since, seq},
+    ``error`` {code, message, envelope}.
     """
+
+    # Reads the REST history for gap repair; a test replaces it (DRF's ``timer`` idiom).
+    get_json: GetJson = staticmethod(get_json)
 
     def __init__(
         self,
@@ -117,8 +134,11 @@ class PushClient:
         open_timeout_secs: float = DEFAULT_OPEN_TIMEOUT_SECS,
         heartbeat_interval_secs: float | None = None,
         rand: Callable[[], float] = random.random,
+        api_url: str | None = None,
     ) -> None:
         self.url = url
+        # Where gaps are read from: the REST root next to the WebSocket by default.
+        self.api_url = api_url or api_url_for(url)
         self.token = token
         self.format = get_format(format)
         self.base_delay_secs = base_delay_secs
@@ -127,6 +147,7 @@ class PushClient:
         self.open_timeout_secs = open_timeout_secs
         # None: use the interval the server announces in connection_established.
         self.heartbeat_interval_secs = heartbeat_interval_secs
+        # The jitter source: uniform in [0, 1). A test passes a fixed sequence.
         self.rand = rand
 
         self.server_id: str | None = None
@@ -214,12 +235,7 @@ class PushClient:
             if self._closing or is_terminal_close(end.code):
                 self._finish(end)
                 return
-            delay = backoff_delay(
-                self.attempt,
-                base_secs=self.base_delay_secs,
-                max_secs=self.max_delay_secs,
-                rand=self.rand,
-            )
+            delay = self._backoff(self.attempt)
             self.attempt += 1
             self._set_state(State.RECONNECTING)
             self._events.emit(
@@ -233,10 +249,17 @@ class PushClient:
             )
             await asyncio.sleep(delay)
 
+    def _backoff(self, attempt: int) -> float:
+        return backoff_delay(
+            attempt, base_secs=self.base_delay_secs, max_secs=self.max_delay_secs, rand=self.rand
+        )
+
     def _finish(self, end: _ConnectionEnd) -> None:
         was_open = self._state != State.DISCONNECTED
         if was_open:
             self._set_state(State.DISCONNECTED)
+        for subscription in self._subscriptions.values():
+            _stop_repair(subscription)
         error = ConnectionClosed(f"connection closed ({end.code}) {end.reason}".strip(), end.code)
         self._fail_pending(error, keep_subscribes=False)
         for subscription in self._subscriptions.values():
@@ -342,15 +365,24 @@ class PushClient:
         if subscription is None:
             return
         seq = message["seq"]
+        if subscription.held is not None:
+            # A gap is being repaired: the repair delivers this one in its turn.
+            subscription.held[seq] = message
+            return
         last = subscription.last_seq
         # A resume may overlap what was already delivered: never hand a seq twice.
         if last is not None and seq <= last:
             return
         if last is not None and seq > last + 1:
-            self._events.emit(
-                "gap", {"channel": subscription.channel, "expected": last + 1, "received": seq}
+            held = subscription.held = {seq: message}
+            subscription.repair = asyncio.create_task(
+                self._repair_gaps(subscription, held), name=f"pushclient-gap-{seq}"
             )
-        subscription.last_seq = seq
+            return
+        await self._deliver(subscription, message)
+
+    async def _deliver(self, subscription: Subscription, message: dict[str, Any]) -> None:
+        subscription.last_seq = message["seq"]
         self._events.emit("message", message)
         if subscription.handler is None:
             return
@@ -360,6 +392,90 @@ class PushClient:
                 await result
         except Exception:
             logger.exception("the handler of %r failed", subscription.channel)
+
+    # ----- gap repair --------------------------------------------------------------------
+
+    async def _repair_gaps(self, subscription: Subscription, held: dict[int, Any]) -> None:
+        """Hold the channel's delivery, read each missing range from the REST history,
+        then hand everything over in seq order.
+
+        The server delivers in order without gaps, so a gap means frames were lost on
+        the way: a drop-oldest channel whose reader fell behind, or a bug. Messages
+        arriving meanwhile wait in ``held``; the read loop keeps reading other channels.
+        """
+        try:
+            while True:
+                await self._deliver_held_run(subscription, held)
+                if not held:
+                    subscription.held = subscription.repair = None
+                    return
+                after, received = subscription.delivered, min(held)
+                first, until = after + 1, received - 1
+                self._events.emit(
+                    "gap",
+                    {
+                        "channel": subscription.channel,
+                        "from": first,
+                        "to": until,
+                        "expected": first,
+                        "received": received,
+                    },
+                )
+                for message in await self._fetch_missing(subscription, after, until):
+                    if message["seq"] > subscription.delivered + 1:
+                        self._give_up(subscription, message["seq"] - 1)
+                    if message["seq"] > subscription.delivered:
+                        await self._deliver(subscription, message)
+                if subscription.delivered < until:
+                    self._give_up(subscription, until)
+        except Exception:
+            # A bug here must not hold the channel back for good; a resume after the
+            # next reconnect replays from the last seq delivered.
+            logger.exception("repairing a gap of %r failed", subscription.channel)
+            subscription.held = subscription.repair = None
+
+    async def _deliver_held_run(self, subscription: Subscription, held: dict[int, Any]) -> None:
+        """Deliver the held messages that follow on from the last seq, then forget the
+        ones at or below it (duplicates from a resume or from the history read)."""
+        while (message := held.pop(subscription.delivered + 1, None)) is not None:
+            await self._deliver(subscription, message)
+        for seq in [seq for seq in held if seq <= subscription.delivered]:
+            del held[seq]
+
+    async def _fetch_missing(
+        self, subscription: Subscription, after: int, until: int
+    ) -> list[dict[str, Any]]:
+        failure: Exception | None = None
+        for attempt in range(GAP_FETCH_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(self._backoff(attempt - 1))
+            try:
+                return await asyncio.to_thread(
+                    fetch_range,
+                    self.get_json,
+                    self.api_url,
+                    subscription.channel,
+                    after=after,
+                    until=until,
+                    token=self.token,
+                    timeout_secs=self.request_timeout_secs,
+                )
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                failure = exc
+        message = f"reading seqs {after + 1}-{until} of {subscription.channel!r}: {failure}"
+        self._events.emit(
+            "error", {"code": "GAP_REPAIR_FAILED", "message": message, "envelope": None}
+        )
+        return []
+
+    def _give_up(self, subscription: Subscription, until: int) -> None:
+        """Move past seqs the history no longer has (trimmed) or would not give: the
+        application hears ``unrecovered``, as for a resume answered ``recovered: false``."""
+        self._events.emit(
+            "unrecovered",
+            {"channel": subscription.channel, "since": subscription.last_seq, "seq": until},
+        )
+        subscription.last_seq = until
 
     def _on_subscribed(self, reply: dict[str, Any]) -> None:
         subscription = self._subscriptions.get(reply.get("channel", ""))
@@ -475,7 +591,10 @@ class PushClient:
 
     async def unsubscribe(self, channel: str) -> dict[str, Any] | None:
         """Stop receiving ``channel``; returns the reply, or None when not connected."""
-        if self._subscriptions.pop(channel, None) is None or self._state != State.CONNECTED:
+        subscription = self._subscriptions.pop(channel, None)
+        if subscription is not None:
+            _stop_repair(subscription)
+        if subscription is None or self._state != State.CONNECTED:
             return None
         return await self._request({"type": "unsubscribe", "channel": channel})
 
@@ -500,3 +619,11 @@ class PushClient:
             self._heartbeat_task.cancel()
             self._heartbeat_task = None
         self._heartbeat_secs = None
+
+
+def _stop_repair(subscription: Subscription) -> None:
+    # What was held is replayed by the resume after a reconnect (from the last seq
+    # delivered), or is of no interest any more after an unsubscribe.
+    if subscription.repair is not None:
+        subscription.repair.cancel()
+    subscription.held = subscription.repair = None

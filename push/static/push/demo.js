@@ -2,11 +2,14 @@
 // box, the connection state, messages per second and latency.
 //
 // The page also exposes what it received for tests: `#feed[data-seqs]` lists every seq
-// in arrival order and `#state[data-state]` the client's state.
+// in arrival order, `#state[data-state]` the client's state and `#state[data-protocol]`
+// the subprotocol the server chose ("v1.json", "v1.msgpack"; empty on SSE or while not
+// connected).
 //
-// `/?transport=sse` makes the client skip the WebSocket (`transports: ["sse"]`), and
-// `/?ws=ws://127.0.0.1:1/ws/` points its WebSocket elsewhere (a closed port shows the
-// fallback by itself); the event stream and REST stay on the page's own node.
+// `/?transport=sse` makes the client skip the WebSocket (`transports: ["sse"]`),
+// `/?transport=websocket` turns the SSE fallback off, and `/?ws=ws://127.0.0.1:1/ws/`
+// points its WebSocket elsewhere (a closed port shows the fallback by itself); the
+// event stream and REST stay on the page's own node.
 
 import { PushClient } from "./pushclient.js";
 import * as msgpack from "./msgpack.js";
@@ -53,11 +56,14 @@ function logEvent(text, kind = "") {
   while ($("events").children.length > 50) $("events").lastChild.remove();
 }
 
-function showState(state, transport) {
-  $("state").dataset.state = state;
-  $("state-label").textContent = state;
+function showState(state, client) {
   const connected = state === "connected" || state === "sse";
-  $("transport-used").textContent = connected ? TRANSPORT_LABELS[transport] : "–";
+  const protocol = connected ? (client.protocol ?? "") : "";
+  $("state").dataset.state = state;
+  $("state").dataset.protocol = protocol;
+  $("state-label").textContent = state;
+  $("transport-used").textContent = connected ? TRANSPORT_LABELS[client.transport] : "–";
+  $("protocol").textContent = protocol || "–";
 }
 
 function resetFeed() {
@@ -124,7 +130,7 @@ function refreshStats() {
 
 function wire(client) {
   client.on("state", ({ state, previous }) => {
-    showState(state, client.transport);
+    showState(state, client);
     // Back over either transport; sse -> connected is a switch, not a reconnect.
     if ((state === "connected" || state === "sse") && previous === "reconnecting") view.reconnects += 1;
     logEvent(`${previous} → ${state}`);
@@ -140,11 +146,11 @@ function wire(client) {
       logEvent(`closed (${code})`);
     }
   });
-  client.on("gap", ({ channel, expected, received }) => {
+  client.on("gap", ({ channel, from, to }) => {
     view.gaps += 1;
-    logEvent(`gap on ${channel}: expected ${expected}, got ${received}`, "gap");
+    logEvent(`gap on ${channel}: seqs ${from}–${to} missed, reading them from history`, "gap");
   });
-  client.on("unrecovered", ({ channel }) => logEvent(`history of ${channel} was trimmed: refetch`, "gap"));
+  client.on("unrecovered", ({ channel, seq }) => logEvent(`${channel} up to seq ${seq} is no longer in history: refetch`, "gap"));
   client.on("error", (error) => logEvent(`error: ${error.message}`, "gap"));
 }
 

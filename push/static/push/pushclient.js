@@ -10,8 +10,8 @@
 //   await client.publish("news", { headline: "hello" });
 //
 // It reconnects with capped exponential backoff and full jitter, resumes every channel
-// with `since` (the last seq it delivered), reports gaps, and keeps the connection
-// honest with the contract's heartbeat. MessagePack is used when the caller passes an
+// with `since` (the last seq it delivered), fills gaps from the REST history, and keeps
+// the connection honest with the contract's heartbeat. MessagePack is used when the caller passes an
 // `{ encode, decode }` pair as `msgpack` (for example the vendored `./msgpack.js`).
 //
 // When the WebSocket cannot connect (a proxy that refuses the upgrade, a browser
@@ -65,6 +65,12 @@ const HEARTBEAT_TIMEOUT_CLOSE = 4001;
 // An event stream has no close code; a lost or refused one is reported like a WebSocket
 // that dropped without a close frame, so `close` listeners see one shape.
 const STREAM_LOST_CLOSE = 1006;
+// Reads of a gap's messages before the client gives the range up as unrecovered: a node
+// restarting answers again within a few backoff delays; a refusal never will.
+export const GAP_FETCH_ATTEMPTS = 3;
+// The server's largest history page (PUSH_HISTORY_PAGE_MAX's default); a smaller server
+// limit only means more pages.
+const HISTORY_PAGE_MAX = 1000;
 
 /** Capped exponential backoff with full jitter: uniform in [0, min(max, base * 2^attempt)]. */
 export function backoffDelay(attempt, { baseMs = DEFAULT_BASE_DELAY_MS, maxMs = DEFAULT_MAX_DELAY_MS, random = Math.random } = {}) {
@@ -107,6 +113,14 @@ function withToken(url, token) {
   const parsed = new URL(url, globalThis.location?.href);
   parsed.searchParams.set("token", token);
   return parsed.toString();
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function lowestKey(map) {
+  let lowest = Infinity;
+  for (const key of map.keys()) lowest = Math.min(lowest, key);
+  return lowest;
 }
 
 function absoluteUrl(url) {
@@ -155,6 +169,9 @@ class Subscription {
     // history: handlers get `{ replayed: true }` so live statistics can leave them out.
     this.replayUntil = null;
     this.ready = null; // settled on the first `subscribed` (or error) reply
+    // While a gap is being repaired: seq -> { message, replayed } of what arrived
+    // meanwhile (which also drops duplicates); null when delivery is not held back.
+    this.held = null;
   }
 
   unsubscribe() {
@@ -169,6 +186,8 @@ export class PushClient {
     this.format = options.msgpack ? msgpackFormat(options.msgpack) : jsonFormat;
     this.baseDelayMs = options.baseDelayMs ?? DEFAULT_BASE_DELAY_MS;
     this.maxDelayMs = options.maxDelayMs ?? DEFAULT_MAX_DELAY_MS;
+    // The jitter source, uniform in [0, 1): a test passes a fixed one.
+    this.random = options.random ?? Math.random;
     this.requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
     // null: use what the server announces in connection_established.
     this.heartbeatIntervalMs = options.heartbeatIntervalMs ?? null;
@@ -183,6 +202,7 @@ export class PushClient {
 
     this.state = State.DISCONNECTED;
     this.transport = null; // of the current (or last) connection attempt
+    this.protocol = null; // the subprotocol the server chose: "v1.json" or "v1.msgpack"
     this.serverId = null;
     this.connectionId = null;
     this.subscriptions = new Map();
@@ -351,8 +371,12 @@ export class PushClient {
     this.scheduleReconnect({ code, reason }, this.preferredTransport());
   }
 
+  backoff(attempt) {
+    return backoffDelay(attempt, { baseMs: this.baseDelayMs, maxMs: this.maxDelayMs, random: this.random });
+  }
+
   scheduleReconnect({ code, reason }, transport) {
-    const delayMs = backoffDelay(this.attempt, { baseMs: this.baseDelayMs, maxMs: this.maxDelayMs });
+    const delayMs = this.backoff(this.attempt);
     this.attempt += 1;
     this.setState(State.RECONNECTING);
     this.emit("close", { code, reason, willReconnect: true, delayMs, transport: this.transport });
@@ -369,6 +393,8 @@ export class PushClient {
     this.failPending(new PushError("CONNECTION_CLOSED", `connection closed (${code})`));
     for (const subscription of this.subscriptions.values()) {
       subscription.ready?.reject(new PushError("CONNECTION_CLOSED", `connection closed (${code})`));
+      // A repair in flight stops; a later connect() resumes from the last seq delivered.
+      subscription.held = null;
     }
     const error = new PushError("CONNECTION_CLOSED", `connection closed (${code}) ${reason ?? ""}`.trim());
     for (const waiter of this.connectWaiters.splice(0)) waiter.reject(error);
@@ -417,6 +443,7 @@ export class PushClient {
     this.wsFailures = 0;
     this.serverId = envelope.server_id;
     this.connectionId = envelope.connection_id;
+    this.protocol = this.ws?.protocol || null;
     this.attempt = 0;
     this.startHeartbeat(this.heartbeatIntervalMs ?? (envelope.heartbeat_interval * 1000 || DEFAULT_HEARTBEAT_INTERVAL_MS));
     this.setState(State.CONNECTED);
@@ -428,12 +455,23 @@ export class PushClient {
   onMessage(message, replayed = null) {
     const subscription = this.subscriptions.get(message.channel);
     if (!subscription) return;
+    if (subscription.held) {
+      // A gap is being repaired: the repair delivers this one in its turn.
+      subscription.held.set(message.seq, { message, replayed });
+      return;
+    }
     const last = subscription.lastSeq;
     // A resume may overlap what was already delivered; never hand the same seq twice.
     if (last !== null && message.seq <= last) return;
     if (last !== null && message.seq > last + 1) {
-      this.emit("gap", { channel: message.channel, expected: last + 1, received: message.seq });
+      subscription.held = new Map([[message.seq, { message, replayed }]]);
+      this.repairGaps(subscription, subscription.held);
+      return;
     }
+    this.deliver(subscription, message, replayed);
+  }
+
+  deliver(subscription, message, replayed = null) {
     subscription.lastSeq = message.seq;
     const meta = { replayed: replayed ?? (subscription.replayUntil !== null && message.seq <= subscription.replayUntil) };
     this.emit("message", message);
@@ -442,6 +480,95 @@ export class PushClient {
     } catch (error) {
       console.error(`pushclient: the handler of "${message.channel}" failed`, error);
     }
+  }
+
+  // ----- gap repair --------------------------------------------------------------------
+
+  // Hold the channel's delivery, read each missing range from the REST history, then
+  // hand everything over in seq order. The server delivers in order without gaps, so a
+  // gap means frames were lost on the way: a drop-oldest channel whose reader fell
+  // behind, or a bug. REST rather than a second subscribe: on a drop-oldest channel the
+  // server would push that replay through the same send queue that just overflowed.
+  async repairGaps(subscription, held) {
+    // An unsubscribe or close() sets `held` to null (or a later repair to its own map).
+    const wanted = () => subscription.held === held;
+    try {
+      while (wanted()) {
+        this.deliverHeldRun(subscription, held);
+        if (!held.size) break;
+        const after = subscription.lastSeq;
+        const received = lowestKey(held);
+        const [from, to] = [after + 1, received - 1];
+        this.emit("gap", { channel: subscription.channel, from, to, expected: from, received });
+        const missing = await this.fetchMissing(subscription.channel, after, to, wanted);
+        if (!wanted()) return;
+        for (const message of missing) {
+          if (message.seq > subscription.lastSeq + 1) this.giveUp(subscription, message.seq - 1);
+          if (message.seq > subscription.lastSeq) this.deliver(subscription, message, true);
+        }
+        if (subscription.lastSeq < to) this.giveUp(subscription, to);
+      }
+    } catch (error) {
+      // A bug here must not hold the channel back for good.
+      console.error(`pushclient: repairing a gap of "${subscription.channel}" failed`, error);
+    }
+    if (wanted()) subscription.held = null;
+  }
+
+  // Deliver the held messages that follow on from the last seq, then forget the ones at
+  // or below it (duplicates from a resume or from the history read).
+  deliverHeldRun(subscription, held) {
+    for (let next = held.get(subscription.lastSeq + 1); next; next = held.get(subscription.lastSeq + 1)) {
+      held.delete(next.message.seq);
+      this.deliver(subscription, next.message, next.replayed);
+    }
+    for (const seq of held.keys()) if (seq <= subscription.lastSeq) held.delete(seq);
+  }
+
+  async fetchMissing(channel, after, until, wanted) {
+    let failure = null;
+    for (let attempt = 0; attempt < GAP_FETCH_ATTEMPTS; attempt++) {
+      if (attempt) await sleep(this.backoff(attempt - 1));
+      if (!wanted()) return [];
+      try {
+        return await this.fetchRange(channel, after, until);
+      } catch (error) {
+        failure = error;
+      }
+    }
+    this.emit("error", new PushError("GAP_REPAIR_FAILED", `reading seqs ${after + 1}-${until} of "${channel}": ${failure.message}`));
+    return [];
+  }
+
+  // The stored messages with after < seq <= until, oldest first (fewer when history was
+  // trimmed). Pages are asked for with our own `since` rather than the reply's `next`
+  // URL, whose host a proxy may have rewritten.
+  async fetchRange(channel, after, until) {
+    if (!this.fetch) throw new PushError("NOT_CONNECTED", "no fetch() to read the history");
+    const found = [];
+    for (let since = after; since < until; ) {
+      const url = new URL(this.channelUrl(channel));
+      url.searchParams.set("since", since);
+      url.searchParams.set("limit", Math.min(HISTORY_PAGE_MAX, until - since));
+      const response = await this.fetch(url.toString(), {
+        headers: this.restHeaders(),
+        credentials: "same-origin",
+        signal: AbortSignal.timeout(this.requestTimeoutMs),
+      });
+      if (!response.ok) throw new PushError(`HTTP_${response.status}`, `history read answered ${response.status}`);
+      const page = (await response.json()).results;
+      for (const message of page) if (message.seq <= until) found.push(message);
+      if (!page.length) break;
+      since = page.at(-1).seq;
+    }
+    return found;
+  }
+
+  // Move past seqs the history no longer has (trimmed) or would not give: the
+  // application hears `unrecovered`, as for a resume answered `recovered: false`.
+  giveUp(subscription, until) {
+    this.emit("unrecovered", { channel: subscription.channel, since: subscription.lastSeq, seq: until });
+    subscription.lastSeq = until;
   }
 
   onSubscribed(reply) {
@@ -556,7 +683,10 @@ export class PushClient {
    * server), and on SSE (the stream is reopened without the channel).
    */
   async unsubscribe(channel) {
-    if (!this.subscriptions.delete(channel)) return null;
+    const subscription = this.subscriptions.get(channel);
+    if (!subscription) return null;
+    this.subscriptions.delete(channel);
+    subscription.held = null; // a repair in flight stops
     if (this.state === State.SSE) {
       this.reopenStreamSoon();
       return { type: "unsubscribed", channel };
@@ -672,6 +802,7 @@ export class PushClient {
 
   enterSse(envelope) {
     this.attempt = 0;
+    this.protocol = null; // the stream is always JSON, with no subprotocol
     this.setState(State.SSE);
     if (envelope) this.emit("open", envelope);
     for (const waiter of this.connectWaiters.splice(0)) waiter.resolve(this);
@@ -729,7 +860,7 @@ export class PushClient {
   // (a few seconds at first, then up to maxDelayMs), and replaces the stream when it opens.
   scheduleProbe() {
     if (this.closedByUser || !this.canUse(Transport.WEBSOCKET)) return;
-    const delayMs = backoffDelay(this.wsFailures, { baseMs: this.baseDelayMs, maxMs: this.maxDelayMs });
+    const delayMs = this.backoff(this.wsFailures);
     this.probeTimer = setTimeout(() => {
       this.probeTimer = null;
       if (this.state === State.SSE && !this.ws) this.openSocket();
@@ -742,15 +873,22 @@ export class PushClient {
     if (this.transport === Transport.SSE) this.dropSocket(1000, "probe cancelled");
   }
 
+  // The token when the client has one, else the browser session (with Django's CSRF
+  // token, which a POST needs).
+  restHeaders(extra = {}) {
+    const headers = { Accept: "application/json", ...extra };
+    if (this.token) headers.Authorization = `Token ${this.token}`;
+    else if (csrfToken()) headers["X-CSRFToken"] = csrfToken();
+    return headers;
+  }
+
   channelUrl(channel) {
     return new URL(`channels/${encodeURIComponent(channel)}/messages`, this.apiUrl).toString();
   }
 
   async publishRest(channel, data) {
     if (!this.fetch) throw new PushError("NOT_CONNECTED", "no fetch() to publish over REST");
-    const headers = { "Content-Type": "application/json", Accept: "application/json" };
-    if (this.token) headers.Authorization = `Token ${this.token}`;
-    else if (csrfToken()) headers["X-CSRFToken"] = csrfToken();
+    const headers = this.restHeaders({ "Content-Type": "application/json" });
     const abort = new AbortController();
     const timer = setTimeout(() => abort.abort(), this.requestTimeoutMs);
     let response;

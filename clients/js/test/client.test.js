@@ -1,0 +1,201 @@
+// The JavaScript client over its WebSocket, against fake transports: the backoff it
+// documents, duplicates and gap repair from the REST history, and the heartbeat
+// watchdog. Run with `node --test clients/js/test/`.
+
+import { afterEach, beforeEach, test } from "node:test";
+import assert from "node:assert/strict";
+import { setTimeout as sleep } from "node:timers/promises";
+
+import { DEFAULT_BASE_DELAY_MS, DEFAULT_MAX_DELAY_MS, PushClient, State, backoffDelay } from "../index.js";
+import { FakeSocket, fakeFetch, messageEnvelope, reset, until } from "./fakes.js";
+
+const URL_WS = "ws://push.test/ws/";
+
+// Every client is closed after its test, passed or failed, so no timer keeps Node alive.
+const clients = [];
+
+function client(options = {}) {
+  // WebSocket only: these tests are about the socket, not the SSE fallback.
+  const pushClient = new PushClient(URL_WS, { WebSocket: FakeSocket, transports: ["websocket"], baseDelayMs: 1, maxDelayMs: 4, ...options });
+  clients.push(pushClient);
+  return pushClient;
+}
+
+const lastSocket = () => FakeSocket.opened.at(-1);
+
+beforeEach(reset);
+afterEach(() => {
+  for (const pushClient of clients.splice(0)) pushClient.close();
+});
+
+// ----- backoff -------------------------------------------------------------------------
+
+test("backoffDelay stays within the capped exponential and spreads over the whole window", () => {
+  for (let attempt = 0; attempt < 40; attempt++) {
+    const ceiling = Math.min(DEFAULT_MAX_DELAY_MS, DEFAULT_BASE_DELAY_MS * 2 ** attempt);
+    assert.equal(backoffDelay(attempt, { random: () => 0 }), 0);
+    assert.equal(backoffDelay(attempt, { random: () => 1 }), ceiling);
+    for (let i = 0; i < 50; i++) {
+      const delay = backoffDelay(attempt);
+      assert.ok(delay >= 0 && delay <= ceiling, `${delay} ms for attempt ${attempt}`);
+    }
+  }
+  const custom = [0, 1, 2, 3, 4].map((n) => backoffDelay(n, { baseMs: 100, maxMs: 500, random: () => 1 }));
+  assert.deepEqual(custom, [100, 200, 400, 500, 500]);
+  assert.equal(backoffDelay(10_000, { random: () => 1 }), DEFAULT_MAX_DELAY_MS); // no overflow
+  // Full jitter: draws cover the window instead of bunching near the ceiling.
+  const draws = Array.from({ length: 2000 }, () => backoffDelay(8));
+  const mean = draws.reduce((sum, draw) => sum + draw, 0) / draws.length;
+  assert.ok(Math.min(...draws) < 3_000 && Math.max(...draws) > 27_000);
+  assert.ok(mean > 12_000 && mean < 18_000, `mean ${mean}`);
+});
+
+test("reconnects after random() * min(max, base * 2^n), and starts over at base after a connect", async () => {
+  const draws = [1, 0.5];
+  let drawn = 0;
+  const c = client({ baseDelayMs: 2, maxDelayMs: 8, random: () => draws[drawn++ % draws.length] });
+  const delays = [];
+  c.on("close", ({ willReconnect, delayMs }) => willReconnect && delays.push(delayMs));
+  c.connect().catch(() => {}); // closed at the end of the test
+  for (let opened = 1; opened <= 6; opened++) {
+    await until(`attempt ${opened}`, () => FakeSocket.opened.length === opened);
+    lastSocket().fail();
+  }
+  assert.deepEqual(delays, [1 * 2, 0.5 * 4, 1 * 8, 0.5 * 8, 1 * 8, 0.5 * 8]);
+  await until("attempt 7", () => FakeSocket.opened.length === 7);
+  lastSocket().establish();
+  assert.equal(c.state, State.CONNECTED);
+  assert.equal(c.protocol, "v1.json");
+  lastSocket().fail(1012);
+  assert.equal(delays.at(-1), 1 * 2);
+});
+
+// ----- duplicates and gaps -------------------------------------------------------------
+
+// The REST history of `news`: the stored seqs, and how many reads fail (503) first.
+function history(stored, { failures = 0 } = {}) {
+  return fakeFetch((url) => {
+    if (failures > 0) {
+      failures -= 1;
+      return { status: 503, body: { type: "error", code: "UNAVAILABLE", message: "restarting" } };
+    }
+    const query = new URL(url).searchParams;
+    const [since, limit] = [Number(query.get("since")), Number(query.get("limit"))];
+    const results = stored.filter((seq) => seq > since).slice(0, limit).map((seq) => messageEnvelope("news", seq));
+    return { status: 200, body: { results, next: null } };
+  });
+}
+
+const range = (first, last) => Array.from({ length: last - first + 1 }, (_, i) => first + i);
+
+// A client subscribed to `news` at seq 3, and what its handler and listeners see.
+async function subscribedAtThree(options) {
+  const c = client({ token: "key", ...options });
+  const seen = { messages: [], gap: [], unrecovered: [], error: [] };
+  for (const event of ["gap", "unrecovered", "error"]) c.on(event, (detail) => seen[event].push(detail));
+  c.connect().catch(() => {}); // closed at the end of the test
+  const subscribed = c.subscribe("news", (message, { replayed }) => seen.messages.push([message.seq, replayed]));
+  await until("a socket", () => FakeSocket.opened.length === 1);
+  lastSocket().establish();
+  lastSocket().answerSubscribes({ news: 3 });
+  await subscribed;
+  return { client: c, seen };
+}
+
+test("duplicates are dropped, and a gap is filled from the history before anything after it", async () => {
+  const { fetch: read, calls } = history(range(1, 9));
+  let openGate;
+  const gate = new Promise((resolve) => {
+    openGate = resolve;
+  });
+  const fetch = async (url, init) => {
+    await gate;
+    return read(url, init);
+  };
+  const { seen } = await subscribedAtThree({ fetch });
+  for (const seq of [4, 4, 7, 6, 9, 6]) lastSocket().message("news", seq);
+  // While the history is read, what came after the gap waits.
+  assert.deepEqual(seen.messages, [[4, false]]);
+  openGate();
+  await until("the repair", () => seen.messages.length === 6);
+  // Read from the history: marked replayed, like a resume's messages.
+  assert.deepEqual(seen.messages, [[4, false], [5, true], [6, true], [7, false], [8, true], [9, false]]);
+  assert.deepEqual(seen.gap, [
+    { channel: "news", from: 5, to: 6, expected: 5, received: 7 },
+    { channel: "news", from: 8, to: 8, expected: 8, received: 9 },
+  ]);
+  assert.deepEqual([seen.unrecovered, seen.error], [[], []]);
+  const urls = calls.map((call) => new URL(call.url));
+  assert.deepEqual(urls.map((url) => url.pathname), ["/api/v1/channels/news/messages", "/api/v1/channels/news/messages"]);
+  assert.deepEqual(urls.map((url) => url.search), ["?since=4&limit=2", "?since=7&limit=1"]);
+  assert.ok(calls.every((call) => call.headers.Authorization === "Token key"));
+  // Live delivery goes on as before.
+  lastSocket().message("news", 10);
+  assert.deepEqual(seen.messages.at(-1), [10, false]);
+});
+
+for (const { name, stored, failures, delivered, unrecovered, errors } of [
+  { name: "trimmed: the rest is delivered, the loss reported", stored: range(7, 20), failures: 0, delivered: [4, 7, 8, 9], unrecovered: [{ channel: "news", since: 4, seq: 6 }], errors: [] },
+  { name: "two failed reads are retried", stored: range(1, 20), failures: 2, delivered: [4, 5, 6, 7, 8, 9], unrecovered: [], errors: [] },
+  { name: "unreadable: reported, and delivery goes on", stored: range(1, 20), failures: 99, delivered: [4, 8, 9], unrecovered: [{ channel: "news", since: 4, seq: 7 }], errors: ["GAP_REPAIR_FAILED"] },
+]) {
+  test(`a gap the history cannot fill at once: ${name}`, async () => {
+    const { fetch } = history(stored, { failures });
+    const { seen } = await subscribedAtThree({ fetch });
+    for (const seq of [4, 8, 9]) lastSocket().message("news", seq);
+    await until("the repair", () => seen.messages.at(-1)?.[0] === 9);
+    assert.deepEqual(seen.messages.map(([seq]) => seq), delivered);
+    assert.deepEqual(seen.unrecovered, unrecovered);
+    assert.deepEqual(seen.error.map((error) => error.code), errors);
+  });
+}
+
+test("an unsubscribe stops a repair in flight", async () => {
+  let openGate;
+  const gate = new Promise((resolve) => {
+    openGate = resolve;
+  });
+  const { fetch: read, calls } = history(range(1, 9));
+  const fetch = async (url, init) => {
+    await gate;
+    return read(url, init);
+  };
+  const { client: c, seen } = await subscribedAtThree({ fetch });
+  lastSocket().message("news", 6);
+  c.unsubscribe("news").catch(() => {}); // no reply from the fake server
+  openGate();
+  await sleep(20);
+  assert.equal(calls.length, 1);
+  assert.deepEqual(seen.messages, []);
+});
+
+// ----- heartbeat -----------------------------------------------------------------------
+
+test("heartbeats every interval; any frame keeps the socket, two silent intervals drop it with 4001", async () => {
+  const intervalMs = 100;
+  const c = client({ heartbeatIntervalMs: intervalMs });
+  const closes = [];
+  c.on("close", ({ code, willReconnect }) => closes.push([code, willReconnect]));
+  c.connect().catch(() => {}); // closed at the end of the test
+  await until("a socket", () => FakeSocket.opened.length === 1);
+  const socket = lastSocket();
+  socket.establish();
+  // Five intervals with a frame every 20 ms: still the same socket.
+  let lastFrameAt = Date.now();
+  for (let i = 0; i < 25; i++) {
+    await sleep(20);
+    socket.receive({ type: "heartbeat_ack", timestamp: 0 });
+    lastFrameAt = Date.now();
+  }
+  assert.equal(FakeSocket.opened.length, 1);
+  assert.equal(c.state, State.CONNECTED);
+  assert.ok(socket.sent.filter((frame) => frame.type === "heartbeat").length >= 3);
+  // Then silence.
+  await until("a new socket", () => FakeSocket.opened.length === 2, 5_000);
+  // Node may fire a timer up to a millisecond early.
+  assert.ok(Date.now() - lastFrameAt >= 2 * intervalMs - 2, `${Date.now() - lastFrameAt} ms`);
+  assert.equal(socket.closeCode, 4001);
+  assert.deepEqual(closes, [[4001, true]]);
+  lastSocket().establish();
+  assert.equal(c.state, State.CONNECTED);
+});

@@ -1,0 +1,76 @@
+"""Gap repair's read side: the messages a client missed, from the REST history
+(``GET /api/v1/channels/<channel>/messages?since=N``, PROTOCOL.md "REST").
+
+REST rather than a second subscribe on the WebSocket: on a drop-oldest channel the
+server pushes a replay through the same send queue that just overflowed, so it could
+be dropped again; an HTTP read is paced by the client alone. The standard library's
+``urllib`` keeps the client at two dependencies; it runs in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
+
+# The server's largest page (PUSH_HISTORY_PAGE_MAX's default); a smaller server limit
+# only means more pages.
+HISTORY_PAGE_MAX = 1000
+
+# (url, headers, timeout_secs) -> the decoded JSON body; raises OSError (urllib's
+# URLError and HTTPError included) or ValueError.
+GetJson = Callable[[str, dict[str, str], float], Any]
+
+
+def api_url_for(ws_url: str) -> str:
+    """The REST root next to a WebSocket URL: ``ws://host/ws/`` -> ``http://host/api/v1/``
+    (the JavaScript client's rule)."""
+    parts = urlsplit(ws_url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    path = re.sub(r"(^|/)ws/?$", r"\1", parts.path)
+    if not path.endswith("/"):
+        path += "/"
+    return urlunsplit((scheme, parts.netloc, path + "api/v1/", "", ""))
+
+
+def get_json(url: str, headers: dict[str, str], timeout_secs: float) -> Any:
+    # No proxy from the environment, as for the WebSocket: the client talks to the
+    # server directly.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310 (an http(s) URL of ours)
+    with opener.open(request, timeout=timeout_secs) as response:
+        return json.load(response)
+
+
+def fetch_range(
+    get: GetJson,
+    api_url: str,
+    channel: str,
+    *,
+    after: int,
+    until: int,
+    token: str | None,
+    timeout_secs: float,
+) -> list[dict[str, Any]]:
+    """The stored messages of ``channel`` with ``after < seq <= until``, oldest first.
+
+    Fewer when history was trimmed or the range is not stored; pages are asked for with
+    our own ``since`` rather than the reply's ``next`` URL, whose host a proxy may have
+    rewritten."""
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Token {token}"
+    base = f"{api_url}channels/{quote(channel, safe='')}/messages"
+    found: list[dict[str, Any]] = []
+    since = after
+    while since < until:
+        query = urlencode({"since": since, "limit": min(HISTORY_PAGE_MAX, until - since)})
+        page = get(f"{base}?{query}", headers, timeout_secs)["results"]
+        found.extend(m for m in page if m["seq"] <= until)
+        if not page:
+            break
+        since = page[-1]["seq"]
+    return found
