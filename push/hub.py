@@ -191,10 +191,19 @@ class Hub:
         reaches it. With ``since``, every stored message after it is replayed first,
         then the live stream follows with nothing missing and nothing twice."""
         hub_channel = await self._channel_for_subscribe(channel)
+        if since is not None and since > hub_channel.delivered_seq:
+            latest = await self._latest_seq_or_none(hub_channel)
+            if latest is not None and since > latest:
+                # A cursor past anything the channel ever had (its history was reset,
+                # or the client made it up): say the real latest seq with recovered
+                # false, so the client refetches state, and go on from there.
+                ahead = latest if latest > hub_channel.delivered_seq else None
+                return self._attach_live(subscriber, hub_channel, ahead, reply, False)
         if since is None or since >= hub_channel.delivered_seq:
             # Messages held for reordering are past delivered_seq: they reach this
             # subscriber through the normal path, in order.
-            return self._attach_live(subscriber, hub_channel, since, reply)
+            recovered = None if since is None else True
+            return self._attach_live(subscriber, hub_channel, since, reply, recovered)
         if hub_channel.covers_since(since):
             return self._attach_from_recent(subscriber, hub_channel, since, reply)
         return await self._attach_with_replay(subscriber, hub_channel, since, reply)
@@ -219,15 +228,26 @@ class Hub:
         metrics.SUBSCRIPTIONS.inc()
         return subscription
 
+    async def _latest_seq_or_none(self, hub_channel: HubChannel) -> int | None:
+        """The channel's latest stored seq, read only for a client that has seen more
+        than this node; None when the database cannot say (the client is trusted)."""
+        try:
+            latest = await self.history.latest_seqs([hub_channel.name])
+        except Exception as exc:
+            logger.warning("latest seq of %s not read: %s", hub_channel.name, exc)
+            return None
+        return latest.get(hub_channel.name, 0)
+
     def _attach_live(
         self,
         subscriber: Subscriber,
         hub_channel: HubChannel,
         since: int | None,
         reply: Callable[[int, bool | None], None],
+        recovered: bool | None,
     ) -> Subscription:
         subscription = Subscription(subscriber, hub_channel, hub_channel.delivered_seq)
-        reply(max(hub_channel.delivered_seq, since or 0), None if since is None else True)
+        reply(max(hub_channel.delivered_seq, since or 0), recovered)
         if since is not None and since > hub_channel.delivered_seq:
             # The client has seen further than this node (it came from a node ahead of
             # us): hold back until the hub catches up to what it already has.

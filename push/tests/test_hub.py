@@ -207,12 +207,14 @@ async def test_resume_ahead_of_a_node_with_held_messages_gets_no_duplicate() -> 
     hub, _ = await make_hub(history, gap_wait_secs=5.0)
     watcher = FakeClient()
     await hub.subscribe(watcher, "news", since=None, reply=watcher.reply)
+    for seq in (1, 2, 3):
+        history.store("news", seq)  # all committed; 2 is late on the broker
     hub.deliver(make_message("news", 1))
     hub.deliver(make_message("news", 3))
     client = FakeClient()
     await hub.subscribe(client, "news", since=3, reply=client.reply)
-    for seq in (2, 4):
-        hub.deliver(make_message("news", seq))
+    hub.deliver(make_message("news", 2))
+    hub.deliver(history.store("news", 4))
     await settle()
     assert client.replies == [(3, True)]
     assert client.seqs() == [4]
@@ -439,3 +441,16 @@ async def test_a_replay_slower_than_the_channel_holds_a_bounded_buffer() -> None
     hub.deliver(history.store("busy", last + 1))
     await settle(0.1)
     assert resumed.seqs() == list(range(1, last + 2))
+
+
+async def test_a_since_past_everything_stored_is_not_recovered_and_goes_live() -> None:
+    history = MemoryHistory()
+    for seq in (1, 2):
+        history.store("news", seq)
+    hub, _ = await make_hub(history)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=10**12, reply=client.reply)
+    hub.deliver(history.store("news", 3))
+    await settle()
+    assert client.replies == [(2, False)]
+    assert client.seqs() == [3]

@@ -179,3 +179,18 @@ async def test_a_cache_missing_the_newest_message_still_delivers_it() -> None:
     assert (await client.recv_type("message"))["seq"] == 6
     await client.expect_nothing()
     await client.close()
+
+
+# ----- a cursor from the future ---------------------------------------------------------
+
+
+async def test_a_since_past_the_channels_history_gets_the_real_latest_seq() -> None:
+    await _publish("reset", 3)
+    client = await connected_client()
+    reply = await client.request({"type": "subscribe", "channel": "reset", "since": 2**40})
+    # Nothing can be replayed after a seq the channel never had: the client learns the
+    # channel's latest seq and that its state is not recovered, then gets the live stream.
+    assert (reply["seq"], reply["recovered"]) == (3, False)
+    await _publish("reset", 1)
+    assert (await client.recv_type("message"))["seq"] == 4
+    await client.close()
