@@ -310,15 +310,19 @@ class Node:
             credential = connection.principal.credential
             if not connection.is_open:
                 continue
+            changed = False
             if credential is not None:
                 principal = fresh.get(credential)
                 if principal is None:
                     connection.close(CloseCode.POLICY)
                     closed += 1
                     continue
+                changed = principal != connection.principal
                 # Later publishes and subscribes are decided on the grants as they are now.
                 connection.principal = principal
-            if connection.subscriptions:
+            # The decider's answers change only with the principal (or a token's clock):
+            # most connections cost nothing more here.
+            if connection.subscriptions and (changed or connection.token_expiry):
                 await subscriptions_revoke(self, connection, now)
         return closed
 
