@@ -246,3 +246,29 @@ def test_rechecking_many_connections_costs_a_few_queries_not_one_each(
         if credential[0] != "service":
             patterns = {g.pattern for g in principal.grants}
             assert patterns == {f"private-{principal.name[1:]}", "private-group"}
+
+
+@override_settings(PUSH={"REVOCATION_CHECK_SECS": 3600})
+async def test_a_connection_opened_while_the_check_queries_is_left_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from push import node as node_module
+
+    def setup() -> list[str]:
+        return [Token.objects.create(user=_user(name)).key for name in ("early", "late")]
+
+    early_key, late_key = await sync_to_async(setup)()
+    early = await connected_client(token=early_key)
+    node = await node_module.get_node()
+    refresh = node_module._principals_refresh
+    opened: list[WsClient] = []
+
+    async def refresh_while_someone_connects(credentials: set[Any]) -> Any:
+        opened.append(await connected_client(token=late_key))
+        return await refresh(credentials)
+
+    monkeypatch.setattr(node_module, "_principals_refresh", refresh_while_someone_connects)
+    assert await node.close_revoked() == 0
+    for client in (early, *opened):
+        assert (await client.request({"type": "heartbeat"}))["type"] == "heartbeat_ack"
+        await client.close()
