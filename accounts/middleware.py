@@ -61,7 +61,7 @@ async def _session_principal(scope: dict[str, Any], key: str) -> Principal:
     user = await get_user(session_scope)
     if not user.is_authenticated:
         return ANONYMOUS
-    return await _principal_for_user(user)  # type: ignore[no-any-return]
+    return await _principal_for_user(user, ("session", key))  # type: ignore[no-any-return]
 
 
 async def resolve_principal(scope: dict[str, Any]) -> Principal | None:

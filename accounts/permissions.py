@@ -7,16 +7,25 @@ and staff publish to it), ``presence-`` is private plus a member list. Prefixes 
 matched without regard to case, so ``Private-x`` is as closed as ``private-x``.
 Signed-in users publish to public channels (``PUSH_USERS_PUBLISH``, on by default, so a
 token made with ``drf_create_token`` publishes as the contract describes); everything
-else needs a grant (or staff). Service tokens publish only where their scopes allow,
-and anonymous clients never publish.
+else needs a grant (or staff), and anonymous clients never publish. A service token has
+no rights but its scopes (grants): it publishes where a publish scope allows, and it
+subscribes to, and reads the history of, only the channels a subscribe scope names,
+public ones included.
+
+``ChannelPermission`` is the same decider as a DRF permission class, for the REST views.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from typing import Any
 
 from django.db.models import Q, QuerySet
+from rest_framework import exceptions
+from rest_framework.permissions import BasePermission
+from rest_framework.request import Request
 
+from accounts.authentication import request_principal
 from accounts.principals import Principal
 from push.conf import push_settings
 from push.errors import ErrorCode, PushError
@@ -56,6 +65,10 @@ def can_subscribe(principal: Principal, channel: str) -> bool:
         return True
     if _is_user_channel(channel):
         return _owns_user_channel(principal, channel)
+    if principal.kind == "service":
+        # A service token holds only its scopes: one made to publish a ticker must not
+        # read other channels, public ones included, if its key leaks.
+        return _granted(principal, channel, "subscribe")
     if is_public_channel(channel):
         return principal.is_authenticated or push_settings.ANONYMOUS_SUBSCRIBE
     return _granted(principal, channel, "subscribe")
@@ -93,6 +106,21 @@ def authorize_publish(principal: Principal, channel: str) -> None:
         raise PushError(ErrorCode.FORBIDDEN, f"not allowed to publish to {channel!r}")
 
 
+def subscription_refusal(
+    principal: Principal, channel: str, *, token_expires_at: float | None, now: float
+) -> PushError | None:
+    """Why a live subscription must end now, or None while it may go on: it lasts while
+    the principal (as it is now) may subscribe, or until the signed subscription token
+    that granted it expires."""
+    if can_subscribe(principal, channel):
+        return None
+    if token_expires_at is None:
+        return PushError(ErrorCode.FORBIDDEN, f"no longer allowed to subscribe to {channel!r}")
+    if token_expires_at > now:
+        return None
+    return PushError(ErrorCode.FORBIDDEN, f"the subscription token for {channel!r} expired")
+
+
 def authorize_presence(principal: Principal, channel: str) -> None:
     if not is_presence_channel(channel):
         raise PushError(
@@ -116,3 +144,33 @@ def visible_channels(principal: Principal, channels: QuerySet, *, after: str = "
     if not principal.is_authenticated and not push_settings.ANONYMOUS_SUBSCRIBE:
         return visible.none()
     return visible
+
+
+_AUTHORIZE = {
+    "subscribe": authorize_subscribe,
+    "publish": authorize_publish,
+    "presence": authorize_presence,
+}
+
+
+class ChannelPermission(BasePermission):
+    """The REST views' door to the decider above, so REST answers as WebSocket and SSE do.
+
+    A view says which right each HTTP method needs (``channel_rights``, e.g.
+    ``{"GET": "subscribe", "POST": "publish"}``; a method not named needs none) and which
+    channel a request is about (``request_channel()``, which validates the name). A
+    refusal raises the decider's own ``PushError`` (403 FORBIDDEN in the contract's error
+    envelope, from ``push.api.exceptions``); an anonymous publish is 401, asking for a
+    token."""
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        method = "GET" if request.method == "HEAD" else request.method
+        right = getattr(view, "channel_rights", {}).get(method)
+        if right is None:
+            return True
+        channel = view.request_channel()
+        principal = request_principal(request)
+        if right == "publish" and not principal.is_authenticated:
+            raise exceptions.NotAuthenticated()
+        _AUTHORIZE[right](principal, channel)
+        return True

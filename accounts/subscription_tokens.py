@@ -58,10 +58,12 @@ def _forbidden(reason: str) -> PushError:
 
 def subscription_token_verify(token: str, *, channel: str) -> dict[str, Any]:
     """The token's claims if it is genuine, unexpired and for ``channel``."""
-    if len(token) > MAX_TOKEN_CHARS or token.count(".") != 1:
+    # The format is ASCII only; hmac.compare_digest raises TypeError on a non-ASCII str,
+    # so anything else is refused here as the forgery it is, never as a server error.
+    if len(token) > MAX_TOKEN_CHARS or token.count(".") != 1 or not token.isascii():
         raise _forbidden("malformed")
     payload, signature = token.split(".")
-    if not hmac.compare_digest(_sign(payload), signature):
+    if not hmac.compare_digest(_sign(payload).encode(), signature.encode()):
         raise _forbidden("bad signature")
     try:
         claims = json.loads(_unb64(payload))

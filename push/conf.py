@@ -8,6 +8,10 @@ from typing import Any
 
 from django.conf import settings
 
+# A node's liveness key lasts three announcements (push.cluster); a node that missed
+# fewer than that may only be slow.
+ANNOUNCES_BEFORE_DEAD = 3
+
 
 @dataclass(frozen=True)
 class PushSettings:
@@ -52,7 +56,9 @@ class PushSettings:
     # WebSocket (push.server_adapters); off sends every frame through ASGI.
     DIRECT_WRITES: bool = True
     CLUSTER_ANNOUNCE_SECS: float = 5.0
-    NODE_DEAD_AFTER_SECS: float = 30.0
+    # Three announcements: a dead node's members leave within seconds, and a live node
+    # is never reaped while its liveness key (three announcements long) still stands.
+    NODE_DEAD_AFTER_SECS: float = 15.0
     EVENTS: bool = True
     EVENT_STREAM_MAXLEN: int = 1_000_000
     EVENT_HANDLERS: list[str] = field(default_factory=list)
@@ -60,6 +66,14 @@ class PushSettings:
     EVENT_RETRY_SECS: float = 10.0
     WEBHOOK_URLS: list[str] = field(default_factory=list)
     WEBHOOK_SECRET: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.NODE_DEAD_AFTER_SECS < ANNOUNCES_BEFORE_DEAD * self.CLUSTER_ANNOUNCE_SECS:
+            raise ValueError(
+                f"PUSH_NODE_DEAD_AFTER_SECS ({self.NODE_DEAD_AFTER_SECS}) must be at least "
+                f"{ANNOUNCES_BEFORE_DEAD} x PUSH_CLUSTER_ANNOUNCE_SECS "
+                f"({self.CLUSTER_ANNOUNCE_SECS}), or live nodes are taken for dead"
+            )
 
 
 def _load(overrides: dict[str, Any]) -> PushSettings:

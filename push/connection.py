@@ -68,7 +68,11 @@ class ClientConnection:
         "rate_limited_frames",
         "state",
         "subscriptions",
+        "token_expiry",
     )
+    # A receive-only stream (SSE) cannot subscribe again: once the server ended its
+    # last subscription (revoked), it ends too.
+    ends_without_subscriptions = False
 
     def __init__(
         self,
@@ -90,6 +94,9 @@ class ClientConnection:
         self.state = ConnectionState.OPEN
         self.close_code: int | None = None
         self.subscriptions: dict[str, Subscription] = {}
+        # Channel -> expiry (Unix seconds) of the signed subscription token that granted
+        # it; None until one does, which most connections never see.
+        self.token_expiry: dict[str, float] | None = None
         self._send = send
         self._loop = asyncio.get_running_loop()
         self._on_closing = on_closing
@@ -115,9 +122,13 @@ class ClientConnection:
         payload = self.codec.encode(envelope)
         self.outbox.push(OutFrame(self.codec.send_event(payload), len(payload)))
 
-    def send_error(self, exc: PushError, request_id: RequestId | None) -> None:
+    def send_error(
+        self, exc: PushError, request_id: RequestId | None, *, channel: str | None = None
+    ) -> None:
         metrics.ERRORS.labels(exc.code.value).inc()
-        self.send_envelope(error(code=exc.code, message=exc.message, request_id=request_id))
+        self.send_envelope(
+            error(code=exc.code, message=exc.message, request_id=request_id, channel=channel)
+        )
 
     def close(self, code: int) -> None:
         """Close after the frames already queued (an error reply, say) are sent."""

@@ -18,7 +18,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from accounts.permissions import is_presence_channel
-from accounts.principals import credentials_still_valid
+from accounts.principals import principals_refresh
 from push import broadcast as broadcast_module
 from push.broker import PRESENCE_EVENT, Broker, channel_group
 from push.cluster import (
@@ -39,13 +39,14 @@ from push.presence import PresenceStore, leave_presence
 from push.protocol import presence_change
 from push.recent_cache import RecentCache
 from push.registry import ConnectionRegistry, close_node_connections
+from push.sessions import subscriptions_revoke
 
 if TYPE_CHECKING:
     from push.connection import ClientConnection
 
 logger = logging.getLogger(__name__)
 
-_credentials_still_valid = db_call(credentials_still_valid)
+_principals_refresh = db_call(principals_refresh)
 _close_all = db_call(close_node_connections)
 
 
@@ -305,21 +306,37 @@ class Node:
                 logger.warning("revocation check failed: %s", exc)
 
     async def close_revoked(self) -> int:
-        """Close (1008) every connection whose token was revoked or user deactivated."""
-        held = {
-            c.principal.credential: c
-            for c in self.connections.values()
-            if c.principal.credential is not None
-        }
-        if not held:
-            return 0
-        valid = await _credentials_still_valid(set(held))
+        """Hold every live connection to what its credential allows now: a credential
+        that is gone (token deleted, service token revoked, user deactivated, session
+        logged out) closes the connection (1008); a subscription that is no longer
+        allowed (grant removed or narrowed, signed token expired) ends with a FORBIDDEN
+        error naming the channel, and the connection stays open. Returns the closes."""
+        # Only the connections open before the queries: one that opened meanwhile holds
+        # a credential they did not look at, and was checked at its handshake anyway.
+        checked = list(self.connections.values())
+        credentials = {c.principal.credential for c in checked if c.principal.credential}
+        # One round of queries for the whole node, whatever its connection count.
+        fresh = await _principals_refresh(credentials) if credentials else {}
+        now = time.time()
         closed = 0
-        for connection in list(self.connections.values()):
+        for connection in checked:
             credential = connection.principal.credential
-            if credential is not None and credential not in valid and connection.is_open:
-                connection.close(CloseCode.POLICY)
-                closed += 1
+            if not connection.is_open:
+                continue
+            changed = False
+            if credential is not None:
+                principal = fresh.get(credential)
+                if principal is None:
+                    connection.close(CloseCode.POLICY)
+                    closed += 1
+                    continue
+                changed = principal != connection.principal
+                # Later publishes and subscribes are decided on the grants as they are now.
+                connection.principal = principal
+            # The decider's answers change only with the principal (or a token's clock):
+            # most connections cost nothing more here.
+            if connection.subscriptions and (changed or connection.token_expiry):
+                await subscriptions_revoke(self, connection, now)
         return closed
 
 

@@ -265,8 +265,19 @@ def heartbeat_ack(*, timestamp: float, request_id: RequestId | None) -> dict[str
     return _with_id({"type": "heartbeat_ack", "timestamp": timestamp}, request_id)
 
 
-def error(*, code: ErrorCode, message: str, request_id: RequestId | None = None) -> dict[str, Any]:
-    return _with_id({"type": "error", "code": code.value, "message": message}, request_id)
+def error(
+    *,
+    code: ErrorCode,
+    message: str,
+    request_id: RequestId | None = None,
+    channel: str | None = None,
+) -> dict[str, Any]:
+    """``channel`` names the channel an error is about when no request caused it (a
+    subscription the server ended, one channel of an SSE stream); clients may ignore it."""
+    envelope: dict[str, Any] = {"type": "error", "code": code.value, "message": message}
+    if channel is not None:
+        envelope["channel"] = channel
+    return _with_id(envelope, request_id)
 
 
 def presence(

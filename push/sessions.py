@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.utils import timezone
 
-from accounts.permissions import authorize_subscribe, is_presence_channel
+from accounts.permissions import authorize_subscribe, is_presence_channel, subscription_refusal
 from accounts.subscription_tokens import subscription_token_verify
 from push import events, metrics, protocol
 from push.conf import push_settings
 from push.connection import ClientConnection
 from push.errors import CloseCode, ErrorCode, PushError
 from push.logs import log_connection_closed
-from push.node import Node
-from push.presence import presence_member
+from push.presence import leave_presence, presence_member
 from push.registry import ConnectionRecord
+
+if TYPE_CHECKING:
+    # Only for annotations: the node ends revoked subscriptions through this module.
+    from push.node import Node
 
 Reply = Callable[[int, bool | None], None]
 
@@ -108,6 +111,7 @@ async def channel_subscribe(
         claims = subscription_token_verify(token, channel=channel)
     else:
         authorize_subscribe(connection.principal, channel)
+    _remember_token_expiry(connection, channel, claims)
     existing = connection.subscriptions.get(channel)
     if existing is not None and existing.active:
         # Already receiving the channel's stream without a gap: nothing to replay.
@@ -125,13 +129,70 @@ async def channel_subscribe(
         node.hub.unsubscribe(subscription)
         return
     connection.subscriptions[channel] = subscription
-    node.events.emit(
-        events.SUBSCRIBE,
-        connection_id=str(connection.connection_id),
-        principal=connection.principal.key,
-        channel=channel,
-    )
+    _emit_channel_event(node, connection, events.SUBSCRIBE, channel)
     if is_presence_channel(channel):
         joined = presence_member(connection, claims)
         if await node.presence.join(channel, str(connection.connection_id), joined):
             await node.announce_presence("join", channel, joined)
+
+
+def _emit_channel_event(node: Node, connection: ClientConnection, kind: str, channel: str) -> None:
+    node.events.emit(
+        kind,
+        connection_id=str(connection.connection_id),
+        principal=connection.principal.key,
+        channel=channel,
+    )
+
+
+def _remember_token_expiry(
+    connection: ClientConnection, channel: str, claims: dict[str, Any] | None
+) -> None:
+    """A subscription a signed token granted lasts until the token expires (the node's
+    revocation check ends it); one the decider granted does not. Subscribing again
+    with a fresh token extends it."""
+    if claims is not None:
+        if connection.token_expiry is None:
+            connection.token_expiry = {}
+        connection.token_expiry[channel] = float(claims["exp"])
+    elif connection.token_expiry:
+        connection.token_expiry.pop(channel, None)
+
+
+async def channel_unsubscribe(node: Node, connection: ClientConnection, channel: str) -> bool:
+    """End one subscription (the client asked, or the server revoked it): stop its
+    messages and leave presence. False when the connection was not subscribed."""
+    subscription = connection.subscriptions.pop(channel, None)
+    if connection.token_expiry:
+        connection.token_expiry.pop(channel, None)
+    if subscription is None:
+        return False
+    node.hub.unsubscribe(subscription)
+    _emit_channel_event(node, connection, events.UNSUBSCRIBE, channel)
+    if is_presence_channel(channel):
+        await leave_presence(node, str(connection.connection_id), [channel])
+    return True
+
+
+async def subscriptions_revoke(node: Node, connection: ClientConnection, now: float) -> int:
+    """End every subscription of ``connection`` that its principal may no longer hold
+    (grant removed or narrowed, signed token expired), each with a FORBIDDEN error that
+    names the channel; the connection stays open. Returns how many ended."""
+    expiry = connection.token_expiry or {}
+    refused = [
+        (channel, refusal)
+        for channel in list(connection.subscriptions)
+        if (
+            refusal := subscription_refusal(
+                connection.principal, channel, token_expires_at=expiry.get(channel), now=now
+            )
+        )
+        is not None
+    ]
+    for channel, refusal in refused:
+        # Told first: the client learns the channel ended before any later frame.
+        connection.send_error(refusal, None, channel=channel)
+        await channel_unsubscribe(node, connection, channel)
+    if refused and not connection.subscriptions and connection.ends_without_subscriptions:
+        connection.close(CloseCode.POLICY)
+    return len(refused)

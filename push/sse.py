@@ -149,6 +149,7 @@ class SseOutbox(Outbox):
 
 class SseConnection(ClientConnection):
     outbox_class = SseOutbox
+    ends_without_subscriptions = True
     __slots__ = ("finished",)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -258,24 +259,16 @@ async def _subscribe_all(node: Node, connection: SseConnection, request: StreamR
             )
         except PushError as exc:
             cursor.pop(channel, None)
-            _send_channel_error(connection, channel, exc)
+            connection.send_error(exc, None, channel=channel)
 
 
 def _permitted(connection: SseConnection, channel: str) -> bool:
     try:
         authorize_subscribe(connection.principal, channel)
     except PushError as exc:
-        _send_channel_error(connection, channel, exc)
+        connection.send_error(exc, None, channel=channel)
         return False
     return True
-
-
-def _send_channel_error(connection: SseConnection, channel: str, exc: PushError) -> None:
-    """An ``error`` event naming the channel it is about (a stream has no request ids)."""
-    metrics.ERRORS.labels(exc.code.value).inc()
-    envelope = protocol.error(code=exc.code, message=exc.message)
-    envelope["channel"] = channel
-    connection.send_envelope(envelope)
 
 
 def _no_reply(seq: int, recovered: bool | None) -> None:

@@ -75,31 +75,56 @@ async def test_presence_across_nodes_and_a_dead_node_members_leave(
         )
         return token
 
-    watcher_token = await asyncio.to_thread(member_token, f"w-{uuid.uuid4().hex[:6]}")
-    roamer_token = await asyncio.to_thread(member_token, f"r-{uuid.uuid4().hex[:6]}")
-    watcher = await open_ws(two_nodes[0].ws_url, token=watcher_token)
+    watcher_token, roamer_token, ghost_token = [
+        await asyncio.to_thread(member_token, f"{role}-{uuid.uuid4().hex[:6]}")
+        for role in ("w", "r", "g")
+    ]
+    node_a, node_b = two_nodes
+    watcher = await open_ws(node_a.ws_url, token=watcher_token)
     await watcher.send(json.dumps({"type": "subscribe", "channel": room}))
 
-    async def next_of(kind: str) -> dict:
+    async def next_event(timeout: float = 15) -> dict:
+        """The next join, leave or presence the watcher receives."""
         while True:
-            envelope = json.loads(await asyncio.wait_for(watcher.recv(), 15))
-            if envelope["type"] == kind:
+            envelope = json.loads(await asyncio.wait_for(watcher.recv(), timeout))
+            if envelope["type"] in ("join", "leave", "presence"):
                 return envelope
 
-    await next_of("join")  # the watcher itself
-    doomed = ServerNode(e2e_env, name=f"doomed-{uuid.uuid4().hex[:6]}").start()
-    tabs = [
-        await open_ws(doomed.ws_url, token=roamer_token),
-        await open_ws(two_nodes[1].ws_url, token=roamer_token),
-    ]
-    for tab in tabs:
+    async def no_event(wait_secs: float = 1.5) -> None:
+        with pytest.raises(TimeoutError):
+            await next_event(timeout=wait_secs)
+
+    watcher_id = (await next_event())["member"]["user_id"]  # the watcher itself
+
+    # One user, three connections over two nodes: one member.
+    tabs = []
+    for url in (node_a.ws_url, node_b.ws_url, node_b.ws_url):
+        tab = await open_ws(url, token=roamer_token)
         await tab.send(json.dumps({"type": "subscribe", "channel": room}))
-    joined = await next_of("join")
+        tabs.append(tab)
+    joined = await next_event()
+    assert joined["type"] == "join" and joined["member"]["user_id"] != watcher_id
+    await no_event()  # the second and third connection are the same member
     await watcher.send(json.dumps({"type": "presence", "channel": room}))
-    listing = await next_of("presence")
-    assert len(listing["members"]) == 2, "three connections, two members"
-    doomed.stop(signal.SIGKILL)  # the roamer is still there through node B: no leave
-    await tabs[1].close()  # now its last connection is gone (the dead one is reaped)
-    left = await next_of("leave")
-    assert left["member"]["user_id"] == joined["member"]["user_id"]
+    listing = await next_event()
+    assert listing["type"] == "presence"
+    assert len(listing["members"]) == 2, "four connections, two members"
+    for tab in tabs[:-1]:
+        await tab.close()
+        await no_event()  # the user is still there through another connection
+    await tabs[-1].close()
+    left = await next_event()
+    assert left == {"type": "leave", "channel": room, "member": joined["member"]}
+
+    # A member whose only connection is on a node that dies leaves when it is reaped.
+    doomed = ServerNode(e2e_env, name=f"doomed-{uuid.uuid4().hex[:6]}").start()
+    ghost = await open_ws(doomed.ws_url, token=ghost_token)
+    await ghost.send(json.dumps({"type": "subscribe", "channel": room}))
+    joined = await next_event()
+    assert joined["type"] == "join"
+    doomed.stop(signal.SIGKILL)
+    # Reaped once its announcements are PUSH_NODE_DEAD_AFTER_SECS old (3 s here).
+    left = await next_event(timeout=20)
+    assert left == {"type": "leave", "channel": room, "member": joined["member"]}
+    ghost.transport.abort()
     await watcher.close()

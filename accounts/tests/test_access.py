@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 
 import pytest
@@ -21,7 +22,9 @@ from accounts.models import ChannelGrant, ServiceToken
 from accounts.subscription_tokens import subscription_token_issue
 from push.errors import CloseCode
 from push.node import get_node
-from push.tests.wsclient import connected_client, open_client
+from push.services import message_publish
+from push.tests.sse_inprocess import InProcessStream
+from push.tests.wsclient import communicator_for, connected_client, open_client
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -82,6 +85,59 @@ def test_service_token_scoped_publish_over_rest() -> None:
     assert gone.status_code == 401
 
 
+def _service_key(*scopes: str) -> str:
+    args = [arg for scope in scopes for arg in ("--scope", scope)]
+    call_command("service_token", "create", f"svc-{len(scopes)}", *args, stdout=_Sink())
+    return _Sink.last
+
+
+def test_a_publish_scope_reads_nothing_over_rest() -> None:
+    publisher = APIClient()
+    publisher.credentials(HTTP_AUTHORIZATION=f"Token {_service_key('publish:ticker:*')}")
+    reader = APIClient()
+    reader.credentials(
+        HTTP_AUTHORIZATION=f"Token {_service_key('publish:ticker:*', 'subscribe:ticker:*')}"
+    )
+    published = publisher.post("/api/v1/channels/ticker:A/messages", {"data": 1}, format="json")
+    assert published.status_code == 201
+    for channel in ("news", "ticker:A"):
+        refused = publisher.get(f"/api/v1/channels/{channel}/messages")
+        assert refused.status_code == 403
+        assert refused.json() == {
+            "type": "error",
+            "code": "FORBIDDEN",
+            "message": f"not allowed to subscribe to {channel!r}",
+        }
+        assert publisher.head(f"/api/v1/channels/{channel}/messages").status_code == 403
+    assert reader.get("/api/v1/channels/news/messages").status_code == 403
+    history = reader.get("/api/v1/channels/ticker:A/messages")
+    assert history.status_code == 200 and history.json()["results"][0]["data"] == 1
+    # Users and anonymous clients still read public channels without a grant.
+    _, token = _user_token("someone")
+    assert APIClient().get("/api/v1/channels/news/messages").status_code == 200
+    user = APIClient()
+    user.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+    assert user.get("/api/v1/channels/news/messages").status_code == 200
+
+
+async def test_a_publish_scope_subscribes_to_nothing_over_websocket() -> None:
+    publisher = await sync_to_async(_service_key)("publish:ticker:*")
+    reader = await sync_to_async(_service_key)("publish:ticker:*", "subscribe:ticker:*")
+    expected = {
+        (publisher, "news"): "error",
+        (publisher, "ticker:A"): "error",
+        (reader, "news"): "error",
+        (reader, "ticker:A"): "subscribed",
+    }
+    for (key, channel), kind in expected.items():
+        client = await connected_client(token=key)
+        reply = await client.request({"type": "subscribe", "channel": channel})
+        assert reply["type"] == kind, (channel, reply)
+        if kind == "error":
+            assert reply["code"] == "FORBIDDEN"
+        await client.close()
+
+
 def test_send_to_one_user_needs_staff_or_a_granted_service() -> None:
     target, _ = _user_token("target")
     _, plain = _user_token("plain", pattern="*", can_publish=True)
@@ -133,8 +189,13 @@ async def test_signed_token_grants_one_private_channel() -> None:
     await client.close()
 
 
-@pytest.mark.parametrize("tamper", ["expired", "signature", "payload", "garbage"])
-async def test_bad_signed_tokens_are_forbidden(tamper: str) -> None:
+@pytest.mark.parametrize(
+    "tamper",
+    ["expired", "signature", "payload", "garbage", "non-ASCII signature", "non-ASCII payload"],
+)
+async def test_bad_signed_tokens_are_forbidden(
+    tamper: str, caplog: pytest.LogCaptureFixture
+) -> None:
     token = subscription_token_issue(channel="private-x", ttl_secs=60)
     payload, signature = token.split(".")
     if tamper == "expired":
@@ -144,12 +205,17 @@ async def test_bad_signed_tokens_are_forbidden(tamper: str) -> None:
     elif tamper == "payload":
         forged = json.dumps({"ch": "private-x", "exp": int(time.time()) + 10**6})
         token = base64.urlsafe_b64encode(forged.encode()).rstrip(b"=").decode() + "." + signature
+    elif tamper == "non-ASCII signature":
+        token = f"{payload}.éé"
+    elif tamper == "non-ASCII payload":
+        token = f"é{payload}.{signature}"
     else:
         token = "not-a-token"
     client = await connected_client()
     reply = await client.request({"type": "subscribe", "channel": "private-x", "token": token})
     assert reply["code"] == "FORBIDDEN"
     await client.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "no server error"
 
 
 # ----- revocation and limits --------------------------------------------------------------
@@ -177,6 +243,53 @@ async def test_connections_per_user_are_limited() -> None:
     await second.close()
     node = await get_node()
     assert not node.connections
+
+
+@override_settings(PUSH={"MAX_CONNECTIONS_PER_IP": 2})
+async def test_connections_per_ip_are_limited() -> None:
+    crowd = ("192.0.2.7", 50000)
+    first = await connected_client(client_address=crowd)
+    second = await connected_client(client_address=crowd)
+    accepted, third, _ = await open_client(client_address=crowd)
+    assert accepted, "accepted first, so the client learns why it is closed"
+    assert await third.expect_close() == CloseCode.TRY_AGAIN_LATER
+    elsewhere = await connected_client(client_address=("192.0.2.8", 50000))
+    await first.close()
+    again = await connected_client(client_address=crowd)  # a place is free again
+    for client in (second, elsewhere, again):
+        await client.close()
+
+
+@override_settings(PUSH={"ANONYMOUS_SUBSCRIBE": False})
+async def test_anonymous_subscribe_can_be_turned_off() -> None:
+    client = await connected_client()
+    reply = await client.request({"type": "subscribe", "channel": "news"})
+    assert reply["code"] == "FORBIDDEN"
+    await client.close()
+    stream = InProcessStream("channel=news")
+    assert await stream.start() == 200
+    assert (await stream.next_event())[0] == "connection_established"  # type: ignore[index]
+    event, envelope = await stream.next_event()  # type: ignore[misc]
+    assert event == "error" and envelope["code"] == "FORBIDDEN" and envelope["channel"] == "news"
+    assert await stream.next_event() is None, "nothing to stream: the stream ends"
+    await stream.close()
+    _, token = await sync_to_async(_user_token)("member")
+    member = await connected_client(token=token)
+    assert (await member.request({"type": "subscribe", "channel": "news"}))["type"] == "subscribed"
+    await member.close()
+
+
+async def test_a_subscribe_sent_before_the_handshake_completes_is_never_served() -> None:
+    await sync_to_async(message_publish)(channel="news", data="secret", publisher_id=None)
+    communicator = communicator_for(token="not-a-valid-token")
+    await communicator.send_input({"type": "websocket.connect"})
+    await communicator.send_input(
+        {"type": "websocket.receive", "text": json.dumps({"type": "subscribe", "channel": "news"})}
+    )
+    refused = await communicator.receive_output(5)
+    assert refused == {"type": "websocket.close"}, "refused at the handshake (HTTP 403)"
+    assert await communicator.receive_nothing(0.5), "the frame was never read"
+    await communicator.wait(5)
 
 
 @override_settings(

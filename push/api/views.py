@@ -1,7 +1,9 @@
 """REST API: publish to a channel, read its history, list channels.
 
-Views check the request's shape and ask ``accounts.permissions`` and the services;
-they hold no rules of their own.
+Views check the request's shape and call the services; who may do what is
+``accounts.permissions.ChannelPermission``'s to say (the decider WebSocket and SSE ask),
+from each view's ``channel_rights`` and ``request_channel()``. They hold no rules of
+their own.
 """
 
 from __future__ import annotations
@@ -9,18 +11,13 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-from rest_framework import exceptions, status
+from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.authentication import request_principal
-from accounts.permissions import (
-    authorize_presence,
-    authorize_publish,
-    authorize_subscribe,
-    visible_channels,
-)
+from accounts.permissions import ChannelPermission, visible_channels
 from push import metrics, selectors
 from push.api.serializers import (
     HistoryQuerySerializer,
@@ -61,9 +58,6 @@ def _publish_response(request: Request, channel: str) -> Response:
     """Publish the request's ``data`` on ``channel`` for the REST caller (201, or 200
     with the first result for a retried ``Idempotency-Key``)."""
     principal = request_principal(request)
-    if not principal.is_authenticated:
-        raise exceptions.NotAuthenticated()
-    authorize_publish(principal, channel)
     if len(request.body) > push_settings.MAX_FRAME_BYTES:
         raise PushError(
             ErrorCode.MESSAGE_TOO_LARGE,
@@ -90,14 +84,23 @@ def _publish_response(request: Request, channel: str) -> Response:
     return Response(published_body(message), status=status.HTTP_201_CREATED)
 
 
-class ChannelMessagesView(APIView):
+class ChannelView(APIView):
+    """A view about the channel named in its URL."""
+
+    permission_classes = [ChannelPermission]
+    channel_rights: dict[str, str] = {}
+
+    def request_channel(self) -> str:
+        return validate_channel_name(self.kwargs["channel"])
+
+
+class ChannelMessagesView(ChannelView):
+    channel_rights = {"GET": "subscribe", "POST": "publish"}
+
     def post(self, request: Request, channel: str) -> Response:
-        validate_channel_name(channel)
         return _publish_response(request, channel)
 
     def get(self, request: Request, channel: str) -> Response:
-        validate_channel_name(channel)
-        authorize_subscribe(request_principal(request), channel)
         query = HistoryQuerySerializer(
             data=request.query_params,
             max_limit=push_settings.HISTORY_PAGE_MAX,
@@ -113,6 +116,8 @@ class ChannelMessagesView(APIView):
 
 
 class ChannelListView(APIView):
+    # No channel right: the list holds only the channels the caller may see.
+    permission_classes = [ChannelPermission]
     PAGE_SIZE = 100
 
     def get(self, request: Request) -> Response:
@@ -128,17 +133,22 @@ class ChannelListView(APIView):
         return Response({"results": [channel_body(c) for c in channels], "next": next_url})
 
 
-class UserMessagesView(APIView):
+class UserMessagesView(ChannelView):
     """``POST /api/v1/users/<id>/messages``: to all of one user's connections."""
+
+    channel_rights = {"POST": "publish"}
+
+    def request_channel(self) -> str:
+        return user_channel(self.kwargs["user_id"])
 
     def post(self, request: Request, user_id: int) -> Response:
         return _publish_response(request, user_channel(user_id))
 
 
-class ChannelPresenceView(APIView):
+class ChannelPresenceView(ChannelView):
     """``GET /api/v1/channels/<presence-channel>/presence``: who is there now."""
 
+    channel_rights = {"GET": "presence"}
+
     def get(self, request: Request, channel: str) -> Response:
-        validate_channel_name(channel)
-        authorize_presence(request_principal(request), channel)
         return Response({"channel": channel, "members": presence_members_sync(channel)})

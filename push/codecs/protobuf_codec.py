@@ -95,7 +95,11 @@ _SCHEMA: dict[str, dict[str, _Field]] = {
     "heartbeat": {},
     "heartbeat_ack": _fields(_TIMESTAMP),
     "message": _fields(_CHANNEL, _SEQ, _MESSAGE_ID, _Field("data", _Kind.JSON), _TIMESTAMP),
-    "error": _fields(_Field("code", _Kind.TEXT), _Field("message", _Kind.TEXT)),
+    "error": _fields(
+        _Field("code", _Kind.TEXT),
+        _Field("message", _Kind.TEXT),
+        _Field("channel", _Kind.TEXT, optional=True),
+    ),
     "presence": _fields(_CHANNEL, _Field("members", _Kind.MEMBERS)),
     "join": _fields(_CHANNEL, _MEMBER),
     "leave": _fields(_CHANNEL, _MEMBER),

@@ -129,12 +129,14 @@ class Message(_message.Message):
     def __init__(self, channel: _Optional[str] = ..., seq: _Optional[int] = ..., message_id: _Optional[str] = ..., data_json: _Optional[str] = ..., timestamp: _Optional[float] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "channel")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
     code: str
     message: str
-    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    channel: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., channel: _Optional[str] = ...) -> None: ...
 
 class Presence(_message.Message):
     __slots__ = ("channel", "members")

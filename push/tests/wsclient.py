@@ -80,21 +80,38 @@ async def open_client(
     token: str | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
     path: str = "/ws/",
+    client_address: tuple[str, int] | None = None,
 ) -> tuple[bool, WsClient, Any]:
-    """Connect to the real ASGI application; returns (accepted, client, handshake)."""
+    """Connect to the real ASGI application; returns (accepted, client, handshake).
+    ``client_address`` is the peer the server sees (the scope's ``client``)."""
+    communicator = communicator_for(
+        subprotocol=subprotocol, token=token, headers=headers, path=path
+    )
+    if client_address is not None:
+        communicator.scope["client"] = client_address
+    connected, detail = await communicator.connect(timeout=RECEIVE_TIMEOUT_SECS)
+    codec = CODECS.get(subprotocol or "", DEFAULT_CODEC)
+    return connected, WsClient(communicator, codec), detail
+
+
+def communicator_for(
+    *,
+    subprotocol: str | None = None,
+    token: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    path: str = "/ws/",
+) -> WebsocketCommunicator:
+    """A communicator to the real ASGI application, not yet connected."""
     from realtime_project.asgi import application
 
     if token is not None:
         path = f"{path}?token={token}"
-    communicator = WebsocketCommunicator(
+    return WebsocketCommunicator(
         application,
         path,
         headers=headers or [],
         subprotocols=[subprotocol] if subprotocol else None,
     )
-    connected, detail = await communicator.connect(timeout=RECEIVE_TIMEOUT_SECS)
-    codec = CODECS.get(subprotocol or "", DEFAULT_CODEC)
-    return connected, WsClient(communicator, codec), detail
 
 
 async def connected_client(**kwargs: Any) -> WsClient:
