@@ -12,8 +12,7 @@ from django.test import override_settings
 
 from push.codecs import UnencodableEnvelope
 from push.errors import CloseCode
-from push.tests.conftest import WIRE_FORMATS
-from push.tests.wsclient import WsClient, connected_client, open_client
+from push.tests.wsclient import WIRE_FORMATS, WsClient, connected_client, open_client
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
@@ -388,38 +387,46 @@ async def test_frame_over_the_limit_closes_1009(wire_format: str, publisher_toke
     await subscriber.close()
 
 
-async def test_invalid_token_is_refused_at_handshake(transactional_db: None) -> None:
-    accepted, _, _ = await open_client(token="not-a-token")
+async def test_invalid_token_is_refused_at_handshake(
+    transactional_db: None, wire_format: str
+) -> None:
+    accepted, _, _ = await open_client(token="not-a-token", subprotocol=wire_format)
     assert not accepted
 
 
-async def test_foreign_browser_origin_is_refused() -> None:
-    accepted, _, _ = await open_client(headers=[(b"origin", b"https://evil.example")])
+async def test_foreign_browser_origin_is_refused(wire_format: str) -> None:
+    accepted, _, _ = await open_client(
+        headers=[(b"origin", b"https://evil.example")], subprotocol=wire_format
+    )
     assert not accepted
 
 
-async def test_allowed_browser_origin_and_no_origin_are_accepted() -> None:
-    accepted, client, _ = await open_client(headers=[(b"origin", b"http://localhost:8000")])
+async def test_allowed_browser_origin_and_no_origin_are_accepted(wire_format: str) -> None:
+    accepted, client, _ = await open_client(
+        headers=[(b"origin", b"http://localhost:8000")], subprotocol=wire_format
+    )
     assert accepted
     await client.close()
-    accepted, client, _ = await open_client()
-    assert accepted
-    await client.close()
-
-
-async def test_path_without_trailing_slash() -> None:
-    accepted, client, _ = await open_client(path="/ws")
+    accepted, client, _ = await open_client(subprotocol=wire_format)
     assert accepted
     await client.close()
 
 
-async def test_user_channel_belongs_to_its_user(other_user, publisher_token: str) -> None:  # type: ignore[no-untyped-def]
+async def test_path_without_trailing_slash(wire_format: str) -> None:
+    accepted, client, _ = await open_client(path="/ws", subprotocol=wire_format)
+    assert accepted
+    await client.close()
+
+
+async def test_user_channel_belongs_to_its_user(  # type: ignore[no-untyped-def]
+    other_user, publisher_token: str, wire_format: str
+) -> None:
     from rest_framework.authtoken.models import Token
 
     from push.db import db_call
 
     token = await db_call(lambda: Token.objects.create(user=other_user).key)()
-    client = await connected_client(token=token)
+    client = await connected_client(token=token, subprotocol=wire_format)
     own = await client.request({"type": "subscribe", "channel": f"user:{other_user.pk}"})
     assert own["type"] == "subscribed"
     padded = await client.request({"type": "subscribe", "channel": f"user:0{other_user.pk}"})

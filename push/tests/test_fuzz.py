@@ -21,7 +21,6 @@ from push import protocol
 from push.codecs import CODECS
 from push.conf import push_settings
 from push.errors import ErrorCode
-from push.tests.conftest import WIRE_FORMATS
 from push.tests.strategies import (
     OBSERVED_CHANNEL,
     client_frame,
@@ -30,7 +29,7 @@ from push.tests.strategies import (
     wild_envelopes,
     wild_requests,
 )
-from push.tests.wsclient import WsClient, connected_client
+from push.tests.wsclient import WIRE_FORMATS, WsClient, connected_client
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

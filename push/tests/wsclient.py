@@ -11,6 +11,9 @@ from channels.testing import WebsocketCommunicator
 from push.codecs import CODECS, DEFAULT_CODEC, Codec
 
 RECEIVE_TIMEOUT_SECS = 5.0
+# Every negotiable subprotocol: the ``wire_format`` fixture (conftest.py at the root)
+# runs a protocol test once for each.
+WIRE_FORMATS: list[str] = sorted(CODECS)
 
 
 class WsClient:
