@@ -7,10 +7,11 @@ import struct
 import uuid
 from typing import Any
 
+import msgpack
 import pytest
 from django.test import override_settings
 
-from push.codecs import UnencodableEnvelope
+from push.codecs import Codec, UnencodableEnvelope
 from push.errors import CloseCode
 from push.tests.wsclient import WIRE_FORMATS, WsClient, connected_client, open_client
 
@@ -37,8 +38,22 @@ async def test_no_subprotocol_means_json_and_none_echoed() -> None:
     await client.close()
 
 
-async def test_only_unknown_subprotocols_are_refused() -> None:
-    accepted, _, _ = await open_client(subprotocol="v2.xml")
+@pytest.mark.parametrize(
+    ("offer", "chosen"),
+    [(["v2.xml", "v1.msgpack"], "v1.msgpack"), (["v1.protobuf", "v1.json"], "v1.protobuf")],
+)
+async def test_first_known_subprotocol_offered_is_chosen(offer: list[str], chosen: str) -> None:
+    accepted, client, subprotocol = await open_client(offer=offer)
+    assert accepted and subprotocol == chosen
+    assert (await client.recv())["type"] == "connection_established"  # in the chosen format
+    await _assert_still_usable(client)
+    await client.close()
+
+
+# Subprotocol names are tokens compared exactly (RFC 6455): "V1.JSON" is not "v1.json".
+@pytest.mark.parametrize("offer", [["v2.xml"], ["V1.JSON"]])
+async def test_only_unknown_subprotocols_are_refused(offer: list[str]) -> None:
+    accepted, _, _ = await open_client(offer=offer)
     assert not accepted
 
 
@@ -334,6 +349,49 @@ async def test_unsubscribe_without_subscription(wire_format: str) -> None:
     reply = await client.request({"type": "unsubscribe", "channel": "news", "id": "n"})
     assert reply["code"] == "NOT_SUBSCRIBED" and reply["id"] == "n"
     await _assert_still_usable(client)
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), b"\x00\xff", {1: "one"}, msgpack.ExtType(5, b"x")],
+    ids=["nan", "bin", "int-key", "ext-type"],
+)
+async def test_msgpack_values_that_are_not_json_are_invalid_message(
+    publisher_token: str, value: object
+) -> None:
+    client = await connected_client(subprotocol="v1.msgpack", token=publisher_token)
+    reply = await client.request({"type": "publish", "channel": "news", "data": value, "id": 6})
+    assert reply["type"] == "error"
+    assert reply["code"] == "INVALID_MESSAGE" and reply["id"] == 6
+    await _assert_still_usable(client)
+    await client.close()
+
+
+def _lone_surrogate_publish(codec: Codec) -> str | bytes:
+    """A publish whose data holds a lone surrogate, as each format's client writes it."""
+    envelope = {"type": "publish", "channel": "news", "data": {"s": "\ud800"}, "id": 8}
+    if codec.name == "json":
+        return json.dumps(envelope)  # the \ud800 escape
+    if codec.name == "msgpack":
+        # Not UTF-8, so a MessagePack library only writes it when told to.
+        return msgpack.packb(envelope, unicode_errors="surrogatepass")  # type: ignore[no-any-return]
+    return codec.encode(envelope)  # the escape inside data_json
+
+
+async def test_lone_surrogate_in_data_is_refused(wire_format: str, publisher_token: str) -> None:
+    subscriber = await connected_client()
+    await subscriber.request({"type": "subscribe", "channel": "news"})
+    client = await connected_client(subprotocol=wire_format, token=publisher_token)
+    await client.send_payload(_lone_surrogate_publish(client.codec))
+    reply = await client.recv()
+    if wire_format == "v1.msgpack":  # a MessagePack str must be UTF-8: the frame is bad
+        assert reply["code"] == "INVALID_JSON"
+    else:
+        assert reply["code"] == "INVALID_MESSAGE" and reply["id"] == 8, reply
+    await _assert_still_usable(client)
+    await subscriber.expect_nothing()
+    await subscriber.close()
     await client.close()
 
 

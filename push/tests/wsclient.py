@@ -80,23 +80,25 @@ class ConnectionClosed(Exception):
 async def open_client(
     *,
     subprotocol: str | None = None,
+    offer: list[str] | None = None,
     token: str | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
     path: str = "/ws/",
 ) -> tuple[bool, WsClient, Any]:
-    """Connect to the real ASGI application; returns (accepted, client, handshake)."""
+    """Connect to the real ASGI application, offering ``subprotocol`` (or the list
+    ``offer``); returns (accepted, client, the subprotocol echoed or the close code).
+    The client speaks the echoed subprotocol, as a browser's would."""
     from realtime_project.asgi import application
 
     if token is not None:
         path = f"{path}?token={token}"
+    if offer is None and subprotocol:
+        offer = [subprotocol]
     communicator = WebsocketCommunicator(
-        application,
-        path,
-        headers=headers or [],
-        subprotocols=[subprotocol] if subprotocol else None,
+        application, path, headers=headers or [], subprotocols=offer or None
     )
     connected, detail = await communicator.connect(timeout=RECEIVE_TIMEOUT_SECS)
-    codec = CODECS.get(subprotocol or "", DEFAULT_CODEC)
+    codec = CODECS.get(detail, DEFAULT_CODEC) if connected and detail else DEFAULT_CODEC
     return connected, WsClient(communicator, codec), detail
 
 
