@@ -57,8 +57,8 @@ FUZZ_SETTINGS = {
 
 class FuzzSession:
     """One event loop and one set of connections for every example of a test: per
-    format an anonymous client, a publisher (a grant to publish on ``*``) and an
-    observer subscribed to ``OBSERVED_CHANNEL``."""
+    format an anonymous client, a publisher (grants on ``*``) and an observer
+    subscribed to ``OBSERVED_CHANNEL``."""
 
     def __init__(self, publisher_token: str) -> None:
         self.runner = asyncio.Runner()
