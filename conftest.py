@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from push.tests.wsclient import WIRE_FORMATS
+
+
+@pytest.fixture(params=WIRE_FORMATS)
+def wire_format(request: pytest.FixtureRequest) -> str:
+    """The subprotocol of one wire format: a test taking it runs once per format."""
+    return request.param
+
 
 @pytest.fixture(autouse=True)
 async def fresh_node():

@@ -1,5 +1,7 @@
 """Wire formats side by side: frame size and encode/decode CPU per message, for a
-small (100 B), a typical (1 KB) and a large (64 KB) published value.
+small (100 B), a typical (1 KB) and a large (64 KB) published value of two shapes:
+string-heavy (a few fields beside one long string) and mixed (many small fields of
+every JSON type, nested: what parsing and packing cost most on).
 
     python -m bench.codecs            # table, then one JSON line
 
@@ -27,12 +29,40 @@ def _setup_django() -> None:
     django.setup()
 
 
-def _value_of_size(size: int) -> dict[str, Any]:
-    """A realistic JSON value (mixed types) of about ``size`` bytes as JSON."""
+def _json_bytes(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":")))
+
+
+def _string_heavy_value(size: int) -> dict[str, Any]:
+    """A few typed fields and one long string: about ``size`` bytes as JSON."""
     value: dict[str, Any] = {"id": 12345, "price": 101.25, "ok": True, "tags": ["a", "b"]}
-    filler = size - len(json.dumps(value, separators=(",", ":"))) - len(',"text":""')
+    filler = size - _json_bytes(value) - len(',"text":""')
     value["text"] = "x" * max(0, filler)
     return value
+
+
+def _mixed_value(size: int) -> dict[str, Any]:
+    """Nested maps of ints, floats, bools, short strings and lists, with records added
+    while the whole stays within ``size`` bytes as JSON."""
+    items: list[dict[str, Any]] = []
+    value: dict[str, Any] = {"id": 12345, "ok": True, "items": items}
+    while True:
+        n = len(items)
+        item = {
+            "n": n,
+            "p": 10.5 + n / 4,
+            "ok": n % 2 == 0,
+            "s": f"k{n}",
+            "d": {"w": n, "h": 2.5},
+            "t": ["x", n],
+        }
+        items.append(item)
+        if _json_bytes(value) > size:
+            items.pop()
+            return value
+
+
+VALUE_SHAPES = {"string-heavy": _string_heavy_value, "mixed": _mixed_value}
 
 
 def _per_call_us(func: Any, iterations: int) -> float:
@@ -47,10 +77,11 @@ def measure() -> list[dict[str, Any]]:
     from push.message import dump_data
 
     rows = []
-    for size, iterations in ITERATIONS_PER_SIZE.items():
-        data_json = dump_data(_value_of_size(size))
-        for codec in CODECS.values():
-            rows.append(_measure_one(codec, data_json, iterations))
+    for shape, value_of_size in VALUE_SHAPES.items():
+        for size, iterations in ITERATIONS_PER_SIZE.items():
+            data_json = dump_data(value_of_size(size))
+            for codec in CODECS.values():
+                rows.append({"shape": shape, **_measure_one(codec, data_json, iterations)})
     return rows
 
 
@@ -81,11 +112,14 @@ def _measure_one(codec: Any, data_json: str, iterations: int) -> dict[str, Any]:
 def main() -> None:
     _setup_django()
     rows = measure()
-    print(f"{'format':<12} {'value B':>8} {'frame B':>8} {'encode us':>10} {'decode us':>10}")
+    print(
+        f"{'shape':<13} {'format':<12} {'value B':>8} {'frame B':>8}"
+        f" {'encode us':>10} {'decode us':>10}"
+    )
     for row in rows:
         print(
-            f"{row['format']:<12} {row['value_bytes']:>8} {row['frame_bytes']:>8}"
-            f" {row['encode_us']:>10} {row['decode_us']:>10}"
+            f"{row['shape']:<13} {row['format']:<12} {row['value_bytes']:>8}"
+            f" {row['frame_bytes']:>8} {row['encode_us']:>10} {row['decode_us']:>10}"
         )
     json.dump({"bench": "codecs", "rows": rows}, sys.stdout)
     print()

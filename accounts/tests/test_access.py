@@ -39,7 +39,7 @@ def _user_token(username: str, **grant: object) -> tuple[User, str]:
 # ----- grants -----------------------------------------------------------------------------
 
 
-async def test_private_channel_needs_a_grant_and_a_group_grant_counts() -> None:
+async def test_private_channel_needs_a_grant_and_a_group_grant_counts(wire_format: str) -> None:
     def setup() -> tuple[str, str]:
         _, outsider = _user_token("outsider")
         member, member_token = _user_token("member")
@@ -50,7 +50,7 @@ async def test_private_channel_needs_a_grant_and_a_group_grant_counts() -> None:
 
     outsider, member = await sync_to_async(setup)()
     for token, expected in ((outsider, "error"), (member, "subscribed")):
-        client = await connected_client(token=token)
+        client = await connected_client(token=token, subprotocol=wire_format)
         reply = await client.request({"type": "subscribe", "channel": "private-staffroom"})
         assert reply["type"] == expected, reply
         await client.close()
@@ -59,8 +59,8 @@ async def test_private_channel_needs_a_grant_and_a_group_grant_counts() -> None:
 @pytest.mark.parametrize(
     "channel", ["PRIVATE-x", "Private-x", "presence-x", "USER:1", "user:01", "user:1.0"]
 )
-async def test_look_alike_reserved_names_stay_closed(channel: str) -> None:
-    client = await connected_client()
+async def test_look_alike_reserved_names_stay_closed(wire_format: str, channel: str) -> None:
+    client = await connected_client(subprotocol=wire_format)
     reply = await client.request({"type": "subscribe", "channel": channel})
     assert reply["code"] == "FORBIDDEN"
     await client.close()
@@ -153,7 +153,7 @@ def test_send_to_one_user_needs_staff_or_a_granted_service() -> None:
     assert response.json()["channel"] == f"user:{target.pk}"
 
 
-async def test_user_receives_what_is_sent_to_them_on_every_connection() -> None:
+async def test_user_receives_what_is_sent_to_them_on_every_connection(wire_format: str) -> None:
     def setup() -> tuple[User, str, str]:
         target, token = _user_token("target")
         service, key = ServiceToken.issue("notifier")
@@ -161,7 +161,7 @@ async def test_user_receives_what_is_sent_to_them_on_every_connection() -> None:
         return target, token, key
 
     target, token, key = await sync_to_async(setup)()
-    tabs = [await connected_client(token=token) for _ in range(2)]
+    tabs = [await connected_client(token=token, subprotocol=wire_format) for _ in range(2)]
     for tab in tabs:
         await tab.request({"type": "subscribe", "channel": f"user:{target.pk}"})
 
@@ -179,9 +179,9 @@ async def test_user_receives_what_is_sent_to_them_on_every_connection() -> None:
 # ----- signed subscription tokens ---------------------------------------------------------
 
 
-async def test_signed_token_grants_one_private_channel() -> None:
+async def test_signed_token_grants_one_private_channel(wire_format: str) -> None:
     token = subscription_token_issue(channel="private-room-7", ttl_secs=60, info={"name": "Ann"})
-    client = await connected_client()
+    client = await connected_client(subprotocol=wire_format)
     reply = await client.request({"type": "subscribe", "channel": "private-room-7", "token": token})
     assert reply["type"] == "subscribed"
     other = await client.request({"type": "subscribe", "channel": "private-room-8", "token": token})
@@ -194,7 +194,7 @@ async def test_signed_token_grants_one_private_channel() -> None:
     ["expired", "signature", "payload", "garbage", "non-ASCII signature", "non-ASCII payload"],
 )
 async def test_bad_signed_tokens_are_forbidden(
-    tamper: str, caplog: pytest.LogCaptureFixture
+    wire_format: str, tamper: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     token = subscription_token_issue(channel="private-x", ttl_secs=60)
     payload, signature = token.split(".")
@@ -211,7 +211,7 @@ async def test_bad_signed_tokens_are_forbidden(
         token = f"é{payload}.{signature}"
     else:
         token = "not-a-token"
-    client = await connected_client()
+    client = await connected_client(subprotocol=wire_format)
     reply = await client.request({"type": "subscribe", "channel": "private-x", "token": token})
     assert reply["code"] == "FORBIDDEN"
     await client.close()
@@ -222,21 +222,21 @@ async def test_bad_signed_tokens_are_forbidden(
 
 
 @override_settings(PUSH={"REVOCATION_CHECK_SECS": 0.2})
-async def test_revoked_token_closes_its_open_connections() -> None:
+async def test_revoked_token_closes_its_open_connections(wire_format: str) -> None:
     _, token = await sync_to_async(_user_token)("leaver")
-    client = await connected_client(token=token)
+    client = await connected_client(token=token, subprotocol=wire_format)
     await Token.objects.filter(key=token).adelete()
     assert await client.expect_close(timeout=5) == CloseCode.POLICY
-    accepted, _, _ = await open_client(token=token)
+    accepted, _, _ = await open_client(token=token, subprotocol=wire_format)
     assert not accepted, "a revoked token is refused, not downgraded to anonymous"
 
 
 @override_settings(PUSH={"MAX_CONNECTIONS_PER_USER": 2})
-async def test_connections_per_user_are_limited() -> None:
+async def test_connections_per_user_are_limited(wire_format: str) -> None:
     _, token = await sync_to_async(_user_token)("busy")
-    first = await connected_client(token=token)
-    second = await connected_client(token=token)
-    accepted, third, _ = await open_client(token=token)
+    first = await connected_client(token=token, subprotocol=wire_format)
+    second = await connected_client(token=token, subprotocol=wire_format)
+    accepted, third, _ = await open_client(token=token, subprotocol=wire_format)
     assert accepted
     assert await third.expect_close() == CloseCode.TRY_AGAIN_LATER
     await first.close()

@@ -5,14 +5,6 @@ from django.contrib.auth.models import User
 from rest_framework.authtoken.models import Token
 
 from accounts.models import ChannelGrant
-from push.codecs import CODECS
-
-WIRE_FORMATS = sorted(CODECS)
-
-
-@pytest.fixture(params=WIRE_FORMATS)
-def wire_format(request: pytest.FixtureRequest) -> str:
-    return request.param
 
 
 @pytest.fixture

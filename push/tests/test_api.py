@@ -98,8 +98,9 @@ def test_publish_null_is_a_value(publisher: APIClient) -> None:
     assert _publish(publisher, "news", {"data": None}).status_code == 201
 
 
-def test_publish_out_of_range_integer(publisher: APIClient) -> None:
-    response = _publish(publisher, "news", {"data": 2**64})
+@pytest.mark.parametrize("data", [2**64, {"s": "\ud800"}], ids=["past-64-bits", "lone-surrogate"])
+def test_publish_of_data_that_is_not_representable(publisher: APIClient, data: object) -> None:
+    response = _publish(publisher, "news", {"data": data})  # the surrogate as a \ud800 escape
     assert response.status_code == 400
     assert response.json()["code"] == "INVALID_MESSAGE"
 

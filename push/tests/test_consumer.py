@@ -7,13 +7,13 @@ import struct
 import uuid
 from typing import Any
 
+import msgpack
 import pytest
 from django.test import override_settings
 
-from push.codecs import UnencodableEnvelope
+from push.codecs import Codec, UnencodableEnvelope
 from push.errors import CloseCode
-from push.tests.conftest import WIRE_FORMATS
-from push.tests.wsclient import WsClient, connected_client, open_client
+from push.tests.wsclient import WIRE_FORMATS, WsClient, connected_client, open_client
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
@@ -38,8 +38,22 @@ async def test_no_subprotocol_means_json_and_none_echoed() -> None:
     await client.close()
 
 
-async def test_only_unknown_subprotocols_are_refused() -> None:
-    accepted, _, _ = await open_client(subprotocol="v2.xml")
+@pytest.mark.parametrize(
+    ("offer", "chosen"),
+    [(["v2.xml", "v1.msgpack"], "v1.msgpack"), (["v1.protobuf", "v1.json"], "v1.protobuf")],
+)
+async def test_first_known_subprotocol_offered_is_chosen(offer: list[str], chosen: str) -> None:
+    accepted, client, subprotocol = await open_client(offer=offer)
+    assert accepted and subprotocol == chosen
+    assert (await client.recv())["type"] == "connection_established"  # in the chosen format
+    await _assert_still_usable(client)
+    await client.close()
+
+
+# Subprotocol names are tokens compared exactly (RFC 6455): "V1.JSON" is not "v1.json".
+@pytest.mark.parametrize("offer", [["v2.xml"], ["V1.JSON"]])
+async def test_only_unknown_subprotocols_are_refused(offer: list[str]) -> None:
+    accepted, _, _ = await open_client(offer=offer)
     assert not accepted
 
 
@@ -340,6 +354,49 @@ async def test_unsubscribe_without_subscription(wire_format: str) -> None:
 
 @pytest.mark.parametrize(
     "value",
+    [float("nan"), b"\x00\xff", {1: "one"}, msgpack.ExtType(5, b"x")],
+    ids=["nan", "bin", "int-key", "ext-type"],
+)
+async def test_msgpack_values_that_are_not_json_are_invalid_message(
+    publisher_token: str, value: object
+) -> None:
+    client = await connected_client(subprotocol="v1.msgpack", token=publisher_token)
+    reply = await client.request({"type": "publish", "channel": "news", "data": value, "id": 6})
+    assert reply["type"] == "error"
+    assert reply["code"] == "INVALID_MESSAGE" and reply["id"] == 6
+    await _assert_still_usable(client)
+    await client.close()
+
+
+def _lone_surrogate_publish(codec: Codec) -> str | bytes:
+    """A publish whose data holds a lone surrogate, as each format's client writes it."""
+    envelope = {"type": "publish", "channel": "news", "data": {"s": "\ud800"}, "id": 8}
+    if codec.name == "json":
+        return json.dumps(envelope)  # the \ud800 escape
+    if codec.name == "msgpack":
+        # Not UTF-8, so a MessagePack library only writes it when told to.
+        return msgpack.packb(envelope, unicode_errors="surrogatepass")  # type: ignore[no-any-return]
+    return codec.encode(envelope)  # the escape inside data_json
+
+
+async def test_lone_surrogate_in_data_is_refused(wire_format: str, publisher_token: str) -> None:
+    subscriber = await connected_client()
+    await subscriber.request({"type": "subscribe", "channel": "news"})
+    client = await connected_client(subprotocol=wire_format, token=publisher_token)
+    await client.send_payload(_lone_surrogate_publish(client.codec))
+    reply = await client.recv()
+    if wire_format == "v1.msgpack":  # a MessagePack str must be UTF-8: the frame is bad
+        assert reply["code"] == "INVALID_JSON"
+    else:
+        assert reply["code"] == "INVALID_MESSAGE" and reply["id"] == 8, reply
+    await _assert_still_usable(client)
+    await subscriber.expect_nothing()
+    await subscriber.close()
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "value",
     [2**64, -(2**63) - 1],
 )
 async def test_unrepresentable_data_is_refused(
@@ -388,38 +445,46 @@ async def test_frame_over_the_limit_closes_1009(wire_format: str, publisher_toke
     await subscriber.close()
 
 
-async def test_invalid_token_is_refused_at_handshake(transactional_db: None) -> None:
-    accepted, _, _ = await open_client(token="not-a-token")
+async def test_invalid_token_is_refused_at_handshake(
+    transactional_db: None, wire_format: str
+) -> None:
+    accepted, _, _ = await open_client(token="not-a-token", subprotocol=wire_format)
     assert not accepted
 
 
-async def test_foreign_browser_origin_is_refused() -> None:
-    accepted, _, _ = await open_client(headers=[(b"origin", b"https://evil.example")])
+async def test_foreign_browser_origin_is_refused(wire_format: str) -> None:
+    accepted, _, _ = await open_client(
+        headers=[(b"origin", b"https://evil.example")], subprotocol=wire_format
+    )
     assert not accepted
 
 
-async def test_allowed_browser_origin_and_no_origin_are_accepted() -> None:
-    accepted, client, _ = await open_client(headers=[(b"origin", b"http://localhost:8000")])
+async def test_allowed_browser_origin_and_no_origin_are_accepted(wire_format: str) -> None:
+    accepted, client, _ = await open_client(
+        headers=[(b"origin", b"http://localhost:8000")], subprotocol=wire_format
+    )
     assert accepted
     await client.close()
-    accepted, client, _ = await open_client()
-    assert accepted
-    await client.close()
-
-
-async def test_path_without_trailing_slash() -> None:
-    accepted, client, _ = await open_client(path="/ws")
+    accepted, client, _ = await open_client(subprotocol=wire_format)
     assert accepted
     await client.close()
 
 
-async def test_user_channel_belongs_to_its_user(other_user, publisher_token: str) -> None:  # type: ignore[no-untyped-def]
+async def test_path_without_trailing_slash(wire_format: str) -> None:
+    accepted, client, _ = await open_client(path="/ws", subprotocol=wire_format)
+    assert accepted
+    await client.close()
+
+
+async def test_user_channel_belongs_to_its_user(  # type: ignore[no-untyped-def]
+    other_user, publisher_token: str, wire_format: str
+) -> None:
     from rest_framework.authtoken.models import Token
 
     from push.db import db_call
 
     token = await db_call(lambda: Token.objects.create(user=other_user).key)()
-    client = await connected_client(token=token)
+    client = await connected_client(token=token, subprotocol=wire_format)
     own = await client.request({"type": "subscribe", "channel": f"user:{other_user.pk}"})
     assert own["type"] == "subscribed"
     padded = await client.request({"type": "subscribe", "channel": f"user:0{other_user.pk}"})

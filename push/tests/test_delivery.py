@@ -104,9 +104,9 @@ def test_racing_retries_publish_once() -> None:
     assert Channel.objects.get(name="race").last_seq == 1
 
 
-async def test_subscriber_sees_an_idempotent_retry_once() -> None:
+async def test_subscriber_sees_an_idempotent_retry_once(wire_format: str) -> None:
     api = await sync_to_async(_api_for)("svc")
-    subscriber = await connected_client()
+    subscriber = await connected_client(subprotocol=wire_format)
     await subscriber.request({"type": "subscribe", "channel": "orders"})
     for _ in range(3):
         await sync_to_async(_post)(api, "orders", {"id": 7}, key="order-7")
@@ -148,12 +148,12 @@ def test_retention_by_pattern_count_and_age() -> None:
 
 
 @override_settings(PUSH={"RETENTION_MAX_MESSAGES": 3, "RECENT_PER_CHANNEL": 0})
-async def test_resume_from_before_retention_is_not_recovered() -> None:
+async def test_resume_from_before_retention_is_not_recovered(wire_format: str) -> None:
     for n in range(8):
         await sync_to_async(message_publish)(channel="trimmed", data=n)
     channel = await Channel.objects.aget(name="trimmed")
     await sync_to_async(channel_trim)(channel)
-    client = await connected_client()
+    client = await connected_client(subprotocol=wire_format)
     reply = await client.request({"type": "subscribe", "channel": "trimmed", "since": 2})
     assert reply["recovered"] is False and reply["seq"] == 8
     replayed = [await client.recv_type("message") for _ in range(3)]
@@ -175,9 +175,9 @@ async def test_resume_with_gap_replays_exactly_what_was_missed(wire_format: str)
     await client.close()
 
 
-async def test_resume_without_gap_replays_nothing() -> None:
+async def test_resume_without_gap_replays_nothing(wire_format: str) -> None:
     await sync_to_async(message_publish)(channel="nogap", data=1)
-    client = await connected_client()
+    client = await connected_client(subprotocol=wire_format)
     reply = await client.request({"type": "subscribe", "channel": "nogap", "since": 1})
     assert reply["recovered"] is True and reply["seq"] == 1
     await client.expect_nothing()
@@ -241,8 +241,8 @@ def test_storage_failure_over_rest_is_503() -> None:
     assert response.json()["code"] == "UNAVAILABLE"
 
 
-async def test_publish_inside_transaction_is_delivered_after_commit() -> None:
-    subscriber = await connected_client()
+async def test_publish_inside_transaction_is_delivered_after_commit(wire_format: str) -> None:
+    subscriber = await connected_client(subprotocol=wire_format)
     await subscriber.request({"type": "subscribe", "channel": "orders"})
     gate_checked = []
 

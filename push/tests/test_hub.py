@@ -19,7 +19,6 @@ from push.outbox import Outbox
 from push.selectors import HistoryPage
 
 JSON = CODECS["v1.json"]
-MSGPACK = CODECS["v1.msgpack"]
 
 
 def make_message(channel: str, seq: int) -> ChannelMessage:
@@ -74,6 +73,7 @@ class FakeClient:
     def __init__(self, codec: Codec = JSON, max_frames: int = 1000) -> None:
         self.codec = codec
         self.sent: list[dict[str, Any]] = []
+        self.payloads: list[str | bytes] = []  # as handed to the socket, undecoded
         self.overflowed = False
         self.replies: list[tuple[int, bool | None]] = []
         self.outbox = Outbox(
@@ -82,6 +82,7 @@ class FakeClient:
 
     async def _send(self, event: dict[str, Any]) -> None:
         payload = event.get("text") if event.get("text") is not None else event["bytes"]
+        self.payloads.append(payload)
         self.sent.append(self.codec.decode(payload))
 
     def _overflow(self) -> None:
@@ -327,7 +328,7 @@ async def test_resume_with_nothing_missed_is_recovered() -> None:
 
 
 async def test_each_message_is_encoded_once_per_format() -> None:
-    calls: dict[str, int] = {"json": 0, "msgpack": 0}
+    calls = {codec.name: 0 for codec in CODECS.values()}
 
     class Counting:
         def __init__(self, inner: Codec) -> None:
@@ -347,15 +348,21 @@ async def test_each_message_is_encoded_once_per_format() -> None:
 
     history = MemoryHistory()
     hub, _ = await make_hub(history)
-    clients = [FakeClient(Counting(JSON)) for _ in range(50)]  # type: ignore[arg-type]
-    clients += [FakeClient(Counting(MSGPACK)) for _ in range(50)]  # type: ignore[arg-type]
+    by_format = {
+        codec.name: [FakeClient(Counting(codec)) for _ in range(30)]  # type: ignore[arg-type]
+        for codec in CODECS.values()
+    }
+    clients = [client for group in by_format.values() for client in group]
     for client in clients:
         await hub.subscribe(client, "news", since=None, reply=client.reply)
     for seq in (1, 2, 3):
         hub.deliver(make_message("news", seq))
     await settle()
-    assert calls == {"json": 3, "msgpack": 3}
+    assert calls == {name: 3 for name in by_format}
     assert all(client.seqs() == [1, 2, 3] for client in clients)
+    for group in by_format.values():  # one frame per message, shared by its subscribers
+        for n in range(3):
+            assert all(client.payloads[n] is group[0].payloads[n] for client in group)
 
 
 async def test_slow_subscriber_overflows_without_affecting_others() -> None:

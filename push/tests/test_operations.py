@@ -18,9 +18,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @override_settings(PUSH={"HEARTBEAT_TIMEOUT_SECS": 0.6})
-async def test_silent_client_is_closed_4001_and_a_talking_one_is_not() -> None:
-    silent = await connected_client()
-    talking = await connected_client()
+async def test_silent_client_is_closed_4001_and_a_talking_one_is_not(wire_format: str) -> None:
+    silent = await connected_client(subprotocol=wire_format)
+    talking = await connected_client(subprotocol=wire_format)
     for _ in range(6):
         await talking.request({"type": "heartbeat"})
         await asyncio.sleep(0.2)
@@ -29,8 +29,8 @@ async def test_silent_client_is_closed_4001_and_a_talking_one_is_not() -> None:
     await talking.close()
 
 
-async def test_drain_tells_clients_to_go_and_refuses_new_ones() -> None:
-    first = await connected_client()
+async def test_drain_tells_clients_to_go_and_refuses_new_ones(wire_format: str) -> None:
+    first = await connected_client(subprotocol=wire_format)
     await first.request({"type": "subscribe", "channel": "news"})
     node = await get_node()
     await node.drain(code=CloseCode.GOING_AWAY, deadline_secs=2)

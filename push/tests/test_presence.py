@@ -57,14 +57,14 @@ async def test_one_member_per_user_join_first_leave_last(wire_format: str) -> No
     await watcher.close()
 
 
-async def test_member_list_needs_membership_or_presence_right() -> None:
+async def test_member_list_needs_membership_or_presence_right(wire_format: str) -> None:
     _, ann = await sync_to_async(_member_token)("ann")
-    outsider = await connected_client()
+    outsider = await connected_client(subprotocol=wire_format)
     reply = await outsider.request({"type": "presence", "channel": ROOM})
     assert reply["code"] == "FORBIDDEN"
     reply = await outsider.request({"type": "presence", "channel": "news"})
     assert reply["code"] in {"FORBIDDEN", "INVALID_MESSAGE"}
-    member = await _join(ann)
+    member = await _join(ann, wire_format)
     assert (await member.request({"type": "presence", "channel": ROOM}))["type"] in {
         "join",
         "presence",
@@ -73,9 +73,9 @@ async def test_member_list_needs_membership_or_presence_right() -> None:
     await member.close()
 
 
-async def test_presence_over_rest() -> None:
+async def test_presence_over_rest(wire_format: str) -> None:
     ann_id, ann = await sync_to_async(_member_token)("ann")
-    member = await _join(ann)
+    member = await _join(ann, wire_format)
     await member.recv_type("join")
 
     def listing(token: str) -> tuple[int, dict]:

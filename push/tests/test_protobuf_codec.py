@@ -6,13 +6,11 @@ Pure tests: no event loop, no database. The frame-by-frame protocol tests for
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -31,6 +29,14 @@ from push.codecs.protobuf_codec import (
 from push.errors import ErrorCode, PushError
 from push.message import ChannelMessage, dump_data
 from push.proto import push_pb2
+from push.tests.strategies import (
+    INT64_MAX,
+    client_frame,
+    json_values,
+    protobuf_envelopes,
+    request_ids,
+    wild_envelopes,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REGENERATE = (
@@ -41,7 +47,6 @@ REGENERATE = (
 
 codec = ProtobufCodec()
 ALL_CODECS: list[Codec] = [JsonCodec(), MsgpackCodec(), ProtobufCodec()]
-INT64_MAX = 2**63 - 1
 # Hypothesis runs are bounded: these are unit tests, not a fuzzing campaign.
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -402,38 +407,6 @@ def test_server_only_types_from_a_client_are_unknown_message_type() -> None:
 
 # ----- properties over every codec ------------------------------------------------------------
 
-scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=protocol.INT64_MIN, max_value=protocol.UINT64_MAX)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text()
-)
-json_values = st.recursive(
-    scalars,
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
-    ),
-    max_leaves=25,
-)
-# Anything a hostile client could put in a map: wrong types, odd keys, huge numbers.
-wild_values = st.recursive(
-    scalars
-    | st.integers()
-    | st.floats()
-    | st.binary(max_size=8)
-    | st.sampled_from(["subscribe", "publish", "heartbeat", "news", "x" * 65]),
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.dictionaries(st.text(max_size=8) | st.integers(-3, 3), children, max_size=4)
-    ),
-    max_leaves=15,
-)
-wild_envelopes = st.dictionaries(
-    st.sampled_from(["type", "channel", "since", "token", "data", "id"]) | st.text(max_size=5),
-    wild_values,
-    max_size=6,
-)
 codecs = st.sampled_from(ALL_CODECS)
 
 
@@ -468,17 +441,6 @@ def test_arbitrary_publish_bodies_raise_nothing_but_push_error(payload: bytes) -
     _server_answer(codec, payload)
 
 
-def _wire_bytes(via: Codec, structure: dict[str, Any]) -> bytes | str | None:
-    """``structure`` in the format's own syntax, by its own library, or None if that
-    library cannot write it (the client could not have sent it either)."""
-    try:
-        if isinstance(via, JsonCodec):
-            return json.dumps(structure)  # NaN and all: the decoder must refuse them
-        return msgpack.packb(structure, use_bin_type=True)  # type: ignore[no-any-return]
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
 @FUZZ
 @given(via=st.sampled_from(ALL_CODECS[:2]), structure=wild_envelopes)
 def test_arbitrary_structures_raise_nothing_but_push_error(
@@ -486,29 +448,9 @@ def test_arbitrary_structures_raise_nothing_but_push_error(
 ) -> None:
     # Protobuf frames can only hold what the schema types allow: its arbitrary
     # structures are protobuf_envelopes below, plus the arbitrary bytes above.
-    payload = _wire_bytes(via, structure)
+    payload = client_frame(via, structure)
     assume(payload is not None)
     _server_answer(via, payload)  # type: ignore[arg-type]
-
-
-def _envelopes_of(kind: str) -> st.SearchStrategy[dict[str, Any]]:
-    by_kind = {
-        _Kind.TEXT: st.text(),
-        _Kind.INT: st.integers(min_value=-(2**31), max_value=2**31 - 1),
-        _Kind.FLOAT: st.floats(allow_nan=False),
-        _Kind.FLAG: st.booleans(),
-        _Kind.JSON: json_values,
-        _Kind.MEMBER: st.fixed_dictionaries({"user_id": st.integers(0, 9) | st.text()}),
-        _Kind.MEMBERS: st.lists(st.fixed_dictionaries({"user_id": st.text()}), max_size=3),
-    }
-    fields = {key: by_kind[field.kind] for key, field in _SCHEMA[kind].items()}
-    return st.fixed_dictionaries(
-        {"type": st.just(kind)},
-        optional={**fields, "id": st.integers(-(2**63), INT64_MAX) | st.text(max_size=64)},
-    )
-
-
-protobuf_envelopes = st.sampled_from(sorted(ENVELOPE_TYPES)).flatmap(_envelopes_of)
 
 
 @FUZZ
@@ -525,7 +467,7 @@ def test_any_schema_envelope_decodes_and_validates_to_push_error_at_worst(
 
 
 @FUZZ
-@given(via=codecs, value=json_values, request_id=st.integers(-(2**63), INT64_MAX) | st.text())
+@given(via=codecs, value=json_values, request_id=request_ids)
 def test_json_values_survive_every_codec(via: Codec, value: Any, request_id: int | str) -> None:
     envelope = {"type": "publish", "channel": "c", "data": value, "id": request_id}
     assert same(roundtrip(envelope, via), envelope)

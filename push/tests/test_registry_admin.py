@@ -12,6 +12,7 @@ from django.contrib.auth.models import User
 from django.test import Client, override_settings
 
 from accounts.models import ChannelGrant
+from push.codecs import CODECS
 from push.models import Connection
 from push.node import get_node
 from push.services import message_publish
@@ -20,20 +21,20 @@ from push.tests.wsclient import connected_client
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-async def test_connections_are_recorded_with_user_node_and_close() -> None:
+async def test_connections_are_recorded_with_user_node_and_close(wire_format: str) -> None:
     user = await sync_to_async(User.objects.create_user)("carol", password="pw")
     from rest_framework.authtoken.models import Token
 
     token = (await Token.objects.acreate(user=user)).key
     client = await connected_client(token=token)
-    anonymous = await connected_client(subprotocol="v1.msgpack")
+    anonymous = await connected_client(subprotocol=wire_format)
     node = await get_node()
     await node.registry.flush()
     rows = [row async for row in Connection.objects.order_by("connected_at")]
     assert len(rows) == 2
     assert rows[0].user_id == user.pk and rows[1].user_id is None
     assert {r.server_id for r in rows} == {settings.NODE_ID}
-    assert rows[1].wire_format == "msgpack"
+    assert rows[1].wire_format == CODECS[wire_format].name
     assert all(r.disconnected_at is None and r.last_heartbeat is not None for r in rows)
     await client.close()
     await asyncio.sleep(0.05)
@@ -54,7 +55,7 @@ async def test_many_connections_cost_one_batch_not_a_write_each() -> None:
         await client.close()
 
 
-async def test_session_cookie_authenticates_the_websocket() -> None:
+async def test_session_cookie_authenticates_the_websocket(wire_format: str) -> None:
     dave = await sync_to_async(User.objects.create_user)("dave", password="pw")
     await ChannelGrant.objects.acreate(user=dave, pattern="news", can_publish=True)
 
@@ -65,7 +66,7 @@ async def test_session_cookie_authenticates_the_websocket() -> None:
 
     session = await sync_to_async(login_cookie)()
     cookie = f"{settings.SESSION_COOKIE_NAME}={session}".encode()
-    client = await connected_client(headers=[(b"cookie", cookie)])
+    client = await connected_client(headers=[(b"cookie", cookie)], subprotocol=wire_format)
     reply = await client.request({"type": "publish", "channel": "news", "data": 1})
     assert reply["type"] == "published", "a logged-in browser may publish"
     await client.close()

@@ -11,6 +11,9 @@ from channels.testing import WebsocketCommunicator
 from push.codecs import CODECS, DEFAULT_CODEC, Codec
 
 RECEIVE_TIMEOUT_SECS = 5.0
+# Every negotiable subprotocol: the ``wire_format`` fixture (conftest.py at the root)
+# runs a protocol test once for each.
+WIRE_FORMATS: list[str] = sorted(CODECS)
 
 
 class WsClient:
@@ -77,26 +80,30 @@ class ConnectionClosed(Exception):
 async def open_client(
     *,
     subprotocol: str | None = None,
+    offer: list[str] | None = None,
     token: str | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
     path: str = "/ws/",
     client_address: tuple[str, int] | None = None,
 ) -> tuple[bool, WsClient, Any]:
-    """Connect to the real ASGI application; returns (accepted, client, handshake).
-    ``client_address`` is the peer the server sees (the scope's ``client``)."""
+    """Connect to the real ASGI application, offering ``subprotocol`` (or the list
+    ``offer``); returns (accepted, client, the subprotocol echoed or the close code).
+    The client speaks the echoed subprotocol, as a browser's would. ``client_address``
+    is the peer the server sees (the scope's ``client``)."""
     communicator = communicator_for(
-        subprotocol=subprotocol, token=token, headers=headers, path=path
+        subprotocol=subprotocol, offer=offer, token=token, headers=headers, path=path
     )
     if client_address is not None:
         communicator.scope["client"] = client_address
     connected, detail = await communicator.connect(timeout=RECEIVE_TIMEOUT_SECS)
-    codec = CODECS.get(subprotocol or "", DEFAULT_CODEC)
+    codec = CODECS.get(detail, DEFAULT_CODEC) if connected and detail else DEFAULT_CODEC
     return connected, WsClient(communicator, codec), detail
 
 
 def communicator_for(
     *,
     subprotocol: str | None = None,
+    offer: list[str] | None = None,
     token: str | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
     path: str = "/ws/",
@@ -106,11 +113,10 @@ def communicator_for(
 
     if token is not None:
         path = f"{path}?token={token}"
+    if offer is None and subprotocol:
+        offer = [subprotocol]
     return WebsocketCommunicator(
-        application,
-        path,
-        headers=headers or [],
-        subprotocols=[subprotocol] if subprotocol else None,
+        application, path, headers=headers or [], subprotocols=offer or None
     )
 
 
