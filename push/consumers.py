@@ -22,17 +22,17 @@ from accounts.permissions import (
     is_presence_channel,
 )
 from accounts.principals import ANONYMOUS, Principal
-from push import events, metrics, protocol
+from push import metrics, protocol
 from push.codecs import UnknownSubprotocol, negotiate
 from push.conf import push_settings
 from push.connection import ClientConnection
 from push.errors import CloseCode, ErrorCode, PushError
 from push.node import Node, get_node
-from push.presence import leave_presence
 from push.protocol import Heartbeat, Presence, Publish, RequestId, Subscribe, Unsubscribe
 from push.services_async import message_publish_async
 from push.sessions import (
     channel_subscribe,
+    channel_unsubscribe,
     client_ip,
     session_closed,
     session_open,
@@ -188,19 +188,7 @@ class PushConsumer(AsyncConsumer):
         )
 
     async def handle_unsubscribe(self, connection: ClientConnection, request: Unsubscribe) -> None:
-        subscription = connection.subscriptions.pop(request.channel, None)
-        if subscription is None:
-            raise PushError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {request.channel!r}")
-        node = self._require_node()
-        node.hub.unsubscribe(subscription)
-        node.events.emit(
-            events.UNSUBSCRIBE,
-            connection_id=str(connection.connection_id),
-            principal=connection.principal.key,
-            channel=request.channel,
-        )
-        if is_presence_channel(request.channel):
-            await leave_presence(node, str(connection.connection_id), [request.channel])
+        await channel_unsubscribe(self._require_node(), connection, request.channel)
         connection.send_envelope(
             protocol.unsubscribed(channel=request.channel, request_id=request.id)
         )

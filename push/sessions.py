@@ -19,9 +19,9 @@ from push import events, metrics, protocol
 from push.conf import push_settings
 from push.connection import ClientConnection
 from push.errors import CloseCode, ErrorCode, PushError
-from push.logs import log_connection_closed
+from push.logs import log_connection_closed, log_connection_opened
 from push.node import Node
-from push.presence import presence_member
+from push.presence import leave_presence, presence_member
 from push.registry import ConnectionRecord
 
 Reply = Callable[[int, bool | None], None]
@@ -66,13 +66,16 @@ def session_open(node: Node, connection: ClientConnection) -> CloseCode | None:
     )
     metrics.CONNECTIONS_OPENED.labels(connection.codec.name).inc()
     metrics.CONNECTIONS_ACTIVE.labels(connection.codec.name).inc()
+    log_connection_opened(connection, server_id=node.server_id)
     return None
 
 
 def session_closed(node: Node, connection: ClientConnection, close_code: int | None) -> None:
     """Everything an admitted connection leaves behind when it ends: subscriptions,
     presence, limits, the registry row, the disconnect event and the metrics."""
-    log_connection_closed(connection, close_code, by_server=not connection.is_open)
+    log_connection_closed(
+        connection, close_code, by_server=not connection.is_open, server_id=node.server_id
+    )
     node.events.emit(
         events.DISCONNECT,
         connection_id=str(connection.connection_id),
@@ -87,6 +90,17 @@ def session_closed(node: Node, connection: ClientConnection, close_code: int | N
     node.registry.closed(connection.connection_id, connection.close_code)
     metrics.CONNECTIONS_ACTIVE.labels(connection.codec.name).dec()
     metrics.CONNECTIONS_CLOSED.labels(str(connection.close_code or "peer")).inc()
+
+
+def _record_change(node: Node, connection: ClientConnection, kind: str, channel: str) -> None:
+    """A subscribe or unsubscribe went through: the registry row and the event stream."""
+    node.registry.subscriptions_changed(connection)
+    node.events.emit(
+        kind,
+        connection_id=str(connection.connection_id),
+        principal=connection.principal.key,
+        channel=channel,
+    )
 
 
 async def channel_subscribe(
@@ -125,13 +139,19 @@ async def channel_subscribe(
         node.hub.unsubscribe(subscription)
         return
     connection.subscriptions[channel] = subscription
-    node.events.emit(
-        events.SUBSCRIBE,
-        connection_id=str(connection.connection_id),
-        principal=connection.principal.key,
-        channel=channel,
-    )
+    _record_change(node, connection, events.SUBSCRIBE, channel)
     if is_presence_channel(channel):
         joined = presence_member(connection, claims)
         if await node.presence.join(channel, str(connection.connection_id), joined):
             await node.announce_presence("join", channel, joined)
+
+
+async def channel_unsubscribe(node: Node, connection: ClientConnection, channel: str) -> None:
+    """Stop delivering ``channel`` to the connection; a presence member leaves it."""
+    subscription = connection.subscriptions.pop(channel, None)
+    if subscription is None:
+        raise PushError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel!r}")
+    node.hub.unsubscribe(subscription)
+    _record_change(node, connection, events.UNSUBSCRIBE, channel)
+    if is_presence_channel(channel):
+        await leave_presence(node, str(connection.connection_id), [channel])
