@@ -277,6 +277,7 @@ class Node:
             await asyncio.sleep(0.05)
         for connection in list(self.connections.values()):
             connection.abort(code)
+            connection.drop()
             connection.mark_closed(code)
             self.release(connection)
         try:
