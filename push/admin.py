@@ -22,6 +22,9 @@ from push.models import Channel, Connection, Message
 from push.redis_client import redis_sync
 from push.retention import retention_policy
 
+# Channels listed per connection on the change list; the rest are counted.
+CHANNELS_SHOWN = 5
+
 
 class ReadOnlyAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -61,6 +64,7 @@ class ConnectionAdmin(ReadOnlyAdmin):
         "disconnected_at",
         "close_code",
         "last_heartbeat",
+        "channels",
         "is_live",
     )
     list_filter = (
@@ -69,12 +73,19 @@ class ConnectionAdmin(ReadOnlyAdmin):
         ("user", admin.RelatedOnlyFieldListFilter),
         "wire_format",
     )
-    search_fields = ("connection_id", "user__username", "ip", "server_id")
+    # "subscriptions" finds the connections whose channel list contains the text.
+    search_fields = ("connection_id", "user__username", "ip", "server_id", "subscriptions")
     list_select_related = ("user",)
     date_hierarchy = "connected_at"
 
     actions = ("disconnect_connections", "disconnect_users")
     change_list_template = "admin/push/connection_change_list.html"
+
+    @admin.display(description="subscriptions")
+    def channels(self, obj: Connection) -> str:
+        shown = ", ".join(obj.subscriptions[:CHANNELS_SHOWN])
+        more = len(obj.subscriptions) - CHANNELS_SHOWN
+        return f"{shown} (+{more})" if more > 0 else shown
 
     @admin.display(boolean=True, description="live")
     def is_live(self, obj: Connection) -> bool:

@@ -25,6 +25,8 @@ class PushSettings:
     GAP_WAIT_SECS: float = 0.2
     SYNC_INTERVAL_SECS: float = 1.0
     REGISTRY_FLUSH_SECS: float = 1.0
+    # How often connections that sent anything get ``last_heartbeat`` stamped.
+    REGISTRY_HEARTBEAT_SECS: float = 10.0
     GC_GEN0_THRESHOLD: int = 50_000
     GC_FREEZE: bool = True
     IDEMPOTENCY_WINDOW_SECS: int = 86_400

@@ -146,6 +146,12 @@ class ClientConnection:
         self.outbox.discard()
         self._loop.create_task(self._send_close(code))
 
+    def drop(self) -> None:
+        """Let go of the socket now, read or not (the drain's deadline has passed):
+        otherwise a client that never reads holds uvicorn's shutdown for
+        ``PUSH_CLOSE_TIMEOUT_SECS`` more."""
+        drop_if_still_open(self._send, 0)
+
     def mark_closed(self, code: int | None) -> None:
         if self.state is ConnectionState.CLOSED:
             return

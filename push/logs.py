@@ -2,8 +2,9 @@
 
 Tokens travel in query strings (``?token=`` for clients that cannot set headers), and
 servers log paths; ``RedactFilter`` removes them from every record before a handler
-formats it. ``JsonFormatter`` writes one JSON object per line (``LOG_JSON=true``), with
-any ``extra=`` fields the caller gave.
+formats it: the message, the string values of ``extra=`` fields and the exception
+text. ``JsonFormatter`` writes one JSON object per line (``LOG_JSON=true``), with any
+``extra=`` fields the caller gave.
 """
 
 from __future__ import annotations
@@ -29,12 +30,35 @@ def redact(text: str) -> str:
     return _SECRET_IN_HEADER.sub(r"\1[redacted]", _SECRET_IN_QUERY.sub(r"\1[redacted]", text))
 
 
+def _redact_value(value: Any) -> Any:
+    """``value`` with every string inside it redacted (lists, tuples and dicts too)."""
+    if isinstance(value, str):
+        return redact(value)
+    # Exact types only: a named tuple or a dict subclass is not rebuilt like this.
+    if type(value) in (list, tuple):
+        return type(value)(_redact_value(v) for v in value)
+    if type(value) is dict:
+        return {k: _redact_value(v) for k, v in value.items()}
+    return value
+
+
 class RedactFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        for name, value in list(record.__dict__.items()):
+            if name not in _STANDARD_ATTRS:
+                setattr(record, name, _redact_value(value))
+        if record.exc_info and not record.exc_text:
+            # Formatters print exc_text when it is set, so the traceback's own text (a
+            # URL with its query string in an exception message) is cleaned here once.
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
 
 
@@ -47,8 +71,8 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS})
-        if record.exc_info:
-            entry["exception"] = redact(self.formatException(record.exc_info))
+        if record.exc_text or record.exc_info:
+            entry["exception"] = redact(record.exc_text or self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
 
 
@@ -67,25 +91,51 @@ _CLOSE_REASONS = {
 }
 
 
+def _who(connection: ClientConnection, server_id: str) -> dict[str, Any]:
+    """The fields both lines of a connection carry, so its open and close pair up."""
+    return {
+        "connection_id": str(connection.connection_id),
+        "principal": connection.principal.key,
+        "user_id": connection.principal.user_id,
+        "ip": connection.ip,
+        "node": server_id,
+        "wire_format": connection.codec.name,
+    }
+
+
+def log_connection_opened(connection: ClientConnection, *, server_id: str) -> None:
+    """One line per connection, when it is admitted: who, from where, on which node."""
+    if not connection_log.isEnabledFor(logging.INFO):
+        return
+    connection_log.info(
+        "connection %s opened: %s from %s on %s (%s)",
+        connection.connection_id,
+        connection.principal.key,
+        connection.ip,
+        server_id,
+        connection.codec.name,
+        extra=_who(connection, server_id),
+    )
+
+
 def log_connection_closed(
-    connection: ClientConnection, peer_code: int | None, *, by_server: bool
+    connection: ClientConnection, peer_code: int | None, *, by_server: bool, server_id: str
 ) -> None:
     """One line per connection, at its close: who, how long, and why it ended."""
     if not connection_log.isEnabledFor(logging.INFO):
         return
     code = connection.close_code if by_server else peer_code
     reason = _CLOSE_REASONS.get(code, "client closed") if by_server else "client closed"
+    duration = time.monotonic() - connection.opened_at
     connection_log.info(
-        "connection %s closed after %.1f s: %s",
+        "connection %s closed after %.1f s: code %s, %s",
         connection.connection_id,
-        time.monotonic() - connection.opened_at,
+        duration,
+        code,
         reason,
         extra={
-            "connection_id": str(connection.connection_id),
-            "principal": connection.principal.key,
-            "ip": connection.ip,
-            "wire_format": connection.codec.name,
-            "duration_secs": round(time.monotonic() - connection.opened_at, 3),
+            **_who(connection, server_id),
+            "duration_secs": round(duration, 3),
             "close_code": code,
             "closed_by": "server" if by_server else "client",
             "reason": reason,

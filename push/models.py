@@ -57,7 +57,12 @@ class Connection(models.Model):
     connected_at = models.DateTimeField()
     disconnected_at = models.DateTimeField(null=True, blank=True, db_index=True)
     close_code = models.IntegerField(null=True, blank=True)
+    # When the node last heard from the client (any frame), stamped in the registry's
+    # batches; the open time for a client that has sent nothing.
     last_heartbeat = models.DateTimeField(null=True, blank=True)
+    # The channels the connection is subscribed to now (empty once closed): a JSON list,
+    # so the same column works on PostgreSQL and SQLite.
+    subscriptions = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["-connected_at"]

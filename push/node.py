@@ -90,10 +90,15 @@ class Node:
             gap_wait_secs=push_settings.GAP_WAIT_SECS,
             recent_size=push_settings.RECENT_PER_CHANNEL,
         )
-        self.registry = ConnectionRegistry(server_id, flush_secs=push_settings.REGISTRY_FLUSH_SECS)
         self._tasks: list[asyncio.Task[None]] = []
         # Live connections of this node, for revocation checks, admin actions and drain.
         self.connections: dict[uuid.UUID, ClientConnection] = {}
+        self.registry = ConnectionRegistry(
+            server_id,
+            flush_secs=push_settings.REGISTRY_FLUSH_SECS,
+            heartbeat_secs=push_settings.REGISTRY_HEARTBEAT_SECS,
+            live=self.connections,
+        )
         self._per_user = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_USER)
         self._per_ip = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_IP)
         # Every connection's on_closing: one bound method shared by all of them, where
@@ -286,6 +291,7 @@ class Node:
             await asyncio.sleep(0.05)
         for connection in list(self.connections.values()):
             connection.abort(code)
+            connection.drop()
             connection.mark_closed(code)
             self.release(connection)
         try:

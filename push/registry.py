@@ -3,8 +3,13 @@
 Recording a connection must not cost a synchronous database write on the event loop
 (10,000 clients connecting at once would queue 10,000 writes): opens and closes are
 collected in memory and written every ``flush_secs`` in a few statements, on the
-database threads. Heartbeats refresh ``last_heartbeat`` for all of the node's live
-connections in one UPDATE, not one write per heartbeat.
+database threads. Subscription changes are written the same way: each connection
+whose channels changed since the last flush gets one UPDATE (folded into its INSERT
+when it opened in the same batch), never a write per ``subscribe``. Every
+``heartbeat_secs`` the connections that sent anything since the previous stamp (a
+heartbeat or any other frame, what ``last_seen`` tracks) get ``last_heartbeat``
+stamped in one UPDATE; a silent connection keeps its older value, so the row says
+when the node last heard from the client.
 """
 
 from __future__ import annotations
@@ -13,8 +18,12 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
+
+from django.db import transaction
 
 from push.db import db_call
 from push.models import Connection
@@ -24,7 +33,20 @@ logger = logging.getLogger(__name__)
 # Past this many unwritten records (the database has been down a while) the oldest
 # are dropped: the registry is for operators; it must never exhaust a node's memory.
 MAX_BUFFERED_RECORDS = 200_000
-HEARTBEAT_TOUCH_SECS = 10.0
+# Rows per statement: keeps each IN (...) list well under PostgreSQL's parameter limit.
+WRITE_CHUNK = 1000
+
+
+class LiveConnection(Protocol):
+    """What the registry reads of a live connection (``push.connection.ClientConnection``)."""
+
+    connection_id: uuid.UUID
+    last_seen: float
+    opened_at: float
+    subscriptions: Mapping[str, object]
+
+    @property
+    def is_open(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -36,56 +58,86 @@ class ConnectionRecord:
     connected_at: datetime
     disconnected_at: datetime | None = None
     close_code: int | None = None
+    subscriptions: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Batch:
+    """One flush's writes: opens, subscription changes, closes, heartbeat stamps."""
+
+    opened: list[ConnectionRecord]
+    closed: list[ConnectionRecord]
+    subscriptions: dict[uuid.UUID, list[str]]
+    heard_from: list[uuid.UUID]
+
+    def __bool__(self) -> bool:
+        return bool(self.opened or self.closed or self.subscriptions or self.heard_from)
+
+
+def _chunks(ids: list[uuid.UUID]) -> list[list[uuid.UUID]]:
+    return [ids[start : start + WRITE_CHUNK] for start in range(0, len(ids), WRITE_CHUNK)]
 
 
 def _now() -> datetime:
     return datetime.now(tz=UTC)
 
 
-def _write_batch(
-    server_id: str,
-    opened: list[ConnectionRecord],
-    closed: list[ConnectionRecord],
-    touch_heartbeats: bool,
-) -> None:
-    if opened:
-        Connection.objects.bulk_create(
-            [
-                Connection(
-                    connection_id=r.connection_id,
-                    user_id=r.user_id,
-                    ip=r.ip,
-                    server_id=server_id,
-                    wire_format=r.wire_format,
-                    connected_at=r.connected_at,
-                    last_heartbeat=r.connected_at,
-                    disconnected_at=r.disconnected_at,
-                    close_code=r.close_code,
-                )
-                for r in opened
-            ],
-            ignore_conflicts=True,
-            batch_size=1000,
-        )
+def _write_batch(server_id: str, batch: Batch) -> None:
+    with transaction.atomic():
+        _insert_opened(server_id, batch.opened)
+        for connection_id, channels in batch.subscriptions.items():
+            Connection.objects.filter(
+                connection_id=connection_id, disconnected_at__isnull=True
+            ).update(subscriptions=channels)
+        _mark_closed(batch.closed)
+        now = _now()
+        for ids in _chunks(batch.heard_from):
+            Connection.objects.filter(connection_id__in=ids, disconnected_at__isnull=True).update(
+                last_heartbeat=now
+            )
+
+
+def _insert_opened(server_id: str, opened: list[ConnectionRecord]) -> None:
+    if not opened:
+        return
+    Connection.objects.bulk_create(
+        [
+            Connection(
+                connection_id=r.connection_id,
+                user_id=r.user_id,
+                ip=r.ip,
+                server_id=server_id,
+                wire_format=r.wire_format,
+                connected_at=r.connected_at,
+                last_heartbeat=r.connected_at,
+                disconnected_at=r.disconnected_at,
+                close_code=r.close_code,
+                subscriptions=r.subscriptions,
+            )
+            for r in opened
+        ],
+        ignore_conflicts=True,
+        batch_size=WRITE_CHUNK,
+    )
+
+
+def _mark_closed(closed: list[ConnectionRecord]) -> None:
+    # A closed connection holds no channel: its subscriptions are cleared with the close.
     by_code: dict[int | None, list[uuid.UUID]] = {}
     for record in closed:
         by_code.setdefault(record.close_code, []).append(record.connection_id)
     now = _now()
     for close_code, ids in by_code.items():
-        for start in range(0, len(ids), 1000):
-            Connection.objects.filter(
-                connection_id__in=ids[start : start + 1000], disconnected_at__isnull=True
-            ).update(disconnected_at=now, close_code=close_code)
-    if touch_heartbeats:
-        Connection.objects.filter(server_id=server_id, disconnected_at__isnull=True).update(
-            last_heartbeat=now
-        )
+        for chunk in _chunks(ids):
+            Connection.objects.filter(connection_id__in=chunk, disconnected_at__isnull=True).update(
+                disconnected_at=now, close_code=close_code, subscriptions=[]
+            )
 
 
 def close_node_connections(server_id: str, close_code: int) -> int:
     """Mark every still-open connection of ``server_id`` closed; returns how many."""
     return Connection.objects.filter(server_id=server_id, disconnected_at__isnull=True).update(
-        disconnected_at=_now(), close_code=close_code
+        disconnected_at=_now(), close_code=close_code, subscriptions=[]
     )
 
 
@@ -94,11 +146,22 @@ _close_all_async = db_call(close_node_connections)
 
 
 class ConnectionRegistry:
-    def __init__(self, server_id: str, *, flush_secs: float) -> None:
+    def __init__(
+        self,
+        server_id: str,
+        *,
+        flush_secs: float,
+        heartbeat_secs: float,
+        live: Mapping[uuid.UUID, LiveConnection],
+    ) -> None:
         self.server_id = server_id
         self.flush_secs = flush_secs
+        self.heartbeat_secs = heartbeat_secs
+        # The node's live connections, read when heartbeats are stamped.
+        self._live = live
         self._opened: dict[uuid.UUID, ConnectionRecord] = {}
         self._closed: list[ConnectionRecord] = []
+        self._changed: dict[uuid.UUID, LiveConnection] = {}
         self._last_touch = time.monotonic()
 
     def opened(self, record: ConnectionRecord) -> None:
@@ -107,7 +170,13 @@ class ConnectionRegistry:
             return
         self._opened[record.connection_id] = record
 
+    def subscriptions_changed(self, connection: LiveConnection) -> None:
+        """Write ``connection``'s channels with the next batch (once, however many
+        subscribes and unsubscribes happen before it)."""
+        self._changed[connection.connection_id] = connection
+
     def closed(self, connection_id: uuid.UUID, close_code: int | None) -> None:
+        self._changed.pop(connection_id, None)
         record = self._opened.get(connection_id)
         if record is not None:
             # Opened and closed within one batch: write it once, already closed.
@@ -118,22 +187,56 @@ class ConnectionRegistry:
             ConnectionRecord(connection_id, None, None, "", _now(), close_code=close_code)
         )
 
-    async def flush(self) -> None:
-        opened, self._opened = list(self._opened.values()), {}
+    def _take_batch(
+        self, touch_since: float | None
+    ) -> tuple[Batch, dict[uuid.UUID, LiveConnection]]:
+        opened, self._opened = self._opened, {}
         closed, self._closed = self._closed, []
-        touch = time.monotonic() - self._last_touch >= HEARTBEAT_TOUCH_SECS
-        if not (opened or closed or touch):
+        changed, self._changed = self._changed, {}
+        subscriptions: dict[uuid.UUID, list[str]] = {}
+        for connection_id, connection in changed.items():
+            channels = list(connection.subscriptions)
+            record = opened.get(connection_id)
+            if record is not None:
+                record.subscriptions = channels
+            elif connection.is_open:
+                subscriptions[connection_id] = channels
+        heard_from = [] if touch_since is None else self._heard_from(touch_since)
+        batch = Batch(list(opened.values()), closed, subscriptions, heard_from)
+        return batch, changed
+
+    def _heard_from(self, since: float) -> list[uuid.UUID]:
+        """Connections that sent a frame since ``since`` (their open is not a frame)."""
+        return [
+            c.connection_id
+            for c in self._live.values()
+            if c.last_seen >= since and c.last_seen > c.opened_at
+        ]
+
+    async def flush(self) -> None:
+        started = time.monotonic()
+        due = started - self._last_touch >= self.heartbeat_secs
+        batch, changed = self._take_batch(self._last_touch if due else None)
+        if not batch:
+            if due:
+                self._last_touch = started
             return
         try:
-            await _write_batch_async(self.server_id, opened, closed, touch)
+            await _write_batch_async(self.server_id, batch)
         except Exception as exc:
             logger.warning("connection registry write failed, will retry: %s", exc)
-            for record in opened:
-                self._opened.setdefault(record.connection_id, record)
-            self._closed[:0] = closed
+            self._put_back(batch, changed)
             return
-        if touch:
-            self._last_touch = time.monotonic()
+        if due:
+            self._last_touch = started
+
+    def _put_back(self, batch: Batch, changed: dict[uuid.UUID, LiveConnection]) -> None:
+        for record in batch.opened:
+            self._opened.setdefault(record.connection_id, record)
+        self._closed[:0] = batch.closed
+        for connection_id, connection in changed.items():
+            if connection.is_open:
+                self._changed.setdefault(connection_id, connection)
 
     async def run(self) -> None:
         while True:

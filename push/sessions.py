@@ -19,7 +19,7 @@ from push import events, metrics, protocol
 from push.conf import push_settings
 from push.connection import ClientConnection
 from push.errors import CloseCode, ErrorCode, PushError
-from push.logs import log_connection_closed
+from push.logs import log_connection_closed, log_connection_opened
 from push.presence import leave_presence, presence_member
 from push.registry import ConnectionRecord
 
@@ -69,13 +69,16 @@ def session_open(node: Node, connection: ClientConnection) -> CloseCode | None:
     )
     metrics.CONNECTIONS_OPENED.labels(connection.codec.name).inc()
     metrics.CONNECTIONS_ACTIVE.labels(connection.codec.name).inc()
+    log_connection_opened(connection, server_id=node.server_id)
     return None
 
 
 def session_closed(node: Node, connection: ClientConnection, close_code: int | None) -> None:
     """Everything an admitted connection leaves behind when it ends: subscriptions,
     presence, limits, the registry row, the disconnect event and the metrics."""
-    log_connection_closed(connection, close_code, by_server=not connection.is_open)
+    log_connection_closed(
+        connection, close_code, by_server=not connection.is_open, server_id=node.server_id
+    )
     node.events.emit(
         events.DISCONNECT,
         connection_id=str(connection.connection_id),
@@ -90,6 +93,17 @@ def session_closed(node: Node, connection: ClientConnection, close_code: int | N
     node.registry.closed(connection.connection_id, connection.close_code)
     metrics.CONNECTIONS_ACTIVE.labels(connection.codec.name).dec()
     metrics.CONNECTIONS_CLOSED.labels(str(connection.close_code or "peer")).inc()
+
+
+def _record_change(node: Node, connection: ClientConnection, kind: str, channel: str) -> None:
+    """A subscribe or unsubscribe went through: the registry row and the event stream."""
+    node.registry.subscriptions_changed(connection)
+    node.events.emit(
+        kind,
+        connection_id=str(connection.connection_id),
+        principal=connection.principal.key,
+        channel=channel,
+    )
 
 
 async def channel_subscribe(
@@ -129,20 +143,11 @@ async def channel_subscribe(
         node.hub.unsubscribe(subscription)
         return
     connection.subscriptions[channel] = subscription
-    _emit_channel_event(node, connection, events.SUBSCRIBE, channel)
+    _record_change(node, connection, events.SUBSCRIBE, channel)
     if is_presence_channel(channel):
         joined = presence_member(connection, claims)
         if await node.presence.join(channel, str(connection.connection_id), joined):
             await node.announce_presence("join", channel, joined)
-
-
-def _emit_channel_event(node: Node, connection: ClientConnection, kind: str, channel: str) -> None:
-    node.events.emit(
-        kind,
-        connection_id=str(connection.connection_id),
-        principal=connection.principal.key,
-        channel=channel,
-    )
 
 
 def _remember_token_expiry(
@@ -168,7 +173,7 @@ async def channel_unsubscribe(node: Node, connection: ClientConnection, channel:
     if subscription is None:
         return False
     node.hub.unsubscribe(subscription)
-    _emit_channel_event(node, connection, events.UNSUBSCRIBE, channel)
+    _record_change(node, connection, events.UNSUBSCRIBE, channel)
     if is_presence_channel(channel):
         await leave_presence(node, str(connection.connection_id), [channel])
     return True

@@ -88,11 +88,45 @@ def create_token(env: dict[str, str], username: str, *, staff: bool = False) -> 
     return next(line[6:] for line in output.splitlines() if line.startswith("TOKEN="))
 
 
+def create_superuser(env: dict[str, str], username: str, password: str) -> None:
+    script = (
+        "from django.contrib.auth.models import User;"
+        f"User.objects.filter(username={username!r}).exists() or "
+        f"User.objects.create_superuser({username!r}, '', {password!r})"
+    )
+    manage(env, "shell", "-c", script)
+
+
+async def admin_client(node: ServerNode, username: str, password: str) -> httpx.AsyncClient:
+    """An HTTP client logged in to ``node``'s admin; POSTs need ``csrf_headers``."""
+    client = httpx.AsyncClient(base_url=node.http_url, timeout=10)
+    await client.get("/admin/login/")
+    response = await client.post(
+        "/admin/login/?next=/admin/",
+        data={"username": username, "password": password, "next": "/admin/"},
+        headers=csrf_headers(client),
+    )
+    assert response.status_code == 302, response.text
+    return client
+
+
+def csrf_headers(client: httpx.AsyncClient) -> dict[str, str]:
+    return {"X-CSRFToken": client.cookies["csrftoken"]}
+
+
 class ServerNode:
     """One ``manage.py runnode`` process."""
 
-    def __init__(self, env: dict[str, str], *, server: str = "daphne", name: str = "") -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        server: str = "daphne",
+        name: str = "",
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.server = server
+        self.args = args
         self.name = name or f"{server}-{uuid.uuid4().hex[:6]}"
         self.env = {**env, "NODE_ID": self.name}
         self.port = free_port()
@@ -119,6 +153,7 @@ class ServerNode:
                 self.server,
                 "--port",
                 str(self.port),
+                *self.args,
             ],
             cwd=ROOT,
             env=self.env,

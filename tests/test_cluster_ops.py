@@ -1,20 +1,133 @@
-"""Operations across nodes: disconnecting a user wherever they are, seeing the nodes,
-and a node that dies without draining having its connections marked closed."""
+"""Operations across nodes: disconnecting a user or one connection wherever they are,
+the admin's nodes page, a node that dies without draining having its connections
+marked closed, and tokens kept out of a node's log."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import signal
 import uuid
+from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.servers import Database, ServerNode, create_token, manage
-from tests.wsclient import open_ws
+from tests.servers import (
+    Database,
+    ServerNode,
+    admin_client,
+    create_superuser,
+    create_token,
+    csrf_headers,
+    manage,
+)
+from tests.wsclient import open_ws, request, subscribe
 
 pytestmark = pytest.mark.e2e
+
+ADMIN_PASSWORD = "admin-pw"
+
+
+@pytest.fixture(scope="module")
+def admin_user(e2e_env: dict[str, str]) -> str:
+    create_superuser(e2e_env, "ops-admin", ADMIN_PASSWORD)
+    return "ops-admin"
+
+
+@pytest.fixture
+async def admin_on_a(
+    two_nodes: tuple[ServerNode, ServerNode], admin_user: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    client = await admin_client(two_nodes[0], admin_user, ADMIN_PASSWORD)
+    yield client
+    await client.aclose()
+
+
+async def _registered_pk(database: Database, connection_id: str) -> int:
+    """The registry row's primary key, once the node's batch has written it."""
+    for _ in range(40):
+        rows = database.query(
+            "SELECT id FROM push_connection WHERE connection_id = %s", connection_id
+        )
+        if rows:
+            return int(rows[0][0])
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"{connection_id} never reached the registry")
+
+
+async def test_admin_closes_one_connection_that_lives_on_the_other_node(
+    two_nodes: tuple[ServerNode, ServerNode],
+    admin_on_a: httpx.AsyncClient,
+    e2e_database: Database,
+) -> None:
+    from websockets.asyncio.client import connect
+
+    sockets, ids = [], []
+    for _ in range(2):
+        ws = await connect(two_nodes[1].ws_url, open_timeout=10)
+        ids.append(json.loads(await asyncio.wait_for(ws.recv(), 10))["connection_id"])
+        sockets.append(ws)
+    target, neighbour = sockets
+    pk = await _registered_pk(e2e_database, ids[0])
+    response = await admin_on_a.post(
+        "/admin/push/connection/",
+        data={"action": "disconnect_connections", "_selected_action": str(pk)},
+        headers=csrf_headers(admin_on_a),
+    )
+    assert response.status_code == 302, response.text
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(target.recv(), 10)
+    assert target.close_code == 1008
+    reply = await request(neighbour, {"type": "heartbeat"})
+    assert reply["type"] == "heartbeat_ack", "only the chosen connection is closed"
+    await neighbour.close()
+
+
+_CHANNEL_ROW = (
+    r"<tr><td>{name}</td><td>(?P<subscribers>\d+)</td><td>(?P<rate>[\d.]+)</td>"
+    r"<td>(?P<nodes>\d+)</td></tr>"
+)
+
+
+async def test_admin_nodes_page_sums_subscribers_across_nodes_with_the_message_rate(
+    two_nodes: tuple[ServerNode, ServerNode],
+    admin_on_a: httpx.AsyncClient,
+    publisher_token: str,
+) -> None:
+    channel = f"busy-{uuid.uuid4().hex[:6]}"
+    node_a, node_b = two_nodes
+    subscribers = [(await subscribe(node.ws_url, channel))[0] for node in (node_a, node_a, node_b)]
+    publisher = await open_ws(node_a.ws_url, token=publisher_token)
+
+    async def publish_forever() -> None:
+        for i in range(10_000):
+            await publisher.send(json.dumps({"type": "publish", "channel": channel, "data": i}))
+            await asyncio.sleep(0.02)
+
+    publishing = asyncio.create_task(publish_forever())
+    row = re.compile(_CHANNEL_ROW.format(name=re.escape(channel)))
+    found = None
+    try:
+        for _ in range(40):
+            await asyncio.sleep(0.5)
+            page = (await admin_on_a.get("/admin/push/connection/nodes/")).text
+            found = row.search(page)
+            if found and float(found["rate"]) > 0 and found["nodes"] == "2":
+                break
+    finally:
+        publishing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publishing
+    assert found is not None, "the channel is listed"
+    assert found["subscribers"] == "3" and found["nodes"] == "2", found.group(0)
+    assert float(found["rate"]) > 0, found.group(0)
+    assert node_a.name in page and node_b.name in page
+    for ws in [*subscribers, publisher]:
+        await ws.close()
 
 
 async def test_disconnect_a_user_on_every_node(
@@ -128,3 +241,34 @@ async def test_presence_across_nodes_and_a_dead_node_members_leave(
     assert left == {"type": "leave", "channel": room, "member": joined["member"]}
     ghost.transport.abort()
     await watcher.close()
+
+
+@pytest.mark.parametrize("server", ["daphne", "uvicorn"])
+async def test_a_token_in_the_url_never_reaches_the_node_log(
+    e2e_env: dict[str, str], server: str
+) -> None:
+    token = await asyncio.to_thread(create_token, e2e_env, f"logged-{uuid.uuid4().hex[:6]}")
+    node = ServerNode(
+        e2e_env,
+        server=server,
+        name=f"access-log-{server}-{uuid.uuid4().hex[:6]}",
+        args=("--access-log",),
+    ).start()
+    try:
+        ws = await open_ws(node.ws_url, token=token)
+        assert (await request(ws, {"type": "subscribe", "channel": "logged"}))["type"] == (
+            "subscribed"
+        )
+        await ws.close()
+        async with httpx.AsyncClient(base_url=node.http_url, timeout=10) as http:
+            await http.get(f"/api/v1/channels/logged/messages?since=0&token={token}")
+            async with http.stream("GET", f"/sse/?channel=logged&token={token}") as stream:
+                assert stream.status_code == 200
+                await anext(stream.aiter_bytes())
+        await asyncio.sleep(1.5)  # the stream's close reaches the node and its log
+    finally:
+        node.stop()
+    log = node.log()
+    assert token not in log
+    assert "token=[redacted]" in log, "the access log is on and shows the redacted URL"
+    assert log.count(" opened: user:") == 2 and log.count(" closed after ") == 2, log

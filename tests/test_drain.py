@@ -1,18 +1,21 @@
 """Graceful drain: SIGTERM makes a node tell its clients to go (1001) and exit; clients
-that resume on another node lose nothing. Runs under daphne and uvicorn."""
+that resume on another node lose nothing; a client that never reads does not keep the
+node up past PUSH_DRAIN_DEADLINE_SECS. Runs under daphne and uvicorn."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 import uuid
 
 import pytest
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.servers import Database, ServerNode
-from tests.wsclient import open_ws, subscribe
+from tests.wsclient import flood, open_ws, stalled_subscriber, subscribe
 
 pytestmark = pytest.mark.e2e
 
@@ -77,3 +80,45 @@ async def test_sigterm_drains_and_clients_resume_elsewhere(
     finally:
         draining.stop()
         staying.stop()
+
+
+DRAIN_DEADLINE_SECS = 3.0
+# Past the deadline: recording the closes, leaving the cluster, the server's own stop.
+EXIT_MARGIN_SECS = 2.0
+
+
+async def _read_until_closed(ws: ClientConnection) -> int | None:
+    try:
+        while True:
+            await ws.recv()
+    except ConnectionClosed:
+        return ws.close_code
+
+
+@pytest.mark.parametrize("server", ["daphne", "uvicorn"])
+async def test_a_client_that_never_reads_does_not_hold_the_drain_past_its_deadline(
+    e2e_env: dict[str, str], publisher_token: str, server: str
+) -> None:
+    env = {**e2e_env, "PUSH_DRAIN_DEADLINE_SECS": str(DRAIN_DEADLINE_SECS)}
+    node = ServerNode(env, server=server, name=f"drain-stalled-{server}").start()
+    stalled = None
+    try:
+        channel = f"drain-stalled-{uuid.uuid4().hex[:8]}"
+        stalled = await stalled_subscriber(node.ws_url, channel)
+        healthy = [(await subscribe(node.ws_url, channel))[0] for _ in range(3)]
+        readers = [asyncio.create_task(_read_until_closed(ws)) for ws in healthy]
+        # ~6 MB: more than the stalled client's socket buffers take, less than its send
+        # queue, so it is still connected, with frames waiting, when the drain starts.
+        await flood(node.ws_url, publisher_token, channel, 96, 64 * 1024)
+        assert node.process is not None
+        started = time.monotonic()
+        node.process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(node.process.wait, DRAIN_DEADLINE_SECS + 30)
+        exited_after = time.monotonic() - started
+        assert exited_after < DRAIN_DEADLINE_SECS + EXIT_MARGIN_SECS, exited_after
+        assert node.process.returncode in (0, -15)
+        assert await asyncio.gather(*readers) == [1001, 1001, 1001]
+    finally:
+        node.stop()
+        if stalled is not None:
+            stalled.transport.abort()

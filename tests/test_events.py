@@ -1,5 +1,7 @@
-"""Lifecycle events through the Redis Stream and the worker: nothing lost when a worker
-dies mid-batch, webhooks signed and retried, failures dead-lettered."""
+"""Lifecycle events through the Redis Stream and the worker: two workers share the
+stream, each event handled once; nothing lost when a worker dies mid-batch; handlers
+registered in code run; webhooks signed and retried; failures dead-lettered and shown
+in the admin."""
 
 from __future__ import annotations
 
@@ -13,14 +15,19 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 import redis
+from django.conf import settings
 
-from tests.servers import LOG_DIR, ROOT, ServerNode, free_port
+from push import event_worker
+from push.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers, register_handler
+from push.events import CONNECT, event
+from tests.servers import LOG_DIR, ROOT, ServerNode, admin_client, create_superuser, free_port
 from tests.wsclient import subscribe
 
 pytestmark = pytest.mark.e2e
@@ -38,11 +45,11 @@ def _event_env(e2e_env: dict[str, str], tmp_path: Path, **extra: str) -> dict[st
 
 def _start_worker(env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log = (LOG_DIR / f"worker-{name}.log").open("ab")
+    log = _worker_log(name).open("ab")
     return subprocess.Popen(
         [sys.executable, "manage.py", "run_event_worker", "--consumer", name],
         cwd=ROOT,
-        env=env,
+        env={**env, "EVENT_SINK_WORKER": name},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -116,6 +123,118 @@ async def test_worker_killed_mid_batch_loses_no_event(
         second.wait(10)
 
 
+def _stream_event_ids(client: redis.Redis, stream: str) -> dict[str, str]:
+    """Every entry of the stream: its entry id -> its event's id."""
+    return {
+        entry_id.decode(): json.loads(fields[b"event"])["id"]
+        for entry_id, fields in client.xrange(stream)
+    }
+
+
+async def _until_every_event_handled(env: dict[str, str], client: redis.Redis) -> list[dict]:
+    stream = f"{env['REDIS_PREFIX']}:events"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        wanted = set(_stream_event_ids(client, stream).values())
+        if wanted <= {e["id"] for e in _sink(env)}:
+            return _sink(env)
+        await asyncio.sleep(0.2)
+    raise AssertionError("not every event was handled")
+
+
+def _worker_log(name: str) -> Path:
+    return LOG_DIR / f"worker-{name}.log"
+
+
+async def _until_started(names: list[str], offsets: dict[str, int]) -> None:
+    """Wait until each worker wrote its start line (past ``offsets`` in its log)."""
+    for _ in range(150):
+        logs = {n: _worker_log(n).read_bytes()[offsets[n] :] for n in names}
+        if all(f"event worker {n} in group".encode() in logs[n] for n in names):
+            await asyncio.sleep(0.5)  # its group and first read come right after
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"workers {names} did not start")
+
+
+async def _pending_of(client: redis.Redis, stream: str, consumer: str) -> list[str]:
+    pending = client.xpending_range(stream, DEFAULT_GROUP, "-", "+", 1000, consumer)
+    return [p["message_id"].decode() for p in pending]
+
+
+async def test_two_workers_share_the_stream_and_one_takes_over_when_the_other_dies(
+    node_and_env: tuple[ServerNode, dict],
+) -> None:
+    node, env = node_and_env
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    stream = f"{env['REDIS_PREFIX']}:events"
+    names = ["left", "right"]
+    offsets = {n: _worker_log(n).stat().st_size if _worker_log(n).exists() else 0 for n in names}
+    workers = {name: _start_worker(env, name) for name in names}
+    try:
+        await _until_started(names, offsets)
+        await _traffic(node, 30)
+        events = await _until_every_event_handled(env, client)
+        assert set(Counter(e["id"] for e in events).values()) == {1}, "each event once"
+        assert {e["handled_by"] for e in events} == {"left", "right"}, "both took a share"
+
+        traffic = asyncio.create_task(_traffic(node, 40))
+        for _ in range(400):  # kill it while it holds entries it has not finished
+            if len(await _pending_of(client, stream, "left")) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        workers["left"].send_signal(signal.SIGKILL)
+        workers["left"].wait(10)
+        orphaned = await _pending_of(client, stream, "left")
+        await traffic
+        events = await _until_every_event_handled(env, client)
+    finally:
+        for worker in workers.values():
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(10)
+    assert orphaned, "the worker died holding entries"
+    event_ids = _stream_event_ids(client, stream)
+    handlers: dict[str, list[str]] = {}
+    for e in events:
+        handlers.setdefault(e["id"], []).append(e["handled_by"])
+    for entry_id in orphaned:
+        assert "right" in handlers[event_ids[entry_id]], "the survivor reclaimed it"
+    twice = [i for i, names in handlers.items() if len(names) > 1]
+    # At least once: only the entry the killed worker had handled but not acknowledged
+    # can run again.
+    assert len(twice) <= 1 and set(twice) <= {event_ids[i] for i in orphaned}, twice
+
+
+def test_a_handler_registered_in_code_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(event_worker, "_registered", [])
+    seen: list[dict] = []
+
+    @register_handler
+    def remember(received: dict) -> None:
+        seen.append(received)
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"registered-{uuid.uuid4().hex[:8]}:events"
+    worker = EventWorker(
+        client,
+        stream=stream,
+        group=DEFAULT_GROUP,
+        consumer="in-process",
+        handlers=configured_handlers(),
+        max_attempts=2,
+        retry_idle_ms=1000,
+    )
+    try:
+        worker.ensure_group()
+        sent = event(CONNECT, connection_id="c-1")
+        client.xadd(stream, {"event": json.dumps(sent)})
+        assert worker.step() == 1
+        assert seen == [sent]
+        assert client.xpending(stream, DEFAULT_GROUP)["pending"] == 0, "acknowledged"
+    finally:
+        client.delete(stream)
+
+
 async def test_failing_handler_dead_letters_after_its_attempts(
     e2e_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -144,6 +263,12 @@ async def test_failing_handler_dead_letters_after_its_attempts(
         assert fields["attempts"] == "2" and "refuses" in fields["error"]
         kinds = [e["type"] for e in _sink(env)]
         assert "connect" in kinds and "subscribe" not in kinds
+        await asyncio.to_thread(create_superuser, env, "events-admin", "pw")
+        admin = await admin_client(node, "events-admin", "pw")
+        page = (await admin.get("/admin/push/connection/events/dead/")).text
+        await admin.aclose()
+        assert dead[0][0].decode() in page and "refuses that event type" in page
+        assert "&quot;type&quot;: &quot;subscribe&quot;" in page
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(10)

@@ -10,25 +10,14 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-from websockets.asyncio.client import connect
 
 from tests.servers import ServerNode, small_queue_env
-from tests.wsclient import collect_messages, flood, subscribe
+from tests.wsclient import collect_messages, flood, stalled_subscriber, subscribe
 
 pytestmark = pytest.mark.e2e
 
 PAYLOAD_BYTES = 64 * 1024
 MESSAGES = 300  # ~19 MB: more than the kernel's socket buffers and the send queue
-
-
-async def _stalled_subscriber(url: str, channel: str):  # type: ignore[no-untyped-def]
-    # max_queue=1: the client library stops reading the socket after one unread frame,
-    # so the server's writes back up exactly as with a client that froze.
-    ws = await connect(url, max_queue=1, max_size=None)
-    await ws.recv()
-    await ws.send(json.dumps({"type": "subscribe", "channel": channel}))
-    await ws.recv()
-    return ws
 
 
 async def _flood(node: ServerNode, token: str, channel: str) -> None:
@@ -40,7 +29,7 @@ async def test_stalled_reader_is_disconnected_and_others_get_everything(
 ) -> None:
     channel = f"flood-{uuid.uuid4().hex[:8]}"
     before = small_queue_node.metric("push_slow_consumer_disconnects_total")
-    stalled = await _stalled_subscriber(small_queue_node.ws_url, channel)
+    stalled = await stalled_subscriber(small_queue_node.ws_url, channel)
     healthy, _ = await subscribe(small_queue_node.ws_url, channel)
     collecting = asyncio.create_task(collect_messages(healthy, MESSAGES, timeout=60))
     await _flood(small_queue_node, publisher_token, channel)
@@ -63,7 +52,7 @@ async def test_stalled_reader_on_drop_oldest_channel_stays_connected(
 ) -> None:
     channel = f"ticker:{uuid.uuid4().hex[:8]}"
     before = small_queue_node.metric("push_slow_consumer_disconnects_total")
-    stalled = await _stalled_subscriber(small_queue_node.ws_url, channel)
+    stalled = await stalled_subscriber(small_queue_node.ws_url, channel)
     await _flood(small_queue_node, publisher_token, channel)
     assert small_queue_node.metric("push_slow_consumer_disconnects_total") == before
     assert small_queue_node.metric("push_dropped_frames_total") > 0
@@ -105,7 +94,7 @@ async def test_a_dropped_reader_that_never_reads_again_leaves_no_socket_behind(
     the server lets go of its socket, so a client cannot hold sockets past its limits."""
     channel = f"flood-{uuid.uuid4().hex[:8]}"
     before = quick_close_node.metric("push_slow_consumer_disconnects_total")
-    stalled = await _stalled_subscriber(quick_close_node.ws_url, channel)
+    stalled = await stalled_subscriber(quick_close_node.ws_url, channel)
     client_port = stalled.local_address[1]
     await _flood(quick_close_node, publisher_token, channel)
     assert quick_close_node.metric("push_slow_consumer_disconnects_total") == before + 1

@@ -71,3 +71,14 @@ async def flood(url: str, token: str, channel: str, count: int, payload_bytes: i
         )
         assert reply["type"] == "published", reply
     await publisher.close()
+
+
+async def stalled_subscriber(url: str, channel: str) -> ClientConnection:
+    """A subscriber that reads nothing after its ``subscribed`` reply."""
+    # max_queue=1: the client library stops reading the socket after one unread frame,
+    # so the server's writes back up exactly as with a client that froze.
+    ws = await connect(url, max_queue=1, max_size=None)
+    await ws.recv()
+    await ws.send(json.dumps({"type": "subscribe", "channel": channel}))
+    await ws.recv()
+    return ws

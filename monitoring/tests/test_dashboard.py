@@ -24,8 +24,11 @@ _SUFFIXES = {
 
 
 def exposed_sample_names() -> set[str]:
-    import django_prometheus.middleware  # noqa: F401 - registers Django's metrics
+    from django_prometheus.middleware import Metrics
 
+    # Django's request metrics are registered when the middleware first runs; a test
+    # run that served no request has not registered them yet.
+    Metrics.get_instance()
     names: set[str] = set()
     for family in REGISTRY.collect():
         names.update(family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",)))

@@ -1,13 +1,18 @@
-"""Heartbeat timeouts, drain, and logs without secrets."""
+"""Heartbeat timeouts, drain, connection log lines, and logs without secrets."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import sys
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.auth.models import User
 from django.test import override_settings
+from rest_framework.authtoken.models import Token
 
 from push.errors import CloseCode
 from push.logs import JsonFormatter, RedactFilter, redact
@@ -38,6 +43,48 @@ async def test_drain_tells_clients_to_go_and_refuses_new_ones(wire_format: str) 
     assert not node.connections
 
 
+async def test_open_and_close_each_log_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="push.connections")
+    user = await sync_to_async(User.objects.create_user)("erin", password="pw")
+    token = (await Token.objects.acreate(user=user)).key
+    client = await connected_client(token=token, subprotocol="v1.msgpack")
+    await client.request({"type": "subscribe", "channel": "news"})
+    await client.close()
+    lines = [r for r in caplog.records if r.name == "push.connections"]
+    assert len(lines) == 2, [r.getMessage() for r in lines]
+    opened, closed = lines
+    expected = {
+        "user_id": user.pk,
+        "principal": f"user:{user.pk}",
+        "node": settings.NODE_ID,
+        "wire_format": "msgpack",
+    }
+    for line in lines:
+        assert {k: getattr(line, k) for k in expected} == expected
+        assert line.connection_id == opened.connection_id and hasattr(line, "ip")
+        assert line.levelno == logging.INFO
+    assert "opened" in opened.getMessage() and settings.NODE_ID in opened.getMessage()
+    assert closed.close_code == 1000 and closed.reason == "client closed"
+    assert closed.closed_by == "client" and closed.duration_secs >= 0
+    assert "code 1000, client closed" in closed.getMessage()
+
+
+async def test_an_anonymous_connection_closed_by_the_server_is_logged_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="push.connections")
+    client = await connected_client()
+    node = await get_node()
+    node.close_silent(0)
+    assert await client.expect_close() == CloseCode.HEARTBEAT_TIMEOUT
+    await client.close()
+    opened, closed = [r for r in caplog.records if r.name == "push.connections"]
+    assert opened.user_id is None and opened.principal == "anonymous"
+    assert "anonymous" in opened.getMessage()
+    assert closed.close_code == CloseCode.HEARTBEAT_TIMEOUT and closed.closed_by == "server"
+    assert closed.reason == "heartbeat timeout"
+
+
 def test_secrets_never_reach_the_log() -> None:
     line = 'GET /sse/?channel=a&token=abc123secret HTTP/1.1 "Authorization: Token zzz"'
     cleaned = redact(line)
@@ -46,6 +93,35 @@ def test_secrets_never_reach_the_log() -> None:
     record = logging.LogRecord("x", logging.INFO, "", 0, "opened %s", ("/ws/?token=s3cr3t",), None)
     RedactFilter().filter(record)
     assert "s3cr3t" not in record.getMessage()
+
+
+@pytest.mark.parametrize("formatter", [logging.Formatter(), JsonFormatter()])
+def test_secrets_in_extra_fields_and_exceptions_are_redacted(
+    formatter: logging.Formatter,
+) -> None:
+    try:
+        raise ValueError("could not open /sse/?channel=a&token=in-exception")
+    except ValueError:
+        record = logging.getLogger("x").makeRecord(
+            "x",
+            logging.ERROR,
+            "",
+            0,
+            "failed",
+            (),
+            sys.exc_info(),
+            extra={
+                "path": "/ws/?token=in-extra",
+                "headers": ["Authorization: Token in-list"],
+                "request": {"query": "api_key=in-dict"},
+                "count": 3,
+            },
+        )
+    RedactFilter().filter(record)
+    text = formatter.format(record)
+    for secret in ("in-exception", "in-extra", "in-list", "in-dict"):
+        assert secret not in text, secret
+    assert "ValueError" in text and record.count == 3
 
 
 def test_json_log_lines_carry_extra_fields() -> None:

@@ -1,5 +1,6 @@
-"""Connections recorded in the database (in batches) and shown in the admin; session
-cookie authentication on the WebSocket."""
+"""Connections recorded in the database (in batches: opens, closes, subscriptions and
+heartbeats) and shown in the admin, whose actions close them; session cookie
+authentication on the WebSocket."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from push.codecs import CODECS
 from push.models import Connection
 from push.node import get_node
 from push.services import message_publish
-from push.tests.wsclient import connected_client
+from push.tests.wsclient import WsClient, connected_client, open_client
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -53,6 +54,114 @@ async def test_many_connections_cost_one_batch_not_a_write_each() -> None:
     assert await Connection.objects.filter(disconnected_at__isnull=True).acount() == 50
     for client in clients:
         await client.close()
+
+
+async def _client_and_id(**kwargs: object) -> tuple[WsClient, str]:
+    accepted, client, _ = await open_client(**kwargs)  # type: ignore[arg-type]
+    assert accepted
+    hello = await client.recv_type("connection_established")
+    return client, hello["connection_id"]
+
+
+def _admin_browser() -> Client:
+    User.objects.create_superuser("admin", "admin@example.com", "pw")
+    browser = Client()
+    assert browser.login(username="admin", password="pw")
+    return browser
+
+
+@override_settings(PUSH={"REGISTRY_FLUSH_SECS": 60})
+async def test_subscriptions_are_recorded_in_the_batches_and_searchable() -> None:
+    client, connection_id = await _client_and_id()
+    other, _ = await _client_and_id()
+    for channel in ("news", "sport"):
+        assert (await client.request({"type": "subscribe", "channel": channel}))["type"] == (
+            "subscribed"
+        )
+    node = await get_node()
+    await node.registry.flush()
+    row = await Connection.objects.aget(connection_id=connection_id)
+    assert row.subscriptions == ["news", "sport"], "written with the open, in one INSERT"
+
+    assert (await client.request({"type": "unsubscribe", "channel": "news"}))["type"] == (
+        "unsubscribed"
+    )
+    row = await Connection.objects.aget(connection_id=connection_id)
+    assert row.subscriptions == ["news", "sport"], "nothing is written per unsubscribe"
+    await node.registry.flush()
+    row = await Connection.objects.aget(connection_id=connection_id)
+    assert row.subscriptions == ["sport"]
+
+    browser = await sync_to_async(_admin_browser)()
+    found = await sync_to_async(browser.get)("/admin/push/connection/?q=sport")
+    assert connection_id.encode() in found.content and b"sport" in found.content
+    assert b"1 result" in found.content, "the other connection holds no channel"
+
+    await client.close()
+    await asyncio.sleep(0.05)
+    await node.registry.flush()
+    row = await Connection.objects.aget(connection_id=connection_id)
+    assert row.disconnected_at is not None and row.subscriptions == []
+    await other.close()
+
+
+@override_settings(PUSH={"REGISTRY_FLUSH_SECS": 60, "REGISTRY_HEARTBEAT_SECS": 0.2})
+async def test_last_heartbeat_advances_only_for_connections_that_talk() -> None:
+    silent, silent_id = await _client_and_id()
+    talking, talking_id = await _client_and_id()
+    node = await get_node()
+    await node.registry.flush()
+    stamps: list[object] = []
+    for _ in range(2):
+        assert (await talking.request({"type": "heartbeat"}))["type"] == "heartbeat_ack"
+        await asyncio.sleep(0.3)
+        await node.registry.flush()
+        quiet = await Connection.objects.aget(connection_id=silent_id)
+        assert quiet.last_heartbeat == quiet.connected_at, "a silent client is not stamped"
+        stamps.append((await Connection.objects.aget(connection_id=talking_id)).last_heartbeat)
+    opened = (await Connection.objects.aget(connection_id=talking_id)).connected_at
+    assert opened < stamps[0] < stamps[1], "each round of frames moves it on"
+    await asyncio.sleep(0.3)
+    await node.registry.flush()
+    row = await Connection.objects.aget(connection_id=talking_id)
+    assert row.last_heartbeat == stamps[1], "no frame since the last stamp: not stamped again"
+    for client in (silent, talking):
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("action", "closed"),
+    [
+        ("disconnect_connections", {"carol_a"}),
+        ("disconnect_users", {"carol_a", "carol_b"}),
+    ],
+)
+async def test_admin_actions_close_the_chosen_clients(action: str, closed: set[str]) -> None:
+    carol = await sync_to_async(User.objects.create_user)("carol", password="pw")
+    from rest_framework.authtoken.models import Token
+
+    token = (await Token.objects.acreate(user=carol)).key
+    clients = {
+        "carol_a": await _client_and_id(token=token),
+        "carol_b": await _client_and_id(token=token),
+        "bystander": await _client_and_id(),
+    }
+    node = await get_node()
+    await node.registry.flush()
+    selected = await Connection.objects.aget(connection_id=clients["carol_a"][1])
+
+    def run_action() -> int:
+        browser = _admin_browser()
+        data = {"action": action, "_selected_action": [selected.pk]}
+        return browser.post("/admin/push/connection/", data).status_code
+
+    assert await sync_to_async(run_action)() == 302
+    for name, (client, _) in clients.items():
+        if name in closed:
+            assert await client.expect_close() == 1008, name
+        else:
+            assert (await client.request({"type": "heartbeat"}))["type"] == "heartbeat_ack"
+            await client.close()
 
 
 async def test_session_cookie_authenticates_the_websocket(wire_format: str) -> None:

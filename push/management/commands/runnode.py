@@ -86,8 +86,14 @@ class Command(BaseCommand):
             access_log=options["access_log"],
             proxy_headers=options["proxy_headers"],
             log_level="warning",
+            # Django's LOGGING (realtime_project/settings.py) keeps uvicorn's loggers:
+            # its own config would give them handlers without the token redaction.
+            log_config=None,
             backlog=LISTEN_BACKLOG,
         )
+        if options["access_log"]:
+            # log_level above silences uvicorn's INFO lines, the access log's among them.
+            logging.getLogger("uvicorn.access").setLevel(logging.INFO)
         DrainingUvicornServer(config).run()
 
     def _run_daphne(self, options: dict[str, Any]) -> None:
