@@ -85,15 +85,25 @@ def _now() -> datetime:
 def _write_batch(server_id: str, batch: Batch) -> None:
     with transaction.atomic():
         _insert_opened(server_id, batch.opened)
-        for connection_id, channels in batch.subscriptions.items():
-            Connection.objects.filter(
-                connection_id=connection_id, disconnected_at__isnull=True
-            ).update(subscriptions=channels)
+        _update_subscriptions(batch.subscriptions)
         _mark_closed(batch.closed)
         now = _now()
         for ids in _chunks(batch.heard_from):
             Connection.objects.filter(connection_id__in=ids, disconnected_at__isnull=True).update(
                 last_heartbeat=now
+            )
+
+
+def _update_subscriptions(changed: dict[uuid.UUID, list[str]]) -> None:
+    """One UPDATE per distinct channel list, not per connection: thousands of clients
+    that subscribe to the same channels cost a statement per chunk of them."""
+    by_channels: dict[tuple[str, ...], list[uuid.UUID]] = {}
+    for connection_id, channels in changed.items():
+        by_channels.setdefault(tuple(channels), []).append(connection_id)
+    for channels, ids in by_channels.items():
+        for chunk in _chunks(ids):
+            Connection.objects.filter(connection_id__in=chunk, disconnected_at__isnull=True).update(
+                subscriptions=list(channels)
             )
 
 
