@@ -18,6 +18,7 @@ public ones included.
 from __future__ import annotations
 
 import fnmatch
+import re
 from typing import Any
 
 from django.db.models import Q, QuerySet
@@ -130,12 +131,26 @@ def authorize_presence(principal: Principal, channel: str) -> None:
         raise PushError(ErrorCode.FORBIDDEN, f"not allowed to see presence on {channel!r}")
 
 
+def _pattern_regex(pattern: str) -> str:
+    """A grant's shell-style pattern (``*``, ``?``) as an anchored regular expression that
+    PostgreSQL and SQLite both run; every other character matches itself."""
+    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return "^" + "".join(parts) + "$"
+
+
 def visible_channels(principal: Principal, channels: QuerySet, *, after: str = "") -> QuerySet:
     """The channels of ``channels`` whose names ``principal`` may see, after ``after``."""
     if after:
         channels = channels.filter(name__gt=after)
     if principal.is_staff:
         return channels
+    if principal.kind == "service":
+        # A service sees exactly the channels it may subscribe to: its subscribe scopes.
+        scoped = Q(pk__in=[])
+        for grant in principal.grants:
+            if grant.subscribe:
+                scoped |= Q(name__regex=_pattern_regex(grant.pattern))
+        return channels.filter(scoped).exclude(name__istartswith=USER_PREFIX)
     reserved = Q()
     for prefix in RESERVED_PREFIXES:
         reserved |= Q(name__istartswith=prefix)

@@ -120,6 +120,20 @@ def test_a_publish_scope_reads_nothing_over_rest() -> None:
     assert user.get("/api/v1/channels/news/messages").status_code == 200
 
 
+def test_a_service_lists_only_the_channels_its_subscribe_scopes_name() -> None:
+    for name in ("news", "ticker:A", "ticker:B", "tickers", "private-ticker:x", "user:1"):
+        message_publish(channel=name, data=1)
+    publisher = APIClient()
+    publisher.credentials(HTTP_AUTHORIZATION=f"Token {_service_key('publish:ticker:*')}")
+    reader = APIClient()
+    reader.credentials(
+        HTTP_AUTHORIZATION=f"Token {_service_key('publish:*', 'subscribe:ticker:?')}"
+    )
+    names = lambda api: [c["name"] for c in api.get("/api/v1/channels/").json()["results"]]  # noqa: E731
+    assert names(publisher) == []
+    assert names(reader) == ["ticker:A", "ticker:B"]
+
+
 async def test_a_publish_scope_subscribes_to_nothing_over_websocket() -> None:
     publisher = await sync_to_async(_service_key)("publish:ticker:*")
     reader = await sync_to_async(_service_key)("publish:ticker:*", "subscribe:ticker:*")
