@@ -45,4 +45,5 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         self.stdout.write(f"event worker {options['consumer']} in group {options['group']}")
+        self.stdout.flush()  # a pipe or a file buffers it; operators want it at start
         worker.run(stop=lambda: stopping["now"])
