@@ -144,18 +144,20 @@ def visible_channels(principal: Principal, channels: QuerySet, *, after: str = "
         channels = channels.filter(name__gt=after)
     if principal.is_staff:
         return channels
+    # Grants that let the principal subscribe (user: channels are never granted).
+    granted = Q(pk__in=[])
+    for grant in principal.grants:
+        if grant.subscribe:
+            granted |= Q(name__regex=_pattern_regex(grant.pattern))
+    granted &= ~Q(name__istartswith=USER_PREFIX)
     if principal.kind == "service":
         # A service sees exactly the channels it may subscribe to: its subscribe scopes.
-        scoped = Q(pk__in=[])
-        for grant in principal.grants:
-            if grant.subscribe:
-                scoped |= Q(name__regex=_pattern_regex(grant.pattern))
-        return channels.filter(scoped).exclude(name__istartswith=USER_PREFIX)
+        return channels.filter(granted)
     reserved = Q()
     for prefix in RESERVED_PREFIXES:
         reserved |= Q(name__istartswith=prefix)
     own = Q(name=f"{USER_PREFIX}{principal.id}") if principal.kind == "user" else Q(pk__in=[])
-    visible = channels.filter(~reserved | own)
+    visible = channels.filter(~reserved | own | granted)
     if not principal.is_authenticated and not push_settings.ANONYMOUS_SUBSCRIBE:
         return visible.none()
     return visible

@@ -192,6 +192,17 @@ def test_channel_list_shows_last_seq_and_hides_private(
     assert listing["next"] is None
 
 
+def test_channel_list_shows_the_private_channels_a_grant_opens() -> None:
+    for name in ("news", "private-room-1", "private-other", "presence-room-2", "user:1"):
+        message_publish(channel=name, data=1)
+    user = User.objects.create_user("roomie", password="x")
+    ChannelGrant.objects.create(user=user, pattern="*-room-*", can_subscribe=True)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    names = [c["name"] for c in api.get("/api/v1/channels/").json()["results"]]
+    assert names == ["news", "presence-room-2", "private-room-1"]
+
+
 def test_concurrent_publishers_get_gapless_seqs() -> None:
     threads, per_thread = 8, 25
 
