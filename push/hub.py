@@ -84,7 +84,7 @@ class Subscription:
         # Live messages that arrive while the replay is read are held here.
         self.buffer: list[ChannelMessage] | None = None
         # Set when the buffer outgrew its bound and was emptied: the replay then reads
-        # history on until it has passed what was thrown away.
+        # history once more, and that read (begun after the drop) holds all it dropped.
         self.buffer_dropped = False
         self.active = True
 
@@ -220,7 +220,7 @@ class Hub:
         Retention applies here as in the database: what it no longer keeps is not
         replayed, and the client learns it from ``recovered: false``."""
         subscription = Subscription(subscriber, hub_channel, since)
-        kept = hub_channel.retention.kept(list(hub_channel.recent), hub_channel.delivered_seq)
+        kept = hub_channel.retention.kept(hub_channel.recent, hub_channel.delivered_seq)
         recovered = bool(kept) and kept[0].seq <= since + 1
         reply(hub_channel.delivered_seq, recovered)
         self._replay(subscription, kept)

@@ -19,6 +19,7 @@ keeps fewer) and expire after ``PUSH_RECENT_CACHE_TTL`` without a publish.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any
 
@@ -97,7 +98,10 @@ class RecentCache:
         self.prefix = prefix
         self.size = size
         self.ttl_secs = ttl_secs
-        self._queue: list[ChannelMessage] = []
+        # Bounded: while Redis is away the oldest appends give way (see above).
+        self._queue: collections.deque[ChannelMessage] = collections.deque(
+            maxlen=MAX_QUEUED_APPENDS
+        )
         self._wakeup = asyncio.Event()
 
     @property
@@ -107,8 +111,6 @@ class RecentCache:
     def append_soon(self, message: ChannelMessage) -> None:
         if not self.enabled:
             return
-        if len(self._queue) >= MAX_QUEUED_APPENDS:
-            del self._queue[0]
         self._queue.append(message)
         self._wakeup.set()
 
@@ -117,7 +119,8 @@ class RecentCache:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            batch, self._queue = self._queue, []
+            batch = list(self._queue)
+            self._queue.clear()
             try:
                 await self._write(batch)
             except asyncio.CancelledError:

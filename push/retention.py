@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -41,7 +42,7 @@ class RetentionPolicy:
         """Unix time before which messages are past the age limit, if there is one."""
         return None if self.max_age_secs is None else now - self.max_age_secs
 
-    def kept(self, messages: list[ChannelMessage], latest_seq: int) -> list[ChannelMessage]:
+    def kept(self, messages: Iterable[ChannelMessage], latest_seq: int) -> list[ChannelMessage]:
         """``messages`` without those this policy no longer keeps.
 
         Every read that serves a resume (memory, the Redis cache, PostgreSQL) applies

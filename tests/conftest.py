@@ -8,7 +8,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers import Database, ServerNode, create_token, manage, small_queue_env
+from tests.servers import (
+    Database,
+    ServerNode,
+    create_token,
+    manage,
+    node_pair,
+    small_queue_env,
+)
 
 
 @pytest.fixture(scope="session")
@@ -48,13 +55,8 @@ def publisher_token(e2e_env: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def two_nodes(e2e_env: dict[str, str]) -> Iterator[tuple[ServerNode, ServerNode]]:
-    nodes = (
-        ServerNode(e2e_env, name="node-a").start(),
-        ServerNode(e2e_env, name="node-b").start(),
-    )
-    yield nodes
-    for node in nodes:
-        node.stop()
+    with node_pair(e2e_env, "node") as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="session", params=["daphne", "uvicorn"])

@@ -3,6 +3,7 @@ with ``manage.py runnode`` on free ports, stopped by PID when the tests are done
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +221,19 @@ def small_queue_env(env: dict[str, str], **extra: str) -> dict[str, str]:
         "PUSH_SEND_QUEUE_MAX_FRAMES": "64",
         **extra,
     }
+
+
+@contextlib.contextmanager
+def node_pair(
+    env: dict[str, str], name: str, *, server: str = "daphne"
+) -> Iterator[tuple[ServerNode, ServerNode]]:
+    """Two nodes sharing ``env`` (``<name>-a`` and ``<name>-b``), both stopped after,
+    also when the second one fails to start."""
+    started: list[ServerNode] = []
+    try:
+        for suffix in ("a", "b"):
+            started.append(ServerNode(env, server=server, name=f"{name}-{suffix}").start())
+        yield started[0], started[1]
+    finally:
+        for node in started:
+            node.stop()

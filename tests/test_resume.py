@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.servers import ServerNode
+from tests.servers import ServerNode, node_pair
 from tests.wsclient import RECEIVE_TIMEOUT_SECS, open_ws
 
 pytestmark = pytest.mark.e2e
@@ -62,13 +62,8 @@ def resume_nodes(
     env = e2e_env
     if request.param == "replayed-from-postgresql":
         env = {**e2e_env, "PUSH_RECENT_PER_CHANNEL": "1", "PUSH_RECENT_CACHE_SIZE": "0"}
-    nodes = (
-        ServerNode(env, name=f"{request.param}-a").start(),
-        ServerNode(env, name=f"{request.param}-b").start(),
-    )
-    yield nodes
-    for node in nodes:
-        node.stop()
+    with node_pair(env, request.param) as nodes:
+        yield nodes
 
 
 async def test_subscriber_reconnecting_at_random_moments_sees_every_seq_once(

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.servers import ServerNode, create_token, publish_rest
+from tests.servers import ServerNode, create_token, node_pair, publish_rest
 from tests.sseclient import SseEvent, SseStream, sse_url
 from tests.wsclient import flood, open_ws, request
 
@@ -32,13 +32,8 @@ def sse_nodes(
     request: pytest.FixtureRequest, e2e_env: dict[str, str]
 ) -> Iterator[tuple[ServerNode, ServerNode]]:
     env = {**e2e_env, "PUSH_HEARTBEAT_INTERVAL_SECS": "1"}
-    nodes = (
-        ServerNode(env, server=request.param, name=f"sse-a-{request.param}").start(),
-        ServerNode(env, server=request.param, name=f"sse-b-{request.param}").start(),
-    )
-    yield nodes
-    for node in nodes:
-        node.stop()
+    with node_pair(env, f"sse-{request.param}", server=request.param) as nodes:
+        yield nodes
 
 
 def _channel(prefix: str) -> str:

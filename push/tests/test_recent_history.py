@@ -60,6 +60,16 @@ async def _cached_seqs(channel: str, count: int) -> list[int]:
         await redis.aclose()
 
 
+async def _published_then_restarted(channel: str, count: int) -> list[int]:
+    """Publish ``count`` messages, wait until they are cached, restart the node (the new
+    one holds nothing in memory); returns the cached seqs."""
+    await get_node()
+    await _publish(channel, count)
+    cached = await _cached_seqs(channel, count)
+    await stop_node()
+    return cached
+
+
 def _cache_reads(result: str) -> float:
     value = REGISTRY.get_sample_value("push_recent_cache_reads_total", {"result": result})
     return value or 0.0
@@ -126,10 +136,7 @@ async def test_every_node_gives_the_same_answer_under_retention(
 async def test_a_restarted_node_resumes_from_the_cache_without_the_database(
     database_recent_reads: list[str],
 ) -> None:
-    await get_node()
-    await _publish("warm", 5)
-    assert await _cached_seqs("warm", 5) == [1, 2, 3, 4, 5]
-    await stop_node()  # a restart: the new node holds nothing in memory
+    assert await _published_then_restarted("warm", 5) == [1, 2, 3, 4, 5]
     hits = _cache_reads("hit")
     client = await connected_client()
     reply = await client.request({"type": "subscribe", "channel": "warm", "since": 2})
@@ -145,10 +152,7 @@ async def test_a_restarted_node_resumes_from_the_cache_without_the_database(
 async def test_a_cache_lost_with_redis_falls_back_to_the_database(
     database_recent_reads: list[str],
 ) -> None:
-    await get_node()
-    await _publish("lost", 5)
-    await _cached_seqs("lost", 5)
-    await stop_node()
+    await _published_then_restarted("lost", 5)
     redis = redis_async()
     await redis.delete(recent_key(redis_prefix(), "lost"))
     await redis.aclose()
@@ -160,10 +164,7 @@ async def test_a_cache_lost_with_redis_falls_back_to_the_database(
 @needs_redis
 @override_settings(PUSH={"SYNC_INTERVAL_SECS": 0.2})
 async def test_a_cache_missing_the_newest_message_still_delivers_it() -> None:
-    await get_node()
-    await _publish("stale", 5)
-    await _cached_seqs("stale", 5)
-    await stop_node()
+    await _published_then_restarted("stale", 5)
     redis = redis_async()
     key = recent_key(redis_prefix(), "stale")
     newest = await redis.xrevrange(key, count=1)

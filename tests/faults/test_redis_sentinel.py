@@ -21,7 +21,7 @@ import redis
 from tests.faults import clients
 from tests.faults.report import measure
 from tests.faults.services import OwnedProcess, port_accepts, redis_server
-from tests.servers import ServerNode, create_token, free_port
+from tests.servers import ServerNode, create_token, free_port, node_pair
 
 pytestmark = pytest.mark.faults
 
@@ -114,13 +114,8 @@ def sentinel_nodes(
         "PUSH_SYNC_INTERVAL_SECS": "30",
         "PUSH_REST_RATE": "60000/min",
     }
-    nodes = (
-        ServerNode(env, name="sentinel-a").start(),
-        ServerNode(env, name="sentinel-b").start(),
-    )
-    yield nodes
-    for node in nodes:
-        node.stop()
+    with node_pair(env, "sentinel") as nodes:
+        yield nodes
 
 
 def _ready(node: ServerNode) -> bool:
