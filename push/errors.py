@@ -56,11 +56,20 @@ _CLOSE_CODE: dict[ErrorCode, CloseCode] = {
 class PushError(Exception):
     """Raised when a request cannot be carried out; carries the contract's error code."""
 
-    def __init__(self, code: ErrorCode, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        field: str | None = None,
+        index: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.field = field
+        # The position of the refused item in a batch request (the batch publish).
+        self.index = index
 
     @property
     def http_status(self) -> int:

@@ -36,7 +36,9 @@ def _envelope(code: str, message: str, status: int, **extra: Any) -> Response:
 
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, PushError):
-        extra = {"field": exc.field} if exc.field else {}
+        extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
+        if exc.index is not None:
+            extra["index"] = exc.index
         return _envelope(exc.code.value, exc.message, exc.http_status, **extra)
     if isinstance(exc, DatabaseError):
         logger.warning("database error answering a REST request: %s", exc)
