@@ -119,6 +119,10 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._queue) if self._queue is not None else 0
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
     def push(self, frame: OutFrame) -> bool:
         """Queue a frame; False when the connection is closed or was just overflowed."""
         if self._closed:

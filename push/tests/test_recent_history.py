@@ -81,9 +81,9 @@ def database_recent_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     read = history._history_recent
 
-    async def recording(*, channel: str, count: int) -> Any:
+    async def recording(*, channel: str, count: int, max_bytes: int) -> Any:
         calls.append(channel)
-        return await read(channel=channel, count=count)
+        return await read(channel=channel, count=count, max_bytes=max_bytes)
 
     monkeypatch.setattr(history, "_history_recent", recording)
     return calls
