@@ -227,12 +227,6 @@ class Outbox:
         if writer is not None:
             await asyncio.wait({writer}, timeout=deadline_secs)
 
-    async def wait_below(self, frames: int, poll_secs: float = 0.005) -> None:
-        """Wait until at most ``frames`` are queued (or the outbox closed): a replay
-        paces itself by the client's reading instead of overflowing its queue."""
-        while not self._closed and len(self) > frames:
-            await asyncio.sleep(poll_secs)
-
     def discard(self) -> None:
         """Close the queue: drop what is queued and stop the writer."""
         self._closed = True

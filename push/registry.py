@@ -317,10 +317,13 @@ class ConnectionRegistry:
         self._closed[:0] = batch.closed
         excess = len(self._opened) + len(self._closed) - self.max_buffered
         if excess > 0:
-            # The oldest closes go first: the rewrite closes their rows anyway.
-            dropped = min(excess, len(self._closed))
-            del self._closed[:dropped]
-            self._dropped(dropped)
+            # The oldest go first, closes before opens: the rewrite that follows the
+            # outage writes every live connection's row and closes the others.
+            closes = min(excess, len(self._closed))
+            del self._closed[:closes]
+            for connection_id in list(self._opened)[: excess - closes]:
+                del self._opened[connection_id]
+            self._dropped(excess)
         for connection_id, connection in changed.items():
             if connection.is_open:
                 self._changed.setdefault(connection_id, connection)
