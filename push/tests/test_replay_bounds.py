@@ -213,3 +213,42 @@ async def test_a_replays_buffer_of_live_messages_is_bounded_in_bytes() -> None:
     await resuming
     await settle(0.1)
     assert resumed.seqs() == list(range(1, 40))
+
+
+class RecordingHistory(DatabaseHistory):
+    def __init__(self) -> None:
+        self.pages: list[int] = []
+
+    async def page(self, channel: str, since: int, limit: int, max_bytes: int) -> Any:
+        page = await super().page(channel, since, limit, max_bytes)
+        self.pages.append(len(page.messages))
+        return page
+
+
+def _store_large_rows(channel: str, count: int, size: int) -> None:
+    stored = Channel.objects.create(name=channel, last_seq=count)
+    now = datetime.now(tz=UTC)
+    Message.objects.bulk_create(
+        Message(
+            channel=stored,
+            seq=seq,
+            message_id=uuid.uuid4(),
+            data=json.dumps(f"{seq}:" + "z" * size),
+            created_at=now,
+        )
+        for seq in range(1, count + 1)
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_replay_reads_history_in_pages_bounded_in_bytes() -> None:
+    """Messages of 100 KB against a replay budget of 250 KB: pages of two, and the
+    client still receives every message once, in order."""
+    await sync_to_async(_store_large_rows)("large", 7, 100_000)
+    history = RecordingHistory()
+    hub, _ = await make_hub(history, recent_size=1, replay_batch_bytes=250_000)
+    client = FakeClient()
+    await hub.subscribe(client, "large", since=0, reply=client.reply)
+    await settle()
+    assert client.seqs() == list(range(1, 8))
+    assert history.pages == [2, 2, 2, 1]
