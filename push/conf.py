@@ -22,16 +22,35 @@ class PushSettings:
     DROP_OLDEST_CHANNELS: list[str] = field(default_factory=list)
     HISTORY_PAGE_DEFAULT: int = 100
     HISTORY_PAGE_MAX: int = 1000
+    # A REST history page also stops at this much message data (at least one message).
+    HISTORY_PAGE_MAX_BYTES: int = 4 * 1_048_576
+    # A replay's (or gap repair's) history read stops at this much message data.
+    REPLAY_BATCH_MAX_BYTES: int = 4 * 1_048_576
+    # Replays reading history at once on this node, and per client address (0: none);
+    # a replay over a bound waits this long for a slot, then is refused.
+    MAX_REPLAYS_PER_NODE: int = 64
+    MAX_REPLAYS_PER_IP: int = 4
+    REPLAY_SLOT_WAIT_SECS: float = 5.0
+    # Message data held per channel for reordering, and per replay for the live
+    # messages that arrive while it reads.
+    PENDING_MAX_BYTES: int = 4 * 1_048_576
     GAP_WAIT_SECS: float = 0.2
     SYNC_INTERVAL_SECS: float = 1.0
     REGISTRY_FLUSH_SECS: float = 1.0
     # How often connections that sent anything get ``last_heartbeat`` stamped.
     REGISTRY_HEARTBEAT_SECS: float = 10.0
+    # Closed connections' rows are deleted this long after the close (trim_history).
+    REGISTRY_CLOSED_RETENTION_SECS: int = 7 * 86_400
+    # Registry records held while the database is down; past it they are dropped and
+    # the live rows rewritten once it is back.
+    REGISTRY_MAX_BUFFERED: int = 200_000
     GC_GEN0_THRESHOLD: int = 50_000
     GC_FREEZE: bool = True
     IDEMPOTENCY_WINDOW_SECS: int = 86_400
     RECENT_PER_CHANNEL: int = 256
+    RECENT_MAX_BYTES: int = 1_048_576
     RECENT_CACHE_SIZE: int = 100
+    RECENT_CACHE_MAX_BYTES: int = 1_048_576
     RECENT_CACHE_TTL_SECS: int = 3600
     RETENTION_MAX_MESSAGES: int = 10_000
     RETENTION_MAX_AGE_SECS: int = 7 * 86_400

@@ -26,6 +26,7 @@ from push.server_adapters import (
     close_with_any_code,
     daphne_backlog_probe,
     drop_if_still_open,
+    peer_gone_probe,
     raw_writer,
 )
 
@@ -53,6 +54,7 @@ class ClientConnection:
     outbox_class: type[Outbox] = Outbox
     # Slots: tens of thousands of these live on a node; a __dict__ each is ~1 KB more.
     __slots__ = (
+        "_gone_probe",
         "_loop",
         "_on_closing",
         "_send",
@@ -101,6 +103,7 @@ class ClientConnection:
         self._loop = asyncio.get_running_loop()
         self._on_closing = on_closing
         self.outbox = self._make_outbox(send)
+        self._gone_probe = peer_gone_probe(send)
 
     def _make_outbox(self, send: Send) -> Outbox:
         return self.outbox_class(
@@ -117,6 +120,15 @@ class ClientConnection:
     @property
     def is_open(self) -> bool:
         return self.state is ConnectionState.OPEN
+
+    @property
+    def gone(self) -> bool:
+        """True once nothing sent to this connection can reach the client (closing,
+        closed, or the server saw the client leave): long work on its behalf stops."""
+        if self.state is not ConnectionState.OPEN or self.outbox.closed:
+            return True
+        probe = self._gone_probe
+        return probe is not None and probe()
 
     def send_envelope(self, envelope: dict[str, Any]) -> None:
         payload = self.codec.encode(envelope)

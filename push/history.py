@@ -21,11 +21,15 @@ class DatabaseHistory:
     async def latest_seqs(self, channels: list[str]) -> dict[str, int]:
         return await _latest_seqs(channels=channels)  # type: ignore[no-any-return]
 
-    async def page(self, channel: str, since: int, limit: int) -> HistoryPage:
-        return await _history_page(channel=channel, since=since, limit=limit)  # type: ignore[no-any-return]
+    async def page(self, channel: str, since: int, limit: int, max_bytes: int) -> HistoryPage:
+        return await _history_page(  # type: ignore[no-any-return]
+            channel=channel, since=since, limit=limit, max_bytes=max_bytes
+        )
 
-    async def recent(self, channel: str, count: int) -> HistoryPage:
-        return await _history_recent(channel=channel, count=count)  # type: ignore[no-any-return]
+    async def recent(self, channel: str, count: int, max_bytes: int) -> HistoryPage:
+        return await _history_recent(  # type: ignore[no-any-return]
+            channel=channel, count=count, max_bytes=max_bytes
+        )
 
 
 class CachedHistory(DatabaseHistory):
@@ -34,14 +38,14 @@ class CachedHistory(DatabaseHistory):
     def __init__(self, cache: RecentCache) -> None:
         self.cache = cache
 
-    async def recent(self, channel: str, count: int) -> HistoryPage:
+    async def recent(self, channel: str, count: int, max_bytes: int) -> HistoryPage:
         try:
-            messages = await self.cache.read(channel, count)
+            messages = await self.cache.read(channel, count, max_bytes)
         except Exception as exc:
             logger.warning("recent-history cache read of %s failed: %s", channel, exc)
             messages = []
         if not messages:
-            return await super().recent(channel, count)
+            return await super().recent(channel, count, max_bytes)
         # The cache's newest seq stands for the channel's latest: if a newer message
         # exists, the hub sees the channel move past it and repairs from history.
         return HistoryPage(

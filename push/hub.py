@@ -21,29 +21,39 @@ import enum
 import fnmatch
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from push import metrics
 from push.errors import ErrorCode, PushError
-from push.message import ChannelMessage
+from push.message import ChannelMessage, data_bytes
 from push.outbox import OutFrame
 from push.retention import retention_policy
 from push.selectors import HistoryPage
 
 if TYPE_CHECKING:
     from push.codecs import Codec
+    from push.limits import ReplaySlots
     from push.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
-# Messages read per history query when replaying or repairing a gap.
+# Messages read per history query when replaying or repairing a gap; a query also
+# stops at a byte budget (``replay_batch_bytes``), so a page of large messages is never
+# read whole into memory.
 HISTORY_BATCH = 500
+REPLAY_BATCH_MAX_BYTES = 4 * 1_048_576
 # A reorder buffer this long means the gap will not fill by itself: repair at once.
+# The same bounds (count and bytes) hold a replay's buffer of live messages.
 MAX_PENDING_PER_CHANNEL = 1000
+PENDING_MAX_BYTES = 4 * 1_048_576
 # Recent messages kept per channel in memory, so clients that resume after a short
-# drop (or all at once, after a node restart) are served without a database read.
+# drop (or all at once, after a node restart) are served without a database read;
+# bounded in bytes too, or 256 messages of 1 MB would hold 256 MB per channel.
 RECENT_PER_CHANNEL = 256
+RECENT_MAX_BYTES = 1_048_576
+# How often a replay looks at its client's send queue (and whether the client left).
+OUTBOX_POLL_SECS = 0.005
 # An empty channel stays joined this long, so clients that reconnect or flap between
 # subscribe and unsubscribe do not cost a broker round trip each time.
 LINGER_SECS = 10.0
@@ -54,14 +64,21 @@ class Subscriber(Protocol):
 
     codec: Codec
     outbox: Outbox
+    # The client's address, for the per-address bound on replays (None: unknown).
+    ip: str | None
+
+    @property
+    def gone(self) -> bool:
+        """True once the client left or the connection is closing: replays stop."""
+        ...
 
 
 class History(Protocol):
     async def latest_seqs(self, channels: list[str]) -> dict[str, int]: ...
 
-    async def page(self, channel: str, since: int, limit: int) -> HistoryPage: ...
+    async def page(self, channel: str, since: int, limit: int, max_bytes: int) -> HistoryPage: ...
 
-    async def recent(self, channel: str, count: int) -> HistoryPage: ...
+    async def recent(self, channel: str, count: int, max_bytes: int) -> HistoryPage: ...
 
 
 class ChannelState(enum.Enum):
@@ -73,7 +90,15 @@ class ChannelState(enum.Enum):
 class Subscription:
     """One connection's subscription to one channel on this node."""
 
-    __slots__ = ("active", "buffer", "buffer_dropped", "channel", "last_seq", "subscriber")
+    __slots__ = (
+        "active",
+        "buffer",
+        "buffer_bytes",
+        "buffer_dropped",
+        "channel",
+        "last_seq",
+        "subscriber",
+    )
 
     def __init__(self, subscriber: Subscriber, channel: HubChannel, last_seq: int) -> None:
         self.subscriber = subscriber
@@ -83,10 +108,52 @@ class Subscription:
         self.last_seq = last_seq
         # Live messages that arrive while the replay is read are held here.
         self.buffer: list[ChannelMessage] | None = None
+        self.buffer_bytes = 0
         # Set when the buffer outgrew its bound and was emptied: the replay then reads
         # history once more, and that read (begun after the drop) holds all it dropped.
         self.buffer_dropped = False
         self.active = True
+
+
+class RecentMessages:
+    """A channel's last messages, contiguous and ending at its delivered seq, bounded by
+    count and by bytes: the oldest go first when either bound is passed (a message
+    larger than the byte bound by itself is not kept; resumes before it read history)."""
+
+    __slots__ = ("_messages", "bytes", "max_bytes")
+
+    def __init__(self, max_count: int, max_bytes: int) -> None:
+        self._messages: collections.deque[ChannelMessage] = collections.deque(maxlen=max_count)
+        self.bytes = 0
+        self.max_bytes = max_bytes
+
+    def append(self, message: ChannelMessage) -> None:
+        messages = self._messages
+        if not messages.maxlen:
+            return
+        if len(messages) == messages.maxlen:
+            self.bytes -= data_bytes(messages[0])
+        messages.append(message)
+        self.bytes += data_bytes(message)
+        while self.bytes > self.max_bytes and messages:
+            self.bytes -= data_bytes(messages.popleft())
+
+    def extend(self, messages: Iterable[ChannelMessage]) -> None:
+        for message in messages:
+            self.append(message)
+
+    def clear(self) -> None:
+        self._messages.clear()
+        self.bytes = 0
+
+    def __getitem__(self, index: int) -> ChannelMessage:
+        return self._messages[index]
+
+    def __iter__(self) -> Iterator[ChannelMessage]:
+        return iter(self._messages)
+
+    def __len__(self) -> int:
+        return len(self._messages)
 
 
 class HubChannel:
@@ -95,10 +162,12 @@ class HubChannel:
         "delivered_seq",
         "droppable",
         "fanned_out",
+        "held_dropped",
         "linger_handle",
         "live",
         "name",
         "pending",
+        "pending_bytes",
         "ready",
         "recent",
         "repair_handle",
@@ -109,7 +178,12 @@ class HubChannel:
     )
 
     def __init__(
-        self, name: str, droppable: bool, loop: asyncio.AbstractEventLoop, recent_size: int
+        self,
+        name: str,
+        droppable: bool,
+        loop: asyncio.AbstractEventLoop,
+        recent_size: int,
+        recent_bytes: int = RECENT_MAX_BYTES,
     ) -> None:
         self.name = name
         self.state = ChannelState.JOINING
@@ -119,6 +193,9 @@ class HubChannel:
         self.delivered_seq = 0
         self.fanned_out = 0  # messages fanned out here, for the admin's rates
         self.pending: dict[int, ChannelMessage] = {}
+        self.pending_bytes = 0
+        # An early message was let go (its buffer was full): a repair must read it back.
+        self.held_dropped = False
         self.droppable = droppable
         self.retention = retention_policy(name)
         self.ready: asyncio.Future[None] = loop.create_future()
@@ -129,7 +206,7 @@ class HubChannel:
         self.sync_mark = 0
         self.linger_handle: asyncio.TimerHandle | None = None
         # The last messages fanned out, contiguous and ending at delivered_seq.
-        self.recent: collections.deque[ChannelMessage] = collections.deque(maxlen=recent_size)
+        self.recent = RecentMessages(recent_size, recent_bytes)
 
     def covers_since(self, since: int) -> bool:
         """True when every message after ``since`` is in ``recent``."""
@@ -166,6 +243,11 @@ class Hub:
         gap_wait_secs: float,
         linger_secs: float = LINGER_SECS,
         recent_size: int = RECENT_PER_CHANNEL,
+        recent_bytes: int = RECENT_MAX_BYTES,
+        replay_batch_bytes: int = REPLAY_BATCH_MAX_BYTES,
+        max_pending: int = MAX_PENDING_PER_CHANNEL,
+        pending_bytes: int = PENDING_MAX_BYTES,
+        replay_slots: ReplaySlots | None = None,
     ) -> None:
         self.history = history
         self._join = join
@@ -174,6 +256,11 @@ class Hub:
         self.gap_wait_secs = gap_wait_secs
         self.linger_secs = linger_secs
         self.recent_size = recent_size
+        self.recent_bytes = recent_bytes
+        self.replay_batch_bytes = replay_batch_bytes
+        self.max_pending = max_pending
+        self.pending_bytes = pending_bytes
+        self.replay_slots = replay_slots
         self.channels: dict[str, HubChannel] = {}
         self.loop = asyncio.get_running_loop()
 
@@ -265,31 +352,70 @@ class Hub:
         since: int,
         reply: Callable[[int, bool | None], None],
     ) -> Subscription:
+        """Replay from history, then go live. The replay holds a slot of the node's and
+        the client address's bounds, and stops as soon as its client leaves (before
+        each page and while it waits for the client to read): the subscription comes
+        back inactive then, and nothing more is read for it."""
         subscription = Subscription(subscriber, hub_channel, since)
         subscription.buffer = []
         hub_channel.catching_up[subscription] = None
         metrics.SUBSCRIPTIONS.inc()
+        slots = self.replay_slots
+        holds_slot = False
         try:
-            page = await self.history.page(hub_channel.name, since, HISTORY_BATCH)
-            reply(max(page.latest_seq, hub_channel.delivered_seq), page.complete_from_since)
-            if not page.complete_from_since and page.messages:
-                # Retention trimmed part of the range: replay from the oldest kept one.
-                subscription.last_seq = page.messages[0].seq - 1
-            while subscription.active:
-                self._replay(subscription, page.messages)
-                if len(page.messages) < HISTORY_BATCH and not subscription.buffer_dropped:
-                    break
-                subscription.buffer_dropped = False
-                await subscriber.outbox.wait_below(subscriber.outbox.max_frames // 2)
-                page = await self.history.page(
-                    hub_channel.name, subscription.last_seq, HISTORY_BATCH
-                )
+            holds_slot = slots is None or await slots.acquire(
+                subscriber.ip, lambda: subscriber.gone
+            )
+            if holds_slot and not subscriber.gone:
+                await self._replay_history(subscription, since, reply)
         except BaseException:
             self.unsubscribe(subscription)
             raise
+        finally:
+            if holds_slot and slots is not None:
+                slots.release(subscriber.ip)
+        if subscriber.gone:
+            self.unsubscribe(subscription)
         if subscription.active:
             self._finish_replay(subscription)
         return subscription
+
+    async def _replay_history(
+        self, subscription: Subscription, since: int, reply: Callable[[int, bool | None], None]
+    ) -> None:
+        hub_channel = subscription.channel
+        subscriber = subscription.subscriber
+        outbox = subscriber.outbox
+        # Pages sized to half the client's send queue: the replay waits until the
+        # client has read down to half, so one page never overflows the queue.
+        limit = max(1, min(HISTORY_BATCH, outbox.max_frames // 2))
+        max_bytes = max(1, min(self.replay_batch_bytes, outbox.max_bytes // 2))
+        page = await self.history.page(hub_channel.name, since, limit, max_bytes)
+        reply(max(page.latest_seq, hub_channel.delivered_seq), page.complete_from_since)
+        if not page.complete_from_since and page.messages:
+            # Retention trimmed part of the range: replay from the oldest kept one.
+            subscription.last_seq = page.messages[0].seq - 1
+        while subscription.active and not subscriber.gone:
+            self._replay(subscription, page.messages)
+            more = len(page.messages) >= limit or page.truncated
+            if not more and not subscription.buffer_dropped:
+                return
+            subscription.buffer_dropped = False
+            if not await self._wait_for_room(subscriber):
+                return
+            page = await self.history.page(
+                hub_channel.name, subscription.last_seq, limit, max_bytes
+            )
+
+    async def _wait_for_room(self, subscriber: Subscriber) -> bool:
+        """Wait until the client has read its send queue down to half (frames and
+        bytes): a replay paces itself by the client's reading. False if it left."""
+        outbox = subscriber.outbox
+        while len(outbox) > outbox.max_frames // 2 or outbox.queued_bytes > outbox.max_bytes // 2:
+            if subscriber.gone or outbox.closed:
+                return False
+            await asyncio.sleep(OUTBOX_POLL_SECS)
+        return not subscriber.gone
 
     def _replay(self, subscription: Subscription, messages: list[ChannelMessage]) -> None:
         push = subscription.subscriber.outbox.push
@@ -303,6 +429,7 @@ class Hub:
     def _finish_replay(self, subscription: Subscription) -> None:
         buffered = subscription.buffer or []
         subscription.buffer = None
+        subscription.buffer_bytes = 0
         self._replay(subscription, buffered)
         hub_channel = subscription.channel
         if subscription.last_seq <= hub_channel.delivered_seq:
@@ -352,13 +479,13 @@ class Hub:
 
     async def _join_channel(self, name: str) -> HubChannel:
         droppable = any(fnmatch.fnmatchcase(name, p) for p in self._drop_oldest_patterns)
-        hub_channel = HubChannel(name, droppable, self.loop, self.recent_size)
+        hub_channel = HubChannel(name, droppable, self.loop, self.recent_size, self.recent_bytes)
         self.channels[name] = hub_channel
         try:
             # Join first, then read the last seq: anything committed after the read is
             # broadcast after the join, so it reaches us; anything before is <= seq.
             await self._join(name)
-            window = await self.history.recent(name, self.recent_size)
+            window = await self.history.recent(name, self.recent_size, self.recent_bytes)
             hub_channel.delivered_seq = window.latest_seq
         except BaseException as exc:
             self.channels.pop(name, None)
@@ -406,7 +533,7 @@ class Hub:
         if hub_channel is None or hub_channel.state is ChannelState.LEAVING:
             return
         if hub_channel.state is ChannelState.JOINING:
-            hub_channel.pending[message.seq] = message
+            self._hold(hub_channel, message)
             return
         next_seq = hub_channel.delivered_seq + 1
         if message.seq == next_seq:
@@ -414,20 +541,44 @@ class Hub:
             if hub_channel.pending:
                 self._drain_pending(hub_channel)
         elif message.seq > next_seq:
-            hub_channel.pending[message.seq] = message
-            if len(hub_channel.pending) > MAX_PENDING_PER_CHANNEL:
+            if not self._hold(hub_channel, message) or len(hub_channel.pending) >= self.max_pending:
                 self._start_repair(hub_channel)
             else:
                 self._schedule_repair(hub_channel)
         # else: seen already (our own publish echoed by the broker, or a repair).
 
+    def _hold(self, hub_channel: HubChannel, message: ChannelMessage) -> bool:
+        """Keep a message that came early until the ones before it arrive. Past the
+        buffer's bounds (count and bytes) it is let go instead, and read back from
+        history by the repair; False then."""
+        pending = hub_channel.pending
+        if message.seq in pending:
+            return True
+        size = data_bytes(message)
+        if pending and (
+            len(pending) >= self.max_pending
+            or hub_channel.pending_bytes + size > self.pending_bytes
+        ):
+            hub_channel.held_dropped = True
+            metrics.HUB_BUFFER_DROPS.labels("pending").inc()
+            return False
+        pending[message.seq] = message
+        hub_channel.pending_bytes += size
+        return True
+
+    def _unhold(self, hub_channel: HubChannel, seq: int) -> ChannelMessage | None:
+        message = hub_channel.pending.pop(seq, None)
+        if message is not None:
+            hub_channel.pending_bytes -= data_bytes(message)
+        return message
+
     def _drain_pending(self, hub_channel: HubChannel) -> None:
         pending = hub_channel.pending
         for seq in [seq for seq in pending if seq <= hub_channel.delivered_seq]:
-            del pending[seq]
-        while (message := pending.pop(hub_channel.delivered_seq + 1, None)) is not None:
+            self._unhold(hub_channel, seq)
+        while (message := self._unhold(hub_channel, hub_channel.delivered_seq + 1)) is not None:
             self._fan_out(hub_channel, message)
-        if pending:
+        if pending or hub_channel.held_dropped:
             self._schedule_repair(hub_channel)
         elif hub_channel.repair_handle is not None:
             # The gap filled by itself: no history read needed.
@@ -471,12 +622,19 @@ class Hub:
         for subscription in list(hub_channel.catching_up):
             buffer = subscription.buffer
             if buffer is not None:
-                if len(buffer) >= MAX_PENDING_PER_CHANNEL:
+                size = data_bytes(message)
+                if buffer and (
+                    len(buffer) >= self.max_pending
+                    or subscription.buffer_bytes + size > self.pending_bytes
+                ):
                     # A replay slower than the channel: forget what is held (it is
                     # stored) instead of holding an unbounded list.
                     buffer.clear()
+                    subscription.buffer_bytes = 0
                     subscription.buffer_dropped = True
+                    metrics.HUB_BUFFER_DROPS.labels("replay").inc()
                 buffer.append(message)
+                subscription.buffer_bytes += size
                 continue
             self._replay(subscription, [message])
             if subscription.last_seq <= hub_channel.delivered_seq:
@@ -503,25 +661,30 @@ class Hub:
 
     async def _repair(self, hub_channel: HubChannel) -> None:
         metrics.GAP_REPAIRS.inc()
+        # What was let go before this read is read back by it.
+        hub_channel.held_dropped = False
         retry = False
         try:
             while hub_channel.state is ChannelState.LIVE:
                 # The seq the page is read from, taken before the read: live messages
                 # keep arriving while it runs, and only the page can prove a trim.
                 since = hub_channel.delivered_seq
-                page = await self.history.page(hub_channel.name, since, HISTORY_BATCH)
+                page = await self.history.page(
+                    hub_channel.name, since, HISTORY_BATCH, self.replay_batch_bytes
+                )
                 if not page.complete_from_since:
                     self._skip_trimmed_gap(hub_channel, page)
                 for message in page.messages:
                     self.deliver(message)
-                if len(page.messages) < HISTORY_BATCH or hub_channel.delivered_seq == since:
+                more = len(page.messages) >= HISTORY_BATCH or page.truncated
+                if not more or hub_channel.delivered_seq == since:
                     break
         except Exception as exc:
             logger.warning("history read for %s failed: %s", hub_channel.name, exc)
             retry = True
         finally:
             hub_channel.repairing = False
-        if retry or hub_channel.pending:
+        if retry or hub_channel.pending or hub_channel.held_dropped:
             self._schedule_repair(hub_channel, delay=max(self.gap_wait_secs, 1.0))
 
     def _skip_trimmed_gap(self, hub_channel: HubChannel, page: HistoryPage) -> None:

@@ -72,3 +72,10 @@ _UNPARSED: Any = object()
 def dump_data(data: Any) -> str:
     """Canonical JSON text of a validated value, as stored and broadcast."""
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def data_bytes(message: ChannelMessage) -> int:
+    """What a message weighs against the byte budgets of buffers and caches: its data's
+    length in characters (its bytes for ASCII text; CPython holds at most 4 bytes a
+    character, so memory stays within 4x the budget whatever the text)."""
+    return len(message.data_json)

@@ -74,3 +74,19 @@ EVENTS_DROPPED = Counter(
 EVENTS_PROCESSED = Counter(
     "push_events_processed_total", "Lifecycle events handled by workers", ["outcome"]
 )
+HISTORY_ROWS_READ = Counter(
+    "push_history_rows_read_total", "Stored messages read from PostgreSQL (replays, REST)"
+)
+REPLAYS_ACTIVE = Gauge("push_replays_active", "Resumes reading history from PostgreSQL now")
+REPLAYS_REFUSED = Counter(
+    "push_replays_refused_total", "Resumes refused for lack of a replay slot", ["code"]
+)
+HUB_BUFFER_DROPS = Counter(
+    "push_hub_buffer_drops_total",
+    "Messages a bounded hub buffer let go of (read back from history instead)",
+    ["buffer"],
+)
+REGISTRY_RECORDS_DROPPED = Counter(
+    "push_registry_records_dropped_total",
+    "Connection registry writes dropped while the database was unreachable",
+)

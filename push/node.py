@@ -33,7 +33,7 @@ from push.errors import CloseCode
 from push.events import EventLog
 from push.history import CachedHistory, DatabaseHistory
 from push.hub import Hub
-from push.limits import ConnectionCounter
+from push.limits import ConnectionCounter, ReplaySlots
 from push.message import ChannelMessage
 from push.presence import PresenceStore, leave_presence
 from push.protocol import presence_change
@@ -79,6 +79,7 @@ class Node:
             self.directory.prefix,
             size=push_settings.RECENT_CACHE_SIZE,
             ttl_secs=push_settings.RECENT_CACHE_TTL_SECS,
+            max_bytes=push_settings.RECENT_CACHE_MAX_BYTES,
         )
         self.hub = Hub(
             history=CachedHistory(self.recent_cache)
@@ -89,6 +90,14 @@ class Node:
             drop_oldest_patterns=list(push_settings.DROP_OLDEST_CHANNELS),
             gap_wait_secs=push_settings.GAP_WAIT_SECS,
             recent_size=push_settings.RECENT_PER_CHANNEL,
+            recent_bytes=push_settings.RECENT_MAX_BYTES,
+            replay_batch_bytes=push_settings.REPLAY_BATCH_MAX_BYTES,
+            pending_bytes=push_settings.PENDING_MAX_BYTES,
+            replay_slots=ReplaySlots(
+                per_node=push_settings.MAX_REPLAYS_PER_NODE,
+                per_ip=push_settings.MAX_REPLAYS_PER_IP,
+                wait_secs=push_settings.REPLAY_SLOT_WAIT_SECS,
+            ),
         )
         self._tasks: list[asyncio.Task[None]] = []
         # Live connections of this node, for revocation checks, admin actions and drain.
@@ -98,6 +107,7 @@ class Node:
             flush_secs=push_settings.REGISTRY_FLUSH_SECS,
             heartbeat_secs=push_settings.REGISTRY_HEARTBEAT_SECS,
             live=self.connections,
+            max_buffered=push_settings.REGISTRY_MAX_BUFFERED,
         )
         self._per_user = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_USER)
         self._per_ip = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_IP)

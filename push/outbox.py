@@ -119,6 +119,10 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._queue) if self._queue is not None else 0
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
     def push(self, frame: OutFrame) -> bool:
         """Queue a frame; False when the connection is closed or was just overflowed."""
         if self._closed:
@@ -222,12 +226,6 @@ class Outbox:
         writer = self._writer
         if writer is not None:
             await asyncio.wait({writer}, timeout=deadline_secs)
-
-    async def wait_below(self, frames: int, poll_secs: float = 0.005) -> None:
-        """Wait until at most ``frames`` are queued (or the outbox closed): a replay
-        paces itself by the client's reading instead of overflowing its queue."""
-        while not self._closed and len(self) > frames:
-            await asyncio.sleep(poll_secs)
 
     def discard(self) -> None:
         """Close the queue: drop what is queued and stop the writer."""

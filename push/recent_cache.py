@@ -13,7 +13,11 @@ the contiguous run of seqs that ends at the newest entry. When Redis lost the st
 When the newest messages are missing from the stream (an append failed), the hub sees
 the channel move past it and fills the gap from PostgreSQL, as for any lost broadcast.
 Streams are trimmed to ``PUSH_RECENT_CACHE_SIZE`` entries (or fewer when retention
-keeps fewer) and expire after ``PUSH_RECENT_CACHE_TTL`` without a publish.
+keeps fewer) and expire after ``PUSH_RECENT_CACHE_TTL`` without a publish. Large
+messages trim the stream further, to about ``PUSH_RECENT_CACHE_MAX_BYTES`` of data:
+each append keeps as many entries as messages of its size fit in that budget. A read
+takes at most that budget too (in small chunks, newest first), so a channel of large
+messages costs neither Redis nor the node more than the budget per channel.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import logging
 from typing import Any
 
 from push import metrics
-from push.message import ChannelMessage
+from push.message import ChannelMessage, data_bytes
 from push.retention import retention_policy
 
 logger = logging.getLogger(__name__)
@@ -32,6 +36,9 @@ logger = logging.getLogger(__name__)
 # Appends waiting while Redis is away; past this the oldest are dropped (the cache
 # then misses them and readers fall back to PostgreSQL).
 MAX_QUEUED_APPENDS = 10_000
+# Entries per XREVRANGE when reading: a read overshoots its byte budget by fewer than
+# this many messages before it stops.
+READ_CHUNK = 8
 
 
 def recent_key(prefix: str, channel: str) -> str:
@@ -79,13 +86,19 @@ def contiguous_tail(messages: list[ChannelMessage]) -> list[ChannelMessage]:
     return tail
 
 
-def add_to_pipeline(pipe: Any, prefix: str, message: ChannelMessage, size: int, ttl: int) -> None:
+def add_to_pipeline(
+    pipe: Any, prefix: str, message: ChannelMessage, size: int, ttl: int, max_bytes: int
+) -> None:
     key = recent_key(prefix, message.channel)
+    length = stream_length(message.channel, size)
+    fitting = max(1, max_bytes // max(1, data_bytes(message)))
     pipe.xadd(
         key,
         stream_fields(message),  # type: ignore[arg-type]
-        maxlen=stream_length(message.channel, size),
-        approximate=True,
+        maxlen=min(length, fitting),
+        # Approximate trimming only drops whole stream nodes (100 entries): fine for
+        # the count, useless for a few large messages, which are trimmed exactly.
+        approximate=fitting >= length,
     )
     pipe.expire(key, ttl)
 
@@ -93,11 +106,14 @@ def add_to_pipeline(pipe: Any, prefix: str, message: ChannelMessage, size: int, 
 class RecentCache:
     """A node's side of the cache: appends in batches, reads on channel join."""
 
-    def __init__(self, redis: Any, prefix: str, *, size: int, ttl_secs: int) -> None:
+    def __init__(
+        self, redis: Any, prefix: str, *, size: int, ttl_secs: int, max_bytes: int
+    ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.size = size
         self.ttl_secs = ttl_secs
+        self.max_bytes = max_bytes
         # Bounded: while Redis is away the oldest appends give way (see above).
         self._queue: collections.deque[ChannelMessage] = collections.deque(
             maxlen=MAX_QUEUED_APPENDS
@@ -133,16 +149,38 @@ class RecentCache:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for message in batch:
-                add_to_pipeline(pipe, self.prefix, message, self.size, self.ttl_secs)
+                add_to_pipeline(
+                    pipe, self.prefix, message, self.size, self.ttl_secs, self.max_bytes
+                )
             await pipe.execute()
 
-    async def read(self, channel: str, count: int) -> list[ChannelMessage]:
-        """The channel's cached recent messages (at most ``count``), or [] on a miss."""
+    async def read(self, channel: str, count: int, max_bytes: int) -> list[ChannelMessage]:
+        """The channel's cached recent messages, or [] on a miss: at most ``count`` of
+        them and ``max_bytes`` of data (and of the cache's own budget), at least one."""
         if not self.enabled or count <= 0:
             return []
-        entries = await self.redis.xrevrange(
-            recent_key(self.prefix, channel), count=min(count, self.size)
+        messages = contiguous_tail(
+            await self._read_newest(channel, min(count, self.size), min(max_bytes, self.max_bytes))
         )
-        messages = contiguous_tail([message_from_entry(channel, f) for _, f in entries])
         metrics.RECENT_CACHE_READS.labels("hit" if messages else "miss").inc()
         return messages
+
+    async def _read_newest(self, channel: str, count: int, max_bytes: int) -> list[ChannelMessage]:
+        """Newest entries first, a few at a time, until ``count`` or ``max_bytes``."""
+        key = recent_key(self.prefix, channel)
+        newest: list[ChannelMessage] = []
+        total = 0
+        top = "+"
+        while len(newest) < count:
+            wanted = min(READ_CHUNK, count - len(newest))
+            entries = await self.redis.xrevrange(key, max=top, count=wanted)
+            for _, fields in entries:
+                message = message_from_entry(channel, fields)
+                if newest and total + data_bytes(message) > max_bytes:
+                    return newest
+                total += data_bytes(message)
+                newest.append(message)
+            if len(entries) < wanted:
+                break
+            top = "(" + entries[-1][0].decode()
+        return newest

@@ -10,6 +10,13 @@ when it opened in the same batch), never a write per ``subscribe``. Every
 heartbeat or any other frame, what ``last_seen`` tracks) get ``last_heartbeat``
 stamped in one UPDATE; a silent connection keeps its older value, so the row says
 when the node last heard from the client.
+
+While the database is down the records wait in memory, at most ``max_buffered`` of
+them; past that they are dropped (counted in ``push_registry_records_dropped_total``)
+and, once a write goes through again, the node rewrites its live connections' rows
+once and closes its rows that are open but no longer live, so the table is right
+again. Closed rows are deleted ``PUSH_REGISTRY_CLOSED_RETENTION`` after their close
+(``registry_trim_closed``, run by ``trim_history``).
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 from django.db import transaction
 
+from push import metrics
 from push.db import db_call
 from push.models import Connection
 
@@ -44,6 +52,9 @@ class LiveConnection(Protocol):
     last_seen: float
     opened_at: float
     subscriptions: Mapping[str, object]
+    ip: str | None
+    principal: Any
+    codec: Any
 
     @property
     def is_open(self) -> bool: ...
@@ -144,6 +155,28 @@ def _mark_closed(closed: list[ConnectionRecord]) -> None:
             )
 
 
+def _rewrite_live(server_id: str, live: list[ConnectionRecord]) -> None:
+    """Make the table say what the node holds after records were dropped: a row for
+    every live connection with its channels, and no open row for one that is not."""
+    with transaction.atomic():
+        _insert_opened(server_id, live)
+        _update_subscriptions({r.connection_id: r.subscriptions for r in live})
+        live_ids = {r.connection_id for r in live}
+        open_ids = Connection.objects.filter(
+            server_id=server_id, disconnected_at__isnull=True
+        ).values_list("connection_id", flat=True)
+        gone = [ConnectionRecord(i, None, None, "", _now()) for i in open_ids if i not in live_ids]
+        _mark_closed(gone)
+
+
+def registry_trim_closed(retention_secs: int) -> int:
+    """Delete the rows of connections closed more than ``retention_secs`` ago; returns
+    how many. Without it every connection ever made stays in the table."""
+    cutoff = _now() - timedelta(seconds=retention_secs)
+    deleted, _ = Connection.objects.filter(disconnected_at__lt=cutoff).delete()
+    return deleted
+
+
 def close_node_connections(server_id: str, close_code: int) -> int:
     """Mark every still-open connection of ``server_id`` closed; returns how many."""
     return Connection.objects.filter(server_id=server_id, disconnected_at__isnull=True).update(
@@ -152,6 +185,7 @@ def close_node_connections(server_id: str, close_code: int) -> int:
 
 
 _write_batch_async = db_call(_write_batch)
+_rewrite_live_async = db_call(_rewrite_live)
 _close_all_async = db_call(close_node_connections)
 
 
@@ -163,8 +197,12 @@ class ConnectionRegistry:
         flush_secs: float,
         heartbeat_secs: float,
         live: Mapping[uuid.UUID, LiveConnection],
+        max_buffered: int = MAX_BUFFERED_RECORDS,
     ) -> None:
         self.server_id = server_id
+        self.max_buffered = max_buffered
+        # Records were dropped: rewrite the live rows once the database is back.
+        self._rewrite_due = False
         self.flush_secs = flush_secs
         self.heartbeat_secs = heartbeat_secs
         # The node's live connections, read when heartbeats are stamped.
@@ -174,9 +212,18 @@ class ConnectionRegistry:
         self._changed: dict[uuid.UUID, LiveConnection] = {}
         self._last_touch = time.monotonic()
 
+    def _full(self) -> bool:
+        return len(self._opened) + len(self._closed) >= self.max_buffered
+
+    def _dropped(self, count: int = 1) -> None:
+        if not self._rewrite_due:
+            logger.warning("connection registry backlog full; records are dropped")
+        metrics.REGISTRY_RECORDS_DROPPED.inc(count)
+        self._rewrite_due = True
+
     def opened(self, record: ConnectionRecord) -> None:
-        if len(self._opened) + len(self._closed) >= MAX_BUFFERED_RECORDS:
-            logger.warning("connection registry backlog full; a record is not written")
+        if self._full():
+            self._dropped()
             return
         self._opened[record.connection_id] = record
 
@@ -192,6 +239,9 @@ class ConnectionRegistry:
             # Opened and closed within one batch: write it once, already closed.
             record.disconnected_at = _now()
             record.close_code = close_code
+            return
+        if self._full():
+            self._dropped()
             return
         self._closed.append(
             ConnectionRecord(connection_id, None, None, "", _now(), close_code=close_code)
@@ -227,12 +277,15 @@ class ConnectionRegistry:
         started = time.monotonic()
         due = started - self._last_touch >= self.heartbeat_secs
         batch, changed = self._take_batch(self._last_touch if due else None)
-        if not batch:
+        if not batch and not self._rewrite_due:
             if due:
                 self._last_touch = started
             return
         try:
-            await _write_batch_async(self.server_id, batch)
+            if batch:
+                await _write_batch_async(self.server_id, batch)
+            if self._rewrite_due:
+                await self._rewrite_live()
         except Exception as exc:
             logger.warning("connection registry write failed, will retry: %s", exc)
             self._put_back(batch, changed)
@@ -240,10 +293,37 @@ class ConnectionRegistry:
         if due:
             self._last_touch = started
 
+    async def _rewrite_live(self) -> None:
+        now = time.monotonic()
+        live = [
+            ConnectionRecord(
+                connection_id=c.connection_id,
+                user_id=c.principal.user_id,
+                ip=c.ip,
+                wire_format=c.codec.name,
+                connected_at=_now() - timedelta(seconds=now - c.opened_at),
+                subscriptions=list(c.subscriptions),
+            )
+            for c in list(self._live.values())
+            if c.is_open
+        ]
+        await _rewrite_live_async(self.server_id, live)
+        self._rewrite_due = False
+        logger.info("connection registry rewritten: %d live connections", len(live))
+
     def _put_back(self, batch: Batch, changed: dict[uuid.UUID, LiveConnection]) -> None:
         for record in batch.opened:
             self._opened.setdefault(record.connection_id, record)
         self._closed[:0] = batch.closed
+        excess = len(self._opened) + len(self._closed) - self.max_buffered
+        if excess > 0:
+            # The oldest go first, closes before opens: the rewrite that follows the
+            # outage writes every live connection's row and closes the others.
+            closes = min(excess, len(self._closed))
+            del self._closed[:closes]
+            for connection_id in list(self._opened)[: excess - closes]:
+                del self._opened[connection_id]
+            self._dropped(excess)
         for connection_id, connection in changed.items():
             if connection.is_open:
                 self._changed.setdefault(connection_id, connection)

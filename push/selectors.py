@@ -7,8 +7,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from django.db.models import QuerySet
+from django.db.models import Func, IntegerField, QuerySet
 
+from push import metrics
 from push.message import ChannelMessage
 from push.models import Channel, Message
 from push.retention import retention_policy
@@ -20,6 +21,8 @@ class HistoryPage:
     messages: list[ChannelMessage]
     # The channel's highest seq when the page was read.
     latest_seq: int
+    # True when the page stopped at its byte budget before its count: more follow.
+    truncated: bool = False
 
     @property
     def complete_from_since(self) -> bool:
@@ -39,14 +42,49 @@ def channel_message_from_row(channel: str, row: Message) -> ChannelMessage:
     )
 
 
-def message_list_since(*, channel: str, since: int, limit: int) -> list[ChannelMessage]:
-    """Stored messages of ``channel`` with ``seq > since``, oldest first."""
-    rows = (
-        Message.objects.filter(channel__name=channel, seq__gt=since)
-        .order_by("seq")
-        .only("seq", "message_id", "data", "created_at")[:limit]
-    )
-    return [channel_message_from_row(channel, row) for row in rows]
+class OctetLength(Func):
+    """A text column's size in bytes; PostgreSQL reads it from the stored value's
+    header, without loading (or decompressing) the value itself."""
+
+    function = "octet_length"
+    output_field = IntegerField()
+
+
+_MESSAGE_FIELDS = ("seq", "message_id", "data", "created_at")
+
+
+def rows_within(
+    rows: QuerySet[Message], *, limit: int, max_bytes: int, newest_first: bool = False
+) -> tuple[list[Message], bool]:
+    """The first ``limit`` of ``rows`` (ordered by seq, oldest or newest first) that fit
+    in ``max_bytes`` of message data, always at least one; and whether the budget cut
+    the page short. The sizes are read first, so a page of large messages is never
+    loaded only to be cut: the data read is at most the budget plus one message."""
+    sizes = list(rows.annotate(size=OctetLength("data")).values_list("seq", "size")[:limit])
+    taken = total = 0
+    for _, size in sizes:
+        if taken and total + size > max_bytes:
+            break
+        total += size
+        taken += 1
+    if not taken:
+        return [], False
+    edge = sizes[taken - 1][0]
+    bounded = rows.filter(seq__gte=edge) if newest_first else rows.filter(seq__lte=edge)
+    read = list(bounded.only(*_MESSAGE_FIELDS)[:taken])
+    metrics.HISTORY_ROWS_READ.inc(len(read))
+    return read, taken < len(sizes)
+
+
+def message_list_since(
+    *, channel: str, since: int, limit: int, max_bytes: int
+) -> tuple[list[ChannelMessage], bool]:
+    """Stored messages of ``channel`` with ``seq > since``, oldest first, at most
+    ``limit`` of them and ``max_bytes`` of data (at least one); and whether the byte
+    budget stopped the page early (more messages follow it)."""
+    rows = Message.objects.filter(channel__name=channel, seq__gt=since).order_by("seq")
+    read, truncated = rows_within(rows, limit=limit, max_bytes=max_bytes)
+    return [channel_message_from_row(channel, row) for row in read], truncated
 
 
 def _kept_rows(channel: str, latest: int) -> QuerySet[Message]:
@@ -59,32 +97,26 @@ def _kept_rows(channel: str, latest: int) -> QuerySet[Message]:
     return rows
 
 
-def history_page(*, channel: str, since: int, limit: int) -> HistoryPage:
+def history_page(*, channel: str, since: int, limit: int, max_bytes: int) -> HistoryPage:
     """A page of history for a resume, with the channel's latest seq read first, so
     every message up to it is either in the page or after the page's last seq. Only
     what retention keeps is read, so a trim shows up as a page not starting at
-    ``since + 1`` whether or not the trim job has deleted the rows yet."""
+    ``since + 1`` whether or not the trim job has deleted the rows yet. The page holds
+    at most ``limit`` messages and ``max_bytes`` of data (at least one message)."""
     latest = channel_latest_seq(channel=channel)
-    rows = (
-        _kept_rows(channel, latest)
-        .filter(seq__gt=since)
-        .order_by("seq")
-        .only("seq", "message_id", "data", "created_at")[:limit]
-    )
-    messages = [channel_message_from_row(channel, row) for row in rows]
-    return HistoryPage(since=since, messages=messages, latest_seq=latest)
+    rows = _kept_rows(channel, latest).filter(seq__gt=since).order_by("seq")
+    read, truncated = rows_within(rows, limit=limit, max_bytes=max_bytes)
+    messages = [channel_message_from_row(channel, row) for row in read]
+    return HistoryPage(since=since, messages=messages, latest_seq=latest, truncated=truncated)
 
 
-def history_recent(*, channel: str, count: int) -> HistoryPage:
-    """The channel's latest seq and its last ``count`` kept messages, oldest first."""
+def history_recent(*, channel: str, count: int, max_bytes: int) -> HistoryPage:
+    """The channel's latest seq and its last kept messages, oldest first: at most
+    ``count`` of them and ``max_bytes`` of data (at least one when there is any)."""
     latest = channel_latest_seq(channel=channel)
-    rows = (
-        _kept_rows(channel, latest)
-        .filter(seq__lte=latest)
-        .order_by("-seq")
-        .only("seq", "message_id", "data", "created_at")[:count]
-    )
-    messages = [channel_message_from_row(channel, row) for row in reversed(rows)]
+    rows = _kept_rows(channel, latest).filter(seq__lte=latest).order_by("-seq")
+    read, _ = rows_within(rows, limit=count, max_bytes=max_bytes, newest_first=True)
+    messages = [channel_message_from_row(channel, row) for row in reversed(read)]
     since = messages[0].seq - 1 if messages else latest
     return HistoryPage(since=since, messages=messages, latest_seq=latest)
 

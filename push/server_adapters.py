@@ -187,3 +187,26 @@ def _twisted_direct_write(transport: Any) -> Callable[[bytes], None]:
             transport.write(frame[sent:])
 
     return write
+
+
+def peer_gone_probe(send: Any) -> Callable[[], bool] | None:
+    """A probe that says when the server knows the client is gone (its socket closed,
+    or a close began), or None under other servers.
+
+    The consumer handles one request at a time and reads the disconnect only after the
+    request returns; a long request (a replay) asks this instead, so its work stops
+    when the client leaves rather than after it has read everything for no one."""
+    protocol = getattr(send, "__self__", None)
+    kind = type(protocol).__name__
+    if kind == "WebSocketsSansIOProtocol":
+        transport = protocol.transport
+        return lambda: bool(protocol.disconnected or protocol.close_sent or transport.is_closing())
+    if kind == "RequestResponseCycle":
+        return lambda: bool(protocol.disconnected)
+    protocol = _daphne_protocol(send)
+    if protocol is not None and hasattr(protocol, "sendCloseFrame"):
+        open_state = protocol.STATE_OPEN
+        return lambda: protocol.state != open_state or not protocol.transport.connected
+    if protocol is not None and hasattr(protocol, "startedWriting"):
+        return lambda: bool(protocol._disconnected or protocol.finished)
+    return None

@@ -119,7 +119,13 @@ async def channel_subscribe(
     from ``since`` when given, join presence on ``presence-`` channels.
 
     ``reply(seq, recovered)`` is called before the first message of the channel reaches
-    the connection."""
+    the connection.
+
+    The consumer awaits this inline and reads the client's disconnect only after it
+    returns: every step that can wait (the replay above all) checks ``connection.gone``
+    and stops, so no work goes on for a client that left."""
+    if connection.gone:
+        return
     claims = None
     if token is not None:
         claims = subscription_token_verify(token, channel=channel)
@@ -139,7 +145,7 @@ async def channel_subscribe(
             f"subscription limit of {push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION} reached",
         )
     subscription = await node.hub.subscribe(connection, channel, since=since, reply=reply)
-    if not connection.is_open:
+    if connection.gone or not subscription.active:
         node.hub.unsubscribe(subscription)
         return
     connection.subscriptions[channel] = subscription

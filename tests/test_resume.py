@@ -9,10 +9,11 @@ import uuid
 from collections.abc import Iterator
 
 import httpx
+import psycopg
 import pytest
 
-from tests.servers import ServerNode, node_pair
-from tests.wsclient import RECEIVE_TIMEOUT_SECS, open_ws
+from tests.servers import Database, ServerNode, node_pair
+from tests.wsclient import RECEIVE_TIMEOUT_SECS, collect_messages, open_ws, subscribe
 
 pytestmark = pytest.mark.e2e
 
@@ -133,3 +134,67 @@ async def test_idempotent_retries_racing_on_two_nodes_publish_once(
     await _read_for(subscriber, 1.0, received)
     await subscriber.close()
     assert received == [1], "the subscriber must see the retried publish exactly once"
+
+
+# ----- a resume costs nothing once its client has left -------------------------------
+
+DEEP_HISTORY = 6000
+
+
+@pytest.fixture(scope="module", params=["daphne", "uvicorn"])
+def replaying_node(request: pytest.FixtureRequest, e2e_env: dict[str, str]) -> Iterator[ServerNode]:
+    """A node that serves every resume from PostgreSQL (one message in memory, no
+    Redis cache), as a node does for a channel whose recent messages do not reach back."""
+    env = {**e2e_env, "PUSH_RECENT_PER_CHANNEL": "1", "PUSH_RECENT_CACHE_SIZE": "0"}
+    node = ServerNode(env, server=request.param, name=f"replaying-{request.param}").start()
+    yield node
+    node.stop()
+
+
+def _store_history(database: Database, channel: str, count: int) -> None:
+    """``count`` stored messages of ~200 bytes, written straight into the tables."""
+    with psycopg.connect(database.url) as conn:
+        row = conn.execute(
+            "INSERT INTO push_channel (name, last_seq, created_at) VALUES (%s, %s, now())"
+            " RETURNING id",
+            (channel, count),
+        ).fetchone()
+        assert row is not None
+        conn.execute(
+            "INSERT INTO push_message (channel_id, seq, message_id, data, created_at)"
+            " SELECT %s, s, gen_random_uuid(), '\"' || repeat('x', 200) || '\"', now()"
+            " FROM generate_series(1, %s) AS s",
+            (row[0], count),
+        )
+
+
+async def _subscribe_and_leave(url: str, channel: str) -> None:
+    ws = await open_ws(url)
+    await ws.send(json.dumps({"type": "subscribe", "channel": channel, "since": 0}))
+    await asyncio.sleep(0.01)
+    ws.transport.abort()
+
+
+async def test_resumes_whose_clients_leave_at_once_stop_reading_history(
+    replaying_node: ServerNode, e2e_database: Database
+) -> None:
+    """Anonymous clients resume from 0 on a channel of 6,000 messages and leave 10 ms
+    later: the node reads a page or so for each, and nothing after they left."""
+    node = replaying_node
+    channel = f"deep-{uuid.uuid4().hex[:8]}"
+    _store_history(e2e_database, channel, DEEP_HISTORY)
+    rows = "push_history_rows_read_total"
+    before = node.metric(rows)
+    clients = 20
+    await asyncio.gather(*(_subscribe_and_leave(node.ws_url, channel) for _ in range(clients)))
+    await asyncio.sleep(1.0)
+    settled = node.metric(rows) - before
+    await asyncio.sleep(2.0)
+    assert node.metric(rows) - before == settled, "history was still read after they left"
+    assert 0 < settled <= clients * DEEP_HISTORY / 4
+    # The slots the leavers held are free again: a client that stays is served in full.
+    ws, reply = await subscribe(node.ws_url, channel, since=DEEP_HISTORY - 600)
+    assert (reply["seq"], reply["recovered"]) == (DEEP_HISTORY, True)
+    messages = await collect_messages(ws, 600)
+    await ws.close()
+    assert [m["seq"] for m in messages] == list(range(DEEP_HISTORY - 599, DEEP_HISTORY + 1))

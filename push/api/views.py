@@ -108,8 +108,13 @@ class ChannelMessagesView(ChannelView):
         )
         query.is_valid(raise_exception=True)
         since, limit = query.validated_data["since"], query.validated_data["limit"]
-        messages = selectors.message_list_since(channel=channel, since=since, limit=limit + 1)
-        has_more = len(messages) > limit
+        messages, cut_short = selectors.message_list_since(
+            channel=channel,
+            since=since,
+            limit=limit + 1,
+            max_bytes=push_settings.HISTORY_PAGE_MAX_BYTES,
+        )
+        has_more = len(messages) > limit or cut_short
         messages = messages[:limit]
         next_url = _page_url(request, since=messages[-1].seq, limit=limit) if has_more else None
         return Response({"results": [m.envelope() for m in messages], "next": next_url})

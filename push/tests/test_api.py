@@ -159,6 +159,33 @@ def test_history_is_oldest_first_and_paginated(publisher: APIClient, client: API
     assert page["next"] is None
 
 
+@override_settings(PUSH={"HISTORY_PAGE_MAX_BYTES": 250_000})
+def test_history_page_stops_at_its_byte_budget(client: APIClient) -> None:
+    """Messages of 100 KB against a 250 KB budget: pages of two, ``next`` pointing on,
+    and following it returns every message exactly once."""
+    big = "x" * 100_000
+    for n in range(7):
+        message_publish(channel="bulky", data={"n": n, "pad": big})
+    url: str | None = "/api/v1/channels/bulky/messages?since=0&limit=1000"
+    pages: list[list[int]] = []
+    while url is not None:
+        page = client.get(url).json()
+        pages.append([m["data"]["n"] for m in page["results"]])
+        url = page["next"]
+    assert pages == [[0, 1], [2, 3], [4, 5], [6]]
+
+
+@override_settings(PUSH={"HISTORY_PAGE_MAX_BYTES": 1000})
+def test_a_history_page_holds_one_message_even_over_the_budget(client: APIClient) -> None:
+    for n in range(3):
+        message_publish(channel="huge", data="y" * 5000 + str(n))
+    page = client.get("/api/v1/channels/huge/messages?since=0").json()
+    assert [m["seq"] for m in page["results"]] == [1]
+    assert page["next"] is not None and "since=1" in page["next"]
+    last = client.get("/api/v1/channels/huge/messages?since=2").json()
+    assert ([m["seq"] for m in last["results"]], last["next"]) == ([3], None)
+
+
 def test_history_defaults(publisher: APIClient, client: APIClient) -> None:
     _publish(publisher, "feed", {"data": 1})
     page = client.get("/api/v1/channels/feed/messages").json()

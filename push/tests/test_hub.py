@@ -48,7 +48,7 @@ class MemoryHistory:
     async def latest_seqs(self, channels: list[str]) -> dict[str, int]:
         return {c: self.latest.get(c, 0) for c in channels}
 
-    async def recent(self, channel: str, count: int) -> HistoryPage:
+    async def recent(self, channel: str, count: int, max_bytes: int = 10**9) -> HistoryPage:
         self.recent_calls += 1
         latest = self.latest.get(channel, 0)
         stored = [m for m in self.stored.get(channel, []) if m.seq <= latest][-count:]
@@ -56,7 +56,9 @@ class MemoryHistory:
         since = messages[0].seq - 1 if messages else latest
         return HistoryPage(since=since, messages=messages, latest_seq=latest)
 
-    async def page(self, channel: str, since: int, limit: int) -> HistoryPage:
+    async def page(
+        self, channel: str, since: int, limit: int, max_bytes: int = 10**9
+    ) -> HistoryPage:
         self.page_calls += 1
         latest = self.latest.get(channel, 0)
         if self.page_gate is not None:
@@ -72,6 +74,8 @@ class FakeClient:
 
     def __init__(self, codec: Codec = JSON, max_frames: int = 1000) -> None:
         self.codec = codec
+        self.ip: str | None = None
+        self.gone = False  # set by a test: the client left
         self.sent: list[dict[str, Any]] = []
         self.payloads: list[str | bytes] = []  # as handed to the socket, undecoded
         self.overflowed = False

@@ -81,9 +81,9 @@ def database_recent_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     read = history._history_recent
 
-    async def recording(*, channel: str, count: int) -> Any:
+    async def recording(*, channel: str, count: int, max_bytes: int) -> Any:
         calls.append(channel)
-        return await read(channel=channel, count=count)
+        return await read(channel=channel, count=count, max_bytes=max_bytes)
 
     monkeypatch.setattr(history, "_history_recent", recording)
     return calls
@@ -195,3 +195,32 @@ async def test_a_since_past_the_channels_history_gets_the_real_latest_seq() -> N
     await _publish("reset", 1)
     assert (await client.recv_type("message"))["seq"] == 4
     await client.close()
+
+
+# ----- the cache's byte budget -------------------------------------------------------
+
+
+@needs_redis
+@override_settings(PUSH={"RECENT_CACHE_MAX_BYTES": 1000})
+async def test_the_cache_holds_and_reads_at_most_its_byte_budget_per_channel() -> None:
+    """Messages of 300 bytes against a budget of 1000: the stream keeps three (not
+    ``PUSH_RECENT_CACHE_SIZE``), and a read takes no more than the budget it is given."""
+    node = await get_node()
+    for _ in range(10):
+        await sync_to_async(message_publish)(channel="wide-cache", data="x" * 298)
+    redis = redis_async()
+    key = recent_key(redis_prefix(), "wide-cache")
+    try:
+        for _ in range(100):
+            newest = await redis.xrevrange(key, count=1)
+            if newest and int(newest[0][1][b"s"]) == 10:
+                break
+            await asyncio.sleep(0.05)
+        entries = await redis.xrange(key)
+    finally:
+        await redis.aclose()
+    assert [int(fields[b"s"]) for _, fields in entries] == [8, 9, 10]
+    assert sum(len(fields[b"d"]) for _, fields in entries) <= 1000
+    assert [m.seq for m in await node.recent_cache.read("wide-cache", 100, 10**9)] == [8, 9, 10]
+    assert [m.seq for m in await node.recent_cache.read("wide-cache", 100, 700)] == [9, 10]
+    assert [m.seq for m in await node.recent_cache.read("wide-cache", 100, 10)] == [10]

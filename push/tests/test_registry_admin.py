@@ -5,12 +5,17 @@ authentication on the WebSocket."""
 from __future__ import annotations
 
 import asyncio
+import io
+import uuid
+from datetime import timedelta
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.core.management import call_command
 from django.test import Client, override_settings
+from django.utils import timezone
 
 from accounts.models import ChannelGrant
 from push.codecs import CODECS
@@ -201,3 +206,26 @@ def test_admin_lists_connections_messages_and_channels() -> None:
     assert b"news" in browser.get("/admin/push/channel/").content
     # History is read-only: no add, change or delete.
     assert browser.get("/admin/push/message/add/").status_code == 403
+
+
+@override_settings(PUSH={"REGISTRY_CLOSED_RETENTION_SECS": 3600})
+def test_closed_connections_rows_expire_with_trim_history() -> None:
+    now = timezone.now()
+
+    def row(closed_ago: timedelta | None) -> Connection:
+        return Connection.objects.create(
+            connection_id=uuid.uuid4(),
+            server_id="gone-node",
+            connected_at=now - timedelta(days=30),
+            disconnected_at=None if closed_ago is None else now - closed_ago,
+        )
+
+    old = row(timedelta(hours=2))
+    recent = row(timedelta(minutes=10))
+    live = row(None)
+    out = io.StringIO()
+    call_command("trim_history", stdout=out)
+    assert "deleted 1 closed connections" in out.getvalue()
+    remaining = set(Connection.objects.values_list("connection_id", flat=True))
+    assert remaining == {recent.connection_id, live.connection_id}
+    assert old.connection_id not in remaining

@@ -8,11 +8,16 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
+from push.conf import push_settings
+from push.registry import registry_trim_closed
 from push.retention import history_trim
 
 
 class Command(BaseCommand):
-    help = "Delete stored messages that the retention settings no longer keep."
+    help = (
+        "Delete stored messages that the retention settings no longer keep, and the "
+        "registry rows of connections closed longer ago than PUSH_REGISTRY_CLOSED_RETENTION."
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
@@ -24,6 +29,8 @@ class Command(BaseCommand):
             trimmed = history_trim()
             total = sum(trimmed.values())
             self.stdout.write(f"trimmed {total} messages in {len(trimmed)} channels")
+            closed = registry_trim_closed(push_settings.REGISTRY_CLOSED_RETENTION_SECS)
+            self.stdout.write(f"deleted {closed} closed connections")
             if options["every"] is None:
                 return
             time.sleep(options["every"])

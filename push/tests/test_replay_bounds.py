@@ -1,0 +1,254 @@
+"""What a resume may cost the node: a replay stops when its client leaves, replays
+hold bounded slots per node and per address, and the hub's buffers are bounded in
+bytes as well as in messages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from prometheus_client import REGISTRY
+
+from push.errors import ErrorCode, PushError
+from push.history import DatabaseHistory
+from push.limits import ReplaySlots
+from push.message import ChannelMessage
+from push.models import Channel, Message
+from push.tests.test_hub import FakeClient, MemoryHistory, make_hub, settle
+
+# 300 characters of data: three of them fit in a budget of 1000 bytes, four do not.
+BIG_DATA = json.dumps("x" * 298)
+
+
+def big_message(channel: str, seq: int) -> ChannelMessage:
+    return ChannelMessage(
+        channel=channel,
+        seq=seq,
+        message_id=str(uuid.uuid4()),
+        data_json=BIG_DATA,
+        timestamp=time.time(),
+    )
+
+
+def store_big(history: MemoryHistory, channel: str, seq: int) -> ChannelMessage:
+    message = big_message(channel, seq)
+    history.stored.setdefault(channel, []).append(message)
+    history.latest[channel] = max(history.latest.get(channel, 0), seq)
+    return message
+
+
+def client_from(ip: str) -> FakeClient:
+    client = FakeClient()
+    client.ip = ip
+    return client
+
+
+class UnreadClient(FakeClient):
+    """A client that reads nothing: what is sent to it waits in its queue."""
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        await asyncio.Event().wait()
+
+
+def rows_read() -> float:
+    return REGISTRY.get_sample_value("push_history_rows_read_total") or 0.0
+
+
+def _store_rows(channel: str, count: int) -> None:
+    stored = Channel.objects.create(name=channel, last_seq=count)
+    now = datetime.now(tz=UTC)
+    Message.objects.bulk_create(
+        Message(channel=stored, seq=seq, message_id=uuid.uuid4(), data=str(seq), created_at=now)
+        for seq in range(1, count + 1)
+    )
+
+
+# ----- a replay stops when its client leaves (real PostgreSQL) ------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_replay_reads_no_more_history_once_its_client_left() -> None:
+    """The client subscribes from 0 to 3,000 stored messages and leaves at once. Its
+    sends still succeed (as a closed socket's do under daphne), so only knowing that
+    it left stops the replay: one page is read, not the channel's whole history."""
+    await sync_to_async(_store_rows)("deep", 3000)
+    hub, _ = await make_hub(DatabaseHistory(), recent_size=1)
+    client = FakeClient(max_frames=100)  # pages of 50
+
+    def leave(seq: int, recovered: bool | None) -> None:
+        client.gone = True
+
+    before = rows_read()
+    subscription = await hub.subscribe(client, "deep", since=0, reply=leave)
+    read = rows_read() - before
+    assert not subscription.active
+    assert read <= 1 + 50  # the join's recent message and the first page
+    await settle(0.3)
+    assert rows_read() - before == read
+    assert hub.channels["deep"].subscriber_count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_replay_waiting_for_its_client_to_read_stops_when_it_leaves() -> None:
+    await sync_to_async(_store_rows)("stalled", 3000)
+    hub, _ = await make_hub(DatabaseHistory(), recent_size=1)
+    client = UnreadClient(max_frames=100)
+    before = rows_read()
+    resuming = asyncio.create_task(hub.subscribe(client, "stalled", since=0, reply=client.reply))
+    await settle(0.3)
+    assert not resuming.done()  # waiting for the client to read its queue
+    read = rows_read() - before
+    client.gone = True
+    subscription = await asyncio.wait_for(resuming, 0.5)
+    assert not subscription.active
+    await settle(0.2)
+    assert rows_read() - before == read <= 1 + 100
+
+
+# ----- replay slots ------------------------------------------------------------------
+
+
+async def test_replays_are_bounded_per_address_and_per_node() -> None:
+    history = MemoryHistory()
+    for seq in range(1, 11):
+        history.store("deep", seq)
+    slots = ReplaySlots(per_node=2, per_ip=1, wait_secs=0.2)
+    hub, _ = await make_hub(history, recent_size=1, replay_slots=slots)
+    history.page_gate = asyncio.Event()  # replays hold their slot while they read
+    first = client_from("10.0.0.1")
+    first_task = asyncio.create_task(hub.subscribe(first, "deep", since=0, reply=first.reply))
+    await settle()
+
+    same_address = client_from("10.0.0.1")
+    with pytest.raises(PushError) as refused:
+        await hub.subscribe(same_address, "deep", since=0, reply=same_address.reply)
+    assert refused.value.code is ErrorCode.RATE_LIMITED
+
+    second = client_from("10.0.0.2")
+    second_task = asyncio.create_task(hub.subscribe(second, "deep", since=0, reply=second.reply))
+    await settle()
+    third = client_from("10.0.0.3")
+    with pytest.raises(PushError) as refused:
+        await hub.subscribe(third, "deep", since=0, reply=third.reply)
+    assert refused.value.code is ErrorCode.UNAVAILABLE
+    assert slots.in_use == 2
+
+    # A resume that the node's recent messages serve reads nothing and needs no slot.
+    from_memory = client_from("10.0.0.1")
+    calls = history.page_calls
+    await hub.subscribe(from_memory, "deep", since=9, reply=from_memory.reply)
+    assert (from_memory.seqs(), history.page_calls) == ([10], calls)
+
+    # A waiter whose client leaves stops waiting at once.
+    slots.wait_secs = 30.0
+    leaving = client_from("10.0.0.4")
+    waiting = asyncio.create_task(hub.subscribe(leaving, "deep", since=0, reply=leaving.reply))
+    await settle(0.05)
+    leaving.gone = True
+    assert not (await asyncio.wait_for(waiting, 0.5)).active
+    assert leaving.replies == []
+
+    history.page_gate.set()
+    await first_task
+    await second_task
+    await settle()
+    assert first.seqs() == second.seqs() == list(range(1, 11))
+    assert slots.in_use == 0
+    again = client_from("10.0.0.1")
+    await hub.subscribe(again, "deep", since=0, reply=again.reply)
+    await settle()
+    assert again.seqs() == list(range(1, 11))
+
+
+# ----- the hub's buffers in bytes ----------------------------------------------------
+
+
+async def test_recent_messages_are_bounded_in_bytes() -> None:
+    history = MemoryHistory()
+    hub, _ = await make_hub(history, recent_bytes=1000)
+    client = FakeClient()
+    await hub.subscribe(client, "wide", since=None, reply=client.reply)
+    for seq in range(1, 11):
+        hub.deliver(store_big(history, "wide", seq))
+    recent = hub.channels["wide"].recent
+    assert [m.seq for m in recent] == [8, 9, 10]
+    assert recent.bytes <= 1000
+
+
+async def test_the_reorder_buffer_is_bounded_in_bytes_and_the_gap_still_fills() -> None:
+    history = MemoryHistory()
+    hub, _ = await make_hub(history, pending_bytes=1000, gap_wait_secs=5.0)
+    client = FakeClient()
+    await hub.subscribe(client, "gappy", since=None, reply=client.reply)
+    store_big(history, "gappy", 1)  # committed, but its broadcast is late
+    for seq in range(2, 21):
+        hub.deliver(store_big(history, "gappy", seq))
+        assert hub.channels["gappy"].pending_bytes <= 1000
+    await settle(0.1)
+    assert client.seqs() == list(range(1, 21))
+
+
+async def test_a_replays_buffer_of_live_messages_is_bounded_in_bytes() -> None:
+    history = MemoryHistory()
+    for seq in range(1, 6):
+        history.store("busy", seq)
+    hub, _ = await make_hub(history, recent_size=0, pending_bytes=1000)
+    watcher = FakeClient(max_frames=5000)
+    await hub.subscribe(watcher, "busy", since=None, reply=watcher.reply)
+    history.page_gate = asyncio.Event()
+    resumed = FakeClient(max_frames=5000)
+    resuming = asyncio.create_task(hub.subscribe(resumed, "busy", since=0, reply=resumed.reply))
+    await settle()
+    for seq in range(6, 40):
+        hub.deliver(store_big(history, "busy", seq))
+        (held,) = hub.channels["busy"].catching_up
+        assert held.buffer_bytes <= 1000
+    history.page_gate.set()
+    await resuming
+    await settle(0.1)
+    assert resumed.seqs() == list(range(1, 40))
+
+
+class RecordingHistory(DatabaseHistory):
+    def __init__(self) -> None:
+        self.pages: list[int] = []
+
+    async def page(self, channel: str, since: int, limit: int, max_bytes: int) -> Any:
+        page = await super().page(channel, since, limit, max_bytes)
+        self.pages.append(len(page.messages))
+        return page
+
+
+def _store_large_rows(channel: str, count: int, size: int) -> None:
+    stored = Channel.objects.create(name=channel, last_seq=count)
+    now = datetime.now(tz=UTC)
+    Message.objects.bulk_create(
+        Message(
+            channel=stored,
+            seq=seq,
+            message_id=uuid.uuid4(),
+            data=json.dumps(f"{seq}:" + "z" * size),
+            created_at=now,
+        )
+        for seq in range(1, count + 1)
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_replay_reads_history_in_pages_bounded_in_bytes() -> None:
+    """Messages of 100 KB against a replay budget of 250 KB: pages of two, and the
+    client still receives every message once, in order."""
+    await sync_to_async(_store_large_rows)("large", 7, 100_000)
+    history = RecordingHistory()
+    hub, _ = await make_hub(history, recent_size=1, replay_batch_bytes=250_000)
+    client = FakeClient()
+    await hub.subscribe(client, "large", since=0, reply=client.reply)
+    await settle()
+    assert client.seqs() == list(range(1, 8))
+    assert history.pages == [2, 2, 2, 1]
