@@ -255,7 +255,10 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
     for subscriber in subscribers:
         await subscriber.stop()
 
-    assert attacker.returncode == 0 or seen.aborted, (tmp_path / "attackers.log").read_text()
+    attacker_log = (tmp_path / "attackers.log").read_text()
+    assert attacker.returncode == 0 or seen.aborted, (
+        f"attackers: {attacker.returncode} {attacker_log}"
+    )
     report = json.loads((tmp_path / "attack-report.json").read_text())
     honest = judge(subscribers, publisher, (attack_started, attack_ended))
     requests = sum(a["requests"] for a in report["attacks"])
