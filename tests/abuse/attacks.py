@@ -48,7 +48,9 @@ PAGE_BYTES_BOUND = PAGE_BUDGET_BYTES + BOMB_MESSAGE_BYTES + 256 * 1024
 # node without the budget cannot make this process hold 100 MB per request.
 PAGE_READ_CAP_BYTES = 2 * PAGE_BYTES_BOUND
 STALL_SECS = 5.0
-FLOOD_FRAMES = 400  # the default bucket (100) plus the default close-after (200), and more
+# The default bucket (100) plus the default close-after (200), and room for the tokens
+# the bucket earns back (50/s) while a busy node works through the burst.
+FLOOD_FRAMES = 1000
 SUBSCRIBE_LIMIT = 1000  # the default PUSH_MAX_SUBSCRIPTIONS_PER_CONNECTION
 # Errors a frame the server cannot understand may get; the connection stays open.
 GARBAGE_CODES = {"INVALID_JSON", "INVALID_MESSAGE", "UNKNOWN_MESSAGE_TYPE", "FORBIDDEN"}

@@ -22,6 +22,9 @@ from websockets.exceptions import ConnectionClosed
 
 OPEN_TIMEOUT_SECS = 10.0
 PADDING = "p" * 200  # a message of a few hundred bytes, as a chat or a ticker sends
+# Below the announced heartbeat interval (25 s): a subscriber that only listens would be
+# closed 4001 after PUSH_HEARTBEAT_TIMEOUT_SECS (75 s), shorter than a run.
+HEARTBEAT_SECS = 20.0
 
 
 @dataclass
@@ -42,7 +45,9 @@ class HonestSubscriber:
     samples: list[Sample] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
     close_code: int | None = None
+    # Closed by the server or the network, not by stop().
     closed: bool = False
+    stopping: bool = False
 
     async def start(self) -> None:
         self.ws = await connect(self.url, open_timeout=OPEN_TIMEOUT_SECS, max_size=None)
@@ -52,6 +57,13 @@ class HonestSubscriber:
         while len(self.subscribed_seq) < len(self.channels):
             self._on_frame(json.loads(await self.ws.recv()))
         self.task = asyncio.create_task(self._read())
+        self.heartbeat = asyncio.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.sleep(HEARTBEAT_SECS)
+                await self.ws.send(json.dumps({"type": "heartbeat"}))
 
     async def _read(self) -> None:
         try:
@@ -59,8 +71,9 @@ class HonestSubscriber:
                 self._on_frame(json.loads(frame))
         except ConnectionClosed:
             pass
-        self.closed = True
-        self.close_code = self.ws.close_code
+        if not self.stopping:
+            self.closed = True
+            self.close_code = self.ws.close_code
 
     def _on_frame(self, envelope: dict[str, Any]) -> None:
         kind = envelope.get("type")
@@ -79,9 +92,10 @@ class HonestSubscriber:
         return seqs[-1] if seqs else self.subscribed_seq.get(channel, 0)
 
     async def stop(self) -> None:
+        self.stopping = True
+        self.heartbeat.cancel()
         await self.ws.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        await asyncio.gather(self.task, self.heartbeat, return_exceptions=True)
 
 
 @dataclass(eq=False)
@@ -156,6 +170,7 @@ class HonestVerdict:
     duplicates: int
     out_of_order: int
     disconnected: int
+    close_codes: list[int | None]
     errors: int
 
 
@@ -189,6 +204,7 @@ def judge(
         duplicates=duplicates,
         out_of_order=out_of_order,
         disconnected=sum(1 for sub in subscribers if sub.closed),
+        close_codes=[sub.close_code for sub in subscribers if sub.closed],
         errors=sum(len(sub.errors) for sub in subscribers) + len(publisher.errors),
     )
 
