@@ -50,7 +50,7 @@ PAGE_READ_CAP_BYTES = 2 * PAGE_BYTES_BOUND
 STALL_SECS = 5.0
 # The default bucket (100) plus the default close-after (200), and room for the tokens
 # the bucket earns back (50/s) while a busy node works through the burst.
-FLOOD_FRAMES = 1000
+FLOOD_FRAMES = 600
 SUBSCRIBE_LIMIT = 1000  # the default PUSH_MAX_SUBSCRIPTIONS_PER_CONNECTION
 # Errors a frame the server cannot understand may get; the connection stays open.
 GARBAGE_CODES = {"INVALID_JSON", "INVALID_MESSAGE", "UNKNOWN_MESSAGE_TYPE", "FORBIDDEN"}
@@ -296,7 +296,7 @@ def record_rest(stats: AttackStats, status: int, expected: set[int]) -> None:
 async def frame_flood(target: Target, stats: AttackStats) -> None:
     """Frames as fast as the socket takes them: RATE_LIMITED, then close 1008."""
     frame = json.dumps({"type": "heartbeat"})
-    pacer = Pacer(target, 0.4)
+    pacer = Pacer(target, 0.25)
     while await pacer.tick():
         stats.requests += 1 + FLOOD_FRAMES
         ws, codec = await ws_open(target.ws_url)
