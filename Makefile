@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: venv run test lint format services bench bench-codecs token cluster cluster-stop test-faults
+.PHONY: venv run test lint format services bench bench-codecs token cluster cluster-stop test-faults \
+	test-abuse
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +44,12 @@ test: venv services lint
 test-faults: venv services
 	DEBUG=1 DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) \
 	REDIS_PREFIX=pushfaults$$$$ $(PY) -m pytest -m faults tests/faults $(PYTEST_ARGS)
+
+# The abuse suite: 50 anonymous attackers against one node with default settings while
+# honest clients publish and subscribe; about 2.5 minutes (README "Abuse suite").
+test-abuse: venv services
+	DEBUG=1 DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) \
+	REDIS_PREFIX=pushabuse$$$$ $(PY) -m pytest -m abuse tests/abuse -s $(PYTEST_ARGS)
 
 # N daphne nodes behind nginx on 127.0.0.1:$(CLUSTER_PORT), against DATABASE_URL and
 # REDIS_URL (default: the test services); every PID in .cluster/state.json.

@@ -76,15 +76,22 @@ def manage(env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
-def create_token(env: dict[str, str], username: str, *, staff: bool = False) -> str:
+def create_token(
+    env: dict[str, str], username: str, *, staff: bool = False, grant: bool = True
+) -> str:
+    """An API token of ``username``; with ``grant``, a grant to publish anywhere, else
+    only what the settings allow every signed-in user."""
+    grant_line = (
+        "from accounts.models import ChannelGrant;"
+        "ChannelGrant.objects.get_or_create(user=u, pattern='*', can_publish=True);"
+    )
     script = (
         "from django.contrib.auth.models import User;"
         "from rest_framework.authtoken.models import Token;"
         f"u, _ = User.objects.get_or_create(username={username!r},"
         f" defaults={{'is_staff': {staff}}});"
-        "from accounts.models import ChannelGrant;"
-        "ChannelGrant.objects.get_or_create(user=u, pattern='*', can_publish=True);"
-        "print('TOKEN=' + Token.objects.get_or_create(user=u)[0].key)"
+        + (grant_line if grant else "")
+        + "print('TOKEN=' + Token.objects.get_or_create(user=u)[0].key)"
     )
     output = manage(env, "shell", "-c", script)
     return next(line[6:] for line in output.splitlines() if line.startswith("TOKEN="))

@@ -1,0 +1,647 @@
+"""The abuse suite's attackers: 50 anonymous clients, run as a process of their own
+(``python -m tests.abuse.attacks``) so that the CPU measured on the node is the node's.
+
+Each row of ``ATTACKS`` is one kind of abuse: how many clients run it, how often each
+acts, and the coroutine one client runs until the deadline. Every answer a client gets
+is recorded as an outcome (``error INVALID_MESSAGE, open``, ``http 429``, ``close 1009``)
+marked expected or not, and every frame, handshake or HTTP request it sends counts as
+one abusive request. The report (``--report``, JSON) holds these counts per attack.
+
+Rates are modest on purpose: the node has no per-IP limit by default, so enough
+handshakes a second fill any CPU; what the suite proves is that each request costs a
+bounded amount, not that a node survives unbounded traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import secrets
+import signal
+import socket
+import string
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from push.codecs import CODECS, Codec
+
+REPLY_TIMEOUT_SECS = 5.0
+HTTP_TIMEOUT_SECS = 30.0
+MAX_FRAME_BYTES = 1_048_576  # the default PUSH_MAX_FRAME_BYTES
+# The contract's REST page budget: 4 MiB of message data, and at least one message.
+PAGE_BUDGET_BYTES = 4 * 1_048_576
+BOMB_MESSAGE_BYTES = 1_000_000
+# A page may exceed the budget by its last message and the envelopes around the data.
+PAGE_BYTES_BOUND = PAGE_BUDGET_BYTES + BOMB_MESSAGE_BYTES + 256 * 1024
+# A bomb reader stops reading past this (and records the page as over budget), so a
+# node without the budget cannot make this process hold 100 MB per request.
+PAGE_READ_CAP_BYTES = 2 * PAGE_BYTES_BOUND
+STALL_SECS = 5.0
+# The default bucket (100) plus the default close-after (200), and room for the tokens
+# the bucket earns back (50/s) while a busy node works through the burst.
+FLOOD_FRAMES = 600
+SUBSCRIBE_LIMIT = 1000  # the default PUSH_MAX_SUBSCRIPTIONS_PER_CONNECTION
+# Errors a frame the server cannot understand may get; the connection stays open.
+GARBAGE_CODES = {"INVALID_JSON", "INVALID_MESSAGE", "UNKNOWN_MESSAGE_TYPE", "FORBIDDEN"}
+SAMPLES_KEPT = 5
+STOP_GRACE_SECS = 3.0
+
+
+@dataclass
+class Target:
+    http_url: str
+    secret: str
+    honest_channels: list[str]
+    resume_channel: str
+    bomb_channel: str
+    deadline: float = 0.0
+
+    @property
+    def ws_url(self) -> str:
+        return self.http_url.replace("http://", "ws://", 1) + "/ws/"
+
+    def over(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+
+@dataclass
+class AttackStats:
+    name: str
+    clients: int
+    anonymous_rest: bool
+    requests: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    unexpected: Counter[str] = field(default_factory=Counter)
+    samples: list[str] = field(default_factory=list)
+    # Anonymous REST requests answered 200, and when the first and last were sent.
+    rest_ok: int = 0
+    rest_first_at: float | None = None
+    rest_last_at: float | None = None
+    max_page_bytes: int = 0
+
+    def record(self, outcome: str, expected: bool, sample: str = "") -> None:
+        self.outcomes[outcome] += 1
+        if not expected:
+            self.unexpected[outcome] += 1
+            if len(self.samples) < SAMPLES_KEPT:
+                self.samples.append(f"{outcome}: {sample}"[:300])
+
+    def report(self) -> dict[str, Any]:
+        # Not dataclasses.asdict: it rebuilds a Counter from (key, count) pairs.
+        return {**vars(self), "outcomes": dict(self.outcomes), "unexpected": dict(self.unexpected)}
+
+    def rest_sent(self) -> None:
+        now = time.time()
+        self.requests += 1
+        self.rest_first_at = self.rest_first_at or now
+        self.rest_last_at = now
+
+
+class Pacer:
+    """At most ``per_sec`` ticks a second and ``per_sec`` x the time left in all; no
+    catch-up bursts after a slow step."""
+
+    def __init__(self, target: Target, per_sec: float) -> None:
+        self.target = target
+        self.interval = 1.0 / per_sec
+        self.left = int((target.deadline - time.monotonic()) * per_sec) + 1
+        self.last = 0.0
+
+    async def tick(self) -> bool:
+        wait = self.last + self.interval - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self.last = time.monotonic()
+        self.left -= 1
+        return self.left >= 0 and not self.target.over()
+
+
+# ----- WebSocket helpers ------------------------------------------------------------------
+
+
+async def ws_open(
+    url: str, *, subprotocol: str | None = None, **kwargs: Any
+) -> tuple[ClientConnection, Codec]:
+    ws = await connect(
+        url,
+        subprotocols=[subprotocol] if subprotocol else None,  # type: ignore[list-item]
+        open_timeout=10,
+        close_timeout=1,
+        ping_interval=None,
+        max_size=None,
+        **kwargs,
+    )
+    return ws, CODECS[ws.subprotocol or "v1.json"]
+
+
+async def recv_envelope(ws: ClientConnection, codec: Codec) -> dict[str, Any]:
+    frame = await asyncio.wait_for(ws.recv(), REPLY_TIMEOUT_SECS)
+    return codec.decode(frame)  # type: ignore[no-any-return]
+
+
+def describe(envelope: dict[str, Any]) -> str:
+    if envelope.get("type") == "error":
+        return f"error {envelope.get('code')}" + (" with id" if "id" in envelope else "")
+    return str(envelope.get("type"))
+
+
+async def handshake_outcome(url: str, **kwargs: Any) -> str:
+    """What a handshake that should be refused got: ``http 403``, ``close 1008``, or
+    ``connection_established`` when it was let in."""
+    try:
+        ws, codec = await ws_open(url, **kwargs)
+    except InvalidStatus as exc:
+        return f"http {exc.response.status_code}"
+    try:
+        return describe(await recv_envelope(ws, codec))
+    except ConnectionClosed as exc:
+        return f"close {exc.rcvd.code if exc.rcvd else None}"
+    finally:
+        await ws.close()
+
+
+# One step on an open connection; the int counts the steps on this connection from 1.
+Step = Callable[[ClientConnection, Codec, AttackStats, int], Awaitable[None]]
+
+
+async def frame_attack(
+    target: Target, stats: AttackStats, step: Step, *, per_sec: float, subprotocol: str | None
+) -> None:
+    """Run ``step`` on one connection ``per_sec`` times a second; a close the step did
+    not expect is recorded and the client connects again."""
+    pacer = Pacer(target, per_sec)
+    while pacer.left > 0 and not target.over():
+        stats.requests += 1
+        ws, codec = await ws_open(target.ws_url, subprotocol=subprotocol)
+        steps = 0
+        try:
+            await recv_envelope(ws, codec)  # connection_established
+            while await pacer.tick():
+                steps += 1
+                await step(ws, codec, stats, steps)
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else None
+            stats.record(f"closed {code}", False, "the server closed the connection")
+            await asyncio.sleep(1.0)
+        except TimeoutError:
+            stats.record("no reply", False, f"nothing within {REPLY_TIMEOUT_SECS} s")
+        finally:
+            await ws.close()
+
+
+async def send_expecting(
+    ws: ClientConnection,
+    codec: Codec,
+    stats: AttackStats,
+    frame: str | bytes,
+    expected: Callable[[dict[str, Any]], bool],
+) -> None:
+    stats.requests += 1
+    await ws.send(frame)
+    reply = await recv_envelope(ws, codec)
+    stats.record(describe(reply) + ", open", expected(reply), repr(reply)[:200])
+
+
+# ----- 1. lone surrogate request ids -----------------------------------------------------
+
+
+async def surrogate_id(target: Target, stats: AttackStats) -> None:
+    # The JSON escape itself: the frame is valid UTF-8, its decoded id is not Unicode.
+    frame = '{"type":"heartbeat","id":"\\ud800"}'
+
+    def expected(reply: dict[str, Any]) -> bool:
+        return reply.get("code") == "INVALID_MESSAGE" and "id" not in reply
+
+    async def step(ws: ClientConnection, codec: Codec, stats: AttackStats, _: int) -> None:
+        await send_expecting(ws, codec, stats, frame, expected)
+
+    await frame_attack(target, stats, step, per_sec=10, subprotocol=None)
+
+
+# ----- 2. resume from 0 and leave ----------------------------------------------------------
+
+
+async def resume_and_leave(target: Target, stats: AttackStats) -> None:
+    subscribe = json.dumps({"type": "subscribe", "channel": target.resume_channel, "since": 0})
+    pacer = Pacer(target, 4)
+    while await pacer.tick():
+        stats.requests += 2  # the handshake and the subscribe
+        ws, _ = await ws_open(target.ws_url)
+        await ws.send(subscribe)
+        await asyncio.sleep(0.01)
+        ws.transport.abort()
+        stats.record("left 10 ms after subscribe", True)
+
+
+# ----- 3. history bombs ----------------------------------------------------------------------
+
+
+def bomb_path(target: Target) -> str:
+    return f"/api/v1/channels/{target.bomb_channel}/messages?since=0&limit=1000"
+
+
+async def bomb_reader(target: Target, stats: AttackStats) -> None:
+    pacer = Pacer(target, 0.5)
+    async with httpx.AsyncClient(base_url=target.http_url, timeout=HTTP_TIMEOUT_SECS) as http:
+        while await pacer.tick():
+            stats.rest_sent()
+            async with http.stream("GET", bomb_path(target)) as response:
+                size = 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > PAGE_READ_CAP_BYTES:
+                        break
+            stats.max_page_bytes = max(stats.max_page_bytes, size)
+            record_rest(stats, response.status_code, {200, 429})
+            if response.status_code == 200 and size > PAGE_BYTES_BOUND:
+                stats.record("page over the byte budget", False, f"{size} bytes or more")
+
+
+async def bomb_staller(target: Target, stats: AttackStats) -> None:
+    """Asks for the bomb page, reads its first bytes, then reads nothing for a while."""
+    host, port = urlsplit(target.http_url).hostname, urlsplit(target.http_url).port
+    pacer = Pacer(target, 1 / (STALL_SECS + 1))
+    while await pacer.tick():
+        stats.rest_sent()
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        writer.write(f"GET {bomb_path(target)} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        status_line = await asyncio.wait_for(reader.readline(), HTTP_TIMEOUT_SECS)
+        status = int(status_line.split()[1]) if status_line else 0
+        record_rest(stats, status, {200, 429})
+        await asyncio.sleep(STALL_SECS)
+        writer.transport.abort()
+
+
+def record_rest(stats: AttackStats, status: int, expected: set[int]) -> None:
+    if status == 200 and stats.anonymous_rest:
+        stats.rest_ok += 1
+    stats.record(f"http {status}", status in expected)
+
+
+# ----- 4. floods, oversized frames, subscribe storms, garbage ------------------------------
+
+
+async def frame_flood(target: Target, stats: AttackStats) -> None:
+    """Frames as fast as the socket takes them: RATE_LIMITED, then close 1008."""
+    frame = json.dumps({"type": "heartbeat"})
+    pacer = Pacer(target, 0.25)
+    while await pacer.tick():
+        stats.requests += 1 + FLOOD_FRAMES
+        ws, codec = await ws_open(target.ws_url)
+        limited = 0
+        try:
+            for _ in range(FLOOD_FRAMES):
+                await ws.send(frame)
+            async with asyncio.timeout(10):
+                while True:
+                    limited += describe(await recv_envelope(ws, codec)) == "error RATE_LIMITED"
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else None
+            stats.record(f"close {code} after RATE_LIMITED", code == 1008 and limited > 0)
+        except TimeoutError:
+            stats.record("still open after the flood", False, f"{limited} RATE_LIMITED")
+        finally:
+            ws.transport.abort()
+
+
+async def oversized(target: Target, stats: AttackStats) -> None:
+    """A frame one byte over the limit (MESSAGE_TOO_LARGE, close 1009), and a REST body
+    over it (413, or refused before it is read: anonymous)."""
+    pacer = Pacer(target, 0.5)
+    frame = "x" * (MAX_FRAME_BYTES + 1)
+    body = b'{"data":"' + b"x" * MAX_FRAME_BYTES + b'"}'
+    async with httpx.AsyncClient(base_url=target.http_url, timeout=HTTP_TIMEOUT_SECS) as http:
+        while await pacer.tick():
+            stats.requests += 2
+            ws, codec = await ws_open(target.ws_url)
+            outcome = ""
+            try:
+                await recv_envelope(ws, codec)
+                await ws.send(frame)
+                outcome = describe(await recv_envelope(ws, codec))
+                await recv_envelope(ws, codec)
+            except ConnectionClosed as exc:
+                outcome += f", close {exc.rcvd.code if exc.rcvd else None}"
+            except TimeoutError:
+                outcome += ", no close"
+            finally:
+                ws.transport.abort()
+            stats.record(outcome, outcome == "error MESSAGE_TOO_LARGE, close 1009")
+            stats.rest_sent()
+            response = await http.post(
+                "/api/v1/channels/big/messages",
+                content=body,
+                headers={"Content-Type": "application/json"},
+            )
+            record_rest(stats, response.status_code, {401, 403, 413, 429})
+
+
+async def subscribe_storm(target: Target, stats: AttackStats) -> None:
+    """Thousands of subscribes to new channels, just under the frame rate: subscribed up
+    to the per-connection limit, FORBIDDEN past it."""
+    prefix = f"storm-{secrets.token_hex(4)}"
+
+    async def step(ws: ClientConnection, codec: Codec, stats: AttackStats, n: int) -> None:
+        frame = json.dumps({"type": "subscribe", "channel": f"{prefix}-{id(ws)}-{n}"})
+        wanted = "subscribed" if n <= SUBSCRIBE_LIMIT else "error FORBIDDEN"
+        await send_expecting(ws, codec, stats, frame, lambda reply: describe(reply) == wanted)
+
+    await frame_attack(target, stats, step, per_sec=25, subprotocol=None)
+
+
+def garbage_frame(subprotocol: str) -> str | bytes:
+    """One frame the server cannot understand, of a kind picked at random."""
+    rng = random.random()
+    if subprotocol == "v1.json":
+        if rng < 0.25:
+            return "".join(random.choices(string.printable, k=random.randint(1, 200)))
+        if rng < 0.4:
+            return random.randbytes(random.randint(1, 200))  # a binary frame on JSON
+        if rng < 0.55:
+            return '{"type":"publish","channel":"g","data":' + "[" * 100_000 + "]" * 100_000 + "}"
+        if rng < 0.7:
+            return random.choice(["[1,2]", '"x"', "null", '{"type":7}', '{"id":[]}', "{}"])
+        return json.dumps({"type": "subscribe", "channel": "bad name!" * 20, "since": "x"})
+    if rng < 0.2:
+        return "".join(random.choices(string.printable, k=50))  # a text frame on binary
+    if rng < 0.35 and subprotocol == "v1.msgpack":
+        return b"\x91" * 100_000 + b"\x00"  # arrays nested 100,000 deep
+    return random.randbytes(random.randint(1, 300))
+
+
+async def garbage(target: Target, stats: AttackStats, subprotocol: str) -> None:
+    def expected(reply: dict[str, Any]) -> bool:
+        # Random bytes may decode to a valid request now and then: any non-error reply.
+        return reply.get("type") != "error" or reply.get("code") in GARBAGE_CODES
+
+    async def step(ws: ClientConnection, codec: Codec, stats: AttackStats, _: int) -> None:
+        await send_expecting(ws, codec, stats, garbage_frame(subprotocol), expected)
+
+    await frame_attack(target, stats, step, per_sec=10, subprotocol=subprotocol)
+
+
+# ----- 5. throttle escapes, bad credentials, hosts, cursors, nesting, secrets -------------
+
+
+async def forwarded_for(target: Target, stats: AttackStats) -> None:
+    """Anonymous reads, each claiming another client IP: the throttle must not care."""
+    pacer = Pacer(target, 10)
+    path = f"/api/v1/channels/{target.resume_channel}/messages?since=5990&limit=5"
+    async with httpx.AsyncClient(base_url=target.http_url, timeout=HTTP_TIMEOUT_SECS) as http:
+        while await pacer.tick():
+            stats.rest_sent()
+            ip = ".".join(str(random.randint(1, 254)) for _ in range(4))
+            response = await http.get(path, headers={"X-Forwarded-For": ip})
+            record_rest(stats, response.status_code, {200, 429})
+
+
+async def sse_status(target: Target, query: str, headers: dict[str, str] | None = None) -> int:
+    async with (
+        httpx.AsyncClient(base_url=target.http_url, timeout=HTTP_TIMEOUT_SECS) as http,
+        http.stream(
+            "GET", f"/sse/?{query}", headers={"Accept": "text/event-stream", **(headers or {})}
+        ) as response,
+    ):
+        return response.status_code
+
+
+async def bad_credentials(target: Target, stats: AttackStats) -> None:
+    """Handshakes with made-up tokens (refused: 403 or close 1008, never anonymous) and
+    made-up session cookies (anonymous, or refused)."""
+    pacer = Pacer(target, 5)
+    refused = {"http 403", "close 1008"}
+    while await pacer.tick():
+        stats.requests += 3
+        token = secrets.token_hex(20)
+        outcome = await handshake_outcome(f"{target.ws_url}?token={token}")
+        stats.record(f"ws token: {outcome}", outcome in refused)
+        cookie = {"Cookie": f"sessionid={secrets.token_hex(16)}"}
+        outcome = await handshake_outcome(target.ws_url, additional_headers=cookie)
+        stats.record(f"ws session: {outcome}", outcome in refused | {"connection_established"})
+        status = await sse_status(target, f"channel={target.resume_channel}&token={token}")
+        stats.record(f"sse token: http {status}", status == 403)
+
+
+async def foreign_host(target: Target, stats: AttackStats) -> None:
+    """WebSocket and SSE handshakes for a host this server does not serve."""
+    pacer = Pacer(target, 4)
+    port = urlsplit(target.http_url).port
+    refused = {"http 400", "http 403", "close 1008"}
+    while await pacer.tick():
+        stats.requests += 2
+        outcome = await handshake_outcome(
+            f"ws://evil.example:{port}/ws/", host="127.0.0.1", port=port
+        )
+        stats.record(f"ws: {outcome}", outcome in refused)
+        status = await sse_status(
+            target, f"channel={target.resume_channel}", {"Host": "evil.example"}
+        )
+        stats.record(f"sse: http {status}", status in {400, 403})
+
+
+async def huge_cursor(target: Target, stats: AttackStats) -> None:
+    """SSE cursors of thousands of digits, in ``?since=`` and in ``Last-Event-ID``."""
+    pacer = Pacer(target, 3)
+    channel = target.resume_channel
+    while await pacer.tick():
+        stats.requests += 2
+        digits = "9" * random.randint(2_000, 6_000)
+        status = await sse_status(target, f"channel={channel}&since={channel}:{digits}")
+        stats.record(f"since: http {status}", status == 400)
+        status = await sse_status(
+            target, f"channel={channel}", {"Last-Event-ID": f"{channel}:{digits}"}
+        )
+        stats.record(f"last-event-id: http {status}", status == 400)
+
+
+async def deep_nesting(target: Target, stats: AttackStats) -> None:
+    """JSON nested 100,000 deep in a REST body and in a WebSocket frame."""
+    pacer = Pacer(target, 3)
+    nested = "[" * 100_000 + "]" * 100_000
+    body = '{"data":' + nested + "}"
+    frame = '{"type":"publish","channel":"nest","data":' + nested + "}"
+    async with httpx.AsyncClient(base_url=target.http_url, timeout=HTTP_TIMEOUT_SECS) as http:
+        ws, codec = await ws_open(target.ws_url)
+        await recv_envelope(ws, codec)
+        try:
+            while await pacer.tick():
+                stats.rest_sent()
+                response = await http.post(
+                    "/api/v1/channels/nest/messages",
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                )
+                record_rest(stats, response.status_code, {400, 401, 403, 429})
+                await send_expecting(
+                    ws, codec, stats, frame, lambda reply: reply.get("code") in GARBAGE_CODES
+                )
+        except (ConnectionClosed, TimeoutError) as exc:
+            stats.record("websocket lost", False, repr(exc))
+        finally:
+            await ws.close()
+
+
+async def secret_in_url(target: Target, stats: AttackStats) -> None:
+    """``%74oken`` is ``token`` percent-encoded: the node must refuse it as a token and
+    keep it out of its log (the test reads the log for the secret)."""
+    pacer = Pacer(target, 2)
+    query = f"%74oken={target.secret}"
+    channel = target.resume_channel
+    async with httpx.AsyncClient(base_url=target.http_url, timeout=HTTP_TIMEOUT_SECS) as http:
+        while await pacer.tick():
+            stats.requests += 2
+            outcome = await handshake_outcome(f"{target.ws_url}?{query}")
+            stats.record(f"ws: {outcome}", outcome in {"http 403", "close 1008"})
+            status = await sse_status(target, f"channel={channel}&{query}")
+            stats.record(f"sse: http {status}", status == 403)
+            stats.rest_sent()
+            response = await http.get(f"/api/v1/channels/{channel}/messages?since=5999&{query}")
+            record_rest(stats, response.status_code, {200, 401, 403, 429})
+
+
+# ----- 6. slow readers -----------------------------------------------------------------------
+
+
+async def slow_reader(target: Target, stats: AttackStats) -> None:
+    """Subscribes to the busy channels (and replays the whole resume channel), then
+    reads nothing: its send queue must stay bounded, or it must be closed 4002."""
+    host, port = urlsplit(target.http_url).hostname, urlsplit(target.http_url).port
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    # max_queue=1: the library stops reading the socket after one unread frame.
+    ws, codec = await ws_open(target.ws_url, sock=sock, max_queue=1)
+    await recv_envelope(ws, codec)
+    stats.requests += 1
+    for channel in target.honest_channels:
+        stats.requests += 1
+        await ws.send(json.dumps({"type": "subscribe", "channel": channel}))
+    stats.requests += 1
+    await ws.send(json.dumps({"type": "subscribe", "channel": target.resume_channel, "since": 0}))
+    await asyncio.sleep(max(0.0, target.deadline - time.monotonic()))
+    code = ws.close_code
+    stats.record(f"close {code}" if code else "held to the end", code in (None, 4002))
+    ws.transport.abort()
+
+
+# ----- the table and the run -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attack:
+    name: str
+    clients: int
+    run: Callable[[Target, AttackStats], Awaitable[None]]
+    anonymous_rest: bool = False
+
+
+def _garbage_in(subprotocol: str) -> Callable[[Target, AttackStats], Awaitable[None]]:
+    return lambda target, stats: garbage(target, stats, subprotocol)
+
+
+ATTACKS: list[Attack] = [
+    Attack("lone surrogate id", 4, surrogate_id),
+    Attack("resume from 0 and leave", 5, resume_and_leave),
+    Attack("history bomb, reading", 4, bomb_reader, anonymous_rest=True),
+    Attack("history bomb, stalled", 3, bomb_staller, anonymous_rest=True),
+    Attack("frame flood", 3, frame_flood),
+    Attack("oversized frame and body", 2, oversized, anonymous_rest=True),
+    Attack("subscribe storm", 3, subscribe_storm),
+    Attack("garbage v1.json", 2, _garbage_in("v1.json")),
+    Attack("garbage v1.msgpack", 2, _garbage_in("v1.msgpack")),
+    Attack("garbage v1.protobuf", 2, _garbage_in("v1.protobuf")),
+    Attack("X-Forwarded-For rotation", 4, forwarded_for, anonymous_rest=True),
+    Attack("bad tokens and sessions", 4, bad_credentials),
+    Attack("foreign Host", 2, foreign_host),
+    Attack("SSE cursor of 1000s of digits", 2, huge_cursor),
+    Attack("nested JSON 100,000 deep", 2, deep_nesting, anonymous_rest=True),
+    Attack("%74oken secret in URL", 2, secret_in_url, anonymous_rest=True),
+    Attack("slow reader", 4, slow_reader),
+]
+ATTACKERS = sum(attack.clients for attack in ATTACKS)
+
+
+async def client(attack: Attack, target: Target, stats: AttackStats) -> None:
+    """One attacker: runs its attack again after anything that breaks it, until the end."""
+    while not target.over():
+        try:
+            await attack.run(target, stats)
+        except Exception as exc:  # any failure is a finding, recorded as unexpected
+            stats.requests += 1
+            stats.record(f"client error {type(exc).__name__}", False, str(exc))
+            await asyncio.sleep(1.0)
+
+
+async def run(target: Target, duration_secs: float) -> dict[str, Any]:
+    target.deadline = time.monotonic() + duration_secs
+    stats = {
+        attack.name: AttackStats(attack.name, attack.clients, attack.anonymous_rest)
+        for attack in ATTACKS
+    }
+    # SIGTERM (the test stops an attack that takes the node's memory): end every loop
+    # now and still write the report of what was done.
+    stopped = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+    started = time.time()
+    pending = {
+        asyncio.create_task(client(attack, target, stats[attack.name]))
+        for attack in ATTACKS
+        for _ in range(attack.clients)
+    }
+    # Every loop ends at the deadline; what is still waiting on the node then is cut.
+    cut_at = target.deadline + HTTP_TIMEOUT_SECS
+    while pending and time.monotonic() < cut_at:
+        if stopped.is_set():
+            target.deadline = time.monotonic()
+            cut_at = min(cut_at, time.monotonic() + STOP_GRACE_SECS)
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return {
+        "attackers": ATTACKERS,
+        "started_at": started,
+        "ended_at": time.time(),
+        "stopped_early": stopped.is_set(),
+        "cut_short": len(pending),
+        "attacks": [s.report() for s in stats.values()],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--http-url", required=True)
+    parser.add_argument("--secret", required=True)
+    parser.add_argument("--honest-channel", action="append", required=True)
+    parser.add_argument("--resume-channel", required=True)
+    parser.add_argument("--bomb-channel", required=True)
+    parser.add_argument("--duration", type=float, required=True)
+    parser.add_argument("--report", required=True)
+    args = parser.parse_args()
+    target = Target(
+        args.http_url, args.secret, args.honest_channel, args.resume_channel, args.bomb_channel
+    )
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    report = asyncio.run(run(target, args.duration))
+    with open(args.report, "w") as out:
+        json.dump(report, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The abuse suite's node: one daphne node with the default settings (only what the
+harness needs: its own database and Redis prefix, DEBUG off, a SECRET_KEY), and the
+channels the attacks aim at, filled before the attack.
+
+Run with ``make test-abuse`` (``pytest -m abuse tests/abuse``); the default run leaves
+it out (``-m "not abuse"`` in pyproject's addopts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import redis
+
+from tests.servers import Database, ServerNode, create_token, manage
+
+RESUME_CHANNEL = "resume"
+RESUME_MESSAGES = 6_000
+BOMB_CHANNEL = "bomb"
+BOMB_MESSAGES = 100
+# token_urlsafe(750,000) is 1,000,000 characters of random base64: ~1 MB that
+# PostgreSQL cannot compress, inside a 1 MiB REST body.
+BOMB_ENTROPY_BYTES = 750_000
+SEED_CONCURRENCY = 4
+
+
+@dataclass
+class AbuseNode:
+    node: ServerNode
+    database: Database
+    publisher_token: str
+
+
+@pytest.fixture(scope="session")
+def django_db_setup() -> None:
+    """The suite talks to its node over the network; the in-process test database that
+    the other suites create is not needed."""
+
+
+@pytest.fixture(scope="module")
+def abuse_database() -> Iterator[Database]:
+    database = Database(os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"))
+    database.name = f"push_abuse_{os.getpid()}"
+    database.url = f"postgres://{database.user}@{database.host}:{database.port}/{database.name}"
+    database.create()
+    yield database
+    database.drop()
+
+
+@pytest.fixture(scope="module")
+def abuse_env(abuse_database: Database) -> Iterator[dict[str, str]]:
+    # Settings the caller's environment may carry (PUSH_*, LOG_*) are left out: the
+    # suite proves the defaults.
+    inherited = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PUSH_", "LOG_", "DATABASE_", "REDIS_"))
+    }
+    env = {
+        **inherited,
+        "DATABASE_URL": abuse_database.url,
+        "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "REDIS_PREFIX": f"abuse{uuid.uuid4().hex[:8]}",
+        "DEBUG": "0",
+        "SECRET_KEY": secrets.token_hex(32),
+    }
+    manage(env, "migrate", "--no-input")
+    yield env
+    # The bomb channel's recent-history cache is ~100 MB of the shared Redis.
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    try:
+        keys = list(client.scan_iter(match=f"{env['REDIS_PREFIX']}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def seed_resume_channel(database: Database) -> None:
+    """6,000 small messages, written straight to the tables: publishing them through the
+    API would take a minute at the per-connection and per-credential rates."""
+    database.query(
+        "WITH c AS (INSERT INTO push_channel (name, last_seq, created_at)"
+        " VALUES (%s, %s, now()) RETURNING id)"
+        " INSERT INTO push_message (channel_id, seq, message_id, data, created_at)"
+        " SELECT c.id, n, gen_random_uuid(), '{\"n\":' || n || '}', now()"
+        " FROM c, generate_series(1, %s) AS n RETURNING 1",
+        RESUME_CHANNEL,
+        RESUME_MESSAGES,
+        RESUME_MESSAGES,
+    )
+
+
+async def seed_bomb_channel(node: ServerNode, token: str) -> None:
+    """100 messages of ~1 MB, published over REST by a signed-in user without any grant
+    (the defaults let users publish to public channels)."""
+    gate = asyncio.Semaphore(SEED_CONCURRENCY)
+
+    async def publish(http: httpx.AsyncClient) -> None:
+        async with gate:
+            response = await http.post(
+                f"/api/v1/channels/{BOMB_CHANNEL}/messages",
+                json={"data": secrets.token_urlsafe(BOMB_ENTROPY_BYTES)},
+                headers={"Authorization": f"Token {token}"},
+            )
+            assert response.status_code == 201, response.text[:300]
+
+    async with httpx.AsyncClient(base_url=node.http_url, timeout=60) as http:
+        await asyncio.gather(*(publish(http) for _ in range(BOMB_MESSAGES)))
+
+
+@pytest.fixture(scope="module")
+def abuse_node(abuse_env: dict[str, str], abuse_database: Database) -> Iterator[AbuseNode]:
+    seed_resume_channel(abuse_database)
+    token = create_token(abuse_env, "abuse-publisher", grant=False)
+    node = ServerNode(abuse_env, name=f"abuse-{uuid.uuid4().hex[:6]}").start()
+    try:
+        asyncio.run(seed_bomb_channel(node, token))
+        yield AbuseNode(node, abuse_database, token)
+    finally:
+        node.stop()

@@ -1,0 +1,376 @@
+"""Abuse suite: 50 anonymous attackers against one node with default settings, while
+honest clients publish and subscribe; the bounds of "safe on the open internet" asserted
+with figures (``make test-abuse``; README "Abuse suite").
+
+The attackers run in a process of their own (``tests/abuse/attacks.py``), so the node's
+CPU is measured apart from theirs; the honest clients run here. Every bound is checked
+and all that fail are reported together, with the figures printed as a table and
+written to ``abuse-figures.json`` in the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+import secrets
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.abuse.attacks import ATTACKERS, BOMB_MESSAGE_BYTES
+from tests.abuse.conftest import BOMB_CHANNEL, RESUME_CHANNEL, AbuseNode
+from tests.abuse.honest import HonestPublisher, HonestSubscriber, judge, wait_delivered
+from tests.servers import ROOT, Database
+
+# The figures, the attackers' report and the node's log of the last run, also kept here:
+# pytest keeps only its last few tmp dirs, and other runs on the machine share them.
+ARTIFACTS = ROOT / "artifacts" / "abuse"
+
+pytestmark = [pytest.mark.abuse, pytest.mark.e2e]
+
+HONEST_CHANNELS = [f"busy-{i}" for i in range(5)]
+HONEST_SUBSCRIBERS = 10
+PUBLISH_PER_SEC = 50
+# Long enough for the first connections' work (and PostgreSQL's deferred statistics,
+# flushed at most every 10 s by an idle backend) to be behind the baseline.
+WARMUP_SECS = 12.0
+# Under a minute: the anonymous REST budget (600/min) then bounds the whole attack.
+ATTACK_SECS = 55.0
+STATS_FLUSH_SECS = 11.0
+READY_POLL_SECS = 0.5
+# Past this growth the attack is stopped early, so a node without bounds cannot take
+# the machine's memory with it; the run then fails on the RSS bound.
+RSS_SAFETY_BYTES = 2 * 1024**3
+
+# The bounds.
+P99_LATENCY_MS = 100.0
+RSS_GROWTH_BYTES = 200 * 1024**2
+CPU_SECS_PER_REQUEST = 0.005
+ANON_REST_PER_MIN = 600  # the default PUSH_REST_ANON_RATE
+HISTORY_BATCH = 500  # push/hub.py: the rows of one page of a resume
+RECENT_PER_CHANNEL = 256  # the default PUSH_RECENT_PER_CHANNEL
+BOMB_PAGE_ROWS = 6  # 4 MiB of ~1 MB messages, the one over the budget, and a look-ahead
+NODE_OWN_ROWS = 10_000  # the node's history sync and retention over two minutes
+LOG_PROBLEM = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|Unhandled")
+
+
+@dataclass
+class Figure:
+    name: str
+    measured: float | str
+    bound: float | str
+    ok: bool
+
+
+@dataclass
+class Watch:
+    """What the test saw of the node while the attack ran."""
+
+    ready_ok: int = 0
+    ready_failed: list[str] = field(default_factory=list)
+    rss_peak: int = 0
+    aborted: bool = False
+
+
+def message_table_reads(database: Database) -> tuple[int, int]:
+    """Rows of push_message read so far (sequential and index scans), and bytes of its
+    TOAST table read (where the data of large messages lives)."""
+    rows = database.query(
+        "SELECT coalesce(s.seq_tup_read, 0) + coalesce(s.idx_tup_fetch, 0),"
+        " (coalesce(io.toast_blks_read, 0) + coalesce(io.toast_blks_hit, 0))"
+        " * current_setting('block_size')::bigint"
+        " FROM pg_stat_user_tables s JOIN pg_statio_user_tables io USING (relid)"
+        " WHERE s.relname = 'push_message'"
+    )
+    return int(rows[0][0]), int(rows[0][1])
+
+
+def cpu_secs(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def watch_attack(
+    attacker: asyncio.subprocess.Process, node: psutil.Process, http_url: str, rss_before: int
+) -> Watch:
+    """Poll /ready and the node's RSS until the attackers exit."""
+    seen = Watch(rss_peak=rss_before)
+    async with httpx.AsyncClient(timeout=2.0) as http:
+        while attacker.returncode is None:
+            try:
+                status = (await http.get(f"{http_url}/ready")).status_code
+                outcome = str(status)
+            except httpx.HTTPError as exc:
+                status, outcome = 0, type(exc).__name__
+            if status == 200:
+                seen.ready_ok += 1
+            else:
+                seen.ready_failed.append(outcome)
+            seen.rss_peak = max(seen.rss_peak, node.memory_info().rss)
+            if seen.rss_peak - rss_before > RSS_SAFETY_BYTES and not seen.aborted:
+                seen.aborted = True
+                attacker.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(attacker.wait(), READY_POLL_SECS)
+    return seen
+
+
+async def run_attackers(
+    abuse: AbuseNode, secret: str, report_path: Path, log_path: Path
+) -> asyncio.subprocess.Process:
+    args = [
+        "--http-url",
+        abuse.node.http_url,
+        "--secret",
+        secret,
+        "--resume-channel",
+        RESUME_CHANNEL,
+        "--bomb-channel",
+        BOMB_CHANNEL,
+        "--duration",
+        str(ATTACK_SECS),
+        "--report",
+        str(report_path),
+    ]
+    for channel in HONEST_CHANNELS:
+        args += ["--honest-channel", channel]
+    with log_path.open("wb") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.abuse.attacks", *args, cwd=ROOT, stdout=log, stderr=log
+        )
+
+
+def rows_allowed(report: dict[str, Any], published: int) -> int:
+    """Rows of push_message the node may read during the attack.
+
+    Honest traffic: every message published may be read back twice (the node's gap
+    repair and history sync read what a broadcast lost; nothing else reads it).
+    Per abusive request, what the contract and the defaults allow:
+    - a resume from 0 that leaves at once: its first page and at most one more before
+      the node sees the client gone (2 x HISTORY_BATCH);
+    - an anonymous REST read answered 200: its page (the bomb's ends at the 4 MiB
+      budget: BOMB_PAGE_ROWS; the others ask for 5 messages after seq 5990 or take the
+      one message after seq 5999: at most the default limit, 100, and a look-ahead);
+    - a slow reader: the replay of the resume channel up to its bounded send queue (two
+      pages) and the recent messages of each busy channel it joins;
+    - everything else reads no message rows (new channels are empty).
+    Plus NODE_OWN_ROWS for the node's periodic work.
+    """
+    attacks = {a["name"]: a for a in report["attacks"]}
+    resumes = attacks["resume from 0 and leave"]["requests"] // 2
+    bomb_pages = sum(attacks[name]["rest_ok"] for name in attacks if name.startswith("history"))
+    other_reads = sum(
+        attacks[name]["rest_ok"] for name in ("X-Forwarded-For rotation", "%74oken secret in URL")
+    )
+    slow_readers = attacks["slow reader"]["clients"]
+    return (
+        2 * published
+        + resumes * 2 * HISTORY_BATCH
+        + bomb_pages * BOMB_PAGE_ROWS
+        + other_reads * 101
+        + slow_readers * (2 * HISTORY_BATCH + len(HONEST_CHANNELS) * RECENT_PER_CHANNEL)
+        + NODE_OWN_ROWS
+    )
+
+
+def toast_bytes_allowed(report: dict[str, Any]) -> int:
+    """Bytes of large message data the node may read: a bomb page answered 200 reads at
+    most BOMB_PAGE_ROWS messages (+10% for TOAST's chunk headers and half-filled
+    blocks); 8 MiB for the rest."""
+    pages = sum(a["rest_ok"] for a in report["attacks"] if a["name"].startswith("history"))
+    return int(pages * BOMB_PAGE_ROWS * BOMB_MESSAGE_BYTES * 1.1) + 8 * 1024**2
+
+
+def anonymous_rest_allowed(report: dict[str, Any]) -> tuple[int, int]:
+    """Anonymous REST requests answered 200 (all attackers share 127.0.0.1), and what
+    the per-IP budget allows over the span they were sent in."""
+    rest = [a for a in report["attacks"] if a["anonymous_rest"] and a["rest_first_at"]]
+    answered = sum(a["rest_ok"] for a in rest)
+    span = max(a["rest_last_at"] for a in rest) - min(a["rest_first_at"] for a in rest)
+    return answered, ANON_REST_PER_MIN * max(1, math.ceil(span / 60))
+
+
+def log_problems(text: str) -> list[str]:
+    return [line[:300] for line in text.splitlines() if LOG_PROBLEM.search(line)]
+
+
+def print_tables(figures: list[Figure], report: dict[str, Any], path: Path) -> None:
+    print(f"\n[abuse] figures (also in {path})")
+    print(f"  {'figure':<52} {'measured':>16} {'bound':>16}  ok")
+    for f in figures:
+        print(f"  {f.name:<52} {f.measured!s:>16} {f.bound!s:>16}  {'yes' if f.ok else 'NO'}")
+    print(f"\n  {'attack':<32} {'clients':>7} {'requests':>9} {'unexpected':>10}  outcomes")
+    for a in report["attacks"]:
+        outcomes = ", ".join(f"{k} x{v}" for k, v in sorted(a["outcomes"].items())[:6])
+        unexpected = sum(a["unexpected"].values())
+        print(
+            f"  {a['name']:<32} {a['clients']:>7} {a['requests']:>9} {unexpected:>10}  {outcomes}"
+        )
+        for sample in a["samples"]:
+            print(f"  {'':<32} {'':>7} {'':>9} {'':>10}  e.g. {sample}")
+
+
+@pytest.mark.timeout(300)
+async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
+    abuse_node: AbuseNode, tmp_path: Path
+) -> None:
+    assert ATTACKERS == 50
+    node = abuse_node.node
+    assert node.process is not None
+    process = psutil.Process(node.process.pid)
+    secret = f"leak{secrets.token_hex(16)}"
+
+    subscribers = [
+        HonestSubscriber(node.ws_url, HONEST_CHANNELS) for _ in range(HONEST_SUBSCRIBERS)
+    ]
+    for subscriber in subscribers:
+        await subscriber.start()
+    publisher = HonestPublisher(
+        f"{node.ws_url}?token={abuse_node.publisher_token}", HONEST_CHANNELS, PUBLISH_PER_SEC
+    )
+    await publisher.start()
+    await asyncio.sleep(WARMUP_SECS)
+
+    rss_before, cpu_before = process.memory_info().rss, cpu_secs(process)
+    rows_before, toast_before = message_table_reads(abuse_node.database)
+    published_before = publisher.published
+    attack_started = time.time()
+    attacker = await run_attackers(
+        abuse_node, secret, tmp_path / "attack-report.json", tmp_path / "attackers.log"
+    )
+    seen = await watch_attack(attacker, process, node.http_url, rss_before)
+    attack_ended = time.time()
+    rss_after, cpu_after = process.memory_info().rss, cpu_secs(process)
+
+    await asyncio.sleep(STATS_FLUSH_SECS)
+    rows_after, toast_after = message_table_reads(abuse_node.database)
+    published = publisher.published - published_before
+    await publisher.stop()
+    await wait_delivered(subscribers, publisher, timeout_secs=15)
+    for subscriber in subscribers:
+        await subscriber.stop()
+
+    attacker_log = (tmp_path / "attackers.log").read_text()
+    assert attacker.returncode == 0 or seen.aborted, (
+        f"attackers: {attacker.returncode} {attacker_log}"
+    )
+    report = json.loads((tmp_path / "attack-report.json").read_text())
+    honest = judge(subscribers, publisher, (attack_started, attack_ended))
+    requests = sum(a["requests"] for a in report["attacks"])
+    cpu_per_request = (cpu_after - cpu_before) / max(requests, 1)
+    rows, toast = rows_after - rows_before, toast_after - toast_before
+    anon_answered, anon_allowed = anonymous_rest_allowed(report)
+    node_log = node.log()
+    problems = log_problems(node_log)
+    (tmp_path / "node.log").write_text(node_log)
+
+    figures = [
+        Figure(
+            "honest p99 latency, ms", honest.p99_ms, P99_LATENCY_MS, honest.p99_ms < P99_LATENCY_MS
+        ),
+        Figure("honest p50 / max latency, ms", f"{honest.p50_ms} / {honest.max_ms}", "-", True),
+        Figure("honest latency samples", honest.samples, ">= 10000", honest.samples >= 10_000),
+        Figure("honest messages lost", honest.lost, 0, honest.lost == 0),
+        Figure("honest duplicates", honest.duplicates, 0, honest.duplicates == 0),
+        Figure("honest out of order", honest.out_of_order, 0, honest.out_of_order == 0),
+        Figure(
+            "honest subscribers disconnected (close codes)",
+            f"{honest.disconnected} {honest.close_codes}" if honest.disconnected else 0,
+            0,
+            honest.disconnected == 0,
+        ),
+        Figure("honest error frames", honest.errors, 0, honest.errors == 0),
+        Figure(
+            "node RSS growth, MB",
+            round((rss_after - rss_before) / 2**20, 1),
+            RSS_GROWTH_BYTES // 2**20,
+            rss_after - rss_before < RSS_GROWTH_BYTES,
+        ),
+        Figure(
+            "node RSS peak growth, MB",
+            round((seen.rss_peak - rss_before) / 2**20, 1),
+            "-",
+            not seen.aborted,
+        ),
+        Figure("node CPU s", round(cpu_after - cpu_before, 2), "-", True),
+        Figure("abusive requests", requests, "-", requests > 0),
+        Figure(
+            "node CPU ms per abusive request",
+            round(cpu_per_request * 1000, 3),
+            CPU_SECS_PER_REQUEST * 1000,
+            cpu_per_request < CPU_SECS_PER_REQUEST,
+        ),
+        Figure(
+            "push_message rows read",
+            rows,
+            rows_allowed(report, published),
+            rows <= rows_allowed(report, published),
+        ),
+        Figure(
+            "message data read (TOAST), MB",
+            round(toast / 2**20, 1),
+            round(toast_bytes_allowed(report) / 2**20, 1),
+            toast <= toast_bytes_allowed(report),
+        ),
+        Figure(
+            "anonymous REST answered 200",
+            anon_answered,
+            anon_allowed,
+            anon_answered <= anon_allowed,
+        ),
+        Figure(
+            "/ready answered 200", seen.ready_ok, "all", not seen.ready_failed and seen.ready_ok > 0
+        ),
+        Figure("/ready not 200", len(seen.ready_failed), 0, not seen.ready_failed),
+        Figure("node log ERROR/Traceback lines", len(problems), 0, not problems),
+        Figure("%74oken secret in node log", secret in node_log, False, secret not in node_log),
+        Figure(
+            "attack stopped early (RSS safety)",
+            report["stopped_early"],
+            False,
+            not report["stopped_early"],
+        ),
+        Figure("attackers cut short at the end", report["cut_short"], 0, report["cut_short"] == 0),
+    ]
+    for a in report["attacks"]:
+        unexpected = sum(a["unexpected"].values())
+        figures.append(
+            Figure(
+                f"unexpected answers: {a['name']}",
+                unexpected,
+                0,
+                unexpected == 0 and a["requests"] > 0,
+            )
+        )
+
+    figures_path = tmp_path / "abuse-figures.json"
+    figures_path.write_text(
+        figures_json := json.dumps(
+            {
+                "figures": [asdict(f) for f in figures],
+                "honest": asdict(honest),
+                "published_during_attack": published,
+                "log_problems": problems[:50],
+                "attack_report": report,
+                "attack_secs": attack_ended - attack_started,
+            },
+            indent=2,
+        )
+    )
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "abuse-figures.json").write_text(figures_json)
+    (ARTIFACTS / "node.log").write_text(node_log)
+    print_tables(figures, report, figures_path)
+    for line in problems[:10]:
+        print(f"  node log: {line}")
+    failed = [f"{f.name}: {f.measured} (bound {f.bound})" for f in figures if not f.ok]
+    assert not failed, "bounds broken:\n  " + "\n  ".join(failed)
