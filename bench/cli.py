@@ -24,8 +24,10 @@ from bench.pool import WorkerError, WorkerPool
 from bench.procinfo import raise_fd_limit
 from bench.publishing import PUBLISH_RUNNERS, db_floor
 from bench.report import (
+    check_publish_targets,
     compare_slow_to_fanout,
     compute_ratios,
+    format_publish_targets,
     format_ratios,
     format_slow_comparison,
     format_table,
@@ -302,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(format_slow_comparison(slow))
         document["slow_consumer_vs_fanout"] = slow
+    checks = check_publish_targets(rows, ratios)
+    if checks:
+        print()
+        print(format_publish_targets(checks))
+        document["publish_targets"] = checks
     print(json_line(document))
     write_results(
         Path(options.results_path) if options.results_path else DEFAULT_RESULTS,

@@ -104,13 +104,13 @@ def _publish_ws(
     ctx: RunContext, scenario: str, channels: list[str], env: dict[str, str] | None = None
 ) -> list[Row]:
     options = ctx.options
-    shape = f"K={options.publish_connections} W={options.publish_inflight} C={len(channels)}"
+    shape = f"K{options.publish_connections} W{options.publish_inflight} C{len(channels)}"
     with running_nodes(ctx, env=env) as nodes:
         subscribed = _connect(ctx, nodes[0], channels)
         spec = _spec(ctx, nodes[0], channels, "ws")
         rate = options.publish_fixed_rate
         rows = [
-            _measure(ctx, nodes, scenario, shape, "max", spec),
+            _measure(ctx, nodes, scenario, f"max {shape}", "max", spec),
             _measure(
                 ctx,
                 nodes,
@@ -127,13 +127,13 @@ def publish_rest(ctx: RunContext) -> list[Row]:
     """REST publishers: one message per request, then batches of ``publish_batch``."""
     options = ctx.options
     channels = _channels(ctx, "rest")
-    shape = f"K={options.publish_connections} C={len(channels)}"
+    shape = f"K{options.publish_connections} C{len(channels)}"
     batch = options.publish_batch
     with running_nodes(ctx) as nodes:
         subscribed = _connect(ctx, nodes[0], channels)
         spec = _spec(ctx, nodes[0], channels, "rest")
         rows = [_measure(ctx, nodes, "publish_rest", f"single {shape}", "single", spec)]
-        batch_step = f"batch={batch} {shape}"
+        batch_step = f"batch{batch} {shape}"
         if _batch_supported(spec):
             tuned = with_overrides(spec, batch=batch)
             rows.append(_measure(ctx, nodes, "publish_rest", batch_step, "batch", tuned))
@@ -169,7 +169,7 @@ def _stored_in_postgres(database_url: str, channels: list[str]) -> int:
 
 def db_floor(options: Options, tag: str) -> list[Row]:
     """pgbench's transactions/s with one message per transaction (no server)."""
-    step = f"K={options.publish_connections} C={options.publish_channels}"
+    step = f"K{options.publish_connections} C{options.publish_channels}"
     figures = run_db_floor(options, f"bench-{tag}-floor")
     if "ack_mean_ms" in figures:
         figures["note"] = (
