@@ -147,7 +147,8 @@ def compute_ratios(rows: list[Row]) -> list[Row]:
                     entry[metric] = round(mine / theirs, 2)
             ratios.append(entry)
         floor = _db_floor(rows)
-        if floor is not None and row["scenario"] in PUBLISH_SCENARIOS:
+        # A fixed-rate step publishes what it was told to: no ratio to a maximum.
+        if floor is not None and row["scenario"] in PUBLISH_SCENARIOS and row["kind"] != "rate":
             ratios.append(_floor_ratio(row, floor))
     return ratios
 
