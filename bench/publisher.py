@@ -27,8 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import httpx
-
+from bench.restclient import HttpStatusError, RestClient
 from bench.stats import LatencyHistogram
 from bench.wire import WireFormat, get_format
 from bench.wsclient import WsConnection, ws_connect
@@ -158,12 +157,7 @@ class RestLane:
 
     def __init__(self, spec: PublishSpec) -> None:
         headers = {"Authorization": f"Token {spec.token}"} if spec.token else {}
-        self._client = httpx.AsyncClient(
-            base_url=f"http://{spec.host}:{spec.port}",
-            headers=headers,
-            limits=httpx.Limits(max_connections=1),
-            timeout=REPLY_TIMEOUT_SECS,
-        )
+        self._client = RestClient(spec.host, spec.port, headers, REPLY_TIMEOUT_SECS)
         self._batched = spec.batch > 1
 
     async def publish(self, channels: list[str], data: dict[str, Any]) -> PublishReply:
@@ -173,17 +167,16 @@ class RestLane:
         else:
             url, body = f"/api/v1/channels/{channels[0]}/messages", {"data": data}
         try:
-            reply = await self._client.post(url, json=body)
-        except httpx.HTTPError as exc:
+            status, answer = await self._client.post_json(url, body)
+        except (OSError, TimeoutError, HttpStatusError) as exc:
             return None, type(exc).__name__
-        if reply.status_code not in (200, 201):
-            return None, f"HTTP_{reply.status_code}"
-        answer = reply.json()
+        if status not in (200, 201) or not isinstance(answer, dict):
+            return None, f"HTTP_{status}"
         results = answer["results"] if self._batched else [answer]
         return [int(result["seq"]) for result in results], ""
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._client.close()
 
 
 class Probe:
