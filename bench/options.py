@@ -20,7 +20,7 @@ DEFAULT_SCENARIOS = (
     "publish_recent",
     "db_floor",
 )
-# The publish scenarios, and the references they are divided by (report.py).
+# The publish scenarios: report.py also divides them by db_floor's figure.
 PUBLISH_SCENARIOS = ("publish", "publish_rest", "publish_recent")
 # Run once per run, with no node and no server: what PostgreSQL commits alone.
 SERVERLESS_SCENARIOS = ("db_floor",)

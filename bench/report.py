@@ -17,10 +17,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.options import PUBLISH_SCENARIOS
+
 Row = dict[str, Any]
 REFERENCES = ("channels_ref", "bare_ref")
 DB_FLOOR = "db_floor"
-PUBLISH_SCENARIOS = ("publish", "publish_rest", "publish_recent")
 RATIO_METRICS = (
     "publish_per_s",
     "deliveries_per_s",
