@@ -149,7 +149,7 @@ def compute_ratios(rows: list[Row]) -> list[Row]:
             ratios.append(entry)
         floor = _db_floor(rows)
         # A fixed-rate step publishes what it was told to: no ratio to a maximum.
-        if floor is not None and row["scenario"] in PUBLISH_SCENARIOS and row["kind"] != "rate":
+        if floor is not None and row["scenario"] in PUBLISH_SCENARIOS and row.get("kind") != "rate":
             ratios.append(_floor_ratio(row, floor))
     return ratios
 
