@@ -2,9 +2,10 @@
 
     python -m bench [--scenario NAME ...] [--server uvicorn|daphne|both] [--quick]
 
-Order of a run: for each server, for each target, every chosen scenario (each one
-starts and stops its own nodes); then the table, the ratios to the references, one
-JSON line on stdout, and the same document in bench/results/latest.json.
+Order of a run: the scenarios that need no server (``db_floor``), once; then for each
+server, for each target, every other chosen scenario (each one starts and stops its own
+nodes); then the table, the ratios to the references, one JSON line on stdout, and the
+same document in bench/results/latest.json.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.measure import RunContext
-from bench.options import ALL_SCENARIOS, Options, apply_quick
+from bench.options import ALL_SCENARIOS, SERVERLESS_SCENARIOS, Options, apply_quick
 from bench.pool import WorkerError, WorkerPool
 from bench.procinfo import raise_fd_limit
+from bench.publishing import PUBLISH_RUNNERS, db_floor
 from bench.report import (
+    check_publish_targets,
     compare_slow_to_fanout,
     compute_ratios,
+    format_publish_targets,
     format_ratios,
     format_slow_comparison,
     format_table,
@@ -81,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--many-channels", type=int)
     add("--rest-subscribers", type=int)
     add("--two-node-subscribers", type=int)
+    add("--publish-connections", type=int, help="publish scenarios, db_floor: K (16)")
+    add("--publish-inflight", type=int, help="publish scenarios: W per WebSocket (8)")
+    add("--publish-channels", type=int, help="publish scenarios, db_floor: C (64)")
+    add("--publish-secs", type=float, help="publish scenarios, db_floor: per step (8)")
+    add("--publish-fixed-rate", type=float, help="publish scenarios: fixed point (2000/s)")
+    add("--publish-batch", type=int, help="publish_rest: messages per batch (100)")
     add("--scale-connections", type=int)
     add("--stalled-fraction", type=float, help="slow_ scenarios: stalled per healthy (0.01)")
     add("--stalled-min", type=int, help="slow_ scenarios: at least this many stalled (10)")
@@ -122,6 +132,12 @@ OPTION_FLAGS = {
     "many_channels": "many_channels",
     "rest_subscribers": "rest_subscribers",
     "two_node_subscribers": "two_node_subscribers",
+    "publish_connections": "publish_connections",
+    "publish_inflight": "publish_inflight",
+    "publish_channels": "publish_channels",
+    "publish_secs": "publish_secs",
+    "publish_fixed_rate": "publish_fixed_rate",
+    "publish_batch": "publish_batch",
     "scale_connections": "scale_connections",
     "stalled_fraction": "stalled_fraction",
     "stalled_min": "stalled_min",
@@ -190,7 +206,7 @@ def _run_scenario(ctx: RunContext, name: str) -> list[Row]:
         flush=True,
     )
     try:
-        rows = SCENARIOS[name](ctx)
+        rows = RUNNERS[name](ctx)
     except (ServerStartError, WorkerError, OSError) as exc:
         print(f"[bench]   failed: {exc}", file=sys.stderr, flush=True)
         rows = [
@@ -217,16 +233,32 @@ class _PoolBroken(Exception):
         self.rows = rows
 
 
+RUNNERS = {**SCENARIOS, **PUBLISH_RUNNERS}
+
+
+def _run_serverless(options: Options, tag: str) -> list[Row]:
+    rows: list[Row] = []
+    if "db_floor" in options.scenarios:
+        print("[bench] db_floor (pgbench) ...", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        rows += db_floor(options, tag)
+        for row in rows:
+            row["elapsed_s"] = round(time.monotonic() - started, 1)
+    return rows
+
+
 def run(options: Options) -> list[Row]:
     targets, rows = _prepare_targets(options)
     tag = f"{int(time.time()) % 1_000_000:06d}"
+    rows += _run_serverless(options, tag)
+    scenarios = [name for name in options.scenarios if name not in SERVERLESS_SCENARIOS]
     pool = WorkerPool(options.subscriber_workers)
     step = 0
     try:
         for server in options.servers:
             for target in targets:
                 ctx = RunContext(options, target, server, pool, tag)
-                for name in options.scenarios:
+                for name in scenarios:
                     # Fresh channel names per scenario: seqs in Redis or Postgres persist.
                     step += 1
                     ctx.tag = f"{tag}s{step}"
@@ -272,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(format_slow_comparison(slow))
         document["slow_consumer_vs_fanout"] = slow
+    checks = check_publish_targets(rows, ratios)
+    if checks:
+        print()
+        print(format_publish_targets(checks))
+        document["publish_targets"] = checks
     print(json_line(document))
     write_results(
         Path(options.results_path) if options.results_path else DEFAULT_RESULTS,

@@ -19,7 +19,7 @@ from bench.options import Options
 from bench.pool import WorkerPool
 from bench.procinfo import Usage, usage_of
 from bench.publisher import MAX_LANES, PublishOutcome, PublishSpec
-from bench.servers import Node, Target
+from bench.servers import Node, Target, start_nodes, stop_nodes
 from bench.stats import DeliveryStats, merge_all
 from bench.subscriber import SubscribeSpec
 
@@ -33,6 +33,7 @@ MIB = 1024 * 1024
 
 # Called every WATCH_INTERVAL_SECS while a publish phase runs; True ends the phase.
 Watch = Callable[[], bool]
+Row = dict[str, Any]
 
 
 @dataclass
@@ -223,6 +224,10 @@ def publish_metrics(result: PublishResult) -> dict[str, Any]:
         "publish_failed": outcome.failed,
         "publish_errors": outcome.errors,
         "publish_per_s": round(outcome.published / publish_span, 1),
+        "requests_per_s": round(outcome.requests / publish_span, 1),
+        # Request sent -> its reply (`published`, or the REST response): the publisher's
+        # acknowledgement latency.
+        **outcome.ack_latency.summary_ms("ack"),
         "stalled": outcome.stalled,
         "deliveries_per_s": round(received / span, 1) if span > 0 else 0.0,
         "server_cpu_us_per_delivery": round(result.server.cpu_secs * per_delivery, 2),
@@ -236,3 +241,37 @@ def publish_metrics(result: PublishResult) -> dict[str, Any]:
 
 def with_overrides(spec: PublishSpec, **changes: Any) -> PublishSpec:
     return replace(spec, **changes)
+
+
+def step_row(ctx: RunContext, scenario: str, step: str, **figures: Any) -> Row:
+    """One row of the report: what was measured, where, and its figures."""
+    return {
+        "scenario": scenario,
+        "step": step,
+        "server": ctx.server,
+        "target": ctx.target.name,
+        **figures,
+    }
+
+
+class running_nodes:
+    """Start nodes for one scenario; always stop them and drop the subscribers."""
+
+    def __init__(self, ctx: RunContext, count: int = 1, env: dict[str, str] | None = None) -> None:
+        self.ctx = ctx
+        self.count = count
+        self.env = env or {}  # on top of the target's own environment
+        self.nodes: list[Node] = []
+
+    def __enter__(self) -> list[Node]:
+        ctx = self.ctx
+        first = ctx.next_ports(self.count)
+        target = replace(ctx.target, env={**ctx.target.env, **self.env})
+        self.nodes = start_nodes(target, ctx.server, ctx.options.host, first, self.count)
+        return self.nodes
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            close_subscribers(self.ctx)
+        finally:
+            stop_nodes(self.nodes)

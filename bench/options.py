@@ -15,7 +15,15 @@ DEFAULT_SCENARIOS = (
     "many_channels",
     "rest_publish",
     "two_nodes",
+    "publish",
+    "publish_rest",
+    "publish_recent",
+    "db_floor",
 )
+# The publish scenarios: report.py also divides them by db_floor's figure.
+PUBLISH_SCENARIOS = ("publish", "publish_rest", "publish_recent")
+# Run once per run, with no node and no server: what PostgreSQL commits alone.
+SERVERLESS_SCENARIOS = ("db_floor",)
 # Only run when named: scale_100k takes the machine; the SSE and slow-consumer ones
 # serve only `ours`.
 EXPLICIT_SCENARIOS = (
@@ -67,6 +75,15 @@ class Options:
     window: int = 8  # messages published and not yet seen by the probe
     lane_rate: float = 45.0  # per publishing connection; the contract allows 50/s
     rest_lanes: int = 8
+    # The publish scenarios: K publishing connections (a service token), W requests in
+    # flight on each WebSocket, C channels with one subscriber each; pgbench's db_floor
+    # runs K clients over C channels too.
+    publish_connections: int = 16
+    publish_inflight: int = 8
+    publish_channels: int = 64
+    publish_secs: float = 8.0
+    publish_fixed_rate: float = 2_000.0  # the acknowledgement-latency point, publishes/s
+    publish_batch: int = 100  # messages per POST /api/v1/messages
     payload_bytes: int = 64
     drain_secs: float = 20.0
     database_url: str = "postgres://postgres@127.0.0.1:5432/bench"
@@ -89,5 +106,11 @@ def apply_quick(options: Options) -> Options:
     options.two_node_subscribers = 200
     options.scale_connections = 2_000
     options.slow_secs = 10.0
+    options.publish_connections = 4
+    options.publish_inflight = 4
+    options.publish_channels = 16
+    options.publish_secs = 3.0
+    options.publish_fixed_rate = 500.0
+    options.publish_batch = 20
     options.drain_secs = 10.0
     return options

@@ -1,8 +1,10 @@
 """Report side of the benchmark: the results table, ratios to the references, JSON.
 
 Ratios are ours / reference for the same scenario, step and server, so each line
-reads "our figure is x times the reference's". For deliveries/s and connects/s
-higher is better; for RSS, CPU per delivery and latency lower is better.
+reads "our figure is x times the reference's". For deliveries/s, publishes/s and
+connects/s higher is better; for RSS, CPU per delivery and latency lower is better.
+The publish scenarios are also divided by ``db_floor`` (pgbench, no server: one row per
+run), and a last table checks them against their targets.
 
 The slow-consumer steps are set beside the ``fanout`` step of the same N, server and
 target in the same run: the healthy subscribers' figures with and without stalled
@@ -15,9 +17,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.options import PUBLISH_SCENARIOS
+
 Row = dict[str, Any]
 REFERENCES = ("channels_ref", "bare_ref")
+DB_FLOOR = "db_floor"
 RATIO_METRICS = (
+    "publish_per_s",
     "deliveries_per_s",
     "connect_per_s",
     "rss_per_conn_kb",
@@ -44,17 +50,20 @@ SLOW_FIGURES: tuple[tuple[str, str], ...] = (
 )
 COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("scenario", "scenario", 16),
-    ("step", "step", 16),
+    ("step", "step", 18),
     ("server", "server", 7),
     ("target", "target", 12),
     ("connections", "conns", 7),
     ("connect_per_s", "conn/s", 8),
     ("rss_per_conn_kb", "KB/conn", 8),
+    ("publish_per_s", "pub/s", 8),
     ("deliveries_per_s", "deliv/s", 9),
     ("server_cpu_us_per_delivery", "cpu us/d", 8),
     ("lat_p50_ms", "p50 ms", 8),
     ("lat_p99_ms", "p99 ms", 8),
     ("lat_max_ms", "max ms", 8),
+    ("ack_p50_ms", "ack p50", 7),
+    ("ack_p99_ms", "ack p99", 7),
     ("loss", "loss", 6),
     ("duplicates", "dup", 5),
     ("gaps", "gaps", 5),
@@ -95,6 +104,8 @@ def _notes(row: Row) -> str:
         parts.append("publisher stalled (probe saw no progress)")
     if row["scenario"] in SLOW_SCENARIOS and "stalled_closed_4002" in row:
         parts.append(_stalled_note(row))
+    if row.get("note"):
+        parts.append(row["note"])
     if row.get("skipped"):
         parts.append(f"skipped: {row['skipped']}")
     if row.get("error"):
@@ -136,24 +147,99 @@ def compute_ratios(rows: list[Row]) -> list[Row]:
                 if isinstance(mine, int | float) and isinstance(theirs, int | float) and theirs:
                     entry[metric] = round(mine / theirs, 2)
             ratios.append(entry)
+        floor = _db_floor(rows)
+        # A fixed-rate step publishes what it was told to: no ratio to a maximum.
+        if floor is not None and row["scenario"] in PUBLISH_SCENARIOS and row.get("kind") != "rate":
+            ratios.append(_floor_ratio(row, floor))
     return ratios
+
+
+def _db_floor(rows: list[Row]) -> Row | None:
+    for row in rows:
+        if row["scenario"] == DB_FLOOR and row.get("publish_per_s"):
+            return row
+    return None
+
+
+def _floor_ratio(row: Row, floor: Row) -> Row:
+    entry: Row = {"scenario": row["scenario"], "step": row["step"]}
+    entry.update({"server": row["server"], "versus": DB_FLOOR})
+    mine = row.get("publish_per_s")
+    if isinstance(mine, int | float):
+        entry["publish_per_s"] = round(mine / floor["publish_per_s"], 2)
+    return entry
 
 
 def format_ratios(ratios: list[Row]) -> str:
     if not ratios:
         return "(no ratios: run target 'ours' together with a reference)"
-    titles = ("deliv/s", "conn/s", "KB/conn", "cpu/d", "p99")
-    header = f"{'scenario':>13} {'step':>16} {'server':>7} {'versus':>12} " + " ".join(
+    titles = ("pub/s", "deliv/s", "conn/s", "KB/conn", "cpu/d", "p99")
+    header = f"{'scenario':>14} {'step':>18} {'server':>7} {'versus':>12} " + " ".join(
         title.rjust(8) for title in titles
     )
     lines = [header, "-" * len(header)]
     for entry in ratios:
         head = (
-            f"{entry['scenario']:>13} {entry['step'][:16]:>16} "
+            f"{entry['scenario']:>14} {entry['step'][:18]:>18} "
             f"{entry['server']:>7} {entry['versus']:>12} "
         )
         cells = [_cell(entry.get(metric), 8) for metric in RATIO_METRICS]
         lines.append(head + " ".join(cells))
+    return "\n".join(lines)
+
+
+# (scenario, kind of step, versus, least ratio of publishes/s): README, "Publishing".
+PUBLISH_RATIO_TARGETS: tuple[tuple[str, str, str, float], ...] = (
+    ("publish", "max", DB_FLOOR, 2.0),
+    ("publish", "max", "bare_ref", 0.7),
+    ("publish_rest", "single", DB_FLOOR, 1.0),
+    ("publish_rest", "batch", DB_FLOOR, 5.0),
+    ("publish_recent", "max", "bare_ref", 0.9),
+)
+ACK_P99_TARGET_MS = 20.0  # at the fixed rate (publish, kind "rate")
+
+
+def check_publish_targets(rows: list[Row], ratios: list[Row]) -> list[Row]:
+    """Each publish target against our rows of this run; ``met`` is None when a
+    figure is missing (the reference or the step was not run)."""
+    by_key = {(r["scenario"], r["step"], r["server"], r["versus"]): r for r in ratios}
+    ours = [row for row in rows if row["target"] == "ours" and row.get("kind")]
+    checks: list[Row] = []
+    for scenario, kind, versus, least in PUBLISH_RATIO_TARGETS:
+        for row in ours:
+            if (row["scenario"], row["kind"]) != (scenario, kind):
+                continue
+            entry = by_key.get((scenario, row["step"], row["server"], versus), {})
+            value = entry.get("publish_per_s")
+            checks.append(
+                {
+                    "target": f"{scenario} {kind}: pub/s >= {least:g}x {versus}",
+                    "server": row["server"],
+                    "value": value,
+                    "met": None if value is None else value >= least,
+                }
+            )
+    for row in ours:
+        if (row["scenario"], row["kind"]) == ("publish", "rate"):
+            value = row.get("ack_p99_ms")
+            rate = row["step"].split()[0]
+            checks.append(
+                {
+                    "target": f"publish {rate}: ack p99 < {ACK_P99_TARGET_MS:g} ms",
+                    "server": row["server"],
+                    "value": value,
+                    "met": None if value is None else value < ACK_P99_TARGET_MS,
+                }
+            )
+    return checks
+
+
+def format_publish_targets(checks: list[Row]) -> str:
+    lines = ["publish targets (ours)"]
+    for check in checks:
+        verdict = {True: "met", False: "NOT MET", None: "not measured"}[check["met"]]
+        value = "-" if check["value"] is None else f"{check['value']:g}"
+        lines.append(f"  {check['target']:<42} {check['server']:>7} {value:>8}  {verdict}")
     return "\n".join(lines)
 
 

@@ -14,25 +14,25 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from bench.measure import (
     COMMAND_SLACK_SECS,
+    Row,
     RunContext,
     base_publish_spec,
-    close_subscribers,
     connect_subscribers,
     publish_and_collect,
     publish_metrics,
+    running_nodes,
+    step_row,
     with_overrides,
 )
 from bench.pool import WorkerPool
 from bench.procinfo import usage_of
-from bench.servers import Node, start_nodes, stop_nodes
+from bench.servers import Node
 from bench.slowconsumer import Flood, flood_step
 
-Row = dict[str, Any]
 IDLE_WARMUP_CONNECTIONS = 50  # loads lazy imports and caches before the baseline
 SETTLE_SECS = 2.0
 KIB = 1024
@@ -43,39 +43,6 @@ SCALE_BROADCAST_INTERVAL_SECS = 2.0
 # nothing says when it has; the streams resume from a known seq, so a late subscription
 # loses nothing, but its first deliveries would be replays with inflated latency.
 SSE_SUBSCRIBE_SETTLE_SECS = 1.0
-
-
-def _row(ctx: RunContext, scenario: str, step: str, **figures: Any) -> Row:
-    return {
-        "scenario": scenario,
-        "step": step,
-        "server": ctx.server,
-        "target": ctx.target.name,
-        **figures,
-    }
-
-
-class running_nodes:
-    """Start nodes for one scenario; always stop them and drop the subscribers."""
-
-    def __init__(self, ctx: RunContext, count: int = 1, env: dict[str, str] | None = None) -> None:
-        self.ctx = ctx
-        self.count = count
-        self.env = env or {}  # on top of the target's own environment
-        self.nodes: list[Node] = []
-
-    def __enter__(self) -> list[Node]:
-        ctx = self.ctx
-        first = ctx.next_ports(self.count)
-        target = replace(ctx.target, env={**ctx.target.env, **self.env})
-        self.nodes = start_nodes(target, ctx.server, ctx.options.host, first, self.count)
-        return self.nodes
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            close_subscribers(self.ctx)
-        finally:
-            stop_nodes(self.nodes)
 
 
 def _subscribers_settle(transport: str) -> None:
@@ -89,7 +56,7 @@ def _without_sse(ctx: RunContext, scenario: str) -> list[Row] | None:
 
 
 def _skip_unless(ctx: RunContext, scenario: str, can_run: bool, reason: str) -> list[Row] | None:
-    return None if can_run else [_row(ctx, scenario, "-", skipped=reason)]
+    return None if can_run else [step_row(ctx, scenario, "-", skipped=reason)]
 
 
 def idle(ctx: RunContext) -> list[Row]:
@@ -116,7 +83,7 @@ def _idle(ctx: RunContext, scenario: str, transport: str) -> list[Row]:
         after = usage_of([nodes[0].pid])
     grown = after.rss_bytes - before.rss_bytes
     return [
-        _row(
+        step_row(
             ctx,
             scenario,
             f"N={count}",
@@ -147,7 +114,7 @@ def _publish_step(
         fanout = math.ceil(subscribers / len(channels))
         spec = tune(base_publish_spec(ctx, nodes[-1].port, channels, fanout), nodes)
         result = publish_and_collect(ctx, nodes, spec)
-    return _row(
+    return step_row(
         ctx,
         scenario,
         step,
@@ -228,7 +195,7 @@ def _fanout(
                 result, stalled = flood_step(ctx, nodes, channels[0], count, spec, flood)
             seqs.update(result.outcome.final_seq)
             rows.append(
-                _row(
+                step_row(
                     ctx,
                     scenario,
                     f"N={count}",
@@ -359,7 +326,7 @@ def scale_100k(ctx: RunContext) -> list[Row]:
         pool.close()
     metrics = publish_metrics(result)
     return [
-        _row(
+        step_row(
             ctx,
             "scale_100k",
             f"N={count} nodes={node_count}",

@@ -74,6 +74,7 @@ class Target:
     command_template: str = ""  # empty: the raw uvicorn/daphne command for ``app``
     multi_node_env: dict[str, str] = field(default_factory=dict)
     token: str = ""  # publishers' API token, when the target checks one
+    service_token: str = ""  # a service token's key (the publish scenarios); else token
     serves_sse: bool = False  # answers GET /sse/ (the sse_ scenarios need it)
     # Bounds each send queue, with 4002 or drop-oldest (the slow_ scenarios need it).
     bounds_send_queues: bool = False

@@ -56,6 +56,14 @@ class LatencyHistogram:
                 return min(bucket_upper_secs(index), self.max_secs)
         return self.max_secs
 
+    def summary_ms(self, prefix: str) -> dict[str, float | None]:
+        """p50, p99 and max in milliseconds, keyed ``<prefix>_p50_ms`` and so on."""
+        return {
+            f"{prefix}_p50_ms": _ms(self.percentile_secs(0.50)),
+            f"{prefix}_p99_ms": _ms(self.percentile_secs(0.99)),
+            f"{prefix}_max_ms": _ms(self.max_secs if self.total else None),
+        }
+
 
 @dataclass
 class DeliveryStats:
@@ -97,9 +105,7 @@ class DeliveryStats:
             "closed_by_server": self.closed_by_server,
             "close_codes": dict(self.close_codes),
             "errors": dict(self.errors),
-            "lat_p50_ms": _ms(self.latency.percentile_secs(0.50)),
-            "lat_p99_ms": _ms(self.latency.percentile_secs(0.99)),
-            "lat_max_ms": _ms(self.latency.max_secs if self.latency.total else None),
+            **self.latency.summary_ms("lat"),
         }
 
 

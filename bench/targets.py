@@ -1,8 +1,9 @@
 """What the benchmark measures: our server and the two references, ready to launch.
 
-Our server needs a database, migrations and an API token for its publishers before
-a node starts; the references need nothing but Redis. Preparing ours runs Django's
-own management commands as subprocesses, the way an operator would.
+Our server needs a database, migrations and tokens for its publishers (a user's API
+token, and a service token for the publish scenarios) before a node starts; the
+references need nothing but Redis. Preparing ours runs Django's own management commands
+as subprocesses, the way an operator would.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bench.servers import (
 
 TARGET_NAMES = ("ours", "channels_ref", "bare_ref")
 BENCH_USERNAME = "bench"
+BENCH_SERVICE_TOKEN = "bench-publisher"  # its key is shown once: made afresh each run
 MANAGE_TIMEOUT_SECS = 300.0
 TOKEN_PATTERN = re.compile(r"\b[0-9a-f]{40}\b")
 
@@ -35,7 +37,7 @@ class TargetSetupError(Exception):
     """Raised when our server cannot be prepared (no manage.py, a failed migrate, ...)."""
 
 
-def _ours_env(database_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
+def ours_env(database_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
     return {
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
@@ -45,8 +47,12 @@ def _ours_env(database_url: str, redis_url: str, redis_prefix: str) -> dict[str,
         "REDIS_PREFIX": redis_prefix,  # apart from a developer's own data in db 0
         # Publishers here send far above the per-connection default (50/s): the rate
         # limit is part of the product, but what this measures is fan-out.
+        # (Service tokens publish here either way, exempt from that limit or not.)
         "PUSH_RATE_BURST": "1000000",
         "PUSH_RATE_PER_SEC": "1000000",
+        # The same for REST: 16 clients sharing one service token would otherwise meet
+        # the per-credential budget (6,000/min) in a second.
+        "PUSH_REST_RATE": "1000000000/s",
         # The load generator's clients send no heartbeats; connecting 100,000 of them
         # takes longer than the default 75 s after which a silent client is closed 4001.
         "PUSH_HEARTBEAT_TIMEOUT_SECS": "3600",
@@ -67,7 +73,7 @@ def build_targets(
         "ours": Target(
             "ours",
             OURS_APP,
-            _ours_env(database_url, redis_url, redis_prefix),
+            ours_env(database_url, redis_url, redis_prefix),
             ours_template,
             serves_sse=True,
             bounds_send_queues=True,
@@ -111,12 +117,18 @@ def _manage(env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
-def prepare_ours(target: Target, database_url: str) -> Target:
-    """Create the database, migrate, make the bench user and its token."""
+def prepare_database(env: dict[str, str], database_url: str) -> None:
+    """Create the benchmark database if needed and migrate it."""
     if not (REPO_ROOT / "manage.py").exists():
         raise TargetSetupError("no manage.py yet: our server cannot be measured")
     _ensure_database(database_url)
-    _manage(target.env, "migrate", "--noinput")
+    _manage(env, "migrate", "--noinput")
+
+
+def prepare_ours(target: Target, database_url: str) -> Target:
+    """Create the database, migrate, make the bench user, its token and a service
+    token."""
+    prepare_database(target.env, database_url)
     make_user = (
         "from django.contrib.auth import get_user_model; "
         f"get_user_model().objects.get_or_create(username={BENCH_USERNAME!r})"
@@ -134,4 +146,19 @@ def prepare_ours(target: Target, database_url: str) -> Target:
     match = TOKEN_PATTERN.search(output)
     if match is None:
         raise TargetSetupError(f"no token in drf_create_token output: {output!r}")
-    return replace(target, token=match.group(0))
+    return replace(target, token=match.group(0), service_token=_make_service_token(target.env))
+
+
+def _make_service_token(env: dict[str, str]) -> str:
+    """A fresh service token allowed to publish everywhere (the last run's is deleted:
+    only its hash was stored)."""
+    forget = (
+        "from accounts.models import ServiceToken;"
+        f"ServiceToken.objects.filter(name={BENCH_SERVICE_TOKEN!r}).delete()"
+    )
+    _manage(env, "shell", "-c", forget)
+    output = _manage(env, "service_token", "create", BENCH_SERVICE_TOKEN, "--scope", "publish:*")
+    words = output.split()
+    if len(words) != 1:  # the command prints the key alone
+        raise TargetSetupError(f"no key in service_token create output: {output!r}")
+    return words[0]

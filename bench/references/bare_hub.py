@@ -4,8 +4,10 @@ The design our server's hub follows, with nothing else around it, so its figures
 the ceiling for the same ASGI server: a dict channel -> set of connections; a publish
 encodes the `message` frame once and appends it to each subscriber's deque; a writer
 task per connection runs only while its deque is non-empty. It speaks enough of the
-v1 JSON envelopes (PROTOCOL.md) for the load generator: subscribe, publish, message,
-and the REST publish route. No authentication: every token is accepted.
+v1 JSON envelopes (PROTOCOL.md) for the load generator: subscribe, publish (numbered
+in memory, acknowledged at once with its request ``id``), message, and the REST publish
+routes, single and batch. No authentication: every token is accepted; nothing is
+stored, so its publish figures are the machine's ceiling with no database at all.
 
 Run:  uvicorn bench.references.bare_hub:app --loop uvloop --ws websockets
           --ws-per-message-deflate false
@@ -36,6 +38,7 @@ RELAY_CHANNEL = "barehub:relay"
 SEQ_KEY_PREFIX = "barehub:seq:"
 REST_PREFIX = "/api/v1/channels/"
 REST_SUFFIX = "/messages"
+REST_BATCH_PATH = "/api/v1/messages"
 SERVER_ID = f"barehub-{os.getpid()}"
 HEARTBEAT_INTERVAL_SECS = 25
 RELAY_SCRIPT = """
@@ -159,6 +162,13 @@ def _error(code: str, text: str) -> str:
     return _dumps({"type": "error", "code": code, "message": text})
 
 
+def _with_id(reply: dict[str, Any], request: dict[str, Any]) -> str:
+    # The contract: a reply repeats its request's id, so a client may pipeline.
+    if "id" in request:
+        reply["id"] = request["id"]
+    return _dumps(reply)
+
+
 async def _handle_frame(subscriber: Subscriber, text: str) -> str:
     try:
         request = json.loads(text)
@@ -169,17 +179,12 @@ async def _handle_frame(subscriber: Subscriber, text: str) -> str:
         channel = request["channel"]
         seq = await HUB.current_seq(channel)
         HUB.subscribe(subscriber, channel)
-        return _dumps({"type": "subscribed", "channel": channel, "seq": seq})
+        return _with_id({"type": "subscribed", "channel": channel, "seq": seq}, request)
     if kind == "publish":
         message = await HUB.publish(request["channel"], request.get("data"))
-        return _dumps(
-            {
-                "type": "published",
-                "channel": message["channel"],
-                "seq": message["seq"],
-                "message_id": message["message_id"],
-            }
-        )
+        published = {"type": "published", **_result(message)}
+        del published["timestamp"]
+        return _with_id(published, request)
     if kind == "heartbeat":
         return _dumps({"type": "heartbeat_ack", "timestamp": time.time()})
     return _error("UNKNOWN_MESSAGE_TYPE", f"unknown type {kind!r}")
@@ -230,10 +235,28 @@ async def _respond(send: Send, status: int, payload: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _result(message: dict[str, Any]) -> dict[str, Any]:
+    return {key: message[key] for key in ("channel", "seq", "message_id", "timestamp")}
+
+
+async def _publish_batch(receive: Receive, send: Send) -> None:
+    try:
+        messages = json.loads(await _read_body(receive))["messages"]
+        items = [(message["channel"], message["data"]) for message in messages]
+    except (ValueError, KeyError, TypeError):
+        await _respond(send, 400, {"detail": 'body must be {"messages": [...]}'})
+        return
+    results = [_result(await HUB.publish(channel, data)) for channel, data in items]
+    await _respond(send, 201, {"results": results})
+
+
 async def _http(scope: Scope, receive: Receive, send: Send) -> None:
     path: str = scope["path"]
     if path in ("/health", "/ready"):
         await _respond(send, 200, {"status": "ok"})
+        return
+    if scope["method"] == "POST" and path == REST_BATCH_PATH:
+        await _publish_batch(receive, send)
         return
     if not (scope["method"] == "POST" and path.startswith(REST_PREFIX)):
         await _respond(send, 404, {"detail": "not found"})
@@ -247,9 +270,7 @@ async def _http(scope: Scope, receive: Receive, send: Send) -> None:
     except (ValueError, KeyError, TypeError):
         await _respond(send, 400, {"detail": 'body must be {"data": ...}'})
         return
-    message = await HUB.publish(channel, data)
-    reply = {key: message[key] for key in ("channel", "seq", "message_id", "timestamp")}
-    await _respond(send, 201, reply)
+    await _respond(send, 201, _result(await HUB.publish(channel, data)))
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
