@@ -14,6 +14,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from push import metrics
+from push.background import spawn
 from push.codecs import Codec
 from push.conf import push_settings
 from push.errors import CloseCode, PushError
@@ -136,7 +137,7 @@ class ClientConnection:
             return
         self._transition(ConnectionState.CLOSING, code)
         self.outbox.seal()
-        self._loop.create_task(self._flush_and_close(code))
+        spawn(self._flush_and_close(code), name="push-close", loop=self._loop)
 
     def abort(self, code: int) -> None:
         """Close at once, dropping whatever is queued (slow consumer, drain deadline)."""
@@ -144,7 +145,7 @@ class ClientConnection:
             return
         self._transition(ConnectionState.CLOSING, code)
         self.outbox.discard()
-        self._loop.create_task(self._send_close(code))
+        spawn(self._send_close(code), name="push-close", loop=self._loop)
 
     def drop(self) -> None:
         """Let go of the socket now, read or not (the drain's deadline has passed):
@@ -190,4 +191,10 @@ class ClientConnection:
             self._loop.call_soon(self.abort, CloseCode.SLOW_CONSUMER)
 
     def _on_send_failed(self, exc: BaseException) -> None:
-        logger.debug("send to %s failed: %s", self.connection_id, exc)
+        # The outbox refuses every frame from now on: a connection left open would
+        # look subscribed and receive nothing, so it is closed (1011: reconnect and
+        # resume). Mostly the peer is gone already and the close is a no-op. Called
+        # from inside the fan-out loop, like _on_overflow: deferred.
+        logger.debug("send to %s failed: %r", self.connection_id, exc)
+        if self.state is ConnectionState.OPEN:
+            self._loop.call_soon(self.abort, CloseCode.SERVER_ERROR)

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from push import metrics
+from push.background import spawn
 from push.errors import ErrorCode, PushError
 from push.message import ChannelMessage
 from push.outbox import OutFrame
@@ -383,7 +384,7 @@ class Hub:
             return
         hub_channel.state = ChannelState.LEAVING
         hub_channel.ready = self.loop.create_future()
-        self.loop.create_task(self._leave_channel(hub_channel))
+        spawn(self._leave_channel(hub_channel), name="push-hub-leave", loop=self.loop)
 
     async def _leave_channel(self, hub_channel: HubChannel) -> None:
         try:
@@ -499,7 +500,7 @@ class Hub:
         if hub_channel.repairing or hub_channel.state is not ChannelState.LIVE:
             return
         hub_channel.repairing = True
-        self.loop.create_task(self._repair(hub_channel))
+        spawn(self._repair(hub_channel), name="push-hub-repair", loop=self.loop)
 
     async def _repair(self, hub_channel: HubChannel) -> None:
         metrics.GAP_REPAIRS.inc()
