@@ -156,6 +156,33 @@ def encode_frame(codec: Codec, message: ChannelMessage, droppable: bool) -> OutF
     return frame
 
 
+def _push_each(by_codec: dict[Callable[[OutFrame], bool], Subscription], frame: OutFrame) -> None:
+    """``push(frame)`` for every subscriber of one format. The channel's delivered_seq
+    has moved on already, so a push that raises (a bug, a server that broke under us)
+    must not keep the message from the subscribers after it: that one subscriber is
+    failed, and the loop resumes on the same iterator after it. One ``try`` around the
+    loop costs nothing until something raises (Python 3.11), unlike one per push."""
+    pushes = iter(by_codec)
+    push = failed = None
+    while True:
+        try:
+            for push in pushes:
+                push(frame)
+            return
+        except Exception as exc:
+            if push is failed:  # raised by the iteration itself: nothing to resume
+                raise
+            failed = push
+            _subscriber_failed(by_codec[push], exc)  # type: ignore[index]
+
+
+def _subscriber_failed(subscription: Subscription, exc: Exception) -> None:
+    metrics.FAN_OUT_FAILURES.inc()
+    logger.error("fan-out to a subscriber of %s failed", subscription.channel.name, exc_info=exc)
+    # The outbox refuses everything from now on and has the connection closed (1011).
+    subscription.subscriber.outbox.fail(exc)
+
+
 class Hub:
     def __init__(
         self,
@@ -446,8 +473,7 @@ class Hub:
             if frame is None:
                 codec = next(iter(by_codec.values())).subscriber.codec
                 frame = encode_frame(codec, message, droppable)
-            for push in by_codec:
-                push(frame)
+            _push_each(by_codec, frame)
             delivered += len(by_codec)
         if hub_channel.catching_up:
             self._feed_catching_up(hub_channel, message)
@@ -465,8 +491,7 @@ class Hub:
             codec = next(iter(by_codec.values())).subscriber.codec
             payload = codec.encode(envelope)
             frame = OutFrame(codec.send_event(payload), len(payload))
-            for push in by_codec:
-                push(frame)
+            _push_each(by_codec, frame)
 
     def _feed_catching_up(self, hub_channel: HubChannel, message: ChannelMessage) -> None:
         for subscription in list(hub_channel.catching_up):

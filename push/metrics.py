@@ -105,10 +105,9 @@ DIRECT_WRITE_FAILURES = Counter(
     "or the connection was closed 1011 (closed)",
     ["outcome"],
 )
-DIRECT_WRITES_REFUSED = Counter(
-    "push_direct_writes_refused_total",
-    "Connections that write through the server's send because its version was not "
-    "tested with direct writes",
+FAN_OUT_FAILURES = Counter(
+    "push_fan_out_failures_total",
+    "Subscribers whose delivery raised inside the fan-out loop (each is closed 1011)",
 )
 BROKER_OUTGOING_DROPPED = Counter(
     "push_broker_outgoing_dropped_total",

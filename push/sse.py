@@ -145,9 +145,7 @@ def stream_request(scope: dict[str, Any]) -> StreamRequest:
         since_values = params.get("since")
         since_text = since_values[-1] if since_values else ""
     max_entries = push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION
-    return StreamRequest(
-        channels=channels, since=cursor_parse(since_text, max_entries=max_entries)
-    )
+    return StreamRequest(channels=channels, since=cursor_parse(since_text, max_entries=max_entries))
 
 
 # ----- the stream ----------------------------------------------------------------------

@@ -97,7 +97,13 @@ def test_secrets_never_reach_the_log() -> None:
 
 @pytest.mark.parametrize(
     "query",
-    ["%74oken=s3cr3t", "tok%65n=s3cr3t", "%54%4F%4B%45%4E=s3cr3t", "api%5Fkey=s3cr3t", "%6bey=s3cr3t"],
+    [
+        "%74oken=s3cr3t",
+        "tok%65n=s3cr3t",
+        "%54%4F%4B%45%4E=s3cr3t",
+        "api%5Fkey=s3cr3t",
+        "%6bey=s3cr3t",
+    ],
 )
 def test_percent_encoded_secret_names_are_redacted(query: str) -> None:
     """The server decodes the name before it reads the token: so does the redaction."""
