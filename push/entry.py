@@ -14,10 +14,10 @@ from typing import Any
 from channels.security.websocket import WebsocketDenier
 
 from accounts.middleware import resolve_principal
+from push.conf import push_settings
 from push.consumers import PushConsumer
 from push.errors import CloseCode, PushError
 from push.security import BrowserOriginValidator
-from push.conf import push_settings
 from push.server_adapters import bound_inbound, close_with_any_code
 
 WEBSOCKET_PATHS = frozenset({"/ws/", "/ws"})

@@ -51,10 +51,10 @@ class FakeTcpTransport:
     def write(self, data: bytes) -> None:
         self.written.append(data)
 
-    def pauseProducing(self) -> None:  # noqa: N802 - Twisted's name
+    def pauseProducing(self) -> None:
         self.paused += 1
 
-    def resumeProducing(self) -> None:  # noqa: N802 - Twisted's name
+    def resumeProducing(self) -> None:
         self.resumed += 1
 
 
