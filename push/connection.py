@@ -191,10 +191,13 @@ class ClientConnection:
             self._loop.call_soon(self.abort, CloseCode.SLOW_CONSUMER)
 
     def _on_send_failed(self, exc: BaseException) -> None:
-        # The outbox refuses every frame from now on: a connection left open would
-        # look subscribed and receive nothing, so it is closed (1011: reconnect and
-        # resume). Mostly the peer is gone already and the close is a no-op. Called
-        # from inside the fan-out loop, like _on_overflow: deferred.
         logger.debug("send to %s failed: %r", self.connection_id, exc)
+        if isinstance(exc, OSError):
+            return  # the peer went away (uvicorn's ClientDisconnected is one): its
+            # disconnect is on the way and ends the connection
+        # Anything else (a frame the server could not encode, a broken write): the
+        # outbox refuses every frame from now on, and a connection left open would
+        # look subscribed and receive nothing, so it is closed (1011: reconnect and
+        # resume). Called from inside the fan-out loop, like _on_overflow: deferred.
         if self.state is ConnectionState.OPEN:
             self._loop.call_soon(self.abort, CloseCode.SERVER_ERROR)

@@ -30,6 +30,12 @@ BACKLOG_RESUME_BYTES = 64 * 1024
 BACKLOG_POLL_SECS = 0.01
 
 
+class WriteFailed(Exception):
+    """Raised (handed to ``on_send_failed``) when a write to a connection failed on our
+    side (a broken direct write, a push that raised in the fan-out), as opposed to the
+    server's ``send`` raising because the peer went away."""
+
+
 class OutFrame:
     """One encoded frame, shared by all its recipients: as an ASGI send event, and as
     the WebSocket frame's bytes (built on first use) for writing to sockets directly."""
@@ -199,9 +205,11 @@ class Outbox:
         return False
 
     def fail(self, exc: BaseException) -> None:
-        """The connection can no longer be written: refuse and drop every frame, and
-        tell the owner (who closes it)."""
-        self._fail(exc)
+        """Writing to this connection broke (not the peer leaving): refuse and drop
+        every frame, and tell the owner, who closes it."""
+        failure = WriteFailed(str(exc))
+        failure.__cause__ = exc
+        self._fail(failure)
 
     def _fail(self, exc: BaseException) -> None:
         self._closed = True

@@ -556,3 +556,37 @@ async def test_subscription_limit(wire_format: str) -> None:
     reply = await client.request({"type": "subscribe", "channel": "c"})
     assert reply["code"] == "FORBIDDEN" and "limit" in reply["message"]
     await client.close()
+
+
+async def test_a_connection_whose_writes_broke_is_closed_1011_and_others_go_on(
+    publisher_token: str,
+) -> None:
+    """A write that failed on the server's side (not the peer leaving) would leave the
+    connection open, subscribed and silent: it is closed 1011 so the client resumes."""
+    from push.node import get_node
+
+    broken = await connected_client()
+    await broken.request({"type": "subscribe", "channel": "news"})
+    healthy = await connected_client()
+    await healthy.request({"type": "subscribe", "channel": "news"})
+    node = await get_node()
+    first, _ = list(node.connections.values())
+    first.outbox.fail(RuntimeError("the server's frame writer broke"))
+    assert await broken.expect_close() == CloseCode.SERVER_ERROR
+    publisher = await connected_client(token=publisher_token)
+    await publisher.request({"type": "publish", "channel": "news", "data": 1})
+    assert (await healthy.recv_type("message"))["seq"] == 1
+    for client in (healthy, publisher, broken):
+        await client.close()
+
+
+async def test_a_peer_that_left_mid_send_is_not_closed_again() -> None:
+    from push.node import get_node
+
+    client = await connected_client()
+    node = await get_node()
+    (connection,) = node.connections.values()
+    connection._on_send_failed(ConnectionResetError("peer reset"))  # the server's send
+    await client.expect_nothing()
+    assert connection.is_open  # its disconnect, on the way, ends it
+    await client.close()
