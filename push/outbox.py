@@ -21,6 +21,9 @@ from push.wsframe import data_frame
 
 logger = logging.getLogger(__name__)
 
+# Bound here: one global lookup per direct write instead of two.
+_DIRECT_WRITES = metrics.DIRECT_WRITES
+
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 # Where the server does not push back (daphne), the writer pauses while the server has
@@ -149,7 +152,7 @@ class Outbox:
                         self.raw_write(wire)  # type: ignore[misc]
                     except Exception as exc:
                         return self._raw_write_failed(frame, exc, attempted=wire is not None)
-                    metrics.DIRECT_WRITES.value += 1
+                    _DIRECT_WRITES.value += 1
                     return True
                 return self._send_now(frame)
         if queue is None:
