@@ -9,6 +9,7 @@ Channels layer: the in-memory one for a single process, Redis pub/sub across nod
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from push import metrics
+from push.background import spawn
 from push.message import ChannelMessage
 
 logger = logging.getLogger(__name__)
@@ -25,6 +27,11 @@ MESSAGE_EVENT = "push.message"
 PRESENCE_EVENT = "push.presence"
 # How long to wait before reading the inbox again after the layer failed (Redis down).
 RECEIVE_RETRY_SECS = 0.5
+# Committed messages waiting for a slow (or unreachable) Redis, at most: beyond these
+# the oldest is dropped. A few seconds of a busy node's publishing; what is dropped was
+# committed, so no client's acknowledgement is at stake (see ``publish_soon``).
+OUTGOING_MAX_MESSAGES = 10_000
+OUTGOING_MAX_CHARS = 32 * 1024 * 1024
 
 
 @contextlib.contextmanager
@@ -53,6 +60,8 @@ class Broker:
         on_message: Callable[[ChannelMessage], None],
         on_event: Callable[[dict[str, Any]], None] | None = None,
         on_receive_error: Callable[[BaseException], None] | None = None,
+        max_outgoing: int = OUTGOING_MAX_MESSAGES,
+        max_outgoing_chars: int = OUTGOING_MAX_CHARS,
     ) -> None:
         self.layer = layer
         self.on_message = on_message
@@ -60,14 +69,17 @@ class Broker:
         self.on_receive_error = on_receive_error
         self.inbox: str | None = None
         self._listener: asyncio.Task[None] | None = None
-        self._outgoing: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+        self._outgoing: collections.deque[ChannelMessage] = collections.deque()
+        self._outgoing_chars = 0
+        self._has_outgoing = asyncio.Event()
+        self.max_outgoing = max_outgoing
+        self.max_outgoing_chars = max_outgoing_chars
         self._sender: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.inbox = await self.layer.new_channel("push.node.")
-        loop = asyncio.get_running_loop()
-        self._listener = loop.create_task(self._listen(), name="push-broker-listen")
-        self._sender = loop.create_task(self._send_loop(), name="push-broker-send")
+        self._listener = spawn(self._listen(), name="push-broker-listen")
+        self._sender = spawn(self._send_loop(), name="push-broker-send")
 
     async def stop(self) -> None:
         for task in (self._listener, self._sender):
@@ -84,15 +96,42 @@ class Broker:
             await self.layer.group_discard(channel_group(channel), self.inbox)
 
     def publish_soon(self, message: ChannelMessage) -> None:
-        """Queue a committed message for the other nodes; one sender keeps the order."""
-        self._outgoing.put_nowait(message)
+        """Queue a committed message for the other nodes; one sender keeps the order.
+
+        Bounded in messages and characters of data: while Redis is slow, the oldest
+        waiting message is dropped (and counted). That loses nothing a client relies
+        on: the message is committed (its publisher has its reply, local subscribers
+        have it from the hub), and every other node reads it from the database, at
+        once when a later broadcast of the channel shows the gap, or else at its
+        periodic sync (``Hub.sync_with_history``), which repairs any channel still
+        behind the database's seq one sync interval after it saw it."""
+        outgoing = self._outgoing
+        size = len(message.data_json)
+        while outgoing and (
+            len(outgoing) >= self.max_outgoing
+            or self._outgoing_chars + size > self.max_outgoing_chars
+        ):
+            self._outgoing_chars -= len(outgoing.popleft().data_json)
+            metrics.BROKER_OUTGOING_DROPPED.inc()
+        outgoing.append(message)
+        self._outgoing_chars += size
+        self._has_outgoing.set()
+
+    def outgoing_count(self) -> int:
+        return len(self._outgoing)
 
     async def send_event(self, group: str, event: dict[str, Any]) -> None:
         await self.layer.group_send(group, event)
 
     async def _send_loop(self) -> None:
+        outgoing = self._outgoing
         while True:
-            message = await self._outgoing.get()
+            if not outgoing:
+                self._has_outgoing.clear()
+                await self._has_outgoing.wait()
+                continue
+            message = outgoing.popleft()
+            self._outgoing_chars -= len(message.data_json)
             try:
                 with _timed("publish"):
                     await self.layer.group_send(channel_group(message.channel), message.to_broker())

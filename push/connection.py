@@ -14,6 +14,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from push import metrics
+from push.background import spawn
 from push.codecs import Codec
 from push.conf import push_settings
 from push.errors import CloseCode, PushError
@@ -148,7 +149,7 @@ class ClientConnection:
             return
         self._transition(ConnectionState.CLOSING, code)
         self.outbox.seal()
-        self._loop.create_task(self._flush_and_close(code))
+        spawn(self._flush_and_close(code), name="push-close", loop=self._loop)
 
     def abort(self, code: int) -> None:
         """Close at once, dropping whatever is queued (slow consumer, drain deadline)."""
@@ -156,7 +157,7 @@ class ClientConnection:
             return
         self._transition(ConnectionState.CLOSING, code)
         self.outbox.discard()
-        self._loop.create_task(self._send_close(code))
+        spawn(self._send_close(code), name="push-close", loop=self._loop)
 
     def drop(self) -> None:
         """Let go of the socket now, read or not (the drain's deadline has passed):
@@ -202,4 +203,13 @@ class ClientConnection:
             self._loop.call_soon(self.abort, CloseCode.SLOW_CONSUMER)
 
     def _on_send_failed(self, exc: BaseException) -> None:
-        logger.debug("send to %s failed: %s", self.connection_id, exc)
+        logger.debug("send to %s failed: %r", self.connection_id, exc)
+        if isinstance(exc, OSError):
+            return  # the peer went away (uvicorn's ClientDisconnected is one): its
+            # disconnect is on the way and ends the connection
+        # Anything else (a frame the server could not encode, a broken write): the
+        # outbox refuses every frame from now on, and a connection left open would
+        # look subscribed and receive nothing, so it is closed (1011: reconnect and
+        # resume). Called from inside the fan-out loop, like _on_overflow: deferred.
+        if self.state is ConnectionState.OPEN:
+            self._loop.call_soon(self.abort, CloseCode.SERVER_ERROR)

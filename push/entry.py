@@ -14,12 +14,17 @@ from typing import Any
 from channels.security.websocket import WebsocketDenier
 
 from accounts.middleware import resolve_principal
+from push.conf import push_settings
 from push.consumers import PushConsumer
 from push.errors import CloseCode, PushError
 from push.security import BrowserOriginValidator
-from push.server_adapters import close_with_any_code
+from push.server_adapters import bound_inbound, close_with_any_code
 
 WEBSOCKET_PATHS = frozenset({"/ws/", "/ws"})
+# Frames a connection may have waiting for its consumer before the server stops
+# reading its socket (daphne; see ``bound_inbound``): as many as the old websockets
+# implementation of uvicorn queues. Bytes: one frame of the size limit.
+INBOUND_MAX_FRAMES = 32
 
 
 class WebSocketEntry:
@@ -39,6 +44,12 @@ class WebSocketEntry:
         # is safe and saves the copy.
         scope["principal"] = principal
         scope["user"] = principal.user
+        receive = bound_inbound(
+            receive,
+            send,
+            max_frames=INBOUND_MAX_FRAMES,
+            max_bytes=push_settings.MAX_FRAME_BYTES,
+        )
         return await PushConsumer()(scope, receive, send)
 
 

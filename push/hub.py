@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from push import metrics
+from push.background import spawn
 from push.errors import ErrorCode, PushError
 from push.message import ChannelMessage, data_bytes
 from push.outbox import OutFrame
@@ -230,6 +231,33 @@ def encode_frame(codec: Codec, message: ChannelMessage, droppable: bool) -> OutF
         )
         message.frames[codec.name] = frame
     return frame
+
+
+def _push_each(by_codec: dict[Callable[[OutFrame], bool], Subscription], frame: OutFrame) -> None:
+    """``push(frame)`` for every subscriber of one format. The channel's delivered_seq
+    has moved on already, so a push that raises (a bug, a server that broke under us)
+    must not keep the message from the subscribers after it: that one subscriber is
+    failed, and the loop resumes on the same iterator after it. One ``try`` around the
+    loop costs nothing until something raises (Python 3.11), unlike one per push."""
+    pushes = iter(by_codec)
+    push = failed = None
+    while True:
+        try:
+            for push in pushes:
+                push(frame)
+            return
+        except Exception as exc:
+            if push is failed:  # raised by the iteration itself: nothing to resume
+                raise
+            failed = push
+            _subscriber_failed(by_codec[push], exc)  # type: ignore[index]
+
+
+def _subscriber_failed(subscription: Subscription, exc: Exception) -> None:
+    metrics.FAN_OUT_FAILURES.inc()
+    logger.error("fan-out to a subscriber of %s failed", subscription.channel.name, exc_info=exc)
+    # The outbox refuses everything from now on and has the connection closed (1011).
+    subscription.subscriber.outbox.fail(exc)
 
 
 class Hub:
@@ -510,7 +538,7 @@ class Hub:
             return
         hub_channel.state = ChannelState.LEAVING
         hub_channel.ready = self.loop.create_future()
-        self.loop.create_task(self._leave_channel(hub_channel))
+        spawn(self._leave_channel(hub_channel), name="push-hub-leave", loop=self.loop)
 
     async def _leave_channel(self, hub_channel: HubChannel) -> None:
         try:
@@ -596,8 +624,7 @@ class Hub:
             if frame is None:
                 codec = next(iter(by_codec.values())).subscriber.codec
                 frame = encode_frame(codec, message, droppable)
-            for push in by_codec:
-                push(frame)
+            _push_each(by_codec, frame)
             delivered += len(by_codec)
         if hub_channel.catching_up:
             self._feed_catching_up(hub_channel, message)
@@ -615,8 +642,7 @@ class Hub:
             codec = next(iter(by_codec.values())).subscriber.codec
             payload = codec.encode(envelope)
             frame = OutFrame(codec.send_event(payload), len(payload))
-            for push in by_codec:
-                push(frame)
+            _push_each(by_codec, frame)
 
     def _feed_catching_up(self, hub_channel: HubChannel, message: ChannelMessage) -> None:
         for subscription in list(hub_channel.catching_up):
@@ -657,7 +683,7 @@ class Hub:
         if hub_channel.repairing or hub_channel.state is not ChannelState.LIVE:
             return
         hub_channel.repairing = True
-        self.loop.create_task(self._repair(hub_channel))
+        spawn(self._repair(hub_channel), name="push-hub-repair", loop=self.loop)
 
     async def _repair(self, hub_channel: HubChannel) -> None:
         metrics.GAP_REPAIRS.inc()

@@ -14,20 +14,33 @@ import logging
 import re
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
 
 from push.errors import CloseCode
 
 if TYPE_CHECKING:
     from push.connection import ClientConnection
 
-_SECRET_IN_QUERY = re.compile(r"((?:^|[?&\s\"'])(?:token|key|api_key)=)[^&\s\"']+", re.IGNORECASE)
+# Any ``name=value`` that starts a query parameter (or a word); the name is compared
+# after percent-decoding, as the server decodes it: ``?%74oken=`` is a token too.
+_QUERY_PARAM = re.compile(r"((?:^|[?&\s\"'])([^=&?\s\"']+)=)[^&\s\"']+")
+_SECRET_NAMES = frozenset({"token", "key", "api_key"})
 _SECRET_IN_HEADER = re.compile(r"(Authorization:\s*Token\s+)\S+", re.IGNORECASE)
 # LogRecord's own attributes; anything else on a record came in through ``extra=``.
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
 
 
 def redact(text: str) -> str:
-    return _SECRET_IN_HEADER.sub(r"\1[redacted]", _SECRET_IN_QUERY.sub(r"\1[redacted]", text))
+    return _SECRET_IN_HEADER.sub(r"\1[redacted]", _QUERY_PARAM.sub(_redact_param, text))
+
+
+def _redact_param(match: re.Match[str]) -> str:
+    name = match.group(2)
+    if "%" in name or "+" in name:
+        name = unquote_plus(name)
+    if name.lower() in _SECRET_NAMES:
+        return match.group(1) + "[redacted]"
+    return match.group(0)
 
 
 def _redact_value(value: Any) -> Any:

@@ -6,7 +6,11 @@ delivery), so measuring costs nothing that shows in the benchmark.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 CONNECTIONS_OPENED = Counter(
     "push_connections_opened_total", "WebSocket connections accepted", ["wire_format"]
@@ -89,4 +93,45 @@ HUB_BUFFER_DROPS = Counter(
 REGISTRY_RECORDS_DROPPED = Counter(
     "push_registry_records_dropped_total",
     "Connection registry writes dropped while the database was unreachable",
+)
+
+
+class Tally(Collector):
+    """A counter bumped once per delivery: a plain int (``tally.value += 1``, ~30 ns)
+    instead of a prometheus ``Counter.inc`` (~340 ns, it takes a lock), which at
+    thousands of subscribers per message would show in the fan-out. Only the event
+    loop's thread writes it."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.value = 0
+        REGISTRY.register(self)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.value)
+
+
+DIRECT_WRITES = Tally(
+    "push_direct_writes", "Frames written to sockets directly, past the server's send"
+)
+DIRECT_WRITE_FAILURES = Counter(
+    "push_direct_write_failures_total",
+    "Direct writes that raised: the frame went through the server's send (fallback) "
+    "or the connection was closed 1011 (closed)",
+    ["outcome"],
+)
+FAN_OUT_FAILURES = Counter(
+    "push_fan_out_failures_total",
+    "Subscribers whose delivery raised inside the fan-out loop (each is closed 1011)",
+)
+BROKER_OUTGOING_DROPPED = Counter(
+    "push_broker_outgoing_dropped_total",
+    "Committed messages not broadcast because the broker's outgoing queue was full "
+    "(other nodes read them from history on their next sync)",
+)
+INBOUND_PAUSES = Counter(
+    "push_inbound_pauses_total",
+    "Times a connection's socket stopped being read because its unhandled frames "
+    "reached the inbound bound",
 )

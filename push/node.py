@@ -20,6 +20,7 @@ from django.conf import settings
 from accounts.permissions import is_presence_channel
 from accounts.principals import principals_refresh
 from push import broadcast as broadcast_module
+from push.background import spawn
 from push.broker import PRESENCE_EVENT, Broker, channel_group
 from push.cluster import (
     CONTROL_GROUP,
@@ -133,8 +134,10 @@ class Node:
             self.hub.unsubscribe(subscription)
         connection.subscriptions.clear()
         if presence_channels:
-            self.loop.create_task(
-                leave_presence(self, str(connection.connection_id), presence_channels)
+            spawn(
+                leave_presence(self, str(connection.connection_id), presence_channels),
+                name="push-presence-leave",
+                loop=self.loop,
             )
 
     def release(self, connection: ClientConnection) -> None:
@@ -148,13 +151,13 @@ class Node:
         await self.broker.start()
         await self.broker.layer.group_add(CONTROL_GROUP, self.broker.inbox)
         self._tasks = [
-            self.loop.create_task(self.registry.run(), name="push-registry"),
-            self.loop.create_task(self._sync_loop(), name="push-history-sync"),
-            self.loop.create_task(self._revocation_loop(), name="push-revocation"),
-            self.loop.create_task(self._heartbeat_loop(), name="push-heartbeats"),
-            self.loop.create_task(self._cluster_loop(), name="push-cluster"),
-            self.loop.create_task(self.events.run(), name="push-events"),
-            self.loop.create_task(self.recent_cache.run(), name="push-recent-cache"),
+            spawn(self.registry.run(), name="push-registry", loop=self.loop),
+            spawn(self._sync_loop(), name="push-history-sync", loop=self.loop),
+            spawn(self._revocation_loop(), name="push-revocation", loop=self.loop),
+            spawn(self._heartbeat_loop(), name="push-heartbeats", loop=self.loop),
+            spawn(self._cluster_loop(), name="push-cluster", loop=self.loop),
+            spawn(self.events.run(), name="push-events", loop=self.loop),
+            spawn(self.recent_cache.run(), name="push-recent-cache", loop=self.loop),
         ]
         self.is_running = True
         broadcast_module.set_running_node(self)

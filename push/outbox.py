@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from push import metrics
 from push.wsframe import data_frame
+
+logger = logging.getLogger(__name__)
+
+# Bound here: one global lookup per direct write instead of two.
+_DIRECT_WRITES = metrics.DIRECT_WRITES
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -24,6 +31,12 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 BACKLOG_PAUSE_BYTES = 256 * 1024
 BACKLOG_RESUME_BYTES = 64 * 1024
 BACKLOG_POLL_SECS = 0.01
+
+
+class WriteFailed(Exception):
+    """Raised (handed to ``on_send_failed``) when a write to a connection failed on our
+    side (a broken direct write, a push that raised in the fan-out), as opposed to the
+    server's ``send`` raising because the peer went away."""
 
 
 class OutFrame:
@@ -59,7 +72,11 @@ class OutFrame:
                 body = event["body"]
                 self._wire = b"%x\r\n%b\r\n" % (len(body), body)
             elif (payload := event.get("bytes")) is None:
-                self._wire = data_frame(event["text"].encode(), binary=False)
+                # A text frame is JSON, and a lone surrogate can only sit inside one of
+                # its strings: written as the \ud800 escape it reads back as the same
+                # string, where a strict encode would raise out of the fan-out loop.
+                text = event["text"].encode("utf-8", "backslashreplace")
+                self._wire = data_frame(text, binary=False)
             else:
                 self._wire = data_frame(payload, binary=True)
         return self._wire
@@ -133,7 +150,13 @@ class Outbox:
             if probe is None or probe() <= BACKLOG_PAUSE_BYTES:
                 raw_writable = self.raw_writable
                 if raw_writable is not None and raw_writable():
-                    self.raw_write(frame.wire)  # type: ignore[misc]
+                    wire = None
+                    try:  # free in Python 3.11 until something raises
+                        wire = frame.wire
+                        self.raw_write(wire)  # type: ignore[misc]
+                    except Exception as exc:
+                        return self._raw_write_failed(frame, exc, attempted=wire is not None)
+                    _DIRECT_WRITES.value += 1
                     return True
                 return self._send_now(frame)
         if queue is None:
@@ -173,6 +196,27 @@ class Outbox:
             self._drain(_Resumed(coroutine, waiting_on))
         )
         return True
+
+    def _raw_write_failed(self, frame: OutFrame, exc: Exception, *, attempted: bool) -> bool:
+        """The direct write raised: this connection writes through the server from now
+        on. If the frame never reached the socket, it goes through the server now;
+        if the write itself failed, part of it may be on the wire, so the stream can
+        no longer be trusted and the connection fails (1011 through ``on_send_failed``)."""
+        self.raw_write = self.raw_writable = None
+        _log_raw_write_failure(exc)
+        if not attempted:
+            metrics.DIRECT_WRITE_FAILURES.labels("fallback").inc()
+            return self._send_now(frame)
+        metrics.DIRECT_WRITE_FAILURES.labels("closed").inc()
+        self.fail(exc)
+        return False
+
+    def fail(self, exc: BaseException) -> None:
+        """Writing to this connection broke (not the peer leaving): refuse and drop
+        every frame, and tell the owner, who closes it."""
+        failure = WriteFailed(str(exc))
+        failure.__cause__ = exc
+        self._fail(failure)
 
     def _fail(self, exc: BaseException) -> None:
         self._closed = True
@@ -241,6 +285,20 @@ class Outbox:
     def seal(self) -> None:
         """Refuse new frames but let the queued ones be sent."""
         self._closed = True
+
+
+_raw_failure_logged = False
+
+
+def _log_raw_write_failure(exc: Exception) -> None:
+    """With a traceback once per process (it is a bug or an untested server), then
+    quietly: a failure that repeats for every connection must not flood the log."""
+    global _raw_failure_logged
+    if _raw_failure_logged:
+        logger.debug("direct write failed: %r", exc)
+        return
+    _raw_failure_logged = True
+    logger.warning("direct write failed; writing through the server instead", exc_info=exc)
 
 
 class _Resumed:

@@ -81,13 +81,30 @@ def validate_channel_name(name: object, *, field: str = "channel") -> str:
 
 
 def read_request_id(envelope: Mapping[str, Any]) -> RequestId | None:
-    """The request's ``id`` if it is a valid one, else None (so errors can echo it)."""
+    """The request's ``id`` if it is a valid one, else None (so errors can echo it).
+
+    Only an id that every wire format can send back is valid: a JSON string may hold
+    a lone surrogate (``"\\ud800"``), which no UTF-8 frame can carry, so echoing it
+    would fail the reply (and once failed the whole connection with 1011)."""
     value = envelope.get("id")
     if isinstance(value, bool):
         return None
-    if isinstance(value, int) or (isinstance(value, str) and len(value) <= MAX_REQUEST_ID_CHARS):
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and len(value) <= MAX_REQUEST_ID_CHARS and is_utf8_safe(value):
         return value
     return None
+
+
+def is_utf8_safe(text: str) -> bool:
+    """True when ``text`` encodes as UTF-8, i.e. holds no lone surrogate."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_request_id(envelope: Mapping[str, Any]) -> RequestId | None:
@@ -97,7 +114,8 @@ def _check_request_id(envelope: Mapping[str, Any]) -> RequestId | None:
     if request_id is None:
         raise PushError(
             ErrorCode.INVALID_MESSAGE,
-            f"'id' must be an integer or a string of at most {MAX_REQUEST_ID_CHARS} characters",
+            f"'id' must be an integer or a string of at most {MAX_REQUEST_ID_CHARS} characters"
+            " (valid Unicode)",
             field="id",
         )
     return request_id

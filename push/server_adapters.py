@@ -17,8 +17,24 @@ the response head, close, flow control) stays with the server.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import collections
+import importlib.metadata
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from push import metrics
+
+logger = logging.getLogger(__name__)
+
+
+TWISTED_TCP_SERVER = "twisted.internet.tcp.Server"
+DAPHNE_WEBSOCKET = "daphne.ws_protocol.WebSocketProtocol"
+
+
+def _class_name(obj: object) -> str:
+    kind = type(obj)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _daphne_protocol(send: Any) -> Any | None:
@@ -84,26 +100,73 @@ def close_with_any_code(send: Any, code: int) -> bool:
     return True
 
 
-def raw_writer(send: Any) -> tuple[Callable[[bytes], None], Callable[[], bool]] | None:
+Writer = tuple[Callable[[bytes], None], Callable[[], bool]]
+
+# The versions the direct writers were tested with: the pins of requirements.txt
+# (push/tests/test_server_adapters.py checks that they agree). The writers read
+# private attributes of these servers' protocol objects, so under any other version
+# frames go through the server's ``send``: slower, never wrong.
+TESTED_VERSIONS = {
+    "daphne": "4.2.3",
+    "twisted": "26.10.0",
+    "autobahn": "26.10.2",
+    "uvicorn": "0.54.0",
+    "websockets": "17.4",
+    "httptools": "0.9.0",
+}
+
+
+def raw_writer(send: Any) -> Writer | None:
     """``(write, writable)`` for writing whole frames to the socket, or None.
 
     For a WebSocket a frame is a data frame; for a streaming HTTP response (SSE) it is
-    one chunk of the chunked body, written only once the server has sent the head."""
-    protocol = getattr(send, "__self__", None)
-    kind = type(protocol).__name__
-    if kind == "WebSocketsSansIOProtocol":
-        return _uvicorn_sansio_writer(protocol)
-    if kind == "RequestResponseCycle" and type(protocol).__module__.endswith("httptools_impl"):
-        return _uvicorn_http_writer(protocol)
-    protocol = _daphne_protocol(send)
-    if protocol is not None and hasattr(protocol, "sendCloseFrame"):
-        return _daphne_writer(protocol)
-    if protocol is not None and hasattr(protocol, "startedWriting"):
-        return _daphne_http_writer(protocol)
-    return None
+    one chunk of the chunked body, written only once the server has sent the head.
+    Which writer serves a server's protocol class is decided once per process."""
+    protocol = getattr(send, "__self__", None)  # uvicorn: its protocol's bound method
+    if protocol is None:
+        protocol = _daphne_protocol(send)
+        if protocol is None:
+            return None
+    kind = type(protocol)
+    try:
+        make = _writer_by_class[kind]
+    except KeyError:
+        make = _writer_by_class[kind] = _choose_writer(kind)
+    return make(protocol) if make is not None else None
 
 
-def _uvicorn_sansio_writer(protocol: Any) -> tuple[Callable[[bytes], None], Callable[[], bool]]:
+_writer_by_class: dict[type, Callable[[Any], Writer] | None] = {}
+
+
+def _choose_writer(kind: type) -> Callable[[Any], Writer] | None:
+    """The writer for instances of exactly ``kind`` (a subclass may change what the
+    writer relies on), if it was tested with the installed versions; logged once."""
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    entry = _WRITERS.get(name)
+    if entry is None:
+        logger.info("direct writes off for %s: not a server protocol they know", name)
+        return None
+    make, packages = entry
+    untested = {p: v for p in packages if (v := installed_version(p)) != TESTED_VERSIONS[p]}
+    if untested:
+        logger.warning(
+            "direct writes off for %s: %s not the tested %s; frames go through the server",
+            name,
+            untested,
+            {p: TESTED_VERSIONS[p] for p in untested},
+        )
+        return None
+    return make
+
+
+def installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _uvicorn_sansio_writer(protocol: Any) -> Writer:
     transport = protocol.transport
     writable_event = protocol.writable
 
@@ -118,7 +181,7 @@ def _uvicorn_sansio_writer(protocol: Any) -> tuple[Callable[[bytes], None], Call
     return transport.write, writable
 
 
-def _uvicorn_http_writer(cycle: Any) -> tuple[Callable[[bytes], None], Callable[[], bool]]:
+def _uvicorn_http_writer(cycle: Any) -> Writer:
     transport = cycle.transport
     flow = cycle.flow
 
@@ -135,7 +198,7 @@ def _uvicorn_http_writer(cycle: Any) -> tuple[Callable[[bytes], None], Callable[
     return transport.write, writable
 
 
-def _daphne_writer(protocol: Any) -> tuple[Callable[[bytes], None], Callable[[], bool]]:
+def _daphne_writer(protocol: Any) -> Writer:
     transport = protocol.transport
     open_state = protocol.STATE_OPEN
 
@@ -145,7 +208,7 @@ def _daphne_writer(protocol: Any) -> tuple[Callable[[bytes], None], Callable[[],
     return _twisted_direct_write(transport), writable
 
 
-def _daphne_http_writer(request: Any) -> tuple[Callable[[bytes], None], Callable[[], bool]]:
+def _daphne_http_writer(request: Any) -> Writer:
     transport = request.transport
 
     def writable() -> bool:
@@ -163,9 +226,13 @@ def _daphne_http_writer(request: Any) -> tuple[Callable[[bytes], None], Callable
 
 
 def _twisted_direct_write(transport: Any) -> Callable[[bytes], None]:
-    sock = getattr(transport, "socket", None)
-    if sock is None:  # not a plain TCP transport (TLS in Twisted): let it buffer
+    if _class_name(transport) != TWISTED_TCP_SERVER:
+        # TLS (daphne's ``ssl:`` endpoint): the transport is Twisted's TLS wrapper,
+        # which forwards attribute reads to the TCP transport under it, so
+        # ``transport.socket`` would find the raw socket and plaintext would go into
+        # the TLS stream. Only the wrapper's own write encrypts.
         return transport.write  # type: ignore[no-any-return]
+    sock = transport.socket
 
     def write(frame: bytes) -> None:
         # Twisted's write only buffers, then polls for writability and sends on the
@@ -210,3 +277,105 @@ def peer_gone_probe(send: Any) -> Callable[[], bool] | None:
     if protocol is not None and hasattr(protocol, "startedWriting"):
         return lambda: bool(protocol._disconnected or protocol.finished)
     return None
+
+
+# Protocol class -> (its writer, the packages whose versions it was tested with).
+_WRITERS: dict[str, tuple[Callable[[Any], Writer], tuple[str, ...]]] = {
+    "uvicorn.protocols.websockets.websockets_sansio_impl.WebSocketsSansIOProtocol": (
+        _uvicorn_sansio_writer,
+        ("uvicorn", "websockets"),
+    ),
+    "uvicorn.protocols.http.httptools_impl.RequestResponseCycle": (
+        _uvicorn_http_writer,
+        ("uvicorn", "httptools"),
+    ),
+    DAPHNE_WEBSOCKET: (_daphne_writer, ("daphne", "twisted", "autobahn")),
+    "daphne.http_protocol.WebRequest": (_daphne_http_writer, ("daphne", "twisted")),
+}
+
+
+# ----- inbound bound (daphne) ---------------------------------------------------------
+
+
+def bound_inbound(
+    receive: Callable[[], Awaitable[dict[str, Any]]],
+    send: Any,
+    *,
+    max_frames: int,
+    max_bytes: int,
+) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """``receive`` for a daphne WebSocket whose unhandled inbound frames are bounded.
+
+    daphne puts every frame the client sends into an unbounded ``asyncio.Queue`` (its
+    ``receive`` is that queue's ``get``), however long the application takes to ask
+    for the next one: a client that floods frames while its request waits (a replay
+    paced by a slow reader, a slow publish) would make the node hold all of them.
+    Here, once ``max_frames`` frames or ``max_bytes`` bytes wait, the socket is no
+    longer read (Twisted's ``pauseProducing``): TCP pushes back on the client, and
+    reading resumes when half of both bounds have been handled. Nothing is dropped.
+
+    uvicorn needs none of this: it stops reading after every frame it queues and
+    reads again once the application has taken them all. Other servers: unchanged."""
+    protocol = _daphne_protocol(send)
+    queue = getattr(receive, "__self__", None)
+    if (
+        protocol is None
+        or _class_name(protocol) != DAPHNE_WEBSOCKET
+        or not isinstance(queue, asyncio.Queue)
+    ):
+        return receive
+    return _BoundedInbound(protocol, queue, max_frames=max_frames, max_bytes=max_bytes).receive
+
+
+class _BoundedInbound:
+    __slots__ = (
+        "_on_message",
+        "bytes",
+        "max_bytes",
+        "max_frames",
+        "paused",
+        "protocol",
+        "queue",
+        "sizes",
+    )
+
+    def __init__(
+        self, protocol: Any, queue: asyncio.Queue[Any], *, max_frames: int, max_bytes: int
+    ) -> None:
+        self.protocol = protocol
+        self.queue = queue
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        # Sizes of the frames waiting in the queue, in its order.
+        self.sizes: collections.deque[int] = collections.deque()
+        self.bytes = 0
+        self.paused = False
+        # autobahn calls ``self.onMessage`` for each complete message: an instance
+        # attribute wraps daphne's method for this connection only.
+        self._on_message = protocol.onMessage
+        protocol.onMessage = self.on_message
+
+    def on_message(self, payload: bytes, is_binary: bool) -> None:
+        queued = self.queue.qsize()
+        self._on_message(payload, is_binary)
+        if self.queue.qsize() == queued:  # muted (closing): daphne queued nothing
+            return
+        self.sizes.append(len(payload))
+        self.bytes += len(payload)
+        if not self.paused and (len(self.sizes) >= self.max_frames or self.bytes >= self.max_bytes):
+            self.paused = True
+            metrics.INBOUND_PAUSES.inc()
+            self.protocol.transport.pauseProducing()
+
+    async def receive(self) -> dict[str, Any]:
+        event: dict[str, Any] = await self.queue.get()
+        if event["type"] == "websocket.receive" and self.sizes:
+            self.bytes -= self.sizes.popleft()
+        if (
+            self.paused
+            and len(self.sizes) <= self.max_frames // 2
+            and self.bytes <= self.max_bytes // 2
+        ):
+            self.paused = False
+            self.protocol.transport.resumeProducing()
+        return event

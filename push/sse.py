@@ -38,7 +38,7 @@ from push.db import db_call
 from push.errors import CloseCode, ErrorCode, PushError
 from push.node import Node, get_node
 from push.outbox import Outbox, OutFrame
-from push.protocol import validate_channel_name
+from push.protocol import MAX_CHANNEL_NAME_CHARS, validate_channel_name
 from push.security import BrowserOriginValidator
 from push.selectors import channel_latest_seqs
 from push.server_adapters import drop_if_still_open
@@ -71,19 +71,42 @@ def cursor_format(cursor: dict[str, int]) -> str:
     return ",".join(f"{channel}:{seq}" for channel, seq in cursor.items())
 
 
-def cursor_parse(text: str) -> dict[str, int]:
+# A seq is a PostgreSQL bigint: at most 2**63 - 1, 19 digits. Longer digit strings
+# are refused before int() reads them (past 4300 digits int() itself raises).
+MAX_SEQ_DIGITS = 19
+MAX_SEQ = 2**63 - 1
+# One cursor entry at most: a channel name, ':', a seq and ','.
+MAX_CURSOR_ENTRY_CHARS = MAX_CHANNEL_NAME_CHARS + MAX_SEQ_DIGITS + 2
+
+
+def cursor_parse(text: str, *, max_entries: int | None = None) -> dict[str, int]:
     """``news:43,chat:7`` -> {"news": 43, "chat": 7}. Channel names may hold ``:``
-    (``user:42``), so the seq is what follows the last one; they never hold ``,``."""
+    (``user:42``), so the seq is what follows the last one; they never hold ``,``.
+
+    With ``max_entries`` (the channels a stream may hold), a longer text is refused
+    before it is split: what a cursor makes the node read is bounded by that."""
+    if max_entries is not None and len(text) > max_entries * MAX_CURSOR_ENTRY_CHARS:
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE,
+            f"the cursor names more than {max_entries} channels",
+            field="since",
+        )
     cursor: dict[str, int] = {}
     for part in text.split(","):
         part = part.strip()
         if not part:
             continue
         channel, _, seq = part.rpartition(":")
-        if not seq.isascii() or not seq.isdigit():
+        if (
+            not seq.isascii()
+            or not seq.isdigit()
+            or len(seq) > MAX_SEQ_DIGITS
+            or int(seq) > MAX_SEQ
+        ):
             raise PushError(
                 ErrorCode.INVALID_MESSAGE,
-                f"cursor entry {part[:120]!r} is not <channel>:<seq>",
+                f"cursor entry {part[:120]!r} is not <channel>:<seq> (seq: at most"
+                f" {MAX_SEQ_DIGITS} digits)",
                 field="since",
             )
         cursor[validate_channel_name(channel, field="since")] = int(seq)
@@ -121,7 +144,8 @@ def stream_request(scope: dict[str, Any]) -> StreamRequest:
     if since_text is None:
         since_values = params.get("since")
         since_text = since_values[-1] if since_values else ""
-    return StreamRequest(channels=channels, since=cursor_parse(since_text))
+    max_entries = push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION
+    return StreamRequest(channels=channels, since=cursor_parse(since_text, max_entries=max_entries))
 
 
 # ----- the stream ----------------------------------------------------------------------

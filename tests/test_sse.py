@@ -209,6 +209,9 @@ async def test_permissions_are_the_websockets(
         refused = {
             "bad token": await http.get(sse_url(node.http_url, [public], token="nope")),
             "bad cursor": await http.get(sse_url(node.http_url, [public], since="x:y")),
+            "huge seq": await http.get(
+                sse_url(node.http_url, [public], since=f"{public}:{'9' * 5000}")
+            ),
             "no channel": await http.get(f"{node.http_url}/sse/"),
             "bad channel": await http.get(sse_url(node.http_url, ["no spaces"])),
         }
@@ -217,6 +220,7 @@ async def test_permissions_are_the_websockets(
     assert statuses == {
         "bad token": (403, "FORBIDDEN"),
         "bad cursor": (400, "INVALID_MESSAGE"),
+        "huge seq": (400, "INVALID_MESSAGE"),
         "no channel": (400, "INVALID_MESSAGE"),
         "bad channel": (400, "INVALID_MESSAGE"),
     }

@@ -395,6 +395,48 @@ async def test_lone_surrogate_in_data_is_refused(wire_format: str, publisher_tok
     await client.close()
 
 
+def _lone_surrogate_id(codec: Codec, request: dict[str, Any]) -> str | bytes:
+    """``request`` with the id ``"\\ud800"``, as each format's client would write it."""
+    if codec.name == "json":
+        return json.dumps({**request, "id": "\ud800"})  # the \ud800 escape, as text
+    if codec.name == "msgpack":
+        envelope = {**request, "id": "\ud800"}
+        return msgpack.packb(envelope, unicode_errors="surrogatepass")  # type: ignore[no-any-return]
+    # Protobuf: the surrogate's three bytes where a three-character id stood.
+    frame = codec.encode({**request, "id": "XYZ"})
+    return frame.replace(b"XYZ", "\ud800".encode("utf-8", "surrogatepass"))  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        {"type": "heartbeat"},
+        {"type": "subscribe", "channel": "news"},
+        {"type": "publish", "channel": "news", "data": 1},
+        {"type": "unsubscribe", "channel": "news"},
+        {"type": "presence", "channel": "presence-x"},
+        {"type": "nonsense"},
+    ],
+    ids=lambda r: r["type"],
+)
+async def test_an_id_that_cannot_be_echoed_is_refused_without_an_id(
+    wire_format: str, request_: dict[str, Any]
+) -> None:
+    """A JSON id may hold a lone surrogate, which no UTF-8 frame can carry back: it is
+    INVALID_MESSAGE with no id. MessagePack and Protobuf strings are UTF-8 on the wire,
+    so there such a frame does not decode (INVALID_JSON). The connection stays open."""
+    if wire_format == "v1.protobuf" and request_["type"] == "nonsense":
+        pytest.skip("a protobuf frame cannot name an unknown type")
+    client = await connected_client(subprotocol=wire_format)
+    await client.send_payload(_lone_surrogate_id(client.codec, request_))
+    reply = await client.recv()
+    expected = "INVALID_MESSAGE" if wire_format == "v1.json" else "INVALID_JSON"
+    assert reply["type"] == "error" and reply["code"] == expected, reply
+    assert "id" not in reply
+    await _assert_still_usable(client)
+    await client.close()
+
+
 @pytest.mark.parametrize(
     "value",
     [2**64, -(2**63) - 1],
@@ -513,4 +555,38 @@ async def test_subscription_limit(wire_format: str) -> None:
         assert (await client.request({"type": "subscribe", "channel": channel}))["seq"] == 0
     reply = await client.request({"type": "subscribe", "channel": "c"})
     assert reply["code"] == "FORBIDDEN" and "limit" in reply["message"]
+    await client.close()
+
+
+async def test_a_connection_whose_writes_broke_is_closed_1011_and_others_go_on(
+    publisher_token: str,
+) -> None:
+    """A write that failed on the server's side (not the peer leaving) would leave the
+    connection open, subscribed and silent: it is closed 1011 so the client resumes."""
+    from push.node import get_node
+
+    broken = await connected_client()
+    await broken.request({"type": "subscribe", "channel": "news"})
+    healthy = await connected_client()
+    await healthy.request({"type": "subscribe", "channel": "news"})
+    node = await get_node()
+    first, _ = list(node.connections.values())
+    first.outbox.fail(RuntimeError("the server's frame writer broke"))
+    assert await broken.expect_close() == CloseCode.SERVER_ERROR
+    publisher = await connected_client(token=publisher_token)
+    await publisher.request({"type": "publish", "channel": "news", "data": 1})
+    assert (await healthy.recv_type("message"))["seq"] == 1
+    for client in (healthy, publisher, broken):
+        await client.close()
+
+
+async def test_a_peer_that_left_mid_send_is_not_closed_again() -> None:
+    from push.node import get_node
+
+    client = await connected_client()
+    node = await get_node()
+    (connection,) = node.connections.values()
+    connection._on_send_failed(ConnectionResetError("peer reset"))  # the server's send
+    await client.expect_nothing()
+    assert connection.is_open  # its disconnect, on the way, ends it
     await client.close()

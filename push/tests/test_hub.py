@@ -465,3 +465,41 @@ async def test_a_since_past_everything_stored_is_not_recovered_and_goes_live() -
     await settle()
     assert client.replies == [(2, False)]
     assert client.seqs() == [3]
+
+
+class BrokenOutbox(Outbox):
+    """An outbox whose push raises, as a bug or a server that broke under us would."""
+
+    __slots__ = ()
+
+    def push(self, frame: Any) -> bool:
+        if self.closed:
+            return False
+        raise RuntimeError("write failed")
+
+
+async def test_a_subscriber_whose_push_raises_does_not_keep_the_message_from_the_others() -> None:
+    history = MemoryHistory()
+    hub, _ = await make_hub(history)
+    clients = [FakeClient() for _ in range(4)]
+    failures: list[BaseException] = []
+    broken = clients[1]
+    broken.outbox = BrokenOutbox(
+        broken._send,
+        max_frames=10,
+        max_bytes=10**9,
+        on_overflow=broken._overflow,
+        on_send_failed=failures.append,
+    )
+    for client in clients:
+        await hub.subscribe(client, "news", since=None, reply=client.reply)
+    for seq in (1, 2):
+        hub.deliver(make_message("news", seq))
+    hub.deliver_event("news", {"type": "join", "channel": "news", "member": {"user_id": 1}})
+    await settle()
+    for client in (clients[0], clients[2], clients[3]):
+        assert client.seqs() == [1, 2]
+        assert client.sent[-1]["type"] == "join"
+    # The broken one is failed once (its owner closes it 1011) and then left alone.
+    assert [str(exc) for exc in failures] == ["write failed"]
+    assert broken.outbox.closed and broken.sent == []

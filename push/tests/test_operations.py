@@ -95,6 +95,23 @@ def test_secrets_never_reach_the_log() -> None:
     assert "s3cr3t" not in record.getMessage()
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "%74oken=s3cr3t",
+        "tok%65n=s3cr3t",
+        "%54%4F%4B%45%4E=s3cr3t",
+        "api%5Fkey=s3cr3t",
+        "%6bey=s3cr3t",
+    ],
+)
+def test_percent_encoded_secret_names_are_redacted(query: str) -> None:
+    """The server decodes the name before it reads the token: so does the redaction."""
+    cleaned = redact(f"GET /ws/?channel=a&{query}&b=1 HTTP/1.1")
+    assert "s3cr3t" not in cleaned
+    assert "channel=a" in cleaned and "b=1" in cleaned
+
+
 @pytest.mark.parametrize("formatter", [logging.Formatter(), JsonFormatter()])
 def test_secrets_in_extra_fields_and_exceptions_are_redacted(
     formatter: logging.Formatter,

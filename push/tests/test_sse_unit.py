@@ -29,6 +29,27 @@ def test_bad_cursor_is_invalid_message(text: str) -> None:
     assert caught.value.code == "INVALID_MESSAGE"
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["news:" + "9" * 5000, "news:" + "1" * 20, f"news:{2**63}"],
+    ids=["thousands of digits", "20 digits", "past bigint"],
+)
+def test_a_seq_past_a_bigint_is_invalid_message(text: str) -> None:
+    """int() of 5000 digits raises ValueError (an answer of 500): refused before it."""
+    with pytest.raises(PushError) as caught:
+        cursor_parse(text)
+    assert caught.value.code == "INVALID_MESSAGE"
+    assert cursor_parse(f"news:{2**63 - 1}") == {"news": 2**63 - 1}
+
+
+def test_a_cursor_longer_than_its_channels_allow_is_refused_before_it_is_split() -> None:
+    entry = "c" * 100 + ":" + "1" * 19
+    assert len(cursor_parse(",".join([entry] * 3), max_entries=3)) == 1
+    with pytest.raises(PushError) as caught:
+        cursor_parse(",".join([entry] * 4), max_entries=3)
+    assert caught.value.code == "INVALID_MESSAGE"
+
+
 def _scope(query: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
     return {"query_string": query.encode(), "headers": headers or []}
 

@@ -1,0 +1,82 @@
+"""The broker's outgoing queue while Redis is slow, and tasks started in the
+background: bounded, counted, and never silently lost."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from typing import Any
+
+import pytest
+from channels.layers import InMemoryChannelLayer
+from prometheus_client import REGISTRY
+
+from push.background import running_count, spawn
+from push.broker import Broker
+from push.tests.test_hub import make_message
+
+
+class SlowLayer(InMemoryChannelLayer):
+    """A layer whose group_send waits until released: Redis that does not answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.sent: list[int] = []
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        await self.release.wait()
+        self.sent.append(message["seq"])
+
+
+def _dropped() -> float:
+    return REGISTRY.get_sample_value("push_broker_outgoing_dropped_total") or 0.0
+
+
+async def test_outgoing_messages_are_bounded_while_redis_is_slow_and_drops_are_counted() -> None:
+    layer = SlowLayer()
+    broker = Broker(layer, on_message=lambda m: None, max_outgoing=5)
+    await broker.start()
+    before = _dropped()
+    broker.publish_soon(make_message("news", 1))
+    await asyncio.sleep(0.01)  # seq 1 is in flight, waiting on the layer
+    for seq in range(2, 21):
+        broker.publish_soon(make_message("news", seq))
+    assert broker.outgoing_count() == 5
+    assert _dropped() == before + 14
+    layer.release.set()
+    await asyncio.sleep(0.05)
+    # The oldest waiting ones were dropped; what goes out keeps its order.
+    assert layer.sent == [1, 16, 17, 18, 19, 20]
+    await broker.stop()
+
+
+async def test_outgoing_characters_are_bounded_too() -> None:
+    layer = SlowLayer()
+    broker = Broker(layer, on_message=lambda m: None, max_outgoing_chars=30)
+    message = make_message("news", 1)  # data_json '{"n": 1}': 8 characters
+    for seq in range(1, 11):
+        broker.publish_soon(make_message("news", seq))
+    assert broker.outgoing_count() == 30 // len(message.data_json)
+
+
+async def test_a_background_task_is_kept_until_done_and_its_error_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="push.background")
+    gate = asyncio.Event()
+
+    async def fails() -> None:
+        await gate.wait()
+        raise RuntimeError("lost otherwise")
+
+    before = running_count()
+    spawn(fails(), name="doomed")  # the result is dropped, as fire-and-forget does
+    gc.collect()
+    assert running_count() == before + 1
+    gate.set()
+    await asyncio.sleep(0.01)
+    assert running_count() == before
+    [record] = [r for r in caplog.records if r.name == "push.background"]
+    assert "doomed" in record.getMessage() and "lost otherwise" in str(record.exc_info[1])

@@ -1,0 +1,314 @@
+"""The server adapters with fake protocol objects: which writer each server's protocol
+class gets (once per process, only at tested versions), plain TCP versus TLS under
+Twisted, daphne's inbound bound, and what the outbox does when a direct write raises.
+The same paths against real servers: tests/test_transport_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from push import metrics, server_adapters
+from push.outbox import Outbox, OutFrame
+from push.server_adapters import TESTED_VERSIONS, bound_inbound, raw_writer
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choice() -> Any:
+    """Each test decides the writers afresh, as a new process would."""
+    server_adapters._writer_by_class.clear()
+    yield
+    server_adapters._writer_by_class.clear()
+
+
+def _fake_class(qualified: str, **attrs: Any) -> type:
+    module, _, name = qualified.rpartition(".")
+    kind = type(name, (), {"__module__": module, **attrs})
+    kind.__qualname__ = name
+    return kind
+
+
+class FakeTcpTransport:
+    """Twisted's TCP transport as the direct writer sees it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+        self.dataBuffer = b""
+        self._tempDataBuffer: list[bytes] = []
+        self.connected = True
+        self.written: list[bytes] = []
+        self.paused = 0
+        self.resumed = 0
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+
+TcpServerTransport = type("Server", (FakeTcpTransport,), {"__module__": "twisted.internet.tcp"})
+
+
+class FakeTlsWrapper:
+    """Twisted's TLSMemoryBIOProtocol: attribute reads fall through to the TCP
+    transport under it (``socket`` among them); only its own write encrypts."""
+
+    def __init__(self, tcp: FakeTcpTransport) -> None:
+        self.tcp = tcp
+        self.encrypted: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.encrypted.append(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tcp, name)
+
+
+FakeTlsWrapper.__module__ = "twisted.protocols.tls"
+FakeTlsWrapper.__qualname__ = "TLSMemoryBIOProtocol"
+
+
+DaphneWebSocket = _fake_class(
+    "daphne.ws_protocol.WebSocketProtocol", STATE_OPEN=3, sendCloseFrame=lambda self, **kw: None
+)
+
+
+def _daphne_ws_protocol(transport: Any) -> Any:
+    protocol = DaphneWebSocket()
+    protocol.transport = transport
+    protocol.state = 3
+    return protocol
+
+
+def _daphne_send(protocol: Any) -> Any:
+    async def handle_reply(protocol: Any, event: dict[str, Any]) -> None:
+        pass
+
+    return functools.partial(handle_reply, protocol)
+
+
+@pytest.fixture
+def socket_pair() -> Any:
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    yield server, client
+    server.close()
+    client.close()
+
+
+def test_daphne_over_plain_tcp_writes_to_the_socket(socket_pair: Any) -> None:
+    server, client = socket_pair
+    transport = TcpServerTransport(server)
+    writer = raw_writer(_daphne_send(_daphne_ws_protocol(transport)))
+    assert writer is not None
+    write, writable = writer
+    assert writable()
+    write(b"frame")
+    assert client.recv(100) == b"frame" and transport.written == []
+
+
+def test_daphne_over_tls_never_writes_to_the_raw_socket(socket_pair: Any) -> None:
+    server, client = socket_pair
+    tls = FakeTlsWrapper(TcpServerTransport(server))
+    assert tls.socket is server  # what made the old check pass
+    writer = raw_writer(_daphne_send(_daphne_ws_protocol(tls)))
+    assert writer is not None
+    write, _ = writer
+    write(b"frame")
+    assert tls.encrypted == [b"frame"]
+    client.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        client.recv(100)  # nothing in plaintext on the wire
+
+
+def test_a_subclass_of_a_server_protocol_gets_no_writer(socket_pair: Any) -> None:
+    protocol = _daphne_ws_protocol(TcpServerTransport(socket_pair[0]))
+    subclass = type("WebSocketProtocol", (type(protocol),), {"__module__": "myserver"})
+    protocol.__class__ = subclass
+    assert raw_writer(_daphne_send(protocol)) is None
+
+
+def test_an_untested_server_version_writes_through_send_and_says_so_once(
+    socket_pair: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(TESTED_VERSIONS, "autobahn", "0.0.1")
+    caplog.set_level(logging.INFO, logger="push.server_adapters")
+    for _ in range(3):
+        protocol = _daphne_ws_protocol(TcpServerTransport(socket_pair[0]))
+        assert raw_writer(_daphne_send(protocol)) is None
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "autobahn" in warnings[0].getMessage()
+
+
+def test_an_unknown_server_gets_no_writer() -> None:
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    assert raw_writer(queue.put) is None  # a test communicator's send, say
+
+
+def test_tested_versions_are_the_pins_of_requirements() -> None:
+    text = (Path(__file__).resolve().parents[2] / "requirements.txt").read_text()
+    pins = {
+        name.lower(): version
+        for name, version in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", text, re.MULTILINE)
+    }
+    assert {name: pins[name] for name in TESTED_VERSIONS} == TESTED_VERSIONS
+
+
+# ----- the outbox when a direct write raises -------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.failures: list[BaseException] = []
+
+    async def send(self, event: dict[str, Any]) -> None:
+        self.sent.append(event)
+
+    def outbox(self, write: Any) -> Outbox:
+        return Outbox(
+            self.send,
+            max_frames=10,
+            max_bytes=10**6,
+            on_overflow=lambda: None,
+            on_send_failed=self.failures.append,
+            raw=(write, lambda: True),
+        )
+
+
+def _sample(name: str, labels: dict[str, str] | None = None) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+async def test_a_frame_that_cannot_be_built_goes_through_send() -> None:
+    class Unbuildable(OutFrame):
+        @property
+        def wire(self) -> bytes:
+            raise ValueError("cannot frame this")
+
+    recorder = Recorder()
+    written: list[bytes] = []
+    outbox = recorder.outbox(written.append)
+    before = _sample("push_direct_write_failures_total", {"outcome": "fallback"})
+    event = {"type": "websocket.send", "text": "{}"}
+    assert outbox.push(Unbuildable(event, 2))
+    assert outbox.push(OutFrame(dict(event), 2))  # and from now on through send too
+    assert recorder.sent == [event, event] and written == [] and not recorder.failures
+    assert _sample("push_direct_write_failures_total", {"outcome": "fallback"}) == before + 1
+
+
+async def test_a_write_that_raises_fails_the_connection() -> None:
+    def broken_write(data: bytes) -> None:
+        raise OSError("half written")
+
+    recorder = Recorder()
+    outbox = recorder.outbox(broken_write)
+    before = _sample("push_direct_write_failures_total", {"outcome": "closed"})
+    assert not outbox.push(OutFrame({"type": "websocket.send", "text": "{}"}, 2))
+    assert outbox.closed and [str(e) for e in recorder.failures] == ["half written"]
+    assert recorder.sent == []  # part of it may be on the wire: nothing more after it
+    assert _sample("push_direct_write_failures_total", {"outcome": "closed"}) == before + 1
+
+
+async def test_direct_writes_are_counted() -> None:
+    written: list[bytes] = []
+    outbox = Recorder().outbox(written.append)
+    before = metrics.DIRECT_WRITES.value
+    for _ in range(3):
+        outbox.push(OutFrame({"type": "websocket.send", "text": "{}"}, 2))
+    assert len(written) == 3
+    assert _sample("push_direct_writes_total") == before + 3
+
+
+def test_a_text_frame_with_a_lone_surrogate_is_framed_as_its_json_escape() -> None:
+    text = json.dumps({"s": "a\ud800b"}, ensure_ascii=False)
+    wire = OutFrame({"type": "websocket.send", "text": text}, len(text)).wire
+    payload = wire[2:].decode("utf-8")  # valid UTF-8
+    assert json.loads(payload) == {"s": "a\ud800b"}
+
+
+# ----- daphne's inbound queue ----------------------------------------------------------
+
+
+class FakeDaphneInbound:
+    """daphne's side of one connection: its onMessage fills the application's queue."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.transport = FakeTcpTransport(socket.socket())
+        self.protocol = _daphne_ws_protocol(self.transport)
+        queue = self.queue
+        self.protocol.muted = False
+
+        def on_message(payload: bytes, is_binary: bool) -> None:  # daphne's, simplified
+            if not self.protocol.muted:
+                queue.put_nowait({"type": "websocket.receive", "bytes": payload})
+
+        self.protocol.onMessage = on_message
+
+    def close(self) -> None:
+        self.transport.socket.close()
+
+
+async def test_daphne_stops_reading_a_socket_whose_frames_wait_and_reads_again_later() -> None:
+    daphne = FakeDaphneInbound()
+    receive = bound_inbound(
+        daphne.queue.get, _daphne_send(daphne.protocol), max_frames=4, max_bytes=1000
+    )
+    assert receive is not daphne.queue.get
+    before = _sample("push_inbound_pauses_total")
+    for _ in range(3):
+        daphne.protocol.onMessage(b"x" * 10, True)
+    assert daphne.transport.paused == 0
+    daphne.protocol.onMessage(b"x" * 10, True)  # the fourth frame waits: stop reading
+    assert daphne.transport.paused == 1
+    assert _sample("push_inbound_pauses_total") == before + 1
+    await receive()
+    assert daphne.transport.resumed == 0  # three still wait
+    await receive()
+    assert daphne.transport.resumed == 1  # half of the bound: read again
+    daphne.close()
+
+
+async def test_daphne_inbound_bytes_are_bounded_too() -> None:
+    daphne = FakeDaphneInbound()
+    receive = bound_inbound(
+        daphne.queue.get, _daphne_send(daphne.protocol), max_frames=100, max_bytes=1000
+    )
+    daphne.protocol.onMessage(b"x" * 600, True)
+    assert daphne.transport.paused == 0
+    daphne.protocol.onMessage(b"x" * 600, True)
+    assert daphne.transport.paused == 1
+    await receive()
+    assert daphne.transport.resumed == 0  # 600 bytes still wait, over half of 1000
+    await receive()
+    assert daphne.transport.resumed == 1
+    daphne.close()
+
+
+async def test_a_muted_daphne_connection_counts_nothing() -> None:
+    daphne = FakeDaphneInbound()
+    bound_inbound(daphne.queue.get, _daphne_send(daphne.protocol), max_frames=1, max_bytes=10)
+    daphne.protocol.muted = True
+    daphne.protocol.onMessage(b"x" * 600, True)
+    assert daphne.transport.paused == 0
+    daphne.close()
+
+
+def test_other_servers_keep_their_receive() -> None:
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    assert bound_inbound(queue.get, queue.put, max_frames=1, max_bytes=1) == queue.get
