@@ -29,7 +29,7 @@ from push.connection import ClientConnection
 from push.errors import CloseCode, ErrorCode, PushError
 from push.node import Node, get_node
 from push.protocol import Heartbeat, Presence, Publish, RequestId, Subscribe, Unsubscribe
-from push.services_async import message_publish_async
+from push.services import message_publish_async
 from push.sessions import (
     channel_subscribe,
     channel_unsubscribe,
@@ -196,7 +196,7 @@ class PushConsumer(AsyncConsumer):
 
     async def handle_publish(self, connection: ClientConnection, request: Publish) -> None:
         authorize_publish(connection.principal, request.channel)
-        message = await message_publish_async(
+        message, _ = await message_publish_async(
             channel=request.channel,
             data=request.data,
             publisher_id=connection.principal.user_id,
