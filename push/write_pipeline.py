@@ -92,6 +92,7 @@ class WritePipeline:
         self._wakeup = asyncio.Event()
         self._connection: psycopg.AsyncConnection[Any] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._unreachable = False
 
     # ----- the publishers' side ------------------------------------------------------
 
@@ -171,7 +172,9 @@ class WritePipeline:
         try:
             connection = await self._connect()
         except (psycopg.Error, OSError, TimeoutError) as exc:
-            logger.warning("write pipeline: cannot connect to PostgreSQL: %s", exc)
+            if not self._unreachable:  # once per outage, not once per batch
+                logger.warning("write pipeline: cannot connect to PostgreSQL: %s", exc)
+            self._unreachable = True
             metrics.WRITE_BATCHES_FAILED.labels("unavailable").inc()
             unavailable = _unavailable(exc)
             self._answer_all(batch, unavailable)
@@ -190,7 +193,7 @@ class WritePipeline:
                 metrics.WRITE_BATCHES_FAILED.labels("refused").inc()
                 await self._split(connection, batch, exc)
                 return
-            except pg_errors.TransactionRollbackError as exc:
+            except pg_errors.TransactionRollback as exc:
                 if attempt < TRANSIENT_RETRIES:
                     continue
                 metrics.WRITE_BATCHES_FAILED.labels("conflict").inc()
@@ -286,6 +289,9 @@ class WritePipeline:
                 connect_timeout=max(1, round(self._connect_timeout_secs)),
             )
         self._connection = connection
+        if self._unreachable:
+            logger.warning("write pipeline: connected to PostgreSQL again")
+            self._unreachable = False
         return connection
 
     async def _close_connection(self) -> None:
