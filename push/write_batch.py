@@ -95,13 +95,65 @@ def _table(model: type) -> str:
     return connection.ops.quote_name(model._meta.db_table)
 
 
+@dataclass(frozen=True)
+class Dialect:
+    """How a statement passes a list of rows: PostgreSQL unnests one array per column
+    (``unnest(%s::text[], ...)``); SQLite, the development database, reads one JSON
+    array of rows (``json_each``). Everything else in the statements is the same SQL."""
+
+    vendor: str
+
+    def rows(self, columns: Sequence[tuple[str, str]], values: Sequence[list[Any]]) -> Rows:
+        """A derived table ``t`` of the given (name, PostgreSQL type) columns."""
+        names = ", ".join(name for name, _ in columns)
+        if self.vendor == "postgresql":
+            arrays = ", ".join(f"%s::{kind}[]" for _, kind in columns)
+            return Rows(f"unnest({arrays}) AS t({names})", list(values))
+        picks = ", ".join(
+            f"json_extract(value, '$[{i}]') AS {name}" for i, (name, _) in enumerate(columns)
+        )
+        rows = json.dumps(list(zip(*values, strict=True)))
+        # Column names are our own constants; the rows are one parameter.
+        return Rows(f"(SELECT {picks} FROM json_each(%s)) AS t", [rows])  # noqa: S608
+
+    def timestamp(self, value: datetime) -> Any:
+        return (
+            value
+            if self.vendor == "postgresql"
+            else connection.ops.adapt_datetimefield_value(value)
+        )
+
+    def uuid(self, value: str) -> str:
+        # Django keeps UUIDs in SQLite as 32 hex digits.
+        return value if self.vendor == "postgresql" else uuid.UUID(value).hex
+
+    @property
+    def json_cast(self) -> str:
+        return "::jsonb" if self.vendor == "postgresql" else ""
+
+
+@dataclass(frozen=True)
+class Rows:
+    sql: str
+    params: list[Any]
+
+
+POSTGRESQL = Dialect("postgresql")
+
+
 def now_micros() -> int:
     # Whole microseconds, so the live timestamp and the one read back from the
     # database later (resume, REST history) are the same float.
     return time.time_ns() // 1000
 
 
-def batch_plan(units: Sequence[PublishUnit], *, micros: int, window_secs: int) -> Plan:
+def batch_plan(
+    units: Sequence[PublishUnit],
+    *,
+    micros: int,
+    window_secs: int,
+    dialect: Dialect = POSTGRESQL,
+) -> Plan:
     """Store ``units`` in the current transaction; the caller commits."""
     created_at = _EPOCH + timedelta(microseconds=micros)
     outcomes: list[Outcome | None] = [None] * len(units)
@@ -118,16 +170,16 @@ def batch_plan(units: Sequence[PublishUnit], *, micros: int, window_secs: int) -
         else:
             leaders[scope] = index
     if leaders:
-        replays = yield from _claim_keys(sorted(leaders), created_at, window_secs)
+        replays = yield from _claim_keys(dialect, sorted(leaders), created_at, window_secs)
         for scope, outcome in replays.items():
             outcomes[leaders[scope]] = outcome
     writers = [i for i in range(len(units)) if i not in followers and outcomes[i] is None]
     stored: list[ChannelMessage] = []
     if writers:
-        stored = yield from _store(units, writers, outcomes, created_at, micros)
+        stored = yield from _store(dialect, units, writers, outcomes, created_at, micros)
         keyed = [i for i in writers if units[i].key_scope is not None]
         if keyed:
-            yield _record_results(units, keyed, outcomes)
+            yield _record_results(dialect, units, keyed, outcomes)
     for index, leader in followers.items():
         first = outcomes[leader]
         outcomes[index] = Published(first.messages, True) if isinstance(first, Published) else first
@@ -140,40 +192,45 @@ def _settled(outcome: Outcome | None) -> Outcome:
     return outcome
 
 
-def _scope_arrays(scopes: Sequence[KeyScope]) -> list[list[str]]:
-    return [[s[0] for s in scopes], [s[1] for s in scopes], [s[2] for s in scopes]]
+_SCOPE_COLUMNS = [("p", "text"), ("c", "text"), ("k", "text")]
+
+
+def _scope_rows(dialect: Dialect, scopes: Sequence[KeyScope]) -> Rows:
+    return dialect.rows(_SCOPE_COLUMNS, [[s[i] for s in scopes] for i in range(3)])
 
 
 def _claim_keys(
-    scopes: list[KeyScope], created_at: datetime, window_secs: int
+    dialect: Dialect, scopes: list[KeyScope], created_at: datetime, window_secs: int
 ) -> Generator[Statement, list[tuple[Any, ...]], dict[KeyScope, Outcome]]:
     """Insert the key rows first, in one order on every node: a concurrent publish with
     the same key waits on our uncommitted row, then conflicts and reads our result.
     Returns the outcome of every key that an earlier publish holds."""
     table = _table(IdempotencyKey)
     expired_before = created_at - timedelta(seconds=window_secs)
+    keys = _scope_rows(dialect, scopes)
     yield Statement(
         f"DELETE FROM {table} WHERE created_at < %s AND (principal, channel, key) IN "  # noqa: S608
-        "(SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]))",
-        [expired_before, *_scope_arrays(scopes)],
+        f"(SELECT p, c, k FROM {keys.sql})",
+        [dialect.timestamp(expired_before), *keys.params],
     )
+    # (WHERE true: SQLite's parser needs it before ON CONFLICT.)
     won = yield Statement(
         f"INSERT INTO {table} (principal, channel, key, created_at) "  # noqa: S608
-        "SELECT p, c, k, %s FROM unnest(%s::text[], %s::text[], %s::text[]) AS t(p, c, k) "
+        f"SELECT p, c, k, %s FROM {keys.sql} WHERE true "
         "ORDER BY p, c, k ON CONFLICT (principal, channel, key) DO NOTHING "
         "RETURNING principal, channel, key",
-        [created_at, *_scope_arrays(scopes)],
+        [dialect.timestamp(created_at), *keys.params],
         returns_rows=True,
     )
     lost = sorted(set(scopes) - {tuple(row) for row in won})
     if not lost:
         return {}
     # A new statement, a new snapshot (READ COMMITTED): it sees the winner's commit.
+    lost_keys = _scope_rows(dialect, lost)
     rows = yield Statement(
         f"SELECT principal, channel, key, result FROM {table} "  # noqa: S608
-        "WHERE (principal, channel, key) IN "
-        "(SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]))",
-        _scope_arrays(lost),
+        f"WHERE (principal, channel, key) IN (SELECT p, c, k FROM {lost_keys.sql})",
+        lost_keys.params,
         returns_rows=True,
     )
     found = {(p, c, k): result for p, c, k, result in rows}
@@ -201,6 +258,7 @@ def _replayed(result: Any) -> Outcome:
 
 
 def _store(
+    dialect: Dialect,
     units: Sequence[PublishUnit],
     writers: list[int],
     outcomes: list[Outcome | None],
@@ -209,7 +267,7 @@ def _store(
 ) -> Generator[Statement, list[tuple[Any, ...]], list[ChannelMessage]]:
     counts = Counter(channel for i in writers for channel, _ in units[i].items)
     names = sorted(counts)
-    rows = yield _allocate_seqs(names, [counts[n] for n in names], created_at)
+    rows = yield _allocate_seqs(dialect, names, [counts[n] for n in names], created_at)
     # Each channel's first new seq; a batch's messages of one channel take consecutive
     # seqs in request order.
     next_seq = {name: (channel_id, last - counts[name] + 1) for channel_id, name, last in rows}
@@ -235,11 +293,13 @@ def _store(
             publishers.append(unit.publisher_id)
         stored.extend(messages)
         outcomes[index] = Published(messages, False)
-    yield _insert_messages(stored, channel_ids, publishers, created_at)
+    yield _insert_messages(dialect, stored, channel_ids, publishers, created_at)
     return stored
 
 
-def _allocate_seqs(names: list[str], counts: list[int], created_at: datetime) -> Statement:
+def _allocate_seqs(
+    dialect: Dialect, names: list[str], counts: list[int], created_at: datetime
+) -> Statement:
     """ONE upsert takes the seqs of every channel of the batch: (id, name, last_seq).
 
     It creates a channel on its first message and otherwise adds the batch's count to
@@ -249,40 +309,44 @@ def _allocate_seqs(names: list[str], counts: list[int], created_at: datetime) ->
     deadlock.
     """
     table = _table(Channel)
+    channels = dialect.rows([("n", "text"), ("c", "bigint")], [names, counts])
     return Statement(
         f"INSERT INTO {table} (name, last_seq, created_at) "  # noqa: S608
-        "SELECT n, c, %s FROM unnest(%s::text[], %s::bigint[]) AS t(n, c) ORDER BY n "
+        f"SELECT n, c, %s FROM {channels.sql} WHERE true ORDER BY n "
         f"ON CONFLICT (name) DO UPDATE SET last_seq = {table}.last_seq + EXCLUDED.last_seq "
         "RETURNING id, name, last_seq",
-        [created_at, names, counts],
+        [dialect.timestamp(created_at), *channels.params],
         returns_rows=True,
     )
 
 
 def _insert_messages(
+    dialect: Dialect,
     messages: list[ChannelMessage],
     channel_ids: list[int],
     publishers: list[int | None],
     created_at: datetime,
 ) -> Statement:
     table = _table(Message)
-    return Statement(
-        f"INSERT INTO {table} (channel_id, seq, message_id, data, publisher_id, created_at) "  # noqa: S608
-        "SELECT c, s, m, d, p, %s FROM unnest("
-        "%s::bigint[], %s::bigint[], %s::uuid[], %s::text[], %s::bigint[]) AS t(c, s, m, d, p)",
+    rows = dialect.rows(
+        [("c", "bigint"), ("s", "bigint"), ("m", "uuid"), ("d", "text"), ("p", "bigint")],
         [
-            created_at,
             channel_ids,
             [m.seq for m in messages],
-            [m.message_id for m in messages],
+            [dialect.uuid(m.message_id) for m in messages],
             [m.data_json for m in messages],
             publishers,
         ],
     )
+    return Statement(
+        f"INSERT INTO {table} (channel_id, seq, message_id, data, publisher_id, created_at) "  # noqa: S608
+        f"SELECT c, s, m, d, p, %s FROM {rows.sql}",
+        [dialect.timestamp(created_at), *rows.params],
+    )
 
 
 def _record_results(
-    units: Sequence[PublishUnit], keyed: list[int], outcomes: list[Outcome | None]
+    dialect: Dialect, units: Sequence[PublishUnit], keyed: list[int], outcomes: list[Outcome | None]
 ) -> Statement:
     scopes = []
     results = []
@@ -294,11 +358,13 @@ def _record_results(
         scopes.append(scope)
         results.append(json.dumps([result_of(m) for m in outcome.messages]))
     table = _table(IdempotencyKey)
+    rows = dialect.rows(
+        [*_SCOPE_COLUMNS, ("r", "text")], [*([s[i] for s in scopes] for i in range(3)), results]
+    )
     return Statement(
-        f"UPDATE {table} SET result = t.r::jsonb FROM "  # noqa: S608
-        "unnest(%s::text[], %s::text[], %s::text[], %s::text[]) AS t(p, c, k, r) "
+        f"UPDATE {table} SET result = t.r{dialect.json_cast} FROM {rows.sql} "  # noqa: S608
         f"WHERE {table}.principal = t.p AND {table}.channel = t.c AND {table}.key = t.k",
-        [*_scope_arrays(scopes), results],
+        rows.params,
     )
 
 
@@ -314,7 +380,12 @@ def result_of(message: ChannelMessage) -> dict[str, Any]:
 def run_plan_sync(units: Sequence[PublishUnit], *, window_secs: int) -> BatchOutcome:
     """Run one batch through Django's connection, in a transaction of its own or as a
     savepoint of the caller's (a failed statement then leaves the caller's intact)."""
-    plan = batch_plan(units, micros=now_micros(), window_secs=window_secs)
+    plan = batch_plan(
+        units,
+        micros=now_micros(),
+        window_secs=window_secs,
+        dialect=Dialect(connection.vendor),
+    )
     with transaction.atomic(), connection.cursor() as cursor:
         try:
             statement = next(plan)
