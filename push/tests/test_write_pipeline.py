@@ -127,6 +127,37 @@ async def test_retries_with_one_key_publish_once_in_one_batch_and_across_batches
     assert [m.seq for m in committed] == [1, 2]
 
 
+async def test_retries_racing_on_two_nodes_publish_once() -> None:
+    """Two pipelines (two nodes' connections): the second's key insert waits on the
+    first's uncommitted row, then answers from its committed result."""
+    committed: list[ChannelMessage] = []
+    pipelines = [_pipeline(committed), _pipeline(committed)]
+    try:
+        outcomes = await asyncio.gather(
+            *(
+                pipelines[i % 2].publish(
+                    PublishUnit(
+                        items=[("race", "1"), ("race", "2")],
+                        publisher_id=None,
+                        principal="user:1",
+                        idempotency_key=f"k{i // 4}",
+                    )
+                )
+                for i in range(16)
+            )
+        )
+    finally:
+        for pipeline in pipelines:
+            await pipeline.stop()
+    assert all(isinstance(o, Published) for o in outcomes)
+    for key in range(4):
+        group = [o for i, o in enumerate(outcomes) if i // 4 == key]
+        assert sum(not o.replayed for o in group if isinstance(o, Published)) == 1
+        assert len({tuple(m.message_id for m in o.messages) for o in group}) == 1
+    assert [seq for seq, _, _ in await sync_to_async(_stored)("race")] == list(range(1, 9))
+    assert sorted(m.seq for m in committed) == list(range(1, 9))
+
+
 async def test_a_publisher_that_leaves_does_not_break_the_batch() -> None:
     committed: list[ChannelMessage] = []
     pipeline = _pipeline(committed)
