@@ -93,6 +93,8 @@ class WritePipeline:
         self._connection: psycopg.AsyncConnection[Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._unreachable = False
+        self._writing = False
+        self._stopping = False
 
     # ----- the publishers' side ------------------------------------------------------
 
@@ -101,7 +103,7 @@ class WritePipeline:
 
         Raises UNAVAILABLE at once when the queue is full: a node that cannot keep up
         says so instead of holding memory and publishers without bound."""
-        if self._task is None or self._task.done():
+        if self._stopping or self._task is None or self._task.done():
             raise PushError(ErrorCode.UNAVAILABLE, "the node is not accepting publishes")
         count = len(unit.items)
         if self._queue and (
@@ -128,25 +130,33 @@ class WritePipeline:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="push-writes")
 
     async def stop(self) -> None:
-        # Cancelled, not awaited: like the node's other tasks, it may belong to a loop
-        # that is no longer running (tests stop a node from their fixture's loop).
-        if self._task is not None:
-            self._task.cancel()
+        task = self._task
+        self._stopping = True
         self._fail_queued(PushError(ErrorCode.UNAVAILABLE, "the node is stopping"))
+        if task is not None and not task.done():
+            # A batch being written is let finish: cancelled during COMMIT, its
+            # publishers would never learn what happened. (Only on the task's own loop:
+            # tests may stop a node from another one.)
+            if self._writing and task.get_loop() is asyncio.get_running_loop():
+                await asyncio.wait({task}, timeout=self._write_timeout_secs)
+            task.cancel()
         await self._close_connection()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             batch = self._take_batch()
+            self._writing = True
             try:
                 await self._write(batch)
             except Exception:  # a bug: answer, log, and keep the node's writes going
                 logger.exception("write pipeline: batch of %d publishes failed", len(batch))
                 self._answer_all(batch, PushError(ErrorCode.UNAVAILABLE, "the write failed"))
                 await self._close_connection()
+            finally:
+                self._writing = False
 
     def _take_batch(self) -> list[_Queued]:
         batch: list[_Queued] = []
@@ -188,7 +198,7 @@ class WritePipeline:
     ) -> None:
         for attempt in range(TRANSIENT_RETRIES + 1):
             try:
-                outcome = await self._transaction(connection, [q.unit for q in batch])
+                outcome = await self._bounded_transaction(connection, [q.unit for q in batch])
             except (pg_errors.IntegrityError, pg_errors.DataError) as exc:
                 metrics.WRITE_BATCHES_FAILED.labels("refused").inc()
                 await self._split(connection, batch, exc)
@@ -229,21 +239,36 @@ class WritePipeline:
         await self._write_on(connection, batch[:middle])
         await self._write_on(connection, batch[middle:])
 
+    async def _bounded_transaction(
+        self, connection: psycopg.AsyncConnection[Any], units: Sequence[PublishUnit]
+    ) -> BatchOutcome:
+        """The transaction, given up after ``write_timeout_secs``.
+
+        A connection whose packets vanish (no reset, no answer) would hold the whole
+        node's writes: past the timeout its socket is closed under the transaction,
+        which fails whatever still waits on it, rollback included."""
+        task = asyncio.ensure_future(self._transaction(connection, units))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self._write_timeout_secs)
+        except TimeoutError:
+            connection.pgconn.finish()
+            task.cancel()
+            raise
+
     async def _transaction(
         self, connection: psycopg.AsyncConnection[Any], units: Sequence[PublishUnit]
     ) -> BatchOutcome:
         started = time.perf_counter()
         plan = batch_plan(units, micros=now_micros(), window_secs=self._window_secs)
-        async with asyncio.timeout(self._write_timeout_secs):
-            async with connection.transaction(), connection.cursor() as cursor:
-                try:
-                    statement = next(plan)
-                    while True:
-                        await cursor.execute(statement.sql, statement.params)
-                        rows = await cursor.fetchall() if statement.returns_rows else []
-                        statement = plan.send(rows)
-                except StopIteration as done:
-                    outcome: BatchOutcome = done.value
+        async with connection.transaction(), connection.cursor() as cursor:
+            try:
+                statement = next(plan)
+                while True:
+                    await cursor.execute(statement.sql, statement.params)
+                    rows = await cursor.fetchall() if statement.returns_rows else []
+                    statement = plan.send(rows)
+            except StopIteration as done:
+                outcome: BatchOutcome = done.value
         metrics.WRITE_BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.WRITE_BATCH_MESSAGES.observe(sum(len(u.items) for u in units))
         return outcome
@@ -313,4 +338,14 @@ def pipeline_conninfo(params: dict[str, Any]) -> dict[str, Any]:
     """psycopg connection arguments from Django's ``get_connection_params()``, without
     the parts that belong to Django's sync cursors."""
     dropped = {"cursor_factory", "context", "pool"}
-    return {key: value for key, value in params.items() if key not in dropped}
+    conninfo = {key: value for key, value in params.items() if key not in dropped}
+    # TCP keepalives: a peer that vanished without a reset is noticed within ~25 s
+    # even between batches, instead of at the first write after it.
+    for key, value in (
+        ("keepalives", 1),
+        ("keepalives_idle", 10),
+        ("keepalives_interval", 5),
+        ("keepalives_count", 3),
+    ):
+        conninfo.setdefault(key, value)
+    return conninfo

@@ -203,6 +203,59 @@ async def test_an_unreachable_database_answers_unavailable_promptly() -> None:
     assert all(isinstance(o, PushError) and o.code is ErrorCode.UNAVAILABLE for o in outcomes)
 
 
+class SilentProxy:
+    """Forwards to PostgreSQL until ``go_silent``: then it swallows every byte and
+    closes nothing, like a network path that lost its packets."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.silent = False
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                if not self.silent:
+                    sink.write(data)
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    def go_silent(self) -> None:
+        self.silent = True
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_database_that_stops_answering_is_given_up_after_the_write_timeout() -> None:
+    conninfo = pipeline_conninfo(connection.get_connection_params())
+    proxy = SilentProxy((conninfo.get("host", "127.0.0.1"), int(conninfo.get("port", 5432))))
+    port = await proxy.start()
+    pipeline = _pipeline(
+        [], conninfo={**conninfo, "host": "127.0.0.1", "port": port}, write_timeout_secs=1.0
+    )
+    try:
+        assert isinstance(await pipeline.publish(_unit("silent", 1)), Published)
+        proxy.go_silent()
+        started = asyncio.get_running_loop().time()
+        lost = await asyncio.wait_for(pipeline.publish(_unit("silent", 2)), 10)
+        assert asyncio.get_running_loop().time() - started < 3
+        assert isinstance(lost, PushError) and lost.code is ErrorCode.UNAVAILABLE
+        proxy.silent = False  # a new connection through it works again
+        again = await asyncio.wait_for(pipeline.publish(_unit("silent", 3)), 10)
+        assert isinstance(again, Published) and again.messages[0].seq == 2
+    finally:
+        await pipeline.stop()
+        proxy.close()
+
+
 # ----- the services, on a running node and without one ------------------------------------
 
 
