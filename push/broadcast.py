@@ -67,7 +67,7 @@ def _cache_without_node(message: ChannelMessage) -> None:
         _sync_redis = redis_sync(socket_connect_timeout=2, socket_timeout=5)
     with _sync_redis.pipeline(transaction=False) as pipe:
         ttl = push_settings.RECENT_CACHE_TTL_SECS
-        add_to_pipeline(pipe, redis_prefix(), message, size, ttl)
+        add_to_pipeline(pipe, redis_prefix(), [message], size, ttl)
         pipe.execute()
 
 

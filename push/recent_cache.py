@@ -79,15 +79,24 @@ def contiguous_tail(messages: list[ChannelMessage]) -> list[ChannelMessage]:
     return tail
 
 
-def add_to_pipeline(pipe: Any, prefix: str, message: ChannelMessage, size: int, ttl: int) -> None:
-    key = recent_key(prefix, message.channel)
-    pipe.xadd(
-        key,
-        stream_fields(message),  # type: ignore[arg-type]
-        maxlen=stream_length(message.channel, size),
-        approximate=True,
-    )
-    pipe.expire(key, ttl)
+def add_to_pipeline(
+    pipe: Any, prefix: str, messages: list[ChannelMessage], size: int, ttl: int
+) -> None:
+    """Append ``messages`` to their channels' streams; one EXPIRE per channel, since a
+    write pipeline's batch brings many messages of few channels."""
+    lengths: dict[str, int] = {}
+    for message in messages:
+        channel = message.channel
+        if channel not in lengths:
+            lengths[channel] = stream_length(channel, size)
+        pipe.xadd(
+            recent_key(prefix, channel),
+            stream_fields(message),  # type: ignore[arg-type]
+            maxlen=lengths[channel],
+            approximate=True,
+        )
+    for channel in lengths:
+        pipe.expire(recent_key(prefix, channel), ttl)
 
 
 class RecentCache:
@@ -132,8 +141,7 @@ class RecentCache:
         if not batch:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
-            for message in batch:
-                add_to_pipeline(pipe, self.prefix, message, self.size, self.ttl_secs)
+            add_to_pipeline(pipe, self.prefix, batch, self.size, self.ttl_secs)
             await pipe.execute()
 
     async def read(self, channel: str, count: int) -> list[ChannelMessage]:
