@@ -260,7 +260,13 @@ class WritePipeline:
     ) -> BatchOutcome:
         started = time.perf_counter()
         plan = batch_plan(units, micros=now_micros(), window_secs=self._window_secs)
-        async with connection.transaction(), connection.cursor() as cursor:
+        # Pipeline mode: statements whose rows nothing reads (the messages' insert, the
+        # keys' results) go out with the COMMIT in one round trip, BEGIN with the first.
+        async with (
+            connection.pipeline(),
+            connection.transaction(),
+            connection.cursor() as cursor,
+        ):
             try:
                 statement = next(plan)
                 while True:
