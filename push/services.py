@@ -1,8 +1,11 @@
 """Publishing: store a message with its seq, then broadcast it after commit.
 
-One function serves every publisher: the WebSocket consumer, the REST API and
-application code (``push.publish``). A message is broadcast only once its transaction
-has committed, so subscribers never see a message that the database does not have.
+The same functions serve every publisher: the WebSocket consumer and the REST API
+(``message_publish_async``, ``messages_publish_batch``, through the node's group-commit
+write pipeline) and application code (``push.publish``, in the caller's transaction).
+Every path runs the same batch SQL (``push.write_batch``). A message is broadcast only
+once its transaction has committed, so subscribers never see a message that the
+database does not have.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def _running_pipeline() -> WritePipeline | None:
 
 async def _write_async(unit: PublishUnit) -> Published:
     """Store ``unit`` and broadcast it after commit: the one place that picks the store
-    (today PostgreSQL for every channel).
+    for the unit's channels (today PostgreSQL for every channel; a channel kept
+    elsewhere would branch here, before the pipeline).
 
     The node's write pipeline batches it with the node's other publishes; without a
     node on this loop (a management command, a test client's throwaway loop) the same
