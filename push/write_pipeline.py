@@ -95,6 +95,7 @@ class WritePipeline:
         self._unreachable = False
         self._writing = False
         self._stopping = False
+        self._commit_sent = False
 
     # ----- the publishers' side ------------------------------------------------------
 
@@ -196,6 +197,7 @@ class WritePipeline:
     async def _write_on(
         self, connection: psycopg.AsyncConnection[Any], batch: list[_Queued]
     ) -> None:
+        reconnected = False
         for attempt in range(TRANSIENT_RETRIES + 1):
             try:
                 outcome = await self._bounded_transaction(connection, [q.unit for q in batch])
@@ -210,11 +212,22 @@ class WritePipeline:
                 self._answer_all(batch, _unavailable(exc))
                 return
             except (psycopg.Error, OSError, TimeoutError) as exc:
+                await self._close_connection()
+                # (Not after a timeout: that path is not healthy, answer at once.)
+                if not (self._commit_sent or reconnected or isinstance(exc, TimeoutError)):
+                    # The COMMIT never left, so nothing was stored: a connection that
+                    # broke while idle (PostgreSQL restarted) costs a reconnect, not
+                    # the batch.
+                    reconnected = True
+                    try:
+                        connection = await self._connect()
+                        continue
+                    except (psycopg.Error, OSError, TimeoutError):
+                        self._fail_queued(_unavailable(exc))
                 # Lost or timed out, maybe during COMMIT: the outcome is unknown, so
                 # nothing of this batch is acknowledged (see the module's docstring).
                 logger.warning("write pipeline: batch of %d lost: %r", len(batch), exc)
                 metrics.WRITE_BATCHES_FAILED.labels("unavailable").inc()
-                await self._close_connection()
                 self._answer_all(batch, _unavailable(exc))
                 return
             self._committed(batch, outcome)
@@ -260,6 +273,7 @@ class WritePipeline:
     ) -> BatchOutcome:
         started = time.perf_counter()
         plan = batch_plan(units, micros=now_micros(), window_secs=self._window_secs)
+        self._commit_sent = False
         # Pipeline mode: statements whose rows nothing reads (the messages' insert, the
         # keys' results) go out with the COMMIT in one round trip, BEGIN with the first.
         async with (
@@ -275,6 +289,9 @@ class WritePipeline:
                     statement = plan.send(rows)
             except StopIteration as done:
                 outcome: BatchOutcome = done.value
+            # Leaving the block sends the COMMIT: from here a lost connection leaves
+            # the outcome unknown.
+            self._commit_sent = True
         metrics.WRITE_BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.WRITE_BATCH_MESSAGES.observe(sum(len(u.items) for u in units))
         return outcome

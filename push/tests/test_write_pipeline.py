@@ -203,6 +203,25 @@ async def test_an_unreachable_database_answers_unavailable_promptly() -> None:
     assert all(isinstance(o, PushError) and o.code is ErrorCode.UNAVAILABLE for o in outcomes)
 
 
+def _terminate_backend(pid: int) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+async def test_a_connection_that_broke_while_idle_costs_a_reconnect_not_the_batch() -> None:
+    pipeline = _pipeline([])
+    try:
+        assert isinstance(await pipeline.publish(_unit("idle", 1)), Published)
+        backend = pipeline._connection
+        assert backend is not None
+        # As after a PostgreSQL restart: the idle connection is gone.
+        await sync_to_async(_terminate_backend)(backend.info.backend_pid)
+        again = await pipeline.publish(_unit("idle", 2))
+        assert isinstance(again, Published) and again.messages[0].seq == 2
+    finally:
+        await pipeline.stop()
+
+
 class SilentProxy:
     """Forwards to PostgreSQL until ``go_silent``: then it swallows every byte and
     closes nothing, like a network path that lost its packets."""
