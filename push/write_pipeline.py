@@ -14,9 +14,12 @@ go to ``on_committed`` (the node's broadcast) in seq order per channel.
 Failures:
 - the database refuses data (a constraint, a bad value): the batch is split in
   halves and each retried, so only the publish that caused it fails;
-- PostgreSQL unreachable or the connection lost: the batch and everything queued
-  are answered UNAVAILABLE at once, and the next publish connects again (with a
-  bounded connect timeout, so nobody waits long for a dead server);
+- the connection lost before the COMMIT left (say it broke while idle, PostgreSQL
+  restarted): nothing was stored, and the batch is written on a new connection;
+- PostgreSQL unreachable: the batch and everything queued are answered UNAVAILABLE
+  at once, and the next publish connects again (with a bounded connect timeout, so
+  nobody waits long for a dead server); a connection that stops answering is given
+  up after the write timeout;
 - the connection lost during COMMIT: the batch may or may not be stored, and it is
   answered UNAVAILABLE, never "published". A client that must not publish twice
   retries with an ``Idempotency-Key`` (REST), which returns the first result if the
