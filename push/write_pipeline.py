@@ -4,9 +4,10 @@ Publishes arriving on the node queue here; one task writes them in batches, each
 one transaction (``push.write_batch``), on its own psycopg connection on the event
 loop. A batch is written as soon as the previous one committed: an idle node writes
 a lone publish at once, a busy one writes what queued meanwhile, up to a cap in
-messages and bytes. Measured here, one transaction of 100 publishes costs little more
-than a transaction of one, which is what lets a node acknowledge more publishes per
-second than PostgreSQL commits transactions.
+messages and bytes. A transaction costs mostly its round trips and its commit (a WAL
+flush), which all the publishes of a batch share: measured here (2 busy cores), 2.2 ms
+for 1 publish, 8.4 ms for 100, 49 ms for 1,000. That is what lets a node acknowledge
+more publishes per second than PostgreSQL commits transactions.
 
 Each publisher is answered only after its message committed, and committed messages
 go to ``on_committed`` (the node's broadcast) in seq order per channel.
@@ -152,6 +153,8 @@ class WritePipeline:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             batch = self._take_batch()
+            if not batch:  # answered meanwhile (the queue failed as a whole)
+                continue
             self._writing = True
             try:
                 await self._write(batch)
