@@ -68,7 +68,7 @@ def _cache_without_node(message: ChannelMessage) -> None:
     with _sync_redis.pipeline(transaction=False) as pipe:
         ttl = push_settings.RECENT_CACHE_TTL_SECS
         max_bytes = push_settings.RECENT_CACHE_MAX_BYTES
-        add_to_pipeline(pipe, redis_prefix(), message, size, ttl, max_bytes)
+        add_to_pipeline(pipe, redis_prefix(), [message], size, ttl, max_bytes)
         pipe.execute()
 
 

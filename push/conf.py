@@ -47,6 +47,17 @@ class PushSettings:
     GC_GEN0_THRESHOLD: int = 50_000
     GC_FREEZE: bool = True
     IDEMPOTENCY_WINDOW_SECS: int = 86_400
+    # Group commit (push.write_pipeline): one transaction holds at most this many
+    # messages and bytes of data; the node queues at most this many publishes (and
+    # bytes) waiting to be written, and refuses more with UNAVAILABLE.
+    WRITE_BATCH_MAX_MESSAGES: int = 1000
+    WRITE_BATCH_MAX_BYTES: int = 4 * 1_048_576
+    WRITE_QUEUE_MAX_MESSAGES: int = 20_000
+    WRITE_QUEUE_MAX_BYTES: int = 64 * 1_048_576
+    # How long the write connection may take to connect, and a batch to commit,
+    # before its publishers are answered UNAVAILABLE.
+    WRITE_CONNECT_TIMEOUT_SECS: float = 3.0
+    WRITE_TIMEOUT_SECS: float = 10.0
     RECENT_PER_CHANNEL: int = 256
     RECENT_MAX_BYTES: int = 1_048_576
     RECENT_CACHE_SIZE: int = 100

@@ -9,6 +9,7 @@ the node's hub.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -29,7 +30,7 @@ from push.connection import ClientConnection
 from push.errors import CloseCode, ErrorCode, PushError
 from push.node import Node, get_node
 from push.protocol import Heartbeat, Presence, Publish, RequestId, Subscribe, Unsubscribe
-from push.services_async import message_publish_async
+from push.services import message_publish_async
 from push.sessions import (
     channel_subscribe,
     channel_unsubscribe,
@@ -40,6 +41,13 @@ from push.sessions import (
 
 logger = logging.getLogger(__name__)
 
+# Publishes of one connection queued at once; a client that sends more waits for
+# answers (its frames are not read meanwhile).
+PUBLISHES_IN_FLIGHT = 16
+# Labelled once: a publish is the hot path (labels() is a lookup under a lock).
+_PUBLISHED = metrics.MESSAGES_PUBLISHED.labels("websocket")
+_PUBLISH_SECONDS = metrics.REQUEST_SECONDS.labels("publish")
+
 
 def _request_id_of(connection: ClientConnection, event: dict[str, Any]) -> RequestId | None:
     """The request's id, so a refused request is still answered under its id."""
@@ -48,6 +56,18 @@ def _request_id_of(connection: ClientConnection, event: dict[str, Any]) -> Reque
     except PushError:
         return None
     return protocol.read_request_id(envelope) if isinstance(envelope, Mapping) else None
+
+
+def _reply_failure(
+    connection: ClientConnection, exc: Exception, request_id: RequestId | None
+) -> None:
+    """The one place a failed request becomes its error reply."""
+    if not isinstance(exc, PushError):
+        logger.error("request failed on %s", connection.connection_id, exc_info=exc)
+        exc = PushError(ErrorCode.UNAVAILABLE, "the server could not handle this request")
+    connection.send_error(exc, request_id)
+    if exc.close_code is not None:
+        connection.close(exc.close_code)
 
 
 def _frame_size(payload: str | bytes) -> int:
@@ -62,6 +82,8 @@ class PushConsumer(AsyncConsumer):
         self.scope = scope
         self.connection: ClientConnection | None = None
         self.node: Node | None = None
+        # Publishes queued and not yet answered (made on the first publish).
+        self.publishing: set[asyncio.Task[None]] | None = None
         close_code: int | None = None
         try:
             while True:
@@ -112,6 +134,9 @@ class PushConsumer(AsyncConsumer):
         return True
 
     def on_closed(self, close_code: int | None) -> None:
+        # Nobody is left to answer; publishes already queued are still written.
+        for task in self.publishing or ():
+            task.cancel()
         if self.connection is not None and self.node is not None:
             session_closed(self.node, self.connection, close_code)
 
@@ -136,19 +161,14 @@ class PushConsumer(AsyncConsumer):
             request = protocol.parse_request(envelope)
             kind = _REQUEST_TYPES[type(request)]
             metrics.FRAMES_RECEIVED.labels(kind).inc()
+            if isinstance(request, Publish):  # answered by its own task (see there)
+                await self.start_publish(connection, request)
+                return
             started = time.perf_counter()
             await self._handlers[type(request)](self, connection, request)
             metrics.REQUEST_SECONDS.labels(kind).observe(time.perf_counter() - started)
-        except PushError as exc:
-            connection.send_error(exc, request_id)
-            if exc.close_code is not None:
-                connection.close(exc.close_code)
-        except Exception:
-            logger.exception("request failed on %s", connection.connection_id)
-            connection.send_error(
-                PushError(ErrorCode.UNAVAILABLE, "the server could not handle this request"),
-                request_id,
-            )
+        except Exception as exc:
+            _reply_failure(connection, exc, request_id)
 
     def _rate_limited(self, connection: ClientConnection, event: dict[str, Any]) -> None:
         connection.rate_limited_frames += 1
@@ -194,14 +214,38 @@ class PushConsumer(AsyncConsumer):
             protocol.unsubscribed(channel=request.channel, request_id=request.id)
         )
 
-    async def handle_publish(self, connection: ClientConnection, request: Publish) -> None:
+    async def start_publish(self, connection: ClientConnection, request: Publish) -> None:
+        """Queue a publish and go on reading frames; its task answers once it committed.
+
+        A publisher may so have several publishes in flight, which the node's write
+        pipeline commits together (one round trip per request would cap a connection
+        at one publish per commit). The tasks start in frame order and each queues its
+        publish before it first waits, so one connection's publishes to a channel get
+        seqs in the order it sent them. Past ``PUBLISHES_IN_FLIGHT`` the connection
+        stops reading until one is answered: what one client holds stays bounded.
+        """
         authorize_publish(connection.principal, request.channel)
-        message = await message_publish_async(
-            channel=request.channel,
-            data=request.data,
-            publisher_id=connection.principal.user_id,
-        )
-        metrics.MESSAGES_PUBLISHED.labels("websocket").inc()
+        if self.publishing is None:
+            self.publishing = set()
+        while len(self.publishing) >= PUBLISHES_IN_FLIGHT:
+            await asyncio.wait(self.publishing, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.get_running_loop().create_task(self.handle_publish(connection, request))
+        self.publishing.add(task)
+        task.add_done_callback(self.publishing.discard)
+
+    async def handle_publish(self, connection: ClientConnection, request: Publish) -> None:
+        started = time.perf_counter()
+        try:
+            message, _ = await message_publish_async(
+                channel=request.channel,
+                data=request.data,
+                publisher_id=connection.principal.user_id,
+            )
+        except Exception as exc:
+            _reply_failure(connection, exc, request.id)
+            return
+        _PUBLISHED.inc()
+        _PUBLISH_SECONDS.observe(time.perf_counter() - started)
         connection.send_envelope(
             protocol.published(
                 channel=message.channel,
@@ -224,7 +268,6 @@ class PushConsumer(AsyncConsumer):
     _handlers: dict[type, Callable[[Any, ClientConnection, Any], Awaitable[None]]] = {
         Subscribe: handle_subscribe,
         Unsubscribe: handle_unsubscribe,
-        Publish: handle_publish,
         Heartbeat: handle_heartbeat,
         Presence: handle_presence,
     }

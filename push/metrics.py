@@ -135,3 +135,23 @@ INBOUND_PAUSES = Counter(
     "Times a connection's socket stopped being read because its unhandled frames "
     "reached the inbound bound",
 )
+WRITE_BATCH_MESSAGES = Histogram(
+    "push_write_batch_messages",
+    "Messages per transaction of the write pipeline (group commit)",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
+)
+WRITE_BATCH_SECONDS = Histogram(
+    "push_write_batch_seconds",
+    "Time to write and commit one batch of the write pipeline",
+    buckets=_CALL_BUCKETS,
+)
+WRITE_BATCHES_FAILED = Counter(
+    "push_write_batches_failed_total",
+    "Write pipeline batches that did not commit, by reason",
+    ["reason"],
+)
+PUBLISHES_REFUSED = Counter(
+    "push_publishes_refused_total",
+    "Publishes refused before they were written, by reason",
+    ["reason"],
+)

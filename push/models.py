@@ -77,13 +77,17 @@ class Connection(models.Model):
 
 class IdempotencyKey(models.Model):
     """A REST publish's ``Idempotency-Key``: a retry within the window gets the first
-    publish's message instead of publishing again."""
+    publish's result instead of publishing again."""
 
-    # Who published: "user:<id>" (the key is scoped to the credential and the channel).
+    # Who published: "user:<id>" (the key is scoped to the credential and the channel;
+    # a batch request's key has the empty channel, which no channel is named).
     principal = models.CharField(max_length=64)
     channel = models.CharField(max_length=100)
     key = models.CharField(max_length=255)
-    message = models.ForeignKey(Message, null=True, on_delete=models.CASCADE)
+    # The first publish's reply, [{channel, seq, message_id, timestamp}, ...], kept in
+    # the row itself: retention deletes messages long before a key expires, and a key
+    # that pointed at its message (it used to, deleted with it) let a retry publish again.
+    result = models.JSONField(null=True)
     created_at = models.DateTimeField(db_index=True)
 
     class Meta:

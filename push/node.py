@@ -12,10 +12,12 @@ import gc
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import connection as database
 
 from accounts.permissions import is_presence_channel
 from accounts.principals import principals_refresh
@@ -41,6 +43,7 @@ from push.protocol import presence_change
 from push.recent_cache import RecentCache
 from push.registry import ConnectionRegistry, close_node_connections
 from push.sessions import subscriptions_revoke
+from push.write_pipeline import WritePipeline, pipeline_conninfo
 
 if TYPE_CHECKING:
     from push.connection import ClientConnection
@@ -100,6 +103,7 @@ class Node:
                 wait_secs=push_settings.REPLAY_SLOT_WAIT_SECS,
             ),
         )
+        self.write_pipeline = _write_pipeline(self.broadcast)
         self._tasks: list[asyncio.Task[None]] = []
         # Live connections of this node, for revocation checks, admin actions and drain.
         self.connections: dict[uuid.UUID, ClientConnection] = {}
@@ -159,6 +163,8 @@ class Node:
             spawn(self.events.run(), name="push-events", loop=self.loop),
             spawn(self.recent_cache.run(), name="push-recent-cache", loop=self.loop),
         ]
+        if self.write_pipeline is not None:
+            self.write_pipeline.start()
         self.is_running = True
         broadcast_module.set_running_node(self)
         logger.info("node %s started", self.server_id)
@@ -170,6 +176,8 @@ class Node:
             broadcast_module.set_running_node(None)
         for task in self._tasks:
             task.cancel()
+        if self.write_pipeline is not None:
+            await self.write_pipeline.stop()
         await self.broker.stop()
 
     def broadcast(self, message: ChannelMessage) -> None:
@@ -357,6 +365,24 @@ class Node:
             if connection.subscriptions and (changed or connection.token_expiry):
                 await subscriptions_revoke(self, connection, now)
         return closed
+
+
+def _write_pipeline(on_committed: Callable[[ChannelMessage], None]) -> WritePipeline | None:
+    """The node's group-commit writer, on PostgreSQL (SQLite, a file for development,
+    is written through Django's connection on the database threads instead)."""
+    if database.vendor != "postgresql":
+        return None
+    return WritePipeline(
+        conninfo=pipeline_conninfo(database.get_connection_params()),
+        on_committed=on_committed,
+        window_secs=push_settings.IDEMPOTENCY_WINDOW_SECS,
+        max_batch_messages=push_settings.WRITE_BATCH_MAX_MESSAGES,
+        max_batch_bytes=push_settings.WRITE_BATCH_MAX_BYTES,
+        max_queue_messages=push_settings.WRITE_QUEUE_MAX_MESSAGES,
+        max_queue_bytes=push_settings.WRITE_QUEUE_MAX_BYTES,
+        connect_timeout_secs=push_settings.WRITE_CONNECT_TIMEOUT_SECS,
+        write_timeout_secs=push_settings.WRITE_TIMEOUT_SECS,
+    )
 
 
 _node: Node | None = None

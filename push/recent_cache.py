@@ -87,20 +87,32 @@ def contiguous_tail(messages: list[ChannelMessage]) -> list[ChannelMessage]:
 
 
 def add_to_pipeline(
-    pipe: Any, prefix: str, message: ChannelMessage, size: int, ttl: int, max_bytes: int
+    pipe: Any,
+    prefix: str,
+    messages: list[ChannelMessage],
+    size: int,
+    ttl: int,
+    max_bytes: int,
 ) -> None:
-    key = recent_key(prefix, message.channel)
-    length = stream_length(message.channel, size)
-    fitting = max(1, max_bytes // max(1, data_bytes(message)))
-    pipe.xadd(
-        key,
-        stream_fields(message),  # type: ignore[arg-type]
-        maxlen=min(length, fitting),
-        # Approximate trimming only drops whole stream nodes (100 entries): fine for
-        # the count, useless for a few large messages, which are trimmed exactly.
-        approximate=fitting >= length,
-    )
-    pipe.expire(key, ttl)
+    """Append ``messages`` to their channels' streams; one EXPIRE per channel, since a
+    write pipeline's batch brings many messages of few channels."""
+    lengths: dict[str, int] = {}
+    for message in messages:
+        channel = message.channel
+        if channel not in lengths:
+            lengths[channel] = stream_length(channel, size)
+        length = lengths[channel]
+        fitting = max(1, max_bytes // max(1, data_bytes(message)))
+        pipe.xadd(
+            recent_key(prefix, channel),
+            stream_fields(message),  # type: ignore[arg-type]
+            maxlen=min(length, fitting),
+            # Approximate trimming only drops whole stream nodes (100 entries): fine for
+            # the count, useless for a few large messages, which are trimmed exactly.
+            approximate=fitting >= length,
+        )
+    for channel in lengths:
+        pipe.expire(recent_key(prefix, channel), ttl)
 
 
 class RecentCache:
@@ -148,10 +160,7 @@ class RecentCache:
         if not batch:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
-            for message in batch:
-                add_to_pipeline(
-                    pipe, self.prefix, message, self.size, self.ttl_secs, self.max_bytes
-                )
+            add_to_pipeline(pipe, self.prefix, batch, self.size, self.ttl_secs, self.max_bytes)
             await pipe.execute()
 
     async def read(self, channel: str, count: int, max_bytes: int) -> list[ChannelMessage]:

@@ -1,48 +1,29 @@
 """Publishing: store a message with its seq, then broadcast it after commit.
 
-One function serves every publisher: the WebSocket consumer, the REST API and
-application code (``push.publish``). A message is broadcast only once its transaction
-has committed, so subscribers never see a message that the database does not have.
+The same functions serve every publisher: the WebSocket consumer and the REST API
+(``message_publish_async``, ``messages_publish_batch``, through the node's group-commit
+write pipeline) and application code (``push.publish``, in the caller's transaction).
+Every path runs the same batch SQL (``push.write_batch``). A message is broadcast only
+once its transaction has committed, so subscribers never see a message that the
+database does not have.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
-from datetime import UTC, datetime, timedelta
+import asyncio
+from collections.abc import Sequence
 from typing import Any
 
-from django.db import IntegrityError, connection, transaction
+from django.db import DataError, IntegrityError, transaction
 
 from push import broadcast
 from push.conf import push_settings
+from push.db import db_call
 from push.errors import ErrorCode, PushError
 from push.message import ChannelMessage, dump_data
-from push.models import Channel, IdempotencyKey, Message
 from push.protocol import validate_channel_name, validate_data
-from push.selectors import channel_message_from_row
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _allocate_seq(channel: str, now: datetime) -> tuple[int, int]:
-    """Atomically take the channel's next seq: (channel id, seq).
-
-    One upsert: it creates the channel on its first message and otherwise increments
-    ``last_seq`` under the row lock, which is held until the transaction commits, so
-    publishers to one channel commit in seq order on every node.
-    """
-    table = connection.ops.quote_name(Channel._meta.db_table)
-    # The table name comes from our own model; every value is a parameter.
-    sql = (
-        f"INSERT INTO {table} (name, last_seq, created_at) VALUES (%s, 1, %s) "  # noqa: S608
-        f"ON CONFLICT (name) DO UPDATE SET last_seq = {table}.last_seq + 1 "
-        "RETURNING id, last_seq"
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [channel, now])
-        channel_id, seq = cursor.fetchone()
-    return channel_id, seq
+from push.write_batch import Published, PublishUnit, run_plan_sync
+from push.write_pipeline import WritePipeline
 
 
 def _encode_data(data: Any) -> str:
@@ -56,30 +37,139 @@ def _encode_data(data: Any) -> str:
     return data_json
 
 
-def _store_message(
-    channel: str, data_json: str, publisher_id: int | None
-) -> tuple[ChannelMessage, Message]:
-    # Whole microseconds, so the live timestamp and the one read back from the
-    # database later (resume, REST history) are the same float.
-    micros = time.time_ns() // 1000
-    created_at = _EPOCH + timedelta(microseconds=micros)
-    channel_id, seq = _allocate_seq(channel, created_at)
-    row = Message.objects.create(
-        channel_id=channel_id,
-        seq=seq,
-        message_id=uuid.uuid4(),
-        data=data_json,
+def _single_unit(
+    channel: str,
+    data: Any,
+    publisher_id: int | None,
+    principal: str | None,
+    idempotency_key: str | None,
+) -> PublishUnit:
+    validate_channel_name(channel)
+    return PublishUnit(
+        items=[(channel, _encode_data(data))],
         publisher_id=publisher_id,
-        created_at=created_at,
+        principal=principal,
+        idempotency_key=idempotency_key,
+        key_channel=channel,
     )
-    message = ChannelMessage(
-        channel=channel,
-        seq=seq,
-        message_id=str(row.message_id),
-        data_json=data_json,
-        timestamp=micros / 1_000_000,
+
+
+def _batch_unit(
+    items: Sequence[tuple[str, Any]],
+    publisher_id: int | None,
+    principal: str | None,
+    idempotency_key: str | None,
+) -> PublishUnit:
+    if not items:
+        raise PushError(ErrorCode.INVALID_MESSAGE, "a batch holds at least one message")
+    encoded = []
+    for index, (channel, data) in enumerate(items):
+        try:
+            validate_channel_name(channel)
+            encoded.append((channel, _encode_data(data)))
+        except PushError as exc:
+            raise PushError(exc.code, exc.message, field=exc.field, index=index) from exc
+    # The batch's key is scoped to (principal, the batch): the empty channel.
+    return PublishUnit(
+        items=encoded,
+        publisher_id=publisher_id,
+        principal=principal,
+        idempotency_key=idempotency_key,
     )
-    return message, row
+
+
+# ----- where a publish is written ----------------------------------------------------------
+
+
+def _running_pipeline() -> WritePipeline | None:
+    """The write pipeline of the node running on this event loop, if there is one."""
+    node = broadcast.running_node()
+    if node is None or not node.is_running or node.write_pipeline is None:
+        return None
+    return node.write_pipeline if node.loop is asyncio.get_running_loop() else None
+
+
+async def _write_async(unit: PublishUnit) -> Published:
+    """Store ``unit`` and broadcast it after commit: the one place that picks the store
+    for the unit's channels (today PostgreSQL for every channel; a channel kept
+    elsewhere would branch here, before the pipeline).
+
+    The node's write pipeline batches it with the node's other publishes; without a
+    node on this loop (a management command, a test client's throwaway loop) the same
+    batch SQL runs through Django's connection on the database threads."""
+    pipeline = _running_pipeline()
+    if pipeline is not None:
+        outcome = await pipeline.publish(unit)
+        if isinstance(outcome, PushError):
+            raise outcome
+        return outcome
+    return await _write_on_database_thread(unit)
+
+
+def _write_sync(unit: PublishUnit) -> Published:
+    """Store ``unit`` in the caller's transaction (or one of its own); broadcast after
+    the outermost transaction commits."""
+    try:
+        batch = run_plan_sync([unit], window_secs=push_settings.IDEMPOTENCY_WINDOW_SECS)
+    except (IntegrityError, DataError) as exc:
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE, f"the database refused this: {type(exc).__name__}"
+        ) from exc
+    outcome = batch.outcomes[0]
+    if isinstance(outcome, PushError):
+        raise outcome
+    stored = batch.stored
+    if stored:
+        transaction.on_commit(lambda: _broadcast_all(stored))
+    return outcome
+
+
+def _broadcast_all(messages: list[ChannelMessage]) -> None:
+    for message in messages:
+        broadcast.broadcast_from_sync(message)
+
+
+_write_on_database_thread = db_call(_write_sync)
+
+
+# ----- the services -------------------------------------------------------------------------
+
+
+async def message_publish_async(
+    *,
+    channel: str,
+    data: Any,
+    publisher_id: int | None,
+    principal: str | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[ChannelMessage, bool]:
+    """Publish one message; answers once it is committed.
+
+    Returns the message and whether it is an earlier publish's, answered again for a
+    retried ``idempotency_key`` (scoped to ``principal`` and the channel); a replayed
+    message carries the first publish's channel, seq, id and timestamp, not its data.
+    """
+    unit = _single_unit(channel, data, publisher_id, principal, idempotency_key)
+    published = await _write_async(unit)
+    return published.messages[0], published.replayed
+
+
+async def messages_publish_batch(
+    *,
+    items: Sequence[tuple[str, Any]],
+    publisher_id: int | None,
+    principal: str | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[list[ChannelMessage], bool]:
+    """Publish ``items`` ((channel, data) pairs) all together or not at all, in one
+    transaction; the messages come back in request order.
+
+    An invalid item raises ``INVALID_MESSAGE`` naming its ``index`` before anything is
+    written. ``idempotency_key`` covers the whole batch (scoped to ``principal``).
+    """
+    unit = _batch_unit(items, publisher_id, principal, idempotency_key)
+    published = await _write_async(unit)
+    return published.messages, published.replayed
 
 
 def message_publish(*, channel: str, data: Any, publisher_id: int | None = None) -> ChannelMessage:
@@ -88,12 +178,8 @@ def message_publish(*, channel: str, data: Any, publisher_id: int | None = None)
     Call it inside your own ``transaction.atomic()`` to tie the message to your
     changes: rolled back, nothing is published; committed, every subscriber gets it.
     """
-    validate_channel_name(channel)
-    data_json = _encode_data(data)
-    with transaction.atomic():
-        message, _ = _store_message(channel, data_json, publisher_id)
-        transaction.on_commit(lambda: broadcast.broadcast_from_sync(message))
-    return message
+    unit = _single_unit(channel, data, publisher_id, None, None)
+    return _write_sync(unit).messages[0]
 
 
 def message_publish_idempotent(
@@ -108,40 +194,12 @@ def message_publish_idempotent(
 
     Returns the message and whether it is the first publish's (a retry). The key row
     is inserted before the message: a concurrent retry with the same key, on any node,
-    waits on that insert, fails on the unique constraint once the first commits, and
-    then returns the first publish's message; its own transaction published nothing.
+    waits on that insert, conflicts once the first commits, and then returns the first
+    publish's result; its own transaction publishes nothing.
     """
-    validate_channel_name(channel)
-    data_json = _encode_data(data)
-    for _attempt in range(3):
-        try:
-            with transaction.atomic():
-                return _publish_under_key(
-                    channel, data_json, publisher_id, principal, idempotency_key
-                )
-        except IntegrityError:
-            continue  # a concurrent publish with this key committed first: read it
-    raise PushError(ErrorCode.UNAVAILABLE, "idempotent publish kept conflicting; retry")
-
-
-def _publish_under_key(
-    channel: str, data_json: str, publisher_id: int | None, principal: str, key: str
-) -> tuple[ChannelMessage, bool]:
-    now = _EPOCH + timedelta(microseconds=time.time_ns() // 1000)
-    window = timedelta(seconds=push_settings.IDEMPOTENCY_WINDOW_SECS)
-    scope = IdempotencyKey.objects.filter(principal=principal, channel=channel, key=key)
-    scope.filter(created_at__lt=now - window).delete()
-    existing = scope.select_related("message").first()
-    if existing is not None and existing.message is not None:
-        return channel_message_from_row(channel, existing.message), True
-    record = IdempotencyKey.objects.create(
-        principal=principal, channel=channel, key=key, created_at=now
-    )
-    message, row = _store_message(channel, data_json, publisher_id)
-    record.message = row
-    record.save(update_fields=["message"])
-    transaction.on_commit(lambda: broadcast.broadcast_from_sync(message))
-    return message, False
+    unit = _single_unit(channel, data, publisher_id, principal, idempotency_key)
+    published = _write_sync(unit)
+    return published.messages[0], published.replayed
 
 
 def user_channel(user_id: int) -> str:

@@ -1,0 +1,370 @@
+"""The group-commit write pipeline against the real PostgreSQL: batching, seq order,
+a refused message failing alone, idempotency inside and across batches and after
+retention, all-or-nothing batch requests, the queue bound, an unreachable database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth.models import User
+from django.db import connection
+from django.test import override_settings
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from accounts.models import ChannelGrant
+from push.errors import ErrorCode, PushError
+from push.message import ChannelMessage
+from push.models import Message
+from push.node import get_node
+from push.retention import history_trim
+from push.services import message_publish_async, messages_publish_batch
+from push.write_batch import Published, PublishUnit
+from push.write_pipeline import WritePipeline, pipeline_conninfo
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _pipeline(committed: list[ChannelMessage], **overrides: Any) -> WritePipeline:
+    options: dict[str, Any] = {
+        "conninfo": pipeline_conninfo(connection.get_connection_params()),
+        "on_committed": committed.append,
+        "window_secs": 3600,
+        "max_batch_messages": 1000,
+        "max_batch_bytes": 4 * 1_048_576,
+        "max_queue_messages": 10_000,
+        "max_queue_bytes": 64 * 1_048_576,
+        "connect_timeout_secs": 2.0,
+        "write_timeout_secs": 5.0,
+    }
+    options.update(overrides)
+    pipeline = WritePipeline(**options)
+    pipeline.start()
+    return pipeline
+
+
+def _unit(channel: str, n: int, **kwargs: Any) -> PublishUnit:
+    return PublishUnit(
+        items=[(channel, json.dumps({"n": n}))], publisher_id=None, key_channel=channel, **kwargs
+    )
+
+
+def _stored(channel: str) -> list[tuple[int, dict[str, Any], float]]:
+    rows = Message.objects.filter(channel__name=channel).order_by("seq")
+    return [(r.seq, json.loads(r.data), r.created_at.timestamp()) for r in rows]
+
+
+async def test_concurrent_publishes_share_transactions_with_consecutive_seqs() -> None:
+    committed: list[ChannelMessage] = []
+    pipeline = _pipeline(committed)
+    try:
+        # Queued while the first batch is written: they go in the next transactions.
+        units = [_unit(f"ch{i % 3}", i) for i in range(300)]
+        outcomes = await asyncio.gather(*(pipeline.publish(u) for u in units))
+    finally:
+        await pipeline.stop()
+    assert all(isinstance(o, Published) and not o.replayed for o in outcomes)
+    for c in range(3):
+        rows = await sync_to_async(_stored)(f"ch{c}")
+        # Gapless from 1, in the order the publishes were made.
+        assert [seq for seq, _, _ in rows] == list(range(1, 101))
+        assert [data["n"] for _, data, _ in rows] == list(range(c, 300, 3))
+    # One transaction's messages share their timestamp: far fewer than 300 commits.
+    transactions = {ts for c in range(3) for _, _, ts in await sync_to_async(_stored)(f"ch{c}")}
+    assert len(transactions) < 30
+    # Each publisher got its own message; broadcast in seq order per channel.
+    assert [o.messages[0].data_json for o in outcomes] == [u.items[0][1] for u in units]
+    for c in range(3):
+        assert [m.seq for m in committed if m.channel == f"ch{c}"] == list(range(1, 101))
+
+
+async def test_a_refused_message_fails_alone_and_the_rest_commit() -> None:
+    committed: list[ChannelMessage] = []
+    pipeline = _pipeline(committed)
+    try:
+        units = [_unit("mixed", i) for i in range(20)]
+        # No such user: the foreign key refuses this one (at COMMIT, it is deferred).
+        units[7] = PublishUnit(items=[("mixed", "7")], publisher_id=2_000_000_000)
+        outcomes = await asyncio.gather(*(pipeline.publish(u) for u in units))
+    finally:
+        await pipeline.stop()
+    refused = outcomes[7]
+    assert isinstance(refused, PushError) and refused.code is ErrorCode.INVALID_MESSAGE
+    assert all(isinstance(o, Published) for i, o in enumerate(outcomes) if i != 7)
+    rows = await sync_to_async(_stored)("mixed")
+    assert [seq for seq, _, _ in rows] == list(range(1, 20))  # no gap where it failed
+    assert [data["n"] for _, data, _ in rows] == [i for i in range(20) if i != 7]
+    assert [m.seq for m in committed] == list(range(1, 20))
+
+
+async def test_retries_with_one_key_publish_once_in_one_batch_and_across_batches() -> None:
+    committed: list[ChannelMessage] = []
+    pipeline = _pipeline(committed)
+    key = {"principal": "user:1", "idempotency_key": "k1"}
+    try:
+        together = await asyncio.gather(
+            *(pipeline.publish(_unit("orders", 1, **key)) for _ in range(5))
+        )
+        later = await pipeline.publish(_unit("orders", 1, **key))
+        other_scope = await pipeline.publish(
+            _unit("orders", 1, principal="user:2", idempotency_key="k1")
+        )
+    finally:
+        await pipeline.stop()
+    assert all(isinstance(o, Published) for o in [*together, later, other_scope])
+    first = together[0]
+    assert isinstance(first, Published) and not first.replayed
+    for retry in [*together[1:], later]:
+        assert isinstance(retry, Published) and retry.replayed
+        assert retry.messages[0].message_id == first.messages[0].message_id
+        assert retry.messages[0].seq == 1
+    assert isinstance(other_scope, Published) and other_scope.messages[0].seq == 2
+    assert [m.seq for m in committed] == [1, 2]
+
+
+async def test_retries_racing_on_two_nodes_publish_once() -> None:
+    """Two pipelines (two nodes' connections): the second's key insert waits on the
+    first's uncommitted row, then answers from its committed result."""
+    committed: list[ChannelMessage] = []
+    pipelines = [_pipeline(committed), _pipeline(committed)]
+    try:
+        outcomes = await asyncio.gather(
+            *(
+                pipelines[i % 2].publish(
+                    PublishUnit(
+                        items=[("race", "1"), ("race", "2")],
+                        publisher_id=None,
+                        principal="user:1",
+                        idempotency_key=f"k{i // 4}",
+                    )
+                )
+                for i in range(16)
+            )
+        )
+    finally:
+        for pipeline in pipelines:
+            await pipeline.stop()
+    assert all(isinstance(o, Published) for o in outcomes)
+    for key in range(4):
+        group = [o for i, o in enumerate(outcomes) if i // 4 == key]
+        assert sum(not o.replayed for o in group if isinstance(o, Published)) == 1
+        assert len({tuple(m.message_id for m in o.messages) for o in group}) == 1
+    assert [seq for seq, _, _ in await sync_to_async(_stored)("race")] == list(range(1, 9))
+    assert sorted(m.seq for m in committed) == list(range(1, 9))
+
+
+async def test_a_publisher_that_leaves_does_not_break_the_batch() -> None:
+    committed: list[ChannelMessage] = []
+    pipeline = _pipeline(committed)
+    try:
+        tasks = [asyncio.ensure_future(pipeline.publish(_unit("leave", i))) for i in range(10)]
+        await asyncio.sleep(0)
+        tasks[3].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await pipeline.stop()
+    assert isinstance(done[3], asyncio.CancelledError)
+    assert [seq for seq, _, _ in await sync_to_async(_stored)("leave")] == list(range(1, 11))
+
+
+async def test_a_full_queue_is_refused_unavailable() -> None:
+    pipeline = _pipeline([], max_queue_messages=2)
+    try:
+        first = pipeline.submit(_unit("q", 1))
+        pipeline.submit(_unit("q", 2))
+        with pytest.raises(PushError) as refused:
+            pipeline.submit(_unit("q", 3))
+        assert refused.value.code is ErrorCode.UNAVAILABLE
+        assert isinstance(await first, Published)
+    finally:
+        await pipeline.stop()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_an_unreachable_database_answers_unavailable_promptly() -> None:
+    conninfo = pipeline_conninfo(connection.get_connection_params())
+    pipeline = _pipeline([], conninfo={**conninfo, "host": "127.0.0.1", "port": _closed_port()})
+    try:
+        started = asyncio.get_running_loop().time()
+        outcomes = await asyncio.gather(*(pipeline.publish(_unit("down", i)) for i in range(5)))
+        assert asyncio.get_running_loop().time() - started < 3
+    finally:
+        await pipeline.stop()
+    assert all(isinstance(o, PushError) and o.code is ErrorCode.UNAVAILABLE for o in outcomes)
+
+
+def _terminate_backend(pid: int) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+async def test_a_connection_that_broke_while_idle_costs_a_reconnect_not_the_batch() -> None:
+    pipeline = _pipeline([])
+    try:
+        assert isinstance(await pipeline.publish(_unit("idle", 1)), Published)
+        backend = pipeline._connection
+        assert backend is not None
+        # As after a PostgreSQL restart: the idle connection is gone.
+        await sync_to_async(_terminate_backend)(backend.info.backend_pid)
+        again = await pipeline.publish(_unit("idle", 2))
+        assert isinstance(again, Published) and again.messages[0].seq == 2
+    finally:
+        await pipeline.stop()
+
+
+class SilentProxy:
+    """Forwards to PostgreSQL until ``go_silent``: then it swallows every byte and
+    closes nothing, like a network path that lost its packets."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.silent = False
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                if not self.silent:
+                    sink.write(data)
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    def go_silent(self) -> None:
+        self.silent = True
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_database_that_stops_answering_is_given_up_after_the_write_timeout() -> None:
+    conninfo = pipeline_conninfo(connection.get_connection_params())
+    proxy = SilentProxy((conninfo.get("host", "127.0.0.1"), int(conninfo.get("port", 5432))))
+    port = await proxy.start()
+    pipeline = _pipeline(
+        [], conninfo={**conninfo, "host": "127.0.0.1", "port": port}, write_timeout_secs=1.0
+    )
+    try:
+        assert isinstance(await pipeline.publish(_unit("silent", 1)), Published)
+        proxy.go_silent()
+        started = asyncio.get_running_loop().time()
+        lost = await asyncio.wait_for(pipeline.publish(_unit("silent", 2)), 10)
+        assert asyncio.get_running_loop().time() - started < 3
+        assert isinstance(lost, PushError) and lost.code is ErrorCode.UNAVAILABLE
+        proxy.silent = False  # a new connection through it works again
+        again = await asyncio.wait_for(pipeline.publish(_unit("silent", 3)), 10)
+        assert isinstance(again, Published) and again.messages[0].seq == 2
+    finally:
+        await pipeline.stop()
+        proxy.close()
+
+
+# ----- the services, on a running node and without one ------------------------------------
+
+
+@pytest.fixture(params=["node", "no node"])
+async def where(request: pytest.FixtureRequest) -> str:
+    if request.param == "node":
+        node = await get_node()
+        assert node.write_pipeline is not None
+    return str(request.param)
+
+
+async def test_batch_request_is_stored_in_request_order(where: str) -> None:
+    items = [("a", 1), ("b", 2), ("a", 3), ("a", 4), ("b", 5)]
+    messages, replayed = await messages_publish_batch(items=items, publisher_id=None)
+    assert not replayed
+    assert [(m.channel, m.seq, m.data) for m in messages] == [
+        ("a", 1, 1),
+        ("b", 1, 2),
+        ("a", 2, 3),
+        ("a", 3, 4),
+        ("b", 2, 5),
+    ]
+
+
+async def test_invalid_batch_item_is_named_and_nothing_is_written(where: str) -> None:
+    with pytest.raises(PushError) as refused:
+        await messages_publish_batch(
+            items=[("a", 1), ("b", 2), ("bad name!", 3)], publisher_id=None
+        )
+    assert refused.value.code is ErrorCode.INVALID_MESSAGE and refused.value.index == 2
+    assert await Message.objects.acount() == 0
+
+
+async def test_a_batch_request_the_database_refuses_stores_nothing(where: str) -> None:
+    with pytest.raises(PushError) as refused:
+        await messages_publish_batch(items=[("a", 1), ("b", 2)], publisher_id=2_000_000_000)
+    assert refused.value.code is ErrorCode.INVALID_MESSAGE
+    assert await Message.objects.acount() == 0
+    # The seqs it took were rolled back with it.
+    messages, _ = await messages_publish_batch(items=[("a", 1)], publisher_id=None)
+    assert messages[0].seq == 1
+
+
+async def test_batch_key_replays_the_first_body(where: str) -> None:
+    items = [("a", 1), ("b", 2)]
+    first, replayed = await messages_publish_batch(
+        items=items, publisher_id=None, principal="user:1", idempotency_key="b1"
+    )
+    again, replayed_again = await messages_publish_batch(
+        items=items, publisher_id=None, principal="user:1", idempotency_key="b1"
+    )
+    assert not replayed and replayed_again
+    assert [(m.channel, m.seq, m.message_id) for m in again] == [
+        (m.channel, m.seq, m.message_id) for m in first
+    ]
+    # A single publish with the same key is another scope (the channel).
+    single, replayed_single = await message_publish_async(
+        channel="a", data=1, publisher_id=None, principal="user:1", idempotency_key="b1"
+    )
+    assert not replayed_single and single.seq == 2
+
+
+# ----- idempotency survives retention ----------------------------------------------------------
+
+
+def _api_client() -> APIClient:
+    user = User.objects.create_user("svc", password="x")
+    ChannelGrant.objects.create(user=user, pattern="*", can_publish=True)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return api
+
+
+@override_settings(PUSH={"RETENTION_RULES": [("orders", 1, None)]})
+def test_a_retry_after_retention_deleted_the_message_is_still_answered_once() -> None:
+    api = _api_client()
+
+    def post(data: object, key: str | None = None) -> Any:
+        headers = {"HTTP_IDEMPOTENCY_KEY": key} if key else {}
+        return api.post(
+            "/api/v1/channels/orders/messages",
+            data=json.dumps({"data": data}),
+            content_type="application/json",
+            **headers,
+        )
+
+    first = post({"n": 1}, key="order-1")
+    assert first.status_code == 201 and first.json()["seq"] == 1
+    assert post({"n": 2}).json()["seq"] == 2
+    assert history_trim() == {"orders": 1}  # seq 1 is gone
+    retry = post({"n": 1}, key="order-1")
+    assert retry.status_code == 200 and retry.json() == first.json()
+    assert list(Message.objects.values_list("seq", flat=True)) == [2]
