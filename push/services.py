@@ -160,3 +160,120 @@ def publish(channel: str, data: Any, *, publisher_id: int | None = None) -> Chan
     The message joins the caller's transaction and reaches subscribers after it commits.
     """
     return message_publish(channel=channel, data=data, publisher_id=publisher_id)
+
+
+# interim: replaced by the write pipeline
+# ----------------------------------------------------------------------------------------
+# Awaitable publishing for the REST views, over the sync ORM code above on the database
+# threads. A batch's idempotency key is kept as one IdempotencyKey row per message, under
+# a pseudo-channel "*batch:<index>" that no real channel name can equal.
+
+from collections.abc import Sequence  # noqa: E402
+
+from push.db import db_call  # noqa: E402
+
+_BATCH_KEY_PREFIX = "*batch:"
+
+
+async def message_publish_async(
+    *,
+    channel: str,
+    data: Any,
+    publisher_id: int | None,
+    principal: str | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[ChannelMessage, bool]:
+    """Publish one message; with ``idempotency_key``, a retry gets the first result and
+    True."""
+    if idempotency_key is None:
+        message = await db_call(message_publish)(
+            channel=channel, data=data, publisher_id=publisher_id
+        )
+        return message, False  # type: ignore[return-value]
+    return await db_call(message_publish_idempotent)(  # type: ignore[return-value]
+        channel=channel,
+        data=data,
+        publisher_id=publisher_id,
+        principal=principal or "anonymous",
+        idempotency_key=idempotency_key,
+    )
+
+
+async def messages_publish_batch(
+    *,
+    items: Sequence[tuple[str, Any]],
+    publisher_id: int | None,
+    principal: str | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[list[ChannelMessage], bool]:
+    """Publish ``(channel, data)`` items all or nothing, in one transaction; the
+    messages in the items' order. A refused item raises ``PushError`` with its index."""
+    encoded = []
+    for index, (channel, data) in enumerate(items):
+        try:
+            encoded.append((validate_channel_name(channel), _encode_data(data)))
+        except PushError as exc:
+            exc.index = index
+            raise
+    return await db_call(_publish_batch_sync)(  # type: ignore[return-value]
+        encoded, publisher_id, principal or "anonymous", idempotency_key
+    )
+
+
+def _publish_batch_sync(
+    items: list[tuple[str, str]], publisher_id: int | None, principal: str, key: str | None
+) -> tuple[list[ChannelMessage], bool]:
+    for _attempt in range(3):
+        try:
+            with transaction.atomic():
+                return _publish_batch_under_key(items, publisher_id, principal, key)
+        except IntegrityError:
+            continue  # a concurrent batch with this key committed first: read it
+    raise PushError(ErrorCode.UNAVAILABLE, "idempotent publish kept conflicting; retry")
+
+
+def _publish_batch_under_key(
+    items: list[tuple[str, str]], publisher_id: int | None, principal: str, key: str | None
+) -> tuple[list[ChannelMessage], bool]:
+    now = _EPOCH + timedelta(microseconds=time.time_ns() // 1000)
+    first = None
+    if key is not None:
+        scope = IdempotencyKey.objects.filter(
+            principal=principal, key=key, channel__startswith=_BATCH_KEY_PREFIX
+        )
+        window = timedelta(seconds=push_settings.IDEMPOTENCY_WINDOW_SECS)
+        scope.filter(created_at__lt=now - window).delete()
+        stored = [r for r in scope.select_related("message__channel") if r.message is not None]
+        if stored:
+            stored.sort(key=lambda r: int(r.channel[len(_BATCH_KEY_PREFIX) :]))
+            return [
+                channel_message_from_row(r.message.channel.name, r.message) for r in stored
+            ], True
+        # Inserted before any message: a concurrent retry waits on this row's unique key.
+        first = IdempotencyKey.objects.create(
+            principal=principal, channel=f"{_BATCH_KEY_PREFIX}0", key=key, created_at=now
+        )
+    # Channels are locked in name order, so two batches never wait on each other's rows.
+    order = sorted(range(len(items)), key=lambda i: items[i][0])
+    messages: list[ChannelMessage | None] = [None] * len(items)
+    rows: list[Message | None] = [None] * len(items)
+    for index in order:
+        channel, data_json = items[index]
+        messages[index], rows[index] = _store_message(channel, data_json, publisher_id)
+    if first is not None:
+        first.message = rows[0]
+        first.save(update_fields=["message"])
+        IdempotencyKey.objects.bulk_create(
+            IdempotencyKey(
+                principal=principal,
+                channel=f"{_BATCH_KEY_PREFIX}{index}",
+                key=key,
+                message=rows[index],
+                created_at=now,
+            )
+            for index in range(1, len(items))
+        )
+    published = [m for m in messages if m is not None]
+    for message in published:
+        transaction.on_commit(lambda m=message: broadcast.broadcast_from_sync(m))
+    return published, False
