@@ -1,5 +1,6 @@
-"""DRF's ``APIView`` served on the event loop, so one node answers concurrent REST
-publishes and history reads concurrently instead of one request thread each.
+"""DRF's ``APIView`` served on the event loop: the REST publish and history views are
+coroutines, so a node serves concurrent requests concurrently and a request waiting on
+the database holds no database connection of its own.
 
 DRF's own hooks stay as they are: authentication, permissions and throttles are sync
 and may read PostgreSQL (token, session, grants) and Redis (throttle counters), so
@@ -8,9 +9,10 @@ one of those threads and never the loop. Parsing, rendering (the browsable API t
 ``handle_exception`` with the one exception handler (``push.api.exceptions``) and
 ``finalize_response`` are DRF's own code, unchanged.
 
-Not adrf: its ``APIView`` runs ``initial`` through ``sync_to_async`` with
-``thread_sensitive=True``, on the request's one sync thread, and this module is the
-few lines of DRF's ``dispatch`` that change.
+Not adrf: it runs ``initial`` through ``sync_to_async(thread_sensitive=True)``, which
+under Django's ASGI handler is the request's own thread, whose database connection
+stays checked out of the pool until the request ends (as with a sync view): as many
+connections as requests in flight. Here the database threads bound them.
 """
 
 from __future__ import annotations
