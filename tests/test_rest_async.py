@@ -167,3 +167,26 @@ async def test_a_service_token_is_not_held_to_the_rest_throttle(
     statuses = await publish_many(user)
     assert statuses[:USER_REST_RATE_PER_MIN] == [201] * USER_REST_RATE_PER_MIN
     assert set(statuses[USER_REST_RATE_PER_MIN:]) == {429}
+
+
+async def test_a_batch_reaches_subscribers_in_seq_order(
+    rest_node: ServerNode, http: httpx.AsyncClient, service_key: str
+) -> None:
+    ws = await open_ws(rest_node.ws_url)
+    try:
+        for channel in ("batch-a", "batch-b"):
+            await ws.send(json.dumps({"type": "subscribe", "channel": channel}))
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+        items = [{"channel": c, "data": n} for n, c in enumerate(["batch-a", "batch-b"] * 3)]
+        response = await http.post(
+            "/api/v1/messages", json={"messages": items}, headers=_auth(service_key)
+        )
+        assert response.status_code == 201, response.text
+        received = [json.loads(await asyncio.wait_for(ws.recv(), WAIT_SECS)) for _ in items]
+    finally:
+        await ws.close()
+    by_channel = {
+        c: [(m["seq"], m["data"]) for m in received if m["channel"] == c]
+        for c in ("batch-a", "batch-b")
+    }
+    assert by_channel == {"batch-a": [(1, 0), (2, 2), (3, 4)], "batch-b": [(1, 1), (2, 3), (3, 5)]}
