@@ -73,6 +73,10 @@ class PushSettings:
     RATE_BURST: int = 100
     RATE_PER_SEC: float = 50.0
     RATE_LIMIT_CLOSE_AFTER: int = 200
+    # A service token's frame rate on a WebSocket (a back-end publishing for many
+    # users); 0 frames per second is unbounded.
+    SERVICE_RATE_BURST: int = 1000
+    SERVICE_RATE_PER_SEC: int = 0
     MAX_SUBSCRIPTIONS_PER_CONNECTION: int = 1000
     MAX_CONNECTIONS_PER_USER: int = 100
     MAX_CONNECTIONS_PER_IP: int = 0

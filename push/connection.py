@@ -19,7 +19,7 @@ from push.codecs import Codec
 from push.conf import push_settings
 from push.errors import CloseCode, PushError
 from push.hub import Subscription
-from push.limits import TokenBucket
+from push.limits import NO_LIMIT, NoLimit, TokenBucket
 from push.outbox import Outbox, OutFrame, Send
 from push.protocol import RequestId, error
 from push.server_adapters import (
@@ -38,6 +38,17 @@ logger = logging.getLogger(__name__)
 
 # How long a closing connection may take to hand its queued frames to the server.
 CLOSE_FLUSH_SECS = 2.0
+
+
+def frame_rate_limiter(principal: Principal) -> TokenBucket | NoLimit:
+    """The client frame rate (``PUSH_RATE_*``) binds users and anonymous clients; a
+    service token is a back-end publishing for many of them, bound by its own
+    ``PUSH_SERVICE_RATE_*`` (0 per second: unbounded)."""
+    if principal.kind == "service":
+        if push_settings.SERVICE_RATE_PER_SEC <= 0:
+            return NO_LIMIT
+        return TokenBucket(push_settings.SERVICE_RATE_BURST, push_settings.SERVICE_RATE_PER_SEC)
+    return TokenBucket(push_settings.RATE_BURST, push_settings.RATE_PER_SEC)
 
 
 class ConnectionState(enum.Enum):
@@ -90,7 +101,7 @@ class ClientConnection:
         self.codec = codec
         self.principal = principal
         self.ip = ip
-        self.rate = TokenBucket(push_settings.RATE_BURST, push_settings.RATE_PER_SEC)
+        self.rate = frame_rate_limiter(principal)
         self.rate_limited_frames = 0
         # When the client last sent anything; silence past the heartbeat timeout is 4001.
         self.last_seen = self.opened_at = time.monotonic()

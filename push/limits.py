@@ -34,6 +34,18 @@ class TokenBucket:
         return False
 
 
+class NoLimit:
+    """The rate limiter of a connection that has none (a back-end's service token)."""
+
+    __slots__ = ()
+
+    def take(self) -> bool:
+        return True
+
+
+NO_LIMIT = NoLimit()
+
+
 class ConnectionCounter:
     """Open connections per key (user, IP) on this node, against a limit (0: none)."""
 

@@ -192,8 +192,15 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_RATES": {
         "principal": env_str("PUSH_REST_RATE", "6000/min"),
         "anonymous": env_str("PUSH_REST_ANON_RATE", "600/min"),
+        # Service tokens (back-ends): unthrottled unless set (e.g. "100000/min").
+        "service": env_optional_str("PUSH_REST_SERVICE_RATE"),
     },
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    "DEFAULT_PARSER_CLASSES": [
+        "push.api.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "EXCEPTION_HANDLER": "push.api.exceptions.api_exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
@@ -248,6 +255,10 @@ PUSH = {
     "RATE_BURST": env_int("PUSH_RATE_BURST", 100),
     "RATE_PER_SEC": env_float("PUSH_RATE_PER_SEC", 50.0),
     "RATE_LIMIT_CLOSE_AFTER": env_int("PUSH_RATE_LIMIT_CLOSE_AFTER", 200),
+    # Service tokens are back-ends, not held to the client frame rate above: 0 frames/s
+    # is unbounded.
+    "SERVICE_RATE_BURST": env_int("PUSH_SERVICE_RATE_BURST", 1000),
+    "SERVICE_RATE_PER_SEC": env_int_or_zero("PUSH_SERVICE_RATE_PER_SEC", 0),
     "MAX_SUBSCRIPTIONS_PER_CONNECTION": env_int("PUSH_MAX_SUBSCRIPTIONS_PER_CONNECTION", 1000),
     "MAX_CONNECTIONS_PER_USER": env_int_or_zero("PUSH_MAX_CONNECTIONS_PER_USER", 100),
     "MAX_CONNECTIONS_PER_IP": env_int_or_zero("PUSH_MAX_CONNECTIONS_PER_IP", 0),

@@ -6,8 +6,13 @@ from typing import Any
 
 from rest_framework import serializers
 
+from push.errors import ErrorCode, PushError
 from push.message import ChannelMessage
 from push.models import Channel
+from push.protocol import validate_channel_name, validate_data
+
+# The contract's bound on one batch publish (POST /api/v1/messages).
+MAX_BATCH_MESSAGES = 1000
 
 
 class PublishSerializer(serializers.Serializer):
@@ -23,6 +28,43 @@ class PublishSerializer(serializers.Serializer):
         if "data" not in data:
             raise serializers.ValidationError({"data": ["This field is required."]})
         return super().to_internal_value(data)
+
+
+def batch_items(body: Any, *, max_messages: int) -> list[tuple[str, Any]]:
+    """The ``(channel, data)`` items of a batch publish body, each checked as a single
+    publish is; a refusal names the item's index."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE,
+            'The body must be a JSON object with "messages": a non-empty list',
+            field="messages",
+        )
+    if len(messages) > max_messages:
+        raise PushError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"a batch holds at most {max_messages} messages, not {len(messages)}",
+            field="messages",
+        )
+    return [_batch_item(item, index) for index, item in enumerate(messages)]
+
+
+def _batch_item(item: Any, index: int) -> tuple[str, Any]:
+    if not isinstance(item, dict):
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE,
+            'each message must be an object with "channel" and "data"',
+            field="messages",
+            index=index,
+        )
+    try:
+        channel = validate_channel_name(item.get("channel"))
+        if "data" not in item:
+            raise PushError(ErrorCode.INVALID_MESSAGE, "'data' is required", field="data")
+        return channel, validate_data(item["data"])
+    except PushError as exc:
+        exc.index = index
+        raise
 
 
 class HistoryQuerySerializer(serializers.Serializer):

@@ -1,6 +1,7 @@
 from django.urls import path
 
 from push.api.views import (
+    BatchMessagesView,
     ChannelListView,
     ChannelMessagesView,
     ChannelPresenceView,
@@ -11,5 +12,6 @@ urlpatterns = [
     path("channels/", ChannelListView.as_view(), name="channel-list"),
     path("channels/<str:channel>/messages", ChannelMessagesView.as_view(), name="channel-messages"),
     path("channels/<str:channel>/presence", ChannelPresenceView.as_view(), name="presence"),
+    path("messages", BatchMessagesView.as_view(), name="batch-messages"),
     path("users/<int:user_id>/messages", UserMessagesView.as_view(), name="user-messages"),
 ]

@@ -1,9 +1,10 @@
-"""REST API: publish to a channel, read its history, list channels.
+"""REST API: publish to a channel or many at once, read its history, list channels.
 
 Views check the request's shape and call the services; who may do what is
 ``accounts.permissions.ChannelPermission``'s to say (the decider WebSocket and SSE ask),
 from each view's ``channel_rights`` and ``request_channel()``. They hold no rules of
-their own.
+their own. Publishing and history are async views (``push.api.base``): a request
+waiting on the database holds no thread of its own.
 """
 
 from __future__ import annotations
@@ -11,27 +12,36 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
+from django.core.exceptions import RequestDataTooBig
 from rest_framework import status
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.authentication import request_principal
-from accounts.permissions import ChannelPermission, visible_channels
+from accounts.permissions import ChannelPermission, authorize_publish, visible_channels
 from push import metrics, selectors
+from push.api.base import AsyncAPIView
 from push.api.serializers import (
+    MAX_BATCH_MESSAGES,
     HistoryQuerySerializer,
     PublishSerializer,
+    batch_items,
     channel_body,
     published_body,
 )
 from push.conf import push_settings
+from push.db import db_call
 from push.errors import ErrorCode, PushError
 from push.presence import presence_members_sync
 from push.protocol import validate_channel_name
-from push.services import message_publish, message_publish_idempotent, user_channel
+from push.services import message_publish_async, messages_publish_batch, user_channel
 
 MAX_IDEMPOTENCY_KEY_CHARS = 255
+
+# History reads run on the database threads: a slow one holds a thread, not the loop.
+_message_list_since = db_call(selectors.message_list_since)
 
 
 def _page_url(request: Request, **params: Any) -> str:
@@ -54,37 +64,41 @@ def _idempotency_key(request: Request) -> str | None:
     return key
 
 
-def _publish_response(request: Request, channel: str) -> Response:
-    """Publish the request's ``data`` on ``channel`` for the REST caller (201, or 200
-    with the first result for a retried ``Idempotency-Key``)."""
+def _check_body_size(request: Request) -> None:
+    """A publish body is at most one frame's bytes (``PUSH_MAX_FRAME_BYTES``)."""
+    limit = push_settings.MAX_FRAME_BYTES
+    try:
+        size = len(request.body)
+    except RequestDataTooBig:  # past Django's own limit, which is above ours
+        size = limit + 1
+    if size > limit:
+        raise PushError(ErrorCode.MESSAGE_TOO_LARGE, f"body is larger than {limit} bytes")
+
+
+def _published_response(body: Any, replayed: bool) -> Response:
+    """201 for a new publish; 200 with the first result for a retried Idempotency-Key."""
+    return Response(body, status=status.HTTP_200_OK if replayed else status.HTTP_201_CREATED)
+
+
+async def _publish_response(request: Request, channel: str) -> Response:
+    """Publish the request's ``data`` on ``channel`` for the REST caller."""
     principal = request_principal(request)
-    if len(request.body) > push_settings.MAX_FRAME_BYTES:
-        raise PushError(
-            ErrorCode.MESSAGE_TOO_LARGE,
-            f"body is larger than {push_settings.MAX_FRAME_BYTES} bytes",
-        )
+    _check_body_size(request)
     serializer = PublishSerializer(data=request.data)
     serializer.is_valid(raise_exception=True)
-    data = serializer.validated_data["data"]
-    key = _idempotency_key(request)
-    replayed = False
-    if key is None:
-        message = message_publish(channel=channel, data=data, publisher_id=principal.user_id)
-    else:
-        message, replayed = message_publish_idempotent(
-            channel=channel,
-            data=data,
-            publisher_id=principal.user_id,
-            principal=principal.key,
-            idempotency_key=key,
-        )
-    if replayed:
-        return Response(published_body(message), status=status.HTTP_200_OK)
-    metrics.MESSAGES_PUBLISHED.labels("rest").inc()
-    return Response(published_body(message), status=status.HTTP_201_CREATED)
+    message, replayed = await message_publish_async(
+        channel=channel,
+        data=serializer.validated_data["data"],
+        publisher_id=principal.user_id,
+        principal=principal.key,
+        idempotency_key=_idempotency_key(request),
+    )
+    if not replayed:
+        metrics.MESSAGES_PUBLISHED.labels("rest").inc()
+    return _published_response(published_body(message), replayed)
 
 
-class ChannelView(APIView):
+class ChannelView(AsyncAPIView):
     """A view about the channel named in its URL."""
 
     permission_classes = [ChannelPermission]
@@ -97,10 +111,10 @@ class ChannelView(APIView):
 class ChannelMessagesView(ChannelView):
     channel_rights = {"GET": "subscribe", "POST": "publish"}
 
-    def post(self, request: Request, channel: str) -> Response:
-        return _publish_response(request, channel)
+    async def post(self, request: Request, channel: str) -> Response:
+        return await _publish_response(request, channel)
 
-    def get(self, request: Request, channel: str) -> Response:
+    async def get(self, request: Request, channel: str) -> Response:
         query = HistoryQuerySerializer(
             data=request.query_params,
             max_limit=push_settings.HISTORY_PAGE_MAX,
@@ -108,7 +122,7 @@ class ChannelMessagesView(ChannelView):
         )
         query.is_valid(raise_exception=True)
         since, limit = query.validated_data["since"], query.validated_data["limit"]
-        messages, cut_short = selectors.message_list_since(
+        messages, cut_short = await _message_list_since(
             channel=channel,
             since=since,
             limit=limit + 1,
@@ -118,6 +132,35 @@ class ChannelMessagesView(ChannelView):
         messages = messages[:limit]
         next_url = _page_url(request, since=messages[-1].seq, limit=limit) if has_more else None
         return Response({"results": [m.envelope() for m in messages], "next": next_url})
+
+
+class BatchMessagesView(AsyncAPIView):
+    """``POST /api/v1/messages``: publish many messages, all or nothing.
+
+    Every item is validated and authorized (the decider's ``authorize_publish``, as a
+    single publish is) before anything is stored; a refusal names the item's index."""
+
+    permission_classes = [IsAuthenticated]
+
+    async def post(self, request: Request) -> Response:
+        principal = request_principal(request)
+        _check_body_size(request)
+        items = batch_items(request.data, max_messages=MAX_BATCH_MESSAGES)
+        for index, (channel, _data) in enumerate(items):
+            try:
+                authorize_publish(principal, channel)
+            except PushError as exc:
+                exc.index = index
+                raise
+        messages, replayed = await messages_publish_batch(
+            items=items,
+            publisher_id=principal.user_id,
+            principal=principal.key,
+            idempotency_key=_idempotency_key(request),
+        )
+        if not replayed:
+            metrics.MESSAGES_PUBLISHED.labels("rest").inc(len(messages))
+        return _published_response({"results": [published_body(m) for m in messages]}, replayed)
 
 
 class ChannelListView(APIView):
@@ -146,8 +189,8 @@ class UserMessagesView(ChannelView):
     def request_channel(self) -> str:
         return user_channel(self.kwargs["user_id"])
 
-    def post(self, request: Request, user_id: int) -> Response:
-        return _publish_response(request, user_channel(user_id))
+    async def post(self, request: Request, user_id: int) -> Response:
+        return await _publish_response(request, user_channel(user_id))
 
 
 class ChannelPresenceView(ChannelView):

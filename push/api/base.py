@@ -1,0 +1,74 @@
+"""DRF's ``APIView`` served on the event loop: the REST publish and history views are
+coroutines, so a node serves concurrent requests concurrently and a request waiting on
+the database holds no database connection of its own.
+
+DRF's own hooks stay as they are: authentication, permissions and throttles are sync
+and may read PostgreSQL (token, session, grants) and Redis (throttle counters), so
+``initial`` runs them on the database threads (``push.db``), where a slow query holds
+one of those threads and never the loop. Parsing, rendering (the browsable API too),
+``handle_exception`` with the one exception handler (``push.api.exceptions``) and
+``finalize_response`` are DRF's own code, unchanged.
+
+Not adrf: it runs ``initial`` through ``sync_to_async(thread_sensitive=True)``, which
+under Django's ASGI handler is the request's own thread, whose database connection
+stays checked out of the pool until the request ends (as with a sync view): as many
+connections as requests in flight. Here the database threads bound them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from django.http import HttpRequest
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts.authentication import request_principal
+from push.db import db_call
+
+
+def _initial(view: APIView, request: Request, args: Any, kwargs: Any) -> None:
+    view.initial(request, *args, **kwargs)
+    # The principal of a session user reads their grants: here, not on the loop.
+    request_principal(request)
+
+
+_initial_off_loop = db_call(_initial)
+
+
+class AsyncAPIView(APIView):
+    """An ``APIView`` whose handlers (``get``, ``post``...) are ``async def``.
+
+    DRF's own sync handlers (``options``, which may check permissions) run on the
+    database threads like ``initial``."""
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+        if not self.view_is_async:
+            return super().dispatch(request, *args, **kwargs)
+        return self._dispatch_async(request, *args, **kwargs)
+
+    async def _dispatch_async(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Response:
+        # DRF's APIView.dispatch, with ``initial`` off the loop and the handler awaited.
+        self.args = args
+        self.kwargs = kwargs
+        drf_request = self.initialize_request(request, *args, **kwargs)
+        self.request = drf_request
+        self.headers = self.default_response_headers
+        try:
+            await _initial_off_loop(self, drf_request, args, kwargs)
+            method = drf_request.method.lower()
+            handler = (
+                getattr(self, method, self.http_method_not_allowed)
+                if method in self.http_method_names
+                else self.http_method_not_allowed
+            )
+            if inspect.iscoroutinefunction(handler):
+                response = await handler(drf_request, *args, **kwargs)
+            else:
+                response = await db_call(handler)(drf_request, *args, **kwargs)
+        except Exception as exc:
+            response = self.handle_exception(exc)
+        self.response = self.finalize_response(drf_request, response, *args, **kwargs)
+        return self.response
