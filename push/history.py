@@ -1,14 +1,20 @@
 """The hub's view of stored history: PostgreSQL on the database threads, with the
-recent messages of a channel it joins read from the Redis cache when it has them."""
+recent messages of a channel it joins read from the Redis cache when it has them; for
+recent-only channels (``PUSH_HISTORY_MODES``), their window in Redis."""
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from push import selectors
+from push import recent_store, selectors
 from push.db import db_call
+from push.history_modes import is_recent
 from push.recent_cache import RecentCache
 from push.selectors import HistoryPage
+
+if TYPE_CHECKING:
+    from push.hub import History
 
 logger = logging.getLogger(__name__)
 
@@ -47,3 +53,59 @@ class CachedHistory(DatabaseHistory):
         return HistoryPage(
             since=messages[0].seq - 1, messages=messages, latest_seq=messages[-1].seq
         )
+
+
+class RecentHistory:
+    """A recent channel's history: its window in Redis. While the channel's lease is
+    missing (Redis lost it) its latest seq is unknown, and the answers say "nothing
+    here, latest 0": the hub then neither skips a seq that may still be handed out nor
+    claims to have replayed what was lost (``Hub._attach_with_replay``)."""
+
+    async def latest_seqs(self, channels: list[str]) -> dict[str, int]:
+        return await recent_store.store().latest_seqs(channels)
+
+    async def page(self, channel: str, since: int, limit: int) -> HistoryPage:
+        window = recent_store.Window.from_settings()
+        answer = await recent_store.store().read(channel, since, limit, window)
+        if answer is None:
+            return HistoryPage(since=since, messages=[], latest_seq=0)
+        latest, messages = answer
+        return HistoryPage(
+            since=since, messages=[m for m in messages if m.seq > since], latest_seq=latest
+        )
+
+    async def recent(self, channel: str, count: int) -> HistoryPage:
+        window = recent_store.Window.from_settings()
+        answer = await recent_store.store().read(channel, None, count, window)
+        if answer is None:
+            return HistoryPage(since=0, messages=[], latest_seq=0)
+        latest, messages = answer
+        since = messages[0].seq - 1 if messages else latest
+        return HistoryPage(since=since, messages=messages, latest_seq=latest)
+
+
+class ModeHistory:
+    """Each channel's reads from where its history lives (``push.history_modes``)."""
+
+    def __init__(self, *, durable: History, recent: History) -> None:
+        self.durable = durable
+        self.recent_only = recent
+
+    def _for(self, channel: str) -> History:
+        return self.recent_only if is_recent(channel) else self.durable
+
+    async def latest_seqs(self, channels: list[str]) -> dict[str, int]:
+        recent = [c for c in channels if is_recent(c)]
+        if not recent:
+            return await self.durable.latest_seqs(channels)
+        durable = [c for c in channels if not is_recent(c)]
+        latest = await self.recent_only.latest_seqs(recent)
+        if durable:
+            latest.update(await self.durable.latest_seqs(durable))
+        return latest
+
+    async def page(self, channel: str, since: int, limit: int) -> HistoryPage:
+        return await self._for(channel).page(channel, since, limit)
+
+    async def recent(self, channel: str, count: int) -> HistoryPage:
+        return await self._for(channel).recent(channel, count)

@@ -270,8 +270,12 @@ class Hub:
         hub_channel.catching_up[subscription] = None
         metrics.SUBSCRIPTIONS.inc()
         try:
+            delivered = hub_channel.delivered_seq
             page = await self.history.page(hub_channel.name, since, HISTORY_BATCH)
-            reply(max(page.latest_seq, hub_channel.delivered_seq), page.complete_from_since)
+            # History that knows less than this node had delivered before the read lost
+            # it (a recent channel's window went with Redis): nothing is replayed.
+            recovered = page.complete_from_since and page.latest_seq >= delivered
+            reply(max(page.latest_seq, hub_channel.delivered_seq), recovered)
             if not page.complete_from_since and page.messages:
                 # Retention trimmed part of the range: replay from the oldest kept one.
                 subscription.last_seq = page.messages[0].seq - 1

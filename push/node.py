@@ -31,7 +31,8 @@ from push.conf import push_settings
 from push.db import db_call
 from push.errors import CloseCode
 from push.events import EventLog
-from push.history import CachedHistory, DatabaseHistory
+from push.history import CachedHistory, DatabaseHistory, ModeHistory, RecentHistory
+from push.history_modes import is_recent
 from push.hub import Hub
 from push.limits import ConnectionCounter
 from push.message import ChannelMessage
@@ -81,9 +82,12 @@ class Node:
             ttl_secs=push_settings.RECENT_CACHE_TTL_SECS,
         )
         self.hub = Hub(
-            history=CachedHistory(self.recent_cache)
-            if self.recent_cache.enabled
-            else DatabaseHistory(),
+            history=ModeHistory(
+                durable=CachedHistory(self.recent_cache)
+                if self.recent_cache.enabled
+                else DatabaseHistory(),
+                recent=RecentHistory(),
+            ),
             join=self._join_channel,
             leave=self._leave_channel,
             drop_oldest_patterns=list(push_settings.DROP_OLDEST_CHANNELS),
@@ -161,10 +165,11 @@ class Node:
 
     def broadcast(self, message: ChannelMessage) -> None:
         """A message committed on this node: to local subscribers, the other nodes and
-        the recent-history cache."""
+        the recent-history cache (a recent channel's window is its history already)."""
         self.hub.deliver(message)
         self.broker.publish_soon(message)
-        self.recent_cache.append_soon(message)
+        if not is_recent(message.channel):
+            self.recent_cache.append_soon(message)
 
     def _on_broker_message(self, message: ChannelMessage) -> None:
         self.hub.deliver(message)

@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 
 from django.db.models import QuerySet
 
+from push import recent_store
+from push.history_modes import is_recent
 from push.message import ChannelMessage
 from push.models import Channel, Message
 from push.retention import retention_policy
@@ -40,7 +42,10 @@ def channel_message_from_row(channel: str, row: Message) -> ChannelMessage:
 
 
 def message_list_since(*, channel: str, since: int, limit: int) -> list[ChannelMessage]:
-    """Stored messages of ``channel`` with ``seq > since``, oldest first."""
+    """Stored messages of ``channel`` with ``seq > since``, oldest first: a recent-only
+    channel's from its window in Redis."""
+    if is_recent(channel):
+        return recent_store.window_since_sync(channel, since, limit)
     rows = (
         Message.objects.filter(channel__name=channel, seq__gt=since)
         .order_by("seq")

@@ -3,6 +3,7 @@
 One function serves every publisher: the WebSocket consumer, the REST API and
 application code (``push.publish``). A message is broadcast only once its transaction
 has committed, so subscribers never see a message that the database does not have.
+A recent-only channel's message is committed in Redis instead (``push.recent_store``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
+from django.db.transaction import TransactionManagementError
 
-from push import broadcast
+from push import broadcast, recent_store
 from push.conf import push_settings
 from push.errors import ErrorCode, PushError
+from push.history_modes import is_recent
 from push.message import ChannelMessage, dump_data
 from push.models import Channel, IdempotencyKey, Message
 from push.protocol import validate_channel_name, validate_data
@@ -56,6 +59,10 @@ def _encode_data(data: Any) -> str:
     return data_json
 
 
+# Public for the awaitable publish path (``push.services_async``).
+encode_data = _encode_data
+
+
 def _store_message(
     channel: str, data_json: str, publisher_id: int | None
 ) -> tuple[ChannelMessage, Message]:
@@ -90,6 +97,8 @@ def message_publish(*, channel: str, data: Any, publisher_id: int | None = None)
     """
     validate_channel_name(channel)
     data_json = _encode_data(data)
+    if is_recent(channel):
+        return _publish_recent(channel, data_json, publisher_id)
     with transaction.atomic():
         message, _ = _store_message(channel, data_json, publisher_id)
         transaction.on_commit(lambda: broadcast.broadcast_from_sync(message))
@@ -112,6 +121,14 @@ def message_publish_idempotent(
     then returns the first publish's message; its own transaction published nothing.
     """
     validate_channel_name(channel)
+    if is_recent(channel):
+        # Its messages have no row for a key to point to; a key in Redis would be lost
+        # with the window it protects. Tick data is published again, not retried.
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE,
+            f"{channel!r} is a recent-only channel: Idempotency-Key is not supported there",
+            field="Idempotency-Key",
+        )
     data_json = _encode_data(data)
     for _attempt in range(3):
         try:
@@ -144,6 +161,17 @@ def _publish_under_key(
     return message, False
 
 
+def _publish_recent(channel: str, data_json: str, publisher_id: int | None) -> ChannelMessage:
+    """A recent channel's message is committed in Redis, which cannot join a database
+    transaction: refuse to pretend it does (``publish`` defers it to the commit)."""
+    if connection.in_atomic_block:
+        raise TransactionManagementError(
+            f"{channel!r} is a recent-only channel and cannot publish inside a transaction; "
+            "use push.publish(), which publishes it after the commit"
+        )
+    return recent_store.publish_sync(channel, data_json, publisher_id)
+
+
 def user_channel(user_id: int) -> str:
     return f"user:{user_id}"
 
@@ -154,9 +182,19 @@ def user_message_send(*, user_id: int, data: Any) -> ChannelMessage:
     return message_publish(channel=user_channel(user_id), data=data)
 
 
-def publish(channel: str, data: Any, *, publisher_id: int | None = None) -> ChannelMessage:
+def publish(channel: str, data: Any, *, publisher_id: int | None = None) -> ChannelMessage | None:
     """Publish from application code: ``push.services.publish("orders", {...})``.
 
     The message joins the caller's transaction and reaches subscribers after it commits.
+    A recent-only channel's message cannot join it: inside a transaction it is published
+    once the transaction commits (never if it rolls back) and None is returned, as its
+    seq is not known yet; a failure then is logged, not raised.
     """
+    if is_recent(channel) and connection.in_atomic_block:
+        validate_channel_name(channel)
+        data_json = _encode_data(data)
+        transaction.on_commit(
+            lambda: recent_store.publish_sync(channel, data_json, publisher_id), robust=True
+        )
+        return None
     return message_publish(channel=channel, data=data, publisher_id=publisher_id)

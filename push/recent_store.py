@@ -1,0 +1,382 @@
+"""Recent-only channels: their seq and a window of their last messages live in Redis,
+with no PostgreSQL row per message (``PUSH_HISTORY_MODES``, README "History modes").
+
+Per channel, two keys (one hash tag, so a Redis Cluster keeps them on one shard):
+
+- the lease hash ``<prefix>:rseq:{<channel>}``: ``n`` the last seq handed out, ``c``
+  the ceiling of the seqs reserved in PostgreSQL, ``b`` the window's bytes, and ``p``
+  a token while a new lease is being confirmed (below);
+- the window list ``<prefix>:rwin:{<channel>}``: JSON entries in seq order, the last
+  one always seq ``n``, trimmed to ``PUSH_RECENT_WINDOW_MESSAGES`` and
+  ``PUSH_RECENT_WINDOW_BYTES`` and expiring ``PUSH_RECENT_WINDOW_SECS`` after the last
+  publish (older entries are not served either).
+
+Publishing is one script: take the next seq unless it would pass the ceiling, append
+the entry, trim, return the seq; the message is broadcast only after it returned.
+When the lease is used up (or gone), a block of seqs is reserved in PostgreSQL
+(``push_channel.last_seq`` is the ceiling: one write per block) and its top installed
+as the new ceiling. So PostgreSQL's ceiling >= Redis' ceiling >= every seq handed out.
+
+Seqs never repeat, even when Redis loses the hash (a restart without persistence,
+eviction). A lost hash is created again by the install script as a *pending* marker;
+its creator then reads PostgreSQL's ceiling, and only then sets the counter:
+- to the ceiling before its own block when nobody reserved a block since (every seq
+  handed out before lies at or below it: blocks are installed after they are reserved,
+  and every earlier block ended at or below that value);
+- to the ceiling it read otherwise (that bounds every block installed before the
+  marker, whatever happened to it).
+While the marker stands, publishers wait for it (a few ms), and it expires by itself
+if its creator dies. Taking the counter from a block reserved before the loss, as a
+plain "counter = top - block when the hash is missing" would, can hand out seqs that a
+later block already handed out before the loss.
+
+After a loss the next seq is past everything before: a live subscriber sees a jump in
+seq (a gap it can see, never a repeated seq), a resume across it answers
+``recovered: false``. While the hash is missing the channel's latest seq is unknown;
+readers answer as for a channel whose history is gone and never skip a seq that
+could still be handed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from django.db import connection
+from redis.exceptions import RedisError
+
+from push import broadcast
+from push.cluster import redis_prefix
+from push.conf import push_settings
+from push.db import db_call
+from push.errors import ErrorCode, PushError
+from push.message import ChannelMessage
+from push.models import Channel
+from push.redis_client import redis_async
+
+# Redis answers in well under a millisecond; these bound what a client waits while it
+# is away, so a publish to a recent channel fails with UNAVAILABLE instead of hanging.
+REDIS_CONNECT_TIMEOUT_SECS = 1.0
+REDIS_TIMEOUT_SECS = 2.0
+PUBLISH_DEADLINE_SECS = 5.0
+# A pending marker outlives a creator that died before confirming it by this much.
+PENDING_TTL_MSECS = 5000
+PENDING_RETRY_SECS = 0.005
+# A lease hash lasts this long after the channel's last publish. Past it the next
+# publish reserves a new block: subscribers see the seq jump by what was left unused.
+LEASE_IDLE_SECS = 86_400
+
+_DATA_MARK = ',"data":'
+
+# Answers of the publish script besides a seq.
+_NO_LEASE, _EXHAUSTED, _PENDING = -1, 0, -2
+
+_PUBLISH = """
+local lease = redis.call('HMGET', KEYS[1], 'n', 'c', 'p')
+if not lease[1] then return -1 end
+if lease[3] then return -2 end
+local n = tonumber(lease[1])
+local count = #ARGV - 4
+if n + count > tonumber(lease[2]) then return 0 end
+local bytes = 0
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  bytes = tonumber(redis.call('HGET', KEYS[1], 'b') or '0')
+end
+for i = 5, #ARGV do
+  n = n + 1
+  local entry = '{"seq":' .. string.format('%d', n) .. ',' .. ARGV[i]
+  redis.call('RPUSH', KEYS[2], entry)
+  bytes = bytes + #entry
+end
+local len = redis.call('LLEN', KEYS[2])
+local max_count, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
+while len > 1 and (len > max_count or bytes > max_bytes) do
+  bytes = bytes - #redis.call('LPOP', KEYS[2])
+  len = len - 1
+end
+redis.call('HSET', KEYS[1], 'n', string.format('%d', n), 'b', bytes)
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return n - count + 1
+"""
+
+# Raise the ceiling of a lease; or, when the hash is gone, create it as a pending
+# marker (and drop any window left without its hash: its seqs are of the old lease).
+_INSTALL = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'c')) then
+    redis.call('HSET', KEYS[1], 'c', ARGV[1])
+  end
+  return 0
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'n', ARGV[1], 'c', ARGV[1], 'b', 0, 'p', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+_CONFIRM = """
+if redis.call('HGET', KEYS[1], 'p') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'n', ARGV[2])
+if tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[1], 'c')) then
+  redis.call('HSET', KEYS[1], 'c', ARGV[2])
+end
+redis.call('HDEL', KEYS[1], 'p')
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# The latest seq and the window entries after ARGV[1] (or the last ARGV[2] when
+# ARGV[1] is negative), read at one instant; false while the lease is missing.
+_READ = """
+local lease = redis.call('HMGET', KEYS[1], 'n', 'p')
+if not lease[1] or lease[2] then return false end
+local len = redis.call('LLEN', KEYS[2])
+local first = tonumber(lease[1]) - len + 1
+local since, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local start = math.max(0, len - limit)
+if since >= 0 then start = math.max(0, since + 1 - first) end
+return {lease[1], redis.call('LRANGE', KEYS[2], start, start + limit - 1)}
+"""
+
+
+def lease_key(prefix: str, channel: str) -> str:
+    return f"{prefix}:rseq:{{{channel}}}"
+
+
+def window_key(prefix: str, channel: str) -> str:
+    return f"{prefix}:rwin:{{{channel}}}"
+
+
+@dataclass(frozen=True)
+class Window:
+    """A recent channel's bounds: count, age and bytes of its window, and seq block."""
+
+    messages: int
+    secs: int
+    bytes: int
+    seq_block: int
+
+    @classmethod
+    def from_settings(cls) -> Window:
+        return cls(
+            messages=push_settings.RECENT_WINDOW_MESSAGES,
+            secs=push_settings.RECENT_WINDOW_SECS,
+            bytes=push_settings.RECENT_WINDOW_BYTES,
+            seq_block=push_settings.RECENT_SEQ_BLOCK,
+        )
+
+
+def entry_tail(message_id: str, timestamp: float, data_json: str) -> str:
+    """A window entry after its seq, which the publish script puts in front."""
+    return f'"message_id":"{message_id}","timestamp":{timestamp!r}{_DATA_MARK}{data_json}}}'
+
+
+def message_from_entry(channel: str, entry: bytes | str) -> ChannelMessage:
+    """An entry back as a message; ``data`` is cut out as text, never re-encoded."""
+    text = entry.decode() if isinstance(entry, bytes) else entry
+    mark = text.index(_DATA_MARK)  # the fields before it never hold this text
+    head = json.loads(text[:mark] + "}")
+    return ChannelMessage(
+        channel=channel,
+        seq=int(head["seq"]),
+        message_id=head["message_id"],
+        data_json=text[mark + len(_DATA_MARK) : -1],
+        timestamp=float(head["timestamp"]),
+    )
+
+
+# ----- the seq lease in PostgreSQL -------------------------------------------------------
+
+
+def seq_block_take(channel: str, amount: int) -> int:
+    """Reserve ``amount`` more seqs for ``channel`` in PostgreSQL; the new ceiling.
+
+    Committed at once (autocommit), before any seq of the block is handed out."""
+    table = connection.ops.quote_name(Channel._meta.db_table)
+    # The table name comes from our own model; every value is a parameter.
+    sql = (
+        f"INSERT INTO {table} (name, last_seq, created_at) VALUES (%s, %s, %s) "  # noqa: S608
+        f"ON CONFLICT (name) DO UPDATE SET last_seq = {table}.last_seq + EXCLUDED.last_seq "
+        "RETURNING last_seq"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [channel, amount, datetime.now(UTC)])
+        (top,) = cursor.fetchone()
+    return int(top)
+
+
+_seq_block_take = db_call(seq_block_take)
+
+
+def seq_ceiling(channel: str) -> int:
+    value = Channel.objects.filter(name=channel).values_list("last_seq", flat=True).first()
+    return value or 0
+
+
+_ceiling_read = db_call(seq_ceiling)
+
+
+# ----- the store ---------------------------------------------------------------------------
+
+
+class RecentStore:
+    """One event loop's access to the recent channels in Redis."""
+
+    def __init__(self, redis: Any, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self._publish = redis.register_script(_PUBLISH)
+        self._install = redis.register_script(_INSTALL)
+        self._confirm = redis.register_script(_CONFIRM)
+        self._read = redis.register_script(_READ)
+
+    def _keys(self, channel: str) -> list[str]:
+        return [lease_key(self.prefix, channel), window_key(self.prefix, channel)]
+
+    async def append(self, channel: str, tails: list[str], window: Window) -> int:
+        """Number and store the entries in one step; the first one's seq."""
+        keys = self._keys(channel)
+        args = [window.messages, window.bytes, window.secs * 1000, LEASE_IDLE_SECS, *tails]
+        while True:
+            first = int(await self._publish(keys=keys, args=args))
+            if first > 0:
+                return first
+            if first == _PENDING:
+                await asyncio.sleep(PENDING_RETRY_SECS)
+                continue
+            await self._lease(channel, max(window.seq_block, len(tails)))
+
+    async def _lease(self, channel: str, amount: int) -> None:
+        """Reserve a block in PostgreSQL and install it (the module docstring says why
+        a new hash is confirmed against PostgreSQL before it hands out anything)."""
+        keys = self._keys(channel)
+        top = await _seq_block_take(channel, amount)
+        token = uuid.uuid4().hex
+        if not int(await self._install(keys=keys, args=[top, token, PENDING_TTL_MSECS])):
+            return  # the ceiling of the live lease was raised
+        ceiling = await _ceiling_read(channel)
+        counter = top - amount if ceiling == top else ceiling
+        await self._confirm(keys=keys, args=[token, counter, LEASE_IDLE_SECS])
+
+    async def read(
+        self, channel: str, since: int | None, limit: int, window: Window
+    ) -> tuple[int, list[ChannelMessage]] | None:
+        """The channel's latest seq and its window entries after ``since`` (the last
+        ``limit`` when None) that are younger than the window's age; None while the
+        lease is missing (the channel's latest seq is then unknown)."""
+        answer = await self._read(
+            keys=self._keys(channel), args=[-1 if since is None else since, limit]
+        )
+        if not answer:
+            return None
+        latest, entries = answer
+        messages = [message_from_entry(channel, e) for e in entries]
+        cutoff = time.time() - window.secs
+        # A leading run only, so what is served stays contiguous.
+        while messages and messages[0].timestamp < cutoff:
+            messages.pop(0)
+        return int(latest), messages
+
+    async def latest_seqs(self, channels: Iterable[str]) -> dict[str, int]:
+        """Each channel's latest seq; channels whose lease is missing are left out."""
+        names = list(channels)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for channel in names:
+                pipe.hmget(lease_key(self.prefix, channel), "n", "p")
+            answers = await pipe.execute()
+        return {
+            channel: int(n)
+            for channel, (n, pending) in zip(names, answers, strict=True)
+            if n is not None and pending is None
+        }
+
+
+_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RecentStore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def store() -> RecentStore:
+    """This event loop's store (a Redis client belongs to one loop)."""
+    loop = asyncio.get_running_loop()
+    found = _stores.get(loop)
+    if found is None:
+        try:
+            client = redis_async(
+                socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECS,
+                socket_timeout=REDIS_TIMEOUT_SECS,
+            )
+        except RuntimeError as exc:  # no REDIS_URL
+            raise PushError(ErrorCode.UNAVAILABLE, "recent channels need Redis") from exc
+        found = _stores[loop] = RecentStore(client, redis_prefix())
+    return found
+
+
+def _unavailable(exc: BaseException) -> PushError:
+    return PushError(ErrorCode.UNAVAILABLE, f"Redis unavailable: {type(exc).__name__}; retry")
+
+
+# ----- publishing -------------------------------------------------------------------------
+
+
+async def publish(channel: str, data_json: str, publisher_id: int | None) -> ChannelMessage:
+    """Number, store and broadcast one message of a recent channel."""
+    (message,) = await publish_batch(channel, [data_json], publisher_id)
+    return message
+
+
+async def publish_batch(
+    channel: str, data_jsons: list[str], publisher_id: int | None
+) -> list[ChannelMessage]:
+    """Number and store several messages of one recent channel at once (consecutive
+    seqs, all or none), then broadcast them in order. ``publisher_id`` is not kept:
+    a recent message has no row to keep it in."""
+    micros = time.time_ns() // 1000
+    timestamp = micros / 1_000_000
+    ids = [str(uuid.uuid4()) for _ in data_jsons]
+    tails = [entry_tail(i, timestamp, d) for i, d in zip(ids, data_jsons, strict=True)]
+    try:
+        async with asyncio.timeout(PUBLISH_DEADLINE_SECS):
+            first = await store().append(channel, tails, Window.from_settings())
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise _unavailable(exc) from exc
+    messages = [
+        ChannelMessage(
+            channel=channel, seq=first + i, message_id=ids[i], data_json=d, timestamp=timestamp
+        )
+        for i, d in enumerate(data_jsons)
+    ]
+    for message in messages:
+        await broadcast.broadcast_async(message)
+    return messages
+
+
+def publish_sync(channel: str, data_json: str, publisher_id: int | None) -> ChannelMessage:
+    """``publish`` for synchronous code (REST views, ``push.publish``): under the ASGI
+    server it runs on the server's event loop."""
+    return async_to_sync(publish)(channel, data_json, publisher_id)  # type: ignore[no-any-return]
+
+
+# ----- reading ------------------------------------------------------------------------------
+
+
+async def window_since(channel: str, since: int, limit: int) -> list[ChannelMessage]:
+    """The window's messages after ``since``, oldest first (REST history)."""
+    try:
+        answer = await store().read(channel, since, limit, Window.from_settings())
+    except (RedisError, OSError) as exc:
+        raise _unavailable(exc) from exc
+    return [] if answer is None else answer[1]
+
+
+def window_since_sync(channel: str, since: int, limit: int) -> list[ChannelMessage]:
+    return async_to_sync(window_since)(channel, since, limit)  # type: ignore[no-any-return]
