@@ -18,17 +18,13 @@ When the lease is used up (or gone), a block of seqs is reserved in PostgreSQL
 as the new ceiling. So PostgreSQL's ceiling >= Redis' ceiling >= every seq handed out.
 
 Seqs never repeat, even when Redis loses the hash (a restart without persistence,
-eviction). A lost hash is created again by the install script as a *pending* marker;
-its creator then reads PostgreSQL's ceiling, and only then sets the counter:
-- to the ceiling before its own block when nobody reserved a block since (every seq
-  handed out before lies at or below it: blocks are installed after they are reserved,
-  and every earlier block ended at or below that value);
-- to the ceiling it read otherwise (that bounds every block installed before the
-  marker, whatever happened to it).
-While the marker stands, publishers wait for it (a few ms), and it expires by itself
-if its creator dies. Taking the counter from a block reserved before the loss, as a
-plain "counter = top - block when the hash is missing" would, can hand out seqs that a
-later block already handed out before the loss.
+eviction). A lost hash is started again in three steps: a *claim* script creates it as
+a pending marker (publishers wait for it, a few ms; it expires by itself if its
+claimer dies), the claimer then reserves a block, and a *confirm* script sets the
+counter to the bottom of that block. Every block installed before the loss was
+reserved before the claim, so it ends at or below that bottom. (Starting the counter
+from a block reserved *before* the loss, as "counter = top - block when the hash is
+missing" would, can hand out again seqs that a later block handed out before it.)
 
 After a loss the next seq is past everything before: a live subscriber sees a jump in
 seq (a gap it can see, never a repeated seq), a resume across it answers
@@ -108,29 +104,32 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return n - count + 1
 """
 
-# Raise the ceiling of a lease; or, when the hash is gone, create it as a pending
-# marker (and drop any window left without its hash: its seqs are of the old lease).
+# Raise the ceiling of a live lease (a lost one is started by claim and confirm).
 _INSTALL = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'c')) then
-    redis.call('HSET', KEYS[1], 'c', ARGV[1])
-  end
-  return 0
-end
+local ceiling = redis.call('HGET', KEYS[1], 'c')
+if not ceiling then return 0 end
+if tonumber(ARGV[1]) > tonumber(ceiling) then redis.call('HSET', KEYS[1], 'c', ARGV[1]) end
+return 1
+"""
+
+# Start a missing lease as a pending marker, and drop any window left without its
+# hash (its seqs are of the lost lease).
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'n', ARGV[1], 'c', ARGV[1], 'b', 0, 'p', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[1], 'n', 0, 'c', 0, 'b', 0, 'p', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
 _CONFIRM = """
 if redis.call('HGET', KEYS[1], 'p') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'n', ARGV[2])
-if tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[1], 'c')) then
-  redis.call('HSET', KEYS[1], 'c', ARGV[2])
+if tonumber(ARGV[3]) > tonumber(redis.call('HGET', KEYS[1], 'c')) then
+  redis.call('HSET', KEYS[1], 'c', ARGV[3])
 end
 redis.call('HDEL', KEYS[1], 'p')
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
@@ -217,14 +216,6 @@ def seq_block_take(channel: str, amount: int) -> int:
 _seq_block_take = db_call(seq_block_take)
 
 
-def seq_ceiling(channel: str) -> int:
-    value = Channel.objects.filter(name=channel).values_list("last_seq", flat=True).first()
-    return value or 0
-
-
-_ceiling_read = db_call(seq_ceiling)
-
-
 # ----- the store ---------------------------------------------------------------------------
 
 
@@ -236,6 +227,7 @@ class RecentStore:
         self.prefix = prefix
         self._publish = redis.register_script(_PUBLISH)
         self._install = redis.register_script(_INSTALL)
+        self._claim = redis.register_script(_CLAIM)
         self._confirm = redis.register_script(_CONFIRM)
         self._read = redis.register_script(_READ)
 
@@ -253,19 +245,26 @@ class RecentStore:
             if first == _PENDING:
                 await asyncio.sleep(PENDING_RETRY_SECS)
                 continue
-            await self._lease(channel, max(window.seq_block, len(tails)))
+            amount = max(window.seq_block, len(tails))
+            if first == _NO_LEASE:
+                await self._start_lease(channel, amount)
+            else:
+                await self.install_block(channel, await _seq_block_take(channel, amount))
 
-    async def _lease(self, channel: str, amount: int) -> None:
-        """Reserve a block in PostgreSQL and install it (the module docstring says why
-        a new hash is confirmed against PostgreSQL before it hands out anything)."""
+    async def install_block(self, channel: str, top: int) -> None:
+        """Raise the live lease's ceiling to ``top`` (nothing when the lease is gone:
+        the block stays unused, and the next publish starts a new lease)."""
+        await self._install(keys=self._keys(channel), args=[top])
+
+    async def _start_lease(self, channel: str, amount: int) -> None:
+        """Claim the missing lease, reserve a block, start the counter at its bottom
+        (the module docstring says why in this order)."""
         keys = self._keys(channel)
-        top = await _seq_block_take(channel, amount)
         token = uuid.uuid4().hex
-        if not int(await self._install(keys=keys, args=[top, token, PENDING_TTL_MSECS])):
-            return  # the ceiling of the live lease was raised
-        ceiling = await _ceiling_read(channel)
-        counter = top - amount if ceiling == top else ceiling
-        await self._confirm(keys=keys, args=[token, counter, LEASE_IDLE_SECS])
+        if not int(await self._claim(keys=keys, args=[token, PENDING_TTL_MSECS])):
+            return  # another publisher claimed it first: wait for its confirm
+        top = await _seq_block_take(channel, amount)
+        await self._confirm(keys=keys, args=[token, top - amount, top, LEASE_IDLE_SECS])
 
     async def read(
         self, channel: str, since: int | None, limit: int, window: Window
