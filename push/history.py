@@ -99,9 +99,15 @@ class ModeHistory:
         if not recent:
             return await self.durable.latest_seqs(channels)
         durable = [c for c in channels if not is_recent(c)]
-        latest = await self.recent_only.latest_seqs(recent)
-        if durable:
-            latest.update(await self.durable.latest_seqs(durable))
+        latest = await self.durable.latest_seqs(durable) if durable else {}
+        try:
+            latest.update(await self.recent_only.latest_seqs(recent))
+        except Exception as exc:
+            if not durable:
+                raise
+            # Redis is down: the durable channels' sync must go on all the more (their
+            # broadcasts are lost meanwhile); the recent ones stay unknown this round.
+            logger.warning("latest seqs of recent channels not read: %s", exc)
         return latest
 
     async def page(self, channel: str, since: int, limit: int) -> HistoryPage:

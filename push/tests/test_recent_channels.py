@@ -21,6 +21,7 @@ import push
 from push import recent_store
 from push.cluster import redis_prefix
 from push.models import Channel, Message
+from push.node import get_node
 from push.redis_client import redis_async
 from push.tests.wsclient import WsClient, connected_client
 from scripts.cluster import free_port
@@ -290,6 +291,23 @@ async def test_while_the_lease_is_missing_a_resume_is_not_recovered() -> None:
     await client.close()
 
 
+@override_settings(PUSH={**RECENT, "RECENT_PER_CHANNEL": 2})
+async def test_a_node_never_claims_to_replay_what_redis_lost() -> None:
+    live, _ = await _subscriber("tick:mem")
+    await _publish("tick:mem", 5)
+    await _received(live, 5)
+    await _lose_keys("tick:mem")
+    # The node remembers only seqs 4 and 5; the window that held 2 and 3 is gone.
+    client, subscribed = await _subscriber("tick:mem", since=1)
+    assert (subscribed["seq"], subscribed["recovered"]) == (5, False)
+    await client.expect_nothing()
+    assert await _publish("tick:mem", 1) == [1001]
+    assert (await client.recv_type("message"))["seq"] == 1001
+    assert (await live.recv_type("message"))["seq"] == 1001
+    await client.close()
+    await live.close()
+
+
 @override_settings(PUSH={**RECENT, "RECENT_SEQ_BLOCK": 10})
 async def test_a_block_reserved_before_the_loss_never_brings_seqs_back() -> None:
     """A node reserves a block (ceiling 20) but is slow to install it; another node
@@ -332,6 +350,10 @@ async def test_redis_down_answers_unavailable_then_publishing_recovers(
         assert asyncio.get_running_loop().time() - started < 3
         response = await _rest_publish(publisher_token, "tick:down", 1)
         assert response.status_code == 503 and response.json()["code"] == "UNAVAILABLE"
+        # The node's sync still reads the durable channels it serves.
+        await sync_to_async(push.publish)("news", 1)
+        history = (await get_node()).hub.history
+        assert await history.latest_seqs(["tick:down", "news"]) == {"news": 1}
         try:
             own_redis.launch()  # on this thread: the process dies with the one starting it
             await asyncio.to_thread(own_redis.wait_answering)
