@@ -49,7 +49,7 @@ from asgiref.sync import async_to_sync
 from django.db import connection
 from redis.exceptions import RedisError
 
-from push import broadcast
+from push import broadcast, metrics
 from push.cluster import redis_prefix
 from push.conf import push_settings
 from push.db import db_call
@@ -250,6 +250,7 @@ class RecentStore:
                 await self._start_lease(channel, amount)
             else:
                 await self.install_block(channel, await _seq_block_take(channel, amount))
+                metrics.RECENT_SEQ_BLOCKS.labels("renew").inc()
 
     async def install_block(self, channel: str, top: int) -> None:
         """Raise the live lease's ceiling to ``top`` (nothing when the lease is gone:
@@ -264,6 +265,7 @@ class RecentStore:
         if not int(await self._claim(keys=keys, args=[token, PENDING_TTL_MSECS])):
             return  # another publisher claimed it first: wait for its confirm
         top = await _seq_block_take(channel, amount)
+        metrics.RECENT_SEQ_BLOCKS.labels("start").inc()
         await self._confirm(keys=keys, args=[token, top - amount, top, LEASE_IDLE_SECS])
 
     async def read(

@@ -14,7 +14,9 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.management import call_command
 from django.db import transaction
+from django.db.transaction import TransactionManagementError
 from django.test import override_settings
+from prometheus_client import REGISTRY
 from rest_framework.test import APIClient
 
 import push
@@ -23,6 +25,7 @@ from push.cluster import redis_prefix
 from push.models import Channel, Message
 from push.node import get_node
 from push.redis_client import redis_async
+from push.services import message_publish
 from push.tests.wsclient import WsClient, connected_client
 from scripts.cluster import free_port
 from tests.faults.services import redis_server
@@ -86,6 +89,11 @@ async def _lose_keys(channel: str) -> None:
         recent_store.lease_key(prefix, channel), recent_store.window_key(prefix, channel)
     )
     await redis.aclose()
+
+
+def _seq_blocks(kind: str) -> float:
+    value = REGISTRY.get_sample_value("push_recent_seq_blocks_total", {"kind": kind})
+    return value or 0.0
 
 
 @sync_to_async
@@ -241,6 +249,14 @@ async def test_push_publish_in_a_transaction_publishes_after_the_commit() -> Non
             pass
         return result
 
+    @sync_to_async
+    def publish_service_in_transaction() -> None:
+        with transaction.atomic():
+            message_publish(channel="tick:tx", data=1)
+
+    # The service itself cannot join: it says so instead of publishing before the commit.
+    with pytest.raises(TransactionManagementError, match=r"push\.publish\(\)"):
+        await publish_service_in_transaction()
     assert await publish_in(rollback=True) is None
     await subscriber.expect_nothing(0.3)
     assert await publish_in(rollback=False) is None
@@ -267,9 +283,11 @@ async def test_a_lost_lease_jumps_past_every_seq_and_resume_is_not_recovered() -
     live, _ = await _subscriber("tick:lost")
     assert await _publish("tick:lost", 5) == [1, 2, 3, 4, 5]
     assert [m["seq"] for m in await _received(live, 5)] == [1, 2, 3, 4, 5]
+    starts = _seq_blocks("start")
     await _lose_keys("tick:lost")
     # The next seq starts past the ceiling reserved in PostgreSQL: a jump, no repeat.
     assert await _publish("tick:lost", 2) == [1001, 1002]
+    assert _seq_blocks("start") == starts + 1
     assert [m["seq"] for m in await _received(live, 2)] == [1001, 1002]
     await live.expect_nothing()
     resumed, subscribed = await _subscriber("tick:lost", since=3)
