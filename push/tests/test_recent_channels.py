@@ -26,6 +26,7 @@ from push.models import Channel, Message
 from push.node import get_node
 from push.redis_client import redis_async
 from push.services import message_publish
+from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import WsClient, connected_client
 from scripts.cluster import free_port
 from tests.faults.services import redis_server
@@ -142,6 +143,34 @@ async def test_seqs_stay_gapless_across_leases_and_concurrent_publishers() -> No
     stored, ceiling = await _rows("tick:many")
     assert stored == 0 and ceiling >= 21
     await subscriber.close()
+
+
+@override_settings(PUSH={**RECENT, "RECENT_SEQ_BLOCK": 2})
+async def test_a_batch_takes_consecutive_seqs_at_once() -> None:
+    subscriber, _ = await _subscriber("tick:batch")
+    await _publish("tick:batch", 1)
+    batch = await recent_store.publish_batch("tick:batch", ["1", '"two"', "[3]"], None)
+    assert [(m.seq, m.data) for m in batch] == [(2, 1), (3, "two"), (4, [3])]
+    assert [m["seq"] for m in await _received(subscriber, 4)] == [1, 2, 3, 4]
+    await subscriber.close()
+
+
+@override_settings(PUSH=RECENT)
+async def test_an_sse_stream_of_a_recent_channel_starts_at_its_latest_seq() -> None:
+    await _publish("tick:sse", 3)
+    await get_node()
+    stream = InProcessStream("channel=tick:sse&channel=news")
+    assert await stream.start() == 200
+    assert (await stream.next_event())[0] == "connection_established"  # type: ignore[index]
+    await sync_to_async(push.publish)("news", 1)
+    assert (await stream.next_event())[0] == "message"  # type: ignore[index]
+    # The cursor names the recent channel's latest seq, not its reserved ceiling (a
+    # browser resuming from a ceiling would skip what is published up to it).
+    assert stream.last_event_id == "tick:sse:3,news:1"
+    await _publish("tick:sse", 1)
+    event, envelope = await stream.next_event()  # type: ignore[misc]
+    assert (event, envelope["seq"], stream.last_event_id) == ("message", 4, "tick:sse:4,news:1")
+    await stream.close()
 
 
 async def test_durable_channels_are_unchanged() -> None:
