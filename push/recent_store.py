@@ -230,6 +230,7 @@ class RecentStore:
         self._claim = redis.register_script(_CLAIM)
         self._confirm = redis.register_script(_CONFIRM)
         self._read = redis.register_script(_READ)
+        self._renewals: dict[str, asyncio.Future[None]] = {}
 
     def _keys(self, channel: str) -> list[str]:
         return [lease_key(self.prefix, channel), window_key(self.prefix, channel)]
@@ -245,12 +246,26 @@ class RecentStore:
             if first == _PENDING:
                 await asyncio.sleep(PENDING_RETRY_SECS)
                 continue
-            amount = max(window.seq_block, len(tails))
-            if first == _NO_LEASE:
-                await self._start_lease(channel, amount)
-            else:
-                await self.install_block(channel, await _seq_block_take(channel, amount))
-                metrics.RECENT_SEQ_BLOCKS.labels("renew").inc()
+            await self._renew(channel, first, max(window.seq_block, len(tails)))
+
+    async def _renew(self, channel: str, state: int, amount: int) -> None:
+        """Renew or start the lease once for all of this loop's publishers that found
+        it used up at the same time: each taking a block of its own would cost a
+        PostgreSQL write each and push the ceiling (and a restart's jump) further."""
+        renewal = self._renewals.get(channel)
+        if renewal is None:
+            renewal = asyncio.ensure_future(self._renew_once(channel, state, amount))
+            self._renewals[channel] = renewal
+            renewal.add_done_callback(lambda _: self._renewals.pop(channel, None))
+        # Shielded: a publisher that gives up (its deadline) leaves it to the others.
+        await asyncio.shield(renewal)
+
+    async def _renew_once(self, channel: str, state: int, amount: int) -> None:
+        if state == _NO_LEASE:
+            await self._start_lease(channel, amount)
+        else:
+            await self.install_block(channel, await _seq_block_take(channel, amount))
+            metrics.RECENT_SEQ_BLOCKS.labels("renew").inc()
 
     async def install_block(self, channel: str, top: int) -> None:
         """Raise the live lease's ceiling to ``top`` (nothing when the lease is gone:

@@ -139,10 +139,20 @@ async def test_seqs_stay_gapless_across_leases_and_concurrent_publishers() -> No
     published = await asyncio.gather(*(_publish("tick:many", 5, start=k * 5) for k in range(4)))
     assert sorted(seq for seqs in published for seq in seqs) == list(range(1, 21))
     assert [m["seq"] for m in await _received(subscriber, 20)] == list(range(1, 21))
-    # One PostgreSQL write per block of 3 (concurrent renewals may take a few more).
     stored, ceiling = await _rows("tick:many")
     assert stored == 0 and ceiling >= 21
     await subscriber.close()
+
+
+@override_settings(PUSH={**RECENT, "RECENT_SEQ_BLOCK": 10})
+async def test_publishers_that_find_the_lease_used_up_together_renew_it_once() -> None:
+    await _publish("tick:renew", 10)
+    one_each = [recent_store.publish("tick:renew", "1", None) for _ in range(8)]
+    assert sorted(m.seq for m in await asyncio.gather(*one_each)) == list(range(11, 19))
+    # One more block of 10 (two if a publisher saw the lease used up just after the
+    # renewal), not one per publisher: eight would make a ceiling of 90.
+    stored, ceiling = await _rows("tick:renew")
+    assert stored == 0 and ceiling in (20, 30)
 
 
 @override_settings(PUSH={**RECENT, "RECENT_SEQ_BLOCK": 2})
