@@ -37,15 +37,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from asgiref.sync import async_to_sync
 from django.db import connection
 from redis.exceptions import RedisError
 
@@ -57,6 +57,8 @@ from push.errors import ErrorCode, PushError
 from push.message import ChannelMessage
 from push.models import Channel
 from push.redis_client import redis_async
+
+T = TypeVar("T")
 
 # Redis answers in well under a millisecond; these bound what a client waits while it
 # is away, so a publish to a recent channel fails with UNAVAILABLE instead of hanging.
@@ -330,6 +332,8 @@ def store() -> RecentStore:
             client = redis_async(
                 socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECS,
                 socket_timeout=REDIS_TIMEOUT_SECS,
+                # Named, so CLIENT LIST shows what the recent channels hold open.
+                client_name=f"{redis_prefix()}-recent",
             )
         except RuntimeError as exc:  # no REDIS_URL
             raise PushError(ErrorCode.UNAVAILABLE, "recent channels need Redis") from exc
@@ -377,9 +381,44 @@ async def publish_batch(
 
 
 def publish_sync(channel: str, data_json: str, publisher_id: int | None) -> ChannelMessage:
-    """``publish`` for synchronous code (REST views, ``push.publish``): under the ASGI
-    server it runs on the server's event loop."""
-    return async_to_sync(publish)(channel, data_json, publisher_id)  # type: ignore[no-any-return]
+    """``publish`` for synchronous code (REST views, ``push.publish``)."""
+    return _run(publish(channel, data_json, publisher_id))
+
+
+# ----- synchronous callers --------------------------------------------------------------------
+
+_background: asyncio.AbstractEventLoop | None = None
+_background_lock = threading.Lock()
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` for a synchronous caller on a loop that lasts: the node's, in a
+    server process, else one background loop of this process. (``async_to_sync`` would
+    make a loop, and so a Redis connection, per call in a process without a server:
+    a worker publishing ticks would open a connection per message.)"""
+    node = broadcast.running_node()
+    if node is not None and node.is_running and not node.loop.is_closed():
+        loop = node.loop
+    else:
+        loop = _background_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        coroutine.close()
+        raise RuntimeError("called on the event loop: await the async form instead")
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    global _background
+    with _background_lock:
+        if _background is None or _background.is_closed():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="push-recent", daemon=True).start()
+            _background = loop
+        return _background
 
 
 # ----- reading ------------------------------------------------------------------------------
@@ -395,4 +434,4 @@ async def window_since(channel: str, since: int, limit: int) -> list[ChannelMess
 
 
 def window_since_sync(channel: str, since: int, limit: int) -> list[ChannelMessage]:
-    return async_to_sync(window_since)(channel, since, limit)  # type: ignore[no-any-return]
+    return _run(window_since(channel, since, limit))

@@ -189,6 +189,21 @@ async def test_durable_channels_are_unchanged() -> None:
         assert await _rows("news") == (1, 1)
 
 
+@override_settings(PUSH=RECENT)
+async def test_a_process_without_a_server_publishes_over_lasting_connections() -> None:
+    """A worker publishing ticks with ``push.publish`` (no event loop of its own)."""
+
+    def publish_many() -> list[int]:
+        return [push.publish("tick:worker", n).seq for n in range(30)]  # type: ignore[union-attr]
+
+    assert await asyncio.to_thread(publish_many) == list(range(1, 31))
+    redis = redis_async()
+    clients = await redis.client_list()
+    await redis.aclose()
+    named = [c for c in clients if c.get("name") == f"{redis_prefix()}-recent"]
+    assert 1 <= len(named) <= 2, "a connection per publish"
+
+
 # ----- resume and history ------------------------------------------------------------------
 
 
