@@ -20,6 +20,7 @@ from django.conf import settings
 from accounts.permissions import is_presence_channel
 from accounts.principals import principals_refresh
 from push import broadcast as broadcast_module
+from push import recent_store
 from push.broker import PRESENCE_EVENT, Broker, channel_group
 from push.cluster import (
     CONTROL_GROUP,
@@ -162,6 +163,7 @@ class Node:
         for task in self._tasks:
             task.cancel()
         await self.broker.stop()
+        await recent_store.store_close()
 
     def broadcast(self, message: ChannelMessage) -> None:
         """A message committed on this node: to local subscribers, the other nodes and

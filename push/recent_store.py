@@ -341,6 +341,13 @@ def store() -> RecentStore:
     return found
 
 
+async def store_close() -> None:
+    """Close this loop's store (the node stops; its loop may end)."""
+    found = _stores.pop(asyncio.get_running_loop(), None)
+    if found is not None:
+        await found.redis.aclose()
+
+
 def _unavailable(exc: BaseException) -> PushError:
     return PushError(ErrorCode.UNAVAILABLE, f"Redis unavailable: {type(exc).__name__}; retry")
 
