@@ -18,13 +18,17 @@ When the lease is used up (or gone), a block of seqs is reserved in PostgreSQL
 as the new ceiling. So PostgreSQL's ceiling >= Redis' ceiling >= every seq handed out.
 
 Seqs never repeat, even when Redis loses the hash (a restart without persistence,
-eviction). A lost hash is started again in three steps: a *claim* script creates it as
-a pending marker (publishers wait for it, a few ms; it expires by itself if its
-claimer dies), the claimer then reserves a block, and a *confirm* script sets the
-counter to the bottom of that block. Every block installed before the loss was
-reserved before the claim, so it ends at or below that bottom. (Starting the counter
-from a block reserved *before* the loss, as "counter = top - block when the hash is
-missing" would, can hand out again seqs that a later block handed out before it.)
+eviction), or keeps an old one: each lease records the run_id of the Redis server
+process that wrote it, and a lease from another process (a snapshot restored at a
+restart, a replica promoted before it received the last writes) counts as lost.
+
+A lost lease is started again in three steps: a *claim* script creates it as a
+pending marker (publishers wait for it, a few ms; it expires by itself if its claimer
+dies), the claimer then reserves a block, and a *confirm* script sets the counter to
+the bottom of that block. Every block installed before the loss was reserved before
+the claim, so it ends at or below that bottom. (Starting the counter from a block
+reserved *before* the loss, as "counter = top - block when the hash is missing"
+would, can hand out again seqs that a later block handed out before it.)
 
 After a loss the next seq is past everything before: a live subscriber sees a jump in
 seq (a gap it can see, never a repeated seq), a resume across it answers
@@ -75,20 +79,24 @@ LEASE_IDLE_SECS = 86_400
 _DATA_MARK = ',"data":'
 
 # Answers of the publish script besides a seq.
-_NO_LEASE, _EXHAUSTED, _PENDING = -1, 0, -2
+_NO_LEASE, _EXHAUSTED, _PENDING, _OTHER_SERVER = -1, 0, -2, -3
 
+# ARGV[5] is the Redis server's run_id as the caller knows it: a lease written by
+# another server process (a restart that restored a snapshot, a failover to a replica
+# that had not received the last writes) may be behind what was handed out.
 _PUBLISH = """
-local lease = redis.call('HMGET', KEYS[1], 'n', 'c', 'p')
+local lease = redis.call('HMGET', KEYS[1], 'n', 'c', 'p', 'r')
 if not lease[1] then return -1 end
+if lease[4] ~= ARGV[5] then return -3 end
 if lease[3] then return -2 end
 local n = tonumber(lease[1])
-local count = #ARGV - 4
+local count = #ARGV - 5
 if n + count > tonumber(lease[2]) then return 0 end
 local bytes = 0
 if redis.call('EXISTS', KEYS[2]) == 1 then
   bytes = tonumber(redis.call('HGET', KEYS[1], 'b') or '0')
 end
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   n = n + 1
   local entry = '{"seq":' .. string.format('%d', n) .. ',' .. ARGV[i]
   redis.call('RPUSH', KEYS[2], entry)
@@ -108,18 +116,18 @@ return n - count + 1
 
 # Raise the ceiling of a live lease (a lost one is started by claim and confirm).
 _INSTALL = """
-local ceiling = redis.call('HGET', KEYS[1], 'c')
-if not ceiling then return 0 end
-if tonumber(ARGV[1]) > tonumber(ceiling) then redis.call('HSET', KEYS[1], 'c', ARGV[1]) end
+local lease = redis.call('HMGET', KEYS[1], 'c', 'r')
+if not lease[1] or lease[2] ~= ARGV[2] then return 0 end
+if tonumber(ARGV[1]) > tonumber(lease[1]) then redis.call('HSET', KEYS[1], 'c', ARGV[1]) end
 return 1
 """
 
-# Start a missing lease as a pending marker, and drop any window left without its
-# hash (its seqs are of the lost lease).
+# Start a missing lease, or one another server process wrote, as a pending marker,
+# and drop the window that went with the old one (its seqs are of the lost lease).
 _CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'n', 0, 'c', 0, 'b', 0, 'p', ARGV[1])
+if redis.call('HGET', KEYS[1], 'r') == ARGV[3] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'n', 0, 'c', 0, 'b', 0, 'p', ARGV[1], 'r', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
@@ -136,10 +144,12 @@ return 1
 """
 
 # The latest seq and the window entries after ARGV[1] (or the last ARGV[2] when
-# ARGV[1] is negative), read at one instant; false while the lease is missing.
+# ARGV[1] is negative), read at one instant; false while the lease is missing, 0 when
+# another server process wrote it (ARGV[3] is the run_id the caller knows).
 _READ = """
-local lease = redis.call('HMGET', KEYS[1], 'n', 'p')
+local lease = redis.call('HMGET', KEYS[1], 'n', 'p', 'r')
 if not lease[1] or lease[2] then return false end
+if lease[3] ~= ARGV[3] then return 0 end
 local len = redis.call('LLEN', KEYS[2])
 local first = tonumber(lease[1]) - len + 1
 local since, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -233,6 +243,21 @@ class RecentStore:
         self._confirm = redis.register_script(_CONFIRM)
         self._read = redis.register_script(_READ)
         self._renewals: dict[str, asyncio.Future[None]] = {}
+        self._server_id: str | None = None
+
+    async def server_id(self, *, fresh: bool = False) -> str:
+        """The run_id of the Redis server process this store talks to: a lease records
+        the one that wrote it (see ``_PUBLISH``)."""
+        if fresh or self._server_id is None:
+            info = await self.redis.info("server")
+            self._server_id = str(info["run_id"])
+        return self._server_id
+
+    async def _server_changed(self) -> bool:
+        """After an answer naming another server: was it this store that was behind
+        (a failover or restart it had not noticed)?"""
+        known = self._server_id
+        return await self.server_id(fresh=True) != known
 
     def _keys(self, channel: str) -> list[str]:
         return [lease_key(self.prefix, channel), window_key(self.prefix, channel)]
@@ -240,14 +265,19 @@ class RecentStore:
     async def append(self, channel: str, tails: list[str], window: Window) -> int:
         """Number and store the entries in one step; the first one's seq."""
         keys = self._keys(channel)
-        args = [window.messages, window.bytes, window.secs * 1000, LEASE_IDLE_SECS, *tails]
+        limits = [window.messages, window.bytes, window.secs * 1000, LEASE_IDLE_SECS]
         while True:
+            args = [*limits, await self.server_id(), *tails]
             first = int(await self._publish(keys=keys, args=args))
             if first > 0:
                 return first
             if first == _PENDING:
                 await asyncio.sleep(PENDING_RETRY_SECS)
                 continue
+            if first == _OTHER_SERVER:
+                if await self._server_changed():
+                    continue
+                first = _NO_LEASE  # the lease is from another server: start it again
             await self._renew(channel, first, max(window.seq_block, len(tails)))
 
     async def _renew(self, channel: str, state: int, amount: int) -> None:
@@ -272,14 +302,17 @@ class RecentStore:
     async def install_block(self, channel: str, top: int) -> None:
         """Raise the live lease's ceiling to ``top`` (nothing when the lease is gone:
         the block stays unused, and the next publish starts a new lease)."""
-        await self._install(keys=self._keys(channel), args=[top])
+        await self._install(keys=self._keys(channel), args=[top, await self.server_id()])
 
     async def _start_lease(self, channel: str, amount: int) -> None:
         """Claim the missing lease, reserve a block, start the counter at its bottom
         (the module docstring says why in this order)."""
         keys = self._keys(channel)
         token = uuid.uuid4().hex
-        if not int(await self._claim(keys=keys, args=[token, PENDING_TTL_MSECS])):
+        # Fresh: a lease claimed under a run_id from before a restart would be taken
+        # for another server's by every node that knows the new one.
+        server = await self.server_id(fresh=True)
+        if not int(await self._claim(keys=keys, args=[token, PENDING_TTL_MSECS, server])):
             return  # another publisher claimed it first: wait for its confirm
         top = await _seq_block_take(channel, amount)
         metrics.RECENT_SEQ_BLOCKS.labels("start").inc()
@@ -291,11 +324,12 @@ class RecentStore:
         """The channel's latest seq and its window entries after ``since`` (the last
         ``limit`` when None) that are younger than the window's age; None while the
         lease is missing (the channel's latest seq is then unknown)."""
-        answer = await self._read(
-            keys=self._keys(channel), args=[-1 if since is None else since, limit]
-        )
+        args = [-1 if since is None else since, limit]
+        answer = await self._read(keys=self._keys(channel), args=[*args, await self.server_id()])
+        if answer == 0 and await self._server_changed():
+            answer = await self._read(keys=self._keys(channel), args=[*args, self._server_id])
         if not answer:
-            return None
+            return None  # missing, or written by another server: lost either way
         latest, entries = answer
         messages = [message_from_entry(channel, e) for e in entries]
         cutoff = time.time() - window.secs
@@ -307,14 +341,15 @@ class RecentStore:
     async def latest_seqs(self, channels: Iterable[str]) -> dict[str, int]:
         """Each channel's latest seq; channels whose lease is missing are left out."""
         names = list(channels)
+        server = (await self.server_id()).encode()
         async with self.redis.pipeline(transaction=False) as pipe:
             for channel in names:
-                pipe.hmget(lease_key(self.prefix, channel), "n", "p")
+                pipe.hmget(lease_key(self.prefix, channel), "n", "p", "r")
             answers = await pipe.execute()
         return {
             channel: int(n)
-            for channel, (n, pending) in zip(names, answers, strict=True)
-            if n is not None and pending is None
+            for channel, (n, pending, written_by) in zip(names, answers, strict=True)
+            if n is not None and pending is None and written_by == server
         }
 
 

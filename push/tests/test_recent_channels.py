@@ -357,6 +357,33 @@ async def test_a_lost_lease_jumps_past_every_seq_and_resume_is_not_recovered() -
 
 
 @override_settings(PUSH=RECENT)
+async def test_a_lease_another_redis_process_wrote_is_started_again() -> None:
+    """A Redis restart that restored an old snapshot, or a replica promoted before it
+    had the last writes: the lease may be behind what was handed out."""
+    assert await _publish("tick:snap", 3) == [1, 2, 3]
+    redis = redis_async()
+    await redis.hset(recent_store.lease_key(redis_prefix(), "tick:snap"), "n", 1)
+    await redis.hset(recent_store.lease_key(redis_prefix(), "tick:snap"), "r", "older")
+    await redis.aclose()
+    # Not seq 2 again: the lease is started past everything reserved.
+    assert await _publish("tick:snap", 1) == [1001]
+    client, subscribed = await _subscriber("tick:snap", since=1)
+    assert (subscribed["seq"], subscribed["recovered"]) == (1001, False)
+    assert [m["seq"] for m in await _received(client, 1)] == [1001]
+    await client.close()
+
+
+@override_settings(PUSH=RECENT)
+async def test_a_store_that_missed_a_server_change_catches_up_without_a_jump() -> None:
+    assert await _publish("tick:known", 2) == [1, 2]
+    store = recent_store.store()
+    store._server_id = "a server it knew before"
+    assert await _publish("tick:known", 1) == [3]
+    store._server_id = "a server it knew before"
+    assert (await store.read("tick:known", 0, 10, recent_store.Window.from_settings()))[0] == 3  # type: ignore[index]
+
+
+@override_settings(PUSH=RECENT)
 async def test_while_the_lease_is_missing_a_resume_is_not_recovered() -> None:
     await _publish("tick:gone", 3)
     await _lose_keys("tick:gone")
