@@ -36,9 +36,11 @@ def _forget_cached_recent_history():
 
     client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
     try:
-        keys = list(client.scan_iter(match=f"{redis_prefix()}:recent:*", count=1000))
-        if keys:
-            client.delete(*keys)
+        # The recent-history cache, and recent channels' leases and windows.
+        for pattern in ("recent", "rseq", "rwin"):
+            keys = list(client.scan_iter(match=f"{redis_prefix()}:{pattern}:*", count=1000))
+            if keys:
+                client.delete(*keys)
     finally:
         client.close()
 

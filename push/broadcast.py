@@ -8,6 +8,7 @@ goes straight to the channel layer so the server nodes receive it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,26 @@ def broadcast_from_sync(message: ChannelMessage) -> None:
         async_to_sync(_publish_without_node)(message)
     except Exception:
         # Stored and committed: nodes catch up from the database on their next sync.
+        logger.exception("broadcast of %r failed; subscribers catch up from history", message)
+
+
+async def broadcast_async(message: ChannelMessage) -> None:
+    """``broadcast_from_sync`` for a message committed on an event loop (a recent
+    channel's, committed in Redis): to this loop's node at once, so local subscribers
+    and the broker get it before the publisher's reply is sent."""
+    node = _running_node
+    if node is not None and node.is_running and not node.loop.is_closed():
+        if node.loop is asyncio.get_running_loop():
+            node.broadcast(message)
+            return
+        try:
+            node.loop.call_soon_threadsafe(node.broadcast, message)
+            return
+        except RuntimeError:
+            pass
+    try:
+        await _publish_without_node(message)
+    except Exception:
         logger.exception("broadcast of %r failed; subscribers catch up from history", message)
 
 

@@ -67,6 +67,15 @@ class PushSettings:
     RETENTION_MAX_AGE_SECS: int = 7 * 86_400
     # (channel-name pattern, max messages or None, max age in seconds or None)
     RETENTION_RULES: list[tuple[str, int | None, int | None]] = field(default_factory=list)
+    # (channel-name pattern, "durable" or "recent"): where a channel's history lives.
+    HISTORY_MODES: list[tuple[str, str]] = field(default_factory=list)
+    # A recent channel's window in Redis: its last messages, at most this many, this
+    # old and this many bytes (the newest message is kept whatever its size).
+    RECENT_WINDOW_MESSAGES: int = 100
+    RECENT_WINDOW_SECS: int = 60
+    RECENT_WINDOW_BYTES: int = 1_048_576
+    # Seqs a recent channel reserves in PostgreSQL at a time: one write per block.
+    RECENT_SEQ_BLOCK: int = 1000
     ANONYMOUS_SUBSCRIBE: bool = True
     USERS_PUBLISH: bool = True
     SUBSCRIPTION_TOKEN_SECRET: str | None = None

@@ -418,8 +418,12 @@ class Hub:
         # client has read down to half, so one page never overflows the queue.
         limit = max(1, min(HISTORY_BATCH, outbox.max_frames // 2))
         max_bytes = max(1, min(self.replay_batch_bytes, outbox.max_bytes // 2))
+        delivered = hub_channel.delivered_seq
         page = await self.history.page(hub_channel.name, since, limit, max_bytes)
-        reply(max(page.latest_seq, hub_channel.delivered_seq), page.complete_from_since)
+        # History that knows less than this node had delivered before the read lost it
+        # (a recent channel's window went with Redis): the replay is not complete.
+        recovered = page.complete_from_since and page.latest_seq >= delivered
+        reply(max(page.latest_seq, hub_channel.delivered_seq), recovered)
         if not page.complete_from_since and page.messages:
             # Retention trimmed part of the range: replay from the oldest kept one.
             subscription.last_seq = page.messages[0].seq - 1

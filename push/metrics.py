@@ -44,6 +44,12 @@ RECENT_CACHE_READS = Counter(
     "Channel joins that read recent history from the Redis cache",
     ["result"],
 )
+RECENT_SEQ_BLOCKS = Counter(
+    "push_recent_seq_blocks_total",
+    "Seq blocks recent channels reserved in PostgreSQL: to renew a lease, or to start "
+    "one (a new channel, or Redis lost it: subscribers see a jump in seq)",
+    ["kind"],
+)
 HUB_CHANNELS = Gauge("push_hub_channels", "Channels with subscribers on this node")
 SUBSCRIPTIONS = Gauge("push_subscriptions", "Subscriptions on this node")
 PUBLISH_TO_DELIVERY = Histogram(

@@ -22,6 +22,7 @@ from django.db import connection as database
 from accounts.permissions import is_presence_channel
 from accounts.principals import principals_refresh
 from push import broadcast as broadcast_module
+from push import recent_store
 from push.background import spawn
 from push.broker import PRESENCE_EVENT, Broker, channel_group
 from push.cluster import (
@@ -34,7 +35,8 @@ from push.conf import push_settings
 from push.db import db_call
 from push.errors import CloseCode
 from push.events import EventLog
-from push.history import CachedHistory, DatabaseHistory
+from push.history import CachedHistory, DatabaseHistory, ModeHistory, RecentHistory
+from push.history_modes import is_recent
 from push.hub import Hub
 from push.limits import ConnectionCounter, ReplaySlots
 from push.message import ChannelMessage
@@ -86,9 +88,12 @@ class Node:
             max_bytes=push_settings.RECENT_CACHE_MAX_BYTES,
         )
         self.hub = Hub(
-            history=CachedHistory(self.recent_cache)
-            if self.recent_cache.enabled
-            else DatabaseHistory(),
+            history=ModeHistory(
+                durable=CachedHistory(self.recent_cache)
+                if self.recent_cache.enabled
+                else DatabaseHistory(),
+                recent=RecentHistory(),
+            ),
             join=self._join_channel,
             leave=self._leave_channel,
             drop_oldest_patterns=list(push_settings.DROP_OLDEST_CHANNELS),
@@ -179,13 +184,15 @@ class Node:
         if self.write_pipeline is not None:
             await self.write_pipeline.stop()
         await self.broker.stop()
+        await recent_store.store_close()
 
     def broadcast(self, message: ChannelMessage) -> None:
         """A message committed on this node: to local subscribers, the other nodes and
-        the recent-history cache."""
+        the recent-history cache (a recent channel's window is its history already)."""
         self.hub.deliver(message)
         self.broker.publish_soon(message)
-        self.recent_cache.append_soon(message)
+        if not is_recent(message.channel):
+            self.recent_cache.append_soon(message)
 
     def _on_broker_message(self, message: ChannelMessage) -> None:
         self.hub.deliver(message)

@@ -19,6 +19,7 @@ from django.db.models import Min
 from django.utils import timezone
 
 from push.conf import push_settings
+from push.history_modes import is_recent
 from push.message import ChannelMessage
 from push.models import Channel, IdempotencyKey, Message
 
@@ -68,6 +69,17 @@ def _human_duration(secs: int) -> str:
 
 
 def retention_policy(channel: str) -> RetentionPolicy:
+    """What a resume of ``channel`` may replay. A recent channel's window is its rule:
+    a node replays from memory no more than the window in Redis holds."""
+    if is_recent(channel):
+        return RetentionPolicy(
+            push_settings.RECENT_WINDOW_MESSAGES, push_settings.RECENT_WINDOW_SECS
+        )
+    return durable_retention_policy(channel)
+
+
+def durable_retention_policy(channel: str) -> RetentionPolicy:
+    """The rules for ``channel``'s rows in PostgreSQL."""
     for pattern, max_messages, max_age_secs in push_settings.RETENTION_RULES:
         if fnmatch.fnmatchcase(channel, pattern):
             return RetentionPolicy(max_messages, max_age_secs)
@@ -95,8 +107,11 @@ def _delete_in_batches(channel: Channel, *, max_seq: int | None, before: datetim
 
 
 def channel_trim(channel: Channel, *, now: datetime | None = None) -> int:
-    """Delete what ``channel``'s policy no longer keeps; returns how many messages."""
-    policy = retention_policy(channel.name)
+    """Delete what ``channel``'s policy no longer keeps; returns how many messages.
+
+    A recent channel stores no rows (its ``last_seq`` is a ceiling of reserved seqs, not
+    a count): only rows left from a durable past are trimmed, by the durable rules."""
+    policy = durable_retention_policy(channel.name)
     now = now or timezone.now()
     deleted = 0
     if policy.max_messages is not None and channel.last_seq > policy.max_messages:

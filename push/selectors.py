@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 
 from django.db.models import Func, IntegerField, QuerySet
 
-from push import metrics
+from push import metrics, recent_store
+from push.history_modes import is_recent
 from push.message import ChannelMessage
 from push.models import Channel, Message
 from push.retention import retention_policy
@@ -81,7 +82,10 @@ def message_list_since(
 ) -> tuple[list[ChannelMessage], bool]:
     """Stored messages of ``channel`` with ``seq > since``, oldest first, at most
     ``limit`` of them and ``max_bytes`` of data (at least one); and whether the byte
-    budget stopped the page early (more messages follow it)."""
+    budget stopped the page early (more messages follow it). A recent-only channel's
+    come from its window in Redis, which its own byte cap bounds."""
+    if is_recent(channel):
+        return recent_store.window_since_sync(channel, since, limit), False
     rows = Message.objects.filter(channel__name=channel, seq__gt=since).order_by("seq")
     read, truncated = rows_within(rows, limit=limit, max_bytes=max_bytes)
     return [channel_message_from_row(channel, row) for row in read], truncated

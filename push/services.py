@@ -5,7 +5,8 @@ The same functions serve every publisher: the WebSocket consumer and the REST AP
 write pipeline) and application code (``push.publish``, in the caller's transaction).
 Every path runs the same batch SQL (``push.write_batch``). A message is broadcast only
 once its transaction has committed, so subscribers never see a message that the
-database does not have.
+database does not have. A recent-only channel's message is committed in Redis instead
+(``push.recent_store``; ``_recent_channel`` is where that is decided).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from django.db import DataError, IntegrityError, transaction
+from django.db import DataError, IntegrityError, connection, transaction
+from django.db.transaction import TransactionManagementError
 
-from push import broadcast
+from push import broadcast, recent_store
 from push.conf import push_settings
 from push.db import db_call
 from push.errors import ErrorCode, PushError
+from push.history_modes import is_recent
 from push.message import ChannelMessage, dump_data
 from push.protocol import validate_channel_name, validate_data
 from push.write_batch import Published, PublishUnit, run_plan_sync
@@ -89,14 +92,46 @@ def _running_pipeline() -> WritePipeline | None:
     return node.write_pipeline if node.loop is asyncio.get_running_loop() else None
 
 
+def _recent_channel(unit: PublishUnit) -> str | None:
+    """The recent-only channel ``unit`` is for, or None when every channel of it is
+    durable (PostgreSQL). One unit is one commit, so it must be one store's: a batch
+    that mixes durable and recent channels, or spans several recent ones, is refused
+    (Redis commits one channel's messages at once), and so is an ``Idempotency-Key``
+    on a recent channel (there is no row to remember it in)."""
+    recent = [index for index, (channel, _) in enumerate(unit.items) if is_recent(channel)]
+    if not recent:
+        return None
+    channel = unit.items[recent[0]][0]
+    index = recent[0] if len(unit.items) > 1 else None
+    if unit.idempotency_key is not None:
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE,
+            f"{channel!r} is a recent-only channel: Idempotency-Key is not supported there",
+            field="Idempotency-Key",
+            index=index,
+        )
+    for position, (other, _) in enumerate(unit.items):
+        if other != channel:
+            raise PushError(
+                ErrorCode.INVALID_MESSAGE,
+                "a batch with a recent-only channel must hold only that channel's messages",
+                index=position if position in recent or index is None else index,
+            )
+    return channel
+
+
 async def _write_async(unit: PublishUnit) -> Published:
     """Store ``unit`` and broadcast it after commit: the one place that picks the store
-    for the unit's channels (today PostgreSQL for every channel; a channel kept
-    elsewhere would branch here, before the pipeline).
+    for the unit's channels.
 
-    The node's write pipeline batches it with the node's other publishes; without a
-    node on this loop (a management command, a test client's throwaway loop) the same
-    batch SQL runs through Django's connection on the database threads."""
+    A durable unit goes to the node's write pipeline, which batches it with the node's
+    other publishes; without a node on this loop (a management command, a test client's
+    throwaway loop) the same batch SQL runs through Django's connection on the database
+    threads. A recent-only channel's unit is numbered and stored by one Redis script."""
+    recent = _recent_channel(unit)
+    if recent is not None:
+        data = [data_json for _, data_json in unit.items]
+        return Published(await recent_store.publish_batch(recent, data, unit.publisher_id), False)
     pipeline = _running_pipeline()
     if pipeline is not None:
         outcome = await pipeline.publish(unit)
@@ -108,7 +143,18 @@ async def _write_async(unit: PublishUnit) -> Published:
 
 def _write_sync(unit: PublishUnit) -> Published:
     """Store ``unit`` in the caller's transaction (or one of its own); broadcast after
-    the outermost transaction commits."""
+    the outermost transaction commits. A recent-only channel cannot join a database
+    transaction: inside one it is refused; outside, it is published at once."""
+    recent = _recent_channel(unit)
+    if recent is not None:
+        if connection.in_atomic_block:
+            raise TransactionManagementError(
+                f"{recent!r} is a recent-only channel and cannot publish inside a "
+                "transaction; use push.publish(), which publishes it after the commit"
+            )
+        return Published(
+            [recent_store.publish_sync(recent, unit.items[0][1], unit.publisher_id)], False
+        )
     try:
         batch = run_plan_sync([unit], window_secs=push_settings.IDEMPOTENCY_WINDOW_SECS)
     except (IntegrityError, DataError) as exc:
@@ -212,9 +258,19 @@ def user_message_send(*, user_id: int, data: Any) -> ChannelMessage:
     return message_publish(channel=user_channel(user_id), data=data)
 
 
-def publish(channel: str, data: Any, *, publisher_id: int | None = None) -> ChannelMessage:
+def publish(channel: str, data: Any, *, publisher_id: int | None = None) -> ChannelMessage | None:
     """Publish from application code: ``push.services.publish("orders", {...})``.
 
     The message joins the caller's transaction and reaches subscribers after it commits.
+    A recent-only channel's message cannot join it: inside a transaction it is
+    published once the transaction commits (nothing if it rolls back), and None is
+    returned, since its seq is not known yet.
     """
+    if is_recent(channel) and connection.in_atomic_block:
+        validate_channel_name(channel)
+        data_json = _encode_data(data)
+        transaction.on_commit(
+            lambda: recent_store.publish_sync(channel, data_json, publisher_id), robust=True
+        )
+        return None
     return message_publish(channel=channel, data=data, publisher_id=publisher_id)

@@ -34,13 +34,11 @@ from push.codecs import DEFAULT_CODEC
 from push.codecs.sse_codec import SSE_CODEC
 from push.conf import push_settings
 from push.connection import CLOSE_FLUSH_SECS, ClientConnection
-from push.db import db_call
 from push.errors import CloseCode, ErrorCode, PushError
 from push.node import Node, get_node
 from push.outbox import Outbox, OutFrame
 from push.protocol import MAX_CHANNEL_NAME_CHARS, validate_channel_name
 from push.security import BrowserOriginValidator
-from push.selectors import channel_latest_seqs
 from push.server_adapters import drop_if_still_open
 from push.sessions import (
     channel_subscribe,
@@ -50,8 +48,6 @@ from push.sessions import (
 )
 
 logger = logging.getLogger(__name__)
-
-_latest_seqs = db_call(channel_latest_seqs)
 
 SSE_PATHS = frozenset({"/sse/", "/sse"})
 RESPONSE_HEADERS = [
@@ -268,7 +264,7 @@ async def _subscribe_all(node: Node, connection: SseConnection, request: StreamR
     allowed = [c for c in request.channels if _permitted(connection, c)]
     fresh = [channel for channel in allowed if channel not in request.since]
     try:
-        latest = await _latest_seqs(channels=fresh) if fresh else {}
+        latest = await node.hub.history.latest_seqs(fresh) if fresh else {}
     except Exception as exc:
         logger.warning("stream start failed: %s", exc)
         connection.send_error(PushError(ErrorCode.UNAVAILABLE, "history is unavailable"), None)

@@ -140,3 +140,25 @@ def env_retention_rules(name: str) -> list[tuple[str, int | None, int | None]]:
     """``ticker:*=1000/-;chat:*=-/30d``: per pattern, max messages and max age (``-``
     for no limit); the first matching pattern wins."""
     return _read(name, [], _retention_rules)
+
+
+HISTORY_MODES = ("durable", "recent")
+
+
+def _history_modes(raw: str) -> list[tuple[str, str]]:
+    modes = []
+    for item in raw.split(";"):
+        if not item.strip():
+            continue
+        pattern, _, mode = item.partition("=")
+        mode = mode.strip().lower()
+        if not pattern.strip() or mode not in HISTORY_MODES:
+            raise ValueError(f"rule {item!r} is not PATTERN=durable or PATTERN=recent")
+        modes.append((pattern.strip(), mode))
+    return modes
+
+
+def env_history_modes(name: str) -> list[tuple[str, str]]:
+    """``ticker:*=recent;ticker:archive=durable``: per channel-name pattern, where the
+    channel's history lives; the first matching pattern wins, ``durable`` otherwise."""
+    return _read(name, [], _history_modes)

@@ -28,6 +28,7 @@ class InProcessStream:
         self.communicator = ApplicationCommunicator(application, scope)
         self.ended = False
         self._pending = b""
+        self.last_event_id: str | None = None
 
     async def start(self) -> int:
         """The response's status."""
@@ -49,6 +50,7 @@ class InProcessStream:
         )
         if "event" not in fields:
             return await self.next_event(timeout)
+        self.last_event_id = fields.get("id", self.last_event_id)
         return fields["event"], json.loads(fields["data"])
 
     async def close(self) -> None:

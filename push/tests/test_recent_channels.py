@@ -1,0 +1,474 @@
+"""Recent-only channels (``PUSH_HISTORY_MODES``): seq and a window of messages in
+Redis, no PostgreSQL row per message; seqs never repeat, even when Redis loses them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.management import call_command
+from django.db import transaction
+from django.db.transaction import TransactionManagementError
+from django.test import override_settings
+from prometheus_client import REGISTRY
+from rest_framework.test import APIClient
+
+import push
+from push import recent_store
+from push.cluster import redis_prefix
+from push.models import Channel, Message
+from push.node import get_node
+from push.redis_client import redis_async
+from push.services import message_publish
+from push.tests.sse_inprocess import InProcessStream
+from push.tests.wsclient import WsClient, connected_client
+from scripts.cluster import free_port
+from tests.faults.services import redis_server
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(not settings.REDIS_URL, reason="recent channels live in Redis"),
+]
+
+RECENT = {"HISTORY_MODES": [("tick:*", "recent")], "RECENT_WINDOW_MESSAGES": 5}
+
+
+def _api(token: str) -> APIClient:
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+    return api
+
+
+@sync_to_async
+def _rest_publish(token: str, channel: str, data: Any, **headers: str) -> Any:
+    return _api(token).post(
+        f"/api/v1/channels/{channel}/messages",
+        data=json.dumps({"data": data}),
+        content_type="application/json",
+        **headers,
+    )
+
+
+@sync_to_async
+def _rest_history(token: str, channel: str, query: str) -> dict[str, Any]:
+    response = _api(token).get(f"/api/v1/channels/{channel}/messages?{query}")
+    assert response.status_code == 200, response.content
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def _publish(channel: str, count: int, start: int = 0) -> list[int]:
+    seqs = []
+    for n in range(start, start + count):
+        message = await recent_store.publish(channel, json.dumps({"n": n}), None)
+        seqs.append(message.seq)
+    return seqs
+
+
+async def _subscriber(channel: str, since: int | None = None) -> tuple[WsClient, dict[str, Any]]:
+    client = await connected_client()
+    request: dict[str, Any] = {"type": "subscribe", "channel": channel}
+    if since is not None:
+        request["since"] = since
+    return client, await client.request(request)
+
+
+async def _received(client: WsClient, count: int) -> list[dict[str, Any]]:
+    return [await client.recv_type("message") for _ in range(count)]
+
+
+async def _lose_keys(channel: str) -> None:
+    """What a Redis restart without persistence does to one channel."""
+    redis = redis_async()
+    prefix = redis_prefix()
+    await redis.delete(
+        recent_store.lease_key(prefix, channel), recent_store.window_key(prefix, channel)
+    )
+    await redis.aclose()
+
+
+def _seq_blocks(kind: str) -> float:
+    value = REGISTRY.get_sample_value("push_recent_seq_blocks_total", {"kind": kind})
+    return value or 0.0
+
+
+async def _store_connections() -> int:
+    """Redis connections the recent stores of this test run hold open."""
+    redis = redis_async()
+    clients = await redis.client_list()
+    await redis.aclose()
+    return sum(1 for c in clients if c.get("name") == f"{redis_prefix()}-recent")
+
+
+@sync_to_async
+def _rows(channel: str) -> tuple[int, int]:
+    """(messages stored in PostgreSQL, the channel's reserved ceiling)."""
+    ceiling = Channel.objects.filter(name=channel).values_list("last_seq", flat=True).first()
+    return Message.objects.filter(channel__name=channel).count(), ceiling or 0
+
+
+# ----- publishing and receiving ------------------------------------------------------------
+
+
+@override_settings(PUSH=RECENT)
+async def test_a_recent_channel_delivers_without_a_row_per_message(publisher_token: str) -> None:
+    subscriber, subscribed = await _subscriber("tick:a")
+    assert subscribed["seq"] == 0
+    publisher = await connected_client(token=publisher_token)
+    replies = [
+        await publisher.request({"type": "publish", "channel": "tick:a", "data": {"p": n}})
+        for n in range(3)
+    ]
+    assert [r["seq"] for r in replies] == [1, 2, 3]
+    messages = await _received(subscriber, 3)
+    assert [(m["seq"], m["data"]) for m in messages] == [
+        (1, {"p": 0}),
+        (2, {"p": 1}),
+        (3, {"p": 2}),
+    ]
+    assert [m["message_id"] for m in messages] == [r["message_id"] for r in replies]
+    response = await _rest_publish(publisher_token, "tick:a", [1, "x"])
+    assert response.status_code == 201 and response.json()["seq"] == 4
+    assert (await subscriber.recv_type("message"))["data"] == [1, "x"]
+    # One row for the channel, holding the reserved ceiling; no message rows.
+    assert await _rows("tick:a") == (0, 1000)
+    await subscriber.close()
+    await publisher.close()
+
+
+@override_settings(PUSH={**RECENT, "RECENT_SEQ_BLOCK": 3})
+async def test_seqs_stay_gapless_across_leases_and_concurrent_publishers() -> None:
+    subscriber, _ = await _subscriber("tick:many")
+    published = await asyncio.gather(*(_publish("tick:many", 5, start=k * 5) for k in range(4)))
+    assert sorted(seq for seqs in published for seq in seqs) == list(range(1, 21))
+    assert [m["seq"] for m in await _received(subscriber, 20)] == list(range(1, 21))
+    stored, ceiling = await _rows("tick:many")
+    assert stored == 0 and ceiling >= 21
+    await subscriber.close()
+
+
+@override_settings(PUSH={**RECENT, "RECENT_SEQ_BLOCK": 10})
+async def test_publishers_that_find_the_lease_used_up_together_renew_it_once() -> None:
+    await _publish("tick:renew", 10)
+    one_each = [recent_store.publish("tick:renew", "1", None) for _ in range(8)]
+    assert sorted(m.seq for m in await asyncio.gather(*one_each)) == list(range(11, 19))
+    # One more block of 10 (two if a publisher saw the lease used up just after the
+    # renewal), not one per publisher: eight would make a ceiling of 90.
+    stored, ceiling = await _rows("tick:renew")
+    assert stored == 0 and ceiling in (20, 30)
+
+
+@override_settings(PUSH={**RECENT, "RECENT_SEQ_BLOCK": 2})
+async def test_a_batch_takes_consecutive_seqs_at_once() -> None:
+    subscriber, _ = await _subscriber("tick:batch")
+    await _publish("tick:batch", 1)
+    batch = await recent_store.publish_batch("tick:batch", ["1", '"two"', "[3]"], None)
+    assert [(m.seq, m.data) for m in batch] == [(2, 1), (3, "two"), (4, [3])]
+    assert [m["seq"] for m in await _received(subscriber, 4)] == [1, 2, 3, 4]
+    await subscriber.close()
+
+
+@override_settings(PUSH=RECENT)
+async def test_an_sse_stream_of_a_recent_channel_starts_at_its_latest_seq() -> None:
+    await _publish("tick:sse", 3)
+    await get_node()
+    stream = InProcessStream("channel=tick:sse&channel=news")
+    assert await stream.start() == 200
+    assert (await stream.next_event())[0] == "connection_established"  # type: ignore[index]
+    await sync_to_async(push.publish)("news", 1)
+    assert (await stream.next_event())[0] == "message"  # type: ignore[index]
+    # The cursor names the recent channel's latest seq, not its reserved ceiling (a
+    # browser resuming from a ceiling would skip what is published up to it).
+    assert stream.last_event_id == "tick:sse:3,news:1"
+    await _publish("tick:sse", 1)
+    event, envelope = await stream.next_event()  # type: ignore[misc]
+    assert (event, envelope["seq"], stream.last_event_id) == ("message", 4, "tick:sse:4,news:1")
+    await stream.close()
+
+
+async def test_durable_channels_are_unchanged() -> None:
+    with override_settings(PUSH=RECENT):
+        await sync_to_async(push.publish)("news", {"d": 1})
+        assert await _rows("news") == (1, 1)
+
+
+@override_settings(PUSH=RECENT)
+async def test_a_process_without_a_server_publishes_over_lasting_connections() -> None:
+    """A worker publishing ticks with ``push.publish`` (no event loop of its own)."""
+
+    def publish_many() -> list[int]:
+        return [push.publish("tick:worker", n).seq for n in range(30)]  # type: ignore[union-attr]
+
+    before = await _store_connections()
+    assert await asyncio.to_thread(publish_many) == list(range(1, 31))
+    assert await _store_connections() - before <= 1, "a connection per publish"
+
+
+# ----- resume and history ------------------------------------------------------------------
+
+
+@override_settings(PUSH=RECENT)
+async def test_resume_within_the_window_replays_exactly_what_was_missed() -> None:
+    await _publish("tick:r", 4)
+    client, subscribed = await _subscriber("tick:r", since=1)
+    assert (subscribed["seq"], subscribed["recovered"]) == (4, True)
+    messages = await _received(client, 3)
+    assert [(m["seq"], m["data"]) for m in messages] == [
+        (2, {"n": 1}),
+        (3, {"n": 2}),
+        (4, {"n": 3}),
+    ]
+    await client.expect_nothing()
+    await _publish("tick:r", 1)
+    assert (await client.recv_type("message"))["seq"] == 5
+    await client.close()
+
+
+@override_settings(PUSH=RECENT)
+async def test_resume_beyond_the_window_is_not_recovered() -> None:
+    await _publish("tick:w", 8)
+    client, subscribed = await _subscriber("tick:w", since=1)
+    assert (subscribed["seq"], subscribed["recovered"]) == (8, False)
+    assert [m["seq"] for m in await _received(client, 5)] == [4, 5, 6, 7, 8]
+    await client.expect_nothing()
+    await client.close()
+
+
+@override_settings(PUSH={**RECENT, "RECENT_WINDOW_SECS": 1})
+async def test_messages_older_than_the_window_are_gone(publisher_token: str) -> None:
+    await _publish("tick:ttl", 3)
+    await asyncio.sleep(1.3)
+    client, subscribed = await _subscriber("tick:ttl", since=0)
+    assert (subscribed["seq"], subscribed["recovered"]) == (3, False)
+    await client.expect_nothing()
+    assert (await _rest_history(publisher_token, "tick:ttl", "since=0"))["results"] == []
+    # The seq lives on after the window expired.
+    assert await _publish("tick:ttl", 1) == [4]
+    assert (await client.recv_type("message"))["seq"] == 4
+    await client.close()
+
+
+@override_settings(PUSH={**RECENT, "RECENT_WINDOW_BYTES": 300})
+async def test_the_window_is_bounded_in_bytes(publisher_token: str) -> None:
+    for n in range(4):
+        await recent_store.publish("tick:big", json.dumps("x" * 100 + str(n)), None)
+    history = await _rest_history(publisher_token, "tick:big", "since=0")
+    # Each entry is ~200 bytes: only the newest fits in 300.
+    assert [m["seq"] for m in history["results"]] == [4]
+
+
+@override_settings(PUSH=RECENT)
+async def test_rest_history_serves_the_window(publisher_token: str) -> None:
+    await _publish("tick:h", 7)
+    page = await _rest_history(publisher_token, "tick:h", "since=0")
+    assert [m["seq"] for m in page["results"]] == [3, 4, 5, 6, 7]
+    assert page["results"][0] == {
+        "type": "message",
+        "channel": "tick:h",
+        "seq": 3,
+        "message_id": page["results"][0]["message_id"],
+        "data": {"n": 2},
+        "timestamp": page["results"][0]["timestamp"],
+    }
+    first = await _rest_history(publisher_token, "tick:h", "since=4&limit=2")
+    assert [m["seq"] for m in first["results"]] == [5, 6] and first["next"] is not None
+    rest = await sync_to_async(_api(publisher_token).get)(first["next"])
+    assert [m["seq"] for m in rest.json()["results"]] == [7] and rest.json()["next"] is None
+
+
+# ----- idempotency, transactions, retention -------------------------------------------------
+
+
+@override_settings(PUSH=RECENT)
+async def test_an_idempotency_key_is_refused_on_a_recent_channel(publisher_token: str) -> None:
+    response = await _rest_publish(publisher_token, "tick:k", 1, HTTP_IDEMPOTENCY_KEY="order-1")
+    assert response.status_code == 400
+    assert response.json()["code"] == "INVALID_MESSAGE"
+    assert "Idempotency-Key" in response.json()["message"]
+    assert (await _rest_history(publisher_token, "tick:k", "since=0"))["results"] == []
+
+
+@override_settings(PUSH=RECENT)
+async def test_push_publish_in_a_transaction_publishes_after_the_commit() -> None:
+    subscriber, _ = await _subscriber("tick:tx")
+
+    @sync_to_async
+    def publish_in(rollback: bool) -> Any:
+        try:
+            with transaction.atomic():
+                result = push.publish("tick:tx", {"rollback": rollback})
+                if rollback:
+                    raise RuntimeError("rolled back")
+        except RuntimeError:
+            pass
+        return result
+
+    @sync_to_async
+    def publish_service_in_transaction() -> None:
+        with transaction.atomic():
+            message_publish(channel="tick:tx", data=1)
+
+    # The service itself cannot join: it says so instead of publishing before the commit.
+    with pytest.raises(TransactionManagementError, match=r"push\.publish\(\)"):
+        await publish_service_in_transaction()
+    assert await publish_in(rollback=True) is None
+    await subscriber.expect_nothing(0.3)
+    assert await publish_in(rollback=False) is None
+    message = await subscriber.recv_type("message")
+    assert (message["seq"], message["data"]) == (1, {"rollback": False})
+    await subscriber.close()
+
+
+@override_settings(PUSH={**RECENT, "RETENTION_MAX_MESSAGES": 2})
+async def test_trim_history_leaves_a_recent_channel_alone() -> None:
+    await _publish("tick:trim", 5)
+    await sync_to_async(call_command)("trim_history")
+    client, subscribed = await _subscriber("tick:trim", since=0)
+    assert (subscribed["seq"], subscribed["recovered"]) == (5, True)
+    assert [m["seq"] for m in await _received(client, 5)] == [1, 2, 3, 4, 5]
+    await client.close()
+
+
+# ----- Redis losing a channel ---------------------------------------------------------------
+
+
+@override_settings(PUSH=RECENT)
+async def test_a_lost_lease_jumps_past_every_seq_and_resume_is_not_recovered() -> None:
+    live, _ = await _subscriber("tick:lost")
+    assert await _publish("tick:lost", 5) == [1, 2, 3, 4, 5]
+    assert [m["seq"] for m in await _received(live, 5)] == [1, 2, 3, 4, 5]
+    starts = _seq_blocks("start")
+    await _lose_keys("tick:lost")
+    # The next seq starts past the ceiling reserved in PostgreSQL: a jump, no repeat.
+    assert await _publish("tick:lost", 2) == [1001, 1002]
+    assert _seq_blocks("start") == starts + 1
+    assert [m["seq"] for m in await _received(live, 2)] == [1001, 1002]
+    await live.expect_nothing()
+    resumed, subscribed = await _subscriber("tick:lost", since=3)
+    assert (subscribed["seq"], subscribed["recovered"]) == (1002, False)
+    assert [m["seq"] for m in await _received(resumed, 2)] == [1001, 1002]
+    await live.close()
+    await resumed.close()
+
+
+@override_settings(PUSH=RECENT)
+async def test_a_lease_another_redis_process_wrote_is_started_again() -> None:
+    """A Redis restart that restored an old snapshot, or a replica promoted before it
+    had the last writes: the lease may be behind what was handed out."""
+    assert await _publish("tick:snap", 3) == [1, 2, 3]
+    redis = redis_async()
+    await redis.hset(recent_store.lease_key(redis_prefix(), "tick:snap"), "n", 1)
+    await redis.hset(recent_store.lease_key(redis_prefix(), "tick:snap"), "r", "older")
+    await redis.aclose()
+    # Not seq 2 again: the lease is started past everything reserved.
+    assert await _publish("tick:snap", 1) == [1001]
+    client, subscribed = await _subscriber("tick:snap", since=1)
+    assert (subscribed["seq"], subscribed["recovered"]) == (1001, False)
+    assert [m["seq"] for m in await _received(client, 1)] == [1001]
+    await client.close()
+
+
+@override_settings(PUSH=RECENT)
+async def test_a_store_that_missed_a_server_change_catches_up_without_a_jump() -> None:
+    assert await _publish("tick:known", 2) == [1, 2]
+    store = recent_store.store()
+    store._server_id = "a server it knew before"
+    assert await _publish("tick:known", 1) == [3]
+    store._server_id = "a server it knew before"
+    assert (await store.read("tick:known", 0, 10, recent_store.Window.from_settings()))[0] == 3  # type: ignore[index]
+
+
+@override_settings(PUSH=RECENT)
+async def test_while_the_lease_is_missing_a_resume_is_not_recovered() -> None:
+    await _publish("tick:gone", 3)
+    await _lose_keys("tick:gone")
+    client, subscribed = await _subscriber("tick:gone", since=1)
+    assert subscribed["recovered"] is False
+    await client.expect_nothing()
+    assert await _publish("tick:gone", 1) == [1001]
+    assert (await client.recv_type("message"))["seq"] == 1001
+    await client.close()
+
+
+@override_settings(PUSH={**RECENT, "RECENT_PER_CHANNEL": 2})
+async def test_a_node_never_claims_to_replay_what_redis_lost() -> None:
+    live, _ = await _subscriber("tick:mem")
+    await _publish("tick:mem", 5)
+    await _received(live, 5)
+    await _lose_keys("tick:mem")
+    # The node remembers only seqs 4 and 5; the window that held 2 and 3 is gone.
+    client, subscribed = await _subscriber("tick:mem", since=1)
+    assert (subscribed["seq"], subscribed["recovered"]) == (5, False)
+    await client.expect_nothing()
+    assert await _publish("tick:mem", 1) == [1001]
+    assert (await client.recv_type("message"))["seq"] == 1001
+    assert (await live.recv_type("message"))["seq"] == 1001
+    await client.close()
+    await live.close()
+
+
+@override_settings(PUSH={**RECENT, "RECENT_SEQ_BLOCK": 10})
+async def test_a_block_reserved_before_the_loss_never_brings_seqs_back() -> None:
+    """A node reserves a block (ceiling 20) but is slow to install it; another node
+    reserves the next (30), installs it and hands out seqs up to 25; Redis then loses
+    the channel, and the slow node installs its block. Starting the counter at that
+    block's bottom (10) would hand out 11..25 again."""
+    take = sync_to_async(recent_store.seq_block_take)
+    assert await _publish("tick:race", 1) == [1]
+    slow_top = await take("tick:race", 10)
+    store = recent_store.store()
+    await store.install_block("tick:race", await take("tick:race", 10))
+    assert (await _publish("tick:race", 24))[-1] == 25
+    await _lose_keys("tick:race")
+    await store.install_block("tick:race", slow_top)
+    # The lease starts again from a block reserved after the loss: 31..40.
+    assert await _publish("tick:race", 1) == [31]
+
+
+# ----- Redis down -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_port() -> int:
+    return free_port()
+
+
+async def test_redis_down_answers_unavailable_then_publishing_recovers(
+    publisher_token: str, redis_port: int, tmp_path: Path
+) -> None:
+    own_redis = redis_server(redis_port, tmp_path)
+    with override_settings(
+        PUSH={**RECENT, "RECENT_SEQ_BLOCK": 100},
+        REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+    ):
+        publisher = await connected_client(token=publisher_token)
+        request = {"type": "publish", "channel": "tick:down", "data": 1, "id": 7}
+        started = asyncio.get_running_loop().time()
+        reply = await publisher.request(request)
+        assert (reply["type"], reply["code"], reply["id"]) == ("error", "UNAVAILABLE", 7)
+        assert asyncio.get_running_loop().time() - started < 3
+        response = await _rest_publish(publisher_token, "tick:down", 1)
+        assert response.status_code == 503 and response.json()["code"] == "UNAVAILABLE"
+        # The node's sync still reads the durable channels it serves.
+        await sync_to_async(push.publish)("news", 1)
+        history = (await get_node()).hub.history
+        assert await history.latest_seqs(["tick:down", "news"]) == {"news": 1}
+        try:
+            own_redis.launch()  # on this thread: the process dies with the one starting it
+            await asyncio.to_thread(own_redis.wait_answering)
+            assert (await publisher.request(request))["seq"] == 1
+            assert (await publisher.request(request))["seq"] == 2
+            # A real restart: Redis comes back empty and the seq jumps past the block.
+            own_redis.stop(signal.SIGKILL)
+            assert (await publisher.request(request))["code"] == "UNAVAILABLE"
+            own_redis.launch()
+            await asyncio.to_thread(own_redis.wait_answering)
+            assert (await publisher.request(request))["seq"] == 101
+        finally:
+            own_redis.stop(signal.SIGKILL)
+            await publisher.close()
