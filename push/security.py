@@ -47,20 +47,14 @@ def purpose_key(salt: str, *, explicit: str | None, secret_key: str) -> str:
 
 def host_allowed(scope: dict[str, Any], allowed_hosts: list[str]) -> bool:
     """Whether the request's ``Host`` is one of ``allowed_hosts``, as Django's
-    ``get_host()`` decides for views (WebSocket and SSE never reach one). Without a
-    ``Host`` header, the address the server listens on counts, as in Django."""
-    host = None
+    ``get_host()`` decides for views (WebSocket and SSE never reach one). A request
+    without ``Host`` passes: every browser sends one (HTTP/1.1 and WebSocket require
+    it), and a DNS-rebinding page can only make a browser send its own name."""
     for name, value in scope.get("headers", ()):
         if name == b"host":
-            host = value.decode("latin-1")
-            break
-    if host is None:
-        server = scope.get("server")
-        if not server:
-            return False
-        host = str(server[0])
-    domain, _port = split_domain_port(host)
-    return bool(domain) and validate_host(domain, allowed_hosts)
+            domain, _port = split_domain_port(value.decode("latin-1"))
+            return bool(domain) and validate_host(domain, allowed_hosts)
+    return True
 
 
 def forwarded_client(scope: dict[str, Any], trusted_proxies: int) -> tuple[str, int] | None:
