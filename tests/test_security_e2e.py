@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 from collections.abc import Iterator
 
@@ -74,3 +75,34 @@ async def test_a_written_x_forwarded_for_is_no_new_address(guarded_node: ServerN
     await second.wait_closed()
     assert second.close_code == 1013, "one address: the per-IP limit of 1 applies"
     await first.close()
+
+
+@pytest.mark.parametrize("server", ["daphne", "uvicorn"])
+async def test_behind_one_proxy_the_address_it_appended_counts(
+    server: str, e2e_env: dict[str, str]
+) -> None:
+    """``--proxy-headers``: one trusted proxy, whose X-Forwarded-For entry is the last;
+    what the client wrote before it is not believed."""
+    env = {
+        **e2e_env,
+        "PUSH_MAX_CONNECTIONS_PER_IP": "1",
+        "REDIS_PREFIX": f"{e2e_env['REDIS_PREFIX']}proxy{server}",
+    }
+    node = ServerNode(env, server=server, args=("--proxy-headers",)).start()
+    try:
+        first = await connect(
+            node.ws_url, additional_headers={"X-Forwarded-For": "10.8.0.1, 192.0.2.1"}
+        )
+        other = await connect(node.ws_url, additional_headers={"X-Forwarded-For": "192.0.2.2"})
+        same = await connect(
+            node.ws_url, additional_headers={"X-Forwarded-For": "10.8.0.9, 192.0.2.1"}
+        )
+        await same.wait_closed()
+        assert same.close_code == 1013, "192.0.2.1 again, whatever came before it"
+        for admitted in (first, other):
+            greeting = json.loads(await asyncio.wait_for(admitted.recv(), 10))
+            assert greeting["type"] == "connection_established"
+        await first.close()
+        await other.close()
+    finally:
+        node.stop()
