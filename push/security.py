@@ -9,6 +9,7 @@ so only a present ``Origin`` is checked against the allowed origins.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 from urllib.parse import urlparse
 
@@ -69,9 +70,12 @@ def forwarded_client(scope: dict[str, Any], trusted_proxies: int) -> tuple[str, 
     for name, value in scope.get("headers", ()):
         if name == b"x-forwarded-for":
             entries += [e.strip() for e in value.decode("latin-1").split(",") if e.strip()]
-    if not entries:
+    chosen = entries[-min(trusted_proxies, len(entries))] if entries else ""
+    try:
+        # The registry stores addresses as such: anything else is no address.
+        return str(ipaddress.ip_address(chosen)), 0
+    except ValueError:
         return tuple(peer) if peer else None  # type: ignore[return-value]
-    return entries[-min(trusted_proxies, len(entries))], 0
 
 
 def forwarded_scheme(scope: dict[str, Any]) -> str:

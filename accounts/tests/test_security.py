@@ -209,6 +209,8 @@ def test_forwarded_address_is_the_one_the_trusted_proxy_appended() -> None:
     assert forwarded_client(scope, 1) == ("2.2.2.2", 0)
     assert forwarded_client(scope, 2) == ("1.1.1.1", 0)
     assert forwarded_client(scope, 5) == ("1.1.1.1", 0)
+    garbage = {**scope, "headers": [(b"x-forwarded-for", b"<script>")]}
+    assert forwarded_client(garbage, 1) == ("10.0.0.9", 5000), "no address: the peer's"
     assert forwarded_scheme(scope) == "https"
     assert forwarded_scheme({**scope, "type": "websocket"}) == "wss"
 
