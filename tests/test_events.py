@@ -426,11 +426,11 @@ def test_a_failed_webhook_is_retried_only_where_it_failed(receivers: list[HTTPSe
 
 def test_webhooks_go_to_every_url_at_once(receivers: list[HTTPServer]) -> None:
     for server in receivers:
-        server.delay = 0.5  # type: ignore[attr-defined]
+        server.delay = 0.8  # type: ignore[attr-defined]
     started = time.monotonic()
     with override_settings(PUSH={"WEBHOOK_URLS": _urls(receivers)}):
         deliver_webhooks(event(CONNECT, connection_id="c-both"))
-    assert time.monotonic() - started < 0.9, "the two 0.5 s receivers were asked one by one"
+    assert time.monotonic() - started < 1.4, "the two 0.8 s receivers were asked one by one"
 
 
 def test_the_worker_handles_a_batch_several_events_at_once() -> None:
@@ -457,6 +457,40 @@ def test_the_worker_handles_a_batch_several_events_at_once() -> None:
         assert time.monotonic() - started < 1.5, "eight 0.3 s handlers ran one by one"
         assert sorted(seen) == sorted(e["id"] for e in sent)
         assert client.xpending(stream, DEFAULT_GROUP)["pending"] == 0, "acknowledged"
+    finally:
+        client.delete(stream)
+
+
+def test_one_connections_events_are_handled_in_order_beside_others() -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"ordered-{uuid.uuid4().hex[:8]}:events"
+    seen: list[tuple[str, str]] = []
+
+    def slow_connects(received: dict) -> None:
+        time.sleep(0.5 if received["type"] == CONNECT else 0.0)
+        seen.append((received["connection_id"], received["type"]))
+
+    worker = EventWorker(
+        client,
+        stream=stream,
+        group=DEFAULT_GROUP,
+        consumer="in-process",
+        handlers=[slow_connects],
+        max_attempts=2,
+        retry_idle_ms=10_000,
+        concurrency=8,
+    )
+    try:
+        worker.ensure_group()
+        for kind in (CONNECT, "subscribe", "disconnect"):
+            for connection in ("c-a", "c-b"):
+                client.xadd(stream, {"event": json.dumps(event(kind, connection_id=connection))})
+        started = time.monotonic()
+        assert worker.step() == 6
+        assert time.monotonic() - started < 0.9, "the two connections ran one after the other"
+        for connection in ("c-a", "c-b"):
+            kinds = [kind for about, kind in seen if about == connection]
+            assert kinds == [CONNECT, "subscribe", "disconnect"]
     finally:
         client.delete(stream)
 
