@@ -25,20 +25,25 @@ async def fresh_node():
 @pytest.fixture(autouse=True)
 def _forget_cached_recent_history():
     """Each test's database starts empty while Redis lives on: drop the recent-history
-    cache after a test, or the next one would read another test's messages."""
+    cache after a test, or the next one would read another test's messages; and the
+    failed-authentication counters, or one test's bad tokens would throttle the next."""
     yield
     from django.conf import settings
+    from django.core.cache import cache
 
     if not settings.REDIS_URL:
+        cache.clear()  # the process's own LocMemCache
         return
     from push.cluster import redis_prefix
     from push.redis_client import redis_sync
 
     client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
     try:
-        # The recent-history cache, and recent channels' leases and windows.
-        for pattern in ("recent", "rseq", "rwin"):
-            keys = list(client.scan_iter(match=f"{redis_prefix()}:{pattern}:*", count=1000))
+        # The recent-history cache, recent channels' leases and windows, and the
+        # failed-authentication counters.
+        patterns = ("recent:*", "rseq:*", "rwin:*", "*:auth-failures:*")
+        for pattern in patterns:
+            keys = list(client.scan_iter(match=f"{redis_prefix()}:{pattern}", count=1000))
             if keys:
                 client.delete(*keys)
     finally:

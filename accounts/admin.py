@@ -1,19 +1,48 @@
 """Admin for grants and service tokens. A new service token's key is shown once, in
-the message after saving; only its hash is stored."""
+the message after saving; only its hash is stored.
+
+A grant made here starts with no right ticked and must name at least one: the least
+right is the default, and nobody gets ``subscribe`` on a pattern by overlooking a
+checkbox. Revoking tokens takes the change permission, not only the view one."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from accounts.models import ChannelGrant, ServiceToken
 
 
+class GrantForm(forms.ModelForm):
+    # Declared here to start unticked: the model's default (subscribe) is for code
+    # that creates grants, where the caller says what it means.
+    can_subscribe = forms.BooleanField(required=False, initial=False)
+    can_publish = forms.BooleanField(required=False, initial=False)
+    can_presence = forms.BooleanField(
+        required=False, initial=False, help_text="see presence member lists"
+    )
+
+    class Meta:
+        model = ChannelGrant
+        fields = "__all__"
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        if not any(
+            cleaned.get(right) for right in ("can_subscribe", "can_publish", "can_presence")
+        ):
+            raise ValidationError("Choose at least one right: subscribe, publish or presence.")
+        return cleaned
+
+
 @admin.register(ChannelGrant)
 class ChannelGrantAdmin(admin.ModelAdmin):
+    form = GrantForm
     list_display = (
         "pattern",
         "user",
@@ -30,6 +59,7 @@ class ChannelGrantAdmin(admin.ModelAdmin):
 
 class GrantInline(admin.TabularInline):
     model = ChannelGrant
+    form = GrantForm
     fields = ("pattern", "can_subscribe", "can_publish", "can_presence")
     extra = 1
 
@@ -49,7 +79,10 @@ class ServiceTokenAdmin(admin.ModelAdmin):
             messages.warning(request, f"Key for {obj.name} (shown only now): {key}")
         super().save_model(request, obj, form, change)
 
-    @admin.action(description="Revoke the selected tokens (open connections are closed)")
+    @admin.action(
+        description="Revoke the selected tokens (open connections are closed)",
+        permissions=["change"],
+    )
     def revoke(self, request: HttpRequest, queryset: QuerySet[ServiceToken]) -> None:
         for token in queryset.filter(revoked_at__isnull=True):
             token.revoke()

@@ -1,14 +1,19 @@
 """REST authentication: ``Authorization: Token <key>`` with a user token or a service
-token; the request's ``auth`` is then the caller's ``Principal``."""
+token; the request's ``auth`` is then the caller's ``Principal``.
+
+DRF authenticates before it throttles, so a wrong key is counted here against the
+client's address (``accounts.auth_failures``): past the budget the answer is 429
+without a look at the key."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
-from rest_framework.exceptions import AuthenticationFailed
+from rest_framework.exceptions import AuthenticationFailed, Throttled
 from rest_framework.request import Request
 
+from accounts.auth_failures import WINDOW_SECS, auth_failure_record, auth_failures_exceeded
 from accounts.principals import Principal, authenticate_key, principal_for_user
 
 
@@ -37,8 +42,14 @@ class PushTokenAuthentication(BaseAuthentication):
             return None
         if len(parts) != 2:
             raise AuthenticationFailed("Authorization must be: Token <key>")
+        # REMOTE_ADDR is the client's address from behind the trusted proxies
+        # (realtime_project.asgi), the one the anonymous throttle counts too.
+        address = request.META.get("REMOTE_ADDR")
+        if auth_failures_exceeded(address):
+            raise Throttled(WINDOW_SECS, "Too many failed authentications from this address.")
         principal = authenticate_key(parts[1].decode("latin-1"))
         if principal is None:
+            auth_failure_record(address)
             raise AuthenticationFailed("Invalid or revoked token.")
         user = principal.user if principal.kind == "user" else ServiceAccount(principal)
         return user, principal

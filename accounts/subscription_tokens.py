@@ -2,10 +2,16 @@
 to one channel for a short time, without a grant row in our database.
 
 Format (easy to mint in any language): ``<payload>.<signature>``, both base64url
-without padding; payload is the JSON ``{"ch": channel, "exp": unix_seconds,
-"info": {...}}`` (``info`` optional, shown as the member's info on presence channels);
-signature is HMAC-SHA256 of the payload text with the shared secret
-(``PUSH_SUBSCRIPTION_TOKEN_SECRET``, by default Django's ``SECRET_KEY``).
+without padding; payload is the JSON ``{"ch": channel, "iat": unix_seconds, "exp":
+unix_seconds, "info": {...}}`` (``iat``, when it was issued, and ``info`` optional;
+``info`` is shown as the member's info on presence channels); signature is HMAC-SHA256
+of the payload text with the shared secret (``PUSH_SUBSCRIPTION_TOKEN_SECRET``, by
+default a key derived from ``SECRET_KEY`` for this purpose alone:
+``manage.py push_secret subscription-token`` prints it).
+
+A token may live at most ``PUSH_SUBSCRIPTION_TOKEN_MAX_TTL_SECS``: one whose ``exp`` is
+further than that from its ``iat`` or from now is refused, so a leaked secret or a
+careless back-end cannot hand out tokens that outlive every key rotation.
 """
 
 from __future__ import annotations
@@ -22,12 +28,24 @@ from django.conf import settings
 
 from push.conf import push_settings
 from push.errors import ErrorCode, PushError
+from push.security import SUBSCRIPTION_TOKEN_KEY_SALT, purpose_key
 
 MAX_TOKEN_CHARS = 4096
+# A back-end whose clock runs ahead of ours by up to this still mints tokens of the
+# longest lifetime that we accept.
+CLOCK_SKEW_SECS = 30
+
+
+def subscription_token_secret() -> str:
+    return purpose_key(
+        SUBSCRIPTION_TOKEN_KEY_SALT,
+        explicit=push_settings.SUBSCRIPTION_TOKEN_SECRET,
+        secret_key=settings.SECRET_KEY,
+    )
 
 
 def _secret() -> bytes:
-    return (push_settings.SUBSCRIPTION_TOKEN_SECRET or settings.SECRET_KEY).encode()
+    return subscription_token_secret().encode()
 
 
 def _b64(data: bytes) -> str:
@@ -45,7 +63,13 @@ def _sign(payload: str) -> str:
 def subscription_token_issue(
     *, channel: str, ttl_secs: int, info: dict[str, Any] | None = None
 ) -> str:
-    claims: dict[str, Any] = {"ch": channel, "exp": int(time.time()) + ttl_secs}
+    if ttl_secs > push_settings.SUBSCRIPTION_TOKEN_MAX_TTL_SECS:
+        raise ValueError(
+            f"ttl_secs {ttl_secs} is over PUSH_SUBSCRIPTION_TOKEN_MAX_TTL_SECS "
+            f"({push_settings.SUBSCRIPTION_TOKEN_MAX_TTL_SECS})"
+        )
+    now = int(time.time())
+    claims: dict[str, Any] = {"ch": channel, "iat": now, "exp": now + ttl_secs}
     if info is not None:
         claims["info"] = info
     payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
@@ -73,6 +97,17 @@ def subscription_token_verify(token: str, *, channel: str) -> dict[str, Any]:
         raise _forbidden("malformed")
     if claims.get("ch") != channel:
         raise _forbidden("issued for another channel")
-    if claims["exp"] <= time.time():
+    now = time.time()
+    if claims["exp"] <= now:
         raise _forbidden("expired")
+    _check_lifetime(claims, now)
     return claims
+
+
+def _check_lifetime(claims: dict[str, Any], now: float) -> None:
+    max_ttl = push_settings.SUBSCRIPTION_TOKEN_MAX_TTL_SECS
+    issued = claims.get("iat")
+    if issued is not None and (not isinstance(issued, int) or claims["exp"] - issued > max_ttl):
+        raise _forbidden(f"lives longer than {max_ttl} s")
+    if claims["exp"] - now > max_ttl + CLOCK_SKEW_SECS:
+        raise _forbidden(f"lives longer than {max_ttl} s")

@@ -11,6 +11,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib import admin
+from django.contrib.auth import get_permission_codename
 from django.db.models import Min, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -91,7 +92,18 @@ class ConnectionAdmin(ReadOnlyAdmin):
     def is_live(self, obj: Connection) -> bool:
         return obj.is_live
 
-    @admin.action(description="Disconnect the selected connections (whatever their node)")
+    def has_disconnect_permission(self, request: HttpRequest) -> bool:
+        """Closing clients changes them: staff who may only view connections may not.
+        The rows themselves stay read-only for everyone (the registry writes them)."""
+        opts = self.opts
+        return request.user.has_perm(  # type: ignore[no-any-return]
+            f"{opts.app_label}.{get_permission_codename('change', opts)}"
+        )
+
+    @admin.action(
+        description="Disconnect the selected connections (whatever their node)",
+        permissions=["disconnect"],
+    )
     def disconnect_connections(self, request: HttpRequest, queryset: QuerySet) -> None:
         ids = [
             str(c)
@@ -102,7 +114,10 @@ class ConnectionAdmin(ReadOnlyAdmin):
         connections_disconnect(connection_ids=ids)
         self.message_user(request, f"Asked every node to close {len(ids)} connection(s).")
 
-    @admin.action(description="Disconnect every connection of the selected connections' users")
+    @admin.action(
+        description="Disconnect every connection of the selected connections' users",
+        permissions=["disconnect"],
+    )
     def disconnect_users(self, request: HttpRequest, queryset: QuerySet) -> None:
         user_ids = sorted({u for u in queryset.values_list("user_id", flat=True) if u})
         connections_disconnect(user_ids=user_ids)

@@ -79,6 +79,14 @@ class PushSettings:
     ANONYMOUS_SUBSCRIBE: bool = True
     USERS_PUBLISH: bool = True
     SUBSCRIPTION_TOKEN_SECRET: str | None = None
+    # The longest a signed subscription token may live (exp - iat, and exp - now).
+    SUBSCRIPTION_TOKEN_MAX_TTL_SECS: int = 3600
+    # Proxies in front of the nodes whose X-Forwarded-For entries are believed (0: the
+    # socket peer is the client).
+    TRUSTED_PROXIES: int = 0
+    # Failed authentications (bad token, unknown session) one client address may make
+    # per minute before its authentications are answered 429 / 1013 unchecked.
+    AUTH_FAILURES_PER_MIN: int = 30
     RATE_BURST: int = 100
     RATE_PER_SEC: float = 50.0
     RATE_LIMIT_CLOSE_AFTER: int = 200
@@ -111,6 +119,10 @@ class PushSettings:
     EVENT_RETRY_SECS: float = 10.0
     WEBHOOK_URLS: list[str] = field(default_factory=list)
     WEBHOOK_SECRET: str | None = None
+    # Webhook requests in flight at once, per worker process.
+    WEBHOOK_CONCURRENCY: int = 16
+    # Events one worker handles at once (handlers must be thread-safe).
+    EVENT_CONCURRENCY: int = 8
 
     def __post_init__(self) -> None:
         if self.NODE_DEAD_AFTER_SECS < ANNOUNCES_BEFORE_DEAD * self.CLUSTER_ANNOUNCE_SECS:

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 from push import metrics
@@ -64,13 +65,23 @@ def event(kind: str, **fields: Any) -> dict[str, Any]:
 class EventLog:
     """A node's side: buffer events and append them to the stream in batches."""
 
-    def __init__(self, redis: Any, prefix: str, server_id: str, *, maxlen: int) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        prefix: str,
+        server_id: str,
+        *,
+        maxlen: int,
+        max_buffered: int = MAX_BUFFERED_EVENTS,
+    ) -> None:
         self.redis = redis
         self.server_id = server_id
         self.stream = f"{prefix}:events"
         self.prefix = prefix
         self.maxlen = maxlen
-        self._buffer: list[dict[str, Any]] = []
+        self.max_buffered = max_buffered
+        # Bounded: appending to a full buffer drops the oldest, in O(1).
+        self._buffer: deque[dict[str, Any]] = deque(maxlen=max_buffered)
         if redis is not None:
             self._occupy = redis.register_script(_OCCUPY)
             self._vacate = redis.register_script(_VACATE)
@@ -82,15 +93,14 @@ class EventLog:
     def emit(self, kind: str, **fields: Any) -> None:
         if self.redis is None:
             return
-        if len(self._buffer) >= MAX_BUFFERED_EVENTS:
-            del self._buffer[0]
+        if len(self._buffer) == self._buffer.maxlen:
             metrics.EVENTS_DROPPED.inc()
         self._buffer.append(event(kind, node=self.server_id, **fields))
 
     async def flush(self) -> None:
         if not self._buffer or self.redis is None:
             return
-        batch, self._buffer = self._buffer, []
+        batch, self._buffer = self._buffer, deque(maxlen=self.max_buffered)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for entry in batch:
@@ -103,7 +113,17 @@ class EventLog:
                 await pipe.execute()
         except Exception as exc:
             logger.warning("could not append %d events: %s", len(batch), exc)
-            self._buffer[:0] = batch
+            self._restore(batch)
+
+    def _restore(self, batch: deque[dict[str, Any]]) -> None:
+        """Put an unwritten batch back before what was emitted since, keeping the newest
+        ``max_buffered`` of them (the oldest are dropped, counted)."""
+        newer = self._buffer
+        dropped = max(len(batch) + len(newer) - self.max_buffered, 0)
+        batch.extend(newer)  # a full deque drops from the left: the oldest
+        self._buffer = batch
+        if dropped:
+            metrics.EVENTS_DROPPED.inc(dropped)
 
     async def run(self) -> None:
         while True:

@@ -1,9 +1,14 @@
 """ASGI entry point: HTTP to Django, WebSocket to the push consumer, ``/sse/`` to the
 Server-Sent Events stream.
 
-WebSockets pass the origin check (browsers only; a client without ``Origin`` is not a
-browser and is allowed) and token or session authentication before the consumer, in
-``push.entry``.
+Before anything else, every request's client address is taken from behind the
+trusted proxies (``PUSH_TRUSTED_PROXIES``; by default the socket peer), so REST
+throttles, connection limits, the registry and logs all see the same address; and
+WebSocket and SSE requests must name one of ``ALLOWED_HOSTS`` in ``Host``, as Django
+checks for its views (else a DNS-rebinding page could read an intranet deployment's
+streams). WebSockets then pass the origin check (browsers only; a client without
+``Origin`` is not a browser and is allowed) and token or session authentication before
+the consumer, in ``push.entry``.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ from django.core.asgi import get_asgi_application
 
 django_asgi_app = get_asgi_application()
 
+from channels.security.websocket import WebsocketDenier  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from push.conf import push_settings  # noqa: E402
 from push.entry import WebSocketEntry  # noqa: E402
 from push.node import tune_garbage_collector  # noqa: E402
+from push.security import forwarded_client, forwarded_scheme, host_allowed  # noqa: E402
 from push.sse import SSE_PATHS, SseEntry  # noqa: E402
 
 websocket_entry = WebSocketEntry(settings.ALLOWED_ORIGINS)
@@ -31,11 +38,46 @@ sse_entry = SseEntry(settings.ALLOWED_ORIGINS)
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """HTTP to Django, WebSocket to the push consumer (what ProtocolTypeRouter does,
     without one more frame held for every connection)."""
+    if scope["type"] in ("http", "websocket"):
+        _apply_trusted_proxies(scope)
     if scope["type"] == "websocket":
+        if not host_allowed(scope, _allowed_hosts()):
+            return await WebsocketDenier()(scope, receive, send)
         return await websocket_entry(scope, receive, send)
     if scope["type"] == "http" and scope["path"] in SSE_PATHS:
+        if not host_allowed(scope, _allowed_hosts()):
+            return await _bad_host(send)
         return await sse_entry(scope, receive, send)
     return await django_asgi_app(scope, receive, send)
+
+
+def _apply_trusted_proxies(scope: dict[str, Any]) -> None:
+    """The server made this scope for this request alone: rewriting it in place is safe.
+    The servers' own proxy-header options stay off (daphne's believes the first
+    X-Forwarded-For entry, which the client chooses), so this is the one rule."""
+    proxies = push_settings.TRUSTED_PROXIES
+    if proxies > 0:
+        scope["client"] = forwarded_client(scope, proxies)
+        scope["scheme"] = forwarded_scheme(scope)
+
+
+def _allowed_hosts() -> list[str]:
+    # What Django's get_host() allows: with DEBUG and no ALLOWED_HOSTS, localhost.
+    if settings.DEBUG and not settings.ALLOWED_HOSTS:
+        return [".localhost", "127.0.0.1", "[::1]"]
+    return list(settings.ALLOWED_HOSTS)
+
+
+async def _bad_host(send: Any) -> None:
+    """Django's answer to a disallowed Host (400), for the SSE stream it never sees."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [(b"content-type", b"text/plain")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"Bad Request: Host not allowed"})
 
 
 tune_garbage_collector(

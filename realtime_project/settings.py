@@ -197,11 +197,16 @@ REST_FRAMEWORK = {
         "service": env_optional_str("PUSH_REST_SERVICE_RATE"),
     },
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    # The JSON parser that answers a too deeply nested body 400, not 500.
     "DEFAULT_PARSER_CLASSES": [
         "push.api.parsers.JSONParser",
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],
+    # REMOTE_ADDR already is the client's address from behind PUSH_TRUSTED_PROXIES
+    # (realtime_project.asgi); unset, DRF would key anonymous throttling on the raw
+    # X-Forwarded-For, which the client writes.
+    "NUM_PROXIES": 0,
     "EXCEPTION_HANDLER": "push.api.exceptions.api_exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
@@ -258,6 +263,9 @@ PUSH = {
     "ANONYMOUS_SUBSCRIBE": env_bool("PUSH_ANONYMOUS_SUBSCRIBE", True),
     "USERS_PUBLISH": env_bool("PUSH_USERS_PUBLISH", True),
     "SUBSCRIPTION_TOKEN_SECRET": env_optional_str("PUSH_SUBSCRIPTION_TOKEN_SECRET"),
+    "SUBSCRIPTION_TOKEN_MAX_TTL_SECS": env_int("PUSH_SUBSCRIPTION_TOKEN_MAX_TTL_SECS", 3600),
+    "TRUSTED_PROXIES": env_int_or_zero("PUSH_TRUSTED_PROXIES", 0),
+    "AUTH_FAILURES_PER_MIN": env_int_or_zero("PUSH_AUTH_FAILURES_PER_MIN", 30),
     "RATE_BURST": env_int("PUSH_RATE_BURST", 100),
     "RATE_PER_SEC": env_float("PUSH_RATE_PER_SEC", 50.0),
     "RATE_LIMIT_CLOSE_AFTER": env_int("PUSH_RATE_LIMIT_CLOSE_AFTER", 200),
@@ -282,6 +290,8 @@ PUSH = {
     "EVENT_RETRY_SECS": env_float("PUSH_EVENT_RETRY_SECS", 10.0),
     "WEBHOOK_URLS": env_list("PUSH_WEBHOOK_URLS", []),
     "WEBHOOK_SECRET": env_optional_str("PUSH_WEBHOOK_SECRET"),
+    "WEBHOOK_CONCURRENCY": env_int("PUSH_WEBHOOK_CONCURRENCY", 16),
+    "EVENT_CONCURRENCY": env_int("PUSH_EVENT_CONCURRENCY", 8),
 }
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()

@@ -1,13 +1,13 @@
 """Lifecycle events through the Redis Stream and the worker: two workers share the
 stream, each event handled once; nothing lost when a worker dies mid-batch; handlers
-registered in code run; webhooks signed and retried; failures dead-lettered and shown
-in the admin."""
+registered in code run; webhooks signed (with a timestamp) and retried, sent at once to
+every URL and again only to those that failed; failures dead-lettered and shown in the
+admin; a node's unwritten events bounded while Redis is away."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
+import importlib.util
 import json
 import signal
 import subprocess
@@ -17,16 +17,20 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from django.conf import settings
+from django.test import override_settings
+from prometheus_client import REGISTRY
 
 from push import event_worker
 from push.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers, register_handler
-from push.events import CONNECT, event
+from push.events import CONNECT, EventLog, event
+from push.webhooks import WebhookFailed, deliver_webhooks
 from tests.servers import LOG_DIR, ROOT, ServerNode, admin_client, create_superuser, free_port
 from tests.wsclient import subscribe
 
@@ -315,9 +319,12 @@ async def test_webhooks_are_signed_and_retried(e2e_env: dict[str, str], tmp_path
             await asyncio.sleep(0.25)
         kinds = [json.loads(body)["type"] for _, body in _Hook.received]
         assert {"connect", "subscribe", "disconnect"} <= set(kinds)
+        signing = _client_signing()
         for headers, body in _Hook.received:
-            expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-            assert headers["X-Push-Signature"] == expected
+            assert signing.webhook_verify(body, headers, secret=secret)
+            assert not signing.webhook_verify(
+                body, headers, secret=secret, now=int(headers["X-Push-Timestamp"]) + 600
+            ), "a replay ten minutes later is refused"
             assert headers["X-Push-Event-Id"] == json.loads(body)["id"]
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -354,3 +361,157 @@ async def test_occupancy_is_counted_across_nodes(e2e_env: dict[str, str], tmp_pa
     finally:
         for node in nodes:
             node.stop()
+
+
+def _client_signing():  # type: ignore[no-untyped-def]
+    """The Python client's ``pushclient.signing`` from this source tree (standard library
+    only), whatever copy of the client the environment has installed."""
+    path = ROOT / "clients" / "python" / "pushclient" / "signing.py"
+    spec = importlib.util.spec_from_file_location("pushclient_signing_under_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    """A webhook receiver that takes ``delay`` seconds to answer and refuses the first
+    ``refusals`` requests; the server's ``received`` holds every request's event id."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        server = self.server
+        server.received.append(json.loads(body)["id"])  # type: ignore[attr-defined]
+        time.sleep(server.delay)  # type: ignore[attr-defined]
+        refuse = server.refusals > 0  # type: ignore[attr-defined]
+        server.refusals -= refuse  # type: ignore[attr-defined]
+        self.send_response(500 if refuse else 204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def receivers() -> Iterator[list[HTTPServer]]:
+    servers = []
+    for _ in range(2):
+        server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Receiver)
+        server.received, server.delay, server.refusals = [], 0.0, 0  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    yield servers
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _urls(servers: list[HTTPServer]) -> list[str]:
+    return [f"http://127.0.0.1:{s.server_address[1]}/hook" for s in servers]
+
+
+def test_a_failed_webhook_is_retried_only_where_it_failed(receivers: list[HTTPServer]) -> None:
+    accepting, failing = receivers
+    failing.refusals = 3  # type: ignore[attr-defined]  # every in-process attempt
+    sent = event(CONNECT, connection_id="c-retry")
+    with override_settings(PUSH={"WEBHOOK_URLS": _urls(receivers)}):
+        with pytest.raises(WebhookFailed) as failed:
+            deliver_webhooks(sent)
+        assert _urls([failing])[0] in str(failed.value)
+        assert _urls([accepting])[0] not in str(failed.value)
+        deliver_webhooks(sent)  # the worker's retry
+    assert accepting.received == [sent["id"]]  # type: ignore[attr-defined]
+    assert failing.received == [sent["id"]] * 4  # type: ignore[attr-defined]
+
+
+def test_webhooks_go_to_every_url_at_once(receivers: list[HTTPServer]) -> None:
+    for server in receivers:
+        server.delay = 0.8  # type: ignore[attr-defined]
+    started = time.monotonic()
+    with override_settings(PUSH={"WEBHOOK_URLS": _urls(receivers)}):
+        deliver_webhooks(event(CONNECT, connection_id="c-both"))
+    assert time.monotonic() - started < 1.4, "the two 0.8 s receivers were asked one by one"
+
+
+def test_the_worker_handles_a_batch_several_events_at_once() -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"concurrent-{uuid.uuid4().hex[:8]}:events"
+    seen: list[str] = []
+    worker = EventWorker(
+        client,
+        stream=stream,
+        group=DEFAULT_GROUP,
+        consumer="in-process",
+        handlers=[lambda received: (time.sleep(0.3), seen.append(received["id"]))],
+        max_attempts=2,
+        retry_idle_ms=10_000,
+        concurrency=8,
+    )
+    try:
+        worker.ensure_group()
+        sent = [event(CONNECT, connection_id=f"c-{i}") for i in range(8)]
+        for entry in sent:
+            client.xadd(stream, {"event": json.dumps(entry)})
+        started = time.monotonic()
+        assert worker.step() == 8
+        assert time.monotonic() - started < 1.5, "eight 0.3 s handlers ran one by one"
+        assert sorted(seen) == sorted(e["id"] for e in sent)
+        assert client.xpending(stream, DEFAULT_GROUP)["pending"] == 0, "acknowledged"
+    finally:
+        client.delete(stream)
+
+
+def test_one_connections_events_are_handled_in_order_beside_others() -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"ordered-{uuid.uuid4().hex[:8]}:events"
+    seen: list[tuple[str, str]] = []
+
+    def slow_connects(received: dict) -> None:
+        time.sleep(0.5 if received["type"] == CONNECT else 0.0)
+        seen.append((received["connection_id"], received["type"]))
+
+    worker = EventWorker(
+        client,
+        stream=stream,
+        group=DEFAULT_GROUP,
+        consumer="in-process",
+        handlers=[slow_connects],
+        max_attempts=2,
+        retry_idle_ms=10_000,
+        concurrency=8,
+    )
+    try:
+        worker.ensure_group()
+        for kind in (CONNECT, "subscribe", "disconnect"):
+            for connection in ("c-a", "c-b"):
+                client.xadd(stream, {"event": json.dumps(event(kind, connection_id=connection))})
+        started = time.monotonic()
+        assert worker.step() == 6
+        assert time.monotonic() - started < 0.9, "the two connections ran one after the other"
+        for connection in ("c-a", "c-b"):
+            kinds = [kind for about, kind in seen if about == connection]
+            assert kinds == [CONNECT, "subscribe", "disconnect"]
+    finally:
+        client.delete(stream)
+
+
+def _dropped() -> float:
+    return REGISTRY.get_sample_value("push_events_dropped_total") or 0.0
+
+
+async def test_unwritten_events_are_bounded_and_the_newest_kept() -> None:
+    """Redis away (nothing listens on the port): the buffer keeps the newest events, up
+    to its bound, across failed flushes, and counts what it dropped."""
+    unreachable = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+    log = EventLog(unreachable, "gone", "node-x", maxlen=100, max_buffered=5)
+    before = _dropped()
+    for i in range(3):
+        log.emit(CONNECT, connection_id=f"c-{i}")
+    await log.flush()  # fails: the three stay
+    for i in range(3, 7):
+        log.emit(CONNECT, connection_id=f"c-{i}")
+    assert [e["connection_id"] for e in log._buffer] == [f"c-{i}" for i in range(2, 7)]
+    await log.flush()
+    assert [e["connection_id"] for e in log._buffer] == [f"c-{i}" for i in range(2, 7)]
+    assert _dropped() - before == 2
+    await unreachable.aclose()

@@ -1,5 +1,6 @@
-"""The REST API's JSON parser: DRF's, with input nested past Python's recursion limit
-refused as malformed JSON (400 ``INVALID_JSON``) instead of failing the request (500)."""
+"""The REST API's JSON parser: DRF's, except that a body nested too deeply for Python's
+json module (which raises RecursionError, not ValueError) is a 400 ``INVALID_JSON``
+like any other unparseable body, not a server error."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ reconnect with backoff and resume with ``since``. ``python -m pushclient --help`
 from pushclient.backoff import backoff_ceiling, backoff_delay
 from pushclient.client import PushClient, Subscription
 from pushclient.errors import ConnectionClosed, ConnectionLost, NotConnected, PushError
+from pushclient.signing import subscription_token, webhook_verify
 from pushclient.state import State, is_terminal_close
 
 __all__ = [
@@ -17,4 +18,6 @@ __all__ = [
     "backoff_ceiling",
     "backoff_delay",
     "is_terminal_close",
+    "subscription_token",
+    "webhook_verify",
 ]

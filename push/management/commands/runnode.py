@@ -16,6 +16,7 @@ import signal
 from typing import Any
 
 import uvicorn
+from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from push.conf import push_settings
@@ -57,10 +58,15 @@ class Command(BaseCommand):
         parser.add_argument(
             "--proxy-headers",
             action="store_true",
-            help="trust X-Forwarded-For from the proxy in front (nginx)",
+            help="one proxy in front (nginx): PUSH_TRUSTED_PROXIES=1 unless it is set higher",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["proxy_headers"] and push_settings.TRUSTED_PROXIES == 0:
+            # The application resolves forwarded addresses itself (realtime_project.asgi):
+            # the servers' own options would believe what the client put in the header.
+            settings.PUSH = {**settings.PUSH, "TRUSTED_PROXIES": 1}
+            push_settings.reload()
         if options["server"] == "uvicorn":
             self._run_uvicorn(options)
         else:
@@ -84,7 +90,8 @@ class Command(BaseCommand):
             ws_ping_timeout=20.0,
             lifespan="off",
             access_log=options["access_log"],
-            proxy_headers=options["proxy_headers"],
+            # The application applies PUSH_TRUSTED_PROXIES (realtime_project.asgi).
+            proxy_headers=False,
             log_level="warning",
             # Django's LOGGING (realtime_project/settings.py) keeps uvicorn's loggers:
             # its own config would give them handlers without the token redaction.
@@ -113,9 +120,6 @@ class Command(BaseCommand):
             websocket_max_frame_size=server_max_message_bytes(),
             # daphne's default closes every WebSocket after 24 hours.
             websocket_timeout=-1,
-            proxy_forwarded_address_header="X-Forwarded-For" if options["proxy_headers"] else None,
-            proxy_forwarded_port_header="X-Forwarded-Port" if options["proxy_headers"] else None,
-            proxy_forwarded_proto_header="X-Forwarded-Proto" if options["proxy_headers"] else None,
             verbosity=0,
         )
         _install_daphne_drain()
