@@ -13,7 +13,9 @@ the consumer, in ``push.entry``.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "realtime_project.settings")
@@ -27,7 +29,7 @@ from django.conf import settings  # noqa: E402
 
 from push.conf import push_settings  # noqa: E402
 from push.entry import WebSocketEntry  # noqa: E402
-from push.node import tune_garbage_collector  # noqa: E402
+from push.node import get_node, tune_garbage_collector  # noqa: E402
 from push.security import forwarded_client, forwarded_scheme, host_allowed  # noqa: E402
 from push.sse import SSE_PATHS, SseEntry  # noqa: E402
 
@@ -48,7 +50,32 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if not host_allowed(scope, _allowed_hosts()):
             return await _bad_host(send)
         return await sse_entry(scope, receive, send)
+    if scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
+        await _start_node()
     return await django_asgi_app(scope, receive, send)
+
+
+API_PREFIX = "/api/"
+# After a failed start, REST requests do not try again for this long, so a Redis
+# outage does not add a connect timeout to every request.
+NODE_RETRY_SECS = 5.0
+_logger = logging.getLogger(__name__)
+_node_failed_at = -NODE_RETRY_SECS
+
+
+async def _start_node() -> None:
+    """REST publishes go through the node's write pipeline (group commit), so a node
+    that serves only REST starts its node with its first API request, as a WebSocket
+    does with its first connection. If it cannot start (Redis down), the request goes
+    on: publishing then writes on the database threads and says what failed."""
+    global _node_failed_at
+    if time.monotonic() - _node_failed_at < NODE_RETRY_SECS:
+        return
+    try:
+        await get_node()
+    except Exception as exc:
+        _node_failed_at = time.monotonic()
+        _logger.warning("node not started for a REST request: %s", exc)
 
 
 def _apply_trusted_proxies(scope: dict[str, Any]) -> None:
