@@ -443,10 +443,16 @@ class Hub:
         """Wait until the client has read its send queue down to half (frames and
         bytes): a replay paces itself by the client's reading. False if it left."""
         outbox = subscriber.outbox
+        delay = OUTBOX_POLL_SECS
         while len(outbox) > outbox.max_frames // 2 or outbox.queued_bytes > outbox.max_bytes // 2:
             if subscriber.gone or outbox.closed:
                 return False
-            await asyncio.sleep(OUTBOX_POLL_SECS)
+            # A client that reads is looked at every 5 ms; one that stopped reading
+            # ever less often (up to 10 times a second), so the replays the node's
+            # slots allow cost little while their clients stall.
+            before = outbox.queued_bytes
+            await asyncio.sleep(delay)
+            delay = OUTBOX_POLL_SECS if outbox.queued_bytes < before else min(delay * 2, 0.1)
         return not subscriber.gone
 
     def _replay(self, subscription: Subscription, messages: list[ChannelMessage]) -> None:
