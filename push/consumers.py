@@ -28,6 +28,7 @@ from push.codecs import UnknownSubprotocol, negotiate
 from push.conf import push_settings
 from push.connection import ClientConnection
 from push.errors import CloseCode, ErrorCode, PushError
+from push.history_modes import is_recent
 from push.node import Node, get_node
 from push.protocol import Heartbeat, Presence, Publish, RequestId, Subscribe, Unsubscribe
 from push.services import message_publish_async
@@ -225,6 +226,12 @@ class PushConsumer(AsyncConsumer):
         stops reading until one is answered: what one client holds stays bounded.
         """
         authorize_publish(connection.principal, request.channel)
+        if is_recent(request.channel):
+            # Numbered by a Redis call that any of the client's connections to Redis
+            # may carry: two in flight could take seqs out of the order they were
+            # sent. One at a time keeps a publisher's order (Redis answers in ~0.3 ms).
+            await self.handle_publish(connection, request)
+            return
         if self.publishing is None:
             self.publishing = set()
         while len(self.publishing) >= PUBLISHES_IN_FLIGHT:
