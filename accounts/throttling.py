@@ -26,7 +26,36 @@ class PrincipalRateThrottle(SimpleRateThrottle):
         self.scope = _SCOPES.get(principal.kind, "principal")
         self.rate = self.get_rate()
         self.num_requests, self.duration = self.parse_rate(self.rate)
-        return super().allow_request(request, view)
+        if self.rate is None:
+            return True
+        key = self.get_cache_key(request, view)
+        if key is None:
+            return True
+        return self._count_in_window(key)
+
+    def _count_in_window(self, key: str) -> bool:
+        """Count the request in the current fixed window of ``duration`` seconds.
+
+        DRF's own throttle reads its history list, appends and writes it back: requests
+        that arrive together read the same list and all but one are forgotten (measured
+        by the abuse suite: 810 anonymous requests answered in under a minute against a
+        budget of 600). ``add`` and ``incr`` are atomic in Redis, so every request
+        counts; a fixed window lets a client spend at most two budgets across a window's
+        edge, never more."""
+        self.now = self.timer()
+        window = int(self.now // self.duration)
+        counter = f"{key}:{window}"
+        self.cache.add(counter, 0, timeout=self.duration + 1)
+        try:
+            count = self.cache.incr(counter)
+        except ValueError:  # the window's key expired in between: a new window
+            self.cache.add(counter, 1, timeout=self.duration + 1)
+            count = 1
+        self._retry_after = (window + 1) * self.duration - self.now
+        return bool(count <= self.num_requests)
+
+    def wait(self) -> float | None:
+        return getattr(self, "_retry_after", None)
 
     def get_rate(self) -> str | None:
         # Read the rates when asked, not once at import as DRF's class attribute does,

@@ -62,3 +62,31 @@ def test_a_service_rest_rate_when_set() -> None:
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Token {_Sink.last}")
     assert [_publish(api, n) for n in range(4)] == [201, 201, 201, 429]
+
+
+def test_concurrent_requests_all_count_against_the_rest_budget() -> None:
+    """Requests that arrive together each count: DRF's own throttle read its history,
+    appended and wrote it back, so concurrent requests overwrote each other's counts and
+    a client with many connections got past its budget."""
+    import threading
+    import uuid
+
+    from accounts.throttling import PrincipalRateThrottle
+
+    budget, callers = 10, 40
+    key = f"throttle_test_{uuid.uuid4().hex}"
+    barrier = threading.Barrier(callers)
+    allowed: list[bool] = []
+
+    def call() -> None:
+        throttle = PrincipalRateThrottle()
+        throttle.num_requests, throttle.duration = budget, 60
+        barrier.wait()
+        allowed.append(throttle._count_in_window(key))
+
+    threads = [threading.Thread(target=call) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert allowed.count(True) == budget

@@ -419,9 +419,11 @@ async def sse_status(target: Target, query: str, headers: dict[str, str] | None 
 
 async def bad_credentials(target: Target, stats: AttackStats) -> None:
     """Handshakes with made-up tokens (refused: 403 or close 1008, never anonymous) and
-    made-up session cookies (anonymous, or refused)."""
+    made-up session cookies (anonymous, or refused). Past the failed-authentication
+    budget of an address (PUSH_AUTH_FAILURES_PER_MIN) credentials go unchecked: close
+    1013 (try again later) and SSE 429."""
     pacer = Pacer(target, 5)
-    refused = {"http 403", "close 1008"}
+    refused = {"http 403", "close 1008", "close 1013"}
     while await pacer.tick():
         stats.requests += 3
         token = secrets.token_hex(20)
@@ -431,7 +433,7 @@ async def bad_credentials(target: Target, stats: AttackStats) -> None:
         outcome = await handshake_outcome(target.ws_url, additional_headers=cookie)
         stats.record(f"ws session: {outcome}", outcome in refused | {"connection_established"})
         status = await sse_status(target, f"channel={target.resume_channel}&token={token}")
-        stats.record(f"sse token: http {status}", status == 403)
+        stats.record(f"sse token: http {status}", status in {403, 429})
 
 
 async def foreign_host(target: Target, stats: AttackStats) -> None:
@@ -503,9 +505,10 @@ async def secret_in_url(target: Target, stats: AttackStats) -> None:
         while await pacer.tick():
             stats.requests += 2
             outcome = await handshake_outcome(f"{target.ws_url}?{query}")
-            stats.record(f"ws: {outcome}", outcome in {"http 403", "close 1008"})
+            outcomes = {"http 403", "close 1008", "close 1013"}  # 1013: see bad_credentials
+            stats.record(f"ws: {outcome}", outcome in outcomes)
             status = await sse_status(target, f"channel={channel}&{query}")
-            stats.record(f"sse: http {status}", status == 403)
+            stats.record(f"sse: http {status}", status in {403, 429})
             stats.rest_sent()
             response = await http.get(f"/api/v1/channels/{channel}/messages?since=5999&{query}")
             record_rest(stats, response.status_code, {200, 401, 403, 429})
