@@ -346,6 +346,12 @@ class RecentStore:
             for channel in names:
                 pipe.hmget(lease_key(self.prefix, channel), "n", "p", "r")
             answers = await pipe.execute()
+        foreign = any(n is not None and by != server for n, _, by in answers)
+        if foreign and await self._server_changed():
+            # Redis restarted (or failed over) since this store last asked: the leases
+            # other nodes wrote since are the live ones. Without this a node that only
+            # subscribes never learns the new server, and never sees a channel move on.
+            server = (await self.server_id()).encode()
         return {
             channel: int(n)
             for channel, (n, pending, written_by) in zip(names, answers, strict=True)
