@@ -17,7 +17,7 @@ import pytest
 from scripts.cluster import free_port
 from tests.faults.services import OwnedProcess, redis_server
 from tests.servers import Database, ServerNode, node_pair
-from tests.wsclient import collect_messages, open_ws, subscribe
+from tests.wsclient import collect_messages, publish_over_ws, subscribe
 
 pytestmark = pytest.mark.e2e
 
@@ -58,19 +58,6 @@ async def _publish_rest(node: ServerNode, token: str, channel: str, data: object
         )
 
 
-async def _publish_ws(node: ServerNode, token: str, channel: str, count: int) -> list[int]:
-    ws = await open_ws(node.ws_url, token=token)
-    for i in range(count):
-        await ws.send(f'{{"type":"publish","channel":"{channel}","data":{{"ws":{i}}}}}')
-    seqs = []
-    while len(seqs) < count:
-        reply = await asyncio.wait_for(ws.recv(), 30)
-        assert '"published"' in reply, reply
-        seqs.append(int(reply.split('"seq":')[1].split(",")[0]))
-    await ws.close()
-    return seqs
-
-
 async def _publish_rest_many(node: ServerNode, token: str, channel: str, count: int) -> list[int]:
     seqs = []
     for i in range(count):
@@ -99,7 +86,7 @@ async def test_two_nodes_publishing_make_one_gapless_sequence(
     on_a, _ = await subscribe(node_a.ws_url, channel)
     on_b, _ = await subscribe(node_b.ws_url, channel)
     over_ws, over_rest = await asyncio.gather(
-        _publish_ws(node_a, publisher_token, channel, 60),
+        publish_over_ws(node_a.ws_url, publisher_token, channel, [{"ws": i} for i in range(60)]),
         _publish_rest_many(node_b, publisher_token, channel, 40),
     )
     assert sorted(over_ws + over_rest) == list(range(1, 101))

@@ -10,7 +10,14 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from tests.servers import ServerNode
-from tests.wsclient import collect_messages, open_ws, request, request_raw, subscribe
+from tests.wsclient import (
+    collect_messages,
+    open_ws,
+    publish_over_ws,
+    request,
+    request_raw,
+    subscribe,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -45,21 +52,6 @@ async def test_message_published_on_one_node_reaches_the_other(
     await publisher.close()
 
 
-async def _publish_over_ws(url: str, token: str, channel: str, count: int, tag: str) -> list[int]:
-    ws = await open_ws(url, token=token)
-    for i in range(count):
-        await ws.send(
-            f'{{"type":"publish","channel":"{channel}","data":{{"tag":"{tag}","i":{i}}}}}'
-        )
-    seqs = []
-    while len(seqs) < count:
-        reply = await asyncio.wait_for(ws.recv(), 30)
-        assert '"published"' in reply, reply
-        seqs.append(int(reply.split('"seq":')[1].split(",")[0]))
-    await ws.close()
-    return seqs
-
-
 async def _publish_over_rest(url: str, token: str, channel: str, count: int) -> list[int]:
     seqs = []
     async with httpx.AsyncClient(timeout=30) as http:
@@ -85,7 +77,12 @@ async def test_concurrent_publishing_on_both_nodes_is_one_gapless_sequence(
     total = len(two_nodes) * (ws_publishers * per_publisher + rest_per_node)
     collectors = [asyncio.create_task(collect_messages(s, total, timeout=60)) for s in subscribers]
     publishing = [
-        _publish_over_ws(node.ws_url, publisher_token, channel, per_publisher, f"{n}-{p}")
+        publish_over_ws(
+            node.ws_url,
+            publisher_token,
+            channel,
+            [{"tag": f"{n}-{p}", "i": i} for i in range(per_publisher)],
+        )
         for n, node in enumerate(two_nodes)
         for p in range(ws_publishers)
     ] + [

@@ -82,3 +82,18 @@ async def stalled_subscriber(url: str, channel: str) -> ClientConnection:
     await ws.send(json.dumps({"type": "subscribe", "channel": channel}))
     await ws.recv()
     return ws
+
+
+async def publish_over_ws(url: str, token: str, channel: str, datas: list[Any]) -> list[int]:
+    """Publish each of ``datas`` on one connection without waiting between them; the
+    seqs of the replies, in the order they came (replies carry no promise of order)."""
+    ws = await open_ws(url, token=token)
+    for data in datas:
+        await ws.send(json.dumps({"type": "publish", "channel": channel, "data": data}))
+    seqs = []
+    while len(seqs) < len(datas):
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert reply["type"] == "published", reply
+        seqs.append(reply["seq"])
+    await ws.close()
+    return seqs
