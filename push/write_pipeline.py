@@ -133,6 +133,7 @@ class WritePipeline:
         # Channel -> the last slow-lane write of it: a channel is in the slow lane while
         # this is pending, and each of its slow writes waits for the one before.
         self._slow: dict[str, asyncio.Future[None]] = {}
+        self._slow_waiting = 0
         self._unreachable = False
         self._writing = False
         self._stopping = False
@@ -322,6 +323,12 @@ class WritePipeline:
         return kept
 
     def _to_slow_lane(self, queued: _Queued) -> None:
+        if self._slow_waiting >= self._max_queue_messages:
+            # Bounded like the queue: publishes piling up behind a held lock are refused.
+            metrics.PUBLISHES_REFUSED.labels("locked").inc()
+            self._answer(queued, PushError(ErrorCode.UNAVAILABLE, "the channel is busy; retry"))
+            return
+        self._slow_waiting += 1
         channels = _channels_of(queued.unit)
         before = [self._slow[c] for c in channels if c in self._slow]
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -354,6 +361,7 @@ class WritePipeline:
             else:
                 self._committed([queued], outcome)
         finally:
+            self._slow_waiting -= 1
             done.set_result(None)
             for channel in _channels_of(queued.unit):
                 if self._slow.get(channel) is done:
