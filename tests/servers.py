@@ -34,12 +34,12 @@ def free_port() -> int:
 class Database:
     """A PostgreSQL database created for one test session and dropped after it."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, name: str | None = None) -> None:
         config = dj_database_url.parse(base_url)
         self.host = config.get("HOST") or "127.0.0.1"
         self.port = int(config.get("PORT") or 5432)
         self.user = config.get("USER") or "postgres"
-        self.name = f"push_e2e_{os.getpid()}"
+        self.name = name or f"push_e2e_{os.getpid()}"
         self.url = f"postgres://{self.user}@{self.host}:{self.port}/{self.name}"
 
     def _admin(self) -> psycopg.Connection:

@@ -47,9 +47,10 @@ def django_db_setup() -> None:
 
 @pytest.fixture(scope="module")
 def abuse_database() -> Iterator[Database]:
-    database = Database(os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"))
-    database.name = f"push_abuse_{os.getpid()}"
-    database.url = f"postgres://{database.user}@{database.host}:{database.port}/{database.name}"
+    database = Database(
+        os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"),
+        name=f"push_abuse_{os.getpid()}",
+    )
     database.create()
     yield database
     database.drop()

@@ -48,9 +48,10 @@ def artifacts_dir() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def faults_database(artifacts_dir: None) -> Iterator[Database]:
-    database = Database(os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"))
-    database.name = f"push_faults_{os.getpid()}"
-    database.url = f"postgres://{database.user}@{database.host}:{database.port}/{database.name}"
+    database = Database(
+        os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"),
+        name=f"push_faults_{os.getpid()}",
+    )
     database.create()
     yield database
     database.drop()
