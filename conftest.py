@@ -16,7 +16,7 @@ def wire_format(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(autouse=True)
 async def fresh_node():
     """Each test's event loop gets its own node; stop it so nothing leaks between tests."""
-    from push.node import stop_node
+    from push.cluster.node import stop_node
 
     yield
     await stop_node()
@@ -34,8 +34,8 @@ def _forget_cached_recent_history():
     if not settings.REDIS_URL:
         cache.clear()  # the process's own LocMemCache
         return
-    from push.cluster import redis_prefix
-    from push.redis_client import redis_sync
+    from core.redis_client import redis_sync
+    from push.cluster.directory import redis_prefix
 
     client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
     try:
@@ -58,7 +58,7 @@ def _close_database_threads(django_db_setup, django_db_blocker):  # type: ignore
     from asgiref.sync import SyncToAsync
     from django.db import connections
 
-    from push.db import close_database_threads
+    from core.db import close_database_threads
 
     with django_db_blocker.unblock():
         close_database_threads()

@@ -17,8 +17,8 @@ import logging
 from django.core.cache import cache
 from redis.exceptions import RedisError
 
-from push.conf import push_settings
-from push.errors import ErrorCode, PushError
+from core.conf import push_settings
+from core.errors import ErrorCode, PushError
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from typing import Any
 
 from django.conf import settings
 
-from push.conf import push_settings
-from push.errors import ErrorCode, PushError
-from push.security import SUBSCRIPTION_TOKEN_KEY_SALT, purpose_key
+from core.conf import push_settings
+from core.errors import ErrorCode, PushError
+from core.keys import SUBSCRIPTION_TOKEN_KEY_SALT, purpose_key
 
 MAX_TOKEN_CHARS = 4096
 # A back-end whose clock runs ahead of ours by up to this still mints tokens of the

@@ -73,8 +73,8 @@ def _per_call_us(func: Any, iterations: int) -> float:
 
 
 def measure() -> list[dict[str, Any]]:
-    from push.codecs import CODECS
-    from push.message import dump_data
+    from push.fanout.message import dump_data
+    from push.wire.codecs import CODECS
 
     rows = []
     for shape, value_of_size in VALUE_SHAPES.items():
@@ -86,7 +86,7 @@ def measure() -> list[dict[str, Any]]:
 
 
 def _measure_one(codec: Any, data_json: str, iterations: int) -> dict[str, Any]:
-    from push.message import ChannelMessage
+    from push.fanout.message import ChannelMessage
 
     def fresh_message() -> ChannelMessage:
         return ChannelMessage(

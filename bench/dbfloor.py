@@ -1,7 +1,7 @@
 """The publish scenarios' database floor: what PostgreSQL commits when each message is
 its own transaction, measured with pgbench and no server at all.
 
-pgbench runs the two statements of a publish (``push/services.py``: the seq upsert of
+pgbench runs the two statements of a publish (``push/services/publishing.py``: the seq upsert of
 ``_allocate_seq``, then the insert of ``_store_message``) in one transaction per
 message, K clients over C channels, against the benchmark database with its migrated
 schema (so the same indexes and constraints). Its transactions/s is the rate a server

@@ -49,7 +49,7 @@ def _msgpack_decode(payload: bytes) -> Any:
 
 def _protobuf_format() -> WireFormat:
     # The server's own codec: the schema and its generated code live in push/proto.
-    from push.codecs.protobuf_codec import ProtobufCodec
+    from push.wire.codecs.protobuf_codec import ProtobufCodec
 
     codec = ProtobufCodec()
     return WireFormat("protobuf", "v1.protobuf", OPCODE_BINARY, codec.encode, codec.decode)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from push.message import ChannelMessage
+    from push.fanout.message import ChannelMessage
 
 
 def publish(channel: str, data: Any, *, publisher_id: int | None = None) -> ChannelMessage | None:
@@ -18,6 +18,6 @@ def publish(channel: str, data: Any, *, publisher_id: int | None = None) -> Chan
     and None is returned (README, "History modes")."""
     # Imported here: this package is imported while Django loads its apps, before the
     # models that publishing needs can be.
-    from push.services import publish as publish_in_transaction
+    from push.services.publishing import publish as publish_in_transaction
 
     return publish_in_transaction(channel, data, publisher_id=publisher_id)

@@ -17,11 +17,11 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path
 
-from push.cluster import cluster_nodes, connections_disconnect, redis_prefix
-from push.event_worker import dead_letters
+from core.redis_client import redis_sync
+from push.cluster.directory import cluster_nodes, connections_disconnect, redis_prefix
 from push.models import Channel, Connection, Message
-from push.redis_client import redis_sync
-from push.retention import retention_policy
+from push.ops.event_worker import dead_letters
+from push.storage.retention import retention_policy
 
 # Channels listed per connection on the change list; the rest are counted.
 CHANNELS_SHOWN = 5

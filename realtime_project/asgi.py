@@ -8,7 +8,7 @@ WebSocket and SSE requests must name one of ``ALLOWED_HOSTS`` in ``Host``, as Dj
 checks for its views (else a DNS-rebinding page could read an intranet deployment's
 streams). WebSockets then pass the origin check (browsers only; a client without
 ``Origin`` is not a browser and is allowed) and token or session authentication before
-the consumer, in ``push.entry``.
+the consumer, in ``push.transport.entry``.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ django_asgi_app = get_asgi_application()
 from channels.security.websocket import WebsocketDenier  # noqa: E402
 from django.conf import settings  # noqa: E402
 
-from push.conf import push_settings  # noqa: E402
-from push.entry import WebSocketEntry  # noqa: E402
-from push.node import get_node, tune_garbage_collector  # noqa: E402
-from push.security import forwarded_client, forwarded_scheme, host_allowed  # noqa: E402
-from push.sse import SSE_PATHS, SseEntry  # noqa: E402
+from core.conf import push_settings  # noqa: E402
+from push.cluster.node import get_node, tune_garbage_collector  # noqa: E402
+from push.transport.entry import WebSocketEntry  # noqa: E402
+from push.transport.origin import forwarded_client, forwarded_scheme, host_allowed  # noqa: E402
+from push.transport.sse import SSE_PATHS, SseEntry  # noqa: E402
 
 websocket_entry = WebSocketEntry(settings.ALLOWED_ORIGINS)
 sse_entry = SseEntry(settings.ALLOWED_ORIGINS)

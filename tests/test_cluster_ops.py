@@ -141,7 +141,7 @@ async def test_disconnect_a_user_on_every_node(
     bystander = await open_ws(two_nodes[0].ws_url)
     script = (
         "from django.contrib.auth.models import User;"
-        "from push.cluster import connections_disconnect;"
+        "from push.cluster.directory import connections_disconnect;"
         f"connections_disconnect(user_ids=[User.objects.get(username={username!r}).pk])"
     )
     await asyncio.to_thread(manage, e2e_env, "shell", "-c", script)

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from websockets.asyncio.client import connect
 
-from push.consumers import PUBLISHES_IN_FLIGHT
+from push.transport.consumers import PUBLISHES_IN_FLIGHT
 from tests.servers import LOG_DIR, ROOT, START_TIMEOUT_SECS, ServerNode, free_port, publish_rest
 from tests.wsclient import RECEIVE_TIMEOUT_SECS, open_ws, request, request_raw
 

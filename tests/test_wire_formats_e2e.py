@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from push.codecs import CODECS, Codec
+from push.wire.codecs import CODECS, Codec
 from tests.servers import ServerNode
 from tests.wsclient import RECEIVE_TIMEOUT_SECS
 

@@ -20,9 +20,9 @@ from rest_framework.test import APIClient
 
 from accounts.models import ChannelGrant, ServiceToken
 from accounts.subscription_tokens import subscription_token_issue
-from push.errors import CloseCode
-from push.node import get_node
-from push.services import message_publish
+from core.errors import CloseCode
+from push.cluster.node import get_node
+from push.services.publishing import message_publish
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import communicator_for, connected_client, open_client
 
@@ -343,7 +343,7 @@ class _Sink:
 
 def test_user_message_send_from_application_code() -> None:
     from push.models import Message
-    from push.services import user_message_send
+    from push.services.publishing import user_message_send
 
     target, _ = _user_token("someone")
     message = user_message_send(user_id=target.pk, data={"note": "hi"})

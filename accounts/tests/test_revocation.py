@@ -18,8 +18,8 @@ from rest_framework.authtoken.models import Token
 from accounts.models import ChannelGrant, ServiceToken
 from accounts.principals import principals_refresh
 from accounts.subscription_tokens import subscription_token_issue
-from push.errors import CloseCode
-from push.services import message_publish
+from core.errors import CloseCode
+from push.services.publishing import message_publish
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import WsClient, connected_client
 
@@ -252,7 +252,7 @@ def test_rechecking_many_connections_costs_a_few_queries_not_one_each(
 async def test_a_connection_opened_while_the_check_queries_is_left_open(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from push import node as node_module
+    from push.cluster import node as node_module
 
     def setup() -> list[str]:
         return [Token.objects.create(user=_user(name)).key for name in ("early", "late")]

@@ -34,11 +34,11 @@ from accounts.subscription_tokens import (
     subscription_token_secret,
     subscription_token_verify,
 )
-from push.errors import CloseCode, PushError
+from core.errors import CloseCode, PushError
 from push.models import Connection
+from push.ops.webhooks import _headers, webhook_secret
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import connected_client, open_client
-from push.webhooks import _headers, webhook_secret
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -197,7 +197,7 @@ async def test_per_ip_limits_believe_forwarded_addresses_only_behind_trusted_pro
 
 
 def test_forwarded_address_is_the_one_the_trusted_proxy_appended() -> None:
-    from push.security import forwarded_client, forwarded_scheme
+    from push.transport.origin import forwarded_client, forwarded_scheme
 
     scope = {
         "type": "http",

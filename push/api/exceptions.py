@@ -15,7 +15,7 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
-from push.errors import ErrorCode, PushError
+from core.errors import ErrorCode, PushError
 
 logger = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ from typing import Any
 
 from rest_framework import serializers
 
-from push.errors import ErrorCode, PushError
-from push.message import ChannelMessage
+from core.errors import ErrorCode, PushError
+from push.fanout.message import ChannelMessage
 from push.models import Channel
-from push.protocol import validate_channel_name, validate_data
+from push.wire.protocol import validate_channel_name, validate_data
 
 # The contract's bound on one batch publish (POST /api/v1/messages).
 MAX_BATCH_MESSAGES = 1000

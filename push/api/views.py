@@ -21,7 +21,10 @@ from rest_framework.views import APIView
 
 from accounts.authentication import request_principal
 from accounts.permissions import ChannelPermission, authorize_publish, visible_channels
-from push import metrics, selectors
+from core import metrics
+from core.conf import push_settings
+from core.db import db_call
+from core.errors import ErrorCode, PushError
 from push.api.base import AsyncAPIView
 from push.api.serializers import (
     MAX_BATCH_MESSAGES,
@@ -31,12 +34,10 @@ from push.api.serializers import (
     channel_body,
     published_body,
 )
-from push.conf import push_settings
-from push.db import db_call
-from push.errors import ErrorCode, PushError
-from push.presence import presence_members_sync
-from push.protocol import validate_channel_name
-from push.services import message_publish_async, messages_publish_batch, user_channel
+from push.cluster.presence import presence_members_sync
+from push.services.publishing import message_publish_async, messages_publish_batch, user_channel
+from push.storage import selectors
+from push.wire.protocol import validate_channel_name
 
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 

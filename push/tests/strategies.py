@@ -9,9 +9,9 @@ from typing import Any
 import msgpack
 from hypothesis import strategies as st
 
-from push import protocol
-from push.codecs import Codec, UnencodableEnvelope
-from push.codecs.protobuf_codec import _SCHEMA, ENVELOPE_TYPES, _Kind
+from push.wire import protocol
+from push.wire.codecs import Codec, UnencodableEnvelope
+from push.wire.codecs.protobuf_codec import _SCHEMA, ENVELOPE_TYPES, _Kind
 
 INT64_MAX = 2**63 - 1
 REQUEST_TYPES = ["heartbeat", "presence", "publish", "subscribe", "unsubscribe"]

@@ -13,7 +13,7 @@ from django.test import Client
 from django.utils import timezone
 
 from push.models import Channel, Connection, Message
-from push.services import message_publish
+from push.services.publishing import message_publish
 
 pytestmark = pytest.mark.django_db
 

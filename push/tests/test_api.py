@@ -16,7 +16,7 @@ from rest_framework.test import APIClient
 
 from accounts.models import ChannelGrant
 from push.models import Message
-from push.services import message_publish
+from push.services.publishing import message_publish
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

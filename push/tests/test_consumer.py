@@ -11,9 +11,9 @@ import msgpack
 import pytest
 from django.test import override_settings
 
-from push.codecs import Codec, UnencodableEnvelope
-from push.errors import CloseCode
+from core.errors import CloseCode
 from push.tests.wsclient import WIRE_FORMATS, WsClient, connected_client, open_client
+from push.wire.codecs import Codec, UnencodableEnvelope
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
@@ -523,7 +523,7 @@ async def test_user_channel_belongs_to_its_user(  # type: ignore[no-untyped-def]
 ) -> None:
     from rest_framework.authtoken.models import Token
 
-    from push.db import db_call
+    from core.db import db_call
 
     token = await db_call(lambda: Token.objects.create(user=other_user).key)()
     client = await connected_client(token=token, subprotocol=wire_format)
@@ -563,7 +563,7 @@ async def test_a_connection_whose_writes_broke_is_closed_1011_and_others_go_on(
 ) -> None:
     """A write that failed on the server's side (not the peer leaving) would leave the
     connection open, subscribed and silent: it is closed 1011 so the client resumes."""
-    from push.node import get_node
+    from push.cluster.node import get_node
 
     broken = await connected_client()
     await broken.request({"type": "subscribe", "channel": "news"})
@@ -581,7 +581,7 @@ async def test_a_connection_whose_writes_broke_is_closed_1011_and_others_go_on(
 
 
 async def test_a_peer_that_left_mid_send_is_not_closed_again() -> None:
-    from push.node import get_node
+    from push.cluster.node import get_node
 
     client = await connected_client()
     node = await get_node()

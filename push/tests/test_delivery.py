@@ -22,8 +22,8 @@ from rest_framework.test import APIClient
 import push
 from accounts.models import ChannelGrant
 from push.models import Channel, IdempotencyKey, Message
-from push.retention import channel_trim, retention_policy
-from push.services import message_publish, publish
+from push.services.publishing import message_publish, publish
+from push.storage.retention import channel_trim, retention_policy
 from push.tests.wsclient import connected_client
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -17,10 +17,8 @@ from hypothesis import strategies as st
 from rest_framework.authtoken.models import Token
 
 from accounts.models import ChannelGrant
-from push import protocol
-from push.codecs import CODECS
-from push.conf import push_settings
-from push.errors import ErrorCode
+from core.conf import push_settings
+from core.errors import ErrorCode
 from push.tests.strategies import (
     OBSERVED_CHANNEL,
     client_frame,
@@ -30,6 +28,8 @@ from push.tests.strategies import (
     wild_requests,
 )
 from push.tests.wsclient import WIRE_FORMATS, WsClient, connected_client
+from push.wire import protocol
+from push.wire.codecs import CODECS
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -88,7 +88,7 @@ class FuzzSession:
         self.observers.clear()
 
     async def close(self) -> None:
-        from push.node import stop_node
+        from push.cluster.node import stop_node
 
         await self.disconnect()
         await stop_node()

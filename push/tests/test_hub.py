@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from push.codecs import CODECS, Codec
-from push.hub import MAX_PENDING_PER_CHANNEL, Hub
-from push.message import ChannelMessage
-from push.outbox import Outbox
-from push.selectors import HistoryPage
+from push.fanout.hub import MAX_PENDING_PER_CHANNEL, Hub
+from push.fanout.message import ChannelMessage
+from push.fanout.outbox import Outbox
+from push.storage.selectors import HistoryPage
+from push.wire.codecs import CODECS, Codec
 
 JSON = CODECS["v1.json"]
 

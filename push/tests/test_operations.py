@@ -14,9 +14,9 @@ from django.contrib.auth.models import User
 from django.test import override_settings
 from rest_framework.authtoken.models import Token
 
-from push.errors import CloseCode
-from push.logs import JsonFormatter, RedactFilter, redact
-from push.node import get_node
+from core.errors import CloseCode
+from push.cluster.node import get_node
+from push.ops.logs import JsonFormatter, RedactFilter, redact
 from push.tests.wsclient import connected_client
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -142,7 +142,7 @@ def test_secrets_in_extra_fields_and_exceptions_are_redacted(
 
 
 def test_json_log_lines_carry_extra_fields() -> None:
-    record = logging.LogRecord("push.consumers", logging.INFO, "", 0, "closed", (), None)
+    record = logging.LogRecord("push.transport.consumers", logging.INFO, "", 0, "closed", (), None)
     record.connection_id = "c-1"
     record.duration_secs = 1.5
     entry = json.loads(JsonFormatter().format(record))

@@ -15,20 +15,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from push import protocol
-from push.codecs import CODECS, Codec
-from push.codecs.json_codec import JsonCodec
-from push.codecs.msgpack_codec import MsgpackCodec
-from push.codecs.protobuf_codec import (
-    _SCHEMA,
-    ENVELOPE_TYPES,
-    ProtobufCodec,
-    UnencodableEnvelope,
-    _Kind,
-)
-from push.errors import ErrorCode, PushError
-from push.message import ChannelMessage, dump_data
-from push.proto import push_pb2
+from core.errors import ErrorCode, PushError
+from push.fanout.message import ChannelMessage, dump_data
 from push.tests.strategies import (
     INT64_MAX,
     client_frame,
@@ -37,12 +25,24 @@ from push.tests.strategies import (
     request_ids,
     wild_envelopes,
 )
+from push.wire import protocol
+from push.wire.codecs import CODECS, Codec
+from push.wire.codecs.json_codec import JsonCodec
+from push.wire.codecs.msgpack_codec import MsgpackCodec
+from push.wire.codecs.protobuf_codec import (
+    _SCHEMA,
+    ENVELOPE_TYPES,
+    ProtobufCodec,
+    UnencodableEnvelope,
+    _Kind,
+)
+from push.wire.proto import push_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REGENERATE = (
-    "push/proto/push_pb2.py(i) differ from push/proto/push.proto: regenerate from the "
+    "push/wire/proto/push_pb2.py(i) differ from push/wire/proto/push.proto: regenerate from the "
     "repository root with the pinned grpcio-tools: python -m grpc_tools.protoc -I . "
-    "--python_out=. --pyi_out=. push/proto/push.proto"
+    "--python_out=. --pyi_out=. push/wire/proto/push.proto"
 )
 
 codec = ProtobufCodec()
@@ -78,7 +78,7 @@ def test_registered_as_binary_v1_protobuf() -> None:
 
 
 def test_codec_knows_every_member_of_the_schema() -> None:
-    # A kind or field added to push.proto without codec support would decode silently
+    # A kind or field added to push.wire.proto without codec support would decode silently
     # to less than was sent.
     kinds = push_pb2.Envelope.DESCRIPTOR.oneofs_by_name["kind"].fields
     assert {field.name for field in kinds} == ENVELOPE_TYPES
@@ -104,7 +104,7 @@ def test_generated_code_matches_schema(tmp_path: Path) -> None:
             ".",
             f"--python_out={tmp_path}",
             f"--pyi_out={tmp_path}",
-            "push/proto/push.proto",
+            "push/wire/proto/push.proto",
         ],
         cwd=REPO_ROOT,
         capture_output=True,

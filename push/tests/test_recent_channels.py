@@ -20,12 +20,12 @@ from prometheus_client import REGISTRY
 from rest_framework.test import APIClient
 
 import push
-from push import recent_store
-from push.cluster import redis_prefix
+from core.redis_client import redis_async
+from push.cluster.directory import redis_prefix
+from push.cluster.node import get_node
 from push.models import Channel, Message
-from push.node import get_node
-from push.redis_client import redis_async
-from push.services import message_publish
+from push.services.publishing import message_publish
+from push.storage import recent_store
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import WsClient, connected_client
 from scripts.cluster import free_port

@@ -12,12 +12,12 @@ from django.conf import settings
 from django.test import override_settings
 from prometheus_client import REGISTRY
 
-from push import history
-from push.cluster import redis_prefix
-from push.node import get_node, stop_node
-from push.recent_cache import recent_key
-from push.redis_client import redis_async
-from push.services import message_publish
+from core.redis_client import redis_async
+from push.cluster.directory import redis_prefix
+from push.cluster.node import get_node, stop_node
+from push.services.publishing import message_publish
+from push.storage import history
+from push.storage.recent_cache import recent_key
 from push.tests.wsclient import WsClient, connected_client
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -18,11 +18,11 @@ from django.test import Client, override_settings
 from django.utils import timezone
 
 from accounts.models import ChannelGrant
-from push.codecs import CODECS
+from push.cluster.node import get_node
 from push.models import Connection
-from push.node import get_node
-from push.services import message_publish
+from push.services.publishing import message_publish
 from push.tests.wsclient import WsClient, connected_client, open_client
+from push.wire.codecs import CODECS
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

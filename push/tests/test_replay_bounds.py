@@ -15,11 +15,11 @@ import pytest
 from asgiref.sync import sync_to_async
 from prometheus_client import REGISTRY
 
-from push.errors import ErrorCode, PushError
-from push.history import DatabaseHistory
-from push.limits import ReplaySlots
-from push.message import ChannelMessage
+from core.errors import ErrorCode, PushError
+from push.fanout.limits import ReplaySlots
+from push.fanout.message import ChannelMessage
 from push.models import Channel, Message
+from push.storage.history import DatabaseHistory
 from push.tests.test_hub import FakeClient, MemoryHistory, make_hub, settle
 
 # 300 characters of data: three of them fit in a budget of 1000 bytes, four do not.

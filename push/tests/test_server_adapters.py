@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from push import metrics, server_adapters
-from push.outbox import Outbox, OutFrame
-from push.server_adapters import TESTED_VERSIONS, bound_inbound, raw_writer
+from core import metrics
+from push.fanout.outbox import Outbox, OutFrame
+from push.transport import server_adapters
+from push.transport.server_adapters import TESTED_VERSIONS, bound_inbound, raw_writer
 
 
 @pytest.fixture(autouse=True)
@@ -144,7 +145,7 @@ def test_an_untested_server_version_writes_through_send_and_says_so_once(
     socket_pair: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(TESTED_VERSIONS, "autobahn", "0.0.1")
-    caplog.set_level(logging.INFO, logger="push.server_adapters")
+    caplog.set_level(logging.INFO, logger="push.transport.server_adapters")
     for _ in range(3):
         protocol = _daphne_ws_protocol(TcpServerTransport(socket_pair[0]))
         assert raw_writer(_daphne_send(protocol)) is None

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from push.codecs.sse_codec import SSE_CODEC
-from push.errors import PushError
-from push.hub import Hub
-from push.message import ChannelMessage
-from push.sse import SseOutbox, cursor_format, cursor_parse, stream_request
+from core.errors import PushError
+from push.fanout.hub import Hub
+from push.fanout.message import ChannelMessage
 from push.tests.test_hub import MemoryHistory, make_message
+from push.transport.sse import SseOutbox, cursor_format, cursor_parse, stream_request
+from push.wire.codecs.sse_codec import SSE_CODEC
 
 
 def test_cursor_round_trips_channel_names_with_colons() -> None:

@@ -18,14 +18,14 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from accounts.models import ChannelGrant
-from push.errors import ErrorCode, PushError
-from push.message import ChannelMessage
+from core.errors import ErrorCode, PushError
+from push.cluster.node import get_node
+from push.fanout.message import ChannelMessage
 from push.models import Message
-from push.node import get_node
-from push.retention import history_trim
-from push.services import message_publish_async, messages_publish_batch
-from push.write_batch import Published, PublishUnit
-from push.write_pipeline import WritePipeline, pipeline_conninfo
+from push.services.publishing import message_publish_async, messages_publish_batch
+from push.storage.retention import history_trim
+from push.storage.write_batch import Published, PublishUnit
+from push.storage.write_pipeline import WritePipeline, pipeline_conninfo
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

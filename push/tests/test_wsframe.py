@@ -6,7 +6,7 @@ import pytest
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from push.wsframe import data_frame
+from push.wire.frames import data_frame
 
 
 def _parse(frame_bytes: bytes) -> Frame:

@@ -8,7 +8,7 @@ from typing import Any
 
 from channels.testing import WebsocketCommunicator
 
-from push.codecs import CODECS, DEFAULT_CODEC, Codec
+from push.wire.codecs import CODECS, DEFAULT_CODEC, Codec
 
 RECEIVE_TIMEOUT_SECS = 5.0
 # Every negotiable subprotocol: the ``wire_format`` fixture (conftest.py at the root)

@@ -34,7 +34,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from push.codecs import CODECS, Codec
+from push.wire.codecs import CODECS, Codec
 
 REPLY_TIMEOUT_SECS = 5.0
 HTTP_TIMEOUT_SECS = 30.0

@@ -1,4 +1,4 @@
-"""Process lifecycle events (``push.event_worker``); run as many as you like."""
+"""Process lifecycle events (``push.ops.event_worker``); run as many as you like."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from push.cluster import redis_prefix
-from push.conf import push_settings
-from push.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers
-from push.redis_client import redis_sync
+from core.conf import push_settings
+from core.redis_client import redis_sync
+from push.cluster.directory import redis_prefix
+from push.ops.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers
 
 
 class Command(BaseCommand):

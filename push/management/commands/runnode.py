@@ -19,9 +19,9 @@ import uvicorn
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from push.conf import push_settings
-from push.errors import CloseCode
-from push.node import drain_running_node
+from core.conf import push_settings
+from core.errors import CloseCode
+from push.cluster.node import drain_running_node
 
 APPLICATION = "realtime_project.asgi:application"
 LISTEN_BACKLOG = 4096
@@ -177,7 +177,7 @@ class RedactingAccessLog:
         self._inner = AccessLogGenerator(sys.stdout)
 
     def __call__(self, protocol: str, action: str, details: dict[str, Any]) -> None:
-        from push.logs import redact
+        from push.ops.logs import redact
 
         if "path" in details:
             details = dict(details, path=redact(str(details["path"])))

@@ -8,9 +8,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from push.conf import push_settings
-from push.registry import registry_trim_closed
-from push.retention import history_trim
+from core.conf import push_settings
+from push.cluster.registry import registry_trim_closed
+from push.storage.retention import history_trim
 
 
 class Command(BaseCommand):

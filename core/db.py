@@ -1,0 +1,81 @@
+"""Running ORM work from the event loop.
+
+Database calls run on a small pool of threads (``thread_sensitive=False``), each with
+its own persistent connection, instead of Channels' one shared database thread, so a
+slow query never queues every other connection's work behind it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+from asgiref.sync import sync_to_async
+from django.db import DatabaseError, IntegrityError, close_old_connections, connections
+
+from core import metrics
+from core.errors import ErrorCode, PushError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+logger = logging.getLogger(__name__)
+
+# Each thread keeps one persistent connection, so this bounds the node's connections
+# to PostgreSQL (plus Django's own request thread).
+DATABASE_THREADS = 6
+_executor = ThreadPoolExecutor(max_workers=DATABASE_THREADS, thread_name_prefix="push-db")
+
+
+def database_unavailable(exc: BaseException) -> PushError:
+    return PushError(ErrorCode.UNAVAILABLE, f"database unavailable: {type(exc).__name__}")
+
+
+def _guarded(func: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(func)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        # Drops a connection that failed or outlived CONN_MAX_AGE, so a restarted
+        # PostgreSQL costs one failed call, not a dead thread.
+        close_old_connections()
+        started = time.perf_counter()
+        try:
+            return func(*args, **kwargs)
+        except IntegrityError:
+            raise
+        except DatabaseError as exc:
+            logger.warning("database call %s failed: %s", func.__name__, exc)
+            close_old_connections()
+            raise database_unavailable(exc) from exc
+        finally:
+            metrics.DATABASE_CALL_SECONDS.labels(func.__name__).observe(
+                time.perf_counter() - started
+            )
+
+    return run
+
+
+def db_call(func: Callable[P, R]) -> Callable[P, object]:
+    """Wrap a sync ORM function as an awaitable that runs on the database threads."""
+    return sync_to_async(_guarded(func), thread_sensitive=False, executor=_executor)
+
+
+def close_database_threads() -> None:
+    """Close every database thread's connection (tests, shutdown).
+
+    A barrier makes each worker thread take exactly one of the jobs, so every
+    thread-local connection is reached.
+    """
+    barrier = threading.Barrier(DATABASE_THREADS)
+
+    def close_in_this_thread() -> None:
+        barrier.wait(timeout=10)
+        connections.close_all()
+
+    futures = [_executor.submit(close_in_this_thread) for _ in range(DATABASE_THREADS)]
+    for future in futures:
+        future.result(timeout=15)

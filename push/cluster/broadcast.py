@@ -1,0 +1,101 @@
+"""Hands a committed message to the fan-out path, from whatever thread committed it.
+
+In a server process the node (hub + broker) runs on the event loop, and the commit
+happens on a database thread: the message is passed to the loop without waiting.
+Elsewhere (a management command, a shell, a worker) there is no node, and the message
+goes straight to the channel layer so the server nodes receive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from core.conf import push_settings
+from core.redis_client import redis_sync
+from push.cluster.directory import redis_prefix
+from push.fanout.message import ChannelMessage
+from push.storage.recent_cache import add_to_pipeline
+
+if TYPE_CHECKING:
+    from push.cluster.node import Node
+
+logger = logging.getLogger(__name__)
+
+_running_node: Node | None = None
+
+
+def set_running_node(node: Node | None) -> None:
+    global _running_node
+    _running_node = node
+
+
+def running_node() -> Node | None:
+    return _running_node
+
+
+def broadcast_from_sync(message: ChannelMessage) -> None:
+    node = _running_node
+    if node is not None and node.is_running and not node.loop.is_closed():
+        try:
+            node.loop.call_soon_threadsafe(node.broadcast, message)
+            return
+        except RuntimeError:  # the loop closed in between (shutdown)
+            pass
+    try:
+        _cache_without_node(message)
+        async_to_sync(_publish_without_node)(message)
+    except Exception:
+        # Stored and committed: nodes catch up from the database on their next sync.
+        logger.exception("broadcast of %r failed; subscribers catch up from history", message)
+
+
+async def broadcast_async(message: ChannelMessage) -> None:
+    """``broadcast_from_sync`` for a message committed on an event loop (a recent
+    channel's, committed in Redis): to this loop's node at once, so local subscribers
+    and the broker get it before the publisher's reply is sent."""
+    node = _running_node
+    if node is not None and node.is_running and not node.loop.is_closed():
+        if node.loop is asyncio.get_running_loop():
+            node.broadcast(message)
+            return
+        try:
+            node.loop.call_soon_threadsafe(node.broadcast, message)
+            return
+        except RuntimeError:
+            pass
+    try:
+        await _publish_without_node(message)
+    except Exception:
+        logger.exception("broadcast of %r failed; subscribers catch up from history", message)
+
+
+_sync_redis: Any = None
+
+
+def _cache_without_node(message: ChannelMessage) -> None:
+    """Append to the recent-history cache from a process without a node."""
+    global _sync_redis
+    size = push_settings.RECENT_CACHE_SIZE
+    if not settings.REDIS_URL or size <= 0:
+        return
+    if _sync_redis is None:
+        _sync_redis = redis_sync(socket_connect_timeout=2, socket_timeout=5)
+    with _sync_redis.pipeline(transaction=False) as pipe:
+        ttl = push_settings.RECENT_CACHE_TTL_SECS
+        max_bytes = push_settings.RECENT_CACHE_MAX_BYTES
+        add_to_pipeline(pipe, redis_prefix(), [message], size, ttl, max_bytes)
+        pipe.execute()
+
+
+async def _publish_without_node(message: ChannelMessage) -> None:
+    from push.cluster.broker import channel_group
+
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.group_send(channel_group(message.channel), message.to_broker())

@@ -1,0 +1,165 @@
+"""Cross-node transport: the Channels layer carrying node-level groups.
+
+Each node process owns one inbox channel on the layer and joins a group per push
+channel it has local subscribers for, so a published message crosses Redis once per
+node, never once per subscriber; the hub then fans it out locally. Works with any
+Channels layer: the in-memory one for a single process, Redis pub/sub across nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from core import metrics
+from core.background import spawn
+from push.fanout.message import ChannelMessage
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_EVENT = "push.message"
+PRESENCE_EVENT = "push.presence"
+# How long to wait before reading the inbox again after the layer failed (Redis down).
+RECEIVE_RETRY_SECS = 0.5
+# Committed messages waiting for a slow (or unreachable) Redis, at most: beyond these
+# the oldest is dropped. A few seconds of a busy node's publishing; what is dropped was
+# committed, so no client's acknowledgement is at stake (see ``publish_soon``).
+OUTGOING_MAX_MESSAGES = 10_000
+OUTGOING_MAX_CHARS = 32 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def _timed(operation: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    except Exception:
+        metrics.BROKER_ERRORS.labels(operation).inc()
+        raise
+    finally:
+        metrics.BROKER_CALL_SECONDS.labels(operation).observe(time.perf_counter() - started)
+
+
+def channel_group(channel: str) -> str:
+    """The layer group of a push channel. Push channel names allow ``:`` and ``@``,
+    which group names do not, so the group is named by a digest of the name."""
+    return "ch." + hashlib.blake2b(channel.encode(), digest_size=16).hexdigest()
+
+
+class Broker:
+    def __init__(
+        self,
+        layer: Any,
+        *,
+        on_message: Callable[[ChannelMessage], None],
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        on_receive_error: Callable[[BaseException], None] | None = None,
+        max_outgoing: int = OUTGOING_MAX_MESSAGES,
+        max_outgoing_chars: int = OUTGOING_MAX_CHARS,
+    ) -> None:
+        self.layer = layer
+        self.on_message = on_message
+        self.on_event = on_event
+        self.on_receive_error = on_receive_error
+        self.inbox: str | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._outgoing: collections.deque[ChannelMessage] = collections.deque()
+        self._outgoing_chars = 0
+        self._has_outgoing = asyncio.Event()
+        self.max_outgoing = max_outgoing
+        self.max_outgoing_chars = max_outgoing_chars
+        self._sender: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.inbox = await self.layer.new_channel("push.node.")
+        self._listener = spawn(self._listen(), name="push-broker-listen")
+        self._sender = spawn(self._send_loop(), name="push-broker-send")
+
+    async def stop(self) -> None:
+        for task in (self._listener, self._sender):
+            if task is not None:
+                task.cancel()
+        self._listener = self._sender = None
+
+    async def join(self, channel: str) -> None:
+        with _timed("join"):
+            await self.layer.group_add(channel_group(channel), self.inbox)
+
+    async def leave(self, channel: str) -> None:
+        with _timed("leave"):
+            await self.layer.group_discard(channel_group(channel), self.inbox)
+
+    def publish_soon(self, message: ChannelMessage) -> None:
+        """Queue a committed message for the other nodes; one sender keeps the order.
+
+        Bounded in messages and characters of data: while Redis is slow, the oldest
+        waiting message is dropped (and counted). That loses nothing a client relies
+        on: the message is committed (its publisher has its reply, local subscribers
+        have it from the hub), and every other node reads it from the database, at
+        once when a later broadcast of the channel shows the gap, or else at its
+        periodic sync (``Hub.sync_with_history``), which repairs any channel still
+        behind the database's seq one sync interval after it saw it."""
+        outgoing = self._outgoing
+        size = len(message.data_json)
+        while outgoing and (
+            len(outgoing) >= self.max_outgoing
+            or self._outgoing_chars + size > self.max_outgoing_chars
+        ):
+            self._outgoing_chars -= len(outgoing.popleft().data_json)
+            metrics.BROKER_OUTGOING_DROPPED.inc()
+        outgoing.append(message)
+        self._outgoing_chars += size
+        self._has_outgoing.set()
+
+    def outgoing_count(self) -> int:
+        return len(self._outgoing)
+
+    async def send_event(self, group: str, event: dict[str, Any]) -> None:
+        await self.layer.group_send(group, event)
+
+    async def _send_loop(self) -> None:
+        outgoing = self._outgoing
+        while True:
+            if not outgoing:
+                self._has_outgoing.clear()
+                await self._has_outgoing.wait()
+                continue
+            message = outgoing.popleft()
+            self._outgoing_chars -= len(message.data_json)
+            try:
+                with _timed("publish"):
+                    await self.layer.group_send(channel_group(message.channel), message.to_broker())
+            except Exception as exc:
+                # Already committed: other nodes catch up from the database when their
+                # periodic sync sees the channel's seq move without them.
+                logger.warning("broker publish of %r failed: %s", message, exc)
+
+    async def _listen(self) -> None:
+        inbox = self.inbox
+        while True:
+            try:
+                payload = await self.layer.receive(inbox)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.on_receive_error is not None:
+                    self.on_receive_error(exc)
+                logger.warning("broker receive failed: %s", exc)
+                await asyncio.sleep(RECEIVE_RETRY_SECS)
+                continue
+            self._dispatch(payload)
+
+    def _dispatch(self, payload: dict[str, Any]) -> None:
+        try:
+            if payload.get("type") == MESSAGE_EVENT:
+                self.on_message(ChannelMessage.from_broker(payload))
+            elif self.on_event is not None:
+                self.on_event(payload)
+        except Exception:
+            logger.exception("broker event %r could not be handled", payload.get("type"))

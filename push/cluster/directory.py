@@ -1,0 +1,130 @@
+"""The cluster as operators see it: which nodes are alive, what each one serves, and
+commands that reach every node (disconnect a connection or a user).
+
+Each node writes a liveness key with its stats to Redis every
+``PUSH_CLUSTER_ANNOUNCE_SECS`` (expiring after three of those) and keeps a score in a
+sorted set of nodes. A node whose score is older than ``PUSH_NODE_DEAD_AFTER_SECS``
+died without draining: the next node to notice marks that node's connections closed
+in the registry. Commands travel over
+the channel layer's control group, which every node joins. Without Redis (one
+process) the directory is that process alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from core.errors import CloseCode
+from core.redis_client import redis_async, redis_sync
+
+logger = logging.getLogger(__name__)
+
+CONTROL_GROUP = "push.control"
+DISCONNECT_EVENT = "push.disconnect"
+TOP_CHANNELS = 100
+
+
+def redis_prefix() -> str:
+    layers = getattr(settings, "CHANNEL_LAYERS", {})
+    return str(layers.get("default", {}).get("CONFIG", {}).get("prefix", "push"))
+
+
+def node_key(server_id: str) -> str:
+    return f"{redis_prefix()}:node:{server_id}"
+
+
+def nodes_key() -> str:
+    return f"{redis_prefix()}:nodes"
+
+
+class NodeDirectory:
+    """This node's side: announce itself, and reap nodes that died."""
+
+    def __init__(
+        self, redis_url: str | None, server_id: str, *, announce_secs: float, dead_after_secs: float
+    ) -> None:
+        self.server_id = server_id
+        self.announce_secs = announce_secs
+        self.dead_after_secs = dead_after_secs
+        self._redis: Any = None
+        self.prefix = redis_prefix()
+        if redis_url:
+            self._redis = redis_async(socket_connect_timeout=2, socket_timeout=5)
+
+    async def announce(self, stats: dict[str, Any]) -> None:
+        if self._redis is None:
+            return
+        now = time.time()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            ttl_secs = max(1, int(self.announce_secs * 3))
+            pipe.set(node_key(self.server_id), json.dumps(stats), ex=ttl_secs)
+            pipe.zadd(nodes_key(), {self.server_id: now})
+            await pipe.execute()
+
+    @property
+    def redis(self) -> Any:
+        return self._redis
+
+    async def withdraw(self) -> None:
+        if self._redis is None:
+            return
+        await self._redis.delete(node_key(self.server_id))
+        await self._redis.zrem(nodes_key(), self.server_id)
+
+    async def dead_nodes(self) -> list[str]:
+        if self._redis is None:
+            return []
+        cutoff = time.time() - self.dead_after_secs
+        members = await self._redis.zrangebyscore(nodes_key(), "-inf", cutoff)
+        return [m.decode() if isinstance(m, bytes) else m for m in members]
+
+    async def forget(self, server_id: str) -> None:
+        if self._redis is not None:
+            await self._redis.zrem(nodes_key(), server_id)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+def cluster_nodes() -> list[dict[str, Any]]:
+    """Every live node's last announcement (admin). Sync; reads Redis when configured."""
+    redis_url = getattr(settings, "REDIS_URL", None)
+    if not redis_url:
+        from push.cluster.broadcast import running_node
+
+        node = running_node()
+        return [node.stats()] if node is not None else []
+    client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
+    try:
+        ids = [m.decode() for m in client.zrange(nodes_key(), 0, -1)]
+        raw = client.mget([node_key(i) for i in ids]) if ids else []
+    finally:
+        client.close()
+    return [json.loads(value) for value in raw if value]
+
+
+def connections_disconnect(
+    *,
+    connection_ids: list[str] | None = None,
+    user_ids: list[int] | None = None,
+    code: int = CloseCode.POLICY,
+) -> None:
+    """Close these connections, and every connection of these users, on every node."""
+    event = {
+        "type": DISCONNECT_EVENT,
+        "connection_ids": [str(c) for c in connection_ids or []],
+        "user_ids": [int(u) for u in user_ids or []],
+        "code": int(code),
+    }
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    async_to_sync(layer.group_send)(CONTROL_GROUP, event)

@@ -1,0 +1,443 @@
+"""This server process as a node of the cluster: its hub, broker and registry.
+
+Started on the event loop by the first connection (daphne runs no ASGI lifespan), one
+per process. ``broadcast`` is the single entry of a committed message into fan-out:
+the local hub delivers it at once and the broker carries it to the other nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import connection as database
+
+from accounts.permissions import is_presence_channel
+from accounts.principals import principals_refresh
+from core.background import spawn
+from core.conf import push_settings
+from core.db import db_call
+from core.errors import CloseCode
+from push.cluster import broadcast as broadcast_module
+from push.cluster.broker import PRESENCE_EVENT, Broker, channel_group
+from push.cluster.directory import CONTROL_GROUP, DISCONNECT_EVENT, TOP_CHANNELS, NodeDirectory
+from push.cluster.presence import PresenceStore, leave_presence
+from push.cluster.registry import ConnectionRegistry, close_node_connections
+from push.fanout.hub import Hub
+from push.fanout.limits import ConnectionCounter, ReplaySlots
+from push.fanout.message import ChannelMessage
+from push.ops.events import EventLog
+from push.services.subscriptions import subscriptions_revoke
+from push.storage import recent_store
+from push.storage.history import CachedHistory, DatabaseHistory, ModeHistory, RecentHistory
+from push.storage.history_modes import is_recent
+from push.storage.recent_cache import RecentCache
+from push.storage.write_pipeline import WritePipeline, pipeline_conninfo
+from push.wire.protocol import presence_change
+
+if TYPE_CHECKING:
+    from push.transport.connection import ClientConnection
+
+logger = logging.getLogger(__name__)
+
+_principals_refresh = db_call(principals_refresh)
+_close_all = db_call(close_node_connections)
+
+
+class Node:
+    def __init__(self, *, server_id: str) -> None:
+        self.server_id = server_id
+        self.loop = asyncio.get_running_loop()
+        self.is_running = False
+        self.draining = False
+        self.broker = Broker(
+            get_channel_layer(), on_message=self._on_broker_message, on_event=self._on_control
+        )
+        self.directory = NodeDirectory(
+            settings.REDIS_URL,
+            server_id,
+            announce_secs=push_settings.CLUSTER_ANNOUNCE_SECS,
+            dead_after_secs=push_settings.NODE_DEAD_AFTER_SECS,
+        )
+        self.presence = PresenceStore(self.directory.redis, self.directory.prefix, server_id)
+        self.events = EventLog(
+            self.directory.redis if push_settings.EVENTS else None,
+            self.directory.prefix,
+            server_id,
+            maxlen=push_settings.EVENT_STREAM_MAXLEN,
+        )
+        self.started_at = time.time()
+        self._rate_marks: tuple[float, dict[str, int]] = (time.monotonic(), {})
+        self.recent_cache = RecentCache(
+            self.directory.redis,
+            self.directory.prefix,
+            size=push_settings.RECENT_CACHE_SIZE,
+            ttl_secs=push_settings.RECENT_CACHE_TTL_SECS,
+            max_bytes=push_settings.RECENT_CACHE_MAX_BYTES,
+        )
+        self.hub = Hub(
+            history=ModeHistory(
+                durable=CachedHistory(self.recent_cache)
+                if self.recent_cache.enabled
+                else DatabaseHistory(),
+                recent=RecentHistory(),
+            ),
+            join=self._join_channel,
+            leave=self._leave_channel,
+            drop_oldest_patterns=list(push_settings.DROP_OLDEST_CHANNELS),
+            gap_wait_secs=push_settings.GAP_WAIT_SECS,
+            recent_size=push_settings.RECENT_PER_CHANNEL,
+            recent_bytes=push_settings.RECENT_MAX_BYTES,
+            replay_batch_bytes=push_settings.REPLAY_BATCH_MAX_BYTES,
+            pending_bytes=push_settings.PENDING_MAX_BYTES,
+            replay_slots=ReplaySlots(
+                per_node=push_settings.MAX_REPLAYS_PER_NODE,
+                per_ip=push_settings.MAX_REPLAYS_PER_IP,
+                wait_secs=push_settings.REPLAY_SLOT_WAIT_SECS,
+            ),
+        )
+        self.write_pipeline = _write_pipeline(self.broadcast)
+        self._tasks: list[asyncio.Task[None]] = []
+        # Live connections of this node, for revocation checks, admin actions and drain.
+        self.connections: dict[uuid.UUID, ClientConnection] = {}
+        self.registry = ConnectionRegistry(
+            server_id,
+            flush_secs=push_settings.REGISTRY_FLUSH_SECS,
+            heartbeat_secs=push_settings.REGISTRY_HEARTBEAT_SECS,
+            live=self.connections,
+            max_buffered=push_settings.REGISTRY_MAX_BUFFERED,
+        )
+        self._per_user = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_USER)
+        self._per_ip = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_IP)
+        # Every connection's on_closing: one bound method shared by all of them, where
+        # a fresh one (or a closure) per connection would cost each ~100 bytes.
+        self.on_connection_closing = self.release_subscriptions
+
+    def admit(self, connection: ClientConnection) -> bool:
+        """Count a new connection against the per-user and per-IP limits of this node."""
+        user_key = connection.principal.key if connection.principal.is_authenticated else None
+        if not self._per_user.try_add(user_key):
+            return False
+        if not self._per_ip.try_add(connection.ip):
+            self._per_user.remove(user_key)
+            return False
+        self.connections[connection.connection_id] = connection
+        return True
+
+    def release_subscriptions(self, connection: ClientConnection) -> None:
+        """Unsubscribe a closing connection everywhere; presence members leave."""
+        presence_channels = [c for c in connection.subscriptions if is_presence_channel(c)]
+        for subscription in connection.subscriptions.values():
+            self.hub.unsubscribe(subscription)
+        connection.subscriptions.clear()
+        if presence_channels:
+            spawn(
+                leave_presence(self, str(connection.connection_id), presence_channels),
+                name="push-presence-leave",
+                loop=self.loop,
+            )
+
+    def release(self, connection: ClientConnection) -> None:
+        if self.connections.pop(connection.connection_id, None) is None:
+            return
+        principal = connection.principal
+        self._per_user.remove(principal.key if principal.is_authenticated else None)
+        self._per_ip.remove(connection.ip)
+
+    async def start(self) -> None:
+        await self.broker.start()
+        await self.broker.layer.group_add(CONTROL_GROUP, self.broker.inbox)
+        self._tasks = [
+            spawn(self.registry.run(), name="push-registry", loop=self.loop),
+            spawn(self._sync_loop(), name="push-history-sync", loop=self.loop),
+            spawn(self._revocation_loop(), name="push-revocation", loop=self.loop),
+            spawn(self._heartbeat_loop(), name="push-heartbeats", loop=self.loop),
+            spawn(self._cluster_loop(), name="push-cluster", loop=self.loop),
+            spawn(self.events.run(), name="push-events", loop=self.loop),
+            spawn(self.recent_cache.run(), name="push-recent-cache", loop=self.loop),
+        ]
+        if self.write_pipeline is not None:
+            self.write_pipeline.start()
+        self.is_running = True
+        broadcast_module.set_running_node(self)
+        logger.info("node %s started", self.server_id)
+
+    async def stop(self) -> None:
+        self.is_running = False
+        self.draining = False
+        if broadcast_module.running_node() is self:
+            broadcast_module.set_running_node(None)
+        for task in self._tasks:
+            task.cancel()
+        if self.write_pipeline is not None:
+            await self.write_pipeline.stop()
+        await self.broker.stop()
+        await recent_store.store_close()
+
+    def broadcast(self, message: ChannelMessage) -> None:
+        """A message committed on this node: to local subscribers, the other nodes and
+        the recent-history cache (a recent channel's window is its history already)."""
+        self.hub.deliver(message)
+        self.broker.publish_soon(message)
+        if not is_recent(message.channel):
+            self.recent_cache.append_soon(message)
+
+    def _on_broker_message(self, message: ChannelMessage) -> None:
+        self.hub.deliver(message)
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(push_settings.SYNC_INTERVAL_SECS)
+            try:
+                await self.hub.sync_with_history()
+            except Exception as exc:
+                logger.warning("history sync failed: %s", exc)
+
+    async def _join_channel(self, channel: str) -> None:
+        await self.broker.join(channel)
+        try:
+            await self.events.occupied(channel)
+        except Exception as exc:  # events are for operators; delivery goes on
+            logger.warning("occupancy of %s not recorded: %s", channel, exc)
+
+    async def _leave_channel(self, channel: str) -> None:
+        await self.broker.leave(channel)
+        try:
+            await self.events.vacated(channel)
+        except Exception as exc:
+            logger.warning("vacancy of %s not recorded: %s", channel, exc)
+
+    async def announce_presence(self, kind: str, channel: str, member: dict[str, Any]) -> None:
+        """Tell every node serving ``channel`` (this one too) that a member joined/left."""
+        event = {"type": PRESENCE_EVENT, "channel": channel, "kind": kind, "member": member}
+        await self.broker.send_event(channel_group(channel), event)
+
+    def _on_control(self, event: dict[str, Any]) -> None:
+        if event.get("type") == PRESENCE_EVENT:
+            self.hub.deliver_event(
+                event["channel"],
+                presence_change(
+                    kind=event["kind"], channel=event["channel"], member=event["member"]
+                ),
+            )
+            return
+        if event.get("type") != DISCONNECT_EVENT:
+            return
+        connection_ids = set(event.get("connection_ids") or ())
+        user_ids = set(event.get("user_ids") or ())
+        code = int(event.get("code") or CloseCode.POLICY)
+        for connection in list(self.connections.values()):
+            if (
+                str(connection.connection_id) in connection_ids
+                or connection.principal.user_id in user_ids
+            ):
+                connection.close(code)
+
+    def stats(self) -> dict[str, Any]:
+        """What this node serves, with per-channel message rates since the last call."""
+        now = time.monotonic()
+        then, previous = self._rate_marks
+        elapsed = max(now - then, 1e-6)
+        counts = {name: c.fanned_out for name, c in self.hub.channels.items()}
+        self._rate_marks = (now, counts)
+        channels = sorted(
+            (
+                (name, c.subscriber_count(), (counts[name] - previous.get(name, 0)) / elapsed)
+                for name, c in self.hub.channels.items()
+            ),
+            key=lambda item: -item[1],
+        )[:TOP_CHANNELS]
+        return {
+            "server_id": self.server_id,
+            "connections": len(self.connections),
+            "channels": [
+                {"name": n, "subscribers": s, "messages_per_sec": round(r, 2)}
+                for n, s, r in channels
+            ],
+            "channel_count": len(self.hub.channels),
+            "draining": self.draining,
+            "started_at": self.started_at,
+            "updated_at": time.time(),
+        }
+
+    async def _cluster_loop(self) -> None:
+        while True:
+            try:
+                await self.directory.announce(self.stats())
+                for server_id in await self.directory.dead_nodes():
+                    if server_id != self.server_id:
+                        closed = await _close_all(server_id, CloseCode.SERVER_ERROR)
+                        await self._reap_presence(server_id)
+                        await self.events.vacate_all_of(server_id)
+                        await self.directory.forget(server_id)
+                        logger.warning("node %s is gone: %d connections closed", server_id, closed)
+            except Exception as exc:
+                logger.warning("cluster announce failed: %s", exc)
+            await asyncio.sleep(push_settings.CLUSTER_ANNOUNCE_SECS)
+
+    async def _reap_presence(self, server_id: str) -> None:
+        """A dead node's members leave, announced as if their connections had closed."""
+        for channel, connection_id in await self.presence.entries_of(server_id):
+            left = await self.presence.leave(channel, connection_id, server_id=server_id)
+            if left is not None:
+                await self.announce_presence("leave", channel, left)
+
+    async def _heartbeat_loop(self) -> None:
+        timeout = push_settings.HEARTBEAT_TIMEOUT_SECS
+        while True:
+            await asyncio.sleep(min(5.0, timeout / 3))
+            self.close_silent(timeout)
+
+    def close_silent(self, timeout_secs: float) -> int:
+        """Close (4001) connections that sent nothing for ``timeout_secs``."""
+        cutoff = time.monotonic() - timeout_secs
+        silent = [c for c in self.connections.values() if c.last_seen < cutoff and c.is_open]
+        for connection in silent:
+            connection.close(CloseCode.HEARTBEAT_TIMEOUT)
+        return len(silent)
+
+    async def drain(self, *, code: int, deadline_secs: float) -> None:
+        """Tell every client to go, let queued frames out, record the closes, stop."""
+        self.draining = True
+        deadline = self.loop.time() + deadline_secs
+        logger.info("node %s draining %d connections", self.server_id, len(self.connections))
+        for connection in list(self.connections.values()):
+            connection.close(code)
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections.values()):
+            connection.abort(code)
+            connection.drop()
+            connection.mark_closed(code)
+            self.release(connection)
+        try:
+            await self.registry.close_all(code)
+            await self.events.vacate_all_of(self.server_id)
+            await self.events.flush()
+            await self.directory.withdraw()
+        except Exception as exc:
+            logger.warning("could not mark connections closed: %s", exc)
+        await self.stop()
+
+    async def _revocation_loop(self) -> None:
+        while True:
+            await asyncio.sleep(push_settings.REVOCATION_CHECK_SECS)
+            try:
+                await self.close_revoked()
+            except Exception as exc:
+                logger.warning("revocation check failed: %s", exc)
+
+    async def close_revoked(self) -> int:
+        """Hold every live connection to what its credential allows now: a credential
+        that is gone (token deleted, service token revoked, user deactivated, session
+        logged out) closes the connection (1008); a subscription that is no longer
+        allowed (grant removed or narrowed, signed token expired) ends with a FORBIDDEN
+        error naming the channel, and the connection stays open. Returns the closes."""
+        # Only the connections open before the queries: one that opened meanwhile holds
+        # a credential they did not look at, and was checked at its handshake anyway.
+        checked = list(self.connections.values())
+        credentials = {c.principal.credential for c in checked if c.principal.credential}
+        # One round of queries for the whole node, whatever its connection count.
+        fresh = await _principals_refresh(credentials) if credentials else {}
+        now = time.time()
+        closed = 0
+        for connection in checked:
+            credential = connection.principal.credential
+            if not connection.is_open:
+                continue
+            changed = False
+            if credential is not None:
+                principal = fresh.get(credential)
+                if principal is None:
+                    connection.close(CloseCode.POLICY)
+                    closed += 1
+                    continue
+                changed = principal != connection.principal
+                # Later publishes and subscribes are decided on the grants as they are now.
+                connection.principal = principal
+            # The decider's answers change only with the principal (or a token's clock):
+            # most connections cost nothing more here.
+            if connection.subscriptions and (changed or connection.token_expiry):
+                await subscriptions_revoke(self, connection, now)
+        return closed
+
+
+def _write_pipeline(on_committed: Callable[[ChannelMessage], None]) -> WritePipeline | None:
+    """The node's group-commit writer, on PostgreSQL (SQLite, a file for development,
+    is written through Django's connection on the database threads instead)."""
+    if database.vendor != "postgresql":
+        return None
+    return WritePipeline(
+        conninfo=pipeline_conninfo(database.get_connection_params()),
+        on_committed=on_committed,
+        window_secs=push_settings.IDEMPOTENCY_WINDOW_SECS,
+        max_batch_messages=push_settings.WRITE_BATCH_MAX_MESSAGES,
+        max_batch_bytes=push_settings.WRITE_BATCH_MAX_BYTES,
+        max_queue_messages=push_settings.WRITE_QUEUE_MAX_MESSAGES,
+        max_queue_bytes=push_settings.WRITE_QUEUE_MAX_BYTES,
+        connect_timeout_secs=push_settings.WRITE_CONNECT_TIMEOUT_SECS,
+        write_timeout_secs=push_settings.WRITE_TIMEOUT_SECS,
+    )
+
+
+_node: Node | None = None
+_starting: asyncio.Future[Node] | None = None
+
+
+async def get_node() -> Node:
+    """The running node of this process, started on first use in this event loop."""
+    global _node, _starting
+    loop = asyncio.get_running_loop()
+    if _node is not None and _node.loop is loop and _node.is_running:
+        return _node
+    if _starting is not None and _starting.get_loop() is loop:
+        return await asyncio.shield(_starting)
+    _starting = loop.create_future()
+    starting = _starting
+    try:
+        node = Node(server_id=settings.NODE_ID)
+        await node.start()
+    except BaseException as exc:
+        starting.set_exception(exc)
+        starting.exception()
+        _starting = None
+        raise
+    _node = node
+    starting.set_result(node)
+    return node
+
+
+async def stop_node() -> None:
+    global _node, _starting
+    node, _node, _starting = _node, None, None
+    if node is not None:
+        await node.stop()
+
+
+async def drain_running_node(*, code: int, deadline_secs: float) -> None:
+    node = broadcast_module.running_node()
+    if node is not None and node.is_running:
+        await node.drain(code=code, deadline_secs=deadline_secs)
+
+
+def tune_garbage_collector(*, gen0_threshold: int, freeze: bool) -> None:
+    """Make the cyclic GC rare and keep start-up objects out of it.
+
+    At thousands of connections the default gen-0 threshold (700) ran a collection
+    every few hundred deliveries and doubled the cost of each; the fan-out path makes
+    few cycles, so collecting rarely costs little memory. ``gc.freeze`` moves
+    everything allocated during start-up (Django, the URLconf, models) to a permanent
+    generation that no collection walks again.
+    """
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0_threshold, gen1, gen2)
+    if freeze:
+        gc.collect()
+        gc.freeze()

@@ -1,0 +1,180 @@
+"""Presence on ``presence-*`` channels, across nodes: who is there, joins and leaves.
+
+A member is a user (or the identity a signed subscription token names), not a
+connection: the first connection of a user joins, the last one leaves, on whatever
+nodes they are. Counts live in Redis and change in Lua scripts, so two nodes never
+both announce the same join. Each node also records its own entries, so when a node
+dies the node that notices (``push.cluster.directory``) removes them and announces the leaves.
+Without Redis (one process) the same rules run in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from push.cluster.node import Node
+    from push.transport.connection import ClientConnection
+
+logger = logging.getLogger(__name__)
+
+Member = dict[str, Any]
+
+# KEYS: conns, counts, members, node index. ARGV: conn field, user, info, index entry.
+_JOIN = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('SADD', KEYS[4], ARGV[4])
+local n = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+if n == 1 then redis.call('HSET', KEYS[3], ARGV[2], ARGV[3]) return 1 end
+return 0
+"""
+_LEAVE = """
+local user = redis.call('HGET', KEYS[1], ARGV[1])
+if not user then return false end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[4], ARGV[2])
+local n = redis.call('HINCRBY', KEYS[2], user, -1)
+if n <= 0 then
+  local info = redis.call('HGET', KEYS[3], user)
+  redis.call('HDEL', KEYS[2], user)
+  redis.call('HDEL', KEYS[3], user)
+  return {user, info or '{}'}
+end
+return false
+"""
+
+
+def member(user_id: Any, info: dict[str, Any] | None) -> Member:
+    return {"user_id": user_id, "info": info or {}}
+
+
+def _user_field(user_id: Any) -> str:
+    return json.dumps(user_id)
+
+
+class PresenceStore:
+    """Join, leave and list members; ``redis`` None keeps everything in this process."""
+
+    def __init__(self, redis: Any, prefix: str, server_id: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.server_id = server_id
+        self._memory: dict[str, dict[str, tuple[str, str]]] = {}  # channel -> conn -> (user, info)
+        if redis is not None:
+            self._join = redis.register_script(_JOIN)
+            self._leave = redis.register_script(_LEAVE)
+
+    def _keys(self, channel: str, server_id: str) -> list[str]:
+        base = f"{self.prefix}:presence:{channel}"
+        return [f"{base}:conns", f"{base}:counts", f"{base}:members", self.node_index(server_id)]
+
+    def node_index(self, server_id: str) -> str:
+        return f"{self.prefix}:presence-node:{server_id}"
+
+    async def join(self, channel: str, connection_id: str, joined: Member) -> bool:
+        """Record a connection; True when its user was not there yet (announce a join)."""
+        user = _user_field(joined["user_id"])
+        info = json.dumps(joined["info"])
+        field = f"{self.server_id}|{connection_id}"
+        if self.redis is None:
+            conns = self._memory.setdefault(channel, {})
+            first = all(u != user for u, _ in conns.values())
+            conns[field] = (user, info)
+            return first
+        entry = f"{channel}|{field}"
+        keys = self._keys(channel, self.server_id)
+        return bool(await self._join(keys=keys, args=[field, user, info, entry]))
+
+    async def leave(
+        self, channel: str, connection_id: str, server_id: str | None = None
+    ) -> Member | None:
+        """Forget a connection; the member when it was its user's last (announce a leave)."""
+        server_id = server_id or self.server_id
+        field = f"{server_id}|{connection_id}"
+        if self.redis is None:
+            conns = self._memory.get(channel, {})
+            gone = conns.pop(field, None)
+            if gone is None or any(u == gone[0] for u, _ in conns.values()):
+                return None
+            return member(json.loads(gone[0]), json.loads(gone[1]))
+        entry = f"{channel}|{field}"
+        result = await self._leave(keys=self._keys(channel, server_id), args=[field, entry])
+        if not result:
+            return None
+        user, info = (r.decode() if isinstance(r, bytes) else r for r in result)
+        return member(json.loads(user), json.loads(info))
+
+    def members_in_memory(self, channel: str) -> list[Member]:
+        seen: dict[str, str] = {}
+        for user, info in list(self._memory.get(channel, {}).values()):
+            seen.setdefault(user, info)
+        return [member(json.loads(u), json.loads(i)) for u, i in seen.items()]
+
+    async def members(self, channel: str) -> list[Member]:
+        if self.redis is None:
+            return self.members_in_memory(channel)
+        return _members_from(await self.redis.hgetall(self._keys(channel, self.server_id)[2]))
+
+    async def entries_of(self, server_id: str) -> list[tuple[str, str]]:
+        """(channel, connection id) of every presence a node recorded (to reap it)."""
+        if self.redis is None:
+            return []
+        entries = await self.redis.smembers(self.node_index(server_id))
+        result = []
+        for entry in entries:
+            channel, _, connection_id = _text(entry).split("|", 2)
+            result.append((channel, connection_id))
+        return result
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _members_from(raw: dict[Any, Any]) -> list[Member]:
+    return [member(json.loads(_text(user)), json.loads(_text(info))) for user, info in raw.items()]
+
+
+def presence_members_sync(channel: str) -> list[Member]:
+    """The members of ``channel``, from synchronous code (the REST API)."""
+    from django.conf import settings
+
+    from push.cluster.broadcast import running_node
+    from push.cluster.directory import redis_prefix
+
+    if not settings.REDIS_URL:
+        node = running_node()
+        return node.presence.members_in_memory(channel) if node is not None else []
+    from core.redis_client import redis_sync
+
+    client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
+    try:
+        return _members_from(client.hgetall(f"{redis_prefix()}:presence:{channel}:members"))
+    finally:
+        client.close()
+
+
+def presence_member(connection: ClientConnection, claims: dict[str, Any] | None) -> dict[str, Any]:
+    """Who this connection is on a presence channel: its user, or the identity a signed
+    subscription token names (``user_id`` and ``info`` in its claims)."""
+    if claims is not None and "user_id" in claims:
+        return member(claims["user_id"], claims.get("info"))
+    principal = connection.principal
+    if principal.kind == "user":
+        return member(principal.id, {"username": principal.name})
+    if principal.kind == "service":
+        return member(principal.key, {"service": principal.name})
+    info = claims.get("info") if claims else None
+    return member(str(connection.connection_id), info)
+
+
+async def leave_presence(node: Node, connection_id: str, channels: list[str]) -> None:
+    for channel in channels:
+        try:
+            left = await node.presence.leave(channel, connection_id)
+            if left is not None:
+                await node.announce_presence("leave", channel, left)
+        except Exception as exc:  # Redis down: the dead-node reaper is not for this node
+            logger.warning("presence leave on %s failed: %s", channel, exc)

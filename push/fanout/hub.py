@@ -1,0 +1,756 @@
+"""Node-local fan-out: the hub that turns one message into frames for every local
+subscriber, in ``seq`` order, each seq once.
+
+Messages reach the hub from the broker (other nodes) and from local publishers, in
+any order. Per channel the hub remembers the last seq it fanned out; a message that
+arrives early waits in a small reorder buffer, and a gap that does not fill within
+``gap_wait_secs`` is read back from history. A periodic sync compares each channel's
+last seq with the database, so a message whose broadcast was lost (Redis restart)
+still arrives, late but in order.
+
+Each message is encoded once per wire format in use and the same frame object goes
+into every subscriber's outbox. Live subscribers are kept per format in plain dicts,
+so the inner loop is one call per subscriber and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import fnmatch
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from core import metrics
+from core.background import spawn
+from core.errors import ErrorCode, PushError
+from push.fanout.message import ChannelMessage, data_bytes
+from push.fanout.outbox import OutFrame
+from push.storage.retention import retention_policy
+from push.storage.selectors import HistoryPage
+
+if TYPE_CHECKING:
+    from push.fanout.limits import ReplaySlots
+    from push.fanout.outbox import Outbox
+    from push.wire.codecs import Codec
+
+logger = logging.getLogger(__name__)
+
+# Messages read per history query when replaying or repairing a gap; a query also
+# stops at a byte budget (``replay_batch_bytes``), so a page of large messages is never
+# read whole into memory.
+HISTORY_BATCH = 500
+REPLAY_BATCH_MAX_BYTES = 4 * 1_048_576
+# A reorder buffer this long means the gap will not fill by itself: repair at once.
+# The same bounds (count and bytes) hold a replay's buffer of live messages.
+MAX_PENDING_PER_CHANNEL = 1000
+PENDING_MAX_BYTES = 4 * 1_048_576
+# Recent messages kept per channel in memory, so clients that resume after a short
+# drop (or all at once, after a node restart) are served without a database read;
+# bounded in bytes too, or 256 messages of 1 MB would hold 256 MB per channel.
+RECENT_PER_CHANNEL = 256
+RECENT_MAX_BYTES = 1_048_576
+# How often a replay looks at its client's send queue (and whether the client left).
+OUTBOX_POLL_SECS = 0.005
+# An empty channel stays joined this long, so clients that reconnect or flap between
+# subscribe and unsubscribe do not cost a broker round trip each time.
+LINGER_SECS = 10.0
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a connection."""
+
+    codec: Codec
+    outbox: Outbox
+    # The client's address, for the per-address bound on replays (None: unknown).
+    ip: str | None
+
+    @property
+    def gone(self) -> bool:
+        """True once the client left or the connection is closing: replays stop."""
+        ...
+
+
+class History(Protocol):
+    async def latest_seqs(self, channels: list[str]) -> dict[str, int]: ...
+
+    async def page(self, channel: str, since: int, limit: int, max_bytes: int) -> HistoryPage: ...
+
+    async def recent(self, channel: str, count: int, max_bytes: int) -> HistoryPage: ...
+
+
+class ChannelState(enum.Enum):
+    JOINING = "joining"
+    LIVE = "live"
+    LEAVING = "leaving"
+
+
+class Subscription:
+    """One connection's subscription to one channel on this node."""
+
+    __slots__ = (
+        "active",
+        "buffer",
+        "buffer_bytes",
+        "buffer_dropped",
+        "channel",
+        "last_seq",
+        "subscriber",
+    )
+
+    def __init__(self, subscriber: Subscriber, channel: HubChannel, last_seq: int) -> None:
+        self.subscriber = subscriber
+        self.channel = channel
+        # Live subscriptions are always at the channel's delivered_seq; this is read
+        # only while the subscription catches up (replay) or sits ahead of the hub.
+        self.last_seq = last_seq
+        # Live messages that arrive while the replay is read are held here.
+        self.buffer: list[ChannelMessage] | None = None
+        self.buffer_bytes = 0
+        # Set when the buffer outgrew its bound and was emptied: the replay then reads
+        # history once more, and that read (begun after the drop) holds all it dropped.
+        self.buffer_dropped = False
+        self.active = True
+
+
+class RecentMessages:
+    """A channel's last messages, contiguous and ending at its delivered seq, bounded by
+    count and by bytes: the oldest go first when either bound is passed (a message
+    larger than the byte bound by itself is not kept; resumes before it read history)."""
+
+    __slots__ = ("_messages", "bytes", "max_bytes")
+
+    def __init__(self, max_count: int, max_bytes: int) -> None:
+        self._messages: collections.deque[ChannelMessage] = collections.deque(maxlen=max_count)
+        self.bytes = 0
+        self.max_bytes = max_bytes
+
+    def append(self, message: ChannelMessage) -> None:
+        messages = self._messages
+        if not messages.maxlen:
+            return
+        if len(messages) == messages.maxlen:
+            self.bytes -= data_bytes(messages[0])
+        messages.append(message)
+        self.bytes += data_bytes(message)
+        while self.bytes > self.max_bytes and messages:
+            self.bytes -= data_bytes(messages.popleft())
+
+    def extend(self, messages: Iterable[ChannelMessage]) -> None:
+        for message in messages:
+            self.append(message)
+
+    def clear(self) -> None:
+        self._messages.clear()
+        self.bytes = 0
+
+    def __getitem__(self, index: int) -> ChannelMessage:
+        return self._messages[index]
+
+    def __iter__(self) -> Iterator[ChannelMessage]:
+        return iter(self._messages)
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+
+class HubChannel:
+    __slots__ = (
+        "catching_up",
+        "delivered_seq",
+        "droppable",
+        "fanned_out",
+        "held_dropped",
+        "linger_handle",
+        "live",
+        "name",
+        "pending",
+        "pending_bytes",
+        "ready",
+        "recent",
+        "repair_handle",
+        "repairing",
+        "retention",
+        "state",
+        "sync_mark",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        droppable: bool,
+        loop: asyncio.AbstractEventLoop,
+        recent_size: int,
+        recent_bytes: int = RECENT_MAX_BYTES,
+    ) -> None:
+        self.name = name
+        self.state = ChannelState.JOINING
+        # codec name -> {outbox.push: subscription}: the fan-out loop calls the keys.
+        self.live: dict[str, dict[Callable[[OutFrame], bool], Subscription]] = {}
+        self.catching_up: dict[Subscription, None] = {}
+        self.delivered_seq = 0
+        self.fanned_out = 0  # messages fanned out here, for the admin's rates
+        self.pending: dict[int, ChannelMessage] = {}
+        self.pending_bytes = 0
+        # An early message was let go (its buffer was full): a repair must read it back.
+        self.held_dropped = False
+        self.droppable = droppable
+        self.retention = retention_policy(name)
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.repair_handle: asyncio.TimerHandle | None = None
+        self.repairing = False
+        # The database's last seq at the previous sync: if the hub is still behind it
+        # a whole sync interval later, the broadcast was lost and history fills in.
+        self.sync_mark = 0
+        self.linger_handle: asyncio.TimerHandle | None = None
+        # The last messages fanned out, contiguous and ending at delivered_seq.
+        self.recent = RecentMessages(recent_size, recent_bytes)
+
+    def covers_since(self, since: int) -> bool:
+        """True when every message after ``since`` is in ``recent``."""
+        recent = self.recent
+        return bool(recent) and recent[0].seq <= since + 1
+
+    def subscriber_count(self) -> int:
+        return sum(len(subs) for subs in self.live.values()) + len(self.catching_up)
+
+
+def encode_frame(codec: Codec, message: ChannelMessage, droppable: bool) -> OutFrame:
+    frame = message.frames.get(codec.name)
+    if frame is None:
+        payload = codec.encode_message(message)
+        frame = OutFrame(
+            codec.send_event(payload),
+            len(payload),
+            droppable,
+            channel=message.channel,
+            seq=message.seq,
+        )
+        message.frames[codec.name] = frame
+    return frame
+
+
+def _push_each(by_codec: dict[Callable[[OutFrame], bool], Subscription], frame: OutFrame) -> None:
+    """``push(frame)`` for every subscriber of one format. The channel's delivered_seq
+    has moved on already, so a push that raises (a bug, a server that broke under us)
+    must not keep the message from the subscribers after it: that one subscriber is
+    failed, and the loop resumes on the same iterator after it. One ``try`` around the
+    loop costs nothing until something raises (Python 3.11), unlike one per push."""
+    pushes = iter(by_codec)
+    push = failed = None
+    while True:
+        try:
+            for push in pushes:
+                push(frame)
+            return
+        except Exception as exc:
+            if push is failed:  # raised by the iteration itself: nothing to resume
+                raise
+            failed = push
+            _subscriber_failed(by_codec[push], exc)  # type: ignore[index]
+
+
+def _subscriber_failed(subscription: Subscription, exc: Exception) -> None:
+    metrics.FAN_OUT_FAILURES.inc()
+    logger.error("fan-out to a subscriber of %s failed", subscription.channel.name, exc_info=exc)
+    # The outbox refuses everything from now on and has the connection closed (1011).
+    subscription.subscriber.outbox.fail(exc)
+
+
+class Hub:
+    def __init__(
+        self,
+        *,
+        history: History,
+        join: Callable[[str], Awaitable[None]],
+        leave: Callable[[str], Awaitable[None]],
+        drop_oldest_patterns: list[str],
+        gap_wait_secs: float,
+        linger_secs: float = LINGER_SECS,
+        recent_size: int = RECENT_PER_CHANNEL,
+        recent_bytes: int = RECENT_MAX_BYTES,
+        replay_batch_bytes: int = REPLAY_BATCH_MAX_BYTES,
+        max_pending: int = MAX_PENDING_PER_CHANNEL,
+        pending_bytes: int = PENDING_MAX_BYTES,
+        replay_slots: ReplaySlots | None = None,
+    ) -> None:
+        self.history = history
+        self._join = join
+        self._leave = leave
+        self._drop_oldest_patterns = drop_oldest_patterns
+        self.gap_wait_secs = gap_wait_secs
+        self.linger_secs = linger_secs
+        self.recent_size = recent_size
+        self.recent_bytes = recent_bytes
+        self.replay_batch_bytes = replay_batch_bytes
+        self.max_pending = max_pending
+        self.pending_bytes = pending_bytes
+        self.replay_slots = replay_slots
+        self.channels: dict[str, HubChannel] = {}
+        self.loop = asyncio.get_running_loop()
+
+    # ----- subscribing ---------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        subscriber: Subscriber,
+        channel: str,
+        *,
+        since: int | None,
+        reply: Callable[[int, bool | None], None],
+    ) -> Subscription:
+        """Attach a subscriber; ``reply(seq, recovered)`` is called before any message
+        reaches it. With ``since``, every stored message after it is replayed first,
+        then the live stream follows with nothing missing and nothing twice."""
+        hub_channel = await self._channel_for_subscribe(channel)
+        if since is not None and since > hub_channel.delivered_seq:
+            latest = await self._latest_seq_or_none(hub_channel)
+            if latest is not None and since > latest:
+                # A cursor past anything the channel ever had (its history was reset,
+                # or the client made it up): say the real latest seq with recovered
+                # false, so the client refetches state, and go on from there.
+                ahead = latest if latest > hub_channel.delivered_seq else None
+                return self._attach_live(subscriber, hub_channel, ahead, reply, False)
+        if since is None or since >= hub_channel.delivered_seq:
+            # Messages held for reordering are past delivered_seq: they reach this
+            # subscriber through the normal path, in order.
+            recovered = None if since is None else True
+            return self._attach_live(subscriber, hub_channel, since, reply, recovered)
+        if hub_channel.covers_since(since):
+            return self._attach_from_recent(subscriber, hub_channel, since, reply)
+        return await self._attach_with_replay(subscriber, hub_channel, since, reply)
+
+    def _attach_from_recent(
+        self,
+        subscriber: Subscriber,
+        hub_channel: HubChannel,
+        since: int,
+        reply: Callable[[int, bool | None], None],
+    ) -> Subscription:
+        """Resume from memory: no await between the replay and going live, so nothing
+        can slip in between, and the frames are the ones already encoded for others.
+        Retention applies here as in the database: what it no longer keeps is not
+        replayed, and the client learns it from ``recovered: false``."""
+        subscription = Subscription(subscriber, hub_channel, since)
+        kept = hub_channel.retention.kept(hub_channel.recent, hub_channel.delivered_seq)
+        recovered = bool(kept) and kept[0].seq <= since + 1
+        reply(hub_channel.delivered_seq, recovered)
+        self._replay(subscription, kept)
+        self._make_live(subscription)
+        metrics.SUBSCRIPTIONS.inc()
+        return subscription
+
+    async def _latest_seq_or_none(self, hub_channel: HubChannel) -> int | None:
+        """The channel's latest stored seq, read only for a client that has seen more
+        than this node; None when the database cannot say (the client is trusted)."""
+        try:
+            latest = await self.history.latest_seqs([hub_channel.name])
+        except Exception as exc:
+            logger.warning("latest seq of %s not read: %s", hub_channel.name, exc)
+            return None
+        return latest.get(hub_channel.name, 0)
+
+    def _attach_live(
+        self,
+        subscriber: Subscriber,
+        hub_channel: HubChannel,
+        since: int | None,
+        reply: Callable[[int, bool | None], None],
+        recovered: bool | None,
+    ) -> Subscription:
+        subscription = Subscription(subscriber, hub_channel, hub_channel.delivered_seq)
+        reply(max(hub_channel.delivered_seq, since or 0), recovered)
+        if since is not None and since > hub_channel.delivered_seq:
+            # The client has seen further than this node (it came from a node ahead of
+            # us): hold back until the hub catches up to what it already has.
+            subscription.last_seq = since
+            hub_channel.catching_up[subscription] = None
+        else:
+            self._make_live(subscription)
+        metrics.SUBSCRIPTIONS.inc()
+        return subscription
+
+    async def _attach_with_replay(
+        self,
+        subscriber: Subscriber,
+        hub_channel: HubChannel,
+        since: int,
+        reply: Callable[[int, bool | None], None],
+    ) -> Subscription:
+        """Replay from history, then go live. The replay holds a slot of the node's and
+        the client address's bounds, and stops as soon as its client leaves (before
+        each page and while it waits for the client to read): the subscription comes
+        back inactive then, and nothing more is read for it."""
+        subscription = Subscription(subscriber, hub_channel, since)
+        subscription.buffer = []
+        hub_channel.catching_up[subscription] = None
+        metrics.SUBSCRIPTIONS.inc()
+        slots = self.replay_slots
+        holds_slot = False
+        try:
+            holds_slot = slots is None or await slots.acquire(
+                subscriber.ip, lambda: subscriber.gone
+            )
+            if holds_slot and not subscriber.gone:
+                await self._replay_history(subscription, since, reply)
+        except BaseException:
+            self.unsubscribe(subscription)
+            raise
+        finally:
+            if holds_slot and slots is not None:
+                slots.release(subscriber.ip)
+        if subscriber.gone:
+            self.unsubscribe(subscription)
+        if subscription.active:
+            self._finish_replay(subscription)
+        return subscription
+
+    async def _replay_history(
+        self, subscription: Subscription, since: int, reply: Callable[[int, bool | None], None]
+    ) -> None:
+        hub_channel = subscription.channel
+        subscriber = subscription.subscriber
+        outbox = subscriber.outbox
+        # Pages sized to half the client's send queue: the replay waits until the
+        # client has read down to half, so one page never overflows the queue.
+        limit = max(1, min(HISTORY_BATCH, outbox.max_frames // 2))
+        max_bytes = max(1, min(self.replay_batch_bytes, outbox.max_bytes // 2))
+        delivered = hub_channel.delivered_seq
+        page = await self.history.page(hub_channel.name, since, limit, max_bytes)
+        # History that knows less than this node had delivered before the read lost it
+        # (a recent channel's window went with Redis): the replay is not complete.
+        recovered = page.complete_from_since and page.latest_seq >= delivered
+        reply(max(page.latest_seq, hub_channel.delivered_seq), recovered)
+        if not page.complete_from_since and page.messages:
+            # Retention trimmed part of the range: replay from the oldest kept one.
+            subscription.last_seq = page.messages[0].seq - 1
+        while subscription.active and not subscriber.gone:
+            self._replay(subscription, page.messages)
+            more = len(page.messages) >= limit or page.truncated
+            if not more and not subscription.buffer_dropped:
+                return
+            subscription.buffer_dropped = False
+            if not await self._wait_for_room(subscriber):
+                return
+            page = await self.history.page(
+                hub_channel.name, subscription.last_seq, limit, max_bytes
+            )
+
+    async def _wait_for_room(self, subscriber: Subscriber) -> bool:
+        """Wait until the client has read its send queue down to half (frames and
+        bytes): a replay paces itself by the client's reading. False if it left."""
+        outbox = subscriber.outbox
+        delay = OUTBOX_POLL_SECS
+        while len(outbox) > outbox.max_frames // 2 or outbox.queued_bytes > outbox.max_bytes // 2:
+            if subscriber.gone or outbox.closed:
+                return False
+            # A client that reads is looked at every 5 ms; one that stopped reading
+            # ever less often (up to 10 times a second), so the replays the node's
+            # slots allow cost little while their clients stall.
+            before = outbox.queued_bytes
+            await asyncio.sleep(delay)
+            delay = OUTBOX_POLL_SECS if outbox.queued_bytes < before else min(delay * 2, 0.1)
+        return not subscriber.gone
+
+    def _replay(self, subscription: Subscription, messages: list[ChannelMessage]) -> None:
+        push = subscription.subscriber.outbox.push
+        codec = subscription.subscriber.codec
+        droppable = subscription.channel.droppable
+        for message in messages:
+            if message.seq > subscription.last_seq:
+                subscription.last_seq = message.seq
+                push(encode_frame(codec, message, droppable))
+
+    def _finish_replay(self, subscription: Subscription) -> None:
+        buffered = subscription.buffer or []
+        subscription.buffer = None
+        subscription.buffer_bytes = 0
+        self._replay(subscription, buffered)
+        hub_channel = subscription.channel
+        if subscription.last_seq <= hub_channel.delivered_seq:
+            del hub_channel.catching_up[subscription]
+            self._make_live(subscription)
+        # else: ahead of the hub; _feed_catching_up promotes it when the hub arrives.
+
+    def _make_live(self, subscription: Subscription) -> None:
+        subscriber = subscription.subscriber
+        subscription.last_seq = subscription.channel.delivered_seq
+        by_codec = subscription.channel.live.setdefault(subscriber.codec.name, {})
+        by_codec[subscriber.outbox.push] = subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        if not subscription.active:
+            return
+        subscription.active = False
+        metrics.SUBSCRIPTIONS.dec()
+        hub_channel = subscription.channel
+        hub_channel.catching_up.pop(subscription, None)
+        by_codec = hub_channel.live.get(subscription.subscriber.codec.name)
+        if by_codec is not None:
+            by_codec.pop(subscription.subscriber.outbox.push, None)
+            if not by_codec:
+                del hub_channel.live[subscription.subscriber.codec.name]
+        if hub_channel.subscriber_count() == 0 and hub_channel.linger_handle is None:
+            hub_channel.linger_handle = self.loop.call_later(
+                self.linger_secs, self._leave_if_empty, hub_channel
+            )
+
+    # ----- channel membership on the broker ------------------------------------------
+
+    async def _channel_for_subscribe(self, name: str) -> HubChannel:
+        while True:
+            hub_channel = self.channels.get(name)
+            if hub_channel is None:
+                hub_channel = await self._join_channel(name)
+            elif not hub_channel.ready.done():
+                await asyncio.shield(hub_channel.ready)
+            if hub_channel.state is ChannelState.LEAVING:
+                await asyncio.shield(hub_channel.ready)
+                continue
+            if hub_channel.linger_handle is not None:
+                hub_channel.linger_handle.cancel()
+                hub_channel.linger_handle = None
+            return hub_channel
+
+    async def _join_channel(self, name: str) -> HubChannel:
+        droppable = any(fnmatch.fnmatchcase(name, p) for p in self._drop_oldest_patterns)
+        hub_channel = HubChannel(name, droppable, self.loop, self.recent_size, self.recent_bytes)
+        self.channels[name] = hub_channel
+        try:
+            # Join first, then read the last seq: anything committed after the read is
+            # broadcast after the join, so it reaches us; anything before is <= seq.
+            await self._join(name)
+            window = await self.history.recent(name, self.recent_size, self.recent_bytes)
+            hub_channel.delivered_seq = window.latest_seq
+        except BaseException as exc:
+            self.channels.pop(name, None)
+            hub_channel.ready.set_exception(
+                PushError(ErrorCode.UNAVAILABLE, "channel could not be joined")
+            )
+            hub_channel.ready.exception()  # retrieved: waiters get their own error
+            if isinstance(exc, PushError):
+                raise
+            raise PushError(ErrorCode.UNAVAILABLE, f"message broker unavailable: {exc}") from exc
+        hub_channel.recent.extend(m for m in window.messages if m.seq <= window.latest_seq)
+        hub_channel.sync_mark = hub_channel.delivered_seq
+        hub_channel.state = ChannelState.LIVE
+        hub_channel.ready.set_result(None)
+        metrics.HUB_CHANNELS.set(len(self.channels))
+        self._drain_pending(hub_channel)
+        return hub_channel
+
+    def _leave_if_empty(self, hub_channel: HubChannel) -> None:
+        hub_channel.linger_handle = None
+        if hub_channel.subscriber_count() or hub_channel.state is not ChannelState.LIVE:
+            return
+        hub_channel.state = ChannelState.LEAVING
+        hub_channel.ready = self.loop.create_future()
+        spawn(self._leave_channel(hub_channel), name="push-hub-leave", loop=self.loop)
+
+    async def _leave_channel(self, hub_channel: HubChannel) -> None:
+        try:
+            await self._leave(hub_channel.name)
+        except Exception as exc:
+            logger.warning("leaving %s on the broker failed: %s", hub_channel.name, exc)
+        finally:
+            if self.channels.get(hub_channel.name) is hub_channel:
+                del self.channels[hub_channel.name]
+            if hub_channel.repair_handle is not None:
+                hub_channel.repair_handle.cancel()
+            hub_channel.ready.set_result(None)
+            metrics.HUB_CHANNELS.set(len(self.channels))
+
+    # ----- ordering and fan-out --------------------------------------------------------
+
+    def deliver(self, message: ChannelMessage) -> None:
+        """Take a message from the broker or a local publisher, in any order."""
+        hub_channel = self.channels.get(message.channel)
+        if hub_channel is None or hub_channel.state is ChannelState.LEAVING:
+            return
+        if hub_channel.state is ChannelState.JOINING:
+            self._hold(hub_channel, message)
+            return
+        next_seq = hub_channel.delivered_seq + 1
+        if message.seq == next_seq:
+            self._fan_out(hub_channel, message)
+            if hub_channel.pending:
+                self._drain_pending(hub_channel)
+        elif message.seq > next_seq:
+            if not self._hold(hub_channel, message) or len(hub_channel.pending) >= self.max_pending:
+                self._start_repair(hub_channel)
+            else:
+                self._schedule_repair(hub_channel)
+        # else: seen already (our own publish echoed by the broker, or a repair).
+
+    def _hold(self, hub_channel: HubChannel, message: ChannelMessage) -> bool:
+        """Keep a message that came early until the ones before it arrive. Past the
+        buffer's bounds (count and bytes) it is let go instead, and read back from
+        history by the repair; False then."""
+        pending = hub_channel.pending
+        if message.seq in pending:
+            return True
+        size = data_bytes(message)
+        if pending and (
+            len(pending) >= self.max_pending
+            or hub_channel.pending_bytes + size > self.pending_bytes
+        ):
+            hub_channel.held_dropped = True
+            metrics.HUB_BUFFER_DROPS.labels("pending").inc()
+            return False
+        pending[message.seq] = message
+        hub_channel.pending_bytes += size
+        return True
+
+    def _unhold(self, hub_channel: HubChannel, seq: int) -> ChannelMessage | None:
+        message = hub_channel.pending.pop(seq, None)
+        if message is not None:
+            hub_channel.pending_bytes -= data_bytes(message)
+        return message
+
+    def _drain_pending(self, hub_channel: HubChannel) -> None:
+        pending = hub_channel.pending
+        for seq in [seq for seq in pending if seq <= hub_channel.delivered_seq]:
+            self._unhold(hub_channel, seq)
+        while (message := self._unhold(hub_channel, hub_channel.delivered_seq + 1)) is not None:
+            self._fan_out(hub_channel, message)
+        if pending or hub_channel.held_dropped:
+            self._schedule_repair(hub_channel)
+        elif hub_channel.repair_handle is not None:
+            # The gap filled by itself: no history read needed.
+            hub_channel.repair_handle.cancel()
+            hub_channel.repair_handle = None
+
+    def _fan_out(self, hub_channel: HubChannel, message: ChannelMessage) -> None:
+        hub_channel.delivered_seq = message.seq
+        hub_channel.fanned_out += 1
+        hub_channel.recent.append(message)
+        delivered = 0
+        droppable = hub_channel.droppable
+        for codec_name, by_codec in hub_channel.live.items():
+            frame = message.frames.get(codec_name)
+            if frame is None:
+                codec = next(iter(by_codec.values())).subscriber.codec
+                frame = encode_frame(codec, message, droppable)
+            _push_each(by_codec, frame)
+            delivered += len(by_codec)
+        if hub_channel.catching_up:
+            self._feed_catching_up(hub_channel, message)
+        metrics.MESSAGES_FANNED_OUT.inc()
+        metrics.DELIVERIES.inc(delivered)
+        metrics.PUBLISH_TO_DELIVERY.observe(max(0.0, time.time() - message.timestamp))
+
+    def deliver_event(self, channel: str, envelope: dict[str, Any]) -> None:
+        """Push an envelope that is not a numbered message (presence join and leave) to
+        the channel's subscribers on this node, encoded once per format."""
+        hub_channel = self.channels.get(channel)
+        if hub_channel is None:
+            return
+        for by_codec in hub_channel.live.values():
+            codec = next(iter(by_codec.values())).subscriber.codec
+            payload = codec.encode(envelope)
+            frame = OutFrame(codec.send_event(payload), len(payload))
+            _push_each(by_codec, frame)
+
+    def _feed_catching_up(self, hub_channel: HubChannel, message: ChannelMessage) -> None:
+        for subscription in list(hub_channel.catching_up):
+            buffer = subscription.buffer
+            if buffer is not None:
+                size = data_bytes(message)
+                if buffer and (
+                    len(buffer) >= self.max_pending
+                    or subscription.buffer_bytes + size > self.pending_bytes
+                ):
+                    # A replay slower than the channel: forget what is held (it is
+                    # stored) instead of holding an unbounded list.
+                    buffer.clear()
+                    subscription.buffer_bytes = 0
+                    subscription.buffer_dropped = True
+                    metrics.HUB_BUFFER_DROPS.labels("replay").inc()
+                buffer.append(message)
+                subscription.buffer_bytes += size
+                continue
+            self._replay(subscription, [message])
+            if subscription.last_seq <= hub_channel.delivered_seq:
+                del hub_channel.catching_up[subscription]
+                self._make_live(subscription)
+
+    # ----- filling gaps from history ---------------------------------------------------
+
+    def _schedule_repair(self, hub_channel: HubChannel, delay: float | None = None) -> None:
+        if hub_channel.repair_handle is not None or hub_channel.repairing:
+            return
+        hub_channel.repair_handle = self.loop.call_later(
+            self.gap_wait_secs if delay is None else delay, self._start_repair, hub_channel
+        )
+
+    def _start_repair(self, hub_channel: HubChannel) -> None:
+        if hub_channel.repair_handle is not None:
+            hub_channel.repair_handle.cancel()
+            hub_channel.repair_handle = None
+        if hub_channel.repairing or hub_channel.state is not ChannelState.LIVE:
+            return
+        hub_channel.repairing = True
+        spawn(self._repair(hub_channel), name="push-hub-repair", loop=self.loop)
+
+    async def _repair(self, hub_channel: HubChannel) -> None:
+        metrics.GAP_REPAIRS.inc()
+        # What was let go before this read is read back by it.
+        hub_channel.held_dropped = False
+        retry = False
+        try:
+            while hub_channel.state is ChannelState.LIVE:
+                # The seq the page is read from, taken before the read: live messages
+                # keep arriving while it runs, and only the page can prove a trim.
+                since = hub_channel.delivered_seq
+                page = await self.history.page(
+                    hub_channel.name, since, HISTORY_BATCH, self.replay_batch_bytes
+                )
+                if not page.complete_from_since:
+                    self._skip_trimmed_gap(hub_channel, page)
+                for message in page.messages:
+                    self.deliver(message)
+                more = len(page.messages) >= HISTORY_BATCH or page.truncated
+                if not more or hub_channel.delivered_seq == since:
+                    break
+        except Exception as exc:
+            logger.warning("history read for %s failed: %s", hub_channel.name, exc)
+            retry = True
+        finally:
+            hub_channel.repairing = False
+        if retry or hub_channel.pending or hub_channel.held_dropped:
+            self._schedule_repair(hub_channel, delay=max(self.gap_wait_secs, 1.0))
+
+    def _skip_trimmed_gap(self, hub_channel: HubChannel, page: HistoryPage) -> None:
+        """History lacks seqs after the page's ``since`` although later ones were
+        committed (retention removed them): go on from the oldest kept message;
+        subscribers see the gap in seq, as the contract says.
+
+        Only the page is evidence of a trim. Commits are in seq order, so a page whose
+        latest seq is past ``since`` holds ``since + 1`` unless it was deleted; a
+        message that is merely late on the broker never looks like this."""
+        first_kept = page.messages[0].seq if page.messages else page.latest_seq + 1
+        if hub_channel.delivered_seq >= first_kept - 1:
+            return  # the gap filled while the page was read
+        logger.warning(
+            "%s: seqs %d..%d are not in history; skipping",
+            hub_channel.name,
+            hub_channel.delivered_seq + 1,
+            first_kept - 1,
+        )
+        hub_channel.delivered_seq = first_kept - 1
+        hub_channel.recent.clear()  # it must stay contiguous
+        self._drain_pending(hub_channel)
+
+    async def sync_with_history(self) -> None:
+        """Catch up channels whose broadcast was lost: compare with the database."""
+        live = [c for c in self.channels.values() if c.state is ChannelState.LIVE]
+        if not live:
+            return
+        latest = await self.history.latest_seqs([c.name for c in live])
+        for hub_channel in live:
+            if hub_channel.delivered_seq < hub_channel.sync_mark:
+                self._start_repair(hub_channel)
+            hub_channel.sync_mark = latest.get(hub_channel.name, 0)

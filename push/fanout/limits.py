@@ -1,0 +1,123 @@
+"""Per-connection and per-node limits that keep one client from hurting the others."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from core import metrics
+from core.errors import ErrorCode, PushError
+
+
+class TokenBucket:
+    """``burst`` frames at once, refilled at ``rate_per_sec``; the contract's default is
+    a burst of 100 and 50 per second sustained."""
+
+    __slots__ = ("burst", "clock", "rate_per_sec", "tokens", "updated")
+
+    def __init__(self, burst: int, rate_per_sec: float, clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+        self.burst = burst
+        self.rate_per_sec = rate_per_sec
+        self.tokens = float(burst)
+        self.clock = clock
+        self.updated = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_sec)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class NoLimit:
+    """The rate limiter of a connection that has none (a back-end's service token)."""
+
+    __slots__ = ()
+
+    def take(self) -> bool:
+        return True
+
+
+NO_LIMIT = NoLimit()
+
+
+class ConnectionCounter:
+    """Open connections per key (user, IP) on this node, against a limit (0: none)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._counts: Counter[object] = Counter()
+
+    def try_add(self, key: object) -> bool:
+        if key is None:
+            return True
+        if self.limit and self._counts[key] >= self.limit:
+            return False
+        self._counts[key] += 1
+        return True
+
+    def remove(self, key: object) -> None:
+        if key is None:
+            return
+        self._counts[key] -= 1
+        if self._counts[key] <= 0:
+            del self._counts[key]
+
+
+class ReplaySlots:
+    """Replays read from the database at once, per node and per client address.
+
+    A resume that the node's recent messages cannot serve reads history page by page;
+    without a bound, a hundred anonymous clients resuming from 0 keep the database and
+    the node busy for seconds each. Over a bound a replay waits up to ``wait_secs`` for
+    a slot, checking ``gone`` as it waits, then is refused: RATE_LIMITED when its own
+    address holds too many (that client should slow down), UNAVAILABLE when the node
+    does (try again later, or elsewhere). 0 turns a bound off.
+    """
+
+    POLL_SECS = 0.02
+
+    def __init__(self, *, per_node: int, per_ip: int, wait_secs: float) -> None:
+        self.per_node = per_node
+        self.per_ip = per_ip
+        self.wait_secs = wait_secs
+        self.in_use = 0
+        self._per_ip: Counter[object] = Counter()
+
+    def _free(self, ip: object) -> ErrorCode | None:
+        """None when a slot is free for ``ip``, else the code of the bound it meets."""
+        if self.per_ip and ip is not None and self._per_ip[ip] >= self.per_ip:
+            return ErrorCode.RATE_LIMITED
+        if self.per_node and self.in_use >= self.per_node:
+            return ErrorCode.UNAVAILABLE
+        return None
+
+    async def acquire(self, ip: object, gone: Callable[[], bool]) -> bool:
+        """Take a slot; False when the client left while waiting. Raises PushError
+        when no slot freed within ``wait_secs``."""
+        deadline = time.monotonic() + self.wait_secs
+        while (refusal := self._free(ip)) is not None:
+            if gone():
+                return False
+            if time.monotonic() >= deadline:
+                metrics.REPLAYS_REFUSED.labels(refusal.value).inc()
+                raise PushError(refusal, "too many history replays at once; try again later")
+            await asyncio.sleep(self.POLL_SECS)
+        self.in_use += 1
+        if ip is not None:
+            self._per_ip[ip] += 1
+        metrics.REPLAYS_ACTIVE.set(self.in_use)
+        return True
+
+    def release(self, ip: object) -> None:
+        self.in_use -= 1
+        if ip is not None:
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
+        metrics.REPLAYS_ACTIVE.set(self.in_use)

@@ -1,0 +1,329 @@
+"""Per-connection send queue: the last step of the fan-out path.
+
+The hub appends shared, already-encoded frames; a writer task exists only while the
+queue has something in it, so an idle connection costs no task. The queue is bounded
+(frames and bytes) because a client that stops reading must never hold memory or
+delay anyone else: when it overflows, the connection is closed with 4002, unless the
+frame belongs to a drop-oldest channel (tickers), in which case the oldest such
+frame is dropped and the client sees the gap in ``seq``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from core import metrics
+from push.wire.frames import data_frame
+
+logger = logging.getLogger(__name__)
+
+# Bound here: one global lookup per direct write instead of two.
+_DIRECT_WRITES = metrics.DIRECT_WRITES
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+# Where the server does not push back (daphne), the writer pauses while the server has
+# more than this many unsent bytes for the socket, and resumes below the second bound.
+BACKLOG_PAUSE_BYTES = 256 * 1024
+BACKLOG_RESUME_BYTES = 64 * 1024
+BACKLOG_POLL_SECS = 0.01
+
+
+class WriteFailed(Exception):
+    """Raised (handed to ``on_send_failed``) when a write to a connection failed on our
+    side (a broken direct write, a push that raised in the fan-out), as opposed to the
+    server's ``send`` raising because the peer went away."""
+
+
+class OutFrame:
+    """One encoded frame, shared by all its recipients: as an ASGI send event, and as
+    the WebSocket frame's bytes (built on first use) for writing to sockets directly."""
+
+    __slots__ = ("_wire", "channel", "droppable", "event", "seq", "size")
+
+    def __init__(
+        self,
+        event: dict[str, Any],
+        size: int,
+        droppable: bool = False,
+        *,
+        channel: str | None = None,
+        seq: int | None = None,
+    ) -> None:
+        self.event = event
+        self.size = size
+        self.droppable = droppable
+        # Which channel message this frame carries (None for replies and events): a
+        # transport that tracks a cursor (SSE's ``id:``) reads it here.
+        self.channel = channel
+        self.seq = seq
+        self._wire: bytes | None = None
+
+    @property
+    def wire(self) -> bytes:
+        if self._wire is None:
+            event = self.event
+            if event["type"] == "http.response.body":
+                # One chunk of a chunked response body (an SSE event); never empty.
+                body = event["body"]
+                self._wire = b"%x\r\n%b\r\n" % (len(body), body)
+            elif (payload := event.get("bytes")) is None:
+                # A text frame is JSON, and a lone surrogate can only sit inside one of
+                # its strings: written as the \ud800 escape it reads back as the same
+                # string, where a strict encode would raise out of the fan-out loop.
+                text = event["text"].encode("utf-8", "backslashreplace")
+                self._wire = data_frame(text, binary=False)
+            else:
+                self._wire = data_frame(payload, binary=True)
+        return self._wire
+
+
+class Outbox:
+    __slots__ = (
+        "_closed",
+        "_queue",
+        "_queued_bytes",
+        "_send",
+        "_writer",
+        "backlog_probe",
+        "max_bytes",
+        "max_frames",
+        "on_drop",
+        "on_overflow",
+        "on_send_failed",
+        "raw_writable",
+        "raw_write",
+    )
+
+    def __init__(
+        self,
+        send: Send,
+        *,
+        max_frames: int,
+        max_bytes: int,
+        on_overflow: Callable[[], None],
+        on_drop: Callable[[], None] | None = None,
+        on_send_failed: Callable[[BaseException], None] | None = None,
+        backlog_probe: Callable[[], int] | None = None,
+        raw: tuple[Callable[[bytes], None], Callable[[], bool]] | None = None,
+    ) -> None:
+        self._send = send
+        # Created on first use and dropped when drained: an empty deque is ~600 bytes,
+        # and most connections are idle most of the time.
+        self._queue: collections.deque[OutFrame] | None = None
+        self._queued_bytes = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.on_overflow = on_overflow
+        self.on_drop = on_drop
+        self.on_send_failed = on_send_failed
+        # Bytes the server has accepted but not yet written to the socket, where the
+        # server does not push back through ``send`` (daphne buffers without limit).
+        self.backlog_probe = backlog_probe
+        # Writing whole frames to the socket directly (see push.transport.server_adapters).
+        self.raw_write, self.raw_writable = raw if raw is not None else (None, None)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        return len(self._queue) if self._queue is not None else 0
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    def push(self, frame: OutFrame) -> bool:
+        """Queue a frame; False when the connection is closed or was just overflowed."""
+        if self._closed:
+            return False
+        queue = self._queue
+        if self._writer is None and not queue:
+            probe = self.backlog_probe
+            if probe is None or probe() <= BACKLOG_PAUSE_BYTES:
+                raw_writable = self.raw_writable
+                if raw_writable is not None and raw_writable():
+                    wire = None
+                    try:  # free in Python 3.11 until something raises
+                        wire = frame.wire
+                        self.raw_write(wire)  # type: ignore[misc]
+                    except Exception as exc:
+                        return self._raw_write_failed(frame, exc, attempted=wire is not None)
+                    _DIRECT_WRITES.value += 1
+                    return True
+                return self._send_now(frame)
+        if queue is None:
+            queue = self._queue = collections.deque()
+        full = len(queue) >= self.max_frames or (
+            queue and self._queued_bytes + frame.size > self.max_bytes
+        )
+        if full and not (frame.droppable and self._drop_oldest_droppable()):
+            # Refuse everything from now on: the connection is being dropped.
+            self._closed = True
+            self.on_overflow()
+            return False
+        queue.append(frame)
+        self._queued_bytes += frame.size
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+        return True
+
+    def _send_now(self, frame: OutFrame) -> bool:
+        """Hand the frame to the server within this call, without a task.
+
+        Both servers' ``send`` complete without suspending while the socket takes data
+        (uvicorn's waits only when its transport paused writing; daphne's never
+        waits), so the coroutine is stepped by hand: a delivery then costs the write
+        and nothing else, not a task and a loop turn per connection. If the server
+        does make it wait, the rest of that send continues in the writer task.
+        """
+        coroutine = self._send(frame.event)
+        try:
+            waiting_on = coroutine.send(None)
+        except StopIteration:
+            return True
+        except Exception as exc:  # the peer went away
+            self._fail(exc)
+            return False
+        self._writer = asyncio.get_running_loop().create_task(
+            self._drain(_Resumed(coroutine, waiting_on))
+        )
+        return True
+
+    def _raw_write_failed(self, frame: OutFrame, exc: Exception, *, attempted: bool) -> bool:
+        """The direct write raised: this connection writes through the server from now
+        on. If the frame never reached the socket, it goes through the server now;
+        if the write itself failed, part of it may be on the wire, so the stream can
+        no longer be trusted and the connection fails (1011 through ``on_send_failed``)."""
+        self.raw_write = self.raw_writable = None
+        _log_raw_write_failure(exc)
+        if not attempted:
+            metrics.DIRECT_WRITE_FAILURES.labels("fallback").inc()
+            return self._send_now(frame)
+        metrics.DIRECT_WRITE_FAILURES.labels("closed").inc()
+        self.fail(exc)
+        return False
+
+    def fail(self, exc: BaseException) -> None:
+        """Writing to this connection broke (not the peer leaving): refuse and drop
+        every frame, and tell the owner, who closes it."""
+        failure = WriteFailed(str(exc))
+        failure.__cause__ = exc
+        self._fail(failure)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._closed = True
+        if self._queue is not None:
+            self._queue.clear()
+        if self.on_send_failed is not None:
+            self.on_send_failed(exc)
+
+    def _drop_oldest_droppable(self) -> bool:
+        queue = self._queue or ()
+        for index, queued in enumerate(queue):
+            if queued.droppable:
+                del self._queue[index]  # type: ignore[index]
+                self._queued_bytes -= queued.size
+                if self.on_drop is not None:
+                    self.on_drop()
+                return True
+        return False
+
+    async def _drain(self, unfinished: _Resumed | None = None) -> None:
+        send = self._send
+        probe = self.backlog_probe
+        queue = self._queue
+        try:
+            if unfinished is not None:
+                await unfinished
+                queue = self._queue
+            while queue:
+                if probe is not None and probe() > BACKLOG_PAUSE_BYTES:
+                    await self._wait_for_backlog(probe)
+                frame = queue.popleft()
+                self._queued_bytes -= frame.size
+                await send(frame.event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the peer went away mid-send
+            self._fail(exc)
+        finally:
+            self._writer = None
+            if self._queue is not None and not self._queue:
+                self._queue = None
+
+    async def _wait_for_backlog(self, probe: Callable[[], int]) -> None:
+        """Hold frames here while the server's own buffer drains, so a reader that fell
+        behind fills this bounded queue (and meets its limits) instead of the server's."""
+        while not self._closed and probe() > BACKLOG_RESUME_BYTES:
+            await asyncio.sleep(BACKLOG_POLL_SECS)
+
+    async def flush(self, deadline_secs: float) -> None:
+        """Wait until every queued frame was handed to the server, or the deadline."""
+        writer = self._writer
+        if writer is not None:
+            await asyncio.wait({writer}, timeout=deadline_secs)
+
+    def discard(self) -> None:
+        """Close the queue: drop what is queued and stop the writer."""
+        self._closed = True
+        if self._queue is not None:
+            self._queue.clear()
+            self._queue = None
+        self._queued_bytes = 0
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+
+    def seal(self) -> None:
+        """Refuse new frames but let the queued ones be sent."""
+        self._closed = True
+
+
+_raw_failure_logged = False
+
+
+def _log_raw_write_failure(exc: Exception) -> None:
+    """With a traceback once per process (it is a bug or an untested server), then
+    quietly: a failure that repeats for every connection must not flood the log."""
+    global _raw_failure_logged
+    if _raw_failure_logged:
+        logger.debug("direct write failed: %r", exc)
+        return
+    _raw_failure_logged = True
+    logger.warning("direct write failed; writing through the server instead", exc_info=exc)
+
+
+class _Resumed:
+    """Awaits the rest of a coroutine that was stepped by hand and then suspended:
+    what ``yield from`` does, for a coroutine already started."""
+
+    __slots__ = ("coroutine", "waiting_on")
+
+    def __init__(self, coroutine: Any, waiting_on: Any) -> None:
+        self.coroutine = coroutine
+        self.waiting_on = waiting_on
+
+    def __await__(self) -> Any:
+        coroutine = self.coroutine
+        to_yield = self.waiting_on
+        while True:
+            try:
+                sent = yield to_yield
+            except BaseException as exc:  # cancellation included: pass it in
+                try:
+                    to_yield = coroutine.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+                continue
+            try:
+                to_yield = coroutine.send(sent)
+            except StopIteration as stop:
+                return stop.value

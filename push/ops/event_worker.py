@@ -1,0 +1,229 @@
+"""The event worker: reads lifecycle events from the stream with a consumer group and
+runs the handlers (``PUSH_EVENT_HANDLERS``, plus the webhook sender when
+``PUSH_WEBHOOK_URLS`` is set, plus any ``register_handler``).
+
+An entry is acknowledged only after every handler succeeded. A worker that dies leaves
+its entries pending; any worker claims entries idle for ``PUSH_EVENT_RETRY_SECS``
+(XAUTOCLAIM) and runs them again, so handlers see each event at least once (dedupe by
+the event's ``id``). While a worker works through a batch it keeps the rest of the
+batch its own (their idle time restarts), so a long batch is not taken over by another
+worker and handled twice. Up to ``PUSH_EVENT_CONCURRENCY`` entries of a batch are
+handled at once (handlers run on several threads, so one slow webhook receiver does not
+hold up the events behind it), except that the events of one connection, or of one
+channel's occupancy, run one after the other in stream order. An entry that failed
+``PUSH_EVENT_MAX_ATTEMPTS`` times moves to the dead-letter stream
+``<prefix>:events:dead``, shown in the admin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from django.utils.module_loading import import_string
+
+from core import metrics
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], None]
+DEFAULT_GROUP = "push-handlers"
+BATCH = 100
+BLOCK_MS = 1000
+
+_registered: list[Handler] = []
+
+
+def register_handler(handler: Handler) -> Handler:
+    """Run ``handler(event)`` for every lifecycle event (usable as a decorator)."""
+    _registered.append(handler)
+    return handler
+
+
+def configured_handlers() -> list[Handler]:
+    from core.conf import push_settings
+
+    handlers = [import_string(path) for path in push_settings.EVENT_HANDLERS]
+    if push_settings.WEBHOOK_URLS:
+        from push.ops.webhooks import deliver_webhooks
+
+        handlers.append(deliver_webhooks)
+    return handlers + _registered
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class EventWorker:
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        handlers: list[Handler],
+        max_attempts: int,
+        retry_idle_ms: int,
+        concurrency: int = 1,
+    ) -> None:
+        self.redis = redis
+        self.stream = stream
+        self.dead_stream = f"{stream}:dead"
+        self.group = group
+        self.consumer = consumer
+        self.handlers = handlers
+        self.max_attempts = max_attempts
+        self.retry_idle_ms = retry_idle_ms
+        self.concurrency = max(concurrency, 1)
+        self._pool = (
+            ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="push-events")
+            if self.concurrency > 1
+            else None
+        )
+
+    def ensure_group(self) -> None:
+        try:
+            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except Exception as exc:  # BUSYGROUP: another worker made it first
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _try_ensure_group(self) -> None:
+        try:
+            self.ensure_group()
+        except Exception as exc:
+            logger.warning("event worker could not create its group: %s", exc)
+
+    def step(self) -> int:
+        """Handle what others left pending, then new entries; returns how many."""
+        _, claimed, *_ = self.redis.xautoclaim(
+            self.stream, self.group, self.consumer, self.retry_idle_ms, "0-0", count=BATCH
+        )
+        handled = self._handle_batch(claimed)
+        reply = self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=BATCH, block=BLOCK_MS
+        )
+        for _, entries in reply or []:
+            handled += self._handle_batch(entries)
+        return handled
+
+    def _handle_batch(self, entries: list[tuple[Any, dict[Any, Any]]]) -> int:
+        """Handle entries, ``concurrency`` at a time, those of one connection (or one
+        channel's occupancy) in stream order. Every third of the retry delay the
+        entries not yet handled are claimed again: at 20 ms a handler, 100 entries
+        outlast a 1 s delay, and another worker would claim the rest as abandoned and
+        run them twice."""
+        handled = 0
+        remaining = list(entries)
+        refreshed = time.monotonic()
+        while remaining:
+            idle_ms = (time.monotonic() - refreshed) * 1000
+            if idle_ms >= self.retry_idle_ms / 3:
+                remaining = self._still_ours(remaining, idle_ms)
+                refreshed = time.monotonic()
+                if not remaining:
+                    break
+            chunk, remaining = remaining[: self.concurrency], remaining[self.concurrency :]
+            if self._pool is None:
+                handled += self._handle_in_order(chunk)
+            else:
+                handled += sum(self._pool.map(self._handle_in_order, _in_order_groups(chunk)))
+        return handled
+
+    def _handle_in_order(self, entries: list[tuple[Any, dict[Any, Any]]]) -> int:
+        return sum(self._handle(entry_id, fields) for entry_id, fields in entries)
+
+    def _still_ours(
+        self, entries: list[tuple[Any, dict[Any, Any]]], idle_ms: float
+    ) -> list[tuple[Any, dict[Any, Any]]]:
+        """Restart the idle time of those ``entries`` this worker still holds; drop those
+        another worker claimed. Ours have been idle ``idle_ms``; one claimed by another
+        worker (possible only once ours were idle ``retry_idle_ms``) restarted its idle
+        time then, so it is at least ``retry_idle_ms`` younger: half of that tells them
+        apart. JUSTID leaves the delivery count, the attempts, alone."""
+        min_idle_ms = max(int(idle_ms - self.retry_idle_ms / 2), 0)
+        ids = [entry_id for entry_id, _ in entries]
+        kept = self.redis.xclaim(
+            self.stream, self.group, self.consumer, min_idle_ms, ids, justid=True
+        )
+        ours = {_text(entry_id) for entry_id in kept}
+        return [entry for entry in entries if _text(entry[0]) in ours]
+
+    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
+        self.ensure_group()
+        while not stop():
+            try:
+                self.step()
+            except Exception as exc:  # Redis away: wait and go on
+                logger.warning("event worker step failed: %s", exc)
+                time.sleep(1.0)
+                if "NOGROUP" in str(exc):
+                    # The stream went with its group (a Redis restarted without
+                    # persistence, a deleted key): make them again, or wait forever.
+                    self._try_ensure_group()
+
+    def _handle(self, entry_id: Any, fields: dict[Any, Any]) -> int:
+        if not fields:  # trimmed away while pending
+            self.redis.xack(self.stream, self.group, entry_id)
+            return 0
+        raw = _text(fields.get(b"event") or fields.get("event") or "{}")
+        event = json.loads(raw)
+        try:
+            for handler in self.handlers:
+                handler(event)
+        except Exception as exc:
+            self._failed(entry_id, raw, exc)
+            return 0
+        self.redis.xack(self.stream, self.group, entry_id)
+        metrics.EVENTS_PROCESSED.labels("handled").inc()
+        return 1
+
+    def _failed(self, entry_id: Any, raw: str, exc: Exception) -> None:
+        pending = self.redis.xpending_range(
+            self.stream, self.group, min=entry_id, max=entry_id, count=1
+        )
+        attempts = pending[0]["times_delivered"] if pending else 1
+        logger.warning("event %s failed (attempt %d): %s", _text(entry_id), attempts, exc)
+        if attempts < self.max_attempts:
+            metrics.EVENTS_PROCESSED.labels("retry").inc()
+            return  # stays pending; claimed again after the retry delay
+        self.redis.xadd(
+            self.dead_stream,
+            {"event": raw, "error": f"{type(exc).__name__}: {exc}"[:500], "attempts": attempts},
+            maxlen=100_000,
+            approximate=True,
+        )
+        self.redis.xack(self.stream, self.group, entry_id)
+        metrics.EVENTS_PROCESSED.labels("dead").inc()
+
+
+def _in_order_groups(
+    entries: list[tuple[Any, dict[Any, Any]]],
+) -> list[list[tuple[Any, dict[Any, Any]]]]:
+    """``entries`` grouped by what they are about, each group in stream order: a
+    receiver sees a connection's connect before its subscribe and its disconnect, and a
+    channel's occupied before its vacated, while other connections' events run beside."""
+    groups: dict[str, list[tuple[Any, dict[Any, Any]]]] = {}
+    for entry_id, fields in entries:
+        try:
+            event = json.loads(_text(fields.get(b"event") or fields.get("event") or "{}"))
+        except ValueError:
+            event = {}
+        about = event.get("connection_id") or event.get("channel") or _text(entry_id)
+        groups.setdefault(str(about), []).append((entry_id, fields))
+    return list(groups.values())
+
+
+def dead_letters(redis: Any, stream: str, count: int = 100) -> list[dict[str, Any]]:
+    """The newest entries of the dead-letter stream (admin)."""
+    rows = []
+    for entry_id, fields in redis.xrevrange(f"{stream}:dead", count=count):
+        decoded = {_text(k): _text(v) for k, v in fields.items()}
+        rows.append({"id": _text(entry_id), **decoded})
+    return rows

@@ -1,0 +1,164 @@
+"""Lifecycle events: connect, disconnect, subscribe, unsubscribe, and a channel becoming
+occupied or vacated anywhere in the cluster.
+
+Nodes append events to a Redis Stream (``<prefix>:events``), in batches, off the
+connection path; ``manage.py run_event_worker`` processes them with a consumer group
+(several workers share the work) and runs the registered handlers (the webhook sender
+is one). Occupancy is cluster-wide: a channel is occupied when the first node gets a
+subscriber for it and vacated when the last node lets it go, decided in one Lua script
+so two nodes never both announce it. Events need Redis; without it they are not kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+from core import metrics
+
+logger = logging.getLogger(__name__)
+
+CONNECT = "connect"
+DISCONNECT = "disconnect"
+SUBSCRIBE = "subscribe"
+UNSUBSCRIBE = "unsubscribe"
+CHANNEL_OCCUPIED = "channel_occupied"
+CHANNEL_VACATED = "channel_vacated"
+
+FLUSH_SECS = 0.1
+# Unwritten events kept while Redis is away; past this the oldest are dropped (counted).
+MAX_BUFFERED_EVENTS = 100_000
+
+# KEYS: channel's node set, node's channel index, stream. ARGV: node, channel, event JSON,
+# maxlen. Returns 1 when the channel went from no node to this one.
+_OCCUPY = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  redis.call('SADD', KEYS[2], ARGV[2])
+  if redis.call('SCARD', KEYS[1]) == 1 then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[3])
+    return 1
+  end
+end
+return 0
+"""
+_VACATE = """
+if redis.call('SREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('SREM', KEYS[2], ARGV[2])
+  if redis.call('SCARD', KEYS[1]) == 0 then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[3])
+    return 1
+  end
+end
+return 0
+"""
+
+
+def event(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"id": uuid.uuid4().hex, "type": kind, "timestamp": time.time(), **fields}
+
+
+class EventLog:
+    """A node's side: buffer events and append them to the stream in batches."""
+
+    def __init__(
+        self,
+        redis: Any,
+        prefix: str,
+        server_id: str,
+        *,
+        maxlen: int,
+        max_buffered: int = MAX_BUFFERED_EVENTS,
+    ) -> None:
+        self.redis = redis
+        self.server_id = server_id
+        self.stream = f"{prefix}:events"
+        self.prefix = prefix
+        self.maxlen = maxlen
+        self.max_buffered = max_buffered
+        # Bounded: appending to a full buffer drops the oldest, in O(1).
+        self._buffer: deque[dict[str, Any]] = deque(maxlen=max_buffered)
+        if redis is not None:
+            self._occupy = redis.register_script(_OCCUPY)
+            self._vacate = redis.register_script(_VACATE)
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis is not None
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        if self.redis is None:
+            return
+        if len(self._buffer) == self._buffer.maxlen:
+            metrics.EVENTS_DROPPED.inc()
+        self._buffer.append(event(kind, node=self.server_id, **fields))
+
+    async def flush(self) -> None:
+        if not self._buffer or self.redis is None:
+            return
+        batch, self._buffer = self._buffer, deque(maxlen=self.max_buffered)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for entry in batch:
+                    pipe.xadd(
+                        self.stream,
+                        {"event": json.dumps(entry)},
+                        maxlen=self.maxlen,
+                        approximate=True,
+                    )
+                await pipe.execute()
+        except Exception as exc:
+            logger.warning("could not append %d events: %s", len(batch), exc)
+            self._restore(batch)
+
+    def _restore(self, batch: deque[dict[str, Any]]) -> None:
+        """Put an unwritten batch back before what was emitted since, keeping the newest
+        ``max_buffered`` of them (the oldest are dropped, counted)."""
+        newer = self._buffer
+        dropped = max(len(batch) + len(newer) - self.max_buffered, 0)
+        batch.extend(newer)  # a full deque drops from the left: the oldest
+        self._buffer = batch
+        if dropped:
+            metrics.EVENTS_DROPPED.inc(dropped)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECS)
+            await self.flush()
+
+    def _occupancy_keys(self, channel: str, server_id: str) -> list[str]:
+        return [
+            f"{self.prefix}:occupancy:{channel}",
+            f"{self.prefix}:occupancy-node:{server_id}",
+            self.stream,
+        ]
+
+    async def occupied(self, channel: str) -> None:
+        """This node has a subscriber for ``channel`` now."""
+        if self.redis is None:
+            return
+        entry = json.dumps(event(CHANNEL_OCCUPIED, channel=channel, node=self.server_id))
+        keys = self._occupancy_keys(channel, self.server_id)
+        await self._occupy(keys=keys, args=[self.server_id, channel, entry, self.maxlen])
+
+    async def vacated(self, channel: str, server_id: str | None = None) -> None:
+        """This node (or a dead ``server_id``) no longer serves ``channel``."""
+        if self.redis is None:
+            return
+        server_id = server_id or self.server_id
+        entry = json.dumps(event(CHANNEL_VACATED, channel=channel, node=server_id))
+        keys = self._occupancy_keys(channel, server_id)
+        await self._vacate(keys=keys, args=[server_id, channel, entry, self.maxlen])
+
+    async def vacate_all_of(self, server_id: str) -> None:
+        """Release every channel a dead node held (announcing those now empty)."""
+        if self.redis is None:
+            return
+        index = f"{self.prefix}:occupancy-node:{server_id}"
+        for channel in await self.redis.smembers(index):
+            name = channel.decode() if isinstance(channel, bytes) else channel
+            await self.vacated(name, server_id)

@@ -1,0 +1,124 @@
+"""Webhook delivery, one event handler: POST each event as JSON to every configured URL,
+signed with HMAC-SHA256 over a timestamp and the body, retried with backoff.
+
+Headers: ``X-Push-Event-Id`` (dedupe: delivery is at least once), ``X-Push-Timestamp``
+(unix seconds when this attempt was sent) and ``X-Push-Signature: sha256=<hex>``, the
+HMAC of ``<timestamp>.<body>`` with ``PUSH_WEBHOOK_SECRET`` (by default a key derived
+from ``SECRET_KEY`` for webhooks alone: ``manage.py push_secret webhook`` prints it). A
+receiver recomputes the HMAC and refuses a timestamp older than its tolerance, so a
+captured request cannot be replayed later (``pushclient.signing.webhook_verify``).
+
+The URLs of one event are sent to at once, at most ``PUSH_WEBHOOK_CONCURRENCY``
+requests in flight per worker. A URL that accepted an event is remembered (in the
+cache, for a day), so when another URL fails the event and the worker retries it, only
+the URLs that failed receive it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+from django.conf import settings
+from django.core.cache import cache
+
+from core.conf import push_settings
+from core.keys import WEBHOOK_KEY_SALT, purpose_key
+
+ATTEMPTS = 3
+FIRST_BACKOFF_SECS = 0.2
+TIMEOUT_SECS = 5.0
+# Long enough to outlive every retry of an event (PUSH_EVENT_MAX_ATTEMPTS x
+# PUSH_EVENT_RETRY_SECS is minutes by default).
+ACCEPTED_MEMORY_SECS = 86_400
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+class WebhookFailed(Exception):
+    """Raised when a webhook URL did not accept an event after every attempt."""
+
+
+def webhook_secret() -> str:
+    return purpose_key(
+        WEBHOOK_KEY_SALT, explicit=push_settings.WEBHOOK_SECRET, secret_key=settings.SECRET_KEY
+    )
+
+
+def signature(body: bytes, timestamp: int, secret: str | None = None) -> str:
+    key = (secret or webhook_secret()).encode()
+    signed = str(timestamp).encode() + b"." + body
+    return "sha256=" + hmac.new(key, signed, hashlib.sha256).hexdigest()
+
+
+def _headers(event_id: str, body: bytes) -> dict[str, str]:
+    """Each attempt's own: a retry minutes later carries a fresh timestamp, which a
+    receiver with a tolerance of a few minutes accepts."""
+    timestamp = int(time.time())
+    return {
+        "Content-Type": "application/json",
+        "X-Push-Event-Id": event_id,
+        "X-Push-Timestamp": str(timestamp),
+        "X-Push-Signature": signature(body, timestamp),
+    }
+
+
+def _post(client: httpx.Client, url: str, body: bytes, event_id: str) -> None:
+    delay = FIRST_BACKOFF_SECS
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            response = client.post(url, content=body, headers=_headers(event_id, body))
+            if response.status_code < 300:
+                return
+            problem = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if attempt < ATTEMPTS:
+            time.sleep(delay)
+            delay *= 2
+    raise WebhookFailed(f"{url}: {problem}")
+
+
+def _accepted_key(event_id: str, url: str) -> str:
+    return f"webhook-accepted:{event_id}:{hashlib.sha256(url.encode()).hexdigest()[:32]}"
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(
+                max_workers=push_settings.WEBHOOK_CONCURRENCY, thread_name_prefix="push-webhook"
+            )
+        return _pool
+
+
+def _send_and_remember(client: httpx.Client, url: str, body: bytes, event_id: str) -> None:
+    _post(client, url, body, event_id)
+    if event_id:
+        cache.set(_accepted_key(event_id, url), 1, ACCEPTED_MEMORY_SECS)
+
+
+def deliver_webhooks(event: dict[str, Any]) -> None:
+    """POST ``event`` to every URL that has not accepted it yet; raises
+    ``WebhookFailed`` naming each URL that did not accept it now."""
+    body = json.dumps(event, separators=(",", ":")).encode()
+    event_id = str(event.get("id", ""))
+    urls = list(push_settings.WEBHOOK_URLS)
+    if event_id:
+        accepted = cache.get_many([_accepted_key(event_id, url) for url in urls])
+        urls = [url for url in urls if _accepted_key(event_id, url) not in accepted]
+    with httpx.Client(timeout=TIMEOUT_SECS) as client:
+        futures = [
+            _executor().submit(_send_and_remember, client, url, body, event_id) for url in urls
+        ]
+        problems = [str(exc) for f in futures if (exc := f.exception()) is not None]
+    if problems:
+        raise WebhookFailed("; ".join(problems))

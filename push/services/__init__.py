@@ -1,0 +1,2 @@
+"""What the transports and the REST API ask for, decided in one place: publishing
+(``publishing``) and subscribing (``subscriptions``)."""

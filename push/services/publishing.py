@@ -1,0 +1,277 @@
+"""Publishing: store a message with its seq, then broadcast it after commit.
+
+The same functions serve every publisher: the WebSocket consumer and the REST API
+(``message_publish_async``, ``messages_publish_batch``, through the node's group-commit
+write pipeline) and application code (``push.publish``, in the caller's transaction).
+Every path runs the same batch SQL (``push.storage.write_batch``). A message is broadcast only
+once its transaction has committed, so subscribers never see a message that the
+database does not have. A recent-only channel's message is committed in Redis instead
+(``push.storage.recent_store``; ``_recent_channel`` is where that is decided).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from django.db import DataError, IntegrityError, connection, transaction
+from django.db.transaction import TransactionManagementError
+
+from core.conf import push_settings
+from core.db import db_call
+from core.errors import ErrorCode, PushError
+from push.cluster import broadcast
+from push.fanout.message import ChannelMessage, dump_data
+from push.storage import recent_store
+from push.storage.history_modes import is_recent
+from push.storage.write_batch import Published, PublishUnit, run_plan_sync
+from push.storage.write_pipeline import WritePipeline
+from push.wire.protocol import validate_channel_name, validate_data
+
+
+def _encode_data(data: Any) -> str:
+    data_json = dump_data(validate_data(data))
+    try:
+        data_json.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE, "'data' holds a lone UTF-16 surrogate", field="data"
+        ) from exc
+    return data_json
+
+
+def _single_unit(
+    channel: str,
+    data: Any,
+    publisher_id: int | None,
+    principal: str | None,
+    idempotency_key: str | None,
+) -> PublishUnit:
+    validate_channel_name(channel)
+    return PublishUnit(
+        items=[(channel, _encode_data(data))],
+        publisher_id=publisher_id,
+        principal=principal,
+        idempotency_key=idempotency_key,
+        key_channel=channel,
+    )
+
+
+def _batch_unit(
+    items: Sequence[tuple[str, Any]],
+    publisher_id: int | None,
+    principal: str | None,
+    idempotency_key: str | None,
+) -> PublishUnit:
+    if not items:
+        raise PushError(ErrorCode.INVALID_MESSAGE, "a batch holds at least one message")
+    encoded = []
+    for index, (channel, data) in enumerate(items):
+        try:
+            validate_channel_name(channel)
+            encoded.append((channel, _encode_data(data)))
+        except PushError as exc:
+            raise PushError(exc.code, exc.message, field=exc.field, index=index) from exc
+    # The batch's key is scoped to (principal, the batch): the empty channel.
+    return PublishUnit(
+        items=encoded,
+        publisher_id=publisher_id,
+        principal=principal,
+        idempotency_key=idempotency_key,
+    )
+
+
+# ----- where a publish is written ----------------------------------------------------------
+
+
+def _running_pipeline() -> WritePipeline | None:
+    """The write pipeline of the node running on this event loop, if there is one."""
+    node = broadcast.running_node()
+    if node is None or not node.is_running or node.write_pipeline is None:
+        return None
+    return node.write_pipeline if node.loop is asyncio.get_running_loop() else None
+
+
+def _recent_channel(unit: PublishUnit) -> str | None:
+    """The recent-only channel ``unit`` is for, or None when every channel of it is
+    durable (PostgreSQL). One unit is one commit, so it must be one store's: a batch
+    that mixes durable and recent channels, or spans several recent ones, is refused
+    (Redis commits one channel's messages at once), and so is an ``Idempotency-Key``
+    on a recent channel (there is no row to remember it in)."""
+    recent = [index for index, (channel, _) in enumerate(unit.items) if is_recent(channel)]
+    if not recent:
+        return None
+    channel = unit.items[recent[0]][0]
+    index = recent[0] if len(unit.items) > 1 else None
+    if unit.idempotency_key is not None:
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE,
+            f"{channel!r} is a recent-only channel: Idempotency-Key is not supported there",
+            field="Idempotency-Key",
+            index=index,
+        )
+    for position, (other, _) in enumerate(unit.items):
+        if other != channel:
+            raise PushError(
+                ErrorCode.INVALID_MESSAGE,
+                "a batch with a recent-only channel must hold only that channel's messages",
+                index=position if position in recent or index is None else index,
+            )
+    return channel
+
+
+async def _write_async(unit: PublishUnit) -> Published:
+    """Store ``unit`` and broadcast it after commit: the one place that picks the store
+    for the unit's channels.
+
+    A durable unit goes to the node's write pipeline, which batches it with the node's
+    other publishes; without a node on this loop (a management command, a test client's
+    throwaway loop) the same batch SQL runs through Django's connection on the database
+    threads. A recent-only channel's unit is numbered and stored by one Redis script."""
+    recent = _recent_channel(unit)
+    if recent is not None:
+        data = [data_json for _, data_json in unit.items]
+        return Published(await recent_store.publish_batch(recent, data, unit.publisher_id), False)
+    pipeline = _running_pipeline()
+    if pipeline is not None:
+        outcome = await pipeline.publish(unit)
+        if isinstance(outcome, PushError):
+            raise outcome
+        return outcome
+    return await _write_on_database_thread(unit)
+
+
+def _write_sync(unit: PublishUnit) -> Published:
+    """Store ``unit`` in the caller's transaction (or one of its own); broadcast after
+    the outermost transaction commits. A recent-only channel cannot join a database
+    transaction: inside one it is refused; outside, it is published at once."""
+    recent = _recent_channel(unit)
+    if recent is not None:
+        if connection.in_atomic_block:
+            raise TransactionManagementError(
+                f"{recent!r} is a recent-only channel and cannot publish inside a "
+                "transaction; use push.publish(), which publishes it after the commit"
+            )
+        return Published(
+            [recent_store.publish_sync(recent, unit.items[0][1], unit.publisher_id)], False
+        )
+    try:
+        batch = run_plan_sync([unit], window_secs=push_settings.IDEMPOTENCY_WINDOW_SECS)
+    except (IntegrityError, DataError) as exc:
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE, f"the database refused this: {type(exc).__name__}"
+        ) from exc
+    outcome = batch.outcomes[0]
+    if isinstance(outcome, PushError):
+        raise outcome
+    stored = batch.stored
+    if stored:
+        transaction.on_commit(lambda: _broadcast_all(stored))
+    return outcome
+
+
+def _broadcast_all(messages: list[ChannelMessage]) -> None:
+    for message in messages:
+        broadcast.broadcast_from_sync(message)
+
+
+_write_on_database_thread = db_call(_write_sync)
+
+
+# ----- the services -------------------------------------------------------------------------
+
+
+async def message_publish_async(
+    *,
+    channel: str,
+    data: Any,
+    publisher_id: int | None,
+    principal: str | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[ChannelMessage, bool]:
+    """Publish one message; answers once it is committed.
+
+    Returns the message and whether it is an earlier publish's, answered again for a
+    retried ``idempotency_key`` (scoped to ``principal`` and the channel); a replayed
+    message carries the first publish's channel, seq, id and timestamp, not its data.
+    """
+    unit = _single_unit(channel, data, publisher_id, principal, idempotency_key)
+    published = await _write_async(unit)
+    return published.messages[0], published.replayed
+
+
+async def messages_publish_batch(
+    *,
+    items: Sequence[tuple[str, Any]],
+    publisher_id: int | None,
+    principal: str | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[list[ChannelMessage], bool]:
+    """Publish ``items`` ((channel, data) pairs) all together or not at all, in one
+    transaction; the messages come back in request order.
+
+    An invalid item raises ``INVALID_MESSAGE`` naming its ``index`` before anything is
+    written. ``idempotency_key`` covers the whole batch (scoped to ``principal``).
+    """
+    unit = _batch_unit(items, publisher_id, principal, idempotency_key)
+    published = await _write_async(unit)
+    return published.messages, published.replayed
+
+
+def message_publish(*, channel: str, data: Any, publisher_id: int | None = None) -> ChannelMessage:
+    """Store a message and broadcast it once the surrounding transaction commits.
+
+    Call it inside your own ``transaction.atomic()`` to tie the message to your
+    changes: rolled back, nothing is published; committed, every subscriber gets it.
+    """
+    unit = _single_unit(channel, data, publisher_id, None, None)
+    return _write_sync(unit).messages[0]
+
+
+def message_publish_idempotent(
+    *,
+    channel: str,
+    data: Any,
+    publisher_id: int | None,
+    principal: str,
+    idempotency_key: str,
+) -> tuple[ChannelMessage, bool]:
+    """Publish once per (principal, channel, key) within the idempotency window.
+
+    Returns the message and whether it is the first publish's (a retry). The key row
+    is inserted before the message: a concurrent retry with the same key, on any node,
+    waits on that insert, conflicts once the first commits, and then returns the first
+    publish's result; its own transaction publishes nothing.
+    """
+    unit = _single_unit(channel, data, publisher_id, principal, idempotency_key)
+    published = _write_sync(unit)
+    return published.messages[0], published.replayed
+
+
+def user_channel(user_id: int) -> str:
+    return f"user:{user_id}"
+
+
+def user_message_send(*, user_id: int, data: Any) -> ChannelMessage:
+    """Deliver ``data`` to every connection of one user, on every node: it is published
+    on the user's own channel, which only that user can subscribe to."""
+    return message_publish(channel=user_channel(user_id), data=data)
+
+
+def publish(channel: str, data: Any, *, publisher_id: int | None = None) -> ChannelMessage | None:
+    """Publish from application code: ``push.services.publishing.publish("orders", {...})``.
+
+    The message joins the caller's transaction and reaches subscribers after it commits.
+    A recent-only channel's message cannot join it: inside a transaction it is
+    published once the transaction commits (nothing if it rolls back), and None is
+    returned, since its seq is not known yet.
+    """
+    if is_recent(channel) and connection.in_atomic_block:
+        validate_channel_name(channel)
+        data_json = _encode_data(data)
+        transaction.on_commit(
+            lambda: recent_store.publish_sync(channel, data_json, publisher_id), robust=True
+        )
+        return None
+    return message_publish(channel=channel, data=data, publisher_id=publisher_id)

@@ -1,0 +1,211 @@
+"""A client session's life on a node, whatever carries it (WebSocket or SSE).
+
+Opening (limits, greeting, registry, events), subscribing (permissions, resume,
+presence) and closing (release everything, record why) are the same for both
+transports; the transport only decides how frames travel and how requests arrive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from django.utils import timezone
+
+from accounts.permissions import authorize_subscribe, is_presence_channel, subscription_refusal
+from accounts.subscription_tokens import subscription_token_verify
+from core import metrics
+from core.conf import push_settings
+from core.errors import CloseCode, ErrorCode, PushError
+from push.cluster.presence import leave_presence, presence_member
+from push.cluster.registry import ConnectionRecord
+from push.ops import events
+from push.ops.logs import log_connection_closed, log_connection_opened
+from push.transport.connection import ClientConnection
+from push.wire import protocol
+
+if TYPE_CHECKING:
+    # Only for annotations: the node ends revoked subscriptions through this module.
+    from push.cluster.node import Node
+
+Reply = Callable[[int, bool | None], None]
+
+
+def client_ip(scope: Mapping[str, Any]) -> str | None:
+    client = scope.get("client")
+    return client[0] if client else None
+
+
+def session_open(node: Node, connection: ClientConnection) -> CloseCode | None:
+    """Admit the connection and greet it, or say with which code to close it (the node
+    is draining, or the client is over its connection limits)."""
+    if node.draining:
+        # This node is shutting down: go to another one and resume there.
+        return CloseCode.GOING_AWAY
+    if not node.admit(connection):
+        return CloseCode.TRY_AGAIN_LATER
+    connection.send_envelope(
+        protocol.connection_established(
+            connection_id=str(connection.connection_id),
+            server_id=node.server_id,
+            heartbeat_interval=push_settings.HEARTBEAT_INTERVAL_SECS,
+            timestamp=time.time(),
+        )
+    )
+    node.registry.opened(
+        ConnectionRecord(
+            connection_id=connection.connection_id,
+            user_id=connection.principal.user_id,
+            ip=connection.ip,
+            wire_format=connection.codec.name,
+            connected_at=timezone.now(),
+        )
+    )
+    node.events.emit(
+        events.CONNECT,
+        connection_id=str(connection.connection_id),
+        principal=connection.principal.key,
+        ip=connection.ip,
+        wire_format=connection.codec.name,
+    )
+    metrics.CONNECTIONS_OPENED.labels(connection.codec.name).inc()
+    metrics.CONNECTIONS_ACTIVE.labels(connection.codec.name).inc()
+    log_connection_opened(connection, server_id=node.server_id)
+    return None
+
+
+def session_closed(node: Node, connection: ClientConnection, close_code: int | None) -> None:
+    """Everything an admitted connection leaves behind when it ends: subscriptions,
+    presence, limits, the registry row, the disconnect event and the metrics."""
+    log_connection_closed(
+        connection, close_code, by_server=not connection.is_open, server_id=node.server_id
+    )
+    node.events.emit(
+        events.DISCONNECT,
+        connection_id=str(connection.connection_id),
+        principal=connection.principal.key,
+        close_code=connection.close_code if not connection.is_open else close_code,
+        duration_secs=round(time.monotonic() - connection.opened_at, 3),
+        channels=list(connection.subscriptions),
+    )
+    node.release_subscriptions(connection)
+    connection.mark_closed(close_code)
+    node.release(connection)
+    node.registry.closed(connection.connection_id, connection.close_code)
+    metrics.CONNECTIONS_ACTIVE.labels(connection.codec.name).dec()
+    metrics.CONNECTIONS_CLOSED.labels(str(connection.close_code or "peer")).inc()
+
+
+def _record_change(node: Node, connection: ClientConnection, kind: str, channel: str) -> None:
+    """A subscribe or unsubscribe went through: the registry row and the event stream."""
+    node.registry.subscriptions_changed(connection)
+    node.events.emit(
+        kind,
+        connection_id=str(connection.connection_id),
+        principal=connection.principal.key,
+        channel=channel,
+    )
+
+
+async def channel_subscribe(
+    node: Node,
+    connection: ClientConnection,
+    channel: str,
+    *,
+    since: int | None,
+    token: str | None,
+    reply: Reply,
+) -> None:
+    """Subscribe after the permission check (or a signed subscription token): resume
+    from ``since`` when given, join presence on ``presence-`` channels.
+
+    ``reply(seq, recovered)`` is called before the first message of the channel reaches
+    the connection.
+
+    The consumer awaits this inline and reads the client's disconnect only after it
+    returns: every step that can wait (the replay above all) checks ``connection.gone``
+    and stops, so no work goes on for a client that left."""
+    if connection.gone:
+        return
+    claims = None
+    if token is not None:
+        claims = subscription_token_verify(token, channel=channel)
+    else:
+        authorize_subscribe(connection.principal, channel)
+    _remember_token_expiry(connection, channel, claims)
+    existing = connection.subscriptions.get(channel)
+    if existing is not None and existing.active:
+        # Already receiving the channel's stream without a gap: nothing to replay.
+        reply(
+            max(existing.channel.delivered_seq, existing.last_seq), None if since is None else True
+        )
+        return
+    if len(connection.subscriptions) >= push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION:
+        raise PushError(
+            ErrorCode.FORBIDDEN,
+            f"subscription limit of {push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION} reached",
+        )
+    subscription = await node.hub.subscribe(connection, channel, since=since, reply=reply)
+    if connection.gone or not subscription.active:
+        node.hub.unsubscribe(subscription)
+        return
+    connection.subscriptions[channel] = subscription
+    _record_change(node, connection, events.SUBSCRIBE, channel)
+    if is_presence_channel(channel):
+        joined = presence_member(connection, claims)
+        if await node.presence.join(channel, str(connection.connection_id), joined):
+            await node.announce_presence("join", channel, joined)
+
+
+def _remember_token_expiry(
+    connection: ClientConnection, channel: str, claims: dict[str, Any] | None
+) -> None:
+    """A subscription a signed token granted lasts until the token expires (the node's
+    revocation check ends it); one the decider granted does not. Subscribing again
+    with a fresh token extends it."""
+    if claims is not None:
+        if connection.token_expiry is None:
+            connection.token_expiry = {}
+        connection.token_expiry[channel] = float(claims["exp"])
+    elif connection.token_expiry:
+        connection.token_expiry.pop(channel, None)
+
+
+async def channel_unsubscribe(node: Node, connection: ClientConnection, channel: str) -> bool:
+    """End one subscription (the client asked, or the server revoked it): stop its
+    messages and leave presence. False when the connection was not subscribed."""
+    subscription = connection.subscriptions.pop(channel, None)
+    if connection.token_expiry:
+        connection.token_expiry.pop(channel, None)
+    if subscription is None:
+        return False
+    node.hub.unsubscribe(subscription)
+    _record_change(node, connection, events.UNSUBSCRIBE, channel)
+    if is_presence_channel(channel):
+        await leave_presence(node, str(connection.connection_id), [channel])
+    return True
+
+
+async def subscriptions_revoke(node: Node, connection: ClientConnection, now: float) -> int:
+    """End every subscription of ``connection`` that its principal may no longer hold
+    (grant removed or narrowed, signed token expired), each with a FORBIDDEN error that
+    names the channel; the connection stays open. Returns how many ended."""
+    expiry = connection.token_expiry or {}
+    refused = [
+        (channel, refusal)
+        for channel in list(connection.subscriptions)
+        if (
+            refusal := subscription_refusal(
+                connection.principal, channel, token_expires_at=expiry.get(channel), now=now
+            )
+        )
+        is not None
+    ]
+    for channel, refusal in refused:
+        # Told first: the client learns the channel ended before any later frame.
+        connection.send_error(refusal, None, channel=channel)
+        await channel_unsubscribe(node, connection, channel)
+    if refused and not connection.subscriptions and connection.ends_without_subscriptions:
+        connection.close(CloseCode.POLICY)
+    return len(refused)

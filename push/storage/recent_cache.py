@@ -1,0 +1,195 @@
+"""Each channel's last messages in Redis: a bounded Stream per channel.
+
+A node keeps a channel's recent messages in memory while it serves that channel; this
+cache is for the moment it does not yet: after a restart or a deploy, when thousands
+of clients come back at once and resume. The first subscribe to a channel on a node
+reads the channel's stream (one Redis round trip) instead of PostgreSQL, and later
+resumes are served from the node's memory.
+
+PostgreSQL stays the source of truth. The cache only ever holds committed messages
+(appended after the commit, in batches, off the request path), and a read trusts only
+the contiguous run of seqs that ends at the newest entry. When Redis lost the stream
+(it keeps nothing on disk), the read finds nothing and the node reads PostgreSQL.
+When the newest messages are missing from the stream (an append failed), the hub sees
+the channel move past it and fills the gap from PostgreSQL, as for any lost broadcast.
+Streams are trimmed to ``PUSH_RECENT_CACHE_SIZE`` entries (or fewer when retention
+keeps fewer) and expire after ``PUSH_RECENT_CACHE_TTL`` without a publish. Large
+messages trim the stream further, to about ``PUSH_RECENT_CACHE_MAX_BYTES`` of data:
+each append keeps as many entries as messages of its size fit in that budget. A read
+takes at most that budget too (in small chunks, newest first), so a channel of large
+messages costs neither Redis nor the node more than the budget per channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+from core import metrics
+from push.fanout.message import ChannelMessage, data_bytes
+from push.storage.retention import retention_policy
+
+logger = logging.getLogger(__name__)
+
+# Appends waiting while Redis is away; past this the oldest are dropped (the cache
+# then misses them and readers fall back to PostgreSQL).
+MAX_QUEUED_APPENDS = 10_000
+# Entries per XREVRANGE when reading: a read overshoots its byte budget by fewer than
+# this many messages before it stops.
+READ_CHUNK = 8
+
+
+def recent_key(prefix: str, channel: str) -> str:
+    return f"{prefix}:recent:{channel}"
+
+
+def stream_length(channel: str, size: int) -> int:
+    max_messages = retention_policy(channel).max_messages
+    return size if max_messages is None else min(size, max_messages)
+
+
+def stream_fields(message: ChannelMessage) -> dict[str, str]:
+    return {
+        "s": str(message.seq),
+        "m": message.message_id,
+        "d": message.data_json,
+        "t": repr(message.timestamp),
+    }
+
+
+def message_from_entry(channel: str, fields: dict[bytes, bytes]) -> ChannelMessage:
+    return ChannelMessage(
+        channel=channel,
+        seq=int(fields[b"s"]),
+        message_id=fields[b"m"].decode(),
+        data_json=fields[b"d"].decode(),
+        timestamp=float(fields[b"t"]),
+    )
+
+
+def contiguous_tail(messages: list[ChannelMessage]) -> list[ChannelMessage]:
+    """The run of consecutive seqs that ends at the newest message, oldest first.
+
+    Nodes append concurrently, so entries may sit out of seq order in the stream, and
+    an append may have failed: only a gapless run ending at the top can be trusted."""
+    by_seq = {m.seq: m for m in messages}
+    if not by_seq:
+        return []
+    seq = max(by_seq)
+    tail = []
+    while seq in by_seq:
+        tail.append(by_seq[seq])
+        seq -= 1
+    tail.reverse()
+    return tail
+
+
+def add_to_pipeline(
+    pipe: Any,
+    prefix: str,
+    messages: list[ChannelMessage],
+    size: int,
+    ttl: int,
+    max_bytes: int,
+) -> None:
+    """Append ``messages`` to their channels' streams; one EXPIRE per channel, since a
+    write pipeline's batch brings many messages of few channels."""
+    lengths: dict[str, int] = {}
+    for message in messages:
+        channel = message.channel
+        if channel not in lengths:
+            lengths[channel] = stream_length(channel, size)
+        length = lengths[channel]
+        fitting = max(1, max_bytes // max(1, data_bytes(message)))
+        pipe.xadd(
+            recent_key(prefix, channel),
+            stream_fields(message),  # type: ignore[arg-type]
+            maxlen=min(length, fitting),
+            # Approximate trimming only drops whole stream nodes (100 entries): fine for
+            # the count, useless for a few large messages, which are trimmed exactly.
+            approximate=fitting >= length,
+        )
+    for channel in lengths:
+        pipe.expire(recent_key(prefix, channel), ttl)
+
+
+class RecentCache:
+    """A node's side of the cache: appends in batches, reads on channel join."""
+
+    def __init__(
+        self, redis: Any, prefix: str, *, size: int, ttl_secs: int, max_bytes: int
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.size = size
+        self.ttl_secs = ttl_secs
+        self.max_bytes = max_bytes
+        # Bounded: while Redis is away the oldest appends give way (see above).
+        self._queue: collections.deque[ChannelMessage] = collections.deque(
+            maxlen=MAX_QUEUED_APPENDS
+        )
+        self._wakeup = asyncio.Event()
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis is not None and self.size > 0
+
+    def append_soon(self, message: ChannelMessage) -> None:
+        if not self.enabled:
+            return
+        self._queue.append(message)
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Write queued messages, one pipelined round trip per batch."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch = list(self._queue)
+            self._queue.clear()
+            try:
+                await self._write(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("recent-history cache append failed: %s", exc)
+
+    async def _write(self, batch: list[ChannelMessage]) -> None:
+        if not batch:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            add_to_pipeline(pipe, self.prefix, batch, self.size, self.ttl_secs, self.max_bytes)
+            await pipe.execute()
+
+    async def read(self, channel: str, count: int, max_bytes: int) -> list[ChannelMessage]:
+        """The channel's cached recent messages, or [] on a miss: at most ``count`` of
+        them and ``max_bytes`` of data (and of the cache's own budget), at least one."""
+        if not self.enabled or count <= 0:
+            return []
+        messages = contiguous_tail(
+            await self._read_newest(channel, min(count, self.size), min(max_bytes, self.max_bytes))
+        )
+        metrics.RECENT_CACHE_READS.labels("hit" if messages else "miss").inc()
+        return messages
+
+    async def _read_newest(self, channel: str, count: int, max_bytes: int) -> list[ChannelMessage]:
+        """Newest entries first, a few at a time, until ``count`` or ``max_bytes``."""
+        key = recent_key(self.prefix, channel)
+        newest: list[ChannelMessage] = []
+        total = 0
+        top = "+"
+        while len(newest) < count:
+            wanted = min(READ_CHUNK, count - len(newest))
+            entries = await self.redis.xrevrange(key, max=top, count=wanted)
+            for _, fields in entries:
+                message = message_from_entry(channel, fields)
+                if newest and total + data_bytes(message) > max_bytes:
+                    return newest
+                total += data_bytes(message)
+                newest.append(message)
+            if len(entries) < wanted:
+                break
+            top = "(" + entries[-1][0].decode()
+        return newest

@@ -1,0 +1,486 @@
+"""Recent-only channels: their seq and a window of their last messages live in Redis,
+with no PostgreSQL row per message (``PUSH_HISTORY_MODES``, README "History modes").
+
+Per channel, two keys (one hash tag, so a Redis Cluster keeps them on one shard):
+
+- the lease hash ``<prefix>:rseq:{<channel>}``: ``n`` the last seq handed out, ``c``
+  the ceiling of the seqs reserved in PostgreSQL, ``b`` the window's bytes, and ``p``
+  a token while a new lease is being confirmed (below);
+- the window list ``<prefix>:rwin:{<channel>}``: JSON entries in seq order, the last
+  one always seq ``n``, trimmed to ``PUSH_RECENT_WINDOW_MESSAGES`` and
+  ``PUSH_RECENT_WINDOW_BYTES`` and expiring ``PUSH_RECENT_WINDOW_SECS`` after the last
+  publish (older entries are not served either).
+
+Publishing is one script: take the next seq unless it would pass the ceiling, append
+the entry, trim, return the seq; the message is broadcast only after it returned.
+When the lease is used up (or gone), a block of seqs is reserved in PostgreSQL
+(``push_channel.last_seq`` is the ceiling: one write per block) and its top installed
+as the new ceiling. So PostgreSQL's ceiling >= Redis' ceiling >= every seq handed out.
+
+Seqs never repeat, even when Redis loses the hash (a restart without persistence,
+eviction), or keeps an old one: each lease records the run_id of the Redis server
+process that wrote it, and a lease from another process (a snapshot restored at a
+restart, a replica promoted before it received the last writes) counts as lost.
+
+A lost lease is started again in three steps: a *claim* script creates it as a
+pending marker (publishers wait for it, a few ms; it expires by itself if its claimer
+dies), the claimer then reserves a block, and a *confirm* script sets the counter to
+the bottom of that block. Every block installed before the loss was reserved before
+the claim, so it ends at or below that bottom. (Starting the counter from a block
+reserved *before* the loss, as "counter = top - block when the hash is missing"
+would, can hand out again seqs that a later block handed out before it.)
+
+After a loss the next seq is past everything before: a live subscriber sees a jump in
+seq (a gap it can see, never a repeated seq), a resume across it answers
+``recovered: false``. While the hash is missing the channel's latest seq is unknown;
+readers answer as for a channel whose history is gone and never skip a seq that
+could still be handed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from django.db import connection
+from redis.exceptions import RedisError
+
+from core import metrics
+from core.conf import push_settings
+from core.db import db_call
+from core.errors import ErrorCode, PushError
+from core.redis_client import redis_async
+from push.cluster import broadcast
+from push.cluster.directory import redis_prefix
+from push.fanout.message import ChannelMessage
+from push.models import Channel
+
+T = TypeVar("T")
+
+# Redis answers in well under a millisecond; these bound what a client waits while it
+# is away, so a publish to a recent channel fails with UNAVAILABLE instead of hanging.
+REDIS_CONNECT_TIMEOUT_SECS = 1.0
+REDIS_TIMEOUT_SECS = 2.0
+PUBLISH_DEADLINE_SECS = 5.0
+# A pending marker outlives a creator that died before confirming it by this much.
+PENDING_TTL_MSECS = 5000
+PENDING_RETRY_SECS = 0.005
+# A lease hash lasts this long after the channel's last publish. Past it the next
+# publish reserves a new block: subscribers see the seq jump by what was left unused.
+LEASE_IDLE_SECS = 86_400
+
+_DATA_MARK = ',"data":'
+
+# Answers of the publish script besides a seq.
+_NO_LEASE, _EXHAUSTED, _PENDING, _OTHER_SERVER = -1, 0, -2, -3
+
+# ARGV[5] is the Redis server's run_id as the caller knows it: a lease written by
+# another server process (a restart that restored a snapshot, a failover to a replica
+# that had not received the last writes) may be behind what was handed out.
+_PUBLISH = """
+local lease = redis.call('HMGET', KEYS[1], 'n', 'c', 'p', 'r')
+if not lease[1] then return -1 end
+if lease[4] ~= ARGV[5] then return -3 end
+if lease[3] then return -2 end
+local n = tonumber(lease[1])
+local count = #ARGV - 5
+if n + count > tonumber(lease[2]) then return 0 end
+local bytes = 0
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  bytes = tonumber(redis.call('HGET', KEYS[1], 'b') or '0')
+end
+for i = 6, #ARGV do
+  n = n + 1
+  local entry = '{"seq":' .. string.format('%d', n) .. ',' .. ARGV[i]
+  redis.call('RPUSH', KEYS[2], entry)
+  bytes = bytes + #entry
+end
+local len = redis.call('LLEN', KEYS[2])
+local max_count, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
+while len > 1 and (len > max_count or bytes > max_bytes) do
+  bytes = bytes - #redis.call('LPOP', KEYS[2])
+  len = len - 1
+end
+redis.call('HSET', KEYS[1], 'n', string.format('%d', n), 'b', bytes)
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return n - count + 1
+"""
+
+# Raise the ceiling of a live lease (a lost one is started by claim and confirm).
+_INSTALL = """
+local lease = redis.call('HMGET', KEYS[1], 'c', 'r')
+if not lease[1] or lease[2] ~= ARGV[2] then return 0 end
+if tonumber(ARGV[1]) > tonumber(lease[1]) then redis.call('HSET', KEYS[1], 'c', ARGV[1]) end
+return 1
+"""
+
+# Start a missing lease, or one another server process wrote, as a pending marker,
+# and drop the window that went with the old one (its seqs are of the lost lease).
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'r') == ARGV[3] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'n', 0, 'c', 0, 'b', 0, 'p', ARGV[1], 'r', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+_CONFIRM = """
+if redis.call('HGET', KEYS[1], 'p') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'n', ARGV[2])
+if tonumber(ARGV[3]) > tonumber(redis.call('HGET', KEYS[1], 'c')) then
+  redis.call('HSET', KEYS[1], 'c', ARGV[3])
+end
+redis.call('HDEL', KEYS[1], 'p')
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# The latest seq and the window entries after ARGV[1] (or the last ARGV[2] when
+# ARGV[1] is negative), read at one instant; false while the lease is missing, 0 when
+# another server process wrote it (ARGV[3] is the run_id the caller knows).
+_READ = """
+local lease = redis.call('HMGET', KEYS[1], 'n', 'p', 'r')
+if not lease[1] or lease[2] then return false end
+if lease[3] ~= ARGV[3] then return 0 end
+local len = redis.call('LLEN', KEYS[2])
+local first = tonumber(lease[1]) - len + 1
+local since, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local start = math.max(0, len - limit)
+if since >= 0 then start = math.max(0, since + 1 - first) end
+return {lease[1], redis.call('LRANGE', KEYS[2], start, start + limit - 1)}
+"""
+
+
+def lease_key(prefix: str, channel: str) -> str:
+    return f"{prefix}:rseq:{{{channel}}}"
+
+
+def window_key(prefix: str, channel: str) -> str:
+    return f"{prefix}:rwin:{{{channel}}}"
+
+
+@dataclass(frozen=True)
+class Window:
+    """A recent channel's bounds: count, age and bytes of its window, and seq block."""
+
+    messages: int
+    secs: int
+    bytes: int
+    seq_block: int
+
+    @classmethod
+    def from_settings(cls) -> Window:
+        return cls(
+            messages=push_settings.RECENT_WINDOW_MESSAGES,
+            secs=push_settings.RECENT_WINDOW_SECS,
+            bytes=push_settings.RECENT_WINDOW_BYTES,
+            seq_block=push_settings.RECENT_SEQ_BLOCK,
+        )
+
+
+def entry_tail(message_id: str, timestamp: float, data_json: str) -> str:
+    """A window entry after its seq, which the publish script puts in front."""
+    return f'"message_id":"{message_id}","timestamp":{timestamp!r}{_DATA_MARK}{data_json}}}'
+
+
+def message_from_entry(channel: str, entry: bytes | str) -> ChannelMessage:
+    """An entry back as a message; ``data`` is cut out as text, never re-encoded."""
+    text = entry.decode() if isinstance(entry, bytes) else entry
+    mark = text.index(_DATA_MARK)  # the fields before it never hold this text
+    head = json.loads(text[:mark] + "}")
+    return ChannelMessage(
+        channel=channel,
+        seq=int(head["seq"]),
+        message_id=head["message_id"],
+        data_json=text[mark + len(_DATA_MARK) : -1],
+        timestamp=float(head["timestamp"]),
+    )
+
+
+# ----- the seq lease in PostgreSQL -------------------------------------------------------
+
+
+def seq_block_take(channel: str, amount: int) -> int:
+    """Reserve ``amount`` more seqs for ``channel`` in PostgreSQL; the new ceiling.
+
+    Committed at once (autocommit), before any seq of the block is handed out."""
+    table = connection.ops.quote_name(Channel._meta.db_table)
+    # The table name comes from our own model; every value is a parameter.
+    sql = (
+        f"INSERT INTO {table} (name, last_seq, created_at) VALUES (%s, %s, %s) "  # noqa: S608
+        f"ON CONFLICT (name) DO UPDATE SET last_seq = {table}.last_seq + EXCLUDED.last_seq "
+        "RETURNING last_seq"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [channel, amount, datetime.now(UTC)])
+        (top,) = cursor.fetchone()
+    return int(top)
+
+
+_seq_block_take = db_call(seq_block_take)
+
+
+# ----- the store ---------------------------------------------------------------------------
+
+
+class RecentStore:
+    """One event loop's access to the recent channels in Redis."""
+
+    def __init__(self, redis: Any, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self._publish = redis.register_script(_PUBLISH)
+        self._install = redis.register_script(_INSTALL)
+        self._claim = redis.register_script(_CLAIM)
+        self._confirm = redis.register_script(_CONFIRM)
+        self._read = redis.register_script(_READ)
+        self._renewals: dict[str, asyncio.Future[None]] = {}
+        self._server_id: str | None = None
+
+    async def server_id(self, *, fresh: bool = False) -> str:
+        """The run_id of the Redis server process this store talks to: a lease records
+        the one that wrote it (see ``_PUBLISH``)."""
+        if fresh or self._server_id is None:
+            info = await self.redis.info("server")
+            self._server_id = str(info["run_id"])
+        return self._server_id
+
+    async def _server_changed(self) -> bool:
+        """After an answer naming another server: was it this store that was behind
+        (a failover or restart it had not noticed)?"""
+        known = self._server_id
+        return await self.server_id(fresh=True) != known
+
+    def _keys(self, channel: str) -> list[str]:
+        return [lease_key(self.prefix, channel), window_key(self.prefix, channel)]
+
+    async def append(self, channel: str, tails: list[str], window: Window) -> int:
+        """Number and store the entries in one step; the first one's seq."""
+        keys = self._keys(channel)
+        limits = [window.messages, window.bytes, window.secs * 1000, LEASE_IDLE_SECS]
+        while True:
+            args = [*limits, await self.server_id(), *tails]
+            first = int(await self._publish(keys=keys, args=args))
+            if first > 0:
+                return first
+            if first == _PENDING:
+                await asyncio.sleep(PENDING_RETRY_SECS)
+                continue
+            if first == _OTHER_SERVER:
+                if await self._server_changed():
+                    continue
+                first = _NO_LEASE  # the lease is from another server: start it again
+            await self._renew(channel, first, max(window.seq_block, len(tails)))
+
+    async def _renew(self, channel: str, state: int, amount: int) -> None:
+        """Renew or start the lease once for all of this loop's publishers that found
+        it used up at the same time: each taking a block of its own would cost a
+        PostgreSQL write each and push the ceiling (and a restart's jump) further."""
+        renewal = self._renewals.get(channel)
+        if renewal is None:
+            renewal = asyncio.ensure_future(self._renew_once(channel, state, amount))
+            self._renewals[channel] = renewal
+            renewal.add_done_callback(lambda _: self._renewals.pop(channel, None))
+        # Shielded: a publisher that gives up (its deadline) leaves it to the others.
+        await asyncio.shield(renewal)
+
+    async def _renew_once(self, channel: str, state: int, amount: int) -> None:
+        if state == _NO_LEASE:
+            await self._start_lease(channel, amount)
+        else:
+            await self.install_block(channel, await _seq_block_take(channel, amount))
+            metrics.RECENT_SEQ_BLOCKS.labels("renew").inc()
+
+    async def install_block(self, channel: str, top: int) -> None:
+        """Raise the live lease's ceiling to ``top`` (nothing when the lease is gone:
+        the block stays unused, and the next publish starts a new lease)."""
+        await self._install(keys=self._keys(channel), args=[top, await self.server_id()])
+
+    async def _start_lease(self, channel: str, amount: int) -> None:
+        """Claim the missing lease, reserve a block, start the counter at its bottom
+        (the module docstring says why in this order)."""
+        keys = self._keys(channel)
+        token = uuid.uuid4().hex
+        # Fresh: a lease claimed under a run_id from before a restart would be taken
+        # for another server's by every node that knows the new one.
+        server = await self.server_id(fresh=True)
+        if not int(await self._claim(keys=keys, args=[token, PENDING_TTL_MSECS, server])):
+            return  # another publisher claimed it first: wait for its confirm
+        top = await _seq_block_take(channel, amount)
+        metrics.RECENT_SEQ_BLOCKS.labels("start").inc()
+        await self._confirm(keys=keys, args=[token, top - amount, top, LEASE_IDLE_SECS])
+
+    async def read(
+        self, channel: str, since: int | None, limit: int, window: Window
+    ) -> tuple[int, list[ChannelMessage]] | None:
+        """The channel's latest seq and its window entries after ``since`` (the last
+        ``limit`` when None) that are younger than the window's age; None while the
+        lease is missing (the channel's latest seq is then unknown)."""
+        args = [-1 if since is None else since, limit]
+        answer = await self._read(keys=self._keys(channel), args=[*args, await self.server_id()])
+        if answer == 0 and await self._server_changed():
+            answer = await self._read(keys=self._keys(channel), args=[*args, self._server_id])
+        if not answer:
+            return None  # missing, or written by another server: lost either way
+        latest, entries = answer
+        messages = [message_from_entry(channel, e) for e in entries]
+        cutoff = time.time() - window.secs
+        # A leading run only, so what is served stays contiguous.
+        while messages and messages[0].timestamp < cutoff:
+            messages.pop(0)
+        return int(latest), messages
+
+    async def latest_seqs(self, channels: Iterable[str]) -> dict[str, int]:
+        """Each channel's latest seq; channels whose lease is missing are left out."""
+        names = list(channels)
+        server = (await self.server_id()).encode()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for channel in names:
+                pipe.hmget(lease_key(self.prefix, channel), "n", "p", "r")
+            answers = await pipe.execute()
+        foreign = any(n is not None and by != server for n, _, by in answers)
+        if foreign and await self._server_changed():
+            # Redis restarted (or failed over) since this store last asked: the leases
+            # other nodes wrote since are the live ones. Without this a node that only
+            # subscribes never learns the new server, and never sees a channel move on.
+            server = (await self.server_id()).encode()
+        return {
+            channel: int(n)
+            for channel, (n, pending, written_by) in zip(names, answers, strict=True)
+            if n is not None and pending is None and written_by == server
+        }
+
+
+_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RecentStore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def store() -> RecentStore:
+    """This event loop's store (a Redis client belongs to one loop)."""
+    loop = asyncio.get_running_loop()
+    found = _stores.get(loop)
+    if found is None:
+        try:
+            client = redis_async(
+                socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECS,
+                socket_timeout=REDIS_TIMEOUT_SECS,
+                # Named, so CLIENT LIST shows what the recent channels hold open.
+                client_name=f"{redis_prefix()}-recent",
+            )
+        except RuntimeError as exc:  # no REDIS_URL
+            raise PushError(ErrorCode.UNAVAILABLE, "recent channels need Redis") from exc
+        found = _stores[loop] = RecentStore(client, redis_prefix())
+    return found
+
+
+async def store_close() -> None:
+    """Close this loop's store (the node stops; its loop may end)."""
+    found = _stores.pop(asyncio.get_running_loop(), None)
+    if found is not None:
+        await found.redis.aclose()
+
+
+def _unavailable(exc: BaseException) -> PushError:
+    return PushError(ErrorCode.UNAVAILABLE, f"Redis unavailable: {type(exc).__name__}; retry")
+
+
+# ----- publishing -------------------------------------------------------------------------
+
+
+async def publish(channel: str, data_json: str, publisher_id: int | None) -> ChannelMessage:
+    """Number, store and broadcast one message of a recent channel."""
+    (message,) = await publish_batch(channel, [data_json], publisher_id)
+    return message
+
+
+async def publish_batch(
+    channel: str, data_jsons: list[str], publisher_id: int | None
+) -> list[ChannelMessage]:
+    """Number and store several messages of one recent channel at once (consecutive
+    seqs, all or none), then broadcast them in order. ``publisher_id`` is not kept:
+    a recent message has no row to keep it in."""
+    micros = time.time_ns() // 1000
+    timestamp = micros / 1_000_000
+    ids = [str(uuid.uuid4()) for _ in data_jsons]
+    tails = [entry_tail(i, timestamp, d) for i, d in zip(ids, data_jsons, strict=True)]
+    try:
+        async with asyncio.timeout(PUBLISH_DEADLINE_SECS):
+            first = await store().append(channel, tails, Window.from_settings())
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise _unavailable(exc) from exc
+    messages = [
+        ChannelMessage(
+            channel=channel, seq=first + i, message_id=ids[i], data_json=d, timestamp=timestamp
+        )
+        for i, d in enumerate(data_jsons)
+    ]
+    for message in messages:
+        await broadcast.broadcast_async(message)
+    return messages
+
+
+def publish_sync(channel: str, data_json: str, publisher_id: int | None) -> ChannelMessage:
+    """``publish`` for synchronous code (REST views, ``push.publish``)."""
+    return _run(publish(channel, data_json, publisher_id))
+
+
+# ----- synchronous callers --------------------------------------------------------------------
+
+_background: asyncio.AbstractEventLoop | None = None
+_background_lock = threading.Lock()
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` for a synchronous caller on a loop that lasts: the node's, in a
+    server process, else one background loop of this process. (``async_to_sync`` would
+    make a loop, and so a Redis connection, per call in a process without a server:
+    a worker publishing ticks would open a connection per message.)"""
+    node = broadcast.running_node()
+    if node is not None and node.is_running and not node.loop.is_closed():
+        loop = node.loop
+    else:
+        loop = _background_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        coroutine.close()
+        raise RuntimeError("called on the event loop: await the async form instead")
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    global _background
+    with _background_lock:
+        if _background is None or _background.is_closed():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="push-recent", daemon=True).start()
+            _background = loop
+        return _background
+
+
+# ----- reading ------------------------------------------------------------------------------
+
+
+async def window_since(channel: str, since: int, limit: int) -> list[ChannelMessage]:
+    """The window's messages after ``since``, oldest first (REST history)."""
+    try:
+        answer = await store().read(channel, since, limit, Window.from_settings())
+    except (RedisError, OSError) as exc:
+        raise _unavailable(exc) from exc
+    return [] if answer is None else answer[1]
+
+
+def window_since_sync(channel: str, since: int, limit: int) -> list[ChannelMessage]:
+    return _run(window_since(channel, since, limit))

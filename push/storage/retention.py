@@ -1,0 +1,138 @@
+"""History retention: how many messages and how old each channel keeps.
+
+A default applies to every channel; rules by channel-name pattern override it (the
+first match wins), e.g. ``ticker:*`` keeps 1,000 messages, ``chat:*`` 30 days.
+Trimming runs from ``manage.py trim_history`` (once, or periodically with --every).
+Clients that resume from before the oldest kept message get ``recovered: false``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db.models import Min
+from django.utils import timezone
+
+from core.conf import push_settings
+from push.fanout.message import ChannelMessage
+from push.models import Channel, IdempotencyKey, Message
+from push.storage.history_modes import is_recent
+
+logger = logging.getLogger(__name__)
+
+DELETE_BATCH = 5000
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    max_messages: int | None
+    max_age_secs: int | None
+
+    def oldest_kept_seq(self, latest_seq: int) -> int:
+        """The lowest seq the count limit keeps, whatever the trim job has deleted."""
+        if self.max_messages is None:
+            return 1
+        return max(1, latest_seq - self.max_messages + 1)
+
+    def oldest_kept_timestamp(self, now: float) -> float | None:
+        """Unix time before which messages are past the age limit, if there is one."""
+        return None if self.max_age_secs is None else now - self.max_age_secs
+
+    def kept(self, messages: Iterable[ChannelMessage], latest_seq: int) -> list[ChannelMessage]:
+        """``messages`` without those this policy no longer keeps.
+
+        Every read that serves a resume (memory, the Redis cache, PostgreSQL) applies
+        the policy itself, so a client gets the same answer from every node whether
+        or not ``trim_history`` has run yet."""
+        first_seq = self.oldest_kept_seq(latest_seq)
+        cutoff = self.oldest_kept_timestamp(time.time())
+        return [
+            m for m in messages if m.seq >= first_seq and (cutoff is None or m.timestamp >= cutoff)
+        ]
+
+    def describe(self) -> str:
+        count = f"last {self.max_messages} messages" if self.max_messages else "all messages"
+        age = f"at most {_human_duration(self.max_age_secs)} old" if self.max_age_secs else ""
+        return f"{count}, {age}" if age else count
+
+
+def _human_duration(secs: int) -> str:
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
+        if secs % size == 0:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+def retention_policy(channel: str) -> RetentionPolicy:
+    """What a resume of ``channel`` may replay. A recent channel's window is its rule:
+    a node replays from memory no more than the window in Redis holds."""
+    if is_recent(channel):
+        return RetentionPolicy(
+            push_settings.RECENT_WINDOW_MESSAGES, push_settings.RECENT_WINDOW_SECS
+        )
+    return durable_retention_policy(channel)
+
+
+def durable_retention_policy(channel: str) -> RetentionPolicy:
+    """The rules for ``channel``'s rows in PostgreSQL."""
+    for pattern, max_messages, max_age_secs in push_settings.RETENTION_RULES:
+        if fnmatch.fnmatchcase(channel, pattern):
+            return RetentionPolicy(max_messages, max_age_secs)
+    return RetentionPolicy(
+        push_settings.RETENTION_MAX_MESSAGES or None, push_settings.RETENTION_MAX_AGE_SECS or None
+    )
+
+
+def oldest_kept_seq(channel: Channel) -> int | None:
+    return Message.objects.filter(channel=channel).aggregate(m=Min("seq"))["m"]
+
+
+def _delete_in_batches(channel: Channel, *, max_seq: int | None, before: datetime | None) -> int:
+    deleted = 0
+    while True:
+        doomed = Message.objects.filter(channel=channel)
+        if max_seq is not None:
+            doomed = doomed.filter(seq__lte=max_seq)
+        if before is not None:
+            doomed = doomed.filter(created_at__lt=before)
+        ids = list(doomed.order_by("seq").values_list("id", flat=True)[:DELETE_BATCH])
+        if not ids:
+            return deleted
+        deleted += Message.objects.filter(id__in=ids).delete()[0]
+
+
+def channel_trim(channel: Channel, *, now: datetime | None = None) -> int:
+    """Delete what ``channel``'s policy no longer keeps; returns how many messages.
+
+    A recent channel stores no rows (its ``last_seq`` is a ceiling of reserved seqs, not
+    a count): only rows left from a durable past are trimmed, by the durable rules."""
+    policy = durable_retention_policy(channel.name)
+    now = now or timezone.now()
+    deleted = 0
+    if policy.max_messages is not None and channel.last_seq > policy.max_messages:
+        deleted += _delete_in_batches(
+            channel, max_seq=channel.last_seq - policy.max_messages, before=None
+        )
+    if policy.max_age_secs is not None:
+        deleted += _delete_in_batches(
+            channel, max_seq=None, before=now - timedelta(seconds=policy.max_age_secs)
+        )
+    return deleted
+
+
+def history_trim() -> dict[str, int]:
+    """Trim every channel and forget expired idempotency keys."""
+    now = timezone.now()
+    trimmed = {}
+    for channel in Channel.objects.order_by("name").iterator():
+        deleted = channel_trim(channel, now=now)
+        if deleted:
+            trimmed[channel.name] = deleted
+    window = timedelta(seconds=push_settings.IDEMPOTENCY_WINDOW_SECS)
+    IdempotencyKey.objects.filter(created_at__lt=now - window).delete()
+    return trimmed

@@ -1,0 +1,152 @@
+"""Reads of stored history and channel state (no writes; services hold those)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from django.db.models import Func, IntegerField, QuerySet
+
+from core import metrics
+from push.fanout.message import ChannelMessage
+from push.models import Channel, Message
+from push.storage import recent_store
+from push.storage.history_modes import is_recent
+from push.storage.retention import retention_policy
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    since: int
+    messages: list[ChannelMessage]
+    # The channel's highest seq when the page was read.
+    latest_seq: int
+    # True when the page stopped at its byte budget before its count: more follow.
+    truncated: bool = False
+
+    @property
+    def complete_from_since(self) -> bool:
+        """True when nothing after ``since`` was trimmed away by retention."""
+        if self.latest_seq <= self.since:
+            return True
+        return bool(self.messages) and self.messages[0].seq == self.since + 1
+
+
+def channel_message_from_row(channel: str, row: Message) -> ChannelMessage:
+    return ChannelMessage(
+        channel=channel,
+        seq=row.seq,
+        message_id=str(row.message_id),
+        data_json=row.data,
+        timestamp=row.created_at.timestamp(),
+    )
+
+
+class OctetLength(Func):
+    """A text column's size in bytes; PostgreSQL reads it from the stored value's
+    header, without loading (or decompressing) the value itself."""
+
+    function = "octet_length"
+    output_field = IntegerField()
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        # SQLite (the embedded default of `make run`) has no octet_length.
+        return self.as_sql(
+            compiler, connection, template="length(CAST(%(expressions)s AS BLOB))", **extra
+        )
+
+
+_MESSAGE_FIELDS = ("seq", "message_id", "data", "created_at")
+
+
+def rows_within(
+    rows: QuerySet[Message], *, limit: int, max_bytes: int, newest_first: bool = False
+) -> tuple[list[Message], bool]:
+    """The first ``limit`` of ``rows`` (ordered by seq, oldest or newest first) that fit
+    in ``max_bytes`` of message data, always at least one; and whether the budget cut
+    the page short. The sizes are read first, so a page of large messages is never
+    loaded only to be cut: the data read is at most the budget plus one message."""
+    sizes = list(rows.annotate(size=OctetLength("data")).values_list("seq", "size")[:limit])
+    taken = total = 0
+    for _, size in sizes:
+        if taken and total + size > max_bytes:
+            break
+        total += size
+        taken += 1
+    if not taken:
+        return [], False
+    edge = sizes[taken - 1][0]
+    bounded = rows.filter(seq__gte=edge) if newest_first else rows.filter(seq__lte=edge)
+    read = list(bounded.only(*_MESSAGE_FIELDS)[:taken])
+    metrics.HISTORY_ROWS_READ.inc(len(read))
+    return read, taken < len(sizes)
+
+
+def message_list_since(
+    *, channel: str, since: int, limit: int, max_bytes: int
+) -> tuple[list[ChannelMessage], bool]:
+    """Stored messages of ``channel`` with ``seq > since``, oldest first, at most
+    ``limit`` of them and ``max_bytes`` of data (at least one); and whether the byte
+    budget stopped the page early (more messages follow it). A recent-only channel's
+    come from its window in Redis, which its own byte cap bounds."""
+    if is_recent(channel):
+        return recent_store.window_since_sync(channel, since, limit), False
+    rows = Message.objects.filter(channel__name=channel, seq__gt=since).order_by("seq")
+    read, truncated = rows_within(rows, limit=limit, max_bytes=max_bytes)
+    return [channel_message_from_row(channel, row) for row in read], truncated
+
+
+def _kept_rows(channel: str, latest: int) -> QuerySet[Message]:
+    """The channel's rows that its retention policy keeps, trimmed yet or not."""
+    policy = retention_policy(channel)
+    rows = Message.objects.filter(channel__name=channel, seq__gte=policy.oldest_kept_seq(latest))
+    cutoff = policy.oldest_kept_timestamp(time.time())
+    if cutoff is not None:
+        rows = rows.filter(created_at__gte=datetime.fromtimestamp(cutoff, tz=UTC))
+    return rows
+
+
+def history_page(*, channel: str, since: int, limit: int, max_bytes: int) -> HistoryPage:
+    """A page of history for a resume, with the channel's latest seq read first, so
+    every message up to it is either in the page or after the page's last seq. Only
+    what retention keeps is read, so a trim shows up as a page not starting at
+    ``since + 1`` whether or not the trim job has deleted the rows yet. The page holds
+    at most ``limit`` messages and ``max_bytes`` of data (at least one message)."""
+    latest = channel_latest_seq(channel=channel)
+    rows = _kept_rows(channel, latest).filter(seq__gt=since).order_by("seq")
+    read, truncated = rows_within(rows, limit=limit, max_bytes=max_bytes)
+    messages = [channel_message_from_row(channel, row) for row in read]
+    return HistoryPage(since=since, messages=messages, latest_seq=latest, truncated=truncated)
+
+
+def history_recent(*, channel: str, count: int, max_bytes: int) -> HistoryPage:
+    """The channel's latest seq and its last kept messages, oldest first: at most
+    ``count`` of them and ``max_bytes`` of data (at least one when there is any)."""
+    latest = channel_latest_seq(channel=channel)
+    rows = _kept_rows(channel, latest).filter(seq__lte=latest).order_by("-seq")
+    read, _ = rows_within(rows, limit=count, max_bytes=max_bytes, newest_first=True)
+    messages = [channel_message_from_row(channel, row) for row in reversed(read)]
+    since = messages[0].seq - 1 if messages else latest
+    return HistoryPage(since=since, messages=messages, latest_seq=latest)
+
+
+def channel_latest_seq(*, channel: str) -> int:
+    value = Channel.objects.filter(name=channel).values_list("last_seq", flat=True).first()
+    return value or 0
+
+
+def channel_latest_seqs(*, channels: Iterable[str]) -> dict[str, int]:
+    names = list(channels)
+    latest: dict[str, int] = {}
+    # Chunked so a node serving tens of thousands of channels never builds one huge IN.
+    for start in range(0, len(names), 1000):
+        chunk = names[start : start + 1000]
+        latest.update(Channel.objects.filter(name__in=chunk).values_list("name", "last_seq"))
+    return latest
+
+
+def channel_list() -> QuerySet[Channel]:
+    return Channel.objects.order_by("name")

@@ -1,0 +1,397 @@
+"""The write path's one transaction: the statements that store a batch of publishes.
+
+``batch_plan`` is sans-I/O: a generator that yields each statement and receives its
+rows, so the node's write pipeline (psycopg on the event loop, ``push.storage.write_pipeline``)
+and the sync path (Django's connection, on the database threads or inside the
+caller's own transaction, ``run_plan_sync``) run the very same SQL.
+
+Whatever a batch holds, it costs a fixed number of statements: the idempotency keys
+(only when some publish has one), ONE upsert that allocates the seqs of every channel,
+ONE multi-row insert of the messages, and the keys' results.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.db import connection, transaction
+
+from core.errors import ErrorCode, PushError
+from push.fanout.message import ChannelMessage
+from push.models import Channel, IdempotencyKey, Message
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# The key scope of a batch request: no channel is named "" (validate_channel_name).
+BATCH_KEY_CHANNEL = ""
+
+KeyScope = tuple[str, str, str]
+
+
+@dataclass(eq=False)
+class PublishUnit:
+    """One publish request: a single message, or a batch request's messages, which are
+    stored all together or not at all (a unit is never split across transactions)."""
+
+    # (channel, canonical JSON text of the data), validated.
+    items: list[tuple[str, str]]
+    publisher_id: int | None
+    principal: str | None = None
+    idempotency_key: str | None = None
+    key_channel: str = BATCH_KEY_CHANNEL
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = sum(len(channel) + len(data) for channel, data in self.items)
+
+    @property
+    def key_scope(self) -> KeyScope | None:
+        if self.idempotency_key is None or self.principal is None:
+            return None
+        return (self.principal, self.key_channel, self.idempotency_key)
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a unit got: its messages in request order, and whether they are an earlier
+    publish's (a retried idempotency key) rather than stored now."""
+
+    messages: list[ChannelMessage]
+    replayed: bool
+
+
+Outcome = Published | PushError
+
+
+@dataclass
+class Statement:
+    sql: str
+    params: list[Any]
+    returns_rows: bool = False
+
+
+@dataclass
+class BatchOutcome:
+    # One per unit, in the order given.
+    outcomes: list[Outcome]
+    # Stored by this transaction, in seq order per channel: what to broadcast on commit.
+    stored: list[ChannelMessage]
+
+
+Plan = Generator[Statement, list[tuple[Any, ...]], BatchOutcome]
+
+
+@functools.cache
+def _table(model: type) -> str:
+    # Table names come from our own models; every value is a parameter.
+    return connection.ops.quote_name(model._meta.db_table)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How a statement passes a list of rows: PostgreSQL unnests one array per column
+    (``unnest(%s::text[], ...)``); SQLite, the development database, reads one JSON
+    array of rows (``json_each``). Everything else in the statements is the same SQL."""
+
+    vendor: str
+
+    def rows(self, columns: Sequence[tuple[str, str]], values: Sequence[list[Any]]) -> Rows:
+        """A derived table ``t`` of the given (name, PostgreSQL type) columns."""
+        names = ", ".join(name for name, _ in columns)
+        if self.vendor == "postgresql":
+            arrays = ", ".join(f"%s::{kind}[]" for _, kind in columns)
+            return Rows(f"unnest({arrays}) AS t({names})", list(values))
+        picks = ", ".join(
+            f"json_extract(value, '$[{i}]') AS {name}" for i, (name, _) in enumerate(columns)
+        )
+        rows = json.dumps(list(zip(*values, strict=True)))
+        # Column names are our own constants; the rows are one parameter.
+        return Rows(f"(SELECT {picks} FROM json_each(%s)) AS t", [rows])  # noqa: S608
+
+    def timestamp(self, value: datetime) -> Any:
+        return (
+            value
+            if self.vendor == "postgresql"
+            else connection.ops.adapt_datetimefield_value(value)
+        )
+
+    def uuid(self, value: str) -> str:
+        # Django keeps UUIDs in SQLite as 32 hex digits.
+        return value if self.vendor == "postgresql" else uuid.UUID(value).hex
+
+    @property
+    def json_cast(self) -> str:
+        return "::jsonb" if self.vendor == "postgresql" else ""
+
+
+@dataclass(frozen=True)
+class Rows:
+    sql: str
+    params: list[Any]
+
+
+POSTGRESQL = Dialect("postgresql")
+
+
+def now_micros() -> int:
+    # Whole microseconds, so the live timestamp and the one read back from the
+    # database later (resume, REST history) are the same float.
+    return time.time_ns() // 1000
+
+
+def batch_plan(
+    units: Sequence[PublishUnit],
+    *,
+    micros: int,
+    window_secs: int,
+    dialect: Dialect = POSTGRESQL,
+) -> Plan:
+    """Store ``units`` in the current transaction; the caller commits."""
+    created_at = _EPOCH + timedelta(microseconds=micros)
+    outcomes: list[Outcome | None] = [None] * len(units)
+    # Two publishes with one key in one batch: the first publishes, the others get its
+    # result (no row to conflict on yet, so this is decided here, in memory).
+    leaders: dict[KeyScope, int] = {}
+    followers: dict[int, int] = {}
+    for index, unit in enumerate(units):
+        scope = unit.key_scope
+        if scope is None:
+            continue
+        if scope in leaders:
+            followers[index] = leaders[scope]
+        else:
+            leaders[scope] = index
+    if leaders:
+        replays = yield from _claim_keys(dialect, sorted(leaders), created_at, window_secs)
+        for scope, outcome in replays.items():
+            outcomes[leaders[scope]] = outcome
+    writers = [i for i in range(len(units)) if i not in followers and outcomes[i] is None]
+    stored: list[ChannelMessage] = []
+    if writers:
+        stored = yield from _store(dialect, units, writers, outcomes, created_at, micros)
+        keyed = [i for i in writers if units[i].key_scope is not None]
+        if keyed:
+            yield _record_results(dialect, units, keyed, outcomes)
+    for index, leader in followers.items():
+        first = outcomes[leader]
+        outcomes[index] = Published(first.messages, True) if isinstance(first, Published) else first
+    return BatchOutcome(outcomes=[_settled(o) for o in outcomes], stored=stored)
+
+
+def _settled(outcome: Outcome | None) -> Outcome:
+    if outcome is None:  # every unit is decided above; this would be a bug
+        raise RuntimeError("a publish of the batch was left without an outcome")
+    return outcome
+
+
+_SCOPE_COLUMNS = [("p", "text"), ("c", "text"), ("k", "text")]
+
+
+def _scope_rows(dialect: Dialect, scopes: Sequence[KeyScope]) -> Rows:
+    return dialect.rows(_SCOPE_COLUMNS, [[s[i] for s in scopes] for i in range(3)])
+
+
+def _claim_keys(
+    dialect: Dialect, scopes: list[KeyScope], created_at: datetime, window_secs: int
+) -> Generator[Statement, list[tuple[Any, ...]], dict[KeyScope, Outcome]]:
+    """Insert the key rows first, in one order on every node: a concurrent publish with
+    the same key waits on our uncommitted row, then conflicts and reads our result.
+    Returns the outcome of every key that an earlier publish holds."""
+    table = _table(IdempotencyKey)
+    expired_before = created_at - timedelta(seconds=window_secs)
+    keys = _scope_rows(dialect, scopes)
+    yield Statement(
+        f"DELETE FROM {table} WHERE created_at < %s AND (principal, channel, key) IN "  # noqa: S608
+        f"(SELECT p, c, k FROM {keys.sql})",
+        [dialect.timestamp(expired_before), *keys.params],
+    )
+    # (WHERE true: SQLite's parser needs it before ON CONFLICT.)
+    won = yield Statement(
+        f"INSERT INTO {table} (principal, channel, key, created_at) "  # noqa: S608
+        f"SELECT p, c, k, %s FROM {keys.sql} WHERE true "
+        "ORDER BY p, c, k ON CONFLICT (principal, channel, key) DO NOTHING "
+        "RETURNING principal, channel, key",
+        [dialect.timestamp(created_at), *keys.params],
+        returns_rows=True,
+    )
+    lost = sorted(set(scopes) - {tuple(row) for row in won})
+    if not lost:
+        return {}
+    # A new statement, a new snapshot (READ COMMITTED): it sees the winner's commit.
+    lost_keys = _scope_rows(dialect, lost)
+    rows = yield Statement(
+        f"SELECT principal, channel, key, result FROM {table} "  # noqa: S608
+        f"WHERE (principal, channel, key) IN (SELECT p, c, k FROM {lost_keys.sql})",
+        lost_keys.params,
+        returns_rows=True,
+    )
+    found = {(p, c, k): result for p, c, k, result in rows}
+    return {scope: _replayed(found.get(scope)) for scope in lost}
+
+
+def _replayed(result: Any) -> Outcome:
+    if isinstance(result, str):  # Django's cursor hands jsonb back as text
+        result = json.loads(result)
+    if not result:
+        # The row went away (expired) or lost its result between our two statements.
+        return PushError(ErrorCode.UNAVAILABLE, "a publish with this key is in progress; retry")
+    messages = [
+        ChannelMessage(
+            channel=r["channel"],
+            seq=r["seq"],
+            message_id=r["message_id"],
+            # The reply to a retry names the first publish; it carries no data.
+            data_json="null",
+            timestamp=r["timestamp"],
+        )
+        for r in result
+    ]
+    return Published(messages, True)
+
+
+def _store(
+    dialect: Dialect,
+    units: Sequence[PublishUnit],
+    writers: list[int],
+    outcomes: list[Outcome | None],
+    created_at: datetime,
+    micros: int,
+) -> Generator[Statement, list[tuple[Any, ...]], list[ChannelMessage]]:
+    counts = Counter(channel for i in writers for channel, _ in units[i].items)
+    names = sorted(counts)
+    rows = yield _allocate_seqs(dialect, names, [counts[n] for n in names], created_at)
+    # Each channel's first new seq; a batch's messages of one channel take consecutive
+    # seqs in request order.
+    next_seq = {name: (channel_id, last - counts[name] + 1) for channel_id, name, last in rows}
+    timestamp = micros / 1_000_000
+    stored: list[ChannelMessage] = []
+    channel_ids: list[int] = []
+    publishers: list[int | None] = []
+    for index in writers:
+        unit = units[index]
+        messages = []
+        for channel, data_json in unit.items:
+            channel_id, seq = next_seq[channel]
+            next_seq[channel] = (channel_id, seq + 1)
+            message = ChannelMessage(
+                channel=channel,
+                seq=seq,
+                message_id=str(uuid.uuid4()),
+                data_json=data_json,
+                timestamp=timestamp,
+            )
+            messages.append(message)
+            channel_ids.append(channel_id)
+            publishers.append(unit.publisher_id)
+        stored.extend(messages)
+        outcomes[index] = Published(messages, False)
+    yield _insert_messages(dialect, stored, channel_ids, publishers, created_at)
+    return stored
+
+
+def _allocate_seqs(
+    dialect: Dialect, names: list[str], counts: list[int], created_at: datetime
+) -> Statement:
+    """ONE upsert takes the seqs of every channel of the batch: (id, name, last_seq).
+
+    It creates a channel on its first message and otherwise adds the batch's count to
+    ``last_seq`` under the row lock, which is held until the transaction commits, so
+    publishers to one channel commit in seq order on every node. Rows are taken in
+    name order, so two nodes' batches lock their channels in the same order and never
+    deadlock.
+    """
+    table = _table(Channel)
+    channels = dialect.rows([("n", "text"), ("c", "bigint")], [names, counts])
+    return Statement(
+        f"INSERT INTO {table} (name, last_seq, created_at) "  # noqa: S608
+        f"SELECT n, c, %s FROM {channels.sql} WHERE true ORDER BY n "
+        f"ON CONFLICT (name) DO UPDATE SET last_seq = {table}.last_seq + EXCLUDED.last_seq "
+        "RETURNING id, name, last_seq",
+        [dialect.timestamp(created_at), *channels.params],
+        returns_rows=True,
+    )
+
+
+def _insert_messages(
+    dialect: Dialect,
+    messages: list[ChannelMessage],
+    channel_ids: list[int],
+    publishers: list[int | None],
+    created_at: datetime,
+) -> Statement:
+    table = _table(Message)
+    rows = dialect.rows(
+        [("c", "bigint"), ("s", "bigint"), ("m", "uuid"), ("d", "text"), ("p", "bigint")],
+        [
+            channel_ids,
+            [m.seq for m in messages],
+            [dialect.uuid(m.message_id) for m in messages],
+            [m.data_json for m in messages],
+            publishers,
+        ],
+    )
+    return Statement(
+        f"INSERT INTO {table} (channel_id, seq, message_id, data, publisher_id, created_at) "  # noqa: S608
+        f"SELECT c, s, m, d, p, %s FROM {rows.sql}",
+        [dialect.timestamp(created_at), *rows.params],
+    )
+
+
+def _record_results(
+    dialect: Dialect, units: Sequence[PublishUnit], keyed: list[int], outcomes: list[Outcome | None]
+) -> Statement:
+    scopes = []
+    results = []
+    for index in keyed:
+        scope = units[index].key_scope
+        outcome = outcomes[index]
+        if scope is None or not isinstance(outcome, Published):
+            continue
+        scopes.append(scope)
+        results.append(json.dumps([result_of(m) for m in outcome.messages]))
+    table = _table(IdempotencyKey)
+    rows = dialect.rows(
+        [*_SCOPE_COLUMNS, ("r", "text")], [*([s[i] for s in scopes] for i in range(3)), results]
+    )
+    return Statement(
+        f"UPDATE {table} SET result = t.r{dialect.json_cast} FROM {rows.sql} "  # noqa: S608
+        f"WHERE {table}.principal = t.p AND {table}.channel = t.c AND {table}.key = t.k",
+        rows.params,
+    )
+
+
+def result_of(message: ChannelMessage) -> dict[str, Any]:
+    return {
+        "channel": message.channel,
+        "seq": message.seq,
+        "message_id": message.message_id,
+        "timestamp": message.timestamp,
+    }
+
+
+def run_plan_sync(units: Sequence[PublishUnit], *, window_secs: int) -> BatchOutcome:
+    """Run one batch through Django's connection, in a transaction of its own or as a
+    savepoint of the caller's (a failed statement then leaves the caller's intact)."""
+    plan = batch_plan(
+        units,
+        micros=now_micros(),
+        window_secs=window_secs,
+        dialect=Dialect(connection.vendor),
+    )
+    with transaction.atomic(), connection.cursor() as cursor:
+        try:
+            statement = next(plan)
+            while True:
+                cursor.execute(statement.sql, statement.params)
+                rows = cursor.fetchall() if statement.returns_rows else []
+                statement = plan.send(rows)
+        except StopIteration as done:
+            return done.value

@@ -1,0 +1,290 @@
+"""The WebSocket consumer: handshake, decode, call a service, reply.
+
+It reads inbound frames in a plain loop instead of Channels' dispatch machinery
+(a task and an ``asyncio.wait`` per frame, and a hop to the database thread before
+every handler): nothing here touches the database except through services, and the
+consumer has no channel-layer channel of its own, because fan-out reaches it through
+the node's hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from channels.consumer import AsyncConsumer
+
+from accounts.permissions import (
+    authorize_presence,
+    authorize_publish,
+    is_presence_channel,
+)
+from accounts.principals import ANONYMOUS, Principal
+from core import metrics
+from core.conf import push_settings
+from core.errors import CloseCode, ErrorCode, PushError
+from push.cluster.node import Node, get_node
+from push.services.publishing import message_publish_async
+from push.services.subscriptions import (
+    channel_subscribe,
+    channel_unsubscribe,
+    client_ip,
+    session_closed,
+    session_open,
+)
+from push.storage.history_modes import is_recent
+from push.transport.connection import ClientConnection
+from push.wire import protocol
+from push.wire.codecs import UnknownSubprotocol, negotiate
+from push.wire.protocol import Heartbeat, Presence, Publish, RequestId, Subscribe, Unsubscribe
+
+logger = logging.getLogger(__name__)
+
+# Publishes of one connection queued at once; a client that sends more waits for
+# answers (its frames are not read meanwhile).
+PUBLISHES_IN_FLIGHT = 16
+# Labelled once: a publish is the hot path (labels() is a lookup under a lock).
+_PUBLISHED = metrics.MESSAGES_PUBLISHED.labels("websocket")
+_PUBLISH_SECONDS = metrics.REQUEST_SECONDS.labels("publish")
+
+
+def _request_id_of(connection: ClientConnection, event: dict[str, Any]) -> RequestId | None:
+    """The request's id, so a refused request is still answered under its id."""
+    try:
+        envelope = connection.codec.decode(connection.codec.frame_payload(event))
+    except PushError:
+        return None
+    return protocol.read_request_id(envelope) if isinstance(envelope, Mapping) else None
+
+
+def _reply_failure(
+    connection: ClientConnection, exc: Exception, request_id: RequestId | None
+) -> None:
+    """The one place a failed request becomes its error reply."""
+    if not isinstance(exc, PushError):
+        logger.error("request failed on %s", connection.connection_id, exc_info=exc)
+        exc = PushError(ErrorCode.UNAVAILABLE, "the server could not handle this request")
+    connection.send_error(exc, request_id)
+    if exc.close_code is not None:
+        connection.close(exc.close_code)
+
+
+def _frame_size(payload: str | bytes) -> int:
+    # A str of n characters is at most 4n UTF-8 bytes: encode only when it matters.
+    if isinstance(payload, str) and len(payload) * 4 > push_settings.MAX_FRAME_BYTES:
+        return len(payload.encode("utf-8", "surrogatepass"))
+    return len(payload)
+
+
+class PushConsumer(AsyncConsumer):
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.scope = scope
+        self.connection: ClientConnection | None = None
+        self.node: Node | None = None
+        # Publishes queued and not yet answered (made on the first publish).
+        self.publishing: set[asyncio.Task[None]] | None = None
+        close_code: int | None = None
+        try:
+            while True:
+                event = await receive()
+                kind = event["type"]
+                if kind == "websocket.receive":
+                    if self.connection is not None and self.connection.is_open:
+                        await self.on_frame(self.connection, event)
+                elif kind == "websocket.connect":
+                    if not await self.on_connect(send):
+                        return
+                elif kind == "websocket.disconnect":
+                    close_code = event.get("code")
+                    return
+        finally:
+            self.on_closed(close_code)
+
+    # ----- connection lifecycle --------------------------------------------------------
+
+    async def on_connect(self, send: Any) -> bool:
+        try:
+            codec, subprotocol = negotiate(self.scope.get("subprotocols") or [])
+        except UnknownSubprotocol:
+            await send({"type": "websocket.close", "code": int(CloseCode.POLICY)})
+            return False
+        try:
+            self.node = await get_node()
+        except Exception:
+            logger.exception("node could not start")
+            await send({"type": "websocket.close", "code": int(CloseCode.TRY_AGAIN_LATER)})
+            return False
+        await send({"type": "websocket.accept", "subprotocol": subprotocol})
+        principal: Principal = self.scope.get("principal") or ANONYMOUS
+        node = self.node
+        connection = ClientConnection(
+            send=send,
+            codec=codec,
+            principal=principal,
+            ip=client_ip(self.scope),
+            on_closing=node.on_connection_closing,
+        )
+        refusal = session_open(node, connection)
+        if refusal is not None:
+            # Accepted first so the client learns why (1013 is "try again later").
+            connection.close(refusal)
+            return True
+        self.connection = connection
+        return True
+
+    def on_closed(self, close_code: int | None) -> None:
+        # Nobody is left to answer; publishes already queued are still written.
+        for task in self.publishing or ():
+            task.cancel()
+        if self.connection is not None and self.node is not None:
+            session_closed(self.node, self.connection, close_code)
+
+    # ----- inbound frames ----------------------------------------------------------------
+
+    async def on_frame(self, connection: ClientConnection, event: dict[str, Any]) -> None:
+        request_id: RequestId | None = None
+        connection.last_seen = time.monotonic()
+        if not connection.rate.take():
+            self._rate_limited(connection, event)
+            return
+        try:
+            payload = connection.codec.frame_payload(event)
+            if _frame_size(payload) > push_settings.MAX_FRAME_BYTES:
+                raise PushError(
+                    ErrorCode.MESSAGE_TOO_LARGE,
+                    f"frame is larger than {push_settings.MAX_FRAME_BYTES} bytes",
+                )
+            envelope = connection.codec.decode(payload)
+            if isinstance(envelope, Mapping):
+                request_id = protocol.read_request_id(envelope)
+            request = protocol.parse_request(envelope)
+            kind = _REQUEST_TYPES[type(request)]
+            metrics.FRAMES_RECEIVED.labels(kind).inc()
+            if isinstance(request, Publish):  # answered by its own task (see there)
+                await self.start_publish(connection, request)
+                return
+            started = time.perf_counter()
+            await self._handlers[type(request)](self, connection, request)
+            metrics.REQUEST_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        except Exception as exc:
+            _reply_failure(connection, exc, request_id)
+
+    def _rate_limited(self, connection: ClientConnection, event: dict[str, Any]) -> None:
+        connection.rate_limited_frames += 1
+        if connection.rate_limited_frames > push_settings.RATE_LIMIT_CLOSE_AFTER:
+            connection.close(CloseCode.POLICY)
+            return
+        connection.send_error(
+            PushError(ErrorCode.RATE_LIMITED, "too many messages; slow down"),
+            _request_id_of(connection, event),
+        )
+
+    async def handle_subscribe(self, connection: ClientConnection, request: Subscribe) -> None:
+        def reply(seq: int, recovered: bool | None) -> None:
+            connection.send_envelope(
+                protocol.subscribed(
+                    channel=request.channel, seq=seq, recovered=recovered, request_id=request.id
+                )
+            )
+
+        await channel_subscribe(
+            self._require_node(),
+            connection,
+            request.channel,
+            since=request.since,
+            token=request.token,
+            reply=reply,
+        )
+
+    async def handle_presence(self, connection: ClientConnection, request: Presence) -> None:
+        # A member of the channel sees who else is there; others need the presence right.
+        subscribed = request.channel in connection.subscriptions
+        if not (subscribed and is_presence_channel(request.channel)):
+            authorize_presence(connection.principal, request.channel)
+        members = await self._require_node().presence.members(request.channel)
+        connection.send_envelope(
+            protocol.presence(channel=request.channel, members=members, request_id=request.id)
+        )
+
+    async def handle_unsubscribe(self, connection: ClientConnection, request: Unsubscribe) -> None:
+        if not await channel_unsubscribe(self._require_node(), connection, request.channel):
+            raise PushError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {request.channel!r}")
+        connection.send_envelope(
+            protocol.unsubscribed(channel=request.channel, request_id=request.id)
+        )
+
+    async def start_publish(self, connection: ClientConnection, request: Publish) -> None:
+        """Queue a publish and go on reading frames; its task answers once it committed.
+
+        A publisher may so have several publishes in flight, which the node's write
+        pipeline commits together (one round trip per request would cap a connection
+        at one publish per commit). The tasks start in frame order and each queues its
+        publish before it first waits, so one connection's publishes to a channel get
+        seqs in the order it sent them. Past ``PUBLISHES_IN_FLIGHT`` the connection
+        stops reading until one is answered: what one client holds stays bounded.
+        """
+        authorize_publish(connection.principal, request.channel)
+        if is_recent(request.channel):
+            # Numbered by a Redis call that any of the client's connections to Redis
+            # may carry: two in flight could take seqs out of the order they were
+            # sent. One at a time keeps a publisher's order (Redis answers in ~0.3 ms).
+            await self.handle_publish(connection, request)
+            return
+        if self.publishing is None:
+            self.publishing = set()
+        while len(self.publishing) >= PUBLISHES_IN_FLIGHT:
+            await asyncio.wait(self.publishing, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.get_running_loop().create_task(self.handle_publish(connection, request))
+        self.publishing.add(task)
+        task.add_done_callback(self.publishing.discard)
+
+    async def handle_publish(self, connection: ClientConnection, request: Publish) -> None:
+        started = time.perf_counter()
+        try:
+            message, _ = await message_publish_async(
+                channel=request.channel,
+                data=request.data,
+                publisher_id=connection.principal.user_id,
+            )
+        except Exception as exc:
+            _reply_failure(connection, exc, request.id)
+            return
+        _PUBLISHED.inc()
+        _PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        connection.send_envelope(
+            protocol.published(
+                channel=message.channel,
+                seq=message.seq,
+                message_id=message.message_id,
+                request_id=request.id,
+            )
+        )
+
+    async def handle_heartbeat(self, connection: ClientConnection, request: Heartbeat) -> None:
+        connection.send_envelope(
+            protocol.heartbeat_ack(timestamp=time.time(), request_id=request.id)
+        )
+
+    def _require_node(self) -> Node:
+        if self.node is None:  # set in on_connect, before any frame is read
+            raise RuntimeError("frame handled before the connection was accepted")
+        return self.node
+
+    _handlers: dict[type, Callable[[Any, ClientConnection, Any], Awaitable[None]]] = {
+        Subscribe: handle_subscribe,
+        Unsubscribe: handle_unsubscribe,
+        Heartbeat: handle_heartbeat,
+        Presence: handle_presence,
+    }
+
+
+_REQUEST_TYPES = {
+    Subscribe: "subscribe",
+    Unsubscribe: "unsubscribe",
+    Publish: "publish",
+    Heartbeat: "heartbeat",
+    Presence: "presence",
+}

@@ -1,0 +1,381 @@
+"""What ASGI does not say about the server underneath, for daphne and uvicorn.
+
+ASGI gives a WebSocket application no flow control on ``send``, no say over the close
+handshake, and one server call per frame. uvicorn pushes back by making ``send`` wait;
+daphne writes every frame into Twisted's buffer at once. These helpers reach the
+server's protocol object (daphne passes ``partial(server.handle_reply, protocol)`` as
+``send``, uvicorn its protocol's bound ``send``) and do nothing under other servers.
+
+``raw_writer`` is the fan-out's fast path: a data frame built once (``push.wire.frames``)
+is written to each subscriber's socket directly, skipping the per-frame work of the
+server's WebSocket library (framing the same bytes again for every subscriber); an
+SSE event goes out the same way as one chunk of the response body. It is only used
+while the connection is open and the socket takes data; everything else (accept,
+the response head, close, flow control) stays with the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import importlib.metadata
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from core import metrics
+
+logger = logging.getLogger(__name__)
+
+
+TWISTED_TCP_SERVER = "twisted.internet.tcp.Server"
+DAPHNE_WEBSOCKET = "daphne.ws_protocol.WebSocketProtocol"
+
+
+def _class_name(obj: object) -> str:
+    kind = type(obj)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _daphne_protocol(send: Any) -> Any | None:
+    args = getattr(send, "args", None)
+    protocol = args[0] if args else None
+    return protocol if hasattr(protocol, "transport") else None
+
+
+def daphne_backlog_probe(send: Any) -> Callable[[], int] | None:
+    """A probe of daphne's unsent bytes for this socket, or None under other servers.
+
+    daphne hands the application ``partial(server.handle_reply, protocol)`` and writes
+    every frame straight into Twisted's transport buffer, which grows without bound
+    for a peer that stops reading; this reads that buffer's size.
+    """
+    transport = getattr(_daphne_protocol(send), "transport", None)
+    if transport is None or not hasattr(transport, "dataBuffer"):
+        return None
+
+    def backlog() -> int:
+        return (
+            len(transport.dataBuffer)
+            - getattr(transport, "offset", 0)
+            + getattr(transport, "_tempDataLen", 0)
+        )
+
+    return backlog
+
+
+def allow_slow_close(send: Any, secs: float) -> None:
+    """Let a closing daphne connection drain its queued frames before the close frame
+    for ``secs``: autobahn's default (1 s) drops a slow reader with 1006 before it can
+    see the 4002 that tells it why."""
+    protocol = _daphne_protocol(send)
+    if protocol is not None and hasattr(protocol, "closeHandshakeTimeout"):
+        protocol.closeHandshakeTimeout = secs
+
+
+def drop_if_still_open(send: Any, after_secs: float) -> None:
+    """Under uvicorn, drop the socket ``after_secs`` after the server closed it.
+
+    uvicorn closes a transport by flushing it first, and a client that never reads
+    again never lets the flush finish: its socket (and the bytes queued for it) would
+    stay on the server for good, after the connection left every count and limit.
+    daphne needs none of this (autobahn drops it after its close handshake timeout)."""
+    owner = getattr(send, "__self__", None)
+    transport = getattr(owner, "transport", None)
+    if transport is None or not hasattr(transport, "abort"):
+        return
+    asyncio.get_running_loop().call_later(after_secs, transport.abort)
+
+
+def close_with_any_code(send: Any, code: int) -> bool:
+    """Close a daphne connection with ``code`` even where daphne's WebSocket library
+    (autobahn) refuses it. autobahn's ``sendClose`` takes only 1000 and 3000-4999, but
+    the contract closes with 1001, 1008, 1009, 1011, 1012 and 1013 as well; its
+    ``sendCloseFrame`` sends any code. Returns False when ``send`` is not daphne's."""
+    protocol = _daphne_protocol(send)
+    send_close_frame = getattr(protocol, "sendCloseFrame", None)
+    if send_close_frame is None or getattr(protocol, "state", None) != protocol.STATE_OPEN:
+        return False
+    send_close_frame(code=code, isReply=False)
+    return True
+
+
+Writer = tuple[Callable[[bytes], None], Callable[[], bool]]
+
+# The versions the direct writers were tested with: the pins of requirements.txt
+# (push/tests/test_server_adapters.py checks that they agree). The writers read
+# private attributes of these servers' protocol objects, so under any other version
+# frames go through the server's ``send``: slower, never wrong.
+TESTED_VERSIONS = {
+    "daphne": "4.2.3",
+    "twisted": "26.10.0",
+    "autobahn": "26.10.2",
+    "uvicorn": "0.54.0",
+    "websockets": "17.4",
+    "httptools": "0.9.0",
+}
+
+
+def raw_writer(send: Any) -> Writer | None:
+    """``(write, writable)`` for writing whole frames to the socket, or None.
+
+    For a WebSocket a frame is a data frame; for a streaming HTTP response (SSE) it is
+    one chunk of the chunked body, written only once the server has sent the head.
+    Which writer serves a server's protocol class is decided once per process."""
+    protocol = getattr(send, "__self__", None)  # uvicorn: its protocol's bound method
+    if protocol is None:
+        protocol = _daphne_protocol(send)
+        if protocol is None:
+            return None
+    kind = type(protocol)
+    try:
+        make = _writer_by_class[kind]
+    except KeyError:
+        make = _writer_by_class[kind] = _choose_writer(kind)
+    return make(protocol) if make is not None else None
+
+
+_writer_by_class: dict[type, Callable[[Any], Writer] | None] = {}
+
+
+def _choose_writer(kind: type) -> Callable[[Any], Writer] | None:
+    """The writer for instances of exactly ``kind`` (a subclass may change what the
+    writer relies on), if it was tested with the installed versions; logged once."""
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    entry = _WRITERS.get(name)
+    if entry is None:
+        logger.info("direct writes off for %s: not a server protocol they know", name)
+        return None
+    make, packages = entry
+    untested = {p: v for p in packages if (v := installed_version(p)) != TESTED_VERSIONS[p]}
+    if untested:
+        logger.warning(
+            "direct writes off for %s: %s not the tested %s; frames go through the server",
+            name,
+            untested,
+            {p: TESTED_VERSIONS[p] for p in untested},
+        )
+        return None
+    return make
+
+
+def installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _uvicorn_sansio_writer(protocol: Any) -> Writer:
+    transport = protocol.transport
+    writable_event = protocol.writable
+
+    def writable() -> bool:
+        return (
+            writable_event.is_set()
+            and not protocol.close_sent
+            and not protocol.disconnected
+            and not transport.is_closing()
+        )
+
+    return transport.write, writable
+
+
+def _uvicorn_http_writer(cycle: Any) -> Writer:
+    transport = cycle.transport
+    flow = cycle.flow
+
+    def writable() -> bool:
+        return (
+            cycle.response_started
+            and cycle.chunked_encoding is True
+            and not cycle.response_complete
+            and not cycle.disconnected
+            and not flow.write_paused
+            and not transport.is_closing()
+        )
+
+    return transport.write, writable
+
+
+def _daphne_writer(protocol: Any) -> Writer:
+    transport = protocol.transport
+    open_state = protocol.STATE_OPEN
+
+    def writable() -> bool:
+        return protocol.state == open_state and transport.connected
+
+    return _twisted_direct_write(transport), writable
+
+
+def _daphne_http_writer(request: Any) -> Writer:
+    transport = request.transport
+
+    def writable() -> bool:
+        # The head goes out with Twisted's first write; chunks may follow it directly.
+        return bool(
+            request.startedWriting
+            and request.chunked
+            and not request.finished
+            and not request._disconnected
+            and request.channel is not None
+            and transport.connected
+        )
+
+    return _twisted_direct_write(transport), writable
+
+
+def _twisted_direct_write(transport: Any) -> Callable[[bytes], None]:
+    if _class_name(transport) != TWISTED_TCP_SERVER:
+        # TLS (daphne's ``ssl:`` endpoint): the transport is Twisted's TLS wrapper,
+        # which forwards attribute reads to the TCP transport under it, so
+        # ``transport.socket`` would find the raw socket and plaintext would go into
+        # the TLS stream. Only the wrapper's own write encrypts.
+        return transport.write  # type: ignore[no-any-return]
+    sock = transport.socket
+
+    def write(frame: bytes) -> None:
+        # Twisted's write only buffers, then polls for writability and sends on the
+        # next reactor turn: two epoll_ctl calls and a loop pass per socket per
+        # message, which at thousands of subscribers is most of a delivery's cost and
+        # all of its latency. When nothing is waiting in Twisted's buffer, send now,
+        # as uvloop does; whatever the socket does not take goes to Twisted in order.
+        if transport.dataBuffer or transport._tempDataBuffer:
+            transport.write(frame)
+            return
+        try:
+            sent = sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            transport.write(frame)  # let Twisted notice the dead socket its own way
+            return
+        if sent < len(frame):
+            transport.write(frame[sent:])
+
+    return write
+
+
+def peer_gone_probe(send: Any) -> Callable[[], bool] | None:
+    """A probe that says when the server knows the client is gone (its socket closed,
+    or a close began), or None under other servers.
+
+    The consumer handles one request at a time and reads the disconnect only after the
+    request returns; a long request (a replay) asks this instead, so its work stops
+    when the client leaves rather than after it has read everything for no one."""
+    protocol = getattr(send, "__self__", None)
+    kind = type(protocol).__name__
+    if kind == "WebSocketsSansIOProtocol":
+        transport = protocol.transport
+        return lambda: bool(protocol.disconnected or protocol.close_sent or transport.is_closing())
+    if kind == "RequestResponseCycle":
+        return lambda: bool(protocol.disconnected)
+    protocol = _daphne_protocol(send)
+    if protocol is not None and hasattr(protocol, "sendCloseFrame"):
+        open_state = protocol.STATE_OPEN
+        return lambda: protocol.state != open_state or not protocol.transport.connected
+    if protocol is not None and hasattr(protocol, "startedWriting"):
+        return lambda: bool(protocol._disconnected or protocol.finished)
+    return None
+
+
+# Protocol class -> (its writer, the packages whose versions it was tested with).
+_WRITERS: dict[str, tuple[Callable[[Any], Writer], tuple[str, ...]]] = {
+    "uvicorn.protocols.websockets.websockets_sansio_impl.WebSocketsSansIOProtocol": (
+        _uvicorn_sansio_writer,
+        ("uvicorn", "websockets"),
+    ),
+    "uvicorn.protocols.http.httptools_impl.RequestResponseCycle": (
+        _uvicorn_http_writer,
+        ("uvicorn", "httptools"),
+    ),
+    DAPHNE_WEBSOCKET: (_daphne_writer, ("daphne", "twisted", "autobahn")),
+    "daphne.http_protocol.WebRequest": (_daphne_http_writer, ("daphne", "twisted")),
+}
+
+
+# ----- inbound bound (daphne) ---------------------------------------------------------
+
+
+def bound_inbound(
+    receive: Callable[[], Awaitable[dict[str, Any]]],
+    send: Any,
+    *,
+    max_frames: int,
+    max_bytes: int,
+) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """``receive`` for a daphne WebSocket whose unhandled inbound frames are bounded.
+
+    daphne puts every frame the client sends into an unbounded ``asyncio.Queue`` (its
+    ``receive`` is that queue's ``get``), however long the application takes to ask
+    for the next one: a client that floods frames while its request waits (a replay
+    paced by a slow reader, a slow publish) would make the node hold all of them.
+    Here, once ``max_frames`` frames or ``max_bytes`` bytes wait, the socket is no
+    longer read (Twisted's ``pauseProducing``): TCP pushes back on the client, and
+    reading resumes when half of both bounds have been handled. Nothing is dropped.
+
+    uvicorn needs none of this: it stops reading after every frame it queues and
+    reads again once the application has taken them all. Other servers: unchanged."""
+    protocol = _daphne_protocol(send)
+    queue = getattr(receive, "__self__", None)
+    if (
+        protocol is None
+        or _class_name(protocol) != DAPHNE_WEBSOCKET
+        or not isinstance(queue, asyncio.Queue)
+    ):
+        return receive
+    return _BoundedInbound(protocol, queue, max_frames=max_frames, max_bytes=max_bytes).receive
+
+
+class _BoundedInbound:
+    __slots__ = (
+        "_on_message",
+        "bytes",
+        "max_bytes",
+        "max_frames",
+        "paused",
+        "protocol",
+        "queue",
+        "sizes",
+    )
+
+    def __init__(
+        self, protocol: Any, queue: asyncio.Queue[Any], *, max_frames: int, max_bytes: int
+    ) -> None:
+        self.protocol = protocol
+        self.queue = queue
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        # Sizes of the frames waiting in the queue, in its order.
+        self.sizes: collections.deque[int] = collections.deque()
+        self.bytes = 0
+        self.paused = False
+        # autobahn calls ``self.onMessage`` for each complete message: an instance
+        # attribute wraps daphne's method for this connection only.
+        self._on_message = protocol.onMessage
+        protocol.onMessage = self.on_message
+
+    def on_message(self, payload: bytes, is_binary: bool) -> None:
+        queued = self.queue.qsize()
+        self._on_message(payload, is_binary)
+        if self.queue.qsize() == queued:  # muted (closing): daphne queued nothing
+            return
+        self.sizes.append(len(payload))
+        self.bytes += len(payload)
+        if not self.paused and (len(self.sizes) >= self.max_frames or self.bytes >= self.max_bytes):
+            self.paused = True
+            metrics.INBOUND_PAUSES.inc()
+            self.protocol.transport.pauseProducing()
+
+    async def receive(self) -> dict[str, Any]:
+        event: dict[str, Any] = await self.queue.get()
+        if event["type"] == "websocket.receive" and self.sizes:
+            self.bytes -= self.sizes.popleft()
+        if (
+            self.paused
+            and len(self.sizes) <= self.max_frames // 2
+            and self.bytes <= self.max_bytes // 2
+        ):
+            self.paused = False
+            self.protocol.transport.resumeProducing()
+        return event

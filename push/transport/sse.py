@@ -1,0 +1,344 @@
+"""Server-Sent Events: the receive-only fallback for clients that cannot hold a WebSocket.
+
+``GET /sse/?channel=news&channel=chat`` opens one stream for several channels, with the
+WebSocket's authentication (``?token=``, ``Authorization: Token``, or the session
+cookie) and permissions. The stream is a ``ClientConnection`` like any WebSocket: the
+same hub fans out to it, the same bounded outbox and slow-consumer policy apply, the
+same registry, limits, drain and metrics see it. Only the framing differs
+(``push.wire.codecs.sse_codec``) and the cursor: every ``message`` event carries ``id:`` =
+the last seq delivered on every channel of the stream (``news:43,chat:7``), which the
+browser sends back as ``Last-Event-ID`` when it reconnects, and which resumes each
+channel exactly as ``subscribe`` with ``since`` does.
+
+Every problem after the response started is an ``error`` event naming its channel;
+a fatal one (no channel could be subscribed) ends the stream. A request that cannot
+become a stream is refused before it starts, as a WebSocket handshake would be, with
+the error envelope as JSON: 403 (token or origin), 400 (channel or cursor), 405 (not
+GET), 503 (the database cannot check the token, or the node is not ready).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+from accounts.middleware import resolve_principal
+from accounts.permissions import authorize_subscribe
+from accounts.principals import Principal
+from core import metrics
+from core.conf import push_settings
+from core.errors import CloseCode, ErrorCode, PushError
+from push.cluster.node import Node, get_node
+from push.fanout.outbox import Outbox, OutFrame
+from push.services.subscriptions import channel_subscribe, client_ip, session_closed, session_open
+from push.transport.connection import CLOSE_FLUSH_SECS, ClientConnection
+from push.transport.origin import BrowserOriginValidator
+from push.transport.server_adapters import drop_if_still_open
+from push.wire import protocol
+from push.wire.codecs import DEFAULT_CODEC
+from push.wire.codecs.sse_codec import SSE_CODEC
+from push.wire.protocol import MAX_CHANNEL_NAME_CHARS, validate_channel_name
+
+logger = logging.getLogger(__name__)
+
+SSE_PATHS = frozenset({"/sse/", "/sse"})
+RESPONSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache, no-transform"),
+    # nginx: pass each event on at once instead of buffering the response.
+    (b"x-accel-buffering", b"no"),
+]
+PING_FRAME = OutFrame(SSE_CODEC.send_event(b": ping\n\n"), 8)
+END_OF_STREAM = {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+# ----- the cursor ----------------------------------------------------------------------
+
+
+def cursor_format(cursor: dict[str, int]) -> str:
+    return ",".join(f"{channel}:{seq}" for channel, seq in cursor.items())
+
+
+# A seq is a PostgreSQL bigint: at most 2**63 - 1, 19 digits. Longer digit strings
+# are refused before int() reads them (past 4300 digits int() itself raises).
+MAX_SEQ_DIGITS = 19
+MAX_SEQ = 2**63 - 1
+# One cursor entry at most: a channel name, ':', a seq and ','.
+MAX_CURSOR_ENTRY_CHARS = MAX_CHANNEL_NAME_CHARS + MAX_SEQ_DIGITS + 2
+
+
+def cursor_parse(text: str, *, max_entries: int | None = None) -> dict[str, int]:
+    """``news:43,chat:7`` -> {"news": 43, "chat": 7}. Channel names may hold ``:``
+    (``user:42``), so the seq is what follows the last one; they never hold ``,``.
+
+    With ``max_entries`` (the channels a stream may hold), a longer text is refused
+    before it is split: what a cursor makes the node read is bounded by that."""
+    if max_entries is not None and len(text) > max_entries * MAX_CURSOR_ENTRY_CHARS:
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE,
+            f"the cursor names more than {max_entries} channels",
+            field="since",
+        )
+    cursor: dict[str, int] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        channel, _, seq = part.rpartition(":")
+        if (
+            not seq.isascii()
+            or not seq.isdigit()
+            or len(seq) > MAX_SEQ_DIGITS
+            or int(seq) > MAX_SEQ
+        ):
+            raise PushError(
+                ErrorCode.INVALID_MESSAGE,
+                f"cursor entry {part[:120]!r} is not <channel>:<seq> (seq: at most"
+                f" {MAX_SEQ_DIGITS} digits)",
+                field="since",
+            )
+        cursor[validate_channel_name(channel, field="since")] = int(seq)
+    return cursor
+
+
+# ----- the request ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    channels: list[str]
+    since: dict[str, int]
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def stream_request(scope: dict[str, Any]) -> StreamRequest:
+    """The channels and resume cursor of a stream request. ``Last-Event-ID`` wins over
+    ``?since=``: a browser reconnects to the same URL and sends the newer cursor."""
+    params = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    channels = list(dict.fromkeys(params.get("channel", [])))
+    if not channels:
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE, "name at least one channel: ?channel=", field="channel"
+        )
+    for channel in channels:
+        validate_channel_name(channel)
+    since_text = _header(scope, b"last-event-id")
+    if since_text is None:
+        since_values = params.get("since")
+        since_text = since_values[-1] if since_values else ""
+    max_entries = push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION
+    return StreamRequest(channels=channels, since=cursor_parse(since_text, max_entries=max_entries))
+
+
+# ----- the stream ----------------------------------------------------------------------
+
+
+class SseOutbox(Outbox):
+    """An outbox that writes each message event's ``id:`` line from this stream's
+    cursor after the shared bytes of the event."""
+
+    __slots__ = ("cursor",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cursor: dict[str, int] = {}
+
+    def push(self, frame: OutFrame) -> bool:
+        channel = frame.channel
+        if channel is not None:
+            cursor = self.cursor
+            cursor[channel] = frame.seq  # type: ignore[assignment]
+            body = frame.event["body"] + f"id: {cursor_format(cursor)}\n\n".encode()
+            frame = OutFrame(SSE_CODEC.send_event(body), len(body), frame.droppable)
+        return super().push(frame)
+
+
+class SseConnection(ClientConnection):
+    outbox_class = SseOutbox
+    ends_without_subscriptions = True
+    __slots__ = ("finished",)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(codec=SSE_CODEC, **kwargs)
+        # Resolved once the response has ended, by the server (close) or the client.
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def cursor(self) -> dict[str, int]:
+        return self.outbox.cursor  # type: ignore[attr-defined,no-any-return]
+
+    async def _send_close(self, code: int) -> None:
+        try:
+            # Bounded: a reader that stopped reading would hold the end of the stream
+            # (and this connection) forever.
+            await asyncio.wait_for(self._send(END_OF_STREAM), CLOSE_FLUSH_SECS)
+        except Exception as exc:  # the client is gone already, or stalled
+            logger.debug("end of stream %s failed: %s", self.connection_id, exc)
+            # Not after a clean end: the connection may then serve the next request.
+            drop_if_still_open(self._send, after_secs=0)
+        finally:
+            self.end()
+
+    def end(self) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+
+class SseEntry:
+    def __init__(self, allowed_origins: list[str]) -> None:
+        self.origins = BrowserOriginValidator(None, allowed_origins)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("method") != "GET":
+            return await _refuse(send, 405, PushError(ErrorCode.INVALID_MESSAGE, "use GET"))
+        try:
+            request = stream_request(scope)
+            principal = await self._authenticate(scope)
+        except PushError as exc:
+            return await _refuse(send, exc.http_status, exc)
+        try:
+            node = await get_node()
+        except Exception:
+            logger.exception("node could not start")
+            return await _refuse(send, 503, PushError(ErrorCode.UNAVAILABLE, "not ready"))
+        connection = SseConnection(
+            send=send,
+            principal=principal,
+            ip=client_ip(scope),
+            on_closing=node.on_connection_closing,
+        )
+        await send({"type": "http.response.start", "status": 200, "headers": RESPONSE_HEADERS})
+        refusal = session_open(node, connection)
+        if refusal is not None:
+            connection.send_error(_REFUSALS[refusal], None)
+            connection.close(refusal)
+            return await _until_finished(connection, receive)
+        try:
+            _streams_ping(connection)
+            await _subscribe_all(node, connection, request)
+            if not connection.subscriptions and connection.is_open:
+                # Nothing to stream: the errors above were fatal, so the stream ends.
+                connection.close(CloseCode.POLICY)
+            await _until_finished(connection, receive)
+        finally:
+            _streams.discard(connection)
+            session_closed(node, connection, None)
+            connection.end()
+
+    async def _authenticate(self, scope: dict[str, Any]) -> Principal:
+        """The WebSocket handshake's checks, refused the same way (403)."""
+        if not self.origins.allows(scope):
+            raise PushError(ErrorCode.FORBIDDEN, "this origin may not open streams")
+        principal = await resolve_principal(scope)
+        if principal is None:
+            raise PushError(ErrorCode.FORBIDDEN, "the token is not valid (or was revoked)")
+        return principal
+
+
+_REFUSALS = {
+    CloseCode.GOING_AWAY: PushError(ErrorCode.UNAVAILABLE, "this node is restarting; reconnect"),
+    CloseCode.TRY_AGAIN_LATER: PushError(
+        ErrorCode.RATE_LIMITED, "too many connections; try again later"
+    ),
+}
+
+
+async def _subscribe_all(node: Node, connection: SseConnection, request: StreamRequest) -> None:
+    """Subscribe every channel of the stream from a known seq, so the cursor names every
+    channel from the first event on: a channel the client gave no seq for starts at
+    its latest seq, read up front, instead of wherever its turn to subscribe comes."""
+    allowed = [c for c in request.channels if _permitted(connection, c)]
+    fresh = [channel for channel in allowed if channel not in request.since]
+    try:
+        latest = await node.hub.history.latest_seqs(fresh) if fresh else {}
+    except Exception as exc:
+        logger.warning("stream start failed: %s", exc)
+        connection.send_error(PushError(ErrorCode.UNAVAILABLE, "history is unavailable"), None)
+        return
+    cursor = connection.cursor
+    for channel in allowed:
+        cursor[channel] = request.since.get(channel, latest.get(channel, 0))
+    for channel in allowed:
+        try:
+            await channel_subscribe(
+                node, connection, channel, since=cursor[channel], token=None, reply=_no_reply
+            )
+        except PushError as exc:
+            cursor.pop(channel, None)
+            connection.send_error(exc, None, channel=channel)
+
+
+def _permitted(connection: SseConnection, channel: str) -> bool:
+    try:
+        authorize_subscribe(connection.principal, channel)
+    except PushError as exc:
+        connection.send_error(exc, None, channel=channel)
+        return False
+    return True
+
+
+def _no_reply(seq: int, recovered: bool | None) -> None:
+    """SSE has no ``subscribed`` event: the stream's cursor already says where it is."""
+
+
+async def _until_finished(connection: SseConnection, receive: Any) -> None:
+    """Wait until the server ended the stream or the client went away."""
+    client_gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({client_gone, connection.finished}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        client_gone.cancel()
+
+
+async def _disconnected(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _refuse(send: Any, status: int, exc: PushError) -> None:
+    """Refuse before the stream starts, with the error envelope as JSON."""
+    metrics.ERRORS.labels(exc.code.value).inc()
+    body = DEFAULT_CODEC.encode(protocol.error(code=exc.code, message=exc.message)).encode()
+    headers = [(b"content-type", b"application/json")]
+    if status == 405:
+        headers.append((b"allow", b"GET"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ----- the heartbeat -------------------------------------------------------------------
+
+# Open streams of this process, pinged every heartbeat interval by one task.
+_streams: set[SseConnection] = set()
+_pinger: asyncio.Task[None] | None = None
+
+
+def _streams_ping(connection: SseConnection) -> None:
+    global _pinger
+    _streams.add(connection)
+    loop = asyncio.get_running_loop()
+    if _pinger is None or _pinger.done() or _pinger.get_loop() is not loop:
+        _pinger = loop.create_task(_ping_forever(), name="push-sse-ping")
+
+
+async def _ping_forever() -> None:
+    """``: ping`` on every stream each heartbeat interval, so proxies never see an idle
+    stream; it also stands for the client's heartbeat, which an SSE client cannot send.
+    A reader that stopped reading fills its outbox with pings and is dropped as slow."""
+    while True:
+        await asyncio.sleep(push_settings.HEARTBEAT_INTERVAL_SECS)
+        now = time.monotonic()
+        for connection in list(_streams):
+            if connection.is_open:
+                connection.last_seen = now
+                connection.outbox.push(PING_FRAME)
