@@ -34,7 +34,7 @@ def _forget_cached_recent_history():
     if not settings.REDIS_URL:
         cache.clear()  # the process's own LocMemCache
         return
-    from core.redis_client import redis_sync
+    from common.redis_client import redis_sync
     from push.cluster.directory import redis_prefix
 
     client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
@@ -58,7 +58,7 @@ def _close_database_threads(django_db_setup, django_db_blocker):  # type: ignore
     from asgiref.sync import SyncToAsync
     from django.db import connections
 
-    from core.db import close_database_threads
+    from common.db import close_database_threads
 
     with django_db_blocker.unblock():
         close_database_threads()

@@ -17,8 +17,8 @@ import logging
 from django.core.cache import cache
 from redis.exceptions import RedisError
 
-from core.conf import push_settings
-from core.errors import ErrorCode, PushError
+from common.conf import push_settings
+from common.errors import ErrorCode, PushError
 
 logger = logging.getLogger(__name__)
 

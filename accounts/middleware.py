@@ -5,7 +5,7 @@ An invalid or revoked token is refused at the handshake (HTTP 403), never downgr
 to anonymous. A connection with neither token nor session cookie is anonymous without
 a trip to the database thread, which keeps anonymous connects cheap, and so is one
 whose session cookie cannot be a session key at all. Tokens and sessions are looked up
-on the database threads of ``core.db`` (several, bounded), never on Channels' one
+on the database threads of ``common.db`` (several, bounded), never on Channels' one
 shared thread, where a flood of made-up session cookies would queue every real login
 behind it; failures count against the client's address (``accounts.auth_failures``).
 ``push.transport.entry`` puts the result in the scope as ``principal`` (who, with their grants)
@@ -27,7 +27,7 @@ from django.db import DatabaseError
 
 from accounts.auth_failures import auth_failure_record, auth_failures_exceeded, too_many_failures
 from accounts.principals import ANONYMOUS, Principal, authenticate_key, principal_for_user
-from core.db import database_unavailable, db_call
+from common.db import database_unavailable, db_call
 
 # Django's session stores that keep the session server-side name it by 32 characters
 # from [a-z0-9] (SessionBase._get_new_session_key); anything else is no session of

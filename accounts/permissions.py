@@ -28,8 +28,8 @@ from rest_framework.request import Request
 
 from accounts.authentication import request_principal
 from accounts.principals import Principal
-from core.conf import push_settings
-from core.errors import ErrorCode, PushError
+from common.conf import push_settings
+from common.errors import ErrorCode, PushError
 
 PRIVATE_PREFIX = "private-"
 PRESENCE_PREFIX = "presence-"

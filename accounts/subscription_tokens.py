@@ -26,9 +26,9 @@ from typing import Any
 
 from django.conf import settings
 
-from core.conf import push_settings
-from core.errors import ErrorCode, PushError
-from core.keys import SUBSCRIPTION_TOKEN_KEY_SALT, purpose_key
+from common.conf import push_settings
+from common.errors import ErrorCode, PushError
+from common.keys import SUBSCRIPTION_TOKEN_KEY_SALT, purpose_key
 
 MAX_TOKEN_CHARS = 4096
 # A back-end whose clock runs ahead of ours by up to this still mints tokens of the

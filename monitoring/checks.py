@@ -7,8 +7,8 @@ import asyncio
 from channels.layers import get_channel_layer
 from django.db import connection
 
-from core.db import db_call
-from core.redis_client import redis_async
+from common.db import db_call
+from common.redis_client import redis_async
 
 DEPENDENCY_TIMEOUT_SECS = 2.0
 

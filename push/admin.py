@@ -17,7 +17,7 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path
 
-from core.redis_client import redis_sync
+from common.redis_client import redis_sync
 from push.cluster.directory import cluster_nodes, connections_disconnect, redis_prefix
 from push.models import Channel, Connection, Message
 from push.ops.event_worker import dead_letters

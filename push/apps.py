@@ -4,7 +4,7 @@ from django.core.signals import setting_changed
 
 def _reload_push_settings(*, setting: str, **kwargs: object) -> None:
     if setting == "PUSH":
-        from core.conf import push_settings
+        from common.conf import push_settings
 
         push_settings.reload()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from core.redis_client import channel_layer_host, sentinel_address
+from common.redis_client import channel_layer_host, sentinel_address
 from realtime_project.env import (
     env_bool,
     env_duration_secs,
@@ -120,7 +120,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_optional_str("REDIS_URL")
-# With Sentinel, every Redis client asks these for the current master (core.redis_client);
+# With Sentinel, every Redis client asks these for the current master (common.redis_client);
 # REDIS_URL then gives only the database and the password.
 REDIS_SENTINELS = [sentinel_address(a) for a in env_list("REDIS_SENTINELS", [])]
 REDIS_SENTINEL_MASTER = env_str("REDIS_SENTINEL_MASTER", "mymaster")
@@ -154,7 +154,7 @@ CACHES = {
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": env_str("REDIS_PREFIX", "push"),
             "OPTIONS": (
-                {"pool_class": "core.redis_client.CacheSentinelPool"} if REDIS_SENTINELS else {}
+                {"pool_class": "common.redis_client.CacheSentinelPool"} if REDIS_SENTINELS else {}
             ),
         }
         if REDIS_URL
@@ -215,7 +215,7 @@ REST_FRAMEWORK = {
 # the admin. Unique per process, so two nodes on one host never share it.
 NODE_ID = env_str("NODE_ID", f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
 
-# The push server's own options; read through core.conf.push_settings.
+# The push server's own options; read through common.conf.push_settings.
 PUSH = {
     "MAX_FRAME_BYTES": env_int("PUSH_MAX_FRAME_BYTES", 1_048_576),
     "HEARTBEAT_INTERVAL_SECS": env_int("PUSH_HEARTBEAT_INTERVAL_SECS", 25),

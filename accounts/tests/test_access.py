@@ -20,7 +20,7 @@ from rest_framework.test import APIClient
 
 from accounts.models import ChannelGrant, ServiceToken
 from accounts.subscription_tokens import subscription_token_issue
-from core.errors import CloseCode
+from common.errors import CloseCode
 from push.cluster.node import get_node
 from push.services.publishing import message_publish
 from push.tests.sse_inprocess import InProcessStream

@@ -18,7 +18,7 @@ from rest_framework.authtoken.models import Token
 from accounts.models import ChannelGrant, ServiceToken
 from accounts.principals import principals_refresh
 from accounts.subscription_tokens import subscription_token_issue
-from core.errors import CloseCode
+from common.errors import CloseCode
 from push.services.publishing import message_publish
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import WsClient, connected_client

@@ -34,7 +34,7 @@ from accounts.subscription_tokens import (
     subscription_token_secret,
     subscription_token_verify,
 )
-from core.errors import CloseCode, PushError
+from common.errors import CloseCode, PushError
 from push.models import Connection
 from push.ops.webhooks import _headers, webhook_secret
 from push.tests.sse_inprocess import InProcessStream

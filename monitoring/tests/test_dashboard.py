@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-import core.metrics  # noqa: F401 - registers our metrics
+import common.metrics  # noqa: F401 - registers our metrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 METRIC_NAME = re.compile(r"\b((?:push|django)_[a-z0-9_]+)\b")

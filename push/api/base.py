@@ -4,7 +4,7 @@ the database holds no database connection of its own.
 
 DRF's own hooks stay as they are: authentication, permissions and throttles are sync
 and may read PostgreSQL (token, session, grants) and Redis (throttle counters), so
-``initial`` runs them on the database threads (``core.db``), where a slow query holds
+``initial`` runs them on the database threads (``common.db``), where a slow query holds
 one of those threads and never the loop. Parsing, rendering (the browsable API too),
 ``handle_exception`` with the one exception handler (``push.api.exceptions``) and
 ``finalize_response`` are DRF's own code, unchanged.
@@ -26,7 +26,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.authentication import request_principal
-from core.db import db_call
+from common.db import db_call
 
 
 def _initial(view: APIView, request: Request, args: Any, kwargs: Any) -> None:

@@ -15,7 +15,7 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
-from core.errors import ErrorCode, PushError
+from common.errors import ErrorCode, PushError
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from core.errors import ErrorCode, PushError
+from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
 from push.models import Channel
 from push.wire.protocol import validate_channel_name, validate_data

@@ -21,10 +21,10 @@ from rest_framework.views import APIView
 
 from accounts.authentication import request_principal
 from accounts.permissions import ChannelPermission, authorize_publish, visible_channels
-from core import metrics
-from core.conf import push_settings
-from core.db import db_call
-from core.errors import ErrorCode, PushError
+from common import metrics
+from common.conf import push_settings
+from common.db import db_call
+from common.errors import ErrorCode, PushError
 from push.api.base import AsyncAPIView
 from push.api.serializers import (
     MAX_BATCH_MESSAGES,

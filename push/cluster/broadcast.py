@@ -16,8 +16,8 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from core.conf import push_settings
-from core.redis_client import redis_sync
+from common.conf import push_settings
+from common.redis_client import redis_sync
 from push.cluster.directory import redis_prefix
 from push.fanout.message import ChannelMessage
 from push.storage.recent_cache import add_to_pipeline

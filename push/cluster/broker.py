@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from core import metrics
-from core.background import spawn
+from common import metrics
+from common.background import spawn
 from push.fanout.message import ChannelMessage
 
 logger = logging.getLogger(__name__)

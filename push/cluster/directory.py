@@ -21,8 +21,8 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from core.errors import CloseCode
-from core.redis_client import redis_async, redis_sync
+from common.errors import CloseCode
+from common.redis_client import redis_async, redis_sync
 
 logger = logging.getLogger(__name__)
 

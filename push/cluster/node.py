@@ -21,10 +21,10 @@ from django.db import connection as database
 
 from accounts.permissions import is_presence_channel
 from accounts.principals import principals_refresh
-from core.background import spawn
-from core.conf import push_settings
-from core.db import db_call
-from core.errors import CloseCode
+from common.background import spawn
+from common.conf import push_settings
+from common.db import db_call
+from common.errors import CloseCode
 from push.cluster import broadcast as broadcast_module
 from push.cluster.broker import PRESENCE_EVENT, Broker, channel_group
 from push.cluster.directory import CONTROL_GROUP, DISCONNECT_EVENT, TOP_CHANNELS, NodeDirectory

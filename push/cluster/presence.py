@@ -147,7 +147,7 @@ def presence_members_sync(channel: str) -> list[Member]:
     if not settings.REDIS_URL:
         node = running_node()
         return node.presence.members_in_memory(channel) if node is not None else []
-    from core.redis_client import redis_sync
+    from common.redis_client import redis_sync
 
     client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
     try:

@@ -32,8 +32,8 @@ from typing import Any, Protocol
 
 from django.db import transaction
 
-from core import metrics
-from core.db import db_call
+from common import metrics
+from common.db import db_call
 from push.models import Connection
 
 logger = logging.getLogger(__name__)

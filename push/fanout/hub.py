@@ -24,9 +24,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from core import metrics
-from core.background import spawn
-from core.errors import ErrorCode, PushError
+from common import metrics
+from common.background import spawn
+from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage, data_bytes
 from push.fanout.outbox import OutFrame
 from push.storage.retention import retention_policy

@@ -7,8 +7,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from core import metrics
-from core.errors import ErrorCode, PushError
+from common import metrics
+from common.errors import ErrorCode, PushError
 
 
 class TokenBucket:

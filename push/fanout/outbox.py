@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from core import metrics
+from common import metrics
 from push.wire.frames import data_frame
 
 logger = logging.getLogger(__name__)

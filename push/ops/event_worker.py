@@ -26,7 +26,7 @@ from typing import Any
 
 from django.utils.module_loading import import_string
 
-from core import metrics
+from common import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def register_handler(handler: Handler) -> Handler:
 
 
 def configured_handlers() -> list[Handler]:
-    from core.conf import push_settings
+    from common.conf import push_settings
 
     handlers = [import_string(path) for path in push_settings.EVENT_HANDLERS]
     if push_settings.WEBHOOK_URLS:

@@ -19,7 +19,7 @@ import uuid
 from collections import deque
 from typing import Any
 
-from core import metrics
+from common import metrics
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
-from core.errors import CloseCode
+from common.errors import CloseCode
 
 if TYPE_CHECKING:
     from push.transport.connection import ClientConnection

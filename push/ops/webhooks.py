@@ -28,8 +28,8 @@ import httpx
 from django.conf import settings
 from django.core.cache import cache
 
-from core.conf import push_settings
-from core.keys import WEBHOOK_KEY_SALT, purpose_key
+from common.conf import push_settings
+from common.keys import WEBHOOK_KEY_SALT, purpose_key
 
 ATTEMPTS = 3
 FIRST_BACKOFF_SECS = 0.2

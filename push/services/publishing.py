@@ -18,9 +18,9 @@ from typing import Any
 from django.db import DataError, IntegrityError, connection, transaction
 from django.db.transaction import TransactionManagementError
 
-from core.conf import push_settings
-from core.db import db_call
-from core.errors import ErrorCode, PushError
+from common.conf import push_settings
+from common.db import db_call
+from common.errors import ErrorCode, PushError
 from push.cluster import broadcast
 from push.fanout.message import ChannelMessage, dump_data
 from push.storage import recent_store

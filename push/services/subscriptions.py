@@ -15,9 +15,9 @@ from django.utils import timezone
 
 from accounts.permissions import authorize_subscribe, is_presence_channel, subscription_refusal
 from accounts.subscription_tokens import subscription_token_verify
-from core import metrics
-from core.conf import push_settings
-from core.errors import CloseCode, ErrorCode, PushError
+from common import metrics
+from common.conf import push_settings
+from common.errors import CloseCode, ErrorCode, PushError
 from push.cluster.presence import leave_presence, presence_member
 from push.cluster.registry import ConnectionRecord
 from push.ops import events

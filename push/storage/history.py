@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from core.db import db_call
+from common.db import db_call
 from push.fanout.message import ChannelMessage, data_bytes
 from push.storage import recent_store, selectors
 from push.storage.history_modes import is_recent

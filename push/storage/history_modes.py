@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 import fnmatch
 
-from core.conf import push_settings
+from common.conf import push_settings
 
 
 class HistoryMode(enum.StrEnum):

@@ -27,7 +27,7 @@ import collections
 import logging
 from typing import Any
 
-from core import metrics
+from common import metrics
 from push.fanout.message import ChannelMessage, data_bytes
 from push.storage.retention import retention_policy
 

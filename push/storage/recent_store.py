@@ -53,11 +53,11 @@ from typing import Any, TypeVar
 from django.db import connection
 from redis.exceptions import RedisError
 
-from core import metrics
-from core.conf import push_settings
-from core.db import db_call
-from core.errors import ErrorCode, PushError
-from core.redis_client import redis_async
+from common import metrics
+from common.conf import push_settings
+from common.db import db_call
+from common.errors import ErrorCode, PushError
+from common.redis_client import redis_async
 from push.cluster import broadcast
 from push.cluster.directory import redis_prefix
 from push.fanout.message import ChannelMessage

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from django.db.models import Min
 from django.utils import timezone
 
-from core.conf import push_settings
+from common.conf import push_settings
 from push.fanout.message import ChannelMessage
 from push.models import Channel, IdempotencyKey, Message
 from push.storage.history_modes import is_recent

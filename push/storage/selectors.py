@@ -10,7 +10,7 @@ from typing import Any
 
 from django.db.models import Func, IntegerField, QuerySet
 
-from core import metrics
+from common import metrics
 from push.fanout.message import ChannelMessage
 from push.models import Channel, Message
 from push.storage import recent_store

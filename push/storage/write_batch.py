@@ -24,7 +24,7 @@ from typing import Any
 
 from django.db import connection, transaction
 
-from core.errors import ErrorCode, PushError
+from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
 from push.models import Channel, IdempotencyKey, Message
 

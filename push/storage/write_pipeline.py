@@ -48,10 +48,10 @@ import psycopg
 from django.db import DataError, IntegrityError, connection, transaction
 from psycopg import errors as pg_errors
 
-from core import metrics
-from core.background import spawn
-from core.db import db_call
-from core.errors import ErrorCode, PushError
+from common import metrics
+from common.background import spawn
+from common.db import db_call
+from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
 from push.storage.write_batch import (
     BatchOutcome,

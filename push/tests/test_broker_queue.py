@@ -12,7 +12,7 @@ import pytest
 from channels.layers import InMemoryChannelLayer
 from prometheus_client import REGISTRY
 
-from core.background import running_count, spawn
+from common.background import running_count, spawn
 from push.cluster.broker import Broker
 from push.tests.test_hub import make_message
 
@@ -64,7 +64,7 @@ async def test_outgoing_characters_are_bounded_too() -> None:
 async def test_a_background_task_is_kept_until_done_and_its_error_is_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="core.background")
+    caplog.set_level(logging.ERROR, logger="common.background")
     gate = asyncio.Event()
 
     async def fails() -> None:
@@ -78,5 +78,5 @@ async def test_a_background_task_is_kept_until_done_and_its_error_is_logged(
     gate.set()
     await asyncio.sleep(0.01)
     assert running_count() == before
-    [record] = [r for r in caplog.records if r.name == "core.background"]
+    [record] = [r for r in caplog.records if r.name == "common.background"]
     assert "doomed" in record.getMessage() and "lost otherwise" in str(record.exc_info[1])

@@ -11,7 +11,7 @@ import msgpack
 import pytest
 from django.test import override_settings
 
-from core.errors import CloseCode
+from common.errors import CloseCode
 from push.tests.wsclient import WIRE_FORMATS, WsClient, connected_client, open_client
 from push.wire.codecs import Codec, UnencodableEnvelope
 
@@ -523,7 +523,7 @@ async def test_user_channel_belongs_to_its_user(  # type: ignore[no-untyped-def]
 ) -> None:
     from rest_framework.authtoken.models import Token
 
-    from core.db import db_call
+    from common.db import db_call
 
     token = await db_call(lambda: Token.objects.create(user=other_user).key)()
     client = await connected_client(token=token, subprotocol=wire_format)

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from rest_framework.authtoken.models import Token
 
 from accounts.models import ChannelGrant
-from core.conf import push_settings
-from core.errors import ErrorCode
+from common.conf import push_settings
+from common.errors import ErrorCode
 from push.tests.strategies import (
     OBSERVED_CHANNEL,
     client_frame,

@@ -14,7 +14,7 @@ from django.contrib.auth.models import User
 from django.test import override_settings
 from rest_framework.authtoken.models import Token
 
-from core.errors import CloseCode
+from common.errors import CloseCode
 from push.cluster.node import get_node
 from push.ops.logs import JsonFormatter, RedactFilter, redact
 from push.tests.wsclient import connected_client

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from core.errors import ErrorCode, PushError
+from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage, dump_data
 from push.tests.strategies import (
     INT64_MAX,

@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from rest_framework.test import APIClient
 
 import push
-from core.redis_client import redis_async
+from common.redis_client import redis_async
 from push.cluster.directory import redis_prefix
 from push.cluster.node import get_node
 from push.models import Channel, Message

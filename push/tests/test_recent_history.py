@@ -12,7 +12,7 @@ from django.conf import settings
 from django.test import override_settings
 from prometheus_client import REGISTRY
 
-from core.redis_client import redis_async
+from common.redis_client import redis_async
 from push.cluster.directory import redis_prefix
 from push.cluster.node import get_node, stop_node
 from push.services.publishing import message_publish

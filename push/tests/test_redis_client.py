@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.redis_client import channel_layer_host, master_options, sentinel_address
+from common.redis_client import channel_layer_host, master_options, sentinel_address
 
 
 def test_sentinel_addresses_parse_with_ipv6_and_spaces() -> None:

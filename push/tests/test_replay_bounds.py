@@ -15,7 +15,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from prometheus_client import REGISTRY
 
-from core.errors import ErrorCode, PushError
+from common.errors import ErrorCode, PushError
 from push.fanout.limits import ReplaySlots
 from push.fanout.message import ChannelMessage
 from push.models import Channel, Message

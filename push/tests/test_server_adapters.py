@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from core import metrics
+from common import metrics
 from push.fanout.outbox import Outbox, OutFrame
 from push.transport import server_adapters
 from push.transport.server_adapters import TESTED_VERSIONS, bound_inbound, raw_writer

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from core.errors import PushError
+from common.errors import PushError
 from push.fanout.hub import Hub
 from push.fanout.message import ChannelMessage
 from push.tests.test_hub import MemoryHistory, make_message

@@ -18,7 +18,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from accounts.models import ChannelGrant
-from core.errors import ErrorCode, PushError
+from common.errors import ErrorCode, PushError
 from push.cluster.node import get_node
 from push.fanout.message import ChannelMessage
 from push.models import Message

@@ -13,10 +13,10 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from core import metrics
-from core.background import spawn
-from core.conf import push_settings
-from core.errors import CloseCode, PushError
+from common import metrics
+from common.background import spawn
+from common.conf import push_settings
+from common.errors import CloseCode, PushError
 from push.fanout.hub import Subscription
 from push.fanout.limits import NO_LIMIT, NoLimit, TokenBucket
 from push.fanout.outbox import Outbox, OutFrame, Send

@@ -23,9 +23,9 @@ from accounts.permissions import (
     is_presence_channel,
 )
 from accounts.principals import ANONYMOUS, Principal
-from core import metrics
-from core.conf import push_settings
-from core.errors import CloseCode, ErrorCode, PushError
+from common import metrics
+from common.conf import push_settings
+from common.errors import CloseCode, ErrorCode, PushError
 from push.cluster.node import Node, get_node
 from push.services.publishing import message_publish_async
 from push.services.subscriptions import (

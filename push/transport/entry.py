@@ -14,8 +14,8 @@ from typing import Any
 from channels.security.websocket import WebsocketDenier
 
 from accounts.middleware import resolve_principal
-from core.conf import push_settings
-from core.errors import CloseCode, PushError
+from common.conf import push_settings
+from common.errors import CloseCode, PushError
 from push.transport.consumers import PushConsumer
 from push.transport.origin import BrowserOriginValidator
 from push.transport.server_adapters import bound_inbound, close_with_any_code

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from core import metrics
+from common import metrics
 
 logger = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from urllib.parse import parse_qs
 from accounts.middleware import resolve_principal
 from accounts.permissions import authorize_subscribe
 from accounts.principals import Principal
-from core import metrics
-from core.conf import push_settings
-from core.errors import CloseCode, ErrorCode, PushError
+from common import metrics
+from common.conf import push_settings
+from common.errors import CloseCode, ErrorCode, PushError
 from push.cluster.node import Node, get_node
 from push.fanout.outbox import Outbox, OutFrame
 from push.services.subscriptions import channel_subscribe, client_ip, session_closed, session_open

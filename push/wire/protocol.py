@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from core.errors import ErrorCode, PushError
+from common.errors import ErrorCode, PushError
 
 RequestId = str | int
 

@@ -11,8 +11,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from core.conf import push_settings
-from core.redis_client import redis_sync
+from common.conf import push_settings
+from common.redis_client import redis_sync
 from push.cluster.directory import redis_prefix
 from push.ops.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers
 

@@ -19,8 +19,8 @@ import uvicorn
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from core.conf import push_settings
-from core.errors import CloseCode
+from common.conf import push_settings
+from common.errors import CloseCode
 from push.cluster.node import drain_running_node
 
 APPLICATION = "realtime_project.asgi:application"

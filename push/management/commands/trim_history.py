@@ -8,7 +8,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from core.conf import push_settings
+from common.conf import push_settings
 from push.cluster.registry import registry_trim_closed
 from push.storage.retention import history_trim
 

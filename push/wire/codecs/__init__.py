@@ -11,7 +11,7 @@ import abc
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from core.errors import ErrorCode, PushError
+from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
 
 Payload = str | bytes

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.errors import ErrorCode, PushError
+from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
 from push.wire.codecs import DEFAULT_CODEC, Codec, Payload
 

@@ -18,8 +18,8 @@ from typing import ParamSpec, TypeVar
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, IntegrityError, close_old_connections, connections
 
-from core import metrics
-from core.errors import ErrorCode, PushError
+from common import metrics
+from common.errors import ErrorCode, PushError
 
 P = ParamSpec("P")
 R = TypeVar("R")
