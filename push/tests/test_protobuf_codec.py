@@ -113,8 +113,8 @@ def test_generated_code_matches_schema(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     for name in ("push_pb2.py", "push_pb2.pyi"):
-        generated = (tmp_path / "push" / "proto" / name).read_bytes()
-        checked_in = (REPO_ROOT / "push" / "proto" / name).read_bytes()
+        generated = (tmp_path / "push" / "wire" / "proto" / name).read_bytes()
+        checked_in = (REPO_ROOT / "push" / "wire" / "proto" / name).read_bytes()
         assert generated == checked_in, REGENERATE
 
 
