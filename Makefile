@@ -46,7 +46,7 @@ test-faults: venv services
 	REDIS_PREFIX=pushfaults$$$$ $(PY) -m pytest -m faults tests/faults $(PYTEST_ARGS)
 
 # The abuse suite: 50 anonymous attackers against one node with default settings while
-# honest clients publish and subscribe; about 2.5 minutes (README "Abuse suite").
+# honest clients publish and subscribe; about 2.5 minutes (docs/operations.md).
 test-abuse: venv services
 	DEBUG=1 DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) \
 	REDIS_PREFIX=pushabuse$$$$ $(PY) -m pytest -m abuse tests/abuse -s $(PYTEST_ARGS)

@@ -188,7 +188,7 @@ def format_ratios(ratios: list[Row]) -> str:
     return "\n".join(lines)
 
 
-# (scenario, kind of step, versus, least ratio of publishes/s): README, "Publishing".
+# (scenario, kind of step, versus, least ratio of publishes/s): bench/README.md, "Targets".
 PUBLISH_RATIO_TARGETS: tuple[tuple[str, str, str, float], ...] = (
     ("publish", "max", DB_FLOOR, 2.0),
     ("publish", "max", "bare_ref", 0.7),

@@ -15,7 +15,7 @@ def publish(channel: str, data: Any, *, publisher_id: int | None = None) -> Chan
 
     A recent-only channel (``PUSH_HISTORY_MODES``) keeps its messages in Redis, which
     cannot join the transaction: inside one, the message is published after the commit
-    and None is returned (README, "History modes")."""
+    and None is returned (docs/semantics.md, "History modes")."""
     # Imported here: this package is imported while Django loads its apps, before the
     # models that publishing needs can be.
     from push.services.publishing import publish as publish_in_transaction

@@ -4,7 +4,7 @@ The design our server's hub follows, with nothing else around it, so its figures
 the ceiling for the same ASGI server: a dict channel -> set of connections; a publish
 encodes the `message` frame once and appends it to each subscriber's deque; a writer
 task per connection runs only while its deque is non-empty. It speaks enough of the
-v1 JSON envelopes (PROTOCOL.md) for the load generator: subscribe, publish (numbered
+v1 JSON envelopes (docs/protocol.md) for the load generator: subscribe, publish (numbered
 in memory, acknowledged at once with its request ``id``), message, and the REST publish
 routes, single and batch. No authentication: every token is accepted; nothing is
 stored, so its publish figures are the machine's ceiling with no database at all.

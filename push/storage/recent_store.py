@@ -1,5 +1,5 @@
 """Recent-only channels: their seq and a window of their last messages live in Redis,
-with no PostgreSQL row per message (``PUSH_HISTORY_MODES``, README "History modes").
+with no PostgreSQL row per message (``PUSH_HISTORY_MODES``, docs/semantics.md "History modes").
 
 Per channel, two keys (one hash tag, so a Redis Cluster keeps them on one shard):
 

@@ -1,6 +1,6 @@
 """Abuse suite: 50 anonymous attackers against one node with default settings, while
 honest clients publish and subscribe; the bounds of "safe on the open internet" asserted
-with figures (``make test-abuse``; README "Abuse suite").
+with figures (``make test-abuse``; docs/operations.md "The abuse suite").
 
 The attackers run in a process of their own (``tests/abuse/attacks.py``), so the node's
 CPU is measured apart from theirs; the honest clients run here. Every bound is checked

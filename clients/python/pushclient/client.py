@@ -1,4 +1,4 @@
-"""The asyncio client of the push server's wire contract, version 1 (PROTOCOL.md).
+"""The asyncio client of the push server's wire contract, version 1 (docs/protocol.md).
 
 Same semantics as the JavaScript client (``push/static/push/pushclient.js``): requests
 carry an ``id`` and their awaitables settle on the reply with that id; the client

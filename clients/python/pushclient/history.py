@@ -1,5 +1,5 @@
 """Gap repair's read side: the messages a client missed, from the REST history
-(``GET /api/v1/channels/<channel>/messages?since=N``, PROTOCOL.md "REST").
+(``GET /api/v1/channels/<channel>/messages?since=N``, docs/protocol.md "REST").
 
 REST rather than a second subscribe on the WebSocket: on a drop-oldest channel the
 server pushes a replay through the same send queue that just overflowed, so it could

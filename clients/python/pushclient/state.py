@@ -37,7 +37,7 @@ def check_transition(current: State, target: State) -> None:
         raise InvalidTransition(f"cannot go from state {current.value!r} to {target.value!r}")
 
 
-# Close codes after which retrying cannot help (PROTOCOL.md, "Close codes"): a normal
+# Close codes after which retrying cannot help (docs/protocol.md, "Close codes"): a normal
 # close, a policy close (bad token or rate limit: retry only with a new token) and a
 # frame too large (the client must be fixed). Every other code, and a connection that
 # dropped without one, is retried with backoff and resumed.

@@ -1,4 +1,4 @@
-// The browser client of the push server's wire contract, version 1 (PROTOCOL.md).
+// The browser client of the push server's wire contract, version 1 (docs/protocol.md).
 //
 // An ES module with no dependencies and no build step:
 //
@@ -15,7 +15,7 @@
 // `{ encode, decode }` pair as `msgpack` (for example the vendored `./msgpack.js`).
 //
 // When the WebSocket cannot connect (a proxy that refuses the upgrade, a browser
-// without WebSocket) it falls back to Server-Sent Events (PROTOCOL.md, "Server-Sent
+// without WebSocket) it falls back to Server-Sent Events (docs/protocol.md, "Server-Sent
 // Events") and publishes over REST, keeping its subscriptions and per-channel cursors,
 // and tries the WebSocket again from time to time. The policy is `preferredTransport`.
 
@@ -43,7 +43,7 @@ const TRANSITIONS = Object.freeze({
   [State.SSE]: [State.CONNECTED, State.RECONNECTING, State.DISCONNECTED],
 });
 
-// Close codes after which retrying cannot help (PROTOCOL.md, "Close codes"): a normal
+// Close codes after which retrying cannot help (docs/protocol.md, "Close codes"): a normal
 // close, a policy close (bad token, rate limit: retry only with a new token), and a
 // frame too large (the client must be fixed). Everything else, including 1006 (the
 // network dropped or the handshake was refused), is retried with backoff.
@@ -137,7 +137,7 @@ function siblingUrl(wsUrl, path) {
   return parsed.toString();
 }
 
-/** The SSE cursor `news:43,chat:7` (PROTOCOL.md) as a Map; channel names may contain ":". */
+/** The SSE cursor `news:43,chat:7` (docs/protocol.md) as a Map; channel names may contain ":". */
 export function parseCursor(text) {
   const cursor = new Map();
   for (const part of (text ?? "").split(",")) {
