@@ -1,8 +1,15 @@
 """The push server's options: ``settings.PUSH`` behind one accessor with defaults
-(DRF's ``api_settings`` habit), so nothing else indexes the settings dict."""
+(DRF's ``api_settings`` habit), so nothing else indexes the settings dict.
+
+``PushSettings`` is the one home of every option's default, its environment variable,
+how that variable is read and what the option means. ``realtime_project.settings``
+passes only the options whose variable is set, and docs/configuration.md is printed
+from here (``python -m realtime_project.configuration``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,116 +20,408 @@ from django.conf import settings
 ANNOUNCES_BEFORE_DEAD = 3
 
 
+class EnvType(enum.Enum):
+    """How an option's environment variable is read (realtime_project.env); the value is
+    how the configuration reference names the type."""
+
+    INT = "integer > 0"
+    COUNT = "integer >= 0"
+    NUMBER = "number > 0"
+    BOOL = "boolean"
+    LIST = "comma-separated list"
+    DURATION = "duration"
+    TEXT = "text"
+    RETENTION_RULES = "retention rules"
+    HISTORY_MODES = "history modes"
+
+
+def option(default: Any, env_type: EnvType, meaning: str, *, variable: str = "") -> Any:
+    """One option of ``PushSettings``: its default, how its environment variable
+    (``PUSH_<name>`` unless ``variable`` names another) is read, and its meaning in one
+    line of the configuration reference."""
+    metadata = {"env_type": env_type, "meaning": meaning, "variable": variable}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class PushSettings:
-    MAX_FRAME_BYTES: int = 1_048_576
-    HEARTBEAT_INTERVAL_SECS: int = 25
-    SEND_QUEUE_MAX_FRAMES: int = 1000
-    SEND_QUEUE_MAX_BYTES: int = 8 * 1_048_576
-    DROP_OLDEST_CHANNELS: list[str] = field(default_factory=list)
-    HISTORY_PAGE_DEFAULT: int = 100
-    HISTORY_PAGE_MAX: int = 1000
-    # A REST history page also stops at this much message data (at least one message).
-    HISTORY_PAGE_MAX_BYTES: int = 4 * 1_048_576
-    # A replay's (or gap repair's) history read stops at this much message data.
-    REPLAY_BATCH_MAX_BYTES: int = 4 * 1_048_576
-    # Replays reading history at once on this node, and per client address (0: none);
-    # a replay over a bound waits this long for a slot, then is refused.
-    MAX_REPLAYS_PER_NODE: int = 64
-    MAX_REPLAYS_PER_IP: int = 4
-    REPLAY_SLOT_WAIT_SECS: float = 5.0
-    # Message data held per channel for reordering, and per replay for the live
-    # messages that arrive while it reads.
-    PENDING_MAX_BYTES: int = 4 * 1_048_576
-    GAP_WAIT_SECS: float = 0.2
-    SYNC_INTERVAL_SECS: float = 1.0
-    REGISTRY_FLUSH_SECS: float = 1.0
-    # How often connections that sent anything get ``last_heartbeat`` stamped.
-    REGISTRY_HEARTBEAT_SECS: float = 10.0
-    # Closed connections' rows are deleted this long after the close (trim_history).
-    REGISTRY_CLOSED_RETENTION_SECS: int = 7 * 86_400
-    # Registry records held while the database is down; past it they are dropped and
-    # the live rows rewritten once it is back.
-    REGISTRY_MAX_BUFFERED: int = 200_000
-    GC_GEN0_THRESHOLD: int = 50_000
-    GC_FREEZE: bool = True
-    IDEMPOTENCY_WINDOW_SECS: int = 86_400
-    # Group commit (push.storage.write_pipeline): one transaction holds at most this many
-    # messages and bytes of data; the node queues at most this many publishes (and
-    # bytes) waiting to be written, and refuses more with UNAVAILABLE.
-    WRITE_BATCH_MAX_MESSAGES: int = 1000
-    WRITE_BATCH_MAX_BYTES: int = 4 * 1_048_576
-    WRITE_QUEUE_MAX_MESSAGES: int = 20_000
-    WRITE_QUEUE_MAX_BYTES: int = 64 * 1_048_576
-    # How long the write connection may take to connect, and a batch to commit,
-    # before its publishers are answered UNAVAILABLE.
-    WRITE_CONNECT_TIMEOUT_SECS: float = 3.0
-    WRITE_TIMEOUT_SECS: float = 10.0
-    RECENT_PER_CHANNEL: int = 256
-    RECENT_MAX_BYTES: int = 1_048_576
-    RECENT_CACHE_SIZE: int = 100
-    RECENT_CACHE_MAX_BYTES: int = 1_048_576
-    RECENT_CACHE_TTL_SECS: int = 3600
-    RETENTION_MAX_MESSAGES: int = 10_000
-    RETENTION_MAX_AGE_SECS: int = 7 * 86_400
+    # Frames and send queues.
+    MAX_FRAME_BYTES: int = option(
+        1_048_576,
+        EnvType.INT,
+        "largest accepted frame (and REST body); a frame of exactly this size is accepted",
+    )
+    HEARTBEAT_INTERVAL_SECS: int = option(
+        25, EnvType.INT, "heartbeat interval announced to clients"
+    )
+    SEND_QUEUE_MAX_FRAMES: int = option(
+        1000, EnvType.INT, "frames queued per connection before it counts as a slow consumer"
+    )
+    SEND_QUEUE_MAX_BYTES: int = option(
+        8 * 1_048_576,
+        EnvType.INT,
+        "bytes queued per connection before it counts as a slow consumer",
+    )
+    DROP_OLDEST_CHANNELS: list[str] = option(
+        [],
+        EnvType.LIST,
+        "channel-name patterns (`ticker:*`) whose slow readers lose the oldest queued "
+        "message instead of the connection",
+    )
+    # History reads.
+    HISTORY_PAGE_DEFAULT: int = option(
+        100, EnvType.INT, "REST history page size when `limit` is not given"
+    )
+    HISTORY_PAGE_MAX: int = option(1000, EnvType.INT, "largest `limit` REST history accepts")
+    HISTORY_PAGE_MAX_BYTES: int = option(
+        4 * 1_048_576,
+        EnvType.INT,
+        "a REST history page also stops at this much message data (always at least one "
+        "message; `next` then points on)",
+    )
+    REPLAY_BATCH_MAX_BYTES: int = option(
+        4 * 1_048_576,
+        EnvType.INT,
+        "a resume's (or gap repair's) history read stops at this much message data (and at "
+        "500 messages, and at half the client's send queue)",
+    )
+    MAX_REPLAYS_PER_NODE: int = option(
+        64,
+        EnvType.COUNT,
+        "resumes reading history from PostgreSQL at once on this node (0: no bound); a "
+        "resume the node's recent messages serve needs no slot",
+    )
+    MAX_REPLAYS_PER_IP: int = option(
+        4,
+        EnvType.COUNT,
+        "resumes reading history from PostgreSQL at once per client address (0: no bound)",
+    )
+    REPLAY_SLOT_WAIT_SECS: float = option(
+        5.0,
+        EnvType.NUMBER,
+        "how long a resume over those bounds waits for a slot before it is refused: "
+        "`RATE_LIMITED` when its address holds its share, `UNAVAILABLE` when the node is full",
+    )
+    PENDING_MAX_BYTES: int = option(
+        4 * 1_048_576,
+        EnvType.INT,
+        "message data held per channel for reordering (with 1000 messages), and per resume "
+        "for the live messages that arrive while it reads; past it they are read back from "
+        "history",
+    )
+    GAP_WAIT_SECS: float = option(
+        0.2,
+        EnvType.NUMBER,
+        "how long a node waits for an out-of-order message before reading it from history",
+    )
+    SYNC_INTERVAL_SECS: float = option(
+        1.0,
+        EnvType.NUMBER,
+        "how often a node compares its channels with the database to catch lost broadcasts",
+    )
+    # The connection registry.
+    REGISTRY_FLUSH_SECS: float = option(
+        1.0,
+        EnvType.NUMBER,
+        "how often connection opens, closes and subscription changes are written to the database",
+    )
+    REGISTRY_HEARTBEAT_SECS: float = option(
+        10.0,
+        EnvType.NUMBER,
+        "how often the connections that sent anything since the last time get their "
+        "registry row's `last_heartbeat` stamped (one UPDATE)",
+    )
+    REGISTRY_CLOSED_RETENTION_SECS: int = option(
+        7 * 86_400,
+        EnvType.DURATION,
+        "closed connections' registry rows are deleted this long after the close, by "
+        "`trim_history`",
+        variable="PUSH_REGISTRY_CLOSED_RETENTION",
+    )
+    REGISTRY_MAX_BUFFERED: int = option(
+        200_000,
+        EnvType.INT,
+        "registry records a node holds while the database is unreachable; past it they are "
+        "dropped (`push_registry_records_dropped_total`) and the live rows rewritten once "
+        "it is back",
+    )
+    GC_GEN0_THRESHOLD: int = option(
+        50_000, EnvType.INT, "Python's gen-0 garbage collection threshold (700 by default)"
+    )
+    GC_FREEZE: bool = option(
+        True, EnvType.BOOL, "move start-up objects out of the garbage collector's reach"
+    )
+    IDEMPOTENCY_WINDOW_SECS: int = option(
+        86_400,
+        EnvType.DURATION,
+        "how long a REST `Idempotency-Key` is remembered",
+        variable="PUSH_IDEMPOTENCY_WINDOW",
+    )
+    # The write pipeline (group commit, push.storage.write_pipeline).
+    WRITE_BATCH_MAX_MESSAGES: int = option(
+        1000,
+        EnvType.INT,
+        "the most messages one transaction of the write pipeline holds; a larger batch "
+        "request is written alone",
+    )
+    WRITE_BATCH_MAX_BYTES: int = option(
+        4 * 1_048_576,
+        EnvType.INT,
+        "the most bytes of message data one transaction of the write pipeline holds",
+    )
+    WRITE_QUEUE_MAX_MESSAGES: int = option(
+        20_000,
+        EnvType.INT,
+        "publishes a node holds waiting to be written; past it, publishes are answered "
+        "`UNAVAILABLE` (overloaded)",
+    )
+    WRITE_QUEUE_MAX_BYTES: int = option(
+        64 * 1_048_576,
+        EnvType.INT,
+        "bytes of publishes a node holds waiting to be written; past it, publishes are "
+        "answered `UNAVAILABLE`",
+    )
+    WRITE_CONNECT_TIMEOUT_SECS: float = option(
+        3.0,
+        EnvType.NUMBER,
+        "how long the write pipeline may take to connect to PostgreSQL before its "
+        "publishers are answered `UNAVAILABLE`",
+    )
+    WRITE_TIMEOUT_SECS: float = option(
+        10.0,
+        EnvType.NUMBER,
+        "how long a batch may take to commit before its publishers are answered `UNAVAILABLE`",
+    )
+    # Recent messages: in each node's memory, and the Redis cache nodes start from.
+    RECENT_PER_CHANNEL: int = option(
+        256,
+        EnvType.INT,
+        "recent messages each node keeps per channel, so resumes within them read no database",
+    )
+    RECENT_MAX_BYTES: int = option(
+        1_048_576,
+        EnvType.INT,
+        "message data of those recent messages per channel; the oldest go first past it",
+    )
+    RECENT_CACHE_SIZE: int = option(
+        100,
+        EnvType.COUNT,
+        "recent messages per channel in the Redis cache a node reads when it starts serving "
+        "a channel (0: off)",
+    )
+    RECENT_CACHE_MAX_BYTES: int = option(
+        1_048_576,
+        EnvType.INT,
+        "about this much message data per channel in the Redis cache, and at most this much "
+        "read from it",
+    )
+    RECENT_CACHE_TTL_SECS: int = option(
+        3600,
+        EnvType.DURATION,
+        "how long a channel's cached messages outlive its last publish",
+        variable="PUSH_RECENT_CACHE_TTL",
+    )
+    # Retention and history modes.
+    RETENTION_MAX_MESSAGES: int = option(
+        10_000, EnvType.COUNT, "messages kept per channel by default (0: no count limit)"
+    )
+    RETENTION_MAX_AGE_SECS: int = option(
+        7 * 86_400,
+        EnvType.DURATION,
+        "age after which messages are trimmed by default",
+        variable="PUSH_RETENTION_MAX_AGE",
+    )
     # (channel-name pattern, max messages or None, max age in seconds or None)
-    RETENTION_RULES: list[tuple[str, int | None, int | None]] = field(default_factory=list)
-    # (channel-name pattern, "durable" or "recent"): where a channel's history lives.
-    HISTORY_MODES: list[tuple[str, str]] = field(default_factory=list)
-    # A recent channel's window in Redis: its last messages, at most this many, this
-    # old and this many bytes (the newest message is kept whatever its size).
-    RECENT_WINDOW_MESSAGES: int = 100
-    RECENT_WINDOW_SECS: int = 60
-    RECENT_WINDOW_BYTES: int = 1_048_576
-    # Seqs a recent channel reserves in PostgreSQL at a time: one write per block.
-    RECENT_SEQ_BLOCK: int = 1000
-    ANONYMOUS_SUBSCRIBE: bool = True
-    USERS_PUBLISH: bool = True
-    SUBSCRIPTION_TOKEN_SECRET: str | None = None
-    # The longest a signed subscription token may live (exp - iat, and exp - now).
-    SUBSCRIPTION_TOKEN_MAX_TTL_SECS: int = 3600
-    # Proxies in front of the nodes whose X-Forwarded-For entries are believed (0: the
-    # socket peer is the client).
-    TRUSTED_PROXIES: int = 0
-    # Failed authentications (bad token, unknown session) one client address may make
-    # per minute before its authentications are answered 429 / 1013 unchecked.
-    AUTH_FAILURES_PER_MIN: int = 30
-    RATE_BURST: int = 100
-    RATE_PER_SEC: float = 50.0
-    RATE_LIMIT_CLOSE_AFTER: int = 200
-    # A service token's frame rate on a WebSocket (a back-end publishing for many
-    # users); 0 frames per second is unbounded.
-    SERVICE_RATE_BURST: int = 1000
-    SERVICE_RATE_PER_SEC: int = 0
-    MAX_SUBSCRIPTIONS_PER_CONNECTION: int = 1000
-    MAX_CONNECTIONS_PER_USER: int = 100
-    MAX_CONNECTIONS_PER_IP: int = 0
-    REVOCATION_CHECK_SECS: float = 5.0
-    # A client that sends nothing (no heartbeat, no request) for this long is closed
-    # with 4001; three missed heartbeat intervals by default.
-    HEARTBEAT_TIMEOUT_SECS: float = 75.0
-    # How long a closed connection's socket may wait for the client to read what was
-    # queued before the close (a slow reader's 4002); then it is dropped.
-    CLOSE_TIMEOUT_SECS: float = 10.0
-    DRAIN_DEADLINE_SECS: float = 20.0
-    # Write fan-out frames to sockets directly under daphne and uvicorn's sans-I/O
-    # WebSocket (push.transport.server_adapters); off sends every frame through ASGI.
-    DIRECT_WRITES: bool = True
-    CLUSTER_ANNOUNCE_SECS: float = 5.0
+    RETENTION_RULES: list[tuple[str, int | None, int | None]] = option(
+        [],
+        EnvType.RETENTION_RULES,
+        "per channel-name pattern, max messages and max age (`-` for no limit), the first "
+        "match wins: `ticker:*=1000/-;chat:*=-/30d`",
+    )
+    # (channel-name pattern, "durable" or "recent")
+    HISTORY_MODES: list[tuple[str, str]] = option(
+        [],
+        EnvType.HISTORY_MODES,
+        "where a channel's history lives, the first match wins (`durable` otherwise): "
+        "`ticker:*=recent;ticker:audit=durable`; recent channels need `REDIS_URL`",
+    )
+    RECENT_WINDOW_MESSAGES: int = option(
+        100,
+        EnvType.INT,
+        "messages a recent channel's window holds in Redis (what resume and REST history "
+        "can serve)",
+    )
+    RECENT_WINDOW_SECS: int = option(
+        60,
+        EnvType.DURATION,
+        "age after which a recent channel's messages are no longer served; the window "
+        "expires this long after the channel's last publish",
+    )
+    RECENT_WINDOW_BYTES: int = option(
+        1_048_576,
+        EnvType.INT,
+        "bytes of messages a recent channel's window holds (the newest message is kept "
+        "whatever its size)",
+    )
+    RECENT_SEQ_BLOCK: int = option(
+        1000,
+        EnvType.INT,
+        "seqs a recent channel reserves in PostgreSQL at a time (one write per block); a "
+        "Redis restart makes the seq jump by up to this",
+    )
+    # Who may do what.
+    ANONYMOUS_SUBSCRIBE: bool = option(
+        True,
+        EnvType.BOOL,
+        "anonymous clients may subscribe to public channels (they never publish)",
+    )
+    USERS_PUBLISH: bool = option(
+        True,
+        EnvType.BOOL,
+        "signed-in users may publish to public channels without a grant (off: only grants, "
+        "staff and scoped service tokens publish)",
+    )
+    SUBSCRIPTION_TOKEN_SECRET: str | None = option(
+        None,
+        EnvType.TEXT,
+        "HMAC secret of signed subscription tokens, shared with your back-end; unset, a key "
+        "derived from `SECRET_KEY` (`manage.py push_secret subscription-token` prints it)",
+    )
+    SUBSCRIPTION_TOKEN_MAX_TTL_SECS: int = option(
+        3600,
+        EnvType.INT,
+        "the longest a signed subscription token may live (`exp - iat`, and `exp - now`); "
+        "a longer one is `FORBIDDEN`",
+    )
+    # Client addresses and limits.
+    TRUSTED_PROXIES: int = option(
+        0,
+        EnvType.COUNT,
+        "proxies in front of the nodes whose `X-Forwarded-For` entries are believed: 0 takes "
+        "the socket peer as the client (`runnode --proxy-headers` means at least 1)",
+    )
+    AUTH_FAILURES_PER_MIN: int = option(
+        30,
+        EnvType.COUNT,
+        "failed authentications per client address and minute (0: no limit); past it that "
+        "address's credentials go unchecked for the rest of the minute (REST 429, WebSocket "
+        "1013)",
+    )
+    RATE_BURST: int = option(
+        100,
+        EnvType.INT,
+        "per-connection token bucket size for the frames of users and anonymous clients",
+    )
+    RATE_PER_SEC: float = option(
+        50.0, EnvType.NUMBER, "that bucket's refill, frames per second (`RATE_LIMITED` past it)"
+    )
+    RATE_LIMIT_CLOSE_AFTER: int = option(
+        200, EnvType.INT, "rate-limited frames after which the connection is closed 1008"
+    )
+    # A service token is a back-end publishing for many users, not held to the client
+    # frame rate above.
+    SERVICE_RATE_BURST: int = option(
+        1000, EnvType.INT, "a service token's WebSocket frame bucket size"
+    )
+    SERVICE_RATE_PER_SEC: int = option(
+        0, EnvType.COUNT, "a service token's frames per second on a WebSocket (0: unbounded)"
+    )
+    MAX_SUBSCRIPTIONS_PER_CONNECTION: int = option(
+        1000, EnvType.INT, "subscriptions one connection may hold (`FORBIDDEN` past it)"
+    )
+    MAX_CONNECTIONS_PER_USER: int = option(
+        100,
+        EnvType.COUNT,
+        "connections per user or service token on one node (close 1013 past it; 0: no limit)",
+    )
+    MAX_CONNECTIONS_PER_IP: int = option(
+        0,
+        EnvType.COUNT,
+        "connections per client address on one node (0: no limit); behind a proxy, set "
+        "`PUSH_TRUSTED_PROXIES`",
+    )
+    REVOCATION_CHECK_SECS: float = option(
+        5.0,
+        EnvType.NUMBER,
+        "how often live connections' credentials and grants are checked again: a revoked "
+        "credential closes 1008, a removed grant ends that subscription",
+    )
+    # Timeouts of a connection and of a node.
+    HEARTBEAT_TIMEOUT_SECS: float = option(
+        75.0,
+        EnvType.NUMBER,
+        "a client that sends nothing for this long is closed with 4001 (three missed heartbeats)",
+    )
+    CLOSE_TIMEOUT_SECS: float = option(
+        10.0,
+        EnvType.NUMBER,
+        "after the server closes a connection (4002 for a slow reader), how long its socket "
+        "may wait for the client to read what was queued; then it is dropped",
+    )
+    DRAIN_DEADLINE_SECS: float = option(
+        20.0,
+        EnvType.NUMBER,
+        "on SIGTERM, how long a node waits for its clients to leave before it stops",
+    )
+    DIRECT_WRITES: bool = option(
+        True,
+        EnvType.BOOL,
+        "write fan-out frames to sockets directly under daphne and uvicorn "
+        "(push.transport.server_adapters); off sends every frame through ASGI",
+    )
+    # The cluster.
+    CLUSTER_ANNOUNCE_SECS: float = option(
+        5.0,
+        EnvType.NUMBER,
+        "how often a node writes its liveness key (three of these long) and stats to Redis",
+    )
     # Three announcements: a dead node's members leave within seconds, and a live node
     # is never reaped while its liveness key (three announcements long) still stands.
-    NODE_DEAD_AFTER_SECS: float = 15.0
-    EVENTS: bool = True
-    EVENT_STREAM_MAXLEN: int = 1_000_000
-    EVENT_HANDLERS: list[str] = field(default_factory=list)
-    EVENT_MAX_ATTEMPTS: int = 5
-    EVENT_RETRY_SECS: float = 10.0
-    WEBHOOK_URLS: list[str] = field(default_factory=list)
-    WEBHOOK_SECRET: str | None = None
-    # Webhook requests in flight at once, per worker process.
-    WEBHOOK_CONCURRENCY: int = 16
-    # Events one worker handles at once (handlers must be thread-safe).
-    EVENT_CONCURRENCY: int = 8
+    NODE_DEAD_AFTER_SECS: float = option(
+        15.0,
+        EnvType.NUMBER,
+        "when a silent node's connections are marked closed and its presence members leave; "
+        "at least 3 x `PUSH_CLUSTER_ANNOUNCE_SECS`",
+    )
+    # Lifecycle events and webhooks (push.ops).
+    EVENTS: bool = option(
+        True,
+        EnvType.BOOL,
+        "append lifecycle events to the Redis Stream (needs `REDIS_URL`)",
+    )
+    EVENT_STREAM_MAXLEN: int = option(
+        1_000_000, EnvType.INT, "events kept in the stream (approximate)"
+    )
+    EVENT_HANDLERS: list[str] = option(
+        [], EnvType.LIST, "dotted paths of `handler(event)` functions the event worker calls"
+    )
+    EVENT_MAX_ATTEMPTS: int = option(
+        5, EnvType.INT, "handler attempts before an event is dead-lettered"
+    )
+    EVENT_RETRY_SECS: float = option(
+        10.0,
+        EnvType.NUMBER,
+        "how long an event whose handling failed (or whose worker died) waits before a "
+        "worker runs it again",
+    )
+    WEBHOOK_URLS: list[str] = option([], EnvType.LIST, "where the event worker POSTs events")
+    WEBHOOK_SECRET: str | None = option(
+        None,
+        EnvType.TEXT,
+        "HMAC key of the webhooks' signature; unset, a key derived from `SECRET_KEY` "
+        "(`manage.py push_secret webhook` prints it)",
+    )
+    WEBHOOK_CONCURRENCY: int = option(
+        16, EnvType.INT, "webhook requests in flight at once, per worker process"
+    )
+    EVENT_CONCURRENCY: int = option(
+        8,
+        EnvType.INT,
+        "events one worker handles at once (handlers run on that many threads, so must be "
+        "thread-safe)",
+    )
 
     def __post_init__(self) -> None:
         if self.NODE_DEAD_AFTER_SECS < ANNOUNCES_BEFORE_DEAD * self.CLUSTER_ANNOUNCE_SECS:
@@ -131,6 +430,38 @@ class PushSettings:
                 f"{ANNOUNCES_BEFORE_DEAD} x PUSH_CLUSTER_ANNOUNCE_SECS "
                 f"({self.CLUSTER_ANNOUNCE_SECS}), or live nodes are taken for dead"
             )
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option as the environment and the configuration reference see it."""
+
+    name: str
+    variable: str
+    env_type: EnvType
+    default: Any
+    meaning: str
+
+
+def push_options() -> list[Option]:
+    """Every option of ``PushSettings``, in declaration order."""
+    found = []
+    for spec in dataclasses.fields(PushSettings):
+        default = (
+            spec.default_factory()
+            if spec.default_factory is not dataclasses.MISSING
+            else spec.default
+        )
+        found.append(
+            Option(
+                name=spec.name,
+                variable=spec.metadata["variable"] or f"PUSH_{spec.name}",
+                env_type=spec.metadata["env_type"],
+                default=default,
+                meaning=spec.metadata["meaning"],
+            )
+        )
+    return found
 
 
 def _load(overrides: dict[str, Any]) -> PushSettings:

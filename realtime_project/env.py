@@ -2,13 +2,19 @@
 
 Every variable is read once, cast to its type, and a malformed value stops start-up
 with an error that names the variable (Starlette's ``Config`` habit).
+
+Each ``env_*`` call in settings.py also says what its variable means (``meaning``, and
+``shown`` for a default computed at start-up): the configuration reference is printed
+from those calls (``realtime_project.configuration``); they do nothing at run time.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from common.conf import EnvType, Option
 
 T = TypeVar("T")
 
@@ -57,59 +63,55 @@ def _csv(raw: str) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
-def env_str(name: str, default: str) -> str:
+def _count(raw: str) -> int:
+    """A count where 0 means "no limit"."""
+    value = int(raw)
+    if value < 0:
+        raise ValueError("expected 0 (no limit) or a positive integer")
+    return value
+
+
+def _text(raw: str) -> str | None:
+    """Text, where an empty value is no value."""
+    return raw or None
+
+
+def env_str(name: str, default: str, *, meaning: str, shown: str = "") -> str:
     return _read(name, default, str)
 
 
-def env_optional_str(name: str) -> str | None:
-    value = os.environ.get(name, "").strip()
-    return value or None
+def env_optional_str(name: str, *, meaning: str) -> str | None:
+    return _read(name, None, _text)
 
 
-def env_bool(name: str, default: bool) -> bool:
+def env_bool(name: str, default: bool, *, meaning: str) -> bool:
     return _read(name, default, _bool)
 
 
-def env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int, *, meaning: str) -> int:
     return _read(name, default, _positive_int)
 
 
-def env_int_or_zero(name: str, default: int) -> int:
-    """A count where 0 means "no limit"."""
-
-    def non_negative(raw: str) -> int:
-        value = int(raw)
-        if value < 0:
-            raise ValueError("expected 0 (no limit) or a positive integer")
-        return value
-
-    return _read(name, default, non_negative)
-
-
-def env_float(name: str, default: float) -> float:
+def env_float(name: str, default: float, *, meaning: str) -> float:
     return _read(name, default, _positive_float)
 
 
-def env_list(name: str, default: list[str]) -> list[str]:
+def env_list(name: str, default: list[str], *, meaning: str, shown: str = "") -> list[str]:
     return _read(name, default, _csv)
 
 
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 
 
 def parse_duration_secs(raw: str) -> int:
     """``90``, ``90s``, ``15m``, ``12h`` or ``30d`` as whole seconds."""
     raw = raw.strip().lower()
-    unit = raw[-1:] if raw[-1:] in _DURATION_UNITS else "s"
-    number = raw[:-1] if raw[-1:] in _DURATION_UNITS else raw
-    value = int(number) * _DURATION_UNITS[unit]
+    unit = raw[-1:] if raw[-1:] in DURATION_UNITS else "s"
+    number = raw[:-1] if raw[-1:] in DURATION_UNITS else raw
+    value = int(number) * DURATION_UNITS[unit]
     if value <= 0:
         raise ValueError("expected a positive duration such as 90s, 15m, 12h or 30d")
     return value
-
-
-def env_duration_secs(name: str, default: int) -> int:
-    return _read(name, default, parse_duration_secs)
 
 
 def _optional_limit(raw: str, parse: Callable[[str], int]) -> int | None:
@@ -118,6 +120,8 @@ def _optional_limit(raw: str, parse: Callable[[str], int]) -> int | None:
 
 
 def _retention_rules(raw: str) -> list[tuple[str, int | None, int | None]]:
+    """``ticker:*=1000/-;chat:*=-/30d``: per pattern, max messages and max age (``-``
+    for no limit); the first matching pattern wins."""
     rules = []
     for item in raw.split(";"):
         if not item.strip():
@@ -136,16 +140,12 @@ def _retention_rules(raw: str) -> list[tuple[str, int | None, int | None]]:
     return rules
 
 
-def env_retention_rules(name: str) -> list[tuple[str, int | None, int | None]]:
-    """``ticker:*=1000/-;chat:*=-/30d``: per pattern, max messages and max age (``-``
-    for no limit); the first matching pattern wins."""
-    return _read(name, [], _retention_rules)
-
-
 HISTORY_MODES = ("durable", "recent")
 
 
 def _history_modes(raw: str) -> list[tuple[str, str]]:
+    """``ticker:*=recent;ticker:archive=durable``: per channel-name pattern, where the
+    channel's history lives; the first matching pattern wins, ``durable`` otherwise."""
     modes = []
     for item in raw.split(";"):
         if not item.strip():
@@ -158,7 +158,25 @@ def _history_modes(raw: str) -> list[tuple[str, str]]:
     return modes
 
 
-def env_history_modes(name: str) -> list[tuple[str, str]]:
-    """``ticker:*=recent;ticker:archive=durable``: per channel-name pattern, where the
-    channel's history lives; the first matching pattern wins, ``durable`` otherwise."""
-    return _read(name, [], _history_modes)
+_PARSERS: dict[EnvType, Callable[[str], Any]] = {
+    EnvType.INT: _positive_int,
+    EnvType.COUNT: _count,
+    EnvType.NUMBER: _positive_float,
+    EnvType.BOOL: _bool,
+    EnvType.LIST: _csv,
+    EnvType.DURATION: parse_duration_secs,
+    EnvType.TEXT: _text,
+    EnvType.RETENTION_RULES: _retention_rules,
+    EnvType.HISTORY_MODES: _history_modes,
+}
+
+
+def env_overrides(options: Iterable[Option]) -> dict[str, Any]:
+    """The options whose variable is set, each read as its type; an unset variable (or
+    empty text) is left out, so the option's default applies."""
+    found = {}
+    for option in options:
+        value = _read(option.variable, None, _PARSERS[option.env_type])
+        if value is not None:
+            found[option.name] = value
+    return found

@@ -10,33 +10,45 @@ from pathlib import Path
 
 import dj_database_url
 
+from common.conf import PushSettings, push_options
 from common.redis_client import channel_layer_host, sentinel_address
 from realtime_project.env import (
     env_bool,
-    env_duration_secs,
     env_float,
-    env_history_modes,
     env_int,
-    env_int_or_zero,
     env_list,
     env_optional_str,
-    env_retention_rules,
+    env_overrides,
     env_str,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-DEBUG = env_bool("DEBUG", False)
-_secret = env_optional_str("SECRET_KEY")
+DEBUG = env_bool(
+    "DEBUG", False, meaning="Django debug mode; also allows the development `SECRET_KEY`"
+)
+_secret = env_optional_str(
+    "SECRET_KEY",
+    meaning="Django's secret; required unless `DEBUG`, which falls back to a development key",
+)
 if _secret is None:
     if not DEBUG:
         raise RuntimeError("SECRET_KEY must be set when DEBUG is off")
     _secret = "dev-only-insecure-key-do-not-use-in-production"  # noqa: S105 - DEBUG only
 SECRET_KEY = _secret
 
-ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
-# Browser origins allowed to open a WebSocket; by default the allowed hosts.
-ALLOWED_ORIGINS = env_list("ALLOWED_ORIGINS", ALLOWED_HOSTS)
+ALLOWED_HOSTS = env_list(
+    "ALLOWED_HOSTS",
+    ["localhost", "127.0.0.1", "[::1]", "testserver"],
+    meaning="hosts this server answers for: Django's views, WebSocket handshakes (403 "
+    "otherwise) and SSE streams (400)",
+)
+ALLOWED_ORIGINS = env_list(
+    "ALLOWED_ORIGINS",
+    ALLOWED_HOSTS,
+    meaning="browser `Origin`s allowed to open a WebSocket (a client without `Origin` is allowed)",
+    shown="`ALLOWED_HOSTS`",
+)
 
 INSTALLED_APPS = [
     "daphne",
@@ -88,7 +100,12 @@ TEMPLATES = [
     },
 ]
 
-DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
+DATABASE_URL = env_str(
+    "DATABASE_URL",
+    f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
+    meaning="the database; PostgreSQL in production (`postgres://user:pw@host:5432/name`)",
+    shown="`sqlite:///db.sqlite3` in the project directory",
+)
 DATABASES = {
     "default": dj_database_url.parse(
         DATABASE_URL,
@@ -105,11 +122,20 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["OPTIONS"] = {
         "pool": {
             "min_size": 2,
-            "max_size": env_int("DATABASE_POOL_MAX", 16),
+            "max_size": env_int(
+                "DATABASE_POOL_MAX",
+                16,
+                meaning="PostgreSQL connections per node process (psycopg pool)",
+            ),
             # Only an outage makes a request wait for a connection (the pool is larger
             # than the threads that use it): answer UNAVAILABLE well within a
             # WebSocket handshake's time limit (daphne's is 5 s).
-            "timeout": env_float("DATABASE_POOL_TIMEOUT_SECS", 3.0),
+            "timeout": env_float(
+                "DATABASE_POOL_TIMEOUT_SECS",
+                3.0,
+                meaning="how long a request waits for a PostgreSQL connection before it is "
+                "answered `UNAVAILABLE` (only an outage makes it wait)",
+            ),
         }
     }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -119,11 +145,30 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-REDIS_URL = env_optional_str("REDIS_URL")
+REDIS_URL = env_optional_str(
+    "REDIS_URL",
+    meaning="Redis for the channel layer across nodes; unset, an in-memory channel layer "
+    "(one process)",
+)
 # With Sentinel, every Redis client asks these for the current master (common.redis_client);
 # REDIS_URL then gives only the database and the password.
-REDIS_SENTINELS = [sentinel_address(a) for a in env_list("REDIS_SENTINELS", [])]
-REDIS_SENTINEL_MASTER = env_str("REDIS_SENTINEL_MASTER", "mymaster")
+REDIS_SENTINELS = [
+    sentinel_address(a)
+    for a in env_list(
+        "REDIS_SENTINELS",
+        [],
+        meaning="`host:port,...` of Redis Sentinels: every Redis client asks them for the "
+        "master (again after a failover); `REDIS_URL` still gives the database and password",
+    )
+]
+REDIS_SENTINEL_MASTER = env_str(
+    "REDIS_SENTINEL_MASTER", "mymaster", meaning="the Sentinel master name"
+)
+# Every Redis key and pub/sub channel of this deployment starts with it (the channel
+# layer, the cache, push.cluster.directory.redis_prefix).
+REDIS_PREFIX = env_str(
+    "REDIS_PREFIX", "push", meaning="prefix of this deployment's Redis keys and channels"
+)
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -132,7 +177,7 @@ if REDIS_URL:
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
             "CONFIG": {
                 "hosts": [channel_layer_host(REDIS_URL, REDIS_SENTINELS, REDIS_SENTINEL_MASTER)],
-                "prefix": env_str("REDIS_PREFIX", "push"),
+                "prefix": REDIS_PREFIX,
             },
         }
     }
@@ -152,7 +197,7 @@ CACHES = {
         {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
-            "KEY_PREFIX": env_str("REDIS_PREFIX", "push"),
+            "KEY_PREFIX": REDIS_PREFIX,
             "OPTIONS": (
                 {"pool_class": "common.redis_client.CacheSentinelPool"} if REDIS_SENTINELS else {}
             ),
@@ -162,9 +207,13 @@ CACHES = {
     )
 }
 
+# The push server's own options, read through common.conf.push_settings: only those
+# whose variable is set; PushSettings there holds every default and its meaning.
+PUSH = env_overrides(push_options())
+
 # Django refuses bodies over this before a view runs; keep it above the frame limit so a
 # REST publish over the limit gets the contract's MESSAGE_TOO_LARGE instead.
-DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("PUSH_MAX_FRAME_BYTES", 1_048_576) * 2 + 65_536
+DATA_UPLOAD_MAX_MEMORY_SIZE = PUSH.get("MAX_FRAME_BYTES", PushSettings.MAX_FRAME_BYTES) * 2 + 65_536
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -191,10 +240,19 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_THROTTLE_CLASSES": ["accounts.throttling.PrincipalRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {
-        "principal": env_str("PUSH_REST_RATE", "6000/min"),
-        "anonymous": env_str("PUSH_REST_ANON_RATE", "600/min"),
-        # Service tokens (back-ends): unthrottled unless set (e.g. "100000/min").
-        "service": env_optional_str("PUSH_REST_SERVICE_RATE"),
+        "principal": env_str(
+            "PUSH_REST_RATE",
+            "6000/min",
+            meaning="REST throttle per user token or session (429 `RATE_LIMITED`)",
+        ),
+        "anonymous": env_str(
+            "PUSH_REST_ANON_RATE", "600/min", meaning="REST throttle per anonymous address"
+        ),
+        "service": env_optional_str(
+            "PUSH_REST_SERVICE_RATE",
+            meaning="REST throttle per service token (a back-end), e.g. `100000/min`; unset, "
+            "unthrottled",
+        ),
     },
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
     # The JSON parser that answers a too deeply nested body 400, not 500.
@@ -213,89 +271,15 @@ REST_FRAMEWORK = {
 
 # Identifies this node process in connection_established, the connection registry and
 # the admin. Unique per process, so two nodes on one host never share it.
-NODE_ID = env_str("NODE_ID", f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+NODE_ID = env_str(
+    "NODE_ID",
+    f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
+    meaning="this node's name in `connection_established`, the registry and the admin",
+    shown="`<hostname>-<random>`",
+)
 
-# The push server's own options; read through common.conf.push_settings.
-PUSH = {
-    "MAX_FRAME_BYTES": env_int("PUSH_MAX_FRAME_BYTES", 1_048_576),
-    "HEARTBEAT_INTERVAL_SECS": env_int("PUSH_HEARTBEAT_INTERVAL_SECS", 25),
-    "SEND_QUEUE_MAX_FRAMES": env_int("PUSH_SEND_QUEUE_MAX_FRAMES", 1000),
-    "SEND_QUEUE_MAX_BYTES": env_int("PUSH_SEND_QUEUE_MAX_BYTES", 8 * 1_048_576),
-    "DROP_OLDEST_CHANNELS": env_list("PUSH_DROP_OLDEST_CHANNELS", []),
-    "HISTORY_PAGE_DEFAULT": env_int("PUSH_HISTORY_PAGE_DEFAULT", 100),
-    "HISTORY_PAGE_MAX": env_int("PUSH_HISTORY_PAGE_MAX", 1000),
-    "HISTORY_PAGE_MAX_BYTES": env_int("PUSH_HISTORY_PAGE_MAX_BYTES", 4 * 1_048_576),
-    "REPLAY_BATCH_MAX_BYTES": env_int("PUSH_REPLAY_BATCH_MAX_BYTES", 4 * 1_048_576),
-    "MAX_REPLAYS_PER_NODE": env_int_or_zero("PUSH_MAX_REPLAYS_PER_NODE", 64),
-    "MAX_REPLAYS_PER_IP": env_int_or_zero("PUSH_MAX_REPLAYS_PER_IP", 4),
-    "REPLAY_SLOT_WAIT_SECS": env_float("PUSH_REPLAY_SLOT_WAIT_SECS", 5.0),
-    "PENDING_MAX_BYTES": env_int("PUSH_PENDING_MAX_BYTES", 4 * 1_048_576),
-    "GAP_WAIT_SECS": env_float("PUSH_GAP_WAIT_SECS", 0.2),
-    "SYNC_INTERVAL_SECS": env_float("PUSH_SYNC_INTERVAL_SECS", 1.0),
-    "REGISTRY_FLUSH_SECS": env_float("PUSH_REGISTRY_FLUSH_SECS", 1.0),
-    "REGISTRY_HEARTBEAT_SECS": env_float("PUSH_REGISTRY_HEARTBEAT_SECS", 10.0),
-    "REGISTRY_CLOSED_RETENTION_SECS": env_duration_secs(
-        "PUSH_REGISTRY_CLOSED_RETENTION", 7 * 86_400
-    ),
-    "REGISTRY_MAX_BUFFERED": env_int("PUSH_REGISTRY_MAX_BUFFERED", 200_000),
-    "GC_GEN0_THRESHOLD": env_int("PUSH_GC_GEN0_THRESHOLD", 50_000),
-    "GC_FREEZE": env_bool("PUSH_GC_FREEZE", True),
-    "IDEMPOTENCY_WINDOW_SECS": env_duration_secs("PUSH_IDEMPOTENCY_WINDOW", 86_400),
-    "WRITE_BATCH_MAX_MESSAGES": env_int("PUSH_WRITE_BATCH_MAX_MESSAGES", 1000),
-    "WRITE_BATCH_MAX_BYTES": env_int("PUSH_WRITE_BATCH_MAX_BYTES", 4 * 1_048_576),
-    "WRITE_QUEUE_MAX_MESSAGES": env_int("PUSH_WRITE_QUEUE_MAX_MESSAGES", 20_000),
-    "WRITE_QUEUE_MAX_BYTES": env_int("PUSH_WRITE_QUEUE_MAX_BYTES", 64 * 1_048_576),
-    "WRITE_CONNECT_TIMEOUT_SECS": env_float("PUSH_WRITE_CONNECT_TIMEOUT_SECS", 3.0),
-    "WRITE_TIMEOUT_SECS": env_float("PUSH_WRITE_TIMEOUT_SECS", 10.0),
-    "RECENT_PER_CHANNEL": env_int("PUSH_RECENT_PER_CHANNEL", 256),
-    "RECENT_MAX_BYTES": env_int("PUSH_RECENT_MAX_BYTES", 1_048_576),
-    "RECENT_CACHE_SIZE": env_int_or_zero("PUSH_RECENT_CACHE_SIZE", 100),
-    "RECENT_CACHE_MAX_BYTES": env_int("PUSH_RECENT_CACHE_MAX_BYTES", 1_048_576),
-    "RECENT_CACHE_TTL_SECS": env_duration_secs("PUSH_RECENT_CACHE_TTL", 3600),
-    "RETENTION_MAX_MESSAGES": env_int_or_zero("PUSH_RETENTION_MAX_MESSAGES", 10_000),
-    "RETENTION_MAX_AGE_SECS": env_duration_secs("PUSH_RETENTION_MAX_AGE", 7 * 86_400),
-    "RETENTION_RULES": env_retention_rules("PUSH_RETENTION_RULES"),
-    "HISTORY_MODES": env_history_modes("PUSH_HISTORY_MODES"),
-    "RECENT_WINDOW_MESSAGES": env_int("PUSH_RECENT_WINDOW_MESSAGES", 100),
-    "RECENT_WINDOW_SECS": env_duration_secs("PUSH_RECENT_WINDOW_SECS", 60),
-    "RECENT_WINDOW_BYTES": env_int("PUSH_RECENT_WINDOW_BYTES", 1_048_576),
-    "RECENT_SEQ_BLOCK": env_int("PUSH_RECENT_SEQ_BLOCK", 1000),
-    "ANONYMOUS_SUBSCRIBE": env_bool("PUSH_ANONYMOUS_SUBSCRIBE", True),
-    "USERS_PUBLISH": env_bool("PUSH_USERS_PUBLISH", True),
-    "SUBSCRIPTION_TOKEN_SECRET": env_optional_str("PUSH_SUBSCRIPTION_TOKEN_SECRET"),
-    "SUBSCRIPTION_TOKEN_MAX_TTL_SECS": env_int("PUSH_SUBSCRIPTION_TOKEN_MAX_TTL_SECS", 3600),
-    "TRUSTED_PROXIES": env_int_or_zero("PUSH_TRUSTED_PROXIES", 0),
-    "AUTH_FAILURES_PER_MIN": env_int_or_zero("PUSH_AUTH_FAILURES_PER_MIN", 30),
-    "RATE_BURST": env_int("PUSH_RATE_BURST", 100),
-    "RATE_PER_SEC": env_float("PUSH_RATE_PER_SEC", 50.0),
-    "RATE_LIMIT_CLOSE_AFTER": env_int("PUSH_RATE_LIMIT_CLOSE_AFTER", 200),
-    # Service tokens are back-ends, not held to the client frame rate above: 0 frames/s
-    # is unbounded.
-    "SERVICE_RATE_BURST": env_int("PUSH_SERVICE_RATE_BURST", 1000),
-    "SERVICE_RATE_PER_SEC": env_int_or_zero("PUSH_SERVICE_RATE_PER_SEC", 0),
-    "MAX_SUBSCRIPTIONS_PER_CONNECTION": env_int("PUSH_MAX_SUBSCRIPTIONS_PER_CONNECTION", 1000),
-    "MAX_CONNECTIONS_PER_USER": env_int_or_zero("PUSH_MAX_CONNECTIONS_PER_USER", 100),
-    "MAX_CONNECTIONS_PER_IP": env_int_or_zero("PUSH_MAX_CONNECTIONS_PER_IP", 0),
-    "REVOCATION_CHECK_SECS": env_float("PUSH_REVOCATION_CHECK_SECS", 5.0),
-    "HEARTBEAT_TIMEOUT_SECS": env_float("PUSH_HEARTBEAT_TIMEOUT_SECS", 75.0),
-    "CLOSE_TIMEOUT_SECS": env_float("PUSH_CLOSE_TIMEOUT_SECS", 10.0),
-    "DRAIN_DEADLINE_SECS": env_float("PUSH_DRAIN_DEADLINE_SECS", 20.0),
-    "DIRECT_WRITES": env_bool("PUSH_DIRECT_WRITES", True),
-    "CLUSTER_ANNOUNCE_SECS": env_float("PUSH_CLUSTER_ANNOUNCE_SECS", 5.0),
-    "NODE_DEAD_AFTER_SECS": env_float("PUSH_NODE_DEAD_AFTER_SECS", 15.0),
-    "EVENTS": env_bool("PUSH_EVENTS", True),
-    "EVENT_STREAM_MAXLEN": env_int("PUSH_EVENT_STREAM_MAXLEN", 1_000_000),
-    "EVENT_HANDLERS": env_list("PUSH_EVENT_HANDLERS", []),
-    "EVENT_MAX_ATTEMPTS": env_int("PUSH_EVENT_MAX_ATTEMPTS", 5),
-    "EVENT_RETRY_SECS": env_float("PUSH_EVENT_RETRY_SECS", 10.0),
-    "WEBHOOK_URLS": env_list("PUSH_WEBHOOK_URLS", []),
-    "WEBHOOK_SECRET": env_optional_str("PUSH_WEBHOOK_SECRET"),
-    "WEBHOOK_CONCURRENCY": env_int("PUSH_WEBHOOK_CONCURRENCY", 16),
-    "EVENT_CONCURRENCY": env_int("PUSH_EVENT_CONCURRENCY", 8),
-}
-
-LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
-LOG_JSON = env_bool("LOG_JSON", False)
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO", meaning="root log level").upper()
+LOG_JSON = env_bool("LOG_JSON", False, meaning="one JSON object per log line")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -24,7 +24,6 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from django.conf import settings
 from django.urls import Resolver404, resolve
 from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
@@ -32,6 +31,7 @@ from packaging.utils import canonicalize_name
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
+from common.conf import push_options, push_settings
 from monitoring import views as monitoring_views
 from push.management.commands.runnode import Command as RunNode
 
@@ -72,7 +72,7 @@ def runnode_options(args: list[str]) -> dict[str, Any]:
 
 def drain_deadline_secs(environment: dict[str, str]) -> float:
     value = environment.get("PUSH_DRAIN_DEADLINE_SECS")
-    return float(value) if value is not None else settings.PUSH["DRAIN_DEADLINE_SECS"]
+    return float(value) if value is not None else push_settings.DRAIN_DEADLINE_SECS
 
 
 def duration_secs(text: str) -> float:
@@ -130,9 +130,11 @@ def shipped_python_files() -> list[Path]:
 
 @cache
 def setting_names() -> frozenset[str]:
-    """Every environment variable the application reads (through realtime_project.env)."""
+    """Every environment variable the application reads (through realtime_project.env):
+    the push server's options' and those of settings.py's env_* calls."""
     call = re.compile(r"\benv_[a-z_]+\(\s*\"([A-Z][A-Z0-9_]*)\"")
-    return frozenset(name for f in shipped_python_files() for name in call.findall(f.read_text()))
+    read = {name for f in shipped_python_files() for name in call.findall(f.read_text())}
+    return frozenset(read | {option.variable for option in push_options()})
 
 
 def dockerfile() -> DockerfileParser:
@@ -601,7 +603,7 @@ def test_k8s_ingress_serves_streams_and_hides_operations() -> None:
     assert int(annotations[prefix + "proxy-send-timeout"]) >= 3600
     assert annotations[prefix + "proxy-buffering"] == "off"
     body_mib = int(annotations[prefix + "proxy-body-size"].removesuffix("m"))
-    assert body_mib * 1_048_576 > settings.PUSH["MAX_FRAME_BYTES"]
+    assert body_mib * 1_048_576 > push_settings.MAX_FRAME_BYTES
     for public in ("/ws", "/ws/", "/sse/", "/api/v1/channels/news/messages", "/admin/", "/"):
         assert ingress_routes(public), public
     for internal in ("/metrics", "/health", "/ready"):

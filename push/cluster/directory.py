@@ -32,8 +32,7 @@ TOP_CHANNELS = 100
 
 
 def redis_prefix() -> str:
-    layers = getattr(settings, "CHANNEL_LAYERS", {})
-    return str(layers.get("default", {}).get("CONFIG", {}).get("prefix", "push"))
+    return str(settings.REDIS_PREFIX)
 
 
 def node_key(server_id: str) -> str:
