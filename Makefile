@@ -27,9 +27,12 @@ run: venv
 services:
 	bash scripts/ensure_services.sh
 
+# mypy (pyproject.toml [tool.mypy]) over the typed packages; its Django plugin loads the
+# settings, which need DEBUG (or a SECRET_KEY) to import.
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	DEBUG=1 $(VENV)/bin/mypy
 
 format: venv
 	$(VENV)/bin/ruff format .

@@ -37,7 +37,7 @@ async def check_redis(redis_url: str | None) -> str | None:
         socket_timeout=DEPENDENCY_TIMEOUT_SECS,
     )
     try:
-        await asyncio.wait_for(client.ping(), DEPENDENCY_TIMEOUT_SECS)
+        await asyncio.wait_for(client.ping(), DEPENDENCY_TIMEOUT_SECS)  # type: ignore[arg-type]  # redis-py types sync and asyncio commands alike
     except Exception as exc:
         return f"redis: {type(exc).__name__}: {exc}"[:300]
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,7 +213,7 @@ def _parse_presence(envelope: Mapping[str, Any], request_id: RequestId | None) -
     return Presence(channel=validate_channel_name(envelope.get("channel")), id=request_id)
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[Mapping[str, Any], RequestId | None], Request]] = {
     "presence": _parse_presence,
     "subscribe": _parse_subscribe,
     "unsubscribe": _parse_unsubscribe,

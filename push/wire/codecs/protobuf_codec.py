@@ -242,7 +242,7 @@ def _wrong_wire_types(message: ProtoMessage) -> dict[str, bytes]:
         known = message.DESCRIPTOR.fields_by_number
         return {
             known[field.field_number].name: field.data if isinstance(field.data, bytes) else b""
-            for field in unknown
+            for field in unknown  # type: ignore[attr-defined]  # iterable by index, stubs lack __iter__
             if field.field_number in known
         }
     except Exception as exc:  # groups nested in hostile bytes and the like
