@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-from channels.layers import get_channel_layer
 from django.db import connection
 
 from common.db import db_call
@@ -43,8 +42,3 @@ async def check_redis(redis_url: str | None) -> str | None:
     finally:
         await client.aclose()
     return None
-
-
-def channel_layer_name() -> str:
-    layer = get_channel_layer()
-    return type(layer).__name__ if layer is not None else "none"

@@ -64,10 +64,6 @@ class Presence:
 Request = Subscribe | Unsubscribe | Publish | Heartbeat | Presence
 
 
-def is_valid_channel_name(name: object) -> bool:
-    return isinstance(name, str) and _CHANNEL_NAME.fullmatch(name) is not None
-
-
 def validate_channel_name(name: object, *, field: str = "channel") -> str:
     if not isinstance(name, str):
         raise PushError(ErrorCode.INVALID_MESSAGE, f"'{field}' must be a string", field=field)
