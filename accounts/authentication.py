@@ -65,5 +65,5 @@ def request_principal(request: Request) -> Principal:
     cached = getattr(request, "_push_principal", None)
     if cached is None:
         cached = principal_for_user(request.user)
-        request._push_principal = cached  # type: ignore[attr-defined]
+        request._push_principal = cached  # type: ignore[attr-defined]  # our own per-request cache
     return cached

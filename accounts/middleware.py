@@ -104,7 +104,7 @@ def session_principal(key: str, address: str | None) -> Principal:
     session = engine.SessionStore(key)
     # What django.contrib.auth.get_user reads of a request is its session; it checks
     # the session's password hash as the views' AuthenticationMiddleware does.
-    user = auth.get_user(SimpleNamespace(session=session))  # type: ignore[arg-type]
+    user = auth.get_user(SimpleNamespace(session=session))  # type: ignore[arg-type]  # see above
     if session.session_key is None:
         auth_failure_record(address)
     if not user.is_authenticated:
@@ -124,11 +124,11 @@ async def resolve_principal(scope: dict[str, Any]) -> Principal | None:
     ``PushError(RATE_LIMITED)`` when its address failed too often this minute."""
     token = query_token(scope) or header_token(scope)
     if token is not None:
-        return await _token_principal(token, client_ip(scope))  # type: ignore[no-any-return]
+        return await _token_principal(token, client_ip(scope))
     key = session_key(scope)
     if not key or not session_key_plausible(key):
         return ANONYMOUS
     try:
-        return await _session_principal(key, client_ip(scope))  # type: ignore[no-any-return]
+        return await _session_principal(key, client_ip(scope))
     except DatabaseError as exc:
         raise database_unavailable(exc) from exc

@@ -42,17 +42,20 @@ class PrincipalRateThrottle(SimpleRateThrottle):
         budget of 600). ``add`` and ``incr`` are atomic in Redis, so every request
         counts; a fixed window lets a client spend at most two budgets across a window's
         edge, never more."""
+        num_requests, duration = self.num_requests, self.duration
+        if num_requests is None or duration is None:  # no rate: allow_request returned
+            return True
         self.now = self.timer()
-        window = int(self.now // self.duration)
+        window = int(self.now // duration)
         counter = f"{key}:{window}"
-        self.cache.add(counter, 0, timeout=self.duration + 1)
+        self.cache.add(counter, 0, timeout=duration + 1)
         try:
             count = self.cache.incr(counter)
         except ValueError:  # the window's key expired in between: a new window
-            self.cache.add(counter, 1, timeout=self.duration + 1)
+            self.cache.add(counter, 1, timeout=duration + 1)
             count = 1
-        self._retry_after = (window + 1) * self.duration - self.now
-        return bool(count <= self.num_requests)
+        self._retry_after = (window + 1) * duration - self.now
+        return bool(count <= num_requests)
 
     def wait(self) -> float | None:
         return getattr(self, "_retry_after", None)
@@ -62,7 +65,7 @@ class PrincipalRateThrottle(SimpleRateThrottle):
         # so settings changed at runtime (and in tests) apply.
         from rest_framework.settings import api_settings
 
-        return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)  # type: ignore[no-any-return]
+        return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)  # type: ignore[return-value]  # the stubs say a number; DRF's rates are strings ("60/min")
 
     def get_cache_key(self, request: Request, view: Any) -> str | None:
         principal = request_principal(request)

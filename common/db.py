@@ -11,9 +11,9 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, IntegrityError, close_old_connections, connections
@@ -59,7 +59,7 @@ def _guarded(func: Callable[P, R]) -> Callable[P, R]:
     return run
 
 
-def db_call(func: Callable[P, R]) -> Callable[P, object]:
+def db_call(func: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Wrap a sync ORM function as an awaitable that runs on the database threads."""
     return sync_to_async(_guarded(func), thread_sensitive=False, executor=_executor)
 

@@ -65,11 +65,11 @@ def _settings() -> tuple[str, list[tuple[str, int]], str]:
 
 
 def redis_sync(**options: Any) -> redis.Redis:
-    return _client(redis.Redis, Sentinel, options)  # type: ignore[no-any-return]
+    return _client(redis.Redis, Sentinel, options)
 
 
 def redis_async(**options: Any) -> aioredis.Redis:
-    return _client(aioredis.Redis, AsyncSentinel, options)  # type: ignore[no-any-return]
+    return _client(aioredis.Redis, AsyncSentinel, options)
 
 
 def _client(redis_class: Any, sentinel_class: Any, options: dict[str, Any]) -> Any:
@@ -89,6 +89,6 @@ class CacheSentinelPool(SentinelConnectionPool):
     this one answers with the Sentinel-managed pool of the configured master."""
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> CacheSentinelPool:  # type: ignore[override]
+    def from_url(cls, url: str, **options: Any) -> CacheSentinelPool:
         _, sentinels, master = _settings()
         return cls(master, _sentinel(Sentinel, sentinels), **master_options(url), **options)

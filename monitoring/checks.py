@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-from channels.layers import get_channel_layer
 from django.db import connection
 
 from common.db import db_call
@@ -37,14 +36,9 @@ async def check_redis(redis_url: str | None) -> str | None:
         socket_timeout=DEPENDENCY_TIMEOUT_SECS,
     )
     try:
-        await asyncio.wait_for(client.ping(), DEPENDENCY_TIMEOUT_SECS)
+        await asyncio.wait_for(client.ping(), DEPENDENCY_TIMEOUT_SECS)  # type: ignore[arg-type]  # redis-py types sync and asyncio commands alike
     except Exception as exc:
         return f"redis: {type(exc).__name__}: {exc}"[:300]
     finally:
         await client.aclose()
     return None
-
-
-def channel_layer_name() -> str:
-    layer = get_channel_layer()
-    return type(layer).__name__ if layer is not None else "none"

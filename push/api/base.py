@@ -58,7 +58,7 @@ class AsyncAPIView(APIView):
         self.headers = self.default_response_headers
         try:
             await _initial_off_loop(self, drf_request, args, kwargs)
-            method = drf_request.method.lower()
+            method = drf_request.method.lower()  # type: ignore[union-attr]  # set by the server
             handler = (
                 getattr(self, method, self.http_method_not_allowed)
                 if method in self.http_method_names

@@ -103,11 +103,11 @@ def cluster_nodes() -> list[dict[str, Any]]:
         return [node.stats()] if node is not None else []
     client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
     try:
-        ids = [m.decode() for m in client.zrange(nodes_key(), 0, -1)]
+        ids = [m.decode() for m in client.zrange(nodes_key(), 0, -1)]  # type: ignore[union-attr]  # redis-py types sync and asyncio commands alike
         raw = client.mget([node_key(i) for i in ids]) if ids else []
     finally:
         client.close()
-    return [json.loads(value) for value in raw if value]
+    return [json.loads(value) for value in raw if value]  # type: ignore[union-attr]  # as above
 
 
 def connections_disconnect(

@@ -151,7 +151,7 @@ def presence_members_sync(channel: str) -> list[Member]:
 
     client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
     try:
-        return _members_from(client.hgetall(f"{redis_prefix()}:presence:{channel}:members"))
+        return _members_from(client.hgetall(f"{redis_prefix()}:presence:{channel}:members"))  # type: ignore[arg-type]  # redis-py types sync and asyncio commands alike
     finally:
         client.close()
 

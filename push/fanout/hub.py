@@ -250,7 +250,7 @@ def _push_each(by_codec: dict[Callable[[OutFrame], bool], Subscription], frame: 
             if push is failed:  # raised by the iteration itself: nothing to resume
                 raise
             failed = push
-            _subscriber_failed(by_codec[push], exc)  # type: ignore[index]
+            _subscriber_failed(by_codec[push], exc)  # type: ignore[index]  # push is set: the loop ran
 
 
 def _subscriber_failed(subscription: Subscription, exc: Exception) -> None:

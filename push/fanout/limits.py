@@ -17,7 +17,9 @@ class TokenBucket:
 
     __slots__ = ("burst", "clock", "rate_per_sec", "tokens", "updated")
 
-    def __init__(self, burst: int, rate_per_sec: float, clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, burst: int, rate_per_sec: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.burst = burst
         self.rate_per_sec = rate_per_sec
         self.tokens = float(burst)

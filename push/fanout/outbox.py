@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from common import metrics
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 # Bound here: one global lookup per direct write instead of two.
 _DIRECT_WRITES = metrics.DIRECT_WRITES
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Send = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
 
 # Where the server does not push back (daphne), the writer pauses while the server has
 # more than this many unsent bytes for the socket, and resumes below the second bound.
@@ -127,6 +127,8 @@ class Outbox:
         # server does not push back through ``send`` (daphne buffers without limit).
         self.backlog_probe = backlog_probe
         # Writing whole frames to the socket directly (see push.transport.server_adapters).
+        self.raw_write: Callable[[bytes], None] | None
+        self.raw_writable: Callable[[], bool] | None
         self.raw_write, self.raw_writable = raw if raw is not None else (None, None)
 
     @property
@@ -153,7 +155,7 @@ class Outbox:
                     wire = None
                     try:  # free in Python 3.11 until something raises
                         wire = frame.wire
-                        self.raw_write(wire)  # type: ignore[misc]
+                        self.raw_write(wire)  # type: ignore[misc]  # set with raw_writable
                     except Exception as exc:
                         return self._raw_write_failed(frame, exc, attempted=wire is not None)
                     _DIRECT_WRITES.value += 1
@@ -226,10 +228,12 @@ class Outbox:
             self.on_send_failed(exc)
 
     def _drop_oldest_droppable(self) -> bool:
-        queue = self._queue or ()
+        queue = self._queue
+        if queue is None:
+            return False
         for index, queued in enumerate(queue):
             if queued.droppable:
-                del self._queue[index]  # type: ignore[index]
+                del queue[index]
                 self._queued_bytes -= queued.size
                 if self.on_drop is not None:
                     self.on_drop()

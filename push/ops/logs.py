@@ -84,14 +84,16 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS})
-        if record.exc_text or record.exc_info:
-            entry["exception"] = redact(record.exc_text or self.formatException(record.exc_info))
+        if record.exc_text:
+            entry["exception"] = redact(record.exc_text)
+        elif record.exc_info:
+            entry["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
 
 
 connection_log = logging.getLogger("push.connections")
 
-_CLOSE_REASONS = {
+_CLOSE_REASONS: dict[int | None, str] = {
     CloseCode.NORMAL: "normal",
     CloseCode.GOING_AWAY: "going away",
     CloseCode.POLICY: "policy",

@@ -229,26 +229,6 @@ def message_publish(*, channel: str, data: Any, publisher_id: int | None = None)
     return _write_sync(unit).messages[0]
 
 
-def message_publish_idempotent(
-    *,
-    channel: str,
-    data: Any,
-    publisher_id: int | None,
-    principal: str,
-    idempotency_key: str,
-) -> tuple[ChannelMessage, bool]:
-    """Publish once per (principal, channel, key) within the idempotency window.
-
-    Returns the message and whether it is the first publish's (a retry). The key row
-    is inserted before the message: a concurrent retry with the same key, on any node,
-    waits on that insert, conflicts once the first commits, and then returns the first
-    publish's result; its own transaction publishes nothing.
-    """
-    unit = _single_unit(channel, data, publisher_id, principal, idempotency_key)
-    published = _write_sync(unit)
-    return published.messages[0], published.replayed
-
-
 def user_channel(user_id: int) -> str:
     return f"user:{user_id}"
 

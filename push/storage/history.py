@@ -26,17 +26,13 @@ _history_recent = db_call(selectors.history_recent)
 
 class DatabaseHistory:
     async def latest_seqs(self, channels: list[str]) -> dict[str, int]:
-        return await _latest_seqs(channels=channels)  # type: ignore[no-any-return]
+        return await _latest_seqs(channels=channels)
 
     async def page(self, channel: str, since: int, limit: int, max_bytes: int) -> HistoryPage:
-        return await _history_page(  # type: ignore[no-any-return]
-            channel=channel, since=since, limit=limit, max_bytes=max_bytes
-        )
+        return await _history_page(channel=channel, since=since, limit=limit, max_bytes=max_bytes)
 
     async def recent(self, channel: str, count: int, max_bytes: int) -> HistoryPage:
-        return await _history_recent(  # type: ignore[no-any-return]
-            channel=channel, count=count, max_bytes=max_bytes
-        )
+        return await _history_recent(channel=channel, count=count, max_bytes=max_bytes)
 
 
 class CachedHistory(DatabaseHistory):

@@ -105,7 +105,7 @@ def add_to_pipeline(
         fitting = max(1, max_bytes // max(1, data_bytes(message)))
         pipe.xadd(
             recent_key(prefix, channel),
-            stream_fields(message),  # type: ignore[arg-type]
+            stream_fields(message),
             maxlen=min(length, fitting),
             # Approximate trimming only drops whole stream nodes (100 entries): fine for
             # the count, useless for a few large messages, which are trimmed exactly.

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models import Model
 
 from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
@@ -90,7 +91,7 @@ Plan = Generator[Statement, list[tuple[Any, ...]], BatchOutcome]
 
 
 @functools.cache
-def _table(model: type) -> str:
+def _table(model: type[Model]) -> str:
     # Table names come from our own models; every value is a parameter.
     return connection.ops.quote_name(model._meta.db_table)
 

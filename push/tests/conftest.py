@@ -15,11 +15,5 @@ def publisher_token(transactional_db: None) -> str:
 
 
 @pytest.fixture
-def staff_token(transactional_db: None) -> str:
-    user = User.objects.create_user("operator", password="x", is_staff=True)
-    return Token.objects.create(user=user).key
-
-
-@pytest.fixture
 def other_user(transactional_db: None) -> User:
     return User.objects.create_user("other", password="x")

@@ -50,7 +50,7 @@ def forwarded_client(scope: dict[str, Any], trusted_proxies: int) -> tuple[str, 
     a client that could choose its address would escape every per-address limit."""
     peer = scope.get("client")
     if trusted_proxies <= 0:
-        return tuple(peer) if peer else None  # type: ignore[return-value]
+        return tuple(peer) if peer else None
     entries: list[str] = []
     for name, value in scope.get("headers", ()):
         if name == b"x-forwarded-for":
@@ -60,7 +60,7 @@ def forwarded_client(scope: dict[str, Any], trusted_proxies: int) -> tuple[str, 
         # The registry stores addresses as such: anything else is no address.
         return str(ipaddress.ip_address(chosen)), 0
     except ValueError:
-        return tuple(peer) if peer else None  # type: ignore[return-value]
+        return tuple(peer) if peer else None
 
 
 def forwarded_scheme(scope: dict[str, Any]) -> str:

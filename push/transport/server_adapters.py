@@ -92,7 +92,7 @@ def close_with_any_code(send: Any, code: int) -> bool:
     (autobahn) refuses it. autobahn's ``sendClose`` takes only 1000 and 3000-4999, but
     the contract closes with 1001, 1008, 1009, 1011, 1012 and 1013 as well; its
     ``sendCloseFrame`` sends any code. Returns False when ``send`` is not daphne's."""
-    protocol = _daphne_protocol(send)
+    protocol: Any = _daphne_protocol(send)
     send_close_frame = getattr(protocol, "sendCloseFrame", None)
     if send_close_frame is None or getattr(protocol, "state", None) != protocol.STATE_OPEN:
         return False
@@ -231,7 +231,7 @@ def _twisted_direct_write(transport: Any) -> Callable[[bytes], None]:
         # which forwards attribute reads to the TCP transport under it, so
         # ``transport.socket`` would find the raw socket and plaintext would go into
         # the TLS stream. Only the wrapper's own write encrypts.
-        return transport.write  # type: ignore[no-any-return]
+        return transport.write
     sock = transport.socket
 
     def write(frame: bytes) -> None:
@@ -263,7 +263,7 @@ def peer_gone_probe(send: Any) -> Callable[[], bool] | None:
     The consumer handles one request at a time and reads the disconnect only after the
     request returns; a long request (a replay) asks this instead, so its work stops
     when the client leaves rather than after it has read everything for no one."""
-    protocol = getattr(send, "__self__", None)
+    protocol: Any = getattr(send, "__self__", None)
     kind = type(protocol).__name__
     if kind == "WebSocketsSansIOProtocol":
         transport = protocol.transport

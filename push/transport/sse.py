@@ -157,7 +157,7 @@ class SseOutbox(Outbox):
         channel = frame.channel
         if channel is not None:
             cursor = self.cursor
-            cursor[channel] = frame.seq  # type: ignore[assignment]
+            cursor[channel] = frame.seq  # type: ignore[assignment]  # a channel frame has a seq
             body = frame.event["body"] + f"id: {cursor_format(cursor)}\n\n".encode()
             frame = OutFrame(SSE_CODEC.send_event(body), len(body), frame.droppable)
         return super().push(frame)
@@ -175,7 +175,7 @@ class SseConnection(ClientConnection):
 
     @property
     def cursor(self) -> dict[str, int]:
-        return self.outbox.cursor  # type: ignore[attr-defined,no-any-return]
+        return self.outbox.cursor  # type: ignore[attr-defined]  # outbox_class is SseOutbox
 
     async def _send_close(self, code: int) -> None:
         try:

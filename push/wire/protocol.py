@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,10 +62,6 @@ class Presence:
 
 
 Request = Subscribe | Unsubscribe | Publish | Heartbeat | Presence
-
-
-def is_valid_channel_name(name: object) -> bool:
-    return isinstance(name, str) and _CHANNEL_NAME.fullmatch(name) is not None
 
 
 def validate_channel_name(name: object, *, field: str = "channel") -> str:
@@ -213,7 +209,7 @@ def _parse_presence(envelope: Mapping[str, Any], request_id: RequestId | None) -
     return Presence(channel=validate_channel_name(envelope.get("channel")), id=request_id)
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[Mapping[str, Any], RequestId | None], Request]] = {
     "presence": _parse_presence,
     "subscribe": _parse_subscribe,
     "unsubscribe": _parse_unsubscribe,

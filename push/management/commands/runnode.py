@@ -130,17 +130,19 @@ def _install_daphne_drain() -> None:
     from twisted.internet import reactor
 
     state = {"draining": False}
+    # ``# type: ignore[misc]`` on ``reactor.stop``: Twisted declares the reactor module's
+    # ``stop`` as a plain callable attribute, which mypy reads as a method missing ``self``.
 
     def stop(signum: int, frame: Any) -> None:
         if state["draining"]:
-            reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
+            reactor.callFromThread(reactor.stop)  # type: ignore[misc]  # see above
             return
         state["draining"] = True
-        reactor.callFromThread(_drain_then_stop)  # type: ignore[attr-defined]
+        reactor.callFromThread(_drain_then_stop)
 
     def _drain_then_stop() -> None:
         task = asyncio.get_event_loop().create_task(_drain())
-        task.add_done_callback(lambda _: reactor.stop())  # type: ignore[attr-defined]
+        task.add_done_callback(lambda _: reactor.stop())  # type: ignore[misc]  # see above
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -3,7 +3,7 @@
 // booleans, 64-bit integers, doubles, strings, binary, arrays, maps with string keys);
 // extension types are refused, as the server refuses them.
 //
-//   import * as msgpack from "/client/msgpack.js";
+//   import * as msgpack from "/static/push/msgpack.js";
 //   new PushClient(url, { msgpack });
 
 const textEncoder = new TextEncoder();

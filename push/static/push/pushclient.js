@@ -2,7 +2,7 @@
 //
 // An ES module with no dependencies and no build step:
 //
-//   import { PushClient } from "/client/pushclient.js";
+//   import { PushClient } from "/static/push/pushclient.js";
 //   const client = new PushClient("ws://127.0.0.1:8000/ws/", { token });
 //   client.on("state", ({ state }) => console.log(state));
 //   await client.connect();

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
+
+if TYPE_CHECKING:
+    from push.wire.codecs.json_codec import JsonCodec
 
 Payload = str | bytes
 
@@ -80,7 +83,8 @@ def _registry() -> dict[str, Codec]:
 
 
 CODECS: dict[str, Codec] = _registry()
-DEFAULT_CODEC: Codec = CODECS["v1.json"]
+# JSON: a text codec, so what it encodes is a str.
+DEFAULT_CODEC = cast("JsonCodec", CODECS["v1.json"])
 
 
 def negotiate(offered: Iterable[str]) -> tuple[Codec, str | None]:

@@ -6,6 +6,11 @@ codecs (``data`` as a Python value), so ``protocol.parse_request`` validates eve
 alike. ``data`` travels as its canonical JSON text (``data_json``): docs/wire-formats.md
 says why and what that means for other formats.
 
+The field table is read from the generated descriptors, so push.proto is the one place
+a field is written: a string, integer, double, bool or ``Member`` field added there is
+carried with no change here (a string named ``<key>_json`` carries the JSON text of
+``<key>``), and a field of any other type stops the import, naming the field.
+
 The generated module ``push/wire/proto/push_pb2.py`` (and ``.pyi``) is checked in. After
 editing the schema, regenerate it from the repository root with the pinned grpcio-tools;
 push/tests/test_protobuf_codec.py fails while the two differ:
@@ -21,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message as ProtoMessage
 from google.protobuf.unknown_fields import UnknownFieldSet
 
@@ -64,45 +70,48 @@ class _Field:
         return f"{self.key}_json" if self.kind is _Kind.JSON else self.key
 
 
-def _fields(*fields: _Field) -> dict[str, _Field]:
-    return {field.key: field for field in fields}
+# Read from the generated descriptors, so push.proto is the one place a field is written:
+# a field added there is encoded and decoded here with nothing else to change, and a
+# field of a type this codec does not map fails at import, naming the field.
+_SCALAR_KINDS = {
+    FieldDescriptor.TYPE_STRING: _Kind.TEXT,
+    FieldDescriptor.TYPE_INT32: _Kind.INT,
+    FieldDescriptor.TYPE_INT64: _Kind.INT,
+    FieldDescriptor.TYPE_SINT32: _Kind.INT,
+    FieldDescriptor.TYPE_SINT64: _Kind.INT,
+    FieldDescriptor.TYPE_DOUBLE: _Kind.FLOAT,
+    FieldDescriptor.TYPE_BOOL: _Kind.FLAG,
+}
+_JSON_SUFFIX = "_json"  # a string field named ``<key>_json`` carries the JSON text of <key>
 
 
-_CHANNEL = _Field("channel", _Kind.TEXT)
-_SEQ = _Field("seq", _Kind.INT)
-_MESSAGE_ID = _Field("message_id", _Kind.TEXT)
-_TIMESTAMP = _Field("timestamp", _Kind.FLOAT)
-_MEMBER = _Field("member", _Kind.MEMBER)
+def _field_of(descriptor: FieldDescriptor) -> _Field:
+    name = descriptor.name
+    if descriptor.message_type is push_pb2.Member.DESCRIPTOR:
+        return _Field(name, _Kind.MEMBERS if descriptor.is_repeated else _Kind.MEMBER)
+    kind = _SCALAR_KINDS.get(descriptor.type)
+    if kind is None or descriptor.is_repeated:
+        raise TypeError(f"the protobuf codec maps no field like {descriptor.full_name}")
+    if kind is _Kind.TEXT and name.endswith(_JSON_SUFFIX):
+        return _Field(name.removesuffix(_JSON_SUFFIX), _Kind.JSON)
+    return _Field(name, kind, optional=descriptor.has_presence)
 
-# Envelope type (= the oneof member's name) -> the fields of its message.
+
+def _body_fields(member: Any) -> dict[str, _Field]:
+    # Any: the stubs give the oneof's fields as either runtime's FieldDescriptor (upb or
+    # pure Python), which share no declared base.
+    body = member.message_type
+    if body is None:
+        raise TypeError(f"{member.full_name} in the envelope's kind is not a message")
+    return {field.key: field for field in map(_field_of, body.fields)}
+
+
+_ENVELOPE = push_pb2.Envelope.DESCRIPTOR
+
+# Envelope type (= the oneof member's name) -> the fields of its message, in the order
+# push.proto declares them.
 _SCHEMA: dict[str, dict[str, _Field]] = {
-    "connection_established": _fields(
-        _Field("connection_id", _Kind.TEXT),
-        _Field("server_id", _Kind.TEXT),
-        _Field("heartbeat_interval", _Kind.INT),
-        _TIMESTAMP,
-    ),
-    "subscribe": _fields(
-        _CHANNEL,
-        _Field("since", _Kind.INT, optional=True),
-        _Field("token", _Kind.TEXT, optional=True),
-    ),
-    "subscribed": _fields(_CHANNEL, _SEQ, _Field("recovered", _Kind.FLAG, optional=True)),
-    "unsubscribe": _fields(_CHANNEL),
-    "unsubscribed": _fields(_CHANNEL),
-    "publish": _fields(_CHANNEL, _Field("data", _Kind.JSON)),
-    "published": _fields(_CHANNEL, _SEQ, _MESSAGE_ID),
-    "heartbeat": {},
-    "heartbeat_ack": _fields(_TIMESTAMP),
-    "message": _fields(_CHANNEL, _SEQ, _MESSAGE_ID, _Field("data", _Kind.JSON), _TIMESTAMP),
-    "error": _fields(
-        _Field("code", _Kind.TEXT),
-        _Field("message", _Kind.TEXT),
-        _Field("channel", _Kind.TEXT, optional=True),
-    ),
-    "presence": _fields(_CHANNEL, _Field("members", _Kind.MEMBERS)),
-    "join": _fields(_CHANNEL, _MEMBER),
-    "leave": _fields(_CHANNEL, _MEMBER),
+    member.name: _body_fields(member) for member in _ENVELOPE.oneofs_by_name["kind"].fields
 }
 
 ENVELOPE_TYPES: frozenset[str] = frozenset(_SCHEMA)
@@ -110,7 +119,7 @@ _KEY_BY_PROTO_NAME: dict[str, dict[str, str]] = {
     kind: {field.proto_name: field.key for field in fields.values()}
     for kind, fields in _SCHEMA.items()
 }
-_ENVELOPE_ID_FIELDS = frozenset({"id_str", "id_int"})
+_ENVELOPE_ID_FIELDS = frozenset(field.name for field in _ENVELOPE.oneofs_by_name["id"].fields)
 
 
 class ProtobufCodec(Codec):
@@ -242,7 +251,7 @@ def _wrong_wire_types(message: ProtoMessage) -> dict[str, bytes]:
         known = message.DESCRIPTOR.fields_by_number
         return {
             known[field.field_number].name: field.data if isinstance(field.data, bytes) else b""
-            for field in unknown
+            for field in unknown  # type: ignore[attr-defined]  # iterable by index, stubs lack __iter__
             if field.field_number in known
         }
     except Exception as exc:  # groups nested in hostile bytes and the like
