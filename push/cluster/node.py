@@ -26,19 +26,21 @@ from common.conf import push_settings
 from common.db import db_call
 from common.errors import CloseCode
 from push.cluster import broadcast as broadcast_module
+from push.cluster.admission import ConnectionCounter
 from push.cluster.broker import PRESENCE_EVENT, Broker, channel_group
 from push.cluster.directory import CONTROL_GROUP, DISCONNECT_EVENT, TOP_CHANNELS, NodeDirectory
 from push.cluster.presence import PresenceStore, leave_presence
 from push.cluster.registry import ConnectionRegistry, close_node_connections
 from push.fanout.hub import Hub
-from push.fanout.limits import ConnectionCounter, ReplaySlots
 from push.fanout.message import ChannelMessage
+from push.fanout.replay_slots import ReplaySlots
 from push.ops.events import EventLog
 from push.services.subscriptions import subscriptions_revoke
 from push.storage import recent_store
 from push.storage.history import CachedHistory, DatabaseHistory, ModeHistory, RecentHistory
 from push.storage.history_modes import is_recent
 from push.storage.recent_cache import RecentCache
+from push.storage.retention import retention_policy
 from push.storage.write_pipeline import WritePipeline, pipeline_conninfo
 from push.wire.protocol import presence_change
 
@@ -102,6 +104,7 @@ class Node:
                 per_ip=push_settings.MAX_REPLAYS_PER_IP,
                 wait_secs=push_settings.REPLAY_SLOT_WAIT_SECS,
             ),
+            retention=retention_policy,
         )
         self.write_pipeline = _write_pipeline(self.broadcast)
         self._tasks: list[asyncio.Task[None]] = []
