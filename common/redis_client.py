@@ -64,6 +64,15 @@ def _settings() -> tuple[str, list[tuple[str, int]], str]:
     return settings.REDIS_URL, settings.REDIS_SENTINELS, settings.REDIS_SENTINEL_MASTER
 
 
+def redis_prefix() -> str:
+    """The prefix of every key the project writes to Redis: the channel layer's own, so
+    one ``REDIS_PREFIX`` keeps a deployment's keys and groups apart from another's."""
+    from django.conf import settings
+
+    layers = getattr(settings, "CHANNEL_LAYERS", {})
+    return str(layers.get("default", {}).get("CONFIG", {}).get("prefix", "push"))
+
+
 def redis_sync(**options: Any) -> redis.Redis:
     return _client(redis.Redis, Sentinel, options)  # type: ignore[no-any-return]
 
