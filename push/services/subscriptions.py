@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from django.utils import timezone
 
@@ -19,14 +19,35 @@ from common import metrics
 from common.conf import push_settings
 from common.errors import CloseCode, ErrorCode, PushError
 from push.cluster.live import LiveConnection
-from push.cluster.node import Node
-from push.cluster.presence import leave_presence, presence_member
-from push.cluster.registry import ConnectionRecord
+from push.cluster.presence import PresenceStore, leave_presence, presence_member
+from push.cluster.registry import ConnectionRecord, ConnectionRegistry
+from push.fanout.hub import Hub
 from push.ops import events
+from push.ops.events import EventLog
 from push.ops.logs import log_connection_closed, log_connection_opened
 from push.wire import protocol
 
 Reply = Callable[[int, bool | None], None]
+
+
+class SessionNode(Protocol):
+    """What a session uses of the node it runs on (``push.cluster.node.Node``): its
+    limits, hub, registry, event stream and presence, and nothing else."""
+
+    server_id: str
+    draining: bool
+    hub: Hub
+    registry: ConnectionRegistry
+    events: EventLog
+    presence: PresenceStore
+
+    def admit(self, connection: LiveConnection) -> bool: ...
+
+    def release(self, connection: LiveConnection) -> None: ...
+
+    def release_subscriptions(self, connection: LiveConnection) -> None: ...
+
+    async def announce_presence(self, kind: str, channel: str, member: dict[str, Any]) -> None: ...
 
 
 def client_ip(scope: Mapping[str, Any]) -> str | None:
@@ -34,7 +55,7 @@ def client_ip(scope: Mapping[str, Any]) -> str | None:
     return client[0] if client else None
 
 
-def session_open(node: Node, connection: LiveConnection) -> CloseCode | None:
+def session_open(node: SessionNode, connection: LiveConnection) -> CloseCode | None:
     """Admit the connection and greet it, or say with which code to close it (the node
     is draining, or the client is over its connection limits)."""
     if node.draining:
@@ -72,7 +93,7 @@ def session_open(node: Node, connection: LiveConnection) -> CloseCode | None:
     return None
 
 
-def session_closed(node: Node, connection: LiveConnection, close_code: int | None) -> None:
+def session_closed(node: SessionNode, connection: LiveConnection, close_code: int | None) -> None:
     """Everything an admitted connection leaves behind when it ends: subscriptions,
     presence, limits, the registry row, the disconnect event and the metrics."""
     log_connection_closed(
@@ -94,7 +115,7 @@ def session_closed(node: Node, connection: LiveConnection, close_code: int | Non
     metrics.CONNECTIONS_CLOSED.labels(str(connection.close_code or "peer")).inc()
 
 
-def _record_change(node: Node, connection: LiveConnection, kind: str, channel: str) -> None:
+def _record_change(node: SessionNode, connection: LiveConnection, kind: str, channel: str) -> None:
     """A subscribe or unsubscribe went through: the registry row and the event stream."""
     node.registry.subscriptions_changed(connection)
     node.events.emit(
@@ -106,7 +127,7 @@ def _record_change(node: Node, connection: LiveConnection, kind: str, channel: s
 
 
 async def channel_subscribe(
-    node: Node,
+    node: SessionNode,
     connection: LiveConnection,
     channel: str,
     *,
@@ -169,7 +190,7 @@ def _remember_token_expiry(
         connection.token_expiry.pop(channel, None)
 
 
-async def channel_unsubscribe(node: Node, connection: LiveConnection, channel: str) -> bool:
+async def channel_unsubscribe(node: SessionNode, connection: LiveConnection, channel: str) -> bool:
     """End one subscription (the client asked, or the server revoked it): stop its
     messages and leave presence. False when the connection was not subscribed."""
     subscription = connection.subscriptions.pop(channel, None)
@@ -186,7 +207,7 @@ async def channel_unsubscribe(node: Node, connection: LiveConnection, channel: s
     return True
 
 
-async def subscriptions_revoke(node: Node, connection: LiveConnection, now: float) -> int:
+async def subscriptions_revoke(node: SessionNode, connection: LiveConnection, now: float) -> int:
     """End every subscription of ``connection`` that its principal may no longer hold
     (grant removed or narrowed, signed token expired), each with a FORBIDDEN error that
     names the channel; the connection stays open. Returns how many ended."""
