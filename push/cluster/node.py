@@ -1,7 +1,8 @@
 """This server process as a node of the cluster: its hub, broker and registry.
 
 Started on the event loop by the first connection (daphne runs no ASGI lifespan), one
-per process. ``broadcast`` is the single entry of a committed message into fan-out:
+per process, through ``push.services.runtime.get_node``; ``running_node()`` is the one
+handle to it. ``broadcast`` is the single entry of a committed message into fan-out:
 the local hub delivers it at once and the broker carries it to the other nodes.
 """
 
@@ -51,7 +52,7 @@ _close_all = db_call(close_node_connections)
 
 # Ends the subscriptions a connection's principal may no longer hold (node, connection,
 # now): the services' rule, which the node applies on its revocation loop.
-RevokeSubscriptions = Callable[["Node", "LiveConnection", float], Awaitable[int]]
+RevokeSubscriptions = Callable[["Node", LiveConnection, float], Awaitable[int]]
 
 
 class Node:
