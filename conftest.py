@@ -16,7 +16,7 @@ def wire_format(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(autouse=True)
 async def fresh_node():
     """Each test's event loop gets its own node; stop it so nothing leaks between tests."""
-    from push.cluster.node import stop_node
+    from push.services.runtime import stop_node
 
     yield
     await stop_node()
@@ -34,8 +34,7 @@ def _forget_cached_recent_history():
     if not settings.REDIS_URL:
         cache.clear()  # the process's own LocMemCache
         return
-    from common.redis_client import redis_sync
-    from push.cluster.directory import redis_prefix
+    from common.redis_client import redis_prefix, redis_sync
 
     client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
     try:

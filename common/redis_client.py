@@ -64,6 +64,14 @@ def _settings() -> tuple[str, list[tuple[str, int]], str]:
     return settings.REDIS_URL, settings.REDIS_SENTINELS, settings.REDIS_SENTINEL_MASTER
 
 
+def redis_prefix() -> str:
+    """The prefix of every key the project writes to Redis: the channel layer's own, so
+    one ``REDIS_PREFIX`` keeps a deployment's keys and groups apart from another's."""
+    from django.conf import settings
+
+    return str(settings.REDIS_PREFIX)
+
+
 def redis_sync(**options: Any) -> redis.Redis:
     return _client(redis.Redis, Sentinel, options)
 

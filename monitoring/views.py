@@ -8,7 +8,7 @@ from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 
 from monitoring.checks import check_database, check_redis
-from push.cluster.broadcast import running_node
+from push.cluster.node import running_node
 
 
 async def health(request: HttpRequest) -> JsonResponse:

@@ -17,8 +17,9 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path
 
-from common.redis_client import redis_sync
-from push.cluster.directory import cluster_nodes, connections_disconnect, redis_prefix
+from common.redis_client import redis_prefix, redis_sync
+from push.cluster.directory import cluster_nodes, connections_disconnect
+from push.cluster.node import running_node
 from push.models import Channel, Connection, Message
 from push.ops.event_worker import dead_letters
 from push.storage.retention import retention_policy
@@ -150,7 +151,8 @@ class ConnectionAdmin(ReadOnlyAdmin):
 
     def nodes_view(self, request: HttpRequest) -> HttpResponse:
         """Every live node, and the busiest channels summed over nodes."""
-        nodes = cluster_nodes()
+        running = running_node()
+        nodes = cluster_nodes(local=running.stats if running is not None else None)
         channels: dict[str, dict[str, Any]] = {}
         for node in nodes:
             node["started"] = datetime.fromtimestamp(node["started_at"], tz=UTC)

@@ -28,7 +28,8 @@ from channels.security.websocket import WebsocketDenier  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from common.conf import push_settings  # noqa: E402
-from push.cluster.node import get_node, tune_garbage_collector  # noqa: E402
+from push.cluster.node import tune_garbage_collector  # noqa: E402
+from push.services.runtime import get_node  # noqa: E402
 from push.transport.entry import WebSocketEntry  # noqa: E402
 from push.transport.origin import forwarded_client, forwarded_scheme, host_allowed  # noqa: E402
 from push.transport.sse import SSE_PATHS, SseEntry  # noqa: E402

@@ -21,8 +21,8 @@ from rest_framework.test import APIClient
 from accounts.models import ChannelGrant, ServiceToken
 from accounts.subscription_tokens import subscription_token_issue
 from common.errors import CloseCode
-from push.cluster.node import get_node
 from push.services.publishing import message_publish
+from push.services.runtime import get_node
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import communicator_for, connected_client, open_client
 

@@ -253,13 +253,14 @@ async def test_a_connection_opened_while_the_check_queries_is_left_open(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from push.cluster import node as node_module
+    from push.services.runtime import get_node
 
     def setup() -> list[str]:
         return [Token.objects.create(user=_user(name)).key for name in ("early", "late")]
 
     early_key, late_key = await sync_to_async(setup)()
     early = await connected_client(token=early_key)
-    node = await node_module.get_node()
+    node = await get_node()
     refresh = node_module._principals_refresh
     opened: list[WsClient] = []
 

@@ -11,8 +11,8 @@ from django.test import override_settings
 from rest_framework.test import APIClient
 
 from accounts.principals import ANONYMOUS, Principal
-from push.fanout.limits import NO_LIMIT, TokenBucket
 from push.transport.connection import frame_rate_limiter
+from push.transport.limits import NO_LIMIT, TokenBucket
 
 SERVICE = Principal(kind="service", id=1, name="feed")
 USER = Principal(kind="user", id=1, name="alice")

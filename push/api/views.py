@@ -34,6 +34,7 @@ from push.api.serializers import (
     channel_body,
     published_body,
 )
+from push.cluster.node import running_node
 from push.cluster.presence import presence_members_sync
 from push.services.publishing import message_publish_async, messages_publish_batch, user_channel
 from push.storage import selectors
@@ -200,4 +201,6 @@ class ChannelPresenceView(ChannelView):
     channel_rights = {"GET": "presence"}
 
     def get(self, request: Request, channel: str) -> Response:
-        return Response({"channel": channel, "members": presence_members_sync(channel)})
+        node = running_node()
+        members = presence_members_sync(channel, local=node.presence if node is not None else None)
+        return Response({"channel": channel, "members": members})

@@ -10,37 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 
 from common.conf import push_settings
-from common.redis_client import redis_sync
-from push.cluster.directory import redis_prefix
+from common.redis_client import redis_prefix, redis_sync
+from push.cluster.broker import channel_group
+from push.cluster.node import running_node
 from push.fanout.message import ChannelMessage
 from push.storage.recent_cache import add_to_pipeline
 
-if TYPE_CHECKING:
-    from push.cluster.node import Node
-
 logger = logging.getLogger(__name__)
-
-_running_node: Node | None = None
-
-
-def set_running_node(node: Node | None) -> None:
-    global _running_node
-    _running_node = node
-
-
-def running_node() -> Node | None:
-    return _running_node
 
 
 def broadcast_from_sync(message: ChannelMessage) -> None:
-    node = _running_node
+    node = running_node()
     if node is not None and node.is_running and not node.loop.is_closed():
         try:
             node.loop.call_soon_threadsafe(node.broadcast, message)
@@ -59,7 +46,7 @@ async def broadcast_async(message: ChannelMessage) -> None:
     """``broadcast_from_sync`` for a message committed on an event loop (a recent
     channel's, committed in Redis): to this loop's node at once, so local subscribers
     and the broker get it before the publisher's reply is sent."""
-    node = _running_node
+    node = running_node()
     if node is not None and node.is_running and not node.loop.is_closed():
         if node.loop is asyncio.get_running_loop():
             node.broadcast(message)
@@ -94,8 +81,6 @@ def _cache_without_node(message: ChannelMessage) -> None:
 
 
 async def _publish_without_node(message: ChannelMessage) -> None:
-    from push.cluster.broker import channel_group
-
     layer = get_channel_layer()
     if layer is not None:
         await layer.group_send(channel_group(message.channel), message.to_broker())

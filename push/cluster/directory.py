@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -22,17 +23,13 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from common.errors import CloseCode
-from common.redis_client import redis_async, redis_sync
+from common.redis_client import redis_async, redis_prefix, redis_sync
 
 logger = logging.getLogger(__name__)
 
 CONTROL_GROUP = "push.control"
 DISCONNECT_EVENT = "push.disconnect"
 TOP_CHANNELS = 100
-
-
-def redis_prefix() -> str:
-    return str(settings.REDIS_PREFIX)
 
 
 def node_key(server_id: str) -> str:
@@ -93,14 +90,12 @@ class NodeDirectory:
             await self._redis.aclose()
 
 
-def cluster_nodes() -> list[dict[str, Any]]:
-    """Every live node's last announcement (admin). Sync; reads Redis when configured."""
+def cluster_nodes(*, local: Callable[[], dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Every live node's last announcement (admin). Sync; reads Redis when configured,
+    else the cluster is this process: ``local`` gives its running node's stats, if any."""
     redis_url = getattr(settings, "REDIS_URL", None)
     if not redis_url:
-        from push.cluster.broadcast import running_node
-
-        node = running_node()
-        return [node.stats()] if node is not None else []
+        return [local()] if local is not None else []
     client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
     try:
         ids = [m.decode() for m in client.zrange(nodes_key(), 0, -1)]  # type: ignore[union-attr]  # redis-py types sync and asyncio commands alike

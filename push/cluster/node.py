@@ -1,7 +1,8 @@
 """This server process as a node of the cluster: its hub, broker and registry.
 
 Started on the event loop by the first connection (daphne runs no ASGI lifespan), one
-per process. ``broadcast`` is the single entry of a committed message into fan-out:
+per process, through ``push.services.runtime.get_node``; ``running_node()`` is the one
+handle to it. ``broadcast`` is the single entry of a committed message into fan-out:
 the local hub delivers it at once and the broker carries it to the other nodes.
 """
 
@@ -12,8 +13,8 @@ import gc
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -25,25 +26,23 @@ from common.background import spawn
 from common.conf import push_settings
 from common.db import db_call
 from common.errors import CloseCode
-from push.cluster import broadcast as broadcast_module
+from push.cluster.admission import ConnectionCounter
 from push.cluster.broker import PRESENCE_EVENT, Broker, channel_group
 from push.cluster.directory import CONTROL_GROUP, DISCONNECT_EVENT, TOP_CHANNELS, NodeDirectory
+from push.cluster.live import LiveConnection
 from push.cluster.presence import PresenceStore, leave_presence
 from push.cluster.registry import ConnectionRegistry, close_node_connections
 from push.fanout.hub import Hub
-from push.fanout.limits import ConnectionCounter, ReplaySlots
 from push.fanout.message import ChannelMessage
+from push.fanout.replay_slots import ReplaySlots
 from push.ops.events import EventLog
-from push.services.subscriptions import subscriptions_revoke
 from push.storage import recent_store
 from push.storage.history import CachedHistory, DatabaseHistory, ModeHistory, RecentHistory
 from push.storage.history_modes import is_recent
 from push.storage.recent_cache import RecentCache
+from push.storage.retention import retention_policy
 from push.storage.write_pipeline import WritePipeline, pipeline_conninfo
 from push.wire.protocol import presence_change
-
-if TYPE_CHECKING:
-    from push.transport.connection import ClientConnection
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +50,15 @@ _principals_refresh = db_call(principals_refresh)
 _close_all = db_call(close_node_connections)
 
 
+# Ends the subscriptions a connection's principal may no longer hold (node, connection,
+# now): the services' rule, which the node applies on its revocation loop.
+RevokeSubscriptions = Callable[["Node", LiveConnection, float], Awaitable[int]]
+
+
 class Node:
-    def __init__(self, *, server_id: str) -> None:
+    def __init__(self, *, server_id: str, revoke_subscriptions: RevokeSubscriptions) -> None:
         self.server_id = server_id
+        self._revoke_subscriptions = revoke_subscriptions
         self.loop = asyncio.get_running_loop()
         self.is_running = False
         self.draining = False
@@ -102,11 +107,12 @@ class Node:
                 per_ip=push_settings.MAX_REPLAYS_PER_IP,
                 wait_secs=push_settings.REPLAY_SLOT_WAIT_SECS,
             ),
+            retention=retention_policy,
         )
         self.write_pipeline = _write_pipeline(self.broadcast)
         self._tasks: list[asyncio.Task[None]] = []
         # Live connections of this node, for revocation checks, admin actions and drain.
-        self.connections: dict[uuid.UUID, ClientConnection] = {}
+        self.connections: dict[uuid.UUID, LiveConnection] = {}
         self.registry = ConnectionRegistry(
             server_id,
             flush_secs=push_settings.REGISTRY_FLUSH_SECS,
@@ -120,7 +126,7 @@ class Node:
         # a fresh one (or a closure) per connection would cost each ~100 bytes.
         self.on_connection_closing = self.release_subscriptions
 
-    def admit(self, connection: ClientConnection) -> bool:
+    def admit(self, connection: LiveConnection) -> bool:
         """Count a new connection against the per-user and per-IP limits of this node."""
         user_key = connection.principal.key if connection.principal.is_authenticated else None
         if not self._per_user.try_add(user_key):
@@ -131,7 +137,7 @@ class Node:
         self.connections[connection.connection_id] = connection
         return True
 
-    def release_subscriptions(self, connection: ClientConnection) -> None:
+    def release_subscriptions(self, connection: LiveConnection) -> None:
         """Unsubscribe a closing connection everywhere; presence members leave."""
         presence_channels = [c for c in connection.subscriptions if is_presence_channel(c)]
         for subscription in connection.subscriptions.values():
@@ -139,12 +145,17 @@ class Node:
         connection.subscriptions.clear()
         if presence_channels:
             spawn(
-                leave_presence(self, str(connection.connection_id), presence_channels),
+                leave_presence(
+                    self.presence,
+                    self.announce_presence,
+                    str(connection.connection_id),
+                    presence_channels,
+                ),
                 name="push-presence-leave",
                 loop=self.loop,
             )
 
-    def release(self, connection: ClientConnection) -> None:
+    def release(self, connection: LiveConnection) -> None:
         if self.connections.pop(connection.connection_id, None) is None:
             return
         principal = connection.principal
@@ -166,14 +177,18 @@ class Node:
         if self.write_pipeline is not None:
             self.write_pipeline.start()
         self.is_running = True
-        broadcast_module.set_running_node(self)
+        recent_store.serve_on(self.loop)
+        global _running
+        _running = self
         logger.info("node %s started", self.server_id)
 
     async def stop(self) -> None:
         self.is_running = False
         self.draining = False
-        if broadcast_module.running_node() is self:
-            broadcast_module.set_running_node(None)
+        global _running
+        if _running is self:
+            _running = None
+            recent_store.serve_on(None)
         for task in self._tasks:
             task.cancel()
         if self.write_pipeline is not None:
@@ -365,7 +380,7 @@ class Node:
             # The decider's answers change only with the principal (or a token's clock):
             # most connections cost nothing more here.
             if connection.subscriptions and (changed or connection.token_expiry):
-                await subscriptions_revoke(self, connection, now)
+                await self._revoke_subscriptions(self, connection, now)
         return closed
 
 
@@ -387,44 +402,14 @@ def _write_pipeline(on_committed: Callable[[ChannelMessage], None]) -> WritePipe
     )
 
 
-_node: Node | None = None
-_starting: asyncio.Future[Node] | None = None
+# The running node of this process: the one handle every part reads (set when a node
+# has started, cleared when it stops). ``push.services.runtime`` starts it.
+_running: Node | None = None
 
 
-async def get_node() -> Node:
-    """The running node of this process, started on first use in this event loop."""
-    global _node, _starting
-    loop = asyncio.get_running_loop()
-    if _node is not None and _node.loop is loop and _node.is_running:
-        return _node
-    if _starting is not None and _starting.get_loop() is loop:
-        return await asyncio.shield(_starting)
-    _starting = loop.create_future()
-    starting = _starting
-    try:
-        node = Node(server_id=settings.NODE_ID)
-        await node.start()
-    except BaseException as exc:
-        starting.set_exception(exc)
-        starting.exception()
-        _starting = None
-        raise
-    _node = node
-    starting.set_result(node)
-    return node
-
-
-async def stop_node() -> None:
-    global _node, _starting
-    node, _node, _starting = _node, None, None
-    if node is not None:
-        await node.stop()
-
-
-async def drain_running_node(*, code: int, deadline_secs: float) -> None:
-    node = broadcast_module.running_node()
-    if node is not None and node.is_running:
-        await node.drain(code=code, deadline_secs=deadline_secs)
+def running_node() -> Node | None:
+    """The node running in this process, if one has started (on whatever loop)."""
+    return _running
 
 
 def tune_garbage_collector(*, gen0_threshold: int, freeze: bool) -> None:

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from common.redis_client import redis_prefix, redis_sync
+
 if TYPE_CHECKING:
-    from push.cluster.node import Node
-    from push.transport.connection import ClientConnection
+    from accounts.principals import Principal
 
 logger = logging.getLogger(__name__)
 
 Member = dict[str, Any]
+# Tell every node serving a channel that a member joined or left: (kind, channel, member).
+Announce = Callable[[str, str, Member], Awaitable[None]]
 
 # KEYS: conns, counts, members, node index. ARGV: conn field, user, info, index entry.
 _JOIN = """
@@ -137,18 +142,13 @@ def _members_from(raw: dict[Any, Any]) -> list[Member]:
     return [member(json.loads(_text(user)), json.loads(_text(info))) for user, info in raw.items()]
 
 
-def presence_members_sync(channel: str) -> list[Member]:
-    """The members of ``channel``, from synchronous code (the REST API)."""
+def presence_members_sync(channel: str, *, local: PresenceStore | None) -> list[Member]:
+    """The members of ``channel``, from synchronous code (the REST API). Without Redis
+    they are in this process's memory: ``local``, the running node's store, if any."""
     from django.conf import settings
 
-    from push.cluster.broadcast import running_node
-    from push.cluster.directory import redis_prefix
-
     if not settings.REDIS_URL:
-        node = running_node()
-        return node.presence.members_in_memory(channel) if node is not None else []
-    from common.redis_client import redis_sync
-
+        return local.members_in_memory(channel) if local is not None else []
     client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
     try:
         return _members_from(client.hgetall(f"{redis_prefix()}:presence:{channel}:members"))  # type: ignore[arg-type]  # redis-py types sync and asyncio commands alike
@@ -156,25 +156,28 @@ def presence_members_sync(channel: str) -> list[Member]:
         client.close()
 
 
-def presence_member(connection: ClientConnection, claims: dict[str, Any] | None) -> dict[str, Any]:
-    """Who this connection is on a presence channel: its user, or the identity a signed
+def presence_member(
+    principal: Principal, connection_id: uuid.UUID, claims: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Who a connection is on a presence channel: its user, or the identity a signed
     subscription token names (``user_id`` and ``info`` in its claims)."""
     if claims is not None and "user_id" in claims:
         return member(claims["user_id"], claims.get("info"))
-    principal = connection.principal
     if principal.kind == "user":
         return member(principal.id, {"username": principal.name})
     if principal.kind == "service":
         return member(principal.key, {"service": principal.name})
     info = claims.get("info") if claims else None
-    return member(str(connection.connection_id), info)
+    return member(str(connection_id), info)
 
 
-async def leave_presence(node: Node, connection_id: str, channels: list[str]) -> None:
+async def leave_presence(
+    presence: PresenceStore, announce: Announce, connection_id: str, channels: list[str]
+) -> None:
     for channel in channels:
         try:
-            left = await node.presence.leave(channel, connection_id)
+            left = await presence.leave(channel, connection_id)
             if left is not None:
-                await node.announce_presence("leave", channel, left)
+                await announce("leave", channel, left)
         except Exception as exc:  # Redis down: the dead-node reaper is not for this node
             logger.warning("presence leave on %s failed: %s", channel, exc)

@@ -45,19 +45,30 @@ MAX_BUFFERED_RECORDS = 200_000
 WRITE_CHUNK = 1000
 
 
-class LiveConnection(Protocol):
-    """What the registry reads of a live connection
-    (``push.transport.connection.ClientConnection``)."""
-
-    connection_id: uuid.UUID
-    last_seen: float
-    opened_at: float
-    ip: str | None
-    principal: Any
-    codec: Any
+class RegisteredConnection(Protocol):
+    """What the registry reads of a live connection (``push.cluster.live.RegisteredConnection``
+    is one); read-only, so any connection whose fields are narrower types fits."""
 
     @property
-    def subscriptions(self) -> Mapping[str, object]: ...  # read-only, so a dict of any value fits
+    def connection_id(self) -> uuid.UUID: ...
+
+    @property
+    def last_seen(self) -> float: ...
+
+    @property
+    def opened_at(self) -> float: ...
+
+    @property
+    def subscriptions(self) -> Mapping[str, object]: ...
+
+    @property
+    def ip(self) -> str | None: ...
+
+    @property
+    def principal(self) -> Any: ...
+
+    @property
+    def codec(self) -> Any: ...
 
     @property
     def is_open(self) -> bool: ...
@@ -114,10 +125,10 @@ def _update_subscriptions(changed: dict[uuid.UUID, list[str]]) -> None:
     by_channels: dict[tuple[str, ...], list[uuid.UUID]] = {}
     for connection_id, channels in changed.items():
         by_channels.setdefault(tuple(channels), []).append(connection_id)
-    for channels, ids in by_channels.items():  # type: ignore[assignment]  # the name now holds the tuple key
+    for channel_list, ids in by_channels.items():
         for chunk in _chunks(ids):
             Connection.objects.filter(connection_id__in=chunk, disconnected_at__isnull=True).update(
-                subscriptions=list(channels)
+                subscriptions=list(channel_list)
             )
 
 
@@ -199,7 +210,7 @@ class ConnectionRegistry:
         *,
         flush_secs: float,
         heartbeat_secs: float,
-        live: Mapping[uuid.UUID, LiveConnection],
+        live: Mapping[uuid.UUID, RegisteredConnection],
         max_buffered: int = MAX_BUFFERED_RECORDS,
     ) -> None:
         self.server_id = server_id
@@ -212,7 +223,7 @@ class ConnectionRegistry:
         self._live = live
         self._opened: dict[uuid.UUID, ConnectionRecord] = {}
         self._closed: list[ConnectionRecord] = []
-        self._changed: dict[uuid.UUID, LiveConnection] = {}
+        self._changed: dict[uuid.UUID, RegisteredConnection] = {}
         self._last_touch = time.monotonic()
 
     def _full(self) -> bool:
@@ -230,7 +241,7 @@ class ConnectionRegistry:
             return
         self._opened[record.connection_id] = record
 
-    def subscriptions_changed(self, connection: LiveConnection) -> None:
+    def subscriptions_changed(self, connection: RegisteredConnection) -> None:
         """Write ``connection``'s channels with the next batch (once, however many
         subscribes and unsubscribes happen before it)."""
         self._changed[connection.connection_id] = connection
@@ -252,7 +263,7 @@ class ConnectionRegistry:
 
     def _take_batch(
         self, touch_since: float | None
-    ) -> tuple[Batch, dict[uuid.UUID, LiveConnection]]:
+    ) -> tuple[Batch, dict[uuid.UUID, RegisteredConnection]]:
         opened, self._opened = self._opened, {}
         closed, self._closed = self._closed, []
         changed, self._changed = self._changed, {}
@@ -314,7 +325,7 @@ class ConnectionRegistry:
         self._rewrite_due = False
         logger.info("connection registry rewritten: %d live connections", len(live))
 
-    def _put_back(self, batch: Batch, changed: dict[uuid.UUID, LiveConnection]) -> None:
+    def _put_back(self, batch: Batch, changed: dict[uuid.UUID, RegisteredConnection]) -> None:
         for record in batch.opened:
             self._opened.setdefault(record.connection_id, record)
         self._closed[:0] = batch.closed

@@ -27,14 +27,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from common import metrics
 from common.background import spawn
 from common.errors import ErrorCode, PushError
-from push.fanout.message import ChannelMessage, data_bytes
+from push.fanout.message import ChannelMessage, HistoryPage, data_bytes
 from push.fanout.outbox import OutFrame
-from push.storage.retention import retention_policy
-from push.storage.selectors import HistoryPage
 
 if TYPE_CHECKING:
-    from push.fanout.limits import ReplaySlots
     from push.fanout.outbox import Outbox
+    from push.fanout.replay_slots import ReplaySlots
     from push.wire.codecs import Codec
 
 logger = logging.getLogger(__name__)
@@ -80,6 +78,24 @@ class History(Protocol):
     async def page(self, channel: str, since: int, limit: int, max_bytes: int) -> HistoryPage: ...
 
     async def recent(self, channel: str, count: int, max_bytes: int) -> HistoryPage: ...
+
+
+class Retention(Protocol):
+    """A channel's retention rule (``push.storage.retention.RetentionPolicy``): a resume
+    from memory replays only what history would still hold."""
+
+    def kept(self, messages: Iterable[ChannelMessage], latest_seq: int) -> list[ChannelMessage]: ...
+
+
+class KeepAll:
+    """The retention of a hub given no rules: every message is kept."""
+
+    def kept(self, messages: Iterable[ChannelMessage], latest_seq: int) -> list[ChannelMessage]:
+        return list(messages)
+
+
+def keep_all(channel: str) -> Retention:
+    return KeepAll()
 
 
 class ChannelState(enum.Enum):
@@ -185,6 +201,7 @@ class HubChannel:
         loop: asyncio.AbstractEventLoop,
         recent_size: int,
         recent_bytes: int = RECENT_MAX_BYTES,
+        retention: Retention | None = None,
     ) -> None:
         self.name = name
         self.state = ChannelState.JOINING
@@ -198,7 +215,7 @@ class HubChannel:
         # An early message was let go (its buffer was full): a repair must read it back.
         self.held_dropped = False
         self.droppable = droppable
-        self.retention = retention_policy(name)
+        self.retention = retention if retention is not None else KeepAll()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.repair_handle: asyncio.TimerHandle | None = None
         self.repairing = False
@@ -276,8 +293,11 @@ class Hub:
         max_pending: int = MAX_PENDING_PER_CHANNEL,
         pending_bytes: int = PENDING_MAX_BYTES,
         replay_slots: ReplaySlots | None = None,
+        retention: Callable[[str], Retention] = keep_all,
     ) -> None:
         self.history = history
+        # Each channel's rule, looked up once when the hub first serves the channel.
+        self._retention = retention
         self._join = join
         self._leave = leave
         self._drop_oldest_patterns = drop_oldest_patterns
@@ -517,7 +537,14 @@ class Hub:
 
     async def _join_channel(self, name: str) -> HubChannel:
         droppable = any(fnmatch.fnmatchcase(name, p) for p in self._drop_oldest_patterns)
-        hub_channel = HubChannel(name, droppable, self.loop, self.recent_size, self.recent_bytes)
+        hub_channel = HubChannel(
+            name,
+            droppable,
+            self.loop,
+            self.recent_size,
+            self.recent_bytes,
+            retention=self._retention(name),
+        )
         self.channels[name] = hub_channel
         try:
             # Join first, then read the last seq: anything committed after the read is

@@ -1,4 +1,5 @@
-"""A published channel message as it travels through the fan-out path.
+"""A published channel message as it travels through the fan-out path, and a page of
+them read back from history (``HistoryPage``).
 
 ``data_json`` is the canonical JSON text of the published value: it is what the
 database stores and what crosses the broker, so the value is parsed only when a
@@ -8,6 +9,7 @@ binary format needs it, and encoded once per wire format per node (``frames``).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -67,6 +69,23 @@ class ChannelMessage:
 
 
 _UNPARSED: Any = object()
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    since: int
+    messages: list[ChannelMessage]
+    # The channel's highest seq when the page was read.
+    latest_seq: int
+    # True when the page stopped at its byte budget before its count: more follow.
+    truncated: bool = False
+
+    @property
+    def complete_from_since(self) -> bool:
+        """True when nothing after ``since`` was trimmed away by retention."""
+        if self.latest_seq <= self.since:
+            return True
+        return bool(self.messages) and self.messages[0].seq == self.since + 1
 
 
 def dump_data(data: Any) -> str:

@@ -13,13 +13,12 @@ import json
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+import uuid
+from collections.abc import Sized
+from typing import Any, Protocol
 from urllib.parse import unquote_plus
 
 from common.errors import CloseCode
-
-if TYPE_CHECKING:
-    from push.transport.connection import ClientConnection
 
 # Any ``name=value`` that starts a query parameter (or a word); the name is compared
 # after percent-decoding, as the server decodes it: ``?%74oken=`` is a token too.
@@ -106,7 +105,35 @@ _CLOSE_REASONS: dict[int | None, str] = {
 }
 
 
-def _who(connection: ClientConnection, server_id: str) -> dict[str, Any]:
+class LoggedConnection(Protocol):
+    """What a connection's log lines tell of it (``ClientConnection`` is one): logging
+    sits below every other part of push, so it names the fields instead of importing."""
+
+    @property
+    def connection_id(self) -> uuid.UUID: ...
+
+    @property
+    def principal(self) -> Any:  # accounts.principals.Principal: key and user_id
+        ...
+
+    @property
+    def ip(self) -> str | None: ...
+
+    @property
+    def codec(self) -> Any:  # push.wire.codecs.Codec: its name is the wire format
+        ...
+
+    @property
+    def close_code(self) -> int | None: ...
+
+    @property
+    def opened_at(self) -> float: ...
+
+    @property
+    def subscriptions(self) -> Sized: ...
+
+
+def _who(connection: LoggedConnection, server_id: str) -> dict[str, Any]:
     """The fields both lines of a connection carry, so its open and close pair up."""
     return {
         "connection_id": str(connection.connection_id),
@@ -118,7 +145,7 @@ def _who(connection: ClientConnection, server_id: str) -> dict[str, Any]:
     }
 
 
-def log_connection_opened(connection: ClientConnection, *, server_id: str) -> None:
+def log_connection_opened(connection: LoggedConnection, *, server_id: str) -> None:
     """One line per connection, when it is admitted: who, from where, on which node."""
     if not connection_log.isEnabledFor(logging.INFO):
         return
@@ -134,7 +161,7 @@ def log_connection_opened(connection: ClientConnection, *, server_id: str) -> No
 
 
 def log_connection_closed(
-    connection: ClientConnection, peer_code: int | None, *, by_server: bool, server_id: str
+    connection: LoggedConnection, peer_code: int | None, *, by_server: bool, server_id: str
 ) -> None:
     """One line per connection, at its close: who, how long, and why it ended."""
     if not connection_log.isEnabledFor(logging.INFO):

@@ -22,6 +22,7 @@ from common.conf import push_settings
 from common.db import db_call
 from common.errors import ErrorCode, PushError
 from push.cluster import broadcast
+from push.cluster.node import running_node
 from push.fanout.message import ChannelMessage, dump_data
 from push.storage import recent_store
 from push.storage.history_modes import is_recent
@@ -87,7 +88,7 @@ def _batch_unit(
 
 def _running_pipeline() -> WritePipeline | None:
     """The write pipeline of the node running on this event loop, if there is one."""
-    node = broadcast.running_node()
+    node = running_node()
     if node is None or not node.is_running or node.write_pipeline is None:
         return None
     return node.write_pipeline if node.loop is asyncio.get_running_loop() else None
@@ -132,7 +133,12 @@ async def _write_async(unit: PublishUnit) -> Published:
     recent = _recent_channel(unit)
     if recent is not None:
         data = [data_json for _, data_json in unit.items]
-        return Published(await recent_store.publish_batch(recent, data, unit.publisher_id), False)
+        return Published(
+            await recent_store.publish_batch(
+                recent, data, unit.publisher_id, broadcast=broadcast.broadcast_async
+            ),
+            False,
+        )
     pipeline = _running_pipeline()
     if pipeline is not None:
         outcome = await pipeline.publish(unit)
@@ -154,7 +160,15 @@ def _write_sync(unit: PublishUnit) -> Published:
                 "transaction; use push.publish(), which publishes it after the commit"
             )
         return Published(
-            [recent_store.publish_sync(recent, unit.items[0][1], unit.publisher_id)], False
+            [
+                recent_store.publish_sync(
+                    recent,
+                    unit.items[0][1],
+                    unit.publisher_id,
+                    broadcast=broadcast.broadcast_async,
+                )
+            ],
+            False,
         )
     try:
         batch = run_plan_sync([unit], window_secs=push_settings.IDEMPOTENCY_WINDOW_SECS)
@@ -251,7 +265,10 @@ def publish(channel: str, data: Any, *, publisher_id: int | None = None) -> Chan
         validate_channel_name(channel)
         data_json = _encode_data(data)
         transaction.on_commit(
-            lambda: recent_store.publish_sync(channel, data_json, publisher_id), robust=True
+            lambda: recent_store.publish_sync(
+                channel, data_json, publisher_id, broadcast=broadcast.broadcast_async
+            ),
+            robust=True,
         )
         return None
     return message_publish(channel=channel, data=data, publisher_id=publisher_id)

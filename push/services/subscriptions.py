@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from django.utils import timezone
 
@@ -18,18 +18,36 @@ from accounts.subscription_tokens import subscription_token_verify
 from common import metrics
 from common.conf import push_settings
 from common.errors import CloseCode, ErrorCode, PushError
-from push.cluster.presence import leave_presence, presence_member
-from push.cluster.registry import ConnectionRecord
+from push.cluster.live import LiveConnection
+from push.cluster.presence import PresenceStore, leave_presence, presence_member
+from push.cluster.registry import ConnectionRecord, ConnectionRegistry
+from push.fanout.hub import Hub
 from push.ops import events
+from push.ops.events import EventLog
 from push.ops.logs import log_connection_closed, log_connection_opened
-from push.transport.connection import ClientConnection
 from push.wire import protocol
 
-if TYPE_CHECKING:
-    # Only for annotations: the node ends revoked subscriptions through this module.
-    from push.cluster.node import Node
-
 Reply = Callable[[int, bool | None], None]
+
+
+class SessionNode(Protocol):
+    """What a session uses of the node it runs on (``push.cluster.node.Node``): its
+    limits, hub, registry, event stream and presence, and nothing else."""
+
+    server_id: str
+    draining: bool
+    hub: Hub
+    registry: ConnectionRegistry
+    events: EventLog
+    presence: PresenceStore
+
+    def admit(self, connection: LiveConnection) -> bool: ...
+
+    def release(self, connection: LiveConnection) -> None: ...
+
+    def release_subscriptions(self, connection: LiveConnection) -> None: ...
+
+    async def announce_presence(self, kind: str, channel: str, member: dict[str, Any]) -> None: ...
 
 
 def client_ip(scope: Mapping[str, Any]) -> str | None:
@@ -37,7 +55,7 @@ def client_ip(scope: Mapping[str, Any]) -> str | None:
     return client[0] if client else None
 
 
-def session_open(node: Node, connection: ClientConnection) -> CloseCode | None:
+def session_open(node: SessionNode, connection: LiveConnection) -> CloseCode | None:
     """Admit the connection and greet it, or say with which code to close it (the node
     is draining, or the client is over its connection limits)."""
     if node.draining:
@@ -75,7 +93,7 @@ def session_open(node: Node, connection: ClientConnection) -> CloseCode | None:
     return None
 
 
-def session_closed(node: Node, connection: ClientConnection, close_code: int | None) -> None:
+def session_closed(node: SessionNode, connection: LiveConnection, close_code: int | None) -> None:
     """Everything an admitted connection leaves behind when it ends: subscriptions,
     presence, limits, the registry row, the disconnect event and the metrics."""
     log_connection_closed(
@@ -97,7 +115,7 @@ def session_closed(node: Node, connection: ClientConnection, close_code: int | N
     metrics.CONNECTIONS_CLOSED.labels(str(connection.close_code or "peer")).inc()
 
 
-def _record_change(node: Node, connection: ClientConnection, kind: str, channel: str) -> None:
+def _record_change(node: SessionNode, connection: LiveConnection, kind: str, channel: str) -> None:
     """A subscribe or unsubscribe went through: the registry row and the event stream."""
     node.registry.subscriptions_changed(connection)
     node.events.emit(
@@ -109,8 +127,8 @@ def _record_change(node: Node, connection: ClientConnection, kind: str, channel:
 
 
 async def channel_subscribe(
-    node: Node,
-    connection: ClientConnection,
+    node: SessionNode,
+    connection: LiveConnection,
     channel: str,
     *,
     since: int | None,
@@ -153,13 +171,13 @@ async def channel_subscribe(
     connection.subscriptions[channel] = subscription
     _record_change(node, connection, events.SUBSCRIBE, channel)
     if is_presence_channel(channel):
-        joined = presence_member(connection, claims)
+        joined = presence_member(connection.principal, connection.connection_id, claims)
         if await node.presence.join(channel, str(connection.connection_id), joined):
             await node.announce_presence("join", channel, joined)
 
 
 def _remember_token_expiry(
-    connection: ClientConnection, channel: str, claims: dict[str, Any] | None
+    connection: LiveConnection, channel: str, claims: dict[str, Any] | None
 ) -> None:
     """A subscription a signed token granted lasts until the token expires (the node's
     revocation check ends it); one the decider granted does not. Subscribing again
@@ -172,7 +190,7 @@ def _remember_token_expiry(
         connection.token_expiry.pop(channel, None)
 
 
-async def channel_unsubscribe(node: Node, connection: ClientConnection, channel: str) -> bool:
+async def channel_unsubscribe(node: SessionNode, connection: LiveConnection, channel: str) -> bool:
     """End one subscription (the client asked, or the server revoked it): stop its
     messages and leave presence. False when the connection was not subscribed."""
     subscription = connection.subscriptions.pop(channel, None)
@@ -183,11 +201,13 @@ async def channel_unsubscribe(node: Node, connection: ClientConnection, channel:
     node.hub.unsubscribe(subscription)
     _record_change(node, connection, events.UNSUBSCRIBE, channel)
     if is_presence_channel(channel):
-        await leave_presence(node, str(connection.connection_id), [channel])
+        await leave_presence(
+            node.presence, node.announce_presence, str(connection.connection_id), [channel]
+        )
     return True
 
 
-async def subscriptions_revoke(node: Node, connection: ClientConnection, now: float) -> int:
+async def subscriptions_revoke(node: SessionNode, connection: LiveConnection, now: float) -> int:
     """End every subscription of ``connection`` that its principal may no longer hold
     (grant removed or narrowed, signed token expired), each with a FORBIDDEN error that
     names the channel; the connection stays open. Returns how many ended."""

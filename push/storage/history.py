@@ -8,11 +8,10 @@ import logging
 from typing import TYPE_CHECKING
 
 from common.db import db_call
-from push.fanout.message import ChannelMessage, data_bytes
+from push.fanout.message import ChannelMessage, HistoryPage, data_bytes
 from push.storage import recent_store, selectors
 from push.storage.history_modes import is_recent
 from push.storage.recent_cache import RecentCache
-from push.storage.selectors import HistoryPage
 
 if TYPE_CHECKING:
     from push.fanout.hub import History

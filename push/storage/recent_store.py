@@ -45,7 +45,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -57,9 +57,7 @@ from common import metrics
 from common.conf import push_settings
 from common.db import db_call
 from common.errors import ErrorCode, PushError
-from common.redis_client import redis_async
-from push.cluster import broadcast
-from push.cluster.directory import redis_prefix
+from common.redis_client import redis_async, redis_prefix
 from push.fanout.message import ChannelMessage
 from push.models import Channel
 
@@ -397,14 +395,21 @@ def _unavailable(exc: BaseException) -> PushError:
 # ----- publishing -------------------------------------------------------------------------
 
 
-async def publish(channel: str, data_json: str, publisher_id: int | None) -> ChannelMessage:
+# Hands a committed message to fan-out (``push.cluster.broadcast.broadcast_async``):
+# storage sits below the cluster, so the publishing service passes it in.
+Broadcast = Callable[[ChannelMessage], Awaitable[None]]
+
+
+async def publish(
+    channel: str, data_json: str, publisher_id: int | None, *, broadcast: Broadcast
+) -> ChannelMessage:
     """Number, store and broadcast one message of a recent channel."""
-    (message,) = await publish_batch(channel, [data_json], publisher_id)
+    (message,) = await publish_batch(channel, [data_json], publisher_id, broadcast=broadcast)
     return message
 
 
 async def publish_batch(
-    channel: str, data_jsons: list[str], publisher_id: int | None
+    channel: str, data_jsons: list[str], publisher_id: int | None, *, broadcast: Broadcast
 ) -> list[ChannelMessage]:
     """Number and store several messages of one recent channel at once (consecutive
     seqs, all or none), then broadcast them in order. ``publisher_id`` is not kept:
@@ -425,19 +430,31 @@ async def publish_batch(
         for i, d in enumerate(data_jsons)
     ]
     for message in messages:
-        await broadcast.broadcast_async(message)
+        await broadcast(message)
     return messages
 
 
-def publish_sync(channel: str, data_json: str, publisher_id: int | None) -> ChannelMessage:
+def publish_sync(
+    channel: str, data_json: str, publisher_id: int | None, *, broadcast: Broadcast
+) -> ChannelMessage:
     """``publish`` for synchronous code (REST views, ``push.publish``)."""
-    return _run(publish(channel, data_json, publisher_id))
+    return _run(publish(channel, data_json, publisher_id, broadcast=broadcast))
 
 
 # ----- synchronous callers --------------------------------------------------------------------
 
 _background: asyncio.AbstractEventLoop | None = None
 _background_lock = threading.Lock()
+# The running node's loop, while it runs (the node sets it): synchronous callers' Redis
+# work goes there, beside the node's own.
+_serving_loop: asyncio.AbstractEventLoop | None = None
+
+
+def serve_on(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Run synchronous callers' work on ``loop`` (a node started on it), or on a
+    background loop of this process (None: the node stopped)."""
+    global _serving_loop
+    _serving_loop = loop
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -445,11 +462,8 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     server process, else one background loop of this process. (``async_to_sync`` would
     make a loop, and so a Redis connection, per call in a process without a server:
     a worker publishing ticks would open a connection per message.)"""
-    node = broadcast.running_node()
-    if node is not None and node.is_running and not node.loop.is_closed():
-        loop = node.loop
-    else:
-        loop = _background_loop()
+    serving = _serving_loop
+    loop = serving if serving is not None and not serving.is_closed() else _background_loop()
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:

@@ -4,35 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from django.db.models import Func, IntegerField, QuerySet
 
 from common import metrics
-from push.fanout.message import ChannelMessage
+from push.fanout.message import ChannelMessage, HistoryPage
 from push.models import Channel, Message
 from push.storage import recent_store
 from push.storage.history_modes import is_recent
 from push.storage.retention import retention_policy
-
-
-@dataclass(frozen=True)
-class HistoryPage:
-    since: int
-    messages: list[ChannelMessage]
-    # The channel's highest seq when the page was read.
-    latest_seq: int
-    # True when the page stopped at its byte budget before its count: more follow.
-    truncated: bool = False
-
-    @property
-    def complete_from_since(self) -> bool:
-        """True when nothing after ``since`` was trimmed away by retention."""
-        if self.latest_seq <= self.since:
-            return True
-        return bool(self.messages) and self.messages[0].seq == self.since + 1
 
 
 def channel_message_from_row(channel: str, row: Message) -> ChannelMessage:

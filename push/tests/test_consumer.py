@@ -563,7 +563,7 @@ async def test_a_connection_whose_writes_broke_is_closed_1011_and_others_go_on(
 ) -> None:
     """A write that failed on the server's side (not the peer leaving) would leave the
     connection open, subscribed and silent: it is closed 1011 so the client resumes."""
-    from push.cluster.node import get_node
+    from push.services.runtime import get_node
 
     broken = await connected_client()
     await broken.request({"type": "subscribe", "channel": "news"})
@@ -581,7 +581,7 @@ async def test_a_connection_whose_writes_broke_is_closed_1011_and_others_go_on(
 
 
 async def test_a_peer_that_left_mid_send_is_not_closed_again() -> None:
-    from push.cluster.node import get_node
+    from push.services.runtime import get_node
 
     client = await connected_client()
     node = await get_node()

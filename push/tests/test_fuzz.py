@@ -88,7 +88,7 @@ class FuzzSession:
         self.observers.clear()
 
     async def close(self) -> None:
-        from push.cluster.node import stop_node
+        from push.services.runtime import stop_node
 
         await self.disconnect()
         await stop_node()

@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 
 from push.fanout.hub import MAX_PENDING_PER_CHANNEL, Hub
-from push.fanout.message import ChannelMessage
+from push.fanout.message import ChannelMessage, HistoryPage
 from push.fanout.outbox import Outbox
-from push.storage.selectors import HistoryPage
 from push.wire.codecs import CODECS, Codec
 
 JSON = CODECS["v1.json"]

@@ -15,8 +15,8 @@ from django.test import override_settings
 from rest_framework.authtoken.models import Token
 
 from common.errors import CloseCode
-from push.cluster.node import get_node
 from push.ops.logs import JsonFormatter, RedactFilter, redact
+from push.services.runtime import get_node
 from push.tests.wsclient import connected_client
 
 pytestmark = pytest.mark.django_db(transaction=True)

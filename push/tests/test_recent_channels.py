@@ -20,11 +20,11 @@ from prometheus_client import REGISTRY
 from rest_framework.test import APIClient
 
 import push
-from common.redis_client import redis_async
-from push.cluster.directory import redis_prefix
-from push.cluster.node import get_node
+from common.redis_client import redis_async, redis_prefix
+from push.cluster.broadcast import broadcast_async
 from push.models import Channel, Message
 from push.services.publishing import message_publish
+from push.services.runtime import get_node
 from push.storage import recent_store
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import WsClient, connected_client
@@ -65,7 +65,9 @@ def _rest_history(token: str, channel: str, query: str) -> dict[str, Any]:
 async def _publish(channel: str, count: int, start: int = 0) -> list[int]:
     seqs = []
     for n in range(start, start + count):
-        message = await recent_store.publish(channel, json.dumps({"n": n}), None)
+        message = await recent_store.publish(
+            channel, json.dumps({"n": n}), None, broadcast=broadcast_async
+        )
         seqs.append(message.seq)
     return seqs
 
@@ -155,7 +157,9 @@ async def test_seqs_stay_gapless_across_leases_and_concurrent_publishers() -> No
 @override_settings(PUSH={**RECENT, "RECENT_SEQ_BLOCK": 10})
 async def test_publishers_that_find_the_lease_used_up_together_renew_it_once() -> None:
     await _publish("tick:renew", 10)
-    one_each = [recent_store.publish("tick:renew", "1", None) for _ in range(8)]
+    one_each = [
+        recent_store.publish("tick:renew", "1", None, broadcast=broadcast_async) for _ in range(8)
+    ]
     assert sorted(m.seq for m in await asyncio.gather(*one_each)) == list(range(11, 19))
     # One more block of 10 (two if a publisher saw the lease used up just after the
     # renewal), not one per publisher: eight would make a ceiling of 90.
@@ -167,7 +171,9 @@ async def test_publishers_that_find_the_lease_used_up_together_renew_it_once() -
 async def test_a_batch_takes_consecutive_seqs_at_once() -> None:
     subscriber, _ = await _subscriber("tick:batch")
     await _publish("tick:batch", 1)
-    batch = await recent_store.publish_batch("tick:batch", ["1", '"two"', "[3]"], None)
+    batch = await recent_store.publish_batch(
+        "tick:batch", ["1", '"two"', "[3]"], None, broadcast=broadcast_async
+    )
     assert [(m.seq, m.data) for m in batch] == [(2, 1), (3, "two"), (4, [3])]
     assert [m["seq"] for m in await _received(subscriber, 4)] == [1, 2, 3, 4]
     await subscriber.close()
@@ -256,7 +262,9 @@ async def test_messages_older_than_the_window_are_gone(publisher_token: str) -> 
 @override_settings(PUSH={**RECENT, "RECENT_WINDOW_BYTES": 300})
 async def test_the_window_is_bounded_in_bytes(publisher_token: str) -> None:
     for n in range(4):
-        await recent_store.publish("tick:big", json.dumps("x" * 100 + str(n)), None)
+        await recent_store.publish(
+            "tick:big", json.dumps("x" * 100 + str(n)), None, broadcast=broadcast_async
+        )
     history = await _rest_history(publisher_token, "tick:big", "since=0")
     # Each entry is ~200 bytes: only the newest fits in 300.
     assert [m["seq"] for m in history["results"]] == [4]

@@ -12,10 +12,9 @@ from django.conf import settings
 from django.test import override_settings
 from prometheus_client import REGISTRY
 
-from common.redis_client import redis_async
-from push.cluster.directory import redis_prefix
-from push.cluster.node import get_node, stop_node
+from common.redis_client import redis_async, redis_prefix
 from push.services.publishing import message_publish
+from push.services.runtime import get_node, stop_node
 from push.storage import history
 from push.storage.recent_cache import recent_key
 from push.tests.wsclient import WsClient, connected_client

@@ -18,9 +18,9 @@ from django.test import Client, override_settings
 from django.utils import timezone
 
 from accounts.models import ChannelGrant
-from push.cluster.node import get_node
 from push.models import Connection
 from push.services.publishing import message_publish
+from push.services.runtime import get_node
 from push.tests.wsclient import WsClient, connected_client, open_client
 from push.wire.codecs import CODECS
 

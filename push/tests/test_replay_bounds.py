@@ -16,8 +16,8 @@ from asgiref.sync import sync_to_async
 from prometheus_client import REGISTRY
 
 from common.errors import ErrorCode, PushError
-from push.fanout.limits import ReplaySlots
 from push.fanout.message import ChannelMessage
+from push.fanout.replay_slots import ReplaySlots
 from push.models import Channel, Message
 from push.storage.history import DatabaseHistory
 from push.tests.test_hub import FakeClient, MemoryHistory, make_hub, settle

@@ -19,10 +19,10 @@ from rest_framework.test import APIClient
 
 from accounts.models import ChannelGrant
 from common.errors import ErrorCode, PushError
-from push.cluster.node import get_node
 from push.fanout.message import ChannelMessage
 from push.models import Message
 from push.services.publishing import message_publish_async, messages_publish_batch
+from push.services.runtime import get_node
 from push.storage.retention import history_trim
 from push.storage.write_batch import Published, PublishUnit
 from push.storage.write_pipeline import WritePipeline, pipeline_conninfo

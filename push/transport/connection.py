@@ -18,8 +18,8 @@ from common.background import spawn
 from common.conf import push_settings
 from common.errors import CloseCode, PushError
 from push.fanout.hub import Subscription
-from push.fanout.limits import NO_LIMIT, NoLimit, TokenBucket
 from push.fanout.outbox import Outbox, OutFrame, Send
+from push.transport.limits import NO_LIMIT, NoLimit, TokenBucket
 from push.transport.server_adapters import (
     allow_slow_close,
     close_with_any_code,

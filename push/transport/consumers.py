@@ -26,8 +26,9 @@ from accounts.principals import ANONYMOUS, Principal
 from common import metrics
 from common.conf import push_settings
 from common.errors import CloseCode, ErrorCode, PushError
-from push.cluster.node import Node, get_node
+from push.cluster.node import Node
 from push.services.publishing import message_publish_async
+from push.services.runtime import get_node
 from push.services.subscriptions import (
     channel_subscribe,
     channel_unsubscribe,

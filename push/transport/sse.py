@@ -32,8 +32,9 @@ from accounts.principals import Principal
 from common import metrics
 from common.conf import push_settings
 from common.errors import CloseCode, ErrorCode, PushError
-from push.cluster.node import Node, get_node
+from push.cluster.node import Node
 from push.fanout.outbox import Outbox, OutFrame
+from push.services.runtime import get_node
 from push.services.subscriptions import channel_subscribe, client_ip, session_closed, session_open
 from push.transport.connection import CLOSE_FLUSH_SECS, ClientConnection
 from push.transport.origin import BrowserOriginValidator

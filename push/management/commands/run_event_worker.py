@@ -12,8 +12,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from common.conf import push_settings
-from common.redis_client import redis_sync
-from push.cluster.directory import redis_prefix
+from common.redis_client import redis_prefix, redis_sync
 from push.ops.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers
 
 

@@ -21,7 +21,7 @@ from django.core.management.base import BaseCommand
 
 from common.conf import push_settings
 from common.errors import CloseCode
-from push.cluster.node import drain_running_node
+from push.services.runtime import drain_running_node
 
 APPLICATION = "realtime_project.asgi:application"
 LISTEN_BACKLOG = 4096

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, NoReturn
 
-from push.fanout.message import ChannelMessage
-from push.wire.codecs import Codec, Payload, undecodable
+from push.wire.codecs.base import Codec, Payload, WireMessage, undecodable
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -36,7 +35,7 @@ class JsonCodec(Codec):
     def encode(self, envelope: dict[str, Any]) -> str:
         return _encoder.encode(envelope)
 
-    def encode_message(self, message: ChannelMessage) -> str:
+    def encode_message(self, message: WireMessage) -> str:
         # Built by hand: data_json is already canonical JSON, so the published value is
         # never parsed again; channel names and message ids are plain ASCII.
         return (

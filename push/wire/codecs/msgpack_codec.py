@@ -6,7 +6,7 @@ from typing import Any
 
 import msgpack
 
-from push.wire.codecs import Codec, Payload, undecodable
+from push.wire.codecs.base import Codec, Payload, undecodable
 
 
 class MsgpackCodec(Codec):

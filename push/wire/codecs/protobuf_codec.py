@@ -30,8 +30,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message as ProtoMessage
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from push.fanout.message import ChannelMessage
-from push.wire.codecs import Codec, Payload, UnencodableEnvelope, undecodable
+from push.wire.codecs.base import Codec, Payload, UnencodableEnvelope, WireMessage, undecodable
 from push.wire.proto import push_pb2
 
 
@@ -159,7 +158,7 @@ class ProtobufCodec(Codec):
             _set_field(body, field, value)
         return frame.SerializeToString()
 
-    def encode_message(self, message: ChannelMessage) -> bytes:
+    def encode_message(self, message: WireMessage) -> bytes:
         # The fan-out path: once per message per node. data_json is copied as it is, so
         # the published value is never parsed again.
         frame = push_pb2.Envelope()

@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from common.errors import ErrorCode, PushError
-from push.fanout.message import ChannelMessage
-from push.wire.codecs import DEFAULT_CODEC, Codec, Payload
+from push.wire.codecs import DEFAULT_CODEC
+from push.wire.codecs.base import Codec, Payload, WireMessage
 
 
 class SseCodec(Codec):
@@ -29,7 +29,7 @@ class SseCodec(Codec):
     def encode(self, envelope: dict[str, Any]) -> bytes:
         return _event(envelope["type"], DEFAULT_CODEC.encode(envelope)) + b"\n"
 
-    def encode_message(self, message: ChannelMessage) -> bytes:
+    def encode_message(self, message: WireMessage) -> bytes:
         # JSON escapes CR and LF inside strings, so the envelope is one ``data:`` line.
         return _event("message", DEFAULT_CODEC.encode_message(message))
 

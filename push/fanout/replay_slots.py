@@ -1,4 +1,4 @@
-"""Per-connection and per-node limits that keep one client from hurting the others."""
+"""The node's bound on history replays running at once, which the hub applies."""
 
 from __future__ import annotations
 
@@ -9,66 +9,6 @@ from collections.abc import Callable
 
 from common import metrics
 from common.errors import ErrorCode, PushError
-
-
-class TokenBucket:
-    """``burst`` frames at once, refilled at ``rate_per_sec``; the contract's default is
-    a burst of 100 and 50 per second sustained."""
-
-    __slots__ = ("burst", "clock", "rate_per_sec", "tokens", "updated")
-
-    def __init__(
-        self, burst: int, rate_per_sec: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.burst = burst
-        self.rate_per_sec = rate_per_sec
-        self.tokens = float(burst)
-        self.clock = clock
-        self.updated = clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_sec)
-        self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
-class NoLimit:
-    """The rate limiter of a connection that has none (a back-end's service token)."""
-
-    __slots__ = ()
-
-    def take(self) -> bool:
-        return True
-
-
-NO_LIMIT = NoLimit()
-
-
-class ConnectionCounter:
-    """Open connections per key (user, IP) on this node, against a limit (0: none)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._counts: Counter[object] = Counter()
-
-    def try_add(self, key: object) -> bool:
-        if key is None:
-            return True
-        if self.limit and self._counts[key] >= self.limit:
-            return False
-        self._counts[key] += 1
-        return True
-
-    def remove(self, key: object) -> None:
-        if key is None:
-            return
-        self._counts[key] -= 1
-        if self._counts[key] <= 0:
-            del self._counts[key]
 
 
 class ReplaySlots:
