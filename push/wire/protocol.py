@@ -25,6 +25,8 @@ MAX_CHANNEL_NAME_CHARS = 100
 MAX_DATA_DEPTH = 64
 INT64_MIN = -(2**63)
 UINT64_MAX = 2**64 - 1
+# ``rewind`` asks for at most this many of a channel's last messages.
+MAX_REWIND = 100
 
 _CHANNEL_NAME = re.compile(r"[A-Za-z0-9_\-.:@]{1,100}", re.ASCII)
 
@@ -35,6 +37,12 @@ class Subscribe:
     since: int | None = None
     token: str | None = None
     id: RequestId | None = None
+    # The channel's last N stored messages first (instead of ``since``), then live.
+    rewind: int | None = None
+    # Also receive ``occupancy`` events (subscribers across all nodes).
+    occupancy: bool = False
+    # The delta algorithm asked for ("fossil"); the server agrees in ``subscribed``.
+    delta: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +136,43 @@ def _optional_since(envelope: Mapping[str, Any]) -> int | None:
     return since
 
 
+def _optional_rewind(envelope: Mapping[str, Any]) -> int | None:
+    rewind = envelope.get("rewind")
+    if rewind is None:
+        return None
+    if isinstance(rewind, bool) or not isinstance(rewind, int) or not 1 <= rewind <= MAX_REWIND:
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE,
+            f"'rewind' must be an integer from 1 to {MAX_REWIND}",
+            field="rewind",
+        )
+    if envelope.get("since") is not None:
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE, "'since' and 'rewind' cannot be combined", field="rewind"
+        )
+    return rewind
+
+
+def _optional_flag(envelope: Mapping[str, Any], name: str) -> bool:
+    value = envelope.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise PushError(ErrorCode.INVALID_MESSAGE, f"'{name}' must be a boolean", field=name)
+    return value
+
+
+def _optional_delta(envelope: Mapping[str, Any]) -> str | None:
+    """The delta algorithm asked for. One the server does not know is not an error: the
+    subscription goes ahead with full data, and ``subscribed`` does not echo it."""
+    delta = envelope.get("delta")
+    if delta is None:
+        return None
+    if not isinstance(delta, str):
+        raise PushError(ErrorCode.INVALID_MESSAGE, "'delta' must be a string", field="delta")
+    return delta
+
+
 def _optional_token(envelope: Mapping[str, Any]) -> str | None:
     token = envelope.get("token")
     if token is None:
@@ -187,6 +232,9 @@ def _parse_subscribe(envelope: Mapping[str, Any], request_id: RequestId | None) 
         since=_optional_since(envelope),
         token=_optional_token(envelope),
         id=request_id,
+        rewind=_optional_rewind(envelope),
+        occupancy=_optional_flag(envelope, "occupancy"),
+        delta=_optional_delta(envelope),
     )
 
 
@@ -256,12 +304,23 @@ def connection_established(
 
 
 def subscribed(
-    *, channel: str, seq: int, recovered: bool | None, request_id: RequestId | None
+    *,
+    channel: str,
+    seq: int,
+    recovered: bool | None,
+    request_id: RequestId | None,
+    delta: str | None = None,
 ) -> dict[str, Any]:
     envelope: dict[str, Any] = {"type": "subscribed", "channel": channel, "seq": seq}
     if recovered is not None:
         envelope["recovered"] = recovered
+    if delta is not None:
+        envelope["delta"] = delta
     return _with_id(envelope, request_id)
+
+
+def occupancy(*, channel: str, subscribers: int) -> dict[str, Any]:
+    return {"type": "occupancy", "channel": channel, "subscribers": subscribers}
 
 
 def unsubscribed(*, channel: str, request_id: RequestId | None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apush/wire/proto/push.proto\x12\x07push.v1\"\x82\x05\n\x08\x45nvelope\x12\x10\n\x06id_str\x18\x01 \x01(\tH\x00\x12\x10\n\x06id_int\x18\x02 \x01(\x12H\x00\x12@\n\x16\x63onnection_established\x18\x03 \x01(\x0b\x32\x1e.push.v1.ConnectionEstablishedH\x01\x12\'\n\tsubscribe\x18\x04 \x01(\x0b\x32\x12.push.v1.SubscribeH\x01\x12)\n\nsubscribed\x18\x05 \x01(\x0b\x32\x13.push.v1.SubscribedH\x01\x12+\n\x0bunsubscribe\x18\x06 \x01(\x0b\x32\x14.push.v1.UnsubscribeH\x01\x12-\n\x0cunsubscribed\x18\x07 \x01(\x0b\x32\x15.push.v1.UnsubscribedH\x01\x12#\n\x07publish\x18\x08 \x01(\x0b\x32\x10.push.v1.PublishH\x01\x12\'\n\tpublished\x18\t \x01(\x0b\x32\x12.push.v1.PublishedH\x01\x12\'\n\theartbeat\x18\n \x01(\x0b\x32\x12.push.v1.HeartbeatH\x01\x12.\n\rheartbeat_ack\x18\x0b \x01(\x0b\x32\x15.push.v1.HeartbeatAckH\x01\x12#\n\x07message\x18\x0c \x01(\x0b\x32\x10.push.v1.MessageH\x01\x12\x1f\n\x05\x65rror\x18\r \x01(\x0b\x32\x0e.push.v1.ErrorH\x01\x12%\n\x08presence\x18\x0e \x01(\x0b\x32\x11.push.v1.PresenceH\x01\x12\x1d\n\x04join\x18\x0f \x01(\x0b\x32\r.push.v1.JoinH\x01\x12\x1f\n\x05leave\x18\x10 \x01(\x0b\x32\x0e.push.v1.LeaveH\x01\x42\x04\n\x02idB\x06\n\x04kind\"p\n\x15\x43onnectionEstablished\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\x1a\n\x12heartbeat_interval\x18\x03 \x01(\x05\x12\x11\n\ttimestamp\x18\x04 \x01(\x01\"X\n\tSubscribe\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x12\n\x05since\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05token\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_sinceB\x08\n\x06_token\"P\n\nSubscribed\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x16\n\trecovered\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_recovered\"\x1e\n\x0bUnsubscribe\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\"\x1f\n\x0cUnsubscribed\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\"-\n\x07Publish\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x11\n\tdata_json\x18\x02 \x01(\t\"=\n\tPublished\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x12\n\nmessage_id\x18\x03 \x01(\t\"\x0b\n\tHeartbeat\"!\n\x0cHeartbeatAck\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\"a\n\x07Message\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12\x11\n\tdata_json\x18\x04 \x01(\t\x12\x11\n\ttimestamp\x18\x05 \x01(\x01\"H\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x14\n\x07\x63hannel\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\n\n\x08_channel\"=\n\x08Presence\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12 \n\x07members\x18\x02 \x03(\x0b\x32\x0f.push.v1.Member\"8\n\x04Join\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x1f\n\x06member\x18\x02 \x01(\x0b\x32\x0f.push.v1.Member\"9\n\x05Leave\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x1f\n\x06member\x18\x02 \x01(\x0b\x32\x0f.push.v1.Member\"T\n\x06Member\x12\x15\n\x0buser_id_str\x18\x01 \x01(\tH\x00\x12\x15\n\x0buser_id_int\x18\x02 \x01(\x12H\x00\x12\x11\n\tinfo_json\x18\x03 \x01(\tB\t\n\x07user_idb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apush/wire/proto/push.proto\x12\x07push.v1\"\xab\x05\n\x08\x45nvelope\x12\x10\n\x06id_str\x18\x01 \x01(\tH\x00\x12\x10\n\x06id_int\x18\x02 \x01(\x12H\x00\x12@\n\x16\x63onnection_established\x18\x03 \x01(\x0b\x32\x1e.push.v1.ConnectionEstablishedH\x01\x12\'\n\tsubscribe\x18\x04 \x01(\x0b\x32\x12.push.v1.SubscribeH\x01\x12)\n\nsubscribed\x18\x05 \x01(\x0b\x32\x13.push.v1.SubscribedH\x01\x12+\n\x0bunsubscribe\x18\x06 \x01(\x0b\x32\x14.push.v1.UnsubscribeH\x01\x12-\n\x0cunsubscribed\x18\x07 \x01(\x0b\x32\x15.push.v1.UnsubscribedH\x01\x12#\n\x07publish\x18\x08 \x01(\x0b\x32\x10.push.v1.PublishH\x01\x12\'\n\tpublished\x18\t \x01(\x0b\x32\x12.push.v1.PublishedH\x01\x12\'\n\theartbeat\x18\n \x01(\x0b\x32\x12.push.v1.HeartbeatH\x01\x12.\n\rheartbeat_ack\x18\x0b \x01(\x0b\x32\x15.push.v1.HeartbeatAckH\x01\x12#\n\x07message\x18\x0c \x01(\x0b\x32\x10.push.v1.MessageH\x01\x12\x1f\n\x05\x65rror\x18\r \x01(\x0b\x32\x0e.push.v1.ErrorH\x01\x12%\n\x08presence\x18\x0e \x01(\x0b\x32\x11.push.v1.PresenceH\x01\x12\x1d\n\x04join\x18\x0f \x01(\x0b\x32\r.push.v1.JoinH\x01\x12\x1f\n\x05leave\x18\x10 \x01(\x0b\x32\x0e.push.v1.LeaveH\x01\x12\'\n\toccupancy\x18\x11 \x01(\x0b\x32\x12.push.v1.OccupancyH\x01\x42\x04\n\x02idB\x06\n\x04kind\"p\n\x15\x43onnectionEstablished\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\x1a\n\x12heartbeat_interval\x18\x03 \x01(\x05\x12\x11\n\ttimestamp\x18\x04 \x01(\x01\"\xbc\x01\n\tSubscribe\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x12\n\x05since\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05token\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x13\n\x06rewind\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x16\n\toccupancy\x18\x05 \x01(\x08H\x03\x88\x01\x01\x12\x12\n\x05\x64\x65lta\x18\x06 \x01(\tH\x04\x88\x01\x01\x42\x08\n\x06_sinceB\x08\n\x06_tokenB\t\n\x07_rewindB\x0c\n\n_occupancyB\x08\n\x06_delta\"n\n\nSubscribed\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x16\n\trecovered\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\x05\x64\x65lta\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\x0c\n\n_recoveredB\x08\n\x06_delta\"\x1e\n\x0bUnsubscribe\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\"\x1f\n\x0cUnsubscribed\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\"-\n\x07Publish\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x11\n\tdata_json\x18\x02 \x01(\t\"=\n\tPublished\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x12\n\nmessage_id\x18\x03 \x01(\t\"\x0b\n\tHeartbeat\"!\n\x0cHeartbeatAck\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\"\xa7\x01\n\x07Message\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12\x11\n\tdata_json\x18\x04 \x01(\t\x12\x11\n\ttimestamp\x18\x05 \x01(\x01\x12\x12\n\x05\x64\x65lta\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\ndata_delta\x18\x07 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_deltaB\r\n\x0b_data_delta\"1\n\tOccupancy\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x13\n\x0bsubscribers\x18\x02 \x01(\x03\"H\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x14\n\x07\x63hannel\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\n\n\x08_channel\"=\n\x08Presence\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12 \n\x07members\x18\x02 \x03(\x0b\x32\x0f.push.v1.Member\"8\n\x04Join\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x1f\n\x06member\x18\x02 \x01(\x0b\x32\x0f.push.v1.Member\"9\n\x05Leave\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x1f\n\x06member\x18\x02 \x01(\x0b\x32\x0f.push.v1.Member\"T\n\x06Member\x12\x15\n\x0buser_id_str\x18\x01 \x01(\tH\x00\x12\x15\n\x0buser_id_int\x18\x02 \x01(\x12H\x00\x12\x11\n\tinfo_json\x18\x03 \x01(\tB\t\n\x07user_idb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,35 +32,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'push.wire.proto.push_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENVELOPE']._serialized_start=40
-  _globals['_ENVELOPE']._serialized_end=682
-  _globals['_CONNECTIONESTABLISHED']._serialized_start=684
-  _globals['_CONNECTIONESTABLISHED']._serialized_end=796
-  _globals['_SUBSCRIBE']._serialized_start=798
-  _globals['_SUBSCRIBE']._serialized_end=886
-  _globals['_SUBSCRIBED']._serialized_start=888
-  _globals['_SUBSCRIBED']._serialized_end=968
-  _globals['_UNSUBSCRIBE']._serialized_start=970
-  _globals['_UNSUBSCRIBE']._serialized_end=1000
-  _globals['_UNSUBSCRIBED']._serialized_start=1002
-  _globals['_UNSUBSCRIBED']._serialized_end=1033
-  _globals['_PUBLISH']._serialized_start=1035
-  _globals['_PUBLISH']._serialized_end=1080
-  _globals['_PUBLISHED']._serialized_start=1082
-  _globals['_PUBLISHED']._serialized_end=1143
-  _globals['_HEARTBEAT']._serialized_start=1145
-  _globals['_HEARTBEAT']._serialized_end=1156
-  _globals['_HEARTBEATACK']._serialized_start=1158
-  _globals['_HEARTBEATACK']._serialized_end=1191
-  _globals['_MESSAGE']._serialized_start=1193
-  _globals['_MESSAGE']._serialized_end=1290
-  _globals['_ERROR']._serialized_start=1292
-  _globals['_ERROR']._serialized_end=1364
-  _globals['_PRESENCE']._serialized_start=1366
-  _globals['_PRESENCE']._serialized_end=1427
-  _globals['_JOIN']._serialized_start=1429
-  _globals['_JOIN']._serialized_end=1485
-  _globals['_LEAVE']._serialized_start=1487
-  _globals['_LEAVE']._serialized_end=1544
-  _globals['_MEMBER']._serialized_start=1546
-  _globals['_MEMBER']._serialized_end=1630
+  _globals['_ENVELOPE']._serialized_end=723
+  _globals['_CONNECTIONESTABLISHED']._serialized_start=725
+  _globals['_CONNECTIONESTABLISHED']._serialized_end=837
+  _globals['_SUBSCRIBE']._serialized_start=840
+  _globals['_SUBSCRIBE']._serialized_end=1028
+  _globals['_SUBSCRIBED']._serialized_start=1030
+  _globals['_SUBSCRIBED']._serialized_end=1140
+  _globals['_UNSUBSCRIBE']._serialized_start=1142
+  _globals['_UNSUBSCRIBE']._serialized_end=1172
+  _globals['_UNSUBSCRIBED']._serialized_start=1174
+  _globals['_UNSUBSCRIBED']._serialized_end=1205
+  _globals['_PUBLISH']._serialized_start=1207
+  _globals['_PUBLISH']._serialized_end=1252
+  _globals['_PUBLISHED']._serialized_start=1254
+  _globals['_PUBLISHED']._serialized_end=1315
+  _globals['_HEARTBEAT']._serialized_start=1317
+  _globals['_HEARTBEAT']._serialized_end=1328
+  _globals['_HEARTBEATACK']._serialized_start=1330
+  _globals['_HEARTBEATACK']._serialized_end=1363
+  _globals['_MESSAGE']._serialized_start=1366
+  _globals['_MESSAGE']._serialized_end=1533
+  _globals['_OCCUPANCY']._serialized_start=1535
+  _globals['_OCCUPANCY']._serialized_end=1584
+  _globals['_ERROR']._serialized_start=1586
+  _globals['_ERROR']._serialized_end=1658
+  _globals['_PRESENCE']._serialized_start=1660
+  _globals['_PRESENCE']._serialized_end=1721
+  _globals['_JOIN']._serialized_start=1723
+  _globals['_JOIN']._serialized_end=1779
+  _globals['_LEAVE']._serialized_start=1781
+  _globals['_LEAVE']._serialized_end=1838
+  _globals['_MEMBER']._serialized_start=1840
+  _globals['_MEMBER']._serialized_end=1924
 # @@protoc_insertion_point(module_scope)
