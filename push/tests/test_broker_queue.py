@@ -80,3 +80,45 @@ async def test_a_background_task_is_kept_until_done_and_its_error_is_logged(
     assert running_count() == before
     [record] = [r for r in caplog.records if r.name == "common.background"]
     assert "doomed" in record.getMessage() and "lost otherwise" in str(record.exc_info[1])
+
+
+async def test_a_burst_crosses_redis_in_order_in_one_round_trip(settings: Any) -> None:
+    """Committed messages go to the other nodes pipelined, exactly as group_send sends
+    them: another node's broker receives every one, in order."""
+    if not settings.REDIS_URL:
+        pytest.skip("needs Redis (REDIS_URL)")
+    from channels_redis.pubsub import RedisPubSubChannelLayer
+
+    from push.cluster.broker import channel_group, pipelined_publisher
+    from push.fanout.message import ChannelMessage
+
+    config = settings.CHANNEL_LAYERS["default"]["CONFIG"]
+    sender_layer = RedisPubSubChannelLayer(**config)
+    receiver_layer = RedisPubSubChannelLayer(**config)
+    received: list[ChannelMessage] = []
+    sender = Broker(sender_layer, on_message=lambda m: None)
+    receiver = Broker(receiver_layer, on_message=received.append)
+    assert pipelined_publisher(sender_layer) is not None
+    await sender.start()
+    await receiver.start()
+    try:
+        channel = f"burst-{id(received)}"
+        await receiver.join(channel)
+        for seq in range(1, 301):
+            sender.publish_soon(make_message(channel, seq))
+        async with asyncio.timeout(10):
+            while len(received) < 300:
+                await asyncio.sleep(0.01)
+        assert [m.seq for m in received] == list(range(1, 301))
+        assert channel_group(channel).startswith("ch.")
+    finally:
+        await sender.stop()
+        await receiver.stop()
+        await sender_layer.flush()
+        await receiver_layer.flush()
+
+
+def test_layers_without_pipelining_send_one_by_one() -> None:
+    from push.cluster.broker import pipelined_publisher
+
+    assert pipelined_publisher(InMemoryChannelLayer()) is None
