@@ -25,17 +25,23 @@ logger = logging.getLogger(__name__)
 WINDOW_SECS = 60
 
 
-def _key(address: str) -> str:
+def auth_failure_key(address: str) -> str:
     return f"auth-failures:{address}"
+
+
+def auth_failures_limit(address: str | None) -> int:
+    """The failures ``address`` may have this minute; 0 when it is not counted."""
+    limit = push_settings.AUTH_FAILURES_PER_MIN
+    return limit if address and limit > 0 else 0
 
 
 def auth_failures_exceeded(address: str | None) -> bool:
     """Whether ``address`` used up its failures for this minute."""
-    limit = push_settings.AUTH_FAILURES_PER_MIN
-    if not address or limit <= 0:
+    limit = auth_failures_limit(address)
+    if not limit:
         return False
     try:
-        return int(cache.get(_key(address)) or 0) >= limit
+        return int(cache.get(auth_failure_key(address)) or 0) >= limit
     except RedisError as exc:
         logger.warning("could not read the failed authentications of %s: %s", address, exc)
         return False
@@ -45,7 +51,7 @@ def auth_failure_record(address: str | None) -> None:
     """Count one failed authentication from ``address``; the window starts at the first."""
     if not address:
         return
-    key = _key(address)
+    key = auth_failure_key(address)
     try:
         cache.add(key, 0, WINDOW_SECS)
         try:
