@@ -17,6 +17,7 @@ import logging
 from django.core.cache import cache
 from redis.exceptions import RedisError
 
+from accounts.counters import count
 from common.conf import push_settings
 from common.errors import ErrorCode, PushError
 
@@ -51,13 +52,8 @@ def auth_failure_record(address: str | None) -> None:
     """Count one failed authentication from ``address``; the window starts at the first."""
     if not address:
         return
-    key = auth_failure_key(address)
     try:
-        cache.add(key, 0, WINDOW_SECS)
-        try:
-            cache.incr(key)
-        except ValueError:  # expired between add and incr
-            cache.set(key, 1, WINDOW_SECS)
+        count(auth_failure_key(address), WINDOW_SECS)
     except RedisError as exc:
         logger.warning("could not count a failed authentication of %s: %s", address, exc)
 

@@ -13,6 +13,7 @@ from rest_framework.request import Request
 from rest_framework.throttling import SimpleRateThrottle
 
 from accounts.authentication import request_principal
+from accounts.counters import count
 
 # The throttle rate scope (DEFAULT_THROTTLE_RATES) of each kind of principal.
 _SCOPES = {"anonymous": "anonymous", "user": "principal", "service": "service"}
@@ -41,18 +42,12 @@ class PrincipalRateThrottle(SimpleRateThrottle):
         by the abuse suite: 810 anonymous requests answered in under a minute against a
         budget of 600). ``add`` and ``incr`` are atomic in Redis, so every request
         counts; a fixed window lets a client spend at most two budgets across a window's
-        edge, never more."""
+        edge, never more. One round trip (``accounts.counters``)."""
         self.now = self.timer()
         window = int(self.now // self.duration)
-        counter = f"{key}:{window}"
-        self.cache.add(counter, 0, timeout=self.duration + 1)
-        try:
-            count = self.cache.incr(counter)
-        except ValueError:  # the window's key expired in between: a new window
-            self.cache.add(counter, 1, timeout=self.duration + 1)
-            count = 1
+        count_now = count(f"{key}:{window}", timeout=self.duration + 1)
         self._retry_after = (window + 1) * self.duration - self.now
-        return bool(count <= self.num_requests)
+        return bool(count_now <= self.num_requests)
 
     def wait(self) -> float | None:
         return getattr(self, "_retry_after", None)
