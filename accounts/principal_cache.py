@@ -132,6 +132,12 @@ def _changed(sender: Any, **kwargs: Any) -> None:
     principals_changed()
 
 
+def _saved(sender: Any, created: bool = False, **kwargs: Any) -> None:
+    # A new token or user changes no principal that could have been kept.
+    if not created or sender is ChannelGrant:
+        _changed(sender, **kwargs)
+
+
 # Fields saved on their own that no principal holds (a sign-in, a service token's use).
 _NOT_IN_A_PRINCIPAL = {"last_login", "last_used_at"}
 
@@ -141,7 +147,7 @@ def connect_signals() -> None:
     from rest_framework.authtoken.models import Token
 
     for model in (Token, ServiceToken, ChannelGrant, get_user_model(), Group):
-        post_save.connect(_changed, sender=model, dispatch_uid=f"principal-cache-{model}")
+        post_save.connect(_saved, sender=model, dispatch_uid=f"principal-cache-{model}")
         post_delete.connect(_changed, sender=model, dispatch_uid=f"principal-cache-del-{model}")
     m2m_changed.connect(
         _changed, sender=get_user_model().groups.through, dispatch_uid="principal-cache-groups"

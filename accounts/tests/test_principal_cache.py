@@ -86,6 +86,15 @@ def test_a_sign_in_does_not_drop_what_is_kept() -> None:
     assert _queries(key)[1] == 0
 
 
+def test_a_new_token_or_user_does_not_drop_what_is_kept() -> None:
+    _token, key = _service()
+    token_principal(key, ADDRESS)
+    carol = User.objects.create_user("carol", password="x")
+    Token.objects.create(user=carol)
+    ServiceToken.issue("another-feed")
+    assert _queries(key)[1] == 0
+
+
 def test_a_change_on_another_node_is_seen_through_the_shared_generation() -> None:
     _token, key = _service()
     token_principal(key, ADDRESS)

@@ -47,6 +47,9 @@ class LoopSafe:
     def response_blocks(self, request: HttpRequest, response: HttpResponseBase) -> bool:
         return False
 
+    def view_blocks(self, request: HttpRequest, view_func: Any) -> bool:
+        return False
+
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         if not self.loop_safe():
             return await super().__acall__(request)  # type: ignore[misc, no-any-return]
@@ -61,10 +64,10 @@ class LoopSafe:
         return response  # type: ignore[no-any-return]
 
 
-async def _run(hook: Any, blocks: bool, *args: Any) -> Any:
+async def _run(hook: Any, blocks: bool, *args: Any, **kwargs: Any) -> Any:
     if blocks:
-        return await sync_to_async(hook, thread_sensitive=True)(*args)
-    return hook(*args)
+        return await sync_to_async(hook, thread_sensitive=True)(*args, **kwargs)
+    return hook(*args, **kwargs)
 
 
 class PrometheusBeforeMiddleware(LoopSafe, prometheus.PrometheusBeforeMiddleware):
@@ -90,6 +93,11 @@ class CsrfViewMiddleware(LoopSafe, csrf.CsrfViewMiddleware):
     # The secret is in a cookie unless CSRF_USE_SESSIONS puts it in the session.
     def loop_safe(self) -> bool:
         return not settings.CSRF_USE_SESSIONS
+
+    # Checking an unsafe request reads its form, which may be an upload on disk.
+    def view_blocks(self, request: HttpRequest, view_func: Any) -> bool:
+        exempt = getattr(view_func, "csrf_exempt", False)
+        return not exempt and request.method not in ("GET", "HEAD", "OPTIONS", "TRACE")
 
 
 class AuthenticationMiddleware(LoopSafe, auth.AuthenticationMiddleware):
@@ -170,7 +178,8 @@ def _on_loop(method: Any) -> Any:
     """``method`` as a coroutine method of the same middleware (Django names the
     middleware of a hook that returned nothing by its ``__self__``)."""
 
-    async def hook(owner: Any, *args: Any, **kwargs: Any) -> Any:
-        return method(*args, **kwargs)
+    async def hook(owner: LoopSafe, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+        blocks = method.__name__ == "process_view" and owner.view_blocks(request, args[0])
+        return await _run(method, blocks, request, *args, **kwargs)
 
     return MethodType(hook, method.__self__)

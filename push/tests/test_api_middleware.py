@@ -71,6 +71,7 @@ async def test_a_sign_in_writes_its_session_on_the_request_s_thread(
     assert signed_in.status_code == 302, signed_in.text
     assert await Session.objects.filter(session_key=signed_in.cookies["sessionid"]).aexists()
     assert "SessionMiddleware.process_response" in hops
+    assert "CsrfViewMiddleware.process_view" in hops  # it read the form
     assert (await http.get("/admin/")).status_code == 200
 
 
