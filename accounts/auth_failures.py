@@ -17,6 +17,7 @@ import logging
 from django.core.cache import cache
 from redis.exceptions import RedisError
 
+from accounts.counters import count
 from common.conf import push_settings
 from common.errors import ErrorCode, PushError
 
@@ -25,17 +26,23 @@ logger = logging.getLogger(__name__)
 WINDOW_SECS = 60
 
 
-def _key(address: str) -> str:
+def auth_failure_key(address: str | None) -> str:
     return f"auth-failures:{address}"
+
+
+def auth_failures_limit(address: str | None) -> int:
+    """The failures ``address`` may have this minute; 0 when it is not counted."""
+    limit = push_settings.AUTH_FAILURES_PER_MIN
+    return limit if address and limit > 0 else 0
 
 
 def auth_failures_exceeded(address: str | None) -> bool:
     """Whether ``address`` used up its failures for this minute."""
-    limit = push_settings.AUTH_FAILURES_PER_MIN
-    if not address or limit <= 0:
+    limit = auth_failures_limit(address)
+    if not limit:
         return False
     try:
-        return int(cache.get(_key(address)) or 0) >= limit
+        return int(cache.get(auth_failure_key(address)) or 0) >= limit
     except RedisError as exc:
         logger.warning("could not read the failed authentications of %s: %s", address, exc)
         return False
@@ -45,13 +52,8 @@ def auth_failure_record(address: str | None) -> None:
     """Count one failed authentication from ``address``; the window starts at the first."""
     if not address:
         return
-    key = _key(address)
     try:
-        cache.add(key, 0, WINDOW_SECS)
-        try:
-            cache.incr(key)
-        except ValueError:  # expired between add and incr
-            cache.set(key, 1, WINDOW_SECS)
+        count(auth_failure_key(address), WINDOW_SECS)
     except RedisError as exc:
         logger.warning("could not count a failed authentication of %s: %s", address, exc)
 

@@ -13,8 +13,12 @@ from rest_framework.authentication import BaseAuthentication, get_authorization_
 from rest_framework.exceptions import AuthenticationFailed, Throttled
 from rest_framework.request import Request
 
-from accounts.auth_failures import WINDOW_SECS, auth_failure_record, auth_failures_exceeded
-from accounts.principals import Principal, authenticate_key, principal_for_user
+from accounts.auth_failures import WINDOW_SECS
+from accounts.principal_cache import token_principal
+from accounts.principals import Principal, principal_for_user
+from common.errors import ErrorCode, PushError
+
+TOO_MANY_FAILURES = "Too many failed authentications from this address."
 
 
 class ServiceAccount:
@@ -45,11 +49,14 @@ class PushTokenAuthentication(BaseAuthentication):
         # REMOTE_ADDR is the client's address from behind the trusted proxies
         # (realtime_project.asgi), the one the anonymous throttle counts too.
         address = request.META.get("REMOTE_ADDR")
-        if auth_failures_exceeded(address):
-            raise Throttled(WINDOW_SECS, "Too many failed authentications from this address.")
-        principal = authenticate_key(parts[1].decode("latin-1"))
+        try:
+            principal = token_principal(parts[1].decode("latin-1"), address)
+        except PushError as exc:
+            if exc.code is not ErrorCode.RATE_LIMITED:
+                raise
+            # The address failed too often this minute: 429 without a look at the key.
+            raise Throttled(WINDOW_SECS, TOO_MANY_FAILURES) from exc
         if principal is None:
-            auth_failure_record(address)
             raise AuthenticationFailed("Invalid or revoked token.")
         user = principal.user if principal.kind == "user" else ServiceAccount(principal)
         return user, principal

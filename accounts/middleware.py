@@ -26,7 +26,8 @@ from django.contrib import auth
 from django.db import DatabaseError
 
 from accounts.auth_failures import auth_failure_record, auth_failures_exceeded, too_many_failures
-from accounts.principals import ANONYMOUS, Principal, authenticate_key, principal_for_user
+from accounts.principal_cache import token_principal
+from accounts.principals import ANONYMOUS, Principal, principal_for_user
 from common.db import database_unavailable, db_call
 
 # Django's session stores that keep the session server-side name it by 32 characters
@@ -83,16 +84,6 @@ def session_key_plausible(key: str) -> bool:
     if settings.SESSION_ENGINE in SERVER_SIDE_SESSION_ENGINES:
         return SESSION_KEY.fullmatch(key) is not None
     return True
-
-
-def token_principal(key: str, address: str | None) -> Principal | None:
-    """The token's principal, None when it is not valid (a failure of ``address``)."""
-    if auth_failures_exceeded(address):
-        raise too_many_failures()
-    principal = authenticate_key(key)
-    if principal is None:
-        auth_failure_record(address)
-    return principal
 
 
 def session_principal(key: str, address: str | None) -> Principal:

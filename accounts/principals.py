@@ -62,8 +62,11 @@ def _grant(grant: ChannelGrant) -> Grant:
 
 
 def _grants(queryset: Any) -> tuple[Grant, ...]:
+    # Rows, not models: a service token's related manager would fetch each grant's
+    # deferred foreign key with a query of its own.
     return tuple(
-        _grant(g) for g in queryset.only("pattern", "can_subscribe", "can_publish", "can_presence")
+        Grant(*row)
+        for row in queryset.values_list("pattern", "can_subscribe", "can_publish", "can_presence")
     )
 
 

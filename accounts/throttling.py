@@ -13,6 +13,7 @@ from rest_framework.request import Request
 from rest_framework.throttling import SimpleRateThrottle
 
 from accounts.authentication import request_principal
+from accounts.counters import count
 
 # The throttle rate scope (DEFAULT_THROTTLE_RATES) of each kind of principal.
 _SCOPES = {"anonymous": "anonymous", "user": "principal", "service": "service"}
@@ -41,21 +42,15 @@ class PrincipalRateThrottle(SimpleRateThrottle):
         by the abuse suite: 810 anonymous requests answered in under a minute against a
         budget of 600). ``add`` and ``incr`` are atomic in Redis, so every request
         counts; a fixed window lets a client spend at most two budgets across a window's
-        edge, never more."""
+        edge, never more. One round trip (``accounts.counters``)."""
         num_requests, duration = self.num_requests, self.duration
         if num_requests is None or duration is None:  # no rate: allow_request returned
             return True
         self.now = self.timer()
         window = int(self.now // duration)
-        counter = f"{key}:{window}"
-        self.cache.add(counter, 0, timeout=duration + 1)
-        try:
-            count = self.cache.incr(counter)
-        except ValueError:  # the window's key expired in between: a new window
-            self.cache.add(counter, 1, timeout=duration + 1)
-            count = 1
+        count_now = count(f"{key}:{window}", timeout=duration + 1)
         self._retry_after = (window + 1) * duration - self.now
-        return bool(count <= num_requests)
+        return bool(count_now <= num_requests)
 
     def wait(self) -> float | None:
         return getattr(self, "_retry_after", None)

@@ -20,9 +20,15 @@ from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "realtime_project.settings")
 
-from django.core.asgi import get_asgi_application
+import django
 
-django_asgi_app = get_asgi_application()
+django.setup(set_prefix=False)
+
+from push.api.middleware import LoopHandler  # noqa: E402
+
+# What get_asgi_application() returns, with the middleware hooks that cannot block
+# run on the event loop (push.api.middleware).
+django_asgi_app = LoopHandler()
 
 from channels.security.websocket import WebsocketDenier  # noqa: E402
 from django.conf import settings  # noqa: E402

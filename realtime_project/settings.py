@@ -67,19 +67,21 @@ INSTALLED_APPS = [
     "monitoring",
 ]
 
+# Django's, WhiteNoise's and django-prometheus' middleware, whose hooks that cannot
+# block run on the event loop for async requests (push.api.middleware).
 MIDDLEWARE = [
-    "django_prometheus.middleware.PrometheusBeforeMiddleware",
-    "django.middleware.security.SecurityMiddleware",
+    "push.api.middleware.PrometheusBeforeMiddleware",
+    "push.api.middleware.SecurityMiddleware",
     # Static files (the admin's CSS, the JavaScript client) from every node, under
     # daphne and uvicorn too, where Django itself serves them only with DEBUG.
-    "whitenoise.middleware.WhiteNoiseMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    "django_prometheus.middleware.PrometheusAfterMiddleware",
+    "push.api.middleware.WhiteNoiseMiddleware",
+    "push.api.middleware.SessionMiddleware",
+    "push.api.middleware.CommonMiddleware",
+    "push.api.middleware.CsrfViewMiddleware",
+    "push.api.middleware.AuthenticationMiddleware",
+    "push.api.middleware.MessageMiddleware",
+    "push.api.middleware.XFrameOptionsMiddleware",
+    "push.api.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "realtime_project.urls"

@@ -1,0 +1,38 @@
+"""Counters in the shared cache (``accounts.counters``): the throttle's and the failed
+authentications', one round trip each with Redis."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from django.core.cache import caches
+from django.core.cache.backends.redis import RedisCache
+from django.test import override_settings
+
+from accounts.counters import count
+
+
+def test_a_count_starts_its_window_and_counts_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = caches["default"]
+    if not isinstance(cache, RedisCache):
+        pytest.skip("needs REDIS_URL")
+
+    def three_round_trips(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("counted through add and incr")
+
+    monkeypatch.setattr(cache, "add", three_round_trips)
+    monkeypatch.setattr(cache, "incr", three_round_trips)
+    key = f"counter-{uuid.uuid4().hex}"
+    assert [count(key, 30) for _ in range(3)] == [1, 2, 3]
+    assert cache.get(key) == 3
+    name = cache.make_and_validate_key(key)
+    assert 0 < cache._cache.get_client(name).ttl(name) <= 30
+
+
+@override_settings(CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}})
+def test_a_count_in_another_cache() -> None:
+    key = f"counter-{uuid.uuid4().hex}"
+    assert [count(key, 30) for _ in range(3)] == [1, 2, 3]
+    assert caches["default"].get(key) == 3

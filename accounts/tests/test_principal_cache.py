@@ -1,0 +1,130 @@
+"""The principal kept per token key (``accounts.principal_cache``): used while nothing
+changed, dropped at once on a change the signals see, within the revocation
+interval on one they do not, never kept for an invalid key or without the cache."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import Group, User
+from django.core.cache import cache
+from django.db import connection
+from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from redis.exceptions import RedisError
+from rest_framework.authtoken.models import Token
+
+from accounts import principal_cache
+from accounts.auth_failures import auth_failure_key
+from accounts.models import ChannelGrant, ServiceToken
+from accounts.principal_cache import GENERATION_KEY, token_principal
+
+pytestmark = pytest.mark.django_db
+
+ADDRESS = "192.0.2.7"
+
+
+def _queries(key: str) -> tuple[Any, int]:
+    with CaptureQueriesContext(connection) as captured:
+        principal = token_principal(key, ADDRESS)
+    return principal, len(captured)
+
+
+def _service(pattern: str = "ticker:*") -> tuple[ServiceToken, str]:
+    token, key = ServiceToken.issue("feed")
+    ChannelGrant.objects.create(service_token=token, pattern=pattern, can_publish=True)
+    return token, key
+
+
+def test_a_kept_principal_costs_no_query() -> None:
+    _token, key = _service()
+    first, looked_up = _queries(key)
+    again, kept = _queries(key)
+    assert looked_up > 0 and kept == 0
+    assert again == first and [g.pattern for g in again.grants] == ["ticker:*"]
+
+
+def test_a_service_token_with_many_grants_is_read_in_a_few_queries() -> None:
+    token, key = _service()
+    for index in range(5):
+        ChannelGrant.objects.create(service_token=token, pattern=f"room-{index}")
+    _principal, count = _queries(key)
+    assert count == 4  # no such user token, the service token, last_used_at, its grants
+
+
+def test_a_revoked_service_token_and_a_removed_grant_are_seen_at_once() -> None:
+    token, key = _service()
+    token_principal(key, ADDRESS)
+    ChannelGrant.objects.filter(service_token=token).delete()
+    assert token_principal(key, ADDRESS).grants == ()
+    token.revoke()
+    assert token_principal(key, ADDRESS) is None
+
+
+def test_a_user_s_changes_are_seen_at_once() -> None:
+    user = User.objects.create_user("ann", password="x")
+    key = Token.objects.create(user=user).key
+    assert token_principal(key, ADDRESS).grants == ()
+    group = Group.objects.create(name="editors")
+    ChannelGrant.objects.create(group=group, pattern="news", can_publish=True)
+    user.groups.add(group)
+    assert [g.pattern for g in token_principal(key, ADDRESS).grants] == ["news"]
+    user.is_active = False
+    user.save()
+    assert token_principal(key, ADDRESS) is None
+
+
+def test_a_sign_in_does_not_drop_what_is_kept() -> None:
+    user = User.objects.create_user("bob", password="x")
+    key = Token.objects.create(user=user).key
+    token_principal(key, ADDRESS)
+    user.last_login = timezone.now()
+    user.save(update_fields=["last_login"])
+    assert _queries(key)[1] == 0
+
+
+def test_a_new_token_or_user_does_not_drop_what_is_kept() -> None:
+    _token, key = _service()
+    token_principal(key, ADDRESS)
+    carol = User.objects.create_user("carol", password="x")
+    Token.objects.create(user=carol)
+    ServiceToken.issue("another-feed")
+    assert _queries(key)[1] == 0
+
+
+def test_a_change_on_another_node_is_seen_through_the_shared_generation() -> None:
+    _token, key = _service()
+    token_principal(key, ADDRESS)
+    cache.set(GENERATION_KEY, "another node changed a grant", timeout=None)
+    assert _queries(key)[1] > 0
+
+
+@override_settings(PUSH={"REVOCATION_CHECK_SECS": 0.2})
+def test_a_change_the_signals_miss_is_seen_within_the_revocation_interval() -> None:
+    token, key = _service()
+    token_principal(key, ADDRESS)
+    ServiceToken.objects.filter(pk=token.pk).update(revoked_at=timezone.now())  # no signal
+    assert token_principal(key, ADDRESS) is not None
+    time.sleep(0.3)
+    assert token_principal(key, ADDRESS) is None
+
+
+def test_an_invalid_key_is_never_kept_and_counts_as_a_failure() -> None:
+    cache.delete(auth_failure_key(ADDRESS))
+    assert token_principal("no-such-key", ADDRESS) is None
+    assert _queries("no-such-key") == (None, 2)
+    assert cache.get(auth_failure_key(ADDRESS)) == 2
+
+
+def test_nothing_is_kept_while_the_cache_cannot_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    _token, key = _service()
+
+    def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise RedisError("down")
+
+    monkeypatch.setattr(principal_cache.cache, "get_many", unreachable)
+    assert token_principal(key, ADDRESS) is not None
+    assert _queries(key)[1] > 0

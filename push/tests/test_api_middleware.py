@@ -1,0 +1,81 @@
+"""The middleware of an async request (``push.api.middleware``): hooks that cannot
+block run on the loop, the others (a session write, a static file) on the request's
+thread, and every middleware still does its work."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from django.contrib.auth.models import User
+from django.contrib.sessions.models import Session
+from rest_framework.authtoken.models import Token
+
+from push.api import middleware
+from push.api.middleware import LoopHandler
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=LoopHandler())
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        yield client
+
+
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The hooks ``push.api.middleware`` sent to a thread."""
+    sent: list[str] = []
+    real = middleware.sync_to_async
+
+    def recording(func: Any, **kwargs: Any) -> Any:
+        sent.append(func.__qualname__)
+        return real(func, **kwargs)
+
+    monkeypatch.setattr(middleware, "sync_to_async", recording)
+    return sent
+
+
+async def test_an_api_request_runs_every_hook_on_the_loop(
+    http: httpx.AsyncClient, hops: list[str]
+) -> None:
+    user = await User.objects.acreate(username="reader")
+    token = await Token.objects.acreate(user=user)
+    response = await http.get(
+        "/api/v1/channels/news/messages", headers={"Authorization": f"Token {token.key}"}
+    )
+    assert response.status_code == 200, response.text
+    assert hops == []
+    # Security, clickjacking and content-type headers, as from Django's own middleware.
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Cross-Origin-Opener-Policy"] == "same-origin"
+
+
+async def test_a_sign_in_writes_its_session_on_the_request_s_thread(
+    http: httpx.AsyncClient, hops: list[str]
+) -> None:
+    await User.objects.acreate_superuser("admin", "admin@example.com", "pw-123456")
+    page = await http.get("/admin/login/")
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+    assert csrf is not None and "csrftoken" in page.cookies
+    signed_in = await http.post(
+        "/admin/login/?next=/admin/",
+        data={"username": "admin", "password": "pw-123456", "csrfmiddlewaretoken": csrf[1]},
+    )
+    assert signed_in.status_code == 302, signed_in.text
+    assert await Session.objects.filter(session_key=signed_in.cookies["sessionid"]).aexists()
+    assert "SessionMiddleware.process_response" in hops
+    assert "CsrfViewMiddleware.process_view" in hops  # it read the form
+    assert (await http.get("/admin/")).status_code == 200
+
+
+async def test_a_static_file_is_served(http: httpx.AsyncClient) -> None:
+    response = await http.get("/static/admin/css/base.css")
+    assert response.status_code == 200
+    assert "body" in response.text
