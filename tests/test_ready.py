@@ -5,7 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.servers import ServerNode, free_port
+from devtools.processes import free_port
+from tests.servers import ServerNode
 
 pytestmark = pytest.mark.e2e
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.faults.services import OwnedProcess, tcp_proxy
-from tests.servers import Database, ServerNode, free_port
+from devtools.processes import OwnedProcess, free_port
+from tests.faults.services import tcp_proxy
+from tests.servers import Database, ServerNode
 from tests.wsclient import RECEIVE_TIMEOUT_SECS
 
 pytestmark = pytest.mark.e2e

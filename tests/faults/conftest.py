@@ -18,9 +18,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from scripts.cluster import Cluster, free_port
+from devtools.cluster import Cluster
+from devtools.processes import OwnedProcess, free_port, redis_server
 from tests.faults.report import MEASUREMENTS
-from tests.faults.services import OwnedProcess, redis_server, tcp_proxy
+from tests.faults.services import tcp_proxy
 from tests.servers import ROOT, Database, create_token
 
 ARTIFACTS = ROOT / "artifacts" / "faults"

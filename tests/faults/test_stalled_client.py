@@ -13,7 +13,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from scripts.cluster import Cluster
+from devtools.cluster import Cluster
 from tests.faults import clients
 from tests.faults.report import measure
 
