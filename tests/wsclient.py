@@ -1,4 +1,11 @@
-"""A small real WebSocket client for end-to-end tests (the ``websockets`` library)."""
+"""The WebSocket test client for real servers (the ``websockets`` library): the
+end-to-end tests' helpers and the fault tests' resuming subscribers connect through it.
+
+Two other clients do other jobs and stay apart: ``push/tests/wsclient.py`` talks to the
+ASGI application in the test's own process (Channels' ``WebsocketCommunicator``, no
+server, every wire format), and ``bench/wsclient.py`` is the benchmark's hand-written
+client, lean enough to hold thousands of connections on the machine it measures.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +17,36 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 
 RECEIVE_TIMEOUT_SECS = 10.0
+OPEN_TIMEOUT_SECS = 10.0
+
+
+async def connect_ws(
+    url: str, *, token: str | None = None, **options: Any
+) -> tuple[ClientConnection, dict[str, Any]]:
+    """A connection past its ``connection_established`` frame, and that frame.
+    ``options`` go to ``websockets``' ``connect``."""
+    if token:
+        url = f"{url}?token={token}"
+    ws = await connect(url, open_timeout=OPEN_TIMEOUT_SECS, max_size=None, **options)
+    try:
+        hello = json.loads(await asyncio.wait_for(ws.recv(), RECEIVE_TIMEOUT_SECS))
+    except BaseException:
+        await ws.close()
+        raise
+    assert hello["type"] == "connection_established", hello
+    return ws, hello
 
 
 async def open_ws(url: str, *, token: str | None = None) -> ClientConnection:
-    if token:
-        url = f"{url}?token={token}"
-    ws = await connect(url, open_timeout=10, max_size=None)
-    hello = json.loads(await asyncio.wait_for(ws.recv(), RECEIVE_TIMEOUT_SECS))
-    assert hello["type"] == "connection_established", hello
+    ws, _hello = await connect_ws(url, token=token)
     return ws
+
+
+def subscribe_envelope(channel: str, since: int | None = None) -> dict[str, Any]:
+    envelope: dict[str, Any] = {"type": "subscribe", "channel": channel}
+    if since is not None:
+        envelope["since"] = since
+    return envelope
 
 
 async def request(ws: ClientConnection, envelope: dict[str, Any]) -> dict[str, Any]:
@@ -35,10 +63,7 @@ async def subscribe(
     url: str, channel: str, *, since: int | None = None, token: str | None = None
 ) -> tuple[ClientConnection, dict[str, Any]]:
     ws = await open_ws(url, token=token)
-    envelope: dict[str, Any] = {"type": "subscribe", "channel": channel}
-    if since is not None:
-        envelope["since"] = since
-    reply = await request(ws, envelope)
+    reply = await request(ws, subscribe_envelope(channel, since))
     assert reply["type"] == "subscribed", reply
     return ws, reply
 
@@ -77,9 +102,8 @@ async def stalled_subscriber(url: str, channel: str) -> ClientConnection:
     """A subscriber that reads nothing after its ``subscribed`` reply."""
     # max_queue=1: the client library stops reading the socket after one unread frame,
     # so the server's writes back up exactly as with a client that froze.
-    ws = await connect(url, max_queue=1, max_size=None)
-    await ws.recv()
-    await ws.send(json.dumps({"type": "subscribe", "channel": channel}))
+    ws, _hello = await connect_ws(url, max_queue=1)
+    await ws.send(json.dumps(subscribe_envelope(channel)))
     await ws.recv()
     return ws
 
