@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -98,13 +100,27 @@ async def flood(url: str, token: str, channel: str, count: int, payload_bytes: i
     await publisher.close()
 
 
-async def stalled_subscriber(url: str, channel: str) -> ClientConnection:
-    """A subscriber that reads nothing after its ``subscribed`` reply."""
+async def stalled_subscriber(
+    url: str, channel: str, *, receive_buffer_bytes: int | None = None, **options: Any
+) -> ClientConnection:
+    """A subscriber that reads nothing after its ``subscribed`` reply.
+
+    ``receive_buffer_bytes``: a kernel receive buffer that small as well, for a client
+    behind a proxy whose own buffers would otherwise hold a lot before the server's
+    writes back up. ``options`` go to ``websockets``' ``connect``.
+    """
+    if receive_buffer_bytes is not None:
+        parts = urlsplit(url)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (parts.hostname, parts.port))
+        options["sock"] = sock
     # max_queue=1: the client library stops reading the socket after one unread frame,
     # so the server's writes back up exactly as with a client that froze.
-    ws, _hello = await connect_ws(url, max_queue=1)
-    await ws.send(json.dumps(subscribe_envelope(channel)))
-    await ws.recv()
+    ws, _hello = await connect_ws(url, max_queue=1, **options)
+    reply = await request(ws, subscribe_envelope(channel))
+    assert reply["type"] == "subscribed", reply
     return ws
 
 
