@@ -7,23 +7,18 @@ Every node is a subprocess in its own session, started here and stopped here by 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from devtools.processes import ROOT, OwnedProcess, ProcessError, http_answers
+
 LOG_DIR = Path(__file__).resolve().parent / "results" / "logs"
 READY_TIMEOUT_SECS = 60.0
-READY_POLL_SECS = 0.2
 STOP_TIMEOUT_SECS = 10.0
 LISTEN_BACKLOG = 2048  # uvicorn's default; daphne (Twisted) would otherwise use 50
-LOG_TAIL_BYTES = 2_000
 
 SERVERS = ("uvicorn", "daphne")
 OURS_APP = "realtime_project.asgi:application"
@@ -32,7 +27,7 @@ CHANNELS_REF_APP = "bench.references.channels_ref.asgi:application"
 RUNNODE_TEMPLATE = "{python} manage.py runnode --server {server} --host {host} --port {port}"
 
 
-class ServerStartError(Exception):
+class ServerStartError(ProcessError):
     """Raised when a node exits or does not answer HTTP before the ready timeout."""
 
 
@@ -96,86 +91,47 @@ class Node:
     server: str
     host: str
     port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
+    owned: OwnedProcess
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.owned.pid
 
-
-def _port_answers_http(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1.0) as sock:
-            sock.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-            return sock.recv(16).startswith(b"HTTP/1.")
-    except OSError:
-        return False
-
-
-def _log_tail(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return ""
-    return data[-LOG_TAIL_BYTES:].decode(errors="replace")
+    @property
+    def log_path(self) -> Path:
+        return self.owned.log_path
 
 
 def start_node(target: Target, server: str, host: str, port: int, multi_node: bool) -> Node:
-    """Start one node and wait until it answers HTTP; raise with its log if not."""
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log_path = LOG_DIR / f"{target.name}-{server}-{port}.log"
+    """Start one node and wait until it answers HTTP; raise with its log if not.
+
+    In a session of its own, so stopping it signals its process group (children too);
+    any HTTP answer will do, as the references have no /health.
+    """
     env = {**os.environ, **target.env, **(target.multi_node_env if multi_node else {})}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            target.command(server, host, port),
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so stop() gets children too
-        )
-    node = Node(target.name, server, host, port, process, log_path)
-    _wait_ready(node)
-    return node
-
-
-def _wait_ready(node: Node) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_SECS
-    while time.monotonic() < deadline:
-        if node.process.poll() is not None:
-            raise ServerStartError(
-                f"{node.target}/{node.server} exited with {node.process.returncode}:\n"
-                + _log_tail(node.log_path)
-            )
-        if _port_answers_http(node.host, node.port):
-            return
-        time.sleep(READY_POLL_SECS)
-    stop_node(node)
-    raise ServerStartError(
-        f"{node.target}/{node.server} not ready in {READY_TIMEOUT_SECS:.0f} s:\n"
-        + _log_tail(node.log_path)
+    env["PYTHONPATH"] = str(ROOT)
+    owned = OwnedProcess(
+        f"{target.name}/{server}",
+        port,
+        target.command(server, host, port),
+        LOG_DIR / f"{target.name}-{server}-{port}.log",
+        lambda: http_answers(host, port),
+        env=env,
+        start_timeout_secs=READY_TIMEOUT_SECS,
+        stop_timeout_secs=STOP_TIMEOUT_SECS,
+        dies_with_us=False,
     )
+    owned.log_path.unlink(missing_ok=True)  # one run's log per file
+    try:
+        owned.start()
+    except ProcessError as exc:
+        raise ServerStartError(str(exc)) from exc
+    return Node(target.name, server, host, port, owned)
 
 
 def stop_node(node: Node) -> None:
     """SIGTERM the node's process group (its PID), then SIGKILL if it lingers."""
-    if node.process.poll() is None:
-        _signal_group(node.pid, signal.SIGTERM)
-        try:
-            node.process.wait(STOP_TIMEOUT_SECS)
-        except subprocess.TimeoutExpired:
-            _signal_group(node.pid, signal.SIGKILL)
-            node.process.wait(STOP_TIMEOUT_SECS)
-    # Children that outlived their parent are still in the group the node led.
-    _signal_group(node.pid, signal.SIGKILL)
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signum)
+    node.owned.stop(signal.SIGTERM)
 
 
 def start_nodes(target: Target, server: str, host: str, first_port: int, count: int) -> list[Node]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import subprocess
-import sys
 from dataclasses import replace
 
 import psycopg
@@ -21,10 +19,11 @@ from bench.servers import (
     BARE_APP,
     CHANNELS_REF_APP,
     OURS_APP,
-    REPO_ROOT,
     RUNNODE_TEMPLATE,
     Target,
 )
+from devtools.processes import ROOT as REPO_ROOT
+from devtools.processes import ProcessError, manage
 
 TARGET_NAMES = ("ours", "channels_ref", "bare_ref")
 BENCH_USERNAME = "bench"
@@ -102,19 +101,14 @@ def _ensure_database(database_url: str) -> None:
 
 
 def _manage(env: dict[str, str], *args: str) -> str:
-    command = [sys.executable, "manage.py", *args]
-    result = subprocess.run(
-        command,
-        cwd=REPO_ROOT,
-        env={**os.environ, **env, "PYTHONPATH": str(REPO_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=MANAGE_TIMEOUT_SECS,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise TargetSetupError(f"manage.py {' '.join(args)} failed:\n{result.stderr[-2000:]}")
-    return result.stdout
+    try:
+        return manage(
+            {**os.environ, **env, "PYTHONPATH": str(REPO_ROOT)},
+            *args,
+            timeout_secs=MANAGE_TIMEOUT_SECS,
+        )
+    except ProcessError as exc:
+        raise TargetSetupError(str(exc)) from exc
 
 
 def prepare_database(env: dict[str, str], database_url: str) -> None:

@@ -4,7 +4,9 @@ Why hand-written: a subscriber only counts frames and reads two fields, and on a
 2-core machine every microsecond the client spends is one the server under test does
 not get. The `websockets` client costs a task, a queue and a future per frame; this
 parses frames straight out of ``data_received`` and hands each payload to a plain
-callback (see README, "Making the client cheap").
+callback (see README, "Making the client cheap"). The tests' client
+(``tests/wsclient.py``, on ``websockets``) checks what a connection carries; this one
+only has to hold thousands of them cheaply, so the two stay apart.
 
 Two shortcuts a load tool may take and a real client must not:
 - The masking key is all zeros (RFC 6455 only requires that a key is sent), so masking

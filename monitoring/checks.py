@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import asyncio
 
-from django.db import connection
-
 from common.db import db_call
 from common.redis_client import redis_async
+from push.models import Channel
 
 DEPENDENCY_TIMEOUT_SECS = 2.0
 
 
-def _database_ping() -> None:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
+def _database_read() -> None:
+    # A read of a table the node serves rather than SELECT 1: a database that answers
+    # but cannot be read (not migrated, privileges missing) is not ready either. On a
+    # database thread, through the pool, as every request's reads.
+    Channel.objects.exists()
 
 
-_database_ping_async = db_call(_database_ping)
+_database_read_async = db_call(_database_read)
 
 
 async def check_database() -> str | None:
     try:
-        await asyncio.wait_for(_database_ping_async(), DEPENDENCY_TIMEOUT_SECS)
+        await asyncio.wait_for(_database_read_async(), DEPENDENCY_TIMEOUT_SECS)
     except Exception as exc:
         return f"database: {type(exc).__name__}: {exc}"[:300]
     return None

@@ -138,6 +138,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
                 meaning="how long a request waits for a PostgreSQL connection before it is "
                 "answered `UNAVAILABLE` (only an outage makes it wait)",
             ),
+            # A failed reconnection is retried after 1, 2, 4, 8 s... until this runs
+            # out (psycopg_pool's default: 5 minutes), and the retrying slot counts in
+            # the pool: after an 8 s outage the node waited ~7 s for its next attempt,
+            # timing out every request meanwhile. Given up sooner, the slot is freed
+            # and the next request connects at once.
+            "reconnect_timeout": 3.0,
         }
     }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":

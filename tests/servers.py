@@ -6,29 +6,27 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import dj_database_url
 import httpx
 import psycopg
 
-ROOT = Path(__file__).resolve().parent.parent
+from devtools.processes import (
+    ROOT,
+    OwnedProcess,
+    free_port,
+    http_ok,
+    manage,
+    runnode_command,
+)
+
 LOG_DIR = ROOT / "artifacts" / "e2e-logs"
 START_TIMEOUT_SECS = 30.0
 STOP_TIMEOUT_SECS = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Database:
@@ -59,21 +57,6 @@ class Database:
     def query(self, sql: str, *params: object) -> list[tuple]:
         with psycopg.connect(self.url) as conn:
             return conn.execute(sql, params).fetchall()
-
-
-def manage(env: dict[str, str], *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stderr}")
-    return result.stdout
 
 
 def create_token(
@@ -124,7 +107,8 @@ def csrf_headers(client: httpx.AsyncClient) -> dict[str, str]:
 
 
 class ServerNode:
-    """One ``manage.py runnode`` process."""
+    """One ``manage.py runnode`` process, in the test run's own session (a Ctrl-C stops
+    it too) and not tied to the starting thread (tests start nodes from worker threads)."""
 
     def __init__(
         self,
@@ -139,9 +123,23 @@ class ServerNode:
         self.name = name or f"{server}-{uuid.uuid4().hex[:6]}"
         self.env = {**env, "NODE_ID": self.name}
         self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"{self.name}.log"
+        self._owned = OwnedProcess(
+            self.name,
+            self.port,
+            runnode_command(server, self.port, *args),
+            self.log_path,
+            lambda: http_ok(f"{self.http_url}/health"),
+            env=self.env,
+            start_timeout_secs=START_TIMEOUT_SECS,
+            stop_timeout_secs=STOP_TIMEOUT_SECS,
+            dies_with_us=False,
+            own_session=False,
+        )
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self._owned.process
 
     @property
     def http_url(self) -> str:
@@ -152,49 +150,12 @@ class ServerNode:
         return f"ws://127.0.0.1:{self.port}/ws/"
 
     def start(self) -> ServerNode:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "manage.py",
-                "runnode",
-                "--server",
-                self.server,
-                "--port",
-                str(self.port),
-                *self.args,
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self._wait_healthy()
+        self._owned.start()
         return self
 
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_SECS
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log()}")
-            try:
-                if httpx.get(f"{self.http_url}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name} did not answer /health: {self.log()}")
-
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(STOP_TIMEOUT_SECS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT_SECS)
+        """Send ``sig`` and wait; SIGKILL if it still runs after STOP_TIMEOUT_SECS."""
+        self._owned.stop(sig)
 
     def metric(self, name: str) -> float:
         """The current value of an unlabelled metric on this node's /metrics."""
@@ -205,6 +166,7 @@ class ServerNode:
         return 0.0
 
     def log(self) -> str:
+        """The node's whole log (tests look for lines in it)."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 

@@ -27,11 +27,12 @@ from django.conf import settings
 from django.test import override_settings
 from prometheus_client import REGISTRY
 
+from devtools.processes import free_port
 from push.ops import event_worker
 from push.ops.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers, register_handler
 from push.ops.events import CONNECT, EventLog, event
 from push.ops.webhooks import WebhookFailed, deliver_webhooks
-from tests.servers import LOG_DIR, ROOT, ServerNode, admin_client, create_superuser, free_port
+from tests.servers import LOG_DIR, ROOT, ServerNode, admin_client, create_superuser
 from tests.wsclient import subscribe
 
 pytestmark = pytest.mark.e2e

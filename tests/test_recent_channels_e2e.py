@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scripts.cluster import free_port
-from tests.faults.services import OwnedProcess, redis_server
+from devtools.processes import OwnedProcess, free_port, redis_server
 from tests.servers import Database, ServerNode, node_pair
 from tests.wsclient import collect_messages, publish_over_ws, subscribe
 

@@ -7,17 +7,17 @@ PostgreSQL sits behind the fault tests' TCP proxy; stopping the proxy is the out
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
-from tests.faults.services import OwnedProcess, tcp_proxy
-from tests.servers import Database, ServerNode, free_port
-from tests.wsclient import RECEIVE_TIMEOUT_SECS
+from devtools.processes import OwnedProcess, free_port
+from tests.faults.services import tcp_proxy
+from tests.servers import Database, ServerNode
+from tests.wsclient import connect_ws
 
 pytestmark = pytest.mark.e2e
 
@@ -46,8 +46,7 @@ def proxied(
 
 
 async def _open(node: ServerNode) -> tuple[ClientConnection, str]:
-    ws = await connect(node.ws_url, open_timeout=10)
-    hello = json.loads(await asyncio.wait_for(ws.recv(), RECEIVE_TIMEOUT_SECS))
+    ws, hello = await connect_ws(node.ws_url)
     return ws, hello["connection_id"]
 
 

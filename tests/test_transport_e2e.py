@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import ssl
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +21,9 @@ import psycopg
 import pytest
 from websockets.asyncio.client import connect
 
+from devtools.processes import OwnedProcess, free_port
 from push.transport.consumers import PUBLISHES_IN_FLIGHT
-from tests.servers import LOG_DIR, ROOT, START_TIMEOUT_SECS, ServerNode, free_port, publish_rest
+from tests.servers import LOG_DIR, START_TIMEOUT_SECS, ServerNode, publish_rest
 from tests.wsclient import RECEIVE_TIMEOUT_SECS, open_ws, request, request_raw
 
 pytestmark = pytest.mark.e2e
@@ -145,43 +146,30 @@ def tls_node(
     )  # fmt: skip
     port = free_port()
     endpoint = f"ssl:port={port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log = (LOG_DIR / "tls-daphne.log").open("ab")
-    process = subprocess.Popen(
+    daphne = OwnedProcess(
+        "tls-daphne",
+        port,
         [sys.executable, "-m", "daphne", "-e", endpoint, "realtime_project.asgi:application"],
-        cwd=ROOT,
+        LOG_DIR / "tls-daphne.log",
+        lambda: _answers_healthy(f"https://127.0.0.1:{port}/health", cert),
         env={**e2e_env, "NODE_ID": "tls-daphne"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        start_timeout_secs=START_TIMEOUT_SECS,
+        dies_with_us=False,
+        own_session=False,
     )
+    daphne.start()
     try:
-        _wait_healthy(f"https://127.0.0.1:{port}/health", cert, process)
         yield f"127.0.0.1:{port}", cert
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        daphne.stop(signal.SIGTERM)
 
 
-def _wait_healthy(url: str, cert: Path, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_SECS
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "daphne exited"
-        try:
-            if (
-                httpx.get(
-                    url, verify=ssl.create_default_context(cafile=str(cert)), timeout=1.0
-                ).status_code
-                == 200
-            ):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("daphne on TLS did not answer /health")
+def _answers_healthy(url: str, cert: Path) -> bool:
+    context = ssl.create_default_context(cafile=str(cert))
+    try:
+        return httpx.get(url, verify=context, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 async def test_fan_out_over_tls_arrives_intact(

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from tests.faults.services import OwnedProcess, tcp_proxy
-from tests.servers import LOG_DIR, Database, ServerNode, free_port
+from devtools.processes import OwnedProcess, free_port
+from tests.faults.services import tcp_proxy
+from tests.servers import LOG_DIR, Database, ServerNode
 from tests.wsclient import collect_messages, open_ws, subscribe
 
 pytestmark = pytest.mark.e2e

@@ -1,24 +1,54 @@
-"""A small real WebSocket client for end-to-end tests (the ``websockets`` library)."""
+"""The WebSocket test client for real servers (the ``websockets`` library): the
+end-to-end tests' helpers and the fault tests' resuming subscribers connect through it.
+
+Two other clients do other jobs and stay apart: ``push/tests/wsclient.py`` talks to the
+ASGI application in the test's own process (Channels' ``WebsocketCommunicator``, no
+server, every wire format), and ``bench/wsclient.py`` is the benchmark's hand-written
+client, lean enough to hold thousands of connections on the machine it measures.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 
 RECEIVE_TIMEOUT_SECS = 10.0
+OPEN_TIMEOUT_SECS = 10.0
+
+
+async def connect_ws(
+    url: str, *, token: str | None = None, **options: Any
+) -> tuple[ClientConnection, dict[str, Any]]:
+    """A connection past its ``connection_established`` frame, and that frame.
+    ``options`` go to ``websockets``' ``connect``."""
+    if token:
+        url = f"{url}?token={token}"
+    ws = await connect(url, open_timeout=OPEN_TIMEOUT_SECS, max_size=None, **options)
+    try:
+        hello = json.loads(await asyncio.wait_for(ws.recv(), RECEIVE_TIMEOUT_SECS))
+    except BaseException:
+        await ws.close()
+        raise
+    assert hello["type"] == "connection_established", hello
+    return ws, hello
 
 
 async def open_ws(url: str, *, token: str | None = None) -> ClientConnection:
-    if token:
-        url = f"{url}?token={token}"
-    ws = await connect(url, open_timeout=10, max_size=None)
-    hello = json.loads(await asyncio.wait_for(ws.recv(), RECEIVE_TIMEOUT_SECS))
-    assert hello["type"] == "connection_established", hello
+    ws, _hello = await connect_ws(url, token=token)
     return ws
+
+
+def subscribe_envelope(channel: str, since: int | None = None) -> dict[str, Any]:
+    envelope: dict[str, Any] = {"type": "subscribe", "channel": channel}
+    if since is not None:
+        envelope["since"] = since
+    return envelope
 
 
 async def request(ws: ClientConnection, envelope: dict[str, Any]) -> dict[str, Any]:
@@ -35,10 +65,7 @@ async def subscribe(
     url: str, channel: str, *, since: int | None = None, token: str | None = None
 ) -> tuple[ClientConnection, dict[str, Any]]:
     ws = await open_ws(url, token=token)
-    envelope: dict[str, Any] = {"type": "subscribe", "channel": channel}
-    if since is not None:
-        envelope["since"] = since
-    reply = await request(ws, envelope)
+    reply = await request(ws, subscribe_envelope(channel, since))
     assert reply["type"] == "subscribed", reply
     return ws, reply
 
@@ -73,14 +100,27 @@ async def flood(url: str, token: str, channel: str, count: int, payload_bytes: i
     await publisher.close()
 
 
-async def stalled_subscriber(url: str, channel: str) -> ClientConnection:
-    """A subscriber that reads nothing after its ``subscribed`` reply."""
+async def stalled_subscriber(
+    url: str, channel: str, *, receive_buffer_bytes: int | None = None, **options: Any
+) -> ClientConnection:
+    """A subscriber that reads nothing after its ``subscribed`` reply.
+
+    ``receive_buffer_bytes``: a kernel receive buffer that small as well, for a client
+    behind a proxy whose own buffers would otherwise hold a lot before the server's
+    writes back up. ``options`` go to ``websockets``' ``connect``.
+    """
+    if receive_buffer_bytes is not None:
+        parts = urlsplit(url)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (parts.hostname, parts.port))
+        options["sock"] = sock
     # max_queue=1: the client library stops reading the socket after one unread frame,
     # so the server's writes back up exactly as with a client that froze.
-    ws = await connect(url, max_queue=1, max_size=None)
-    await ws.recv()
-    await ws.send(json.dumps({"type": "subscribe", "channel": channel}))
-    await ws.recv()
+    ws, _hello = await connect_ws(url, max_queue=1, **options)
+    reply = await request(ws, subscribe_envelope(channel))
+    assert reply["type"] == "subscribed", reply
     return ws
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from django.db import connection
 from django.test import Client, override_settings
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -24,6 +25,21 @@ def test_not_ready_when_redis_is_unreachable() -> None:
     assert response.status_code == 503
     failing = response.json()["failing"]
     assert len(failing) == 1 and failing[0].startswith("redis")
+
+
+def test_not_ready_when_the_database_answers_but_cannot_be_read() -> None:
+    """A database that answers SELECT 1 but not a read of the node's tables (here the
+    table is gone, as in a database that was never migrated) is not ready."""
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE push_channel RENAME TO push_channel_away")
+    try:
+        response = Client().get("/ready")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE push_channel_away RENAME TO push_channel")
+    assert response.status_code == 503
+    failing = response.json()["failing"]
+    assert len(failing) == 1 and failing[0].startswith("database"), failing
 
 
 def test_metrics_are_exposed() -> None:

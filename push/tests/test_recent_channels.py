@@ -21,6 +21,7 @@ from rest_framework.test import APIClient
 
 import push
 from common.redis_client import redis_async, redis_prefix
+from devtools.processes import free_port, redis_server
 from push.cluster.broadcast import broadcast_async
 from push.models import Channel, Message
 from push.services.publishing import message_publish
@@ -28,8 +29,6 @@ from push.services.runtime import get_node
 from push.storage import recent_store
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import WsClient, connected_client
-from scripts.cluster import free_port
-from tests.faults.services import redis_server
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),

@@ -1,5 +1,9 @@
 """A test client over Channels' ``WebsocketCommunicator`` that speaks any wire format,
-so every protocol test runs for JSON, MessagePack and Protobuf alike."""
+so every protocol test runs for JSON, MessagePack and Protobuf alike.
+
+Its job differs from ``tests/wsclient.py`` (a real client against a server process):
+this one drives the ASGI application inside the test's own process and event loop, so
+a test can use the test database and swap settings, with no server to start."""
 
 from __future__ import annotations
 

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-OPEN_TIMEOUT_SECS = 10.0
+from tests.wsclient import connect_ws, subscribe_envelope
+
 CLOSE_TIMEOUT_SECS = 1.0
 RECONNECT_BASE_SECS = 0.1
 RECONNECT_MAX_SECS = 2.0
@@ -100,20 +101,12 @@ class ResumingSubscriber:
         subscribed = False
         ws: ClientConnection | None = None
         try:
-            ws = await connect(
-                self.url,
-                open_timeout=OPEN_TIMEOUT_SECS,
-                close_timeout=CLOSE_TIMEOUT_SECS,
-                ping_interval=None,
-                max_size=None,
-                compression=None,
+            ws, hello = await connect_ws(
+                self.url, close_timeout=CLOSE_TIMEOUT_SECS, ping_interval=None, compression=None
             )
-            hello = json.loads(await asyncio.wait_for(ws.recv(), OPEN_TIMEOUT_SECS))
             self.server_ids.append(hello["server_id"])
             self._since_sent = self.last_seq
-            await ws.send(
-                json.dumps({"type": "subscribe", "channel": self.channel, "since": self.last_seq})
-            )
+            await ws.send(json.dumps(subscribe_envelope(self.channel, self.last_seq)))
             heartbeat = asyncio.create_task(self._heartbeats(ws, hello["heartbeat_interval"]))
             try:
                 async for frame in ws:

@@ -13,19 +13,25 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import httpx
 import pytest
 
-from scripts.cluster import Cluster, free_port
+from devtools.cluster import Cluster
+from devtools.processes import OwnedProcess, free_port, redis_server
 from tests.faults.report import MEASUREMENTS
-from tests.faults.services import OwnedProcess, redis_server, tcp_proxy
+from tests.faults.services import tcp_proxy
 from tests.servers import ROOT, Database, create_token
 
 ARTIFACTS = ROOT / "artifacts" / "faults"
 NODES = 3
 READY_TIMEOUT_SECS = 30.0
+# Above the database threads of a node (common.db.DATABASE_THREADS, 6) and the
+# subscribes a node takes at once when an audience opens (batches of 50 over 3 nodes).
+READ_BURST = 24
 
 # The stalled-client test fills a send queue quickly with these; the other tests' clients
 # keep well below them (small messages, replays of at most a few hundred frames).
@@ -104,17 +110,11 @@ def publisher_token(cluster_processes: Cluster, cluster_env: dict[str, str]) -> 
     return create_token(cluster_env, "faults-publisher")
 
 
-def wait_all_ready(cluster: Cluster) -> None:
-    """Every node answers /ready (database and Redis reachable) and nginx answers."""
-    urls = [f"{cluster.node_url(r.name)}/ready" for r in cluster.node_records()]
-    urls.append(f"{cluster.proxy_url}/health")
+def wait_until(what: str, condition: Callable[[], bool]) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_SECS
-    pending = urls
-    while pending and time.monotonic() < deadline:
-        pending = [url for url in pending if not _answers_200(url)]
-        if pending:
-            time.sleep(0.2)
-    assert not pending, f"not ready after {READY_TIMEOUT_SECS:.0f} s: {pending}"
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {READY_TIMEOUT_SECS:.0f} s"
+        time.sleep(0.2)
 
 
 def _answers_200(url: str) -> bool:
@@ -124,26 +124,48 @@ def _answers_200(url: str) -> bool:
         return False
 
 
-def wait_all_publish(cluster: Cluster, token: str) -> None:
-    """Every node stores a REST publish: /ready needs one working database connection,
-    a publish needs the node's pool back after an outage, which can take longer. A test
-    that starts before would measure the previous test's fault as well as its own."""
-    deadline = time.monotonic() + READY_TIMEOUT_SECS
-    for record in cluster.node_records():
-        url = f"{cluster.node_url(record.name)}/api/v1/channels/faults-warmup/messages"
-        while not _publishes(url, token):
-            assert time.monotonic() < deadline, f"{record.name} does not publish"
-            time.sleep(0.2)
+def _serves_reads(base_url: str, token: str) -> bool:
+    """READ_BURST history reads at once, all answered 200: the node's database pool
+    hands out working connections to every database thread, not only to the one
+    that answered /ready."""
+    url = f"{base_url}/api/v1/channels/faults-warmup/messages"
+    headers = {"Authorization": f"Token {token}"}
+    with httpx.Client(timeout=5.0, headers=headers) as http:
+
+        def read(_: int) -> bool:
+            try:
+                return http.get(url).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        with ThreadPoolExecutor(READ_BURST) as pool:
+            return all(pool.map(read, range(READ_BURST)))
 
 
-def _publishes(url: str, token: str) -> bool:
+def _publishes(base_url: str, token: str) -> bool:
     try:
         response = httpx.post(
-            url, json={"data": "warm-up"}, headers={"Authorization": f"Token {token}"}, timeout=5
+            f"{base_url}/api/v1/channels/faults-warmup/messages",
+            json={"data": "warm-up"},
+            headers={"Authorization": f"Token {token}"},
+            timeout=5,
         )
     except httpx.HTTPError:
         return False
     return response.status_code == 201
+
+
+def wait_all_serving(cluster: Cluster, token: str) -> None:
+    """Every node is ready (database and Redis reachable), serves a burst of database
+    reads and stores a publish, and nginx answers. A test that started before would
+    measure the previous test's fault as well as its own: after PostgreSQL was away,
+    one working connection answers /ready well before every request gets one."""
+    for record in cluster.node_records():
+        base_url = cluster.node_url(record.name)
+        wait_until(f"{record.name} ready", partial(_answers_200, f"{base_url}/ready"))
+        wait_until(f"{record.name} serves reads", partial(_serves_reads, base_url, token))
+        wait_until(f"{record.name} publishes", partial(_publishes, base_url, token))
+    wait_until("nginx answers", partial(_answers_200, f"{cluster.proxy_url}/health"))
 
 
 @pytest.fixture
@@ -153,14 +175,13 @@ def cluster(
     own_redis: OwnedProcess,
     publisher_token: str,
 ) -> Cluster:
-    """The cluster with every process up and publishing, whatever the previous test
+    """The cluster with every process up and serving, whatever the previous test
     broke."""
     for process in (pg_proxy, own_redis):
         if not process.running:
             process.start()
     cluster_processes.restart_dead()
-    wait_all_ready(cluster_processes)
-    wait_all_publish(cluster_processes, publisher_token)
+    wait_all_serving(cluster_processes, publisher_token)
     return cluster_processes
 
 

@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from scripts.cluster import Cluster
+from devtools.cluster import Cluster
 from tests.faults import clients
 from tests.faults.report import measure
 

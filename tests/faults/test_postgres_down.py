@@ -13,10 +13,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from scripts.cluster import Cluster
+from devtools.cluster import Cluster
+from devtools.processes import OwnedProcess
 from tests.faults import clients
 from tests.faults.report import measure
-from tests.faults.services import OwnedProcess
 from tests.wsclient import open_ws
 
 pytestmark = pytest.mark.faults

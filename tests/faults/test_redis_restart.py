@@ -9,10 +9,10 @@ import statistics
 
 import pytest
 
-from scripts.cluster import Cluster
+from devtools.cluster import Cluster
+from devtools.processes import OwnedProcess
 from tests.faults import clients
 from tests.faults.report import measure
-from tests.faults.services import OwnedProcess
 from tests.servers import Database
 
 pytestmark = pytest.mark.faults

@@ -18,10 +18,10 @@ import httpx
 import pytest
 import redis
 
+from devtools.processes import OwnedProcess, free_port, port_accepts, redis_server
 from tests.faults import clients
 from tests.faults.report import measure
-from tests.faults.services import OwnedProcess, port_accepts, redis_server
-from tests.servers import ServerNode, create_token, free_port, node_pair
+from tests.servers import ServerNode, create_token, node_pair
 
 pytestmark = pytest.mark.faults
 

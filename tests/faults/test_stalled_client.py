@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import socket
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
-from scripts.cluster import Cluster
+from devtools.cluster import Cluster
 from tests.faults import clients
 from tests.faults.report import measure
+from tests.wsclient import stalled_subscriber
 
 pytestmark = pytest.mark.faults
 
@@ -27,21 +25,6 @@ PUBLISH_RATE_PER_SEC = 40.0
 MAX_MESSAGES = 600
 CLIENT_RECEIVE_BUFFER_BYTES = 4096
 DISCONNECT_METRIC = "push_slow_consumer_disconnects_total"
-
-
-async def stalled_subscriber(ws_url: str, channel: str) -> ClientConnection:
-    """Subscribe, then read nothing more: a small receive buffer, and a library queue
-    of one frame after which it stops reading the socket, as a frozen client would."""
-    parts = urlsplit(ws_url)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RECEIVE_BUFFER_BYTES)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (parts.hostname, parts.port))
-    ws = await connect(ws_url, sock=sock, max_queue=1, max_size=None, compression=None)
-    await ws.recv()
-    await ws.send(json.dumps({"type": "subscribe", "channel": channel}))
-    assert json.loads(await ws.recv())["type"] == "subscribed"
-    return ws
 
 
 async def slow_consumer_disconnects(cluster: Cluster) -> float:
@@ -87,7 +70,12 @@ async def test_a_stalled_client_is_cut_off_without_slowing_the_others(
 ) -> None:
     before = await slow_consumer_disconnects(cluster)
     async with (
-        await stalled_subscriber(cluster.proxy_ws_url, channel) as stalled,
+        await stalled_subscriber(
+            cluster.proxy_ws_url,
+            channel,
+            receive_buffer_bytes=CLIENT_RECEIVE_BUFFER_BYTES,
+            compression=None,
+        ) as stalled,
         clients.audience(cluster.proxy_ws_url, channel, HEALTHY_CLIENTS) as healthy,
         clients.RestPublisher(
             cluster.proxy_url, publisher_token, channel, blob_bytes=BLOB_BYTES
