@@ -311,6 +311,8 @@ class Hub:
         self.replay_slots = replay_slots
         self.channels: dict[str, HubChannel] = {}
         self.loop = asyncio.get_running_loop()
+        # History reads in flight that replays starting now may share (``_shared_page``).
+        self._page_reads: dict[tuple[str, int, int, int, int], asyncio.Task[HistoryPage]] = {}
 
     # ----- subscribing ---------------------------------------------------------------
 
@@ -321,11 +323,15 @@ class Hub:
         *,
         since: int | None,
         reply: Callable[[int, bool | None], None],
+        rewind: int | None = None,
     ) -> Subscription:
         """Attach a subscriber; ``reply(seq, recovered)`` is called before any message
         reaches it. With ``since``, every stored message after it is replayed first,
-        then the live stream follows with nothing missing and nothing twice."""
+        then the live stream follows with nothing missing and nothing twice. With
+        ``rewind``, the channel's last ``rewind`` messages come first instead."""
         hub_channel = await self._channel_for_subscribe(channel)
+        if rewind is not None:
+            return await self._attach_rewound(subscriber, hub_channel, rewind, reply)
         if since is not None and since > hub_channel.delivered_seq:
             latest = await self._latest_seq_or_none(hub_channel)
             if latest is not None and since > latest:
@@ -342,6 +348,32 @@ class Hub:
         if hub_channel.covers_since(since):
             return self._attach_from_recent(subscriber, hub_channel, since, reply)
         return await self._attach_with_replay(subscriber, hub_channel, since, reply)
+
+    async def _attach_rewound(
+        self,
+        subscriber: Subscriber,
+        hub_channel: HubChannel,
+        rewind: int,
+        reply: Callable[[int, bool | None], None],
+    ) -> Subscription:
+        """The last ``rewind`` messages this node delivered, then live: a resume from
+        ``delivered_seq - rewind`` taken now, with no await before it, so the seam is
+        the one ``since`` has. The channel's recent messages (read once when the node
+        joined it) serve it without a read; else one history read that concurrent
+        subscribers share (``_shared_page``). ``recovered`` is not said: the request
+        had no ``since``."""
+
+        def reply_rewound(seq: int, recovered: bool | None) -> None:
+            reply(seq, None)
+
+        since = max(0, hub_channel.delivered_seq - rewind)
+        if since >= hub_channel.delivered_seq:
+            return self._attach_live(subscriber, hub_channel, None, reply, None)
+        if hub_channel.covers_since(since):
+            return self._attach_from_recent(subscriber, hub_channel, since, reply_rewound)
+        return await self._attach_with_replay(
+            subscriber, hub_channel, since, reply_rewound, rewind=rewind
+        )
 
     def _attach_from_recent(
         self,
@@ -399,11 +431,14 @@ class Hub:
         hub_channel: HubChannel,
         since: int,
         reply: Callable[[int, bool | None], None],
+        *,
+        rewind: int | None = None,
     ) -> Subscription:
         """Replay from history, then go live. The replay holds a slot of the node's and
         the client address's bounds, and stops as soon as its client leaves (before
         each page and while it waits for the client to read): the subscription comes
-        back inactive then, and nothing more is read for it."""
+        back inactive then, and nothing more is read for it. With ``rewind``, only the
+        last ``rewind`` before the latest seq the read saw are replayed."""
         subscription = Subscription(subscriber, hub_channel, since)
         subscription.buffer = []
         hub_channel.catching_up[subscription] = None
@@ -415,7 +450,7 @@ class Hub:
                 subscriber.ip, lambda: subscriber.gone
             )
             if holds_slot and not subscriber.gone:
-                await self._replay_history(subscription, since, reply)
+                await self._replay_history(subscription, since, reply, rewind)
         except BaseException:
             self.unsubscribe(subscription)
             raise
@@ -429,7 +464,11 @@ class Hub:
         return subscription
 
     async def _replay_history(
-        self, subscription: Subscription, since: int, reply: Callable[[int, bool | None], None]
+        self,
+        subscription: Subscription,
+        since: int,
+        reply: Callable[[int, bool | None], None],
+        rewind: int | None = None,
     ) -> None:
         hub_channel = subscription.channel
         subscriber = subscription.subscriber
@@ -439,14 +478,19 @@ class Hub:
         limit = max(1, min(HISTORY_BATCH, outbox.max_frames // 2))
         max_bytes = max(1, min(self.replay_batch_bytes, outbox.max_bytes // 2))
         delivered = hub_channel.delivered_seq
-        page = await self.history.page(hub_channel.name, since, limit, max_bytes)
+        page = await self._shared_page(hub_channel, since, limit, max_bytes)
         # History that knows less than this node had delivered before the read lost it
         # (a recent channel's window went with Redis): the replay is not complete.
         recovered = page.complete_from_since and page.latest_seq >= delivered
-        reply(max(page.latest_seq, hub_channel.delivered_seq), recovered)
+        latest = max(page.latest_seq, hub_channel.delivered_seq)
+        reply(latest, recovered)
         if not page.complete_from_since and page.messages:
             # Retention trimmed part of the range: replay from the oldest kept one.
             subscription.last_seq = page.messages[0].seq - 1
+        if rewind is not None:
+            # The channel moved on during the read (or history was ahead of this node):
+            # the last ``rewind`` end at the seq ``reply`` named; older ones are skipped.
+            subscription.last_seq = max(subscription.last_seq, latest - rewind)
         while subscription.active and not subscriber.gone:
             self._replay(subscription, page.messages)
             more = len(page.messages) >= limit or page.truncated
@@ -458,6 +502,34 @@ class Hub:
             page = await self.history.page(
                 hub_channel.name, subscription.last_seq, limit, max_bytes
             )
+
+    async def _shared_page(
+        self, hub_channel: HubChannel, since: int, limit: int, max_bytes: int
+    ) -> HistoryPage:
+        """A replay's first page, read once for every replay of the same range that
+        starts while the read runs (a thousand dashboards opening at once cost one
+        read). Joining a read begun earlier is exact only while the channel has
+        delivered nothing since it began: a message fanned out in between would be in
+        neither the page nor the joiner's buffer. So the key holds ``delivered_seq``,
+        and a read goes stale for joiners as soon as the channel moves on."""
+        key = (hub_channel.name, since, limit, max_bytes, hub_channel.delivered_seq)
+        read = self._page_reads.get(key)
+        if read is None:
+            read = self.loop.create_task(
+                self.history.page(hub_channel.name, since, limit, max_bytes)
+            )
+            self._page_reads[key] = read
+            read.add_done_callback(lambda done: self._page_read_done(key, done))
+        # Shielded: a replay whose client left must not cancel the others' read.
+        return await asyncio.shield(read)
+
+    def _page_read_done(
+        self, key: tuple[str, int, int, int, int], read: asyncio.Task[HistoryPage]
+    ) -> None:
+        if self._page_reads.get(key) is read:
+            del self._page_reads[key]
+        if not read.cancelled():
+            read.exception()  # retrieved: every waiter got it, or none was left
 
     async def _wait_for_room(self, subscriber: Subscriber) -> bool:
         """Wait until the client has read its send queue down to half (frames and

@@ -134,9 +134,11 @@ async def channel_subscribe(
     since: int | None,
     token: str | None,
     reply: Reply,
+    rewind: int | None = None,
 ) -> None:
     """Subscribe after the permission check (or a signed subscription token): resume
-    from ``since`` when given, join presence on ``presence-`` channels.
+    from ``since`` when given (or send the last ``rewind`` messages first), join
+    presence on ``presence-`` channels.
 
     ``reply(seq, recovered)`` is called before the first message of the channel reaches
     the connection.
@@ -164,7 +166,9 @@ async def channel_subscribe(
             ErrorCode.FORBIDDEN,
             f"subscription limit of {push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION} reached",
         )
-    subscription = await node.hub.subscribe(connection, channel, since=since, reply=reply)
+    subscription = await node.hub.subscribe(
+        connection, channel, since=since, reply=reply, rewind=rewind
+    )
     if connection.gone or not subscription.active:
         node.hub.unsubscribe(subscription)
         return

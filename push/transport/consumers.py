@@ -198,6 +198,7 @@ class PushConsumer(AsyncConsumer):
             since=request.since,
             token=request.token,
             reply=reply,
+            rewind=request.rewind,
         )
 
     async def handle_presence(self, connection: ClientConnection, request: Presence) -> None:
