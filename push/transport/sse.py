@@ -142,8 +142,8 @@ def stream_request(scope: dict[str, Any]) -> StreamRequest:
     """The channels and resume cursor of a stream request. ``Last-Event-ID`` wins over
     ``?since=``: a browser reconnects to the same URL and sends the newer cursor.
     ``?rewind=`` applies only to channels the cursor does not name, so a reconnect
-    resumes where it was instead of rewinding again; with ``?since=`` it is refused,
-    as ``subscribe`` refuses both."""
+    resumes where it was instead of rewinding again, and a stream can resume some
+    channels and rewind the ones it adds."""
     params = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
     channels = list(dict.fromkeys(params.get("channel", [])))
     if not channels:
@@ -157,10 +157,6 @@ def stream_request(scope: dict[str, Any]) -> StreamRequest:
         since_values = params.get("since")
         since_text = since_values[-1] if since_values else ""
     rewind = _rewind_param(params)
-    if rewind is not None and params.get("since"):
-        raise PushError(
-            ErrorCode.INVALID_MESSAGE, "'since' and 'rewind' cannot be combined", field="rewind"
-        )
     max_entries = push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION
     return StreamRequest(
         channels=channels, since=cursor_parse(since_text, max_entries=max_entries), rewind=rewind
