@@ -311,6 +311,9 @@ class Hub:
         self.replay_slots = replay_slots
         self.channels: dict[str, HubChannel] = {}
         self.loop = asyncio.get_running_loop()
+        # Channels that gained or lost a subscription since ``push.cluster.occupancy``
+        # last took the set: it publishes their counts (nothing per message).
+        self.counts_changed: set[str] = set()
         # History reads in flight that replays starting now may share (``_shared_page``).
         self._page_reads: dict[tuple[str, int, int, int, int], asyncio.Task[HistoryPage]] = {}
 
@@ -393,6 +396,7 @@ class Hub:
         self._replay(subscription, kept)
         self._make_live(subscription)
         metrics.SUBSCRIPTIONS.inc()
+        self.counts_changed.add(hub_channel.name)
         return subscription
 
     async def _latest_seq_or_none(self, hub_channel: HubChannel) -> int | None:
@@ -423,6 +427,7 @@ class Hub:
         else:
             self._make_live(subscription)
         metrics.SUBSCRIPTIONS.inc()
+        self.counts_changed.add(hub_channel.name)
         return subscription
 
     async def _attach_with_replay(
@@ -443,6 +448,7 @@ class Hub:
         subscription.buffer = []
         hub_channel.catching_up[subscription] = None
         metrics.SUBSCRIPTIONS.inc()
+        self.counts_changed.add(hub_channel.name)
         slots = self.replay_slots
         holds_slot = False
         try:
@@ -579,6 +585,7 @@ class Hub:
         subscription.active = False
         metrics.SUBSCRIPTIONS.dec()
         hub_channel = subscription.channel
+        self.counts_changed.add(hub_channel.name)
         hub_channel.catching_up.pop(subscription, None)
         by_codec = hub_channel.live.get(subscription.subscriber.codec.name)
         if by_codec is not None:

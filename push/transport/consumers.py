@@ -199,6 +199,7 @@ class PushConsumer(AsyncConsumer):
             token=request.token,
             reply=reply,
             rewind=request.rewind,
+            occupancy=request.occupancy,
         )
 
     async def handle_presence(self, connection: ClientConnection, request: Presence) -> None:
