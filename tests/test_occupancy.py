@@ -1,6 +1,6 @@
 """``occupancy: true`` against real nodes: the subscriber count across nodes as
 subscribers come and go and as a node dies, at most one event a second per channel,
-and the permissions of subscribing."""
+and the permissions of subscribing; the same counts in the channel info over REST."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import time
 import uuid
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.servers import ServerNode
+from tests.servers import ServerNode, create_token, publish_rest
 from tests.wsclient import open_ws, request, subscribe
 
 pytestmark = pytest.mark.e2e
@@ -132,3 +133,68 @@ async def test_occupancy_needs_the_right_to_subscribe(
     bad = await request(ws, {"type": "subscribe", "channel": _channel(), "occupancy": "yes"})
     assert bad["code"] == "INVALID_MESSAGE"
     await ws.close()
+
+
+# ----- channel info over REST ----------------------------------------------------------
+
+
+async def _eventually_json(http: Any, url: str, expected: Any, **kwargs: Any) -> None:
+    deadline = time.monotonic() + WAIT_SECS
+    while True:
+        response = await http.get(url, **kwargs)
+        if response.status_code == 200 and response.json() == expected:
+            return
+        assert time.monotonic() < deadline, (url, response.status_code, response.text)
+        await asyncio.sleep(0.2)
+
+
+async def test_channel_info_and_list_count_across_nodes_and_obey_permissions(
+    two_nodes: tuple[ServerNode, ServerNode], publisher_token: str, e2e_env: dict[str, str]
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    a, b, c = (f"info{tag}-{name}" for name in "abc")
+    secret, room = f"private-info{tag}", f"presence-info{tag}"
+    staff = {"Authorization": f"Token {create_token(e2e_env, 'occ-staff', staff=True)}"}
+    for channel in (a, a, b, c):
+        await publish_rest(two_nodes[0], publisher_token, channel, 1)
+    sockets = [(await subscribe(two_nodes[i % 2].ws_url, a))[0] for i in range(3)]
+    sockets.append((await subscribe(two_nodes[1].ws_url, b))[0])
+    token = staff["Authorization"].split()[1]
+    sockets.append((await subscribe(two_nodes[0].ws_url, secret, token=token))[0])
+    sockets.append((await subscribe(two_nodes[1].ws_url, room, token=token))[0])
+    base = f"{two_nodes[1].http_url}/api/v1/channels"
+    async with httpx.AsyncClient(timeout=10) as http:
+        await _eventually_json(http, f"{base}/{a}", {"channel": a, "last_seq": 2, "subscribers": 3})
+        assert (await http.get(f"{base}/{secret}")).status_code == 403
+        await _eventually_json(
+            http,
+            f"{base}/{secret}",
+            {"channel": secret, "last_seq": 0, "subscribers": 1},
+            headers=staff,
+        )
+        await _eventually_json(
+            http,
+            f"{base}/{room}",
+            {"channel": room, "last_seq": 0, "subscribers": 1, "presence_members": 1},
+            headers=staff,
+        )
+        # Paged by name: the occupied ones only, then every stored one.
+        first = (await http.get(f"{base}/?prefix=info{tag}&occupied=true&limit=1")).json()
+        assert first["results"] == [{"channel": a, "last_seq": 2, "subscribers": 3}]
+        second = (await http.get(first["next"])).json()
+        assert second == {
+            "results": [{"channel": b, "last_seq": 1, "subscribers": 1}],
+            "next": None,
+        }
+        stored = (await http.get(f"{base}/?prefix=info{tag}")).json()["results"]
+        assert [entry["channel"] for entry in stored] == [a, b, c]
+        # The list holds only what the caller may subscribe to.
+        hidden = (await http.get(f"{base}/?prefix=private-info{tag}&occupied=true")).json()
+        shown = await http.get(f"{base}/?prefix=private-info{tag}&occupied=true", headers=staff)
+        assert hidden["results"] == []
+        assert [entry["channel"] for entry in shown.json()["results"]] == [secret]
+        bad = await http.get(f"{base}/?limit=0")
+        assert bad.status_code == 400
+        for ws in sockets:
+            await ws.close()
+        await _eventually_json(http, f"{base}/{a}", {"channel": a, "last_seq": 2, "subscribers": 0})
