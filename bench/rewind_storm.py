@@ -2,7 +2,7 @@
 its last messages.
 
     python -m bench.rewind_storm [--clients 2000] [--rewind 20] [--stored 50] [--nodes 2]
-                                 [--server uvicorn] [--no-cache]
+                                 [--server uvicorn] [--no-cache] [--recent 5]
 
 The channel gets ``--stored`` messages first. Then N clients, spread over ``--nodes``
 nodes that have never served the channel, connect; once all are connected every one
@@ -13,7 +13,9 @@ from PostgreSQL (``push_history_rows_read_total``) and channel joins served by t
 Redis recent-history cache. A node reads the channel once, when it joins it, and
 serves every rewind from those messages in memory: with ``--stored`` under the node's
 recent size, one read per node is ``--stored`` rows per node (``--no-cache``; with the
-cache it is no PostgreSQL row at all).
+cache it is no PostgreSQL row at all). With ``--recent`` under ``--rewind`` the node's
+memory cannot serve them: rewinds read history, and those that start together share
+one read.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.no_cache:
         target.env["PUSH_RECENT_CACHE_SIZE"] = "0"
+    if args.recent is not None:
+        target.env["PUSH_RECENT_PER_CHANNEL"] = str(args.recent)
     nodes = start_nodes(target, args.server, "127.0.0.1", args.base_port, args.nodes)
     urls = [f"http://127.0.0.1:{node.port}" for node in nodes]
     channel = f"{CHANNEL}-{os.urandom(3).hex()}"
@@ -118,6 +122,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "rewind": args.rewind,
             "stored": args.stored,
             "redis_cache": not args.no_cache,
+            "recent_per_channel": args.recent,
             "all_rewound_secs": round(times[-1], 3),
             "p50_rewound_secs": round(times[len(times) // 2], 3),
             "postgres_rows_read": int(rows_read - rows_before),
@@ -135,6 +140,11 @@ def main() -> None:
     parser.add_argument("--stored", type=int, default=50)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--no-cache", action="store_true", help="PUSH_RECENT_CACHE_SIZE=0")
+    parser.add_argument(
+        "--recent",
+        type=int,
+        help="PUSH_RECENT_PER_CHANNEL: under --rewind, rewinds read history (shared reads)",
+    )
     parser.add_argument("--server", choices=["uvicorn", "daphne"], default="uvicorn")
     parser.add_argument("--base-port", type=int, default=18320)
     result = asyncio.run(run(parser.parse_args()))

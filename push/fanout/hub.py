@@ -53,6 +53,11 @@ RECENT_PER_CHANNEL = 256
 RECENT_MAX_BYTES = 1_048_576
 # How often a replay looks at its client's send queue (and whether the client left).
 OUTBOX_POLL_SECS = 0.005
+# A replay's first page stays shareable this long after its read, while the channel
+# delivers nothing (``Hub._shared_page``): a storm of rewinds that outlasts the read.
+PAGE_REUSE_SECS = 1.0
+# (channel, since, limit, max_bytes, the channel's delivered_seq when the read began)
+PageKey = tuple[str, int, int, int, int]
 # An empty channel stays joined this long, so clients that reconnect or flap between
 # subscribe and unsubscribe do not cost a broker round trip each time.
 LINGER_SECS = 10.0
@@ -315,7 +320,7 @@ class Hub:
         # last took the set: it publishes their counts (nothing per message).
         self.counts_changed: set[str] = set()
         # History reads in flight that replays starting now may share (``_shared_page``).
-        self._page_reads: dict[tuple[str, int, int, int, int], asyncio.Task[HistoryPage]] = {}
+        self._page_reads: dict[PageKey, asyncio.Task[HistoryPage]] = {}
 
     # ----- subscribing ---------------------------------------------------------------
 
@@ -450,10 +455,16 @@ class Hub:
         metrics.SUBSCRIPTIONS.inc()
         self.counts_changed.add(hub_channel.name)
         slots = self.replay_slots
+        # A rewind (at most 100 messages) whose read another replay has made already
+        # costs the database nothing: it takes no slot, so a storm of them is not refused.
+        key = self._page_key(hub_channel, since, subscriber)
+        shared = rewind is not None and key in self._page_reads
         holds_slot = False
         try:
-            holds_slot = slots is None or await slots.acquire(
-                subscriber.ip, lambda: subscriber.gone
+            holds_slot = (
+                slots is None
+                or shared
+                or await slots.acquire(subscriber.ip, lambda: subscriber.gone)
             )
             if holds_slot and not subscriber.gone:
                 await self._replay_history(subscription, since, reply, rewind)
@@ -461,7 +472,7 @@ class Hub:
             self.unsubscribe(subscription)
             raise
         finally:
-            if holds_slot and slots is not None:
+            if holds_slot and slots is not None and not shared:
                 slots.release(subscriber.ip)
         if subscriber.gone:
             self.unsubscribe(subscription)
@@ -478,13 +489,9 @@ class Hub:
     ) -> None:
         hub_channel = subscription.channel
         subscriber = subscription.subscriber
-        outbox = subscriber.outbox
-        # Pages sized to half the client's send queue: the replay waits until the
-        # client has read down to half, so one page never overflows the queue.
-        limit = max(1, min(HISTORY_BATCH, outbox.max_frames // 2))
-        max_bytes = max(1, min(self.replay_batch_bytes, outbox.max_bytes // 2))
+        limit, max_bytes = self._page_size(subscriber)
         delivered = hub_channel.delivered_seq
-        page = await self._shared_page(hub_channel, since, limit, max_bytes)
+        page = await self._shared_page(self._page_key(hub_channel, since, subscriber))
         # History that knows less than this node had delivered before the read lost it
         # (a recent channel's window went with Redis): the replay is not complete.
         recovered = page.complete_from_since and page.latest_seq >= delivered
@@ -509,29 +516,39 @@ class Hub:
                 hub_channel.name, subscription.last_seq, limit, max_bytes
             )
 
-    async def _shared_page(
-        self, hub_channel: HubChannel, since: int, limit: int, max_bytes: int
-    ) -> HistoryPage:
+    def _page_size(self, subscriber: Subscriber) -> tuple[int, int]:
+        """Pages sized to half the client's send queue (count, bytes): the replay waits
+        until the client has read down to half, so one page never overflows the queue."""
+        outbox = subscriber.outbox
+        limit = max(1, min(HISTORY_BATCH, outbox.max_frames // 2))
+        return limit, max(1, min(self.replay_batch_bytes, outbox.max_bytes // 2))
+
+    def _page_key(self, hub_channel: HubChannel, since: int, subscriber: Subscriber) -> PageKey:
+        limit, max_bytes = self._page_size(subscriber)
+        return (hub_channel.name, since, limit, max_bytes, hub_channel.delivered_seq)
+
+    async def _shared_page(self, key: PageKey) -> HistoryPage:
         """A replay's first page, read once for every replay of the same range that
-        starts while the read runs (a thousand dashboards opening at once cost one
-        read). Joining a read begun earlier is exact only while the channel has
-        delivered nothing since it began: a message fanned out in between would be in
-        neither the page nor the joiner's buffer. So the key holds ``delivered_seq``,
-        and a read goes stale for joiners as soon as the channel moves on."""
-        key = (hub_channel.name, since, limit, max_bytes, hub_channel.delivered_seq)
+        starts while the read runs or up to ``PAGE_REUSE_SECS`` after (a thousand
+        dashboards opening at once cost one read). Sharing a read begun earlier is
+        exact only while the channel has delivered nothing since it began: a message
+        fanned out in between would be in neither the page nor the sharer's buffer.
+        So the key holds ``delivered_seq``: a read goes stale for sharers as soon as
+        the channel moves on."""
         read = self._page_reads.get(key)
         if read is None:
-            read = self.loop.create_task(
-                self.history.page(hub_channel.name, since, limit, max_bytes)
-            )
+            channel, since, limit, max_bytes, _ = key
+            read = self.loop.create_task(self.history.page(channel, since, limit, max_bytes))
             self._page_reads[key] = read
-            read.add_done_callback(lambda done: self._page_read_done(key, done))
+            read.add_done_callback(
+                lambda done: self.loop.call_later(
+                    PAGE_REUSE_SECS, self._forget_page_read, key, done
+                )
+            )
         # Shielded: a replay whose client left must not cancel the others' read.
         return await asyncio.shield(read)
 
-    def _page_read_done(
-        self, key: tuple[str, int, int, int, int], read: asyncio.Task[HistoryPage]
-    ) -> None:
+    def _forget_page_read(self, key: PageKey, read: asyncio.Task[HistoryPage]) -> None:
         if self._page_reads.get(key) is read:
             del self._page_reads[key]
         if not read.cancelled():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from push.fanout.replay_slots import ReplaySlots
 from push.tests.test_hub import FakeClient, MemoryHistory, make_hub, make_message, settle
 
 
@@ -98,3 +99,27 @@ async def test_a_read_begun_before_the_channel_moved_is_not_shared() -> None:
     await settle()
     assert history.page_calls == 2
     assert early.seqs() == late.seqs() == [17, 18, 19, 20, 21]
+
+
+async def test_rewinds_sharing_a_read_take_no_replay_slot_and_reuse_it_after() -> None:
+    """One slot per address: the first rewind takes it and reads; the others share the
+    read (while it runs, or just after while the channel has not moved) without one."""
+    history = MemoryHistory()
+    slots = ReplaySlots(per_node=1, per_ip=1, wait_secs=0.05)
+    hub, _ = await _hub_with(history, 30, recent_size=2, replay_slots=slots)
+    await hub.subscribe(FakeClient(), "news", since=None, reply=lambda s, r: None)
+    history.page_gate = asyncio.Event()
+    clients = [FakeClient() for _ in range(20)]
+    for client in clients:
+        client.ip = "10.0.0.1"
+    first = [
+        asyncio.ensure_future(hub.subscribe(c, "news", since=None, reply=c.reply, rewind=5))
+        for c in clients[:10]
+    ]
+    await settle()
+    history.page_gate.set()
+    await asyncio.gather(*first)
+    for client in clients[10:]:  # after the read, the channel unchanged
+        await hub.subscribe(client, "news", since=None, reply=client.reply, rewind=5)
+    assert history.page_calls == 1 and slots.in_use == 0
+    assert all(client.seqs() == [26, 27, 28, 29, 30] for client in clients)
