@@ -79,3 +79,17 @@ test("occupancy: asked on subscribe, counted on the subscription and emitted", a
   lastSocket().receive({ type: "occupancy", channel: "room", subscribers: 3 });
   assert.deepEqual([events, subscription.subscribers], [[3], 3]);
 });
+
+test("on SSE the stream asks ?rewind= for the channels its cursor does not name", async () => {
+  const { FakeEventSource } = await import("./fakes.js");
+  const c = new PushClient("ws://push.test/ws/", { EventSource: FakeEventSource, transports: ["sse"], baseDelayMs: 1, maxDelayMs: 3 });
+  clients.push(c);
+  c.connect().catch(() => {});
+  c.subscribe("news", () => {}, { since: 4 }).catch(() => {});
+  c.subscribe("prices", () => {}, { rewind: 5 }).catch(() => {});
+  c.subscribe("chat", () => {}, { rewind: 2 }).catch(() => {});
+  await until("a stream with every channel", () => FakeEventSource.opened.at(-1)?.channels.length === 3);
+  const url = FakeEventSource.opened.at(-1).url;
+  assert.equal(url.searchParams.get("rewind"), "5");
+  assert.equal(url.searchParams.get("since"), "news:4");
+});
