@@ -129,7 +129,7 @@ def test_a_service_lists_only_the_channels_its_subscribe_scopes_name() -> None:
     reader.credentials(
         HTTP_AUTHORIZATION=f"Token {_service_key('publish:*', 'subscribe:ticker:?')}"
     )
-    names = lambda api: [c["name"] for c in api.get("/api/v1/channels/").json()["results"]]  # noqa: E731
+    names = lambda api: [c["channel"] for c in api.get("/api/v1/channels/").json()["results"]]  # noqa: E731
     assert names(publisher) == []
     assert names(reader) == ["ticker:A", "ticker:B"]
 

@@ -8,7 +8,6 @@ from rest_framework import serializers
 
 from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
-from push.models import Channel
 from push.wire.protocol import validate_channel_name, validate_data
 
 # The contract's bound on one batch publish (POST /api/v1/messages).
@@ -84,6 +83,16 @@ class HistoryQuerySerializer(serializers.Serializer):
         return value
 
 
+class ChannelListQuerySerializer(HistoryQuerySerializer):
+    """The channel list's query: ``prefix``, ``occupied``, and ``after`` (the last name
+    of the previous page) with ``limit`` as history pages."""
+
+    since = None  # type: ignore[assignment]  # the list pages by name, not seq
+    prefix = serializers.CharField(required=False, default="", allow_blank=True, max_length=100)
+    occupied = serializers.BooleanField(required=False, default=False)
+    after = serializers.CharField(required=False, default="", allow_blank=True, max_length=100)
+
+
 def published_body(message: ChannelMessage) -> dict[str, Any]:
     return {
         "channel": message.channel,
@@ -91,7 +100,3 @@ def published_body(message: ChannelMessage) -> dict[str, Any]:
         "message_id": message.message_id,
         "timestamp": message.timestamp,
     }
-
-
-def channel_body(channel: Channel) -> dict[str, Any]:
-    return {"name": channel.name, "last_seq": channel.last_seq}

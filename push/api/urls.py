@@ -2,6 +2,7 @@ from django.urls import path
 
 from push.api.views import (
     BatchMessagesView,
+    ChannelInfoView,
     ChannelListView,
     ChannelMessagesView,
     ChannelPresenceView,
@@ -10,6 +11,7 @@ from push.api.views import (
 
 urlpatterns = [
     path("channels/", ChannelListView.as_view(), name="channel-list"),
+    path("channels/<str:channel>", ChannelInfoView.as_view(), name="channel-info"),
     path("channels/<str:channel>/messages", ChannelMessagesView.as_view(), name="channel-messages"),
     path("channels/<str:channel>/presence", ChannelPresenceView.as_view(), name="presence"),
     path("messages", BatchMessagesView.as_view(), name="batch-messages"),

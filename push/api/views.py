@@ -20,7 +20,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.authentication import request_principal
-from accounts.permissions import ChannelPermission, authorize_publish, visible_channels
+from accounts.permissions import ChannelPermission, authorize_publish
 from common import metrics
 from common.conf import push_settings
 from common.db import db_call
@@ -28,14 +28,15 @@ from common.errors import ErrorCode, PushError
 from push.api.base import AsyncAPIView
 from push.api.serializers import (
     MAX_BATCH_MESSAGES,
+    ChannelListQuerySerializer,
     HistoryQuerySerializer,
     PublishSerializer,
     batch_items,
-    channel_body,
     published_body,
 )
 from push.cluster.node import running_node
 from push.cluster.presence import presence_members_sync
+from push.services.channel_info import channel_bodies, channel_info, channel_names_visible
 from push.services.publishing import message_publish_async, messages_publish_batch, user_channel
 from push.storage import selectors
 from push.wire.protocol import validate_channel_name
@@ -166,21 +167,42 @@ class BatchMessagesView(AsyncAPIView):
 
 
 class ChannelListView(APIView):
-    # No channel right: the list holds only the channels the caller may see.
+    """``GET /api/v1/channels/?prefix=<p>&occupied=true``: the channels the caller may
+    subscribe to, by name, each as ``GET /api/v1/channels/<channel>`` answers; paged
+    as history is (``limit``, ``next``)."""
+
+    # No channel right: the list holds only the channels the caller may subscribe to.
     permission_classes = [ChannelPermission]
-    PAGE_SIZE = 100
 
     def get(self, request: Request) -> Response:
-        after = request.query_params.get("after", "")
-        channels = list(
-            visible_channels(request_principal(request), selectors.channel_list(), after=after)[
-                : self.PAGE_SIZE + 1
-            ]
+        query = ChannelListQuerySerializer(
+            data=request.query_params,
+            max_limit=push_settings.HISTORY_PAGE_MAX,
+            default_limit=push_settings.HISTORY_PAGE_DEFAULT,
         )
-        has_more = len(channels) > self.PAGE_SIZE
-        channels = channels[: self.PAGE_SIZE]
-        next_url = _page_url(request, after=channels[-1].name) if has_more else None
-        return Response({"results": [channel_body(c) for c in channels], "next": next_url})
+        query.is_valid(raise_exception=True)
+        limit = query.validated_data["limit"]
+        names = channel_names_visible(
+            principal=request_principal(request),
+            prefix=query.validated_data["prefix"],
+            occupied=query.validated_data["occupied"],
+            after=query.validated_data["after"],
+            limit=limit + 1,
+        )
+        has_more = len(names) > limit
+        names = names[:limit]
+        next_url = _page_url(request, after=names[-1], limit=limit) if has_more else None
+        return Response({"results": channel_bodies(names), "next": next_url})
+
+
+class ChannelInfoView(ChannelView):
+    """``GET /api/v1/channels/<channel>``: its last seq and subscribers across nodes
+    (and presence members), for whoever may subscribe to it."""
+
+    channel_rights = {"GET": "subscribe"}
+
+    def get(self, request: Request, channel: str) -> Response:
+        return Response(channel_info(channel=channel))
 
 
 class UserMessagesView(ChannelView):

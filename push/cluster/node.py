@@ -30,6 +30,7 @@ from push.cluster.admission import ConnectionCounter
 from push.cluster.broker import PRESENCE_EVENT, Broker, channel_group
 from push.cluster.directory import CONTROL_GROUP, DISCONNECT_EVENT, TOP_CHANNELS, NodeDirectory
 from push.cluster.live import LiveConnection
+from push.cluster.occupancy import Occupancy
 from push.cluster.presence import PresenceStore, leave_presence
 from push.cluster.registry import ConnectionRegistry, close_node_connections
 from push.fanout.hub import Hub
@@ -109,6 +110,9 @@ class Node:
             ),
             retention=retention_policy,
         )
+        self.occupancy = Occupancy(
+            self.directory.redis, self.directory.prefix, server_id, hub=self.hub
+        )
         self.write_pipeline = _write_pipeline(self.broadcast)
         self._tasks: list[asyncio.Task[None]] = []
         # Live connections of this node, for revocation checks, admin actions and drain.
@@ -173,6 +177,7 @@ class Node:
             spawn(self._cluster_loop(), name="push-cluster", loop=self.loop),
             spawn(self.events.run(), name="push-events", loop=self.loop),
             spawn(self.recent_cache.run(), name="push-recent-cache", loop=self.loop),
+            spawn(self.occupancy.run(), name="push-occupancy", loop=self.loop),
         ]
         if self.write_pipeline is not None:
             self.write_pipeline.start()
@@ -337,6 +342,7 @@ class Node:
             await self.events.vacate_all_of(self.server_id)
             await self.events.flush()
             await self.directory.withdraw()
+            await self.occupancy.withdraw()
         except Exception as exc:
             logger.warning("could not mark connections closed: %s", exc)
         await self.stop()

@@ -53,6 +53,11 @@ RECENT_PER_CHANNEL = 256
 RECENT_MAX_BYTES = 1_048_576
 # How often a replay looks at its client's send queue (and whether the client left).
 OUTBOX_POLL_SECS = 0.005
+# A replay's first page stays shareable this long after its read, while the channel
+# delivers nothing (``Hub._shared_page``): a storm of rewinds that outlasts the read.
+PAGE_REUSE_SECS = 1.0
+# (channel, since, limit, max_bytes, the channel's delivered_seq when the read began)
+PageKey = tuple[str, int, int, int, int]
 # An empty channel stays joined this long, so clients that reconnect or flap between
 # subscribe and unsubscribe do not cost a broker round trip each time.
 LINGER_SECS = 10.0
@@ -311,6 +316,11 @@ class Hub:
         self.replay_slots = replay_slots
         self.channels: dict[str, HubChannel] = {}
         self.loop = asyncio.get_running_loop()
+        # Channels that gained or lost a subscription since ``push.cluster.occupancy``
+        # last took the set: it publishes their counts (nothing per message).
+        self.counts_changed: set[str] = set()
+        # History reads in flight that replays starting now may share (``_shared_page``).
+        self._page_reads: dict[PageKey, asyncio.Task[HistoryPage]] = {}
 
     # ----- subscribing ---------------------------------------------------------------
 
@@ -321,11 +331,15 @@ class Hub:
         *,
         since: int | None,
         reply: Callable[[int, bool | None], None],
+        rewind: int | None = None,
     ) -> Subscription:
         """Attach a subscriber; ``reply(seq, recovered)`` is called before any message
         reaches it. With ``since``, every stored message after it is replayed first,
-        then the live stream follows with nothing missing and nothing twice."""
+        then the live stream follows with nothing missing and nothing twice. With
+        ``rewind``, the channel's last ``rewind`` messages come first instead."""
         hub_channel = await self._channel_for_subscribe(channel)
+        if rewind is not None:
+            return await self._attach_rewound(subscriber, hub_channel, rewind, reply)
         if since is not None and since > hub_channel.delivered_seq:
             latest = await self._latest_seq_or_none(hub_channel)
             if latest is not None and since > latest:
@@ -342,6 +356,32 @@ class Hub:
         if hub_channel.covers_since(since):
             return self._attach_from_recent(subscriber, hub_channel, since, reply)
         return await self._attach_with_replay(subscriber, hub_channel, since, reply)
+
+    async def _attach_rewound(
+        self,
+        subscriber: Subscriber,
+        hub_channel: HubChannel,
+        rewind: int,
+        reply: Callable[[int, bool | None], None],
+    ) -> Subscription:
+        """The last ``rewind`` messages this node delivered, then live: a resume from
+        ``delivered_seq - rewind`` taken now, with no await before it, so the seam is
+        the one ``since`` has. The channel's recent messages (read once when the node
+        joined it) serve it without a read; else one history read that concurrent
+        subscribers share (``_shared_page``). ``recovered`` is not said: the request
+        had no ``since``."""
+
+        def reply_rewound(seq: int, recovered: bool | None) -> None:
+            reply(seq, None)
+
+        since = max(0, hub_channel.delivered_seq - rewind)
+        if since >= hub_channel.delivered_seq:
+            return self._attach_live(subscriber, hub_channel, None, reply, None)
+        if hub_channel.covers_since(since):
+            return self._attach_from_recent(subscriber, hub_channel, since, reply_rewound)
+        return await self._attach_with_replay(
+            subscriber, hub_channel, since, reply_rewound, rewind=rewind
+        )
 
     def _attach_from_recent(
         self,
@@ -361,6 +401,7 @@ class Hub:
         self._replay(subscription, kept)
         self._make_live(subscription)
         metrics.SUBSCRIPTIONS.inc()
+        self.counts_changed.add(hub_channel.name)
         return subscription
 
     async def _latest_seq_or_none(self, hub_channel: HubChannel) -> int | None:
@@ -391,6 +432,7 @@ class Hub:
         else:
             self._make_live(subscription)
         metrics.SUBSCRIPTIONS.inc()
+        self.counts_changed.add(hub_channel.name)
         return subscription
 
     async def _attach_with_replay(
@@ -399,28 +441,38 @@ class Hub:
         hub_channel: HubChannel,
         since: int,
         reply: Callable[[int, bool | None], None],
+        *,
+        rewind: int | None = None,
     ) -> Subscription:
         """Replay from history, then go live. The replay holds a slot of the node's and
         the client address's bounds, and stops as soon as its client leaves (before
         each page and while it waits for the client to read): the subscription comes
-        back inactive then, and nothing more is read for it."""
+        back inactive then, and nothing more is read for it. With ``rewind``, only the
+        last ``rewind`` before the latest seq the read saw are replayed."""
         subscription = Subscription(subscriber, hub_channel, since)
         subscription.buffer = []
         hub_channel.catching_up[subscription] = None
         metrics.SUBSCRIPTIONS.inc()
+        self.counts_changed.add(hub_channel.name)
         slots = self.replay_slots
+        # A rewind (at most 100 messages) whose read another replay has made already
+        # costs the database nothing: it takes no slot, so a storm of them is not refused.
+        key = self._page_key(hub_channel, since, subscriber)
+        shared = rewind is not None and key in self._page_reads
         holds_slot = False
         try:
-            holds_slot = slots is None or await slots.acquire(
-                subscriber.ip, lambda: subscriber.gone
+            holds_slot = (
+                slots is None
+                or shared
+                or await slots.acquire(subscriber.ip, lambda: subscriber.gone)
             )
             if holds_slot and not subscriber.gone:
-                await self._replay_history(subscription, since, reply)
+                await self._replay_history(subscription, since, reply, rewind)
         except BaseException:
             self.unsubscribe(subscription)
             raise
         finally:
-            if holds_slot and slots is not None:
+            if holds_slot and slots is not None and not shared:
                 slots.release(subscriber.ip)
         if subscriber.gone:
             self.unsubscribe(subscription)
@@ -429,24 +481,29 @@ class Hub:
         return subscription
 
     async def _replay_history(
-        self, subscription: Subscription, since: int, reply: Callable[[int, bool | None], None]
+        self,
+        subscription: Subscription,
+        since: int,
+        reply: Callable[[int, bool | None], None],
+        rewind: int | None = None,
     ) -> None:
         hub_channel = subscription.channel
         subscriber = subscription.subscriber
-        outbox = subscriber.outbox
-        # Pages sized to half the client's send queue: the replay waits until the
-        # client has read down to half, so one page never overflows the queue.
-        limit = max(1, min(HISTORY_BATCH, outbox.max_frames // 2))
-        max_bytes = max(1, min(self.replay_batch_bytes, outbox.max_bytes // 2))
+        limit, max_bytes = self._page_size(subscriber)
         delivered = hub_channel.delivered_seq
-        page = await self.history.page(hub_channel.name, since, limit, max_bytes)
+        page = await self._shared_page(self._page_key(hub_channel, since, subscriber))
         # History that knows less than this node had delivered before the read lost it
         # (a recent channel's window went with Redis): the replay is not complete.
         recovered = page.complete_from_since and page.latest_seq >= delivered
-        reply(max(page.latest_seq, hub_channel.delivered_seq), recovered)
+        latest = max(page.latest_seq, hub_channel.delivered_seq)
+        reply(latest, recovered)
         if not page.complete_from_since and page.messages:
             # Retention trimmed part of the range: replay from the oldest kept one.
             subscription.last_seq = page.messages[0].seq - 1
+        if rewind is not None:
+            # The channel moved on during the read (or history was ahead of this node):
+            # the last ``rewind`` end at the seq ``reply`` named; older ones are skipped.
+            subscription.last_seq = max(subscription.last_seq, latest - rewind)
         while subscription.active and not subscriber.gone:
             self._replay(subscription, page.messages)
             more = len(page.messages) >= limit or page.truncated
@@ -458,6 +515,44 @@ class Hub:
             page = await self.history.page(
                 hub_channel.name, subscription.last_seq, limit, max_bytes
             )
+
+    def _page_size(self, subscriber: Subscriber) -> tuple[int, int]:
+        """Pages sized to half the client's send queue (count, bytes): the replay waits
+        until the client has read down to half, so one page never overflows the queue."""
+        outbox = subscriber.outbox
+        limit = max(1, min(HISTORY_BATCH, outbox.max_frames // 2))
+        return limit, max(1, min(self.replay_batch_bytes, outbox.max_bytes // 2))
+
+    def _page_key(self, hub_channel: HubChannel, since: int, subscriber: Subscriber) -> PageKey:
+        limit, max_bytes = self._page_size(subscriber)
+        return (hub_channel.name, since, limit, max_bytes, hub_channel.delivered_seq)
+
+    async def _shared_page(self, key: PageKey) -> HistoryPage:
+        """A replay's first page, read once for every replay of the same range that
+        starts while the read runs or up to ``PAGE_REUSE_SECS`` after (a thousand
+        dashboards opening at once cost one read). Sharing a read begun earlier is
+        exact only while the channel has delivered nothing since it began: a message
+        fanned out in between would be in neither the page nor the sharer's buffer.
+        So the key holds ``delivered_seq``: a read goes stale for sharers as soon as
+        the channel moves on."""
+        read = self._page_reads.get(key)
+        if read is None:
+            channel, since, limit, max_bytes, _ = key
+            read = self.loop.create_task(self.history.page(channel, since, limit, max_bytes))
+            self._page_reads[key] = read
+            read.add_done_callback(
+                lambda done: self.loop.call_later(
+                    PAGE_REUSE_SECS, self._forget_page_read, key, done
+                )
+            )
+        # Shielded: a replay whose client left must not cancel the others' read.
+        return await asyncio.shield(read)
+
+    def _forget_page_read(self, key: PageKey, read: asyncio.Task[HistoryPage]) -> None:
+        if self._page_reads.get(key) is read:
+            del self._page_reads[key]
+        if not read.cancelled():
+            read.exception()  # retrieved: every waiter got it, or none was left
 
     async def _wait_for_room(self, subscriber: Subscriber) -> bool:
         """Wait until the client has read its send queue down to half (frames and
@@ -507,6 +602,7 @@ class Hub:
         subscription.active = False
         metrics.SUBSCRIPTIONS.dec()
         hub_channel = subscription.channel
+        self.counts_changed.add(hub_channel.name)
         hub_channel.catching_up.pop(subscription, None)
         by_codec = hub_channel.live.get(subscription.subscriber.codec.name)
         if by_codec is not None:

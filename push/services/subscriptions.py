@@ -19,6 +19,7 @@ from common import metrics
 from common.conf import push_settings
 from common.errors import CloseCode, ErrorCode, PushError
 from push.cluster.live import LiveConnection
+from push.cluster.occupancy import Occupancy
 from push.cluster.presence import PresenceStore, leave_presence, presence_member
 from push.cluster.registry import ConnectionRecord, ConnectionRegistry
 from push.fanout.hub import Hub
@@ -40,6 +41,7 @@ class SessionNode(Protocol):
     registry: ConnectionRegistry
     events: EventLog
     presence: PresenceStore
+    occupancy: Occupancy
 
     def admit(self, connection: LiveConnection) -> bool: ...
 
@@ -134,9 +136,13 @@ async def channel_subscribe(
     since: int | None,
     token: str | None,
     reply: Reply,
+    rewind: int | None = None,
+    occupancy: bool = False,
 ) -> None:
     """Subscribe after the permission check (or a signed subscription token): resume
-    from ``since`` when given, join presence on ``presence-`` channels.
+    from ``since`` when given (or send the last ``rewind`` messages first), join
+    presence on ``presence-`` channels, and with ``occupancy`` tell the subscriber the
+    channel's subscriber count now and as it changes.
 
     ``reply(seq, recovered)`` is called before the first message of the channel reaches
     the connection.
@@ -158,18 +164,24 @@ async def channel_subscribe(
         reply(
             max(existing.channel.delivered_seq, existing.last_seq), None if since is None else True
         )
+        if occupancy:
+            await node.occupancy.watch(existing)
         return
     if len(connection.subscriptions) >= push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION:
         raise PushError(
             ErrorCode.FORBIDDEN,
             f"subscription limit of {push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION} reached",
         )
-    subscription = await node.hub.subscribe(connection, channel, since=since, reply=reply)
+    subscription = await node.hub.subscribe(
+        connection, channel, since=since, reply=reply, rewind=rewind
+    )
     if connection.gone or not subscription.active:
         node.hub.unsubscribe(subscription)
         return
     connection.subscriptions[channel] = subscription
     _record_change(node, connection, events.SUBSCRIBE, channel)
+    if occupancy:
+        await node.occupancy.watch(subscription)
     if is_presence_channel(channel):
         joined = presence_member(connection.principal, connection.connection_id, claims)
         if await node.presence.join(channel, str(connection.connection_id), joined):

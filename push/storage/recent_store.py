@@ -498,3 +498,8 @@ async def window_since(channel: str, since: int, limit: int) -> list[ChannelMess
 
 def window_since_sync(channel: str, since: int, limit: int) -> list[ChannelMessage]:
     return _run(window_since(channel, since, limit))
+
+
+def latest_seqs_sync(channels: list[str]) -> dict[str, int]:
+    """Each recent channel's latest seq (REST channel info); a missing lease is left out."""
+    return _run(store().latest_seqs(channels))

@@ -213,8 +213,8 @@ def test_channel_list_shows_last_seq_and_hides_private(
     message_publish(channel="private-secret", data=1)
     listing = client.get("/api/v1/channels/").json()
     assert listing["results"] == [
-        {"name": "alpha", "last_seq": 2},
-        {"name": "beta", "last_seq": 1},
+        {"channel": "alpha", "last_seq": 2, "subscribers": 0},
+        {"channel": "beta", "last_seq": 1, "subscribers": 0},
     ]
     assert listing["next"] is None
 
@@ -226,7 +226,7 @@ def test_channel_list_shows_the_private_channels_a_grant_opens() -> None:
     ChannelGrant.objects.create(user=user, pattern="*-room-*", can_subscribe=True)
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
-    names = [c["name"] for c in api.get("/api/v1/channels/").json()["results"]]
+    names = [c["channel"] for c in api.get("/api/v1/channels/").json()["results"]]
     assert names == ["news", "presence-room-2", "private-room-1"]
 
 

@@ -198,6 +198,8 @@ class PushConsumer(AsyncConsumer):
             since=request.since,
             token=request.token,
             reply=reply,
+            rewind=request.rewind,
+            occupancy=request.occupancy,
         )
 
     async def handle_presence(self, connection: ClientConnection, request: Presence) -> None:

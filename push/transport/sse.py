@@ -113,6 +113,22 @@ def cursor_parse(text: str, *, max_entries: int | None = None) -> dict[str, int]
 class StreamRequest:
     channels: list[str]
     since: dict[str, int]
+    # ``?rewind=N``: each channel without a cursor entry starts N messages back.
+    rewind: int | None = None
+
+
+def _rewind_param(params: dict[str, list[str]]) -> int | None:
+    values = params.get("rewind")
+    if not values:
+        return None
+    text = values[-1]
+    if not text.isdigit() or not 1 <= int(text) <= protocol.MAX_REWIND:
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE,
+            f"'rewind' must be an integer from 1 to {protocol.MAX_REWIND}",
+            field="rewind",
+        )
+    return int(text)
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -124,7 +140,10 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 
 def stream_request(scope: dict[str, Any]) -> StreamRequest:
     """The channels and resume cursor of a stream request. ``Last-Event-ID`` wins over
-    ``?since=``: a browser reconnects to the same URL and sends the newer cursor."""
+    ``?since=``: a browser reconnects to the same URL and sends the newer cursor.
+    ``?rewind=`` applies only to channels the cursor does not name, so a reconnect
+    resumes where it was instead of rewinding again, and a stream can resume some
+    channels and rewind the ones it adds."""
     params = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
     channels = list(dict.fromkeys(params.get("channel", [])))
     if not channels:
@@ -137,8 +156,11 @@ def stream_request(scope: dict[str, Any]) -> StreamRequest:
     if since_text is None:
         since_values = params.get("since")
         since_text = since_values[-1] if since_values else ""
+    rewind = _rewind_param(params)
     max_entries = push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION
-    return StreamRequest(channels=channels, since=cursor_parse(since_text, max_entries=max_entries))
+    return StreamRequest(
+        channels=channels, since=cursor_parse(since_text, max_entries=max_entries), rewind=rewind
+    )
 
 
 # ----- the stream ----------------------------------------------------------------------
@@ -267,8 +289,9 @@ async def _subscribe_all(node: Node, connection: SseConnection, request: StreamR
         connection.send_error(PushError(ErrorCode.UNAVAILABLE, "history is unavailable"), None)
         return
     cursor = connection.cursor
+    back = request.rewind or 0
     for channel in allowed:
-        cursor[channel] = request.since.get(channel, latest.get(channel, 0))
+        cursor[channel] = request.since.get(channel, max(0, latest.get(channel, 0) - back))
     for channel in allowed:
         try:
             await channel_subscribe(

@@ -65,6 +65,15 @@ class Subscription:
     # also drops duplicates); None when delivery is not held back.
     held: dict[int, dict[str, Any]] | None = None
     repair: asyncio.Task[None] | None = None
+    # Asked on the first subscribe only: a reconnect resumes with ``since`` instead.
+    rewind: int | None = None
+    # True from a rewind's ``subscribed`` until its first message: the server may hold
+    # fewer than asked (history trimmed), so that message starts the run.
+    rewinding: bool = False
+    replay_until: int | None = None
+    occupancy: bool = False
+    # The last ``occupancy`` count, when asked for.
+    subscribers: int | None = None
 
     @property
     def delivered(self) -> int:
@@ -338,6 +347,8 @@ class PushClient:
             await self._on_message(envelope)
         elif kind == "subscribed":
             self._on_subscribed(envelope)
+        elif kind == "occupancy":
+            self._on_occupancy(envelope)
         elif kind == "error":
             self._on_error(envelope)
         else:
@@ -369,6 +380,8 @@ class PushClient:
             # A gap is being repaired: the repair delivers this one in its turn.
             subscription.held[seq] = message
             return
+        if subscription.rewinding:
+            _start_rewound(subscription, seq)
         last = subscription.last_seq
         # A resume may overlap what was already delivered: never hand a seq twice.
         if last is not None and seq <= last:
@@ -480,8 +493,13 @@ class PushClient:
     def _on_subscribed(self, reply: dict[str, Any]) -> None:
         subscription = self._subscriptions.get(reply.get("channel", ""))
         if subscription is not None:
+            if subscription.last_seq is None and subscription.rewind:
+                # The last ``rewind`` messages up to the reply's seq come first.
+                subscription.last_seq = max(0, reply["seq"] - subscription.rewind)
+                subscription.replay_until = reply["seq"]
+                subscription.rewinding = reply["seq"] > subscription.last_seq
             # Without `since` the reply's seq is the channel's latest: live messages follow.
-            if subscription.last_seq is None:
+            elif subscription.last_seq is None:
                 subscription.last_seq = reply["seq"]
             if reply.get("recovered") is False:
                 # History was trimmed past `since`: the application refetches over REST.
@@ -494,6 +512,12 @@ class PushClient:
                     },
                 )
         self._settle(reply)
+
+    def _on_occupancy(self, envelope: dict[str, Any]) -> None:
+        subscription = self._subscriptions.get(envelope.get("channel", ""))
+        if subscription is not None:
+            subscription.subscribers = envelope.get("subscribers")
+        self._events.emit("occupancy", envelope)
 
     def _on_error(self, envelope: dict[str, Any]) -> None:
         error = PushError(envelope.get("code", "ERROR"), envelope.get("message", ""), envelope)
@@ -545,6 +569,10 @@ class PushClient:
         envelope: dict[str, Any] = {"type": "subscribe", "channel": subscription.channel}
         if subscription.last_seq is not None:
             envelope["since"] = subscription.last_seq
+        elif subscription.rewind:
+            envelope["rewind"] = subscription.rewind
+        if subscription.occupancy:
+            envelope["occupancy"] = True
         envelope["id"] = request_id = self._take_id()
         self._pending[request_id] = _Pending(future=None, subscription=subscription)
         with contextlib.suppress(WebSocketClosed):  # the reconnect sends it again
@@ -566,13 +594,22 @@ class PushClient:
             self._pending.pop(request_id, None)
 
     async def subscribe(
-        self, channel: str, handler: Handler | None = None, *, since: int | None = None
+        self,
+        channel: str,
+        handler: Handler | None = None,
+        *,
+        since: int | None = None,
+        rewind: int | None = None,
+        occupancy: bool = False,
     ) -> Subscription:
         """Receive ``channel``: ``handler(message)`` gets every message once, in seq order.
 
         Returns when the server answers ``subscribed`` (waiting for the connection if it
-        is not up). ``since`` resumes from a seq the caller stored. Raises ``PushError``
-        (for example FORBIDDEN) or ``ConnectionClosed``.
+        is not up). ``since`` resumes from a seq the caller stored; ``rewind=N`` (1 to
+        100) starts with the channel's last N messages instead. ``occupancy=True`` also
+        asks for the channel's subscriber count: ``occupancy`` events and
+        ``subscription.subscribers``. Raises ``PushError`` (for example FORBIDDEN) or
+        ``ConnectionClosed``.
         """
         existing = self._subscriptions.get(channel)
         if existing is not None:
@@ -580,7 +617,9 @@ class PushClient:
             await existing.ready
             return existing
         ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        subscription = Subscription(channel, handler, since, ready)
+        subscription = Subscription(
+            channel, handler, since, ready, rewind=rewind, occupancy=occupancy
+        )
         self._subscriptions[channel] = subscription
         if self._state == State.CONNECTED and self._ws is not None:
             await self._send_subscribe(self._ws, subscription)
@@ -588,6 +627,22 @@ class PushClient:
         subscription.seq = reply["seq"]
         subscription.recovered = reply.get("recovered")
         return subscription
+
+    async def latest(
+        self,
+        channel: str,
+        on_value: Callable[[Any, dict[str, Any]], Any],
+        *,
+        occupancy: bool = False,
+    ) -> Subscription:
+        """For dashboards: ``on_value(data, message)`` gets the channel's latest value at
+        once (when it has one), then every new value, with no gap between the two
+        (``rewind=1``). Returns as ``subscribe`` does."""
+
+        def handler(message: dict[str, Any]) -> Any:
+            return on_value(message["data"], message)
+
+        return await self.subscribe(channel, handler, rewind=1, occupancy=occupancy)
 
     async def unsubscribe(self, channel: str) -> dict[str, Any] | None:
         """Stop receiving ``channel``; returns the reply, or None when not connected."""
@@ -619,6 +674,17 @@ class PushClient:
             self._heartbeat_task.cancel()
             self._heartbeat_task = None
         self._heartbeat_secs = None
+
+
+def _start_rewound(subscription: Subscription, seq: int) -> None:
+    """The first message after a rewind's reply: a stored one (up to the reply's seq)
+    starts the run even when the server held fewer than asked; a live one follows the
+    reply's seq, and anything missing before it is a gap as usual."""
+    subscription.rewinding = False
+    until = subscription.replay_until if subscription.replay_until is not None else seq
+    start = min(seq, until + 1) - 1
+    if subscription.last_seq is None or start > subscription.last_seq:
+        subscription.last_seq = start
 
 
 def _stop_repair(subscription: Subscription) -> None:

@@ -158,13 +158,20 @@ function csrfToken() {
 }
 
 class Subscription {
-  constructor(client, channel, handler, since) {
+  constructor(client, channel, handler, since, { rewind = null, occupancy = false } = {}) {
     this.client = client;
     this.channel = channel;
     this.handler = handler;
     // The last seq delivered to the handler (or the channel's seq when we joined): the
     // resume point for `since` after a reconnect.
     this.lastSeq = since ?? null;
+    // Asked on the first subscribe only: a reconnect resumes with `since` instead.
+    this.rewind = rewind;
+    // True from the `subscribed` reply of a rewind until its first message: the server
+    // may hold fewer than asked (history trimmed), so that message starts the run.
+    this.rewinding = false;
+    this.occupancy = occupancy;
+    this.subscribers = null; // the last `occupancy` count, when asked for
     // After a resume, messages up to the `subscribed` reply's seq are replays of stored
     // history: handlers get `{ replayed: true }` so live statistics can leave them out.
     this.replayUntil = null;
@@ -422,6 +429,9 @@ export class PushClient {
       case "subscribed":
         this.onSubscribed(envelope);
         break;
+      case "occupancy":
+        this.onOccupancy(envelope);
+        break;
       case "error":
         this.onError(envelope);
         break;
@@ -460,6 +470,7 @@ export class PushClient {
       subscription.held.set(message.seq, { message, replayed });
       return;
     }
+    if (subscription.rewinding) this.startRewound(subscription, message.seq);
     const last = subscription.lastSeq;
     // A resume may overlap what was already delivered; never hand the same seq twice.
     if (last !== null && message.seq <= last) return;
@@ -571,12 +582,33 @@ export class PushClient {
     subscription.lastSeq = until;
   }
 
+  // The first message after a rewind's reply: a stored one (up to the reply's seq)
+  // starts the run even when the server held fewer than asked; a live one follows the
+  // reply's seq, and anything missing before it is a gap as usual.
+  startRewound(subscription, seq) {
+    subscription.rewinding = false;
+    const from = Math.min(seq, subscription.replayUntil + 1) - 1;
+    if (from > subscription.lastSeq) subscription.lastSeq = from;
+  }
+
+  onOccupancy(envelope) {
+    const subscription = this.subscriptions.get(envelope.channel);
+    if (subscription) subscription.subscribers = envelope.subscribers;
+    this.emit("occupancy", envelope);
+  }
+
   onSubscribed(reply) {
     const subscription = this.subscriptions.get(reply.channel);
     if (subscription) {
-      // Without `since` the reply's seq is the channel's latest: live messages follow it.
-      if (subscription.lastSeq === null) subscription.lastSeq = reply.seq;
-      else subscription.replayUntil = reply.seq;
+      if (subscription.lastSeq === null && subscription.rewind) {
+        // The last `rewind` messages up to the reply's seq come first, as replays.
+        subscription.lastSeq = Math.max(0, reply.seq - subscription.rewind);
+        subscription.replayUntil = reply.seq;
+        subscription.rewinding = reply.seq > subscription.lastSeq;
+      } else if (subscription.lastSeq === null) {
+        // Without `since` the reply's seq is the channel's latest: live messages follow it.
+        subscription.lastSeq = reply.seq;
+      } else subscription.replayUntil = reply.seq;
       if (reply.recovered === false) {
         // The server could not replay everything after `since` (history trimmed): the
         // application should refetch its state over REST.
@@ -641,6 +673,8 @@ export class PushClient {
   sendSubscribe(subscription) {
     const envelope = { type: "subscribe", channel: subscription.channel };
     if (subscription.lastSeq !== null) envelope.since = subscription.lastSeq;
+    else if (subscription.rewind) envelope.rewind = subscription.rewind;
+    if (subscription.occupancy) envelope.occupancy = true;
     this.request(envelope, { subscription }).then(
       (reply) => subscription.ready?.resolve(reply),
       (error) => {
@@ -655,15 +689,18 @@ export class PushClient {
    * seq order (`replayed` is true for stored messages sent by a resume).
    * Resolves with the subscription when the server answers `subscribed` (waiting for
    * the connection if it is not up yet), or on SSE when a stream carrying the channel
-   * opens. `since` resumes from a seq the caller stored.
+   * opens. `since` resumes from a seq the caller stored; `rewind: N` (1 to 100) starts
+   * with the channel's last N messages instead (handed over as `replayed`).
+   * `occupancy: true` also asks for the channel's subscriber count: `occupancy` events
+   * ({channel, subscribers}) and `subscription.subscribers`.
    */
-  subscribe(channel, handler, { since = null } = {}) {
+  subscribe(channel, handler, { since = null, rewind = null, occupancy = false } = {}) {
     const existing = this.subscriptions.get(channel);
     if (existing) {
       existing.handler = handler;
       return Promise.resolve(existing);
     }
-    const subscription = new Subscription(this, channel, handler, since);
+    const subscription = new Subscription(this, channel, handler, since, { rewind, occupancy });
     const ready = new Promise((resolve, reject) => {
       subscription.ready = { resolve, reject };
     });
@@ -706,6 +743,15 @@ export class PushClient {
     return this.request({ type: "publish", channel, data });
   }
 
+  /**
+   * For dashboards: `onValue(data, message)` gets the channel's latest value at once
+   * (when it has one), then every new value, with no gap between the two (`rewind: 1`).
+   * Resolves as `subscribe` does.
+   */
+  latest(channel, onValue, options = {}) {
+    return this.subscribe(channel, (message) => onValue(message.data, message), { ...options, rewind: 1 });
+  }
+
   lastSeq(channel) {
     return this.subscriptions.get(channel)?.lastSeq ?? null;
   }
@@ -719,6 +765,11 @@ export class PushClient {
     // with a new channel list, and channels the WebSocket delivered before the fallback.
     const known = channels.map((channel) => [channel, this.lastSeq(channel)]).filter(([, seq]) => seq !== null);
     if (known.length) url.searchParams.set("since", formatCursor(known));
+    // The stream has one `rewind`, for the channels the cursor does not name: the largest
+    // asked (a channel that asked for fewer gets a few more, marked replayed).
+    const fresh = channels.filter((channel) => this.lastSeq(channel) === null);
+    const rewind = Math.max(0, ...fresh.map((channel) => this.subscriptions.get(channel).rewind ?? 0));
+    if (rewind) url.searchParams.set("rewind", rewind);
     return url.toString();
   }
 

@@ -1,0 +1,83 @@
+"""What a channel is right now: its last seq, its subscribers across the cluster and,
+on presence channels, how many members it has (``GET /api/v1/channels/<channel>`` and
+the channel list). The caller's right to subscribe is checked before (the view's
+``ChannelPermission``) or here, per channel, for the list: the same decider as
+subscribing."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from accounts.permissions import can_subscribe, is_presence_channel, visible_channels
+from accounts.principals import Principal
+from common.errors import ErrorCode, PushError
+from push.cluster.node import running_node
+from push.cluster.occupancy import occupied_channels, subscriber_totals
+from push.cluster.presence import presence_members_sync
+from push.storage import recent_store, selectors
+from push.storage.history_modes import is_recent
+
+logger = logging.getLogger(__name__)
+
+
+def _last_seqs(channels: list[str]) -> dict[str, int]:
+    recent = [c for c in channels if is_recent(c)]
+    latest = selectors.channel_latest_seqs(channels=[c for c in channels if not is_recent(c)])
+    if recent:
+        try:
+            latest.update(recent_store.latest_seqs_sync(recent))
+        except Exception as exc:
+            raise PushError(ErrorCode.UNAVAILABLE, "recent history is unavailable") from exc
+    return latest
+
+
+def channel_bodies(channels: list[str]) -> list[dict[str, Any]]:
+    """``{"channel", "last_seq", "subscribers"}`` for each of ``channels``, and
+    ``presence_members`` for presence channels; counted across nodes."""
+    node = running_node()
+    try:
+        totals = subscriber_totals(
+            channels, local=node.occupancy.local_count if node is not None else None
+        )
+    except Exception as exc:
+        raise PushError(ErrorCode.UNAVAILABLE, "subscriber counts are unavailable") from exc
+    latest = _last_seqs(channels)
+    bodies = []
+    for channel in channels:
+        body: dict[str, Any] = {
+            "channel": channel,
+            "last_seq": latest.get(channel, 0),
+            "subscribers": totals[channel],
+        }
+        if is_presence_channel(channel):
+            members = presence_members_sync(
+                channel, local=node.presence if node is not None else None
+            )
+            body["presence_members"] = len(members)
+        bodies.append(body)
+    return bodies
+
+
+def channel_info(*, channel: str) -> dict[str, Any]:
+    return channel_bodies([channel])[0]
+
+
+def channel_names_visible(
+    *, principal: Principal, prefix: str, occupied: bool, after: str, limit: int
+) -> list[str]:
+    """Up to ``limit`` names, in order, after ``after``, starting with ``prefix``, of the
+    channels ``principal`` may subscribe to: the stored channels, or with ``occupied``
+    those with a subscriber on some node now (recent-only channels included)."""
+    if not occupied:
+        stored = selectors.channel_list().filter(name__startswith=prefix)
+        return list(
+            visible_channels(principal, stored, after=after).values_list("name", flat=True)[:limit]
+        )
+    node = running_node()
+    try:
+        names = sorted(occupied_channels(prefix, local=node.hub if node is not None else None))
+    except Exception as exc:
+        raise PushError(ErrorCode.UNAVAILABLE, "subscriber counts are unavailable") from exc
+    visible = (n for n in names if n > after and can_subscribe(principal, n))
+    return [name for name, _ in zip(visible, range(limit), strict=False)]

@@ -1,0 +1,125 @@
+"""The hub's ``rewind``: the channel's last N messages, then live, served from the
+node's recent messages, or from one history read that concurrent subscribers share."""
+
+from __future__ import annotations
+
+import asyncio
+
+from push.fanout.replay_slots import ReplaySlots
+from push.tests.test_hub import FakeClient, MemoryHistory, make_hub, make_message, settle
+
+
+async def _hub_with(history: MemoryHistory, stored: int, **kwargs: object):  # type: ignore[no-untyped-def]  # test helper
+    for seq in range(1, stored + 1):
+        history.store("news", seq)
+    return await make_hub(history, **kwargs)
+
+
+async def test_rewind_sends_the_last_messages_from_memory_then_live() -> None:
+    history = MemoryHistory()
+    hub, _ = await _hub_with(history, 30)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=None, reply=client.reply, rewind=5)
+    assert client.replies == [(30, None)]  # no ``recovered``: the request had no since
+    hub.deliver(make_message("news", 31))
+    await settle()
+    assert client.seqs() == [26, 27, 28, 29, 30, 31]
+    assert history.page_calls == 0 and history.recent_calls == 1  # the join's one read
+
+
+async def test_rewind_beyond_the_stored_history_sends_what_there_is() -> None:
+    history = MemoryHistory()
+    hub, _ = await _hub_with(history, 3)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=None, reply=client.reply, rewind=100)
+    await settle()
+    assert client.seqs() == [1, 2, 3] and client.replies == [(3, None)]
+
+
+async def test_rewind_on_an_empty_channel_goes_live() -> None:
+    history = MemoryHistory()
+    hub, _ = await make_hub(history)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=None, reply=client.reply, rewind=10)
+    hub.deliver(make_message("news", 1))
+    await settle()
+    assert client.replies == [(0, None)] and client.seqs() == [1]
+
+
+async def test_rewind_past_memory_shares_one_history_read_and_keeps_the_seam() -> None:
+    """The recent messages hold only 4: rewinds of 10 read history; the ones that start
+    while the read runs share it, and messages that arrive meanwhile follow exactly:
+    the last 10 end at the seq ``subscribed`` names, the latest when the read ended."""
+    history = MemoryHistory()
+    hub, _ = await _hub_with(history, 20, recent_size=4)
+    first = FakeClient()
+    await hub.subscribe(first, "news", since=None, reply=first.reply)  # joins the channel
+    history.page_gate = asyncio.Event()
+    clients = [FakeClient() for _ in range(50)]
+    tasks = [
+        asyncio.ensure_future(hub.subscribe(c, "news", since=None, reply=c.reply, rewind=10))
+        for c in clients
+    ]
+    await settle()
+    history.store("news", 21)
+    history.store("news", 22)
+    hub.deliver(make_message("news", 21))  # live while the read runs: held
+    hub.deliver(make_message("news", 22))
+    history.page_gate.set()
+    await asyncio.gather(*tasks)
+    hub.deliver(make_message("news", 23))
+    await settle()
+    assert history.page_calls == 1
+    for client in clients:
+        assert client.seqs() == list(range(13, 24))
+        assert client.replies == [(22, None)]
+
+
+async def test_a_read_begun_before_the_channel_moved_is_not_shared() -> None:
+    """A replay that starts after a message was fanned out cannot join a read begun
+    before it: that message would be in neither the page nor its buffer."""
+    history = MemoryHistory()
+    hub, _ = await _hub_with(history, 20, recent_size=2)
+    await hub.subscribe(FakeClient(), "news", since=None, reply=lambda s, r: None)
+    history.page_gate = asyncio.Event()
+    early = FakeClient()
+    early_task = asyncio.ensure_future(
+        hub.subscribe(early, "news", since=None, reply=early.reply, rewind=5)
+    )
+    await settle()
+    history.store("news", 21)
+    hub.deliver(make_message("news", 21))
+    late = FakeClient()
+    late_task = asyncio.ensure_future(
+        hub.subscribe(late, "news", since=None, reply=late.reply, rewind=5)
+    )
+    await settle()
+    history.page_gate.set()
+    await asyncio.gather(early_task, late_task)
+    await settle()
+    assert history.page_calls == 2
+    assert early.seqs() == late.seqs() == [17, 18, 19, 20, 21]
+
+
+async def test_rewinds_sharing_a_read_take_no_replay_slot_and_reuse_it_after() -> None:
+    """One slot per address: the first rewind takes it and reads; the others share the
+    read (while it runs, or just after while the channel has not moved) without one."""
+    history = MemoryHistory()
+    slots = ReplaySlots(per_node=1, per_ip=1, wait_secs=0.05)
+    hub, _ = await _hub_with(history, 30, recent_size=2, replay_slots=slots)
+    await hub.subscribe(FakeClient(), "news", since=None, reply=lambda s, r: None)
+    history.page_gate = asyncio.Event()
+    clients = [FakeClient() for _ in range(20)]
+    for client in clients:
+        client.ip = "10.0.0.1"
+    first = [
+        asyncio.ensure_future(hub.subscribe(c, "news", since=None, reply=c.reply, rewind=5))
+        for c in clients[:10]
+    ]
+    await settle()
+    history.page_gate.set()
+    await asyncio.gather(*first)
+    for client in clients[10:]:  # after the read, the channel unchanged
+        await hub.subscribe(client, "news", since=None, reply=client.reply, rewind=5)
+    assert history.page_calls == 1 and slots.in_use == 0
+    assert all(client.seqs() == [26, 27, 28, 29, 30] for client in clients)

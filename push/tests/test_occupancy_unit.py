@@ -1,0 +1,51 @@
+"""``push.cluster.occupancy`` without Redis (one process): counts follow the hub's
+subscriptions, watchers hear each change once, and ended subscriptions are forgotten."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from push.cluster.occupancy import Occupancy
+from push.tests.test_hub import FakeClient, MemoryHistory, make_hub, settle
+
+
+def _counts(client: FakeClient) -> list[int]:
+    return [e["subscribers"] for e in client.sent if e.get("type") == "occupancy"]
+
+
+async def test_watchers_hear_the_count_on_subscribe_and_each_change_once() -> None:
+    hub, _ = await make_hub(MemoryHistory())
+    occupancy = Occupancy(None, "t", "node-a", hub=hub)
+    watcher = FakeClient()
+    subscription = await hub.subscribe(watcher, "room", since=None, reply=watcher.reply)
+    await occupancy.watch(subscription)
+    await settle()
+    assert _counts(watcher) == [1]
+    others: list[Any] = []
+    for _ in range(3):
+        client = FakeClient()
+        others.append(await hub.subscribe(client, "room", since=None, reply=client.reply))
+    await occupancy.tick()
+    await occupancy.tick()  # nothing changed since: nothing sent
+    hub.unsubscribe(others[0])
+    await occupancy.tick()
+    await settle()
+    assert _counts(watcher) == [1, 4, 3]
+    assert occupancy.local_count("room") == 3
+    hub.unsubscribe(subscription)
+    await occupancy.tick()
+    assert occupancy._watchers == {}
+
+
+async def test_only_channels_whose_count_changed_are_published() -> None:
+    hub, _ = await make_hub(MemoryHistory())
+    occupancy = Occupancy(None, "t", "node-a", hub=hub)
+    client = FakeClient()
+    first = await hub.subscribe(client, "a", since=None, reply=client.reply)
+    await hub.subscribe(client, "b", since=None, reply=client.reply)
+    assert hub.counts_changed == {"a", "b"}
+    await occupancy.publish()
+    assert hub.counts_changed == set() and occupancy._published == {"a": 1, "b": 1}
+    hub.unsubscribe(first)
+    await occupancy.publish()
+    assert occupancy._published == {"b": 1}
