@@ -8,7 +8,10 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from tests.servers import Database
 
 T = TypeVar("T")
 
@@ -16,6 +19,9 @@ T = TypeVar("T")
 # failing test, and a loaded machine (the suite shares two cores) must not trip it.
 WAIT_TIMEOUT_SECS = 10.0
 POLL_INTERVAL_SECS = 0.01
+# For a condition that asks a server or a database (a query, a scrape): often enough,
+# and not a load of its own on the machine the servers under test share.
+QUERY_INTERVAL_SECS = 0.1
 
 
 def _timed_out(what: str, timeout: float, last: object) -> AssertionError:
@@ -61,3 +67,14 @@ def wait_until_blocking(
         if time.monotonic() >= deadline:
             raise _timed_out(what, timeout, value)
         time.sleep(interval)
+
+
+def lock_waiters(database: Database) -> int:
+    """How many sessions of ``database`` wait on a lock: what a test that holds a row
+    lock waits for before it goes on (a write path that commits several publishes
+    together waits on it as one)."""
+    rows = database.query(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    return int(rows[0][0])

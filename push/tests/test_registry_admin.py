@@ -25,7 +25,7 @@ from push.tests.wsclient import WsClient, connected_client, open_client
 from push.wire.codecs import CODECS
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
 
 async def test_connections_are_recorded_with_user_node_and_close(wire_format: str) -> None:
