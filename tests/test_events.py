@@ -364,15 +364,21 @@ async def test_occupancy_is_counted_across_nodes(e2e_env: dict[str, str], tmp_pa
         client = redis.Redis.from_url(env["REDIS_URL"])
 
         def kinds() -> list[str]:
-            return [e["type"] for e in _stream_events(client, env) if e.get("channel") == channel]
+            entries = client.xrange(f"{env['REDIS_PREFIX']}:events")
+            events = [json.loads(fields[b"event"]) for _, fields in entries]
+            return [e["type"] for e in events if e.get("channel") == channel]
 
-        await wait_until(lambda: "channel_occupied" in kinds(), "the channel_occupied event")
+        # Kept as it was: the vacated event went missing (30 s) in 3 of 8 runs once these
+        # waits polled for their conditions, never in 8 runs as written; not understood
+        # yet, so left alone.
+        await asyncio.sleep(0.5)
+        assert kinds().count("channel_occupied") == 1
         for ws in sockets:
             await ws.close()
-        # Each node lingers 10 s on the empty channel before it leaves.
-        await wait_until(
-            lambda: "channel_vacated" in kinds(), "the channel_vacated event", timeout=30
-        )
+        for _ in range(60):
+            if "channel_vacated" in kinds():
+                break
+            await asyncio.sleep(0.5)
         assert kinds().count("channel_occupied") == 1
         assert kinds().count("channel_vacated") == 1
     finally:
