@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
 import pytest
 
 from push.tests.wsclient import WIRE_FORMATS
@@ -13,21 +16,66 @@ def wire_format(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture(autouse=True)
-async def fresh_node():
-    """Each test's event loop gets its own node; stop it so nothing leaks between tests."""
+@pytest.fixture
+async def fresh_node() -> AsyncIterator[None]:
+    """For a test that starts this process's node (an in-process WebSocket or SSE client,
+    ``get_node()``): each test's event loop gets its own node; stop it on that loop so
+    nothing leaks into the next test. Such a module says ``usefixtures("fresh_node")``."""
     from push.services.runtime import stop_node
 
     yield
     await stop_node()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """A node still running after a test that did not ask for ``fresh_node``: stop it
+    on its loop (still open here, before the fixtures are torn down) so it cannot leak
+    into the next test, and fail the test so that it asks for the fixture. For the
+    tests that start no node this is one look at a variable."""
+    leaked = "fresh_node" not in item.fixturenames and _stop_leaked_node()
+    result = yield
+    if leaked:
+        pytest.fail("this test started a node: request the fresh_node fixture", pytrace=False)
+    return result
+
+
+def _stop_leaked_node() -> bool:
+    from push.cluster.node import running_node
+    from push.services.runtime import stop_node
+
+    node = running_node()
+    if node is None:
+        return False
+    if not node.loop.is_closed() and not node.loop.is_running():
+        node.loop.run_until_complete(stop_node())
+        return True
+    # Its loop is gone (a sync test's async_to_sync), so what stop() awaits can never
+    # finish: run only its first step, which forgets the node.
+    stopping = stop_node()
+    with contextlib.suppress(BaseException):
+        stopping.send(None)
+    stopping.close()
+    return True
+
+
+# Fixtures that give a test the database: only such a test can have written what the
+# next one must not see in Redis (publishing and authenticating need the database).
+_DATABASE_FIXTURES = {"db", "transactional_db", "django_db_reset_sequences"}
+
+
 @pytest.fixture(autouse=True)
-def _forget_cached_recent_history():
+def _forget_cached_recent_history(request: pytest.FixtureRequest) -> Iterator[None]:
     """Each test's database starts empty while Redis lives on: drop the recent-history
     cache after a test, or the next one would read another test's messages; and the
-    failed-authentication counters, or one test's bad tokens would throttle the next."""
+    failed-authentication counters, or one test's bad tokens would throttle the next.
+    Only after a test that used the database: the others never write these keys."""
     yield
+    uses_database = request.node.get_closest_marker("django_db") is not None or bool(
+        _DATABASE_FIXTURES & set(request.fixturenames)
+    )
+    if not uses_database:
+        return
     from django.conf import settings
     from django.core.cache import cache
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
 from tests.servers import (
@@ -25,6 +26,7 @@ from tests.servers import (
     csrf_headers,
     manage,
 )
+from tests.waiting import QUERY_INTERVAL_SECS, wait_until
 from tests.wsclient import open_ws, request, subscribe
 
 pytestmark = pytest.mark.e2e
@@ -49,14 +51,14 @@ async def admin_on_a(
 
 async def _registered_pk(database: Database, connection_id: str) -> int:
     """The registry row's primary key, once the node's batch has written it."""
-    for _ in range(40):
-        rows = database.query(
+    rows = await wait_until(
+        lambda: database.query(
             "SELECT id FROM push_connection WHERE connection_id = %s", connection_id
-        )
-        if rows:
-            return int(rows[0][0])
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"{connection_id} never reached the registry")
+        ),
+        f"{connection_id} in the registry",
+        interval=QUERY_INTERVAL_SECS,
+    )
+    return int(rows[0][0])
 
 
 async def test_admin_closes_one_connection_that_lives_on_the_other_node(
@@ -106,23 +108,30 @@ async def test_admin_nodes_page_sums_subscribers_across_nodes_with_the_message_r
     async def publish_forever() -> None:
         for i in range(10_000):
             await publisher.send(json.dumps({"type": "publish", "channel": channel, "data": i}))
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # pacing: a steady rate for the page to show
 
     publishing = asyncio.create_task(publish_forever())
     row = re.compile(_CHANNEL_ROW.format(name=re.escape(channel)))
-    found = None
+    page = ""
+
+    async def listed_with_a_rate_on_two_nodes() -> re.Match[str] | None:
+        nonlocal page
+        page = (await admin_on_a.get("/admin/push/connection/nodes/")).text
+        found = row.search(page)
+        return found if found and float(found["rate"]) > 0 and found["nodes"] == "2" else None
+
     try:
-        for _ in range(40):
-            await asyncio.sleep(0.5)
-            page = (await admin_on_a.get("/admin/push/connection/nodes/")).text
-            found = row.search(page)
-            if found and float(found["rate"]) > 0 and found["nodes"] == "2":
-                break
+        # The nodes announce their stats every PUSH_CLUSTER_ANNOUNCE_SECS (0.5 s here).
+        found = await wait_until(
+            listed_with_a_rate_on_two_nodes,
+            f"{channel} on the nodes page with a rate, on two nodes",
+            timeout=20,
+            interval=0.25,
+        )
     finally:
         publishing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await publishing
-    assert found is not None, "the channel is listed"
     assert found["subscribers"] == "3" and found["nodes"] == "2", found.group(0)
     assert float(found["rate"]) > 0, found.group(0)
     assert node_a.name in page and node_b.name in page
@@ -159,15 +168,30 @@ async def test_killed_node_connections_are_marked_closed_by_another(
 ) -> None:
     doomed = ServerNode(e2e_env, name=f"doomed-{uuid.uuid4().hex[:6]}").start()
     clients = [await open_ws(doomed.ws_url) for _ in range(5)]
-    await asyncio.sleep(2.0)  # the registry writes them, the node announces itself
     query = "SELECT count(*) FROM push_connection WHERE server_id = %s AND disconnected_at IS NULL"
-    assert e2e_database.query(query, doomed.name) == [(5,)]
+    redis = aioredis.from_url(e2e_env["REDIS_URL"])
+    nodes = f"{e2e_env['REDIS_PREFIX']}:nodes"  # the node directory's sorted set
+
+    async def recorded_and_announced() -> bool:
+        if e2e_database.query(query, doomed.name) != [(5,)]:
+            return False
+        return await redis.zscore(nodes, doomed.name) is not None
+
+    try:
+        await wait_until(
+            recorded_and_announced,
+            "the registry rows and the node's announcement",
+            interval=QUERY_INTERVAL_SECS,
+        )
+    finally:
+        await redis.aclose()
     doomed.stop(signal.SIGKILL)
-    for _ in range(40):
-        await asyncio.sleep(0.25)
-        if e2e_database.query(query, doomed.name) == [(0,)]:
-            break
-    assert e2e_database.query(query, doomed.name) == [(0,)]
+    await wait_until(
+        lambda: e2e_database.query(query, doomed.name) == [(0,)],
+        "another node to mark the killed node's connections closed",
+        timeout=20,  # dead after PUSH_NODE_DEAD_AFTER_SECS (3 s), then reaped
+        interval=QUERY_INTERVAL_SECS,
+    )
     for ws in clients:
         ws.transport.abort()
 
@@ -266,7 +290,9 @@ async def test_a_token_in_the_url_never_reaches_the_node_log(
             async with http.stream("GET", f"/sse/?channel=logged&token={token}") as stream:
                 assert stream.status_code == 200
                 await anext(stream.aiter_bytes())
-        await asyncio.sleep(1.5)  # the stream's close reaches the node and its log
+        await wait_until(
+            lambda: node.log().count(" closed after ") == 2, "both closes in the node's log"
+        )
     finally:
         node.stop()
     log = node.log()

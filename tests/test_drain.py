@@ -15,6 +15,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.servers import Database, ServerNode
+from tests.waiting import wait_until
 from tests.wsclient import flood, open_ws, stalled_subscriber, subscribe
 
 pytestmark = pytest.mark.e2e
@@ -23,9 +24,12 @@ CLIENTS = 20
 MESSAGES = 200
 
 
-async def _follow(first_url: str, fallback_url: str, channel: str, seen: list[int]) -> int | None:
+async def _follow(
+    first_url: str, fallback_url: str, channel: str, seen: list[int], subscribed: list[bool]
+) -> int | None:
     """Read until the node sends us away, then resume on the other node until all arrive."""
     ws, _ = await subscribe(first_url, channel, since=0)
+    subscribed.append(True)
     close_code = None
     try:
         while True:
@@ -52,10 +56,14 @@ async def test_sigterm_drains_and_clients_resume_elsewhere(
     try:
         channel = f"drain-{uuid.uuid4().hex[:8]}"
         seen: list[list[int]] = [[] for _ in range(CLIENTS)]
+        subscribed: list[bool] = []
         followers = [
-            asyncio.create_task(_follow(draining.ws_url, staying.ws_url, channel, s)) for s in seen
+            asyncio.create_task(_follow(draining.ws_url, staying.ws_url, channel, s, subscribed))
+            for s in seen
         ]
-        await asyncio.sleep(0.5)
+        await wait_until(
+            lambda: len(subscribed) == CLIENTS, "every follower subscribed on the draining node"
+        )
         publisher = await open_ws(staying.ws_url, token=publisher_token)
         for i in range(MESSAGES):
             await publisher.send(json.dumps({"type": "publish", "channel": channel, "data": i}))
@@ -63,7 +71,7 @@ async def test_sigterm_drains_and_clients_resume_elsewhere(
                 started = time.monotonic()
                 await asyncio.to_thread(draining.stop)
                 drain_secs = time.monotonic() - started
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # pacing: the drain falls mid-stream
         close_codes = await asyncio.gather(*followers)
         assert set(close_codes) == {1001}, close_codes
         for received in seen:

@@ -33,6 +33,7 @@ from push.ops.event_worker import DEFAULT_GROUP, EventWorker, configured_handler
 from push.ops.events import CONNECT, EventLog, event
 from push.ops.webhooks import WebhookFailed, deliver_webhooks
 from tests.servers import LOG_DIR, ROOT, ServerNode, admin_client, create_superuser
+from tests.waiting import QUERY_INTERVAL_SECS, wait_until
 from tests.wsclient import subscribe
 
 pytestmark = pytest.mark.e2e
@@ -80,13 +81,30 @@ def node_and_env(e2e_env: dict[str, str], tmp_path: Path) -> Iterator[tuple[Serv
     node.stop()
 
 
-async def _traffic(node: ServerNode, clients: int) -> str:
-    """``clients`` connect, subscribe to one new channel and leave; returns the channel."""
+def _stream_events(client: redis.Redis, env: dict[str, str]) -> list[dict]:
+    entries = client.xrange(f"{env['REDIS_PREFIX']}:events")
+    return [json.loads(fields[b"event"]) for _, fields in entries]
+
+
+def _disconnects(client: redis.Redis, env: dict[str, str]) -> int:
+    return sum(e["type"] == "disconnect" for e in _stream_events(client, env))
+
+
+async def _traffic(node: ServerNode, env: dict[str, str], clients: int) -> str:
+    """``clients`` connect, subscribe to one new channel and leave, and the node writes
+    their events to the stream; returns the channel."""
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    before = _disconnects(client, env)
     channel = f"events-{uuid.uuid4().hex[:6]}"
     sockets = [await subscribe(node.ws_url, channel) for _ in range(clients)]
     for ws, _ in sockets:
         await ws.close()
-    await asyncio.sleep(0.5)
+    await wait_until(
+        lambda: _disconnects(client, env) >= before + clients,
+        f"the {clients} disconnect events in the stream",
+        interval=QUERY_INTERVAL_SECS,
+    )
+    client.close()
     return channel
 
 
@@ -95,23 +113,20 @@ async def test_worker_killed_mid_batch_loses_no_event(
 ) -> None:
     node, env = node_and_env
     first = _start_worker(env, "first")
-    channel = await _traffic(node, 30)
-    for _ in range(100):  # kill it inside its batch: some handled, most not (20 ms each)
-        if len(_sink(env)) >= 5:
-            break
-        await asyncio.sleep(0.05)
+    channel = await _traffic(node, env, 30)
+    # Kill it inside its batch: some handled, most not (20 ms each).
+    await wait_until(lambda: len(_sink(env)) >= 5, "the first worker to handle 5 events")
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     handled_by_first = len(_sink(env))
     second = _start_worker(env, "second")
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            events = _sink(env)
-            kinds = [e["type"] for e in events]
-            if kinds.count("connect") >= 30 and kinds.count("disconnect") >= 30:
-                break
-            await asyncio.sleep(0.2)
+
+        def all_handled() -> bool:
+            kinds = [e["type"] for e in _sink(env)]
+            return kinds.count("connect") >= 30 and kinds.count("disconnect") >= 30
+
+        await wait_until(all_handled, "30 connects and 30 disconnects handled", timeout=30)
         events = _sink(env)
         connects = {e["connection_id"] for e in events if e["type"] == "connect"}
         disconnects = {e["connection_id"] for e in events if e["type"] == "disconnect"}
@@ -138,13 +153,13 @@ def _stream_event_ids(client: redis.Redis, stream: str) -> dict[str, str]:
 
 async def _until_every_event_handled(env: dict[str, str], client: redis.Redis) -> list[dict]:
     stream = f"{env['REDIS_PREFIX']}:events"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def handled() -> bool:
         wanted = set(_stream_event_ids(client, stream).values())
-        if wanted <= {e["id"] for e in _sink(env)}:
-            return _sink(env)
-        await asyncio.sleep(0.2)
-    raise AssertionError("not every event was handled")
+        return wanted <= {e["id"] for e in _sink(env)}
+
+    await wait_until(handled, "every event in the stream to be handled", timeout=30)
+    return _sink(env)
 
 
 def _worker_log(name: str) -> Path:
@@ -153,13 +168,16 @@ def _worker_log(name: str) -> Path:
 
 async def _until_started(names: list[str], offsets: dict[str, int]) -> None:
     """Wait until each worker wrote its start line (past ``offsets`` in its log)."""
-    for _ in range(150):
+
+    def started() -> bool:
         logs = {n: _worker_log(n).read_bytes()[offsets[n] :] for n in names}
-        if all(f"event worker {n} in group".encode() in logs[n] for n in names):
-            await asyncio.sleep(0.5)  # its group and first read come right after
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"workers {names} did not start")
+        return all(f"event worker {n} in group".encode() in logs[n] for n in names)
+
+    await wait_until(started, f"workers {names} to start", timeout=30)
+    # Its group and first blocking read come right after the line, and Redis 7.0 shows
+    # neither (a consumer appears in XINFO only once it was given an entry): a sleep,
+    # so both workers read before the traffic and each takes a share.
+    await asyncio.sleep(0.5)
 
 
 async def _pending_of(client: redis.Redis, stream: str, consumer: str) -> list[str]:
@@ -178,16 +196,18 @@ async def test_two_workers_share_the_stream_and_one_takes_over_when_the_other_di
     workers = {name: _start_worker(env, name) for name in names}
     try:
         await _until_started(names, offsets)
-        await _traffic(node, 30)
+        await _traffic(node, env, 30)
         events = await _until_every_event_handled(env, client)
         assert set(Counter(e["id"] for e in events).values()) == {1}, "each event once"
         assert {e["handled_by"] for e in events} == {"left", "right"}, "both took a share"
 
-        traffic = asyncio.create_task(_traffic(node, 40))
-        for _ in range(400):  # kill it while it holds entries it has not finished
-            if len(await _pending_of(client, stream, "left")) >= 2:
-                break
-            await asyncio.sleep(0.01)
+        traffic = asyncio.create_task(_traffic(node, env, 40))
+
+        # Kill it while it holds entries it has not finished.
+        async def left_holds_entries() -> bool:
+            return len(await _pending_of(client, stream, "left")) >= 2
+
+        await wait_until(left_holds_entries, "two entries pending on the left worker")
         workers["left"].send_signal(signal.SIGKILL)
         workers["left"].wait(10)
         orphaned = await _pending_of(client, stream, "left")
@@ -256,12 +276,11 @@ async def test_failing_handler_dead_letters_after_its_attempts(
         ws, _ = await subscribe(node.ws_url, "dead-letters")
         await ws.close()
         client = redis.Redis.from_url(env["REDIS_URL"])
-        dead: list = []
-        for _ in range(60):
-            dead = client.xrange(f"{env['REDIS_PREFIX']}:events:dead")
-            if dead:
-                break
-            await asyncio.sleep(0.25)
+        dead = await wait_until(
+            lambda: client.xrange(f"{env['REDIS_PREFIX']}:events:dead"),
+            "the dead-lettered event",
+            timeout=15,
+        )
         assert len(dead) == 1
         fields = {k.decode(): v.decode() for k, v in dead[0][1].items()}
         assert json.loads(fields["event"])["type"] == "subscribe"
@@ -314,10 +333,11 @@ async def test_webhooks_are_signed_and_retried(e2e_env: dict[str, str], tmp_path
     try:
         ws, _ = await subscribe(node.ws_url, "hooked")
         await ws.close()
-        for _ in range(60):
-            if any(json.loads(b)["type"] == "disconnect" for _, b in _Hook.received):
-                break
-            await asyncio.sleep(0.25)
+        await wait_until(
+            lambda: any(json.loads(b)["type"] == "disconnect" for _, b in _Hook.received),
+            "the disconnect webhook",
+            timeout=15,
+        )
         kinds = [json.loads(body)["type"] for _, body in _Hook.received]
         assert {"connect", "subscribe", "disconnect"} <= set(kinds)
         signing = _client_signing()
@@ -349,6 +369,9 @@ async def test_occupancy_is_counted_across_nodes(e2e_env: dict[str, str], tmp_pa
             events = [json.loads(fields[b"event"]) for _, fields in entries]
             return [e["type"] for e in events if e.get("channel") == channel]
 
+        # Kept as it was: the vacated event went missing (30 s) in 3 of 8 runs once these
+        # waits polled for their conditions, never in 8 runs as written; not understood
+        # yet, so left alone.
         await asyncio.sleep(0.5)
         assert kinds().count("channel_occupied") == 1
         for ws in sockets:

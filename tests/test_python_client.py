@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
@@ -21,6 +21,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from tests.servers import ROOT, ServerNode, publish_rest
+from tests.waiting import wait_until
 from tests.wsclient import flood
 
 CLIENT_PATH = ROOT / "clients" / "python"
@@ -132,7 +133,7 @@ async def feed(history: FakeHistory, seqs: list[int], **options: Any) -> dict[st
     client._subscriptions["news"] = subscription
     for seq in seqs:
         await client._on_message(message(seq))
-    await eventually("the repair", lambda: subscription.held is None, timeout=5)
+    await wait_until(lambda: subscription.held is None, "the repair", timeout=5)
     return seen
 
 
@@ -208,15 +209,6 @@ def channel_name(prefix: str = "py") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-async def eventually(what: str, check: Callable[[], bool], timeout: float = WAIT_SECS) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 e2e = pytest.mark.e2e
 
 
@@ -236,19 +228,21 @@ async def test_reconnects_after_a_restart_and_resumes_without_a_gap(
     try:
         for i in range(3):
             await publish_rest(node, publisher_token, channel, i)
-        await eventually("the first messages", lambda: seqs == [1, 2, 3])
+        await wait_until(lambda: seqs == [1, 2, 3], "the first messages", timeout=WAIT_SECS)
         first_server = client.connection_id
 
         await asyncio.to_thread(node.stop)
-        await eventually("the client to notice", lambda: client.state == State.RECONNECTING)
+        await wait_until(
+            lambda: client.state == State.RECONNECTING, "the client to notice", timeout=WAIT_SECS
+        )
         # Published elsewhere while the client's node is down: only a resume delivers them.
         for i in range(5):
             await publish_rest(other_node, publisher_token, channel, f"missed {i}")
         await asyncio.to_thread(node.start)
-        await eventually("the reconnect", lambda: client.state == State.CONNECTED, timeout=30)
+        await wait_until(lambda: client.state == State.CONNECTED, "the reconnect", timeout=30)
         for i in range(2):
             await publish_rest(other_node, publisher_token, channel, f"after {i}")
-        await eventually("every message", lambda: seqs == list(range(1, 11)))
+        await wait_until(lambda: seqs == list(range(1, 11)), "every message", timeout=WAIT_SECS)
     finally:
         await client.close()
     assert gaps == []
@@ -307,7 +301,7 @@ async def test_reconnect_delays_follow_the_backoff_and_start_again_at_base(
         await asyncio.to_thread(node.stop)
         await asyncio.sleep(OUTAGE_SECS)
         await asyncio.to_thread(node.start)
-        await eventually("the reconnect", lambda: client.state == State.CONNECTED, timeout=30)
+        await wait_until(lambda: client.state == State.CONNECTED, "the reconnect", timeout=30)
         outage = list(closes)
         # The rule documented in docs/clients.md: retry n waits draw * min(max, base * 2^n).
         expected = [
@@ -327,7 +321,7 @@ async def test_reconnect_delays_follow_the_backoff_and_start_again_at_base(
 
         # Connected again: the next drop starts over at the base delay.
         await asyncio.to_thread(node.stop)
-        await eventually("the next retry", lambda: len(attempts) > len(outage) + 1, timeout=10)
+        await wait_until(lambda: len(attempts) > len(outage) + 1, "the next retry", timeout=10)
     finally:
         await client.close()
     dropped_at, first_delay = closes[len(outage)]
@@ -345,7 +339,7 @@ async def test_subscribe_with_since_replays_the_stored_tail(
     received: list[dict[str, Any]] = []
     async with PushClient(node.ws_url) as client:
         subscription = await client.subscribe(channel, received.append, since=2)
-        await eventually("the replay", lambda: len(received) == 4)
+        await wait_until(lambda: len(received) == 4, "the replay", timeout=WAIT_SECS)
         assert subscription.recovered is True
         assert client.last_seq(channel) == 6
     assert [m["seq"] for m in received] == [3, 4, 5, 6]
@@ -381,7 +375,7 @@ async def test_a_gap_from_a_drop_oldest_channel_is_filled_from_history_in_order(
         await flood(node.ws_url, publisher_token, channel, FLOOD_MESSAGES, FLOOD_PAYLOAD_BYTES)
         assert node.metric("push_dropped_frames_total") > dropped_before
         reading.set()
-        await eventually("every message", lambda: len(seqs) >= FLOOD_MESSAGES, timeout=60)
+        await wait_until(lambda: len(seqs) >= FLOOD_MESSAGES, "every message", timeout=60)
     assert seqs == list(range(1, FLOOD_MESSAGES + 1))
     assert gaps, "the node dropped frames: the client saw at least one gap"
     for gap in gaps:
@@ -398,7 +392,7 @@ async def test_concurrent_publishes_each_get_their_own_reply(
         received: list[int] = []
         await client.subscribe(channel, lambda message: received.append(message["seq"]))
         replies = await asyncio.gather(*(client.publish(channel, {"i": i}) for i in range(20)))
-        await eventually("our own messages", lambda: len(received) == 20)
+        await wait_until(lambda: len(received) == 20, "our own messages", timeout=WAIT_SECS)
         unsubscribed = await client.unsubscribe(channel)
         assert unsubscribed is not None and unsubscribed["type"] == "unsubscribed"
     assert sorted(reply["seq"] for reply in replies) == list(range(1, 21))
@@ -458,7 +452,7 @@ async def test_a_silent_connection_is_dropped_after_two_heartbeats_and_retried(
     client = PushClient(url, **FAST)
     client.on("close", closes.append)
     await client.connect()
-    await eventually("a reconnect", lambda: len(connections) >= 2, timeout=5)
+    await wait_until(lambda: len(connections) >= 2, "a reconnect", timeout=5)
     await client.close()
     assert closes[0]["code"] == 4001 and closes[0]["will_reconnect"] is True
     assert closes[-1]["will_reconnect"] is False

@@ -16,6 +16,7 @@ import pytest
 
 from devtools.processes import OwnedProcess, free_port, redis_server
 from tests.servers import Database, ServerNode, node_pair
+from tests.waiting import wait_until
 from tests.wsclient import collect_messages, publish_over_ws, subscribe
 
 pytestmark = pytest.mark.e2e
@@ -130,13 +131,13 @@ async def test_a_redis_restart_jumps_the_seq_forward_and_never_repeats_it(
 
     own_redis.launch()
     await asyncio.to_thread(own_redis.wait_answering)
-    seq = None
-    for _ in range(50):  # the node's clients reconnect within a few attempts
+
+    async def published_seq() -> int | None:
         response = await _publish_rest(node_b, publisher_token, channel, "after")
-        if response.status_code == 201:
-            seq = response.json()["seq"]
-            break
-        await asyncio.sleep(0.2)
+        return response.json()["seq"] if response.status_code == 201 else None
+
+    # The node's clients reconnect within a few attempts.
+    seq = await wait_until(published_seq, "a publish to succeed again", interval=0.2)
     # Past the block reserved before the restart (1000 seqs): a jump, no repeat.
     assert seq == 1001
     after = await collect_messages(live, 1, timeout=15)

@@ -6,8 +6,6 @@ PostgreSQL sits behind the fault tests' TCP proxy; stopping the proxy is the out
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from websockets.asyncio.client import ClientConnection
 from devtools.processes import OwnedProcess, free_port
 from tests.faults.services import tcp_proxy
 from tests.servers import Database, ServerNode
+from tests.waiting import QUERY_INTERVAL_SECS, wait_until
 from tests.wsclient import connect_ws
 
 pytestmark = pytest.mark.e2e
@@ -59,21 +58,17 @@ def _open_rows(database: Database, server_id: str) -> set[str]:
     return {row[0] for row in rows}
 
 
-async def _wait_for(check: object, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return True
-        await asyncio.sleep(0.2)
-    return False
-
-
 async def test_registry_backlog_is_bounded_while_postgresql_is_down_and_recovers(
     proxied: tuple[ServerNode, OwnedProcess], e2e_database: Database
 ) -> None:
     node, proxy = proxied
     first, first_id = await _open(node)
-    assert await _wait_for(lambda: _open_rows(e2e_database, node.name) == {first_id})
+    await wait_until(
+        lambda: _open_rows(e2e_database, node.name) == {first_id},
+        "the first connection's row",
+        timeout=15,
+        interval=QUERY_INTERVAL_SECS,
+    )
 
     proxy.stop()  # PostgreSQL unreachable from the node
     kept: list[tuple[ClientConnection, str]] = []
@@ -84,16 +79,23 @@ async def test_registry_backlog_is_bounded_while_postgresql_is_down_and_recovers
         else:
             await ws.close()
     dropped = "push_registry_records_dropped_total"
-    assert await _wait_for(lambda: node.metric(dropped) >= 40 - BACKLOG - 1)
+    await wait_until(
+        lambda: node.metric(dropped) >= 40 - BACKLOG - 1,
+        "the records past the backlog to be dropped",
+        timeout=15,
+        interval=QUERY_INTERVAL_SECS,
+    )
     await first.close()
 
     proxy.start()
     live = {connection_id for _, connection_id in kept}
     # The node rewrites its live rows once: the kept three are open, everyone who
     # left (the first client too, whose close was dropped or written) is closed.
-    assert await _wait_for(lambda: _open_rows(e2e_database, node.name) == live), (
-        _open_rows(e2e_database, node.name),
-        live,
+    await wait_until(
+        lambda: _open_rows(e2e_database, node.name) == live,
+        f"the open rows to be the kept connections {live}",
+        timeout=15,
+        interval=QUERY_INTERVAL_SECS,
     )
     for ws, _ in kept:
         await ws.close()

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from tests.servers import Database, ServerNode, create_token, manage
+from tests.waiting import QUERY_INTERVAL_SECS, lock_waiters, wait_until
 from tests.wsclient import open_ws
 
 pytestmark = pytest.mark.asyncio
@@ -53,22 +54,6 @@ def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Token {key}"}
 
 
-async def _waiting_on_locks(database: Database, count: int) -> None:
-    """Until ``count`` backends wait on a lock (the publishes we hold; a write path
-    that commits them together waits on one)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_SECS
-    while loop.time() < deadline:
-        rows = database.query(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        )
-        if rows[0][0] >= count:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"fewer than {count} backends waited on the channel's lock")
-
-
 async def test_publishes_waiting_on_a_lock_do_not_hold_up_other_requests(
     http: httpx.AsyncClient, e2e_database: Database, e2e_env: dict[str, str]
 ) -> None:
@@ -90,7 +75,12 @@ async def test_publishes_waiting_on_a_lock_do_not_hold_up_other_requests(
             )
             for n in (1, 2, 3)
         ]
-        await _waiting_on_locks(e2e_database, 1)
+        await wait_until(
+            lambda: lock_waiters(e2e_database),
+            "a publish waiting on the channel's lock",
+            timeout=WAIT_SECS,
+            interval=QUERY_INTERVAL_SECS,
+        )
 
         others = await asyncio.wait_for(
             asyncio.gather(

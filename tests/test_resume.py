@@ -28,7 +28,7 @@ async def _publish_steadily(
     for i in range(count):
         await ws.send(json.dumps({"type": "publish", "channel": channel, "data": i}))
         sent += 1
-        await asyncio.sleep(random.uniform(0.002, 0.01))
+        await asyncio.sleep(random.uniform(0.002, 0.01))  # pacing: a steady, uneven stream
         if stop.is_set():
             break
     replies = 0
@@ -171,7 +171,7 @@ def _store_history(database: Database, channel: str, count: int) -> None:
 async def _subscribe_and_leave(url: str, channel: str) -> None:
     ws = await open_ws(url)
     await ws.send(json.dumps({"type": "subscribe", "channel": channel, "since": 0}))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # the point: leave 10 ms into the replay
     ws.transport.abort()
 
 
@@ -187,6 +187,8 @@ async def test_resumes_whose_clients_leave_at_once_stop_reading_history(
     before = node.metric(rows)
     clients = 20
     await asyncio.gather(*(_subscribe_and_leave(node.ws_url, channel) for _ in range(clients)))
+    # Windows, not waits: the reads begun before the clients left land within the
+    # first; a replay that went on after they left would read within the second.
     await asyncio.sleep(1.0)
     settled = node.metric(rows) - before
     await asyncio.sleep(2.0)

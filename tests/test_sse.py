@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import socket
 import uuid
@@ -14,9 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from tests.servers import ServerNode, create_token, node_pair, publish_rest
 from tests.sseclient import SseEvent, SseStream, sse_url
+from tests.waiting import QUERY_INTERVAL_SECS, wait_until
 from tests.wsclient import flood, open_ws, request
 
 pytestmark = pytest.mark.e2e
@@ -109,7 +112,7 @@ async def _publish_steadily(
         reply = await request(ws, {"type": "publish", "channel": channel, "data": i})
         assert reply["type"] == "published", reply
         sent[channel] += 1
-        await asyncio.sleep(random.uniform(0.002, 0.01))
+        await asyncio.sleep(random.uniform(0.002, 0.01))  # pacing: a steady, uneven stream
         if stop.is_set():
             break
     await ws.close()
@@ -258,6 +261,18 @@ def _stalled_stream(node: ServerNode, channel: str) -> socket.socket:
     return sock
 
 
+def _announced_subscribers(node: ServerNode, channel: str) -> int:
+    """The channel's subscribers on ``node``, as its last announcement to the cluster
+    (every PUSH_CLUSTER_ANNOUNCE_SECS) gives them."""
+    client = redis.Redis.from_url(node.env["REDIS_URL"])
+    try:
+        raw = client.get(f"{node.env['REDIS_PREFIX']}:node:{node.name}")
+    finally:
+        client.close()
+    channels = json.loads(raw)["channels"] if raw else []
+    return sum(c["subscribers"] for c in channels if c["name"] == channel)
+
+
 def _read_to_end(sock: socket.socket, timeout: float) -> bool:
     """Drain what the server sent; True once it ended the response (or the socket)."""
     sock.settimeout(timeout)
@@ -280,7 +295,11 @@ async def test_stalled_sse_reader_is_dropped_and_others_get_everything(
     channel = _channel("sse-flood")
     before = small_queue_node.metric("push_slow_consumer_disconnects_total")
     stalled = _stalled_stream(small_queue_node, channel)
-    await asyncio.sleep(0.5)  # subscribed
+    await wait_until(
+        lambda: _announced_subscribers(small_queue_node, channel) == 1,
+        "the stalled stream's subscription",
+        interval=QUERY_INTERVAL_SECS,
+    )
     async with (
         httpx.AsyncClient(timeout=STREAM_TIMEOUT) as http,
         http.stream("GET", sse_url(small_queue_node.http_url, [channel])) as response,

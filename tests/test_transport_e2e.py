@@ -23,7 +23,8 @@ from websockets.asyncio.client import connect
 
 from devtools.processes import OwnedProcess, free_port
 from push.transport.consumers import PUBLISHES_IN_FLIGHT
-from tests.servers import LOG_DIR, START_TIMEOUT_SECS, ServerNode, publish_rest
+from tests.servers import LOG_DIR, START_TIMEOUT_SECS, Database, ServerNode, publish_rest
+from tests.waiting import QUERY_INTERVAL_SECS, lock_waiters, wait_until
 from tests.wsclient import RECEIVE_TIMEOUT_SECS, open_ws, request, request_raw
 
 pytestmark = pytest.mark.e2e
@@ -94,7 +95,7 @@ async def _flood(ws: object) -> int:
 
 
 async def test_a_flood_while_the_request_waits_does_not_grow_the_node(
-    node: ServerNode, publisher_token: str, e2e_env: dict[str, str]
+    node: ServerNode, publisher_token: str, e2e_env: dict[str, str], e2e_database: Database
 ) -> None:
     channel = f"flood-in-{uuid.uuid4().hex[:8]}"
     await publish_rest(node, publisher_token, channel, "first")  # the row exists
@@ -106,9 +107,14 @@ async def test_a_flood_while_the_request_waits_does_not_grow_the_node(
         # PUBLISHES_IN_FLIGHT of them: one more, and its request waits on the lock.
         for number in range(2, PUBLISHES_IN_FLIGHT + 3):
             await ws.send(json.dumps({"type": "publish", "channel": channel, "data": number}))
-        await asyncio.sleep(0.5)  # the publishes now wait on the row lock
+        await wait_until(
+            lambda: lock_waiters(e2e_database),
+            "a publish waiting on the row lock",
+            interval=QUERY_INTERVAL_SECS,
+        )
         rss_before = process.memory_info().rss
         sent = await _flood(ws)
+        # The point is a window: what the node took in of the flood shows in its memory.
         await asyncio.sleep(0.5)
         growth = process.memory_info().rss - rss_before
     assert sent < FLOOD_FRAMES, "the node read everything the client sent"

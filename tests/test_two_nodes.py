@@ -116,7 +116,7 @@ async def test_idle_connections_survive_past_redis_socket_timeout(
     node_a, node_b = two_nodes
     channel = _channel("idle")
     subscriber, _ = await subscribe(node_a.ws_url, channel)
-    await asyncio.sleep(6.5)
+    await asyncio.sleep(6.5)  # the point: idle past redis-py's 5 s read timeout
     publisher = await open_ws(node_b.ws_url, token=publisher_token)
     await request(publisher, {"type": "publish", "channel": channel, "data": "after idle"})
     messages = await collect_messages(subscriber, 1, timeout=5)

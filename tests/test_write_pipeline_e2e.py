@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection
 from devtools.processes import OwnedProcess, free_port
 from tests.faults.services import tcp_proxy
 from tests.servers import LOG_DIR, Database, ServerNode
+from tests.waiting import wait_until
 from tests.wsclient import collect_messages, open_ws, subscribe
 
 pytestmark = pytest.mark.e2e
@@ -57,8 +58,7 @@ class Publisher:
                     }
                 )
             )
-        while len(self.replies) < request_id:  # every publish is answered
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: len(self.replies) >= request_id, "every publish answered")
         reader.cancel()
 
     async def _read(self, slots: asyncio.Semaphore) -> None:
@@ -188,21 +188,23 @@ async def test_postgres_cut_mid_batch_loses_nothing_acknowledged_and_recovers(
     ]
     stop = asyncio.Event()
     publishing = asyncio.gather(*(p.run(until=stop) for p in publishers))
-    await asyncio.sleep(1.0)
+
+    def published(since: float) -> bool:
+        return any(
+            reply["type"] == "published" and p.sent_at[reply["id"]] > since
+            for p in publishers
+            for reply, _ in p.replies.values()
+        )
+
+    await wait_until(lambda: published(0.0), "a first acknowledged publish")
     await asyncio.to_thread(database_proxy.stop)
     cut_at = time.monotonic()
-    await asyncio.sleep(2.0)
+    await asyncio.sleep(2.0)  # the point: publishes made while PostgreSQL is away
     database_proxy.launch()
     await asyncio.to_thread(database_proxy.wait_answering)
     restored_at = time.monotonic()
     # Publishing works again once PostgreSQL is back: wait for a fresh acknowledgement.
-    deadline = restored_at + 30
-    while time.monotonic() < deadline and not any(
-        reply["type"] == "published" and p.sent_at[reply["id"]] > restored_at
-        for p in publishers
-        for reply, _ in p.replies.values()
-    ):
-        await asyncio.sleep(0.1)
+    await wait_until(lambda: published(restored_at), "a publish acknowledged", timeout=30)
     stop.set()
     await asyncio.wait_for(publishing, 30)
 

@@ -26,7 +26,7 @@ from push.services.runtime import get_node
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import communicator_for, connected_client, open_client
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
 
 def _user_token(username: str, **grant: object) -> tuple[User, str]:

@@ -25,6 +25,7 @@ from push.tests.wsclient import WsClient, connected_client
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("fresh_node"),
     # Short, so each case is seen at once; the cases do not depend on its length.
     pytest.mark.usefixtures("quick_revocation_checks"),
 ]

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import importlib.util
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -39,8 +40,9 @@ from push.models import Connection
 from push.ops.webhooks import _headers, webhook_secret
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import connected_client, open_client
+from tests.waiting import wait_until
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -312,8 +314,14 @@ async def test_session_handshakes_do_not_wait_for_the_shared_thread() -> None:
         return f"sessionid={browser.cookies['sessionid'].value}".encode()
 
     cookie = await sync_to_async(login_cookie)()
-    busy = asyncio.ensure_future(sync_to_async(time.sleep, thread_sensitive=True)(3))
-    await asyncio.sleep(0.1)
+    holding = threading.Event()
+
+    def hold_the_thread() -> None:
+        holding.set()
+        time.sleep(3)
+
+    busy = asyncio.ensure_future(sync_to_async(hold_the_thread, thread_sensitive=True)())
+    await wait_until(holding.is_set, "the shared thread to be busy")
     started = time.monotonic()
     client = await connected_client(headers=[(b"cookie", cookie)])
     elapsed = time.monotonic() - started

@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 from common.background import running_count, spawn
 from push.cluster.broker import Broker
 from push.tests.test_hub import make_message
+from tests.waiting import wait_until
 
 
 class SlowLayer(InMemoryChannelLayer):
@@ -40,14 +41,14 @@ async def test_outgoing_messages_are_bounded_while_redis_is_slow_and_drops_are_c
     await broker.start()
     before = _dropped()
     broker.publish_soon(make_message("news", 1))
-    await asyncio.sleep(0.01)  # seq 1 is in flight, waiting on the layer
+    await wait_until(lambda: broker.outgoing_count() == 0, "seq 1 in flight, held by the layer")
     for seq in range(2, 21):
         broker.publish_soon(make_message("news", seq))
     assert broker.outgoing_count() == 5
     assert _dropped() == before + 14
     layer.release.set()
-    await asyncio.sleep(0.05)
     # The oldest waiting ones were dropped; what goes out keeps its order.
+    await wait_until(lambda: len(layer.sent) == 6, "the six messages kept to go out")
     assert layer.sent == [1, 16, 17, 18, 19, 20]
     await broker.stop()
 
@@ -76,8 +77,7 @@ async def test_a_background_task_is_kept_until_done_and_its_error_is_logged(
     gc.collect()
     assert running_count() == before + 1
     gate.set()
-    await asyncio.sleep(0.01)
-    assert running_count() == before
+    await wait_until(lambda: running_count() == before, "the background task to end")
     [record] = [r for r in caplog.records if r.name == "common.background"]
     assert "doomed" in record.getMessage() and "lost otherwise" in str(record.exc_info[1])
 

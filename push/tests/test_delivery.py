@@ -26,7 +26,7 @@ from push.services.publishing import message_publish, publish
 from push.storage.retention import channel_trim, retention_policy
 from push.tests.wsclient import connected_client
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
 
 def _api_for(username: str) -> APIClient:

@@ -31,7 +31,7 @@ from push.tests.wsclient import WIRE_FORMATS, WsClient, connected_client
 from push.wire import protocol
 from push.wire.codecs import CODECS
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
 FRAME_EXAMPLES = 80
 STRUCTURE_EXAMPLES = 120

@@ -16,6 +16,7 @@ from push.fanout.hub import MAX_PENDING_PER_CHANNEL, Hub
 from push.fanout.message import ChannelMessage, HistoryPage
 from push.fanout.outbox import Outbox
 from push.wire.codecs import CODECS, Codec
+from tests.waiting import wait_until
 
 JSON = CODECS["v1.json"]
 
@@ -123,8 +124,10 @@ async def make_hub(history: MemoryHistory, **kwargs: Any) -> tuple[Hub, Membersh
     return hub, membership
 
 
-async def settle(seconds: float = 0.02) -> None:
-    await asyncio.sleep(seconds)
+async def until_seqs(client: FakeClient, seqs: list[int]) -> None:
+    """Wait until ``client`` was sent exactly ``seqs`` (a repair or a replay runs in a
+    task of the hub's); a duplicate or a wrong order never matches, so the wait fails."""
+    await wait_until(lambda: client.seqs() == seqs, f"seqs {seqs}, in that order")
 
 
 async def test_messages_arriving_out_of_order_are_delivered_in_order() -> None:
@@ -135,8 +138,7 @@ async def test_messages_arriving_out_of_order_are_delivered_in_order() -> None:
     assert membership.joined == ["news"] and client.replies == [(0, None)]
     for seq in (2, 3, 1, 5, 4):
         hub.deliver(make_message("news", seq))
-    await settle()
-    assert client.seqs() == [1, 2, 3, 4, 5]
+    await until_seqs(client, [1, 2, 3, 4, 5])
 
 
 async def test_duplicates_are_dropped() -> None:
@@ -146,8 +148,7 @@ async def test_duplicates_are_dropped() -> None:
     await hub.subscribe(client, "news", since=None, reply=client.reply)
     for seq in (1, 1, 2, 1, 2, 3):
         hub.deliver(make_message("news", seq))
-    await settle()
-    assert client.seqs() == [1, 2, 3]
+    await until_seqs(client, [1, 2, 3])
 
 
 async def test_gap_that_does_not_fill_is_read_from_history() -> None:
@@ -159,8 +160,7 @@ async def test_gap_that_does_not_fill_is_read_from_history() -> None:
         history.store("news", seq)
     hub.deliver(make_message("news", 1))
     hub.deliver(make_message("news", 4))  # 2 and 3 were lost on the way
-    await settle(0.2)
-    assert client.seqs() == [1, 2, 3, 4]
+    await until_seqs(client, [1, 2, 3, 4])
 
 
 async def test_repair_racing_live_messages_skips_nothing_in_flight() -> None:
@@ -176,18 +176,17 @@ async def test_repair_racing_live_messages_skips_nothing_in_flight() -> None:
     hub.deliver(make_message("news", 1))
     hub.deliver(make_message("news", 3))  # 2 is late: a repair is scheduled
     history.page_gate = asyncio.Event()
-    await settle(0.05)
-    assert history.page_calls == 1  # the repair is reading, held at the gate
+    # The repair is reading, held at the gate.
+    await wait_until(lambda: history.page_calls == 1, "the repair's history read")
     hub.deliver(make_message("news", 2))  # the gap fills live
     hub.deliver(make_message("news", 5))  # 4 and 5 commit after the read began
     history.page_gate.set()
-    await settle()
+    await wait_until(lambda: not hub.channels["news"].repairing, "the repair to finish")
     history.page_gate = None
     history.store("news", 4)
     history.store("news", 5)
     hub.deliver(make_message("news", 4))
-    await settle(0.1)
-    assert client.seqs() == [1, 2, 3, 4, 5]
+    await until_seqs(client, [1, 2, 3, 4, 5])
 
 
 async def test_gap_removed_by_retention_is_skipped() -> None:
@@ -200,8 +199,7 @@ async def test_gap_removed_by_retention_is_skipped() -> None:
     history.stored["news"] = [m for m in history.stored["news"] if m.seq not in (2, 3)]
     hub.deliver(make_message("news", 1))
     hub.deliver(make_message("news", 4))
-    await settle(0.1)
-    assert client.seqs() == [1, 4]
+    await until_seqs(client, [1, 4])
 
 
 async def test_resume_ahead_of_a_node_with_held_messages_gets_no_duplicate() -> None:
@@ -219,10 +217,9 @@ async def test_resume_ahead_of_a_node_with_held_messages_gets_no_duplicate() -> 
     await hub.subscribe(client, "news", since=3, reply=client.reply)
     hub.deliver(make_message("news", 2))
     hub.deliver(history.store("news", 4))
-    await settle()
+    await until_seqs(watcher, [1, 2, 3, 4])
     assert client.replies == [(3, True)]
     assert client.seqs() == [4]
-    assert watcher.seqs() == [1, 2, 3, 4]
 
 
 async def test_lost_last_message_is_caught_by_the_periodic_sync() -> None:
@@ -232,11 +229,12 @@ async def test_lost_last_message_is_caught_by_the_periodic_sync() -> None:
     await hub.subscribe(client, "news", since=None, reply=client.reply)
     history.store("news", 1)  # committed, but its broadcast never arrives
     await hub.sync_with_history()  # first sync only notes where the database is
-    await settle()
+    # The point is a window in which nothing arrives: a repair started by this sync
+    # would have delivered within it (its read answers at once).
+    await asyncio.sleep(0.02)
     assert client.seqs() == []
     await hub.sync_with_history()  # a whole interval later the hub is still behind
-    await settle()
-    assert client.seqs() == [1]
+    await until_seqs(client, [1])
 
 
 async def test_subscribe_without_since_starts_after_latest_seq() -> None:
@@ -249,8 +247,7 @@ async def test_subscribe_without_since_starts_after_latest_seq() -> None:
     assert client.replies == [(3, None)]
     hub.deliver(make_message("news", 3))  # a late broadcast of an old message
     hub.deliver(make_message("news", 4))
-    await settle()
-    assert client.seqs() == [4]
+    await until_seqs(client, [4])
 
 
 async def test_resume_replays_then_goes_live_without_duplicates() -> None:
@@ -265,8 +262,7 @@ async def test_resume_replays_then_goes_live_without_duplicates() -> None:
     assert resumed.replies == [(5, True)]
     history.store("news", 6)
     hub.deliver(make_message("news", 6))
-    await settle()
-    assert resumed.seqs() == [3, 4, 5, 6]
+    await until_seqs(resumed, [3, 4, 5, 6])
     assert first.seqs() == [6]
 
 
@@ -281,7 +277,7 @@ async def test_live_messages_during_the_replay_read_are_held_then_deduplicated()
     history.page_gate = asyncio.Event()
     resumed = FakeClient()
     task = asyncio.create_task(hub.subscribe(resumed, "news", since=0, reply=resumed.reply))
-    await settle()
+    await wait_until(lambda: history.page_calls == 1, "the replay's history read")
     # While the replay is being read, 4 and 5 are published and broadcast.
     for seq in (4, 5):
         history.store("news", seq)
@@ -289,8 +285,7 @@ async def test_live_messages_during_the_replay_read_are_held_then_deduplicated()
     history.page_gate.set()
     await task
     hub.deliver(make_message("news", 6))
-    await settle()
-    assert resumed.seqs() == [1, 2, 3, 4, 5, 6]
+    await until_seqs(resumed, [1, 2, 3, 4, 5, 6])
     assert watcher.seqs() == [4, 5, 6]
 
 
@@ -303,7 +298,7 @@ async def test_resume_within_recent_messages_reads_no_history() -> None:
     for client in clients:
         await hub.subscribe(client, "news", since=7, reply=client.reply)
     hub.deliver(make_message("news", 11))
-    await settle()
+    await wait_until(lambda: clients[-1].seqs() == [8, 9, 10, 11], "the last client's seqs")
     assert history.page_calls == 0 and history.recent_calls == 1
     assert all(c.seqs() == [8, 9, 10, 11] and c.replies == [(10, True)] for c in clients)
 
@@ -316,9 +311,8 @@ async def test_resume_from_trimmed_history_is_not_recovered() -> None:
     hub, _ = await make_hub(history)
     client = FakeClient()
     await hub.subscribe(client, "news", since=1, reply=client.reply)
-    await settle()
+    await until_seqs(client, [5, 6, 7, 8])
     assert client.replies == [(8, False)]
-    assert client.seqs() == [5, 6, 7, 8]
 
 
 async def test_resume_with_nothing_missed_is_recovered() -> None:
@@ -360,7 +354,9 @@ async def test_each_message_is_encoded_once_per_format() -> None:
         await hub.subscribe(client, "news", since=None, reply=client.reply)
     for seq in (1, 2, 3):
         hub.deliver(make_message("news", seq))
-    await settle()
+    await wait_until(
+        lambda: all(client.seqs() == [1, 2, 3] for client in clients), "every client's seqs"
+    )
     assert calls == {name: 3 for name in by_format}
     assert all(client.seqs() == [1, 2, 3] for client in clients)
     for group in by_format.values():  # one frame per message, shared by its subscribers
@@ -378,9 +374,8 @@ async def test_slow_subscriber_overflows_without_affecting_others() -> None:
         await hub.subscribe(client, "news", since=None, reply=client.reply)
     for seq in range(1, 21):
         hub.deliver(make_message("news", seq))
-    await settle()
+    await until_seqs(fast, list(range(1, 21)))
     assert slow.overflowed
-    assert fast.seqs() == list(range(1, 21))
 
 
 async def test_drop_oldest_channel_drops_instead_of_disconnecting() -> None:
@@ -398,9 +393,8 @@ async def test_drop_oldest_channel_drops_instead_of_disconnecting() -> None:
     await hub.subscribe(slow, "ticker:ACME", since=None, reply=slow.reply)
     for seq in range(1, 11):
         hub.deliver(make_message("ticker:ACME", seq))
-    await settle()
     gate.set()
-    await settle()
+    await wait_until(lambda: 10 in slow.seqs(), "the newest ticker frame")
     assert not slow.overflowed
     seqs = slow.seqs()
     assert seqs == sorted(seqs) and seqs[-1] == 10 and len(seqs) <= 4
@@ -412,9 +406,8 @@ async def test_empty_channel_is_left_after_linger() -> None:
     client = FakeClient()
     subscription = await hub.subscribe(client, "news", since=None, reply=client.reply)
     hub.unsubscribe(subscription)
-    await settle(0.15)
+    await wait_until(lambda: "news" not in hub.channels, "the channel to be left")
     assert membership.left == ["news"]
-    assert "news" not in hub.channels
     again = FakeClient()
     await hub.subscribe(again, "news", since=None, reply=again.reply)
     assert membership.joined == ["news", "news"]
@@ -439,7 +432,7 @@ async def test_a_replay_slower_than_the_channel_holds_a_bounded_buffer() -> None
     history.page_gate = asyncio.Event()
     resumed = FakeClient(max_frames=5000)
     resuming = asyncio.create_task(hub.subscribe(resumed, "busy", since=0, reply=resumed.reply))
-    await settle()
+    await wait_until(lambda: history.page_calls == 1, "the replay's history read")
     # The replay's first read is stuck while the channel runs far ahead of it.
     last = 5 + MAX_PENDING_PER_CHANNEL + 100
     for seq in range(6, last + 1):
@@ -449,8 +442,7 @@ async def test_a_replay_slower_than_the_channel_holds_a_bounded_buffer() -> None
     history.page_gate.set()
     await resuming
     hub.deliver(history.store("busy", last + 1))
-    await settle(0.1)
-    assert resumed.seqs() == list(range(1, last + 2))
+    await until_seqs(resumed, list(range(1, last + 2)))
 
 
 async def test_a_since_past_everything_stored_is_not_recovered_and_goes_live() -> None:
@@ -461,9 +453,8 @@ async def test_a_since_past_everything_stored_is_not_recovered_and_goes_live() -
     client = FakeClient()
     await hub.subscribe(client, "news", since=10**12, reply=client.reply)
     hub.deliver(history.store("news", 3))
-    await settle()
+    await until_seqs(client, [3])
     assert client.replies == [(2, False)]
-    assert client.seqs() == [3]
 
 
 class BrokenOutbox(Outbox):
@@ -495,7 +486,8 @@ async def test_a_subscriber_whose_push_raises_does_not_keep_the_message_from_the
     for seq in (1, 2):
         hub.deliver(make_message("news", seq))
     hub.deliver_event("news", {"type": "join", "channel": "news", "member": {"user_id": 1}})
-    await settle()
+    last = clients[-1]
+    await wait_until(lambda: [m["type"] for m in last.sent][-1:] == ["join"], "the join event")
     for client in (clients[0], clients[2], clients[3]):
         assert client.seqs() == [1, 2]
         assert client.sent[-1]["type"] == "join"

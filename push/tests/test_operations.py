@@ -19,7 +19,7 @@ from push.ops.logs import JsonFormatter, RedactFilter, redact
 from push.services.runtime import get_node
 from push.tests.wsclient import connected_client
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
 
 @override_settings(PUSH={"HEARTBEAT_TIMEOUT_SECS": 0.6})
@@ -28,6 +28,7 @@ async def test_silent_client_is_closed_4001_and_a_talking_one_is_not(wire_format
     talking = await connected_client(subprotocol=wire_format)
     for _ in range(6):
         await talking.request({"type": "heartbeat"})
+        # The point is time passing: 1.2 s of heartbeats every 0.2 s, twice the timeout.
         await asyncio.sleep(0.2)
     assert await silent.expect_close(timeout=3) == CloseCode.HEARTBEAT_TIMEOUT
     assert (await talking.request({"type": "heartbeat"}))["type"] == "heartbeat_ack"

@@ -12,7 +12,7 @@ from rest_framework.test import APIClient
 from accounts.models import ChannelGrant
 from push.tests.wsclient import connected_client
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
 ROOM = "presence-lobby"
 

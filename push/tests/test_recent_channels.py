@@ -32,6 +32,7 @@ from push.tests.wsclient import WsClient, connected_client
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("fresh_node"),
     pytest.mark.skipif(not settings.REDIS_URL, reason="recent channels live in Redis"),
 ]
 
@@ -247,7 +248,7 @@ async def test_resume_beyond_the_window_is_not_recovered() -> None:
 @override_settings(PUSH={**RECENT, "RECENT_WINDOW_SECS": 1})
 async def test_messages_older_than_the_window_are_gone(publisher_token: str) -> None:
     await _publish("tick:ttl", 3)
-    await asyncio.sleep(1.3)
+    await asyncio.sleep(1.3)  # the point: the three grow older than the 1 s window
     client, subscribed = await _subscriber("tick:ttl", since=0)
     assert (subscribed["seq"], subscribed["recovered"]) == (3, False)
     await client.expect_nothing()

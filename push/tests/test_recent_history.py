@@ -18,8 +18,9 @@ from push.services.runtime import get_node, stop_node
 from push.storage import history
 from push.storage.recent_cache import recent_key
 from push.tests.wsclient import WsClient, connected_client
+from tests.waiting import wait_until
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
 needs_redis = pytest.mark.skipif(not settings.REDIS_URL, reason="the cache lives in Redis")
 
@@ -48,13 +49,14 @@ async def _resume(channel: str, since: int, replayed: int) -> tuple[dict[str, An
 async def _cached_seqs(channel: str, count: int) -> list[int]:
     """The seqs in the channel's stream, once the node has appended ``count``."""
     redis = redis_async()
+
+    async def all_cached() -> list[Any] | None:
+        entries = await redis.xrange(recent_key(redis_prefix(), channel))
+        return entries if len(entries) >= count else None
+
     try:
-        for _ in range(100):
-            entries = await redis.xrange(recent_key(redis_prefix(), channel))
-            if len(entries) >= count:
-                return [int(fields[b"s"]) for _, fields in entries]
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{channel}: the cache holds {len(entries)} of {count}")
+        entries = await wait_until(all_cached, f"{count} messages of {channel} in the cache")
+        return [int(fields[b"s"]) for _, fields in entries]
     finally:
         await redis.aclose()
 
@@ -107,7 +109,7 @@ async def test_a_live_node_replays_only_what_retention_keeps() -> None:
 async def test_a_live_node_replays_nothing_older_than_the_age_limit() -> None:
     watcher = await _watching("young")
     await _publish("young", 3)
-    await asyncio.sleep(1.2)
+    await asyncio.sleep(1.2)  # the point: the three grow older than the 1 s age limit
     await _publish("young", 1)
     reply, seqs = await _resume("young", since=0, replayed=1)
     assert (reply["seq"], reply["recovered"], seqs) == (4, False, [4])
@@ -209,12 +211,13 @@ async def test_the_cache_holds_and_reads_at_most_its_byte_budget_per_channel() -
         await sync_to_async(message_publish)(channel="wide-cache", data="x" * 298)
     redis = redis_async()
     key = recent_key(redis_prefix(), "wide-cache")
+
+    async def tenth_cached() -> bool:
+        newest = await redis.xrevrange(key, count=1)
+        return bool(newest) and int(newest[0][1][b"s"]) == 10
+
     try:
-        for _ in range(100):
-            newest = await redis.xrevrange(key, count=1)
-            if newest and int(newest[0][1][b"s"]) == 10:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(tenth_cached, "seq 10 in the cache")
         entries = await redis.xrange(key)
     finally:
         await redis.aclose()

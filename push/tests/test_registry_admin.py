@@ -18,13 +18,15 @@ from django.test import Client, override_settings
 from django.utils import timezone
 
 from accounts.models import ChannelGrant
+from push.cluster.node import Node
 from push.models import Connection
 from push.services.publishing import message_publish
 from push.services.runtime import get_node
 from push.tests.wsclient import WsClient, connected_client, open_client
 from push.wire.codecs import CODECS
+from tests.waiting import wait_until
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
 
 async def test_connections_are_recorded_with_user_node_and_close(wire_format: str) -> None:
@@ -43,10 +45,7 @@ async def test_connections_are_recorded_with_user_node_and_close(wire_format: st
     assert rows[1].wire_format == CODECS[wire_format].name
     assert all(r.disconnected_at is None and r.last_heartbeat is not None for r in rows)
     await client.close()
-    await asyncio.sleep(0.05)
-    await node.registry.flush()
-    closed = await Connection.objects.aget(user=user)
-    assert closed.disconnected_at is not None
+    await _until_recorded_closed(node, user=user)
     await anonymous.close()
 
 
@@ -59,6 +58,18 @@ async def test_many_connections_cost_one_batch_not_a_write_each() -> None:
     assert await Connection.objects.filter(disconnected_at__isnull=True).acount() == 50
     for client in clients:
         await client.close()
+
+
+async def _until_recorded_closed(node: Node, **lookup: object) -> Connection:
+    """The connection's row once a flush has written its close (the close reaches the
+    registry when the server has run the consumer's disconnect)."""
+
+    async def closed_row() -> Connection | None:
+        await node.registry.flush()
+        row = await Connection.objects.aget(**lookup)
+        return row if row.disconnected_at is not None else None
+
+    return await wait_until(closed_row, f"the close of the connection {lookup} to be written")
 
 
 async def _client_and_id(**kwargs: object) -> tuple[WsClient, str]:
@@ -103,10 +114,8 @@ async def test_subscriptions_are_recorded_in_the_batches_and_searchable() -> Non
     assert b"1 result" in found.content, "the other connection holds no channel"
 
     await client.close()
-    await asyncio.sleep(0.05)
-    await node.registry.flush()
-    row = await Connection.objects.aget(connection_id=connection_id)
-    assert row.disconnected_at is not None and row.subscriptions == []
+    row = await _until_recorded_closed(node, connection_id=connection_id)
+    assert row.subscriptions == []
     await other.close()
 
 
@@ -116,20 +125,26 @@ async def test_last_heartbeat_advances_only_for_connections_that_talk() -> None:
     talking, talking_id = await _client_and_id()
     node = await get_node()
     await node.registry.flush()
-    stamps: list[object] = []
+    opened = (await Connection.objects.aget(connection_id=talking_id)).connected_at
+    stamps: list[object] = [opened]
+
+    async def stamped_again() -> object:
+        await node.registry.flush()  # stamps once REGISTRY_HEARTBEAT_SECS have passed
+        stamp = (await Connection.objects.aget(connection_id=talking_id)).last_heartbeat
+        return stamp if stamp != stamps[-1] else None
+
     for _ in range(2):
         assert (await talking.request({"type": "heartbeat"}))["type"] == "heartbeat_ack"
-        await asyncio.sleep(0.3)
-        await node.registry.flush()
+        stamps.append(await wait_until(stamped_again, "the talking client's heartbeat stamp"))
         quiet = await Connection.objects.aget(connection_id=silent_id)
         assert quiet.last_heartbeat == quiet.connected_at, "a silent client is not stamped"
-        stamps.append((await Connection.objects.aget(connection_id=talking_id)).last_heartbeat)
-    opened = (await Connection.objects.aget(connection_id=talking_id)).connected_at
-    assert opened < stamps[0] < stamps[1], "each round of frames moves it on"
+    assert opened < stamps[1] < stamps[2], "each round of frames moves it on"
+    # The point is a window without frames longer than REGISTRY_HEARTBEAT_SECS (0.2 s):
+    # a flush after it must not stamp the talking client again.
     await asyncio.sleep(0.3)
     await node.registry.flush()
     row = await Connection.objects.aget(connection_id=talking_id)
-    assert row.last_heartbeat == stamps[1], "no frame since the last stamp: not stamped again"
+    assert row.last_heartbeat == stamps[2], "no frame since the last stamp: not stamped again"
     for client in (silent, talking):
         await client.close()
 

@@ -20,7 +20,8 @@ from push.fanout.message import ChannelMessage
 from push.fanout.replay_slots import ReplaySlots
 from push.models import Channel, Message
 from push.storage.history import DatabaseHistory
-from push.tests.test_hub import FakeClient, MemoryHistory, make_hub, settle
+from push.tests.test_hub import FakeClient, MemoryHistory, make_hub, until_seqs
+from tests.waiting import wait_until
 
 # 300 characters of data: three of them fit in a budget of 1000 bytes, four do not.
 BIG_DATA = json.dumps("x" * 298)
@@ -89,7 +90,9 @@ async def test_a_replay_reads_no_more_history_once_its_client_left() -> None:
     read = rows_read() - before
     assert not subscription.active
     assert read <= 1 + 50  # the join's recent message and the first page
-    await settle(0.3)
+    # The point is a window in which no more history may be read: a replay that went
+    # on would read its next pages within it.
+    await asyncio.sleep(0.3)
     assert rows_read() - before == read
     assert hub.channels["deep"].subscriber_count() == 0
 
@@ -101,13 +104,17 @@ async def test_a_replay_waiting_for_its_client_to_read_stops_when_it_leaves() ->
     client = UnreadClient(max_frames=100)
     before = rows_read()
     resuming = asyncio.create_task(hub.subscribe(client, "stalled", since=0, reply=client.reply))
-    await settle(0.3)
+    outbox = client.outbox
+    await wait_until(
+        lambda: len(outbox) > outbox.max_frames // 2, "the replay to fill the unread queue"
+    )
     assert not resuming.done()  # waiting for the client to read its queue
     read = rows_read() - before
     client.gone = True
     subscription = await asyncio.wait_for(resuming, 0.5)
     assert not subscription.active
-    await settle(0.2)
+    # The point is a window in which no more history may be read (as above).
+    await asyncio.sleep(0.2)
     assert rows_read() - before == read <= 1 + 100
 
 
@@ -123,7 +130,7 @@ async def test_replays_are_bounded_per_address_and_per_node() -> None:
     history.page_gate = asyncio.Event()  # replays hold their slot while they read
     first = client_from("10.0.0.1")
     first_task = asyncio.create_task(hub.subscribe(first, "deep", since=0, reply=first.reply))
-    await settle()
+    await wait_until(lambda: slots.in_use == 1, "the first replay to take its slot")
 
     same_address = client_from("10.0.0.1")
     with pytest.raises(PushError) as refused:
@@ -132,7 +139,7 @@ async def test_replays_are_bounded_per_address_and_per_node() -> None:
 
     second = client_from("10.0.0.2")
     second_task = asyncio.create_task(hub.subscribe(second, "deep", since=0, reply=second.reply))
-    await settle()
+    await wait_until(lambda: slots.in_use == 2, "the second replay to take its slot")
     third = client_from("10.0.0.3")
     with pytest.raises(PushError) as refused:
         await hub.subscribe(third, "deep", since=0, reply=third.reply)
@@ -149,7 +156,10 @@ async def test_replays_are_bounded_per_address_and_per_node() -> None:
     slots.wait_secs = 30.0
     leaving = client_from("10.0.0.4")
     waiting = asyncio.create_task(hub.subscribe(leaving, "deep", since=0, reply=leaving.reply))
-    await settle(0.05)
+    catching_up = hub.channels["deep"].catching_up
+    await wait_until(
+        lambda: any(s.subscriber is leaving for s in catching_up), "the replay waiting for a slot"
+    )
     leaving.gone = True
     assert not (await asyncio.wait_for(waiting, 0.5)).active
     assert leaving.replies == []
@@ -157,13 +167,12 @@ async def test_replays_are_bounded_per_address_and_per_node() -> None:
     history.page_gate.set()
     await first_task
     await second_task
-    await settle()
-    assert first.seqs() == second.seqs() == list(range(1, 11))
+    await until_seqs(first, list(range(1, 11)))
+    await until_seqs(second, list(range(1, 11)))
     assert slots.in_use == 0
     again = client_from("10.0.0.1")
     await hub.subscribe(again, "deep", since=0, reply=again.reply)
-    await settle()
-    assert again.seqs() == list(range(1, 11))
+    await until_seqs(again, list(range(1, 11)))
 
 
 # ----- the hub's buffers in bytes ----------------------------------------------------
@@ -190,8 +199,7 @@ async def test_the_reorder_buffer_is_bounded_in_bytes_and_the_gap_still_fills() 
     for seq in range(2, 21):
         hub.deliver(store_big(history, "gappy", seq))
         assert hub.channels["gappy"].pending_bytes <= 1000
-    await settle(0.1)
-    assert client.seqs() == list(range(1, 21))
+    await until_seqs(client, list(range(1, 21)))
 
 
 async def test_a_replays_buffer_of_live_messages_is_bounded_in_bytes() -> None:
@@ -204,15 +212,14 @@ async def test_a_replays_buffer_of_live_messages_is_bounded_in_bytes() -> None:
     history.page_gate = asyncio.Event()
     resumed = FakeClient(max_frames=5000)
     resuming = asyncio.create_task(hub.subscribe(resumed, "busy", since=0, reply=resumed.reply))
-    await settle()
+    await wait_until(lambda: history.page_calls == 1, "the replay's history read")
     for seq in range(6, 40):
         hub.deliver(store_big(history, "busy", seq))
         (held,) = hub.channels["busy"].catching_up
         assert held.buffer_bytes <= 1000
     history.page_gate.set()
     await resuming
-    await settle(0.1)
-    assert resumed.seqs() == list(range(1, 40))
+    await until_seqs(resumed, list(range(1, 40)))
 
 
 class RecordingHistory(DatabaseHistory):
@@ -249,6 +256,5 @@ async def test_a_replay_reads_history_in_pages_bounded_in_bytes() -> None:
     hub, _ = await make_hub(history, recent_size=1, replay_batch_bytes=250_000)
     client = FakeClient()
     await hub.subscribe(client, "large", since=0, reply=client.reply)
-    await settle()
-    assert client.seqs() == list(range(1, 8))
+    await until_seqs(client, list(range(1, 8)))
     assert history.pages == [2, 2, 2, 1]

@@ -27,7 +27,7 @@ from push.storage.retention import history_trim
 from push.storage.write_batch import Published, PublishUnit
 from push.storage.write_pipeline import WritePipeline, pipeline_conninfo
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
 
 def _pipeline(committed: list[ChannelMessage], **overrides: Any) -> WritePipeline:
@@ -163,7 +163,7 @@ async def test_a_publisher_that_leaves_does_not_break_the_batch() -> None:
     pipeline = _pipeline(committed)
     try:
         tasks = [asyncio.ensure_future(pipeline.publish(_unit("leave", i))) for i in range(10)]
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn, not a wait: every publish has begun
         tasks[3].cancel()
         done = await asyncio.gather(*tasks, return_exceptions=True)
     finally:
