@@ -6,7 +6,26 @@ from __future__ import annotations
 import asyncio
 
 from push.fanout.replay_slots import ReplaySlots
-from push.tests.test_hub import FakeClient, MemoryHistory, make_hub, make_message, settle
+from push.tests.test_hub import (
+    FakeClient,
+    MemoryHistory,
+    make_hub,
+    make_message,
+    until_seqs,
+)
+from tests.waiting import wait_until
+
+
+async def loop_turns(count: int = 20) -> None:
+    """Let every subscribe task that is ready run up to its next real wait (the gated
+    history read, or the read it shares): turns of the loop, not time."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def read_started(history: MemoryHistory, calls: int) -> None:
+    await wait_until(lambda: history.page_calls == calls, f"{calls} history read(s) begun")
+    await loop_turns()
 
 
 async def _hub_with(history: MemoryHistory, stored: int, **kwargs: object):  # type: ignore[no-untyped-def]  # test helper
@@ -22,8 +41,7 @@ async def test_rewind_sends_the_last_messages_from_memory_then_live() -> None:
     await hub.subscribe(client, "news", since=None, reply=client.reply, rewind=5)
     assert client.replies == [(30, None)]  # no ``recovered``: the request had no since
     hub.deliver(make_message("news", 31))
-    await settle()
-    assert client.seqs() == [26, 27, 28, 29, 30, 31]
+    await until_seqs(client, [26, 27, 28, 29, 30, 31])
     assert history.page_calls == 0 and history.recent_calls == 1  # the join's one read
 
 
@@ -32,8 +50,8 @@ async def test_rewind_beyond_the_stored_history_sends_what_there_is() -> None:
     hub, _ = await _hub_with(history, 3)
     client = FakeClient()
     await hub.subscribe(client, "news", since=None, reply=client.reply, rewind=100)
-    await settle()
-    assert client.seqs() == [1, 2, 3] and client.replies == [(3, None)]
+    await until_seqs(client, [1, 2, 3])
+    assert client.replies == [(3, None)]
 
 
 async def test_rewind_on_an_empty_channel_goes_live() -> None:
@@ -42,8 +60,8 @@ async def test_rewind_on_an_empty_channel_goes_live() -> None:
     client = FakeClient()
     await hub.subscribe(client, "news", since=None, reply=client.reply, rewind=10)
     hub.deliver(make_message("news", 1))
-    await settle()
-    assert client.replies == [(0, None)] and client.seqs() == [1]
+    await until_seqs(client, [1])
+    assert client.replies == [(0, None)]
 
 
 async def test_rewind_past_memory_shares_one_history_read_and_keeps_the_seam() -> None:
@@ -60,7 +78,7 @@ async def test_rewind_past_memory_shares_one_history_read_and_keeps_the_seam() -
         asyncio.ensure_future(hub.subscribe(c, "news", since=None, reply=c.reply, rewind=10))
         for c in clients
     ]
-    await settle()
+    await read_started(history, 1)
     history.store("news", 21)
     history.store("news", 22)
     hub.deliver(make_message("news", 21))  # live while the read runs: held
@@ -68,11 +86,10 @@ async def test_rewind_past_memory_shares_one_history_read_and_keeps_the_seam() -
     history.page_gate.set()
     await asyncio.gather(*tasks)
     hub.deliver(make_message("news", 23))
-    await settle()
-    assert history.page_calls == 1
     for client in clients:
-        assert client.seqs() == list(range(13, 24))
+        await until_seqs(client, list(range(13, 24)))
         assert client.replies == [(22, None)]
+    assert history.page_calls == 1
 
 
 async def test_a_read_begun_before_the_channel_moved_is_not_shared() -> None:
@@ -86,19 +103,19 @@ async def test_a_read_begun_before_the_channel_moved_is_not_shared() -> None:
     early_task = asyncio.ensure_future(
         hub.subscribe(early, "news", since=None, reply=early.reply, rewind=5)
     )
-    await settle()
+    await read_started(history, 1)
     history.store("news", 21)
     hub.deliver(make_message("news", 21))
     late = FakeClient()
     late_task = asyncio.ensure_future(
         hub.subscribe(late, "news", since=None, reply=late.reply, rewind=5)
     )
-    await settle()
+    await read_started(history, 2)
     history.page_gate.set()
     await asyncio.gather(early_task, late_task)
-    await settle()
+    await until_seqs(early, [17, 18, 19, 20, 21])
+    await until_seqs(late, [17, 18, 19, 20, 21])
     assert history.page_calls == 2
-    assert early.seqs() == late.seqs() == [17, 18, 19, 20, 21]
 
 
 async def test_rewinds_sharing_a_read_take_no_replay_slot_and_reuse_it_after() -> None:
@@ -116,7 +133,7 @@ async def test_rewinds_sharing_a_read_take_no_replay_slot_and_reuse_it_after() -
         asyncio.ensure_future(hub.subscribe(c, "news", since=None, reply=c.reply, rewind=5))
         for c in clients[:10]
     ]
-    await settle()
+    await read_started(history, 1)
     history.page_gate.set()
     await asyncio.gather(*first)
     for client in clients[10:]:  # after the read, the channel unchanged
