@@ -5,15 +5,18 @@ which applies deltas for its handler and recovers from a wrong base."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import shutil
+import subprocess
 import uuid
 from typing import Any
 
 import fossil_delta
 import pytest
 
-from tests.servers import ServerNode, publish_rest
+from tests.servers import ROOT, ServerNode, publish_rest
 from tests.test_python_client import FAST, PushClient, eventually
 from tests.test_wire_formats_e2e import FORMATS, FormatClient
 
@@ -176,3 +179,55 @@ def test_a_wrong_base_is_refused_by_the_checksum() -> None:
         apply_delta(wrong, delta)
     with pytest.raises(DeltaMismatch):
         apply_delta(base[:-1], delta)
+
+
+# ----- the JavaScript client in Node, against a real node -------------------------------
+
+NODE_SUBSCRIBER = ROOT / "clients" / "js" / "test" / "live" / "delta_subscriber.mjs"
+
+
+def node_command() -> list[str]:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("needs Node.js 20+ (apt-get install -y nodejs)")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
+    major = int(version.stdout.strip().lstrip("v").split(".")[0])
+    # Node 22 has a global WebSocket; 20 and 21 behind this flag.
+    return [node] if major >= 22 else [node, "--experimental-websocket"]
+
+
+@e2e
+@pytest.mark.parametrize("format", ["json", "msgpack"])
+async def test_the_javascript_client_in_node_applies_deltas_and_recovers_from_a_wrong_base(
+    two_nodes: tuple[ServerNode, ServerNode], publisher_token: str, format: str
+) -> None:
+    node_a, node_b = two_nodes
+    channel = f"delta-js-{uuid.uuid4().hex[:8]}"
+    process = await asyncio.create_subprocess_exec(
+        *node_command(),
+        str(NODE_SUBSCRIBER),
+        node_a.ws_url,
+        channel,
+        "8",
+        format,
+        "corrupt-after",
+        "3",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    first = json.loads(await asyncio.wait_for(process.stdout.readline(), 20))
+    assert first == {"subscribed": 0, "agreed": True}
+    await publish_boards(node_b, publisher_token, channel, range(1, 9))
+    out, err = await asyncio.wait_for(process.communicate(), 40)
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    assert process.returncode == 0, (lines, err.decode()[-2000:])
+    delivered = [line for line in lines if "seq" in line]
+    assert [line["seq"] for line in delivered] == list(range(1, 9))
+    assert [line["data"] for line in delivered] == [board(seq) for seq in range(1, 9)]
+    assert [line["error"] for line in lines if "error" in line] == ["DELTA_MISMATCH"]
+    frames = [(line["frame"], line["delta"]) for line in lines if "frame" in line]
+    # Deltas from seq 2; the one after the corruption refused, then deltas again
+    # after the full messages the resubscription brings back.
+    assert frames[:3] == [(1, False), (2, True), (3, True)]
+    assert frames[3] == (4, True) and (8, True) in frames
