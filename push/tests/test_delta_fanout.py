@@ -194,3 +194,23 @@ def test_subscribed_repeats_the_agreed_delta(codec: Any) -> None:
     assert codec.decode(codec.encode(reply))["delta"] == "fossil"
     plain = protocol.subscribed(channel="b", seq=3, recovered=None, request_id=1)
     assert "delta" not in codec.decode(codec.encode(plain))
+
+
+async def test_delta_is_agreed_for_fossil_only_and_never_on_drop_oldest_channels() -> None:
+    from types import SimpleNamespace
+
+    from push.services.subscriptions import subscription_delta
+
+    hub, _ = await make_hub(MemoryHistory(), drop_oldest_patterns=["ticker:*"])
+    node: Any = SimpleNamespace(hub=hub)
+    connection: Any = SimpleNamespace(subscriptions={})
+    assert subscription_delta(node, connection, "board", "fossil") == "fossil"
+    assert subscription_delta(node, connection, "board", "vcdiff") is None
+    assert subscription_delta(node, connection, "board", None) is None
+    assert subscription_delta(node, connection, "ticker:eur", "fossil") is None
+    # Subscribing again keeps what the subscription has.
+    client = FakeClient()
+    connection.subscriptions["board"] = await hub.subscribe(
+        client, "board", since=None, reply=client.reply
+    )
+    assert subscription_delta(node, connection, "board", "fossil") is None
