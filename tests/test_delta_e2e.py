@@ -29,7 +29,9 @@ def board(seq: int) -> dict[str, Any]:
     """A 5 KB state of which a few fields change per message."""
     rows = [{"id": i, "name": f"instrument {i}", "bid": 100 + i, "ask": 101 + i} for i in range(80)]
     rows[seq % 80]["bid"] = 1000 + seq
-    return {"version": seq, "updated": f"t{seq}", "rows": rows}
+    # A float without a fraction: its JSON text is 101.0, which JavaScript's own
+    # JSON.stringify would write as 101 (the clients must rebuild the server's text).
+    return {"version": seq, "updated": f"t{seq}", "price": 100.0 + seq, "rows": rows}
 
 
 class DeltaReader:

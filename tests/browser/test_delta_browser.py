@@ -47,7 +47,7 @@ window.deltaSubscription.base = { ...base, text: base.text.replace('"bid":', '"b
 def board(seq: int) -> dict[str, Any]:
     rows = [{"id": i, "name": f"instrument {i}", "bid": 100 + i} for i in range(60)]
     rows[seq % 60]["bid"] = 1000 + seq
-    return {"version": seq, "rows": rows}
+    return {"version": seq, "price": 100.0 + seq, "rows": rows}
 
 
 @pytest.mark.parametrize("format", ["json", "msgpack"])

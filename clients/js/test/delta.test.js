@@ -6,7 +6,7 @@
 import { afterEach, beforeEach, test } from "node:test";
 import assert from "node:assert/strict";
 
-import { DELTA_FAILURES_MAX, PushClient, applyDataDelta, dataText } from "../index.js";
+import { DELTA_FAILURES_MAX, PushClient, applyDataDelta, dataText, msgpack } from "../index.js";
 import { createDelta } from "../../../push/static/push/fossil-delta.js";
 import { FakeSocket, reset, until } from "./fakes.js";
 
@@ -128,4 +128,22 @@ test("applyDataDelta checks length and checksum; dataText reads the frame's own 
   const text = '{"a":1.0,"2":[1e+20]}';
   assert.equal(dataText(JSON.parse(fullFrame("c", 1, text)), fullFrame("c", 1, text)), text);
   assert.equal(dataText({ data: { a: 1 } }, null), '{"a":1}');
+});
+
+test("over MessagePack the base is rebuilt from the frame's bytes as the server writes it", () => {
+  // Made by Python: msgpack.packb({..., "data": d}) and json.dumps(d, ensure_ascii=False, separators=(",", ":")).
+  const frame = Buffer.from(
+    "hqR0eXBlp21lc3NhZ2WnY2hhbm5lbKFjo3NlcQGqbWVzc2FnZV9pZKFtpGRhdGGFoWIBoTKWyz/wAAAAAAAAz///////////04AAAAAAAAAApMOpAArAw6Fhy4AAAAAAAAAAo2JpZ8tDQcN5N+CAAKVzbWFsbMs+hCH19A2Ddql0aW1lc3RhbXDLP/gAAAAAAAA=",
+    "base64",
+  );
+  const text = '{"b":1,"2":[1.0,18446744073709551615,-9223372036854775808,"\u00e9\\u0000\\n",null,true],"a":-0.0,"big":1e+16,"small":1.5e-07}';
+  assert.equal(msgpack.dataText(frame), text);
+  const format = { dataText: (bytes) => msgpack.dataText(new Uint8Array(bytes)) };
+  assert.equal(dataText(msgpack.decode(frame), frame, format), text);
+  // Python's float repr, which JSON.stringify does not follow.
+  const cases = [
+    [100, "100.0"], [0.0001, "0.0001"], [0.00001, "1e-05"], [1e16, "1e+16"], [1e15, "1000000000000000.0"],
+    [-2.5e-300, "-2.5e-300"], [0.1, "0.1"], [123456789.123, "123456789.123"], [-0, "-0.0"], [1e100, "1e+100"],
+  ];
+  for (const [value, repr] of cases) assert.equal(msgpack.pythonFloat(value), repr);
 });

@@ -112,11 +112,13 @@ const jsonFormat = Object.freeze({
   decode: (frame) => JSON.parse(frame),
 });
 
-function msgpackFormat({ encode, decode }) {
+function msgpackFormat({ encode, decode, dataText: msgpackDataText }) {
   return Object.freeze({
     subprotocol: "v1.msgpack",
     encode: (envelope) => encode(envelope),
     decode: (frame) => decode(new Uint8Array(frame)),
+    // The JSON text of a message's data read from the frame (msgpack.js has it).
+    dataText: msgpackDataText ? (frame) => msgpackDataText(new Uint8Array(frame)) : null,
   });
 }
 
@@ -173,15 +175,19 @@ function base64Bytes(text) {
 // The JSON text of a message's data as the server holds it: the base of the next delta.
 // In a JSON frame it is read as sent, between `"data":` and `,"timestamp":` (the server
 // writes a message in that order; channel names and message ids hold no quote), so
-// numbers like 1.0 and key order stay as they are. Otherwise (MessagePack, or a frame
-// of another layout) JSON.stringify, which differs from the server's text for floats
-// without a fraction and integer-like keys: a delta on such data fails its checksum and
-// the client recovers (see deltaFailed).
-export function dataText(message, frame) {
+// numbers like 1.0 and key order stay as they are; in a MessagePack frame `format`
+// rebuilds it from the frame's bytes (msgpack.js's dataText). Otherwise (a codec without
+// it, a frame of another layout) JSON.stringify, which differs from the server's text for
+// floats without a fraction and integer-like keys: a delta on such data fails its
+// checksum and the client recovers (see deltaFailed).
+export function dataText(message, frame, format = null) {
   if (typeof frame === "string") {
     const start = frame.indexOf('"data":');
     const end = frame.lastIndexOf(',"timestamp":');
     if (start > 0 && end > start) return frame.slice(start + 7, end);
+  } else if (frame && format?.dataText) {
+    const text = format.dataText(frame);
+    if (text !== null) return text;
   }
   return JSON.stringify(message.data);
 }
@@ -533,7 +539,7 @@ export class PushClient {
     if (!subscription || !(subscription.deltaAgreed || message.delta)) return message;
     if (subscription.resyncing) return null; // the old subscription's last frames
     if (!message.delta) {
-      if ("data" in message) subscription.base = { seq: message.seq, text: dataText(message, frame) };
+      if ("data" in message) subscription.base = { seq: message.seq, text: dataText(message, frame, this.format) };
       return message;
     }
     let text;
