@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.delta import DELTA_RUNNERS
 from bench.measure import RunContext
 from bench.options import ALL_SCENARIOS, SERVERLESS_SCENARIOS, Options, apply_quick
 from bench.pool import WorkerError, WorkerPool
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="publishes/s per publishing connection, 0 = no cap",
     )
     add("--payload-bytes", type=int)
+    add("--delta-subscribers", type=int, help="delta: subscribers (1000)")
+    add("--delta-messages", type=int, help="delta: ~5 KB states published per step (100)")
+    add("--delta-rate", type=float, help="delta: states published per second (5)")
     add("--base-port", type=int)
     add("--database-url")
     add("--redis-url")
@@ -147,6 +151,9 @@ OPTION_FLAGS = {
     "window": "window",
     "lane_rate": "lane_rate",
     "payload_bytes": "payload_bytes",
+    "delta_subscribers": "delta_subscribers",
+    "delta_messages": "delta_messages",
+    "delta_rate": "delta_rate",
     "base_port": "base_port",
     "database_url": "database_url",
     "redis_url": "redis_url",
@@ -233,7 +240,7 @@ class _PoolBroken(Exception):
         self.rows = rows
 
 
-RUNNERS = {**SCENARIOS, **PUBLISH_RUNNERS}
+RUNNERS = {**SCENARIOS, **PUBLISH_RUNNERS, **DELTA_RUNNERS}
 
 
 def _run_serverless(options: Options, tag: str) -> list[Row]:

@@ -24,8 +24,8 @@ DEFAULT_SCENARIOS = (
 PUBLISH_SCENARIOS = ("publish", "publish_rest", "publish_recent")
 # Run once per run, with no node and no server: what PostgreSQL commits alone.
 SERVERLESS_SCENARIOS = ("db_floor",)
-# Only run when named: scale_100k takes the machine; the SSE and slow-consumer ones
-# serve only `ours`.
+# Only run when named: scale_100k takes the machine; the SSE, slow-consumer and delta
+# ones serve only `ours`.
 EXPLICIT_SCENARIOS = (
     "scale_100k",
     "sse_idle",
@@ -33,6 +33,7 @@ EXPLICIT_SCENARIOS = (
     "sse_latency",
     "slow_consumer",
     "slow_drop_oldest",
+    "delta",
 )
 ALL_SCENARIOS = DEFAULT_SCENARIOS + EXPLICIT_SCENARIOS
 
@@ -85,6 +86,10 @@ class Options:
     publish_fixed_rate: float = 2_000.0  # the acknowledgement-latency point, publishes/s
     publish_batch: int = 100  # messages per POST /api/v1/messages
     payload_bytes: int = 64
+    # delta (bench.delta): subscribers, ~5 KB states published, and their rate.
+    delta_subscribers: int = 1_000
+    delta_messages: int = 100
+    delta_rate: float = 5.0
     drain_secs: float = 20.0
     database_url: str = "postgres://postgres@127.0.0.1:5432/bench"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -113,4 +118,6 @@ def apply_quick(options: Options) -> Options:
     options.publish_fixed_rate = 500.0
     options.publish_batch = 20
     options.drain_secs = 10.0
+    options.delta_subscribers = 300
+    options.delta_messages = 30
     return options

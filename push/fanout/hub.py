@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from common import metrics
 from common.background import spawn
 from common.errors import ErrorCode, PushError
+from push.fanout.delta import ChannelDeltas, encode_delta_frame, fossil_delta_text
 from push.fanout.message import ChannelMessage, HistoryPage, data_bytes
 from push.fanout.outbox import OutFrame
 
@@ -118,13 +119,22 @@ class Subscription:
         "buffer_bytes",
         "buffer_dropped",
         "channel",
+        "delta",
         "last_seq",
+        "sent_seq",
         "subscriber",
     )
 
-    def __init__(self, subscriber: Subscriber, channel: HubChannel, last_seq: int) -> None:
+    def __init__(
+        self, subscriber: Subscriber, channel: HubChannel, last_seq: int, *, delta: bool = False
+    ) -> None:
         self.subscriber = subscriber
         self.channel = channel
+        # Delta compression agreed (push.fanout.delta): live, it sits in channel.deltas.
+        self.delta = delta
+        # The last seq a replay sent it: a delta subscription that goes live having been
+        # sent the channel's last message can take a delta of the next one.
+        self.sent_seq = 0
         # Live subscriptions are always at the channel's delivered_seq; this is read
         # only while the subscription catches up (replay) or sits ahead of the hub.
         self.last_seq = last_seq
@@ -182,6 +192,7 @@ class HubChannel:
     __slots__ = (
         "catching_up",
         "delivered_seq",
+        "deltas",
         "droppable",
         "fanned_out",
         "held_dropped",
@@ -213,6 +224,9 @@ class HubChannel:
         # codec name -> {outbox.push: subscription}: the fan-out loop calls the keys.
         self.live: dict[str, dict[Callable[[OutFrame], bool], Subscription]] = {}
         self.catching_up: dict[Subscription, None] = {}
+        # The live subscribers that asked for deltas; None while there is none, so a
+        # channel without one pays nothing for the feature.
+        self.deltas: ChannelDeltas | None = None
         self.delivered_seq = 0
         self.fanned_out = 0  # messages fanned out here, for the admin's rates
         self.pending: dict[int, ChannelMessage] = {}
@@ -237,7 +251,8 @@ class HubChannel:
         return bool(recent) and recent[0].seq <= since + 1
 
     def subscriber_count(self) -> int:
-        return sum(len(subs) for subs in self.live.values()) + len(self.catching_up)
+        deltas = len(self.deltas) if self.deltas is not None else 0
+        return sum(len(subs) for subs in self.live.values()) + len(self.catching_up) + deltas
 
 
 def encode_frame(codec: Codec, message: ChannelMessage, droppable: bool) -> OutFrame:
@@ -273,6 +288,17 @@ def _push_each(by_codec: dict[Callable[[OutFrame], bool], Subscription], frame: 
                 raise
             failed = push
             _subscriber_failed(by_codec[push], exc)  # type: ignore[index]  # push is set: the loop ran
+
+
+def _subscribers_by_codec(
+    hub_channel: HubChannel,
+) -> Iterator[dict[Callable[[OutFrame], bool], Subscription]]:
+    """Every live subscriber of the channel, in groups of one wire format: the plain
+    ones, then those that take deltas."""
+    yield from hub_channel.live.values()
+    if hub_channel.deltas is not None:
+        yield from hub_channel.deltas.in_step.values()
+        yield from hub_channel.deltas.fresh.values()
 
 
 def _subscriber_failed(subscription: Subscription, exc: Exception) -> None:
@@ -332,14 +358,16 @@ class Hub:
         since: int | None,
         reply: Callable[[int, bool | None], None],
         rewind: int | None = None,
+        delta: bool = False,
     ) -> Subscription:
         """Attach a subscriber; ``reply(seq, recovered)`` is called before any message
         reaches it. With ``since``, every stored message after it is replayed first,
         then the live stream follows with nothing missing and nothing twice. With
-        ``rewind``, the channel's last ``rewind`` messages come first instead."""
+        ``rewind``, the channel's last ``rewind`` messages come first instead. With
+        ``delta``, live messages may come as deltas (push.fanout.delta)."""
         hub_channel = await self._channel_for_subscribe(channel)
         if rewind is not None:
-            return await self._attach_rewound(subscriber, hub_channel, rewind, reply)
+            return await self._attach_rewound(subscriber, hub_channel, rewind, reply, delta)
         if since is not None and since > hub_channel.delivered_seq:
             latest = await self._latest_seq_or_none(hub_channel)
             if latest is not None and since > latest:
@@ -347,15 +375,15 @@ class Hub:
                 # or the client made it up): say the real latest seq with recovered
                 # false, so the client refetches state, and go on from there.
                 ahead = latest if latest > hub_channel.delivered_seq else None
-                return self._attach_live(subscriber, hub_channel, ahead, reply, False)
+                return self._attach_live(subscriber, hub_channel, ahead, reply, False, delta)
         if since is None or since >= hub_channel.delivered_seq:
             # Messages held for reordering are past delivered_seq: they reach this
             # subscriber through the normal path, in order.
             recovered = None if since is None else True
-            return self._attach_live(subscriber, hub_channel, since, reply, recovered)
+            return self._attach_live(subscriber, hub_channel, since, reply, recovered, delta)
         if hub_channel.covers_since(since):
-            return self._attach_from_recent(subscriber, hub_channel, since, reply)
-        return await self._attach_with_replay(subscriber, hub_channel, since, reply)
+            return self._attach_from_recent(subscriber, hub_channel, since, reply, delta)
+        return await self._attach_with_replay(subscriber, hub_channel, since, reply, delta)
 
     async def _attach_rewound(
         self,
@@ -363,6 +391,7 @@ class Hub:
         hub_channel: HubChannel,
         rewind: int,
         reply: Callable[[int, bool | None], None],
+        delta: bool = False,
     ) -> Subscription:
         """The last ``rewind`` messages this node delivered, then live: a resume from
         ``delivered_seq - rewind`` taken now, with no await before it, so the seam is
@@ -376,11 +405,11 @@ class Hub:
 
         since = max(0, hub_channel.delivered_seq - rewind)
         if since >= hub_channel.delivered_seq:
-            return self._attach_live(subscriber, hub_channel, None, reply, None)
+            return self._attach_live(subscriber, hub_channel, None, reply, None, delta)
         if hub_channel.covers_since(since):
-            return self._attach_from_recent(subscriber, hub_channel, since, reply_rewound)
+            return self._attach_from_recent(subscriber, hub_channel, since, reply_rewound, delta)
         return await self._attach_with_replay(
-            subscriber, hub_channel, since, reply_rewound, rewind=rewind
+            subscriber, hub_channel, since, reply_rewound, delta, rewind=rewind
         )
 
     def _attach_from_recent(
@@ -389,12 +418,13 @@ class Hub:
         hub_channel: HubChannel,
         since: int,
         reply: Callable[[int, bool | None], None],
+        delta: bool = False,
     ) -> Subscription:
         """Resume from memory: no await between the replay and going live, so nothing
         can slip in between, and the frames are the ones already encoded for others.
         Retention applies here as in the database: what it no longer keeps is not
         replayed, and the client learns it from ``recovered: false``."""
-        subscription = Subscription(subscriber, hub_channel, since)
+        subscription = Subscription(subscriber, hub_channel, since, delta=delta)
         kept = hub_channel.retention.kept(hub_channel.recent, hub_channel.delivered_seq)
         recovered = bool(kept) and kept[0].seq <= since + 1
         reply(hub_channel.delivered_seq, recovered)
@@ -421,8 +451,9 @@ class Hub:
         since: int | None,
         reply: Callable[[int, bool | None], None],
         recovered: bool | None,
+        delta: bool = False,
     ) -> Subscription:
-        subscription = Subscription(subscriber, hub_channel, hub_channel.delivered_seq)
+        subscription = Subscription(subscriber, hub_channel, hub_channel.delivered_seq, delta=delta)
         reply(max(hub_channel.delivered_seq, since or 0), recovered)
         if since is not None and since > hub_channel.delivered_seq:
             # The client has seen further than this node (it came from a node ahead of
@@ -441,6 +472,7 @@ class Hub:
         hub_channel: HubChannel,
         since: int,
         reply: Callable[[int, bool | None], None],
+        delta: bool = False,
         *,
         rewind: int | None = None,
     ) -> Subscription:
@@ -449,7 +481,7 @@ class Hub:
         each page and while it waits for the client to read): the subscription comes
         back inactive then, and nothing more is read for it. With ``rewind``, only the
         last ``rewind`` before the latest seq the read saw are replayed."""
-        subscription = Subscription(subscriber, hub_channel, since)
+        subscription = Subscription(subscriber, hub_channel, since, delta=delta)
         subscription.buffer = []
         hub_channel.catching_up[subscription] = None
         metrics.SUBSCRIPTIONS.inc()
@@ -576,7 +608,7 @@ class Hub:
         droppable = subscription.channel.droppable
         for message in messages:
             if message.seq > subscription.last_seq:
-                subscription.last_seq = message.seq
+                subscription.last_seq = subscription.sent_seq = message.seq
                 push(encode_frame(codec, message, droppable))
 
     def _finish_replay(self, subscription: Subscription) -> None:
@@ -591,10 +623,28 @@ class Hub:
         # else: ahead of the hub; _feed_catching_up promotes it when the hub arrives.
 
     def _make_live(self, subscription: Subscription) -> None:
+        if subscription.delta:
+            self._make_live_delta(subscription)
+            return
         subscriber = subscription.subscriber
         subscription.last_seq = subscription.channel.delivered_seq
         by_codec = subscription.channel.live.setdefault(subscriber.codec.name, {})
         by_codec[subscriber.outbox.push] = subscription
+
+    def _make_live_delta(self, subscription: Subscription) -> None:
+        """Live among the channel's delta subscribers: in step when a replay sent it the
+        channel's last message (the next may come as a delta), fresh otherwise."""
+        hub_channel = subscription.channel
+        delivered = hub_channel.delivered_seq
+        subscription.last_seq = delivered
+        deltas = hub_channel.deltas
+        if deltas is None:
+            recent = hub_channel.recent
+            base = recent[-1] if recent and recent[-1].seq == delivered else None
+            deltas = hub_channel.deltas = ChannelDeltas(base)
+        subscriber = subscription.subscriber
+        in_step = 0 < subscription.sent_seq == delivered
+        deltas.add(subscriber.codec.name, subscriber.outbox.push, subscription, in_step=in_step)
 
     def unsubscribe(self, subscription: Subscription) -> None:
         if not subscription.active:
@@ -609,6 +659,11 @@ class Hub:
             by_codec.pop(subscription.subscriber.outbox.push, None)
             if not by_codec:
                 del hub_channel.live[subscription.subscriber.codec.name]
+        deltas = hub_channel.deltas
+        if deltas is not None and subscription.delta:
+            deltas.remove(subscription.subscriber.codec.name, subscription.subscriber.outbox.push)
+            if not deltas:
+                hub_channel.deltas = None
         if hub_channel.subscriber_count() == 0 and hub_channel.linger_handle is None:
             hub_channel.linger_handle = self.loop.call_later(
                 self.linger_secs, self._leave_if_empty, hub_channel
@@ -632,7 +687,7 @@ class Hub:
             return hub_channel
 
     async def _join_channel(self, name: str) -> HubChannel:
-        droppable = any(fnmatch.fnmatchcase(name, p) for p in self._drop_oldest_patterns)
+        droppable = self.drops_oldest(name)
         hub_channel = HubChannel(
             name,
             droppable,
@@ -664,6 +719,10 @@ class Hub:
         metrics.HUB_CHANNELS.set(len(self.channels))
         self._drain_pending(hub_channel)
         return hub_channel
+
+    def drops_oldest(self, name: str) -> bool:
+        """True for a drop-oldest channel (tickers): a slow reader loses old frames."""
+        return any(fnmatch.fnmatchcase(name, p) for p in self._drop_oldest_patterns)
 
     def _leave_if_empty(self, hub_channel: HubChannel) -> None:
         hub_channel.linger_handle = None
@@ -759,11 +818,44 @@ class Hub:
                 frame = encode_frame(codec, message, droppable)
             _push_each(by_codec, frame)
             delivered += len(by_codec)
+        if hub_channel.deltas is not None:
+            # Before the catching-up ones: one that goes live now must find the deltas'
+            # base at this message.
+            delivered += self._fan_out_deltas(hub_channel.deltas, message, droppable)
         if hub_channel.catching_up:
             self._feed_catching_up(hub_channel, message)
         metrics.MESSAGES_FANNED_OUT.inc()
         metrics.DELIVERIES.inc(delivered)
         metrics.PUBLISH_TO_DELIVERY.observe(max(0.0, time.time() - message.timestamp))
+
+    def _fan_out_deltas(
+        self, deltas: ChannelDeltas, message: ChannelMessage, droppable: bool
+    ) -> int:
+        """The message to the channel's delta subscribers: one delta against the message
+        before it for all in step (computed once, framed once per format), or the full
+        frame everyone else gets when there is no base or the delta is not smaller."""
+        base = deltas.base
+        deltas.base = message
+        delivered = 0
+        if deltas.in_step:
+            data_delta = None
+            if base is not None and base.seq == message.seq - 1:
+                data_delta = fossil_delta_text(base.data_json, message.data_json)
+            for by_codec in deltas.in_step.values():
+                codec = next(iter(by_codec.values())).subscriber.codec
+                if data_delta is None:
+                    frame = encode_frame(codec, message, droppable)
+                else:
+                    frame = encode_delta_frame(codec, message, data_delta)
+                _push_each(by_codec, frame)
+                delivered += len(by_codec)
+        if deltas.fresh:
+            for by_codec in deltas.fresh.values():
+                codec = next(iter(by_codec.values())).subscriber.codec
+                _push_each(by_codec, encode_frame(codec, message, droppable))
+                delivered += len(by_codec)
+            deltas.settle_fresh()
+        return delivered
 
     def deliver_event(self, channel: str, envelope: dict[str, Any]) -> None:
         """Push an envelope that is not a numbered message (presence join and leave) to
@@ -771,10 +863,13 @@ class Hub:
         hub_channel = self.channels.get(channel)
         if hub_channel is None:
             return
-        for by_codec in hub_channel.live.values():
+        frames: dict[str, OutFrame] = {}
+        for by_codec in _subscribers_by_codec(hub_channel):
             codec = next(iter(by_codec.values())).subscriber.codec
-            payload = codec.encode(envelope)
-            frame = OutFrame(codec.send_event(payload), len(payload))
+            frame = frames.get(codec.name)
+            if frame is None:
+                payload = codec.encode(envelope)
+                frame = frames[codec.name] = OutFrame(codec.send_event(payload), len(payload))
             _push_each(by_codec, frame)
 
     def _feed_catching_up(self, hub_channel: HubChannel, message: ChannelMessage) -> None:

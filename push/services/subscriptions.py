@@ -22,6 +22,7 @@ from push.cluster.live import LiveConnection
 from push.cluster.occupancy import Occupancy
 from push.cluster.presence import PresenceStore, leave_presence, presence_member
 from push.cluster.registry import ConnectionRecord, ConnectionRegistry
+from push.fanout.delta import FOSSIL
 from push.fanout.hub import Hub
 from push.ops import events
 from push.ops.events import EventLog
@@ -138,6 +139,7 @@ async def channel_subscribe(
     reply: Reply,
     rewind: int | None = None,
     occupancy: bool = False,
+    delta: str | None = None,
 ) -> None:
     """Subscribe after the permission check (or a signed subscription token): resume
     from ``since`` when given (or send the last ``rewind`` messages first), join
@@ -173,7 +175,7 @@ async def channel_subscribe(
             f"subscription limit of {push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION} reached",
         )
     subscription = await node.hub.subscribe(
-        connection, channel, since=since, reply=reply, rewind=rewind
+        connection, channel, since=since, reply=reply, rewind=rewind, delta=delta == FOSSIL
     )
     if connection.gone or not subscription.active:
         node.hub.unsubscribe(subscription)
@@ -186,6 +188,21 @@ async def channel_subscribe(
         joined = presence_member(connection.principal, connection.connection_id, claims)
         if await node.presence.join(channel, str(connection.connection_id), joined):
             await node.announce_presence("join", channel, joined)
+
+
+def subscription_delta(
+    node: SessionNode, connection: LiveConnection, channel: str, asked: str | None
+) -> str | None:
+    """The delta algorithm a subscribe gets (``subscribed`` repeats it), or None: only
+    fossil; never on a drop-oldest channel, whose dropped frames would leave deltas
+    without their base; and for a channel already subscribed, what that subscription
+    has (subscribing again changes nothing)."""
+    existing = connection.subscriptions.get(channel)
+    if existing is not None and existing.active:
+        return FOSSIL if existing.delta else None
+    if asked != FOSSIL or node.hub.drops_oldest(channel):
+        return None
+    return FOSSIL
 
 
 def _remember_token_expiry(

@@ -35,6 +35,7 @@ from push.services.subscriptions import (
     client_ip,
     session_closed,
     session_open,
+    subscription_delta,
 )
 from push.storage.history_modes import is_recent
 from push.transport.connection import ClientConnection
@@ -184,15 +185,22 @@ class PushConsumer(AsyncConsumer):
         )
 
     async def handle_subscribe(self, connection: ClientConnection, request: Subscribe) -> None:
+        node = self._require_node()
+        delta = subscription_delta(node, connection, request.channel, request.delta)
+
         def reply(seq: int, recovered: bool | None) -> None:
             connection.send_envelope(
                 protocol.subscribed(
-                    channel=request.channel, seq=seq, recovered=recovered, request_id=request.id
+                    channel=request.channel,
+                    seq=seq,
+                    recovered=recovered,
+                    request_id=request.id,
+                    delta=delta,
                 )
             )
 
         await channel_subscribe(
-            self._require_node(),
+            node,
             connection,
             request.channel,
             since=request.since,
@@ -200,6 +208,7 @@ class PushConsumer(AsyncConsumer):
             reply=reply,
             rewind=request.rewind,
             occupancy=request.occupancy,
+            delta=delta,
         )
 
     async def handle_presence(self, connection: ClientConnection, request: Presence) -> None:

@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     subscribe.add_argument("channels", nargs="+", metavar="CHANNEL")
     subscribe.add_argument("--since", type=int, help="resume every channel after this seq")
     subscribe.add_argument("--count", type=int, help="exit after this many messages")
+    subscribe.add_argument(
+        "--delta", action="store_true", help="ask for fossil deltas (printed as full data)"
+    )
     subscribe.add_argument("--max-delay", type=float, default=30.0, help="backoff cap, seconds")
 
     publish = commands.add_parser("publish", parents=[common], help="publish one message")
@@ -80,7 +83,7 @@ async def _subscribe(args: argparse.Namespace) -> int:
         # Concurrently: one round trip for all channels. Each resumes after `since`.
         subscriptions = await asyncio.gather(
             *(
-                client.subscribe(channel, print_message, since=args.since)
+                client.subscribe(channel, print_message, since=args.since, delta=args.delta)
                 for channel in args.channels
             )
         )

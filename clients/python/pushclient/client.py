@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
 from pushclient.backoff import DEFAULT_BASE_DELAY_SECS, DEFAULT_MAX_DELAY_SECS, backoff_delay
+from pushclient.delta import FOSSIL, DeltaMismatch, apply_delta, data_text
 from pushclient.errors import ConnectionClosed, ConnectionLost, NotConnected, PushError
 from pushclient.formats import get_format
 from pushclient.history import GetJson, api_url_for, fetch_range, get_json
@@ -74,6 +76,15 @@ class Subscription:
     occupancy: bool = False
     # The last ``occupancy`` count, when asked for.
     subscribers: int | None = None
+    # Delta compression: asked for (subscribe(delta=True)), and agreed by the server's
+    # ``subscribed``. ``base`` is (seq, JSON text of data) of the channel's last message
+    # frame, what the server's next delta applies to. A delta that does not apply
+    # resubscribes (``resync``); twice in a row and deltas are not asked for again.
+    delta: bool = False
+    delta_agreed: bool = False
+    base: tuple[int, str] | None = None
+    resync: asyncio.Task[None] | None = None
+    delta_failures: int = 0
 
     @property
     def delivered(self) -> int:
@@ -375,6 +386,11 @@ class PushClient:
         subscription = self._subscriptions.get(message.get("channel", ""))
         if subscription is None:
             return
+        if subscription.delta_agreed or message.get("delta"):
+            undeltaed = self._undelta(subscription, message)
+            if undeltaed is None:
+                return
+            message = undeltaed
         seq = message["seq"]
         if subscription.held is not None:
             # A gap is being repaired: the repair delivers this one in its turn.
@@ -393,6 +409,68 @@ class PushClient:
             )
             return
         await self._deliver(subscription, message)
+
+    # ----- delta compression ------------------------------------------------------------
+
+    def _undelta(
+        self, subscription: Subscription, message: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The message with ``data`` (a delta applied to the base), remembering its text
+        as the next base; None when it is dropped: a resubscription is on its way, or a
+        delta does not apply, which starts one. A wrong base never yields data."""
+        if subscription.resync is not None:
+            return None  # the old subscription's last frames: the replay resends them
+        seq = message["seq"]
+        if not message.get("delta"):
+            if "data" in message:
+                subscription.base = (seq, data_text(message["data"]))
+            return message
+        base = subscription.base
+        try:
+            if base is None or base[0] != seq - 1:
+                raise DeltaMismatch(f"a delta for seq {seq} without the message before it")
+            text = apply_delta(base[1], message["data_delta"])
+            data = json.loads(text)
+        except (DeltaMismatch, KeyError, TypeError, ValueError) as exc:
+            self._delta_failed(subscription, seq, exc)
+            return None
+        subscription.base = (seq, text)
+        subscription.delta_failures = 0
+        full = {k: v for k, v in message.items() if k not in ("delta", "data_delta")}
+        full["data"] = data
+        return full
+
+    def _delta_failed(self, subscription: Subscription, seq: int, exc: Exception) -> None:
+        """Resubscribe with ``since`` = the last seq delivered: the server replays the
+        rest in full, then deltas follow from the replay's last message. A second
+        failure in a row drops delta for this subscription (something between us and
+        the server changes the data's text), so the channel keeps working without."""
+        subscription.base = None
+        subscription.delta_failures += 1
+        if subscription.delta_failures >= 2:
+            subscription.delta = False
+        self._events.emit(
+            "error",
+            {
+                "code": "DELTA_MISMATCH",
+                "message": f"{subscription.channel!r} seq {seq}: {exc}; resubscribing",
+                "envelope": None,
+            },
+        )
+        subscription.resync = asyncio.create_task(
+            self._resubscribe(subscription), name=f"pushclient-resync-{seq}"
+        )
+
+    async def _resubscribe(self, subscription: Subscription) -> None:
+        try:
+            await self._request({"type": "unsubscribe", "channel": subscription.channel})
+        except PushError:
+            return  # the connection dropped: the reconnect subscribes again with since
+        finally:
+            subscription.resync = None
+        ws = self._ws
+        if ws is not None and self._subscriptions.get(subscription.channel) is subscription:
+            await self._send_subscribe(ws, subscription)
 
     async def _deliver(self, subscription: Subscription, message: dict[str, Any]) -> None:
         subscription.last_seq = message["seq"]
@@ -501,6 +579,7 @@ class PushClient:
             # Without `since` the reply's seq is the channel's latest: live messages follow.
             elif subscription.last_seq is None:
                 subscription.last_seq = reply["seq"]
+            subscription.delta_agreed = reply.get("delta") == FOSSIL
             if reply.get("recovered") is False:
                 # History was trimmed past `since`: the application refetches over REST.
                 self._events.emit(
@@ -573,6 +652,10 @@ class PushClient:
             envelope["rewind"] = subscription.rewind
         if subscription.occupancy:
             envelope["occupancy"] = True
+        if subscription.delta:
+            envelope["delta"] = FOSSIL
+        # A new subscription on the server: its deltas start after a full message.
+        subscription.base = None
         envelope["id"] = request_id = self._take_id()
         self._pending[request_id] = _Pending(future=None, subscription=subscription)
         with contextlib.suppress(WebSocketClosed):  # the reconnect sends it again
@@ -601,6 +684,7 @@ class PushClient:
         since: int | None = None,
         rewind: int | None = None,
         occupancy: bool = False,
+        delta: bool = False,
     ) -> Subscription:
         """Receive ``channel``: ``handler(message)`` gets every message once, in seq order.
 
@@ -608,7 +692,9 @@ class PushClient:
         is not up). ``since`` resumes from a seq the caller stored; ``rewind=N`` (1 to
         100) starts with the channel's last N messages instead. ``occupancy=True`` also
         asks for the channel's subscriber count: ``occupancy`` events and
-        ``subscription.subscribers``. Raises ``PushError`` (for example FORBIDDEN) or
+        ``subscription.subscribers``. ``delta`` asks for fossil deltas (less traffic for
+        a large state that changes a little); they are applied here, so the handler
+        always sees ``data``. Raises ``PushError`` (for example FORBIDDEN) or
         ``ConnectionClosed``.
         """
         existing = self._subscriptions.get(channel)
@@ -618,7 +704,7 @@ class PushClient:
             return existing
         ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         subscription = Subscription(
-            channel, handler, since, ready, rewind=rewind, occupancy=occupancy
+            channel, handler, since, ready, rewind=rewind, occupancy=occupancy, delta=delta
         )
         self._subscriptions[channel] = subscription
         if self._state == State.CONNECTED and self._ws is not None:
@@ -693,3 +779,6 @@ def _stop_repair(subscription: Subscription) -> None:
     if subscription.repair is not None:
         subscription.repair.cancel()
     subscription.held = subscription.repair = None
+    if subscription.resync is not None:
+        subscription.resync.cancel()
+        subscription.resync = None

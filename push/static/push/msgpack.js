@@ -171,3 +171,88 @@ export function decode(bytes) {
   if (r.offset !== r.bytes.length) throw new RangeError("msgpack: trailing bytes");
   return value;
 }
+
+// ----- the JSON text of a message's data, as the server writes it ------------------------
+//
+// Delta compression (docs/protocol.md) applies a delta to the JSON text of the previous
+// message's data as the server holds it: Python's json.dumps with compact separators and
+// non-ASCII characters as they are. Decoded values cannot give it back (1.0 and 1 are the
+// same Number, and integer-like keys move first in an object), so this reads the text
+// straight from the frame's bytes, in their order and with their types.
+
+// Python's repr of a float: the shortest digits that read back the same (as JavaScript's),
+// in positional notation when the decimal exponent is from -4 to 15, else as 1.5e-07 or
+// 1e+16; a whole number keeps ".0".
+export function pythonFloat(x) {
+  if (x === 0) return Object.is(x, -0) ? "-0.0" : "0.0";
+  const [mantissa, exponentText] = Math.abs(x).toExponential().split("e");
+  const digits = mantissa.replace(".", "");
+  const exponent = Number(exponentText);
+  const sign = x < 0 ? "-" : "";
+  if (exponent < -4 || exponent >= 16) {
+    const fraction = digits.length > 1 ? `.${digits.slice(1)}` : "";
+    const magnitude = String(Math.abs(exponent)).padStart(2, "0");
+    return `${sign}${digits[0]}${fraction}e${exponent < 0 ? "-" : "+"}${magnitude}`;
+  }
+  const point = exponent + 1;
+  if (point <= 0) return `${sign}0.${"0".repeat(-point)}${digits}`;
+  if (point >= digits.length) return `${sign}${digits}${"0".repeat(point - digits.length)}.0`;
+  return `${sign}${digits.slice(0, point)}.${digits.slice(point)}`;
+}
+
+function jsonArray(r, n) {
+  const items = new Array(n);
+  for (let i = 0; i < n; i++) items[i] = readJson(r);
+  return `[${items.join(",")}]`;
+}
+
+function jsonMap(r, n) {
+  const members = new Array(n);
+  for (let i = 0; i < n; i++) {
+    const key = readValue(r);
+    if (typeof key !== "string") throw new TypeError("msgpack: map keys must be strings");
+    members[i] = `${JSON.stringify(key)}:${readJson(r)}`;
+  }
+  return `{${members.join(",")}}`;
+}
+
+const bigText = (r, read) => read.call(r.view, r.take(8)).toString();
+
+const JSON_FIXED = {
+  0xc0: () => "null", 0xc2: () => "false", 0xc3: () => "true",
+  0xca: (r) => pythonFloat(r.f32()), 0xcb: (r) => pythonFloat(r.f64()),
+  0xcf: (r) => bigText(r, DataView.prototype.getBigUint64),
+  0xd3: (r) => bigText(r, DataView.prototype.getBigInt64),
+  0xdc: (r) => jsonArray(r, r.u16()), 0xdd: (r) => jsonArray(r, r.u32()),
+  0xde: (r) => jsonMap(r, r.u16()), 0xdf: (r) => jsonMap(r, r.u32()),
+};
+
+function readJson(r) {
+  const byte = r.bytes[r.offset];
+  if (byte >= 0x80 && byte < 0x90) return jsonMap(r, r.u8() & 0x0f);
+  if (byte >= 0x90 && byte < 0xa0) return jsonArray(r, r.u8() & 0x0f);
+  const json = JSON_FIXED[byte];
+  if (json) {
+    r.take(1);
+    return json(r);
+  }
+  const value = readValue(r); // integers and strings: their JSON text is the same
+  if (typeof value === "number" || typeof value === "string") return JSON.stringify(value);
+  throw new TypeError(`msgpack: 0x${byte.toString(16)} has no JSON form`);
+}
+
+/** The JSON text of the `data` of a message frame (bytes), as the server wrote it; null if none. */
+export function dataText(bytes) {
+  const r = new Reader(bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes));
+  const byte = r.u8();
+  let count;
+  if (byte >= 0x80 && byte < 0x90) count = byte & 0x0f;
+  else if (byte === 0xde) count = r.u16();
+  else if (byte === 0xdf) count = r.u32();
+  else return null;
+  for (let i = 0; i < count; i++) {
+    if (readValue(r) === "data") return readJson(r);
+    readValue(r);
+  }
+  return null;
+}

@@ -18,6 +18,14 @@
 // without WebSocket) it falls back to Server-Sent Events (docs/protocol.md, "Server-Sent
 // Events") and publishes over REST, keeping its subscriptions and per-channel cursors,
 // and tries the WebSocket again from time to time. The policy is `preferredTransport`.
+//
+// `subscribe(channel, handler, { delta: true })` asks for fossil deltas (docs/protocol.md):
+// the client applies them, so the handler always sees `data`. They are applied with
+// `./fossil-delta.js`, the npm package fossil-delta 2.0.0 (Dmitry Chestnykh, BSD; its
+// LICENSE is `./fossil-delta.LICENSE`), vendored as it is published: an ES module the
+// browser imports from next to this file, with no build step and no import map.
+
+import { applyDelta } from "./fossil-delta.js";
 
 export const State = Object.freeze({
   CONNECTING: "connecting",
@@ -71,6 +79,10 @@ export const GAP_FETCH_ATTEMPTS = 3;
 // The server's largest history page (PUSH_HISTORY_PAGE_MAX's default); a smaller server
 // limit only means more pages.
 const HISTORY_PAGE_MAX = 1000;
+// The delta algorithm asked for, and how many deltas may fail in a row on a channel
+// before the client stops asking for them there.
+const FOSSIL = "fossil";
+export const DELTA_FAILURES_MAX = 2;
 
 /** Capped exponential backoff with full jitter: uniform in [0, min(max, base * 2^attempt)]. */
 export function backoffDelay(attempt, { baseMs = DEFAULT_BASE_DELAY_MS, maxMs = DEFAULT_MAX_DELAY_MS, random = Math.random } = {}) {
@@ -100,11 +112,13 @@ const jsonFormat = Object.freeze({
   decode: (frame) => JSON.parse(frame),
 });
 
-function msgpackFormat({ encode, decode }) {
+function msgpackFormat({ encode, decode, dataText: msgpackDataText }) {
   return Object.freeze({
     subprotocol: "v1.msgpack",
     encode: (envelope) => encode(envelope),
     decode: (frame) => decode(new Uint8Array(frame)),
+    // The JSON text of a message's data read from the frame (msgpack.js has it).
+    dataText: msgpackDataText ? (frame) => msgpackDataText(new Uint8Array(frame)) : null,
   });
 }
 
@@ -148,6 +162,41 @@ export function parseCursor(text) {
   return cursor;
 }
 
+const textEncoder = new TextEncoder();
+const textDecoder = new TextDecoder("utf-8", { fatal: true });
+
+function base64Bytes(text) {
+  const binary = atob(text);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return bytes;
+}
+
+// The JSON text of a message's data as the server holds it: the base of the next delta.
+// In a JSON frame it is read as sent, between `"data":` and `,"timestamp":` (the server
+// writes a message in that order; channel names and message ids hold no quote), so
+// numbers like 1.0 and key order stay as they are; in a MessagePack frame `format`
+// rebuilds it from the frame's bytes (msgpack.js's dataText). Otherwise (a codec without
+// it, a frame of another layout) JSON.stringify, which differs from the server's text for
+// floats without a fraction and integer-like keys: a delta on such data fails its
+// checksum and the client recovers (see deltaFailed).
+export function dataText(message, frame, format = null) {
+  if (typeof frame === "string") {
+    const start = frame.indexOf('"data":');
+    const end = frame.lastIndexOf(',"timestamp":');
+    if (start > 0 && end > start) return frame.slice(start + 7, end);
+  } else if (frame && format?.dataText) {
+    const text = format.dataText(frame);
+    if (text !== null) return text;
+  }
+  return JSON.stringify(message.data);
+}
+
+/** `base` (text) with the fossil delta `dataDelta` (base64) applied; throws unless the result's length and checksum match. */
+export function applyDataDelta(base, dataDelta) {
+  return textDecoder.decode(applyDelta(textEncoder.encode(base), base64Bytes(dataDelta)));
+}
+
 export function formatCursor(entries) {
   return [...entries].map(([channel, seq]) => `${channel}:${seq}`).join(",");
 }
@@ -158,10 +207,17 @@ function csrfToken() {
 }
 
 class Subscription {
-  constructor(client, channel, handler, since, { rewind = null, occupancy = false } = {}) {
+  constructor(client, channel, handler, since, { rewind = null, occupancy = false, delta = false } = {}) {
     this.client = client;
     this.channel = channel;
     this.handler = handler;
+    // Delta compression: asked for, and agreed by the server's `subscribed`. `base` is
+    // { seq, text } of the channel's last message frame, what the next delta applies to.
+    this.delta = delta;
+    this.deltaAgreed = false;
+    this.base = null;
+    this.resyncing = false;
+    this.deltaFailures = 0;
     // The last seq delivered to the handler (or the channel's seq when we joined): the
     // resume point for `since` after a reconnect.
     this.lastSeq = since ?? null;
@@ -423,9 +479,11 @@ export class PushClient {
       case "connection_established":
         this.onEstablished(envelope);
         break;
-      case "message":
-        this.onMessage(envelope);
+      case "message": {
+        const message = this.undelta(envelope, frame);
+        if (message) this.onMessage(message);
         break;
+      }
       case "subscribed":
         this.onSubscribed(envelope);
         break;
@@ -480,6 +538,60 @@ export class PushClient {
       return;
     }
     this.deliver(subscription, message, replayed);
+  }
+
+  // ----- delta compression -------------------------------------------------------------
+
+  // The message with `data` (a delta applied to the base), remembering its text as the
+  // next base; null when dropped: a resubscription is on its way, or this delta does
+  // not apply, which starts one. A wrong base never yields data.
+  undelta(message, frame) {
+    const subscription = this.subscriptions.get(message.channel);
+    if (!subscription || !(subscription.deltaAgreed || message.delta)) return message;
+    if (subscription.resyncing) return null; // the old subscription's last frames
+    if (!message.delta) {
+      if ("data" in message) subscription.base = { seq: message.seq, text: dataText(message, frame, this.format) };
+      return message;
+    }
+    let text;
+    let data;
+    try {
+      const base = subscription.base;
+      if (!base || base.seq !== message.seq - 1) throw new Error(`a delta for seq ${message.seq} without the message before it`);
+      text = applyDataDelta(base.text, message.data_delta);
+      data = JSON.parse(text);
+    } catch (error) {
+      this.deltaFailed(subscription, message.seq, error);
+      return null;
+    }
+    subscription.base = { seq: message.seq, text };
+    subscription.deltaFailures = 0;
+    const { delta: _delta, data_delta: _dataDelta, ...rest } = message;
+    return { ...rest, data };
+  }
+
+  // Resubscribe with `since` = the last seq delivered: the server replays the rest in
+  // full and deltas follow from there. After DELTA_FAILURES_MAX failures in a row the
+  // channel goes on without delta (something changes the data's text on the way, or
+  // JSON.stringify cannot reproduce it).
+  deltaFailed(subscription, seq, error) {
+    subscription.base = null;
+    subscription.deltaFailures += 1;
+    if (subscription.deltaFailures >= DELTA_FAILURES_MAX) subscription.delta = false;
+    this.emit("error", new PushError("DELTA_MISMATCH", `"${subscription.channel}" seq ${seq}: ${error.message}; resubscribing`));
+    subscription.resyncing = true;
+    this.request({ type: "unsubscribe", channel: subscription.channel }).then(
+      () => {
+        subscription.resyncing = false;
+        if (this.subscriptions.get(subscription.channel) === subscription && this.state === State.CONNECTED) {
+          this.sendSubscribe(subscription);
+        }
+      },
+      // The connection dropped: the reconnect subscribes again from the last seq.
+      () => {
+        subscription.resyncing = false;
+      },
+    );
   }
 
   deliver(subscription, message, replayed = null) {
@@ -609,6 +721,7 @@ export class PushClient {
         // Without `since` the reply's seq is the channel's latest: live messages follow it.
         subscription.lastSeq = reply.seq;
       } else subscription.replayUntil = reply.seq;
+      subscription.deltaAgreed = reply.delta === FOSSIL;
       if (reply.recovered === false) {
         // The server could not replay everything after `since` (history trimmed): the
         // application should refetch its state over REST.
@@ -675,6 +788,9 @@ export class PushClient {
     if (subscription.lastSeq !== null) envelope.since = subscription.lastSeq;
     else if (subscription.rewind) envelope.rewind = subscription.rewind;
     if (subscription.occupancy) envelope.occupancy = true;
+    if (subscription.delta) envelope.delta = FOSSIL;
+    // A new subscription on the server: its deltas start after a full message.
+    subscription.base = null;
     this.request(envelope, { subscription }).then(
       (reply) => subscription.ready?.resolve(reply),
       (error) => {
@@ -692,15 +808,21 @@ export class PushClient {
    * opens. `since` resumes from a seq the caller stored; `rewind: N` (1 to 100) starts
    * with the channel's last N messages instead (handed over as `replayed`).
    * `occupancy: true` also asks for the channel's subscriber count: `occupancy` events
-   * ({channel, subscribers}) and `subscription.subscribers`.
+   * ({channel, subscribers}) and `subscription.subscribers`. `delta: true` asks for
+   * fossil deltas over the WebSocket (less traffic for a large state that changes a
+   * little); the handler still gets `data`.
    */
-  subscribe(channel, handler, { since = null, rewind = null, occupancy = false } = {}) {
+  subscribe(channel, handler, { since = null, rewind = null, occupancy = false, delta = false } = {}) {
     const existing = this.subscriptions.get(channel);
     if (existing) {
       existing.handler = handler;
       return Promise.resolve(existing);
     }
-    const subscription = new Subscription(this, channel, handler, since, { rewind, occupancy });
+    const subscription = new Subscription(this, channel, handler, since, {
+      rewind,
+      occupancy,
+      delta,
+    });
     const ready = new Promise((resolve, reject) => {
       subscription.ready = { resolve, reject };
     });
