@@ -17,8 +17,9 @@ import fossil_delta
 import pytest
 
 from tests.servers import ROOT, ServerNode, publish_rest
-from tests.test_python_client import FAST, PushClient, eventually
+from tests.test_python_client import FAST, PushClient
 from tests.test_wire_formats_e2e import FORMATS, FormatClient
+from tests.waiting import wait_until
 
 from pushclient.delta import DeltaMismatch, apply_delta, data_text  # isort: skip
 
@@ -151,7 +152,7 @@ async def test_the_python_client_applies_deltas_and_resubscribes_on_a_wrong_base
 
         client._undelta = spy  # type: ignore[method-assign]
         await publish_boards(node_b, publisher_token, channel, range(1, 4))
-        await eventually("three messages", lambda: len(received) == 3)
+        await wait_until(lambda: len(received) == 3, "three messages")
         assert frames == [False, True, True]
         # A base that is not the server's: the checksum catches it, nothing wrong is
         # delivered, and a resubscription from the last good seq brings it back in full.
@@ -159,9 +160,9 @@ async def test_the_python_client_applies_deltas_and_resubscribes_on_a_wrong_base
         seq, text = subscription.base
         subscription.base = (seq, text.replace('"bid":', '"bad":', 1))
         await publish_boards(node_b, publisher_token, channel, range(4, 7))
-        await eventually("every message", lambda: len(received) == 6)
+        await wait_until(lambda: len(received) == 6, "every message")
         await publish_boards(node_b, publisher_token, channel, range(7, 8))
-        await eventually("one more", lambda: len(received) == 7)
+        await wait_until(lambda: len(received) == 7, "one more")
     assert [m["seq"] for m in received] == list(range(1, 8))
     assert [m["data"] for m in received] == [board(seq) for seq in range(1, 8)]
     assert all("data_delta" not in m and "delta" not in m for m in received)

@@ -13,10 +13,10 @@ from tests.test_python_client import (
     Subscription,
     channel_name,
     e2e,
-    eventually,
     message,
 )
 from tests.test_python_client import other_node as node  # noqa: F401  # a fixture
+from tests.waiting import wait_until
 
 
 async def test_a_rewind_the_server_holds_fewer_messages_for_starts_at_the_first() -> None:
@@ -46,9 +46,9 @@ async def test_rewind_then_live_and_a_resubscribe_resumes_instead(
             channel, lambda m: received.append(m["seq"]), rewind=3
         )
         assert subscription.seq == 8 and subscription.recovered is None
-        await eventually("the rewind", lambda: received == [6, 7, 8])
+        await wait_until(lambda: received == [6, 7, 8], "the rewind")
         await publish_rest(node, publisher_token, channel, {"n": 8})
-        await eventually("the live message", lambda: received == [6, 7, 8, 9])
+        await wait_until(lambda: received == [6, 7, 8, 9], "the live message")
         # What a reconnect sends for it: a resume from the last seq, not a rewind again.
         sent: list[dict[str, Any]] = []
 
@@ -70,6 +70,6 @@ async def test_latest_hands_the_current_value_then_each_change(
     values: list[Any] = []
     async with PushClient(node.ws_url) as client:
         await client.latest(channel, lambda value, message: values.append(value))
-        await eventually("the latest value", lambda: values == [{"price": 12}])
+        await wait_until(lambda: values == [{"price": 12}], "the latest value")
         await publish_rest(node, publisher_token, channel, {"price": 13})
-        await eventually("the change", lambda: values == [{"price": 12}, {"price": 13}])
+        await wait_until(lambda: values == [{"price": 12}, {"price": 13}], "the change")

@@ -15,7 +15,7 @@ import pytest
 from push.fanout import delta as delta_module
 from push.fanout import hub as hub_module
 from push.fanout.message import ChannelMessage
-from push.tests.test_hub import FakeClient, MemoryHistory, make_hub, settle
+from push.tests.test_hub import FakeClient, MemoryHistory, make_hub, until_seqs
 from push.wire import protocol
 from push.wire.codecs import CODECS
 
@@ -81,7 +81,8 @@ async def test_delta_once_per_message_for_every_format_and_plain_subscribers_una
     await hub.subscribe(plain, "board", since=None, reply=plain.reply)
     for seq in (1, 2, 3, 4):
         hub.deliver(state_message("board", seq))
-    await settle()
+    for client in [*clients, plain]:
+        await until_seqs(client, [1, 2, 3, 4])
     # The first message after subscribe is full, the others deltas; one delta each.
     assert len(delta_calls) == 3
     for client in clients:
@@ -104,7 +105,7 @@ async def test_no_delta_is_computed_without_a_delta_subscriber(delta_calls: list
     await hub.subscribe(other, "board", since=None, reply=other.reply)
     for seq in (2, 3):
         hub.deliver(state_message("board", seq))
-    await settle()
+    await until_seqs(other, [2, 3])
     assert delta_calls == [] and other.seqs() == [2, 3]
 
 
@@ -117,7 +118,8 @@ async def test_a_subscriber_that_joins_mid_stream_gets_full_data_first() -> None
     await hub.subscribe(late, "board", since=None, reply=late.reply, delta=True)
     hub.deliver(state_message("board", 3))
     hub.deliver(state_message("board", 4))
-    await settle()
+    await until_seqs(early, [1, 2, 3, 4])
+    await until_seqs(late, [3, 4])
     assert [d for _, _, d in applied(early.sent)] == [False, True, True, True]
     assert applied(late.sent) == [(3, state(3), False), (4, state(4), True)]
 
@@ -132,7 +134,7 @@ async def test_a_resume_replays_full_data_then_deltas_from_the_last_replayed() -
     resumed = FakeClient(MSGPACK)
     await hub.subscribe(resumed, "board", since=1, reply=resumed.reply, delta=True)
     hub.deliver(state_message("board", 4))
-    await settle()
+    await until_seqs(resumed, [2, 3, 4])
     assert applied(resumed.sent) == [
         (2, state(2), False),
         (3, state(3), False),
@@ -152,7 +154,7 @@ async def test_after_a_gap_the_next_message_is_full() -> None:
     hub_channel.recent.clear()
     hub.deliver(state_message("board", 5))
     hub.deliver(state_message("board", 6))
-    await settle()
+    await until_seqs(client, [1, 2, 5, 6])
     assert [(seq, d) for seq, _, d in applied(client.sent)] == [
         (1, False),
         (2, True),
@@ -168,7 +170,7 @@ async def test_a_delta_not_smaller_than_the_data_is_sent_as_full_data() -> None:
     for seq, data in ((1, {"a": "x"}), (2, {"b": "y"}), (3, {"b": "y", "c": "z" * 400})):
         hub.deliver(state_message("board", seq, data))
     hub.deliver(state_message("board", 4, {"b": "y", "c": "z" * 400, "d": 1}))
-    await settle()
+    await until_seqs(client, [1, 2, 3, 4])
     assert [(seq, d) for seq, _, d in applied(client.sent)] == [
         (1, False),
         (2, False),

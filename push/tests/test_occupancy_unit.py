@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from push.cluster.occupancy import Occupancy
-from push.tests.test_hub import FakeClient, MemoryHistory, make_hub, settle
+from push.tests.test_hub import FakeClient, MemoryHistory, make_hub
+from tests.waiting import wait_until
 
 
 def _counts(client: FakeClient) -> list[int]:
@@ -19,8 +20,7 @@ async def test_watchers_hear_the_count_on_subscribe_and_each_change_once() -> No
     watcher = FakeClient()
     subscription = await hub.subscribe(watcher, "room", since=None, reply=watcher.reply)
     await occupancy.watch(subscription)
-    await settle()
-    assert _counts(watcher) == [1]
+    await wait_until(lambda: _counts(watcher) == [1], "the count on subscribe")
     others: list[Any] = []
     for _ in range(3):
         client = FakeClient()
@@ -29,8 +29,7 @@ async def test_watchers_hear_the_count_on_subscribe_and_each_change_once() -> No
     await occupancy.tick()  # nothing changed since: nothing sent
     hub.unsubscribe(others[0])
     await occupancy.tick()
-    await settle()
-    assert _counts(watcher) == [1, 4, 3]
+    await wait_until(lambda: _counts(watcher) == [1, 4, 3], "each change once")
     assert occupancy.local_count("room") == 3
     hub.unsubscribe(subscription)
     await occupancy.tick()
