@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from pytest_django import DjangoDbBlocker
 
 from push.tests.wsclient import WIRE_FORMATS
 
@@ -98,7 +99,9 @@ def _forget_cached_recent_history(request: pytest.FixtureRequest) -> Iterator[No
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _close_database_threads(django_db_setup, django_db_blocker):  # type: ignore[no-untyped-def]
+def _close_database_threads(
+    django_db_setup: None, django_db_blocker: DjangoDbBlocker
+) -> Iterator[None]:
     """The database threads hold connections; close them before the test database is
     dropped, or PostgreSQL refuses to drop a database that is still in use."""
     yield

@@ -56,7 +56,7 @@ class HttpConnection(asyncio.Protocol):
         self.state = state
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]  # always a Transport here
         self.transport.write(self._request)
 
     def connection_lost(self, exc: Exception | None) -> None:

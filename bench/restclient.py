@@ -40,7 +40,7 @@ class _Exchange(asyncio.Protocol):
         self._answer: asyncio.Future[tuple[int, bytes]] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]  # always a Transport here
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -164,7 +164,7 @@ class SubscriberSet:
         # Hot path: one call per delivered frame, so locals and no helper calls.
         message = self._format.decode(payload)
         kind = message.get("type")
-        sub: Subscription = conn.state  # type: ignore[assignment]
+        sub: Subscription = conn.state  # type: ignore[assignment]  # state holds the Subscription
         if kind == "message":
             stats = self.stats
             seq = message["seq"]
@@ -222,7 +222,7 @@ class SubscriberSet:
         stats.connections = len(self.connections)
         stats.expected = stats.missing = 0
         for conn in self.connections:
-            sub: Subscription = conn.state  # type: ignore[assignment]
+            sub: Subscription = conn.state  # type: ignore[assignment]  # state holds the Subscription
             if sub.base < 0:
                 continue
             expected = max(0, final_seq.get(sub.channel, sub.base) - sub.base)
@@ -243,7 +243,7 @@ class SubscriberSet:
 
     @staticmethod
     def _is_drained(conn: HttpConnection, final_seq: dict[str, int]) -> bool:
-        sub: Subscription = conn.state  # type: ignore[assignment]
+        sub: Subscription = conn.state  # type: ignore[assignment]  # state holds the Subscription
         return conn.closed or sub.base < 0 or sub.last >= final_seq.get(sub.channel, 0)
 
     def resume_reading(self) -> None:
@@ -256,7 +256,7 @@ class SubscriberSet:
         """Start a new measurement on the same connections: each counts from now."""
         self.stats = DeliveryStats()
         for conn in self.connections:
-            sub: Subscription = conn.state  # type: ignore[assignment]
+            sub: Subscription = conn.state  # type: ignore[assignment]  # state holds the Subscription
             if sub.base >= 0:
                 sub.base = sub.last
                 sub.unique = 0

@@ -18,7 +18,7 @@ import msgpack
 try:  # ujson parses the small envelopes about twice as fast as the stdlib.
     import ujson as _fast_json
 except ImportError:  # pragma: no cover - ujson is a nicety, not a need
-    _fast_json = json  # type: ignore[assignment]
+    _fast_json = json  # type: ignore[misc]  # stdlib json stands in for ujson
 
 OPCODE_TEXT = 0x1
 OPCODE_BINARY = 0x2

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import redis
@@ -387,7 +388,7 @@ async def test_occupancy_is_counted_across_nodes(e2e_env: dict[str, str], tmp_pa
             node.stop()
 
 
-def _client_signing():  # type: ignore[no-untyped-def]
+def _client_signing() -> ModuleType:
     """The Python client's ``pushclient.signing`` from this source tree (standard library
     only), whatever copy of the client the environment has installed."""
     path = ROOT / "clients" / "python" / "pushclient" / "signing.py"
@@ -405,10 +406,10 @@ class _Receiver(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         server = self.server
-        server.received.append(json.loads(body)["id"])  # type: ignore[attr-defined]
-        time.sleep(server.delay)  # type: ignore[attr-defined]
-        refuse = server.refusals > 0  # type: ignore[attr-defined]
-        server.refusals -= refuse  # type: ignore[attr-defined]
+        server.received.append(json.loads(body)["id"])  # type: ignore[attr-defined]  # set by the receivers fixture
+        time.sleep(server.delay)  # type: ignore[attr-defined]  # set by the receivers fixture
+        refuse = server.refusals > 0  # type: ignore[attr-defined]  # set by the receivers fixture
+        server.refusals -= refuse  # type: ignore[attr-defined]  # set by the receivers fixture
         self.send_response(500 if refuse else 204)
         self.end_headers()
 
@@ -421,7 +422,7 @@ def receivers() -> Iterator[list[HTTPServer]]:
     servers = []
     for _ in range(2):
         server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Receiver)
-        server.received, server.delay, server.refusals = [], 0.0, 0  # type: ignore[attr-defined]
+        server.received, server.delay, server.refusals = [], 0.0, 0  # type: ignore[attr-defined]  # the receiver's state
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
     yield servers
@@ -444,13 +445,13 @@ def test_a_failed_webhook_is_retried_only_where_it_failed(receivers: list[HTTPSe
         assert _urls([failing])[0] in str(failed.value)
         assert _urls([accepting])[0] not in str(failed.value)
         deliver_webhooks(sent)  # the worker's retry
-    assert accepting.received == [sent["id"]]  # type: ignore[attr-defined]
-    assert failing.received == [sent["id"]] * 4  # type: ignore[attr-defined]
+    assert accepting.received == [sent["id"]]  # type: ignore[attr-defined]  # set by the receivers fixture
+    assert failing.received == [sent["id"]] * 4  # type: ignore[attr-defined]  # set by the receivers fixture
 
 
 def test_webhooks_go_to_every_url_at_once(receivers: list[HTTPServer]) -> None:
     for server in receivers:
-        server.delay = 0.8  # type: ignore[attr-defined]
+        server.delay = 0.8  # type: ignore[attr-defined]  # set by the receivers fixture
     started = time.monotonic()
     with override_settings(PUSH={"WEBHOOK_URLS": _urls(receivers)}):
         deliver_webhooks(event(CONNECT, connection_id="c-both"))

@@ -124,7 +124,7 @@ async def feed(history: FakeHistory, seqs: list[int], **options: Any) -> dict[st
     """Hand ``seqs`` to a client whose handler of ``news`` has delivered up to 3, wait for
     any repair to finish, and say what the handler and the listeners saw."""
     client = PushClient("ws://push.test/ws/", token="key", **options)
-    client.get_json = history  # type: ignore[method-assign]
+    client.get_json = history
     seen: dict[str, list[Any]] = {"seqs": [], "gap": [], "unrecovered": [], "error": []}
     for event in ("gap", "unrecovered", "error"):
         client.on(event, seen[event].append)

@@ -55,8 +55,8 @@ async def test_rewind_then_live_and_a_resubscribe_resumes_instead(
         async def record(ws: Any, envelope: dict[str, Any]) -> None:
             sent.append(envelope)
 
-        client._send = record  # type: ignore[method-assign]
-        await client._send_subscribe(None, subscription)  # type: ignore[arg-type]
+        client._send = record  # type: ignore[method-assign]  # records instead of sending
+        await client._send_subscribe(None, subscription)  # type: ignore[arg-type]  # no socket: _send records
         assert sent[0]["since"] == 9 and "rewind" not in sent[0]
 
 

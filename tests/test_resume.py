@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import httpx
 import psycopg
 import pytest
+from websockets.asyncio.client import ClientConnection
 
 from tests.servers import Database, ServerNode, node_pair
 from tests.wsclient import RECEIVE_TIMEOUT_SECS, collect_messages, open_ws, subscribe
@@ -40,7 +41,7 @@ async def _publish_steadily(
     return sent
 
 
-async def _read_for(ws, seconds: float, seen: list[int]) -> None:  # type: ignore[no-untyped-def]
+async def _read_for(ws: ClientConnection, seconds: float, seen: list[int]) -> None:
     """Read messages for ``seconds``, recording each seq in arrival order."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds

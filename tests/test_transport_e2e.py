@@ -86,7 +86,7 @@ async def _flood(ws: object) -> int:
     async def send_all() -> None:
         nonlocal sent
         for _ in range(FLOOD_FRAMES):
-            await ws.send(frame)  # type: ignore[attr-defined]
+            await ws.send(frame)  # type: ignore[attr-defined]  # ws: any websockets connection
             sent += 1
 
     with contextlib.suppress(TimeoutError):

@@ -31,7 +31,7 @@ class FormatClient:
     async def open(cls, url: str, subprotocol: str, token: str | None = None) -> FormatClient:
         if token:
             url = f"{url}?token={token}"
-        ws = await connect(url, subprotocols=[subprotocol], open_timeout=10)  # type: ignore[list-item]
+        ws = await connect(url, subprotocols=[subprotocol], open_timeout=10)  # type: ignore[list-item]  # websockets wants its Subprotocol type
         assert ws.subprotocol == subprotocol
         client = cls(ws, CODECS[subprotocol])
         assert (await client.recv())["type"] == "connection_established"
@@ -40,7 +40,7 @@ class FormatClient:
     async def recv(self) -> dict[str, Any]:
         frame = await asyncio.wait_for(self.ws.recv(), RECEIVE_TIMEOUT_SECS)
         assert isinstance(frame, bytes) == self.codec.binary, "frame type must match the format"
-        return self.codec.decode(frame)  # type: ignore[no-any-return]
+        return self.codec.decode(frame)
 
     async def request(self, envelope: dict[str, Any]) -> dict[str, Any]:
         await self.ws.send(self.codec.encode(envelope))

@@ -45,7 +45,7 @@ async def wait_until(
         if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if loop.time() >= deadline:
             raise _timed_out(what, timeout, value)
         await asyncio.sleep(interval)

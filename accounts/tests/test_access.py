@@ -282,8 +282,8 @@ async def test_anonymous_subscribe_can_be_turned_off() -> None:
     await client.close()
     stream = InProcessStream("channel=news")
     assert await stream.start() == 200
-    assert (await stream.next_event())[0] == "connection_established"  # type: ignore[index]
-    event, envelope = await stream.next_event()  # type: ignore[misc]
+    assert (await stream.next_event())[0] == "connection_established"  # type: ignore[index]  # None once the stream ends
+    event, envelope = await stream.next_event()  # type: ignore[misc]  # None once the stream ends
     assert event == "error" and envelope["code"] == "FORBIDDEN" and envelope["channel"] == "news"
     assert await stream.next_event() is None, "nothing to stream: the stream ends"
     await stream.close()

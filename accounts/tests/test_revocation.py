@@ -215,9 +215,9 @@ async def test_an_sse_stream_whose_last_channel_is_revoked_ends() -> None:
     key, grant_id = await sync_to_async(setup)()
     stream = InProcessStream(f"channel=private-feed&token={key}")
     assert await stream.start() == 200
-    assert (await stream.next_event())[0] == "connection_established"  # type: ignore[index]
+    assert (await stream.next_event())[0] == "connection_established"  # type: ignore[index]  # None once the stream ends
     await ChannelGrant.objects.filter(pk=grant_id).adelete()
-    event, envelope = await stream.next_event(WITHIN_SECS)  # type: ignore[misc]
+    event, envelope = await stream.next_event(WITHIN_SECS)  # type: ignore[misc]  # None once the stream ends
     assert event == "error" and envelope["code"] == "FORBIDDEN"
     assert envelope["channel"] == "private-feed"
     assert await stream.next_event(WITHIN_SECS) is None, "the stream ends"

@@ -31,7 +31,7 @@ def test_a_service_frame_rate_when_set() -> None:
     bucket = frame_rate_limiter(SERVICE)
     assert isinstance(bucket, TokenBucket)
     assert (bucket.burst, bucket.rate_per_sec) == (3, 1000)
-    assert frame_rate_limiter(USER).rate_per_sec == 50.0  # type: ignore[union-attr]
+    assert frame_rate_limiter(USER).rate_per_sec == 50.0  # type: ignore[union-attr]  # a user's is a TokenBucket
 
 
 class _Sink:

@@ -132,7 +132,7 @@ def client_frame(codec: Codec, structure: dict[str, Any]) -> bytes | str | None:
         if codec.name == "json":
             return json.dumps(structure)  # NaN and all: the decoder must refuse them
         if codec.name == "msgpack":
-            return msgpack.packb(structure, use_bin_type=True)  # type: ignore[no-any-return]
+            return msgpack.packb(structure, use_bin_type=True)
         return codec.encode(structure)
     except (UnencodableEnvelope, TypeError, ValueError, OverflowError):
         return None

@@ -36,7 +36,7 @@ def publisher(client: APIClient) -> APIClient:
     return authed
 
 
-def _publish(api: APIClient, channel: str, body: object, **extra: str):  # type: ignore[no-untyped-def]
+def _publish(api: APIClient, channel: str, body: object, **extra: str):  # type: ignore[no-untyped-def]  # its response type is private in the stubs
     return api.post(
         f"/api/v1/channels/{channel}/messages",
         data=json.dumps(body),

@@ -35,7 +35,7 @@ def publisher() -> APIClient:
     return _api("batcher")
 
 
-def _batch(api: APIClient, body: object, **extra: str):  # type: ignore[no-untyped-def]
+def _batch(api: APIClient, body: object, **extra: str):  # type: ignore[no-untyped-def]  # its response type is private in the stubs
     raw = body if isinstance(body, str) else json.dumps(body)
     return api.post(BATCH_URL, data=raw, content_type="application/json", **extra)
 

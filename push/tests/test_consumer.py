@@ -182,8 +182,8 @@ def _wrong_frame_type(wire_format: str) -> str | bytes:
     return b'{"type":"heartbeat"}' if wire_format == "v1.json" else '{"type":"heartbeat"}'
 
 
-def _only_id(codec) -> bytes:  # type: ignore[no-untyped-def]
-    return codec.encode({"id": "q"})  # type: ignore[no-any-return]
+def _only_id(codec) -> bytes:  # type: ignore[no-untyped-def]  # codec untyped: protobuf's, whose encode gives bytes
+    return codec.encode({"id": "q"})
 
 
 # A typed schema cannot encode these envelopes; these are the frames a client with a
@@ -217,7 +217,7 @@ async def _send_envelope(client: WsClient, envelope: dict) -> None:
     await client.send_payload(payload)
 
 
-async def _assert_still_usable(client) -> None:  # type: ignore[no-untyped-def]
+async def _assert_still_usable(client: WsClient) -> None:
     reply = await client.request({"type": "heartbeat"})
     assert reply["type"] == "heartbeat_ack"
 
@@ -303,7 +303,7 @@ async def test_envelope_that_is_not_a_map(wire_format: str) -> None:
     client = await connected_client(subprotocol=wire_format)
     if wire_format == "v1.protobuf":
         pytest.skip("every protobuf frame decodes to an Envelope message")
-    await client.send_payload(client.codec.encode([1, 2]))  # type: ignore[arg-type]
+    await client.send_payload(client.codec.encode([1, 2]))  # type: ignore[arg-type]  # the bad frame under test
     assert (await client.recv())["code"] == "INVALID_MESSAGE"
     await client.close()
 
@@ -375,7 +375,7 @@ def _lone_surrogate_publish(codec: Codec) -> str | bytes:
         return json.dumps(envelope)  # the \ud800 escape
     if codec.name == "msgpack":
         # Not UTF-8, so a MessagePack library only writes it when told to.
-        return msgpack.packb(envelope, unicode_errors="surrogatepass")  # type: ignore[no-any-return]
+        return msgpack.packb(envelope, unicode_errors="surrogatepass")
     return codec.encode(envelope)  # the escape inside data_json
 
 
@@ -401,10 +401,10 @@ def _lone_surrogate_id(codec: Codec, request: dict[str, Any]) -> str | bytes:
         return json.dumps({**request, "id": "\ud800"})  # the \ud800 escape, as text
     if codec.name == "msgpack":
         envelope = {**request, "id": "\ud800"}
-        return msgpack.packb(envelope, unicode_errors="surrogatepass")  # type: ignore[no-any-return]
+        return msgpack.packb(envelope, unicode_errors="surrogatepass")
     # Protobuf: the surrogate's three bytes where a three-character id stood.
     frame = codec.encode({**request, "id": "XYZ"})
-    return frame.replace(b"XYZ", "\ud800".encode("utf-8", "surrogatepass"))  # type: ignore[union-attr]
+    return frame.replace(b"XYZ", "\ud800".encode("utf-8", "surrogatepass"))  # type: ignore[arg-type]  # protobuf encodes to bytes
 
 
 @pytest.mark.parametrize(
@@ -518,7 +518,7 @@ async def test_path_without_trailing_slash(wire_format: str) -> None:
     await client.close()
 
 
-async def test_user_channel_belongs_to_its_user(  # type: ignore[no-untyped-def]
+async def test_user_channel_belongs_to_its_user(  # type: ignore[no-untyped-def]  # other_user: a fixture
     other_user, publisher_token: str, wire_format: str
 ) -> None:
     from rest_framework.authtoken.models import Token

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -37,7 +38,7 @@ def _api_for(username: str) -> APIClient:
     return api
 
 
-def _post(api: APIClient, channel: str, data: object, key: str | None = None):  # type: ignore[no-untyped-def]
+def _post(api: APIClient, channel: str, data: object, key: str | None = None):  # type: ignore[no-untyped-def]  # its response type is private in the stubs
     headers = {"HTTP_IDEMPOTENCY_KEY": key} if key is not None else {}
     return api.post(
         f"/api/v1/channels/{channel}/messages",
@@ -188,7 +189,7 @@ async def test_resume_without_gap_replays_nothing(wire_format: str) -> None:
 
 
 @pytest.fixture
-def failing_storage():  # type: ignore[no-untyped-def]
+def failing_storage() -> Iterator[None]:
     """A real PostgreSQL failure: inserts into channels named fail-* raise."""
     if connection.vendor != "postgresql":
         pytest.skip("needs PostgreSQL triggers")

@@ -104,7 +104,7 @@ def fuzzer_token(transactional_db: None) -> str:
 
 
 @pytest.fixture
-def fuzz_session(settings, fuzzer_token: str):  # type: ignore[no-untyped-def]
+def fuzz_session(settings, fuzzer_token: str):  # type: ignore[no-untyped-def]  # pytest-django's settings
     # Hundreds of frames a second from one connection: above the default rate limit,
     # which has tests of its own.
     settings.PUSH = {"RATE_BURST": 1_000_000, "RATE_PER_SEC": 1_000_000}

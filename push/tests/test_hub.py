@@ -346,7 +346,7 @@ async def test_each_message_is_encoded_once_per_format() -> None:
     history = MemoryHistory()
     hub, _ = await make_hub(history)
     by_format = {
-        codec.name: [FakeClient(Counting(codec)) for _ in range(30)]  # type: ignore[arg-type]
+        codec.name: [FakeClient(Counting(codec)) for _ in range(30)]  # type: ignore[arg-type]  # a duck-typed codec
         for codec in CODECS.values()
     }
     clients = [client for group in by_format.values() for client in group]
@@ -369,7 +369,7 @@ async def test_slow_subscriber_overflows_without_affecting_others() -> None:
     hub, _ = await make_hub(history)
     fast = FakeClient()
     slow = FakeClient(max_frames=3)
-    slow.outbox._send = _never_returns  # type: ignore[method-assign]
+    slow.outbox._send = _never_returns
     for client in (fast, slow):
         await hub.subscribe(client, "news", since=None, reply=client.reply)
     for seq in range(1, 21):
@@ -389,7 +389,7 @@ async def test_drop_oldest_channel_drops_instead_of_disconnecting() -> None:
         await gate.wait()
         await original_send(event)
 
-    slow.outbox._send = gated_send  # type: ignore[method-assign]
+    slow.outbox._send = gated_send
     await hub.subscribe(slow, "ticker:ACME", since=None, reply=slow.reply)
     for seq in range(1, 11):
         hub.deliver(make_message("ticker:ACME", seq))

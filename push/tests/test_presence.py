@@ -10,7 +10,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from accounts.models import ChannelGrant
-from push.tests.wsclient import connected_client
+from push.tests.wsclient import WsClient, connected_client
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
@@ -23,7 +23,7 @@ def _member_token(username: str) -> tuple[int, str]:
     return user.pk, Token.objects.create(user=user).key
 
 
-async def _join(token: str, wire_format: str = "v1.json"):  # type: ignore[no-untyped-def]
+async def _join(token: str, wire_format: str = "v1.json") -> WsClient:
     client = await connected_client(token=token, subprotocol=wire_format)
     reply = await client.request({"type": "subscribe", "channel": ROOM})
     assert reply["type"] == "subscribed", reply

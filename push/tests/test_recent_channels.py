@@ -59,7 +59,7 @@ def _rest_publish(token: str, channel: str, data: Any, **headers: str) -> Any:
 def _rest_history(token: str, channel: str, query: str) -> dict[str, Any]:
     response = _api(token).get(f"/api/v1/channels/{channel}/messages?{query}")
     assert response.status_code == 200, response.content
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 async def _publish(channel: str, count: int, start: int = 0) -> list[int]:
@@ -185,14 +185,14 @@ async def test_an_sse_stream_of_a_recent_channel_starts_at_its_latest_seq() -> N
     await get_node()
     stream = InProcessStream("channel=tick:sse&channel=news")
     assert await stream.start() == 200
-    assert (await stream.next_event())[0] == "connection_established"  # type: ignore[index]
+    assert (await stream.next_event())[0] == "connection_established"  # type: ignore[index]  # None once the stream ends
     await sync_to_async(push.publish)("news", 1)
-    assert (await stream.next_event())[0] == "message"  # type: ignore[index]
+    assert (await stream.next_event())[0] == "message"  # type: ignore[index]  # None once the stream ends
     # The cursor names the recent channel's latest seq, not its reserved ceiling (a
     # browser resuming from a ceiling would skip what is published up to it).
     assert stream.last_event_id == "tick:sse:3,news:1"
     await _publish("tick:sse", 1)
-    event, envelope = await stream.next_event()  # type: ignore[misc]
+    event, envelope = await stream.next_event()  # type: ignore[misc]  # None once the stream ends
     assert (event, envelope["seq"], stream.last_event_id) == ("message", 4, "tick:sse:4,news:1")
     await stream.close()
 
@@ -208,7 +208,7 @@ async def test_a_process_without_a_server_publishes_over_lasting_connections() -
     """A worker publishing ticks with ``push.publish`` (no event loop of its own)."""
 
     def publish_many() -> list[int]:
-        return [push.publish("tick:worker", n).seq for n in range(30)]  # type: ignore[union-attr]
+        return [push.publish("tick:worker", n).seq for n in range(30)]  # type: ignore[union-attr]  # None only on rollback
 
     before = await _store_connections()
     assert await asyncio.to_thread(publish_many) == list(range(1, 31))
@@ -388,7 +388,7 @@ async def test_a_store_that_missed_a_server_change_catches_up_without_a_jump() -
     store._server_id = "a server it knew before"
     assert await _publish("tick:known", 1) == [3]
     store._server_id = "a server it knew before"
-    assert (await store.read("tick:known", 0, 10, recent_store.Window.from_settings()))[0] == 3  # type: ignore[index]
+    assert (await store.read("tick:known", 0, 10, recent_store.Window.from_settings()))[0] == 3  # type: ignore[index]  # None only for a channel it does not hold
 
 
 @override_settings(PUSH=RECENT)

@@ -73,7 +73,7 @@ async def _until_recorded_closed(node: Node, **lookup: object) -> Connection:
 
 
 async def _client_and_id(**kwargs: object) -> tuple[WsClient, str]:
-    accepted, client, _ = await open_client(**kwargs)  # type: ignore[arg-type]
+    accepted, client, _ = await open_client(**kwargs)  # type: ignore[arg-type]  # kwargs passed through
     assert accepted
     hello = await client.recv_type("connection_established")
     return client, hello["connection_id"]

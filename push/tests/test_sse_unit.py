@@ -92,7 +92,7 @@ async def test_each_message_is_encoded_once_for_every_sse_stream() -> None:
         encodes += 1
         return encode_message(message)
 
-    SSE_CODEC.encode_message = counting  # type: ignore[method-assign]
+    SSE_CODEC.encode_message = counting  # type: ignore[assignment]  # counting stand-in, restored below
     try:
         hub = Hub(
             history=MemoryHistory(),

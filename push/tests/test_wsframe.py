@@ -16,7 +16,7 @@ def _parse(frame_bytes: bytes) -> Frame:
     try:
         next(parser)
     except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+        return done.value
     raise AssertionError("incomplete frame")
 
 

@@ -44,9 +44,9 @@ class WsClient:
         assert output["type"] == "websocket.send", output
         if self.codec.binary:
             assert output.get("bytes") is not None, "binary format must send binary frames"
-            return self.codec.decode(output["bytes"])  # type: ignore[no-any-return]
+            return self.codec.decode(output["bytes"])
         assert output.get("text") is not None, "JSON must be sent as text frames"
-        return self.codec.decode(output["text"])  # type: ignore[no-any-return]
+        return self.codec.decode(output["text"])
 
     async def recv_type(self, kind: str, timeout: float = RECEIVE_TIMEOUT_SECS) -> dict[str, Any]:
         """The next envelope of type ``kind``; fails on anything else in between."""

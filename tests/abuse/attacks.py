@@ -135,7 +135,7 @@ async def ws_open(
 ) -> tuple[ClientConnection, Codec]:
     ws = await connect(
         url,
-        subprotocols=[subprotocol] if subprotocol else None,  # type: ignore[list-item]
+        subprotocols=[subprotocol] if subprotocol else None,  # type: ignore[list-item]  # websockets wants its Subprotocol type
         open_timeout=10,
         close_timeout=1,
         ping_interval=None,
@@ -147,7 +147,7 @@ async def ws_open(
 
 async def recv_envelope(ws: ClientConnection, codec: Codec) -> dict[str, Any]:
     frame = await asyncio.wait_for(ws.recv(), REPLY_TIMEOUT_SECS)
-    return codec.decode(frame)  # type: ignore[no-any-return]
+    return codec.decode(frame)
 
 
 def describe(envelope: dict[str, Any]) -> str:

@@ -72,7 +72,7 @@ def _master_port(sentinel_port: int) -> int | None:
 
 def _wait(what: str, check: object, timeout: float) -> float:
     started = time.monotonic()
-    while not check():  # type: ignore[operator]
+    while not check():  # type: ignore[operator]  # check: any callable
         if time.monotonic() - started > timeout:
             raise AssertionError(f"{what} within {timeout:.0f} s")
         time.sleep(0.1)
