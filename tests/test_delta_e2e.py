@@ -150,7 +150,7 @@ async def test_the_python_client_applies_deltas_and_resubscribes_on_a_wrong_base
             frames.append(bool(message.get("delta")))
             return original(sub, message)
 
-        client._undelta = spy  # type: ignore[method-assign]
+        client._undelta = spy  # type: ignore[method-assign]  # a spy in place of the method
         await publish_boards(node_b, publisher_token, channel, range(1, 4))
         await wait_until(lambda: len(received) == 3, "three messages")
         assert frames == [False, True, True]
