@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -41,6 +41,11 @@ def page_protocol(driver: Any) -> str:
 def page_seqs(driver: Any) -> list[int]:
     text = driver.find_element("id", "feed").get_attribute("data-seqs") or ""
     return [int(seq) for seq in text.split(",") if seq]
+
+
+def page_record(driver: Any, name: str) -> dict[str, Any]:
+    """``window[name]``: what a test's script in the page records as it goes."""
+    return cast(dict[str, Any], driver.execute_script(f"return window.{name}"))
 
 
 def publish_rest(node: ServerNode, token: str, channel: str, data: Any) -> int:

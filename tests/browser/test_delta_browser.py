@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.pages import publish_rest, wait_for
+from tests.browser.pages import page_record, publish_rest, wait_for
 from tests.servers import ServerNode
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
@@ -61,7 +61,7 @@ def test_the_browser_client_applies_deltas_and_recovers_from_a_wrong_base(
     assert agreed is True, agreed
 
     def seen() -> dict[str, Any]:
-        return browser.execute_script("return window.deltaSeen")  # type: ignore[no-any-return]
+        return page_record(browser, "deltaSeen")
 
     for seq in range(1, 4):
         publish_rest(page_node, publisher_token, channel, board(seq))
