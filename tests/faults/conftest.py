@@ -110,6 +110,13 @@ def publisher_token(cluster_processes: Cluster, cluster_env: dict[str, str]) -> 
     return create_token(cluster_env, "faults-publisher")
 
 
+@pytest.fixture
+def unseen_token(cluster_processes: Cluster, cluster_env: dict[str, str]) -> str:
+    """A valid token no node has verified yet, so none holds its principal
+    (``accounts/principal_cache.py``): checking it needs the database."""
+    return create_token(cluster_env, f"faults-unseen-{uuid.uuid4().hex[:8]}")
+
+
 def wait_until(what: str, condition: Callable[[], bool]) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_SECS
     while not condition():

@@ -49,8 +49,10 @@ async def ws_publish_until_published(ws: ClientConnection, channel: str, first_i
 async def token_holders_are_told_to_try_again_later(
     cluster: Cluster, token: str, channel: str
 ) -> None:
-    """A valid token cannot be checked without the database: the WebSocket is closed
-    with 1013 and the SSE request answered 503, never refused as an invalid token."""
+    """A valid token no node verified within ``PUSH_REVOCATION_CHECK_SECS`` cannot be
+    checked without the database: the WebSocket is closed with 1013 and the SSE request
+    answered 503, never refused as an invalid token. (A token a node verified moments
+    ago is still served from its principal cache for that long.)"""
     async with connect(f"{cluster.proxy_ws_url}?token={token}") as ws:
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), REPLY_TIMEOUT_SECS)
@@ -65,7 +67,11 @@ async def token_holders_are_told_to_try_again_later(
 
 @pytest.mark.timeout(180)
 async def test_publishers_get_unavailable_and_subscribers_stay_while_postgres_is_away(
-    cluster: Cluster, channel: str, publisher_token: str, pg_proxy: OwnedProcess
+    cluster: Cluster,
+    channel: str,
+    publisher_token: str,
+    unseen_token: str,
+    pg_proxy: OwnedProcess,
 ) -> None:
     loop = asyncio.get_running_loop()
     async with (
@@ -85,7 +91,7 @@ async def test_publishers_get_unavailable_and_subscribers_stay_while_postgres_is
         assert rest_reply.status_code == 503, rest_reply.text
         assert rest_reply.json()["code"] == "UNAVAILABLE"
         assert audience.disconnected() == [], "subscribers stay connected"
-        await token_holders_are_told_to_try_again_later(cluster, publisher_token, channel)
+        await token_holders_are_told_to_try_again_later(cluster, unseen_token, channel)
 
         pg_proxy.launch()
         await asyncio.to_thread(pg_proxy.wait_answering)
