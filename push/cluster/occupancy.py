@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -225,20 +227,43 @@ def occupied_channels(prefix_filter: str, *, local: Hub | None) -> dict[str, int
             c.name: c.subscriber_count() for c in channels if c.name.startswith(prefix_filter)
         }
         return {channel: count for channel, count in counts.items() if count}
+    totals = _cluster_totals()
+    return {
+        channel: total for channel, total in totals.items() if channel.startswith(prefix_filter)
+    }
+
+
+# Listing the occupied channels reads every node's whole hash, however few names the
+# request asks for: one anonymous client asking many times a second would make the node
+# read the cluster's every channel as often. So a process reads it at most once per
+# ``LIST_SNAPSHOT_SECS``: requests meanwhile share that read (one at a time, the others
+# wait for it). The counts are a second or two behind anyway (they are published once a
+# second).
+LIST_SNAPSHOT_SECS = 1.0
+_snapshot_lock = threading.Lock()
+_snapshot: tuple[float, dict[str, int]] | None = None
+
+
+def _cluster_totals() -> dict[str, int]:
+    global _snapshot
+    with _snapshot_lock:
+        if _snapshot is not None and time.monotonic() - _snapshot[0] < LIST_SNAPSHOT_SECS:
+            return _snapshot[1]
+        totals = _read_cluster_totals()
+        _snapshot = (time.monotonic(), totals)
+        return totals
+
+
+def _read_cluster_totals() -> dict[str, int]:
     client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
     prefix = redis_prefix()
     totals: dict[str, int] = {}
     try:
         nodes = [m.decode() for m in client.zrange(nodes_key(), 0, -1)]  # type: ignore[union-attr]  # as above
         for node in nodes:
-            key = counts_key(prefix, node)
-            for field, count in client.hscan_iter(key, match=_glob_escape(prefix_filter) + "*"):
+            for field, count in client.hscan_iter(counts_key(prefix, node)):
                 channel = field.decode() if isinstance(field, bytes) else field
                 totals[channel] = totals.get(channel, 0) + int(count)
     finally:
         client.close()
     return {channel: total for channel, total in totals.items() if total > 0}
-
-
-def _glob_escape(text: str) -> str:
-    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)

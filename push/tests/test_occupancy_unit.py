@@ -3,7 +3,11 @@ subscriptions, watchers hear each change once, and ended subscriptions are forgo
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
+
+import pytest
 
 from push.cluster.occupancy import Occupancy
 from push.tests.test_hub import FakeClient, MemoryHistory, make_hub
@@ -48,3 +52,37 @@ async def test_only_channels_whose_count_changed_are_published() -> None:
     hub.unsubscribe(first)
     await occupancy.publish()
     assert occupancy._published == {"b": 1}
+
+
+def test_the_occupied_list_reads_the_cluster_at_most_once_a_second(
+    settings: Any, monkeypatch: Any
+) -> None:
+    """Listing occupied channels reads every node's hash: requests within a second share
+    one read, so asking many times a second costs the node no more than asking once."""
+    if not settings.REDIS_URL:
+        pytest.skip("needs Redis (REDIS_URL)")
+    from common.redis_client import redis_prefix, redis_sync
+    from push.cluster import occupancy
+    from push.cluster.directory import nodes_key
+
+    client = redis_sync()
+    node = f"list-test-{uuid.uuid4().hex[:8]}"
+    key = occupancy.counts_key(redis_prefix(), node)
+    client.zadd(nodes_key(), {node: time.time()})
+    client.hset(key, mapping={"snap-a": 2})
+    reads: list[int] = []
+    read = occupancy._read_cluster_totals
+    monkeypatch.setattr(occupancy, "_snapshot", None)
+    monkeypatch.setattr(occupancy, "_read_cluster_totals", lambda: reads.append(1) or read())
+    try:
+        assert occupancy.occupied_channels("snap-", local=None) == {"snap-a": 2}
+        client.hset(key, "snap-b", 1)
+        assert occupancy.occupied_channels("snap-", local=None) == {"snap-a": 2}
+        assert len(reads) == 1
+        monkeypatch.setattr(occupancy, "LIST_SNAPSHOT_SECS", 0.0)  # the second has passed
+        assert occupancy.occupied_channels("snap-", local=None) == {"snap-a": 2, "snap-b": 1}
+        assert len(reads) == 2
+    finally:
+        client.zrem(nodes_key(), node)
+        client.delete(key)
+        client.close()
