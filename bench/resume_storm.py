@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import json
 import os
-import resource
 import time
 from typing import Any
 
-import httpx
 from websockets.asyncio.client import connect
 
 from bench.servers import start_node, stop_node
-from bench.targets import build_targets
+from bench.storms import counter, publish, storm_target
 
 CHANNEL = "storm"
-PUBLISHERS = 16
+CACHE_HITS = 'push_recent_cache_reads_total{result="hit"}'
 CONNECT_TIMEOUT_SECS = 30.0
 CATCH_UP_TIMEOUT_SECS = 60.0
 
@@ -59,35 +56,6 @@ class Client:
                 self.seen.append(envelope["seq"])
 
 
-async def _publish(http_url: str, token: str, channels: list[str], count: int) -> dict[str, int]:
-    """Publish ``count`` messages on every channel; the last seq of each."""
-    last: dict[str, int] = {}
-    queue = collections.deque((channel, i) for i in range(count) for channel in channels)
-
-    async def publisher(http: httpx.AsyncClient) -> None:
-        while queue:
-            channel, i = queue.popleft()
-            response = await http.post(
-                f"{http_url}/api/v1/channels/{channel}/messages",
-                json={"data": {"i": i}},
-                headers={"Authorization": f"Token {token}"},
-            )
-            response.raise_for_status()
-            last[channel] = max(last.get(channel, 0), response.json()["seq"])
-
-    async with httpx.AsyncClient(timeout=30) as http:
-        await asyncio.gather(*(publisher(http) for _ in range(PUBLISHERS)))
-    return last
-
-
-def _cache_hits(http_url: str) -> int:
-    metrics = httpx.get(f"{http_url}/metrics", timeout=10).text
-    for line in metrics.splitlines():
-        if line.startswith('push_recent_cache_reads_total{result="hit"}'):
-            return int(float(line.split()[-1]))
-    return 0
-
-
 async def _close_quietly(client: Client) -> None:
     # The node went away, which is the point: however the socket ends is fine.
     with contextlib.suppress(Exception):
@@ -95,15 +63,7 @@ async def _close_quietly(client: Client) -> None:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    database_url = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/bench")
-    redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-    (target,) = build_targets(
-        ["ours"], database_url=database_url, redis_url=redis_url, ours_command="runnode"
-    )
-    if args.no_cache:
-        target.env["PUSH_RECENT_CACHE_SIZE"] = "0"
+    target = storm_target(no_cache=args.no_cache)
     port_a, port_b = args.base_port, args.base_port + 1
     node_a = start_node(target, args.server, "127.0.0.1", port_a, True)
     node_b = start_node(target, args.server, "127.0.0.1", port_b, True)
@@ -116,11 +76,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for n in range(args.clients)
         ]
         await asyncio.gather(*(c.subscribe(None) for c in clients))
-        first_last = await _publish(http_b, target.token, channels, 2)
+        first_last = await publish(http_b, target.token, channels, 2)
         await asyncio.gather(*(c.read_until(first_last[c.channel]) for c in clients))
         stop_node(node_a)
         await asyncio.gather(*(_close_quietly(c) for c in clients))
-        final = await _publish(http_b, target.token, channels, args.missed)
+        final = await publish(http_b, target.token, channels, args.missed)
         node_a = start_node(target, args.server, "127.0.0.1", port_a, True)
         started = time.monotonic()
         await asyncio.gather(*(c.subscribe(c.seen[-1]) for c in clients))
@@ -140,7 +100,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "channels": len(channels),
             "missed_per_client": args.missed,
             "redis_cache": not args.no_cache,
-            "channels_read_from_cache": _cache_hits(f"http://127.0.0.1:{port_a}"),
+            "channels_read_from_cache": int(counter(f"http://127.0.0.1:{port_a}", CACHE_HITS)),
             "all_resubscribed_secs": round(resubscribed, 3),
             "all_caught_up_secs": round(caught_up, 3),
             "clients_with_loss_or_duplicates": wrong,

@@ -24,16 +24,13 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import time
 from typing import Any
 
-import httpx
 from websockets.asyncio.client import connect
 
-from bench.resume_storm import _publish
 from bench.servers import start_nodes, stop_nodes
-from bench.targets import build_targets
+from bench.storms import counter, publish, storm_target
 
 CHANNEL = "rewind"
 CONNECT_TIMEOUT_SECS = 30.0
@@ -66,35 +63,16 @@ class Client:
         return time.monotonic()
 
 
-def _counter(http_url: str, name: str) -> float:
-    for line in httpx.get(f"{http_url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    database_url = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/bench")
-    redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-    (target,) = build_targets(
-        ["ours"],
-        database_url=database_url,
-        redis_url=redis_url,
-        ours_command="runnode",
-        redis_prefix=os.environ.get("BENCH_REDIS_PREFIX", "pushbench"),
-    )
-    if args.no_cache:
-        target.env["PUSH_RECENT_CACHE_SIZE"] = "0"
+    target = storm_target(no_cache=args.no_cache)
     if args.recent is not None:
         target.env["PUSH_RECENT_PER_CHANNEL"] = str(args.recent)
     nodes = start_nodes(target, args.server, "127.0.0.1", args.base_port, args.nodes)
     urls = [f"http://127.0.0.1:{node.port}" for node in nodes]
     channel = f"{CHANNEL}-{os.urandom(3).hex()}"
     try:
-        last = (await _publish(urls[0], target.token, [channel], args.stored))[channel]
-        rows_before = sum(_counter(url, "push_history_rows_read_total") for url in urls)
+        last = (await publish(urls[0], target.token, [channel], args.stored))[channel]
+        rows_before = sum(counter(url, "push_history_rows_read_total") for url in urls)
         clients = [
             Client(f"ws://127.0.0.1:{nodes[n % len(nodes)].port}/ws/") for n in range(args.clients)
         ]
@@ -107,9 +85,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         expected = list(range(last - args.rewind + 1, last + 1))
         wrong = sum(1 for c in clients if c.seen != expected)
-        rows_read = sum(_counter(url, "push_history_rows_read_total") for url in urls)
+        rows_read = sum(counter(url, "push_history_rows_read_total") for url in urls)
         cache_hits = sum(
-            _counter(url, 'push_recent_cache_reads_total{result="hit"}') for url in urls
+            counter(url, 'push_recent_cache_reads_total{result="hit"}') for url in urls
         )
         for client in clients:
             await client.ws.close()
