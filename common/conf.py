@@ -423,6 +423,57 @@ class PushSettings:
         "thread-safe)",
     )
 
+    # The Pusher protocol (second endpoint, docs/pusher.md).
+    PUSHER_APP_ID: str | None = option(
+        None,
+        EnvType.TEXT,
+        "id of the Pusher app configured by environment (more apps: the admin); with "
+        "the key and secret unset there is none",
+        variable="PUSHER_APP_ID",
+    )
+    PUSHER_APP_KEY: str | None = option(
+        None,
+        EnvType.TEXT,
+        "key of that app (the `/app/<key>` of pusher-js)",
+        variable="PUSHER_APP_KEY",
+    )
+    PUSHER_APP_SECRET: str | None = option(
+        None,
+        EnvType.TEXT,
+        "secret of that app (signs channel authorization and the HTTP API)",
+        variable="PUSHER_APP_SECRET",
+    )
+    PUSHER_APP_CLIENT_EVENTS: bool = option(
+        False,
+        EnvType.BOOL,
+        "whether that app's clients may send `client-*` events on private and presence channels",
+        variable="PUSHER_APP_CLIENT_EVENTS",
+    )
+    PUSHER_WEBHOOK_URLS: list[str] = option(
+        [],
+        EnvType.LIST,
+        "where the event worker POSTs that app's webhooks, in Pusher's format",
+        variable="PUSHER_WEBHOOK_URLS",
+    )
+    PUSHER_ACTIVITY_TIMEOUT_SECS: int = option(
+        120,
+        EnvType.INT,
+        "`activity_timeout` told to Pusher clients: they ping after this much silence",
+        variable="PUSHER_ACTIVITY_TIMEOUT",
+    )
+    PUSHER_CLIENT_EVENT_RATE: int = option(
+        10,
+        EnvType.INT,
+        "client events one Pusher connection may send per second (more: `pusher:error` 4301)",
+        variable="PUSHER_CLIENT_EVENT_RATE",
+    )
+    PUSHER_TIMESTAMP_TOLERANCE_SECS: int = option(
+        600,
+        EnvType.INT,
+        "how far an HTTP API request's `auth_timestamp` may be from the server's clock",
+        variable="PUSHER_TIMESTAMP_TOLERANCE",
+    )
+
     def __post_init__(self) -> None:
         if self.NODE_DEAD_AFTER_SECS < ANNOUNCES_BEFORE_DEAD * self.CLUSTER_ANNOUNCE_SECS:
             raise ValueError(

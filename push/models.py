@@ -99,3 +99,28 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.principal}/{self.channel}/{self.key}"
+
+
+class PusherApp(models.Model):
+    """An app of the Pusher protocol (docs/pusher.md): pusher-js connects to
+    ``/app/<key>``, back-ends sign HTTP API requests and channel authorizations with the
+    secret. One more app may come from ``PUSHER_APP_ID``/``KEY``/``SECRET``."""
+
+    name = models.CharField(max_length=100)
+    app_id = models.CharField("app id", max_length=64, unique=True)
+    key = models.CharField(max_length=64, unique=True)
+    secret = models.CharField(max_length=128)
+    client_events = models.BooleanField(
+        default=False, help_text="clients may send client-* events on private and presence channels"
+    )
+    enabled = models.BooleanField(default=True)
+    # One URL per line; webhooks in Pusher's format, signed with the secret.
+    webhook_urls = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "Pusher app"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.app_id})"
