@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 MESSAGE_EVENT = "push.message"
 PRESENCE_EVENT = "push.presence"
+# A Pusher client event, relayed to the channel's Pusher subscribers on every node.
+CLIENT_EVENT = "push.client_event"
 # How long to wait before reading the inbox again after the layer failed (Redis down).
 RECEIVE_RETRY_SECS = 0.5
 # Committed messages waiting for a slow (or unreachable) Redis, at most: beyond these

@@ -109,13 +109,16 @@ def connections_disconnect(
     *,
     connection_ids: list[str] | None = None,
     user_ids: list[int] | None = None,
+    pusher_user_ids: list[str] | None = None,
     code: int = CloseCode.POLICY,
 ) -> None:
-    """Close these connections, and every connection of these users, on every node."""
+    """Close these connections, and every connection of these users (Django users, or
+    the users Pusher connections signed in as), on every node."""
     event = {
         "type": DISCONNECT_EVENT,
         "connection_ids": [str(c) for c in connection_ids or []],
         "user_ids": [int(u) for u in user_ids or []],
+        "pusher_user_ids": [str(u) for u in pusher_user_ids or []],
         "code": int(code),
     }
     layer = get_channel_layer()

@@ -27,7 +27,7 @@ from common.conf import push_settings
 from common.db import db_call
 from common.errors import CloseCode
 from push.cluster.admission import ConnectionCounter
-from push.cluster.broker import PRESENCE_EVENT, Broker, channel_group
+from push.cluster.broker import CLIENT_EVENT, PRESENCE_EVENT, Broker, channel_group
 from push.cluster.directory import CONTROL_GROUP, DISCONNECT_EVENT, TOP_CHANNELS, NodeDirectory
 from push.cluster.live import LiveConnection
 from push.cluster.occupancy import Occupancy
@@ -44,6 +44,7 @@ from push.storage.recent_cache import RecentCache
 from push.storage.retention import retention_policy
 from push.storage.write_pipeline import WritePipeline, pipeline_conninfo
 from push.wire.protocol import presence_change
+from push.wire.pusher import PUSHER_CODEC
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +240,21 @@ class Node:
         event = {"type": PRESENCE_EVENT, "channel": channel, "kind": kind, "member": member}
         await self.broker.send_event(channel_group(channel), event)
 
+    async def relay_client_event(self, channel: str, frame: dict[str, Any], sender: str) -> None:
+        """A Pusher client event: to the channel's Pusher subscribers on every node but
+        its sender (socket id ``sender``). Not stored, not numbered, as in Pusher."""
+        event = {"type": CLIENT_EVENT, "channel": channel, "frame": frame, "sender": sender}
+        await self.broker.send_event(channel_group(channel), event)
+
     def _on_control(self, event: dict[str, Any]) -> None:
+        if event.get("type") == CLIENT_EVENT:
+            self.hub.deliver_event(
+                event["channel"],
+                event["frame"],
+                codec_name=PUSHER_CODEC.name,
+                exclude=event["sender"],
+            )
+            return
         if event.get("type") == PRESENCE_EVENT:
             self.hub.deliver_event(
                 event["channel"],
@@ -252,11 +267,13 @@ class Node:
             return
         connection_ids = set(event.get("connection_ids") or ())
         user_ids = set(event.get("user_ids") or ())
+        pusher_user_ids = set(event.get("pusher_user_ids") or ())
         code = int(event.get("code") or CloseCode.POLICY)
         for connection in list(self.connections.values()):
             if (
                 str(connection.connection_id) in connection_ids
                 or connection.principal.user_id in user_ids
+                or getattr(connection, "pusher_user_id", None) in pusher_user_ids
             ):
                 connection.close(code)
 

@@ -290,6 +290,21 @@ def _push_each(by_codec: dict[Callable[[OutFrame], bool], Subscription], frame: 
             _subscriber_failed(by_codec[push], exc)  # type: ignore[index]  # push is set: the loop ran
 
 
+def _push_each_except(
+    by_codec: dict[Callable[[OutFrame], bool], Subscription], frame: OutFrame, exclude: str
+) -> None:
+    """``_push_each`` skipping the subscriber whose Pusher socket id is ``exclude`` (a
+    Pusher trigger's ``socket_id``): the slow path, taken only for such messages."""
+    _push_each(
+        {
+            push: subscription
+            for push, subscription in by_codec.items()
+            if getattr(subscription.subscriber, "socket_id", None) != exclude
+        },
+        frame,
+    )
+
+
 def _subscribers_by_codec(
     hub_channel: HubChannel,
 ) -> Iterator[dict[Callable[[OutFrame], bool], Subscription]]:
@@ -816,7 +831,10 @@ class Hub:
             if frame is None:
                 codec = next(iter(by_codec.values())).subscriber.codec
                 frame = encode_frame(codec, message, droppable)
-            _push_each(by_codec, frame)
+            if message.exclude is None:
+                _push_each(by_codec, frame)
+            else:
+                _push_each_except(by_codec, frame, message.exclude)
             delivered += len(by_codec)
         if hub_channel.deltas is not None:
             # Before the catching-up ones: one that goes live now must find the deltas'
@@ -857,20 +875,34 @@ class Hub:
             deltas.settle_fresh()
         return delivered
 
-    def deliver_event(self, channel: str, envelope: dict[str, Any]) -> None:
-        """Push an envelope that is not a numbered message (presence join and leave) to
-        the channel's subscribers on this node, encoded once per format."""
+    def deliver_event(
+        self,
+        channel: str,
+        envelope: dict[str, Any],
+        *,
+        codec_name: str | None = None,
+        exclude: str | None = None,
+    ) -> None:
+        """Push an envelope that is not a numbered message (presence join and leave, a
+        Pusher client event) to the channel's subscribers on this node, encoded once
+        per format; only to those of ``codec_name`` when given, and never to the
+        subscriber whose Pusher socket id is ``exclude``."""
         hub_channel = self.channels.get(channel)
         if hub_channel is None:
             return
         frames: dict[str, OutFrame] = {}
         for by_codec in _subscribers_by_codec(hub_channel):
             codec = next(iter(by_codec.values())).subscriber.codec
+            if codec_name is not None and codec.name != codec_name:
+                continue
             frame = frames.get(codec.name)
             if frame is None:
                 payload = codec.encode(envelope)
                 frame = frames[codec.name] = OutFrame(codec.send_event(payload), len(payload))
-            _push_each(by_codec, frame)
+            if exclude is None:
+                _push_each(by_codec, frame)
+            else:
+                _push_each_except(by_codec, frame, exclude)
 
     def _feed_catching_up(self, hub_channel: HubChannel, message: ChannelMessage) -> None:
         for subscription in list(hub_channel.catching_up):

@@ -14,10 +14,26 @@ from typing import Any
 
 
 class ChannelMessage:
-    __slots__ = ("_data", "channel", "data_json", "frames", "message_id", "seq", "timestamp")
+    __slots__ = (
+        "_data",
+        "channel",
+        "data_json",
+        "exclude",
+        "frames",
+        "message_id",
+        "seq",
+        "timestamp",
+    )
 
     def __init__(
-        self, *, channel: str, seq: int, message_id: str, data_json: str, timestamp: float
+        self,
+        *,
+        channel: str,
+        seq: int,
+        message_id: str,
+        data_json: str,
+        timestamp: float,
+        exclude: str | None = None,
     ) -> None:
         self.channel = channel
         self.seq = seq
@@ -25,6 +41,10 @@ class ChannelMessage:
         self.data_json = data_json
         self.timestamp = timestamp
         self._data: Any = _UNPARSED
+        # The Pusher socket id of the connection that must not receive this message
+        # live (a Pusher trigger's socket_id): it travels with the broadcast, never
+        # into history.
+        self.exclude = exclude
         # Encoded frames by codec name, shared by every subscriber of that format.
         self.frames: dict[str, Any] = {}
 
@@ -45,7 +65,7 @@ class ChannelMessage:
         }
 
     def to_broker(self) -> dict[str, Any]:
-        return {
+        payload = {
             "type": "push.message",
             "channel": self.channel,
             "seq": self.seq,
@@ -53,6 +73,9 @@ class ChannelMessage:
             "data_json": self.data_json,
             "timestamp": self.timestamp,
         }
+        if self.exclude is not None:
+            payload["exclude"] = self.exclude
+        return payload
 
     @classmethod
     def from_broker(cls, payload: dict[str, Any]) -> ChannelMessage:
@@ -62,6 +85,7 @@ class ChannelMessage:
             message_id=payload["message_id"],
             data_json=payload["data_json"],
             timestamp=payload["timestamp"],
+            exclude=payload.get("exclude"),
         )
 
     def __repr__(self) -> str:

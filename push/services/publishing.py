@@ -48,6 +48,7 @@ def _single_unit(
     publisher_id: int | None,
     principal: str | None,
     idempotency_key: str | None,
+    exclude: str | None = None,
 ) -> PublishUnit:
     validate_channel_name(channel)
     return PublishUnit(
@@ -56,6 +57,7 @@ def _single_unit(
         principal=principal,
         idempotency_key=idempotency_key,
         key_channel=channel,
+        exclude=exclude,
     )
 
 
@@ -64,6 +66,7 @@ def _batch_unit(
     publisher_id: int | None,
     principal: str | None,
     idempotency_key: str | None,
+    exclude: str | None = None,
 ) -> PublishUnit:
     if not items:
         raise PushError(ErrorCode.INVALID_MESSAGE, "a batch holds at least one message")
@@ -80,6 +83,7 @@ def _batch_unit(
         publisher_id=publisher_id,
         principal=principal,
         idempotency_key=idempotency_key,
+        exclude=exclude,
     )
 
 
@@ -135,7 +139,11 @@ async def _write_async(unit: PublishUnit) -> Published:
         data = [data_json for _, data_json in unit.items]
         return Published(
             await recent_store.publish_batch(
-                recent, data, unit.publisher_id, broadcast=broadcast.broadcast_async
+                recent,
+                data,
+                unit.publisher_id,
+                broadcast=broadcast.broadcast_async,
+                exclude=unit.exclude,
             ),
             False,
         )
@@ -203,14 +211,18 @@ async def message_publish_async(
     publisher_id: int | None,
     principal: str | None = None,
     idempotency_key: str | None = None,
+    exclude: str | None = None,
 ) -> tuple[ChannelMessage, bool]:
     """Publish one message; answers once it is committed.
+
+    ``exclude`` names a Pusher socket id that does not receive the message live (the
+    ``socket_id`` of a Pusher trigger: the sender already showed it).
 
     Returns the message and whether it is an earlier publish's, answered again for a
     retried ``idempotency_key`` (scoped to ``principal`` and the channel); a replayed
     message carries the first publish's channel, seq, id and timestamp, not its data.
     """
-    unit = _single_unit(channel, data, publisher_id, principal, idempotency_key)
+    unit = _single_unit(channel, data, publisher_id, principal, idempotency_key, exclude)
     published = await _write_async(unit)
     return published.messages[0], published.replayed
 
@@ -221,6 +233,7 @@ async def messages_publish_batch(
     publisher_id: int | None,
     principal: str | None = None,
     idempotency_key: str | None = None,
+    exclude: str | None = None,
 ) -> tuple[list[ChannelMessage], bool]:
     """Publish ``items`` ((channel, data) pairs) all together or not at all, in one
     transaction; the messages come back in request order.
@@ -228,7 +241,7 @@ async def messages_publish_batch(
     An invalid item raises ``INVALID_MESSAGE`` naming its ``index`` before anything is
     written. ``idempotency_key`` covers the whole batch (scoped to ``principal``).
     """
-    unit = _batch_unit(items, publisher_id, principal, idempotency_key)
+    unit = _batch_unit(items, publisher_id, principal, idempotency_key, exclude)
     published = await _write_async(unit)
     return published.messages, published.replayed
 

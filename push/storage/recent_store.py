@@ -409,7 +409,12 @@ async def publish(
 
 
 async def publish_batch(
-    channel: str, data_jsons: list[str], publisher_id: int | None, *, broadcast: Broadcast
+    channel: str,
+    data_jsons: list[str],
+    publisher_id: int | None,
+    *,
+    broadcast: Broadcast,
+    exclude: str | None = None,
 ) -> list[ChannelMessage]:
     """Number and store several messages of one recent channel at once (consecutive
     seqs, all or none), then broadcast them in order. ``publisher_id`` is not kept:
@@ -425,7 +430,12 @@ async def publish_batch(
         raise _unavailable(exc) from exc
     messages = [
         ChannelMessage(
-            channel=channel, seq=first + i, message_id=ids[i], data_json=d, timestamp=timestamp
+            channel=channel,
+            seq=first + i,
+            message_id=ids[i],
+            data_json=d,
+            timestamp=timestamp,
+            exclude=exclude,
         )
         for i, d in enumerate(data_jsons)
     ]

@@ -48,6 +48,8 @@ class PublishUnit:
     principal: str | None = None
     idempotency_key: str | None = None
     key_channel: str = BATCH_KEY_CHANNEL
+    # A Pusher socket id that must not receive the messages live (ChannelMessage.exclude).
+    exclude: str | None = None
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -288,6 +290,7 @@ def _store(
                 message_id=str(uuid.uuid4()),
                 data_json=data_json,
                 timestamp=timestamp,
+                exclude=unit.exclude,
             )
             messages.append(message)
             channel_ids.append(channel_id)
