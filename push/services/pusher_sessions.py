@@ -82,6 +82,13 @@ def _signed_member(session: PusherSession, channel: str, auth: Any, channel_data
     signed_data = channel_data if presence else None
     if presence and not isinstance(channel_data, str):
         raise SubscriptionRefused(channel, 400, "presence channels need channel_data")
+    if (
+        presence
+        and len(channel_data.encode("utf-8", "surrogatepass")) > pusher.MAX_CHANNEL_DATA_BYTES
+    ):
+        raise SubscriptionRefused(
+            channel, 413, f"channel_data is larger than {pusher.MAX_CHANNEL_DATA_BYTES} bytes"
+        )
     if not channel_auth_valid(session.app, session.socket_id, channel, auth, signed_data):
         raise SubscriptionRefused(channel, 403, f"Invalid signature for {channel}")
     if not presence:
@@ -91,8 +98,17 @@ def _signed_member(session: PusherSession, channel: str, auth: Any, channel_data
     except ValueError:
         member = None
     user_id = member.get("user_id") if isinstance(member, dict) else None
-    if not isinstance(user_id, str | int) or isinstance(user_id, bool) or user_id == "":
-        raise SubscriptionRefused(channel, 400, "channel_data must name a user_id")
+    if (
+        not isinstance(user_id, str | int)
+        or isinstance(user_id, bool)
+        or user_id == ""
+        or len(str(user_id)) > pusher.MAX_USER_ID_CHARS
+    ):
+        raise SubscriptionRefused(
+            channel,
+            400,
+            f"channel_data must name a user_id of 1 to {pusher.MAX_USER_ID_CHARS} characters",
+        )
     info = member.get("user_info") if isinstance(member.get("user_info"), dict) else None
     return {"user_id": user_id, "info": info}
 
@@ -187,6 +203,15 @@ async def pusher_client_event(node: Any, session: Any, name: str, channel: Any, 
             pusher.PusherError.CLIENT_EVENT_RATE_LIMIT, "client event rejected due to rate limit"
         )
     text = data if isinstance(data, str) else pusher.json_text(data)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        # A lone surrogate (the JSON escape \ud800): no UTF-8 frame can carry it on.
+        raise PusherProblem(None, "client event data holds a lone UTF-16 surrogate") from None
+    if size > pusher.MAX_CLIENT_EVENT_BYTES:
+        raise PusherProblem(
+            None, f"client event data is larger than {pusher.MAX_CLIENT_EVENT_BYTES} bytes"
+        )
     frame: dict[str, Any] = {"event": name, "channel": channel, "data": text}
     user_id = session.presence_ids.get(channel)
     if user_id is not None:
