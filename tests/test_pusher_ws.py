@@ -367,3 +367,19 @@ async def test_what_one_client_sends_is_bounded_in_bytes(
     )
     assert "surrogate" in (await client.receive())["data"]["message"]
     await client.close()
+
+
+async def test_a_signed_in_user_gets_its_own_channel_and_nobody_elses(
+    pusher_nodes: tuple[ServerNode, ServerNode],
+) -> None:
+    client = await PusherClient.connect(pusher_nodes[0].pusher_url)
+    assert (await client.subscribe("#server-to-user-u-2"))["event"] == "pusher:subscription_error"
+    user_data = json.dumps({"id": "u-2"})
+    auth = f"{APP_KEY}:{sign(f'{client.socket_id}::user::{user_data}')}"
+    await client.send("pusher:signin", {"auth": auth, "user_data": user_data})
+    assert (await client.receive())["event"] == "pusher:signin_success"
+    succeeded = await client.subscribe("#server-to-user-u-2")
+    assert succeeded["event"] == "pusher_internal:subscription_succeeded"
+    refused = await client.subscribe("#server-to-user-u-3")
+    assert refused["event"] == "pusher:subscription_error"
+    await client.close()

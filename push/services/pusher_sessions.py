@@ -27,6 +27,8 @@ from push.wire.protocol import validate_channel_name
 
 ENCRYPTED_PREFIX = "private-encrypted-"
 CACHE_PREFIXES = ("cache-", "private-cache-", "presence-cache-", "private-encrypted-cache-")
+# pusher-js subscribes a signed-in connection to this channel of its user by itself.
+SERVER_TO_USER_PREFIX = "#server-to-user-"
 CLIENT_EVENT = "client_event"
 CACHE_MISS = "cache_miss"
 
@@ -127,6 +129,9 @@ async def pusher_subscribe(
     none."""
     if not isinstance(channel, str):
         raise PusherProblem(None, "pusher:subscribe needs a channel")
+    if channel.startswith(SERVER_TO_USER_PREFIX):
+        _server_to_user(session, channel)
+        return
     try:
         validate_channel_name(channel)
     except PushError as exc:
@@ -175,6 +180,15 @@ async def pusher_subscribe(
             await leave_presence(
                 node.presence, node.announce_presence, str(session.connection_id), [channel]
             )
+
+
+def _server_to_user(session: PusherSession, channel: str) -> None:
+    """The signed-in user's own channel: answered, so pusher-js's sign-in completes, and
+    refused to anyone else. Sending to users (Pusher's ``sendToUser``) is not supported
+    (docs/pusher.md): nothing is ever published on it."""
+    if session.pusher_user_id is None or channel != SERVER_TO_USER_PREFIX + session.pusher_user_id:
+        raise SubscriptionRefused(channel, 403, "only the signed-in user may subscribe to this")
+    session.send_frame(pusher.event_frame(pusher.SUBSCRIPTION_SUCCEEDED, {}, channel))
 
 
 async def pusher_unsubscribe(node: SessionNode, session: Any, channel: Any) -> None:
