@@ -43,7 +43,7 @@ from accounts.auth_failures import (
     auth_failures_limit,
     too_many_failures,
 )
-from accounts.models import ChannelGrant, ServiceToken, hash_service_key
+from accounts.models import SERVICE_TOKEN_PREFIX, ChannelGrant, ServiceToken, hash_service_key
 from accounts.principals import Principal, authenticate_key
 from common.conf import push_settings
 
@@ -84,6 +84,22 @@ def token_principal(key: str, address: str | None) -> Principal | None:
     if generation is not _UNKNOWN:
         _keep(digest, principal, generation)
     return principal
+
+
+def is_known_service_key(key: str) -> bool:
+    """Whether ``key`` is a service token this process verified within the last
+    ``PUSH_REVOCATION_CHECK_SECS``: no look-up and no round trip, so the REST budget of
+    an address can leave back-ends alone before the request is authenticated. A key
+    seen for the first time (or revoked meanwhile) is not known; authentication still
+    decides about it as usual."""
+    if not key.startswith(SERVICE_TOKEN_PREFIX):
+        return False
+    entry = _entries.get(hash_service_key(key))
+    return (
+        entry is not None
+        and entry.principal.kind == "service"
+        and time.monotonic() < entry.expires_at
+    )
 
 
 def _read_generation_and_check(address: str | None) -> Any:

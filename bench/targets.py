@@ -52,6 +52,12 @@ def ours_env(database_url: str, redis_url: str, redis_prefix: str) -> dict[str, 
         # The same for REST: 16 clients sharing one service token would otherwise meet
         # the per-credential budget (6,000/min) in a second.
         "PUSH_REST_RATE": "1000000000/s",
+        # Every load generator connects from 127.0.0.1: the per-address budgets would
+        # hold the whole benchmark to one client address's share.
+        "PUSH_ADDRESS_HANDSHAKE_PER_SEC": "0",
+        "PUSH_ADDRESS_FRAME_PER_SEC": "0",
+        "PUSH_ADDRESS_SUBSCRIBE_PER_SEC": "0",
+        "PUSH_ADDRESS_REST_PER_SEC": "0",
         # The load generator's clients send no heartbeats; connecting 100,000 of them
         # takes longer than the default 75 s after which a silent client is closed 4001.
         "PUSH_HEARTBEAT_TIMEOUT_SECS": "3600",

@@ -328,6 +328,68 @@ class PushSettings:
     SERVICE_RATE_PER_SEC: int = option(
         0, EnvType.COUNT, "a service token's frames per second on a WebSocket (0: unbounded)"
     )
+    # What one client address may ask of a node per second, whatever it spreads it over
+    # (push.cluster.address_budgets); service tokens are not held to them. Measured per
+    # request on one node (tests/abuse/costs.py): a handshake ~2 ms of CPU, a
+    # subscription to a new channel ~4 ms, a REST request 4-7 ms, a small frame
+    # 0.1-0.5 ms. The defaults leave room for a few hundred busy users behind one NAT
+    # address (docs/security.md, "Per address"), and hold one address to about half a
+    # core even so.
+    ADDRESS_HANDSHAKE_BURST: int = option(
+        100,
+        EnvType.INT,
+        "WebSocket and SSE handshakes one client address may make at once on a node (a "
+        "wave of reconnects after a restart); past its budget a WebSocket is closed 1013 "
+        "and SSE answered 429",
+    )
+    ADDRESS_HANDSHAKE_PER_SEC: int = option(
+        20,
+        EnvType.COUNT,
+        "that budget's refill, handshakes per second (0: no budget): 600 users behind one "
+        "address opening a page a minute use half",
+    )
+    ADDRESS_FRAME_BURST: int = option(
+        2000,
+        EnvType.INT,
+        "frames one client address may send at once across all its connections to a node, "
+        "on top of each connection's own bucket (20 connections' bursts)",
+    )
+    ADDRESS_FRAME_PER_SEC: int = option(
+        200,
+        EnvType.COUNT,
+        "that budget's refill, frames per second (0: no budget; `RATE_LIMITED` past it, as "
+        "for a connection): 600 users' heartbeats are 24 a second",
+    )
+    ADDRESS_SUBSCRIBE_BURST: int = option(
+        1000,
+        EnvType.INT,
+        "subscriptions one client address may start at once on a node, over WebSocket, "
+        "Pusher and SSE (one connection's whole subscription limit)",
+    )
+    ADDRESS_SUBSCRIBE_PER_SEC: int = option(
+        50,
+        EnvType.COUNT,
+        "that budget's refill, subscriptions per second (0: no budget; `RATE_LIMITED` past "
+        "it): 600 users opening a page of 5 channels a minute",
+    )
+    ADDRESS_REST_BURST: int = option(
+        100,
+        EnvType.INT,
+        "REST requests one client address may make at once to a node, signed in or not "
+        "(besides each credential's own throttle)",
+    )
+    ADDRESS_REST_PER_SEC: int = option(
+        20,
+        EnvType.COUNT,
+        "that budget's refill, requests per second (0: no budget; 429 `RATE_LIMITED` with "
+        "`Retry-After` past it, answered before the request reaches Django)",
+    )
+    ADDRESS_BUDGETS_MAX: int = option(
+        100_000,
+        EnvType.INT,
+        "client addresses a node keeps budgets for; past it the least recently seen one "
+        "without an open connection starts afresh (about 1 KB each)",
+    )
     MAX_SUBSCRIPTIONS_PER_CONNECTION: int = option(
         1000, EnvType.INT, "subscriptions one connection may hold (`FORBIDDEN` past it)"
     )

@@ -87,6 +87,18 @@ EVENTS_PROCESSED = Counter(
 HISTORY_ROWS_READ = Counter(
     "push_history_rows_read_total", "Stored messages read from PostgreSQL (replays, REST)"
 )
+ADDRESS_BUDGET_REFUSALS = Counter(
+    "push_address_budget_refusals_total",
+    "Requests refused because their client address used up its budget on this node",
+    ["budget"],
+)
+ADDRESS_BUDGET_ENTRIES = Gauge(
+    "push_address_budget_entries", "Client addresses with a budget entry on this node"
+)
+ADDRESS_BUDGET_EVICTIONS = Counter(
+    "push_address_budget_evictions_total",
+    "Address budget entries dropped before they were idle, the table being full",
+)
 REPLAYS_ACTIVE = Gauge("push_replays_active", "Resumes reading history from PostgreSQL now")
 REPLAYS_REFUSED = Counter(
     "push_replays_refused_total", "Resumes refused for lack of a replay slot", ["code"]

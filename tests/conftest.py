@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.servers import (
+    NO_ADDRESS_BUDGETS,
     Database,
     ServerNode,
     create_token,
@@ -44,6 +45,7 @@ def e2e_env(e2e_database: Database) -> dict[str, str]:
         # Every test client is 127.0.0.1: one test's refused tokens must not make the
         # next one's valid token wait for the minute (accounts/tests count failures).
         "PUSH_AUTH_FAILURES_PER_MIN": "100000",
+        **NO_ADDRESS_BUDGETS,
         "PUSH_CLUSTER_ANNOUNCE_SECS": "0.5",
         "PUSH_NODE_DEAD_AFTER_SECS": "3",
     }

@@ -25,6 +25,15 @@ from devtools.processes import (
 )
 
 LOG_DIR = ROOT / "artifacts" / "e2e-logs"
+# Every test client connects from 127.0.0.1: with the per-address budgets on, one
+# test's handshakes, frames and requests would hold back the next test's. The tests of
+# the budgets (tests/test_address_budgets.py) and the abuse suite set their own.
+NO_ADDRESS_BUDGETS = {
+    "PUSH_ADDRESS_HANDSHAKE_PER_SEC": "0",
+    "PUSH_ADDRESS_FRAME_PER_SEC": "0",
+    "PUSH_ADDRESS_SUBSCRIBE_PER_SEC": "0",
+    "PUSH_ADDRESS_REST_PER_SEC": "0",
+}
 START_TIMEOUT_SECS = 30.0
 STOP_TIMEOUT_SECS = 10.0
 

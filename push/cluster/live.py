@@ -15,6 +15,7 @@ from push.fanout.hub import Subscriber, Subscription
 if TYPE_CHECKING:
     from accounts.principals import Principal
     from common.errors import PushError
+    from push.cluster.address_budgets import AddressBudget
     from push.wire.protocol import RequestId
 
 
@@ -29,6 +30,13 @@ class LiveConnection(Subscriber, Protocol):
     last_seen: float
     opened_at: float
     close_code: int | None
+    # Its client address's budgets on this node (None: a service token, or no
+    # address), bound by the node when it admits the connection.
+    address_budget: AddressBudget | None
+
+    def bind_address_budget(self, budget: AddressBudget) -> None:
+        """Hold ``budget``: the connection's frames take from it too, from now on."""
+        ...
 
     @property
     def is_open(self) -> bool: ...

@@ -26,6 +26,7 @@ from common.background import spawn
 from common.conf import push_settings
 from common.db import db_call
 from common.errors import CloseCode
+from push.cluster.address_budgets import AddressBudgets, Budget
 from push.cluster.admission import ConnectionCounter
 from push.cluster.broker import CLIENT_EVENT, PRESENCE_EVENT, Broker, channel_group
 from push.cluster.directory import CONTROL_GROUP, DISCONNECT_EVENT, TOP_CHANNELS, NodeDirectory
@@ -127,6 +128,7 @@ class Node:
         )
         self._per_user = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_USER)
         self._per_ip = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_IP)
+        self.addresses = address_budgets_from_settings()
         # Every connection's on_closing: one bound method shared by all of them, where
         # a fresh one (or a closure) per connection would cost each ~100 bytes.
         self.on_connection_closing = self.release_subscriptions
@@ -140,6 +142,11 @@ class Node:
             self._per_user.remove(user_key)
             return False
         self.connections[connection.connection_id] = connection
+        # A back-end's service token is not held to its address's budgets.
+        if connection.principal.kind != "service":
+            budget = self.addresses.acquire(connection.ip)
+            if budget is not None:
+                connection.bind_address_budget(budget)
         return True
 
     def release_subscriptions(self, connection: LiveConnection) -> None:
@@ -166,6 +173,8 @@ class Node:
         principal = connection.principal
         self._per_user.remove(principal.key if principal.is_authenticated else None)
         self._per_ip.remove(connection.ip)
+        if connection.address_budget is not None:
+            self.addresses.release(connection.address_budget)
 
     async def start(self) -> None:
         await self.broker.start()
@@ -414,6 +423,18 @@ class Node:
             if connection.subscriptions and (changed or connection.token_expiry):
                 await self._revoke_subscriptions(self, connection, now)
         return closed
+
+
+def address_budgets_from_settings() -> AddressBudgets:
+    """This node's per-address budgets, as ``PUSH_ADDRESS_*`` set them."""
+    settings = push_settings
+    return AddressBudgets(
+        handshakes=Budget(settings.ADDRESS_HANDSHAKE_BURST, settings.ADDRESS_HANDSHAKE_PER_SEC),
+        frames=Budget(settings.ADDRESS_FRAME_BURST, settings.ADDRESS_FRAME_PER_SEC),
+        subscribes=Budget(settings.ADDRESS_SUBSCRIBE_BURST, settings.ADDRESS_SUBSCRIBE_PER_SEC),
+        rest=Budget(settings.ADDRESS_REST_BURST, settings.ADDRESS_REST_PER_SEC),
+        max_entries=settings.ADDRESS_BUDGETS_MAX,
+    )
 
 
 def _write_pipeline(on_committed: Callable[[ChannelMessage], None]) -> WritePipeline | None:

@@ -19,6 +19,7 @@ from accounts.subscription_tokens import subscription_token_verify
 from common import metrics
 from common.conf import push_settings
 from common.errors import CloseCode, ErrorCode, PushError
+from push.cluster.address_budgets import subscription_allowed
 from push.cluster.live import LiveConnection
 from push.cluster.occupancy import Occupancy
 from push.cluster.presence import PresenceStore, leave_presence, presence_member
@@ -188,6 +189,12 @@ async def channel_subscribe(
         raise PushError(
             ErrorCode.FORBIDDEN,
             f"subscription limit of {push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION} reached",
+        )
+    if not subscription_allowed(connection.address_budget):
+        # A new channel costs a broker join and a read of its recent messages: the
+        # costliest request a client can repeat (push.cluster.address_budgets).
+        raise PushError(
+            ErrorCode.RATE_LIMITED, "too many subscriptions from this address; slow down"
         )
     subscription = await node.hub.subscribe(
         connection, channel, since=since, reply=reply, rewind=rewind, delta=delta == FOSSIL

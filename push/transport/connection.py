@@ -19,7 +19,7 @@ from common.conf import push_settings
 from common.errors import CloseCode, PushError
 from push.fanout.hub import Subscription
 from push.fanout.outbox import Outbox, OutFrame, Send
-from push.transport.limits import NO_LIMIT, NoLimit, TokenBucket
+from push.transport.limits import NO_LIMIT, AddressBoundRate, NoLimit, RateLimiter, TokenBucket
 from push.transport.server_adapters import (
     allow_slow_close,
     close_with_any_code,
@@ -33,6 +33,7 @@ from push.wire.protocol import RequestId, error
 
 if TYPE_CHECKING:
     from accounts.principals import Principal
+    from push.cluster.address_budgets import AddressBudget
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class ClientConnection:
         "_loop",
         "_on_closing",
         "_send",
+        "address_budget",
         "close_code",
         "codec",
         "connection_id",
@@ -101,8 +103,9 @@ class ClientConnection:
         self.codec = codec
         self.principal = principal
         self.ip = ip
-        self.rate = frame_rate_limiter(principal)
+        self.rate: RateLimiter = frame_rate_limiter(principal)
         self.rate_limited_frames = 0
+        self.address_budget: AddressBudget | None = None
         # When the client last sent anything; silence past the heartbeat timeout is 4001.
         self.last_seen = self.opened_at = time.monotonic()
         self.state = ConnectionState.OPEN
@@ -128,6 +131,14 @@ class ClientConnection:
             backlog_probe=daphne_backlog_probe(send),
             raw=raw_writer(send) if push_settings.DIRECT_WRITES else None,
         )
+
+    def bind_address_budget(self, budget: AddressBudget) -> None:
+        """Hold the budget of the client's address (the node binds it on admission, for
+        users and anonymous clients): every frame then takes from this connection's
+        bucket and from the address's, so one address cannot multiply its rate by
+        opening connections. Refusals look the same (``RATE_LIMITED``, then 1008)."""
+        self.address_budget = budget
+        self.rate = AddressBoundRate(self.rate, budget.frames)
 
     @property
     def is_open(self) -> bool:

@@ -16,10 +16,12 @@ from channels.security.websocket import WebsocketDenier
 from accounts.middleware import resolve_principal
 from common.conf import push_settings
 from common.errors import CloseCode, PushError
+from push.services.admission import handshake_allowed
 from push.transport.consumers import PushConsumer
 from push.transport.origin import BrowserOriginValidator
 from push.transport.pusher import PusherConsumer, app_key_of
 from push.transport.server_adapters import bound_inbound, close_with_any_code
+from push.wire.pusher import PusherError, error_frame
 
 WEBSOCKET_PATHS = frozenset({"/ws/", "/ws"})
 # Frames a connection may have waiting for its consumer before the server stops
@@ -39,9 +41,13 @@ class WebSocketEntry:
         try:
             principal = await resolve_principal(scope)
         except PushError:
-            return await _try_again_later(receive, send)
+            return await _try_again_later(receive, send, pusher=pusher)
         if principal is None:
             return await WebsocketDenier()(scope, receive, send)
+        if not await handshake_allowed(scope, principal):
+            # Over its address's handshake budget: before the consumer, the greeting,
+            # the registry and the events a connection costs.
+            return await _try_again_later(receive, send, pusher=pusher)
         # The server made this scope for this connection alone: adding to it in place
         # is safe and saves the copy.
         scope["principal"] = principal
@@ -56,11 +62,19 @@ class WebSocketEntry:
         return await consumer(scope, receive, send)
 
 
-async def _try_again_later(receive: Any, send: Any) -> None:
-    """The token could not be checked (the database is down): accept and close with
-    1013, so the client retries later instead of reading 403 as a bad token."""
+async def _try_again_later(receive: Any, send: Any, *, pusher: bool) -> None:
+    """The token could not be checked (the database is down, or the address failed too
+    often), or the address is over its handshake budget: accept and close with 1013, so
+    the client retries later instead of reading 403 as a bad token. A Pusher client is
+    told the same in Pusher's words (``pusher:error`` 4100, over capacity, and close
+    4100: reconnect after a back-off), as its connection would be."""
     if (await receive())["type"] != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
-    if not close_with_any_code(send, CloseCode.TRY_AGAIN_LATER):
-        await send({"type": "websocket.close", "code": int(CloseCode.TRY_AGAIN_LATER)})
+    code = int(CloseCode.TRY_AGAIN_LATER)
+    if pusher:
+        code = PusherError.OVER_CAPACITY
+        text = error_frame(code, "over capacity; try again later")
+        await send({"type": "websocket.send", "text": text})
+    if not close_with_any_code(send, code):
+        await send({"type": "websocket.close", "code": code})

@@ -14,7 +14,8 @@ Every problem after the response started is an ``error`` event naming its channe
 a fatal one (no channel could be subscribed) ends the stream. A request that cannot
 become a stream is refused before it starts, as a WebSocket handshake would be, with
 the error envelope as JSON: 403 (token or origin), 400 (channel or cursor), 405 (not
-GET), 503 (the database cannot check the token, or the node is not ready).
+GET), 429 (the address failed authentication too often, or is over its handshake
+budget), 503 (the database cannot check the token, or the node is not ready).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from common.conf import push_settings
 from common.errors import CloseCode, ErrorCode, PushError
 from push.cluster.node import Node
 from push.fanout.outbox import Outbox, OutFrame
+from push.services.admission import handshake_allowed
 from push.services.runtime import get_node
 from push.services.subscriptions import channel_subscribe, client_ip, session_closed, session_open
 from push.transport.connection import CLOSE_FLUSH_SECS, ClientConnection
@@ -229,6 +231,8 @@ class SseEntry:
             principal = await self._authenticate(scope)
         except PushError as exc:
             return await _refuse(send, exc.http_status, exc)
+        if not await handshake_allowed(scope, principal):
+            return await _refuse(send, 429, OVER_HANDSHAKE_BUDGET)
         try:
             node = await get_node()
         except Exception:
@@ -268,6 +272,9 @@ class SseEntry:
         return principal
 
 
+OVER_HANDSHAKE_BUDGET = PushError(
+    ErrorCode.RATE_LIMITED, "too many connections from this address; try again later"
+)
 _REFUSALS = {
     CloseCode.GOING_AWAY: PushError(ErrorCode.UNAVAILABLE, "this node is restarting; reconnect"),
     CloseCode.TRY_AGAIN_LATER: PushError(

@@ -7,9 +7,13 @@ is recorded as an outcome (``error INVALID_MESSAGE, open``, ``http 429``, ``clos
 marked expected or not, and every frame, handshake or HTTP request it sends counts as
 one abusive request. The report (``--report``, JSON) holds these counts per attack.
 
-Rates are modest on purpose: the node has no per-IP limit by default, so enough
-handshakes a second fill any CPU; what the suite proves is that each request costs a
-bounded amount, not that a node survives unbounded traffic.
+Each attack comes from an address of its own, as separate attacking hosts would:
+the attack in row i binds its sockets to 127.0.0.(2 + i) (Linux routes all of 127/8 to
+the loopback interface), while the honest clients stay on 127.0.0.1. So the per-address
+budgets (``PUSH_ADDRESS_*``) bound each attack, and never the honest clients.
+
+``--only NAME`` (repeatable) runs some attacks alone: ``tests/abuse/costs.py`` measures
+what each costs the node that way.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import json
 import random
 import secrets
@@ -56,6 +61,32 @@ SUBSCRIBE_LIMIT = 1000  # the default PUSH_MAX_SUBSCRIPTIONS_PER_CONNECTION
 GARBAGE_CODES = {"INVALID_JSON", "INVALID_MESSAGE", "UNKNOWN_MESSAGE_TYPE", "FORBIDDEN"}
 SAMPLES_KEPT = 5
 STOP_GRACE_SECS = 3.0
+# The attack in row i of ATTACKS sends from 127.0.0.(FIRST_SOURCE_HOST + i).
+FIRST_SOURCE_HOST = 2
+
+# The address the current attack's sockets are bound to: set once per client task
+# (asyncio copies it into every task the attack starts), read where a socket is opened.
+source_address: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "source_address", default=None
+)
+
+
+def source_of(row: int) -> str:
+    return f"127.0.0.{FIRST_SOURCE_HOST + row}"
+
+
+def local_addr() -> tuple[str, int] | None:
+    source = source_address.get()
+    return (source, 0) if source else None
+
+
+def http_client(target: Target) -> httpx.AsyncClient:
+    """An HTTP client sending from the current attack's address."""
+    source = source_address.get()
+    transport = httpx.AsyncHTTPTransport(local_address=source) if source else None
+    return httpx.AsyncClient(
+        base_url=target.http_url, timeout=HTTP_TIMEOUT_SECS, transport=transport
+    )
 
 
 @dataclass
@@ -133,6 +164,8 @@ class Pacer:
 async def ws_open(
     url: str, *, subprotocol: str | None = None, **kwargs: Any
 ) -> tuple[ClientConnection, Codec]:
+    if "sock" not in kwargs:
+        kwargs["local_addr"] = local_addr()
     ws = await connect(
         url,
         subprotocols=[subprotocol] if subprotocol else None,  # type: ignore[list-item]  # websockets wants its Subprotocol type
@@ -253,7 +286,7 @@ def bomb_path(target: Target) -> str:
 
 async def bomb_reader(target: Target, stats: AttackStats) -> None:
     pacer = Pacer(target, 0.5)
-    async with httpx.AsyncClient(base_url=target.http_url, timeout=HTTP_TIMEOUT_SECS) as http:
+    async with http_client(target) as http:
         while await pacer.tick():
             stats.rest_sent()
             async with http.stream("GET", bomb_path(target)) as response:
@@ -274,7 +307,7 @@ async def bomb_staller(target: Target, stats: AttackStats) -> None:
     pacer = Pacer(target, 1 / (STALL_SECS + 1))
     while await pacer.tick():
         stats.rest_sent()
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, local_addr=local_addr())
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         writer.write(f"GET {bomb_path(target)} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         status_line = await asyncio.wait_for(reader.readline(), HTTP_TIMEOUT_SECS)
@@ -322,7 +355,7 @@ async def oversized(target: Target, stats: AttackStats) -> None:
     pacer = Pacer(target, 0.5)
     frame = "x" * (MAX_FRAME_BYTES + 1)
     body = b'{"data":"' + b"x" * MAX_FRAME_BYTES + b'"}'
-    async with httpx.AsyncClient(base_url=target.http_url, timeout=HTTP_TIMEOUT_SECS) as http:
+    async with http_client(target) as http:
         while await pacer.tick():
             stats.requests += 2
             ws, codec = await ws_open(target.ws_url)
@@ -399,7 +432,7 @@ async def forwarded_for(target: Target, stats: AttackStats) -> None:
     """Anonymous reads, each claiming another client IP: the throttle must not care."""
     pacer = Pacer(target, 10)
     path = f"/api/v1/channels/{target.resume_channel}/messages?since=5990&limit=5"
-    async with httpx.AsyncClient(base_url=target.http_url, timeout=HTTP_TIMEOUT_SECS) as http:
+    async with http_client(target) as http:
         while await pacer.tick():
             stats.rest_sent()
             ip = ".".join(str(random.randint(1, 254)) for _ in range(4))
@@ -409,7 +442,7 @@ async def forwarded_for(target: Target, stats: AttackStats) -> None:
 
 async def sse_status(target: Target, query: str, headers: dict[str, str] | None = None) -> int:
     async with (
-        httpx.AsyncClient(base_url=target.http_url, timeout=HTTP_TIMEOUT_SECS) as http,
+        http_client(target) as http,
         http.stream(
             "GET", f"/sse/?{query}", headers={"Accept": "text/event-stream", **(headers or {})}
         ) as response,
@@ -474,7 +507,7 @@ async def deep_nesting(target: Target, stats: AttackStats) -> None:
     nested = "[" * 100_000 + "]" * 100_000
     body = '{"data":' + nested + "}"
     frame = '{"type":"publish","channel":"nest","data":' + nested + "}"
-    async with httpx.AsyncClient(base_url=target.http_url, timeout=HTTP_TIMEOUT_SECS) as http:
+    async with http_client(target) as http:
         ws, codec = await ws_open(target.ws_url)
         await recv_envelope(ws, codec)
         try:
@@ -501,7 +534,7 @@ async def secret_in_url(target: Target, stats: AttackStats) -> None:
     pacer = Pacer(target, 2)
     query = f"%74oken={target.secret}"
     channel = target.resume_channel
-    async with httpx.AsyncClient(base_url=target.http_url, timeout=HTTP_TIMEOUT_SECS) as http:
+    async with http_client(target) as http:
         while await pacer.tick():
             stats.requests += 2
             outcome = await handshake_outcome(f"{target.ws_url}?{query}")
@@ -522,6 +555,8 @@ async def slow_reader(target: Target, stats: AttackStats) -> None:
     reads nothing: its send queue must stay bounded, or it must be closed 4002."""
     host, port = urlsplit(target.http_url).hostname, urlsplit(target.http_url).port
     sock = socket.socket()
+    if (source := local_addr()) is not None:
+        sock.bind(source)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (host, port))
@@ -578,7 +613,9 @@ ATTACKERS = sum(attack.clients for attack in ATTACKS)
 
 
 async def client(attack: Attack, target: Target, stats: AttackStats) -> None:
-    """One attacker: runs its attack again after anything that breaks it, until the end."""
+    """One attacker: runs its attack again after anything that breaks it, until the end,
+    from the attack's own address."""
+    source_address.set(source_of(ATTACKS.index(attack)))
     while not target.over():
         try:
             await attack.run(target, stats)
@@ -588,11 +625,14 @@ async def client(attack: Attack, target: Target, stats: AttackStats) -> None:
             await asyncio.sleep(1.0)
 
 
-async def run(target: Target, duration_secs: float) -> dict[str, Any]:
+async def run(
+    target: Target, duration_secs: float, only: list[str] | None = None
+) -> dict[str, Any]:
     target.deadline = time.monotonic() + duration_secs
+    attacks = [attack for attack in ATTACKS if not only or attack.name in only]
     stats = {
         attack.name: AttackStats(attack.name, attack.clients, attack.anonymous_rest)
-        for attack in ATTACKS
+        for attack in attacks
     }
     # SIGTERM (the test stops an attack that takes the node's memory): end every loop
     # now and still write the report of what was done.
@@ -601,7 +641,7 @@ async def run(target: Target, duration_secs: float) -> dict[str, Any]:
     started = time.time()
     pending = {
         asyncio.create_task(client(attack, target, stats[attack.name]))
-        for attack in ATTACKS
+        for attack in attacks
         for _ in range(attack.clients)
     }
     # Every loop ends at the deadline; what is still waiting on the node then is cut.
@@ -615,7 +655,7 @@ async def run(target: Target, duration_secs: float) -> dict[str, Any]:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     return {
-        "attackers": ATTACKERS,
+        "attackers": sum(attack.clients for attack in attacks),
         "started_at": started,
         "ended_at": time.time(),
         "stopped_early": stopped.is_set(),
@@ -633,6 +673,9 @@ def main() -> None:
     parser.add_argument("--bomb-channel", required=True)
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--report", required=True)
+    parser.add_argument(
+        "--only", action="append", choices=[a.name for a in ATTACKS], help="this attack only"
+    )
     args = parser.parse_args()
     target = Target(
         args.http_url, args.secret, args.honest_channel, args.resume_channel, args.bomb_channel
@@ -641,7 +684,7 @@ def main() -> None:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    report = asyncio.run(run(target, args.duration))
+    report = asyncio.run(run(target, args.duration, args.only))
     with open(args.report, "w") as out:
         json.dump(report, out, indent=2)
 

@@ -9,19 +9,23 @@ it out (``-m "not abuse"`` in pyproject's addopts).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 import redis
 
-from tests.servers import Database, ServerNode, create_token, manage
+from tests.servers import ROOT, Database, ServerNode, create_token, manage
 
+HONEST_CHANNELS = [f"busy-{i}" for i in range(5)]
 RESUME_CHANNEL = "resume"
 RESUME_MESSAGES = 6_000
 BOMB_CHANNEL = "bomb"
@@ -56,8 +60,8 @@ def abuse_database() -> Iterator[Database]:
     database.drop()
 
 
-@pytest.fixture(scope="module")
-def abuse_env(abuse_database: Database) -> Iterator[dict[str, str]]:
+def node_env(database: Database) -> dict[str, str]:
+    """The node's environment: the defaults, with only what the harness needs."""
     # Settings the caller's environment may carry (PUSH_*, LOG_*) are left out: the
     # suite proves the defaults.
     inherited = {
@@ -65,16 +69,25 @@ def abuse_env(abuse_database: Database) -> Iterator[dict[str, str]]:
         for key, value in os.environ.items()
         if not key.startswith(("PUSH_", "LOG_", "DATABASE_", "REDIS_"))
     }
-    env = {
+    return {
         **inherited,
-        "DATABASE_URL": abuse_database.url,
+        "DATABASE_URL": database.url,
         "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
         "REDIS_PREFIX": f"abuse{uuid.uuid4().hex[:8]}",
         "DEBUG": "0",
         "SECRET_KEY": secrets.token_hex(32),
     }
+
+
+@pytest.fixture(scope="module")
+def abuse_env(abuse_database: Database) -> Iterator[dict[str, str]]:
+    env = node_env(abuse_database)
     manage(env, "migrate", "--no-input")
     yield env
+    forget_redis_keys(env)
+
+
+def forget_redis_keys(env: dict[str, str]) -> None:
     # The bomb channel's recent-history cache is ~100 MB of the shared Redis.
     client = redis.Redis.from_url(env["REDIS_URL"])
     try:
@@ -126,14 +139,50 @@ async def seed_bomb_channel(node: ServerNode, token: str) -> None:
         await asyncio.gather(*(publish(http) for _ in range(BOMB_MESSAGES)))
 
 
-@pytest.fixture(scope="module")
-def abuse_node(abuse_env: dict[str, str], abuse_database: Database) -> Iterator[AbuseNode]:
-    seed_resume_channel(abuse_database)
-    token = create_token(abuse_env, "abuse-publisher", grant=False)
-    node = ServerNode(abuse_env, name=f"abuse-{uuid.uuid4().hex[:6]}").start()
+@contextlib.contextmanager
+def seeded_node(env: dict[str, str], database: Database) -> Iterator[AbuseNode]:
+    """A node on ``env``, its channels seeded; stopped after."""
+    seed_resume_channel(database)
+    token = create_token(env, "abuse-publisher", grant=False)
+    node = ServerNode(env, name=f"abuse-{uuid.uuid4().hex[:6]}").start()
     try:
         asyncio.run(seed_bomb_channel(node, token))
-        analyze_tables(abuse_database)
-        yield AbuseNode(node, abuse_database, token)
+        analyze_tables(database)
+        yield AbuseNode(node, database, token)
     finally:
         node.stop()
+
+
+@pytest.fixture(scope="module")
+def abuse_node(abuse_env: dict[str, str], abuse_database: Database) -> Iterator[AbuseNode]:
+    with seeded_node(abuse_env, abuse_database) as abuse:
+        yield abuse
+
+
+async def run_attackers(
+    abuse: AbuseNode,
+    *,
+    secret: str,
+    duration_secs: float,
+    report_path: Path,
+    log_path: Path,
+    only: list[str] | None = None,
+) -> asyncio.subprocess.Process:
+    """The attackers' process (``tests/abuse/attacks.py``) against ``abuse``'s node:
+    every attack, or those named in ``only``."""
+    args = [
+        *("--http-url", abuse.node.http_url),
+        *("--secret", secret),
+        *("--resume-channel", RESUME_CHANNEL),
+        *("--bomb-channel", BOMB_CHANNEL),
+        *("--duration", str(duration_secs)),
+        *("--report", str(report_path)),
+    ]
+    for channel in HONEST_CHANNELS:
+        args += ["--honest-channel", channel]
+    for name in only or ():
+        args += ["--only", name]
+    with log_path.open("wb") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.abuse.attacks", *args, cwd=ROOT, stdout=log, stderr=log
+        )

@@ -16,7 +16,6 @@ import json
 import math
 import re
 import secrets
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import psutil
 import pytest
 
 from tests.abuse.attacks import ATTACKERS, BOMB_MESSAGE_BYTES
-from tests.abuse.conftest import BOMB_CHANNEL, RESUME_CHANNEL, AbuseNode
+from tests.abuse.conftest import HONEST_CHANNELS, AbuseNode, run_attackers
 from tests.abuse.honest import HonestPublisher, HonestSubscriber, judge, wait_delivered
 from tests.servers import ROOT, Database
 
@@ -37,7 +36,6 @@ ARTIFACTS = ROOT / "artifacts" / "abuse"
 
 pytestmark = [pytest.mark.abuse, pytest.mark.e2e]
 
-HONEST_CHANNELS = [f"busy-{i}" for i in range(5)]
 HONEST_SUBSCRIBERS = 10
 PUBLISH_PER_SEC = 50
 # Long enough for the first connections' work (and PostgreSQL's deferred statistics,
@@ -122,31 +120,6 @@ async def watch_attack(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(attacker.wait(), READY_POLL_SECS)
     return seen
-
-
-async def run_attackers(
-    abuse: AbuseNode, secret: str, report_path: Path, log_path: Path
-) -> asyncio.subprocess.Process:
-    args = [
-        "--http-url",
-        abuse.node.http_url,
-        "--secret",
-        secret,
-        "--resume-channel",
-        RESUME_CHANNEL,
-        "--bomb-channel",
-        BOMB_CHANNEL,
-        "--duration",
-        str(ATTACK_SECS),
-        "--report",
-        str(report_path),
-    ]
-    for channel in HONEST_CHANNELS:
-        args += ["--honest-channel", channel]
-    with log_path.open("wb") as log:
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.abuse.attacks", *args, cwd=ROOT, stdout=log, stderr=log
-        )
 
 
 # The node's own count of message rows it read (history pages, replays, repairs).
@@ -254,7 +227,11 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
     published_before = publisher.published
     attack_started = time.time()
     attacker = await run_attackers(
-        abuse_node, secret, tmp_path / "attack-report.json", tmp_path / "attackers.log"
+        abuse_node,
+        secret=secret,
+        duration_secs=ATTACK_SECS,
+        report_path=tmp_path / "attack-report.json",
+        log_path=tmp_path / "attackers.log",
     )
     seen = await watch_attack(attacker, process, node.http_url, rss_before)
     attack_ended = time.time()

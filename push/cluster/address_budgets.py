@@ -1,0 +1,247 @@
+"""Per-address budgets on this node: what one client address may ask of it per second,
+shared by every connection and request from that address (docs/security.md, "Per
+address").
+
+The per-connection rate bounds one connection; an attacker opens more. Measured on
+one node (tests/abuse/costs.py), what costs the node most per request is a handshake
+(~2 ms of CPU, more with a subscribe and its replay), a subscription to a new channel
+(~4 ms), a REST request (4-7 ms, ~4 ms even when the throttle answers 429) and frames
+the decoders must work through; so each of these has a token bucket per address:
+WebSocket and SSE handshakes, frames across all of the address's connections (on top
+of each connection's own bucket), subscriptions started, and REST requests. Service
+tokens are back-ends and are never held to them.
+
+The table is bounded: an entry idle for longer than the slowest bucket takes to fill
+again is dropped (it would start full anyway, so nothing is lost), and past
+``max_entries`` the least recently used entry without an open connection is dropped
+as well (its address starts afresh: under a flood of made-up addresses the budgets
+fail open, never the node's memory). An entry an open connection holds stays, so the
+table holds at most ``max_entries`` plus the addresses with open connections.
+IPv6 addresses are budgeted per /64, the block one host (or one customer) gets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable
+
+from common import metrics
+
+# The block of IPv6 addresses one budget covers: a host that can pick any address of
+# its /64 (SLAAC privacy addresses, a customer's whole prefix) is still one client.
+IPV6_BUDGET_PREFIX = 64
+# How many entries held by open connections one look-up moves out of the way when it
+# sweeps the table's oldest end; bounded so that a look-up stays O(1).
+SWEEP_SKIPS = 2
+
+
+class TokenBucket:
+    """``burst`` tokens at once, refilled at ``rate_per_sec``; the contract's per-
+    connection default is a burst of 100 and 50 per second sustained."""
+
+    __slots__ = ("burst", "clock", "rate_per_sec", "tokens", "updated")
+
+    def __init__(
+        self, burst: int, rate_per_sec: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.burst = burst
+        self.rate_per_sec = rate_per_sec
+        self.tokens = float(burst)
+        self.clock = clock
+        self.updated = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_sec)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def wait_secs(self) -> float:
+        """How long until a token is there again (0 when one is)."""
+        missing = 1.0 - self.tokens - (self.clock() - self.updated) * self.rate_per_sec
+        return max(0.0, missing / self.rate_per_sec)
+
+
+class NoLimit:
+    """The bucket of a budget that is off (rate 0), or of a service token."""
+
+    __slots__ = ()
+
+    def take(self) -> bool:
+        return True
+
+    def wait_secs(self) -> float:
+        return 0.0
+
+
+NO_LIMIT = NoLimit()
+Bucket = TokenBucket | NoLimit
+
+
+# Labelled once: a flood is refused on these paths.
+REFUSED_HANDSHAKES = metrics.ADDRESS_BUDGET_REFUSALS.labels("handshakes")
+REFUSED_FRAMES = metrics.ADDRESS_BUDGET_REFUSALS.labels("frames")
+REFUSED_SUBSCRIBES = metrics.ADDRESS_BUDGET_REFUSALS.labels("subscribes")
+REFUSED_REST = metrics.ADDRESS_BUDGET_REFUSALS.labels("rest")
+
+
+class Budget:
+    """One kind of budget: ``burst`` at once and ``per_sec`` after; 0 per second is
+    none."""
+
+    __slots__ = ("burst", "per_sec")
+
+    def __init__(self, burst: int, per_sec: float) -> None:
+        self.burst = burst
+        self.per_sec = per_sec
+
+    def bucket(self, clock: Callable[[], float]) -> Bucket:
+        return TokenBucket(self.burst, self.per_sec, clock) if self.per_sec > 0 else NO_LIMIT
+
+    @property
+    def refill_secs(self) -> float:
+        return self.burst / self.per_sec if self.per_sec > 0 else 0.0
+
+
+class AddressBudget:
+    """The buckets of one client address (or IPv6 /64) on this node. A connection holds
+    its address's entry, so a frame takes from it without a look-up."""
+
+    __slots__ = ("connections", "frames", "handshakes", "key", "last_used", "rest", "subscribes")
+
+    def __init__(self, key: str, budgets: AddressBudgets) -> None:
+        clock = budgets.clock
+        self.key = key
+        self.handshakes = budgets.handshakes.bucket(clock)
+        self.frames = budgets.frames.bucket(clock)
+        self.subscribes = budgets.subscribes.bucket(clock)
+        self.rest = budgets.rest.bucket(clock)
+        # Open connections holding this entry: it is not dropped while they last.
+        self.connections = 0
+        self.last_used = clock()
+
+
+def subscription_allowed(entry: AddressBudget | None) -> bool:
+    """Take a subscription from the budget a connection holds (None: it holds none)."""
+    if entry is None or entry.subscribes.take():
+        return True
+    REFUSED_SUBSCRIBES.inc()
+    return False
+
+
+def budget_key(address: str) -> str:
+    """The key an address is budgeted under: itself, or its /64 for IPv6 (an IPv4
+    address written as IPv6, ``::ffff:192.0.2.1``, is that IPv4 address)."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, IPV6_BUDGET_PREFIX), strict=False))
+
+
+class AddressBudgets:
+    """This node's table of per-address budgets (``PUSH_ADDRESS_*``)."""
+
+    def __init__(
+        self,
+        *,
+        handshakes: Budget,
+        frames: Budget,
+        subscribes: Budget,
+        rest: Budget,
+        max_entries: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.handshakes = handshakes
+        self.frames = frames
+        self.subscribes = subscribes
+        self.rest = rest
+        self.max_entries = max_entries
+        self.clock = clock
+        # Past this long unused, every bucket of an entry is full again.
+        self.idle_secs = max(b.refill_secs for b in (handshakes, frames, subscribes, rest))
+        # Oldest use first: a look-up moves its entry to the end.
+        self._entries: dict[str, AddressBudget] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, address: str | None) -> AddressBudget | None:
+        """The budget of ``address`` (None when there is no address to budget)."""
+        if not address:
+            return None
+        key = budget_key(address)
+        entry = self._entries.pop(key, None)
+        now = self.clock()
+        if entry is None:
+            entry = AddressBudget(key, self)
+        entry.last_used = now
+        self._entries[key] = entry
+        self._sweep(now, entry)
+        metrics.ADDRESS_BUDGET_ENTRIES.set(len(self._entries))
+        return entry
+
+    def handshake_allowed(self, address: str | None) -> bool:
+        """Take a handshake (WebSocket or SSE) from ``address``'s budget."""
+        entry = self.get(address)
+        if entry is None or entry.handshakes.take():
+            return True
+        REFUSED_HANDSHAKES.inc()
+        return False
+
+    def rest_refused(self, address: str | None) -> float | None:
+        """Take a REST request from ``address``'s budget: None when it may go on, else
+        the seconds until it may (``Retry-After``)."""
+        entry = self.get(address)
+        if entry is None or entry.rest.take():
+            return None
+        REFUSED_REST.inc()
+        return entry.rest.wait_secs()
+
+    def acquire(self, address: str | None) -> AddressBudget | None:
+        """The budget of ``address``, held by a connection until ``release``."""
+        entry = self.get(address)
+        if entry is not None:
+            entry.connections += 1
+        return entry
+
+    def release(self, entry: AddressBudget) -> None:
+        entry.connections -= 1
+        entry.last_used = self.clock()
+        if entry.connections <= 0 and self._entries.get(entry.key) is entry:
+            # Its idle time counts from now: to the end, where recent entries are.
+            del self._entries[entry.key]
+            self._entries[entry.key] = entry
+
+    def _sweep(self, now: float, current: AddressBudget) -> None:
+        """Drop entries from the oldest end while they are idle, or while the table is
+        over its size; an entry held by a connection is moved to the end instead. The
+        ``current`` one, just looked up, stays."""
+        entries = self._entries
+        skips = SWEEP_SKIPS
+        while entries:
+            key = next(iter(entries))
+            oldest = entries[key]
+            if oldest is current:
+                return
+            over = len(entries) > self.max_entries
+            if not over and now - oldest.last_used < self.idle_secs:
+                return
+            if oldest.connections > 0:
+                if skips == 0:
+                    return
+                skips -= 1
+                del entries[key]
+                entries[key] = oldest
+                continue
+            del entries[key]
+            if over:
+                metrics.ADDRESS_BUDGET_EVICTIONS.inc()

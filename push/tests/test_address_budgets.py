@@ -1,0 +1,176 @@
+"""The per-address budget table (push/cluster/address_budgets.py) without a node: its
+buckets, its keys, and that it stays bounded under a flood of made-up addresses.
+Refusals as clients see them are tested against real nodes in
+tests/test_address_budgets.py."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from push.cluster.address_budgets import (
+    AddressBudgets,
+    Budget,
+    NoLimit,
+    budget_key,
+    subscription_allowed,
+)
+from push.transport.limits import AddressBoundRate, TokenBucket
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def table(clock: Clock, *, max_entries: int = 1000, **budgets: Budget) -> AddressBudgets:
+    defaults = {
+        "handshakes": Budget(3, 1),
+        "frames": Budget(10, 5),
+        "subscribes": Budget(4, 2),
+        "rest": Budget(2, 1),
+    }
+    return AddressBudgets(**{**defaults, **budgets}, max_entries=max_entries, clock=clock)
+
+
+def test_handshakes_are_a_budget_per_address_that_refills() -> None:
+    clock = Clock()
+    budgets = table(clock)
+    assert [budgets.handshake_allowed("192.0.2.1") for _ in range(4)] == [True] * 3 + [False]
+    assert budgets.handshake_allowed("192.0.2.2")
+    clock.now += 1.0
+    assert budgets.handshake_allowed("192.0.2.1")
+    assert not budgets.handshake_allowed("192.0.2.1")
+
+
+def test_rest_refusal_says_how_long_to_wait() -> None:
+    clock = Clock()
+    budgets = table(clock)
+    assert budgets.rest_refused("192.0.2.1") is None
+    assert budgets.rest_refused("192.0.2.1") is None
+    assert budgets.rest_refused("192.0.2.1") == pytest.approx(1.0)
+    clock.now += 0.5
+    assert budgets.rest_refused("192.0.2.1") == pytest.approx(0.5)
+
+
+def test_no_address_and_a_zero_rate_budget_nothing() -> None:
+    budgets = table(Clock(), handshakes=Budget(1, 0))
+    assert budgets.get(None) is None
+    assert all(budgets.handshake_allowed("192.0.2.1") for _ in range(100))
+    assert all(budgets.rest_refused(None) is None for _ in range(100))
+    entry = budgets.get("192.0.2.1")
+    assert entry is not None and isinstance(entry.handshakes, NoLimit)
+
+
+def test_connections_of_one_address_share_its_frame_bucket() -> None:
+    clock = Clock()
+    budgets = table(clock)
+    entries = [budgets.acquire("192.0.2.1") for _ in range(3)]
+    assert entries[0] is entries[1] is entries[2] and entries[0] is not None
+    limiters = [AddressBoundRate(TokenBucket(100, 50, clock), entries[0].frames) for _ in range(3)]
+    # 10 frames for the three together, however they are spread.
+    passed = sum(limiter.take() for _ in range(5) for limiter in limiters)
+    assert passed == 10
+    other = budgets.acquire("192.0.2.2")
+    assert other is not None and AddressBoundRate(TokenBucket(100, 50, clock), other.frames).take()
+
+
+def test_a_connections_own_bucket_is_spent_before_the_address() -> None:
+    clock = Clock()
+    budgets = table(clock)
+    entry = budgets.acquire("192.0.2.1")
+    assert entry is not None
+    flooding = AddressBoundRate(TokenBucket(2, 0.001, clock), entry.frames)
+    assert [flooding.take() for _ in range(5)] == [True, True, False, False, False]
+    # What the flooding connection's own bucket refused left the address's budget.
+    quiet = AddressBoundRate(TokenBucket(100, 50, clock), entry.frames)
+    assert sum(quiet.take() for _ in range(20)) == 8
+
+
+def test_subscriptions_take_from_the_budget_a_connection_holds() -> None:
+    budgets = table(Clock())
+    entry = budgets.acquire("192.0.2.1")
+    assert [subscription_allowed(entry) for _ in range(5)] == [True] * 4 + [False]
+    assert subscription_allowed(None)
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("not:an:address", "not:an:address"),
+    ],
+)
+def test_ipv6_addresses_share_a_budget_per_64(address: str, key: str) -> None:
+    assert budget_key(address) == key
+
+
+def test_one_ipv6_host_cannot_escape_by_changing_address() -> None:
+    budgets = table(Clock())
+    allowed = [budgets.handshake_allowed(f"2001:db8:1:2::{n:x}") for n in range(1, 6)]
+    assert allowed == [True] * 3 + [False] * 2
+
+
+def test_idle_entries_are_dropped_once_they_would_be_full_again() -> None:
+    clock = Clock()
+    budgets = table(clock)  # the slowest bucket fills in 3 s (handshakes: 3 at 1/s)
+    for n in range(50):
+        budgets.handshake_allowed(f"192.0.2.{n}")
+    assert len(budgets) == 50
+    clock.now += 2.9
+    budgets.handshake_allowed("198.51.100.1")
+    assert len(budgets) == 51
+    clock.now += 0.1
+    budgets.handshake_allowed("198.51.100.2")
+    assert len(budgets) == 2
+
+
+def test_an_entry_held_by_a_connection_stays_until_released() -> None:
+    clock = Clock()
+    budgets = table(clock)
+    held = budgets.acquire("192.0.2.1")
+    assert held is not None
+    for _ in range(3):
+        held.handshakes.take()
+    clock.now += 60.0
+    for n in range(10):
+        budgets.handshake_allowed(f"198.51.100.{n}")
+    assert budgets.get("192.0.2.1") is held
+    budgets.release(held)
+    clock.now += 3.0
+    for n in range(10):
+        budgets.handshake_allowed(f"203.0.113.{n}")
+    assert budgets.get("192.0.2.1") is not held
+
+
+def test_a_flood_of_made_up_addresses_keeps_the_table_at_its_size() -> None:
+    clock = Clock()
+    budgets = table(clock, max_entries=1000)
+    held = [budgets.acquire(f"10.0.0.{n}") for n in range(5)]
+    for n in range(100_000):
+        clock.now += 0.00001  # 100,000 a second: none is idle yet
+        budgets.handshake_allowed(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")
+        assert len(budgets) <= 1000 + len(held)
+    # The entries connections hold were never dropped.
+    assert all(budgets.get(f"10.0.0.{n}") is held[n] for n in range(5))
+
+
+def test_an_entry_is_small() -> None:
+    """The size the setting's meaning states (about 1 KB per address), measured."""
+    budgets = table(Clock())
+    entry = budgets.get("2001:db8:1:2::1")
+    assert entry is not None
+    buckets = [entry.handshakes, entry.frames, entry.subscribes, entry.rest]
+    parts = [entry, entry.key, entry.last_used, *buckets]
+    parts += [value for bucket in buckets for value in (bucket.tokens, bucket.updated)]  # type: ignore[union-attr]  # every budget is on here
+    # Plus the table's own slot for it (a dict entry, ~100 bytes).
+    assert sum(sys.getsizeof(part) for part in parts) + 100 < 1024
