@@ -57,6 +57,8 @@ STALL_SECS = 5.0
 # the bucket earns back (50/s) while a busy node works through the burst.
 FLOOD_FRAMES = 600
 SUBSCRIBE_LIMIT = 1000  # the default PUSH_MAX_SUBSCRIPTIONS_PER_CONNECTION
+SPREAD_CONNECTIONS = 10
+SPREAD_PER_CONNECTION_PER_SEC = 45
 # Errors a frame the server cannot understand may get; the connection stays open.
 GARBAGE_CODES = {"INVALID_JSON", "INVALID_MESSAGE", "UNKNOWN_MESSAGE_TYPE", "FORBIDDEN"}
 SAMPLES_KEPT = 5
@@ -383,13 +385,21 @@ async def oversized(target: Target, stats: AttackStats) -> None:
 
 async def subscribe_storm(target: Target, stats: AttackStats) -> None:
     """Thousands of subscribes to new channels, just under the frame rate: subscribed up
-    to the per-connection limit, FORBIDDEN past it."""
+    to the per-connection limit, FORBIDDEN past it; and RATE_LIMITED once the three
+    clients together (75 a second) have used up their address's subscription budget
+    (a burst of 1000, then 50 a second)."""
     prefix = f"storm-{secrets.token_hex(4)}"
+    held: Counter[int] = Counter()  # subscriptions each connection holds
 
     async def step(ws: ClientConnection, codec: Codec, stats: AttackStats, n: int) -> None:
         frame = json.dumps({"type": "subscribe", "channel": f"{prefix}-{id(ws)}-{n}"})
-        wanted = "subscribed" if n <= SUBSCRIBE_LIMIT else "error FORBIDDEN"
-        await send_expecting(ws, codec, stats, frame, lambda reply: describe(reply) == wanted)
+        full = held[id(ws)] >= SUBSCRIBE_LIMIT
+        wanted = {"error FORBIDDEN"} if full else {"subscribed", "error RATE_LIMITED"}
+        stats.requests += 1
+        await ws.send(frame)
+        reply = describe(await recv_envelope(ws, codec))
+        held[id(ws)] += reply == "subscribed"
+        stats.record(reply + ", open", reply in wanted, reply)
 
     await frame_attack(target, stats, step, per_sec=25, subprotocol=None)
 
@@ -575,6 +585,64 @@ async def slow_reader(target: Target, stats: AttackStats) -> None:
     ws.transport.abort()
 
 
+# ----- 7. the per-address budgets -------------------------------------------------------------
+
+
+async def handshake_flood(target: Target, stats: AttackStats) -> None:
+    """WebSocket and SSE handshakes at 2.5 times the address's budget (a burst of 100,
+    then 20 a second): let in, then refused with close 1013 and 429, never anything
+    else."""
+    pacer = Pacer(target, 50)
+    channel = target.honest_channels[0]
+    while await pacer.tick():
+        stats.requests += 1
+        if pacer.left % 2:
+            outcome = await handshake_outcome(target.ws_url)
+            stats.record(f"ws: {outcome}", outcome in {"connection_established", "close 1013"})
+        else:
+            status = await sse_status(target, f"channel={channel}")
+            stats.record(f"sse: http {status}", status in {200, 429})
+
+
+async def spread_frames(target: Target, stats: AttackStats) -> None:
+    """Frames spread over 10 connections, each within its own rate (45 a second against
+    50), 450 a second in all against the address's 200 (after its burst of 2000):
+    answered, or RATE_LIMITED with the connection open; a connection that goes on being
+    refused is closed 1008 as the per-connection rate would close it, and the client
+    opens another. Each connection sends without waiting for the replies."""
+    frame = json.dumps({"type": "heartbeat"})
+    answers = {"heartbeat_ack", "error RATE_LIMITED"}
+
+    async def read(ws: ClientConnection, codec: Codec) -> None:
+        while True:
+            reply = describe(codec.decode(await ws.recv()))
+            stats.record(reply + ", open", reply in answers, reply)
+
+    async def one_connection() -> None:
+        while not target.over():
+            stats.requests += 1
+            ws, codec = await ws_open(target.ws_url)
+            reader: asyncio.Task[None] | None = None
+            try:
+                await recv_envelope(ws, codec)  # connection_established
+                reader = asyncio.create_task(read(ws, codec))
+                pacer = Pacer(target, SPREAD_PER_CONNECTION_PER_SEC)
+                while await pacer.tick() and not reader.done():
+                    stats.requests += 1
+                    await ws.send(frame)
+                if reader.done():  # closed by the server: raises why
+                    await reader
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd else None
+                stats.record(f"close {code} after RATE_LIMITED", code == 1008)
+            finally:
+                if reader is not None:
+                    reader.cancel()
+                ws.transport.abort()
+
+    await asyncio.gather(*(one_connection() for _ in range(SPREAD_CONNECTIONS)))
+
+
 # ----- the table and the run -------------------------------------------------------------------
 
 
@@ -591,7 +659,7 @@ def _garbage_in(subprotocol: str) -> Callable[[Target, AttackStats], Awaitable[N
 
 
 ATTACKS: list[Attack] = [
-    Attack("lone surrogate id", 4, surrogate_id),
+    Attack("lone surrogate id", 3, surrogate_id),
     Attack("resume from 0 and leave", 5, resume_and_leave),
     Attack("history bomb, reading", 4, bomb_reader, anonymous_rest=True),
     Attack("history bomb, stalled", 3, bomb_staller, anonymous_rest=True),
@@ -600,7 +668,7 @@ ATTACKS: list[Attack] = [
     Attack("subscribe storm", 3, subscribe_storm),
     Attack("garbage v1.json", 2, _garbage_in("v1.json")),
     Attack("garbage v1.msgpack", 2, _garbage_in("v1.msgpack")),
-    Attack("garbage v1.protobuf", 2, _garbage_in("v1.protobuf")),
+    Attack("garbage v1.protobuf", 1, _garbage_in("v1.protobuf")),
     Attack("X-Forwarded-For rotation", 4, forwarded_for, anonymous_rest=True),
     Attack("bad tokens and sessions", 4, bad_credentials),
     Attack("foreign Host", 2, foreign_host),
@@ -608,6 +676,9 @@ ATTACKS: list[Attack] = [
     Attack("nested JSON 100,000 deep", 2, deep_nesting, anonymous_rest=True),
     Attack("%74oken secret in URL", 2, secret_in_url, anonymous_rest=True),
     Attack("slow reader", 4, slow_reader),
+    # Two clients of the attacks above gave theirs to these (still 50 in all).
+    Attack("handshake flood", 1, handshake_flood),
+    Attack("frames over 10 connections", 1, spread_frames),
 ]
 ATTACKERS = sum(attack.clients for attack in ATTACKS)
 

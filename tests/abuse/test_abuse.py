@@ -28,7 +28,7 @@ import pytest
 from tests.abuse.attacks import ATTACKERS, BOMB_MESSAGE_BYTES
 from tests.abuse.conftest import HONEST_CHANNELS, AbuseNode, run_attackers
 from tests.abuse.honest import HonestPublisher, HonestSubscriber, judge, wait_delivered
-from tests.servers import ROOT, Database
+from tests.servers import ROOT, Database, ServerNode
 
 # The figures, the attackers' report and the node's log of the last run, also kept here:
 # pytest keeps only its last few tmp dirs, and other runs on the machine share them.
@@ -54,6 +54,8 @@ P99_LATENCY_MS = 100.0
 RSS_GROWTH_BYTES = 200 * 1024**2
 CPU_SECS_PER_REQUEST = 0.005
 ANON_REST_PER_MIN = 600  # the default PUSH_REST_ANON_RATE
+ADDRESS_REST_BURST = 100  # the default PUSH_ADDRESS_REST_BURST
+ADDRESS_REST_PER_SEC = 20  # the default PUSH_ADDRESS_REST_PER_SEC
 HISTORY_BATCH = 500  # push/fanout/hub.py: the rows of one page of a resume
 RECENT_PER_CHANNEL = 256  # the default PUSH_RECENT_PER_CHANNEL
 BOMB_PAGE_ROWS = 6  # 4 MiB of ~1 MB messages, the one over the budget, and a look-ahead
@@ -167,17 +169,35 @@ def toast_bytes_allowed(report: dict[str, Any]) -> int:
     return int(pages * BOMB_PAGE_ROWS * BOMB_MESSAGE_BYTES * 1.1) + 8 * 1024**2
 
 
-def anonymous_rest_allowed(report: dict[str, Any]) -> tuple[int, int]:
-    """Anonymous REST requests answered 200 (all attackers share 127.0.0.1), and what
-    the per-IP budget allows over the span they were sent in."""
+def anonymous_rest_allowed(report: dict[str, Any]) -> tuple[int, int, bool]:
+    """Anonymous REST requests answered 200, what the budgets allow, and whether every
+    attack kept within them. Each attack comes from an address of its own, so each has
+    both budgets: the anonymous throttle (600 per fixed clock minute: one budget for
+    each minute its requests touched) and the address's REST budget (a burst, then so
+    many a second over the span it sent in, one second added for the clocks)."""
     rest = [a for a in report["attacks"] if a["anonymous_rest"] and a["rest_first_at"]]
-    answered = sum(a["rest_ok"] for a in rest)
-    # The throttle counts in fixed minutes (of Unix time): a budget for each minute the
-    # requests touched.
-    first = min(a["rest_first_at"] for a in rest)
-    last = max(a["rest_last_at"] for a in rest)
-    minutes = math.floor(last / 60) - math.floor(first / 60) + 1
-    return answered, ANON_REST_PER_MIN * minutes
+    answered = allowed = 0
+    within = True
+    for attack in rest:
+        first, last = attack["rest_first_at"], attack["rest_last_at"]
+        minutes = math.floor(last / 60) - math.floor(first / 60) + 1
+        budget = ADDRESS_REST_BURST + ADDRESS_REST_PER_SEC * (last - first + 1)
+        allowed_here = int(min(ANON_REST_PER_MIN * minutes, budget))
+        answered += attack["rest_ok"]
+        allowed += allowed_here
+        within = within and attack["rest_ok"] <= allowed_here
+    return answered, allowed, within
+
+
+BUDGET_REFUSALS = re.compile(r'^push_address_budget_refusals_total\{budget="(\w+)"\} (\S+)$', re.M)
+
+
+def budget_refusals(node: ServerNode) -> dict[str, int]:
+    """The node's refusals per address budget so far (push_address_budget_refusals_total)."""
+    body = httpx.get(f"{node.http_url}/metrics", timeout=5).text
+    counts = {kind: 0 for kind in ("handshakes", "frames", "subscribes", "rest")}
+    counts.update({kind: int(float(value)) for kind, value in BUDGET_REFUSALS.findall(body)})
+    return counts
 
 
 def log_problems(text: str) -> list[str]:
@@ -224,6 +244,7 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
     rss_before, cpu_before = process.memory_info().rss, cpu_secs(process)
     rows_before, toast_before = message_table_reads(abuse_node.database)
     node_rows_before = node.metric(ROWS_READ_METRIC)
+    refusals_before = budget_refusals(node)
     published_before = publisher.published
     attack_started = time.time()
     attacker = await run_attackers(
@@ -255,7 +276,10 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
     requests = sum(a["requests"] for a in report["attacks"])
     cpu_per_request = (cpu_after - cpu_before) / max(requests, 1)
     rows, toast = rows_after - rows_before, toast_after - toast_before
-    anon_answered, anon_allowed = anonymous_rest_allowed(report)
+    anon_answered, anon_allowed, anon_within = anonymous_rest_allowed(report)
+    refusals = {
+        kind: count - refusals_before[kind] for kind, count in budget_refusals(node).items()
+    }
     node_log = node.log()
     problems = log_problems(node_log)
     (tmp_path / "node.log").write_text(node_log)
@@ -313,10 +337,24 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
             toast <= toast_bytes_allowed(report),
         ),
         Figure(
-            "anonymous REST answered 200",
+            "anonymous REST answered 200 (each attack within its address's)",
             anon_answered,
             anon_allowed,
-            anon_answered <= anon_allowed,
+            anon_within,
+        ),
+        # The budget attacks go past the handshake and frame budgets of their addresses:
+        # refused, or the budgets did not hold.
+        Figure(
+            "address budget refusals: handshakes / frames",
+            f"{refusals['handshakes']} / {refusals['frames']}",
+            "> 0 / > 0",
+            refusals["handshakes"] > 0 and refusals["frames"] > 0,
+        ),
+        Figure(
+            "address budget refusals: subscriptions / REST",
+            f"{refusals['subscribes']} / {refusals['rest']}",
+            "-",
+            True,
         ),
         Figure(
             "/ready answered 200", seen.ready_ok, "all", not seen.ready_failed and seen.ready_ok > 0
