@@ -167,9 +167,11 @@ async def run_attackers(
     report_path: Path,
     log_path: Path,
     only: list[str] | None = None,
+    addresses: int = 0,
 ) -> asyncio.subprocess.Process:
     """The attackers' process (``tests/abuse/attacks.py``) against ``abuse``'s node:
-    every attack, or those named in ``only``."""
+    every attack, or those named in ``only``; each from its own address, or from
+    ``addresses`` shared ones."""
     args = [
         *("--http-url", abuse.node.http_url),
         *("--secret", secret),
@@ -182,6 +184,7 @@ async def run_attackers(
         args += ["--honest-channel", channel]
     for name in only or ():
         args += ["--only", name]
+    args += ["--addresses", str(addresses)]
     with log_path.open("wb") as log:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.abuse.attacks", *args, cwd=ROOT, stdout=log, stderr=log
