@@ -21,15 +21,13 @@ from pusher.errors import PusherBadAuth, PusherBadRequest, PusherBadStatus
 from pusher.http import make_query_string
 from pusher.signature import sign
 
-from tests.servers import ServerNode, manage
+from tests.pusherclient import APP_ID, APP_KEY, APP_SECRET, PusherClient, pusher_env
+from tests.servers import ServerNode, create_token, manage, node_pair
 from tests.waiting import QUERY_INTERVAL_SECS, wait_until
 from tests.wsclient import collect_messages, subscribe
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.e2e]
 
-APP_ID = "1001"
-APP_KEY = "e2e-pusher-key"
-APP_SECRET = "e2e-pusher-secret"
 MASTER_KEY = base64.b64encode(b"k" * 32).decode()
 SOCKET = "123.456"
 # Counts are published once a second by each node; a few rounds is plenty.
@@ -37,22 +35,23 @@ COUNT_WAIT_SECS = 15.0
 
 
 @pytest.fixture(scope="module")
-def pusher_env(e2e_env: dict[str, str]) -> dict[str, str]:
+def env(e2e_env: dict[str, str]) -> dict[str, str]:
     return {
-        **e2e_env,
-        "PUSHER_APP_ID": APP_ID,
-        "PUSHER_APP_KEY": APP_KEY,
-        "PUSHER_APP_SECRET": APP_SECRET,
+        **pusher_env(e2e_env),
         "PUSHER_APP_ENCRYPTION_MASTER_KEY": MASTER_KEY,
         "PUSH_HISTORY_MODES": "ph-recent-*=recent",
     }
 
 
 @pytest.fixture(scope="module")
-def node(pusher_env: dict[str, str]) -> Iterator[ServerNode]:
-    started = ServerNode(pusher_env, server="uvicorn", name="pusher-http").start()
-    yield started
-    started.stop()
+def nodes(env: dict[str, str]) -> Iterator[tuple[ServerNode, ServerNode]]:
+    with node_pair(env, "pusher-http", server="uvicorn") as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def node(nodes: tuple[ServerNode, ServerNode]) -> ServerNode:
+    return nodes[0]
 
 
 def library(node: ServerNode, *, app_id: str = APP_ID, secret: str = APP_SECRET) -> pusher.Pusher:
@@ -189,17 +188,51 @@ async def test_a_trigger_with_a_recent_only_channel_among_others(
     assert len(await history(http, "ph-durable")) == 1
 
 
-async def test_a_socket_id_is_accepted_and_our_subscribers_still_get_the_event(
+async def test_the_triggering_socket_does_not_get_its_own_event(
     node: ServerNode, backend: pusher.Pusher
 ) -> None:
-    # The socket id only keeps that Pusher connection from getting the event live.
-    ws, _ = await subscribe(node.ws_url, "ph-socket")
+    sender = await PusherClient.connect(node.pusher_url)
+    other = await PusherClient.connect(node.pusher_url)
+    ours, _ = await subscribe(node.ws_url, "ph-socket")
     try:
-        await call(backend.trigger, "ph-socket", "e", "d", socket_id=SOCKET)
-        messages = await collect_messages(ws, 1)
+        for client in (sender, other):
+            assert (await client.subscribe("ph-socket"))["event"] == (
+                "pusher_internal:subscription_succeeded"
+            )
+        await call(backend.trigger, "ph-socket", "moved", "x", socket_id=sender.socket_id)
+        await call(
+            backend.trigger_batch,
+            [
+                {
+                    "channel": "ph-socket",
+                    "name": "batched",
+                    "data": "y",
+                    "socket_id": sender.socket_id,
+                },
+                {"channel": "ph-socket", "name": "for-all", "data": "z"},
+            ],
+        )
+        assert await other.receive_event("moved") == {
+            "event": "moved",
+            "channel": "ph-socket",
+            "data": "x",
+        }
+        assert (await other.receive_event("batched"))["data"] == "y"
+        assert (await other.receive_event("for-all"))["data"] == "z"
+        # The sender gets only the event its socket id did not exclude.
+        assert (await sender.receive())["event"] == "for-all"
+        await sender.nothing_for(0.5)
+        messages = await collect_messages(ours, 3)
+        assert [pusher_event(m) for m in messages] == [
+            ("moved", "x"),
+            ("batched", "y"),
+            ("for-all", "z"),
+        ]
+        assert [m["seq"] for m in messages] == [1, 2, 3]
     finally:
-        await ws.close()
-    assert [pusher_event(m) for m in messages] == [("e", "d")]
+        await sender.close()
+        await other.close()
+        await ours.close()
 
 
 async def test_a_trigger_checked_as_pusher_checks_it(http: httpx.AsyncClient) -> None:
@@ -251,9 +284,9 @@ async def test_channel_info_and_list(node: ServerNode, backend: pusher.Pusher) -
 
 
 async def test_presence_users_and_counts(
-    node: ServerNode, backend: pusher.Pusher, pusher_env: dict[str, str]
+    node: ServerNode, backend: pusher.Pusher, env: dict[str, str]
 ) -> None:
-    alice = make_user(pusher_env, "ph-alice", ("presence-ph-*", True))
+    alice = make_user(env, "ph-alice", ("presence-ph-*", True))
     channel = "presence-ph-room"
     # Two connections of one user are one member.
     subscribers = [
@@ -275,14 +308,71 @@ async def test_presence_users_and_counts(
             await ws.close()
 
 
-async def test_terminate_connections_is_answered(backend: pusher.Pusher) -> None:
-    # pusher-http-python sends it without /apps/<id>; Pusher documents it with.
-    assert await call(backend.terminate_user_connections, "someone") == {}
-    client = backend._pusher_client
-    request = pusher.http.Request(
-        client, "POST", f"/apps/{APP_ID}/users/someone/terminate_connections", {}
-    )
-    assert await call(client.http.send_request, request) == {}
+async def test_terminate_closes_every_connection_signed_in_as_the_user(
+    nodes: tuple[ServerNode, ServerNode],
+    backend: pusher.Pusher,
+    http: httpx.AsyncClient,
+    bob: dict[str, str],
+) -> None:
+    # Signed in through /pusher/user-auth, on both nodes; another user stays.
+    clients = [await PusherClient.connect(n.pusher_url) for n in (*nodes, nodes[0])]
+    bystander = clients.pop()
+    for client in clients:
+        response = await http.post(
+            "/pusher/user-auth",
+            data={"socket_id": client.socket_id},
+            headers=token_header(bob),
+        )
+        await client.send("pusher:signin", response.json())
+        assert (await client.receive())["event"] == "pusher:signin_success"
+    try:
+        # pusher-http-python sends it without /apps/<id>, Pusher documents it with.
+        assert await call(backend.terminate_user_connections, bob["id"]) == {}
+        for client in clients:
+            frame = await client.receive_event("pusher:error")
+            assert frame["data"]["code"] == 4009
+            await client.ws.wait_closed()
+            assert client.ws.close_code == 4009
+        await bystander.send("pusher:ping", {})
+        assert (await bystander.receive())["event"] == "pusher:pong"
+        client = backend._pusher_client
+        documented = pusher.http.Request(
+            client, "POST", f"/apps/{APP_ID}/users/someone/terminate_connections", {}
+        )
+        assert await call(client.http.send_request, documented) == {}
+    finally:
+        for client in (*clients, bystander):
+            await client.close()
+
+
+async def test_a_pusher_client_on_one_node_and_the_library_on_the_other(
+    nodes: tuple[ServerNode, ServerNode], http: httpx.AsyncClient, bob: dict[str, str]
+) -> None:
+    node_a, node_b = nodes
+    client = await PusherClient.connect(node_a.pusher_url)
+    token = token_header(bob)
+    try:
+        # Authorized by /pusher/auth, as pusher-js would ask it.
+        for channel in ("private-ph-two", "presence-ph-two"):
+            signed = await http.post(
+                "/pusher/auth",
+                data={"socket_id": client.socket_id, "channel_name": channel},
+                headers=token,
+            )
+            assert signed.status_code == 200, signed.text
+            answer = await client.subscribe(
+                channel, auth=signed.json()["auth"], channel_data=signed.json().get("channel_data")
+            )
+            assert answer["event"] == "pusher_internal:subscription_succeeded", answer
+        backend_b = library(node_b)
+        await call(backend_b.trigger, ["private-ph-two", "presence-ph-two"], "hello", {"n": 1})
+        frames = [await client.receive_event("hello") for _ in range(2)]
+        assert sorted(f["channel"] for f in frames) == ["presence-ph-two", "private-ph-two"]
+        assert {f["data"] for f in frames} == {'{"n": 1}'}
+        await wait_for_count(node_b, "presence-ph-two", 1)
+        assert await call(backend_b.users_info, "presence-ph-two") == {"users": [{"id": bob["id"]}]}
+    finally:
+        await client.close()
 
 
 # ----- refusals ------------------------------------------------------------------------------
@@ -368,8 +458,8 @@ def make_user(env: dict[str, str], username: str, *grants: tuple[str, bool]) -> 
 
 
 @pytest.fixture(scope="module")
-def bob(pusher_env: dict[str, str]) -> dict[str, str]:
-    return make_user(pusher_env, "ph-bob", ("private-ph-*", False), ("presence-ph-*", True))
+def bob(env: dict[str, str]) -> dict[str, str]:
+    return make_user(env, "ph-bob", ("private-ph-*", False), ("presence-ph-*", True))
 
 
 def expected_auth(string_to_sign: str, secret: str = APP_SECRET, key: str = APP_KEY) -> str:
@@ -381,14 +471,23 @@ def session_headers(node: ServerNode, user: dict[str, str]) -> dict[str, str]:
     return {"Cookie": f"sessionid={user['session']}", "Origin": node.http_url}
 
 
+def token_header(user: dict[str, str]) -> dict[str, str]:
+    return {"Authorization": f"Token {user['token']}"}
+
+
+async def authorize(
+    http: httpx.AsyncClient, channel: str, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    """``POST /pusher/auth`` for ``channel`` and the socket ``SOCKET``, as pusher-js posts it."""
+    return await http.post(
+        "/pusher/auth", data={"socket_id": SOCKET, "channel_name": channel}, headers=headers
+    )
+
+
 async def test_auth_for_a_session_user(
     http: httpx.AsyncClient, node: ServerNode, bob: dict[str, str]
 ) -> None:
-    response = await http.post(
-        "/pusher/auth",
-        data={"socket_id": SOCKET, "channel_name": "private-ph-a"},
-        headers=session_headers(node, bob),
-    )
+    response = await authorize(http, "private-ph-a", session_headers(node, bob))
     assert response.status_code == 200, response.text
     assert response.json() == {"auth": expected_auth(f"{SOCKET}:private-ph-a")}
 
@@ -396,11 +495,7 @@ async def test_auth_for_a_session_user(
 async def test_auth_for_a_token_user_on_a_presence_channel(
     http: httpx.AsyncClient, bob: dict[str, str]
 ) -> None:
-    response = await http.post(
-        "/pusher/auth",
-        data={"socket_id": SOCKET, "channel_name": "presence-ph-room"},
-        headers={"Authorization": f"Token {bob['token']}"},
-    )
+    response = await authorize(http, "presence-ph-room", token_header(bob))
     assert response.status_code == 200, response.text
     body = response.json()
     assert json.loads(body["channel_data"]) == {
@@ -413,26 +508,16 @@ async def test_auth_for_a_token_user_on_a_presence_channel(
 async def test_auth_for_an_encrypted_channel_gives_pushers_shared_secret(
     http: httpx.AsyncClient, node: ServerNode, bob: dict[str, str]
 ) -> None:
-    response = await http.post(
-        "/pusher/auth",
-        data={"socket_id": SOCKET, "channel_name": "private-ph-encrypted-x"},
-        headers={"Authorization": f"Token {bob['token']}"},
-    )
+    response = await authorize(http, "private-ph-encrypted-x", token_header(bob))
     assert response.status_code == 200, response.text
     # Not an encrypted channel: "private-encrypted-" is the prefix.
     assert "shared_secret" not in response.json()
-    response = await http.post(
-        "/pusher/auth",
-        data={"socket_id": SOCKET, "channel_name": "private-encrypted-ph"},
-        headers={"Authorization": f"Token {bob['token']}"},
-    )
+    response = await authorize(http, "private-encrypted-ph", token_header(bob))
     # bob's grant is private-ph-*: this channel is not his.
     assert response.status_code == 403, response.text
-    staff_token = staff_user_token(node)
-    response = await http.post(
-        "/pusher/auth",
-        data={"socket_id": SOCKET, "channel_name": "private-encrypted-ph"},
-        headers={"Authorization": f"Token {staff_token}"},
+    staff_token = create_token(node.env, "ph-staff", staff=True, grant=False)
+    response = await authorize(
+        http, "private-encrypted-ph", {"Authorization": f"Token {staff_token}"}
     )
     assert response.status_code == 200, response.text
     encrypting = pusher.Pusher(
@@ -445,21 +530,8 @@ async def test_auth_for_an_encrypted_channel_gives_pushers_shared_secret(
     }
 
 
-def staff_user_token(node: ServerNode) -> str:
-    script = (
-        "from django.contrib.auth.models import User;"
-        "from rest_framework.authtoken.models import Token;"
-        "u, _ = User.objects.get_or_create(username='ph-staff', defaults={'is_staff': True});"
-        "print('TOKEN=' + Token.objects.get_or_create(user=u)[0].key)"
-    )
-    output = manage(node.env, "shell", "-c", script)
-    return next(line[6:] for line in output.splitlines() if line.startswith("TOKEN="))
-
-
 async def test_auth_refuses_anonymous(http: httpx.AsyncClient) -> None:
-    response = await http.post(
-        "/pusher/auth", data={"socket_id": SOCKET, "channel_name": "private-ph-a"}
-    )
+    response = await authorize(http, "private-ph-a")
     assert response.status_code == 403
     assert response.json()["code"] == "FORBIDDEN"
 
@@ -468,28 +540,20 @@ async def test_auth_refuses_a_channel_without_a_grant(
     http: httpx.AsyncClient, node: ServerNode, bob: dict[str, str]
 ) -> None:
     for channel in ("private-elsewhere", "presence-elsewhere"):
-        response = await http.post(
-            "/pusher/auth",
-            data={"socket_id": SOCKET, "channel_name": channel},
-            headers=session_headers(node, bob),
-        )
+        response = await authorize(http, channel, session_headers(node, bob))
         assert response.status_code == 403, response.text
 
 
 async def test_auth_refuses_presence_without_the_presence_right(
-    http: httpx.AsyncClient, pusher_env: dict[str, str]
+    http: httpx.AsyncClient, env: dict[str, str]
 ) -> None:
-    carol = make_user(pusher_env, "ph-carol", ("presence-ph-*", False))
-    response = await http.post(
-        "/pusher/auth",
-        data={"socket_id": SOCKET, "channel_name": "presence-ph-room"},
-        headers={"Authorization": f"Token {carol['token']}"},
-    )
+    carol = make_user(env, "ph-carol", ("presence-ph-*", False))
+    response = await authorize(http, "presence-ph-room", token_header(carol))
     assert response.status_code == 403, response.text
 
 
 async def test_auth_refuses_bad_input(http: httpx.AsyncClient, bob: dict[str, str]) -> None:
-    headers = {"Authorization": f"Token {bob['token']}"}
+    headers = token_header(bob)
     for data in (
         {"socket_id": "nope", "channel_name": "private-ph-a"},
         {"socket_id": SOCKET},
@@ -519,18 +583,14 @@ async def test_auth_refuses_a_session_from_another_origin(
 
 
 async def test_an_invalid_token_is_refused(http: httpx.AsyncClient) -> None:
-    response = await http.post(
-        "/pusher/auth",
-        data={"socket_id": SOCKET, "channel_name": "private-ph-a"},
-        headers={"Authorization": "Token not-a-token"},
-    )
+    response = await authorize(http, "private-ph-a", {"Authorization": "Token not-a-token"})
     assert response.status_code == 403
 
 
 async def test_user_auth_for_session_and_token_users(
     http: httpx.AsyncClient, node: ServerNode, bob: dict[str, str]
 ) -> None:
-    for headers in (session_headers(node, bob), {"Authorization": f"Token {bob['token']}"}):
+    for headers in (session_headers(node, bob), token_header(bob)):
         response = await http.post("/pusher/user-auth", data={"socket_id": SOCKET}, headers=headers)
         assert response.status_code == 200, response.text
         body = response.json()
@@ -558,7 +618,7 @@ async def test_with_two_apps_the_request_names_one(
         " secret='second-secret')",
     )
     data = {"socket_id": SOCKET, "channel_name": "private-ph-a"}
-    headers = {"Authorization": f"Token {bob['token']}"}
+    headers = token_header(bob)
     try:
 
         async def asks_for_a_key() -> bool:
