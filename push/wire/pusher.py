@@ -87,6 +87,10 @@ def event_frame(event: str, data: Any = None, channel: str | None = None, **extr
     return _encoder.encode(frame)
 
 
+def json_text(value: Any) -> str:
+    return _encoder.encode(value)
+
+
 def error_frame(code: int | None, message: str) -> str:
     # pusher:error carries its data as an object, not as JSON text (pusher-js reads
     # data.code to decide whether to reconnect).
