@@ -7,8 +7,6 @@ the channel authorization the libraries ask for."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import os
 import threading
@@ -18,7 +16,6 @@ from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs
 
 import httpx
 import pytest
@@ -38,9 +35,6 @@ MISSING_PACKAGES = (
 # The scripts end by themselves after this long, whatever the test does.
 SCRIPT_LIFETIME_SECS = 90
 QUIET_SECS = 1.0
-# What the site answers with a channel's shared secret on private-encrypted- channels:
-# Pusher's back-end libraries derive it as SHA-256(channel name + master key).
-ENCRYPTION_MASTER_KEY = b"tests-encryption-master-key-0032"
 
 
 def require_pusher_js() -> None:
@@ -49,18 +43,6 @@ def require_pusher_js() -> None:
         if os.environ.get("CI"):
             pytest.fail(MISSING_PACKAGES)
         pytest.skip(MISSING_PACKAGES)
-
-
-def pusher_app_env(
-    env: dict[str, str], app_id: str, key: str, secret: str, *, client_events: bool
-) -> dict[str, str]:
-    return {
-        **env,
-        "PUSHER_APP_ID": app_id,
-        "PUSHER_APP_KEY": key,
-        "PUSHER_APP_SECRET": secret,
-        "PUSHER_APP_CLIENT_EVENTS": "1" if client_events else "0",
-    }
 
 
 def api_tokens(env: dict[str, str], *, granted: list[str], refused: list[str]) -> dict[str, str]:
@@ -84,12 +66,6 @@ def api_tokens(env: dict[str, str], *, granted: list[str], refused: list[str]) -
         for parts in (line.split() for line in output.splitlines())
         if len(parts) == 3 and parts[0] == "TOKEN"
     }
-
-
-def shared_secret(channel: str) -> str:
-    return base64.b64encode(
-        hashlib.sha256(channel.encode() + ENCRYPTION_MASTER_KEY).digest()
-    ).decode()
 
 
 class PusherScript(NodeSubscriber):
@@ -200,9 +176,8 @@ class PusherSite(ThreadingHTTPServer):
     """A web site of the tests on a port of its own: the files of tests/pusher_js (the
     browser page, pusher-js's web build) and ``POST /pusher/auth``, which a page of this
     site may call (same origin). The authorization itself is the node's: the site passes
-    the request on and its answer back, adding the ``shared_secret`` of a
-    ``private-encrypted-`` channel as an app's back-end does. ``POST
-    /pusher/forged-auth`` answers a signature that no secret made."""
+    the request on and its answer back. ``POST /pusher/forged-auth`` answers a signature
+    that no secret made."""
 
     def __init__(self, node: ServerNode, app_key: str) -> None:
         super().__init__(("127.0.0.1", free_port()), _SiteHandler)
@@ -223,13 +198,7 @@ class PusherSite(ThreadingHTTPServer):
             },
             timeout=10,
         )
-        if response.status_code != HTTPStatus.OK:
-            return response.status_code, response.content
-        answer = response.json()
-        channel = parse_qs(body.decode()).get("channel_name", [""])[0]
-        if channel.startswith("private-encrypted-") and "shared_secret" not in answer:
-            answer["shared_secret"] = shared_secret(channel)
-        return HTTPStatus.OK, json.dumps(answer).encode()
+        return response.status_code, response.content
 
 
 @contextmanager

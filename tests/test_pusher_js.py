@@ -8,6 +8,7 @@ the conversation (``PusherScript.lines``)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,41 +23,44 @@ from tests.pusher_clients import (
     PusherScript,
     PusherSite,
     api_tokens,
-    pusher_app_env,
     pusher_site,
     require_pusher_js,
-    shared_secret,
 )
-from tests.servers import ServerNode, manage, node_pair, publish_rest
+from tests.pusherclient import APP_KEY, pusher_env
+from tests.servers import ServerNode, node_pair, publish_rest
 
 pytestmark = pytest.mark.e2e
 
-APP_ID = "js-app"
-APP_KEY = "js-app-key"
-APP_SECRET = "js-app-secret"
-# A second app, from the database, that does not allow client events.
-CLOSED_APP_ID = "js-closed-app"
-CLOSED_APP_KEY = "js-closed-app-key"
+# The nodes' PUSHER_APP_ENCRYPTION_MASTER_KEY (base64 of 32 bytes): /pusher/auth derives
+# each private-encrypted- channel's shared secret from it.
+ENCRYPTION_MASTER_KEY = base64.b64encode(b"tests-encryption-master-key-0032").decode()
 
 
 def _name(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
 
 
+def _env(env: dict[str, str], *, client_events: bool) -> dict[str, str]:
+    return {
+        **pusher_env(env, client_events=client_events),
+        "PUSHER_APP_ENCRYPTION_MASTER_KEY": ENCRYPTION_MASTER_KEY,
+    }
+
+
 @pytest.fixture(scope="module")
 def nodes(e2e_env: dict[str, str]) -> Iterator[tuple[ServerNode, ServerNode]]:
+    """Two nodes of an app that allows client events."""
     require_pusher_js()
-    env = pusher_app_env(e2e_env, APP_ID, APP_KEY, APP_SECRET, client_events=True)
-    manage(
-        env,
-        "shell",
-        "-c",
-        "from push.models import PusherApp;"
-        f"PusherApp.objects.get_or_create(app_id={CLOSED_APP_ID!r}, defaults=dict("
-        f"name='closed', key={CLOSED_APP_KEY!r}, secret='closed-secret', client_events=False))",
-    )
-    with node_pair(env, "pusher-js") as pair:
+    with node_pair(_env(e2e_env, client_events=True), "pusher-js") as pair:
         yield pair
+
+
+@pytest.fixture(scope="module")
+def closed_node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
+    """A node whose app does not allow client events."""
+    node = ServerNode(_env(e2e_env, client_events=False), name="pusher-js-closed").start()
+    yield node
+    node.stop()
 
 
 @pytest.fixture(scope="module")
@@ -214,16 +218,15 @@ def _member_event(line: dict[str, Any]) -> bool:
 
 
 async def test_an_encrypted_channel_relays_what_a_back_end_sealed(
-    nodes: tuple[ServerNode, ServerNode], tokens: dict[str, str], site: PusherSite
+    nodes: tuple[ServerNode, ServerNode], tokens: dict[str, str]
 ) -> None:
     """The node relays the sealed payload as it is (the contract: relayed as private);
-    pusher-js opens it with the shared secret the app's back-end gave it."""
+    pusher-js opens it with the shared secret that /pusher/auth gave it."""
     channel = _name("private-encrypted-vault-")
-    auth = f"{site.url}/pusher/auth"
-    async with pusher_js(nodes[0], tokens["pjs-alice"], authEndpoint=auth) as client:
+    async with pusher_js(nodes[0], tokens["pjs-alice"]) as client:
         await client.subscribed(channel)
         secret = {"pin": "1234"}
-        await client.send("encrypt", secret=shared_secret(channel), data=secret)
+        await client.send("encrypt", channel=channel, data=secret)
         sealed = await client.line_with(op="encrypt")
         payload = json.dumps({"nonce": sealed["nonce"], "ciphertext": sealed["ciphertext"]})
         await publish_rest(
@@ -310,13 +313,12 @@ async def test_client_events_on_a_public_channel_are_refused(
 
 
 async def test_client_events_of_an_app_that_does_not_allow_them_are_refused(
-    nodes: tuple[ServerNode, ServerNode], tokens: dict[str, str]
+    closed_node: ServerNode, tokens: dict[str, str]
 ) -> None:
-    node_a, _ = nodes
     channel = _name("private-chat-")
     async with (
-        pusher_js(node_a, tokens["pjs-alice"], key=CLOSED_APP_KEY) as alice,
-        pusher_js(node_a, tokens["pjs-bob"], key=CLOSED_APP_KEY) as bob,
+        pusher_js(closed_node, tokens["pjs-alice"]) as alice,
+        pusher_js(closed_node, tokens["pjs-bob"]) as bob,
     ):
         for client in (alice, bob):
             await client.subscribed(channel)

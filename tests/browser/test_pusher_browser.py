@@ -13,25 +13,17 @@ from typing import Any
 import pytest
 
 from tests.browser.pages import publish_rest, wait_for
-from tests.pusher_clients import (
-    PusherSite,
-    api_tokens,
-    pusher_app_env,
-    pusher_site,
-    require_pusher_js,
-)
+from tests.pusher_clients import PusherSite, api_tokens, pusher_site, require_pusher_js
+from tests.pusherclient import APP_KEY, pusher_env
 from tests.servers import ServerNode
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
-
-APP_KEY = "browser-app-key"
 
 
 @pytest.fixture(scope="module")
 def pusher_node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
     require_pusher_js()
-    env = pusher_app_env(e2e_env, "browser-app", APP_KEY, "browser-secret", client_events=False)
-    node = ServerNode(env, name=f"pusher-browser-{uuid.uuid4().hex[:6]}").start()
+    node = ServerNode(pusher_env(e2e_env), name=f"pusher-browser-{uuid.uuid4().hex[:6]}").start()
     yield node
     node.stop()
 

@@ -19,9 +19,11 @@ export const print = (line) => process.stdout.write(`${JSON.stringify(line)}\n`)
 
 // The options of `new Pusher(key, options)` for a plain-TCP node on loopback: only the
 // WebSocket transport (no SockJS or HTTP fallback), no stats, the auth endpoint with our
-// API token, and `cluster` because pusher-js 8 insists on one (unused with wsHost).
+// API token, and `cluster` because pusher-js 8 insists on one (unused with wsHost). The
+// auth requests name the app (`app_key`): a server with several apps needs it.
 export function pusherOptions() {
   const headers = config.token ? { Authorization: `Token ${config.token}` } : {};
+  const params = { app_key: config.key };
   return {
     cluster: "mt1",
     wsHost: config.host ?? "127.0.0.1",
@@ -34,11 +36,13 @@ export function pusherOptions() {
       endpoint: config.authEndpoint ?? `http://127.0.0.1:${config.port}/pusher/auth`,
       transport: "ajax",
       headers,
+      params,
     },
     userAuthentication: {
       endpoint: config.userAuthEndpoint ?? `http://127.0.0.1:${config.port}/pusher/user-auth`,
       transport: "ajax",
       headers,
+      params,
     },
   };
 }

@@ -33,7 +33,7 @@ const echo = new Echo({
   Pusher,
   ...connection,
   authEndpoint: channelAuthorization.endpoint,
-  auth: { headers: channelAuthorization.headers },
+  auth: { headers: channelAuthorization.headers, params: channelAuthorization.params },
 });
 const pusher = echo.connector.pusher;
 traceFrames(pusher);

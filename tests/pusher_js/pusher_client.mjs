@@ -12,9 +12,10 @@
 //   {"op": "members", "channel": C}                                  -> {op, members}
 //   {"op": "signin"}
 //   {"op": "disconnect"}
-//   {"op": "encrypt", "secret": base64 key, "data": D}  -> {op, nonce, ciphertext}: D's
-//       JSON text sealed as a Pusher back-end seals an event on a private-encrypted-
-//       channel (NaCl secretbox, the library pusher-js itself decrypts with)
+//   {"op": "encrypt", "channel": C, "data": D}  -> {op, nonce, ciphertext}: D's JSON
+//       text sealed with the key of C (a private-encrypted- channel, subscribed: the
+//       shared_secret its authorization gave) as a Pusher back-end seals an event there
+//       (NaCl secretbox, the library pusher-js itself decrypts with)
 //
 //   node pusher_client.mjs '{"key": ..., "port": ..., "token": ...}'
 
@@ -51,8 +52,9 @@ const operations = {
   disconnect() {
     pusher.disconnect();
   },
-  encrypt({ secret, data }) {
-    const key = Buffer.from(secret, "base64");
+  encrypt({ channel, data }) {
+    const key = pusher.channel(channel).key;
+    if (!key) throw new Error(`no shared secret for ${channel}`);
     const nonce = nacl.randomBytes(nacl.secretbox.nonceLength);
     const sealed = nacl.secretbox(Buffer.from(JSON.stringify(data)), nonce, key);
     print({
