@@ -30,7 +30,6 @@ export function pusherOptions() {
     wsPort: config.port,
     forceTLS: false,
     enabledTransports: ["ws"],
-    disableStats: true,
     activityTimeout: config.activityTimeoutMs ?? 120_000,
     channelAuthorization: {
       endpoint: config.authEndpoint ?? `http://127.0.0.1:${config.port}/pusher/auth`,
@@ -56,6 +55,15 @@ export function traceFrames(pusher) {
   connection.send_event = (name, data, channel) => {
     print({ sent: { event: name, channel: channel ?? null, data } });
     return send(name, data, channel);
+  };
+}
+
+// pusher-js's own log as {log} lines, but for what {frame} and {sent} already show.
+const SAID_BY_FRAMES = ['["Event recd"', '["Event sent"', '["No callbacks on '];
+export function keepLog(Pusher) {
+  Pusher.log = (message) => {
+    const text = String(message);
+    if (!SAID_BY_FRAMES.some((start) => text.includes(start))) print({ log: text });
   };
 }
 

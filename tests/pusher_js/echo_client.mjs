@@ -22,9 +22,9 @@
 import Echo from "laravel-echo";
 import Pusher from "pusher-js";
 
-import { config, describe, print, pusherOptions, serve, traceFrames, watchConnection } from "./agent.mjs";
+import { config, describe, keepLog, print, pusherOptions, serve, traceFrames, watchConnection } from "./agent.mjs";
 
-Pusher.log = (message) => print({ log: String(message) });
+keepLog(Pusher);
 
 const { channelAuthorization, userAuthentication, ...connection } = pusherOptions();
 const echo = new Echo({

@@ -22,9 +22,9 @@
 import Pusher from "pusher-js";
 import nacl from "tweetnacl";
 
-import { config, describe, print, pusherOptions, serve, traceFrames, watchConnection } from "./agent.mjs";
+import { config, describe, keepLog, print, pusherOptions, serve, traceFrames, watchConnection } from "./agent.mjs";
 
-Pusher.log = (message) => print({ log: String(message) });
+keepLog(Pusher);
 
 const pusher = new Pusher(config.key, pusherOptions());
 traceFrames(pusher);
