@@ -13,6 +13,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,26 +76,25 @@ def site(nodes: tuple[ServerNode, ServerNode]) -> Iterator[PusherSite]:
 
 
 @asynccontextmanager
-async def pusher_js(
-    node: ServerNode, token: str | None = None, *, key: str = APP_KEY, **config: Any
+async def connected(
+    script: Path, node: ServerNode, token: str | None = None, **config: Any
 ) -> AsyncIterator[PusherScript]:
-    """A connected pusher-js client; it disconnects and exits 0 at the end."""
-    script = await PusherScript.launch(PUSHER_CLIENT, node, key, token=token, frames=True, **config)
+    """A connected client of ``script``, printing every frame; at the end it disconnects
+    and must exit 0."""
+    client = await PusherScript.launch(script, node, APP_KEY, token=token, frames=True, **config)
     try:
-        await script.connected()
-        yield script
+        await client.connected()
+        yield client
     finally:
-        await script.finish()
+        await client.finish()
 
 
-@asynccontextmanager
-async def echo(node: ServerNode, token: str | None = None) -> AsyncIterator[PusherScript]:
-    script = await PusherScript.launch(ECHO_CLIENT, node, APP_KEY, token=token, frames=True)
-    try:
-        await script.connected()
-        yield script
-    finally:
-        await script.finish()
+def pusher_js(node: ServerNode, token: str | None = None, **config: Any) -> Any:
+    return connected(PUSHER_CLIENT, node, token, **config)
+
+
+def echo(node: ServerNode, token: str | None = None) -> Any:
+    return connected(ECHO_CLIENT, node, token)
 
 
 # ----- public channels and the bridge from our protocol --------------------------------------
@@ -295,35 +295,27 @@ async def _members(client: PusherScript, channel: str) -> dict[str, Any]:
     return dict((await client.line_with(op="members"))["members"])
 
 
-async def test_client_events_on_a_public_channel_are_refused(
-    nodes: tuple[ServerNode, ServerNode], tokens: dict[str, str]
+@pytest.mark.parametrize(
+    ("node_fixture", "prefix"),
+    [("nodes", "lobby-"), ("closed_node", "private-chat-")],
+    ids=["public-channel", "app-without-client-events"],
+)
+async def test_client_events_are_refused_where_they_are_not_allowed(
+    request: pytest.FixtureRequest, tokens: dict[str, str], node_fixture: str, prefix: str
 ) -> None:
-    """On a public channel: the others never get it, the sender gets a ``pusher:error``."""
-    node_a, _ = nodes
-    public = _name("lobby-")
+    """On a public channel, and on any channel of an app that does not allow them: the
+    others never get it, the sender gets a ``pusher:error``."""
+    node = request.getfixturevalue(node_fixture)
+    node = node[0] if isinstance(node, tuple) else node
+    channel = _name(prefix)
     async with (
-        pusher_js(node_a, tokens["pjs-alice"]) as alice,
-        pusher_js(node_a, tokens["pjs-bob"]) as bob,
-    ):
-        for client in (alice, bob):
-            await client.subscribed(public)
-        await alice.send("trigger", channel=public, event="client-shout", data={})
-        await bob.quiet("a client event on a public channel", _client_event)
-        await _pusher_error(alice)
-
-
-async def test_client_events_of_an_app_that_does_not_allow_them_are_refused(
-    closed_node: ServerNode, tokens: dict[str, str]
-) -> None:
-    channel = _name("private-chat-")
-    async with (
-        pusher_js(closed_node, tokens["pjs-alice"]) as alice,
-        pusher_js(closed_node, tokens["pjs-bob"]) as bob,
+        pusher_js(node, tokens["pjs-alice"]) as alice,
+        pusher_js(node, tokens["pjs-bob"]) as bob,
     ):
         for client in (alice, bob):
             await client.subscribed(channel)
         await alice.send("trigger", channel=channel, event="client-typing", data={})
-        await bob.quiet("a client event of a closed app", _client_event)
+        await bob.quiet("a refused client event reached another client", _client_event)
         await _pusher_error(alice)
 
 

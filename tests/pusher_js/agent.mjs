@@ -88,9 +88,14 @@ export function describe(value) {
   }
 }
 
-// Runs `handle(command)` for each JSON line of stdin, one at a time and in order; an
-// exception becomes {op, failed: message}. `close()` runs when stdin ends.
-export function serve(handle, close) {
+// Runs `operations[command.op](command)` for each JSON line of stdin, one at a time and
+// in order; an exception becomes {op, failed: message}. `close()` runs when stdin ends.
+export function serve(operations, close) {
+  const handle = (command) => {
+    const operation = operations[command.op];
+    if (!operation) throw new Error(`unknown op ${command.op}`);
+    return operation(command);
+  };
   const lifetime = setTimeout(() => {
     print({ timeout: true });
     process.exit(1);

@@ -80,11 +80,4 @@ const operations = {
   },
 };
 
-serve(
-  (command) => {
-    const operation = operations[command.op];
-    if (!operation) throw new Error(`unknown op ${command.op}`);
-    return operation(command);
-  },
-  () => echo.disconnect(),
-);
+serve(operations, () => echo.disconnect());

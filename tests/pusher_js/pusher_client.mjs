@@ -65,11 +65,4 @@ const operations = {
   },
 };
 
-serve(
-  (command) => {
-    const operation = operations[command.op];
-    if (!operation) throw new Error(`unknown op ${command.op}`);
-    return operation(command);
-  },
-  () => pusher.disconnect(),
-);
+serve(operations, () => pusher.disconnect());
