@@ -82,7 +82,7 @@ if command -v npm >/dev/null 2>&1; then
     touch "$stamp"
   fi
 else
-  echo "ensure_services: no npm, the Pusher client tests will skip (apt-get install -y nodejs npm)"
+  echo "ensure_services: no npm: the Pusher client tests skip (fail in CI); install Node.js 20+"
 fi
 
 # The deployment tests check deploy/prometheus*.yml with promtool, taken from Debian's
