@@ -131,11 +131,12 @@ class PusherScript(NodeSubscriber):
                 return
             line = json.loads(raw)
             self.lines.append(line)
-            assert not unwanted(line), f"{what}: {line}; lines: {self.lines}"
+            assert not unwanted(line), f"{what}: {line}; lines:\n{self.transcript()}"
 
-    def frames(self) -> list[dict[str, Any]]:
-        """The frames exchanged so far (the script's ``frames`` setting)."""
-        return [line for line in self.lines if "frame" in line or "sent" in line]
+    def transcript(self) -> str:
+        """Every line so far, one a line: the frames exchanged (the ``frames`` setting),
+        what the library reported and logged (for an assertion's message)."""
+        return "\n".join(json.dumps(line) for line in self.lines)
 
 
 class _SiteHandler(BaseHTTPRequestHandler):

@@ -4,7 +4,7 @@ protocols), private channels authorized by ``POST /pusher/auth``, presence membe
 across connections of one user, private-encrypted channels, cache channels, client
 events with and without the app's permission, and two nodes (the client on one, the
 publisher on the other). The scripts print every frame they exchange, so a failure shows
-the conversation (``PusherScript.lines``)."""
+the conversation (``PusherScript.transcript``)."""
 
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ async def test_an_unknown_app_key_is_refused_with_4001(
         # pusher-js reads a pusher:error in place of connection_established as a refused
         # handshake: it reports the error and gives up (no reconnect for 4000-4099).
         line = await script.line_having("connection_error")
-        assert line["connection_error"]["error"]["data"]["code"] == 4001, script.lines
+        assert line["connection_error"]["error"]["data"]["code"] == 4001, script.transcript()
         await script.line_with(state="disconnected")
     finally:
         await script.finish()
@@ -155,11 +155,11 @@ async def test_a_private_channel_without_a_grant_is_a_subscription_error(
     async with pusher_js(nodes[0], tokens["pjs-nobody"]) as refused:
         await refused.send("subscribe", channel=channel)
         error = await refused.event(channel, "pusher:subscription_error")
-        assert error["status"] == 403, refused.lines
+        assert error["status"] == 403, refused.transcript()
     async with pusher_js(nodes[0]) as anonymous:
         await anonymous.send("subscribe", channel=channel)
         error = await anonymous.event(channel, "pusher:subscription_error")
-        assert error["status"] in (401, 403), anonymous.lines
+        assert error["status"] in (401, 403), anonymous.transcript()
 
 
 async def test_a_forged_signature_is_refused_by_the_node(
@@ -170,8 +170,47 @@ async def test_a_forged_signature_is_refused_by_the_node(
     async with pusher_js(nodes[0], authEndpoint=forged) as client:
         await client.send("subscribe", channel=channel)
         error = await client.event(channel, "pusher:subscription_error")
-        assert error["status"] == 403, client.lines
+        assert error["status"] == 403, client.transcript()
         assert any(line.get("sent", {}).get("event") == "pusher:subscribe" for line in client.lines)
+
+
+async def test_user_sign_in_through_the_nodes_user_auth(
+    nodes: tuple[ServerNode, ServerNode], tokens: dict[str, str]
+) -> None:
+    """``pusher.signin()``: /pusher/user-auth signs the request's user, the node answers
+    ``pusher:signin_success``; without a user the sign-in is refused."""
+    async with pusher_js(nodes[0], tokens["pjs-alice"]) as client:
+        await client.send("signin")
+        user = (await client.line_having("signin"))["signin"]
+        assert user and user["id"] and user["user_info"], client.transcript()
+    async with pusher_js(nodes[0]) as anonymous:
+        await anonymous.send("signin")
+        assert (await anonymous.line_having("signin"))["signin"] is None
+        assert any("signin_error" in line for line in anonymous.lines), anonymous.transcript()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the node refuses the name: subscription_error 400 \"'channel' must be 1 to 100 "
+    'characters of A-Z a-z 0-9 _ - . : @"',
+)
+async def test_after_sign_in_pusher_js_gets_its_server_to_user_channel(
+    nodes: tuple[ServerNode, ServerNode], tokens: dict[str, str]
+) -> None:
+    """Once signed in, pusher-js subscribes (without auth) to ``#server-to-user-<id>``,
+    the channel Pusher keeps for events to that user; the node must accept it from the
+    signed-in socket."""
+    async with pusher_js(nodes[0], tokens["pjs-alice"]) as client:
+        await client.send("signin")
+        user = (await client.line_having("signin"))["signin"]
+        own = f"#server-to-user-{user['id']}"
+        line = await client.until(
+            f"the answer to subscribing {own}",
+            lambda line: line.get("frame", {}).get("channel") == own,
+        )
+        assert line["frame"]["event"] == "pusher_internal:subscription_succeeded", (
+            client.transcript()
+        )
 
 
 # ----- presence ----------------------------------------------------------------------------
@@ -189,15 +228,15 @@ async def test_presence_members_one_per_user_across_connections_and_nodes(
     async with pusher_js(node_a, tokens["pjs-alice"]) as alice:
         first = await alice.subscribed(channel)
         alice_id = first["me"]["id"]
-        assert first["count"] == 1 and _member_ids(first) == {alice_id}, alice.lines
+        assert first["count"] == 1 and _member_ids(first) == {alice_id}, alice.transcript()
         async with pusher_js(node_b, tokens["pjs-bob"]) as bob:
             seen_by_bob = await bob.subscribed(channel)
             bob_id = seen_by_bob["me"]["id"]
             assert bob_id != alice_id
-            assert _member_ids(seen_by_bob) == {alice_id, bob_id}, bob.lines
+            assert _member_ids(seen_by_bob) == {alice_id, bob_id}, bob.transcript()
             assert seen_by_bob["count"] == 2
             added = await alice.event(channel, "pusher:member_added")
-            assert added["id"] == bob_id, alice.lines
+            assert added["id"] == bob_id, alice.transcript()
             # Alice again, on the other node: still one member, nobody told of a join.
             async with pusher_js(node_b, tokens["pjs-alice"]) as alice_again:
                 again = await alice_again.subscribed(channel)
@@ -206,8 +245,8 @@ async def test_presence_members_one_per_user_across_connections_and_nodes(
             # ... and her leaving that connection removes no member.
             await bob.quiet("alice still has a connection", _member_event)
         removed = await alice.event(channel, "pusher:member_removed")
-        assert removed["id"] == bob_id, alice.lines
-        assert (await _members(alice, channel))["count"] == 1, alice.lines
+        assert removed["id"] == bob_id, alice.transcript()
+        assert (await _members(alice, channel))["count"] == 1, alice.transcript()
 
 
 def _member_event(line: dict[str, Any]) -> bool:
@@ -236,7 +275,7 @@ async def test_an_encrypted_channel_relays_what_a_back_end_sealed(
         # pusher-js itself refuses client events here, before anything is sent.
         await client.send("trigger", channel=channel, event="client-peek", data={})
         refused = await client.line_with(op="trigger")
-        assert "failed" in refused, client.lines
+        assert "failed" in refused, client.transcript()
 
 
 # ----- cache channels ------------------------------------------------------------------------
@@ -285,7 +324,7 @@ async def test_client_events_reach_the_others_and_never_the_sender(
             )
             frame = line["frame"]
             alice_id = (await _members(alice, channel))["me"]["id"]
-            assert frame.get("user_id") == alice_id, bob.lines
+            assert frame.get("user_id") == alice_id, bob.transcript()
         await alice.quiet("the sender got its own client event", _client_event)
 
 
@@ -370,11 +409,11 @@ async def test_echo_presence_here_joining_leaving_and_whispers(
         await alice.send("join", channel=room)
         await alice.send("listenForWhisper", kind="join", channel=room, event="typing")
         here = await alice.line_having("here")
-        assert len(here["here"]) == 1, alice.lines
+        assert len(here["here"]) == 1, alice.transcript()
         async with echo(node_b, tokens["pjs-bob"]) as bob:
             await bob.send("join", channel=room)
             both = await bob.line_having("here")
-            assert len(both["here"]) == 2, bob.lines
+            assert len(both["here"]) == 2, bob.transcript()
             joining = await alice.line_having("joining")
             assert joining["joining"] in both["here"] and joining["joining"] not in here["here"]
             typing = {"who": "bob"}

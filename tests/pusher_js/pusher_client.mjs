@@ -10,7 +10,7 @@
 //   {"op": "unsubscribe", "channel": C}
 //   {"op": "trigger", "channel": C, "event": "client-x", "data": D}  -> {op, sent: bool}
 //   {"op": "members", "channel": C}                                  -> {op, members}
-//   {"op": "signin"}
+//   {"op": "signin"}  -> {signin: user_data} (null when refused) once pusher-js is done
 //   {"op": "disconnect"}
 //   {"op": "encrypt", "channel": C, "data": D}  -> {op, nonce, ciphertext}: D's JSON
 //       text sealed with the key of C (a private-encrypted- channel, subscribed: the
@@ -29,7 +29,7 @@ keepLog(Pusher);
 const pusher = new Pusher(config.key, pusherOptions());
 traceFrames(pusher);
 watchConnection(pusher);
-pusher.user.bind("pusher:signin_success", (data) => print({ signin: describe(data) }));
+pusher.user.bind("pusher:signin_error", (error) => print({ signin_error: describe(error) }));
 
 const operations = {
   subscribe({ channel }) {
@@ -46,8 +46,10 @@ const operations = {
   members({ channel }) {
     print({ op: "members", channel, members: describe(pusher.channel(channel).members) });
   },
-  signin() {
+  async signin() {
     pusher.signin();
+    await pusher.user.signinDonePromise;
+    print({ signin: describe(pusher.user.user_data) });
   },
   disconnect() {
     pusher.disconnect();
