@@ -178,31 +178,13 @@ async def test_user_sign_in_through_the_nodes_user_auth(
     nodes: tuple[ServerNode, ServerNode], tokens: dict[str, str]
 ) -> None:
     """``pusher.signin()``: /pusher/user-auth signs the request's user, the node answers
-    ``pusher:signin_success``; without a user the sign-in is refused."""
+    ``pusher:signin_success``, and pusher-js then subscribes (without auth) to the
+    user's ``#server-to-user-<id>``, which the node accepts from that socket. Without a
+    user the sign-in is refused."""
     async with pusher_js(nodes[0], tokens["pjs-alice"]) as client:
         await client.send("signin")
         user = (await client.line_having("signin"))["signin"]
         assert user and user["id"] and user["user_info"], client.transcript()
-    async with pusher_js(nodes[0]) as anonymous:
-        await anonymous.send("signin")
-        assert (await anonymous.line_having("signin"))["signin"] is None
-        assert any("signin_error" in line for line in anonymous.lines), anonymous.transcript()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="the node refuses the name: subscription_error 400 \"'channel' must be 1 to 100 "
-    'characters of A-Z a-z 0-9 _ - . : @"',
-)
-async def test_after_sign_in_pusher_js_gets_its_server_to_user_channel(
-    nodes: tuple[ServerNode, ServerNode], tokens: dict[str, str]
-) -> None:
-    """Once signed in, pusher-js subscribes (without auth) to ``#server-to-user-<id>``,
-    the channel Pusher keeps for events to that user; the node must accept it from the
-    signed-in socket."""
-    async with pusher_js(nodes[0], tokens["pjs-alice"]) as client:
-        await client.send("signin")
-        user = (await client.line_having("signin"))["signin"]
         own = f"#server-to-user-{user['id']}"
         line = await client.until(
             f"the answer to subscribing {own}",
@@ -211,6 +193,10 @@ async def test_after_sign_in_pusher_js_gets_its_server_to_user_channel(
         assert line["frame"]["event"] == "pusher_internal:subscription_succeeded", (
             client.transcript()
         )
+    async with pusher_js(nodes[0]) as anonymous:
+        await anonymous.send("signin")
+        assert (await anonymous.line_having("signin"))["signin"] is None
+        assert any("signin_error" in line for line in anonymous.lines), anonymous.transcript()
 
 
 # ----- presence ----------------------------------------------------------------------------
