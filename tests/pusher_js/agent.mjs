@@ -19,13 +19,13 @@ export const print = (line) => process.stdout.write(`${JSON.stringify(line)}\n`)
 
 // The options of `new Pusher(key, options)` for a plain-TCP node on loopback: only the
 // WebSocket transport (no SockJS or HTTP fallback), no stats, the auth endpoint with our
-// API token, and `cluster` because pusher-js 8 insists on one (unused with wsHost). The
+// API token, and an empty `cluster` (pusher-js 8 insists on one; unused with wsHost). The
 // auth requests name the app (`app_key`): a server with several apps needs it.
 export function pusherOptions() {
   const headers = config.token ? { Authorization: `Token ${config.token}` } : {};
   const params = { app_key: config.key };
   return {
-    cluster: "mt1",
+    cluster: "",
     wsHost: config.host ?? "127.0.0.1",
     wsPort: config.port,
     forceTLS: false,
