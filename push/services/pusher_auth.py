@@ -12,7 +12,9 @@ every other transport decides.
   ``{"username": ...}``.
 - User sign-in signs the same identity as ``user_data`` (``id``, ``user_info``).
 
-Which app signs: the request's ``app_key`` when it names one, else the one enabled app.
+Which app signs: the request's ``app_key`` when it names one, else the environment's
+app (``PUSHER_APP_*``), else the one enabled app: a plain pusher-js configuration sends
+no ``app_key``.
 Anonymous requests are refused: there is no one to sign for.
 """
 
@@ -32,6 +34,7 @@ from push.services.pusher_apps import (
     app_by_key,
     channel_auth,
     compact_json,
+    configured_app,
     encryption_shared_secret,
     user_auth,
 )
@@ -48,13 +51,17 @@ _NO_CONNECTION = uuid.UUID(int=0)
 
 
 def auth_app(app_key: str | None) -> PusherApp:
-    """The app that signs: the enabled one with ``app_key``, or without it the only
-    enabled app (several: the request must name one)."""
+    """The app that signs: the enabled one with ``app_key``; without it the
+    environment's app, or the only enabled app (several, none from the environment:
+    the request must name one)."""
     if app_key:
         app = app_by_key(app_key)
         if app is None:
             raise PushError(ErrorCode.NOT_FOUND, "no enabled Pusher app has this key")
         return app
+    configured = configured_app()
+    if configured is not None:
+        return configured
     enabled = [app for app in all_apps() if app.enabled]
     if not enabled:
         raise PushError(ErrorCode.NOT_FOUND, "no Pusher app is configured")
