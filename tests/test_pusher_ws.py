@@ -316,3 +316,70 @@ async def test_bad_frames_get_an_error_and_the_connection_stays(
     await client.send("pusher:ping", {})
     assert (await client.receive())["event"] == "pusher:pong"
     await client.close()
+
+
+async def test_a_quiet_client_is_pinged_then_closed_with_4201(e2e_env: dict[str, str]) -> None:
+    env = {
+        **pusher_env(e2e_env),
+        "PUSHER_ACTIVITY_TIMEOUT": "1",
+        "PUSHER_PONG_TIMEOUT": "1",
+        # The node's silence check runs every third of this (at most every 5 s).
+        "PUSH_HEARTBEAT_TIMEOUT_SECS": "3",
+    }
+    node = ServerNode(env, name="pusher-quiet").start()
+    try:
+        answering = await PusherClient.connect(node.pusher_url)
+        quiet = await PusherClient.connect(node.pusher_url)
+        assert answering.activity_timeout == 1
+        ping = await answering.receive(8)
+        assert ping["event"] == "pusher:ping"
+        await answering.send("pusher:pong", {})
+        assert (await quiet.receive(8))["event"] == "pusher:ping"
+        error = await quiet.receive(8)
+        assert error["data"]["code"] == 4201
+        with pytest.raises(ConnectionClosed):
+            await quiet.receive(5)
+        assert quiet.ws.close_code == 4201
+        # The one that answered is still served (pinged again, as it stays quiet).
+        assert (await answering.receive(8))["event"] == "pusher:ping"
+        await answering.close()
+    finally:
+        node.stop()
+
+
+async def test_what_one_client_sends_is_bounded_in_bytes(
+    pusher_nodes: tuple[ServerNode, ServerNode],
+) -> None:
+    channel = _channel("presence-")
+    client = await PusherClient.connect(pusher_nodes[0].pusher_url)
+    big_member = presence_data("big", {"bio": "x" * 2000})
+    refused = await client.subscribe(channel, channel_data=big_member)
+    assert json.loads(refused["data"])["status"] == 413
+    long_id = presence_data("u" * 129)
+    assert (await client.subscribe(channel, channel_data=long_id))["event"] == (
+        "pusher:subscription_error"
+    )
+    await client.subscribe(channel, channel_data=presence_data("ok"))
+    await client.send("client-big", "x" * 10_241, channel=channel)
+    assert "larger than" in (await client.receive())["data"]["message"]
+    await client.ws.send(
+        '{"event":"client-odd","channel":"%s","data":"\\ud800"}' % channel  # noqa: UP031
+    )
+    assert "surrogate" in (await client.receive())["data"]["message"]
+    await client.close()
+
+
+async def test_a_signed_in_user_gets_its_own_channel_and_nobody_elses(
+    pusher_nodes: tuple[ServerNode, ServerNode],
+) -> None:
+    client = await PusherClient.connect(pusher_nodes[0].pusher_url)
+    assert (await client.subscribe("#server-to-user-u-2"))["event"] == "pusher:subscription_error"
+    user_data = json.dumps({"id": "u-2"})
+    auth = f"{APP_KEY}:{sign(f'{client.socket_id}::user::{user_data}')}"
+    await client.send("pusher:signin", {"auth": auth, "user_data": user_data})
+    assert (await client.receive())["event"] == "pusher:signin_success"
+    succeeded = await client.subscribe("#server-to-user-u-2")
+    assert succeeded["event"] == "pusher_internal:subscription_succeeded"
+    refused = await client.subscribe("#server-to-user-u-3")
+    assert refused["event"] == "pusher:subscription_error"
+    await client.close()

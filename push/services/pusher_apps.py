@@ -12,9 +12,11 @@ Every comparison of a signature is constant-time (``hmac.compare_digest``).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import threading
 import time
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from asgiref.sync import sync_to_async
 
 from common.conf import push_settings
+
+logger = logging.getLogger(__name__)
 
 APP_CACHE_SECS = 5.0
 # What Pusher's HTTP API accepts as auth_version.
@@ -69,7 +73,15 @@ class _AppCache:
     def apps(self) -> list[PusherApp]:
         with self._lock:
             if time.monotonic() - self._read_at >= APP_CACHE_SECS:
-                self._apps = _read_apps()
+                try:
+                    self._apps = _read_apps()
+                except Exception:
+                    # The database is away: the apps read last keep serving (and the
+                    # next read waits its turn, so a handshake flood is no query
+                    # flood); never read, the caller learns it failed.
+                    if self._read_at < 0:
+                        raise
+                    logger.warning("pusher apps not read again; serving the last read")
                 self._read_at = time.monotonic()
             return self._apps
 
@@ -123,6 +135,17 @@ async def app_by_key_async(key: str) -> PusherApp | None:
     return await sync_to_async(app_by_key, thread_sensitive=False)(key)
 
 
+def free_app_id() -> str:
+    """A numeric app id not taken yet (Pusher's ids are numbers; some server libraries
+    expect digits)."""
+    from push.models import PusherApp as PusherAppRow
+
+    while True:
+        candidate = str(secrets.randbelow(9_000_000) + 1_000_000)
+        if not PusherAppRow.objects.filter(app_id=candidate).exists():
+            return candidate
+
+
 def new_credentials() -> tuple[str, str]:
     """A fresh (key, secret) pair: 20 and 40 hex digits, as Pusher's look."""
     return secrets.token_hex(10), secrets.token_hex(20)
@@ -166,6 +189,14 @@ def user_auth_valid(app: PusherApp, socket_id: str, user_data: str, auth: object
         return False
     expected = user_auth(app, socket_id, user_data)
     return hmac.compare_digest(expected.encode(), auth.encode("utf-8", "surrogatepass"))
+
+
+def encryption_shared_secret(master_key_base64: str, channel: str) -> str:
+    """The ``shared_secret`` of a ``private-encrypted-`` channel, as every Pusher server
+    library derives it: base64 of SHA-256 of the channel name followed by the master key.
+    The publisher encrypts with it and the subscriber decrypts; the server only relays."""
+    master_key = base64.b64decode(master_key_base64)
+    return base64.b64encode(hashlib.sha256(channel.encode("utf-8") + master_key).digest()).decode()
 
 
 def http_string_to_sign(method: str, path: str, params: Mapping[str, str]) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from accounts.permissions import PRIVATE_PREFIX, is_presence_channel
+from common.conf import push_settings
 from common.errors import PushError
 from push.cluster.presence import leave_presence, presence_member
 from push.services.pusher_apps import PusherApp, channel_auth_valid, user_auth_valid
@@ -27,6 +28,8 @@ from push.wire.protocol import validate_channel_name
 
 ENCRYPTED_PREFIX = "private-encrypted-"
 CACHE_PREFIXES = ("cache-", "private-cache-", "presence-cache-", "private-encrypted-cache-")
+# pusher-js subscribes a signed-in connection to this channel of its user by itself.
+SERVER_TO_USER_PREFIX = "#server-to-user-"
 CLIENT_EVENT = "client_event"
 CACHE_MISS = "cache_miss"
 
@@ -82,6 +85,13 @@ def _signed_member(session: PusherSession, channel: str, auth: Any, channel_data
     signed_data = channel_data if presence else None
     if presence and not isinstance(channel_data, str):
         raise SubscriptionRefused(channel, 400, "presence channels need channel_data")
+    if (
+        presence
+        and len(channel_data.encode("utf-8", "surrogatepass")) > pusher.MAX_CHANNEL_DATA_BYTES
+    ):
+        raise SubscriptionRefused(
+            channel, 413, f"channel_data is larger than {pusher.MAX_CHANNEL_DATA_BYTES} bytes"
+        )
     if not channel_auth_valid(session.app, session.socket_id, channel, auth, signed_data):
         raise SubscriptionRefused(channel, 403, f"Invalid signature for {channel}")
     if not presence:
@@ -91,8 +101,17 @@ def _signed_member(session: PusherSession, channel: str, auth: Any, channel_data
     except ValueError:
         member = None
     user_id = member.get("user_id") if isinstance(member, dict) else None
-    if not isinstance(user_id, str | int) or isinstance(user_id, bool) or user_id == "":
-        raise SubscriptionRefused(channel, 400, "channel_data must name a user_id")
+    if (
+        not isinstance(user_id, str | int)
+        or isinstance(user_id, bool)
+        or user_id == ""
+        or len(str(user_id)) > pusher.MAX_USER_ID_CHARS
+    ):
+        raise SubscriptionRefused(
+            channel,
+            400,
+            f"channel_data must name a user_id of 1 to {pusher.MAX_USER_ID_CHARS} characters",
+        )
     info = member.get("user_info") if isinstance(member.get("user_info"), dict) else None
     return {"user_id": user_id, "info": info}
 
@@ -111,6 +130,9 @@ async def pusher_subscribe(
     none."""
     if not isinstance(channel, str):
         raise PusherProblem(None, "pusher:subscribe needs a channel")
+    if channel.startswith(SERVER_TO_USER_PREFIX):
+        _server_to_user(session, channel)
+        return
     try:
         validate_channel_name(channel)
     except PushError as exc:
@@ -121,6 +143,10 @@ async def pusher_subscribe(
     presence = is_presence_channel(channel)
     cache = is_cache_channel(channel)
     members: list[dict[str, Any]] = []
+    limit = push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION
+    if channel not in session.subscriptions and len(session.subscriptions) >= limit:
+        # Before a presence join: a refused subscription announces nobody.
+        raise SubscriptionRefused(channel, 403, f"subscription limit of {limit} reached")
     if presence and channel not in session.subscriptions:
         joined = presence_member(session.principal, session.connection_id, claims)
         session.presence_ids[channel] = pusher.pusher_user_id(joined["user_id"])
@@ -161,6 +187,15 @@ async def pusher_subscribe(
             )
 
 
+def _server_to_user(session: PusherSession, channel: str) -> None:
+    """The signed-in user's own channel: answered, so pusher-js's sign-in completes, and
+    refused to anyone else. Sending to users (Pusher's ``sendToUser``) is not supported
+    (docs/pusher.md): nothing is ever published on it."""
+    if session.pusher_user_id is None or channel != SERVER_TO_USER_PREFIX + session.pusher_user_id:
+        raise SubscriptionRefused(channel, 403, "only the signed-in user may subscribe to this")
+    session.send_frame(pusher.event_frame(pusher.SUBSCRIPTION_SUCCEEDED, {}, channel))
+
+
 async def pusher_unsubscribe(node: SessionNode, session: Any, channel: Any) -> None:
     if isinstance(channel, str) and await channel_unsubscribe(node, session, channel):
         session.presence_ids.pop(channel, None)
@@ -187,6 +222,15 @@ async def pusher_client_event(node: Any, session: Any, name: str, channel: Any, 
             pusher.PusherError.CLIENT_EVENT_RATE_LIMIT, "client event rejected due to rate limit"
         )
     text = data if isinstance(data, str) else pusher.json_text(data)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        # A lone surrogate (the JSON escape \ud800): no UTF-8 frame can carry it on.
+        raise PusherProblem(None, "client event data holds a lone UTF-16 surrogate") from None
+    if size > pusher.MAX_CLIENT_EVENT_BYTES:
+        raise PusherProblem(
+            None, f"client event data is larger than {pusher.MAX_CLIENT_EVENT_BYTES} bytes"
+        )
     frame: dict[str, Any] = {"event": name, "channel": channel, "data": text}
     user_id = session.presence_ids.get(channel)
     if user_id is not None:

@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 PATH_PREFIX = "/app/"
 # Protocol versions whose frames are the ones served here (pusher-js 8 speaks 7).
 SUPPORTED_VERSIONS = range(5, 8)
-# How long a pinged client has to answer before it is closed with 4201.
-PONG_WAIT_SECS = 30.0
 
 # Our close codes as Pusher's (4000-4099: do not reconnect; 4100-4199: reconnect after
 # a back-off; 4200-4299: reconnect now), with the message of the pusher:error sent first.
@@ -117,9 +115,10 @@ class PusherConnection(ClientConnection):
 
     def check_silence(self, now: float) -> int:
         """Pusher's rule for a quiet client: ping it after ``activity_timeout``, close it
-        (4201) when no frame came back within ``PONG_WAIT_SECS``. Returns 1 if closed."""
+        (4201) when no frame came back within ``PUSHER_PONG_TIMEOUT_SECS``. Returns 1 if
+        closed. The node's heartbeat check calls it (every few seconds)."""
         if self.pinged_at is not None and self.pinged_at >= self.last_seen:
-            if now - self.pinged_at >= PONG_WAIT_SECS:
+            if now - self.pinged_at >= push_settings.PUSHER_PONG_TIMEOUT_SECS:
                 self.refuse(PusherError.PONG_NOT_RECEIVED, "pong reply not received")
                 return 1
             return 0

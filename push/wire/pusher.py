@@ -29,6 +29,11 @@ DEFAULT_EVENT = "message"
 # Pusher limits an event name to 200 characters, a channel name to 164.
 MAX_EVENT_NAME = 200
 MAX_CHANNEL_NAME = 164
+# Pusher's bounds on what one client sends: a client event's data, a presence member's
+# channel_data and user id.
+MAX_CLIENT_EVENT_BYTES = 10_240
+MAX_CHANNEL_DATA_BYTES = 1_024
+MAX_USER_ID_CHARS = 128
 SOCKET_ID = re.compile(r"\A\d+\.\d+\Z")
 
 CONNECTION_ESTABLISHED = "pusher:connection_established"

@@ -10,13 +10,12 @@ manage.py pusher_app list
 from __future__ import annotations
 
 import argparse
-import secrets
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
 from push.models import PusherApp
-from push.services.pusher_apps import app_cache, new_credentials
+from push.services.pusher_apps import app_cache, free_app_id, new_credentials
 
 
 class Command(BaseCommand):
@@ -49,7 +48,7 @@ class Command(BaseCommand):
         key, secret = new_credentials()
         app = PusherApp.objects.create(
             name=name,
-            app_id=str(secrets.randbelow(9_000_000) + 1_000_000),
+            app_id=free_app_id(),
             key=key,
             secret=secret,
             client_events=options["client_events"],
