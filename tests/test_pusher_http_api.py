@@ -643,3 +643,41 @@ async def test_with_two_apps_the_request_names_one(
             "-c",
             "from push.models import PusherApp; PusherApp.objects.filter(app_id='2002').delete()",
         )
+
+
+async def test_one_user_is_one_presence_member_on_both_protocols(
+    nodes: tuple[ServerNode, ServerNode], http: httpx.AsyncClient, bob: dict[str, str]
+) -> None:
+    """bob on our own protocol (node B) and on Pusher (node A, signed by /pusher/auth):
+    one member, whom both protocols show, and no member_added for his second connection."""
+    node_a, node_b = nodes
+    channel = "presence-ph-both"
+    watcher = await PusherClient.connect(node_a.pusher_url)
+    await watcher.subscribe(channel, channel_data=json.dumps({"user_id": "watcher"}))
+    ours, subscribed = await subscribe(node_b.ws_url, channel, token=bob["token"])
+    added = await watcher.receive_event("pusher_internal:member_added")
+    assert json.loads(added["data"])["user_id"] == bob["id"]
+    client = await PusherClient.connect(node_a.pusher_url)
+    try:
+        signed = await http.post(
+            "/pusher/auth",
+            data={"socket_id": client.socket_id, "channel_name": channel},
+            headers=token_header(bob),
+        )
+        answer = await client.subscribe(
+            channel, auth=signed.json()["auth"], channel_data=signed.json()["channel_data"]
+        )
+        presence = json.loads(answer["data"])["presence"]
+        assert sorted(presence["ids"]) == sorted([bob["id"], "watcher"]), presence
+        assert presence["count"] == 2
+        await watcher.nothing_for(0.5)
+        await ours.send(json.dumps({"type": "presence", "channel": channel, "id": 1}))
+        while (members := json.loads(await ours.recv()))["type"] != "presence":
+            pass  # the join and leave frames that came before the answer
+        assert sorted(str(m["user_id"]) for m in members["members"]) == sorted(
+            [bob["id"], "watcher"]
+        )
+    finally:
+        await client.close()
+        await ours.close()
+        await watcher.close()

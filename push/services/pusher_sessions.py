@@ -113,7 +113,7 @@ def _signed_member(session: PusherSession, channel: str, auth: Any, channel_data
             f"channel_data must name a user_id of 1 to {pusher.MAX_USER_ID_CHARS} characters",
         )
     info = member.get("user_info") if isinstance(member.get("user_info"), dict) else None
-    return {"user_id": user_id, "info": info}
+    return {"user_id": pusher.member_user_id(user_id), "info": info}
 
 
 async def pusher_subscribe(
