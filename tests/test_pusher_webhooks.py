@@ -380,43 +380,21 @@ def test_a_signature_of_another_secret_or_key_is_refused() -> None:
 # ----- what each of our events becomes ------------------------------------------------
 
 
+# What a client event's webhook repeats of it as it is.
+CLIENT = {"event": "client-typing", "socket_id": "1.2"}
+
+
 @pytest.mark.parametrize(
     ("ours", "theirs"),
     [
-        (
-            event(
-                events.CLIENT_EVENT,
-                channel="presence-r",
-                event="client-typing",
-                data={"x": 1},
-                socket_id="1.2",
-                user_id="7",
-                node="n",
-            ),
-            {
-                "name": "client_event",
-                "channel": "presence-r",
-                "event": "client-typing",
-                "data": '{"x":1}',
-                "socket_id": "1.2",
-                "user_id": "7",
-            },
+        (  # on a presence channel, with its sender's user id; object data as JSON text
+            event(events.CLIENT_EVENT, channel="presence-r", data={"x": 1}, user_id="7", **CLIENT),
+            {"name": "client_event", "channel": "presence-r", "data": '{"x":1}', "user_id": "7"}
+            | CLIENT,
         ),
         (
-            event(
-                events.CLIENT_EVENT,
-                channel="private-r",
-                event="client-a",
-                data="text",
-                socket_id="3.4",
-            ),
-            {
-                "name": "client_event",
-                "channel": "private-r",
-                "event": "client-a",
-                "data": "text",
-                "socket_id": "3.4",
-            },
+            event(events.CLIENT_EVENT, channel="private-r", data="text", node="n", **CLIENT),
+            {"name": "client_event", "channel": "private-r", "data": "text"} | CLIENT,
         ),
         (event(events.CACHE_MISS, channel="cache-x"), {"name": "cache_miss", "channel": "cache-x"}),
         (
