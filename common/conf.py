@@ -461,6 +461,12 @@ class PushSettings:
         "`activity_timeout` told to Pusher clients: they ping after this much silence",
         variable="PUSHER_ACTIVITY_TIMEOUT",
     )
+    PUSHER_PONG_TIMEOUT_SECS: int = option(
+        30,
+        EnvType.INT,
+        "how long a Pusher client pinged by the server has to answer before it is closed with 4201",
+        variable="PUSHER_PONG_TIMEOUT",
+    )
     PUSHER_CLIENT_EVENT_RATE: int = option(
         10,
         EnvType.INT,

@@ -20,8 +20,9 @@ from django.urls import path
 from common.redis_client import redis_prefix, redis_sync
 from push.cluster.directory import cluster_nodes, connections_disconnect
 from push.cluster.node import running_node
-from push.models import Channel, Connection, Message
+from push.models import Channel, Connection, Message, PusherApp
 from push.ops.event_worker import dead_letters
+from push.services.pusher_apps import app_cache, free_app_id, new_credentials
 from push.storage.retention import retention_policy
 
 # Channels listed per connection on the change list; the rest are counted.
@@ -208,3 +209,28 @@ class ChannelAdmin(ReadOnlyAdmin):
     @admin.display(description="retention")
     def retention(self, obj: Channel) -> str:
         return retention_policy(obj.name).describe()
+
+
+@admin.register(PusherApp)
+class PusherAppAdmin(admin.ModelAdmin):
+    """Apps of the Pusher protocol. The id, key and secret are made by the server when
+    an app is added (as ``manage.py pusher_app create`` does) and never typed in: a
+    secret someone chose is a secret someone else may guess. Changes reach every node
+    within ``APP_CACHE_SECS``."""
+
+    list_display = ("name", "app_id", "key", "client_events", "enabled", "created_at")
+    list_filter = ("enabled", "client_events")
+    search_fields = ("name", "app_id", "key")
+    fields = ("name", "app_id", "key", "secret", "client_events", "enabled", "webhook_urls")
+    readonly_fields = ("app_id", "key", "secret")
+
+    def save_model(self, request: HttpRequest, obj: PusherApp, form: Any, change: bool) -> None:
+        if not change:
+            obj.key, obj.secret = new_credentials()
+            obj.app_id = free_app_id()
+        super().save_model(request, obj, form, change)
+        app_cache.forget()
+
+    def delete_model(self, request: HttpRequest, obj: PusherApp) -> None:
+        super().delete_model(request, obj)
+        app_cache.forget()

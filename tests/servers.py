@@ -151,6 +151,11 @@ class ServerNode:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws/"
 
+    @property
+    def pusher_url(self) -> str:
+        """Where Pusher clients connect: ``<this>/app/<key>``."""
+        return f"ws://127.0.0.1:{self.port}"
+
     def start(self) -> ServerNode:
         self._owned.start()
         return self

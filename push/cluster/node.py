@@ -342,12 +342,21 @@ class Node:
             self.close_silent(timeout)
 
     def close_silent(self, timeout_secs: float) -> int:
-        """Close (4001) connections that sent nothing for ``timeout_secs``."""
-        cutoff = time.monotonic() - timeout_secs
-        silent = [c for c in self.connections.values() if c.last_seen < cutoff and c.is_open]
+        """Close (4001) connections that sent nothing for ``timeout_secs``; a protocol
+        with its own rule (Pusher pings an idle client first) applies that instead."""
+        now = time.monotonic()
+        cutoff = now - timeout_secs
+        earliest = now - min(timeout_secs, push_settings.PUSHER_ACTIVITY_TIMEOUT_SECS)
+        silent = [c for c in self.connections.values() if c.last_seen < earliest and c.is_open]
+        closed = 0
         for connection in silent:
-            connection.close(CloseCode.HEARTBEAT_TIMEOUT)
-        return len(silent)
+            check = getattr(connection, "check_silence", None)
+            if check is not None:
+                closed += check(now)
+            elif connection.last_seen < cutoff:
+                connection.close(CloseCode.HEARTBEAT_TIMEOUT)
+                closed += 1
+        return closed
 
     async def drain(self, *, code: int, deadline_secs: float) -> None:
         """Tell every client to go, let queued frames out, record the closes, stop."""

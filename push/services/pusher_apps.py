@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import threading
 import time
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from asgiref.sync import sync_to_async
 
 from common.conf import push_settings
+
+logger = logging.getLogger(__name__)
 
 APP_CACHE_SECS = 5.0
 # What Pusher's HTTP API accepts as auth_version.
@@ -69,7 +72,15 @@ class _AppCache:
     def apps(self) -> list[PusherApp]:
         with self._lock:
             if time.monotonic() - self._read_at >= APP_CACHE_SECS:
-                self._apps = _read_apps()
+                try:
+                    self._apps = _read_apps()
+                except Exception:
+                    # The database is away: the apps read last keep serving (and the
+                    # next read waits its turn, so a handshake flood is no query
+                    # flood); never read, the caller learns it failed.
+                    if self._read_at < 0:
+                        raise
+                    logger.warning("pusher apps not read again; serving the last read")
                 self._read_at = time.monotonic()
             return self._apps
 
@@ -121,6 +132,17 @@ def app_by_id(app_id: str) -> PusherApp | None:
 
 async def app_by_key_async(key: str) -> PusherApp | None:
     return await sync_to_async(app_by_key, thread_sensitive=False)(key)
+
+
+def free_app_id() -> str:
+    """A numeric app id not taken yet (Pusher's ids are numbers; some server libraries
+    expect digits)."""
+    from push.models import PusherApp as PusherAppRow
+
+    while True:
+        candidate = str(secrets.randbelow(9_000_000) + 1_000_000)
+        if not PusherAppRow.objects.filter(app_id=candidate).exists():
+            return candidate
 
 
 def new_credentials() -> tuple[str, str]:

@@ -7,6 +7,7 @@ transports; the transport only decides how frames travel and how requests arrive
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -58,22 +59,28 @@ def client_ip(scope: Mapping[str, Any]) -> str | None:
     return client[0] if client else None
 
 
-def session_open(node: SessionNode, connection: LiveConnection) -> CloseCode | None:
+def session_open(
+    node: SessionNode, connection: LiveConnection, greet: Callable[[], None] | None = None
+) -> CloseCode | None:
     """Admit the connection and greet it, or say with which code to close it (the node
-    is draining, or the client is over its connection limits)."""
+    is draining, or the client is over its connection limits). ``greet`` sends another
+    protocol's greeting (Pusher's ``connection_established``) instead of ours."""
     if node.draining:
         # This node is shutting down: go to another one and resume there.
         return CloseCode.GOING_AWAY
     if not node.admit(connection):
         return CloseCode.TRY_AGAIN_LATER
-    connection.send_envelope(
-        protocol.connection_established(
-            connection_id=str(connection.connection_id),
-            server_id=node.server_id,
-            heartbeat_interval=push_settings.HEARTBEAT_INTERVAL_SECS,
-            timestamp=time.time(),
+    if greet is not None:
+        greet()
+    else:
+        connection.send_envelope(
+            protocol.connection_established(
+                connection_id=str(connection.connection_id),
+                server_id=node.server_id,
+                heartbeat_interval=push_settings.HEARTBEAT_INTERVAL_SECS,
+                timestamp=time.time(),
+            )
         )
-    )
     node.registry.opened(
         ConnectionRecord(
             connection_id=connection.connection_id,
@@ -140,6 +147,8 @@ async def channel_subscribe(
     rewind: int | None = None,
     occupancy: bool = False,
     delta: str | None = None,
+    authorized: dict[str, Any] | None = None,
+    join_presence: bool = True,
 ) -> None:
     """Subscribe after the permission check (or a signed subscription token): resume
     from ``since`` when given (or send the last ``rewind`` messages first), join
@@ -149,16 +158,22 @@ async def channel_subscribe(
     ``reply(seq, recovered)`` is called before the first message of the channel reaches
     the connection.
 
+    ``authorized``: the claims of an authorization the transport checked already (a
+    Pusher channel signature), instead of a token or the permission decider. With
+    ``join_presence`` False the caller has joined presence itself (a Pusher presence
+    subscription answers with a member list that holds the subscriber).
+
     The consumer awaits this inline and reads the client's disconnect only after it
     returns: every step that can wait (the replay above all) checks ``connection.gone``
     and stops, so no work goes on for a client that left."""
     if connection.gone:
         return
-    claims = None
-    if token is not None:
-        claims = subscription_token_verify(token, channel=channel)
-    else:
-        authorize_subscribe(connection.principal, channel)
+    claims = authorized
+    if authorized is None:
+        if token is not None:
+            claims = subscription_token_verify(token, channel=channel)
+        else:
+            authorize_subscribe(connection.principal, channel)
     _remember_token_expiry(connection, channel, claims)
     existing = connection.subscriptions.get(channel)
     if existing is not None and existing.active:
@@ -184,7 +199,7 @@ async def channel_subscribe(
     _record_change(node, connection, events.SUBSCRIBE, channel)
     if occupancy:
         await node.occupancy.watch(subscription)
-    if is_presence_channel(channel):
+    if join_presence and is_presence_channel(channel):
         joined = presence_member(connection.principal, connection.connection_id, claims)
         if await node.presence.join(channel, str(connection.connection_id), joined):
             await node.announce_presence("join", channel, joined)
@@ -214,7 +229,8 @@ def _remember_token_expiry(
     if claims is not None:
         if connection.token_expiry is None:
             connection.token_expiry = {}
-        connection.token_expiry[channel] = float(claims["exp"])
+        # A Pusher channel signature has no expiry: it grants for the connection's life.
+        connection.token_expiry[channel] = float(claims.get("exp", math.inf))
     elif connection.token_expiry:
         connection.token_expiry.pop(channel, None)
 

@@ -74,7 +74,7 @@ def _reply_failure(
         connection.close(exc.close_code)
 
 
-def _frame_size(payload: str | bytes) -> int:
+def frame_size(payload: str | bytes) -> int:
     # A str of n characters is at most 4n UTF-8 bytes: encode only when it matters.
     if isinstance(payload, str) and len(payload) * 4 > push_settings.MAX_FRAME_BYTES:
         return len(payload.encode("utf-8", "surrogatepass"))
@@ -154,7 +154,7 @@ class PushConsumer(AsyncConsumer):
             return
         try:
             payload = connection.codec.frame_payload(event)
-            if _frame_size(payload) > push_settings.MAX_FRAME_BYTES:
+            if frame_size(payload) > push_settings.MAX_FRAME_BYTES:
                 raise PushError(
                     ErrorCode.MESSAGE_TOO_LARGE,
                     f"frame is larger than {push_settings.MAX_FRAME_BYTES} bytes",

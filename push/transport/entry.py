@@ -18,6 +18,7 @@ from common.conf import push_settings
 from common.errors import CloseCode, PushError
 from push.transport.consumers import PushConsumer
 from push.transport.origin import BrowserOriginValidator
+from push.transport.pusher import PusherConsumer, app_key_of
 from push.transport.server_adapters import bound_inbound, close_with_any_code
 
 WEBSOCKET_PATHS = frozenset({"/ws/", "/ws"})
@@ -32,7 +33,8 @@ class WebSocketEntry:
         self.origins = BrowserOriginValidator(None, allowed_origins)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope.get("path") not in WEBSOCKET_PATHS or not self.origins.allows(scope):
+        pusher = scope.get("path") not in WEBSOCKET_PATHS and app_key_of(scope) is not None
+        if not (pusher or scope.get("path") in WEBSOCKET_PATHS) or not self.origins.allows(scope):
             return await WebsocketDenier()(scope, receive, send)
         try:
             principal = await resolve_principal(scope)
@@ -50,7 +52,8 @@ class WebSocketEntry:
             max_frames=INBOUND_MAX_FRAMES,
             max_bytes=push_settings.MAX_FRAME_BYTES,
         )
-        return await PushConsumer()(scope, receive, send)
+        consumer = PusherConsumer() if pusher else PushConsumer()
+        return await consumer(scope, receive, send)
 
 
 async def _try_again_later(receive: Any, send: Any) -> None:

@@ -29,6 +29,11 @@ DEFAULT_EVENT = "message"
 # Pusher limits an event name to 200 characters, a channel name to 164.
 MAX_EVENT_NAME = 200
 MAX_CHANNEL_NAME = 164
+# Pusher's bounds on what one client sends: a client event's data, a presence member's
+# channel_data and user id.
+MAX_CLIENT_EVENT_BYTES = 10_240
+MAX_CHANNEL_DATA_BYTES = 1_024
+MAX_USER_ID_CHARS = 128
 SOCKET_ID = re.compile(r"\A\d+\.\d+\Z")
 
 CONNECTION_ESTABLISHED = "pusher:connection_established"
@@ -85,6 +90,10 @@ def event_frame(event: str, data: Any = None, channel: str | None = None, **extr
         frame["data"] = data if isinstance(data, str) else _encoder.encode(data)
     frame.update(extra)
     return _encoder.encode(frame)
+
+
+def json_text(value: Any) -> str:
+    return _encoder.encode(value)
 
 
 def error_frame(code: int | None, message: str) -> str:

@@ -1,0 +1,261 @@
+"""What a Pusher connection asks for (docs/pusher.md), on the same node, hub, limits
+and presence as our own protocol: subscribe (public, ``private-``, ``presence-``,
+``private-encrypted-`` and cache channels), unsubscribe, client events and user
+sign-in.
+
+A ``private-`` or ``presence-`` subscription is authorized by the signature Pusher
+defines (``<key>:<HMAC-SHA256 of socket_id:channel[:channel_data]>`` with the app's
+secret): whoever signed it (``POST /pusher/auth``, or any back-end holding the secret)
+decided. A public channel is decided by the same permission decider as our own
+protocol's subscriptions, for the connection's principal (anonymous unless a session
+cookie or token came with the handshake).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from accounts.permissions import PRIVATE_PREFIX, is_presence_channel
+from common.errors import PushError
+from push.cluster.presence import leave_presence, presence_member
+from push.services.pusher_apps import PusherApp, channel_auth_valid, user_auth_valid
+from push.services.subscriptions import SessionNode, channel_subscribe, channel_unsubscribe
+from push.wire import pusher
+from push.wire.protocol import validate_channel_name
+
+ENCRYPTED_PREFIX = "private-encrypted-"
+CACHE_PREFIXES = ("cache-", "private-cache-", "presence-cache-", "private-encrypted-cache-")
+# pusher-js subscribes a signed-in connection to this channel of its user by itself.
+SERVER_TO_USER_PREFIX = "#server-to-user-"
+CLIENT_EVENT = "client_event"
+CACHE_MISS = "cache_miss"
+
+
+class PusherProblem(Exception):
+    """A request refused with ``pusher:error`` (``code`` None: Pusher's generic error);
+    with ``close``, the connection is closed with that code afterwards."""
+
+    def __init__(self, code: int | None, message: str, *, close: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.close = close
+
+
+class SubscriptionRefused(Exception):
+    """A subscription refused with ``pusher:subscription_error`` (``status`` as HTTP)."""
+
+    def __init__(self, channel: str, status: int, message: str) -> None:
+        super().__init__(message)
+        self.channel = channel
+        self.status = status
+        self.message = message
+
+
+class PusherSession(Protocol):
+    """What these services use of a Pusher connection (``push.transport.pusher``)."""
+
+    app: PusherApp
+    socket_id: str
+    pusher_user_id: str | None
+    # A token bucket (push.transport.limits): take() is False past the rate.
+    client_event_rate: Any
+    # Channel -> the Pusher user id this connection is on that presence channel.
+    presence_ids: dict[str, str]
+    subscriptions: dict[str, Any]
+
+    def send_frame(self, text: str) -> None: ...
+
+
+def needs_signature(channel: str) -> bool:
+    return channel.startswith(PRIVATE_PREFIX) or is_presence_channel(channel)
+
+
+def is_cache_channel(channel: str) -> bool:
+    return channel.startswith(CACHE_PREFIXES)
+
+
+def _signed_member(session: PusherSession, channel: str, auth: Any, channel_data: Any) -> Any:
+    """The claims a valid signature grants: {} on a private channel, the member
+    (``user_id``, ``info``) that ``channel_data`` names on a presence channel."""
+    presence = is_presence_channel(channel)
+    signed_data = channel_data if presence else None
+    if presence and not isinstance(channel_data, str):
+        raise SubscriptionRefused(channel, 400, "presence channels need channel_data")
+    if (
+        presence
+        and len(channel_data.encode("utf-8", "surrogatepass")) > pusher.MAX_CHANNEL_DATA_BYTES
+    ):
+        raise SubscriptionRefused(
+            channel, 413, f"channel_data is larger than {pusher.MAX_CHANNEL_DATA_BYTES} bytes"
+        )
+    if not channel_auth_valid(session.app, session.socket_id, channel, auth, signed_data):
+        raise SubscriptionRefused(channel, 403, f"Invalid signature for {channel}")
+    if not presence:
+        return {}
+    try:
+        member = json.loads(channel_data)
+    except ValueError:
+        member = None
+    user_id = member.get("user_id") if isinstance(member, dict) else None
+    if (
+        not isinstance(user_id, str | int)
+        or isinstance(user_id, bool)
+        or user_id == ""
+        or len(str(user_id)) > pusher.MAX_USER_ID_CHARS
+    ):
+        raise SubscriptionRefused(
+            channel,
+            400,
+            f"channel_data must name a user_id of 1 to {pusher.MAX_USER_ID_CHARS} characters",
+        )
+    info = member.get("user_info") if isinstance(member.get("user_info"), dict) else None
+    return {"user_id": user_id, "info": info}
+
+
+async def pusher_subscribe(
+    node: SessionNode,
+    session: Any,
+    channel: Any,
+    *,
+    auth: Any = None,
+    channel_data: Any = None,
+) -> None:
+    """Subscribe and answer ``subscription_succeeded`` (with the member list on a
+    presence channel, where the connection joins first so the list holds it); on a
+    cache channel the last message follows, or ``pusher:cache_miss`` when there is
+    none."""
+    if not isinstance(channel, str):
+        raise PusherProblem(None, "pusher:subscribe needs a channel")
+    if channel.startswith(SERVER_TO_USER_PREFIX):
+        _server_to_user(session, channel)
+        return
+    try:
+        validate_channel_name(channel)
+    except PushError as exc:
+        raise SubscriptionRefused(channel, 400, exc.message) from exc
+    claims = (
+        _signed_member(session, channel, auth, channel_data) if needs_signature(channel) else None
+    )
+    presence = is_presence_channel(channel)
+    cache = is_cache_channel(channel)
+    members: list[dict[str, Any]] = []
+    if presence and channel not in session.subscriptions:
+        joined = presence_member(session.principal, session.connection_id, claims)
+        session.presence_ids[channel] = pusher.pusher_user_id(joined["user_id"])
+        if await node.presence.join(channel, str(session.connection_id), joined):
+            await node.announce_presence("join", channel, joined)
+    if presence:
+        members = await node.presence.members(channel)
+
+    def reply(seq: int, recovered: bool | None) -> None:
+        data = pusher.presence_data(members) if presence else {}
+        session.send_frame(pusher.event_frame(pusher.SUBSCRIPTION_SUCCEEDED, data, channel))
+        if cache and seq == 0:
+            session.send_frame(pusher.event_frame(pusher.CACHE_MISS, None, channel))
+            node.events.emit(CACHE_MISS, channel=channel)
+
+    try:
+        await channel_subscribe(
+            node,
+            session,
+            channel,
+            since=None,
+            token=None,
+            reply=reply,
+            # A cache channel's last event is its last message: sent first, then live.
+            rewind=1 if cache else None,
+            authorized=claims,
+            join_presence=False,
+        )
+    except PushError as exc:
+        raise SubscriptionRefused(channel, exc.http_status, exc.message) from exc
+    finally:
+        if presence and channel not in session.subscriptions:
+            # Joined above, but the subscription did not happen (refused, or the
+            # client left meanwhile): the member leaves again.
+            session.presence_ids.pop(channel, None)
+            await leave_presence(
+                node.presence, node.announce_presence, str(session.connection_id), [channel]
+            )
+
+
+def _server_to_user(session: PusherSession, channel: str) -> None:
+    """The signed-in user's own channel: answered, so pusher-js's sign-in completes, and
+    refused to anyone else. Sending to users (Pusher's ``sendToUser``) is not supported
+    (docs/pusher.md): nothing is ever published on it."""
+    if session.pusher_user_id is None or channel != SERVER_TO_USER_PREFIX + session.pusher_user_id:
+        raise SubscriptionRefused(channel, 403, "only the signed-in user may subscribe to this")
+    session.send_frame(pusher.event_frame(pusher.SUBSCRIPTION_SUCCEEDED, {}, channel))
+
+
+async def pusher_unsubscribe(node: SessionNode, session: Any, channel: Any) -> None:
+    if isinstance(channel, str) and await channel_unsubscribe(node, session, channel):
+        session.presence_ids.pop(channel, None)
+
+
+async def pusher_client_event(node: Any, session: Any, name: str, channel: Any, data: Any) -> None:
+    """Relay a ``client-*`` event to the channel's other Pusher subscribers on every
+    node: only when the app allows client events, only on a private or presence
+    channel the connection is subscribed to (never an encrypted one, whose data the
+    server cannot read and so cannot vouch for), at most
+    ``PUSHER_CLIENT_EVENT_RATE`` per second."""
+    if not session.app.client_events:
+        raise PusherProblem(None, "client events are not enabled for this app")
+    if not isinstance(channel, str) or not needs_signature(channel):
+        raise PusherProblem(None, "client events are allowed on private and presence channels only")
+    if channel.startswith(ENCRYPTED_PREFIX):
+        raise PusherProblem(None, "client events are not allowed on encrypted channels")
+    if channel not in session.subscriptions:
+        raise PusherProblem(None, f"not subscribed to {channel}")
+    if len(name) > pusher.MAX_EVENT_NAME:
+        raise PusherProblem(None, f"event names are at most {pusher.MAX_EVENT_NAME} characters")
+    if not session.client_event_rate.take():
+        raise PusherProblem(
+            pusher.PusherError.CLIENT_EVENT_RATE_LIMIT, "client event rejected due to rate limit"
+        )
+    text = data if isinstance(data, str) else pusher.json_text(data)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        # A lone surrogate (the JSON escape \ud800): no UTF-8 frame can carry it on.
+        raise PusherProblem(None, "client event data holds a lone UTF-16 surrogate") from None
+    if size > pusher.MAX_CLIENT_EVENT_BYTES:
+        raise PusherProblem(
+            None, f"client event data is larger than {pusher.MAX_CLIENT_EVENT_BYTES} bytes"
+        )
+    frame: dict[str, Any] = {"event": name, "channel": channel, "data": text}
+    user_id = session.presence_ids.get(channel)
+    if user_id is not None:
+        frame["user_id"] = user_id
+    await node.relay_client_event(channel, frame, session.socket_id)
+    node.events.emit(
+        CLIENT_EVENT,
+        channel=channel,
+        event=name,
+        data=text,
+        socket_id=session.socket_id,
+        user_id=user_id,
+    )
+
+
+def pusher_signin(session: Any, data: Mapping[str, Any]) -> None:
+    """``pusher:signin``: a user sign-in signed with the app's secret; the connection is
+    then that user (``terminate_connections`` ends it). A bad signature closes it (4009)."""
+    user_data = data.get("user_data")
+    auth = data.get("auth")
+    if not isinstance(user_data, str) or not user_auth_valid(
+        session.app, session.socket_id, user_data, auth
+    ):
+        raise PusherProblem(pusher.PusherError.UNAUTHORIZED, "invalid sign-in", close=True)
+    try:
+        user = json.loads(user_data)
+    except ValueError:
+        user = None
+    user_id = user.get("id") if isinstance(user, dict) else None
+    if not isinstance(user_id, str) or not user_id:
+        raise PusherProblem(pusher.PusherError.UNAUTHORIZED, "user_data needs an id", close=True)
+    session.pusher_user_id = user_id
+    session.send_frame(pusher.event_frame(pusher.SIGNIN_SUCCESS, {"user_data": user_data}))

@@ -1,0 +1,274 @@
+"""The Pusher protocol's WebSocket endpoint, ``/app/<key>`` (docs/pusher.md).
+
+The same consumer loop, node, hub, limits and metrics as our own protocol
+(``push.transport.consumers``); what differs is the handshake (an app key and a
+protocol version in the URL, Pusher's ``connection_established``), the frames (the
+Pusher codec, ``push.wire.pusher``) and the requests, which the Pusher session
+services carry out (``push.services.pusher_sessions``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qs
+
+from common import metrics
+from common.conf import push_settings
+from common.errors import CloseCode, ErrorCode, PushError
+from push.fanout.outbox import OutFrame
+from push.services.pusher_apps import PusherApp, app_by_key_async
+from push.services.pusher_sessions import (
+    PusherProblem,
+    SubscriptionRefused,
+    pusher_client_event,
+    pusher_signin,
+    pusher_subscribe,
+    pusher_unsubscribe,
+)
+from push.services.runtime import get_node
+from push.services.subscriptions import client_ip, session_open
+from push.transport.connection import ClientConnection
+from push.transport.consumers import PushConsumer, frame_size
+from push.transport.limits import TokenBucket
+from push.wire import pusher
+from push.wire.pusher import PUSHER_CODEC, PusherError
+
+logger = logging.getLogger(__name__)
+
+PATH_PREFIX = "/app/"
+# Protocol versions whose frames are the ones served here (pusher-js 8 speaks 7).
+SUPPORTED_VERSIONS = range(5, 8)
+
+# Our close codes as Pusher's (4000-4099: do not reconnect; 4100-4199: reconnect after
+# a back-off; 4200-4299: reconnect now), with the message of the pusher:error sent first.
+_PUSHER_CLOSE: dict[int, tuple[int, str]] = {
+    CloseCode.GOING_AWAY: (PusherError.GENERIC_RECONNECT, "server going away; reconnect"),
+    CloseCode.SERVICE_RESTART: (PusherError.GENERIC_RECONNECT, "server restarting; reconnect"),
+    CloseCode.SERVER_ERROR: (PusherError.GENERIC_RECONNECT, "server error; reconnect"),
+    CloseCode.TRY_AGAIN_LATER: (PusherError.OVER_CAPACITY, "over capacity; try again later"),
+    CloseCode.SLOW_CONSUMER: (PusherError.OVER_CAPACITY, "not reading fast enough"),
+    CloseCode.HEARTBEAT_TIMEOUT: (PusherError.PONG_NOT_RECEIVED, "pong reply not received"),
+    CloseCode.POLICY: (PusherError.UNAUTHORIZED, "connection closed by the server"),
+    CloseCode.TOO_LARGE: (PusherError.UNAUTHORIZED, "message too large"),
+}
+
+
+def app_key_of(scope: Mapping[str, Any]) -> str | None:
+    path = scope.get("path") or ""
+    key = path[len(PATH_PREFIX) :].rstrip("/") if path.startswith(PATH_PREFIX) else ""
+    return key if key and "/" not in key else None
+
+
+def _version_refusal(scope: Mapping[str, Any]) -> tuple[int, str] | None:
+    query = parse_qs((scope.get("query_string") or b"").decode("latin-1"))
+    version = (query.get("protocol") or [None])[0]
+    if version is None:
+        return PusherError.NO_VERSION, "no protocol version supplied"
+    if not version.isdigit():
+        return PusherError.INVALID_VERSION, "invalid version string format"
+    if int(version) not in SUPPORTED_VERSIONS:
+        return PusherError.UNSUPPORTED_VERSION, f"unsupported protocol version {version}"
+    return None
+
+
+class PusherConnection(ClientConnection):
+    """A client speaking Pusher: our connection, with its app, socket id and the state
+    Pusher adds (a signed-in user, presence ids, the client-event rate)."""
+
+    __slots__ = (
+        "app",
+        "client_event_rate",
+        "pinged_at",
+        "presence_ids",
+        "pusher_user_id",
+        "socket_id",
+    )
+
+    def __init__(self, *, app: PusherApp, **kwargs: Any) -> None:
+        super().__init__(codec=PUSHER_CODEC, **kwargs)
+        self.app = app
+        self.socket_id = pusher.new_socket_id()
+        self.pusher_user_id: str | None = None
+        self.presence_ids: dict[str, str] = {}
+        rate = push_settings.PUSHER_CLIENT_EVENT_RATE
+        self.client_event_rate = TokenBucket(rate, rate)
+        self.pinged_at: float | None = None
+
+    def send_frame(self, text: str) -> None:
+        self.outbox.push(OutFrame(self.codec.send_event(text), len(text)))
+
+    def refuse(self, code: int, message: str) -> None:
+        """``pusher:error`` with ``code``, then close with the same code."""
+        if self.is_open:
+            self.send_frame(pusher.error_frame(code, message))
+        super().close(code)
+
+    def close(self, code: int) -> None:
+        pusher_code, message = _PUSHER_CLOSE.get(code, (code, "closed"))
+        self.refuse(pusher_code, message)
+
+    def abort(self, code: int) -> None:
+        super().abort(_PUSHER_CLOSE.get(code, (code, ""))[0])
+
+    def check_silence(self, now: float) -> int:
+        """Pusher's rule for a quiet client: ping it after ``activity_timeout``, close it
+        (4201) when no frame came back within ``PUSHER_PONG_TIMEOUT_SECS``. Returns 1 if
+        closed. The node's heartbeat check calls it (every few seconds)."""
+        if self.pinged_at is not None and self.pinged_at >= self.last_seen:
+            if now - self.pinged_at >= push_settings.PUSHER_PONG_TIMEOUT_SECS:
+                self.refuse(PusherError.PONG_NOT_RECEIVED, "pong reply not received")
+                return 1
+            return 0
+        if now - self.last_seen >= push_settings.PUSHER_ACTIVITY_TIMEOUT_SECS:
+            self.pinged_at = now
+            self.send_frame(pusher.event_frame(pusher.PING, {}))
+        return 0
+
+
+class PusherConsumer(PushConsumer):
+    """``PushConsumer``'s loop and close handling, with Pusher's handshake and frames."""
+
+    async def on_connect(self, send: Any) -> bool:
+        app = await self._app_or_none()
+        try:
+            self.node = await get_node()
+        except Exception:
+            logger.exception("node could not start")
+            await send({"type": "websocket.close", "code": PusherError.GENERIC_RECONNECT})
+            return False
+        await send({"type": "websocket.accept"})
+        if app is None:
+            # Accepted first so that the client learns why, as Pusher does.
+            await self._refuse_unaccepted(send, PusherError.APP_NOT_FOUND, "app key not found")
+            return True
+        refusal = _version_refusal(self.scope)
+        if refusal is not None:
+            await self._refuse_unaccepted(send, *refusal)
+            return True
+        connection = PusherConnection(
+            app=app,
+            send=send,
+            principal=self.scope["principal"],
+            ip=client_ip(self.scope),
+            on_closing=self.node.on_connection_closing,
+        )
+        established = {
+            "socket_id": connection.socket_id,
+            "activity_timeout": push_settings.PUSHER_ACTIVITY_TIMEOUT_SECS,
+        }
+        refused = session_open(
+            self.node,
+            connection,
+            greet=lambda: connection.send_frame(
+                pusher.event_frame(pusher.CONNECTION_ESTABLISHED, established)
+            ),
+        )
+        if refused is not None:
+            connection.close(refused)
+            return True
+        self.connection = connection
+        return True
+
+    async def _app_or_none(self) -> PusherApp | None:
+        key = app_key_of(self.scope)
+        if key is None:
+            return None
+        try:
+            return await app_by_key_async(key)
+        except Exception as exc:  # the database is down and the apps were never read
+            logger.warning("pusher apps could not be read: %s", exc)
+            return None
+
+    async def _refuse_unaccepted(self, send: Any, code: int, message: str) -> None:
+        await send({"type": "websocket.send", "text": pusher.error_frame(code, message)})
+        await send({"type": "websocket.close", "code": code})
+
+    async def on_frame(self, connection: Any, event: dict[str, Any]) -> None:
+        connection.last_seen = time.monotonic()
+        if not connection.rate.take():
+            self._over_rate(connection)
+            return
+        name = None
+        try:
+            payload = connection.codec.frame_payload(event)
+            if frame_size(payload) > push_settings.MAX_FRAME_BYTES:
+                raise PusherProblem(
+                    None, f"frame is larger than {push_settings.MAX_FRAME_BYTES} bytes"
+                )
+            frame = connection.codec.decode(payload)
+            name = frame.get("event") if isinstance(frame, dict) else None
+            if not isinstance(name, str):
+                raise PusherProblem(None, "a frame is a JSON object with a string 'event'")
+            metrics.FRAMES_RECEIVED.labels(_frame_kind(name)).inc()
+            await self._handle(connection, name, frame)
+        except SubscriptionRefused as exc:
+            connection.send_frame(
+                pusher.subscription_error_frame(exc.channel, exc.status, exc.message)
+            )
+        except PusherProblem as exc:
+            if exc.close:
+                connection.refuse(exc.code or PusherError.UNAUTHORIZED, exc.message)
+            else:
+                connection.send_frame(pusher.error_frame(exc.code, exc.message))
+        except PushError as exc:
+            connection.send_frame(pusher.error_frame(None, exc.message))
+        except Exception:
+            logger.exception("pusher frame %r failed on %s", name, connection.connection_id)
+            connection.send_frame(pusher.error_frame(None, "the server could not handle this"))
+
+    async def _handle(self, connection: PusherConnection, name: str, frame: dict[str, Any]) -> None:
+        node = self._require_node()
+        data = _data_of(frame)
+        if name == pusher.PING:
+            connection.send_frame(pusher.event_frame(pusher.PONG, {}))
+        elif name == pusher.PONG:
+            pass  # last_seen moved: that is all a pong is for
+        elif name == pusher.SUBSCRIBE:
+            await pusher_subscribe(
+                node,
+                connection,
+                data.get("channel"),
+                auth=data.get("auth"),
+                channel_data=data.get("channel_data"),
+            )
+        elif name == pusher.UNSUBSCRIBE:
+            await pusher_unsubscribe(node, connection, data.get("channel"))
+        elif name == pusher.SIGNIN:
+            pusher_signin(connection, data)
+        elif name.startswith(pusher.CLIENT_EVENT_PREFIX):
+            await pusher_client_event(
+                node, connection, name, frame.get("channel"), frame.get("data")
+            )
+        else:
+            raise PusherProblem(None, f"unsupported event {name[:100]!r}")
+
+    def _over_rate(self, connection: PusherConnection) -> None:
+        connection.rate_limited_frames += 1
+        metrics.ERRORS.labels(ErrorCode.RATE_LIMITED.value).inc()
+        if connection.rate_limited_frames > push_settings.RATE_LIMIT_CLOSE_AFTER:
+            connection.close(CloseCode.POLICY)
+            return
+        connection.send_frame(pusher.error_frame(None, "too many messages; slow down"))
+
+
+def _data_of(frame: dict[str, Any]) -> dict[str, Any]:
+    """A request's ``data``: an object, or (some clients) the JSON text of one."""
+    data = frame.get("data")
+    if isinstance(data, str):
+        try:
+            data = PUSHER_CODEC.decode(data)
+        except PushError:
+            data = None
+    return data if isinstance(data, dict) else {}
+
+
+def _frame_kind(name: str) -> str:
+    # A bounded label: client events are many names, one kind.
+    if name.startswith(pusher.CLIENT_EVENT_PREFIX):
+        return "pusher:client-event"
+    if name in (pusher.PING, pusher.PONG, pusher.SUBSCRIBE, pusher.UNSUBSCRIBE, pusher.SIGNIN):
+        return name
+    return "pusher:other"
