@@ -30,17 +30,20 @@ from push.ops.events import event
 from push.services.pusher_apps import app_cache
 from push.services.pusher_webhooks import deliver_pusher_webhooks, pusher_webhook_event
 from tests.event_sink import Received, WebhookReceiver
+from tests.pusherclient import (
+    APP_ID,
+    APP_KEY,
+    APP_SECRET,
+    PusherClient,
+    presence_data,
+    pusher_env,
+)
 from tests.servers import ServerNode, manage, node_pair, start_event_worker
 from tests.waiting import QUERY_INTERVAL_SECS, wait_until
 from tests.wsclient import open_ws, request, subscribe
 
 pytestmark = pytest.mark.e2e
 
-APP_ID, APP_KEY, APP_SECRET = (
-    "424201",
-    "pwenvkey0000000000",
-    "pwenvsecret000000000000000000000000000000",
-)
 # Vacated comes once the last node lets the channel go, the hub's linger (10 s) after
 # its last subscriber left.
 VACATED_WAIT_SECS = 40.0
@@ -67,6 +70,7 @@ class App:
         return body
 
 
+# The environment's app, whose credentials the raw Pusher client signs with.
 ENV_APP = App(APP_ID, APP_KEY, APP_SECRET)
 # Pusher's app ids are numbers (the library refuses any other).
 ROW_APP = App(
@@ -83,12 +87,9 @@ DISABLED_APP = App(
 
 def _pusher_env(e2e_env: dict[str, str], receiver: WebhookReceiver) -> dict[str, str]:
     return {
-        **e2e_env,
+        **pusher_env(e2e_env, client_events=True),
         "REDIS_PREFIX": f"pw{uuid.uuid4().hex[:8]}",
         "PUSH_EVENT_RETRY_SECS": "1",
-        "PUSHER_APP_ID": ENV_APP.app_id,
-        "PUSHER_APP_KEY": ENV_APP.key,
-        "PUSHER_APP_SECRET": ENV_APP.secret,
         "PUSHER_WEBHOOK_URLS": receiver.url(),
     }
 
@@ -346,6 +347,58 @@ async def test_a_receiver_that_fails_first_gets_the_event_later(
     body = ENV_APP.verified(accepted)
     assert body["events"] == [{"name": "channel_occupied", "channel": channel}]
     assert abs(body["time_ms"] - time.time() * 1000) < 60_000, "stamped when sent"
+
+
+async def test_client_events_and_cache_misses_of_pusher_connections(cluster: Cluster) -> None:
+    node_a, node_b = cluster.nodes
+    hooks = cluster.hooks
+    tag = uuid.uuid4().hex[:6]
+    room, private, cache = f"presence-pw-{tag}", f"private-pw-{tag}", f"cache-pw-{tag}"
+    sender = await PusherClient.connect(node_a.pusher_url)
+    await sender.subscribe(room, channel_data=presence_data("typist"))
+    await sender.subscribe(private)
+    reader = await PusherClient.connect(node_b.pusher_url)
+    await reader.subscribe(room, channel_data=presence_data("reader"))
+    await sender.send("client-typing", {"text": "hi"}, channel=room)
+    await sender.send("client-note", "plain text", channel=private)
+    await reader.subscribe(cache)  # nothing was ever sent there
+
+    def client_events() -> list[dict[str, Any]]:
+        found = [*_entries(ENV_APP, hooks[ENV_APP], room)]
+        found += _entries(ENV_APP, hooks[ENV_APP], private)
+        return [e for e in found if e["name"] == "client_event"]
+
+    await wait_until(
+        lambda: len(client_events()) == 2, "two client_event", interval=QUERY_INTERVAL_SECS
+    )
+    assert client_events() == [
+        {
+            "name": "client_event",
+            "channel": room,
+            "event": "client-typing",
+            "data": '{"text":"hi"}',
+            "socket_id": sender.socket_id,
+            "user_id": "typist",
+        },
+        {
+            "name": "client_event",
+            "channel": private,
+            "event": "client-note",
+            "data": "plain text",
+            "socket_id": sender.socket_id,
+        },
+    ]
+    await wait_until(
+        lambda: _entries(ENV_APP, hooks[ENV_APP], cache),
+        "the cache_miss",
+        interval=QUERY_INTERVAL_SECS,
+    )
+    assert sorted(_names(ENV_APP, hooks[ENV_APP], cache)) == ["cache_miss", "channel_occupied"]
+    # Pusher's presence: members by the user ids of their channel_data.
+    members = [e for e in _entries(ENV_APP, hooks[ENV_APP], room) if e["name"] == "member_added"]
+    assert sorted(e["user_id"] for e in members) == ["reader", "typist"]
+    for client in (sender, reader):
+        await client.close()
 
 
 @pytest.mark.django_db  # the handler reads the app rows (none here)
