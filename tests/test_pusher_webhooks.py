@@ -389,7 +389,7 @@ async def test_client_events_and_cache_misses_of_pusher_connections(cluster: Clu
         },
     ]
     await wait_until(
-        lambda: _entries(ENV_APP, hooks[ENV_APP], cache),
+        lambda: "cache_miss" in _names(ENV_APP, hooks[ENV_APP], cache),
         "the cache_miss",
         interval=QUERY_INTERVAL_SECS,
     )
