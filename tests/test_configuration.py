@@ -28,7 +28,8 @@ def test_configuration_doc_is_what_the_generator_prints() -> None:
 def test_every_option_has_a_meaning_and_a_variable_of_its_own() -> None:
     options = push_options()
     assert [o.name for o in options] == [f.name for f in dataclasses.fields(PushSettings)]
-    assert all(o.meaning and o.variable.startswith("PUSH_") for o in options)
+    # PUSH_<name>, or PUSHER_* for the Pusher protocol (the names its users know).
+    assert all(o.meaning and o.variable.startswith(("PUSH_", "PUSHER_")) for o in options)
     variables = [o.variable for o in options]
     project = {v.variable for v in project_variables()}
     assert len(set(variables)) == len(variables)

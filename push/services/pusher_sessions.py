@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from accounts.permissions import PRIVATE_PREFIX, is_presence_channel
+from common.conf import push_settings
 from common.errors import PushError
 from push.cluster.presence import leave_presence, presence_member
 from push.ops.events import CACHE_MISS, CLIENT_EVENT
@@ -141,6 +142,10 @@ async def pusher_subscribe(
     presence = is_presence_channel(channel)
     cache = is_cache_channel(channel)
     members: list[dict[str, Any]] = []
+    limit = push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION
+    if channel not in session.subscriptions and len(session.subscriptions) >= limit:
+        # Before a presence join: a refused subscription announces nobody.
+        raise SubscriptionRefused(channel, 403, f"subscription limit of {limit} reached")
     if presence and channel not in session.subscriptions:
         joined = presence_member(session.principal, session.connection_id, claims)
         session.presence_ids[channel] = pusher.pusher_user_id(joined["user_id"])
