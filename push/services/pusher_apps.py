@@ -12,6 +12,7 @@ Every comparison of a signature is constant-time (``hmac.compare_digest``).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -188,6 +189,14 @@ def user_auth_valid(app: PusherApp, socket_id: str, user_data: str, auth: object
         return False
     expected = user_auth(app, socket_id, user_data)
     return hmac.compare_digest(expected.encode(), auth.encode("utf-8", "surrogatepass"))
+
+
+def encryption_shared_secret(master_key_base64: str, channel: str) -> str:
+    """The ``shared_secret`` of a ``private-encrypted-`` channel, as every Pusher server
+    library derives it: base64 of SHA-256 of the channel name followed by the master key.
+    The publisher encrypts with it and the subscriber decrypts; the server only relays."""
+    master_key = base64.b64decode(master_key_base64)
+    return base64.b64encode(hashlib.sha256(channel.encode("utf-8") + master_key).digest()).decode()
 
 
 def http_string_to_sign(method: str, path: str, params: Mapping[str, str]) -> str:
