@@ -131,7 +131,9 @@ async def test_worker_killed_mid_batch_loses_no_event(
         assert 0 < handled_by_first < len(events), "the first worker died mid-way"
         assert len(connects) == 30 and connects == disconnects
         assert len({e["connection_id"] for e in subscribes}) == 30
-        assert len(occupied) == 1, "one node, one occupancy"
+        # At least once: the killed worker may have handled an event it never acked,
+        # which the second handles again under the same id.
+        assert len({e["id"] for e in occupied}) == 1, "one node, one occupancy"
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(10)

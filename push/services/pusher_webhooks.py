@@ -108,8 +108,7 @@ def _request_with_id(
 
 def pusher_webhook_handlers() -> list[Handler]:
     """The handlers the event worker adds (``push.ops.event_worker.configured_handlers``):
-    Pusher webhooks when an app has webhook URLs as the worker starts (the environment
-    app's ``PUSHER_WEBHOOK_URLS`` or an app row's). The apps are read again as events
-    come (every few seconds at most), so URLs changed in the admin are followed
-    without a restart, but a worker started while no app had any sends none."""
-    return [deliver_pusher_webhooks] if _hooked_apps() else []
+    Pusher webhooks, always. The handler reads the apps (cached for a few seconds)
+    only for the events Pusher has webhooks for, so an app given webhook URLs in the
+    admin is served without a restart, and a worker starts without the database."""
+    return [deliver_pusher_webhooks]
