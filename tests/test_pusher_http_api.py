@@ -677,3 +677,21 @@ async def test_one_user_is_one_presence_member_on_both_protocols(
         await client.close()
         await ours.close()
         await watcher.close()
+
+
+async def test_authorization_draws_on_the_rest_budget_of_its_credential(
+    env: dict[str, str],
+) -> None:
+    # A user of its own: the budget is the credential's across nodes, and bob spent
+    # some of his in this minute.
+    carol = make_user(env, f"ph-carol-{time.time_ns()}", ("private-ph-*", False))
+    node = ServerNode({**env, "PUSH_REST_RATE": "3/min"}, name="pusher-auth-budget").start()
+    try:
+        async with httpx.AsyncClient(base_url=node.http_url, timeout=10) as http:
+            statuses = [
+                (await authorize(http, "private-ph-a", token_header(carol))).status_code
+                for _ in range(5)
+            ]
+        assert statuses[:3] == [200, 200, 200] and statuses[3:] == [429, 429], statuses
+    finally:
+        node.stop()

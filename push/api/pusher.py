@@ -40,6 +40,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from accounts.authentication import plain_request_principal
 from accounts.principals import Principal
+from accounts.throttling import principal_within_rate
 from common.db import db_call
 from common.errors import ErrorCode, PushError
 from push.services import pusher_auth, pusher_http
@@ -48,6 +49,9 @@ from push.services.pusher_http import PusherRefusal, SignedRequest
 
 _request_principal = db_call(plain_request_principal)
 _auth_app = db_call(pusher_auth.auth_app)
+# The REST API's budget per credential: signing is cheap, but not free of Redis and
+# the permission decider.
+_within_rate = db_call(principal_within_rate)
 
 
 # ----- the HTTP API ----------------------------------------------------------------------------
@@ -162,6 +166,8 @@ async def _authorize(
 ) -> JsonResponse:
     try:
         principal, method = await _request_principal(request)
+        if not await _within_rate(principal, request.META.get("REMOTE_ADDR")):
+            raise PushError(ErrorCode.RATE_LIMITED, "too many requests; slow down")
         if method == "session" and not _origin_allowed(request):
             raise PushError(
                 ErrorCode.FORBIDDEN,
