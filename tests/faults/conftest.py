@@ -24,6 +24,7 @@ from devtools.cluster import Cluster
 from devtools.processes import OwnedProcess, free_port, redis_server
 from tests.faults.report import MEASUREMENTS
 from tests.faults.services import tcp_proxy
+from tests.pusherclient import APP_ID, APP_KEY, APP_SECRET
 from tests.servers import ROOT, Database, create_token
 
 ARTIFACTS = ROOT / "artifacts" / "faults"
@@ -94,6 +95,10 @@ def cluster_env(
         # The publishers retry fast while a dependency is down; the default REST budget
         # (6000/min) is for one credential's normal traffic.
         "PUSH_REST_RATE": "60000/min",
+        # A Pusher-protocol subscriber rides through the Redis restart beside ours.
+        "PUSHER_APP_ID": APP_ID,
+        "PUSHER_APP_KEY": APP_KEY,
+        "PUSHER_APP_SECRET": APP_SECRET,
     }
 
 
