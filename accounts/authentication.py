@@ -1,5 +1,6 @@
 """REST authentication: ``Authorization: Token <key>`` with a user token or a service
-token; the request's ``auth`` is then the caller's ``Principal``.
+token; the request's ``auth`` is then the caller's ``Principal``. Plain Django views
+(Pusher's authorization endpoints) find theirs the same way (``plain_request_principal``).
 
 DRF authenticates before it throttles, so a wrong key is counted here against the
 client's address (``accounts.auth_failures``): past the budget the answer is 429
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.http import HttpRequest
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.exceptions import AuthenticationFailed, Throttled
 from rest_framework.request import Request
@@ -74,3 +76,24 @@ def request_principal(request: Request) -> Principal:
         cached = principal_for_user(request.user)
         request._push_principal = cached  # type: ignore[attr-defined]  # our own per-request cache
     return cached
+
+
+def plain_request_principal(request: HttpRequest) -> tuple[Principal, str]:
+    """The principal of a request to a plain Django view (not DRF), found as the REST
+    API finds it: ``Authorization: Token <key>`` (a user or a service token) first, else
+    the session's user. Returns it with how it came: "token", "session" or "anonymous"
+    (a session-authenticated request needs the caller's CSRF defence; a token one does
+    not, since a browser never attaches a token by itself). Sync: it may read
+    PostgreSQL (token, session, grants)."""
+    parts = request.headers.get("Authorization", "").split()
+    if parts and parts[0].lower() == PushTokenAuthentication.keyword.lower():
+        if len(parts) != 2:
+            raise PushError(ErrorCode.FORBIDDEN, "Authorization must be: Token <key>")
+        # Counted against the address as the REST API counts it (RATE_LIMITED past it).
+        principal = token_principal(parts[1], request.META.get("REMOTE_ADDR"))
+        if principal is None:
+            raise PushError(ErrorCode.FORBIDDEN, "Invalid or revoked token.")
+        return principal, "token"
+    user = getattr(request, "user", None)
+    principal = principal_for_user(user)
+    return principal, "session" if principal.is_authenticated else "anonymous"

@@ -7,6 +7,7 @@ their own (``service``, ``PUSH_REST_SERVICE_RATE``), unthrottled when it is unse
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rest_framework.request import Request
@@ -14,6 +15,7 @@ from rest_framework.throttling import SimpleRateThrottle
 
 from accounts.authentication import request_principal
 from accounts.counters import count
+from accounts.principals import Principal
 
 # The throttle rate scope (DEFAULT_THROTTLE_RATES) of each kind of principal.
 _SCOPES = {"anonymous": "anonymous", "user": "principal", "service": "service"}
@@ -47,10 +49,8 @@ class PrincipalRateThrottle(SimpleRateThrottle):
         if num_requests is None or duration is None:  # no rate: allow_request returned
             return True
         self.now = self.timer()
-        window = int(self.now // duration)
-        count_now = count(f"{key}:{window}", timeout=duration + 1)
-        self._retry_after = (window + 1) * duration - self.now
-        return bool(count_now <= num_requests)
+        allowed, self._retry_after = count_in_window(key, num_requests, duration, self.now)
+        return allowed
 
     def wait(self) -> float | None:
         return getattr(self, "_retry_after", None)
@@ -66,3 +66,30 @@ class PrincipalRateThrottle(SimpleRateThrottle):
         principal = request_principal(request)
         ident = principal.key if principal.is_authenticated else self.get_ident(request)
         return f"throttle_{self.scope}_{ident}"
+
+
+def count_in_window(key: str, num_requests: int, duration: int, now: float) -> tuple[bool, float]:
+    """Count one request under ``key`` in the current fixed window (see
+    ``PrincipalRateThrottle._count_in_window``): whether it is within ``num_requests``,
+    and the seconds until the window ends."""
+    window = int(now // duration)
+    count_now = count(f"{key}:{window}", timeout=duration + 1)
+    return count_now <= num_requests, (window + 1) * duration - now
+
+
+def principal_within_rate(principal: Principal, address: str | None) -> bool:
+    """The REST budget of ``principal`` (anonymous: of its address) for a request
+    outside DRF (Pusher's authorization endpoints): the same scopes, rates and
+    counters as ``PrincipalRateThrottle``, so both draw on one budget."""
+    from rest_framework.settings import api_settings
+
+    scope = _SCOPES.get(principal.kind, "principal")
+    rate = api_settings.DEFAULT_THROTTLE_RATES.get(scope)
+    if rate is None:
+        return True
+    num_requests, duration = SimpleRateThrottle.parse_rate(None, rate)  # type: ignore[arg-type]  # parse_rate reads nothing of self
+    if num_requests is None or duration is None:
+        return True
+    ident = principal.key if principal.is_authenticated else address
+    allowed, _ = count_in_window(f"throttle_{scope}_{ident}", num_requests, duration, time.time())
+    return allowed

@@ -26,9 +26,11 @@ from bench.procinfo import raise_fd_limit
 from bench.publishing import PUBLISH_RUNNERS, db_floor
 from bench.report import (
     check_publish_targets,
+    compare_pusher_to_fanout,
     compare_slow_to_fanout,
     compute_ratios,
     format_publish_targets,
+    format_pusher_comparison,
     format_ratios,
     format_slow_comparison,
     format_table,
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario",
         action="append",
         choices=ALL_SCENARIOS,
-        help="repeatable; default: all but scale_100k, the sse_ and the slow_ ones",
+        help="repeatable; default: all but scale_100k, delta, pusher_fanout, sse_*, slow_*",
     )
     add("--server", choices=(*SERVERS, "both"), default="both")
     add(
@@ -311,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(format_slow_comparison(slow))
         document["slow_consumer_vs_fanout"] = slow
+    beside = compare_pusher_to_fanout(rows)
+    if beside:
+        print()
+        print(format_pusher_comparison(beside))
+        document["pusher_vs_fanout"] = beside
     checks = check_publish_targets(rows, ratios)
     if checks:
         print()

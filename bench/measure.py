@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 
+from bench import pusher
 from bench.options import Options
 from bench.pool import WorkerPool
 from bench.procinfo import Usage, usage_of
@@ -27,7 +28,7 @@ DELIVERY_CEILING_PER_SEC = 200_000  # sizes the publisher lanes; above any serve
 CONNECT_TIMEOUT_PER_CONN_SECS = 0.05
 CONNECT_TIMEOUT_MIN_SECS = 60.0
 COMMAND_SLACK_SECS = 60.0
-TRANSPORT_PATHS = {"ws": "/ws/", "sse": "/sse/"}
+TRANSPORT_PATHS = {"ws": "/ws/", "sse": "/sse/", "pusher": pusher.PATH}
 WATCH_INTERVAL_SECS = 0.25
 MIB = 1024 * 1024
 
@@ -84,7 +85,8 @@ def connect_subscribers(
     """Open ``count`` subscribed connections spread over the subscriber workers.
 
     ``transport="sse"`` opens Server-Sent Events streams instead of WebSockets, each
-    resuming after its channel's seq in ``base_seqs`` (0 when absent). ``stall=True``
+    resuming after its channel's seq in ``base_seqs`` (0 when absent); ``"pusher"``
+    Pusher-protocol WebSockets, counting from that seq. ``stall=True``
     opens stalled ones: they stop reading once subscribed, and are counted apart."""
     workers = ctx.pool.subscriber_count
     calls: dict[int, dict[str, Any]] = {}

@@ -24,8 +24,8 @@ DEFAULT_SCENARIOS = (
 PUBLISH_SCENARIOS = ("publish", "publish_rest", "publish_recent")
 # Run once per run, with no node and no server: what PostgreSQL commits alone.
 SERVERLESS_SCENARIOS = ("db_floor",)
-# Only run when named: scale_100k takes the machine; the SSE, slow-consumer and delta
-# ones serve only `ours`.
+# Only run when named: scale_100k takes the machine; the SSE, slow-consumer, delta and
+# Pusher ones serve only `ours`.
 EXPLICIT_SCENARIOS = (
     "scale_100k",
     "sse_idle",
@@ -34,6 +34,7 @@ EXPLICIT_SCENARIOS = (
     "slow_consumer",
     "slow_drop_oldest",
     "delta",
+    "pusher_fanout",
 )
 ALL_SCENARIOS = DEFAULT_SCENARIOS + EXPLICIT_SCENARIOS
 

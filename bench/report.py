@@ -8,7 +8,8 @@ run), and a last table checks them against their targets.
 
 The slow-consumer steps are set beside the ``fanout`` step of the same N, server and
 target in the same run: the healthy subscribers' figures with and without stalled
-ones on the channel, and what happened to the stalled ones.
+ones on the channel, and what happened to the stalled ones. The ``pusher_fanout`` steps
+are set beside it the same way: Pusher subscribers' figures and ours at the same N.
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ SLOW_FIGURES: tuple[tuple[str, str], ...] = (
     ("last_4002_after_s", "last 4002 s"),
     ("dropped_frames", "dropped"),
     ("rss_peak_growth_mb", "peak +MB"),
+)
+# pusher_fanout beside fanout: the same figures for both protocols' subscribers.
+PUSHER_COMPARED: tuple[tuple[str, str], ...] = (
+    ("deliveries_per_s", "deliv/s"),
+    ("server_cpu_us_per_delivery", "srv us/d"),
+    ("client_cpu_us_per_delivery", "cli us/d"),
+    ("lat_p50_ms", "p50 ms"),
+    ("lat_p99_ms", "p99 ms"),
+    ("loss", "loss"),
+    ("duplicates", "dup"),
 )
 COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("scenario", "scenario", 16),
@@ -252,8 +263,14 @@ def json_line(document: dict[str, Any]) -> str:
     return json.dumps(document, separators=(",", ":"), sort_keys=True)
 
 
-def compare_slow_to_fanout(rows: list[Row]) -> list[Row]:
-    """Every slow-consumer step beside the ``fanout`` step of the same N (if run)."""
+def _beside_fanout(
+    rows: list[Row],
+    scenarios: tuple[str, ...],
+    compared: tuple[tuple[str, str], ...],
+    figures: tuple[tuple[str, str], ...],
+) -> list[Row]:
+    """Every step of ``scenarios`` beside the ``fanout`` step of the same N, server and
+    target (if run): ``compared`` from both, ``figures`` from the step alone."""
     plain = {
         (row["step"], row["server"], row["target"]): row
         for row in rows
@@ -261,34 +278,65 @@ def compare_slow_to_fanout(rows: list[Row]) -> list[Row]:
     }
     entries: list[Row] = []
     for row in rows:
-        if row["scenario"] not in SLOW_SCENARIOS or "stalled_closed_4002" not in row:
+        if row["scenario"] not in scenarios or row.get("error") or row.get("skipped"):
             continue
         fanout = plain.get((row["step"], row["server"], row["target"]), {})
         entry = {key: row[key] for key in ("scenario", "step", "server", "target")}
-        for key, _ in SLOW_COMPARED:
+        for key, _ in compared:
             entry[key] = row.get(key)
             entry[f"fanout_{key}"] = fanout.get(key)
-        entry.update({key: row.get(key) for key, _ in SLOW_FIGURES})
+        entry.update({key: row.get(key) for key, _ in figures})
         entries.append(entry)
     return entries
 
 
-def format_slow_comparison(entries: list[Row]) -> str:
-    """Healthy figures as "with stalled / in fanout", then the stalled ones' fate."""
+def _format_beside(
+    title: str,
+    entries: list[Row],
+    compared: tuple[tuple[str, str], ...],
+    figures: tuple[tuple[str, str], ...],
+) -> str:
+    """``compared`` as "this step / in fanout", then ``figures``."""
     header = f"{'scenario':>16} {'step':>10} {'server':>7} " + " ".join(
-        [*(title.rjust(17) for _, title in SLOW_COMPARED), *(t.rjust(11) for _, t in SLOW_FIGURES)]
+        [*(name.rjust(17) for _, name in compared), *(name.rjust(11) for _, name in figures)]
     )
-    lines = ["healthy subscribers: with stalled ones / in fanout at the same N", header]
-    lines.append("-" * len(header))
+    lines = [title, header, "-" * len(header)]
     for entry in entries:
         pairs = [
             f"{_cell(entry[key], 8).strip()} / {_cell(entry[f'fanout_{key}'], 8).strip()}"
-            for key, _ in SLOW_COMPARED
+            for key, _ in compared
         ]
         cells = [
             *(pair.rjust(17) for pair in pairs),
-            *(_cell(entry[key], 11) for key, _ in SLOW_FIGURES),
+            *(_cell(entry[key], 11) for key, _ in figures),
         ]
         head = f"{entry['scenario']:>16} {entry['step'][:10]:>10} {entry['server']:>7} "
         lines.append(head + " ".join(cells))
     return "\n".join(lines)
+
+
+def compare_slow_to_fanout(rows: list[Row]) -> list[Row]:
+    """Every slow-consumer step beside the ``fanout`` step of the same N (if run)."""
+    entries = _beside_fanout(rows, SLOW_SCENARIOS, SLOW_COMPARED, SLOW_FIGURES)
+    return [entry for entry in entries if entry["stalled_closed_4002"] is not None]
+
+
+def format_slow_comparison(entries: list[Row]) -> str:
+    """Healthy figures as "with stalled / in fanout", then the stalled ones' fate."""
+    title = "healthy subscribers: with stalled ones / in fanout at the same N"
+    return _format_beside(title, entries, SLOW_COMPARED, SLOW_FIGURES)
+
+
+def compare_pusher_to_fanout(rows: list[Row]) -> list[Row]:
+    """Every ``pusher_fanout`` step beside the ``fanout`` step of the same N (if run),
+    with the ratio of their server CPU per delivery (the target: at most 1)."""
+    entries = _beside_fanout(rows, ("pusher_fanout",), PUSHER_COMPARED, ())
+    for entry in entries:
+        mine, ours = entry["server_cpu_us_per_delivery"], entry["fanout_server_cpu_us_per_delivery"]
+        entry["cpu_ratio"] = round(mine / ours, 2) if mine and ours else None
+    return entries
+
+
+def format_pusher_comparison(entries: list[Row]) -> str:
+    title = "Pusher subscribers / ours (fanout) at the same N; cpu ratio = Pusher / ours"
+    return _format_beside(title, entries, PUSHER_COMPARED, (("cpu_ratio", "cpu ratio"),))

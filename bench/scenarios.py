@@ -6,7 +6,8 @@ The ``sse_`` scenarios (issue 10) are ``idle``, ``fanout`` and ``latency`` with
 Server-Sent Events streams as the subscribers (publishers and the probe stay
 WebSockets), for targets that serve ``/sse/``. The ``slow_`` ones are ``fanout`` with
 stalled subscribers on the channel (``bench.slowconsumer``), for targets that bound
-their send queues.
+their send queues. ``pusher_fanout`` (issue 17) is ``fanout`` with Pusher-protocol
+subscribers (``/app/<key>``), for targets that serve it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bench import pusher
 from bench.measure import (
     COMMAND_SLACK_SECS,
     Row,
@@ -141,6 +143,22 @@ def sse_fanout(ctx: RunContext) -> list[Row]:
     return _without_sse(ctx, "sse_fanout") or _fanout(ctx, "sse_fanout", "sse")
 
 
+def pusher_fanout(ctx: RunContext) -> list[Row]:
+    """``fanout`` with every subscriber on the Pusher protocol; publishers and the probe
+    stay on ours.
+
+    All of them, not half: a node's CPU is one figure for all its subscribers, so only
+    a run where every delivery is a Pusher one gives its cost per delivery, beside the
+    ``fanout`` row of the same N (the same publishes, probe and write path; what
+    differs is the frame each subscriber gets). In a mixed channel the hub also writes
+    to one format's subscribers before the other's, which would tilt the latency split
+    by protocol.
+    """
+    reason = "unsupported: the target serves no Pusher endpoint (/app/<key>)"
+    skipped = _skip_unless(ctx, "pusher_fanout", ctx.target.serves_pusher, reason)
+    return skipped or _fanout(ctx, "pusher_fanout", "pusher", env=pusher.node_env())
+
+
 def slow_consumer(ctx: RunContext) -> list[Row]:
     """``fanout`` with stalled subscribers on the channel: they must be closed with 4002
     and the healthy ones lose nothing."""
@@ -164,17 +182,22 @@ def _without_bounded_queues(ctx: RunContext, scenario: str) -> list[Row] | None:
 
 
 def _fanout(
-    ctx: RunContext, scenario: str, transport: str, flood: Flood | None = None
+    ctx: RunContext,
+    scenario: str,
+    transport: str,
+    flood: Flood | None = None,
+    env: dict[str, str] | None = None,
 ) -> list[Row]:
     duration = ctx.options.fanout_secs
     channels = [flood.channel(ctx) if flood else ctx.channel("fan")]
     seqs: dict[str, int] = {}  # each channel's last published seq
     rows: list[Row] = []
-    with running_nodes(ctx, env=flood.node_env(ctx.options) if flood else None) as nodes:
+    node_env = {**(env or {}), **(flood.node_env(ctx.options) if flood else {})}
+    with running_nodes(ctx, env=node_env) as nodes:
         port = nodes[0].port
         connected_total = 0
         for count in sorted(ctx.options.fanout_sweep):
-            ctx.pool.call_subscribers("reset", COMMAND_SLACK_SECS)
+            ctx.pool.call_subscribers("reset", COMMAND_SLACK_SECS, base_seqs=seqs)
             connected = connect_subscribers(
                 ctx,
                 [port],
@@ -355,4 +378,5 @@ SCENARIOS: dict[str, Callable[[RunContext], list[Row]]] = {
     "sse_latency": sse_latency,
     "slow_consumer": slow_consumer,
     "slow_drop_oldest": slow_drop_oldest,
+    "pusher_fanout": pusher_fanout,
 }

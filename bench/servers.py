@@ -73,6 +73,7 @@ class Target:
     serves_sse: bool = False  # answers GET /sse/ (the sse_ scenarios need it)
     # Bounds each send queue, with 4002 or drop-oldest (the slow_ scenarios need it).
     bounds_send_queues: bool = False
+    serves_pusher: bool = False  # serves /app/<key> (pusher_fanout needs it)
 
     def command(self, server: str, host: str, port: int) -> list[str]:
         if not self.command_template:

@@ -13,6 +13,14 @@ to read what the server did meanwhile: the close code, or the gaps in seq.
 A Server-Sent Events stream (``transport="sse"``) has no `subscribed` reply: the
 orchestrator names each channel's current seq, the stream resumes after it
 (``?since=``), so that seq is the base and nothing published later can be missed.
+
+A Pusher connection (``transport="pusher"``, ``/app/<key>``) has neither a seq in its
+`subscription_succeeded` nor in its events: the orchestrator names the base as for
+SSE (nothing is published between the subscriptions and the publish phase), and the
+subscription counts its deliveries (``counted``): ``last`` is the base plus the count,
+so a loss shows as ``final - base - count`` and a count above ``final - base`` as that
+many duplicates. A lost and a duplicated delivery on one connection would cancel out,
+and order is not checked: the Pusher wire has nothing to check it with.
 """
 
 from __future__ import annotations
@@ -23,11 +31,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench import pusher
 from bench.httpconn import CLOSE_ABNORMAL, HttpConnection
 from bench.sseclient import sse_connect, sse_path
 from bench.stats import BUCKETS_PER_SEC, DeliveryStats
-from bench.wire import WireFormat, get_format
-from bench.wsclient import ws_connect
+from bench.wire import OPCODE_TEXT, WireFormat, get_format
+from bench.wsclient import WsConnection, ws_connect
 
 SUBSCRIBE_TIMEOUT_SECS = 30.0
 DRAIN_POLL_SECS = 0.05
@@ -53,6 +62,7 @@ class Subscription:
     base: int = -1
     last: int = -1
     unique: int = 0
+    counted: bool = False  # no seq on the wire (Pusher): last = base + deliveries
 
 
 @dataclass(frozen=True)
@@ -69,8 +79,9 @@ class SubscribeSpec:
     fmt: str = "json"
     local_hosts: tuple[str, ...] = ()
     ports: tuple[int, ...] = ()  # several nodes: connection i goes to ports[i % n]
-    transport: str = "ws"  # "ws" or "sse" (a stream per connection, JSON only)
-    # SSE: each channel's seq before the streams open, where they resume (0 if absent).
+    # "ws", "sse" (a stream per connection, JSON only) or "pusher" (``/app/<key>``)
+    transport: str = "ws"
+    # SSE and Pusher: each channel's seq before they subscribe, the base (0 if absent).
     base_seqs: dict[str, int] = field(default_factory=dict)
     stall: bool = False  # WebSocket only: stop reading once subscribed
 
@@ -86,8 +97,8 @@ class SubscriberSet:
 
     async def open(self, spec: SubscribeSpec) -> dict[str, Any]:
         """Open and subscribe ``spec.count`` connections; report timing and failures."""
-        # An SSE stream's events are JSON whatever the publishers speak.
-        self._format = get_format("json" if spec.transport == "sse" else spec.fmt)
+        # SSE and Pusher events are JSON whatever the publishers speak.
+        self._format = get_format("json" if spec.transport in ("sse", "pusher") else spec.fmt)
         self._closing = False
         gate = asyncio.Semaphore(spec.concurrency)
         started = time.time()
@@ -115,6 +126,8 @@ class SubscriberSet:
             try:
                 if spec.transport == "sse":
                     await self._open_stream(spec, channel, port, local)
+                elif spec.transport == "pusher":
+                    await self._open_pusher(spec, channel, port, local)
                 else:
                     await self._open_websocket(spec, channel, port, local)
             except Exception as exc:
@@ -160,6 +173,57 @@ class SubscriberSet:
         )
         self.connections.append(conn)
 
+    async def _open_pusher(
+        self, spec: SubscribeSpec, channel: str, port: int, local: str | None
+    ) -> None:
+        base = spec.base_seqs.get(channel, 0)
+        future = asyncio.get_running_loop().create_future()
+        sub = Subscription(channel, future, base, base, counted=True)
+        # The subscribe goes out when connection_established comes (_on_pusher_event),
+        # which may be in the same read as the handshake's answer.
+        conn = await ws_connect(
+            spec.host,
+            port,
+            spec.path,
+            self._on_pusher_event,
+            on_close=self._on_close,
+            local_host=local,
+            state=sub,
+        )
+        self.connections.append(conn)
+        await asyncio.wait_for(sub.ready, SUBSCRIBE_TIMEOUT_SECS)
+
+    def _on_pusher_event(self, conn: WsConnection, payload: bytes, now: float) -> None:
+        # Hot path, as _on_message: the event, then its data text for the publisher's t.
+        loads = self._format.decode
+        frame = loads(payload)
+        event = frame.get("event")
+        sub: Subscription = conn.state  # type: ignore[assignment]  # state holds the Subscription
+        if event == pusher.MESSAGE_EVENT:
+            stats = self.stats
+            stats.received += 1
+            sub.unique += 1
+            sub.last += 1
+            data = loads(frame["data"])
+            sent = data.get("t") if isinstance(data, dict) else None
+            if sent is not None:
+                _count_latency(stats, now - sent, now)
+            else:  # no server timestamp to fall back on: no latency, only the span
+                stats.last_rx = now
+        elif event == pusher.CONNECTION_ESTABLISHED:
+            conn.send(pusher.subscribe_frame(sub.channel), OPCODE_TEXT)
+        elif event == pusher.SUBSCRIPTION_SUCCEEDED:
+            if not sub.ready.done():
+                sub.ready.set_result(sub.base)
+        elif event == pusher.PING:
+            conn.send(pusher.PONG_FRAME, OPCODE_TEXT)
+        elif event in pusher.ERRORS:
+            data = frame.get("data")
+            code = data.get("code") if isinstance(data, dict) else data
+            self._count_error(f"{event} {code}")
+            if not sub.ready.done():
+                sub.ready.set_exception(RuntimeError(f"{event} {code}"))
+
     def _on_message(self, conn: HttpConnection, payload: bytes, now: float) -> None:
         # Hot path: one call per delivered frame, so locals and no helper calls.
         message = self._format.decode(payload)
@@ -179,17 +243,7 @@ class SubscriberSet:
                 stats.duplicates += 1
             data = message.get("data")
             sent = data.get("t") if isinstance(data, dict) else None
-            latency = now - (sent if sent is not None else message["timestamp"])
-            histogram = stats.latency
-            bucket = int(latency * BUCKETS_PER_SEC) if latency > 0 else 0
-            counts = histogram.counts
-            counts[bucket] = counts.get(bucket, 0) + 1
-            histogram.total += 1
-            if latency > histogram.max_secs:
-                histogram.max_secs = latency
-            if not stats.first_rx:
-                stats.first_rx = now
-            stats.last_rx = now
+            _count_latency(stats, now - (sent if sent is not None else message["timestamp"]), now)
         elif kind == "subscribed":
             sub.base = sub.last = int(message["seq"])
             if not sub.ready.done():
@@ -228,6 +282,8 @@ class SubscriberSet:
             expected = max(0, final_seq.get(sub.channel, sub.base) - sub.base)
             stats.expected += expected
             stats.missing += max(0, expected - sub.unique)
+            if sub.counted:  # no seqs to tell a duplicate by: more than expected is one
+                stats.duplicates += max(0, sub.unique - expected)
         return stats
 
     async def _wait_drained(self, final_seq: dict[str, int], drain_secs: float) -> None:
@@ -252,13 +308,16 @@ class SubscriberSet:
             if conn.transport is not None and not conn.closed:
                 conn.transport.resume_reading()
 
-    def reset_counts(self) -> None:
-        """Start a new measurement on the same connections: each counts from now."""
+    def reset_counts(self, base_seqs: dict[str, int] | None = None) -> None:
+        """Start a new measurement on the same connections: each counts from now. A
+        counted subscription (no seqs) starts from its channel's seq in ``base_seqs``:
+        from its own count, a loss in the last measurement would count again."""
         self.stats = DeliveryStats()
+        bases = base_seqs or {}
         for conn in self.connections:
             sub: Subscription = conn.state  # type: ignore[assignment]  # state holds the Subscription
             if sub.base >= 0:
-                sub.base = sub.last
+                sub.base = sub.last = bases.get(sub.channel, sub.last) if sub.counted else sub.last
                 sub.unique = 0
 
     async def close_all(self) -> int:
@@ -271,6 +330,21 @@ class SubscriberSet:
         self.stats = DeliveryStats()
         await asyncio.sleep(0)
         return count
+
+
+def _count_latency(stats: DeliveryStats, latency: float, now: float) -> None:
+    """One delivery's latency into the histogram, and its time into the span (inline
+    arithmetic, not LatencyHistogram.add: this runs once per delivered frame)."""
+    histogram = stats.latency
+    bucket = int(latency * BUCKETS_PER_SEC) if latency > 0 else 0
+    counts = histogram.counts
+    counts[bucket] = counts.get(bucket, 0) + 1
+    histogram.total += 1
+    if latency > histogram.max_secs:
+        histogram.max_secs = latency
+    if not stats.first_rx:
+        stats.first_rx = now
+    stats.last_rx = now
 
 
 def _describe(exc: BaseException) -> str:

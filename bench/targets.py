@@ -82,6 +82,7 @@ def build_targets(
             ours_template,
             serves_sse=True,
             bounds_send_queues=True,
+            serves_pusher=True,
         ),
         "channels_ref": Target(
             "channels_ref",

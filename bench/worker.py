@@ -41,8 +41,8 @@ class Worker:
         await self.stalled.close_all()
         return stats
 
-    async def cmd_reset(self) -> None:
-        self.subscribers.reset_counts()
+    async def cmd_reset(self, base_seqs: dict[str, int] | None = None) -> None:
+        self.subscribers.reset_counts(base_seqs)
 
     async def cmd_collect(self, final_seq: dict[str, int], drain_secs: float) -> Any:
         return await self.subscribers.collect(final_seq, drain_secs)

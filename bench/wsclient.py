@@ -73,8 +73,9 @@ class WsConnection(HttpConnection):
         request: bytes,
         on_message: MessageHandler,
         on_close: CloseHandler | None = None,
+        state: object = None,
     ) -> None:
-        super().__init__(request, on_message, on_close)
+        super().__init__(request, on_message, on_close, state)
         self._fragments: list[bytes] = []
         self._fragment_opcode = 0
 
@@ -181,13 +182,15 @@ async def ws_connect(
     local_host: str | None = None,
     timeout_secs: float = 10.0,
     socket_options: tuple[SocketOption, ...] = (),
+    state: object = None,
 ) -> WsConnection:
-    """Open one upgraded connection; raise on refusal, handshake error or timeout."""
+    """Open one upgraded connection; raise on refusal, handshake error or timeout.
+    ``state`` is set before any frame can arrive (a server may speak first)."""
     request = _handshake_request(host, port, path, subprotocol)
     return await open_connection(
         host,
         port,
-        lambda: WsConnection(request, on_message, on_close),
+        lambda: WsConnection(request, on_message, on_close, state),
         local_host=local_host,
         timeout_secs=timeout_secs,
         socket_options=socket_options,

@@ -8,6 +8,7 @@ from here (``python -m realtime_project.configuration``)."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from django.conf import settings
 # A node's liveness key lasts three announcements (push.cluster.directory); a node that missed
 # fewer than that may only be slow.
 ANNOUNCES_BEFORE_DEAD = 3
+# Pusher's encrypted channels use NaCl secretbox keys: 32 bytes.
+ENCRYPTION_MASTER_KEY_BYTES = 32
 
 
 class EnvType(enum.Enum):
@@ -541,14 +544,35 @@ class PushSettings:
         "how far an HTTP API request's `auth_timestamp` may be from the server's clock",
         variable="PUSHER_TIMESTAMP_TOLERANCE",
     )
+    PUSHER_APP_ENCRYPTION_MASTER_KEY: str | None = option(
+        None,
+        EnvType.TEXT,
+        "base64 of 32 random bytes: `POST /pusher/auth` derives each `private-encrypted-` "
+        "channel's `shared_secret` from it (the server libraries' `encryption_master_key_base64`); "
+        "unset, those channels are refused there",
+        variable="PUSHER_APP_ENCRYPTION_MASTER_KEY",
+    )
 
     def __post_init__(self) -> None:
+        key = self.PUSHER_APP_ENCRYPTION_MASTER_KEY
+        if key is not None and not _is_base64_of(key, ENCRYPTION_MASTER_KEY_BYTES):
+            raise ValueError(
+                f"PUSHER_APP_ENCRYPTION_MASTER_KEY must be the base64 of "
+                f"{ENCRYPTION_MASTER_KEY_BYTES} bytes"
+            )
         if self.NODE_DEAD_AFTER_SECS < ANNOUNCES_BEFORE_DEAD * self.CLUSTER_ANNOUNCE_SECS:
             raise ValueError(
                 f"PUSH_NODE_DEAD_AFTER_SECS ({self.NODE_DEAD_AFTER_SECS}) must be at least "
                 f"{ANNOUNCES_BEFORE_DEAD} x PUSH_CLUSTER_ANNOUNCE_SECS "
                 f"({self.CLUSTER_ANNOUNCE_SECS}), or live nodes are taken for dead"
             )
+
+
+def _is_base64_of(text: str, size: int) -> bool:
+    try:
+        return len(base64.b64decode(text, validate=True)) == size
+    except ValueError:  # binascii.Error is a ValueError
+        return False
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if not host_allowed(scope, _allowed_hosts()):
             return await _bad_host(send)
         return await sse_entry(scope, receive, send)
-    if scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
+    if scope["type"] == "http" and scope["path"].startswith(NODE_PATHS):
         await _start_node()
         retry_after = rest_refused(scope)
         if retry_after is not None:
@@ -70,7 +70,8 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     return await django_asgi_app(scope, receive, send)
 
 
-API_PREFIX = "/api/"
+# Requests that publish (our REST API, the Pusher HTTP API) or read the node's counts.
+NODE_PATHS = ("/api/", "/apps/")
 # After a failed start, REST requests do not try again for this long, so a Redis
 # outage does not add a connect timeout to every request.
 NODE_RETRY_SECS = 5.0
@@ -79,10 +80,11 @@ _node_failed_at = -NODE_RETRY_SECS
 
 
 async def _start_node() -> None:
-    """REST publishes go through the node's write pipeline (group commit), so a node
-    that serves only REST starts its node with its first API request, as a WebSocket
-    does with its first connection. If it cannot start (Redis down), the request goes
-    on: publishing then writes on the database threads and says what failed."""
+    """REST publishes (ours and the Pusher HTTP API's) go through the node's write
+    pipeline (group commit), so a node that serves only REST starts its node with its
+    first API request, as a WebSocket does with its first connection. If it cannot
+    start (Redis down), the request goes on: publishing then writes on the database
+    threads and says what failed."""
     global _node_failed_at
     if time.monotonic() - _node_failed_at < NODE_RETRY_SECS:
         return

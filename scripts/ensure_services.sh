@@ -70,6 +70,21 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   apt_install chromium chromium-driver
 fi
 
+# The Pusher client tests (tests/test_pusher_js.py, tests/browser/test_pusher_browser.py)
+# run pusher-js and Laravel Echo from npm, at the versions tests/pusher_js/package-lock.json
+# pins: `npm ci` again whenever that file changes (a stamp named by its hash).
+pusher_js=tests/pusher_js
+if command -v npm >/dev/null 2>&1; then
+  stamp="$pusher_js/node_modules/.installed-$(sha1sum "$pusher_js/package-lock.json" | cut -c1-12)"
+  if [ ! -e "$stamp" ]; then
+    echo "ensure_services: npm ci in $pusher_js"
+    (cd "$pusher_js" && npm ci --no-audit --no-fund --loglevel=error)
+    touch "$stamp"
+  fi
+else
+  echo "ensure_services: no npm: the Pusher client tests skip (fail in CI); install Node.js 20+"
+fi
+
 # The deployment tests check deploy/prometheus*.yml with promtool, taken from Debian's
 # prometheus package without installing (or starting) the Prometheus server itself.
 if ! command -v promtool >/dev/null 2>&1; then

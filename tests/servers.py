@@ -7,8 +7,10 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dj_database_url
@@ -220,3 +222,21 @@ def node_pair(
     finally:
         for node in started:
             node.stop()
+
+
+def worker_log(name: str) -> Path:
+    return LOG_DIR / f"worker-{name}.log"
+
+
+def start_event_worker(env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
+    """A ``manage.py run_event_worker`` process named ``name`` (its log in LOG_DIR);
+    the caller stops it by its PID."""
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log = worker_log(name).open("ab")
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "run_event_worker", "--consumer", name],
+        cwd=ROOT,
+        env={**env, "EVENT_SINK_WORKER": name},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )

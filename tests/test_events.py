@@ -10,8 +10,6 @@ import asyncio
 import importlib.util
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -33,7 +31,14 @@ from push.ops import event_worker
 from push.ops.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers, register_handler
 from push.ops.events import CONNECT, EventLog, event
 from push.ops.webhooks import WebhookFailed, deliver_webhooks
-from tests.servers import LOG_DIR, ROOT, ServerNode, admin_client, create_superuser
+from tests.servers import (
+    ROOT,
+    ServerNode,
+    admin_client,
+    create_superuser,
+    start_event_worker,
+    worker_log,
+)
 from tests.waiting import QUERY_INTERVAL_SECS, wait_until
 from tests.wsclient import subscribe
 
@@ -48,18 +53,6 @@ def _event_env(e2e_env: dict[str, str], tmp_path: Path, **extra: str) -> dict[st
         "EVENT_SINK_PATH": str(tmp_path / "sink.jsonl"),
         **extra,
     }
-
-
-def _start_worker(env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log = _worker_log(name).open("ab")
-    return subprocess.Popen(
-        [sys.executable, "manage.py", "run_event_worker", "--consumer", name],
-        cwd=ROOT,
-        env={**env, "EVENT_SINK_WORKER": name},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
 
 
 def _sink(env: dict[str, str]) -> list[dict]:
@@ -113,14 +106,14 @@ async def test_worker_killed_mid_batch_loses_no_event(
     node_and_env: tuple[ServerNode, dict],
 ) -> None:
     node, env = node_and_env
-    first = _start_worker(env, "first")
+    first = start_event_worker(env, "first")
     channel = await _traffic(node, env, 30)
     # Kill it inside its batch: some handled, most not (20 ms each).
     await wait_until(lambda: len(_sink(env)) >= 5, "the first worker to handle 5 events")
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     handled_by_first = len(_sink(env))
-    second = _start_worker(env, "second")
+    second = start_event_worker(env, "second")
     try:
 
         def all_handled() -> bool:
@@ -138,7 +131,9 @@ async def test_worker_killed_mid_batch_loses_no_event(
         assert 0 < handled_by_first < len(events), "the first worker died mid-way"
         assert len(connects) == 30 and connects == disconnects
         assert len({e["connection_id"] for e in subscribes}) == 30
-        assert len(occupied) == 1, "one node, one occupancy"
+        # At least once: the killed worker may have handled an event it never acked,
+        # which the second handles again under the same id.
+        assert len({e["id"] for e in occupied}) == 1, "one node, one occupancy"
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(10)
@@ -163,15 +158,11 @@ async def _until_every_event_handled(env: dict[str, str], client: redis.Redis) -
     return _sink(env)
 
 
-def _worker_log(name: str) -> Path:
-    return LOG_DIR / f"worker-{name}.log"
-
-
 async def _until_started(names: list[str], offsets: dict[str, int]) -> None:
     """Wait until each worker wrote its start line (past ``offsets`` in its log)."""
 
     def started() -> bool:
-        logs = {n: _worker_log(n).read_bytes()[offsets[n] :] for n in names}
+        logs = {n: worker_log(n).read_bytes()[offsets[n] :] for n in names}
         return all(f"event worker {n} in group".encode() in logs[n] for n in names)
 
     await wait_until(started, f"workers {names} to start", timeout=30)
@@ -193,8 +184,8 @@ async def test_two_workers_share_the_stream_and_one_takes_over_when_the_other_di
     client = redis.Redis.from_url(env["REDIS_URL"])
     stream = f"{env['REDIS_PREFIX']}:events"
     names = ["left", "right"]
-    offsets = {n: _worker_log(n).stat().st_size if _worker_log(n).exists() else 0 for n in names}
-    workers = {name: _start_worker(env, name) for name in names}
+    offsets = {n: worker_log(n).stat().st_size if worker_log(n).exists() else 0 for n in names}
+    workers = {name: start_event_worker(env, name) for name in names}
     try:
         await _until_started(names, offsets)
         await _traffic(node, env, 30)
@@ -231,6 +222,7 @@ async def test_two_workers_share_the_stream_and_one_takes_over_when_the_other_di
     assert len(twice) <= 1 and set(twice) <= {event_ids[i] for i in orphaned}, twice
 
 
+@pytest.mark.django_db  # the handlers the worker adds depend on the Pusher apps it reads
 def test_a_handler_registered_in_code_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(event_worker, "_registered", [])
     seen: list[dict] = []
@@ -272,7 +264,7 @@ async def test_failing_handler_dead_letters_after_its_attempts(
         PUSH_EVENT_MAX_ATTEMPTS="2",
     )
     node = ServerNode(env, name=f"dead-{uuid.uuid4().hex[:6]}").start()
-    worker = _start_worker(env, "dl")
+    worker = start_event_worker(env, "dl")
     try:
         ws, _ = await subscribe(node.ws_url, "dead-letters")
         await ws.close()
@@ -330,7 +322,7 @@ async def test_webhooks_are_signed_and_retried(e2e_env: dict[str, str], tmp_path
         PUSH_WEBHOOK_SECRET=secret,
     )
     node = ServerNode(env, name=f"hooks-{uuid.uuid4().hex[:6]}").start()
-    worker = _start_worker(env, "hooks")
+    worker = start_event_worker(env, "hooks")
     try:
         ws, _ = await subscribe(node.ws_url, "hooked")
         await ws.close()

@@ -37,7 +37,7 @@ from push.cluster.registry import ConnectionRegistry, close_node_connections
 from push.fanout.hub import Hub
 from push.fanout.message import ChannelMessage
 from push.fanout.replay_slots import ReplaySlots
-from push.ops.events import EventLog
+from push.ops.events import MEMBER_ADDED, MEMBER_REMOVED, EventLog
 from push.storage import recent_store
 from push.storage.history import CachedHistory, DatabaseHistory, ModeHistory, RecentHistory
 from push.storage.history_modes import is_recent
@@ -45,7 +45,7 @@ from push.storage.recent_cache import RecentCache
 from push.storage.retention import retention_policy
 from push.storage.write_pipeline import WritePipeline, pipeline_conninfo
 from push.wire.protocol import presence_change
-from push.wire.pusher import PUSHER_CODEC
+from push.wire.pusher import PUSHER_CODEC, pusher_user_id
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,16 @@ class Node:
             logger.warning("vacancy of %s not recorded: %s", channel, exc)
 
     async def announce_presence(self, kind: str, channel: str, member: dict[str, Any]) -> None:
-        """Tell every node serving ``channel`` (this one too) that a member joined/left."""
+        """Tell every node serving ``channel`` (this one too) that a member joined/left,
+        and record it in the event stream. Called exactly once per join or leave
+        cluster-wide (the presence scripts decide, the dead-node reaper included), so
+        this is where ``member_added`` / ``member_removed`` are emitted: before the
+        broker, whose failure must not lose the event."""
+        self.events.emit(
+            MEMBER_ADDED if kind == "join" else MEMBER_REMOVED,
+            channel=channel,
+            user_id=pusher_user_id(member.get("user_id")),
+        )
         event = {"type": PRESENCE_EVENT, "channel": channel, "kind": kind, "member": member}
         await self.broker.send_event(channel_group(channel), event)
 

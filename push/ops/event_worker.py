@@ -1,6 +1,7 @@
 """The event worker: reads lifecycle events from the stream with a consumer group and
 runs the handlers (``PUSH_EVENT_HANDLERS``, plus the webhook sender when
-``PUSH_WEBHOOK_URLS`` is set, plus any ``register_handler``).
+``PUSH_WEBHOOK_URLS`` is set, plus Pusher's webhooks when a Pusher app has webhook
+URLs, plus any ``register_handler``).
 
 An entry is acknowledged only after every handler succeeded. A worker that dies leaves
 its entries pending; any worker claims entries idle for ``PUSH_EVENT_RETRY_SECS``
@@ -36,6 +37,7 @@ BATCH = 100
 BLOCK_MS = 1000
 
 _registered: list[Handler] = []
+PUSHER_WEBHOOK_HANDLERS = "push.services.pusher_webhooks.pusher_webhook_handlers"
 
 
 def register_handler(handler: Handler) -> Handler:
@@ -52,6 +54,9 @@ def configured_handlers() -> list[Handler]:
         from push.ops.webhooks import deliver_webhooks
 
         handlers.append(deliver_webhooks)
+    # Pusher's webhooks, when an app has URLs: a service (it reads the apps), named by
+    # its path because ops sits below the services and imports none of them.
+    handlers.extend(import_string(PUSHER_WEBHOOK_HANDLERS)())
     return handlers + _registered
 
 

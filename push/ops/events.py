@@ -1,5 +1,6 @@
-"""Lifecycle events: connect, disconnect, subscribe, unsubscribe, and a channel becoming
-occupied or vacated anywhere in the cluster.
+"""Lifecycle events: connect, disconnect, subscribe, unsubscribe, a channel becoming
+occupied or vacated anywhere in the cluster, a presence member joining or leaving (once
+per user, cluster-wide), and the Pusher endpoint's client events and cache misses.
 
 Nodes append events to a Redis Stream (``<prefix>:events``), in batches, off the
 connection path; ``manage.py run_event_worker`` processes them with a consumer group
@@ -29,6 +30,13 @@ SUBSCRIBE = "subscribe"
 UNSUBSCRIBE = "unsubscribe"
 CHANNEL_OCCUPIED = "channel_occupied"
 CHANNEL_VACATED = "channel_vacated"
+# channel, user_id (Pusher's string form): announced once per cluster-wide join or leave.
+MEMBER_ADDED = "member_added"
+MEMBER_REMOVED = "member_removed"
+# From the Pusher endpoint: channel, event, data, socket_id (user_id on presence channels).
+CLIENT_EVENT = "client_event"
+# From the Pusher endpoint: channel, a cache channel subscribed to with nothing cached.
+CACHE_MISS = "cache_miss"
 
 FLUSH_SECS = 0.1
 # Unwritten events kept while Redis is away; past this the oldest are dropped (counted).

@@ -11,7 +11,9 @@ captured request cannot be replayed later (``pushclient.signing.webhook_verify``
 The URLs of one event are sent to at once, at most ``PUSH_WEBHOOK_CONCURRENCY``
 requests in flight per worker. A URL that accepted an event is remembered (in the
 cache, for a day), so when another URL fails the event and the worker retries it, only
-the URLs that failed receive it again.
+the URLs that failed receive it again. That delivery (``deliver_to_targets``) serves
+Pusher's webhook format too (``push.services.pusher_webhooks``), which only builds
+other requests.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import hmac
 import json
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -70,11 +74,24 @@ def _headers(event_id: str, body: bytes) -> dict[str, str]:
     }
 
 
-def _post(client: httpx.Client, url: str, body: bytes, event_id: str) -> None:
+@dataclass(frozen=True)
+class WebhookTarget:
+    """One receiver of an event: its URL and how to make the request it gets, built
+    afresh for each attempt (so a retry carries a fresh timestamp). ``scope`` tells
+    apart two receivers at one URL (two Pusher apps pointing at the same back-end):
+    each accepts on its own."""
+
+    url: str
+    request: Callable[[], tuple[bytes, dict[str, str]]]
+    scope: str = ""
+
+
+def _post(client: httpx.Client, target: WebhookTarget) -> None:
     delay = FIRST_BACKOFF_SECS
     for attempt in range(1, ATTEMPTS + 1):
+        body, headers = target.request()
         try:
-            response = client.post(url, content=body, headers=_headers(event_id, body))
+            response = client.post(target.url, content=body, headers=headers)
             if response.status_code < 300:
                 return
             problem = f"HTTP {response.status_code}"
@@ -83,11 +100,12 @@ def _post(client: httpx.Client, url: str, body: bytes, event_id: str) -> None:
         if attempt < ATTEMPTS:
             time.sleep(delay)
             delay *= 2
-    raise WebhookFailed(f"{url}: {problem}")
+    raise WebhookFailed(f"{target.url}: {problem}")
 
 
-def _accepted_key(event_id: str, url: str) -> str:
-    return f"webhook-accepted:{event_id}:{hashlib.sha256(url.encode()).hexdigest()[:32]}"
+def _accepted_key(event_id: str, target: WebhookTarget) -> str:
+    about = f"{target.scope}\n{target.url}" if target.scope else target.url
+    return f"webhook-accepted:{event_id}:{hashlib.sha256(about.encode()).hexdigest()[:32]}"
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -100,25 +118,39 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def _send_and_remember(client: httpx.Client, url: str, body: bytes, event_id: str) -> None:
-    _post(client, url, body, event_id)
+def _send_and_remember(client: httpx.Client, target: WebhookTarget, event_id: str) -> None:
+    _post(client, target)
     if event_id:
-        cache.set(_accepted_key(event_id, url), 1, ACCEPTED_MEMORY_SECS)
+        cache.set(_accepted_key(event_id, target), 1, ACCEPTED_MEMORY_SECS)
 
 
-def deliver_webhooks(event: dict[str, Any]) -> None:
-    """POST ``event`` to every URL that has not accepted it yet; raises
-    ``WebhookFailed`` naming each URL that did not accept it now."""
-    body = json.dumps(event, separators=(",", ":")).encode()
-    event_id = str(event.get("id", ""))
-    urls = list(push_settings.WEBHOOK_URLS)
+def deliver_to_targets(event_id: str, targets: list[WebhookTarget]) -> None:
+    """POST an event to every target that has not accepted it yet, all at once; raises
+    ``WebhookFailed`` naming each URL that did not accept it now (the worker retries the
+    event later, and only those receive it again). Every webhook format goes through
+    here: ours (``deliver_webhooks``) and Pusher's (``push.services.pusher_webhooks``)."""
     if event_id:
-        accepted = cache.get_many([_accepted_key(event_id, url) for url in urls])
-        urls = [url for url in urls if _accepted_key(event_id, url) not in accepted]
+        accepted = cache.get_many([_accepted_key(event_id, target) for target in targets])
+        targets = [t for t in targets if _accepted_key(event_id, t) not in accepted]
+    if not targets:
+        return
     with httpx.Client(timeout=TIMEOUT_SECS) as client:
         futures = [
-            _executor().submit(_send_and_remember, client, url, body, event_id) for url in urls
+            _executor().submit(_send_and_remember, client, target, event_id) for target in targets
         ]
         problems = [str(exc) for f in futures if (exc := f.exception()) is not None]
     if problems:
         raise WebhookFailed("; ".join(problems))
+
+
+def deliver_webhooks(event: dict[str, Any]) -> None:
+    """POST ``event`` in our format to every ``PUSH_WEBHOOK_URLS`` that has not accepted
+    it yet; raises ``WebhookFailed`` naming each URL that did not accept it now."""
+    body = json.dumps(event, separators=(",", ":")).encode()
+    event_id = str(event.get("id", ""))
+
+    def request() -> tuple[bytes, dict[str, str]]:
+        return body, _headers(event_id, body)
+
+    targets = [WebhookTarget(url, request) for url in push_settings.WEBHOOK_URLS]
+    deliver_to_targets(event_id, targets)

@@ -12,6 +12,7 @@ Every comparison of a signature is constant-time (``hmac.compare_digest``).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -29,6 +30,10 @@ from common.conf import push_settings
 logger = logging.getLogger(__name__)
 
 APP_CACHE_SECS = 5.0
+# A key or id not among the apps read is looked up again if that read is older than
+# this: an app made a moment ago works at once, and unknown keys (a scan) cost at most
+# one query per second.
+MISS_REREAD_SECS = 1.0
 # What Pusher's HTTP API accepts as auth_version.
 AUTH_VERSION = "1.0"
 
@@ -69,9 +74,9 @@ class _AppCache:
         self._apps: list[PusherApp] = []
         self._read_at = -APP_CACHE_SECS
 
-    def apps(self) -> list[PusherApp]:
+    def apps(self, *, max_age: float = APP_CACHE_SECS) -> list[PusherApp]:
         with self._lock:
-            if time.monotonic() - self._read_at >= APP_CACHE_SECS:
+            if time.monotonic() - self._read_at >= max_age:
                 try:
                     self._apps = _read_apps()
                 except Exception:
@@ -120,14 +125,24 @@ def all_apps() -> list[PusherApp]:
     return app_cache.apps()
 
 
+def _find(field: str, value: str) -> PusherApp | None:
+    """The enabled app whose ``field`` is ``value``; a miss reads the apps again when
+    the last read is over ``MISS_REREAD_SECS`` old."""
+    for apps in (all_apps(), app_cache.apps(max_age=MISS_REREAD_SECS)):
+        found = next((a for a in apps if getattr(a, field) == value and a.enabled), None)
+        if found is not None:
+            return found
+    return None
+
+
 def app_by_key(key: str) -> PusherApp | None:
     """The enabled app with this key, or None."""
-    return next((a for a in all_apps() if a.key == key and a.enabled), None)
+    return _find("key", key)
 
 
 def app_by_id(app_id: str) -> PusherApp | None:
     """The enabled app with this id, or None."""
-    return next((a for a in all_apps() if a.app_id == app_id and a.enabled), None)
+    return _find("app_id", app_id)
 
 
 async def app_by_key_async(key: str) -> PusherApp | None:
@@ -188,6 +203,14 @@ def user_auth_valid(app: PusherApp, socket_id: str, user_data: str, auth: object
         return False
     expected = user_auth(app, socket_id, user_data)
     return hmac.compare_digest(expected.encode(), auth.encode("utf-8", "surrogatepass"))
+
+
+def encryption_shared_secret(master_key_base64: str, channel: str) -> str:
+    """The ``shared_secret`` of a ``private-encrypted-`` channel, as every Pusher server
+    library derives it: base64 of SHA-256 of the channel name followed by the master key.
+    The publisher encrypts with it and the subscriber decrypts; the server only relays."""
+    master_key = base64.b64decode(master_key_base64)
+    return base64.b64encode(hashlib.sha256(channel.encode("utf-8") + master_key).digest()).decode()
 
 
 def http_string_to_sign(method: str, path: str, params: Mapping[str, str]) -> str:

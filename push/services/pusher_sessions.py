@@ -21,6 +21,7 @@ from accounts.permissions import PRIVATE_PREFIX, is_presence_channel
 from common.conf import push_settings
 from common.errors import PushError
 from push.cluster.presence import leave_presence, presence_member
+from push.ops.events import CACHE_MISS, CLIENT_EVENT
 from push.services.pusher_apps import PusherApp, channel_auth_valid, user_auth_valid
 from push.services.subscriptions import SessionNode, channel_subscribe, channel_unsubscribe
 from push.wire import pusher
@@ -30,8 +31,6 @@ ENCRYPTED_PREFIX = "private-encrypted-"
 CACHE_PREFIXES = ("cache-", "private-cache-", "presence-cache-", "private-encrypted-cache-")
 # pusher-js subscribes a signed-in connection to this channel of its user by itself.
 SERVER_TO_USER_PREFIX = "#server-to-user-"
-CLIENT_EVENT = "client_event"
-CACHE_MISS = "cache_miss"
 
 
 class PusherProblem(Exception):
@@ -113,7 +112,7 @@ def _signed_member(session: PusherSession, channel: str, auth: Any, channel_data
             f"channel_data must name a user_id of 1 to {pusher.MAX_USER_ID_CHARS} characters",
         )
     info = member.get("user_info") if isinstance(member.get("user_info"), dict) else None
-    return {"user_id": user_id, "info": info}
+    return {"user_id": pusher.member_user_id(user_id), "info": info}
 
 
 async def pusher_subscribe(

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
+from redis.exceptions import RedisError
+
 from common import metrics
 from common.conf import push_settings
 from common.errors import CloseCode, ErrorCode, PushError
@@ -192,6 +194,7 @@ class PusherConsumer(PushConsumer):
             self._over_rate(connection)
             return
         name = None
+        frame: Any = None
         try:
             payload = connection.codec.frame_payload(event)
             if frame_size(payload) > push_settings.MAX_FRAME_BYTES:
@@ -214,10 +217,27 @@ class PusherConsumer(PushConsumer):
             else:
                 connection.send_frame(pusher.error_frame(exc.code, exc.message))
         except PushError as exc:
-            connection.send_frame(pusher.error_frame(None, exc.message))
+            self._failed(connection, name, frame, exc.http_status, exc.message)
+        except (RedisError, OSError) as exc:
+            # Redis (presence, the broker) or the database away: the client hears it
+            # and may try again; nothing here is a bug to log with a traceback.
+            logger.warning("pusher %r on %s failed: %r", name, connection.connection_id, exc)
+            self._failed(connection, name, frame, 503, "the server is unavailable; retry")
         except Exception:
             logger.exception("pusher frame %r failed on %s", name, connection.connection_id)
-            connection.send_frame(pusher.error_frame(None, "the server could not handle this"))
+            self._failed(connection, name, frame, 500, "the server could not handle this")
+
+    def _failed(
+        self, connection: PusherConnection, name: Any, frame: Any, status: int, message: str
+    ) -> None:
+        """A request that failed on the server's side: a subscribe is answered with
+        ``pusher:subscription_error`` for its channel (pusher-js would otherwise wait
+        for the subscription forever), anything else with ``pusher:error``."""
+        channel = _data_of(frame).get("channel") if isinstance(frame, dict) else None
+        if name == pusher.SUBSCRIBE and isinstance(channel, str):
+            connection.send_frame(pusher.subscription_error_frame(channel, status, message))
+        else:
+            connection.send_frame(pusher.error_frame(None, message))
 
     async def _handle(self, connection: PusherConnection, name: str, frame: dict[str, Any]) -> None:
         node = self._require_node()

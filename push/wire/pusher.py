@@ -129,6 +129,16 @@ def pusher_user_id(user_id: Any) -> str:
     return user_id if isinstance(user_id, str) else _encoder.encode(user_id)
 
 
+def member_user_id(user_id: str | int) -> str | int:
+    """The presence member id of a Pusher user id. Pusher's ids are strings and our own
+    protocol's user members are numbers (the Django user's id): a canonical integer
+    string ("7", not "07") is that number, so one user is one member on both
+    protocols."""
+    if isinstance(user_id, str) and (user_id == "0" or (user_id.isdigit() and user_id[0] != "0")):
+        return int(user_id) if user_id.isascii() else user_id
+    return user_id
+
+
 def member_frame(kind: str, channel: str, member: dict[str, Any]) -> str:
     """``member_added`` / ``member_removed`` for one of our presence changes."""
     user_id = pusher_user_id(member.get("user_id"))

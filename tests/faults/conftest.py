@@ -24,6 +24,7 @@ from devtools.cluster import Cluster
 from devtools.processes import OwnedProcess, free_port, redis_server
 from tests.faults.report import MEASUREMENTS
 from tests.faults.services import tcp_proxy
+from tests.pusherclient import APP_ID, APP_KEY, APP_SECRET
 from tests.servers import NO_ADDRESS_BUDGETS, ROOT, Database, create_token
 
 ARTIFACTS = ROOT / "artifacts" / "faults"
@@ -97,6 +98,10 @@ def cluster_env(
         # Every client reaches the nodes through nginx from 127.0.0.1, and crowds of
         # them reconnect at once: these tests are about failing parts, not budgets.
         **NO_ADDRESS_BUDGETS,
+        # A Pusher-protocol subscriber rides through the Redis restart beside ours.
+        "PUSHER_APP_ID": APP_ID,
+        "PUSHER_APP_KEY": APP_KEY,
+        "PUSHER_APP_SECRET": APP_SECRET,
     }
 
 
