@@ -64,14 +64,17 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return await sse_entry(scope, receive, send)
     if scope["type"] == "http" and scope["path"].startswith(NODE_PATHS):
         await _start_node()
-        retry_after = rest_refused(scope)
+        # Our REST API has the address budget; the Pusher HTTP API is for back-ends,
+        # signed with their app's secret, as service tokens are not held to it.
+        retry_after = rest_refused(scope) if scope["path"].startswith(API_PREFIX) else None
         if retry_after is not None:
             return await _over_rest_budget(send, retry_after)
     return await django_asgi_app(scope, receive, send)
 
 
 # Requests that publish (our REST API, the Pusher HTTP API) or read the node's counts.
-NODE_PATHS = ("/api/", "/apps/")
+API_PREFIX = "/api/"
+NODE_PATHS = (API_PREFIX, "/apps/")
 # After a failed start, REST requests do not try again for this long, so a Redis
 # outage does not add a connect timeout to every request.
 NODE_RETRY_SECS = 5.0
