@@ -44,6 +44,9 @@ PUBLISH_PER_SEC = 50
 WARMUP_SECS = 12.0
 # Under a minute: the anonymous REST budget (600/min) then bounds the whole attack.
 ATTACK_SECS = 55.0
+# The handshake budget of an address by default (PUSH_ADDRESS_HANDSHAKE_BURST, _PER_SEC).
+HANDSHAKE_BURST = 100
+HANDSHAKE_PER_SEC = 20
 # The attackers' addresses (tests/abuse/attacks.py --addresses): 0, each attack from its
 # own; 1, every attack from one host, sharing its budgets.
 ATTACKER_ADDRESSES = int(os.environ.get("ABUSE_ATTACKER_ADDRESSES", "0"))
@@ -290,6 +293,10 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
     refusals = {
         kind: count - refusals_before[kind] for kind, count in budget_refusals(node).items()
     }
+    # The flood is refused once its address goes past the budget (a burst, then a rate);
+    # on a node so busy that its handshakes came slower than that, nothing was over.
+    flood = next(a for a in report["attacks"] if a["name"] == "handshake flood")
+    flood_within_budget = flood["requests"] <= HANDSHAKE_BURST + HANDSHAKE_PER_SEC * ATTACK_SECS
     node_log = node.log()
     problems = log_problems(node_log)
     (tmp_path / "node.log").write_text(node_log)
@@ -355,10 +362,10 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
         # The budget attacks go past the handshake and frame budgets of their addresses:
         # refused, or the budgets did not hold.
         Figure(
-            "address budget refusals: handshakes / frames",
-            f"{refusals['handshakes']} / {refusals['frames']}",
-            "> 0 / > 0",
-            refusals["handshakes"] > 0 and refusals["frames"] > 0,
+            "address budget refusals: handshakes (flood's handshakes) / frames",
+            f"{refusals['handshakes']} ({flood['requests']}) / {refusals['frames']}",
+            "> 0, or flood within budget / > 0",
+            (refusals["handshakes"] > 0 or flood_within_budget) and refusals["frames"] > 0,
         ),
         Figure(
             "address budget refusals: subscriptions / REST",
