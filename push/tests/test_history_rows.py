@@ -1,0 +1,28 @@
+"""History as read back (push/storage/selectors.py) is the message as published: the
+same id, data and timestamp to the microsecond, though the rows are read as plain
+tuples with the time computed by the database."""
+
+from __future__ import annotations
+
+import pytest
+
+from push.services.publishing import message_publish
+from push.storage.selectors import history_page, history_recent, message_list_since
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_a_page_of_history_is_the_messages_as_published() -> None:
+    published = [message_publish(channel="rows", data={"n": n, "é": "ü"}) for n in range(5)]
+    read, truncated = message_list_since(channel="rows", since=1, limit=10, max_bytes=10_000)
+    assert not truncated
+    assert [(m.seq, m.message_id, m.data_json, m.timestamp) for m in read] == [
+        (m.seq, m.message_id, m.data_json, m.timestamp) for m in published[1:]
+    ]
+    page = history_page(channel="rows", since=3, limit=10, max_bytes=10_000)
+    assert [(m.seq, m.timestamp) for m in page.messages] == [
+        (m.seq, m.timestamp) for m in published[3:]
+    ]
+    newest = history_recent(channel="rows", count=2, max_bytes=10_000)
+    assert [m.message_id for m in newest.messages] == [m.message_id for m in published[-2:]]
+    assert [m.timestamp for m in newest.messages] == [m.timestamp for m in published[-2:]]
