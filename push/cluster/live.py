@@ -56,6 +56,11 @@ class LiveConnection(Subscriber, Protocol):
         """Close after the frames already queued are sent."""
         ...
 
+    def check_silence(self, now: float, cutoff: float) -> int:
+        """The node's heartbeat check, for a connection silent a while: close it (1) if
+        its protocol's rule says so, else 0."""
+        ...
+
     def abort(self, code: int) -> None:
         """Close at once, dropping whatever is queued."""
         ...

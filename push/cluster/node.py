@@ -357,15 +357,7 @@ class Node:
         cutoff = now - timeout_secs
         earliest = now - min(timeout_secs, push_settings.PUSHER_ACTIVITY_TIMEOUT_SECS)
         silent = [c for c in self.connections.values() if c.last_seen < earliest and c.is_open]
-        closed = 0
-        for connection in silent:
-            check = getattr(connection, "check_silence", None)
-            if check is not None:
-                closed += check(now)
-            elif connection.last_seen < cutoff:
-                connection.close(CloseCode.HEARTBEAT_TIMEOUT)
-                closed += 1
-        return closed
+        return sum(connection.check_silence(now, cutoff) for connection in silent)
 
     async def drain(self, *, code: int, deadline_secs: float) -> None:
         """Tell every client to go, let queued frames out, record the closes, stop."""

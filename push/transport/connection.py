@@ -165,6 +165,14 @@ class ClientConnection:
             error(code=exc.code, message=exc.message, request_id=request_id, channel=channel)
         )
 
+    def check_silence(self, now: float, cutoff: float) -> int:
+        """Our protocol's rule: nothing received since ``cutoff`` (the heartbeat
+        timeout) closes the connection with 4001."""
+        if self.last_seen >= cutoff:
+            return 0
+        self.close(CloseCode.HEARTBEAT_TIMEOUT)
+        return 1
+
     def close(self, code: int) -> None:
         """Close after the frames already queued (an error reply, say) are sent."""
         if self.state is not ConnectionState.OPEN:

@@ -115,7 +115,7 @@ class PusherConnection(ClientConnection):
     def abort(self, code: int) -> None:
         super().abort(_PUSHER_CLOSE.get(code, (code, ""))[0])
 
-    def check_silence(self, now: float) -> int:
+    def check_silence(self, now: float, cutoff: float) -> int:
         """Pusher's rule for a quiet client: ping it after ``activity_timeout``, close it
         (4201) when no frame came back within ``PUSHER_PONG_TIMEOUT_SECS``. Returns 1 if
         closed. The node's heartbeat check calls it (every few seconds)."""
