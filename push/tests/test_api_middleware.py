@@ -5,6 +5,7 @@ thread, and every middleware still does its work."""
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,10 +13,11 @@ import httpx
 import pytest
 from django.contrib.auth.models import User
 from django.contrib.sessions.models import Session
+from django.core.signals import request_finished
 from rest_framework.authtoken.models import Token
 
 from push.api import middleware
-from push.api.middleware import LoopHandler
+from push.api.middleware import LoopHandler, RequestThreads
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -79,3 +81,35 @@ async def test_a_static_file_is_served(http: httpx.AsyncClient) -> None:
     response = await http.get("/static/admin/css/base.css")
     assert response.status_code == 200
     assert "body" in response.text
+
+
+async def test_requests_reuse_their_threads_instead_of_starting_new_ones(
+    http: httpx.AsyncClient,
+) -> None:
+    """Every request closes its response on its thread-sensitive thread (Django sends
+    ``request_finished`` from there): one after another, they share one lent thread."""
+    threads: list[str] = []
+
+    def record(**_: Any) -> None:
+        threads.append(threading.current_thread().name)
+
+    request_finished.connect(record)
+    try:
+        for _ in range(10):
+            assert (await http.get("/api/v1/channels/news/messages")).status_code in (200, 401)
+    finally:
+        request_finished.disconnect(record)
+    assert len(threads) == 10
+    assert len(set(threads)) == 1 and threads[0].startswith("push-request")
+
+
+def test_request_threads_keep_a_bounded_number_idle() -> None:
+    threads = RequestThreads(idle_max=2)
+    lent = [threads.lend() for _ in range(5)]
+    assert len({id(executor) for executor in lent}) == 5
+    for executor in lent:
+        threads.give_back(executor)
+    assert {id(threads.lend()) for _ in range(3)} & {id(e) for e in lent[:2]}
+    for executor in lent[2:]:  # shut down when given back over the bound
+        with pytest.raises(RuntimeError):
+            executor.submit(print)
