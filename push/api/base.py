@@ -7,7 +7,8 @@ and may read PostgreSQL (token, session, grants) and Redis (throttle counters), 
 ``initial`` runs them on the database threads (``common.db``), where a slow query holds
 one of those threads and never the loop. Parsing, rendering (the browsable API too),
 ``handle_exception`` with the one exception handler (``push.api.exceptions``) and
-``finalize_response`` are DRF's own code, unchanged.
+``finalize_response`` are DRF's own code, unchanged; a JSON response is rendered here,
+on the loop (``_render_on_loop``).
 
 Not adrf: it runs ``initial`` through ``sync_to_async(thread_sensitive=True)``, which
 under Django's ASGI handler is the request's own thread, whose database connection
@@ -20,7 +21,9 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -36,6 +39,24 @@ def _initial(view: APIView, request: Request, args: Any, kwargs: Any) -> None:
 
 
 _initial_off_loop = db_call(_initial)
+
+
+def _render_on_loop(response: Response) -> None:
+    """Render a JSON response now and leave Django's async handler a coroutine
+    ``render`` that returns it, which the handler awaits.
+
+    Django renders every ``SimpleTemplateResponse`` (every DRF response) through
+    ``sync_to_async``: one more thread hop per request, for a ``json.dumps``. The
+    browsable API's HTML (templates, forms that may read the database) still renders
+    on the request's thread."""
+    if not isinstance(getattr(response, "accepted_renderer", None), JSONRenderer):
+        return
+    response.render()
+
+    async def rendered() -> Response:
+        return response
+
+    response.render = rendered  # type: ignore[method-assign]  # the instance's own, for the async handler only
 
 
 class AsyncAPIView(APIView):
@@ -71,4 +92,6 @@ class AsyncAPIView(APIView):
         except Exception as exc:
             response = self.handle_exception(exc)
         self.response = self.finalize_response(drf_request, response, *args, **kwargs)
+        if isinstance(request, ASGIRequest):  # served by Django's async handler
+            _render_on_loop(self.response)
         return self.response

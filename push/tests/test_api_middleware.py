@@ -15,6 +15,7 @@ from django.contrib.auth.models import User
 from django.contrib.sessions.models import Session
 from django.core.signals import request_finished
 from rest_framework.authtoken.models import Token
+from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
 
 from push.api import middleware
 from push.api.middleware import LoopHandler, RequestThreads
@@ -113,3 +114,25 @@ def test_request_threads_keep_a_bounded_number_idle() -> None:
     for executor in lent[2:]:  # shut down when given back over the bound
         with pytest.raises(RuntimeError):
             executor.submit(print)
+
+
+async def test_json_renders_on_the_loop_and_the_browsable_api_on_the_request_thread(
+    http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rendered_on: dict[str, str] = {}
+    for renderer in (JSONRenderer, BrowsableAPIRenderer):
+        real = renderer.render
+
+        def recording(self: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            rendered_on.setdefault(type(self).__name__, threading.current_thread().name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(renderer, "render", recording)
+    path = "/api/v1/channels/news/messages"
+    as_json = await http.get(path, headers={"Accept": "application/json"})
+    assert as_json.headers["Content-Type"] == "application/json"
+    assert as_json.json() == {"results": [], "next": None}
+    as_html = await http.get(path, headers={"Accept": "text/html"})
+    assert as_html.headers["Content-Type"].startswith("text/html")
+    assert rendered_on["JSONRenderer"] == threading.main_thread().name
+    assert rendered_on["BrowsableAPIRenderer"].startswith("push-request")
