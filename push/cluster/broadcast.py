@@ -21,7 +21,7 @@ from common.redis_client import redis_prefix, redis_sync
 from push.cluster.broker import channel_group
 from push.cluster.node import running_node
 from push.fanout.message import ChannelMessage
-from push.storage.recent_cache import add_to_pipeline
+from push.storage.recent_cache import APPEND_SCRIPT, append_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -63,21 +63,26 @@ async def broadcast_async(message: ChannelMessage) -> None:
 
 
 _sync_redis: Any = None
+_sync_append: Any = None
 
 
 def _cache_without_node(message: ChannelMessage) -> None:
     """Append to the recent-history cache from a process without a node."""
-    global _sync_redis
+    global _sync_redis, _sync_append
     size = push_settings.RECENT_CACHE_SIZE
     if not settings.REDIS_URL or size <= 0:
         return
     if _sync_redis is None:
         _sync_redis = redis_sync(socket_connect_timeout=2, socket_timeout=5)
-    with _sync_redis.pipeline(transaction=False) as pipe:
-        ttl = push_settings.RECENT_CACHE_TTL_SECS
-        max_bytes = push_settings.RECENT_CACHE_MAX_BYTES
-        add_to_pipeline(pipe, redis_prefix(), [message], size, ttl, max_bytes)
-        pipe.execute()
+        _sync_append = _sync_redis.register_script(APPEND_SCRIPT)
+    keys, args = append_arguments(
+        redis_prefix(),
+        [message],
+        size,
+        push_settings.RECENT_CACHE_TTL_SECS,
+        push_settings.RECENT_CACHE_MAX_BYTES,
+    )
+    _sync_append(keys=keys, args=args)
 
 
 async def _publish_without_node(message: ChannelMessage) -> None:

@@ -50,15 +50,6 @@ def stream_length(channel: str, size: int) -> int:
     return size if max_messages is None else min(size, max_messages)
 
 
-def stream_fields(message: ChannelMessage) -> dict[str, str]:
-    return {
-        "s": str(message.seq),
-        "m": message.message_id,
-        "d": message.data_json,
-        "t": repr(message.timestamp),
-    }
-
-
 def message_from_entry(channel: str, fields: dict[bytes, bytes]) -> ChannelMessage:
     return ChannelMessage(
         channel=channel,
@@ -86,33 +77,57 @@ def contiguous_tail(messages: list[ChannelMessage]) -> list[ChannelMessage]:
     return tail
 
 
-def add_to_pipeline(
-    pipe: Any,
+# Appends a batch of messages to their streams in one command: a pipeline of one XADD
+# per message cost the node more than storing the batch in PostgreSQL (py-spy: a
+# seventh of a node publishing over WebSocket, most of it redis-py building each
+# command and reading each reply in Python). KEYS: each message's stream, in order
+# (repeated for messages of one channel). ARGV[1]: the TTL; then per message its
+# trimming, "~" (approximate) or "=" (exact), its MAXLEN, and its four fields.
+APPEND_SCRIPT = """
+local ttl = ARGV[1]
+local touched = {}
+for i, key in ipairs(KEYS) do
+  local a = 2 + (i - 1) * 6
+  redis.call('XADD', key, 'MAXLEN', ARGV[a], ARGV[a + 1], '*',
+    's', ARGV[a + 2], 'm', ARGV[a + 3], 'd', ARGV[a + 4], 't', ARGV[a + 5])
+  touched[key] = true
+end
+for key in pairs(touched) do
+  redis.call('EXPIRE', key, ttl)
+end
+return #KEYS
+"""
+
+
+def append_arguments(
     prefix: str,
     messages: list[ChannelMessage],
     size: int,
     ttl: int,
     max_bytes: int,
-) -> None:
-    """Append ``messages`` to their channels' streams; one EXPIRE per channel, since a
-    write pipeline's batch brings many messages of few channels."""
+) -> tuple[list[str], list[str | int]]:
+    """The KEYS and ARGV of ``APPEND_SCRIPT`` for ``messages``."""
     lengths: dict[str, int] = {}
+    keys: list[str] = []
+    args: list[str | int] = [ttl]
     for message in messages:
         channel = message.channel
         if channel not in lengths:
             lengths[channel] = stream_length(channel, size)
         length = lengths[channel]
         fitting = max(1, max_bytes // max(1, data_bytes(message)))
-        pipe.xadd(
-            recent_key(prefix, channel),
-            stream_fields(message),
-            maxlen=min(length, fitting),
+        keys.append(recent_key(prefix, channel))
+        args += (
             # Approximate trimming only drops whole stream nodes (100 entries): fine for
             # the count, useless for a few large messages, which are trimmed exactly.
-            approximate=fitting >= length,
+            "~" if fitting >= length else "=",
+            min(length, fitting),
+            message.seq,
+            message.message_id,
+            message.data_json,
+            repr(message.timestamp),
         )
-    for channel in lengths:
-        pipe.expire(recent_key(prefix, channel), ttl)
+    return keys, args
 
 
 class RecentCache:
@@ -131,6 +146,7 @@ class RecentCache:
             maxlen=MAX_QUEUED_APPENDS
         )
         self._wakeup = asyncio.Event()
+        self._append = redis.register_script(APPEND_SCRIPT) if redis is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -157,11 +173,10 @@ class RecentCache:
                 logger.warning("recent-history cache append failed: %s", exc)
 
     async def _write(self, batch: list[ChannelMessage]) -> None:
-        if not batch:
+        if not batch or self._append is None:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            add_to_pipeline(pipe, self.prefix, batch, self.size, self.ttl_secs, self.max_bytes)
-            await pipe.execute()
+        keys, args = append_arguments(self.prefix, batch, self.size, self.ttl_secs, self.max_bytes)
+        await self._append(keys=keys, args=args)
 
     async def read(self, channel: str, count: int, max_bytes: int) -> list[ChannelMessage]:
         """The channel's cached recent messages, or [] on a miss: at most ``count`` of

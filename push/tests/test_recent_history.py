@@ -226,3 +226,13 @@ async def test_the_cache_holds_and_reads_at_most_its_byte_budget_per_channel() -
     assert [m.seq for m in await node.recent_cache.read("wide-cache", 100, 10**9)] == [8, 9, 10]
     assert [m.seq for m in await node.recent_cache.read("wide-cache", 100, 700)] == [9, 10]
     assert [m.seq for m in await node.recent_cache.read("wide-cache", 100, 10)] == [10]
+
+
+@needs_redis
+async def test_a_process_without_a_node_appends_to_the_cache_too() -> None:
+    """A management command or a worker publishes without a node: its messages reach
+    the cache all the same, so a node that starts serving the channel finds them."""
+    await stop_node()
+    for _ in range(3):
+        await sync_to_async(message_publish)(channel="from-a-command", data="x")
+    assert await _cached_seqs("from-a-command", 3) == [1, 2, 3]
