@@ -54,6 +54,7 @@ from common.db import db_call
 from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
 from push.storage.write_batch import (
+    POSTGRESQL_BINARY_ARRAYS,
     BatchOutcome,
     Outcome,
     PublishUnit,
@@ -387,7 +388,12 @@ class WritePipeline:
         self, connection: psycopg.AsyncConnection[Any], units: Sequence[PublishUnit]
     ) -> BatchOutcome:
         started = time.perf_counter()
-        plan = batch_plan(units, micros=now_micros(), window_secs=self._window_secs)
+        plan = batch_plan(
+            units,
+            micros=now_micros(),
+            window_secs=self._window_secs,
+            dialect=POSTGRESQL_BINARY_ARRAYS,
+        )
         self._commit_sent = False
         # Pipeline mode: statements whose rows nothing reads (the messages' insert, the
         # keys' results) go out with the COMMIT in one round trip, BEGIN with the first.

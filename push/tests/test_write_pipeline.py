@@ -83,6 +83,22 @@ async def test_concurrent_publishes_share_transactions_with_consecutive_seqs() -
         assert [m.seq for m in committed if m.channel == f"ch{c}"] == list(range(1, 101))
 
 
+async def test_data_with_quotes_backslashes_and_any_script_is_stored_as_published() -> None:
+    """The pipeline sends its rows as binary arrays: nothing to quote or escape."""
+    values = ['a "quoted" \\ back\\slash', "{}[],", "é ü 漢字 😀", "\u2028", "NULL", ""]
+    units = [
+        PublishUnit(items=[("escapes", json.dumps(v, ensure_ascii=False))], publisher_id=None)
+        for v in values
+    ]
+    pipeline = _pipeline([])
+    try:
+        outcomes = await asyncio.gather(*(pipeline.publish(u) for u in units))
+    finally:
+        await pipeline.stop()
+    assert all(isinstance(o, Published) for o in outcomes)
+    assert [data for _, data, _ in await sync_to_async(_stored)("escapes")] == values
+
+
 async def test_a_refused_message_fails_alone_and_the_rest_commit() -> None:
     committed: list[ChannelMessage] = []
     pipeline = _pipeline(committed)
