@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from django.conf import settings
 
@@ -614,10 +616,20 @@ def _load(overrides: dict[str, Any]) -> PushSettings:
     return PushSettings(**overrides)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Results a ``derived_from_settings`` function keeps, at most: its arguments are
+# channel names, which clients choose, so the cache is bounded (least recently used
+# first out).
+DERIVED_CACHE_SIZE = 4096
+
+
 class _Accessor:
     """Reads ``settings.PUSH`` on first use and again after ``reload()`` (tests)."""
 
     _cached: PushSettings | None = None
+    _derived: list[Callable[[], None]] = []
 
     def __getattr__(self, name: str) -> Any:
         if self._cached is None:
@@ -626,6 +638,16 @@ class _Accessor:
 
     def reload(self) -> None:
         self._cached = None
+        for clear in self._derived:
+            clear()
+
+    def derived(self, func: Callable[P, R]) -> Callable[P, R]:
+        """Decorator: remember what ``func`` answers from the settings and its
+        arguments (say, which pattern of ``PUSH_HISTORY_MODES`` a channel matches, asked
+        for every message) until the settings are reloaded."""
+        cached = functools.lru_cache(maxsize=DERIVED_CACHE_SIZE)(func)
+        self._derived.append(cached.cache_clear)
+        return cached  # type: ignore[return-value]  # lru_cache keeps the signature
 
 
 push_settings = _Accessor()

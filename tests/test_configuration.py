@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.test import override_settings
 
 from common.conf import EnvType, PushSettings, push_options
 from push.cluster.directory import redis_prefix
+from push.storage.history_modes import HistoryMode, history_mode
+from push.storage.retention import retention_policy
 from realtime_project.configuration import project_variables, reference, shown_default
 from realtime_project.env import ImproperlyConfiguredEnv, env_overrides
 
@@ -113,3 +116,17 @@ def test_defaults_are_shown_as_one_would_write_them(
 def test_a_project_variable_without_a_meaning_is_refused() -> None:
     with pytest.raises(ValueError, match="NEW_VARIABLE has no meaning"):
         project_variables('X = env_int("NEW_VARIABLE", 3)\n')
+
+
+def test_what_is_derived_from_the_settings_follows_a_change_of_them() -> None:
+    """``history_mode`` and ``retention_policy`` remember their answer per channel,
+    and forget it when the settings change."""
+    durable = retention_policy("tick:1")
+    assert history_mode("tick:1") is HistoryMode.DURABLE
+    with override_settings(
+        PUSH={"HISTORY_MODES": [("tick:*", "recent")], "RECENT_WINDOW_MESSAGES": 5}
+    ):
+        assert history_mode("tick:1") is HistoryMode.RECENT
+        assert retention_policy("tick:1").max_messages == 5
+    assert history_mode("tick:1") is HistoryMode.DURABLE
+    assert retention_policy("tick:1") == durable

@@ -15,6 +15,7 @@ class HistoryMode(enum.StrEnum):
     RECENT = "recent"
 
 
+@push_settings.derived
 def history_mode(channel: str) -> HistoryMode:
     """The first matching pattern's mode; durable when none matches."""
     for pattern, mode in push_settings.HISTORY_MODES:

@@ -68,6 +68,7 @@ def _human_duration(secs: int) -> str:
     return f"{secs}s"
 
 
+@push_settings.derived
 def retention_policy(channel: str) -> RetentionPolicy:
     """What a resume of ``channel`` may replay. A recent channel's window is its rule:
     a node replays from memory no more than the window in Redis holds."""
@@ -78,6 +79,7 @@ def retention_policy(channel: str) -> RetentionPolicy:
     return durable_retention_policy(channel)
 
 
+@push_settings.derived
 def durable_retention_policy(channel: str) -> RetentionPolicy:
     """The rules for ``channel``'s rows in PostgreSQL."""
     for pattern, max_messages, max_age_secs in push_settings.RETENTION_RULES:
