@@ -83,13 +83,13 @@ async def test_a_background_task_is_kept_until_done_and_its_error_is_logged(
 
 
 async def test_a_burst_crosses_redis_in_order_in_one_round_trip(settings: Any) -> None:
-    """Committed messages go to the other nodes pipelined, exactly as group_send sends
+    """Committed messages go to the other nodes in one script call, exactly as group_send sends
     them: another node's broker receives every one, in order."""
     if not settings.REDIS_URL:
         pytest.skip("needs Redis (REDIS_URL)")
     from channels_redis.pubsub import RedisPubSubChannelLayer
 
-    from push.cluster.broker import channel_group, pipelined_publisher
+    from push.cluster.broker import batched_publisher, channel_group
     from push.fanout.message import ChannelMessage
 
     config = settings.CHANNEL_LAYERS["default"]["CONFIG"]
@@ -98,7 +98,7 @@ async def test_a_burst_crosses_redis_in_order_in_one_round_trip(settings: Any) -
     received: list[ChannelMessage] = []
     sender = Broker(sender_layer, on_message=lambda m: None)
     receiver = Broker(receiver_layer, on_message=received.append)
-    assert pipelined_publisher(sender_layer) is not None
+    assert batched_publisher(sender_layer) is not None
     await sender.start()
     await receiver.start()
     try:
@@ -118,7 +118,7 @@ async def test_a_burst_crosses_redis_in_order_in_one_round_trip(settings: Any) -
         await receiver_layer.flush()
 
 
-def test_layers_without_pipelining_send_one_by_one() -> None:
-    from push.cluster.broker import pipelined_publisher
+def test_other_layers_send_one_by_one() -> None:
+    from push.cluster.broker import batched_publisher
 
-    assert pipelined_publisher(InMemoryChannelLayer()) is None
+    assert batched_publisher(InMemoryChannelLayer()) is None
