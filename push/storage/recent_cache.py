@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 # Appends waiting while Redis is away; past this the oldest are dropped (the cache
 # then misses them and readers fall back to PostgreSQL).
 MAX_QUEUED_APPENDS = 10_000
+# Messages appended by one script call, at most (a write batch holds up to 1,000).
+APPENDS_PER_CALL = 1000
 # Entries per XREVRANGE when reading: a read overshoots its byte budget by fewer than
 # this many messages before it stops.
 READ_CHUNK = 8
@@ -173,10 +175,18 @@ class RecentCache:
                 logger.warning("recent-history cache append failed: %s", exc)
 
     async def _write(self, batch: list[ChannelMessage]) -> None:
-        if not batch or self._append is None:
+        if self._append is None:
             return
-        keys, args = append_arguments(self.prefix, batch, self.size, self.ttl_secs, self.max_bytes)
-        await self._append(keys=keys, args=args)
+        # A script holds Redis until it ends: a backlog (Redis was away) goes in slices.
+        for start in range(0, len(batch), APPENDS_PER_CALL):
+            keys, args = append_arguments(
+                self.prefix,
+                batch[start : start + APPENDS_PER_CALL],
+                self.size,
+                self.ttl_secs,
+                self.max_bytes,
+            )
+            await self._append(keys=keys, args=args)
 
     async def read(self, channel: str, count: int, max_bytes: int) -> list[ChannelMessage]:
         """The channel's cached recent messages, or [] on a miss: at most ``count`` of
