@@ -402,9 +402,6 @@ class WritePipeline:
             connection.transaction(),
             connection.cursor() as cursor,
         ):
-            await cursor.execute(
-                "SELECT set_config('lock_timeout', %s, true)", [f"{int(LOCK_WAIT_SECS * 1000)}ms"]
-            )
             try:
                 statement = next(plan)
                 while True:
@@ -460,6 +457,13 @@ class WritePipeline:
                 autocommit=True,
                 connect_timeout=max(1, round(self._connect_timeout_secs)),
             )
+            try:
+                # For the connection's life, not once per transaction (one statement
+                # less in every batch).
+                await connection.execute(f"SET lock_timeout = '{int(LOCK_WAIT_SECS * 1000)}ms'")
+            except BaseException:
+                await connection.close()
+                raise
         self._connection = connection
         if self._unreachable:
             logger.warning("write pipeline: connected to PostgreSQL again")
