@@ -232,17 +232,11 @@ class Node:
 
     async def _join_channel(self, channel: str) -> None:
         await self.broker.join(channel)
-        try:
-            await self.events.occupied(channel)
-        except Exception as exc:  # events are for operators; delivery goes on
-            logger.warning("occupancy of %s not recorded: %s", channel, exc)
+        self.events.occupied(channel)
 
     async def _leave_channel(self, channel: str) -> None:
         await self.broker.leave(channel)
-        try:
-            await self.events.vacated(channel)
-        except Exception as exc:
-            logger.warning("vacancy of %s not recorded: %s", channel, exc)
+        self.events.vacated(channel)
 
     async def announce_presence(self, kind: str, channel: str, member: dict[str, Any]) -> None:
         """Tell every node serving ``channel`` (this one too) that a member joined/left,

@@ -177,6 +177,43 @@ class Outbox:
             self._writer = asyncio.get_running_loop().create_task(self._drain())
         return True
 
+    # The base class's push, for push_many to queue frames it was handed ready to send
+    # (a subclass's push may rewrite a frame first: SSE's cursor).
+    __push = push
+
+    def push_many(self, frames: list[OutFrame]) -> bool:
+        """``push`` each of ``frames`` in order, with one write to the socket for all of
+        them when it takes data directly; False as soon as one is refused. The caller
+        bounds the run (the hub's replay slices): all of it may land in the server's
+        buffer, past its backlog bound.
+
+        A replay hands over pages of history: a write per frame cost a system call (and
+        the GIL given up and taken back) each, most of a replayed frame's cost."""
+        if len(frames) > 1 and self._writes_directly():
+            try:
+                data = b"".join([frame.wire for frame in frames])
+            except Exception:  # one at a time below: push says which broke, and how
+                data = None
+            if data is not None:
+                try:
+                    self.raw_write(data)  # type: ignore[misc]  # set: _writes_directly
+                except Exception as exc:
+                    return self._raw_write_failed(frames[0], exc, attempted=True)
+                _DIRECT_WRITES.value += len(frames)
+                return True
+        push = self.__push
+        return all(push(frame) for frame in frames)
+
+    def _writes_directly(self) -> bool:
+        """True when ``push`` would write a frame to the socket now, not queue it."""
+        if self._closed or self._writer is not None or self._queue:
+            return False
+        probe = self.backlog_probe
+        if probe is not None and probe() > BACKLOG_PAUSE_BYTES:
+            return False
+        raw_writable = self.raw_writable
+        return raw_writable is not None and raw_writable()
+
     def _send_now(self, frame: OutFrame) -> bool:
         """Hand the frame to the server within this call, without a task.
 

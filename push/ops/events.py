@@ -7,7 +7,10 @@ connection path; ``manage.py run_event_worker`` processes them with a consumer g
 (several workers share the work) and runs the registered handlers (the webhook sender
 is one). Occupancy is cluster-wide: a channel is occupied when the first node gets a
 subscriber for it and vacated when the last node lets it go, decided in one Lua script
-so two nodes never both announce it. Events need Redis; without it they are not kept.
+so two nodes never both announce it. A node's occupancy changes go out with its events,
+in the same batches and in order: thousands of channels emptied at once (their linger
+ending together) once each took a Redis connection of their own, opened at once.
+Events need Redis; without it they are not kept.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 from common import metrics
 
@@ -70,6 +73,14 @@ def event(kind: str, **fields: Any) -> dict[str, Any]:
     return {"id": uuid.uuid4().hex, "type": kind, "timestamp": time.time(), **fields}
 
 
+class OccupancyChange(NamedTuple):
+    """One run of ``_OCCUPY`` or ``_VACATE``, waiting in the event buffer for its batch."""
+
+    script: Any
+    keys: list[str]
+    args: list[Any]
+
+
 class EventLog:
     """A node's side: buffer events and append them to the stream in batches."""
 
@@ -89,7 +100,7 @@ class EventLog:
         self.maxlen = maxlen
         self.max_buffered = max_buffered
         # Bounded: appending to a full buffer drops the oldest, in O(1).
-        self._buffer: deque[dict[str, Any]] = deque(maxlen=max_buffered)
+        self._buffer: deque[dict[str, Any] | OccupancyChange] = deque(maxlen=max_buffered)
         if redis is not None:
             self._occupy = redis.register_script(_OCCUPY)
             self._vacate = redis.register_script(_VACATE)
@@ -101,9 +112,12 @@ class EventLog:
     def emit(self, kind: str, **fields: Any) -> None:
         if self.redis is None:
             return
+        self._append(event(kind, node=self.server_id, **fields))
+
+    def _append(self, entry: dict[str, Any] | OccupancyChange) -> None:
         if len(self._buffer) == self._buffer.maxlen:
             metrics.EVENTS_DROPPED.inc()
-        self._buffer.append(event(kind, node=self.server_id, **fields))
+        self._buffer.append(entry)
 
     async def flush(self) -> None:
         if not self._buffer or self.redis is None:
@@ -112,6 +126,10 @@ class EventLog:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for entry in batch:
+                    if isinstance(entry, OccupancyChange):
+                        # Queued in the pipeline (which loads the script if Redis lacks it).
+                        await entry.script(keys=entry.keys, args=entry.args, client=pipe)
+                        continue
                     pipe.xadd(
                         self.stream,
                         {"event": json.dumps(entry)},
@@ -123,7 +141,7 @@ class EventLog:
             logger.warning("could not append %d events: %s", len(batch), exc)
             self._restore(batch)
 
-    def _restore(self, batch: deque[dict[str, Any]]) -> None:
+    def _restore(self, batch: deque[dict[str, Any] | OccupancyChange]) -> None:
         """Put an unwritten batch back before what was emitted since, keeping the newest
         ``max_buffered`` of them (the oldest are dropped, counted)."""
         newer = self._buffer
@@ -145,22 +163,23 @@ class EventLog:
             self.stream,
         ]
 
-    async def occupied(self, channel: str) -> None:
-        """This node has a subscriber for ``channel`` now."""
+    def occupied(self, channel: str) -> None:
+        """This node has a subscriber for ``channel`` now (written with the next batch,
+        as an unwritten one is retried: the script counts each node once)."""
         if self.redis is None:
             return
-        entry = json.dumps(event(CHANNEL_OCCUPIED, channel=channel, node=self.server_id))
-        keys = self._occupancy_keys(channel, self.server_id)
-        await self._occupy(keys=keys, args=[self.server_id, channel, entry, self.maxlen])
+        self._change(self._occupy, CHANNEL_OCCUPIED, channel, self.server_id)
 
-    async def vacated(self, channel: str, server_id: str | None = None) -> None:
+    def vacated(self, channel: str, server_id: str | None = None) -> None:
         """This node (or a dead ``server_id``) no longer serves ``channel``."""
         if self.redis is None:
             return
-        server_id = server_id or self.server_id
-        entry = json.dumps(event(CHANNEL_VACATED, channel=channel, node=server_id))
+        self._change(self._vacate, CHANNEL_VACATED, channel, server_id or self.server_id)
+
+    def _change(self, script: Any, kind: str, channel: str, server_id: str) -> None:
+        entry = json.dumps(event(kind, channel=channel, node=server_id))
         keys = self._occupancy_keys(channel, server_id)
-        await self._vacate(keys=keys, args=[server_id, channel, entry, self.maxlen])
+        self._append(OccupancyChange(script, keys, [server_id, channel, entry, self.maxlen]))
 
     async def vacate_all_of(self, server_id: str) -> None:
         """Release every channel a dead node held (announcing those now empty)."""
@@ -169,4 +188,4 @@ class EventLog:
         index = f"{self.prefix}:occupancy-node:{server_id}"
         for channel in await self.redis.smembers(index):
             name = channel.decode() if isinstance(channel, bytes) else channel
-            await self.vacated(name, server_id)
+            self.vacated(name, server_id)

@@ -1,6 +1,7 @@
-"""What a resume may cost the node: a replay stops when its client leaves, replays
-hold bounded slots per node and per address, and the hub's buffers are bounded in
-bytes as well as in messages."""
+"""What a resume may cost the node: a replay stops when its client leaves, goes out a
+slice at a time with the node serving everyone else in between, replays hold bounded
+slots per node and per address, and the hub's buffers are bounded in bytes as well as
+in messages."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from asgiref.sync import sync_to_async
 from prometheus_client import REGISTRY
 
 from common.errors import ErrorCode, PushError
+from push.fanout.hub import REPLAY_SLICE_FRAMES
 from push.fanout.message import ChannelMessage
 from push.fanout.replay_slots import ReplaySlots
 from push.models import Channel, Message
 from push.storage.history import DatabaseHistory
-from push.tests.test_hub import FakeClient, MemoryHistory, make_hub, until_seqs
+from push.tests.test_hub import FakeClient, MemoryHistory, make_hub, make_message, until_seqs
 from tests.waiting import wait_until
 
 # 300 characters of data: three of them fit in a budget of 1000 bytes, four do not.
@@ -116,6 +118,48 @@ async def test_a_replay_waiting_for_its_client_to_read_stops_when_it_leaves() ->
     # The point is a window in which no more history may be read (as above).
     await asyncio.sleep(0.2)
     assert rows_read() - before == read <= 1 + 100
+
+
+# ----- a replay leaves room for everyone else ---------------------------------------
+
+
+class LoggedClient(FakeClient):
+    """A client that notes its name in a log shared with others each time it is sent a
+    frame: the order in which the node served them."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__()
+        self.name = name
+        self.log = log
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        self.log.append(self.name)
+        await super()._send(event)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_live_messages_go_out_between_the_slices_of_a_replay() -> None:
+    """A client resumes 500 stored messages (one page of history) while another
+    channel's messages keep coming, one per loop turn as a publisher's would. The
+    replay is sent a slice at a time, so the other client is served between slices:
+    never more than a slice of the replay goes out between two of its messages."""
+    await sync_to_async(_store_rows)("deep", 500)
+    hub, _ = await make_hub(DatabaseHistory(), recent_size=1)
+    log: list[str] = []
+    watcher = LoggedClient("watcher", log)
+    await hub.subscribe(watcher, "live", since=None, reply=watcher.reply)
+    resumed = LoggedClient("resumed", log)
+    resuming = asyncio.create_task(hub.subscribe(resumed, "deep", since=0, reply=resumed.reply))
+    seq = 0
+    while not resuming.done():
+        seq += 1
+        hub.deliver(make_message("live", seq))
+        await asyncio.sleep(0)
+    await resuming
+    assert resumed.seqs() == list(range(1, 501))
+    assert watcher.seqs() == list(range(1, seq + 1))
+    between = [len(run) for run in "".join("r" if n == "resumed" else " " for n in log).split()]
+    assert max(between) <= REPLAY_SLICE_FRAMES
 
 
 # ----- replay slots ------------------------------------------------------------------

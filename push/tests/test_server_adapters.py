@@ -235,6 +235,49 @@ async def test_direct_writes_are_counted() -> None:
     assert _sample("push_direct_writes_total") == before + 3
 
 
+def _frames(*texts: str) -> list[OutFrame]:
+    return [OutFrame({"type": "websocket.send", "text": text}, len(text)) for text in texts]
+
+
+async def test_a_run_of_frames_goes_to_the_socket_in_one_write() -> None:
+    """A replay's slice: one write (one system call) for all its frames, in order, each
+    frame counted as written directly."""
+    recorder = Recorder()
+    written: list[bytes] = []
+    outbox = recorder.outbox(written.append)
+    frames = _frames('{"n":1}', '{"n":2}', '{"n":3}')
+    before = metrics.DIRECT_WRITES.value
+    assert outbox.push_many(frames)
+    assert written == [b"".join(frame.wire for frame in frames)] and recorder.sent == []
+    assert _sample("push_direct_writes_total") == before + 3
+
+
+async def test_a_run_of_frames_the_socket_cannot_take_goes_through_send_in_order() -> None:
+    recorder = Recorder()
+    written: list[bytes] = []
+    outbox = Outbox(
+        recorder.send,
+        max_frames=10,
+        max_bytes=10**6,
+        on_overflow=lambda: None,
+        raw=(written.append, lambda: False),  # the server's own buffer is not empty
+    )
+    frames = _frames('{"n":1}', '{"n":2}')
+    assert outbox.push_many(frames)
+    assert recorder.sent == [frame.event for frame in frames] and written == []
+
+
+async def test_a_run_of_frames_whose_write_raises_fails_the_connection() -> None:
+    def broken_write(data: bytes) -> None:
+        raise OSError("half written")
+
+    recorder = Recorder()
+    outbox = recorder.outbox(broken_write)
+    assert not outbox.push_many(_frames("{}", "{}"))
+    assert outbox.closed and [str(e) for e in recorder.failures] == ["half written"]
+    assert recorder.sent == []
+
+
 def test_a_text_frame_with_a_lone_surrogate_is_framed_as_its_json_escape() -> None:
     text = json.dumps({"s": "a\ud800b"}, ensure_ascii=False)
     wire = OutFrame({"type": "websocket.send", "text": text}, len(text)).wire

@@ -74,6 +74,8 @@ class SseClient:
 
     def __init__(self) -> None:
         self.codec = SSE_CODEC
+        self.ip: str | None = None
+        self.gone = False
         self.bodies: list[bytes] = []
         self.outbox = SseOutbox(
             self._send, max_frames=100, max_bytes=10**9, on_overflow=lambda: None
@@ -117,6 +119,29 @@ async def test_each_message_is_encoded_once_for_every_sse_stream() -> None:
     ]
     assert all(stream.bodies == expected for stream in streams)
     assert expected[0].startswith(b'event: message\ndata: {"type":"message","channel":"news"')
+
+
+async def test_every_event_of_a_replay_carries_the_streams_cursor() -> None:
+    """A resume's history goes to the stream in runs of frames (``push_many``): each
+    event still ends with its own ``id:``, the cursor just after that message."""
+    history = MemoryHistory()
+    for seq in (1, 2, 3):
+        history.store("news", seq)
+    hub = Hub(
+        history=history,
+        join=_nothing,
+        leave=_nothing,
+        drop_oldest_patterns=[],
+        gap_wait_secs=0.05,
+        recent_size=1,
+    )
+    stream = SseClient()
+    await hub.subscribe(stream, "news", since=0, reply=lambda seq, recovered: None)
+    assert [body.rsplit(b"id: ", 1)[1] for body in stream.bodies] == [
+        b"news:1\n\n",
+        b"news:2\n\n",
+        b"news:3\n\n",
+    ]
 
 
 async def _nothing(channel: str) -> None:

@@ -179,13 +179,19 @@ class SseOutbox(Outbox):
         self.cursor: dict[str, int] = {}
 
     def push(self, frame: OutFrame) -> bool:
+        return super().push(self._with_cursor(frame))
+
+    def push_many(self, frames: list[OutFrame]) -> bool:
+        return super().push_many([self._with_cursor(frame) for frame in frames])
+
+    def _with_cursor(self, frame: OutFrame) -> OutFrame:
         channel = frame.channel
-        if channel is not None:
-            cursor = self.cursor
-            cursor[channel] = frame.seq  # type: ignore[assignment]  # a channel frame has a seq
-            body = frame.event["body"] + f"id: {cursor_format(cursor)}\n\n".encode()
-            frame = OutFrame(SSE_CODEC.send_event(body), len(body), frame.droppable)
-        return super().push(frame)
+        if channel is None:
+            return frame
+        cursor = self.cursor
+        cursor[channel] = frame.seq  # type: ignore[assignment]  # a channel frame has a seq
+        body = frame.event["body"] + f"id: {cursor_format(cursor)}\n\n".encode()
+        return OutFrame(SSE_CODEC.send_event(body), len(body), frame.droppable)
 
 
 class SseConnection(ClientConnection):
