@@ -11,6 +11,18 @@ from pytest_django import DjangoDbBlocker
 from push.tests.wsclient import WIRE_FORMATS
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fast_password_hashing() -> Iterator[None]:
+    """Passwords set and checked in this process (``create_user``, ``Client.login``) are
+    hashed with MD5, as Django's testing docs advise: its default PBKDF2 hasher took
+    ~0.3 s of CPU per password, in every test whose fixtures make a user. The nodes the
+    end-to-end tests start keep the default."""
+    from django.test import override_settings
+
+    with override_settings(PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"]):
+        yield
+
+
 @pytest.fixture(params=WIRE_FORMATS)
 def wire_format(request: pytest.FixtureRequest) -> str:
     """The subprotocol of one wire format: a test taking it runs once per format."""
