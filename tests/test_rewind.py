@@ -58,6 +58,7 @@ async def test_rewind_at_the_seam_while_both_nodes_publish_has_no_gap_or_duplica
     # session until its deadline, answering nothing once this test's loop is gone.
     for ws in sockets:
         ws.transport.abort()
+    await asyncio.gather(*(ws.wait_closed() for ws in sockets))
     for latest, seen, _ in readers:
         first = max(1, latest - REWIND + 1)
         assert seen, "a subscriber received nothing"
