@@ -17,7 +17,15 @@ from tests.servers import (
     manage,
     node_pair,
     small_queue_env,
+    stop_manage_workers,
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _manage_workers() -> Iterator[None]:
+    """The processes ``manage`` runs its commands in end with the session."""
+    yield
+    stop_manage_workers()
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,14 @@ with ``manage.py runnode`` on free ports, stopped by PID when the tests are done
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,11 +22,13 @@ import httpx
 import psycopg
 
 from devtools.processes import (
+    LOG_TAIL_BYTES,
     ROOT,
     OwnedProcess,
+    ProcessError,
     free_port,
     http_ok,
-    manage,
+    log_tail,
     runnode_command,
 )
 
@@ -68,6 +74,87 @@ class Database:
     def query(self, sql: str, *params: object) -> list[tuple]:
         with psycopg.connect(self.url) as conn:
             return conn.execute(sql, params).fetchall()
+
+
+class ManageWorker:
+    """``tests/manage_worker.py`` for one environment: ``manage.py`` commands without
+    starting Django for each. One command at a time (tests call it from threads too)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        digest = hashlib.sha256(json.dumps(sorted(env.items())).encode()).hexdigest()[:8]
+        self.log_path = LOG_DIR / f"manage-{digest}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.manage_worker"],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+        self._lock = threading.Lock()
+
+    def run(self, args: tuple[str, ...], timeout_secs: float) -> str:
+        what = f"manage.py {' '.join(args)}"
+        with self._lock:
+            line = self._ask(args, timeout_secs)
+        if line is None:
+            self.stop()
+            raise ProcessError(f"{what} did not finish within {timeout_secs:.0f} s")
+        if not line:
+            raise ProcessError(f"{what}: the worker exited\n{log_tail(self.log_path)}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise ProcessError(f"{what} failed:\n{answer['error'][-LOG_TAIL_BYTES:]}")
+        return str(answer["output"])
+
+    def _ask(self, args: tuple[str, ...], timeout_secs: float) -> str | None:
+        """The answer's line; "" if the worker is gone, None if it did not answer."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        try:
+            self.process.stdin.write(json.dumps(args) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            return ""
+        # One answer a request, and nothing read ahead of it: select sees it coming.
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout_secs)
+        return self.process.stdout.readline() if ready else None
+
+    def stop(self) -> None:
+        """Close its stdin (it ends), then wait; SIGKILL if it does not."""
+        if self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+        try:
+            self.process.wait(STOP_TIMEOUT_SECS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(STOP_TIMEOUT_SECS)
+
+
+_workers: dict[str, ManageWorker] = {}
+_workers_lock = threading.Lock()
+
+
+def manage(env: dict[str, str], *args: str, timeout_secs: float = 180.0) -> str:
+    """Run ``manage.py`` with ``args`` in ``env`` to completion; its output. In the
+    worker of that environment, started at its first command."""
+    key = json.dumps(sorted(env.items()))
+    with _workers_lock:
+        worker = _workers.get(key)
+        if worker is None or worker.process.poll() is not None:
+            worker = _workers[key] = ManageWorker(env)
+    return worker.run(args, timeout_secs)
+
+
+def stop_manage_workers() -> None:
+    with _workers_lock:
+        workers = list(_workers.values())
+        _workers.clear()
+    for worker in workers:
+        worker.stop()
 
 
 def create_token(

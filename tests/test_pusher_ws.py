@@ -14,7 +14,6 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from devtools.processes import manage
 from tests.pusherclient import (
     APP_KEY,
     PusherClient,
@@ -24,7 +23,7 @@ from tests.pusherclient import (
     receive,
     sign,
 )
-from tests.servers import ServerNode, publish_rest
+from tests.servers import ServerNode, manage, publish_rest
 
 pytestmark = pytest.mark.e2e
 
