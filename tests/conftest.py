@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.pusherclient import shared_pusher_env
 from tests.servers import (
     NO_ADDRESS_BUDGETS,
     Database,
@@ -16,7 +17,15 @@ from tests.servers import (
     manage,
     node_pair,
     small_queue_env,
+    stop_manage_workers,
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _manage_workers() -> Iterator[None]:
+    """The processes ``manage`` runs its commands in end with the session."""
+    yield
+    stop_manage_workers()
 
 
 @pytest.fixture(scope="session")
@@ -58,9 +67,52 @@ def publisher_token(e2e_env: dict[str, str]) -> str:
     return create_token(e2e_env, "e2e-publisher")
 
 
-@pytest.fixture(scope="module")
+# Shared nodes: a node costs ~2 s of the suite's two cores to start, most of it
+# importing Django. Every test that only connects, subscribes and publishes, each on
+# channels and users of its own, uses one of these; a test that stops, kills or
+# reconfigures a node, or measures one, starts its own.
+
+
+@pytest.fixture(scope="session")
 def two_nodes(e2e_env: dict[str, str]) -> Iterator[tuple[ServerNode, ServerNode]]:
+    """Two daphne nodes of ``e2e_env``."""
     with node_pair(e2e_env, "node") as nodes:
+        yield nodes
+
+
+@pytest.fixture
+def other_node(two_nodes: tuple[ServerNode, ServerNode]) -> ServerNode:
+    """The second shared node, where a test publishes what its client on the first gets."""
+    return two_nodes[1]
+
+
+@pytest.fixture
+def own_node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
+    """A daphne node of ``e2e_env`` for this test alone, which it may stop and start."""
+    node = ServerNode(e2e_env, name=f"own-{uuid.uuid4().hex[:6]}").start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def pusher_nodes(e2e_env: dict[str, str]) -> Iterator[tuple[ServerNode, ServerNode]]:
+    """A daphne and a uvicorn node of the Pusher app (``shared_pusher_env``): the Pusher
+    protocol, HTTP API, pusher-js and browser tests."""
+    with node_pair(shared_pusher_env(e2e_env), "pusher", server_b="uvicorn") as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="session", params=["recent-in-memory", "replayed-from-postgresql"])
+def resume_nodes(
+    request: pytest.FixtureRequest, e2e_env: dict[str, str]
+) -> Iterator[tuple[ServerNode, ServerNode]]:
+    """Two nodes that serve resumes (and rewinds) from the messages they hold, or (one
+    message held, no Redis cache) from PostgreSQL with live messages buffered during the
+    replay: tests/test_resume.py and tests/test_rewind.py."""
+    env = e2e_env
+    if request.param == "replayed-from-postgresql":
+        env = {**e2e_env, "PUSH_RECENT_PER_CHANNEL": "1", "PUSH_RECENT_CACHE_SIZE": "0"}
+    with node_pair(env, request.param) as nodes:
         yield nodes
 
 

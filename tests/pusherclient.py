@@ -6,6 +6,7 @@ library) check the same server from the outside; this one lets a test see every 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -26,6 +27,24 @@ def pusher_env(env: dict[str, str], *, client_events: bool = True) -> dict[str, 
         "PUSHER_APP_KEY": APP_KEY,
         "PUSHER_APP_SECRET": APP_SECRET,
         "PUSHER_APP_CLIENT_EVENTS": "1" if client_events else "0",
+    }
+
+
+# The shared Pusher nodes' PUSHER_APP_ENCRYPTION_MASTER_KEY (base64 of 32 bytes):
+# /pusher/auth derives each private-encrypted- channel's shared secret from it.
+ENCRYPTION_MASTER_KEY = base64.b64encode(b"tests-encryption-master-key-0032").decode()
+# Channels the shared Pusher nodes keep recent-only (tests/test_pusher_http_api.py).
+RECENT_ONLY_CHANNELS = "ph-recent-*"
+
+
+def shared_pusher_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment of the Pusher nodes the Pusher tests share (``pusher_nodes`` in
+    tests/conftest.py): the app above with client events and an encryption master key,
+    and the channels one test needs recent-only."""
+    return {
+        **pusher_env(env, client_events=True),
+        "PUSHER_APP_ENCRYPTION_MASTER_KEY": ENCRYPTION_MASTER_KEY,
+        "PUSH_HISTORY_MODES": f"{RECENT_ONLY_CHANNELS}=recent",
     }
 
 

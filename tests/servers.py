@@ -4,12 +4,16 @@ with ``manage.py runnode`` on free ports, stopped by PID when the tests are done
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +22,13 @@ import httpx
 import psycopg
 
 from devtools.processes import (
+    LOG_TAIL_BYTES,
     ROOT,
     OwnedProcess,
+    ProcessError,
     free_port,
     http_ok,
-    manage,
+    log_tail,
     runnode_command,
 )
 
@@ -68,6 +74,87 @@ class Database:
     def query(self, sql: str, *params: object) -> list[tuple]:
         with psycopg.connect(self.url) as conn:
             return conn.execute(sql, params).fetchall()
+
+
+class ManageWorker:
+    """``tests/manage_worker.py`` for one environment: ``manage.py`` commands without
+    starting Django for each. One command at a time (tests call it from threads too)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        digest = hashlib.sha256(json.dumps(sorted(env.items())).encode()).hexdigest()[:8]
+        self.log_path = LOG_DIR / f"manage-{digest}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.manage_worker"],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+        self._lock = threading.Lock()
+
+    def run(self, args: tuple[str, ...], timeout_secs: float) -> str:
+        what = f"manage.py {' '.join(args)}"
+        with self._lock:
+            line = self._ask(args, timeout_secs)
+        if line is None:
+            self.stop()
+            raise ProcessError(f"{what} did not finish within {timeout_secs:.0f} s")
+        if not line:
+            raise ProcessError(f"{what}: the worker exited\n{log_tail(self.log_path)}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise ProcessError(f"{what} failed:\n{answer['error'][-LOG_TAIL_BYTES:]}")
+        return str(answer["output"])
+
+    def _ask(self, args: tuple[str, ...], timeout_secs: float) -> str | None:
+        """The answer's line; "" if the worker is gone, None if it did not answer."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        try:
+            self.process.stdin.write(json.dumps(args) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            return ""
+        # One answer a request, and nothing read ahead of it: select sees it coming.
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout_secs)
+        return self.process.stdout.readline() if ready else None
+
+    def stop(self) -> None:
+        """Close its stdin (it ends), then wait; SIGKILL if it does not."""
+        if self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+        try:
+            self.process.wait(STOP_TIMEOUT_SECS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(STOP_TIMEOUT_SECS)
+
+
+_workers: dict[str, ManageWorker] = {}
+_workers_lock = threading.Lock()
+
+
+def manage(env: dict[str, str], *args: str, timeout_secs: float = 180.0) -> str:
+    """Run ``manage.py`` with ``args`` in ``env`` to completion; its output. In the
+    worker of that environment, started at its first command."""
+    key = json.dumps(sorted(env.items()))
+    with _workers_lock:
+        worker = _workers.get(key)
+        if worker is None or worker.process.poll() is not None:
+            worker = _workers[key] = ManageWorker(env)
+    return worker.run(args, timeout_secs)
+
+
+def stop_manage_workers() -> None:
+    with _workers_lock:
+        workers = list(_workers.values())
+        _workers.clear()
+    for worker in workers:
+        worker.stop()
 
 
 def create_token(
@@ -169,6 +256,14 @@ class ServerNode:
         self._owned.start()
         return self
 
+    def launch(self) -> None:
+        """Start the process without waiting for it to answer (``start_together``)."""
+        self._owned.launch()
+
+    def wait_answering(self) -> ServerNode:
+        self._owned.wait_answering()
+        return self
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Send ``sig`` and wait; SIGKILL if it still runs after STOP_TIMEOUT_SECS."""
         self._owned.stop(sig)
@@ -208,19 +303,32 @@ def small_queue_env(env: dict[str, str], **extra: str) -> dict[str, str]:
     }
 
 
+def start_together(nodes: Sequence[ServerNode]) -> None:
+    """Launch every node, then wait for each to answer: a node spends its ~2 s of start
+    importing Django and its server, so two starting at once take little longer than
+    one on the suite's two cores."""
+    for node in nodes:
+        node.launch()
+    for node in nodes:
+        node.wait_answering()
+
+
 @contextlib.contextmanager
 def node_pair(
-    env: dict[str, str], name: str, *, server: str = "daphne"
+    env: dict[str, str], name: str, *, server: str = "daphne", server_b: str | None = None
 ) -> Iterator[tuple[ServerNode, ServerNode]]:
-    """Two nodes sharing ``env`` (``<name>-a`` and ``<name>-b``), both stopped after,
-    also when the second one fails to start."""
-    started: list[ServerNode] = []
+    """Two nodes sharing ``env`` (``<name>-a`` under ``server`` and ``<name>-b`` under
+    ``server_b``, the same unless given), both stopped after, also when one of them
+    fails to start."""
+    nodes = (
+        ServerNode(env, server=server, name=f"{name}-a"),
+        ServerNode(env, server=server_b or server, name=f"{name}-b"),
+    )
     try:
-        for suffix in ("a", "b"):
-            started.append(ServerNode(env, server=server, name=f"{name}-{suffix}").start())
-        yield started[0], started[1]
+        start_together(nodes)
+        yield nodes
     finally:
-        for node in started:
+        for node in nodes:
             node.stop()
 
 

@@ -21,9 +21,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from devtools.processes import manage
 from tests.pusherclient import APP_KEY, pusher_env
-from tests.servers import ServerNode
+from tests.servers import ServerNode, manage
 from tests.sseclient import SseStream, sse_url
 
 pytestmark = pytest.mark.e2e

@@ -25,6 +25,8 @@ import redis.asyncio as aioredis
 from django.conf import settings
 from django.test import override_settings
 from prometheus_client import REGISTRY
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from devtools.processes import free_port
 from push.ops import event_worker
@@ -519,7 +521,14 @@ def _dropped() -> float:
 async def test_unwritten_events_are_bounded_and_the_newest_kept() -> None:
     """Redis away (nothing listens on the port): the buffer keeps the newest events, up
     to its bound, across failed flushes, and counts what it dropped."""
-    unreachable = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+    # No retries: redis-py's default retries a refused connection three times with
+    # backoff, ~6 s a flush, and what is tested here is the buffer, not the client.
+    unreachable = aioredis.Redis(
+        host="127.0.0.1",
+        port=free_port(),
+        socket_connect_timeout=0.5,
+        retry=Retry(NoBackoff(), retries=0),
+    )
     log = EventLog(unreachable, "gone", "node-x", maxlen=100, max_buffered=5)
     before = _dropped()
     for i in range(3):

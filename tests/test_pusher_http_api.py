@@ -6,12 +6,11 @@ Pusher's API is a stored, numbered message of ours, ``{"event", "data"}``."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -21,14 +20,20 @@ from pusher.errors import PusherBadAuth, PusherBadRequest, PusherBadStatus
 from pusher.http import make_query_string
 from pusher.signature import sign
 
-from tests.pusherclient import APP_ID, APP_KEY, APP_SECRET, PusherClient, pusher_env
-from tests.servers import ServerNode, create_token, manage, node_pair
+from tests.pusherclient import (
+    APP_ID,
+    APP_KEY,
+    APP_SECRET,
+    ENCRYPTION_MASTER_KEY,
+    PusherClient,
+    shared_pusher_env,
+)
+from tests.servers import ServerNode, create_token, manage
 from tests.waiting import QUERY_INTERVAL_SECS, wait_until
 from tests.wsclient import collect_messages, subscribe
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.e2e]
 
-MASTER_KEY = base64.b64encode(b"k" * 32).decode()
 SOCKET = "123.456"
 # Counts are published once a second by each node; a few rounds is plenty.
 COUNT_WAIT_SECS = 15.0
@@ -36,17 +41,16 @@ COUNT_WAIT_SECS = 15.0
 
 @pytest.fixture(scope="module")
 def env(e2e_env: dict[str, str]) -> dict[str, str]:
-    return {
-        **pusher_env(e2e_env),
-        "PUSHER_APP_ENCRYPTION_MASTER_KEY": MASTER_KEY,
-        "PUSH_HISTORY_MODES": "ph-recent-*=recent",
-    }
+    """The shared Pusher nodes' environment (``ph-recent-*`` channels are recent-only)."""
+    return shared_pusher_env(e2e_env)
 
 
 @pytest.fixture(scope="module")
-def nodes(env: dict[str, str]) -> Iterator[tuple[ServerNode, ServerNode]]:
-    with node_pair(env, "pusher-http", server="uvicorn") as pair:
-        yield pair
+def nodes(pusher_nodes: tuple[ServerNode, ServerNode]) -> tuple[ServerNode, ServerNode]:
+    """The shared Pusher nodes (tests/conftest.py), the uvicorn one first: the library
+    and the authorization endpoints talk to it, the daphne one is the other node."""
+    daphne, uvicorn = pusher_nodes
+    return uvicorn, daphne
 
 
 @pytest.fixture(scope="module")
@@ -521,7 +525,10 @@ async def test_auth_for_an_encrypted_channel_gives_pushers_shared_secret(
     )
     assert response.status_code == 200, response.text
     encrypting = pusher.Pusher(
-        app_id=APP_ID, key=APP_KEY, secret=APP_SECRET, encryption_master_key_base64=MASTER_KEY
+        app_id=APP_ID,
+        key=APP_KEY,
+        secret=APP_SECRET,
+        encryption_master_key_base64=ENCRYPTION_MASTER_KEY,
     )
     expected = encrypting.authenticate(channel="private-encrypted-ph", socket_id=SOCKET)
     assert response.json() == {

@@ -8,7 +8,6 @@ the conversation (``PusherScript.transcript``)."""
 
 from __future__ import annotations
 
-import base64
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,39 +26,31 @@ from tests.pusher_clients import (
     pusher_site,
     require_pusher_js,
 )
-from tests.pusherclient import APP_KEY, pusher_env
-from tests.servers import ServerNode, node_pair, publish_rest
+from tests.pusherclient import APP_KEY, ENCRYPTION_MASTER_KEY, pusher_env
+from tests.servers import ServerNode, publish_rest
 
 pytestmark = pytest.mark.e2e
-
-# The nodes' PUSHER_APP_ENCRYPTION_MASTER_KEY (base64 of 32 bytes): /pusher/auth derives
-# each private-encrypted- channel's shared secret from it.
-ENCRYPTION_MASTER_KEY = base64.b64encode(b"tests-encryption-master-key-0032").decode()
 
 
 def _name(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
 
 
-def _env(env: dict[str, str], *, client_events: bool) -> dict[str, str]:
-    return {
-        **pusher_env(env, client_events=client_events),
-        "PUSHER_APP_ENCRYPTION_MASTER_KEY": ENCRYPTION_MASTER_KEY,
-    }
-
-
 @pytest.fixture(scope="module")
-def nodes(e2e_env: dict[str, str]) -> Iterator[tuple[ServerNode, ServerNode]]:
-    """Two nodes of an app that allows client events."""
+def nodes(pusher_nodes: tuple[ServerNode, ServerNode]) -> tuple[ServerNode, ServerNode]:
+    """The shared Pusher nodes (tests/conftest.py): an app that allows client events."""
     require_pusher_js()
-    with node_pair(_env(e2e_env, client_events=True), "pusher-js") as pair:
-        yield pair
+    return pusher_nodes
 
 
 @pytest.fixture(scope="module")
 def closed_node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
     """A node whose app does not allow client events."""
-    node = ServerNode(_env(e2e_env, client_events=False), name="pusher-js-closed").start()
+    env = {
+        **pusher_env(e2e_env, client_events=False),
+        "PUSHER_APP_ENCRYPTION_MASTER_KEY": ENCRYPTION_MASTER_KEY,
+    }
+    node = ServerNode(env, name="pusher-js-closed").start()
     yield node
     node.stop()
 

@@ -1,4 +1,5 @@
-"""The Pusher protocol endpoint (``/app/<key>``) against two real nodes, frame by frame:
+"""The Pusher protocol endpoint (``/app/<key>``) against two real nodes (``pusher_nodes``,
+a daphne and a uvicorn one, in tests/conftest.py), frame by frame:
 the handshake and its refusals, public, private, presence and cache channels, client
 events, sign-in, ping, and the bridge from our own protocol's publishes to Pusher
 events. pusher-js and Laravel Echo drive the same endpoint in tests/test_pusher_js.py."""
@@ -8,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from devtools.processes import manage
 from tests.pusherclient import (
     APP_KEY,
     PusherClient,
@@ -24,15 +23,9 @@ from tests.pusherclient import (
     receive,
     sign,
 )
-from tests.servers import ServerNode, node_pair, publish_rest
+from tests.servers import ServerNode, manage, publish_rest
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def pusher_nodes(e2e_env: dict[str, str]) -> Iterator[tuple[ServerNode, ServerNode]]:
-    with node_pair(pusher_env(e2e_env), "pusher") as nodes:
-        yield nodes
 
 
 def _channel(prefix: str = "") -> str:

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
@@ -192,17 +192,9 @@ async def test_a_gap_the_history_cannot_fill_is_reported_and_delivery_goes_on(
 
 
 @pytest.fixture
-def node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
-    node = ServerNode(e2e_env, name=f"pyclient-{uuid.uuid4().hex[:6]}").start()
-    yield node
-    node.stop()
-
-
-@pytest.fixture(scope="module")
-def other_node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
-    node = ServerNode(e2e_env, name=f"pyclient-other-{uuid.uuid4().hex[:6]}").start()
-    yield node
-    node.stop()
+def node(two_nodes: tuple[ServerNode, ServerNode]) -> ServerNode:
+    """A node of the shared pair (tests/conftest.py), for a test that leaves it running."""
+    return two_nodes[0]
 
 
 def channel_name(prefix: str = "py") -> str:
@@ -214,31 +206,31 @@ e2e = pytest.mark.e2e
 
 @e2e
 async def test_reconnects_after_a_restart_and_resumes_without_a_gap(
-    node: ServerNode, other_node: ServerNode, publisher_token: str
+    own_node: ServerNode, other_node: ServerNode, publisher_token: str
 ) -> None:
     channel = channel_name()
     seqs: list[int] = []
     states: list[str] = []
     gaps: list[dict[str, Any]] = []
-    client = PushClient(node.ws_url, **FAST)
+    client = PushClient(own_node.ws_url, **FAST)
     client.on("state", lambda detail: states.append(detail["state"]))
     client.on("gap", gaps.append)
     await client.connect()
     await client.subscribe(channel, lambda message: seqs.append(message["seq"]))
     try:
         for i in range(3):
-            await publish_rest(node, publisher_token, channel, i)
+            await publish_rest(own_node, publisher_token, channel, i)
         await wait_until(lambda: seqs == [1, 2, 3], "the first messages", timeout=WAIT_SECS)
         first_server = client.connection_id
 
-        await asyncio.to_thread(node.stop)
+        await asyncio.to_thread(own_node.stop)
         await wait_until(
             lambda: client.state == State.RECONNECTING, "the client to notice", timeout=WAIT_SECS
         )
         # Published elsewhere while the client's node is down: only a resume delivers them.
         for i in range(5):
             await publish_rest(other_node, publisher_token, channel, f"missed {i}")
-        await asyncio.to_thread(node.start)
+        await asyncio.to_thread(own_node.start)
         await wait_until(lambda: client.state == State.CONNECTED, "the reconnect", timeout=30)
         for i in range(2):
             await publish_rest(other_node, publisher_token, channel, f"after {i}")
@@ -274,7 +266,7 @@ CLOCK_SLACK_SECS = 0.001
 
 @e2e
 async def test_reconnect_delays_follow_the_backoff_and_start_again_at_base(
-    node: ServerNode, monkeypatch: pytest.MonkeyPatch
+    own_node: ServerNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loop = asyncio.get_running_loop()
     attempts: list[float] = []  # when each connection attempt started
@@ -288,7 +280,10 @@ async def test_reconnect_delays_follow_the_backoff_and_start_again_at_base(
     jitter = Jitter(1.0, 0.5, 0.75, 0.25)
     closes: list[tuple[float, float]] = []  # (when, the delay the client chose)
     client = PushClient(
-        node.ws_url, base_delay_secs=BACKOFF_BASE_SECS, max_delay_secs=BACKOFF_MAX_SECS, rand=jitter
+        own_node.ws_url,
+        base_delay_secs=BACKOFF_BASE_SECS,
+        max_delay_secs=BACKOFF_MAX_SECS,
+        rand=jitter,
     )
     client.on(
         "close",
@@ -298,9 +293,9 @@ async def test_reconnect_delays_follow_the_backoff_and_start_again_at_base(
     )
     await client.connect()
     try:
-        await asyncio.to_thread(node.stop)
+        await asyncio.to_thread(own_node.stop)
         await asyncio.sleep(OUTAGE_SECS)
-        await asyncio.to_thread(node.start)
+        await asyncio.to_thread(own_node.start)
         await wait_until(lambda: client.state == State.CONNECTED, "the reconnect", timeout=30)
         outage = list(closes)
         # The rule documented in docs/clients.md: retry n waits draw * min(max, base * 2^n).
@@ -320,7 +315,7 @@ async def test_reconnect_delays_follow_the_backoff_and_start_again_at_base(
                 assert started - attempts[n] >= delay - CLOCK_SLACK_SECS
 
         # Connected again: the next drop starts over at the base delay.
-        await asyncio.to_thread(node.stop)
+        await asyncio.to_thread(own_node.stop)
         await wait_until(lambda: len(attempts) > len(outage) + 1, "the next retry", timeout=10)
     finally:
         await client.close()

@@ -1,4 +1,4 @@
-# ruff: noqa: F811  (other_node is a fixture imported from the client's tests)
+# ruff: noqa: F811  (node is a fixture imported from the client's tests)
 """``rewind``, ``latest`` and ``occupancy`` in the Python client: against a real node,
 and the seam of a rewind the server holds fewer messages for, offline."""
 
@@ -14,8 +14,8 @@ from tests.test_python_client import (
     channel_name,
     e2e,
     message,
+    node,  # noqa: F401  # a fixture
 )
-from tests.test_python_client import other_node as node  # noqa: F401  # a fixture
 from tests.waiting import wait_until
 
 

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from tests.servers import Database, ServerNode, node_pair
+from tests.servers import Database, ServerNode
 from tests.wsclient import RECEIVE_TIMEOUT_SECS, collect_messages, open_ws, subscribe
 
 pytestmark = pytest.mark.e2e
@@ -53,19 +53,6 @@ async def _read_for(ws: ClientConnection, seconds: float, seen: list[int]) -> No
         envelope = json.loads(frame)
         if envelope["type"] == "message":
             seen.append(envelope["seq"])
-
-
-@pytest.fixture(scope="module", params=["recent-in-memory", "replayed-from-postgresql"])
-def resume_nodes(
-    request: pytest.FixtureRequest, e2e_env: dict[str, str]
-) -> Iterator[tuple[ServerNode, ServerNode]]:
-    """Two nodes that serve resumes from the messages they hold, or (one message held,
-    no Redis cache) from PostgreSQL with live messages buffered during the replay."""
-    env = e2e_env
-    if request.param == "replayed-from-postgresql":
-        env = {**e2e_env, "PUSH_RECENT_PER_CHANNEL": "1", "PUSH_RECENT_CACHE_SIZE": "0"}
-    with node_pair(env, request.param) as nodes:
-        yield nodes
 
 
 async def test_subscriber_reconnecting_at_random_moments_sees_every_seq_once(

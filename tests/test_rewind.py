@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (rewind_nodes is a fixture imported from the resume tests)
 """``rewind`` against real nodes: the channel's last N messages, then live, with no gap
 or duplicate at the seam while both nodes publish; over WebSocket and SSE."""
 
@@ -15,10 +14,9 @@ import pytest
 from tests.servers import ServerNode, publish_rest
 from tests.sseclient import SseStream, sse_url
 
-# The same two kinds of node pair as the resume tests: rewind from memory, or from
-# PostgreSQL with live messages held during the read.
+# resume_nodes (tests/conftest.py): the resume tests' two kinds of node pair, rewinding
+# from memory, or from PostgreSQL with live messages held during the read.
 from tests.test_resume import _publish_steadily, _read_for
-from tests.test_resume import resume_nodes as rewind_nodes  # noqa: F401  # a fixture
 from tests.wsclient import RECEIVE_TIMEOUT_SECS, collect_messages, open_ws, request
 
 pytestmark = pytest.mark.e2e
@@ -32,19 +30,21 @@ def _channel(prefix: str) -> str:
 
 
 async def test_rewind_at_the_seam_while_both_nodes_publish_has_no_gap_or_duplicate(
-    rewind_nodes: tuple[ServerNode, ServerNode], publisher_token: str
+    resume_nodes: tuple[ServerNode, ServerNode], publisher_token: str
 ) -> None:
     channel = _channel("rewind")
     rng = random.Random(20261203)
     stop = asyncio.Event()
     publishers = [
         asyncio.create_task(_publish_steadily(node.ws_url, publisher_token, channel, 600, stop))
-        for node in rewind_nodes
+        for node in resume_nodes
     ]
     await asyncio.sleep(0.3)  # the channel has a history before the first rewind
     readers = []
+    sockets = []
     for n in range(SUBSCRIBERS):
-        ws = await open_ws(rewind_nodes[n % 2].ws_url)
+        ws = await open_ws(resume_nodes[n % 2].ws_url)
+        sockets.append(ws)
         reply = await request(ws, {"type": "subscribe", "channel": channel, "rewind": REWIND})
         assert reply["type"] == "subscribed" and "recovered" not in reply, reply
         seen: list[int] = []
@@ -54,6 +54,11 @@ async def test_rewind_at_the_seam_while_both_nodes_publish_has_no_gap_or_duplica
         await task
     stop.set()
     await asyncio.gather(*publishers)
+    # Dropped here: left open, they would hold the nodes' drain at the end of the
+    # session until its deadline, answering nothing once this test's loop is gone.
+    for ws in sockets:
+        ws.transport.abort()
+    await asyncio.gather(*(ws.wait_closed() for ws in sockets))
     for latest, seen, _ in readers:
         first = max(1, latest - REWIND + 1)
         assert seen, "a subscriber received nothing"
@@ -62,31 +67,31 @@ async def test_rewind_at_the_seam_while_both_nodes_publish_has_no_gap_or_duplica
 
 
 async def test_rewind_beyond_the_stored_history_sends_what_there_is(
-    rewind_nodes: tuple[ServerNode, ServerNode], publisher_token: str
+    resume_nodes: tuple[ServerNode, ServerNode], publisher_token: str
 ) -> None:
     channel = _channel("short")
     for n in range(3):
-        await publish_rest(rewind_nodes[0], publisher_token, channel, {"n": n})
-    ws = await open_ws(rewind_nodes[1].ws_url)
+        await publish_rest(resume_nodes[0], publisher_token, channel, {"n": n})
+    ws = await open_ws(resume_nodes[1].ws_url)
     reply = await request(ws, {"type": "subscribe", "channel": channel, "rewind": 100})
     assert reply == {"type": "subscribed", "channel": channel, "seq": 3}
     messages = await collect_messages(ws, 3, timeout=RECEIVE_TIMEOUT_SECS)
     assert [m["data"] for m in messages] == [{"n": 0}, {"n": 1}, {"n": 2}]
-    await publish_rest(rewind_nodes[0], publisher_token, channel, {"n": 3})
+    await publish_rest(resume_nodes[0], publisher_token, channel, {"n": 3})
     assert [m["seq"] for m in await collect_messages(ws, 1)] == [4]
     await ws.close()
 
 
 async def test_rewind_one_is_the_latest_value_and_an_empty_channel_has_none(
-    rewind_nodes: tuple[ServerNode, ServerNode], publisher_token: str
+    resume_nodes: tuple[ServerNode, ServerNode], publisher_token: str
 ) -> None:
     channel = _channel("latest")
-    ws = await open_ws(rewind_nodes[0].ws_url)
+    ws = await open_ws(resume_nodes[0].ws_url)
     reply = await request(ws, {"type": "subscribe", "channel": channel, "rewind": 1})
     assert reply["seq"] == 0
     for n in range(4):
-        await publish_rest(rewind_nodes[1], publisher_token, channel, {"price": n})
-    late = await open_ws(rewind_nodes[1].ws_url)
+        await publish_rest(resume_nodes[1], publisher_token, channel, {"price": n})
+    late = await open_ws(resume_nodes[1].ws_url)
     assert (await request(late, {"type": "subscribe", "channel": channel, "rewind": 1}))["seq"] == 4
     assert [m["data"] for m in await collect_messages(late, 1)] == [{"price": 3}]
     assert [m["seq"] for m in await collect_messages(ws, 4)] == [1, 2, 3, 4]
@@ -95,9 +100,9 @@ async def test_rewind_one_is_the_latest_value_and_an_empty_channel_has_none(
 
 
 async def test_rewind_with_since_or_out_of_range_is_refused(
-    rewind_nodes: tuple[ServerNode, ServerNode],
+    resume_nodes: tuple[ServerNode, ServerNode],
 ) -> None:
-    ws = await open_ws(rewind_nodes[0].ws_url)
+    ws = await open_ws(resume_nodes[0].ws_url)
     for bad in ({"since": 0, "rewind": 5}, {"rewind": 0}, {"rewind": 101}, {"rewind": "5"}):
         reply = await request(ws, {"type": "subscribe", "channel": "news", **bad})
         assert reply["type"] == "error" and reply["code"] == "INVALID_MESSAGE", (bad, reply)
@@ -105,12 +110,12 @@ async def test_rewind_with_since_or_out_of_range_is_refused(
 
 
 async def test_rewind_over_sse_then_a_reconnect_resumes_instead(
-    rewind_nodes: tuple[ServerNode, ServerNode], publisher_token: str
+    resume_nodes: tuple[ServerNode, ServerNode], publisher_token: str
 ) -> None:
     channel = _channel("sse")
     for n in range(6):
-        await publish_rest(rewind_nodes[1], publisher_token, channel, n)
-    url = sse_url(rewind_nodes[0].http_url, [channel], rewind="2")
+        await publish_rest(resume_nodes[1], publisher_token, channel, n)
+    url = sse_url(resume_nodes[0].http_url, [channel], rewind="2")
     timeout = httpx.Timeout(10.0, read=None)
 
     async def seqs(headers: dict[str, str], count: int) -> list[int]:
@@ -124,14 +129,14 @@ async def test_rewind_over_sse_then_a_reconnect_resumes_instead(
             return [(await asyncio.wait_for(anext(events), 10)).data["seq"] for _ in range(count)]
 
     assert await seqs({}, 2) == [5, 6]
-    await publish_rest(rewind_nodes[1], publisher_token, channel, 6)
+    await publish_rest(resume_nodes[1], publisher_token, channel, 6)
     assert await seqs({"Last-Event-ID": f"{channel}:6"}, 1) == [7]
     # A stream resumes the channels its cursor names and rewinds the others.
     other = _channel("sse-other")
-    await publish_rest(rewind_nodes[1], publisher_token, other, "x")
-    url = sse_url(rewind_nodes[0].http_url, [channel, other], rewind="3", since=f"{channel}:5")
+    await publish_rest(resume_nodes[1], publisher_token, other, "x")
+    url = sse_url(resume_nodes[0].http_url, [channel, other], rewind="3", since=f"{channel}:5")
     assert sorted(await seqs({}, 3)) == [1, 6, 7]
     async with httpx.AsyncClient(timeout=10) as http:
-        bad = await http.get(sse_url(rewind_nodes[0].http_url, [channel], rewind="500"))
+        bad = await http.get(sse_url(resume_nodes[0].http_url, [channel], rewind="500"))
     assert bad.status_code == 400
     assert json.loads(bad.text)["code"] == "INVALID_MESSAGE"

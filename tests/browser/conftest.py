@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,8 +78,7 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def page_node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
-    """The node that serves the demo page (and, on the fallback, its stream and REST)."""
-    node = ServerNode(e2e_env, name=f"demo-{uuid.uuid4().hex[:6]}").start()
-    yield node
-    node.stop()
+def page_node(two_nodes: tuple[ServerNode, ServerNode]) -> ServerNode:
+    """The node that serves the demo page (and, on the fallback, its stream and REST):
+    one of the shared pair (tests/conftest.py)."""
+    return two_nodes[0]

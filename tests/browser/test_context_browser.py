@@ -16,6 +16,7 @@ import pytest
 
 from tests.browser.pages import page_record, publish_rest, wait_for
 from tests.servers import ServerNode
+from tests.waiting import wait_until_blocking
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -132,7 +133,7 @@ def test_the_browser_client_rewinds_then_goes_live_without_gap_or_duplicate(
     browser.set_script_timeout(20)
     with SteadyPublisher(page_node, publisher_token, channel) as publisher:
         # The subscribe lands while the channel is being published to: the seam.
-        time.sleep(0.1)
+        wait_until_blocking(lambda: publisher.published, "the publisher's first message")
         latest = browser.execute_async_script(START_CLIENT, page_node.ws_url, channel, REWIND)
         assert isinstance(latest, int), latest
         time.sleep(LIVE_SECS)

@@ -43,8 +43,12 @@ def test_demo_page_loads_the_client_from_the_static_url(page_node: ServerNode) -
 
 
 def test_page_receives_rest_messages_and_resumes_after_a_restart_without_gaps(
-    browser: Any, page_node: ServerNode, e2e_env: dict[str, str], publisher_token: str
+    browser: Any,
+    own_node: ServerNode,
+    other_node: ServerNode,
+    publisher_token: str,
 ) -> None:
+    page_node = own_node  # stopped and started again below
     channel = f"demo-{uuid.uuid4().hex[:8]}"
     # WebSocket only: the restart below must be survived by a WebSocket resume with
     # `since`, not by the SSE fallback (tests/browser/test_sse_fallback.py has that).
@@ -67,19 +71,15 @@ def test_page_receives_rest_messages_and_resumes_after_a_restart_without_gaps(
     assert "published, seq 4" in browser.find_element("id", "publish-result").text
 
     # The page's node goes down; another node keeps publishing what the page misses.
-    other = ServerNode(e2e_env, name=f"other-{uuid.uuid4().hex[:6]}").start()
-    try:
-        page_node.stop()
-        wait_for("the page to notice", lambda: page_state(browser) == "reconnecting", browser)
-        missed = [publish_rest(other, publisher_token, channel, {"missed": i}) for i in range(5)]
-        assert missed == [5, 6, 7, 8, 9]
-        page_node.start()  # the same port: the page reconnects by itself
-        wait_for("the page to reconnect", lambda: page_state(browser) == "connected", browser)
-        for i in range(3):
-            publish_rest(other, publisher_token, channel, {"after": i})
-        wait_for_seqs(browser, list(range(4, 13)))
-    finally:
-        other.stop()
+    page_node.stop()
+    wait_for("the page to notice", lambda: page_state(browser) == "reconnecting", browser)
+    missed = [publish_rest(other_node, publisher_token, channel, {"missed": i}) for i in range(5)]
+    assert missed == [5, 6, 7, 8, 9]
+    page_node.start()  # the same port: the page reconnects by itself
+    wait_for("the page to reconnect", lambda: page_state(browser) == "connected", browser)
+    for i in range(3):
+        publish_rest(other_node, publisher_token, channel, {"after": i})
+    wait_for_seqs(browser, list(range(4, 13)))
 
     # Stats refresh twice a second: wait for the figure of the one restart.
     reconnects = browser.find_element("id", "reconnects")

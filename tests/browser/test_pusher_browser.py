@@ -14,18 +14,17 @@ import pytest
 
 from tests.browser.pages import publish_rest, wait_for
 from tests.pusher_clients import PusherSite, api_tokens, pusher_site, require_pusher_js
-from tests.pusherclient import APP_KEY, pusher_env
+from tests.pusherclient import APP_KEY
 from tests.servers import ServerNode
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 
 @pytest.fixture(scope="module")
-def pusher_node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
+def pusher_node(pusher_nodes: tuple[ServerNode, ServerNode]) -> ServerNode:
+    """The daphne node of the shared Pusher pair (tests/conftest.py)."""
     require_pusher_js()
-    node = ServerNode(pusher_env(e2e_env), name=f"pusher-browser-{uuid.uuid4().hex[:6]}").start()
-    yield node
-    node.stop()
+    return pusher_nodes[0]
 
 
 @pytest.fixture(scope="module")

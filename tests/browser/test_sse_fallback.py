@@ -38,7 +38,7 @@ def text_of(driver: Any, element_id: str) -> str:
 
 
 def test_page_told_to_skip_the_websocket_uses_sse_and_rest(
-    browser: Any, page_node: ServerNode, e2e_env: dict[str, str], publisher_token: str
+    browser: Any, page_node: ServerNode, other_node: ServerNode, publisher_token: str
 ) -> None:
     channel = f"sse-{uuid.uuid4().hex[:8]}"
     open_demo(browser, page_node, channel=channel, transport="sse")
@@ -46,13 +46,9 @@ def test_page_told_to_skip_the_websocket_uses_sse_and_rest(
     assert text_of(browser, "transport-used") == "Server-Sent Events + REST"
 
     # Published over REST on another node, delivered through the page's EventSource.
-    other = ServerNode(e2e_env, name=f"other-{uuid.uuid4().hex[:6]}").start()
-    try:
-        for i in range(1, 4):
-            publish_rest(other, publisher_token, channel, {"text": f"elsewhere {i}"})
-        wait_for_seqs(browser, [1, 2, 3])
-    finally:
-        other.stop()
+    for i in range(1, 4):
+        publish_rest(other_node, publisher_token, channel, {"text": f"elsewhere {i}"})
+    wait_for_seqs(browser, [1, 2, 3])
     assert '{"text":"elsewhere 3"}' in text_of(browser, "feed")
 
     # The publish box on SSE goes through REST with the token; Connect keeps the
