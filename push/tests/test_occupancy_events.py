@@ -55,6 +55,6 @@ async def test_channels_emptied_at_once_are_vacated_without_a_connection_each() 
         "every channel recorded vacated",
         interval=QUERY_INTERVAL_SECS,
     )
-    # One for the batches, one for the node's other work at the same moment, and one
-    # to spare; each leave once took its own, and kept it open after.
-    assert await _connections_of(node) <= 3
+    # A few: the batches', the node's other work, and ones of earlier nodes of this
+    # process (same name) still closing. Each leave once took its own: 300 here.
+    assert await _connections_of(node) < 20
