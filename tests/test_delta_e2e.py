@@ -111,13 +111,17 @@ async def test_a_gap_breaks_the_chain_and_the_next_message_is_full(
     node_a, node_b = two_nodes
     channel = f"delta-gap-{uuid.uuid4().hex[:8]}"
     reader = DeltaReader(await FormatClient.open(node_a.ws_url, "v1.json"))
+    # Stays subscribed on node_a: once it has seq 4, so has the node.
+    watcher = DeltaReader(await FormatClient.open(node_a.ws_url, "v1.json"))
     await reader.subscribe(channel)
+    await watcher.subscribe(channel)
     await publish_boards(node_b, publisher_token, channel, range(1, 3))
     await reader.read(2)
     assert (await reader.client.request({"type": "unsubscribe", "channel": channel}))[
         "type"
     ] == "unsubscribed"
     await publish_boards(node_b, publisher_token, channel, range(3, 5))
+    await watcher.read(4)  # seqs 3 and 4 crossed to node_a before the resubscribe
     await reader.subscribe(channel)
     await publish_boards(node_b, publisher_token, channel, range(5, 7))
     assert [(seq, d) for seq, _, d in await reader.read(4)] == [
@@ -127,6 +131,7 @@ async def test_a_gap_breaks_the_chain_and_the_next_message_is_full(
         (6, True),
     ]
     await reader.client.ws.close()
+    await watcher.client.ws.close()
 
 
 @e2e
