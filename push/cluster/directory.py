@@ -52,12 +52,7 @@ class NodeDirectory:
         self._redis: Any = None
         self.prefix = redis_prefix()
         if redis_url:
-            # Named, so Redis's CLIENT LIST says which node holds which connections.
-            self._redis = redis_async(
-                socket_connect_timeout=2,
-                socket_timeout=5,
-                client_name=f"{self.prefix}:node:{server_id}",
-            )
+            self._redis = redis_async(socket_connect_timeout=2, socket_timeout=5)
 
     async def announce(self, stats: dict[str, Any]) -> None:
         if self._redis is None:
