@@ -1,10 +1,12 @@
-"""Thousands of channels left on a node at once (a client that held a thousand
-subscriptions left, and their lingers end together): the node's occupancy changes go
-out in its event batches, not on a Redis connection each, and every channel is
-recorded vacated all the same."""
+"""Thousands of channels joined or left on a node at once (clients reconnecting after a
+restart; a client that held a thousand subscriptions leaving, whose channels' lingers
+end together): the node's Redis work for them queues on a bounded set of connections,
+its occupancy changes go out in its event batches, and the channels are recorded
+occupied and vacated all the same."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from urllib.parse import urlsplit
@@ -14,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from django.conf import settings
 
+from push.cluster.directory import NODE_REDIS_CONNECTIONS
 from push.cluster.node import Node
 from push.ops.events import CHANNEL_OCCUPIED, CHANNEL_VACATED, CONNECT, DISCONNECT, EventLog
 from push.services.runtime import get_node
@@ -43,6 +46,23 @@ def _redis_connections() -> int:
 def _channels(count: int) -> list[str]:
     run = uuid.uuid4().hex[:8]
     return [f"burst-{run}-{n}" for n in range(count)]
+
+
+async def test_channels_joined_at_once_share_the_nodes_bounded_redis_connections() -> None:
+    node = await get_node()
+    channels = _channels(CHANNELS)
+    client = FakeClient()
+    before = _redis_connections()
+    await asyncio.gather(
+        *(node.hub.subscribe(client, c, since=None, reply=client.reply) for c in channels)
+    )
+    await wait_until(
+        lambda: _all_recorded(node, CHANNEL_OCCUPIED, set(channels)),
+        "every channel recorded occupied",
+        interval=QUERY_INTERVAL_SECS,
+    )
+    # Each join reads the channel's recent history from Redis: once a connection each.
+    assert _redis_connections() - before <= NODE_REDIS_CONNECTIONS + LAYER_CONNECTIONS
 
 
 async def test_channels_emptied_at_once_are_vacated_without_a_connection_each() -> None:
