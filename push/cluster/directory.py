@@ -27,6 +27,11 @@ from common.redis_client import redis_async, redis_prefix, redis_sync
 
 logger = logging.getLogger(__name__)
 
+# The node's connections to Redis for its own work (directory, presence, events, the
+# recent-history cache, occupancy counts). A burst (thousands of channels joined or
+# left at once) queues on them, each command a round trip of well under a millisecond,
+# instead of opening a connection per command that runs at the same moment.
+NODE_REDIS_CONNECTIONS = 16
 CONTROL_GROUP = "push.control"
 DISCONNECT_EVENT = "push.disconnect"
 TOP_CHANNELS = 100
@@ -52,11 +57,8 @@ class NodeDirectory:
         self._redis: Any = None
         self.prefix = redis_prefix()
         if redis_url:
-            # Named, so Redis's CLIENT LIST says which node holds which connections.
             self._redis = redis_async(
-                socket_connect_timeout=2,
-                socket_timeout=5,
-                client_name=f"{self.prefix}:node:{server_id}",
+                max_connections=NODE_REDIS_CONNECTIONS, socket_connect_timeout=2, socket_timeout=5
             )
 
     async def announce(self, stats: dict[str, Any]) -> None:

@@ -1,0 +1,116 @@
+"""Thousands of channels joined or left on a node at once (clients reconnecting after a
+restart; a client that held a thousand subscriptions leaving, whose channels' lingers
+end together): the node's Redis work for them queues on a bounded set of connections,
+its occupancy changes go out in its event batches, and the channels are recorded
+occupied and vacated all the same."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from urllib.parse import urlsplit
+
+import psutil
+import pytest
+import redis.asyncio as aioredis
+from django.conf import settings
+
+from push.cluster.directory import NODE_REDIS_CONNECTIONS
+from push.cluster.node import Node
+from push.ops.events import CHANNEL_OCCUPIED, CHANNEL_VACATED, CONNECT, DISCONNECT, EventLog
+from push.services.runtime import get_node
+from push.tests.test_hub import FakeClient
+from tests.waiting import QUERY_INTERVAL_SECS, wait_until
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
+
+CHANNELS = 300
+# The channel layer's own connections (its pub/sub and its sends) may open meanwhile.
+LAYER_CONNECTIONS = 2
+
+
+async def _all_recorded(node: Node, kind: str, channels: set[str]) -> bool:
+    entries = await node.directory.redis.xrange(f"{node.directory.prefix}:events")
+    events = [json.loads(fields[b"event"]) for _, fields in entries]
+    return {e.get("channel") for e in events if e["type"] == kind} >= channels
+
+
+def _redis_connections() -> int:
+    """This process's TCP connections to Redis (the node runs in it)."""
+    port = urlsplit(settings.REDIS_URL).port or 6379
+    connections = psutil.Process().net_connections(kind="tcp")
+    return sum(1 for c in connections if c.raddr and c.raddr.port == port)
+
+
+def _channels(count: int) -> list[str]:
+    run = uuid.uuid4().hex[:8]
+    return [f"burst-{run}-{n}" for n in range(count)]
+
+
+async def test_channels_joined_at_once_share_the_nodes_bounded_redis_connections() -> None:
+    node = await get_node()
+    channels = _channels(CHANNELS)
+    client = FakeClient()
+    before = _redis_connections()
+    await asyncio.gather(
+        *(node.hub.subscribe(client, c, since=None, reply=client.reply) for c in channels)
+    )
+    await wait_until(
+        lambda: _all_recorded(node, CHANNEL_OCCUPIED, set(channels)),
+        "every channel recorded occupied",
+        interval=QUERY_INTERVAL_SECS,
+    )
+    # Each join reads the channel's recent history from Redis: once a connection each.
+    assert _redis_connections() - before <= NODE_REDIS_CONNECTIONS + LAYER_CONNECTIONS
+
+
+async def test_channels_emptied_at_once_are_vacated_without_a_connection_each() -> None:
+    node = await get_node()
+    node.hub.linger_secs = 0.05
+    channels = _channels(CHANNELS)
+    client = FakeClient()
+    subscriptions = [
+        await node.hub.subscribe(client, channel, since=None, reply=client.reply)
+        for channel in channels
+    ]
+    await wait_until(
+        lambda: _all_recorded(node, CHANNEL_OCCUPIED, set(channels)),
+        "every channel recorded occupied",
+        interval=QUERY_INTERVAL_SECS,
+    )
+    before = _redis_connections()
+    for subscription in subscriptions:
+        node.hub.unsubscribe(subscription)
+    await wait_until(
+        lambda: _all_recorded(node, CHANNEL_VACATED, set(channels)),
+        "every channel recorded vacated",
+        interval=QUERY_INTERVAL_SECS,
+    )
+    # Each leave once recorded its vacancy on a connection of its own.
+    assert _redis_connections() - before <= LAYER_CONNECTIONS
+
+
+async def test_occupancy_changes_go_out_with_the_events_in_order() -> None:
+    """One flush writes the events and the occupancy changes between them as they came:
+    a channel's occupied before its vacated, and the node's sets updated."""
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    prefix = f"burst{uuid.uuid4().hex[:8]}"
+    log = EventLog(client, prefix, "node-a", maxlen=1000)
+    try:
+        log.emit(CONNECT, connection_id="c-1")
+        log.occupied("news")
+        log.vacated("news")
+        log.occupied("news")
+        log.emit(DISCONNECT, connection_id="c-1")
+        await log.flush()
+        entries = await client.xrange(f"{prefix}:events")
+        kinds = [json.loads(fields[b"event"])["type"] for _, fields in entries]
+        assert kinds == [CONNECT, CHANNEL_OCCUPIED, CHANNEL_VACATED, CHANNEL_OCCUPIED, DISCONNECT]
+        assert await client.smembers(f"{prefix}:occupancy:news") == {b"node-a"}
+        assert await client.smembers(f"{prefix}:occupancy-node:node-a") == {b"news"}
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
