@@ -62,19 +62,19 @@ async def broadcast_async(message: ChannelMessage) -> None:
         logger.exception("broadcast of %r failed; subscribers catch up from history", message)
 
 
-_sync_redis: Any = None
+# The cache's append script on a sync client, made on first use.
 _sync_append: Any = None
 
 
 def _cache_without_node(message: ChannelMessage) -> None:
     """Append to the recent-history cache from a process without a node."""
-    global _sync_redis, _sync_append
+    global _sync_append
     size = push_settings.RECENT_CACHE_SIZE
     if not settings.REDIS_URL or size <= 0:
         return
-    if _sync_redis is None:
-        _sync_redis = redis_sync(socket_connect_timeout=2, socket_timeout=5)
-        _sync_append = _sync_redis.register_script(APPEND_SCRIPT)
+    if _sync_append is None:
+        client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
+        _sync_append = client.register_script(APPEND_SCRIPT)
     keys, args = append_arguments(
         redis_prefix(),
         [message],
