@@ -15,6 +15,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+# How long a cancelled task may run on before it is cancelled again.
+RECANCEL_SECS = 0.5
+
 # Tasks still running; each removes itself when done.
 _running: set[asyncio.Task[Any]] = set()
 
@@ -42,3 +45,25 @@ def _finished(task: asyncio.Task[Any]) -> None:
     exc = task.exception()
     if exc is not None:
         logger.error("background task %s failed", task.get_name(), exc_info=exc)
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]], *, timeout: float) -> None:
+    """Cancel ``tasks`` and wait, at most ``timeout`` seconds, until they have ended.
+
+    A library can swallow a cancellation (seen with a Redis command cancelled while its
+    client was being closed): the task then carries on to its next await as if nothing
+    happened, and a loop that only ends when cancelled would run for ever, holding the
+    event loop's shutdown. So a task still running after a short wait is cancelled
+    again, and what is left at the deadline is logged rather than waited on.
+    """
+    pending = {task for task in tasks if not task.done()}
+    deadline = asyncio.get_running_loop().time() + timeout
+    while pending:
+        for task in pending:
+            task.cancel()
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            names = ", ".join(sorted(task.get_name() for task in pending))
+            logger.warning("tasks still running after cancellation: %s", names)
+            return
+        _, pending = await asyncio.wait(pending, timeout=min(remaining, RECANCEL_SECS))

@@ -22,7 +22,7 @@ from django.db import connection as database
 
 from accounts.permissions import is_presence_channel
 from accounts.principals import principals_refresh
-from common.background import spawn
+from common.background import cancel_and_wait, spawn
 from common.conf import push_settings
 from common.db import db_call
 from common.errors import CloseCode
@@ -48,6 +48,9 @@ from push.wire.protocol import presence_change
 from push.wire.pusher import PUSHER_CODEC, pusher_user_id
 
 logger = logging.getLogger(__name__)
+
+# How long a stopping node waits for its background loops to end.
+STOP_TASKS_SECS = 5.0
 
 _principals_refresh = db_call(principals_refresh)
 _close_all = db_call(close_node_connections)
@@ -204,8 +207,7 @@ class Node:
         if _running is self:
             _running = None
             recent_store.serve_on(None)
-        for task in self._tasks:
-            task.cancel()
+        await cancel_and_wait(self._tasks, timeout=STOP_TASKS_SECS)
         if self.write_pipeline is not None:
             await self.write_pipeline.stop()
         await self.broker.stop()

@@ -4,6 +4,7 @@ background: bounded, counted, and never silently lost."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from channels.layers import InMemoryChannelLayer
 from prometheus_client import REGISTRY
 
-from common.background import running_count, spawn
+from common.background import cancel_and_wait, running_count, spawn
 from push.cluster.broker import Broker
 from push.tests.test_hub import make_message
 from tests.waiting import wait_until
@@ -80,6 +81,51 @@ async def test_a_background_task_is_kept_until_done_and_its_error_is_logged(
     await wait_until(lambda: running_count() == before, "the background task to end")
     [record] = [r for r in caplog.records if r.name == "common.background"]
     assert "doomed" in record.getMessage() and "lost otherwise" in str(record.exc_info[1])
+
+
+async def test_stopping_ends_a_task_that_swallowed_its_first_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A node's loop whose await swallowed the cancellation (a library did, once) carries
+    on to its next await: cancelled once and left, it would run for ever."""
+    caplog.set_level(logging.WARNING, logger="common.background")
+    swallowed = asyncio.Event()
+
+    async def loop_that_swallows() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed.is_set():
+                    raise
+                swallowed.set()
+
+    task = spawn(loop_that_swallows(), name="stubborn")
+    await asyncio.sleep(0)
+    await cancel_and_wait([task], timeout=5)
+    assert swallowed.is_set() and task.cancelled()
+    assert not caplog.records
+
+
+async def test_stopping_gives_up_on_a_task_that_never_ends_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="common.background")
+    gate = asyncio.Event()
+
+    async def never_ends() -> None:
+        while not gate.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+
+    task = spawn(never_ends(), name="immortal")
+    await asyncio.sleep(0)
+    await cancel_and_wait([task], timeout=0.2)
+    assert not task.done()
+    assert "immortal" in caplog.records[-1].getMessage()
+    gate.set()
+    task.cancel()
+    await asyncio.wait([task])
 
 
 async def test_a_burst_crosses_redis_in_order_in_one_round_trip(settings: Any) -> None:
