@@ -386,6 +386,9 @@ class Hub:
         self.counts_changed: set[str] = set()
         # History reads in flight that replays starting now may share (``_shared_page``).
         self._page_reads: dict[PageKey, asyncio.Task[HistoryPage]] = {}
+        # Channels whose linger is over, oldest first, and the task leaving them in turn.
+        self._to_leave: dict[HubChannel, None] = {}
+        self._leaver: asyncio.Task[None] | None = None
 
     # ----- subscribing ---------------------------------------------------------------
 
@@ -785,12 +788,36 @@ class Hub:
         return any(fnmatch.fnmatchcase(name, p) for p in self._drop_oldest_patterns)
 
     def _leave_if_empty(self, hub_channel: HubChannel) -> None:
+        """Its linger is over: the channel waits its turn to be left, still joined.
+
+        Channels are left one at a time, one per loop turn. Channels emptied together
+        (a client that held a thousand subscriptions left) end their linger in the
+        same turn, and a task each, all starting in the next, held the loop for
+        hundreds of ms (measured: 3,000 channels, 0.2-0.5 s) and every message with it."""
         hub_channel.linger_handle = None
-        if hub_channel.subscriber_count() or hub_channel.state is not ChannelState.LIVE:
-            return
-        hub_channel.state = ChannelState.LEAVING
-        hub_channel.ready = self.loop.create_future()
-        spawn(self._leave_channel(hub_channel), name="push-hub-leave", loop=self.loop)
+        self._to_leave[hub_channel] = None
+        if self._leaver is None:
+            self._leaver = spawn(self._leave_in_turn(), name="push-hub-leave", loop=self.loop)
+
+    async def _leave_in_turn(self) -> None:
+        try:
+            while self._to_leave:
+                hub_channel = next(iter(self._to_leave))
+                del self._to_leave[hub_channel]
+                # A subscriber came back while it waited (it found the channel joined),
+                # or came and went again (a new linger runs).
+                if (
+                    hub_channel.subscriber_count()
+                    or hub_channel.state is not ChannelState.LIVE
+                    or hub_channel.linger_handle is not None
+                ):
+                    continue
+                hub_channel.state = ChannelState.LEAVING
+                hub_channel.ready = self.loop.create_future()
+                await self._leave_channel(hub_channel)
+                await asyncio.sleep(0)  # a leave need not suspend: the loop's turn ends here
+        finally:
+            self._leaver = None
 
     async def _leave_channel(self, hub_channel: HubChannel) -> None:
         try:

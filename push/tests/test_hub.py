@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from push.fanout.hub import MAX_PENDING_PER_CHANNEL, Hub
+from push.fanout.hub import MAX_PENDING_PER_CHANNEL, ChannelState, Hub
 from push.fanout.message import ChannelMessage, HistoryPage
 from push.fanout.outbox import Outbox
 from push.wire.codecs import CODECS, Codec
@@ -112,7 +112,7 @@ class Membership:
 
 
 async def make_hub(history: MemoryHistory, **kwargs: Any) -> tuple[Hub, Membership]:
-    membership = Membership()
+    membership = kwargs.pop("membership", None) or Membership()
     hub = Hub(
         history=history,
         join=membership.join,
@@ -411,6 +411,65 @@ async def test_empty_channel_is_left_after_linger() -> None:
     again = FakeClient()
     await hub.subscribe(again, "news", since=None, reply=again.reply)
     assert membership.joined == ["news", "news"]
+
+
+async def test_channels_emptied_at_once_are_left_one_per_loop_turn() -> None:
+    """A client that held 200 subscriptions leaves: their lingers end in the same turn,
+    and the channels are left one at a time, the loop running everything else between
+    leaves (here a ticker standing for the node's other work)."""
+    log: list[str] = []
+
+    class LoggedMembership(Membership):
+        async def leave(self, channel: str) -> None:
+            log.append("leave")
+            await super().leave(channel)
+
+    hub, membership = await make_hub(
+        MemoryHistory(), membership=LoggedMembership(), linger_secs=0.01
+    )
+    client = FakeClient()
+    channels = [f"room-{n}" for n in range(200)]
+    subscriptions = [
+        await hub.subscribe(client, channel, since=None, reply=client.reply) for channel in channels
+    ]
+    for subscription in subscriptions:
+        hub.unsubscribe(subscription)
+    while len(membership.left) < len(channels):
+        log.append("tick")
+        await asyncio.sleep(0)
+    assert membership.left == channels and not hub.channels
+    between = [len(run) for run in "".join("L" if e == "leave" else " " for e in log).split()]
+    assert max(between) == 1
+
+
+async def test_a_channel_waiting_to_be_left_keeps_a_subscriber_that_comes_back() -> None:
+    gate = asyncio.Event()
+
+    class GatedMembership(Membership):
+        async def leave(self, channel: str) -> None:
+            await gate.wait()
+            await super().leave(channel)
+
+    hub, membership = await make_hub(
+        MemoryHistory(), membership=GatedMembership(), linger_secs=0.01
+    )
+    client = FakeClient()
+    first = await hub.subscribe(client, "first", since=None, reply=client.reply)
+    second = await hub.subscribe(client, "second", since=None, reply=client.reply)
+    hub.unsubscribe(first)
+    hub.unsubscribe(second)
+    # "first" is being left (its leave waits at the gate); "second" waits its turn.
+    await wait_until(lambda: hub.channels["first"].state is ChannelState.LEAVING, "first leaving")
+    back = FakeClient()
+    # Bounded only so that a subscribe stuck behind the gate fails instead of hanging.
+    await asyncio.wait_for(hub.subscribe(back, "second", since=None, reply=back.reply), 5.0)
+    assert membership.joined == ["first", "second"]  # still joined: no join again
+    gate.set()
+    await wait_until(lambda: "first" not in hub.channels, "the first channel left")
+    await asyncio.sleep(0.05)  # more than its linger: nothing more is left
+    assert membership.left == ["first"]
+    hub.deliver(make_message("second", 1))
+    assert back.seqs() == [1]
 
 
 async def _never_returns(event: dict[str, Any]) -> None:
