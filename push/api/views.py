@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 from django.core.exceptions import RequestDataTooBig
 from rest_framework import status
 from rest_framework.permissions import IsAuthenticated
+from rest_framework.renderers import BrowsableAPIRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -26,6 +27,7 @@ from common.conf import push_settings
 from common.db import db_call
 from common.errors import ErrorCode, PushError
 from push.api.base import AsyncAPIView
+from push.api.renderers import MessagePageRenderer, StoredMessages
 from push.api.serializers import (
     MAX_BATCH_MESSAGES,
     ChannelListQuerySerializer,
@@ -113,6 +115,7 @@ class ChannelView(AsyncAPIView):
 
 class ChannelMessagesView(ChannelView):
     channel_rights = {"GET": "subscribe", "POST": "publish"}
+    renderer_classes = [MessagePageRenderer, BrowsableAPIRenderer]
 
     async def post(self, request: Request, channel: str) -> Response:
         return await _publish_response(request, channel)
@@ -134,7 +137,7 @@ class ChannelMessagesView(ChannelView):
         has_more = len(messages) > limit or cut_short
         messages = messages[:limit]
         next_url = _page_url(request, since=messages[-1].seq, limit=limit) if has_more else None
-        return Response({"results": [m.envelope() for m in messages], "next": next_url})
+        return Response({"results": StoredMessages(messages), "next": next_url})
 
 
 class BatchMessagesView(AsyncAPIView):

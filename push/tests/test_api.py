@@ -12,6 +12,7 @@ from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.test import override_settings
 from rest_framework.authtoken.models import Token
+from rest_framework.renderers import JSONRenderer
 from rest_framework.test import APIClient
 
 from accounts.models import ChannelGrant
@@ -61,6 +62,30 @@ def test_publish_stores_data_losslessly(publisher: APIClient, client: APIClient)
     stored = client.get("/api/v1/channels/exact/messages").json()["results"][0]
     assert stored["data"] == data
     assert json.loads(Message.objects.get().data) == data
+
+
+def test_a_history_page_is_the_json_drf_would_render_and_the_browsable_api_shows_it(
+    publisher: APIClient, client: APIClient
+) -> None:
+    """The page is written around each message's stored JSON, never parsed again: its
+    bytes are what DRF's JSONRenderer makes of the same values, line separators
+    escaped for JavaScript included."""
+    tricky = [
+        {"s": "a\u0000b\u2028c\u2029d", "e": "é😀", "q": '"\\/'},
+        [2**64 - 1, -(2**63), 0.1, 5e-324, 1e300, True, None],
+        "plain",
+        {"nested": {"deep": [[[{}]]]}},
+    ]
+    for data in tricky:
+        _publish(publisher, "exact", {"data": data})
+    response = client.get("/api/v1/channels/exact/messages?limit=3")
+    page = json.loads(response.content)
+    assert [m["data"] for m in page["results"]] == tricky[:3]
+    assert "since=3" in page["next"]
+    assert response.content == JSONRenderer().render(page)
+    assert b"\\u2028" in response.content and "\u2028".encode() not in response.content
+    html = client.get("/api/v1/channels/exact/messages?since=3", HTTP_ACCEPT="text/html")
+    assert html.status_code == 200 and b"&quot;deep&quot;" in html.content
 
 
 def test_publish_requires_a_token(client: APIClient) -> None:

@@ -19,6 +19,7 @@ from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
 
 from push.api import middleware
 from push.api.middleware import LoopHandler, RequestThreads
+from push.api.renderers import MessagePageRenderer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -120,11 +121,12 @@ async def test_json_renders_on_the_loop_and_the_browsable_api_on_the_request_thr
     http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rendered_on: dict[str, str] = {}
-    for renderer in (JSONRenderer, BrowsableAPIRenderer):
+    for renderer in (JSONRenderer, MessagePageRenderer, BrowsableAPIRenderer):
         real = renderer.render
 
         def recording(self: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
-            rendered_on.setdefault(type(self).__name__, threading.current_thread().name)
+            kind = "html" if isinstance(self, BrowsableAPIRenderer) else "json"
+            rendered_on.setdefault(kind, threading.current_thread().name)
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(renderer, "render", recording)
@@ -134,5 +136,5 @@ async def test_json_renders_on_the_loop_and_the_browsable_api_on_the_request_thr
     assert as_json.json() == {"results": [], "next": None}
     as_html = await http.get(path, headers={"Accept": "text/html"})
     assert as_html.headers["Content-Type"].startswith("text/html")
-    assert rendered_on["JSONRenderer"] == threading.main_thread().name
-    assert rendered_on["BrowsableAPIRenderer"].startswith("push-request")
+    assert rendered_on["json"] == threading.main_thread().name
+    assert rendered_on["html"].startswith("push-request")

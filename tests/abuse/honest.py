@@ -172,6 +172,9 @@ class HonestVerdict:
     disconnected: int
     close_codes: list[int | None]
     errors: int
+    # Per second of the window: [second, samples, p50 ms, max ms], to tell a node that
+    # is slow throughout (saturated) from one that stalls now and then.
+    seconds: list[list[float]] = field(default_factory=list)
 
 
 def judge(
@@ -206,7 +209,22 @@ def judge(
         disconnected=sum(1 for sub in subscribers if sub.closed),
         close_codes=[sub.close_code for sub in subscribers if sub.closed],
         errors=sum(len(sub.errors) for sub in subscribers) + len(publisher.errors),
+        seconds=latency_by_second(subscribers, window),
     )
+
+
+def latency_by_second(
+    subscribers: list[HonestSubscriber], window: tuple[float, float]
+) -> list[list[float]]:
+    by_second: dict[int, list[float]] = defaultdict(list)
+    for sub in subscribers:
+        for s in sub.samples:
+            if window[0] <= s.sent_at <= window[1]:
+                by_second[int(s.sent_at - window[0])].append(s.latency_secs)
+    return [
+        [second, len(lat), percentile_ms(sorted(lat), 0.5), percentile_ms(sorted(lat), 1.0)]
+        for second, lat in sorted(by_second.items())
+    ]
 
 
 def percentile_ms(ordered: list[float], fraction: float) -> float:
