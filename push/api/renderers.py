@@ -3,11 +3,11 @@
 A message's ``data_json`` is already canonical JSON. DRF's ``JSONRenderer`` would
 parse every one back into Python values and encode them again: for a page of 1 MB
 messages that is tens of milliseconds of C code holding the GIL, on the event loop
-or off it (measured: 9% of the loop's time under the abuse suite, from four
-clients reading pages of 1 MB messages). Here the page is written around the stored text, as the WebSocket's JSON
-codec writes a ``message`` frame (``JsonCodec.encode_message``), so the body is the
-same bytes DRF would have produced. Anything else, and the browsable API's indented
-JSON, goes through ``JSONRenderer`` unchanged.
+or off it (measured: 9% of the loop's time under the abuse suite, from four clients
+reading pages of 1 MB messages). Here the page is written around the stored text, as
+the WebSocket's JSON codec writes a ``message`` frame (``JsonCodec.encode_message``),
+so the body is the same bytes DRF would have produced. Anything else, and the
+browsable API's indented JSON, goes through ``JSONRenderer`` unchanged.
 """
 
 from __future__ import annotations
