@@ -61,6 +61,7 @@ INSTALLED_APPS = [
     "channels",
     "rest_framework",
     "rest_framework.authtoken",
+    "drf_spectacular",
     "django_prometheus",
     "accounts",
     "push",
@@ -275,6 +276,21 @@ REST_FRAMEWORK = {
     "NUM_PROXIES": 0,
     "EXCEPTION_HANDLER": "push.api.exceptions.api_exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # The OpenAPI schema at /api/v1/schema/: drf-spectacular's AutoSchema (DRF's own
+    # generator is deprecated), which push.api.schema extends to show anonymous reads.
+    "DEFAULT_SCHEMA_CLASS": "push.api.schema.PushAutoSchema",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Push server REST API",
+    "DESCRIPTION": "Publish to the push server's channels, read their history and see "
+    "who is on them.",
+    "VERSION": "1",
+    # The schema describes the API, not its own endpoint.
+    "SERVE_INCLUDE_SCHEMA": False,
+    # The contract's request bodies are JSON (docs/protocol.md): the form parsers that
+    # DRF enables by default still work, but the schema does not offer them.
+    "PARSER_WHITELIST": ["push.api.parsers.JSONParser"],
 }
 
 # Identifies this node process in connection_established, the connection registry and

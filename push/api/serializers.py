@@ -18,7 +18,7 @@ class PublishSerializer(serializers.Serializer):
     # allow_null: JSON null is a value like any other and may be published.
     # The stubs declare ``Serializer.data`` (the output) on the class; DRF takes this
     # declared field from the class body all the same.
-    data = serializers.JSONField(allow_null=True)  # type: ignore[assignment]  # see above
+    data = serializers.JSONField(allow_null=True, help_text="Any JSON value.")  # type: ignore[assignment]  # see above
 
     def to_internal_value(self, data: Any) -> Any:
         if not isinstance(data, dict):

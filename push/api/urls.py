@@ -1,4 +1,5 @@
 from django.urls import path
+from drf_spectacular.views import SpectacularAPIView
 
 from push.api.views import (
     BatchMessagesView,
@@ -16,4 +17,7 @@ urlpatterns = [
     path("channels/<str:channel>/presence", ChannelPresenceView.as_view(), name="presence"),
     path("messages", BatchMessagesView.as_view(), name="batch-messages"),
     path("users/<int:user_id>/messages", UserMessagesView.as_view(), name="user-messages"),
+    # The OpenAPI schema of the paths above (push.api.schema): YAML, or JSON with
+    # ?format=json; public, as the API it describes is.
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
 ]

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from django.core.exceptions import RequestDataTooBig
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.renderers import BrowsableAPIRenderer
@@ -26,6 +27,7 @@ from common import metrics
 from common.conf import push_settings
 from common.db import db_call
 from common.errors import ErrorCode, PushError
+from push.api import schema
 from push.api.base import AsyncAPIView
 from push.api.renderers import MessagePageRenderer, StoredMessages
 from push.api.serializers import (
@@ -117,9 +119,32 @@ class ChannelMessagesView(ChannelView):
     channel_rights = {"GET": "subscribe", "POST": "publish"}
     renderer_classes = [MessagePageRenderer, BrowsableAPIRenderer]
 
+    @extend_schema(
+        operation_id="channel_publish",
+        summary="Publish a message on a channel",
+        description="Stores `data` as the channel's next message and delivers it to its "
+        "subscribers. Needs a credential with the publish right on the channel.",
+        parameters=[schema.CHANNEL, schema.IDEMPOTENCY_KEY],
+        request=PublishSerializer,
+        responses={**schema.PUBLISHED, **schema.error_responses(400, 401, 403, 413, 429, 503)},
+    )
     async def post(self, request: Request, channel: str) -> Response:
         return await _publish_response(request, channel)
 
+    # The response is declared: a page's results are StoredMessages, rendered from
+    # their stored JSON (MessagePageRenderer), nothing a serializer could show.
+    @extend_schema(
+        operation_id="channel_history",
+        summary="Read a channel's history",
+        description="Stored messages with a seq above `since`, oldest first. A page also "
+        "stops at a byte budget, so it may hold fewer than `limit` while `next` is not "
+        "null: follow `next` until it is null.",
+        parameters=[schema.CHANNEL, *schema.HISTORY_QUERY],
+        responses={
+            200: schema.HistoryPageSerializer,
+            **schema.error_responses(400, 401, 403, 429, 503),
+        },
+    )
     async def get(self, request: Request, channel: str) -> Response:
         query = HistoryQuerySerializer(
             data=request.query_params,
@@ -148,6 +173,23 @@ class BatchMessagesView(AsyncAPIView):
 
     permission_classes = [IsAuthenticated]
 
+    @extend_schema(
+        operation_id="messages_publish_batch",
+        summary="Publish many messages at once, all or nothing",
+        description="Every message is validated and authorized before anything is "
+        "stored; a refused one is named by `index` in the error, and nothing is "
+        "published. Messages to one channel get consecutive seqs in request order.",
+        parameters=[schema.IDEMPOTENCY_KEY],
+        request=schema.BatchPublishSerializer,
+        responses={
+            201: schema.BatchPublishedSerializer,
+            200: OpenApiResponse(
+                schema.BatchPublishedSerializer,
+                description="A retried Idempotency-Key: the first result.",
+            ),
+            **schema.error_responses(400, 401, 403, 413, 429, 503),
+        },
+    )
     async def post(self, request: Request) -> Response:
         principal = request_principal(request)
         _check_body_size(request)
@@ -177,6 +219,14 @@ class ChannelListView(APIView):
     # No channel right: the list holds only the channels the caller may subscribe to.
     permission_classes = [ChannelPermission]
 
+    @extend_schema(
+        operation_id="channel_list",
+        summary="List the channels the caller may subscribe to",
+        description="By name, paged as history is. Without `occupied=true`, the stored "
+        "channels (those that ever had a message).",
+        parameters=schema.CHANNEL_LIST_QUERY,
+        responses={200: schema.ChannelPageSerializer, **schema.error_responses(400, 401, 429, 503)},
+    )
     def get(self, request: Request) -> Response:
         query = ChannelListQuerySerializer(
             data=request.query_params,
@@ -204,6 +254,17 @@ class ChannelInfoView(ChannelView):
 
     channel_rights = {"GET": "subscribe"}
 
+    @extend_schema(
+        operation_id="channel_info",
+        summary="A channel's last seq and subscribers",
+        description="For callers that may subscribe to the channel; `presence_members` "
+        "on presence channels only.",
+        parameters=[schema.CHANNEL],
+        responses={
+            200: schema.ChannelSerializer,
+            **schema.error_responses(400, 401, 403, 429, 503),
+        },
+    )
     def get(self, request: Request, channel: str) -> Response:
         return Response(channel_info(channel=channel))
 
@@ -216,6 +277,15 @@ class UserMessagesView(ChannelView):
     def request_channel(self) -> str:
         return user_channel(self.kwargs["user_id"])
 
+    @extend_schema(
+        operation_id="user_publish",
+        summary="Publish to all of one user's connections",
+        description="Publishes on the channel `user:<id>`, which only that user may "
+        "subscribe to, as a channel publish does.",
+        parameters=[schema.USER_ID, schema.IDEMPOTENCY_KEY],
+        request=PublishSerializer,
+        responses={**schema.PUBLISHED, **schema.error_responses(400, 401, 403, 413, 429, 503)},
+    )
     async def post(self, request: Request, user_id: int) -> Response:
         return await _publish_response(request, user_channel(user_id))
 
@@ -225,6 +295,16 @@ class ChannelPresenceView(ChannelView):
 
     channel_rights = {"GET": "presence"}
 
+    @extend_schema(
+        operation_id="channel_presence",
+        summary="The members of a presence channel now",
+        description="For callers with the presence right on the channel.",
+        parameters=[schema.CHANNEL],
+        responses={
+            200: schema.PresenceSerializer,
+            **schema.error_responses(400, 401, 403, 429, 503),
+        },
+    )
     def get(self, request: Request, channel: str) -> Response:
         node = running_node()
         members = presence_members_sync(channel, local=node.presence if node is not None else None)
