@@ -199,3 +199,29 @@ def test_the_answers_are_the_shapes_the_schema_names(schema: dict[str, Any]) -> 
     refused = api.post("/api/v1/channels/bad*name/messages", {"data": 1}, format="json")
     assert refused.status_code == 400
     _fits(schema, "Error", refused.json())
+
+
+def test_the_schema_is_generated_once_per_format(
+    client: APIClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone may fetch it: each request must not walk every view again."""
+    from drf_spectacular.generators import SchemaGenerator
+
+    from push.api.views import SchemaView
+
+    monkeypatch.setattr(SchemaView, "_rendered", {})
+    generated: list[bool] = []
+    real = SchemaGenerator.get_schema
+
+    def counting(self: SchemaGenerator, *args: Any, **kwargs: Any) -> Any:
+        generated.append(True)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SchemaGenerator, "get_schema", counting)
+    bodies = [client.get(SCHEMA_URL, query).content for query in ({}, {"format": "json"}) * 3]
+    assert len(generated) == 2
+    assert bodies[0] == bodies[2] == bodies[4] and bodies[1] == bodies[3] == bodies[5]
+    assert yaml.safe_load(bodies[0]) == json.loads(bodies[1])
+    response = client.get(SCHEMA_URL, {"format": "json"})
+    assert response["Content-Type"].startswith("application/vnd.oai.openapi+json")
+    assert "filename=" in response["Content-Disposition"]
