@@ -18,7 +18,7 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework import status
 from rest_framework.permissions import IsAuthenticated
-from rest_framework.renderers import BrowsableAPIRenderer
+from rest_framework.renderers import BaseRenderer, BrowsableAPIRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -323,18 +323,20 @@ class SchemaView(SpectacularAPIView):
     the code alone (no server list, no versioning, public), so each format's bytes are
     kept."""
 
-    _rendered: ClassVar[dict[str, bytes]] = {}
+    # By renderer, never by the accepted media type: that carries the Accept header's
+    # parameters as the client wrote them, an unbounded set of keys.
+    _rendered: ClassVar[dict[type[BaseRenderer], bytes]] = {}
 
     @extend_schema(exclude=True)
     def get(self, request: Request, *args: Any, **kwargs: Any) -> HttpResponseBase:
-        media_type = request.accepted_media_type
-        body = self._rendered.get(media_type)
+        renderer = request.accepted_renderer
+        body = self._rendered.get(type(renderer))
         if body is None:
             response = super().get(request, *args, **kwargs)
-            response.accepted_renderer = request.accepted_renderer
-            response.accepted_media_type = media_type
+            response.accepted_renderer = renderer
+            response.accepted_media_type = renderer.media_type  # no client parameters
             response.renderer_context = self.get_renderer_context()
-            body = self._rendered[media_type] = response.render().content
-        response = HttpResponse(body, content_type=media_type)
+            body = self._rendered[type(renderer)] = response.render().content
+        response = HttpResponse(body, content_type=renderer.media_type)
         response["Content-Disposition"] = f'inline; filename="{self._get_filename(request, None)}"'
         return response

@@ -223,5 +223,10 @@ def test_the_schema_is_generated_once_per_format(
     assert bodies[0] == bodies[2] == bodies[4] and bodies[1] == bodies[3] == bodies[5]
     assert yaml.safe_load(bodies[0]) == json.loads(bodies[1])
     response = client.get(SCHEMA_URL, {"format": "json"})
-    assert response["Content-Type"].startswith("application/vnd.oai.openapi+json")
+    assert response["Content-Type"] == "application/vnd.oai.openapi+json"
     assert "filename=" in response["Content-Disposition"]
+    # The Accept header's parameters (as a client writes them) are no new key.
+    for n in range(5):
+        accept = f"application/vnd.oai.openapi+json; indent={n}; x={n}"
+        assert client.get(SCHEMA_URL, HTTP_ACCEPT=accept).content == bodies[1]
+    assert len(generated) == 2 and len(SchemaView._rendered) == 2
