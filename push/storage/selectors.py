@@ -135,6 +135,10 @@ def history_recent(*, channel: str, count: int, max_bytes: int) -> HistoryPage:
     """The channel's latest seq and its last kept messages, oldest first: at most
     ``count`` of them and ``max_bytes`` of data (at least one when there is any)."""
     latest = channel_latest_seq(channel=channel)
+    if not latest:
+        # Nothing was ever published there, so no row has a seq up to it: joining a new
+        # channel (a subscribe storm's, a chat room's first visitor) costs one query.
+        return HistoryPage(since=0, messages=[], latest_seq=0)
     rows = _kept_rows(channel, latest).filter(seq__lte=latest).order_by("-seq")
     read, _ = rows_within(rows, limit=count, max_bytes=max_bytes, newest_first=True)
     messages = [channel_message_from_row(channel, row) for row in reversed(read)]

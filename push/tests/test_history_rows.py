@@ -4,6 +4,8 @@ tuples with the time computed by the database."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from push.services.publishing import message_publish
@@ -26,3 +28,16 @@ def test_a_page_of_history_is_the_messages_as_published() -> None:
     newest = history_recent(channel="rows", count=2, max_bytes=10_000)
     assert [m.message_id for m in newest.messages] == [m.message_id for m in published[-2:]]
     assert [m.timestamp for m in newest.messages] == [m.timestamp for m in published[-2:]]
+
+
+def test_joining_a_channel_nothing_was_published_to_costs_one_query(
+    django_assert_num_queries: Any,
+) -> None:
+    """A subscribe storm joins thousands of new channels: each reads its latest seq
+    and nothing more."""
+    with django_assert_num_queries(1):
+        empty = history_recent(channel="never-used", count=256, max_bytes=10_000)
+    assert (empty.since, empty.messages, empty.latest_seq) == (0, [], 0)
+    message_publish(channel="used", data=1)
+    used = history_recent(channel="used", count=256, max_bytes=10_000)
+    assert ([m.seq for m in used.messages], used.since, used.latest_seq) == ([1], 0, 1)
