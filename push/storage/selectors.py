@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from django.db.models import FloatField, Func, IntegerField, QuerySet
+from django.db.models import FloatField, Func, IntegerField, QuerySet, Subquery
 
 from common import metrics
 from push.fanout.message import ChannelMessage, HistoryPage
@@ -67,6 +67,19 @@ class OctetLength(Func):
         )
 
 
+def channel_messages(channel: str) -> QuerySet[Message]:
+    """The messages of ``channel``, chosen by its id (a subquery), not by joining its name.
+
+    Joined by name, PostgreSQL cannot walk the (channel, seq) index in seq order (a
+    nested loop keeps only its outer side's order), so for every page it read all the
+    channel's messages and sorted them: 6,000 rows for a page of 500, measured, and a
+    channel of a million messages would be read whole for each page of a resume. By
+    id, the index gives the page in order and the read stops at its limit."""
+    return Message.objects.filter(
+        channel_id=Subquery(Channel.objects.filter(name=channel).values("id")[:1])
+    )
+
+
 def rows_within(
     rows: QuerySet[Message], *, limit: int, max_bytes: int, newest_first: bool = False
 ) -> tuple[list[MessageRow], bool]:
@@ -103,7 +116,7 @@ def message_list_since(
     come from its window in Redis, which its own byte cap bounds."""
     if is_recent(channel):
         return recent_store.window_since_sync(channel, since, limit), False
-    rows = Message.objects.filter(channel__name=channel, seq__gt=since).order_by("seq")
+    rows = channel_messages(channel).filter(seq__gt=since).order_by("seq")
     read, truncated = rows_within(rows, limit=limit, max_bytes=max_bytes)
     return [channel_message_from_row(channel, row) for row in read], truncated
 
@@ -111,7 +124,7 @@ def message_list_since(
 def _kept_rows(channel: str, latest: int) -> QuerySet[Message]:
     """The channel's rows that its retention policy keeps, trimmed yet or not."""
     policy = retention_policy(channel)
-    rows = Message.objects.filter(channel__name=channel, seq__gte=policy.oldest_kept_seq(latest))
+    rows = channel_messages(channel).filter(seq__gte=policy.oldest_kept_seq(latest))
     cutoff = policy.oldest_kept_timestamp(time.time())
     if cutoff is not None:
         rows = rows.filter(created_at__gte=datetime.fromtimestamp(cutoff, tz=UTC))

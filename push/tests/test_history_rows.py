@@ -4,12 +4,21 @@ tuples with the time computed by the database."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
+from django.db import connection
+from django.utils import timezone
 
+from push.models import Channel, Message
 from push.services.publishing import message_publish
-from push.storage.selectors import history_page, history_recent, message_list_since
+from push.storage.selectors import (
+    channel_messages,
+    history_page,
+    history_recent,
+    message_list_since,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -41,3 +50,26 @@ def test_joining_a_channel_nothing_was_published_to_costs_one_query(
     message_publish(channel="used", data=1)
     used = history_recent(channel="used", count=256, max_bytes=10_000)
     assert ([m.seq for m in used.messages], used.since, used.latest_seq) == ([1], 0, 1)
+
+
+def test_a_page_walks_the_channel_and_seq_index_and_stops_at_its_limit(settings: Any) -> None:
+    """A page of a long channel reads the page's rows, not every row of the channel
+    sorted: PostgreSQL's plan is an index scan in seq order that stops at the limit."""
+    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+        pytest.skip("PostgreSQL's plan")
+    long = Channel.objects.create(name="long", last_seq=3000)
+    other = Channel.objects.create(name="other", last_seq=500)
+    now = timezone.now()
+    Message.objects.bulk_create(
+        Message(channel=c, seq=n, message_id=uuid.uuid4(), data="1", created_at=now)
+        for c, count in ((long, 3000), (other, 500))
+        for n in range(1, count + 1)
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE push_message, push_channel")
+    page = channel_messages("long").filter(seq__gt=1000).order_by("seq")[:50]
+    plan = page.explain(analyze=True)
+    assert "message_unique_channel_seq" in plan and "Sort" not in plan, plan
+    scan = next(line for line in plan.splitlines() if "Index Scan" in line)
+    assert "rows=50 loops=1" in scan, plan
+    assert [m.seq for m in page] == list(range(1001, 1051))
