@@ -9,12 +9,13 @@ waiting on the database holds no thread of its own.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlencode
 
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, HttpResponseBase
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework import status
 from rest_framework.permissions import IsAuthenticated
@@ -51,6 +52,8 @@ MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 # History reads run on the database threads: a slow one holds a thread, not the loop.
 _message_list_since = db_call(selectors.message_list_since)
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _page_url(request: Request, **params: Any) -> str:
@@ -107,6 +110,21 @@ async def _publish_response(request: Request, channel: str) -> Response:
     return _published_response(published_body(message), replayed)
 
 
+def _publish_schema(
+    *, operation_id: str, summary: str, description: str, target: OpenApiParameter
+) -> Callable[[F], F]:
+    """The schema of a single publish (a channel's, a user's): ``{"data": ...}`` in,
+    the published message's reference out, ``Idempotency-Key`` honoured."""
+    return extend_schema(
+        operation_id=operation_id,
+        summary=summary,
+        description=description,
+        parameters=[target, schema.IDEMPOTENCY_KEY],
+        request=PublishSerializer,
+        responses={**schema.PUBLISHED, **schema.error_responses(400, 401, 403, 413, 429, 503)},
+    )
+
+
 class ChannelView(AsyncAPIView):
     """A view about the channel named in its URL."""
 
@@ -121,14 +139,12 @@ class ChannelMessagesView(ChannelView):
     channel_rights = {"GET": "subscribe", "POST": "publish"}
     renderer_classes = [MessagePageRenderer, BrowsableAPIRenderer]
 
-    @extend_schema(
+    @_publish_schema(
         operation_id="channel_publish",
         summary="Publish a message on a channel",
         description="Stores `data` as the channel's next message and delivers it to its "
         "subscribers. Needs a credential with the publish right on the channel.",
-        parameters=[schema.CHANNEL, schema.IDEMPOTENCY_KEY],
-        request=PublishSerializer,
-        responses={**schema.PUBLISHED, **schema.error_responses(400, 401, 403, 413, 429, 503)},
+        target=schema.CHANNEL,
     )
     async def post(self, request: Request, channel: str) -> Response:
         return await _publish_response(request, channel)
@@ -279,14 +295,12 @@ class UserMessagesView(ChannelView):
     def request_channel(self) -> str:
         return user_channel(self.kwargs["user_id"])
 
-    @extend_schema(
+    @_publish_schema(
         operation_id="user_publish",
         summary="Publish to all of one user's connections",
         description="Publishes on the channel `user:<id>`, which only that user may "
         "subscribe to, as a channel publish does.",
-        parameters=[schema.USER_ID, schema.IDEMPOTENCY_KEY],
-        request=PublishSerializer,
-        responses={**schema.PUBLISHED, **schema.error_responses(400, 401, 403, 413, 429, 503)},
+        target=schema.USER_ID,
     )
     async def post(self, request: Request, user_id: int) -> Response:
         return await _publish_response(request, user_channel(user_id))
