@@ -72,9 +72,9 @@ def channel_messages(channel: str) -> QuerySet[Message]:
 
     Joined by name, PostgreSQL cannot walk the (channel, seq) index in seq order (a
     nested loop keeps only its outer side's order), so for every page it read all the
-    channel's messages and sorted them: 6,000 rows for a page of 500, measured, and a
-    channel of a million messages would be read whole for each page of a resume. By
-    id, the index gives the page in order and the read stops at its limit."""
+    channel's messages and sorted them (a page of 500 from a channel of a million
+    messages: 130-146 ms, against 0.21 ms by id). By id, the index gives the page in
+    order and the read stops at its limit."""
     return Message.objects.filter(
         channel_id=Subquery(Channel.objects.filter(name=channel).values("id")[:1])
     )
