@@ -6,10 +6,12 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
+from django.contrib.admin import site as admin_site
 from django.contrib.auth.models import User
-from django.test import Client
+from django.test import Client, RequestFactory
 from django.utils import timezone
 
 from push.models import Channel, Connection, Message
@@ -89,3 +91,27 @@ def test_history_and_the_registry_cannot_be_edited(browser: Client, model: str) 
     type(objects[model]).objects.get(pk=pk)  # still there
     assert Message.objects.get(message_id=message.message_id).seq == 1
     assert Channel.objects.filter(name="orders").exists()
+
+
+def test_the_channel_list_shows_the_oldest_kept_seq_without_reading_every_message(
+    browser: Client, settings: Any
+) -> None:
+    for n in range(5):
+        message_publish(channel="trimmed", data=n)
+    message_publish(channel="other", data=0)
+    Message.objects.filter(channel__name="trimmed", seq__lte=2).delete()
+    Channel.objects.create(name="empty")
+    page = browser.get("/admin/push/channel/").content.decode()
+    rows = {
+        name: re.sub(r"<[^>]+>", " ", row).split()
+        for name, row in re.findall(r'<tr>.*?<a href="[^"]*">([\w-]+)</a>(.*?)</tr>', page, re.S)
+    }
+    assert rows["trimmed"][:2] == ["5", "3"] and rows["other"][:2] == ["1", "1"]
+    assert rows["empty"][:2] == ["0", "-"]
+    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+        return
+    from push.admin import ChannelAdmin
+
+    listed = ChannelAdmin(Channel, admin_site).get_queryset(RequestFactory().get("/"))
+    plan = listed.order_by("name")[:100].explain()
+    assert "Seq Scan on push_message" not in plan and "Aggregate" not in plan, plan
