@@ -65,6 +65,14 @@ DATABASE_CALL_SECONDS = Histogram(
     ["call"],
     buckets=_CALL_BUCKETS,
 )
+# The event loop stops for every cyclic garbage collection: a long one delays every
+# delivery of the node at once, which no per-request figure shows.
+GC_PAUSE_SECONDS = Histogram(
+    "push_gc_pause_seconds",
+    "Cyclic garbage collections of the node process and how long each held it",
+    ["generation"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
 BROKER_CALL_SECONDS = Histogram(
     "push_broker_call_seconds",
     "Redis channel-layer calls, by operation",

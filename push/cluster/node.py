@@ -22,6 +22,7 @@ from django.db import connection as database
 
 from accounts.permissions import is_presence_channel
 from accounts.principals import principals_refresh
+from common import metrics
 from common.background import cancel_and_wait, spawn
 from common.conf import push_settings
 from common.db import db_call
@@ -476,3 +477,20 @@ def tune_garbage_collector(*, gen0_threshold: int, freeze: bool) -> None:
     if freeze:
         gc.collect()
         gc.freeze()
+    if _time_collection not in gc.callbacks:
+        gc.callbacks.append(_time_collection)
+
+
+_collection_started = 0.0
+
+
+def _time_collection(phase: str, info: dict[str, int]) -> None:
+    """``gc.callbacks`` hook: each collection's pause, by generation (the GIL is held
+    throughout, so it is the event loop's pause too)."""
+    global _collection_started
+    if phase == "start":
+        _collection_started = time.perf_counter()
+    else:
+        metrics.GC_PAUSE_SECONDS.labels(str(info["generation"])).observe(
+            time.perf_counter() - _collection_started
+        )

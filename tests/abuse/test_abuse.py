@@ -220,6 +220,45 @@ def budget_refusals(node: ServerNode) -> dict[str, int]:
     return counts
 
 
+GC_PAUSE_LINE = re.compile(
+    r'^push_gc_pause_seconds_(bucket|count|sum)\{generation="\d"(?:,le="([^"]+)")?\} (\S+)$', re.M
+)
+
+
+@dataclass
+class GcPauses:
+    collections: float = 0.0
+    over_50ms: float = 0.0
+    over_100ms: float = 0.0
+    secs: float = 0.0
+
+    def __sub__(self, other: GcPauses) -> GcPauses:
+        return GcPauses(
+            self.collections - other.collections,
+            self.over_50ms - other.over_50ms,
+            self.over_100ms - other.over_100ms,
+            self.secs - other.secs,
+        )
+
+
+def gc_pauses(node: ServerNode) -> GcPauses:
+    """The node's cyclic garbage collections so far, every generation (each one holds
+    the event loop): how many, how many took over 50 and 100 ms, and their total time."""
+    body = httpx.get(f"{node.http_url}/metrics", timeout=5).text
+    seen = GcPauses()
+    within: dict[str, float] = {"0.05": 0.0, "0.1": 0.0}
+    for kind, le, value in GC_PAUSE_LINE.findall(body):
+        if kind == "count":
+            seen.collections += float(value)
+        elif kind == "sum":
+            seen.secs += float(value)
+        elif le in within:
+            within[le] += float(value)
+    seen.over_50ms = seen.collections - within["0.05"]
+    seen.over_100ms = seen.collections - within["0.1"]
+    return seen
+
+
 def log_problems(text: str) -> list[str]:
     return [line[:300] for line in text.splitlines() if LOG_PROBLEM.search(line)]
 
@@ -265,6 +304,7 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
     rows_before, toast_before = message_table_reads(abuse_node.database)
     node_rows_before = node.metric(ROWS_READ_METRIC)
     refusals_before = budget_refusals(node)
+    gc_before = gc_pauses(node)
     published_before = publisher.published
     attack_started = time.time()
     attacker = await run_attackers(
@@ -278,6 +318,7 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
     seen = await watch_attack(attacker, process, node.http_url, rss_before)
     attack_ended = time.time()
     rss_after, cpu_after = process.memory_info().rss, cpu_secs(process)
+    collections = gc_pauses(node) - gc_before
 
     await asyncio.sleep(STATS_FLUSH_SECS)
     rows_after, toast_after = message_table_reads(abuse_node.database)
@@ -341,6 +382,14 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
             not seen.aborted,
         ),
         Figure("node CPU s", round(cpu_after - cpu_before, 2), "-", True),
+        # Each collection holds the event loop: for information, beside the latency.
+        Figure(
+            "node GC collections / over 50 ms / over 100 ms / total s",
+            f"{collections.collections:.0f} / {collections.over_50ms:.0f} / "
+            f"{collections.over_100ms:.0f} / {collections.secs:.2f}",
+            "-",
+            True,
+        ),
         Figure("abusive requests", requests, "-", requests > 0),
         Figure(
             "node CPU ms per abusive request",

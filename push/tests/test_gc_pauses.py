@@ -1,0 +1,42 @@
+"""Every cyclic garbage collection of a node process is timed (``push_gc_pause_seconds``):
+the event loop stops for each one, which no per-request figure shows."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import REGISTRY
+
+from push.cluster.node import tune_garbage_collector
+
+
+@pytest.fixture
+def gc_settings() -> Iterator[None]:
+    thresholds, callbacks = gc.get_threshold(), list(gc.callbacks)
+    yield
+    gc.set_threshold(*thresholds)
+    gc.callbacks[:] = callbacks
+
+
+def _pauses(generation: str) -> tuple[float, float]:
+    labels = {"generation": generation}
+    count = REGISTRY.get_sample_value("push_gc_pause_seconds_count", labels) or 0.0
+    total = REGISTRY.get_sample_value("push_gc_pause_seconds_sum", labels) or 0.0
+    return count, total
+
+
+@pytest.mark.usefixtures("gc_settings")
+def test_each_collection_is_timed_by_generation_once() -> None:
+    tune_garbage_collector(gen0_threshold=gc.get_threshold()[0], freeze=False)
+    tune_garbage_collector(gen0_threshold=gc.get_threshold()[0], freeze=False)  # idempotent
+    before = _pauses("2")
+    garbage = [[] for _ in range(10_000)]
+    for items in garbage:
+        items.append(items)  # cycles only the collector frees
+    del garbage
+    gc.collect()
+    count, total = _pauses("2")
+    assert count >= before[0] + 1
+    assert total > before[1]
