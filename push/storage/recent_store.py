@@ -12,7 +12,10 @@ Per channel, two keys (one hash tag, so a Redis Cluster keeps them on one shard)
   publish (older entries are not served either).
 
 Publishing is one script: take the next seq unless it would pass the ceiling, append
-the entry, trim, return the seq; the message is broadcast only after it returned.
+the entry, trim, return the seq; the message is broadcast only after it returned. One
+call is in Redis at a time per node, for every publish that queued while the previous
+one was there (as the write pipeline groups durable publishes), and it numbers each
+channel's publishes in queue order.
 When the lease is used up (or gone), a block of seqs is reserved in PostgreSQL
 (``push_channel.last_seq`` is the ceiling: one write per block) and its top installed
 as the new ceiling. So PostgreSQL's ceiling >= Redis' ceiling >= every seq handed out.
@@ -45,15 +48,17 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from django.db import connection
+from django.db import DatabaseError, connection
 from redis.exceptions import RedisError
 
 from common import metrics
+from common.background import spawn
 from common.conf import push_settings
 from common.db import db_call
 from common.errors import ErrorCode, PushError
@@ -80,37 +85,55 @@ _DATA_MARK = ',"data":'
 # Answers of the publish script besides a seq.
 _NO_LEASE, _EXHAUSTED, _PENDING, _OTHER_SERVER = -1, 0, -2, -3
 
-# ARGV[5] is the Redis server's run_id as the caller knows it: a lease written by
-# another server process (a restart that restored a snapshot, a failover to a replica
-# that had not received the last writes) may be behind what was handed out.
+# Numbers and stores the entries of several channels in one call: every publish of
+# the node that waited while the previous call was in Redis (a call per publish cost
+# the node more than a durable publish's share of its PostgreSQL batch: py-spy, most
+# of it redis-py building each command and reading each reply in Python).
+# KEYS: each channel's lease and window, in pairs. ARGV[1..4]: the window's count and
+# bytes, its age in ms, the lease's idle seconds; ARGV[5] the Redis server's run_id as
+# the caller knows it (a lease written by another server process, a restart that
+# restored a snapshot or a failover to a replica that had not received the last
+# writes, may be behind what was handed out); ARGV[6] the number of channels, then
+# each channel's entry count, then every entry in order. Answers per channel: its
+# first seq, or why none was taken (the caller acts on that channel alone).
 _PUBLISH = """
-local lease = redis.call('HMGET', KEYS[1], 'n', 'c', 'p', 'r')
-if not lease[1] then return -1 end
-if lease[4] ~= ARGV[5] then return -3 end
-if lease[3] then return -2 end
-local n = tonumber(lease[1])
-local count = #ARGV - 5
-if n + count > tonumber(lease[2]) then return 0 end
-local bytes = 0
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  bytes = tonumber(redis.call('HGET', KEYS[1], 'b') or '0')
-end
-for i = 6, #ARGV do
-  n = n + 1
-  local entry = '{"seq":' .. string.format('%d', n) .. ',' .. ARGV[i]
-  redis.call('RPUSH', KEYS[2], entry)
-  bytes = bytes + #entry
-end
-local len = redis.call('LLEN', KEYS[2])
 local max_count, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
-while len > 1 and (len > max_count or bytes > max_bytes) do
-  bytes = bytes - #redis.call('LPOP', KEYS[2])
-  len = len - 1
+local function publish(lease_key, window_key, first_arg, count)
+  local lease = redis.call('HMGET', lease_key, 'n', 'c', 'p', 'r')
+  if not lease[1] then return -1 end
+  if lease[4] ~= ARGV[5] then return -3 end
+  if lease[3] then return -2 end
+  local n = tonumber(lease[1])
+  if n + count > tonumber(lease[2]) then return 0 end
+  local bytes = 0
+  if redis.call('EXISTS', window_key) == 1 then
+    bytes = tonumber(redis.call('HGET', lease_key, 'b') or '0')
+  end
+  for i = first_arg, first_arg + count - 1 do
+    n = n + 1
+    local entry = '{"seq":' .. string.format('%d', n) .. ',' .. ARGV[i]
+    redis.call('RPUSH', window_key, entry)
+    bytes = bytes + #entry
+  end
+  local len = redis.call('LLEN', window_key)
+  while len > 1 and (len > max_count or bytes > max_bytes) do
+    bytes = bytes - #redis.call('LPOP', window_key)
+    len = len - 1
+  end
+  redis.call('HSET', lease_key, 'n', string.format('%d', n), 'b', bytes)
+  redis.call('PEXPIRE', window_key, ARGV[3])
+  redis.call('EXPIRE', lease_key, ARGV[4])
+  return n - count + 1
 end
-redis.call('HSET', KEYS[1], 'n', string.format('%d', n), 'b', bytes)
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return n - count + 1
+local channels = tonumber(ARGV[6])
+local answers = {}
+local next_arg = 7 + channels
+for c = 1, channels do
+  local count = tonumber(ARGV[6 + c])
+  answers[c] = publish(KEYS[2 * c - 1], KEYS[2 * c], next_arg, count)
+  next_arg = next_arg + count
+end
+return answers
 """
 
 # Raise the ceiling of a live lease (a lost one is started by claim and confirm).
@@ -229,6 +252,25 @@ _seq_block_take = db_call(seq_block_take)
 
 # ----- the store ---------------------------------------------------------------------------
 
+# What one publish call sends at most: the script holds Redis while it runs.
+APPENDS_PER_CALL = 1000
+BYTES_PER_CALL = 4 * 1024 * 1024
+
+
+class _Numbering:
+    """A publish waiting for the next publish call, and its answer."""
+
+    __slots__ = ("channel", "future", "nbytes", "tails", "window")
+
+    def __init__(
+        self, channel: str, tails: list[str], window: Window, future: asyncio.Future[int]
+    ) -> None:
+        self.channel = channel
+        self.tails = tails
+        self.window = window
+        self.future = future
+        self.nbytes = sum(len(tail) for tail in tails)
+
 
 class RecentStore:
     """One event loop's access to the recent channels in Redis."""
@@ -241,8 +283,16 @@ class RecentStore:
         self._claim = redis.register_script(_CLAIM)
         self._confirm = redis.register_script(_CONFIRM)
         self._read = redis.register_script(_READ)
-        self._renewals: dict[str, asyncio.Future[None]] = {}
+        # Channel -> its publishes kept back, in order, while its lease is recovered.
+        self._held: dict[str, list[_Numbering]] = {}
         self._server_id: str | None = None
+        self._waiting: deque[_Numbering] = deque()
+        self._sender: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+        await self.redis.aclose()
 
     async def server_id(self, *, fresh: bool = False) -> str:
         """The run_id of the Redis server process this store talks to: a lease records
@@ -261,37 +311,145 @@ class RecentStore:
     def _keys(self, channel: str) -> list[str]:
         return [lease_key(self.prefix, channel), window_key(self.prefix, channel)]
 
-    async def append(self, channel: str, tails: list[str], window: Window) -> int:
-        """Number and store the entries in one step; the first one's seq."""
-        keys = self._keys(channel)
-        limits = [window.messages, window.bytes, window.secs * 1000, LEASE_IDLE_SECS]
-        while True:
-            args = [*limits, await self.server_id(), *tails]
-            first = int(await self._publish(keys=keys, args=args))
-            if first > 0:
-                return first
-            if first == _PENDING:
-                await asyncio.sleep(PENDING_RETRY_SECS)
+    def append(self, channel: str, tails: list[str], window: Window) -> asyncio.Future[int]:
+        """Number and store the entries in one step; resolves to the first one's seq.
+
+        Queued at once (not on first await): publishes get seqs in the order they
+        called this, per channel, even across lease renewals, so a publisher may have
+        several in flight and keep its order."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Numbering(channel, tails, window, future))
+        self._wake_sender()
+        return future
+
+    def _wake_sender(self) -> None:
+        """One call is in Redis at a time, and it takes everything queued meanwhile: an
+        idle node sends a lone publish at once, a busy one a call per round trip."""
+        if self._sender is None or self._sender.done():
+            self._sender = spawn(self._send_waiting(), name="push-recent-publish")
+
+    async def _send_waiting(self) -> None:
+        while self._waiting:
+            batch = self._take_waiting()
+            if not batch:
                 continue
-            if first == _OTHER_SERVER:
-                if await self._server_changed():
-                    continue
-                first = _NO_LEASE  # the lease is from another server: start it again
-            await self._renew(channel, first, max(window.seq_block, len(tails)))
+            try:
+                answers = await self._publish_all(batch)
+            except asyncio.CancelledError:  # the store is closing
+                for numbering in [*batch, *self._waiting]:
+                    numbering.future.cancel()
+                self._waiting.clear()
+                raise
+            except Exception as exc:  # Redis away: each publisher answers UNAVAILABLE
+                for numbering in batch:
+                    if not numbering.future.done():
+                        numbering.future.set_exception(exc)
+                continue
+            for numbering, first in zip(batch, answers, strict=True):
+                if first <= 0:
+                    self._hold(numbering, first)
+                elif not numbering.future.done():  # else its publisher gave up
+                    numbering.future.set_result(first)
+
+    def _take_waiting(self) -> list[_Numbering]:
+        """The next call's publishes: one window's, at most ``APPENDS_PER_CALL`` entries
+        and ``BYTES_PER_CALL`` (one larger publish goes alone), as a script holds Redis
+        until it ends. A publish whose publisher gave up before it was sent is dropped
+        (it was answered UNAVAILABLE); one of a held channel joins the channel's hold."""
+        batch: list[_Numbering] = []
+        entries = nbytes = 0
+        while self._waiting:
+            head = self._waiting[0]
+            if head.future.done():
+                self._waiting.popleft()
+                continue
+            if head.channel in self._held:
+                self._held[head.channel].append(self._waiting.popleft())
+                continue
+            if batch and (
+                head.window != batch[0].window
+                or entries + len(head.tails) > APPENDS_PER_CALL
+                or nbytes + head.nbytes > BYTES_PER_CALL
+            ):
+                break
+            batch.append(self._waiting.popleft())
+            entries += len(head.tails)
+            nbytes += head.nbytes
+        return batch
+
+    def _hold(self, numbering: _Numbering, state: int) -> None:
+        """Keep a publish the script could not number, and every later one of its
+        channel, in order, until the channel's lease is usable again (``_recover``)."""
+        held = self._held.get(numbering.channel)
+        if held is None:
+            held = self._held[numbering.channel] = []
+            spawn(self._recover(numbering.channel, state, numbering.window))
+        held.append(numbering)
+
+    async def _recover(self, channel: str, state: int, window: Window) -> None:
+        """Make the channel's lease usable (wait for another publisher's claim, learn a
+        new Redis server, renew or start it), then queue its held publishes first."""
+        try:
+            if state == _PENDING:
+                await asyncio.sleep(PENDING_RETRY_SECS)
+            elif state == _OTHER_SERVER and await self._server_changed():
+                pass  # this store was behind: the lease is Redis' current one
+            else:
+                held = sum(len(numbering.tails) for numbering in self._held[channel])
+                lease = _NO_LEASE if state == _OTHER_SERVER else state
+                await self._renew(channel, lease, max(window.seq_block, held))
+        except Exception as exc:  # Redis or PostgreSQL away: UNAVAILABLE for them
+            for numbering in self._held.pop(channel):
+                if not numbering.future.done():
+                    numbering.future.set_exception(exc)
+            return
+        except BaseException:  # cancelled: the store is closing
+            for numbering in self._held.pop(channel):
+                numbering.future.cancel()
+            raise
+        self._waiting.extendleft(reversed(self._held.pop(channel)))
+        self._wake_sender()
+
+    async def _publish_all(self, batch: list[_Numbering]) -> list[int]:
+        """One script call for ``batch``; each publish's first seq or why none.
+
+        Publishes of one channel are numbered together, in queue order, so each gets
+        its own first seq from the channel's."""
+        by_channel: dict[str, list[_Numbering]] = {}
+        for numbering in batch:
+            by_channel.setdefault(numbering.channel, []).append(numbering)
+        window = batch[0].window
+        keys: list[str] = []
+        counts: list[int] = []
+        tails: list[str] = []
+        for channel, numberings in by_channel.items():
+            keys += self._keys(channel)
+            counts.append(sum(len(n.tails) for n in numberings))
+            for numbering in numberings:
+                tails += numbering.tails
+        args = [
+            window.messages,
+            window.bytes,
+            window.secs * 1000,
+            LEASE_IDLE_SECS,
+            await self.server_id(),
+            len(by_channel),
+            *counts,
+            *tails,
+        ]
+        answers = await self._publish(keys=keys, args=args)
+        firsts: dict[int, int] = {}
+        for numberings, answer in zip(by_channel.values(), answers, strict=True):
+            seq = int(answer)
+            for numbering in numberings:
+                firsts[id(numbering)] = seq
+                if seq > 0:
+                    seq += len(numbering.tails)
+        return [firsts[id(numbering)] for numbering in batch]
 
     async def _renew(self, channel: str, state: int, amount: int) -> None:
-        """Renew or start the lease once for all of this loop's publishers that found
-        it used up at the same time: each taking a block of its own would cost a
+        """One block for all of the channel's held publishes: a block each would cost a
         PostgreSQL write each and push the ceiling (and a restart's jump) further."""
-        renewal = self._renewals.get(channel)
-        if renewal is None:
-            renewal = asyncio.ensure_future(self._renew_once(channel, state, amount))
-            self._renewals[channel] = renewal
-            renewal.add_done_callback(lambda _: self._renewals.pop(channel, None))
-        # Shielded: a publisher that gives up (its deadline) leaves it to the others.
-        await asyncio.shield(renewal)
-
-    async def _renew_once(self, channel: str, state: int, amount: int) -> None:
         if state == _NO_LEASE:
             await self._start_lease(channel, amount)
         else:
@@ -385,7 +543,7 @@ async def store_close() -> None:
     """Close this loop's store (the node stops; its loop may end)."""
     found = _stores.pop(asyncio.get_running_loop(), None)
     if found is not None:
-        await found.redis.aclose()
+        await found.close()
 
 
 def _unavailable(exc: BaseException) -> PushError:
@@ -428,6 +586,10 @@ async def publish_batch(
             first = await store().append(channel, tails, Window.from_settings())
     except (RedisError, OSError, TimeoutError) as exc:
         raise _unavailable(exc) from exc
+    except DatabaseError as exc:  # a new block of seqs could not be reserved
+        raise PushError(
+            ErrorCode.UNAVAILABLE, f"PostgreSQL unavailable: {type(exc).__name__}; retry"
+        ) from exc
     messages = [
         ChannelMessage(
             channel=channel,

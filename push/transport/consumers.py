@@ -37,7 +37,6 @@ from push.services.subscriptions import (
     session_open,
     subscription_delta,
 )
-from push.storage.history_modes import is_recent
 from push.transport.connection import ClientConnection
 from push.wire import protocol
 from push.wire.codecs import UnknownSubprotocol, negotiate
@@ -237,14 +236,10 @@ class PushConsumer(AsyncConsumer):
         publish before it first waits, so one connection's publishes to a channel get
         seqs in the order it sent them. Past ``PUBLISHES_IN_FLIGHT`` the connection
         stops reading until one is answered: what one client holds stays bounded.
+        (A recent-only channel's publishes are queued the same way, by the node's
+        Redis store, ``push.storage.recent_store``.)
         """
         authorize_publish(connection.principal, request.channel)
-        if is_recent(request.channel):
-            # Numbered by a Redis call that any of the client's connections to Redis
-            # may carry: two in flight could take seqs out of the order they were
-            # sent. One at a time keeps a publisher's order (Redis answers in ~0.3 ms).
-            await self.handle_publish(connection, request)
-            return
         if self.publishing is None:
             self.publishing = set()
         while len(self.publishing) >= PUBLISHES_IN_FLIGHT:
