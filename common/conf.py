@@ -179,7 +179,8 @@ class PushSettings:
     WRITE_QUEUE_MAX_MESSAGES: int = option(
         20_000,
         EnvType.INT,
-        "publishes a node holds waiting to be written; past it, publishes are answered "
+        "publishes a node holds waiting to be written (to PostgreSQL, or to Redis for "
+        "recent-only channels, each bounded apart); past it, publishes are answered "
         "`UNAVAILABLE` (overloaded)",
     )
     WRITE_QUEUE_MAX_BYTES: int = option(

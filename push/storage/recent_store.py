@@ -285,6 +285,8 @@ class RecentStore:
         self._read = redis.register_script(_READ)
         # Channel -> its publishes kept back, in order, while its lease is recovered.
         self._held: dict[str, list[_Numbering]] = {}
+        self._queued_messages = 0
+        self._queued_bytes = 0
         self._server_id: str | None = None
         self._waiting: deque[_Numbering] = deque()
         self._sender: asyncio.Task[None] | None = None
@@ -316,11 +318,27 @@ class RecentStore:
 
         Queued at once (not on first await): publishes get seqs in the order they
         called this, per channel, even across lease renewals, so a publisher may have
-        several in flight and keep its order."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Numbering(channel, tails, window, future))
+        several in flight and keep its order.
+
+        Raises UNAVAILABLE at once when the node holds ``WRITE_QUEUE_MAX_MESSAGES`` or
+        ``WRITE_QUEUE_MAX_BYTES`` of publishes not yet sent (Redis slow or away), as
+        the write pipeline does for durable ones."""
+        numbering = _Numbering(channel, tails, window, asyncio.get_running_loop().create_future())
+        if self._queued_messages and (
+            self._queued_messages + len(tails) > push_settings.WRITE_QUEUE_MAX_MESSAGES
+            or self._queued_bytes + numbering.nbytes > push_settings.WRITE_QUEUE_MAX_BYTES
+        ):
+            metrics.PUBLISHES_REFUSED.labels("overloaded").inc()
+            raise PushError(ErrorCode.UNAVAILABLE, "the node is overloaded; retry later")
+        self._waiting.append(numbering)
+        self._count_queued(numbering, 1)
         self._wake_sender()
-        return future
+        return numbering.future
+
+    def _count_queued(self, numbering: _Numbering, sign: int) -> None:
+        """Publishes waiting or held, not yet in a call: what the bound above counts."""
+        self._queued_messages += sign * len(numbering.tails)
+        self._queued_bytes += sign * numbering.nbytes
 
     def _wake_sender(self) -> None:
         """One call is in Redis at a time, and it takes everything queued meanwhile: an
@@ -336,6 +354,8 @@ class RecentStore:
             try:
                 answers = await self._publish_all(batch)
             except asyncio.CancelledError:  # the store is closing
+                for numbering in self._waiting:
+                    self._count_queued(numbering, -1)
                 for numbering in [*batch, *self._waiting]:
                     numbering.future.cancel()
                 self._waiting.clear()
@@ -361,7 +381,7 @@ class RecentStore:
         while self._waiting:
             head = self._waiting[0]
             if head.future.done():
-                self._waiting.popleft()
+                self._count_queued(self._waiting.popleft(), -1)
                 continue
             if head.channel in self._held:
                 self._held[head.channel].append(self._waiting.popleft())
@@ -373,6 +393,7 @@ class RecentStore:
             ):
                 break
             batch.append(self._waiting.popleft())
+            self._count_queued(head, -1)
             entries += len(head.tails)
             nbytes += head.nbytes
         return batch
@@ -385,6 +406,7 @@ class RecentStore:
             held = self._held[numbering.channel] = []
             spawn(self._recover(numbering.channel, state, numbering.window))
         held.append(numbering)
+        self._count_queued(numbering, 1)
 
     async def _recover(self, channel: str, state: int, window: Window) -> None:
         """Make the channel's lease usable (wait for another publisher's claim, learn a
@@ -400,11 +422,13 @@ class RecentStore:
                 await self._renew(channel, lease, max(window.seq_block, held))
         except Exception as exc:  # Redis or PostgreSQL away: UNAVAILABLE for them
             for numbering in self._held.pop(channel):
+                self._count_queued(numbering, -1)
                 if not numbering.future.done():
                     numbering.future.set_exception(exc)
             return
         except BaseException:  # cancelled: the store is closing
             for numbering in self._held.pop(channel):
+                self._count_queued(numbering, -1)
                 numbering.future.cancel()
             raise
         self._waiting.extendleft(reversed(self._held.pop(channel)))

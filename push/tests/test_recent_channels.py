@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 from rest_framework.test import APIClient
 
 import push
+from common.errors import PushError
 from common.redis_client import redis_async, redis_prefix
 from devtools.processes import free_port, redis_server
 from push.cluster.broadcast import broadcast_async
@@ -221,6 +222,26 @@ async def test_publishes_in_flight_on_one_connection_keep_their_order(
     assert [(m["seq"], m["data"]) for m in received] == [(n + 1, n) for n in range(30)]
     await subscriber.close()
     await publisher.close()
+
+
+@override_settings(PUSH={**RECENT, "WRITE_QUEUE_MAX_MESSAGES": 3})
+async def test_publishes_past_the_queue_bound_are_refused_while_redis_is_slow() -> None:
+    await _publish("tick:slow", 1)
+    redis = redis_async()
+    await redis.client_pause(600, all=False)  # writes wait 0.6 s: Redis is slow
+    outcomes = await asyncio.gather(
+        *(
+            recent_store.publish("tick:slow", str(n), None, broadcast=broadcast_async)
+            for n in range(10)
+        ),
+        return_exceptions=True,
+    )
+    await redis.aclose()
+    refused = [o for o in outcomes if isinstance(o, PushError)]
+    published = sorted(o.seq for o in outcomes if not isinstance(o, BaseException))
+    # All ten arrive before the next call is sent: three queued, seven refused at once.
+    assert len(refused) == 7 and {o.code.value for o in refused} == {"UNAVAILABLE"}
+    assert published == [2, 3, 4]
 
 
 @override_settings(PUSH={**RECENT, "RECENT_SEQ_BLOCK": 2})
