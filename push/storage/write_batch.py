@@ -7,7 +7,9 @@ caller's own transaction, ``run_plan_sync``) run the very same SQL.
 
 Whatever a batch holds, it costs a fixed number of statements: the idempotency keys
 (only when some publish has one), ONE upsert that allocates the seqs of every channel,
-ONE multi-row insert of the messages, and the keys' results.
+ONE multi-row insert of the messages, and the keys' results. On PostgreSQL the upsert
+and the insert are one statement (``_store_at_once``), so a batch without keys is a
+single statement, which the write pipeline sends with its COMMIT in one round trip.
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ class Statement:
     sql: str
     params: list[Any]
     returns_rows: bool = False
+    # The plan's last statement: its rows are read after the COMMIT, so a runner may
+    # send it and the COMMIT in one round trip.
+    final: bool = False
 
 
 @dataclass
@@ -187,8 +192,10 @@ def batch_plan(
     writers = [i for i in range(len(units)) if i not in followers and outcomes[i] is None]
     stored: list[ChannelMessage] = []
     if writers:
-        stored = yield from _store(dialect, units, writers, outcomes, created_at, micros)
         keyed = [i for i in writers if units[i].key_scope is not None]
+        stored = yield from _store(
+            dialect, units, writers, outcomes, created_at, micros, final=not keyed
+        )
         if keyed:
             yield _record_results(dialect, units, keyed, outcomes)
     for index, leader in followers.items():
@@ -275,38 +282,103 @@ def _store(
     outcomes: list[Outcome | None],
     created_at: datetime,
     micros: int,
+    *,
+    final: bool,
 ) -> Generator[Statement, list[tuple[Any, ...]], list[ChannelMessage]]:
-    counts = Counter(channel for i in writers for channel, _ in units[i].items)
-    names = sorted(counts)
-    rows = yield _allocate_seqs(dialect, names, [counts[n] for n in names], created_at)
-    # Each channel's first new seq; a batch's messages of one channel take consecutive
-    # seqs in request order.
+    # The messages in request order; a batch's messages of one channel take
+    # consecutive seqs in that order.
+    pending = [
+        (index, channel, data_json)
+        for index in writers
+        for channel, data_json in units[index].items
+    ]
+    message_ids = [str(uuid.uuid4()) for _ in pending]
+    publishers = [units[index].publisher_id for index, _, _ in pending]
+    counts = Counter(channel for _, channel, _ in pending)
+    if dialect.vendor == "postgresql":
+        rows = yield _store_at_once(
+            dialect, pending, message_ids, publishers, counts, created_at, final=final
+        )
+    else:
+        names = sorted(counts)
+        rows = yield _allocate_seqs(dialect, names, [counts[n] for n in names], created_at)
+    # Each channel's first new seq.
     next_seq = {name: (channel_id, last - counts[name] + 1) for channel_id, name, last in rows}
     timestamp = micros / 1_000_000
     stored: list[ChannelMessage] = []
     channel_ids: list[int] = []
-    publishers: list[int | None] = []
-    for index in writers:
-        unit = units[index]
-        messages = []
-        for channel, data_json in unit.items:
-            channel_id, seq = next_seq[channel]
-            next_seq[channel] = (channel_id, seq + 1)
-            message = ChannelMessage(
+    for (index, channel, data_json), message_id in zip(pending, message_ids, strict=True):
+        channel_id, seq = next_seq[channel]
+        next_seq[channel] = (channel_id, seq + 1)
+        stored.append(
+            ChannelMessage(
                 channel=channel,
                 seq=seq,
-                message_id=str(uuid.uuid4()),
+                message_id=message_id,
                 data_json=data_json,
                 timestamp=timestamp,
-                exclude=unit.exclude,
+                exclude=units[index].exclude,
             )
-            messages.append(message)
-            channel_ids.append(channel_id)
-            publishers.append(unit.publisher_id)
-        stored.extend(messages)
+        )
+        channel_ids.append(channel_id)
+    by_unit: dict[int, list[ChannelMessage]] = {}
+    for (index, _, _), message in zip(pending, stored, strict=True):
+        by_unit.setdefault(index, []).append(message)
+    for index, messages in by_unit.items():
         outcomes[index] = Published(messages, False)
-    yield _insert_messages(dialect, stored, channel_ids, publishers, created_at)
+    if dialect.vendor != "postgresql":
+        yield _insert_messages(dialect, stored, channel_ids, publishers, created_at)
     return stored
+
+
+def _store_at_once(
+    dialect: Dialect,
+    pending: list[tuple[int, str, str]],
+    message_ids: list[str],
+    publishers: list[int | None],
+    counts: Counter[str],
+    created_at: datetime,
+    *,
+    final: bool,
+) -> Statement:
+    """PostgreSQL: the seq upsert (``_allocate_seqs``) and the messages' insert in ONE
+    statement, the insert numbering each channel's messages in request order from the
+    upsert's ``last_seq``; answers the upsert's rows. With nothing after it, the
+    write pipeline sends it and the COMMIT in one round trip, where the upsert's rows
+    had to come back before the insert could be sent (two round trips per batch)."""
+    channels, messages = _table(Channel), _table(Message)
+    names = sorted(counts)
+    array = dialect.array_parameter
+    sql = (
+        f"WITH s AS (INSERT INTO {channels} (name, last_seq, created_at) "  # noqa: S608
+        f"SELECT n, c, %s FROM unnest({array}::text[], {array}::bigint[]) AS t(n, c) "
+        "WHERE true ORDER BY n "
+        f"ON CONFLICT (name) DO UPDATE SET last_seq = {channels}.last_seq + EXCLUDED.last_seq "
+        "RETURNING id, name, last_seq), "
+        f"m AS (INSERT INTO {messages} "
+        "(channel_id, seq, message_id, data, publisher_id, created_at) "
+        "SELECT s.id, s.last_seq - count(*) OVER w + row_number() OVER (w ORDER BY t.o), "
+        "t.m, t.d, t.p, %s "
+        f"FROM unnest({array}::text[], {array}::uuid[], {array}::text[], {array}::bigint[]) "
+        "WITH ORDINALITY AS t(n, m, d, p, o) JOIN s ON s.name = t.n "
+        "WINDOW w AS (PARTITION BY t.n)) "
+        "SELECT id, name, last_seq FROM s"
+    )
+    return Statement(
+        sql,
+        [
+            created_at,
+            names,
+            [counts[n] for n in names],
+            created_at,
+            [channel for _, channel, _ in pending],
+            message_ids,
+            [data_json for _, _, data_json in pending],
+            publishers,
+        ],
+        returns_rows=True,
+        final=final,
+    )
 
 
 def _allocate_seqs(

@@ -57,7 +57,9 @@ from push.storage.write_batch import (
     POSTGRESQL_BINARY_ARRAYS,
     BatchOutcome,
     Outcome,
+    Plan,
     PublishUnit,
+    Statement,
     batch_plan,
     now_micros,
     run_plan_sync,
@@ -395,24 +397,31 @@ class WritePipeline:
             dialect=POSTGRESQL_BINARY_ARRAYS,
         )
         self._commit_sent = False
-        # Pipeline mode: statements whose rows nothing reads (the messages' insert, the
-        # keys' results) go out with the COMMIT in one round trip, BEGIN with the first.
-        async with (
-            connection.pipeline(),
-            connection.transaction(),
-            connection.cursor() as cursor,
-        ):
-            try:
+        # Pipeline mode: statements whose rows nothing reads before the COMMIT (the
+        # plan's final one, the keys' results) go out with the COMMIT in one round
+        # trip, BEGIN with the first. A batch without idempotency keys is one
+        # statement: one round trip in all.
+        final: Statement | None = None
+        async with connection.pipeline(), connection.cursor() as cursor:
+            async with connection.transaction():
                 statement = next(plan)
                 while True:
                     await cursor.execute(statement.sql, statement.params)
+                    if statement.final:
+                        final = statement
+                        break
                     rows = await cursor.fetchall() if statement.returns_rows else []
-                    statement = plan.send(rows)
-            except StopIteration as done:
-                outcome: BatchOutcome = done.value
-            # Leaving the block sends the COMMIT: from here a lost connection leaves
-            # the outcome unknown.
-            self._commit_sent = True
+                    try:
+                        statement = plan.send(rows)
+                    except StopIteration as done:
+                        outcome: BatchOutcome = done.value
+                        break
+                # Leaving the block sends the COMMIT: from here a lost connection
+                # leaves the outcome unknown.
+                self._commit_sent = True
+            if final is not None:
+                rows = await cursor.fetchall() if final.returns_rows else []
+                outcome = _finished(plan, rows)
         metrics.WRITE_BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.WRITE_BATCH_MESSAGES.observe(sum(len(u.items) for u in units))
         return outcome
@@ -477,6 +486,15 @@ class WritePipeline:
                 await connection.close()
             except Exception as exc:  # already broken; nothing to keep
                 logger.debug("closing the write connection: %s", exc)
+
+
+def _finished(plan: Plan, rows: list[tuple[Any, ...]]) -> BatchOutcome:
+    """The outcome of a plan whose final statement's rows are ``rows``."""
+    try:
+        plan.send(rows)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("the batch plan went on after its final statement")
 
 
 def _unavailable(exc: BaseException) -> PushError:

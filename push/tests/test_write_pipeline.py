@@ -24,7 +24,13 @@ from push.models import Message
 from push.services.publishing import message_publish_async, messages_publish_batch
 from push.services.runtime import get_node
 from push.storage.retention import history_trim
-from push.storage.write_batch import Published, PublishUnit
+from push.storage.write_batch import (
+    POSTGRESQL_BINARY_ARRAYS,
+    Published,
+    PublishUnit,
+    batch_plan,
+    now_micros,
+)
 from push.storage.write_pipeline import WritePipeline, pipeline_conninfo
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
@@ -313,6 +319,25 @@ async def test_batch_request_is_stored_in_request_order(where: str) -> None:
         ("a", 3, 4),
         ("b", 2, 5),
     ]
+    # What PostgreSQL numbered is what the publisher was told.
+    assert [(seq, data) for seq, data, _ in await sync_to_async(_stored)("a")] == [
+        (1, 1),
+        (2, 3),
+        (3, 4),
+    ]
+    assert [(seq, data) for seq, data, _ in await sync_to_async(_stored)("b")] == [(1, 2), (2, 5)]
+
+
+def test_a_batch_without_keys_is_one_statement_sent_with_its_commit() -> None:
+    """The seq upsert and the insert are one statement, the plan's final one, so the
+    pipeline sends it and the COMMIT in one round trip; keys need their own first."""
+    units = [_unit("a", 1), _unit("b", 2), _unit("a", 3)]
+    plan = batch_plan(units, micros=now_micros(), window_secs=60, dialect=POSTGRESQL_BINARY_ARRAYS)
+    statement = next(plan)
+    assert statement.final and statement.returns_rows
+    keyed = [_unit("a", 1, principal="p", idempotency_key="k")]
+    plan = batch_plan(keyed, micros=now_micros(), window_secs=60, dialect=POSTGRESQL_BINARY_ARRAYS)
+    assert not any(s.final for s in [next(plan), plan.send([]), plan.send([("p", "a", "k")])])
 
 
 async def test_invalid_batch_item_is_named_and_nothing_is_written(where: str) -> None:
