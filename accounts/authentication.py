@@ -16,7 +16,7 @@ from rest_framework.exceptions import AuthenticationFailed, Throttled
 from rest_framework.request import Request
 
 from accounts.auth_failures import WINDOW_SECS
-from accounts.principal_cache import token_principal
+from accounts.principal_cache import kept_token_principal, token_principal
 from accounts.principals import Principal, principal_for_user
 from common.errors import ErrorCode, PushError
 
@@ -60,11 +60,25 @@ class PushTokenAuthentication(BaseAuthentication):
             raise Throttled(WINDOW_SECS, TOO_MANY_FAILURES) from exc
         if principal is None:
             raise AuthenticationFailed("Invalid or revoked token.")
-        user = principal.user if principal.kind == "user" else ServiceAccount(principal)
-        return user, principal
+        return _drf_user(principal), principal
+
+    async def authenticate_kept(self, request: Request) -> tuple[Any, Principal] | None:
+        """``authenticate`` on the event loop for a token this process kept
+        (``kept_token_principal``); None when ``authenticate`` must decide."""
+        parts = get_authorization_header(request).split()
+        if len(parts) != 2 or parts[0].lower() != self.keyword.lower().encode():
+            return None
+        address = request.META.get("REMOTE_ADDR")
+        principal = await kept_token_principal(parts[1].decode("latin-1"), address)
+        return None if principal is None else (_drf_user(principal), principal)
 
     def authenticate_header(self, request: Request) -> str:
         return self.keyword
+
+
+def _drf_user(principal: Principal) -> Any:
+    """What DRF shows as ``request.user`` for a token's principal."""
+    return principal.user if principal.kind == "user" else ServiceAccount(principal)
 
 
 def request_principal(request: Request) -> Principal:

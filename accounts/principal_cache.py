@@ -32,7 +32,8 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
-from django.core.cache import cache
+from django.core.cache import cache, caches
+from django.core.cache.backends.redis import RedisCache, RedisSerializer
 from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
 from redis.exceptions import RedisError
@@ -46,10 +47,16 @@ from accounts.auth_failures import (
 from accounts.models import SERVICE_TOKEN_PREFIX, ChannelGrant, ServiceToken, hash_service_key
 from accounts.principals import Principal, authenticate_key
 from common.conf import push_settings
+from common.redis_client import loop_client
 
 logger = logging.getLogger(__name__)
 
 GENERATION_KEY = "principals-generation"
+# Connections of one event loop's client for ``kept_token_principal``: requests past
+# it wait for one (each holds it for one round trip).
+KEPT_CHECK_CONNECTIONS = 8
+# How Django's Redis cache stores a value (a pickle, an int as its digits).
+_SERIALIZER = RedisSerializer()
 # Tokens kept per process; past this the oldest is dropped.
 MAX_ENTRIES = 10_000
 
@@ -84,6 +91,30 @@ def token_principal(key: str, address: str | None) -> Principal | None:
     if generation is not _UNKNOWN:
         _keep(digest, principal, generation)
     return principal
+
+
+async def kept_token_principal(key: str, address: str | None) -> Principal | None:
+    """``token_principal`` on the event loop, for a key this process kept: one async
+    round trip for the generation and ``address``'s failures, no thread and no look-up.
+
+    None whenever the usual way must decide: the key not kept (or expired, or kept
+    under another generation), ``address`` at its failure budget (refused there),
+    no shared Redis cache, or Redis not answering."""
+    entry = _entries.get(hash_service_key(key))
+    shared = caches["default"]  # ``cache`` is a proxy of it, never a RedisCache itself
+    if entry is None or time.monotonic() >= entry.expires_at or not isinstance(shared, RedisCache):
+        return None
+    limit = auth_failures_limit(address)
+    keys = [GENERATION_KEY] + ([auth_failure_key(address)] if limit else [])
+    try:
+        client = loop_client("auth", max_connections=KEPT_CHECK_CONNECTIONS)
+        values = await client.mget([shared.make_and_validate_key(name) for name in keys])
+    except (RedisError, OSError, RuntimeError):
+        return None
+    generation, *failures = (None if v is None else _SERIALIZER.loads(v) for v in values)
+    if failures and int(failures[0] or 0) >= limit:
+        return None
+    return entry.principal if entry.generation == generation else None
 
 
 def is_known_service_key(key: str) -> bool:

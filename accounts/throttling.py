@@ -36,6 +36,12 @@ class PrincipalRateThrottle(SimpleRateThrottle):
             return True
         return self._count_in_window(key)
 
+    def counts(self, principal: Principal) -> bool:
+        """Whether this throttle counts ``principal``'s requests: a round trip to the
+        shared cache, so not on the event loop (a service token without a rate of
+        its own is not counted)."""
+        return self.get_rate_of(_SCOPES.get(principal.kind, "principal")) is not None
+
     def _count_in_window(self, key: str) -> bool:
         """Count the request in the current fixed window of ``duration`` seconds.
 
@@ -56,11 +62,15 @@ class PrincipalRateThrottle(SimpleRateThrottle):
         return getattr(self, "_retry_after", None)
 
     def get_rate(self) -> str | None:
+        return self.get_rate_of(self.scope)
+
+    @staticmethod
+    def get_rate_of(scope: str) -> str | None:
         # Read the rates when asked, not once at import as DRF's class attribute does,
         # so settings changed at runtime (and in tests) apply.
         from rest_framework.settings import api_settings
 
-        return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)  # type: ignore[return-value]  # the stubs say a number; DRF's rates are strings ("60/min")
+        return api_settings.DEFAULT_THROTTLE_RATES.get(scope)  # type: ignore[return-value]  # the stubs say a number; DRF's rates are strings ("60/min")
 
     def get_cache_key(self, request: Request, view: Any) -> str | None:
         principal = request_principal(request)

@@ -12,6 +12,8 @@ This module imports no settings at import time: ``realtime_project.settings`` us
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from typing import Any
 
 import redis
@@ -100,6 +102,22 @@ def redis_async(*, max_connections: int | None = None, **options: Any) -> aiored
         **bound,
         **options,
     )
+
+
+# Each event loop's named clients (an asyncio client belongs to the loop it runs on).
+_loop_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, aioredis.Redis]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def loop_client(name: str, **options: Any) -> aioredis.Redis:
+    """The running loop's client called ``name``, made on first use with ``options``
+    (a bound ``max_connections`` among them) and named in ``CLIENT LIST``."""
+    clients = _loop_clients.setdefault(asyncio.get_running_loop(), {})
+    client = clients.get(name)
+    if client is None:
+        client = clients[name] = redis_async(client_name=f"{redis_prefix()}-{name}", **options)
+    return client
 
 
 class BlockingSentinelPool(AsyncSentinelPool, aioredis.BlockingConnectionPool):

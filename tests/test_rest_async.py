@@ -181,3 +181,22 @@ async def test_a_batch_reaches_subscribers_in_seq_order(
         for c in ("batch-a", "batch-b")
     }
     assert by_channel == {"batch-a": [(1, 0), (2, 2), (3, 4)], "batch-b": [(1, 1), (2, 3), (3, 5)]}
+
+
+async def test_a_kept_service_token_revoked_elsewhere_is_refused_on_its_next_request(
+    http: httpx.AsyncClient, e2e_env: dict[str, str]
+) -> None:
+    """A back-end's token is kept by the node and checked on the event loop (no thread,
+    no look-up): revoked from another process, its very next request is refused."""
+    created = manage(e2e_env, "service_token", "create", "rest-revoked", "--scope", "publish:*")
+    key = created.strip().splitlines()[-1]
+    for n in range(3):  # the first is looked up, the others served from what was kept
+        response = await http.post(
+            "/api/v1/channels/kept/messages", json={"data": n}, headers=_auth(key)
+        )
+        assert response.status_code == 201, response.text
+    manage(e2e_env, "service_token", "revoke", "rest-revoked")
+    response = await http.post(
+        "/api/v1/channels/kept/messages", json={"data": 3}, headers=_auth(key)
+    )
+    assert response.status_code == 401, response.text

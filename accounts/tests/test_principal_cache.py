@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.contrib.auth.models import Group, User
 from django.core.cache import cache
 from django.db import connection
@@ -20,7 +21,7 @@ from rest_framework.authtoken.models import Token
 from accounts import principal_cache
 from accounts.auth_failures import auth_failure_key
 from accounts.models import ChannelGrant, ServiceToken
-from accounts.principal_cache import GENERATION_KEY, token_principal
+from accounts.principal_cache import GENERATION_KEY, kept_token_principal, token_principal
 
 pytestmark = pytest.mark.django_db
 
@@ -128,3 +129,23 @@ def test_nothing_is_kept_while_the_cache_cannot_answer(monkeypatch: pytest.Monke
     monkeypatch.setattr(principal_cache.cache, "get_many", unreachable)
     assert token_principal(key, ADDRESS) is not None
     assert _queries(key)[1] > 0
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_kept_principal_is_checked_on_the_event_loop_as_on_a_thread() -> None:
+    """``kept_token_principal`` answers only what ``token_principal`` would answer from
+    what it kept, and leaves every other case to it (None)."""
+    _token, key = await sync_to_async(_service)()
+    assert await kept_token_principal(key, ADDRESS) is None  # not kept yet
+    kept = await sync_to_async(token_principal)(key, ADDRESS)
+    assert await kept_token_principal(key, ADDRESS) == kept
+    # Another node changed a credential: a new generation in the shared cache.
+    await sync_to_async(cache.set)(GENERATION_KEY, "changed-elsewhere", timeout=None)
+    assert await kept_token_principal(key, ADDRESS) is None
+    assert await sync_to_async(token_principal)(key, ADDRESS) == kept  # kept again
+    assert await kept_token_principal(key, ADDRESS) == kept
+    # An address at its failure budget is refused by the usual way, not served here.
+    with override_settings(PUSH={"AUTH_FAILURES_PER_MIN": 3}):
+        await sync_to_async(cache.set)(auth_failure_key(ADDRESS), 3, timeout=60)
+        assert await kept_token_principal(key, ADDRESS) is None
+        assert await kept_token_principal(key, "192.0.2.8") == kept
