@@ -9,6 +9,7 @@ binary format needs it, and encoded once per wire format per node (``frames``).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,3 +123,18 @@ def data_bytes(message: ChannelMessage) -> int:
     length in characters (its bytes for ASCII text; CPython holds at most 4 bytes a
     character, so memory stays within 4x the budget whatever the text)."""
     return len(message.data_json)
+
+
+def new_message_ids(count: int) -> list[str]:
+    """``count`` random (version 4) UUIDs as text, as ``str(uuid.uuid4())`` makes them,
+    from one read of the system's randomness: a write batch needs one per message, and
+    ``uuid4`` one at a time cost a write batch 2.5 us per message (0.5 us this way)."""
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])  # version 4
+    raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])  # the RFC 4122 variant
+    text = raw.hex()
+    return [
+        f"{text[i : i + 8]}-{text[i + 8 : i + 12]}-{text[i + 12 : i + 16]}-"
+        f"{text[i + 16 : i + 20]}-{text[i + 20 : i + 32]}"
+        for i in range(0, 32 * count, 32)
+    ]

@@ -63,7 +63,7 @@ from common.conf import push_settings
 from common.db import db_call
 from common.errors import ErrorCode, PushError
 from common.redis_client import redis_async, redis_prefix
-from push.fanout.message import ChannelMessage
+from push.fanout.message import ChannelMessage, new_message_ids
 from push.models import Channel
 
 T = TypeVar("T")
@@ -603,7 +603,7 @@ async def publish_batch(
     a recent message has no row to keep it in."""
     micros = time.time_ns() // 1000
     timestamp = micros / 1_000_000
-    ids = [str(uuid.uuid4()) for _ in data_jsons]
+    ids = new_message_ids(len(data_jsons))
     tails = [entry_tail(i, timestamp, d) for i, d in zip(ids, data_jsons, strict=True)]
     try:
         async with asyncio.timeout(PUBLISH_DEADLINE_SECS):

@@ -28,7 +28,7 @@ from django.db import connection, transaction
 from django.db.models import Model
 
 from common.errors import ErrorCode, PushError
-from push.fanout.message import ChannelMessage
+from push.fanout.message import ChannelMessage, new_message_ids
 from push.models import Channel, IdempotencyKey, Message
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -292,7 +292,7 @@ def _store(
         for index in writers
         for channel, data_json in units[index].items
     ]
-    message_ids = [str(uuid.uuid4()) for _ in pending]
+    message_ids = new_message_ids(len(pending))
     publishers = [units[index].publisher_id for index, _, _ in pending]
     counts = Counter(channel for _, channel, _ in pending)
     if dialect.vendor == "postgresql":
