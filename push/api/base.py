@@ -105,7 +105,10 @@ class AsyncAPIView(APIView):
         self.request = drf_request
         self.headers = self.default_response_headers
         try:
-            if not await _initial_on_loop(self, drf_request, args, kwargs):
+            # Served by Django's async handler: the loop lasts (a test client's does not,
+            # and a Redis client of its own per request would outlive it).
+            served = isinstance(request, ASGIRequest)
+            if not (served and await _initial_on_loop(self, drf_request, args, kwargs)):
                 await _initial_off_loop(self, drf_request, args, kwargs)
             method = drf_request.method.lower()  # type: ignore[union-attr]  # set by the server
             handler = (
