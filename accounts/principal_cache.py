@@ -55,6 +55,9 @@ GENERATION_KEY = "principals-generation"
 # Connections of one event loop's client for ``kept_token_principal``: requests past
 # it wait for one (each holds it for one round trip).
 KEPT_CHECK_CONNECTIONS = 8
+# Redis answers in well under a millisecond: past these the request goes the usual way
+# (a Redis that stops answering must not hold a request, or a connection, for ever).
+KEPT_CHECK_TIMEOUT_SECS = 1.0
 # How Django's Redis cache stores a value (a pickle, an int as its digits).
 _SERIALIZER = RedisSerializer()
 # Tokens kept per process; past this the oldest is dropped.
@@ -107,7 +110,12 @@ async def kept_token_principal(key: str, address: str | None) -> Principal | Non
     limit = auth_failures_limit(address)
     keys = [GENERATION_KEY] + ([auth_failure_key(address)] if limit else [])
     try:
-        client = loop_client("auth", max_connections=KEPT_CHECK_CONNECTIONS)
+        client = loop_client(
+            "auth",
+            max_connections=KEPT_CHECK_CONNECTIONS,
+            socket_connect_timeout=KEPT_CHECK_TIMEOUT_SECS,
+            socket_timeout=KEPT_CHECK_TIMEOUT_SECS,
+        )
         values = await client.mget([shared.make_and_validate_key(name) for name in keys])
     except (RedisError, OSError, RuntimeError):
         return None

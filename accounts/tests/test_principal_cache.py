@@ -22,6 +22,7 @@ from accounts import principal_cache
 from accounts.auth_failures import auth_failure_key
 from accounts.models import ChannelGrant, ServiceToken
 from accounts.principal_cache import GENERATION_KEY, kept_token_principal, token_principal
+from common.redis_client import redis_async
 
 pytestmark = pytest.mark.django_db
 
@@ -149,3 +150,16 @@ async def test_a_kept_principal_is_checked_on_the_event_loop_as_on_a_thread() ->
         await sync_to_async(cache.set)(auth_failure_key(ADDRESS), 3, timeout=60)
         assert await kept_token_principal(key, ADDRESS) is None
         assert await kept_token_principal(key, "192.0.2.8") == kept
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_redis_that_stops_answering_leaves_the_check_to_the_usual_way() -> None:
+    _token, key = await sync_to_async(_service)()
+    kept = await sync_to_async(token_principal)(key, ADDRESS)
+    assert await kept_token_principal(key, ADDRESS) == kept
+    redis = redis_async()
+    await redis.client_pause(2500)  # every command waits 2.5 s: Redis stopped answering
+    started = time.monotonic()
+    assert await kept_token_principal(key, ADDRESS) is None
+    assert time.monotonic() - started < 2.0  # given up after its timeout, not held
+    await redis.aclose()
