@@ -13,10 +13,11 @@ from django.test import override_settings
 from prometheus_client import REGISTRY
 
 from common.redis_client import redis_async, redis_prefix
+from push.fanout.message import ChannelMessage, new_message_ids
 from push.services.publishing import message_publish
 from push.services.runtime import get_node, stop_node
 from push.storage import history
-from push.storage.recent_cache import recent_key
+from push.storage.recent_cache import RecentCache, recent_key
 from push.tests.wsclient import WsClient, connected_client
 from tests.waiting import wait_until
 
@@ -236,3 +237,33 @@ async def test_a_process_without_a_node_appends_to_the_cache_too() -> None:
     for _ in range(3):
         await sync_to_async(message_publish)(channel="from-a-command", data="x")
     assert await _cached_seqs("from-a-command", 3) == [1, 2, 3]
+
+
+@needs_redis
+async def test_the_cache_keeps_each_field_of_a_message_exactly() -> None:
+    """A message's fields travel to the append script packed in one argument: any data,
+    newlines in it included, comes back as it was stored."""
+    datas = ['"a\\nb"', '{"k":"\\n\\n","e":""}', '"é 漢字 😀"', "[]", '"x\ny"', '""']
+    messages = [
+        ChannelMessage(
+            channel="packed",
+            seq=seq,
+            message_id=message_id,
+            data_json=data,
+            timestamp=1796000000.123456 + seq,
+        )
+        for seq, (data, message_id) in enumerate(
+            zip(datas, new_message_ids(len(datas)), strict=True), start=1
+        )
+    ]
+    redis = redis_async()
+    cache = RecentCache(redis, redis_prefix(), size=100, ttl_secs=60, max_bytes=1_048_576)
+    try:
+        await cache._write(messages)
+        read = await cache.read("packed", 100, 1_048_576)
+        assert [(m.seq, m.message_id, m.data_json, m.timestamp) for m in read] == [
+            (m.seq, m.message_id, m.data_json, m.timestamp) for m in messages
+        ]
+    finally:
+        await redis.delete(recent_key(redis_prefix(), "packed"))
+        await redis.aclose()
