@@ -307,23 +307,21 @@ def _store(
     timestamp = micros / 1_000_000
     stored: list[ChannelMessage] = []
     channel_ids: list[int] = []
+    by_unit: dict[int, list[ChannelMessage]] = {}
     for (index, channel, data_json), message_id in zip(pending, message_ids, strict=True):
         channel_id, seq = next_seq[channel]
         next_seq[channel] = (channel_id, seq + 1)
-        stored.append(
-            ChannelMessage(
-                channel=channel,
-                seq=seq,
-                message_id=message_id,
-                data_json=data_json,
-                timestamp=timestamp,
-                exclude=units[index].exclude,
-            )
+        message = ChannelMessage(
+            channel=channel,
+            seq=seq,
+            message_id=message_id,
+            data_json=data_json,
+            timestamp=timestamp,
+            exclude=units[index].exclude,
         )
-        channel_ids.append(channel_id)
-    by_unit: dict[int, list[ChannelMessage]] = {}
-    for (index, _, _), message in zip(pending, stored, strict=True):
+        stored.append(message)
         by_unit.setdefault(index, []).append(message)
+        channel_ids.append(channel_id)
     for index, messages in by_unit.items():
         outcomes[index] = Published(messages, False)
     if dialect.vendor != "postgresql":
