@@ -27,7 +27,7 @@ import django
 
 django.setup(set_prefix=False)
 
-from push.api.middleware import LoopHandler  # noqa: E402
+from push.api.handler import LoopHandler  # noqa: E402
 
 # What get_asgi_application() returns, with the middleware hooks that cannot block
 # run on the event loop (push.api.middleware).

@@ -12,18 +12,16 @@ for where their hooks run: a hook that cannot block (headers, counters, lazy obj
 URL resolving) runs on the loop; one that may touch the database, the cache or a
 file (a session or messages write, a static file, CSRF in the session) still runs on
 the request's thread, as Django would run it. A sync request (WSGI, the test client)
-runs them exactly as Django does. ``LoopHandler`` does the same for the ``process_view``
-and ``process_template_response`` hooks, which Django adapts outside the middleware.
+runs them exactly as Django does. ``push.api.handler.LoopHandler`` does the same for the
+``process_view`` and ``process_template_response`` hooks, which Django adapts outside the
+middleware.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from types import MethodType
 from typing import Any
 
 from asgiref.sync import (
-    ThreadSensitiveContext,
     iscoroutinefunction,
     markcoroutinefunction,
     sync_to_async,
@@ -32,7 +30,6 @@ from django.conf import settings
 from django.contrib.auth import middleware as auth
 from django.contrib.messages import middleware as messages
 from django.contrib.sessions import middleware as sessions
-from django.core.handlers.asgi import ASGIHandler
 from django.http import HttpRequest, HttpResponseBase
 from django.middleware import clickjacking, common, csrf, security
 from django_prometheus import middleware as prometheus
@@ -62,15 +59,15 @@ class LoopSafe:
         mixin: Any = self
         response = None
         if hasattr(mixin, "process_request"):
-            response = await _run(mixin.process_request, self.request_blocks(request), request)
+            response = await run_hook(mixin.process_request, self.request_blocks(request), request)
         response = response or await mixin.get_response(request)
         if hasattr(mixin, "process_response"):
             blocks = self.response_blocks(request, response)
-            response = await _run(mixin.process_response, blocks, request, response)
+            response = await run_hook(mixin.process_response, blocks, request, response)
         return response
 
 
-async def _run(hook: Any, blocks: bool, *args: Any, **kwargs: Any) -> Any:
+async def run_hook(hook: Any, blocks: bool, *args: Any, **kwargs: Any) -> Any:
     if blocks:
         return await sync_to_async(hook, thread_sensitive=True)(*args, **kwargs)
     return hook(*args, **kwargs)
@@ -155,88 +152,3 @@ class WhiteNoiseMiddleware(whitenoise.WhiteNoiseMiddleware):
         if static_file is not None:
             return await sync_to_async(self.serve, thread_sensitive=True)(static_file, request)
         return await self.get_response(request)
-
-
-# Request threads kept between requests, at most; more run while more requests need one
-# at once, and stop when their request ends.
-IDLE_REQUEST_THREADS = 16
-
-
-class RequestThreads:
-    """Single-thread executors lent to requests, one each, for their thread-sensitive
-    sync work (a session write, ``response.close()``, which every request calls).
-
-    Django's handler gives each request a ``ThreadSensitiveContext`` of its own, so
-    concurrent requests do not queue on one thread; but that context starts a new
-    thread for the request's first sync call and another one to join it when the
-    request ends, and the loop waits for each ``Thread.start``. Measured on one node
-    (REST single publish, 16 keep-alive clients), that was a sixth of the event loop's
-    time. A lent executor keeps the guarantee (one request's sync calls run on one
-    thread, one at a time) and its thread serves the next request."""
-
-    def __init__(self, idle_max: int = IDLE_REQUEST_THREADS) -> None:
-        self._idle: list[ThreadPoolExecutor] = []
-        self._idle_max = idle_max
-
-    def lend(self) -> ThreadPoolExecutor:
-        if self._idle:
-            return self._idle.pop()
-        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="push-request")
-
-    def give_back(self, executor: ThreadPoolExecutor) -> None:
-        if len(self._idle) < self._idle_max:
-            self._idle.append(executor)
-        else:
-            # Not waited for: a call still running ends on its own, then the thread.
-            executor.shutdown(wait=False)
-
-
-class LoopHandler(ASGIHandler):
-    """Django's ASGI handler, running the ``process_view`` and
-    ``process_template_response`` hooks of ``LoopSafe`` middleware on the loop, and
-    each request's thread-sensitive calls on a lent thread (``RequestThreads``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.request_threads = RequestThreads()
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":  # Django's own error
-            return await super().__call__(scope, receive, send)
-        executor = self.request_threads.lend()
-        try:
-            # Django's handler awaits every task it starts before it returns, so no
-            # call of this request reaches the executor after it is lent again.
-            async with ThreadSensitiveContext(executor=executor):
-                await self.handle(scope, receive, send)
-        finally:
-            self.request_threads.give_back(executor)
-
-    def adapt_method_mode(
-        self,
-        is_async: bool,
-        method: Any,
-        method_is_async: bool | None = None,
-        debug: bool = False,
-        name: str | None = None,
-    ) -> Any:
-        owner = getattr(method, "__self__", None)
-        if (
-            is_async
-            and isinstance(owner, LoopSafe)
-            and owner.loop_safe()
-            and not iscoroutinefunction(method)
-        ):
-            return _on_loop(method)
-        return super().adapt_method_mode(is_async, method, method_is_async, debug, name)
-
-
-def _on_loop(method: Any) -> Any:
-    """``method`` as a coroutine method of the same middleware (Django names the
-    middleware of a hook that returned nothing by its ``__self__``)."""
-
-    async def hook(owner: LoopSafe, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
-        blocks = method.__name__ == "process_view" and owner.view_blocks(request, args[0])
-        return await _run(method, blocks, request, *args, **kwargs)
-
-    return MethodType(hook, method.__self__)

@@ -14,21 +14,43 @@ import pytest
 from django.contrib.auth.models import User
 from django.contrib.sessions.models import Session
 from django.core.signals import request_finished
+from django.db import connection
+from django.http import HttpResponseBase
 from rest_framework.authtoken.models import Token
 from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
 
 from push.api import middleware
-from push.api.middleware import LoopHandler, RequestThreads
+from push.api.handler import LoopHandler, RequestExecutor, RequestThreads
 from push.api.renderers import MessagePageRenderer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=LoopHandler())
+def handler() -> LoopHandler:
+    return LoopHandler()
+
+
+@pytest.fixture
+async def http(handler: LoopHandler) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=handler)
     async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield client
+
+
+@pytest.fixture
+def closed_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """For each response closed, the name of the thread that closed it (Django sends
+    ``request_finished`` from there)."""
+    threads: list[str] = []
+    real = HttpResponseBase.close
+
+    def recording(self: HttpResponseBase) -> None:
+        threads.append(threading.current_thread().name)
+        real(self)
+
+    monkeypatch.setattr(HttpResponseBase, "close", recording)
+    return threads
 
 
 @pytest.fixture
@@ -138,3 +160,40 @@ async def test_json_renders_on_the_loop_and_the_browsable_api_on_the_request_thr
     assert as_html.headers["Content-Type"].startswith("text/html")
     assert rendered_on["json"] == threading.main_thread().name
     assert rendered_on["html"].startswith("push-request")
+
+
+async def test_a_request_that_needed_no_thread_ends_on_the_loop(
+    http: httpx.AsyncClient, closed_on: list[str]
+) -> None:
+    """With only Django's receivers of the request signals, a request none of whose
+    sync calls ran on its lent thread starts and ends without one."""
+    assert (await http.get("/api/v1/channels/news/messages")).status_code == 200
+    assert closed_on == [threading.main_thread().name]
+
+
+async def test_a_request_that_used_its_thread_returns_its_database_connection_there(
+    handler: LoopHandler, http: httpx.AsyncClient, closed_on: list[str]
+) -> None:
+    """A sign-in reads the user and writes the session on the request's thread: the
+    response is closed there, and ``close_old_connections`` gives the thread's
+    connection back to the pool, as Django would."""
+    await User.objects.acreate_superuser("admin", "admin@example.com", "pw-123456")
+    lent: list[RequestExecutor] = []
+    real_lend = handler.request_threads.lend
+
+    def lend() -> RequestExecutor:
+        lent.append(real_lend())
+        return lent[-1]
+
+    handler.request_threads.lend = lend  # type: ignore[method-assign]
+    page = await http.get("/admin/login/")
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+    assert csrf is not None
+    signed_in = await http.post(
+        "/admin/login/?next=/admin/",
+        data={"username": "admin", "password": "pw-123456", "csrfmiddlewaretoken": csrf[1]},
+    )
+    assert signed_in.status_code == 302, signed_in.text
+    assert lent[-1].used
+    assert closed_on[-1].startswith("push-request")
+    assert lent[-1].submit(lambda: connection.connection is None).result(timeout=5)
