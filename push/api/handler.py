@@ -126,6 +126,7 @@ class LoopHandler(ASGIHandler):
             signals.request_started.send(sender=self.__class__, scope=scope)
             request, error_response = self.create_request(scope, body_file)
             if request is None:
+                assert error_response is not None  # Django's create_request gives one
                 await self.send_response(error_response, send)
                 await self._close(error_response, executor)
                 return
@@ -158,10 +159,17 @@ class LoopHandler(ASGIHandler):
         if pending:
             await asyncio.wait(pending)
         for task in tasks:
-            if not task.cancelled():
-                with contextlib.suppress(RequestAborted):
-                    task.result()
-        return None if responding.cancelled() else responding.result()
+            # Read, not re-raised here, for what is expected: re-raised, the exception
+            # would hold this frame in its traceback, and this frame the task holding
+            # the exception, a reference cycle left to the garbage collector for every
+            # request whose client left.
+            error = None if task.cancelled() else task.exception()
+            if error is not None and not isinstance(error, RequestAborted):
+                try:
+                    raise error
+                finally:
+                    del error, listening, responding, tasks, task
+        return None if responding.cancelled() or responding.exception() else responding.result()
 
     async def _close(self, response: HttpResponseBase, executor: RequestExecutor) -> None:
         if executor.used or not _receivers_on_loop(signals.request_finished, self.__class__):

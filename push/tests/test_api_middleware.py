@@ -185,7 +185,7 @@ async def test_a_request_that_used_its_thread_returns_its_database_connection_th
         lent.append(real_lend())
         return lent[-1]
 
-    handler.request_threads.lend = lend  # type: ignore[method-assign]
+    handler.request_threads.lend = lend  # type: ignore[method-assign]  # recording the lent executors
     page = await http.get("/admin/login/")
     csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
     assert csrf is not None
