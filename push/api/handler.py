@@ -135,6 +135,7 @@ class LoopHandler(ASGIHandler):
                 await signals.request_finished.asend(sender=self.__class__)
             else:
                 await self._close(response, executor)
+                _release(request, response)
         finally:
             body_file.close()
 
@@ -194,6 +195,22 @@ class LoopHandler(ASGIHandler):
         ):
             return _on_loop(method)
         return super().adapt_method_mode(is_async, method, method_is_async, debug, name)
+
+
+def _release(request: HttpRequest, response: HttpResponseBase) -> None:
+    """Let go of what a finished request made, at once.
+
+    Django and DRF link a request's objects both ways (the request and its messages
+    storage, DRF's request and its view, the view and its response, the view and its
+    own bound methods), so none of them was freed when the request ended: a REST
+    request left about 100 objects to the cyclic garbage collector, whose collections
+    stop the event loop (30-80 ms each on a node under load). Nothing refers to these
+    objects once the response is sent and closed, so emptying them breaks every such
+    cycle."""
+    context = getattr(response, "renderer_context", None) or {}
+    for part in (context.get("view"), context.get("request"), request, response):
+        if part is not None:
+            vars(part).clear()
 
 
 def _receivers_on_loop(signal: Signal, sender: type) -> bool:

@@ -10,6 +10,22 @@ from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
 from push.wire.protocol import validate_channel_name, validate_data
 
+
+def validated(serializer_class: type[serializers.Serializer], data: Any, **kwargs: Any) -> Any:
+    """``serializer_class(data=data, **kwargs)``'s validated data; DRF's
+    ``ValidationError`` when it is not valid, as ``is_valid(raise_exception=True)``.
+
+    A DRF serializer's fields refer to it and it to them, a reference cycle only the
+    cyclic garbage collector frees (whose collections stop the event loop); dropping
+    its fields once it is done lets it go at once."""
+    serializer = serializer_class(data=data, **kwargs)
+    try:
+        serializer.is_valid(raise_exception=True)
+        return serializer.validated_data
+    finally:
+        vars(serializer).pop("fields", None)
+
+
 # The contract's bound on one batch publish (POST /api/v1/messages).
 MAX_BATCH_MESSAGES = 1000
 

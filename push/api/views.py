@@ -40,6 +40,7 @@ from push.api.serializers import (
     PublishSerializer,
     batch_items,
     published_body,
+    validated,
 )
 from push.cluster.node import running_node
 from push.cluster.presence import presence_members_sync
@@ -96,11 +97,10 @@ async def _publish_response(request: Request, channel: str) -> Response:
     """Publish the request's ``data`` on ``channel`` for the REST caller."""
     principal = request_principal(request)
     _check_body_size(request)
-    serializer = PublishSerializer(data=request.data)
-    serializer.is_valid(raise_exception=True)
+    data = validated(PublishSerializer, request.data)["data"]
     message, replayed = await message_publish_async(
         channel=channel,
-        data=serializer.validated_data["data"],
+        data=data,
         publisher_id=principal.user_id,
         principal=principal.key,
         idempotency_key=_idempotency_key(request),
@@ -164,13 +164,13 @@ class ChannelMessagesView(ChannelView):
         },
     )
     async def get(self, request: Request, channel: str) -> Response:
-        query = HistoryQuerySerializer(
-            data=request.query_params,
+        query = validated(
+            HistoryQuerySerializer,
+            request.query_params,
             max_limit=push_settings.HISTORY_PAGE_MAX,
             default_limit=push_settings.HISTORY_PAGE_DEFAULT,
         )
-        query.is_valid(raise_exception=True)
-        since, limit = query.validated_data["since"], query.validated_data["limit"]
+        since, limit = query["since"], query["limit"]
         messages, cut_short = await _message_list_since(
             channel=channel,
             since=since,
@@ -246,18 +246,18 @@ class ChannelListView(APIView):
         responses={200: schema.ChannelPageSerializer, **schema.error_responses(400, 401, 429, 503)},
     )
     def get(self, request: Request) -> Response:
-        query = ChannelListQuerySerializer(
-            data=request.query_params,
+        query = validated(
+            ChannelListQuerySerializer,
+            request.query_params,
             max_limit=push_settings.HISTORY_PAGE_MAX,
             default_limit=push_settings.HISTORY_PAGE_DEFAULT,
         )
-        query.is_valid(raise_exception=True)
-        limit = query.validated_data["limit"]
+        limit = query["limit"]
         names = channel_names_visible(
             principal=request_principal(request),
-            prefix=query.validated_data["prefix"],
-            occupied=query.validated_data["occupied"],
-            after=query.validated_data["after"],
+            prefix=query["prefix"],
+            occupied=query["occupied"],
+            after=query["after"],
             limit=limit + 1,
         )
         has_more = len(names) > limit
