@@ -84,9 +84,9 @@ def db_call(func: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
     the frames that called it: raised through the thread's and asgiref's futures (or
     returned in a value the thread's frames still hold), it made a reference cycle with
     the whole call, all it referred to included, which only the cyclic garbage
-    collector freed. Under the abuse suite's refused handshakes that was a third of the
-    node's garbage, and its collections took 30-80 ms of CPU each, stalling the event
-    loop. Taken out of the list it came in, nothing the thread held refers to it."""
+    collector freed, whose collections stop the event loop (30-80 ms of CPU each under
+    the abuse suite, whose refused handshakes left about a thousand such frames for
+    each). Taken out of the list it came in, nothing the thread held refers to it."""
     call = sync_to_async(_caught(_guarded(func)), thread_sensitive=False, executor=_executor)
 
     @functools.wraps(func)

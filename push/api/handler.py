@@ -1,6 +1,7 @@
 """Django's ASGI handler for the event loop (``LoopHandler``): middleware hooks that
 cannot block run on the loop (``push.api.middleware``), each request's sync calls run
-on a thread lent to it, and a request that needed no thread starts and ends without one.
+on a thread lent to it, a request that needed no thread starts and ends without one,
+and what a request made is freed when it ends, not left to the garbage collector.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class LoopHandler(ASGIHandler):
         self, executor: RequestExecutor, scope: Any, receive: Any, send: Any
     ) -> None:
         """Django's ``ASGIHandler.handle`` (5.2), but for where the request starts and
-        ends."""
+        ends, and for letting go of its objects once it ended (``_release``)."""
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:
@@ -204,13 +205,17 @@ def _release(request: HttpRequest, response: HttpResponseBase) -> None:
     storage, DRF's request and its view, the view and its response, the view and its
     own bound methods), so none of them was freed when the request ended: a REST
     request left about 100 objects to the cyclic garbage collector, whose collections
-    stop the event loop (30-80 ms each on a node under load). Nothing refers to these
-    objects once the response is sent and closed, so emptying them breaks every such
-    cycle."""
+    stop the event loop (30-80 ms each on a node under load). Nothing refers to the
+    requests and the view once the response is sent and closed, so emptying them
+    breaks every such cycle. The response is left whole (a view might return one it
+    keeps) but for what refers back to it: DRF's renderer context, which names it, and
+    the coroutine ``push.api.base`` gave it to render."""
     context = getattr(response, "renderer_context", None) or {}
-    for part in (context.get("view"), context.get("request"), request, response):
+    for part in (context.get("view"), context.get("request"), request):
         if part is not None:
             vars(part).clear()
+    for link in ("renderer_context", "render"):
+        vars(response).pop(link, None)
 
 
 def _receivers_on_loop(signal: Signal, sender: type) -> bool:
