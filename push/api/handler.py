@@ -219,7 +219,13 @@ def _release(request: HttpRequest, response: HttpResponseBase) -> None:
 
 
 def _receivers_on_loop(signal: Signal, sender: type) -> bool:
-    sync_receivers, async_receivers = signal._live_receivers(sender)
+    """Whether every receiver of ``signal`` is one of Django's own that may run on the
+    loop. It reads the signal's receivers the way ``Signal.send`` does (Django 5.x,
+    pinned); on a Django without that method, requests go Django's way."""
+    live_receivers = getattr(signal, "_live_receivers", None)
+    if live_receivers is None:
+        return False
+    sync_receivers, async_receivers = live_receivers(sender)
     return not async_receivers and all(r in BOUNDARY_RECEIVERS_ON_LOOP for r in sync_receivers)
 
 
