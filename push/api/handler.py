@@ -161,16 +161,12 @@ class LoopHandler(ASGIHandler):
         if pending:
             await asyncio.wait(pending)
         for task in tasks:
-            # Read, not re-raised here, for what is expected: re-raised, the exception
+            # A client that left is read, not raised again here: raised, its exception
             # would hold this frame in its traceback, and this frame the task holding
-            # the exception, a reference cycle left to the garbage collector for every
-            # request whose client left.
-            error = None if task.cancelled() else task.exception()
-            if error is not None and not isinstance(error, RequestAborted):
-                try:
-                    raise error
-                finally:
-                    del error, listening, responding, tasks, task
+            # it, a reference cycle left to the garbage collector for every request
+            # whose client left. Anything else is raised, as Django raises it.
+            if not task.cancelled() and not isinstance(task.exception(), RequestAborted):
+                task.result()
         return None if responding.cancelled() or responding.exception() else responding.result()
 
     async def _close(self, response: HttpResponseBase, executor: RequestExecutor) -> None:
