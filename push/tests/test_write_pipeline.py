@@ -226,8 +226,9 @@ async def test_an_unreachable_database_answers_unavailable_promptly() -> None:
 
 
 def _terminate_backend(pid: int) -> None:
+    """End a backend and wait (up to 5 s) until it has exited."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
 
 
 async def test_a_connection_that_broke_while_idle_costs_a_reconnect_not_the_batch() -> None:
@@ -236,7 +237,8 @@ async def test_a_connection_that_broke_while_idle_costs_a_reconnect_not_the_batc
         assert isinstance(await pipeline.publish(_unit("idle", 1)), Published)
         backend = pipeline._connection
         assert backend is not None
-        # As after a PostgreSQL restart: the idle connection is gone.
+        # As after a PostgreSQL restart: the idle connection is gone (its backend has
+        # exited, as every backend has once a restarted server takes connections).
         await sync_to_async(_terminate_backend)(backend.info.backend_pid)
         again = await pipeline.publish(_unit("idle", 2))
         assert isinstance(again, Published) and again.messages[0].seq == 2
