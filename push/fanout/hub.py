@@ -61,9 +61,12 @@ REPLAY_SLICE_FRAMES = 50
 REPLAY_SLICE_BYTES = 256 * 1024
 # How often a replay looks at its client's send queue (and whether the client left).
 OUTBOX_POLL_SECS = 0.005
-# A replay's first page stays shareable this long after its read, while the channel
-# delivers nothing (``Hub._shared_page``): a storm of rewinds that outlasts the read.
+# A replay's page stays shareable this long after its read, while the channel delivers
+# nothing (``Hub._shared_page``): a storm of rewinds or resumes that outlasts the read.
 PAGE_REUSE_SECS = 1.0
+# The pages kept for sharing after their reads hold at most this much message data in
+# all; past it a page is shared only while its read runs.
+PAGE_REUSE_MAX_BYTES = 32 * 1_048_576
 # (channel, since, limit, max_bytes, the channel's delivered_seq when the read began)
 PageKey = tuple[str, int, int, int, int]
 # An empty channel stays joined this long, so clients that reconnect or flap between
@@ -277,6 +280,13 @@ def encode_frame(codec: Codec, message: ChannelMessage, droppable: bool) -> OutF
     return frame
 
 
+def _page_bytes(read: asyncio.Task[HistoryPage]) -> int:
+    """The message data of a finished read's page (0 if it failed)."""
+    if read.cancelled() or read.exception() is not None:
+        return 0
+    return sum(len(message.data_json) for message in read.result().messages)
+
+
 def _slices(messages: list[ChannelMessage]) -> Iterator[list[ChannelMessage]]:
     """``messages`` in runs of at most ``REPLAY_SLICE_FRAMES`` and about
     ``REPLAY_SLICE_BYTES`` of data (a larger message is a run by itself)."""
@@ -386,6 +396,7 @@ class Hub:
         self.counts_changed: set[str] = set()
         # History reads in flight that replays starting now may share (``_shared_page``).
         self._page_reads: dict[PageKey, asyncio.Task[HistoryPage]] = {}
+        self._kept_page_bytes = 0  # message data of the finished reads kept in it
         # Channels whose linger is over, oldest first, and the task leaving them in turn.
         self._to_leave: dict[HubChannel, None] = {}
         self._leaver: asyncio.Task[None] | None = None
@@ -563,7 +574,7 @@ class Hub:
     ) -> None:
         hub_channel = subscription.channel
         subscriber = subscription.subscriber
-        limit, max_bytes = self._page_size(subscriber)
+        limit, _ = self._page_size(subscriber)
         delivered = hub_channel.delivered_seq
         page = await self._shared_page(self._page_key(hub_channel, since, subscriber))
         # History that knows less than this node had delivered before the read lost it
@@ -587,8 +598,8 @@ class Hub:
             subscription.buffer_dropped = False
             if not await self._wait_for_room(subscriber):
                 return
-            page = await self.history.page(
-                hub_channel.name, subscription.last_seq, limit, max_bytes
+            page = await self._shared_page(
+                self._page_key(hub_channel, subscription.last_seq, subscriber)
             )
 
     def _page_size(self, subscriber: Subscriber) -> tuple[int, int]:
@@ -603,27 +614,36 @@ class Hub:
         return (hub_channel.name, since, limit, max_bytes, hub_channel.delivered_seq)
 
     async def _shared_page(self, key: PageKey) -> HistoryPage:
-        """A replay's first page, read once for every replay of the same range that
-        starts while the read runs or up to ``PAGE_REUSE_SECS`` after (a thousand
-        dashboards opening at once cost one read). Sharing a read begun earlier is
-        exact only while the channel has delivered nothing since it began: a message
-        fanned out in between would be in neither the page nor the sharer's buffer.
-        So the key holds ``delivered_seq``: a read goes stale for sharers as soon as
-        the channel moves on."""
+        """A page of a replay, read once for every replay of the same range that
+        reaches it while the read runs or up to ``PAGE_REUSE_SECS`` after (a thousand
+        dashboards opening at once cost one read per page, and so do clients that
+        resume from 0 again and again). Sharing a read begun earlier is exact only
+        while the channel has delivered nothing since it began: a message fanned out
+        in between would be in neither the page nor the sharer's buffer. So the key
+        holds ``delivered_seq``: a read goes stale for sharers as soon as the channel
+        moves on."""
         read = self._page_reads.get(key)
         if read is None:
             channel, since, limit, max_bytes, _ = key
             read = self.loop.create_task(self.history.page(channel, since, limit, max_bytes))
             self._page_reads[key] = read
-            read.add_done_callback(
-                lambda done: self.loop.call_later(
-                    PAGE_REUSE_SECS, self._forget_page_read, key, done
-                )
-            )
+            read.add_done_callback(lambda done: self._keep_page_read(key, done))
         # Shielded: a replay whose client left must not cancel the others' read.
         return await asyncio.shield(read)
 
-    def _forget_page_read(self, key: PageKey, read: asyncio.Task[HistoryPage]) -> None:
+    def _keep_page_read(self, key: PageKey, read: asyncio.Task[HistoryPage]) -> None:
+        """Keep a finished read for ``PAGE_REUSE_SECS``, within ``PAGE_REUSE_MAX_BYTES``
+        for all kept reads: pages of large messages, read fast, would otherwise stay
+        in memory long after their replays sent them."""
+        nbytes = _page_bytes(read)
+        if self._kept_page_bytes + nbytes > PAGE_REUSE_MAX_BYTES:
+            self._forget_page_read(key, read, 0)
+            return
+        self._kept_page_bytes += nbytes
+        self.loop.call_later(PAGE_REUSE_SECS, self._forget_page_read, key, read, nbytes)
+
+    def _forget_page_read(self, key: PageKey, read: asyncio.Task[HistoryPage], nbytes: int) -> None:
+        self._kept_page_bytes -= nbytes
         if self._page_reads.get(key) is read:
             del self._page_reads[key]
         if not read.cancelled():

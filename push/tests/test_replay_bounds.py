@@ -302,3 +302,38 @@ async def test_a_replay_reads_history_in_pages_bounded_in_bytes() -> None:
     await hub.subscribe(client, "large", since=0, reply=client.reply)
     await until_seqs(client, list(range(1, 8)))
     assert history.pages == [2, 2, 2, 1]
+
+
+async def _resume_from_zero(hub: Any, seqs: list[int]) -> FakeClient:
+    client = FakeClient(max_frames=20)  # pages of 10 messages
+    await hub.subscribe(client, "news", since=0, reply=client.reply)
+    await until_seqs(client, seqs)
+    return client
+
+
+async def test_resumes_of_one_range_share_every_page_read_while_the_channel_is_still() -> None:
+    """Clients that resume from 0 one after another (as an attacker who subscribes and
+    leaves again and again would) cost one history read per page, not one per client."""
+    history = MemoryHistory()
+    for seq in range(1, 36):
+        history.store("news", seq)
+    hub, _ = await make_hub(history, recent_size=2)
+    await _resume_from_zero(hub, list(range(1, 36)))
+    assert history.page_calls == 4  # after 0, 10, 20 and 30
+    for _ in range(3):
+        await _resume_from_zero(hub, list(range(1, 36)))
+    assert history.page_calls == 4
+
+
+async def test_kept_pages_are_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the bound a page is shared only while its read runs: read again after."""
+    # The pages after 0 and 10 hold 81 and 90 characters of data ({"n": 1} ...): both
+    # fit in 180, the next two do not.
+    monkeypatch.setattr("push.fanout.hub.PAGE_REUSE_MAX_BYTES", 180)
+    history = MemoryHistory()
+    for seq in range(1, 36):
+        history.store("news", seq)
+    hub, _ = await make_hub(history, recent_size=2)
+    await _resume_from_zero(hub, list(range(1, 36)))
+    await _resume_from_zero(hub, list(range(1, 36)))
+    assert history.page_calls == 4 + 2
