@@ -12,7 +12,7 @@ database does not have. A recent-only channel's message is committed in Redis in
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any
 
 from django.db import DataError, IntegrityError, connection, transaction
@@ -26,7 +26,7 @@ from push.cluster.node import running_node
 from push.fanout.message import ChannelMessage, dump_data
 from push.storage import recent_store
 from push.storage.history_modes import is_recent
-from push.storage.write_batch import Published, PublishUnit, run_plan_sync
+from push.storage.write_batch import Outcome, Published, PublishUnit, run_plan_sync
 from push.storage.write_pipeline import WritePipeline
 from push.wire.protocol import validate_channel_name, validate_data
 
@@ -126,14 +126,35 @@ def _recent_channel(unit: PublishUnit) -> str | None:
     return channel
 
 
-async def _write_async(unit: PublishUnit) -> Published:
+def _write_queued(unit: PublishUnit) -> Awaitable[Published]:
     """Store ``unit`` and broadcast it after commit: the one place that picks the store
-    for the unit's channels.
+    for the unit's channels. Returns what answers once it committed.
 
     A durable unit goes to the node's write pipeline, which batches it with the node's
-    other publishes; without a node on this loop (a management command, a test client's
-    throwaway loop) the same batch SQL runs through Django's connection on the database
-    threads. A recent-only channel's unit is numbered and stored by one Redis script."""
+    other publishes: queued there before this returns, so a caller that queues several
+    keeps their order without a task each, and the pipeline sees it one turn of the
+    event loop sooner. Without a node on this loop (a management command, a test
+    client's throwaway loop) the same batch SQL runs through Django's connection on the
+    database threads. A recent-only channel's unit is numbered and stored by one Redis
+    script."""
+    if _recent_channel(unit) is None:
+        pipeline = _running_pipeline()
+        if pipeline is not None:
+            return _committed(pipeline.submit(unit))
+    return _write_async(unit)
+
+
+async def _committed(queued: Awaitable[Outcome]) -> Published:
+    # A publisher that goes away (its task cancelled) cancels only its own future: the
+    # batch it is in is written all the same, and nobody is answered.
+    outcome = await queued
+    if isinstance(outcome, PushError):
+        raise outcome
+    return outcome
+
+
+async def _write_async(unit: PublishUnit) -> Published:
+    """``_write_queued`` for a recent-only channel or without a node on this loop."""
     recent = _recent_channel(unit)
     if recent is not None:
         data = [data_json for _, data_json in unit.items]
@@ -147,12 +168,6 @@ async def _write_async(unit: PublishUnit) -> Published:
             ),
             False,
         )
-    pipeline = _running_pipeline()
-    if pipeline is not None:
-        outcome = await pipeline.publish(unit)
-        if isinstance(outcome, PushError):
-            raise outcome
-        return outcome
     return await _write_on_database_thread(unit)
 
 
@@ -222,8 +237,34 @@ async def message_publish_async(
     retried ``idempotency_key`` (scoped to ``principal`` and the channel); a replayed
     message carries the first publish's channel, seq, id and timestamp, not its data.
     """
+    return await message_publish_queued(
+        channel=channel,
+        data=data,
+        publisher_id=publisher_id,
+        principal=principal,
+        idempotency_key=idempotency_key,
+        exclude=exclude,
+    )
+
+
+def message_publish_queued(
+    *,
+    channel: str,
+    data: Any,
+    publisher_id: int | None,
+    principal: str | None = None,
+    idempotency_key: str | None = None,
+    exclude: str | None = None,
+) -> Coroutine[Any, Any, tuple[ChannelMessage, bool]]:
+    """``message_publish_async`` in two steps: the message is checked and queued for
+    the node's write pipeline now (raising at once what refuses it), and the awaitable
+    returned answers once it committed."""
     unit = _single_unit(channel, data, publisher_id, principal, idempotency_key, exclude)
-    published = await _write_async(unit)
+    return _first_message(_write_queued(unit))
+
+
+async def _first_message(written: Awaitable[Published]) -> tuple[ChannelMessage, bool]:
+    published = await written
     return published.messages[0], published.replayed
 
 
@@ -242,7 +283,7 @@ async def messages_publish_batch(
     written. ``idempotency_key`` covers the whole batch (scoped to ``principal``).
     """
     unit = _batch_unit(items, publisher_id, principal, idempotency_key, exclude)
-    published = await _write_async(unit)
+    published = await _write_queued(unit)
     return published.messages, published.replayed
 
 
