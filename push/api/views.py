@@ -45,7 +45,7 @@ from push.api.serializers import (
 from push.cluster.node import running_node
 from push.cluster.presence import presence_members_sync
 from push.services.channel_info import channel_bodies, channel_info, channel_names_visible
-from push.services.publishing import message_publish_async, messages_publish_batch, user_channel
+from push.services.publishing import message_publish_queued, messages_publish_batch, user_channel
 from push.storage import selectors
 from push.wire.protocol import validate_channel_name
 
@@ -98,7 +98,7 @@ async def _publish_response(request: Request, channel: str) -> Response:
     principal = request_principal(request)
     _check_body_size(request)
     data = validated(PublishSerializer, request.data)["data"]
-    message, replayed = await message_publish_async(
+    message, replayed = await message_publish_queued(
         channel=channel,
         data=data,
         publisher_id=principal.user_id,

@@ -1,7 +1,7 @@
 """Publishing: store a message with its seq, then broadcast it after commit.
 
 The same functions serve every publisher: the WebSocket consumer and the REST API
-(``message_publish_async``, ``messages_publish_batch``, through the node's group-commit
+(``message_publish_queued``, ``messages_publish_batch``, through the node's group-commit
 write pipeline) and application code (``push.publish``, in the caller's transaction).
 Every path runs the same batch SQL (``push.storage.write_batch``). A message is broadcast only
 once its transaction has committed, so subscribers never see a message that the
@@ -219,34 +219,6 @@ _write_on_database_thread = db_call(_write_sync)
 # ----- the services -------------------------------------------------------------------------
 
 
-async def message_publish_async(
-    *,
-    channel: str,
-    data: Any,
-    publisher_id: int | None,
-    principal: str | None = None,
-    idempotency_key: str | None = None,
-    exclude: str | None = None,
-) -> tuple[ChannelMessage, bool]:
-    """Publish one message; answers once it is committed.
-
-    ``exclude`` names a Pusher socket id that does not receive the message live (the
-    ``socket_id`` of a Pusher trigger: the sender already showed it).
-
-    Returns the message and whether it is an earlier publish's, answered again for a
-    retried ``idempotency_key`` (scoped to ``principal`` and the channel); a replayed
-    message carries the first publish's channel, seq, id and timestamp, not its data.
-    """
-    return await message_publish_queued(
-        channel=channel,
-        data=data,
-        publisher_id=publisher_id,
-        principal=principal,
-        idempotency_key=idempotency_key,
-        exclude=exclude,
-    )
-
-
 def message_publish_queued(
     *,
     channel: str,
@@ -256,9 +228,17 @@ def message_publish_queued(
     idempotency_key: str | None = None,
     exclude: str | None = None,
 ) -> Coroutine[Any, Any, tuple[ChannelMessage, bool]]:
-    """``message_publish_async`` in two steps: the message is checked and queued for
-    the node's write pipeline now (raising at once what refuses it), and the awaitable
-    returned answers once it committed."""
+    """Publish one message, in two steps: it is checked and queued for the node's write
+    pipeline now (raising at once what refuses it), and the awaitable returned answers
+    once it committed (``await message_publish_queued(...)`` does both).
+
+    ``exclude`` names a Pusher socket id that does not receive the message live (the
+    ``socket_id`` of a Pusher trigger: the sender already showed it).
+
+    Answers the message and whether it is an earlier publish's, answered again for a
+    retried ``idempotency_key`` (scoped to ``principal`` and the channel); a replayed
+    message carries the first publish's channel, seq, id and timestamp, not its data.
+    """
     unit = _single_unit(channel, data, publisher_id, principal, idempotency_key, exclude)
     return _first_message(_write_queued(unit))
 

@@ -21,7 +21,7 @@ from accounts.models import ChannelGrant
 from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
 from push.models import Message
-from push.services.publishing import message_publish_async, messages_publish_batch
+from push.services.publishing import message_publish_queued, messages_publish_batch
 from push.services.runtime import get_node
 from push.storage.retention import history_trim
 from push.storage.write_batch import (
@@ -374,7 +374,7 @@ async def test_batch_key_replays_the_first_body(where: str) -> None:
         (m.channel, m.seq, m.message_id) for m in first
     ]
     # A single publish with the same key is another scope (the channel).
-    single, replayed_single = await message_publish_async(
+    single, replayed_single = await message_publish_queued(
         channel="a", data=1, publisher_id=None, principal="user:1", idempotency_key="b1"
     )
     assert not replayed_single and single.seq == 2
