@@ -12,7 +12,7 @@ database does not have. A recent-only channel's message is committed in Redis in
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from django.db import DataError, IntegrityError, connection, transaction
@@ -126,25 +126,28 @@ def _recent_channel(unit: PublishUnit) -> str | None:
     return channel
 
 
-def _write_queued(unit: PublishUnit) -> Awaitable[Published]:
-    """Store ``unit`` and broadcast it after commit: the one place that picks the store
-    for the unit's channels. Returns what answers once it committed.
+def _queue(unit: PublishUnit) -> asyncio.Future[Outcome] | None:
+    """Pick the store for the unit's channels: the one place that does.
 
     A durable unit goes to the node's write pipeline, which batches it with the node's
-    other publishes: queued there before this returns, so a caller that queues several
-    keeps their order without a task each, and the pipeline sees it one turn of the
-    event loop sooner. Without a node on this loop (a management command, a test
-    client's throwaway loop) the same batch SQL runs through Django's connection on the
-    database threads. A recent-only channel's unit is numbered and stored by one Redis
-    script."""
+    other publishes: queued there now, so a caller that queues several keeps their
+    order without a task each, and the pipeline sees it one turn of the event loop
+    sooner; the future answers once it committed. None for the others, which
+    ``_written`` stores when awaited: a recent-only channel's unit, numbered and stored
+    by one Redis script, and any unit without a node on this loop (a management
+    command, a test client's throwaway loop), whose batch SQL runs through Django's
+    connection on the database threads."""
     if _recent_channel(unit) is None:
         pipeline = _running_pipeline()
         if pipeline is not None:
-            return _committed(pipeline.submit(unit))
-    return _write_async(unit)
+            return pipeline.submit(unit)
+    return None
 
 
-async def _committed(queued: Awaitable[Outcome]) -> Published:
+async def _written(unit: PublishUnit, queued: asyncio.Future[Outcome] | None) -> Published:
+    """``unit`` stored and broadcast after commit (``queued`` is what ``_queue`` gave)."""
+    if queued is None:
+        return await _write_async(unit)
     # A publisher that goes away (its task cancelled) cancels only its own future: the
     # batch it is in is written all the same, and nobody is answered.
     outcome = await queued
@@ -154,7 +157,7 @@ async def _committed(queued: Awaitable[Outcome]) -> Published:
 
 
 async def _write_async(unit: PublishUnit) -> Published:
-    """``_write_queued`` for a recent-only channel or without a node on this loop."""
+    """A unit ``_queue`` left to its awaiting caller (see there)."""
     recent = _recent_channel(unit)
     if recent is not None:
         data = [data_json for _, data_json in unit.items]
@@ -240,11 +243,13 @@ def message_publish_queued(
     message carries the first publish's channel, seq, id and timestamp, not its data.
     """
     unit = _single_unit(channel, data, publisher_id, principal, idempotency_key, exclude)
-    return _first_message(_write_queued(unit))
+    return _first_message(unit, _queue(unit))
 
 
-async def _first_message(written: Awaitable[Published]) -> tuple[ChannelMessage, bool]:
-    published = await written
+async def _first_message(
+    unit: PublishUnit, queued: asyncio.Future[Outcome] | None
+) -> tuple[ChannelMessage, bool]:
+    published = await _written(unit, queued)
     return published.messages[0], published.replayed
 
 
@@ -263,7 +268,7 @@ async def messages_publish_batch(
     written. ``idempotency_key`` covers the whole batch (scoped to ``principal``).
     """
     unit = _batch_unit(items, publisher_id, principal, idempotency_key, exclude)
-    published = await _write_queued(unit)
+    published = await _written(unit, _queue(unit))
     return published.messages, published.replayed
 
 
