@@ -50,6 +50,7 @@ from typing import Any
 import psycopg
 from django.db import DataError, IntegrityError, connection, transaction
 from psycopg import errors as pg_errors
+from psycopg import pq
 
 from common import metrics
 from common.background import spawn
@@ -430,12 +431,17 @@ class WritePipeline:
     async def _in_transaction(
         self, connection: psycopg.AsyncConnection[Any], plan: Plan, statement: Statement
     ) -> BatchOutcome:
-        # Pipeline mode: statements whose rows nothing reads before the COMMIT (the
-        # plan's final one, the keys' results) go out with the COMMIT in one round
-        # trip, BEGIN with the first.
+        """A batch of several statements (one with idempotency keys), in pipeline mode:
+        statements whose rows nothing reads before the COMMIT (the plan's final one,
+        the keys' results) go out with the COMMIT in one round trip, BEGIN with the
+        first. BEGIN and COMMIT are plain statements of the pipeline: psycopg's
+        ``transaction()`` block cost 300 µs more CPU per batch of this shape here
+        (735-761 against 426-476 µs). What it did on an error is done here: the
+        transaction is rolled back, so the connection is clean for the retry."""
         final: Statement | None = None
-        async with connection.pipeline(), connection.cursor() as cursor:
-            async with connection.transaction():
+        try:
+            async with connection.pipeline(), connection.cursor() as cursor:
+                await cursor.execute("BEGIN")
                 while True:
                     await cursor.execute(statement.sql, statement.params)
                     if statement.final:
@@ -447,12 +453,17 @@ class WritePipeline:
                     except StopIteration as done:
                         outcome: BatchOutcome = done.value
                         break
-                # Leaving the block sends the COMMIT: from here a lost connection
-                # leaves the outcome unknown.
+                # From here a lost connection leaves the outcome unknown. (Through the
+                # connection, not the cursor, whose last result must stay the final
+                # statement's.)
                 self._commit_sent = True
-            if final is not None:
-                rows = await cursor.fetchall() if final.returns_rows else []
-                outcome = _finished(plan, rows)
+                await connection.execute("COMMIT")
+                if final is not None:
+                    rows = await cursor.fetchall() if final.returns_rows else []
+                    outcome = _finished(plan, rows)
+        except BaseException:
+            await _roll_back(connection)
+            raise
         return outcome
 
     def _committed(self, batch: list[_Queued], outcome: BatchOutcome) -> None:
@@ -517,6 +528,20 @@ class WritePipeline:
                 await connection.close()
             except Exception as exc:  # already broken; nothing to keep
                 logger.debug("closing the write connection: %s", exc)
+
+
+async def _roll_back(connection: psycopg.AsyncConnection[Any]) -> None:
+    """End a transaction an error left open, if the connection still works (a broken
+    one is closed by the caller)."""
+    if connection.closed or connection.info.transaction_status not in _IN_TRANSACTION:
+        return
+    try:
+        await connection.execute("ROLLBACK")
+    except psycopg.Error as exc:
+        logger.debug("rolling back the write connection: %s", exc)
+
+
+_IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 
 
 def _closed_by_server(connection: psycopg.AsyncConnection[Any]) -> bool:

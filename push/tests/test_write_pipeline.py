@@ -124,6 +124,62 @@ async def test_a_refused_message_fails_alone_and_the_rest_commit() -> None:
     assert [m.seq for m in committed] == list(range(1, 20))
 
 
+async def test_a_refused_keyed_publish_fails_alone_and_the_connection_stays_usable() -> None:
+    """The same with idempotency keys (a batch of several statements, its own BEGIN and
+    COMMIT): the refused transaction is rolled back, the halves are written on the same
+    connection, and the keys of the refused publish are not kept."""
+    committed: list[ChannelMessage] = []
+    pipeline = _pipeline(committed)
+    try:
+        units = [_unit("keyed", i, principal="p", idempotency_key=f"k{i}") for i in range(10)]
+        units[3] = PublishUnit(
+            items=[("keyed", "3")],
+            publisher_id=2_000_000_000,
+            principal="p",
+            idempotency_key="k3",
+            key_channel="keyed",
+        )
+        outcomes = await asyncio.gather(*(pipeline.publish(u) for u in units))
+        again = await pipeline.publish(_unit("keyed", 3, principal="p", idempotency_key="k3"))
+    finally:
+        await pipeline.stop()
+    refused = outcomes[3]
+    assert isinstance(refused, PushError) and refused.code is ErrorCode.INVALID_MESSAGE
+    assert all(isinstance(o, Published) for i, o in enumerate(outcomes) if i != 3)
+    assert isinstance(again, Published) and not again.replayed and again.messages[0].seq == 10
+    rows = await sync_to_async(_stored)("keyed")
+    assert [seq for seq, _, _ in rows] == list(range(1, 11))
+    assert [m.seq for m in committed] == list(range(1, 11))
+
+
+async def test_a_keyed_batch_refused_mid_transaction_is_rolled_back_for_its_retry() -> None:
+    """A statement refused inside the transaction (a channel name longer than its
+    column, which the services never let through) leaves it aborted: rolled back, the
+    same connection writes the rest, and the next batch too."""
+    pipeline = _pipeline([])
+    try:
+        await pipeline.publish(_unit("aborted", 100))
+        backend = pipeline._connection
+        units = [_unit("aborted", i, principal="p", idempotency_key=f"k{i}") for i in range(6)]
+        long_name = "x" * 150
+        units[2] = PublishUnit(
+            items=[(long_name, "2")],
+            publisher_id=None,
+            principal="p",
+            idempotency_key="k2",
+            key_channel=long_name,
+        )
+        outcomes = await asyncio.gather(*(pipeline.publish(u) for u in units))
+        later = await pipeline.publish(_unit("aborted", 9, principal="p", idempotency_key="k9"))
+        assert pipeline._connection is backend  # never replaced: it was left clean
+    finally:
+        await pipeline.stop()
+    refused = outcomes[2]
+    assert isinstance(refused, PushError) and refused.code is ErrorCode.INVALID_MESSAGE
+    assert [o.messages[0].seq for i, o in enumerate(outcomes) if i != 2] == [2, 3, 4, 5, 6]
+    assert isinstance(later, Published) and later.messages[0].seq == 7
+
+
 async def test_retries_with_one_key_publish_once_in_one_batch_and_across_batches() -> None:
     committed: list[ChannelMessage] = []
     pipeline = _pipeline(committed)
