@@ -153,7 +153,7 @@ class PushSettings:
         "it is back",
     )
     GC_GEN0_THRESHOLD: int = option(
-        50_000, EnvType.INT, "Python's gen-0 garbage collection threshold (700 by default)"
+        20_000, EnvType.INT, "Python's gen-0 garbage collection threshold (700 by default)"
     )
     GC_FREEZE: bool = option(
         True, EnvType.BOOL, "move start-up objects out of the garbage collector's reach"
