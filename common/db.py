@@ -3,6 +3,9 @@
 Database calls run on a small pool of threads (``thread_sensitive=False``), each
 holding a connection for the length of a call, instead of Channels' one shared
 database thread, so a slow query never queues every other connection's work behind it.
+History pages (up to 4 MiB of message data each, which anonymous clients may ask for)
+run on threads of their own (``db_call(..., history=True)``): however many of them
+wait, a handshake's token check or a subscription's query does not wait behind them.
 """
 
 from __future__ import annotations
@@ -26,10 +29,14 @@ R = TypeVar("R")
 
 logger = logging.getLogger(__name__)
 
-# Each thread holds at most one connection, so this bounds the connections the node's
-# database calls take from the pool (plus Django's own request thread's).
+# Each thread holds at most one connection, so these bound the connections the node's
+# database calls take from the pool (plus Django's own request threads').
 DATABASE_THREADS = 6
+HISTORY_THREADS = 3
 _executor = ThreadPoolExecutor(max_workers=DATABASE_THREADS, thread_name_prefix="push-db")
+_history_executor = ThreadPoolExecutor(
+    max_workers=HISTORY_THREADS, thread_name_prefix="push-db-history"
+)
 
 
 def database_unavailable(exc: BaseException) -> PushError:
@@ -76,8 +83,9 @@ def _caught(func: Callable[P, R]) -> Callable[P, tuple[R | None, list[BaseExcept
     return run
 
 
-def db_call(func: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Wrap a sync ORM function as an awaitable that runs on the database threads.
+def db_call(func: Callable[P, R], *, history: bool = False) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Wrap a sync ORM function as an awaitable that runs on the database threads (the
+    history threads with ``history``: reads of pages of messages).
 
     What the function raises crosses to the loop as a value, and only the caller's frame
     raises it again. An exception keeps the frames of its traceback, and each of them
@@ -87,7 +95,8 @@ def db_call(func: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
     collector freed, whose collections stop the event loop (30-80 ms of CPU each under
     the abuse suite, whose refused handshakes left about a thousand such frames for
     each). Taken out of the list it came in, nothing the thread held refers to it."""
-    call = sync_to_async(_caught(_guarded(func)), thread_sensitive=False, executor=_executor)
+    executor = _history_executor if history else _executor
+    call = sync_to_async(_caught(_guarded(func)), thread_sensitive=False, executor=executor)
 
     @functools.wraps(func)
     async def awaited(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -109,12 +118,13 @@ def close_database_threads() -> None:
     A barrier makes each worker thread take exactly one of the jobs, so every
     thread-local connection is reached.
     """
-    barrier = threading.Barrier(DATABASE_THREADS)
+    for executor, threads in ((_executor, DATABASE_THREADS), (_history_executor, HISTORY_THREADS)):
+        barrier = threading.Barrier(threads)
 
-    def close_in_this_thread() -> None:
-        barrier.wait(timeout=10)
-        connections.close_all()
+        def close_in_this_thread(barrier: threading.Barrier = barrier) -> None:
+            barrier.wait(timeout=10)
+            connections.close_all()
 
-    futures = [_executor.submit(close_in_this_thread) for _ in range(DATABASE_THREADS)]
-    for future in futures:
-        future.result(timeout=15)
+        futures = [executor.submit(close_in_this_thread) for _ in range(threads)]
+        for future in futures:
+            future.result(timeout=15)

@@ -52,7 +52,7 @@ from push.wire.protocol import validate_channel_name
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 # History reads run on the database threads: a slow one holds a thread, not the loop.
-_message_list_since = db_call(selectors.message_list_since)
+_message_list_since = db_call(selectors.message_list_since, history=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

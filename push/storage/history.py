@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_history_page = db_call(selectors.history_page)
+_history_page = db_call(selectors.history_page, history=True)
 _latest_seqs = db_call(selectors.channel_latest_seqs)
 _history_recent = db_call(selectors.history_recent)
 
