@@ -146,18 +146,13 @@ def _queue(unit: PublishUnit) -> asyncio.Future[Outcome] | None:
 
 async def _written(unit: PublishUnit, queued: asyncio.Future[Outcome] | None) -> Published:
     """``unit`` stored and broadcast after commit (``queued`` is what ``_queue`` gave)."""
-    if queued is None:
-        return await _write_async(unit)
-    # A publisher that goes away (its task cancelled) cancels only its own future: the
-    # batch it is in is written all the same, and nobody is answered.
-    outcome = await queued
-    if isinstance(outcome, PushError):
-        raise outcome
-    return outcome
-
-
-async def _write_async(unit: PublishUnit) -> Published:
-    """A unit ``_queue`` left to its awaiting caller (see there)."""
+    if queued is not None:
+        # A publisher that goes away (its task cancelled) cancels only its own future:
+        # the batch it is in is written all the same, and nobody is answered.
+        outcome = await queued
+        if isinstance(outcome, PushError):
+            raise outcome
+        return outcome
     recent = _recent_channel(unit)
     if recent is not None:
         data = [data_json for _, data_json in unit.items]
