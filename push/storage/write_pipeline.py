@@ -380,15 +380,32 @@ class WritePipeline:
         """The transaction, given up after ``write_timeout_secs``.
 
         A connection whose packets vanish (no reset, no answer) would hold the whole
-        node's writes: past the timeout its socket is closed under the transaction,
-        which fails whatever still waits on it, rollback included."""
-        task = asyncio.ensure_future(self._transaction(connection, units))
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), self._write_timeout_secs)
-        except TimeoutError:
+        node's writes: past the timeout its socket is closed under the transaction and
+        the writer is cancelled where it waits, which fails whatever still waits on it,
+        rollback included. It runs in the writer's own task, not one of its own: under
+        load every task handoff waits a whole loop turn, and a task per batch (with
+        ``wait_for`` and ``shield`` around it) cost four of them between a COMMIT's
+        answer and the broadcast."""
+        writer = asyncio.current_task()
+        assert writer is not None
+        timed_out = False
+
+        def give_up() -> None:
+            nonlocal timed_out
+            timed_out = True
             connection.pgconn.finish()
-            task.cancel()
+            writer.cancel()
+
+        deadline = asyncio.get_running_loop().call_later(self._write_timeout_secs, give_up)
+        try:
+            return await self._transaction(connection, units)
+        except asyncio.CancelledError:
+            # Ours unless the writer was also cancelled from outside (the node stops).
+            if timed_out and writer.uncancel() == 0:
+                raise TimeoutError("the write timed out") from None
             raise
+        finally:
+            deadline.cancel()
 
     async def _transaction(
         self, connection: psycopg.AsyncConnection[Any], units: Sequence[PublishUnit]
