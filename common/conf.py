@@ -390,6 +390,20 @@ class PushSettings:
         "that budget's refill, requests per second (0: no budget; 429 `RATE_LIMITED` with "
         "`Retry-After` past it, answered before the request reaches Django)",
     )
+    OVERLOAD_LAG_MS: int = option(
+        25,
+        EnvType.COUNT,
+        "event-loop lag, in ms, past which the node counts as overloaded: for "
+        "`PUSH_OVERLOAD_HOLD_SECS` after it, new anonymous WebSocket handshakes are closed "
+        "1013 and anonymous SSE handshakes and REST requests answered 503 `UNAVAILABLE` "
+        "with `Retry-After`, so open connections keep their latency (0: never)",
+    )
+    OVERLOAD_HOLD_SECS: float = option(
+        1.0,
+        EnvType.NUMBER,
+        "how long the node keeps refusing new anonymous work after its event loop lagged "
+        "past `PUSH_OVERLOAD_LAG_MS`",
+    )
     ADDRESS_BUDGETS_MAX: int = option(
         100_000,
         EnvType.INT,

@@ -73,6 +73,17 @@ GC_PAUSE_SECONDS = Histogram(
     ["generation"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
+LOOP_LAG_SECONDS = Histogram(
+    "push_loop_lag_seconds",
+    "How late the node's event loop ran a timer, probed every 25 ms (what every message "
+    "waits on top of its own work)",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+OVERLOAD_REFUSALS = Counter(
+    "push_overload_refusals_total",
+    "New anonymous streams and REST requests refused while the node was overloaded",
+    ["kind"],
+)
 BROKER_CALL_SECONDS = Histogram(
     "push_broker_call_seconds",
     "Redis channel-layer calls, by operation",

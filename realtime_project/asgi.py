@@ -9,7 +9,8 @@ checks for its views (else a DNS-rebinding page could read an intranet deploymen
 streams). WebSockets then pass the origin check (browsers only; a client without
 ``Origin`` is not a browser and is allowed) and token or session authentication before
 the consumer, in ``push.transport.entry``. A REST request from an address over its
-REST budget (``push.services.admission``) is answered 429 here, before Django.
+REST budget (``push.services.admission``) is answered 429 here, before Django, and an
+anonymous one while the node is overloaded 503.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from django.conf import settings  # noqa: E402
 from common.conf import push_settings  # noqa: E402
 from common.errors import ErrorCode  # noqa: E402
 from push.cluster.node import tune_garbage_collector  # noqa: E402
-from push.services.admission import rest_refused  # noqa: E402
+from push.services.admission import rest_refused, shed_anonymous_rest  # noqa: E402
 from push.services.runtime import get_node  # noqa: E402
 from push.transport.entry import WebSocketEntry  # noqa: E402
 from push.transport.origin import forwarded_client, forwarded_scheme, host_allowed  # noqa: E402
@@ -66,9 +67,12 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await _start_node()
         # Our REST API has the address budget; the Pusher HTTP API is for back-ends,
         # signed with their app's secret, as service tokens are not held to it.
-        retry_after = rest_refused(scope) if scope["path"].startswith(API_PREFIX) else None
-        if retry_after is not None:
-            return await _over_rest_budget(send, retry_after)
+        if scope["path"].startswith(API_PREFIX):
+            retry_after = rest_refused(scope)
+            if retry_after is not None:
+                return await _rest_refusal(send, 429, retry_after, _OVER_REST_BUDGET)
+            if shed_anonymous_rest(scope):
+                return await _rest_refusal(send, 503, 1, _OVERLOADED)
     return await django_asgi_app(scope, receive, send)
 
 
@@ -108,9 +112,9 @@ def _apply_trusted_proxies(scope: dict[str, Any]) -> None:
         scope["scheme"] = forwarded_scheme(scope)
 
 
-# Answered here, before Django: the point of the budget is that a refusal costs little
-# (measured: a request through Django's middleware and DRF costs ~4 ms of CPU even when
-# the throttle answers 429).
+# Answered here, before Django: the point of the budget (and of shedding load) is that
+# a refusal costs little (measured: a request through Django's middleware and DRF costs
+# ~4 ms of CPU even when the throttle answers 429).
 _OVER_REST_BUDGET = json.dumps(
     {
         "type": "error",
@@ -118,21 +122,29 @@ _OVER_REST_BUDGET = json.dumps(
         "message": "too many requests from this address; retry after Retry-After seconds",
     }
 ).encode()
+_OVERLOADED = json.dumps(
+    {
+        "type": "error",
+        "code": ErrorCode.UNAVAILABLE.value,
+        "message": "the node is overloaded; retry after Retry-After seconds",
+    }
+).encode()
 
 
-async def _over_rest_budget(send: Any, retry_after_secs: float) -> None:
-    """429 ``RATE_LIMITED``, as DRF's throttle answers, with ``Retry-After``."""
+async def _rest_refusal(send: Any, status: int, retry_after_secs: float, body: bytes) -> None:
+    """429 ``RATE_LIMITED`` (as DRF's throttle answers) or 503 ``UNAVAILABLE``, with
+    ``Retry-After``."""
     await send(
         {
             "type": "http.response.start",
-            "status": 429,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"retry-after", str(max(1, math.ceil(retry_after_secs))).encode()),
             ],
         }
     )
-    await send({"type": "http.response.body", "body": _OVER_REST_BUDGET})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _allowed_hosts() -> list[str]:

@@ -33,6 +33,7 @@ from push.cluster.broker import CLIENT_EVENT, PRESENCE_EVENT, Broker, channel_gr
 from push.cluster.directory import CONTROL_GROUP, DISCONNECT_EVENT, TOP_CHANNELS, NodeDirectory
 from push.cluster.live import LiveConnection
 from push.cluster.occupancy import Occupancy
+from push.cluster.overload import LoopLag
 from push.cluster.presence import PresenceStore, leave_presence
 from push.cluster.registry import ConnectionRegistry, close_node_connections
 from push.fanout.hub import Hub
@@ -133,6 +134,10 @@ class Node:
         self._per_user = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_USER)
         self._per_ip = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_IP)
         self.addresses = address_budgets_from_settings()
+        self.overload = LoopLag(
+            limit_secs=push_settings.OVERLOAD_LAG_MS / 1000,
+            hold_secs=push_settings.OVERLOAD_HOLD_SECS,
+        )
         # Every connection's on_closing: one bound method shared by all of them, where
         # a fresh one (or a closure) per connection would cost each ~100 bytes.
         self.on_connection_closing = self.release_subscriptions
@@ -192,6 +197,7 @@ class Node:
             spawn(self.events.run(), name="push-events", loop=self.loop),
             spawn(self.recent_cache.run(), name="push-recent-cache", loop=self.loop),
             spawn(self.occupancy.run(), name="push-occupancy", loop=self.loop),
+            spawn(self.overload.run(), name="push-loop-lag", loop=self.loop),
         ]
         if self.write_pipeline is not None:
             self.write_pipeline.start()

@@ -1,8 +1,9 @@
-"""Whether a client address may still open a stream or make a REST request on this
-node, before any work is done for it: the handshake and REST budgets of
-``push.cluster.address_budgets`` (the frame and subscription budgets are taken where
-frames and subscriptions arrive). Service tokens are back-ends and are not held to
-them."""
+"""Whether a client may still open a stream or make a REST request on this node, before
+any work is done for it: the handshake and REST budgets of its address
+(``push.cluster.address_budgets``; the frame and subscription budgets are taken where
+frames and subscriptions arrive), and, for anonymous clients, whether the node is
+overloaded (``push.cluster.overload``). Service tokens are back-ends and are held to
+neither."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from accounts.middleware import header_token
+from accounts.middleware import header_token, session_key
 from accounts.principal_cache import is_known_service_key
 from accounts.principals import Principal
 from push.cluster.node import running_node
@@ -18,6 +19,28 @@ from push.services.runtime import get_node
 from push.services.subscriptions import client_ip
 
 logger = logging.getLogger(__name__)
+
+
+def shed_anonymous(principal: Principal, kind: str) -> bool:
+    """Whether to refuse this new stream of an anonymous client because the node is
+    overloaded (counted by ``kind``, the transport)."""
+    if principal.kind != "anonymous":
+        return False
+    return _overloaded(kind)
+
+
+def shed_anonymous_rest(scope: dict[str, Any]) -> bool:
+    """The same for a REST request, before authentication: one without a token or a
+    session cookie is anonymous (a made-up credential is held to the address's REST
+    budget and the failed-authentication budget instead)."""
+    if header_token(scope) is not None or session_key(scope):
+        return False
+    return _overloaded("rest")
+
+
+def _overloaded(kind: str) -> bool:
+    node = running_node()
+    return node is not None and node.overload.shed(kind)
 
 
 async def handshake_allowed(scope: Mapping[str, Any], principal: Principal) -> bool:

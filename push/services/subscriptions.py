@@ -22,6 +22,7 @@ from common.errors import CloseCode, ErrorCode, PushError
 from push.cluster.address_budgets import subscription_allowed
 from push.cluster.live import LiveConnection
 from push.cluster.occupancy import Occupancy
+from push.cluster.overload import LoopLag
 from push.cluster.presence import PresenceStore, leave_presence, presence_member
 from push.cluster.registry import ConnectionRecord, ConnectionRegistry
 from push.fanout.delta import FOSSIL
@@ -36,7 +37,8 @@ Reply = Callable[[int, bool | None], None]
 
 class SessionNode(Protocol):
     """What a session uses of the node it runs on (``push.cluster.node.Node``): its
-    limits, hub, registry, event stream and presence, and nothing else."""
+    limits, overload signal, hub, registry, event stream and presence, and nothing
+    else."""
 
     server_id: str
     draining: bool
@@ -45,6 +47,7 @@ class SessionNode(Protocol):
     events: EventLog
     presence: PresenceStore
     occupancy: Occupancy
+    overload: LoopLag
 
     def admit(self, connection: LiveConnection) -> bool: ...
 
@@ -196,6 +199,9 @@ async def channel_subscribe(
         raise PushError(
             ErrorCode.RATE_LIMITED, "too many subscriptions from this address; slow down"
         )
+    if connection.principal.kind == "anonymous" and node.overload.shed("subscribe"):
+        # The same cost, asked by anyone: while the node is overloaded it waits.
+        raise PushError(ErrorCode.RATE_LIMITED, "the node is overloaded; subscribe again later")
     subscription = await node.hub.subscribe(
         connection, channel, since=since, reply=reply, rewind=rewind, delta=delta == FOSSIL
     )

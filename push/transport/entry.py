@@ -16,7 +16,7 @@ from channels.security.websocket import WebsocketDenier
 from accounts.middleware import resolve_principal
 from common.conf import push_settings
 from common.errors import CloseCode, PushError
-from push.services.admission import handshake_allowed
+from push.services.admission import handshake_allowed, shed_anonymous
 from push.transport.consumers import PushConsumer
 from push.transport.origin import BrowserOriginValidator
 from push.transport.pusher import PusherConsumer, app_key_of
@@ -44,9 +44,10 @@ class WebSocketEntry:
             return await _try_again_later(receive, send, pusher=pusher)
         if principal is None:
             return await WebsocketDenier()(scope, receive, send)
-        if not await handshake_allowed(scope, principal):
-            # Over its address's handshake budget: before the consumer, the greeting,
-            # the registry and the events a connection costs.
+        if shed_anonymous(principal, "websocket") or not await handshake_allowed(scope, principal):
+            # The address over its handshake budget, or the node overloaded (anonymous
+            # clients wait): before the consumer, the greeting, the registry and the
+            # events a connection costs.
             return await _try_again_later(receive, send, pusher=pusher)
         # The server made this scope for this connection alone: adding to it in place
         # is safe and saves the copy.
@@ -64,7 +65,8 @@ class WebSocketEntry:
 
 async def _try_again_later(receive: Any, send: Any, *, pusher: bool) -> None:
     """The token could not be checked (the database is down, or the address failed too
-    often), or the address is over its handshake budget: accept and close with 1013, so
+    often), the address is over its handshake budget, or the node is overloaded and the
+    client anonymous: accept and close with 1013, so
     the client retries later instead of reading 403 as a bad token. A Pusher client is
     told the same in Pusher's words (``pusher:error`` 4100, over capacity, and close
     4100: reconnect after a back-off), as its connection would be."""

@@ -35,7 +35,7 @@ from common.conf import push_settings
 from common.errors import CloseCode, ErrorCode, PushError
 from push.cluster.node import Node
 from push.fanout.outbox import Outbox, OutFrame
-from push.services.admission import handshake_allowed
+from push.services.admission import handshake_allowed, shed_anonymous
 from push.services.runtime import get_node
 from push.services.subscriptions import channel_subscribe, client_ip, session_closed, session_open
 from push.transport.connection import CLOSE_FLUSH_SECS, ClientConnection
@@ -239,6 +239,8 @@ class SseEntry:
             return await _refuse(send, exc.http_status, exc)
         if not await handshake_allowed(scope, principal):
             return await _refuse(send, 429, OVER_HANDSHAKE_BUDGET)
+        if shed_anonymous(principal, "sse"):
+            return await _refuse(send, 503, OVERLOADED)
         try:
             node = await get_node()
         except Exception:
@@ -281,6 +283,7 @@ class SseEntry:
 OVER_HANDSHAKE_BUDGET = PushError(
     ErrorCode.RATE_LIMITED, "too many connections from this address; try again later"
 )
+OVERLOADED = PushError(ErrorCode.UNAVAILABLE, "the node is overloaded; try again later")
 _REFUSALS = {
     CloseCode.GOING_AWAY: PushError(ErrorCode.UNAVAILABLE, "this node is restarting; reconnect"),
     CloseCode.TRY_AGAIN_LATER: PushError(
@@ -349,6 +352,8 @@ async def _refuse(send: Any, status: int, exc: PushError) -> None:
     headers = [(b"content-type", b"application/json")]
     if status == 405:
         headers.append((b"allow", b"GET"))
+    if status in (429, 503):
+        headers.append((b"retry-after", b"1"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -149,9 +149,16 @@ class AttackStats:
     address: str = ""
     shared_address: bool = False
     budget_refused: int = 0
+    # While the node is overloaded, any new anonymous stream or REST request may be
+    # refused (1013, or 503 for SSE and REST), whatever it is: counted here, and checked
+    # against the node's own count of such refusals (push_overload_refusals_total).
+    overload_refused: int = 0
 
     def record(self, outcome: str, expected: bool, sample: str = "") -> None:
         self.outcomes[outcome] += 1
+        if not expected and is_overload_refusal(outcome):
+            self.overload_refused += 1
+            return
         if not expected and self.shared_address and is_budget_refusal(outcome):
             self.budget_refused += 1
             return
@@ -176,6 +183,13 @@ BUDGET_REFUSALS = re.compile(r"RATE_LIMITED|\b1013\b|http 429|close[d]? 1008")
 
 def is_budget_refusal(outcome: str) -> bool:
     return BUDGET_REFUSALS.search(outcome) is not None
+
+
+OVERLOAD_REFUSALS = re.compile(r"\b1013\b|http 503")
+
+
+def is_overload_refusal(outcome: str) -> bool:
+    return OVERLOAD_REFUSALS.search(outcome) is not None
 
 
 class Pacer:

@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 OPEN_TIMEOUT_SECS = 10.0
+BACKOFF_SECS = 0.5
 PADDING = "p" * 200  # a message of a few hundred bytes, as a chat or a ticker sends
 # Below the announced heartbeat interval (25 s): a subscriber that only listens would be
 # closed 4001 after PUSH_HEARTBEAT_TIMEOUT_SECS (75 s), shorter than a run.
@@ -50,14 +51,46 @@ class HonestSubscriber:
     stopping: bool = False
 
     async def start(self) -> None:
-        self.ws = await connect(self.url, open_timeout=OPEN_TIMEOUT_SECS, max_size=None)
-        await self.ws.recv()  # connection_established
-        for channel in self.channels:
-            await self.ws.send(json.dumps({"type": "subscribe", "channel": channel}))
-        while len(self.subscribed_seq) < len(self.channels):
-            self._on_frame(json.loads(await self.ws.recv()))
+        self.ws = await self._connect()
+        async with asyncio.timeout(OPEN_TIMEOUT_SECS):
+            while pending := [c for c in self.channels if c not in self.subscribed_seq]:
+                await self._subscribe(pending)
         self.task = asyncio.create_task(self._read())
         self.heartbeat = asyncio.create_task(self._beat())
+
+    async def _subscribe(self, channels: list[str]) -> None:
+        """Subscribe to ``channels``; those refused ``RATE_LIMITED`` (the node
+        overloaded) are left for another try after a back-off, as a real client does."""
+        for channel in channels:
+            request = {"type": "subscribe", "channel": channel, "id": channel}
+            await self.ws.send(json.dumps(request))
+        answered: set[str] = set()
+        refused = False
+        while len(answered) < len(channels):
+            envelope = json.loads(await self.ws.recv())
+            if envelope.get("type") == "error" and envelope.get("code") == "RATE_LIMITED":
+                answered.add(envelope["id"])
+                refused = True
+                continue
+            self._on_frame(envelope)
+            if envelope.get("type") in ("subscribed", "error"):
+                answered.add(envelope.get("id") or envelope.get("channel"))
+        if refused:
+            await asyncio.sleep(BACKOFF_SECS)
+
+    async def _connect(self) -> ClientConnection:
+        """Connected, as a real client is: one closed 1013 (the node overloaded, as it
+        may be right after the seeding's 100 MB) tries again after a back-off."""
+        async with asyncio.timeout(OPEN_TIMEOUT_SECS):
+            while True:
+                ws = await connect(self.url, open_timeout=OPEN_TIMEOUT_SECS, max_size=None)
+                try:
+                    await ws.recv()  # connection_established
+                    return ws
+                except ConnectionClosed:
+                    if ws.close_code != 1013:
+                        raise
+                await asyncio.sleep(BACKOFF_SECS)
 
     async def _beat(self) -> None:
         with contextlib.suppress(ConnectionClosed):

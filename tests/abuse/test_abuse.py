@@ -220,6 +220,15 @@ def budget_refusals(node: ServerNode) -> dict[str, int]:
     return counts
 
 
+OVERLOAD_REFUSALS = re.compile(r'^push_overload_refusals_total\{kind="(\w+)"\} (\S+)$', re.M)
+
+
+def overload_refusals(node: ServerNode) -> int:
+    """New anonymous streams and REST requests the node refused for overload so far."""
+    body = httpx.get(f"{node.http_url}/metrics", timeout=5).text
+    return sum(int(float(value)) for _, value in OVERLOAD_REFUSALS.findall(body))
+
+
 GC_PAUSE_LINE = re.compile(
     r'^push_gc_pause_seconds_(bucket|count|sum)\{generation="\d"(?:,le="([^"]+)")?\} (\S+)$', re.M
 )
@@ -287,6 +296,7 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
     rows_before, toast_before = message_table_reads(abuse_node.database)
     node_rows_before = node.metric(ROWS_READ_METRIC)
     refusals_before = budget_refusals(node)
+    shed_before = overload_refusals(node)
     gc_before = gc_pauses(node)
     published_before = publisher.published
     attack_started = time.time()
@@ -326,6 +336,8 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
     refusals = {
         kind: count - refusals_before[kind] for kind, count in budget_refusals(node).items()
     }
+    shed = overload_refusals(node) - shed_before
+    shed_seen = sum(a["overload_refused"] for a in report["attacks"])
     # The flood is refused once its address goes past the budget (a burst, then a rate);
     # on a node so busy that its handshakes came slower than that, nothing was over.
     flood = next(a for a in report["attacks"] if a["name"] == "handshake flood")
@@ -418,6 +430,13 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
             f"{refusals['subscribes']} / {refusals['rest']}",
             "-",
             True,
+        ),
+        # A 1013 is the answer to an address over its handshake budget too.
+        Figure(
+            "overload refusals: the node's / answers counted as such (1013, 503)",
+            f"{shed} / {shed_seen}",
+            "answers <= the node's + its handshake-budget refusals",
+            shed_seen <= shed + refusals["handshakes"],
         ),
         Figure(
             "attacker addresses (0: one per attack); answers that were budget refusals",
