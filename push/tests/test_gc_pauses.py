@@ -4,12 +4,14 @@ the event loop stops for each one, which no per-request figure shows."""
 from __future__ import annotations
 
 import gc
+import inspect
+import sys
 from collections.abc import Iterator
 
 import pytest
 from prometheus_client import REGISTRY
 
-from push.cluster.node import tune_garbage_collector
+from push.cluster.node import _time_collection, tune_garbage_collector
 
 
 @pytest.fixture
@@ -40,3 +42,17 @@ def test_each_collection_is_timed_by_generation_once() -> None:
     count, total = _pauses("2")
     assert count >= before[0] + 1
     assert total > before[1]
+
+
+def test_a_collection_with_no_stack_left_is_not_an_error() -> None:
+    """A collection can start anywhere, a deep recursion included (the abuse suite's
+    bodies nested 100,000 deep): the hook then has almost no stack, and must not raise
+    (Python prints what a gc callback raises as "Exception ignored", a traceback in the
+    node's log)."""
+    limit = sys.getrecursionlimit()
+    try:
+        sys.setrecursionlimit(len(inspect.stack()) + 8)
+        _time_collection("start", {"generation": 0})
+        _time_collection("stop", {"generation": 0})
+    finally:
+        sys.setrecursionlimit(limit)
