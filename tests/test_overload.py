@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -23,11 +24,21 @@ from tests.sseclient import sse_url
 pytestmark = pytest.mark.e2e
 
 TIMEOUT_SECS = 10.0
+HANDSHAKE_BURST = 10
+BUDGET_REFUSALS = re.compile(
+    r'^push_address_budget_refusals_total\{budget="handshakes"\} (\S+)$', re.M
+)
 
 
 @pytest.fixture(scope="module")
 def overload_env(e2e_env: dict[str, str]) -> dict[str, str]:
-    return {**e2e_env, "PUSH_OVERLOAD_LAG_MS": "1", "PUSH_OVERLOAD_HOLD_SECS": "600"}
+    return {
+        **e2e_env,
+        "PUSH_OVERLOAD_LAG_MS": "1",
+        "PUSH_OVERLOAD_HOLD_SECS": "600",
+        "PUSH_ADDRESS_HANDSHAKE_BURST": str(HANDSHAKE_BURST),
+        "PUSH_ADDRESS_HANDSHAKE_PER_SEC": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +96,21 @@ async def test_an_overloaded_node_refuses_new_anonymous_work_and_serves_the_rest
         for kind in ("rest", "websocket", "sse"):
             assert f'push_overload_refusals_total{{kind="{kind}"}}' in metrics
         await user.close()
+
+
+async def test_the_address_budget_is_taken_before_the_node_sheds(
+    overloaded_node: ServerNode,
+) -> None:
+    """So an address past its handshake budget is counted there while the node is
+    overloaded too, and a shed handshake still spends its address's budget."""
+    async with httpx.AsyncClient(base_url=overloaded_node.http_url, timeout=TIMEOUT_SECS) as http:
+        await wait_until_shedding(http)
+        for _ in range(HANDSHAKE_BURST + 5):
+            ws = await connect(
+                overloaded_node.ws_url, local_addr=("127.0.3.1", 0), open_timeout=TIMEOUT_SECS
+            )
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), TIMEOUT_SECS)
+            assert ws.close_code == 1013
+        (refused,) = BUDGET_REFUSALS.findall((await http.get("/metrics")).text)
+        assert float(refused) >= 1

@@ -44,7 +44,7 @@ class WebSocketEntry:
             return await _try_again_later(receive, send, pusher=pusher)
         if principal is None:
             return await WebsocketDenier()(scope, receive, send)
-        if shed_anonymous(principal, "websocket") or not await handshake_allowed(scope, principal):
+        if not await handshake_allowed(scope, principal) or shed_anonymous(principal, "websocket"):
             # The address over its handshake budget, or the node overloaded (anonymous
             # clients wait): before the consumer, the greeting, the registry and the
             # events a connection costs.
