@@ -356,3 +356,23 @@ async def test_a_muted_daphne_connection_counts_nothing() -> None:
 def test_other_servers_keep_their_receive() -> None:
     queue: asyncio.Queue[Any] = asyncio.Queue()
     assert bound_inbound(queue.get, queue.put, max_frames=1, max_bytes=1) == queue.get
+
+
+def test_autobahn_pretty_prints_a_connections_settings_only_for_a_written_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from autobahn.websocket import protocol
+
+    monkeypatch.setattr(protocol, "pformat", protocol.pformat)  # restored after the test
+    printed: list[int] = []
+
+    class Setting:
+        def __repr__(self) -> str:
+            printed.append(1)
+            return "Setting()"
+
+    server_adapters.defer_autobahn_config_dump()
+    text = protocol.pformat([("openHandshakeTimeout", Setting(), "Factory")])
+    assert printed == []
+    assert f"{text}" == "[('openHandshakeTimeout', Setting(), 'Factory')]"
+    assert printed == [1]

@@ -22,6 +22,7 @@ from django.core.management.base import BaseCommand
 from common.conf import push_settings
 from common.errors import CloseCode
 from push.services.runtime import drain_running_node
+from push.transport.server_adapters import defer_autobahn_config_dump
 
 APPLICATION = "realtime_project.asgi:application"
 LISTEN_BACKLOG = 4096
@@ -123,6 +124,7 @@ class Command(BaseCommand):
             verbosity=0,
         )
         _install_daphne_drain()
+        defer_autobahn_config_dump()
         server.run()
 
 
