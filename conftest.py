@@ -28,6 +28,19 @@ def _fast_password_hashing() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_overload_shedding() -> Iterator[None]:
+    """Nodes in this process count no lag as overload (``PUSH_OVERLOAD_LAG_MS=0``): a
+    slow or busy test machine would refuse the anonymous clients of tests that are not
+    about overload, by chance. push/tests/test_overload.py and tests/test_overload.py
+    are about it; tests that set ``PUSH`` whole get the default back."""
+    from django.conf import settings
+    from django.test import override_settings
+
+    with override_settings(PUSH={**settings.PUSH, "OVERLOAD_LAG_MS": 0}):
+        yield
+
+
 # Tables the emptying after a transactional test leaves as the migrations filled them:
 # Django's flush empties them too, then re-creates every row (post_migrate), and no test
 # changes them.

@@ -81,7 +81,13 @@ LOOP_LAG_SECONDS = Histogram(
 )
 OVERLOAD_REFUSALS = Counter(
     "push_overload_refusals_total",
-    "New anonymous streams and REST requests refused while the node was overloaded",
+    "New anonymous streams, REST requests and new-channel subscriptions refused while "
+    "the node was overloaded",
+    ["kind"],
+)
+OVERLOAD_ADMISSIONS = Counter(
+    "push_overload_admissions_total",
+    "New anonymous work admitted while the node was overloaded (PUSH_OVERLOAD_ADMIT_PER_SEC)",
     ["kind"],
 )
 BROKER_CALL_SECONDS = Histogram(

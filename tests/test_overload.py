@@ -3,8 +3,8 @@ lags, new anonymous streams and REST requests are refused cheaply, and signed-in
 clients go on (that anonymous connections already open do too is tested against the
 loop itself in push/tests/test_overload.py).
 
-The node here counts a lag of 1 ms as overload and holds it for ten minutes, so any
-request's own work puts it there and it stays for the test."""
+The node here counts a lag of 1 ms as overload, holds it for ten minutes and admits
+nobody meanwhile, so any request's own work puts it there and it stays for the test."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def overload_env(e2e_env: dict[str, str]) -> dict[str, str]:
         **e2e_env,
         "PUSH_OVERLOAD_LAG_MS": "1",
         "PUSH_OVERLOAD_HOLD_SECS": "600",
+        "PUSH_OVERLOAD_ADMIT_PER_SEC": "0",
         "PUSH_ADDRESS_HANDSHAKE_BURST": str(HANDSHAKE_BURST),
         "PUSH_ADDRESS_HANDSHAKE_PER_SEC": "1",
     }

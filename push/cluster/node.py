@@ -137,6 +137,7 @@ class Node:
         self.overload = LoopLag(
             limit_secs=push_settings.OVERLOAD_LAG_MS / 1000,
             hold_secs=push_settings.OVERLOAD_HOLD_SECS,
+            admit_per_sec=push_settings.OVERLOAD_ADMIT_PER_SEC,
         )
         # Every connection's on_closing: one bound method shared by all of them, where
         # a fresh one (or a closure) per connection would cost each ~100 bytes.

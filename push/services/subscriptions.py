@@ -34,6 +34,12 @@ from push.wire import protocol
 
 Reply = Callable[[int, bool | None], None]
 
+# How long an anonymous subscription to a new channel waits for its turn on an
+# overloaded node (push.cluster.overload) before it is refused: within the time a client
+# waits for a reply, and a small share of the heartbeat timeout, since the connection's
+# other requests wait behind it.
+OVERLOAD_SUBSCRIBE_WAIT_SECS = 10.0
+
 
 class SessionNode(Protocol):
     """What a session uses of the node it runs on (``push.cluster.node.Node``): its
@@ -199,9 +205,16 @@ async def channel_subscribe(
         raise PushError(
             ErrorCode.RATE_LIMITED, "too many subscriptions from this address; slow down"
         )
-    if connection.principal.kind == "anonymous" and node.overload.shed("subscribe"):
-        # The same cost, asked by anyone: while the node is overloaded it waits.
+    if (
+        connection.principal.kind == "anonymous"
+        and channel not in node.hub.channels
+        and not await node.overload.admitted("subscribe", OVERLOAD_SUBSCRIBE_WAIT_SECS)
+    ):
+        # The same cost, asked by anyone: while the node is overloaded it waits its
+        # turn. A channel the node carries already costs neither a join nor a read.
         raise PushError(ErrorCode.RATE_LIMITED, "the node is overloaded; subscribe again later")
+    if connection.gone:
+        return
     subscription = await node.hub.subscribe(
         connection, channel, since=since, reply=reply, rewind=rewind, delta=delta == FOSSIL
     )

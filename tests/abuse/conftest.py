@@ -144,7 +144,8 @@ def seeded_node(env: dict[str, str], database: Database) -> Iterator[AbuseNode]:
     """A node on ``env``, its channels seeded; stopped after."""
     seed_resume_channel(database)
     token = create_token(env, "abuse-publisher", grant=False)
-    node = ServerNode(env, name=f"abuse-{uuid.uuid4().hex[:6]}").start()
+    server = os.environ.get("ABUSE_SERVER", "daphne")
+    node = ServerNode(env, server=server, name=f"abuse-{uuid.uuid4().hex[:6]}").start()
     try:
         asyncio.run(seed_bomb_channel(node, token))
         analyze_tables(database)

@@ -32,6 +32,9 @@ HEARTBEAT_SECS = 20.0
 class Sample:
     sent_at: float
     latency_secs: float
+    # Of which, from the publisher's send to the node's commit (the message's timestamp,
+    # same clock): the rest is the commit to this subscriber's read.
+    to_commit_secs: float
 
 
 @dataclass(eq=False)
@@ -114,7 +117,8 @@ class HonestSubscriber:
             now = time.time()
             self.seqs[envelope["channel"]].append(envelope["seq"])
             sent_at = envelope["data"]["sent_at"]
-            self.samples.append(Sample(sent_at, now - sent_at))
+            to_commit = envelope["timestamp"] - sent_at
+            self.samples.append(Sample(sent_at, now - sent_at, to_commit))
         elif kind == "subscribed":
             self.subscribed_seq[envelope["channel"]] = envelope["seq"]
         elif kind == "error":
@@ -205,6 +209,10 @@ class HonestVerdict:
     disconnected: int
     close_codes: list[int | None]
     errors: int
+    # The p99 of each part of the latency: the publisher's send to the commit, and the
+    # commit to the subscriber's read (fan-out, the socket, the client's own turn).
+    to_commit_p99_ms: float
+    from_commit_p99_ms: float
     # Per second of the window: [second, samples, p50 ms, max ms], to tell a node that
     # is slow throughout (saturated) from one that stalls now and then.
     seconds: list[list[float]] = field(default_factory=list)
@@ -217,12 +225,8 @@ def judge(
 ) -> HonestVerdict:
     """Latency of the messages sent within ``window``; loss, duplicates and order over
     everything received (every acknowledged seq after the one subscribed at)."""
-    latencies = sorted(
-        s.latency_secs
-        for sub in subscribers
-        for s in sub.samples
-        if window[0] <= s.sent_at <= window[1]
-    )
+    samples = [s for sub in subscribers for s in sub.samples if window[0] <= s.sent_at <= window[1]]
+    latencies = sorted(s.latency_secs for s in samples)
     lost = duplicates = out_of_order = 0
     for sub in subscribers:
         for channel in sub.channels:
@@ -236,6 +240,10 @@ def judge(
         p50_ms=percentile_ms(latencies, 0.50),
         p99_ms=percentile_ms(latencies, 0.99),
         max_ms=percentile_ms(latencies, 1.0),
+        to_commit_p99_ms=percentile_ms(sorted(s.to_commit_secs for s in samples), 0.99),
+        from_commit_p99_ms=percentile_ms(
+            sorted(s.latency_secs - s.to_commit_secs for s in samples), 0.99
+        ),
         lost=lost,
         duplicates=duplicates,
         out_of_order=out_of_order,
