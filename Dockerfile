@@ -66,4 +66,4 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:8000/health', timeout=4)"]
 
 ENTRYPOINT ["python", "manage.py"]
-CMD ["runnode", "--server", "daphne", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+CMD ["runnode", "--server", "uvicorn", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]

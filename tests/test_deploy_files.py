@@ -196,10 +196,10 @@ def test_image_runs_as_a_non_root_user() -> None:
     assert image_uid() != 0
 
 
-def test_image_entry_point_is_a_node_under_daphne() -> None:
+def test_image_entry_point_is_a_node_under_uvicorn() -> None:
     assert json.loads(final_stage("ENTRYPOINT")[-1]) == ["python", "manage.py"]
     options = runnode_options(json.loads(final_stage("CMD")[-1]))
-    assert options["server"] == "daphne" and options["proxy_headers"]
+    assert options["server"] == "uvicorn" and options["proxy_headers"]
     # In a container the node must listen beyond loopback.
     assert options["host"] == "0.0.0.0" and options["port"] == 8000  # noqa: S104
     assert final_stage("EXPOSE") == [str(options["port"])]
@@ -313,7 +313,7 @@ def test_compose_runs_two_nodes_that_wait_for_the_migration() -> None:
     assert app_services()["migrate"]["restart"] == "no"
     for name, node in nodes.items():
         options = runnode_options(node["command"])
-        assert options["server"] == "daphne" and options["proxy_headers"], name
+        assert options["server"] == "uvicorn" and options["proxy_headers"], name
         assert node["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
         assert "/health" in " ".join(node["healthcheck"]["test"]), name
         assert node.get("stop_signal", "SIGTERM") == "SIGTERM"
@@ -515,7 +515,7 @@ def test_k8s_node_probes_ask_the_monitoring_views() -> None:
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert container[probe]["httpGet"]["port"] in ports, probe
     options = runnode_options(container["args"])
-    assert options["server"] == "daphne" and options["proxy_headers"]
+    assert options["server"] == "uvicorn" and options["proxy_headers"]
     assert ports["http"] == options["port"]
 
 

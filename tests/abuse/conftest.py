@@ -1,6 +1,7 @@
-"""The abuse suite's node: one daphne node with the default settings (only what the
-harness needs: its own database and Redis prefix, DEBUG off, a SECRET_KEY), and the
-channels the attacks aim at, filled before the attack.
+"""The abuse suite's node: one node with the default settings and server (only what the
+harness needs: its own database and Redis prefix, DEBUG off, a SECRET_KEY; the
+environment's ``ABUSE_SERVER=daphne`` runs it under daphne instead), and the channels
+the attacks aim at, filled before the attack.
 
 Run with ``make test-abuse`` (``pytest -m abuse tests/abuse``); the default run leaves
 it out (``-m "not abuse"`` in pyproject's addopts).
@@ -144,7 +145,8 @@ def seeded_node(env: dict[str, str], database: Database) -> Iterator[AbuseNode]:
     """A node on ``env``, its channels seeded; stopped after."""
     seed_resume_channel(database)
     token = create_token(env, "abuse-publisher", grant=False)
-    server = os.environ.get("ABUSE_SERVER", "daphne")
+    # runnode's default server (DEFAULT_SERVER there); ABUSE_SERVER=daphne runs the other.
+    server = os.environ.get("ABUSE_SERVER", "uvicorn")
     node = ServerNode(env, server=server, name=f"abuse-{uuid.uuid4().hex[:6]}").start()
     try:
         asyncio.run(seed_bomb_channel(node, token))

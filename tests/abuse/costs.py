@@ -1,7 +1,7 @@
 """What each attack of the abuse suite costs a node, measured one attack at a time:
 ``python -m tests.abuse.costs [--secs 20] [--only NAME ...]``.
 
-One daphne node with the default settings and the suite's seeded channels (as
+One node with the default settings and server and the suite's seeded channels (as
 ``make test-abuse`` has them), the honest clients publishing and subscribing
 throughout; first a baseline with the honest clients alone, then each attack by itself
 for ``--secs``. Per attack: the abusive requests it sent, the node's CPU beyond the
