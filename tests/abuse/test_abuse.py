@@ -229,16 +229,24 @@ def overload_refusals(node: ServerNode) -> int:
     return sum(int(float(value)) for _, value in OVERLOAD_REFUSALS.findall(body))
 
 
-DELIVERY_BUCKET = re.compile(
-    r'^push_publish_to_delivery_seconds_bucket\{le="([^"]+)"\} (\S+)$', re.M
-)
-
-
-def delivery_buckets(node: ServerNode) -> dict[float, float]:
-    """How many messages the node fanned out so far within each bucket of time after
-    their commit (push_publish_to_delivery_seconds, cumulative)."""
+def histogram_buckets(node: ServerNode, name: str) -> dict[float, float]:
+    """The node's histogram ``name`` (no labels) so far: count per bucket, cumulative."""
+    line = re.compile(rf'^{name}_bucket\{{le="([^"]+)"\}} (\S+)$', re.M)
     body = httpx.get(f"{node.http_url}/metrics", timeout=5).text
-    return {float(le): float(value) for le, value in DELIVERY_BUCKET.findall(body)}
+    return {float(le): float(value) for le, value in line.findall(body)}
+
+
+DELIVERY_HISTOGRAM = "push_publish_to_delivery_seconds"
+WRITE_BATCH_HISTOGRAM = "push_write_batch_seconds"
+
+
+def slow_batches(before: dict[float, float], after: dict[float, float]) -> str:
+    """The write pipeline's transactions in between that took over 100 and 500 ms: one
+    slow commit holds every publish queued behind it (one batch at a time)."""
+    counts = {le: after[le] - before.get(le, 0.0) for le in after}
+    total = counts.get(float("inf"), 0.0)
+    over_100, over_500 = (int(total - counts.get(le, 0.0)) for le in (0.1, 0.5))
+    return f"{over_100} / {over_500} of {int(total)}"
 
 
 def node_side_delay(before: dict[float, float], after: dict[float, float]) -> str:
@@ -323,7 +331,8 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
     refusals_before = budget_refusals(node)
     shed_before = overload_refusals(node)
     gc_before = gc_pauses(node)
-    delivery_before = delivery_buckets(node)
+    delivery_before = histogram_buckets(node, DELIVERY_HISTOGRAM)
+    batches_before = histogram_buckets(node, WRITE_BATCH_HISTOGRAM)
     published_before = publisher.published
     attack_started = time.time()
     attacker = await run_attackers(
@@ -338,7 +347,8 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
     attack_ended = time.time()
     rss_after, cpu_after = process.memory_info().rss, cpu_secs(process)
     gc_after = gc_pauses(node)
-    node_delay = node_side_delay(delivery_before, delivery_buckets(node))
+    node_delay = node_side_delay(delivery_before, histogram_buckets(node, DELIVERY_HISTOGRAM))
+    batches = slow_batches(batches_before, histogram_buckets(node, WRITE_BATCH_HISTOGRAM))
     collections = {key: gc_after[key] - gc_before[key] for key in gc_after}
 
     await asyncio.sleep(STATS_FLUSH_SECS)
@@ -388,6 +398,7 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
             True,
         ),
         Figure("node: commit to fan-out, every message", node_delay, "-", True),
+        Figure("node: write batches over 100 / 500 ms", batches, "-", True),
         Figure("honest latency samples", honest.samples, ">= 10000", honest.samples >= 10_000),
         Figure("honest messages lost", honest.lost, 0, honest.lost == 0),
         Figure("honest duplicates", honest.duplicates, 0, honest.duplicates == 0),
