@@ -32,6 +32,10 @@ from common import metrics
 from push.cluster.address_budgets import TokenBucket
 
 PROBE_SECS = 0.025
+# Waiting work let in per probe once the overload is over (2,000 a second): all of a
+# long queue at once would be one loop turn of that many subscriptions, the lag that
+# started it all over again.
+RELEASED_PER_PROBE = 50
 
 
 class LoopLag:
@@ -101,12 +105,14 @@ class LoopLag:
         self._let_waiting_in()
 
     def _let_waiting_in(self) -> None:
-        """Every waiting piece of work once the overload is over; while it lasts, as
-        many as the admission rate gives, oldest first."""
-        while self._waiting:
+        """Waiting work, oldest first: once the overload is over, ``RELEASED_PER_PROBE``
+        at a time; while it lasts, as many as the admission rate gives."""
+        released = 0
+        while self._waiting and released < RELEASED_PER_PROBE:
             if self._waiting[0].done():  # its wait timed out
                 self._waiting.popleft()
                 continue
             if self.overloaded() and not self._take_admission():
                 return
             self._waiting.popleft().set_result(None)
+            released += 1

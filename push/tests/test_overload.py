@@ -11,7 +11,7 @@ import time
 import pytest
 from django.test import override_settings
 
-from push.cluster.overload import PROBE_SECS, LoopLag
+from push.cluster.overload import PROBE_SECS, RELEASED_PER_PROBE, LoopLag
 from push.services.runtime import get_node
 from push.tests.wsclient import connected_client
 
@@ -127,3 +127,18 @@ async def test_an_overloaded_node_defers_anonymous_subscriptions_only_to_channel
     assert time.monotonic() - overloaded_at >= 0.9
     await first.close()
     await second.close()
+
+
+async def test_a_long_queue_is_let_in_a_probe_at_a_time_after_the_overload() -> None:
+    """All at once, a long queue of subscriptions would be one loop turn long enough to
+    start the overload again."""
+    lag = LoopLag(limit_secs=0.02, hold_secs=0.05, admit_per_sec=0)
+    lag.observe(0.05)
+    waiting = [asyncio.ensure_future(lag.admitted("subscribe", 5)) for _ in range(120)]
+    await asyncio.sleep(0.06)  # the hold is over
+    lag.observe(0.0)
+    await asyncio.sleep(0)
+    assert sum(w.done() for w in waiting) == RELEASED_PER_PROBE
+    lag.observe(0.0)
+    lag.observe(0.0)
+    assert await asyncio.gather(*waiting) == [True] * 120
