@@ -57,10 +57,7 @@ class LoopLag:
     def shed(self, kind: str) -> bool:
         """Whether to refuse a new piece of anonymous work of ``kind`` (counted), or
         admit it: always while the loop keeps up, at the admission rate while not."""
-        if not self.overloaded():
-            return False
-        if self._take_admission():
-            metrics.OVERLOAD_ADMISSIONS.labels(kind).inc()
+        if self._let_in_now(kind):
             return False
         metrics.OVERLOAD_REFUSALS.labels(kind).inc()
         return True
@@ -70,10 +67,7 @@ class LoopLag:
         while the loop keeps up; while it does not, when the admission rate lets it in
         (after the work that waited longer) or the overload ends. False, counted as a
         refusal, when that takes longer than ``max_wait_secs``."""
-        if not self.overloaded():
-            return True
-        if not self._waiting and self._take_admission():
-            metrics.OVERLOAD_ADMISSIONS.labels(kind).inc()
+        if not self.overloaded() or (not self._waiting and self._let_in_now(kind)):
             return True
         turn = asyncio.get_running_loop().create_future()
         self._waiting.append(turn)
@@ -85,6 +79,15 @@ class LoopLag:
             return False
         metrics.OVERLOAD_ADMISSIONS.labels(kind).inc()
         return True
+
+    def _let_in_now(self, kind: str) -> bool:
+        """Whether work may start now: the loop keeps up, or an admission is left (counted)."""
+        if not self.overloaded():
+            return True
+        if self._take_admission():
+            metrics.OVERLOAD_ADMISSIONS.labels(kind).inc()
+            return True
+        return False
 
     def _take_admission(self) -> bool:
         return self._admission is not None and self._admission.take()

@@ -32,9 +32,10 @@ HEARTBEAT_SECS = 20.0
 class Sample:
     sent_at: float
     latency_secs: float
-    # Of which, from the publisher's send to the node's commit (the message's timestamp,
-    # same clock): the rest is the commit to this subscriber's read.
-    to_commit_secs: float
+    # Of which, from the publisher's send to the message's timestamp (same clock), taken
+    # when the write pipeline plans the batch that commits it: the rest is that batch's
+    # transaction, the fan-out and this subscriber's read.
+    to_batch_secs: float
 
 
 @dataclass(eq=False)
@@ -117,8 +118,8 @@ class HonestSubscriber:
             now = time.time()
             self.seqs[envelope["channel"]].append(envelope["seq"])
             sent_at = envelope["data"]["sent_at"]
-            to_commit = envelope["timestamp"] - sent_at
-            self.samples.append(Sample(sent_at, now - sent_at, to_commit))
+            to_batch = envelope["timestamp"] - sent_at
+            self.samples.append(Sample(sent_at, now - sent_at, to_batch))
         elif kind == "subscribed":
             self.subscribed_seq[envelope["channel"]] = envelope["seq"]
         elif kind == "error":
@@ -209,10 +210,11 @@ class HonestVerdict:
     disconnected: int
     close_codes: list[int | None]
     errors: int
-    # The p99 of each part of the latency: the publisher's send to the commit, and the
-    # commit to the subscriber's read (fan-out, the socket, the client's own turn).
-    to_commit_p99_ms: float
-    from_commit_p99_ms: float
+    # The p99 of each part of the latency: the publisher's send to its batch (waiting
+    # for the batch before), and the batch to the subscriber's read (the transaction,
+    # the fan-out, the socket, the client's own turn).
+    to_batch_p99_ms: float
+    from_batch_p99_ms: float
     # Per second of the window: [second, samples, p50 ms, max ms], to tell a node that
     # is slow throughout (saturated) from one that stalls now and then.
     seconds: list[list[float]] = field(default_factory=list)
@@ -240,9 +242,9 @@ def judge(
         p50_ms=percentile_ms(latencies, 0.50),
         p99_ms=percentile_ms(latencies, 0.99),
         max_ms=percentile_ms(latencies, 1.0),
-        to_commit_p99_ms=percentile_ms(sorted(s.to_commit_secs for s in samples), 0.99),
-        from_commit_p99_ms=percentile_ms(
-            sorted(s.latency_secs - s.to_commit_secs for s in samples), 0.99
+        to_batch_p99_ms=percentile_ms(sorted(s.to_batch_secs for s in samples), 0.99),
+        from_batch_p99_ms=percentile_ms(
+            sorted(s.latency_secs - s.to_batch_secs for s in samples), 0.99
         ),
         lost=lost,
         duplicates=duplicates,

@@ -95,9 +95,8 @@ class ResumingSubscriber:
             attempt = 0 if got_subscribed else attempt + 1
             # Before its first subscription a client is still connecting (a node that
             # is overloaded closes new anonymous connections 1013): nothing to resume.
-            if not self.subscribed.is_set():
-                pass
-            elif not self.resumes or self.resumes[-1].resumed_at is not None:
+            resumed = not self.resumes or self.resumes[-1].resumed_at is not None
+            if self.subscribed.is_set() and resumed:
                 self.resumes.append(Resume(lost_at=loop.time()))
             await asyncio.sleep(reconnect_delay(attempt))
 
