@@ -773,7 +773,8 @@ async def run(
 ) -> dict[str, Any]:
     target.deadline = time.monotonic() + duration_secs
     attacks = [attack for attack in ATTACKS if not only or attack.name in only]
-    address_of = {a.name: source_of(ATTACKS.index(a), addresses) for a in attacks}
+    # Every attack has its row in the report; one left out by ``only`` with nothing done.
+    address_of = {a.name: source_of(ATTACKS.index(a), addresses) for a in ATTACKS}
     sharing = Counter(address_of.values())
     stats = {
         attack.name: AttackStats(
@@ -783,7 +784,7 @@ async def run(
             address=address_of[attack.name],
             shared_address=sharing[address_of[attack.name]] > 1,
         )
-        for attack in attacks
+        for attack in ATTACKS
     }
     # SIGTERM (the test stops an attack that takes the node's memory): end every loop
     # now and still write the report of what was done.

@@ -53,6 +53,9 @@ FRAME_PER_SEC = 200
 # The attackers' addresses (tests/abuse/attacks.py --addresses): 0, each attack from its
 # own; 1, every attack from one host, sharing its budgets.
 ATTACKER_ADDRESSES = int(os.environ.get("ABUSE_ATTACKER_ADDRESSES", "0"))
+# A diagnostic, not the suite: "name|name" runs only the attacks of those names (the
+# bounds that count the rest then fail), to see which one moves a figure.
+ONLY_ATTACKS = [name for name in os.environ.get("ABUSE_ONLY", "").split("|") if name]
 STATS_FLUSH_SECS = 11.0
 READY_POLL_SECS = 0.5
 # Past this growth the attack is stopped early, so a node without bounds cannot take
@@ -90,6 +93,39 @@ class Watch:
     ready_failed: list[str] = field(default_factory=list)
     rss_peak: int = 0
     aborted: bool = False
+
+
+@dataclass
+class NodeCounters:
+    """The node's counters at one moment. Read on a thread (``read_counters``): the
+    metrics scrapes and queries block, and on the test's loop they would stall the
+    honest clients beside them, whose latency would then count the test's own pause."""
+
+    rss: int
+    cpu_secs: float
+    refusals: dict[str, int]
+    shed: int
+    gc: dict[str, float]
+    delivery: dict[float, float]
+    batches: dict[float, float]
+    rows_read: float
+
+
+def _counters(node: ServerNode, process: psutil.Process) -> NodeCounters:
+    return NodeCounters(
+        rss=process.memory_info().rss,
+        cpu_secs=cpu_secs(process),
+        refusals=budget_refusals(node),
+        shed=overload_refusals(node),
+        gc=gc_pauses(node),
+        delivery=histogram_buckets(node, DELIVERY_HISTOGRAM),
+        batches=histogram_buckets(node, WRITE_BATCH_HISTOGRAM),
+        rows_read=node.metric(ROWS_READ_METRIC),
+    )
+
+
+async def read_counters(node: ServerNode, process: psutil.Process) -> NodeCounters:
+    return await asyncio.to_thread(_counters, node, process)
 
 
 def message_table_reads(database: Database) -> tuple[int, int]:
@@ -330,14 +366,8 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
     await publisher.start()
     await asyncio.sleep(WARMUP_SECS)
 
-    rss_before, cpu_before = process.memory_info().rss, cpu_secs(process)
-    rows_before, toast_before = message_table_reads(abuse_node.database)
-    node_rows_before = node.metric(ROWS_READ_METRIC)
-    refusals_before = budget_refusals(node)
-    shed_before = overload_refusals(node)
-    gc_before = gc_pauses(node)
-    delivery_before = histogram_buckets(node, DELIVERY_HISTOGRAM)
-    batches_before = histogram_buckets(node, WRITE_BATCH_HISTOGRAM)
+    before = await read_counters(node, process)
+    rows_before, toast_before = await asyncio.to_thread(message_table_reads, abuse_node.database)
     published_before = publisher.published
     attack_started = time.time()
     attacker = await run_attackers(
@@ -347,18 +377,18 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
         report_path=tmp_path / "attack-report.json",
         log_path=tmp_path / "attackers.log",
         addresses=ATTACKER_ADDRESSES,
+        only=ONLY_ATTACKS,
     )
-    seen = await watch_attack(attacker, process, node.http_url, rss_before)
+    seen = await watch_attack(attacker, process, node.http_url, before.rss)
     attack_ended = time.time()
-    rss_after, cpu_after = process.memory_info().rss, cpu_secs(process)
-    gc_after = gc_pauses(node)
-    node_delay = node_side_delay(delivery_before, histogram_buckets(node, DELIVERY_HISTOGRAM))
-    batches = slow_batches(batches_before, histogram_buckets(node, WRITE_BATCH_HISTOGRAM))
-    collections = {key: gc_after[key] - gc_before[key] for key in gc_after}
+    after = await read_counters(node, process)
+    node_delay = node_side_delay(before.delivery, after.delivery)
+    batches = slow_batches(before.batches, after.batches)
+    collections = {key: after.gc[key] - before.gc[key] for key in after.gc}
 
     await asyncio.sleep(STATS_FLUSH_SECS)
-    rows_after, toast_after = message_table_reads(abuse_node.database)
-    node_rows = int(node.metric(ROWS_READ_METRIC) - node_rows_before)
+    rows_after, toast_after = await asyncio.to_thread(message_table_reads, abuse_node.database)
+    node_rows = int(await asyncio.to_thread(node.metric, ROWS_READ_METRIC) - before.rows_read)
     published = publisher.published - published_before
     await publisher.stop()
     await wait_delivered(subscribers, publisher, timeout_secs=15)
@@ -372,13 +402,13 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
     report = json.loads((tmp_path / "attack-report.json").read_text())
     honest = judge(subscribers, publisher, (attack_started, attack_ended))
     requests = sum(a["requests"] for a in report["attacks"])
-    cpu_per_request = (cpu_after - cpu_before) / max(requests, 1)
+    cpu_per_request = (after.cpu_secs - before.cpu_secs) / max(requests, 1)
     rows, toast = rows_after - rows_before, toast_after - toast_before
     anon_answered, anon_allowed, anon_within = anonymous_rest_allowed(report)
     refusals = {
-        kind: count - refusals_before[kind] for kind, count in budget_refusals(node).items()
+        kind: count - before.refusals[kind] for kind, count in budget_refusals(node).items()
     }
-    shed = overload_refusals(node) - shed_before
+    shed = overload_refusals(node) - before.shed
     shed_seen = sum(a["overload_refused"] for a in report["attacks"])
     # The flood is refused once its address goes past the budget (a burst, then a rate);
     # on a node so busy that its handshakes came slower than that, nothing was over.
@@ -417,17 +447,17 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
         Figure("honest error frames", honest.errors, 0, honest.errors == 0),
         Figure(
             "node RSS growth, MB",
-            round((rss_after - rss_before) / 2**20, 1),
+            round((after.rss - before.rss) / 2**20, 1),
             RSS_GROWTH_BYTES // 2**20,
-            rss_after - rss_before < RSS_GROWTH_BYTES,
+            after.rss - before.rss < RSS_GROWTH_BYTES,
         ),
         Figure(
             "node RSS peak growth, MB",
-            round((seen.rss_peak - rss_before) / 2**20, 1),
+            round((seen.rss_peak - before.rss) / 2**20, 1),
             "-",
             not seen.aborted,
         ),
-        Figure("node CPU s", round(cpu_after - cpu_before, 2), "-", True),
+        Figure("node CPU s", round(after.cpu_secs - before.cpu_secs, 2), "-", True),
         # Each collection holds the event loop: for information, beside the latency.
         Figure(
             "node GC collections / over 50 ms / over 100 ms / total s",
