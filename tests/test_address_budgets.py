@@ -31,6 +31,9 @@ HANDSHAKE_BURST = 5
 FRAME_BURST = 30
 SUBSCRIBE_BURST = 6
 REST_BURST = 5
+# Two pages of one ~1 KB message each; the refill (1 byte a second) gives nothing back.
+HISTORY_BURST_BYTES = 2000
+HISTORY_MESSAGE_CHARS = 1000
 # Above the 20 frames each connection sends before the test floods one of them.
 CLOSE_AFTER = 25
 TIMEOUT_SECS = 10.0
@@ -48,6 +51,8 @@ def budget_env(e2e_env: dict[str, str]) -> dict[str, str]:
         "PUSH_ADDRESS_SUBSCRIBE_PER_SEC": "1",
         "PUSH_ADDRESS_REST_BURST": str(REST_BURST),
         "PUSH_ADDRESS_REST_PER_SEC": "1",
+        "PUSH_ADDRESS_HISTORY_BURST_BYTES": str(HISTORY_BURST_BYTES),
+        "PUSH_ADDRESS_HISTORY_BYTES_PER_SEC": "1",
         "PUSH_RATE_LIMIT_CLOSE_AFTER": str(CLOSE_AFTER),
     }
 
@@ -263,6 +268,35 @@ async def test_rest_requests_of_an_address_have_a_budget_before_django(
     assert int(refused[0].headers["Retry-After"]) >= 1
     async with http_from("127.0.2.4", budget_node.http_url) as http:
         assert (await http.get(path)).status_code == 200
+
+
+async def test_history_an_address_reads_over_rest_has_a_byte_budget(
+    budget_node: ServerNode, address: str, service_key: str
+) -> None:
+    """Counts do not bound what a page costs (up to 4 MiB): the bytes do. A page is
+    charged once read, so the address may read while it has any budget left."""
+    channel = f"budget-history-{address}"
+    auth = {"Authorization": f"Token {service_key}"}
+    async with http_from("127.0.2.5", budget_node.http_url) as http:
+        for n in range(3):
+            data = f"{n}".ljust(HISTORY_MESSAGE_CHARS, "x")
+            published = await http.post(
+                f"/api/v1/channels/{channel}/messages", json={"data": data}, headers=auth
+            )
+            assert published.status_code == 201, published.text
+    pages = [f"/api/v1/channels/{channel}/messages?since={n}&limit=1" for n in range(3)]
+    async with http_from(address, budget_node.http_url) as http:
+        first, second, third = [await http.get(page) for page in pages]
+        # A service token on the same address is not held to it.
+        assert (await http.get(pages[2], headers=auth)).status_code == 200
+    assert [first.status_code, second.status_code] == [200, 200]
+    assert first.json()["results"][0]["data"].startswith("0")
+    assert third.status_code == 429
+    assert third.json()["code"] == "RATE_LIMITED"
+    assert int(third.headers["Retry-After"]) >= 1
+    # Another address reads as usual.
+    async with http_from("127.0.2.6", budget_node.http_url) as http:
+        assert (await http.get(pages[2])).status_code == 200
 
 
 async def test_a_service_token_is_not_held_to_its_addresss_budgets(

@@ -9,6 +9,7 @@ waiting on the database holds no thread of its own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlencode
@@ -17,7 +18,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, HttpResponseBase
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from drf_spectacular.views import SpectacularAPIView
-from rest_framework import status
+from rest_framework import exceptions, status
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.renderers import BaseRenderer, BrowsableAPIRenderer
 from rest_framework.request import Request
@@ -44,6 +45,7 @@ from push.api.serializers import (
 )
 from push.cluster.node import running_node
 from push.cluster.presence import presence_members_sync
+from push.services.admission import history_read, history_refused
 from push.services.channel_info import channel_bodies, channel_info, channel_names_visible
 from push.services.publishing import message_publish_queued, messages_publish_batch, user_channel
 from push.storage import selectors
@@ -171,6 +173,13 @@ class ChannelMessagesView(ChannelView):
             default_limit=push_settings.HISTORY_PAGE_DEFAULT,
         )
         since, limit = query["since"], query["limit"]
+        principal = request_principal(request)
+        scope = getattr(request._request, "scope", {})
+        retry_after = history_refused(scope, principal)
+        if retry_after is not None:
+            raise exceptions.Throttled(
+                math.ceil(retry_after), detail="too much history read from this address"
+            )
         messages, cut_short = await _message_list_since(
             channel=channel,
             since=since,
@@ -179,6 +188,7 @@ class ChannelMessagesView(ChannelView):
         )
         has_more = len(messages) > limit or cut_short
         messages = messages[:limit]
+        history_read(scope, principal, sum(m.data_bytes for m in messages))
         next_url = _page_url(request, since=messages[-1].seq, limit=limit) if has_more else None
         return Response({"results": StoredMessages(messages), "next": next_url})
 

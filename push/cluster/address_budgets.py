@@ -8,7 +8,9 @@ one node (tests/abuse/costs.py), what costs the node most per request is a hands
 (~4 ms), a REST request (4-7 ms, ~4 ms even when the throttle answers 429) and frames
 the decoders must work through; so each of these has a token bucket per address:
 WebSocket and SSE handshakes, frames across all of the address's connections (on top
-of each connection's own bucket), subscriptions started, and REST requests. Service
+of each connection's own bucket), subscriptions started, and REST requests. Counts do
+not bound what a history page costs, up to its byte budget (4 MiB by default): the
+bytes of history an address reads over REST have a bucket of their own. Service
 tokens are back-ends and are never held to them.
 
 The table is bounded: an entry idle for longer than the slowest bucket takes to fill
@@ -66,6 +68,24 @@ class TokenBucket:
         return max(0.0, missing / self.rate_per_sec)
 
 
+class ByteBucket(TokenBucket):
+    """A budget of bytes read. A page's size is known only once it is read, so what is
+    read is charged after: the bucket may go below zero, and nothing more is allowed
+    until it has refilled past it."""
+
+    __slots__ = ()
+
+    def allowed(self) -> bool:
+        self.charge(0)
+        return self.tokens >= 1.0
+
+    def charge(self, nbytes: int) -> None:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_sec)
+        self.updated = now
+        self.tokens -= nbytes
+
+
 class NoLimit:
     """The bucket of a budget that is off (rate 0), or of a service token."""
 
@@ -74,12 +94,19 @@ class NoLimit:
     def take(self) -> bool:
         return True
 
+    def allowed(self) -> bool:
+        return True
+
+    def charge(self, nbytes: int) -> None:
+        pass
+
     def wait_secs(self) -> float:
         return 0.0
 
 
 NO_LIMIT = NoLimit()
 Bucket = TokenBucket | NoLimit
+Bytes = ByteBucket | NoLimit
 
 
 # Labelled once: a flood is refused on these paths.
@@ -87,6 +114,7 @@ REFUSED_HANDSHAKES = metrics.ADDRESS_BUDGET_REFUSALS.labels("handshakes")
 REFUSED_FRAMES = metrics.ADDRESS_BUDGET_REFUSALS.labels("frames")
 REFUSED_SUBSCRIBES = metrics.ADDRESS_BUDGET_REFUSALS.labels("subscribes")
 REFUSED_REST = metrics.ADDRESS_BUDGET_REFUSALS.labels("rest")
+REFUSED_HISTORY = metrics.ADDRESS_BUDGET_REFUSALS.labels("history_bytes")
 
 
 class Budget:
@@ -102,6 +130,9 @@ class Budget:
     def bucket(self, clock: Callable[[], float]) -> Bucket:
         return TokenBucket(self.burst, self.per_sec, clock) if self.per_sec > 0 else NO_LIMIT
 
+    def byte_bucket(self, clock: Callable[[], float]) -> Bytes:
+        return ByteBucket(self.burst, self.per_sec, clock) if self.per_sec > 0 else NO_LIMIT
+
     @property
     def refill_secs(self) -> float:
         return self.burst / self.per_sec if self.per_sec > 0 else 0.0
@@ -111,7 +142,16 @@ class AddressBudget:
     """The buckets of one client address (or IPv6 /64) on this node. A connection holds
     its address's entry, so a frame takes from it without a look-up."""
 
-    __slots__ = ("connections", "frames", "handshakes", "key", "last_used", "rest", "subscribes")
+    __slots__ = (
+        "connections",
+        "frames",
+        "handshakes",
+        "history_bytes",
+        "key",
+        "last_used",
+        "rest",
+        "subscribes",
+    )
 
     def __init__(self, key: str, budgets: AddressBudgets) -> None:
         clock = budgets.clock
@@ -120,6 +160,7 @@ class AddressBudget:
         self.frames = budgets.frames.bucket(clock)
         self.subscribes = budgets.subscribes.bucket(clock)
         self.rest = budgets.rest.bucket(clock)
+        self.history_bytes = budgets.history_bytes.byte_bucket(clock)
         # Open connections holding this entry: it is not dropped while they last.
         self.connections = 0
         self.last_used = clock()
@@ -157,6 +198,7 @@ class AddressBudgets:
         frames: Budget,
         subscribes: Budget,
         rest: Budget,
+        history_bytes: Budget,
         max_entries: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -164,10 +206,15 @@ class AddressBudgets:
         self.frames = frames
         self.subscribes = subscribes
         self.rest = rest
+        self.history_bytes = history_bytes
         self.max_entries = max_entries
         self.clock = clock
-        # Past this long unused, every bucket of an entry is full again.
-        self.idle_secs = max(b.refill_secs for b in (handshakes, frames, subscribes, rest))
+        # Past this long unused, every bucket of an entry is full again. (A byte bucket
+        # may be below zero by one page: it refills within its burst's time again, since
+        # a page is never larger than the budget's burst by default.)
+        self.idle_secs = max(
+            b.refill_secs for b in (handshakes, frames, subscribes, rest, history_bytes)
+        )
         # Oldest use first: a look-up moves its entry to the end.
         self._entries: dict[str, AddressBudget] = {}
 
@@ -205,6 +252,21 @@ class AddressBudgets:
             return None
         REFUSED_REST.inc()
         return entry.rest.wait_secs()
+
+    def history_refused(self, address: str | None) -> float | None:
+        """Whether ``address`` may read more history now: None when it may, else the
+        seconds until it may (``Retry-After``). What it reads is then charged with
+        ``history_read``."""
+        entry = self.get(address)
+        if entry is None or entry.history_bytes.allowed():
+            return None
+        REFUSED_HISTORY.inc()
+        return entry.history_bytes.wait_secs()
+
+    def history_read(self, address: str | None, nbytes: int) -> None:
+        entry = self.get(address)
+        if entry is not None:
+            entry.history_bytes.charge(nbytes)
 
     def acquire(self, address: str | None) -> AddressBudget | None:
         """The budget of ``address``, held by a connection until ``release``."""

@@ -438,6 +438,9 @@ def address_budgets_from_settings() -> AddressBudgets:
         frames=Budget(settings.ADDRESS_FRAME_BURST, settings.ADDRESS_FRAME_PER_SEC),
         subscribes=Budget(settings.ADDRESS_SUBSCRIBE_BURST, settings.ADDRESS_SUBSCRIBE_PER_SEC),
         rest=Budget(settings.ADDRESS_REST_BURST, settings.ADDRESS_REST_PER_SEC),
+        history_bytes=Budget(
+            settings.ADDRESS_HISTORY_BURST_BYTES, settings.ADDRESS_HISTORY_BYTES_PER_SEC
+        ),
         max_entries=settings.ADDRESS_BUDGETS_MAX,
     )
 

@@ -55,6 +55,13 @@ class ChannelMessage:
             self._data = json.loads(self.data_json)
         return self._data
 
+    @property
+    def data_bytes(self) -> int:
+        """The size of ``data_json`` in UTF-8, as the database counts it (without
+        encoding it when it is ASCII, as it mostly is)."""
+        text = self.data_json
+        return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
     def envelope(self) -> dict[str, Any]:
         return {
             "type": "message",

@@ -67,3 +67,19 @@ def rest_refused(scope: dict[str, Any]) -> float | None:
     if key is not None and is_known_service_key(key):
         return None
     return node.addresses.rest_refused(client_ip(scope))
+
+
+def history_refused(scope: Mapping[str, Any], principal: Principal) -> float | None:
+    """Whether this client's address may read more history now (REST pages): None when
+    it may, else the seconds until it may. Service tokens are not held to it."""
+    node = running_node()
+    if node is None or principal.kind == "service":
+        return None
+    return node.addresses.history_refused(client_ip(scope))
+
+
+def history_read(scope: Mapping[str, Any], principal: Principal, nbytes: int) -> None:
+    """Charge a page of ``nbytes`` of message data to the address's history budget."""
+    node = running_node()
+    if node is not None and principal.kind != "service":
+        node.addresses.history_read(client_ip(scope), nbytes)

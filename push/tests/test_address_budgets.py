@@ -33,6 +33,7 @@ def table(clock: Clock, *, max_entries: int = 1000, **budgets: Budget) -> Addres
         "frames": Budget(10, 5),
         "subscribes": Budget(4, 2),
         "rest": Budget(2, 1),
+        "history_bytes": Budget(1000, 1000),
     }
     return AddressBudgets(**{**defaults, **budgets}, max_entries=max_entries, clock=clock)
 
@@ -55,6 +56,26 @@ def test_rest_refusal_says_how_long_to_wait() -> None:
     assert budgets.rest_refused("192.0.2.1") == pytest.approx(1.0)
     clock.now += 0.5
     assert budgets.rest_refused("192.0.2.1") == pytest.approx(0.5)
+
+
+def test_history_bytes_are_charged_once_read_and_refused_while_in_debt() -> None:
+    """A page's size is known once it is read: the address reads while it has budget
+    left, may go below zero by that page, and waits until it refilled past zero."""
+    clock = Clock()
+    budgets = table(clock)
+    assert budgets.history_refused("192.0.2.1") is None
+    budgets.history_read("192.0.2.1", 900)
+    assert budgets.history_refused("192.0.2.1") is None
+    budgets.history_read("192.0.2.1", 400)  # 1000 - 900 - 400: 300 in debt
+    assert budgets.history_refused("192.0.2.1") == pytest.approx(0.301)
+    assert budgets.history_refused("192.0.2.2") is None
+    clock.now += 0.3
+    assert budgets.history_refused("192.0.2.1") == pytest.approx(0.001)
+    clock.now += 0.002
+    assert budgets.history_refused("192.0.2.1") is None
+    clock.now += 3600
+    budgets.history_read("192.0.2.1", 1000)  # the refill stops at the burst
+    assert budgets.history_refused("192.0.2.1") is not None
 
 
 def test_no_address_and_a_zero_rate_budget_nothing() -> None:
@@ -169,7 +190,7 @@ def test_an_entry_is_small() -> None:
     budgets = table(Clock())
     entry = budgets.get("2001:db8:1:2::1")
     assert entry is not None
-    buckets = [entry.handshakes, entry.frames, entry.subscribes, entry.rest]
+    buckets = [entry.handshakes, entry.frames, entry.subscribes, entry.rest, entry.history_bytes]
     parts = [entry, entry.key, entry.last_used, *buckets]
     parts += [value for bucket in buckets for value in (bucket.tokens, bucket.updated)]  # type: ignore[union-attr]  # every budget is on here
     # Plus the table's own slot for it (a dict entry, ~100 bytes).

@@ -108,6 +108,7 @@ class NodeCounters:
     gc: dict[str, float]
     delivery: dict[float, float]
     batches: dict[float, float]
+    lag: dict[float, float]
     rows_read: float
 
 
@@ -120,6 +121,7 @@ def _counters(node: ServerNode, process: psutil.Process) -> NodeCounters:
         gc=gc_pauses(node),
         delivery=histogram_buckets(node, DELIVERY_HISTOGRAM),
         batches=histogram_buckets(node, WRITE_BATCH_HISTOGRAM),
+        lag=histogram_buckets(node, LOOP_LAG_HISTOGRAM),
         rows_read=node.metric(ROWS_READ_METRIC),
     )
 
@@ -273,7 +275,10 @@ def histogram_buckets(node: ServerNode, name: str) -> dict[float, float]:
 
 
 DELIVERY_HISTOGRAM = "push_publish_to_delivery_seconds"
+# One slow commit holds every publish queued behind it (one batch at a time).
 WRITE_BATCH_HISTOGRAM = "push_write_batch_seconds"
+# How late the loop ran its 25 ms probe: what every message on the node waits on top.
+LOOP_LAG_HISTOGRAM = "push_loop_lag_seconds"
 
 
 def counts_between(before: dict[float, float], after: dict[float, float]) -> dict[float, float]:
@@ -281,13 +286,13 @@ def counts_between(before: dict[float, float], after: dict[float, float]) -> dic
     return {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
 
 
-def slow_batches(before: dict[float, float], after: dict[float, float]) -> str:
-    """The write pipeline's transactions in between that took over 100 and 500 ms: one
-    slow commit holds every publish queued behind it (one batch at a time)."""
+def counts_over(before: dict[float, float], after: dict[float, float], limits: list[float]) -> str:
+    """How many observations of a histogram in between went over each of ``limits``
+    (bucket bounds), and of how many: "a / b of n"."""
     counts = counts_between(before, after)
     total = counts.get(float("inf"), 0.0)
-    over_100, over_500 = (int(total - counts.get(le, 0.0)) for le in (0.1, 0.5))
-    return f"{over_100} / {over_500} of {int(total)}"
+    over = " / ".join(str(int(total - counts.get(le, 0.0))) for le in limits)
+    return f"{over} of {int(total)}"
 
 
 def node_side_delay(before: dict[float, float], after: dict[float, float]) -> str:
@@ -383,7 +388,8 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
     attack_ended = time.time()
     after = await read_counters(node, process)
     node_delay = node_side_delay(before.delivery, after.delivery)
-    batches = slow_batches(before.batches, after.batches)
+    batches = counts_over(before.batches, after.batches, [0.1, 0.5])
+    lag = counts_over(before.lag, after.lag, [0.025, 0.05, 0.1])
     collections = {key: after.gc[key] - before.gc[key] for key in after.gc}
 
     await asyncio.sleep(STATS_FLUSH_SECS)
@@ -434,6 +440,7 @@ async def test_fifty_attackers_leave_honest_clients_and_the_node_within_bounds(
         ),
         Figure("node: commit to fan-out, every message", node_delay, "-", True),
         Figure("node: write batches over 100 / 500 ms", batches, "-", True),
+        Figure("node: loop lag probes over 25 / 50 / 100 ms", lag, "-", True),
         Figure("honest latency samples", honest.samples, ">= 10000", honest.samples >= 10_000),
         Figure("honest messages lost", honest.lost, 0, honest.lost == 0),
         Figure("honest duplicates", honest.duplicates, 0, honest.duplicates == 0),
