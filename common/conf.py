@@ -393,15 +393,16 @@ class PushSettings:
     ADDRESS_HISTORY_BURST_BYTES: int = option(
         16 * 1_048_576,
         EnvType.INT,
-        "bytes of message data one client address may read from a node's history over "
-        "REST at once, signed in or not (four full pages)",
+        "bytes of message data one client address may read from a node's history at "
+        "once, signed in or not: REST pages and the pages of resumes (four full REST "
+        "pages)",
     )
     ADDRESS_HISTORY_BYTES_PER_SEC: int = option(
         1_048_576,
         EnvType.COUNT,
         "that budget's refill, bytes per second (0: no budget; a page is charged once "
-        "read, and past the budget history reads are answered 429 `RATE_LIMITED` with "
-        "`Retry-After`)",
+        "read; past the budget, REST history reads are answered 429 `RATE_LIMITED` with "
+        "`Retry-After` and resumes wait before their next page)",
     )
     # 25 ms: under the abuse suite's attack the loop's lag stays under 10 ms between
     # bursts and goes past 30 ms in them (docs/operations.md).

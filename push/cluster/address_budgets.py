@@ -10,7 +10,8 @@ the decoders must work through; so each of these has a token bucket per address:
 WebSocket and SSE handshakes, frames across all of the address's connections (on top
 of each connection's own bucket), subscriptions started, and REST requests. Counts do
 not bound what a history page costs, up to its byte budget (4 MiB by default): the
-bytes of history an address reads over REST have a bucket of their own. Service
+bytes of history an address reads, in REST pages and in the pages of resumes (those
+from the node's memory cost no read and are not counted), have a bucket of their own. Service
 tokens are back-ends and are never held to them.
 
 The table is bounded: an entry idle for longer than the slowest bucket takes to fill

@@ -61,6 +61,9 @@ REPLAY_SLICE_FRAMES = 50
 REPLAY_SLICE_BYTES = 256 * 1024
 # How often a replay looks at its client's send queue (and whether the client left).
 OUTBOX_POLL_SECS = 0.005
+# How often a replay waiting for its address's history budget looks whether its client
+# left.
+BUDGET_POLL_SECS = 0.5
 # A replay's page stays shareable this long after its read, while the channel delivers
 # nothing (``Hub._shared_page``): a storm of rewinds or resumes that outlasts the read.
 PAGE_REUSE_SECS = 1.0
@@ -74,6 +77,18 @@ PageKey = tuple[str, int, int, int, int]
 LINGER_SECS = 10.0
 
 
+class HistoryBudget(Protocol):
+    """The bytes of history a client's address may still read (its address budget's
+    ``history_bytes``): a replay charges each page it sends, and waits while the
+    address is in debt."""
+
+    def allowed(self) -> bool: ...
+
+    def charge(self, nbytes: int) -> None: ...
+
+    def wait_secs(self) -> float: ...
+
+
 class Subscriber(Protocol):
     """What the hub needs of a connection."""
 
@@ -81,6 +96,9 @@ class Subscriber(Protocol):
     outbox: Outbox
     # The client's address, for the per-address bound on replays (None: unknown).
     ip: str | None
+
+    @property
+    def history_budget(self) -> HistoryBudget: ...
 
     @property
     def gone(self) -> bool:
@@ -592,11 +610,14 @@ class Hub:
         while subscription.active and not subscriber.gone:
             if not await self._replay_in_slices(subscription, page.messages):
                 return
+            subscriber.history_budget.charge(sum(m.data_bytes for m in page.messages))
             more = len(page.messages) >= limit or page.truncated
             if not more and not subscription.buffer_dropped:
                 return
             subscription.buffer_dropped = False
             if not await self._wait_for_room(subscriber):
+                return
+            if not await self._wait_for_budget(subscriber):
                 return
             page = await self._shared_page(
                 self._page_key(hub_channel, subscription.last_seq, subscriber)
@@ -663,6 +684,17 @@ class Hub:
             before = outbox.queued_bytes
             await asyncio.sleep(delay)
             delay = OUTBOX_POLL_SECS if outbox.queued_bytes < before else min(delay * 2, 0.1)
+        return not subscriber.gone
+
+    async def _wait_for_budget(self, subscriber: Subscriber) -> bool:
+        """Wait while the client's address has read more history than its budget (the
+        REST pages it read count too): a replay then goes on at the budget's rate
+        instead of as fast as the client reads. False if it left meanwhile."""
+        budget = subscriber.history_budget
+        while not budget.allowed():
+            if subscriber.gone:
+                return False
+            await asyncio.sleep(min(budget.wait_secs(), BUDGET_POLL_SECS))
         return not subscriber.gone
 
     async def _replay_in_slices(

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from push.fanout.hub import MAX_PENDING_PER_CHANNEL, ChannelState, Hub
+from push.cluster.address_budgets import NO_LIMIT, ByteBucket
+from push.fanout.hub import MAX_PENDING_PER_CHANNEL, ChannelState, HistoryBudget, Hub
 from push.fanout.message import ChannelMessage, HistoryPage
 from push.fanout.outbox import Outbox
 from push.wire.codecs import CODECS, Codec
@@ -75,6 +76,7 @@ class FakeClient:
     def __init__(self, codec: Codec = JSON, max_frames: int = 1000) -> None:
         self.codec = codec
         self.ip: str | None = None
+        self.history_budget: HistoryBudget = NO_LIMIT
         self.gone = False  # set by a test: the client left
         self.sent: list[dict[str, Any]] = []
         self.payloads: list[str | bytes] = []  # as handed to the socket, undecoded
@@ -264,6 +266,43 @@ async def test_resume_replays_then_goes_live_without_duplicates() -> None:
     hub.deliver(make_message("news", 6))
     await until_seqs(resumed, [3, 4, 5, 6])
     assert first.seqs() == [6]
+
+
+async def test_a_replay_goes_at_its_addresss_history_budget() -> None:
+    """Pages of 2 messages (16 bytes of data): the first within the budget's burst,
+    the rest as the budget refills at 80 bytes a second, all in order."""
+    history = MemoryHistory()
+    for seq in range(1, 11):
+        history.store("news", seq)
+    hub, _ = await make_hub(history, recent_size=1)  # a resume from 0 reads pages
+    first = FakeClient()
+    await hub.subscribe(first, "news", since=None, reply=first.reply)
+    client = FakeClient(max_frames=4)
+    client.history_budget = ByteBucket(16, 80)
+    started = time.monotonic()
+    await hub.subscribe(client, "news", since=0, reply=client.reply)
+    assert client.seqs() == list(range(1, 11))
+    # 64 bytes past the burst at 80 a second, less the one byte each wait ends at.
+    assert time.monotonic() - started >= 0.6
+
+
+async def test_a_replay_waiting_for_its_history_budget_stops_when_its_client_leaves() -> None:
+    history = MemoryHistory()
+    for seq in range(1, 11):
+        history.store("news", seq)
+    hub, _ = await make_hub(history, recent_size=1)  # a resume from 0 reads pages
+    first = FakeClient()
+    await hub.subscribe(first, "news", since=None, reply=first.reply)
+    client = FakeClient(max_frames=4)
+    client.history_budget = ByteBucket(16, 1)
+    subscribing = asyncio.create_task(hub.subscribe(client, "news", since=0, reply=client.reply))
+    await wait_until(lambda: client.seqs() == [1, 2], "the first page")
+    reads = history.page_calls
+    client.gone = True
+    subscription = await asyncio.wait_for(subscribing, 2.0)
+    assert not subscription.active
+    assert history.page_calls == reads
+    assert client.seqs() == [1, 2]
 
 
 async def test_live_messages_during_the_replay_read_are_held_then_deduplicated() -> None:

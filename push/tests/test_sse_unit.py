@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from common.errors import PushError
-from push.fanout.hub import Hub
+from push.cluster.address_budgets import NO_LIMIT
+from push.fanout.hub import HistoryBudget, Hub
 from push.fanout.message import ChannelMessage
 from push.tests.test_hub import MemoryHistory, make_message
 from push.transport.sse import SseOutbox, cursor_format, cursor_parse, stream_request
@@ -75,6 +76,7 @@ class SseClient:
     def __init__(self) -> None:
         self.codec = SSE_CODEC
         self.ip: str | None = None
+        self.history_budget: HistoryBudget = NO_LIMIT
         self.gone = False
         self.bodies: list[bytes] = []
         self.outbox = SseOutbox(

@@ -17,7 +17,7 @@ from common import metrics
 from common.background import spawn
 from common.conf import push_settings
 from common.errors import CloseCode, PushError
-from push.fanout.hub import Subscription
+from push.fanout.hub import HistoryBudget, Subscription
 from push.fanout.outbox import Outbox, OutFrame, Send
 from push.transport.limits import NO_LIMIT, AddressBoundRate, NoLimit, RateLimiter, TokenBucket
 from push.transport.server_adapters import (
@@ -139,6 +139,12 @@ class ClientConnection:
         opening connections. Refusals look the same (``RATE_LIMITED``, then 1008)."""
         self.address_budget = budget
         self.rate = AddressBoundRate(self.rate, budget.frames)
+
+    @property
+    def history_budget(self) -> HistoryBudget:
+        """The history bytes its address may still read (none bound: not held to one)."""
+        budget = self.address_budget
+        return NO_LIMIT if budget is None else budget.history_bytes
 
     @property
     def is_open(self) -> bool:
