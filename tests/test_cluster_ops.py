@@ -298,3 +298,37 @@ async def test_a_token_in_the_url_never_reaches_the_node_log(
     assert token not in log
     assert "token=[redacted]" in log, "the access log is on and shows the redacted URL"
     assert log.count(" opened: user:") == 2 and log.count(" closed after ") == 2, log
+
+
+async def test_nodes_paused_together_do_not_take_each_other_for_dead(
+    e2e_env: dict[str, str],
+) -> None:
+    """A machine (or a virtual machine) that stops for longer than
+    PUSH_NODE_DEAD_AFTER_SECS stops every node on it: the first to run again must not
+    take the others for dead (closing their connections, their presence members
+    leaving) because their last announcements are as old as its own."""
+    env = {**e2e_env, "REDIS_PREFIX": f"paused{uuid.uuid4().hex[:6]}:"}  # their own cluster
+    suffix = uuid.uuid4().hex[:6]
+    nodes = [ServerNode(env, name=f"paused-{n}-{suffix}").start() for n in "ab"]
+    try:
+        # A node runs its cluster loop once a client started it.
+        clients = [await open_ws(node.ws_url) for node in nodes]
+        await asyncio.sleep(1.5)  # a few announcements each (every 0.5 s here)
+        for node in nodes:
+            assert node.process is not None
+            node.process.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(4.0)  # past PUSH_NODE_DEAD_AFTER_SECS (3 s here)
+        # One runs again first, as one always does: the other within a turn of its.
+        for node in nodes:
+            assert node.process is not None
+            node.process.send_signal(signal.SIGCONT)
+            await asyncio.sleep(0.3)
+        await asyncio.sleep(2.0)  # several announcements and judgements again
+        for ws in clients:
+            assert (await request(ws, {"type": "heartbeat"}))["type"] == "heartbeat_ack"
+            await ws.close()
+        for node in nodes:
+            assert " is gone:" not in node.log()
+    finally:
+        for node in nodes:
+            node.stop()

@@ -327,9 +327,20 @@ class Node:
         }
 
     async def _cluster_loop(self) -> None:
+        previous_turn: float | None = None
         while True:
+            now = time.monotonic()
+            judging = previous_turn is None or not _paused(now - previous_turn)
+            previous_turn = now
             try:
                 await self.directory.announce(self.stats())
+                if not judging:
+                    # This node did not run for a while: a machine (or virtual
+                    # machine) paused, or this process was. The others' announcements
+                    # may be as old as its own for the same reason; they are judged at
+                    # the next turn, once they had a turn to announce too.
+                    logger.warning("cluster loop paused; dead nodes are judged next time")
+                    continue
                 for server_id in await self.directory.dead_nodes():
                     if server_id != self.server_id:
                         closed = await _close_all(server_id, CloseCode.SERVER_ERROR)
@@ -339,7 +350,8 @@ class Node:
                         logger.warning("node %s is gone: %d connections closed", server_id, closed)
             except Exception as exc:
                 logger.warning("cluster announce failed: %s", exc)
-            await asyncio.sleep(push_settings.CLUSTER_ANNOUNCE_SECS)
+            finally:
+                await asyncio.sleep(push_settings.CLUSTER_ANNOUNCE_SECS)
 
     async def _reap_presence(self, server_id: str) -> None:
         """A dead node's members leave, announced as if their connections had closed."""
@@ -471,6 +483,14 @@ _running: Node | None = None
 def running_node() -> Node | None:
     """The node running in this process, if one has started (on whatever loop)."""
     return _running
+
+
+def _paused(gap_secs: float) -> bool:
+    """Whether a gap between two turns of the cluster loop (normally about
+    ``PUSH_CLUSTER_ANNOUNCE_SECS``, at most a third of ``PUSH_NODE_DEAD_AFTER_SECS``)
+    means this node itself did not run: past half the age at which a node counts as
+    dead, its own announcement would have looked dead to the others."""
+    return gap_secs > push_settings.NODE_DEAD_AFTER_SECS / 2
 
 
 def tune_garbage_collector(*, gen0_threshold: int, freeze: bool) -> None:
