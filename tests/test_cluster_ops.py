@@ -306,7 +306,8 @@ async def test_nodes_paused_together_do_not_take_each_other_for_dead(
     """A machine (or a virtual machine) that stops for longer than
     PUSH_NODE_DEAD_AFTER_SECS stops every node on it: the first to run again must not
     take the others for dead (closing their connections, their presence members
-    leaving) because their last announcements are as old as its own."""
+    leaving) because their last announcements are as old as its own. (A Redis outage
+    takes the same path: the node's own announcements stop.)"""
     env = {**e2e_env, "REDIS_PREFIX": f"paused{uuid.uuid4().hex[:6]}:"}  # their own cluster
     suffix = uuid.uuid4().hex[:6]
     nodes = [ServerNode(env, name=f"paused-{n}-{suffix}").start() for n in "ab"]

@@ -327,19 +327,19 @@ class Node:
         }
 
     async def _cluster_loop(self) -> None:
-        previous_turn: float | None = None
+        announced_at: float | None = None  # when this node's last announcement began
         while True:
-            now = time.monotonic()
-            judging = previous_turn is None or not _paused(now - previous_turn)
-            previous_turn = now
+            started = time.monotonic()
             try:
                 await self.directory.announce(self.stats())
+                judging = announced_at is None or not _paused(started - announced_at)
+                announced_at = started
                 if not judging:
-                    # This node did not run for a while: a machine (or virtual
-                    # machine) paused, or this process was. The others' announcements
-                    # may be as old as its own for the same reason; they are judged at
-                    # the next turn, once they had a turn to announce too.
-                    logger.warning("cluster loop paused; dead nodes are judged next time")
+                    # This node's own announcements stopped for a while: the machine
+                    # (or virtual machine) or this process paused, or Redis was out of
+                    # reach. The others' may be as old for the same reason; they are
+                    # judged at the next turn, once they had a turn to announce too.
+                    logger.warning("no announcement for a while; dead nodes judged next turn")
                     continue
                 for server_id in await self.directory.dead_nodes():
                     if server_id != self.server_id:
@@ -486,10 +486,10 @@ def running_node() -> Node | None:
 
 
 def _paused(gap_secs: float) -> bool:
-    """Whether a gap between two turns of the cluster loop (normally about
+    """Whether a gap between two of this node's announcements (normally about
     ``PUSH_CLUSTER_ANNOUNCE_SECS``, at most a third of ``PUSH_NODE_DEAD_AFTER_SECS``)
-    means this node itself did not run: past half the age at which a node counts as
-    dead, its own announcement would have looked dead to the others."""
+    means it could not announce itself (it did not run, or Redis was out of reach):
+    past half the age at which a node counts as dead."""
     return gap_secs > push_settings.NODE_DEAD_AFTER_SECS / 2
 
 
