@@ -268,9 +268,9 @@ async def test_resume_replays_then_goes_live_without_duplicates() -> None:
     assert first.seqs() == [6]
 
 
-async def test_a_replay_goes_at_its_addresss_history_budget() -> None:
-    """Pages of 2 messages (16 bytes of data): the first within the budget's burst,
-    the rest as the budget refills at 80 bytes a second, all in order."""
+async def _resume_over_budget(budget: ByteBucket) -> tuple[Hub, MemoryHistory, FakeClient]:
+    """A live channel of 10 stored messages that only history holds, and a client with
+    ``budget`` that reads pages of 2 (16 bytes of data each), not yet subscribed."""
     history = MemoryHistory()
     for seq in range(1, 11):
         history.store("news", seq)
@@ -278,7 +278,14 @@ async def test_a_replay_goes_at_its_addresss_history_budget() -> None:
     first = FakeClient()
     await hub.subscribe(first, "news", since=None, reply=first.reply)
     client = FakeClient(max_frames=4)
-    client.history_budget = ByteBucket(16, 80)
+    client.history_budget = budget
+    return hub, history, client
+
+
+async def test_a_replay_goes_at_its_addresss_history_budget() -> None:
+    """Pages of 2 messages (16 bytes of data): the first within the budget's burst,
+    the rest as the budget refills at 80 bytes a second, all in order."""
+    hub, _, client = await _resume_over_budget(ByteBucket(16, 80))
     started = time.monotonic()
     await hub.subscribe(client, "news", since=0, reply=client.reply)
     assert client.seqs() == list(range(1, 11))
@@ -287,14 +294,7 @@ async def test_a_replay_goes_at_its_addresss_history_budget() -> None:
 
 
 async def test_a_replay_waiting_for_its_history_budget_stops_when_its_client_leaves() -> None:
-    history = MemoryHistory()
-    for seq in range(1, 11):
-        history.store("news", seq)
-    hub, _ = await make_hub(history, recent_size=1)  # a resume from 0 reads pages
-    first = FakeClient()
-    await hub.subscribe(first, "news", since=None, reply=first.reply)
-    client = FakeClient(max_frames=4)
-    client.history_budget = ByteBucket(16, 1)
+    hub, history, client = await _resume_over_budget(ByteBucket(16, 1))
     subscribing = asyncio.create_task(hub.subscribe(client, "news", since=0, reply=client.reply))
     await wait_until(lambda: client.seqs() == [1, 2], "the first page")
     reads = history.page_calls
