@@ -400,8 +400,8 @@ class PushSettings:
     ADDRESS_HISTORY_BYTES_PER_SEC: int = option(
         1_048_576,
         EnvType.COUNT,
-        "that budget's refill, bytes per second (0: no budget; a page is charged once "
-        "read; past the budget, REST history reads are answered 429 `RATE_LIMITED` with "
+        "that budget's refill, bytes per second (0: no budget; a REST read reserves one "
+        "message at its largest when let in and a page is charged once read; past the budget, REST history reads are answered 429 `RATE_LIMITED` with "
         "`Retry-After` and resumes wait before their next page)",
     )
     # 25 ms: under the abuse suite's attack the loop's lag stays under 10 ms between

@@ -175,20 +175,29 @@ class ChannelMessagesView(ChannelView):
         since, limit = query["since"], query["limit"]
         principal = request_principal(request)
         scope = getattr(request._request, "scope", {})
-        retry_after = history_refused(scope, principal)
+        # One message at its largest is reserved before the read and the page's bytes
+        # settled after it (also when the read fails): reads started together take
+        # from the budget before any finished, so an address has about as many in
+        # flight as that many fit in its burst (16 by default), not as many as it sends.
+        reserved = push_settings.MAX_FRAME_BYTES
+        retry_after = history_refused(scope, principal, reserved)
         if retry_after is not None:
             raise exceptions.Throttled(
                 math.ceil(retry_after), detail="too much history read from this address"
             )
-        messages, cut_short = await _message_list_since(
-            channel=channel,
-            since=since,
-            limit=limit + 1,
-            max_bytes=push_settings.HISTORY_PAGE_MAX_BYTES,
-        )
-        has_more = len(messages) > limit or cut_short
-        messages = messages[:limit]
-        history_read(scope, principal, sum(m.data_bytes for m in messages))
+        read = 0
+        try:
+            messages, cut_short = await _message_list_since(
+                channel=channel,
+                since=since,
+                limit=limit + 1,
+                max_bytes=push_settings.HISTORY_PAGE_MAX_BYTES,
+            )
+            has_more = len(messages) > limit or cut_short
+            messages = messages[:limit]
+            read = sum(m.data_bytes for m in messages)  # the page (not the look-ahead)
+        finally:
+            history_read(scope, principal, reserved=reserved, nbytes=read)
         next_url = _page_url(request, since=messages[-1].seq, limit=limit) if has_more else None
         return Response({"results": StoredMessages(messages), "next": next_url})
 

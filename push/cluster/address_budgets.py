@@ -254,17 +254,23 @@ class AddressBudgets:
         REFUSED_REST.inc()
         return entry.rest.wait_secs()
 
-    def history_refused(self, address: str | None) -> float | None:
-        """Whether ``address`` may read more history now: None when it may, else the
-        seconds until it may (``Retry-After``). What it reads is then charged with
-        ``history_read``."""
+    def history_refused(self, address: str | None, reserve: int = 0) -> float | None:
+        """Whether ``address`` may read more history now: None when it may (and
+        ``reserve`` bytes, the most the read may take, are charged at once), else the
+        seconds until it may (``Retry-After``). Reserving bounds what requests in flight
+        together may take: each is let in only while the budget is above zero, and
+        each takes its most from it first. ``history_read`` settles the difference."""
         entry = self.get(address)
-        if entry is None or entry.history_bytes.allowed():
+        if entry is None:
+            return None
+        if entry.history_bytes.allowed():
+            entry.history_bytes.charge(reserve)
             return None
         REFUSED_HISTORY.inc()
         return entry.history_bytes.wait_secs()
 
     def history_read(self, address: str | None, nbytes: int) -> None:
+        """Charge ``nbytes`` read (negative: give back what a reservation did not use)."""
         entry = self.get(address)
         if entry is not None:
             entry.history_bytes.charge(nbytes)

@@ -69,17 +69,20 @@ def rest_refused(scope: dict[str, Any]) -> float | None:
     return node.addresses.rest_refused(client_ip(scope))
 
 
-def history_refused(scope: Mapping[str, Any], principal: Principal) -> float | None:
-    """Whether this client's address may read more history now (REST pages): None when
-    it may, else the seconds until it may. Service tokens are not held to it."""
+def history_refused(scope: Mapping[str, Any], principal: Principal, reserve: int) -> float | None:
+    """Whether this client's address may read more history now (a REST page of at most
+    ``reserve`` bytes, charged at once): None when it may, else the seconds until it
+    may. Service tokens are not held to it."""
     node = running_node()
     if node is None or principal.kind == "service":
         return None
-    return node.addresses.history_refused(client_ip(scope))
+    return node.addresses.history_refused(client_ip(scope), reserve)
 
 
-def history_read(scope: Mapping[str, Any], principal: Principal, nbytes: int) -> None:
-    """Charge a page of ``nbytes`` of message data to the address's history budget."""
+def history_read(
+    scope: Mapping[str, Any], principal: Principal, *, reserved: int, nbytes: int
+) -> None:
+    """Settle a read that reserved ``reserved`` bytes and read ``nbytes``."""
     node = running_node()
     if node is not None and principal.kind != "service":
-        node.addresses.history_read(client_ip(scope), nbytes)
+        node.addresses.history_read(client_ip(scope), nbytes - reserved)

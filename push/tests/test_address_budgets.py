@@ -78,6 +78,18 @@ def test_history_bytes_are_charged_once_read_and_refused_while_in_debt() -> None
     assert budgets.history_refused("192.0.2.1") is not None
 
 
+def test_history_reads_in_flight_together_are_bounded_by_their_reservations() -> None:
+    """Each read is let in while the budget is above zero and reserves its most at
+    once: reads started before any finished cannot take the budget many times over."""
+    clock = Clock()
+    budgets = table(clock)  # 1,000 bytes at once
+    let_in = [budgets.history_refused("192.0.2.1", 400) is None for _ in range(5)]
+    assert let_in == [True, True, True, False, False]
+    for _ in range(3):  # each read 100 of its 400: 900 given back
+        budgets.history_read("192.0.2.1", 100 - 400)
+    assert budgets.history_refused("192.0.2.1", 400) is None
+
+
 def test_no_address_and_a_zero_rate_budget_nothing() -> None:
     budgets = table(Clock(), handshakes=Budget(1, 0))
     assert budgets.get(None) is None
