@@ -401,8 +401,9 @@ class PushSettings:
         1_048_576,
         EnvType.COUNT,
         "that budget's refill, bytes per second (0: no budget; a REST read reserves one "
-        "message at its largest when let in and a page is charged once read; past the budget, REST history reads are answered 429 `RATE_LIMITED` with "
-        "`Retry-After` and resumes wait before their next page)",
+        "message at its largest when let in and a page is charged once read; past the "
+        "budget, REST history reads are answered 429 `RATE_LIMITED` with `Retry-After` "
+        "and resumes wait before their next page)",
     )
     # 25 ms: under the abuse suite's attack the loop's lag stays under 10 ms between
     # bursts and goes past 30 ms in them (docs/operations.md).
