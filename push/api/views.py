@@ -175,12 +175,7 @@ class ChannelMessagesView(ChannelView):
         since, limit = query["since"], query["limit"]
         principal = request_principal(request)
         scope = getattr(request._request, "scope", {})
-        # One message at its largest is reserved before the read and the page's bytes
-        # settled after it (also when the read fails): reads started together take
-        # from the budget before any finished, so an address has about as many in
-        # flight as that many fit in its burst (16 by default), not as many as it sends.
-        reserved = push_settings.MAX_FRAME_BYTES
-        retry_after = history_refused(scope, principal, reserved)
+        retry_after = history_refused(scope, principal)
         if retry_after is not None:
             raise exceptions.Throttled(
                 math.ceil(retry_after), detail="too much history read from this address"
@@ -197,7 +192,7 @@ class ChannelMessagesView(ChannelView):
             messages = messages[:limit]
             read = sum(m.data_bytes for m in messages)  # the page (not the look-ahead)
         finally:
-            history_read(scope, principal, reserved=reserved, nbytes=read)
+            history_read(scope, principal, read)  # settled, also when the read failed
         next_url = _page_url(request, since=messages[-1].seq, limit=limit) if has_more else None
         return Response({"results": StoredMessages(messages), "next": next_url})
 

@@ -14,6 +14,7 @@ from typing import Any
 from accounts.middleware import header_token, session_key
 from accounts.principal_cache import is_known_service_key
 from accounts.principals import Principal
+from common.conf import push_settings
 from push.cluster.node import running_node
 from push.services.runtime import get_node
 from push.services.subscriptions import client_ip
@@ -69,20 +70,23 @@ def rest_refused(scope: dict[str, Any]) -> float | None:
     return node.addresses.rest_refused(client_ip(scope))
 
 
-def history_refused(scope: Mapping[str, Any], principal: Principal, reserve: int) -> float | None:
-    """Whether this client's address may read more history now (a REST page of at most
-    ``reserve`` bytes, charged at once): None when it may, else the seconds until it
-    may. Service tokens are not held to it."""
+def history_refused(scope: Mapping[str, Any], principal: Principal) -> float | None:
+    """Whether this client's address may read a REST page of history now: None when it
+    may, else the seconds until it may. Service tokens are not held to it.
+
+    Let in, the read reserves one message at its largest (a page holds at least one)
+    and ``history_read`` settles its page's bytes after: reads sent together take from
+    the budget before any finished, so an address has about as many in flight as fit
+    in its burst (16 by default), not as many as it sends."""
     node = running_node()
     if node is None or principal.kind == "service":
         return None
-    return node.addresses.history_refused(client_ip(scope), reserve)
+    return node.addresses.history_refused(client_ip(scope), push_settings.MAX_FRAME_BYTES)
 
 
-def history_read(
-    scope: Mapping[str, Any], principal: Principal, *, reserved: int, nbytes: int
-) -> None:
-    """Settle a read that reserved ``reserved`` bytes and read ``nbytes``."""
+def history_read(scope: Mapping[str, Any], principal: Principal, nbytes: int) -> None:
+    """Settle a REST read let in by ``history_refused`` that read ``nbytes`` (0 when it
+    failed)."""
     node = running_node()
     if node is not None and principal.kind != "service":
-        node.addresses.history_read(client_ip(scope), nbytes - reserved)
+        node.addresses.history_read(client_ip(scope), nbytes - push_settings.MAX_FRAME_BYTES)
