@@ -81,10 +81,12 @@ class ByteBucket(TokenBucket):
         return self.tokens >= 1.0
 
     def charge(self, nbytes: int) -> None:
+        """Take ``nbytes`` (negative: give back what a reservation did not use; never
+        past the burst)."""
         now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_sec)
+        refilled = self.tokens + (now - self.updated) * self.rate_per_sec
         self.updated = now
-        self.tokens -= nbytes
+        self.tokens = min(self.burst, min(self.burst, refilled) - nbytes)
 
 
 class NoLimit:

@@ -88,6 +88,9 @@ def test_history_reads_in_flight_together_are_bounded_by_their_reservations() ->
     for _ in range(3):  # each read 100 of its 400: 900 given back
         budgets.history_read("192.0.2.1", 100 - 400)
     assert budgets.history_refused("192.0.2.1", 400) is None
+    budgets.history_read("192.0.2.1", -10_000)  # more given back than was taken
+    entry = budgets.get("192.0.2.1")
+    assert entry is not None and entry.history_bytes.tokens == 1000  # type: ignore[union-attr]  # on here
 
 
 def test_no_address_and_a_zero_rate_budget_nothing() -> None:
