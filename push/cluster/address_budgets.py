@@ -213,8 +213,8 @@ class AddressBudgets:
         self.max_entries = max_entries
         self.clock = clock
         # Past this long unused, every bucket of an entry is full again. (A byte bucket
-        # may be below zero by one page: it refills within its burst's time again, since
-        # a page is never larger than the budget's burst by default.)
+        # left below zero by its last page is a page short of full then: dropping it
+        # forgives at most that, once the address was quiet for the burst's time.)
         self.idle_secs = max(
             b.refill_secs for b in (handshakes, frames, subscribes, rest, history_bytes)
         )
