@@ -299,6 +299,28 @@ async def test_history_an_address_reads_over_rest_has_a_byte_budget(
         assert (await http.get(pages[2])).status_code == 200
 
 
+async def test_a_burst_of_small_history_reads_from_one_address_is_served_whole(
+    two_nodes: tuple[ServerNode, ServerNode], address: str, publisher_token: str
+) -> None:
+    """Each read in flight holds a message's worth of the byte budget (default: 16
+    MiB, 1 MiB a message) until it has read its page: reads sent together beyond that
+    wait for room instead of being refused, as an app that loads many small pages at
+    once would expect."""
+    node, _ = two_nodes
+    channel = f"budget-burst-{address}"
+    auth = {"Authorization": f"Token {publisher_token}"}
+    async with http_from(address, node.http_url) as http:
+        published = await http.post(
+            f"/api/v1/channels/{channel}/messages", json={"data": "small"}, headers=auth
+        )
+        assert published.status_code == 201, published.text
+        pages = await asyncio.gather(
+            *(http.get(f"/api/v1/channels/{channel}/messages?since=0") for _ in range(64))
+        )
+    assert [page.status_code for page in pages] == [200] * 64
+    assert all(page.json()["results"][0]["data"] == "small" for page in pages)
+
+
 async def test_a_service_token_is_not_held_to_its_addresss_budgets(
     budget_node: ServerNode, address: str, service_key: str
 ) -> None:

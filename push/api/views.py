@@ -45,7 +45,7 @@ from push.api.serializers import (
 )
 from push.cluster.node import running_node
 from push.cluster.presence import presence_members_sync
-from push.services.admission import history_read, history_refused
+from push.services.admission import history_admitted, history_read
 from push.services.channel_info import channel_bodies, channel_info, channel_names_visible
 from push.services.publishing import message_publish_queued, messages_publish_batch, user_channel
 from push.storage import selectors
@@ -175,7 +175,7 @@ class ChannelMessagesView(ChannelView):
         since, limit = query["since"], query["limit"]
         principal = request_principal(request)
         scope = getattr(request._request, "scope", {})
-        retry_after = history_refused(scope, principal)
+        retry_after = await history_admitted(scope, principal)
         if retry_after is not None:
             raise exceptions.Throttled(
                 math.ceil(retry_after), detail="too much history read from this address"

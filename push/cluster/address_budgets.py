@@ -25,6 +25,7 @@ IPv6 addresses are budgeted per /64, the block one host (or one customer) gets.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from collections.abc import Callable
@@ -72,21 +73,45 @@ class TokenBucket:
 class ByteBucket(TokenBucket):
     """A budget of bytes read. A page's size is known only once it is read, so what is
     read is charged after: the bucket may go below zero, and nothing more is allowed
-    until it has refilled past it."""
+    until it has refilled past it.
 
-    __slots__ = ()
+    A REST read also reserves its most when it starts (``reserve``) and gives the
+    reservation back when it settles what it read (``settle``): the reads in flight at
+    once are bounded by what the budget holds, not by how many the address sends.
+    ``tokens`` is what is left after what was read; what is reserved is apart."""
+
+    __slots__ = ("reserved",)
+
+    def __init__(
+        self, burst: int, rate_per_sec: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(burst, rate_per_sec, clock)
+        self.reserved = 0
 
     def allowed(self) -> bool:
+        """Not in debt: what was read is within the budget (reservations aside)."""
         self.charge(0)
         return self.tokens >= 1.0
 
+    def can_reserve(self) -> bool:
+        """Room for another read beside the reservations of those in flight."""
+        self.charge(0)
+        return self.tokens - self.reserved >= 1.0
+
     def charge(self, nbytes: int) -> None:
-        """Take ``nbytes`` (negative: give back what a reservation did not use; never
-        past the burst)."""
+        """Take ``nbytes`` read."""
         now = self.clock()
-        refilled = self.tokens + (now - self.updated) * self.rate_per_sec
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_sec)
         self.updated = now
-        self.tokens = min(self.burst, min(self.burst, refilled) - nbytes)
+        self.tokens -= nbytes
+
+    def reserve(self, nbytes: int) -> None:
+        self.reserved += nbytes
+
+    def settle(self, reserved: int, nbytes: int) -> None:
+        """A read that reserved ``reserved`` read ``nbytes``."""
+        self.reserved = max(0, self.reserved - reserved)
+        self.charge(nbytes)
 
 
 class NoLimit:
@@ -100,7 +125,16 @@ class NoLimit:
     def allowed(self) -> bool:
         return True
 
+    def can_reserve(self) -> bool:
+        return True
+
     def charge(self, nbytes: int) -> None:
+        pass
+
+    def reserve(self, nbytes: int) -> None:
+        pass
+
+    def settle(self, reserved: int, nbytes: int) -> None:
         pass
 
     def wait_secs(self) -> float:
@@ -150,6 +184,7 @@ class AddressBudget:
         "frames",
         "handshakes",
         "history_bytes",
+        "history_settle",
         "key",
         "last_used",
         "rest",
@@ -164,9 +199,21 @@ class AddressBudget:
         self.subscribes = budgets.subscribes.bucket(clock)
         self.rest = budgets.rest.bucket(clock)
         self.history_bytes = budgets.history_bytes.byte_bucket(clock)
+        # Set when a REST read settles: the reads waiting for room look again.
+        self.history_settle: asyncio.Event | None = None
         # Open connections holding this entry: it is not dropped while they last.
         self.connections = 0
         self.last_used = clock()
+
+    def next_settle(self) -> asyncio.Event:
+        if self.history_settle is None:
+            self.history_settle = asyncio.Event()
+        return self.history_settle
+
+    def settled(self) -> None:
+        if self.history_settle is not None:
+            self.history_settle.set()
+            self.history_settle = None
 
 
 def subscription_allowed(entry: AddressBudget | None) -> bool:
@@ -256,26 +303,40 @@ class AddressBudgets:
         REFUSED_REST.inc()
         return entry.rest.wait_secs()
 
-    def history_refused(self, address: str | None, reserve: int = 0) -> float | None:
-        """Whether ``address`` may read more history now: None when it may (and
-        ``reserve`` bytes, the most the read may take, are charged at once), else the
-        seconds until it may (``Retry-After``). Reserving bounds what requests in flight
-        together may take: each is let in only while the budget is above zero, and
-        each takes its most from it first. ``history_read`` settles the difference."""
+    async def history_admitted(
+        self, address: str | None, reserve: int, patience: float
+    ) -> float | None:
+        """Let a REST read of history in: None when it may go on (``reserve`` bytes, the
+        most it may read, are held for it until ``history_read`` settles), else the
+        seconds until it may (``Retry-After``).
+
+        An address in debt from what it read is refused. One whose budget only the reads
+        it has in flight hold waits, up to ``patience`` seconds, for one of them to
+        finish: a burst of small reads is served a few at a time instead of refused,
+        and what reads in flight together may take stays bounded."""
         entry = self.get(address)
         if entry is None:
             return None
-        if entry.history_bytes.allowed():
-            entry.history_bytes.charge(reserve)
+        bytes_read = entry.history_bytes
+        try:
+            async with asyncio.timeout(patience):
+                while bytes_read.allowed() and not bytes_read.can_reserve():
+                    await entry.next_settle().wait()
+        except TimeoutError:
+            pass
+        if bytes_read.allowed() and bytes_read.can_reserve():
+            bytes_read.reserve(reserve)
             return None
         REFUSED_HISTORY.inc()
-        return entry.history_bytes.wait_secs()
+        return bytes_read.wait_secs() or patience
 
-    def history_read(self, address: str | None, nbytes: int) -> None:
-        """Charge ``nbytes`` read (negative: give back what a reservation did not use)."""
+    def history_read(self, address: str | None, nbytes: int, reserved: int = 0) -> None:
+        """Charge ``nbytes`` read by a read that reserved ``reserved`` (giving that back),
+        and wake the reads waiting for room."""
         entry = self.get(address)
         if entry is not None:
-            entry.history_bytes.charge(nbytes)
+            entry.history_bytes.settle(reserved, nbytes)
+            entry.settled()
 
     def acquire(self, address: str | None) -> AddressBudget | None:
         """The budget of ``address``, held by a connection until ``release``."""

@@ -21,6 +21,11 @@ from push.services.subscriptions import client_ip
 
 logger = logging.getLogger(__name__)
 
+# How long a REST history read waits for the reads its address has in flight to leave
+# room in its byte budget before it is refused: they read one page each, which takes
+# milliseconds; seconds of waiting mean the address sends far more than it reads.
+HISTORY_PATIENCE_SECS = 5.0
+
 
 def shed_anonymous(principal: Principal, kind: str) -> bool:
     """Whether to refuse this new stream of an anonymous client because the node is
@@ -70,23 +75,26 @@ def rest_refused(scope: dict[str, Any]) -> float | None:
     return node.addresses.rest_refused(client_ip(scope))
 
 
-def history_refused(scope: Mapping[str, Any], principal: Principal) -> float | None:
+async def history_admitted(scope: Mapping[str, Any], principal: Principal) -> float | None:
     """Whether this client's address may read a REST page of history now: None when it
     may, else the seconds until it may. Service tokens are not held to it.
 
     Let in, the read reserves one message at its largest (a page holds at least one)
     and ``history_read`` settles its page's bytes after: reads sent together take from
     the budget before any finished, so an address has about as many in flight as fit
-    in its burst (16 by default), not as many as it sends."""
+    in its burst (16 by default); the others wait for one of those to finish (up to
+    HISTORY_PATIENCE_SECS), and an address that read past its budget is refused."""
     node = running_node()
     if node is None or principal.kind == "service":
         return None
-    return node.addresses.history_refused(client_ip(scope), push_settings.MAX_FRAME_BYTES)
+    return await node.addresses.history_admitted(
+        client_ip(scope), push_settings.MAX_FRAME_BYTES, HISTORY_PATIENCE_SECS
+    )
 
 
 def history_read(scope: Mapping[str, Any], principal: Principal, nbytes: int) -> None:
-    """Settle a REST read let in by ``history_refused`` that read ``nbytes`` (0 when it
-    failed)."""
+    """Settle a REST read let in by ``history_admitted`` that read ``nbytes`` (0 when
+    it failed)."""
     node = running_node()
     if node is not None and principal.kind != "service":
-        node.addresses.history_read(client_ip(scope), nbytes - push_settings.MAX_FRAME_BYTES)
+        node.addresses.history_read(client_ip(scope), nbytes, push_settings.MAX_FRAME_BYTES)

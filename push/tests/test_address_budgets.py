@@ -5,6 +5,7 @@ tests/test_address_budgets.py."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from push.cluster.address_budgets import (
     AddressBudgets,
     Budget,
+    ByteBucket,
     NoLimit,
     budget_key,
     subscription_allowed,
@@ -58,39 +60,70 @@ def test_rest_refusal_says_how_long_to_wait() -> None:
     assert budgets.rest_refused("192.0.2.1") == pytest.approx(0.5)
 
 
-def test_history_bytes_are_charged_once_read_and_refused_while_in_debt() -> None:
+async def test_history_bytes_are_charged_once_read_and_refused_while_in_debt() -> None:
     """A page's size is known once it is read: the address reads while it has budget
     left, may go below zero by that page, and waits until it refilled past zero."""
     clock = Clock()
     budgets = table(clock)
-    assert budgets.history_refused("192.0.2.1") is None
+
+    async def refused(address: str = "192.0.2.1") -> float | None:
+        retry_after = await budgets.history_admitted(address, 0, patience=1.0)
+        budgets.history_read(address, 0)
+        return retry_after
+
+    assert await refused() is None
     budgets.history_read("192.0.2.1", 900)
-    assert budgets.history_refused("192.0.2.1") is None
+    assert await refused() is None
     budgets.history_read("192.0.2.1", 400)  # 1000 - 900 - 400: 300 in debt
-    assert budgets.history_refused("192.0.2.1") == pytest.approx(0.301)
-    assert budgets.history_refused("192.0.2.2") is None
+    assert await refused() == pytest.approx(0.301)
+    assert await refused("192.0.2.2") is None
     clock.now += 0.3
-    assert budgets.history_refused("192.0.2.1") == pytest.approx(0.001)
+    assert await refused() == pytest.approx(0.001)
     clock.now += 0.002
-    assert budgets.history_refused("192.0.2.1") is None
+    assert await refused() is None
     clock.now += 3600
     budgets.history_read("192.0.2.1", 1000)  # the refill stops at the burst
-    assert budgets.history_refused("192.0.2.1") is not None
+    assert await refused() is not None
 
 
-def test_history_reads_in_flight_together_are_bounded_by_their_reservations() -> None:
-    """Each read is let in while the budget is above zero and reserves its most at
-    once: reads started before any finished cannot take the budget many times over."""
+async def test_history_reads_in_flight_together_wait_for_room_in_the_budget() -> None:
+    """Each read reserves its most while it is in flight: reads started before any
+    finished cannot take the budget many times over; the others wait for one to
+    finish instead of being refused, and a read gives back what it did not use."""
     clock = Clock()
     budgets = table(clock)  # 1,000 bytes at once
-    let_in = [budgets.history_refused("192.0.2.1", 400) is None for _ in range(5)]
-    assert let_in == [True, True, True, False, False]
-    for _ in range(3):  # each read 100 of its 400: 900 given back
-        budgets.history_read("192.0.2.1", 100 - 400)
-    assert budgets.history_refused("192.0.2.1", 400) is None
-    budgets.history_read("192.0.2.1", -10_000)  # more given back than was taken
+    admissions = [
+        asyncio.ensure_future(budgets.history_admitted("192.0.2.1", 400, patience=5.0))
+        for _ in range(5)
+    ]
+    await asyncio.sleep(0.01)  # let in while there is room: 1,000 - 800 held
+    assert [a.done() for a in admissions] == [True, True, True, False, False]
+    budgets.history_read("192.0.2.1", 100, reserved=400)  # 1,000 - 100 - 800 held
+    await asyncio.sleep(0.01)
+    assert [a.done() for a in admissions] == [True, True, True, True, False]
+    budgets.history_read("192.0.2.1", 100, reserved=400)
+    budgets.history_read("192.0.2.1", 100, reserved=400)  # 700 left, 0 held
+    assert await asyncio.gather(*admissions) == [None] * 5
     entry = budgets.get("192.0.2.1")
-    assert entry is not None and entry.history_bytes.tokens == 1000  # type: ignore[union-attr]  # on here
+    assert entry is not None and isinstance(entry.history_bytes, ByteBucket)
+    assert entry.history_bytes.reserved == 800
+    budgets.history_read("192.0.2.1", 0, reserved=10_000)  # more given back than held
+    assert (entry.history_bytes.reserved, entry.history_bytes.tokens) == (0, 700)
+
+
+async def test_a_history_read_waiting_for_room_is_refused_after_its_patience() -> None:
+    budgets = table(Clock())
+    assert await budgets.history_admitted("192.0.2.1", 1000, patience=0.05) is None
+    assert await budgets.history_admitted("192.0.2.1", 1000, patience=0.05) == 0.05
+
+
+async def test_a_history_read_is_refused_at_once_while_its_address_is_in_debt() -> None:
+    budgets = table(Clock())
+    assert await budgets.history_admitted("192.0.2.1", 500, patience=60) is None
+    budgets.history_read("192.0.2.1", 1500, reserved=500)
+    assert await asyncio.wait_for(
+        budgets.history_admitted("192.0.2.1", 500, patience=60), 1.0
+    ) == pytest.approx(0.501)
 
 
 def test_no_address_and_a_zero_rate_budget_nothing() -> None:
