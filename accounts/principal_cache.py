@@ -24,9 +24,11 @@ a token created a moment ago works at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,9 +54,9 @@ from common.redis_client import loop_client
 logger = logging.getLogger(__name__)
 
 GENERATION_KEY = "principals-generation"
-# Connections of one event loop's client for ``kept_token_principal``: requests past
-# it wait for one (each holds it for one round trip).
-KEPT_CHECK_CONNECTIONS = 8
+# Connections of one event loop's client for ``kept_token_principal``: its checks are
+# read together (``SharedReads``), one read at a time.
+KEPT_CHECK_CONNECTIONS = 1
 # Redis answers in well under a millisecond: past these the request goes the usual way
 # (a Redis that stops answering must not hold a request, or a connection, for ever).
 KEPT_CHECK_TIMEOUT_SECS = 1.0
@@ -108,21 +110,85 @@ async def kept_token_principal(key: str, address: str | None) -> Principal | Non
     if entry is None or time.monotonic() >= entry.expires_at or not isinstance(shared, RedisCache):
         return None
     limit = auth_failures_limit(address)
-    keys = [GENERATION_KEY] + ([auth_failure_key(address)] if limit else [])
+    names = [GENERATION_KEY] + ([auth_failure_key(address)] if limit else [])
+    keys = [shared.make_and_validate_key(name) for name in names]
     try:
+        values = await _shared_reads().read(keys)
+    except (RedisError, OSError, RuntimeError):
+        return None
+    read = [values[k] for k in keys]
+    generation, *failures = (None if v is None else _SERIALIZER.loads(v) for v in read)
+    if failures and int(failures[0] or 0) >= limit:
+        return None
+    return entry.principal if entry.generation == generation else None
+
+
+class SharedReads:
+    """The kept-token checks of one event loop, read together: every request waiting
+    while a read is under way joins the next one, which starts as soon as that read
+    ended and fetches the keys of all of them in one ``MGET``.
+
+    A check must see what Redis holds after its request arrived (a revocation made
+    before it is seen), so a request never joins a read already under way. Measured on
+    one node (REST single publish, 16 keep-alive clients), a round trip per request
+    cost the node's loop about a tenth of its CPU per request, and Redis more."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._waiting: tuple[set[str], asyncio.Future[dict[str, Any]]] | None = None
+        self._under_way: asyncio.Task[None] | None = None
+
+    async def read(self, keys: list[str]) -> dict[str, Any]:
+        """The values of ``keys`` (None for a missing one), read after this call."""
+        if self._waiting is None:
+            self._waiting = (set(), asyncio.get_running_loop().create_future())
+        wanted, values = self._waiting
+        wanted.update(keys)
+        if self._under_way is None:
+            self._start()
+        # Shielded: a request that leaves does not cancel the read of the others.
+        return await asyncio.shield(values)
+
+    def _start(self) -> None:
+        assert self._waiting is not None
+        wanted, values = self._waiting
+        self._waiting = None
+        self._under_way = asyncio.get_running_loop().create_task(self._read(wanted, values))
+
+    async def _read(self, wanted: set[str], values: asyncio.Future[dict[str, Any]]) -> None:
+        keys = list(wanted)
+        try:
+            fetched = await self._client.mget(keys)
+        except Exception as exc:
+            values.set_exception(exc)
+            values.exception()  # retrieved here: its requests may all have left
+        else:
+            values.set_result(dict(zip(keys, fetched, strict=True)))
+        finally:
+            if not values.done():  # the read was cancelled: the loop is closing
+                values.cancel()
+            self._under_way = None
+            if self._waiting is not None:
+                self._start()
+
+
+_reads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SharedReads] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _shared_reads() -> SharedReads:
+    loop = asyncio.get_running_loop()
+    reads = _reads.get(loop)
+    if reads is None:
         client = loop_client(
             "auth",
             max_connections=KEPT_CHECK_CONNECTIONS,
             socket_connect_timeout=KEPT_CHECK_TIMEOUT_SECS,
             socket_timeout=KEPT_CHECK_TIMEOUT_SECS,
         )
-        values = await client.mget([shared.make_and_validate_key(name) for name in keys])
-    except (RedisError, OSError, RuntimeError):
-        return None
-    generation, *failures = (None if v is None else _SERIALIZER.loads(v) for v in values)
-    if failures and int(failures[0] or 0) >= limit:
-        return None
-    return entry.principal if entry.generation == generation else None
+        reads = _reads[loop] = SharedReads(client)
+    return reads
 
 
 def is_known_service_key(key: str) -> bool:

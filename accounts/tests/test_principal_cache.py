@@ -4,6 +4,7 @@ interval on one they do not, never kept for an invalid key or without the cache.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -21,7 +22,12 @@ from rest_framework.authtoken.models import Token
 from accounts import principal_cache
 from accounts.auth_failures import auth_failure_key
 from accounts.models import ChannelGrant, ServiceToken
-from accounts.principal_cache import GENERATION_KEY, kept_token_principal, token_principal
+from accounts.principal_cache import (
+    GENERATION_KEY,
+    SharedReads,
+    kept_token_principal,
+    token_principal,
+)
 from common.redis_client import redis_async
 
 pytestmark = pytest.mark.django_db
@@ -163,3 +169,68 @@ async def test_a_redis_that_stops_answering_leaves_the_check_to_the_usual_way() 
     assert await kept_token_principal(key, ADDRESS) is None
     assert time.monotonic() - started < 2.0  # given up after its timeout, not held
     await redis.aclose()
+
+
+class _SlowRedis:
+    """An ``MGET`` that answers only when the test lets it, from a dict the test sets."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.reads: list[list[str]] = []
+        self.answer = asyncio.Event()
+        self.fail: Exception | None = None
+
+    async def mget(self, keys: list[str]) -> list[Any]:
+        self.reads.append(sorted(keys))
+        snapshot = dict(self.values)  # what Redis held when the read arrived
+        await self.answer.wait()
+        self.answer.clear()
+        if self.fail is not None:
+            raise self.fail
+        return [snapshot.get(key) for key in keys]
+
+    async def under_way(self, count: int) -> None:
+        """Until ``count`` reads have reached Redis."""
+        while len(self.reads) < count:
+            await asyncio.sleep(0)
+
+
+async def test_checks_that_wait_together_share_the_next_read_never_one_under_way() -> None:
+    redis = _SlowRedis()
+    reads = SharedReads(redis)
+    redis.values = {"generation": "g1"}
+    first = asyncio.ensure_future(reads.read(["generation"]))
+    await redis.under_way(1)
+    redis.values = {"generation": "g2", "failures:a": 3}  # changed after that read began
+    waiting = [
+        asyncio.ensure_future(reads.read(["generation", "failures:a"])),
+        asyncio.ensure_future(reads.read(["generation"])),
+    ]
+    left = asyncio.ensure_future(reads.read(["generation", "failures:b"]))
+    await asyncio.sleep(0)
+    left.cancel()  # a request that leaves does not end the read of the others
+    redis.answer.set()
+    assert await first == {"generation": "g1"}
+    await redis.under_way(2)
+    redis.answer.set()
+    assert await waiting[0] == {"generation": "g2", "failures:a": 3, "failures:b": None}
+    assert (await waiting[1])["generation"] == "g2"
+    assert redis.reads == [["generation"], ["failures:a", "failures:b", "generation"]]
+
+
+async def test_a_failed_shared_read_fails_each_of_its_checks_and_the_next_reads_again() -> None:
+    redis = _SlowRedis()
+    reads = SharedReads(redis)
+    redis.fail = RedisError("down")
+    first = asyncio.ensure_future(reads.read(["generation"]))
+    await redis.under_way(1)
+    together = [asyncio.ensure_future(reads.read(["generation"])) for _ in range(3)]
+    for count, check in enumerate([first, *together], start=1):
+        await redis.under_way(min(count, 2))
+        redis.answer.set()
+        with pytest.raises(RedisError):
+            await check
+    assert len(redis.reads) == 2
+    redis.fail = None
+    redis.answer.set()
+    assert await reads.read(["generation"]) == {"generation": None}

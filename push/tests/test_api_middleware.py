@@ -101,6 +101,49 @@ async def test_a_sign_in_writes_its_session_on_the_request_s_thread(
     assert (await http.get("/admin/")).status_code == 200
 
 
+async def test_an_admin_message_reaches_the_next_page_and_an_api_request_makes_no_storage(
+    http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message storage is made only when a view reads or adds a message."""
+    made: list[str] = []
+    real = middleware.default_storage
+
+    def recording(request: Any) -> Any:
+        made.append(request.path)
+        return real(request)
+
+    monkeypatch.setattr(middleware, "default_storage", recording)
+    user = await User.objects.acreate(username="reader")
+    token = await Token.objects.acreate(user=user)
+    response = await http.get(
+        "/api/v1/channels/news/messages", headers={"Authorization": f"Token {token.key}"}
+    )
+    assert response.status_code == 200 and made == []
+    assert "messages" not in response.cookies
+    await User.objects.acreate_superuser("admin", "admin@example.com", "pw-123456")
+    assert await http_sign_in(http) == 302
+    page = await http.get("/admin/auth/group/add/")
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+    assert csrf is not None
+    added = await http.post(
+        "/admin/auth/group/add/", data={"name": "editors", "csrfmiddlewaretoken": csrf[1]}
+    )
+    assert added.status_code == 302, added.text
+    shown = await http.get(added.headers["location"])
+    assert "editors" in shown.text and "was added successfully" in shown.text
+
+
+async def http_sign_in(http: httpx.AsyncClient) -> int:
+    page = await http.get("/admin/login/")
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+    assert csrf is not None
+    signed_in = await http.post(
+        "/admin/login/?next=/admin/",
+        data={"username": "admin", "password": "pw-123456", "csrfmiddlewaretoken": csrf[1]},
+    )
+    return signed_in.status_code
+
+
 async def test_a_static_file_is_served(http: httpx.AsyncClient) -> None:
     response = await http.get("/static/admin/css/base.css")
     assert response.status_code == 200
