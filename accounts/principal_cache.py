@@ -28,7 +28,6 @@ import asyncio
 import logging
 import time
 import uuid
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +47,7 @@ from accounts.auth_failures import (
 )
 from accounts.models import SERVICE_TOKEN_PREFIX, ChannelGrant, ServiceToken, hash_service_key
 from accounts.principals import Principal, authenticate_key
+from common.background import LoopLocal
 from common.conf import push_settings
 from common.redis_client import loop_client
 
@@ -113,7 +113,7 @@ async def kept_token_principal(key: str, address: str | None) -> Principal | Non
     names = [GENERATION_KEY] + ([auth_failure_key(address)] if limit else [])
     keys = [shared.make_and_validate_key(name) for name in names]
     try:
-        values = await _shared_reads().read(keys)
+        values = await _shared_reads.get().read(keys)
     except (RedisError, OSError, RuntimeError):
         return None
     read = [values[k] for k in keys]
@@ -172,23 +172,18 @@ class SharedReads:
                 self._start()
 
 
-_reads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SharedReads] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _shared_reads() -> SharedReads:
-    loop = asyncio.get_running_loop()
-    reads = _reads.get(loop)
-    if reads is None:
-        client = loop_client(
+def _shared_reads_of_loop() -> SharedReads:
+    return SharedReads(
+        loop_client(
             "auth",
             max_connections=KEPT_CHECK_CONNECTIONS,
             socket_connect_timeout=KEPT_CHECK_TIMEOUT_SECS,
             socket_timeout=KEPT_CHECK_TIMEOUT_SECS,
         )
-        reads = _reads[loop] = SharedReads(client)
-    return reads
+    )
+
+
+_shared_reads = LoopLocal(_shared_reads_of_loop)
 
 
 def is_known_service_key(key: str) -> bool:

@@ -1,4 +1,5 @@
-"""Fire-and-forget tasks that are neither lost nor silent.
+"""Fire-and-forget tasks that are neither lost nor silent, and objects kept per event
+loop.
 
 The event loop holds its tasks only weakly: a task whose result nobody keeps can be
 garbage-collected mid-flight (asyncio's documentation of ``create_task`` says to keep
@@ -10,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import Any
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
 # How long a cancelled task may run on before it is cancelled again.
 RECANCEL_SECS = 0.5
+
+T = TypeVar("T")
 
 # Tasks still running; each removes itself when done.
 _running: set[asyncio.Task[Any]] = set()
@@ -67,3 +71,26 @@ async def cancel_and_wait(tasks: list[asyncio.Task[Any]], *, timeout: float) -> 
             logger.warning("tasks still running after cancellation: %s", names)
             return
         _, pending = await asyncio.wait(pending, timeout=min(remaining, RECANCEL_SECS))
+
+
+class LoopLocal(Generic[T]):
+    """One ``T`` per event loop, made by ``make`` on first use on that loop: what holds
+    an asyncio Redis client or futures belongs to the loop it was made on (tests run
+    many loops in one process)."""
+
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make = make
+        self._values: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def get(self) -> T:
+        loop = asyncio.get_running_loop()
+        value = self._values.get(loop)
+        if value is None:
+            value = self._values[loop] = self._make()
+        return value
+
+    def pop(self) -> T | None:
+        """This loop's value, no longer kept (None if none was made)."""
+        return self._values.pop(asyncio.get_running_loop(), None)

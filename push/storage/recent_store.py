@@ -47,7 +47,6 @@ import json
 import threading
 import time
 import uuid
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ from django.db import DatabaseError, connection
 from redis.exceptions import RedisError
 
 from common import metrics
-from common.background import spawn
+from common.background import LoopLocal, spawn
 from common.conf import push_settings
 from common.db import db_call
 from common.errors import ErrorCode, PushError
@@ -540,32 +539,30 @@ class RecentStore:
         }
 
 
-_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RecentStore] = (
-    weakref.WeakKeyDictionary()
-)
+def _store_of_loop() -> RecentStore:
+    try:
+        client = redis_async(
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECS,
+            socket_timeout=REDIS_TIMEOUT_SECS,
+            # Named, so CLIENT LIST shows what the recent channels hold open.
+            client_name=f"{redis_prefix()}-recent",
+        )
+    except RuntimeError as exc:  # no REDIS_URL
+        raise PushError(ErrorCode.UNAVAILABLE, "recent channels need Redis") from exc
+    return RecentStore(client, redis_prefix())
+
+
+_stores = LoopLocal(_store_of_loop)
 
 
 def store() -> RecentStore:
     """This event loop's store (a Redis client belongs to one loop)."""
-    loop = asyncio.get_running_loop()
-    found = _stores.get(loop)
-    if found is None:
-        try:
-            client = redis_async(
-                socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECS,
-                socket_timeout=REDIS_TIMEOUT_SECS,
-                # Named, so CLIENT LIST shows what the recent channels hold open.
-                client_name=f"{redis_prefix()}-recent",
-            )
-        except RuntimeError as exc:  # no REDIS_URL
-            raise PushError(ErrorCode.UNAVAILABLE, "recent channels need Redis") from exc
-        found = _stores[loop] = RecentStore(client, redis_prefix())
-    return found
+    return _stores.get()
 
 
 async def store_close() -> None:
     """Close this loop's store (the node stops; its loop may end)."""
-    found = _stores.pop(asyncio.get_running_loop(), None)
+    found = _stores.pop()
     if found is not None:
         await found.close()
 

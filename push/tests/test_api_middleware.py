@@ -87,13 +87,7 @@ async def test_a_sign_in_writes_its_session_on_the_request_s_thread(
     http: httpx.AsyncClient, hops: list[str]
 ) -> None:
     await User.objects.acreate_superuser("admin", "admin@example.com", "pw-123456")
-    page = await http.get("/admin/login/")
-    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
-    assert csrf is not None and "csrftoken" in page.cookies
-    signed_in = await http.post(
-        "/admin/login/?next=/admin/",
-        data={"username": "admin", "password": "pw-123456", "csrfmiddlewaretoken": csrf[1]},
-    )
+    signed_in = await sign_in(http)
     assert signed_in.status_code == 302, signed_in.text
     assert await Session.objects.filter(session_key=signed_in.cookies["sessionid"]).aexists()
     assert "SessionMiddleware.process_response" in hops
@@ -121,27 +115,26 @@ async def test_an_admin_message_reaches_the_next_page_and_an_api_request_makes_n
     assert response.status_code == 200 and made == []
     assert "messages" not in response.cookies
     await User.objects.acreate_superuser("admin", "admin@example.com", "pw-123456")
-    assert await http_sign_in(http) == 302
-    page = await http.get("/admin/auth/group/add/")
-    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
-    assert csrf is not None
-    added = await http.post(
-        "/admin/auth/group/add/", data={"name": "editors", "csrfmiddlewaretoken": csrf[1]}
-    )
+    assert (await sign_in(http)).status_code == 302
+    added = await post_form(http, "/admin/auth/group/add/", {"name": "editors"})
     assert added.status_code == 302, added.text
     shown = await http.get(added.headers["location"])
     assert "editors" in shown.text and "was added successfully" in shown.text
 
 
-async def http_sign_in(http: httpx.AsyncClient) -> int:
-    page = await http.get("/admin/login/")
-    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
-    assert csrf is not None
-    signed_in = await http.post(
-        "/admin/login/?next=/admin/",
-        data={"username": "admin", "password": "pw-123456", "csrfmiddlewaretoken": csrf[1]},
-    )
-    return signed_in.status_code
+async def sign_in(http: httpx.AsyncClient) -> httpx.Response:
+    form = {"username": "admin", "password": "pw-123456"}
+    return await post_form(http, "/admin/login/?next=/admin/", form, page="/admin/login/")
+
+
+async def post_form(
+    http: httpx.AsyncClient, url: str, form: dict[str, str], *, page: str | None = None
+) -> httpx.Response:
+    """POST ``form`` to ``url`` with the CSRF token of the form on ``page`` (``url``)."""
+    shown = await http.get(page or url)
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', shown.text)
+    assert csrf is not None and "csrftoken" in http.cookies
+    return await http.post(url, data={**form, "csrfmiddlewaretoken": csrf[1]})
 
 
 async def test_a_static_file_is_served(http: httpx.AsyncClient) -> None:
