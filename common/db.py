@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import select
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -37,6 +38,17 @@ _executor = ThreadPoolExecutor(max_workers=DATABASE_THREADS, thread_name_prefix=
 _history_executor = ThreadPoolExecutor(
     max_workers=HISTORY_THREADS, thread_name_prefix="push-db-history"
 )
+
+
+def closed_by_server(socket: int) -> bool:
+    """Whether the server ended the idle PostgreSQL connection on ``socket``. An idle
+    connection is sent nothing unless the server is going away (a restart or
+    ``pg_terminate_backend`` sends a FATAL notice, a dead backend's socket reads EOF):
+    anything to read means the connection is done. One ``poll`` with no wait;
+    ``select`` would refuse the descriptors above 1024 a busy node has."""
+    poller = select.poll()
+    poller.register(socket, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def database_unavailable(exc: BaseException) -> PushError:

@@ -119,6 +119,9 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Django's backend, with a pool that checks a pooled connection without a round
+    # trip (common/postgresql/base.py).
+    DATABASES["default"]["ENGINE"] = "common.postgresql"
     # A pool per node process: daphne and uvicorn run each request's sync code on a
     # thread of its own, and persistent per-thread connections would pile up until
     # PostgreSQL refuses more ("too many clients"). The pool bounds and reuses them.

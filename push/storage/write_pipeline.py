@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import select
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -54,7 +53,7 @@ from psycopg import pq
 
 from common import metrics
 from common.background import spawn
-from common.db import db_call
+from common.db import closed_by_server, db_call
 from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
 from push.storage.write_batch import (
@@ -515,7 +514,7 @@ class WritePipeline:
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         connection = self._connection
         if connection is not None and not connection.closed:
-            if not _closed_by_server(connection):
+            if not closed_by_server(connection.pgconn.socket):
                 return connection
             await self._close_connection()
         self._connection = None
@@ -559,17 +558,6 @@ async def _roll_back(connection: psycopg.AsyncConnection[Any]) -> None:
 
 
 _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
-
-
-def _closed_by_server(connection: psycopg.AsyncConnection[Any]) -> bool:
-    """Whether the server ended this idle connection. Between batches the server
-    sends nothing unless it is going away (a restart or ``pg_terminate_backend``
-    sends a FATAL notice, a dead backend's socket reads EOF): anything to read means
-    the connection is done. One ``poll`` with no wait; ``select`` would refuse the
-    descriptors above 1024 a busy node has."""
-    poller = select.poll()
-    poller.register(connection.pgconn.socket, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def _finished(plan: Plan, rows: list[tuple[Any, ...]]) -> BatchOutcome:

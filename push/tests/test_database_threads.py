@@ -8,7 +8,11 @@ import asyncio
 import threading
 import time
 
+import psycopg
+import pytest
+
 from common.db import DATABASE_THREADS, db_call
+from common.postgresql.base import check_pooled_connection
 
 
 def _wait_for(release: threading.Event) -> str:
@@ -39,3 +43,37 @@ async def test_quick_calls_do_not_wait_behind_history_reads() -> None:
         release.set()
     names = await asyncio.gather(*reads)
     assert all(n.startswith("push-db-history") for n in names)
+
+
+def _backend_pid() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return int(cursor.fetchone()[0])
+
+
+_backend_pid_call = db_call(_backend_pid)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_pooled_connection_the_server_ended_is_never_handed_out() -> None:
+    """The pool's check sees, without a round trip, that the server ended a connection
+    while it sat in the pool (here ``pg_terminate_backend``; a restart does the same):
+    no call fails on it."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's pool")
+    pool = connection.pool
+    assert pool._check is check_pooled_connection
+    ended = await _backend_pid_call()
+    with psycopg.connect(**connection.get_connection_params(), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [ended])
+    await asyncio.sleep(0.2)  # the server's farewell reaches the socket
+    pids = [await _backend_pid_call() for _ in range(12)]  # more than the pool holds idle
+    assert ended not in pids
+    # Nor is it left in the pool for a later call: every connection there works.
+    pool.pop_stats()
+    await asyncio.to_thread(pool.check)
+    assert pool.pop_stats().get("connections_lost", 0) == 0
