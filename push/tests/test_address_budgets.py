@@ -117,6 +117,22 @@ async def test_a_history_read_waiting_for_room_is_refused_after_its_patience() -
     assert await budgets.history_admitted("192.0.2.1", 1000, patience=0.05) == 0.05
 
 
+async def test_a_history_read_whose_client_left_while_waiting_holds_nothing() -> None:
+    """A client that leaves while its read waits for room (the view is cancelled) takes
+    no reservation: the budget is as the reads in flight left it."""
+    budgets = table(Clock())
+    assert await budgets.history_admitted("192.0.2.1", 1000, patience=5.0) is None
+    waiting = asyncio.ensure_future(budgets.history_admitted("192.0.2.1", 1000, patience=5.0))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    budgets.history_read("192.0.2.1", 100, reserved=1000)
+    entry = budgets.get("192.0.2.1")
+    assert entry is not None and isinstance(entry.history_bytes, ByteBucket)
+    assert (entry.history_bytes.reserved, entry.history_bytes.tokens) == (0, 900)
+
+
 async def test_a_history_read_is_refused_at_once_while_its_address_is_in_debt() -> None:
     budgets = table(Clock())
     assert await budgets.history_admitted("192.0.2.1", 500, patience=60) is None
