@@ -198,3 +198,7 @@ PUBLISHES_REFUSED = Counter(
     "Publishes refused before they were written, by reason",
     ["reason"],
 )
+REST_FAST_PUBLISHES = Counter(
+    "push_rest_fast_publishes_total",
+    "REST publishes of a kept back-end token answered without Django's middleware and DRF",
+)

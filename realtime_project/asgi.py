@@ -28,11 +28,14 @@ import django
 
 django.setup(set_prefix=False)
 
+from push.api.fast_publish import FastPublish  # noqa: E402
 from push.api.handler import LoopHandler  # noqa: E402
 
 # What get_asgi_application() returns, with the middleware hooks that cannot block
 # run on the event loop (push.api.middleware).
 django_asgi_app = LoopHandler()
+# A back-end's plain REST publish answered on the loop, the rest through Django.
+rest_app = FastPublish(django_asgi_app)
 
 from channels.security.websocket import WebsocketDenier  # noqa: E402
 from django.conf import settings  # noqa: E402
@@ -73,6 +76,7 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 return await _rest_refusal(send, 429, retry_after, _OVER_REST_BUDGET)
             if shed_anonymous_rest(scope):
                 return await _rest_refusal(send, 503, 1, _OVERLOADED)
+            return await rest_app(scope, receive, send)
     return await django_asgi_app(scope, receive, send)
 
 

@@ -30,24 +30,34 @@ def _first_field_message(detail: Any, prefix: str = "") -> str:
     return f"{prefix}{detail}"
 
 
+def _body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, **extra}
+
+
 def _envelope(code: str, message: str, status: int, **extra: Any) -> Response:
-    return Response({"type": "error", "code": code, "message": message, **extra}, status=status)
+    return Response(_body(code, message, **extra), status=status)
 
 
-def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+def error_envelope(exc: PushError | DatabaseError | RedisError) -> tuple[int, dict[str, Any]]:
+    """The status and envelope of a refusal of ours or a dependency that is down."""
     if isinstance(exc, PushError):
         extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
         if exc.index is not None:
             extra["index"] = exc.index
-        return _envelope(exc.code.value, exc.message, exc.http_status, **extra)
+        return exc.http_status, _body(exc.code.value, exc.message, **extra)
     if isinstance(exc, DatabaseError):
         logger.warning("database error answering a REST request: %s", exc)
-        return _envelope(ErrorCode.UNAVAILABLE.value, "database unavailable; retry later", 503)
-    if isinstance(exc, RedisError):
-        # The REST throttle's counters live in Redis: while it restarts, the request is
-        # refused as the contract says for a dependency that is down, not as a crash.
-        logger.warning("Redis error answering a REST request: %s", exc)
-        return _envelope(ErrorCode.UNAVAILABLE.value, "Redis unavailable; retry later", 503)
+        return 503, _body(ErrorCode.UNAVAILABLE.value, "database unavailable; retry later")
+    # The REST throttle's counters live in Redis: while it restarts, the request is
+    # refused as the contract says for a dependency that is down, not as a crash.
+    logger.warning("Redis error answering a REST request: %s", exc)
+    return 503, _body(ErrorCode.UNAVAILABLE.value, "Redis unavailable; retry later")
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, (PushError, DatabaseError, RedisError)):
+        status, body = error_envelope(exc)
+        return Response(body, status=status)
     if isinstance(exc, exceptions.ParseError):
         return _envelope(ErrorCode.INVALID_JSON.value, str(exc.detail), 400)
     if isinstance(exc, exceptions.ValidationError):

@@ -106,7 +106,7 @@ class LoopHandler(ASGIHandler):
             # Django's handler awaits every task it starts before it returns, so no
             # call of this request reaches the executor after it is lent again.
             async with ThreadSensitiveContext(executor=executor):
-                if _receivers_on_loop(signals.request_started, self.__class__):
+                if receivers_on_loop(signals.request_started, self.__class__):
                     await self._handle_lent(executor, scope, receive, send)
                 else:
                     await self.handle(scope, receive, send)
@@ -170,7 +170,7 @@ class LoopHandler(ASGIHandler):
         return None if responding.cancelled() or responding.exception() else responding.result()
 
     async def _close(self, response: HttpResponseBase, executor: RequestExecutor) -> None:
-        if executor.used or not _receivers_on_loop(signals.request_finished, self.__class__):
+        if executor.used or not receivers_on_loop(signals.request_finished, self.__class__):
             await sync_to_async(response.close)()
         else:
             response.close()
@@ -214,7 +214,7 @@ def _release(request: HttpRequest, response: HttpResponseBase) -> None:
         vars(response).pop(link, None)
 
 
-def _receivers_on_loop(signal: Signal, sender: type) -> bool:
+def receivers_on_loop(signal: Signal, sender: type = ASGIHandler) -> bool:
     """Whether every receiver of ``signal`` is one of Django's own that may run on the
     loop. It reads the signal's receivers the way ``Signal.send`` does (Django 5.x,
     pinned); on a Django without that method, requests go Django's way."""

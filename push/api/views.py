@@ -68,8 +68,11 @@ def _page_url(request: Request, **params: Any) -> str:
 
 def _idempotency_key(request: Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return None
+    return None if key is None else valid_idempotency_key(key)
+
+
+def valid_idempotency_key(key: str) -> str:
+    """``key`` if it may be an ``Idempotency-Key``, else the request's 400."""
     if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not key.isprintable():
         raise PushError(
             ErrorCode.INVALID_MESSAGE,

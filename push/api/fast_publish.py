@@ -1,0 +1,364 @@
+"""A back-end's REST publish served without Django's handler, middleware and DRF, when
+none of them would change the answer.
+
+``POST /api/v1/channels/<channel>/messages`` is the request a back-end sends most,
+one per message. Through Django and DRF it cost about 1.1 ms of the node's CPU, of
+which the publish itself (the write pipeline, the broker) is a fraction; a node
+answered 800 of them a second while its database commits 6,000. A request this module
+takes is answered here, on the event loop, by the same services and the same rules:
+
+- the caller is a token this process verified a moment ago
+  (``accounts.principal_cache.kept_token_principal``), which no throttle counts (a
+  service token, by default);
+- the body is a JSON object with ``data``, at most ``PUSH_MAX_FRAME_BYTES``;
+- the caller has the publish right on the channel (``authorize_publish``);
+- it asks for JSON (no ``Accept`` other than JSON or ``*/*``, no query string), names
+  an allowed ``Host``, and its ``Idempotency-Key``, if any, is valid.
+
+Anything else (the first request of a token, a user's session, a refusal, a body that
+is not a plain publish, the browsable API) goes to Django with the body it sent, so
+every error is DRF's own answer, byte for byte. What the fast path sends is what
+Django's path would: the same status and JSON, the same headers (DRF's ``Allow`` and
+``Vary``, the security middleware's), the same django-prometheus counters. It stands
+aside whenever the project's middleware or request signals are not the ones it
+mirrors (a project that adds its own), and ``PUSH_REST_FAST_PUBLISH=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+from django.conf import settings
+from django.core import signals
+from django.db import DatabaseError
+from django.http import HttpRequest
+from django.http.request import split_domain_port, validate_host
+from redis.exceptions import RedisError
+from rest_framework.exceptions import NotAcceptable
+from rest_framework.request import Request
+
+from accounts.permissions import authorize_publish
+from accounts.principal_cache import kept_token_principal
+from accounts.principals import Principal
+from accounts.throttling import PrincipalRateThrottle
+from common import metrics
+from common.conf import push_settings
+from common.errors import PushError
+from push.api.exceptions import error_envelope
+from push.api.handler import receivers_on_loop
+from push.api.renderers import MessagePageRenderer
+from push.api.request_metrics import ViewMetrics
+from push.api.security_headers import security_headers
+from push.api.serializers import published_body
+from push.api.views import ChannelMessagesView, valid_idempotency_key
+from push.services.publishing import message_publish_queued
+from push.wire.protocol import validate_channel_name
+
+Asgi = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+# The URL of ChannelMessagesView (push.api.urls under realtime_project.urls' api/v1/):
+# Django's ``<str:channel>`` is one path segment, at least one character.
+PUBLISH_PATH = re.compile(r"/api/v1/channels/([^/]+)/messages")
+VIEW_NAME = "channel-messages"
+# What the project's settings.MIDDLEWARE is; with any other list Django serves.
+MIRRORED_MIDDLEWARE = (
+    "push.api.middleware.PrometheusBeforeMiddleware",
+    "push.api.middleware.SecurityMiddleware",
+    "push.api.middleware.WhiteNoiseMiddleware",
+    "push.api.middleware.SessionMiddleware",
+    "push.api.middleware.CommonMiddleware",
+    "push.api.middleware.CsrfViewMiddleware",
+    "push.api.middleware.AuthenticationMiddleware",
+    "push.api.middleware.MessageMiddleware",
+    "push.api.middleware.XFrameOptionsMiddleware",
+    "push.api.middleware.PrometheusAfterMiddleware",
+)
+# Content-Type of a body DRF's JSON parser reads as UTF-8 (lower case, no spaces).
+JSON_MEDIA_TYPES = (b"application/json", b"application/json;charset=utf-8")
+# Accept headers whose negotiation is kept are at most this long (64 of them): real
+# clients send a few dozen bytes; a longer one goes to Django.
+MAX_ACCEPT_BYTES = 256
+# Django's answer to an exception no handler took, without a 500.html template.
+SERVER_ERROR = b"<h1>Server Error (500)</h1>"
+_RENDERER = MessagePageRenderer()
+# Django's logger of answered requests (4xx warnings, 5xx errors).
+request_logger = logging.getLogger("django.request")
+
+
+@dataclass
+class PlainPublish:
+    """What a request that may be served here says: where, as whom, with which key."""
+
+    path: str
+    channel: str
+    token: str
+    address: str | None
+    idempotency_key: str | None
+    secure: bool
+    content_length: int
+    started_at: float = 0.0  # for the latency django-prometheus observes
+
+
+@dataclass
+class Body:
+    """A request's body as the server sent it, kept to hand it on to Django unread."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    size: int = 0
+    complete: bool = False
+
+    def bytes(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.messages)
+
+    def replayed(self, receive: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
+        """A ``receive`` that gives what was read, then what the server has next."""
+        pending = list(self.messages)
+
+        async def replay() -> dict[str, Any]:
+            return pending.pop(0) if pending else await receive()
+
+        return replay
+
+
+class FastPublish:
+    """``POST /api/v1/channels/<c>/messages`` from a kept back-end token, answered on
+    the loop; every other request to ``django_app``."""
+
+    def __init__(self, django_app: Asgi) -> None:
+        self.django_app = django_app
+        self.view = ChannelMessagesView()
+        self.view.setup(HttpRequest())  # as as_view() does: HEAD allowed where GET is
+        self.allow = ", ".join(self.view.allowed_methods).encode()
+        self.metrics = ViewMetrics(VIEW_NAME, "POST")
+        self.body_limit = min(
+            push_settings.MAX_FRAME_BYTES,
+            settings.DATA_UPLOAD_MAX_MEMORY_SIZE or push_settings.MAX_FRAME_BYTES,
+        )
+        # Off when Django's path does something not mirrored here: middleware of the
+        # project's own, or settings with which Django's middleware redirects or
+        # refuses a request.
+        self.mirrors_django = (
+            push_settings.REST_FAST_PUBLISH
+            and tuple(settings.MIDDLEWARE) == MIRRORED_MIDDLEWARE
+            and not (settings.PREPEND_WWW or settings.USE_X_FORWARDED_HOST)
+            and not settings.DISALLOWED_USER_AGENTS
+        )
+        self._throttled_kinds: dict[str, bool] = {}
+
+    def enabled(self) -> bool:
+        """Whether requests may be answered here; not once the project connected
+        receivers of its own to Django's request signals (which may come later)."""
+        return (
+            self.mirrors_django
+            and receivers_on_loop(signals.request_started)
+            and receivers_on_loop(signals.request_finished)
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        request = plain_publish(scope, self._renders_json) if self.enabled() else None
+        if request is None:
+            return await self.django_app(scope, receive, send)
+        body = await read_body(receive, self.body_limit)
+        if body is None:
+            return  # the client left
+        answer = await self._answer(request, body) if body.complete else None
+        if answer is None:
+            return await self.django_app(scope, body.replayed(receive), send)
+        await self._send(request, send, *answer)
+
+    async def _answer(self, request: PlainPublish, body: Body) -> tuple[int, bytes] | None:
+        """The status and JSON of the answer, or None when Django must answer (nothing
+        was published then)."""
+        # The caller first: a key nobody kept costs a dictionary look-up, not a parse.
+        principal = await kept_token_principal(request.token, request.address)
+        if principal is None or self._throttled(principal):
+            return None
+        try:
+            authorize_publish(principal, request.channel)
+        except PushError:
+            return None  # DRF words the refusal
+        data = _publish_data(body.bytes())
+        if data is _NOT_PLAIN:
+            return None
+        request.started_at = self.metrics.started(request.secure, request.content_length)
+        metrics.REST_FAST_PUBLISHES.inc()
+        try:
+            message, replayed = await message_publish_queued(
+                channel=request.channel,
+                data=data,
+                publisher_id=principal.user_id,
+                principal=principal.key,
+                idempotency_key=request.idempotency_key,
+            )
+        except (PushError, DatabaseError, RedisError) as exc:
+            status, envelope = error_envelope(exc)
+            return status, _RENDERER.render(envelope)
+        except Exception:
+            # What Django answers for an exception no handler took (no traceback sent).
+            request_logger.exception("Internal Server Error: %s", request.path)
+            return 500, SERVER_ERROR
+        if not replayed:
+            metrics.MESSAGES_PUBLISHED.labels("rest").inc()
+        return 200 if replayed else 201, _RENDERER.render(published_body(message))
+
+    def _throttled(self, principal: Principal) -> bool:
+        """Whether a throttle of the view counts this kind of caller (by default a
+        user, not a service token); the settings decide, so once per kind."""
+        throttled = self._throttled_kinds.get(principal.kind)
+        if throttled is None:
+            throttled = self._throttled_kinds[principal.kind] = not all(
+                isinstance(t, PrincipalRateThrottle) and not t.counts(principal)
+                for t in self.view.get_throttles()
+            )
+        return throttled
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019  # one instance, for the process
+    def _renders_json(self, accept: bytes) -> bool:
+        """Whether DRF's content negotiation answers a request with this ``Accept`` in
+        plain JSON (not the browsable API, not indented, not 406)."""
+        negotiated = HttpRequest()  # what the negotiation reads: Accept, ?format=
+        negotiated.META["HTTP_ACCEPT"] = accept.decode("latin-1")
+        try:
+            renderer, media_type = self.view.get_content_negotiator().select_renderer(
+                Request(negotiated), self.view.get_renderers()
+            )
+        except NotAcceptable:
+            return False
+        return isinstance(renderer, MessagePageRenderer) and media_type == "application/json"
+
+    async def _send(self, request: PlainPublish, send: Any, status: int, content: bytes) -> None:
+        if status == 500:
+            headers = [(b"content-type", b"text/html; charset=utf-8")]
+        else:
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"vary", b"Accept"),
+                (b"allow", self.allow),
+            ]
+        headers.append((b"content-length", str(len(content)).encode()))
+        headers.extend(security_headers(request.secure))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+        self.metrics.answered(request.started_at, status, len(content))
+        if status >= 400:
+            _log_refusal(status, request.path)
+
+
+def _log_refusal(status: int, path: str) -> None:
+    """As Django logs a 4xx or 5xx answer (``django.utils.log.log_response``)."""
+    level = logging.ERROR if status >= 500 else logging.WARNING
+    request_logger.log(
+        level, "%s: %s", HTTPStatus(status).phrase, path, extra={"status_code": status}
+    )
+
+
+_NOT_PLAIN = object()
+
+
+def _publish_data(body: bytes) -> Any:
+    """``data`` of a body DRF's parser and ``PublishSerializer`` would accept as it is,
+    else ``_NOT_PLAIN``."""
+    try:
+        parsed = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return _NOT_PLAIN
+    if not isinstance(parsed, dict) or "data" not in parsed:
+        return _NOT_PLAIN
+    return parsed["data"]
+
+
+def _no_constant(name: str) -> Any:
+    # DRF's STRICT_JSON: NaN and Infinity are no JSON.
+    raise ValueError(f"{name} is not JSON")
+
+
+def plain_publish(
+    scope: dict[str, Any], renders_json: Callable[[bytes], bool]
+) -> PlainPublish | None:
+    """The request's parts when it may be a back-end's plain publish, else None."""
+    if scope["method"] != "POST" or scope.get("root_path") or scope.get("query_string"):
+        return None
+    matched = PUBLISH_PATH.fullmatch(scope["path"])
+    if matched is None:
+        return None
+    headers: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        if name in headers:
+            return None  # Django would join them: leave it that reading
+        headers[name] = value
+    secure = scope.get("scheme") == "https"
+    if settings.SECURE_SSL_REDIRECT and not secure:
+        return None
+    content_type = headers.get(b"content-type", b"").lower().replace(b" ", b"")
+    accept = headers.get(b"accept", b"*/*")
+    if content_type not in JSON_MEDIA_TYPES or len(accept) > MAX_ACCEPT_BYTES:
+        return None
+    if not renders_json(accept):
+        return None
+    token = _token(headers.get(b"authorization"))
+    if token is None or not _host_allowed(headers.get(b"host")):
+        return None
+    key = headers.get(b"idempotency-key")
+    idempotency_key = None if key is None else key.decode("latin-1")
+    try:
+        channel = validate_channel_name(matched.group(1))
+        if idempotency_key is not None:
+            valid_idempotency_key(idempotency_key)
+        # Django reads a body of Content-Length bytes, and none without the header
+        # (a chunked body): it answers those.
+        content_length = int(headers[b"content-length"])
+    except (PushError, ValueError, KeyError):
+        return None
+    client = scope.get("client")
+    return PlainPublish(
+        path=scope["path"],
+        channel=channel,
+        token=token,
+        address=client[0] if client else None,
+        idempotency_key=idempotency_key,
+        secure=secure,
+        content_length=content_length,
+    )
+
+
+def _token(authorization: bytes | None) -> str | None:
+    """The key of ``Authorization: Token <key>``, split as DRF's authentication does."""
+    parts = (authorization or b"").split()
+    if len(parts) != 2 or parts[0].lower() != b"token":
+        return None
+    return parts[1].decode("latin-1")
+
+
+def _host_allowed(host: bytes | None) -> bool:
+    """Django's ``get_host()`` check; a request without ``Host`` goes to Django."""
+    if host is None:
+        return False
+    allowed = list(settings.ALLOWED_HOSTS)
+    if settings.DEBUG and not allowed:
+        allowed = [".localhost", "127.0.0.1", "[::1]"]
+    domain, _port = split_domain_port(host.decode("latin-1"))
+    return bool(domain) and validate_host(domain, allowed)
+
+
+async def read_body(receive: Any, limit: int) -> Body | None:
+    """The request's body, up to ``limit`` bytes (then ``complete`` is False and the
+    rest is left to be read); None when the client left."""
+    body = Body()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body.messages.append(message)
+        body.size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            body.complete = body.size <= limit
+            return body
+        if body.size > limit:
+            return body

@@ -1,0 +1,308 @@
+"""A back-end's plain REST publish is answered without Django's middleware and DRF
+(``push.api.fast_publish``): the answers must be the ones Django's path gives.
+
+Every request goes to two real nodes sharing PostgreSQL and Redis, one with the fast
+path (the default) and one with ``PUSH_REST_FAST_PUBLISH=0``, and their answers are
+compared whole: status, headers, body (but for what differs by nature, the message's
+seq, id and timestamp). Each node's ``push_rest_fast_publishes_total`` says which path
+answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.servers import ServerNode, manage, start_together
+
+pytestmark = pytest.mark.asyncio
+
+FAST_COUNTER = "push_rest_fast_publishes_total"
+# Headers that differ between any two answers, whoever sends them.
+VARYING_HEADERS = {"date", "content-length"}
+MAX_FRAME_BYTES = 1_048_576  # the default PUSH_MAX_FRAME_BYTES
+
+
+@pytest.fixture(scope="module")
+def nodes(e2e_env: dict[str, str]) -> Iterator[tuple[ServerNode, ServerNode]]:
+    fast = ServerNode(e2e_env, server="uvicorn", name="fast-publish")
+    django = ServerNode(
+        {**e2e_env, "PUSH_REST_FAST_PUBLISH": "0"}, server="uvicorn", name="django-publish"
+    )
+    start_together([fast, django])
+    yield fast, django
+    fast.stop()
+    django.stop()
+
+
+@pytest.fixture(scope="module")
+def service_key(e2e_env: dict[str, str]) -> str:
+    name = f"fast-{uuid.uuid4().hex[:6]}"
+    return _service_token(e2e_env, name, "publish,subscribe:*")
+
+
+def _service_token(env: dict[str, str], name: str, *scopes: str) -> str:
+    args = [arg for scope in scopes for arg in ("--scope", scope)]
+    return manage(env, "service_token", "create", name, *args).strip().splitlines()[-1]
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        yield client
+
+
+class Pair:
+    """Sends a request to both nodes and compares what they answer."""
+
+    def __init__(self, nodes: tuple[ServerNode, ServerNode], http: httpx.AsyncClient) -> None:
+        self.fast, self.django = nodes
+        self.http = http
+
+    async def warm(self, key: str) -> None:
+        """The fast path serves a token its node verified a moment ago: verify it."""
+        for node in (self.fast, self.django):
+            answer = await self._send(node, "warm-up", json={"data": 0}, headers=_auth(key))
+            assert answer.status_code == 201, answer.text
+
+    async def send(
+        self, channel: str, *, fast: bool, **request: Any
+    ) -> tuple[httpx.Response, httpx.Response]:
+        """The fast node's answer and Django's, asserting which path answered the first."""
+        before = self.fast.metric(FAST_COUNTER)
+        fast_answer = await self._send(self.fast, channel, **request)
+        taken = self.fast.metric(FAST_COUNTER) - before
+        assert taken == (1 if fast else 0), (channel, fast_answer.text)
+        django_answer = await self._send(self.django, channel, **request)
+        assert self.django.metric(FAST_COUNTER) == 0
+        return fast_answer, django_answer
+
+    async def same(self, channel: str, *, fast: bool, **request: Any) -> httpx.Response:
+        """Both answers, alike but for a published message's channel (each node has
+        its own: one node's publish would be the other's idempotent retry), seq, id and
+        timestamp."""
+        fast_answer, django_answer = await self.send(channel, fast=fast, **request)
+        assert _comparable(fast_answer, self.fast) == _comparable(django_answer, self.django)
+        return fast_answer
+
+    async def _send(self, node: ServerNode, channel: str, **request: Any) -> httpx.Response:
+        path = f"/api/v1/channels/{_own(channel, node)}/messages"
+        return await self.http.post(f"{node.http_url}{path}", **request)
+
+
+def _own(channel: str, node: ServerNode) -> str:
+    """The node's own channel of that name."""
+    return f"{channel}-{node.name}"
+
+
+@pytest.fixture
+async def pair(
+    nodes: tuple[ServerNode, ServerNode], http: httpx.AsyncClient, service_key: str
+) -> Pair:
+    checked = Pair(nodes, http)
+    await checked.warm(service_key)
+    return checked
+
+
+def _auth(key: str, **more: str) -> dict[str, str]:
+    return {"Authorization": f"Token {key}", **more}
+
+
+def _comparable(answer: httpx.Response, node: ServerNode) -> tuple[int, list[tuple[str, str]], Any]:
+    assert answer.headers.get("content-length", str(len(answer.content))) == str(
+        len(answer.content)
+    )
+    headers = sorted(
+        (name, value) for name, value in answer.headers.multi_items() if name not in VARYING_HEADERS
+    )
+    body: Any = answer.content.replace(node.name.encode(), b"NODE")
+    if answer.headers.get("content-type") == "application/json":
+        body = json.loads(body)
+        if answer.status_code in (200, 201):
+            assert body.pop("channel").endswith("-NODE")
+            assert isinstance(body.pop("seq"), int)
+            assert isinstance(body.pop("message_id"), str)
+            assert isinstance(body.pop("timestamp"), float)
+    return answer.status_code, headers, body
+
+
+async def test_a_plain_publish_is_answered_as_django_answers_it(
+    pair: Pair, service_key: str
+) -> None:
+    data = {"text": "h\u00e9llo \u2028 \U0001f600", "n": [1, 2.5, None, True]}
+    answer = await pair.same(
+        "fast-plain", fast=True, json={"data": data}, headers=_auth(service_key)
+    )
+    assert answer.status_code == 201
+    history = await pair.http.get(
+        f"{pair.fast.http_url}/api/v1/channels/{_own('fast-plain', pair.fast)}/messages",
+        params={"since": answer.json()["seq"] - 1, "limit": 1},
+        headers=_auth(service_key),
+    )
+    assert [m["data"] for m in history.json()["results"]] == [data]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Type": "application/json; charset=UTF-8"},
+        {"Content-Type": "application/json;charset=utf-8"},
+        {"Accept": "application/json"},
+        {"Accept": "application/json, text/plain, */*"},
+    ],
+    ids=["charset", "charset-tight", "accept-json", "accept-axios"],
+)
+async def test_json_however_it_is_named_takes_the_fast_path(
+    pair: Pair, service_key: str, headers: dict[str, str]
+) -> None:
+    headers = {"Content-Type": "application/json", **headers}
+    await pair.same(
+        "fast-named", fast=True, content=b'{"data": 1}', headers=_auth(service_key, **headers)
+    )
+
+
+async def test_a_chunked_body_goes_to_django(pair: Pair, service_key: str) -> None:
+    # Django reads a body of Content-Length bytes, none without one: so does this path.
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"data": '
+        yield b'"in two parts"}'
+
+    headers = _auth(service_key, **{"Content-Type": "application/json"})
+    fast_answer, django_answer = await pair.send(
+        "fast-chunked", fast=False, content=chunks(), headers=headers
+    )
+    assert fast_answer.status_code == django_answer.status_code == 400
+
+
+async def test_an_idempotent_retry_is_answered_with_the_first_result(
+    pair: Pair, service_key: str
+) -> None:
+    headers = _auth(service_key, **{"Idempotency-Key": f"key-{uuid.uuid4()}"})
+    first = await pair.same("fast-idem", fast=True, json={"data": 1}, headers=headers)
+    again = await pair.same("fast-idem", fast=True, json={"data": 1}, headers=headers)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json() == first.json()
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        (b"not json", 400),
+        (b'{"dat": 1}', 400),
+        (b"[1]", 400),
+        (b'{"data": NaN}', 400),
+        (b'{"data": "\xff"}', 400),
+        (b"\xef\xbb\xbf" + b'{"data": 1}', 400),
+        (b'{"data": "' + b"x" * MAX_FRAME_BYTES + b'"}', 413),
+    ],
+    ids=["not-json", "no-data", "not-object", "nan", "not-utf8", "bom", "too-large"],
+)
+async def test_a_body_django_refuses_is_refused_by_django(
+    pair: Pair, service_key: str, content: bytes, status: int
+) -> None:
+    headers = _auth(service_key, **{"Content-Type": "application/json"})
+    answer = await pair.same("fast-refused", fast=False, content=content, headers=headers)
+    assert answer.status_code == status
+
+
+@pytest.mark.parametrize(
+    ("channel", "extra", "status"),
+    [
+        ("bad name!", {}, 400),
+        ("fast-key", {"headers": {"Idempotency-Key": "k" * 256}}, 400),
+        ("fast-indent", {"headers": {"Accept": "application/json; indent=4"}}, 201),
+        ("fast-unknown", {"headers": {"Authorization": "Token svc_unknown"}}, 401),
+        ("fast-bearer", {"headers": {"Authorization": "Bearer x"}}, 401),
+        ("fast-host", {"headers": {"Host": "evil.example"}}, 400),
+        ("fast-format", {"params": {"format": "json"}}, 201),
+        ("fast-no-type", {"headers": {"Content-Type": "text/plain"}}, 415),
+    ],
+    ids=["channel", "key", "indent", "unknown", "bearer", "host", "query", "not-json"],
+)
+async def test_requests_the_fast_path_does_not_mirror_go_to_django(
+    pair: Pair, service_key: str, channel: str, extra: dict[str, Any], status: int
+) -> None:
+    headers = {**_auth(service_key), "Content-Type": "application/json", **extra.pop("headers", {})}
+    answer = await pair.same(channel, fast=False, content=b'{"data": 1}', headers=headers, **extra)
+    assert answer.status_code == status
+
+
+async def test_the_browsable_api_is_django_s(pair: Pair, service_key: str) -> None:
+    # Its page holds a CSRF token of its own: the status and the type match.
+    fast_answer, django_answer = await pair.send(
+        "fast-html", fast=False, json={"data": 1}, headers=_auth(service_key, Accept="text/html")
+    )
+    assert fast_answer.status_code == django_answer.status_code == 201
+    assert fast_answer.headers["content-type"] == django_answer.headers["content-type"]
+
+
+async def test_a_header_sent_twice_goes_to_django(pair: Pair, service_key: str) -> None:
+    headers = [
+        ("Authorization", f"Token {service_key}"),
+        ("Content-Type", "application/json"),
+        ("Idempotency-Key", "one"),
+        ("Idempotency-Key", "two"),
+    ]
+    answer = await pair.same("fast-twice", fast=False, content=b'{"data": 1}', headers=headers)
+    assert answer.status_code == 201
+
+
+async def test_a_refused_channel_is_refused_by_django(pair: Pair, e2e_env: dict[str, str]) -> None:
+    key = _service_token(e2e_env, f"narrow-{uuid.uuid4().hex[:6]}", "publish:narrow-*")
+    await pair.same("narrow-ok", fast=False, json={"data": 1}, headers=_auth(key))  # kept now
+    await pair.same("narrow-ok", fast=True, json={"data": 1}, headers=_auth(key))
+    answer = await pair.same("elsewhere", fast=False, json={"data": 1}, headers=_auth(key))
+    assert answer.status_code == 403
+
+
+async def test_a_revoked_token_is_refused_at_once(pair: Pair, e2e_env: dict[str, str]) -> None:
+    name = f"revoked-{uuid.uuid4().hex[:6]}"
+    key = _service_token(e2e_env, name, "publish:*")
+    await pair.same("fast-revoke", fast=False, json={"data": 1}, headers=_auth(key))
+    await pair.same("fast-revoke", fast=True, json={"data": 1}, headers=_auth(key))
+    manage(e2e_env, "service_token", "revoke", name)
+    answer = await pair.same("fast-revoke", fast=False, json={"data": 1}, headers=_auth(key))
+    assert answer.status_code == 401
+
+
+async def test_a_service_token_with_a_rate_of_its_own_is_throttled_by_drf(
+    e2e_env: dict[str, str], service_key: str, http: httpx.AsyncClient
+) -> None:
+    node = ServerNode(
+        {**e2e_env, "PUSH_REST_SERVICE_RATE": "3/min"}, server="uvicorn", name="fast-throttled"
+    ).start()
+    try:
+        url = f"{node.http_url}/api/v1/channels/fast-throttled/messages"
+        answers = [
+            await http.post(url, json={"data": n}, headers=_auth(service_key)) for n in range(4)
+        ]
+        assert [a.status_code for a in answers] == [201, 201, 201, 429]
+        assert node.metric(FAST_COUNTER) == 0
+    finally:
+        node.stop()
+
+
+async def test_concurrent_fast_publishes_are_each_stored_once_in_order(
+    pair: Pair, service_key: str
+) -> None:
+    channel = f"fast-many-{uuid.uuid4().hex[:6]}"
+    url = f"{pair.fast.http_url}/api/v1/channels/{channel}/messages"
+    answers = await asyncio.gather(
+        *(pair.http.post(url, json={"data": n}, headers=_auth(service_key)) for n in range(200))
+    )
+    assert {a.status_code for a in answers} == {201}
+    seqs = sorted(a.json()["seq"] for a in answers)
+    assert seqs == list(range(1, 201))
+    history = await pair.http.get(
+        url, params={"since": 0, "limit": 500}, headers=_auth(service_key)
+    )
+    stored = history.json()["results"]
+    assert [m["seq"] for m in stored] == seqs
+    by_seq = {a.json()["seq"]: a.json()["message_id"] for a in answers}
+    assert all(by_seq[m["seq"]] == m["message_id"] for m in stored)
