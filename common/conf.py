@@ -158,8 +158,8 @@ class PushSettings:
     REST_FAST_PUBLISH: bool = option(
         True,
         EnvType.BOOL,
-        "answer a kept service token's plain REST publish without Django's middleware "
-        "and DRF (the same answer, a fraction of the CPU)",
+        "answer a kept service token's plain REST publishes (single and batch) without "
+        "Django's middleware and DRF (the same answer, a fraction of the CPU)",
     )
     GC_FREEZE: bool = option(
         True, EnvType.BOOL, "move start-up objects out of the garbage collector's reach"

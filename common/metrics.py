@@ -200,5 +200,6 @@ PUBLISHES_REFUSED = Counter(
 )
 REST_FAST_PUBLISHES = Counter(
     "push_rest_fast_publishes_total",
-    "REST publishes of a kept back-end token answered without Django's middleware and DRF",
+    "REST publish requests (single or batch) of a kept back-end token answered without "
+    "Django's middleware and DRF",
 )

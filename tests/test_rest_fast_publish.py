@@ -72,9 +72,10 @@ class Pair:
             assert answer.status_code == 201, answer.text
 
     async def send(
-        self, channel: str, *, fast: bool, **request: Any
+        self, channel: str | None, *, fast: bool, **request: Any
     ) -> tuple[httpx.Response, httpx.Response]:
-        """The fast node's answer and Django's, asserting which path answered the first."""
+        """The fast node's answer and Django's, asserting which path answered the first.
+        ``channel`` None is the batch endpoint (see ``_send``)."""
         before = self.fast.metric(FAST_COUNTER)
         fast_answer = await self._send(self.fast, channel, **request)
         taken = self.fast.metric(FAST_COUNTER) - before
@@ -83,7 +84,7 @@ class Pair:
         assert self.django.metric(FAST_COUNTER) == 0
         return fast_answer, django_answer
 
-    async def same(self, channel: str, *, fast: bool, **request: Any) -> httpx.Response:
+    async def same(self, channel: str | None, *, fast: bool, **request: Any) -> httpx.Response:
         """Both answers, alike but for a published message's channel (each node has
         its own: one node's publish would be the other's idempotent retry), seq, id and
         timestamp."""
@@ -91,8 +92,29 @@ class Pair:
         assert _comparable(fast_answer, self.fast) == _comparable(django_answer, self.django)
         return fast_answer
 
-    async def _send(self, node: ServerNode, channel: str, **request: Any) -> httpx.Response:
-        path = f"/api/v1/channels/{_own(channel, node)}/messages"
+    async def _send(
+        self,
+        node: ServerNode,
+        channel: str | None,
+        *,
+        batch: list[tuple[str, Any]] | None = None,
+        key: str | None = None,
+        **request: Any,
+    ) -> httpx.Response:
+        """A single publish on the node's own ``channel``, or with ``channel`` None a
+        batch: ``batch`` gives its (channel, data) items, each on the node's own channel.
+        ``key`` is an Idempotency-Key of the node's own."""
+        if batch is not None:
+            request["json"] = {
+                "messages": [{"channel": _own(c, node), "data": data} for c, data in batch]
+            }
+        if key is not None:
+            request["headers"] = {**request["headers"], "Idempotency-Key": _own(key, node)}
+        path = (
+            "/api/v1/messages"
+            if channel is None
+            else f"/api/v1/channels/{_own(channel, node)}/messages"
+        )
         return await self.http.post(f"{node.http_url}{path}", **request)
 
 
@@ -125,10 +147,11 @@ def _comparable(answer: httpx.Response, node: ServerNode) -> tuple[int, list[tup
     if answer.headers.get("content-type") == "application/json":
         body = json.loads(body)
         if answer.status_code in (200, 201):
-            assert body.pop("channel").endswith("-NODE")
-            assert isinstance(body.pop("seq"), int)
-            assert isinstance(body.pop("message_id"), str)
-            assert isinstance(body.pop("timestamp"), float)
+            for published in body.get("results", [body]):
+                assert published.pop("channel").endswith("-NODE")
+                assert isinstance(published.pop("seq"), int)
+                assert isinstance(published.pop("message_id"), str)
+                assert isinstance(published.pop("timestamp"), float)
     return answer.status_code, headers, body
 
 
@@ -306,3 +329,66 @@ async def test_concurrent_fast_publishes_are_each_stored_once_in_order(
     assert [m["seq"] for m in stored] == seqs
     by_seq = {a.json()["seq"]: a.json()["message_id"] for a in answers}
     assert all(by_seq[m["seq"]] == m["message_id"] for m in stored)
+
+
+async def test_a_plain_batch_is_answered_as_django_answers_it(pair: Pair, service_key: str) -> None:
+    items = [("fast-batch-a", {"n": 1}), ("fast-batch-b", None), ("fast-batch-a", [2, "\u00e9"])]
+    answer = await pair.same(None, fast=True, batch=items, headers=_auth(service_key))
+    assert answer.status_code == 201
+    results = answer.json()["results"]
+    assert [r["channel"] for r in results] == [_own(c, pair.fast) for c, _ in items]
+    assert results[2]["seq"] == results[0]["seq"] + 1
+
+
+async def test_an_idempotent_batch_retry_is_answered_with_the_first_result(
+    pair: Pair, service_key: str
+) -> None:
+    items = [("fast-batch-idem", 1), ("fast-batch-idem", 2)]
+    key = f"batch-{uuid.uuid4()}"
+    request = {"batch": items, "key": key, "headers": _auth(service_key)}
+    first = await pair.same(None, fast=True, **request)
+    again = await pair.same(None, fast=True, **request)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json() == first.json()
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        (b'{"messages": []}', 400),
+        (
+            b'{"messages": [{"channel": "fast-b", "data": 1}, '
+            b'{"channel": "bad name!", "data": 1}]}',
+            400,
+        ),
+        (b'{"messages": [{"channel": "fast-b"}]}', 400),
+        (b'{"messages": [1]}', 400),
+        (
+            b'{"messages": '
+            + b"["
+            + b",".join([b'{"channel": "fast-b", "data": 1}'] * 1001)
+            + b"]}",
+            413,
+        ),
+        (b'{"messages": [{"channel": "fast-b", "data": NaN}]}', 400),
+    ],
+    ids=["empty", "bad-channel", "no-data", "not-object", "too-many", "nan"],
+)
+async def test_a_batch_django_refuses_is_refused_by_django(
+    pair: Pair, service_key: str, content: bytes, status: int
+) -> None:
+    headers = _auth(service_key, **{"Content-Type": "application/json"})
+    answer = await pair.same(None, fast=False, content=content, headers=headers)
+    assert answer.status_code == status
+
+
+async def test_a_batch_with_a_refused_channel_is_refused_by_django(
+    pair: Pair, e2e_env: dict[str, str]
+) -> None:
+    key = _service_token(e2e_env, f"narrow-batch-{uuid.uuid4().hex[:6]}", "publish:narrow-*")
+    await pair.same(None, fast=False, batch=[("narrow-b", 1)], headers=_auth(key))  # kept now
+    await pair.same(None, fast=True, batch=[("narrow-b", 1)], headers=_auth(key))
+    answer = await pair.same(
+        None, fast=False, batch=[("narrow-b", 1), ("elsewhere", 2)], headers=_auth(key)
+    )
+    assert (answer.status_code, answer.json()["index"]) == (403, 1)

@@ -1,27 +1,32 @@
-"""A back-end's REST publish served without Django's handler, middleware and DRF, when
-none of them would change the answer.
+"""A back-end's REST publishes served without Django's handler, middleware and DRF,
+when none of them would change the answer.
 
 ``POST /api/v1/channels/<channel>/messages`` is the request a back-end sends most,
-one per message. Through Django and DRF it cost about 1.1 ms of the node's CPU, of
-which the publish itself (the write pipeline, the broker) is a fraction; a node
-answered 800 of them a second while its database commits 6,000. A request this module
-takes is answered here, on the event loop, by the same services and the same rules:
+one per message, and ``POST /api/v1/messages`` its batches. Through Django and DRF a
+request cost about 1.1 ms of the node's CPU, of which the publish itself (the write
+pipeline, the broker) is a fraction; a node answered 800 single publishes a second
+while its database commits 6,000. A request this module takes is answered here, on
+the event loop, by the same services and the same rules:
 
 - the caller is a token this process verified a moment ago
   (``accounts.principal_cache.kept_token_principal``), which no throttle counts (a
   service token, by default);
-- the body is a JSON object with ``data``, at most ``PUSH_MAX_FRAME_BYTES``;
-- the caller has the publish right on the channel (``authorize_publish``);
-- it asks for JSON (no ``Accept`` other than JSON or ``*/*``, no query string), names
-  an allowed ``Host``, and its ``Idempotency-Key``, if any, is valid.
+- it may publish on every channel it names (``authorize_publish``);
+- the body, with a ``Content-Length`` of at most ``PUSH_MAX_FRAME_BYTES``, is what the
+  view accepts as it is: a JSON object with ``data``, or with ``messages`` that
+  ``batch_items`` accepts;
+- DRF's content negotiation would answer it in plain JSON, there is no query string,
+  no header is sent twice, its ``Host`` is allowed, and its ``Idempotency-Key``, if
+  any, is valid.
 
-Anything else (the first request of a token, a user's session, a refusal, a body that
-is not a plain publish, the browsable API) goes to Django with the body it sent, so
-every error is DRF's own answer, byte for byte. What the fast path sends is what
-Django's path would: the same status and JSON, the same headers (DRF's ``Allow`` and
-``Vary``, the security middleware's), the same django-prometheus counters. It stands
-aside whenever the project's middleware or request signals are not the ones it
-mirrors (a project that adds its own), and ``PUSH_REST_FAST_PUBLISH=0`` turns it off.
+Anything else (the first request of a token, a user's session, a refusal, a body the
+view would refuse, the browsable API) goes to Django with the body it sent, so every
+refusal is DRF's own answer, byte for byte. What the fast path sends is what Django's
+path would: the same status and JSON, the same headers (DRF's ``Allow`` and ``Vary``,
+the security middleware's), the same django-prometheus counters and ``django.request``
+log lines. It stands aside whenever the project's middleware or request signals are
+not the ones it mirrors (a project that adds its own), and
+``PUSH_REST_FAST_PUBLISH=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ from django.http import HttpRequest
 from django.http.request import split_domain_port, validate_host
 from redis.exceptions import RedisError
 from rest_framework.exceptions import NotAcceptable
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
+from rest_framework.views import APIView
 
 from accounts.permissions import authorize_publish
 from accounts.principal_cache import kept_token_principal
@@ -56,17 +63,18 @@ from push.api.handler import receivers_on_loop
 from push.api.renderers import MessagePageRenderer
 from push.api.request_metrics import ViewMetrics
 from push.api.security_headers import security_headers
-from push.api.serializers import published_body
-from push.api.views import ChannelMessagesView, valid_idempotency_key
-from push.services.publishing import message_publish_queued
+from push.api.serializers import MAX_BATCH_MESSAGES, batch_items, published_body
+from push.api.views import BatchMessagesView, ChannelMessagesView, valid_idempotency_key
+from push.services.publishing import message_publish_queued, messages_publish_batch
 from push.wire.protocol import validate_channel_name
 
 Asgi = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+Answer = tuple[int, Any]  # status, and what DRF's JSON renderer would render
 
-# The URL of ChannelMessagesView (push.api.urls under realtime_project.urls' api/v1/):
+# The URLs of the two views (push.api.urls under realtime_project.urls' api/v1/):
 # Django's ``<str:channel>`` is one path segment, at least one character.
 PUBLISH_PATH = re.compile(r"/api/v1/channels/([^/]+)/messages")
-VIEW_NAME = "channel-messages"
+BATCH_PATH = re.compile(r"/api/v1/messages")
 # What the project's settings.MIDDLEWARE is; with any other list Django serves.
 MIRRORED_MIDDLEWARE = (
     "push.api.middleware.PrometheusBeforeMiddleware",
@@ -82,22 +90,22 @@ MIRRORED_MIDDLEWARE = (
 )
 # Content-Type of a body DRF's JSON parser reads as UTF-8 (lower case, no spaces).
 JSON_MEDIA_TYPES = (b"application/json", b"application/json;charset=utf-8")
-# Accept headers whose negotiation is kept are at most this long (64 of them): real
-# clients send a few dozen bytes; a longer one goes to Django.
+# Accept headers whose negotiation is kept are at most this long (64 of them per
+# view): real clients send a few dozen bytes; a longer one goes to Django.
 MAX_ACCEPT_BYTES = 256
 # Django's answer to an exception no handler took, without a 500.html template.
 SERVER_ERROR = b"<h1>Server Error (500)</h1>"
-_RENDERER = MessagePageRenderer()
+_RENDERER = MessagePageRenderer()  # a plain JSONRenderer for anything but a page
 # Django's logger of answered requests (4xx warnings, 5xx errors).
 request_logger = logging.getLogger("django.request")
 
 
 @dataclass
-class PlainPublish:
+class PlainRequest:
     """What a request that may be served here says: where, as whom, with which key."""
 
     path: str
-    channel: str
+    channel: str | None  # the single publish's, from its URL
     token: str
     address: str | None
     idempotency_key: str | None
@@ -127,16 +135,51 @@ class Body:
         return replay
 
 
+class Endpoint:
+    """One of the two views, as this module answers for it: its URL name, its
+    ``Allow``, its throttles and its content negotiation, read from the view itself."""
+
+    def __init__(self, view_class: type[APIView], name: str) -> None:
+        self.view = view_class()
+        self.view.setup(HttpRequest())  # as as_view() does: HEAD allowed where GET is
+        self.allow = ", ".join(self.view.allowed_methods).encode()
+        self.metrics = ViewMetrics(name, "POST")
+        self._throttled_kinds: dict[str, bool] = {}
+
+    def throttled(self, principal: Principal) -> bool:
+        """Whether a throttle of the view counts this kind of caller (by default a
+        user, not a service token); the settings decide, so once per kind."""
+        throttled = self._throttled_kinds.get(principal.kind)
+        if throttled is None:
+            throttled = self._throttled_kinds[principal.kind] = not all(
+                isinstance(t, PrincipalRateThrottle) and not t.counts(principal)
+                for t in self.view.get_throttles()
+            )
+        return throttled
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019  # two instances, for the process
+    def renders_json(self, accept: bytes) -> bool:
+        """Whether DRF's content negotiation answers a request with this ``Accept`` in
+        plain JSON (not the browsable API, not indented, not 406)."""
+        negotiated = HttpRequest()  # what the negotiation reads: Accept, ?format=
+        negotiated.META["HTTP_ACCEPT"] = accept.decode("latin-1")
+        try:
+            renderer, media_type = self.view.get_content_negotiator().select_renderer(
+                Request(negotiated), self.view.get_renderers()
+            )
+        except NotAcceptable:
+            return False
+        return isinstance(renderer, JSONRenderer) and media_type == "application/json"
+
+
 class FastPublish:
-    """``POST /api/v1/channels/<c>/messages`` from a kept back-end token, answered on
-    the loop; every other request to ``django_app``."""
+    """A kept back-end token's publishes answered on the loop; every other request to
+    ``django_app``."""
 
     def __init__(self, django_app: Asgi) -> None:
         self.django_app = django_app
-        self.view = ChannelMessagesView()
-        self.view.setup(HttpRequest())  # as as_view() does: HEAD allowed where GET is
-        self.allow = ", ".join(self.view.allowed_methods).encode()
-        self.metrics = ViewMetrics(VIEW_NAME, "POST")
+        self.single = Endpoint(ChannelMessagesView, "channel-messages")
+        self.batch = Endpoint(BatchMessagesView, "batch-messages")
         self.body_limit = min(
             push_settings.MAX_FRAME_BYTES,
             settings.DATA_UPLOAD_MAX_MEMORY_SIZE or push_settings.MAX_FRAME_BYTES,
@@ -150,7 +193,6 @@ class FastPublish:
             and not (settings.PREPEND_WWW or settings.USE_X_FORWARDED_HOST)
             and not settings.DISALLOWED_USER_AGENTS
         )
-        self._throttled_kinds: dict[str, bool] = {}
 
     def enabled(self) -> bool:
         """Whether requests may be answered here; not once the project connected
@@ -162,93 +204,118 @@ class FastPublish:
         )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        request = plain_publish(scope, self._renders_json) if self.enabled() else None
-        if request is None:
+        found = self._endpoint(scope) if self.enabled() else None
+        request = None if found is None else plain_request(scope, *found)
+        if found is None or request is None:
             return await self.django_app(scope, receive, send)
+        endpoint = found[0]
         body = await read_body(receive, self.body_limit)
         if body is None:
             return  # the client left
-        answer = await self._answer(request, body) if body.complete else None
+        answer = await self._answer(endpoint, request, body) if body.complete else None
         if answer is None:
             return await self.django_app(scope, body.replayed(receive), send)
-        await self._send(request, send, *answer)
+        await self._send(endpoint, request, send, *answer)
 
-    async def _answer(self, request: PlainPublish, body: Body) -> tuple[int, bytes] | None:
+    def _endpoint(self, scope: dict[str, Any]) -> tuple[Endpoint, str | None] | None:
+        """The endpoint of the request's path, with the channel its URL names."""
+        if scope["method"] != "POST":
+            return None
+        path = scope["path"]
+        matched = PUBLISH_PATH.fullmatch(path)
+        if matched is not None:
+            return self.single, matched.group(1)
+        return (self.batch, None) if BATCH_PATH.fullmatch(path) else None
+
+    async def _answer(self, endpoint: Endpoint, request: PlainRequest, body: Body) -> Answer | None:
         """The status and JSON of the answer, or None when Django must answer (nothing
         was published then)."""
         # The caller first: a key nobody kept costs a dictionary look-up, not a parse.
         principal = await kept_token_principal(request.token, request.address)
-        if principal is None or self._throttled(principal):
+        if principal is None or endpoint.throttled(principal):
             return None
-        try:
-            authorize_publish(principal, request.channel)
-        except PushError:
-            return None  # DRF words the refusal
-        data = _publish_data(body.bytes())
-        if data is _NOT_PLAIN:
+        items = _publish_items(principal, request.channel, body.bytes())
+        if items is None:
             return None
-        request.started_at = self.metrics.started(request.secure, request.content_length)
+        request.started_at = endpoint.metrics.started(request.secure, request.content_length)
         metrics.REST_FAST_PUBLISHES.inc()
         try:
-            message, replayed = await message_publish_queued(
-                channel=request.channel,
-                data=data,
-                publisher_id=principal.user_id,
-                principal=principal.key,
-                idempotency_key=request.idempotency_key,
-            )
+            if request.channel is None:
+                messages, replayed = await messages_publish_batch(
+                    items=items,
+                    publisher_id=principal.user_id,
+                    principal=principal.key,
+                    idempotency_key=request.idempotency_key,
+                )
+            else:
+                message, replayed = await message_publish_queued(
+                    channel=request.channel,
+                    data=items[0][1],
+                    publisher_id=principal.user_id,
+                    principal=principal.key,
+                    idempotency_key=request.idempotency_key,
+                )
+                messages = [message]
         except (PushError, DatabaseError, RedisError) as exc:
-            status, envelope = error_envelope(exc)
-            return status, _RENDERER.render(envelope)
+            return error_envelope(exc)
         except Exception:
             # What Django answers for an exception no handler took (no traceback sent).
             request_logger.exception("Internal Server Error: %s", request.path)
-            return 500, SERVER_ERROR
+            return 500, None
         if not replayed:
-            metrics.MESSAGES_PUBLISHED.labels("rest").inc()
-        return 200 if replayed else 201, _RENDERER.render(published_body(message))
+            metrics.MESSAGES_PUBLISHED.labels("rest").inc(len(messages))
+        published = [published_body(m) for m in messages]
+        reply = published[0] if request.channel is not None else {"results": published}
+        return 200 if replayed else 201, reply
 
-    def _throttled(self, principal: Principal) -> bool:
-        """Whether a throttle of the view counts this kind of caller (by default a
-        user, not a service token); the settings decide, so once per kind."""
-        throttled = self._throttled_kinds.get(principal.kind)
-        if throttled is None:
-            throttled = self._throttled_kinds[principal.kind] = not all(
-                isinstance(t, PrincipalRateThrottle) and not t.counts(principal)
-                for t in self.view.get_throttles()
-            )
-        return throttled
-
-    @functools.lru_cache(maxsize=64)  # noqa: B019  # one instance, for the process
-    def _renders_json(self, accept: bytes) -> bool:
-        """Whether DRF's content negotiation answers a request with this ``Accept`` in
-        plain JSON (not the browsable API, not indented, not 406)."""
-        negotiated = HttpRequest()  # what the negotiation reads: Accept, ?format=
-        negotiated.META["HTTP_ACCEPT"] = accept.decode("latin-1")
-        try:
-            renderer, media_type = self.view.get_content_negotiator().select_renderer(
-                Request(negotiated), self.view.get_renderers()
-            )
-        except NotAcceptable:
-            return False
-        return isinstance(renderer, MessagePageRenderer) and media_type == "application/json"
-
-    async def _send(self, request: PlainPublish, send: Any, status: int, content: bytes) -> None:
+    async def _send(
+        self, endpoint: Endpoint, request: PlainRequest, send: Any, status: int, reply: Any
+    ) -> None:
         if status == 500:
+            content = SERVER_ERROR
             headers = [(b"content-type", b"text/html; charset=utf-8")]
         else:
+            content = _RENDERER.render(reply)
             headers = [
                 (b"content-type", b"application/json"),
                 (b"vary", b"Accept"),
-                (b"allow", self.allow),
+                (b"allow", endpoint.allow),
             ]
         headers.append((b"content-length", str(len(content)).encode()))
         headers.extend(security_headers(request.secure))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
-        self.metrics.answered(request.started_at, status, len(content))
+        endpoint.metrics.answered(request.started_at, status, len(content))
         if status >= 400:
             _log_refusal(status, request.path)
+
+
+def _publish_items(
+    principal: Principal, channel: str | None, body: bytes
+) -> list[tuple[str, Any]] | None:
+    """The ``(channel, data)`` items of a body the view would accept as it is, from a
+    caller who may publish on each; None when the view must answer."""
+    try:
+        parsed = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None
+    try:
+        if channel is None:
+            items = batch_items(parsed, max_messages=MAX_BATCH_MESSAGES)
+        elif isinstance(parsed, dict) and "data" in parsed:
+            items = [(channel, parsed["data"])]
+        else:
+            return None
+        for item_channel, _data in items:
+            authorize_publish(principal, item_channel)
+    except PushError:
+        return None  # DRF words the refusal
+    return items
+
+
+def _no_constant(name: str) -> Any:
+    # DRF's STRICT_JSON: NaN and Infinity are no JSON.
+    raise ValueError(f"{name} is not JSON")
 
 
 def _log_refusal(status: int, path: str) -> None:
@@ -259,34 +326,11 @@ def _log_refusal(status: int, path: str) -> None:
     )
 
 
-_NOT_PLAIN = object()
-
-
-def _publish_data(body: bytes) -> Any:
-    """``data`` of a body DRF's parser and ``PublishSerializer`` would accept as it is,
-    else ``_NOT_PLAIN``."""
-    try:
-        parsed = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
-    except (ValueError, RecursionError):
-        return _NOT_PLAIN
-    if not isinstance(parsed, dict) or "data" not in parsed:
-        return _NOT_PLAIN
-    return parsed["data"]
-
-
-def _no_constant(name: str) -> Any:
-    # DRF's STRICT_JSON: NaN and Infinity are no JSON.
-    raise ValueError(f"{name} is not JSON")
-
-
-def plain_publish(
-    scope: dict[str, Any], renders_json: Callable[[bytes], bool]
-) -> PlainPublish | None:
+def plain_request(
+    scope: dict[str, Any], endpoint: Endpoint, url_channel: str | None
+) -> PlainRequest | None:
     """The request's parts when it may be a back-end's plain publish, else None."""
-    if scope["method"] != "POST" or scope.get("root_path") or scope.get("query_string"):
-        return None
-    matched = PUBLISH_PATH.fullmatch(scope["path"])
-    if matched is None:
+    if scope.get("root_path") or scope.get("query_string"):
         return None
     headers: dict[bytes, bytes] = {}
     for name, value in scope["headers"]:
@@ -300,7 +344,7 @@ def plain_publish(
     accept = headers.get(b"accept", b"*/*")
     if content_type not in JSON_MEDIA_TYPES or len(accept) > MAX_ACCEPT_BYTES:
         return None
-    if not renders_json(accept):
+    if not endpoint.renders_json(accept):
         return None
     token = _token(headers.get(b"authorization"))
     if token is None or not _host_allowed(headers.get(b"host")):
@@ -308,7 +352,7 @@ def plain_publish(
     key = headers.get(b"idempotency-key")
     idempotency_key = None if key is None else key.decode("latin-1")
     try:
-        channel = validate_channel_name(matched.group(1))
+        channel = None if url_channel is None else validate_channel_name(url_channel)
         if idempotency_key is not None:
             valid_idempotency_key(idempotency_key)
         # Django reads a body of Content-Length bytes, and none without the header
@@ -317,7 +361,7 @@ def plain_publish(
     except (PushError, ValueError, KeyError):
         return None
     client = scope.get("client")
-    return PlainPublish(
+    return PlainRequest(
         path=scope["path"],
         channel=channel,
         token=token,
