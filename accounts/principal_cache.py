@@ -186,6 +186,14 @@ def _shared_reads_of_loop() -> SharedReads:
 _shared_reads = LoopLocal(_shared_reads_of_loop)
 
 
+def is_kept_key(key: str) -> bool:
+    """Whether this process keeps a principal for ``key`` now (a user's or a service
+    token's), before ``kept_token_principal`` asks Redis whether it still may use it:
+    a dictionary look-up, so a made-up key costs nothing more."""
+    entry = _entries.get(hash_service_key(key))
+    return entry is not None and time.monotonic() < entry.expires_at
+
+
 def is_known_service_key(key: str) -> bool:
     """Whether ``key`` is a service token this process verified within the last
     ``PUSH_REVOCATION_CHECK_SECS``: no look-up and no round trip, so the REST budget of

@@ -52,7 +52,7 @@ from rest_framework.request import Request
 from rest_framework.views import APIView
 
 from accounts.permissions import authorize_publish
-from accounts.principal_cache import kept_token_principal
+from accounts.principal_cache import is_kept_key, kept_token_principal
 from accounts.principals import Principal
 from accounts.throttling import PrincipalRateThrottle
 from common import metrics
@@ -230,7 +230,7 @@ class FastPublish:
     async def _answer(self, endpoint: Endpoint, request: PlainRequest, body: Body) -> Answer | None:
         """The status and JSON of the answer, or None when Django must answer (nothing
         was published then)."""
-        # The caller first: a key nobody kept costs a dictionary look-up, not a parse.
+        # The caller before the body: a refused one costs no parse.
         principal = await kept_token_principal(request.token, request.address)
         if principal is None or endpoint.throttled(principal):
             return None
@@ -346,8 +346,9 @@ def plain_request(
         return None
     if not endpoint.renders_json(accept):
         return None
+    # A key this process does not keep goes to DRF before its body is read here.
     token = _token(headers.get(b"authorization"))
-    if token is None or not _host_allowed(headers.get(b"host")):
+    if token is None or not is_kept_key(token) or not _host_allowed(headers.get(b"host")):
         return None
     key = headers.get(b"idempotency-key")
     idempotency_key = None if key is None else key.decode("latin-1")
