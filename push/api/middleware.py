@@ -15,6 +15,11 @@ the request's thread, as Django would run it. A sync request (WSGI, the test cli
 runs them exactly as Django does. ``push.api.handler.LoopHandler`` does the same for the
 ``process_view`` and ``process_template_response`` hooks, which Django adapts outside the
 middleware.
+
+``mirrored_by_fast_publish`` marks a class whose work for a back-end's plain REST
+publish ``push.api.fast_publish`` reproduces (headers, counters) or which has none to
+do for it (no session, no static file, a CSRF-exempt view): with any middleware in
+``settings.MIDDLEWARE`` that does not say so itself, those requests go through Django.
 """
 
 from __future__ import annotations
@@ -76,14 +81,16 @@ async def run_hook(hook: Any, blocks: bool, *args: Any, **kwargs: Any) -> Any:
 
 
 class PrometheusBeforeMiddleware(LoopSafe, prometheus.PrometheusBeforeMiddleware):
-    pass
+    mirrored_by_fast_publish = True
 
 
 class SecurityMiddleware(LoopSafe, security.SecurityMiddleware):
-    pass
+    mirrored_by_fast_publish = True
 
 
 class SessionMiddleware(LoopSafe, sessions.SessionMiddleware):
+    mirrored_by_fast_publish = True
+
     # process_request makes a lazy session; the response writes it only when modified.
     def response_blocks(self, request: HttpRequest, response: HttpResponseBase) -> bool:
         session = getattr(request, "session", None)
@@ -91,10 +98,12 @@ class SessionMiddleware(LoopSafe, sessions.SessionMiddleware):
 
 
 class CommonMiddleware(LoopSafe, common.CommonMiddleware):
-    pass
+    mirrored_by_fast_publish = True
 
 
 class CsrfViewMiddleware(LoopSafe, csrf.CsrfViewMiddleware):
+    mirrored_by_fast_publish = True
+
     # The secret is in a cookie unless CSRF_USE_SESSIONS puts it in the session.
     def loop_safe(self) -> bool:
         return not settings.CSRF_USE_SESSIONS
@@ -106,6 +115,8 @@ class CsrfViewMiddleware(LoopSafe, csrf.CsrfViewMiddleware):
 
 
 class AuthenticationMiddleware(LoopSafe, auth.AuthenticationMiddleware):
+    mirrored_by_fast_publish = True
+
     # request.user is lazy: read on the thread that first asks for it.
     pass
 
@@ -114,6 +125,8 @@ class MessageMiddleware(LoopSafe, messages.MessageMiddleware):
     """Django's, with the storage made only when something reads or adds a message
     (the admin's pages): making one derives a cookie signer's key, about a twentieth
     of a REST publish's CPU, and no API request uses it."""
+
+    mirrored_by_fast_publish = True
 
     def process_request(self, request: HttpRequest) -> None:
         request._messages = SimpleLazyObject(lambda: default_storage(request))  # type: ignore[attr-defined]  # Django's own attribute for it
@@ -139,17 +152,19 @@ def _storage_made(request: HttpRequest) -> bool:
 
 
 class XFrameOptionsMiddleware(LoopSafe, clickjacking.XFrameOptionsMiddleware):
-    pass
+    mirrored_by_fast_publish = True
 
 
 class PrometheusAfterMiddleware(LoopSafe, prometheus.PrometheusAfterMiddleware):
-    pass
+    mirrored_by_fast_publish = True
 
 
 class WhiteNoiseMiddleware(whitenoise.WhiteNoiseMiddleware):
     """WhiteNoise, which is sync only, able to run async: a path that is no static file
     costs a dictionary look-up on the loop; a static file is found (with
     ``WHITENOISE_AUTOREFRESH``, on disk) and opened on the request's thread."""
+
+    mirrored_by_fast_publish = True
 
     sync_capable = True
     async_capable = True

@@ -5,11 +5,15 @@ two paths' answers on real nodes)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from django.conf import settings
+from django.core.signals import request_started
 from django.test import override_settings
 
-from push.api.fast_publish import Endpoint
+from push.api import middleware
+from push.api.fast_publish import Endpoint, FastPublish
 from push.api.security_headers import security_headers
 from push.api.views import BatchMessagesView, ChannelMessagesView
 
@@ -62,3 +66,53 @@ def test_plain_json_is_what_drf_would_render(
 def test_allow_is_what_drf_sends() -> None:
     assert Endpoint(ChannelMessagesView, "view").allow == b"GET, POST, HEAD, OPTIONS"
     assert Endpoint(BatchMessagesView, "view").allow == b"POST, OPTIONS"
+
+
+class ProjectSecurityMiddleware(middleware.SecurityMiddleware):
+    """A project's own subclass of a shipped middleware: it may do more."""
+
+
+async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    raise AssertionError("not called")
+
+
+def test_the_shipped_settings_are_mirrored() -> None:
+    fast = FastPublish(_app)
+    assert fast.mirrors_django and fast.enabled()
+
+
+@pytest.mark.parametrize(
+    "added",
+    [
+        "django.middleware.gzip.GZipMiddleware",
+        "push.tests.test_fast_publish.ProjectSecurityMiddleware",
+    ],
+)
+def test_a_middleware_of_the_project_s_own_turns_the_fast_path_off(added: str) -> None:
+    with override_settings(MIDDLEWARE=[*settings.MIDDLEWARE, added]):
+        assert not FastPublish(_app).mirrors_django
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"PREPEND_WWW": True}, {"USE_X_FORWARDED_HOST": True}, {"DISALLOWED_USER_AGENTS": ["x"]}],
+)
+def test_settings_with_which_django_redirects_or_refuses_turn_it_off(
+    setting: dict[str, Any],
+) -> None:
+    with override_settings(**setting):
+        assert not FastPublish(_app).mirrors_django
+
+
+def test_a_request_signal_receiver_of_the_project_s_own_turns_it_off() -> None:
+    fast = FastPublish(_app)
+
+    def receiver(**kwargs: Any) -> None:
+        pass
+
+    request_started.connect(receiver)
+    try:
+        assert not fast.enabled()
+    finally:
+        request_started.disconnect(receiver)
+    assert fast.enabled()
