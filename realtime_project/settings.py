@@ -223,8 +223,9 @@ CACHES = {
 # whose variable is set; PushSettings there holds every default and its meaning.
 PUSH = env_overrides(push_options())
 
-# Django refuses bodies over this before a view runs; keep it above the frame limit so a
-# REST publish over the limit gets the contract's MESSAGE_TOO_LARGE instead.
+# No request body past this is read (push.api.handler: 413 before reading one declared
+# larger, and a chunked one stops there); above the frame limit, so a REST publish just
+# over that limit gets the view's own MESSAGE_TOO_LARGE.
 DATA_UPLOAD_MAX_MEMORY_SIZE = PUSH.get("MAX_FRAME_BYTES", PushSettings.MAX_FRAME_BYTES) * 2 + 65_536
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import MethodType
 from typing import Any
 
 from asgiref.sync import ThreadSensitiveContext, iscoroutinefunction, sync_to_async
+from django.conf import settings
 from django.core import signals
 from django.core.cache import close_caches
 from django.core.exceptions import RequestAborted
@@ -24,6 +26,7 @@ from django.dispatch import Signal
 from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix
 
+from common.errors import ErrorCode
 from push.api.middleware import LoopSafe, run_hook
 
 # Request threads kept between requests, at most; more run while more requests need one
@@ -101,6 +104,9 @@ class LoopHandler(ASGIHandler):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":  # Django's own error
             return await super().__call__(scope, receive, send)
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if limit is not None and declared_body_length(scope) > limit:
+            return await send_body_too_large(send, limit)
         executor = self.request_threads.lend()
         try:
             # Django's handler awaits every task it starts before it returns, so no
@@ -110,8 +116,32 @@ class LoopHandler(ASGIHandler):
                     await self._handle_lent(executor, scope, receive, send)
                 else:
                     await self.handle(scope, receive, send)
+        except BodyTooLarge:
+            await send_body_too_large(send, limit)
         finally:
             self.request_threads.give_back(executor)
+
+    async def read_body(self, receive: Any) -> Any:
+        """Django's ``read_body``, which reads every byte a client sends (spooled to
+        disk past ``FILE_UPLOAD_MAX_MEMORY_SIZE``) before any view can refuse it, and
+        checks ``DATA_UPLOAD_MAX_MEMORY_SIZE`` only when a view reads the body. Here it
+        stops at that limit: a body without ``Content-Length`` (chunked) that goes
+        past it is answered 413 and not read further (one with a larger
+        ``Content-Length`` is answered before any of it is read, in ``__call__``)."""
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if limit is None:
+            return await super().read_body(receive)
+        received = 0
+
+        async def bounded() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge
+            return message
+
+        return await super().read_body(bounded)
 
     async def _handle_lent(
         self, executor: RequestExecutor, scope: Any, receive: Any, send: Any
@@ -192,6 +222,36 @@ class LoopHandler(ASGIHandler):
         ):
             return _on_loop(method)
         return super().adapt_method_mode(is_async, method, method_is_async, debug, name)
+
+
+class BodyTooLarge(Exception):
+    """A request body went past ``DATA_UPLOAD_MAX_MEMORY_SIZE`` while being read."""
+
+
+def declared_body_length(scope: Any) -> int:
+    """The request's ``Content-Length``, 0 without one (or with one that is no number:
+    Django reads that as 0 as well)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+async def send_body_too_large(send: Any, limit: int) -> None:
+    """413 ``MESSAGE_TOO_LARGE`` in the contract's error envelope, for any path."""
+    body = json.dumps(
+        {
+            "type": "error",
+            "code": ErrorCode.MESSAGE_TOO_LARGE.value,
+            "message": f"the request body is larger than {limit} bytes",
+        }
+    ).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _release(request: HttpRequest, response: HttpResponseBase) -> None:

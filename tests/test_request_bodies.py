@@ -1,0 +1,105 @@
+"""No HTTP request body past ``DATA_UPLOAD_MAX_MEMORY_SIZE`` is read (push.api.handler):
+Django alone reads every byte a client sends before any view may refuse it. Sent over a
+raw socket, so the test sees when the node answers, not when a client library is done
+sending. uvicorn only: daphne reads a whole body before it calls the application
+(docs/security.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from tests.servers import ServerNode
+
+pytestmark = pytest.mark.asyncio
+
+LIMIT = 2 * 1_048_576 + 65_536  # DATA_UPLOAD_MAX_MEMORY_SIZE with the default frame limit
+CHUNK = 64 * 1024
+ANSWER_SECS = 10.0
+PATHS = ["/api/v1/channels/bodies/messages", "/api/v1/messages", "/admin/login/", "/apps/1/events"]
+
+
+@pytest.fixture(scope="module")
+def node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
+    started = ServerNode(e2e_env, server="uvicorn", name="bodies").start()
+    yield started
+    started.stop()
+
+
+async def _status_and_body(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return status, json.loads(await reader.readexactly(length))
+
+
+def _head(path: str, *extra: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_body_declared_too_large_is_refused_before_it_is_sent(
+    node: ServerNode, path: str
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(_head(path, f"Content-Length: {100 * LIMIT}"))  # and no byte of it
+        await writer.drain()
+        status, body = await asyncio.wait_for(_status_and_body(reader), ANSWER_SECS)
+    finally:
+        writer.close()
+    assert (status, body["code"]) == (413, "MESSAGE_TOO_LARGE")
+    assert str(LIMIT) in body["message"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_chunked_body_is_read_up_to_the_limit_only(node: ServerNode, path: str) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    sent = 0
+    try:
+        writer.write(_head(path, "Transfer-Encoding: chunked"))
+        answered = asyncio.create_task(_status_and_body(reader))
+        chunk = f"{CHUNK:x}\r\n".encode() + b" " * CHUNK + b"\r\n"
+        while not answered.done() and sent < 50 * LIMIT:
+            writer.write(chunk)
+            sent += CHUNK
+            try:
+                await asyncio.wait_for(writer.drain(), 1.0)
+            except (TimeoutError, ConnectionError):
+                break  # the node stopped reading
+        status, body = await asyncio.wait_for(answered, ANSWER_SECS)
+    finally:
+        writer.close()
+    assert (status, body["code"]) == (413, "MESSAGE_TOO_LARGE")
+    # What the socket buffers took on top of the limit, not the 100 MiB offered.
+    assert sent < 10 * LIMIT
+
+
+async def test_a_publish_just_over_the_frame_limit_gets_the_view_s_answer(
+    node: ServerNode, publisher_token: str
+) -> None:
+    data = "x" * 1_048_576
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        payload = json.dumps({"data": data}).encode()
+        writer.write(
+            _head(
+                "/api/v1/channels/bodies/messages",
+                f"Authorization: Token {publisher_token}",
+                f"Content-Length: {len(payload)}",
+            )
+            + payload
+        )
+        status, body = await asyncio.wait_for(_status_and_body(reader), ANSWER_SECS)
+    finally:
+        writer.close()
+    assert (status, body["code"]) == (413, "MESSAGE_TOO_LARGE")
+    assert body["message"] == "body is larger than 1048576 bytes"
