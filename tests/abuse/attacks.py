@@ -403,8 +403,9 @@ async def frame_flood(target: Target, stats: AttackStats) -> None:
 
 
 async def oversized(target: Target, stats: AttackStats) -> None:
-    """A frame one byte over the limit (MESSAGE_TOO_LARGE, close 1009), and a REST body
-    over it (413, or refused before it is read: anonymous)."""
+    """A frame one byte over the limit (MESSAGE_TOO_LARGE, close 1009), a REST body
+    over it (413, or refused before it is read: anonymous), and one 8 times the largest
+    body a node reads (413 before any of it is read)."""
     pacer = Pacer(target, 0.5)
     frame = "x" * (MAX_FRAME_BYTES + 1)
     body = b'{"data":"' + b"x" * MAX_FRAME_BYTES + b'"}'
@@ -432,6 +433,44 @@ async def oversized(target: Target, stats: AttackStats) -> None:
                 headers={"Content-Type": "application/json"},
             )
             record_rest(stats, response.status_code, {401, 403, 413, 429})
+            stats.rest_sent()
+            status = await _huge_body(target)
+            record_rest(stats, status, {413, 429})
+
+
+# A body 8 times the largest one a node reads (DATA_UPLOAD_MAX_MEMORY_SIZE): what a
+# node would read whole, spooled to disk, if it read every body before refusing it.
+HUGE_BODY_BYTES = 8 * (2 * MAX_FRAME_BYTES + 65_536)
+HUGE_BODY_CHUNK = 64 * 1024
+
+
+async def _huge_body(target: Target) -> int:
+    """POST a body declared as ``HUGE_BODY_BYTES``, written until the node answers or
+    stops reading: the node's status (413 before reading it, or 429 over the address's
+    REST budget), 0 if none came."""
+    host, port = urlsplit(target.http_url).hostname, urlsplit(target.http_url).port
+    reader, writer = await asyncio.open_connection(host, port, local_addr=local_addr())
+    head = (
+        f"POST /api/v1/channels/big/messages HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {HUGE_BODY_BYTES}\r\n\r\n"
+    )
+    try:
+        writer.write(head.encode())
+        answered = asyncio.ensure_future(reader.readline())
+        sent = 0
+        while not answered.done() and sent < HUGE_BODY_BYTES:
+            writer.write(b" " * HUGE_BODY_CHUNK)
+            sent += HUGE_BODY_CHUNK
+            try:
+                await asyncio.wait_for(writer.drain(), 1.0)
+            except (TimeoutError, ConnectionError):
+                break  # the node stopped reading
+        status_line = await asyncio.wait_for(answered, HTTP_TIMEOUT_SECS)
+        return int(status_line.split()[1]) if status_line else 0
+    except (TimeoutError, ConnectionError, IndexError, ValueError):
+        return 0
+    finally:
+        writer.transport.abort()
 
 
 async def subscribe_storm(target: Target, stats: AttackStats) -> None:
