@@ -66,6 +66,7 @@ from push.api.request_metrics import ViewMetrics
 from push.api.security_headers import security_headers
 from push.api.serializers import MAX_BATCH_MESSAGES, batch_items, published_body
 from push.api.views import BatchMessagesView, ChannelMessagesView, valid_idempotency_key
+from push.fanout.message import ChannelMessage
 from push.services.publishing import message_publish_queued, messages_publish_batch
 from push.wire.protocol import validate_channel_name
 
@@ -228,22 +229,7 @@ class FastPublish:
         request.started_at = endpoint.metrics.started(request.secure, request.content_length)
         metrics.REST_FAST_PUBLISHES.inc()
         try:
-            if request.channel is None:
-                messages, replayed = await messages_publish_batch(
-                    items=items,
-                    publisher_id=principal.user_id,
-                    principal=principal.key,
-                    idempotency_key=request.idempotency_key,
-                )
-            else:
-                message, replayed = await message_publish_queued(
-                    channel=request.channel,
-                    data=items[0][1],
-                    publisher_id=principal.user_id,
-                    principal=principal.key,
-                    idempotency_key=request.idempotency_key,
-                )
-                messages = [message]
+            messages, replayed = await _publish(principal, request, items)
         except (PushError, DatabaseError, RedisError) as exc:
             return error_envelope(exc)
         except Exception:
@@ -282,6 +268,28 @@ def _mirrored(middleware_path: str) -> bool:
     """Whether the fast path reproduces this middleware's work: the class says so
     itself (``push.api.middleware``), not through a project's subclass of it."""
     return vars(import_string(middleware_path)).get("mirrored_by_fast_publish", False) is True
+
+
+async def _publish(
+    principal: Principal, request: PlainRequest, items: list[tuple[str, Any]]
+) -> tuple[list[ChannelMessage], bool]:
+    """Publish as the view does: the messages, and whether they are an idempotent
+    retry's first result."""
+    if request.channel is None:
+        return await messages_publish_batch(
+            items=items,
+            publisher_id=principal.user_id,
+            principal=principal.key,
+            idempotency_key=request.idempotency_key,
+        )
+    message, replayed = await message_publish_queued(
+        channel=request.channel,
+        data=items[0][1],
+        publisher_id=principal.user_id,
+        principal=principal.key,
+        idempotency_key=request.idempotency_key,
+    )
+    return [message], replayed
 
 
 def _publish_items(
