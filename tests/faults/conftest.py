@@ -25,7 +25,7 @@ from devtools.processes import OwnedProcess, free_port, redis_server
 from tests.faults.report import MEASUREMENTS
 from tests.faults.services import tcp_proxy
 from tests.pusherclient import APP_ID, APP_KEY, APP_SECRET
-from tests.servers import NO_ADDRESS_BUDGETS, ROOT, Database, create_token
+from tests.servers import NO_ADDRESS_BUDGETS, ROOT, Database, create_token, manage
 
 ARTIFACTS = ROOT / "artifacts" / "faults"
 NODES = 3
@@ -116,6 +116,15 @@ def cluster_processes(cluster_env: dict[str, str]) -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def publisher_token(cluster_processes: Cluster, cluster_env: dict[str, str]) -> str:
     return create_token(cluster_env, "faults-publisher")
+
+
+@pytest.fixture
+def backend_key(cluster_processes: Cluster, cluster_env: dict[str, str]) -> str:
+    """A service token (a back-end): a node that verified it a moment ago answers its
+    REST publishes without Django's middleware and DRF (push/api/fast_publish.py)."""
+    name = f"faults-backend-{uuid.uuid4().hex[:8]}"
+    output = manage(cluster_env, "service_token", "create", name, "--scope", "publish:*")
+    return output.strip().splitlines()[-1]
 
 
 @pytest.fixture

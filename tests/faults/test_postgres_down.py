@@ -26,6 +26,7 @@ CLIENTS = 50
 # how long a request waits for a connection before it is answered UNAVAILABLE.
 REPLY_TIMEOUT_SECS = 30.0
 RECOVERY_TIMEOUT_SECS = 60.0
+FAST_COUNTER = "push_rest_fast_publishes_total"
 
 
 async def ws_publish(ws: ClientConnection, channel: str, request_id: int) -> dict[str, Any]:
@@ -65,31 +66,67 @@ async def token_holders_are_told_to_try_again_later(
     assert response.json()["code"] == "UNAVAILABLE"
 
 
+async def fast_publishes(cluster: Cluster) -> float:
+    """REST publishes the cluster's nodes answered without Django (``FAST_COUNTER``)."""
+    total = 0.0
+    async with httpx.AsyncClient(timeout=10) as http:
+        for record in cluster.node_records():
+            metrics = (await http.get(f"{cluster.node_url(record.name)}/metrics")).text
+            total += sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith(FAST_COUNTER + " ")
+            )
+    return total
+
+
+async def keep_on_every_node(cluster: Cluster, key: str) -> None:
+    """A first REST publish to each node, so each keeps the back-end's token."""
+    async with httpx.AsyncClient(timeout=REPLY_TIMEOUT_SECS) as http:
+        for record in cluster.node_records():
+            response = await http.post(
+                f"{cluster.node_url(record.name)}/api/v1/channels/faults-keep/messages",
+                json={"data": record.name},
+                headers={"Authorization": f"Token {key}"},
+            )
+            assert response.status_code == 201, response.text
+
+
 @pytest.mark.timeout(180)
 async def test_publishers_get_unavailable_and_subscribers_stay_while_postgres_is_away(
     cluster: Cluster,
     channel: str,
     publisher_token: str,
+    backend_key: str,
     unseen_token: str,
     pg_proxy: OwnedProcess,
 ) -> None:
     loop = asyncio.get_running_loop()
+    await keep_on_every_node(cluster, backend_key)
     async with (
         await open_ws(cluster.proxy_ws_url, token=publisher_token) as ws,
         clients.audience(cluster.proxy_ws_url, channel, CLIENTS) as audience,
         clients.RestPublisher(cluster.proxy_url, publisher_token, channel) as rest,
+        clients.RestPublisher(cluster.proxy_url, backend_key, f"{channel}-backend") as backend,
     ):
         assert (await ws_publish(ws, channel, 1))["type"] == "published"
         await rest.publish(0)
+        await backend.publish(0)
 
         await asyncio.to_thread(pg_proxy.stop)
         cut_at = loop.time()
-        ws_reply, rest_reply = await asyncio.gather(ws_publish(ws, channel, 2), rest.post_once(1))
+        fast_before = await fast_publishes(cluster)
+        ws_reply, rest_reply, backend_reply = await asyncio.gather(
+            ws_publish(ws, channel, 2), rest.post_once(1), backend.post_once(1)
+        )
         answered_secs = loop.time() - cut_at
         assert ws_reply["type"] == "error" and ws_reply["code"] == "UNAVAILABLE", ws_reply
         assert ws_reply["id"] == 2
-        assert rest_reply.status_code == 503, rest_reply.text
-        assert rest_reply.json()["code"] == "UNAVAILABLE"
+        for reply in (rest_reply, backend_reply):
+            assert reply.status_code == 503, reply.text
+            assert reply.json()["code"] == "UNAVAILABLE"
+        # The back-end's refusal came from the fast path (the user's from DRF).
+        assert await fast_publishes(cluster) - fast_before == 1
         assert audience.disconnected() == [], "subscribers stay connected"
         await token_holders_are_told_to_try_again_later(cluster, unseen_token, channel)
 
@@ -98,11 +135,13 @@ async def test_publishers_get_unavailable_and_subscribers_stay_while_postgres_is
         back_at = loop.time()
         await rest.publish(1, give_up_secs=RECOVERY_TIMEOUT_SECS)
         rest_recovery_secs = loop.time() - back_at
+        await backend.publish(1, give_up_secs=RECOVERY_TIMEOUT_SECS)
         await ws_publish_until_published(ws, channel, 3)
         ws_recovery_secs = loop.time() - back_at
         await audience.wait_until_received(4, RECOVERY_TIMEOUT_SECS)
 
     assert rest.last_seq <= 4, "the refused publishes took no seq"
+    assert (backend.acked[0], backend.acked[1]) == (1, 2), "nor the back-end's"
     assert audience.wrong_sequences(4) == []
     assert audience.disconnected() == [], "no subscriber was disconnected"
     name = "PostgreSQL unreachable"
