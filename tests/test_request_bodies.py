@@ -1,8 +1,9 @@
-"""No HTTP request body past ``DATA_UPLOAD_MAX_MEMORY_SIZE`` is read (push.api.handler):
-Django alone reads every byte a client sends before any view may refuse it. Sent over a
-raw socket, so the test sees when the node answers, not when a client library is done
-sending. uvicorn only: daphne reads a whole body before it calls the application
-(docs/security.md)."""
+"""No HTTP request body past ``DATA_UPLOAD_MAX_MEMORY_SIZE`` is read: Django alone reads
+every byte a client sends before any view may refuse it (``push.api.handler`` bounds
+it under uvicorn), and daphne reads a whole body before it calls the application
+(``push.transport.server_adapters.bound_daphne_request_bodies`` bounds it there). Sent
+over a raw socket, so the test sees when the node answers, not when a client library
+is done sending."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ ANSWER_SECS = 10.0
 PATHS = ["/api/v1/channels/bodies/messages", "/api/v1/messages", "/admin/login/", "/apps/1/events"]
 
 
-@pytest.fixture(scope="module")
-def node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
-    started = ServerNode(e2e_env, server="uvicorn", name="bodies").start()
+@pytest.fixture(scope="module", params=["uvicorn", "daphne"])
+def node(e2e_env: dict[str, str], request: pytest.FixtureRequest) -> Iterator[ServerNode]:
+    started = ServerNode(e2e_env, server=request.param, name=f"bodies-{request.param}").start()
     yield started
     started.stop()
 

@@ -26,8 +26,8 @@ from django.dispatch import Signal
 from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix
 
-from common.errors import ErrorCode
 from push.api.middleware import LoopSafe, run_hook
+from push.wire.protocol import body_too_large
 
 # Request threads kept between requests, at most; more run while more requests need one
 # at once, and stop when their request ends.
@@ -242,13 +242,7 @@ def declared_body_length(scope: Any) -> int:
 
 async def send_body_too_large(send: Any, limit: int) -> None:
     """413 ``MESSAGE_TOO_LARGE`` in the contract's error envelope, for any path."""
-    body = json.dumps(
-        {
-            "type": "error",
-            "code": ErrorCode.MESSAGE_TOO_LARGE.value,
-            "message": f"the request body is larger than {limit} bytes",
-        }
-    ).encode()
+    body = json.dumps(body_too_large(limit)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})

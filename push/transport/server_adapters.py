@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import importlib.metadata
+import json
 import logging
 import pprint
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from common import metrics
+from push.wire.protocol import body_too_large
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +296,87 @@ _WRITERS: dict[str, tuple[Callable[[Any], Writer], tuple[str, ...]]] = {
     "daphne.http_protocol.WebRequest": (_daphne_http_writer, ("daphne", "twisted")),
 }
 
+
+# ----- request bodies (daphne) ---------------------------------------------------------
+
+
+def bound_daphne_request_bodies(limit: int | None) -> None:
+    """Make daphne stop reading a request body past ``limit`` bytes.
+
+    daphne reads a whole body (into a temporary file past 100 KB) before it calls the
+    application, so the application's own bound (``push.api.handler``) comes too late:
+    200 MB sent without a token were read whole. Each request daphne makes is given
+    this bound: one declaring a larger ``Content-Length`` is answered 413 at once,
+    and a chunked one when it goes past it; the rest of the body is not stored, the
+    application is not called, and the connection is closed. The request stays
+    daphne's own class (``_WRITERS`` knows it by name); only its instance's methods
+    are wrapped. Called before daphne's server starts."""
+    if limit is None:
+        return
+    from daphne import http_protocol
+
+    build_protocol = http_protocol.HTTPFactory.buildProtocol
+
+    def build_bounded(factory: Any, addr: Any) -> Any:
+        protocol = build_protocol(factory, addr)
+        if protocol is not None:
+            make_request = protocol.requestFactory
+            protocol.requestFactory = lambda channel, queued: _bounded_request(
+                make_request(channel, queued), channel, limit
+            )
+        return protocol
+
+    http_protocol.HTTPFactory.buildProtocol = build_bounded
+
+
+def _bounded_request(request: Any, channel: Any, limit: int) -> Any:
+    """``request`` (daphne's) with its body bounded to ``limit`` bytes."""
+    got_length, handle_chunk = request.gotLength, request.handleContentChunk
+    received = request.requestReceived
+    state = {"bytes": 0, "refused": False}
+
+    def refuse() -> None:
+        state["refused"] = True
+        body = json.dumps(body_too_large(limit)).encode()
+        head = (
+            "HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        channel.transport.write(head.encode() + body)
+        # Not closed at once: a close with unread bytes would reset the connection,
+        # and the client might lose the answer before reading it. What else arrives
+        # meanwhile is dropped unread.
+        channel.transport.loseWriteConnection()
+        # daphne runs Twisted on asyncio's loop.
+        asyncio.get_event_loop().call_later(LINGER_SECS, channel.transport.loseConnection)
+
+    def bounded_length(length: int | None) -> None:
+        got_length(None if length is not None and length > limit else length)
+        if length is not None and length > limit:
+            refuse()
+
+    def bounded_chunk(data: bytes) -> None:
+        if state["refused"]:
+            return
+        state["bytes"] += len(data)
+        if state["bytes"] > limit:
+            refuse()
+            return
+        handle_chunk(data)
+
+    def received_unless_refused(*args: Any) -> None:
+        if not state["refused"]:
+            received(*args)
+
+    request.gotLength = bounded_length
+    request.handleContentChunk = bounded_chunk
+    request.requestReceived = received_unless_refused
+    return request
+
+
+# How long a refused request's connection stays open to read (and drop) what the client
+# is still sending, so it reads the answer before the close.
+LINGER_SECS = 2.0
 
 # ----- inbound bound (daphne) ---------------------------------------------------------
 

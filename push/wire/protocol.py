@@ -353,6 +353,14 @@ def error(
     return _with_id(envelope, request_id)
 
 
+def body_too_large(limit: int) -> dict[str, Any]:
+    """The answer (HTTP 413) to a request body past the largest a node reads."""
+    return error(
+        code=ErrorCode.MESSAGE_TOO_LARGE,
+        message=f"the request body is larger than {limit} bytes",
+    )
+
+
 def presence(
     *, channel: str, members: list[dict[str, Any]], request_id: RequestId | None
 ) -> dict[str, Any]:

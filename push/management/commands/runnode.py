@@ -27,7 +27,7 @@ from django.core.management.base import BaseCommand
 from common.conf import push_settings
 from common.errors import CloseCode
 from push.services.runtime import drain_running_node
-from push.transport.server_adapters import defer_autobahn_config_dump
+from push.transport.server_adapters import bound_daphne_request_bodies, defer_autobahn_config_dump
 
 APPLICATION = "realtime_project.asgi:application"
 LISTEN_BACKLOG = 4096
@@ -130,6 +130,7 @@ class Command(BaseCommand):
             verbosity=0,
         )
         _install_daphne_drain()
+        bound_daphne_request_bodies(settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
         defer_autobahn_config_dump()
         server.run()
 
