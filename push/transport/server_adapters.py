@@ -346,7 +346,9 @@ def _bounded_request(request: Any, channel: Any, limit: int) -> Any:
         # Not closed at once: a close with unread bytes would reset the connection,
         # and the client might lose the answer before reading it. What else arrives
         # meanwhile is dropped unread.
-        channel.transport.loseWriteConnection()
+        half_close = getattr(channel.transport, "loseWriteConnection", None)
+        if half_close is not None:  # not every transport can (TLS)
+            half_close()
         # daphne runs Twisted on asyncio's loop.
         asyncio.get_event_loop().call_later(LINGER_SECS, channel.transport.loseConnection)
 
