@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import MethodType
@@ -120,6 +121,19 @@ class LoopHandler(ASGIHandler):
             await send_body_too_large(send, limit)
         finally:
             self.request_threads.give_back(executor)
+
+    def create_request(self, scope: Any, body_file: Any) -> Any:
+        """Django's, and a body sent without ``Content-Length`` (chunked) gets one, its
+        size as read: DRF reads a body of ``Content-Length`` bytes and none without
+        the header, so a chunked REST publish was answered "data: This field is
+        required." (The body was read whole, within ``read_body``'s bound.)"""
+        request, error = super().create_request(scope, body_file)
+        if request is not None and "CONTENT_LENGTH" not in request.META:
+            size = body_file.seek(0, os.SEEK_END)
+            body_file.seek(0)
+            if size:
+                request.META["CONTENT_LENGTH"] = str(size)
+        return request, error
 
     async def read_body(self, receive: Any) -> Any:
         """Django's ``read_body``, which reads every byte a client sends (spooled to
