@@ -376,3 +376,71 @@ def test_autobahn_pretty_prints_a_connections_settings_only_for_a_written_line(
     assert printed == []
     assert f"{text}" == "[('openHandshakeTimeout', Setting(), 'Factory')]"
     assert printed == [1]
+
+
+class _Request:
+    """What daphne's request does with a body, as ``_bounded_request`` sees it."""
+
+    def __init__(self) -> None:
+        self.body = b""
+        self.length: int | None = -1
+        self.received = False
+
+    def gotLength(self, length: int | None) -> None:  # Twisted's name
+        self.length = length
+
+    def handleContentChunk(self, data: bytes) -> None:  # Twisted's name
+        self.body += data
+
+    def requestReceived(self, *args: Any) -> None:  # Twisted's name
+        self.received = True
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written = b""
+        self.half_closed = False
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def loseWriteConnection(self) -> None:  # Twisted's name
+        self.half_closed = True
+
+    def loseConnection(self) -> None:  # Twisted's name
+        self.closed = True
+
+
+def _bounded(limit: int) -> tuple[_Request, _Transport]:
+    transport = _Transport()
+    channel = type("Channel", (), {"transport": transport})()
+    request = server_adapters._bounded_request(_Request(), channel, limit)
+    return request, transport
+
+
+async def test_a_body_within_the_bound_is_read_and_the_wrappers_go() -> None:
+    request, transport = _bounded(10)
+    request.gotLength(None)
+    request.handleContentChunk(b"12345")
+    request.handleContentChunk(b"67890")
+    request.requestReceived(b"POST", b"/", b"HTTP/1.1")
+    assert (request.body, request.received, transport.written) == (b"1234567890", True, b"")
+    # No wrapper left on the instance: nothing holds the request in a cycle.
+    assert not set(vars(request)) & set(server_adapters._BODY_HOOKS)
+
+
+@pytest.mark.parametrize("declared", [11, None])
+async def test_a_body_past_the_bound_is_answered_413_and_dropped(declared: int | None) -> None:
+    request, transport = _bounded(10)
+    request.gotLength(declared)
+    for _ in range(3):
+        request.handleContentChunk(b"123456")
+    request.requestReceived(b"POST", b"/", b"HTTP/1.1")
+    assert transport.written.startswith(b"HTTP/1.1 413 ")
+    assert json.loads(transport.written.split(b"\r\n\r\n", 1)[1])["code"] == "MESSAGE_TOO_LARGE"
+    assert not request.received, "the application is never called"
+    assert len(request.body) <= 6  # what came before the bound, never more
+    assert transport.half_closed and not transport.closed
+    await asyncio.sleep(server_adapters.LINGER_SECS + 0.1)
+    assert transport.closed

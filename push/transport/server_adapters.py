@@ -330,13 +330,38 @@ def bound_daphne_request_bodies(limit: int | None) -> None:
 
 
 def _bounded_request(request: Any, channel: Any, limit: int) -> Any:
-    """``request`` (daphne's) with its body bounded to ``limit`` bytes."""
-    got_length, handle_chunk = request.gotLength, request.handleContentChunk
-    received = request.requestReceived
-    state = {"bytes": 0, "refused": False}
+    """``request`` (daphne's) with its body bounded to ``limit`` bytes.
+
+    The wrappers refer to the request, and the request to them: once the body is read
+    whole, or refused, they are taken off again, so no request is left in a reference
+    cycle for the garbage collector."""
+    kind = type(request)
+    received = 0
+
+    def bounded_length(length: int | None) -> None:
+        if length is not None and length > limit:
+            kind.gotLength(request, None)
+            refuse()
+        else:
+            kind.gotLength(request, length)
+
+    def bounded_chunk(data: bytes) -> None:
+        nonlocal received
+        received += len(data)
+        if received > limit:
+            refuse()
+        else:
+            kind.handleContentChunk(request, data)
+
+    def read_whole(*args: Any) -> None:
+        for name in _BODY_HOOKS:
+            vars(request).pop(name, None)
+        kind.requestReceived(request, *args)
 
     def refuse() -> None:
-        state["refused"] = True
+        # What else arrives is dropped, and the application is never called.
+        for name in _BODY_HOOKS:
+            setattr(request, name, _ignore)
         body = json.dumps(body_too_large(limit)).encode()
         head = (
             "HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
@@ -344,36 +369,25 @@ def _bounded_request(request: Any, channel: Any, limit: int) -> Any:
         )
         channel.transport.write(head.encode() + body)
         # Not closed at once: a close with unread bytes would reset the connection,
-        # and the client might lose the answer before reading it. What else arrives
-        # meanwhile is dropped unread.
+        # and the client might lose the answer before reading it.
         half_close = getattr(channel.transport, "loseWriteConnection", None)
         if half_close is not None:  # not every transport can (TLS)
             half_close()
         # daphne runs Twisted on asyncio's loop.
         asyncio.get_event_loop().call_later(LINGER_SECS, channel.transport.loseConnection)
 
-    def bounded_length(length: int | None) -> None:
-        got_length(None if length is not None and length > limit else length)
-        if length is not None and length > limit:
-            refuse()
-
-    def bounded_chunk(data: bytes) -> None:
-        if state["refused"]:
-            return
-        state["bytes"] += len(data)
-        if state["bytes"] > limit:
-            refuse()
-            return
-        handle_chunk(data)
-
-    def received_unless_refused(*args: Any) -> None:
-        if not state["refused"]:
-            received(*args)
-
     request.gotLength = bounded_length
     request.handleContentChunk = bounded_chunk
-    request.requestReceived = received_unless_refused
+    request.requestReceived = read_whole
     return request
+
+
+# The request methods ``_bounded_request`` wraps.
+_BODY_HOOKS = ("gotLength", "handleContentChunk", "requestReceived")
+
+
+def _ignore(*args: Any) -> None:
+    pass
 
 
 # How long a refused request's connection stays open to read (and drop) what the client
