@@ -59,11 +59,11 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] in ("http", "websocket"):
         _apply_trusted_proxies(scope)
     if scope["type"] == "websocket":
-        if not host_allowed(scope, _allowed_hosts()):
+        if not host_allowed(scope):
             return await WebsocketDenier()(scope, receive, send)
         return await websocket_entry(scope, receive, send)
     if scope["type"] == "http" and scope["path"] in SSE_PATHS:
-        if not host_allowed(scope, _allowed_hosts()):
+        if not host_allowed(scope):
             return await _bad_host(send)
         return await sse_entry(scope, receive, send)
     if scope["type"] == "http" and scope["path"].startswith(NODE_PATHS):
@@ -149,13 +149,6 @@ async def _rest_refusal(send: Any, status: int, retry_after_secs: float, body: b
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-def _allowed_hosts() -> list[str]:
-    # What Django's get_host() allows: with DEBUG and no ALLOWED_HOSTS, localhost.
-    if settings.DEBUG and not settings.ALLOWED_HOSTS:
-        return [".localhost", "127.0.0.1", "[::1]"]
-    return list(settings.ALLOWED_HOSTS)
 
 
 async def _bad_host(send: Any) -> None:

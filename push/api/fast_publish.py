@@ -44,7 +44,6 @@ from django.conf import settings
 from django.core import signals
 from django.db import DatabaseError
 from django.http import HttpRequest
-from django.http.request import split_domain_port, validate_host
 from django.utils.module_loading import import_string
 from redis.exceptions import RedisError
 from rest_framework.exceptions import NotAcceptable
@@ -59,6 +58,7 @@ from accounts.throttling import PrincipalRateThrottle
 from common import metrics
 from common.conf import push_settings
 from common.errors import PushError
+from common.hosts import host_header_allowed
 from push.api.exceptions import error_envelope
 from push.api.handler import receivers_on_loop
 from push.api.renderers import MessagePageRenderer
@@ -195,7 +195,8 @@ class FastPublish:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         found = self._endpoint(scope) if self.enabled() else None
         request = None if found is None else plain_request(scope, *found)
-        if found is None or request is None:
+        # A body declared too large is Django's to refuse, before any of it is read.
+        if found is None or request is None or request.content_length > self.body_limit:
             return await self.django_app(scope, receive, send)
         endpoint = found[0]
         body = await read_body(receive, self.body_limit)
@@ -350,7 +351,8 @@ def plain_request(
         return None
     # A key this process does not keep goes to DRF before its body is read here.
     token = _token(headers.get(b"authorization"))
-    if token is None or not is_kept_key(token) or not _host_allowed(headers.get(b"host")):
+    host = headers.get(b"host")  # without one Django answers (it falls back on the server)
+    if token is None or not is_kept_key(token) or host is None or not host_header_allowed(host):
         return None
     key = headers.get(b"idempotency-key")
     idempotency_key = None if key is None else key.decode("latin-1")
@@ -381,17 +383,6 @@ def _token(authorization: bytes | None) -> str | None:
     if len(parts) != 2 or parts[0].lower() != b"token":
         return None
     return parts[1].decode("latin-1")
-
-
-def _host_allowed(host: bytes | None) -> bool:
-    """Django's ``get_host()`` check; a request without ``Host`` goes to Django."""
-    if host is None:
-        return False
-    allowed = list(settings.ALLOWED_HOSTS)
-    if settings.DEBUG and not allowed:
-        allowed = [".localhost", "127.0.0.1", "[::1]"]
-    domain, _port = split_domain_port(host.decode("latin-1"))
-    return bool(domain) and validate_host(domain, allowed)
 
 
 async def read_body(receive: Any, limit: int) -> Body | None:

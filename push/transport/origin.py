@@ -14,7 +14,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from channels.security.websocket import OriginValidator
-from django.http.request import split_domain_port, validate_host
+
+from common.hosts import host_header_allowed
 
 
 class BrowserOriginValidator(OriginValidator):
@@ -31,15 +32,14 @@ class BrowserOriginValidator(OriginValidator):
         return True
 
 
-def host_allowed(scope: dict[str, Any], allowed_hosts: list[str]) -> bool:
-    """Whether the request's ``Host`` is one of ``allowed_hosts``, as Django's
-    ``get_host()`` decides for views (WebSocket and SSE never reach one). A request
-    without ``Host`` passes: every browser sends one (HTTP/1.1 and WebSocket require
-    it), and a DNS-rebinding page can only make a browser send its own name."""
+def host_allowed(scope: dict[str, Any]) -> bool:
+    """Whether the request's ``Host`` is an allowed one, as Django's ``get_host()``
+    decides for views (WebSocket and SSE never reach one). A request without ``Host``
+    passes: every browser sends one (HTTP/1.1 and WebSocket require it), and a
+    DNS-rebinding page can only make a browser send its own name."""
     for name, value in scope.get("headers", ()):
         if name == b"host":
-            domain, _port = split_domain_port(value.decode("latin-1"))
-            return bool(domain) and validate_host(domain, allowed_hosts)
+            return host_header_allowed(value)
     return True
 
 
