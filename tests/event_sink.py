@@ -19,9 +19,15 @@ def record(event: dict[str, Any]) -> None:
     time.sleep(float(os.environ.get("EVENT_SINK_DELAY", "0")))
     if event.get("type") == os.environ.get("EVENT_SINK_FAIL_TYPE"):
         raise RuntimeError("this handler refuses that event type")
-    with open(os.environ["EVENT_SINK_PATH"], "a", encoding="utf-8") as sink:
-        handled_by = os.environ.get("EVENT_SINK_WORKER", "")
-        sink.write(json.dumps({**event, "handled_by": handled_by}) + "\n")
+    handled_by = os.environ.get("EVENT_SINK_WORKER", "")
+    line = (json.dumps({**event, "handled_by": handled_by}) + "\n").encode()
+    # One write() on an O_APPEND descriptor: two workers appending at once never
+    # interleave their lines (the tests' reader still skips a line not yet whole).
+    sink = os.open(os.environ["EVENT_SINK_PATH"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(sink, line)
+    finally:
+        os.close(sink)
 
 
 @dataclass(frozen=True)

@@ -58,10 +58,14 @@ def _event_env(e2e_env: dict[str, str], tmp_path: Path, **extra: str) -> dict[st
 
 
 def _sink(env: dict[str, str]) -> list[dict]:
+    """The events recorded so far. A worker may be writing a line while this reads the
+    file, so a last line without its newline is left for the next read."""
     path = Path(env["EVENT_SINK_PATH"])
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    whole_lines = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in whole_lines.splitlines() if line.strip()]
 
 
 @pytest.fixture
