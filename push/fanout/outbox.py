@@ -88,6 +88,7 @@ class Outbox:
         "_queue",
         "_queued_bytes",
         "_send",
+        "_soon",
         "_writer",
         "backlog_probe",
         "max_bytes",
@@ -117,6 +118,8 @@ class Outbox:
         self._queue: collections.deque[OutFrame] | None = None
         self._queued_bytes = 0
         self._writer: asyncio.Task[None] | None = None
+        # Frames of ``push_soon`` waiting for the end of this loop turn.
+        self._soon: list[OutFrame] | None = None
         self._closed = False
         self.max_frames = max_frames
         self.max_bytes = max_bytes
@@ -146,6 +149,8 @@ class Outbox:
         """Queue a frame; False when the connection is closed or was just overflowed."""
         if self._closed:
             return False
+        if self._soon:  # sent before it, in the order they were pushed
+            self._push_soon_now()
         queue = self._queue
         if self._writer is None and not queue:
             probe = self.backlog_probe
@@ -177,6 +182,24 @@ class Outbox:
             self._writer = asyncio.get_running_loop().create_task(self._drain())
         return True
 
+    def push_soon(self, frame: OutFrame) -> None:
+        """``push`` at the end of this turn of the event loop, in one write with the
+        other frames pushed meanwhile (a frame pushed now the usual way goes after
+        them, so the order holds). A write batch answers many publishes of one
+        connection in one turn, and a write to the socket each was most of an answer's
+        cost."""
+        soon = self._soon
+        if soon is None:
+            self._soon = [frame]
+            asyncio.get_running_loop().call_soon(self._push_soon_now)
+        else:
+            soon.append(frame)
+
+    def _push_soon_now(self) -> None:
+        frames, self._soon = self._soon, None
+        if frames:
+            self.__push_many(frames)
+
     # The base class's push, for push_many to queue frames it was handed ready to send
     # (a subclass's push may rewrite a frame first: SSE's cursor).
     __push = push
@@ -189,6 +212,8 @@ class Outbox:
 
         A replay hands over pages of history: a write per frame cost a system call (and
         the GIL given up and taken back) each, most of a replayed frame's cost."""
+        if self._soon:
+            self._push_soon_now()
         if len(frames) > 1 and self._writes_directly():
             try:
                 data = b"".join([frame.wire for frame in frames])
@@ -203,6 +228,8 @@ class Outbox:
                 return True
         push = self.__push
         return all(push(frame) for frame in frames)
+
+    __push_many = push_many
 
     def _writes_directly(self) -> bool:
         """True when ``push`` would write a frame to the socket now, not queue it."""
@@ -325,6 +352,8 @@ class Outbox:
 
     def seal(self) -> None:
         """Refuse new frames but let the queued ones be sent."""
+        if self._soon:
+            self._push_soon_now()
         self._closed = True
 
 

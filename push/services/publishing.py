@@ -1,10 +1,11 @@
 """Publishing: store a message with its seq, then broadcast it after commit.
 
 The same functions serve every publisher: the WebSocket consumer and the REST API
-(``message_publish_queued``, ``messages_publish_batch``, through the node's group-commit
-write pipeline) and application code (``push.publish``, in the caller's transaction).
-Every path runs the same batch SQL (``push.storage.write_batch``). A message is broadcast only
-once its transaction has committed, so subscribers never see a message that the
+(``message_publish_submitted``, ``message_publish_queued``, ``messages_publish_batch``,
+through the node's group-commit write pipeline) and application code (``push.publish``,
+in the caller's transaction). Every path runs the same batch SQL
+(``push.storage.write_batch``). A message is broadcast only once its transaction has
+committed, so subscribers never see a message that the
 database does not have. A recent-only channel's message is committed in Redis instead
 (``push.storage.recent_store``; ``_recent_channel`` is where that is decided).
 """
@@ -239,6 +240,30 @@ def message_publish_queued(
     """
     unit = _single_unit(channel, data, publisher_id, principal, idempotency_key, exclude)
     return _first_message(unit, _queue(unit))
+
+
+def message_publish_submitted(
+    *, channel: str, data: Any, publisher_id: int | None
+) -> asyncio.Future[Outcome]:
+    """``message_publish_queued`` for a caller that answers from a callback, not a task
+    (the WebSocket consumer, which has many publishes in flight): checked and queued
+    now, raising at once what refuses it; the future gives the outcome once committed,
+    a refusal (``PushError``) as its result, not raised.
+
+    A durable publish is the write pipeline's own future: no task per publish. A unit
+    the pipeline does not take (a recent-only channel's) is written by a task."""
+    unit = _single_unit(channel, data, publisher_id, None, None)
+    queued = _queue(unit)
+    if queued is not None:
+        return queued
+    return asyncio.get_running_loop().create_task(_outcome(unit))
+
+
+async def _outcome(unit: PublishUnit) -> Outcome:
+    try:
+        return await _written(unit, None)
+    except PushError as exc:
+        return exc
 
 
 async def _first_message(

@@ -444,3 +444,37 @@ async def test_a_body_past_the_bound_is_answered_413_and_dropped(declared: int |
     assert transport.half_closed and not transport.closed
     await asyncio.sleep(server_adapters.LINGER_SECS + 0.1)
     assert transport.closed
+
+
+async def test_frames_pushed_soon_go_out_in_one_write_at_the_end_of_the_loop_turn() -> None:
+    recorder = Recorder()
+    written: list[bytes] = []
+    outbox = recorder.outbox(written.append)
+    first, second = _frames('{"n":1}', '{"n":2}')
+    outbox.push_soon(first)
+    outbox.push_soon(second)
+    assert written == []
+    await asyncio.sleep(0)
+    assert written == [first.wire + second.wire]
+
+
+async def test_a_frame_pushed_now_goes_after_the_frames_pushed_soon() -> None:
+    recorder = Recorder()
+    written: list[bytes] = []
+    outbox = recorder.outbox(written.append)
+    soon, now = _frames('{"n":1}', '{"n":2}')
+    outbox.push_soon(soon)
+    outbox.push(now)
+    await asyncio.sleep(0)
+    assert written == [soon.wire, now.wire]
+
+
+async def test_sealing_sends_the_frames_pushed_soon_first() -> None:
+    recorder = Recorder()
+    written: list[bytes] = []
+    outbox = recorder.outbox(written.append)
+    (soon,) = _frames('{"n":1}')
+    outbox.push_soon(soon)
+    outbox.seal()
+    await asyncio.sleep(0)
+    assert written == [soon.wire] and outbox.closed

@@ -163,6 +163,12 @@ class ClientConnection:
         payload = self.codec.encode(envelope)
         self.outbox.push(OutFrame(self.codec.send_event(payload), len(payload)))
 
+    def send_envelope_soon(self, envelope: dict[str, Any]) -> None:
+        """``send_envelope``, written at the end of this turn of the event loop together
+        with whatever else was sent so meanwhile (``Outbox.push_soon``)."""
+        payload = self.codec.encode(envelope)
+        self.outbox.push_soon(OutFrame(self.codec.send_event(payload), len(payload)))
+
     def send_error(
         self, exc: PushError, request_id: RequestId | None, *, channel: str | None = None
     ) -> None:

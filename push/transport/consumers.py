@@ -10,9 +10,10 @@ the node's hub.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from channels.consumer import AsyncConsumer
@@ -27,7 +28,7 @@ from common import metrics
 from common.conf import push_settings
 from common.errors import CloseCode, ErrorCode, PushError
 from push.cluster.node import Node
-from push.services.publishing import message_publish_queued
+from push.services.publishing import message_publish_submitted
 from push.services.runtime import get_node
 from push.services.subscriptions import (
     channel_subscribe,
@@ -43,7 +44,7 @@ from push.wire.codecs import UnknownSubprotocol, negotiate
 from push.wire.protocol import Heartbeat, Presence, Publish, RequestId, Subscribe, Unsubscribe
 
 if TYPE_CHECKING:
-    from push.fanout.message import ChannelMessage
+    from push.storage.write_batch import Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class PushConsumer(AsyncConsumer):
         self.connection: ClientConnection | None = None
         self.node: Node | None = None
         # Publishes queued and not yet answered (made on the first publish).
-        self.publishing: set[asyncio.Task[None]] | None = None
+        self.publishing: set[asyncio.Future[Outcome]] | None = None
         close_code: int | None = None
         try:
             while True:
@@ -141,8 +142,8 @@ class PushConsumer(AsyncConsumer):
 
     def on_closed(self, close_code: int | None) -> None:
         # Nobody is left to answer; publishes already queued are still written.
-        for task in self.publishing or ():
-            task.cancel()
+        for written in list(self.publishing or ()):
+            written.cancel()
         if self.connection is not None and self.node is not None:
             session_closed(self.node, self.connection, close_code)
 
@@ -231,58 +232,65 @@ class PushConsumer(AsyncConsumer):
         )
 
     async def start_publish(self, connection: ClientConnection, request: Publish) -> None:
-        """Queue a publish and go on reading frames; its task answers once it committed.
+        """Queue a publish and go on reading frames; a callback answers once it committed.
 
         A publisher may so have several publishes in flight, which the node's write
         pipeline commits together (one round trip per request would cap a connection
-        at one publish per commit). The tasks start in frame order and each queues its
-        publish before it first waits, so one connection's publishes to a channel get
-        seqs in the order it sent them. Past ``PUBLISHES_IN_FLIGHT`` the connection
-        stops reading until one is answered: what one client holds stays bounded.
-        (A recent-only channel's publishes are queued the same way, by the node's
-        Redis store, ``push.storage.recent_store``.)
+        at one publish per commit). Each is queued here, in frame order, so one
+        connection's publishes to a channel get seqs in the order it sent them. Past
+        ``PUBLISHES_IN_FLIGHT`` the connection stops reading until one is answered:
+        what one client holds stays bounded. (A recent-only channel's publishes are
+        queued the same way, by the node's Redis store, ``push.storage.recent_store``.)
+
+        No task per publish: the answer is a callback on the write's own future, and
+        the answers of one write batch go out in one write to the socket
+        (``ClientConnection.send_envelope_soon``).
         """
         authorize_publish(connection.principal, request.channel)
-        if self.publishing is None:
-            self.publishing = set()
-        while len(self.publishing) >= PUBLISHES_IN_FLIGHT:
-            await asyncio.wait(self.publishing, return_when=asyncio.FIRST_COMPLETED)
+        publishing = self.publishing
+        if publishing is None:
+            publishing = self.publishing = set()
+        while len(publishing) >= PUBLISHES_IN_FLIGHT:
+            await asyncio.wait(publishing, return_when=asyncio.FIRST_COMPLETED)
         started = time.perf_counter()
-        # Queued here, in frame order, not by the task: the write pipeline has it a
-        # turn of the event loop sooner (each turn is milliseconds on a busy node).
-        committed = message_publish_queued(
+        written = message_publish_submitted(
             channel=request.channel,
             data=request.data,
             publisher_id=connection.principal.user_id,
         )
-        task = asyncio.get_running_loop().create_task(
-            self.handle_publish(connection, request, committed, started)
+        publishing.add(written)
+        written.add_done_callback(
+            functools.partial(self._answer_publish, connection, request.id, started)
         )
-        self.publishing.add(task)
-        task.add_done_callback(self.publishing.discard)
-        # A task cancelled before its first step (the client left) never awaited it.
-        task.add_done_callback(lambda _: committed.close())
 
-    async def handle_publish(
+    def _answer_publish(
         self,
         connection: ClientConnection,
-        request: Publish,
-        committed: Coroutine[Any, Any, tuple[ChannelMessage, bool]],
+        request_id: RequestId | None,
         started: float,
+        written: asyncio.Future[Outcome],
     ) -> None:
-        try:
-            message, _ = await committed
-        except Exception as exc:
-            _reply_failure(connection, exc, request.id)
+        if self.publishing is not None:
+            self.publishing.discard(written)
+        if written.cancelled():  # the client left: nobody to answer
             return
+        failure = written.exception()
+        if isinstance(failure, Exception):  # a bug in a task's write: answered, logged
+            _reply_failure(connection, failure, request_id)
+            return
+        outcome = written.result()
+        if isinstance(outcome, PushError):
+            _reply_failure(connection, outcome, request_id)
+            return
+        message = outcome.messages[0]
         _PUBLISHED.inc()
         _PUBLISH_SECONDS.observe(time.perf_counter() - started)
-        connection.send_envelope(
+        connection.send_envelope_soon(
             protocol.published(
                 channel=message.channel,
                 seq=message.seq,
                 message_id=message.message_id,
-                request_id=request.id,
+                request_id=request_id,
             )
         )
 
