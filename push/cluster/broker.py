@@ -19,6 +19,7 @@ from typing import Any
 
 from common import metrics
 from common.background import spawn
+from push.cluster.group_subscriber import GroupSubscribers
 from push.fanout.message import ChannelMessage
 
 logger = logging.getLogger(__name__)
@@ -80,25 +81,42 @@ class Broker:
         self.max_outgoing = max_outgoing
         self.max_outgoing_chars = max_outgoing_chars
         self._sender: asyncio.Task[None] | None = None
+        self._subscribers: GroupSubscribers | None = None
 
     async def start(self) -> None:
         self.inbox = await self.layer.new_channel("push.node.")
         self._listener = spawn(self._listen(), name="push-broker-listen")
         self._sender = spawn(self._send_loop(), name="push-broker-send")
+        # The channels' groups are read on connections of their own where the layer
+        # allows it (push.cluster.group_subscriber); the inbox stays on the layer.
+        self._subscribers = GroupSubscribers.for_layer(
+            self.layer, on_message=self._receive, on_error=self._receive_failed
+        )
+        if self._subscribers is not None:
+            self._subscribers.start()
 
     async def stop(self) -> None:
         for task in (self._listener, self._sender):
             if task is not None:
                 task.cancel()
         self._listener = self._sender = None
+        if self._subscribers is not None:
+            await self._subscribers.stop()
+            self._subscribers = None
 
     async def join(self, channel: str) -> None:
         with _timed("join"):
-            await self.layer.group_add(channel_group(channel), self.inbox)
+            if self._subscribers is not None:
+                await self._subscribers.subscribe(channel_group(channel))
+            else:
+                await self.layer.group_add(channel_group(channel), self.inbox)
 
     async def leave(self, channel: str) -> None:
         with _timed("leave"):
-            await self.layer.group_discard(channel_group(channel), self.inbox)
+            if self._subscribers is not None:
+                await self._subscribers.unsubscribe(channel_group(channel))
+            else:
+                await self.layer.group_discard(channel_group(channel), self.inbox)
 
     def publish_soon(self, message: ChannelMessage) -> None:
         """Queue a committed message for the other nodes; one sender keeps the order.
@@ -162,12 +180,25 @@ class Broker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if self.on_receive_error is not None:
-                    self.on_receive_error(exc)
+                self._receive_failed(exc)
                 logger.warning("broker receive failed: %s", exc)
                 await asyncio.sleep(RECEIVE_RETRY_SECS)
                 continue
             self._dispatch(payload)
+
+    def _receive(self, data: bytes) -> None:
+        """A message of a channel's group, as the layer serialized it."""
+        try:
+            payload = self.layer.deserialize(data)
+        except Exception:
+            logger.exception("broker: a message could not be read")
+            return
+        self._dispatch(payload)
+
+    def _receive_failed(self, exc: BaseException) -> None:
+        metrics.BROKER_ERRORS.labels("receive").inc()
+        if self.on_receive_error is not None:
+            self.on_receive_error(exc)
 
     def _dispatch(self, payload: dict[str, Any]) -> None:
         try:

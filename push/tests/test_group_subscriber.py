@@ -1,0 +1,178 @@
+"""The broker's own readers of the channels' groups, against a real Redis: what they
+receive, and how they come back after the connection breaks or goes silent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from django.conf import settings
+from redis.asyncio.connection import ConnectionPool
+
+from push.cluster import group_subscriber
+from push.cluster.group_subscriber import ShardSubscriber
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.skipif(not settings.REDIS_URL, reason="needs Redis (REDIS_URL)")
+
+
+class Proxy:
+    """A TCP forwarder to Redis in this process that can cut its connections (a reset)
+    or freeze them (packets that vanish: nothing forwarded, nothing closed)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.frozen = False
+        self.accepted = 0
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        self._writers += [writer, upstream_writer]
+        await asyncio.gather(
+            self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer)
+        )
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while chunk := await reader.read(65536):
+                while self.frozen:
+                    await asyncio.sleep(0.01)
+                writer.write(chunk)
+                await writer.drain()
+        writer.close()
+
+    def cut(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+
+    async def stop(self) -> None:
+        self.frozen = False
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+
+
+def _redis_url(port: int | None = None) -> str:
+    url = str(settings.REDIS_URL)
+    if port is None:
+        return url
+    parsed = aioredis.connection.parse_url(url)
+    return f"redis://127.0.0.1:{port}/{parsed.get('db', 0)}"
+
+
+@contextlib.asynccontextmanager
+async def _subscriber(url: str) -> AsyncIterator[tuple[ShardSubscriber, list[bytes], list[Any]]]:
+    received: list[bytes] = []
+    errors: list[BaseException] = []
+    subscriber = ShardSubscriber(
+        ConnectionPool.from_url(url), on_message=received.append, on_error=errors.append
+    )
+    subscriber.start()
+    try:
+        yield subscriber, received, errors
+    finally:
+        await subscriber.stop()
+
+
+async def _publish(group: str, data: bytes) -> int:
+    client = aioredis.from_url(_redis_url())
+    try:
+        return int(await client.publish(group, data))
+    finally:
+        await client.aclose()
+
+
+def _delivered(group: str, received: list[bytes]) -> Callable[[], Awaitable[bool]]:
+    """A condition for ``wait_until``: a message published now is received (the group
+    is subscribed again at some point; published before that, it is missed)."""
+    data = uuid.uuid4().bytes
+
+    async def published_and_received() -> bool:
+        await _publish(group, data)
+        await asyncio.sleep(0.02)
+        return data in received
+
+    return published_and_received
+
+
+def _group() -> str:
+    return f"test-group-{uuid.uuid4().hex}"
+
+
+async def test_a_subscribed_group_is_read_from_the_moment_subscribe_returns() -> None:
+    group, other = _group(), _group()
+    async with _subscriber(_redis_url()) as (subscriber, received, _):
+        await subscriber.subscribe(group)
+        # Confirmed by Redis before it returned: a PUBLISH right after reaches it.
+        assert await _publish(group, b"one") == 1
+        await subscriber.subscribe(other)
+        await subscriber.unsubscribe(group)
+        await _publish(group, b"after leaving")
+        await _publish(other, b"two")
+        await wait_until(lambda: len(received) >= 2, "both messages")
+        await asyncio.sleep(0.05)
+        assert received == [b"one", b"two"]
+
+
+async def test_a_cut_connection_is_opened_again_with_every_group() -> None:
+    proxy = Proxy(("127.0.0.1", _redis_port()))
+    port = await proxy.start()
+    group = _group()
+    try:
+        async with _subscriber(_redis_url(port)) as (subscriber, received, errors):
+            await subscriber.subscribe(group)
+            proxy.cut()
+            await wait_until(lambda: errors, "the subscriber to see the cut")
+            await wait_until(lambda: proxy.accepted == 2, "a new connection")
+
+            await wait_until(_delivered(group, received), "a message after the cut")
+    finally:
+        await proxy.stop()
+
+
+async def test_a_silent_connection_is_given_up_once_a_ping_goes_unanswered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(group_subscriber, "PING_SECS", 0.2)
+    proxy = Proxy(("127.0.0.1", _redis_port()))
+    port = await proxy.start()
+    group = _group()
+    try:
+        async with _subscriber(_redis_url(port)) as (subscriber, received, _):
+            await subscriber.subscribe(group)
+            proxy.frozen = True
+            # Unfrozen only once a new connection was asked for: the old one was given up.
+            await wait_until(lambda: proxy.accepted == 2, "a new connection", timeout=5)
+            proxy.frozen = False
+            await wait_until(_delivered(group, received), "a message after the silence")
+    finally:
+        await proxy.stop()
+
+
+async def test_subscribing_while_redis_cannot_be_reached_fails_at_once() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    async with _subscriber(_redis_url(port)) as (subscriber, _, errors):
+        async with asyncio.timeout(2):
+            with pytest.raises(ConnectionError):
+                await subscriber.subscribe(_group())
+        assert errors
+
+
+def _redis_port() -> int:
+    return int(aioredis.connection.parse_url(str(settings.REDIS_URL)).get("port", 6379))
