@@ -223,7 +223,9 @@ class GroupSubscribers:
         """Subscribers for ``layer``, or None when it is not a layer whose groups this
         can read (it reads attributes the layer does not document, and checks each)."""
         try:
-            from channels_redis.pubsub import RedisPubSubChannelLayer  # type: ignore[import-untyped]
+            from channels_redis.pubsub import (  # type: ignore[import-untyped]  # no stubs
+                RedisPubSubChannelLayer,
+            )
         except ImportError:
             return None
         if not isinstance(layer, RedisPubSubChannelLayer):
@@ -242,7 +244,7 @@ class GroupSubscribers:
         return cls(layer, on_message=on_message, on_error=on_error)
 
     def start(self) -> None:
-        from channels_redis.utils import create_pool  # type: ignore[import-untyped]
+        from channels_redis.utils import create_pool  # type: ignore[import-untyped]  # no stubs
 
         loop_layer = self._layer._get_layer()
         for index, shard in enumerate(loop_layer._shards):
