@@ -188,6 +188,8 @@ class Outbox:
         them, so the order holds). A write batch answers many publishes of one
         connection in one turn, and a write to the socket each was most of an answer's
         cost."""
+        if self._closed:
+            return
         soon = self._soon
         if soon is None:
             self._soon = [frame]
