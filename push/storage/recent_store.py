@@ -43,6 +43,7 @@ could still be handed out.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -72,6 +73,8 @@ T = TypeVar("T")
 REDIS_CONNECT_TIMEOUT_SECS = 1.0
 REDIS_TIMEOUT_SECS = 2.0
 PUBLISH_DEADLINE_SECS = 5.0
+# How often the store looks for publishes past that deadline (while it has any).
+EXPIRY_CHECK_SECS = 0.5
 # A pending marker outlives a creator that died before confirming it by this much.
 PENDING_TTL_MSECS = 5000
 PENDING_RETRY_SECS = 0.005
@@ -259,7 +262,7 @@ BYTES_PER_CALL = 4 * 1024 * 1024
 class _Numbering:
     """A publish waiting for the next publish call, and its answer."""
 
-    __slots__ = ("channel", "future", "nbytes", "tails", "window")
+    __slots__ = ("channel", "deadline", "future", "nbytes", "tails", "window")
 
     def __init__(
         self, channel: str, tails: list[str], window: Window, future: asyncio.Future[int]
@@ -269,6 +272,8 @@ class _Numbering:
         self.window = window
         self.future = future
         self.nbytes = sum(len(tail) for tail in tails)
+        # When its publisher is answered UNAVAILABLE if it has no seq yet (``_expire``).
+        self.deadline = future.get_loop().time() + PUBLISH_DEADLINE_SECS
 
 
 class RecentStore:
@@ -288,11 +293,17 @@ class RecentStore:
         self._queued_bytes = 0
         self._server_id: str | None = None
         self._waiting: deque[_Numbering] = deque()
+        # The publishes of the call in Redis now.
+        self._sending: list[_Numbering] = []
         self._sender: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
 
     async def close(self) -> None:
         if self._sender is not None:
             self._sender.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         await self.redis.aclose()
 
     async def server_id(self, *, fresh: bool = False) -> str:
@@ -332,7 +343,29 @@ class RecentStore:
         self._waiting.append(numbering)
         self._count_queued(numbering, 1)
         self._wake_sender()
+        if self._expiry is None:
+            self._expiry = numbering.future.get_loop().call_later(EXPIRY_CHECK_SECS, self._expire)
         return numbering.future
+
+    def _expire(self) -> None:
+        """Answer UNAVAILABLE (a ``TimeoutError``) every publish still without a seq at
+        its deadline, wherever it waits: queued, held while its channel's lease is
+        recovered, or in a call Redis has not answered. One timer for the store, not
+        one per publish (a timer each cost a recent publish a tenth of its CPU)."""
+        self._expiry = None
+        now = asyncio.get_running_loop().time()
+        pending = False
+        for numbering in itertools.chain(self._sending, self._waiting, *self._held.values()):
+            if numbering.future.done():
+                continue
+            if now >= numbering.deadline:
+                numbering.future.set_exception(
+                    TimeoutError("the recent-channel store did not answer in time")
+                )
+            else:
+                pending = True
+        if pending:
+            self._expiry = asyncio.get_running_loop().call_later(EXPIRY_CHECK_SECS, self._expire)
 
     def _count_queued(self, numbering: _Numbering, sign: int) -> None:
         """Publishes waiting or held, not yet in a call: what the bound above counts."""
@@ -350,6 +383,7 @@ class RecentStore:
             batch = self._take_waiting()
             if not batch:
                 continue
+            self._sending = batch
             try:
                 answers = await self._publish_all(batch)
             except asyncio.CancelledError:  # the store is closing
@@ -364,6 +398,8 @@ class RecentStore:
                     if not numbering.future.done():
                         numbering.future.set_exception(exc)
                 continue
+            finally:
+                self._sending = []
             for numbering, first in zip(batch, answers, strict=True):
                 if first <= 0:
                     self._hold(numbering, first)
@@ -603,8 +639,8 @@ async def publish_batch(
     ids = new_message_ids(len(data_jsons))
     tails = [entry_tail(i, timestamp, d) for i, d in zip(ids, data_jsons, strict=True)]
     try:
-        async with asyncio.timeout(PUBLISH_DEADLINE_SECS):
-            first = await store().append(channel, tails, Window.from_settings())
+        # Answered by PUBLISH_DEADLINE_SECS at the latest (``RecentStore._expire``).
+        first = await store().append(channel, tails, Window.from_settings())
     except (RedisError, OSError, TimeoutError) as exc:
         raise _unavailable(exc) from exc
     except DatabaseError as exc:  # a new block of seqs could not be reserved

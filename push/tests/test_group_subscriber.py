@@ -17,53 +17,10 @@ from redis.asyncio.connection import ConnectionPool
 
 from push.cluster import group_subscriber
 from push.cluster.group_subscriber import ShardSubscriber
+from push.tests.redis_proxy import Proxy
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(not settings.REDIS_URL, reason="needs Redis (REDIS_URL)")
-
-
-class Proxy:
-    """A TCP forwarder to Redis in this process that can cut its connections (a reset)
-    or freeze them (packets that vanish: nothing forwarded, nothing closed)."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.frozen = False
-        self.accepted = 0
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
-        return self._server.sockets[0].getsockname()[1]
-
-    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
-        self._writers += [writer, upstream_writer]
-        await asyncio.gather(
-            self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer)
-        )
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while chunk := await reader.read(65536):
-                while self.frozen:
-                    await asyncio.sleep(0.01)
-                writer.write(chunk)
-                await writer.drain()
-        writer.close()
-
-    def cut(self) -> None:
-        for writer in self._writers:
-            writer.close()
-        self._writers.clear()
-
-    async def stop(self) -> None:
-        self.frozen = False
-        self.cut()
-        if self._server is not None:
-            self._server.close()
 
 
 def _redis_url(port: int | None = None) -> str:

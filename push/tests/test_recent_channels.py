@@ -562,3 +562,31 @@ async def test_redis_down_answers_unavailable_then_publishing_recovers(
         finally:
             own_redis.stop(signal.SIGKILL)
             await publisher.close()
+
+
+async def test_a_publish_redis_never_answers_is_answered_unavailable_at_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis that takes the connection and then says nothing (no reset, no timeout on
+    this client): the publish still ends, with the store's deadline."""
+    import redis.asyncio as aioredis
+
+    from push.tests.redis_proxy import Proxy
+
+    monkeypatch.setattr(recent_store, "PUBLISH_DEADLINE_SECS", 0.3)
+    monkeypatch.setattr(recent_store, "EXPIRY_CHECK_SECS", 0.05)
+    target = aioredis.connection.parse_url(str(settings.REDIS_URL))
+    proxy = Proxy((target.get("host", "127.0.0.1"), int(target.get("port", 6379))))
+    port = await proxy.start()
+    store = recent_store.RecentStore(
+        aioredis.from_url(f"redis://127.0.0.1:{port}/{target.get('db', 0)}"), redis_prefix()
+    )
+    try:
+        proxy.frozen = True
+        written = store.append("tick:silent", ['"x"'], recent_store.Window.from_settings())
+        async with asyncio.timeout(3):
+            with pytest.raises(TimeoutError, match="did not answer in time"):
+                await written
+    finally:
+        await proxy.stop()
+        await store.close()
