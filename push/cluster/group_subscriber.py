@@ -112,7 +112,7 @@ class ShardSubscriber:
     async def unsubscribe(self, group: str) -> None:
         self._groups.discard(group)
         connection = self._connection
-        if connection is not None and group not in self._groups:
+        if connection is not None:
             # Not waited for: a message that still comes is one the hub does not need.
             await connection.send_command("UNSUBSCRIBE", group, check_health=False)
 
@@ -124,7 +124,7 @@ class ShardSubscriber:
                 self._ready = ready = loop.create_future()
             try:
                 connection = await self._connect()
-            except _FAILURES as exc:
+            except Exception as exc:  # a bug too: the node must go on reading
                 self._failed(exc, ready)
                 await asyncio.sleep(RECONNECT_SECS)
                 continue
@@ -132,7 +132,7 @@ class ShardSubscriber:
             watchdog = spawn(self._watch(connection), name="push-broker-subscriber-ping")
             try:
                 await self._read(connection)
-            except _FAILURES as exc:
+            except Exception as exc:
                 self._ready = ready = loop.create_future()
                 self._failed(exc, ready)
             finally:
@@ -190,7 +190,10 @@ class ShardSubscriber:
             pinged = True
 
     def _failed(self, exc: BaseException, ready: asyncio.Future[None]) -> None:
-        logger.warning("broker subscriber: %s", exc)
+        if isinstance(exc, _FAILURES):
+            logger.warning("broker subscriber: %s", exc)
+        else:
+            logger.exception("broker subscriber failed; reconnecting", exc_info=exc)
         ready.set_exception(ConnectionError(f"Redis unavailable: {exc}"))
         ready.exception()  # retrieved: nobody may be waiting
         self._on_error(exc)
