@@ -186,8 +186,7 @@ class Outbox:
         """``push`` at the end of this turn of the event loop, in one write with the
         other frames pushed meanwhile (a frame pushed now the usual way goes after
         them, so the order holds). A write batch answers many publishes of one
-        connection in one turn, and a write to the socket each was most of an answer's
-        cost."""
+        connection in one turn: one system call for all of them, not one each."""
         if self._closed:
             return
         soon = self._soon
