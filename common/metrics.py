@@ -92,7 +92,7 @@ OVERLOAD_ADMISSIONS = Counter(
 )
 BROKER_CALL_SECONDS = Histogram(
     "push_broker_call_seconds",
-    "Redis channel-layer calls, by operation",
+    "The broker's Redis calls (join, leave, publish), by operation",
     ["operation"],
     buckets=_CALL_BUCKETS,
 )
@@ -102,7 +102,11 @@ REQUEST_SECONDS = Histogram(
     ["type"],
     buckets=_CALL_BUCKETS,
 )
-BROKER_ERRORS = Counter("push_broker_errors_total", "Failed channel-layer calls", ["operation"])
+BROKER_ERRORS = Counter(
+    "push_broker_errors_total",
+    "The broker's failed Redis calls, and its reading connections that broke (receive)",
+    ["operation"],
+)
 EVENTS_DROPPED = Counter(
     "push_events_dropped_total", "Lifecycle events dropped while Redis was unreachable"
 )
