@@ -1,32 +1,43 @@
 """Group commit: the node's one write pipeline, through which every publish is stored.
 
 Publishes arriving on the node queue here; one task writes them in batches, each in
-one transaction (``push.storage.write_batch``), on its own psycopg connection on the event
-loop. A batch is written as soon as the previous one committed: an idle node writes
-a lone publish at once, a busy one writes what queued meanwhile, up to a cap in
+one transaction (``push.storage.write_batch``), on its own PostgreSQL connection on the
+event loop (``push.storage.pipelined_connection``, libpq's pipeline mode). An idle node
+writes a lone publish at once, a busy one writes what queued meanwhile, up to a cap in
 messages and bytes. A transaction costs mostly its round trips and its commit (a WAL
 flush), which all the publishes of a batch share: measured here (2 busy cores), 2.2 ms
 for 1 publish, 8.4 ms for 100, 49 ms for 1,000. That is what lets a node acknowledge
 more publishes per second than PostgreSQL commits transactions.
 
+A batch is sent while the one before it is still committing (``BATCHES_IN_FLIGHT``),
+on the same connection, so the database starts on it the moment the one before
+committed while the node answers and broadcasts that one. PostgreSQL runs them in the
+order sent, and nothing sent behind a failing statement runs (it skips everything up to
+a Sync, which only recovery sends): a batch behind one that failed goes back to the
+head of the queue and is written after that one's retry, so no channel's publishes
+change order however a batch fails.
+
 Each publisher is answered only after its message committed, and committed messages
-go to ``on_committed`` (the node's broadcast) in seq order per channel.
+go to ``on_committed`` (the node's broadcast) in seq order per channel. Batches with
+idempotency keys take statements that read each other's rows; they are written alone,
+once the batches in flight are answered.
 
 Failures:
 - the database refuses data (a constraint, a bad value): the batch is split in
   halves and each retried, so only the publish that caused it fails;
 - the connection ended by the server while idle (PostgreSQL restarted): seen before
   the next batch is sent on it (the server's farewell is waiting to be read), and the
-  batch is written on a new connection; lost after BEGIN but before the COMMIT left:
-  nothing was stored, and the batch is written on a new connection;
+  batch is written on a new connection; for a batch written alone, lost after BEGIN but
+  before the COMMIT left: nothing was stored, and the batch is written on a new
+  connection;
 - PostgreSQL unreachable: the batch and everything queued are answered UNAVAILABLE
   at once, and the next publish connects again (with a bounded connect timeout, so
   nobody waits long for a dead server); a connection that stops answering is given
   up after the write timeout;
-- the connection lost during COMMIT: the batch may or may not be stored, and it is
-  answered UNAVAILABLE, never "published". A client that must not publish twice
-  retries with an ``Idempotency-Key`` (REST), which returns the first result if the
-  commit did happen;
+- the connection lost (or given up after the write timeout) with batches in flight:
+  each may or may not be stored, and each is answered UNAVAILABLE, never
+  "published". A client that must not publish twice retries with an
+  ``Idempotency-Key`` (REST), which returns the first result if the commit did happen;
 - the queue full (count or bytes): new publishes are refused UNAVAILABLE instead of
   queueing without bound;
 - a channel's row locked by another transaction (application code publishing inside a
@@ -40,10 +51,11 @@ Failures:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -56,13 +68,13 @@ from common.background import spawn
 from common.db import closed_by_server, db_call
 from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
+from push.storage.pipelined_connection import PipelinedConnection, Results
 from push.storage.write_batch import (
     POSTGRESQL_BINARY_ARRAYS,
     BatchOutcome,
     Outcome,
     Plan,
     PublishUnit,
-    Statement,
     batch_plan,
     now_micros,
     run_plan_sync,
@@ -77,6 +89,11 @@ TRANSIENT_RETRIES = 3
 # batch of 1,000 publishes commits in ~50 ms, so another node's batch never waits this
 # long; only a foreign transaction does, and it then holds up the batch no longer.
 LOCK_WAIT_SECS = 0.2
+# Batches sent before the oldest of them is answered. PostgreSQL runs one connection's
+# statements one after another, so two commits never overlap; what overlaps is the
+# database's work on the next batch and the node's on the last one's answers and
+# broadcast, and the round trip between them is gone.
+BATCHES_IN_FLIGHT = 2
 
 
 def _write_waiting_for_locks(
@@ -107,6 +124,24 @@ class _Queued:
         self.future = future
 
 
+class _Sent:
+    """A batch sent behind the others: BEGIN, its one statement, COMMIT."""
+
+    __slots__ = ("batch", "plan", "started")
+
+    # Result sets a sent batch gets back: BEGIN's, the statement's, COMMIT's.
+    RESULTS = 3
+
+    def __init__(self, batch: list[_Queued], plan: Plan) -> None:
+        self.batch = batch
+        self.plan = plan
+        self.started = time.perf_counter()
+
+
+def _keyed(batch: list[_Queued]) -> bool:
+    return any(queued.unit.key_scope is not None for queued in batch)
+
+
 class WritePipeline:
     def __init__(
         self,
@@ -134,16 +169,26 @@ class WritePipeline:
         self._queued_messages = 0
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
-        self._connection: psycopg.AsyncConnection[Any] | None = None
+        self._link: PipelinedConnection | None = None
         self._task: asyncio.Task[None] | None = None
+        # Batches sent and not yet answered, oldest first.
+        self._in_flight: deque[_Sent] = deque()
+        # A batch with idempotency keys, waiting for those in flight to be answered: its
+        # statements depend on each other's rows, so it is written alone.
+        self._held: list[_Queued] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         # Channel -> the last slow-lane write of it: a channel is in the slow lane while
         # this is pending, and each of its slow writes waits for the one before.
         self._slow: dict[str, asyncio.Future[None]] = {}
         self._slow_waiting = 0
         self._unreachable = False
-        self._writing = False
+        self._writing_alone = False
         self._stopping = False
         self._commit_sent = False
+
+    @property
+    def _connection(self) -> psycopg.AsyncConnection[Any] | None:
+        return None if self._link is None else self._link.connection
 
     # ----- the publishers' side ------------------------------------------------------
 
@@ -165,7 +210,8 @@ class WritePipeline:
         self._queue.append(_Queued(unit, future))
         self._queued_messages += count
         self._queued_bytes += unit.nbytes
-        self._wakeup.set()
+        if len(self._in_flight) < BATCHES_IN_FLIGHT:  # else the writer has nothing to send
+            self._wakeup.set()
         return future
 
     async def publish(self, unit: PublishUnit) -> Outcome:
@@ -178,36 +224,68 @@ class WritePipeline:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="push-writes")
 
+    @property
+    def _writing(self) -> bool:
+        return bool(self._in_flight) or self._writing_alone
+
     async def stop(self) -> None:
         task = self._task
         self._stopping = True
         self._fail_queued(PushError(ErrorCode.UNAVAILABLE, "the node is stopping"))
         if task is not None and not task.done():
-            # A batch being written is let finish: cancelled during COMMIT, its
+            # Batches being written are let finish: cancelled during COMMIT, their
             # publishers would never learn what happened. (Only on the task's own loop:
             # tests may stop a node from another one.)
             if self._writing and task.get_loop() is asyncio.get_running_loop():
+                self._wakeup.set()
                 await asyncio.wait({task}, timeout=self._write_timeout_secs)
             task.cancel()
+        stopping = PushError(ErrorCode.UNAVAILABLE, "the node is stopping")
+        self._answer_in_flight(stopping)
+        if self._held is not None:
+            self._answer_all(self._held, stopping)
+            self._held = None
         await self._close_connection()
 
     async def _run(self) -> None:
-        while not self._stopping:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            batch = self._take_batch()
-            if not batch:  # answered meanwhile (the queue failed as a whole)
-                continue
-            self._writing = True
+        """Send batches while fewer than ``BATCHES_IN_FLIGHT`` wait for their COMMIT,
+        and answer each as its results come, oldest first."""
+        while not self._stopping or self._in_flight:
+            self._wakeup.clear()
             try:
-                await self._write(batch)
+                await self._step()
             except Exception:  # a bug: answer, log, and keep the node's writes going
-                logger.exception("write pipeline: batch of %d publishes failed", len(batch))
-                self._answer_all(batch, PushError(ErrorCode.UNAVAILABLE, "the write failed"))
+                logger.exception("write pipeline: a batch failed")
+                self._answer_in_flight(PushError(ErrorCode.UNAVAILABLE, "the write failed"))
                 await self._close_connection()
+                self._writing_alone = False
+
+    async def _step(self) -> None:
+        link = self._link
+        if (
+            self._in_flight
+            and link is not None
+            and (link.available() >= _Sent.RESULTS or link.error is not None)
+        ):
+            await self._settle_oldest(link)
+        elif self._held is not None and not self._in_flight:
+            batch, self._held = self._held, None
+            self._writing_alone = True
+            try:
+                with _answered_if_it_fails(batch):
+                    await self._write(batch)
             finally:
-                self._writing = False
+                self._writing_alone = False
+        elif (
+            self._queue
+            and self._held is None
+            and not self._stopping
+            and len(self._in_flight) < BATCHES_IN_FLIGHT
+            and (link is None or link.error is None or not self._in_flight)
+        ):
+            await self._send_next()
+        else:
+            await self._wakeup.wait()
 
     def _take_batch(self) -> list[_Queued]:
         batch: list[_Queued] = []
@@ -229,9 +307,147 @@ class WritePipeline:
         self._queued_bytes -= nbytes
         return batch
 
-    async def _write(self, batch: list[_Queued]) -> None:
+    def _requeue(self, batches: list[list[_Queued]]) -> None:
+        """Put batches sent but never executed back at the head of the queue, in order."""
+        for batch in reversed(batches):
+            for queued in reversed(batch):
+                self._queue.appendleft(queued)
+                self._queued_messages += len(queued.unit.items)
+                self._queued_bytes += queued.unit.nbytes
+
+    # ----- batches sent one behind the other -------------------------------------------
+
+    async def _send_next(self) -> None:
+        batch = self._take_batch()
+        if self._slow:
+            batch = self._divert_slow(batch)
+        if not batch:
+            return
+        if _keyed(batch):
+            self._held = batch
+            return
+        with _answered_if_it_fails(batch):
+            await self._send(batch)
+
+    async def _send(self, batch: list[_Queued]) -> None:
+        link = self._link
+        if not self._in_flight:
+            # Nothing is due on the connection: replace it if it broke meanwhile.
+            link = await self._connect_or_answer(batch)
+            if link is None:
+                return
+        assert link is not None
+        units = [queued.unit for queued in batch]
+        plan = batch_plan(
+            units,
+            micros=now_micros(),
+            window_secs=self._window_secs,
+            dialect=POSTGRESQL_BINARY_ARRAYS,
+        )
+        statement = next(plan)
+        if not statement.final:  # a batch without keys is one statement (write_batch)
+            raise RuntimeError("a batch without keys took more than one statement")
+        # In flight from here: if the connection fails while it is sent, whether the
+        # COMMIT reached the server is unknown.
+        self._in_flight.append(_Sent(batch, plan))
+        link.send("BEGIN")
+        link.send(statement.sql, statement.params)
+        link.send("COMMIT")
+        link.flush()
+        metrics.WRITE_BATCH_MESSAGES.observe(sum(len(u.items) for u in units))
+        if len(self._in_flight) == 1:
+            self._arm_deadline(link)
+
+    async def _settle_oldest(self, link: PipelinedConnection) -> None:
+        """Answer the oldest batch in flight from its results."""
+        if link.available() < _Sent.RESULTS:
+            # The connection failed before they came: each may or may not have
+            # committed, so none is acknowledged (see the module's docstring).
+            assert link.error is not None
+            self._lose_in_flight(link.error)
+            await self._close_connection()
+            return
+        sent = self._in_flight.popleft()
+        results = [link.take() for _ in range(_Sent.RESULTS)]
+        self._disarm_deadline()
+        if self._in_flight:
+            self._arm_deadline(link)
         try:
-            connection = await self._connect()
+            for result in results:
+                link.check(result)
+        except psycopg.Error as exc:
+            # PostgreSQL skipped the batches sent behind this one: they go back to the
+            # head of the queue, behind this one's retry, so every channel keeps its
+            # order whatever happens to this one (split, slow lane, retried).
+            behind = [later.batch for later in self._in_flight]
+            self._in_flight.clear()
+            self._disarm_deadline()
+            self._requeue(behind)
+            self._writing_alone = True
+            try:
+                with _answered_if_it_fails(sent.batch):
+                    await self._recover(link)
+                    await self._write_on(link, sent.batch, failed=exc)
+            except (psycopg.Error, OSError, TimeoutError) as lost:
+                self._lose([sent.batch], lost)
+                await self._close_connection()
+            finally:
+                self._writing_alone = False
+            return
+        outcome = _finished(sent.plan, link.rows(results[1]))
+        metrics.WRITE_BATCH_SECONDS.observe(time.perf_counter() - sent.started)
+        self._committed(sent.batch, outcome)
+
+    def _lose_in_flight(self, exc: BaseException) -> None:
+        batches = [sent.batch for sent in self._in_flight]
+        self._in_flight.clear()
+        self._disarm_deadline()
+        self._lose(batches, exc)
+
+    def _lose(self, batches: list[list[_Queued]], exc: BaseException) -> None:
+        for batch in batches:
+            logger.warning("write pipeline: batch of %d lost: %r", len(batch), exc)
+            metrics.WRITE_BATCHES_FAILED.labels("unavailable").inc()
+            self._answer_all(batch, _unavailable(exc))
+
+    async def _recover(self, link: PipelinedConnection) -> None:
+        """After a failed statement: skip the results of what PostgreSQL skipped, and
+        roll the failed transaction back, so the connection is clean for the retry."""
+        link.recover()
+        self._arm_deadline(link)
+        try:
+            while (await link.next())[0].status != pq.ExecStatus.PIPELINE_SYNC:
+                pass
+            link.check(await link.next())  # the ROLLBACK's
+        finally:
+            self._disarm_deadline()
+
+    def _arm_deadline(self, link: PipelinedConnection) -> None:
+        """A connection whose packets vanish (no reset, no answer) would hold the whole
+        node's writes: past ``write_timeout_secs`` it is closed, which fails whatever
+        still waits on it."""
+        self._disarm_deadline()
+        self._deadline = asyncio.get_running_loop().call_later(
+            self._write_timeout_secs, link.close, TimeoutError("the write timed out")
+        )
+
+    def _disarm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    # ----- batches written alone: keyed ones, and the retries after a failure ----------
+
+    async def _write(self, batch: list[_Queued]) -> None:
+        link = await self._connect_or_answer(batch)
+        if link is not None:
+            await self._write_on(link, batch)
+
+    async def _connect_or_answer(self, batch: list[_Queued]) -> PipelinedConnection | None:
+        """The connection to write ``batch`` on; None if PostgreSQL cannot be reached,
+        ``batch`` and everything queued then answered UNAVAILABLE."""
+        try:
+            return await self._connect()
         except (psycopg.Error, OSError, TimeoutError) as exc:
             if not self._unreachable:  # once per outage, not once per batch
                 logger.warning("write pipeline: cannot connect to PostgreSQL: %s", exc)
@@ -241,12 +457,16 @@ class WritePipeline:
             self._answer_all(batch, unavailable)
             # Nothing queued now can be written sooner: answer it at once too.
             self._fail_queued(unavailable)
-            return
-        await self._write_on(connection, batch)
+            return None
 
     async def _write_on(
-        self, connection: psycopg.AsyncConnection[Any], batch: list[_Queued]
+        self,
+        link: PipelinedConnection,
+        batch: list[_Queued],
+        *,
+        failed: psycopg.Error | None = None,
     ) -> None:
+        """Write ``batch`` alone; ``failed``: the error its first attempt already met."""
         if self._slow:
             batch = self._divert_slow(batch)
             if not batch:
@@ -254,10 +474,13 @@ class WritePipeline:
         reconnected = False
         for attempt in range(TRANSIENT_RETRIES + 1):
             try:
-                outcome = await self._bounded_transaction(connection, [q.unit for q in batch])
+                if failed is not None:
+                    error, failed = failed, None
+                    raise error
+                outcome = await self._bounded_transaction(link, [q.unit for q in batch])
             except (pg_errors.IntegrityError, pg_errors.DataError) as exc:
                 metrics.WRITE_BATCHES_FAILED.labels("refused").inc()
-                await self._split(connection, batch, exc)
+                await self._split(batch, exc)
                 return
             except pg_errors.LockNotAvailable:
                 metrics.WRITE_BATCHES_FAILED.labels("locked").inc()
@@ -265,8 +488,8 @@ class WritePipeline:
                     self._to_slow_lane(batch[0])
                     return
                 middle = len(batch) // 2
-                await self._write_on(connection, batch[:middle])
-                await self._write_on(connection, batch[middle:])
+                await self._write(batch[:middle])
+                await self._write(batch[middle:])
                 return
             except pg_errors.TransactionRollback as exc:
                 if attempt < TRANSIENT_RETRIES:
@@ -283,25 +506,18 @@ class WritePipeline:
                     # the batch.
                     reconnected = True
                     try:
-                        connection = await self._connect()
+                        link = await self._connect()
                         continue
                     except (psycopg.Error, OSError, TimeoutError):
                         self._fail_queued(_unavailable(exc))
                 # Lost or timed out, maybe during COMMIT: the outcome is unknown, so
                 # nothing of this batch is acknowledged (see the module's docstring).
-                logger.warning("write pipeline: batch of %d lost: %r", len(batch), exc)
-                metrics.WRITE_BATCHES_FAILED.labels("unavailable").inc()
-                self._answer_all(batch, _unavailable(exc))
+                self._lose([batch], exc)
                 return
             self._committed(batch, outcome)
             return
 
-    async def _split(
-        self,
-        connection: psycopg.AsyncConnection[Any],
-        batch: list[_Queued],
-        exc: psycopg.Error,
-    ) -> None:
+    async def _split(self, batch: list[_Queued], exc: psycopg.Error) -> None:
         """Write the halves apart, so only the publish the database refused fails."""
         if len(batch) == 1:
             detail = exc.diag.message_primary or type(exc).__name__
@@ -312,8 +528,8 @@ class WritePipeline:
             )
             return
         middle = len(batch) // 2
-        await self._write_on(connection, batch[:middle])
-        await self._write_on(connection, batch[middle:])
+        await self._write(batch[:middle])
+        await self._write(batch[middle:])
 
     # ----- the slow lane: channels whose row another transaction holds ----------------
 
@@ -374,41 +590,21 @@ class WritePipeline:
                     del self._slow[channel]
 
     async def _bounded_transaction(
-        self, connection: psycopg.AsyncConnection[Any], units: Sequence[PublishUnit]
+        self, link: PipelinedConnection, units: Sequence[PublishUnit]
     ) -> BatchOutcome:
-        """The transaction, given up after ``write_timeout_secs``.
-
-        A connection whose packets vanish (no reset, no answer) would hold the whole
-        node's writes: past the timeout its socket is closed under the transaction and
-        the writer is cancelled where it waits, which fails whatever still waits on it,
-        rollback included. It runs in the writer's own task, not one of its own: under
-        load every task handoff waits a whole loop turn, and a task per batch (with
-        ``wait_for`` and ``shield`` around it) cost four of them between a COMMIT's
-        answer and the broadcast."""
-        writer = asyncio.current_task()
-        assert writer is not None
-        timed_out = False
-
-        def give_up() -> None:
-            nonlocal timed_out
-            timed_out = True
-            connection.pgconn.finish()
-            writer.cancel()
-
-        deadline = asyncio.get_running_loop().call_later(self._write_timeout_secs, give_up)
+        """The transaction, given up (its connection closed) after ``write_timeout_secs``."""
+        self._arm_deadline(link)
         try:
-            return await self._transaction(connection, units)
-        except asyncio.CancelledError:
-            # Ours unless the writer was also cancelled from outside (the node stops).
-            if timed_out and writer.uncancel() == 0:
-                raise TimeoutError("the write timed out") from None
-            raise
+            return await self._transaction(link, units)
         finally:
-            deadline.cancel()
+            self._disarm_deadline()
 
     async def _transaction(
-        self, connection: psycopg.AsyncConnection[Any], units: Sequence[PublishUnit]
+        self, link: PipelinedConnection, units: Sequence[PublishUnit]
     ) -> BatchOutcome:
+        """One batch, alone on the connection: each statement whose rows the plan reads
+        is awaited; BEGIN goes with the first, the final one with the COMMIT. An error
+        rolls the transaction back, so the connection is clean for the retry."""
         started = time.perf_counter()
         plan = batch_plan(
             units,
@@ -418,68 +614,39 @@ class WritePipeline:
         )
         self._commit_sent = False
         statement = next(plan)
-        if statement.final:
-            outcome = await self._alone(connection, plan, statement)
-        else:
-            outcome = await self._in_transaction(connection, plan, statement)
+        link.send("BEGIN")
+        due = 1  # results sent for and not read yet
+        try:
+            while True:
+                link.send(statement.sql, statement.params)
+                due += 1
+                if statement.final:
+                    self._commit_sent = True
+                    link.send("COMMIT")
+                    link.flush()
+                    results = await _checked(link, due + 1)
+                    rows = link.rows(results[-2]) if statement.returns_rows else []
+                    outcome = _finished(plan, rows)
+                    break
+                link.flush()
+                results = await _checked(link, due)
+                due = 0
+                rows = link.rows(results[-1]) if statement.returns_rows else []
+                try:
+                    statement = plan.send(rows)
+                except StopIteration as done:
+                    self._commit_sent = True
+                    link.send("COMMIT")
+                    link.flush()
+                    await _checked(link, 1)
+                    outcome = done.value
+                    break
+        except psycopg.Error:
+            if link.error is None:  # refused, not lost: the connection goes on
+                await self._recover(link)
+            raise
         metrics.WRITE_BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.WRITE_BATCH_MESSAGES.observe(sum(len(u.items) for u in units))
-        return outcome
-
-    async def _alone(
-        self, connection: psycopg.AsyncConnection[Any], plan: Plan, statement: Statement
-    ) -> BatchOutcome:
-        """A batch without idempotency keys is one statement; on this autocommit
-        connection it is a transaction by itself, committed when it completes. Sent
-        alone it costs a quarter of the CPU of the same statement between BEGIN and
-        COMMIT in a pipeline (measured here: 150-180 against 580-750 µs), which
-        counts on a node writing many small batches.
-
-        Once it left, its outcome is unknown until the answer comes: it is never
-        retried on a new connection (``_connect`` replaces one that broke while idle
-        before anything is sent on it)."""
-        self._commit_sent = True
-        async with connection.cursor() as cursor:
-            await cursor.execute(statement.sql, statement.params)
-            rows = await cursor.fetchall() if statement.returns_rows else []
-        return _finished(plan, rows)
-
-    async def _in_transaction(
-        self, connection: psycopg.AsyncConnection[Any], plan: Plan, statement: Statement
-    ) -> BatchOutcome:
-        """A batch of several statements (one with idempotency keys), in pipeline mode:
-        statements whose rows nothing reads before the COMMIT (the plan's final one,
-        the keys' results) go out with the COMMIT in one round trip, BEGIN with the
-        first. BEGIN and COMMIT are plain statements of the pipeline: psycopg's
-        ``transaction()`` block cost 300 µs more CPU per batch of this shape here
-        (735-761 against 426-476 µs). What it did on an error is done here: the
-        transaction is rolled back, so the connection is clean for the retry."""
-        final: Statement | None = None
-        try:
-            async with connection.pipeline(), connection.cursor() as cursor:
-                await cursor.execute("BEGIN")
-                while True:
-                    await cursor.execute(statement.sql, statement.params)
-                    if statement.final:
-                        final = statement
-                        break
-                    rows = await cursor.fetchall() if statement.returns_rows else []
-                    try:
-                        statement = plan.send(rows)
-                    except StopIteration as done:
-                        outcome: BatchOutcome = done.value
-                        break
-                # From here a lost connection leaves the outcome unknown. (Through the
-                # connection, not the cursor, whose last result must stay the final
-                # statement's.)
-                self._commit_sent = True
-                await connection.execute("COMMIT")
-                if final is not None:
-                    rows = await cursor.fetchall() if final.returns_rows else []
-                    outcome = _finished(plan, rows)
-        except BaseException:
-            await _roll_back(connection)
-            raise
         return outcome
 
     def _committed(self, batch: list[_Queued], outcome: BatchOutcome) -> None:
@@ -503,6 +670,12 @@ class WritePipeline:
         for queued in batch:
             self._answer(queued, error)
 
+    def _answer_in_flight(self, error: PushError) -> None:
+        for sent in self._in_flight:
+            self._answer_all(sent.batch, error)
+        self._in_flight.clear()
+        self._disarm_deadline()
+
     def _fail_queued(self, error: PushError) -> None:
         batch = list(self._queue)
         self._queue.clear()
@@ -511,13 +684,13 @@ class WritePipeline:
 
     # ----- the connection ------------------------------------------------------------------
 
-    async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        connection = self._connection
-        if connection is not None and not connection.closed:
-            if not closed_by_server(connection.pgconn.socket):
-                return connection
+    async def _connect(self) -> PipelinedConnection:
+        """The connection, with nothing due on it: a new one if it broke meanwhile."""
+        link = self._link
+        if link is not None:
+            if link.error is None and not closed_by_server(link.connection.pgconn.socket):
+                return link
             await self._close_connection()
-        self._connection = None
         async with asyncio.timeout(self._connect_timeout_secs):
             connection = await psycopg.AsyncConnection.connect(
                 **self._conninfo,
@@ -528,36 +701,50 @@ class WritePipeline:
                 # For the connection's life, not once per transaction (one statement
                 # less in every batch).
                 await connection.execute(f"SET lock_timeout = '{int(LOCK_WAIT_SECS * 1000)}ms'")
+                self._link = PipelinedConnection(connection, on_result=self._wakeup.set)
             except BaseException:
                 await connection.close()
                 raise
-        self._connection = connection
         if self._unreachable:
             logger.warning("write pipeline: connected to PostgreSQL again")
             self._unreachable = False
-        return connection
+        return self._link
 
     async def _close_connection(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            try:
-                await connection.close()
-            except Exception as exc:  # already broken; nothing to keep
-                logger.debug("closing the write connection: %s", exc)
+        link, self._link = self._link, None
+        if link is None:
+            return
+        self._disarm_deadline()
+        connection = link.connection
+        try:
+            if not connection.closed:
+                link.close()
+            await connection.close()
+        except Exception as exc:  # already broken; nothing to keep
+            logger.debug("closing the write connection: %s", exc)
 
 
-async def _roll_back(connection: psycopg.AsyncConnection[Any]) -> None:
-    """End a transaction an error left open, if the connection still works (a broken
-    one is closed by the caller)."""
-    if connection.closed or connection.info.transaction_status not in _IN_TRANSACTION:
-        return
+@contextlib.contextmanager
+def _answered_if_it_fails(batch: list[_Queued]) -> Iterator[None]:
+    """A bug while handling ``batch`` answers its publishers UNAVAILABLE before it
+    propagates (to the writer's loop, which logs it and goes on)."""
     try:
-        await connection.execute("ROLLBACK")
-    except psycopg.Error as exc:
-        logger.debug("rolling back the write connection: %s", exc)
+        yield
+    except Exception:
+        for queued in batch:
+            if not queued.future.done():
+                queued.future.set_result(PushError(ErrorCode.UNAVAILABLE, "the write failed"))
+        raise
 
 
-_IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+async def _checked(link: PipelinedConnection, count: int) -> list[Results]:
+    """The next ``count`` statements' results; raises the first one's error."""
+    results = []
+    for _ in range(count):
+        result = await link.next()
+        link.check(result)
+        results.append(result)
+    return results
 
 
 def _finished(plan: Plan, rows: list[tuple[Any, ...]]) -> BatchOutcome:

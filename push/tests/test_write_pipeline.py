@@ -9,6 +9,7 @@ import json
 import socket
 from typing import Any
 
+import psycopg
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth.models import User
@@ -31,7 +32,7 @@ from push.storage.write_batch import (
     batch_plan,
     now_micros,
 )
-from push.storage.write_pipeline import WritePipeline, pipeline_conninfo
+from push.storage.write_pipeline import LOCK_WAIT_SECS, WritePipeline, pipeline_conninfo
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
@@ -122,6 +123,49 @@ async def test_a_refused_message_fails_alone_and_the_rest_commit() -> None:
     assert [seq for seq, _, _ in rows] == list(range(1, 20))  # no gap where it failed
     assert [data["n"] for _, data, _ in rows] == [i for i in range(20) if i != 7]
     assert [m.seq for m in committed] == list(range(1, 20))
+
+
+async def test_a_batch_sent_behind_a_refused_one_is_written_after_it() -> None:
+    """A batch is sent before the one ahead of it committed; when that one is refused,
+    PostgreSQL skips the batch behind it, which is then written again, not lost."""
+    committed: list[ChannelMessage] = []
+    pipeline = _pipeline(committed)
+    try:
+        refused = pipeline.submit(PublishUnit(items=[("behind", "0")], publisher_id=2_000_000_000))
+        await asyncio.sleep(0)  # the writer sends it
+        behind = [pipeline.submit(_unit("behind", n)) for n in (1, 2)]
+        outcomes = await asyncio.gather(refused, *behind)
+    finally:
+        await pipeline.stop()
+    assert isinstance(outcomes[0], PushError) and outcomes[0].code is ErrorCode.INVALID_MESSAGE
+    assert [seq for seq, _, _ in await sync_to_async(_stored)("behind")] == [1, 2]
+    assert [o.messages[0].seq for o in outcomes[1:] if isinstance(o, Published)] == [1, 2]
+    assert [m.seq for m in committed] == [1, 2]
+
+
+async def test_a_channel_keeps_its_order_when_the_batch_ahead_times_out_on_a_lock() -> None:
+    """The first publish waits on a row another transaction holds and gives up; the
+    second, sent behind it, must not commit first even if the lock is released in
+    between (as it would on a connection that ran the second after the first failed)."""
+    pipeline = _pipeline([])
+    locker = await psycopg.AsyncConnection.connect(
+        **pipeline_conninfo(connection.get_connection_params())
+    )
+    try:
+        assert isinstance(await pipeline.publish(_unit("held", 0)), Published)  # the row
+        await locker.execute("SELECT 1 FROM push_channel WHERE name = 'held' FOR UPDATE")
+        first = pipeline.submit(_unit("held", 1))
+        await asyncio.sleep(0.05)  # sent, and waiting on the lock
+        second = pipeline.submit(_unit("held", 2))
+        await asyncio.sleep(LOCK_WAIT_SECS + 0.1)  # the first gave up on the lock
+        await locker.rollback()
+        outcomes = await asyncio.wait_for(asyncio.gather(first, second), 10)
+    finally:
+        await locker.close()
+        await pipeline.stop()
+    assert [o.messages[0].seq for o in outcomes if isinstance(o, Published)] == [2, 3]
+    stored = await sync_to_async(_stored)("held")
+    assert [(seq, data["n"]) for seq, data, _ in stored] == [(1, 0), (2, 1), (3, 2)]
 
 
 async def test_a_refused_keyed_publish_fails_alone_and_the_connection_stays_usable() -> None:

@@ -1,0 +1,204 @@
+"""The write pipeline's PostgreSQL connection, in libpq's pipeline mode, on the event loop.
+
+psycopg's own pipeline (``AsyncConnection.pipeline()``) reads results only by waiting
+for every result still due: a batch's COMMIT could not be read while the next batch
+was already sent behind it. This drives the same connection (its ``PGconn``) directly:
+statements go out as soon as they are queued, results are read as they arrive, one
+result set per statement, in the order sent, and the writer takes them when it is
+ready. Parameters are adapted by psycopg's own ``Transformer``, so they travel exactly
+as psycopg's cursors send them (arrays in binary with ``%b``).
+
+What makes a batch safe to send behind another one: nothing here sends a Sync. After a
+statement fails, PostgreSQL skips everything that follows until a Sync, including the
+transactions sent behind it (libpq answers each of them ``PIPELINE_ABORTED``). So a
+batch sent behind a failing one is never executed; the writer learns why the first one
+failed, sends ``recover()`` (Sync, then ROLLBACK), and writes both again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import pq
+from psycopg._queries import PostgresQuery  # the adaptation psycopg's cursors use
+from psycopg.adapt import Transformer
+
+Results = list[pq.abc.PGresult]
+
+_FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
+_PIPELINE_ABORTED = pq.ExecStatus.PIPELINE_ABORTED
+_PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
+_BAD = pq.ConnStatus.BAD
+
+
+class PipelineAborted(psycopg.Error):
+    """A statement skipped because one sent before it failed (nothing of it ran)."""
+
+
+class PipelinedConnection:
+    """An open autocommit psycopg connection, switched to pipeline mode for good: once
+    handed here, only this object uses it, until ``close()``."""
+
+    def __init__(
+        self, connection: psycopg.AsyncConnection[Any], on_result: Callable[[], None]
+    ) -> None:
+        self.connection = connection
+        self._pgconn = connection.pgconn
+        self._transformer = Transformer(connection)
+        self._fd = self._pgconn.socket
+        self._loop = asyncio.get_running_loop()
+        self._on_result = on_result
+        self._results: deque[Results] = deque()
+        self._partial: Results = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._writing = False
+        self.error: BaseException | None = None
+        self._pgconn.enter_pipeline_mode()
+        self._loop.add_reader(self._fd, self._read)
+
+    # ----- sending ----------------------------------------------------------------------
+
+    def send(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """Queue one statement; ``flush()`` sends what is queued. On a broken connection
+        this does nothing: its results never come, and whoever waits for them learns
+        why from ``next()`` or ``error``."""
+        query = PostgresQuery(self._transformer)
+        query.convert(sql, params)
+        if self.error is not None:
+            return
+        try:
+            self._pgconn.send_query_params(
+                query.query, query.params, param_formats=query.formats, param_types=query.types
+            )
+        except psycopg.Error as exc:
+            self._fail(exc)
+
+    def flush(self) -> None:
+        """Send what is queued and ask the server to send back what it has: without a
+        Sync, the server writes results out only when asked."""
+        if self.error is not None:
+            return
+        self._pgconn.send_flush_request()
+        self._write()
+
+    def recover(self) -> None:
+        """After a failed statement: end the skipping (Sync) and roll back the failed
+        transaction. Its results (the Sync's, then the ROLLBACK's) come like any other."""
+        self._pgconn.pipeline_sync()
+        self.send("ROLLBACK")
+        self.flush()
+
+    def _write(self) -> None:
+        try:
+            pending = self._pgconn.flush()
+        except psycopg.Error as exc:
+            self._fail(exc)
+            return
+        if pending and not self._writing:
+            # More than the socket takes at once (a batch of large messages): the rest
+            # goes when it is writable.
+            self._writing = True
+            self._loop.add_writer(self._fd, self._writable)
+        elif not pending and self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+
+    def _writable(self) -> None:
+        self._write()
+
+    # ----- receiving --------------------------------------------------------------------
+
+    def _read(self) -> None:
+        pgconn = self._pgconn
+        try:
+            pgconn.consume_input()
+        except psycopg.Error as exc:
+            self._fail(exc)
+            return
+        if pgconn.status == _BAD:
+            self._fail(psycopg.OperationalError("the write connection was lost"))
+            return
+        arrived = False
+        while not pgconn.is_busy():
+            result = pgconn.get_result()
+            if result is None:  # the end of one statement's results
+                if not self._partial:
+                    break
+                self._results.append(self._partial)
+                self._partial = []
+                arrived = True
+            elif result.status == _PIPELINE_SYNC:  # a Sync's, not followed by None
+                self._results.append([result])
+                arrived = True
+            else:
+                self._partial.append(result)
+        if arrived:
+            self._wake()
+
+    def available(self) -> int:
+        """How many statements' results can be taken without waiting."""
+        return len(self._results)
+
+    def take(self) -> Results:
+        """The next statement's results (``available()`` must be positive)."""
+        return self._results.popleft()
+
+    async def next(self) -> Results:
+        """The next statement's results, once they came; raises once the connection
+        failed (the results still due will never come)."""
+        while not self._results:
+            if self.error is not None:
+                raise self.error
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._results.popleft()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self._on_result()
+
+    # ----- the end ------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+            self._stop_watching()
+        self._wake()
+
+    def close(self, reason: BaseException | None = None) -> None:
+        """Stop using the connection: whatever still waits on it fails with ``reason``.
+        The caller closes the psycopg connection (it was ours only)."""
+        self._fail(reason or psycopg.OperationalError("the write connection was closed"))
+        self._pgconn.finish()
+
+    # ----- reading results ------------------------------------------------------------
+
+    def rows(self, results: Results) -> list[tuple[Any, ...]]:
+        """The rows of a statement's results, as psycopg's cursors would load them."""
+        result = results[-1]
+        self._transformer.set_pgresult(result)
+        return self._transformer.load_rows(0, result.ntuples, tuple)
+
+    def check(self, results: Results) -> None:
+        """Raise the statement's error as psycopg's cursors would (``IntegrityError``,
+        ``LockNotAvailable``...), or ``PipelineAborted`` if it was skipped."""
+        for result in results:
+            if result.status == _FATAL_ERROR:
+                raise pg_errors.error_from_result(result, encoding=self.connection.info.encoding)
+            if result.status == _PIPELINE_ABORTED:
+                raise PipelineAborted("skipped after an earlier statement failed")
+
+    def _stop_watching(self) -> None:
+        self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
