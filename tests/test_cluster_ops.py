@@ -327,9 +327,19 @@ async def test_nodes_paused_together_do_not_take_each_other_for_dead(
         await asyncio.sleep(2.0)  # several announcements and judgements again
         for ws in clients:
             assert (await request(ws, {"type": "heartbeat"}))["type"] == "heartbeat_ack"
-            await ws.close()
         for node in nodes:
             assert " is gone:" not in node.log()
+        # A node that really stops is still found dead, once its silence is older than
+        # PUSH_NODE_DEAD_AFTER_SECS and the other has run that long since its own pause.
+        survivor, stopped = nodes
+        assert stopped.process is not None
+        stopped.process.send_signal(signal.SIGSTOP)
+        await wait_until(
+            lambda: " is gone:" in survivor.log(), "the stopped node found dead", timeout=15
+        )
+        stopped.process.send_signal(signal.SIGCONT)
+        for ws in clients:
+            ws.transport.abort()
     finally:
         for node in nodes:
             node.stop()

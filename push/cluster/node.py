@@ -328,18 +328,26 @@ class Node:
 
     async def _cluster_loop(self) -> None:
         announced_at: float | None = None  # when this node's last announcement began
+        judging_from = 0.0  # no node is judged dead before this (monotonic)
         while True:
             started = time.monotonic()
             try:
                 await self.directory.announce(self.stats())
-                judging = announced_at is None or not _paused(started - announced_at)
-                announced_at = started
-                if not judging:
+                if announced_at is not None and _paused(started - announced_at):
                     # This node's own announcements stopped for a while: the machine
                     # (or virtual machine) or this process paused, or Redis was out of
-                    # reach. The others' may be as old for the same reason; they are
-                    # judged at the next turn, once they had a turn to announce too.
-                    logger.warning("no announcement for a while; dead nodes judged next turn")
+                    # reach. The others' may be as old for the same reason, and a node
+                    # paused with this one may take a while to run again (a loaded
+                    # machine resumes processes one by one): a silence counts only once
+                    # this node has itself run for a whole dead-node age since.
+                    judging_from = started + push_settings.NODE_DEAD_AFTER_SECS
+                    logger.warning(
+                        "no announcement for %.1f s; dead nodes judged again in %.1f s",
+                        started - announced_at,
+                        push_settings.NODE_DEAD_AFTER_SECS,
+                    )
+                announced_at = started
+                if started < judging_from:
                     continue
                 for server_id in await self.directory.dead_nodes():
                     if server_id != self.server_id:
