@@ -23,7 +23,7 @@ from common.conf import push_settings
 from common.db import db_call
 from common.errors import ErrorCode, PushError
 from push.cluster import broadcast
-from push.cluster.node import running_node
+from push.cluster.node import Node, running_node
 from push.fanout.message import ChannelMessage, dump_data
 from push.storage import recent_store
 from push.storage.history_modes import is_recent
@@ -91,12 +91,18 @@ def _batch_unit(
 # ----- where a publish is written ----------------------------------------------------------
 
 
+def _running_node_here() -> Node | None:
+    """The node running on this event loop, if there is one."""
+    node = running_node()
+    if node is None or not node.is_running or node.loop is not asyncio.get_running_loop():
+        return None
+    return node
+
+
 def _running_pipeline() -> WritePipeline | None:
     """The write pipeline of the node running on this event loop, if there is one."""
-    node = running_node()
-    if node is None or not node.is_running or node.write_pipeline is None:
-        return None
-    return node.write_pipeline if node.loop is asyncio.get_running_loop() else None
+    node = _running_node_here()
+    return None if node is None else node.write_pipeline
 
 
 def _recent_channel(unit: PublishUnit) -> str | None:
@@ -250,12 +256,18 @@ def message_publish_submitted(
     now, raising at once what refuses it; the future gives the outcome once committed,
     a refusal (``PushError``) as its result, not raised.
 
-    A durable publish is the write pipeline's own future: no task per publish. A unit
-    the pipeline does not take (a recent-only channel's) is written by a task."""
+    A durable publish is the write pipeline's own future, a recent-only channel's the
+    Redis store's: no task per publish. Without a node on this loop, a task writes it."""
     unit = _single_unit(channel, data, publisher_id, None, None)
-    queued = _queue(unit)
-    if queued is not None:
-        return queued
+    recent = _recent_channel(unit)
+    node = _running_node_here()
+    if node is not None:
+        if recent is None and node.write_pipeline is not None:
+            return node.write_pipeline.submit(unit)
+        if recent is not None:
+            return recent_store.publish_submitted(
+                recent, unit.items[0][1], broadcast=node.broadcast
+            )
     return asyncio.get_running_loop().create_task(_outcome(unit))
 
 

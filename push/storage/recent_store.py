@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import threading
 import time
 import uuid
@@ -65,8 +66,11 @@ from common.errors import ErrorCode, PushError
 from common.redis_client import redis_async, redis_prefix
 from push.fanout.message import ChannelMessage, new_message_ids
 from push.models import Channel
+from push.storage.write_batch import Published
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 # Redis answers in well under a millisecond; these bound what a client waits while it
 # is away, so a publish to a recent channel fails with UNAVAILABLE instead of hanging.
@@ -623,6 +627,54 @@ async def publish(
     return message
 
 
+class _Numbered:
+    """A recent channel's messages between the call that numbers them and their seqs:
+    their ids, timestamp and window entries are made before the call."""
+
+    __slots__ = ("channel", "data_jsons", "exclude", "ids", "tails", "timestamp")
+
+    def __init__(self, channel: str, data_jsons: list[str], exclude: str | None) -> None:
+        micros = time.time_ns() // 1000
+        self.channel = channel
+        self.data_jsons = data_jsons
+        self.exclude = exclude
+        self.timestamp = micros / 1_000_000
+        self.ids = new_message_ids(len(data_jsons))
+        self.tails = [
+            entry_tail(i, self.timestamp, d) for i, d in zip(self.ids, data_jsons, strict=True)
+        ]
+
+    def queue(self) -> asyncio.Future[int]:
+        # Answered by PUBLISH_DEADLINE_SECS at the latest (``RecentStore._expire``).
+        return store().append(self.channel, self.tails, Window.from_settings())
+
+    def messages(self, first: int) -> list[ChannelMessage]:
+        return [
+            ChannelMessage(
+                channel=self.channel,
+                seq=first + i,
+                message_id=self.ids[i],
+                data_json=d,
+                timestamp=self.timestamp,
+                exclude=self.exclude,
+            )
+            for i, d in enumerate(self.data_jsons)
+        ]
+
+
+# What a numbering fails with when Redis (or PostgreSQL, for a new block of seqs) is
+# away or slow: answered UNAVAILABLE.
+_UNAVAILABLE_ERRORS = (RedisError, OSError, TimeoutError, DatabaseError)
+
+
+def _refusal(exc: BaseException) -> PushError:
+    if isinstance(exc, DatabaseError):  # a new block of seqs could not be reserved
+        return PushError(
+            ErrorCode.UNAVAILABLE, f"PostgreSQL unavailable: {type(exc).__name__}; retry"
+        )
+    return _unavailable(exc)
+
+
 async def publish_batch(
     channel: str,
     data_jsons: list[str],
@@ -634,33 +686,51 @@ async def publish_batch(
     """Number and store several messages of one recent channel at once (consecutive
     seqs, all or none), then broadcast them in order. ``publisher_id`` is not kept:
     a recent message has no row to keep it in."""
-    micros = time.time_ns() // 1000
-    timestamp = micros / 1_000_000
-    ids = new_message_ids(len(data_jsons))
-    tails = [entry_tail(i, timestamp, d) for i, d in zip(ids, data_jsons, strict=True)]
+    numbered = _Numbered(channel, data_jsons, exclude)
     try:
-        # Answered by PUBLISH_DEADLINE_SECS at the latest (``RecentStore._expire``).
-        first = await store().append(channel, tails, Window.from_settings())
-    except (RedisError, OSError, TimeoutError) as exc:
-        raise _unavailable(exc) from exc
-    except DatabaseError as exc:  # a new block of seqs could not be reserved
-        raise PushError(
-            ErrorCode.UNAVAILABLE, f"PostgreSQL unavailable: {type(exc).__name__}; retry"
-        ) from exc
-    messages = [
-        ChannelMessage(
-            channel=channel,
-            seq=first + i,
-            message_id=ids[i],
-            data_json=d,
-            timestamp=timestamp,
-            exclude=exclude,
-        )
-        for i, d in enumerate(data_jsons)
-    ]
+        first = await numbered.queue()
+    except _UNAVAILABLE_ERRORS as exc:
+        raise _refusal(exc) from exc
+    messages = numbered.messages(first)
     for message in messages:
         await broadcast(message)
     return messages
+
+
+def publish_submitted(
+    channel: str, data_json: str, *, broadcast: Callable[[ChannelMessage], None]
+) -> asyncio.Future[Published | PushError]:
+    """``publish`` for a caller on the node's loop that answers from a callback (the
+    WebSocket consumer): queued now (raising at once what refuses it), broadcast
+    through ``broadcast`` and answered from the numbering's own callback, with no task
+    per publish. A refusal is the future's result, not raised. A caller that cancels
+    the future only gives up its answer: the message is numbered and broadcast all
+    the same (a numbered message never goes missing from the live stream)."""
+    numbered = _Numbered(channel, [data_json], None)
+    numbering = numbered.queue()
+    answer: asyncio.Future[Published | PushError] = numbering.get_loop().create_future()
+
+    def numbered_done(numbering: asyncio.Future[int]) -> None:
+        outcome: Published | PushError
+        if numbering.cancelled():  # the store closed
+            outcome = PushError(ErrorCode.UNAVAILABLE, "the node is stopping")
+        elif (exc := numbering.exception()) is not None:
+            if not isinstance(exc, _UNAVAILABLE_ERRORS):
+                logger.error("recent publish to %r failed", channel, exc_info=exc)
+            outcome = _refusal(exc)
+        else:
+            messages = numbered.messages(numbering.result())
+            for message in messages:
+                try:
+                    broadcast(message)
+                except Exception:  # stored: subscribers catch up from the window
+                    logger.exception("broadcast of %r failed", message)
+            outcome = Published(messages, False)
+        if not answer.done():
+            answer.set_result(outcome)
+
+    numbering.add_done_callback(numbered_done)
+    return answer
 
 
 def publish_sync(
