@@ -25,7 +25,20 @@ class Channel(models.Model):
 
 
 class Message(models.Model):
-    channel = models.ForeignKey(Channel, on_delete=models.CASCADE, related_name="messages")
+    # No constraint in the database, and no index of its own: the write pipeline's one
+    # statement takes the channel's id from the upsert that locks the channel's row
+    # (push.storage.write_batch), so a message cannot name a missing channel, and the
+    # constraint's check cost PostgreSQL about 4 us of CPU per message stored (a fifth
+    # of what storing one costs). Deleting a channel still deletes its messages (Django's
+    # CASCADE), and (channel, seq), the unique constraint below, is the index that
+    # reads by channel use.
+    channel = models.ForeignKey(
+        Channel,
+        on_delete=models.CASCADE,
+        related_name="messages",
+        db_constraint=False,
+        db_index=False,
+    )
     seq = models.BigIntegerField()
     message_id = models.UUIDField(unique=True)
     # The published value as canonical JSON text, not jsonb: jsonb refuses strings

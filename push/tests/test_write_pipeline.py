@@ -21,7 +21,7 @@ from rest_framework.test import APIClient
 from accounts.models import ChannelGrant
 from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
-from push.models import Message
+from push.models import Channel, Message
 from push.services.publishing import message_publish_queued, messages_publish_batch
 from push.services.runtime import get_node
 from push.storage.retention import history_trim
@@ -511,3 +511,26 @@ def test_a_retry_after_retention_deleted_the_message_is_still_answered_once() ->
     retry = post({"n": 1}, key="order-1")
     assert retry.status_code == 200 and retry.json() == first.json()
     assert list(Message.objects.values_list("seq", flat=True)) == [2]
+
+
+async def test_deleting_a_channel_deletes_its_messages() -> None:
+    """The database holds no constraint from a message to its channel (it cost a
+    check per message stored); Django's CASCADE is what deletes a channel's messages."""
+    pipeline = _pipeline([])
+    try:
+        for channel in ("gone", "kept"):
+            assert isinstance(await pipeline.publish(_unit(channel, 1)), Published)
+    finally:
+        await pipeline.stop()
+
+    def delete_and_count() -> dict[str, int]:
+        Channel.objects.filter(name="gone").delete()
+        return {
+            name: Message.objects.filter(channel__name=name).count() for name in ("gone", "kept")
+        }
+
+    assert await sync_to_async(delete_and_count)() == {"gone": 0, "kept": 1}
+    orphans = await sync_to_async(
+        lambda: Message.objects.exclude(channel_id__in=Channel.objects.values("id")).count()
+    )()
+    assert orphans == 0
