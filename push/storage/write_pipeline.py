@@ -717,8 +717,7 @@ class WritePipeline:
         self._disarm_deadline()
         connection = link.connection
         try:
-            if not connection.closed:
-                link.close()
+            link.close()  # also when the connection broke: its socket is closed now
             await connection.close()
         except Exception as exc:  # already broken; nothing to keep
             logger.debug("closing the write connection: %s", exc)
