@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from common import metrics
@@ -31,6 +33,39 @@ Send = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
 BACKLOG_PAUSE_BYTES = 256 * 1024
 BACKLOG_RESUME_BYTES = 64 * 1024
 BACKLOG_POLL_SECS = 0.01
+
+
+# The outboxes holding frames until the end of ``deliveries_together``, or None.
+_together: contextvars.ContextVar[list[Outbox] | None] = contextvars.ContextVar(
+    "outbox_deliveries_together", default=None
+)
+
+
+@contextlib.contextmanager
+def deliveries_together() -> Iterator[None]:
+    """Frames pushed inside go out at its end, each outbox's in one write.
+
+    A committed batch of publishes is broadcast message by message, and a subscriber of
+    a busy channel gets many of them: one system call each was most of what a delivery
+    cost. Order is kept as ``push_soon`` keeps it (they share the frames in waiting),
+    and what waits is bounded by the batch, which the caller bounds (the write
+    pipeline's ``PUSH_WRITE_BATCH_MAX_*``). Frames that would overflow a connection
+    overflow it when they are sent, at the end."""
+    if _together.get() is not None:  # inside another: that one sends
+        yield
+        return
+    held: list[Outbox] = []
+    token = _together.set(held)
+    try:
+        yield
+    finally:
+        _together.reset(token)
+        for outbox in held:
+            try:
+                outbox._push_soon_now()
+            except Exception as exc:  # a bug or a broken server: this connection fails
+                logger.error("sending held frames failed", exc_info=exc)
+                outbox.fail(exc)
 
 
 class WriteFailed(Exception):
@@ -149,6 +184,15 @@ class Outbox:
         """Queue a frame; False when the connection is closed or was just overflowed."""
         if self._closed:
             return False
+        together = _together.get()
+        if together is not None:  # sent at the end of deliveries_together
+            soon = self._soon
+            if soon is None:
+                self._soon = [frame]
+                together.append(self)
+            else:
+                soon.append(frame)
+            return True
         if self._soon:  # sent before it, in the order they were pushed
             self._push_soon_now()
         queue = self._queue

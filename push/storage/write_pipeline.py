@@ -68,6 +68,7 @@ from common.background import spawn
 from common.db import closed_by_server, db_call
 from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
+from push.fanout.outbox import deliveries_together
 from push.storage.pipelined_connection import PipelinedConnection, Results
 from push.storage.write_batch import (
     POSTGRESQL_BINARY_ARRAYS,
@@ -651,12 +652,14 @@ class WritePipeline:
 
     def _committed(self, batch: list[_Queued], outcome: BatchOutcome) -> None:
         # Broadcast before answering: a publisher subscribed to its channel may then
-        # see its message before its reply, which the contract allows either way.
-        for message in outcome.stored:
-            try:
-                self._on_committed(message)
-            except Exception:  # committed: subscribers catch up from history
-                logger.exception("broadcast of %r failed", message)
+        # see its message before its reply, which the contract allows either way. A
+        # subscriber's messages of the batch go out in one write.
+        with deliveries_together():
+            for message in outcome.stored:
+                try:
+                    self._on_committed(message)
+                except Exception:  # committed: subscribers catch up from history
+                    logger.exception("broadcast of %r failed", message)
         for queued, result in zip(batch, outcome.outcomes, strict=True):
             self._answer(queued, result)
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from common import metrics
-from push.fanout.outbox import Outbox, OutFrame
+from push.fanout.outbox import Outbox, OutFrame, deliveries_together
 from push.transport import server_adapters
 from push.transport.server_adapters import TESTED_VERSIONS, bound_inbound, raw_writer
 
@@ -467,6 +467,37 @@ async def test_a_frame_pushed_now_goes_after_the_frames_pushed_soon() -> None:
     outbox.push(now)
     await asyncio.sleep(0)
     assert written == [soon.wire, now.wire]
+
+
+async def test_deliveries_together_write_each_connection_once_at_the_end() -> None:
+    recorder = Recorder()
+    one: list[bytes] = []
+    other: list[bytes] = []
+    first, second, third = _frames('{"n":1}', '{"n":2}', '{"n":3}')
+    outboxes = recorder.outbox(one.append), recorder.outbox(other.append)
+    with deliveries_together():
+        outboxes[0].push(first)
+        outboxes[1].push(first)
+        outboxes[0].push(second)
+        with deliveries_together():  # inside another: the outer one sends
+            outboxes[0].push(third)
+        assert one == [] and other == []
+    assert one == [first.wire + second.wire + third.wire]
+    assert other == [first.wire]
+
+
+async def test_deliveries_together_keep_their_order_with_frames_pushed_soon() -> None:
+    recorder = Recorder()
+    written: list[bytes] = []
+    outbox = recorder.outbox(written.append)
+    answer, delivery, later = _frames('{"n":1}', '{"n":2}', '{"n":3}')
+    outbox.push_soon(answer)
+    with deliveries_together():
+        outbox.push(delivery)
+        outbox.push_many([later])  # what waits goes first
+    outbox.push(later)
+    await asyncio.sleep(0)
+    assert b"".join(written) == answer.wire + delivery.wire + later.wire + later.wire
 
 
 async def test_sealing_sends_the_frames_pushed_soon_first() -> None:
