@@ -33,6 +33,11 @@ Send = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
 BACKLOG_PAUSE_BYTES = 256 * 1024
 BACKLOG_RESUME_BYTES = 64 * 1024
 BACKLOG_POLL_SECS = 0.01
+# The most frames, and about the most bytes, written to a socket in one write when
+# frames waited together (push_soon, deliveries_together); the hub's replay slices
+# are bounded alike.
+JOINED_WRITE_FRAMES = 50
+JOINED_WRITE_BYTES = 256 * 1024
 
 
 # The outboxes holding frames until the end of ``deliveries_together``, or None.
@@ -47,10 +52,11 @@ def deliveries_together() -> Iterator[None]:
 
     A committed batch of publishes is broadcast message by message, and a subscriber of
     a busy channel gets many of them: one system call each was most of what a delivery
-    cost. Order is kept as ``push_soon`` keeps it (they share the frames in waiting),
-    and what waits is bounded by the batch, which the caller bounds (the write
-    pipeline's ``PUSH_WRITE_BATCH_MAX_*``). Frames that would overflow a connection
-    overflow it when they are sent, at the end."""
+    cost. Order is kept as ``push_soon`` keeps it (they share the frames in waiting).
+    What waits is bounded by the batch, which the caller bounds (the write pipeline's
+    ``PUSH_WRITE_BATCH_MAX_*``), and is sent in bounded runs (``_push_soon_now``):
+    frames that would overflow a connection overflow it when they are sent, at the
+    end."""
     if _together.get() is not None:  # inside another: that one sends
         yield
         return
@@ -241,9 +247,24 @@ class Outbox:
             soon.append(frame)
 
     def _push_soon_now(self) -> None:
+        """Send what waits, in runs of at most ``JOINED_WRITE_FRAMES`` frames and about
+        ``JOINED_WRITE_BYTES``: each run goes to the socket in one write while it takes
+        data directly, and past that into the bounded queue, as frames pushed one by
+        one would (a batch's deliveries to a stalled client never pass its bounds by
+        more than one run)."""
         frames, self._soon = self._soon, None
-        if frames:
-            self.__push_many(frames)
+        if not frames:
+            return
+        start = size = 0
+        for index, frame in enumerate(frames):
+            if index > start and (
+                index - start >= JOINED_WRITE_FRAMES or size + frame.size > JOINED_WRITE_BYTES
+            ):
+                if not self.__push_many(frames[start:index]):
+                    return
+                start, size = index, 0
+            size += frame.size
+        self.__push_many(frames[start:])
 
     # The base class's push, for push_many to queue frames it was handed ready to send
     # (a subclass's push may rewrite a frame first: SSE's cursor).

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from common import metrics
+from push.fanout import outbox as outbox_module
 from push.fanout.outbox import Outbox, OutFrame, deliveries_together
 from push.transport import server_adapters
 from push.transport.server_adapters import TESTED_VERSIONS, bound_inbound, raw_writer
@@ -498,6 +499,39 @@ async def test_deliveries_together_keep_their_order_with_frames_pushed_soon() ->
     outbox.push(later)
     await asyncio.sleep(0)
     assert b"".join(written) == answer.wire + delivery.wire + later.wire + later.wire
+
+
+async def test_deliveries_together_to_a_stalled_client_stay_within_its_bounds() -> None:
+    """Held frames go out in runs: once the socket stops taking data, the rest goes to
+    the bounded queue, which overflows as it would for frames pushed one by one."""
+    writable = True
+    written: list[bytes] = []
+    overflowed: list[bool] = []
+
+    def write(data: bytes) -> None:
+        nonlocal writable
+        written.append(data)
+        writable = False  # the socket's buffer is full after one write
+
+    async def stalled_send(event: dict[str, Any]) -> None:
+        await asyncio.Event().wait()  # the server's transport paused writing
+
+    outbox = Outbox(
+        stalled_send,
+        max_frames=10,
+        max_bytes=10**6,
+        on_overflow=lambda: overflowed.append(True),
+        raw=(write, lambda: writable),
+    )
+    frames = _frames(*(f'{{"n":{n}}}' for n in range(outbox_module.JOINED_WRITE_FRAMES + 20)))
+    with deliveries_together():
+        for frame in frames:
+            outbox.push(frame)
+    assert written == [b"".join(f.wire for f in frames[: outbox_module.JOINED_WRITE_FRAMES])]
+    # One more waits in the server's send, then 10 fill the queue: the next overflows.
+    assert overflowed == [True] and outbox.closed
+    if outbox._writer is not None:  # still waiting in the stalled send
+        outbox._writer.cancel()
 
 
 async def test_sealing_sends_the_frames_pushed_soon_first() -> None:
