@@ -70,6 +70,7 @@ def deliveries_together() -> Iterator[None]:
             try:
                 outbox._push_soon_now()
             except Exception as exc:  # a bug or a broken server: this connection fails
+                metrics.FAN_OUT_FAILURES.inc()
                 logger.error("sending held frames failed", exc_info=exc)
                 outbox.fail(exc)
 
