@@ -28,7 +28,6 @@ from push.fanout.message import ChannelMessage, dump_data
 from push.storage import recent_store
 from push.storage.history_modes import is_recent
 from push.storage.write_batch import Outcome, Published, PublishUnit, run_plan_sync
-from push.storage.write_pipeline import WritePipeline
 from push.wire.protocol import validate_channel_name, validate_data
 
 
@@ -99,12 +98,6 @@ def _running_node_here() -> Node | None:
     return node
 
 
-def _running_pipeline() -> WritePipeline | None:
-    """The write pipeline of the node running on this event loop, if there is one."""
-    node = _running_node_here()
-    return None if node is None else node.write_pipeline
-
-
 def _recent_channel(unit: PublishUnit) -> str | None:
     """The recent-only channel ``unit`` is for, or None when every channel of it is
     durable (PostgreSQL). One unit is one commit, so it must be one store's: a batch
@@ -136,18 +129,27 @@ def _recent_channel(unit: PublishUnit) -> str | None:
 def _queue(unit: PublishUnit) -> asyncio.Future[Outcome] | None:
     """Pick the store for the unit's channels: the one place that does.
 
-    A durable unit goes to the node's write pipeline, which batches it with the node's
-    other publishes: queued there now, so a caller that queues several keeps their
-    order without a task each, and the pipeline sees it one turn of the event loop
-    sooner; the future answers once it committed. None for the others, which
-    ``_written`` stores when awaited: a recent-only channel's unit, numbered and stored
-    by one Redis script, and any unit without a node on this loop (a management
-    command, a test client's throwaway loop), whose batch SQL runs through Django's
-    connection on the database threads."""
-    if _recent_channel(unit) is None:
-        pipeline = _running_pipeline()
-        if pipeline is not None:
-            return pipeline.submit(unit)
+    On a node's loop a unit is queued now, so a caller that queues several keeps their
+    order without a task each, and the future answers once it committed (a refusal as
+    its result): a durable unit in the node's write pipeline, which batches it with the
+    node's other publishes; a recent-only channel's in the node's Redis store, which
+    numbers and stores it with one script call and broadcasts it from that call's
+    callback. None without a node on this loop (a management command, a test client's
+    throwaway loop): ``_written`` stores the unit when awaited, a durable one's batch
+    SQL through Django's connection on the database threads."""
+    node = _running_node_here()
+    if node is None:
+        return None
+    recent = _recent_channel(unit)
+    if recent is not None:
+        return recent_store.publish_submitted(
+            recent,
+            [data_json for _, data_json in unit.items],
+            broadcast=node.broadcast,
+            exclude=unit.exclude,
+        )
+    if node.write_pipeline is not None:
+        return node.write_pipeline.submit(unit)
     return None
 
 
@@ -256,18 +258,12 @@ def message_publish_submitted(
     now, raising at once what refuses it; the future gives the outcome once committed,
     a refusal (``PushError``) as its result, not raised.
 
-    A durable publish is the write pipeline's own future, a recent-only channel's the
-    Redis store's: no task per publish. Without a node on this loop, a task writes it."""
+    On a node's loop this is the store's own future (``_queue``): no task per publish.
+    Without a node on this loop, a task writes it."""
     unit = _single_unit(channel, data, publisher_id, None, None)
-    recent = _recent_channel(unit)
-    node = _running_node_here()
-    if node is not None:
-        if recent is None and node.write_pipeline is not None:
-            return node.write_pipeline.submit(unit)
-        if recent is not None:
-            return recent_store.publish_submitted(
-                recent, unit.items[0][1], broadcast=node.broadcast
-            )
+    queued = _queue(unit)
+    if queued is not None:
+        return queued
     return asyncio.get_running_loop().create_task(_outcome(unit))
 
 

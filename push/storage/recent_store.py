@@ -698,15 +698,19 @@ async def publish_batch(
 
 
 def publish_submitted(
-    channel: str, data_json: str, *, broadcast: Callable[[ChannelMessage], None]
+    channel: str,
+    data_jsons: list[str],
+    *,
+    broadcast: Callable[[ChannelMessage], None],
+    exclude: str | None = None,
 ) -> asyncio.Future[Published | PushError]:
-    """``publish`` for a caller on the node's loop that answers from a callback (the
-    WebSocket consumer): queued now (raising at once what refuses it), broadcast
-    through ``broadcast`` and answered from the numbering's own callback, with no task
-    per publish. A refusal is the future's result, not raised. A caller that cancels
-    the future only gives up its answer: the message is numbered and broadcast all
-    the same (a numbered message never goes missing from the live stream)."""
-    numbered = _Numbered(channel, [data_json], None)
+    """``publish_batch`` for a caller on the node's loop: queued now (raising at once
+    what refuses it), broadcast through ``broadcast`` and answered from the numbering's
+    own callback, with no task per publish. A refusal is the future's result, not
+    raised. A caller that cancels the future only gives up its answer: the messages
+    are numbered and broadcast all the same (a numbered message never goes missing
+    from the live stream)."""
+    numbered = _Numbered(channel, data_jsons, exclude)
     numbering = numbered.queue()
     answer: asyncio.Future[Published | PushError] = numbering.get_loop().create_future()
 
