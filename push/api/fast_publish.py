@@ -64,7 +64,12 @@ from push.api.handler import receivers_on_loop
 from push.api.renderers import MessagePageRenderer
 from push.api.request_metrics import ViewMetrics
 from push.api.security_headers import security_headers
-from push.api.serializers import MAX_BATCH_MESSAGES, batch_items, published_body
+from push.api.serializers import (
+    MAX_BATCH_MESSAGES,
+    batch_items,
+    first_index_of_each_channel,
+    published_body,
+)
 from push.api.views import BatchMessagesView, ChannelMessagesView, valid_idempotency_key
 from push.fanout.message import ChannelMessage
 from push.services.publishing import message_publish_queued, messages_publish_batch
@@ -309,7 +314,7 @@ def _publish_items(
             items = [(channel, parsed["data"])]
         else:
             return None
-        for item_channel, _data in items:
+        for item_channel in first_index_of_each_channel(items).values():
             authorize_publish(principal, item_channel)
     except PushError:
         return None  # DRF words the refusal

@@ -63,10 +63,21 @@ def batch_items(body: Any, *, max_messages: int) -> list[tuple[str, Any]]:
             f"a batch holds at most {max_messages} messages, not {len(messages)}",
             field="messages",
         )
-    return [_batch_item(item, index) for index, item in enumerate(messages)]
+    valid_names: set[str] = set()  # a batch names a few channels, many times each
+    return [_batch_item(item, index, valid_names) for index, item in enumerate(messages)]
 
 
-def _batch_item(item: Any, index: int) -> tuple[str, Any]:
+def first_index_of_each_channel(items: list[tuple[str, Any]]) -> dict[int, str]:
+    """Each channel the items name, by the index of its first item, in item order: a
+    batch of 1,000 messages names a few channels, and each is authorized once (the
+    first refused one still names the first item that refusal stops)."""
+    firsts: dict[str, int] = {}
+    for index, (channel, _data) in enumerate(items):
+        firsts.setdefault(channel, index)
+    return {index: channel for channel, index in firsts.items()}
+
+
+def _batch_item(item: Any, index: int, valid_names: set[str]) -> tuple[str, Any]:
     if not isinstance(item, dict):
         raise PushError(
             ErrorCode.INVALID_MESSAGE,
@@ -75,7 +86,10 @@ def _batch_item(item: Any, index: int) -> tuple[str, Any]:
             index=index,
         )
     try:
-        channel = validate_channel_name(item.get("channel"))
+        channel = item.get("channel")
+        if not (isinstance(channel, str) and channel in valid_names):
+            channel = validate_channel_name(channel)
+            valid_names.add(channel)
         if "data" not in item:
             raise PushError(ErrorCode.INVALID_MESSAGE, "'data' is required", field="data")
         return channel, validate_data(item["data"])

@@ -40,6 +40,7 @@ from push.api.serializers import (
     HistoryQuerySerializer,
     PublishSerializer,
     batch_items,
+    first_index_of_each_channel,
     published_body,
     validated,
 )
@@ -229,7 +230,7 @@ class BatchMessagesView(AsyncAPIView):
         principal = request_principal(request)
         _check_body_size(request)
         items = batch_items(request.data, max_messages=MAX_BATCH_MESSAGES)
-        for index, (channel, _data) in enumerate(items):
+        for index, channel in first_index_of_each_channel(items).items():
             try:
                 authorize_publish(principal, channel)
             except PushError as exc:

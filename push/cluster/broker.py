@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import msgpack
+
 from common import metrics
 from common.background import spawn
 from push.cluster.group_subscriber import GroupSubscribers
@@ -212,13 +214,24 @@ class Broker:
 
 PublishMany = Callable[[list[tuple[str, dict[str, Any]]]], Awaitable[None]]
 
-# PUBLISH for each (channel, payload) pair of ARGV, in order, in one command.
+# PUBLISH for each (channel, payload) pair, in order, in one command. ARGV[1] is the
+# pairs flattened into one MessagePack array (``pack_pairs``): one argument, not two
+# per message, because redis-py builds a command in Python argument by argument,
+# copying the buffer so far for each small one (measured: 0.9 µs of the node's CPU per
+# message against 0.08). Redis' Lua reads MessagePack natively (``cmsgpack``).
 PUBLISH_ALL_SCRIPT = """
-for i = 1, #ARGV, 2 do
-  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+local pairs = cmsgpack.unpack(ARGV[1])
+for i = 1, #pairs, 2 do
+  redis.call('PUBLISH', pairs[i], pairs[i + 1])
 end
-return #ARGV / 2
+return #pairs / 2
 """
+
+
+def pack_pairs(pairs: list[tuple[str, bytes]]) -> bytes:
+    """``PUBLISH_ALL_SCRIPT``'s argument. Raw strings only (``use_bin_type=False``): the
+    MessagePack of Redis' Lua predates the bin and str8 types."""
+    return msgpack.packb([part for pair in pairs for part in pair], use_bin_type=False)
 
 
 def batched_publisher(layer: Any) -> PublishMany | None:
@@ -249,7 +262,7 @@ def batched_publisher(layer: Any) -> PublishMany | None:
             async with shard._lock:
                 shard._ensure_redis()
                 publish_all = shard._redis.register_script(PUBLISH_ALL_SCRIPT)
-                await publish_all(args=[part for message in messages for part in message])
+                await publish_all(args=[pack_pairs(messages)])
 
     loop_layer = None
     try:

@@ -71,9 +71,11 @@ def _batch_unit(
     if not items:
         raise PushError(ErrorCode.INVALID_MESSAGE, "a batch holds at least one message")
     encoded = []
+    valid_names: set[str] = set()  # a batch names a few channels, many times each
     for index, (channel, data) in enumerate(items):
         try:
-            validate_channel_name(channel)
+            if not (isinstance(channel, str) and channel in valid_names):
+                valid_names.add(validate_channel_name(channel))
             encoded.append((channel, _encode_data(data)))
         except PushError as exc:
             raise PushError(exc.code, exc.message, field=exc.field, index=index) from exc

@@ -27,6 +27,8 @@ import collections
 import logging
 from typing import Any
 
+import msgpack
+
 from common import metrics
 from push.fanout.message import ChannelMessage, data_bytes
 from push.storage.retention import retention_policy
@@ -82,32 +84,24 @@ def contiguous_tail(messages: list[ChannelMessage]) -> list[ChannelMessage]:
 # Appends a batch of messages to their streams in one command: a pipeline of one XADD
 # per message cost the node more than storing the batch in PostgreSQL (py-spy: a
 # seventh of a node publishing over WebSocket, most of it redis-py building each
-# command and reading each reply in Python). KEYS: each message's stream, in order
-# (repeated for messages of one channel). ARGV[1]: the TTL; then one argument per
-# message: its trimming, "~" (approximate) or "=" (exact), its MAXLEN, seq, id and
-# timestamp, each followed by a newline, then its data (the rest of the argument).
-# One argument, not six: redis-py packs every argument in Python, and for REST batches
-# of 100 messages that packing was 7% of the node's loop (py-spy).
+# command and reading each reply in Python). KEYS: the batch's streams, each once.
+# ARGV[1]: the TTL; ARGV[2]: one MessagePack array of seven fields per message: the
+# index of its stream in KEYS, its trimming ("~" approximate or "=" exact), its MAXLEN,
+# seq, id, timestamp and data. One argument for the whole batch, because redis-py
+# builds a command in Python argument by argument, copying the buffer so far for each
+# small one (measured: about 0.9 µs of the node's CPU per argument of a batch, against
+# 0.08 for a MessagePack array of it); Redis' Lua reads MessagePack natively.
 APPEND_SCRIPT = """
 local ttl = ARGV[1]
-local touched = {}
-local find, sub = string.find, string.sub
-for i, key in ipairs(KEYS) do
-  local packed = ARGV[i + 1]
-  local a = find(packed, '\\n', 1, true)
-  local b = find(packed, '\\n', a + 1, true)
-  local c = find(packed, '\\n', b + 1, true)
-  local d = find(packed, '\\n', c + 1, true)
-  local e = find(packed, '\\n', d + 1, true)
-  redis.call('XADD', key, 'MAXLEN', sub(packed, 1, a - 1), sub(packed, a + 1, b - 1), '*',
-    's', sub(packed, b + 1, c - 1), 'm', sub(packed, c + 1, d - 1),
-    'd', sub(packed, e + 1), 't', sub(packed, d + 1, e - 1))
-  touched[key] = true
+local fields = cmsgpack.unpack(ARGV[2])
+for i = 1, #fields, 7 do
+  redis.call('XADD', KEYS[fields[i]], 'MAXLEN', fields[i + 1], fields[i + 2], '*',
+    's', fields[i + 3], 'm', fields[i + 4], 'd', fields[i + 6], 't', fields[i + 5])
 end
-for key in pairs(touched) do
+for _, key in ipairs(KEYS) do
   redis.call('EXPIRE', key, ttl)
 end
-return #KEYS
+return #fields / 7
 """
 
 
@@ -117,26 +111,33 @@ def append_arguments(
     size: int,
     ttl: int,
     max_bytes: int,
-) -> tuple[list[str], list[str | int]]:
+) -> tuple[list[str], list[str | int | bytes]]:
     """The KEYS and ARGV of ``APPEND_SCRIPT`` for ``messages``."""
-    lengths: dict[str, int] = {}
+    streams: dict[str, tuple[int, int]] = {}  # channel: (its index in KEYS, its length)
     keys: list[str] = []
-    args: list[str | int] = [ttl]
+    fields: list[str | int] = []
     for message in messages:
         channel = message.channel
-        if channel not in lengths:
-            lengths[channel] = stream_length(channel, size)
-        length = lengths[channel]
+        stream = streams.get(channel)
+        if stream is None:
+            keys.append(recent_key(prefix, channel))
+            stream = streams[channel] = (len(keys), stream_length(channel, size))
+        index, length = stream
         fitting = max(1, max_bytes // max(1, data_bytes(message)))
-        keys.append(recent_key(prefix, channel))
         # Approximate trimming only drops whole stream nodes (100 entries): fine for
         # the count, useless for a few large messages, which are trimmed exactly.
         trim = "~" if fitting >= length else "="
-        args.append(
-            f"{trim}\n{min(length, fitting)}\n{message.seq}\n{message.message_id}\n"
-            f"{message.timestamp!r}\n{message.data_json}"
+        fields += (
+            index,
+            trim,
+            min(length, fitting),
+            str(message.seq),
+            message.message_id,
+            repr(message.timestamp),
+            message.data_json,
         )
-    return keys, args
+    # Raw strings only: the MessagePack of Redis' Lua predates the bin and str8 types.
+    return keys, [ttl, msgpack.packb(fields, use_bin_type=False)]
 
 
 class RecentCache:

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import msgpack
 from django.db import DatabaseError, connection
 from redis.exceptions import RedisError
 
@@ -100,11 +101,14 @@ _NO_LEASE, _EXHAUSTED, _PENDING, _OTHER_SERVER = -1, 0, -2, -3
 # the caller knows it (a lease written by another server process, a restart that
 # restored a snapshot or a failover to a replica that had not received the last
 # writes, may be behind what was handed out); ARGV[6] the number of channels, then
-# each channel's entry count, then every entry in order. Answers per channel: its
-# first seq, or why none was taken (the caller acts on that channel alone).
+# each channel's entry count, then every entry in order, in one MessagePack array (one
+# argument, as the recent cache's append sends its batch: redis-py builds a command
+# argument by argument in Python). Answers per channel: its first seq, or why none was
+# taken (the caller acts on that channel alone).
 _PUBLISH = """
 local max_count, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
-local function publish(lease_key, window_key, first_arg, count)
+local entries = cmsgpack.unpack(ARGV[7 + tonumber(ARGV[6])])
+local function publish(lease_key, window_key, first_entry, count)
   local lease = redis.call('HMGET', lease_key, 'n', 'c', 'p', 'r')
   if not lease[1] then return -1 end
   if lease[4] ~= ARGV[5] then return -3 end
@@ -115,9 +119,9 @@ local function publish(lease_key, window_key, first_arg, count)
   if redis.call('EXISTS', window_key) == 1 then
     bytes = tonumber(redis.call('HGET', lease_key, 'b') or '0')
   end
-  for i = first_arg, first_arg + count - 1 do
+  for i = first_entry, first_entry + count - 1 do
     n = n + 1
-    local entry = '{"seq":' .. string.format('%d', n) .. ',' .. ARGV[i]
+    local entry = '{"seq":' .. string.format('%d', n) .. ',' .. entries[i]
     redis.call('RPUSH', window_key, entry)
     bytes = bytes + #entry
   end
@@ -133,11 +137,11 @@ local function publish(lease_key, window_key, first_arg, count)
 end
 local channels = tonumber(ARGV[6])
 local answers = {}
-local next_arg = 7 + channels
+local next_entry = 1
 for c = 1, channels do
   local count = tonumber(ARGV[6 + c])
-  answers[c] = publish(KEYS[2 * c - 1], KEYS[2 * c], next_arg, count)
-  next_arg = next_arg + count
+  answers[c] = publish(KEYS[2 * c - 1], KEYS[2 * c], next_entry, count)
+  next_entry = next_entry + count
 end
 return answers
 """
@@ -498,7 +502,8 @@ class RecentStore:
             await self.server_id(),
             len(by_channel),
             *counts,
-            *tails,
+            # Raw strings only: the MessagePack of Redis' Lua predates the str8 type.
+            msgpack.packb(tails, use_bin_type=False),
         ]
         answers = await self._publish(keys=keys, args=args)
         firsts: dict[int, int] = {}

@@ -241,29 +241,34 @@ async def test_a_process_without_a_node_appends_to_the_cache_too() -> None:
 
 @needs_redis
 async def test_the_cache_keeps_each_field_of_a_message_exactly() -> None:
-    """A message's fields travel to the append script packed in one argument: any data,
-    newlines in it included, comes back as it was stored."""
+    """A batch's messages travel to the append script in one MessagePack argument: any
+    data (newlines, non-ASCII, 70,000 characters) comes back as it was stored, each in
+    its own channel's stream when the batch interleaves two channels."""
     datas = ['"a\\nb"', '{"k":"\\n\\n","e":""}', '"é 漢字 😀"', "[]", '"x\ny"', '""']
+    datas.append('"' + "z" * 70_000 + '"')
     messages = [
         ChannelMessage(
-            channel="packed",
-            seq=seq,
+            channel=("packed", "packed-2")[index % 2],
+            seq=index // 2 + 1,
             message_id=message_id,
             data_json=data,
-            timestamp=1796000000.123456 + seq,
+            timestamp=1796000000.123456 + index,
         )
-        for seq, (data, message_id) in enumerate(
-            zip(datas, new_message_ids(len(datas)), strict=True), start=1
+        for index, (data, message_id) in enumerate(
+            zip(datas, new_message_ids(len(datas)), strict=True)
         )
     ]
     redis = redis_async()
     cache = RecentCache(redis, redis_prefix(), size=100, ttl_secs=60, max_bytes=1_048_576)
     try:
         await cache._write(messages)
-        read = await cache.read("packed", 100, 1_048_576)
-        assert [(m.seq, m.message_id, m.data_json, m.timestamp) for m in read] == [
-            (m.seq, m.message_id, m.data_json, m.timestamp) for m in messages
-        ]
+        for channel in ("packed", "packed-2"):
+            read = await cache.read(channel, 100, 1_048_576)
+            assert [(m.seq, m.message_id, m.data_json, m.timestamp) for m in read] == [
+                (m.seq, m.message_id, m.data_json, m.timestamp)
+                for m in messages
+                if m.channel == channel
+            ]
     finally:
-        await redis.delete(recent_key(redis_prefix(), "packed"))
+        await redis.delete(*(recent_key(redis_prefix(), c) for c in ("packed", "packed-2")))
         await redis.aclose()
