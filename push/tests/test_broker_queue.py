@@ -164,6 +164,57 @@ async def test_a_burst_crosses_redis_in_order_in_one_round_trip(settings: Any) -
         await receiver_layer.flush()
 
 
+async def test_a_node_drops_its_own_messages_coming_back_and_reads_the_others(
+    settings: Any,
+) -> None:
+    """Two nodes read one channel and both publish to it: each hands the other's
+    messages to its hub, and recognizes its own coming back from Redis (it delivered
+    them already) without reading them again, so nothing of them stays remembered."""
+    if not settings.REDIS_URL:
+        pytest.skip("needs Redis (REDIS_URL)")
+    from channels_redis.pubsub import RedisPubSubChannelLayer
+
+    config = settings.CHANNEL_LAYERS["default"]["CONFIG"]
+    layers = [RedisPubSubChannelLayer(**config) for _ in range(2)]
+    received: list[list[tuple[str, int]]] = [[], []]
+    brokers = [
+        Broker(layer, on_message=lambda m, into=into: into.append((m.channel, m.seq)))
+        for layer, into in zip(layers, received, strict=True)
+    ]
+    channel = f"echoes-{id(received)}"
+    for broker in brokers:
+        await broker.start()
+        await broker.join(channel)
+    try:
+        for seq in range(1, 201):
+            brokers[seq % 2].publish_soon(make_message(channel, seq))
+        async with asyncio.timeout(10):
+            while sum(map(len, received)) < 200 or any(len(b.echoes) for b in brokers):
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # nothing more arrives
+        assert received[0] == [(channel, seq) for seq in range(1, 201) if seq % 2 == 1]
+        assert received[1] == [(channel, seq) for seq in range(1, 201) if seq % 2 == 0]
+    finally:
+        for broker, layer in zip(brokers, layers, strict=True):
+            await broker.stop()
+            await layer.flush()
+
+
+def test_remembered_echoes_are_bounded_in_count_and_bytes() -> None:
+    from push.cluster.broker import Echoes
+
+    echoes = Echoes(max_count=3, max_bytes=100)
+    for index in range(5):
+        echoes.expect(b"%d" % index)
+    assert len(echoes) == 3
+    assert not echoes.returned(b"1")  # forgotten: read as any message is
+    assert echoes.returned(b"4") and not echoes.returned(b"4")
+    echoes.expect(b"x" * 90)
+    echoes.expect(b"y" * 20)  # 110 bytes: the oldest ones give way
+    assert not echoes.returned(b"x" * 90) and echoes.returned(b"y" * 20)
+    assert len(echoes) == 0
+
+
 def test_other_layers_send_one_by_one() -> None:
     from push.cluster.broker import batched_publisher
 
