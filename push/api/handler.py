@@ -285,12 +285,40 @@ def _release(request: HttpRequest, response: HttpResponseBase) -> None:
 def receivers_on_loop(signal: Signal, sender: type = ASGIHandler) -> bool:
     """Whether every receiver of ``signal`` is one of Django's own that may run on the
     loop. It reads the signal's receivers the way ``Signal.send`` does (Django 5.x,
-    pinned); on a Django without that method, requests go Django's way."""
+    pinned); on a Django without that method, requests go Django's way.
+
+    Asked for every request the REST fast path takes, so the answer is kept while the
+    signal's receivers stay as they were (``_receivers_state``)."""
+    state = _receivers_state(signal)
+    kept = _receivers_verdicts.get((signal, sender))
+    if kept is not None and kept[0] == state:
+        return kept[1]
     live_receivers = getattr(signal, "_live_receivers", None)
     if live_receivers is None:
         return False
     sync_receivers, async_receivers = live_receivers(sender)
-    return not async_receivers and all(r in BOUNDARY_RECEIVERS_ON_LOOP for r in sync_receivers)
+    verdict = not async_receivers and all(r in BOUNDARY_RECEIVERS_ON_LOOP for r in sync_receivers)
+    # Read again: reading the live receivers may have dropped dead ones.
+    _receivers_verdicts[(signal, sender)] = (_receivers_state(signal), verdict)
+    return verdict
+
+
+# Each signal's verdict, with the receivers' state it was made for.
+_receivers_verdicts: dict[tuple[Signal, type], tuple[tuple[Any, ...], bool]] = {}
+
+
+def _receivers_state(signal: Signal) -> tuple[Any, ...]:
+    """What changes whenever a receiver is connected or disconnected (Django appends a
+    new entry to ``receivers`` or deletes one) or found dead: the list itself, its
+    length, its last entry and the dead-receiver flag. Held by reference, so no list or
+    entry is freed and its id reused while a verdict names it."""
+    receivers = signal.receivers
+    return (
+        receivers,
+        len(receivers),
+        receivers[-1] if receivers else None,
+        getattr(signal, "_dead_receivers", None),
+    )
 
 
 def _on_loop(method: Any) -> Any:

@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from rest_framework.compat import LONG_SEPARATORS, SHORT_SEPARATORS
 from rest_framework.renderers import JSONRenderer
 
 from push.fanout.message import ChannelMessage
@@ -44,13 +45,34 @@ class MessagePageRenderer(JSONRenderer):
         renderer_context: Mapping[str, Any] | None = None,
     ) -> bytes:
         context = renderer_context or {}
-        stored = isinstance(data, Mapping) and isinstance(data.get("results"), StoredMessages)
-        if not stored or self.get_indent(accepted_media_type or "", context):
+        if data is None or self.get_indent(accepted_media_type or "", context):
             return super().render(plain(data), accepted_media_type, renderer_context)
-        rest = {key: value for key, value in data.items() if key != "results"}
-        body = _page_text(data["results"], rest)
+        if isinstance(data, Mapping) and isinstance(data.get("results"), StoredMessages):
+            rest = {key: value for key, value in data.items() if key != "results"}
+            body = _page_text(data["results"], rest)
+        else:
+            # What JSONRenderer's json.dumps makes without an indent, by an encoder made
+            # once: json.dumps builds one per call (a few µs of every REST answer).
+            body = _compact_encoder(self).encode(data)
         # As JSONRenderer does: valid JavaScript as well as JSON.
         return body.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").encode()
+
+
+def _compact_encoder(renderer: JSONRenderer) -> json.JSONEncoder:
+    """JSONRenderer's encoder for an answer without an indent, made once per setting."""
+    setting = (renderer.encoder_class, renderer.ensure_ascii, renderer.strict, renderer.compact)
+    encoder = _compact_encoders.get(setting)
+    if encoder is None:
+        separators = SHORT_SEPARATORS if renderer.compact else LONG_SEPARATORS
+        encoder = _compact_encoders[setting] = renderer.encoder_class(
+            ensure_ascii=renderer.ensure_ascii,
+            allow_nan=not renderer.strict,
+            separators=separators,
+        )
+    return encoder
+
+
+_compact_encoders: dict[tuple[Any, ...], json.JSONEncoder] = {}
 
 
 def _page_text(messages: Iterable[ChannelMessage], rest: dict[str, Any]) -> str:
