@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings
-from django.core.signals import request_started
+from django.core.signals import request_finished, request_started
 from django.test import override_settings
 
 from push.api import middleware
@@ -105,14 +105,29 @@ def test_settings_with_which_django_redirects_or_refuses_turn_it_off(
 
 
 def test_a_request_signal_receiver_of_the_project_s_own_turns_it_off() -> None:
+    """Also once the answer was kept: connecting or disconnecting a receiver, or one
+    receiver taking another's place, is seen on the next request."""
     fast = FastPublish(_app)
+    assert fast.enabled()
 
     def receiver(**kwargs: Any) -> None:
+        pass
+
+    def other(**kwargs: Any) -> None:
         pass
 
     request_started.connect(receiver)
     try:
         assert not fast.enabled()
+        request_started.disconnect(receiver)
+        assert fast.enabled()
+        request_finished.connect(receiver)
+        assert not fast.enabled()
+        request_finished.disconnect(receiver)
+        request_finished.connect(other)
+        assert not fast.enabled()
     finally:
         request_started.disconnect(receiver)
+        request_finished.disconnect(receiver)
+        request_finished.disconnect(other)
     assert fast.enabled()
