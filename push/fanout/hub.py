@@ -966,8 +966,8 @@ class Hub:
             delivered += self._fan_out_deltas(hub_channel.deltas, message, droppable)
         if hub_channel.catching_up:
             self._feed_catching_up(hub_channel, message)
-        metrics.MESSAGES_FANNED_OUT.inc()
-        metrics.DELIVERIES.inc(delivered)
+        metrics.MESSAGES_FANNED_OUT.value += 1
+        metrics.DELIVERIES.value += delivered
         metrics.PUBLISH_TO_DELIVERY.observe(max(0.0, time.time() - message.timestamp))
 
     def _fan_out_deltas(
