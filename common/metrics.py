@@ -9,11 +9,14 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
+
+Child = TypeVar("Child")
 
 
 class Tally(Collector):
@@ -44,9 +47,9 @@ class TallyChild:
         self.value += amount
 
 
-class TallyFamily(Collector):
-    """``Tally`` with labels, for counters bumped once per frame or publish on the
-    event loop's thread only (``family.labels("publish").inc()``)."""
+class _LoopFamily(Collector, Generic[Child]):
+    """A metric with labels written on the event loop's thread only: one child per
+    label set, made on first use (``family.labels("publish")``)."""
 
     def __init__(
         self,
@@ -59,14 +62,25 @@ class TallyFamily(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = list(labelnames)
-        self._children: dict[tuple[str, ...], TallyChild] = {}
+        self._children: dict[tuple[str, ...], Child] = {}
         registry.register(self)
 
-    def labels(self, *values: str) -> TallyChild:
+    def _new_child(self) -> Child:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> Child:
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = TallyChild()
+            child = self._children[values] = self._new_child()
         return child
+
+
+class TallyFamily(_LoopFamily[TallyChild]):
+    """``Tally`` with labels, for counters bumped once per frame or publish on the
+    event loop's thread only (``family.labels("publish").inc()``)."""
+
+    def _new_child(self) -> TallyChild:
+        return TallyChild()
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -100,7 +114,7 @@ class LoopHistogramChild:
         return buckets
 
 
-class LoopHistogram(Collector):
+class LoopHistogram(_LoopFamily[LoopHistogramChild]):
     """A histogram observed once per publish or message on the event loop's thread
     only: plain numbers and no lock (~0.2 µs an observation against ~0.8 µs for a
     prometheus ``Histogram``, which takes a lock and walks its buckets in Python).
@@ -116,19 +130,12 @@ class LoopHistogram(Collector):
         buckets: Sequence[float],
         registry: CollectorRegistry = REGISTRY,
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = list(labelnames)
         self.bounds = tuple(sorted(float(b) for b in buckets if b != math.inf))
-        self._children: dict[tuple[str, ...], LoopHistogramChild] = {}
+        super().__init__(name, documentation, labelnames, registry=registry)
         self._unlabelled = None if labelnames else self.labels()
-        registry.register(self)
 
-    def labels(self, *values: str) -> LoopHistogramChild:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = LoopHistogramChild(self.bounds)
-        return child
+    def _new_child(self) -> LoopHistogramChild:
+        return LoopHistogramChild(self.bounds)
 
     def observe(self, value: float) -> None:
         """For a histogram without labels."""
