@@ -31,6 +31,9 @@ class Tally(Collector):
         self.value = 0
         REGISTRY.register(self)
 
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
     def collect(self) -> Iterator[CounterMetricFamily]:
         yield CounterMetricFamily(self.name, self.documentation, value=self.value)
 
@@ -161,8 +164,8 @@ CONNECTIONS_ACTIVE = Gauge(
 # Bumped on the event loop only, once per frame, message or publish: lock-free kinds.
 FRAMES_RECEIVED = TallyFamily("push_frames_received", "Client requests received", ["type"])
 ERRORS = Counter("push_errors_total", "Error replies sent to clients", ["code"])
-MESSAGES_PUBLISHED = Counter(
-    "push_messages_published_total", "Messages stored and broadcast", ["transport"]
+MESSAGES_PUBLISHED = TallyFamily(
+    "push_messages_published", "Messages stored and broadcast", ["transport"]
 )
 MESSAGES_FANNED_OUT = Tally("push_messages_fanned_out", "Messages fanned out by this node's hub")
 DELIVERIES = Tally("push_deliveries", "Frames queued to subscribers")
@@ -322,8 +325,8 @@ PUBLISHES_REFUSED = Counter(
     "Publishes refused before they were written, by reason",
     ["reason"],
 )
-REST_FAST_PUBLISHES = Counter(
-    "push_rest_fast_publishes_total",
+REST_FAST_PUBLISHES = Tally(
+    "push_rest_fast_publishes",
     "REST publish requests (single or batch) of a kept back-end token answered without "
     "Django's middleware and DRF",
 )

@@ -287,6 +287,7 @@ async def _publish(
             publisher_id=principal.user_id,
             principal=principal.key,
             idempotency_key=request.idempotency_key,
+            data_checked=True,  # batch_items checked it
         )
     message, replayed = await message_publish_queued(
         channel=request.channel,

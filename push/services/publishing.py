@@ -31,8 +31,10 @@ from push.storage.write_batch import Outcome, Published, PublishUnit, run_plan_s
 from push.wire.protocol import validate_channel_name, validate_data
 
 
-def _encode_data(data: Any) -> str:
-    data_json = dump_data(validate_data(data))
+def _encode_data(data: Any, *, checked: bool = False) -> str:
+    """The data's canonical JSON text; ``checked``: ``validate_data`` passed it already
+    (the wire's parser and the batch serializer check what they read)."""
+    data_json = dump_data(data if checked else validate_data(data))
     try:
         data_json.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -49,10 +51,12 @@ def _single_unit(
     principal: str | None,
     idempotency_key: str | None,
     exclude: str | None = None,
+    *,
+    data_checked: bool = False,
 ) -> PublishUnit:
     validate_channel_name(channel)
     return PublishUnit(
-        items=[(channel, _encode_data(data))],
+        items=[(channel, _encode_data(data, checked=data_checked))],
         publisher_id=publisher_id,
         principal=principal,
         idempotency_key=idempotency_key,
@@ -67,6 +71,8 @@ def _batch_unit(
     principal: str | None,
     idempotency_key: str | None,
     exclude: str | None = None,
+    *,
+    data_checked: bool = False,
 ) -> PublishUnit:
     if not items:
         raise PushError(ErrorCode.INVALID_MESSAGE, "a batch holds at least one message")
@@ -76,7 +82,7 @@ def _batch_unit(
         try:
             if not (isinstance(channel, str) and channel in valid_names):
                 valid_names.add(validate_channel_name(channel))
-            encoded.append((channel, _encode_data(data)))
+            encoded.append((channel, _encode_data(data, checked=data_checked)))
         except PushError as exc:
             raise PushError(exc.code, exc.message, field=exc.field, index=index) from exc
     # The batch's key is scoped to (principal, the batch): the empty channel.
@@ -253,16 +259,17 @@ def message_publish_queued(
 
 
 def message_publish_submitted(
-    *, channel: str, data: Any, publisher_id: int | None
+    *, channel: str, data: Any, publisher_id: int | None, data_checked: bool = False
 ) -> asyncio.Future[Outcome]:
     """``message_publish_queued`` for a caller that answers from a callback, not a task
     (the WebSocket consumer, which has many publishes in flight): checked and queued
     now, raising at once what refuses it; the future gives the outcome once committed,
-    a refusal (``PushError``) as its result, not raised.
+    a refusal (``PushError``) as its result, not raised. ``data_checked``: the caller's
+    parser ran ``validate_data`` on it already (``push.wire.protocol``).
 
     On a node's loop this is the store's own future (``_queue``): no task per publish.
     Without a node on this loop, a task writes it."""
-    unit = _single_unit(channel, data, publisher_id, None, None)
+    unit = _single_unit(channel, data, publisher_id, None, None, data_checked=data_checked)
     queued = _queue(unit)
     if queued is not None:
         return queued
@@ -290,14 +297,19 @@ async def messages_publish_batch(
     principal: str | None = None,
     idempotency_key: str | None = None,
     exclude: str | None = None,
+    data_checked: bool = False,
 ) -> tuple[list[ChannelMessage], bool]:
     """Publish ``items`` ((channel, data) pairs) all together or not at all, in one
     transaction; the messages come back in request order.
 
     An invalid item raises ``INVALID_MESSAGE`` naming its ``index`` before anything is
     written. ``idempotency_key`` covers the whole batch (scoped to ``principal``).
+    ``data_checked``: every item's data passed ``validate_data`` already (as
+    ``push.api.serializers.batch_items`` checks them).
     """
-    unit = _batch_unit(items, publisher_id, principal, idempotency_key, exclude)
+    unit = _batch_unit(
+        items, publisher_id, principal, idempotency_key, exclude, data_checked=data_checked
+    )
     published = await _written(unit, _queue(unit))
     return published.messages, published.replayed
 

@@ -257,6 +257,7 @@ class PushConsumer(AsyncConsumer):
             channel=request.channel,
             data=request.data,
             publisher_id=connection.principal.user_id,
+            data_checked=True,  # parse_request checked it
         )
         publishing.add(written)
         written.add_done_callback(
