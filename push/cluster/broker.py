@@ -219,12 +219,17 @@ class Broker:
         """Each message's group and payload, as ``group_send`` would send them; the
         payloads of groups this node reads are remembered as echoes to come."""
         serialize, joined, echoes = self.layer.serialize, self._joined, self.echoes
+        groups: dict[str, str] = {}  # a batch names a few channels, many times each
         pairs = []
         for message in batch:
+            channel = message.channel
             payload = serialize(message.to_broker())
-            if message.channel in joined and self._subscribers is not None:
+            if channel in joined and self._subscribers is not None:
                 echoes.expect(payload)
-            pairs.append((channel_group(message.channel), payload))
+            group = groups.get(channel)
+            if group is None:
+                group = groups[channel] = channel_group(channel)
+            pairs.append((group, payload))
         return pairs
 
     async def _listen(self) -> None:

@@ -35,6 +35,8 @@ def _encode_data(data: Any, *, checked: bool = False) -> str:
     """The data's canonical JSON text; ``checked``: ``validate_data`` passed it already
     (the wire's parser and the batch serializer check what they read)."""
     data_json = dump_data(data if checked else validate_data(data))
+    if data_json.isascii():  # nothing to encode (CPython knows it without a scan)
+        return data_json
     try:
         data_json.encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -116,7 +116,10 @@ def append_arguments(
     streams: dict[str, tuple[int, int]] = {}  # channel: (its index in KEYS, its length)
     keys: list[str] = []
     fields: list[str | int] = []
+    timestamp, timestamp_text = None, ""  # a write batch's messages share theirs
     for message in messages:
+        if message.timestamp != timestamp:
+            timestamp, timestamp_text = message.timestamp, repr(message.timestamp)
         channel = message.channel
         stream = streams.get(channel)
         if stream is None:
@@ -133,7 +136,7 @@ def append_arguments(
             min(length, fitting),
             str(message.seq),
             message.message_id,
-            repr(message.timestamp),
+            timestamp_text,
             message.data_json,
         )
     # Raw strings only: the MessagePack of Redis' Lua predates the bin and str8 types.
