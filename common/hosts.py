@@ -20,17 +20,17 @@ def host_header_allowed(value: bytes) -> bool:
     """Whether a ``Host`` header of this value names one of ``allowed_hosts()``."""
     hosts = tuple(allowed_hosts())
     if len(value) > MAX_KEPT_HOST_BYTES:
-        return _host_allowed.__wrapped__(value, hosts)
-    return _host_allowed(value, hosts)
+        return _host_allowed(value, hosts)
+    return _kept_host_allowed(value, hosts)
+
+
+def _host_allowed(value: bytes, hosts: tuple[str, ...]) -> bool:
+    domain, _port = split_domain_port(value.decode("latin-1"))
+    return bool(domain) and validate_host(domain, list(hosts))
 
 
 # Clients send a handful of Host values, each asked about on every request, so the
 # answers are kept: at most 256 of them (a client sending a new one each time only
 # turns the oldest out), of at most a host name's length and a port each.
 MAX_KEPT_HOST_BYTES = 260
-
-
-@functools.lru_cache(maxsize=256)
-def _host_allowed(value: bytes, hosts: tuple[str, ...]) -> bool:
-    domain, _port = split_domain_port(value.decode("latin-1"))
-    return bool(domain) and validate_host(domain, list(hosts))
+_kept_host_allowed = functools.lru_cache(maxsize=256)(_host_allowed)

@@ -16,6 +16,7 @@ import asyncio
 import weakref
 from typing import Any
 
+import msgpack
 import redis
 from redis import asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
@@ -144,3 +145,14 @@ class CacheSentinelPool(SentinelConnectionPool):
     def from_url(cls, url: str, **options: Any) -> CacheSentinelPool:
         _, sentinels, master = _settings()
         return cls(master, _sentinel(Sentinel, sentinels), **master_options(url), **options)
+
+
+def script_argument(values: list[Any]) -> bytes:
+    """``values`` (strings, bytes and integers) as one argument of a Lua script, which
+    reads it with ``cmsgpack.unpack``. A batch goes to Redis as one argument, not one or
+    more per message, because redis-py builds a command in Python argument by argument,
+    copying the buffer so far for each small one (measured: about 0.9 µs of the node's
+    CPU per argument, against 0.08 µs per message in one array). Raw strings only
+    (``use_bin_type=False``): the MessagePack of Redis' Lua predates the bin and str8
+    types."""
+    return msgpack.packb(values, use_bin_type=False)

@@ -287,7 +287,7 @@ async def _publish(
             publisher_id=principal.user_id,
             principal=principal.key,
             idempotency_key=request.idempotency_key,
-            data_checked=True,  # batch_items checked it
+            checked=True,  # batch_items validated every channel's name and data
         )
     message, replayed = await message_publish_queued(
         channel=request.channel,

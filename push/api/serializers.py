@@ -8,7 +8,7 @@ from rest_framework import serializers
 
 from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
-from push.wire.protocol import validate_channel_name, validate_data
+from push.wire.protocol import validate_channel_name_once, validate_data
 
 
 def validated(serializer_class: type[serializers.Serializer], data: Any, **kwargs: Any) -> Any:
@@ -86,10 +86,7 @@ def _batch_item(item: Any, index: int, valid_names: set[str]) -> tuple[str, Any]
             index=index,
         )
     try:
-        channel = item.get("channel")
-        if not (isinstance(channel, str) and channel in valid_names):
-            channel = validate_channel_name(channel)
-            valid_names.add(channel)
+        channel = validate_channel_name_once(item.get("channel"), valid_names)
         if "data" not in item:
             raise PushError(ErrorCode.INVALID_MESSAGE, "'data' is required", field="data")
         return channel, validate_data(item["data"])

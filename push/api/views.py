@@ -241,7 +241,7 @@ class BatchMessagesView(AsyncAPIView):
             publisher_id=principal.user_id,
             principal=principal.key,
             idempotency_key=_idempotency_key(request),
-            data_checked=True,  # batch_items checked it
+            checked=True,  # batch_items validated every channel's name and data
         )
         if not replayed:
             metrics.MESSAGES_PUBLISHED.labels("rest").inc(len(messages))

@@ -28,12 +28,13 @@ from push.fanout.message import ChannelMessage, dump_data
 from push.storage import recent_store
 from push.storage.history_modes import is_recent
 from push.storage.write_batch import Outcome, Published, PublishUnit, run_plan_sync
-from push.wire.protocol import validate_channel_name, validate_data
+from push.wire.protocol import validate_channel_name, validate_channel_name_once, validate_data
 
 
 def _encode_data(data: Any, *, checked: bool = False) -> str:
     """The data's canonical JSON text; ``checked``: ``validate_data`` passed it already
-    (the wire's parser and the batch serializer check what they read)."""
+    (the wire's parser and the batch serializer check what they read: ``checked`` of
+    the callers below)."""
     data_json = dump_data(data if checked else validate_data(data))
     if data_json.isascii():  # nothing to encode (CPython knows it without a scan)
         return data_json
@@ -54,11 +55,12 @@ def _single_unit(
     idempotency_key: str | None,
     exclude: str | None = None,
     *,
-    data_checked: bool = False,
+    checked: bool = False,
 ) -> PublishUnit:
-    validate_channel_name(channel)
+    if not checked:
+        validate_channel_name(channel)
     return PublishUnit(
-        items=[(channel, _encode_data(data, checked=data_checked))],
+        items=[(channel, _encode_data(data, checked=checked))],
         publisher_id=publisher_id,
         principal=principal,
         idempotency_key=idempotency_key,
@@ -74,17 +76,17 @@ def _batch_unit(
     idempotency_key: str | None,
     exclude: str | None = None,
     *,
-    data_checked: bool = False,
+    checked: bool = False,
 ) -> PublishUnit:
     if not items:
         raise PushError(ErrorCode.INVALID_MESSAGE, "a batch holds at least one message")
     encoded = []
-    valid_names: set[str] = set()  # a batch names a few channels, many times each
+    valid_names: set[str] = set()
     for index, (channel, data) in enumerate(items):
         try:
-            if not (isinstance(channel, str) and channel in valid_names):
-                valid_names.add(validate_channel_name(channel))
-            encoded.append((channel, _encode_data(data, checked=data_checked)))
+            if not checked:
+                validate_channel_name_once(channel, valid_names)
+            encoded.append((channel, _encode_data(data, checked=checked)))
         except PushError as exc:
             raise PushError(exc.code, exc.message, field=exc.field, index=index) from exc
     # The batch's key is scoped to (principal, the batch): the empty channel.
@@ -261,17 +263,17 @@ def message_publish_queued(
 
 
 def message_publish_submitted(
-    *, channel: str, data: Any, publisher_id: int | None, data_checked: bool = False
+    *, channel: str, data: Any, publisher_id: int | None, checked: bool = False
 ) -> asyncio.Future[Outcome]:
     """``message_publish_queued`` for a caller that answers from a callback, not a task
     (the WebSocket consumer, which has many publishes in flight): checked and queued
     now, raising at once what refuses it; the future gives the outcome once committed,
-    a refusal (``PushError``) as its result, not raised. ``data_checked``: the caller's
-    parser ran ``validate_data`` on it already (``push.wire.protocol``).
+    a refusal (``PushError``) as its result, not raised. ``checked``: the caller's
+    parser validated the channel's name and the data already (``push.wire.protocol``).
 
     On a node's loop this is the store's own future (``_queue``): no task per publish.
     Without a node on this loop, a task writes it."""
-    unit = _single_unit(channel, data, publisher_id, None, None, data_checked=data_checked)
+    unit = _single_unit(channel, data, publisher_id, None, None, checked=checked)
     queued = _queue(unit)
     if queued is not None:
         return queued
@@ -299,19 +301,17 @@ async def messages_publish_batch(
     principal: str | None = None,
     idempotency_key: str | None = None,
     exclude: str | None = None,
-    data_checked: bool = False,
+    checked: bool = False,
 ) -> tuple[list[ChannelMessage], bool]:
     """Publish ``items`` ((channel, data) pairs) all together or not at all, in one
     transaction; the messages come back in request order.
 
     An invalid item raises ``INVALID_MESSAGE`` naming its ``index`` before anything is
     written. ``idempotency_key`` covers the whole batch (scoped to ``principal``).
-    ``data_checked``: every item's data passed ``validate_data`` already (as
+    ``checked``: every item's channel name and data were validated already (as
     ``push.api.serializers.batch_items`` checks them).
     """
-    unit = _batch_unit(
-        items, publisher_id, principal, idempotency_key, exclude, data_checked=data_checked
-    )
+    unit = _batch_unit(items, publisher_id, principal, idempotency_key, exclude, checked=checked)
     published = await _written(unit, _queue(unit))
     return published.messages, published.replayed
 

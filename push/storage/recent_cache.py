@@ -27,9 +27,8 @@ import collections
 import logging
 from typing import Any
 
-import msgpack
-
 from common import metrics
+from common.redis_client import script_argument
 from push.fanout.message import ChannelMessage, data_bytes
 from push.storage.retention import retention_policy
 
@@ -85,12 +84,9 @@ def contiguous_tail(messages: list[ChannelMessage]) -> list[ChannelMessage]:
 # per message cost the node more than storing the batch in PostgreSQL (py-spy: a
 # seventh of a node publishing over WebSocket, most of it redis-py building each
 # command and reading each reply in Python). KEYS: the batch's streams, each once.
-# ARGV[1]: the TTL; ARGV[2]: one MessagePack array of seven fields per message: the
-# index of its stream in KEYS, its trimming ("~" approximate or "=" exact), its MAXLEN,
-# seq, id, timestamp and data. One argument for the whole batch, because redis-py
-# builds a command in Python argument by argument, copying the buffer so far for each
-# small one (measured: about 0.9 µs of the node's CPU per argument of a batch, against
-# 0.08 for a MessagePack array of it); Redis' Lua reads MessagePack natively.
+# ARGV[1]: the TTL; ARGV[2]: one array (``common.redis_client.script_argument``) of
+# seven fields per message: the index of its stream in KEYS, its trimming ("~"
+# approximate or "=" exact), its MAXLEN, seq, id, timestamp and data.
 APPEND_SCRIPT = """
 local ttl = ARGV[1]
 local fields = cmsgpack.unpack(ARGV[2])
@@ -139,8 +135,7 @@ def append_arguments(
             timestamp_text,
             message.data_json,
         )
-    # Raw strings only: the MessagePack of Redis' Lua predates the bin and str8 types.
-    return keys, [ttl, msgpack.packb(fields, use_bin_type=False)]
+    return keys, [ttl, script_argument(fields)]
 
 
 class RecentCache:

@@ -55,7 +55,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import msgpack
 from django.db import DatabaseError, connection
 from redis.exceptions import RedisError
 
@@ -64,7 +63,7 @@ from common.background import LoopLocal, spawn
 from common.conf import push_settings
 from common.db import db_call
 from common.errors import ErrorCode, PushError
-from common.redis_client import redis_async, redis_prefix
+from common.redis_client import redis_async, redis_prefix, script_argument
 from push.fanout.message import ChannelMessage, new_message_ids
 from push.models import Channel
 from push.storage.write_batch import Published
@@ -101,10 +100,9 @@ _NO_LEASE, _EXHAUSTED, _PENDING, _OTHER_SERVER = -1, 0, -2, -3
 # the caller knows it (a lease written by another server process, a restart that
 # restored a snapshot or a failover to a replica that had not received the last
 # writes, may be behind what was handed out); ARGV[6] the number of channels, then
-# each channel's entry count, then every entry in order, in one MessagePack array (one
-# argument, as the recent cache's append sends its batch: redis-py builds a command
-# argument by argument in Python). Answers per channel: its first seq, or why none was
-# taken (the caller acts on that channel alone).
+# each channel's entry count, then every entry in order, in one array
+# (``common.redis_client.script_argument``). Answers per channel: its first seq, or why
+# none was taken (the caller acts on that channel alone).
 _PUBLISH = """
 local max_count, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
 local entries = cmsgpack.unpack(ARGV[7 + tonumber(ARGV[6])])
@@ -502,8 +500,7 @@ class RecentStore:
             await self.server_id(),
             len(by_channel),
             *counts,
-            # Raw strings only: the MessagePack of Redis' Lua predates the str8 type.
-            msgpack.packb(tails, use_bin_type=False),
+            script_argument(tails),
         ]
         answers = await self._publish(keys=keys, args=args)
         firsts: dict[int, int] = {}

@@ -257,7 +257,7 @@ class PushConsumer(AsyncConsumer):
             channel=request.channel,
             data=request.data,
             publisher_id=connection.principal.user_id,
-            data_checked=True,  # parse_request checked it
+            checked=True,  # parse_request validated the channel's name and the data
         )
         publishing.add(written)
         written.add_done_callback(

@@ -84,6 +84,16 @@ def validate_channel_name(name: object, *, field: str = "channel") -> str:
     return name
 
 
+def validate_channel_name_once(name: object, valid: set[str]) -> str:
+    """``validate_channel_name`` for the items of a batch, which name a few channels
+    many times each: ``valid`` holds the names checked so far, and gains this one."""
+    if isinstance(name, str) and name in valid:
+        return name
+    checked = validate_channel_name(name)
+    valid.add(checked)
+    return checked
+
+
 def read_request_id(envelope: Mapping[str, Any]) -> RequestId | None:
     """The request's ``id`` if it is a valid one, else None (so errors can echo it).
 
