@@ -349,7 +349,13 @@ class Node:
                 announced_at = started
                 if started < judging_from:
                     continue
-                for server_id in await self.directory.dead_nodes():
+                dead = await self.directory.dead_nodes()
+                if _paused(time.monotonic() - started):
+                    # Paused since this turn began (after its time was read, before
+                    # Redis judged the ages): those ages may hold this node's own
+                    # pause. The next turn sees the gap and waits as above.
+                    continue
+                for server_id in dead:
                     if server_id != self.server_id:
                         closed = await _close_all(server_id, CloseCode.SERVER_ERROR)
                         await self._reap_presence(server_id)
