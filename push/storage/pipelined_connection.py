@@ -13,11 +13,18 @@ statement fails, PostgreSQL skips everything that follows until a Sync, includin
 transactions sent behind it (libpq answers each of them ``PIPELINE_ABORTED``). So a
 batch sent behind a failing one is never executed; the writer learns why the first one
 failed, sends ``recover()`` (Sync, then ROLLBACK), and writes both again.
+
+Statements sent with ``prepare=True`` are prepared once per connection (a named
+statement, per SQL text and parameter types) and then only executed: PostgreSQL parses
+and plans them once, not once per batch. The write connection plans them generically
+(``GENERIC_PLANS``): measured here, a batch of 6 publishes cost PostgreSQL 90-104 us
+of CPU per message unprepared and 55-60 prepared; one of 35, 24 against 18.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +41,19 @@ _FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
 _PIPELINE_ABORTED = pq.ExecStatus.PIPELINE_ABORTED
 _PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
 _BAD = pq.ConnStatus.BAD
+_COMMAND_OK = pq.ExecStatus.COMMAND_OK
+
+# For the session of a connection whose statements are prepared: plan each once, for
+# any parameters. The write path's statements read arrays of rows through unnest and
+# touch tables only through unique indexes, so no parameter value changes the best
+# plan; by default PostgreSQL plans a prepared statement again on every execution
+# while the generic plan's estimate (100 rows per unnest) looks costlier.
+GENERIC_PLANS = "SET plan_cache_mode = force_generic_plan"
+# Distinct statements (SQL text and parameter types) prepared on one connection, at
+# most: the write path has a handful; past this, statements are sent unprepared.
+MAX_PREPARED = 64
+
+PreparedKey = tuple[bytes, tuple[int, ...] | None]
 
 
 class PipelineAborted(psycopg.Error):
@@ -58,25 +78,69 @@ class PipelinedConnection:
         self._waiter: asyncio.Future[None] | None = None
         self._writing = False
         self.error: BaseException | None = None
+        # Statement -> the name it was prepared under on this connection.
+        self._prepared: dict[PreparedKey, bytes] = {}
+        self._prepare_count = 0
+        # One entry per statement sent, in order: the key of a statement being
+        # prepared (its result is handed over with the execution that follows it), or
+        # None for a statement whose results are the caller's.
+        self._sent: deque[PreparedKey | None] = deque()
         self._pgconn.enter_pipeline_mode()
         self._loop.add_reader(self._fd, self._read)
 
     # ----- sending ----------------------------------------------------------------------
 
-    def send(self, sql: str, params: Sequence[Any] = ()) -> None:
+    def send(self, sql: str, params: Sequence[Any] = (), *, prepare: bool = False) -> None:
         """Queue one statement; ``flush()`` sends what is queued. On a broken connection
         this does nothing: its results never come, and whoever waits for them learns
-        why from ``next()`` or ``error``."""
-        query = PostgresQuery(self._transformer)
-        query.convert(sql, params)
+        why from ``next()`` or ``error``. ``prepare``: see the module's docstring."""
         if self.error is not None:
             return
+        if not params and "%" not in sql:  # BEGIN, COMMIT: nothing to adapt
+            self._send_statement(_plain_query(sql))
+            return
+        query = PostgresQuery(self._transformer)
+        query.convert(sql, params)
+        if prepare:
+            self._send_prepared(query)
+        else:
+            self._send_statement(query.query, query.params, query.formats, query.types)
+
+    def _send_statement(
+        self,
+        query: bytes,
+        params: Sequence[bytes | None] | None = None,
+        formats: Sequence[pq.Format] | None = None,
+        types: Sequence[int] | None = None,
+    ) -> None:
         try:
-            self._pgconn.send_query_params(
-                query.query, query.params, param_formats=query.formats, param_types=query.types
-            )
+            self._pgconn.send_query_params(query, params, param_formats=formats, param_types=types)
         except psycopg.Error as exc:
             self._fail(exc)
+            return
+        self._sent.append(None)
+
+    def _send_prepared(self, query: PostgresQuery) -> None:
+        key = (query.query, None if query.types is None else tuple(query.types))
+        name = self._prepared.get(key)
+        if name is None:
+            if len(self._prepared) >= MAX_PREPARED:
+                self._send_statement(query.query, query.params, query.formats, query.types)
+                return
+            self._prepare_count += 1
+            name = self._prepared[key] = b"push_%d" % self._prepare_count
+            try:
+                self._pgconn.send_prepare(name, query.query, param_types=query.types)
+            except psycopg.Error as exc:
+                self._fail(exc)
+                return
+            self._sent.append(key)
+        try:
+            self._pgconn.send_query_prepared(name, query.params, param_formats=query.formats)
+        except psycopg.Error as exc:
+            self._fail(exc)
+            return
+        self._sent.append(None)
 
     def flush(self) -> None:
         """Send what is queued and ask the server to send back what it has: without a
@@ -129,6 +193,8 @@ class PipelinedConnection:
             if result is None:  # the end of one statement's results
                 if not self._partial:
                     break
+                if self._prepared_here(self._sent.popleft()):
+                    continue  # its result goes with the execution's
                 self._results.append(self._partial)
                 self._partial = []
                 arrived = True
@@ -139,6 +205,15 @@ class PipelinedConnection:
                 self._partial.append(result)
         if arrived:
             self._wake()
+
+    def _prepared_here(self, key: PreparedKey | None) -> bool:
+        """Whether the statement whose results just ended prepared ``key``; if that
+        failed (or PostgreSQL skipped it), it is prepared again next time."""
+        if key is None:
+            return False
+        if any(result.status != _COMMAND_OK for result in self._partial):
+            self._prepared.pop(key, None)
+        return True
 
     def available(self) -> int:
         """How many statements' results can be taken without waiting."""
@@ -202,3 +277,8 @@ class PipelinedConnection:
         if self._writing:
             self._writing = False
             self._loop.remove_writer(self._fd)
+
+
+@functools.lru_cache(maxsize=16)
+def _plain_query(sql: str) -> bytes:
+    return sql.encode()

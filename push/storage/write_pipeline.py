@@ -69,7 +69,7 @@ from common.db import closed_by_server, db_call
 from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
 from push.fanout.outbox import deliveries_together
-from push.storage.pipelined_connection import PipelinedConnection, Results
+from push.storage.pipelined_connection import GENERIC_PLANS, PipelinedConnection, Results
 from push.storage.write_batch import (
     POSTGRESQL_BINARY_ARRAYS,
     BatchOutcome,
@@ -352,7 +352,7 @@ class WritePipeline:
         # COMMIT reached the server is unknown.
         self._in_flight.append(_Sent(batch, plan))
         link.send("BEGIN")
-        link.send(statement.sql, statement.params)
+        link.send(statement.sql, statement.params, prepare=True)
         link.send("COMMIT")
         link.flush()
         metrics.WRITE_BATCH_MESSAGES.observe(sum(len(u.items) for u in units))
@@ -619,7 +619,7 @@ class WritePipeline:
         due = 1  # results sent for and not read yet
         try:
             while True:
-                link.send(statement.sql, statement.params)
+                link.send(statement.sql, statement.params, prepare=True)
                 due += 1
                 if statement.final:
                     self._commit_sent = True
@@ -704,6 +704,7 @@ class WritePipeline:
                 # For the connection's life, not once per transaction (one statement
                 # less in every batch).
                 await connection.execute(f"SET lock_timeout = '{int(LOCK_WAIT_SECS * 1000)}ms'")
+                await connection.execute(GENERIC_PLANS)
                 self._link = PipelinedConnection(connection, on_result=self._wakeup.set)
             except BaseException:
                 await connection.close()

@@ -24,6 +24,7 @@ from push.fanout.message import ChannelMessage
 from push.models import Channel, Message
 from push.services.publishing import message_publish_queued, messages_publish_batch
 from push.services.runtime import get_node
+from push.storage.pipelined_connection import PipelineAborted, PipelinedConnection
 from push.storage.retention import history_trim
 from push.storage.write_batch import (
     POSTGRESQL_BINARY_ARRAYS,
@@ -534,3 +535,53 @@ async def test_deleting_a_channel_deletes_its_messages() -> None:
         lambda: Message.objects.exclude(channel_id__in=Channel.objects.values("id")).count()
     )()
     assert orphans == 0
+
+
+async def _link_results(link: Any, count: int) -> list[Any]:
+    return [await link.next() for _ in range(count)]
+
+
+async def test_prepared_statements_are_prepared_once_and_again_after_a_skipped_prepare() -> None:
+    """A statement sent with ``prepare=True`` is prepared on first use and reused; one
+    whose preparation PostgreSQL skipped (behind a failed statement) is prepared again
+    after the recovery, and a failure rolls nothing of the preparations back."""
+    conninfo = pipeline_conninfo(connection.get_connection_params())
+    conn = await psycopg.AsyncConnection.connect(**conninfo, autocommit=True)
+    link = PipelinedConnection(conn, on_result=lambda: None)
+    try:
+        link.send("BEGIN")
+        link.send("SELECT %s::int + 1", [1], prepare=True)
+        link.send("COMMIT")
+        link.flush()
+        _, added, _ = await _link_results(link, 3)
+        assert link.rows(added) == [(2,)]
+
+        link.send("BEGIN")
+        link.send("SELECT 1 / %s::int", [0])  # fails: everything behind it is skipped
+        link.send("SELECT %s::int + 1", [2], prepare=True)
+        link.send("SELECT %s::int * 2", [3], prepare=True)  # its preparation is skipped
+        link.send("COMMIT")
+        link.flush()
+        begun, failed, skipped_add, skipped_double, _ = await _link_results(link, 5)
+        link.check(begun)
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            link.check(failed)
+        for skipped in (skipped_add, skipped_double):
+            with pytest.raises(PipelineAborted):
+                link.check(skipped)
+        link.recover()
+        assert (await link.next())[0].status == psycopg.pq.ExecStatus.PIPELINE_SYNC
+        link.check(await link.next())  # the ROLLBACK's
+
+        link.send("SELECT %s::int + 1", [4], prepare=True)
+        link.send("SELECT %s::int * 2", [5], prepare=True)
+        link.send("SELECT name FROM pg_prepared_statements ORDER BY name")
+        link.flush()
+        added, doubled, names = await _link_results(link, 3)
+        for results in (added, doubled, names):
+            link.check(results)
+        assert (link.rows(added), link.rows(doubled)) == ([(5,)], [(10,)])
+        assert len(link.rows(names)) == 2  # one each: the skipped one prepared once more
+    finally:
+        link.close()
+        await conn.close()
