@@ -182,6 +182,14 @@ class PushSettings:
         EnvType.INT,
         "the most bytes of message data one transaction of the write pipeline holds",
     )
+    WRITE_PREPARED: bool = option(
+        True,
+        EnvType.BOOL,
+        "prepare the write pipeline's statements once per connection (PostgreSQL then "
+        "parses and plans them once, not once per batch); turn off behind a "
+        "transaction-pooling proxy that does not keep prepared statements (PgBouncer "
+        "before 1.21, or without `max_prepared_statements`)",
+    )
     WRITE_QUEUE_MAX_MESSAGES: int = option(
         20_000,
         EnvType.INT,

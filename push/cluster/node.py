@@ -486,6 +486,7 @@ def _write_pipeline(on_committed: Callable[[ChannelMessage], None]) -> WritePipe
         max_queue_bytes=push_settings.WRITE_QUEUE_MAX_BYTES,
         connect_timeout_secs=push_settings.WRITE_CONNECT_TIMEOUT_SECS,
         write_timeout_secs=push_settings.WRITE_TIMEOUT_SECS,
+        prepared=push_settings.WRITE_PREPARED,
     )
 
 

@@ -156,8 +156,11 @@ class WritePipeline:
         max_queue_bytes: int,
         connect_timeout_secs: float,
         write_timeout_secs: float,
+        prepared: bool = True,
     ) -> None:
         self._conninfo = conninfo
+        # Statements prepared once per connection (see push.storage.pipelined_connection).
+        self._prepared = prepared
         self._on_committed = on_committed
         self._window_secs = window_secs
         self._max_batch_messages = max_batch_messages
@@ -352,7 +355,7 @@ class WritePipeline:
         # COMMIT reached the server is unknown.
         self._in_flight.append(_Sent(batch, plan))
         link.send("BEGIN")
-        link.send(statement.sql, statement.params, prepare=True)
+        link.send(statement.sql, statement.params, prepare=self._prepared)
         link.send("COMMIT")
         link.flush()
         metrics.WRITE_BATCH_MESSAGES.observe(sum(len(u.items) for u in units))
@@ -619,7 +622,7 @@ class WritePipeline:
         due = 1  # results sent for and not read yet
         try:
             while True:
-                link.send(statement.sql, statement.params, prepare=True)
+                link.send(statement.sql, statement.params, prepare=self._prepared)
                 due += 1
                 if statement.final:
                     self._commit_sent = True
@@ -704,7 +707,8 @@ class WritePipeline:
                 # For the connection's life, not once per transaction (one statement
                 # less in every batch).
                 await connection.execute(f"SET lock_timeout = '{int(LOCK_WAIT_SECS * 1000)}ms'")
-                await connection.execute(GENERIC_PLANS)
+                if self._prepared:
+                    await connection.execute(GENERIC_PLANS)
                 self._link = PipelinedConnection(connection, on_result=self._wakeup.set)
             except BaseException:
                 await connection.close()

@@ -107,9 +107,10 @@ async def test_data_with_quotes_backslashes_and_any_script_is_stored_as_publishe
     assert [data for _, data, _ in await sync_to_async(_stored)("escapes")] == values
 
 
-async def test_a_refused_message_fails_alone_and_the_rest_commit() -> None:
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "unprepared"])
+async def test_a_refused_message_fails_alone_and_the_rest_commit(prepared: bool) -> None:
     committed: list[ChannelMessage] = []
-    pipeline = _pipeline(committed)
+    pipeline = _pipeline(committed, prepared=prepared)
     try:
         units = [_unit("mixed", i) for i in range(20)]
         # No such user: the foreign key refuses this one (at COMMIT, it is deferred).
