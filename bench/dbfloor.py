@@ -37,12 +37,15 @@ PROCESSED_PATTERN = re.compile(r"^number of transactions actually processed: (\d
 
 # One message: the upsert takes the channel's next seq under its row lock, the insert
 # stores the message; the commit releases the lock (as in _allocate_seq/_store_message).
+# Its id begins with the millisecond, as the node's do (push.fanout.message
+# .new_message_ids): the 12 hex digits of the time, then a random UUID's last 20.
 SCRIPT = """\\set ch random(1, {channels})
 BEGIN;
 INSERT INTO push_channel (name, last_seq, created_at) VALUES ('{prefix}' || :ch, 1, now()) \
 ON CONFLICT (name) DO UPDATE SET last_seq = push_channel.last_seq + 1 RETURNING id, last_seq \\gset
 INSERT INTO push_message (channel_id, seq, message_id, data, publisher_id, created_at) \
-VALUES (:id, :last_seq, gen_random_uuid(), '{data}', NULL, now());
+VALUES (:id, :last_seq, (lpad(to_hex((extract(epoch from clock_timestamp()) * 1000)::bigint), \
+12, '0') || substr(gen_random_uuid()::text, 14))::uuid, '{data}', NULL, now());
 COMMIT;
 """
 
