@@ -197,7 +197,7 @@ class _SlowRedis:
 
 async def test_checks_that_wait_together_share_the_next_read_never_one_under_way() -> None:
     redis = _SlowRedis()
-    reads = SharedReads(redis)
+    reads = SharedReads(redis.mget)
     redis.values = {"generation": "g1"}
     first = asyncio.ensure_future(reads.read(["generation"]))
     await redis.under_way(1)
@@ -220,7 +220,7 @@ async def test_checks_that_wait_together_share_the_next_read_never_one_under_way
 
 async def test_a_failed_shared_read_fails_each_of_its_checks_and_the_next_reads_again() -> None:
     redis = _SlowRedis()
-    reads = SharedReads(redis)
+    reads = SharedReads(redis.mget)
     redis.fail = RedisError("down")
     first = asyncio.ensure_future(reads.read(["generation"]))
     await redis.under_way(1)

@@ -74,7 +74,7 @@ def _cache_without_node(message: ChannelMessage) -> None:
         return
     if _sync_append is None:
         client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
-        _sync_append = client.register_script(APPEND_SCRIPT)
+        _sync_append = client.register_script(APPEND_SCRIPT.source)
     keys, args = append_arguments(
         redis_prefix(),
         [message],

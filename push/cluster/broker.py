@@ -14,12 +14,12 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from common import metrics
 from common.background import spawn
-from common.redis_client import script_argument
+from common.redis_client import HeldConnection, LuaScript, script_argument
 from push.cluster.group_subscriber import GroupSubscribers
 from push.fanout.message import ChannelMessage
 
@@ -191,8 +191,15 @@ class Broker:
         await self.layer.group_send(group, event)
 
     async def _send_loop(self) -> None:
-        outgoing = self._outgoing
         publish_many = batched_publisher(self.layer)
+        try:
+            await self._send_batches(publish_many)
+        finally:
+            if publish_many is not None:
+                await publish_many.close()
+
+    async def _send_batches(self, publish_many: BatchedPublisher | None) -> None:
+        outgoing = self._outgoing
         while True:
             if not outgoing:
                 self._has_outgoing.clear()
@@ -273,61 +280,77 @@ class Broker:
             logger.exception("broker event %r could not be handled", payload.get("type"))
 
 
-PublishMany = Callable[[list[tuple[str, bytes]]], Awaitable[None]]
-
 # PUBLISH for each (channel, payload) pair, in order, in one command. ARGV[1] is the
 # pairs flattened into one array (``common.redis_client.script_argument``).
-PUBLISH_ALL_SCRIPT = """
+PUBLISH_ALL_SCRIPT = LuaScript("""
 local parts = cmsgpack.unpack(ARGV[1])
 for i = 1, #parts, 2 do
   redis.call('PUBLISH', parts[i], parts[i + 1])
 end
 return #parts / 2
-"""
+""")
 
 
-def batched_publisher(layer: Any) -> PublishMany | None:
+def batched_publisher(layer: Any) -> BatchedPublisher | None:
     """Publish many group messages in one Redis round trip per shard, for Channels'
     Redis pub/sub layer; None for any other layer (each message is then sent alone).
 
     The layer sends one PUBLISH per ``group_send``, a round trip and a command built
     through redis-py each: at thousands of messages a second that was a tenth of the
     node's CPU. This sends exactly what ``group_send`` would (same channel names, the
-    payloads ``layer.serialize`` made, same connection, under the shard's lock), all in
-    one script call
+    payloads ``layer.serialize`` made, to the shard's server), all in one script call
     (``PUBLISH_ALL_SCRIPT``: measured, 7-9 us of the node's CPU per message against
     19 us for a pipeline of PUBLISH commands, which redis-py builds and whose replies
-    it reads one by one in Python). It reads
-    attributes the layer does not document, so it checks each one and falls back to
-    ``group_send`` where one is missing (tests/test_two_nodes.py runs it on Redis)."""
+    it reads one by one in Python), on a connection of the shard's pool that the
+    sender holds (``common.redis_client.HeldConnection``). It reads attributes the
+    layer does not document, so it checks each one and falls back to ``group_send``
+    where one is missing (tests/test_two_nodes.py runs it on Redis)."""
     get_loop_layer = getattr(layer, "_get_layer", None)
     if get_loop_layer is None or not hasattr(layer, "serialize"):
         return None
-
-    async def publish_many(items: list[tuple[str, bytes]]) -> None:
+    try:
         loop_layer = get_loop_layer()
+    except RuntimeError:  # no running loop: not called from the node
+        return None
+    shard_ok = all(
+        hasattr(shard, "_ensure_redis") for shard in getattr(loop_layer, "_shards", [None])
+    )
+    needed = ("_get_group_channel_name", "_get_shard", "_shards")
+    if not shard_ok or not all(hasattr(loop_layer, name) for name in needed):
+        return None
+    return BatchedPublisher(get_loop_layer)
+
+
+class BatchedPublisher:
+    """``batched_publisher``'s sender: one held connection per shard, one call at a
+    time (the broker's one sender task)."""
+
+    def __init__(self, get_loop_layer: Callable[[], Any]) -> None:
+        self._get_loop_layer = get_loop_layer
+        self._held: dict[int, HeldConnection] = {}
+
+    async def __call__(self, items: list[tuple[str, bytes]]) -> None:
+        loop_layer = self._get_loop_layer()
         by_shard: dict[Any, list[tuple[str, bytes]]] = {}
         for group, payload in items:
             group_channel = loop_layer._get_group_channel_name(group)
             shard = loop_layer._get_shard(group_channel)
             by_shard.setdefault(shard, []).append((group_channel, payload))
         for shard, messages in by_shard.items():
-            async with shard._lock:
-                shard._ensure_redis()
-                publish_all = shard._redis.register_script(PUBLISH_ALL_SCRIPT)
-                await publish_all(args=[script_argument([p for pair in messages for p in pair])])
+            shard._ensure_redis()
+            connection = self._held.get(id(shard))
+            if connection is None:
+                connection = self._held[id(shard)] = HeldConnection(_pool_of(shard))
+            pairs = [part for pair in messages for part in pair]
+            await connection.run_script(PUBLISH_ALL_SCRIPT, [], [script_argument(pairs)])
 
-    loop_layer = None
-    try:
-        loop_layer = get_loop_layer()
-    except RuntimeError:  # no running loop: not called from the node
-        return None
-    shard_ok = all(
-        hasattr(shard, name)
-        for shard in getattr(loop_layer, "_shards", [None])
-        for name in ("_lock", "_ensure_redis")
-    )
-    needed = ("_get_group_channel_name", "_get_shard", "_shards")
-    if not shard_ok or not all(hasattr(loop_layer, name) for name in needed):
-        return None
-    return publish_many
+    async def close(self) -> None:
+        for connection in self._held.values():
+            await connection.release()
+        self._held.clear()
+
+
+def _pool_of(shard: Any) -> Callable[[], Any]:
+    """The connection pool of a shard's current client (the layer may make a new one
+    after it lost the old)."""
+    return lambda: shard._redis.connection_pool

@@ -5,6 +5,8 @@ on PostgreSQL without blocking publishes while it builds."""
 import django.db.models.deletion
 from django.conf import settings
 from django.db import migrations, models
+from django.db.backends.base.schema import BaseDatabaseSchemaEditor
+from django.db.migrations.state import ProjectState
 
 
 class AddIndexConcurrentlyOnPostgreSQL(migrations.AddIndex):
@@ -12,13 +14,19 @@ class AddIndexConcurrentlyOnPostgreSQL(migrations.AddIndex):
     taking publishes while the index builds; a plain ``CREATE INDEX`` elsewhere (SQLite,
     the development database)."""
 
-    def database_forwards(self, app_label, schema_editor, from_state, to_state):  # type: ignore[no-untyped-def]
+    def database_forwards(
+        self,
+        app_label: str,
+        schema_editor: BaseDatabaseSchemaEditor,
+        from_state: ProjectState,
+        to_state: ProjectState,
+    ) -> None:
         if schema_editor.connection.vendor != "postgresql":
-            return super().database_forwards(app_label, schema_editor, from_state, to_state)
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
+            return
         model = to_state.apps.get_model(app_label, self.model_name)
         if self.allow_migrate_model(schema_editor.connection.alias, model):
-            schema_editor.add_index(model, self.index, concurrently=True)
-        return None
+            schema_editor.add_index(model, self.index, concurrently=True)  # type: ignore[call-arg]  # PostgreSQL's editor takes it
 
 
 class Migration(migrations.Migration):

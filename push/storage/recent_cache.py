@@ -28,7 +28,7 @@ import logging
 from typing import Any
 
 from common import metrics
-from common.redis_client import script_argument
+from common.redis_client import HeldConnection, LuaScript, script_argument
 from push.fanout.message import ChannelMessage, data_bytes
 from push.storage.retention import retention_policy
 
@@ -87,7 +87,7 @@ def contiguous_tail(messages: list[ChannelMessage]) -> list[ChannelMessage]:
 # ARGV[1]: the TTL; ARGV[2]: one array (``common.redis_client.script_argument``) of
 # seven fields per message: the index of its stream in KEYS, its trimming ("~"
 # approximate or "=" exact), its MAXLEN, seq, id, timestamp and data.
-APPEND_SCRIPT = """
+APPEND_SCRIPT = LuaScript("""
 local ttl = ARGV[1]
 local fields = cmsgpack.unpack(ARGV[2])
 for i = 1, #fields, 7 do
@@ -98,7 +98,7 @@ for _, key in ipairs(KEYS) do
   redis.call('EXPIRE', key, ttl)
 end
 return #fields / 7
-"""
+""")
 
 
 def append_arguments(
@@ -154,7 +154,8 @@ class RecentCache:
             maxlen=MAX_QUEUED_APPENDS
         )
         self._wakeup = asyncio.Event()
-        self._append = redis.register_script(APPEND_SCRIPT) if redis is not None else None
+        # The appends' own connection: one call at a time, from ``run``.
+        self._appends = HeldConnection(lambda: redis.connection_pool) if redis is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -167,21 +168,25 @@ class RecentCache:
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Write queued messages, one pipelined round trip per batch."""
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            batch = list(self._queue)
-            self._queue.clear()
-            try:
-                await self._write(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.warning("recent-history cache append failed: %s", exc)
+        """Write queued messages, one script call per batch."""
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                batch = list(self._queue)
+                self._queue.clear()
+                try:
+                    await self._write(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    logger.warning("recent-history cache append failed: %s", exc)
+        finally:
+            if self._appends is not None:
+                await self._appends.release()
 
     async def _write(self, batch: list[ChannelMessage]) -> None:
-        if self._append is None:
+        if self._appends is None:
             return
         # A script holds Redis until it ends: a backlog (Redis was away) goes in slices.
         for start in range(0, len(batch), APPENDS_PER_CALL):
@@ -192,7 +197,7 @@ class RecentCache:
                 self.ttl_secs,
                 self.max_bytes,
             )
-            await self._append(keys=keys, args=args)
+            await self._appends.run_script(APPEND_SCRIPT, keys, args)
 
     async def read(self, channel: str, count: int, max_bytes: int) -> list[ChannelMessage]:
         """The channel's cached recent messages, or [] on a miss: at most ``count`` of

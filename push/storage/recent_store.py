@@ -63,7 +63,13 @@ from common.background import LoopLocal, spawn
 from common.conf import push_settings
 from common.db import db_call
 from common.errors import ErrorCode, PushError
-from common.redis_client import redis_async, redis_prefix, script_argument
+from common.redis_client import (
+    HeldConnection,
+    LuaScript,
+    redis_async,
+    redis_prefix,
+    script_argument,
+)
 from push.fanout.message import ChannelMessage, new_message_ids
 from push.models import Channel
 from push.storage.write_batch import Published
@@ -143,6 +149,7 @@ for c = 1, channels do
 end
 return answers
 """
+_PUBLISH_SCRIPT = LuaScript(_PUBLISH)
 
 # Raise the ceiling of a live lease (a lost one is started by claim and confirm).
 _INSTALL = """
@@ -288,7 +295,8 @@ class RecentStore:
     def __init__(self, redis: Any, prefix: str) -> None:
         self.redis = redis
         self.prefix = prefix
-        self._publish = redis.register_script(_PUBLISH)
+        # The numbering calls' own connection: one call at a time, from the sender.
+        self._publishes = HeldConnection(lambda: redis.connection_pool)
         self._install = redis.register_script(_INSTALL)
         self._claim = redis.register_script(_CLAIM)
         self._confirm = redis.register_script(_CONFIRM)
@@ -310,6 +318,7 @@ class RecentStore:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        await self._publishes.release()
         await self.redis.aclose()
 
     async def server_id(self, *, fresh: bool = False) -> str:
@@ -502,7 +511,7 @@ class RecentStore:
             *counts,
             script_argument(tails),
         ]
-        answers = await self._publish(keys=keys, args=args)
+        answers = await self._publishes.run_script(_PUBLISH_SCRIPT, keys, args)
         firsts: dict[int, int] = {}
         for numberings, answer in zip(by_channel.values(), answers, strict=True):
             seq = int(answer)

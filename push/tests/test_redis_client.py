@@ -1,11 +1,24 @@
 """How the Redis settings become clients: a URL, or Sentinel plus the URL's database
-and password (the failover itself is shown in tests/faults/test_redis_sentinel.py)."""
+and password (the failover itself is shown in tests/faults/test_redis_sentinel.py); and
+the connection the node's per-batch commands hold, against the real Redis."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+from typing import Any
 
-from common.redis_client import channel_layer_host, master_options, sentinel_address
+import pytest
+from django.conf import settings
+from redis.exceptions import ResponseError
+
+from common.redis_client import (
+    HeldConnection,
+    LuaScript,
+    channel_layer_host,
+    master_options,
+    redis_async,
+    sentinel_address,
+)
 
 
 def test_sentinel_addresses_parse_with_ipv6_and_spaces() -> None:
@@ -27,3 +40,62 @@ def test_channel_layer_host_is_the_url_or_a_sentinel_dict() -> None:
     assert isinstance(host, dict)
     assert host["sentinels"] == [("s1", 26379)] and host["master_name"] == "mymaster"
     assert host["db"] == 2 and host["password"] == "pw"
+
+
+async def _held_client() -> tuple[Any, HeldConnection]:
+    client = redis_async(socket_connect_timeout=2, socket_timeout=5)
+    return client, HeldConnection(lambda: client.connection_pool)
+
+
+async def _client_id(held: HeldConnection) -> int:
+    return int(await held.execute("CLIENT", "ID"))
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="needs Redis")
+async def test_a_held_connection_runs_scripts_redis_forgot_and_keeps_its_connection() -> None:
+    client, held = await _held_client()
+    script = LuaScript("return {ARGV[1], #KEYS}")
+    try:
+        assert await held.run_script(script, ["k1", "k2"], [b"x"]) == [b"x", 2]
+        first = await _client_id(held)
+        await client.script_flush()  # as after a restart: Redis forgot the script
+        assert await held.run_script(script, [], [b"y"]) == [b"y", 0]
+        with pytest.raises(ResponseError):  # an error reply leaves the connection in step
+            await held.execute("INCR", "no-such-command-argument", "extra")
+        assert await _client_id(held) == first
+    finally:
+        await held.release()
+        await client.aclose()
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="needs Redis")
+async def test_a_held_connection_the_server_closed_costs_a_reconnect_not_the_command() -> None:
+    client, held = await _held_client()
+    try:
+        first = await _client_id(held)
+        await client.client_kill_filter(_id=first)  # as a Redis restart does to every one
+        await asyncio.sleep(0.05)  # the end of the stream reaches the idle connection
+        second = await _client_id(held)  # sent on a new connection, answered
+        assert second != first
+    finally:
+        await held.release()
+        await client.aclose()
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="needs Redis")
+async def test_a_command_given_up_half_way_does_not_leave_its_reply_to_the_next() -> None:
+    client, held = await _held_client()
+    try:
+        first = await _client_id(held)
+        # The caller leaves while Redis still works on it: the reply would come later
+        # and be read as the next command's, so that connection is closed.
+        waiting = asyncio.ensure_future(held.execute("BLPOP", "held-test-empty-list", 1))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert await held.execute("ECHO", "next") == b"next"
+        assert await _client_id(held) != first
+    finally:
+        await held.release()
+        await client.aclose()
