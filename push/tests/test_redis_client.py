@@ -16,6 +16,7 @@ from common.redis_client import (
     LuaScript,
     channel_layer_host,
     master_options,
+    pack_command,
     redis_async,
     sentinel_address,
 )
@@ -99,3 +100,23 @@ async def test_a_command_given_up_half_way_does_not_leave_its_reply_to_the_next(
     finally:
         await held.release()
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("EVALSHA", "a" * 40, 2, "k:é", b"\x00\xff", 0, -17, 2.5, "x" * 70_000),
+        ("PING",),
+        ("SET", "", b""),
+    ],
+)
+def test_commands_are_packed_as_redis_py_packs_them(args: tuple[Any, ...]) -> None:
+    from redis.asyncio.connection import Connection
+
+    assert pack_command(args) == b"".join(Connection().pack_command(*args))
+
+
+def test_a_value_redis_would_not_read_back_as_sent_is_refused() -> None:
+    for wrong in (True, None, ["a"]):
+        with pytest.raises(TypeError):
+            pack_command(("SET", "k", wrong))
