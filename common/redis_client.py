@@ -264,6 +264,10 @@ def pack_command(args: Sequence[str | bytes | int | float]) -> bytes:
 
 
 def _closed_by_server(connection: Any) -> bool:
-    """Whether the server closed this connection (its end of the stream was read)."""
+    """Whether the server closed this connection (its end of the stream was read), or
+    it is not connected at all. (A redis-py without the stream reader this looks at
+    counts as open: a command on a closed connection then fails as it would.)"""
     reader = getattr(connection, "_reader", None)
-    return reader is None or reader.at_eof()
+    if reader is None:
+        return not getattr(connection, "is_connected", True)
+    return bool(reader.at_eof())
