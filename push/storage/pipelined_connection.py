@@ -113,37 +113,39 @@ class PipelinedConnection:
         formats: Sequence[pq.Format] | None = None,
         types: Sequence[int] | None = None,
     ) -> None:
-        pgconn = self._pgconn
         self._queued(
-            lambda: pgconn.send_query_params(
-                query, params, param_formats=formats, param_types=types
-            )
+            None,
+            self._pgconn.send_query_params,
+            query,
+            params,
+            param_formats=formats,
+            param_types=types,
         )
 
     def _send_prepared(self, query: PostgresQuery) -> None:
         key = (query.query, None if query.types is None else tuple(query.types))
         name = self._prepared.get(key)
-        pgconn = self._pgconn
         if name is None:
             if len(self._prepared) >= MAX_PREPARED:
                 self._send_statement(query.query, query.params, query.formats, query.types)
                 return
             self._prepare_count += 1
             name = self._prepared[key] = b"push_%d" % self._prepare_count
-            prepared = name
             if not self._queued(
-                lambda: pgconn.send_prepare(prepared, query.query, param_types=query.types), key
+                key, self._pgconn.send_prepare, name, query.query, param_types=query.types
             ):
                 return
         self._queued(
-            lambda: pgconn.send_query_prepared(name, query.params, param_formats=query.formats)
+            None, self._pgconn.send_query_prepared, name, query.params, param_formats=query.formats
         )
 
-    def _queued(self, send: Callable[[], None], key: PreparedKey | None = None) -> bool:
+    def _queued(
+        self, key: PreparedKey | None, send: Callable[..., None], *args: Any, **kwargs: Any
+    ) -> bool:
         """Make one of libpq's send calls, and note whose its results will be (``key``:
         a preparation's); False when the connection failed."""
         try:
-            send()
+            send(*args, **kwargs)
         except psycopg.Error as exc:
             self._fail(exc)
             return False

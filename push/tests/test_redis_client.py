@@ -5,6 +5,7 @@ the connection the node's per-batch commands hold, against the real Redis."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -43,63 +44,63 @@ def test_channel_layer_host_is_the_url_or_a_sentinel_dict() -> None:
     assert host["db"] == 2 and host["password"] == "pw"
 
 
-async def _held_client() -> tuple[Any, HeldConnection]:
+@pytest.fixture
+async def held_client() -> AsyncIterator[tuple[Any, HeldConnection]]:
+    """A client and a connection held of its pool, both given back afterwards."""
+    if not settings.REDIS_URL:
+        pytest.skip("needs Redis")
     client = redis_async(socket_connect_timeout=2, socket_timeout=5)
-    return client, HeldConnection(lambda: client.connection_pool)
+    held = HeldConnection(lambda: client.connection_pool)
+    try:
+        yield client, held
+    finally:
+        await held.release()
+        await client.aclose()
 
 
 async def _client_id(held: HeldConnection) -> int:
     return int(await held.execute("CLIENT", "ID"))
 
 
-@pytest.mark.skipif(not settings.REDIS_URL, reason="needs Redis")
-async def test_a_held_connection_runs_scripts_redis_forgot_and_keeps_its_connection() -> None:
-    client, held = await _held_client()
+async def test_a_held_connection_runs_scripts_redis_forgot_and_keeps_its_connection(
+    held_client: tuple[Any, HeldConnection],
+) -> None:
+    client, held = held_client
     script = LuaScript("return {ARGV[1], #KEYS}")
-    try:
-        assert await held.run_script(script, ["k1", "k2"], [b"x"]) == [b"x", 2]
-        first = await _client_id(held)
-        await client.script_flush()  # as after a restart: Redis forgot the script
-        assert await held.run_script(script, [], [b"y"]) == [b"y", 0]
-        with pytest.raises(ResponseError):  # an error reply leaves the connection in step
-            await held.execute("INCR", "no-such-command-argument", "extra")
-        assert await _client_id(held) == first
-    finally:
-        await held.release()
-        await client.aclose()
+    assert await held.run_script(script, ["k1", "k2"], [b"x"]) == [b"x", 2]
+    first = await _client_id(held)
+    await client.script_flush()  # as after a restart: Redis forgot the script
+    assert await held.run_script(script, [], [b"y"]) == [b"y", 0]
+    with pytest.raises(ResponseError):  # an error reply leaves the connection in step
+        await held.execute("INCR", "no-such-command-argument", "extra")
+    assert await _client_id(held) == first
 
 
-@pytest.mark.skipif(not settings.REDIS_URL, reason="needs Redis")
-async def test_a_held_connection_the_server_closed_costs_a_reconnect_not_the_command() -> None:
-    client, held = await _held_client()
-    try:
-        first = await _client_id(held)
-        await client.client_kill_filter(_id=first)  # as a Redis restart does to every one
-        await asyncio.sleep(0.05)  # the end of the stream reaches the idle connection
-        second = await _client_id(held)  # sent on a new connection, answered
-        assert second != first
-    finally:
-        await held.release()
-        await client.aclose()
+async def test_a_held_connection_the_server_closed_costs_a_reconnect_not_the_command(
+    held_client: tuple[Any, HeldConnection],
+) -> None:
+    client, held = held_client
+    first = await _client_id(held)
+    await client.client_kill_filter(_id=first)  # as a Redis restart does to every one
+    await asyncio.sleep(0.05)  # the end of the stream reaches the idle connection
+    second = await _client_id(held)  # sent on a new connection, answered
+    assert second != first
 
 
-@pytest.mark.skipif(not settings.REDIS_URL, reason="needs Redis")
-async def test_a_command_given_up_half_way_does_not_leave_its_reply_to_the_next() -> None:
-    client, held = await _held_client()
-    try:
-        first = await _client_id(held)
-        # The caller leaves while Redis still works on it: the reply would come later
-        # and be read as the next command's, so that connection is closed.
-        waiting = asyncio.ensure_future(held.execute("BLPOP", "held-test-empty-list", 1))
-        await asyncio.sleep(0.05)
-        waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-        assert await held.execute("ECHO", "next") == b"next"
-        assert await _client_id(held) != first
-    finally:
-        await held.release()
-        await client.aclose()
+async def test_a_command_given_up_half_way_does_not_leave_its_reply_to_the_next(
+    held_client: tuple[Any, HeldConnection],
+) -> None:
+    _, held = held_client
+    first = await _client_id(held)
+    # The caller leaves while Redis still works on it: the reply would come later and
+    # be read as the next command's, so that connection is closed.
+    waiting = asyncio.ensure_future(held.execute("BLPOP", "held-test-empty-list", 1))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await held.execute("ECHO", "next") == b"next"
+    assert await _client_id(held) != first
 
 
 @pytest.mark.parametrize(
