@@ -300,6 +300,10 @@ BROKER_OUTGOING_DROPPED = Counter(
     "Committed messages not broadcast because the broker's outgoing queue was full "
     "(other nodes read them from history on their next sync)",
 )
+INBOUND_DIRECT_FRAMES = Tally(
+    "push_inbound_direct_frames",
+    "Data frames read off sockets directly, before the server's WebSocket parser",
+)
 INBOUND_PAUSES = Counter(
     "push_inbound_pauses_total",
     "Times a connection's socket stopped being read because its unhandled frames "

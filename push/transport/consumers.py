@@ -39,6 +39,7 @@ from push.services.subscriptions import (
     subscription_delta,
 )
 from push.transport.connection import ClientConnection
+from push.transport.frame_reader import read_frames_directly
 from push.wire import protocol
 from push.wire.codecs import UnknownSubprotocol, negotiate
 from push.wire.protocol import Heartbeat, Presence, Publish, RequestId, Subscribe, Unsubscribe
@@ -123,6 +124,7 @@ class PushConsumer(AsyncConsumer):
             await send({"type": "websocket.close", "code": int(CloseCode.TRY_AGAIN_LATER)})
             return False
         await send({"type": "websocket.accept", "subprotocol": subprotocol})
+        read_frames_directly(send)
         principal: Principal = self.scope.get("principal") or ANONYMOUS
         node = self.node
         connection = ClientConnection(

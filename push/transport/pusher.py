@@ -34,6 +34,7 @@ from push.services.runtime import get_node
 from push.services.subscriptions import client_ip, session_open
 from push.transport.connection import ClientConnection
 from push.transport.consumers import PushConsumer, frame_size
+from push.transport.frame_reader import read_frames_directly
 from push.transport.limits import TokenBucket
 from push.wire import pusher
 from push.wire.pusher import PUSHER_CODEC, PusherError
@@ -142,6 +143,7 @@ class PusherConsumer(PushConsumer):
             await send({"type": "websocket.close", "code": PusherError.GENERIC_RECONNECT})
             return False
         await send({"type": "websocket.accept"})
+        read_frames_directly(send)
         if app is None:
             # Accepted first so that the client learns why, as Pusher does.
             await self._refuse_unaccepted(send, PusherError.APP_NOT_FOUND, "app key not found")
