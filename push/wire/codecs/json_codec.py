@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any, NoReturn
+from typing import Any
 
+from push.wire import json_text
 from push.wire.codecs.base import Codec, Payload, WireMessage, undecodable
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 class JsonCodec(Codec):
@@ -28,12 +20,12 @@ class JsonCodec(Codec):
             except UnicodeDecodeError as exc:
                 raise undecodable("not UTF-8") from exc
         try:
-            return _decoder.decode(payload)
+            return json_text.loads(payload)
         except (ValueError, RecursionError) as exc:
             raise undecodable(str(exc)[:200]) from exc
 
     def encode(self, envelope: dict[str, Any]) -> str:
-        return _encoder.encode(envelope)
+        return json_text.dumps(envelope)
 
     def encode_message(self, message: WireMessage) -> str:
         # Built by hand: data_json is already canonical JSON, so the published value is
