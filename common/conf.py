@@ -493,6 +493,12 @@ class PushSettings:
         "write fan-out frames to sockets directly under daphne and uvicorn "
         "(push.transport.server_adapters); off sends every frame through ASGI",
     )
+    DIRECT_READS: bool = option(
+        True,
+        EnvType.BOOL,
+        "read clients' plain WebSocket data frames off the socket under uvicorn "
+        "(push.transport.frame_reader); off leaves every frame to uvicorn's parser",
+    )
     # The cluster.
     CLUSTER_ANNOUNCE_SECS: float = option(
         5.0,

@@ -25,9 +25,17 @@ pytestmark = pytest.mark.e2e
 DIRECT_FRAMES = "push_inbound_direct_frames_total"
 
 
+@pytest.fixture(scope="module", params=[True, False], ids=["direct", "uvicorn-parser"])
+def reads_directly(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
 @pytest.fixture(scope="module")
-def node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
-    started = ServerNode(e2e_env, server="uvicorn", name="frame-reader").start()
+def node(reads_directly: bool, e2e_env: dict[str, str]) -> Iterator[ServerNode]:
+    """A uvicorn node reading frames itself, and one leaving them to uvicorn
+    (``PUSH_DIRECT_READS=false``): every test answers the same on both."""
+    env = {**e2e_env, "PUSH_DIRECT_READS": "true" if reads_directly else "false"}
+    started = ServerNode(env, server="uvicorn", name=f"frames-{reads_directly}").start()
     yield started
     started.stop()
 
@@ -112,7 +120,7 @@ def _heartbeat(request_id: int) -> bytes:
 
 
 async def test_publishes_are_read_directly_and_delivered(
-    node: ServerNode, publisher_token: str
+    node: ServerNode, reads_directly: bool, publisher_token: str
 ) -> None:
     channel = f"fr-{uuid.uuid4().hex[:8]}"
     before = node.metric(DIRECT_FRAMES)
@@ -134,7 +142,11 @@ async def test_publishes_are_read_directly_and_delivered(
         assert (message["seq"], message["data"]) == (n, {"n": n})
     await publisher.close()
     await subscriber.close()
-    assert node.metric(DIRECT_FRAMES) >= before + 4  # the subscribe and the publishes
+    # The subscribe and the publishes, when the node reads frames itself.
+    if reads_directly:
+        assert node.metric(DIRECT_FRAMES) >= before + 4
+    else:
+        assert node.metric(DIRECT_FRAMES) == before == 0
 
 
 async def test_frames_together_and_a_frame_byte_by_byte_are_answered_in_order(

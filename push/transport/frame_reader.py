@@ -21,7 +21,8 @@ The reader takes over only at a frame boundary (websockets' parser waiting for t
 frame with nothing buffered), so both parsers always agree where frames begin. Like the
 direct writers (``push.transport.server_adapters``), it reads private attributes of
 uvicorn's protocol object, so it is used only with the versions it was tested with;
-otherwise, and under any other server, frames go through the server as before.
+otherwise, under any other server, and with ``PUSH_DIRECT_READS=false``, frames go
+through the server as before.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from websockets.frames import apply_mask
 from websockets.protocol import OPEN
 
 from common import metrics
+from common.conf import push_settings
 from push.transport.server_adapters import TESTED_VERSIONS, installed_version
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ def read_frames_directly(send: Any) -> bool:
     """Read the plain data frames of the WebSocket whose ``send`` this is here, from
     now on; False when it stays the server's (another server, another version, or the
     connection not open at a frame boundary). Called once the handshake is answered."""
+    if not push_settings.DIRECT_READS:
+        return False
     protocol = getattr(send, "__self__", None)
     if protocol is None or _qualified_name(type(protocol)) != SANSIO_PROTOCOL or not _is_tested():
         return False
