@@ -82,6 +82,8 @@ def test_loads_reads_what_the_standard_library_reads(value: Any) -> None:
         "18446744073709551615",  # the largest uint64
         '"\\ud800"',
         '"\\udc00\\ud800"',
+        '"\ud800"',  # the surrogate itself in the text (canonical text of such data)
+        '{"n": 1234567890123456789, "s": "1234567890123456789"}',  # 19 digits, in range
         '{"a": 1, "a": 2}',
         "-0",
         "-0.0",
