@@ -94,7 +94,7 @@ LOCK_WAIT_SECS = 0.2
 # statements one after another, so two commits never overlap; what overlaps is the
 # database's work on the next batch and the node's on the last one's answers and
 # broadcast, and the round trip between them is gone.
-BATCHES_IN_FLIGHT = 2
+BATCHES_IN_FLIGHT = 3
 
 
 def _write_waiting_for_locks(
