@@ -219,3 +219,61 @@ def test_other_layers_send_one_by_one() -> None:
     from push.cluster.broker import batched_publisher
 
     assert batched_publisher(InMemoryChannelLayer()) is None
+
+
+async def test_a_channels_messages_cross_redis_together_in_order(settings: Any) -> None:
+    """Messages of several channels, interleaved: each channel's go out together in one
+    payload (runs of ``PAYLOAD_MAX_MESSAGES``), and another node's broker hands every
+    one to its hub in each channel's order."""
+    if not settings.REDIS_URL:
+        pytest.skip("needs Redis (REDIS_URL)")
+    from channels_redis.pubsub import RedisPubSubChannelLayer
+
+    from push.cluster.broker import PAYLOAD_MAX_MESSAGES
+
+    config = settings.CHANNEL_LAYERS["default"]["CONFIG"]
+    sender_layer = RedisPubSubChannelLayer(**config)
+    receiver_layer = RedisPubSubChannelLayer(**config)
+    received: list[tuple[str, int]] = []
+    sender = Broker(sender_layer, on_message=lambda m: None)
+    receiver = Broker(receiver_layer, on_message=lambda m: received.append((m.channel, m.seq)))
+    channels = [f"together-{index}-{id(received)}" for index in range(3)]
+    burst = [make_message(channels[seq % 3], seq) for seq in range(1, 301)]
+    pairs = sender._serialized(burst)
+    # 100 messages a channel: one payload each; 250 of one channel: three.
+    assert len(pairs) == 3 and PAYLOAD_MAX_MESSAGES == 100
+    assert len(sender._serialized([make_message("one", seq) for seq in range(1, 251)])) == 3
+    await sender.start()
+    await receiver.start()
+    try:
+        for channel in channels:
+            await receiver.join(channel)
+        for message in burst:
+            sender.publish_soon(message)
+        async with asyncio.timeout(10):
+            while len(received) < 300:
+                await asyncio.sleep(0.01)
+        for channel in channels:
+            seqs = [seq for name, seq in received if name == channel]
+            assert seqs == [m.seq for m in burst if m.channel == channel]
+    finally:
+        await sender.stop()
+        await receiver.stop()
+        await sender_layer.flush()
+        await receiver_layer.flush()
+
+
+def test_a_payload_of_one_channel_is_bounded_in_characters_too() -> None:
+    from push.cluster.broker import PAYLOAD_MAX_CHARS, _runs
+    from push.fanout.message import ChannelMessage
+
+    def sized(seq: int, chars: int) -> ChannelMessage:
+        message = make_message("c", seq)
+        message.data_json = '"' + "x" * (chars - 2) + '"'
+        return message
+
+    big = PAYLOAD_MAX_CHARS // 3
+    runs = list(_runs([sized(seq, big) for seq in range(1, 8)]))
+    assert [[m.seq for m in run] for run in runs] == [[1, 2, 3], [4, 5, 6], [7]]
+    alone = list(_runs([sized(1, 10), sized(2, PAYLOAD_MAX_CHARS * 2), sized(3, 10)]))
+    assert [[m.seq for m in run] for run in alone] == [[1], [2], [3]]
