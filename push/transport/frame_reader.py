@@ -50,6 +50,7 @@ _MASKED = 0x80
 _LENGTH = 0x7F
 _TEXT, _BINARY, _CLOSE, _PING, _PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 _MAX_CONTROL_PAYLOAD = 125
+_REFUSED = (0, 0, 0)  # what ``FrameReader._frame_at`` says of a frame left to uvicorn
 
 _DIRECT_FRAMES = metrics.INBOUND_DIRECT_FRAMES
 _tested: bool | None = None  # decided once per process
@@ -63,6 +64,10 @@ def read_frames_directly(send: Any) -> bool:
         return False
     protocol = getattr(send, "__self__", None)
     if protocol is None or _qualified_name(type(protocol)) != SANSIO_PROTOCOL or not _is_tested():
+        return False
+    # Without a size limit, websockets' parser is left the frames, as their bound.
+    connection = protocol.conn
+    if connection.max_message_size is None and connection.max_fragment_size is None:
         return False
     if not _at_frame_boundary(protocol):
         return False
@@ -113,7 +118,7 @@ class FrameReader:
     """The transport's protocol in place of uvicorn's, which it forwards everything to
     but the plain data frames it parses itself."""
 
-    __slots__ = ("_limit", "_pending", "_protocol", "_queue", "_transport")
+    __slots__ = ("_limit", "_needed", "_pending", "_protocol", "_queue", "_transport")
 
     def __init__(self, protocol: Any) -> None:
         self._protocol = protocol
@@ -125,8 +130,9 @@ class FrameReader:
             for size in (connection.max_message_size, connection.max_fragment_size)
             if size is not None
         ]
-        self._limit: int | None = min(limits) if limits else None
-        self._pending = b""  # the start of a frame not yet whole
+        self._limit = min(limits)  # set: see ``read_frames_directly``
+        self._pending = bytearray()  # the start of a frame not yet whole
+        self._needed = 0  # the bytes that frame needs to be parsed further
 
     # ----- what the transport calls, forwarded -------------------------------------------
 
@@ -149,18 +155,25 @@ class FrameReader:
     # ----- frames ----------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._pending:
-            data = self._pending + data
-            self._pending = b""
+        pending = self._pending
+        if pending:
+            # A frame arriving in pieces is gathered here and parsed once whole (a
+            # client dribbling a large frame a byte at a time costs an append a byte,
+            # not a copy of everything before it).
+            pending += data
+            if len(pending) < self._needed:
+                return
+            data = bytes(pending)
+            self._pending = bytearray()
         protocol = self._protocol
         queued = 0
         start, size = 0, len(data)
         while start < size:
-            frame = self._frame_at(data, start, size)
-            if frame is None:  # not whole yet
-                self._pending = data[start:]
+            head, payload_start, end = self._frame_at(data, start, size)
+            if end > size:  # not whole yet: wait for the bytes it needs
+                self._pending = bytearray(data[start:])
+                self._needed = end - start
                 break
-            head, payload_start, end = frame
             opcode = head & _OPCODE
             if head & (_FIN | _RESERVED_BITS) == _FIN and opcode in (_TEXT, _BINARY):
                 event = _event(opcode, data, payload_start, end)
@@ -183,35 +196,33 @@ class FrameReader:
             protocol.read_paused = True
             self._transport.pause_reading()
 
-    def _frame_at(self, data: bytes, start: int, size: int) -> tuple[int, int, int] | None:
+    def _frame_at(self, data: bytes, start: int, size: int) -> tuple[int, int, int]:
         """The frame at ``start``: its first byte, where its payload starts (after the
-        mask) and where it ends; None when it is not whole yet. A frame this reader must
-        not parse (unmasked, too large, a control frame too long) comes back with the
-        first byte 0, which no frame it parses has."""
+        mask) and where it ends, which lies past ``size`` while it is not whole (past
+        its header's end while that is not whole either). A frame this reader must not
+        parse (unmasked, too large, a control frame too long) comes back as
+        ``_REFUSED``, whose first byte 0 no frame it parses has."""
         if size - start < 2:
-            return None
+            return 0, 0, start + 2
         head, second = data[start], data[start + 1]
         length = second & _LENGTH
         offset = start + 2
         if length == 126:
             offset += 2
             if size < offset:
-                return None
+                return 0, 0, offset
             length = int.from_bytes(data[offset - 2 : offset], "big")
         elif length == 127:
             offset += 8
             if size < offset:
-                return None
+                return 0, 0, offset
             length = int.from_bytes(data[offset - 8 : offset], "big")
-        if not second & _MASKED or (self._limit is not None and length > self._limit):
-            return 0, 0, 0
+        if not second & _MASKED or length > self._limit:
+            return _REFUSED
         if head & _OPCODE >= _CLOSE and length > _MAX_CONTROL_PAYLOAD:
-            return 0, 0, 0
+            return _REFUSED
         payload_start = offset + 4
-        end = payload_start + length
-        if size < end:
-            return None
-        return head, payload_start, end
+        return head, payload_start, payload_start + length
 
     def _give_back(self, data: bytes) -> None:
         """The connection is uvicorn's again, from the frame that starts ``data`` on."""
