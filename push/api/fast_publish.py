@@ -48,6 +48,7 @@ from redis.exceptions import RedisError
 from rest_framework.exceptions import NotAcceptable
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
+from rest_framework.utils.encoders import JSONEncoder
 from rest_framework.views import APIView
 
 from accounts.permissions import authorize_publish
@@ -60,7 +61,7 @@ from common.errors import PushError
 from common.hosts import host_header_allowed
 from push.api.exceptions import error_envelope
 from push.api.handler import receivers_on_loop
-from push.api.renderers import MessagePageRenderer
+from push.api.renderers import MessagePageRenderer, javascript_safe
 from push.api.request_metrics import ViewMetrics
 from push.api.security_headers import security_headers
 from push.api.serializers import (
@@ -90,6 +91,14 @@ MAX_ACCEPT_BYTES = 256
 # Django's answer to an exception no handler took, without a 500.html template.
 SERVER_ERROR = b"<h1>Server Error (500)</h1>"
 _RENDERER = MessagePageRenderer()  # a plain JSONRenderer for anything but a page
+# DRF's JSON as it renders by default (compact, UTF-8, no NaN), which json_text writes
+# for a reply of strings and numbers (a batch's answer: 80 us less per request).
+_DEFAULT_JSON = (
+    _RENDERER.compact
+    and not _RENDERER.ensure_ascii
+    and _RENDERER.strict
+    and _RENDERER.encoder_class is JSONEncoder
+)
 # Django's logger of answered requests (4xx warnings, 5xx errors).
 request_logger = logging.getLogger("django.request")
 
@@ -255,7 +264,7 @@ class FastPublish:
             content = SERVER_ERROR
             headers = [(b"content-type", b"text/html; charset=utf-8")]
         else:
-            content = _RENDERER.render(reply)
+            content = _rendered(reply)
             headers = [
                 (b"content-type", b"application/json"),
                 (b"vary", b"Accept"),
@@ -268,6 +277,14 @@ class FastPublish:
         endpoint.metrics.answered(request.started_at, status, len(content))
         if status >= 400:
             _log_refusal(status, request.path)
+
+
+def _rendered(reply: Any) -> bytes:
+    """The answer's body as ``_RENDERER`` renders it: a reply of strings, numbers,
+    lists and dicts (a publish's result, an error envelope)."""
+    if not _DEFAULT_JSON:
+        return _RENDERER.render(reply)
+    return javascript_safe(json_text.dumps(reply))
 
 
 def _mirrored(middleware_path: str) -> bool:

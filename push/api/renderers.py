@@ -54,8 +54,12 @@ class MessagePageRenderer(JSONRenderer):
             # What JSONRenderer's json.dumps makes without an indent, by an encoder made
             # once: json.dumps builds one per call (a few µs of every REST answer).
             body = _compact_encoder(self).encode(data)
-        # As JSONRenderer does: valid JavaScript as well as JSON.
-        return body.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").encode()
+        return javascript_safe(body)
+
+
+def javascript_safe(body: str) -> bytes:
+    """JSON text as JSONRenderer sends it: valid JavaScript as well as JSON."""
+    return body.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").encode()
 
 
 def _compact_encoder(renderer: JSONRenderer) -> json.JSONEncoder:
