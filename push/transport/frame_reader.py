@@ -136,8 +136,7 @@ class FrameReader:
 
     # ----- what the transport calls, forwarded -------------------------------------------
 
-    def connection_made(self, transport: Any) -> None:  # not called: set on an open one
-        self._protocol.connection_made(transport)
+    # (No ``connection_made``: the reader is set on a transport already connected.)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._protocol.connection_lost(exc)
