@@ -14,6 +14,7 @@ import secrets
 from dataclasses import replace
 
 import psycopg
+import redis
 
 from bench.servers import (
     BARE_APP,
@@ -98,7 +99,29 @@ def build_targets(
         "bare_ref": Target("bare_ref", BARE_APP, multi_node_env={"BARE_HUB_REDIS_URL": redis_url}),
     }
     targets = [catalogue[name] for name in names]
+    if "ours" in names:
+        forget_redis_keys(redis_url, redis_prefix)
     return [prepare_ours(t, database_url) if t.name == "ours" else t for t in targets]
+
+
+def forget_redis_keys(redis_url: str, redis_prefix: str) -> int:
+    """Delete what earlier runs of our nodes left in Redis under the bench's own prefix
+    (recent-history streams, presence and registry keys): they piled up run after run
+    (100 MB after a day's runs), and each run should start from the same Redis."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deleted = 0
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{redis_prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += int(client.delete(*batch))
+                batch.clear()
+        if batch:
+            deleted += int(client.delete(*batch))
+        return deleted
+    finally:
+        client.close()
 
 
 def _ensure_database(database_url: str) -> None:
