@@ -100,6 +100,7 @@ LOCK_WAIT_SECS = 0.2
 # split their batches smaller, each with its own transaction and Redis calls (-12% and
 # -18% requests/s in two pairs).
 BATCHES_IN_FLIGHT = 3
+BATCHES_IN_FLIGHT_ALWAYS = 2  # whatever waits; the third only past the threshold
 THIRD_BATCH_MIN_MESSAGES = 32
 
 
@@ -227,7 +228,7 @@ class WritePipeline:
     def _room_for_another(self) -> bool:
         """Whether the writer may send another batch now (``BATCHES_IN_FLIGHT``)."""
         in_flight = len(self._in_flight)
-        return in_flight < 2 or (
+        return in_flight < BATCHES_IN_FLIGHT_ALWAYS or (
             in_flight < BATCHES_IN_FLIGHT and self._queued_messages >= THIRD_BATCH_MIN_MESSAGES
         )
 

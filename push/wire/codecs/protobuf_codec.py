@@ -24,23 +24,18 @@ import enum
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message as ProtoMessage
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from push.wire import json_text
 from push.wire.codecs.base import Codec, Payload, UnencodableEnvelope, WireMessage, undecodable
 from push.wire.proto import push_pb2
 
-
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
 # The same JSON dialect as the JSON codec and ``message.dump_data``: no NaN/Infinity,
 # compact, and UTF-8 rather than \u escapes, so data_json is the stored text itself.
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 # For the rare value holding a lone surrogate, which UTF-8 (and so a protobuf string)
 # cannot carry raw: \ud800 escapes parse back to the very same value.
@@ -269,7 +264,7 @@ def _decode_member(member: push_pb2.Member) -> dict[str, Any]:
 
 def _parse_json(text: str, name: str) -> Any:
     try:
-        return _decoder.decode(text)
+        return json_text.loads(text)
     except (ValueError, RecursionError) as exc:
         raise undecodable(f"'{name}' is not JSON text: {exc}"[:200]) from exc
 
