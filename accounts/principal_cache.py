@@ -25,6 +25,7 @@ a token created a moment ago works at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -36,8 +37,10 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.cache import cache, caches
 from django.core.cache.backends.redis import RedisCache, RedisSerializer
+from django.core.signals import setting_changed
 from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
+from django.dispatch import receiver
 from redis.exceptions import RedisError
 
 from accounts.auth_failures import (
@@ -107,12 +110,11 @@ async def kept_token_principal(key: str, address: str | None) -> Principal | Non
     under another generation), ``address`` at its failure budget (refused there),
     no shared Redis cache, or Redis not answering."""
     entry = _entries.get(hash_service_key(key))
-    shared = caches["default"]  # ``cache`` is a proxy of it, never a RedisCache itself
-    if entry is None or time.monotonic() >= entry.expires_at or not isinstance(shared, RedisCache):
+    if entry is None or time.monotonic() >= entry.expires_at or not _shared_cache_is_redis():
         return None
     limit = auth_failures_limit(address)
     names = [GENERATION_KEY] + ([auth_failure_key(address)] if limit else [])
-    keys = [shared.make_and_validate_key(name) for name in names]
+    keys = [_cache_key(name) for name in names]
     try:
         values = await _shared_reads.get().read(keys)
     except (RedisError, OSError, RuntimeError):
@@ -122,6 +124,32 @@ async def kept_token_principal(key: str, address: str | None) -> Principal | Non
     if failures and int(failures[0] or 0) >= limit:
         return None
     return entry.principal if entry.generation == generation else None
+
+
+# Asked for on every kept-token request, and the same few times over: whether the
+# shared cache is Redis, and the names of its keys there (Django checks each name
+# character by character for memcached; with the cache's look-up that was a fifth of
+# the check's CPU). Bounded: addresses come from clients. Forgotten when the settings
+# change the caches (tests).
+_KEPT_LOOKUPS = 4096
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_cache_is_redis() -> bool:
+    # ``cache`` is a proxy of ``caches["default"]``, never a RedisCache itself.
+    return isinstance(caches["default"], RedisCache)
+
+
+@functools.lru_cache(maxsize=_KEPT_LOOKUPS)
+def _cache_key(name: str) -> str:
+    return caches["default"].make_and_validate_key(name)
+
+
+@receiver(setting_changed)
+def _caches_changed(setting: str, **kwargs: Any) -> None:
+    if setting == "CACHES":
+        _shared_cache_is_redis.cache_clear()
+        _cache_key.cache_clear()
 
 
 class SharedReads:

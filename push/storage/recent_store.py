@@ -214,6 +214,7 @@ class Window:
     seq_block: int
 
     @classmethod
+    @push_settings.derived  # asked for every publish; settings are read once
     def from_settings(cls) -> Window:
         return cls(
             messages=push_settings.RECENT_WINDOW_MESSAGES,
