@@ -40,10 +40,29 @@ JOINED_WRITE_FRAMES = 50
 JOINED_WRITE_BYTES = 256 * 1024
 
 
-# The outboxes holding frames until the end of ``deliveries_together``, or None.
-_together: contextvars.ContextVar[list[Outbox] | None] = contextvars.ContextVar(
+class _Together:
+    """The outboxes holding frames until the end of one ``deliveries_together``.
+
+    A callback or task started inside the block (a hub's repair, a store's recovery)
+    copies the context, and this object with it, and may push long after the block
+    ended: it is closed then, and such pushes go out as usual. (Without the flag they
+    joined a list nobody would send, and waited for the connection's next push.)"""
+
+    __slots__ = ("is_open", "outboxes")
+
+    def __init__(self) -> None:
+        self.is_open = True
+        self.outboxes: list[Outbox] = []
+
+
+_together: contextvars.ContextVar[_Together | None] = contextvars.ContextVar(
     "outbox_deliveries_together", default=None
 )
+
+
+def _open_together() -> _Together | None:
+    together = _together.get()
+    return together if together is not None and together.is_open else None
 
 
 @contextlib.contextmanager
@@ -57,16 +76,17 @@ def deliveries_together() -> Iterator[None]:
     ``PUSH_WRITE_BATCH_MAX_*``), and is sent in bounded runs (``_push_soon_now``):
     frames that would overflow a connection overflow it when they are sent, at the
     end."""
-    if _together.get() is not None:  # inside another: that one sends
+    if _open_together() is not None:  # inside another: that one sends
         yield
         return
-    held: list[Outbox] = []
-    token = _together.set(held)
+    together = _Together()
+    token = _together.set(together)
     try:
         yield
     finally:
+        together.is_open = False
         _together.reset(token)
-        for outbox in held:
+        for outbox in together.outboxes:
             try:
                 outbox._push_soon_now()
             except Exception as exc:  # a bug or a broken server: this connection fails
@@ -191,12 +211,12 @@ class Outbox:
         """Queue a frame; False when the connection is closed or was just overflowed."""
         if self._closed:
             return False
-        together = _together.get()
+        together = _open_together()
         if together is not None:  # sent at the end of deliveries_together
             soon = self._soon
             if soon is None:
                 self._soon = [frame]
-                together.append(self)
+                together.outboxes.append(self)
             else:
                 soon.append(frame)
             return True

@@ -15,7 +15,7 @@ import pytest
 from push.cluster.address_budgets import NO_LIMIT, ByteBucket
 from push.fanout.hub import MAX_PENDING_PER_CHANNEL, ChannelState, HistoryBudget, Hub
 from push.fanout.message import ChannelMessage, HistoryPage
-from push.fanout.outbox import Outbox
+from push.fanout.outbox import Outbox, deliveries_together
 from push.wire.codecs import CODECS, Codec
 from tests.waiting import wait_until
 
@@ -163,6 +163,22 @@ async def test_gap_that_does_not_fill_is_read_from_history() -> None:
     hub.deliver(make_message("news", 1))
     hub.deliver(make_message("news", 4))  # 2 and 3 were lost on the way
     await until_seqs(client, [1, 2, 3, 4])
+
+
+async def test_a_gap_met_while_a_batch_is_broadcast_is_repaired_and_sent() -> None:
+    """A committed batch is broadcast inside ``deliveries_together``; the repair a gap
+    schedules there runs later, in a copy of that context, and what it reads must go
+    out then, not wait for the connection's next message."""
+    history = MemoryHistory()
+    hub, _ = await make_hub(history, gap_wait_secs=0.01)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=None, reply=client.reply)
+    for seq in (1, 2, 3):
+        history.store("news", seq)
+    with deliveries_together():
+        hub.deliver(make_message("news", 1))
+        hub.deliver(make_message("news", 3))  # 2, another node's, was lost on its way
+    await until_seqs(client, [1, 2, 3])
 
 
 async def test_repair_racing_live_messages_skips_nothing_in_flight() -> None:

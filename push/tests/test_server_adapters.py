@@ -487,6 +487,20 @@ async def test_deliveries_together_write_each_connection_once_at_the_end() -> No
     assert other == [first.wire]
 
 
+async def test_a_push_from_a_callback_started_inside_deliveries_together_goes_out() -> None:
+    """A callback scheduled inside the block (a hub's repair) runs in a copy of its
+    context after the block ended: what it pushes is sent, not held for nobody."""
+    recorder = Recorder()
+    written: list[bytes] = []
+    outbox = recorder.outbox(written.append)
+    delivery, repaired = _frames('{"n":1}', '{"n":2}')
+    with deliveries_together():
+        outbox.push(delivery)
+        asyncio.get_running_loop().call_soon(outbox.push, repaired)
+    await asyncio.sleep(0)
+    assert written == [delivery.wire, repaired.wire]
+
+
 async def test_deliveries_together_keep_their_order_with_frames_pushed_soon() -> None:
     recorder = Recorder()
     written: list[bytes] = []
