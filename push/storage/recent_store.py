@@ -71,6 +71,7 @@ from common.redis_client import (
     script_argument,
 )
 from push.fanout.message import ChannelMessage, new_message_ids
+from push.fanout.outbox import deliveries_together
 from push.models import Channel
 from push.storage.write_batch import Published
 
@@ -276,15 +277,22 @@ BYTES_PER_CALL = 4 * 1024 * 1024
 class _Numbering:
     """A publish waiting for the next publish call, and its answer."""
 
-    __slots__ = ("channel", "deadline", "future", "nbytes", "tails", "window")
+    __slots__ = ("channel", "deadline", "future", "nbytes", "on_numbered", "tails", "window")
 
     def __init__(
-        self, channel: str, tails: list[str], window: Window, future: asyncio.Future[int]
+        self,
+        channel: str,
+        tails: list[str],
+        window: Window,
+        future: asyncio.Future[int],
+        on_numbered: Callable[[asyncio.Future[int]], None] | None = None,
     ) -> None:
         self.channel = channel
         self.tails = tails
         self.window = window
         self.future = future
+        # Called with the future as soon as it has its seq (``_send_waiting``).
+        self.on_numbered = on_numbered
         self.nbytes = sum(len(tail) for tail in tails)
         # When its publisher is answered UNAVAILABLE if it has no seq yet (``_expire``).
         self.deadline = future.get_loop().time() + PUBLISH_DEADLINE_SECS
@@ -339,8 +347,16 @@ class RecentStore:
     def _keys(self, channel: str) -> list[str]:
         return [lease_key(self.prefix, channel), window_key(self.prefix, channel)]
 
-    def append(self, channel: str, tails: list[str], window: Window) -> asyncio.Future[int]:
+    def append(
+        self,
+        channel: str,
+        tails: list[str],
+        window: Window,
+        on_numbered: Callable[[asyncio.Future[int]], None] | None = None,
+    ) -> asyncio.Future[int]:
         """Number and store the entries in one step; resolves to the first one's seq.
+        ``on_numbered`` is called with the future once it has its seq, at once, with
+        the other publishes of the same call: their deliveries leave together.
 
         Queued at once (not on first await): publishes get seqs in the order they
         called this, per channel, even across lease renewals, so a publisher may have
@@ -349,7 +365,9 @@ class RecentStore:
         Raises UNAVAILABLE at once when the node holds ``WRITE_QUEUE_MAX_MESSAGES`` or
         ``WRITE_QUEUE_MAX_BYTES`` of publishes not yet sent (Redis slow or away), as
         the write pipeline does for durable ones."""
-        numbering = _Numbering(channel, tails, window, asyncio.get_running_loop().create_future())
+        numbering = _Numbering(
+            channel, tails, window, asyncio.get_running_loop().create_future(), on_numbered
+        )
         if self._queued_messages and (
             self._queued_messages + len(tails) > push_settings.WRITE_QUEUE_MAX_MESSAGES
             or self._queued_bytes + numbering.nbytes > push_settings.WRITE_QUEUE_MAX_BYTES
@@ -416,11 +434,19 @@ class RecentStore:
                 continue
             finally:
                 self._sending = []
+            self._numbered(batch, answers)
+
+    def _numbered(self, batch: list[_Numbering], answers: list[int]) -> None:
+        """Hand each publish its first seq, or hold it while its lease is recovered. A
+        subscriber's messages of the call go out in one write, as a durable batch's."""
+        with deliveries_together():
             for numbering, first in zip(batch, answers, strict=True):
                 if first <= 0:
                     self._hold(numbering, first)
                 elif not numbering.future.done():  # else its publisher gave up
                     numbering.future.set_result(first)
+                    if numbering.on_numbered is not None:
+                        _call_numbered(numbering)
 
     def _take_waiting(self) -> list[_Numbering]:
         """The next call's publishes: one window's, at most ``APPENDS_PER_CALL`` entries
@@ -591,6 +617,13 @@ class RecentStore:
         }
 
 
+def _call_numbered(numbering: _Numbering) -> None:
+    try:
+        numbering.on_numbered(numbering.future)  # type: ignore[misc]  # checked by the caller
+    except Exception:  # a bug: the other publishes of the call are still answered
+        logger.exception("recent publish to %r: answering it failed", numbering.channel)
+
+
 def _store_of_loop() -> RecentStore:
     try:
         client = redis_async(
@@ -656,9 +689,11 @@ class _Numbered:
             entry_tail(i, self.timestamp, d) for i, d in zip(self.ids, data_jsons, strict=True)
         ]
 
-    def queue(self) -> asyncio.Future[int]:
+    def queue(
+        self, on_numbered: Callable[[asyncio.Future[int]], None] | None = None
+    ) -> asyncio.Future[int]:
         # Answered by PUBLISH_DEADLINE_SECS at the latest (``RecentStore._expire``).
-        return store().append(self.channel, self.tails, Window.from_settings())
+        return store().append(self.channel, self.tails, Window.from_settings(), on_numbered)
 
     def messages(self, first: int) -> list[ChannelMessage]:
         return [
@@ -723,10 +758,16 @@ def publish_submitted(
     are numbered and broadcast all the same (a numbered message never goes missing
     from the live stream)."""
     numbered = _Numbered(channel, data_jsons, exclude)
-    numbering = numbered.queue()
-    answer: asyncio.Future[Published | PushError] = numbering.get_loop().create_future()
+    answer: asyncio.Future[Published | PushError] = asyncio.get_running_loop().create_future()
+    settled = False
 
     def numbered_done(numbering: asyncio.Future[int]) -> None:
+        # Called by the store as its seq comes, and again as the future's callback
+        # (the only call when it failed): once is what counts.
+        nonlocal settled
+        if settled:
+            return
+        settled = True
         outcome: Published | PushError
         if numbering.cancelled():  # the store closed
             outcome = PushError(ErrorCode.UNAVAILABLE, "the node is stopping")
@@ -745,6 +786,7 @@ def publish_submitted(
         if not answer.done():
             answer.set_result(outcome)
 
+    numbering = numbered.queue(numbered_done)
     numbering.add_done_callback(numbered_done)
     return answer
 
