@@ -8,10 +8,12 @@ import math
 import struct
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from push.fanout.message import new_message_ids
 from push.wire import json_text
 
 STANDARD_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -118,3 +120,27 @@ def test_every_double_is_written_as_pythons_repr() -> None:
     for value in doubles:
         if math.isfinite(value):
             assert json_text.dumps(value) == repr(value), value
+
+
+@pytest.mark.parametrize("small", [1e-07, -1.5e-300, 5e-05, -1e-05, 2.5e-10])
+def test_a_small_float_is_written_as_python_writes_it_wherever_it_is(small: float) -> None:
+    for holder in (
+        small,
+        [small],
+        {"a": small},
+        [1, "x", {"k": [None, small]}],
+        {"e-": "0.0000", "3e-": small},
+    ):
+        assert json_text.dumps(holder) == STANDARD_ENCODER.encode(holder)
+
+
+def test_answers_with_message_ids_are_not_written_twice() -> None:
+    """A publish's answer (ids with ``e-`` in them about one time in four, a timestamp
+    whose fraction may begin ``.0000``) holds no small float: orjson's text stands."""
+    answers = [
+        {"seq": 7, "message_id": message_id, "timestamp": 1764950000.000012}
+        for message_id in new_message_ids(2000)
+    ]
+    assert any(b"e-" in orjson.dumps(answer) for answer in answers)
+    assert not any(json_text._small_float_in(orjson.dumps(answer)) for answer in answers)
+    assert json_text._small_float_in(b'{"note":"at :1e-5"}')  # looks like one: written twice
