@@ -9,6 +9,7 @@ binary format needs it, and encoded once per wire format per node (``frames``).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -137,7 +138,7 @@ def data_bytes(message: ChannelMessage) -> int:
 def new_message_ids(count: int, *, now_ms: int | None = None) -> list[str]:
     """``count`` time-ordered (version 7, RFC 9562) UUIDs as text, in the canonical form
     ``str(uuid.UUID(...))`` writes: the current millisecond, then random bits drawn
-    ahead of time (``_random_tails``).
+    ahead of time for a few (``_pooled_tails``), for a batch at once.
 
     Version 7 rather than 4: the id is a unique index of the messages table, and random
     ids land on random pages of it, while ids that begin with the time land on its last
@@ -148,37 +149,52 @@ def new_message_ids(count: int, *, now_ms: int | None = None) -> list[str]:
     millis = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     stamp = (millis & 0xFFFF_FFFF_FFFF).to_bytes(6, "big").hex()
     head = f"{stamp[:8]}-{stamp[8:]}-7"  # the version is the next digit
-    return [head + tail for tail in _random_tails(count)]
+    if count > _POOLED_AT_MOST:
+        return _drawn_ids(count, head)
+    return [head + tail for tail in _pooled_tails(count)]
 
 
 # Random parts of ids drawn at once: a recent-only publish asks for one id at a time,
-# and a read of the system's randomness per id cost it about 2 us of the node's CPU.
+# and a read of the system's randomness per id cost it about 2 us of the node's CPU. A
+# write batch's ids (more than 16) are drawn for it alone, as before.
 _TAILS_PER_DRAW = 256
+_POOLED_AT_MOST = 16
 _tails: list[str] = []
+# The event loop and the database threads (``run_plan_sync``) both take ids.
+_tails_lock = threading.Lock()
 
 
-def _random_tails(count: int) -> list[str]:
+def _pooled_tails(count: int) -> list[str]:
     """``count`` ids' random parts (after the version digit), never handed out twice:
-    the pool is taken from under the GIL and emptied in a forked child, whose parent
-    holds the same bytes."""
-    taken: list[str] = []
-    while len(taken) < count:
-        try:
-            taken.append(_tails.pop())
-        except IndexError:
-            _tails.extend(_draw_tails(max(_TAILS_PER_DRAW, count - len(taken))))
+    taken from the pool under its lock, and the pool emptied in a forked child, whose
+    parent holds the same bytes."""
+    if count <= 0:
+        return []
+    with _tails_lock:
+        if len(_tails) < count:
+            _tails.extend(_drawn_ids(_TAILS_PER_DRAW))
+        taken = _tails[-count:]
+        del _tails[-count:]
     return taken
 
 
-def _draw_tails(count: int) -> list[str]:
+def _drawn_ids(count: int, head: str = "") -> list[str]:
+    """``count`` ids after ``head`` (their millisecond and version digit), from one
+    read of the system's randomness."""
     raw = bytearray(os.urandom(10 * count))
     raw[2::10] = bytes(b & 0x3F | 0x80 for b in raw[2::10])  # the RFC variant
     text = raw.hex()
     # Per id: 3 digits after the version, 4 from the variant byte on, then 12.
     return [
-        f"{text[i + 1 : i + 4]}-{text[i + 4 : i + 8]}-{text[i + 8 : i + 20]}"
+        f"{head}{text[i + 1 : i + 4]}-{text[i + 4 : i + 8]}-{text[i + 8 : i + 20]}"
         for i in range(0, 20 * count, 20)
     ]
 
 
-os.register_at_fork(after_in_child=_tails.clear)
+def _forget_drawn_tails() -> None:
+    global _tails_lock
+    _tails.clear()
+    _tails_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_forget_drawn_tails)

@@ -49,11 +49,11 @@ def test_a_forked_child_does_not_hand_out_its_parents_drawn_ids() -> None:
     child = os.fork()
     if child == 0:  # pragma: no cover - the child's exit status reports
         os.close(reading)
-        os.write(writing, "\n".join(new_message_ids(50)).encode())
+        os.write(writing, "\n".join(new_message_ids(1)[0] for _ in range(50)).encode())
         os._exit(0)
     os.close(writing)
     with os.fdopen(reading) as pipe:
         childs = set(pipe.read().split("\n"))
     os.waitpid(child, 0)
-    parents = set(new_message_ids(50))
+    parents = {new_message_ids(1)[0] for _ in range(50)}
     assert len(childs) == 50 and not {i[15:] for i in childs} & {i[15:] for i in parents}
