@@ -144,3 +144,11 @@ def test_answers_with_message_ids_are_not_written_twice() -> None:
     assert any(b"e-" in orjson.dumps(answer) for answer in answers)
     assert not any(json_text._small_float_in(orjson.dumps(answer)) for answer in answers)
     assert json_text._small_float_in(b'{"note":"at :1e-5"}')  # looks like one: written twice
+
+
+def test_text_full_of_look_alikes_is_written_by_the_standard_library() -> None:
+    """A client's string of "0e-0e-..." has a place to look at in every three bytes:
+    past a bound the standard library writes it, so the look stays bounded."""
+    value = {"data": "0e-" * 10_000, "n": [1e-07]}
+    assert json_text.dumps(value) == STANDARD_ENCODER.encode(value)
+    assert json_text._small_float_in(orjson.dumps({"data": "0e-" * 10_000}))
