@@ -126,6 +126,20 @@ async def make_hub(history: MemoryHistory, **kwargs: Any) -> tuple[Hub, Membersh
     return hub, membership
 
 
+async def news_subscriber(
+    *, stored: int, **hub_options: Any
+) -> tuple[MemoryHistory, Hub, FakeClient]:
+    """A hub with one subscriber of ``news``, whose history holds seqs 1 to ``stored``
+    (none delivered yet)."""
+    history = MemoryHistory()
+    hub, _ = await make_hub(history, **hub_options)
+    client = FakeClient()
+    await hub.subscribe(client, "news", since=None, reply=client.reply)
+    for seq in range(1, stored + 1):
+        history.store("news", seq)
+    return history, hub, client
+
+
 async def until_seqs(client: FakeClient, seqs: list[int]) -> None:
     """Wait until ``client`` was sent exactly ``seqs`` (a repair or a replay runs in a
     task of the hub's); a duplicate or a wrong order never matches, so the wait fails."""
@@ -169,12 +183,7 @@ async def test_a_gap_met_while_a_batch_is_broadcast_is_repaired_and_sent() -> No
     """A committed batch is broadcast inside ``deliveries_together``; the repair a gap
     schedules there runs later, in a copy of that context, and what it reads must go
     out then, not wait for the connection's next message."""
-    history = MemoryHistory()
-    hub, _ = await make_hub(history, gap_wait_secs=0.01)
-    client = FakeClient()
-    await hub.subscribe(client, "news", since=None, reply=client.reply)
-    for seq in (1, 2, 3):
-        history.store("news", seq)
+    _, hub, client = await news_subscriber(stored=3, gap_wait_secs=0.01)
     with deliveries_together():
         hub.deliver(make_message("news", 1))
         hub.deliver(make_message("news", 3))  # 2, another node's, was lost on its way
@@ -185,12 +194,7 @@ async def test_repair_racing_live_messages_skips_nothing_in_flight() -> None:
     """A repair's history read is slow; meanwhile the gap fills live and a new one
     opens whose message is committed but still on its way. The repair must not take
     the new gap for trimmed history."""
-    history = MemoryHistory()
-    hub, _ = await make_hub(history, gap_wait_secs=0.01)
-    client = FakeClient()
-    await hub.subscribe(client, "news", since=None, reply=client.reply)
-    for seq in (1, 2, 3):
-        history.store("news", seq)
+    history, hub, client = await news_subscriber(stored=3, gap_wait_secs=0.01)
     hub.deliver(make_message("news", 1))
     hub.deliver(make_message("news", 3))  # 2 is late: a repair is scheduled
     history.page_gate = asyncio.Event()
