@@ -61,11 +61,13 @@ scalars = (
 )
 values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.lists(inner, max_size=3).map(tuple)
-    | st.dictionaries(st.text(max_size=3), inner, max_size=3)
-    | st.dictionaries(st.integers(0, 3), inner, min_size=1, max_size=2)
-    | st.dictionaries(st.text(max_size=3), inner, max_size=3).map(OrderedDict),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+        | st.dictionaries(st.integers(0, 3), inner, min_size=1, max_size=2)
+        | st.dictionaries(st.text(max_size=3), inner, max_size=3).map(OrderedDict)
+    ),
     max_leaves=10,
 )
 
