@@ -446,7 +446,7 @@ class RecentStore:
                 elif not numbering.future.done():  # else its publisher gave up
                     numbering.future.set_result(first)
                     if numbering.on_numbered is not None:
-                        _call_numbered(numbering)
+                        _call_numbered(numbering.on_numbered, numbering)
 
     def _take_waiting(self) -> list[_Numbering]:
         """The next call's publishes: one window's, at most ``APPENDS_PER_CALL`` entries
@@ -617,9 +617,11 @@ class RecentStore:
         }
 
 
-def _call_numbered(numbering: _Numbering) -> None:
+def _call_numbered(
+    on_numbered: Callable[[asyncio.Future[int]], None], numbering: _Numbering
+) -> None:
     try:
-        numbering.on_numbered(numbering.future)  # type: ignore[misc]  # checked by the caller
+        on_numbered(numbering.future)
     except Exception:  # a bug: the other publishes of the call are still answered
         logger.exception("recent publish to %r: answering it failed", numbering.channel)
 
