@@ -40,7 +40,6 @@ from django.core.cache.backends.redis import RedisCache, RedisSerializer
 from django.core.signals import setting_changed
 from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
-from django.dispatch import receiver
 from redis.exceptions import RedisError
 
 from accounts.auth_failures import (
@@ -145,7 +144,6 @@ def _cache_key(name: str) -> str:
     return caches["default"].make_and_validate_key(name)
 
 
-@receiver(setting_changed)
 def _caches_changed(setting: str, **kwargs: Any) -> None:
     if setting == "CACHES":
         _shared_cache_is_redis.cache_clear()
@@ -309,3 +307,4 @@ def connect_signals() -> None:
     m2m_changed.connect(
         _changed, sender=get_user_model().groups.through, dispatch_uid="principal-cache-groups"
     )
+    setting_changed.connect(_caches_changed, dispatch_uid="principal-cache-caches")
