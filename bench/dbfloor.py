@@ -1,12 +1,12 @@
 """The publish scenarios' database floor: what PostgreSQL commits when each message is
 its own transaction, measured with pgbench and no server at all.
 
-pgbench runs the two statements of a publish (``push/services/publishing.py``: the seq upsert of
-``_allocate_seq``, then the insert of ``_store_message``) in one transaction per
-message, K clients over C channels, against the benchmark database with its migrated
-schema (so the same indexes and constraints). Its transactions/s is the rate a server
-that commits every message alone cannot pass; a server that groups messages into
-fewer commits can.
+pgbench runs the two statements of a publish that is alone in its batch
+(``push/storage/write_batch.py``: the seq upsert of ``_allocate_seqs``, then the
+messages' insert, each for one message) in one transaction per message, K clients
+over C channels, against the benchmark database with its migrated schema (so the same
+indexes and constraints). Its transactions/s is the rate a server that commits every
+message alone cannot pass; a server that groups messages into fewer commits can.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ FAILED_PATTERN = re.compile(r"^number of failed transactions: (\d+)", re.MULTILI
 PROCESSED_PATTERN = re.compile(r"^number of transactions actually processed: (\d+)", re.MULTILINE)
 
 # One message: the upsert takes the channel's next seq under its row lock, the insert
-# stores the message; the commit releases the lock (as in _allocate_seq/_store_message).
+# stores the message; the commit releases the lock (as write_batch's statements do).
 # Its id begins with the millisecond, as the node's do (push.fanout.message
 # .new_message_ids): the 12 hex digits of the time, then a random UUID's last 20.
 SCRIPT = """\\set ch random(1, {channels})
