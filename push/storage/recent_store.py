@@ -859,6 +859,12 @@ def window_since_sync(channel: str, since: int, limit: int) -> list[ChannelMessa
     return _run(window_since(channel, since, limit))
 
 
-def latest_seqs_sync(channels: list[str]) -> dict[str, int]:
+async def latest_seqs(channels: list[str]) -> dict[str, int]:
     """Each recent channel's latest seq (REST channel info); a missing lease is left out."""
-    return _run(store().latest_seqs(channels))
+    return await store().latest_seqs(channels)
+
+
+def latest_seqs_sync(channels: list[str]) -> dict[str, int]:
+    # The store is looked up inside the coroutine, on the loop it runs on: a store
+    # belongs to one loop, and the caller's thread has none.
+    return _run(latest_seqs(channels))

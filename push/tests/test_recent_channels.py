@@ -375,6 +375,19 @@ async def test_rest_history_serves_the_window(publisher_token: str) -> None:
     assert [m["seq"] for m in rest.json()["results"]] == [7] and rest.json()["next"] is None
 
 
+@override_settings(PUSH=RECENT)
+async def test_rest_channel_info_answers_a_recent_channels_latest_seq(
+    publisher_token: str,
+) -> None:
+    await _publish("tick:info", 3)
+    info = await sync_to_async(_api(publisher_token).get)("/api/v1/channels/tick:info")
+    assert info.status_code == 200, info.content
+    assert info.json() == {"channel": "tick:info", "last_seq": 3, "subscribers": 0}
+    listed = await sync_to_async(_api(publisher_token).get)("/api/v1/channels/?prefix=tick:info")
+    assert listed.status_code == 200, listed.content
+    assert listed.json()["results"] == [info.json()]
+
+
 # ----- idempotency, transactions, retention -------------------------------------------------
 
 
