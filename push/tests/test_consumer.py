@@ -12,7 +12,14 @@ import pytest
 from django.test import override_settings
 
 from common.errors import CloseCode
-from push.tests.wsclient import WIRE_FORMATS, WsClient, connected_client, open_client
+from push.cluster.node import Node
+from push.tests.wsclient import (
+    WIRE_FORMATS,
+    WsClient,
+    communicator_for,
+    connected_client,
+    open_client,
+)
 from push.wire.codecs import Codec, UnencodableEnvelope
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
@@ -590,3 +597,32 @@ async def test_a_peer_that_left_mid_send_is_not_closed_again() -> None:
     await client.expect_nothing()
     assert connection.is_open  # its disconnect, on the way, ends it
     await client.close()
+
+
+async def test_a_node_that_cannot_start_tells_the_client_to_try_again_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The handshake is accepted so the client sees 1013 (try again later): closed before
+    # the accept, servers answer HTTP 403, which clients take for a refused token.
+    async def fails(self: Node) -> None:
+        raise OSError("the node could not start")
+
+    monkeypatch.setattr(Node, "start", fails)
+    accepted, client, _ = await open_client()
+    assert accepted
+    assert await client.expect_close() == CloseCode.TRY_AGAIN_LATER
+
+
+async def test_a_node_that_cannot_start_tells_a_pusher_client_to_back_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def fails(self: Node) -> None:
+        raise OSError("the node could not start")
+
+    monkeypatch.setattr(Node, "start", fails)
+    communicator = communicator_for(path="/app/any-key")
+    accepted, _ = await communicator.connect()
+    assert accepted
+    frame = json.loads((await communicator.receive_output())["text"])
+    assert frame["event"] == "pusher:error" and frame["data"]["code"] == 4100
+    assert await communicator.receive_output() == {"type": "websocket.close", "code": 4100}

@@ -121,6 +121,9 @@ class PushConsumer(AsyncConsumer):
             self.node = await get_node()
         except Exception:
             logger.exception("node could not start")
+            # Accepted first: a close before the accept reaches the client as HTTP 403,
+            # which clients take for a refused token and do not retry.
+            await send({"type": "websocket.accept", "subprotocol": subprotocol})
             await send({"type": "websocket.close", "code": int(CloseCode.TRY_AGAIN_LATER)})
             return False
         await send({"type": "websocket.accept", "subprotocol": subprotocol})

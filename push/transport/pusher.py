@@ -140,7 +140,13 @@ class PusherConsumer(PushConsumer):
             self.node = await get_node()
         except Exception:
             logger.exception("node could not start")
-            await send({"type": "websocket.close", "code": PusherError.GENERIC_RECONNECT})
+            # Accepted first, as for every refusal here: a close before the accept
+            # reaches the client as HTTP 403. 4100-4199: reconnect after a back-off (a
+            # node that cannot start is not helped by clients reconnecting at once).
+            await send({"type": "websocket.accept"})
+            await self._refuse_unaccepted(
+                send, PusherError.OVER_CAPACITY, "the server is unavailable; retry later"
+            )
             return False
         await send({"type": "websocket.accept"})
         read_frames_directly(send)
