@@ -519,6 +519,36 @@ def test_k8s_node_probes_ask_the_monitoring_views() -> None:
     assert ports["http"] == options["port"]
 
 
+# Each path the ingress routes, and a page under it the node serves (None: served by
+# the ASGI application itself, not the URLconf: WebSocket, SSE, Pusher's WebSocket).
+INGRESS_SAMPLES = {
+    "/ws": None,
+    "/sse": None,
+    "/app/": None,
+    "/api": "/api/v1/channels/",
+    "/apps/": "/apps/1/events",
+    "/users/": "/users/1/terminate_connections",
+    "/pusher/": "/pusher/auth",
+    "/admin": "/admin/",
+    "/": "/",
+    "/static/": None,
+}
+
+
+def test_k8s_ingress_routes_what_the_node_serves_to_clients() -> None:
+    from django.conf import settings
+
+    rules = resource("Ingress", "push")["spec"]["rules"]
+    paths = {p["path"] for rule in rules for p in rule["http"]["paths"]}
+    assert paths == set(INGRESS_SAMPLES)
+    # The demo page loads the JavaScript client from the static files.
+    assert settings.STATIC_URL in paths
+    for path, sample in INGRESS_SAMPLES.items():
+        if sample is not None:
+            assert sample.startswith(path)
+            resolve(sample)  # Resolver404: the ingress routes a path nobody serves
+
+
 def test_k8s_node_drains_within_its_grace_period() -> None:
     pod = resource("Deployment", "push-node")["spec"]["template"]["spec"]
     pre_stop = node_container()["lifecycle"]["preStop"]["exec"]["command"]
