@@ -398,6 +398,11 @@ class WritePipeline:
             # head of the queue, behind this one's retry, so every channel keeps its
             # order whatever happens to this one (split, slow lane, retried).
             behind = [later.batch for later in self._in_flight]
+            if self._held is not None:
+                # Taken from the queue after those: written before them (it is written
+                # once nothing is in flight), it would overtake their publishes.
+                behind.append(self._held)
+                self._held = None
             self._in_flight.clear()
             self._disarm_deadline()
             self._requeue(behind)

@@ -33,7 +33,12 @@ from push.storage.write_batch import (
     batch_plan,
     now_micros,
 )
-from push.storage.write_pipeline import LOCK_WAIT_SECS, WritePipeline, pipeline_conninfo
+from push.storage.write_pipeline import (
+    LOCK_WAIT_SECS,
+    THIRD_BATCH_MIN_MESSAGES,
+    WritePipeline,
+    pipeline_conninfo,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
@@ -168,6 +173,39 @@ async def test_a_channel_keeps_its_order_when_the_batch_ahead_times_out_on_a_loc
     assert [o.messages[0].seq for o in outcomes if isinstance(o, Published)] == [2, 3]
     stored = await sync_to_async(_stored)("held")
     assert [(seq, data["n"]) for seq, data, _ in stored] == [(1, 0), (2, 1), (3, 2)]
+
+
+async def test_a_keyed_batch_held_behind_a_failing_one_keeps_the_channels_order() -> None:
+    """One publisher's two publishes of a channel, the first sent behind a batch that
+    fails (it waits on a row lock and gives up), the second queued after it in a batch
+    with an idempotency key (held, to be written alone): the first is sent again after
+    the failing one's retry, and the second must not be written before it."""
+    pipeline = _pipeline([])
+    locker = await psycopg.AsyncConnection.connect(
+        **pipeline_conninfo(connection.get_connection_params())
+    )
+    try:
+        assert isinstance(await pipeline.publish(_unit("held", 0)), Published)  # the row
+        await locker.execute("SELECT 1 FROM push_channel WHERE name = 'held' FOR UPDATE")
+        blocked = pipeline.submit(_unit("held", 1))
+        await asyncio.sleep(0.05)  # sent, and waiting on the lock
+        first = pipeline.submit(_unit("ordered", 1))
+        await asyncio.sleep(0.01)  # sent behind it, the second in flight
+        # Enough waiting for a third batch: taken now, and held for its key.
+        keyed = pipeline.submit(_unit("other", 1, principal="p", idempotency_key="k"))
+        second = pipeline.submit(_unit("ordered", 2))
+        fillers = [pipeline.submit(_unit("filler", n)) for n in range(THIRD_BATCH_MIN_MESSAGES)]
+        await asyncio.sleep(LOCK_WAIT_SECS + 0.1)  # the blocked one gave up on the lock
+        await locker.rollback()
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(blocked, first, keyed, second, *fillers), 10
+        )
+    finally:
+        await locker.close()
+        await pipeline.stop()
+    assert all(isinstance(o, Published) for o in outcomes)
+    stored = await sync_to_async(_stored)("ordered")
+    assert [(seq, data["n"]) for seq, data, _ in stored] == [(1, 1), (2, 2)]
 
 
 async def test_a_refused_keyed_publish_fails_alone_and_the_connection_stays_usable() -> None:
