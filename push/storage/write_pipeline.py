@@ -125,11 +125,13 @@ def _channels_of(unit: PublishUnit) -> set[str]:
 
 
 class _Queued:
-    __slots__ = ("future", "unit")
+    __slots__ = ("future", "slow", "unit")
 
     def __init__(self, unit: PublishUnit, future: asyncio.Future[Outcome]) -> None:
         self.unit = unit
         self.future = future
+        # Handed to the slow lane, which answers it (see ``_answered_if_it_fails``).
+        self.slow = False
 
 
 class _Sent:
@@ -260,6 +262,9 @@ class WritePipeline:
             task.cancel()
         stopping = PushError(ErrorCode.UNAVAILABLE, "the node is stopping")
         self._answer_in_flight(stopping)
+        # Batches sent behind one that failed while the writer finished went back to
+        # the queue after it was answered above, and no writer is left to send them.
+        self._fail_queued(stopping)
         if self._held is not None:
             self._answer_all(self._held, stopping)
             self._held = None
@@ -574,6 +579,7 @@ class WritePipeline:
             self._answer(queued, PushError(ErrorCode.UNAVAILABLE, "the channel is busy; retry"))
             return
         self._slow_waiting += 1
+        queued.slow = True
         channels = _channels_of(queued.unit)
         before = [self._slow[c] for c in channels if c in self._slow]
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -753,12 +759,15 @@ class WritePipeline:
 @contextlib.contextmanager
 def _answered_if_it_fails(batch: list[_Queued]) -> Iterator[None]:
     """A bug while handling ``batch`` answers its publishers UNAVAILABLE before it
-    propagates (to the writer's loop, which logs it and goes on)."""
+    propagates (to the writer's loop, which logs it and goes on); so does the writer's
+    cancellation (a stopping node gives up on a batch written past its write timeout),
+    which would otherwise leave them waiting for good. Publishes handed to the slow
+    lane meanwhile are left to it: it may still store them."""
     try:
         yield
-    except Exception:
+    except BaseException:
         for queued in batch:
-            if not queued.future.done():
+            if not queued.future.done() and not queued.slow:
                 queued.future.set_result(PushError(ErrorCode.UNAVAILABLE, "the write failed"))
         raise
 

@@ -208,6 +208,65 @@ async def test_a_keyed_batch_held_behind_a_failing_one_keeps_the_channels_order(
     assert [(seq, data["n"]) for seq, data, _ in stored] == [(1, 1), (2, 2)]
 
 
+async def test_a_node_stopping_while_the_batch_ahead_fails_answers_the_batch_behind() -> None:
+    """The node stops with two batches in flight; the first gives up on a row lock, so
+    the one behind it goes back to the queue, which the stop had already answered: it
+    is answered too, never left waiting for a writer that is gone."""
+    pipeline = _pipeline([])
+    locker = await psycopg.AsyncConnection.connect(
+        **pipeline_conninfo(connection.get_connection_params())
+    )
+    try:
+        assert isinstance(await pipeline.publish(_unit("held", 0)), Published)  # the row
+        await locker.execute("SELECT 1 FROM push_channel WHERE name = 'held' FOR UPDATE")
+        blocked = pipeline.submit(_unit("held", 1))
+        await asyncio.sleep(0.05)  # sent, and waiting on the lock
+        behind = pipeline.submit(_unit("behind", 1))
+        await asyncio.sleep(0.01)  # sent behind it
+        await pipeline.stop()
+        await locker.rollback()
+        outcome = await asyncio.wait_for(behind, 5)
+    finally:
+        await locker.close()
+        await pipeline.stop()
+    assert isinstance(outcome, PushError) and outcome.code is ErrorCode.UNAVAILABLE
+    assert await sync_to_async(_stored)("behind") == []
+    # The blocked one went to the slow lane, and commits once the lock is released.
+    assert isinstance(await asyncio.wait_for(blocked, 10), Published)
+
+
+async def test_a_node_stopping_while_a_batch_is_written_alone_answers_it() -> None:
+    """A keyed batch (written alone) splits again and again on a row lock, past the
+    write timeout that a stopping node waits for its writer: the writer is cancelled,
+    and the batch's publishers are answered, not left waiting."""
+    pipeline = _pipeline([], write_timeout_secs=0.5)
+    locker = await psycopg.AsyncConnection.connect(
+        **pipeline_conninfo(connection.get_connection_params())
+    )
+    try:
+        assert isinstance(await pipeline.publish(_unit("held", 0)), Published)  # the row
+        await locker.execute("SELECT 1 FROM push_channel WHERE name = 'held' FOR UPDATE")
+        keyed = [
+            pipeline.submit(_unit("held", n, principal="p", idempotency_key=f"k{n}"))
+            for n in range(1, 5)
+        ]
+        await asyncio.sleep(0.05)  # being written, and waiting on the lock
+        await pipeline.stop()
+        outcomes = await asyncio.wait_for(asyncio.gather(*keyed), 5)
+    finally:
+        await locker.close()
+        await pipeline.stop()
+    published = [o.messages[0].data_json for o in outcomes if isinstance(o, Published)]
+    assert all(
+        isinstance(o, PushError) and o.code is ErrorCode.UNAVAILABLE
+        for o in outcomes
+        if not isinstance(o, Published)
+    )
+    # Nothing answered UNAVAILABLE was stored after all.
+    stored = await sync_to_async(_stored)("held")
+    assert [json.dumps(data) for _, data, _ in stored[1:]] == published
+
+
 async def test_a_refused_keyed_publish_fails_alone_and_the_connection_stays_usable() -> None:
     """The same with idempotency keys (a batch of several statements, its own BEGIN and
     COMMIT): the refused transaction is rolled back, the halves are written on the same
