@@ -27,11 +27,12 @@ restart, a replica promoted before it received the last writes) counts as lost.
 
 A lost lease is started again in three steps: a *claim* script creates it as a
 pending marker (publishers wait for it, a few ms; it expires by itself if its claimer
-dies), the claimer then reserves a block, and a *confirm* script sets the counter to
-the bottom of that block. Every block installed before the loss was reserved before
-the claim, so it ends at or below that bottom. (Starting the counter from a block
-reserved *before* the loss, as "counter = top - block when the hash is missing"
-would, can hand out again seqs that a later block handed out before it.)
+dies, and is dropped if the block cannot be reserved), the claimer then reserves a
+block, and a *confirm* script sets the counter to the bottom of that block. Every
+block installed before the loss was reserved before the claim, so it ends at or below
+that bottom. (Starting the counter from a block reserved *before* the loss, as
+"counter = top - block when the hash is missing" would, can hand out again seqs that
+a later block handed out before it.)
 
 After a loss the next seq is past everything before: a live subscriber sees a jump in
 seq (a gap it can see, never a repeated seq), a resume across it answers
@@ -43,6 +44,7 @@ could still be handed out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -181,6 +183,13 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
+# Drop a pending marker whose block could not be reserved (nothing was handed out).
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'p') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
 # The latest seq and the window entries after ARGV[1] (or the last ARGV[2] when
 # ARGV[1] is negative), read at one instant; false while the lease is missing, 0 when
 # another server process wrote it (ARGV[3] is the run_id the caller knows).
@@ -309,6 +318,7 @@ class RecentStore:
         self._install = redis.register_script(_INSTALL)
         self._claim = redis.register_script(_CLAIM)
         self._confirm = redis.register_script(_CONFIRM)
+        self._release = redis.register_script(_RELEASE)
         self._read = redis.register_script(_READ)
         # Channel -> its publishes kept back, in order, while its lease is recovered.
         self._held: dict[str, list[_Numbering]] = {}
@@ -572,7 +582,14 @@ class RecentStore:
         server = await self.server_id(fresh=True)
         if not int(await self._claim(keys=keys, args=[token, PENDING_TTL_MSECS, server])):
             return  # another publisher claimed it first: wait for its confirm
-        top = await _seq_block_take(channel, amount)
+        try:
+            top = await _seq_block_take(channel, amount)
+        except Exception:
+            # PostgreSQL away: the claim is dropped, or every publisher of the channel
+            # would wait out its marker (PENDING_TTL_MSECS) once PostgreSQL is back.
+            with contextlib.suppress(RedisError, OSError):
+                await self._release(keys=keys, args=[token])
+            raise
         metrics.RECENT_SEQ_BLOCKS.labels("start").inc()
         await self._confirm(keys=keys, args=[token, top - amount, top, LEASE_IDLE_SECS])
 
@@ -712,11 +729,14 @@ class _Numbered:
 
 
 # What a numbering fails with when Redis (or PostgreSQL, for a new block of seqs) is
-# away or slow: answered UNAVAILABLE.
-_UNAVAILABLE_ERRORS = (RedisError, OSError, TimeoutError, DatabaseError)
+# away or slow: answered UNAVAILABLE. (On the database threads a DatabaseError becomes
+# db_call's PushError, UNAVAILABLE, which is what the block's reservation raises.)
+_UNAVAILABLE_ERRORS = (RedisError, OSError, TimeoutError, DatabaseError, PushError)
 
 
 def _refusal(exc: BaseException) -> PushError:
+    if isinstance(exc, PushError):  # db_call's, from a DatabaseError: the block's
+        exc = exc.__cause__ or exc
     if isinstance(exc, DatabaseError):  # a new block of seqs could not be reserved
         return PushError(
             ErrorCode.UNAVAILABLE, f"PostgreSQL unavailable: {type(exc).__name__}; retry"

@@ -13,13 +13,14 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.management import call_command
-from django.db import transaction
+from django.db import OperationalError, transaction
 from django.db.transaction import TransactionManagementError
 from django.test import override_settings
 from prometheus_client import REGISTRY
 from rest_framework.test import APIClient
 
 import push
+from common.db import db_call
 from common.errors import PushError
 from common.redis_client import redis_async, redis_prefix
 from devtools.processes import free_port, redis_server
@@ -607,3 +608,34 @@ async def test_a_publish_redis_never_answers_is_answered_unavailable_at_its_dead
     finally:
         await proxy.stop()
         await store.close()
+
+
+# ----- PostgreSQL down while a lease needs a block --------------------------------------------
+
+
+@override_settings(PUSH=RECENT)
+async def test_postgresql_down_at_a_lease_start_answers_unavailable_then_recovers(
+    publisher_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new lease needs a block of seqs from PostgreSQL: while it cannot be reserved
+    the publisher is told PostgreSQL is unavailable, and the next publish once it is
+    back is numbered at once (the claim of the failed start is not left pending)."""
+
+    def refused(channel: str, amount: int) -> int:
+        raise OperationalError("connection refused")
+
+    reserve = recent_store._seq_block_take
+    monkeypatch.setattr(recent_store, "_seq_block_take", db_call(refused))
+    publisher = await connected_client(token=publisher_token)
+    request = {"type": "publish", "channel": "tick:pgdown", "data": 1, "id": 1}
+    try:
+        reply = await publisher.request(request)
+        assert (reply["type"], reply["code"]) == ("error", "UNAVAILABLE")
+        assert "PostgreSQL" in reply["message"]
+        monkeypatch.setattr(recent_store, "_seq_block_take", reserve)
+        started = asyncio.get_running_loop().time()
+        reply = await publisher.request(request)
+        assert (reply["type"], reply["seq"]) == ("published", 1)
+        assert asyncio.get_running_loop().time() - started < 1
+    finally:
+        await publisher.close()
