@@ -46,6 +46,8 @@ Failures:
   that channel leave the pipeline for a slow lane, written one at a time on the
   database threads where waiting on the lock holds up nobody else. Once a channel is
   in the slow lane, its later publishes follow it there, so they keep their order.
+  Each is answered UNAVAILABLE ("the channel is busy") unless it is written within the
+  write timeout of entering the lane, its wait behind the others included.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
-from django.db import DataError, IntegrityError, connection, transaction
+from django.db import DataError, IntegrityError, OperationalError, connection, transaction
 from psycopg import errors as pg_errors
 from psycopg import pq
 
@@ -109,12 +111,18 @@ def _write_waiting_for_locks(
 ) -> BatchOutcome:
     """One unit through Django's connection (on a database thread), waiting up to
     ``lock_wait_secs`` for its channels' rows, then UNAVAILABLE (nothing stored)."""
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT set_config('lock_timeout', %s, true)", [f"{int(lock_wait_secs * 1000)}ms"]
-            )
-        return run_plan_sync([unit], window_secs=window_secs)
+    # (At least 1 ms: a lock_timeout of 0 waits for ever.)
+    lock_timeout = f"{max(1, int(lock_wait_secs * 1000))}ms"
+    try:
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT set_config('lock_timeout', %s, true)", [lock_timeout])
+            return run_plan_sync([unit], window_secs=window_secs)
+    except OperationalError as exc:
+        if isinstance(exc.__cause__, pg_errors.LockNotAvailable):
+            # Not the database failing: what a held lock answers (and nothing to log).
+            raise PushError(ErrorCode.UNAVAILABLE, "the channel is busy; retry") from exc
+        raise
 
 
 _write_slowly = db_call(_write_waiting_for_locks)
@@ -582,22 +590,31 @@ class WritePipeline:
         queued.slow = True
         channels = _channels_of(queued.unit)
         before = [self._slow[c] for c in channels if c in self._slow]
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
         for channel in channels:
             self._slow[channel] = done
-        spawn(self._write_slow(queued, before, done), name="push-slow-write")
+        # Its wait behind the publishes ahead of it counts: each of those may wait the
+        # write timeout on the same lock, and the n-th publisher would wait n of them.
+        deadline = loop.time() + self._write_timeout_secs
+        spawn(self._write_slow(queued, before, done, deadline), name="push-slow-write")
 
     async def _write_slow(
-        self, queued: _Queued, before: list[asyncio.Future[None]], done: asyncio.Future[None]
+        self,
+        queued: _Queued,
+        before: list[asyncio.Future[None]],
+        done: asyncio.Future[None],
+        deadline: float,
     ) -> None:
         try:
             for earlier in before:
                 await earlier
             try:
+                lock_wait_secs = deadline - asyncio.get_running_loop().time()
+                if lock_wait_secs <= 0:
+                    raise PushError(ErrorCode.UNAVAILABLE, "the channel is busy; retry")
                 outcome = await _write_slowly(
-                    queued.unit,
-                    window_secs=self._window_secs,
-                    lock_wait_secs=self._write_timeout_secs,
+                    queued.unit, window_secs=self._window_secs, lock_wait_secs=lock_wait_secs
                 )
             except PushError as exc:  # UNAVAILABLE: the lock was held past the timeout
                 self._answer(queued, exc)

@@ -267,6 +267,35 @@ async def test_a_node_stopping_while_a_batch_is_written_alone_answers_it() -> No
     assert [json.dumps(data) for _, data, _ in stored[1:]] == published
 
 
+async def test_publishes_piling_up_behind_a_held_lock_are_each_answered_in_time() -> None:
+    """A channel's row held by another transaction past the write timeout: its
+    publishes queue in the slow lane one behind the other, and each is answered within
+    the write timeout of entering it, not after those ahead of it each waited theirs
+    (the n-th publisher would wait n timeouts)."""
+    pipeline = _pipeline([], write_timeout_secs=0.5)
+    locker = await psycopg.AsyncConnection.connect(
+        **pipeline_conninfo(connection.get_connection_params())
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        assert isinstance(await pipeline.publish(_unit("held", 0)), Published)  # the row
+        await locker.execute("SELECT 1 FROM push_channel WHERE name = 'held' FOR UPDATE")
+        started = loop.time()
+        waiting = [pipeline.submit(_unit("held", n)) for n in range(1, 7)]
+        outcomes = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        answered_after = loop.time() - started
+        await locker.rollback()
+        later = await pipeline.publish(_unit("held", 7))
+    finally:
+        await locker.close()
+        await pipeline.stop()
+    assert answered_after < LOCK_WAIT_SECS + 0.5 + 0.5
+    for outcome in outcomes:
+        assert isinstance(outcome, PushError) and outcome.code is ErrorCode.UNAVAILABLE
+        assert outcome.message == "the channel is busy; retry"
+    assert isinstance(later, Published) and later.messages[0].seq == 2
+
+
 async def test_a_refused_keyed_publish_fails_alone_and_the_connection_stays_usable() -> None:
     """The same with idempotency keys (a batch of several statements, its own BEGIN and
     COMMIT): the refused transaction is rolled back, the halves are written on the same
