@@ -444,7 +444,7 @@ class WritePipeline:
         for batch in batches:
             logger.warning("write pipeline: batch of %d lost: %r", len(batch), exc)
             metrics.WRITE_BATCHES_FAILED.labels("unavailable").inc()
-            self._answer_all(batch, _unavailable(exc))
+            self._answer_all(batch, _outcome_unknown(exc))
 
     async def _recover(self, link: PipelinedConnection) -> None:
         """After a failed statement: skip the results of what PostgreSQL skipped, and
@@ -811,6 +811,14 @@ def _finished(plan: Plan, rows: list[tuple[Any, ...]]) -> BatchOutcome:
 def _unavailable(exc: BaseException) -> PushError:
     return PushError(
         ErrorCode.UNAVAILABLE, f"database unavailable ({type(exc).__name__}); not published"
+    )
+
+
+def _outcome_unknown(exc: BaseException) -> PushError:
+    # Lost while its COMMIT may have been on its way: "not published" could be untrue.
+    return PushError(
+        ErrorCode.UNAVAILABLE,
+        f"database connection lost ({type(exc).__name__}); the publish may have been stored",
     )
 
 

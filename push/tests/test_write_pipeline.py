@@ -481,6 +481,7 @@ class SilentProxy:
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.silent = False
+        self.silent_after_commit = False
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -490,12 +491,21 @@ class SilentProxy:
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
 
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        async def pipe(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, replies: bool
+        ) -> None:
             while data := await source.read(65536):
-                if not self.silent:
+                if self.silent_after_commit and not replies and b"COMMIT" in data:
+                    # The COMMIT reaches the server; what it answers does not come back.
+                    sink.write(data)
+                    self.silent = True
+                elif not self.silent:
                     sink.write(data)
 
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        await asyncio.gather(
+            pipe(reader, upstream_writer, replies=False),
+            pipe(upstream_reader, writer, replies=True),
+        )
 
     def go_silent(self) -> None:
         self.silent = True
@@ -525,6 +535,44 @@ async def test_a_database_that_stops_answering_is_given_up_after_the_write_timeo
     finally:
         await pipeline.stop()
         proxy.close()
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["sent behind others", "written alone"])
+async def test_a_commit_whose_answer_is_lost_is_never_acknowledged_nor_written_again(
+    keyed: bool,
+) -> None:
+    """The COMMIT reaches PostgreSQL, which commits, and its answer is lost: the
+    publisher is answered UNAVAILABLE (the outcome is unknown, and the message says
+    so), the batch is not written a second time, and a retry with its key answers the
+    first result."""
+    conninfo = pipeline_conninfo(connection.get_connection_params())
+    proxy = SilentProxy((conninfo.get("host", "127.0.0.1"), int(conninfo.get("port", 5432))))
+    port = await proxy.start()
+    committed: list[ChannelMessage] = []
+    pipeline = _pipeline(
+        committed, conninfo={**conninfo, "host": "127.0.0.1", "port": port}, write_timeout_secs=1.0
+    )
+    key = {"principal": "p", "idempotency_key": "k"} if keyed else {}
+    try:
+        assert isinstance(await pipeline.publish(_unit("lost", 1)), Published)
+        proxy.silent_after_commit = True
+        lost = await asyncio.wait_for(pipeline.publish(_unit("lost", 2, **key)), 10)
+        proxy.silent = proxy.silent_after_commit = False
+        again = await asyncio.wait_for(pipeline.publish(_unit("lost", 2, **key)), 10)
+    finally:
+        await pipeline.stop()
+        proxy.close()
+    assert isinstance(lost, PushError) and lost.code is ErrorCode.UNAVAILABLE
+    assert "may have been stored" in lost.message
+    stored = [(seq, data["n"]) for seq, data, _ in await sync_to_async(_stored)("lost")]
+    assert isinstance(again, Published)
+    if keyed:
+        assert again.replayed and again.messages[0].seq == 2
+        assert stored == [(1, 1), (2, 2)]
+    else:  # no key: the retry is a second publish, as the contract says
+        assert not again.replayed and again.messages[0].seq == 3
+        assert stored == [(1, 1), (2, 2), (3, 2)]
+    assert 2 not in [m.seq for m in committed]  # never answered, never broadcast here
 
 
 # ----- the services, on a running node and without one ------------------------------------
