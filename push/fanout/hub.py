@@ -441,6 +441,15 @@ class Hub:
             return await self._attach_rewound(subscriber, hub_channel, rewind, reply, delta)
         if since is not None and since > hub_channel.delivered_seq:
             latest = await self._latest_seq_or_none(hub_channel)
+            if self.channels.get(channel) is not hub_channel or (
+                hub_channel.state is not ChannelState.LIVE
+            ):
+                # The channel had no subscriber during the read (its linger was over and
+                # it waited its turn to be left) and was left meanwhile: attached to it,
+                # the client would never receive another message. Join it again.
+                return await self.subscribe(
+                    subscriber, channel, since=since, reply=reply, delta=delta
+                )
             if latest is not None and since > latest:
                 # A cursor past anything the channel ever had (its history was reset,
                 # or the client made it up): say the real latest seq with recovered
