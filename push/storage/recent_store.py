@@ -599,19 +599,33 @@ class RecentStore:
         """The channel's latest seq and its window entries after ``since`` (the last
         ``limit`` when None) that are younger than the window's age; None while the
         lease is missing (the channel's latest seq is then unknown)."""
-        args = [-1 if since is None else since, limit]
+        after = -1 if since is None else since
+        while True:
+            answer = await self._read_once(channel, after, limit)
+            if not answer:
+                return None  # missing, or written by another server: lost either way
+            latest, entries = answer
+            messages = [message_from_entry(channel, e) for e in entries]
+            cutoff = time.time() - window.secs
+            # A leading run only, so what is served stays contiguous.
+            aged = 0
+            while aged < len(messages) and messages[aged].timestamp < cutoff:
+                aged += 1
+            if not aged or since is None or len(entries) < limit:
+                return int(latest), messages[aged:]
+            # A full read that began with entries past the age (a channel that kept
+            # publishing keeps its window): the entries asked for are the ``limit``
+            # after them. Cut short (or empty), the page would read as the window's
+            # end, and a replay or a REST client would stop before what is served.
+            after = messages[aged - 1].seq
+
+    async def _read_once(self, channel: str, after: int, limit: int) -> Any:
+        """One ``_READ``: (latest, entries), or falsy while the lease is missing."""
+        args = [after, limit]
         answer = await self._read(keys=self._keys(channel), args=[*args, await self.server_id()])
         if answer == 0 and await self._server_changed():
             answer = await self._read(keys=self._keys(channel), args=[*args, self._server_id])
-        if not answer:
-            return None  # missing, or written by another server: lost either way
-        latest, entries = answer
-        messages = [message_from_entry(channel, e) for e in entries]
-        cutoff = time.time() - window.secs
-        # A leading run only, so what is served stays contiguous.
-        while messages and messages[0].timestamp < cutoff:
-            messages.pop(0)
-        return int(latest), messages
+        return answer
 
     async def latest_seqs(self, channels: Iterable[str]) -> dict[str, int]:
         """Each channel's latest seq; channels whose lease is missing are left out."""

@@ -346,6 +346,36 @@ async def test_messages_older_than_the_window_are_gone(publisher_token: str) -> 
     await client.close()
 
 
+@override_settings(
+    PUSH={
+        **RECENT,
+        "RECENT_WINDOW_MESSAGES": 40,
+        "RECENT_WINDOW_SECS": 2,
+        "SEND_QUEUE_MAX_FRAMES": 10,  # a replay reads pages of 5
+    }
+)
+async def test_a_resume_from_before_messages_past_the_age_replays_the_rest_of_the_window(
+    publisher_token: str,
+) -> None:
+    """The window's oldest entries are past its age (the channel kept publishing, so
+    the window itself lives on) and fill the replay's first page: the replay must go on
+    to the entries after them (``recovered: false``, then what the window serves), not
+    take that empty page for the end of history."""
+    assert await _publish("tick:aged", 6) == list(range(1, 7))
+    await asyncio.sleep(1.2)
+    assert await _publish("tick:aged", 1, start=6) == [7]
+    await asyncio.sleep(1.2)  # the point: 1..6 are now older than the 2 s window
+    assert await _publish("tick:aged", 1, start=7) == [8]
+    client, subscribed = await _subscriber("tick:aged", since=0)
+    assert (subscribed["seq"], subscribed["recovered"]) == (8, False)
+    assert [m["seq"] for m in await _received(client, 2)] == [7, 8]
+    await client.expect_nothing()
+    await client.close()
+    # A client told ``recovered: false`` refetches from REST, page by page: the same.
+    history = await _rest_history(publisher_token, "tick:aged", "since=0&limit=5")
+    assert [m["seq"] for m in history["results"]] == [7, 8]
+
+
 @override_settings(PUSH={**RECENT, "RECENT_WINDOW_BYTES": 300})
 async def test_the_window_is_bounded_in_bytes(publisher_token: str) -> None:
     for n in range(4):
