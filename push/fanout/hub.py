@@ -64,6 +64,9 @@ OUTBOX_POLL_SECS = 0.005
 # How often a replay waiting for its address's history budget looks whether its client
 # left.
 BUDGET_POLL_SECS = 0.5
+# A replay whose history read failed after ``subscribed`` went out reads the page again
+# this long after, while its client stays.
+REPLAY_RETRY_SECS = 1.0
 # A replay's page stays shareable this long after its read, while the channel delivers
 # nothing (``Hub._shared_page``): a storm of rewinds or resumes that outlasts the read.
 PAGE_REUSE_SECS = 1.0
@@ -628,9 +631,29 @@ class Hub:
                 return
             if not await self._wait_for_budget(subscriber):
                 return
-            page = await self._shared_page(
-                self._page_key(hub_channel, subscription.last_seq, subscriber)
-            )
+            next_page = await self._page_after_reply(subscription)
+            if next_page is None:
+                return
+            page = next_page
+
+    async def _page_after_reply(self, subscription: Subscription) -> HistoryPage | None:
+        """The replay's next page, read again until it comes (None: the client left).
+
+        ``subscribed`` went out with the first page, and the client holds the
+        subscription as made: failing now would drop it behind the client's back (an
+        error under a request id the client had settled, then nothing more on the
+        channel). Live messages wait meanwhile in the bounded buffer, as during any read."""
+        subscriber = subscription.subscriber
+        while subscription.active and not subscriber.gone:
+            key = self._page_key(subscription.channel, subscription.last_seq, subscriber)
+            try:
+                return await self._shared_page(key)
+            except Exception as exc:
+                logger.warning(
+                    "history read for a replay of %s failed: %s", subscription.channel.name, exc
+                )
+            await asyncio.sleep(REPLAY_RETRY_SECS)
+        return None
 
     def _page_size(self, subscriber: Subscriber) -> tuple[int, int]:
         """Pages sized to half the client's send queue (count, bytes): the replay waits
@@ -666,7 +689,10 @@ class Hub:
         for all kept reads: pages of large messages, read fast, would otherwise stay
         in memory long after their replays sent them."""
         nbytes = _page_bytes(read)
-        if self._kept_page_bytes + nbytes > PAGE_REUSE_MAX_BYTES:
+        failed = read.cancelled() or read.exception() is not None
+        # A failed read is shared only while it runs: a replay that reads again after
+        # it (``_page_after_reply``) must not be handed the same failure.
+        if failed or self._kept_page_bytes + nbytes > PAGE_REUSE_MAX_BYTES:
             self._forget_page_read(key, read, 0)
             return
         self._kept_page_bytes += nbytes

@@ -1,0 +1,63 @@
+"""A resume whose history read fails after ``subscribed`` went out: what the client
+sees, on a node of this process with PostgreSQL (the failure is one read that
+raises, as a dropped database connection makes it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import OperationalError
+from django.test import override_settings
+
+from push.services.publishing import message_publish
+from push.storage import history
+from push.tests.wsclient import connected_client
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
+
+
+@pytest.fixture
+def second_page_fails(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The second history page read of this test raises once; the sinces asked."""
+    asked: list[int] = []
+    read = history._history_page
+
+    async def failing_once(**kwargs: Any) -> Any:
+        asked.append(kwargs["since"])
+        if len(asked) == 2:
+            raise OperationalError("server closed the connection unexpectedly")
+        return await read(**kwargs)
+
+    monkeypatch.setattr(history, "_history_page", failing_once)
+    return asked
+
+
+# Pages of 5 (half the send queue), and no resume served from the node's memory.
+@override_settings(PUSH={"SEND_QUEUE_MAX_FRAMES": 10, "RECENT_PER_CHANNEL": 1})
+async def test_a_replay_whose_later_page_fails_once_still_delivers_everything(
+    second_page_fails: list[int],
+) -> None:
+    """``subscribed`` and the first page went out when the next read fails: the client
+    holds the subscription as made, so the server must not drop it behind its back
+    (an error under the subscribe's id, which the client had settled already, and
+    nothing more on the channel). The replay reads the page again and goes on."""
+    for n in range(12):
+        await sync_to_async(message_publish)(channel="replayed", data=n)
+    client = await connected_client()
+    subscribed = await client.request(
+        {"type": "subscribe", "channel": "replayed", "since": 0, "id": 1}
+    )
+    assert (subscribed["type"], subscribed["seq"], subscribed["recovered"]) == (
+        "subscribed",
+        12,
+        True,
+    )
+    seqs = [(await client.recv_type("message"))["seq"] for _ in range(12)]
+    assert seqs == list(range(1, 13))
+    await sync_to_async(message_publish)(channel="replayed", data=12)
+    assert (await client.recv_type("message"))["seq"] == 13
+    await client.expect_nothing()
+    assert second_page_fails[:2] == [0, 5]
+    await client.close()
