@@ -44,6 +44,7 @@ could still be handed out.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import json
@@ -86,6 +87,10 @@ logger = logging.getLogger(__name__)
 REDIS_CONNECT_TIMEOUT_SECS = 1.0
 REDIS_TIMEOUT_SECS = 2.0
 PUBLISH_DEADLINE_SECS = 5.0
+# A synchronous caller (application code, a sync view) waits at most this for the
+# loop its work runs on: past every bound that work has (the publish deadline, a
+# block's reservation on the database threads).
+SYNC_CALL_TIMEOUT_SECS = 30.0
 # How often the store looks for publishes past that deadline (while it has any).
 EXPIRY_CHECK_SECS = 0.5
 # A pending marker outlives a creator that died before confirming it by this much.
@@ -864,7 +869,16 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     if running is loop:
         coroutine.close()
         raise RuntimeError("called on the event loop: await the async form instead")
-    return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+    future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+    try:
+        return future.result(timeout=SYNC_CALL_TIMEOUT_SECS)
+    except concurrent.futures.TimeoutError:
+        # The loop stopped under us (the node is shutting down) or is stuck: the
+        # caller's thread is not held for good.
+        future.cancel()
+        raise PushError(
+            ErrorCode.UNAVAILABLE, "the recent-channel store did not answer in time"
+        ) from None
 
 
 def _background_loop() -> asyncio.AbstractEventLoop:

@@ -669,3 +669,22 @@ async def test_postgresql_down_at_a_lease_start_answers_unavailable_then_recover
         assert asyncio.get_running_loop().time() - started < 1
     finally:
         await publisher.close()
+
+
+# The stopped loop never runs the read it was handed: closing it drops the coroutine.
+@pytest.mark.filterwarnings("ignore:coroutine 'window_since' was never awaited")
+def test_a_synchronous_caller_is_not_held_by_a_loop_that_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A node's loop that stopped (shutdown) with a sync view's read handed to it: the
+    # view's thread gets UNAVAILABLE instead of waiting for good.
+    stopped = asyncio.new_event_loop()
+    monkeypatch.setattr(recent_store, "SYNC_CALL_TIMEOUT_SECS", 0.2)
+    recent_store.serve_on(stopped)
+    try:
+        with pytest.raises(PushError) as refused:
+            recent_store.window_since_sync("tick:stopped", 0, 10)
+        assert refused.value.code == "UNAVAILABLE"
+    finally:
+        recent_store.serve_on(None)
+        stopped.close()
