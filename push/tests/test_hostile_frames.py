@@ -1,0 +1,81 @@
+"""What a frame costs the node when its client means harm: frames built to be cheap to
+send and dear to decode (many tiny values: a MessagePack empty map is one byte and a
+Python dict of 64), sent past the rate limit, within it, or as a publish whose data
+grows when written as the canonical JSON text that is stored and broadcast."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+from django.test import override_settings
+
+from common.conf import push_settings
+from push.tests.wsclient import connected_client
+from push.wire.codecs.msgpack_codec import MsgpackCodec
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
+
+MSGPACK = "v1.msgpack"
+
+
+def empty_maps_frame(nbytes: int, *, request_id: str | None = None) -> bytes:
+    """A MessagePack heartbeat of about ``nbytes`` whose extra field is a list of empty
+    maps, one byte each on the wire: ~90 ms of decoding and freeing per MiB here."""
+    head: dict[str, Any] = {"type": "heartbeat"}
+    if request_id is not None:
+        head["id"] = request_id
+    prefix = msgpack.packb(head)
+    # One more key in the top map (fixmap count + 1), then "x": array32 of n empty maps.
+    count = len(head) + 1
+    n = nbytes - len(prefix) - 8
+    return (
+        bytes([0x80 | count])
+        + prefix[1:]
+        + msgpack.packb("x")
+        + b"\xdd"
+        + struct.pack(">I", n)
+        + b"\x80" * n
+    )
+
+
+@pytest.fixture
+def decoded_sizes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The size of every frame the MessagePack codec decodes during the test (the test
+    client's decoding of its replies included)."""
+    sizes: list[int] = []
+    decode = MsgpackCodec.decode
+
+    def spying(self: MsgpackCodec, payload: str | bytes) -> Any:
+        sizes.append(len(payload))
+        return decode(self, payload)
+
+    monkeypatch.setattr(MsgpackCodec, "decode", spying)
+    yield sizes
+
+
+@override_settings(PUSH={"RATE_BURST": 1, "RATE_PER_SEC": 0.001, "RATE_LIMIT_CLOSE_AFTER": 50})
+async def test_a_refused_frame_is_not_decoded_to_find_its_id(decoded_sizes: list[int]) -> None:
+    """The rate limit and the address's frame budget refuse frames so they cost the
+    node little; decoding a refused frame for its id cost as much as serving it, and
+    more: a frame up to the server's own limit (4 MiB + 64 KiB, past the node's 1 MiB,
+    which was checked only for frames let through) was decoded whole, ~300 MB of
+    objects for one frame of empty maps. A small refused frame is still answered under
+    its id."""
+    client = await connected_client(subprotocol=MSGPACK)
+    assert (await client.request({"type": "heartbeat", "id": 1}))["type"] == "heartbeat_ack"
+
+    reply = await client.request({"type": "heartbeat", "id": "small"})
+    assert reply["code"] == "RATE_LIMITED" and reply["id"] == "small"
+
+    over_the_limit = push_settings.MAX_FRAME_BYTES * 4
+    for size in (push_settings.MAX_FRAME_BYTES, over_the_limit):
+        await client.send_payload(empty_maps_frame(size, request_id="big"))
+        reply = await client.recv()
+        assert reply["code"] == "RATE_LIMITED" and "id" not in reply
+    # (The client's replies decode here too: only the big frames are the node's.)
+    assert max(decoded_sizes) < 1000, "refused frames were decoded"
+    await client.close()
