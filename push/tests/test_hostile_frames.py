@@ -6,6 +6,7 @@ grows when written as the canonical JSON text that is stored and broadcast."""
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,3 +80,53 @@ async def test_a_refused_frame_is_not_decoded_to_find_its_id(decoded_sizes: list
     # (The client's replies decode here too: only the big frames are the node's.)
     assert max(decoded_sizes) < 1000, "refused frames were decoded"
     await client.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="frames are budgeted by count, not by what decoding them costs: a frame of "
+    "1 MiB of one-byte values costs ~90 ms (200 ms as a refused publish) where a small "
+    "frame costs 0.1-0.5 ms, so one anonymous connection within its 50 frames a second "
+    "can keep a core busy; see the audit report for the fix",
+)
+async def test_frames_within_the_rate_cost_the_node_little_whatever_they_hold() -> None:
+    """An anonymous client within its rate (a burst of 100 frames per connection,
+    2,000 per address) sends frames of 1 MiB, each a list of one-byte empty maps. The
+    budgets were sized for a frame costing 0.1-0.5 ms (docs/security.md); ten such
+    frames should not cost the node more than 10 ms each."""
+    client = await connected_client(subprotocol=MSGPACK)
+    frame = empty_maps_frame(push_settings.MAX_FRAME_BYTES)
+    frames = 10
+    started = time.process_time()
+    for n in range(frames):
+        await client.send_payload(frame)
+        assert (await client.recv(timeout=30))["type"] == "heartbeat_ack", n
+    spent = time.process_time() - started
+    await client.close()
+    assert spent < frames * 0.010, f"{spent / frames * 1000:.0f} ms of CPU per frame"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a published value is bounded only by the frame that carried it, not as the "
+    "canonical JSON text that is stored, kept and broadcast: one byte of MessagePack "
+    "(false) is six characters of JSON text ('false,'); see the audit report",
+)
+@override_settings(PUSH={"MAX_FRAME_BYTES": 20_000})
+async def test_published_data_is_bounded_as_the_json_text_it_is_stored_as(
+    publisher_token: str,
+) -> None:
+    """docs/security.md: "Message data counts as its JSON text's length", and a history
+    page holds at least one message, "which PUSH_MAX_FRAME_BYTES bounds". A signed-in
+    user's MessagePack frame under the limit must not store a message six times over
+    it."""
+    client = await connected_client(subprotocol=MSGPACK, token=publisher_token)
+    values = push_settings.MAX_FRAME_BYTES - 100
+    frame = msgpack.packb(
+        {"type": "publish", "channel": "hostile-growth", "data": [False] * values, "id": 1}
+    )
+    assert len(frame) <= push_settings.MAX_FRAME_BYTES
+    await client.send_payload(frame)
+    reply = await client.recv()
+    await client.close()
+    assert reply["type"] == "error", f"stored as {6 * values:,} characters of JSON text"
