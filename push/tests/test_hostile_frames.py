@@ -1,7 +1,8 @@
-"""What a frame costs the node when its client means harm: frames built to be cheap to
+"""What a request costs the node when its client means harm: frames built to be cheap to
 send and dear to decode (many tiny values: a MessagePack empty map is one byte and a
 Python dict of 64), sent past the rate limit, within it, or as a publish whose data
-grows when written as the canonical JSON text that is stored and broadcast."""
+grows when written as the canonical JSON text that is stored and broadcast; and a small
+request whose answer grows with what others did (a presence channel's member list)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from typing import Any
 
 import msgpack
 import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth.models import User
 from django.test import override_settings
+from rest_framework.authtoken.models import Token
 
+from accounts.models import ChannelGrant
 from common.conf import push_settings
 from push.tests.wsclient import connected_client
 from push.wire.codecs.msgpack_codec import MsgpackCodec
@@ -21,6 +26,14 @@ from push.wire.codecs.msgpack_codec import MsgpackCodec
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
 MSGPACK = "v1.msgpack"
+
+
+def _presence_member_token(username: str) -> str:
+    user = User.objects.create_user(username, password="x")
+    ChannelGrant.objects.create(
+        user=user, pattern="presence-*", can_subscribe=True, can_presence=True
+    )
+    return Token.objects.create(user=user).key
 
 
 def empty_maps_frame(nbytes: int, *, request_id: str | None = None) -> bytes:
@@ -130,3 +143,35 @@ async def test_published_data_is_bounded_as_the_json_text_it_is_stored_as(
     reply = await client.recv()
     await client.close()
     assert reply["type"] == "error", f"stored as {6 * values:,} characters of JSON text"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a presence request answers with every member of the channel, with no bound on "
+    "their number: on a channel of 5,000 members each request (a 40-byte frame, 50 a "
+    "second per connection) costs ~18 ms of the node's loop and ~450 KB of reply; see "
+    "the audit report",
+)
+async def test_a_presence_request_costs_the_node_little_however_big_the_channel() -> None:
+    """One member of a big presence channel (a webinar; or one signed subscription token
+    without ``user_id``, which makes every connection a member of its own) asks for
+    the member list as fast as its rate allows."""
+    from push.cluster.presence import member
+    from push.services.runtime import get_node
+
+    channel = "presence-hostile"
+    node = await get_node()
+    for n in range(5000):
+        await node.presence.join(channel, f"c{n}", member(f"u{n}", {"name": "x" * 20}))
+    token = await sync_to_async(_presence_member_token)("hostile-member")
+    client = await connected_client(token=token)
+    requests = 10
+    started = time.process_time()
+    for n in range(requests):
+        reply = await client.request({"type": "presence", "channel": channel, "id": n})
+        assert reply["type"] == "presence", reply
+    spent = time.process_time() - started
+    await client.close()
+    for n in range(5000):
+        await node.presence.leave(channel, f"c{n}")
+    assert spent < requests * 0.005, f"{spent / requests * 1000:.0f} ms of CPU per request"
