@@ -18,6 +18,7 @@ from django.core.cache import cache
 from redis.exceptions import RedisError
 
 from accounts.counters import count
+from common.addresses import address_block
 from common.conf import push_settings
 from common.errors import ErrorCode, PushError
 
@@ -27,7 +28,9 @@ WINDOW_SECS = 60
 
 
 def auth_failure_key(address: str | None) -> str:
-    return f"auth-failures:{address}"
+    # Per IPv6 /64, as the address budgets: a host picks any address of its /64, so a
+    # count per exact address let it try (and look up) a new made-up key each time.
+    return f"auth-failures:{address_block(address) if address else address}"
 
 
 def auth_failures_limit(address: str | None) -> int:

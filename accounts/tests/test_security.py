@@ -284,6 +284,35 @@ async def test_bad_stream_tokens_and_unknown_sessions_are_throttled_per_address(
     assert accepted and (await client.expect_close()) == CloseCode.TRY_AGAIN_LATER
 
 
+@override_settings(PUSH={"AUTH_FAILURES_PER_MIN": 3})
+async def test_failed_authentications_count_per_ipv6_64() -> None:
+    """A host picks any address of its /64: counted per exact address, it could send a
+    new made-up token from each, and each cost a look-up on the database threads (the
+    handshake budget is checked only after authentication)."""
+
+    def valid_token() -> str:
+        return Token.objects.create(user=User.objects.create_user("ws6", password="x")).key
+
+    valid = await sync_to_async(valid_token)()
+    for i in range(3):
+        accepted, _, _ = await open_client(token=f"bad{i}", client_address=(f"2001:db8:6::{i}", 1))
+        assert not accepted
+    accepted, client, _ = await open_client(token=valid, client_address=("2001:db8:6::ff", 1))
+    assert accepted and (await client.expect_close()) == CloseCode.TRY_AGAIN_LATER
+    other = await connected_client(token=valid, client_address=("2001:db8:7::1", 1))
+    await other.close()
+
+
+@override_settings(PUSH={"MAX_CONNECTIONS_PER_IP": 1})
+async def test_connections_per_ip_count_per_ipv6_64() -> None:
+    first = await connected_client(client_address=("2001:db8:8::1", 1))
+    accepted, second, _ = await open_client(client_address=("2001:db8:8::2", 1))
+    assert accepted and (await second.expect_close()) == CloseCode.TRY_AGAIN_LATER
+    elsewhere = await connected_client(client_address=("2001:db8:9::1", 1))
+    await first.close()
+    await elsewhere.close()
+
+
 def _session_lookups() -> float:
     return (
         REGISTRY.get_sample_value("push_database_call_seconds_count", {"call": "session_principal"})

@@ -26,15 +26,12 @@ IPv6 addresses are budgeted per /64, the block one host (or one customer) gets.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections.abc import Callable
 
 from common import metrics
+from common.addresses import address_block
 
-# The block of IPv6 addresses one budget covers: a host that can pick any address of
-# its /64 (SLAAC privacy addresses, a customer's whole prefix) is still one client.
-IPV6_BUDGET_PREFIX = 64
 # How many entries held by open connections one look-up moves out of the way when it
 # sweeps the table's oldest end; bounded so that a look-up stays O(1).
 SWEEP_SKIPS = 2
@@ -224,20 +221,6 @@ def subscription_allowed(entry: AddressBudget | None) -> bool:
     return False
 
 
-def budget_key(address: str) -> str:
-    """The key an address is budgeted under: itself, or its /64 for IPv6 (an IPv4
-    address written as IPv6, ``::ffff:192.0.2.1``, is that IPv4 address)."""
-    if ":" not in address:
-        return address
-    try:
-        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.IPv6Network((ip, IPV6_BUDGET_PREFIX), strict=False))
-
-
 class AddressBudgets:
     """This node's table of per-address budgets (``PUSH_ADDRESS_*``)."""
 
@@ -275,7 +258,7 @@ class AddressBudgets:
         """The budget of ``address`` (None when there is no address to budget)."""
         if not address:
             return None
-        key = budget_key(address)
+        key = address_block(address)
         entry = self._entries.pop(key, None)
         now = self.clock()
         if entry is None:

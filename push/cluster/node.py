@@ -23,6 +23,7 @@ from django.db import connection as database
 from accounts.permissions import is_presence_channel
 from accounts.principals import principals_refresh
 from common import metrics
+from common.addresses import address_block
 from common.background import cancel_and_wait, spawn
 from common.conf import push_settings
 from common.db import db_call
@@ -148,7 +149,7 @@ class Node:
         user_key = connection.principal.key if connection.principal.is_authenticated else None
         if not self._per_user.try_add(user_key):
             return False
-        if not self._per_ip.try_add(connection.ip):
+        if not self._per_ip.try_add(_ip_key(connection.ip)):
             self._per_user.remove(user_key)
             return False
         self.connections[connection.connection_id] = connection
@@ -182,7 +183,7 @@ class Node:
             return
         principal = connection.principal
         self._per_user.remove(principal.key if principal.is_authenticated else None)
-        self._per_ip.remove(connection.ip)
+        self._per_ip.remove(_ip_key(connection.ip))
         if connection.address_budget is not None:
             self.addresses.release(connection.address_budget)
 
@@ -454,6 +455,12 @@ class Node:
             if connection.subscriptions and (changed or connection.token_expiry):
                 await self._revoke_subscriptions(self, connection, now)
         return closed
+
+
+def _ip_key(ip: str | None) -> str | None:
+    """What ``PUSH_MAX_CONNECTIONS_PER_IP`` counts under: an IPv6 address's /64, as the
+    address budgets, or a host could open its connections from as many addresses."""
+    return address_block(ip) if ip else None
 
 
 def address_budgets_from_settings() -> AddressBudgets:

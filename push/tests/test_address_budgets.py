@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
+from common.addresses import address_block
 from push.cluster.address_budgets import (
     AddressBudgets,
     Budget,
     ByteBucket,
     NoLimit,
-    budget_key,
     subscription_allowed,
 )
 from push.transport.limits import AddressBoundRate, TokenBucket
@@ -196,7 +196,7 @@ def test_subscriptions_take_from_the_budget_a_connection_holds() -> None:
     ],
 )
 def test_ipv6_addresses_share_a_budget_per_64(address: str, key: str) -> None:
-    assert budget_key(address) == key
+    assert address_block(address) == key
 
 
 def test_one_ipv6_host_cannot_escape_by_changing_address() -> None:
