@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from common import metrics
+from common.addresses import address_block
 from push.wire.protocol import body_too_large
 
 logger = logging.getLogger(__name__)
@@ -404,6 +405,15 @@ LINGER_SECS = 2.0
 # buffers of 8 KiB). Twice that here, and gunicorn's 100 fields.
 MAX_REQUEST_HEAD_BYTES = 65_536
 MAX_REQUEST_HEADERS = 100
+# Bounding each head is not enough: it has no deadline either, and the budgets of an
+# address are kept by the application, after the head. Measured, 1,500 connections
+# from one host each holding 60 KiB of an unfinished head held ~93 MB of the node for
+# as long as they liked. So a head must be done within this long (nginx's
+# client_header_timeout is 60 s; a head is one packet for any real client), and one
+# client address (IPv6: its /64) may have this many unfinished at once: 256 of 64 KiB
+# is 16 MiB, and a busy NAT has a handful.
+REQUEST_HEAD_DEADLINE_SECS = 20.0
+MAX_INCOMPLETE_HEADS_PER_PEER = 256
 _HEAD_TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
     b"content-length: 33\r\nconnection: close\r\n\r\nrequest line or headers too large"
@@ -411,22 +421,53 @@ _HEAD_TOO_LARGE = (
 
 
 def bounded_head_httptools_protocol(
-    max_bytes: int = MAX_REQUEST_HEAD_BYTES, max_headers: int = MAX_REQUEST_HEADERS
+    *,
+    max_bytes: int = MAX_REQUEST_HEAD_BYTES,
+    max_headers: int = MAX_REQUEST_HEADERS,
+    deadline_secs: float = REQUEST_HEAD_DEADLINE_SECS,
+    max_incomplete_per_peer: int = MAX_INCOMPLETE_HEADS_PER_PEER,
 ) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol (``uvicorn.Config(http=...)``) answering 431 and
     closing once a request's line and headers pass ``max_bytes`` bytes or
-    ``max_headers`` fields, before the application is called. A WebSocket upgrade
-    hands the connection to the WebSocket protocol after its head, so frames are never
-    counted here."""
+    ``max_headers`` fields, before the application is called; closing a connection
+    whose head is not done ``deadline_secs`` after it began; and closing at once a new
+    connection from a socket peer (IPv6: its /64) that has ``max_incomplete_per_peer``
+    heads unfinished (0: no such bound; pass 0 behind a proxy, whose address every
+    connection has). A WebSocket upgrade hands the connection to the WebSocket
+    protocol after its head, so frames are never counted here."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    incomplete: collections.Counter[str] = collections.Counter()
 
     class BoundedHeadHttpToolsProtocol(HttpToolsProtocol):
         _head_bytes = 0
         _head_fields = 0
-        _in_head = True
+        _in_head = False
         _head_refused = False
+        _between_requests = False
+        _head_deadline: asyncio.TimerHandle | None = None
+        # The key this connection counts under in ``incomplete`` while its head is read.
+        _peer_key: str | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's own signature
+            super().connection_made(transport)
+            peer = self.client[0] if self.client else None
+            if max_incomplete_per_peer and peer:
+                key = address_block(peer)
+                if incomplete[key] >= max_incomplete_per_peer:
+                    transport.close()
+                    return
+                self._peer_key = key
+            self._head_begins()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_ends()
+            super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._between_requests:
+                self._between_requests = False
+                self._head_begins()
             if not self._in_head:
                 super().data_received(data)
                 return
@@ -454,18 +495,50 @@ def bounded_head_httptools_protocol(
                 super().send_400_response(msg)
 
         def on_headers_complete(self) -> None:
-            self._in_head = False
+            self._head_ends()
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
-            # The next request on this connection (keep-alive) has a head of its own.
+            # The next request on this connection (keep-alive) has a head of its own,
+            # from its first byte: until then the connection is idle, which uvicorn's
+            # keep-alive timeout bounds.
+            if not self.transport.is_closing() and not self.parser.should_upgrade():
+                self._between_requests = True
+
+        def _head_begins(self) -> None:
+            if self._in_head:
+                return
             self._in_head = True
             self._head_bytes = 0
             self._head_fields = 0
+            self._head_deadline = self.loop.call_later(deadline_secs, self._head_too_slow)
+            if self._peer_key is not None:
+                incomplete[self._peer_key] += 1
+
+        def _head_ends(self) -> None:
+            if not self._in_head:
+                return
+            self._in_head = False
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+            if self._peer_key is not None:
+                incomplete[self._peer_key] -= 1
+                if incomplete[self._peer_key] <= 0:
+                    del incomplete[self._peer_key]
+
+        def _head_too_slow(self) -> None:
+            self._head_deadline = None
+            self._head_ends()
+            if self.transport.get_protocol() is not self:  # upgraded to a WebSocket
+                return
+            # An idle keep-alive connection is uvicorn's to close (sooner); one in the
+            # middle of a head is dropped without an answer, as nginx does.
+            self.transport.close()
 
         def _refuse_head(self) -> None:
-            self._in_head = False  # nothing more is counted, nor answered twice
+            self._head_ends()  # nothing more is counted, nor answered twice
             if not self.transport.is_closing():
                 self.transport.write(_HEAD_TOO_LARGE)
                 self.transport.close()

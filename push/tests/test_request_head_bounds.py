@@ -1,0 +1,130 @@
+"""The bounds on a request's head under uvicorn
+(``push.transport.server_adapters.bounded_head_httptools_protocol``), on an in-process
+uvicorn with a plain ASGI app and small bounds: a head that is not done in time is
+dropped, one address may have only so many unfinished at once, and neither touches a
+request that completes, a keep-alive connection's next request or a WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import uvicorn
+from websockets.asyncio.client import connect
+
+from push.transport.server_adapters import bounded_head_httptools_protocol
+
+DEADLINE_SECS = 0.3
+PER_PEER = 3
+ANSWER_SECS = 5.0
+GET = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """200 "ok" for HTTP; a WebSocket echoes."""
+    if scope["type"] == "http":
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+    elif scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (event := await receive())["type"] == "websocket.receive":
+            await send({"type": "websocket.send", "text": event["text"]})
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=free,
+        http=bounded_head_httptools_protocol(
+            deadline_secs=DEADLINE_SECS, max_incomplete_per_peer=PER_PEER
+        ),
+        ws="websockets-sansio",
+        lifespan="off",
+        log_config=None,
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.ensure_future(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    yield free
+    server.should_exit = True
+    await serving
+
+
+async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def _closed(reader: asyncio.StreamReader, within: float) -> bool:
+    """Whether the server closes the connection within ``within`` seconds (unanswered)."""
+    try:
+        return await asyncio.wait_for(reader.read(), within) == b""
+    except (TimeoutError, ConnectionError):
+        return False
+
+
+async def _served(port: int) -> bool:
+    reader, writer = await _open(port)
+    try:
+        writer.write(GET)
+        answer = await asyncio.wait_for(reader.read(100), ANSWER_SECS)
+        return answer.startswith(b"HTTP/1.1 200 ")
+    finally:
+        writer.close()
+
+
+async def test_a_head_not_done_in_time_is_dropped(port: int) -> None:
+    reader, writer = await _open(port)
+    writer.write(b"GET /?x=")
+    assert not await _closed(reader, DEADLINE_SECS / 2), "dropped before its deadline"
+    assert await _closed(reader, ANSWER_SECS), "a slow head was held past its deadline"
+    writer.close()
+
+
+async def test_one_address_may_have_only_so_many_heads_unfinished(port: int) -> None:
+    slow = [await _open(port) for _ in range(PER_PEER)]
+    for _, writer in slow:
+        writer.write(b"GET /?x=")
+    await asyncio.sleep(0.05)
+    reader, writer = await _open(port)
+    assert await _closed(reader, DEADLINE_SECS / 2), "one more unfinished head was taken"
+    writer.close()
+    slow[0][1].write(b"a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # one head is done
+    answer = await asyncio.wait_for(slow[0][0].read(100), ANSWER_SECS)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert await _served(port), "a finished head frees its place"
+    for _, other in slow:
+        other.close()
+
+
+async def test_keep_alive_requests_each_get_their_own_deadline(port: int) -> None:
+    reader, writer = await _open(port)
+    for _ in range(3):
+        writer.write(GET)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ANSWER_SECS)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert await asyncio.wait_for(reader.readexactly(2), ANSWER_SECS) == b"ok"
+        await asyncio.sleep(DEADLINE_SECS / 2)
+    writer.close()
+    # Nothing of these connections stays counted against the address.
+    for _ in range(PER_PEER + 1):
+        assert await _served(port)
+
+
+async def test_a_websocket_outlives_the_deadline_of_its_head(port: int) -> None:
+    async with connect(f"ws://127.0.0.1:{port}/") as ws:
+        await asyncio.sleep(DEADLINE_SECS * 3)
+        await ws.send("still here")
+        assert await asyncio.wait_for(ws.recv(), ANSWER_SECS) == "still here"
+    for _ in range(PER_PEER + 1):  # its head counts no longer
+        assert await _served(port)
