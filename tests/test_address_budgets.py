@@ -270,6 +270,20 @@ async def test_rest_requests_of_an_address_have_a_budget_before_django(
         assert (await http.get(path)).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/ready", "/metrics", "/admin/login/", "/no-such-page"])
+async def test_every_page_django_serves_draws_on_the_rest_budget(
+    budget_node: ServerNode, address: str, path: str
+) -> None:
+    """The admin, readiness, metrics and 404s cost what a REST request does (1-4 ms of
+    CPU; /ready also a database read and a Redis connection): past the address's REST
+    budget they are refused before Django too. Liveness is not held to it."""
+    async with http_from(address, budget_node.http_url) as http:
+        statuses = [(await http.get(path)).status_code for _ in range(REST_BURST + 10)]
+        assert 429 in statuses, statuses
+        assert statuses.index(429) >= REST_BURST
+        assert (await http.get("/health")).status_code == 200
+
+
 async def test_history_an_address_reads_over_rest_has_a_byte_budget(
     budget_node: ServerNode, address: str, service_key: str
 ) -> None:
