@@ -112,6 +112,11 @@ def authenticate_key(key: str) -> Principal | None:
     """The principal of a user token or a service token key; None if neither is valid."""
     from rest_framework.authtoken.models import Token
 
+    if "\x00" in key:
+        # No stored key holds a NUL (PostgreSQL text cannot), and the query would fail
+        # as if the database were down: the client would be told to try again later,
+        # uncounted by the failed-authentication budget, and a warning logged each time.
+        return None
     token = Token.objects.select_related("user").filter(key=key).first()
     if token is not None:
         if not token.user.is_active:

@@ -303,6 +303,20 @@ async def test_failed_authentications_count_per_ipv6_64() -> None:
     await other.close()
 
 
+@override_settings(PUSH={"AUTH_FAILURES_PER_MIN": 2})
+async def test_a_token_holding_a_nul_is_invalid_and_counted() -> None:
+    """``?token=%00``: PostgreSQL refuses the query, which was taken for the database
+    being down (1013, SSE 503), with a warning logged and no failure counted, so an
+    address could send them without end. No key holds a NUL: it is an invalid token."""
+    address = ("198.51.100.9", 1)
+    for _ in range(2):
+        accepted, _, _ = await open_client(token="ab%00cd", client_address=address)
+        assert not accepted
+    stream = InProcessStream("channel=news&token=ab%00cd")
+    stream.communicator.scope["client"] = address
+    assert await stream.start() == 429, "the failures were counted"
+
+
 @override_settings(PUSH={"MAX_CONNECTIONS_PER_IP": 1})
 async def test_connections_per_ip_count_per_ipv6_64() -> None:
     first = await connected_client(client_address=("2001:db8:8::1", 1))
