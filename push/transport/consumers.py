@@ -40,6 +40,7 @@ from push.services.subscriptions import (
 )
 from push.transport.connection import ClientConnection
 from push.transport.frame_reader import read_frames_directly
+from push.transport.server_adapters import bound_unseen_frames
 from push.wire import protocol
 from push.wire.codecs import UnknownSubprotocol, negotiate
 from push.wire.protocol import Heartbeat, Presence, Publish, RequestId, Subscribe, Unsubscribe
@@ -142,6 +143,7 @@ class PushConsumer(AsyncConsumer):
             return False
         await send({"type": "websocket.accept", "subprotocol": subprotocol})
         read_frames_directly(send)
+        bound_unseen_frames(send)
         principal: Principal = self.scope.get("principal") or ANONYMOUS
         node = self.node
         connection = ClientConnection(

@@ -36,6 +36,7 @@ from push.transport.connection import ClientConnection
 from push.transport.consumers import PushConsumer, frame_size
 from push.transport.frame_reader import read_frames_directly
 from push.transport.limits import TokenBucket
+from push.transport.server_adapters import bound_unseen_frames
 from push.wire import pusher
 from push.wire.pusher import PUSHER_CODEC, PusherError
 
@@ -150,6 +151,7 @@ class PusherConsumer(PushConsumer):
             return False
         await send({"type": "websocket.accept"})
         read_frames_directly(send)
+        bound_unseen_frames(send)
         if app is None:
             # Accepted first so that the client learns why, as Pusher does.
             await self._refuse_unaccepted(send, PusherError.APP_NOT_FOUND, "app key not found")

@@ -27,6 +27,7 @@ from typing import Any
 
 from common import metrics
 from common.addresses import address_block
+from push.cluster.address_budgets import TokenBucket
 from push.wire.protocol import body_too_large
 
 logger = logging.getLogger(__name__)
@@ -296,6 +297,72 @@ _WRITERS: dict[str, tuple[Callable[[Any], Writer], tuple[str, ...]]] = {
     DAPHNE_WEBSOCKET: (_daphne_writer, ("daphne", "twisted", "autobahn")),
     "daphne.http_protocol.WebRequest": (_daphne_http_writer, ("daphne", "twisted")),
 }
+
+
+# ----- frames the application never sees (uvicorn) --------------------------------------
+
+UVICORN_SANSIO = "uvicorn.protocols.websockets.websockets_sansio_impl.WebSocketsSansIOProtocol"
+# Fragments of a message and control frames are parsed (a ping answered) by uvicorn's
+# WebSocket library and never reach the consumer, whose rate limit and the address's
+# frame budget count messages: measured, one anonymous connection sending empty
+# fragments of a message it never finished (no size limit is ever reached), or pings,
+# kept the node's loop busy (3.6-5 s of CPU in 3 s) and was never closed, and each
+# fragment stayed in the message's list. A message may have this many fragments (a
+# 4 MiB one in 4 KiB pieces), and a connection send pings and pongs at this rate (a
+# client pings every few seconds at most); past either, it is closed.
+MAX_FRAGMENTS_PER_MESSAGE = 1024
+CONTROL_FRAME_BURST = 50
+CONTROL_FRAMES_PER_SEC = 10.0
+
+
+def bound_unseen_frames(send: Any) -> bool:
+    """Bound the fragments and control frames of the uvicorn WebSocket whose ``send``
+    this is: past ``MAX_FRAGMENTS_PER_MESSAGE`` fragments in one message it is closed
+    1009 (too big), past its control-frame rate 1008 (policy), as the contract closes
+    a frame too large or a client over its rate. False (nothing done) under another
+    server. The handlers are wrapped on the instance: its class stays uvicorn's, which
+    the direct reader and writers look for."""
+    protocol = getattr(send, "__self__", None)
+    if protocol is None or _class_name(protocol) != UVICORN_SANSIO:
+        return False
+    control = TokenBucket(CONTROL_FRAME_BURST, CONTROL_FRAMES_PER_SEC)
+    handle_cont, handle_ping, handle_pong = (
+        protocol.handle_cont,
+        protocol.handle_ping,
+        protocol.handle_pong,
+    )
+
+    def bounded_cont(event: Any) -> None:
+        if len(protocol.frames) >= MAX_FRAGMENTS_PER_MESSAGE:
+            _fail_uvicorn(protocol, 1009, "message in too many fragments")
+        else:
+            handle_cont(event)
+
+    def bounded_ping() -> None:
+        if control.take():
+            handle_ping()
+        else:
+            _fail_uvicorn(protocol, 1008, "too many pings")
+
+    def bounded_pong(event: Any) -> None:
+        if control.take():
+            handle_pong(event)
+        else:
+            _fail_uvicorn(protocol, 1008, "too many pongs")
+
+    protocol.handle_cont = bounded_cont
+    protocol.handle_ping = bounded_ping
+    protocol.handle_pong = bounded_pong
+    return True
+
+
+def _fail_uvicorn(protocol: Any, code: int, reason: str) -> None:
+    """Close as uvicorn closes on a frame its parser refuses: a close frame, the
+    application told, the socket closed; frames parsed with this one are dropped."""
+    if protocol.close_sent or protocol.conn.close_sent is not None:
+        return
+    protocol.conn.fail(code, reason)
+    protocol.handle_parser_exception()
 
 
 # ----- request bodies (daphne) ---------------------------------------------------------
