@@ -28,8 +28,8 @@ BATCH = 2000
 CPU_BOUND_SECS = 0.5
 
 
-@pytest.fixture(scope="module")
-def node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
+@pytest.fixture(scope="module", params=["uvicorn", "daphne"])
+def node(e2e_env: dict[str, str], request: pytest.FixtureRequest) -> Iterator[ServerNode]:
     # The default settings (rate and budgets on), as an attacker meets them.
     env = {
         key: value
@@ -37,7 +37,7 @@ def node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
         if not key.startswith("PUSH_ADDRESS_")
         and key not in ("PUSH_RATE_BURST", "PUSH_RATE_PER_SEC")
     }
-    started = ServerNode(env, server="uvicorn", name="control-frames").start()
+    started = ServerNode(env, server=request.param, name=f"control-frames-{request.param}").start()
     yield started
     started.stop()
 
@@ -159,6 +159,8 @@ async def test_a_message_in_a_few_fragments_and_a_few_pings_are_served(node: Ser
     ],
 )
 async def test_the_close_says_why(node: ServerNode, kind: str, count: int, code: int) -> None:
+    if node.server == "daphne":
+        pytest.skip("autobahn fails a connection by dropping it, without a close frame")
     reader, writer = await _open(node.port)
     first, unit = FLOODS[kind]
     try:

@@ -299,29 +299,34 @@ _WRITERS: dict[str, tuple[Callable[[Any], Writer], tuple[str, ...]]] = {
 }
 
 
-# ----- frames the application never sees (uvicorn) --------------------------------------
+# ----- frames the application never sees -----------------------------------------------
 
 UVICORN_SANSIO = "uvicorn.protocols.websockets.websockets_sansio_impl.WebSocketsSansIOProtocol"
-# Fragments of a message and control frames are parsed (a ping answered) by uvicorn's
+# Fragments of a message and control frames are parsed (a ping answered) by the server's
 # WebSocket library and never reach the consumer, whose rate limit and the address's
 # frame budget count messages: measured, one anonymous connection sending empty
 # fragments of a message it never finished (no size limit is ever reached), or pings,
-# kept the node's loop busy (3.6-5 s of CPU in 3 s) and was never closed, and each
-# fragment stayed in the message's list. A message may have this many fragments (a
-# 4 MiB one in 4 KiB pieces), and a connection send pings and pongs at this rate (a
-# client pings every few seconds at most); past either, it is closed.
+# kept the node's loop busy (3.6-5 s of CPU in 3 s under uvicorn, 4.3-5 s in 4 s under
+# daphne) and was never closed, and each fragment stayed in the message's list. A
+# message may have this many fragments (a 4 MiB one in 4 KiB pieces), and a connection
+# send pings and pongs at this rate (a client pings every few seconds at most); past
+# either, it is closed.
 MAX_FRAGMENTS_PER_MESSAGE = 1024
 CONTROL_FRAME_BURST = 50
 CONTROL_FRAMES_PER_SEC = 10.0
 
 
 def bound_unseen_frames(send: Any) -> bool:
-    """Bound the fragments and control frames of the uvicorn WebSocket whose ``send``
-    this is: past ``MAX_FRAGMENTS_PER_MESSAGE`` fragments in one message it is closed
-    1009 (too big), past its control-frame rate 1008 (policy), as the contract closes
-    a frame too large or a client over its rate. False (nothing done) under another
-    server. The handlers are wrapped on the instance: its class stays uvicorn's, which
-    the direct reader and writers look for."""
+    """Bound the fragments and control frames of the WebSocket whose ``send`` this is:
+    past ``MAX_FRAGMENTS_PER_MESSAGE`` fragments in one message it is closed 1009 (too
+    big), past its control-frame rate 1008 (policy), as the contract closes a frame too
+    large or a client over its rate. False (nothing done) under another server than
+    uvicorn and daphne. The handlers are wrapped on the instance: its class stays the
+    server's, which the direct reader and writers look for."""
+    daphne = _daphne_protocol(send)
+    if daphne is not None and _class_name(daphne) == DAPHNE_WEBSOCKET:
+        _bound_autobahn_frames(daphne)
+        return True
     protocol = getattr(send, "__self__", None)
     if protocol is None or _class_name(protocol) != UVICORN_SANSIO:
         return False
@@ -354,6 +359,46 @@ def bound_unseen_frames(send: Any) -> bool:
     protocol.handle_ping = bounded_ping
     protocol.handle_pong = bounded_pong
     return True
+
+
+def _bound_autobahn_frames(protocol: Any) -> None:
+    """``bound_unseen_frames`` for daphne's protocol (autobahn's): its hooks for a
+    message's start, each of its frames, and control frames, wrapped on the instance.
+    autobahn fails a connection by dropping it (no close frame)."""
+    control = TokenBucket(CONTROL_FRAME_BURST, CONTROL_FRAMES_PER_SEC)
+    fragments = 0
+    message_begin, frame_begin = protocol._onMessageBegin, protocol._onMessageFrameBegin
+    on_ping, on_pong = protocol._onPing, protocol._onPong
+
+    def bounded_message_begin(is_binary: bool) -> None:
+        nonlocal fragments
+        fragments = 0
+        message_begin(is_binary)
+
+    def bounded_frame_begin(length: int) -> None:
+        nonlocal fragments
+        fragments += 1
+        if fragments > MAX_FRAGMENTS_PER_MESSAGE:
+            protocol._fail_connection(1009, "message in too many fragments")
+        else:
+            frame_begin(length)
+
+    def bounded_ping(payload: bytes) -> None:
+        if control.take():
+            on_ping(payload)
+        else:
+            protocol._fail_connection(1008, "too many pings")
+
+    def bounded_pong(payload: bytes) -> None:
+        if control.take():
+            on_pong(payload)
+        else:
+            protocol._fail_connection(1008, "too many pongs")
+
+    protocol._onMessageBegin = bounded_message_begin
+    protocol._onMessageFrameBegin = bounded_frame_begin
+    protocol._onPing = bounded_ping
+    protocol._onPong = bounded_pong
 
 
 def _fail_uvicorn(protocol: Any, code: int, reason: str) -> None:
