@@ -36,6 +36,16 @@ def _encode_data(data: Any, *, checked: bool = False) -> str:
     (the wire's parser and the batch serializer check what they read: ``checked`` of
     the callers below)."""
     data_json = dump_data(data if checked else validate_data(data))
+    if len(data_json) > push_settings.MAX_FRAME_BYTES:
+        # The frame limit bounds a message as it is stored, kept and sent, not only as
+        # it came: a MessagePack frame of `false` values is six times longer as JSON
+        # text, a JSON `1E15` about four times.
+        raise PushError(
+            ErrorCode.INVALID_MESSAGE,
+            f"'data' is {len(data_json)} characters as JSON text, more than the "
+            f"{push_settings.MAX_FRAME_BYTES} a message may hold",
+            field="data",
+        )
     if data_json.isascii():  # nothing to encode (CPython knows it without a scan)
         return data_json
     try:
