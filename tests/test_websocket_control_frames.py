@@ -51,16 +51,7 @@ def _cpu_secs(pid: int) -> float:
 async def _flood(port: int, first: bytes, unit: bytes) -> tuple[int, bool]:
     """Open an anonymous WebSocket, send ``first`` then ``unit`` over and over for
     SEND_SECS; (frames sent, whether the node closed the connection)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            f"GET /ws/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    await reader.readuntil(b"\r\n\r\n")
+    reader, writer = await _open(port)
 
     async def read_until_closed() -> None:
         while await reader.read(65536):
