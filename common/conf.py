@@ -419,6 +419,20 @@ class PushSettings:
         "budget, REST history reads are answered 429 `RATE_LIMITED` with `Retry-After` "
         "and resumes wait before their next page)",
     )
+    ADDRESS_FRAME_BURST_BYTES: int = option(
+        8 * 1_048_576,
+        EnvType.INT,
+        "bytes of WebSocket frames over 8 KiB one client address may send to a node at "
+        "once, across all its connections, signed in or not (eight frames of the largest "
+        "size): frames are charged by size before they are decoded, since decoding a "
+        "large frame of many tiny values costs 100 times a small frame",
+    )
+    ADDRESS_FRAME_BYTES_PER_SEC: int = option(
+        1_048_576,
+        EnvType.COUNT,
+        "that budget's refill, bytes per second (0: no budget; `RATE_LIMITED` past it, "
+        "without the frame's `id`, as for a connection over its frame rate)",
+    )
     # 25 ms: under the abuse suite's attack the loop's lag stays under 10 ms between
     # bursts and goes past 30 ms in them (docs/operations.md).
     OVERLOAD_LAG_MS: int = option(

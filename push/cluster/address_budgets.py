@@ -149,6 +149,10 @@ REFUSED_FRAMES = metrics.ADDRESS_BUDGET_REFUSALS.labels("frames")
 REFUSED_SUBSCRIBES = metrics.ADDRESS_BUDGET_REFUSALS.labels("subscribes")
 REFUSED_REST = metrics.ADDRESS_BUDGET_REFUSALS.labels("rest")
 REFUSED_HISTORY = metrics.ADDRESS_BUDGET_REFUSALS.labels("history_bytes")
+REFUSED_FRAME_BYTES = metrics.ADDRESS_BUDGET_REFUSALS.labels("frame_bytes")
+# Frames up to this size are bounded by the frame count budgets alone (what decoding
+# one costs is small); larger ones are charged their size too (``large_frame_allowed``).
+UNCHARGED_FRAME_BYTES = 8192
 
 
 class Budget:
@@ -178,6 +182,7 @@ class AddressBudget:
 
     __slots__ = (
         "connections",
+        "frame_bytes",
         "frames",
         "handshakes",
         "history_bytes",
@@ -196,6 +201,7 @@ class AddressBudget:
         self.subscribes = budgets.subscribes.bucket(clock)
         self.rest = budgets.rest.bucket(clock)
         self.history_bytes = budgets.history_bytes.byte_bucket(clock)
+        self.frame_bytes = budgets.frame_bytes.byte_bucket(clock)
         # Set when a REST read settles: the reads waiting for room look again.
         self.history_settle: asyncio.Event | None = None
         # Open connections holding this entry: it is not dropped while they last.
@@ -211,6 +217,22 @@ class AddressBudget:
         if self.history_settle is not None:
             self.history_settle.set()
             self.history_settle = None
+
+
+def large_frame_allowed(entry: AddressBudget | None, nbytes: int) -> bool:
+    """Charge a frame of ``nbytes`` (over ``UNCHARGED_FRAME_BYTES``) to the budget a
+    connection holds, before it is decoded: refused while the address is in debt. A
+    frame's cost is mostly its decoding, which grows with its size (a MessagePack
+    frame of 1 MiB of one-byte empty maps took ~90 ms), and the frame counts alone let
+    one connection send 50 such frames a second."""
+    if entry is None:
+        return True
+    budget = entry.frame_bytes
+    if not budget.allowed():
+        REFUSED_FRAME_BYTES.inc()
+        return False
+    budget.charge(nbytes)
+    return True
 
 
 def subscription_allowed(entry: AddressBudget | None) -> bool:
@@ -232,6 +254,7 @@ class AddressBudgets:
         subscribes: Budget,
         rest: Budget,
         history_bytes: Budget,
+        frame_bytes: Budget,
         max_entries: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -240,13 +263,15 @@ class AddressBudgets:
         self.subscribes = subscribes
         self.rest = rest
         self.history_bytes = history_bytes
+        self.frame_bytes = frame_bytes
         self.max_entries = max_entries
         self.clock = clock
         # Past this long unused, every bucket of an entry is full again. (A byte bucket
         # left below zero by its last page is a page short of full then: dropping it
         # forgives at most that, once the address was quiet for the burst's time.)
         self.idle_secs = max(
-            b.refill_secs for b in (handshakes, frames, subscribes, rest, history_bytes)
+            b.refill_secs
+            for b in (handshakes, frames, subscribes, rest, history_bytes, frame_bytes)
         )
         # Oldest use first: a look-up moves its entry to the end.
         self._entries: dict[str, AddressBudget] = {}

@@ -474,6 +474,9 @@ def address_budgets_from_settings() -> AddressBudgets:
         history_bytes=Budget(
             settings.ADDRESS_HISTORY_BURST_BYTES, settings.ADDRESS_HISTORY_BYTES_PER_SEC
         ),
+        frame_bytes=Budget(
+            settings.ADDRESS_FRAME_BURST_BYTES, settings.ADDRESS_FRAME_BYTES_PER_SEC
+        ),
         max_entries=settings.ADDRESS_BUDGETS_MAX,
     )
 

@@ -36,6 +36,7 @@ def table(clock: Clock, *, max_entries: int = 1000, **budgets: Budget) -> Addres
         "subscribes": Budget(4, 2),
         "rest": Budget(2, 1),
         "history_bytes": Budget(1000, 1000),
+        "frame_bytes": Budget(1000, 1000),
     }
     return AddressBudgets(**{**defaults, **budgets}, max_entries=max_entries, clock=clock)
 

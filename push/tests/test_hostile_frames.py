@@ -82,6 +82,33 @@ async def test_a_refused_frame_is_not_decoded_to_find_its_id(decoded_sizes: list
     await client.close()
 
 
+@override_settings(
+    # Three frames of the largest size go in (the third puts the address in debt).
+    PUSH={"ADDRESS_FRAME_BURST_BYTES": 5 * 1_048_576 // 2, "ADDRESS_FRAME_BYTES_PER_SEC": 1}
+)
+async def test_large_frames_are_charged_by_size_before_they_are_decoded(
+    decoded_sizes: list[int],
+) -> None:
+    """Frames within the frame rate may still cost the node much to decode (a 1 MiB
+    frame of one-byte empty maps, ~90 ms): those over 8 KiB take their size from the
+    address's byte budget first, and once it is spent are refused unread, as frames
+    over the rate are. Small frames still pass."""
+    client = await connected_client(subprotocol=MSGPACK, client_address=("192.0.2.7", 40000))
+    big = empty_maps_frame(push_settings.MAX_FRAME_BYTES, request_id="big")
+    for _ in range(3):  # the burst: decoded (an unknown field of a heartbeat)
+        await client.send_payload(big)
+        assert (await client.recv())["type"] == "heartbeat_ack"
+    decoded = len(decoded_sizes)
+    for _ in range(3):
+        await client.send_payload(big)
+        reply = await client.recv()
+        assert reply["code"] == "RATE_LIMITED" and "id" not in reply
+    assert max(decoded_sizes[decoded:]) < 1000, "refused frames were decoded"
+    reply = await client.request({"type": "heartbeat", "id": "small"})
+    assert reply["type"] == "heartbeat_ack"
+    await client.close()
+
+
 @override_settings(PUSH={"MAX_FRAME_BYTES": 20_000})
 async def test_published_data_is_bounded_as_the_json_text_it_is_stored_as(
     publisher_token: str,

@@ -27,6 +27,7 @@ from accounts.principals import ANONYMOUS, Principal
 from common import metrics
 from common.conf import push_settings
 from common.errors import CloseCode, ErrorCode, PushError
+from push.cluster.address_budgets import UNCHARGED_FRAME_BYTES, large_frame_allowed
 from push.cluster.node import Node
 from push.services.publishing import message_publish_submitted
 from push.services.runtime import get_node
@@ -178,11 +179,17 @@ class PushConsumer(AsyncConsumer):
             return
         try:
             payload = connection.codec.frame_payload(event)
-            if frame_size(payload) > push_settings.MAX_FRAME_BYTES:
+            size = frame_size(payload)
+            if size > push_settings.MAX_FRAME_BYTES:
                 raise PushError(
                     ErrorCode.MESSAGE_TOO_LARGE,
                     f"frame is larger than {push_settings.MAX_FRAME_BYTES} bytes",
                 )
+            if size > UNCHARGED_FRAME_BYTES and not large_frame_allowed(
+                connection.address_budget, size
+            ):
+                self._rate_limited(connection, event)  # (not decoded: it is too large)
+                return
             envelope = connection.codec.decode(payload)
             if isinstance(envelope, Mapping):
                 request_id = protocol.read_request_id(envelope)

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from common import metrics
 from common.conf import push_settings
 from common.errors import CloseCode, ErrorCode, PushError
+from push.cluster.address_budgets import UNCHARGED_FRAME_BYTES, large_frame_allowed
 from push.fanout.outbox import OutFrame
 from push.services.pusher_apps import PusherApp, app_by_key_async
 from push.services.pusher_sessions import (
@@ -207,10 +208,16 @@ class PusherConsumer(PushConsumer):
         frame: Any = None
         try:
             payload = connection.codec.frame_payload(event)
-            if frame_size(payload) > push_settings.MAX_FRAME_BYTES:
+            size = frame_size(payload)
+            if size > push_settings.MAX_FRAME_BYTES:
                 raise PusherProblem(
                     None, f"frame is larger than {push_settings.MAX_FRAME_BYTES} bytes"
                 )
+            if size > UNCHARGED_FRAME_BYTES and not large_frame_allowed(
+                connection.address_budget, size
+            ):
+                self._over_rate(connection)
+                return
             frame = connection.codec.decode(payload)
             name = frame.get("event") if isinstance(frame, dict) else None
             if not isinstance(name, str):
