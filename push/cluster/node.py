@@ -279,6 +279,8 @@ class Node:
             )
             return
         if event.get("type") == PRESENCE_EVENT:
+            # Before the subscribers hear of it: a member list they ask for next is read anew.
+            self.presence.forget_members(event["channel"])
             self.hub.deliver_event(
                 event["channel"],
                 presence_change(

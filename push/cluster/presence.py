@@ -10,6 +10,7 @@ Without Redis (one process) the same rules run in memory.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -51,6 +52,15 @@ return false
 """
 
 
+# A member list is read whole (every member of the channel): on a channel of 5,000
+# members, one read and its decoding cost the node ~15 ms, and a member may ask 50 times
+# a second. Requests for one channel share a read while its members have not changed:
+# any join or leave recorded here, or announced by another node, drops it; and it is
+# kept at most this long, for the few channels asked most recently.
+MEMBERS_REUSE_SECS = 1.0
+MEMBERS_REUSE_MAX_CHANNELS = 64
+
+
 def member(user_id: Any, info: dict[str, Any] | None) -> Member:
     return {"user_id": user_id, "info": info or {}}
 
@@ -67,6 +77,8 @@ class PresenceStore:
         self.prefix = prefix
         self.server_id = server_id
         self._memory: dict[str, dict[str, tuple[str, str]]] = {}  # channel -> conn -> (user, info)
+        # Channel -> (when read, the read): shared by ``members`` (see MEMBERS_REUSE_SECS).
+        self._listed: dict[str, tuple[float, asyncio.Future[list[Member]]]] = {}
         if redis is not None:
             self._join = redis.register_script(_JOIN)
             self._leave = redis.register_script(_LEAVE)
@@ -90,7 +102,12 @@ class PresenceStore:
             return first
         entry = f"{channel}|{field}"
         keys = self._keys(channel, self.server_id)
-        return bool(await self._join(keys=keys, args=[field, user, info, entry]))
+        try:
+            return bool(await self._join(keys=keys, args=[field, user, info, entry]))
+        finally:
+            # After the write: a list read before it must not be shared past it (the
+            # other nodes drop theirs when they hear the join, ``Node._on_control``).
+            self.forget_members(channel)
 
     async def leave(
         self, channel: str, connection_id: str, server_id: str | None = None
@@ -105,7 +122,10 @@ class PresenceStore:
                 return None
             return member(json.loads(gone[0]), json.loads(gone[1]))
         entry = f"{channel}|{field}"
-        result = await self._leave(keys=self._keys(channel, server_id), args=[field, entry])
+        try:
+            result = await self._leave(keys=self._keys(channel, server_id), args=[field, entry])
+        finally:
+            self.forget_members(channel)
         if not result:
             return None
         user, info = (r.decode() if isinstance(r, bytes) else r for r in result)
@@ -118,9 +138,32 @@ class PresenceStore:
         return [member(json.loads(u), json.loads(i)) for u, i in seen.items()]
 
     async def members(self, channel: str) -> list[Member]:
+        """The channel's members (shared with other callers: not to be changed)."""
         if self.redis is None:
             return self.members_in_memory(channel)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        listed = self._listed.get(channel)
+        read: asyncio.Future[list[Member]]
+        if listed is None or now - listed[0] > MEMBERS_REUSE_SECS or _failed(listed[1]):
+            read = asyncio.ensure_future(self._read_members(channel))
+            read.add_done_callback(_retrieved)
+            self._listed.pop(channel, None)
+            self._listed[channel] = (now, read)
+            if len(self._listed) > MEMBERS_REUSE_MAX_CHANNELS:
+                del self._listed[next(iter(self._listed))]  # the oldest read
+        else:
+            read = listed[1]
+        # Shielded: a caller that goes away does not cancel the others' read.
+        return await asyncio.shield(read)
+
+    async def _read_members(self, channel: str) -> list[Member]:
         return _members_from(await self.redis.hgetall(self._keys(channel, self.server_id)[2]))
+
+    def forget_members(self, channel: str) -> None:
+        """The channel's members changed: the next ``members`` reads them again (callers
+        already waiting on a read keep it: they asked before the change)."""
+        self._listed.pop(channel, None)
 
     async def entries_of(self, server_id: str) -> list[tuple[str, str]]:
         """(channel, connection id) of every presence a node recorded (to reap it)."""
@@ -136,6 +179,17 @@ class PresenceStore:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _failed(read: asyncio.Future[list[Member]]) -> bool:
+    return read.done() and (read.cancelled() or read.exception() is not None)
+
+
+def _retrieved(read: asyncio.Future[list[Member]]) -> None:
+    # A failed read's error is raised to its callers; marked seen here so that a read
+    # nobody awaited any more is not logged as a lost exception.
+    if not read.cancelled():
+        read.exception()
 
 
 def _members_from(raw: dict[Any, Any]) -> list[Member]:

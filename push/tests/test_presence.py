@@ -97,3 +97,41 @@ async def test_presence_over_rest(wire_format: str) -> None:
     status, _ = await sync_to_async(listing)(ann)  # a member without the presence right
     assert status == 403
     await member.close()
+
+
+async def test_member_lists_asked_together_share_a_read_and_a_change_is_seen_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A member list is read whole, so a member asking for it as fast as its rate allows
+    on a big channel would cost the node a read and its decoding each time: requests
+    share a read until the members change, and a change is never hidden by it."""
+    from push.cluster.presence import PresenceStore
+
+    reads: list[str] = []
+    read_members = PresenceStore._read_members
+
+    async def counted(self: PresenceStore, channel: str) -> list[dict]:
+        reads.append(channel)
+        return await read_members(self, channel)
+
+    monkeypatch.setattr(PresenceStore, "_read_members", counted)
+    ann_id, ann = await sync_to_async(_member_token)("ann")
+    bob_id, bob = await sync_to_async(_member_token)("bob")
+    watcher = await _join(ann)
+    await watcher.recv_type("join")
+    for n in range(20):
+        listing = await watcher.request({"type": "presence", "channel": ROOM, "id": n})
+        assert [m["user_id"] for m in listing["members"]] == [ann_id]
+    assert len(reads) == 1
+    newcomer = await _join(bob)
+    await newcomer.recv_type("join")
+    await watcher.recv_type("join")
+    # Asked by the newcomer at once, and by the watcher: both see it.
+    for client in (newcomer, watcher):
+        listing = await client.request({"type": "presence", "channel": ROOM, "id": "after"})
+        assert sorted(m["user_id"] for m in listing["members"]) == sorted([ann_id, bob_id])
+    await newcomer.close()
+    await watcher.recv_type("leave")
+    listing = await watcher.request({"type": "presence", "channel": ROOM, "id": "left"})
+    assert [m["user_id"] for m in listing["members"]] == [ann_id]
+    await watcher.close()
