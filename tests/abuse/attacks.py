@@ -619,8 +619,14 @@ async def deep_nesting(target: Target, stats: AttackStats) -> None:
                     headers={"Content-Type": "application/json"},
                 )
                 record_rest(stats, response.status_code, {400, 401, 403, 429})
+                # 200 KB frames, 6 a second: past the address's frame-byte budget (a
+                # burst of 8 MiB, then 1 MiB a second) they are refused undecoded.
                 await send_expecting(
-                    ws, codec, stats, frame, lambda reply: reply.get("code") in GARBAGE_CODES
+                    ws,
+                    codec,
+                    stats,
+                    frame,
+                    lambda reply: reply.get("code") in GARBAGE_CODES | {"RATE_LIMITED"},
                 )
         except (ConnectionClosed, TimeoutError) as exc:
             stats.record("websocket lost", False, repr(exc))
