@@ -4,7 +4,10 @@ to one channel for a short time, without a grant row in our database.
 Format (easy to mint in any language): ``<payload>.<signature>``, both base64url
 without padding; payload is the JSON ``{"ch": channel, "iat": unix_seconds, "exp":
 unix_seconds, "info": {...}}`` (``iat``, when it was issued, and ``info`` optional;
-``info`` is shown as the member's info on presence channels); signature is HMAC-SHA256
+``info`` is shown as the member's info on presence channels); it may also name
+``user_id`` (a string or an integer, as in Pusher's ``channel_data``), the member the
+connection is on presence channels, so one user's tabs are one member (without it
+each connection is a member of its own); signature is HMAC-SHA256
 of the payload text with the shared secret (``PUSH_SUBSCRIPTION_TOKEN_SECRET``, by
 default a key derived from ``SECRET_KEY`` for this purpose alone:
 ``manage.py push_secret subscription-token`` prints it).
@@ -22,7 +25,7 @@ import hashlib
 import hmac
 import json
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 from django.conf import settings
 
@@ -31,6 +34,8 @@ from common.errors import ErrorCode, PushError
 from common.keys import SUBSCRIPTION_TOKEN_KEY_SALT, purpose_key
 
 MAX_TOKEN_CHARS = 4096
+# A presence member's ``user_id`` at most (Pusher's bound on ``channel_data``'s).
+MAX_USER_ID_CHARS = 128
 # A back-end whose clock runs ahead of ours by up to this still mints tokens of the
 # longest lifetime that we accept.
 CLOCK_SKEW_SECS = 30
@@ -61,7 +66,11 @@ def _sign(payload: str) -> str:
 
 
 def subscription_token_issue(
-    *, channel: str, ttl_secs: int, info: dict[str, Any] | None = None
+    *,
+    channel: str,
+    ttl_secs: int,
+    info: dict[str, Any] | None = None,
+    user_id: str | int | None = None,
 ) -> str:
     if ttl_secs > push_settings.SUBSCRIPTION_TOKEN_MAX_TTL_SECS:
         raise ValueError(
@@ -72,6 +81,8 @@ def subscription_token_issue(
     claims: dict[str, Any] = {"ch": channel, "iat": now, "exp": now + ttl_secs}
     if info is not None:
         claims["info"] = info
+    if user_id is not None:
+        claims["user_id"] = user_id
     payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
     return f"{payload}.{_sign(payload)}"
 
@@ -101,7 +112,21 @@ def subscription_token_verify(token: str, *, channel: str) -> dict[str, Any]:
     if claims["exp"] <= now:
         raise _forbidden("expired")
     _check_lifetime(claims, now)
+    if "user_id" in claims and not is_member_user_id(claims["user_id"]):
+        raise _forbidden(
+            f"user_id must be a string or integer of 1 to {MAX_USER_ID_CHARS} characters"
+        )
     return claims
+
+
+def is_member_user_id(user_id: Any) -> TypeGuard[str | int]:
+    """What a presence member's ``user_id`` may be, from a signed token or Pusher's
+    ``channel_data``: a string or an integer (not a boolean) of 1 to
+    ``MAX_USER_ID_CHARS`` characters, so member lists stay small and printable,
+    whoever signed them."""
+    if isinstance(user_id, bool) or not isinstance(user_id, str | int):
+        return False
+    return 0 < len(str(user_id)) <= MAX_USER_ID_CHARS
 
 
 def _check_lifetime(claims: dict[str, Any], now: float) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from accounts.permissions import PRIVATE_PREFIX, is_presence_channel
+from accounts.subscription_tokens import MAX_USER_ID_CHARS, is_member_user_id
 from common.conf import push_settings
 from common.errors import PushError
 from push.cluster.presence import leave_presence, presence_member
@@ -100,16 +101,11 @@ def _signed_member(session: PusherSession, channel: str, auth: Any, channel_data
     except ValueError:
         member = None
     user_id = member.get("user_id") if isinstance(member, dict) else None
-    if (
-        not isinstance(user_id, str | int)
-        or isinstance(user_id, bool)
-        or user_id == ""
-        or len(str(user_id)) > pusher.MAX_USER_ID_CHARS
-    ):
+    if not is_member_user_id(user_id):
         raise SubscriptionRefused(
             channel,
             400,
-            f"channel_data must name a user_id of 1 to {pusher.MAX_USER_ID_CHARS} characters",
+            f"channel_data must name a user_id of 1 to {MAX_USER_ID_CHARS} characters",
         )
     info = member.get("user_info") if isinstance(member.get("user_info"), dict) else None
     return {"user_id": pusher.member_user_id(user_id), "info": info}

@@ -135,3 +135,39 @@ async def test_member_lists_asked_together_share_a_read_and_a_change_is_seen_at_
     listing = await watcher.request({"type": "presence", "channel": ROOM, "id": "left"})
     assert [m["user_id"] for m in listing["members"]] == [ann_id]
     await watcher.close()
+
+
+async def test_a_signed_tokens_user_id_names_the_member_and_a_bad_one_is_refused() -> None:
+    """A back-end that signs subscription tokens names who each holder is: two tabs with
+    tokens for one user_id are one member, with the token's info; a user_id that is not
+    a short string or integer is refused, whoever signed it."""
+    from accounts.subscription_tokens import subscription_token_issue
+
+    def token(user_id: object) -> str:
+        return subscription_token_issue(
+            channel=ROOM,
+            ttl_secs=60,
+            info={"name": "Ann"},
+            user_id=user_id,  # type: ignore[arg-type]  # a bad user_id on purpose
+        )
+
+    tabs = [await connected_client() for _ in range(2)]
+    for tab in tabs:
+        reply = await tab.request({"type": "subscribe", "channel": ROOM, "token": token("u-7")})
+        assert reply["type"] == "subscribed", reply
+    assert (await tabs[0].recv_type("join"))["member"] == {
+        "user_id": "u-7",
+        "info": {"name": "Ann"},
+    }
+    # (The second tab may hear the join too, if it came after its subscribe.)
+    await tabs[1].send({"type": "presence", "channel": ROOM, "id": 1})
+    listing = await tabs[1].recv()
+    if listing["type"] == "join":
+        listing = await tabs[1].recv()
+    assert listing["members"] == [{"user_id": "u-7", "info": {"name": "Ann"}}]
+    outsider = await connected_client()
+    for bad in ("", "x" * 129, True, {"id": 7}, 1.5):
+        reply = await outsider.request({"type": "subscribe", "channel": ROOM, "token": token(bad)})
+        assert reply["code"] == "FORBIDDEN" and "user_id" in reply["message"], bad
+    for client in (*tabs, outsider):
+        await client.close()

@@ -30,10 +30,9 @@ DEFAULT_EVENT = "message"
 MAX_EVENT_NAME = 200
 MAX_CHANNEL_NAME = 164
 # Pusher's bounds on what one client sends: a client event's data, a presence member's
-# channel_data and user id.
+# channel_data (its user id's: accounts.subscription_tokens.MAX_USER_ID_CHARS).
 MAX_CLIENT_EVENT_BYTES = 10_240
 MAX_CHANNEL_DATA_BYTES = 1_024
-MAX_USER_ID_CHARS = 128
 SOCKET_ID = re.compile(r"\A\d+\.\d+\Z")
 
 CONNECTION_ESTABLISHED = "pusher:connection_established"
