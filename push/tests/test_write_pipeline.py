@@ -150,17 +150,25 @@ async def test_a_batch_sent_behind_a_refused_one_is_written_after_it() -> None:
     assert [m.seq for m in committed] == [1, 2]
 
 
+async def _held_row(pipeline: WritePipeline, channel: str) -> psycopg.AsyncConnection[Any]:
+    """``channel``'s row, made by a first publish (seq 1), locked by another
+    transaction: the connection returned holds it until its ``rollback()``, and the
+    caller closes it."""
+    assert isinstance(await pipeline.publish(_unit(channel, 0)), Published)
+    locker = await psycopg.AsyncConnection.connect(
+        **pipeline_conninfo(connection.get_connection_params())
+    )
+    await locker.execute("SELECT 1 FROM push_channel WHERE name = %s FOR UPDATE", [channel])
+    return locker
+
+
 async def test_a_channel_keeps_its_order_when_the_batch_ahead_times_out_on_a_lock() -> None:
     """The first publish waits on a row another transaction holds and gives up; the
     second, sent behind it, must not commit first even if the lock is released in
     between (as it would on a connection that ran the second after the first failed)."""
     pipeline = _pipeline([])
-    locker = await psycopg.AsyncConnection.connect(
-        **pipeline_conninfo(connection.get_connection_params())
-    )
+    locker = await _held_row(pipeline, "held")
     try:
-        assert isinstance(await pipeline.publish(_unit("held", 0)), Published)  # the row
-        await locker.execute("SELECT 1 FROM push_channel WHERE name = 'held' FOR UPDATE")
         first = pipeline.submit(_unit("held", 1))
         await asyncio.sleep(0.05)  # sent, and waiting on the lock
         second = pipeline.submit(_unit("held", 2))
@@ -181,12 +189,8 @@ async def test_a_keyed_batch_held_behind_a_failing_one_keeps_the_channels_order(
     with an idempotency key (held, to be written alone): the first is sent again after
     the failing one's retry, and the second must not be written before it."""
     pipeline = _pipeline([])
-    locker = await psycopg.AsyncConnection.connect(
-        **pipeline_conninfo(connection.get_connection_params())
-    )
+    locker = await _held_row(pipeline, "held")
     try:
-        assert isinstance(await pipeline.publish(_unit("held", 0)), Published)  # the row
-        await locker.execute("SELECT 1 FROM push_channel WHERE name = 'held' FOR UPDATE")
         blocked = pipeline.submit(_unit("held", 1))
         await asyncio.sleep(0.05)  # sent, and waiting on the lock
         first = pipeline.submit(_unit("ordered", 1))
@@ -213,12 +217,8 @@ async def test_a_node_stopping_while_the_batch_ahead_fails_answers_the_batch_beh
     the one behind it goes back to the queue, which the stop had already answered: it
     is answered too, never left waiting for a writer that is gone."""
     pipeline = _pipeline([])
-    locker = await psycopg.AsyncConnection.connect(
-        **pipeline_conninfo(connection.get_connection_params())
-    )
+    locker = await _held_row(pipeline, "held")
     try:
-        assert isinstance(await pipeline.publish(_unit("held", 0)), Published)  # the row
-        await locker.execute("SELECT 1 FROM push_channel WHERE name = 'held' FOR UPDATE")
         blocked = pipeline.submit(_unit("held", 1))
         await asyncio.sleep(0.05)  # sent, and waiting on the lock
         behind = pipeline.submit(_unit("behind", 1))
@@ -240,12 +240,8 @@ async def test_a_node_stopping_while_a_batch_is_written_alone_answers_it() -> No
     write timeout that a stopping node waits for its writer: the writer is cancelled,
     and the batch's publishers are answered, not left waiting."""
     pipeline = _pipeline([], write_timeout_secs=0.5)
-    locker = await psycopg.AsyncConnection.connect(
-        **pipeline_conninfo(connection.get_connection_params())
-    )
+    locker = await _held_row(pipeline, "held")
     try:
-        assert isinstance(await pipeline.publish(_unit("held", 0)), Published)  # the row
-        await locker.execute("SELECT 1 FROM push_channel WHERE name = 'held' FOR UPDATE")
         keyed = [
             pipeline.submit(_unit("held", n, principal="p", idempotency_key=f"k{n}"))
             for n in range(1, 5)
@@ -273,13 +269,9 @@ async def test_publishes_piling_up_behind_a_held_lock_are_each_answered_in_time(
     the write timeout of entering it, not after those ahead of it each waited theirs
     (the n-th publisher would wait n timeouts)."""
     pipeline = _pipeline([], write_timeout_secs=0.5)
-    locker = await psycopg.AsyncConnection.connect(
-        **pipeline_conninfo(connection.get_connection_params())
-    )
     loop = asyncio.get_running_loop()
+    locker = await _held_row(pipeline, "held")
     try:
-        assert isinstance(await pipeline.publish(_unit("held", 0)), Published)  # the row
-        await locker.execute("SELECT 1 FROM push_channel WHERE name = 'held' FOR UPDATE")
         started = loop.time()
         waiting = [pipeline.submit(_unit("held", n)) for n in range(1, 7)]
         outcomes = await asyncio.wait_for(asyncio.gather(*waiting), 10)
