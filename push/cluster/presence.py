@@ -149,13 +149,24 @@ class PresenceStore:
             read = asyncio.ensure_future(self._read_members(channel))
             read.add_done_callback(_retrieved)
             self._listed.pop(channel, None)
+            self._forget_old_reads(now)
             self._listed[channel] = (now, read)
-            if len(self._listed) > MEMBERS_REUSE_MAX_CHANNELS:
-                del self._listed[next(iter(self._listed))]  # the oldest read
         else:
             read = listed[1]
         # Shielded: a caller that goes away does not cancel the others' read.
         return await asyncio.shield(read)
+
+    def _forget_old_reads(self, now: float) -> None:
+        """Drop the reads past their time (oldest first: the dict is in read order) and
+        the oldest past the channel bound, so no member list is held for nothing."""
+        listed = self._listed
+        while listed:
+            oldest = next(iter(listed))
+            if now - listed[oldest][0] <= MEMBERS_REUSE_SECS and (
+                len(listed) < MEMBERS_REUSE_MAX_CHANNELS
+            ):
+                return
+            del listed[oldest]
 
     async def _read_members(self, channel: str) -> list[Member]:
         return _members_from(await self.redis.hgetall(self._keys(channel, self.server_id)[2]))

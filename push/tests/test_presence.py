@@ -3,6 +3,8 @@ join with the first, leave with the last, member lists over WebSocket and REST."
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth.models import User
@@ -171,3 +173,22 @@ async def test_a_signed_tokens_user_id_names_the_member_and_a_bad_one_is_refused
         assert reply["code"] == "FORBIDDEN" and "user_id" in reply["message"], bad
     for client in (*tabs, outsider):
         await client.close()
+
+
+async def test_shared_member_lists_are_not_held_past_their_time_or_their_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the shared reads hold is bounded: at most MEMBERS_REUSE_MAX_CHANNELS lists,
+    none kept once its time is over and another read comes."""
+    from push.cluster import presence
+    from push.services.runtime import get_node
+
+    store = (await get_node()).presence
+    monkeypatch.setattr(presence, "MEMBERS_REUSE_MAX_CHANNELS", 2)
+    for n in range(4):
+        await store.members(f"presence-bound-{n}")
+    assert list(store._listed) == ["presence-bound-2", "presence-bound-3"]
+    monkeypatch.setattr(presence, "MEMBERS_REUSE_SECS", 0.0)
+    await asyncio.sleep(0.01)
+    await store.members("presence-bound-4")
+    assert list(store._listed) == ["presence-bound-4"]
