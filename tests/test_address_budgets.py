@@ -36,6 +36,9 @@ HISTORY_BURST_BYTES = 2000
 HISTORY_MESSAGE_CHARS = 1000
 # Above the 20 frames each connection sends before the test floods one of them.
 CLOSE_AFTER = 25
+# Three frames of 20 KB (over the 8 KiB that frames are charged from), then nothing.
+FRAME_BURST_BYTES = 50_000
+BIG_FRAME_CHARS = 20_000
 TIMEOUT_SECS = 10.0
 
 
@@ -54,6 +57,8 @@ def budget_env(e2e_env: dict[str, str]) -> dict[str, str]:
         "PUSH_ADDRESS_HISTORY_BURST_BYTES": str(HISTORY_BURST_BYTES),
         "PUSH_ADDRESS_HISTORY_BYTES_PER_SEC": "1",
         "PUSH_RATE_LIMIT_CLOSE_AFTER": str(CLOSE_AFTER),
+        "PUSH_ADDRESS_FRAME_BURST_BYTES": str(FRAME_BURST_BYTES),
+        "PUSH_ADDRESS_FRAME_BYTES_PER_SEC": "1",
     }
 
 
@@ -203,6 +208,41 @@ async def test_frames_across_an_addresss_connections_share_one_budget(
     await heartbeats(other, 20, "other")
     assert [a["type"] for a in await replies(other, 20)] == ["heartbeat_ack"] * 20
     for ws in [*connections[1:], pusher, other]:
+        await ws.close()
+
+
+async def test_large_frames_of_an_address_share_one_byte_budget_on_both_protocols(
+    budget_node: ServerNode, address: str
+) -> None:
+    """Frames over 8 KiB are charged by size to their address before they are decoded:
+    three 20 KB heartbeats use up a budget of 50 KB, and what follows is refused
+    undecoded (no id) on that connection, on another of the address's, and on a Pusher
+    connection of it; small frames still pass, and another address is not held."""
+    padding = "x" * BIG_FRAME_CHARS
+    first, second = [await ws_open(budget_node.ws_url, address) for _ in range(2)]
+    for ws in (first, second):
+        await ws.recv()  # connection_established
+
+    def big(request_id: str) -> str:
+        return json.dumps({"type": "heartbeat", "id": request_id, "padding": padding})
+
+    for n in range(3):
+        await first.send(big(f"big-{n}"))
+    assert [a["type"] for a in await replies(first, 3)] == ["heartbeat_ack"] * 3
+    await second.send(big("over"))
+    (refused,) = await replies(second, 1)
+    assert refused["code"] == "RATE_LIMITED" and "id" not in refused
+    await second.send(json.dumps({"type": "heartbeat", "id": "small"}))
+    assert (await replies(second, 1))[0]["type"] == "heartbeat_ack"
+    pusher = await ws_open(f"{budget_node.pusher_url}/app/{APP_KEY}?protocol=7", address)
+    assert json.loads(await pusher.recv())["event"] == "pusher:connection_established"
+    await pusher.send(json.dumps({"event": "pusher:ping", "data": {"padding": padding}}))
+    assert (await replies(pusher, 1))[0]["event"] == "pusher:error"
+    other = await ws_open(budget_node.ws_url, "127.0.2.3")
+    await other.recv()
+    await other.send(big("elsewhere"))
+    assert (await replies(other, 1))[0]["type"] == "heartbeat_ack"
+    for ws in (first, second, pusher, other):
         await ws.close()
 
 
