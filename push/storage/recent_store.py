@@ -404,12 +404,16 @@ class RecentStore:
         self._expiry = None
         now = asyncio.get_running_loop().time()
         pending = False
+        in_call = {id(numbering) for numbering in self._sending}
         for numbering in itertools.chain(self._sending, self._waiting, *self._held.values()):
             if numbering.future.done():
                 continue
             if now >= numbering.deadline:
                 numbering.future.set_exception(
-                    TimeoutError("the recent-channel store did not answer in time")
+                    # Sent, and Redis may yet run the call: stored, maybe.
+                    _AnswerLost("Redis did not answer in time; the publish may have been stored")
+                    if id(numbering) in in_call
+                    else TimeoutError("the recent-channel store did not answer in time")
                 )
             else:
                 pending = True
@@ -753,7 +757,13 @@ class _Numbered:
 _UNAVAILABLE_ERRORS = (RedisError, OSError, TimeoutError, DatabaseError, PushError)
 
 
+class _AnswerLost(TimeoutError):
+    """A publish's call went to Redis and its answer did not come in time."""
+
+
 def _refusal(exc: BaseException) -> PushError:
+    if isinstance(exc, _AnswerLost):
+        return PushError(ErrorCode.UNAVAILABLE, str(exc))
     if isinstance(exc, PushError):  # db_call's, from a DatabaseError: the block's
         exc = exc.__cause__ or exc
     if isinstance(exc, DatabaseError):  # a new block of seqs could not be reserved
