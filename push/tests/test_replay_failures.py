@@ -11,6 +11,7 @@ from asgiref.sync import sync_to_async
 from django.db import OperationalError
 from django.test import override_settings
 
+from common.db import database_unavailable
 from push.services.publishing import message_publish
 from push.storage import history
 from push.tests.wsclient import connected_client
@@ -61,3 +62,36 @@ async def test_a_replay_whose_later_page_fails_once_still_delivers_everything(
     await client.expect_nothing()
     assert second_page_fails[:2] == [0, 5]
     await client.close()
+
+
+@override_settings(PUSH={"RECENT_PER_CHANNEL": 1})
+async def test_an_sse_channel_whose_replay_cannot_be_read_keeps_its_place_in_the_cursor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An SSE stream resuming two channels; the history of one cannot be read. That one
+    gets an ``error`` event, and the stream's cursor still names it where the client
+    was: a browser reconnecting with that ``Last-Event-ID`` resumes it from there, where
+    without it the channel would start at its latest seq and the missed messages be
+    skipped."""
+    from push.tests.sse_inprocess import InProcessStream
+
+    read = history._history_page
+
+    async def failing_for_broken(**kwargs: Any) -> Any:
+        if kwargs["channel"] == "sse-broken":  # as db_call raises a dropped connection
+            raise database_unavailable(OperationalError("server closed the connection"))
+        return await read(**kwargs)
+
+    for n in range(3):
+        await sync_to_async(message_publish)(channel="sse-broken", data=n)
+    monkeypatch.setattr(history, "_history_page", failing_for_broken)
+    stream = InProcessStream("channel=sse-broken&channel=sse-fine&since=sse-broken:1,sse-fine:0")
+    assert await stream.start() == 200
+    assert (await stream.next_event() or ("",))[0] == "connection_established"
+    kind, error = await stream.next_event()
+    assert (kind, error["channel"], error["code"]) == ("error", "sse-broken", "UNAVAILABLE")
+    await sync_to_async(message_publish)(channel="sse-fine", data="after")
+    kind, message = await stream.next_event()
+    assert (kind, message["channel"]) == ("message", "sse-fine")
+    assert stream.last_event_id == "sse-broken:1,sse-fine:1"
+    await stream.close()

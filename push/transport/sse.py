@@ -314,7 +314,10 @@ async def _subscribe_all(node: Node, connection: SseConnection, request: StreamR
                 node, connection, channel, since=cursor[channel], token=None, reply=_no_reply
             )
         except PushError as exc:
-            cursor.pop(channel, None)
+            # The cursor keeps naming the channel where the client was: a browser that
+            # reconnects (with the ``Last-Event-ID`` of a later event) resumes it from
+            # there. Dropped, the channel would start at its latest seq then, and what
+            # was published meanwhile be skipped without a trace.
             connection.send_error(exc, None, channel=channel)
 
 
