@@ -599,27 +599,27 @@ async def test_a_peer_that_left_mid_send_is_not_closed_again() -> None:
     await client.close()
 
 
-async def test_a_node_that_cannot_start_tells_the_client_to_try_again_later(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The handshake is accepted so the client sees 1013 (try again later): closed before
-    # the accept, servers answer HTTP 403, which clients take for a refused token.
+@pytest.fixture
+def node_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first connection's start of the node fails (as a bug or a dependency would)."""
+
     async def fails(self: Node) -> None:
         raise OSError("the node could not start")
 
     monkeypatch.setattr(Node, "start", fails)
+
+
+@pytest.mark.usefixtures("node_cannot_start")
+async def test_a_node_that_cannot_start_tells_the_client_to_try_again_later() -> None:
+    # The handshake is accepted so the client sees 1013 (try again later): closed before
+    # the accept, servers answer HTTP 403, which clients take for a refused token.
     accepted, client, _ = await open_client()
     assert accepted
     assert await client.expect_close() == CloseCode.TRY_AGAIN_LATER
 
 
-async def test_a_node_that_cannot_start_tells_a_pusher_client_to_back_off(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    async def fails(self: Node) -> None:
-        raise OSError("the node could not start")
-
-    monkeypatch.setattr(Node, "start", fails)
+@pytest.mark.usefixtures("node_cannot_start")
+async def test_a_node_that_cannot_start_tells_a_pusher_client_to_back_off() -> None:
     communicator = communicator_for(path="/app/any-key")
     accepted, _ = await communicator.connect()
     assert accepted
