@@ -14,6 +14,10 @@ transactions sent behind it (libpq answers each of them ``PIPELINE_ABORTED``). S
 batch sent behind a failing one is never executed; the writer learns why the first one
 failed, sends ``recover()`` (Sync, then ROLLBACK), and writes both again.
 
+Statements sent with ``types`` have their parameters adapted as those PostgreSQL types
+say, by dumpers chosen once per statement (``_typed_query``), not by looking at the
+values each time.
+
 Statements sent with ``prepare=True`` are prepared once per connection (a named
 statement, per SQL text and parameter types) and then only executed: PostgreSQL parses
 and plans them once, not once per batch. The write connection plans them generically
@@ -34,6 +38,7 @@ from psycopg import errors as pg_errors
 from psycopg import pq
 from psycopg._queries import PostgresQuery  # the adaptation psycopg's cursors use
 from psycopg.adapt import Transformer
+from psycopg.types import TypesRegistry
 
 Results = list[pq.abc.PGresult]
 
@@ -42,6 +47,7 @@ _PIPELINE_ABORTED = pq.ExecStatus.PIPELINE_ABORTED
 _PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
 _BAD = pq.ConnStatus.BAD
 _COMMAND_OK = pq.ExecStatus.COMMAND_OK
+_BINARY = pq.Format.BINARY
 
 # For the session of a connection whose statements are prepared: plan each once, for
 # any parameters. The write path's statements read arrays of rows through unnest and
@@ -54,6 +60,7 @@ GENERIC_PLANS = "SET plan_cache_mode = force_generic_plan"
 MAX_PREPARED = 64
 
 PreparedKey = tuple[bytes, tuple[int, ...] | None]
+TypedKey = tuple[str, tuple[str, ...]]
 
 
 class PipelineAborted(psycopg.Error):
@@ -80,6 +87,8 @@ class PipelinedConnection:
         self.error: BaseException | None = None
         # Statement -> the name it was prepared under on this connection.
         self._prepared: dict[PreparedKey, bytes] = {}
+        # (SQL, its parameters' types) -> its query, with the dumpers of those types.
+        self._typed: dict[TypedKey, PostgresQuery] = {}
         self._prepare_count = 0
         # One entry per statement sent, in order: the key of a statement being
         # prepared (its result is handed over with the execution that follows it), or
@@ -90,21 +99,56 @@ class PipelinedConnection:
 
     # ----- sending ----------------------------------------------------------------------
 
-    def send(self, sql: str, params: Sequence[Any] = (), *, prepare: bool = False) -> None:
+    def send(
+        self,
+        sql: str,
+        params: Sequence[Any] = (),
+        *,
+        prepare: bool = False,
+        types: tuple[str, ...] | None = None,
+    ) -> None:
         """Queue one statement; ``flush()`` sends what is queued. On a broken connection
         this does nothing: its results never come, and whoever waits for them learns
-        why from ``next()`` or ``error``. ``prepare``: see the module's docstring."""
+        why from ``next()`` or ``error``. ``prepare``: see the module's docstring;
+        ``types``: the PostgreSQL type of each parameter (``"text[]"``), see
+        ``_typed_query``."""
         if self.error is not None:
             return
         if not params and "%" not in sql:  # BEGIN, COMMIT: nothing to adapt
             self._send_statement(_plain_query(sql))
             return
-        query = PostgresQuery(self._transformer)
-        query.convert(sql, params)
+        if types is None:
+            query = PostgresQuery(self._transformer)
+            query.convert(sql, params)
+        else:
+            query = self._typed_query(sql, params, types)
         if prepare:
             self._send_prepared(query)
         else:
             self._send_statement(query.query, query.params, query.formats, query.types)
+
+    def _typed_query(
+        self, sql: str, params: Sequence[Any], types: tuple[str, ...]
+    ) -> PostgresQuery:
+        """``sql`` with ``params`` adapted as ``types`` say, all in binary, each by its
+        type's dumper, chosen once per statement. Left to choose, psycopg looks at each
+        value first, and at each element of a list (for its element type and, for ints,
+        the size the largest needs): measured, a third of adapting a write batch."""
+        if len(params) != len(types):  # psycopg would read past its dumpers
+            raise psycopg.ProgrammingError(f"{len(types)} types for {len(params)} parameters")
+        key = (sql, types)
+        query = self._typed.get(key)
+        if query is not None:
+            query.dump(params)
+            return query
+        transformer = Transformer(self.connection)
+        registry = self.connection.adapters.types
+        transformer.set_dumper_types([_oid(registry, name) for name in types], _BINARY)
+        query = PostgresQuery(transformer)
+        query.convert(sql, params)
+        if len(self._typed) < MAX_PREPARED:  # the write path has a handful
+            self._typed[key] = query
+        return query
 
     def _send_statement(
         self,
@@ -292,3 +336,10 @@ class PipelinedConnection:
 @functools.lru_cache(maxsize=16)
 def _plain_query(sql: str) -> bytes:
     return sql.encode()
+
+
+def _oid(registry: TypesRegistry, name: str) -> int:
+    """The oid of a PostgreSQL type named as in SQL: ``"bigint"``, ``"text[]"``."""
+    if name.endswith("[]"):
+        return registry[name[:-2]].array_oid
+    return registry[name].oid

@@ -382,7 +382,7 @@ class WritePipeline:
         # COMMIT reached the server is unknown.
         self._in_flight.append(_Sent(batch, plan))
         link.send("BEGIN")
-        link.send(statement.sql, statement.params, prepare=self._prepared)
+        link.send(statement.sql, statement.params, prepare=self._prepared, types=statement.types)
         link.send("COMMIT")
         link.flush()
         metrics.WRITE_BATCH_MESSAGES.observe(sum(len(u.items) for u in units))
@@ -664,7 +664,9 @@ class WritePipeline:
         due = 1  # results sent for and not read yet
         try:
             while True:
-                link.send(statement.sql, statement.params, prepare=self._prepared)
+                link.send(
+                    statement.sql, statement.params, prepare=self._prepared, types=statement.types
+                )
                 due += 1
                 if statement.final:
                     self._commit_sent = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -752,3 +753,59 @@ async def test_prepared_statements_are_prepared_once_and_again_after_a_skipped_p
     finally:
         link.close()
         await conn.close()
+
+
+async def test_typed_parameters_travel_as_declared_whatever_their_values() -> None:
+    """A statement sent with ``types`` adapts each parameter as its type, in binary:
+    the values come back as psycopg's own adaptation sends them (nulls, ints of every
+    size, any script, empty arrays), the statement is prepared once for all of them
+    (psycopg left to choose would pick int2[] or int8[] from the largest value), and a
+    count of types that is not the parameters' is refused before anything is sent."""
+    conninfo = pipeline_conninfo(connection.get_connection_params())
+    conn = await psycopg.AsyncConnection.connect(**conninfo, autocommit=True)
+    link = PipelinedConnection(conn, on_result=lambda: None)
+    sql = "SELECT %s::timestamptz, %b::bigint[], %b::text[]"
+    types = ("timestamptz", "bigint[]", "text[]")
+    moment = datetime(2024, 2, 29, 23, 59, 59, 999_999, tzinfo=UTC)
+    values = [
+        [moment, [1, None, 2], ["a", "é 中文 😀", "", 'q"\\{},']],
+        [moment, [2**40, -(2**62)], ["NULL"]],
+        [moment, [None], []],
+        [moment, [], ["x" * 10_000]],
+    ]
+    try:
+        with pytest.raises(psycopg.ProgrammingError):
+            link.send(sql, [moment, [1]], prepare=True, types=types)
+        for params in values:
+            link.send(sql, params, prepare=True, types=types)
+        link.send(
+            "SELECT parameter_types::text FROM pg_prepared_statements WHERE statement LIKE %s",
+            ["SELECT $1::timestamptz%"],
+        )
+        link.flush()
+        results = await _link_results(link, len(values) + 1)
+        for result in results:
+            link.check(result)
+        assert [list(link.rows(r)[0]) for r in results[:-1]] == values
+        assert link.rows(results[-1]) == [('{"timestamp with time zone",bigint[],text[]}',)]
+    finally:
+        link.close()
+        await conn.close()
+
+
+def test_every_statement_of_a_batch_declares_its_parameters_types() -> None:
+    """The pipeline adapts statements by their declared types, so each must declare one
+    per parameter (fewer would send the rest unadapted): with keys and without."""
+    units = [_unit("a", 1), _unit("b", 2, principal="p", idempotency_key="k")]
+    plan = batch_plan(units, micros=now_micros(), window_secs=60, dialect=POSTGRESQL_BINARY_ARRAYS)
+    statements = [next(plan), plan.send([]), plan.send([])]  # the key lost: its result read
+    statements.append(plan.send([("p", "b", "k", None)]))  # then the others stored
+    with pytest.raises(StopIteration):
+        plan.send([(1, "a", 1)])
+    keyed = [_unit("a", 1, principal="p", idempotency_key="k")]
+    plan = batch_plan(keyed, micros=now_micros(), window_secs=60, dialect=POSTGRESQL_BINARY_ARRAYS)
+    statements += [next(plan), plan.send([]), plan.send([("p", "a", "k")])]
+    statements.append(plan.send([(1, "a", 1)]))  # the key's result recorded
+    assert len(statements) == 8
+    for statement in statements:
+        assert statement.types is not None and len(statement.types) == len(statement.params)
