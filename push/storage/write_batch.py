@@ -18,7 +18,6 @@ import functools
 import json
 import time
 import uuid
-from collections import Counter
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -311,7 +310,9 @@ def _store(
     data = [data_json for i in writers for _, data_json in units[i].items]
     publishers = [units[i].publisher_id for i in writers for _ in units[i].items]
     message_ids = new_message_ids(len(channels))
-    counts = Counter(channels)
+    counts: dict[str, int] = {}  # (a Counter costs 0.5 us more for a batch of one)
+    for channel in channels:
+        counts[channel] = counts.get(channel, 0) + 1
     names = sorted(counts)
     if dialect.vendor == "postgresql":
         rows = yield _store_at_once(
