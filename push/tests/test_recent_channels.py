@@ -25,10 +25,12 @@ from common.errors import PushError
 from common.redis_client import redis_async, redis_prefix
 from devtools.processes import free_port, redis_server
 from push.cluster.broadcast import broadcast_async
+from push.fanout.message import ChannelMessage
 from push.models import Channel, Message
 from push.services.publishing import message_publish
 from push.services.runtime import get_node
 from push.storage import recent_store
+from push.storage.write_batch import Published
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import WsClient, connected_client
 
@@ -204,6 +206,48 @@ async def test_concurrent_publishes_to_many_channels_share_publish_calls() -> No
     # Lease renewals and claims are scripts too, a few per channel: far fewer calls
     # than the 200 publishes, which took one call each before they were grouped.
     assert calls < 100, calls
+
+
+@override_settings(PUSH={**RECENT, "RECENT_WINDOW_MESSAGES": 100, "RECENT_SEQ_BLOCK": 7})
+async def test_submitted_publishes_are_answered_with_what_their_window_holds() -> None:
+    """Publishes of several channels, some of several messages, numbered in shared
+    calls (and across lease renewals): each answer's messages are the entries stored
+    for them (seq, id, timestamp, data), are what was broadcast, and take each
+    channel's seqs in the order they were submitted."""
+    channels = [f"tick:kept{n}" for n in range(5)]
+    broadcast: list[ChannelMessage] = []
+    sent = [(channels[n % 5], [json.dumps([n, k]) for k in range(1 + n % 3)]) for n in range(60)]
+    answers = [
+        recent_store.publish_submitted(channel, datas, broadcast=broadcast.append)
+        for channel, datas in sent
+    ]
+    outcomes = [await answer for answer in answers]
+    assert all(isinstance(outcome, Published) for outcome in outcomes), outcomes
+    answered = [m for outcome in outcomes for m in outcome.messages]  # type: ignore[union-attr]  # Published, asserted above
+    assert [m.data_json for m in answered] == [d for _, datas in sent for d in datas]
+
+    def fields(message: ChannelMessage) -> tuple[Any, ...]:
+        return (message.seq, message.message_id, message.timestamp, message.data_json)
+
+    assert sorted(map(fields, broadcast)) == sorted(map(fields, answered))
+    assert len({m.message_id for m in answered}) == len(answered)
+    window = recent_store.Window.from_settings()
+    for channel in channels:
+        latest, stored = await recent_store.store().read(channel, 0, 100, window)  # type: ignore[misc]  # None only for a channel it does not hold
+        mine = [fields(m) for m in answered if m.channel == channel]
+        assert [fields(m) for m in stored] == mine
+        assert [m[0] for m in mine] == list(range(1, len(mine) + 1)) and latest == len(mine)
+
+
+@override_settings(PUSH=RECENT)
+async def test_a_submitted_publish_whose_caller_gave_up_is_still_numbered_and_broadcast() -> None:
+    broadcast: list[ChannelMessage] = []
+    given_up = recent_store.publish_submitted("tick:gaveup", ['"a"'], broadcast=broadcast.append)
+    kept = recent_store.publish_submitted("tick:gaveup", ['"b"'], broadcast=broadcast.append)
+    given_up.cancel()  # its client left: only the answer is given up
+    outcome = await kept
+    assert [m.seq for m in outcome.messages] == [2]  # type: ignore[union-attr]  # a refusal would fail here
+    assert [(m.seq, m.data_json) for m in broadcast] == [(1, '"a"'), (2, '"b"')]
 
 
 @override_settings(PUSH={**RECENT, "RECENT_SEQ_BLOCK": 3})
@@ -629,14 +673,26 @@ async def test_a_publish_redis_never_answers_is_answered_unavailable_at_its_dead
     store = recent_store.RecentStore(
         aioredis.from_url(f"redis://127.0.0.1:{port}/{target.get('db', 0)}"), redis_prefix()
     )
+    broadcast: list[ChannelMessage] = []
+    monkeypatch.setattr(recent_store, "store", lambda: store)
     try:
         proxy.frozen = True
-        written = store.append("tick:silent", ['"x"'], recent_store.Window.from_settings())
+        # Both in the one call Redis never answers: one awaited (REST), one answered by
+        # the call (a WebSocket publish).
+        written = recent_store._Awaited("tick:silent", ['"x"'])
+        store.append(written)
+        submitted = recent_store.publish_submitted(
+            "tick:silent", ['"y"'], broadcast=broadcast.append
+        )
         async with asyncio.timeout(3):
             # Sent and never answered, the publish may have been stored: the publisher is
             # told so, not "not published".
             with pytest.raises(TimeoutError, match="did not answer in time; the publish may"):
-                await written
+                await written.future
+            outcome = await submitted
+        assert isinstance(outcome, PushError) and outcome.code == "UNAVAILABLE"
+        assert "the publish may have been stored" in outcome.message
+        assert broadcast == []
     finally:
         await proxy.stop()
         await store.close()
