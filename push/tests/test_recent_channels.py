@@ -250,6 +250,18 @@ async def test_a_submitted_publish_whose_caller_gave_up_is_still_numbered_and_br
     assert [(m.seq, m.data_json) for m in broadcast] == [(1, '"a"'), (2, '"b"')]
 
 
+@override_settings(PUSH=RECENT)
+async def test_the_keys_a_store_keeps_for_its_calls_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(recent_store, "PUBLISH_KEYS_KEPT", 2)
+    channels = [f"tick:keys{n}" for n in range(5)]
+    for round_ in range(2):
+        for channel in channels:
+            assert await _publish(channel, 1) == [round_ + 1]
+    assert len(recent_store.store()._publish_keys) <= 2
+
+
 @override_settings(PUSH={**RECENT, "RECENT_SEQ_BLOCK": 3})
 async def test_publishes_in_flight_on_one_connection_keep_their_order(
     publisher_token: str,
