@@ -612,12 +612,36 @@ class RecentStore:
         self._wake_sender()
 
     async def _publish_all(self, batch: list[_Numbering]) -> None:
-        """One script call for ``batch``: makes each publish's ids, timestamp and window
-        entries, and sets its ``first`` seq (or why none).
+        """One script call for ``batch``: sets each publish's ``first`` seq (or why none).
 
         Publishes of one channel are numbered together, in queue order, so each gets
-        its own first seq from the channel's. Each call makes its entries anew: a publish
-        sent again (after its lease was recovered) was stored by none before."""
+        its own first seq from the channel's."""
+        by_channel, keys, counts_and_entries = self._call_of(batch)
+        # The bounds as the settings are now: read once per call, not per publish.
+        window = Window.from_settings()
+        args = [
+            window.messages,
+            window.bytes,
+            window.secs * 1000,
+            LEASE_IDLE_SECS,
+            await self.server_id(),
+            len(by_channel),
+            script_argument(counts_and_entries),
+        ]
+        answers = await self._publishes.run_script(_PUBLISH_SCRIPT, keys, args)
+        for group, answer in zip(by_channel.values(), answers, strict=True):
+            seq = int(answer)
+            for numbering in group:
+                numbering.first = seq
+                if seq > 0:
+                    seq += numbering.count
+
+    def _call_of(
+        self, batch: list[_Numbering]
+    ) -> tuple[dict[str, list[_Numbering]], list[bytes], list[int | str]]:
+        """Make each publish's ids, timestamp and window entries, for all at once (a
+        publish sent again, after its lease was recovered, was stored by none before);
+        the publishes by channel, and the call's keys, counts and entries (``_PUBLISH``)."""
         by_channel: dict[str, list[_Numbering]] = {}
         for numbering in batch:
             group = by_channel.get(numbering.channel)
@@ -629,7 +653,7 @@ class RecentStore:
         timestamp = micros / 1_000_000
         ids = new_message_ids(sum(numbering.count for numbering in batch), now_ms=micros // 1000)
         keys: list[bytes] = []
-        counts: list[int] = []
+        counts: list[int | str] = []
         data_jsons: list[str] = []
         known_keys = self._publish_keys
         # Channel by channel, as the script reads them; ``ids[i]`` is ``data_jsons[i]``'s.
@@ -642,24 +666,7 @@ class RecentStore:
                 numbering.ids = ids[taken : taken + numbering.count]
                 data_jsons += numbering.data_jsons
             counts.append(len(data_jsons) - before)
-        # The bounds as the settings are now: read once per call, not per publish.
-        window = Window.from_settings()
-        args = [
-            window.messages,
-            window.bytes,
-            window.secs * 1000,
-            LEASE_IDLE_SECS,
-            await self.server_id(),
-            len(counts),
-            script_argument(counts + entry_tails(ids, timestamp, data_jsons)),
-        ]
-        answers = await self._publishes.run_script(_PUBLISH_SCRIPT, keys, args)
-        for group, answer in zip(by_channel.values(), answers, strict=True):
-            seq = int(answer)
-            for numbering in group:
-                numbering.first = seq
-                if seq > 0:
-                    seq += numbering.count
+        return by_channel, keys, counts + entry_tails(ids, timestamp, data_jsons)
 
     async def _renew(self, channel: str, state: int, amount: int) -> None:
         """One block for all of the channel's held publishes: a block each would cost a
