@@ -555,6 +555,9 @@ def bounded_head_httptools_protocol(
         _head_bytes = 0
         _head_fields = 0
         _in_head = False
+        # Whether the head being read has its deadline and counts in ``incomplete``:
+        # only once it spans more than one read (see ``data_received``).
+        _head_armed = False
         _head_refused = False
         _between_requests = False
         _head_deadline: asyncio.TimerHandle | None = None
@@ -570,7 +573,9 @@ def bounded_head_httptools_protocol(
                     transport.close()
                     return
                 self._peer_key = key
+            # Nothing read yet: the first head is bounded in time and counted from now.
             self._head_begins()
+            self._arm_head()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._head_ends()
@@ -588,8 +593,15 @@ def bounded_head_httptools_protocol(
             # may pass the bound by one read (uvloop's are at most 256 KB).
             self._head_bytes += len(data)
             super().data_received(data)
-            if self._in_head and self._head_bytes > max_bytes:
-                self._refuse_head()
+            if self._in_head:
+                if self._head_bytes > max_bytes:
+                    self._refuse_head()
+                else:
+                    # A keep-alive request's head nearly always comes whole in one
+                    # read: only one that does not gets a deadline and is counted
+                    # (from its first read, microseconds ago), which spares the
+                    # others a timer each (measured: ~1.5 us of CPU per request).
+                    self._arm_head()
 
         def on_header(self, name: bytes, value: bytes) -> None:
             self._head_fields += 1
@@ -624,6 +636,11 @@ def bounded_head_httptools_protocol(
             self._in_head = True
             self._head_bytes = 0
             self._head_fields = 0
+
+        def _arm_head(self) -> None:
+            if self._head_armed or not self._in_head:
+                return
+            self._head_armed = True
             self._head_deadline = self.loop.call_later(deadline_secs, self._head_too_slow)
             if self._peer_key is not None:
                 incomplete[self._peer_key] += 1
@@ -632,6 +649,9 @@ def bounded_head_httptools_protocol(
             if not self._in_head:
                 return
             self._in_head = False
+            if not self._head_armed:
+                return
+            self._head_armed = False
             if self._head_deadline is not None:
                 self._head_deadline.cancel()
                 self._head_deadline = None
