@@ -9,9 +9,10 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterator, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import values as prometheus_values
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
@@ -150,6 +151,92 @@ class LoopHistogram(_LoopFamily[LoopHistogramChild]):
         for values, child in list(self._children.items()):
             family.add_metric(list(values), child.cumulative(), child.sum)
         yield family
+
+
+class _LoopAddend:
+    """A prometheus child's value (a ``MutexValue``) plus what the event loop's thread
+    added to it without the lock: /metrics reads their sum, so the series is the one
+    it was, whichever thread counted."""
+
+    __slots__ = ("added", "locked")
+
+    def __init__(self, locked: Any) -> None:
+        self.locked = locked
+        self.added = 0.0
+
+    def inc(self, amount: float) -> None:
+        self.locked.inc(amount)
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self.added = 0.0
+        self.locked.set(value, timestamp)
+
+    def get(self) -> float:
+        return self.locked.get() + self.added
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        self.locked.set_exemplar(exemplar)
+
+    def get_exemplar(self) -> Any:
+        return self.locked.get_exemplar()
+
+
+def _with_loop_addend(value: Any) -> _LoopAddend:
+    # Two writers of one child share its addend.
+    return value if isinstance(value, _LoopAddend) else _LoopAddend(value)
+
+
+class LoopCounterWriter:
+    """Counts into a prometheus ``Counter`` child (one label set) from the event loop's
+    thread without its lock (~40 ns against ~340 ns); other threads still count
+    through the child. For counters of another library (django-prometheus') that a
+    hot path bumps."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, child: Counter) -> None:
+        # A thread counting meanwhile reaches the same MutexValue either way.
+        self._value = child._value = _with_loop_addend(child._value)
+
+    def inc(self, amount: float = 1) -> None:
+        self._value.added += amount
+
+
+class LoopHistogramWriter:
+    """Observes into a prometheus ``Histogram`` child from the event loop's thread
+    without its lock, and picks the bucket by bisection, not a walk in Python (~0.2 us
+    against ~0.8 us for 30 buckets). Observed values are numbers, never NaN."""
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self._bounds = tuple(child._upper_bounds)  # the last is +Inf
+        # Replaced in the child's own list, which /metrics reads (in place: a thread
+        # observing meanwhile reaches the same MutexValue either way).
+        buckets = child._buckets
+        buckets[:] = [_with_loop_addend(bucket) for bucket in buckets]
+        self._buckets = list(buckets)
+        self._sum = child._sum = _with_loop_addend(child._sum)
+
+    def observe(self, value: float) -> None:
+        # The first bound at or above the value, as Histogram.observe picks it.
+        self._buckets[bisect.bisect_left(self._bounds, value)].added += 1
+        self._sum.added += value
+
+
+def loop_counter_writer(child: Counter) -> LoopCounterWriter | Counter:
+    """A lock-free writer of ``child`` for the event loop's thread; the child itself in
+    prometheus' multiprocess mode, whose values live in files."""
+    return child if _multiprocess() else LoopCounterWriter(child)
+
+
+def loop_histogram_writer(child: Histogram) -> LoopHistogramWriter | Histogram:
+    """As ``loop_counter_writer``, for a histogram's child."""
+    return child if _multiprocess() else LoopHistogramWriter(child)
+
+
+def _multiprocess() -> bool:
+    return prometheus_values.ValueClass is not prometheus_values.MutexValue
 
 
 CONNECTIONS_OPENED = Counter(
