@@ -101,6 +101,7 @@ _DEFAULT_JSON = (
 )
 # Django's logger of answered requests (4xx warnings, 5xx errors).
 request_logger = logging.getLogger("django.request")
+_PUBLISHED_OVER_REST = metrics.MESSAGES_PUBLISHED.labels("rest")
 
 
 @dataclass
@@ -126,6 +127,8 @@ class Body:
     complete: bool = False
 
     def bytes(self) -> bytes:
+        if len(self.messages) == 1:  # the whole body in one message, as it nearly always is
+            return self.messages[0].get("body", b"")
         return b"".join(m.get("body", b"") for m in self.messages)
 
     def replayed(self, receive: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
@@ -190,6 +193,8 @@ class FastPublish:
         # Off when Django's path does something not mirrored here: middleware of the
         # project's own, or settings with which Django's middleware redirects or
         # refuses a request.
+        # Read once, as Django's SecurityMiddleware reads it when it is made.
+        self.ssl_redirect = bool(settings.SECURE_SSL_REDIRECT)
         self.mirrors_django = (
             push_settings.REST_FAST_PUBLISH
             and all(_mirrored(path) for path in settings.MIDDLEWARE)
@@ -208,7 +213,7 @@ class FastPublish:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         found = self._endpoint(scope) if self.enabled() else None
-        request = None if found is None else plain_request(scope, *found)
+        request = None if found is None else plain_request(scope, *found, self.ssl_redirect)
         # A body declared too large is Django's to refuse, before any of it is read.
         if found is None or request is None or request.content_length > self.body_limit:
             return await self.django_app(scope, receive, send)
@@ -252,9 +257,11 @@ class FastPublish:
             request_logger.exception("Internal Server Error: %s", request.path)
             return 500, None
         if not replayed:
-            metrics.MESSAGES_PUBLISHED.labels("rest").inc(len(messages))
-        published = [published_body(m) for m in messages]
-        reply = published[0] if request.channel is not None else {"results": published}
+            _PUBLISHED_OVER_REST.inc(len(messages))
+        if request.channel is not None:
+            reply = published_body(messages[0])
+        else:
+            reply = {"results": [published_body(m) for m in messages]}
         return 200 if replayed else 201, reply
 
     async def _send(
@@ -328,12 +335,13 @@ def _publish_items(
     try:
         if channel is None:
             items = batch_items(parsed, max_messages=MAX_BATCH_MESSAGES)
+            for item_channel in first_index_of_each_channel(items).values():
+                authorize_publish(principal, item_channel)
         elif isinstance(parsed, dict) and "data" in parsed:
             items = [(channel, parsed["data"])]
+            authorize_publish(principal, channel)
         else:
             return None
-        for item_channel in first_index_of_each_channel(items).values():
-            authorize_publish(principal, item_channel)
     except PushError:
         return None  # DRF words the refusal
     return items
@@ -348,18 +356,19 @@ def _log_refusal(status: int, path: str) -> None:
 
 
 def plain_request(
-    scope: dict[str, Any], endpoint: Endpoint, url_channel: str | None
+    scope: dict[str, Any], endpoint: Endpoint, url_channel: str | None, ssl_redirect: bool
 ) -> PlainRequest | None:
     """The request's parts when it may be a back-end's plain publish, else None."""
     if scope.get("root_path") or scope.get("query_string"):
         return None
-    headers: dict[bytes, bytes] = {}
-    for name, value in scope["headers"]:
-        if name in headers:
-            return None  # Django would join them: leave it that reading
-        headers[name] = value
+    raw_headers = scope["headers"]
+    if not isinstance(raw_headers, list | tuple):
+        raw_headers = list(raw_headers)
+    headers: dict[bytes, bytes] = dict(raw_headers)
+    if len(headers) != len(raw_headers):
+        return None  # a header sent twice: Django would join them, leave it that reading
     secure = scope.get("scheme") == "https"
-    if settings.SECURE_SSL_REDIRECT and not secure:
+    if ssl_redirect and not secure:
         return None
     content_type = headers.get(b"content-type", b"").lower().replace(b" ", b"")
     accept = headers.get(b"accept", b"*/*")

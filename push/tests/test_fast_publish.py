@@ -12,7 +12,7 @@ from django.conf import settings
 from django.core.signals import request_finished, request_started
 from django.test import override_settings
 
-from push.api import middleware
+from push.api import fast_publish, middleware
 from push.api.fast_publish import Endpoint, FastPublish
 from push.api.security_headers import security_headers
 from push.api.views import BatchMessagesView, ChannelMessagesView
@@ -131,3 +131,58 @@ def test_a_request_signal_receiver_of_the_project_s_own_turns_it_off() -> None:
         request_finished.disconnect(receiver)
         request_finished.disconnect(other)
     assert fast.enabled()
+
+
+def _publish_scope(scheme: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "method": "POST",
+        "scheme": scheme,
+        "path": "/api/v1/channels/news/messages",
+        "root_path": "",
+        "query_string": b"",
+        "client": ("192.0.2.1", 40000),
+        "headers": [
+            (b"host", b"example.com"),
+            (b"authorization", b"Token svc_kept"),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"11"),
+            *headers,
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("ssl_redirect", "scheme", "headers", "taken"),
+    [
+        (False, "http", [], True),
+        (True, "http", [], False),  # Django redirects it to https
+        (True, "https", [], True),
+        (False, "http", [(b"accept", b"application/json")], True),
+        (False, "http", [(b"accept", b"*/*"), (b"accept", b"application/json")], False),
+    ],
+)
+@override_settings(ALLOWED_HOSTS=["example.com"])
+def test_a_request_is_taken_only_as_django_would_read_it(
+    monkeypatch: pytest.MonkeyPatch,
+    ssl_redirect: bool,
+    scheme: str,
+    headers: list[tuple[bytes, bytes]],
+    taken: bool,
+) -> None:
+    """Over plain HTTP with ``SECURE_SSL_REDIRECT`` (read once, as Django's middleware
+    does), or with a header sent twice (Django would join them), Django answers."""
+    monkeypatch.setattr(fast_publish, "is_kept_key", lambda key: key == "svc_kept")
+    with override_settings(SECURE_SSL_REDIRECT=ssl_redirect):
+        fast = FastPublish(_app)
+    scope = _publish_scope(scheme, headers)
+    found = fast._endpoint(scope)
+    assert found is not None
+    request = fast_publish.plain_request(scope, *found, fast.ssl_redirect)
+    assert (request is not None) is taken
+    if request is not None:
+        assert (request.channel, request.token, request.secure) == (
+            "news",
+            "svc_kept",
+            scheme == "https",
+        )
