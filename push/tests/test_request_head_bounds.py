@@ -7,6 +7,7 @@ request that completes, a keep-alive connection's next request or a WebSocket.""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -150,3 +151,21 @@ async def test_a_websocket_outlives_the_deadline_of_its_head(port: int) -> None:
         assert await asyncio.wait_for(ws.recv(), ANSWER_SECS) == "still here"
     for _ in range(PER_PEER + 1):  # its head counts no longer
         assert await _served(port)
+
+
+async def test_the_access_log_writes_what_its_level_lets_through(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The protocol skips making the access line of a request its logger would drop,
+    and asks for each request: a keep-alive connection follows a change of level."""
+    reader, writer = await _open(port)
+    logged = []
+    for level in (logging.INFO, logging.WARNING, logging.INFO):
+        caplog.set_level(level, logger="uvicorn.access")
+        caplog.clear()
+        writer.write(GET)
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), ANSWER_SECS)
+        logged.append([r.getMessage() for r in caplog.records if r.name == "uvicorn.access"])
+    writer.close()
+    assert [len(lines) for lines in logged] == [1, 0, 1]
+    assert logged[0][0].endswith('"GET / HTTP/1.1" 200')

@@ -563,9 +563,11 @@ def bounded_head_httptools_protocol(
         _head_deadline: asyncio.TimerHandle | None = None
         # The key this connection counts under in ``incomplete`` while its head is read.
         _peer_key: str | None = None
+        _access_handlers = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's own signature
             super().connection_made(transport)
+            self._access_handlers = self.access_log  # whether uvicorn would log
             peer = self.client[0] if self.client else None
             if max_incomplete_per_peer and peer:
                 key = address_block(peer)
@@ -620,6 +622,13 @@ def bounded_head_httptools_protocol(
 
         def on_headers_complete(self) -> None:
             self._head_ends()
+            # uvicorn makes each request's access line (~1.1 us: the client's address,
+            # the quoted path) whenever its logger has a handler, as under Django's
+            # LOGGING, and Logger.info then drops it below INFO: asked here first, as
+            # Logger.info would, for this request's response.
+            self.access_log = self._access_handlers and self.access_logger.isEnabledFor(
+                logging.INFO
+            )
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
