@@ -68,8 +68,9 @@ _SERIALIZER = RedisSerializer()
 # Tokens kept per process; past this the oldest is dropped.
 MAX_ENTRIES = 10_000
 # Keys whose digest is kept: a REST request of a kept token hashed its key three times
-# (the address budget, the fast path, the check), ~0.6 us each. The keys are held only
-# as the requests that sent them were; made-up ones turn the oldest out.
+# (the address budget, the fast path, the check), ~0.6 us each. The last keys asked
+# about stay in the process's memory with their digests (as the requests that sent
+# them did); made-up ones only turn the oldest out.
 DIGESTS_KEPT = 4096
 
 # A generation that cannot match any value read from the shared cache.

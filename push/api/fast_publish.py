@@ -190,11 +190,11 @@ class FastPublish:
             push_settings.MAX_FRAME_BYTES,
             settings.DATA_UPLOAD_MAX_MEMORY_SIZE or push_settings.MAX_FRAME_BYTES,
         )
+        # Read once, as Django's SecurityMiddleware reads it when it is made.
+        self.ssl_redirect = bool(settings.SECURE_SSL_REDIRECT)
         # Off when Django's path does something not mirrored here: middleware of the
         # project's own, or settings with which Django's middleware redirects or
         # refuses a request.
-        # Read once, as Django's SecurityMiddleware reads it when it is made.
-        self.ssl_redirect = bool(settings.SECURE_SSL_REDIRECT)
         self.mirrors_django = (
             push_settings.REST_FAST_PUBLISH
             and all(_mirrored(path) for path in settings.MIDDLEWARE)
