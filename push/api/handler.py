@@ -287,38 +287,36 @@ def receivers_on_loop(signal: Signal, sender: type = ASGIHandler) -> bool:
     loop. It reads the signal's receivers the way ``Signal.send`` does (Django 5.x,
     pinned); on a Django without that method, requests go Django's way.
 
-    Asked for every request the REST fast path takes, so the answer is kept while the
-    signal's receivers stay as they were (``_receivers_state``)."""
-    state = _receivers_state(signal)
-    kept = _receivers_verdicts.get((signal, sender))
-    if kept is not None and kept[0] == state:
-        return kept[1]
+    Asked twice for every request the REST fast path takes, so the answer is kept in
+    the signal's own ``sender_receivers_cache`` (``_KeptVerdicts``), which Django
+    empties whenever a receiver is connected or disconnected; while a receiver was
+    found dead (``_dead_receivers``), it is worked out again. (Kept beside the signal,
+    with the receivers' state to compare, a check cost 0.2 us; this way 0.06 us.)"""
+    cache = signal.sender_receivers_cache
+    kept = cache.get(_KeptVerdicts)
+    if kept is not None:
+        verdict = kept.get(sender)
+        if verdict is not None:  # so a signal has _live_receivers, and this flag
+            dead = signal._dead_receivers  # type: ignore[attr-defined]  # Django's, unstubbed
+            if not dead:
+                return verdict
+    if kept is None:
+        # Put in before the receivers are read: a receiver connected meanwhile empties
+        # the cache, and this verdict is then kept nowhere.
+        kept = cache[_KeptVerdicts] = _KeptVerdicts()
     live_receivers = getattr(signal, "_live_receivers", None)
     if live_receivers is None:
         return False
     sync_receivers, async_receivers = live_receivers(sender)
     verdict = not async_receivers and all(r in BOUNDARY_RECEIVERS_ON_LOOP for r in sync_receivers)
-    # Read again: reading the live receivers may have dropped dead ones.
-    _receivers_verdicts[(signal, sender)] = (_receivers_state(signal), verdict)
+    kept[sender] = verdict
     return verdict
 
 
-# Each signal's verdict, with the receivers' state it was made for.
-_receivers_verdicts: dict[tuple[Signal, type], tuple[tuple[Any, ...], bool]] = {}
-
-
-def _receivers_state(signal: Signal) -> tuple[Any, ...]:
-    """What changes whenever a receiver is connected or disconnected (Django appends a
-    new entry to ``receivers`` or deletes one) or found dead: the list itself, its
-    length, its last entry and the dead-receiver flag. Held by reference, so no list or
-    entry is freed and its id reused while a verdict names it."""
-    receivers = signal.receivers
-    return (
-        receivers,
-        len(receivers),
-        receivers[-1] if receivers else None,
-        getattr(signal, "_dead_receivers", None),
-    )
+class _KeptVerdicts(dict[type, bool]):
+    """``receivers_on_loop``'s answers for one signal, by sender. The class itself is
+    their key in the signal's ``sender_receivers_cache``: no sender is this class, and
+    a class may key the weak dictionary a signal made with ``use_caching``."""
 
 
 def _on_loop(method: Any) -> Any:

@@ -4,16 +4,20 @@ two paths' answers on real nodes)."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.conf import settings
 from django.core.signals import request_finished, request_started
+from django.db import close_old_connections
+from django.dispatch import Signal
 from django.test import override_settings
 
 from push.api import fast_publish, middleware
 from push.api.fast_publish import Endpoint, FastPublish
+from push.api.handler import LoopHandler, receivers_on_loop
 from push.api.security_headers import security_headers
 from push.api.views import BatchMessagesView, ChannelMessagesView
 
@@ -131,6 +135,63 @@ def test_a_request_signal_receiver_of_the_project_s_own_turns_it_off() -> None:
         request_finished.disconnect(receiver)
         request_finished.disconnect(other)
     assert fast.enabled()
+
+
+def test_a_receiver_for_one_sender_counts_for_that_sender_only() -> None:
+    """The kept answers are per sender, and connecting one for a sender is seen by all."""
+    assert receivers_on_loop(request_started, LoopHandler)
+    assert receivers_on_loop(request_started)
+
+    def receiver(**kwargs: Any) -> None:
+        pass
+
+    request_started.connect(receiver, sender=LoopHandler)
+    try:
+        assert not receivers_on_loop(request_started, LoopHandler)
+        assert receivers_on_loop(request_started)  # sent by Django's own handler
+    finally:
+        request_started.disconnect(receiver, sender=LoopHandler)
+    assert receivers_on_loop(request_started, LoopHandler)
+
+
+def test_a_receiver_that_was_collected_no_longer_turns_it_off() -> None:
+    """A weakly held receiver that is gone (Django only flags it dead) stops counting,
+    as Django stops calling it, though the answer with it was kept."""
+    fast = FastPublish(_app)
+
+    class Listener:
+        def __call__(self, **kwargs: Any) -> None:
+            pass
+
+    listener = Listener()
+    # Weakly, as Django holds receivers by default: gone when the object is.
+    request_finished.connect(listener, dispatch_uid="collected-listener")
+    try:
+        assert not fast.enabled()
+        assert not fast.enabled()  # kept
+        del listener
+        gc.collect()
+        assert fast.enabled()
+        assert fast.enabled()
+    finally:
+        request_finished.disconnect(dispatch_uid="collected-listener")
+
+
+def test_the_answer_is_kept_on_a_signal_that_caches_its_receivers() -> None:
+    """A signal made with ``use_caching`` holds its cache weakly, by sender."""
+    signal = Signal(use_caching=True)
+    assert receivers_on_loop(signal, LoopHandler)
+    signal.connect(close_old_connections)
+    assert receivers_on_loop(signal, LoopHandler)
+
+    def receiver(**kwargs: Any) -> None:
+        pass
+
+    signal.connect(receiver, sender=LoopHandler)
+    assert not receivers_on_loop(signal, LoopHandler)
+    assert signal.send(sender=LoopHandler) == [(close_old_connections, None), (receiver, None)]
+    signal.disconnect(receiver, sender=LoopHandler)
+    assert receivers_on_loop(signal, LoopHandler)
 
 
 def _publish_scope(scheme: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
