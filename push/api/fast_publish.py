@@ -291,7 +291,9 @@ def _rendered(reply: Any) -> bytes:
     lists and dicts (a publish's result, an error envelope)."""
     if not _DEFAULT_JSON:
         return _RENDERER.render(reply)
-    return javascript_safe(json_text.dumps(reply))
+    body = json_text.dumps_bytes(reply)
+    # Text in ASCII holds no U+2028 or U+2029 to escape: the bytes as orjson wrote them.
+    return body if body.isascii() else javascript_safe(body.decode())
 
 
 def _mirrored(middleware_path: str) -> bool:

@@ -247,3 +247,24 @@ def test_a_request_is_taken_only_as_django_would_read_it(
             "svc_kept",
             scheme == "https",
         )
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        {
+            "channel": "news",
+            "seq": 7,
+            "message_id": "01a2472d-f370-79dc-8071-70dd6054e925",
+            "timestamp": 1796490523.504882,
+        },
+        {"results": [{"channel": "n", "seq": 1, "message_id": "a-be-c", "timestamp": 1.5}]},
+        {"error": {"code": "X", "message": "h\u00e9llo \u2028 \u2029 \u2013 \U0001f600"}},
+        {"n": [1e-07, 5e-05, 0.5, -0.0, 2**63, 2**70], "s": ":1e-5"},
+        {"\u2028": None},
+    ],
+)
+def test_an_answer_is_rendered_as_drf_renders_it(reply: dict[str, Any]) -> None:
+    """Byte for byte what the views' renderer sends (it escapes U+2028 and U+2029)."""
+    assert fast_publish._DEFAULT_JSON
+    assert fast_publish._rendered(reply) == fast_publish._RENDERER.render(reply)

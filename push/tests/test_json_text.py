@@ -68,6 +68,18 @@ def test_dumps_writes_the_standard_librarys_text(value: Any) -> None:
 
 @settings(max_examples=2000, deadline=None)
 @given(values)
+def test_dumps_bytes_is_the_text_of_dumps_in_utf8(value: Any) -> None:
+    try:
+        expected = json_text.dumps(value).encode()
+    except (ValueError, TypeError) as exc:  # UnicodeEncodeError for a lone surrogate
+        with pytest.raises(type(exc)):
+            json_text.dumps_bytes(value)
+        return
+    assert json_text.dumps_bytes(value) == expected
+
+
+@settings(max_examples=2000, deadline=None)
+@given(values)
 def test_loads_reads_what_the_standard_library_reads(value: Any) -> None:
     # Text as the standard library writes it: lone surrogates as escapes, long ints.
     text = json.dumps(value, ensure_ascii=bool(hash(str(value)) % 2))
@@ -132,6 +144,7 @@ def test_a_small_float_is_written_as_python_writes_it_wherever_it_is(small: floa
         {"e-": "0.0000", "3e-": small},
     ):
         assert json_text.dumps(holder) == STANDARD_ENCODER.encode(holder)
+        assert json_text.dumps_bytes(holder) == STANDARD_ENCODER.encode(holder).encode()
 
 
 def test_answers_with_message_ids_are_not_written_twice() -> None:

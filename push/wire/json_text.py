@@ -41,7 +41,7 @@ _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 # Digits to "0", every other byte to a space: a run of 19 zeros after this mapping is a
 # number orjson may read as a float where Python reads an integer (past 64 bits).
-# (bytes.translate and ``in`` cost a third of a regular expression's search.)
+# (bytes.translate and ``find`` cost a third of a regular expression's search.)
 _DIGITS_ONLY = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
 _NINETEEN_DIGITS = b"0" * 19
 
@@ -53,7 +53,9 @@ def loads(text: str) -> Any:
         raw = text.encode()
     except UnicodeEncodeError:  # a lone surrogate, which orjson refuses anyway
         return _DECODER.decode(text)
-    if _NINETEEN_DIGITS not in raw.translate(_DIGITS_ONLY):
+    # (find, not ``in``: ``bytes in bytes`` first tries the needle as an integer, and
+    # the TypeError it raises and clears cost 0.08 us.)
+    if raw.translate(_DIGITS_ONLY).find(_NINETEEN_DIGITS) == -1:
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -71,6 +73,19 @@ def dumps(value: Any) -> str:
     if _small_float_in(text):
         return _ENCODER.encode(value)
     return text.decode()
+
+
+def dumps_bytes(value: Any) -> bytes:
+    """``dumps(value).encode()``, for a caller that sends bytes: orjson's UTF-8 as it
+    wrote it, not decoded to text and encoded back (0.09 of a REST answer's 0.58 us
+    rendering). Like ``encode()``, raises ``UnicodeEncodeError`` for a lone surrogate."""
+    try:
+        text = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return _ENCODER.encode(value).encode()
+    if _small_float_in(text):
+        return _ENCODER.encode(value).encode()
+    return text
 
 
 # What comes before a value in orjson's compact text, besides its start.
