@@ -179,8 +179,8 @@ class Recorder:
     async def send(self, event: dict[str, Any]) -> None:
         self.sent.append(event)
 
-    def outbox(self, write: Any) -> Outbox:
-        return Outbox(
+    def outbox(self, write: Any, kind: type[Outbox] = Outbox) -> Outbox:
+        return kind(
             self.send,
             max_frames=10,
             max_bytes=10**6,
@@ -485,6 +485,47 @@ async def test_deliveries_together_write_each_connection_once_at_the_end() -> No
         assert one == [] and other == []
     assert one == [first.wire + second.wire + third.wire]
     assert other == [first.wire]
+
+
+async def test_deliveries_together_send_what_waits_when_the_block_raises() -> None:
+    """The error goes on up (from an inner block too), once the frames pushed before it
+    are sent; pushes after the block go out at once."""
+    recorder = Recorder()
+    written: list[bytes] = []
+    outbox = recorder.outbox(written.append)
+    first, second, after = _frames('{"n":1}', '{"n":2}', '{"n":3}')
+    with pytest.raises(LookupError), deliveries_together():
+        outbox.push(first)
+        with deliveries_together():
+            outbox.push(second)
+            raise LookupError("broadcast failed")
+    assert written == [first.wire + second.wire]
+    assert outbox_module._open_together() is None
+    outbox.push(after)
+    assert written == [first.wire + second.wire, after.wire]
+
+
+async def test_an_outbox_that_fails_at_the_end_fails_alone() -> None:
+    """Sending one connection's held frames raised: that connection fails (its owner
+    is told, the failure counted), and the others' frames go out all the same."""
+
+    class Broken(Outbox):
+        def _push_soon_now(self) -> None:
+            raise RuntimeError("a bug")
+
+    recorder = Recorder()
+    written: list[bytes] = []
+    broken = recorder.outbox(written.append, Broken)
+    healthy = recorder.outbox(written.append)
+    (frame,) = _frames('{"n":1}')
+    failures = _sample("push_fan_out_failures_total")
+    with deliveries_together():
+        broken.push(frame)
+        healthy.push(frame)
+    assert written == [frame.wire]
+    assert broken.closed and not healthy.closed
+    assert [type(exc) for exc in recorder.failures] == [outbox_module.WriteFailed]
+    assert _sample("push_fan_out_failures_total") == failures + 1
 
 
 async def test_a_push_from_a_callback_started_inside_deliveries_together_goes_out() -> None:
