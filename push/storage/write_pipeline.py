@@ -85,6 +85,11 @@ from push.storage.write_batch import (
 
 logger = logging.getLogger(__name__)
 
+# Observed on the event loop's thread only, so without prometheus' lock (~1 us less
+# per observation): the same series and values (``common.metrics``).
+_BATCH_MESSAGES = metrics.loop_histogram_writer(metrics.WRITE_BATCH_MESSAGES)
+_BATCH_SECONDS = metrics.loop_histogram_writer(metrics.WRITE_BATCH_SECONDS)
+
 # A deadlock or serialization failure is retried this many times, then answered
 # UNAVAILABLE (the seq upsert takes rows in one order, so neither is expected).
 TRANSIENT_RETRIES = 3
@@ -197,7 +202,10 @@ class WritePipeline:
         # A batch with idempotency keys, waiting for those in flight to be answered: its
         # statements depend on each other's rows, so it is written alone.
         self._held: list[_Queued] | None = None
-        self._deadline: asyncio.TimerHandle | None = None
+        # When the connection is given up unless the deadline is armed again or
+        # disarmed first (loop time), and which; the timer that will look at it.
+        self._deadline: tuple[float, PipelinedConnection] | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
         # Channel -> the last slow-lane write of it: a channel is in the slow lane while
         # this is pending, and each of its slow writes waits for the one before.
         self._slow: dict[str, asyncio.Future[None]] = {}
@@ -368,7 +376,11 @@ class WritePipeline:
             if link is None:
                 return
         assert link is not None
-        units = [queued.unit for queued in batch]
+        units = []
+        messages = 0
+        for queued in batch:
+            units.append(queued.unit)
+            messages += len(queued.unit.items)
         plan = batch_plan(
             units,
             micros=now_micros(),
@@ -385,7 +397,7 @@ class WritePipeline:
         link.send(statement.sql, statement.params, prepare=self._prepared, types=statement.types)
         link.send("COMMIT")
         link.flush()
-        metrics.WRITE_BATCH_MESSAGES.observe(sum(len(u.items) for u in units))
+        _BATCH_MESSAGES.observe(messages)
         if len(self._in_flight) == 1:
             self._arm_deadline(link)
 
@@ -431,7 +443,7 @@ class WritePipeline:
                 self._writing_alone = False
             return
         outcome = _finished(sent.plan, link.rows(results[1]))
-        metrics.WRITE_BATCH_SECONDS.observe(time.perf_counter() - sent.started)
+        _BATCH_SECONDS.observe(time.perf_counter() - sent.started)
         self._committed(sent.batch, outcome)
 
     def _lose_in_flight(self, exc: BaseException) -> None:
@@ -460,17 +472,40 @@ class WritePipeline:
 
     def _arm_deadline(self, link: PipelinedConnection) -> None:
         """A connection whose packets vanish (no reset, no answer) would hold the whole
-        node's writes: past ``write_timeout_secs`` it is closed, which fails whatever
-        still waits on it."""
-        self._disarm_deadline()
-        self._deadline = asyncio.get_running_loop().call_later(
-            self._write_timeout_secs, link.close, TimeoutError("the write timed out")
-        )
+        node's writes: past ``write_timeout_secs`` from now it is closed, which fails
+        whatever still waits on it (unless armed again or disarmed before).
+
+        It is armed again for every batch settled while others are in flight, so the
+        timer is not made again each time (a cancel and a new timer cost 0.6-2 us): the
+        one timer comes no later than the deadline in force, and when it comes early
+        (the deadline moved since), it waits on for the deadline then in force."""
+        loop = asyncio.get_running_loop()
+        self._deadline = (loop.time() + self._write_timeout_secs, link)
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_at(self._deadline[0], self._deadline_passed)
 
     def _disarm_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._deadline = None  # the timer, if any, finds nothing to do
+
+    def _deadline_passed(self) -> None:
+        self._deadline_timer = None
+        if self._deadline is None:
+            return
+        when, link = self._deadline
+        loop = asyncio.get_running_loop()
+        if loop.time() < when:
+            self._deadline_timer = loop.call_at(when, self._deadline_passed)
+            return
+        self._deadline = None
+        link.close(TimeoutError("the write timed out"))
+
+    def _drop_deadline_timer(self) -> None:
+        """No timer left waiting (the connection is closed): it would hold this
+        pipeline until it came."""
+        self._disarm_deadline()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
 
     # ----- batches written alone: keyed ones, and the retries after a failure ----------
 
@@ -693,8 +728,8 @@ class WritePipeline:
             if link.error is None:  # refused, not lost: the connection goes on
                 await self._recover(link)
             raise
-        metrics.WRITE_BATCH_SECONDS.observe(time.perf_counter() - started)
-        metrics.WRITE_BATCH_MESSAGES.observe(sum(len(u.items) for u in units))
+        _BATCH_SECONDS.observe(time.perf_counter() - started)
+        _BATCH_MESSAGES.observe(sum(len(u.items) for u in units))
         return outcome
 
     def _committed(self, batch: list[_Queued], outcome: BatchOutcome) -> None:
@@ -766,7 +801,7 @@ class WritePipeline:
         link, self._link = self._link, None
         if link is None:
             return
-        self._disarm_deadline()
+        self._drop_deadline_timer()
         connection = link.connection
         try:
             link.close()  # also when the connection broke: its socket is closed now

@@ -97,6 +97,38 @@ async def test_concurrent_publishes_share_transactions_with_consecutive_seqs() -
         assert [m.seq for m in committed if m.channel == f"ch{c}"] == list(range(1, 101))
 
 
+async def test_each_batch_is_counted_in_the_write_batch_histograms() -> None:
+    """Sent behind others or written alone (keyed), each transaction is observed once:
+    its messages (all of them, in all) and its time, in /metrics' series."""
+    from prometheus_client import REGISTRY
+
+    def snapshot() -> tuple[float, ...]:
+        return tuple(
+            REGISTRY.get_sample_value(name, labels) or 0.0
+            for name, labels in (
+                ("push_write_batch_messages_count", {}),
+                ("push_write_batch_messages_bucket", {"le": "+Inf"}),
+                ("push_write_batch_seconds_count", {}),
+                ("push_write_batch_messages_sum", {}),
+            )
+        )
+
+    before = snapshot()
+    pipeline = _pipeline([])
+    try:
+        units = [_unit(f"m{i % 2}", i) for i in range(40)]
+        outcomes = await asyncio.gather(*(pipeline.publish(u) for u in units))
+        keyed = _unit("m0", 40, principal="p", idempotency_key="histogram")
+        outcomes.append(await pipeline.publish(keyed))  # a batch written alone
+    finally:
+        await pipeline.stop()
+    assert all(isinstance(o, Published) for o in outcomes)
+    batches, in_buckets, timed, messages = (a - b for a, b in zip(snapshot(), before, strict=True))
+    assert 2 <= batches <= 41
+    assert in_buckets == timed == batches
+    assert messages == 41
+
+
 async def test_data_with_quotes_backslashes_and_any_script_is_stored_as_published() -> None:
     """The pipeline sends its rows as binary arrays: nothing to quote or escape."""
     values = ['a "quoted" \\ back\\slash', "{}[],", "é ü 漢字 😀", "\u2028", "NULL", ""]
@@ -528,6 +560,60 @@ async def test_a_database_that_stops_answering_is_given_up_after_the_write_timeo
     finally:
         await pipeline.stop()
         proxy.close()
+
+
+class _TimedLink:
+    """Stands for the connection: when, and why, the pipeline gave it up."""
+
+    def __init__(self) -> None:
+        self.closed: list[tuple[float, BaseException | None]] = []
+
+    def close(self, reason: BaseException | None = None) -> None:
+        self.closed.append((asyncio.get_running_loop().time(), reason))
+
+
+async def test_the_write_timeout_counts_from_the_last_batch_settled() -> None:
+    """Armed again as each batch settles with others in flight (``_settle_oldest``),
+    the deadline moves on: a connection that answers, however long in all, is kept; one
+    that stops is given up the write timeout after it last answered, not before."""
+    pipeline = _pipeline([], write_timeout_secs=0.3)
+    link: Any = _TimedLink()
+    loop = asyncio.get_running_loop()
+    try:
+        pipeline._arm_deadline(link)
+        for _ in range(4):  # 0.6 s in all, a batch settled every 0.15 s
+            await asyncio.sleep(0.15)
+            last = loop.time()
+            pipeline._disarm_deadline()
+            pipeline._arm_deadline(link)
+        assert link.closed == []
+        await asyncio.sleep(0.6)
+        [(closed_at, reason)] = link.closed
+        assert 0.3 - 0.002 <= closed_at - last < 0.5
+        assert isinstance(reason, TimeoutError)
+    finally:
+        await pipeline.stop()
+
+
+async def test_a_disarmed_write_timeout_gives_up_nothing() -> None:
+    """Disarmed (nothing in flight), the connection is kept however long it idles;
+    armed again, the timeout counts from then."""
+    pipeline = _pipeline([], write_timeout_secs=0.2)
+    link: Any = _TimedLink()
+    loop = asyncio.get_running_loop()
+    try:
+        pipeline._arm_deadline(link)
+        await asyncio.sleep(0.1)
+        pipeline._disarm_deadline()
+        await asyncio.sleep(0.3)
+        assert link.closed == []
+        armed = loop.time()
+        pipeline._arm_deadline(link)
+        await asyncio.sleep(0.4)
+        [(closed_at, _reason)] = link.closed
+        assert 0.2 - 0.002 <= closed_at - armed < 0.4
+    finally:
+        await pipeline.stop()
 
 
 @pytest.mark.parametrize("keyed", [False, True], ids=["sent behind others", "written alone"])
