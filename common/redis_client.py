@@ -246,7 +246,36 @@ def pack_command(args: Sequence[str | bytes | int | float]) -> bytes:
     """A command in RESP, as redis-py's ``Connection.pack_command`` makes it for these
     argument types (text as UTF-8, numbers in decimal), in one join: redis-py's copies
     its buffer so far for each argument, which cost a script call with a key and a
-    count per channel about as much as the round trip."""
+    count per channel about as much as the round trip.
+
+    Packed by hiredis where it is installed, as redis-py's own sync connections pack
+    theirs: a publish's script call of 13 arguments cost 3.5 us in Python, 1.2 us so.
+    What hiredis does not take (an ``int`` subclass, arguments not in a tuple) is packed
+    here, and a value Redis would not read back as sent is refused here (hiredis also
+    takes a ``memoryview``, packed as its bytes)."""
+    if _HIREDIS_PACK is not None:
+        try:
+            return _HIREDIS_PACK(args)
+        except TypeError:
+            pass
+    return _packed_here(args)
+
+
+def _hiredis_pack_command() -> Callable[[Any], bytes] | None:
+    """hiredis' packer, if installed: optional, as it is for redis-py (the project's
+    requirements.txt installs it)."""
+    try:
+        import hiredis
+    except ImportError:
+        return None
+    packer: Callable[[Any], bytes] = hiredis.pack_command
+    return packer
+
+
+_HIREDIS_PACK = _hiredis_pack_command()
+
+
+def _packed_here(args: Sequence[str | bytes | int | float]) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         if isinstance(arg, str):

@@ -5,13 +5,19 @@ the connection the node's per-batch commands hold, against the real Redis."""
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from django.conf import settings
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from redis.asyncio.connection import Connection
 from redis.exceptions import ResponseError
 
+from common import redis_client
 from common.redis_client import (
     HeldConnection,
     LuaScript,
@@ -112,12 +118,39 @@ async def test_a_command_given_up_half_way_does_not_leave_its_reply_to_the_next(
     ],
 )
 def test_commands_are_packed_as_redis_py_packs_them(args: tuple[Any, ...]) -> None:
-    from redis.asyncio.connection import Connection
-
     assert pack_command(args) == b"".join(Connection().pack_command(*args))
 
 
 def test_a_value_redis_would_not_read_back_as_sent_is_refused() -> None:
-    for wrong in (True, None, ["a"]):
+    for wrong in (True, None, ["a"], bytearray(b"a"), 1j):
         with pytest.raises(TypeError):
             pack_command(("SET", "k", wrong))
+    with pytest.raises(UnicodeEncodeError):
+        pack_command(("SET", "k", "\ud800"))  # a lone surrogate
+
+
+class _Number(enum.IntEnum):
+    SEVEN = 7
+
+
+class _Text(str):
+    pass
+
+
+@hypothesis_settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.text()  # no lone surrogates: refused alike, above
+        | st.binary()
+        | st.integers(min_value=-(2**70), max_value=2**70)
+        | st.floats()
+        | st.sampled_from([_Number.SEVEN, _Text("t"), b"\r\n", "\r\n", 0.1, -0.0]),
+        max_size=20,
+    )
+)
+def test_every_command_is_packed_as_python_packs_it(args: list[Any]) -> None:
+    """Packed by hiredis or here, a command is the same bytes: from a tuple or a list,
+    with an int or str subclass in it."""
+    expected = redis_client._packed_here(args)
+    assert pack_command(tuple(args)) == expected
+    assert pack_command(args) == expected
