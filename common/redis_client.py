@@ -66,6 +66,19 @@ def channel_layer_host(
     }
 
 
+def is_settings_layer_host(host: Any) -> bool:
+    """Whether a shard of the channel layer (its ``host`` as channels-redis decoded it)
+    is the server the settings' ``REDIS_URL`` names, as the settings build the layer's
+    hosts: the same server as this process' own Redis clients."""
+    from channels_redis.utils import decode_hosts  # type: ignore[import-untyped]  # no stubs
+
+    try:
+        ours = channel_layer_host(*_settings())
+    except RuntimeError:
+        return False
+    return bool(decode_hosts([ours])[0] == host)
+
+
 def _settings() -> tuple[str, list[tuple[str, int]], str]:
     from django.conf import settings
 

@@ -87,5 +87,5 @@ def _cache_without_node(message: ChannelMessage) -> None:
 
 async def _publish_without_node(message: ChannelMessage) -> None:
     layer = get_channel_layer()
-    if layer is not None:
+    if layer is not None and not message.relayed:
         await layer.group_send(channel_group(message.channel), message.to_broker())

@@ -14,15 +14,22 @@ import contextlib
 import functools
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from common import metrics
 from common.background import spawn
-from common.redis_client import HeldConnection, LuaScript, script_argument
+from common.redis_client import (
+    HeldConnection,
+    LuaScript,
+    is_settings_layer_host,
+    script_argument,
+)
 from push.cluster.group_subscriber import GroupSubscribers
 from push.fanout.message import ChannelMessage
+from push.storage.recent_store import RELAY_MARK, relayed_messages
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +143,9 @@ class Broker:
         self._subscribers: GroupSubscribers | None = None
         self._joined: set[str] = set()  # channels whose group this node reads
         self.echoes = Echoes()
+        # In front of what the recent store relays for this node (``recent_relay``):
+        # a tag of this process, so its own payloads are known when they come back.
+        self.relay_mark = RELAY_MARK + secrets.token_hex(8).encode() + b":"
 
     async def start(self) -> None:
         self.inbox = await self.layer.new_channel("push.node.")
@@ -281,8 +291,34 @@ class Broker:
                 continue
             self._dispatch(payload)
 
+    def recent_relay(self) -> GroupRelay | None:
+        """What lets the recent store send the other nodes a recent channel's messages
+        from the script that numbers them (``push.storage.recent_store.Relay``), or
+        None where that script's Redis is not where the groups are read, or not in
+        this format: a layer other than the project's Redis pub/sub one on the
+        settings' ``REDIS_URL``, in one shard, with no encryption and no random
+        prefix (whose payloads the script could not write), or groups not read by
+        ``GroupSubscribers`` (which alone reads relayed payloads)."""
+        if self._subscribers is None:
+            return None
+        serializer = getattr(self.layer, "_serializer", None)
+        if serializer is None or getattr(serializer, "crypter", True):
+            return None
+        if getattr(serializer, "random_prefix_length", 1):
+            return None
+        loop_layer = self.layer._get_layer()
+        shards = loop_layer._shards
+        if len(shards) != 1 or not is_settings_layer_host(shards[0].host):
+            return None
+        return GroupRelay(self.relay_mark, loop_layer._get_group_channel_name)
+
     def _receive(self, data: bytes) -> None:
-        """A message of a channel's group, as the layer serialized it."""
+        """A message of a channel's group, as the layer serialized it, or as the recent
+        store's publish script relayed it."""
+        if data[:1] == RELAY_MARK[:1]:
+            if not data.startswith(self.relay_mark):  # else ours, delivered already
+                self._receive_relayed(data)
+            return
         if self.echoes.returned(data):
             return
         try:
@@ -291,6 +327,18 @@ class Broker:
             logger.exception("broker: a message could not be read")
             return
         self._dispatch(payload)
+
+    def _receive_relayed(self, data: bytes) -> None:
+        try:
+            messages = relayed_messages(data)
+        except Exception:
+            logger.exception("broker: a relayed message could not be read")
+            return
+        for message in messages:
+            try:
+                self.on_message(message)
+            except Exception:
+                logger.exception("relayed message %r could not be handled", message)
 
     def _receive_failed(self, exc: BaseException) -> None:
         metrics.BROKER_ERRORS.labels("receive").inc()
@@ -325,6 +373,29 @@ def _runs(messages: list[ChannelMessage]) -> Iterator[list[ChannelMessage]]:
         chars += size
     if run:
         yield run
+
+
+# Remembered per channel, as ``channel_group``: 4,096 names at most, then afresh.
+RELAY_GROUPS_KEPT = 4096
+
+
+class GroupRelay:
+    """``push.storage.recent_store.Relay`` for the Redis pub/sub layer: a channel's
+    group as the layer names it in Redis, remembered for the channels published most."""
+
+    def __init__(self, mark: bytes, group_channel_name: Callable[[str], str]) -> None:
+        self.mark = mark
+        self._group_channel_name = group_channel_name
+        self._groups: dict[str, bytes] = {}
+
+    def group_of(self, channel: str) -> bytes:
+        group = self._groups.get(channel)
+        if group is None:
+            if len(self._groups) >= RELAY_GROUPS_KEPT:
+                self._groups.clear()
+            group = self._group_channel_name(channel_group(channel)).encode()
+            self._groups[channel] = group
+        return group
 
 
 # PUBLISH for each (channel, payload) pair, in order, in one command. ARGV[1] is the

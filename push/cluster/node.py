@@ -205,6 +205,7 @@ class Node:
             self.write_pipeline.start()
         self.is_running = True
         recent_store.serve_on(self.loop)
+        recent_store.relay_with(self.broker.recent_relay())
         global _running
         _running = self
         logger.info("node %s started", self.server_id)
@@ -216,6 +217,7 @@ class Node:
         if _running is self:
             _running = None
             recent_store.serve_on(None)
+            recent_store.relay_with(None)
         await cancel_and_wait(self._tasks, timeout=STOP_TASKS_SECS)
         if self.write_pipeline is not None:
             await self.write_pipeline.stop()
@@ -223,10 +225,12 @@ class Node:
         await recent_store.store_close()
 
     def broadcast(self, message: ChannelMessage) -> None:
-        """A message committed on this node: to local subscribers, the other nodes and
-        the recent-history cache (a recent channel's window is its history already)."""
+        """A message committed on this node: to local subscribers, the other nodes
+        (unless the call that stored it sent it to them: ``relayed``) and the
+        recent-history cache (a recent channel's window is its history already)."""
         self.hub.deliver(message)
-        self.broker.publish_soon(message)
+        if not message.relayed:
+            self.broker.publish_soon(message)
         if not is_recent(message.channel):
             self.recent_cache.append_soon(message)
 

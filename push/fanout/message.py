@@ -25,6 +25,7 @@ class ChannelMessage:
         "exclude",
         "frames",
         "message_id",
+        "relayed",
         "seq",
         "timestamp",
     )
@@ -38,6 +39,7 @@ class ChannelMessage:
         data_json: str,
         timestamp: float,
         exclude: str | None = None,
+        relayed: bool = False,
     ) -> None:
         self.channel = channel
         self.seq = seq
@@ -49,6 +51,9 @@ class ChannelMessage:
         # live (a Pusher trigger's socket_id): it travels with the broadcast, never
         # into history.
         self.exclude = exclude
+        # Sent to the other nodes already, by the call that stored it (a recent
+        # channel's, ``push.storage.recent_store``): not for the broker.
+        self.relayed = relayed
         # Encoded frames by codec name, shared by every subscriber of that format.
         self.frames: dict[str, Any] = {}
 

@@ -57,8 +57,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+import msgpack
 from django.db import DatabaseError, connection
 from redis.exceptions import RedisError
 
@@ -106,6 +107,53 @@ _DATA_MARK = ',"data":'
 # Answers of the publish script besides a seq.
 _NO_LEASE, _EXHAUSTED, _PENDING, _OTHER_SERVER = -1, 0, -2, -3
 
+# What the publish script sends the other nodes (``Relay``): at most this many messages
+# of a channel in one payload, and past this many characters the next one starts
+# another, as in the broker's own payloads (``push.cluster.broker``: Redis buffers what
+# a reader has not read yet against its pub/sub output limit, payload by payload).
+RELAY_PAYLOAD_MESSAGES = 100
+RELAY_PAYLOAD_CHARS = 256 * 1024
+# Every relayed payload starts with this, then the sending node's tag and ":". 0xC1 is
+# the one byte MessagePack never uses, so no payload of the channel layer (a
+# MessagePack map) starts with it.
+RELAY_MARK = b"\xc1push-relay:"
+
+
+class Relay(Protocol):
+    """The other nodes' side of a recent channel's publishes: given to the store by
+    the node (``relay_with``, from its broker), it lets the publish script send the
+    other nodes their messages in the very call that numbers them, instead of the node
+    serializing them and sending them again in a call of its broker (measured: the
+    broker's part was a tenth of a node publishing to recent channels over WebSocket,
+    and its own messages coming back another 2%). A message sent so is ``relayed``."""
+
+    # RELAY_MARK, the node's tag and ":": in front of each payload, so the node knows
+    # its own when Redis sends them back.
+    mark: bytes
+
+    def group_of(self, channel: str) -> bytes:
+        """The Redis pub/sub channel that the nodes serving ``channel`` read."""
+        ...
+
+
+def relayed_messages(payload: bytes) -> list[ChannelMessage]:
+    """The messages of a payload the publish script relayed (it starts with
+    ``RELAY_MARK``): its channel's name, then its entries in seq order."""
+    body = payload.index(b":", len(RELAY_MARK)) + 1
+    channel, *entries = msgpack.unpackb(payload[body:], raw=False)
+    return [message_from_entry(channel, entry) for entry in entries]
+
+
+_relay: Relay | None = None
+
+
+def relay_with(relay: Relay | None) -> None:
+    """Relay the recent channels' publishes of this process through ``relay`` (a node
+    started), or not (None: it stopped; its broker sends them, as any process's)."""
+    global _relay
+    _relay = relay
+
+
 # Numbers and stores the entries of several channels in one call: every publish of
 # the node that waited while the calls before it were in Redis (a call per publish cost
 # the node more than a durable publish's share of its PostgreSQL batch: py-spy, most
@@ -117,48 +165,85 @@ _NO_LEASE, _EXHAUSTED, _PENDING, _OTHER_SERVER = -1, 0, -2, -3
 # writes, may be behind what was handed out); ARGV[6] the number of channels; ARGV[7]
 # each channel's entry count, then every entry in order, in one array
 # (``common.redis_client.script_argument``: a count as an argument of its own cost the
-# node 0.25 us each). Answers per channel: its first seq, or why none was taken (the
-# caller acts on that channel alone).
+# node 0.25 us each). ARGV[8], when not empty: each channel's broker group ("" for one
+# the node relays itself) and name, in one array, and ARGV[9] the relay's mark
+# (``Relay``): the entries numbered are published to the group there and then.
+# Answers per channel: its first seq, or why none was taken (the caller acts on that
+# channel alone).
+#
+# Per channel, one RPUSH of all its entries (whose answer, the length, tells whether
+# the window was there), one LPOP of what the count bound drops, and a LPOP each only
+# for what the byte bound drops beyond it: a call per entry and the EXISTS, HGET and
+# LLEN around them were most of the script's time in Redis.
 _PUBLISH = """
 local max_count, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
 local channels = tonumber(ARGV[6])
 local counts_and_entries = cmsgpack.unpack(ARGV[7])
+local relay = nil
+if ARGV[8] ~= '' then relay = cmsgpack.unpack(ARGV[8]) end
+local mark = ARGV[9]
+local function relayed(group, channel, entries)
+  local payload, chars = {channel}, 0
+  for i = 1, #entries do
+    local size = #entries[i]
+    if #payload > 1 and (#payload > PER_PAYLOAD or chars + size > PAYLOAD_CHARS) then
+      redis.call('PUBLISH', group, mark .. cmsgpack.pack(payload))
+      payload, chars = {channel}, 0
+    end
+    payload[#payload + 1] = entries[i]
+    chars = chars + size
+  end
+  redis.call('PUBLISH', group, mark .. cmsgpack.pack(payload))
+end
 local function publish(lease_key, window_key, first_entry, count)
-  local lease = redis.call('HMGET', lease_key, 'n', 'c', 'p', 'r')
-  if not lease[1] then return -1 end
-  if lease[4] ~= ARGV[5] then return -3 end
-  if lease[3] then return -2 end
+  local lease = redis.call('HMGET', lease_key, 'n', 'c', 'p', 'r', 'b')
+  if not lease[1] then return -1, nil end
+  if lease[4] ~= ARGV[5] then return -3, nil end
+  if lease[3] then return -2, nil end
   local n = tonumber(lease[1])
-  if n + count > tonumber(lease[2]) then return 0 end
-  local bytes = 0
-  if redis.call('EXISTS', window_key) == 1 then
-    bytes = tonumber(redis.call('HGET', lease_key, 'b') or '0')
+  if n + count > tonumber(lease[2]) then return 0, nil end
+  local entries, added = {}, 0
+  for i = 1, count do
+    local tail = counts_and_entries[first_entry + i - 1]
+    local entry = '{"seq":' .. string.format('%d', n + i) .. ',' .. tail
+    entries[i] = entry
+    added = added + #entry
   end
-  for i = first_entry, first_entry + count - 1 do
-    n = n + 1
-    local entry = '{"seq":' .. string.format('%d', n) .. ',' .. counts_and_entries[i]
-    redis.call('RPUSH', window_key, entry)
-    bytes = bytes + #entry
+  local len = redis.call('RPUSH', window_key, unpack(entries))
+  local bytes = added
+  if len > count then bytes = bytes + tonumber(lease[5] or '0') end
+  local keep = math.max(max_count, 1)
+  if len > keep then
+    for _, dropped in ipairs(redis.call('LPOP', window_key, len - keep)) do
+      bytes = bytes - #dropped
+    end
+    len = keep
   end
-  local len = redis.call('LLEN', window_key)
-  while len > 1 and (len > max_count or bytes > max_bytes) do
+  while len > 1 and bytes > max_bytes do
     bytes = bytes - #redis.call('LPOP', window_key)
     len = len - 1
   end
+  n = n + count
   redis.call('HSET', lease_key, 'n', string.format('%d', n), 'b', bytes)
   redis.call('PEXPIRE', window_key, ARGV[3])
   redis.call('EXPIRE', lease_key, ARGV[4])
-  return n - count + 1
+  return n - count + 1, entries
 end
 local answers = {}
 local next_entry = channels + 1
 for c = 1, channels do
   local count = counts_and_entries[c]
-  answers[c] = publish(KEYS[2 * c - 1], KEYS[2 * c], next_entry, count)
+  local first, entries = publish(KEYS[2 * c - 1], KEYS[2 * c], next_entry, count)
+  answers[c] = first
+  if entries and relay and relay[2 * c - 1] ~= '' then
+    relayed(relay[2 * c - 1], relay[2 * c], entries)
+  end
   next_entry = next_entry + count
 end
 return answers
-"""
+""".replace("PER_PAYLOAD", str(RELAY_PAYLOAD_MESSAGES)).replace(
+    "PAYLOAD_CHARS", str(RELAY_PAYLOAD_CHARS)
+)
 _PUBLISH_SCRIPT = LuaScript(_PUBLISH)
 
 # Raise the ceiling of a live lease (a lost one is started by claim and confirm).
@@ -315,12 +400,14 @@ class _Numbering:
         "first",
         "ids",
         "nbytes",
+        "relayed",
         "timestamp",
     )
     # Set by the call that numbers it (``RecentStore._publish_all``).
     ids: list[str]
     timestamp: float
     first: int  # its first seq, or why it has none (the script's answer for its channel)
+    relayed: bool  # the call sends its messages to the other nodes (``Relay``)
 
     def __init__(
         self,
@@ -364,9 +451,11 @@ class _Numbering:
                     data_json=self.data_jsons[0],
                     timestamp=timestamp,
                     exclude=exclude,
+                    relayed=self.relayed,
                 )
             ]
         messages = []
+        relayed = self.relayed
         for message_id, data_json in zip(self.ids, self.data_jsons, strict=True):
             messages.append(
                 ChannelMessage(
@@ -376,6 +465,7 @@ class _Numbering:
                     data_json=data_json,
                     timestamp=timestamp,
                     exclude=exclude,
+                    relayed=relayed,
                 )
             )
             seq += 1
@@ -384,6 +474,20 @@ class _Numbering:
 
 # A call's publishes by channel, each channel's in queue order (``_take_waiting``).
 _Call = dict[str, list[_Numbering]]
+
+
+def _relayed_groups(relay: Relay, call: _Call) -> list[bytes | str]:
+    """Each channel's group and name for the publish script, and whether each publish
+    of the call is relayed by it. A channel with a publish that must skip one Pusher
+    socket (``exclude``, which the window's entries do not hold) goes through the
+    broker, as before, with ``b""`` for its group."""
+    groups: list[bytes | str] = []
+    for channel, group in call.items():
+        relayed = all(numbering.exclude is None for numbering in group)
+        for numbering in group:
+            numbering.relayed = relayed
+        groups += (relay.group_of(channel) if relayed else b"", channel)
+    return groups
 
 
 class _Lane:
@@ -692,6 +796,7 @@ class RecentStore:
         Publishes of one channel are numbered together, in queue order, so each gets
         its own first seq from the channel's."""
         keys, counts_and_entries = self._call_of(call, entries)
+        relay = _relay
         # The bounds as the settings are now: read once per call, not per publish.
         window = Window.from_settings()
         args = [
@@ -702,6 +807,8 @@ class RecentStore:
             await self.server_id(),
             len(call),
             script_argument(counts_and_entries),
+            b"" if relay is None else script_argument(_relayed_groups(relay, call)),
+            b"" if relay is None else relay.mark,
         ]
         answers = await connection.run_script(_PUBLISH_SCRIPT, keys, args)
         for group, answer in zip(call.values(), answers, strict=True):
@@ -729,6 +836,7 @@ class RecentStore:
             for numbering in group:
                 taken = len(data_jsons)
                 numbering.timestamp = timestamp
+                numbering.relayed = False  # until ``_relayed_groups`` says otherwise
                 numbering.ids = ids[taken : taken + numbering.count]
                 data_jsons += numbering.data_jsons
             counts.append(len(data_jsons) - before)

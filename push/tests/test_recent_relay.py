@@ -1,0 +1,175 @@
+"""A recent channel's messages reach the other nodes from the Redis call that numbers
+them (``recent_store.Relay``), read on a real Redis: what the script publishes, how a
+node reads it, and that the node's own come back to it as nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from django.conf import settings
+from django.test import override_settings
+
+from push.cluster.broker import Broker
+from push.cluster.node import Node
+from push.fanout.message import ChannelMessage
+from push.services.runtime import get_node
+from push.storage import recent_store
+from push.storage.write_batch import Published
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("fresh_node"),
+    pytest.mark.skipif(not settings.REDIS_URL, reason="recent channels live in Redis"),
+]
+
+RECENT = {"HISTORY_MODES": [("tick:*", "recent")], "RECENT_WINDOW_MESSAGES": 1000}
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[Node]:
+    with override_settings(PUSH=RECENT):
+        yield await get_node()
+
+
+class _Group:
+    """The Redis pub/sub channel of one push channel's group, read as another node
+    reads it."""
+
+    def __init__(self, group: bytes) -> None:
+        self.client = aioredis.from_url(settings.REDIS_URL)
+        self.pubsub = self.client.pubsub()
+        self.group = group
+
+    async def __aenter__(self) -> _Group:
+        await self.pubsub.subscribe(self.group)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pubsub.aclose()
+        await self.client.aclose()
+
+    async def payloads(self, count: int) -> list[bytes]:
+        found: list[bytes] = []
+        async with asyncio.timeout(5):
+            while len(found) < count:
+                message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message is not None:
+                    found.append(message["data"])
+        return found
+
+
+async def _publish(node: Node, channel: str, values: list[Any]) -> list[ChannelMessage]:
+    outcome = await recent_store.publish_submitted(
+        channel, [json.dumps(v) for v in values], broadcast=node.broadcast
+    )
+    assert isinstance(outcome, Published), outcome
+    return outcome.messages
+
+
+def _fields(messages: list[ChannelMessage]) -> list[tuple[Any, ...]]:
+    return [(m.channel, m.seq, m.message_id, m.data_json, m.timestamp) for m in messages]
+
+
+async def test_the_numbering_call_relays_a_recent_publish_to_the_channels_group(
+    node: Node,
+) -> None:
+    relay = recent_store._relay
+    assert relay is not None, "a node on the project's Redis layer relays recent publishes"
+    assert relay.mark == node.broker.relay_mark
+    channel = "tick:relayed"
+    async with _Group(relay.group_of(channel)) as group:
+        messages = await _publish(node, channel, [{"n": 1}, "two", 3])
+        (payload,) = await group.payloads(1)
+    assert payload.startswith(node.broker.relay_mark)
+    assert _fields(recent_store.relayed_messages(payload)) == _fields(messages)
+    assert [m.seq for m in messages] == [1, 2, 3]
+    assert all(m.relayed for m in messages)
+    # The node sent them to its local subscribers, and not again through its broker.
+    assert node.broker.outgoing_count() == 0
+
+
+async def test_a_large_call_is_relayed_in_payloads_of_at_most_100_messages(node: Node) -> None:
+    relay = recent_store._relay
+    assert relay is not None
+    channel = "tick:many"
+    async with _Group(relay.group_of(channel)) as group:
+        messages = await _publish(node, channel, list(range(250)))
+        payloads = await group.payloads(3)
+    parts = [recent_store.relayed_messages(p) for p in payloads]
+    assert [len(part) for part in parts] == [100, 100, 50]
+    assert _fields([m for part in parts for m in part]) == _fields(messages)
+
+
+async def test_a_publish_that_skips_a_pusher_socket_goes_through_the_broker(node: Node) -> None:
+    """The window's entries do not hold ``exclude``: such a channel's messages of the
+    call are sent by the broker, which carries it."""
+    sent: list[ChannelMessage] = []
+    outcome = await recent_store.publish_submitted(
+        "tick:excluding", ['"x"'], broadcast=sent.append, exclude="123.456"
+    )
+    assert isinstance(outcome, Published)
+    assert [(m.relayed, m.exclude) for m in sent] == [(False, "123.456")]
+
+
+def _receiving_broker() -> tuple[Broker, list[ChannelMessage]]:
+    received: list[ChannelMessage] = []
+    return Broker(object(), on_message=received.append), received
+
+
+def _payload(mark: bytes, channel: str, *entries: str) -> bytes:
+    import msgpack
+
+    return mark + msgpack.packb([channel, *entries], use_bin_type=False)
+
+
+def test_a_node_reads_another_nodes_relayed_payload_in_order() -> None:
+    broker, received = _receiving_broker()
+    other = recent_store.RELAY_MARK + b"0123456789abcdef:"
+    entries = [
+        '{"seq":7,"message_id":"m7","timestamp":1.5,"data":{"a":1}}',
+        '{"seq":8,"message_id":"m8","timestamp":1.5,"data":"caf\u00e9"}',
+    ]
+    broker._receive(_payload(other, "tick:x", *entries))
+    assert _fields(received) == [
+        ("tick:x", 7, "m7", '{"a":1}', 1.5),
+        ("tick:x", 8, "m8", '"caf\u00e9"', 1.5),
+    ]
+
+
+def test_a_node_drops_its_own_relayed_payload_and_survives_a_broken_one() -> None:
+    broker, received = _receiving_broker()
+    entry = '{"seq":1,"message_id":"m1","timestamp":1.0,"data":1}'
+    broker._receive(_payload(broker.relay_mark, "tick:x", entry))
+    assert received == []
+    broker._receive(recent_store.RELAY_MARK + b"tag:" + b"\xc1 not msgpack")
+    broker._receive(recent_store.RELAY_MARK + b"no colon after the tag")
+    assert received == []
+
+
+async def test_a_relayed_payload_reaches_a_node_that_joined_the_channel(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group the relay names is the one the node's group readers subscribe to."""
+    relay = recent_store._relay
+    assert relay is not None
+    received: list[ChannelMessage] = []
+    monkeypatch.setattr(node.broker, "on_message", received.append)
+    channel = "tick:joined"
+    await node.broker.join(channel)
+    entry = '{"seq":4,"message_id":"m4","timestamp":2.0,"data":[1]}'
+    other = recent_store.RELAY_MARK + b"fedcba9876543210:"
+    client = aioredis.from_url(settings.REDIS_URL)
+    try:
+        await client.publish(relay.group_of(channel), _payload(other, channel, entry))
+    finally:
+        await client.aclose()
+    async with asyncio.timeout(5):
+        while not received:
+            await asyncio.sleep(0.01)
+    assert _fields(received) == [(channel, 4, "m4", "[1]", 2.0)]
+    await node.broker.leave(channel)
