@@ -21,6 +21,7 @@ from typing import Any
 
 from common import metrics
 from common.background import spawn
+from common.conf import push_settings
 from common.redis_client import (
     HeldConnection,
     LuaScript,
@@ -298,8 +299,9 @@ class Broker:
         this format: a layer other than the project's Redis pub/sub one on the
         settings' ``REDIS_URL``, in one shard, with no encryption and no random
         prefix (whose payloads the script could not write), or groups not read by
-        ``GroupSubscribers`` (which alone reads relayed payloads)."""
-        if self._subscribers is None:
+        ``GroupSubscribers`` (which alone reads relayed payloads); or turned off
+        (``PUSH_RECENT_RELAY``)."""
+        if self._subscribers is None or not push_settings.RECENT_RELAY:
             return None
         serializer = getattr(self.layer, "_serializer", None)
         if serializer is None or getattr(serializer, "crypter", True):

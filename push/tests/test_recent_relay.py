@@ -173,3 +173,15 @@ async def test_a_relayed_payload_reaches_a_node_that_joined_the_channel(
             await asyncio.sleep(0.01)
     assert _fields(received) == [(channel, 4, "m4", "[1]", 2.0)]
     await node.broker.leave(channel)
+
+
+@override_settings(PUSH={**RECENT, "RECENT_RELAY": False})
+async def test_relaying_turned_off_leaves_recent_messages_to_the_broker() -> None:
+    node = await get_node()
+    assert recent_store._relay is None
+    sent: list[ChannelMessage] = []
+    outcome = await recent_store.publish_submitted("tick:off", ['"y"'], broadcast=sent.append)
+    assert isinstance(outcome, Published)
+    assert [m.relayed for m in sent] == [False]
+    # A node with it off still reads what others relay.
+    assert node.broker._subscribers is not None
