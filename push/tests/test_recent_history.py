@@ -17,7 +17,7 @@ from push.fanout.message import ChannelMessage, new_message_ids
 from push.services.publishing import message_publish
 from push.services.runtime import get_node, stop_node
 from push.storage import history
-from push.storage.recent_cache import RecentCache, recent_key
+from push.storage.recent_cache import RecentCache, message_from_entry, recent_key
 from push.tests.wsclient import WsClient, connected_client
 from tests.waiting import wait_until
 
@@ -57,7 +57,7 @@ async def _cached_seqs(channel: str, count: int) -> list[int]:
 
     try:
         entries = await wait_until(all_cached, f"{count} messages of {channel} in the cache")
-        return [int(fields[b"s"]) for _, fields in entries]
+        return [message_from_entry(channel, fields).seq for _, fields in entries]
     finally:
         await redis.aclose()
 
@@ -215,15 +215,15 @@ async def test_the_cache_holds_and_reads_at_most_its_byte_budget_per_channel() -
 
     async def tenth_cached() -> bool:
         newest = await redis.xrevrange(key, count=1)
-        return bool(newest) and int(newest[0][1][b"s"]) == 10
+        return bool(newest) and message_from_entry("wide-cache", newest[0][1]).seq == 10
 
     try:
         await wait_until(tenth_cached, "seq 10 in the cache")
-        entries = await redis.xrange(key)
+        cached = [message_from_entry("wide-cache", fields) for _, fields in await redis.xrange(key)]
     finally:
         await redis.aclose()
-    assert [int(fields[b"s"]) for _, fields in entries] == [8, 9, 10]
-    assert sum(len(fields[b"d"]) for _, fields in entries) <= 1000
+    assert [m.seq for m in cached] == [8, 9, 10]
+    assert sum(len(m.data_json) for m in cached) <= 1000
     assert [m.seq for m in await node.recent_cache.read("wide-cache", 100, 10**9)] == [8, 9, 10]
     assert [m.seq for m in await node.recent_cache.read("wide-cache", 100, 700)] == [9, 10]
     assert [m.seq for m in await node.recent_cache.read("wide-cache", 100, 10)] == [10]
@@ -271,4 +271,60 @@ async def test_the_cache_keeps_each_field_of_a_message_exactly() -> None:
             ]
     finally:
         await redis.delete(*(recent_key(redis_prefix(), c) for c in ("packed", "packed-2")))
+        await redis.aclose()
+
+
+def _messages(channel: str, datas: list[str], first_seq: int = 1) -> list[ChannelMessage]:
+    return [
+        ChannelMessage(
+            channel=channel,
+            seq=first_seq + index,
+            message_id=message_id,
+            data_json=data,
+            timestamp=1796000000.5,
+        )
+        for index, (data, message_id) in enumerate(
+            zip(datas, new_message_ids(len(datas)), strict=True)
+        )
+    ]
+
+
+@needs_redis
+async def test_a_batch_mixing_large_and_small_messages_trims_as_one_append_each() -> None:
+    """Each message trims the stream as its own append would, in batch order: small ones
+    to the count, large ones exactly to what fits the byte budget (three of 300 here)."""
+    datas = ['"a"'] * 5 + ['"' + "x" * 298 + '"'] * 4 + ['"b"'] * 2
+    redis = redis_async()
+    cache = RecentCache(redis, redis_prefix(), size=100, ttl_secs=60, max_bytes=1000)
+    key = recent_key(redis_prefix(), "mixed")
+    try:
+        await cache._write(_messages("mixed", datas))
+        cached = [message_from_entry("mixed", fields) for _, fields in await redis.xrange(key)]
+        assert [m.seq for m in cached] == [7, 8, 9, 10, 11]
+        assert 0 < await redis.ttl(key) <= 60
+    finally:
+        await redis.delete(key)
+        await redis.aclose()
+
+
+@needs_redis
+async def test_entries_written_before_the_one_field_format_are_still_read() -> None:
+    """Nodes of the previous version wrote four fields per entry; a stream may hold both
+    kinds while a cluster upgrades, and a read takes both."""
+    redis = redis_async()
+    cache = RecentCache(redis, redis_prefix(), size=100, ttl_secs=60, max_bytes=1_048_576)
+    key = recent_key(redis_prefix(), "upgraded")
+    old = _messages("upgraded", ['"old 1"', '{"k": "old 2"}'])
+    new = _messages("upgraded", ['"new 3"', '"new 4"'], first_seq=3)
+    try:
+        for m in old:
+            fields = {"s": m.seq, "m": m.message_id, "d": m.data_json, "t": repr(m.timestamp)}
+            await redis.xadd(key, fields)  # type: ignore[arg-type]
+        await cache._write(new)
+        read = await cache.read("upgraded", 100, 1_048_576)
+        assert [(m.seq, m.message_id, m.data_json, m.timestamp) for m in read] == [
+            (m.seq, m.message_id, m.data_json, m.timestamp) for m in old + new
+        ]
+    finally:
+        await redis.delete(key)
         await redis.aclose()
