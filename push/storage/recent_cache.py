@@ -13,11 +13,13 @@ the contiguous run of seqs that ends at the newest entry. When Redis lost the st
 When the newest messages are missing from the stream (an append failed), the hub sees
 the channel move past it and fills the gap from PostgreSQL, as for any lost broadcast.
 Streams are trimmed to ``PUSH_RECENT_CACHE_SIZE`` entries (or fewer when retention
-keeps fewer) and expire after ``PUSH_RECENT_CACHE_TTL`` without a publish. Large
-messages trim the stream further, to about ``PUSH_RECENT_CACHE_MAX_BYTES`` of data:
-each append keeps as many entries as messages of its size fit in that budget. A read
-takes at most that budget too (in small chunks, newest first), so a channel of large
-messages costs neither Redis nor the node more than the budget per channel.
+keeps fewer) and expire after ``PUSH_RECENT_CACHE_TTL`` without a publish (up to a
+64th of it later: a node sets a stream's TTL a 64th longer, and sets it again only once
+that much time has passed). Large messages trim the stream further, to about
+``PUSH_RECENT_CACHE_MAX_BYTES`` of data: each append keeps as many entries as messages
+of its size fit in that budget. A read takes at most that budget too (in small chunks,
+newest first), so a channel of large messages costs neither Redis nor the node more
+than the budget per channel.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
+from collections.abc import Container, Iterable
 from typing import Any
 
 from common import metrics
@@ -40,6 +44,14 @@ logger = logging.getLogger(__name__)
 MAX_QUEUED_APPENDS = 10_000
 # Messages appended by one script call, at most (a write batch holds up to 1,000).
 APPENDS_PER_CALL = 1000
+# A node sets a stream's TTL again at most once per this part of the TTL, and as much
+# longer (``RecentCache._fresh_streams``). Setting it on every append was an EXPIRE per
+# stream per call: with batches of 8-40 messages over 64 channels, 0.8 of them per
+# message, and 1.2-1.6 us of Redis' CPU each in the script.
+TTL_REFRESH_PARTS = 64
+# Streams whose TTL a node remembers having set lately, at most: past this it forgets
+# them all, and sets their TTL again on their next append.
+MAX_FRESH_STREAMS = 10_000
 # Entries per XREVRANGE when reading: a read overshoots its byte budget by fewer than
 # this many messages before it stops.
 READ_CHUNK = 8
@@ -103,7 +115,11 @@ def contiguous_tail(messages: list[ChannelMessage]) -> list[ChannelMessage]:
 # ARGV[1]: the TTL; ARGV[2]: one array (``common.redis_client.script_argument``) of
 # runs, each a stream's consecutive messages that trim alike: the index of the stream
 # in KEYS, the run's count of messages, its trimming ("~" approximate or "=" exact)
-# and MAXLEN, then one entry per message (``message_from_entry``).
+# and MAXLEN, then one entry per message (``message_from_entry``). ARGV[3], optional:
+# an array of 1 for each stream in KEYS whose TTL the caller set lately, 0 otherwise;
+# such a stream gets no EXPIRE, unless it is gone (expired, or lost with Redis): its
+# first XADD has NOMKSTREAM, and when that adds nothing the stream is made again and
+# given its TTL, so no stream is ever left without one.
 #
 # One field per entry, and the stream and trimming once per run, not once per message:
 # with batches of 8-40 messages of 64 bytes over 64 channels (a private Redis 7.0 per
@@ -113,16 +129,27 @@ def contiguous_tail(messages: list[ChannelMessage]) -> list[ChannelMessage]:
 APPEND_SCRIPT = LuaScript("""
 local ttl = ARGV[1]
 local runs = cmsgpack.unpack(ARGV[2])
+local fresh = ARGV[3] and cmsgpack.unpack(ARGV[3]) or {}
 local i, size, appended = 1, #runs, 0
 while i <= size do
-  local key, count, trim, maxlen = KEYS[runs[i]], runs[i + 1], runs[i + 2], runs[i + 3]
-  for j = i + 4, i + 3 + count do
+  local k, count, trim, maxlen = runs[i], runs[i + 1], runs[i + 2], runs[i + 3]
+  local key, first, last = KEYS[k], i + 4, i + 3 + count
+  if fresh[k] == 1 then
+    if redis.call('XADD', key, 'NOMKSTREAM', 'MAXLEN', trim, maxlen, '*', 'p', runs[first]) then
+      fresh[k], first = 2, first + 1
+    else
+      fresh[k] = 0
+    end
+  end
+  for j = first, last do
     redis.call('XADD', key, 'MAXLEN', trim, maxlen, '*', 'p', runs[j])
   end
-  i, appended = i + 4 + count, appended + count
+  i, appended = last + 1, appended + count
 end
-for _, key in ipairs(KEYS) do
-  redis.call('EXPIRE', key, ttl)
+for k, key in ipairs(KEYS) do
+  if fresh[k] ~= 2 then
+    redis.call('EXPIRE', key, ttl)
+  end
 end
 return appended
 """)
@@ -142,9 +169,24 @@ def append_arguments(
     size: int,
     ttl: int,
     max_bytes: int,
+    fresh: Container[str] = (),
 ) -> tuple[list[str], list[str | int | bytes]]:
-    """The KEYS and ARGV of ``APPEND_SCRIPT`` for ``messages``."""
+    """The KEYS and ARGV of ``APPEND_SCRIPT`` for ``messages``; the streams of the
+    channels in ``fresh`` had their TTL set lately."""
+    return _append_call(prefix, messages, size, ttl, max_bytes, fresh)[1:]
+
+
+def _append_call(
+    prefix: str,
+    messages: list[ChannelMessage],
+    size: int,
+    ttl: int,
+    max_bytes: int,
+    fresh: Container[str],
+) -> tuple[Iterable[str], list[str], list[str | int | bytes]]:
+    """The channels of ``messages``, and the KEYS and ARGV of ``APPEND_SCRIPT``."""
     keys: list[str] = []
+    fresh_keys: list[int] = []
     streams: dict[str, tuple[int, int, list[list[Any]]]] = {}  # channel: length, small, runs
     timestamp, timestamp_text = None, ""  # a write batch's messages share theirs
     for message in messages:
@@ -154,6 +196,7 @@ def append_arguments(
         if stream is None:
             key, length, small = stream_plan(prefix, message.channel, size, max_bytes)
             keys.append(key)
+            fresh_keys.append(1 if message.channel in fresh else 0)
             stream = streams[message.channel] = (length, small, [["~", length]])
         length, small, runs = stream
         weight = data_bytes(message)
@@ -171,7 +214,10 @@ def append_arguments(
             if len(run) > 2:  # (a stream's first run is empty when it starts large)
                 fields += (index, len(run) - 2)
                 fields += run
-    return keys, [ttl, script_argument(fields)]
+    args: list[str | int | bytes] = [ttl, script_argument(fields)]
+    if any(fresh_keys):
+        args.append(script_argument(fresh_keys))
+    return streams.keys(), keys, args
 
 
 class RecentCache:
@@ -190,6 +236,11 @@ class RecentCache:
             maxlen=MAX_QUEUED_APPENDS
         )
         self._wakeup = asyncio.Event()
+        # The channels whose stream TTL this node set since ``_fresh_since``, within the
+        # last ``_refresh_secs``: their appends set it again only if Redis lost them.
+        self._refresh_secs = ttl_secs // TTL_REFRESH_PARTS
+        self._fresh: set[str] = set()
+        self._fresh_since = 0.0
         # The appends' own connection: one call at a time, from ``run``.
         self._appends = HeldConnection(lambda: redis.connection_pool) if redis is not None else None
 
@@ -226,14 +277,27 @@ class RecentCache:
             return
         # A script holds Redis until it ends: a backlog (Redis was away) goes in slices.
         for start in range(0, len(batch), APPENDS_PER_CALL):
-            keys, args = append_arguments(
+            fresh = self._fresh_streams()
+            channels, keys, args = _append_call(
                 self.prefix,
                 batch[start : start + APPENDS_PER_CALL],
                 self.size,
-                self.ttl_secs,
+                self.ttl_secs + self._refresh_secs,
                 self.max_bytes,
+                fresh,
             )
             await self._appends.run_script(APPEND_SCRIPT, keys, args)
+            fresh.update(channels)  # now or since ``_fresh_since``: within the period
+
+    def _fresh_streams(self) -> set[str]:
+        """The channels whose stream TTL this node set less than ``_refresh_secs`` ago
+        (it set it that much longer than the TTL). Always empty when that is under a
+        second: the TTL is set on every append."""
+        now = time.monotonic()
+        if now - self._fresh_since >= self._refresh_secs or len(self._fresh) > MAX_FRESH_STREAMS:
+            self._fresh = set()
+            self._fresh_since = now
+        return self._fresh
 
     async def read(self, channel: str, count: int, max_bytes: int) -> list[ChannelMessage]:
         """The channel's cached recent messages, or [] on a miss: at most ``count`` of

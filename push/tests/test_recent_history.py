@@ -328,3 +328,26 @@ async def test_entries_written_before_the_one_field_format_are_still_read() -> N
     finally:
         await redis.delete(key)
         await redis.aclose()
+
+
+@needs_redis
+async def test_a_stream_whose_ttl_was_set_lately_keeps_it_unless_it_is_gone() -> None:
+    """A node sets a stream's TTL (a 64th longer) at most once per 64th of the TTL: the
+    next appends leave it alone, but a stream gone in between (expired, lost by Redis)
+    is made again whole and gets its TTL."""
+    redis = redis_async()
+    cache = RecentCache(redis, redis_prefix(), size=100, ttl_secs=6400, max_bytes=1_048_576)
+    key = recent_key(redis_prefix(), "fresh")
+    try:
+        await cache._write(_messages("fresh", ['"1"', '"2"']))
+        assert 6400 < await redis.ttl(key) <= 6500
+        await redis.expire(key, 9000)  # so that setting it again would show
+        await cache._write(_messages("fresh", ['"3"'], first_seq=3))
+        assert await redis.ttl(key) > 6500
+        await redis.delete(key)
+        await cache._write(_messages("fresh", ['"4"', '"5"'], first_seq=4))
+        assert 6400 < await redis.ttl(key) <= 6500
+        assert [m.seq for m in await cache.read("fresh", 100, 1_048_576)] == [4, 5]
+    finally:
+        await redis.delete(key)
+        await redis.aclose()
