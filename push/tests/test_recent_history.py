@@ -319,7 +319,7 @@ async def test_entries_written_before_the_one_field_format_are_still_read() -> N
     try:
         for m in old:
             fields = {"s": m.seq, "m": m.message_id, "d": m.data_json, "t": repr(m.timestamp)}
-            await redis.xadd(key, fields)  # type: ignore[arg-type]
+            await redis.xadd(key, fields)
         await cache._write(new)
         read = await cache.read("upgraded", 100, 1_048_576)
         assert [(m.seq, m.message_id, m.data_json, m.timestamp) for m in read] == [
