@@ -247,7 +247,8 @@ class PushSettings:
     RECENT_CACHE_TTL_SECS: int = option(
         3600,
         EnvType.DURATION,
-        "how long a channel's cached messages outlive its last publish",
+        "how long a channel's cached messages outlive its last publish (up to a 64th "
+        "more: a node renews a stream's expiry at most that often)",
         variable="PUSH_RECENT_CACHE_TTL",
     )
     # Retention and history modes.
