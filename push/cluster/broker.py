@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgpack
+
 from common import metrics
 from common.background import spawn
 from common.conf import push_settings
@@ -30,7 +32,8 @@ from common.redis_client import (
 )
 from push.cluster.group_subscriber import GroupSubscribers
 from push.fanout.message import ChannelMessage
-from push.storage.recent_store import RELAY_MARK, relayed_messages
+from push.storage import recent_cache, recent_store
+from push.storage.relay import CACHED_ENTRIES, RECENT_ENTRIES, RELAY_MARK, payload_parts
 
 logger = logging.getLogger(__name__)
 
@@ -293,8 +296,8 @@ class Broker:
             self._dispatch(payload)
 
     def recent_relay(self) -> GroupRelay | None:
-        """What lets the recent store send the other nodes a recent channel's messages
-        from the script that numbers them (``push.storage.recent_store.Relay``), or
+        """What lets storage's scripts send the other nodes the messages they store
+        (``push.storage.relay``), or
         None where that script's Redis is not where the groups are read, or not in
         this format: a layer other than the project's Redis pub/sub one on the
         settings' ``REDIS_URL``, in one shard, with no encryption and no random
@@ -377,12 +380,24 @@ def _runs(messages: list[ChannelMessage]) -> Iterator[list[ChannelMessage]]:
         yield run
 
 
+def relayed_messages(payload: bytes) -> list[ChannelMessage]:
+    """The messages of a payload that a storage script relayed (``push.storage.relay``):
+    its channel's, in seq order."""
+    kind, packed = payload_parts(payload)
+    channel, *entries = msgpack.unpackb(packed, raw=False)
+    if kind == RECENT_ENTRIES:
+        return [recent_store.message_from_entry(channel, entry) for entry in entries]
+    if kind == CACHED_ENTRIES:
+        return [recent_cache.message_from_packed(channel, entry) for entry in entries]
+    raise ValueError(f"relayed entries of an unknown kind: {kind!r}")
+
+
 # Remembered per channel, as ``channel_group``: 4,096 names at most, then afresh.
 RELAY_GROUPS_KEPT = 4096
 
 
 class GroupRelay:
-    """``push.storage.recent_store.Relay`` for the Redis pub/sub layer: a channel's
+    """``push.storage.relay.Relay`` for the Redis pub/sub layer: a channel's
     group as the layer names it in Redis, remembered for the channels published most."""
 
     def __init__(self, mark: bytes, group_channel_name: Callable[[str], str]) -> None:

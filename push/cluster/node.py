@@ -41,7 +41,7 @@ from push.fanout.hub import Hub
 from push.fanout.message import ChannelMessage
 from push.fanout.replay_slots import ReplaySlots
 from push.ops.events import MEMBER_ADDED, MEMBER_REMOVED, EventLog
-from push.storage import recent_store
+from push.storage import recent_store, relay
 from push.storage.history import CachedHistory, DatabaseHistory, ModeHistory, RecentHistory
 from push.storage.history_modes import is_recent
 from push.storage.recent_cache import RecentCache
@@ -205,7 +205,7 @@ class Node:
             self.write_pipeline.start()
         self.is_running = True
         recent_store.serve_on(self.loop)
-        recent_store.relay_with(self.broker.recent_relay())
+        relay.relay_with(self.broker.recent_relay())
         global _running
         _running = self
         logger.info("node %s started", self.server_id)
@@ -217,7 +217,7 @@ class Node:
         if _running is self:
             _running = None
             recent_store.serve_on(None)
-            recent_store.relay_with(None)
+            relay.relay_with(None)
         await cancel_and_wait(self._tasks, timeout=STOP_TASKS_SECS)
         if self.write_pipeline is not None:
             await self.write_pipeline.stop()

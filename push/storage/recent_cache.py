@@ -81,7 +81,12 @@ def message_from_entry(channel: str, fields: dict[bytes, bytes]) -> ChannelMessa
             data_json=fields[b"d"].decode(),
             timestamp=float(fields[b"t"]),
         )
-    seq, timestamp, message_id, data_json = packed.decode().split(" ", 3)
+    return message_from_packed(channel, packed.decode())
+
+
+def message_from_packed(channel: str, packed: str) -> ChannelMessage:
+    """A message from its entry's one field (``message_from_entry``)."""
+    seq, timestamp, message_id, data_json = packed.split(" ", 3)
     return ChannelMessage(
         channel=channel,
         seq=int(seq),

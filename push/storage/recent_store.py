@@ -57,9 +57,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-import msgpack
 from django.db import DatabaseError, connection
 from redis.exceptions import RedisError
 
@@ -78,6 +77,8 @@ from common.redis_client import (
 from push.fanout.message import ChannelMessage, new_message_ids
 from push.fanout.outbox import deliveries_together
 from push.models import Channel
+from push.storage.relay import RECENT_ENTRIES, RELAY_LUA, Relay
+from push.storage.relay import current as relay_now
 from push.storage.write_batch import Published
 
 T = TypeVar("T")
@@ -107,53 +108,6 @@ _DATA_MARK = ',"data":'
 # Answers of the publish script besides a seq.
 _NO_LEASE, _EXHAUSTED, _PENDING, _OTHER_SERVER = -1, 0, -2, -3
 
-# What the publish script sends the other nodes (``Relay``): at most this many messages
-# of a channel in one payload, and past this many characters the next one starts
-# another, as in the broker's own payloads (``push.cluster.broker``: Redis buffers what
-# a reader has not read yet against its pub/sub output limit, payload by payload).
-RELAY_PAYLOAD_MESSAGES = 100
-RELAY_PAYLOAD_CHARS = 256 * 1024
-# Every relayed payload starts with this, then the sending node's tag and ":". 0xC1 is
-# the one byte MessagePack never uses, so no payload of the channel layer (a
-# MessagePack map) starts with it.
-RELAY_MARK = b"\xc1push-relay:"
-
-
-class Relay(Protocol):
-    """The other nodes' side of a recent channel's publishes: given to the store by
-    the node (``relay_with``, from its broker), it lets the publish script send the
-    other nodes their messages in the very call that numbers them, instead of the node
-    serializing them and sending them again in a call of its broker (measured: the
-    broker's part was a tenth of a node publishing to recent channels over WebSocket,
-    and its own messages coming back another 2%). A message sent so is ``relayed``."""
-
-    # RELAY_MARK, the node's tag and ":": in front of each payload, so the node knows
-    # its own when Redis sends them back.
-    mark: bytes
-
-    def group_of(self, channel: str) -> bytes:
-        """The Redis pub/sub channel that the nodes serving ``channel`` read."""
-        ...
-
-
-def relayed_messages(payload: bytes) -> list[ChannelMessage]:
-    """The messages of a payload the publish script relayed (it starts with
-    ``RELAY_MARK``): its channel's name, then its entries in seq order."""
-    body = payload.index(b":", len(RELAY_MARK)) + 1
-    channel, *entries = msgpack.unpackb(payload[body:], raw=False)
-    return [message_from_entry(channel, entry) for entry in entries]
-
-
-_relay: Relay | None = None
-
-
-def relay_with(relay: Relay | None) -> None:
-    """Relay the recent channels' publishes of this process through ``relay`` (a node
-    started), or not (None: it stopped; its broker sends them, as any process's)."""
-    global _relay
-    _relay = relay
-
-
 # Numbers and stores the entries of several channels in one call: every publish of
 # the node that waited while the calls before it were in Redis (a call per publish cost
 # the node more than a durable publish's share of its PostgreSQL batch: py-spy, most
@@ -165,9 +119,9 @@ def relay_with(relay: Relay | None) -> None:
 # writes, may be behind what was handed out); ARGV[6] the number of channels; ARGV[7]
 # each channel's entry count, then every entry in order, in one array
 # (``common.redis_client.script_argument``: a count as an argument of its own cost the
-# node 0.25 us each). ARGV[8], when not empty: each channel's broker group ("" for one
-# the node relays itself) and name, in one array, and ARGV[9] the relay's mark
-# (``Relay``): the entries numbered are published to the group there and then.
+# node 0.25 us each). ARGV[8], when not empty: each channel's group ("" for one the
+# broker sends) and name, in one array, and ARGV[9] the relay's mark and kind
+# (``push.storage.relay``): the entries numbered are published to the group then.
 # Answers per channel: its first seq, or why none was taken (the caller acts on that
 # channel alone).
 #
@@ -175,26 +129,17 @@ def relay_with(relay: Relay | None) -> None:
 # the window was there), one LPOP of what the count bound drops, and a LPOP each only
 # for what the byte bound drops beyond it: a call per entry and the EXISTS, HGET and
 # LLEN around them were most of the script's time in Redis.
-_PUBLISH = """
+_PUBLISH = (
+    """
 local max_count, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
 local channels = tonumber(ARGV[6])
 local counts_and_entries = cmsgpack.unpack(ARGV[7])
 local relay = nil
 if ARGV[8] ~= '' then relay = cmsgpack.unpack(ARGV[8]) end
-local mark = ARGV[9]
-local function relayed(group, channel, entries)
-  local payload, chars = {channel}, 0
-  for i = 1, #entries do
-    local size = #entries[i]
-    if #payload > 1 and (#payload > PER_PAYLOAD or chars + size > PAYLOAD_CHARS) then
-      redis.call('PUBLISH', group, mark .. cmsgpack.pack(payload))
-      payload, chars = {channel}, 0
-    end
-    payload[#payload + 1] = entries[i]
-    chars = chars + size
-  end
-  redis.call('PUBLISH', group, mark .. cmsgpack.pack(payload))
-end
+local relay_prefix = ARGV[9]
+"""
+    + RELAY_LUA
+    + """
 local function publish(lease_key, window_key, first_entry, count)
   local lease = redis.call('HMGET', lease_key, 'n', 'c', 'p', 'r', 'b')
   if not lease[1] then return -1, nil end
@@ -236,13 +181,12 @@ for c = 1, channels do
   local first, entries = publish(KEYS[2 * c - 1], KEYS[2 * c], next_entry, count)
   answers[c] = first
   if entries and relay and relay[2 * c - 1] ~= '' then
-    relayed(relay[2 * c - 1], relay[2 * c], entries)
+    relayed(relay[2 * c - 1], relay[2 * c], entries, 1, count)
   end
   next_entry = next_entry + count
 end
 return answers
-""".replace("PER_PAYLOAD", str(RELAY_PAYLOAD_MESSAGES)).replace(
-    "PAYLOAD_CHARS", str(RELAY_PAYLOAD_CHARS)
+"""
 )
 _PUBLISH_SCRIPT = LuaScript(_PUBLISH)
 
@@ -796,7 +740,7 @@ class RecentStore:
         Publishes of one channel are numbered together, in queue order, so each gets
         its own first seq from the channel's."""
         keys, counts_and_entries = self._call_of(call, entries)
-        relay = _relay
+        relay = relay_now()
         # The bounds as the settings are now: read once per call, not per publish.
         window = Window.from_settings()
         args = [
@@ -808,7 +752,7 @@ class RecentStore:
             len(call),
             script_argument(counts_and_entries),
             b"" if relay is None else script_argument(_relayed_groups(relay, call)),
-            b"" if relay is None else relay.mark,
+            b"" if relay is None else relay.mark + RECENT_ENTRIES,
         ]
         answers = await connection.run_script(_PUBLISH_SCRIPT, keys, args)
         for group, answer in zip(call.values(), answers, strict=True):

@@ -14,11 +14,13 @@ import redis.asyncio as aioredis
 from django.conf import settings
 from django.test import override_settings
 
-from push.cluster.broker import Broker
+from push.cluster.broker import Broker, relayed_messages
 from push.cluster.node import Node
 from push.fanout.message import ChannelMessage
 from push.services.runtime import get_node
 from push.storage import recent_store
+from push.storage.relay import RECENT_ENTRIES, RELAY_MARK
+from push.storage.relay import current as current_relay
 from push.storage.write_batch import Published
 
 pytestmark = [
@@ -78,7 +80,7 @@ def _fields(messages: list[ChannelMessage]) -> list[tuple[Any, ...]]:
 async def test_the_numbering_call_relays_a_recent_publish_to_the_channels_group(
     node: Node,
 ) -> None:
-    relay = recent_store._relay
+    relay = current_relay()
     assert relay is not None, "a node on the project's Redis layer relays recent publishes"
     assert relay.mark == node.broker.relay_mark
     channel = "tick:relayed"
@@ -86,7 +88,7 @@ async def test_the_numbering_call_relays_a_recent_publish_to_the_channels_group(
         messages = await _publish(node, channel, [{"n": 1}, "two", 3])
         (payload,) = await group.payloads(1)
     assert payload.startswith(node.broker.relay_mark)
-    assert _fields(recent_store.relayed_messages(payload)) == _fields(messages)
+    assert _fields(relayed_messages(payload)) == _fields(messages)
     assert [m.seq for m in messages] == [1, 2, 3]
     assert all(m.relayed for m in messages)
     # The node sent them to its local subscribers, and not again through its broker.
@@ -94,13 +96,13 @@ async def test_the_numbering_call_relays_a_recent_publish_to_the_channels_group(
 
 
 async def test_a_large_call_is_relayed_in_payloads_of_at_most_100_messages(node: Node) -> None:
-    relay = recent_store._relay
+    relay = current_relay()
     assert relay is not None
     channel = "tick:many"
     async with _Group(relay.group_of(channel)) as group:
         messages = await _publish(node, channel, list(range(250)))
         payloads = await group.payloads(3)
-    parts = [recent_store.relayed_messages(p) for p in payloads]
+    parts = [relayed_messages(p) for p in payloads]
     assert [len(part) for part in parts] == [100, 100, 50]
     assert _fields([m for part in parts for m in part]) == _fields(messages)
 
@@ -121,15 +123,15 @@ def _receiving_broker() -> tuple[Broker, list[ChannelMessage]]:
     return Broker(object(), on_message=received.append), received
 
 
-def _payload(mark: bytes, channel: str, *entries: str) -> bytes:
+def _payload(mark: bytes, channel: str, *entries: str, kind: bytes = RECENT_ENTRIES) -> bytes:
     import msgpack
 
-    return mark + msgpack.packb([channel, *entries], use_bin_type=False)
+    return mark + kind + msgpack.packb([channel, *entries], use_bin_type=False)
 
 
 def test_a_node_reads_another_nodes_relayed_payload_in_order() -> None:
     broker, received = _receiving_broker()
-    other = recent_store.RELAY_MARK + b"0123456789abcdef:"
+    other = RELAY_MARK + b"0123456789abcdef:"
     entries = [
         '{"seq":7,"message_id":"m7","timestamp":1.5,"data":{"a":1}}',
         '{"seq":8,"message_id":"m8","timestamp":1.5,"data":"caf\u00e9"}',
@@ -146,8 +148,8 @@ def test_a_node_drops_its_own_relayed_payload_and_survives_a_broken_one() -> Non
     entry = '{"seq":1,"message_id":"m1","timestamp":1.0,"data":1}'
     broker._receive(_payload(broker.relay_mark, "tick:x", entry))
     assert received == []
-    broker._receive(recent_store.RELAY_MARK + b"tag:" + b"\xc1 not msgpack")
-    broker._receive(recent_store.RELAY_MARK + b"no colon after the tag")
+    broker._receive(RELAY_MARK + b"tag:" + b"\xc1 not msgpack")
+    broker._receive(RELAY_MARK + b"no colon after the tag")
     assert received == []
 
 
@@ -155,14 +157,14 @@ async def test_a_relayed_payload_reaches_a_node_that_joined_the_channel(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The group the relay names is the one the node's group readers subscribe to."""
-    relay = recent_store._relay
+    relay = current_relay()
     assert relay is not None
     received: list[ChannelMessage] = []
     monkeypatch.setattr(node.broker, "on_message", received.append)
     channel = "tick:joined"
     await node.broker.join(channel)
     entry = '{"seq":4,"message_id":"m4","timestamp":2.0,"data":[1]}'
-    other = recent_store.RELAY_MARK + b"fedcba9876543210:"
+    other = RELAY_MARK + b"fedcba9876543210:"
     client = aioredis.from_url(settings.REDIS_URL)
     try:
         await client.publish(relay.group_of(channel), _payload(other, channel, entry))
@@ -178,7 +180,7 @@ async def test_a_relayed_payload_reaches_a_node_that_joined_the_channel(
 @override_settings(PUSH={**RECENT, "RECENT_RELAY": False})
 async def test_relaying_turned_off_leaves_recent_messages_to_the_broker() -> None:
     node = await get_node()
-    assert recent_store._relay is None
+    assert current_relay() is None
     sent: list[ChannelMessage] = []
     outcome = await recent_store.publish_submitted("tick:off", ['"y"'], broadcast=sent.append)
     assert isinstance(outcome, Published)
