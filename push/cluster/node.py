@@ -226,13 +226,20 @@ class Node:
 
     def broadcast(self, message: ChannelMessage) -> None:
         """A message committed on this node: to local subscribers, the other nodes
-        (unless the call that stored it sent it to them: ``relayed``) and the
-        recent-history cache (a recent channel's window is its history already)."""
+        and the recent-history cache (a recent channel's window is its history
+        already). The other nodes get it from a storage script where one sends it
+        (``relayed``: a recent channel's numbering call, or the cache's append),
+        else from the broker."""
         self.hub.deliver(message)
+        if is_recent(message.channel):
+            if not message.relayed:
+                self.broker.publish_soon(message)
+            return
+        # The cache's call sends it to the other nodes where it can.
+        message.relayed = self.recent_cache.relays(message)
         if not message.relayed:
             self.broker.publish_soon(message)
-        if not is_recent(message.channel):
-            self.recent_cache.append_soon(message)
+        self.recent_cache.append_soon(message)
 
     def _on_broker_message(self, message: ChannelMessage) -> None:
         self.hub.deliver(message)

@@ -35,6 +35,8 @@ from common import metrics
 from common.conf import push_settings
 from common.redis_client import HeldConnection, LuaScript, script_argument
 from push.fanout.message import ChannelMessage, data_bytes
+from push.storage.relay import CACHED_ENTRIES, RELAY_LUA, Relay
+from push.storage.relay import current as relay_now
 from push.storage.retention import retention_policy
 
 logger = logging.getLogger(__name__)
@@ -118,9 +120,14 @@ def contiguous_tail(messages: list[ChannelMessage]) -> list[ChannelMessage]:
 # seventh of a node publishing over WebSocket, most of it redis-py building each
 # command and reading each reply in Python). KEYS: the batch's streams, each once.
 # ARGV[1]: the TTL; ARGV[2]: one array (``common.redis_client.script_argument``) of
-# runs, each a stream's consecutive messages that trim alike: the index of the stream
-# in KEYS, the run's count of messages, its trimming ("~" approximate or "=" exact)
-# and MAXLEN, then one entry per message (``message_from_entry``). ARGV[3], optional:
+# runs, each a stream's consecutive messages that trim alike and are relayed alike:
+# the index of the stream in KEYS, the run's count of messages, its trimming ("~"
+# approximate or "=" exact) and MAXLEN, 1 when the run is relayed (else 0), then one
+# entry per message (``message_from_entry``). ARGV[4], when not empty: each stream's
+# group and channel name, in one array, and ARGV[5] the relay's mark and kind: a
+# relayed run's entries are published to the channel's group
+# (``push.storage.relay``), so the other nodes have them without the broker.
+# ARGV[3], when not empty:
 # an array of 1 for each stream in KEYS whose TTL the caller set lately, 0 otherwise;
 # such a stream gets no EXPIRE, unless it is gone (expired, or lost with Redis): its
 # first XADD has NOMKSTREAM, and when that adds nothing the stream is made again and
@@ -134,14 +141,21 @@ def contiguous_tail(messages: list[ChannelMessage]) -> list[ChannelMessage]:
 # variant, batches interleaved), EVALSHA took 3.9 us of Redis' CPU per message against
 # 4.2 with four fields and seven values per message, and building the arguments 1.2 us
 # of the node's against 1.6.
-APPEND_SCRIPT = LuaScript("""
+APPEND_SCRIPT = LuaScript(
+    """
 local ttl = ARGV[1]
 local runs = cmsgpack.unpack(ARGV[2])
-local fresh = ARGV[3] and cmsgpack.unpack(ARGV[3]) or {}
+local fresh = (ARGV[3] and ARGV[3] ~= '') and cmsgpack.unpack(ARGV[3]) or {}
+local relay = (ARGV[4] and ARGV[4] ~= '') and cmsgpack.unpack(ARGV[4]) or nil
+local relay_prefix = ARGV[5]
+"""
+    + RELAY_LUA
+    + """
 local i, size, appended = 1, #runs, 0
 while i <= size do
   local k, count, trim, maxlen = runs[i], runs[i + 1], runs[i + 2], runs[i + 3]
-  local key, first, last = KEYS[k], i + 4, i + 3 + count
+  local key, first, last = KEYS[k], i + 5, i + 4 + count
+  local relayed_from = first
   if fresh[k] == 1 then
     if redis.call('XADD', key, 'NOMKSTREAM', 'MAXLEN', trim, maxlen, '*', 'p', runs[first]) then
       fresh[k], first = 2, first + 1
@@ -156,6 +170,9 @@ while i <= size do
       redis.call('XADD', key, 'MAXLEN', trim, maxlen, '*', 'p', runs[j])
     end
   end
+  if relay and runs[i + 4] == 1 then
+    relayed(relay[2 * k - 1], relay[2 * k], runs, relayed_from, last)
+  end
   i, appended = last + 1, appended + count
 end
 for k, key in ipairs(KEYS) do
@@ -164,7 +181,8 @@ for k, key in ipairs(KEYS) do
   end
 end
 return appended
-""")
+"""
+)
 
 
 @push_settings.derived  # asked for each channel of every append (0.5 us -> 0.15)
@@ -185,7 +203,7 @@ def append_arguments(
 ) -> tuple[list[str], list[str | int | bytes]]:
     """The KEYS and ARGV of ``APPEND_SCRIPT`` for ``messages``; the streams of the
     channels in ``fresh`` had their TTL set lately."""
-    return _append_call(prefix, messages, size, ttl, max_bytes, fresh)[1:]
+    return _append_call(prefix, messages, size, ttl, max_bytes, fresh, None)[1:]
 
 
 def _append_call(
@@ -195,10 +213,13 @@ def _append_call(
     ttl: int,
     max_bytes: int,
     fresh: Container[str],
+    relay: Relay | None,
 ) -> tuple[Iterable[str], list[str], list[str | int | bytes]]:
-    """The channels of ``messages``, and the KEYS and ARGV of ``APPEND_SCRIPT``."""
+    """The channels of ``messages``, and the KEYS and ARGV of ``APPEND_SCRIPT``; with
+    ``relay``, the ``relayed`` messages are sent to their channels' groups too."""
     keys: list[str] = []
     fresh_keys: list[int] = []
+    relaying = relay is not None
     streams: dict[str, tuple[int, int, list[list[Any]]]] = {}  # channel: length, small, runs
     timestamp, timestamp_text = None, ""  # a write batch's messages share theirs
     for message in messages:
@@ -209,26 +230,34 @@ def _append_call(
             key, length, small = stream_plan(prefix, message.channel, size, max_bytes)
             keys.append(key)
             fresh_keys.append(1 if message.channel in fresh else 0)
-            stream = streams[message.channel] = (length, small, [["~", length]])
+            stream = streams[message.channel] = (length, small, [["~", length, 0]])
         length, small, runs = stream
         weight = len(message.data_json)  # data_bytes(message), without a call per message
         # Approximate trimming only drops whole stream nodes: fine for the count,
         # useless for a few large messages, which are trimmed exactly.
         maxlen = length if weight <= small else min(length, max(1, max_bytes // weight))
+        relayed = 1 if relaying and message.relayed else 0
         run = runs[-1]
-        if run[1] != maxlen:
-            run = ["~" if maxlen == length else "=", maxlen]
+        if run[1] != maxlen or run[2] != relayed:
+            run = ["~" if maxlen == length else "=", maxlen, relayed]
             runs.append(run)
         run.append(f"{message.seq} {timestamp_text} {message.message_id} {message.data_json}")
     fields: list[str | int] = []
-    for index, (_, _, runs) in enumerate(streams.values(), 1):
+    groups: list[str | bytes] = []
+    for index, (channel, (_, _, runs)) in enumerate(streams.items(), 1):
+        relayed_stream = False
         for run in runs:
-            if len(run) > 2:  # (a stream's first run is empty when it starts large)
-                fields += (index, len(run) - 2)
+            if len(run) > 3:  # (a stream's first run is empty when it starts otherwise)
+                fields += (index, len(run) - 3)
                 fields += run
+                relayed_stream = relayed_stream or run[2] == 1
+        if relay is not None:
+            groups += (relay.group_of(channel) if relayed_stream else b"", channel)
     args: list[str | int | bytes] = [ttl, script_argument(fields)]
-    if any(fresh_keys):
-        args.append(script_argument(fresh_keys))
+    if any(fresh_keys) or relay is not None:
+        args.append(script_argument(fresh_keys) if any(fresh_keys) else b"")
+    if relay is not None:
+        args += (script_argument(groups), relay.mark + CACHED_ENTRIES)
     return streams.keys(), keys, args
 
 
@@ -259,6 +288,12 @@ class RecentCache:
     @property
     def enabled(self) -> bool:
         return self.redis is not None and self.size > 0
+
+    def relays(self, message: ChannelMessage) -> bool:
+        """Whether the call that appends ``message`` will send it to the other nodes
+        too (``push.storage.relay``): not one that must skip a Pusher socket
+        (``exclude``, which the stream's entries do not hold); the broker sends those."""
+        return message.exclude is None and self.enabled and relay_now() is not None
 
     def append_soon(self, message: ChannelMessage) -> None:
         if not self.enabled:
@@ -297,6 +332,7 @@ class RecentCache:
                 self.ttl_secs + self._refresh_secs,
                 self.max_bytes,
                 fresh,
+                relay_now(),
             )
             await self._appends.run_script(APPEND_SCRIPT, keys, args)
             fresh.update(channels)  # now or since ``_fresh_since``: within the period

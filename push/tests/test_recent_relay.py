@@ -19,7 +19,7 @@ from push.cluster.node import Node
 from push.fanout.message import ChannelMessage
 from push.services.runtime import get_node
 from push.storage import recent_store
-from push.storage.relay import RECENT_ENTRIES, RELAY_MARK
+from push.storage.relay import CACHED_ENTRIES, RECENT_ENTRIES, RELAY_MARK
 from push.storage.relay import current as current_relay
 from push.storage.write_batch import Published
 
@@ -187,3 +187,50 @@ async def test_relaying_turned_off_leaves_recent_messages_to_the_broker() -> Non
     assert [m.relayed for m in sent] == [False]
     # A node with it off still reads what others relay.
     assert node.broker._subscribers is not None
+
+
+def _committed(channel: str, seq: int, exclude: str | None = None) -> ChannelMessage:
+    return ChannelMessage(
+        channel=channel,
+        seq=seq,
+        message_id=f"00000000-0000-4000-8000-{seq:012d}",
+        data_json=json.dumps({"n": seq}),
+        timestamp=1700000000.25,
+        exclude=exclude,
+    )
+
+
+async def test_the_cache_append_relays_a_durable_message_to_the_channels_group(
+    node: Node,
+) -> None:
+    relay = current_relay()
+    assert relay is not None
+    channel = "room:durable-relay"
+    messages = [_committed(channel, seq) for seq in (1, 2, 3)]
+    async with _Group(relay.group_of(channel)) as group:
+        for message in messages:
+            node.broadcast(message)
+        (payload,) = await group.payloads(1)
+    assert payload.startswith(node.broker.relay_mark + CACHED_ENTRIES)
+    assert _fields(relayed_messages(payload)) == _fields(messages)
+    assert all(m.relayed for m in messages)
+    assert node.broker.outgoing_count() == 0
+
+
+async def test_a_durable_message_that_skips_a_pusher_socket_goes_through_the_broker(
+    node: Node,
+) -> None:
+    relay = current_relay()
+    assert relay is not None
+    channel = "room:durable-excluding"
+    plain, excluding = _committed(channel, 1), _committed(channel, 2, exclude="1.2")
+    async with _Group(relay.group_of(channel)) as group:
+        node.broadcast(plain)
+        node.broadcast(excluding)
+        payloads = await group.payloads(2)
+    relayed = [p for p in payloads if p.startswith(RELAY_MARK)]
+    assert [_fields(relayed_messages(p)) for p in relayed] == [_fields([plain])]
+    assert (plain.relayed, excluding.relayed) == (True, False)
+    # The other one is the broker's, in the layer's format, with the socket to skip.
+    (brokered,) = [p for p in payloads if not p.startswith(RELAY_MARK)]
+    assert node.broker.layer.deserialize(brokered)["exclude"] == "1.2"
