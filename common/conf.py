@@ -155,12 +155,13 @@ class PushSettings:
     GC_GEN0_THRESHOLD: int = option(
         20_000, EnvType.INT, "Python's gen-0 garbage collection threshold (700 by default)"
     )
-    RECENT_RELAY: bool = option(
+    STORAGE_RELAY: bool = option(
         True,
         EnvType.BOOL,
-        "send a recent-only channel's messages to the other nodes from the Redis script "
-        "that numbers them (off: through the broker, as during a rolling upgrade from a "
-        "version that cannot read them)",
+        "send committed messages to the other nodes from the Redis scripts that store "
+        "them (a recent-only channel's numbering, the recent-history cache's append); "
+        "off: through the broker, as during a rolling upgrade from a version that "
+        "cannot read them",
     )
     REST_FAST_PUBLISH: bool = option(
         True,

@@ -303,8 +303,8 @@ class Broker:
         settings' ``REDIS_URL``, in one shard, with no encryption and no random
         prefix (whose payloads the script could not write), or groups not read by
         ``GroupSubscribers`` (which alone reads relayed payloads); or turned off
-        (``PUSH_RECENT_RELAY``)."""
-        if self._subscribers is None or not push_settings.RECENT_RELAY:
+        (``PUSH_STORAGE_RELAY``)."""
+        if self._subscribers is None or not push_settings.STORAGE_RELAY:
             return None
         serializer = getattr(self.layer, "_serializer", None)
         if serializer is None or getattr(serializer, "crypter", True):

@@ -177,7 +177,7 @@ async def test_a_relayed_payload_reaches_a_node_that_joined_the_channel(
     await node.broker.leave(channel)
 
 
-@override_settings(PUSH={**RECENT, "RECENT_RELAY": False})
+@override_settings(PUSH={**RECENT, "STORAGE_RELAY": False})
 async def test_relaying_turned_off_leaves_recent_messages_to_the_broker() -> None:
     node = await get_node()
     assert current_relay() is None
