@@ -99,6 +99,10 @@ _DEFAULT_JSON = (
     and _RENDERER.strict
     and _RENDERER.encoder_class is JSONEncoder
 )
+# Where the server offers to write a whole answer at once (one write, not one for its
+# head and one for its body): ``push.transport.server_adapters.write_whole_response``,
+# under uvicorn.
+WHOLE_RESPONSE_EXTENSION = "push.http.response.whole"
 # Django's logger of answered requests (4xx warnings, 5xx errors).
 request_logger = logging.getLogger("django.request")
 _PUBLISHED_OVER_REST = metrics.MESSAGES_PUBLISHED.labels("rest")
@@ -141,6 +145,28 @@ class Body:
         return replay
 
 
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """An answer's headers in the order Django sends them, but its Content-Length,
+    which comes after ``before_length``."""
+
+    before_length: tuple[tuple[bytes, bytes], ...]
+    after_length: tuple[tuple[bytes, bytes], ...]  # the security middleware's
+
+    @classmethod
+    def of(
+        cls, allow: bytes, status: int, security: tuple[tuple[bytes, bytes], ...]
+    ) -> ResponseHead:
+        if status == 500:
+            return cls(((b"content-type", b"text/html; charset=utf-8"),), security)
+        json_headers = (
+            (b"content-type", b"application/json"),
+            (b"vary", b"Accept"),
+            (b"allow", allow),
+        )
+        return cls(json_headers, security)
+
+
 class Endpoint:
     """One of the two views, as this module answers for it: its URL name, its
     ``Allow``, its throttles and its content negotiation, read from the view itself."""
@@ -151,6 +177,16 @@ class Endpoint:
         self.allow = ", ".join(self.view.allowed_methods).encode()
         self.metrics = ViewMetrics(name, "POST")
         self._throttled_kinds: dict[str, bool] = {}
+        self._heads: dict[tuple[int, bool], ResponseHead] = {}
+
+    def head(self, status: int, secure: bool) -> ResponseHead:
+        """The headers of an answer with ``status`` over https (``secure``) or not:
+        made once, and again if the security headers were made again."""
+        security = security_headers(secure)
+        head = self._heads.get((status, secure))
+        if head is None or head.after_length is not security:
+            head = self._heads[(status, secure)] = ResponseHead.of(self.allow, status, security)
+        return head
 
     def throttled(self, principal: Principal) -> bool:
         """Whether a throttle of the view counts this kind of caller (by default a
@@ -224,7 +260,7 @@ class FastPublish:
         answer = await self._answer(endpoint, request, body) if body.complete else None
         if answer is None:
             return await self.django_app(scope, body.replayed(receive), send)
-        await self._send(endpoint, request, send, *answer)
+        await self._send(endpoint, request, send, *answer, scope.get("extensions"))
 
     def _endpoint(self, scope: dict[str, Any]) -> tuple[Endpoint, str | None] | None:
         """The endpoint of the request's path, with the channel its URL names."""
@@ -265,22 +301,24 @@ class FastPublish:
         return 200 if replayed else 201, reply
 
     async def _send(
-        self, endpoint: Endpoint, request: PlainRequest, send: Any, status: int, reply: Any
+        self,
+        endpoint: Endpoint,
+        request: PlainRequest,
+        send: Any,
+        status: int,
+        reply: Any,
+        extensions: dict[str, Any] | None,
     ) -> None:
-        if status == 500:
-            content = SERVER_ERROR
-            headers = [(b"content-type", b"text/html; charset=utf-8")]
-        else:
-            content = _rendered(reply)
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"vary", b"Accept"),
-                (b"allow", endpoint.allow),
-            ]
-        headers.append((b"content-length", str(len(content)).encode()))
-        headers.extend(security_headers(request.secure))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": content})
+        content = SERVER_ERROR if status == 500 else _rendered(reply)
+        head = endpoint.head(status, request.secure)
+        whole = extensions.get(WHOLE_RESPONSE_EXTENSION) if extensions else None
+        if whole is None or not whole["write"](
+            send, status, head.before_length, head.after_length, content
+        ):
+            headers = [*head.before_length, (b"content-length", b"%d" % len(content))]
+            headers.extend(head.after_length)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": content})
         endpoint.metrics.answered(request.started_at, status, len(content))
         if status >= 400:
             _log_refusal(status, request.path)
