@@ -234,3 +234,20 @@ async def test_a_failed_shared_read_fails_each_of_its_checks_and_the_next_reads_
     redis.fail = None
     redis.answer.set()
     assert await reads.read(["generation"]) == {"generation": None}
+
+
+async def test_checks_made_before_the_read_is_sent_go_with_it() -> None:
+    """The second check comes after the first made the read, before the read's task
+    sent it (the same loop pass): one ``MGET`` for both, not a round trip each."""
+    redis = _SlowRedis()
+    reads = SharedReads(redis.mget)
+    redis.values = {"generation": "g1", "failures:a": 2}
+    checks = [
+        asyncio.ensure_future(reads.read(["generation"])),
+        asyncio.ensure_future(reads.read(["generation", "failures:a"])),
+    ]
+    await redis.under_way(1)
+    redis.answer.set()
+    for check in checks:
+        assert await check == {"generation": "g1", "failures:a": 2}
+    assert redis.reads == [["failures:a", "generation"]]
