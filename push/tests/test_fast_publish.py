@@ -268,3 +268,35 @@ def test_an_answer_is_rendered_as_drf_renders_it(reply: dict[str, Any]) -> None:
     """Byte for byte what the views' renderer sends (it escapes U+2028 and U+2029)."""
     assert fast_publish._DEFAULT_JSON
     assert fast_publish._rendered(reply) == fast_publish._RENDERER.render(reply)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "channel", "taken"),
+    [
+        (b"application/json", "news", True),
+        (b"Application/JSON; charset=UTF-8", "news", True),  # read as DRF reads it
+        (b"application/json; charset=latin-1", "news", False),
+        (b"text/plain", "news", False),
+        (b"application/json", "bad*name", False),
+        (b"application/json", "x" * 101, False),
+    ],
+)
+@override_settings(ALLOWED_HOSTS=["example.com"])
+def test_a_body_s_type_and_the_url_s_channel_are_read_as_the_view_reads_them(
+    monkeypatch: pytest.MonkeyPatch, content_type: bytes, channel: str, taken: bool
+) -> None:
+    """Asked twice: a channel name found valid (or not) is not found otherwise later."""
+    monkeypatch.setattr(fast_publish, "is_kept_key", lambda key: key == "svc_kept")
+    fast = FastPublish(_app)
+    scope = _publish_scope("http", [])
+    scope["path"] = f"/api/v1/channels/{channel}/messages"
+    scope["headers"] = [
+        (name, content_type if name == b"content-type" else value)
+        for name, value in scope["headers"]
+    ]
+    found = fast._endpoint(scope)
+    assert found is not None
+    for _ in range(2):
+        request = fast_publish.plain_request(scope, *found, fast.ssl_redirect)
+        assert (request is not None) is taken
+        assert request is None or request.channel == channel
