@@ -697,6 +697,14 @@ def bounded_head_httptools_protocol(
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     incomplete: collections.Counter[str] = collections.Counter()
+    # uvicorn's own handlers of what arrives, called for every request: through these
+    # rather than super(), which makes a proxy object each time. Measured on a fake
+    # transport, a REST request cost 2.2-3.7 us more in this class than in uvicorn's
+    # own; 1.5-1.8 us so (with the head's start and end inline below).
+    base_data_received = HttpToolsProtocol.data_received
+    base_on_header = HttpToolsProtocol.on_header
+    base_on_headers_complete = HttpToolsProtocol.on_headers_complete
+    base_on_message_complete = HttpToolsProtocol.on_message_complete
     # Offered to the application in each request's scope (one dict for all: nothing
     # writes to it), where whole responses can be written.
     extensions: dict[str, dict[object, object]] | None = (
@@ -740,15 +748,18 @@ def bounded_head_httptools_protocol(
         def data_received(self, data: bytes) -> None:
             if self._between_requests:
                 self._between_requests = False
-                self._head_begins()
+                if not self._in_head:  # _head_begins, inline: every request's first read
+                    self._in_head = True
+                    self._head_bytes = 0
+                    self._head_fields = 0
             if not self._in_head:
-                super().data_received(data)
+                base_data_received(self, data)
                 return
             # Counted whole, then judged once parsed: a chunk that ends the head may
             # carry a body (a REST publish of 1 MiB), which is no part of it. So a head
             # may pass the bound by one read (uvloop's are at most 256 KB).
             self._head_bytes += len(data)
-            super().data_received(data)
+            base_data_received(self, data)
             if self._in_head:
                 if self._head_bytes > max_bytes:
                     self._refuse_head()
@@ -766,7 +777,7 @@ def bounded_head_httptools_protocol(
                 # through send_400_response, which says why instead.
                 self._head_refused = True
                 raise _HeadTooLarge
-            super().on_header(name, value)
+            base_on_header(self, name, value)
 
         def send_400_response(self, msg: str) -> None:
             if self._head_refused:
@@ -775,7 +786,10 @@ def bounded_head_httptools_protocol(
                 super().send_400_response(msg)
 
         def on_headers_complete(self) -> None:
-            self._head_ends()
+            if self._head_armed:
+                self._head_ends()
+            else:
+                self._in_head = False  # all _head_ends does then
             # uvicorn makes each request's access line (~1.1 us: the client's address,
             # the quoted path) whenever its logger has a handler, as under Django's
             # LOGGING, and Logger.info then drops it below INFO: asked here first, as
@@ -785,10 +799,10 @@ def bounded_head_httptools_protocol(
             )
             if extensions is not None:
                 self.scope["extensions"] = extensions
-            super().on_headers_complete()
+            base_on_headers_complete(self)
 
         def on_message_complete(self) -> None:
-            super().on_message_complete()
+            base_on_message_complete(self)
             # The next request on this connection (keep-alive) has a head of its own,
             # from its first byte: until then the connection is idle, which uvicorn's
             # keep-alive timeout bounds.
