@@ -251,3 +251,49 @@ async def test_checks_made_before_the_read_is_sent_go_with_it() -> None:
     for check in checks:
         assert await check == {"generation": "g1", "failures:a": 2}
     assert redis.reads == [["failures:a", "generation"]]
+
+
+async def _read_of_two_checks(redis: _SlowRedis, reads: SharedReads) -> None:
+    """A first read, of two checks made at once (as concurrent requests do)."""
+    together = [asyncio.ensure_future(reads.read(["generation"])) for _ in range(2)]
+    await redis.under_way(len(redis.reads) + 1)
+    redis.answer.set()
+    await asyncio.gather(*together)
+
+
+async def test_a_read_waits_for_checks_that_keep_coming_a_few_passes_at_most() -> None:
+    """After a read of several checks, the next waits a loop pass before it is sent,
+    and more while checks keep joining it, never more than ``KEPT_CHECK_GATHER_PASSES``."""
+    redis = _SlowRedis()
+    reads = SharedReads(redis.mget)
+    redis.values = {"generation": "g1"}
+    await _read_of_two_checks(redis, reads)
+    checks = []
+    while len(redis.reads) < 2:  # one more check each loop pass, for as long as it waits
+        checks.append(asyncio.ensure_future(reads.read(["generation"])))
+        await asyncio.sleep(0)
+    redis.answer.set()
+    await checks[0]
+    in_the_read = [check for check in checks if check.done()]
+    assert len(in_the_read) == principal_cache.KEPT_CHECK_GATHER_PASSES + 1
+    assert all(check.result() == {"generation": "g1"} for check in in_the_read)
+    for check in checks:
+        check.cancel()
+
+
+async def test_after_a_read_of_one_check_the_next_is_sent_at_once() -> None:
+    """Requests one at a time: nobody to wait for."""
+    redis = _SlowRedis()
+    reads = SharedReads(redis.mget)
+    await _read_of_two_checks(redis, reads)
+    first = asyncio.ensure_future(reads.read(["generation"]))
+    await redis.under_way(2)
+    redis.answer.set()
+    await first
+    reads_before = len(redis.reads)
+    check = asyncio.ensure_future(reads.read(["generation"]))
+    for _ in range(2):  # the check, then the read sent in its first step
+        await asyncio.sleep(0)
+    assert len(redis.reads) == reads_before + 1
+    redis.answer.set()
+    assert await check == {"generation": None}
