@@ -99,9 +99,11 @@ EXPIRY_CHECK_SECS = 0.5
 # A pending marker outlives a creator that died before confirming it by this much.
 PENDING_TTL_MSECS = 5000
 PENDING_RETRY_SECS = 0.005
-# A lease hash lasts this long after the channel's last publish. Past it the next
-# publish reserves a new block: subscribers see the seq jump by what was left unused.
-LEASE_IDLE_SECS = 86_400
+# A lease hash lasts this long after the publish that last renewed its expiry, so at
+# least half as long after the channel's last publish (``Window.lease_renewal``). Past
+# it the next publish reserves a new block: subscribers see the seq jump by what was
+# left unused.
+LEASE_IDLE_SECS = 2 * 86_400
 
 _DATA_MARK = ',"data":'
 
@@ -122,6 +124,8 @@ _NO_LEASE, _EXHAUSTED, _PENDING, _OTHER_SERVER = -1, 0, -2, -3
 # node 0.25 us each). ARGV[8], when not empty: each channel's group ("" for one the
 # broker sends) and name, in one array, and ARGV[9] the relay's mark and kind
 # (``push.storage.relay``): the entries numbered are published to the group then.
+# ARGV[10]: every how many seqs the lease's expiry is renewed (``Window.lease_renewal``;
+# also by the first publish after the window expired).
 # Answers per channel: its first seq, or why none was taken (the caller acts on that
 # channel alone).
 #
@@ -137,6 +141,7 @@ local counts_and_entries = cmsgpack.unpack(ARGV[7])
 local relay = nil
 if ARGV[8] ~= '' then relay = cmsgpack.unpack(ARGV[8]) end
 local relay_prefix = ARGV[9]
+local renewal = tonumber(ARGV[10])
 """
     + RELAY_LUA
     + """
@@ -155,6 +160,7 @@ local function publish(lease_key, window_key, first_entry, count)
     added = added + #entry
   end
   local len = redis.call('RPUSH', window_key, unpack(entries))
+  local window_was_gone = len == count
   local bytes = added
   if len > count then bytes = bytes + tonumber(lease[5] or '0') end
   local keep = math.max(max_count, 1)
@@ -171,7 +177,9 @@ local function publish(lease_key, window_key, first_entry, count)
   n = n + count
   redis.call('HSET', lease_key, 'n', string.format('%d', n), 'b', bytes)
   redis.call('PEXPIRE', window_key, ARGV[3])
-  redis.call('EXPIRE', lease_key, ARGV[4])
+  if window_was_gone or math.floor(n / renewal) ~= math.floor((n - count) / renewal) then
+    redis.call('EXPIRE', lease_key, ARGV[4])
+  end
   return n - count + 1, entries
 end
 local answers = {}
@@ -258,6 +266,15 @@ class Window:
     secs: int
     bytes: int
     seq_block: int
+
+    @property
+    def lease_renewal(self) -> int:
+        """Every how many seqs a publish renews its lease's expiry, besides the first
+        publish after the window expired: a channel that publishes within ``secs`` of
+        its last publish keeps its window, and in that many publishes it spends at most
+        half of ``LEASE_IDLE_SECS``. An EXPIRE on every publish was a seventh of the
+        publish script's time in Redis (most of which is Lua's calls into Redis)."""
+        return max(1, LEASE_IDLE_SECS // (2 * max(1, self.secs)))
 
     @classmethod
     @push_settings.derived  # asked for every publish; settings are read once
@@ -753,6 +770,7 @@ class RecentStore:
             script_argument(counts_and_entries),
             b"" if relay is None else script_argument(_relayed_groups(relay, call)),
             b"" if relay is None else relay.mark + RECENT_ENTRIES,
+            window.lease_renewal,
         ]
         answers = await connection.run_script(_PUBLISH_SCRIPT, keys, args)
         for group, answer in zip(call.values(), answers, strict=True):

@@ -758,3 +758,31 @@ def test_a_synchronous_caller_is_not_held_by_a_loop_that_stopped(
     finally:
         recent_store.serve_on(None)
         stopped.close()
+
+
+# A window of 12 hours: a lease's expiry is renewed every 2 seqs (and after the window
+# expired), ``Window.lease_renewal``.
+@override_settings(PUSH={**RECENT, "RECENT_WINDOW_SECS": 43_200})
+async def test_a_lease_expiry_is_renewed_every_few_seqs_and_after_the_window_expired() -> None:
+    channel = "tick:renewal"
+    redis = redis_async()
+    lease = recent_store.lease_key(redis_prefix(), channel)
+    window = recent_store.window_key(redis_prefix(), channel)
+
+    async def ttl_after_publish(seq: int) -> int:
+        await redis.expire(lease, 100)
+        assert await _publish(channel, 1) == [seq]
+        return int(await redis.ttl(lease))
+
+    try:
+        assert await _publish(channel, 2) == [1, 2]
+        assert await ttl_after_publish(3) <= 100  # 3 is in 2's renewal period
+        assert await ttl_after_publish(4) > 100_000  # 4 starts the next
+        assert await ttl_after_publish(5) <= 100
+        assert await ttl_after_publish(6) > 100_000
+        await redis.delete(window)  # as when the window expired
+        assert await ttl_after_publish(7) > 100_000  # within 6's period, but after it
+        assert await ttl_after_publish(8) > 100_000
+        assert await ttl_after_publish(9) <= 100
+    finally:
+        await redis.aclose()
