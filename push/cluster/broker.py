@@ -147,7 +147,7 @@ class Broker:
         self._subscribers: GroupSubscribers | None = None
         self._joined: set[str] = set()  # channels whose group this node reads
         self.echoes = Echoes()
-        # In front of what the recent store relays for this node (``recent_relay``):
+        # In front of what storage's scripts relay for this node (``storage_relay``):
         # a tag of this process, so its own payloads are known when they come back.
         self.relay_mark = RELAY_MARK + secrets.token_hex(8).encode() + b":"
 
@@ -295,7 +295,7 @@ class Broker:
                 continue
             self._dispatch(payload)
 
-    def recent_relay(self) -> GroupRelay | None:
+    def storage_relay(self) -> GroupRelay | None:
         """What lets storage's scripts send the other nodes the messages they store
         (``push.storage.relay``), or
         None where that script's Redis is not where the groups are read, or not in

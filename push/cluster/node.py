@@ -205,7 +205,7 @@ class Node:
             self.write_pipeline.start()
         self.is_running = True
         recent_store.serve_on(self.loop)
-        relay.relay_with(self.broker.recent_relay())
+        relay.relay_with(self.broker.storage_relay())
         global _running
         _running = self
         logger.info("node %s started", self.server_id)

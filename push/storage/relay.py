@@ -8,7 +8,7 @@ on, they also PUBLISH each channel's messages to its group there and then, inste
 the node's broker serializing them again and sending them in a call of its own
 (measured: the broker was a tenth of a node publishing over WebSocket, and its own
 messages coming back another 2%). The node gives storage a ``Relay`` (from its broker,
-``push.cluster.broker.Broker.recent_relay``): the group of a channel, and a mark that
+``push.cluster.broker.Broker.storage_relay``): the group of a channel, and a mark that
 names the node so it knows its own payloads when Redis sends them back. A message sent
 so is ``relayed`` (``ChannelMessage.relayed``), and the broker skips it.
 
