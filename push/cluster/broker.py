@@ -297,11 +297,10 @@ class Broker:
 
     def storage_relay(self) -> GroupRelay | None:
         """What lets storage's scripts send the other nodes the messages they store
-        (``push.storage.relay``), or
-        None where that script's Redis is not where the groups are read, or not in
-        this format: a layer other than the project's Redis pub/sub one on the
-        settings' ``REDIS_URL``, in one shard, with no encryption and no random
-        prefix (whose payloads the script could not write), or groups not read by
+        (``push.storage.relay``). None where their Redis is not where the groups are
+        read, or not in this format: a layer other than the project's Redis pub/sub
+        one on the settings' ``REDIS_URL``, in one shard, with no encryption and no
+        random prefix (whose payloads a script could not write), or groups not read by
         ``GroupSubscribers`` (which alone reads relayed payloads); or turned off
         (``PUSH_STORAGE_RELAY``)."""
         if self._subscribers is None or not push_settings.STORAGE_RELAY:
