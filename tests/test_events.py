@@ -201,11 +201,19 @@ async def test_two_workers_share_the_stream_and_one_takes_over_when_the_other_di
 
         traffic = asyncio.create_task(_traffic(node, env, 40))
 
-        # Kill it while it holds entries it has not finished.
-        async def left_holds_entries() -> bool:
-            return len(await _pending_of(client, stream, "left")) >= 2
+        # Kill it while it holds entries it has not handled yet: three at least, 20 ms
+        # each, so it is still holding some when the signal lands (it acknowledges a
+        # batch at once when done; a CI run killed it just after that, with nothing
+        # left pending, while it waited for "two pending" alone).
+        async def left_holds_unhandled_entries() -> bool:
+            pending = await _pending_of(client, stream, "left")
+            event_ids = _stream_event_ids(client, stream)
+            handled = {e["id"] for e in _sink(env)}
+            return sum(event_ids[p] not in handled for p in pending) >= 3
 
-        await wait_until(left_holds_entries, "two entries pending on the left worker")
+        await wait_until(
+            left_holds_unhandled_entries, "three unhandled entries pending on the left worker"
+        )
         workers["left"].send_signal(signal.SIGKILL)
         workers["left"].wait(10)
         orphaned = await _pending_of(client, stream, "left")
