@@ -51,8 +51,9 @@ class ChannelMessage:
         # live (a Pusher trigger's socket_id): it travels with the broadcast, never
         # into history.
         self.exclude = exclude
-        # Sent to the other nodes already, by the call that stored it (a recent
-        # channel's, ``push.storage.recent_store``): not for the broker.
+        # Sent to the other nodes by a storage script (a recent channel's numbering,
+        # or the recent-history cache's append: ``push.storage.relay``): not for the
+        # broker.
         self.relayed = relayed
         # Encoded frames by codec name, shared by every subscriber of that format.
         self.frames: dict[str, Any] = {}
