@@ -286,7 +286,7 @@ class PushSettings:
         60,
         EnvType.DURATION,
         "age after which a recent channel's messages are no longer served; the window "
-        "expires this long after the channel's last publish",
+        "expires this long (up to a sixteenth more) after the channel's last publish",
     )
     RECENT_WINDOW_BYTES: int = option(
         1_048_576,

@@ -4,12 +4,14 @@ with no PostgreSQL row per message (``PUSH_HISTORY_MODES``, docs/semantics.md "H
 Per channel, two keys (one hash tag, so a Redis Cluster keeps them on one shard):
 
 - the lease hash ``<prefix>:rseq:{<channel>}``: ``n`` the last seq handed out, ``c``
-  the ceiling of the seqs reserved in PostgreSQL, ``b`` the window's bytes, and ``p``
-  a token while a new lease is being confirmed (below);
+  the ceiling of the seqs reserved in PostgreSQL, ``b`` the window's bytes, ``e`` when
+  (Redis' clock, ms) a publish last set the window's expiry, and ``p`` a token while a
+  new lease is being confirmed (below);
 - the window list ``<prefix>:rwin:{<channel>}``: JSON entries in seq order, the last
-  one always seq ``n``, trimmed to ``PUSH_RECENT_WINDOW_MESSAGES`` and
-  ``PUSH_RECENT_WINDOW_BYTES`` and expiring ``PUSH_RECENT_WINDOW_SECS`` after the last
-  publish (older entries are not served either).
+  one always seq ``n``, trimmed to ``PUSH_RECENT_WINDOW_BYTES`` and (an eighth past it
+  at most, never served) ``PUSH_RECENT_WINDOW_MESSAGES``, and expiring
+  ``PUSH_RECENT_WINDOW_SECS`` (a sixteenth more at most) after the last publish (older
+  entries are not served either).
 
 Publishing is one script: take the next seq unless it would pass the ceiling, append
 the entry, trim, return the seq; the message is broadcast only after it returned. A
@@ -125,14 +127,18 @@ _NO_LEASE, _EXHAUSTED, _PENDING, _OTHER_SERVER = -1, 0, -2, -3
 # broker sends) and name, in one array, and ARGV[9] the relay's mark and kind
 # (``push.storage.relay``): the entries numbered are published to the group then.
 # ARGV[10]: every how many seqs the lease's expiry is renewed (``Window.lease_renewal``;
-# also by the first publish after the window expired).
+# also by the first publish after the window expired). ARGV[11]: how many entries past
+# its count the window may hold before it is trimmed back to its count
+# (``Window.trim_slack``); ARGV[12]: how many ms may pass before a publish sets the
+# window's expiry again (``Window.expiry_refresh_ms``), which is then ARGV[3] plus that.
 # Answers per channel: its first seq, or why none was taken (the caller acts on that
 # channel alone).
 #
-# Per channel, one RPUSH of all its entries (whose answer, the length, tells whether
-# the window was there), one LPOP of what the count bound drops, and a LPOP each only
-# for what the byte bound drops beyond it: a call per entry and the EXISTS, HGET and
-# LLEN around them were most of the script's time in Redis.
+# Per channel, one HMGET, one RPUSH of all its entries (whose answer, the length, tells
+# whether the window was there), one HSET and the relay's PUBLISH. Trimming by count
+# (one LPOP of what the count bound drops) and the window's PEXPIRE come only every so
+# many publishes, and a LPOP each only for what the byte bound drops: Lua's calls into
+# Redis are most of the script's time in Redis, and these two were a third of them.
 _PUBLISH = (
     """
 local max_count, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -142,11 +148,14 @@ local relay = nil
 if ARGV[8] ~= '' then relay = cmsgpack.unpack(ARGV[8]) end
 local relay_prefix = ARGV[9]
 local renewal = tonumber(ARGV[10])
+local trim_slack, refresh_ms = tonumber(ARGV[11]), tonumber(ARGV[12])
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
     + RELAY_LUA
     + """
 local function publish(lease_key, window_key, first_entry, count)
-  local lease = redis.call('HMGET', lease_key, 'n', 'c', 'p', 'r', 'b')
+  local lease = redis.call('HMGET', lease_key, 'n', 'c', 'p', 'r', 'b', 'e')
   if not lease[1] then return -1, nil end
   if lease[4] ~= ARGV[5] then return -3, nil end
   if lease[3] then return -2, nil end
@@ -164,7 +173,7 @@ local function publish(lease_key, window_key, first_entry, count)
   local bytes = added
   if len > count then bytes = bytes + tonumber(lease[5] or '0') end
   local keep = math.max(max_count, 1)
-  if len > keep then
+  if len > keep + trim_slack then
     for _, dropped in ipairs(redis.call('LPOP', window_key, len - keep)) do
       bytes = bytes - #dropped
     end
@@ -175,8 +184,12 @@ local function publish(lease_key, window_key, first_entry, count)
     len = len - 1
   end
   n = n + count
-  redis.call('HSET', lease_key, 'n', string.format('%d', n), 'b', bytes)
-  redis.call('PEXPIRE', window_key, ARGV[3])
+  if window_was_gone or now_ms - tonumber(lease[6] or '0') >= refresh_ms then
+    redis.call('PEXPIRE', window_key, tonumber(ARGV[3]) + refresh_ms)
+    redis.call('HSET', lease_key, 'n', string.format('%d', n), 'b', bytes, 'e', now_ms)
+  else
+    redis.call('HSET', lease_key, 'n', string.format('%d', n), 'b', bytes)
+  end
   if window_was_gone or math.floor(n / renewal) ~= math.floor((n - count) / renewal) then
     redis.call('EXPIRE', lease_key, ARGV[4])
   end
@@ -236,17 +249,23 @@ return 1
 
 # The latest seq and the window entries after ARGV[1] (or the last ARGV[2] when
 # ARGV[1] is negative), read at one instant; false while the lease is missing, 0 when
-# another server process wrote it (ARGV[3] is the run_id the caller knows).
+# another server process wrote it (ARGV[3] is the run_id the caller knows). ARGV[4] is
+# the window's count: entries before the last that many (kept until the next trim,
+# ``Window.trim_slack``) are not served.
 _READ = """
 local lease = redis.call('HMGET', KEYS[1], 'n', 'p', 'r')
 if not lease[1] or lease[2] then return false end
 if lease[3] ~= ARGV[3] then return 0 end
-local len = redis.call('LLEN', KEYS[2])
+local held = redis.call('LLEN', KEYS[2])
+local len = math.min(held, math.max(tonumber(ARGV[4]), 1))
+local skip = held - len
 local first = tonumber(lease[1]) - len + 1
 local since, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 local start = math.max(0, len - limit)
 if since >= 0 then start = math.max(0, since + 1 - first) end
-return {lease[1], redis.call('LRANGE', KEYS[2], start, start + limit - 1)}
+if start >= len then return {lease[1], {}} end
+local last = math.min(start + limit, len) - 1
+return {lease[1], redis.call('LRANGE', KEYS[2], skip + start, skip + last)}
 """
 
 
@@ -275,6 +294,21 @@ class Window:
         half of ``LEASE_IDLE_SECS``. An EXPIRE on every publish was a seventh of the
         publish script's time in Redis (most of which is Lua's calls into Redis)."""
         return max(1, LEASE_IDLE_SECS // (2 * max(1, self.secs)))
+
+    @property
+    def trim_slack(self) -> int:
+        """Entries past ``messages`` the window may hold before a publish trims it back
+        to ``messages`` (readers never serve them): a LPOP on every publish was a sixth
+        of the publish script's calls into Redis. The byte bound is kept exactly."""
+        return max(1, self.messages // 8)
+
+    @property
+    def expiry_refresh_ms(self) -> int:
+        """How long after a publish set the window's expiry the next one sets it again
+        (to ``secs`` plus this): the window expires between ``secs`` and ``secs`` plus a
+        sixteenth after the last publish, and entries older than ``secs`` are never
+        served (``RecentStore.read``)."""
+        return max(1, self.secs * 1000 // 16)
 
     @classmethod
     @push_settings.derived  # asked for every publish; settings are read once
@@ -771,6 +805,8 @@ class RecentStore:
             b"" if relay is None else script_argument(_relayed_groups(relay, call)),
             b"" if relay is None else relay.mark + RECENT_ENTRIES,
             window.lease_renewal,
+            window.trim_slack,
+            window.expiry_refresh_ms,
         ]
         answers = await connection.run_script(_PUBLISH_SCRIPT, keys, args)
         for group, answer in zip(call.values(), answers, strict=True):
@@ -847,7 +883,7 @@ class RecentStore:
         lease is missing (the channel's latest seq is then unknown)."""
         after = -1 if since is None else since
         while True:
-            answer = await self._read_once(channel, after, limit)
+            answer = await self._read_once(channel, after, limit, window.messages)
             if not answer:
                 return None  # missing, or written by another server: lost either way
             latest, entries = answer
@@ -865,12 +901,13 @@ class RecentStore:
             # end, and a replay or a REST client would stop before what is served.
             after = messages[aged - 1].seq
 
-    async def _read_once(self, channel: str, after: int, limit: int) -> Any:
-        """One ``_READ``: (latest, entries), or falsy while the lease is missing."""
-        args = [after, limit]
-        answer = await self._read(keys=self._keys(channel), args=[*args, await self.server_id()])
+    async def _read_once(self, channel: str, after: int, limit: int, count: int) -> Any:
+        """One ``_READ`` of a window of ``count`` messages: (latest, entries), or falsy
+        while the lease is missing."""
+        keys = self._keys(channel)
+        answer = await self._read(keys=keys, args=[after, limit, await self.server_id(), count])
         if answer == 0 and await self._server_changed():
-            answer = await self._read(keys=self._keys(channel), args=[*args, self._server_id])
+            answer = await self._read(keys=keys, args=[after, limit, self._server_id, count])
         return answer
 
     async def latest_seqs(self, channels: Iterable[str]) -> dict[str, int]:

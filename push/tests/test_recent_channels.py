@@ -786,3 +786,62 @@ async def test_a_lease_expiry_is_renewed_every_few_seqs_and_after_the_window_exp
         assert await ttl_after_publish(9) <= 100
     finally:
         await redis.aclose()
+
+
+# A window of 16 messages may hold 2 more until a publish trims it (``Window.trim_slack``);
+# readers serve the last 16 only.
+@override_settings(PUSH={**RECENT, "RECENT_WINDOW_MESSAGES": 16})
+async def test_entries_kept_past_the_count_until_the_next_trim_are_never_served(
+    publisher_token: str,
+) -> None:
+    channel = "tick:slack"
+    redis = redis_async()
+    window = recent_store.window_key(redis_prefix(), channel)
+    try:
+        assert await _publish(channel, 18) == list(range(1, 19))
+        assert await redis.llen(window) == 18  # 1 and 2 wait for the next trim
+        served = list(range(3, 19))
+        # Seq 2 is still in Redis but outside the window: a resume after 1 missed it.
+        client, subscribed = await _subscriber(channel, since=1)
+        assert (subscribed["seq"], subscribed["recovered"]) == (18, False)
+        assert [m["seq"] for m in await _received(client, 16)] == served
+        await client.expect_nothing()
+        await client.close()
+        client, subscribed = await _subscriber(channel, since=2)
+        assert (subscribed["seq"], subscribed["recovered"]) == (18, True)
+        assert [m["seq"] for m in await _received(client, 16)] == served
+        await client.close()
+        history = await _rest_history(publisher_token, channel, "since=0&limit=100")
+        assert [m["seq"] for m in history["results"]] == served
+        history = await _rest_history(publisher_token, channel, "since=1&limit=4")
+        assert [m["seq"] for m in history["results"]] == [3, 4, 5, 6]
+        assert await _publish(channel, 1) == [19]
+        assert await redis.llen(window) == 16  # trimmed back to its count
+    finally:
+        await redis.aclose()
+
+
+# A window of 16 s: a publish sets its expiry to 17 s, and the next ones set it again
+# only a second (a sixteenth of the window) after that (``Window.expiry_refresh_ms``).
+@override_settings(PUSH={**RECENT, "RECENT_WINDOW_SECS": 16})
+async def test_the_window_expiry_is_set_again_a_sixteenth_of_the_window_after_the_last() -> None:
+    channel = "tick:expiry"
+    redis = redis_async()
+    lease = recent_store.lease_key(redis_prefix(), channel)
+    window = recent_store.window_key(redis_prefix(), channel)
+    try:
+        assert await _publish(channel, 1) == [1]
+        assert 16_000 < await redis.pttl(window) <= 17_000
+        await redis.pexpire(window, 5_000)
+        assert await _publish(channel, 1) == [2]  # within the second: left as it was
+        assert await redis.pttl(window) <= 5_000
+        set_at = int(await redis.hget(lease, "e"))
+        await redis.hset(lease, "e", set_at - 1_000)  # as if a second went by
+        assert await _publish(channel, 1) == [3]
+        assert 16_000 < await redis.pttl(window) <= 17_000
+        await redis.delete(window)  # expired: the next publish sets it at once
+        await redis.hset(lease, "e", set_at + 60_000)
+        assert await _publish(channel, 1) == [4]
+        assert 16_000 < await redis.pttl(window) <= 17_000
+    finally:
+        await redis.aclose()
