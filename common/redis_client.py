@@ -220,7 +220,15 @@ class HeldConnection:
         if connection is None:
             connection = await self._take()
         try:
-            await connection.send_packed_command(pack_command(args), check_health=False)
+            writer = getattr(connection, "_writer", None)
+            if writer is not None and connection.is_connected:
+                # redis-py's send runs under ``asyncio.wait_for`` when the client has a
+                # socket timeout: a task per command, sent a loop turn later. The write
+                # goes to the transport's buffer at once instead; the reply's read keeps
+                # the timeout, and nothing more is sent on this connection before it.
+                writer.write(pack_command(args))
+            else:
+                await connection.send_packed_command(pack_command(args), check_health=False)
             return await connection.read_response()
         except ResponseError:
             raise  # an answer: the connection is in step
