@@ -220,14 +220,7 @@ class HeldConnection:
         if connection is None:
             connection = await self._take()
         try:
-            writer = getattr(connection, "_writer", None)
-            if writer is not None and connection.is_connected:
-                # redis-py's send runs under ``asyncio.wait_for`` when the client has a
-                # socket timeout: a task per command, sent a loop turn later. The write
-                # goes to the transport's buffer at once instead; the reply's read keeps
-                # the timeout, and nothing more is sent on this connection before it.
-                writer.write(pack_command(args))
-            else:
+            if not _write_now(connection, args):
                 await connection.send_packed_command(pack_command(args), check_health=False)
             return await connection.read_response()
         except ResponseError:
@@ -311,6 +304,19 @@ def _packed_here(args: Sequence[str | bytes | int | float]) -> bytes:
             raise TypeError(f"a Redis argument is text, bytes or a number, not {type(arg)}")
         parts += (b"$%d\r\n" % len(data), data, b"\r\n")
     return b"".join(parts)
+
+
+def _write_now(connection: Any, args: Sequence[Any]) -> bool:
+    """Write a command to ``connection``'s transport buffer at once; False, with nothing
+    written, when redis-py does not expose its writer. redis-py's own send runs under
+    ``asyncio.wait_for`` when the client has a socket timeout (the recent store's and
+    the broker's do): a task per command, sent a loop turn later. The reply's read keeps
+    the timeout, and a held connection sends nothing more before it."""
+    writer = getattr(connection, "_writer", None)
+    if writer is None or not connection.is_connected or writer.transport.is_closing():
+        return False
+    writer.write(pack_command(args))
+    return True
 
 
 def _closed_by_server(connection: Any) -> bool:
