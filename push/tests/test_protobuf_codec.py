@@ -208,6 +208,24 @@ def test_request_id_keeps_its_type_and_value(request_id: int | str) -> None:
     assert same(roundtrip(reply)["id"], request_id)
 
 
+@pytest.mark.parametrize(
+    "request_id", [None, 7, "7", 0, "", -(2**63), INT64_MAX, "x" * 64, 'é"\\\u0000', "1e-5"]
+)
+@pytest.mark.parametrize("via", ALL_CODECS, ids=lambda c: c.name)
+def test_a_publish_acknowledgement_is_the_published_envelope(
+    via: Codec, request_id: int | str | None
+) -> None:
+    # The JSON codec writes it by hand: the same text its encode makes of the envelope.
+    message = ChannelMessage(
+        channel="a-b.c:d@e_f", seq=12, message_id="0190e-0e-5", data_json="1", timestamp=1.5
+    )
+    envelope = protocol.published(
+        channel=message.channel, seq=12, message_id=message.message_id, request_id=request_id
+    )
+    assert via.encode_published(message, request_id) == via.encode(envelope)
+    assert via.decode(via.encode_published(message, request_id)) == envelope
+
+
 @pytest.mark.parametrize("request_id", [2**63, -(2**63) - 1, 1.5, True, [1], {"a": 1}])
 def test_request_id_outside_the_schema_is_unencodable(request_id: object) -> None:
     with pytest.raises(UnencodableEnvelope, match="'id'"):

@@ -28,7 +28,7 @@ from push.transport.server_adapters import (
     peer_gone_probe,
     raw_writer,
 )
-from push.wire.codecs import Codec
+from push.wire.codecs import Codec, WireMessage
 from push.wire.protocol import RequestId, error
 
 if TYPE_CHECKING:
@@ -163,10 +163,11 @@ class ClientConnection:
         payload = self.codec.encode(envelope)
         self.outbox.push(OutFrame(self.codec.send_event(payload), len(payload)))
 
-    def send_envelope_soon(self, envelope: dict[str, Any]) -> None:
-        """``send_envelope``, written at the end of this turn of the event loop together
-        with whatever else was sent so meanwhile (``Outbox.push_soon``)."""
-        payload = self.codec.encode(envelope)
+    def send_published_soon(self, message: WireMessage, request_id: RequestId | None) -> None:
+        """The ``published`` acknowledgement of ``message``, written at the end of this
+        turn of the event loop together with whatever else was sent so meanwhile
+        (``Outbox.push_soon``)."""
+        payload = self.codec.encode_published(message, request_id)
         self.outbox.push_soon(OutFrame(self.codec.send_event(payload), len(payload)))
 
     def send_error(

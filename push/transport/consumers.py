@@ -274,7 +274,7 @@ class PushConsumer(AsyncConsumer):
 
         No task per publish: the answer is a callback on the write's own future, and
         the answers of one write batch go out in one write to the socket
-        (``ClientConnection.send_envelope_soon``).
+        (``ClientConnection.send_published_soon``).
         """
         authorize_publish(connection.principal, request.channel)
         publishing = self.publishing
@@ -337,14 +337,7 @@ class PushConsumer(AsyncConsumer):
         message = outcome.messages[0]
         _PUBLISHED.inc()
         _PUBLISH_SECONDS.observe(time.perf_counter() - started)
-        connection.send_envelope_soon(
-            protocol.published(
-                channel=message.channel,
-                seq=message.seq,
-                message_id=message.message_id,
-                request_id=request_id,
-            )
-        )
+        connection.send_published_soon(message, request_id)
 
     async def handle_heartbeat(self, connection: ClientConnection, request: Heartbeat) -> None:
         connection.send_envelope(

@@ -10,6 +10,7 @@ import abc
 from typing import Any, ClassVar, Protocol
 
 from common.errors import ErrorCode, PushError
+from push.wire.protocol import RequestId, published
 
 Payload = str | bytes
 
@@ -45,6 +46,17 @@ class Codec(abc.ABC):
 
     def encode_message(self, message: WireMessage) -> Payload:
         return self.encode(message.envelope())
+
+    def encode_published(self, message: WireMessage, request_id: RequestId | None) -> Payload:
+        """The ``published`` acknowledgement of ``message`` to request ``request_id``."""
+        return self.encode(
+            published(
+                channel=message.channel,
+                seq=message.seq,
+                message_id=message.message_id,
+                request_id=request_id,
+            )
+        )
 
     def send_event(self, payload: Payload) -> dict[str, Any]:
         """The ASGI ``websocket.send`` event carrying one encoded frame."""
