@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from devtools.cluster import Cluster
-from devtools.processes import OwnedProcess, free_port, redis_server
+from devtools.processes import OwnedProcess, ProcessError, free_port, redis_server
 from tests.faults.report import MEASUREMENTS
 from tests.faults.services import tcp_proxy
 from tests.pusherclient import APP_ID, APP_KEY, APP_SECRET
@@ -179,6 +179,14 @@ def _publishes(base_url: str, token: str) -> bool:
     return response.status_code == 201
 
 
+def _manage_reads_the_database(env: dict[str, str]) -> bool:
+    try:
+        manage(env, "service_token", "list")
+    except ProcessError:
+        return False
+    return True
+
+
 def wait_all_serving(cluster: Cluster, token: str) -> None:
     """Every node is ready (database and Redis reachable), serves a burst of database
     reads and stores a publish, and nginx answers. A test that started before would
@@ -195,6 +203,7 @@ def wait_all_serving(cluster: Cluster, token: str) -> None:
 @pytest.fixture
 def cluster(
     cluster_processes: Cluster,
+    cluster_env: dict[str, str],
     pg_proxy: OwnedProcess,
     own_redis: OwnedProcess,
     publisher_token: str,
@@ -206,6 +215,12 @@ def cluster(
             process.start()
     cluster_processes.restart_dead()
     wait_all_serving(cluster_processes, publisher_token)
+    # The tests' manage.py worker (``backend_key``, ``unseen_token``) keeps pooled
+    # connections too, dead after a PostgreSQL outage it sat through idle. psycopg_pool
+    # hands them out first and waits 1 s, then 2 s, between checks that fail, so the
+    # worker's first command after the outage times out (3 s) though fresh connections
+    # were ready behind the dead ones; the next one works.
+    wait_until("manage.py reads the database", partial(_manage_reads_the_database, cluster_env))
     return cluster_processes
 
 
