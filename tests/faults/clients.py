@@ -9,6 +9,10 @@ instead of being smoothed over by the client.
 ``RestPublisher`` publishes over REST with an ``Idempotency-Key`` per message and
 retries until the message is acknowledged, so message *i* exists exactly once whatever
 fails in between.
+
+``RestTicker`` and ``WsTicker`` publish as a ticker's back-end does on a recent-only
+channel, where there is no ``Idempotency-Key``: every attempt is a new message, and a
+refused one is dropped for the next. Each attempt is recorded with its answer.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class ResumingSubscriber:
     channel: str
     last_seq: int = 0
     seqs: list[int] = field(default_factory=list)
+    # Each message's data, beside its seq: a test can tell whose message a seq carried.
+    data: list[Any] = field(default_factory=list)
     received_at: list[float] = field(default_factory=list)
     # Publish-to-receipt, wall clock: the message's timestamp is the server's commit time.
     latencies: list[float] = field(default_factory=list)
@@ -129,6 +135,7 @@ class ResumingSubscriber:
         kind = envelope.get("type")
         if kind == "message" and envelope.get("channel") == self.channel:
             self.seqs.append(envelope["seq"])
+            self.data.append(envelope["data"])
             self.received_at.append(asyncio.get_running_loop().time())
             self.latencies.append(time.time() - envelope["timestamp"])
             self.last_seq = max(self.last_seq, envelope["seq"])
@@ -313,3 +320,155 @@ class RestPublisher:
             self.sent += 1
             next_at = max(next_at + 1 / rate_per_sec, loop.time() - 1.0)
             await asyncio.sleep(max(0.0, next_at - loop.time()))
+
+
+# Past the bound a fault test asserts on a publish's answer: a slow answer is measured,
+# not cut short.
+TICK_ANSWER_TIMEOUT_SECS = 15.0
+
+
+@dataclass
+class Attempt:
+    """One tick: the data sent, when it was sent and answered (loop times), and the seq
+    it got or why it was refused."""
+
+    data: dict[str, Any]
+    sent_at: float
+    answered_at: float = 0.0
+    seq: int | None = None
+    refusal: str | None = None
+
+    @property
+    def wait_secs(self) -> float:
+        return self.answered_at - self.sent_at
+
+
+class Ticker:
+    """Publishes ``{"by": name, "i": 0, 1, 2, ...}``, one at a time, each answered before
+    the next is sent, so its messages are numbered in ``i`` order."""
+
+    def __init__(self, name: str, channel: str) -> None:
+        self.name = name
+        self.channel = channel
+        self.attempts: list[Attempt] = []
+
+    async def __aenter__(self) -> Ticker:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Release the connection; nothing to release by default."""
+
+    async def send(self, data: dict[str, Any]) -> tuple[int | None, str | None]:
+        """Publish ``data`` once: its seq, or None and why it was refused."""
+        raise NotImplementedError
+
+    @property
+    def acked(self) -> list[Attempt]:
+        return [attempt for attempt in self.attempts if attempt.seq is not None]
+
+    @property
+    def refusals(self) -> Counter[str]:
+        return Counter(a.refusal for a in self.attempts if a.refusal is not None)
+
+    async def tick(self) -> Attempt:
+        loop = asyncio.get_running_loop()
+        attempt = Attempt({"by": self.name, "i": len(self.attempts)}, loop.time())
+        self.attempts.append(attempt)
+        try:
+            async with asyncio.timeout(TICK_ANSWER_TIMEOUT_SECS):
+                attempt.seq, attempt.refusal = await self.send(attempt.data)
+        except TimeoutError:
+            attempt.refusal = "no answer"
+        attempt.answered_at = loop.time()
+        return attempt
+
+    @contextlib.asynccontextmanager
+    async def steadily(self, rate_per_sec: float) -> AsyncIterator[None]:
+        """A tick every 1/rate seconds (later while an answer is awaited) for as long as
+        the block runs."""
+        stop = asyncio.Event()
+        task = asyncio.create_task(self._run_steady(rate_per_sec, stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            await task
+
+    async def _run_steady(self, rate_per_sec: float, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while not stop.is_set():
+            await self.tick()
+            next_at = max(next_at + 1 / rate_per_sec, loop.time() - 1.0)
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+
+
+class RestTicker(Ticker):
+    """Ticks with ``POST /api/v1/channels/<channel>/messages``, no ``Idempotency-Key``."""
+
+    def __init__(self, base_url: str, token: str, channel: str, name: str = "rest") -> None:
+        super().__init__(name, channel)
+        self.url = f"{base_url}/api/v1/channels/{channel}/messages"
+        self._http = httpx.AsyncClient(
+            timeout=TICK_ANSWER_TIMEOUT_SECS, headers={"Authorization": f"Token {token}"}
+        )
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def send(self, data: dict[str, Any]) -> tuple[int | None, str | None]:
+        try:
+            response = await self._http.post(self.url, json={"data": data})
+        except httpx.HTTPError as exc:
+            return None, type(exc).__name__
+        if response.status_code == 201:
+            return int(response.json()["seq"]), None
+        return None, f"{response.status_code} {error_code(response)}"
+
+
+def error_code(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("code", ""))
+    except ValueError:
+        return "(not JSON)"
+
+
+class WsTicker(Ticker):
+    """Ticks with ``publish`` frames on one WebSocket, opened with ``token`` and opened
+    again if it is lost (the tick it carried counts as refused: "connection lost")."""
+
+    def __init__(self, ws_url: str, token: str, channel: str, name: str = "ws") -> None:
+        super().__init__(name, channel)
+        self.ws_url = ws_url
+        self.token = token
+        self._ws: ClientConnection | None = None
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def send(self, data: dict[str, Any]) -> tuple[int | None, str | None]:
+        request_id = data["i"]
+        envelope = {"type": "publish", "channel": self.channel, "data": data, "id": request_id}
+        try:
+            if self._ws is None:
+                self._ws, _hello = await connect_ws(self.ws_url, token=self.token)
+            await self._ws.send(json.dumps(envelope))
+            reply = await self._reply(self._ws, request_id)
+        except (ConnectionClosed, OSError, InvalidHandshake):
+            self._ws = None
+            return None, "connection lost"
+        if reply["type"] == "published":
+            return int(reply["seq"]), None
+        return None, str(reply.get("code"))
+
+    @staticmethod
+    async def _reply(ws: ClientConnection, request_id: int) -> dict[str, Any]:
+        # A reply to an earlier tick that timed out on our side may still come: skip it.
+        while True:
+            reply = json.loads(await ws.recv())
+            if reply.get("id") == request_id:
+                return reply

@@ -39,6 +39,10 @@ READ_BURST = 24
 SEND_QUEUE_MAX_BYTES = 512 * 1024
 SEND_QUEUE_MAX_FRAMES = 512
 
+# Channels named so are recent-only (their seq and window in Redis); the other fault
+# tests' channels (``faults-...``) and the warm-up channel stay durable.
+RECENT_CHANNEL_PREFIX = "faultrecent-"
+
 
 @pytest.fixture(scope="session")
 def django_db_setup() -> None:
@@ -92,6 +96,7 @@ def cluster_env(
         "SECRET_KEY": "faults-secret",
         "PUSH_SEND_QUEUE_MAX_BYTES": str(SEND_QUEUE_MAX_BYTES),
         "PUSH_SEND_QUEUE_MAX_FRAMES": str(SEND_QUEUE_MAX_FRAMES),
+        "PUSH_HISTORY_MODES": f"{RECENT_CHANNEL_PREFIX}*=recent",
         # The publishers retry fast while a dependency is down; the default REST budget
         # (6000/min) is for one credential's normal traffic.
         "PUSH_REST_RATE": "60000/min",
@@ -228,6 +233,12 @@ def cluster(
 def channel() -> str:
     """A channel of the test's own: its seqs start at 1."""
     return f"faults-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def recent_channel() -> str:
+    """A recent-only channel of the test's own (``PUSH_HISTORY_MODES`` above)."""
+    return f"{RECENT_CHANNEL_PREFIX}{uuid.uuid4().hex[:12]}"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
