@@ -503,7 +503,7 @@ class _Lane:
     __slots__ = ("call", "connection", "task")
 
     def __init__(self, pool: Callable[[], Any]) -> None:
-        self.connection = HeldConnection(pool)
+        self.connection = HeldConnection(pool, write_at_once=True)
         self.task: asyncio.Task[None] | None = None
         # The publishes of its call in Redis now; empty between calls.
         self.call: _Call = {}

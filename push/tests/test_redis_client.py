@@ -50,13 +50,14 @@ def test_channel_layer_host_is_the_url_or_a_sentinel_dict() -> None:
     assert host["db"] == 2 and host["password"] == "pw"
 
 
-@pytest.fixture
-async def held_client() -> AsyncIterator[tuple[Any, HeldConnection]]:
-    """A client and a connection held of its pool, both given back afterwards."""
+@pytest.fixture(params=[False, True], ids=["sent-by-redis-py", "written-at-once"])
+async def held_client(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, HeldConnection]]:
+    """A client and a connection held of its pool, both given back afterwards; each
+    test runs with commands sent through redis-py and written at once."""
     if not settings.REDIS_URL:
         pytest.skip("needs Redis")
     client = redis_async(socket_connect_timeout=2, socket_timeout=5)
-    held = HeldConnection(lambda: client.connection_pool)
+    held = HeldConnection(lambda: client.connection_pool, write_at_once=request.param)
     try:
         yield client, held
     finally:
