@@ -211,7 +211,8 @@ class HeldConnection:
         self._connection: Any = None
         self._taken_from: Any = None
         # ``_write_now``, for the recent store's numbering lanes, which wait for each
-        # reply (+4-8% recent-only publishes/s). Written at once on every held
+        # reply (the node 0.96 of a core busy instead of 0.92, +3% recent-only
+        # publishes/s over three alternating pairs). Written at once on every held
         # connection, fan-out at 5,000 subscribers fell ~10% (four alternating pairs,
         # 7.0 -> 8.0 us of CPU per delivery): probably fewer messages shared a write
         # once the kept-token reads and the cache's appends came back sooner.
