@@ -76,6 +76,16 @@ class Database:
         with psycopg.connect(self.url) as conn:
             return conn.execute(sql, params).fetchall()
 
+    def stored_messages(self, channel: str) -> int:
+        """How many messages of ``channel`` are in PostgreSQL (none for a recent-only
+        channel)."""
+        rows = self.query(
+            "SELECT count(*) FROM push_message m JOIN push_channel c ON c.id = m.channel_id "
+            "WHERE c.name = %s",
+            channel,
+        )
+        return int(rows[0][0])
+
 
 class ManageWorker:
     """``tests/manage_worker.py`` for one environment: ``manage.py`` commands without

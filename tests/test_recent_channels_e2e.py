@@ -67,15 +67,6 @@ async def _publish_rest_many(node: ServerNode, token: str, channel: str, count: 
     return seqs
 
 
-def _message_rows(database: Database, channel: str) -> int:
-    rows = database.query(
-        "SELECT count(*) FROM push_message m JOIN push_channel c ON c.id = m.channel_id "
-        "WHERE c.name = %s",
-        channel,
-    )
-    return int(rows[0][0])
-
-
 async def test_two_nodes_publishing_make_one_gapless_sequence(
     recent_nodes: tuple[ServerNode, ServerNode],
     publisher_token: str,
@@ -94,7 +85,7 @@ async def test_two_nodes_publishing_make_one_gapless_sequence(
         received = await collect_messages(subscriber, 100, timeout=20)
         assert [m["seq"] for m in received] == list(range(1, 101))
         await subscriber.close()
-    assert _message_rows(e2e_database, channel) == 0
+    assert e2e_database.stored_messages(channel) == 0
 
     # Resume on the other node than the one that published, within and beyond the window.
     resumed, subscribed = await subscribe(node_b.ws_url, channel, since=100 - WINDOW)

@@ -25,7 +25,7 @@ import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,6 +245,31 @@ def percentile(values: list[float], fraction: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(fraction * 100) - 1]
 
 
+@contextlib.asynccontextmanager
+async def paced(step: Callable[[], Awaitable[object]], rate_per_sec: float) -> AsyncIterator[None]:
+    """``step`` once every 1/rate seconds (later while one is under way, catching up at
+    most a second of delay) for as long as the block runs; the step under way when it
+    ends is finished."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(_run_paced(step, rate_per_sec, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+async def _run_paced(
+    step: Callable[[], Awaitable[object]], rate_per_sec: float, stop: asyncio.Event
+) -> None:
+    loop = asyncio.get_running_loop()
+    next_at = loop.time()
+    while not stop.is_set():
+        await step()
+        next_at = max(next_at + 1 / rate_per_sec, loop.time() - 1.0)
+        await asyncio.sleep(max(0.0, next_at - loop.time()))
+
+
 class RestPublisher:
     """Publishes message 0, 1, 2, ... to one channel over REST, each until acknowledged."""
 
@@ -300,26 +325,14 @@ class RestPublisher:
         self.failures[reason] += 1
         self.failure_times.append(asyncio.get_running_loop().time())
 
-    @contextlib.asynccontextmanager
-    async def steadily(self, rate_per_sec: float) -> AsyncIterator[None]:
+    def steadily(self, rate_per_sec: float) -> contextlib.AbstractAsyncContextManager[None]:
         """Publish one message every 1/rate seconds (later while a retry holds one up)
         for as long as the block runs; the last message is acknowledged when it ends."""
-        stop = asyncio.Event()
-        task = asyncio.create_task(self._run_steady(rate_per_sec, stop))
-        try:
-            yield
-        finally:
-            stop.set()
-            await task
+        return paced(self._publish_next, rate_per_sec)
 
-    async def _run_steady(self, rate_per_sec: float, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
-        while not stop.is_set():
-            await self.publish(self.sent)
-            self.sent += 1
-            next_at = max(next_at + 1 / rate_per_sec, loop.time() - 1.0)
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+    async def _publish_next(self) -> None:
+        await self.publish(self.sent)
+        self.sent += 1
 
 
 # Past the bound a fault test asserts on a publish's answer: a slow answer is measured,
@@ -385,25 +398,10 @@ class Ticker:
         attempt.answered_at = loop.time()
         return attempt
 
-    @contextlib.asynccontextmanager
-    async def steadily(self, rate_per_sec: float) -> AsyncIterator[None]:
+    def steadily(self, rate_per_sec: float) -> contextlib.AbstractAsyncContextManager[None]:
         """A tick every 1/rate seconds (later while an answer is awaited) for as long as
         the block runs."""
-        stop = asyncio.Event()
-        task = asyncio.create_task(self._run_steady(rate_per_sec, stop))
-        try:
-            yield
-        finally:
-            stop.set()
-            await task
-
-    async def _run_steady(self, rate_per_sec: float, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
-        while not stop.is_set():
-            await self.tick()
-            next_at = max(next_at + 1 / rate_per_sec, loop.time() - 1.0)
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+        return paced(self.tick, rate_per_sec)
 
 
 class RestTicker(Ticker):

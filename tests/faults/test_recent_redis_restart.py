@@ -55,15 +55,6 @@ def stored_ceiling(database: Database, channel: str) -> int:
     return int(rows[0][0]) if rows else 0
 
 
-def stored_messages(database: Database, channel: str) -> int:
-    rows = database.query(
-        "SELECT count(*) FROM push_message m JOIN push_channel c ON c.id = m.channel_id "
-        "WHERE c.name = %s",
-        channel,
-    )
-    return int(rows[0][0])
-
-
 def data_key(data: Any) -> str:
     return json.dumps(data, sort_keys=True)
 
@@ -218,7 +209,7 @@ async def test_a_redis_restart_jumps_a_recent_channel_forward(
 
     # The channel really is recent-only: nothing of it was written to PostgreSQL but
     # its ceiling.
-    assert await asyncio.to_thread(stored_messages, faults_database, channel) == 0
+    assert await asyncio.to_thread(faults_database.stored_messages, channel) == 0
 
     # 1. Every publish answered in bounded time, acknowledged or refused UNAVAILABLE;
     # no seq acknowledged twice.
