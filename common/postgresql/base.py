@@ -14,12 +14,6 @@ the stream, is then waiting on the socket, which one ``poll`` with no wait sees.
 idle connection has nothing to read. A connection whose peer vanished without a word
 fails its next statement instead, as it would have failed the empty one (it is then
 dropped from the pool).
-
-A server that restarts ends every pooled connection at once. The first one the check
-finds ended drains the pool (``PooledConnectionCheck``): psycopg_pool waits 1 s, then
-2 s, after each connection that fails its check, so going through the ended ones one by
-one outlasted ``DATABASE_POOL_TIMEOUT_SECS`` and the call was answered UNAVAILABLE
-though the server was back.
 """
 
 from __future__ import annotations
@@ -44,22 +38,6 @@ def check_pooled_connection(connection: Any) -> None:
         raise OperationalError("the server ended this connection while it was pooled")
 
 
-class PooledConnectionCheck:
-    """``check_pooled_connection`` for one pool, which it drains (every idle connection
-    closed and replaced, every one in use replaced when it comes back) when it finds a
-    connection the server ended: the others were most likely ended with it."""
-
-    def __init__(self, pool: ConnectionPool) -> None:
-        self.pool = pool
-
-    def __call__(self, connection: Any) -> None:
-        try:
-            check_pooled_connection(connection)
-        except OperationalError:
-            self.pool.drain()
-            raise
-
-
 class DatabaseWrapper(base.DatabaseWrapper):
     @property
     def pool(self) -> ConnectionPool | None:
@@ -68,5 +46,5 @@ class DatabaseWrapper(base.DatabaseWrapper):
         # and takes no other; the pool keeps it in ``_check`` (psycopg_pool 3.2-3.3;
         # push/tests/test_database_threads.py fails if that changes).
         if pool is not None and pool._check is ConnectionPool.check_connection:
-            pool._check = PooledConnectionCheck(pool)
+            pool._check = check_pooled_connection
         return pool
