@@ -14,6 +14,14 @@ the stream, is then waiting on the socket, which one ``poll`` with no wait sees.
 idle connection has nothing to read. A connection whose peer vanished without a word
 fails its next statement instead, as it would have failed the empty one (it is then
 dropped from the pool).
+
+A server that restarts ends every pooled connection at once, and psycopg_pool waits
+between the checks that fail in one call (none after the first, then 1 s, then 2 s):
+going through the ended connections one by one outlasted ``DATABASE_POOL_TIMEOUT_SECS``
+(3 s), and a node idle through a restart answered its first calls UNAVAILABLE though
+the server was back. So the first ended connection the check finds drains the pool
+(``PooledConnectionCheck``): the idle connections are closed and replaced at once, those
+in use when they come back, and the call waits only for a new connection.
 """
 
 from __future__ import annotations
@@ -38,13 +46,33 @@ def check_pooled_connection(connection: Any) -> None:
         raise OperationalError("the server ended this connection while it was pooled")
 
 
+class PooledConnectionCheck:
+    """``check_pooled_connection`` for one pool, which it drains when it finds a
+    connection the server ended: the others were most likely ended with it."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def __call__(self, connection: Any) -> None:
+        try:
+            check_pooled_connection(connection)
+        except OperationalError:
+            # One older than the last drain is being replaced by it already: calls that
+            # meet the dead connections of one restart at once drain the pool once, not
+            # each of them again the connections the first drain just made.
+            if connection._created_at > self.pool._drained_at:
+                self.pool.drain()
+            raise
+
+
 class DatabaseWrapper(base.DatabaseWrapper):
     @property
     def pool(self) -> ConnectionPool | None:
         pool: ConnectionPool | None = super().pool  # type: ignore[misc]  # Django 5.1+, not in the stubs
         # Django gives the pool psycopg_pool's own check when CONN_HEALTH_CHECKS is on
-        # and takes no other; the pool keeps it in ``_check`` (psycopg_pool 3.2-3.3;
-        # push/tests/test_database_threads.py fails if that changes).
+        # and takes no other; the pool keeps it in ``_check``, the time of its last drain
+        # in ``_drained_at`` and a connection's birth in ``_created_at`` (psycopg_pool
+        # 3.2-3.3; push/tests/test_database_threads.py fails if that changes).
         if pool is not None and pool._check is ConnectionPool.check_connection:
-            pool._check = check_pooled_connection
+            pool._check = PooledConnectionCheck(pool)
         return pool

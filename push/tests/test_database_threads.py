@@ -10,9 +10,10 @@ import time
 
 import psycopg
 import pytest
+from psycopg_pool import ConnectionPool
 
 from common.db import DATABASE_THREADS, db_call
-from common.postgresql.base import check_pooled_connection
+from common.postgresql.base import PooledConnectionCheck
 
 
 def _wait_for(release: threading.Event) -> str:
@@ -66,7 +67,7 @@ async def test_a_pooled_connection_the_server_ended_is_never_handed_out() -> Non
     if connection.vendor != "postgresql":
         pytest.skip("PostgreSQL's pool")
     pool = connection.pool
-    assert pool._check is check_pooled_connection
+    assert isinstance(pool._check, PooledConnectionCheck)
     ended = await _backend_pid_call()
     with psycopg.connect(**connection.get_connection_params(), autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", [ended])
@@ -77,3 +78,49 @@ async def test_a_pooled_connection_the_server_ended_is_never_handed_out() -> Non
     pool.pop_stats()
     await asyncio.to_thread(pool.check)
     assert pool.pop_stats().get("connections_lost", 0) == 0
+
+
+def _pooled_backend_pids(pool: ConnectionPool, *, at_least: int) -> set[int]:
+    """The backends of the connections idle in ``pool``, at least ``at_least`` of them:
+    taken out together (each once, the pool growing as needed) and given back."""
+    count = max(at_least, pool.get_stats()["pool_available"])
+    taken = [pool.getconn() for _ in range(count)]
+    try:
+        return {conn.info.backend_pid for conn in taken}
+    finally:
+        for conn in taken:
+            pool.putconn(conn)
+
+
+def _terminate_backends(pids: set[int]) -> None:
+    """End these backends, as a restart ends every one, each waited for (up to 5 s)
+    until it exited: its farewell is then on the pooled connection's socket."""
+    from django.db import connection
+
+    with psycopg.connect(**connection.get_connection_params(), autocommit=True) as admin:
+        ended = admin.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM unnest(%s::int[]) AS pid", [list(pids)]
+        ).fetchall()
+    assert ended == [(True,)] * len(pids)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_after_a_restart_ended_every_pooled_connection_the_next_call_is_answered() -> None:
+    """What a PostgreSQL restart does to an idle node's pool: every connection in it
+    ended at once (only the pool's here, collected through it). The next call gets a
+    new connection at once: going through the ended ones, psycopg_pool waits 1 s after
+    the second failed check and 2 s after the third, and with four the call was
+    answered UNAVAILABLE after the pool's 3 s timeout."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's pool")
+    pool = connection.pool
+    pids = await asyncio.to_thread(_pooled_backend_pids, pool, at_least=4)
+    await asyncio.to_thread(_terminate_backends, pids)
+    pool.pop_stats()
+    started = time.monotonic()
+    assert await _backend_pid_call() not in pids
+    assert time.monotonic() - started < 1
+    # One ended connection reached the check; the others were replaced with the drain.
+    assert pool.pop_stats().get("connections_lost", 0) == 1
