@@ -23,9 +23,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from asgiref.sync import sync_to_async
-
 from common.conf import push_settings
+from common.db import db_call
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +144,12 @@ def app_by_id(app_id: str) -> PusherApp | None:
     return _find("app_id", app_id)
 
 
-async def app_by_key_async(key: str) -> PusherApp | None:
-    return await sync_to_async(app_by_key, thread_sensitive=False)(key)
+# From the event loop, on the database threads, which give their connection back to the
+# pool after each call: on a thread of the loop's own executor a read kept its connection
+# out of the pool for good, and once PostgreSQL had ended it (a restart) every read on
+# that thread failed, the apps read before served however long that lasted.
+app_by_key_async = db_call(app_by_key)
+app_by_id_async = db_call(app_by_id)
 
 
 def free_app_id() -> str:

@@ -38,8 +38,8 @@ from push.services.publishing import messages_publish_batch
 from push.services.pusher_apps import (
     AUTH_VERSION,
     PusherApp,
-    app_by_id,
-    app_by_key,
+    app_by_id_async,
+    app_by_key_async,
     body_md5,
     http_signature,
     http_string_to_sign,
@@ -70,7 +70,8 @@ R = TypeVar("R")
 
 
 def _off_loop(func: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """``func`` (sync Redis reads, the app cache) run on a worker thread, not the loop."""
+    """``func`` (sync Redis reads) run on a worker thread, not the loop. Not for the
+    database: that is ``common.db.db_call``'s, whose threads give their connection back."""
     return sync_to_async(func, thread_sensitive=False)
 
 
@@ -146,8 +147,8 @@ async def api_app(*, app_id: str | None, params: Mapping[str, str]) -> PusherApp
     """The enabled app a request names: by id, or by ``auth_key`` where the path has
     no id (``/users/<id>/terminate_connections``, as pusher-http-python 3.3 sends it)."""
     if app_id is not None:
-        return await _off_loop(app_by_id)(app_id)
-    return await _off_loop(app_by_key)(params.get("auth_key", ""))
+        return await app_by_id_async(app_id)
+    return await app_by_key_async(params.get("auth_key", ""))
 
 
 # ----- triggering events ---------------------------------------------------------------------

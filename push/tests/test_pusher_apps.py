@@ -1,0 +1,73 @@
+"""The Pusher apps the node reads from the database (push/services/pusher_apps.py) for a
+pusher-js handshake and a signed HTTP API request."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connection
+
+from push.models import PusherApp as PusherAppRow
+from push.services import pusher_apps
+from push.services.pusher_apps import PusherApp, app_by_key_async, app_cache
+from push.services.pusher_http import api_app
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+Lookup = Callable[[PusherAppRow], Awaitable[PusherApp | None]]
+
+# How the node looks an app up: a pusher-js handshake by its key, an HTTP API request by
+# the app id in its path.
+LOOKUPS: dict[str, Lookup] = {
+    "handshake": lambda row: app_by_key_async(row.key),
+    "http-api": lambda row: api_app(app_id=row.app_id, params={}),
+}
+
+
+@pytest.fixture(autouse=True)
+def _apps_read_afresh() -> Iterator[None]:
+    """Each test reads the apps of its own database, and leaves none of them cached."""
+    app_cache.forget()
+    yield
+    app_cache.forget()
+
+
+def _new_app(name: str, app_id: str) -> PusherAppRow:
+    return PusherAppRow.objects.create(name=name, app_id=app_id, key=f"{name}-key", secret="s")
+
+
+def _terminate_backend(pid: int) -> None:
+    """End a backend and wait (up to 5 s) until it has exited, as a restart ends it."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS.values(), ids=LOOKUPS.keys())
+async def test_apps_are_read_again_after_postgresql_ended_the_connection_they_were_read_on(
+    monkeypatch: pytest.MonkeyPatch, lookup: Lookup
+) -> None:
+    """Read on a thread of the loop's own executor, the apps kept its connection out of
+    the pool for good; once PostgreSQL had ended it (a restart), every later read failed
+    on it, and an app made afterwards was never served."""
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's backends")
+    read_on: list[int] = []  # the backend of each read of the apps
+    read_apps = pusher_apps._read_apps
+
+    def reading() -> list[PusherApp]:
+        apps = read_apps()
+        read_on.append(connection.connection.info.backend_pid)  # the reading thread's
+        return apps
+
+    monkeypatch.setattr(pusher_apps, "_read_apps", reading)
+    first = await sync_to_async(_new_app)("first", "1001")
+    served = await lookup(first)
+    assert served is not None and served.app_id == "1001"
+    await sync_to_async(_terminate_backend)(read_on[-1])
+    second = await sync_to_async(_new_app)("second", "1002")
+    app_cache.forget()  # as the admin does when it saves an app
+    found = await lookup(second)
+    assert found is not None and found.app_id == "1002"
+    assert read_on[-1] != read_on[0]
