@@ -526,6 +526,54 @@ def test_one_connections_events_are_handled_in_order_beside_others() -> None:
         client.delete(stream)
 
 
+def _terminate_backend(pid: int) -> None:
+    """End a backend and wait (up to 5 s) until it has exited, as a restart ends it."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_handler_reads_the_database_again_after_postgresql_ended_its_connection() -> None:
+    """Handlers may use the ORM (Pusher's webhooks read the apps). A handler thread
+    that kept its connection out of the pool failed every later event on it once
+    PostgreSQL had ended it (a restart), until the worker was restarted."""
+    from django.contrib.auth.models import User
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's backends")
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"reconnect-{uuid.uuid4().hex[:8]}:events"
+    read_on: list[int] = []  # the backend each event was handled on
+
+    def reading(received: dict) -> None:
+        User.objects.exists()
+        read_on.append(connection.connection.info.backend_pid)
+
+    worker = EventWorker(
+        client,
+        stream=stream,
+        group=DEFAULT_GROUP,
+        consumer="in-process",
+        handlers=[reading],
+        max_attempts=2,
+        retry_idle_ms=10_000,
+        concurrency=2,
+    )
+    try:
+        worker.ensure_group()
+        client.xadd(stream, {"event": json.dumps(event(CONNECT, connection_id="c-1"))})
+        assert worker.step() == 1
+        _terminate_backend(read_on[-1])
+        client.xadd(stream, {"event": json.dumps(event(CONNECT, connection_id="c-2"))})
+        assert worker.step() == 1, "the handler failed on the ended connection"
+        assert read_on[-1] != read_on[0]
+    finally:
+        client.delete(stream)
+
+
 def _dropped() -> float:
     return REGISTRY.get_sample_value("push_events_dropped_total") or 0.0
 

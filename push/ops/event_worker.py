@@ -14,6 +14,10 @@ hold up the events behind it), except that the events of one connection, or of o
 channel's occupancy, run one after the other in stream order. An entry that failed
 ``PUSH_EVENT_MAX_ATTEMPTS`` times moves to the dead-letter stream
 ``<prefix>:events:dead``, shown in the admin.
+
+Each event is handled as Django handles a request: the database connection a handler
+used goes back to the pool afterwards, so a restarted PostgreSQL costs the events
+handled while it was away (retried), not every later one.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from django.db import close_old_connections
 from django.utils.module_loading import import_string
 
 from common import metrics
@@ -180,14 +185,25 @@ class EventWorker:
         raw = _text(fields.get(b"event") or fields.get("event") or "{}")
         event = json.loads(raw)
         try:
-            for handler in self.handlers:
-                handler(event)
+            self._run_handlers(event)
         except Exception as exc:
             self._failed(entry_id, raw, exc)
             return 0
         self.redis.xack(self.stream, self.group, entry_id)
         metrics.EVENTS_PROCESSED.labels("handled").inc()
         return 1
+
+    def _run_handlers(self, event: dict[str, Any]) -> None:
+        """Every handler on ``event``, between the database boundaries Django puts around
+        a request: nothing else closes a handler thread's connection, which would stay out
+        of the pool for good, and once PostgreSQL had ended it (a restart) every later
+        event on that thread would fail on it until the worker was restarted."""
+        close_old_connections()
+        try:
+            for handler in self.handlers:
+                handler(event)
+        finally:
+            close_old_connections()
 
     def _failed(self, entry_id: Any, raw: str, exc: Exception) -> None:
         pending = self.redis.xpending_range(
