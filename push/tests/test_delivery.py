@@ -9,7 +9,9 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from types import SimpleNamespace
 
+import psycopg
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth.models import User
@@ -24,7 +26,7 @@ import push
 from accounts.models import ChannelGrant
 from push.models import Channel, IdempotencyKey, Message
 from push.services.publishing import message_publish, publish
-from push.storage.retention import channel_trim, retention_policy
+from push.storage.retention import channel_trim, history_trim, retention_policy
 from push.tests.wsclient import connected_client
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
@@ -146,6 +148,52 @@ def test_retention_by_pattern_count_and_age() -> None:
     assert kept["news"] == [6, 7, 8, 9, 10]
     assert kept["ticker:ACME"] == [8, 9, 10]
     assert kept["chat:lobby"] == list(range(5, 11))
+
+
+class _Stop(Exception):
+    """Raised when the test has seen the passes it waited for."""
+
+
+@override_settings(PUSH={"RETENTION_MAX_MESSAGES": 2})
+def test_periodic_trimming_goes_on_after_postgresql_ended_its_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``trim_history --every``: a restart of PostgreSQL between two passes costs
+    nothing. Its connection used to be kept for the next pass: ended with the restart,
+    it failed that pass, and the command exited."""
+    from push.management.commands import trim_history
+
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's backends")
+    passes: list[int] = []  # the backend each pass trimmed on
+
+    def trimming() -> dict[str, int]:
+        trimmed = history_trim()
+        passes.append(connection.connection.info.backend_pid)
+        return trimmed
+
+    def publishing() -> None:  # on a thread of its own, as a node would
+        try:
+            for n in range(4):
+                message_publish(channel="periodic", data=n)
+        finally:
+            connection.close()
+
+    def between_passes(secs: float) -> None:
+        if len(passes) == 2:
+            raise _Stop
+        with ThreadPoolExecutor(1) as publisher:
+            publisher.submit(publishing).result()
+        with psycopg.connect(**connection.get_connection_params(), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", [passes[-1]])
+
+    monkeypatch.setattr(trim_history, "history_trim", trimming)
+    monkeypatch.setattr(trim_history, "time", SimpleNamespace(sleep=between_passes))
+    with pytest.raises(_Stop):
+        call_command("trim_history", "--every", "300", stdout=open("/dev/null", "w"))  # noqa: SIM115
+    assert len(passes) == 2 and passes[1] != passes[0]
+    stored = Message.objects.filter(channel__name="periodic").values_list("seq", flat=True)
+    assert sorted(stored) == [3, 4], "the second pass trimmed"
 
 
 @override_settings(PUSH={"RETENTION_MAX_MESSAGES": 3, "RECENT_PER_CHANNEL": 0})

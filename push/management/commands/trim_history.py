@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from django.core.management.base import BaseCommand
+from django.db import close_old_connections
 
 from common.conf import push_settings
 from push.cluster.registry import registry_trim_closed
@@ -33,4 +34,8 @@ class Command(BaseCommand):
             self.stdout.write(f"deleted {closed} closed connections")
             if options["every"] is None:
                 return
+            # Back to the pool between passes, and checked when taken again: kept for
+            # the next pass, a connection PostgreSQL ended meanwhile (a restart) failed
+            # that pass, and the command exited.
+            close_old_connections()
             time.sleep(options["every"])
