@@ -221,10 +221,10 @@ def cluster(
     cluster_processes.restart_dead()
     wait_all_serving(cluster_processes, publisher_token)
     # The tests' manage.py worker (``backend_key``, ``unseen_token``) keeps pooled
-    # connections too, dead after a PostgreSQL outage it sat through idle. psycopg_pool
-    # hands them out first and waits 1 s, then 2 s, between checks that fail, so the
-    # worker's first command after the outage times out (3 s) though fresh connections
-    # were ready behind the dead ones; the next one works.
+    # connections too, dead after a PostgreSQL outage it sat through idle: its commands
+    # read the database again before a test uses it, as the nodes' reads above do. (The
+    # first dead connection its pool's check finds drains the pool, so that is its first
+    # command: common/postgresql/base.py.)
     wait_until("manage.py reads the database", partial(_manage_reads_the_database, cluster_env))
     return cluster_processes
 
