@@ -33,6 +33,7 @@ from push.ops import event_worker
 from push.ops.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers, register_handler
 from push.ops.events import CONNECT, EventLog, event
 from push.ops.webhooks import WebhookFailed, deliver_webhooks
+from push.tests.backends import terminate_backends
 from tests.servers import (
     ROOT,
     ServerNode,
@@ -526,14 +527,6 @@ def test_one_connections_events_are_handled_in_order_beside_others() -> None:
         client.delete(stream)
 
 
-def _terminate_backend(pid: int) -> None:
-    """End a backend and wait (up to 5 s) until it has exited, as a restart ends it."""
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
-
-
 @pytest.mark.django_db(transaction=True)
 def test_a_handler_reads_the_database_again_after_postgresql_ended_its_connection() -> None:
     """Handlers may use the ORM (Pusher's webhooks read the apps). A handler thread
@@ -566,7 +559,7 @@ def test_a_handler_reads_the_database_again_after_postgresql_ended_its_connectio
         worker.ensure_group()
         client.xadd(stream, {"event": json.dumps(event(CONNECT, connection_id="c-1"))})
         assert worker.step() == 1
-        _terminate_backend(read_on[-1])
+        terminate_backends(read_on[-1])
         client.xadd(stream, {"event": json.dumps(event(CONNECT, connection_id="c-2"))})
         assert worker.step() == 1, "the handler failed on the ended connection"
         assert read_on[-1] != read_on[0]

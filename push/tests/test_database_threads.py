@@ -14,6 +14,7 @@ from psycopg_pool import ConnectionPool
 
 from common.db import DATABASE_THREADS, db_call
 from common.postgresql.base import PooledConnectionCheck
+from push.tests.backends import terminate_backends
 
 
 def _wait_for(release: threading.Event) -> str:
@@ -92,18 +93,6 @@ def _pooled_backend_pids(pool: ConnectionPool, *, at_least: int) -> set[int]:
             pool.putconn(conn)
 
 
-def _terminate_backends(pids: set[int]) -> None:
-    """End these backends, as a restart ends every one, each waited for (up to 5 s)
-    until it exited: its farewell is then on the pooled connection's socket."""
-    from django.db import connection
-
-    with psycopg.connect(**connection.get_connection_params(), autocommit=True) as admin:
-        ended = admin.execute(
-            "SELECT pg_terminate_backend(pid, 5000) FROM unnest(%s::int[]) AS pid", [list(pids)]
-        ).fetchall()
-    assert ended == [(True,)] * len(pids)
-
-
 @pytest.mark.django_db(transaction=True)
 async def test_after_a_restart_ended_every_pooled_connection_the_next_call_is_answered() -> None:
     """What a PostgreSQL restart does to an idle node's pool: every connection in it
@@ -117,7 +106,7 @@ async def test_after_a_restart_ended_every_pooled_connection_the_next_call_is_an
         pytest.skip("PostgreSQL's pool")
     pool = connection.pool
     pids = await asyncio.to_thread(_pooled_backend_pids, pool, at_least=4)
-    await asyncio.to_thread(_terminate_backends, pids)
+    await asyncio.to_thread(terminate_backends, *pids)
     pool.pop_stats()
     started = time.monotonic()
     assert await _backend_pid_call() not in pids

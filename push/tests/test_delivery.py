@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from types import SimpleNamespace
 
-import psycopg
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth.models import User
@@ -27,6 +26,7 @@ from accounts.models import ChannelGrant
 from push.models import Channel, IdempotencyKey, Message
 from push.services.publishing import message_publish, publish
 from push.storage.retention import channel_trim, history_trim, retention_policy
+from push.tests.backends import terminate_backends
 from push.tests.wsclient import connected_client
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
@@ -184,8 +184,7 @@ def test_periodic_trimming_goes_on_after_postgresql_ended_its_connection(
             raise _Stop
         with ThreadPoolExecutor(1) as publisher:
             publisher.submit(publishing).result()
-        with psycopg.connect(**connection.get_connection_params(), autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s, 5000)", [passes[-1]])
+        terminate_backends(passes[-1])
 
     monkeypatch.setattr(trim_history, "history_trim", trimming)
     monkeypatch.setattr(trim_history, "time", SimpleNamespace(sleep=between_passes))

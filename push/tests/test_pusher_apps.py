@@ -3,6 +3,7 @@ pusher-js handshake and a signed HTTP API request."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
@@ -13,6 +14,7 @@ from push.models import PusherApp as PusherAppRow
 from push.services import pusher_apps
 from push.services.pusher_apps import PusherApp, app_by_key_async, app_cache
 from push.services.pusher_http import api_app
+from push.tests.backends import terminate_backends
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -38,12 +40,6 @@ def _new_app(name: str, app_id: str) -> PusherAppRow:
     return PusherAppRow.objects.create(name=name, app_id=app_id, key=f"{name}-key", secret="s")
 
 
-def _terminate_backend(pid: int) -> None:
-    """End a backend and wait (up to 5 s) until it has exited, as a restart ends it."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
-
-
 @pytest.mark.parametrize("lookup", LOOKUPS.values(), ids=LOOKUPS.keys())
 async def test_apps_are_read_again_after_postgresql_ended_the_connection_they_were_read_on(
     monkeypatch: pytest.MonkeyPatch, lookup: Lookup
@@ -65,7 +61,7 @@ async def test_apps_are_read_again_after_postgresql_ended_the_connection_they_we
     first = await sync_to_async(_new_app)("first", "1001")
     served = await lookup(first)
     assert served is not None and served.app_id == "1001"
-    await sync_to_async(_terminate_backend)(read_on[-1])
+    await asyncio.to_thread(terminate_backends, read_on[-1])
     second = await sync_to_async(_new_app)("second", "1002")
     app_cache.forget()  # as the admin does when it saves an app
     found = await lookup(second)

@@ -40,6 +40,7 @@ from push.storage.write_pipeline import (
     WritePipeline,
     pipeline_conninfo,
 )
+from push.tests.backends import terminate_backends
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
@@ -478,12 +479,6 @@ async def test_an_unreachable_database_answers_unavailable_promptly() -> None:
     assert all(isinstance(o, PushError) and o.code is ErrorCode.UNAVAILABLE for o in outcomes)
 
 
-def _terminate_backend(pid: int) -> None:
-    """End a backend and wait (up to 5 s) until it has exited."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
-
-
 async def test_a_connection_that_broke_while_idle_costs_a_reconnect_not_the_batch() -> None:
     pipeline = _pipeline([])
     try:
@@ -492,7 +487,7 @@ async def test_a_connection_that_broke_while_idle_costs_a_reconnect_not_the_batc
         assert backend is not None
         # As after a PostgreSQL restart: the idle connection is gone (its backend has
         # exited, as every backend has once a restarted server takes connections).
-        await sync_to_async(_terminate_backend)(backend.info.backend_pid)
+        await asyncio.to_thread(terminate_backends, backend.info.backend_pid)
         again = await pipeline.publish(_unit("idle", 2))
         assert isinstance(again, Published) and again.messages[0].seq == 2
     finally:
