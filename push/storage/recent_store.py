@@ -26,7 +26,9 @@ as the new ceiling. So PostgreSQL's ceiling >= Redis' ceiling >= every seq hande
 Seqs never repeat, even when Redis loses the hash (a restart without persistence,
 eviction), or keeps an old one: each lease records the run_id of the Redis server
 process that wrote it, and a lease from another process (a snapshot restored at a
-restart, a replica promoted before it received the last writes) counts as lost.
+restart, a replica promoted before it received the last writes) counts as lost. A
+store learns its server's run_id again on every connection it makes, before the
+connection carries a command (``RecentStore._connected``).
 
 A lost lease is started again in three steps: a *claim* script creates it as a
 pending marker (publishers wait for it, a few ms; it expires by itself if its claimer
@@ -52,6 +54,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -108,6 +111,9 @@ PENDING_RETRY_SECS = 0.005
 LEASE_IDLE_SECS = 2 * 86_400
 
 _DATA_MARK = ',"data":'
+
+# The run_id in an ``INFO server`` answer.
+_RUN_ID = re.compile(rb"^run_id:(\w+)", re.MULTILINE)
 
 # Answers of the publish script besides a seq.
 _NO_LEASE, _EXHAUSTED, _PENDING, _OTHER_SERVER = -1, 0, -2, -3
@@ -381,6 +387,18 @@ PUBLISH_KEYS_KEPT = 4096
 _ENTRY_CHARS_BESIDES_DATA = len(entry_tails([str(uuid.UUID(int=0))], 1e9 + 1e-6, [""])[0])
 
 
+class ServerChanged(RedisError):
+    """Raised when a connection the store just made reaches another Redis server
+    process than the one it knew: the command about to go on it named the old one
+    (a lease that process wrote, restored from a snapshot or received by a replica
+    before it was promoted, would have been taken for the new one's) and was not sent.
+    Not a ``ConnectionError``, so redis-py does not send it again as it was."""
+
+    def __init__(self, known: str, server: str) -> None:
+        super().__init__(f"Redis server {known} was replaced by {server}")
+        self.server = server
+
+
 class _Numbering:
     """A publish waiting for the call that numbers it. That call makes its ids,
     timestamp and window entries, for all of its publishes at once, and answers it
@@ -526,6 +544,9 @@ class RecentStore:
             _Lane(lambda: redis.connection_pool),
             _Lane(lambda: redis.connection_pool),
         )
+        # Every connection the client makes learns which server process it reached
+        # before it carries a command (``_connected``).
+        redis.connection_pool.connection_kwargs["redis_connect_func"] = self._connected
         self._install = redis.register_script(_INSTALL)
         self._claim = redis.register_script(_CLAIM)
         self._confirm = redis.register_script(_CONFIRM)
@@ -558,10 +579,31 @@ class RecentStore:
     async def server_id(self, *, fresh: bool = False) -> str:
         """The run_id of the Redis server process this store talks to: a lease records
         the one that wrote it (see ``_PUBLISH``)."""
-        if fresh or self._server_id is None:
-            info = await self.redis.info("server")
-            self._server_id = str(info["run_id"])
-        return self._server_id
+        known = self._server_id
+        if fresh or known is None:
+            try:
+                known = str((await self.redis.info("server"))["run_id"])
+            except ServerChanged as changed:  # the connection made for it learned it
+                known = changed.server
+            self._server_id = known
+        return known
+
+    async def _connected(self, connection: Any) -> None:
+        """A new connection's set-up (redis-py's ``redis_connect_func``): the usual one,
+        then the run_id of the server it reached. A store knew its server's run_id
+        from the first time it asked and never again: a Redis restarted from a
+        snapshot, or a replica promoted, gave it back leases that the process it knew
+        had written, and it went on numbering from their counters, behind what it had
+        handed out (seqs 4 and 5 twice after a snapshot taken at 3)."""
+        await connection.on_connect()
+        await connection.send_command("INFO", "server")
+        answer = await connection.read_response()
+        found = _RUN_ID.search(answer if isinstance(answer, bytes) else answer.encode())
+        if found is None:
+            raise RedisError("INFO server gave no run_id")
+        known, self._server_id = self._server_id, found.group(1).decode()
+        if known is not None and known != self._server_id:
+            raise ServerChanged(known, self._server_id)
 
     async def _server_changed(self) -> bool:
         """After an answer naming another server: was it this store that was behind
@@ -808,7 +850,11 @@ class RecentStore:
             window.trim_slack,
             window.expiry_refresh_ms,
         ]
-        answers = await connection.run_script(_PUBLISH_SCRIPT, keys, args)
+        try:
+            answers = await connection.run_script(_PUBLISH_SCRIPT, keys, args)
+        except ServerChanged as changed:  # not sent: again, naming the server it reached
+            args[4] = changed.server
+            answers = await connection.run_script(_PUBLISH_SCRIPT, keys, args)
         for group, answer in zip(call.values(), answers, strict=True):
             seq = int(answer)
             for numbering in group:
@@ -905,7 +951,10 @@ class RecentStore:
         """One ``_READ`` of a window of ``count`` messages: (latest, entries), or falsy
         while the lease is missing."""
         keys = self._keys(channel)
-        answer = await self._read(keys=keys, args=[after, limit, await self.server_id(), count])
+        try:
+            answer = await self._read(keys=keys, args=[after, limit, await self.server_id(), count])
+        except ServerChanged:  # not sent: the answer below is the new server's
+            answer = 0
         if answer == 0 and await self._server_changed():
             answer = await self._read(keys=keys, args=[after, limit, self._server_id, count])
         return answer
@@ -914,10 +963,11 @@ class RecentStore:
         """Each channel's latest seq; channels whose lease is missing are left out."""
         names = list(channels)
         server = (await self.server_id()).encode()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for channel in names:
-                pipe.hmget(lease_key(self.prefix, channel), "n", "p", "r")
-            answers = await pipe.execute()
+        try:
+            answers = await self._leases(names)
+        except ServerChanged as changed:  # read again, from the server it reached
+            server = changed.server.encode()
+            answers = await self._leases(names)
         foreign = any(n is not None and by != server for n, _, by in answers)
         if foreign and await self._server_changed():
             # Redis restarted (or failed over) since this store last asked: the leases
@@ -929,6 +979,14 @@ class RecentStore:
             for channel, (n, pending, written_by) in zip(names, answers, strict=True)
             if n is not None and pending is None and written_by == server
         }
+
+    async def _leases(self, channels: list[str]) -> list[list[bytes | None]]:
+        """Each channel's lease: its counter, pending marker and server, or Nones."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                pipe.hmget(lease_key(self.prefix, channel), "n", "p", "r")
+            answers: list[list[bytes | None]] = await pipe.execute()
+        return answers
 
 
 def _store_of_loop() -> RecentStore:
