@@ -217,9 +217,12 @@ class HeldConnection:
         # 7.0 -> 8.0 us of CPU per delivery): probably fewer messages shared a write
         # once the kept-token reads and the cache's appends came back sooner.
         self._write_at_once = write_at_once
+        # Whether the last command left for Redis: one that then failed may have run.
+        self.sent = False
 
     async def execute(self, *args: Any) -> Any:
         """The reply to one command; a Redis error reply raises ``ResponseError``."""
+        self.sent = False
         connection = self._connection
         if connection is not None and _closed_by_server(connection):
             await self.release(broken=True)  # Redis restarted while it was idle
@@ -227,6 +230,7 @@ class HeldConnection:
         if connection is None:
             connection = await self._take()
         try:
+            self.sent = True
             if not (self._write_at_once and _write_now(connection, args)):
                 await connection.send_packed_command(pack_command(args), check_health=False)
             return await connection.read_response()

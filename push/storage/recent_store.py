@@ -65,7 +65,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from django.db import DatabaseError, connection
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from common import metrics
 from common.background import LoopLocal, spawn
@@ -485,6 +485,27 @@ class _Numbering:
         return messages
 
 
+async def _numbering_call(connection: HeldConnection, keys: list[bytes], args: list[Any]) -> Any:
+    """The publish script's answer to one call. A call that failed after it left may
+    have run, and its publishers are told so (``_AnswerLost``): with a plain "retry"
+    they would publish again what the window already holds, under another seq."""
+    try:
+        try:
+            return await connection.run_script(_PUBLISH_SCRIPT, keys, args)
+        except ServerChanged as changed:  # not sent: again, naming the server it reached
+            args[4] = changed.server
+            return await connection.run_script(_PUBLISH_SCRIPT, keys, args)
+    except ResponseError:
+        raise  # an answer
+    except (RedisError, OSError, TimeoutError) as exc:
+        if not connection.sent:
+            raise
+        raise _AnswerLost(
+            f"Redis unavailable: {type(exc).__name__} before its answer; "
+            "the publish may have been stored"
+        ) from exc
+
+
 # A call's publishes by channel, each channel's in queue order (``_take_waiting``).
 _Call = dict[str, list[_Numbering]]
 
@@ -850,11 +871,7 @@ class RecentStore:
             window.trim_slack,
             window.expiry_refresh_ms,
         ]
-        try:
-            answers = await connection.run_script(_PUBLISH_SCRIPT, keys, args)
-        except ServerChanged as changed:  # not sent: again, naming the server it reached
-            args[4] = changed.server
-            answers = await connection.run_script(_PUBLISH_SCRIPT, keys, args)
+        answers = await _numbering_call(connection, keys, args)
         for group, answer in zip(call.values(), answers, strict=True):
             seq = int(answer)
             for numbering in group:

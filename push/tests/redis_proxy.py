@@ -8,12 +8,14 @@ import contextlib
 
 
 class Proxy:
-    """A TCP forwarder to Redis in this process that can cut its connections (a reset)
-    or freeze them (packets that vanish: nothing forwarded, nothing closed)."""
+    """A TCP forwarder to Redis in this process that can cut its connections (a reset),
+    freeze them (packets that vanish: nothing forwarded, nothing closed), or lose
+    Redis' answers only (what the client sends still runs)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.frozen = False
+        self.answers_lost = False
         self.accepted = 0
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
@@ -27,14 +29,19 @@ class Proxy:
         upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
         self._writers += [writer, upstream_writer]
         await asyncio.gather(
-            self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer)
+            self._pipe(reader, upstream_writer),
+            self._pipe(upstream_reader, writer, answers=True),
         )
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, answers: bool = False
+    ) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while chunk := await reader.read(65536):
                 while self.frozen:
                     await asyncio.sleep(0.01)
+                if answers and self.answers_lost:
+                    continue
                 writer.write(chunk)
                 await writer.drain()
         writer.close()

@@ -355,6 +355,36 @@ async def test_publishes_in_both_calls_redis_never_answers_may_have_been_stored(
 
 
 @override_settings(PUSH=RECENT)
+async def test_a_call_whose_answer_is_lost_may_have_been_stored(
+    store: recent_store.RecentStore,
+) -> None:
+    """Redis ran the call and its answer never came: the store's client gives up at its
+    socket timeout. The publisher must not be told to simply retry (its message is in
+    the window, with its seq, and a retry would publish it twice)."""
+    proxy = _proxy()
+    target = aioredis.connection.parse_url(str(settings.REDIS_URL))
+    port = await proxy.start()
+    client = aioredis.from_url(
+        f"redis://127.0.0.1:{port}/{target.get('db', 0)}", socket_timeout=0.3
+    )
+    store._lanes[0].connection = HeldConnection(lambda: client.connection_pool)
+    try:
+        await _leases("tick:unanswered")  # the lane's connection made, answers coming
+        proxy.answers_lost = True
+        outcome = await asyncio.wait_for(_submit("tick:unanswered", "once"), 3)
+        assert isinstance(outcome, PushError) and outcome.code == "UNAVAILABLE"
+        assert "the publish may have been stored" in outcome.message, outcome.message
+        proxy.answers_lost = False
+        assert _seq(await asyncio.wait_for(_submit("tick:unanswered", "next"), 3)) == 3
+        window = recent_store.Window.from_settings()
+        _, stored = await store.read("tick:unanswered", 0, 10, window)  # type: ignore[misc]  # None only for a channel it does not hold
+        assert [(m.seq, m.data) for m in stored] == [(1, 0), (2, "once"), (3, "next")]
+    finally:
+        await proxy.stop()
+        await client.aclose()
+
+
+@override_settings(PUSH=RECENT)
 async def test_closing_with_two_calls_in_redis_answers_every_publish(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
