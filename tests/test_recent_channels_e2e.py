@@ -10,14 +10,23 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from devtools.processes import OwnedProcess, free_port, redis_server
 from tests.servers import Database, ServerNode, node_pair
 from tests.waiting import wait_until
-from tests.wsclient import collect_messages, publish_over_ws, subscribe
+from tests.wsclient import (
+    collect_messages,
+    open_ws,
+    publish_over_ws,
+    request,
+    subscribe,
+    subscribe_envelope,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -142,3 +151,54 @@ async def test_a_redis_restart_jumps_the_seq_forward_and_never_repeats_it(
     assert (subscribed["seq"], subscribed["recovered"]) == (1001, False)
     assert [m["seq"] for m in await collect_messages(resumed, 1, timeout=10)] == [1001]
     await resumed.close()
+
+
+async def test_a_restart_from_a_snapshot_never_hands_a_seq_out_again(
+    recent_nodes: tuple[ServerNode, ServerNode],
+    publisher_token: str,
+    own_redis: OwnedProcess,
+) -> None:
+    """Redis comes back with a snapshot taken before the last publishes: both nodes
+    reconnect by themselves, and the leases it restores are behind what they handed
+    out. Neither may number from them, nor serve their window as a recovered resume."""
+    node_a, node_b = recent_nodes
+    channel = _channel()
+    live, _ = await subscribe(node_a.ws_url, channel)
+    assert await _publish_rest_many(node_b, publisher_token, channel, 3) == [1, 2, 3]
+    admin = redis.Redis(port=own_redis.port)
+    snapshot = Path(admin.config_get("dir")["dir"]) / "dump.rdb"
+    admin.save()  # the counter at 3
+    admin.close()
+    assert await _publish_rest_many(node_a, publisher_token, channel, 2) == [4, 5]
+    assert [m["seq"] for m in await collect_messages(live, 5, timeout=10)] == [1, 2, 3, 4, 5]
+
+    own_redis.stop(signal.SIGKILL)
+    own_redis.launch()
+    await asyncio.to_thread(own_redis.wait_answering)
+    snapshot.unlink()  # the module's later restarts come back empty
+
+    async def published_seq(node: ServerNode) -> int | None:
+        response = await _publish_rest(node, publisher_token, channel, "after")
+        return response.json()["seq"] if response.status_code == 201 else None
+
+    async def resumed_from_2() -> dict[str, Any] | None:
+        # Answered UNAVAILABLE while the node reconnects: asked again.
+        ws = await open_ws(node_b.ws_url)
+        try:
+            reply = await request(ws, subscribe_envelope(channel, 2))
+        finally:
+            ws.transport.abort()
+            await ws.wait_closed()
+        return reply if reply["type"] == "subscribed" else None
+
+    # The window the snapshot holds lacks 4 and 5: not a recovered resume.
+    subscribed = await wait_until(resumed_from_2, "a resume to be answered", interval=0.2)
+    assert subscribed["recovered"] is False, subscribed
+    seqs = [
+        await wait_until(lambda node=node: published_seq(node), "a publish", interval=0.2)
+        for node in (node_a, node_b, node_a)
+    ]
+    assert seqs[0] > 5 and seqs == [seqs[0], seqs[0] + 1, seqs[0] + 2], seqs
+    after = await collect_messages(live, 3, timeout=15)
+    assert [m["seq"] for m in after] == seqs
+    await live.close()
