@@ -970,8 +970,8 @@ class RecentStore:
         keys = self._keys(channel)
         try:
             answer = await self._read(keys=keys, args=[after, limit, await self.server_id(), count])
-        except ServerChanged:  # not sent: the answer below is the new server's
-            answer = 0
+        except ServerChanged as changed:  # not sent: again, naming the server it reached
+            return await self._read(keys=keys, args=[after, limit, changed.server, count])
         if answer == 0 and await self._server_changed():
             answer = await self._read(keys=keys, args=[after, limit, self._server_id, count])
         return answer

@@ -875,3 +875,32 @@ async def test_a_restart_that_restores_a_snapshot_never_hands_a_seq_out_again(
             await client.close()
         finally:
             own_redis.stop(signal.SIGKILL)
+
+
+async def test_a_read_that_finds_a_new_redis_server_reads_its_window(
+    redis_port: int, tmp_path: Path
+) -> None:
+    """The first command a store sends after a restart is a read, and another node has
+    already started the channel's lease on the new server: the read is answered from
+    it, not as a lost lease."""
+    own_redis = redis_server(redis_port, tmp_path)
+    own_redis.start()
+    with override_settings(PUSH=RECENT, REDIS_URL=f"redis://127.0.0.1:{redis_port}/0"):
+        try:
+            assert await _publish("tick:reread", 2) == [1, 2]
+            own_redis.stop(signal.SIGKILL)
+            own_redis.launch()
+            await asyncio.to_thread(own_redis.wait_answering)
+            other_node = redis_async()
+            server = (await other_node.info("server"))["run_id"]
+            lease = recent_store.lease_key(redis_prefix(), "tick:reread")
+            await other_node.hset(lease, mapping={"n": 1001, "c": 2000, "r": server})
+            (tail,) = recent_store.entry_tails(["an-id"], 1.0e9, ['"new"'])
+            window = recent_store.window_key(redis_prefix(), "tick:reread")
+            await other_node.rpush(window, '{"seq":1001,' + tail)
+            await other_node.aclose()
+            bounds = recent_store.Window(messages=5, secs=10**10, bytes=10**6, seq_block=1000)
+            latest, messages = await recent_store.store().read("tick:reread", 1000, 10, bounds)  # type: ignore[misc]  # None would fail the test here
+            assert (latest, [(m.seq, m.data) for m in messages]) == (1001, [(1001, "new")])
+        finally:
+            own_redis.stop(signal.SIGKILL)
