@@ -634,7 +634,34 @@ class Hub:
             next_page = await self._page_after_reply(subscription)
             if next_page is None:
                 return
+            if not next_page.complete_from_since and not self._go_on_past_trim(
+                subscription, next_page, recovered
+            ):
+                return
             page = next_page
+
+    def _go_on_past_trim(
+        self, subscription: Subscription, page: HistoryPage, recovered: bool
+    ) -> bool:
+        """History was trimmed between two pages of a replay (a recent channel's window
+        slid on, retention deleted rows): the page starts past ``last_seq + 1``. A
+        client told ``recovered: false`` expects that, and the replay goes on from the
+        oldest kept message, as it does after a first page that was trimmed. One told
+        ``recovered: true`` was promised every message: rather than a silent gap, its
+        connection is closed as a slow consumer's is (4002), and its resume from the
+        last seq it received is answered ``recovered: false``. False then: stop."""
+        if not recovered:
+            if page.messages:
+                subscription.last_seq = page.messages[0].seq - 1
+            return True
+        logger.warning(
+            "%s: history after seq %d was trimmed during a replay; closing its client",
+            subscription.channel.name,
+            subscription.last_seq,
+        )
+        self.unsubscribe(subscription)
+        subscription.subscriber.outbox.fell_behind()
+        return False
 
     async def _page_after_reply(self, subscription: Subscription) -> HistoryPage | None:
         """The replay's next page, read again until it comes (None: the client left).

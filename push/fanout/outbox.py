@@ -381,6 +381,15 @@ class Outbox:
         self.fail(exc)
         return False
 
+    def fell_behind(self) -> None:
+        """Close the connection as a full queue does (4002: "reconnect, resume with
+        since"), for a client that can no longer be sent what it was promised: a
+        replay whose history was trimmed under it after ``recovered: true``."""
+        if self._closed:
+            return
+        self._closed = True
+        self.on_overflow()
+
     def fail(self, exc: BaseException) -> None:
         """Writing to this connection broke (not the peer leaving): refuse and drop
         every frame, and tell the owner, who closes it."""

@@ -12,9 +12,10 @@ from django.db import OperationalError
 from django.test import override_settings
 
 from common.db import database_unavailable
+from push.models import Message
 from push.services.publishing import message_publish
 from push.storage import history
-from push.tests.wsclient import connected_client
+from push.tests.wsclient import ConnectionClosed, WsClient, connected_client
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
@@ -62,6 +63,60 @@ async def test_a_replay_whose_later_page_fails_once_still_delivers_everything(
     await client.expect_nothing()
     assert second_page_fails[:2] == [0, 5]
     await client.close()
+
+
+async def _messages_until_closed(client: WsClient) -> tuple[list[int], int | None]:
+    """The seqs of the messages a client receives until the server closes it, each the
+    one after the last (no silent gap); and the close code."""
+    seqs: list[int] = []
+    while True:
+        try:
+            seq = (await client.recv_type("message"))["seq"]
+        except ConnectionClosed as closed:
+            return seqs, closed.code
+        assert seq == (seqs[-1] if seqs else 0) + 1, f"{seq} after {seqs}"
+        seqs.append(seq)
+
+
+# Pages of 5, and no resume served from the node's memory.
+@override_settings(PUSH={"SEND_QUEUE_MAX_FRAMES": 10, "RECENT_PER_CHANNEL": 1})
+async def test_a_replay_trimmed_between_pages_closes_rather_than_skip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Retention trims seqs 1..7 after the first page of a replay went out with
+    ``recovered: true``: the rest of the range is gone, and sending 8.. would be a
+    silent gap the client was promised it would not get. The connection is closed
+    4002 ("reconnect, resume with since") after the contiguous messages, and the
+    client's resume from its last seq is told ``recovered: false``."""
+    read = history._history_page
+    asked: list[int] = []
+
+    async def trimming_before_the_second_page(**kwargs: Any) -> Any:
+        asked.append(kwargs["since"])
+        if len(asked) == 2:
+            await sync_to_async(
+                Message.objects.filter(channel__name="trimmed", seq__lte=7).delete
+            )()
+        return await read(**kwargs)
+
+    for n in range(12):
+        await sync_to_async(message_publish)(channel="trimmed", data=n)
+    monkeypatch.setattr(history, "_history_page", trimming_before_the_second_page)
+    client = await connected_client()
+    subscribed = await client.request(
+        {"type": "subscribe", "channel": "trimmed", "since": 0, "id": 1}
+    )
+    assert (subscribed["seq"], subscribed["recovered"]) == (12, True)
+    seqs, code = await _messages_until_closed(client)
+    assert (seqs, code) == ([1, 2, 3, 4, 5], 4002)
+    again = await connected_client()
+    resumed = await again.request(
+        {"type": "subscribe", "channel": "trimmed", "since": seqs[-1], "id": 1}
+    )
+    assert (resumed["seq"], resumed["recovered"]) == (12, False)
+    assert [(await again.recv_type("message"))["seq"] for _ in range(5)] == [8, 9, 10, 11, 12]
+    await again.expect_nothing()
+    await again.close()
 
 
 @override_settings(PUSH={"RECENT_PER_CHANNEL": 1})
