@@ -257,7 +257,9 @@ return 1
 # ARGV[1] is negative), read at one instant; false while the lease is missing, 0 when
 # another server process wrote it (ARGV[3] is the run_id the caller knows). ARGV[4] is
 # the window's count: entries before the last that many (kept until the next trim,
-# ``Window.trim_slack``) are not served.
+# ``Window.trim_slack``) are not served. ARGV[5], when above 0, bounds the entries
+# returned by their data's bytes as a durable history page is (at least one): what is
+# cut never leaves Redis, however large the window was allowed to grow.
 _READ = """
 local lease = redis.call('HMGET', KEYS[1], 'n', 'p', 'r')
 if not lease[1] or lease[2] then return false end
@@ -271,7 +273,19 @@ local start = math.max(0, len - limit)
 if since >= 0 then start = math.max(0, since + 1 - first) end
 if start >= len then return {lease[1], {}} end
 local last = math.min(start + limit, len) - 1
-return {lease[1], redis.call('LRANGE', KEYS[2], skip + start, skip + last)}
+local entries = redis.call('LRANGE', KEYS[2], skip + start, skip + last)
+local budget, total = tonumber(ARGV[5] or '0'), 0
+if budget > 0 then
+  for i, entry in ipairs(entries) do
+    local size = #entry - string.find(entry, ',"data":', 1, true) - 8
+    if i > 1 and total + size > budget then
+      for j = #entries, i, -1 do entries[j] = nil end
+      break
+    end
+    total = total + size
+  end
+end
+return {lease[1], entries}
 """
 
 
@@ -939,14 +953,16 @@ class RecentStore:
         await self._confirm(keys=keys, args=[token, top - amount, top, LEASE_IDLE_SECS])
 
     async def read(
-        self, channel: str, since: int | None, limit: int, window: Window
+        self, channel: str, since: int | None, limit: int, window: Window, max_bytes: int = 0
     ) -> tuple[int, list[ChannelMessage]] | None:
         """The channel's latest seq and its window entries after ``since`` (the last
-        ``limit`` when None) that are younger than the window's age; None while the
-        lease is missing (the channel's latest seq is then unknown)."""
+        ``limit`` when None) that are younger than the window's age, and (``max_bytes``
+        above 0) the first of them whose data fits it, at least one; None while the
+        lease is missing (the channel's latest seq is then unknown). Entries follow
+        the last one returned whenever its seq is below the latest."""
         after = -1 if since is None else since
         while True:
-            answer = await self._read_once(channel, after, limit, window.messages)
+            answer = await self._read_once(channel, [after, limit], window.messages, max_bytes)
             if not answer:
                 return None  # missing, or written by another server: lost either way
             latest, entries = answer
@@ -956,24 +972,30 @@ class RecentStore:
             aged = 0
             while aged < len(messages) and messages[aged].timestamp < cutoff:
                 aged += 1
-            if not aged or since is None or len(entries) < limit:
+            if not aged or since is None or messages[-1].seq >= int(latest):
                 return int(latest), messages[aged:]
-            # A full read that began with entries past the age (a channel that kept
-            # publishing keeps its window): the entries asked for are the ``limit``
-            # after them. Cut short (or empty), the page would read as the window's
-            # end, and a replay or a REST client would stop before what is served.
+            # A read cut by its count or bytes that began with entries past the age (a
+            # channel that kept publishing keeps its window): the entries asked for are
+            # the ones after them. Cut short (or empty), the page would read as the
+            # window's end, and a replay or a REST client would stop before what is served.
             after = messages[aged - 1].seq
 
-    async def _read_once(self, channel: str, after: int, limit: int, count: int) -> Any:
+    async def _read_once(
+        self, channel: str, after_and_limit: list[int], count: int, max_bytes: int
+    ) -> Any:
         """One ``_READ`` of a window of ``count`` messages: (latest, entries), or falsy
         while the lease is missing."""
         keys = self._keys(channel)
+
+        def args(server: str | None) -> list[Any]:
+            return [*after_and_limit, server, count, max_bytes]
+
         try:
-            answer = await self._read(keys=keys, args=[after, limit, await self.server_id(), count])
+            answer = await self._read(keys=keys, args=args(await self.server_id()))
         except ServerChanged as changed:  # not sent: again, naming the server it reached
-            return await self._read(keys=keys, args=[after, limit, changed.server, count])
+            return await self._read(keys=keys, args=args(changed.server))
         if answer == 0 and await self._server_changed():
-            answer = await self._read(keys=keys, args=[after, limit, self._server_id, count])
+            answer = await self._read(keys=keys, args=args(self._server_id))
         return answer
 
     async def latest_seqs(self, channels: Iterable[str]) -> dict[str, int]:
@@ -1257,17 +1279,26 @@ def _background_loop() -> asyncio.AbstractEventLoop:
 # ----- reading ------------------------------------------------------------------------------
 
 
-async def window_since(channel: str, since: int, limit: int) -> list[ChannelMessage]:
-    """The window's messages after ``since``, oldest first (REST history)."""
+async def window_since(
+    channel: str, since: int, limit: int, max_bytes: int
+) -> tuple[list[ChannelMessage], bool]:
+    """The window's messages after ``since``, oldest first, at most ``limit`` and
+    ``max_bytes`` of data (at least one) as a durable page (REST history); and whether
+    more follow them."""
     try:
-        answer = await store().read(channel, since, limit, Window.from_settings())
+        answer = await store().read(channel, since, limit, Window.from_settings(), max_bytes)
     except (RedisError, OSError) as exc:
         raise _unavailable(exc) from exc
-    return [] if answer is None else answer[1]
+    if answer is None:
+        return [], False
+    latest, messages = answer
+    return messages, bool(messages) and messages[-1].seq < latest
 
 
-def window_since_sync(channel: str, since: int, limit: int) -> list[ChannelMessage]:
-    return _run(window_since(channel, since, limit))
+def window_since_sync(
+    channel: str, since: int, limit: int, max_bytes: int
+) -> tuple[list[ChannelMessage], bool]:
+    return _run(window_since(channel, since, limit, max_bytes))
 
 
 async def latest_seqs(channels: list[str]) -> dict[str, int]:

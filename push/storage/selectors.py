@@ -113,9 +113,9 @@ def message_list_since(
     """Stored messages of ``channel`` with ``seq > since``, oldest first, at most
     ``limit`` of them and ``max_bytes`` of data (at least one); and whether the byte
     budget stopped the page early (more messages follow it). A recent-only channel's
-    come from its window in Redis, which its own byte cap bounds."""
+    come from its window in Redis, cut to the same budget there."""
     if is_recent(channel):
-        return recent_store.window_since_sync(channel, since, limit), False
+        return recent_store.window_since_sync(channel, since, limit, max_bytes)
     rows = channel_messages(channel).filter(seq__gt=since).order_by("seq")
     read, truncated = rows_within(rows, limit=limit, max_bytes=max_bytes)
     return [channel_message_from_row(channel, row) for row in read], truncated

@@ -443,6 +443,35 @@ async def test_the_window_is_bounded_in_bytes(publisher_token: str) -> None:
     assert [m["seq"] for m in history["results"]] == [4]
 
 
+@override_settings(PUSH={**RECENT, "HISTORY_PAGE_MAX_BYTES": 250})
+async def test_rest_history_pages_of_a_recent_channel_stop_at_the_page_byte_budget(
+    publisher_token: str,
+) -> None:
+    """The window may hold far more than a page's budget (an operator raised
+    ``RECENT_WINDOW_BYTES``): a REST page still stops at ``HISTORY_PAGE_MAX_BYTES`` of
+    message data, as a durable page does, with ``next`` pointing on."""
+    for n in range(5):
+        await recent_store.publish(
+            "tick:pages", json.dumps("x" * 100 + str(n)), None, broadcast=broadcast_async
+        )
+    first = await _rest_history(publisher_token, "tick:pages", "since=0")
+    # Each message's data is 103 bytes: two fit in 250.
+    assert [m["seq"] for m in first["results"]] == [1, 2] and first["next"] is not None
+    second = (await sync_to_async(_api(publisher_token).get)(first["next"])).json()
+    assert [m["seq"] for m in second["results"]] == [3, 4] and second["next"] is not None
+    last = (await sync_to_async(_api(publisher_token).get)(second["next"])).json()
+    assert [m["seq"] for m in last["results"]] == [5] and last["next"] is None
+
+
+@override_settings(PUSH={**RECENT, "HISTORY_PAGE_MAX_BYTES": 10})
+async def test_a_rest_page_of_a_recent_channel_holds_one_message_larger_than_its_budget(
+    publisher_token: str,
+) -> None:
+    await _publish("tick:one", 2)
+    first = await _rest_history(publisher_token, "tick:one", "since=0")
+    assert [m["seq"] for m in first["results"]] == [1] and first["next"] is not None
+
+
 @override_settings(PUSH=RECENT)
 async def test_rest_history_serves_the_window(publisher_token: str) -> None:
     await _publish("tick:h", 7)
@@ -753,7 +782,7 @@ def test_a_synchronous_caller_is_not_held_by_a_loop_that_stopped(
     recent_store.serve_on(stopped)
     try:
         with pytest.raises(PushError) as refused:
-            recent_store.window_since_sync("tick:stopped", 0, 10)
+            recent_store.window_since_sync("tick:stopped", 0, 10, 1000)
         assert refused.value.code == "UNAVAILABLE"
     finally:
         recent_store.serve_on(None)
