@@ -123,9 +123,17 @@ class Retention(Protocol):
 
     def kept(self, messages: Iterable[ChannelMessage], latest_seq: int) -> list[ChannelMessage]: ...
 
+    @property
+    def exact(self) -> bool:
+        """False when ``kept`` may drop what history still holds (a bound this node
+        can only estimate): a resume it would answer ``recovered: false`` reads."""
+        ...
+
 
 class KeepAll:
     """The retention of a hub given no rules: every message is kept."""
+
+    exact = True
 
     def kept(self, messages: Iterable[ChannelMessage], latest_seq: int) -> list[ChannelMessage]:
         return list(messages)
@@ -464,8 +472,9 @@ class Hub:
             # subscriber through the normal path, in order.
             recovered = None if since is None else True
             return self._attach_live(subscriber, hub_channel, since, reply, recovered, delta)
-        if hub_channel.covers_since(since):
-            return self._attach_from_recent(subscriber, hub_channel, since, reply, delta)
+        kept = self._kept_in_memory(hub_channel, since)
+        if kept is not None:
+            return self._attach_from_recent(subscriber, hub_channel, since, kept, reply, delta)
         return await self._attach_with_replay(subscriber, hub_channel, since, reply, delta)
 
     async def _attach_rewound(
@@ -489,26 +498,41 @@ class Hub:
         since = max(0, hub_channel.delivered_seq - rewind)
         if since >= hub_channel.delivered_seq:
             return self._attach_live(subscriber, hub_channel, None, reply, None, delta)
-        if hub_channel.covers_since(since):
-            return self._attach_from_recent(subscriber, hub_channel, since, reply_rewound, delta)
+        kept = self._kept_in_memory(hub_channel, since)
+        if kept is not None:
+            return self._attach_from_recent(
+                subscriber, hub_channel, since, kept, reply_rewound, delta
+            )
         return await self._attach_with_replay(
             subscriber, hub_channel, since, reply_rewound, delta, rewind=rewind
         )
+
+    def _kept_in_memory(self, hub_channel: HubChannel, since: int) -> list[ChannelMessage] | None:
+        """The recent messages history still holds, for a resume from ``since`` that
+        memory can answer; None when it cannot (memory starts after ``since``, or the
+        retention cannot tell whether what it drops is gone): history is read then."""
+        if not hub_channel.covers_since(since):
+            return None
+        retention = hub_channel.retention
+        kept = retention.kept(hub_channel.recent, hub_channel.delivered_seq)
+        if not retention.exact and not (kept and kept[0].seq <= since + 1):
+            return None
+        return kept
 
     def _attach_from_recent(
         self,
         subscriber: Subscriber,
         hub_channel: HubChannel,
         since: int,
+        kept: list[ChannelMessage],
         reply: Callable[[int, bool | None], None],
         delta: bool = False,
     ) -> Subscription:
         """Resume from memory: no await between the replay and going live, so nothing
         can slip in between, and the frames are the ones already encoded for others.
-        Retention applies here as in the database: what it no longer keeps is not
-        replayed, and the client learns it from ``recovered: false``."""
+        Retention applies here as in the database (``kept``): what it no longer keeps
+        is not replayed, and the client learns it from ``recovered: false``."""
         subscription = Subscription(subscriber, hub_channel, since, delta=delta)
-        kept = hub_channel.retention.kept(hub_channel.recent, hub_channel.delivered_seq)
         recovered = bool(kept) and kept[0].seq <= since + 1
         reply(hub_channel.delivered_seq, recovered)
         self._replay(subscription, kept)

@@ -349,6 +349,25 @@ def entry_tails(message_ids: list[str], timestamp: float, data_jsons: list[str])
     return [f'"message_id":"{i}{stamp}{d}}}' for i, d in zip(message_ids, data_jsons, strict=True)]
 
 
+# What an entry holds besides its seq's digits, message id, timestamp and data.
+_ENTRY_FRAME_BYTES = len('{"seq":,' + entry_tails([""], 0.0, [""])[0]) - len(repr(0.0))
+# The longest ``repr`` of a float ("-2.2250738585072014e-308").
+_TIMESTAMP_MAX_CHARS = 24
+
+
+def entry_bytes_at_most(message: ChannelMessage) -> int:
+    """At least what ``message``'s entry weighs against the window's byte bound (its
+    UTF-8 bytes, ``Window.bytes``), however its timestamp was written: a node that
+    measures its own messages this way never counts one in the window that Redis
+    already dropped for bytes."""
+    data = message.data_json
+    data_bytes = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+    seq_digits = len(str(message.seq))
+    return (
+        _ENTRY_FRAME_BYTES + seq_digits + len(message.message_id) + _TIMESTAMP_MAX_CHARS
+    ) + data_bytes
+
+
 def message_from_entry(channel: str, entry: bytes | str) -> ChannelMessage:
     """An entry back as a message; ``data`` is cut out as text, never re-encoded."""
     text = entry.decode() if isinstance(entry, bytes) else entry

@@ -22,6 +22,7 @@ from common.conf import push_settings
 from push.fanout.message import ChannelMessage
 from push.models import Channel, IdempotencyKey, Message
 from push.storage.history_modes import is_recent
+from push.storage.recent_store import entry_bytes_at_most
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,15 @@ DELETE_BATCH = 5000
 class RetentionPolicy:
     max_messages: int | None
     max_age_secs: int | None
+    # A recent channel's window bytes, measured by its entries in Redis (None: none).
+    max_bytes: int | None = None
+
+    @property
+    def exact(self) -> bool:
+        """True when ``kept`` drops only what history no longer holds. A byte bound
+        is measured on Redis' entries, which a node can only bound from above: what
+        ``kept`` drops for bytes may still be there, and a resume that needs it reads."""
+        return self.max_bytes is None
 
     def oldest_kept_seq(self, latest_seq: int) -> int:
         """The lowest seq the count limit keeps, whatever the trim job has deleted."""
@@ -51,14 +61,28 @@ class RetentionPolicy:
         or not ``trim_history`` has run yet."""
         first_seq = self.oldest_kept_seq(latest_seq)
         cutoff = self.oldest_kept_timestamp(time.time())
-        return [
+        kept = [
             m for m in messages if m.seq >= first_seq and (cutoff is None or m.timestamp >= cutoff)
         ]
+        if self.max_bytes is None:
+            return kept
+        return _newest_within(kept, self.max_bytes)
 
     def describe(self) -> str:
         count = f"last {self.max_messages} messages" if self.max_messages else "all messages"
         age = f"at most {_human_duration(self.max_age_secs)} old" if self.max_age_secs else ""
         return f"{count}, {age}" if age else count
+
+
+def _newest_within(messages: list[ChannelMessage], max_bytes: int) -> list[ChannelMessage]:
+    """The newest of ``messages`` whose window entries certainly fit ``max_bytes``
+    together; the newest one whatever its size, as the window keeps it."""
+    total = 0
+    for index in range(len(messages) - 1, -1, -1):
+        total += entry_bytes_at_most(messages[index])
+        if total > max_bytes and index < len(messages) - 1:
+            return messages[index + 1 :]
+    return messages
 
 
 def _human_duration(secs: int) -> str:
@@ -74,7 +98,9 @@ def retention_policy(channel: str) -> RetentionPolicy:
     a node replays from memory no more than the window in Redis holds."""
     if is_recent(channel):
         return RetentionPolicy(
-            push_settings.RECENT_WINDOW_MESSAGES, push_settings.RECENT_WINDOW_SECS
+            push_settings.RECENT_WINDOW_MESSAGES,
+            push_settings.RECENT_WINDOW_SECS,
+            push_settings.RECENT_WINDOW_BYTES,
         )
     return durable_retention_policy(channel)
 

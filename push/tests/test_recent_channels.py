@@ -443,6 +443,30 @@ async def test_the_window_is_bounded_in_bytes(publisher_token: str) -> None:
     assert [m["seq"] for m in history["results"]] == [4]
 
 
+@override_settings(PUSH={**RECENT, "RECENT_WINDOW_BYTES": 300})
+async def test_a_node_resumes_from_memory_only_what_the_windows_bytes_keep() -> None:
+    """The node delivered 1..4 and remembers them all, but the window (300 bytes, each
+    entry ~200) holds only 4. A resume from 2 must be told what any node reading the
+    window would say, ``recovered: false`` and 4 alone, not 3 and 4 from memory; one
+    from 3, which the window holds, is still ``recovered: true``."""
+    live, _ = await _subscriber("tick:bytes")
+    for n in range(4):
+        await recent_store.publish(
+            "tick:bytes", json.dumps("x" * 100 + str(n)), None, broadcast=broadcast_async
+        )
+    assert [m["seq"] for m in await _received(live, 4)] == [1, 2, 3, 4]
+    behind, subscribed = await _subscriber("tick:bytes", since=2)
+    assert (subscribed["seq"], subscribed["recovered"]) == (4, False)
+    assert [m["seq"] for m in await _received(behind, 1)] == [4]
+    await behind.expect_nothing()
+    within, subscribed = await _subscriber("tick:bytes", since=3)
+    assert (subscribed["seq"], subscribed["recovered"]) == (4, True)
+    assert [m["seq"] for m in await _received(within, 1)] == [4]
+    await within.expect_nothing()
+    for client in (live, behind, within):
+        await client.close()
+
+
 @override_settings(PUSH={**RECENT, "HISTORY_PAGE_MAX_BYTES": 250})
 async def test_rest_history_pages_of_a_recent_channel_stop_at_the_page_byte_budget(
     publisher_token: str,
