@@ -658,9 +658,10 @@ class Hub:
             next_page = await self._page_after_reply(subscription)
             if next_page is None:
                 return
-            if not next_page.complete_from_since and not self._go_on_past_trim(
-                subscription, next_page, recovered
-            ):
+            lost = not next_page.complete_from_since or next_page.latest_seq < max(
+                delivered, subscription.last_seq
+            )
+            if lost and not self._go_on_past_trim(subscription, next_page, recovered):
                 return
             page = next_page
 
@@ -668,7 +669,8 @@ class Hub:
         self, subscription: Subscription, page: HistoryPage, recovered: bool
     ) -> bool:
         """History was trimmed between two pages of a replay (a recent channel's window
-        slid on, retention deleted rows): the page starts past ``last_seq + 1``. A
+        slid on, retention deleted rows): the page starts past ``last_seq + 1``, or
+        knows less than was delivered (Redis lost the window: an empty page). A
         client told ``recovered: false`` expects that, and the replay goes on from the
         oldest kept message, as it does after a first page that was trimmed. One told
         ``recovered: true`` was promised every message: rather than a silent gap, its

@@ -32,7 +32,7 @@ from push.services.runtime import get_node
 from push.storage import recent_store
 from push.storage.write_batch import Published
 from push.tests.sse_inprocess import InProcessStream
-from push.tests.wsclient import WsClient, connected_client
+from push.tests.wsclient import ConnectionClosed, WsClient, connected_client
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -657,6 +657,45 @@ async def test_a_node_never_claims_to_replay_what_redis_lost() -> None:
     assert (await live.recv_type("message"))["seq"] == 1001
     await client.close()
     await live.close()
+
+
+# Pages of 5 (half the send queue), and no resume served from the node's memory.
+@override_settings(
+    PUSH={
+        **RECENT,
+        "RECENT_WINDOW_MESSAGES": 100,
+        "SEND_QUEUE_MAX_FRAMES": 10,
+        "RECENT_PER_CHANNEL": 1,
+    }
+)
+async def test_a_window_lost_between_pages_of_a_replay_closes_rather_than_skip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis loses the window after the first page of a replay went out with
+    ``recovered: true``: the next page is empty, its latest seq unknown (0). Ending the
+    replay there would let the next live seq (a new block's) follow as a silent gap;
+    the connection is closed 4002 after the contiguous messages, and the client's
+    resume from its last seq is told ``recovered: false``."""
+    read = recent_store.RecentStore.read
+
+    async def losing_before_the_second_page(self: Any, channel: str, since: Any, *args: Any) -> Any:
+        if channel == "tick:lost" and since == 5:  # the page after the first five
+            await _lose_keys(channel)
+        return await read(self, channel, since, *args)
+
+    await _publish("tick:lost", 12)
+    monkeypatch.setattr(recent_store.RecentStore, "read", losing_before_the_second_page)
+    client, subscribed = await _subscriber("tick:lost", since=0)
+    assert (subscribed["seq"], subscribed["recovered"]) == (12, True)
+    seqs = [m["seq"] for m in await _received(client, 5)]
+    assert seqs == [1, 2, 3, 4, 5]
+    with pytest.raises(ConnectionClosed) as closed:
+        await client.recv()  # nothing more of the channel: 6 on would follow a gap
+    assert closed.value.code == 4002
+    again, resumed = await _subscriber("tick:lost", since=5)
+    assert resumed["recovered"] is False
+    await again.expect_nothing()
+    await again.close()
 
 
 @override_settings(PUSH={**RECENT, "RECENT_SEQ_BLOCK": 10})
