@@ -1,8 +1,9 @@
-"""The bounds on a request's head under uvicorn
+"""The bounds on a request's head and body under uvicorn
 (``push.transport.server_adapters.bounded_head_httptools_protocol``), on an in-process
 uvicorn with a plain ASGI app and small bounds: a head that is not done in time is
-dropped, one address may have only so many unfinished at once, and neither touches a
-request that completes, a keep-alive connection's next request or a WebSocket."""
+dropped, one address may have only so many unfinished at once, a body that stops
+coming is dropped, and none of them touches a request that completes, a keep-alive
+connection's next request or a WebSocket."""
 
 from __future__ import annotations
 
@@ -19,14 +20,31 @@ from websockets.asyncio.client import connect
 from push.transport.server_adapters import bounded_head_httptools_protocol
 
 DEADLINE_SECS = 0.3
+BODY_IDLE_SECS = 0.3
 PER_PEER = 3
 ANSWER_SECS = 5.0
 GET = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
+# What the app read of each POST's body: its bytes, or None when the client left first.
+bodies_read: list[bytes | None] = []
+
+
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """200 "ok" for HTTP; a WebSocket echoes."""
+    """200 "ok" for HTTP, after reading a POST's body whole (``/slow``: after a while);
+    a WebSocket echoes."""
     if scope["type"] == "http":
+        if scope["path"] == "/slow":
+            await asyncio.sleep(BODY_IDLE_SECS * 3)
+        if scope["method"] == "POST":
+            body: bytes | None = b""
+            while (event := await receive())["type"] == "http.request":
+                body += event["body"]
+                if not event.get("more_body"):
+                    break
+            else:
+                body = None
+            bodies_read.append(body)
         headers = [(b"content-length", b"2")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"ok"})
@@ -47,11 +65,15 @@ async def port() -> AsyncIterator[int]:
         host="127.0.0.1",
         port=free,
         http=bounded_head_httptools_protocol(
-            deadline_secs=DEADLINE_SECS, max_incomplete_per_peer=PER_PEER
+            deadline_secs=DEADLINE_SECS,
+            max_incomplete_per_peer=PER_PEER,
+            body_idle_secs=BODY_IDLE_SECS,
         ),
         ws="websockets-sansio",
         lifespan="off",
         log_config=None,
+        # A test that fails with a request unanswered must not hold the stop for good.
+        timeout_graceful_shutdown=ANSWER_SECS,
     )
     server = uvicorn.Server(config)
     serving = asyncio.ensure_future(server.serve())
@@ -151,6 +173,60 @@ async def test_a_websocket_outlives_the_deadline_of_its_head(port: int) -> None:
         assert await asyncio.wait_for(ws.recv(), ANSWER_SECS) == "still here"
     for _ in range(PER_PEER + 1):  # its head counts no longer
         assert await _served(port)
+
+
+def _post(length: int) -> bytes:
+    return b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % length
+
+
+async def _answered(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ANSWER_SECS)
+    return head + await asyncio.wait_for(reader.readexactly(2), ANSWER_SECS)
+
+
+@SLOW_HEAD_CONNECTIONS
+async def test_a_body_that_stops_coming_is_dropped(port: int, opened: Opener) -> None:
+    # Its head was whole: no head deadline applies. Without a bound of its own, the
+    # connection (and the body read so far) stayed on the node for good.
+    bodies_read.clear()
+    reader, writer = await opened(port)
+    try:
+        writer.write(_post(100) + b"x" * 10)
+        assert not await _closed(reader, BODY_IDLE_SECS / 2), "dropped while its body came"
+        assert await _closed(reader, ANSWER_SECS), "a body that stopped coming was held"
+        assert bodies_read == [None], "the app was not told that the client is gone"
+    finally:
+        writer.close()
+
+
+async def test_a_body_that_keeps_coming_is_read_however_long_it_takes(port: int) -> None:
+    bodies_read.clear()
+    reader, writer = await _open(port)
+    try:
+        writer.write(_post(10))
+        for _ in range(10):  # 1.5 s in all, five times the bound, never idle that long
+            await asyncio.sleep(BODY_IDLE_SECS / 2)
+            writer.write(b"x")
+        assert (await _answered(reader)).startswith(b"HTTP/1.1 200 ")
+        assert bodies_read == [b"x" * 10]
+    finally:
+        writer.close()
+
+
+async def test_a_body_the_server_is_not_reading_yet_is_not_timed(port: int) -> None:
+    # Pipelined behind a slow request, the POST's body is not read (uvicorn stops
+    # reading) until the slow one is answered: the client is not the one idle.
+    bodies_read.clear()
+    reader, writer = await _open(port)
+    try:
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + _post(10) + b"x" * 5)
+        await asyncio.sleep(BODY_IDLE_SECS / 2)
+        writer.write(b"x" * 5)
+        for _ in range(2):
+            assert (await _answered(reader)).startswith(b"HTTP/1.1 200 ")
+        assert bodies_read == [b"x" * 10]
+    finally:
+        writer.close()
 
 
 async def test_the_access_log_writes_what_its_level_lets_through(

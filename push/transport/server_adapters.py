@@ -673,6 +673,13 @@ MAX_REQUEST_HEADERS = 100
 # is 16 MiB, and a busy NAT has a handful.
 REQUEST_HEAD_DEADLINE_SECS = 20.0
 MAX_INCOMPLETE_HEADS_PER_PEER = 256
+# Nor has a request's body a bound in time: measured, a REST publish whose body stopped
+# after its first bytes was held (its connection, and the body read so far, up to 1 MiB
+# in the fast path's hands or Django's) for as long as the client kept the socket, on
+# either path, where daphne (Twisted) drops a connection idle for 60 s. Here a body
+# that has not come on for this long is dropped: nginx's client_body_timeout (60 s),
+# counted from the last read, so a slow client that keeps sending is never cut short.
+REQUEST_BODY_IDLE_SECS = 60.0
 _HEAD_TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
     b"content-length: 33\r\nconnection: close\r\n\r\nrequest line or headers too large"
@@ -685,6 +692,7 @@ def bounded_head_httptools_protocol(
     max_headers: int = MAX_REQUEST_HEADERS,
     deadline_secs: float = REQUEST_HEAD_DEADLINE_SECS,
     max_incomplete_per_peer: int = MAX_INCOMPLETE_HEADS_PER_PEER,
+    body_idle_secs: float = REQUEST_BODY_IDLE_SECS,
 ) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol (``uvicorn.Config(http=...)``) answering 431 and
     closing once a request's line and headers pass ``max_bytes`` bytes or
@@ -692,7 +700,9 @@ def bounded_head_httptools_protocol(
     whose head is not done ``deadline_secs`` after it began; and closing at once a new
     connection from a socket peer (IPv6: its /64) that has ``max_incomplete_per_peer``
     heads unfinished (0: no such bound; pass 0 behind a proxy, whose address every
-    connection has). A WebSocket upgrade hands the connection to the WebSocket
+    connection has); and closing a connection whose request body has not come on for
+    ``body_idle_secs`` while the server was reading (the application then reads
+    ``http.disconnect``). A WebSocket upgrade hands the connection to the WebSocket
     protocol after its head, so frames are never counted here."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -726,6 +736,11 @@ def bounded_head_httptools_protocol(
         # The key this connection counts under in ``incomplete`` while its head is read.
         _peer_key: str | None = None
         _access_handlers = False
+        # A request's head is read and its body not yet whole; the body's timer (armed
+        # only once a read leaves it unfinished) and when a read last brought some.
+        _in_body = False
+        _body_timer: asyncio.TimerHandle | None = None
+        _body_read_at = 0.0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's own signature
             super().connection_made(transport)
@@ -743,6 +758,7 @@ def bounded_head_httptools_protocol(
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._head_ends()
+            self._body_ends()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -754,6 +770,8 @@ def bounded_head_httptools_protocol(
                     self._head_fields = 0
             if not self._in_head:
                 base_data_received(self, data)
+                if self._in_body:
+                    self._body_comes()
                 return
             # Counted whole, then judged once parsed: a chunk that ends the head may
             # carry a body (a REST publish of 1 MiB), which is no part of it. So a head
@@ -769,6 +787,8 @@ def bounded_head_httptools_protocol(
                     # (from its first read, microseconds ago), which spares the
                     # others a timer each (measured: ~1.5 us of CPU per request).
                     self._arm_head()
+            elif self._in_body:  # the head came whole, the body not (yet)
+                self._body_comes()
 
         def on_header(self, name: bytes, value: bytes) -> None:
             self._head_fields += 1
@@ -799,9 +819,14 @@ def bounded_head_httptools_protocol(
             )
             if extensions is not None:
                 self.scope["extensions"] = extensions
+            self._in_body = True  # until on_message_complete, in this read or a later one
             base_on_headers_complete(self)
 
         def on_message_complete(self) -> None:
+            if self._body_timer is not None:
+                self._body_ends()
+            else:
+                self._in_body = False  # all _body_ends does then
             base_on_message_complete(self)
             # The next request on this connection (keep-alive) has a head of its own,
             # from its first byte: until then the connection is idle, which uvicorn's
@@ -846,6 +871,37 @@ def bounded_head_httptools_protocol(
                 return
             # An idle keep-alive connection is uvicorn's to close (sooner); one in the
             # middle of a head is dropped without an answer, as nginx does.
+            self.transport.close()
+
+        def _body_comes(self) -> None:
+            """A read that leaves the body unfinished: its idle time starts again."""
+            self._body_read_at = self.loop.time()
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(body_idle_secs, self._body_too_slow)
+
+        def _body_ends(self) -> None:
+            self._in_body = False
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
+        def _body_too_slow(self) -> None:
+            self._body_timer = None
+            if not self._in_body or self.transport.get_protocol() is not self:
+                return
+            now = self.loop.time()
+            # Not the client's wait: uvicorn stopped reading (a pipelined request, or a
+            # body the application has not taken yet), or the client waits for the
+            # "100 Continue" the application has not asked for yet.
+            if self.flow.read_paused or self.cycle.waiting_for_100_continue:
+                self._body_read_at = now
+            idle = now - self._body_read_at
+            if idle < body_idle_secs:
+                self._body_timer = self.loop.call_later(body_idle_secs - idle, self._body_too_slow)
+                return
+            # Dropped without an answer, as a head too slow is: the application may
+            # have begun one.
+            self._in_body = False
             self.transport.close()
 
         def _refuse_head(self) -> None:
