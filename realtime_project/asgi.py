@@ -31,12 +31,14 @@ django.setup(set_prefix=False)
 
 from push.api.fast_publish import FastPublish  # noqa: E402
 from push.api.handler import LoopHandler  # noqa: E402
+from push.transport.server_adapters import peer_gone_probe  # noqa: E402
 
 # What get_asgi_application() returns, with the middleware hooks that cannot block
 # run on the event loop (push.api.middleware).
 django_asgi_app = LoopHandler()
-# A back-end's plain REST publish answered on the loop, the rest through Django.
-rest_app = FastPublish(django_asgi_app)
+# A back-end's plain REST publish answered on the loop, the rest through Django (and
+# so is one whose client left before its answer, as Django cancels it).
+rest_app = FastPublish(django_asgi_app, peer_gone=peer_gone_probe)
 
 from channels.security.websocket import WebsocketDenier  # noqa: E402
 from django.conf import settings  # noqa: E402

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -288,6 +289,35 @@ async def test_a_refused_channel_is_refused_by_django(pair: Pair, e2e_env: dict[
     await pair.same("narrow-ok", fast=True, json={"data": 1}, headers=_auth(key))
     answer = await pair.same("elsewhere", fast=False, json={"data": 1}, headers=_auth(key))
     assert answer.status_code == 403
+
+
+async def test_a_client_that_left_before_its_answer_publishes_nothing(
+    pair: Pair, service_key: str
+) -> None:
+    # Django's handler cancels the view of a client that left (it listens for the
+    # disconnect while the view runs), before anything is published: a back-end that
+    # sends a publish and closes at once has published nothing, on the fast path too.
+    body = b'{"data": "unanswered"}'
+    for node in (pair.fast, pair.django):
+        request = (
+            f"POST /api/v1/channels/{_own('fast-left', node)}/messages HTTP/1.1\r\n"
+            f"Host: 127.0.0.1\r\nAuthorization: Token {service_key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", node.port)) as sock:
+                # Corked, the request and the close leave in one segment: the node
+                # reads that the client left as it reads the request, not later.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                sock.sendall(request)
+    await asyncio.sleep(1)  # what the nodes would have published is committed by now
+    answer = await pair.same("fast-left", fast=True, json={"data": 1}, headers=_auth(service_key))
+    assert answer.json()["seq"] == 1, "a publish nobody was answered for was stored"
+    history = await pair.http.get(
+        f"{pair.django.http_url}/api/v1/channels/{_own('fast-left', pair.django)}/messages",
+        headers=_auth(service_key),
+    )
+    assert [m["data"] for m in history.json()["results"]] == [1]
 
 
 async def test_a_revoked_token_is_refused_at_once(pair: Pair, e2e_env: dict[str, str]) -> None:

@@ -77,6 +77,9 @@ from push.wire import json_text
 from push.wire.protocol import validate_channel_name
 
 Asgi = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+# A probe of whether the server knows the client of ``send`` is gone, or None under a
+# server it does not know (``push.transport.server_adapters.peer_gone_probe``).
+PeerGoneProbe = Callable[[Any], Callable[[], bool] | None]
 Answer = tuple[int, Any]  # status, and what DRF's JSON renderer would render
 
 # The URLs of the two views (push.api.urls under realtime_project.urls' api/v1/):
@@ -218,8 +221,9 @@ class FastPublish:
     """A kept back-end token's publishes answered on the loop; every other request to
     ``django_app``."""
 
-    def __init__(self, django_app: Asgi) -> None:
+    def __init__(self, django_app: Asgi, peer_gone: PeerGoneProbe | None = None) -> None:
         self.django_app = django_app
+        self.peer_gone = peer_gone
         self.single = Endpoint(ChannelMessagesView, "channel-messages")
         self.batch = Endpoint(BatchMessagesView, "batch-messages")
         self.body_limit = min(
@@ -257,7 +261,7 @@ class FastPublish:
         body = await read_body(receive, self.body_limit)
         if body is None:
             return  # the client left
-        answer = await self._answer(endpoint, request, body) if body.complete else None
+        answer = await self._answer(endpoint, request, body, send) if body.complete else None
         if answer is None:
             return await self.django_app(scope, body.replayed(receive), send)
         await self._send(endpoint, request, send, *answer, scope.get("extensions"))
@@ -272,12 +276,14 @@ class FastPublish:
             return self.single, matched.group(1)
         return (self.batch, None) if BATCH_PATH.fullmatch(path) else None
 
-    async def _answer(self, endpoint: Endpoint, request: PlainRequest, body: Body) -> Answer | None:
+    async def _answer(
+        self, endpoint: Endpoint, request: PlainRequest, body: Body, send: Any
+    ) -> Answer | None:
         """The status and JSON of the answer, or None when Django must answer (nothing
         was published then)."""
         # The caller before the body: a refused one costs no parse.
         principal = await kept_token_principal(request.token, request.address)
-        if principal is None or endpoint.throttled(principal):
+        if principal is None or endpoint.throttled(principal) or self._client_left(send):
             return None
         items = _publish_items(principal, request.channel, body.bytes())
         if items is None:
@@ -299,6 +305,13 @@ class FastPublish:
         else:
             reply = {"results": [published_body(m) for m in messages]}
         return 200 if replayed else 201, reply
+
+    def _client_left(self, send: Any) -> bool:
+        """Whether the server knows the client left (it closed after sending). Django's
+        handler listens for that while the view runs and cancels it, before it
+        publishes: handed to Django, such a request is not published here either."""
+        probe = None if self.peer_gone is None else self.peer_gone(send)
+        return probe is not None and probe()
 
     async def _send(
         self,
