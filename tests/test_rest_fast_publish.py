@@ -229,8 +229,24 @@ async def test_an_idempotent_retry_is_answered_with_the_first_result(
         (b'{"data": "\xff"}', 400),
         (b"\xef\xbb\xbf" + b'{"data": 1}', 400),
         (b'{"data": "' + b"x" * MAX_FRAME_BYTES + b'"}', 413),
+        # Python's json reads 1e400 as infinity, which DRF's JSONField refuses in its
+        # own words before the service could.
+        (b'{"data": [1, -1e400]}', 400),
+        # Deeper than the contract's 64: Django's parser, deeper in the stack, gives up
+        # on it ("nested too deeply") before the service could refuse it.
+        (b'{"data": ' + b"[" * 990 + b"]" * 990 + b"}", 400),
     ],
-    ids=["not-json", "no-data", "not-object", "nan", "not-utf8", "bom", "too-large"],
+    ids=[
+        "not-json",
+        "no-data",
+        "not-object",
+        "nan",
+        "not-utf8",
+        "bom",
+        "too-large",
+        "overflow",
+        "deep",
+    ],
 )
 async def test_a_body_django_refuses_is_refused_by_django(
     pair: Pair, service_key: str, content: bytes, status: int

@@ -74,7 +74,7 @@ from push.api.views import BatchMessagesView, ChannelMessagesView, valid_idempot
 from push.fanout.message import ChannelMessage
 from push.services.publishing import message_publish_queued, messages_publish_batch
 from push.wire import json_text
-from push.wire.protocol import validate_channel_name
+from push.wire.protocol import validate_channel_name, validate_data
 
 Asgi = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 # A probe of whether the server knows the client of ``send`` is gone, or None under a
@@ -372,6 +372,7 @@ async def _publish(
         publisher_id=principal.user_id,
         principal=principal.key,
         idempotency_key=request.idempotency_key,
+        checked=True,  # the URL's channel name and the data (_publish_items)
     )
     return [message], replayed
 
@@ -391,7 +392,10 @@ def _publish_items(
             for item_channel in first_index_of_each_channel(items).values():
                 authorize_publish(principal, item_channel)
         elif isinstance(parsed, dict) and "data" in parsed:
-            items = [(channel, parsed["data"])]
+            # Checked here, not by the service: data it would refuse may be refused
+            # first, in other words, by the view's serializer (a float past the
+            # double's range, read as infinity) or its parser (deep nesting).
+            items = [(channel, validate_data(parsed["data"]))]
             authorize_publish(principal, channel)
         else:
             return None

@@ -256,19 +256,23 @@ def message_publish_queued(
     principal: str | None = None,
     idempotency_key: str | None = None,
     exclude: str | None = None,
+    checked: bool = False,
 ) -> Coroutine[Any, Any, tuple[ChannelMessage, bool]]:
     """Publish one message, in two steps: it is checked and queued for the node's write
     pipeline now (raising at once what refuses it), and the awaitable returned answers
     once it committed (``await message_publish_queued(...)`` does both).
 
     ``exclude`` names a Pusher socket id that does not receive the message live (the
-    ``socket_id`` of a Pusher trigger: the sender already showed it).
+    ``socket_id`` of a Pusher trigger: the sender already showed it). ``checked``: the
+    caller validated the channel's name and the data already.
 
     Answers the message and whether it is an earlier publish's, answered again for a
     retried ``idempotency_key`` (scoped to ``principal`` and the channel); a replayed
     message carries the first publish's channel, seq, id and timestamp, not its data.
     """
-    unit = _single_unit(channel, data, publisher_id, principal, idempotency_key, exclude)
+    unit = _single_unit(
+        channel, data, publisher_id, principal, idempotency_key, exclude, checked=checked
+    )
     return _first_message(unit, _queue(unit))
 
 
