@@ -158,16 +158,22 @@ class ResponseHead:
 
     @classmethod
     def of(
-        cls, allow: bytes, status: int, security: tuple[tuple[bytes, bytes], ...]
+        cls,
+        allow: bytes,
+        status: int,
+        security: tuple[tuple[tuple[bytes, bytes], ...], tuple[tuple[bytes, bytes], ...]],
     ) -> ResponseHead:
+        # The middleware's headers before Content-Length follow the view's own.
+        before, after = security
         if status == 500:
-            return cls(((b"content-type", b"text/html; charset=utf-8"),), security)
+            return cls(((b"content-type", b"text/html; charset=utf-8"), *before), after)
         json_headers = (
             (b"content-type", b"application/json"),
             (b"vary", b"Accept"),
             (b"allow", allow),
+            *before,
         )
-        return cls(json_headers, security)
+        return cls(json_headers, after)
 
 
 class Endpoint:
@@ -187,7 +193,7 @@ class Endpoint:
         made once, and again if the security headers were made again."""
         security = security_headers(secure)
         head = self._heads.get((status, secure))
-        if head is None or head.after_length is not security:
+        if head is None or head.after_length is not security[1]:
             head = self._heads[(status, secure)] = ResponseHead.of(self.allow, status, security)
         return head
 

@@ -37,13 +37,30 @@ def test_security_headers_are_the_middleware_s_for_the_settings() -> None:
         SECURE_REFERRER_POLICY="no-referrer, strict-origin",
         X_FRAME_OPTIONS="sameorigin",
     ):
-        secure = dict(security_headers(True))
-        plain = dict(security_headers(False))
+        secure = dict(header for part in security_headers(True) for header in part)
+        plain = dict(header for part in security_headers(False) for header in part)
     assert secure[b"strict-transport-security"] == b"max-age=60; includeSubDomains"
     assert b"strict-transport-security" not in plain  # HSTS only over https
     assert secure[b"x-frame-options"] == plain[b"x-frame-options"] == b"SAMEORIGIN"
     assert plain[b"referrer-policy"] == b"no-referrer,strict-origin"
     assert plain[b"x-content-type-options"] == b"nosniff"
+
+
+@pytest.mark.usefixtures("fresh_headers")
+def test_security_headers_stand_where_the_middleware_add_them() -> None:
+    # Each adds its headers on the way out, the last listed first; CommonMiddleware
+    # adds Content-Length, which divides the headers made before it from the rest.
+    assert [[name for name, _ in part] for part in security_headers(False)] == [
+        [b"x-frame-options"],
+        [b"x-content-type-options", b"referrer-policy", b"cross-origin-opener-policy"],
+    ]
+    reordered = [path for path in settings.MIDDLEWARE if "XFrame" not in path]
+    reordered.insert(0, "push.api.middleware.XFrameOptionsMiddleware")
+    security_headers.cache_clear()
+    with override_settings(MIDDLEWARE=reordered):
+        before, after = security_headers(False)
+    assert before == ()
+    assert [name for name, _ in after][-1] == b"x-frame-options"
 
 
 @pytest.mark.parametrize(
