@@ -76,6 +76,10 @@ MAX_ENTRIES = 10_000
 # about stay in the process's memory with their digests (as the requests that sent
 # them did); made-up ones only turn the oldest out.
 DIGESTS_KEPT = 4096
+# Only a key as long as one this server issues (DRF's 40 characters, a service token's
+# 47) is kept with its digest: a longer one is never valid, and made-up keys of 60 KB
+# (under the 64 KiB head bound) made a node hold 4096 of them, ~250 MB.
+MAX_KEPT_KEY_CHARS = 64
 
 # A generation that cannot match any value read from the shared cache.
 _UNKNOWN = object()
@@ -89,7 +93,11 @@ class _Entry:
 
 
 _entries: dict[str, _Entry] = {}
-_digest = functools.lru_cache(maxsize=DIGESTS_KEPT)(hash_service_key)
+_kept_digest = functools.lru_cache(maxsize=DIGESTS_KEPT)(hash_service_key)
+
+
+def _digest(key: str) -> str:
+    return _kept_digest(key) if len(key) <= MAX_KEPT_KEY_CHARS else hash_service_key(key)
 
 
 def token_principal(key: str, address: str | None) -> Principal | None:
