@@ -8,6 +8,7 @@ connection's next request or a WebSocket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -179,6 +180,20 @@ def _post(length: int) -> bytes:
     return b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % length
 
 
+@contextlib.asynccontextmanager
+async def _posting(
+    port: int, opened: Opener = _open
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A connection to send a POST on, closed after (the server's stop waits for an
+    unanswered request); ``bodies_read`` starts empty."""
+    bodies_read.clear()
+    reader, writer = await opened(port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+
+
 async def _answered(reader: asyncio.StreamReader) -> bytes:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ANSWER_SECS)
     return head + await asyncio.wait_for(reader.readexactly(2), ANSWER_SECS)
@@ -188,45 +203,33 @@ async def _answered(reader: asyncio.StreamReader) -> bytes:
 async def test_a_body_that_stops_coming_is_dropped(port: int, opened: Opener) -> None:
     # Its head was whole: no head deadline applies. Without a bound of its own, the
     # connection (and the body read so far) stayed on the node for good.
-    bodies_read.clear()
-    reader, writer = await opened(port)
-    try:
+    async with _posting(port, opened) as (reader, writer):
         writer.write(_post(100) + b"x" * 10)
         assert not await _closed(reader, BODY_IDLE_SECS / 2), "dropped while its body came"
         assert await _closed(reader, ANSWER_SECS), "a body that stopped coming was held"
         assert bodies_read == [None], "the app was not told that the client is gone"
-    finally:
-        writer.close()
 
 
 async def test_a_body_that_keeps_coming_is_read_however_long_it_takes(port: int) -> None:
-    bodies_read.clear()
-    reader, writer = await _open(port)
-    try:
+    async with _posting(port) as (reader, writer):
         writer.write(_post(10))
         for _ in range(10):  # 1.5 s in all, five times the bound, never idle that long
             await asyncio.sleep(BODY_IDLE_SECS / 2)
             writer.write(b"x")
         assert (await _answered(reader)).startswith(b"HTTP/1.1 200 ")
         assert bodies_read == [b"x" * 10]
-    finally:
-        writer.close()
 
 
 async def test_a_body_the_server_is_not_reading_yet_is_not_timed(port: int) -> None:
     # Pipelined behind a slow request, the POST's body is not read (uvicorn stops
     # reading) until the slow one is answered: the client is not the one idle.
-    bodies_read.clear()
-    reader, writer = await _open(port)
-    try:
+    async with _posting(port) as (reader, writer):
         writer.write(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + _post(10) + b"x" * 5)
         await asyncio.sleep(BODY_IDLE_SECS / 2)
         writer.write(b"x" * 5)
         for _ in range(2):
             assert (await _answered(reader)).startswith(b"HTTP/1.1 200 ")
         assert bodies_read == [b"x" * 10]
-    finally:
-        writer.close()
 
 
 async def test_the_access_log_writes_what_its_level_lets_through(
