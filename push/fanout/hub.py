@@ -900,13 +900,21 @@ class Hub:
             retention=self._retention(name),
         )
         self.channels[name] = hub_channel
+        joined = False
         try:
             # Join first, then read the last seq: anything committed after the read is
             # broadcast after the join, so it reaches us; anything before is <= seq.
             await self._join(name)
+            joined = True
             window = await self.history.recent(name, self.recent_size, self.recent_bytes)
             hub_channel.delivered_seq = window.latest_seq
         except BaseException as exc:
+            if joined:
+                # The channel is forgotten here, so no linger would ever leave it: the
+                # node would read its group, and count it occupied, for good. Left
+                # while it is still listed, so a subscribe meanwhile waits for the
+                # leave and joins afresh after it.
+                await self._leave_channel_group(name)
             self.channels.pop(name, None)
             hub_channel.ready.set_exception(
                 PushError(ErrorCode.UNAVAILABLE, "channel could not be joined")
@@ -959,11 +967,15 @@ class Hub:
         finally:
             self._leaver = None
 
+    async def _leave_channel_group(self, name: str) -> None:
+        try:
+            await self._leave(name)
+        except Exception as exc:
+            logger.warning("leaving %s on the broker failed: %s", name, exc)
+
     async def _leave_channel(self, hub_channel: HubChannel) -> None:
         try:
-            await self._leave(hub_channel.name)
-        except Exception as exc:
-            logger.warning("leaving %s on the broker failed: %s", hub_channel.name, exc)
+            await self._leave_channel_group(hub_channel.name)
         finally:
             if self.channels.get(hub_channel.name) is hub_channel:
                 del self.channels[hub_channel.name]

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from common.errors import ErrorCode, PushError
 from push.cluster.address_budgets import NO_LIMIT, ByteBucket
 from push.fanout.hub import MAX_PENDING_PER_CHANNEL, ChannelState, HistoryBudget, Hub
 from push.fanout.message import ChannelMessage, HistoryPage
@@ -470,6 +471,29 @@ async def test_empty_channel_is_left_after_linger() -> None:
     again = FakeClient()
     await hub.subscribe(again, "news", since=None, reply=again.reply)
     assert membership.joined == ["news", "news"]
+
+
+class HistoryAway(MemoryHistory):
+    """PostgreSQL unreachable (and nothing cached): a channel's latest seq cannot be read."""
+
+    async def recent(self, channel: str, count: int, max_bytes: int = 10**9) -> HistoryPage:
+        raise ConnectionError("the database is away")
+
+
+async def test_a_join_that_fails_after_the_broker_joined_leaves_the_broker_again() -> None:
+    """The broker reads the channel's group (and the node counted the channel occupied)
+    before the hub reads its latest seq: when that read fails, the subscribe is refused
+    and the channel forgotten here, so no linger would ever end it. The group is left at
+    once, and a later subscribe joins afresh."""
+    history = HistoryAway()
+    hub, membership = await make_hub(history)
+    client = FakeClient()
+    with pytest.raises(PushError) as refused:
+        await hub.subscribe(client, "news", since=None, reply=client.reply)
+    assert refused.value.code is ErrorCode.UNAVAILABLE
+    assert "news" not in hub.channels
+    assert membership.joined == ["news"]
+    assert membership.left == ["news"]
 
 
 async def test_channels_emptied_at_once_are_left_one_per_loop_turn() -> None:
