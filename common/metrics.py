@@ -387,6 +387,12 @@ BROKER_OUTGOING_DROPPED = Counter(
     "Committed messages not broadcast because the broker's outgoing queue was full "
     "(other nodes read them from history on their next sync)",
 )
+RECENT_CACHE_APPENDS_DROPPED = Counter(
+    "push_recent_cache_appends_dropped_total",
+    "Committed messages not appended to the recent-history cache (nor relayed by its "
+    "append) because its queue was full while Redis was away (readers fall back to "
+    "PostgreSQL; other nodes read them from history on their next sync)",
+)
 INBOUND_DIRECT_FRAMES = Tally(
     "push_inbound_direct_frames",
     "Data frames read off sockets directly, before the server's WebSocket parser",

@@ -298,6 +298,8 @@ class RecentCache:
     def append_soon(self, message: ChannelMessage) -> None:
         if not self.enabled:
             return
+        if len(self._queue) == self._queue.maxlen:  # the oldest gives way: counted
+            metrics.RECENT_CACHE_APPENDS_DROPPED.inc()
         self._queue.append(message)
         self._wakeup.set()
 

@@ -17,7 +17,12 @@ from push.fanout.message import ChannelMessage, new_message_ids
 from push.services.publishing import message_publish
 from push.services.runtime import get_node, stop_node
 from push.storage import history
-from push.storage.recent_cache import RecentCache, message_from_entry, recent_key
+from push.storage.recent_cache import (
+    MAX_QUEUED_APPENDS,
+    RecentCache,
+    message_from_entry,
+    recent_key,
+)
 from push.tests.wsclient import WsClient, connected_client
 from tests.waiting import wait_until
 
@@ -350,4 +355,23 @@ async def test_a_stream_whose_ttl_was_set_lately_keeps_it_unless_it_is_gone() ->
         assert [m.seq for m in await cache.read("fresh", 100, 1_048_576)] == [4, 5]
     finally:
         await redis.delete(key)
+        await redis.aclose()
+
+
+async def test_appends_past_the_queue_while_redis_is_away_are_counted() -> None:
+    """While Redis is away appends wait in a bounded queue; the oldest give way past
+    it, and each one dropped is counted for operators
+    (``push_recent_cache_appends_dropped_total``): its relay to the other nodes went
+    with it, so they read it from history on their next sync."""
+    redis = redis_async()
+    cache = RecentCache(redis, redis_prefix(), size=100, ttl_secs=60, max_bytes=1_048_576)
+    name = "push_recent_cache_appends_dropped_total"
+    before = REGISTRY.get_sample_value(name) or 0.0
+    try:
+        # Nothing writes them (the cache's run is not started): the queue only fills.
+        for message in _messages("dropped", ['"x"'] * (MAX_QUEUED_APPENDS + 3)):
+            cache.append_soon(message)
+        assert REGISTRY.get_sample_value(name) == before + 3
+        assert len(cache._queue) == MAX_QUEUED_APPENDS
+    finally:
         await redis.aclose()
