@@ -465,18 +465,30 @@ def test_webhooks_go_to_every_url_at_once(receivers: list[HTTPServer]) -> None:
     assert time.monotonic() - started < 1.4, "the two 0.8 s receivers were asked one by one"
 
 
-def test_the_worker_handles_a_batch_several_events_at_once() -> None:
-    client = redis.Redis.from_url(settings.REDIS_URL)
-    stream = f"concurrent-{uuid.uuid4().hex[:8]}:events"
-    seen: list[str] = []
-    worker = EventWorker(
+def _in_process_worker(
+    client: redis.Redis, stream: str, handlers: list, *, concurrency: int
+) -> EventWorker:
+    """A worker of this process on ``stream``, which tries an event twice."""
+    return EventWorker(
         client,
         stream=stream,
         group=DEFAULT_GROUP,
         consumer="in-process",
-        handlers=[lambda received: (time.sleep(0.3), seen.append(received["id"]))],
+        handlers=handlers,
         max_attempts=2,
         retry_idle_ms=10_000,
+        concurrency=concurrency,
+    )
+
+
+def test_the_worker_handles_a_batch_several_events_at_once() -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"concurrent-{uuid.uuid4().hex[:8]}:events"
+    seen: list[str] = []
+    worker = _in_process_worker(
+        client,
+        stream,
+        [lambda received: (time.sleep(0.3), seen.append(received["id"]))],
         concurrency=8,
     )
     try:
@@ -502,16 +514,7 @@ def test_one_connections_events_are_handled_in_order_beside_others() -> None:
         time.sleep(0.5 if received["type"] == CONNECT else 0.0)
         seen.append((received["connection_id"], received["type"]))
 
-    worker = EventWorker(
-        client,
-        stream=stream,
-        group=DEFAULT_GROUP,
-        consumer="in-process",
-        handlers=[slow_connects],
-        max_attempts=2,
-        retry_idle_ms=10_000,
-        concurrency=8,
-    )
+    worker = _in_process_worker(client, stream, [slow_connects], concurrency=8)
     try:
         worker.ensure_group()
         for kind in (CONNECT, "subscribe", "disconnect"):
@@ -545,16 +548,7 @@ def test_a_handler_reads_the_database_again_after_postgresql_ended_its_connectio
         User.objects.exists()
         read_on.append(connection.connection.info.backend_pid)
 
-    worker = EventWorker(
-        client,
-        stream=stream,
-        group=DEFAULT_GROUP,
-        consumer="in-process",
-        handlers=[reading],
-        max_attempts=2,
-        retry_idle_ms=10_000,
-        concurrency=2,
-    )
+    worker = _in_process_worker(client, stream, [reading], concurrency=2)
     try:
         worker.ensure_group()
         client.xadd(stream, {"event": json.dumps(event(CONNECT, connection_id="c-1"))})
