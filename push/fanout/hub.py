@@ -61,6 +61,11 @@ REPLAY_SLICE_FRAMES = 50
 REPLAY_SLICE_BYTES = 256 * 1024
 # How often a replay looks at its client's send queue (and whether the client left).
 OUTBOX_POLL_SECS = 0.005
+# A gap repair of many pages waits this long at most for its channel's live subscribers
+# to read their send queues down to half before it hands them the next page: readers
+# keep up however far behind the node fell, and one that stalled cannot hold the
+# channel back (the next page overflows its queue: it is a slow consumer, closed 4002).
+REPAIR_ROOM_WAIT_SECS = 1.0
 # How often a replay waiting for its address's history budget looks whether its client
 # left.
 BUDGET_POLL_SECS = 0.5
@@ -113,6 +118,13 @@ class History(Protocol):
     async def latest_seqs(self, channels: list[str]) -> dict[str, int]: ...
 
     async def page(self, channel: str, since: int, limit: int, max_bytes: int) -> HistoryPage: ...
+
+    async def stored_page(
+        self, channel: str, since: int, limit: int, max_bytes: int
+    ) -> HistoryPage:
+        """``page`` without the retention rules: every message still stored after
+        ``since`` (a gap repair's read; only deleted rows are missing from it)."""
+        ...
 
     async def recent(self, channel: str, count: int, max_bytes: int) -> HistoryPage: ...
 
@@ -1179,16 +1191,18 @@ class Hub:
                 # The seq the page is read from, taken before the read: live messages
                 # keep arriving while it runs, and only the page can prove a trim.
                 since = hub_channel.delivered_seq
-                page = await self.history.page(
-                    hub_channel.name, since, HISTORY_BATCH, self.replay_batch_bytes
-                )
+                limit, max_bytes = self._repair_page_size(hub_channel)
+                # Every row still stored, whatever retention would let a resume replay:
+                # a live subscriber misses only what is really gone.
+                page = await self.history.stored_page(hub_channel.name, since, limit, max_bytes)
                 if not page.complete_from_since:
                     self._skip_trimmed_gap(hub_channel, page)
                 for message in page.messages:
                     self.deliver(message)
-                more = len(page.messages) >= HISTORY_BATCH or page.truncated
+                more = len(page.messages) >= limit or page.truncated
                 if not more or hub_channel.delivered_seq == since:
                     break
+                await self._wait_for_live_room(hub_channel)
         except Exception as exc:
             logger.warning("history read for %s failed: %s", hub_channel.name, exc)
             retry = True
@@ -1197,10 +1211,43 @@ class Hub:
         if retry or hub_channel.pending or hub_channel.held_dropped:
             self._schedule_repair(hub_channel, delay=max(self.gap_wait_secs, 1.0))
 
+    def _repair_page_size(self, hub_channel: HubChannel) -> tuple[int, int]:
+        """A repair's pages, like a replay's, sized to half the smallest send queue of
+        the channel's live subscribers (count, bytes), so one page never overflows a
+        queue that ``_wait_for_live_room`` saw at most half full."""
+        limit, max_bytes = HISTORY_BATCH, self.replay_batch_bytes
+        for by_codec in _subscribers_by_codec(hub_channel):
+            for subscription in by_codec.values():
+                outbox = subscription.subscriber.outbox
+                limit = min(limit, max(1, outbox.max_frames // 2))
+                max_bytes = min(max_bytes, max(1, outbox.max_bytes // 2))
+        return limit, max_bytes
+
+    async def _wait_for_live_room(self, hub_channel: HubChannel) -> None:
+        """Before a repair's next page: wait, at most ``REPAIR_ROOM_WAIT_SECS``, until
+        every live subscriber of the channel has read its send queue down to half. A
+        drop-oldest channel does not wait: its slow readers lose old frames instead."""
+        if hub_channel.droppable:
+            return
+        deadline = self.loop.time() + REPAIR_ROOM_WAIT_SECS
+        while hub_channel.state is ChannelState.LIVE and self.loop.time() < deadline:
+            if not any(
+                not outbox.closed
+                and (
+                    len(outbox) > outbox.max_frames // 2
+                    or outbox.queued_bytes > outbox.max_bytes // 2
+                )
+                for by_codec in _subscribers_by_codec(hub_channel)
+                for outbox in (s.subscriber.outbox for s in by_codec.values())
+            ):
+                return
+            await asyncio.sleep(OUTBOX_POLL_SECS)
+
     def _skip_trimmed_gap(self, hub_channel: HubChannel, page: HistoryPage) -> None:
         """History lacks seqs after the page's ``since`` although later ones were
-        committed (retention removed them): go on from the oldest kept message;
-        subscribers see the gap in seq, as the contract says.
+        committed (``trim_history`` deleted them, a recent channel's window slid past
+        them): go on from the oldest stored message; subscribers see the gap in seq,
+        as the contract says.
 
         Only the page is evidence of a trim. Commits are in seq order, so a page whose
         latest seq is past ``since`` holds ``since + 1`` unless it was deleted; a

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _history_page = db_call(selectors.history_page, history=True)
+_stored_history_page = db_call(selectors.stored_history_page, history=True)
 _latest_seqs = db_call(selectors.channel_latest_seqs)
 _history_recent = db_call(selectors.history_recent)
 
@@ -29,6 +30,13 @@ class DatabaseHistory:
 
     async def page(self, channel: str, since: int, limit: int, max_bytes: int) -> HistoryPage:
         return await _history_page(channel=channel, since=since, limit=limit, max_bytes=max_bytes)
+
+    async def stored_page(
+        self, channel: str, since: int, limit: int, max_bytes: int
+    ) -> HistoryPage:
+        return await _stored_history_page(
+            channel=channel, since=since, limit=limit, max_bytes=max_bytes
+        )
 
     async def recent(self, channel: str, count: int, max_bytes: int) -> HistoryPage:
         return await _history_recent(channel=channel, count=count, max_bytes=max_bytes)
@@ -73,6 +81,12 @@ class RecentHistory:
         kept = _within_bytes([m for m in messages if m.seq > since], max_bytes)
         truncated = len(kept) < len([m for m in messages if m.seq > since])
         return HistoryPage(since=since, messages=kept, latest_seq=latest, truncated=truncated)
+
+    async def stored_page(
+        self, channel: str, since: int, limit: int, max_bytes: int
+    ) -> HistoryPage:
+        # The window is all that is stored of a recent channel: what it lost is gone.
+        return await self.page(channel, since, limit, max_bytes)
 
     async def recent(self, channel: str, count: int, max_bytes: int) -> HistoryPage:
         window = recent_store.Window.from_settings()
@@ -124,6 +138,11 @@ class ModeHistory:
 
     async def page(self, channel: str, since: int, limit: int, max_bytes: int) -> HistoryPage:
         return await self._for(channel).page(channel, since, limit, max_bytes)
+
+    async def stored_page(
+        self, channel: str, since: int, limit: int, max_bytes: int
+    ) -> HistoryPage:
+        return await self._for(channel).stored_page(channel, since, limit, max_bytes)
 
     async def recent(self, channel: str, count: int, max_bytes: int) -> HistoryPage:
         return await self._for(channel).recent(channel, count, max_bytes)

@@ -138,8 +138,23 @@ def history_page(*, channel: str, since: int, limit: int, max_bytes: int) -> His
     ``since + 1`` whether or not the trim job has deleted the rows yet. The page holds
     at most ``limit`` messages and ``max_bytes`` of data (at least one message)."""
     latest = channel_latest_seq(channel=channel)
-    rows = _kept_rows(channel, latest).filter(seq__gt=since).order_by("seq")
-    read, truncated = rows_within(rows, limit=limit, max_bytes=max_bytes)
+    return _page_of(channel, _kept_rows(channel, latest), since, latest, limit, max_bytes)
+
+
+def stored_history_page(*, channel: str, since: int, limit: int, max_bytes: int) -> HistoryPage:
+    """``history_page`` without the retention rules: every row still stored after
+    ``since``. A gap repair reads this: retention bounds what a resume or REST may
+    replay, never what a live subscriber receives, so only rows ``trim_history`` has
+    deleted show up as a page not starting at ``since + 1``."""
+    latest = channel_latest_seq(channel=channel)
+    return _page_of(channel, channel_messages(channel), since, latest, limit, max_bytes)
+
+
+def _page_of(
+    channel: str, rows: QuerySet[Message], since: int, latest: int, limit: int, max_bytes: int
+) -> HistoryPage:
+    ordered = rows.filter(seq__gt=since).order_by("seq")
+    read, truncated = rows_within(ordered, limit=limit, max_bytes=max_bytes)
     messages = [channel_message_from_row(channel, row) for row in read]
     return HistoryPage(since=since, messages=messages, latest_seq=latest, truncated=truncated)
 

@@ -70,6 +70,9 @@ class MemoryHistory:
         copies = [make_message(channel, m.seq) for m in messages]
         return HistoryPage(since=since, messages=copies, latest_seq=latest)
 
+    # Nothing here applies retention: what a repair reads is what a replay reads.
+    stored_page = page
+
 
 class FakeClient:
     """A subscriber whose outbox records what would have been sent."""
