@@ -673,22 +673,27 @@ class Hub:
             lost = not next_page.complete_from_since or next_page.latest_seq < max(
                 delivered, subscription.last_seq
             )
-            if lost and not self._go_on_past_trim(subscription, next_page, recovered):
+            # A rewind promised a run with no gap up to the seam: it may not go on
+            # past one either, however its first page started.
+            promised = recovered or rewind is not None
+            if lost and not self._go_on_past_trim(subscription, next_page, promised):
                 return
             page = next_page
 
     def _go_on_past_trim(
-        self, subscription: Subscription, page: HistoryPage, recovered: bool
+        self, subscription: Subscription, page: HistoryPage, promised: bool
     ) -> bool:
         """History was trimmed between two pages of a replay (a recent channel's window
         slid on, retention deleted rows): the page starts past ``last_seq + 1``, or
         knows less than was delivered (Redis lost the window: an empty page). A
         client told ``recovered: false`` expects that, and the replay goes on from the
-        oldest kept message, as it does after a first page that was trimmed. One told
-        ``recovered: true`` was promised every message: rather than a silent gap, its
-        connection is closed as a slow consumer's is (4002), and its resume from the
-        last seq it received is answered ``recovered: false``. False then: stop."""
-        if not recovered:
+        oldest kept message, as it does after a first page that was trimmed. One
+        ``promised`` every message from its first on (told ``recovered: true``, or a
+        ``rewind``: its last N, fewer if the channel keeps fewer, with no gap up to the
+        seam) is never sent a silent gap: its connection is closed as a slow
+        consumer's is (4002), and its resume from the last seq it received is answered
+        ``recovered: false``. False then: stop."""
+        if not promised:
             if page.messages:
                 subscription.last_seq = page.messages[0].seq - 1
             return True

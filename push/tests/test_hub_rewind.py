@@ -4,6 +4,7 @@ node's recent messages, or from one history read that concurrent subscribers sha
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from push.fanout.replay_slots import ReplaySlots
 from push.tests.test_hub import (
@@ -140,3 +141,36 @@ async def test_rewinds_sharing_a_read_take_no_replay_slot_and_reuse_it_after() -
         await hub.subscribe(client, "news", since=None, reply=client.reply, rewind=5)
     assert history.page_calls == 1 and slots.in_use == 0
     assert all(client.seqs() == [26, 27, 28, 29, 30] for client in clients)
+
+
+class TrimmingHistory(MemoryHistory):
+    """Retention kept the channel's messages from 25 on when a rewind's first page was
+    read, and trims 27 and 28 before its second page."""
+
+    def trim(self, first_kept: int) -> None:
+        self.stored["news"] = [m for m in self.stored["news"] if m.seq >= first_kept]
+
+    async def page(self, channel: str, since: int, limit: int, max_bytes: int = 10**9) -> Any:
+        if self.page_calls == 0:
+            self.trim(25)
+        elif self.page_calls == 1:
+            self.stored["news"] = [m for m in self.stored["news"] if m.seq not in (27, 28)]
+        return await super().page(channel, since, limit, max_bytes)
+
+
+async def test_a_rewind_trimmed_between_pages_closes_rather_than_skip() -> None:
+    """Rewind 10 of 30 read in pages of 2: the first starts at the oldest kept message
+    (fewer than asked, as the contract allows), but 27 and 28 go before the second
+    page. Sending 29 after 26 would be a gap in what the rewind replays: the client
+    gets 25 and 26, then 4002 ("reconnect, resume with since"), never 29 or 30."""
+    history = TrimmingHistory()
+    hub, _ = await _hub_with(history, 30, recent_size=1)
+    await hub.subscribe(FakeClient(), "news", since=None, reply=lambda seq, recovered: None)
+    client = FakeClient(max_frames=4)
+    subscription = await hub.subscribe(client, "news", since=None, reply=client.reply, rewind=10)
+    assert client.replies == [(30, None)]
+    await until_seqs(client, [25, 26])
+    assert client.overflowed and not subscription.active
+    hub.deliver(make_message("news", 31))
+    await loop_turns()
+    assert client.seqs() == [25, 26]
