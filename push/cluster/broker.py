@@ -141,6 +141,7 @@ class Broker:
         self._outgoing: collections.deque[ChannelMessage] = collections.deque()
         self._outgoing_chars = 0
         self._has_outgoing = asyncio.Event()
+        self._closing = False  # set by ``flush``: the sender ends once the queue is empty
         self.max_outgoing = max_outgoing
         self.max_outgoing_chars = max_outgoing_chars
         self._sender: asyncio.Task[None] | None = None
@@ -162,6 +163,16 @@ class Broker:
         )
         if self._subscribers is not None:
             self._subscribers.start()
+
+    async def flush(self, timeout_secs: float) -> None:
+        """Send what is queued for the other nodes, for at most ``timeout_secs`` (Redis
+        may not answer); the sender then ends. A stopping node's last messages."""
+        sender = self._sender
+        if sender is None or sender.done():
+            return
+        self._closing = True
+        self._has_outgoing.set()
+        await asyncio.wait({sender}, timeout=timeout_secs)
 
     async def stop(self) -> None:
         for task in (self._listener, self._sender):
@@ -228,6 +239,8 @@ class Broker:
         outgoing = self._outgoing
         while True:
             if not outgoing:
+                if self._closing:
+                    return
                 self._has_outgoing.clear()
                 await self._has_outgoing.wait()
                 continue

@@ -54,6 +54,12 @@ logger = logging.getLogger(__name__)
 
 # How long a stopping node waits for its background loops to end.
 STOP_TASKS_SECS = 5.0
+# A stopping node sends what it queued for Redis (the recent-history cache's appends,
+# which relay committed messages to the other nodes, and the broker's messages) within
+# what is left of its drain's deadline (``PUSH_DRAIN_DEADLINE_SECS``), or within this
+# when less is left or it stops without a drain: a healthy Redis takes milliseconds, and
+# one that does not answer holds the stop no longer than that.
+STOP_FLUSH_MIN_SECS = 1.0
 
 _principals_refresh = db_call(principals_refresh)
 _close_all = db_call(close_node_connections)
@@ -123,6 +129,7 @@ class Node:
         )
         self.write_pipeline = _write_pipeline(self.broadcast)
         self._tasks: list[asyncio.Task[None]] = []
+        self._cache_task: asyncio.Task[None] | None = None
         # Live connections of this node, for revocation checks, admin actions and drain.
         self.connections: dict[uuid.UUID, LiveConnection] = {}
         self.registry = ConnectionRegistry(
@@ -190,6 +197,7 @@ class Node:
     async def start(self) -> None:
         await self.broker.start()
         await self.broker.layer.group_add(CONTROL_GROUP, self.broker.inbox)
+        self._cache_task = spawn(self.recent_cache.run(), name="push-recent-cache", loop=self.loop)
         self._tasks = [
             spawn(self.registry.run(), name="push-registry", loop=self.loop),
             spawn(self._sync_loop(), name="push-history-sync", loop=self.loop),
@@ -197,7 +205,7 @@ class Node:
             spawn(self._heartbeat_loop(), name="push-heartbeats", loop=self.loop),
             spawn(self._cluster_loop(), name="push-cluster", loop=self.loop),
             spawn(self.events.run(), name="push-events", loop=self.loop),
-            spawn(self.recent_cache.run(), name="push-recent-cache", loop=self.loop),
+            self._cache_task,
             spawn(self.occupancy.run(), name="push-occupancy", loop=self.loop),
             spawn(self.overload.run(), name="push-loop-lag", loop=self.loop),
         ]
@@ -210,19 +218,37 @@ class Node:
         _running = self
         logger.info("node %s started", self.server_id)
 
-    async def stop(self) -> None:
+    async def stop(self, *, flush_secs: float = STOP_FLUSH_MIN_SECS) -> None:
+        """Stop: the write pipeline first (what it commits meanwhile is broadcast, so
+        queued), then what is queued for Redis goes out, for ``flush_secs`` at most,
+        while the storage relay is still on (``broadcast`` counted on it for those
+        marked ``relayed``), and then the background loops end."""
         self.is_running = False
         self.draining = False
         global _running
-        if _running is self:
+        running = _running is self
+        if running:
             _running = None
             recent_store.serve_on(None)
-            relay.relay_with(None)
-        await cancel_and_wait(self._tasks, timeout=STOP_TASKS_SECS)
         if self.write_pipeline is not None:
             await self.write_pipeline.stop()
+        await self._flush_queued(flush_secs)
+        if running:
+            relay.relay_with(None)
+        await cancel_and_wait(self._tasks, timeout=STOP_TASKS_SECS)
         await self.broker.stop()
         await recent_store.store_close()
+
+    async def _flush_queued(self, timeout_secs: float) -> None:
+        """The recent-history cache's appends and the broker's messages, sent at once.
+        (Only on the node's own loop: tests may stop a node from another one.)"""
+        if self.loop is not asyncio.get_running_loop():
+            return
+        self.recent_cache.close()
+        flushing: list[Awaitable[Any]] = [self.broker.flush(timeout_secs)]
+        if self._cache_task is not None:
+            flushing.append(asyncio.wait({self._cache_task}, timeout=timeout_secs))
+        await asyncio.gather(*flushing)
 
     def broadcast(self, message: ChannelMessage) -> None:
         """A message committed on this node: to local subscribers, the other nodes
@@ -425,7 +451,7 @@ class Node:
             await self.occupancy.withdraw()
         except Exception as exc:
             logger.warning("could not mark connections closed: %s", exc)
-        await self.stop()
+        await self.stop(flush_secs=max(deadline - self.loop.time(), STOP_FLUSH_MIN_SECS))
 
     async def _revocation_loop(self) -> None:
         while True:

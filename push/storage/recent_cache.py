@@ -277,6 +277,8 @@ class RecentCache:
             maxlen=MAX_QUEUED_APPENDS
         )
         self._wakeup = asyncio.Event()
+        # Set by ``close``: ``run`` writes what is queued, then ends.
+        self._closing = False
         # The channels whose stream TTL this node set since ``_fresh_since``, within the
         # last ``_refresh_secs``: their appends set it again only if Redis lost them.
         self._refresh_secs = ttl_secs // TTL_REFRESH_PARTS
@@ -303,12 +305,22 @@ class RecentCache:
         self._queue.append(message)
         self._wakeup.set()
 
+    def close(self) -> None:
+        """Let ``run`` end once it has written what is queued (a stopping node): those
+        appends also relay their messages to the other nodes."""
+        self._closing = True
+        self._wakeup.set()
+
     async def run(self) -> None:
-        """Write queued messages, one script call per batch."""
+        """Write queued messages, one script call per batch, until ``close``."""
         try:
             while True:
-                await self._wakeup.wait()
-                self._wakeup.clear()
+                if not self._queue:
+                    if self._closing:
+                        return
+                    await self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
                 batch = list(self._queue)
                 self._queue.clear()
                 try:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -51,6 +52,31 @@ async def test_outgoing_messages_are_bounded_while_redis_is_slow_and_drops_are_c
     # The oldest waiting ones were dropped; what goes out keeps its order.
     await wait_until(lambda: len(layer.sent) == 6, "the six messages kept to go out")
     assert layer.sent == [1, 16, 17, 18, 19, 20]
+    await broker.stop()
+
+
+async def test_a_flush_sends_what_is_queued_then_the_sender_ends() -> None:
+    layer = SlowLayer()
+    layer.release.set()
+    broker = Broker(layer, on_message=lambda m: None)
+    await broker.start()
+    for seq in (1, 2, 3):
+        broker.publish_soon(make_message("news", seq))
+    await broker.flush(5.0)
+    assert layer.sent == [1, 2, 3]
+    assert broker._sender is not None and broker._sender.done()
+    await broker.stop()
+
+
+async def test_a_flush_gives_up_on_redis_that_does_not_answer_at_its_timeout() -> None:
+    layer = SlowLayer()
+    broker = Broker(layer, on_message=lambda m: None)
+    await broker.start()
+    broker.publish_soon(make_message("news", 1))
+    started = time.monotonic()
+    await broker.flush(0.2)
+    assert 0.2 <= time.monotonic() - started < 1.0
+    assert layer.sent == []
     await broker.stop()
 
 

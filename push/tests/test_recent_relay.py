@@ -5,7 +5,9 @@ node reads it, and that the node's own come back to it as nothing."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,13 +17,15 @@ from django.conf import settings
 from django.test import override_settings
 
 from push.cluster.broker import Broker, relayed_messages
-from push.cluster.node import Node
+from push.cluster.node import STOP_FLUSH_MIN_SECS, Node
 from push.fanout.message import ChannelMessage
 from push.services.runtime import get_node
 from push.storage import recent_store
+from push.storage.recent_cache import message_from_entry, recent_key
 from push.storage.relay import CACHED_ENTRIES, RECENT_ENTRIES, RELAY_MARK
 from push.storage.relay import current as current_relay
-from push.storage.write_batch import Published
+from push.storage.write_batch import Published, PublishUnit
+from push.tests.redis_proxy import Proxy
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -234,3 +238,69 @@ async def test_a_durable_message_that_skips_a_pusher_socket_goes_through_the_bro
     # The other one is the broker's, in the layer's format, with the socket to skip.
     (brokered,) = [p for p in payloads if not p.startswith(RELAY_MARK)]
     assert node.broker.layer.deserialize(brokered)["exclude"] == "1.2"
+
+
+async def test_what_a_node_committed_right_before_it_stops_reaches_the_channels_group(
+    node: Node,
+) -> None:
+    """A stop sends what its cache and broker queued (the last messages of a drain), so
+    the other nodes have them at once, not at their next sync; the cache has them too."""
+    relay = current_relay()
+    assert relay is not None
+    channel = "room:last-before-stop"
+    plain, excluding = _committed(channel, 1), _committed(channel, 2, exclude="1.2")
+    async with _Group(relay.group_of(channel)) as group:
+        node.broadcast(plain)
+        node.broadcast(excluding)
+        await node.stop()
+        payloads = await group.payloads(2)
+    relayed = [p for p in payloads if p.startswith(RELAY_MARK)]
+    assert [_fields(relayed_messages(p)) for p in relayed] == [_fields([plain])]
+    client = aioredis.from_url(settings.REDIS_URL)
+    try:
+        entries = await client.xrange(recent_key(node.recent_cache.prefix, channel))
+    finally:
+        await client.aclose()
+    assert [message_from_entry(channel, fields).seq for _, fields in entries] == [1, 2]
+
+
+async def test_a_stop_whose_redis_does_not_answer_ends_within_its_bound() -> None:
+    target = aioredis.connection.parse_url(str(settings.REDIS_URL))
+    proxy = Proxy((target.get("host", "127.0.0.1"), int(target.get("port", 6379))))
+    url = f"redis://127.0.0.1:{await proxy.start()}/{target.get('db', 0)}"
+    layers = copy.deepcopy(settings.CHANNEL_LAYERS)
+    layers["default"]["CONFIG"]["hosts"] = [url]
+    try:
+        with override_settings(REDIS_URL=url, CHANNEL_LAYERS=layers, PUSH=RECENT):
+            node = await get_node()
+            assert current_relay() is not None, "the node relays through the proxied Redis"
+            node.broadcast(_committed("room:stop-unanswered", 1))
+            node.broadcast(_committed("room:stop-unanswered", 2, exclude="1.2"))
+            proxy.frozen = True
+            started = time.monotonic()
+            await node.stop()
+            stopped_after = time.monotonic() - started
+    finally:
+        await proxy.stop()
+    assert stopped_after < STOP_FLUSH_MIN_SECS + 1.0, stopped_after
+
+
+async def test_what_the_write_pipeline_commits_while_the_node_stops_reaches_the_group(
+    node: Node,
+) -> None:
+    """The pipeline stops before the flush: a batch whose COMMIT was on its way when the
+    stop began is broadcast, so queued, and sent with the rest."""
+    relay = current_relay()
+    pipeline = node.write_pipeline
+    assert relay is not None and pipeline is not None
+    channel = "room:committed-while-stopping"
+    async with _Group(relay.group_of(channel)) as group:
+        published = pipeline.submit(PublishUnit(items=[(channel, '"last"')], publisher_id=None))
+        async with asyncio.timeout(5):
+            while not pipeline._writing:  # polled each tick: the COMMIT takes a millisecond
+                await asyncio.sleep(0)
+        await node.stop()
+        outcome = await published
+        (payload,) = await group.payloads(1)
+    assert isinstance(outcome, Published)
+    assert [m.data_json for m in relayed_messages(payload)] == ['"last"']
