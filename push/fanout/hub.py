@@ -897,7 +897,10 @@ class Hub:
             if hub_channel is None:
                 hub_channel = await self._join_channel(name)
             elif not hub_channel.ready.done():
-                await asyncio.shield(hub_channel.ready)
+                try:
+                    await asyncio.shield(hub_channel.ready)
+                except _JoinCancelled:
+                    continue  # its subscribe went away mid-join: this one joins afresh
             if hub_channel.state is ChannelState.LEAVING:
                 await asyncio.shield(hub_channel.ready)
                 continue
@@ -926,20 +929,23 @@ class Hub:
             window = await self.history.recent(name, self.recent_size, self.recent_bytes)
             hub_channel.delivered_seq = window.latest_seq
         except BaseException as exc:
-            if joined:
-                # The channel is forgotten here, so no linger would ever leave it: the
-                # node would read its group, and count it occupied, for good. Left
-                # while it is still listed, so a subscribe meanwhile waits for the
-                # leave and joins afresh after it.
-                await self._leave_channel_group(name)
-            self.channels.pop(name, None)
-            hub_channel.ready.set_exception(
-                PushError(ErrorCode.UNAVAILABLE, "channel could not be joined")
-            )
-            hub_channel.ready.exception()  # retrieved: waiters get their own error
-            if isinstance(exc, PushError):
+            # The subscribes waiting for this join get its refusal, or, when the
+            # subscribe that joins was cancelled (its client went), join afresh.
+            refusal = _join_refusal(exc, joined)
+            try:
+                if joined:
+                    # The channel is forgotten here, so no linger would ever leave it:
+                    # the node would read its group, and count it occupied, for good.
+                    # Left while it is still listed, so a subscribe meanwhile waits for
+                    # the leave.
+                    await self._leave_channel_group(name)
+            finally:
+                self.channels.pop(name, None)
+                hub_channel.ready.set_exception(refusal or _JoinCancelled())
+                hub_channel.ready.exception()  # retrieved: waiters have it, or none wait
+            if refusal is None or refusal is exc:
                 raise
-            raise PushError(ErrorCode.UNAVAILABLE, f"message broker unavailable: {exc}") from exc
+            raise refusal from exc
         hub_channel.recent.extend(m for m in window.messages if m.seq <= window.latest_seq)
         hub_channel.sync_mark = hub_channel.delivered_seq
         hub_channel.state = ChannelState.LIVE
@@ -1280,3 +1286,21 @@ class Hub:
             if hub_channel.delivered_seq < hub_channel.sync_mark:
                 self._start_repair(hub_channel)
             hub_channel.sync_mark = latest.get(hub_channel.name, 0)
+
+
+class _JoinCancelled(Exception):
+    """Raised when the subscribe joining a channel was cancelled (its client went), to
+    the subscribes waiting for that join: nothing failed, and they join afresh."""
+
+
+def _join_refusal(exc: BaseException, joined: bool) -> PushError | None:
+    """What a subscribe whose channel could not be joined is told, naming what failed:
+    the broker's join (Redis, across nodes), or the read of the channel's latest seq
+    (history: PostgreSQL's ``database unavailable`` or the recent store's ``Redis
+    unavailable`` as they raised it). None for a cancellation, which stays one."""
+    if not isinstance(exc, Exception):
+        return None
+    if isinstance(exc, PushError):
+        return exc
+    failed = "history" if joined else "message broker"
+    return PushError(ErrorCode.UNAVAILABLE, f"{failed} unavailable: {type(exc).__name__}")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from redis.exceptions import RedisError
+
 from common.db import db_call
 from push.fanout.message import ChannelMessage, HistoryPage, data_bytes
 from push.storage import recent_store, selectors
@@ -63,6 +65,19 @@ class CachedHistory(DatabaseHistory):
         )
 
 
+async def _window_read(
+    channel: str, since: int | None, limit: int
+) -> tuple[int, list[ChannelMessage]] | None:
+    """``recent_store``'s read of a recent channel's window; one that fails is
+    UNAVAILABLE naming Redis, as REST's reads of it are (``window_since``)."""
+    try:
+        return await recent_store.store().read(
+            channel, since, limit, recent_store.Window.from_settings()
+        )
+    except (RedisError, OSError) as exc:
+        raise recent_store.redis_unavailable(exc) from exc
+
+
 class RecentHistory:
     """A recent channel's history: its window in Redis. While the channel's lease is
     missing (Redis lost it) its latest seq is unknown, and the answers say "nothing
@@ -73,8 +88,7 @@ class RecentHistory:
         return await recent_store.store().latest_seqs(channels)
 
     async def page(self, channel: str, since: int, limit: int, max_bytes: int) -> HistoryPage:
-        window = recent_store.Window.from_settings()
-        answer = await recent_store.store().read(channel, since, limit, window)
+        answer = await _window_read(channel, since, limit)
         if answer is None:
             return HistoryPage(since=since, messages=[], latest_seq=0)
         latest, messages = answer
@@ -89,8 +103,7 @@ class RecentHistory:
         return await self.page(channel, since, limit, max_bytes)
 
     async def recent(self, channel: str, count: int, max_bytes: int) -> HistoryPage:
-        window = recent_store.Window.from_settings()
-        answer = await recent_store.store().read(channel, None, count, window)
+        answer = await _window_read(channel, None, count)
         if answer is None:
             return HistoryPage(since=0, messages=[], latest_seq=0)
         latest, messages = answer

@@ -1075,7 +1075,7 @@ async def store_close() -> None:
         await found.close()
 
 
-def _unavailable(exc: BaseException) -> PushError:
+def redis_unavailable(exc: BaseException) -> PushError:
     return PushError(ErrorCode.UNAVAILABLE, f"Redis unavailable: {type(exc).__name__}; retry")
 
 
@@ -1114,7 +1114,7 @@ def _refusal(exc: BaseException) -> PushError:
         return PushError(
             ErrorCode.UNAVAILABLE, f"PostgreSQL unavailable: {type(exc).__name__}; retry"
         )
-    return _unavailable(exc)
+    return redis_unavailable(exc)
 
 
 class _Awaited(_Numbering):
@@ -1307,7 +1307,7 @@ async def window_since(
     try:
         answer = await store().read(channel, since, limit, Window.from_settings(), max_bytes)
     except (RedisError, OSError) as exc:
-        raise _unavailable(exc) from exc
+        raise redis_unavailable(exc) from exc
     if answer is None:
         return [], False
     latest, messages = answer

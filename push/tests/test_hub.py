@@ -499,6 +499,106 @@ async def test_a_join_that_fails_after_the_broker_joined_leaves_the_broker_again
     assert membership.left == ["news"]
 
 
+class GatedRecent(MemoryHistory):
+    """A channel's latest seq read held until ``gate`` opens, then ``failure`` raised
+    (None: read as usual)."""
+
+    def __init__(self, failure: BaseException | None = None) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.failure = failure
+
+    async def recent(self, channel: str, count: int, max_bytes: int = 10**9) -> HistoryPage:
+        self.recent_calls += 1
+        await self.gate.wait()
+        if self.failure is not None:
+            raise self.failure
+        return await super().recent(channel, count, max_bytes)
+
+
+async def _two_subscribes_at_the_join(
+    history: GatedRecent, hub: Hub
+) -> tuple[asyncio.Task[Any], asyncio.Task[Any]]:
+    """One subscribe of ``news`` joining it, held at its read; another waiting for it."""
+    clients = FakeClient(), FakeClient()
+    joining, waiting = (
+        asyncio.create_task(hub.subscribe(c, "news", since=None, reply=c.reply)) for c in clients
+    )
+    await wait_until(lambda: history.recent_calls == 1, "the join reading the latest seq")
+    for _ in range(3):  # the other subscribe's turns: it finds the join under way
+        await asyncio.sleep(0)
+    assert not waiting.done() and history.recent_calls == 1
+    return joining, waiting
+
+
+@pytest.mark.parametrize(
+    ("stage", "failure", "told"),
+    [
+        (
+            "join",
+            ConnectionError("redis:6379 refused"),
+            "message broker unavailable: ConnectionError",
+        ),
+        ("history", ConnectionError("db:5432 refused"), "history unavailable: ConnectionError"),
+        (
+            "history",
+            PushError(ErrorCode.UNAVAILABLE, "database unavailable: OperationalError"),
+            "database unavailable: OperationalError",
+        ),
+    ],
+)
+async def test_a_failed_join_tells_every_waiting_subscribe_what_failed(
+    stage: str, failure: BaseException, told: str
+) -> None:
+    """The subscribe that joins and those waiting for its join get one answer, which
+    names the part that failed: the broker's join or the history read after it."""
+    history = GatedRecent(failure if stage == "history" else None)
+
+    class FailingMembership(Membership):
+        async def join(self, channel: str) -> None:
+            await super().join(channel)
+            if stage == "join":
+                await history.gate.wait()
+                raise failure
+
+    hub, membership = await make_hub(history, membership=FailingMembership())
+    if stage == "join":
+        history.recent_calls = 1  # (the join fails before any read)
+        clients = FakeClient(), FakeClient()
+        joining, waiting = (
+            asyncio.create_task(hub.subscribe(c, "news", since=None, reply=c.reply))
+            for c in clients
+        )
+        await wait_until(lambda: membership.joined == ["news"], "the broker's join under way")
+        for _ in range(3):
+            await asyncio.sleep(0)
+    else:
+        joining, waiting = await _two_subscribes_at_the_join(history, hub)
+    history.gate.set()
+    for subscribe in (joining, waiting):
+        with pytest.raises(PushError) as refused:
+            await subscribe
+        assert (refused.value.code, refused.value.message) == (ErrorCode.UNAVAILABLE, told)
+    assert "news" not in hub.channels
+
+
+async def test_a_subscribe_cancelled_while_joining_stays_cancelled_and_the_waiting_one_joins() -> (
+    None
+):
+    """The client that started the join went away: its subscribe is cancelled (not
+    refused), the group is left, and the subscribe that waited joins afresh."""
+    history = GatedRecent()
+    hub, membership = await make_hub(history)
+    joining, waiting = await _two_subscribes_at_the_join(history, hub)
+    joining.cancel()
+    await asyncio.wait({joining})
+    assert joining.cancelled()
+    history.gate.set()
+    subscription = await waiting
+    assert subscription.channel is hub.channels["news"]
+    assert membership.joined == ["news", "news"] and membership.left == ["news"]
+
+
 async def test_channels_emptied_at_once_are_left_one_per_loop_turn() -> None:
     """A client that held 200 subscriptions leaves: their lingers end in the same turn,
     and the channels are left one at a time, the loop running everything else between
