@@ -221,19 +221,30 @@ async def test_the_cache_append_relays_a_durable_message_to_the_channels_group(
     assert node.broker.outgoing_count() == 0
 
 
-async def test_a_durable_message_that_skips_a_pusher_socket_goes_through_the_broker(
-    node: Node,
-) -> None:
+async def _relayed_and_brokered(
+    node: Node, channel: str, *, then_stop: bool = False
+) -> tuple[ChannelMessage, ChannelMessage, list[bytes]]:
+    """Seq 1 (the cache's call relays it) and seq 2, which skips a Pusher socket (the
+    broker sends it), broadcast on ``node`` (stopped at once after, ``then_stop``):
+    the two messages and the two payloads the channel's group got, seq 1's relayed."""
     relay = current_relay()
     assert relay is not None
-    channel = "room:durable-excluding"
     plain, excluding = _committed(channel, 1), _committed(channel, 2, exclude="1.2")
     async with _Group(relay.group_of(channel)) as group:
         node.broadcast(plain)
         node.broadcast(excluding)
+        if then_stop:
+            await node.stop()
         payloads = await group.payloads(2)
     relayed = [p for p in payloads if p.startswith(RELAY_MARK)]
     assert [_fields(relayed_messages(p)) for p in relayed] == [_fields([plain])]
+    return plain, excluding, payloads
+
+
+async def test_a_durable_message_that_skips_a_pusher_socket_goes_through_the_broker(
+    node: Node,
+) -> None:
+    plain, excluding, payloads = await _relayed_and_brokered(node, "room:durable-excluding")
     assert (plain.relayed, excluding.relayed) == (True, False)
     # The other one is the broker's, in the layer's format, with the socket to skip.
     (brokered,) = [p for p in payloads if not p.startswith(RELAY_MARK)]
@@ -245,17 +256,8 @@ async def test_what_a_node_committed_right_before_it_stops_reaches_the_channels_
 ) -> None:
     """A stop sends what its cache and broker queued (the last messages of a drain), so
     the other nodes have them at once, not at their next sync; the cache has them too."""
-    relay = current_relay()
-    assert relay is not None
     channel = "room:last-before-stop"
-    plain, excluding = _committed(channel, 1), _committed(channel, 2, exclude="1.2")
-    async with _Group(relay.group_of(channel)) as group:
-        node.broadcast(plain)
-        node.broadcast(excluding)
-        await node.stop()
-        payloads = await group.payloads(2)
-    relayed = [p for p in payloads if p.startswith(RELAY_MARK)]
-    assert [_fields(relayed_messages(p)) for p in relayed] == [_fields([plain])]
+    await _relayed_and_brokered(node, channel, then_stop=True)
     client = aioredis.from_url(settings.REDIS_URL)
     try:
         entries = await client.xrange(recent_key(node.recent_cache.prefix, channel))
