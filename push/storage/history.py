@@ -51,6 +51,12 @@ class CachedHistory(DatabaseHistory):
         self.cache = cache
 
     async def recent(self, channel: str, count: int, max_bytes: int) -> HistoryPage:
+        if self.cache.appending(channel):
+            # This node committed a message of the channel that its stream does not
+            # hold yet, and the node drops its own relay of it unread: read from the
+            # cache, the channel would start behind it, and a joining subscriber would
+            # wait for the next sync to get it. PostgreSQL has it.
+            return await super().recent(channel, count, max_bytes)
         try:
             messages = await self.cache.read(channel, count, max_bytes)
         except Exception as exc:

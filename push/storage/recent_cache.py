@@ -279,6 +279,8 @@ class RecentCache:
         self._wakeup = asyncio.Event()
         # Set by ``close``: ``run`` writes what is queued, then ends.
         self._closing = False
+        # The batch ``run`` is writing now (taken off the queue, not yet in Redis).
+        self._writing: list[ChannelMessage] = []
         # The channels whose stream TTL this node set since ``_fresh_since``, within the
         # last ``_refresh_secs``: their appends set it again only if Redis lost them.
         self._refresh_secs = ttl_secs // TTL_REFRESH_PARTS
@@ -305,6 +307,14 @@ class RecentCache:
         self._queue.append(message)
         self._wakeup.set()
 
+    def appending(self, channel: str) -> bool:
+        """Whether a message of ``channel`` this node committed is queued or being
+        written here, so not in its stream yet. Looked at when a channel is joined, not
+        per message: the queue is empty but while Redis is slow."""
+        return any(m.channel == channel for m in self._queue) or any(
+            m.channel == channel for m in self._writing
+        )
+
     def close(self) -> None:
         """Let ``run`` end once it has written what is queued (a stopping node): those
         appends also relay their messages to the other nodes."""
@@ -321,7 +331,7 @@ class RecentCache:
                     await self._wakeup.wait()
                     self._wakeup.clear()
                     continue
-                batch = list(self._queue)
+                batch = self._writing = list(self._queue)
                 self._queue.clear()
                 try:
                     await self._write(batch)
@@ -329,6 +339,8 @@ class RecentCache:
                     raise
                 except Exception as exc:
                     logger.warning("recent-history cache append failed: %s", exc)
+                finally:
+                    self._writing = []
         finally:
             if self._appends is not None:
                 await self._appends.release()

@@ -189,6 +189,39 @@ async def test_a_cache_missing_the_newest_message_still_delivers_it() -> None:
     await client.close()
 
 
+async def test_a_channel_joined_while_this_nodes_append_is_under_way_starts_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """This node committed a message of a channel it does not serve (its hub has no
+    subscriber to give it to), and the append that writes it to the channel's stream,
+    and relays it, has not reached Redis when a subscriber joins. The stream, which
+    lacks it, must not stand for the channel's latest: the node drops its own relay
+    unread, and the subscriber would get the message only after a later one or the
+    next sync, past a ``subscribed`` that named the seq before it."""
+    node = await get_node()
+    await _publish("joining", 2)
+    assert await _cached_seqs("joining", 2) == [1, 2]
+    released = asyncio.Event()
+    write = RecentCache._write
+
+    async def held_until_released(self: RecentCache, batch: list[ChannelMessage]) -> None:
+        await released.wait()
+        await write(self, batch)
+
+    monkeypatch.setattr(RecentCache, "_write", held_until_released)
+    await _publish("joining", 1)  # seq 3: committed, its append held
+    await wait_until(lambda: node.recent_cache.appending("joining"), "seq 3 being appended")
+    client = await connected_client()
+    reply = await client.request({"type": "subscribe", "channel": "joining"})
+    assert reply["seq"] == 3
+    released.set()
+    assert await _cached_seqs("joining", 3) == [1, 2, 3]
+    await _publish("joining", 1)
+    assert (await client.recv_type("message"))["seq"] == 4
+    await client.expect_nothing()
+    await client.close()
+
+
 # ----- a cursor from the future ---------------------------------------------------------
 
 
