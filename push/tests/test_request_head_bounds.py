@@ -25,6 +25,8 @@ DEADLINE_SECS = 0.3
 # that delays a write by a scheduling slice must not make it look idle.
 BODY_IDLE_SECS = 0.6
 PER_PEER = 3
+# Three bodies of which 1,000 bytes (and a head) came fit; a fourth does not.
+BODY_BYTES_PER_PEER = 4096
 ANSWER_SECS = 5.0
 GET = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
@@ -58,8 +60,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await send({"type": "websocket.send", "text": event["text"]})
 
 
-@pytest.fixture
-async def port() -> AsyncIterator[int]:
+@contextlib.asynccontextmanager
+async def _serving(**bounds: Any) -> AsyncIterator[int]:
+    """An in-process uvicorn with ``bounds`` (the small ones above by default)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
@@ -68,9 +71,13 @@ async def port() -> AsyncIterator[int]:
         host="127.0.0.1",
         port=free,
         http=bounded_head_httptools_protocol(
-            deadline_secs=DEADLINE_SECS,
-            max_incomplete_per_peer=PER_PEER,
-            body_idle_secs=BODY_IDLE_SECS,
+            **{
+                "deadline_secs": DEADLINE_SECS,
+                "max_incomplete_per_peer": PER_PEER,
+                "body_idle_secs": BODY_IDLE_SECS,
+                "max_unfinished_body_bytes_per_peer": BODY_BYTES_PER_PEER,
+                **bounds,
+            }
         ),
         ws="websockets-sansio",
         lifespan="off",
@@ -82,9 +89,17 @@ async def port() -> AsyncIterator[int]:
     serving = asyncio.ensure_future(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
-    yield free
-    server.should_exit = True
-    await serving
+    try:
+        yield free
+    finally:
+        server.should_exit = True
+        await serving
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    async with _serving() as free:
+        yield free
 
 
 async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -220,6 +235,33 @@ async def test_a_body_that_keeps_coming_is_read_however_long_it_takes(port: int)
             writer.write(b"x")
         assert (await _answered(reader)).startswith(b"HTTP/1.1 200 ")
         assert bodies_read == [b"x" * 10]
+
+
+async def test_one_address_may_hold_only_so_many_bytes_of_unfinished_bodies() -> None:
+    # Each body could keep coming slowly enough never to be idle past its bound (here a
+    # long one): without a count per address, a thousand such connections held 2 GB.
+    bodies_read.clear()
+    async with _serving(body_idle_secs=60.0, max_incomplete_per_peer=0) as port:
+        slow = [await _open(port) for _ in range(4)]
+        try:
+            for _, writer in slow[:3]:
+                writer.write(_post(2000) + b"x" * 1000)
+            await asyncio.sleep(0.05)
+            reader, writer = slow[3]
+            writer.write(_post(2000) + b"x" * 1000)
+            assert await _closed(reader, ANSWER_SECS), "a body past the address's bytes was held"
+            for held, _ in slow[:3]:
+                assert not await _closed(held, 0.05), "a body within the bytes was dropped"
+            slow[0][1].write(b"x" * 1000)  # one body is done: its bytes count no longer
+            assert (await _answered(slow[0][0])).startswith(b"HTTP/1.1 200 ")
+            # The dropped one's app was told that its client left.
+            assert bodies_read == [None, b"x" * 2000]
+            reader, writer = slow[3] = await _open(port)
+            writer.write(_post(2000) + b"x" * 1000)
+            assert not await _closed(reader, 0.05), "a finished body's bytes stayed counted"
+        finally:
+            for _, writer in slow:
+                writer.close()
 
 
 async def test_a_body_the_server_is_not_reading_yet_is_not_timed(port: int) -> None:

@@ -680,6 +680,14 @@ MAX_INCOMPLETE_HEADS_PER_PEER = 256
 # that has not come on for this long is dropped: nginx's client_body_timeout (60 s),
 # counted from the last read, so a slow client that keeps sending is never cut short.
 REQUEST_BODY_IDLE_SECS = 60.0
+# Nor is a body that keeps coming, a byte a minute, ever idle that long: each such
+# connection holds what it sent so far (up to DATA_UPLOAD_MAX_MEMORY_SIZE, 2 MiB), and a
+# thousand from one address held 2 GB. So one client address (IPv6: its /64) may have
+# this many bytes of unfinished bodies at once, as many as its unfinished heads may
+# hold; the read that would pass it drops its connection. A body that comes whole in
+# the read of its head is never counted, and a back-end's bodies finish in
+# milliseconds: eight 2 MiB batches uploading at once from one host stay within it.
+MAX_UNFINISHED_BODY_BYTES_PER_PEER = 16 * 1024 * 1024
 _HEAD_TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
     b"content-length: 33\r\nconnection: close\r\n\r\nrequest line or headers too large"
@@ -693,6 +701,7 @@ def bounded_head_httptools_protocol(
     deadline_secs: float = REQUEST_HEAD_DEADLINE_SECS,
     max_incomplete_per_peer: int = MAX_INCOMPLETE_HEADS_PER_PEER,
     body_idle_secs: float = REQUEST_BODY_IDLE_SECS,
+    max_unfinished_body_bytes_per_peer: int = MAX_UNFINISHED_BODY_BYTES_PER_PEER,
 ) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol (``uvicorn.Config(http=...)``) answering 431 and
     closing once a request's line and headers pass ``max_bytes`` bytes or
@@ -700,13 +709,18 @@ def bounded_head_httptools_protocol(
     whose head is not done ``deadline_secs`` after it began; and closing at once a new
     connection from a socket peer (IPv6: its /64) that has ``max_incomplete_per_peer``
     heads unfinished (0: no such bound; pass 0 behind a proxy, whose address every
-    connection has); and closing a connection whose request body has not come on for
+    connection has); closing a connection whose request body has not come on for
     ``body_idle_secs`` while the server was reading (the application then reads
-    ``http.disconnect``). A WebSocket upgrade hands the connection to the WebSocket
-    protocol after its head, so frames are never counted here."""
+    ``http.disconnect``); and closing one whose read would take its peer's bytes of
+    unfinished bodies past ``max_unfinished_body_bytes_per_peer`` (0: no such bound;
+    0 behind a proxy, which reads the bodies itself). A WebSocket upgrade hands the
+    connection to the WebSocket protocol after its head, so frames are never counted
+    here."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     incomplete: collections.Counter[str] = collections.Counter()
+    # Peer -> the bytes read of its requests' bodies not yet whole.
+    unfinished_body_bytes: collections.Counter[str] = collections.Counter()
     # uvicorn's own handlers of what arrives, called for every request: through these
     # rather than super(), which makes a proxy object each time. Measured on a fake
     # transport, a REST request cost 2.2-3.7 us more in this class than in uvicorn's
@@ -741,14 +755,16 @@ def bounded_head_httptools_protocol(
         _in_body = False
         _body_timer: asyncio.TimerHandle | None = None
         _body_read_at = 0.0
+        # What this connection's unfinished body counts in ``unfinished_body_bytes``.
+        _body_held = 0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's own signature
             super().connection_made(transport)
             self._access_handlers = self.access_log  # whether uvicorn would log
             peer = self.client[0] if self.client else None
-            if max_incomplete_per_peer and peer:
+            if (max_incomplete_per_peer or max_unfinished_body_bytes_per_peer) and peer:
                 key = address_block(peer)
-                if incomplete[key] >= max_incomplete_per_peer:
+                if max_incomplete_per_peer and incomplete[key] >= max_incomplete_per_peer:
                     transport.close()
                     return
                 self._peer_key = key
@@ -771,7 +787,7 @@ def bounded_head_httptools_protocol(
             if not self._in_head:
                 base_data_received(self, data)
                 if self._in_body:
-                    self._body_comes()
+                    self._body_comes(len(data))
                 return
             # Counted whole, then judged once parsed: a chunk that ends the head may
             # carry a body (a REST publish of 1 MiB), which is no part of it. So a head
@@ -788,7 +804,8 @@ def bounded_head_httptools_protocol(
                     # others a timer each (measured: ~1.5 us of CPU per request).
                     self._arm_head()
             elif self._in_body:  # the head came whole, the body not (yet)
-                self._body_comes()
+                # (All of the read counted: its head's part, at most one head's bound.)
+                self._body_comes(len(data))
 
         def on_header(self, name: bytes, value: bytes) -> None:
             self._head_fields += 1
@@ -823,7 +840,7 @@ def bounded_head_httptools_protocol(
             base_on_headers_complete(self)
 
         def on_message_complete(self) -> None:
-            if self._body_timer is not None:
+            if self._body_timer is not None or self._body_held:
                 self._body_ends()
             else:
                 self._in_body = False  # all _body_ends does then
@@ -846,7 +863,7 @@ def bounded_head_httptools_protocol(
                 return
             self._head_armed = True
             self._head_deadline = self.loop.call_later(deadline_secs, self._head_too_slow)
-            if self._peer_key is not None:
+            if self._peer_key is not None and max_incomplete_per_peer:
                 incomplete[self._peer_key] += 1
 
         def _head_ends(self) -> None:
@@ -859,10 +876,8 @@ def bounded_head_httptools_protocol(
             if self._head_deadline is not None:
                 self._head_deadline.cancel()
                 self._head_deadline = None
-            if self._peer_key is not None:
-                incomplete[self._peer_key] -= 1
-                if incomplete[self._peer_key] <= 0:
-                    del incomplete[self._peer_key]
+            if self._peer_key is not None and max_incomplete_per_peer:
+                _uncount(incomplete, self._peer_key, 1)
 
         def _head_too_slow(self) -> None:
             self._head_deadline = None
@@ -873,21 +888,36 @@ def bounded_head_httptools_protocol(
             # middle of a head is dropped without an answer, as nginx does.
             self.transport.close()
 
-        def _body_comes(self) -> None:
-            """A read that leaves the body unfinished: its idle time starts again."""
+        def _body_comes(self, nbytes: int) -> None:
+            """A read of ``nbytes`` that leaves the body unfinished: its idle time starts
+            again, and its bytes count against the peer's budget."""
             self._body_read_at = self.loop.time()
             if self._body_timer is None:
                 self._body_timer = self.loop.call_later(body_idle_secs, self._body_too_slow)
+            key = self._peer_key
+            if key is None or not max_unfinished_body_bytes_per_peer:
+                return
+            self._body_held += nbytes
+            unfinished_body_bytes[key] += nbytes
+            if unfinished_body_bytes[key] > max_unfinished_body_bytes_per_peer:
+                # Dropped without an answer, as a body too slow is.
+                self._body_ends()
+                self.transport.close()
 
         def _body_ends(self) -> None:
             self._in_body = False
             if self._body_timer is not None:
                 self._body_timer.cancel()
                 self._body_timer = None
+            if self._body_held:
+                assert self._peer_key is not None
+                _uncount(unfinished_body_bytes, self._peer_key, self._body_held)
+                self._body_held = 0
 
         def _body_too_slow(self) -> None:
             self._body_timer = None
             if not self._in_body or self.transport.get_protocol() is not self:
+                self._body_ends()  # (an upgraded connection's count, if any, too)
                 return
             now = self.loop.time()
             # Not the client's wait: uvicorn stopped reading (a pipelined request, or a
@@ -901,7 +931,7 @@ def bounded_head_httptools_protocol(
                 return
             # Dropped without an answer, as a head too slow is: the application may
             # have begun one.
-            self._in_body = False
+            self._body_ends()
             self.transport.close()
 
         def _refuse_head(self) -> None:
@@ -911,6 +941,14 @@ def bounded_head_httptools_protocol(
                 self.transport.close()
 
     return BoundedHeadHttpToolsProtocol
+
+
+def _uncount(counter: collections.Counter[str], key: str, amount: int) -> None:
+    """Take ``amount`` off ``key``'s count, and the key away at zero (a counter of every
+    address ever seen would grow without bound)."""
+    counter[key] -= amount
+    if counter[key] <= 0:
+        del counter[key]
 
 
 class _HeadTooLarge(Exception):

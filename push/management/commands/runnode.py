@@ -29,6 +29,7 @@ from common.errors import CloseCode
 from push.services.runtime import drain_running_node
 from push.transport.server_adapters import (
     MAX_INCOMPLETE_HEADS_PER_PEER,
+    MAX_UNFINISHED_BODY_BYTES_PER_PEER,
     bound_daphne_request_bodies,
     bounded_head_httptools_protocol,
     defer_autobahn_config_dump,
@@ -85,6 +86,7 @@ class Command(BaseCommand):
             self._run_daphne(options)
 
     def _run_uvicorn(self, options: dict[str, Any]) -> None:
+        behind_proxy = bool(push_settings.TRUSTED_PROXIES)
         config = uvicorn.Config(
             APPLICATION,
             host=options["host"],
@@ -92,11 +94,12 @@ class Command(BaseCommand):
             loop="uvloop",
             # httptools, with bounds on a request's line and headers, which it lacks.
             # Behind a proxy every connection has the proxy's address, and the proxy
-            # reads the heads: unfinished heads are then not counted per peer.
+            # reads the heads and bodies: unfinished ones are then not counted per peer.
             http=bounded_head_httptools_protocol(
-                max_incomplete_per_peer=0
-                if push_settings.TRUSTED_PROXIES
-                else MAX_INCOMPLETE_HEADS_PER_PEER
+                max_incomplete_per_peer=0 if behind_proxy else MAX_INCOMPLETE_HEADS_PER_PEER,
+                max_unfinished_body_bytes_per_peer=0
+                if behind_proxy
+                else MAX_UNFINISHED_BODY_BYTES_PER_PEER,
             ),
             # The sans-I/O implementation: ~30% less CPU per frame than the legacy one
             # in the fan-out benchmark, with the same flow control.
