@@ -1,6 +1,7 @@
 """REST throttling per credential: each user or service token has its own budget, and
-anonymous callers share one per IP address. Counters live in the shared cache (Redis
-when configured), so the budget holds across nodes.
+anonymous callers share one per IP address (an IPv6 address's whole /64, which one
+host can pick addresses from, as every other limit per address). Counters live in the
+shared cache (Redis when configured), so the budget holds across nodes.
 
 Service tokens are back-ends publishing for many users: they have a rate scope of
 their own (``service``, ``PUSH_REST_SERVICE_RATE``), unthrottled when it is unset."""
@@ -16,6 +17,7 @@ from rest_framework.throttling import SimpleRateThrottle
 from accounts.authentication import request_principal
 from accounts.counters import count
 from accounts.principals import Principal
+from common.addresses import address_block
 
 # The throttle rate scope (DEFAULT_THROTTLE_RATES) of each kind of principal.
 _SCOPES = {"anonymous": "anonymous", "user": "principal", "service": "service"}
@@ -74,8 +76,7 @@ class PrincipalRateThrottle(SimpleRateThrottle):
 
     def get_cache_key(self, request: Request, view: Any) -> str | None:
         principal = request_principal(request)
-        ident = principal.key if principal.is_authenticated else self.get_ident(request)
-        return f"throttle_{self.scope}_{ident}"
+        return f"throttle_{self.scope}_{_ident(principal, self.get_ident(request))}"
 
 
 def count_in_window(key: str, num_requests: int, duration: int, now: float) -> tuple[bool, float]:
@@ -100,6 +101,14 @@ def principal_within_rate(principal: Principal, address: str | None) -> bool:
     num_requests, duration = SimpleRateThrottle.parse_rate(None, rate)  # type: ignore[arg-type]  # parse_rate reads nothing of self
     if num_requests is None or duration is None:
         return True
-    ident = principal.key if principal.is_authenticated else address
-    allowed, _ = count_in_window(f"throttle_{scope}_{ident}", num_requests, duration, time.time())
+    key = f"throttle_{scope}_{_ident(principal, address)}"
+    allowed, _ = count_in_window(key, num_requests, duration, time.time())
     return allowed
+
+
+def _ident(principal: Principal, address: str | None) -> str | None:
+    """Whose budget a request draws on: its principal's, or an anonymous one's address
+    (counted per exact IPv6 address, a host sent each request from a new one)."""
+    if principal.is_authenticated:
+        return principal.key
+    return address_block(address) if address else address

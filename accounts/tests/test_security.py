@@ -175,6 +175,26 @@ def test_varying_x_forwarded_for_does_not_escape_the_anonymous_throttle() -> Non
     assert statuses[:3] == [200, 200, 200] and statuses[3:] == [429, 429]
 
 
+@override_settings(
+    REST_FRAMEWORK={
+        **django_settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {"principal": "1000/min", "anonymous": "3/min"},
+    }
+)
+def test_anonymous_rest_is_throttled_per_ipv6_64() -> None:
+    """A host picks any address of its /64: counted per exact address, it sent each
+    request from a new one and was never throttled."""
+    block = f"2001:db8:{uuid.uuid4().int % 0xFFFF:x}"  # this run's own: counters outlive it
+    client = APIClient()
+    statuses = [
+        client.get("/api/v1/channels/", REMOTE_ADDR=f"{block}::{i}").status_code
+        for i in range(1, 6)
+    ]
+    assert statuses[:3] == [200, 200, 200] and statuses[3:] == [429, 429]
+    other = client.get("/api/v1/channels/", REMOTE_ADDR=f"{block}:1::1")
+    assert other.status_code == 200
+
+
 @pytest.mark.parametrize("trusted_proxies", [0, 1])
 async def test_per_ip_limits_believe_forwarded_addresses_only_behind_trusted_proxies(
     trusted_proxies: int,
