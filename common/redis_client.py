@@ -161,7 +161,8 @@ class CacheSentinelPool(SentinelConnectionPool):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> CacheSentinelPool:
         _, sentinels, master = _settings()
-        return cls(master, _sentinel(Sentinel, sentinels), **master_options(url), **options)
+        # What the URL names wins over the cache's OPTIONS, as redis-py's own from_url has it.
+        return cls(master, _sentinel(Sentinel, sentinels), **{**options, **master_options(url)})
 
 
 def script_argument(values: list[Any]) -> bytes:

@@ -210,9 +210,20 @@ CACHES = {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": REDIS_PREFIX,
-            "OPTIONS": (
-                {"pool_class": "common.redis_client.CacheSentinelPool"} if REDIS_SENTINELS else {}
-            ),
+            "OPTIONS": {
+                # Every token look-up and REST throttle asks the cache (on the database
+                # threads and Django's one shared request thread): without a deadline, a
+                # Redis that stopped answering held them all for ever. Past it the cache
+                # counts as unreachable (accounts.auth_failures), as the node's own
+                # kept-token check does after the same second.
+                "socket_connect_timeout": 1.0,
+                "socket_timeout": 1.0,
+                **(
+                    {"pool_class": "common.redis_client.CacheSentinelPool"}
+                    if REDIS_SENTINELS
+                    else {}
+                ),
+            },
         }
         if REDIS_URL
         else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}

@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.conf import settings as django_settings
 from django.contrib.auth.models import Group, User
 from django.core.cache import cache
 from django.db import connection
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 from rest_framework.authtoken.models import Token
 
@@ -28,7 +30,9 @@ from accounts.principal_cache import (
     kept_token_principal,
     token_principal,
 )
+from common.db import db_call
 from common.redis_client import redis_async
+from push.tests.redis_proxy import Proxy
 
 pytestmark = pytest.mark.django_db
 
@@ -169,6 +173,30 @@ async def test_a_redis_that_stops_answering_leaves_the_check_to_the_usual_way() 
     assert await kept_token_principal(key, ADDRESS) is None
     assert time.monotonic() - started < 2.0  # given up after its timeout, not held
     await redis.aclose()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_redis_that_stops_answering_does_not_hold_a_token_look_up() -> None:
+    """The look-up's generation and failure count (the shared cache) from a Redis that
+    stopped answering: the request, and the database thread it holds, waited for ever."""
+    _token, key = await sync_to_async(_service)()
+    target = parse_url(str(django_settings.REDIS_URL))
+    proxy = Proxy((target.get("host", "127.0.0.1"), target.get("port", 6379)))
+    port = await proxy.start()
+    location = f"redis://127.0.0.1:{port}/{target.get('db', 0)}"
+    try:
+        with override_settings(
+            CACHES={"default": {**django_settings.CACHES["default"], "LOCATION": location}}
+        ):
+            proxy.frozen = True
+            look_up = asyncio.ensure_future(db_call(token_principal)(key, ADDRESS))
+            done, _ = await asyncio.wait([look_up], timeout=15)
+            proxy.frozen = False  # lets a held look-up end, so the test does not hang
+            principal = await look_up
+        assert done, "the look-up waited for Redis"
+        assert principal is not None and principal.kind == "service"
+    finally:
+        await proxy.stop()
 
 
 class _SlowRedis:
