@@ -1,5 +1,8 @@
-"""Admin for grants and service tokens. A new service token's key is shown once, in
-the message after saving; only its hash is stored.
+"""Admin for grants, service tokens and users' API tokens. A new service token's key
+is shown once, in the message after saving; only its hash is stored. A user's API
+token (DRF's ``authtoken``, stored as it is) is shown once too, when it is added, and
+elsewhere by the first characters of its key only: DRF's own admin listed every key
+in full to anyone allowed to view tokens, a superuser's among them.
 
 A grant made here starts with no right ticked and must name at least one: the least
 right is the default, and nobody gets ``subscribe`` on a pattern by overlooking a
@@ -14,8 +17,13 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from rest_framework.authtoken.admin import TokenAdmin
+from rest_framework.authtoken.models import TokenProxy
 
 from accounts.models import ChannelGrant, ServiceToken
+
+# Characters of a user token's key the admin shows, as a service token's ``key_prefix``.
+TOKEN_KEY_SHOWN = 8
 
 
 class GrantForm(forms.ModelForm):
@@ -86,3 +94,29 @@ class ServiceTokenAdmin(admin.ModelAdmin):
     def revoke(self, request: HttpRequest, queryset: QuerySet[ServiceToken]) -> None:
         for token in queryset.filter(revoked_at__isnull=True):
             token.revoke()
+
+
+def _token_name(token: TokenProxy) -> str:
+    return f"{token.key[:TOKEN_KEY_SHOWN]}… ({token.user})"
+
+
+# What the admin shows of a token wherever it names one (title, breadcrumbs, history,
+# recent actions, deletion): DRF's ``__str__`` is the key. TokenProxy is DRF's model
+# for its admin alone; the Token model itself is unchanged.
+TokenProxy.__str__ = _token_name  # type: ignore[assignment,method-assign]  # see above
+
+admin.site.unregister(TokenProxy)
+
+
+@admin.register(TokenProxy)
+class UserTokenAdmin(TokenAdmin):
+    list_display = ("key_start", "user", "created")
+
+    @admin.display(description="key")
+    def key_start(self, obj: TokenProxy) -> str:
+        return f"{obj.key[:TOKEN_KEY_SHOWN]}…"
+
+    def save_model(self, request: HttpRequest, obj: TokenProxy, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if not change:
+            messages.warning(request, f"Key for {obj.user} (shown only now): {obj.key}")

@@ -429,6 +429,34 @@ def test_view_only_staff_cannot_run_the_admin_actions() -> None:
     assert token.revoked_at is not None
 
 
+def test_the_admin_shows_a_user_token_s_key_only_when_it_is_made() -> None:
+    """Staff allowed to view tokens read every user's key in full (a superuser's among
+    them) on the list, the change page and the history, and could act as that user."""
+    root = User.objects.create_superuser("root", "root@example.com", "pw")
+    key = Token.objects.create(user=root).key
+    viewer = _staff("tokenviewer", "view_tokenproxy")
+    listed = viewer.get("/admin/authtoken/tokenproxy/")
+    assert listed.status_code == 200 and b"root" in listed.content
+    assert key.encode() not in listed.content
+    for page in (f"/admin/authtoken/tokenproxy/{root.pk}/change/", "/admin/"):
+        shown = viewer.get(page)
+        assert shown.status_code == 200 and key.encode() not in shown.content
+    admin = Client()
+    assert admin.login(username="root", password="pw")
+    holder = User.objects.create_user("holder", password="x")
+    added = admin.post("/admin/authtoken/tokenproxy/add/", {"user": holder.pk}, follow=True)
+    new = Token.objects.get(user=holder).key
+    assert added.status_code == 200 and new.encode() in added.content  # shown once
+    for page in (
+        "/admin/authtoken/tokenproxy/",
+        f"/admin/authtoken/tokenproxy/{holder.pk}/change/",
+        f"/admin/authtoken/tokenproxy/{holder.pk}/history/",
+        "/admin/",
+    ):
+        shown = admin.get(page)
+        assert shown.status_code == 200 and new.encode() not in shown.content, page
+
+
 def test_an_admin_grant_starts_with_no_right_and_needs_one() -> None:
     User.objects.create_superuser("root", "root@example.com", "pw")
     holder = User.objects.create_user("holder", password="x")
