@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.auth import get_permission_codename
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse
@@ -219,14 +219,16 @@ class ChannelAdmin(ReadOnlyAdmin):
 class PusherAppAdmin(admin.ModelAdmin):
     """Apps of the Pusher protocol. The id, key and secret are made by the server when
     an app is added (as ``manage.py pusher_app create`` does) and never typed in: a
-    secret someone chose is a secret someone else may guess. Changes reach every node
-    within ``APP_CACHE_SECS``."""
+    secret someone chose is a secret someone else may guess. The secret is shown once,
+    in the message after adding, as the command prints it once: on the app's page,
+    anyone allowed to view apps could read it and sign for any channel. Changes reach
+    every node within ``APP_CACHE_SECS``."""
 
     list_display = ("name", "app_id", "key", "client_events", "enabled", "created_at")
     list_filter = ("enabled", "client_events")
     search_fields = ("name", "app_id", "key")
-    fields = ("name", "app_id", "key", "secret", "client_events", "enabled", "webhook_urls")
-    readonly_fields = ("app_id", "key", "secret")
+    fields = ("name", "app_id", "key", "client_events", "enabled", "webhook_urls")
+    readonly_fields = ("app_id", "key")
 
     def save_model(self, request: HttpRequest, obj: PusherApp, form: Any, change: bool) -> None:
         if not change:
@@ -234,6 +236,8 @@ class PusherAppAdmin(admin.ModelAdmin):
             obj.app_id = free_app_id()
         super().save_model(request, obj, form, change)
         app_cache.forget()
+        if not change:
+            messages.warning(request, f"Secret of {obj} (shown only now): {obj.secret}")
 
     def delete_model(self, request: HttpRequest, obj: PusherApp) -> None:
         super().delete_model(request, obj)

@@ -36,7 +36,7 @@ from accounts.subscription_tokens import (
     subscription_token_verify,
 )
 from common.errors import CloseCode, PushError
-from push.models import Connection
+from push.models import Connection, PusherApp
 from push.ops.webhooks import _headers, webhook_secret
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import connected_client, open_client
@@ -455,6 +455,24 @@ def test_the_admin_shows_a_user_token_s_key_only_when_it_is_made() -> None:
     ):
         shown = admin.get(page)
         assert shown.status_code == 200 and new.encode() not in shown.content, page
+
+
+def test_the_admin_shows_a_pusher_app_s_secret_only_when_it_is_made() -> None:
+    """Anyone allowed to view Pusher apps read each app's secret on its page, and could
+    sign any channel authorization and publish through the HTTP API with it
+    (``manage.py pusher_app`` prints it once and never lists it)."""
+    User.objects.create_superuser("root", "root@example.com", "pw")
+    admin = Client()
+    assert admin.login(username="root", password="pw")
+    added = admin.post("/admin/push/pusherapp/add/", {"name": "Shop", "enabled": "on"}, follow=True)
+    app = PusherApp.objects.get(name="Shop")
+    assert added.status_code == 200 and app.secret.encode() in added.content  # shown once
+    viewer = _staff("appviewer", "view_pusherapp")
+    for browser in (admin, viewer):
+        for page in (f"/admin/push/pusherapp/{app.pk}/change/", "/admin/push/pusherapp/"):
+            shown = browser.get(page)
+            assert shown.status_code == 200 and app.key.encode() in shown.content
+            assert app.secret.encode() not in shown.content, page
 
 
 def test_an_admin_grant_starts_with_no_right_and_needs_one() -> None:
