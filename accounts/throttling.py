@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from redis.exceptions import RedisError
 from rest_framework.request import Request
 from rest_framework.throttling import SimpleRateThrottle
 
@@ -18,6 +19,7 @@ from accounts.authentication import request_principal
 from accounts.counters import count
 from accounts.principals import Principal
 from common.addresses import address_block
+from common.errors import ErrorCode, PushError
 
 # The throttle rate scope (DEFAULT_THROTTLE_RATES) of each kind of principal.
 _SCOPES = {"anonymous": "anonymous", "user": "principal", "service": "service"}
@@ -102,7 +104,12 @@ def principal_within_rate(principal: Principal, address: str | None) -> bool:
     if num_requests is None or duration is None:
         return True
     key = f"throttle_{scope}_{_ident(principal, address)}"
-    allowed, _ = count_in_window(key, num_requests, duration, time.time())
+    try:
+        allowed, _ = count_in_window(key, num_requests, duration, time.time())
+    except RedisError as exc:
+        # What the REST API answers when its throttle cannot count (push.api.exceptions):
+        # a dependency that is down, not a server error.
+        raise PushError(ErrorCode.UNAVAILABLE, "Redis unavailable; retry later") from exc
     return allowed
 
 

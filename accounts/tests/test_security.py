@@ -26,9 +26,11 @@ from django.core.cache import cache
 from django.test import Client, override_settings
 from django.utils import timezone
 from prometheus_client import REGISTRY
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from accounts import throttling
 from accounts.models import ChannelGrant, ServiceToken
 from accounts.subscription_tokens import (
     subscription_token_issue,
@@ -193,6 +195,22 @@ def test_anonymous_rest_is_throttled_per_ipv6_64() -> None:
     assert statuses[:3] == [200, 200, 200] and statuses[3:] == [429, 429]
     other = client.get("/api/v1/channels/", REMOTE_ADDR=f"{block}:1::1")
     assert other.status_code == 200
+
+
+def test_pusher_authorization_with_redis_down_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its REST budget's counter could not be counted: a 500 with a trace, where the
+    REST API answers 503 ``UNAVAILABLE``."""
+
+    def down(*args: Any, **kwargs: Any) -> int:
+        raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379")
+
+    monkeypatch.setattr(throttling, "count", down)
+    answer = Client().post("/pusher/auth", {"socket_id": "1.2", "channel_name": "private-x"})
+    assert answer.status_code == 503 and answer.json()["code"] == "UNAVAILABLE"
+    rest = APIClient().get("/api/v1/channels/")
+    assert rest.status_code == 503 and rest.json()["code"] == "UNAVAILABLE"
 
 
 @pytest.mark.parametrize("trusted_proxies", [0, 1])
