@@ -12,6 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.auth import get_permission_codename
+from django.core.exceptions import PermissionDenied
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -132,8 +133,16 @@ class ConnectionAdmin(ReadOnlyAdmin):
         )
         return [nodes, dead, *super().get_urls()]
 
+    def _require_view_permission(self, request: HttpRequest) -> None:
+        """The node pages show what the connection list shows, and more (client events'
+        data): ``admin_view`` lets in any staff account, so they ask for the view
+        permission on connections themselves."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+
     def dead_events_view(self, request: HttpRequest) -> HttpResponse:
         """Lifecycle events that kept failing their handlers (the dead-letter stream)."""
+        self._require_view_permission(request)
         stream = f"{redis_prefix()}:events"
         rows: list[dict[str, Any]] = []
         if settings.REDIS_URL:
@@ -152,6 +161,7 @@ class ConnectionAdmin(ReadOnlyAdmin):
 
     def nodes_view(self, request: HttpRequest) -> HttpResponse:
         """Every live node, and the busiest channels summed over nodes."""
+        self._require_view_permission(request)
         running = running_node()
         nodes = cluster_nodes(local=running.stats if running is not None else None)
         channels: dict[str, dict[str, Any]] = {}

@@ -447,6 +447,16 @@ def test_view_only_staff_cannot_run_the_admin_actions() -> None:
     assert token.revoked_at is not None
 
 
+def test_the_admin_s_node_pages_need_the_view_permission_on_connections() -> None:
+    """Any staff account, one allowed nothing at all, read every node's busiest
+    channels and the dead-letter events (client events' data, users, channels)."""
+    nobody = _staff("nobody")
+    viewer = _staff("connviewer", "view_connection")
+    for page in ("/admin/push/connection/nodes/", "/admin/push/connection/events/dead/"):
+        assert nobody.get(page).status_code == 403, page
+        assert viewer.get(page).status_code == 200, page
+
+
 def test_the_admin_shows_a_user_token_s_key_only_when_it_is_made() -> None:
     """Staff allowed to view tokens read every user's key in full (a superuser's among
     them) on the list, the change page and the history, and could act as that user."""
