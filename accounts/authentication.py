@@ -2,20 +2,26 @@
 token; the request's ``auth`` is then the caller's ``Principal``. Plain Django views
 (Pusher's authorization endpoints) find theirs the same way (``plain_request_principal``).
 
-DRF authenticates before it throttles, so a wrong key is counted here against the
-client's address (``accounts.auth_failures``): past the budget the answer is 429
-without a look at the key."""
+DRF authenticates before it throttles, so a wrong key, and a session cookie that
+names no session, is counted here against the client's address
+(``accounts.auth_failures``), as the streams count them: past the budget the answer is
+429 without a look at the key or the session."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest
-from rest_framework.authentication import BaseAuthentication, get_authorization_header
+from rest_framework.authentication import (
+    BaseAuthentication,
+    SessionAuthentication,
+    get_authorization_header,
+)
 from rest_framework.exceptions import AuthenticationFailed, Throttled
 from rest_framework.request import Request
 
-from accounts.auth_failures import WINDOW_SECS
+from accounts.auth_failures import WINDOW_SECS, auth_failure_record, auth_failures_exceeded
 from accounts.principal_cache import kept_token_principal, token_principal
 from accounts.principals import Principal, principal_for_user
 from common.errors import ErrorCode, PushError
@@ -74,6 +80,23 @@ class PushTokenAuthentication(BaseAuthentication):
 
     def authenticate_header(self, request: Request) -> str:
         return self.keyword
+
+
+class PushSessionAuthentication(SessionAuthentication):
+    """DRF's session authentication (with its CSRF check), where a session cookie that
+    names no session is a failed authentication of the client's address."""
+
+    def authenticate(self, request: Request) -> tuple[Any, None] | None:
+        if not request._request.COOKIES.get(settings.SESSION_COOKIE_NAME):
+            return super().authenticate(request)
+        address = request.META.get("REMOTE_ADDR")
+        if auth_failures_exceeded(address):
+            raise Throttled(WINDOW_SECS, TOO_MANY_FAILURES)
+        found = super().authenticate(request)
+        # Django's session store forgets a key it found no session for.
+        if request._request.session.session_key is None:
+            auth_failure_record(address)
+        return found
 
 
 def _drf_user(principal: Principal) -> Any:

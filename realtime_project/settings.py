@@ -260,7 +260,7 @@ warnings.filterwarnings("ignore", message="No directory at", module="whitenoise.
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "accounts.authentication.PushTokenAuthentication",
-        "rest_framework.authentication.SessionAuthentication",
+        "accounts.authentication.PushSessionAuthentication",
     ],
     "DEFAULT_THROTTLE_CLASSES": ["accounts.throttling.PrincipalRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {

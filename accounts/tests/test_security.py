@@ -295,6 +295,31 @@ def test_bad_rest_tokens_are_throttled_per_address() -> None:
 
 
 @override_settings(PUSH={"AUTH_FAILURES_PER_MIN": 3})
+def test_unknown_rest_sessions_are_throttled_per_address() -> None:
+    """A made-up session cookie cost REST a session look-up, uncounted, as often as the
+    address's REST budget let it, where streams count it (and a bad token) as a failure."""
+    user = User.objects.create_user("valid-session", password="x")
+    valid = Token.objects.create(user=user).key
+    address = "192.0.2.44"
+    client = APIClient()
+    statuses = []
+    for i in range(4):
+        client.cookies[django_settings.SESSION_COOKIE_NAME] = f"{i:032d}"
+        statuses.append(client.get("/api/v1/channels/", REMOTE_ADDR=address).status_code)
+    assert statuses == [200, 200, 200, 429]
+    client.cookies.clear()
+    refused = client.get(
+        "/api/v1/channels/", HTTP_AUTHORIZATION=f"Token {valid}", REMOTE_ADDR=address
+    )
+    assert refused.status_code == 429 and refused.json()["code"] == "RATE_LIMITED"
+    # A session that exists is no failure.
+    signed_in = APIClient()
+    signed_in.force_login(user)
+    for _ in range(4):
+        assert signed_in.get("/api/v1/channels/", REMOTE_ADDR="192.0.2.45").status_code == 200
+
+
+@override_settings(PUSH={"AUTH_FAILURES_PER_MIN": 3})
 async def test_bad_stream_tokens_and_unknown_sessions_are_throttled_per_address() -> None:
     def valid_token() -> str:
         return Token.objects.create(user=User.objects.create_user("ws", password="x")).key

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.authentication import SessionScheme
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.plumbing import build_bearer_security_scheme_object
@@ -49,6 +50,13 @@ class PushTokenScheme(OpenApiAuthenticationExtension):
         return build_bearer_security_scheme_object(
             header_name="Authorization", token_prefix=self.target.keyword
         )
+
+
+class PushSessionScheme(SessionScheme):
+    """The session cookie (``accounts.authentication.PushSessionAuthentication``, DRF's
+    own with failed look-ups counted), as drf-spectacular shows DRF's."""
+
+    target_class = "accounts.authentication.PushSessionAuthentication"
 
 
 # ----- errors ---------------------------------------------------------------------------------
