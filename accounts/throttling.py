@@ -115,7 +115,8 @@ def principal_within_rate(principal: Principal, address: str | None) -> bool:
 
 def _ident(principal: Principal, address: str | None) -> str | None:
     """Whose budget a request draws on: its principal's, or an anonymous one's address
-    (counted per exact IPv6 address, a host sent each request from a new one)."""
+    block (an IPv6 /64: counted per exact address, one host could send each request
+    from a new one)."""
     if principal.is_authenticated:
         return principal.key
     return address_block(address) if address else address
