@@ -31,6 +31,22 @@ def test_a_count_starts_its_window_and_counts_every_call(monkeypatch: pytest.Mon
     assert 0 < cache._cache.get_client(name).ttl(name) <= 30
 
 
+def test_a_counter_found_without_a_timeout_gets_one() -> None:
+    # What INCR left when the key expired just before it (the count was SET NX, then
+    # INCR): an address's failed authentications that never expired shut it out for
+    # good. (Counted to 3 here, past the start of a window.)
+    cache = caches["default"]
+    if not isinstance(cache, RedisCache):
+        pytest.skip("needs REDIS_URL")
+    key = f"counter-{uuid.uuid4().hex}"
+    name = cache.make_and_validate_key(key)
+    client = cache._cache.get_client(name, write=True)
+    client.set(name, 2)
+    assert client.ttl(name) == -1
+    assert count(key, 30) == 3
+    assert 0 < client.ttl(name) <= 30
+
+
 @override_settings(CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}})
 def test_a_count_in_another_cache() -> None:
     key = f"counter-{uuid.uuid4().hex}"
