@@ -341,6 +341,31 @@ async def test_subscribe_with_since_replays_the_stored_tail(
     assert [m["data"] for m in received] == [{"n": 2}, {"n": 3}, {"n": 4}, {"n": 5}]
 
 
+@e2e
+async def test_a_cursor_past_the_channel_goes_on_from_the_seq_the_server_names(
+    node: ServerNode, publisher_token: str
+) -> None:
+    # A stored cursor the channel never reached (its history was reset, or restored
+    # from a backup): the server answers its real latest seq with recovered false, and
+    # the messages after that seq are new ones the application must get.
+    channel = channel_name()
+    for i in range(3):
+        await publish_rest(node, publisher_token, channel, i)
+    received: list[int] = []
+    unrecovered: list[dict[str, Any]] = []
+    async with PushClient(node.ws_url) as client:
+        client.on("unrecovered", unrecovered.append)
+        subscription = await client.subscribe(
+            channel, lambda message: received.append(message["seq"]), since=10
+        )
+        assert (subscription.seq, subscription.recovered) == (3, False)
+        for i in range(2):
+            await publish_rest(node, publisher_token, channel, f"new {i}")
+        await wait_until(lambda: received == [4, 5], "the new messages", timeout=WAIT_SECS)
+        assert client.last_seq(channel) == 5
+    assert unrecovered == [{"channel": channel, "since": 10, "seq": 3}]
+
+
 # Enough large messages to fill the kernel's socket buffers and the small send queue of
 # small_queue_node while the client does not read (tests/test_slow_consumer.py's flood).
 FLOOD_MESSAGES = 300

@@ -150,6 +150,27 @@ for (const { name, stored, failures, delivered, unrecovered, errors } of [
   });
 }
 
+test("a cursor past the channel goes on from the seq the server names", async () => {
+  // A stored cursor the channel never reached (its history was reset, or restored from
+  // a backup): the server answers its real latest seq with recovered false, and what
+  // follows that seq is new.
+  const c = client();
+  const seen = { messages: [], unrecovered: [] };
+  c.on("unrecovered", (detail) => seen.unrecovered.push(detail));
+  c.connect().catch(() => {});
+  const subscribed = c.subscribe("news", (message) => seen.messages.push(message.seq), { since: 10 });
+  await until("a socket", () => FakeSocket.opened.length === 1);
+  lastSocket().establish();
+  const request = lastSocket().sent.find((frame) => frame.type === "subscribe");
+  assert.equal(request.since, 10);
+  lastSocket().receive({ type: "subscribed", id: request.id, channel: "news", seq: 3, recovered: false });
+  await subscribed;
+  for (const seq of [4, 5]) lastSocket().message("news", seq);
+  assert.deepEqual(seen.messages, [4, 5]);
+  assert.equal(c.lastSeq("news"), 5);
+  assert.deepEqual(seen.unrecovered, [{ channel: "news", since: 10, seq: 3 }]);
+});
+
 test("an unsubscribe stops a repair in flight", async () => {
   let openGate;
   const gate = new Promise((resolve) => {

@@ -590,6 +590,14 @@ class PushClient:
                         "seq": reply["seq"],
                     },
                 )
+                if subscription.last_seq is not None and reply["seq"] < subscription.last_seq:
+                    # A cursor past anything the channel has (its history was reset):
+                    # the seqs after the reply's are new messages, not ones delivered.
+                    # What a repair held belongs to the history that is gone.
+                    if subscription.repair is not None:
+                        subscription.repair.cancel()
+                    subscription.held = subscription.repair = None
+                    subscription.last_seq = reply["seq"]
         self._settle(reply)
 
     def _on_occupancy(self, envelope: dict[str, Any]) -> None:

@@ -726,6 +726,13 @@ export class PushClient {
         // The server could not replay everything after `since` (history trimmed): the
         // application should refetch its state over REST.
         this.emit("unrecovered", { channel: reply.channel, since: subscription.lastSeq, seq: reply.seq });
+        if (reply.seq < subscription.lastSeq) {
+          // A cursor past anything the channel has (its history was reset): the seqs
+          // after the reply's are new messages, not ones delivered. What a repair held
+          // belongs to the history that is gone.
+          subscription.held = null;
+          subscription.lastSeq = reply.seq;
+        }
       }
     }
     this.settle(reply);
