@@ -188,6 +188,25 @@ async def test_a_gap_the_history_cannot_fill_is_reported_and_delivery_goes_on(
     assert [error["code"] for error in seen["error"]] == errors
 
 
+class StuckHistory(FakeHistory):
+    """Answers the page after seq 4 whatever ``since`` asks: a proxy that caches the
+    history page ignoring its query, or a buggy server."""
+
+    def __call__(self, url: str, headers: dict[str, str], timeout_secs: float) -> Any:
+        if len(self.requests) >= 50:
+            return {"results": [], "next": None}  # stops the test if the client loops
+        return super().__call__(url.replace("since=5", "since=4"), headers, timeout_secs)
+
+
+async def test_a_history_page_that_does_not_move_on_ends_the_read() -> None:
+    # The same page again must not be read (and kept) for ever.
+    history = StuckHistory(range(5, 6))
+    seen = await feed(history, [4, 8])
+    assert seen["seqs"] == [4, 5, 8]
+    assert seen["unrecovered"] == [{"channel": "news", "since": 5, "seq": 7}]
+    assert len(history.requests) == 2
+
+
 # ----- against real nodes ----------------------------------------------------------------
 
 

@@ -171,6 +171,21 @@ test("a cursor past the channel goes on from the seq the server names", async ()
   assert.deepEqual(seen.unrecovered, [{ channel: "news", since: 10, seq: 3 }]);
 });
 
+test("a history page that does not move on ends the read", async () => {
+  // A proxy that caches the history page whatever its query asks, or a buggy server:
+  // the same page again must not be read (and kept) for ever.
+  const { fetch, calls } = fakeFetch(() => {
+    const results = calls.length > 50 ? [] : [messageEnvelope("news", 5)]; // stops a loop
+    return { status: 200, body: { results, next: null } };
+  });
+  const { seen } = await subscribedAtThree({ fetch });
+  for (const seq of [4, 8]) lastSocket().message("news", seq);
+  await until("the repair", () => seen.messages.at(-1)?.[0] === 8);
+  assert.deepEqual(seen.messages.map(([seq]) => seq), [4, 5, 8]);
+  assert.deepEqual(seen.unrecovered, [{ channel: "news", since: 5, seq: 7 }]);
+  assert.equal(calls.length, 2);
+});
+
 test("an unsubscribe stops a repair in flight", async () => {
   let openGate;
   const gate = new Promise((resolve) => {

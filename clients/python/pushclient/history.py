@@ -68,7 +68,10 @@ def fetch_range(
     since = after
     while since < until:
         query = urlencode({"since": since, "limit": min(HISTORY_PAGE_MAX, until - since)})
-        page = get(f"{base}?{query}", headers, timeout_secs)["results"]
+        # Only what is after ``since``: a page that does not move on (a cache that
+        # ignores the query, a buggy server) ends the read instead of looping for ever.
+        results = get(f"{base}?{query}", headers, timeout_secs)["results"]
+        page = [m for m in results if m["seq"] > since]
         found.extend(m for m in page if m["seq"] <= until)
         if not page:
             break

@@ -679,7 +679,9 @@ export class PushClient {
         signal: AbortSignal.timeout(this.requestTimeoutMs),
       });
       if (!response.ok) throw new PushError(`HTTP_${response.status}`, `history read answered ${response.status}`);
-      const page = (await response.json()).results;
+      // Only what is after `since`: a page that does not move on (a cache that ignores
+      // the query, a buggy server) ends the read instead of looping for ever.
+      const page = (await response.json()).results.filter((message) => message.seq > since);
       for (const message of page) if (message.seq <= until) found.push(message);
       if (!page.length) break;
       since = page.at(-1).seq;
