@@ -262,6 +262,49 @@ async def test_reconnects_after_a_restart_and_resumes_without_a_gap(
     assert "reconnecting" in states and states[-2:] == ["connected", "disconnected"]
 
 
+@e2e
+async def test_a_resubscribe_refused_for_now_is_asked_again(
+    e2e_env: dict[str, str], publisher_token: str
+) -> None:
+    # One address may start two subscriptions at once, then one a second: after the
+    # restart the third resubscribe is refused RATE_LIMITED (as a database, Redis or
+    # broker outage answers UNAVAILABLE). The client holds that channel: it must
+    # subscribe again, not drop it without a word.
+    env = {**e2e_env, "PUSH_ADDRESS_SUBSCRIBE_BURST": "2", "PUSH_ADDRESS_SUBSCRIBE_PER_SEC": "1"}
+    node = ServerNode(env, name=f"budget-{uuid.uuid4().hex[:6]}").start()
+    channels = [channel_name() for _ in range(3)]
+    received: dict[str, list[int]] = {channel: [] for channel in channels}
+    errors: list[str] = []
+    client = PushClient(node.ws_url, **FAST)
+    client.on("error", lambda detail: errors.append(detail["code"]))
+    try:
+        await client.connect()
+        for channel in channels:
+            while True:  # the budget refills one a second
+                try:
+                    await client.subscribe(
+                        channel, lambda m, c=channel: received[c].append(m["seq"])
+                    )
+                    break
+                except PushError as exc:
+                    assert exc.code == "RATE_LIMITED"
+                    await asyncio.sleep(0.2)
+        await asyncio.to_thread(node.stop)
+        await asyncio.to_thread(node.start)
+        await wait_until(lambda: client.state == State.CONNECTED, "the reconnect", timeout=30)
+        for channel in channels:
+            await publish_rest(node, publisher_token, channel, "after the restart")
+        await wait_until(
+            lambda: all(seqs == [1] for seqs in received.values()),
+            "a message on every channel",
+            timeout=WAIT_SECS,
+        )
+    finally:
+        await client.close()
+        await asyncio.to_thread(node.stop)
+    assert "RATE_LIMITED" in errors  # the application heard of the refusal
+
+
 class Jitter:
     """A deterministic jitter source: cycles through ``draws`` and remembers each one."""
 

@@ -186,6 +186,25 @@ test("a history page that does not move on ends the read", async () => {
   assert.equal(calls.length, 2);
 });
 
+test("a resubscribe refused for now is asked again, and the application hears of it", async () => {
+  // After a restart the node's database, Redis or broker may still be down (UNAVAILABLE),
+  // or the address's subscribe budget spent (RATE_LIMITED): the subscription is held.
+  const { client: c, seen } = await subscribedAtThree();
+  lastSocket().fail(1012);
+  await until("a reconnect", () => FakeSocket.opened.length === 2);
+  lastSocket().establish();
+  const refused = lastSocket().sent.find((frame) => frame.type === "subscribe");
+  assert.equal(refused.since, 3);
+  lastSocket().receive({ type: "error", id: refused.id, code: "UNAVAILABLE", message: "database unavailable: down" });
+  assert.deepEqual(seen.error.map((error) => error.code), ["UNAVAILABLE"]);
+  const again = await until("a second subscribe", () => lastSocket().sent.filter((frame) => frame.type === "subscribe")[1]);
+  assert.equal(again.since, 3);
+  lastSocket().receive({ type: "subscribed", id: again.id, channel: "news", seq: 4, recovered: true });
+  lastSocket().message("news", 4);
+  assert.deepEqual(seen.messages, [[4, true]]);
+  assert.equal(c.lastSeq("news"), 4);
+});
+
 test("an unsubscribe stops a repair in flight", async () => {
   let openGate;
   const gate = new Promise((resolve) => {

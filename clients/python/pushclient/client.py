@@ -49,6 +49,9 @@ _POLICY_CLOSE = 1008
 # Reads of a gap's messages before the client gives the range up as unrecovered: a node
 # restarting answers again within a few backoff delays; a refusal never will.
 GAP_FETCH_ATTEMPTS = 3
+# Refusals of a subscribe that say "not now" (a dependency down, a budget spent): a
+# subscription the client already holds is asked for again after a backoff delay.
+_TRY_AGAIN_CODES = frozenset({"RATE_LIMITED", "UNAVAILABLE"})
 
 
 @dataclass(eq=False)
@@ -85,6 +88,10 @@ class Subscription:
     base: tuple[int, str] | None = None
     resync: asyncio.Task[None] | None = None
     delta_failures: int = 0
+    # A resubscribe refused for now (_TRY_AGAIN_CODES): the task that asks again, and
+    # how many times in a row it was refused.
+    retry: asyncio.Task[None] | None = None
+    refusals: int = 0
 
     @property
     def delivered(self) -> int:
@@ -580,6 +587,7 @@ class PushClient:
             elif subscription.last_seq is None:
                 subscription.last_seq = reply["seq"]
             subscription.delta_agreed = reply.get("delta") == FOSSIL
+            subscription.refusals = 0
             if reply.get("recovered") is False:
                 # History was trimmed past `since`: the application refetches over REST.
                 self._events.emit(
@@ -614,10 +622,33 @@ class PushClient:
                 "error", {"code": error.code, "message": error.message, "envelope": envelope}
             )
             return
-        if request.subscription is not None:
+        subscription = request.subscription
+        if subscription is not None and subscription.ready.done():
+            # A subscription the application holds, asked for again (a reconnect, a
+            # delta resync): it must not end without a word.
+            self._pending.pop(envelope["id"], None)
+            self._events.emit(
+                "error", {"code": error.code, "message": error.message, "envelope": envelope}
+            )
+            if error.code in _TRY_AGAIN_CODES and self._ws is not None:
+                subscription.retry = asyncio.create_task(
+                    self._subscribe_again(self._ws, subscription),
+                    name=f"pushclient-resubscribe-{subscription.channel}",
+                )
+                return
+        if subscription is not None:
             # A refused subscribe must not be sent again on every reconnect.
-            self._subscriptions.pop(request.subscription.channel, None)
+            self._subscriptions.pop(subscription.channel, None)
         self._settle(envelope, error)
+
+    async def _subscribe_again(self, ws: ClientConnection, subscription: Subscription) -> None:
+        """Ask again, after a backoff delay, for a subscription refused for now."""
+        delay = self._backoff(subscription.refusals)
+        subscription.refusals += 1
+        await asyncio.sleep(delay)
+        subscription.retry = None
+        if self._ws is ws and self._subscriptions.get(subscription.channel) is subscription:
+            await self._send_subscribe(ws, subscription)
 
     def _settle(self, reply: dict[str, Any], error: PushError | None = None) -> None:
         request = self._pending.pop(reply["id"], None) if "id" in reply else None
@@ -790,3 +821,6 @@ def _stop_repair(subscription: Subscription) -> None:
     if subscription.resync is not None:
         subscription.resync.cancel()
         subscription.resync = None
+    if subscription.retry is not None:
+        subscription.retry.cancel()
+        subscription.retry = None

@@ -76,6 +76,9 @@ const STREAM_LOST_CLOSE = 1006;
 // Reads of a gap's messages before the client gives the range up as unrecovered: a node
 // restarting answers again within a few backoff delays; a refusal never will.
 export const GAP_FETCH_ATTEMPTS = 3;
+// Refusals of a subscribe that say "not now" (a dependency down, a budget spent): a
+// subscription the client already holds is asked for again after a backoff delay.
+const TRY_AGAIN_CODES = new Set(["RATE_LIMITED", "UNAVAILABLE"]);
 // The server's largest history page (PUSH_HISTORY_PAGE_MAX's default); a smaller server
 // limit only means more pages.
 const HISTORY_PAGE_MAX = 1000;
@@ -235,6 +238,10 @@ class Subscription {
     // While a gap is being repaired: seq -> { message, replayed } of what arrived
     // meanwhile (which also drops duplicates); null when delivery is not held back.
     this.held = null;
+    // A resubscribe refused for now (TRY_AGAIN_CODES): the timer that asks again, and
+    // how many times in a row it was refused.
+    this.retryTimer = null;
+    this.refusals = 0;
   }
 
   unsubscribe() {
@@ -458,6 +465,7 @@ export class PushClient {
       subscription.ready?.reject(new PushError("CONNECTION_CLOSED", `connection closed (${code})`));
       // A repair in flight stops; a later connect() resumes from the last seq delivered.
       subscription.held = null;
+      clearTimeout(subscription.retryTimer);
     }
     const error = new PushError("CONNECTION_CLOSED", `connection closed (${code}) ${reason ?? ""}`.trim());
     for (const waiter of this.connectWaiters.splice(0)) waiter.reject(error);
@@ -724,6 +732,7 @@ export class PushClient {
         subscription.lastSeq = reply.seq;
       } else subscription.replayUntil = reply.seq;
       subscription.deltaAgreed = reply.delta === FOSSIL;
+      subscription.refusals = 0;
       if (reply.recovered === false) {
         // The server could not replay everything after `since` (history trimmed): the
         // application should refetch its state over REST.
@@ -746,10 +755,34 @@ export class PushClient {
       this.emit("error", error);
       return;
     }
-    const request = this.pending.get(envelope.id);
+    const { subscription } = this.pending.get(envelope.id);
+    if (subscription && !subscription.ready) {
+      // A subscription the application holds, asked for again (a reconnect, a delta
+      // resync): it must not end without a word.
+      this.emit("error", error);
+      if (TRY_AGAIN_CODES.has(error.code)) {
+        this.subscribeAgain(subscription);
+        this.settle(envelope, error);
+        return;
+      }
+    }
     // A refused subscribe must not be retried on every reconnect.
-    if (request.subscription) this.subscriptions.delete(request.subscription.channel);
+    if (subscription) this.subscriptions.delete(subscription.channel);
     this.settle(envelope, error);
+  }
+
+  // Ask again, after a backoff delay, for a subscription refused for now.
+  subscribeAgain(subscription) {
+    const ws = this.ws;
+    const delayMs = this.backoff(subscription.refusals);
+    subscription.refusals += 1;
+    clearTimeout(subscription.retryTimer);
+    subscription.retryTimer = setTimeout(() => {
+      subscription.retryTimer = null;
+      if (this.ws === ws && this.state === State.CONNECTED && this.subscriptions.get(subscription.channel) === subscription) {
+        this.sendSubscribe(subscription);
+      }
+    }, delayMs);
   }
 
   settle(reply, error = null) {
@@ -855,6 +888,7 @@ export class PushClient {
     if (!subscription) return null;
     this.subscriptions.delete(channel);
     subscription.held = null; // a repair in flight stops
+    clearTimeout(subscription.retryTimer);
     if (this.state === State.SSE) {
       this.reopenStreamSoon();
       return { type: "unsubscribed", channel };
