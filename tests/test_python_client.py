@@ -5,6 +5,7 @@ errors, the heartbeat watchdog, and the command line as a subprocess."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -538,6 +539,31 @@ async def test_a_silent_connection_is_dropped_after_two_heartbeats_and_retried(
     await client.close()
     assert closes[0]["code"] == 4001 and closes[0]["will_reconnect"] is True
     assert closes[-1]["will_reconnect"] is False
+
+
+async def test_a_frame_over_the_limit_closes_the_client_before_it_is_held() -> None:
+    # A broken or hostile server must not make the client hold a frame of any size.
+    limit = pushclient.client.DEFAULT_MAX_FRAME_BYTES
+    connections: list[ServerConnection] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        connections.append(ws)
+        hello = {"type": "connection_established", "connection_id": "1", "server_id": "huge"}
+        await ws.send(json.dumps(hello))
+        with contextlib.suppress(Exception):
+            await ws.send(json.dumps({"type": "heartbeat_ack", "pad": "x" * limit}))
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0, subprotocols=["v1.json"], max_size=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        closes: list[dict[str, Any]] = []
+        client = PushClient(f"ws://127.0.0.1:{port}/ws/", **FAST)
+        client.on("close", closes.append)
+        await client.connect()
+        await wait_until(lambda: client.state == State.DISCONNECTED, "the close", timeout=10)
+        await client.close()
+    assert closes[-1]["code"] == 1009 and closes[-1]["will_reconnect"] is False
+    assert len(connections) == 1
 
 
 # ----- the command line ------------------------------------------------------------------

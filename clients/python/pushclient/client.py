@@ -40,6 +40,10 @@ Listener = Callable[[dict[str, Any]], None]
 
 DEFAULT_REQUEST_TIMEOUT_SECS = 10.0
 DEFAULT_OPEN_TIMEOUT_SECS = 10.0
+# The largest frame read from the server: 16 times its default frame limit (a message's
+# data is at most PUSH_MAX_FRAME_BYTES, 1 MiB by default, plus its envelope). A larger
+# one (a broken or hostile server) closes the connection with 1009 before it is held.
+DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 # Our own close code for a silent connection, the same as the server's heartbeat timeout.
 HEARTBEAT_TIMEOUT_CLOSE = 4001
 # A refused handshake with these statuses is the contract's "invalid token": retrying
@@ -162,6 +166,7 @@ class PushClient:
         heartbeat_interval_secs: float | None = None,
         rand: Callable[[], float] = random.random,
         api_url: str | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         self.url = url
         # Where gaps are read from: the REST root next to the WebSocket by default.
@@ -172,6 +177,7 @@ class PushClient:
         self.max_delay_secs = max_delay_secs
         self.request_timeout_secs = request_timeout_secs
         self.open_timeout_secs = open_timeout_secs
+        self.max_frame_bytes = max_frame_bytes
         # None: use the interval the server announces in connection_established.
         self.heartbeat_interval_secs = heartbeat_interval_secs
         # The jitter source: uniform in [0, 1). A test passes a fixed sequence.
@@ -307,10 +313,10 @@ class PushClient:
                 _with_token(self.url, self.token),
                 subprotocols=[Subprotocol(self.format.subprotocol)],
                 open_timeout=self.open_timeout_secs,
-                # The contract's heartbeat does the liveness check, and the server
-                # enforces the frame limit; no proxy: we talk to the server directly.
+                # The contract's heartbeat does the liveness check; no proxy: we talk
+                # to the server directly.
                 ping_interval=None,
-                max_size=None,
+                max_size=self.max_frame_bytes,
                 compression=None,
                 proxy=None,
             )
@@ -344,6 +350,10 @@ class PushClient:
                 return _ConnectionEnd(HEARTBEAT_TIMEOUT_CLOSE, "heartbeat timeout")
             except WebSocketClosed as exc:
                 received = exc.rcvd
+                if exc.sent is not None and exc.sent.code == 1009:
+                    # Ours: a frame over max_frame_bytes. Its resume would bring it again.
+                    reason = f"a frame from the server was over {self.max_frame_bytes} bytes"
+                    return _ConnectionEnd(1009, reason)
                 if received is None:
                     return _ConnectionEnd(None, "the connection dropped")
                 return _ConnectionEnd(received.code, received.reason)
