@@ -224,6 +224,15 @@ test("an unsubscribe stops a repair in flight", async () => {
   assert.deepEqual(seen.messages, []);
 });
 
+test("a frame that is not an envelope is skipped, and delivery goes on", async () => {
+  // A throw in a socket's listener ends a Node process: a broken server or proxy must
+  // not be able to do that.
+  const { seen } = await subscribedAtThree();
+  for (const frame of [null, 7, "text", [1]]) lastSocket().receive(frame);
+  lastSocket().message("news", 4);
+  assert.deepEqual(seen.messages, [[4, false]]);
+});
+
 // ----- heartbeat -----------------------------------------------------------------------
 
 test("heartbeats every interval; any frame keeps the socket, two silent intervals drop it with 4001", async () => {

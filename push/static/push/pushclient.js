@@ -483,6 +483,9 @@ export class PushClient {
       return;
     }
     this.armWatchdog();
+    // Every envelope is a map (a `null` would throw below, and a throw in a socket's
+    // listener ends a Node process); anything else is skipped, as in the Python client.
+    if (envelope === null || typeof envelope !== "object") return;
     switch (envelope.type) {
       case "connection_established":
         this.onEstablished(envelope);
