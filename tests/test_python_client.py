@@ -11,11 +11,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
+from email.message import Message
 from pathlib import Path
 from typing import Any
-from urllib.error import URLError
+from urllib.error import HTTPError, URLError
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -187,6 +189,33 @@ async def test_a_gap_the_history_cannot_fill_is_reported_and_delivery_goes_on(
     assert seen["seqs"] == delivered
     assert seen["unrecovered"] == unrecovered
     assert [error["code"] for error in seen["error"]] == errors
+
+
+class BusyHistory(FakeHistory):
+    """Refuses reads with 429 and ``Retry-After: 1`` until a second after the first
+    refusal: the address's history budget, spent."""
+
+    def __init__(self, stored: range) -> None:
+        super().__init__(stored)
+        self.refused_at: float | None = None
+
+    def __call__(self, url: str, headers: dict[str, str], timeout_secs: float) -> Any:
+        now = time.monotonic()
+        self.refused_at = self.refused_at or now
+        if now - self.refused_at < 1.0:
+            self.requests.append((url, headers))
+            refusal = Message()
+            refusal["Retry-After"] = "1"
+            raise HTTPError(url, 429, "Too Many Requests", refusal, None)
+        return super().__call__(url, headers, timeout_secs)
+
+
+async def test_a_refused_history_read_is_tried_again_after_the_retry_after() -> None:
+    history = BusyHistory(range(1, 10))
+    seen = await feed(history, [4, 8, 9], base_delay_secs=0.01, max_delay_secs=5.0)
+    assert seen["seqs"] == [4, 5, 6, 7, 8, 9]
+    assert seen["unrecovered"] == seen["error"] == []
+    assert len(history.requests) == 2
 
 
 class StuckHistory(FakeHistory):

@@ -171,6 +171,25 @@ test("a cursor past the channel goes on from the seq the server names", async ()
   assert.deepEqual(seen.unrecovered, [{ channel: "news", since: 10, seq: 3 }]);
 });
 
+test("a refused history read is tried again after its Retry-After", async () => {
+  // The address's history budget is spent: 429 with Retry-After: 1 for a second.
+  const { fetch: read } = history(range(1, 9));
+  let refusedAt = null;
+  const { fetch, calls } = fakeFetch((url, init) => {
+    refusedAt ??= Date.now();
+    if (Date.now() - refusedAt < 1000) {
+      return { status: 429, headers: { "Retry-After": "1" }, body: { type: "error", code: "RATE_LIMITED", message: "slow down" } };
+    }
+    return read(url, init).then(async (response) => ({ status: response.status, body: await response.json() }));
+  });
+  const { seen } = await subscribedAtThree({ fetch, maxDelayMs: 5000 });
+  for (const seq of [4, 8, 9]) lastSocket().message("news", seq);
+  await until("the repair", () => seen.messages.at(-1)?.[0] === 9, 5000);
+  assert.deepEqual(seen.messages.map(([seq]) => seq), [4, 5, 6, 7, 8, 9]);
+  assert.deepEqual([seen.unrecovered, seen.error], [[], []]);
+  assert.equal(calls.length, 2);
+});
+
 test("a history page that does not move on ends the read", async () => {
   // A proxy that caches the history page whatever its query asks, or a buggy server:
   // the same page again must not be read (and kept) for ever.

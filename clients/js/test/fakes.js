@@ -122,10 +122,11 @@ export function fakeFetch(respond) {
   const calls = [];
   const fetch = async (url, init) => {
     calls.push({ url, ...init, body: init.body === undefined ? undefined : JSON.parse(init.body) });
-    const { status, body } = await respond(url, init);
+    const { status, body, headers = {} } = await respond(url, init);
     return {
       ok: status >= 200 && status < 300,
       status,
+      headers: new Headers(headers),
       json: async () => (typeof body === "string" ? JSON.parse(body) : body),
     };
   };

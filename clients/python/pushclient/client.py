@@ -30,7 +30,7 @@ from pushclient.backoff import DEFAULT_BASE_DELAY_SECS, DEFAULT_MAX_DELAY_SECS, 
 from pushclient.delta import FOSSIL, DeltaMismatch, apply_delta, data_text
 from pushclient.errors import ConnectionClosed, ConnectionLost, NotConnected, PushError
 from pushclient.formats import get_format
-from pushclient.history import GetJson, api_url_for, fetch_range, get_json
+from pushclient.history import GetJson, api_url_for, fetch_range, get_json, retry_after_secs
 from pushclient.state import State, check_transition, is_terminal_close
 
 logger = logging.getLogger("pushclient")
@@ -554,9 +554,11 @@ class PushClient:
         self, subscription: Subscription, after: int, until: int
     ) -> list[dict[str, Any]]:
         failure: Exception | None = None
+        retry_after = 0.0
         for attempt in range(GAP_FETCH_ATTEMPTS):
             if attempt:
-                await asyncio.sleep(self._backoff(attempt - 1))
+                # Not sooner than the server asked (429, 503): sooner is refused again.
+                await asyncio.sleep(max(self._backoff(attempt - 1), retry_after))
             try:
                 return await asyncio.to_thread(
                     fetch_range,
@@ -570,6 +572,7 @@ class PushClient:
                 )
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 failure = exc
+                retry_after = min(retry_after_secs(exc), self.max_delay_secs)
         message = f"reading seqs {after + 1}-{until} of {subscription.channel!r}: {failure}"
         self._events.emit(
             "error", {"code": "GAP_REPAIR_FAILED", "message": message, "envelope": None}

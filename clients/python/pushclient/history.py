@@ -45,6 +45,15 @@ def get_json(url: str, headers: dict[str, str], timeout_secs: float) -> Any:
         return json.load(response)
 
 
+def retry_after_secs(exc: Exception) -> float:
+    """The ``Retry-After`` of a refused read (429, 503) in seconds; 0 without one."""
+    headers = getattr(exc, "headers", None)
+    try:
+        return max(0.0, float(headers.get("Retry-After")))
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
+
+
 def fetch_range(
     get: GetJson,
     api_url: str,

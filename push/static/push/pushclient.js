@@ -662,7 +662,8 @@ export class PushClient {
   async fetchMissing(channel, after, until, wanted) {
     let failure = null;
     for (let attempt = 0; attempt < GAP_FETCH_ATTEMPTS; attempt++) {
-      if (attempt) await sleep(this.backoff(attempt - 1));
+      // Not sooner than the server asked (429, 503): sooner is refused again.
+      if (attempt) await sleep(Math.max(this.backoff(attempt - 1), Math.min(failure.retryAfterMs ?? 0, this.maxDelayMs)));
       if (!wanted()) return [];
       try {
         return await this.fetchRange(channel, after, until);
@@ -689,7 +690,11 @@ export class PushClient {
         credentials: "same-origin",
         signal: AbortSignal.timeout(this.requestTimeoutMs),
       });
-      if (!response.ok) throw new PushError(`HTTP_${response.status}`, `history read answered ${response.status}`);
+      if (!response.ok) {
+        const refusal = new PushError(`HTTP_${response.status}`, `history read answered ${response.status}`);
+        refusal.retryAfterMs = Math.max(0, Number(response.headers?.get("Retry-After")) * 1000 || 0);
+        throw refusal;
+      }
       // Only what is after `since`: a page that does not move on (a cache that ignores
       // the query, a buggy server) ends the read instead of looping for ever.
       const page = (await response.json()).results.filter((message) => message.seq > since);
