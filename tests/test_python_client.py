@@ -20,6 +20,7 @@ from typing import Any
 from urllib.error import HTTPError, URLError
 from urllib.parse import parse_qs, urlsplit
 
+import msgpack
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
@@ -593,6 +594,55 @@ async def test_a_frame_over_the_limit_closes_the_client_before_it_is_held() -> N
         await client.close()
     assert closes[-1]["code"] == 1009 and closes[-1]["will_reconnect"] is False
     assert len(connections) == 1
+
+
+async def test_a_malformed_envelope_is_skipped_and_the_client_goes_on() -> None:
+    # A broken server or proxy: a message without a seq, or with one that is not a
+    # number. Each is reported; neither stops the client for good.
+    async def handler(ws: ServerConnection) -> None:
+        hello = {"type": "connection_established", "connection_id": "1", "server_id": "bad"}
+        await ws.send(json.dumps(hello))
+        request = json.loads(await ws.recv())
+        for envelope in [
+            {"type": "subscribed", "id": request["id"], "channel": "news", "seq": 0},
+            {"type": "message", "channel": "news", "data": 1},
+            {"type": "message", "channel": "news", "seq": "1", "data": 1},
+            {"type": "message", "channel": "news", "seq": 1, "data": 1},
+        ]:
+            await ws.send(json.dumps(envelope))
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0, subprotocols=["v1.json"]) as server:
+        port = server.sockets[0].getsockname()[1]
+        errors: list[str] = []
+        received: list[int] = []
+        client = PushClient(f"ws://127.0.0.1:{port}/ws/", **FAST)
+        client.on("error", lambda detail: errors.append(detail["code"]))
+        await client.connect()
+        await client.subscribe("news", lambda message: received.append(message["seq"]))
+        await wait_until(lambda: received == [1], "the good message", timeout=10)
+        assert client.state == State.CONNECTED
+        await client.close()
+    assert errors == ["INVALID_ENVELOPE", "INVALID_ENVELOPE"]
+
+
+async def test_a_text_frame_on_a_msgpack_connection_is_reported_and_skipped() -> None:
+    async def handler(ws: ServerConnection) -> None:
+        hello = {"type": "connection_established", "connection_id": "1", "server_id": "bad"}
+        await ws.send(msgpack.packb(hello))
+        await ws.send("not msgpack")
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0, subprotocols=["v1.msgpack"]) as server:
+        port = server.sockets[0].getsockname()[1]
+        errors: list[str] = []
+        client = PushClient(f"ws://127.0.0.1:{port}/ws/", format="msgpack", **FAST)
+        client.on("error", lambda detail: errors.append(detail["code"]))
+        await client.connect()
+        await wait_until(lambda: errors, "the error", timeout=10)
+        assert client.state == State.CONNECTED
+        await client.close()
+    assert errors == ["UNDECODABLE"]
 
 
 # ----- the command line ------------------------------------------------------------------

@@ -359,11 +359,21 @@ class PushClient:
                 return _ConnectionEnd(received.code, received.reason)
             try:
                 envelope = self.format.decode(frame)
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:  # TypeError: a text frame for msgpack
                 self._events.emit("error", {"code": "UNDECODABLE", "message": str(exc)})
                 continue
-            if isinstance(envelope, dict):
+            if not isinstance(envelope, dict):
+                continue
+            try:
                 await self._dispatch(ws, envelope)
+            except (KeyError, TypeError, ValueError) as exc:
+                # A field missing or of the wrong type (a broken server or proxy): this
+                # frame is skipped, not the connection loop ended for good. A message
+                # skipped shows as a gap, repaired from the history.
+                message = f"{envelope.get('type')!r} envelope: {type(exc).__name__}: {exc}"
+                self._events.emit(
+                    "error", {"code": "INVALID_ENVELOPE", "message": message, "envelope": envelope}
+                )
 
     # ----- inbound envelopes -----------------------------------------------------------
 
