@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import msgpack
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.typing import Subprotocol
 
 from tests.servers import ROOT, ServerNode, publish_rest
 from tests.waiting import wait_until
@@ -626,17 +627,23 @@ async def test_a_malformed_envelope_is_skipped_and_the_client_goes_on() -> None:
     assert errors == ["INVALID_ENVELOPE", "INVALID_ENVELOPE"]
 
 
-async def test_a_text_frame_on_a_msgpack_connection_is_reported_and_skipped() -> None:
+@pytest.mark.parametrize(
+    ("wire_format", "frame"),
+    [("msgpack", "a text frame"), ("json", "[" * 100_000)],
+    ids=["text-frame-for-msgpack", "json-nested-too-deep"],
+)
+async def test_an_undecodable_frame_is_reported_and_skipped(wire_format: str, frame: str) -> None:
     async def handler(ws: ServerConnection) -> None:
         hello = {"type": "connection_established", "connection_id": "1", "server_id": "bad"}
-        await ws.send(msgpack.packb(hello))
-        await ws.send("not msgpack")
+        await ws.send(msgpack.packb(hello) if wire_format == "msgpack" else json.dumps(hello))
+        await ws.send(frame)
         await ws.wait_closed()
 
-    async with serve(handler, "127.0.0.1", 0, subprotocols=["v1.msgpack"]) as server:
+    subprotocol = Subprotocol(f"v1.{wire_format}")
+    async with serve(handler, "127.0.0.1", 0, subprotocols=[subprotocol]) as server:
         port = server.sockets[0].getsockname()[1]
         errors: list[str] = []
-        client = PushClient(f"ws://127.0.0.1:{port}/ws/", format="msgpack", **FAST)
+        client = PushClient(f"ws://127.0.0.1:{port}/ws/", format=wire_format, **FAST)
         client.on("error", lambda detail: errors.append(detail["code"]))
         await client.connect()
         await wait_until(lambda: errors, "the error", timeout=10)

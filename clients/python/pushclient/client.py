@@ -359,7 +359,8 @@ class PushClient:
                 return _ConnectionEnd(received.code, received.reason)
             try:
                 envelope = self.format.decode(frame)
-            except (ValueError, TypeError) as exc:  # TypeError: a text frame for msgpack
+            # TypeError: a text frame for msgpack; RecursionError: JSON nested too deep.
+            except (ValueError, TypeError, RecursionError) as exc:
                 self._events.emit("error", {"code": "UNDECODABLE", "message": str(exc)})
                 continue
             if not isinstance(envelope, dict):
