@@ -52,6 +52,30 @@ afterEach(() => {
   for (const pushClient of clients.splice(0)) pushClient.close();
 });
 
+test("a channel a stream refuses for now is kept and asked for again by a new stream", async () => {
+  // After a reconnect the address's subscription budget is spent (or the database is
+  // down): the stream refuses the channel with RATE_LIMITED (UNAVAILABLE).
+  const { client: c } = client({ transports: ["sse"] });
+  const errors = [];
+  c.on("error", (error) => errors.push(error.code));
+  c.connect().catch(() => {});
+  const news = collect(c, "news");
+  await until("a stream", () => FakeEventSource.opened.length === 1);
+  lastStream().establish();
+  await news.subscribed;
+  lastStream().message("news", 4);
+  lastStream().fail();
+  await until("a second stream", () => FakeEventSource.opened.length === 2);
+  lastStream().establish();
+  lastStream().serverError({ code: "RATE_LIMITED", message: "too many subscriptions from this address; slow down", channel: "news" });
+  assert.deepEqual(errors, ["RATE_LIMITED"]);
+  await until("a third stream", () => FakeEventSource.opened.length === 3);
+  assert.deepEqual([lastStream().channels, lastStream().since], [["news"], "news:4"]);
+  lastStream().establish();
+  lastStream().message("news", 5);
+  assert.deepEqual(news.seen, [[4, false], [5, false]]);
+});
+
 test("falls back to SSE after two failed WebSocket opens, and says so", async () => {
   const { client: c, states, news } = await onSse({ transports: ["websocket", "sse"] });
   assert.deepEqual(states, [State.CONNECTING, State.RECONNECTING, State.SSE]);

@@ -607,6 +607,7 @@ export class PushClient {
 
   deliver(subscription, message, replayed = null) {
     subscription.lastSeq = message.seq;
+    subscription.refusals = 0; // received: on SSE no `subscribed` says so
     const meta = { replayed: replayed ?? (subscription.replayUntil !== null && message.seq <= subscription.replayUntil) };
     this.emit("message", message);
     try {
@@ -779,17 +780,18 @@ export class PushClient {
     this.settle(envelope, error);
   }
 
-  // Ask again, after a backoff delay, for a subscription refused for now.
+  // Ask again, after a backoff delay, for a subscription refused for now: a subscribe on
+  // the same WebSocket, or on SSE a new stream.
   subscribeAgain(subscription) {
-    const ws = this.ws;
+    const { ws, stream } = this;
     const delayMs = this.backoff(subscription.refusals);
     subscription.refusals += 1;
     clearTimeout(subscription.retryTimer);
     subscription.retryTimer = setTimeout(() => {
       subscription.retryTimer = null;
-      if (this.ws === ws && this.state === State.CONNECTED && this.subscriptions.get(subscription.channel) === subscription) {
-        this.sendSubscribe(subscription);
-      }
+      if (this.subscriptions.get(subscription.channel) !== subscription) return;
+      if (this.state === State.CONNECTED && this.ws === ws) this.sendSubscribe(subscription);
+      else if (this.state === State.SSE && this.stream === stream) this.reopenStreamSoon();
     }, delayMs);
   }
 
@@ -1055,6 +1057,13 @@ export class PushClient {
     // A channel the server refused is dropped, as a refused WebSocket subscribe is, so
     // the next stream does not ask for it again.
     const subscription = envelope.channel ? this.subscriptions.get(envelope.channel) : null;
+    if (subscription && !subscription.ready && TRY_AGAIN_CODES.has(error.code)) {
+      // Refused for now (a budget spent, a dependency down): kept, and asked for again
+      // by a new stream after a backoff delay, which resumes it from its cursor.
+      this.emit("error", error);
+      this.subscribeAgain(subscription);
+      return;
+    }
     if (subscription) {
       this.subscriptions.delete(envelope.channel);
       if (subscription.ready) {
