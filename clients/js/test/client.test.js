@@ -224,6 +224,21 @@ test("a resubscribe refused for now is asked again, and the application hears of
   assert.equal(c.lastSeq("news"), 4);
 });
 
+test("a resubscribe with no reply in time is asked again", async () => {
+  const { client: c, seen } = await subscribedAtThree({ requestTimeoutMs: 50 });
+  lastSocket().fail(1012);
+  await until("a reconnect", () => FakeSocket.opened.length === 2);
+  lastSocket().establish();
+  const subscribes = () => lastSocket().sent.filter((frame) => frame.type === "subscribe");
+  const again = await until("a second subscribe", () => subscribes()[1]);
+  assert.equal(again.since, 3);
+  assert.deepEqual(seen.error.map((error) => error.code), ["TIMEOUT"]);
+  lastSocket().receive({ type: "subscribed", id: again.id, channel: "news", seq: 4, recovered: true });
+  lastSocket().message("news", 4);
+  assert.deepEqual(seen.messages, [[4, true]]);
+  assert.equal(c.lastSeq("news"), 4);
+});
+
 test("an unsubscribe stops a repair in flight", async () => {
   let openGate;
   const gate = new Promise((resolve) => {

@@ -846,8 +846,17 @@ export class PushClient {
     this.request(envelope, { subscription }).then(
       (reply) => subscription.ready?.resolve(reply),
       (error) => {
-        // Connection loss is retried by the reconnect; anything else is final.
-        if (error.code !== "CONNECTION_LOST") subscription.ready?.reject(error);
+        // Connection loss is retried by the reconnect; anything else is final for the
+        // caller of subscribe(). A subscription already held that got no reply in time
+        // (a node that sheds load answers a subscribe only when its turn comes) is
+        // asked for again: a late refusal would find no request to settle, and the
+        // channel would stay silent.
+        if (error.code === "CONNECTION_LOST") return;
+        if (subscription.ready) subscription.ready.reject(error);
+        else if (error.code === "TIMEOUT") {
+          this.emit("error", error);
+          this.subscribeAgain(subscription);
+        }
       },
     );
   }
