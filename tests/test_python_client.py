@@ -652,6 +652,22 @@ async def test_an_undecodable_frame_is_reported_and_skipped(wire_format: str, fr
     assert errors == ["UNDECODABLE"]
 
 
+async def test_a_request_without_a_reply_fails_with_a_push_error_timeout(
+    silent_server: tuple[str, list[ServerConnection]],
+) -> None:
+    # docs/clients.md: a request settles with a PushError, TIMEOUT after the timeout.
+    url, _ = silent_server
+    client = PushClient(url, request_timeout_secs=0.05, heartbeat_interval_secs=60.0)
+    await client.connect()
+    try:
+        with pytest.raises(PushError) as refusal:
+            await client.publish("news", {"n": 1})
+    finally:
+        await client.close()
+    assert refusal.value.code == "TIMEOUT"
+    assert isinstance(refusal.value, TimeoutError)
+
+
 # ----- the command line ------------------------------------------------------------------
 
 

@@ -3,7 +3,13 @@ reconnect with backoff and resume with ``since``. ``python -m pushclient --help`
 
 from pushclient.backoff import backoff_ceiling, backoff_delay
 from pushclient.client import PushClient, Subscription
-from pushclient.errors import ConnectionClosed, ConnectionLost, NotConnected, PushError
+from pushclient.errors import (
+    ConnectionClosed,
+    ConnectionLost,
+    NotConnected,
+    PushError,
+    RequestTimeout,
+)
 from pushclient.signing import subscription_token, webhook_verify
 from pushclient.state import State, is_terminal_close
 
@@ -13,6 +19,7 @@ __all__ = [
     "NotConnected",
     "PushClient",
     "PushError",
+    "RequestTimeout",
     "State",
     "Subscription",
     "backoff_ceiling",

@@ -28,7 +28,13 @@ from websockets.typing import Subprotocol
 
 from pushclient.backoff import DEFAULT_BASE_DELAY_SECS, DEFAULT_MAX_DELAY_SECS, backoff_delay
 from pushclient.delta import FOSSIL, DeltaMismatch, apply_delta, data_text
-from pushclient.errors import ConnectionClosed, ConnectionLost, NotConnected, PushError
+from pushclient.errors import (
+    ConnectionClosed,
+    ConnectionLost,
+    NotConnected,
+    PushError,
+    RequestTimeout,
+)
 from pushclient.formats import get_format
 from pushclient.history import GetJson, api_url_for, fetch_range, get_json, retry_after_secs
 from pushclient.state import State, check_transition, is_terminal_close
@@ -736,6 +742,10 @@ class PushClient:
             return await asyncio.wait_for(future, self.request_timeout_secs)
         except WebSocketClosed as exc:
             raise ConnectionLost() from exc
+        except TimeoutError as exc:
+            kind = envelope["type"]
+            message = f"no reply to {kind!r} within {self.request_timeout_secs} s"
+            raise RequestTimeout(message) from exc
         finally:
             self._pending.pop(request_id, None)
 

@@ -23,6 +23,14 @@ class ConnectionLost(PushError):
         super().__init__("CONNECTION_LOST", message)
 
 
+class RequestTimeout(PushError, TimeoutError):
+    """Raised when a request gets no reply within ``request_timeout_secs`` (code
+    ``TIMEOUT``; it may or may not have been carried out). Also a ``TimeoutError``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("TIMEOUT", message)
+
+
 class ConnectionClosed(PushError):
     """Raised when the client is closed for good: by ``close()``, a terminal close code
     (1000, 1008, 1009) or a refused handshake."""
