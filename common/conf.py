@@ -116,6 +116,13 @@ class PushSettings:
         "for the live messages that arrive while it reads; past it they are read back from "
         "history",
     )
+    DELTA_MAX_BYTES: int = option(
+        32 * 1024,
+        EnvType.INT,
+        "delta subscribers get a message in full, without a delta computed, when its data "
+        "or the previous message's is larger than this as JSON text (bytes): a fossil delta "
+        "of data that repeats little costs about 1 ms of the node's CPU per KiB",
+    )
     GAP_WAIT_SECS: float = option(
         0.2,
         EnvType.NUMBER,

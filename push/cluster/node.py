@@ -117,6 +117,7 @@ class Node:
             recent_bytes=push_settings.RECENT_MAX_BYTES,
             replay_batch_bytes=push_settings.REPLAY_BATCH_MAX_BYTES,
             pending_bytes=push_settings.PENDING_MAX_BYTES,
+            delta_max_bytes=push_settings.DELTA_MAX_BYTES,
             replay_slots=ReplaySlots(
                 per_node=push_settings.MAX_REPLAYS_PER_NODE,
                 per_ip=push_settings.MAX_REPLAYS_PER_IP,

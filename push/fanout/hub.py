@@ -27,7 +27,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from common import metrics
 from common.background import spawn
 from common.errors import ErrorCode, PushError
-from push.fanout.delta import ChannelDeltas, encode_delta_frame, fossil_delta_text
+from push.fanout.delta import (
+    DELTA_MAX_BYTES,
+    ChannelDeltas,
+    encode_delta_frame,
+    fossil_delta_text,
+)
 from push.fanout.message import ChannelMessage, HistoryPage, data_bytes
 from push.fanout.outbox import OutFrame
 
@@ -415,6 +420,7 @@ class Hub:
         pending_bytes: int = PENDING_MAX_BYTES,
         replay_slots: ReplaySlots | None = None,
         retention: Callable[[str], Retention] = keep_all,
+        delta_max_bytes: int = DELTA_MAX_BYTES,
     ) -> None:
         self.history = history
         # Each channel's rule, looked up once when the hub first serves the channel.
@@ -430,6 +436,7 @@ class Hub:
         self.max_pending = max_pending
         self.pending_bytes = pending_bytes
         self.replay_slots = replay_slots
+        self.delta_max_bytes = delta_max_bytes
         self.channels: dict[str, HubChannel] = {}
         self.loop = asyncio.get_running_loop()
         # Channels that gained or lost a subscription since ``push.cluster.occupancy``
@@ -1098,13 +1105,18 @@ class Hub:
     ) -> int:
         """The message to the channel's delta subscribers: one delta against the message
         before it for all in step (computed once, framed once per format), or the full
-        frame everyone else gets when there is no base or the delta is not smaller."""
+        frame everyone else gets when there is no base, the delta is not smaller, or
+        either data is over ``delta_max_bytes`` (the delta's cost on the loop)."""
         base = deltas.base
         deltas.base = message
         delivered = 0
         if deltas.in_step:
             data_delta = None
-            if base is not None and base.seq == message.seq - 1:
+            if (
+                base is not None
+                and base.seq == message.seq - 1
+                and max(base.data_bytes, message.data_bytes) <= self.delta_max_bytes
+            ):
                 data_delta = fossil_delta_text(base.data_json, message.data_json)
             for by_codec in deltas.in_step.values():
                 codec = next(iter(by_codec.values())).subscriber.codec

@@ -179,6 +179,35 @@ async def test_a_delta_not_smaller_than_the_data_is_sent_as_full_data() -> None:
     ]
 
 
+async def test_data_past_the_delta_bound_goes_in_full_without_a_delta_computed(
+    delta_calls: list[int],
+) -> None:
+    """A fossil delta of data that repeats little (random digits, base64) costs the loop
+    up to 250 tries per byte: seconds for 1 MiB, one message stalling every connection
+    of the node. Past ``DELTA_MAX_BYTES`` (its base's data or its own) a message goes
+    in full; below it, deltas go on."""
+    hub, _ = await make_hub(MemoryHistory())
+    client = FakeClient()
+    await hub.subscribe(client, "board", since=None, reply=client.reply, delta=True)
+    small, large = delta_module.DELTA_MAX_BYTES - 100, delta_module.DELTA_MAX_BYTES + 1
+    sizes = {1: small, 2: small, 3: large, 4: large, 5: small, 6: small}
+    for seq, size in sizes.items():
+        data = {"seq": seq, "pad": "x" * (size - len('{"seq":1,"pad":""}'))}
+        message = state_message("board", seq, data)
+        assert message.data_bytes == size
+        hub.deliver(message)
+    await until_seqs(client, list(sizes))
+    assert [(seq, d) for seq, _, d in applied(client.sent)] == [
+        (1, False),
+        (2, True),
+        (3, False),  # its own data is past the bound
+        (4, False),
+        (5, False),  # its base's is
+        (6, True),
+    ]
+    assert len(delta_calls) == 2
+
+
 @pytest.mark.parametrize("codec", [JSON, MSGPACK, PROTOBUF], ids=lambda c: c.name)
 def test_a_delta_message_round_trips_in_every_format(codec: Any) -> None:
     message = state_message("board", 7)
