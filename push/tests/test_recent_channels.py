@@ -30,6 +30,7 @@ from push.models import Channel, Message
 from push.services.publishing import message_publish
 from push.services.runtime import get_node
 from push.storage import recent_store
+from push.storage.history import RecentHistory
 from push.storage.write_batch import Published
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import ConnectionClosed, WsClient, connected_client
@@ -333,6 +334,40 @@ async def test_an_sse_stream_of_a_recent_channel_starts_at_its_latest_seq() -> N
     await _publish("tick:sse", 1)
     event, envelope = await stream.next_event()  # type: ignore[misc]  # None once the stream ends
     assert (event, envelope["seq"], stream.last_event_id) == ("message", 4, "tick:sse:4,news:1")
+    await stream.close()
+
+
+@override_settings(PUSH=RECENT)
+async def test_an_sse_stream_whose_recent_channel_latest_seq_is_unknown_starts_live(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stream's read of its channels' latest seqs answers for the durable one while
+    Redis fails for the recent one (a timeout): that channel's place is unknown, not 0.
+    Taken as 0 it replayed the whole window, messages from before the stream opened;
+    it starts live instead, and joins the cursor at the seq it starts from."""
+    await _publish("tick:sse", 3)
+    await sync_to_async(push.publish)("news", 0)
+    node = await get_node()
+    read = RecentHistory.latest_seqs
+
+    async def failing_once(self: Any, channels: list[str]) -> dict[str, int]:
+        monkeypatch.setattr(RecentHistory, "latest_seqs", read)
+        raise ConnectionError("Redis timed out")
+
+    monkeypatch.setattr(RecentHistory, "latest_seqs", failing_once)
+    stream = InProcessStream("channel=news&channel=tick:sse")
+    assert await stream.start() == 200
+    assert (await stream.next_event())[0] == "connection_established"  # type: ignore[index]  # None once the stream ends
+    async with asyncio.timeout(5):
+        while any(
+            channel not in node.hub.channels or not node.hub.channels[channel].subscriber_count()
+            for channel in ("news", "tick:sse")
+        ):
+            await asyncio.sleep(0.01)
+    await _publish("tick:sse", 1)
+    event, envelope = await stream.next_event()  # type: ignore[misc]  # None once the stream ends
+    assert (event, envelope["seq"]) == ("message", 4)
+    assert stream.last_event_id == "news:1,tick:sse:4"
     await stream.close()
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -38,6 +39,7 @@ from push.fanout.outbox import Outbox, OutFrame
 from push.services.admission import handshake_allowed, shed_anonymous
 from push.services.runtime import get_node
 from push.services.subscriptions import channel_subscribe, client_ip, session_closed, session_open
+from push.storage.history_modes import is_recent
 from push.transport.connection import CLOSE_FLUSH_SECS, ClientConnection
 from push.transport.origin import BrowserOriginValidator
 from push.transport.server_adapters import drop_if_still_open
@@ -295,7 +297,12 @@ _REFUSALS = {
 async def _subscribe_all(node: Node, connection: SseConnection, request: StreamRequest) -> None:
     """Subscribe every channel of the stream from a known seq, so the cursor names every
     channel from the first event on: a channel the client gave no seq for starts at
-    its latest seq, read up front, instead of wherever its turn to subscribe comes."""
+    its latest seq, read up front, instead of wherever its turn to subscribe comes.
+
+    A recent channel whose latest seq the read did not give (Redis failed for it while
+    it answered for the durable ones, or the channel's lease is missing) has no known
+    seq: taken as 0 it would replay the whole window, messages from before the stream.
+    It starts where the node is when its turn comes, and joins the cursor then."""
     allowed = [c for c in request.channels if _permitted(connection, c)]
     fresh = [channel for channel in allowed if channel not in request.since]
     try:
@@ -307,11 +314,22 @@ async def _subscribe_all(node: Node, connection: SseConnection, request: StreamR
     cursor = connection.cursor
     back = request.rewind or 0
     for channel in allowed:
-        cursor[channel] = request.since.get(channel, max(0, latest.get(channel, 0) - back))
+        if channel in request.since:
+            cursor[channel] = request.since[channel]
+        elif channel in latest or not is_recent(channel):
+            # A durable channel is left out of ``latest`` when it has no message yet.
+            cursor[channel] = max(0, latest.get(channel, 0) - back)
     for channel in allowed:
+        since = cursor.get(channel)
         try:
             await channel_subscribe(
-                node, connection, channel, since=cursor[channel], token=None, reply=_no_reply
+                node,
+                connection,
+                channel,
+                since=since,
+                rewind=(back or None) if since is None else None,
+                token=None,
+                reply=_no_reply if since is not None else _cursor_from_reply(cursor, channel, back),
             )
         except PushError as exc:
             # The cursor keeps naming the channel where the client was: a browser that
@@ -332,6 +350,19 @@ def _permitted(connection: SseConnection, channel: str) -> bool:
 
 def _no_reply(seq: int, recovered: bool | None) -> None:
     """SSE has no ``subscribed`` event: the stream's cursor already says where it is."""
+
+
+def _cursor_from_reply(
+    cursor: dict[str, int], channel: str, back: int
+) -> Callable[[int, bool | None], None]:
+    """For a channel subscribed without a seq: its cursor starts at the seq the hub
+    starts it from (the latest it has, ``back`` before it for a rewind), before any of
+    its messages reaches the stream."""
+
+    def reply(seq: int, recovered: bool | None) -> None:
+        cursor[channel] = max(0, seq - back)
+
+    return reply
 
 
 async def _until_finished(connection: SseConnection, receive: Any) -> None:
