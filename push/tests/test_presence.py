@@ -4,6 +4,7 @@ join with the first, leave with the last, member lists over WebSocket and REST."
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -11,7 +12,10 @@ from django.contrib.auth.models import User
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+import push
 from accounts.models import ChannelGrant
+from push.services.runtime import get_node
+from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import WsClient, connected_client
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
@@ -192,3 +196,29 @@ async def test_shared_member_lists_are_not_held_past_their_time_or_their_bound(
     await asyncio.sleep(0.01)
     await store.members("presence-bound-4")
     assert list(store._listed) == ["presence-bound-4"]
+
+
+async def test_an_sse_stream_whose_presence_join_fails_goes_on_with_its_other_channels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis fails the presence join of one channel of a stream (an outage): that channel
+    gets an ``UNAVAILABLE`` error event naming it, and the stream goes on with its other
+    channels, as a WebSocket's other subscriptions do. The failure used to escape the
+    stream, which broke off without a word, its other channels with it, on every
+    reconnect while the outage lasted."""
+    _, token = await sync_to_async(_member_token)("dee")
+    node = await get_node()
+
+    async def failing(*args: Any, **kwargs: Any) -> bool:
+        raise ConnectionError("Redis connection lost")
+
+    monkeypatch.setattr(node.presence, "join", failing)
+    stream = InProcessStream(f"channel={ROOM}&channel=news&token={token}")
+    assert await stream.start() == 200
+    assert (await stream.next_event() or ("",))[0] == "connection_established"
+    kind, error = await stream.next_event() or ("", {})
+    assert (kind, error["channel"], error["code"]) == ("error", ROOM, "UNAVAILABLE")
+    await sync_to_async(push.publish)("news", "after")
+    kind, message = await stream.next_event() or ("", {})
+    assert (kind, message["channel"], message["data"]) == ("message", "news", "after")
+    await stream.close()

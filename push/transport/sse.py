@@ -343,6 +343,15 @@ async def _subscribe_all(node: Node, connection: SseConnection, request: StreamR
             # there. Dropped, the channel would start at its latest seq then, and what
             # was published meanwhile be skipped without a trace.
             connection.send_error(exc, None, channel=channel)
+        except Exception:
+            # A dependency failed in a way no PushError names (Redis under a presence
+            # join): this channel is told, as a WebSocket's subscribe would be, and the
+            # stream goes on with its other channels instead of breaking off.
+            logger.exception("subscribing a stream to %s failed", channel)
+            connection.send_error(_SUBSCRIBE_FAILED, None, channel=channel)
+
+
+_SUBSCRIBE_FAILED = PushError(ErrorCode.UNAVAILABLE, "the server could not subscribe this channel")
 
 
 def _permitted(connection: SseConnection, channel: str) -> bool:
