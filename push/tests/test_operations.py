@@ -17,7 +17,6 @@ from rest_framework.authtoken.models import Token
 from common.errors import CloseCode
 from push.ops.logs import JsonFormatter, RedactFilter, redact
 from push.services.runtime import get_node
-from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import connected_client
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
@@ -42,24 +41,6 @@ async def test_drain_tells_clients_to_go_and_refuses_new_ones(wire_format: str) 
     node = await get_node()
     await node.drain(code=CloseCode.GOING_AWAY, deadline_secs=2)
     assert await first.expect_close() == CloseCode.GOING_AWAY
-    assert not node.connections
-
-
-async def test_a_draining_node_refuses_a_new_sse_stream_before_it_starts() -> None:
-    """503 with ``Retry-After`` and the error envelope, as when the node is not ready: a
-    proxy takes it for "try another node" (the shipped nginx's ``proxy_next_upstream
-    http_503``). A 200 whose stream ended at once sent the browser back only after its
-    retry delay, and to the node with the fewest connections: this one, draining."""
-    node = await get_node()
-    node.draining = True
-    try:
-        stream = InProcessStream("channel=news")
-        status = await stream.start()
-        body = await stream.communicator.receive_output(5)
-    finally:
-        node.draining = False
-    assert status == 503
-    assert json.loads(body["body"])["code"] == "UNAVAILABLE"
     assert not node.connections
 
 

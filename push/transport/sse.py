@@ -15,8 +15,7 @@ a fatal one (no channel could be subscribed) ends the stream. A request that can
 become a stream is refused before it starts, as a WebSocket handshake would be, with
 the error envelope as JSON: 403 (token or origin), 400 (channel or cursor), 405 (not
 GET), 429 (the address failed authentication too often, or is over its handshake
-budget), 503 (the database cannot check the token, or the node is not ready or
-draining).
+budget), 503 (the database cannot check the token, or the node is not ready).
 """
 
 from __future__ import annotations
@@ -249,11 +248,6 @@ class SseEntry:
         except Exception:
             logger.exception("node could not start")
             return await _refuse(send, 503, PushError(ErrorCode.UNAVAILABLE, "not ready"))
-        if node.draining:
-            # Refused before the stream starts: a proxy takes 503 for "try another node"
-            # (nginx's proxy_next_upstream), where a stream that ends at once sends the
-            # browser back after its retry delay, likely here again (the fewest streams).
-            return await _refuse(send, 503, _REFUSALS[CloseCode.GOING_AWAY])
         connection = SseConnection(
             send=send,
             principal=principal,
