@@ -1,8 +1,8 @@
 """Which client a network address stands for, for every limit kept per address (the
-address budgets, connections per IP, failed authentications): an IPv4 address is
-itself, and an IPv6 address stands for its whole /64, the block one host (or one
-customer) gets and may pick any address of (SLAAC privacy addresses): a limit kept
-per exact IPv6 address would let one host rotate past it."""
+address budgets, connections per IP, failed authentications, history replays at
+once): an IPv4 address is itself, and an IPv6 address stands for its whole /64, the
+block one host (or one customer) gets and may pick any address of (SLAAC privacy
+addresses): a limit kept per exact IPv6 address would let one host rotate past it."""
 
 from __future__ import annotations
 

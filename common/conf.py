@@ -101,7 +101,8 @@ class PushSettings:
     MAX_REPLAYS_PER_IP: int = option(
         4,
         EnvType.COUNT,
-        "resumes reading history from PostgreSQL at once per client address (0: no bound)",
+        "resumes reading history from PostgreSQL at once per client address (IPv6: per /64; "
+        "0: no bound)",
     )
     REPLAY_SLOT_WAIT_SECS: float = option(
         5.0,

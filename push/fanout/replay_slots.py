@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from common import metrics
+from common.addresses import address_block
 from common.errors import ErrorCode, PushError
 
 
@@ -19,7 +20,8 @@ class ReplaySlots:
     the node busy for seconds each. Over a bound a replay waits up to ``wait_secs`` for
     a slot, checking ``gone`` as it waits, then is refused: RATE_LIMITED when its own
     address holds too many (that client should slow down), UNAVAILABLE when the node
-    does (try again later, or elsewhere). 0 turns a bound off.
+    does (try again later, or elsewhere). 0 turns a bound off. An IPv6 address counts
+    for its /64 (``common.addresses``), as for every other limit kept per address.
     """
 
     POLL_SECS = 0.02
@@ -42,6 +44,7 @@ class ReplaySlots:
     async def acquire(self, ip: object, gone: Callable[[], bool]) -> bool:
         """Take a slot; False when the client left while waiting. Raises PushError
         when no slot freed within ``wait_secs``."""
+        ip = _block(ip)
         deadline = time.monotonic() + self.wait_secs
         while (refusal := self._free(ip)) is not None:
             if gone():
@@ -57,9 +60,14 @@ class ReplaySlots:
         return True
 
     def release(self, ip: object) -> None:
+        ip = _block(ip)
         self.in_use -= 1
         if ip is not None:
             self._per_ip[ip] -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
         metrics.REPLAYS_ACTIVE.set(self.in_use)
+
+
+def _block(ip: object) -> object:
+    return address_block(ip) if isinstance(ip, str) else ip

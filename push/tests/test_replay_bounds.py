@@ -213,6 +213,39 @@ async def test_replays_are_bounded_per_address_and_per_node() -> None:
     await second_task
     await until_seqs(first, list(range(1, 11)))
     await until_seqs(second, list(range(1, 11)))
+
+
+async def test_an_ipv6_hosts_replays_are_bounded_per_64_block() -> None:
+    """One host may pick any address of its /64 (privacy addresses): the address's slots
+    are its block's, as every other per-address limit is. Counted per exact address, one
+    host resuming from 16 of its addresses took all 64 slots of a node, and a reader
+    that stops reading holds its slot as long as its queue has room (hours of pings)."""
+    history = MemoryHistory()
+    for seq in range(1, 11):
+        history.store("deep", seq)
+    slots = ReplaySlots(per_node=4, per_ip=1, wait_secs=0.2)
+    hub, _ = await make_hub(history, recent_size=1, replay_slots=slots)
+    history.page_gate = asyncio.Event()
+    first = client_from("2001:db8:0:1::a")
+    first_task = asyncio.create_task(hub.subscribe(first, "deep", since=0, reply=first.reply))
+    await wait_until(lambda: slots.in_use == 1, "the first replay to take its slot")
+    same_block = client_from("2001:db8:0:1:ffff::b")
+    with pytest.raises(PushError) as refused:
+        # (Let in, it would wait for the gated read.)
+        await asyncio.wait_for(
+            hub.subscribe(same_block, "deep", since=0, reply=same_block.reply), 5
+        )
+    assert refused.value.code is ErrorCode.RATE_LIMITED
+    other_block = client_from("2001:db8:0:2::a")
+    other_task = asyncio.create_task(
+        hub.subscribe(other_block, "deep", since=0, reply=other_block.reply)
+    )
+    await wait_until(lambda: slots.in_use == 2, "another block's replay to take its slot")
+    history.page_gate.set()
+    await first_task
+    await other_task
+    await until_seqs(first, list(range(1, 11)))
+    assert slots.in_use == 0
     assert slots.in_use == 0
     again = client_from("10.0.0.1")
     await hub.subscribe(again, "deep", since=0, reply=again.reply)
