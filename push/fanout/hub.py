@@ -20,6 +20,7 @@ import collections
 import enum
 import fnmatch
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -603,10 +604,11 @@ class Hub:
         rewind: int | None = None,
     ) -> Subscription:
         """Replay from history, then go live. The replay holds a slot of the node's and
-        the client address's bounds, and stops as soon as its client leaves (before
-        each page and while it waits for the client to read): the subscription comes
-        back inactive then, and nothing more is read for it. With ``rewind``, only the
-        last ``rewind`` before the latest seq the read saw are replayed."""
+        the client address's bounds while it reads (``_ReplaySlot``), and stops as soon
+        as its client leaves (before each page and while it waits for the client to
+        read): the subscription comes back inactive then, and nothing more is read for
+        it. With ``rewind``, only the last ``rewind`` before the latest seq the read saw
+        are replayed."""
         subscription = Subscription(subscriber, hub_channel, since, delta=delta)
         subscription.buffer = []
         hub_channel.catching_up[subscription] = None
@@ -617,21 +619,15 @@ class Hub:
         # costs the database nothing: it takes no slot, so a storm of them is not refused.
         key = self._page_key(hub_channel, since, subscriber)
         shared = rewind is not None and key in self._page_reads
-        holds_slot = False
+        slot = _ReplaySlot(None if shared else slots, subscriber)
         try:
-            holds_slot = (
-                slots is None
-                or shared
-                or await slots.acquire(subscriber.ip, lambda: subscriber.gone)
-            )
-            if holds_slot and not subscriber.gone:
-                await self._replay_history(subscription, since, reply, rewind)
+            if await slot.take() and not subscriber.gone:
+                await self._replay_history(subscription, since, reply, rewind, slot)
         except BaseException:
             self.unsubscribe(subscription)
             raise
         finally:
-            if holds_slot and slots is not None and not shared:
-                slots.release(subscriber.ip)
+            slot.give_back()
         if subscriber.gone:
             self.unsubscribe(subscription)
         if subscription.active:
@@ -643,7 +639,8 @@ class Hub:
         subscription: Subscription,
         since: int,
         reply: Callable[[int, bool | None], None],
-        rewind: int | None = None,
+        rewind: int | None,
+        slot: _ReplaySlot,
     ) -> None:
         hub_channel = subscription.channel
         subscriber = subscription.subscriber
@@ -670,9 +667,14 @@ class Hub:
             if not more and not subscription.buffer_dropped:
                 return
             subscription.buffer_dropped = False
+            # Nothing is read while the client reads its queue down: a reader that
+            # stopped would hold the slot as long as its queue has room (hours).
+            slot.give_back()
             if not await self._wait_for_room(subscriber):
                 return
             if not await self._wait_for_budget(subscriber):
+                return
+            if not await slot.take_again():
                 return
             next_page = await self._page_after_reply(subscription)
             if next_page is None:
@@ -1298,6 +1300,43 @@ class Hub:
             if hub_channel.delivered_seq < hub_channel.sync_mark:
                 self._start_repair(hub_channel)
             hub_channel.sync_mark = latest.get(hub_channel.name, 0)
+
+
+class _ReplaySlot:
+    """A replay's share of the node's replay slots (``ReplaySlots``, None: unbounded),
+    which bound the history reads running at once: held while the replay reads, given
+    back while it waits for its client to read, taken again before its next page."""
+
+    __slots__ = ("held", "slots", "subscriber")
+
+    def __init__(self, slots: ReplaySlots | None, subscriber: Subscriber) -> None:
+        self.slots = slots
+        self.subscriber = subscriber
+        self.held = False
+
+    async def take(self, wait_secs: float | None = None) -> bool:
+        """The first page's slot; False when the client left while waiting. Raises
+        PushError when none freed in time: the subscribe is refused."""
+        if self.slots is not None:
+            subscriber = self.subscriber
+            self.held = await self.slots.acquire(
+                subscriber.ip, lambda: subscriber.gone, wait_secs=wait_secs
+            )
+            return self.held
+        return True
+
+    async def take_again(self) -> bool:
+        """A later page's slot, waited for as long as the client stays: the client holds
+        the subscription as made, so a refusal now would drop it behind its back (as a
+        failed read would, ``Hub._page_after_reply``). False when it left."""
+        if not self.held and not await self.take(wait_secs=math.inf):
+            return False
+        return not self.subscriber.gone
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.slots.release(self.subscriber.ip)  # type: ignore[union-attr]  # held: set
 
 
 class _JoinCancelled(Exception):

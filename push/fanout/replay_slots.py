@@ -41,11 +41,13 @@ class ReplaySlots:
             return ErrorCode.UNAVAILABLE
         return None
 
-    async def acquire(self, ip: object, gone: Callable[[], bool]) -> bool:
+    async def acquire(
+        self, ip: object, gone: Callable[[], bool], *, wait_secs: float | None = None
+    ) -> bool:
         """Take a slot; False when the client left while waiting. Raises PushError
-        when no slot freed within ``wait_secs``."""
+        when no slot freed within ``wait_secs`` (the bound's own by default)."""
         ip = _block(ip)
-        deadline = time.monotonic() + self.wait_secs
+        deadline = time.monotonic() + (self.wait_secs if wait_secs is None else wait_secs)
         while (refusal := self._free(ip)) is not None:
             if gone():
                 return False

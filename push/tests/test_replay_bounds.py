@@ -255,6 +255,33 @@ async def test_an_ipv6_hosts_replays_are_bounded_per_64_block() -> None:
 # ----- the hub's buffers in bytes ----------------------------------------------------
 
 
+async def test_a_replay_waiting_for_a_reader_that_stopped_gives_its_slot_to_others() -> None:
+    """A slot bounds the history reads running at once; a replay waiting for its client
+    to read its queue down reads nothing, and gives its slot back until its next page.
+    Held, one reader that stopped reading (its queue never empties, and the stream's
+    pings or its own heartbeats keep it open) held the slot for hours: with 4 per
+    address and 64 per node, a few such readers had every other resume refused."""
+    history = MemoryHistory()
+    for seq in range(1, 301):
+        history.store("deep", seq)
+    slots = ReplaySlots(per_node=1, per_ip=1, wait_secs=0.2)
+    hub, _ = await make_hub(history, recent_size=1, replay_slots=slots)
+    stalled = UnreadClient(max_frames=100)  # pages of 50
+    stalled.ip = "10.0.0.1"
+    stalled_task = asyncio.create_task(hub.subscribe(stalled, "deep", since=0, reply=stalled.reply))
+    outbox = stalled.outbox
+    await wait_until(
+        lambda: len(outbox) > outbox.max_frames // 2, "the replay to fill the unread queue"
+    )
+    other = client_from("10.0.0.2")
+    await hub.subscribe(other, "deep", since=0, reply=other.reply)
+    await until_seqs(other, list(range(1, 301)))
+    assert not stalled_task.done() and slots.in_use == 0
+    stalled.gone = True
+    assert not (await asyncio.wait_for(stalled_task, 1)).active
+    assert slots.in_use == 0
+
+
 async def test_recent_messages_are_bounded_in_bytes() -> None:
     history = MemoryHistory()
     hub, _ = await make_hub(history, recent_bytes=1000)
