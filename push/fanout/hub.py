@@ -20,7 +20,6 @@ import collections
 import enum
 import fnmatch
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -603,8 +602,8 @@ class Hub:
         *,
         rewind: int | None = None,
     ) -> Subscription:
-        """Replay from history, then go live. The replay holds a slot of the node's and
-        the client address's bounds while it reads (``_ReplaySlot``), and stops as soon
+        """Replay from history, then go live. The replay holds a slot of the client
+        address's bound, and one of the node's while it reads (``_ReplaySlot``), and stops as soon
         as its client leaves (before each page and while it waits for the client to
         read): the subscription comes back inactive then, and nothing more is read for
         it. With ``rewind``, only the last ``rewind`` before the latest seq the read saw
@@ -668,13 +667,13 @@ class Hub:
                 return
             subscription.buffer_dropped = False
             # Nothing is read while the client reads its queue down: a reader that
-            # stopped would hold the slot as long as its queue has room (hours).
-            slot.give_back()
+            # stopped would hold the node's slot as long as its queue has room (hours).
+            slot.pause()
             if not await self._wait_for_room(subscriber):
                 return
             if not await self._wait_for_budget(subscriber):
                 return
-            if not await slot.take_again():
+            if not await slot.resume():
                 return
             next_page = await self._page_after_reply(subscription)
             if next_page is None:
@@ -1303,40 +1302,48 @@ class Hub:
 
 
 class _ReplaySlot:
-    """A replay's share of the node's replay slots (``ReplaySlots``, None: unbounded),
-    which bound the history reads running at once: held while the replay reads, given
-    back while it waits for its client to read, taken again before its next page."""
+    """A replay's share of the node's replay slots (``ReplaySlots``, None: unbounded):
+    its address's slot held throughout, the node's while it reads, given back while it
+    waits for its client to read and taken again before its next page."""
 
-    __slots__ = ("held", "slots", "subscriber")
+    __slots__ = ("held", "reading", "slots", "subscriber")
 
     def __init__(self, slots: ReplaySlots | None, subscriber: Subscriber) -> None:
         self.slots = slots
         self.subscriber = subscriber
         self.held = False
+        self.reading = False
 
-    async def take(self, wait_secs: float | None = None) -> bool:
-        """The first page's slot; False when the client left while waiting. Raises
+    async def take(self) -> bool:
+        """The replay's slots; False when the client left while waiting. Raises
         PushError when none freed in time: the subscribe is refused."""
-        if self.slots is not None:
-            subscriber = self.subscriber
-            self.held = await self.slots.acquire(
-                subscriber.ip, lambda: subscriber.gone, wait_secs=wait_secs
-            )
-            return self.held
-        return True
+        if self.slots is None:
+            return True
+        subscriber = self.subscriber
+        self.held = self.reading = await self.slots.acquire(subscriber.ip, lambda: subscriber.gone)
+        return self.held
 
-    async def take_again(self) -> bool:
-        """A later page's slot, waited for as long as the client stays: the client holds
-        the subscription as made, so a refusal now would drop it behind its back (as a
-        failed read would, ``Hub._page_after_reply``). False when it left."""
-        if not self.held and not await self.take(wait_secs=math.inf):
-            return False
+    def pause(self) -> None:
+        """Nothing is read while the client reads its queue down: the node's slot goes
+        back meanwhile."""
+        if self.slots is not None and self.reading:
+            self.reading = False
+            self.slots.pause()
+
+    async def resume(self) -> bool:
+        """The node's slot again, before the next page; False when the client left."""
+        if self.slots is not None and self.held and not self.reading:
+            subscriber = self.subscriber
+            if not await self.slots.resume(lambda: subscriber.gone):
+                return False
+            self.reading = True
         return not self.subscriber.gone
 
     def give_back(self) -> None:
-        if self.held:
+        if self.slots is not None and self.held:
             self.held = False
-            self.slots.release(self.subscriber.ip)  # type: ignore[union-attr]  # held: set
+            self.slots.release(self.subscriber.ip, reading=self.reading)
+            self.reading = False
 
 
 class _JoinCancelled(Exception):

@@ -22,6 +22,13 @@ class ReplaySlots:
     address holds too many (that client should slow down), UNAVAILABLE when the node
     does (try again later, or elsewhere). 0 turns a bound off. An IPv6 address counts
     for its /64 (``common.addresses``), as for every other limit kept per address.
+
+    The two are held differently. An address's slot is held for the whole replay: it
+    bounds what one client address makes the node hold (each replay's page and send
+    queue). The node's is held only while the replay reads (``pause``, ``resume``):
+    it bounds the reads running at once, and a reader that stopped reading, its queue
+    full and its connection kept open by pings, would otherwise hold it for hours and
+    a few such readers would have every other client's resume refused.
     """
 
     POLL_SECS = 0.02
@@ -41,13 +48,11 @@ class ReplaySlots:
             return ErrorCode.UNAVAILABLE
         return None
 
-    async def acquire(
-        self, ip: object, gone: Callable[[], bool], *, wait_secs: float | None = None
-    ) -> bool:
-        """Take a slot; False when the client left while waiting. Raises PushError
-        when no slot freed within ``wait_secs`` (the bound's own by default)."""
+    async def acquire(self, ip: object, gone: Callable[[], bool]) -> bool:
+        """Take a slot of the node's and of ``ip``'s; False when the client left while
+        waiting. Raises PushError when none freed within ``wait_secs``."""
         ip = _block(ip)
-        deadline = time.monotonic() + (self.wait_secs if wait_secs is None else wait_secs)
+        deadline = time.monotonic() + self.wait_secs
         while (refusal := self._free(ip)) is not None:
             if gone():
                 return False
@@ -61,14 +66,38 @@ class ReplaySlots:
         metrics.REPLAYS_ACTIVE.set(self.in_use)
         return True
 
-    def release(self, ip: object) -> None:
+    def release(self, ip: object, *, reading: bool = True) -> None:
+        """Give back the replay's slots (``reading``: the node's too, unless paused)."""
         ip = _block(ip)
-        self.in_use -= 1
+        if reading:
+            self.pause()
         if ip is not None:
             self._per_ip[ip] -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
+
+    def pause(self) -> None:
+        """Give back the node's slot of a replay that stops reading for a while (its
+        address's stays held)."""
+        self.in_use -= 1
         metrics.REPLAYS_ACTIVE.set(self.in_use)
+
+    async def resume(self, gone: Callable[[], bool]) -> bool:
+        """Take the node's slot again, for the next read of a paused replay, waiting
+        for it as long as the client stays (its subscription stands, and refusing now
+        would drop it behind its back); False when it left. The wait looks ever less
+        often, up to 10 times a second, so stalled waiters cost little."""
+        delay = self.POLL_SECS
+        while self.per_node and self.in_use >= self.per_node:
+            if gone():
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        if gone():
+            return False
+        self.in_use += 1
+        metrics.REPLAYS_ACTIVE.set(self.in_use)
+        return True
 
 
 def _block(ip: object) -> object:

@@ -277,9 +277,18 @@ async def test_a_replay_waiting_for_a_reader_that_stopped_gives_its_slot_to_othe
     await hub.subscribe(other, "deep", since=0, reply=other.reply)
     await until_seqs(other, list(range(1, 301)))
     assert not stalled_task.done() and slots.in_use == 0
+    # Its address's slot stays held: what one address makes the node hold (each
+    # replay's page and queue) stays bounded by its slots, stalled or not.
+    same_address = client_from("10.0.0.1")
+    with pytest.raises(PushError) as refused:
+        await hub.subscribe(same_address, "deep", since=0, reply=same_address.reply)
+    assert refused.value.code is ErrorCode.RATE_LIMITED
     stalled.gone = True
     assert not (await asyncio.wait_for(stalled_task, 1)).active
     assert slots.in_use == 0
+    again = client_from("10.0.0.1")  # and given back when the replay ended
+    await hub.subscribe(again, "deep", since=0, reply=again.reply)
+    await until_seqs(again, list(range(1, 301)))
 
 
 async def test_recent_messages_are_bounded_in_bytes() -> None:
