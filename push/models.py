@@ -55,6 +55,10 @@ class Message(models.Model):
         db_index=False,
     )
     created_at = models.DateTimeField()
+    # The Pusher socket id that must not receive the message (a Pusher trigger's
+    # ``socket_id``): a node that missed its broadcast reads it back with the message
+    # (a gap repair). Written only by publishes that name one; NULL for every other.
+    excluded_socket = models.TextField(null=True, blank=True)
 
     class Meta:
         constraints = [

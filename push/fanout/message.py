@@ -48,8 +48,8 @@ class ChannelMessage:
         self.timestamp = timestamp
         self._data: Any = _UNPARSED
         # The Pusher socket id of the connection that must not receive this message
-        # live (a Pusher trigger's socket_id): it travels with the broadcast, never
-        # into history.
+        # (a Pusher trigger's socket_id): it travels with the broadcast, and is stored
+        # with the message, so a node that reads it back (a gap repair) skips it too.
         self.exclude = exclude
         # Sent to the other nodes by a storage script (a recent channel's numbering,
         # or the recent-history cache's append: ``push.storage.relay``): not for the

@@ -39,17 +39,23 @@ class EpochSeconds(Func):
         )
 
 
-# A stored message as read: (seq, message_id, data, created_at as Unix seconds). Tuples
+# A stored message as read: (seq, message_id, data, created_at as Unix seconds, the
+# Pusher socket it excludes or None). Tuples
 # of plain values, not model instances: a replay or a history page reads hundreds of
 # rows on a database thread, holding the GIL the event loop needs, and a model instance
 # with a parsed datetime and UUID per row cost about twice as much.
-MessageRow = tuple[int, Any, str, float]
+MessageRow = tuple[int, Any, str, float, str | None]
 
 
 def channel_message_from_row(channel: str, row: MessageRow) -> ChannelMessage:
-    seq, message_id, data, timestamp = row
+    seq, message_id, data, timestamp, excluded = row
     return ChannelMessage(
-        channel=channel, seq=seq, message_id=str(message_id), data_json=data, timestamp=timestamp
+        channel=channel,
+        seq=seq,
+        message_id=str(message_id),
+        data_json=data,
+        timestamp=timestamp,
+        exclude=excluded,
     )
 
 
@@ -100,7 +106,7 @@ def rows_within(
     bounded = rows.filter(seq__gte=edge) if newest_first else rows.filter(seq__lte=edge)
     read: list[MessageRow] = list(
         bounded.annotate(epoch=EpochSeconds("created_at")).values_list(
-            "seq", "message_id", "data", "epoch"
+            "seq", "message_id", "data", "epoch", "excluded_socket"
         )[:taken]
     )
     metrics.HISTORY_ROWS_READ.inc(len(read))

@@ -309,6 +309,13 @@ def _store(
     channels = [channel for i in writers for channel, _ in units[i].items]
     data = [data_json for i in writers for _, data_json in units[i].items]
     publishers = [units[i].publisher_id for i in writers for _ in units[i].items]
+    # The excluded Pusher sockets, only when a publish names one: the statements of a
+    # batch without (nearly all) are the ones they always were.
+    excluded = (
+        [units[i].exclude for i in writers for _ in units[i].items]
+        if any(units[i].exclude is not None for i in writers)
+        else None
+    )
     message_ids = new_message_ids(len(channels))
     counts: dict[str, int] = {}  # (a Counter costs 0.5 us more for a batch of one)
     for channel in channels:
@@ -322,6 +329,7 @@ def _store(
             (channels, message_ids, data, publishers),
             created_at,
             final=final,
+            excluded=excluded,
         )
     else:
         rows = yield _allocate_seqs(dialect, names, [counts[n] for n in names], created_at)
@@ -331,7 +339,7 @@ def _store(
     if dialect.vendor != "postgresql":
         ids = {name: channel_id for channel_id, name, _ in rows}
         channel_ids = [ids[channel] for channel in channels]
-        yield _insert_messages(dialect, stored, channel_ids, publishers, created_at)
+        yield _insert_messages(dialect, stored, channel_ids, publishers, created_at, excluded)
     return stored
 
 
@@ -380,18 +388,27 @@ def _store_at_once(
     created_at: datetime,
     *,
     final: bool,
+    excluded: list[str | None] | None = None,
 ) -> Statement:
     """PostgreSQL: the seq upsert (``_allocate_seqs``) and the messages' insert in ONE
     statement, the insert numbering each channel's messages in request order from the
     upsert's ``last_seq``; answers the upsert's rows. With nothing after it, the
     write pipeline sends it and the COMMIT in one round trip, where the upsert's rows
     had to come back before the insert could be sent (two round trips per batch)."""
+    if excluded is None:
+        return Statement(
+            _store_at_once_sql(dialect.array_parameter),
+            [created_at, names, counts, created_at, *messages],
+            returns_rows=True,
+            final=final,
+            types=_STORE_AT_ONCE_TYPES,
+        )
     return Statement(
-        _store_at_once_sql(dialect.array_parameter),
-        [created_at, names, counts, created_at, *messages],
+        _store_at_once_sql(dialect.array_parameter, excluding=True),
+        [created_at, names, counts, created_at, *messages, excluded],
         returns_rows=True,
         final=final,
-        types=_STORE_AT_ONCE_TYPES,
+        types=(*_STORE_AT_ONCE_TYPES, "text[]"),
     )
 
 
@@ -404,8 +421,12 @@ _STORE_AT_ONCE_TYPES = (
 
 
 @functools.cache
-def _store_at_once_sql(array: str) -> str:
+def _store_at_once_sql(array: str, *, excluding: bool = False) -> str:
+    """``excluding``: the messages' excluded Pusher sockets follow as one more array."""
     channels, messages = _table(Channel), _table(Message)
+    column, value, array_x, name = (
+        (", excluded_socket", ", t.x", f", {array}::text[]", ", x") if excluding else ("",) * 4
+    )
     return (
         f"WITH s AS (INSERT INTO {channels} (name, last_seq, created_at) "  # noqa: S608
         f"SELECT n, c, %s FROM unnest({array}::text[], {array}::bigint[]) AS t(n, c) "
@@ -413,11 +434,11 @@ def _store_at_once_sql(array: str) -> str:
         f"ON CONFLICT (name) DO UPDATE SET last_seq = {channels}.last_seq + EXCLUDED.last_seq "
         "RETURNING id, name, last_seq), "
         f"m AS (INSERT INTO {messages} "
-        "(channel_id, seq, message_id, data, publisher_id, created_at) "
+        f"(channel_id, seq, message_id, data, publisher_id, created_at{column}) "
         "SELECT s.id, s.last_seq - count(*) OVER w + row_number() OVER (w ORDER BY t.o), "
-        "t.m, t.d, t.p, %s "
-        f"FROM unnest({array}::text[], {array}::uuid[], {array}::text[], {array}::bigint[]) "
-        "WITH ORDINALITY AS t(n, m, d, p, o) JOIN s ON s.name = t.n "
+        f"t.m, t.d, t.p, %s{value} "
+        f"FROM unnest({array}::text[], {array}::uuid[], {array}::text[], {array}::bigint[]"
+        f"{array_x}) WITH ORDINALITY AS t(n, m, d, p{name}, o) JOIN s ON s.name = t.n "
         "WINDOW w AS (PARTITION BY t.n)) "
         "SELECT id, name, last_seq FROM s"
     )
@@ -452,21 +473,26 @@ def _insert_messages(
     channel_ids: list[int],
     publishers: list[int | None],
     created_at: datetime,
+    excluded: list[str | None] | None = None,
 ) -> Statement:
     table = _table(Message)
-    rows = dialect.rows(
-        [("c", "bigint"), ("s", "bigint"), ("m", "uuid"), ("d", "text"), ("p", "bigint")],
-        [
-            channel_ids,
-            [m.seq for m in messages],
-            [dialect.uuid(m.message_id) for m in messages],
-            [m.data_json for m in messages],
-            publishers,
-        ],
-    )
+    columns = [("c", "bigint"), ("s", "bigint"), ("m", "uuid"), ("d", "text"), ("p", "bigint")]
+    values: list[list[Any]] = [
+        channel_ids,
+        [m.seq for m in messages],
+        [dialect.uuid(m.message_id) for m in messages],
+        [m.data_json for m in messages],
+        publishers,
+    ]
+    column = value = ""
+    if excluded is not None:
+        columns.append(("x", "text"))
+        values.append(excluded)
+        column, value = ", excluded_socket", ", x"
+    rows = dialect.rows(columns, values)
     return Statement(
-        f"INSERT INTO {table} (channel_id, seq, message_id, data, publisher_id, created_at) "  # noqa: S608
-        f"SELECT c, s, m, d, p, %s FROM {rows.sql}",
+        f"INSERT INTO {table} (channel_id, seq, message_id, data, publisher_id, created_at"  # noqa: S608
+        f"{column}) SELECT c, s, m, d, p, %s{value} FROM {rows.sql}",
         [dialect.timestamp(created_at), *rows.params],
     )
 

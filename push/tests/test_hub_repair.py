@@ -16,6 +16,7 @@ from push.fanout.hub import Hub
 from push.models import Channel, Message
 from push.storage.history import DatabaseHistory
 from push.storage.retention import channel_trim
+from push.storage.write_batch import PublishUnit, run_plan_sync
 from push.tests.test_hub import FakeClient, make_hub, until_seqs
 from push.tests.test_replay_bounds import UnreadClient
 from tests.waiting import wait_until
@@ -91,3 +92,31 @@ async def test_rows_trimmed_away_are_skipped_as_a_jump_in_seq() -> None:
     await until_seqs(client, list(range(MISSED - 9, MISSED + 1)))
     await wait_until(lambda: not hub.channels["trimmed"].repairing, "the repair to end")
     assert hub.channels["trimmed"].delivered_seq == MISSED
+
+
+class PusherSocket(FakeClient):
+    """A subscriber with a Pusher socket id, as a Pusher connection has."""
+
+    def __init__(self, socket_id: str) -> None:
+        super().__init__()
+        self.socket_id = socket_id
+
+
+async def test_a_repair_keeps_a_trigger_from_the_socket_it_excluded() -> None:
+    """A Pusher trigger with ``socket_id`` whose broadcast this node missed: read back
+    from history, it still reaches every subscriber but the excluded socket."""
+    hub, _ = await make_hub(DatabaseHistory())
+    sender, other = PusherSocket("11.22"), PusherSocket("33.44")
+    for client in (sender, other):
+        await hub.subscribe(client, "excluding", since=None, reply=client.reply)
+    units = [
+        PublishUnit(items=[("excluding", '"own"')], publisher_id=None, exclude="11.22"),
+        PublishUnit(items=[("excluding", '"for all"')], publisher_id=None),
+    ]
+    await sync_to_async(run_plan_sync)(units, window_secs=60)  # no broadcast reaches the hub
+    await hub.sync_with_history()
+    await hub.sync_with_history()
+    await until_seqs(other, [1, 2])
+    await wait_until(lambda: 2 in sender.seqs(), "the sender to get the event for all")
+    assert [m["data"] for m in other.sent] == ["own", "for all"]
+    assert [(m["seq"], m["data"]) for m in sender.sent] == [(2, "for all")]

@@ -25,6 +25,7 @@ from push.fanout.message import ChannelMessage
 from push.models import Channel, Message
 from push.services.publishing import message_publish_queued, messages_publish_batch
 from push.services.runtime import get_node
+from push.storage.history import DatabaseHistory
 from push.storage.pipelined_connection import PipelineAborted, PipelinedConnection
 from push.storage.retention import history_trim
 from push.storage.write_batch import (
@@ -144,6 +145,34 @@ async def test_data_with_quotes_backslashes_and_any_script_is_stored_as_publishe
         await pipeline.stop()
     assert all(isinstance(o, Published) for o in outcomes)
     assert [data for _, data, _ in await sync_to_async(_stored)("escapes")] == values
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "unprepared"])
+async def test_a_pusher_socket_excluded_by_a_publish_is_stored_with_its_messages(
+    prepared: bool,
+) -> None:
+    """A gap repair reads it back with them (``Hub._repair``); the other publishes of
+    the batch store none."""
+    pipeline = _pipeline([], prepared=prepared)
+    try:
+        units = [_unit("excluding", n) for n in range(4)]
+        units[1] = _unit("excluding", 1, exclude="12.34")
+        units[2] = PublishUnit(
+            items=[("excluding", "2"), ("excluding-too", "2")], publisher_id=None, exclude="5.6"
+        )
+        outcomes = await asyncio.gather(*(pipeline.publish(u) for u in units))
+    finally:
+        await pipeline.stop()
+    assert all(isinstance(o, Published) for o in outcomes)
+    page = await DatabaseHistory().stored_page("excluding", 0, 10, 10**6)
+    assert [(m.seq, m.exclude) for m in page.messages] == [
+        (1, None),
+        (2, "12.34"),
+        (3, "5.6"),
+        (4, None),
+    ]
+    (other,) = (await DatabaseHistory().stored_page("excluding-too", 0, 10, 10**6)).messages
+    assert other.exclude == "5.6"
 
 
 @pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "unprepared"])
@@ -877,7 +906,7 @@ async def test_typed_parameters_travel_as_declared_whatever_their_values() -> No
 def test_every_statement_of_a_batch_declares_its_parameters_types() -> None:
     """The pipeline adapts statements by their declared types, so each must declare one
     per parameter (fewer would send the rest unadapted): with keys and without."""
-    units = [_unit("a", 1), _unit("b", 2, principal="p", idempotency_key="k")]
+    units = [_unit("a", 1, exclude="1.2"), _unit("b", 2, principal="p", idempotency_key="k")]
     plan = batch_plan(units, micros=now_micros(), window_secs=60, dialect=POSTGRESQL_BINARY_ARRAYS)
     statements = [next(plan), plan.send([]), plan.send([])]  # the key lost: its result read
     statements.append(plan.send([("p", "b", "k", None)]))  # then the others stored
