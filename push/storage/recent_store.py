@@ -341,12 +341,33 @@ class Window:
         )
 
 
-def entry_tails(message_ids: list[str], timestamp: float, data_jsons: list[str]) -> list[str]:
+def entry_tails(
+    message_ids: list[str],
+    timestamp: float,
+    data_jsons: list[str],
+    excluded: list[str | None] | None = None,
+) -> list[str]:
     """Window entries after their seqs, which the publish script puts in front: a
     call's at once, its timestamp written once (a function call per entry, each writing
-    the float again, cost a recent publish 0.5 us)."""
+    the float again, cost a recent publish 0.5 us). ``excluded``, given when a publish
+    of the call names one: each entry's excluded Pusher socket (``exclude``), written
+    into the entries that have one, so a gap repair that reads them back skips it."""
     stamp = f'","timestamp":{timestamp!r}{_DATA_MARK}'
-    return [f'"message_id":"{i}{stamp}{d}}}' for i, d in zip(message_ids, data_jsons, strict=True)]
+    if excluded is None:
+        return [
+            f'"message_id":"{i}{stamp}{d}}}' for i, d in zip(message_ids, data_jsons, strict=True)
+        ]
+    return [
+        f'"message_id":"{i}{stamp}{d}}}'
+        if x is None
+        else f'"message_id":"{i}{_EXCLUDE_MARK}{x}{stamp}{d}}}'
+        for i, d, x in zip(message_ids, data_jsons, excluded, strict=True)
+    ]
+
+
+# Between an entry's message id and its excluded socket (a socket id is digits and a
+# dot: nothing to escape).
+_EXCLUDE_MARK = '","exclude":"'
 
 
 # What an entry holds besides its seq's digits, message id, timestamp and data.
@@ -363,9 +384,12 @@ def entry_bytes_at_most(message: ChannelMessage) -> int:
     data = message.data_json
     data_bytes = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
     seq_digits = len(str(message.seq))
+    excluded = 0 if message.exclude is None else len(_EXCLUDE_MARK) + len(message.exclude)
     return (
-        _ENTRY_FRAME_BYTES + seq_digits + len(message.message_id) + _TIMESTAMP_MAX_CHARS
-    ) + data_bytes
+        (_ENTRY_FRAME_BYTES + seq_digits + len(message.message_id) + _TIMESTAMP_MAX_CHARS)
+        + data_bytes
+        + excluded
+    )
 
 
 def message_from_entry(channel: str, entry: bytes | str) -> ChannelMessage:
@@ -379,6 +403,7 @@ def message_from_entry(channel: str, entry: bytes | str) -> ChannelMessage:
         message_id=head["message_id"],
         data_json=text[mark + len(_DATA_MARK) : -1],
         timestamp=float(head["timestamp"]),
+        exclude=head.get("exclude"),
     )
 
 
@@ -467,6 +492,8 @@ class _Numbering:
         self.exclude = exclude
         self.count = len(data_jsons)
         self.nbytes = sum(map(len, data_jsons)) + self.count * _ENTRY_CHARS_BESIDES_DATA
+        if exclude is not None:
+            self.nbytes += self.count * (len(_EXCLUDE_MARK) + len(exclude))
         # When its publisher is answered UNAVAILABLE if it has no seq yet (``_expire``).
         self.deadline = loop.time() + PUBLISH_DEADLINE_SECS
 
@@ -546,8 +573,8 @@ _Call = dict[str, list[_Numbering]]
 def _relayed_groups(relay: Relay, call: _Call) -> list[bytes | str]:
     """Each channel's group and name for the publish script, and whether each publish
     of the call is relayed by it. A channel with a publish that must skip one Pusher
-    socket (``exclude``, which the window's entries do not hold) goes through the
-    broker, as before, with ``b""`` for its group."""
+    socket (``exclude``) goes through the broker, as before, with ``b""`` for its
+    group: a node of an earlier version reads no ``exclude`` from a window entry."""
     groups: list[bytes | str] = []
     for channel, group in call.items():
         relayed = all(numbering.exclude is None for numbering in group)
@@ -922,6 +949,7 @@ class RecentStore:
         keys: list[bytes] = []
         counts: list[int | str] = []
         data_jsons: list[str] = []
+        excluding = False
         known_keys = self._publish_keys
         # Channel by channel, as the script reads them; ``ids[i]`` is ``data_jsons[i]``'s.
         for channel, group in call.items():
@@ -933,8 +961,12 @@ class RecentStore:
                 numbering.relayed = False  # until ``_relayed_groups`` says otherwise
                 numbering.ids = ids[taken : taken + numbering.count]
                 data_jsons += numbering.data_jsons
+                excluding = excluding or numbering.exclude is not None
             counts.append(len(data_jsons) - before)
-        return keys, counts + entry_tails(ids, timestamp, data_jsons)
+        excluded = None
+        if excluding:
+            excluded = [n.exclude for g in call.values() for n in g for _ in range(n.count)]
+        return keys, counts + entry_tails(ids, timestamp, data_jsons, excluded)
 
     async def _renew(self, channel: str, state: int, amount: int) -> None:
         """One block for all of the channel's held publishes: a block each would cost a

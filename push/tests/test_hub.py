@@ -105,6 +105,14 @@ class FakeClient:
         return [m["seq"] for m in self.sent if m.get("type") == "message"]
 
 
+class PusherSocket(FakeClient):
+    """A subscriber with a Pusher socket id, as a Pusher connection has."""
+
+    def __init__(self, socket_id: str) -> None:
+        super().__init__()
+        self.socket_id = socket_id
+
+
 class Membership:
     def __init__(self) -> None:
         self.joined: list[str] = []

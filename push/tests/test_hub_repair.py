@@ -5,7 +5,7 @@ retention lets a resume replay; only rows really deleted show as a jump in seq."
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -17,7 +17,7 @@ from push.models import Channel, Message
 from push.storage.history import DatabaseHistory
 from push.storage.retention import channel_trim
 from push.storage.write_batch import PublishUnit, run_plan_sync
-from push.tests.test_hub import FakeClient, make_hub, until_seqs
+from push.tests.test_hub import FakeClient, PusherSocket, make_hub, until_seqs
 from push.tests.test_replay_bounds import UnreadClient
 from tests.waiting import wait_until
 
@@ -94,29 +94,32 @@ async def test_rows_trimmed_away_are_skipped_as_a_jump_in_seq() -> None:
     assert hub.channels["trimmed"].delivered_seq == MISSED
 
 
-class PusherSocket(FakeClient):
-    """A subscriber with a Pusher socket id, as a Pusher connection has."""
-
-    def __init__(self, socket_id: str) -> None:
-        super().__init__()
-        self.socket_id = socket_id
-
-
-async def test_a_repair_keeps_a_trigger_from_the_socket_it_excluded() -> None:
-    """A Pusher trigger with ``socket_id`` whose broadcast this node missed: read back
-    from history, it still reaches every subscriber but the excluded socket."""
-    hub, _ = await make_hub(DatabaseHistory())
+async def repair_past_exclusion(
+    hub: Hub, channel: str, publish: Callable[[str, str | None], Awaitable[None]]
+) -> None:
+    """Two Pusher sockets on ``channel``; ``publish(data_json, exclude)`` stores "own",
+    excluding the first, then "for all", with no broadcast reaching the hub: the
+    repair that reads them back keeps "own" from the socket it excluded."""
     sender, other = PusherSocket("11.22"), PusherSocket("33.44")
     for client in (sender, other):
-        await hub.subscribe(client, "excluding", since=None, reply=client.reply)
-    units = [
-        PublishUnit(items=[("excluding", '"own"')], publisher_id=None, exclude="11.22"),
-        PublishUnit(items=[("excluding", '"for all"')], publisher_id=None),
-    ]
-    await sync_to_async(run_plan_sync)(units, window_secs=60)  # no broadcast reaches the hub
+        await hub.subscribe(client, channel, since=None, reply=client.reply)
+    await publish('"own"', sender.socket_id)
+    await publish('"for all"', None)
     await hub.sync_with_history()
     await hub.sync_with_history()
     await until_seqs(other, [1, 2])
     await wait_until(lambda: 2 in sender.seqs(), "the sender to get the event for all")
     assert [m["data"] for m in other.sent] == ["own", "for all"]
     assert [(m["seq"], m["data"]) for m in sender.sent] == [(2, "for all")]
+
+
+async def test_a_repair_keeps_a_trigger_from_the_socket_it_excluded() -> None:
+    """A Pusher trigger with ``socket_id`` whose broadcast this node missed: read back
+    from history, it still reaches every subscriber but the excluded socket."""
+
+    async def publish(data_json: str, exclude: str | None) -> None:
+        unit = PublishUnit(items=[("excluding", data_json)], publisher_id=None, exclude=exclude)
+        await sync_to_async(run_plan_sync)([unit], window_secs=60)
+
+    hub, _ = await make_hub(DatabaseHistory())
+    await repair_past_exclusion(hub, "excluding", publish)

@@ -21,11 +21,14 @@ from push.cluster.node import STOP_FLUSH_MIN_SECS, Node
 from push.fanout.message import ChannelMessage
 from push.services.runtime import get_node
 from push.storage import recent_store
+from push.storage.history import RecentHistory
 from push.storage.recent_cache import message_from_entry, recent_key
 from push.storage.relay import CACHED_ENTRIES, RECENT_ENTRIES, RELAY_MARK
 from push.storage.relay import current as current_relay
 from push.storage.write_batch import Published, PublishUnit
 from push.tests.redis_proxy import Proxy
+from push.tests.test_hub import make_hub
+from push.tests.test_hub_repair import repair_past_exclusion
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -112,14 +115,40 @@ async def test_a_large_call_is_relayed_in_payloads_of_at_most_100_messages(node:
 
 
 async def test_a_publish_that_skips_a_pusher_socket_goes_through_the_broker(node: Node) -> None:
-    """The window's entries do not hold ``exclude``: such a channel's messages of the
-    call are sent by the broker, which carries it."""
+    """A node of an earlier version reads no ``exclude`` from a window entry: such a
+    channel's messages of the call are sent by the broker, which carries it."""
     sent: list[ChannelMessage] = []
     outcome = await recent_store.publish_submitted(
         "tick:excluding", ['"x"'], broadcast=sent.append, exclude="123.456"
     )
     assert isinstance(outcome, Published)
     assert [(m.relayed, m.exclude) for m in sent] == [(False, "123.456")]
+
+
+def test_a_window_entry_holds_its_excluded_socket_and_is_weighed_with_it() -> None:
+    tails = recent_store.entry_tails(
+        ["0190aaaa-0000-7000-8000-000000000000"] * 2, 1e9 + 1e-6, ['"a"', '"b"'], [None, "9.8"]
+    )
+    entries = ['{"seq":41,' + tails[0], '{"seq":42,' + tails[1]]
+    messages = [recent_store.message_from_entry("tick:e", e) for e in entries]
+    assert [(m.seq, m.data, m.exclude) for m in messages] == [(41, "a", None), (42, "b", "9.8")]
+    # The node's bound on what the window counts for an entry is never below it.
+    for entry, message in zip(entries, messages, strict=True):
+        assert recent_store.entry_bytes_at_most(message) >= len(entry)
+    assert len(entries[1]) > recent_store.entry_bytes_at_most(messages[0])
+
+
+async def test_a_repair_keeps_a_recent_trigger_from_the_socket_it_excluded(node: Node) -> None:
+    """A node that missed the broadcast reads the window: its entry names the socket."""
+
+    async def publish(data_json: str, exclude: str | None) -> None:
+        outcome = await recent_store.publish_submitted(
+            "tick:repaired", [data_json], broadcast=lambda message: None, exclude=exclude
+        )
+        assert isinstance(outcome, Published)
+
+    hub, _ = await make_hub(RecentHistory())
+    await repair_past_exclusion(hub, "tick:repaired", publish)
 
 
 def _receiving_broker() -> tuple[Broker, list[ChannelMessage]]:
