@@ -826,15 +826,20 @@ class Hub:
     def _replay(self, subscription: Subscription, messages: list[ChannelMessage]) -> None:
         """``messages`` the client has not had, in runs of a slice, each written at once
         while the socket takes them (one write is at most a slice over the server's
-        backlog bound; past it, the rest queue frame by frame in the bounded outbox)."""
+        backlog bound; past it, the rest queue frame by frame in the bounded outbox). A
+        message that excludes the subscriber's Pusher socket (live ones held while a
+        Pusher cache channel's rewind read history) is passed over, as live."""
         codec = subscription.subscriber.codec
         droppable = subscription.channel.droppable
         push_many = subscription.subscriber.outbox.push_many
+        socket_id = getattr(subscription.subscriber, "socket_id", None)
         for part in _slices(messages):
             frames = []
             for message in part:
                 if message.seq > subscription.last_seq:
                     subscription.last_seq = subscription.sent_seq = message.seq
+                    if message.exclude is not None and message.exclude == socket_id:
+                        continue
                     frames.append(encode_frame(codec, message, droppable))
             if frames:
                 push_many(frames)

@@ -10,6 +10,7 @@ from push.fanout.replay_slots import ReplaySlots
 from push.tests.test_hub import (
     FakeClient,
     MemoryHistory,
+    PusherSocket,
     make_hub,
     make_message,
     until_seqs,
@@ -91,6 +92,31 @@ async def test_rewind_past_memory_shares_one_history_read_and_keeps_the_seam() -
         await until_seqs(client, list(range(13, 24)))
         assert client.replies == [(22, None)]
     assert history.page_calls == 1
+
+
+async def test_a_trigger_excluding_a_socket_mid_rewind_does_not_reach_it() -> None:
+    """A Pusher cache channel's subscribe (a rewind of 1) past memory: a trigger that
+    excludes the subscribing socket arrives while the read runs, is held with the
+    replay, and is still kept from that socket when the replay ends."""
+    history = MemoryHistory()
+    hub, _ = await _hub_with(history, 20, recent_size=0)
+    other = FakeClient()
+    await hub.subscribe(other, "news", since=None, reply=other.reply)
+    history.page_gate = asyncio.Event()
+    sender = PusherSocket("11.22")
+    task = asyncio.ensure_future(
+        hub.subscribe(sender, "news", since=None, reply=sender.reply, rewind=1)
+    )
+    await read_started(history, 1)
+    excluding = make_message("news", 21)  # (the page stops at 20)
+    excluding.exclude = "11.22"
+    hub.deliver(excluding)
+    history.page_gate.set()
+    await task
+    assert sender.replies == [(21, None)]  # the last 1 is 21, which is not for it
+    hub.deliver(make_message("news", 22))
+    await until_seqs(other, [21, 22])
+    await until_seqs(sender, [22])
 
 
 async def test_a_read_begun_before_the_channel_moved_is_not_shared() -> None:
