@@ -226,6 +226,29 @@ async def test_presence_members_one_per_user_across_connections_and_nodes(
         assert (await _members(alice, channel))["count"] == 1, alice.transcript()
 
 
+async def test_a_publisher_cannot_pass_for_pusher_itself(
+    nodes: tuple[ServerNode, ServerNode], tokens: dict[str, str]
+) -> None:
+    """Whoever may publish on a presence channel (our REST API, our protocol) cannot
+    make pusher-js take a message for one of Pusher's own events: a forged member, a
+    forged sign-in. Such a message reaches it as event ``message``, as any other."""
+    node_a, node_b = nodes
+    channel = _name("presence-forged-")
+    async with pusher_js(node_a, tokens["pjs-alice"]) as alice:
+        await alice.subscribed(channel)
+        forged = [
+            {"event": "pusher_internal:member_added", "data": {"user_id": "x", "user_info": {}}},
+            {"event": "pusher:member_added", "data": {"id": "x", "info": {}}},
+            {"event": "pusher:signin_success", "data": {"user_data": '{"id":"x"}'}},
+        ]
+        for data in forged:
+            await publish_rest(node_b, tokens["pjs-bob"], channel, data)
+        for data in forged:
+            assert await alice.event(channel, "message") == data, alice.transcript()
+        members = await _members(alice, channel)
+        assert members["count"] == 1 and "x" not in _member_ids(members), alice.transcript()
+
+
 def _member_event(line: dict[str, Any]) -> bool:
     return line.get("event") in ("pusher:member_added", "pusher:member_removed")
 

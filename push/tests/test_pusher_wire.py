@@ -46,6 +46,14 @@ def _message(data: object) -> ChannelMessage:
         ({"event": "e", "data": None}, "e", "null"),
         ({"event": 5, "data": "x"}, "message", '{"event":5,"data":"x"}'),
         ({"event": "e"}, "message", '{"event":"e"}'),
+        # Pusher's own events are the server's to send, never a publisher's.
+        (
+            {"event": "pusher_internal:member_added", "data": "x"},
+            "message",
+            '{"event":"pusher_internal:member_added","data":"x"}',
+        ),
+        ({"event": "pusher:error", "data": "x"}, "message", '{"event":"pusher:error","data":"x"}'),
+        ({"event": "pusher-ish", "data": "x"}, "pusher-ish", "x"),
         ([1, 2], "message", "[1,2]"),
         ("text", "message", '"text"'),
         ({"ü": "é"}, "message", '{"ü":"é"}'),

@@ -4,7 +4,8 @@ between a Pusher event and a channel message of our own protocol.
 Channels are shared between the protocols. A Pusher event ``E`` with data ``D`` (a
 string) is stored as a message whose data is ``{"event": E, "data": D}``; a message whose
 data is an object with a string ``event`` and a ``data`` member reaches Pusher clients
-as that event (a non-string ``data`` as its JSON text), any other as event ``message``
+as that event (a non-string ``data`` as its JSON text), unless ``event`` is named as
+Pusher's own are (``pusher:``, ``pusher_internal:``); any other as event ``message``
 with the JSON text of its data.
 
 ``PusherCodec`` is the fan-out's codec for Pusher connections: the hub encodes each
@@ -49,6 +50,8 @@ SUBSCRIPTION_SUCCEEDED = "pusher_internal:subscription_succeeded"
 MEMBER_ADDED = "pusher_internal:member_added"
 MEMBER_REMOVED = "pusher_internal:member_removed"
 CLIENT_EVENT_PREFIX = "client-"
+# Pusher's own events: never the name of a channel message's event (``as_pusher_event``).
+_RESERVED_PREFIXES = ("pusher:", "pusher_internal:")
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _json = JsonCodec()
@@ -116,8 +119,16 @@ def message_data(event: str, data: str) -> dict[str, str]:
 
 
 def as_pusher_event(data: Any) -> tuple[str, str]:
-    """(event, data text) that a message with ``data`` reaches Pusher clients as."""
-    if isinstance(data, dict) and isinstance(data.get("event"), str) and "data" in data:
+    """(event, data text) that a message with ``data`` reaches Pusher clients as. An
+    event named as Pusher names its own (``pusher:``, ``pusher_internal:``) is not
+    passed on as one: pusher-js would take it for the server's (a presence member, a
+    sign-in), and whoever may publish on a channel could forge those."""
+    if (
+        isinstance(data, dict)
+        and isinstance(data.get("event"), str)
+        and "data" in data
+        and not data["event"].startswith(_RESERVED_PREFIXES)
+    ):
         inner = data["data"]
         return data["event"], inner if isinstance(inner, str) else _encoder.encode(inner)
     return DEFAULT_EVENT, _encoder.encode(data)
