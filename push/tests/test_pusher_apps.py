@@ -14,7 +14,9 @@ from push.models import PusherApp as PusherAppRow
 from push.services import pusher_apps
 from push.services.pusher_apps import PusherApp, app_by_key_async, app_cache
 from push.services.pusher_http import api_app
+from push.services.runtime import get_node
 from push.tests.backends import terminate_backends
+from push.tests.wsclient import ConnectionClosed, open_client
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -67,3 +69,26 @@ async def test_apps_are_read_again_after_postgresql_ended_the_connection_they_we
     found = await lookup(second)
     assert found is not None and found.app_id == "1002"
     assert read_on[-1] != read_on[0]
+
+
+@pytest.mark.usefixtures("fresh_node")
+async def test_a_draining_node_tells_a_pusher_client_to_back_off_not_to_come_straight_back() -> (
+    None
+):
+    """pusher-js reconnects at once after a 42xx code and a second later after a 41xx
+    one. A node that is stopping refuses new connections: with 4200 every client that
+    a load balancer sends back to it would reconnect in a loop as fast as the network
+    goes, for as long as the node drains; with 4100 once a second."""
+    row = await sync_to_async(_new_app)("draining", "4242")
+    node = await get_node()
+    node.draining = True
+    try:
+        accepted, client, _ = await open_client(path=f"/app/{row.key}?protocol=7")
+        assert accepted
+        refusal = await client.recv()
+        assert refusal["event"] == "pusher:error" and refusal["data"]["code"] == 4100
+        with pytest.raises(ConnectionClosed):
+            await client.recv()
+        assert client.close_code == 4100
+    finally:
+        node.draining = False

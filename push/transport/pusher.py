@@ -180,7 +180,13 @@ class PusherConsumer(PushConsumer):
             ),
         )
         if refused is not None:
-            connection.close(refused)
+            if refused == CloseCode.GOING_AWAY:
+                # This node is stopping. pusher-js reconnects at once after 42xx, and a
+                # balancer that sends it back here would have it loop as fast as the
+                # network goes while the node drains: 41xx makes it wait a second.
+                connection.refuse(PusherError.OVER_CAPACITY, "server going away; reconnect later")
+            else:
+                connection.close(refused)
             return True
         self.connection = connection
         return True
