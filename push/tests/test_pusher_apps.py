@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection
+from django.test import override_settings
 
 from push.models import PusherApp as PusherAppRow
 from push.services import pusher_apps
@@ -92,3 +93,29 @@ async def test_a_draining_node_tells_a_pusher_client_to_back_off_not_to_come_str
         assert client.close_code == 4100
     finally:
         node.draining = False
+
+
+@pytest.mark.usefixtures("fresh_node")
+async def test_subscribes_past_the_frame_rate_wait_for_it_rather_than_being_lost() -> None:
+    """pusher-js subscribes to all its channels at once when it connects, and again on
+    every reconnect, and never retries a subscribe that got ``pusher:error``: past the
+    frame rate's burst, those channels stayed silent with nothing telling the app.
+    They are paced at the rate instead; other frames past it are still refused."""
+    row = await sync_to_async(_new_app)("paced", "4343")
+    with override_settings(PUSH={"RATE_BURST": 5, "RATE_PER_SEC": 20}):
+        accepted, client, _ = await open_client(path=f"/app/{row.key}?protocol=7")
+        assert accepted
+        assert (await client.recv())["event"] == "pusher:connection_established"
+        channels = [f"paced-{n}" for n in range(20)]
+        for channel in channels:
+            await client.send({"event": "pusher:subscribe", "data": {"channel": channel}})
+        answers = [await client.recv() for _ in channels]
+        assert [(a["event"], a.get("channel")) for a in answers] == [
+            ("pusher_internal:subscription_succeeded", channel) for channel in channels
+        ]
+        # 30 pings at once: past the burst of 5 however slow the machine.
+        for _ in range(30):
+            await client.send({"event": "pusher:ping", "data": {}})
+        answers = [(await client.recv())["event"] for _ in range(30)]
+        assert "pusher:error" in answers
+        await client.close()

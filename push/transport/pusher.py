@@ -9,6 +9,7 @@ services carry out (``push.services.pusher_sessions``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -46,6 +47,11 @@ logger = logging.getLogger(__name__)
 PATH_PREFIX = "/app/"
 # Protocol versions whose frames are the ones served here (pusher-js 8 speaks 7).
 SUPPORTED_VERSIONS = range(5, 8)
+# A pusher:subscribe past the frame rate waits this long at most for its turn, looking
+# this often (``_subscribe_paced``); a frame that names it elsewhere is paced too.
+SUBSCRIBE_PACE_MAX_SECS = 2.0
+SUBSCRIBE_PACE_POLL_SECS = 0.02
+_SUBSCRIBE_MARK = f'"{pusher.SUBSCRIBE}"'
 
 # Our close codes as Pusher's (4000-4099: do not reconnect; 4100-4199: reconnect after
 # a back-off; 4200-4299: reconnect now), with the message of the pusher:error sent first.
@@ -207,7 +213,7 @@ class PusherConsumer(PushConsumer):
 
     async def on_frame(self, connection: Any, event: dict[str, Any]) -> None:
         connection.last_seen = time.monotonic()
-        if not connection.rate.take():
+        if not connection.rate.take() and not await _subscribe_paced(connection, event):
             self._over_rate(connection)
             return
         name = None
@@ -295,6 +301,24 @@ class PusherConsumer(PushConsumer):
             connection.close(CloseCode.POLICY)
             return
         connection.send_frame(pusher.error_frame(None, "too many messages; slow down"))
+
+
+async def _subscribe_paced(connection: PusherConnection, event: dict[str, Any]) -> bool:
+    """Whether a ``pusher:subscribe`` past the frame rate got a frame's turn by waiting
+    for it (at most ``SUBSCRIBE_PACE_MAX_SECS``, while the client stays): pusher-js
+    subscribes to all its channels at once when it connects and on every reconnect, and
+    never retries one refused with ``pusher:error``, which would stay silent with
+    nothing telling the app. The rate still holds: the subscribe waits for its token,
+    and the frames behind it wait in the server's bounded queue meanwhile."""
+    text = event.get("text")
+    if not isinstance(text, str) or _SUBSCRIBE_MARK not in text:
+        return False
+    deadline = time.monotonic() + SUBSCRIBE_PACE_MAX_SECS
+    while not connection.rate.take():
+        if connection.gone or time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(SUBSCRIBE_PACE_POLL_SECS)
+    return True
 
 
 def _data_of(frame: dict[str, Any]) -> dict[str, Any]:
