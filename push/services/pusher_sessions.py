@@ -142,13 +142,7 @@ async def pusher_subscribe(
     if channel not in session.subscriptions and len(session.subscriptions) >= limit:
         # Before a presence join: a refused subscription announces nobody.
         raise SubscriptionRefused(channel, 403, f"subscription limit of {limit} reached")
-    if presence and channel not in session.subscriptions:
-        joined = presence_member(session.principal, session.connection_id, claims)
-        session.presence_ids[channel] = pusher.pusher_user_id(joined["user_id"])
-        if await node.presence.join(channel, str(session.connection_id), joined):
-            await node.announce_presence("join", channel, joined)
-    if presence:
-        members = await node.presence.members(channel)
+    joining = presence and channel not in session.subscriptions
 
     def reply(seq: int, recovered: bool | None) -> None:
         data = pusher.presence_data(members) if presence else {}
@@ -158,6 +152,13 @@ async def pusher_subscribe(
             node.events.emit(CACHE_MISS, channel=channel)
 
     try:
+        if joining:
+            joined = presence_member(session.principal, session.connection_id, claims)
+            session.presence_ids[channel] = pusher.pusher_user_id(joined["user_id"])
+            if await node.presence.join(channel, str(session.connection_id), joined):
+                await node.announce_presence("join", channel, joined)
+        if presence:
+            members = await node.presence.members(channel)
         await channel_subscribe(
             node,
             session,
@@ -173,9 +174,11 @@ async def pusher_subscribe(
     except PushError as exc:
         raise SubscriptionRefused(channel, exc.http_status, exc.message) from exc
     finally:
-        if presence and channel not in session.subscriptions:
-            # Joined above, but the subscription did not happen (refused, or the
-            # client left meanwhile): the member leaves again.
+        if joining and channel not in session.subscriptions:
+            # Joined above (or maybe: a join whose answer was lost), but the
+            # subscription did not happen (refused, the announcement or the member list
+            # failed, the client left meanwhile): the member leaves again, or nothing
+            # would ever make it leave.
             session.presence_ids.pop(channel, None)
             await leave_presence(
                 node.presence, node.announce_presence, str(session.connection_id), [channel]

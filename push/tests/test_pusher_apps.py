@@ -4,12 +4,14 @@ pusher-js handshake and a signed HTTP API request."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection
 from django.test import override_settings
+from redis.exceptions import RedisError
 
 from push.models import PusherApp as PusherAppRow
 from push.services import pusher_apps
@@ -119,3 +121,38 @@ async def test_subscribes_past_the_frame_rate_wait_for_it_rather_than_being_lost
         answers = [(await client.recv())["event"] for _ in range(30)]
         assert "pusher:error" in answers
         await client.close()
+
+
+@pytest.mark.usefixtures("fresh_node")
+async def test_a_presence_subscribe_that_fails_after_joining_leaves_no_member_behind() -> None:
+    """The member is recorded, then the join's announcement fails (Redis): the client
+    gets ``subscription_error`` and holds no subscription, so nothing would ever make
+    that member leave; the others would list it for as long as the node runs."""
+    row = await sync_to_async(_new_app)("presence", "4444")
+    app = PusherApp(app_id=row.app_id, key=row.key, secret=row.secret)
+    node = await get_node()
+    announce = node.announce_presence
+
+    async def announce_fails(kind: str, channel: str, member: dict[str, object]) -> None:
+        if kind == "join":
+            raise RedisError("announcement lost")
+        await announce(kind, channel, member)
+
+    node.announce_presence = announce_fails  # type: ignore[method-assign]  # a failing Redis
+    accepted, client, _ = await open_client(path=f"/app/{row.key}?protocol=7")
+    assert accepted
+    socket_id = json.loads((await client.recv())["data"])["socket_id"]
+    channel = "presence-ghost"
+    channel_data = json.dumps({"user_id": "ghost"})
+    auth = pusher_apps.channel_auth(app, socket_id, channel, channel_data)
+    await client.send(
+        {
+            "event": "pusher:subscribe",
+            "data": {"channel": channel, "auth": auth, "channel_data": channel_data},
+        }
+    )
+    refused = await client.recv()
+    assert refused["event"] == "pusher:subscription_error" and refused["channel"] == channel
+    # Answered after the member left (or would never leave).
+    assert await node.presence.members(channel) == []
+    await client.close()
