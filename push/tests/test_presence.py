@@ -4,6 +4,9 @@ join with the first, leave with the last, member lists over WebSocket and REST."
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
 from typing import Any
 
 import pytest
@@ -222,3 +225,40 @@ async def test_an_sse_stream_whose_presence_join_fails_goes_on_with_its_other_ch
     kind, message = await stream.next_event() or ("", {})
     assert (kind, message["channel"], message["data"]) == ("message", "news", "after")
     await stream.close()
+
+
+async def test_a_pusher_presence_subscribe_that_fails_after_joining_leaves_no_member(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Pusher subscription joins first, then reads the member list: when that read
+    fails (Redis away for a moment) the client is told the subscription failed, and
+    the member it joined leaves again instead of staying listed for good."""
+    from push.cluster.presence import PresenceStore
+    from push.models import PusherApp
+    from push.services.runtime import get_node
+    from push.tests.wsclient import communicator_for
+
+    await sync_to_async(PusherApp.objects.create)(
+        name="app", app_id="77", key="presence-key", secret="presence-secret"
+    )
+    read_members = PresenceStore.members
+
+    async def failing(self: PresenceStore, channel: str) -> list[dict]:
+        monkeypatch.setattr(PresenceStore, "members", read_members)
+        raise ConnectionError("Redis is away")
+
+    monkeypatch.setattr(PresenceStore, "members", failing)
+    client = communicator_for(path="/app/presence-key?protocol=7")
+    assert (await client.connect())[0]
+    hello = json.loads((await client.receive_output())["text"])
+    data = hello["data"]
+    socket_id = (json.loads(data) if isinstance(data, str) else data)["socket_id"]
+    channel_data = json.dumps({"user_id": "ann"})
+    signed = f"{socket_id}:{ROOM}:{channel_data}".encode()
+    auth = "presence-key:" + hmac.new(b"presence-secret", signed, hashlib.sha256).hexdigest()
+    subscribe = {"channel": ROOM, "auth": auth, "channel_data": channel_data}
+    await client.send_to(text_data=json.dumps({"event": "pusher:subscribe", "data": subscribe}))
+    answer = json.loads((await client.receive_output())["text"])
+    assert answer["event"] == "pusher:subscription_error", answer
+    assert await (await get_node()).presence.members(ROOM) == []
+    await client.disconnect()
