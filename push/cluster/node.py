@@ -374,6 +374,7 @@ class Node:
             started = time.monotonic()
             try:
                 await self.directory.announce(self.stats())
+                await self._repair_presence()
                 if announced_at is not None and _paused(started - announced_at):
                     # This node's own announcements stopped for a while: the machine
                     # (or virtual machine) or this process paused, or Redis was out of
@@ -407,6 +408,13 @@ class Node:
                 logger.warning("cluster announce failed: %s", exc)
             finally:
                 await asyncio.sleep(push_settings.CLUSTER_ANNOUNCE_SECS)
+
+    async def _repair_presence(self) -> None:
+        """This node's members back in Redis if it lost them (``PresenceStore.repair``)."""
+        try:
+            await self.presence.repair(self.announce_presence)
+        except Exception as exc:  # the next round tries again; announcing goes on
+            logger.warning("presence repair failed: %s", exc)
 
     async def _reap_presence(self, server_id: str) -> None:
         """A dead node's members leave, announced as if their connections had closed."""

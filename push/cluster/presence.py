@@ -79,6 +79,12 @@ class PresenceStore:
         self._memory: dict[str, dict[str, tuple[str, str]]] = {}  # channel -> conn -> (user, info)
         # Channel -> (when read, the read): shared by ``members`` (see MEMBERS_REUSE_SECS).
         self._listed: dict[str, tuple[float, asyncio.Future[list[Member]]]] = {}
+        # This node's entries as they should be in Redis (``repair``): index entry ->
+        # (channel, connection field, user, info). Recorded before Redis is asked, so a
+        # join or leave that fails is put right later.
+        self._mine: dict[str, tuple[str, str, str, str]] = {}
+        # A join or leave failed since the last repair: compare entry by entry.
+        self._unsure = False
         if redis is not None:
             self._join = redis.register_script(_JOIN)
             self._leave = redis.register_script(_LEAVE)
@@ -101,9 +107,16 @@ class PresenceStore:
             conns[field] = (user, info)
             return first
         entry = f"{channel}|{field}"
+        self._mine[entry] = (channel, field, user, info)
+        return await self._join_entry(channel, field, user, info)
+
+    async def _join_entry(self, channel: str, field: str, user: str, info: str) -> bool:
         keys = self._keys(channel, self.server_id)
         try:
-            return bool(await self._join(keys=keys, args=[field, user, info, entry]))
+            return bool(await self._join(keys=keys, args=[field, user, info, f"{channel}|{field}"]))
+        except Exception:
+            self._unsure = True
+            raise
         finally:
             # After the write: a list read before it must not be shared past it (the
             # other nodes drop theirs when they hear the join, ``Node._on_control``).
@@ -122,8 +135,13 @@ class PresenceStore:
                 return None
             return member(json.loads(gone[0]), json.loads(gone[1]))
         entry = f"{channel}|{field}"
+        if server_id == self.server_id:
+            self._mine.pop(entry, None)
         try:
             result = await self._leave(keys=self._keys(channel, server_id), args=[field, entry])
+        except Exception:
+            self._unsure = True
+            raise
         finally:
             self.forget_members(channel)
         if not result:
@@ -175,6 +193,41 @@ class PresenceStore:
         """The channel's members changed: the next ``members`` reads them again (callers
         already waiting on a read keep it: they asked before the change)."""
         self._listed.pop(channel, None)
+
+    async def repair(self, announce: Announce) -> None:
+        """Make Redis hold this node's entries again where it does not: after Redis
+        restarted without them, or took this node for dead and reaped it, the members
+        still connected here join again; an entry whose leave failed leaves. Each join
+        or leave this changes is announced (the scripts decide, as ever, so once across
+        the cluster). One SCARD when nothing is wrong."""
+        if self.redis is None:
+            return
+        index = self.node_index(self.server_id)
+        if not self._unsure and await self.redis.scard(index) == len(self._mine):
+            return
+        self._unsure = False
+        recorded = {_text(entry) for entry in await self.redis.smembers(index)}
+        for entry in [e for e in self._mine if e not in recorded]:
+            mine = self._mine.get(entry)
+            if mine is None:  # left meanwhile
+                continue
+            channel, field, user, info = mine
+            if await self._join_entry(channel, field, user, info):
+                await announce("join", channel, member(json.loads(user), json.loads(info)))
+            if entry not in self._mine:
+                # Its leave ran while this join was on its way: leave again.
+                await self._leave_entry(announce, entry)
+        for entry in recorded:
+            if entry not in self._mine:
+                await self._leave_entry(announce, entry)
+
+    async def _leave_entry(self, announce: Announce, entry: str) -> None:
+        if entry in self._mine:  # joined again meanwhile
+            return
+        channel, _, field = entry.partition("|")
+        left = await self.leave(channel, field[len(self.server_id) + 1 :])
+        if left is not None:
+            await announce("leave", channel, left)
 
     async def entries_of(self, server_id: str) -> list[tuple[str, str]]:
         """(channel, connection id) of every presence a node recorded (to reap it)."""

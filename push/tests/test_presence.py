@@ -227,6 +227,62 @@ async def test_an_sse_stream_whose_presence_join_fails_goes_on_with_its_other_ch
     await stream.close()
 
 
+async def _presence_keys_lost() -> None:
+    """What a Redis restarted without its data holds of presence: nothing."""
+    from push.services.runtime import get_node
+
+    node = await get_node()
+    redis = node.presence.redis
+    keys = [key async for key in redis.scan_iter(match=f"{node.presence.prefix}:presence*")]
+    assert keys
+    await redis.delete(*keys)
+
+
+async def test_members_come_back_when_redis_lost_them_and_a_failed_leave_is_put_right(
+    settings: Any,
+) -> None:
+    """Redis restarted without its data (or took this node for dead and reaped it):
+    the members still connected are members again within a cluster announcement, and
+    their subscribers hear them join; a leave that did not reach Redis is made later,
+    and heard, instead of leaving the member there for good."""
+    from push.services.runtime import get_node
+
+    settings.PUSH = {"CLUSTER_ANNOUNCE_SECS": 0.2, "NODE_DEAD_AFTER_SECS": 30}
+    ann_id, ann = await sync_to_async(_member_token)("ann")
+    bob_id, bob = await sync_to_async(_member_token)("bob")
+    watcher = await _join(ann)
+    await watcher.recv_type("join")
+    bob_tab = await _join(bob)
+    await watcher.recv_type("join")
+
+    async def member_ids() -> list[Any]:
+        listing = await watcher.request({"type": "presence", "channel": ROOM})
+        return sorted(m["user_id"] for m in listing["members"])
+
+    await _presence_keys_lost()
+    rejoined = [(await watcher.recv_type("join"))["member"]["user_id"] for _ in range(2)]
+    assert sorted(rejoined) == sorted([ann_id, bob_id])
+    assert await member_ids() == sorted([ann_id, bob_id])
+
+    store = (await get_node()).presence
+    leave_script = store._leave
+    failures = []
+
+    async def failing_once(**kwargs: Any) -> Any:
+        if not failures:
+            failures.append(kwargs)
+            raise ConnectionError("Redis is away")
+        return await leave_script(**kwargs)
+
+    store._leave = failing_once
+    await bob_tab.close()
+    left = await watcher.recv_type("leave")
+    assert failures, "the first leave failed"
+    assert left["member"]["user_id"] == bob_id
+    assert await member_ids() == [ann_id]
+    await watcher.close()
+
+
 async def test_a_pusher_presence_subscribe_that_fails_after_joining_leaves_no_member(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
