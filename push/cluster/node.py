@@ -374,7 +374,7 @@ class Node:
             started = time.monotonic()
             try:
                 await self.directory.announce(self.stats())
-                await self._repair_presence()
+                await self._repair()
                 if announced_at is not None and _paused(started - announced_at):
                     # This node's own announcements stopped for a while: the machine
                     # (or virtual machine) or this process paused, or Redis was out of
@@ -409,12 +409,14 @@ class Node:
             finally:
                 await asyncio.sleep(push_settings.CLUSTER_ANNOUNCE_SECS)
 
-    async def _repair_presence(self) -> None:
-        """This node's members back in Redis if it lost them (``PresenceStore.repair``)."""
+    async def _repair(self) -> None:
+        """This node's presence members and occupied channels back in Redis if it lost
+        them (``PresenceStore.repair``, ``EventLog.repair``)."""
         try:
             await self.presence.repair(self.announce_presence)
+            await self.events.repair()
         except Exception as exc:  # the next round tries again; announcing goes on
-            logger.warning("presence repair failed: %s", exc)
+            logger.warning("presence or occupancy repair failed: %s", exc)
 
     async def _reap_presence(self, server_id: str) -> None:
         """A dead node's members leave, announced as if their connections had closed."""

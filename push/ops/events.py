@@ -68,6 +68,14 @@ end
 return 0
 """
 
+# Same KEYS and ARGV: this node holds the channel again in sets Redis lost (restarted
+# without its data), announcing nothing: it was announced occupied when it was.
+_HOLD = """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+return 0
+"""
+
 
 def event(kind: str, **fields: Any) -> dict[str, Any]:
     return {"id": uuid.uuid4().hex, "type": kind, "timestamp": time.time(), **fields}
@@ -101,9 +109,12 @@ class EventLog:
         self.max_buffered = max_buffered
         # Bounded: appending to a full buffer drops the oldest, in O(1).
         self._buffer: deque[dict[str, Any] | OccupancyChange] = deque(maxlen=max_buffered)
+        # The channels this node holds, as its occupancy sets should say (``repair``).
+        self._held: set[str] = set()
         if redis is not None:
             self._occupy = redis.register_script(_OCCUPY)
             self._vacate = redis.register_script(_VACATE)
+            self._hold = redis.register_script(_HOLD)
 
     @property
     def enabled(self) -> bool:
@@ -168,18 +179,42 @@ class EventLog:
         as an unwritten one is retried: the script counts each node once)."""
         if self.redis is None:
             return
+        self._held.add(channel)
         self._change(self._occupy, CHANNEL_OCCUPIED, channel, self.server_id)
 
     def vacated(self, channel: str, server_id: str | None = None) -> None:
         """This node (or a dead ``server_id``) no longer serves ``channel``."""
         if self.redis is None:
             return
+        if server_id in (None, self.server_id):
+            self._held.discard(channel)
         self._change(self._vacate, CHANNEL_VACATED, channel, server_id or self.server_id)
 
     def _change(self, script: Any, kind: str, channel: str, server_id: str) -> None:
         entry = json.dumps(event(kind, channel=channel, node=server_id))
         keys = self._occupancy_keys(channel, server_id)
         self._append(OccupancyChange(script, keys, [server_id, channel, entry, self.maxlen]))
+
+    async def repair(self) -> None:
+        """Make this node's occupancy sets say what it holds again where Redis lost them
+        (restarted without its data, or reaped this node as dead): else the channel is
+        announced occupied again when another node joins it, and vacated when that one
+        leaves while this node still serves it, and never when this one leaves last.
+        Queued behind the changes not yet written, so it never goes before them. One
+        SCARD when nothing is wrong."""
+        if self.redis is None:
+            return
+        index = f"{self.prefix}:occupancy-node:{self.server_id}"
+        if await self.redis.scard(index) == len(self._held):
+            return
+        recorded = {
+            c.decode() if isinstance(c, bytes) else c for c in await self.redis.smembers(index)
+        }
+        for channel in self._held - recorded:
+            keys = self._occupancy_keys(channel, self.server_id)
+            self._append(OccupancyChange(self._hold, keys, [self.server_id, channel, "", 0]))
+        for channel in recorded - self._held:
+            self.vacated(channel)
 
     async def vacate_all_of(self, server_id: str) -> None:
         """Release every channel a dead node held (announcing those now empty)."""

@@ -114,3 +114,44 @@ async def test_occupancy_changes_go_out_with_the_events_in_order() -> None:
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+async def test_occupancy_events_stay_once_each_after_redis_lost_its_sets() -> None:
+    """Redis restarted without its data while node-a held a channel: once node-a has
+    put back what it holds, node-b joining and leaving the channel announces nothing
+    (node-a is still there), and node-a leaving last announces the vacancy, once."""
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    prefix = f"burst{uuid.uuid4().hex[:8]}"
+    node_a = EventLog(client, prefix, "node-a", maxlen=1000)
+    node_b = EventLog(client, prefix, "node-b", maxlen=1000)
+
+    async def kinds() -> list[str]:
+        entries = await client.xrange(f"{prefix}:events")
+        return [json.loads(fields[b"event"])["type"] for _, fields in entries]
+
+    async def lose_everything() -> None:
+        await client.delete(*[k async for k in client.scan_iter(match=f"{prefix}:*")])
+
+    try:
+        node_a.occupied("news")
+        await node_a.flush()
+        assert await kinds() == [CHANNEL_OCCUPIED]
+        await lose_everything()
+        await node_a.repair()
+        await node_a.flush()
+        node_b.occupied("news")
+        node_b.vacated("news")
+        await node_b.flush()
+        assert await kinds() == [], "node-a still holds the channel"
+        node_a.vacated("news")
+        await node_a.flush()
+        assert await kinds() == [CHANNEL_VACATED]
+        await node_a.repair()  # nothing to put back: the sets say what the nodes hold
+        await node_a.flush()
+        assert await kinds() == [CHANNEL_VACATED]
+        assert await client.smembers(f"{prefix}:occupancy-node:node-a") == set()
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
