@@ -269,9 +269,31 @@ def presence_members_sync(channel: str, *, local: PresenceStore | None) -> list[
         return local.members_in_memory(channel) if local is not None else []
     client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
     try:
-        return _members_from(client.hgetall(f"{redis_prefix()}:presence:{channel}:members"))  # type: ignore[arg-type]  # redis-py types sync and asyncio commands alike
+        return _members_from(client.hgetall(_members_key(channel)))  # type: ignore[arg-type]  # redis-py types sync and asyncio commands alike
     finally:
         client.close()
+
+
+def presence_counts_sync(channels: list[str], *, local: PresenceStore | None) -> dict[str, int]:
+    """How many members each of ``channels`` has, from synchronous code (the REST
+    channel info and list): counted in Redis, all in one round trip, never read whole
+    (a page of the list may name a thousand presence channels)."""
+    from django.conf import settings
+
+    if not settings.REDIS_URL or not channels:
+        return {c: len(local.members_in_memory(c)) if local is not None else 0 for c in channels}
+    client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for channel in channels:
+            pipe.hlen(_members_key(channel))
+        return dict(zip(channels, pipe.execute(), strict=True))
+    finally:
+        client.close()
+
+
+def _members_key(channel: str) -> str:
+    return f"{redis_prefix()}:presence:{channel}:members"
 
 
 def presence_member(

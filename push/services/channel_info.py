@@ -14,7 +14,7 @@ from accounts.principals import Principal
 from common.errors import ErrorCode, PushError
 from push.cluster.node import running_node
 from push.cluster.occupancy import occupied_channels, subscriber_totals
-from push.cluster.presence import presence_members_sync
+from push.cluster.presence import presence_counts_sync
 from push.storage import recent_store, selectors
 from push.storage.history_modes import is_recent
 
@@ -43,6 +43,13 @@ def channel_bodies(channels: list[str]) -> list[dict[str, Any]]:
     except Exception as exc:
         raise PushError(ErrorCode.UNAVAILABLE, "subscriber counts are unavailable") from exc
     latest = _last_seqs(channels)
+    try:
+        members = presence_counts_sync(
+            [c for c in channels if is_presence_channel(c)],
+            local=node.presence if node is not None else None,
+        )
+    except Exception as exc:
+        raise PushError(ErrorCode.UNAVAILABLE, "presence is unavailable") from exc
     bodies = []
     for channel in channels:
         body: dict[str, Any] = {
@@ -50,11 +57,8 @@ def channel_bodies(channels: list[str]) -> list[dict[str, Any]]:
             "last_seq": latest.get(channel, 0),
             "subscribers": totals[channel],
         }
-        if is_presence_channel(channel):
-            members = presence_members_sync(
-                channel, local=node.presence if node is not None else None
-            )
-            body["presence_members"] = len(members)
+        if channel in members:
+            body["presence_members"] = members[channel]
         bodies.append(body)
     return bodies
 

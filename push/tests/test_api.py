@@ -299,3 +299,41 @@ def test_a_token_made_by_drf_create_token_authenticates_rest() -> None:
     api.credentials(HTTP_AUTHORIZATION=f"Token {key.group(1)}")
     response = _publish(api, "news", {"data": "hi"})
     assert response.status_code == 201, response.json()
+
+
+def test_channel_list_counts_presence_members_without_reading_each_channel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A page of the channel list may name a thousand presence channels: their member
+    counts are asked of Redis together, not each channel's every member read on a
+    connection of its own."""
+    from common.redis_client import redis_prefix, redis_sync
+    from push.cluster import occupancy, presence
+
+    rooms = [f"presence-count-{n}" for n in range(5)]
+    redis = redis_sync()
+    for n, room in enumerate(rooms):
+        message_publish(channel=room, data=1)
+        members = {json.dumps(f"u{i}"): json.dumps({"bio": "x" * 100}) for i in range(n + 1)}
+        redis.hset(f"{redis_prefix()}:presence:{room}:members", mapping=members)
+    opened = []
+
+    def counted(**options: object):  # type: ignore[no-untyped-def]  # redis-py's client type
+        opened.append(options)
+        return redis_sync(**options)
+
+    monkeypatch.setattr(presence, "redis_sync", counted)
+    monkeypatch.setattr(occupancy, "redis_sync", counted)
+    user = User.objects.create_user("roomie", password="x")
+    ChannelGrant.objects.create(user=user, pattern="presence-count-*", can_subscribe=True)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    try:
+        listing = api.get("/api/v1/channels/?prefix=presence-count-").json()["results"]
+        assert [c["presence_members"] for c in listing] == [1, 2, 3, 4, 5]
+        assert len(opened) <= 2, "the subscriber counts and the member counts"
+        info = api.get(f"/api/v1/channels/{rooms[2]}").json()
+        assert info["presence_members"] == 3
+    finally:
+        redis.delete(*[f"{redis_prefix()}:presence:{room}:members" for room in rooms])
+        redis.close()
