@@ -101,21 +101,25 @@ class Occupancy:
             self._apply(updates)
             return
         key = counts_key(self.prefix, self.server_id)
+        published_before = bool(self._published)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
+                # First: false when the hash is gone, before this round's writes make
+                # it exist again with only what changed.
+                pipe.expire(key, COUNTS_TTL_SECS)
                 removed = [c for c, n in updates.items() if n == 0]
                 kept = {c: n for c, n in updates.items() if n}
                 if removed:
                     pipe.hdel(key, *removed)
                 if kept:
                     pipe.hset(key, mapping=kept)
-                pipe.expire(key, COUNTS_TTL_SECS)
+                    pipe.expire(key, COUNTS_TTL_SECS)
                 results = await pipe.execute()
         except Exception:
             self.hub.counts_changed |= changed  # written on a later round
             raise
         self._apply(updates)
-        if not results[-1] and self._published:
+        if not results[0] and published_before and self._published:
             # The hash was gone (Redis restarted): write every count again.
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(key, mapping=self._published)

@@ -86,3 +86,34 @@ def test_the_occupied_list_reads_the_cluster_at_most_once_a_second(
         client.zrem(nodes_key(), node)
         client.delete(key)
         client.close()
+
+
+async def test_counts_redis_lost_are_written_again_even_when_one_changed_meanwhile(
+    settings: Any,
+) -> None:
+    """Redis restarted without this node's hash of counts: the next round writes them
+    all again, even when a count changed in that round too (writing that one made the
+    hash exist again, which hid the loss of the others: they read as 0 everywhere)."""
+    if not settings.REDIS_URL:
+        pytest.skip("needs Redis (REDIS_URL)")
+    import redis.asyncio as aioredis
+
+    from push.cluster.occupancy import counts_key
+
+    redis = aioredis.Redis.from_url(settings.REDIS_URL)
+    prefix = f"counts{uuid.uuid4().hex[:8]}"
+    hub, _ = await make_hub(MemoryHistory())
+    occupancy = Occupancy(redis, prefix, "node-a", hub=hub)
+    client = FakeClient()
+    try:
+        await hub.subscribe(client, "a", since=None, reply=client.reply)
+        await hub.subscribe(client, "b", since=None, reply=client.reply)
+        await occupancy.publish()
+        assert await redis.hgetall(counts_key(prefix, "node-a")) == {b"a": b"1", b"b": b"1"}
+        await redis.delete(counts_key(prefix, "node-a"))  # Redis restarted
+        await hub.subscribe(FakeClient(), "b", since=None, reply=client.reply)
+        await occupancy.publish()
+        assert await redis.hgetall(counts_key(prefix, "node-a")) == {b"a": b"1", b"b": b"2"}
+    finally:
+        await redis.delete(counts_key(prefix, "node-a"))
+        await redis.aclose()
