@@ -53,6 +53,9 @@ class Occupancy:
         self.hub = hub
         # The counts last written to Redis (what our hash holds).
         self._published: dict[str, int] = {}
+        # No round written yet: a hash under this node's name is what a previous run
+        # of it (a fixed NODE_ID, restarted within COUNTS_TTL_SECS) left.
+        self._first_round = True
         # channel -> {subscription: the total it was last told}
         self._watchers: dict[str, dict[Subscription, int | None]] = {}
 
@@ -102,10 +105,13 @@ class Occupancy:
             return
         key = counts_key(self.prefix, self.server_id)
         published_before = bool(self._published)
+        first_round = self._first_round
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                # First: false when the hash is gone, before this round's writes make
-                # it exist again with only what changed.
+                if first_round:
+                    pipe.delete(key)
+                # Before the writes: false when the hash is gone, before this round's
+                # writes make it exist again with only what changed.
                 pipe.expire(key, COUNTS_TTL_SECS)
                 removed = [c for c, n in updates.items() if n == 0]
                 kept = {c: n for c, n in updates.items() if n}
@@ -118,8 +124,9 @@ class Occupancy:
         except Exception:
             self.hub.counts_changed |= changed  # written on a later round
             raise
+        self._first_round = False
         self._apply(updates)
-        if not results[0] and published_before and self._published:
+        if not results[int(first_round)] and published_before and self._published:
             # The hash was gone (Redis restarted): write every count again.
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(key, mapping=self._published)

@@ -117,3 +117,31 @@ async def test_counts_redis_lost_are_written_again_even_when_one_changed_meanwhi
     finally:
         await redis.delete(counts_key(prefix, "node-a"))
         await redis.aclose()
+
+
+async def test_a_node_restarted_under_its_name_drops_the_counts_it_left(settings: Any) -> None:
+    """A node given a fixed NODE_ID that crashed and came back within the counts' expiry:
+    its first round replaces the hash its previous run left, whose channels it no longer
+    serves, instead of keeping their counts alive (and counted everywhere) for good."""
+    if not settings.REDIS_URL:
+        pytest.skip("needs Redis (REDIS_URL)")
+    import redis.asyncio as aioredis
+
+    from push.cluster.occupancy import counts_key
+
+    redis = aioredis.Redis.from_url(settings.REDIS_URL)
+    prefix = f"counts{uuid.uuid4().hex[:8]}"
+    key = counts_key(prefix, "node-a")
+    await redis.hset(key, mapping={"old": 40, "a": 3})
+    hub, _ = await make_hub(MemoryHistory())
+    occupancy = Occupancy(redis, prefix, "node-a", hub=hub)
+    client = FakeClient()
+    try:
+        await hub.subscribe(client, "a", since=None, reply=client.reply)
+        await occupancy.publish()
+        assert await redis.hgetall(key) == {b"a": b"1"}
+        await occupancy.publish()
+        assert await redis.hgetall(key) == {b"a": b"1"}
+    finally:
+        await redis.delete(key)
+        await redis.aclose()
