@@ -19,12 +19,16 @@ from typing import Any, Protocol
 
 from accounts.permissions import PRIVATE_PREFIX, is_presence_channel
 from accounts.subscription_tokens import MAX_USER_ID_CHARS, is_member_user_id
-from common.conf import push_settings
 from common.errors import PushError
 from push.cluster.presence import leave_presence, presence_member
 from push.ops.events import CACHE_MISS, CLIENT_EVENT
 from push.services.pusher_apps import PusherApp, channel_auth_valid, user_auth_valid
-from push.services.subscriptions import SessionNode, channel_subscribe, channel_unsubscribe
+from push.services.subscriptions import (
+    SessionNode,
+    channel_subscribe,
+    channel_unsubscribe,
+    subscription_admit,
+)
 from push.wire import pusher
 from push.wire.protocol import validate_channel_name
 
@@ -138,11 +142,14 @@ async def pusher_subscribe(
     presence = is_presence_channel(channel)
     cache = is_cache_channel(channel)
     members: list[dict[str, Any]] = []
-    limit = push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION
-    if channel not in session.subscriptions and len(session.subscriptions) >= limit:
+    new = channel not in session.subscriptions
+    if new:
         # Before a presence join: a refused subscription announces nobody.
-        raise SubscriptionRefused(channel, 403, f"subscription limit of {limit} reached")
-    joining = presence and channel not in session.subscriptions
+        try:
+            await subscription_admit(node, session, channel)
+        except PushError as exc:
+            raise SubscriptionRefused(channel, exc.http_status, exc.message) from exc
+    joining = presence and new
 
     def reply(seq: int, recovered: bool | None) -> None:
         data = pusher.presence_data(members) if presence else {}
@@ -170,6 +177,7 @@ async def pusher_subscribe(
             rewind=1 if cache else None,
             authorized=claims,
             join_presence=False,
+            admitted=new,
         )
     except PushError as exc:
         raise SubscriptionRefused(channel, exc.http_status, exc.message) from exc

@@ -159,6 +159,7 @@ async def channel_subscribe(
     delta: str | None = None,
     authorized: dict[str, Any] | None = None,
     join_presence: bool = True,
+    admitted: bool = False,
 ) -> None:
     """Subscribe after the permission check (or a signed subscription token): resume
     from ``since`` when given (or send the last ``rewind`` messages first), join
@@ -171,7 +172,8 @@ async def channel_subscribe(
     ``authorized``: the claims of an authorization the transport checked already (a
     Pusher channel signature), instead of a token or the permission decider. With
     ``join_presence`` False the caller has joined presence itself (a Pusher presence
-    subscription answers with a member list that holds the subscriber).
+    subscription answers with a member list that holds the subscriber). With
+    ``admitted`` the caller has passed ``subscription_admit`` itself (before that join).
 
     The consumer awaits this inline and reads the client's disconnect only after it
     returns: every step that can wait (the replay above all) checks ``connection.gone``
@@ -194,6 +196,29 @@ async def channel_subscribe(
         if occupancy:
             await node.occupancy.watch(existing)
         return
+    if not admitted:
+        await subscription_admit(node, connection, channel)
+    if connection.gone:
+        return
+    subscription = await node.hub.subscribe(
+        connection, channel, since=since, reply=reply, rewind=rewind, delta=delta == FOSSIL
+    )
+    if connection.gone or not subscription.active:
+        node.hub.unsubscribe(subscription)
+        return
+    connection.subscriptions[channel] = subscription
+    _record_change(node, connection, events.SUBSCRIBE, channel)
+    if occupancy:
+        await node.occupancy.watch(subscription)
+    if join_presence and is_presence_channel(channel):
+        joined = presence_member(connection.principal, connection.connection_id, claims)
+        if await node.presence.join(channel, str(connection.connection_id), joined):
+            await node.announce_presence("join", channel, joined)
+
+
+async def subscription_admit(node: SessionNode, connection: LiveConnection, channel: str) -> None:
+    """The limits a new subscription must pass before it costs anything: the
+    connection's subscription limit, its address's budget, the node's overload."""
     if len(connection.subscriptions) >= push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION:
         raise PushError(
             ErrorCode.FORBIDDEN,
@@ -213,22 +238,6 @@ async def channel_subscribe(
         # The same cost, asked by anyone: while the node is overloaded it waits its
         # turn. A channel the node carries already costs neither a join nor a read.
         raise PushError(ErrorCode.RATE_LIMITED, "the node is overloaded; subscribe again later")
-    if connection.gone:
-        return
-    subscription = await node.hub.subscribe(
-        connection, channel, since=since, reply=reply, rewind=rewind, delta=delta == FOSSIL
-    )
-    if connection.gone or not subscription.active:
-        node.hub.unsubscribe(subscription)
-        return
-    connection.subscriptions[channel] = subscription
-    _record_change(node, connection, events.SUBSCRIBE, channel)
-    if occupancy:
-        await node.occupancy.watch(subscription)
-    if join_presence and is_presence_channel(channel):
-        joined = presence_member(connection.principal, connection.connection_id, claims)
-        if await node.presence.join(channel, str(connection.connection_id), joined):
-            await node.announce_presence("join", channel, joined)
 
 
 def subscription_delta(

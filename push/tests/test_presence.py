@@ -283,6 +283,28 @@ async def test_members_come_back_when_redis_lost_them_and_a_failed_leave_is_put_
     await watcher.close()
 
 
+async def _pusher_subscribe(user_id: str) -> tuple[Any, dict[str, Any]]:
+    """A Pusher client of a fresh app subscribing to ROOM as ``user_id``: the client and
+    the answer it got."""
+    from push.models import PusherApp
+    from push.tests.wsclient import communicator_for
+
+    await sync_to_async(PusherApp.objects.get_or_create)(
+        key="presence-key", defaults={"name": "app", "app_id": "77", "secret": "presence-secret"}
+    )
+    client = communicator_for(path="/app/presence-key?protocol=7")
+    assert (await client.connect())[0]
+    hello = json.loads((await client.receive_output())["text"])
+    data = hello["data"]
+    socket_id = (json.loads(data) if isinstance(data, str) else data)["socket_id"]
+    channel_data = json.dumps({"user_id": user_id})
+    signed = f"{socket_id}:{ROOM}:{channel_data}".encode()
+    auth = "presence-key:" + hmac.new(b"presence-secret", signed, hashlib.sha256).hexdigest()
+    subscribe = {"channel": ROOM, "auth": auth, "channel_data": channel_data}
+    await client.send_to(text_data=json.dumps({"event": "pusher:subscribe", "data": subscribe}))
+    return client, json.loads((await client.receive_output())["text"])
+
+
 async def test_a_pusher_presence_subscribe_that_fails_after_joining_leaves_no_member(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -290,13 +312,8 @@ async def test_a_pusher_presence_subscribe_that_fails_after_joining_leaves_no_me
     fails (Redis away for a moment) the client is told the subscription failed, and
     the member it joined leaves again instead of staying listed for good."""
     from push.cluster.presence import PresenceStore
-    from push.models import PusherApp
     from push.services.runtime import get_node
-    from push.tests.wsclient import communicator_for
 
-    await sync_to_async(PusherApp.objects.create)(
-        name="app", app_id="77", key="presence-key", secret="presence-secret"
-    )
     read_members = PresenceStore.members
 
     async def failing(self: PresenceStore, channel: str) -> list[dict]:
@@ -304,17 +321,28 @@ async def test_a_pusher_presence_subscribe_that_fails_after_joining_leaves_no_me
         raise ConnectionError("Redis is away")
 
     monkeypatch.setattr(PresenceStore, "members", failing)
-    client = communicator_for(path="/app/presence-key?protocol=7")
-    assert (await client.connect())[0]
-    hello = json.loads((await client.receive_output())["text"])
-    data = hello["data"]
-    socket_id = (json.loads(data) if isinstance(data, str) else data)["socket_id"]
-    channel_data = json.dumps({"user_id": "ann"})
-    signed = f"{socket_id}:{ROOM}:{channel_data}".encode()
-    auth = "presence-key:" + hmac.new(b"presence-secret", signed, hashlib.sha256).hexdigest()
-    subscribe = {"channel": ROOM, "auth": auth, "channel_data": channel_data}
-    await client.send_to(text_data=json.dumps({"event": "pusher:subscribe", "data": subscribe}))
-    answer = json.loads((await client.receive_output())["text"])
+    client, answer = await _pusher_subscribe("ann")
     assert answer["event"] == "pusher:subscription_error", answer
     assert await (await get_node()).presence.members(ROOM) == []
     await client.disconnect()
+
+
+async def test_a_pusher_presence_subscribe_over_its_address_budget_announces_nobody(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Pusher subscription refused for its address's subscription budget (or the
+    node's overload) is refused before its presence join: the channel's members hear
+    no join and leave of someone who never subscribed, and the back-end no
+    member_added and member_removed, however often the client asks."""
+    from push.services import subscriptions
+
+    _, ann = await sync_to_async(_member_token)("ann")
+    watcher = await _join(ann)
+    await watcher.recv_type("join")
+    monkeypatch.setattr(subscriptions, "subscription_allowed", lambda budget: False)
+    client, answer = await _pusher_subscribe("mallory")
+    assert answer["event"] == "pusher:subscription_error", answer
+    assert json.loads(answer["data"])["status"] == 429
+    await watcher.expect_nothing(0.5)
+    await client.disconnect()
+    await watcher.close()
