@@ -131,6 +131,8 @@ class PresenceStore:
         if self.redis is None:
             conns = self._memory.get(channel, {})
             gone = conns.pop(field, None)
+            if not conns:  # everyone left: nothing kept for the channel
+                self._memory.pop(channel, None)
             if gone is None or any(u == gone[0] for u, _ in conns.values()):
                 return None
             return member(json.loads(gone[0]), json.loads(gone[1]))

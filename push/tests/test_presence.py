@@ -346,3 +346,16 @@ async def test_a_pusher_presence_subscribe_over_its_address_budget_announces_nob
     await watcher.expect_nothing(0.5)
     await client.disconnect()
     await watcher.close()
+
+
+async def test_without_redis_a_channel_everyone_left_is_forgotten() -> None:
+    """One process without Redis keeps presence in memory: a member going through
+    thousands of presence channels must not leave an entry behind for each of them."""
+    from push.cluster.presence import PresenceStore, member
+
+    store = PresenceStore(None, "t", "node-a")
+    for n in range(100):
+        channel = f"presence-passing-{n}"
+        assert await store.join(channel, "c-1", member("u-1", {}))
+        assert await store.leave(channel, "c-1") == member("u-1", {})
+    assert store._memory == {}
