@@ -359,3 +359,25 @@ async def test_without_redis_a_channel_everyone_left_is_forgotten() -> None:
         assert await store.join(channel, "c-1", member("u-1", {}))
         assert await store.leave(channel, "c-1") == member("u-1", {})
     assert store._memory == {}
+
+
+async def test_a_node_restarted_under_its_name_lets_the_members_it_left_go() -> None:
+    """A node given a fixed NODE_ID that crashed and came back before it was judged dead
+    is never reaped: its first repair makes the members of its previous run leave."""
+    from push.cluster.presence import PresenceStore, member
+    from push.services.runtime import get_node
+
+    node = await get_node()
+    channel = "presence-restarted"
+    before = PresenceStore(node.presence.redis, node.presence.prefix, "fixed-node")
+    assert await before.join(channel, "c-1", member("u-1", {"n": 1}))
+    after = PresenceStore(node.presence.redis, node.presence.prefix, "fixed-node")
+    heard: list[tuple[str, str, Any]] = []
+
+    async def announce(kind: str, channel: str, left: dict[str, Any]) -> None:
+        heard.append((kind, channel, left))
+
+    await after.repair(announce)
+    assert heard == [("leave", channel, member("u-1", {"n": 1}))]
+    assert await after.members(channel) == []
+    assert await after.entries_of("fixed-node") == []
