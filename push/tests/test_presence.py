@@ -287,14 +287,14 @@ async def _pusher_subscribe(user_id: str) -> tuple[Any, dict[str, Any]]:
     """A Pusher client of a fresh app subscribing to ROOM as ``user_id``: the client and
     the answer it got."""
     from push.models import PusherApp
-    from push.tests.wsclient import communicator_for
+    from push.tests.wsclient import RECEIVE_TIMEOUT_SECS, communicator_for
 
     await sync_to_async(PusherApp.objects.get_or_create)(
         key="presence-key", defaults={"name": "app", "app_id": "77", "secret": "presence-secret"}
     )
     client = communicator_for(path="/app/presence-key?protocol=7")
-    assert (await client.connect())[0]
-    hello = json.loads((await client.receive_output())["text"])
+    assert (await client.connect(timeout=RECEIVE_TIMEOUT_SECS))[0]
+    hello = json.loads((await client.receive_output(RECEIVE_TIMEOUT_SECS))["text"])
     data = hello["data"]
     socket_id = (json.loads(data) if isinstance(data, str) else data)["socket_id"]
     channel_data = json.dumps({"user_id": user_id})
@@ -302,7 +302,7 @@ async def _pusher_subscribe(user_id: str) -> tuple[Any, dict[str, Any]]:
     auth = "presence-key:" + hmac.new(b"presence-secret", signed, hashlib.sha256).hexdigest()
     subscribe = {"channel": ROOM, "auth": auth, "channel_data": channel_data}
     await client.send_to(text_data=json.dumps({"event": "pusher:subscribe", "data": subscribe}))
-    return client, json.loads((await client.receive_output())["text"])
+    return client, json.loads((await client.receive_output(RECEIVE_TIMEOUT_SECS))["text"])
 
 
 async def test_a_pusher_presence_subscribe_that_fails_after_joining_leaves_no_member(
