@@ -212,8 +212,16 @@ async def channel_subscribe(
         await node.occupancy.watch(subscription)
     if join_presence and is_presence_channel(channel):
         joined = presence_member(connection.principal, connection.connection_id, claims)
-        if await node.presence.join(channel, str(connection.connection_id), joined):
-            await node.announce_presence("join", channel, joined)
+        try:
+            if await node.presence.join(channel, str(connection.connection_id), joined):
+                await node.announce_presence("join", channel, joined)
+        finally:
+            if connection.subscriptions.get(channel) is not subscription:
+                # Closed (or unsubscribed) meanwhile: its leave may have run before
+                # this join, which would then stay for good.
+                await leave_presence(
+                    node.presence, node.announce_presence, str(connection.connection_id), [channel]
+                )
 
 
 async def subscription_admit(node: SessionNode, connection: LiveConnection, channel: str) -> None:

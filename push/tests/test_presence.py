@@ -381,3 +381,43 @@ async def test_a_node_restarted_under_its_name_lets_the_members_it_left_go() -> 
     assert heard == [("leave", channel, member("u-1", {"n": 1}))]
     assert await after.members(channel) == []
     assert await after.entries_of("fixed-node") == []
+
+
+async def test_a_connection_closed_while_it_subscribes_leaves_no_member(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server closes a connection (an admin's disconnect, a drain, a revocation)
+    while its subscribe to a presence channel is still under way, before its join: the
+    close lets go of its channels at once, so the join that follows must not stay."""
+    from common.errors import CloseCode
+    from push.cluster.occupancy import Occupancy
+    from push.cluster.presence import presence_members_sync
+    from push.services.runtime import get_node
+    from push.services.subscriptions import channel_subscribe
+    from push.transport import consumers
+
+    watch = Occupancy.watch
+
+    async def closed_meanwhile(self: Occupancy, subscription: Any) -> None:
+        for connection in list((await get_node()).connections.values()):
+            connection.close(CloseCode.POLICY)
+        await asyncio.sleep(0.1)  # what the close started runs first
+        await watch(self, subscription)
+
+    subscribed = asyncio.Event()
+
+    async def subscribe(*args: Any, **kwargs: Any) -> None:
+        try:
+            await channel_subscribe(*args, **kwargs)
+        finally:
+            subscribed.set()
+
+    monkeypatch.setattr(Occupancy, "watch", closed_meanwhile)
+    monkeypatch.setattr(consumers, "channel_subscribe", subscribe)
+    _, ann = await sync_to_async(_member_token)("ann")
+    client = await connected_client(token=ann)
+    await client.send({"type": "subscribe", "channel": ROOM, "occupancy": True})
+    assert await client.expect_close() == CloseCode.POLICY
+    await asyncio.wait_for(subscribed.wait(), 10)
+    members = await sync_to_async(presence_members_sync)(ROOM, local=None)
+    assert members == []
