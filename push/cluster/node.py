@@ -205,6 +205,7 @@ class Node:
             spawn(self._revocation_loop(), name="push-revocation", loop=self.loop),
             spawn(self._heartbeat_loop(), name="push-heartbeats", loop=self.loop),
             spawn(self._cluster_loop(), name="push-cluster", loop=self.loop),
+            spawn(self._repair_loop(), name="push-repair", loop=self.loop),
             spawn(self.events.run(), name="push-events", loop=self.loop),
             self._cache_task,
             spawn(self.occupancy.run(), name="push-occupancy", loop=self.loop),
@@ -374,7 +375,6 @@ class Node:
             started = time.monotonic()
             try:
                 await self.directory.announce(self.stats())
-                await self._repair()
                 if announced_at is not None and _paused(started - announced_at):
                     # This node's own announcements stopped for a while: the machine
                     # (or virtual machine) or this process paused, or Redis was out of
@@ -409,14 +409,19 @@ class Node:
             finally:
                 await asyncio.sleep(push_settings.CLUSTER_ANNOUNCE_SECS)
 
-    async def _repair(self) -> None:
+    async def _repair_loop(self) -> None:
         """This node's presence members and occupied channels back in Redis if it lost
-        them (``PresenceStore.repair``, ``EventLog.repair``)."""
-        try:
-            await self.presence.repair(self.announce_presence)
-            await self.events.repair()
-        except Exception as exc:  # the next round tries again; announcing goes on
-            logger.warning("presence or occupancy repair failed: %s", exc)
+        them (``PresenceStore.repair``, ``EventLog.repair``), every announcement
+        interval. A loop of its own: putting back thousands of members takes a while,
+        which must not hold this node's announcements (the others would take it for
+        dead)."""
+        while True:
+            await asyncio.sleep(push_settings.CLUSTER_ANNOUNCE_SECS)
+            try:
+                await self.presence.repair(self.announce_presence)
+                await self.events.repair()
+            except Exception as exc:  # the next round tries again
+                logger.warning("presence or occupancy repair failed: %s", exc)
 
     async def _reap_presence(self, server_id: str) -> None:
         """A dead node's members leave, announced as if their connections had closed."""
