@@ -37,10 +37,10 @@ if n == 1 then redis.call('HSET', KEYS[3], ARGV[2], ARGV[3]) return 1 end
 return 0
 """
 _LEAVE = """
+redis.call('SREM', KEYS[4], ARGV[2])
 local user = redis.call('HGET', KEYS[1], ARGV[1])
 if not user then return false end
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('SREM', KEYS[4], ARGV[2])
 local n = redis.call('HINCRBY', KEYS[2], user, -1)
 if n <= 0 then
   local info = redis.call('HGET', KEYS[3], user)
@@ -208,6 +208,13 @@ class PresenceStore:
         if not self._unsure and await self.redis.scard(index) == len(self._mine):
             return
         self._unsure = False
+        try:
+            await self._put_right(announce, index)
+        except Exception:
+            self._unsure = True  # compared entry by entry again next time
+            raise
+
+    async def _put_right(self, announce: Announce, index: str) -> None:
         recorded = {_text(entry) for entry in await self.redis.smembers(index)}
         for entry in [e for e in self._mine if e not in recorded]:
             mine = self._mine.get(entry)

@@ -421,3 +421,42 @@ async def test_a_connection_closed_while_it_subscribes_leaves_no_member(
     await asyncio.wait_for(subscribed.wait(), 10)
     members = await sync_to_async(presence_members_sync)(ROOM, local=None)
     assert members == []
+
+
+async def test_a_repair_that_fails_midway_is_made_whole_next_time() -> None:
+    """A repair cut short (Redis away again) compares entry by entry next time, even
+    when the counts happen to agree by then."""
+    from push.cluster.presence import PresenceStore, member
+    from push.services.runtime import get_node
+
+    node = await get_node()
+    store = PresenceStore(node.presence.redis, node.presence.prefix, "repairing-node")
+    channel = "presence-repairing"
+    assert await store.join(channel, "c-1", member("u-1", {}))
+    await node.presence.redis.delete(*store._keys(channel, "repairing-node"))
+    redis = store.redis
+
+    class Away:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(redis, name)
+
+        async def smembers(self, key: str) -> Any:
+            raise ConnectionError("Redis is away")
+
+    store.redis = Away()
+    heard: list[str] = []
+
+    async def announce(kind: str, channel: str, joined: dict[str, Any]) -> None:
+        heard.append(kind)
+
+    with pytest.raises(ConnectionError):
+        await store.repair(announce)
+    store.redis = redis
+    # An entry of this node's name whose channel Redis lost makes the counts agree.
+    stale = "presence-x|repairing-node|stale"
+    await node.presence.redis.sadd(store.node_index("repairing-node"), stale)
+    await store.repair(announce)
+    assert [m["user_id"] for m in await store.members(channel)] == ["u-1"]
+    await store.leave(channel, "c-1")
+    await store.repair(announce)
+    assert await store.entries_of("repairing-node") == []
