@@ -465,6 +465,42 @@ def test_webhooks_go_to_every_url_at_once(receivers: list[HTTPServer]) -> None:
     assert time.monotonic() - started < 1.4, "the two 0.8 s receivers were asked one by one"
 
 
+class _Trickler(BaseHTTPRequestHandler):
+    """A webhook receiver that accepts (200) but then sends a large body a byte at a
+    time, for ``trickle_secs`` at most (bounded, so a test that fails does end)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", str(1 << 30))
+        self.end_headers()
+        until = time.monotonic() + self.server.trickle_secs  # type: ignore[attr-defined]  # set by the test
+        try:
+            while time.monotonic() < until:
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.5)
+        except OSError:  # the sender hung up: what a bounded read does
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_receiver_that_trickles_its_answer_does_not_hold_the_worker() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Trickler)
+    server.trickle_secs = 20.0  # type: ignore[attr-defined]  # read by _Trickler
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with override_settings(PUSH={"WEBHOOK_URLS": _urls([server])}):
+            deliver_webhooks(event(CONNECT, connection_id="c-trickled"))  # 200: accepted
+        assert time.monotonic() - started < 10, "the worker read the whole trickled answer"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _in_process_worker(
     client: redis.Redis, stream: str, handlers: list, *, concurrency: int
 ) -> EventWorker:

@@ -1,5 +1,6 @@
 """Webhook delivery, one event handler: POST each event as JSON to every configured URL,
-signed with HMAC-SHA256 over a timestamp and the body, retried with backoff.
+signed with HMAC-SHA256 over a timestamp and the body, retried with backoff. Only the
+answer's status is read, never its body.
 
 Headers: ``X-Push-Event-Id`` (dedupe: delivery is at least once), ``X-Push-Timestamp``
 (unix seconds when this attempt was sent) and ``X-Push-Signature: sha256=<hex>``, the
@@ -91,10 +92,14 @@ def _post(client: httpx.Client, target: WebhookTarget) -> None:
     for attempt in range(1, ATTEMPTS + 1):
         body, headers = target.request()
         try:
-            response = client.post(target.url, content=body, headers=headers)
-            if response.status_code < 300:
+            # Only the status is read: the body, which could be endless or trickled a
+            # byte at a time (each within the read timeout), is left unread, and the
+            # connection closed with it.
+            with client.stream("POST", target.url, content=body, headers=headers) as response:
+                status = response.status_code
+            if status < 300:
                 return
-            problem = f"HTTP {response.status_code}"
+            problem = f"HTTP {status}"
         except httpx.HTTPError as exc:
             problem = f"{type(exc).__name__}: {exc}"
         if attempt < ATTEMPTS:
