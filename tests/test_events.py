@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import logging
 import signal
 import threading
 import time
@@ -32,6 +33,7 @@ from devtools.processes import free_port
 from push.ops import event_worker
 from push.ops.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers, register_handler
 from push.ops.events import CONNECT, EventLog, event
+from push.ops.logs import RedactFilter
 from push.ops.webhooks import WebhookFailed, deliver_webhooks
 from push.tests.backends import terminate_backends
 from tests.servers import (
@@ -463,6 +465,28 @@ def test_webhooks_go_to_every_url_at_once(receivers: list[HTTPServer]) -> None:
     with override_settings(PUSH={"WEBHOOK_URLS": _urls(receivers)}):
         deliver_webhooks(event(CONNECT, connection_id="c-both"))
     assert time.monotonic() - started < 1.4, "the two 0.8 s receivers were asked one by one"
+
+
+def test_a_webhook_urls_credentials_stay_out_of_logs_and_dead_letters(
+    receivers: list[HTTPServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Basic auth in the URL (``https://user:password@host/``): what a failed delivery
+    says (the dead-letter stream, the admin) and every log line leave the password out."""
+    receiver = receivers[0]
+    receiver.refusals = 3  # type: ignore[attr-defined]  # every in-process attempt
+    url = _urls([receiver])[0].replace("http://", "http://hooks:s3cr3t-pw@")
+    caplog.set_level(logging.INFO)
+    with (
+        override_settings(PUSH={"WEBHOOK_URLS": [url]}),
+        pytest.raises(WebhookFailed) as failed,
+    ):
+        deliver_webhooks(event(CONNECT, connection_id="c-credentials"))
+    assert "s3cr3t-pw" not in str(failed.value)
+    assert f"127.0.0.1:{receiver.server_address[1]}/hook" in str(failed.value)
+    assert caplog.records, "httpx logs each request"
+    for record in caplog.records:
+        RedactFilter().filter(record)
+        assert "s3cr3t-pw" not in logging.Formatter().format(record)
 
 
 class _Trickler(BaseHTTPRequestHandler):

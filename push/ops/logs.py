@@ -1,10 +1,10 @@
 """Logging: secrets kept out of every line, and JSON lines when asked for.
 
 Tokens travel in query strings (``?token=`` for clients that cannot set headers), and
-servers log paths; ``RedactFilter`` removes them from every record before a handler
-formats it: the message, the string values of ``extra=`` fields and the exception
-text. ``JsonFormatter`` writes one JSON object per line (``LOG_JSON=true``), with any
-``extra=`` fields the caller gave.
+servers log paths; a webhook URL can carry a user and password. ``RedactFilter``
+removes them from every record before a handler formats it: the message, the string
+values of ``extra=`` fields and the exception text. ``JsonFormatter`` writes one JSON
+object per line (``LOG_JSON=true``), with any ``extra=`` fields the caller gave.
 """
 
 from __future__ import annotations
@@ -25,11 +25,15 @@ from common.errors import CloseCode
 _QUERY_PARAM = re.compile(r"((?:^|[?&\s\"'])([^=&?\s\"']+)=)[^&\s\"']+")
 _SECRET_NAMES = frozenset({"token", "key", "api_key"})
 _SECRET_IN_HEADER = re.compile(r"(Authorization:\s*Token\s+)\S+", re.IGNORECASE)
+# The user and password of a URL (``https://user:password@host/``: a webhook URL's basic
+# auth, which httpx logs with every request).
+_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^\s/?#@\"']+@", re.IGNORECASE)
 # LogRecord's own attributes; anything else on a record came in through ``extra=``.
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
 
 
 def redact(text: str) -> str:
+    text = _URL_USERINFO.sub(r"\1[redacted]@", text)
     return _SECRET_IN_HEADER.sub(r"\1[redacted]", _QUERY_PARAM.sub(_redact_param, text))
 
 

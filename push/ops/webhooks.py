@@ -35,6 +35,7 @@ from django.core.cache import cache
 
 from common.conf import push_settings
 from common.keys import WEBHOOK_KEY_SALT, purpose_key
+from push.ops.logs import redact
 
 ATTEMPTS = 3
 FIRST_BACKOFF_SECS = 0.2
@@ -105,7 +106,8 @@ def _post(client: httpx.Client, target: WebhookTarget) -> None:
         if attempt < ATTEMPTS:
             time.sleep(delay)
             delay *= 2
-    raise WebhookFailed(f"{target.url}: {problem}")
+    # Shown in the log and the admin's dead letters: without the URL's credentials.
+    raise WebhookFailed(f"{redact(target.url)}: {problem}")
 
 
 def _accepted_key(event_id: str, target: WebhookTarget) -> str:

@@ -91,6 +91,8 @@ def test_secrets_never_reach_the_log() -> None:
     cleaned = redact(line)
     assert "abc123secret" not in cleaned and "zzz" not in cleaned
     assert "channel=a" in cleaned
+    cleaned = redact('POST https://hooks:pw-secret@example.com/in "HTTP/1.1 200 OK" a@b.c')
+    assert "pw-secret" not in cleaned and "example.com/in" in cleaned and "a@b.c" in cleaned
     record = logging.LogRecord("x", logging.INFO, "", 0, "opened %s", ("/ws/?token=s3cr3t",), None)
     RedactFilter().filter(record)
     assert "s3cr3t" not in record.getMessage()
