@@ -32,7 +32,7 @@ from redis.backoff import NoBackoff
 from devtools.processes import free_port
 from push.ops import event_worker
 from push.ops.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers, register_handler
-from push.ops.events import CONNECT, EventLog, event
+from push.ops.events import CHANNEL_OCCUPIED, CHANNEL_VACATED, CONNECT, EventLog, event
 from push.ops.logs import RedactFilter
 from push.ops.webhooks import WebhookFailed, deliver_webhooks
 from push.tests.backends import terminate_backends
@@ -44,7 +44,7 @@ from tests.servers import (
     start_event_worker,
     worker_log,
 )
-from tests.waiting import QUERY_INTERVAL_SECS, wait_until
+from tests.waiting import QUERY_INTERVAL_SECS, wait_until, wait_until_blocking
 from tests.wsclient import subscribe
 
 pytestmark = pytest.mark.e2e
@@ -526,7 +526,13 @@ def test_a_receiver_that_trickles_its_answer_does_not_hold_the_worker() -> None:
 
 
 def _in_process_worker(
-    client: redis.Redis, stream: str, handlers: list, *, concurrency: int
+    client: redis.Redis,
+    stream: str,
+    handlers: list,
+    *,
+    concurrency: int,
+    max_attempts: int = 2,
+    retry_idle_ms: int = 10_000,
 ) -> EventWorker:
     """A worker of this process on ``stream``, which tries an event twice."""
     return EventWorker(
@@ -535,9 +541,17 @@ def _in_process_worker(
         group=DEFAULT_GROUP,
         consumer="in-process",
         handlers=handlers,
-        max_attempts=2,
-        retry_idle_ms=10_000,
+        max_attempts=max_attempts,
+        retry_idle_ms=retry_idle_ms,
         concurrency=concurrency,
+    )
+
+
+def _step_until_none_pending(worker: EventWorker, client: redis.Redis, stream: str) -> None:
+    wait_until_blocking(
+        lambda: worker.step() >= 0 and not client.xpending(stream, DEFAULT_GROUP)["pending"],
+        "every event handled or dead-lettered",
+        timeout=60,
     )
 
 
@@ -588,6 +602,78 @@ def test_one_connections_events_are_handled_in_order_beside_others() -> None:
             assert kinds == [CONNECT, "subscribe", "disconnect"]
     finally:
         client.delete(stream)
+
+
+def test_a_channels_later_events_wait_for_its_failed_one() -> None:
+    """A channel's occupied that failed once is retried before its vacated is sent, the
+    vacated in the same batch or read while the occupied waits: a receiver that saw the
+    vacated first would take the channel for occupied for good."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"retried-{uuid.uuid4().hex[:8]}:events"
+    seen: list[str] = []
+    failures = Counter({CHANNEL_OCCUPIED: 1})
+
+    def flaky(received: dict) -> None:
+        if failures[received["type"]] > 0:
+            failures[received["type"]] -= 1
+            raise RuntimeError("receiver away")
+        seen.append(received["type"])
+
+    worker = _in_process_worker(
+        client,
+        stream,
+        [flaky],
+        concurrency=8,
+        max_attempts=3,
+        retry_idle_ms=5000,  # the two steps before the retry take far less
+    )
+
+    def add(kind: str, **fields: str) -> None:
+        client.xadd(stream, {"event": json.dumps(event(kind, **fields))})
+
+    try:
+        worker.ensure_group()
+        add(CHANNEL_OCCUPIED, channel="ch-flaky")
+        add(CONNECT, connection_id="c-beside")
+        add(CHANNEL_VACATED, channel="ch-flaky")
+        worker.step()
+        assert seen == [CONNECT], "only the other connection's event went"
+        add(CHANNEL_OCCUPIED, channel="ch-flaky")
+        add(CHANNEL_VACATED, channel="ch-flaky")
+        worker.step()
+        assert seen == [CONNECT], "read while the failed one waits, yet sent before it"
+        _step_until_none_pending(worker, client, stream)
+        assert seen == [CONNECT] + [CHANNEL_OCCUPIED, CHANNEL_VACATED] * 2
+        assert not client.xrange(f"{stream}:dead"), "a held event spent none of its attempts"
+    finally:
+        client.delete(stream, f"{stream}:dead")
+
+
+def test_a_dead_lettered_event_lets_the_ones_behind_it_go() -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"poisoned-{uuid.uuid4().hex[:8]}:events"
+    seen: list[str] = []
+
+    def refuses_occupied(received: dict) -> None:
+        if received["type"] == CHANNEL_OCCUPIED:
+            raise RuntimeError("receiver refuses it")
+        seen.append(received["type"])
+
+    worker = _in_process_worker(
+        client, stream, [refuses_occupied], concurrency=1, retry_idle_ms=500
+    )
+    try:
+        worker.ensure_group()
+        for kind in (CHANNEL_OCCUPIED, CHANNEL_VACATED):
+            client.xadd(stream, {"event": json.dumps(event(kind, channel="ch-poisoned"))})
+        _step_until_none_pending(worker, client, stream)
+        assert seen == [CHANNEL_VACATED]
+        dead = [
+            json.loads(fields[b"event"])["type"] for _, fields in client.xrange(f"{stream}:dead")
+        ]
+        assert dead == [CHANNEL_OCCUPIED]
+    finally:
+        client.delete(stream, f"{stream}:dead")
 
 
 @pytest.mark.django_db(transaction=True)

@@ -15,6 +15,11 @@ channel's occupancy, run one after the other in stream order. An entry that fail
 ``PUSH_EVENT_MAX_ATTEMPTS`` times moves to the dead-letter stream
 ``<prefix>:events:dead``, shown in the admin.
 
+An event that failed holds back the later events of its connection (or channel) until
+it is handled or dead-lettered, whichever worker reads them: it is named in
+``<stream>:waiting:<connection or channel>``, and a later event of the same one is
+left pending to be claimed with it, in stream order, without spending an attempt.
+
 Each event is handled as Django handles a request: the database connection a handler
 used goes back to the pool afterwards, so a restarted PostgreSQL costs the events
 handled while it was away (retried), not every later one.
@@ -42,6 +47,13 @@ BATCH = 100
 BLOCK_MS = 1000
 
 _registered: list[Handler] = []
+# KEYS: a connection's (or channel's) waiting key. ARGV: the event it waits for.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 PUSHER_WEBHOOK_HANDLERS = "push.services.pusher_webhooks.pusher_webhook_handlers"
 
 
@@ -91,6 +103,11 @@ class EventWorker:
         self.max_attempts = max_attempts
         self.retry_idle_ms = retry_idle_ms
         self.concurrency = max(concurrency, 1)
+        # How long a failed event holds back those behind it, renewed at each failure: a
+        # few retry delays (a worker that died with it, another's busy batch), so that
+        # a lost name (a worker killed between acknowledging and releasing) frees them.
+        self._waiting_ms = retry_idle_ms * 6
+        self._release = redis.register_script(_RELEASE)
         self._pool = (
             ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="push-events")
             if self.concurrency > 1
@@ -140,14 +157,83 @@ class EventWorker:
                 if not remaining:
                     break
             chunk, remaining = remaining[: self.concurrency], remaining[self.concurrency :]
+            waiting = self._waiting_for(chunk)
             if self._pool is None:
-                handled += self._handle_in_order(chunk)
+                handled += self._handle_in_order(chunk, waiting)
             else:
-                handled += sum(self._pool.map(self._handle_in_order, _in_order_groups(chunk)))
+                groups = _in_order_groups(chunk)
+                ran = self._pool.map(self._handle_in_order, groups, [waiting] * len(groups))
+                handled += sum(ran)
         return handled
 
-    def _handle_in_order(self, entries: list[tuple[Any, dict[Any, Any]]]) -> int:
-        return sum(self._handle(entry_id, fields) for entry_id, fields in entries)
+    def _waiting_key(self, about: str) -> str:
+        return f"{self.stream}:waiting:{about}"
+
+    def _waiting_for(self, entries: list[tuple[Any, dict[Any, Any]]]) -> dict[str, str | None]:
+        """The failed event each of these entries' connections (or channels) waits for."""
+        abouts = list({about for _, fields in entries if (about := _about(fields))})
+        if not abouts:
+            return {}
+        firsts = self.redis.mget([self._waiting_key(about) for about in abouts])
+        found = zip(abouts, firsts, strict=True)
+        return {about: _text(first) if first else None for about, first in found}
+
+    def _handle_in_order(
+        self, entries: list[tuple[Any, dict[Any, Any]]], waiting: dict[str, str | None]
+    ) -> int:
+        """Handle ``entries`` one after the other; one whose connection (or channel) waits
+        for a failed event is held back, and one that fails holds back those after it.
+        ``waiting`` is shared by the groups, each of which writes only its own keys."""
+        handled = 0
+        for entry_id, fields in entries:
+            about, this = _about(fields), _text(entry_id)
+            if about is None:  # nothing to keep in order with
+                handled += self._handle(entry_id, fields)
+                continue
+            key, first = self._waiting_key(about), waiting.get(about)
+            if first is not None and first != this:
+                if self._hold(entry_id, first):
+                    continue
+                self._release(keys=[key], args=[first])
+                first = waiting[about] = None
+            done = self._handle(entry_id, fields)
+            handled += done
+            if first is None:
+                if not done and self._pending(entry_id):  # failed, to be retried
+                    self.redis.set(key, this, nx=True, px=self._waiting_ms)
+                    waiting[about] = _text(self.redis.get(key)) or None
+            elif done or not self._pending(entry_id):  # handled, or dead-lettered
+                self._release(keys=[key], args=[this])
+                waiting[about] = None
+            else:  # failed again: the events behind it go on waiting
+                self.redis.pexpire(key, self._waiting_ms)
+        return handled
+
+    def _pending(self, entry_id: Any) -> dict[str, Any] | None:
+        found = self.redis.xpending_range(
+            self.stream, self.group, min=entry_id, max=entry_id, count=1
+        )
+        return found[0] if found else None
+
+    def _hold(self, entry_id: Any, first: str) -> bool:
+        """Leave ``entry_id`` pending to be claimed with ``first``, the failed event it
+        waits for (given the same idle time), its attempts as they were; False when
+        ``first`` is no longer pending (handled elsewhere, or trimmed)."""
+        waited_for = self._pending(first)
+        if waited_for is None:
+            return False
+        held = self._pending(entry_id)
+        self.redis.xclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            0,
+            [entry_id],
+            idle=waited_for["time_since_delivered"],
+            retrycount=max((held["times_delivered"] if held else 1) - 1, 0),
+            justid=True,
+        )
+        return True
 
     def _still_ours(
         self, entries: list[tuple[Any, dict[Any, Any]]], idle_ms: float
@@ -179,6 +265,8 @@ class EventWorker:
                     self._try_ensure_group()
 
     def _handle(self, entry_id: Any, fields: dict[Any, Any]) -> int:
+        """1 when handled and acknowledged; 0 when it failed (pending for a retry, or
+        dead-lettered) or held nothing."""
         if not fields:  # trimmed away while pending
             self.redis.xack(self.stream, self.group, entry_id)
             return 0
@@ -232,13 +320,19 @@ def _in_order_groups(
     channel's occupied before its vacated, while other connections' events run beside."""
     groups: dict[str, list[tuple[Any, dict[Any, Any]]]] = {}
     for entry_id, fields in entries:
-        try:
-            event = json.loads(_text(fields.get(b"event") or fields.get("event") or "{}"))
-        except ValueError:
-            event = {}
-        about = event.get("connection_id") or event.get("channel") or _text(entry_id)
-        groups.setdefault(str(about), []).append((entry_id, fields))
+        about = _about(fields) or _text(entry_id)
+        groups.setdefault(about, []).append((entry_id, fields))
     return list(groups.values())
+
+
+def _about(fields: dict[Any, Any]) -> str | None:
+    """The connection (or channel) whose events an entry's must follow in order."""
+    try:
+        event = json.loads(_text(fields.get(b"event") or fields.get("event") or "{}"))
+    except ValueError:
+        return None
+    about = event.get("connection_id") or event.get("channel") if isinstance(event, dict) else None
+    return str(about) if about else None
 
 
 def dead_letters(redis: Any, stream: str, count: int = 100) -> list[dict[str, Any]]:
