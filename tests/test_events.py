@@ -148,6 +148,43 @@ async def test_worker_killed_mid_batch_loses_no_event(
         second.wait(10)
 
 
+async def test_a_stopped_worker_ends_within_its_batch_and_another_takes_the_rest(
+    e2e_env: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGTERM (docker stop, a rolling update) mid-batch: the worker finishes the events
+    in hand and exits, long before the batch would end (the platform's grace is 30 s);
+    the rest stay pending for another worker, none lost and none handled twice."""
+    env = _event_env(
+        e2e_env,
+        tmp_path,
+        PUSH_EVENT_HANDLERS="tests.event_sink.record",
+        EVENT_SINK_DELAY="1",
+        PUSH_EVENT_CONCURRENCY="2",
+    )
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    sent = [event(CONNECT, connection_id=f"c-stop-{i}") for i in range(60)]
+    for entry in sent:
+        client.xadd(f"{env['REDIS_PREFIX']}:events", {"event": json.dumps(entry)})
+    first = start_event_worker(env, "stopped")
+    second = None
+    try:
+        await wait_until(lambda: _sink(env), "the first events handled", timeout=30)
+        first.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        await asyncio.to_thread(first.wait, 60)
+        assert time.monotonic() - started < 10, "the worker went on with its whole batch"
+        assert len(_sink(env)) < len(sent)
+        second = start_event_worker({**env, "EVENT_SINK_DELAY": "0"}, "second")
+        await wait_until(lambda: len(_sink(env)) >= len(sent), "every event handled", timeout=30)
+        assert sorted(e["id"] for e in _sink(env)) == sorted(e["id"] for e in sent)
+    finally:
+        for worker in (first, second):
+            if worker is not None and worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+                worker.wait(60)
+        client.close()
+
+
 def _stream_event_ids(client: redis.Redis, stream: str) -> dict[str, str]:
     """Every entry of the stream: its entry id -> its event's id."""
     return {

@@ -20,6 +20,10 @@ it is handled or dead-lettered, whichever worker reads them: it is named in
 ``<stream>:waiting:<connection or channel>``, and a later event of the same one is
 left pending to be claimed with it, in stream order, without spending an attempt.
 
+A worker told to stop (SIGTERM) finishes the events in hand and leaves the rest of its
+batch pending, for another worker to claim after the retry delay: a batch of slow
+webhooks would outlast the grace a platform gives before it kills the process.
+
 Each event is handled as Django handles a request: the database connection a handler
 used goes back to the pool afterwards, so a restarted PostgreSQL costs the events
 handled while it was away (retried), not every later one.
@@ -103,6 +107,7 @@ class EventWorker:
         self.max_attempts = max_attempts
         self.retry_idle_ms = retry_idle_ms
         self.concurrency = max(concurrency, 1)
+        self._stop: Callable[[], bool] = lambda: False
         # How long a failed event holds back those behind it, renewed at each failure: a
         # few retry delays (a worker that died with it, another's busy batch), so that
         # a lost name (a worker killed between acknowledging and releasing) frees them.
@@ -133,6 +138,8 @@ class EventWorker:
             self.stream, self.group, self.consumer, self.retry_idle_ms, "0-0", count=BATCH
         )
         handled = self._handle_batch(claimed)
+        if self._stop():
+            return handled
         reply = self.redis.xreadgroup(
             self.group, self.consumer, {self.stream: ">"}, count=BATCH, block=BLOCK_MS
         )
@@ -149,7 +156,7 @@ class EventWorker:
         handled = 0
         remaining = list(entries)
         refreshed = time.monotonic()
-        while remaining:
+        while remaining and not self._stop():
             idle_ms = (time.monotonic() - refreshed) * 1000
             if idle_ms >= self.retry_idle_ms / 3:
                 remaining = self._still_ours(remaining, idle_ms)
@@ -252,6 +259,7 @@ class EventWorker:
         return [entry for entry in entries if _text(entry[0]) in ours]
 
     def run(self, stop: Callable[[], bool] = lambda: False) -> None:
+        self._stop = stop
         self.ensure_group()
         while not stop():
             try:
