@@ -38,6 +38,7 @@ from push.ops.webhooks import WebhookFailed, deliver_webhooks
 from push.tests.backends import terminate_backends
 from tests.servers import (
     ROOT,
+    Database,
     ServerNode,
     admin_client,
     create_superuser,
@@ -432,6 +433,57 @@ async def test_occupancy_is_counted_across_nodes(e2e_env: dict[str, str], tmp_pa
     finally:
         for node in nodes:
             node.stop()
+
+
+async def test_a_killed_nodes_connections_get_their_disconnect_events(
+    e2e_env: dict[str, str], e2e_database: Database, tmp_path: Path
+) -> None:
+    """``kill -9`` a node: the node that marks its connections closed announces their
+    disconnect events (a receiver that saw them connect would count them open for good)."""
+    env = _event_env(e2e_env, tmp_path)
+    keeper = ServerNode(env, name=f"keeper-{uuid.uuid4().hex[:6]}").start()
+    doomed = ServerNode(env, name=f"doomed-{uuid.uuid4().hex[:6]}").start()
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    open_rows = "SELECT count(*) FROM push_connection WHERE server_id = %s"
+    open_rows += " AND disconnected_at IS NULL AND subscriptions = %s::jsonb"
+
+    def of_doomed(kind: str) -> set[str]:
+        return {
+            e["connection_id"]
+            for e in _stream_events(client, env)
+            if e["type"] == kind and e.get("node") == doomed.name
+        }
+
+    sockets = []
+    try:
+        channel = f"killed-{uuid.uuid4().hex[:6]}"
+        # A node's runtime (its reaper too) starts with its first connection.
+        sockets = [(await subscribe(keeper.ws_url, f"{channel}-kept"))[0]]
+        sockets += [(await subscribe(doomed.ws_url, channel))[0] for _ in range(3)]
+        await wait_until(
+            lambda: (
+                len(of_doomed(CONNECT)) == 3
+                and e2e_database.query(open_rows, doomed.name, json.dumps([channel])) == [(3,)]
+            ),
+            "the connect events and the registry rows",
+            interval=QUERY_INTERVAL_SECS,
+        )
+        doomed.stop(signal.SIGKILL)
+        disconnected = await wait_until(
+            lambda: of_doomed("disconnect") if len(of_doomed("disconnect")) == 3 else None,
+            "the killed node's disconnect events",
+            timeout=30,  # dead after PUSH_NODE_DEAD_AFTER_SECS (3 s), then reaped
+            interval=QUERY_INTERVAL_SECS,
+        )
+        assert disconnected == of_doomed(CONNECT)
+        for entry in _stream_events(client, env):
+            if entry["type"] == "disconnect" and entry.get("node") == doomed.name:
+                assert entry["channels"] == [channel] and entry["close_code"] == 1011
+    finally:
+        for ws in sockets:
+            ws.transport.abort()
+        keeper.stop()
+        client.close()
 
 
 def _client_signing() -> ModuleType:

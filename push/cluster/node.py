@@ -19,6 +19,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connection as database
+from django.utils import timezone
 
 from accounts.permissions import is_presence_channel
 from accounts.principals import principals_refresh
@@ -36,11 +37,11 @@ from push.cluster.live import LiveConnection
 from push.cluster.occupancy import Occupancy
 from push.cluster.overload import LoopLag
 from push.cluster.presence import PresenceStore, leave_presence
-from push.cluster.registry import ConnectionRegistry, close_node_connections
+from push.cluster.registry import ClosedConnection, ConnectionRegistry, close_node_connections
 from push.fanout.hub import Hub
 from push.fanout.message import ChannelMessage
 from push.fanout.replay_slots import ReplaySlots
-from push.ops.events import MEMBER_ADDED, MEMBER_REMOVED, EventLog
+from push.ops.events import DISCONNECT, MEMBER_ADDED, MEMBER_REMOVED, EventLog
 from push.storage import recent_store, relay
 from push.storage.history import CachedHistory, DatabaseHistory, ModeHistory, RecentHistory
 from push.storage.history_modes import is_recent
@@ -400,10 +401,13 @@ class Node:
                 for server_id in dead:
                     if server_id != self.server_id:
                         closed = await _close_all(server_id, CloseCode.SERVER_ERROR)
+                        self._announce_disconnects(server_id, closed)
                         await self._reap_presence(server_id)
                         await self.events.vacate_all_of(server_id)
                         await self.directory.forget(server_id)
-                        logger.warning("node %s is gone: %d connections closed", server_id, closed)
+                        logger.warning(
+                            "node %s is gone: %d connections closed", server_id, len(closed)
+                        )
             except Exception as exc:
                 logger.warning("cluster announce failed: %s", exc)
             finally:
@@ -422,6 +426,20 @@ class Node:
                 await self.events.repair()
             except Exception as exc:  # the next round tries again
                 logger.warning("presence or occupancy repair failed: %s", exc)
+
+    def _announce_disconnects(self, server_id: str, closed: list[ClosedConnection]) -> None:
+        """The disconnect events a dead node never sent, one per connection its rows
+        held open: ``node`` is the dead one; no ``principal`` (the rows keep none)."""
+        now = timezone.now()
+        for connection in closed:
+            self.events.emit(
+                DISCONNECT,
+                node=server_id,
+                connection_id=str(connection.connection_id),
+                close_code=CloseCode.SERVER_ERROR,
+                duration_secs=round((now - connection.connected_at).total_seconds(), 3),
+                channels=connection.subscriptions,
+            )
 
     async def _reap_presence(self, server_id: str) -> None:
         """A dead node's members leave, announced as if their connections had closed."""

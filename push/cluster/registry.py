@@ -191,11 +191,28 @@ def registry_trim_closed(retention_secs: int) -> int:
     return deleted
 
 
-def close_node_connections(server_id: str, close_code: int) -> int:
-    """Mark every still-open connection of ``server_id`` closed; returns how many."""
-    return Connection.objects.filter(server_id=server_id, disconnected_at__isnull=True).update(
-        disconnected_at=_now(), close_code=close_code, subscriptions=[]
-    )
+@dataclass(frozen=True)
+class ClosedConnection:
+    """A connection ``close_node_connections`` marked closed, as its row had it."""
+
+    connection_id: uuid.UUID
+    connected_at: datetime
+    subscriptions: list[str]
+
+
+def close_node_connections(server_id: str, close_code: int) -> list[ClosedConnection]:
+    """Mark every still-open connection of ``server_id`` closed; returns them. Two nodes
+    reaping one dead node at once each get their own (the rows are locked, and the
+    second's reading of them sees them closed)."""
+    still_open = Connection.objects.filter(server_id=server_id, disconnected_at__isnull=True)
+    with transaction.atomic():
+        rows = list(
+            still_open.select_for_update().values_list(
+                "connection_id", "connected_at", "subscriptions"
+            )
+        )
+        still_open.update(disconnected_at=_now(), close_code=close_code, subscriptions=[])
+    return [ClosedConnection(i, at, list(subs or [])) for i, at, subs in rows]
 
 
 _write_batch_async = db_call(_write_batch)

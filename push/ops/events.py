@@ -121,9 +121,10 @@ class EventLog:
         return self.redis is not None
 
     def emit(self, kind: str, **fields: Any) -> None:
+        """Append an event of this node's (or of the ``node`` named in ``fields``)."""
         if self.redis is None:
             return
-        self._append(event(kind, node=self.server_id, **fields))
+        self._append(event(kind, **{"node": self.server_id, **fields}))
 
     def _append(self, entry: dict[str, Any] | OccupancyChange) -> None:
         if len(self._buffer) == self._buffer.maxlen:
