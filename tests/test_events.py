@@ -7,6 +7,7 @@ admin; a node's unwritten events bounded while Redis is away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import logging
@@ -28,6 +29,8 @@ from django.test import override_settings
 from prometheus_client import REGISTRY
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from devtools.processes import free_port
 from push.ops import event_worker
@@ -46,7 +49,7 @@ from tests.servers import (
     worker_log,
 )
 from tests.waiting import QUERY_INTERVAL_SECS, wait_until, wait_until_blocking
-from tests.wsclient import subscribe
+from tests.wsclient import flood, stalled_subscriber, subscribe
 
 pytestmark = pytest.mark.e2e
 
@@ -484,6 +487,47 @@ async def test_a_killed_nodes_connections_get_their_disconnect_events(
             ws.transport.abort()
         keeper.stop()
         client.close()
+
+
+async def _read_until_closed(ws: ClientConnection) -> int | None:
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await ws.recv()
+    return ws.close_code
+
+
+@pytest.mark.parametrize("server", ["daphne", "uvicorn"])
+async def test_a_client_aborted_at_the_drain_deadline_gets_its_disconnect_event(
+    e2e_env: dict[str, str], publisher_token: str, tmp_path: Path, server: str
+) -> None:
+    """SIGTERM with a client that never reads: the node gives up on it at
+    PUSH_DRAIN_DEADLINE_SECS, and its disconnect event still goes out with the others'."""
+    env = _event_env(e2e_env, tmp_path, PUSH_DRAIN_DEADLINE_SECS="2")
+    node = ServerNode(env, server=server, name=f"drain-events-{uuid.uuid4().hex[:6]}").start()
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    stalled = None
+    try:
+        channel = f"drain-events-{uuid.uuid4().hex[:6]}"
+        stalled = await stalled_subscriber(node.ws_url, channel)
+        healthy, _ = await subscribe(node.ws_url, channel)
+        reader = asyncio.create_task(_read_until_closed(healthy))
+        # More than the stalled client's socket buffers take: it is still connected,
+        # with frames waiting, when the drain starts.
+        await flood(node.ws_url, publisher_token, channel, 96, 64 * 1024)
+        assert node.process is not None
+        node.process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(node.process.wait, 60)
+        assert await reader == 1001
+        events = _stream_events(client, env)
+        connected = {e["connection_id"] for e in events if e["type"] == CONNECT}
+        disconnected = [e["connection_id"] for e in events if e["type"] == "disconnect"]
+        assert len(connected) == 3  # the two subscribers and the publisher
+        assert sorted(disconnected) == sorted(connected), "one disconnect event each"
+    finally:
+        node.stop()
+        client.close()
+        if stalled is not None:
+            stalled.transport.abort()
 
 
 def _client_signing() -> ModuleType:

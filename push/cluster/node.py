@@ -476,6 +476,16 @@ class Node:
             connection.abort(code)
             connection.drop()
             connection.mark_closed(code)
+            # Its session may end after the node stopped (daphne), its event with it:
+            # announced here, and not again by its session (which finds it let go).
+            self.events.emit(
+                DISCONNECT,
+                connection_id=str(connection.connection_id),
+                principal=connection.principal.key,
+                close_code=code,
+                duration_secs=round(time.monotonic() - connection.opened_at, 3),
+                channels=list(connection.subscriptions),
+            )
             self.release(connection)
         try:
             await self.registry.close_all(code)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -48,6 +49,9 @@ class SessionNode(Protocol):
 
     server_id: str
     draining: bool
+    # Its admitted connections: one no longer here was let go by the drain (which
+    # announced its disconnect).
+    connections: dict[uuid.UUID, LiveConnection]
     hub: Hub
     registry: ConnectionRegistry
     events: EventLog
@@ -119,14 +123,15 @@ def session_closed(node: SessionNode, connection: LiveConnection, close_code: in
     log_connection_closed(
         connection, close_code, by_server=not connection.is_open, server_id=node.server_id
     )
-    node.events.emit(
-        events.DISCONNECT,
-        connection_id=str(connection.connection_id),
-        principal=connection.principal.key,
-        close_code=connection.close_code if not connection.is_open else close_code,
-        duration_secs=round(time.monotonic() - connection.opened_at, 3),
-        channels=list(connection.subscriptions),
-    )
+    if connection.connection_id in node.connections:
+        node.events.emit(
+            events.DISCONNECT,
+            connection_id=str(connection.connection_id),
+            principal=connection.principal.key,
+            close_code=connection.close_code if not connection.is_open else close_code,
+            duration_secs=round(time.monotonic() - connection.opened_at, 3),
+            channels=list(connection.subscriptions),
+        )
     node.release_subscriptions(connection)
     connection.mark_closed(close_code)
     node.release(connection)
