@@ -591,6 +591,24 @@ def test_a_failed_webhook_is_retried_only_where_it_failed(receivers: list[HTTPSe
     assert failing.received == [sent["id"]] * 4  # type: ignore[attr-defined]  # set by the receivers fixture
 
 
+def test_what_a_delivered_event_leaves_in_redis_lasts_its_retries_not_a_day(
+    receivers: list[HTTPServer],
+) -> None:
+    """Each URL that accepts an event is remembered in Redis (so a retry skips it): at
+    hundreds of events a second, a day of those keys is gigabytes of Redis."""
+    sent = event(CONNECT, connection_id="c-remembered")
+    with override_settings(
+        PUSH={"WEBHOOK_URLS": _urls(receivers), "EVENT_MAX_ATTEMPTS": 5, "EVENT_RETRY_SECS": 10}
+    ):
+        deliver_webhooks(sent)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    keys = list(client.scan_iter(f"*webhook-accepted:{sent['id']}:*"))
+    assert len(keys) == 2, "one per URL"
+    for key in keys:
+        assert 0 < client.ttl(key) <= 600, "remembered past its five 10 s retries, no longer"
+    client.close()
+
+
 def test_webhooks_go_to_every_url_at_once(receivers: list[HTTPServer]) -> None:
     for server in receivers:
         server.delay = 0.8  # type: ignore[attr-defined]  # set by the receivers fixture

@@ -11,8 +11,9 @@ captured request cannot be replayed later (``pushclient.signing.webhook_verify``
 
 The URLs of one event are sent to at once, at most ``PUSH_WEBHOOK_CONCURRENCY``
 requests in flight per worker. A URL that accepted an event is remembered (in the
-cache, for a day), so when another URL fails the event and the worker retries it, only
-the URLs that failed receive it again. That delivery (``deliver_to_targets``) serves
+cache, for as long as the event can be retried, at least ten minutes), so when another
+URL fails the event and the worker retries it, only the URLs that failed receive it
+again. That delivery (``deliver_to_targets``) serves
 Pusher's webhook format too (``push.services.pusher_webhooks``), which only builds
 other requests.
 """
@@ -40,9 +41,13 @@ from push.ops.logs import redact
 ATTEMPTS = 3
 FIRST_BACKOFF_SECS = 0.2
 TIMEOUT_SECS = 5.0
-# Long enough to outlive every retry of an event (PUSH_EVENT_MAX_ATTEMPTS x
-# PUSH_EVENT_RETRY_SECS is minutes by default).
-ACCEPTED_MEMORY_SECS = 86_400
+# How long a URL that accepted an event is remembered: past every retry the event can
+# get (PUSH_EVENT_MAX_ATTEMPTS x PUSH_EVENT_RETRY_SECS, times a margin for busy workers),
+# and no longer: every delivered event leaves one key per URL in Redis for that long
+# (a day of them, at hundreds of events a second, was gigabytes). Forgotten early, a
+# retry sends the event to that URL again, which at-least-once delivery allows.
+ACCEPTED_MEMORY_MARGIN = 6
+ACCEPTED_MEMORY_MIN_SECS = 600
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -110,6 +115,11 @@ def _post(client: httpx.Client, target: WebhookTarget) -> None:
     raise WebhookFailed(f"{redact(target.url)}: {problem}")
 
 
+def _accepted_memory_secs() -> float:
+    retries = push_settings.EVENT_MAX_ATTEMPTS * push_settings.EVENT_RETRY_SECS
+    return max(retries * ACCEPTED_MEMORY_MARGIN, ACCEPTED_MEMORY_MIN_SECS)
+
+
 def _accepted_key(event_id: str, target: WebhookTarget) -> str:
     about = f"{target.scope}\n{target.url}" if target.scope else target.url
     return f"webhook-accepted:{event_id}:{hashlib.sha256(about.encode()).hexdigest()[:32]}"
@@ -128,7 +138,7 @@ def _executor() -> ThreadPoolExecutor:
 def _send_and_remember(client: httpx.Client, target: WebhookTarget, event_id: str) -> None:
     _post(client, target)
     if event_id:
-        cache.set(_accepted_key(event_id, target), 1, ACCEPTED_MEMORY_SECS)
+        cache.set(_accepted_key(event_id, target), 1, _accepted_memory_secs())
 
 
 def deliver_to_targets(event_id: str, targets: list[WebhookTarget]) -> None:
