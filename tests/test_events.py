@@ -800,9 +800,12 @@ def test_a_channels_later_events_wait_for_its_failed_one() -> None:
         client.delete(stream, f"{stream}:dead")
 
 
-def test_a_dead_lettered_event_lets_the_ones_behind_it_go() -> None:
+@pytest.fixture
+def refusing_occupied() -> Iterator[tuple[redis.Redis, str, list[str], EventWorker]]:
+    """A stream and a worker on it whose handler refuses every channel_occupied and
+    keeps the others' types in a list; it tries an event twice, 0.5 s apart."""
     client = redis.Redis.from_url(settings.REDIS_URL)
-    stream = f"poisoned-{uuid.uuid4().hex[:8]}:events"
+    stream = f"refusing-{uuid.uuid4().hex[:8]}:events"
     seen: list[str] = []
 
     def refuses_occupied(received: dict) -> None:
@@ -813,18 +816,37 @@ def test_a_dead_lettered_event_lets_the_ones_behind_it_go() -> None:
     worker = _in_process_worker(
         client, stream, [refuses_occupied], concurrency=1, retry_idle_ms=500
     )
-    try:
-        worker.ensure_group()
-        for kind in (CHANNEL_OCCUPIED, CHANNEL_VACATED):
-            client.xadd(stream, {"event": json.dumps(event(kind, channel="ch-poisoned"))})
-        _step_until_none_pending(worker, client, stream)
-        assert seen == [CHANNEL_VACATED]
-        dead = [
-            json.loads(fields[b"event"])["type"] for _, fields in client.xrange(f"{stream}:dead")
-        ]
-        assert dead == [CHANNEL_OCCUPIED]
-    finally:
-        client.delete(stream, f"{stream}:dead")
+    worker.ensure_group()
+    yield client, stream, seen, worker
+    client.delete(stream, f"{stream}:dead")
+    client.close()
+
+
+def test_a_dead_lettered_event_lets_the_ones_behind_it_go(
+    refusing_occupied: tuple[redis.Redis, str, list[str], EventWorker],
+) -> None:
+    client, stream, seen, worker = refusing_occupied
+    for kind in (CHANNEL_OCCUPIED, CHANNEL_VACATED):
+        client.xadd(stream, {"event": json.dumps(event(kind, channel="ch-poisoned"))})
+    _step_until_none_pending(worker, client, stream)
+    assert seen == [CHANNEL_VACATED]
+    dead = [json.loads(fields[b"event"])["type"] for _, fields in client.xrange(f"{stream}:dead")]
+    assert dead == [CHANNEL_OCCUPIED]
+
+
+def test_an_event_waits_for_a_failed_one_only_so_long(
+    refusing_occupied: tuple[redis.Redis, str, list[str], EventWorker],
+) -> None:
+    """A receiver that refuses every event of a channel (a dead URL among several) must
+    not hold that channel's other events back for good: an event added longer ago than
+    twice the attempts' time (here 2 x 2 x 0.5 s) goes without waiting."""
+    client, stream, seen, worker = refusing_occupied
+    added_ms = int(time.time() * 1000) - 60_000  # a minute ago: a backlog
+    for n, kind in enumerate((CHANNEL_OCCUPIED, CHANNEL_VACATED)):
+        entry = {"event": json.dumps(event(kind, channel="ch-outwaited"))}
+        client.xadd(stream, entry, id=f"{added_ms}-{n}")
+    worker.step()
+    assert seen == [CHANNEL_VACATED]
 
 
 @pytest.mark.django_db(transaction=True)

@@ -18,7 +18,9 @@ channel's occupancy, run one after the other in stream order. An entry that fail
 An event that failed holds back the later events of its connection (or channel) until
 it is handled or dead-lettered, whichever worker reads them: it is named in
 ``<stream>:waiting:<connection or channel>``, and a later event of the same one is
-left pending to be claimed with it, in stream order, without spending an attempt.
+left pending to be claimed with it, in stream order, without spending an attempt. An
+event waits so at most twice ``PUSH_EVENT_MAX_ATTEMPTS`` x ``PUSH_EVENT_RETRY_SECS``
+after it was added.
 
 A worker told to stop (SIGTERM) finishes the events in hand and leaves the rest of its
 batch pending, for another worker to claim after the retry delay: a batch of slow
@@ -199,6 +201,9 @@ class EventWorker:
                 continue
             key, first = self._waiting_key(about), waiting.get(about)
             if first is not None and first != this:
+                if self._waited_enough(this):
+                    handled += self._handle(entry_id, fields)  # out of order, if it must
+                    continue
                 if self._hold(entry_id, first):
                     continue
                 self._release(keys=[key], args=[first])
@@ -215,6 +220,15 @@ class EventWorker:
             else:  # failed again: the events behind it go on waiting
                 self.redis.pexpire(key, self._waiting_ms)
         return handled
+
+    def _waited_enough(self, entry_id: str) -> bool:
+        """Whether ``entry_id`` was added so long ago that it goes now, whatever waits
+        before it: as long as a failed event takes to be dead-lettered (twice, for
+        room). A receiver that refuses everything (a dead URL among several) then
+        delays the events of each connection by that much, not by that much for every
+        event before them."""
+        added_ms = int(entry_id.split("-", 1)[0])  # an entry id is its XADD time in ms
+        return time.time() * 1000 - added_ms > self.retry_idle_ms * self.max_attempts * 2
 
     def _pending(self, entry_id: Any) -> dict[str, Any] | None:
         found = self.redis.xpending_range(
