@@ -849,6 +849,26 @@ def test_an_event_waits_for_a_failed_one_only_so_long(
     assert seen == [CHANNEL_VACATED]
 
 
+def test_events_trimmed_while_they_wait_for_a_retry_are_reported(
+    refusing_occupied: tuple[redis.Redis, str, list[str], EventWorker],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A receiver down long enough under load: the stream (``PUSH_EVENT_STREAM_MAXLEN``)
+    drops events still waiting for their retry; the worker says so instead of nothing."""
+    client, stream, _seen, worker = refusing_occupied
+    for _ in range(3):
+        client.xadd(stream, {"event": json.dumps(event(CHANNEL_OCCUPIED, channel="ch-trim"))})
+    worker.step()  # all three refused: pending for a retry
+    client.xtrim(stream, maxlen=0)
+    caplog.set_level(logging.WARNING, logger="push.ops.event_worker")
+    wait_until_blocking(
+        lambda: worker.step() >= 0 and "3 events lost" in caplog.text,
+        "the worker to report the trimmed events",
+    )
+    assert "PUSH_EVENT_STREAM_MAXLEN" in caplog.text
+    assert not client.xpending(stream, DEFAULT_GROUP)["pending"]
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_handler_reads_the_database_again_after_postgresql_ended_its_connection() -> None:
     """Handlers may use the ORM (Pusher's webhooks read the apps). A handler thread

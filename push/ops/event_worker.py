@@ -136,9 +136,11 @@ class EventWorker:
 
     def step(self) -> int:
         """Handle what others left pending, then new entries; returns how many."""
-        _, claimed, *_ = self.redis.xautoclaim(
+        _, claimed, *trimmed = self.redis.xautoclaim(
             self.stream, self.group, self.consumer, self.retry_idle_ms, "0-0", count=BATCH
         )
+        if trimmed and trimmed[0]:  # Redis 7 drops those from the pending list itself
+            self._trimmed(len(trimmed[0]))
         handled = self._handle_batch(claimed)
         if self._stop():
             return handled
@@ -289,8 +291,9 @@ class EventWorker:
     def _handle(self, entry_id: Any, fields: dict[Any, Any]) -> int:
         """1 when handled and acknowledged; 0 when it failed (pending for a retry, or
         dead-lettered) or held nothing."""
-        if not fields:  # trimmed away while pending
+        if not fields:  # trimmed away while pending (Redis 6.2 claims it so)
             self.redis.xack(self.stream, self.group, entry_id)
+            self._trimmed(1)
             return 0
         raw = _text(fields.get(b"event") or fields.get("event") or "{}")
         event = json.loads(raw)
@@ -314,6 +317,16 @@ class EventWorker:
                 handler(event)
         finally:
             close_old_connections()
+
+    def _trimmed(self, count: int) -> None:
+        """Events that waited for a retry so long that the stream, kept to
+        ``PUSH_EVENT_STREAM_MAXLEN``, dropped them: lost, so said where it is seen."""
+        logger.warning(
+            "%d events lost: trimmed from the stream (PUSH_EVENT_STREAM_MAXLEN) while "
+            "they waited for a retry",
+            count,
+        )
+        metrics.EVENTS_PROCESSED.labels("trimmed").inc(count)
 
     def _failed(self, entry_id: Any, raw: str, exc: Exception) -> None:
         pending = self.redis.xpending_range(
