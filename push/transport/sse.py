@@ -192,8 +192,35 @@ class SseOutbox(Outbox):
             return frame
         cursor = self.cursor
         cursor[channel] = frame.seq  # type: ignore[assignment]  # a channel frame has a seq
-        body = frame.event["body"] + f"id: {cursor_format(cursor)}\n\n".encode()
-        return OutFrame(SSE_CODEC.send_event(body), len(body), frame.droppable)
+        id_line = f"id: {cursor_format(cursor)}\n\n".encode()
+        return _CursorFrame(frame.event["body"], id_line, frame.droppable)
+
+
+class _CursorFrame(OutFrame):
+    """A message event of one stream: the event's bytes, shared by every stream that
+    carries it, and this stream's ``id:`` line, joined only when written. Joined when
+    queued, every stream that stopped reading held its own copy of each event in its
+    queue (up to the send queue's 8 MiB each: a thousand stalled streams on a busy
+    channel, 8 GB), where WebSocket connections share one."""
+
+    __slots__ = ("_body", "_id_line")
+
+    def __init__(self, body: bytes, id_line: bytes, droppable: bool) -> None:
+        # Not OutFrame's: its event (and wire) are made when written, never kept.
+        self._body = body
+        self._id_line = id_line
+        self.size = len(body) + len(id_line)
+        self.droppable = droppable
+        self.channel = None  # its cursor is written: no other outbox adds one
+        self.seq = None
+
+    @property
+    def event(self) -> dict[str, Any]:  # type: ignore[override]  # read-only: made when written
+        return SSE_CODEC.send_event(self._body + self._id_line)
+
+    @property
+    def wire(self) -> bytes:
+        return b"%x\r\n%b%b\r\n" % (self.size, self._body, self._id_line)
 
 
 class SseConnection(ClientConnection):
