@@ -35,7 +35,14 @@ from websockets.exceptions import ConnectionClosed
 from devtools.processes import free_port
 from push.ops import event_worker
 from push.ops.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers, register_handler
-from push.ops.events import CHANNEL_OCCUPIED, CHANNEL_VACATED, CONNECT, EventLog, event
+from push.ops.events import (
+    CHANNEL_OCCUPIED,
+    CHANNEL_VACATED,
+    CLIENT_EVENT,
+    CONNECT,
+    EventLog,
+    event,
+)
 from push.ops.logs import RedactFilter
 from push.ops.webhooks import WebhookFailed, deliver_webhooks
 from push.tests.backends import terminate_backends
@@ -926,4 +933,28 @@ async def test_unwritten_events_are_bounded_and_the_newest_kept() -> None:
     await log.flush()
     assert [e["connection_id"] for e in log._buffer] == [f"c-{i}" for i in range(2, 7)]
     assert _dropped() - before == 2
+    await unreachable.aclose()
+
+
+async def test_unwritten_events_are_bounded_in_bytes() -> None:
+    """Client events carry up to 10 KB of data each: while Redis is away the buffer
+    keeps the newest within its bytes, not only its count (100,000 of them were 1 GB),
+    across failed flushes, and counts what it dropped."""
+    unreachable = aioredis.Redis(
+        host="127.0.0.1",
+        port=free_port(),
+        socket_connect_timeout=0.5,
+        retry=Retry(NoBackoff(), retries=0),
+    )
+    log = EventLog(unreachable, "gone", "node-x", maxlen=100, max_buffered_bytes=35_000)
+    before = _dropped()
+    for i in range(3):
+        log.emit(CLIENT_EVENT, channel="private-x", event="client-e", data="d" * 10_000, n=i)
+    await log.flush()  # fails: the three stay
+    for i in range(3, 6):
+        log.emit(CLIENT_EVENT, channel="private-x", event="client-e", data="d" * 10_000, n=i)
+    assert [e["n"] for e in log._buffer] == [3, 4, 5]
+    await log.flush()
+    assert [e["n"] for e in log._buffer] == [3, 4, 5]
+    assert _dropped() - before == 3
     await unreachable.aclose()

@@ -42,8 +42,13 @@ CLIENT_EVENT = "client_event"
 CACHE_MISS = "cache_miss"
 
 FLUSH_SECS = 0.1
-# Unwritten events kept while Redis is away; past this the oldest are dropped (counted).
+# Unwritten events kept while Redis is away; past either bound the oldest are dropped
+# (counted). In bytes too: a Pusher client event carries up to 10 KB of data, so the
+# count alone let a node hold about 1 GB of them while Redis refused its writes.
 MAX_BUFFERED_EVENTS = 100_000
+MAX_BUFFERED_BYTES = 32 * 1_048_576
+# What an event costs in the buffer besides its data (its fields, dict and strings).
+_EVENT_BYTES = 400
 
 # KEYS: channel's node set, node's channel index, stream. ARGV: node, channel, event JSON,
 # maxlen. Returns 1 when the channel went from no node to this one.
@@ -77,6 +82,13 @@ return 0
 """
 
 
+def _entry_bytes(entry: dict[str, Any] | OccupancyChange) -> int:
+    """About what ``entry`` holds in the buffer: its data (a client event's, or an
+    occupancy change's event JSON) and a fixed share for the rest."""
+    data = entry.args[2] if isinstance(entry, OccupancyChange) else entry.get("data")
+    return _EVENT_BYTES + (len(data) if isinstance(data, str) else 0)
+
+
 def event(kind: str, **fields: Any) -> dict[str, Any]:
     return {"id": uuid.uuid4().hex, "type": kind, "timestamp": time.time(), **fields}
 
@@ -100,6 +112,7 @@ class EventLog:
         *,
         maxlen: int,
         max_buffered: int = MAX_BUFFERED_EVENTS,
+        max_buffered_bytes: int = MAX_BUFFERED_BYTES,
     ) -> None:
         self.redis = redis
         self.server_id = server_id
@@ -107,8 +120,10 @@ class EventLog:
         self.prefix = prefix
         self.maxlen = maxlen
         self.max_buffered = max_buffered
-        # Bounded: appending to a full buffer drops the oldest, in O(1).
-        self._buffer: deque[dict[str, Any] | OccupancyChange] = deque(maxlen=max_buffered)
+        self.max_buffered_bytes = max_buffered_bytes
+        # Bounded (``_drop_oldest``): appending to a full buffer drops the oldest.
+        self._buffer: deque[dict[str, Any] | OccupancyChange] = deque()
+        self._buffered_bytes = 0
         # The channels this node holds, as its occupancy sets should say (``repair``).
         self._held: set[str] = set()
         if redis is not None:
@@ -127,14 +142,27 @@ class EventLog:
         self._append(event(kind, **{"node": self.server_id, **fields}))
 
     def _append(self, entry: dict[str, Any] | OccupancyChange) -> None:
-        if len(self._buffer) == self._buffer.maxlen:
-            metrics.EVENTS_DROPPED.inc()
         self._buffer.append(entry)
+        self._buffered_bytes += _entry_bytes(entry)
+        self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        """Drop the oldest events past either bound (counted)."""
+        buffer = self._buffer
+        dropped = 0
+        while len(buffer) > 1 and (
+            len(buffer) > self.max_buffered or self._buffered_bytes > self.max_buffered_bytes
+        ):
+            self._buffered_bytes -= _entry_bytes(buffer.popleft())
+            dropped += 1
+        if dropped:
+            metrics.EVENTS_DROPPED.inc(dropped)
 
     async def flush(self) -> None:
         if not self._buffer or self.redis is None:
             return
-        batch, self._buffer = self._buffer, deque(maxlen=self.max_buffered)
+        batch, self._buffer = self._buffer, deque()
+        batch_bytes, self._buffered_bytes = self._buffered_bytes, 0
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for entry in batch:
@@ -151,17 +179,15 @@ class EventLog:
                 await pipe.execute()
         except Exception as exc:
             logger.warning("could not append %d events: %s", len(batch), exc)
-            self._restore(batch)
+            self._restore(batch, batch_bytes)
 
-    def _restore(self, batch: deque[dict[str, Any] | OccupancyChange]) -> None:
-        """Put an unwritten batch back before what was emitted since, keeping the newest
-        ``max_buffered`` of them (the oldest are dropped, counted)."""
-        newer = self._buffer
-        dropped = max(len(batch) + len(newer) - self.max_buffered, 0)
-        batch.extend(newer)  # a full deque drops from the left: the oldest
+    def _restore(self, batch: deque[dict[str, Any] | OccupancyChange], nbytes: int) -> None:
+        """Put an unwritten batch (of ``nbytes``) back before what was emitted since,
+        keeping the newest within the bounds (the oldest are dropped, counted)."""
+        batch.extend(self._buffer)
         self._buffer = batch
-        if dropped:
-            metrics.EVENTS_DROPPED.inc(dropped)
+        self._buffered_bytes += nbytes
+        self._drop_oldest()
 
     async def run(self) -> None:
         while True:
