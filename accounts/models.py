@@ -61,11 +61,17 @@ class ServiceToken(models.Model):
         self.save(update_fields=["revoked_at"])
 
 
+# The longest grant pattern stored (the column's length).
+PATTERN_MAX_CHARS = 100
+
+
 class ChannelGrant(models.Model):
     """Rights on the channels whose names match ``pattern`` (shell-style: ``ticker:*``),
     for one user, one group or one service token."""
 
-    pattern = models.CharField(max_length=100, help_text="channel name or pattern: news, ticker:*")
+    pattern = models.CharField(
+        max_length=PATTERN_MAX_CHARS, help_text="channel name or pattern: news, ticker:*"
+    )
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,

@@ -13,7 +13,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings as django_settings
 from django.contrib.auth.models import Group, User
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.test import override_settings
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
@@ -349,3 +349,21 @@ def test_user_message_send_from_application_code() -> None:
     message = user_message_send(user_id=target.pk, data={"note": "hi"})
     assert message.channel == f"user:{target.pk}" and message.seq == 1
     assert Message.objects.get(channel__name=f"user:{target.pk}").seq == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["grant", "admin-long", "x" * 101, "--publish"],
+        ["service_token", "create", "svc-long", "--scope", "publish:" + "x" * 101],
+        ["service_token", "create", "n" * 101, "--scope", "publish:news"],
+    ],
+    ids=["grant-pattern", "scope-pattern", "token-name"],
+)
+def test_a_command_refuses_what_the_database_cannot_hold(command: list[str]) -> None:
+    # Before: a database error with its trace, for a pattern or name one character long.
+    User.objects.get_or_create(username="admin-long")
+    with pytest.raises(CommandError, match="at most"):
+        call_command(*command, stdout=_Sink())
+    assert not ServiceToken.objects.filter(name__in=["svc-long", "n" * 101]).exists()

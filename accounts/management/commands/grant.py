@@ -12,7 +12,7 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from accounts.models import ChannelGrant
+from accounts.models import PATTERN_MAX_CHARS, ChannelGrant
 
 
 class Command(BaseCommand):
@@ -31,6 +31,8 @@ class Command(BaseCommand):
             raise CommandError(f"no user {options['username']!r}")
         if not (options["subscribe"] or options["publish"] or options["presence"]):
             raise CommandError("give at least one of --subscribe, --publish, --presence")
+        if len(options["pattern"]) > PATTERN_MAX_CHARS:
+            raise CommandError(f"a pattern is at most {PATTERN_MAX_CHARS} characters")
         grant = ChannelGrant.objects.create(
             user=user,
             pattern=options["pattern"],

@@ -13,7 +13,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from accounts.models import ChannelGrant, ServiceToken
+from accounts.models import PATTERN_MAX_CHARS, ChannelGrant, ServiceToken
 
 RIGHTS = {"subscribe", "publish", "presence"}
 
@@ -24,6 +24,8 @@ def parse_scope(scope: str) -> tuple[set[str], str]:
     rights = {r.strip() for r in rights_text.split(",") if r.strip()}
     if not pattern or not rights or not rights <= RIGHTS:
         raise CommandError(f"scope {scope!r} must be RIGHTS:PATTERN, rights among {sorted(RIGHTS)}")
+    if len(pattern) > PATTERN_MAX_CHARS:
+        raise CommandError(f"a pattern is at most {PATTERN_MAX_CHARS} characters")
     return rights, pattern
 
 
@@ -45,6 +47,9 @@ class Command(BaseCommand):
     @transaction.atomic
     def _create(self, options: dict[str, Any]) -> None:
         scopes = [parse_scope(s) for s in options["scope"]]
+        name_max = ServiceToken._meta.get_field("name").max_length
+        if len(options["name"]) > name_max:  # type: ignore[operator]  # a CharField's is set
+            raise CommandError(f"a name is at most {name_max} characters")
         if ServiceToken.objects.filter(name=options["name"]).exists():
             raise CommandError(f"a service token named {options['name']!r} exists")
         token, key = ServiceToken.issue(options["name"])
