@@ -9,12 +9,13 @@ import json
 import signal
 import time
 import uuid
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from tests.servers import Database, ServerNode
+from tests.servers import Database, ServerNode, create_token
 from tests.waiting import wait_until
 from tests.wsclient import flood, open_ws, stalled_subscriber, subscribe
 
@@ -134,3 +135,49 @@ async def test_a_client_that_never_reads_does_not_hold_the_drain_past_its_deadli
         node.stop()
         if stalled is not None:
             stalled.transport.abort()
+
+
+PRESENCE_CHANNELS = 40
+
+
+async def _reply(ws: ClientConnection, envelope: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The reply of type ``kind`` to ``envelope`` (presence joins and leaves may come
+    first)."""
+    await ws.send(json.dumps(envelope))
+    while (reply := json.loads(await asyncio.wait_for(ws.recv(), 15)))["type"] != kind:
+        assert reply["type"] in ("join", "leave"), reply
+    return reply
+
+
+async def test_a_drained_nodes_presence_members_leave(
+    e2e_env: dict[str, str], two_nodes: tuple[ServerNode, ServerNode]
+) -> None:
+    # The drain closes every connection, and each close makes its members leave in the
+    # background: a node that stopped before those leaves were made, having left the
+    # cluster's directory, would never be reaped, and its members would stay listed.
+    names = [f"drain-{role}-{uuid.uuid4().hex[:6]}" for role in ("watcher", "member")]
+    watcher_token, member_token = [
+        await asyncio.to_thread(create_token, e2e_env, name, staff=True) for name in names
+    ]
+    rooms = [f"presence-drain-{uuid.uuid4().hex[:6]}-{i}" for i in range(PRESENCE_CHANNELS)]
+    staying = two_nodes[0]
+    draining = ServerNode(
+        e2e_env, server="uvicorn", name=f"drain-presence-{uuid.uuid4().hex[:6]}"
+    ).start()
+    try:
+        watcher = await open_ws(staying.ws_url, token=watcher_token)
+        member = await open_ws(draining.ws_url, token=member_token)
+        for ws in (watcher, member):
+            for room in rooms:
+                await _reply(ws, {"type": "subscribe", "channel": room}, "subscribed")
+        for room in rooms:
+            listing = await _reply(watcher, {"type": "presence", "channel": room}, "presence")
+            assert len(listing["members"]) == 2
+        await asyncio.to_thread(draining.stop)
+        for room in rooms:
+            listing = await _reply(watcher, {"type": "presence", "channel": room}, "presence")
+            assert len(listing["members"]) == 1, (room, listing)  # the watcher alone
+        await watcher.close()
+        member.transport.abort()
+    finally:
+        draining.stop()
