@@ -174,10 +174,49 @@ def authorize_presence(principal: Principal, channel: str) -> None:
 
 
 def _pattern_regex(pattern: str) -> str:
-    """A grant's shell-style pattern (``*``, ``?``) as an anchored regular expression that
-    PostgreSQL and SQLite both run; every other character matches itself."""
-    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    """A grant's shell-style pattern as an anchored regular expression that PostgreSQL
+    and SQLite both run, matching what ``fnmatch.fnmatchcase`` matches (the rights are
+    checked with it): ``*``, ``?`` and ``[...]`` (``[!...]`` negated; ``[`` without its
+    ``]`` is itself); every other character matches itself. Read literally, a grant
+    on ``room-[0-9]`` let a user subscribe to ``room-1`` but listed nothing."""
+    parts = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            parts.append(".*")
+        elif c == "?":
+            parts.append(".")
+        elif c == "[" and (end := _class_end(pattern, i)) is not None:
+            parts.append(_class_regex(pattern[i:end]))
+            i = end + 1
+        else:
+            parts.append(re.escape(c))
     return "^" + "".join(parts) + "$"
+
+
+def _class_end(pattern: str, start: int) -> int | None:
+    """Where the ``[...]`` opened just before ``start`` ends (its ``]``), as fnmatch
+    reads it: a ``]`` first (after ``!``) is one of its characters."""
+    j = start
+    if j < len(pattern) and pattern[j] == "!":
+        j += 1
+    if j < len(pattern) and pattern[j] == "]":
+        j += 1
+    end = pattern.find("]", j)
+    return None if end < 0 else end
+
+
+def _class_regex(inside: str) -> str:
+    """``[inside]`` of a pattern as a bracket expression of both regex dialects."""
+    negated = inside.startswith("!")
+    body = inside[1:] if negated else inside
+    # Inside brackets only these mean something besides the range's "-".
+    body = body.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
+    if not negated and body.startswith("^"):
+        body = "\\" + body
+    return "[" + ("^" if negated else "") + body + "]"
 
 
 def visible_channels(principal: Principal, channels: QuerySet, *, after: str = "") -> QuerySet:
