@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
@@ -911,17 +911,26 @@ def _dropped() -> float:
     return REGISTRY.get_sample_value("push_events_dropped_total") or 0.0
 
 
-async def test_unwritten_events_are_bounded_and_the_newest_kept() -> None:
-    """Redis away (nothing listens on the port): the buffer keeps the newest events, up
-    to its bound, across failed flushes, and counts what it dropped."""
-    # No retries: redis-py's default retries a refused connection three times with
-    # backoff, ~6 s a flush, and what is tested here is the buffer, not the client.
-    unreachable = aioredis.Redis(
+@pytest.fixture
+async def unreachable() -> AsyncIterator[aioredis.Redis]:
+    """A Redis client of a port nothing listens on. No retries: redis-py's default
+    retries a refused connection three times with backoff, ~6 s a flush, and what the
+    tests with it look at is the event buffer, not the client."""
+    client = aioredis.Redis(
         host="127.0.0.1",
         port=free_port(),
         socket_connect_timeout=0.5,
         retry=Retry(NoBackoff(), retries=0),
     )
+    yield client
+    await client.aclose()
+
+
+async def test_unwritten_events_are_bounded_and_the_newest_kept(
+    unreachable: aioredis.Redis,
+) -> None:
+    """Redis away: the buffer keeps the newest events, up to its bound, across failed
+    flushes, and counts what it dropped."""
     log = EventLog(unreachable, "gone", "node-x", maxlen=100, max_buffered=5)
     before = _dropped()
     for i in range(3):
@@ -933,19 +942,12 @@ async def test_unwritten_events_are_bounded_and_the_newest_kept() -> None:
     await log.flush()
     assert [e["connection_id"] for e in log._buffer] == [f"c-{i}" for i in range(2, 7)]
     assert _dropped() - before == 2
-    await unreachable.aclose()
 
 
-async def test_unwritten_events_are_bounded_in_bytes() -> None:
+async def test_unwritten_events_are_bounded_in_bytes(unreachable: aioredis.Redis) -> None:
     """Client events carry up to 10 KB of data each: while Redis is away the buffer
     keeps the newest within its bytes, not only its count (100,000 of them were 1 GB),
     across failed flushes, and counts what it dropped."""
-    unreachable = aioredis.Redis(
-        host="127.0.0.1",
-        port=free_port(),
-        socket_connect_timeout=0.5,
-        retry=Retry(NoBackoff(), retries=0),
-    )
     log = EventLog(unreachable, "gone", "node-x", maxlen=100, max_buffered_bytes=35_000)
     before = _dropped()
     for i in range(3):
@@ -957,4 +959,3 @@ async def test_unwritten_events_are_bounded_in_bytes() -> None:
     await log.flush()
     assert [e["n"] for e in log._buffer] == [3, 4, 5]
     assert _dropped() - before == 3
-    await unreachable.aclose()
