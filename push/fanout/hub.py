@@ -603,11 +603,11 @@ class Hub:
         rewind: int | None = None,
     ) -> Subscription:
         """Replay from history, then go live. The replay holds a slot of the client
-        address's bound, and one of the node's while it reads (``_ReplaySlot``), and stops as soon
-        as its client leaves (before each page and while it waits for the client to
-        read): the subscription comes back inactive then, and nothing more is read for
-        it. With ``rewind``, only the last ``rewind`` before the latest seq the read saw
-        are replayed."""
+        address's bound, and one of the node's while it reads (``_ReplaySlot``), and
+        stops as soon as its client leaves (before each page and while it waits for the
+        client to read): the subscription comes back inactive then, and nothing more is
+        read for it. With ``rewind``, only the last ``rewind`` before the latest seq the
+        read saw are replayed."""
         subscription = Subscription(subscriber, hub_channel, since, delta=delta)
         subscription.buffer = []
         hub_channel.catching_up[subscription] = None
