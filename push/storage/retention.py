@@ -61,9 +61,14 @@ class RetentionPolicy:
         or not ``trim_history`` has run yet."""
         first_seq = self.oldest_kept_seq(latest_seq)
         cutoff = self.oldest_kept_timestamp(time.time())
-        kept = [
-            m for m in messages if m.seq >= first_seq and (cutoff is None or m.timestamp >= cutoff)
-        ]
+        kept = list(messages)
+        # What is kept is the run after the last message past a limit, never the ones
+        # between: nodes' clocks differ, so a message may be older than the next one.
+        for index in range(len(kept) - 1, -1, -1):
+            message = kept[index]
+            if message.seq < first_seq or (cutoff is not None and message.timestamp < cutoff):
+                kept = kept[index + 1 :]
+                break
         if self.max_bytes is None:
             return kept
         return _newest_within(kept, self.max_bytes)
@@ -121,17 +126,23 @@ def oldest_kept_seq(channel: Channel) -> int | None:
 
 
 def _delete_in_batches(channel: Channel, *, max_seq: int | None, before: datetime | None) -> int:
+    """Delete the channel's messages up to the newest one past a limit (``max_seq``,
+    older than ``before``), in batches: those between too, so that what is kept is
+    one run of seqs. A message stamped by a node whose clock runs ahead may be newer
+    than the next one: left, it was a gap inside history that a resume replayed as
+    ``recovered: true``."""
+    doomed = Message.objects.filter(channel=channel)
+    if max_seq is not None:
+        doomed = doomed.filter(seq__lte=max_seq)
+    if before is not None:
+        doomed = doomed.filter(created_at__lt=before)
     deleted = 0
     while True:
-        doomed = Message.objects.filter(channel=channel)
-        if max_seq is not None:
-            doomed = doomed.filter(seq__lte=max_seq)
-        if before is not None:
-            doomed = doomed.filter(created_at__lt=before)
-        ids = list(doomed.order_by("seq").values_list("id", flat=True)[:DELETE_BATCH])
-        if not ids:
+        seqs = list(doomed.order_by("seq").values_list("seq", flat=True)[:DELETE_BATCH])
+        if not seqs:
             return deleted
-        deleted += Message.objects.filter(id__in=ids).delete()[0]
+        up_to = Message.objects.filter(channel=channel, seq__lte=seqs[-1])
+        deleted += up_to.delete()[0]
 
 
 def channel_trim(channel: Channel, *, now: datetime | None = None) -> int:

@@ -14,6 +14,7 @@ from push.fanout.message import ChannelMessage, HistoryPage
 from push.models import Channel, Message
 from push.storage import recent_store
 from push.storage.history_modes import is_recent
+from push.storage.recent_cache import contiguous_tail
 from push.storage.retention import retention_policy
 
 
@@ -144,7 +145,8 @@ def history_page(*, channel: str, since: int, limit: int, max_bytes: int) -> His
     ``since + 1`` whether or not the trim job has deleted the rows yet. The page holds
     at most ``limit`` messages and ``max_bytes`` of data (at least one message)."""
     latest = channel_latest_seq(channel=channel)
-    return _page_of(channel, _kept_rows(channel, latest), since, latest, limit, max_bytes)
+    rows = _kept_rows(channel, latest)
+    return _page_of(channel, rows, since, latest, limit, max_bytes, kept_only=True)
 
 
 def stored_history_page(*, channel: str, since: int, limit: int, max_bytes: int) -> HistoryPage:
@@ -157,11 +159,27 @@ def stored_history_page(*, channel: str, since: int, limit: int, max_bytes: int)
 
 
 def _page_of(
-    channel: str, rows: QuerySet[Message], since: int, latest: int, limit: int, max_bytes: int
+    channel: str,
+    rows: QuerySet[Message],
+    since: int,
+    latest: int,
+    limit: int,
+    max_bytes: int,
+    *,
+    kept_only: bool = False,
 ) -> HistoryPage:
+    """``kept_only``: ``rows`` are what retention keeps, and the page is the run after
+    its last gap: a seq missing among them is one past the age limit between younger
+    ones (nodes' clocks differ), and what is kept is only the run after it
+    (``RetentionPolicy.kept``), so a replay never has a gap it would not announce."""
     ordered = rows.filter(seq__gt=since).order_by("seq")
     read, truncated = rows_within(ordered, limit=limit, max_bytes=max_bytes)
     messages = [channel_message_from_row(channel, row) for row in read]
+    if kept_only:
+        run = contiguous_tail(messages)
+        # A page at its limit that lost its head has more after it all the same.
+        truncated = truncated or (len(run) < len(messages) and len(read) >= limit)
+        messages = run
     return HistoryPage(since=since, messages=messages, latest_seq=latest, truncated=truncated)
 
 
@@ -175,7 +193,7 @@ def history_recent(*, channel: str, count: int, max_bytes: int) -> HistoryPage:
         return HistoryPage(since=0, messages=[], latest_seq=0)
     rows = _kept_rows(channel, latest).filter(seq__lte=latest).order_by("-seq")
     read, _ = rows_within(rows, limit=count, max_bytes=max_bytes, newest_first=True)
-    messages = [channel_message_from_row(channel, row) for row in reversed(read)]
+    messages = contiguous_tail([channel_message_from_row(channel, row) for row in reversed(read)])
     since = messages[0].seq - 1 if messages else latest
     return HistoryPage(since=since, messages=messages, latest_seq=latest)
 

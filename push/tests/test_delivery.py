@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -25,6 +26,7 @@ import push
 from accounts.models import ChannelGrant
 from push.models import Channel, IdempotencyKey, Message
 from push.services.publishing import message_publish, publish
+from push.storage import write_batch
 from push.storage.retention import channel_trim, history_trim, retention_policy
 from push.tests.backends import terminate_backends
 from push.tests.wsclient import connected_client
@@ -207,6 +209,65 @@ async def test_resume_from_before_retention_is_not_recovered(wire_format: str) -
     replayed = [await client.recv_type("message") for _ in range(3)]
     assert [m["seq"] for m in replayed] == [6, 7, 8]
     await client.close()
+
+
+def _publish_at(monkeypatch: pytest.MonkeyPatch, channel: str, secs_ago: float) -> None:
+    """Publish as a node whose clock reads ``secs_ago`` seconds in the past."""
+    micros = int((time.time() - secs_ago) * 1_000_000)
+    monkeypatch.setattr(write_batch, "now_micros", lambda: micros)
+    message_publish(channel=channel, data=secs_ago)
+
+
+def _published_by_skewed_nodes(monkeypatch: pytest.MonkeyPatch, channel: str) -> None:
+    """Seqs 1 to 5 of ``channel`` under a one-hour age limit, published by nodes whose
+    clocks disagree: seq 2 by one running ahead (inside the hour), seq 3 a moment later
+    by one running behind (past the hour), then 4 and 5 now."""
+    for secs_ago in (7200, 3500, 3700, 0, 0):
+        _publish_at(monkeypatch, channel, secs_ago)
+    monkeypatch.undo()
+
+
+@override_settings(PUSH={"RETENTION_RULES": [("chat:*", None, 3600)], "RECENT_PER_CHANNEL": 0})
+async def test_an_age_limit_never_leaves_a_gap_inside_what_a_resume_replays(
+    monkeypatch: pytest.MonkeyPatch, wire_format: str
+) -> None:
+    """Seq 3 is past the age limit while seq 2, stamped by a node whose clock ran ahead,
+    is not: a resume from 1 was answered ``recovered: true`` and replayed 2, 4, 5, a
+    gap the client was told there was none of. What the limit keeps is the run after
+    the last message past it, read from the rows or trimmed."""
+    await sync_to_async(_published_by_skewed_nodes)(monkeypatch, "chat:skew")
+    for trimmed in (False, True):
+        if trimmed:
+            channel = await Channel.objects.aget(name="chat:skew")
+            await sync_to_async(channel_trim)(channel)
+        client = await connected_client(subprotocol=wire_format)
+        reply = await client.request({"type": "subscribe", "channel": "chat:skew", "since": 1})
+        assert (reply["recovered"], reply["seq"]) == (False, 5)
+        replayed = [await client.recv_type("message") for _ in range(2)]
+        assert [m["seq"] for m in replayed] == [4, 5]
+        await client.expect_nothing()
+        await client.close()
+    stored = Message.objects.filter(channel__name="chat:skew").values_list("seq", flat=True)
+    assert await sync_to_async(list)(stored.order_by("seq")) == [4, 5]
+
+
+@override_settings(PUSH={"RETENTION_RULES": [("chat:*", None, 3600)]})
+async def test_an_age_limit_never_leaves_a_gap_inside_a_resume_from_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same from the node's memory of the channel, which it holds as a subscriber
+    received it."""
+    watcher = await connected_client()
+    await watcher.request({"type": "subscribe", "channel": "chat:live"})
+    await sync_to_async(_published_by_skewed_nodes)(monkeypatch, "chat:live")
+    assert [(await watcher.recv_type("message"))["seq"] for _ in range(5)] == [1, 2, 3, 4, 5]
+    client = await connected_client()
+    reply = await client.request({"type": "subscribe", "channel": "chat:live", "since": 1})
+    assert (reply["recovered"], reply["seq"]) == (False, 5)
+    assert [(await client.recv_type("message"))["seq"] for _ in range(2)] == [4, 5]
+    await client.expect_nothing()
+    await client.close()
+    await watcher.close()
 
 
 async def test_resume_with_gap_replays_exactly_what_was_missed(wire_format: str) -> None:

@@ -5,10 +5,12 @@ tuples with the time computed by the database."""
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.db import connection
+from django.test import override_settings
 from django.utils import timezone
 
 from push.models import Channel, Message
@@ -73,3 +75,19 @@ def test_a_page_walks_the_channel_and_seq_index_and_stops_at_its_limit() -> None
     scan = next(line for line in plan.splitlines() if "Index Scan" in line)
     assert "rows=50 loops=1" in scan, plan
     assert [m.seq for m in page] == list(range(1001, 1051))
+
+
+def test_a_page_cut_after_a_message_past_the_age_limit_says_more_follow() -> None:
+    """Seq 3 is past the age limit, seq 2 (stamped by a node whose clock ran ahead) is
+    not: a page of 4 from seq 1 (2, 4, 5, 6) holds only the run after 3, and says more
+    follow."""
+    published = [message_publish(channel="chat:pages", data=n) for n in range(10)]
+    past = timezone.now() - timedelta(hours=2)
+    Message.objects.filter(channel__name="chat:pages", seq=3).update(created_at=past)
+    with override_settings(PUSH={"RETENTION_RULES": [("chat:*", None, 3600)]}):
+        page = history_page(channel="chat:pages", since=1, limit=4, max_bytes=10_000)
+        newest = history_recent(channel="chat:pages", count=10, max_bytes=10_000)
+    assert ([m.seq for m in page.messages], page.truncated) == ([4, 5, 6], True)
+    assert not page.complete_from_since
+    assert [m.seq for m in newest.messages] == [m.seq for m in published[3:]]
+    assert newest.since == 3
