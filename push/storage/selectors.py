@@ -117,15 +117,15 @@ def rows_within(
 def message_list_since(
     *, channel: str, since: int, limit: int, max_bytes: int
 ) -> tuple[list[ChannelMessage], bool]:
-    """Stored messages of ``channel`` with ``seq > since``, oldest first, at most
-    ``limit`` of them and ``max_bytes`` of data (at least one); and whether the byte
-    budget stopped the page early (more messages follow it). A recent-only channel's
-    come from its window in Redis, cut to the same budget there."""
+    """Stored messages of ``channel`` with ``seq > since`` that retention keeps, as a
+    resume replays them (``history_page``), oldest first, at most ``limit`` of them
+    and ``max_bytes`` of data (at least one); and whether the page stopped early
+    (more messages follow it). A recent-only channel's come from its window in
+    Redis, cut to the same budget there."""
     if is_recent(channel):
         return recent_store.window_since_sync(channel, since, limit, max_bytes)
-    rows = channel_messages(channel).filter(seq__gt=since).order_by("seq")
-    read, truncated = rows_within(rows, limit=limit, max_bytes=max_bytes)
-    return [channel_message_from_row(channel, row) for row in read], truncated
+    page = history_page(channel=channel, since=since, limit=limit, max_bytes=max_bytes)
+    return page.messages, page.truncated
 
 
 def _kept_rows(channel: str, latest: int) -> QuerySet[Message]:

@@ -211,6 +211,18 @@ def test_a_history_page_holds_one_message_even_over_the_budget(client: APIClient
     assert ([m["seq"] for m in last["results"]], last["next"]) == ([3], None)
 
 
+@override_settings(PUSH={"RETENTION_MAX_MESSAGES": 3})
+def test_history_serves_what_retention_keeps_before_the_trim_job_ran(client: APIClient) -> None:
+    """The count limit keeps seqs 3 to 5: REST history served 1 to 5 until
+    ``trim_history`` deleted the rows, where a resume replays 3 to 5 either way."""
+    for n in range(5):
+        message_publish(channel="kept", data=n)
+    page = client.get("/api/v1/channels/kept/messages?since=0").json()
+    assert [m["seq"] for m in page["results"]] == [3, 4, 5]
+    call_command("trim_history", stdout=io.StringIO())
+    assert client.get("/api/v1/channels/kept/messages?since=0").json() == page
+
+
 def test_history_defaults(publisher: APIClient, client: APIClient) -> None:
     _publish(publisher, "feed", {"data": 1})
     page = client.get("/api/v1/channels/feed/messages").json()
