@@ -130,19 +130,27 @@ def _delete_in_batches(channel: Channel, *, max_seq: int | None, before: datetim
     older than ``before``), in batches: those between too, so that what is kept is
     one run of seqs. A message stamped by a node whose clock runs ahead may be newer
     than the next one: left, it was a gap inside history that a resume replayed as
-    ``recovered: true``."""
-    doomed = Message.objects.filter(channel=channel)
+    ``recovered: true``.
+
+    The rows are walked from the channel's oldest by the (channel, seq) index, and the
+    trim stops at the first row that is inside the age limit: the rows after it are
+    younger (give or take the nodes' clocks, which the reads allow for:
+    ``RetentionPolicy.kept``). Looking for old rows among all of them read every row
+    of every channel on every pass, most of a big table every few minutes, to find
+    none."""
+    oldest = Message.objects.filter(channel=channel).order_by("seq")
     if max_seq is not None:
-        doomed = doomed.filter(seq__lte=max_seq)
-    if before is not None:
-        doomed = doomed.filter(created_at__lt=before)
+        oldest = oldest.filter(seq__lte=max_seq)
     deleted = 0
     while True:
-        seqs = list(doomed.order_by("seq").values_list("seq", flat=True)[:DELETE_BATCH])
-        if not seqs:
+        first = oldest.values_list("created_at", flat=True).first()
+        if first is None or (before is not None and first >= before):
+            return deleted  # (one row read for a channel with nothing to trim)
+        batch = oldest.values_list("seq", "created_at")[:DELETE_BATCH]
+        past = [seq for seq, created_at in batch if before is None or created_at < before]
+        if not past:  # (another trim deleted them meanwhile)
             return deleted
-        up_to = Message.objects.filter(channel=channel, seq__lte=seqs[-1])
-        deleted += up_to.delete()[0]
+        deleted += Message.objects.filter(channel=channel, seq__lte=past[-1]).delete()[0]
 
 
 def channel_trim(channel: Channel, *, now: datetime | None = None) -> int:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -26,7 +27,7 @@ import push
 from accounts.models import ChannelGrant
 from push.models import Channel, IdempotencyKey, Message
 from push.services.publishing import message_publish, publish
-from push.storage import write_batch
+from push.storage import retention, write_batch
 from push.storage.retention import channel_trim, history_trim, retention_policy
 from push.tests.backends import terminate_backends
 from push.tests.wsclient import connected_client
@@ -150,6 +151,38 @@ def test_retention_by_pattern_count_and_age() -> None:
     assert kept["news"] == [6, 7, 8, 9, 10]
     assert kept["ticker:ACME"] == [8, 9, 10]
     assert kept["chat:lobby"] == list(range(5, 11))
+
+
+@override_settings(PUSH={"RETENTION_RULES": [("chat:*", None, 3600)]})
+def test_a_trim_pass_reads_only_what_it_deletes_and_a_row_per_channel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The age limit's trim looked for old rows among every row of the channel, on
+    every pass: all of a big table every few minutes, to delete none. It walks the
+    channel from its oldest row and stops at the first one inside the limit."""
+    now = timezone.now()
+    young = Channel.objects.create(name="chat:young", last_seq=3000)
+    aging = Channel.objects.create(name="chat:aging", last_seq=12)
+    Message.objects.bulk_create(
+        Message(channel=channel, seq=n, message_id=uuid.uuid4(), data="1", created_at=at)
+        for channel, count, old in ((young, 3000, 0), (aging, 12, 10))
+        for n in range(1, count + 1)
+        for at in [now - timedelta(hours=2) if n <= old else now]
+    )
+    monkeypatch.setattr(retention, "DELETE_BATCH", 3)  # (several batches of the aging one)
+    with transaction.atomic():
+        assert (channel_trim(young), channel_trim(aging)) == (0, 10)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) "
+                "FROM pg_stat_xact_user_tables WHERE relname = %s",
+                [Message._meta.db_table],
+            )
+            (rows_read,) = cursor.fetchone()
+    # The young channel's first row; each of the aging one's at most three times (the
+    # look at its first row, its batch, the delete).
+    assert rows_read <= 1 + 3 * 12, rows_read
+    assert list(Message.objects.filter(channel=aging).values_list("seq", flat=True)) == [11, 12]
 
 
 class _Stop(Exception):
