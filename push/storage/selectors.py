@@ -91,27 +91,39 @@ def rows_within(
     rows: QuerySet[Message], *, limit: int, max_bytes: int, newest_first: bool = False
 ) -> tuple[list[MessageRow], bool]:
     """The first ``limit`` of ``rows`` (ordered by seq, oldest or newest first) that fit
-    in ``max_bytes`` of message data, always at least one; and whether the budget cut
-    the page short. The sizes are read first, so a page of large messages is never
-    loaded only to be cut: the data read is at most the budget plus one message."""
-    sizes = list(rows.annotate(size=OctetLength("data")).values_list("seq", "size")[:limit])
+    in ``max_bytes`` of message data, always at least one; and whether the page was cut
+    short (more rows follow it). The sizes are read first, so a page of large messages
+    is never loaded only to be cut: the data read is at most the budget plus one
+    message."""
+    while True:
+        sizes = list(rows.annotate(size=OctetLength("data")).values_list("seq", "size")[:limit])
+        taken = _count_within([size for _, size in sizes], max_bytes)
+        if not taken:
+            return [], False
+        edge = sizes[taken - 1][0]
+        bounded = rows.filter(seq__gte=edge) if newest_first else rows.filter(seq__lte=edge)
+        read: list[MessageRow] = list(
+            bounded.annotate(epoch=EpochSeconds("created_at")).values_list(
+                "seq", "message_id", "data", "epoch", "excluded_socket"
+            )[:taken]
+        )
+        metrics.HISTORY_ROWS_READ.inc(len(read))
+        if read:
+            # Fewer than the sizes promised: rows were deleted between the two reads (a
+            # trim), and the page, short of its limit, would read as the channel's end.
+            return read, taken < len(sizes) or len(read) < taken
+        # Every row the sizes named was deleted meanwhile: the page is what follows.
+
+
+def _count_within(sizes: list[int], max_bytes: int) -> int:
+    """How many of ``sizes`` fit ``max_bytes`` together; at least one, if any."""
     taken = total = 0
-    for _, size in sizes:
+    for size in sizes:
         if taken and total + size > max_bytes:
             break
         total += size
         taken += 1
-    if not taken:
-        return [], False
-    edge = sizes[taken - 1][0]
-    bounded = rows.filter(seq__gte=edge) if newest_first else rows.filter(seq__lte=edge)
-    read: list[MessageRow] = list(
-        bounded.annotate(epoch=EpochSeconds("created_at")).values_list(
-            "seq", "message_id", "data", "epoch", "excluded_socket"
-        )[:taken]
-    )
-    metrics.HISTORY_ROWS_READ.inc(len(read))
-    return read, taken < len(sizes)
+    return taken
 
 
 def message_list_since(

@@ -6,6 +6,7 @@ import io
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
@@ -18,6 +19,7 @@ from rest_framework.test import APIClient
 from accounts.models import ChannelGrant
 from push.models import Message
 from push.services.publishing import message_publish
+from push.storage import selectors
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -221,6 +223,40 @@ def test_history_serves_what_retention_keeps_before_the_trim_job_ran(client: API
     assert [m["seq"] for m in page["results"]] == [3, 4, 5]
     call_command("trim_history", stdout=io.StringIO())
     assert client.get("/api/v1/channels/kept/messages?since=0").json() == page
+
+
+@pytest.mark.parametrize(
+    ("trimmed", "pages"), [(2, [[3, 4, 5, 6], [7, 8, 9, 10]]), (6, [[7, 8, 9, 10]])]
+)
+def test_a_page_whose_head_is_trimmed_while_it_is_read_still_points_on(
+    client: APIClient, monkeypatch: pytest.MonkeyPatch, trimmed: int, pages: list[list[int]]
+) -> None:
+    """A page is read in two steps (its messages' sizes, then the messages within the
+    byte budget). When ``trim_history`` deleted the page's first messages in between,
+    the page came back shorter than its limit with ``next`` null: a client following
+    ``next`` until null stopped there, before messages 7 to 10 (none at all when the
+    trim took the whole page)."""
+    for n in range(10):
+        message_publish(channel="racing", data=n)
+
+    class TrimmedBeforeTheRead(selectors.EpochSeconds):  # made for the second step
+        def as_sql(self, *args: Any, **kwargs: Any) -> Any:
+            if not deleted:  # (once: the page may be read again)
+                deleted.append(
+                    Message.objects.filter(channel__name="racing", seq__lte=trimmed).delete()
+                )
+            return super().as_sql(*args, **kwargs)
+
+    deleted: list[object] = []
+    monkeypatch.setattr(selectors, "EpochSeconds", TrimmedBeforeTheRead)
+    url: str | None = "/api/v1/channels/racing/messages?since=0&limit=5"
+    read = []
+    while url is not None:
+        response = client.get(url)
+        assert response.status_code == 200
+        read.append([m["seq"] for m in response.json()["results"]])
+        url = response.json()["next"]
+    assert read == pages
 
 
 def test_history_defaults(publisher: APIClient, client: APIClient) -> None:
