@@ -35,6 +35,8 @@ class EnvType(enum.Enum):
     BOOL = "boolean"
     LIST = "comma-separated list"
     DURATION = "duration"
+    # A limit that may be turned off: ``-`` (or ``0``) reads as 0, no limit.
+    DURATION_OR_NONE = "duration or `-`"
     TEXT = "text"
     RETENTION_RULES = "retention rules"
     HISTORY_MODES = "history modes"
@@ -266,8 +268,8 @@ class PushSettings:
     )
     RETENTION_MAX_AGE_SECS: int = option(
         7 * 86_400,
-        EnvType.DURATION,
-        "age after which messages are trimmed by default",
+        EnvType.DURATION_OR_NONE,
+        "age after which messages are trimmed by default (`-`: no age limit)",
         variable="PUSH_RETENTION_MAX_AGE",
     )
     # (channel-name pattern, max messages or None, max age in seconds or None)

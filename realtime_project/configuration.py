@@ -79,7 +79,9 @@ def shown_default(value: Any, env_type: EnvType) -> str:
         return f"`{','.join(value)}`" if value else "empty"
     if isinstance(value, bool):
         return "`true`" if value else "`false`"
-    if env_type is EnvType.DURATION:
+    if env_type is EnvType.DURATION_OR_NONE and not value:
+        return "`-`"
+    if env_type in (EnvType.DURATION, EnvType.DURATION_OR_NONE):
         # In the largest unit that divides it: 7d, not 604800.
         for unit, secs in sorted(DURATION_UNITS.items(), key=lambda item: -item[1]):
             if value % secs == 0:

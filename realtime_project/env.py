@@ -114,6 +114,12 @@ def parse_duration_secs(raw: str) -> int:
     return value
 
 
+def _duration_or_none(raw: str) -> int:
+    """A duration, or ``-`` (or ``0``) for none: 0, which the option reads as no limit
+    (None would read as unset, and the default would apply)."""
+    return 0 if raw.strip() in ("-", "0") else parse_duration_secs(raw)
+
+
 def _optional_limit(raw: str, parse: Callable[[str], int]) -> int | None:
     raw = raw.strip()
     return None if raw in ("", "-") else parse(raw)
@@ -165,6 +171,7 @@ _PARSERS: dict[EnvType, Callable[[str], Any]] = {
     EnvType.BOOL: _bool,
     EnvType.LIST: _csv,
     EnvType.DURATION: parse_duration_secs,
+    EnvType.DURATION_OR_NONE: _duration_or_none,
     EnvType.TEXT: _text,
     EnvType.RETENTION_RULES: _retention_rules,
     EnvType.HISTORY_MODES: _history_modes,

@@ -59,6 +59,10 @@ def test_unset_variables_are_not_passed(monkeypatch: pytest.MonkeyPatch) -> None
         ("PUSH_RECENT_WINDOW_SECS", "90", "RECENT_WINDOW_SECS", 90),
         ("PUSH_WEBHOOK_SECRET", " s3cret ", "WEBHOOK_SECRET", "s3cret"),
         ("PUSH_RETENTION_RULES", "a:*=5/-", "RETENTION_RULES", [("a:*", 5, None)]),
+        ("PUSH_RETENTION_MAX_AGE", "30d", "RETENTION_MAX_AGE_SECS", 30 * 86_400),
+        # Keeping history for ever: refused as "expected a positive duration" before.
+        ("PUSH_RETENTION_MAX_AGE", "-", "RETENTION_MAX_AGE_SECS", 0),
+        ("PUSH_RETENTION_MAX_AGE", "0", "RETENTION_MAX_AGE_SECS", 0),
         ("PUSH_HISTORY_MODES", "t:*=recent", "HISTORY_MODES", [("t:*", "recent")]),
     ],
 )
@@ -100,6 +104,8 @@ def test_the_upload_limit_and_the_redis_prefix_are_read_once() -> None:
     [
         (7 * 86_400, EnvType.DURATION, "`7d`"),
         (90, EnvType.DURATION, "`90s`"),
+        (86_400, EnvType.DURATION_OR_NONE, "`1d`"),
+        (0, EnvType.DURATION_OR_NONE, "`-`"),
         (0.2, EnvType.NUMBER, "`0.2`"),
         (5.0, EnvType.NUMBER, "`5`"),
         (True, EnvType.BOOL, "`true`"),
