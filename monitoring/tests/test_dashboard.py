@@ -52,3 +52,16 @@ def test_every_panel_metric_exists(expr: str) -> None:
 def test_prometheus_scrapes_metrics_path() -> None:
     config = (DEPLOY / "prometheus.yml").read_text()
     assert "metrics_path: /metrics" in config
+
+
+def test_every_exported_metric_is_named_in_the_operations_guide() -> None:
+    """An operator reads what a metric counts in docs/operations.md; one added to
+    ``common/metrics.py`` without a line there is a number nobody can interpret."""
+    guide = (DEPLOY.parent / "docs" / "operations.md").read_text()
+    named = set(METRIC_NAME.findall(guide))
+    exported = {family.name for family in REGISTRY.collect() if family.name.startswith("push_")}
+    counters = {f.name for f in REGISTRY.collect() if f.type == "counter"}
+    missing = {
+        name for name in exported if (name + "_total" if name in counters else name) not in named
+    }
+    assert not missing, f"metrics not named in docs/operations.md: {sorted(missing)}"
