@@ -347,13 +347,13 @@ def worker_log(name: str) -> Path:
     return LOG_DIR / f"worker-{name}.log"
 
 
-def start_event_worker(env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
-    """A ``manage.py run_event_worker`` process named ``name`` (its log in LOG_DIR);
-    the caller stops it by its PID."""
+def start_event_worker(env: dict[str, str], name: str, *options: str) -> subprocess.Popen[bytes]:
+    """A ``manage.py run_event_worker`` process named ``name`` (its log in LOG_DIR), with
+    further command-line ``options``; the caller stops it by its PID."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log = worker_log(name).open("ab")
     return subprocess.Popen(
-        [sys.executable, "manage.py", "run_event_worker", "--consumer", name],
+        [sys.executable, "manage.py", "run_event_worker", "--consumer", name, *options],
         cwd=ROOT,
         env={**env, "EVENT_SINK_WORKER": name},
         stdout=log,

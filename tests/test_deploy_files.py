@@ -10,6 +10,7 @@ them those checks skip and say so. Everything else is pinned in requirements.txt
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import re
@@ -33,6 +34,7 @@ from yamllint.config import YamlLintConfig
 
 from common.conf import push_options, push_settings
 from monitoring import views as monitoring_views
+from push.management.commands.run_event_worker import Command as RunEventWorker
 from push.management.commands.runnode import Command as RunNode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -361,12 +363,28 @@ def test_compose_nginx_fronts_every_node() -> None:
 def test_compose_prometheus_scrapes_every_node() -> None:
     mounts = bind_mounts(services()["prometheus"])
     config = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
-    (job,) = config["scrape_configs"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    job = jobs["push"]
     assert job["metrics_path"] == "/metrics"
     targets = {t for group in job["static_configs"] for t in group["targets"]}
     assert targets == {
         f"{name}:{runnode_options(s['command'])['port']}" for name, s in node_services().items()
     }
+    # The event workers count what they handle in their own processes, served by each.
+    worker = worker_metrics_options(services()["event-worker"]["command"])
+    assert worker["metrics_host"] == "0.0.0.0"  # noqa: S104
+    (lookup,) = jobs["push-event-worker"]["dns_sd_configs"]
+    assert (lookup["names"], lookup["port"]) == (["event-worker"], worker["metrics_port"])
+
+
+def worker_metrics_options(command: list[str]) -> dict[str, Any]:
+    """The ``--metrics-*`` options of a ``run_event_worker`` command, as it parses them."""
+    assert command[0] == "run_event_worker"
+    parser = argparse.ArgumentParser()
+    RunEventWorker().add_arguments(parser)
+    options = vars(parser.parse_args(command[1:]))
+    assert options["metrics_port"] is not None, f"{command} serves no metrics"
+    return options
 
 
 def test_compose_grafana_is_provisioned_with_the_dashboard() -> None:
@@ -576,7 +594,7 @@ def test_k8s_one_shot_commands_are_manage_py_commands() -> None:
     migrate = pod_specs()["push-migrate"]["containers"][0]
     assert migrate["args"] == ["migrate", "--no-input"]
     assert pod_specs()["push-retention"]["containers"][0]["args"] == ["trim_history"]
-    assert pod_specs()["push-event-worker"]["containers"][0]["args"] == ["run_event_worker"]
+    assert pod_specs()["push-event-worker"]["containers"][0]["args"][0] == "run_event_worker"
     (wait,) = pod_specs()["push-node"]["initContainers"]
     assert "migrate --check" in " ".join(wait["command"])
 
@@ -612,6 +630,17 @@ def test_k8s_service_hpa_and_pdb_select_the_node_pods() -> None:
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(node_container()["ports"][0]["containerPort"])
     assert resolve(annotations["prometheus.io/path"]).url_name == "prometheus-django-metrics"
+
+
+def test_k8s_event_worker_serves_its_metrics_where_its_annotations_say() -> None:
+    deployment = resource("Deployment", "push-event-worker")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    options = worker_metrics_options(container["args"])
+    assert options["metrics_host"] == "0.0.0.0"  # noqa: S104
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(options["metrics_port"])
+    assert container["ports"][0]["containerPort"] == options["metrics_port"]
 
 
 def ingress_routes(path: str) -> bool:

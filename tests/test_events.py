@@ -21,12 +21,14 @@ from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
 
+import httpx
 import pytest
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
 from django.test import override_settings
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from websockets.asyncio.client import ClientConnection
@@ -959,3 +961,44 @@ async def test_unwritten_events_are_bounded_in_bytes(unreachable: aioredis.Redis
     await log.flush()
     assert [e["n"] for e in log._buffer] == [3, 4, 5]
     assert _dropped() - before == 3
+
+
+def _events_processed(url: str) -> dict[str, float]:
+    """``push_events_processed_total`` by outcome, as Prometheus scrapes it from ``url``;
+    empty while nothing answers there yet."""
+    try:
+        text = httpx.get(url, timeout=2).text
+    except httpx.HTTPError:
+        return {}
+    return {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "push_events_processed"
+        for sample in family.samples
+        if sample.name == "push_events_processed_total"
+    }
+
+
+async def test_the_worker_serves_what_it_counts_to_prometheus(
+    e2e_env: dict[str, str], tmp_path: Path
+) -> None:
+    """An operator's Prometheus scrapes the worker's own metrics: the events it handled
+    are counted in its process, which no node's /metrics shows."""
+    env = _event_env(e2e_env, tmp_path, PUSH_EVENT_HANDLERS="tests.event_sink.record")
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    for i in range(3):
+        entry = event(CONNECT, connection_id=f"c-metrics-{i}")
+        client.xadd(f"{env['REDIS_PREFIX']}:events", {"event": json.dumps(entry)})
+    port = free_port()
+    worker = start_event_worker(env, "metrics", "--metrics-port", str(port))
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        await wait_until(
+            lambda: _events_processed(url).get("handled") == 3,
+            "the worker's /metrics to count 3 handled events",
+            timeout=30,
+        )
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+        client.close()
