@@ -1,4 +1,4 @@
-# The push server's image: one node per container, under daphne (docs/deployment.md).
+# The push server's image: one node per container, under uvicorn (docs/deployment.md).
 #
 #   docker build -t realtime-push .
 #   docker run --rm -e SECRET_KEY=... -e DATABASE_URL=... -e REDIS_URL=... realtime-push migrate --no-input
@@ -66,4 +66,8 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:8000/health', timeout=4)"]
 
 ENTRYPOINT ["python", "manage.py"]
-CMD ["runnode", "--server", "uvicorn", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+# No --proxy-headers: run alone (docker run -p 8000:8000), the node faces clients, and
+# believing their X-Forwarded-For would make each written value a new address with its
+# own limits. Behind one proxy, give this command with --proxy-headers, as the compose
+# file and the Kubernetes manifests do.
+CMD ["runnode", "--server", "uvicorn", "--host", "0.0.0.0", "--port", "8000"]

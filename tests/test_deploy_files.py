@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -29,6 +31,8 @@ from django.urls import Resolver404, resolve
 from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
@@ -36,6 +40,7 @@ from common.conf import push_options, push_settings
 from monitoring import views as monitoring_views
 from push.management.commands.run_event_worker import Command as RunEventWorker
 from push.management.commands.runnode import Command as RunNode
+from tests.servers import ServerNode
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -201,12 +206,38 @@ def test_image_runs_as_a_non_root_user() -> None:
 def test_image_entry_point_is_a_node_under_uvicorn() -> None:
     assert json.loads(final_stage("ENTRYPOINT")[-1]) == ["python", "manage.py"]
     options = runnode_options(json.loads(final_stage("CMD")[-1]))
-    assert options["server"] == "uvicorn" and options["proxy_headers"]
+    assert options["server"] == "uvicorn" and not options["proxy_headers"]
     # In a container the node must listen beyond loopback.
     assert options["host"] == "0.0.0.0" and options["port"] == 8000  # noqa: S104
     assert final_stage("EXPOSE") == [str(options["port"])]
     assert final_stage("STOPSIGNAL") == ["SIGTERM"]
     assert not any("migrate" in run for run in final_stage("CMD") + final_stage("ENTRYPOINT"))
+
+
+@pytest.mark.e2e
+async def test_the_image_run_alone_believes_no_written_x_forwarded_for(
+    e2e_env: dict[str, str],
+) -> None:
+    """``docker run -p 8000:8000 realtime-push`` puts the node on the internet with the
+    image's own command: a client that writes ``X-Forwarded-For`` must not become a new
+    address for each value (each address has its own connection limit and budgets)."""
+    options = runnode_options(json.loads(final_stage("CMD")[-1]))
+    env = {**e2e_env, "PUSH_MAX_CONNECTIONS_PER_IP": "1"}
+    node = ServerNode(
+        env,
+        server=options["server"],
+        args=("--proxy-headers",) if options["proxy_headers"] else (),
+    ).start()
+    try:
+        first = await connect(node.ws_url, additional_headers={"X-Forwarded-For": "192.0.2.1"})
+        second = await connect(node.ws_url, additional_headers={"X-Forwarded-For": "192.0.2.2"})
+        with contextlib.suppress(ConnectionClosed):
+            greeting = await asyncio.wait_for(second.recv(), 10)
+            pytest.fail(f"a written X-Forwarded-For was a new address: {greeting!r}")
+        assert second.close_code == 1013, "one peer, one address, whatever it wrote"
+        await first.close()
+    finally:
+        node.stop()
 
 
 def test_image_health_check_asks_for_health() -> None:
