@@ -24,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
@@ -37,10 +38,12 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from common.conf import push_options, push_settings
+from devtools.cluster import Cluster
+from devtools.processes import free_port
 from monitoring import views as monitoring_views
 from push.management.commands.run_event_worker import Command as RunEventWorker
 from push.management.commands.runnode import Command as RunNode
-from tests.servers import ServerNode
+from tests.servers import ServerNode, create_token
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -483,6 +486,62 @@ def test_nginx_accepts_push_conf_with_the_compose_upstream(tmp_path: Path) -> No
     (tmp_path / "temp").mkdir()
     result = run_tool(nginx, "-t", "-q", "-e", "stderr", "-p", tmp_path, "-c", "nginx.conf")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def _admitted(url: str, written_address: str) -> bool:
+    """Whether a WebSocket through nginx whose request carries ``X-Forwarded-For:
+    written_address`` (and ``X-Forwarded-Proto: https``) is greeted; its connection is
+    left open, so that the address holds its one connection."""
+    headers = {"X-Forwarded-For": written_address, "X-Forwarded-Proto": "https"}
+    ws = await connect(url, additional_headers=headers)
+    try:
+        return json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "connection_established"
+    except ConnectionClosed:
+        assert ws.close_code == 1013, ws.close_code
+        return False
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("trusted_proxies", [1, 2])
+async def test_nginx_passes_the_address_and_scheme_a_front_proxy_saw(
+    trusted_proxies: int, e2e_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The shipped nginx at the edge (one trusted proxy): what a client writes in
+    X-Forwarded-For is not its address. With a TLS terminator in front of nginx, as
+    deployment.md has it for Compose, counted in ``PUSH_TRUSTED_PROXIES=2``: the clients
+    behind it are their own addresses (not all the terminator's one), and the
+    history's ``next`` link keeps their https."""
+    env = {
+        **e2e_env,
+        "PUSH_TRUSTED_PROXIES": str(trusted_proxies),
+        "PUSH_MAX_CONNECTIONS_PER_IP": "1",
+    }
+    cluster = Cluster(tmp_path / "cluster", env, tie_to_parent=True)
+    cluster.start(nodes=1, proxy_port=free_port())
+    try:
+        url = cluster.proxy_ws_url
+        admitted = [await _admitted(url, a) for a in ("203.0.113.7", "203.0.113.8")]
+        if trusted_proxies == 1:
+            assert admitted == [True, False], "a written X-Forwarded-For is no address"
+            return
+        assert admitted == [True, True], "two clients behind the front proxy, one address"
+        assert not await _admitted(url, "203.0.113.7"), "203.0.113.7 twice is one address"
+        token = create_token(env, "front-proxied")
+        headers = {
+            "X-Forwarded-For": "203.0.113.9",
+            "X-Forwarded-Proto": "https",
+            "Authorization": f"Token {token}",
+        }
+        async with httpx.AsyncClient(base_url=cluster.proxy_url, timeout=10) as http:
+            for value in (1, 2):
+                published = await http.post(
+                    "/api/v1/channels/behind-tls/messages", json={"data": value}, headers=headers
+                )
+                assert published.status_code == 201, published.text
+            page = await http.get("/api/v1/channels/behind-tls/messages?limit=1", headers=headers)
+        assert page.json()["next"].startswith("https://"), page.json()
+    finally:
+        cluster.stop()
 
 
 # --- Kubernetes ---------------------------------------------------------------------
