@@ -109,25 +109,33 @@ def assert_resolves_to(path: str, view: Any) -> None:
 # --- What the image ships -----------------------------------------------------------
 
 
-def dockerignore_patterns() -> list[re.Pattern[str]]:
+def dockerignore_patterns() -> list[tuple[re.Pattern[str], bool]]:
+    """Each pattern of .dockerignore, and whether it is an exception (``!``)."""
     patterns = []
     for line in (ROOT / ".dockerignore").read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        assert not line.startswith("!"), "exceptions are not modelled by this test"
+        exception = line.startswith("!")
         regex = ""
-        for token in re.findall(r"\*\*|\*|\?|[^*?]+", line.strip("/")):
-            regex += {"**": ".*", "*": "[^/]*", "?": "[^/]"}.get(token, re.escape(token))
-        patterns.append(re.compile(regex + r"\Z"))
+        for token in re.findall(r"\*\*/|\*\*|\*|\?|[^*?]+", line.lstrip("!").strip("/")):
+            regex += {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(
+                token, re.escape(token)
+            )
+        patterns.append((re.compile(regex + r"\Z"), exception))
     return patterns
 
 
 def in_build_context(relative: Path) -> bool:
-    """Docker leaves out a path when it, or a folder above it, matches a pattern."""
+    """Docker's rule: the last pattern that matches the path, or a folder above it,
+    decides; an exception (``!``) lets it in, any other pattern leaves it out."""
     parts = relative.parts
     prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
-    return not any(p.match(prefix) for p in dockerignore_patterns() for prefix in prefixes)
+    left_out = False
+    for pattern, exception in dockerignore_patterns():
+        if exception == left_out and any(pattern.match(prefix) for prefix in prefixes):
+            left_out = not exception
+    return not left_out
 
 
 @cache
@@ -250,10 +258,26 @@ def test_image_health_check_asks_for_health() -> None:
 
 
 def test_build_context_holds_the_application_and_no_tests() -> None:
-    for needed in ("manage.py", "requirements.txt", *APP_PACKAGES):
+    for needed in ("manage.py", "requirements.txt", "common/errors.py", *APP_PACKAGES):
         assert in_build_context(Path(needed)), needed
     for left_out in ("tests/test_deploy_files.py", "push/tests/__init__.py", ".venv/x", "bench"):
         assert not in_build_context(Path(left_out)), left_out
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        ".env",  # where Compose users keep SECRET_KEY: Compose reads it by itself
+        ".cluster/secret_key",  # the local cluster's SECRET_KEY (make cluster)
+        "deploy/k8s/secret.yaml",  # secret.example.yaml, filled in
+        "tls/push.example.com.key",
+        "db.sqlite3",
+    ],
+)
+def test_secrets_in_the_checkout_stay_out_of_the_image(secret: str) -> None:
+    """``COPY . .`` ships whatever the build context holds: a file that the checkout
+    gains beside the code must not reach the image unless it is the application."""
+    assert not in_build_context(Path(secret)), f"{secret} would be baked into the image"
 
 
 def test_removed_test_tools_are_pinned_and_not_needed_at_run_time() -> None:
