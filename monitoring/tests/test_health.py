@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import contextlib
+
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.test import Client, override_settings
+from prometheus_client.parser import text_string_to_metric_families
+
+import push
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -46,3 +51,29 @@ def test_metrics_are_exposed() -> None:
     body = Client().get("/metrics").content.decode()
     assert "push_deliveries_total" in body
     assert "push_connections_active" in body
+
+
+def _published_by_application_code() -> float:
+    """``push_messages_published_total{transport="django"}`` as /metrics shows it."""
+    body = Client().get("/metrics").content.decode()
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if (
+                sample.name == "push_messages_published_total"
+                and sample.labels.get("transport") == "django"
+            ):
+                return sample.value
+    return 0.0
+
+
+def test_messages_published_from_application_code_are_counted() -> None:
+    """push.publish() from Django code stores and broadcasts a message like any other
+    publish: the operator's count of messages published has it, once it committed."""
+    before = _published_by_application_code()
+    with transaction.atomic():
+        push.publish("orders", {"state": "paid"})
+    with contextlib.suppress(RuntimeError), transaction.atomic():
+        push.publish("orders", {"state": "refunded"})
+        raise RuntimeError("rolled back: nothing is published")
+    push.publish("orders", {"state": "shipped"})
+    assert _published_by_application_code() == before + 2

@@ -13,12 +13,14 @@ database does not have. A recent-only channel's message is committed in Redis in
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from django.db import DataError, IntegrityError, connection, transaction
 from django.db.transaction import TransactionManagementError
 
+from common import metrics
 from common.conf import push_settings
 from common.db import db_call
 from common.errors import ErrorCode, PushError
@@ -337,7 +339,22 @@ def message_publish(*, channel: str, data: Any, publisher_id: int | None = None)
     changes: rolled back, nothing is published; committed, every subscriber gets it.
     """
     unit = _single_unit(channel, data, publisher_id, None, None)
-    return _write_sync(unit).messages[0]
+    message = _write_sync(unit).messages[0]
+    # Counted here, not in _write_sync: the REST API also writes through it and counts
+    # its own. After the commit, as the broadcast is: a rollback published nothing.
+    transaction.on_commit(_count_application_publish)
+    return message
+
+
+_PUBLISHED_BY_APPLICATION = metrics.MESSAGES_PUBLISHED.labels("django")
+# A tally is written without a lock by the event loop's thread alone; application code
+# publishes from any thread, so its own label's count takes this lock.
+_PUBLISHED_BY_APPLICATION_LOCK = threading.Lock()
+
+
+def _count_application_publish() -> None:
+    with _PUBLISHED_BY_APPLICATION_LOCK:
+        _PUBLISHED_BY_APPLICATION.inc()
 
 
 def user_channel(user_id: int) -> str:
@@ -361,11 +378,13 @@ def publish(channel: str, data: Any, *, publisher_id: int | None = None) -> Chan
     if is_recent(channel) and connection.in_atomic_block:
         validate_channel_name(channel)
         data_json = _encode_data(data)
-        transaction.on_commit(
-            lambda: recent_store.publish_sync(
+
+        def publish_committed() -> None:
+            recent_store.publish_sync(
                 channel, data_json, publisher_id, broadcast=broadcast.broadcast_async
-            ),
-            robust=True,
-        )
+            )
+            _count_application_publish()
+
+        transaction.on_commit(publish_committed, robust=True)
         return None
     return message_publish(channel=channel, data=data, publisher_id=publisher_id)
