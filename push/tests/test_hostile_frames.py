@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 import time
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from django.test import override_settings
 
 from common.conf import push_settings
+from common.errors import ErrorCode, PushError
 from push.tests.wsclient import connected_client
 from push.wire.codecs.msgpack_codec import MsgpackCodec
 
@@ -166,3 +168,39 @@ def test_a_few_unknown_protobuf_fields_are_still_ignored_and_a_big_publish_decod
     data = "x" * (push_settings.MAX_FRAME_BYTES - 100)
     big = codec.encode({"type": "publish", "channel": "big", "data": data, "id": 1})
     assert codec.decode(big)["data"] == data
+
+
+def _nested_array_headers_frame(nbytes: int) -> bytes:
+    """A MessagePack frame of ``nbytes``: array headers nested as deep as they fit, each
+    declaring ``nbytes`` items, and none of the items (a value cut short)."""
+    header = b"\xdc" + struct.pack(">H", nbytes)
+    depth = nbytes // len(header)
+    return header * depth + b"\xc0" * (nbytes - len(header) * depth)
+
+
+@pytest.mark.parametrize("nbytes", [1024, 8192])
+def test_a_msgpack_frame_of_empty_nested_arrays_is_refused_before_they_are_made(
+    nbytes: int,
+) -> None:
+    """The decoder made each list at the length its header declared before it found the
+    items missing: an 8 KiB frame (too small to be charged by size) held 64 MB of lists
+    and took ~150 ms to refuse, and one anonymous client may send 200 a second."""
+    frame = _nested_array_headers_frame(nbytes)
+    tracemalloc.start()
+    try:
+        with pytest.raises(PushError) as refused:
+            MsgpackCodec().decode(frame)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.code is ErrorCode.INVALID_JSON
+    # (What any refusal holds besides: the decoder's buffer, the exception.)
+    assert peak < 256 * 1024 + 16 * nbytes, f"{peak:,} bytes held to refuse {nbytes:,}"
+
+
+def test_a_whole_msgpack_frame_of_nested_arrays_still_decodes() -> None:
+    value: Any = list(range(100))
+    for _ in range(60):
+        value = [value, "x" * 20]
+    frame = msgpack.packb({"type": "publish", "channel": "deep", "data": value, "id": 1})
+    assert MsgpackCodec().decode(frame)["data"] == value
