@@ -76,7 +76,7 @@ def _request_id_of(connection: ClientConnection, event: dict[str, Any]) -> Reque
         # Characters of a text frame or bytes of a binary one: what decoding costs.
         if len(payload) > REFUSED_FRAME_ID_MAX_CHARS:
             return None
-        envelope = connection.codec.decode(payload)
+        envelope = connection.codec.decode_request(payload)
     except PushError:
         return None
     return protocol.read_request_id(envelope) if isinstance(envelope, Mapping) else None
@@ -190,7 +190,7 @@ class PushConsumer(AsyncConsumer):
             ):
                 self._rate_limited(connection, event)  # (not decoded: it is too large)
                 return
-            envelope = connection.codec.decode(payload)
+            envelope = connection.codec.decode_request(payload)
             # (A dict first: an isinstance against the ABC costs more than the test.)
             if type(envelope) is dict or isinstance(envelope, Mapping):
                 request_id = protocol.read_request_id(envelope)

@@ -40,6 +40,12 @@ class Codec(abc.ABC):
     def decode(self, payload: Payload) -> Any:
         """Turn one frame into a plain value; raise ``PushError(INVALID_JSON)``."""
 
+    def decode_request(self, payload: Payload) -> Any:
+        """``decode`` for a frame a client sent, which the server reads as a request: a
+        format may leave out what only server envelopes carry (``decode`` reads every
+        envelope, for clients and tests)."""
+        return self.decode(payload)
+
     @abc.abstractmethod
     def encode(self, envelope: dict[str, Any]) -> Payload:
         """Encode a server envelope (a plain map of the contract)."""

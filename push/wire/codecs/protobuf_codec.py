@@ -108,6 +108,14 @@ _SCHEMA: dict[str, dict[str, _Field]] = {
     member.name: _body_fields(member) for member in _ENVELOPE.oneofs_by_name["kind"].fields
 }
 
+# What the server reads of a client's frame: the same, without the member fields that
+# only server envelopes (``presence`` answers, ``join``, ``leave``) carry.
+_MEMBER_KINDS = (_Kind.MEMBER, _Kind.MEMBERS)
+_REQUEST_SCHEMA: dict[str, dict[str, _Field]] = {
+    kind: {key: field for key, field in fields.items() if field.kind not in _MEMBER_KINDS}
+    for kind, fields in _SCHEMA.items()
+}
+
 ENVELOPE_TYPES: frozenset[str] = frozenset(_SCHEMA)
 _KEY_BY_PROTO_NAME: dict[str, dict[str, str]] = {
     kind: {field.proto_name: field.key for field in fields.values()}
@@ -122,14 +130,13 @@ class ProtobufCodec(Codec):
     binary = True
 
     def decode(self, payload: Payload) -> dict[str, Any]:
-        frame = _parse_frame(payload)
-        envelope: dict[str, Any] = {}
-        kind = frame.WhichOneof("kind")
-        if kind is not None:  # none set: the protocol answers UNKNOWN_MESSAGE_TYPE
-            envelope["type"] = kind
-            _decode_body(kind, getattr(frame, kind), envelope)
-        _decode_request_id(frame, envelope)
-        return envelope
+        return _decode(payload, _SCHEMA)
+
+    def decode_request(self, payload: Payload) -> dict[str, Any]:
+        # Members are made one Python map each (~1 us, against 2 bytes on the wire): a
+        # 1 MiB ``presence`` request of empty members cost ~480 ms to decode, where
+        # the request reads only its channel. Only server envelopes carry members.
+        return _decode(payload, _REQUEST_SCHEMA)
 
     def encode(self, envelope: dict[str, Any]) -> bytes:
         if not isinstance(envelope, Mapping):
@@ -204,8 +211,21 @@ def _unknown_field_bytes(frame: push_pb2.Envelope) -> int:
     return frame.ByteSize() - known.ByteSize()
 
 
-def _decode_body(kind: str, body: ProtoMessage, envelope: dict[str, Any]) -> None:
-    for field in _SCHEMA[kind].values():
+def _decode(payload: Payload, schema: dict[str, dict[str, _Field]]) -> dict[str, Any]:
+    frame = _parse_frame(payload)
+    envelope: dict[str, Any] = {}
+    kind = frame.WhichOneof("kind")
+    if kind is not None:  # none set: the protocol answers UNKNOWN_MESSAGE_TYPE
+        envelope["type"] = kind
+        _decode_body(kind, getattr(frame, kind), envelope, schema)
+    _decode_request_id(frame, envelope)
+    return envelope
+
+
+def _decode_body(
+    kind: str, body: ProtoMessage, envelope: dict[str, Any], schema: dict[str, dict[str, _Field]]
+) -> None:
+    for field in schema[kind].values():
         _GETTERS[field.kind](body, field, envelope)
     for name, raw in _wrong_wire_types(body).items():
         envelope[_KEY_BY_PROTO_NAME[kind][name]] = raw
