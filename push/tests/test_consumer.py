@@ -626,3 +626,61 @@ async def test_a_node_that_cannot_start_tells_a_pusher_client_to_back_off() -> N
     frame = json.loads((await communicator.receive_output())["text"])
     assert frame["event"] == "pusher:error" and frame["data"]["code"] == 4100
     assert await communicator.receive_output() == {"type": "websocket.close", "code": 4100}
+
+
+def _store_messages(channel: str, count: int, data_chars: int) -> None:
+    from datetime import UTC, datetime
+
+    from push.models import Channel, Message
+
+    stored = Channel.objects.create(name=channel, last_seq=count)
+    data = json.dumps("x" * (data_chars - 2))
+    now = datetime.now(tz=UTC)
+    Message.objects.bulk_create(
+        Message(channel=stored, seq=seq, message_id=uuid.uuid4(), data=data, created_at=now)
+        for seq in range(1, count + 1)
+    )
+
+
+@override_settings(
+    PUSH={
+        "OVERLOAD_LAG_MS": 0,
+        # Nothing in memory: the resume reads history, a page of two messages at a time,
+        # at the address's history budget: about a page a second, four seconds in all.
+        "RECENT_PER_CHANNEL": 1,
+        "REPLAY_BATCH_MAX_BYTES": 2000,
+        "ADDRESS_HISTORY_BURST_BYTES": 2000,
+        "ADDRESS_HISTORY_BYTES_PER_SEC": 2000,
+        "HEARTBEAT_TIMEOUT_SECS": 1.0,
+    }
+)
+async def test_a_client_that_heartbeats_through_a_long_resume_is_not_closed_as_silent() -> None:
+    """A resume paced by its client's reading or its address's history budget takes as
+    long as it takes, and the connection's later frames wait for it. The client that
+    heartbeats meanwhile, as told, was closed 4001 (heartbeat timeout) mid-replay: the
+    server had not read its heartbeats, so it looked silent."""
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(_store_messages)("long-resume", 10, 1000)
+    client = await connected_client(client_address=("192.0.2.31", 40000))
+    await client.send({"type": "subscribe", "channel": "long-resume", "since": 0, "id": "s"})
+    assert (await client.recv_type("subscribed"))["recovered"] is True
+    seqs: list[int] = []
+    acks = 0
+    while len(seqs) < 10:
+        await client.send({"type": "heartbeat"})
+        while not await client.communicator.receive_nothing(0.3):
+            envelope = await client.recv()  # ConnectionClosed (4001) before the fix
+            if envelope["type"] == "message":
+                seqs.append(envelope["seq"])
+            else:
+                assert envelope["type"] == "heartbeat_ack", envelope
+                acks += 1
+    assert seqs == list(range(1, 11))
+    await client.send({"type": "heartbeat", "id": "after"})
+    while acks >= 0:
+        envelope = await client.recv_type("heartbeat_ack")
+        if envelope.get("id") == "after":
+            break
+        acks -= 1
+    await client.close()

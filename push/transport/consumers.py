@@ -10,10 +10,11 @@ the node's hub.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from channels.consumer import AsyncConsumer
@@ -67,6 +68,17 @@ _PUBLISH_SECONDS = metrics.REQUEST_SECONDS.labels("publish")
 # refused (heartbeats, subscribes, small publishes) are far smaller.
 REFUSED_FRAME_ID_MAX_CHARS = 8192
 
+# While a resume runs (paced by its client's reading and its address's history budget,
+# it may take minutes), the client's next frames are read and held for after it, up to
+# this many and about this much (characters of a text frame, bytes of a binary one; the
+# frame that passes it is held too), then reading stops as before: what a client may
+# send meanwhile is a heartbeat every 25 s. Left unread, a frame the client sent made it
+# look silent (closed 4001 though it sent its heartbeats) and, under uvicorn, which
+# stops reading the socket until the application takes the frame, left its pongs unread
+# too (closed 1011, keepalive ping timeout, within a minute).
+HELD_MAX_FRAMES = 32
+HELD_MAX_CHARS = 65_536
+
 
 def _request_id_of(connection: ClientConnection, event: dict[str, Any]) -> RequestId | None:
     """The request's id, so a refused request is still answered under its id (when the
@@ -108,10 +120,21 @@ class PushConsumer(AsyncConsumer):
         self.node: Node | None = None
         # Publishes queued and not yet answered (made on the first publish).
         self.publishing: set[asyncio.Future[Outcome]] | None = None
+        self.receive = receive
+        # Events read while a request ran (``_reading_meanwhile``), and a read under way.
+        self.held: collections.deque[dict[str, Any]] | None = None
+        self.held_chars = 0
+        self.reading: asyncio.Future[dict[str, Any]] | None = None
         close_code: int | None = None
         try:
             while True:
-                event = await receive()
+                if self.held:  # read while a request ran: in the order they came
+                    event = self._unhold(self.held)
+                elif self.reading is not None:  # a read that request left under way
+                    reading, self.reading = self.reading, None
+                    event = await reading
+                else:
+                    event = await receive()
                 kind = event["type"]
                 if kind == "websocket.receive":
                     if self.connection is not None and self.connection.is_open:
@@ -123,6 +146,8 @@ class PushConsumer(AsyncConsumer):
                     close_code = event.get("code")
                     return
         finally:
+            if self.reading is not None:
+                self.reading.cancel()
             self.on_closed(close_code)
 
     # ----- connection lifecycle --------------------------------------------------------
@@ -232,7 +257,7 @@ class PushConsumer(AsyncConsumer):
                 )
             )
 
-        await channel_subscribe(
+        subscribing = channel_subscribe(
             node,
             connection,
             request.channel,
@@ -243,6 +268,68 @@ class PushConsumer(AsyncConsumer):
             occupancy=request.occupancy,
             delta=delta,
         )
+        if request.since is None and request.rewind is None:
+            await subscribing  # no replay: done within the waits its limits bound
+        else:
+            await self._reading_meanwhile(connection, subscribing)
+
+    # ----- frames read while a request runs -----------------------------------------------
+
+    async def _reading_meanwhile(
+        self, connection: ClientConnection, request: Coroutine[Any, Any, None]
+    ) -> None:
+        """Carry out ``request`` while the client's next frames are read and held, in
+        order, for after it (``HELD_MAX_FRAMES``); each one read counts as the client
+        heard from. The request ends as it would awaited (its error is raised here), or
+        is cancelled, and its cancellation done, before this returns: when the client
+        left (the disconnect is read), and when the consumer is (the server gave up)."""
+        handling = asyncio.ensure_future(request)
+        try:
+            while not handling.done() and self._may_hold_more():
+                reading = self.reading
+                if reading is None:
+                    reading = self.reading = asyncio.ensure_future(self.receive())
+                await asyncio.wait((handling, reading), return_when=asyncio.FIRST_COMPLETED)
+                if reading.done():
+                    self.reading = None
+                    self._hold(connection, reading.result())
+            if not self._holds_disconnect():
+                await handling
+        finally:
+            if not handling.done():
+                handling.cancel()
+                await asyncio.wait((handling,))
+            if not handling.cancelled():
+                handling.exception()  # retrieved: raised above, or its client left
+
+    def _holds_disconnect(self) -> bool:
+        held = self.held
+        return held is not None and bool(held) and held[-1]["type"] == "websocket.disconnect"
+
+    def _may_hold_more(self) -> bool:
+        held = self.held
+        if not held:
+            return True
+        # (Nothing comes after a disconnect.)
+        return (
+            len(held) < HELD_MAX_FRAMES
+            and self.held_chars < HELD_MAX_CHARS
+            and not self._holds_disconnect()
+        )
+
+    def _hold(self, connection: ClientConnection, event: dict[str, Any]) -> None:
+        if self.held is None:
+            self.held = collections.deque()
+        self.held.append(event)
+        if event["type"] == "websocket.receive":
+            connection.last_seen = time.monotonic()
+            self.held_chars += _payload_length(event)
+
+    def _unhold(self, held: collections.deque[dict[str, Any]]) -> dict[str, Any]:
+        event = held.popleft()
+        if event["type"] == "websocket.receive":
+            self.held_chars -= _payload_length(event)
+        return event
 
     async def handle_presence(self, connection: ClientConnection, request: Presence) -> None:
         # A member of the channel sees who else is there; others need the presence right.
@@ -355,6 +442,13 @@ class PushConsumer(AsyncConsumer):
         Heartbeat: handle_heartbeat,
         Presence: handle_presence,
     }
+
+
+def _payload_length(event: dict[str, Any]) -> int:
+    payload = event.get("text")
+    if payload is None:
+        payload = event.get("bytes") or b""
+    return len(payload)
 
 
 _REQUEST_TYPES = {
