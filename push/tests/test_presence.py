@@ -460,3 +460,28 @@ async def test_a_repair_that_fails_midway_is_made_whole_next_time() -> None:
     await store.leave(channel, "c-1")
     await store.repair(announce)
     assert await store.entries_of("repairing-node") == []
+
+
+async def test_a_presence_subscribe_whose_join_fails_is_answered_once_and_stands(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis fails the presence join after ``subscribed`` went out (an outage): the
+    subscription stands and messages come, and the node's repair puts the member back
+    later. The request used to be answered twice, ``subscribed`` and then an
+    ``UNAVAILABLE`` error under the same id, which a client takes for a refusal."""
+    _, token = await sync_to_async(_member_token)("eve")
+    node = await get_node()
+
+    async def failing(*args: Any, **kwargs: Any) -> bool:
+        raise ConnectionError("Redis connection lost")
+
+    monkeypatch.setattr(node.presence, "join", failing)
+    client = await connected_client(token=token)
+    reply = await client.request({"type": "subscribe", "channel": ROOM, "id": "s"})
+    assert (reply["type"], reply["id"]) == ("subscribed", "s")
+    ack = await client.request({"type": "heartbeat", "id": "h"})
+    assert (ack["type"], ack["id"]) == ("heartbeat_ack", "h"), ack
+    await sync_to_async(push.publish)(ROOM, "after")
+    message = await client.recv_type("message")
+    assert message["data"] == "after"
+    await client.close()

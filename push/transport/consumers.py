@@ -245,8 +245,11 @@ class PushConsumer(AsyncConsumer):
     async def handle_subscribe(self, connection: ClientConnection, request: Subscribe) -> None:
         node = self._require_node()
         delta = subscription_delta(node, connection, request.channel, request.delta)
+        answered = False
 
         def reply(seq: int, recovered: bool | None) -> None:
+            nonlocal answered
+            answered = True
             connection.send_envelope(
                 protocol.subscribed(
                     channel=request.channel,
@@ -268,10 +271,25 @@ class PushConsumer(AsyncConsumer):
             occupancy=request.occupancy,
             delta=delta,
         )
-        if request.since is None and request.rewind is None:
-            await subscribing  # no replay: done within the waits its limits bound
-        else:
-            await self._reading_meanwhile(connection, subscribing)
+        try:
+            if request.since is None and request.rewind is None:
+                await subscribing  # no replay: done within the waits its limits bound
+            else:
+                await self._reading_meanwhile(connection, subscribing)
+        except Exception:
+            subscription = connection.subscriptions.get(request.channel)
+            if not (answered and subscription is not None and subscription.active):
+                raise
+            # ``subscribed`` went out and the subscription stands: what failed after it
+            # (Redis under the presence join, or its announcement) is logged, not made a
+            # second answer to a request the client has settled. The node's presence
+            # repair puts the member back once Redis answers again.
+            logger.warning(
+                "subscribe of %s to %s failed after it was answered",
+                connection.connection_id,
+                request.channel,
+                exc_info=True,
+            )
 
     # ----- frames read while a request runs -----------------------------------------------
 
