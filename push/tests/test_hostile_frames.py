@@ -238,3 +238,16 @@ async def test_a_protobuf_request_is_not_made_of_fields_only_answers_carry() -> 
     assert reply["code"] == "FORBIDDEN" and reply["id"] == "who"
     # (The frame itself, and the copies the test client and the codec make of it.)
     assert peak < 8 * len(frame), f"{peak:,} bytes held for a frame of {len(frame):,}"
+
+
+@pytest.mark.parametrize("kind", ["\x00" * 8000, [0] * 8000], ids=["nuls", "list"])
+async def test_an_unknown_type_is_named_in_a_few_characters(kind: Any) -> None:
+    """The error repeated the unknown ``type`` whole, as Python writes it: a MessagePack
+    frame of 8 KiB was answered with up to 32 KiB, four times what it cost to send."""
+    client = await connected_client(subprotocol=MSGPACK)
+    frame = msgpack.packb({"type": kind, "id": 1})
+    await client.send_payload(frame)
+    reply = await client.recv()
+    await client.close()
+    assert (reply["code"], reply["id"]) == ("UNKNOWN_MESSAGE_TYPE", 1)
+    assert len(msgpack.packb(reply)) < 200 < len(frame)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,14 @@ UINT64_MAX = 2**64 - 1
 MAX_REWIND = 100
 
 _CHANNEL_NAME = re.compile(r"[A-Za-z0-9_\-.:@]{1,100}", re.ASCII)
+
+# How an unknown ``type`` is named in its error: a bounded repr, made without walking
+# the whole value. Repeated in full, a MessagePack frame's ``type`` of 8 KiB of NULs
+# (one byte each, four characters as ``\x00``) was answered with 32 KiB, a list of
+# zeros three times its size.
+_SHOWN_TYPE = reprlib.Repr()
+_SHOWN_TYPE.maxstring = 64
+_SHOWN_TYPE.maxother = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +339,9 @@ def parse_request(envelope: Any) -> Request:
         if kind is None:
             raise PushError(ErrorCode.UNKNOWN_MESSAGE_TYPE, "'type' is missing", field="type")
         raise PushError(
-            ErrorCode.UNKNOWN_MESSAGE_TYPE, f"unknown message type {kind!r}", field="type"
+            ErrorCode.UNKNOWN_MESSAGE_TYPE,
+            f"unknown message type {_SHOWN_TYPE.repr(kind)}",
+            field="type",
         )
     return parser(envelope, request_id)
 
