@@ -8,7 +8,7 @@ from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 
 from monitoring.checks import check_database, check_redis
-from push.cluster.node import running_node
+from push.services.runtime import node_draining
 
 
 async def health(request: HttpRequest) -> JsonResponse:
@@ -16,8 +16,7 @@ async def health(request: HttpRequest) -> JsonResponse:
 
 
 async def ready(request: HttpRequest) -> JsonResponse:
-    node = running_node()
-    if node is not None and node.draining:
+    if node_draining():
         # Load balancers stop sending new clients here while it shuts down.
         return JsonResponse({"status": "draining", "failing": ["node draining"]}, status=503)
     failures = [

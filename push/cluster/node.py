@@ -225,9 +225,10 @@ class Node:
         """Stop: the write pipeline first (what it commits meanwhile is broadcast, so
         queued), then what is queued for Redis goes out, for ``flush_secs`` at most,
         while the storage relay is still on (``broadcast`` counted on it for those
-        marked ``relayed``), and then the background loops end."""
+        marked ``relayed``), and then the background loops end. A node stopped after a
+        drain stays ``draining``: its process is going away, and new clients that reach
+        it before the server stops listening are sent elsewhere, not greeted."""
         self.is_running = False
-        self.draining = False
         global _running
         running = _running is self
         if running:

@@ -40,6 +40,16 @@ async def get_node() -> Node:
     return node
 
 
+def node_draining() -> bool:
+    """Whether this process's node drains, or has drained and stopped: the process is
+    going away (readiness answers 503 until it has)."""
+    node = running_node()
+    starting = _starting
+    if node is None and starting is not None and starting.done() and not starting.cancelled():
+        node = None if starting.exception() is not None else starting.result()
+    return node is not None and node.draining
+
+
 async def stop_node() -> None:
     global _starting
     node, _starting = running_node(), None

@@ -11,13 +11,13 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.test import override_settings
+from django.test import Client, override_settings
 from rest_framework.authtoken.models import Token
 
 from common.errors import CloseCode
 from push.ops.logs import JsonFormatter, RedactFilter, redact
 from push.services.runtime import get_node
-from push.tests.wsclient import connected_client
+from push.tests.wsclient import connected_client, open_client
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
@@ -42,6 +42,22 @@ async def test_drain_tells_clients_to_go_and_refuses_new_ones(wire_format: str) 
     await node.drain(code=CloseCode.GOING_AWAY, deadline_secs=2)
     assert await first.expect_close() == CloseCode.GOING_AWAY
     assert not node.connections
+
+
+async def test_a_drained_node_refuses_new_clients_and_is_not_ready_until_the_process_exits(
+    wire_format: str,
+) -> None:
+    """Between the end of its drain and the server's exit (a tick of the server's loop,
+    or while the stop sends what was queued for a slow Redis) the node is stopped: a
+    client greeted there would have subscribed to a node that delivers nothing, and a
+    load balancer told it is ready sends it more."""
+    node = await get_node()
+    await node.drain(code=CloseCode.GOING_AWAY, deadline_secs=2)
+    accepted, late, _ = await open_client(subprotocol=wire_format)
+    assert accepted
+    assert await late.expect_close() == CloseCode.GOING_AWAY
+    response = await sync_to_async(Client().get)("/ready")
+    assert response.status_code == 503 and response.json()["status"] == "draining"
 
 
 async def test_open_and_close_each_log_one_line(caplog: pytest.LogCaptureFixture) -> None:
