@@ -140,6 +140,7 @@ class Node:
             heartbeat_secs=push_settings.REGISTRY_HEARTBEAT_SECS,
             live=self.connections,
             max_buffered=push_settings.REGISTRY_MAX_BUFFERED,
+            on_previous_run_closed=self._announce_previous_run,
         )
         self._per_user = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_USER)
         self._per_ip = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_IP)
@@ -441,6 +442,12 @@ class Node:
                 duration_secs=round((now - connection.connected_at).total_seconds(), 3),
                 channels=connection.subscriptions,
             )
+
+    def _announce_previous_run(self, closed: list[ClosedConnection]) -> None:
+        """The disconnect events a previous run of this node (same ``NODE_ID``, killed)
+        never sent, as for a dead node: its presence members and channels are put
+        right by the repair loop, which finds them in Redis but not in this run."""
+        self._announce_disconnects(self.server_id, closed)
 
     async def _reap_presence(self, server_id: str) -> None:
         """A dead node's members leave, announced as if their connections had closed."""

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -34,6 +34,7 @@ from django.db import transaction
 
 from common import metrics
 from common.db import db_call
+from common.errors import CloseCode
 from push.models import Connection
 
 logger = logging.getLogger(__name__)
@@ -229,8 +230,12 @@ class ConnectionRegistry:
         heartbeat_secs: float,
         live: Mapping[uuid.UUID, RegisteredConnection],
         max_buffered: int = MAX_BUFFERED_RECORDS,
+        on_previous_run_closed: Callable[[list[ClosedConnection]], None] | None = None,
     ) -> None:
         self.server_id = server_id
+        # Told of the rows a previous run of this node left open, once they are closed
+        # (``_close_previous_run``); None once that is done.
+        self._previous_run_closed = on_previous_run_closed
         self.max_buffered = max_buffered
         # Records were dropped: rewrite the live rows once the database is back.
         self._rewrite_due = False
@@ -308,11 +313,13 @@ class ConnectionRegistry:
         started = time.monotonic()
         due = started - self._last_touch >= self.heartbeat_secs
         batch, changed = self._take_batch(self._last_touch if due else None)
-        if not batch and not self._rewrite_due:
+        if not batch and not self._rewrite_due and self._previous_run_closed is None:
             if due:
                 self._last_touch = started
             return
         try:
+            if self._previous_run_closed is not None:
+                await self._close_previous_run(self._previous_run_closed)
             if batch:
                 await _write_batch_async(self.server_id, batch)
             if self._rewrite_due:
@@ -323,6 +330,21 @@ class ConnectionRegistry:
             return
         if due:
             self._last_touch = started
+
+    async def _close_previous_run(self, announce: Callable[[list[ClosedConnection]], None]) -> None:
+        """Close the rows a previous process of this node's name left open, before this
+        one writes its first: killed and started again (a fixed ``NODE_ID``) before
+        another node took it for dead, it is never taken for dead, so nobody else
+        ever closes them. Retried with every flush until the database answers."""
+        closed = await _close_all_async(self.server_id, CloseCode.SERVER_ERROR)
+        self._previous_run_closed = None
+        if closed:
+            logger.warning(
+                "%d connections of a previous run of node %s marked closed",
+                len(closed),
+                self.server_id,
+            )
+            announce(closed)
 
     async def _rewrite_live(self) -> None:
         now = time.monotonic()

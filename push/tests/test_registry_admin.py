@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import uuid
 from datetime import timedelta
 
@@ -58,6 +59,38 @@ async def test_many_connections_cost_one_batch_not_a_write_each() -> None:
     assert await Connection.objects.filter(disconnected_at__isnull=True).acount() == 50
     for client in clients:
         await client.close()
+
+
+@override_settings(PUSH={"REGISTRY_FLUSH_SECS": 60})
+async def test_a_node_started_again_under_its_name_closes_what_its_previous_run_left_open() -> None:
+    """A node with a fixed NODE_ID, killed and started again before another node took it
+    for dead, is never taken for dead: the rows of the connections its previous run held
+    stayed open for good, and their disconnect events were never sent."""
+    left_open = [
+        await Connection.objects.acreate(
+            connection_id=uuid.uuid4(),
+            server_id=settings.NODE_ID,
+            wire_format="json",
+            connected_at=timezone.now() - timedelta(minutes=5),
+            subscriptions=["news"],
+        )
+        for _ in range(3)
+    ]
+    client, connection_id = await _client_and_id()
+    node = await get_node()
+    await node.registry.flush()
+    rows = {str(row.connection_id): row async for row in Connection.objects.all()}
+    assert rows[connection_id].disconnected_at is None, "this run's own connection is open"
+    for previous in left_open:
+        row = rows[str(previous.connection_id)]
+        assert row.disconnected_at is not None and row.close_code == 1011
+        assert row.subscriptions == []
+    await node.events.flush()
+    stream = await node.directory.redis.xrange(node.events.stream)
+    disconnects = [json.loads(fields[b"event"]) for _, fields in stream]
+    closed_ids = {e["connection_id"] for e in disconnects if e["type"] == "disconnect"}
+    assert {str(previous.connection_id) for previous in left_open} <= closed_ids
+    await client.close()
 
 
 async def _until_recorded_closed(node: Node, **lookup: object) -> Connection:
