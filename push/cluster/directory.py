@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +63,7 @@ class NodeDirectory:
     async def announce(self, stats: dict[str, Any]) -> None:
         if self._redis is None:
             return
-        now = time.time()
+        now = await self._redis_now()
         async with self._redis.pipeline(transaction=False) as pipe:
             ttl_secs = max(1, int(self.announce_secs * 3))
             pipe.set(node_key(self.server_id), json.dumps(stats), ex=ttl_secs)
@@ -84,9 +83,17 @@ class NodeDirectory:
     async def dead_nodes(self) -> list[str]:
         if self._redis is None:
             return []
-        cutoff = time.time() - self.dead_after_secs
+        cutoff = await self._redis_now() - self.dead_after_secs
         members = await self._redis.zrangebyscore(nodes_key(), "-inf", cutoff)
         return [m.decode() if isinstance(m, bytes) else m for m in members]
+
+    async def _redis_now(self) -> float:
+        """Redis' clock, by which every node stamps its announcements and judges the
+        others': with each host's own, one whose clock ran ahead of the others by more
+        than the dead age took them all for dead at every turn, and one behind was taken
+        for dead by all."""
+        seconds, micros = await self._redis.time()
+        return float(seconds) + micros / 1_000_000
 
     async def forget(self, server_id: str) -> None:
         if self._redis is not None:

@@ -1,0 +1,59 @@
+"""The node directory on a real Redis: which nodes count as alive, and when one is dead."""
+
+from __future__ import annotations
+
+import time
+import types
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from django.conf import settings
+
+from push.cluster import directory
+from push.cluster.directory import NodeDirectory
+
+ANNOUNCE_SECS = 5.0
+DEAD_AFTER_SECS = 15.0
+
+
+@pytest.fixture
+async def two_directories() -> AsyncIterator[tuple[NodeDirectory, NodeDirectory]]:
+    if not settings.REDIS_URL:
+        pytest.skip("needs Redis (REDIS_URL)")
+    pair = tuple(
+        NodeDirectory(
+            settings.REDIS_URL,
+            f"dir-{name}-{uuid.uuid4().hex[:8]}",
+            announce_secs=ANNOUNCE_SECS,
+            dead_after_secs=DEAD_AFTER_SECS,
+        )
+        for name in ("a", "b")
+    )
+    yield pair  # type: ignore[misc]  # two of them
+    for node in pair:
+        await node.withdraw()
+        await node.close()
+
+
+@pytest.mark.parametrize("skew_secs", [-60.0, 60.0])
+async def test_a_node_whose_clock_is_off_takes_no_live_node_for_dead(
+    two_directories: tuple[NodeDirectory, NodeDirectory],
+    monkeypatch: pytest.MonkeyPatch,
+    skew_secs: float,
+) -> None:
+    """Announcements were stamped and judged by each node's own clock: a host whose
+    clock ran ahead of the others by more than the dead age took every node for dead at
+    each turn (their connections marked closed, their presence members made to leave,
+    their channels announced vacated), and one behind was taken for dead by all."""
+    announcing, judging = two_directories  # judging runs on the host whose clock is off
+    await announcing.announce({"server_id": announcing.server_id})
+    skewed = types.SimpleNamespace(time=lambda: time.time() + skew_secs)
+    # Whatever clock the directory might read of its host's (it reads none of them).
+    monkeypatch.setattr(directory, "time", skewed, raising=False)
+    await judging.announce({"server_id": judging.server_id})
+    ours = {announcing.server_id, judging.server_id}
+    # (Other tests' nodes may be left in the directory: only these two are asked about.)
+    assert ours.isdisjoint(await judging.dead_nodes())
+    monkeypatch.setattr(directory, "time", time, raising=False)  # the other host's clock
+    assert ours.isdisjoint(await announcing.dead_nodes())
