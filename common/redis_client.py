@@ -32,6 +32,13 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 SENTINEL_TIMEOUT_SECS = 2.0
 # How long a command of a bounded client waits for a free connection before it fails.
 POOL_WAIT_SECS = 5.0
+# The channel layer's connect and read deadlines. It publishes under one lock per shard:
+# without a read deadline, one PUBLISH on a connection whose packets vanish (a network
+# that drops it without a reset) held every later one for as long as the kernel kept
+# the connection, minutes. Its pub/sub reads wait with deadlines of their own, and the
+# broker reads the channels' groups on connections without one (group_subscriber).
+LAYER_CONNECT_TIMEOUT_SECS = 2.0
+LAYER_SOCKET_TIMEOUT_SECS = 5.0
 
 
 def sentinel_address(text: str) -> tuple[str, int]:
@@ -51,18 +58,22 @@ def master_options(url: str) -> dict[str, Any]:
     return options
 
 
-def channel_layer_host(
-    url: str, sentinels: list[tuple[str, int]], master: str
-) -> str | dict[str, Any]:
-    """One entry of the channel layer's ``hosts``; channels-redis builds a Sentinel
-    pool from a dict with ``sentinels`` and ``master_name``."""
+def channel_layer_host(url: str, sentinels: list[tuple[str, int]], master: str) -> dict[str, Any]:
+    """One entry of the channel layer's ``hosts``: channels-redis builds a pool from the
+    ``address`` and the other keys, or a Sentinel pool from ``sentinels`` and
+    ``master_name``."""
+    deadlines = {
+        "socket_connect_timeout": LAYER_CONNECT_TIMEOUT_SECS,
+        "socket_timeout": LAYER_SOCKET_TIMEOUT_SECS,
+    }
     if not sentinels:
-        return url
+        return {"address": url, **deadlines}
     return {
         "sentinels": sentinels,
         "master_name": master,
         "sentinel_kwargs": {"socket_timeout": SENTINEL_TIMEOUT_SECS},
         **master_options(url),
+        **deadlines,
     }
 
 
@@ -76,7 +87,15 @@ def is_settings_layer_host(host: Any) -> bool:
         ours = channel_layer_host(*_settings())
     except RuntimeError:
         return False
-    return bool(decode_hosts([ours])[0] == host)
+    return bool(_server_of(decode_hosts([ours])[0]) == _server_of(host))
+
+
+def _server_of(host: dict[str, Any]) -> dict[str, Any]:
+    """A layer host's entry without its deadlines: which server, not how long to wait."""
+    return {key: value for key, value in host.items() if key not in _LAYER_DEADLINES}
+
+
+_LAYER_DEADLINES = ("socket_connect_timeout", "socket_timeout")
 
 
 def _settings() -> tuple[str, list[tuple[str, int]], str]:

@@ -15,7 +15,8 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from redis.asyncio.connection import Connection
-from redis.exceptions import ResponseError
+from redis.connection import parse_url
+from redis.exceptions import RedisError, ResponseError
 
 from common import redis_client
 from common.redis_client import (
@@ -27,6 +28,7 @@ from common.redis_client import (
     redis_async,
     sentinel_address,
 )
+from push.tests.redis_proxy import Proxy
 
 
 def test_sentinel_addresses_parse_with_ipv6_and_spaces() -> None:
@@ -43,11 +45,42 @@ def test_with_sentinel_the_url_gives_database_and_password_only() -> None:
 
 def test_channel_layer_host_is_the_url_or_a_sentinel_dict() -> None:
     url = "redis://:pw@unused/2"
-    assert channel_layer_host(url, [], "mymaster") == url
+    assert channel_layer_host(url, [], "mymaster")["address"] == url
     host = channel_layer_host(url, [("s1", 26379)], "mymaster")
     assert isinstance(host, dict)
     assert host["sentinels"] == [("s1", 26379)] and host["master_name"] == "mymaster"
     assert host["db"] == 2 and host["password"] == "pw"
+
+
+async def test_a_group_send_on_a_connection_redis_stopped_answering_fails_and_the_next_works() -> (
+    None
+):
+    """The channel layer's connections had no read timeout, and each shard publishes
+    under one lock: one PUBLISH on a connection whose packets vanished (a network that
+    dropped it without a reset) held every presence announcement, client event and
+    admin disconnect of the node for as long as the kernel kept the connection, minutes.
+    It fails after the layer's timeout now, and the next one takes a new connection."""
+    if not settings.REDIS_URL:
+        pytest.skip("needs Redis")
+    from channels_redis.pubsub import RedisPubSubChannelLayer  # type: ignore[import-untyped]  # no stubs
+
+    target = parse_url(str(settings.REDIS_URL))
+    proxy = Proxy((target.get("host", "127.0.0.1"), int(target.get("port", 6379))))
+    port = await proxy.start()
+    url = f"redis://127.0.0.1:{port}/{target.get('db', 0)}"
+    layer = RedisPubSubChannelLayer(hosts=[channel_layer_host(url, [], "unused")])
+    try:
+        await layer.group_send("layer-timeout-test", {"type": "test"})
+        proxy.frozen = True
+        with pytest.raises(RedisError):
+            # Bounded here too, so that the bug fails the test instead of hanging it.
+            async with asyncio.timeout(redis_client.LAYER_SOCKET_TIMEOUT_SECS + 5):
+                await layer.group_send("layer-timeout-test", {"type": "test"})
+        proxy.frozen = False
+        await layer.group_send("layer-timeout-test", {"type": "test"})
+    finally:
+        await layer.flush()
+        await proxy.stop()
 
 
 @pytest.fixture(params=[False, True], ids=["sent-by-redis-py", "written-at-once"])
