@@ -60,15 +60,18 @@ class NodeDirectory:
                 max_connections=NODE_REDIS_CONNECTIONS, socket_connect_timeout=2, socket_timeout=5
             )
 
-    async def announce(self, stats: dict[str, Any]) -> None:
+    async def announce(self, stats: dict[str, Any]) -> bool:
+        """Announce this node alive; True when the directory did not list it (its first
+        announcement, or it was taken for dead and forgotten, or Redis lost its data)."""
         if self._redis is None:
-            return
+            return False
         now = await self._redis_now()
         async with self._redis.pipeline(transaction=False) as pipe:
             ttl_secs = max(1, int(self.announce_secs * 3))
             pipe.set(node_key(self.server_id), json.dumps(stats), ex=ttl_secs)
             pipe.zadd(nodes_key(), {self.server_id: now})
-            await pipe.execute()
+            _, added = await pipe.execute()
+        return bool(added)
 
     @property
     def redis(self) -> Any:

@@ -377,7 +377,12 @@ class Node:
         while True:
             started = time.monotonic()
             try:
-                await self.directory.announce(self.stats())
+                listed_anew = await self.directory.announce(self.stats())
+                if listed_anew and announced_at is not None:
+                    # Forgotten since the last turn: another node took this one for dead
+                    # (it could not reach Redis for a while) and marked its connections
+                    # closed in the registry, or Redis lost its data. They are alive.
+                    self.registry.rewrite_soon()
                 if announced_at is not None and _paused(started - announced_at):
                     # This node's own announcements stopped for a while: the machine
                     # (or virtual machine) or this process paused, or Redis was out of

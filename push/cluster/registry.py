@@ -171,10 +171,15 @@ def _mark_closed(closed: list[ConnectionRecord]) -> None:
 
 
 def _rewrite_live(server_id: str, live: list[ConnectionRecord]) -> None:
-    """Make the table say what the node holds after records were dropped: a row for
-    every live connection with its channels, and no open row for one that is not."""
+    """Make the table say what the node holds after records were dropped, or after
+    another node took it for dead: an open row for every live connection with its
+    channels, and no open row for one that is not."""
     with transaction.atomic():
         _insert_opened(server_id, live)
+        for chunk in _chunks([r.connection_id for r in live]):
+            Connection.objects.filter(
+                connection_id__in=chunk, disconnected_at__isnull=False
+            ).update(disconnected_at=None, close_code=None)
         _update_subscriptions({r.connection_id: r.subscriptions for r in live})
         live_ids = {r.connection_id for r in live}
         open_ids = Connection.objects.filter(
@@ -255,6 +260,10 @@ class ConnectionRegistry:
         if not self._rewrite_due:
             logger.warning("connection registry backlog full; records are dropped")
         metrics.REGISTRY_RECORDS_DROPPED.inc(count)
+        self._rewrite_due = True
+
+    def rewrite_soon(self) -> None:
+        """Rewrite the live rows with the next flush: another node marked them closed."""
         self._rewrite_due = True
 
     def opened(self, record: ConnectionRecord) -> None:

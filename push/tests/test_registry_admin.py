@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from accounts.models import ChannelGrant
 from push.cluster.node import Node
+from push.cluster.registry import close_node_connections
 from push.models import Connection
 from push.services.publishing import message_publish
 from push.services.runtime import get_node
@@ -91,6 +92,35 @@ async def test_a_node_started_again_under_its_name_closes_what_its_previous_run_
     closed_ids = {e["connection_id"] for e in disconnects if e["type"] == "disconnect"}
     assert {str(previous.connection_id) for previous in left_open} <= closed_ids
     await client.close()
+
+
+@override_settings(
+    PUSH={"REGISTRY_FLUSH_SECS": 60, "CLUSTER_ANNOUNCE_SECS": 0.2, "NODE_DEAD_AFTER_SECS": 60}
+)
+async def test_a_node_taken_for_dead_while_alive_opens_its_live_rows_again() -> None:
+    """Cut off from Redis longer than the dead age (the others still reach it), a node is
+    taken for dead: another node marks its rows closed. Its clients stayed: once it is
+    back in the directory its live connections' rows said closed for good, and their
+    subscription changes and heartbeats were no longer written."""
+    client, connection_id = await _client_and_id()
+    node = await get_node()
+    await node.registry.flush()
+    # What the node that took it for dead does (push.cluster.node, ``_cluster_loop``).
+    await sync_to_async(close_node_connections)(node.server_id, 1011)
+    await node.directory.forget(node.server_id)
+    assert (await client.request({"type": "subscribe", "channel": "news"}))["type"] == (
+        "subscribed"
+    )
+
+    async def open_again() -> Connection | None:
+        await node.registry.flush()
+        row = await Connection.objects.aget(connection_id=connection_id)
+        return row if row.disconnected_at is None else None
+
+    row = await wait_until(open_again, "the live connection's row open again")
+    assert row.close_code is None and row.subscriptions == ["news"]
+    await client.close()
+    await _until_recorded_closed(node, connection_id=connection_id)
 
 
 async def _until_recorded_closed(node: Node, **lookup: object) -> Connection:
