@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,10 @@ class NodeDirectory:
         self.dead_after_secs = dead_after_secs
         self._redis: Any = None
         self.prefix = redis_prefix()
+        # This process' mark in its announcements: another one under its name, written
+        # since its own last one, is another live process with the same NODE_ID.
+        self.instance = secrets.token_hex(8)
+        self._announced = False
         if redis_url:
             self._redis = redis_async(
                 max_connections=NODE_REDIS_CONNECTIONS, socket_connect_timeout=2, socket_timeout=5
@@ -66,11 +71,22 @@ class NodeDirectory:
         if self._redis is None:
             return False
         now = await self._redis_now()
+        key = node_key(self.server_id)
         async with self._redis.pipeline(transaction=False) as pipe:
             ttl_secs = max(1, int(self.announce_secs * 3))
-            pipe.set(node_key(self.server_id), json.dumps(stats), ex=ttl_secs)
+            pipe.get(key)
+            pipe.set(key, json.dumps({**stats, "instance": self.instance}), ex=ttl_secs)
             pipe.zadd(nodes_key(), {self.server_id: now})
-            _, added = await pipe.execute()
+            previous, _, added = await pipe.execute()
+        if self._announced and _instance_of(previous) not in (None, self.instance):
+            # (A first announcement may find a previous run's: started again after a crash.)
+            logger.error(
+                "another process announces itself as node %s: give each node its own "
+                "NODE_ID (meanwhile both undo each other's presence, occupancy and "
+                "registry rows)",
+                self.server_id,
+            )
+        self._announced = True
         return bool(added)
 
     @property
@@ -105,6 +121,14 @@ class NodeDirectory:
     async def close(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
+
+
+def _instance_of(announcement: bytes | None) -> str | None:
+    """The process mark of an announcement (None: none, or not one of ours)."""
+    try:
+        return str(json.loads(announcement)["instance"]) if announcement else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def cluster_nodes(*, local: Callable[[], dict[str, Any]] | None) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import types
 import uuid
@@ -57,3 +58,37 @@ async def test_a_node_whose_clock_is_off_takes_no_live_node_for_dead(
     assert ours.isdisjoint(await judging.dead_nodes())
     monkeypatch.setattr(directory, "time", time, raising=False)  # the other host's clock
     assert ours.isdisjoint(await announcing.dead_nodes())
+
+
+async def test_two_live_processes_under_one_node_id_are_told_apart_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two processes given the same NODE_ID share its presence index, occupancy sets,
+    counts and registry rows, and undo each other's (presence members leave and join
+    again every few seconds): nothing said so. A process started again under its name
+    after a crash is no such case: its first announcement finds the previous run's."""
+    if not settings.REDIS_URL:
+        pytest.skip("needs Redis (REDIS_URL)")
+    name = f"dir-twin-{uuid.uuid4().hex[:8]}"
+    first, second = (
+        NodeDirectory(
+            settings.REDIS_URL,
+            name,
+            announce_secs=ANNOUNCE_SECS,
+            dead_after_secs=DEAD_AFTER_SECS,
+        )
+        for _ in range(2)
+    )
+    try:
+        caplog.set_level(logging.ERROR, logger="push.cluster.directory")
+        await first.announce({"server_id": name})
+        await second.announce({"server_id": name})  # as a run started again would
+        assert not caplog.records
+        await first.announce({"server_id": name})
+        assert [r.levelno for r in caplog.records] == [logging.ERROR]
+        assert name in caplog.records[0].getMessage()
+        assert "NODE_ID" in caplog.records[0].getMessage()
+    finally:
+        await first.withdraw()
+        for directory_ in (first, second):
+            await directory_.close()
