@@ -501,13 +501,16 @@ class Node:
             )
             self.release(connection)
         try:
-            await self.registry.close_all(code)
-            await self.events.vacate_all_of(self.server_id)
-            await self.events.flush()
-            await self.directory.withdraw()
-            await self.occupancy.withdraw()
+            # Within the deadline as well (the stop's least when less is left): a Redis
+            # or database that does not answer must not hold the exit past it.
+            async with asyncio.timeout(max(deadline - self.loop.time(), STOP_FLUSH_MIN_SECS)):
+                await self.registry.close_all(code)
+                await self.events.vacate_all_of(self.server_id)
+                await self.events.flush()
+                await self.directory.withdraw()
+                await self.occupancy.withdraw()
         except Exception as exc:
-            logger.warning("could not mark connections closed: %s", exc)
+            logger.warning("could not mark connections closed: %s", exc or type(exc).__name__)
         await self.stop(flush_secs=max(deadline - self.loop.time(), STOP_FLUSH_MIN_SECS))
 
     async def _revocation_loop(self) -> None:
