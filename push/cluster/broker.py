@@ -183,6 +183,17 @@ class Broker:
             await self._subscribers.stop()
             self._subscribers = None
 
+    async def join_group(self, group: str) -> None:
+        """Read a group of the node's own (the control group) where the channels' groups
+        are read. Not on the layer's pub/sub connection where there is a choice: idle
+        for hours and sending nothing, it was never found dead once a NAT or firewall
+        forgot it, and what the group carried (the admin's disconnects) silently stopped
+        arriving; the group readers PING a silent connection and open another."""
+        if self._subscribers is not None:
+            await self._subscribers.subscribe(group)
+        else:
+            await self.layer.group_add(group, self.inbox)
+
     async def join(self, channel: str) -> None:
         self._joined.add(channel)
         with _timed("join"):

@@ -11,9 +11,10 @@ was about a tenth of a node's CPU while publishing over WebSocket and a sixth wh
 publishing REST batches.
 
 Only the reading changed: the groups are the layer's own (the same Redis channel names,
-shards and serializer), so nodes of both kinds talk to each other, and the node's inbox
-and control group stay on the layer. Used with ``RedisPubSubChannelLayer``; any other
-layer is read through the layer (``GroupSubscribers.for_layer`` answers None).
+shards and serializer), so nodes of both kinds talk to each other. The node's control
+group is read here too (``Broker.join_group``); its inbox stays on the layer. Used with
+``RedisPubSubChannelLayer``; any other layer is read through the layer
+(``GroupSubscribers.for_layer`` answers None).
 
 Failures:
 - ``subscribe`` returns once Redis confirmed the subscription (the hub reads a

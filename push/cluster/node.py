@@ -199,7 +199,7 @@ class Node:
 
     async def start(self) -> None:
         await self.broker.start()
-        await self.broker.layer.group_add(CONTROL_GROUP, self.broker.inbox)
+        await self.broker.join_group(CONTROL_GROUP)
         self._cache_task = spawn(self.recent_cache.run(), name="push-recent-cache", loop=self.loop)
         self._tasks = [
             spawn(self.registry.run(), name="push-registry", loop=self.loop),

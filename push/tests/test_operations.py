@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
 import sys
@@ -14,15 +13,13 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.test import Client, override_settings
-from redis.connection import parse_url
 from rest_framework.authtoken.models import Token
 
 from common.errors import CloseCode
-from common.redis_client import channel_layer_host
 from push.cluster.node import STOP_FLUSH_MIN_SECS
 from push.ops.logs import JsonFormatter, RedactFilter, redact
 from push.services.runtime import get_node
-from push.tests.redis_proxy import Proxy
+from push.tests.redis_proxy import proxied_settings
 from push.tests.wsclient import connected_client, open_client
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
@@ -71,22 +68,14 @@ async def test_a_drain_whose_redis_stopped_answering_ends_within_its_deadline() 
     occupancy sets, the last events, leaving the directory) waited on Redis without a
     bound of its own: a Redis that stopped answering held the node's exit many seconds
     past PUSH_DRAIN_DEADLINE_SECS, into the orchestrator's kill."""
-    target = parse_url(str(settings.REDIS_URL))
-    proxy = Proxy((target.get("host", "127.0.0.1"), int(target.get("port", 6379))))
-    url = f"redis://127.0.0.1:{await proxy.start()}/{target.get('db', 0)}"
-    layers = copy.deepcopy(settings.CHANNEL_LAYERS)
-    layers["default"]["CONFIG"]["hosts"] = [channel_layer_host(url, [], "")]
-    try:
-        with override_settings(REDIS_URL=url, CHANNEL_LAYERS=layers):
-            client = await connected_client()
-            await client.request({"type": "subscribe", "channel": "news"})
-            node = await get_node()
-            proxy.frozen = True
-            started = time.monotonic()
-            await node.drain(code=CloseCode.GOING_AWAY, deadline_secs=1)
-            drained_after = time.monotonic() - started
-    finally:
-        await proxy.stop()
+    async with proxied_settings() as proxy:
+        client = await connected_client()
+        await client.request({"type": "subscribe", "channel": "news"})
+        node = await get_node()
+        proxy.frozen = True
+        started = time.monotonic()
+        await node.drain(code=CloseCode.GOING_AWAY, deadline_secs=1)
+        drained_after = time.monotonic() - started
     # The deadline, then at least STOP_FLUSH_MIN_SECS for the drain's last writes and as
     # much for the stop's; a command without an answer waited 5 s on top before.
     assert drained_after < 1 + 2 * STOP_FLUSH_MIN_SECS + 1.5, drained_after

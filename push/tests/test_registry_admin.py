@@ -19,11 +19,14 @@ from django.test import Client, override_settings
 from django.utils import timezone
 
 from accounts.models import ChannelGrant
+from push.cluster import group_subscriber
+from push.cluster.directory import connections_disconnect
 from push.cluster.node import Node
 from push.cluster.registry import close_node_connections
 from push.models import Connection
 from push.services.publishing import message_publish
 from push.services.runtime import get_node
+from push.tests.redis_proxy import proxied_settings
 from push.tests.wsclient import WsClient, connected_client, open_client
 from push.wire.codecs import CODECS
 from tests.waiting import wait_until
@@ -245,6 +248,30 @@ async def test_admin_actions_close_the_chosen_clients(action: str, closed: set[s
         else:
             assert (await client.request({"type": "heartbeat"}))["type"] == "heartbeat_ack"
             await client.close()
+
+
+async def test_a_disconnect_reaches_a_node_whose_idle_redis_connection_was_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The node read the control group (the admin's and the Pusher HTTP API's
+    disconnects) on the channel layer's pub/sub connection, which is idle and sends
+    nothing: once a NAT or firewall forgot it, the disconnects silently never arrived
+    and nothing noticed. It is read, as the channels' groups are, on a connection that
+    a PING checks and that is opened again when the PING goes unanswered."""
+    monkeypatch.setattr(group_subscriber, "PING_SECS", 0.2)
+    async with proxied_settings() as proxy:
+        client, connection_id = await _client_and_id()
+        proxy.drop_open()
+
+        async def disconnected() -> bool:
+            # Sent again until it arrives: one sent before the node noticed is lost,
+            # as anything published to a connection that is gone.
+            await sync_to_async(connections_disconnect)(connection_ids=[connection_id])
+            if await client.communicator.receive_nothing(0.5):
+                return False
+            return await client.expect_close() == 1008
+
+        await wait_until(disconnected, "the disconnect to reach the node", timeout=15)
 
 
 async def test_session_cookie_authenticates_the_websocket(wire_format: str) -> None:
