@@ -131,6 +131,8 @@ class Node:
         )
         self.write_pipeline = _write_pipeline(self.broadcast)
         self._tasks: list[asyncio.Task[None]] = []
+        # Dead nodes being reaped now, each by a task of its own (``_reap``).
+        self._reaping: dict[str, asyncio.Task[None]] = {}
         self._cache_task: asyncio.Task[None] | None = None
         # Live connections of this node, for revocation checks, admin actions and drain.
         self.connections: dict[uuid.UUID, LiveConnection] = {}
@@ -240,7 +242,7 @@ class Node:
         await self._flush_queued(flush_secs)
         if running:
             relay.relay_with(None)
-        await cancel_and_wait(self._tasks, timeout=STOP_TASKS_SECS)
+        await cancel_and_wait([*self._tasks, *self._reaping.values()], timeout=STOP_TASKS_SECS)
         await self.broker.stop()
         await recent_store.store_close()
 
@@ -406,19 +408,33 @@ class Node:
                     # pause. The next turn sees the gap and waits as above.
                     continue
                 for server_id in dead:
-                    if server_id != self.server_id:
-                        closed = await _close_all(server_id, CloseCode.SERVER_ERROR)
-                        self._announce_disconnects(server_id, closed)
-                        await self._reap_presence(server_id)
-                        await self.events.vacate_all_of(server_id)
-                        await self.directory.forget(server_id)
-                        logger.warning(
-                            "node %s is gone: %d connections closed", server_id, len(closed)
+                    if server_id != self.server_id and server_id not in self._reaping:
+                        self._reaping[server_id] = spawn(
+                            self._reap(server_id), name="push-reap", loop=self.loop
                         )
             except Exception as exc:
                 logger.warning("cluster announce failed: %s", exc)
             finally:
                 await asyncio.sleep(push_settings.CLUSTER_ANNOUNCE_SECS)
+
+    async def _reap(self, server_id: str) -> None:
+        """What a dead node left: its connections closed (with the disconnect events it
+        never sent), its presence members gone, its channels vacated; then it is
+        forgotten. A task apart from the announcements: a node with tens of thousands
+        of presence members takes seconds to reap (a leave and its announcement each),
+        and this node's own announcements must not wait that long, or the others take
+        it for dead as well. What fails is tried again at the next verdict."""
+        try:
+            closed = await _close_all(server_id, CloseCode.SERVER_ERROR)
+            self._announce_disconnects(server_id, closed)
+            await self._reap_presence(server_id)
+            await self.events.vacate_all_of(server_id)
+            await self.directory.forget(server_id)
+            logger.warning("node %s is gone: %d connections closed", server_id, len(closed))
+        except Exception as exc:
+            logger.warning("reaping node %s failed: %s", server_id, exc)
+        finally:
+            self._reaping.pop(server_id, None)
 
     async def _repair_loop(self) -> None:
         """This node's presence members and occupied channels back in Redis if it lost

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import types
@@ -10,9 +11,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 from django.conf import settings
+from django.test import override_settings
 
 from push.cluster import directory
-from push.cluster.directory import NodeDirectory
+from push.cluster.directory import NodeDirectory, nodes_key
+from push.cluster.node import Node
+from push.services.runtime import get_node
+from tests.waiting import wait_until
 
 ANNOUNCE_SECS = 5.0
 DEAD_AFTER_SECS = 15.0
@@ -92,3 +97,37 @@ async def test_two_live_processes_under_one_node_id_are_told_apart_and_logged(
         await first.withdraw()
         for directory_ in (first, second):
             await directory_.close()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("fresh_node")
+@override_settings(PUSH={"CLUSTER_ANNOUNCE_SECS": 0.2, "NODE_DEAD_AFTER_SECS": 1.0})
+async def test_a_node_reaping_a_dead_one_goes_on_announcing_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reaping a dead node (its rows, each of its presence members leaving, announced,
+    its channels) ran in the loop that announces this node: a dead node with tens of
+    thousands of members held this node's announcements past the dead age, and the
+    others took the reaper for dead as well."""
+    if not settings.REDIS_URL:
+        pytest.skip("needs Redis (REDIS_URL)")
+    reaping, released = asyncio.Event(), asyncio.Event()
+
+    async def slow_presence_reap(self: Node, server_id: str) -> None:
+        reaping.set()
+        await released.wait()  # as a dead node's many members take their time
+
+    monkeypatch.setattr(Node, "_reap_presence", slow_presence_reap)
+    dead = f"dir-dead-{uuid.uuid4().hex[:8]}"
+    judge = NodeDirectory(settings.REDIS_URL, "dir-judge", announce_secs=0.2, dead_after_secs=1.0)
+    node = await get_node()
+    try:
+        await judge.redis.zadd(nodes_key(), {dead: 0})  # announced long ago
+        await wait_until(reaping.is_set, "the dead node's reaping to begin")
+        # The point is time passing: longer than the dead age while the reap goes on.
+        await asyncio.sleep(1.5)
+        assert node.server_id not in await judge.dead_nodes()
+    finally:
+        released.set()
+        await judge.redis.zrem(nodes_key(), dead)
+        await judge.close()
