@@ -406,6 +406,9 @@ class PushClient:
         self._heartbeat_secs = self.heartbeat_interval_secs or float(
             envelope.get("heartbeat_interval") or 25
         )
+        # One heartbeat task per connection: a repeated greeting replaces it.
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
         self._heartbeat_task = asyncio.create_task(self._send_heartbeats(ws, self._heartbeat_secs))
         self._set_state(State.CONNECTED)
         self._events.emit("open", envelope)
