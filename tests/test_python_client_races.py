@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
@@ -75,3 +76,71 @@ async def test_a_repeated_connection_established_does_not_add_heartbeats(
         await client.close()
     # One heartbeat at most per interval since the first greeting went out.
     assert len(heartbeats) <= (heartbeats[-1] - started[0]) / interval + 1, heartbeats
+
+
+async def replies(ws: ServerConnection) -> AsyncIterator[dict[str, Any]]:
+    """The client's requests; ``unsubscribe`` and ``heartbeat`` are answered here."""
+    async for frame in ws:
+        request = json.loads(frame)
+        if request["type"] == "unsubscribe":
+            await ws.send(
+                json.dumps({"type": "unsubscribed", "id": request["id"], "channel": "news"})
+            )
+        elif request["type"] != "heartbeat":
+            yield request
+
+
+@pytest.mark.parametrize("late_reply", ["error", "subscribed"])
+async def test_a_late_reply_to_an_old_subscribe_leaves_the_new_subscription_alone(
+    scripted: Callable[[Script], Awaitable[str]], late_reply: str
+) -> None:
+    # The resubscribe after a reconnect is still unanswered when the application
+    # unsubscribes and subscribes again. The old request's late answer (a refusal, or
+    # a resume that could not recover) belongs to the old subscription: the new one
+    # must go on receiving.
+    connections: list[ServerConnection] = []
+
+    async def script(ws: ServerConnection) -> None:
+        connections.append(ws)
+        await ws.send(established())
+        subscribes: list[dict[str, Any]] = []
+        async for request in replies(ws):
+            subscribes.append(request)
+            if len(connections) == 1:
+                reply = {"type": "subscribed", "id": request["id"], "channel": "news", "seq": 3}
+                await ws.send(json.dumps(reply))
+                await ws.close(1012)
+                return
+            if len(subscribes) == 2:
+                old, new = subscribes
+                if late_reply == "error":
+                    late = {"type": "error", "id": old["id"], "code": "FORBIDDEN", "message": "no"}
+                else:
+                    late = {"type": "subscribed", "id": old["id"], "channel": "news", "seq": 0}
+                    late["recovered"] = False
+                await ws.send(json.dumps(late))
+                reply = {"type": "subscribed", "id": new["id"], "channel": "news", "seq": 7}
+                await ws.send(json.dumps(reply))
+                for seq in (8, 9):
+                    message = {"type": "message", "channel": "news", "seq": seq, "data": seq}
+                    await ws.send(json.dumps(message))
+
+    received: list[int] = []
+    trouble: list[dict[str, Any]] = []
+    client = PushClient(await scripted(script), **FAST)
+    client.on("gap", trouble.append)
+    client.on("unrecovered", trouble.append)
+    await client.connect()
+    try:
+        await client.subscribe("news")
+        await wait_until(
+            lambda: len(connections) == 2 and client.state == "connected", "a reconnect"
+        )
+        await client.unsubscribe("news")
+        subscription = await client.subscribe("news", lambda m: received.append(m["seq"]))
+        assert subscription.seq == 7
+        await wait_until(lambda: received == [8, 9], "the new subscription's messages", timeout=5)
+    finally:
+        await client.close()
+    # The old subscription's news is not the new one's.
+    assert trouble == []

@@ -15,6 +15,7 @@ from tests.test_python_client import (
     e2e,
     message,
     node,  # noqa: F401  # a fixture
+    pushclient,
 )
 from tests.waiting import wait_until
 
@@ -27,7 +28,8 @@ async def test_a_rewind_the_server_holds_fewer_messages_for_starts_at_the_first(
     ready = asyncio.get_running_loop().create_future()
     subscription = Subscription("news", lambda m: seen.append(m["seq"]), None, ready, rewind=20)
     client._subscriptions["news"] = subscription
-    client._on_subscribed({"type": "subscribed", "channel": "news", "seq": 10})
+    client._pending[1] = pushclient.client._Pending(future=None, subscription=subscription)
+    client._on_subscribed({"type": "subscribed", "id": 1, "channel": "news", "seq": 10})
     for seq in (9, 10, 10, 11):
         await client._on_message(message(seq))
     assert (seen, gaps) == ([9, 10, 11], [])

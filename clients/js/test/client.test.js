@@ -297,3 +297,32 @@ test("heartbeats every interval; any frame keeps the socket, two silent interval
   lastSocket().establish();
   assert.equal(c.state, State.CONNECTED);
 });
+
+// ----- replies that come late ------------------------------------------------------------
+
+for (const late of ["error", "subscribed"]) {
+  test(`a late ${late} to an old subscribe leaves the new subscription alone`, async () => {
+    // The resubscribe after a reconnect is still unanswered when the application
+    // unsubscribes and subscribes again: the old request's late answer (a refusal, or a
+    // resume that could not recover) is not the new subscription's business.
+    const { client: c, seen } = await subscribedAtThree();
+    lastSocket().fail(1012);
+    await until("a reconnect", () => FakeSocket.opened.length === 2);
+    lastSocket().establish();
+    const old = lastSocket().sent.find((frame) => frame.type === "subscribe");
+    const unsubscribed = c.unsubscribe("news");
+    const unsubscribe = lastSocket().sent.find((frame) => frame.type === "unsubscribe");
+    lastSocket().receive({ type: "unsubscribed", id: unsubscribe.id, channel: "news" });
+    await unsubscribed;
+    const received = [];
+    const subscribed = c.subscribe("news", (message) => received.push(message.seq));
+    const fresh = lastSocket().sent.filter((frame) => frame.type === "subscribe")[1];
+    if (late === "error") lastSocket().receive({ type: "error", id: old.id, code: "FORBIDDEN", message: "no" });
+    else lastSocket().receive({ type: "subscribed", id: old.id, channel: "news", seq: 0, recovered: false });
+    lastSocket().receive({ type: "subscribed", id: fresh.id, channel: "news", seq: 7 });
+    assert.equal((await subscribed).seq, 7);
+    for (const seq of [8, 9]) lastSocket().message("news", seq);
+    assert.deepEqual(received, [8, 9]);
+    assert.deepEqual([seen.gap, seen.unrecovered], [[], []]);
+  });
+}

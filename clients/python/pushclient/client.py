@@ -608,8 +608,21 @@ class PushClient:
         )
         subscription.last_seq = until
 
+    def _subscription_replied(self, reply: dict[str, Any]) -> Subscription | None:
+        """The subscription a reply to a subscribe is for, while the application still
+        holds it: a late reply to a request of a subscription it unsubscribed since is
+        not the business of a newer one of the same channel."""
+        request = self._pending.get(reply["id"]) if "id" in reply else None
+        subscription = request.subscription if request is not None else None
+        if (
+            subscription is None
+            or self._subscriptions.get(subscription.channel) is not subscription
+        ):
+            return None
+        return subscription
+
     def _on_subscribed(self, reply: dict[str, Any]) -> None:
-        subscription = self._subscriptions.get(reply.get("channel", ""))
+        subscription = self._subscription_replied(reply)
         if subscription is not None:
             if subscription.last_seq is None and subscription.rewind:
                 # The last ``rewind`` messages up to the reply's seq come first.
@@ -656,6 +669,10 @@ class PushClient:
             )
             return
         subscription = request.subscription
+        if subscription is not None and self._subscription_replied(envelope) is None:
+            # Refused after the application unsubscribed: nothing to drop or retry.
+            self._settle(envelope, error)
+            return
         if subscription is not None and subscription.ready.done():
             # A subscription the application holds, asked for again (a reconnect, a
             # delta resync): it must not end without a word.

@@ -728,8 +728,16 @@ export class PushClient {
     this.emit("occupancy", envelope);
   }
 
+  // The subscription a reply to a subscribe is for, while the application still holds
+  // it: a late reply to a request of a subscription it unsubscribed since is not the
+  // business of a newer one of the same channel.
+  subscriptionReplied(reply) {
+    const subscription = reply.id === undefined ? null : this.pending.get(reply.id)?.subscription;
+    return subscription && this.subscriptions.get(subscription.channel) === subscription ? subscription : null;
+  }
+
   onSubscribed(reply) {
-    const subscription = this.subscriptions.get(reply.channel);
+    const subscription = this.subscriptionReplied(reply);
     if (subscription) {
       if (subscription.lastSeq === null && subscription.rewind) {
         // The last `rewind` messages up to the reply's seq come first, as replays.
@@ -765,6 +773,11 @@ export class PushClient {
       return;
     }
     const { subscription } = this.pending.get(envelope.id);
+    if (subscription && !this.subscriptionReplied(envelope)) {
+      // Refused after the application unsubscribed: nothing to drop or retry.
+      this.settle(envelope, error);
+      return;
+    }
     if (subscription && !subscription.ready) {
       // A subscription the application holds, asked for again (a reconnect, a delta
       // resync): it must not end without a word.
