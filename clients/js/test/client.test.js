@@ -326,3 +326,25 @@ for (const late of ["error", "subscribed"]) {
     assert.deepEqual([seen.gap, seen.unrecovered], [[], []]);
   });
 }
+
+test("a first subscribe with no reply in time is not held: its late reply delivers nothing, and subscribing again asks again", async () => {
+  const c = client({ requestTimeoutMs: 30 });
+  c.connect().catch(() => {});
+  await until("a socket", () => FakeSocket.opened.length === 1);
+  lastSocket().establish();
+  const first = [];
+  await assert.rejects(c.subscribe("news", (message) => first.push(message.seq)), { code: "TIMEOUT" });
+  const subscribes = () => lastSocket().sent.filter((frame) => frame.type === "subscribe");
+  // The server got to it after all: the caller was told it failed, so nothing reaches it.
+  lastSocket().receive({ type: "subscribed", id: subscribes()[0].id, channel: "news", seq: 3 });
+  lastSocket().message("news", 4);
+  assert.deepEqual(first, []);
+  assert.equal(c.lastSeq("news"), null);
+  const second = [];
+  const subscribed = c.subscribe("news", (message) => second.push(message.seq));
+  assert.equal(subscribes().length, 2);
+  lastSocket().receive({ type: "subscribed", id: subscribes()[1].id, channel: "news", seq: 4 });
+  await subscribed;
+  lastSocket().message("news", 5);
+  assert.deepEqual([first, second], [[], [5]]);
+});

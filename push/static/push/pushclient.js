@@ -865,8 +865,12 @@ export class PushClient {
         // asked for again: a late refusal would find no request to settle, and the
         // channel would stay silent.
         if (error.code === "CONNECTION_LOST") return;
-        if (subscription.ready) subscription.ready.reject(error);
-        else if (error.code === "TIMEOUT") {
+        if (subscription.ready) {
+          // A first subscribe that failed is not held (a refusal was dropped already):
+          // its caller was told so, and a late reply or message must not reach it.
+          if (this.subscriptions.get(subscription.channel) === subscription) this.subscriptions.delete(subscription.channel);
+          subscription.ready.reject(error);
+        } else if (error.code === "TIMEOUT") {
           this.emit("error", error);
           this.subscribeAgain(subscription);
         }
