@@ -3,8 +3,10 @@ replies come late, twice or out of turn, and when a channel's gap repair is slow
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
-from tests.test_python_client import FAST, PushClient
+from tests.test_python_client import FAST, FakeHistory, PushClient, Subscription, message
 from tests.waiting import wait_until
 
 Script = Callable[[ServerConnection], Awaitable[None]]
@@ -144,3 +146,39 @@ async def test_a_late_reply_to_an_old_subscribe_leaves_the_new_subscription_alon
         await client.close()
     # The old subscription's news is not the new one's.
     assert trouble == []
+
+
+class GatedHistory(FakeHistory):
+    """A history read that waits until the test lets it answer (a slow database)."""
+
+    def __init__(self, stored: range) -> None:
+        super().__init__(stored)
+        self.gate = threading.Event()
+
+    def __call__(self, url: str, headers: dict[str, str], timeout_secs: float) -> Any:
+        self.gate.wait(10)
+        return super().__call__(url, headers, timeout_secs)
+
+
+async def test_a_slow_gap_repair_holds_a_bounded_number_of_messages_and_loses_none() -> None:
+    # The channel goes on while its gap is read: past the bound the client keeps
+    # nothing more, and reads what it left out from the history afterwards.
+    history = GatedHistory(range(1, 41))
+    client = PushClient("ws://push.test/ws/", max_held_messages=5)
+    client.get_json = history
+    seen: dict[str, list[Any]] = {"seqs": [], "unrecovered": [], "error": []}
+    client.on("unrecovered", seen["unrecovered"].append)
+    client.on("error", seen["error"].append)
+    ready = asyncio.get_running_loop().create_future()
+    subscription = Subscription("news", lambda m: seen["seqs"].append(m["seq"]), 3, ready)
+    client._subscriptions["news"] = subscription
+    held_most = 0
+    for seq in [4, *range(6, 41)]:
+        await client._on_message(message(seq))
+        held_most = max(held_most, len(subscription.held or ()))
+    assert seen["seqs"] == [4]
+    history.gate.set()
+    await wait_until(lambda: subscription.held is None, "the repair", timeout=10)
+    assert held_most <= 5
+    assert seen["seqs"] == list(range(4, 41))
+    assert seen["unrecovered"] == seen["error"] == []

@@ -348,3 +348,27 @@ test("a first subscribe with no reply in time is not held: its late reply delive
   lastSocket().message("news", 5);
   assert.deepEqual([first, second], [[], [5]]);
 });
+
+test("a slow gap repair holds a bounded number of messages, and reads what it left out from the history", async () => {
+  let openGate;
+  const gate = new Promise((resolve) => {
+    openGate = resolve;
+  });
+  const { fetch: read } = history(range(1, 40));
+  const fetch = async (url, init) => {
+    await gate;
+    return read(url, init);
+  };
+  const { client: c, seen } = await subscribedAtThree({ fetch, maxHeldMessages: 5 });
+  let heldMost = 0;
+  for (const seq of [4, ...range(6, 40)]) {
+    lastSocket().message("news", seq);
+    heldMost = Math.max(heldMost, c.subscriptions.get("news").held?.size ?? 0);
+  }
+  assert.deepEqual(seen.messages, [[4, false]]);
+  openGate();
+  await until("the repair", () => seen.messages.at(-1)?.[0] === 40);
+  assert.ok(heldMost <= 5, `${heldMost} held`);
+  assert.deepEqual(seen.messages.map(([seq]) => seq), range(4, 40));
+  assert.deepEqual([seen.unrecovered, seen.error], [[], []]);
+});

@@ -59,6 +59,11 @@ _POLICY_CLOSE = 1008
 # Reads of a gap's messages before the client gives the range up as unrecovered: a node
 # restarting answers again within a few backoff delays; a refusal never will.
 GAP_FETCH_ATTEMPTS = 3
+# Messages of one channel held while its gap is read from the history. A channel that
+# goes on at its pace while the history is slow (retries, a Retry-After of seconds) would
+# otherwise make the client hold all of it; past the bound messages are not kept, and
+# are read from the history too once the held ones are delivered.
+DEFAULT_MAX_HELD_MESSAGES = 1000
 # Refusals of a subscribe that say "not now" (a dependency down, a budget spent): a
 # subscription the client already holds is asked for again after a backoff delay.
 _TRY_AGAIN_CODES = frozenset({"RATE_LIMITED", "UNAVAILABLE"})
@@ -79,6 +84,8 @@ class Subscription:
     # While a gap is being repaired: the messages that arrived meanwhile, by seq (which
     # also drops duplicates); None when delivery is not held back.
     held: dict[int, dict[str, Any]] | None = None
+    # The highest seq not kept in ``held`` because it was full: read from the history.
+    held_past: int = 0
     repair: asyncio.Task[None] | None = None
     # Asked on the first subscribe only: a reconnect resumes with ``since`` instead.
     rewind: int | None = None
@@ -173,6 +180,7 @@ class PushClient:
         rand: Callable[[], float] = random.random,
         api_url: str | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_held_messages: int = DEFAULT_MAX_HELD_MESSAGES,
     ) -> None:
         self.url = url
         # Where gaps are read from: the REST root next to the WebSocket by default.
@@ -184,6 +192,7 @@ class PushClient:
         self.request_timeout_secs = request_timeout_secs
         self.open_timeout_secs = open_timeout_secs
         self.max_frame_bytes = max_frame_bytes
+        self.max_held_messages = max_held_messages
         # None: use the interval the server announces in connection_established.
         self.heartbeat_interval_secs = heartbeat_interval_secs
         # The jitter source: uniform in [0, 1). A test passes a fixed sequence.
@@ -431,7 +440,10 @@ class PushClient:
         seq = message["seq"]
         if subscription.held is not None:
             # A gap is being repaired: the repair delivers this one in its turn.
-            subscription.held[seq] = message
+            if len(subscription.held) < self.max_held_messages:
+                subscription.held[seq] = message
+            else:
+                subscription.held_past = max(subscription.held_past, seq)
             return
         if subscription.rewinding:
             _start_rewound(subscription, seq)
@@ -441,6 +453,7 @@ class PushClient:
             return
         if last is not None and seq > last + 1:
             held = subscription.held = {seq: message}
+            subscription.held_past = 0
             subscription.repair = asyncio.create_task(
                 self._repair_gaps(subscription, held), name=f"pushclient-gap-{seq}"
             )
@@ -534,21 +547,26 @@ class PushClient:
         try:
             while True:
                 await self._deliver_held_run(subscription, held)
-                if not held:
+                after = subscription.delivered
+                if held:
+                    received = min(held)
+                    until = received - 1
+                    self._events.emit(
+                        "gap",
+                        {
+                            "channel": subscription.channel,
+                            "from": after + 1,
+                            "to": until,
+                            "expected": after + 1,
+                            "received": received,
+                        },
+                    )
+                elif subscription.held_past > after:
+                    # Received while ``held`` was full, and not kept: read back as well.
+                    until = subscription.held_past
+                else:
                     subscription.held = subscription.repair = None
                     return
-                after, received = subscription.delivered, min(held)
-                first, until = after + 1, received - 1
-                self._events.emit(
-                    "gap",
-                    {
-                        "channel": subscription.channel,
-                        "from": first,
-                        "to": until,
-                        "expected": first,
-                        "received": received,
-                    },
-                )
                 for message in await self._fetch_missing(subscription, after, until):
                     if message["seq"] > subscription.delivered + 1:
                         self._give_up(subscription, message["seq"] - 1)

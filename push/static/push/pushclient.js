@@ -76,6 +76,11 @@ const STREAM_LOST_CLOSE = 1006;
 // Reads of a gap's messages before the client gives the range up as unrecovered: a node
 // restarting answers again within a few backoff delays; a refusal never will.
 export const GAP_FETCH_ATTEMPTS = 3;
+// Messages of one channel held while its gap is read from the history. A channel that
+// goes on at its pace while the history is slow (retries, a Retry-After of seconds) would
+// otherwise make the client hold all of it; past the bound messages are not kept, and
+// are read from the history too once the held ones are delivered.
+export const DEFAULT_MAX_HELD_MESSAGES = 1000;
 // Refusals of a subscribe that say "not now" (a dependency down, a budget spent): a
 // subscription the client already holds is asked for again after a backoff delay.
 const TRY_AGAIN_CODES = new Set(["RATE_LIMITED", "UNAVAILABLE"]);
@@ -238,6 +243,8 @@ class Subscription {
     // While a gap is being repaired: seq -> { message, replayed } of what arrived
     // meanwhile (which also drops duplicates); null when delivery is not held back.
     this.held = null;
+    // The highest seq not kept in `held` because it was full: read from the history.
+    this.heldPast = 0;
     // A resubscribe refused for now (TRY_AGAIN_CODES): the timer that asks again, and
     // how many times in a row it was refused.
     this.retryTimer = null;
@@ -262,6 +269,7 @@ export class PushClient {
     // null: use what the server announces in connection_established.
     this.heartbeatIntervalMs = options.heartbeatIntervalMs ?? null;
     this.openTimeoutMs = options.openTimeoutMs ?? DEFAULT_OPEN_TIMEOUT_MS;
+    this.maxHeldMessages = options.maxHeldMessages ?? DEFAULT_MAX_HELD_MESSAGES;
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this.transports = options.transports ?? [Transport.WEBSOCKET, Transport.SSE];
     this.sseFallbackAfter = options.sseFallbackAfter ?? DEFAULT_SSE_FALLBACK_AFTER;
@@ -536,7 +544,8 @@ export class PushClient {
     if (!subscription) return;
     if (subscription.held) {
       // A gap is being repaired: the repair delivers this one in its turn.
-      subscription.held.set(message.seq, { message, replayed });
+      if (subscription.held.size < this.maxHeldMessages) subscription.held.set(message.seq, { message, replayed });
+      else subscription.heldPast = Math.max(subscription.heldPast, message.seq);
       return;
     }
     if (subscription.rewinding) this.startRewound(subscription, message.seq);
@@ -545,6 +554,7 @@ export class PushClient {
     if (last !== null && message.seq <= last) return;
     if (last !== null && message.seq > last + 1) {
       subscription.held = new Map([[message.seq, { message, replayed }]]);
+      subscription.heldPast = 0;
       this.repairGaps(subscription, subscription.held);
       return;
     }
@@ -630,11 +640,16 @@ export class PushClient {
     try {
       while (wanted()) {
         this.deliverHeldRun(subscription, held);
-        if (!held.size) break;
         const after = subscription.lastSeq;
-        const received = lowestKey(held);
-        const [from, to] = [after + 1, received - 1];
-        this.emit("gap", { channel: subscription.channel, from, to, expected: from, received });
+        let to;
+        if (held.size) {
+          const received = lowestKey(held);
+          to = received - 1;
+          this.emit("gap", { channel: subscription.channel, from: after + 1, to, expected: after + 1, received });
+        } else if (subscription.heldPast > after) {
+          // Received while `held` was full, and not kept: read back as well.
+          to = subscription.heldPast;
+        } else break;
         const missing = await this.fetchMissing(subscription.channel, after, to, wanted);
         if (!wanted()) return;
         for (const message of missing) {
