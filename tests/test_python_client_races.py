@@ -182,3 +182,32 @@ async def test_a_slow_gap_repair_holds_a_bounded_number_of_messages_and_loses_no
     assert held_most <= 5
     assert seen["seqs"] == list(range(4, 41))
     assert seen["unrecovered"] == seen["error"] == []
+
+
+async def test_after_recovered_false_no_seq_reaches_the_handler_after_the_refetch_point(
+    scripted: Callable[[Script], Awaitable[str]],
+) -> None:
+    # Resumed from 2, the server kept only 6 to 8: it answers recovered false with seq
+    # 8 and replays 6 to 8. The application refetches the channel's state up to 8 when
+    # it hears unrecovered; 6 to 8 handed over as well would be applied twice.
+    async def script(ws: ServerConnection) -> None:
+        await ws.send(established())
+        async for request in replies(ws):
+            reply = {"type": "subscribed", "id": request["id"], "channel": "news", "seq": 8}
+            await ws.send(json.dumps({**reply, "recovered": False}))
+            for seq in (6, 7, 8, 9):
+                message = {"type": "message", "channel": "news", "seq": seq, "data": seq}
+                await ws.send(json.dumps(message))
+
+    received: list[int] = []
+    unrecovered: list[dict[str, Any]] = []
+    client = PushClient(await scripted(script), **FAST)
+    client.on("unrecovered", unrecovered.append)
+    await client.connect()
+    try:
+        await client.subscribe("news", lambda m: received.append(m["seq"]), since=2)
+        await wait_until(lambda: 9 in received, "the live message", timeout=10)
+    finally:
+        await client.close()
+    assert received == [9]
+    assert unrecovered == [{"channel": "news", "since": 2, "seq": 8}]

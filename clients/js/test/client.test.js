@@ -372,3 +372,20 @@ test("a slow gap repair holds a bounded number of messages, and reads what it le
   assert.deepEqual(seen.messages.map(([seq]) => seq), range(4, 40));
   assert.deepEqual([seen.unrecovered, seen.error], [[], []]);
 });
+
+test("after recovered: false nothing up to the reply's seq reaches the handler: the application's refetch covers it", async () => {
+  // Resumed from 3, the server kept only 6 to 8: it answers recovered false with seq 8
+  // and replays 6 to 8, which handed over as well would be applied twice.
+  const { client: c, seen } = await subscribedAtThree({ fetch: history(range(6, 9)).fetch });
+  lastSocket().fail(1012);
+  await until("a reconnect", () => FakeSocket.opened.length === 2);
+  lastSocket().establish();
+  const resume = lastSocket().sent.find((frame) => frame.type === "subscribe");
+  assert.equal(resume.since, 3);
+  lastSocket().receive({ type: "subscribed", id: resume.id, channel: "news", seq: 8, recovered: false });
+  for (const seq of [6, 7, 8, 9]) lastSocket().message("news", seq);
+  await until("the live message", () => seen.messages.at(-1)?.[0] === 9);
+  assert.deepEqual(seen.messages.map(([seq]) => seq), [9]);
+  assert.deepEqual(seen.unrecovered, [{ channel: "news", since: 3, seq: 8 }]);
+  assert.equal(c.lastSeq("news"), 9);
+});

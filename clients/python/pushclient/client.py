@@ -653,7 +653,12 @@ class PushClient:
             subscription.delta_agreed = reply.get("delta") == FOSSIL
             subscription.refusals = 0
             if reply.get("recovered") is False:
-                # History was trimmed past `since`: the application refetches over REST.
+                # History was trimmed past `since`: the application refetches the state
+                # up to the reply's seq over REST, and the handler goes on after it. What
+                # the server still replays up to it would reach the application twice,
+                # and what a repair held is covered by the refetch too. A cursor past the
+                # reply's seq (the channel's history was reset) goes back to it: the
+                # seqs after it are new messages, not ones delivered.
                 self._events.emit(
                     "unrecovered",
                     {
@@ -662,14 +667,10 @@ class PushClient:
                         "seq": reply["seq"],
                     },
                 )
-                if subscription.last_seq is not None and reply["seq"] < subscription.last_seq:
-                    # A cursor past anything the channel has (its history was reset):
-                    # the seqs after the reply's are new messages, not ones delivered.
-                    # What a repair held belongs to the history that is gone.
-                    if subscription.repair is not None:
-                        subscription.repair.cancel()
-                    subscription.held = subscription.repair = None
-                    subscription.last_seq = reply["seq"]
+                if subscription.repair is not None:
+                    subscription.repair.cancel()
+                subscription.held = subscription.repair = None
+                subscription.last_seq = reply["seq"]
         self._settle(reply)
 
     def _on_occupancy(self, envelope: dict[str, Any]) -> None:

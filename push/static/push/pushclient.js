@@ -767,15 +767,14 @@ export class PushClient {
       subscription.refusals = 0;
       if (reply.recovered === false) {
         // The server could not replay everything after `since` (history trimmed): the
-        // application should refetch its state over REST.
+        // application refetches its state up to the reply's seq over REST, and the
+        // handler goes on after it. What the server still replays up to it would reach
+        // the application twice, and what a repair held is covered by the refetch too.
+        // A cursor past the reply's seq (the channel's history was reset) goes back to
+        // it: the seqs after it are new messages, not ones delivered.
         this.emit("unrecovered", { channel: reply.channel, since: subscription.lastSeq, seq: reply.seq });
-        if (reply.seq < subscription.lastSeq) {
-          // A cursor past anything the channel has (its history was reset): the seqs
-          // after the reply's are new messages, not ones delivered. What a repair held
-          // belongs to the history that is gone.
-          subscription.held = null;
-          subscription.lastSeq = reply.seq;
-        }
+        subscription.held = null;
+        subscription.lastSeq = reply.seq;
       }
     }
     this.settle(reply);
