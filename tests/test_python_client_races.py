@@ -211,3 +211,39 @@ async def test_after_recovered_false_no_seq_reaches_the_handler_after_the_refetc
         await client.close()
     assert received == [9]
     assert unrecovered == [{"channel": "news", "since": 2, "seq": 8}]
+
+
+async def test_a_subscribe_given_up_by_its_caller_is_not_held(
+    scripted: Callable[[Script], Awaitable[str]],
+) -> None:
+    # asyncio.wait_for(client.subscribe(...), 1) timing out: the caller was told it
+    # failed, so a late reply must deliver nothing to its handler, and subscribing to the
+    # channel again must ask the server again and work.
+    subscribes: list[dict[str, Any]] = []
+
+    async def script(ws: ServerConnection) -> None:
+        await ws.send(established())
+        async for request in replies(ws):
+            subscribes.append(request)
+            if len(subscribes) == 2:
+                for seq, number in ((3, 0), (3, 1)):
+                    reply = {"type": "subscribed", "id": subscribes[number]["id"]}
+                    await ws.send(json.dumps({**reply, "channel": "news", "seq": seq}))
+                message = {"type": "message", "channel": "news", "seq": 4, "data": 4}
+                await ws.send(json.dumps(message))
+
+    first: list[int] = []
+    second: list[int] = []
+    client = PushClient(await scripted(script), **FAST)
+    await client.connect()
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.subscribe("news", lambda m: first.append(m["seq"])), 0.1)
+        subscription = await asyncio.wait_for(
+            client.subscribe("news", lambda m: second.append(m["seq"])), 10
+        )
+        assert subscription.seq == 3
+        await wait_until(lambda: second == [4], "the message", timeout=10)
+    finally:
+        await client.close()
+    assert first == []

@@ -812,16 +812,27 @@ class PushClient:
         existing = self._subscriptions.get(channel)
         if existing is not None:
             existing.handler = handler
-            await existing.ready
+            # Shielded: this caller giving up must not fail the subscribe for the others.
+            await asyncio.shield(existing.ready)
             return existing
         ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         subscription = Subscription(
             channel, handler, since, ready, rewind=rewind, occupancy=occupancy, delta=delta
         )
         self._subscriptions[channel] = subscription
-        if self._state == State.CONNECTED and self._ws is not None:
-            await self._send_subscribe(self._ws, subscription)
-        reply = await ready
+        try:
+            if self._state == State.CONNECTED and self._ws is not None:
+                await self._send_subscribe(self._ws, subscription)
+            reply = await asyncio.shield(ready)
+        except BaseException:
+            # Failed (closed for good) or given up by the caller (a timeout around this
+            # call): not held, so a late reply delivers nothing to a caller told it
+            # failed, and a later subscribe of the channel asks the server again.
+            if self._subscriptions.get(channel) is subscription:
+                del self._subscriptions[channel]
+                _stop_repair(subscription)
+            ready.cancel()
+            raise
         subscription.seq = reply["seq"]
         subscription.recovered = reply.get("recovered")
         return subscription
