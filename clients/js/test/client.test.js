@@ -389,3 +389,20 @@ test("after recovered: false nothing up to the reply's seq reaches the handler: 
   assert.deepEqual(seen.unrecovered, [{ channel: "news", since: 3, seq: 8 }]);
   assert.equal(c.lastSeq("news"), 9);
 });
+
+test("a first subscribe cut short by close() is not held: a later connect() does not bring it back", async () => {
+  const c = client();
+  c.connect().catch(() => {});
+  await until("a socket", () => FakeSocket.opened.length === 1);
+  lastSocket().establish();
+  const received = [];
+  const subscribed = c.subscribe("news", (message) => received.push(message.seq));
+  c.close();
+  await assert.rejects(subscribed, { code: "CONNECTION_CLOSED" });
+  c.connect().catch(() => {});
+  await until("a second socket", () => FakeSocket.opened.length === 2);
+  lastSocket().establish();
+  assert.deepEqual(lastSocket().sent.filter((frame) => frame.type === "subscribe"), []);
+  lastSocket().message("news", 1);
+  assert.deepEqual(received, []);
+});

@@ -469,8 +469,13 @@ export class PushClient {
     const wasOpen = this.state !== State.DISCONNECTED;
     if (wasOpen) this.setState(State.DISCONNECTED);
     this.failPending(new PushError("CONNECTION_CLOSED", `connection closed (${code})`));
-    for (const subscription of this.subscriptions.values()) {
-      subscription.ready?.reject(new PushError("CONNECTION_CLOSED", `connection closed (${code})`));
+    for (const subscription of [...this.subscriptions.values()]) {
+      if (subscription.ready) {
+        // A first subscribe cut short: its caller is told it failed, so it is not held
+        // (a later connect() would subscribe it again for a caller that gave up).
+        this.subscriptions.delete(subscription.channel);
+        subscription.ready.reject(new PushError("CONNECTION_CLOSED", `connection closed (${code})`));
+      }
       // A repair in flight stops; a later connect() resumes from the last seq delivered.
       subscription.held = null;
       clearTimeout(subscription.retryTimer);
