@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
@@ -247,3 +248,26 @@ async def test_a_subscribe_given_up_by_its_caller_is_not_held(
     finally:
         await client.close()
     assert first == []
+
+
+async def test_a_long_gap_is_read_and_delivered_a_page_at_a_time() -> None:
+    # A gap of thousands of messages: each history page reaches the handler before the
+    # next one is read, so the client holds one page, not the whole range.
+    seen: list[int] = []
+    reads: list[tuple[int, int]] = []  # (the read's since, the last seq delivered then)
+
+    class RecordingHistory(FakeHistory):
+        def __call__(self, url: str, headers: dict[str, str], timeout_secs: float) -> Any:
+            reads.append((int(parse_qs(urlsplit(url).query)["since"][0]), seen[-1]))
+            return super().__call__(url, headers, timeout_secs)
+
+    client = PushClient("ws://push.test/ws/")
+    client.get_json = RecordingHistory(range(1, 2600))
+    ready = asyncio.get_running_loop().create_future()
+    subscription = Subscription("news", lambda m: seen.append(m["seq"]), 3, ready)
+    client._subscriptions["news"] = subscription
+    for seq in (4, 2500):
+        await client._on_message(message(seq))
+    await wait_until(lambda: subscription.held is None, "the repair", timeout=10)
+    assert seen == list(range(4, 2501))
+    assert reads == [(4, 4), (1004, 1004), (2004, 2004)]

@@ -406,3 +406,21 @@ test("a first subscribe cut short by close() is not held: a later connect() does
   lastSocket().message("news", 1);
   assert.deepEqual(received, []);
 });
+
+test("a long gap is read and delivered a page at a time", async () => {
+  // Each history page reaches the handler before the next one is read: the client holds
+  // one page, not the whole range.
+  const reads = []; // [the read's since, the last seq delivered then]
+  let seen = null;
+  const { fetch: read } = history(range(1, 2600));
+  const fetch = (url, init) => {
+    reads.push([Number(new URL(url).searchParams.get("since")), seen.messages.at(-1)[0]]);
+    return read(url, init);
+  };
+  const subscribed = await subscribedAtThree({ fetch });
+  seen = subscribed.seen;
+  for (const seq of [4, 2500]) lastSocket().message("news", seq);
+  await until("the repair", () => seen.messages.at(-1)?.[0] === 2500);
+  assert.deepEqual(seen.messages.map(([seq]) => seq), range(4, 2500));
+  assert.deepEqual(reads, [[4, 4], [1004, 1004], [2004, 2004]]);
+});

@@ -36,7 +36,7 @@ from pushclient.errors import (
     RequestTimeout,
 )
 from pushclient.formats import get_format
-from pushclient.history import GetJson, api_url_for, fetch_range, get_json, retry_after_secs
+from pushclient.history import GetJson, api_url_for, fetch_page, get_json, retry_after_secs
 from pushclient.state import State, check_transition, is_terminal_close
 
 logger = logging.getLogger("pushclient")
@@ -567,18 +567,27 @@ class PushClient:
                 else:
                     subscription.held = subscription.repair = None
                     return
-                for message in await self._fetch_missing(subscription, after, until):
-                    if message["seq"] > subscription.delivered + 1:
-                        self._give_up(subscription, message["seq"] - 1)
-                    if message["seq"] > subscription.delivered:
-                        await self._deliver(subscription, message)
-                if subscription.delivered < until:
-                    self._give_up(subscription, until)
+                await self._fill_from_history(subscription, until)
         except Exception:
             # A bug here must not hold the channel back for good; a resume after the
             # next reconnect replays from the last seq delivered.
             logger.exception("repairing a gap of %r failed", subscription.channel)
             subscription.held = subscription.repair = None
+
+    async def _fill_from_history(self, subscription: Subscription, until: int) -> None:
+        """Deliver the seqs after the last delivered up to ``until`` from the history, a
+        page at a time; what it does not have (trimmed) or will not give is given up."""
+        while (after := subscription.delivered) < until:
+            page = await self._fetch_missing(subscription, after, until)
+            if not page:
+                break
+            for message in page:
+                if message["seq"] > subscription.delivered + 1:
+                    self._give_up(subscription, message["seq"] - 1)
+                if message["seq"] > subscription.delivered:
+                    await self._deliver(subscription, message)
+        if subscription.delivered < until:
+            self._give_up(subscription, until)
 
     async def _deliver_held_run(self, subscription: Subscription, held: dict[int, Any]) -> None:
         """Deliver the held messages that follow on from the last seq, then forget the
@@ -599,7 +608,7 @@ class PushClient:
                 await asyncio.sleep(max(self._backoff(attempt - 1), retry_after))
             try:
                 return await asyncio.to_thread(
-                    fetch_range,
+                    fetch_page,
                     self.get_json,
                     self.api_url,
                     subscription.channel,

@@ -54,7 +54,7 @@ def retry_after_secs(exc: Exception) -> float:
         return 0.0
 
 
-def fetch_range(
+def fetch_page(
     get: GetJson,
     api_url: str,
     channel: str,
@@ -64,25 +64,18 @@ def fetch_range(
     token: str | None,
     timeout_secs: float,
 ) -> list[dict[str, Any]]:
-    """The stored messages of ``channel`` with ``after < seq <= until``, oldest first.
+    """The first page of stored messages of ``channel`` after ``after``, oldest first,
+    the ones up to ``until``: empty when nothing is stored in that range (trimmed), or
+    when the page does not move on (a cache that ignores the query, a buggy server).
 
-    Fewer when history was trimmed or the range is not stored; pages are asked for with
-    our own ``since`` rather than the reply's ``next`` URL, whose host a proxy may have
+    One page at a time, each delivered before the next is read: a long gap costs the
+    memory of one page, not of the whole range. Pages are asked for with our own
+    ``since`` rather than the reply's ``next`` URL, whose host a proxy may have
     rewritten."""
     headers = {"Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Token {token}"
     base = f"{api_url}channels/{quote(channel, safe='')}/messages"
-    found: list[dict[str, Any]] = []
-    since = after
-    while since < until:
-        query = urlencode({"since": since, "limit": min(HISTORY_PAGE_MAX, until - since)})
-        # Only what is after ``since``: a page that does not move on (a cache that
-        # ignores the query, a buggy server) ends the read instead of looping for ever.
-        results = get(f"{base}?{query}", headers, timeout_secs)["results"]
-        page = [m for m in results if m["seq"] > since]
-        found.extend(m for m in page if m["seq"] <= until)
-        if not page:
-            break
-        since = page[-1]["seq"]
-    return found
+    query = urlencode({"since": after, "limit": min(HISTORY_PAGE_MAX, until - after)})
+    results = get(f"{base}?{query}", headers, timeout_secs)["results"]
+    return [m for m in results if after < m["seq"] <= until]

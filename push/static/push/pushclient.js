@@ -655,19 +655,28 @@ export class PushClient {
           // Received while `held` was full, and not kept: read back as well.
           to = subscription.heldPast;
         } else break;
-        const missing = await this.fetchMissing(subscription.channel, after, to, wanted);
-        if (!wanted()) return;
-        for (const message of missing) {
-          if (message.seq > subscription.lastSeq + 1) this.giveUp(subscription, message.seq - 1);
-          if (message.seq > subscription.lastSeq) this.deliver(subscription, message, true);
-        }
-        if (subscription.lastSeq < to) this.giveUp(subscription, to);
+        await this.fillFromHistory(subscription, to, wanted);
       }
     } catch (error) {
       // A bug here must not hold the channel back for good.
       console.error(`pushclient: repairing a gap of "${subscription.channel}" failed`, error);
     }
     if (wanted()) subscription.held = null;
+  }
+
+  // Deliver the seqs after the last delivered up to `until` from the history, a page at
+  // a time; what it does not have (trimmed) or will not give is given up.
+  async fillFromHistory(subscription, until, wanted) {
+    for (let after = subscription.lastSeq; after < until; after = subscription.lastSeq) {
+      const page = await this.fetchMissing(subscription.channel, after, until, wanted);
+      if (!wanted()) return;
+      if (!page.length) break;
+      for (const message of page) {
+        if (message.seq > subscription.lastSeq + 1) this.giveUp(subscription, message.seq - 1);
+        if (message.seq > subscription.lastSeq) this.deliver(subscription, message, true);
+      }
+    }
+    if (subscription.lastSeq < until) this.giveUp(subscription, until);
   }
 
   // Deliver the held messages that follow on from the last seq, then forget the ones at
@@ -687,7 +696,7 @@ export class PushClient {
       if (attempt) await sleep(Math.max(this.backoff(attempt - 1), Math.min(failure.retryAfterMs ?? 0, this.maxDelayMs)));
       if (!wanted()) return [];
       try {
-        return await this.fetchRange(channel, after, until);
+        return await this.fetchPage(channel, after, until);
       } catch (error) {
         failure = error;
       }
@@ -696,34 +705,28 @@ export class PushClient {
     return [];
   }
 
-  // The stored messages with after < seq <= until, oldest first (fewer when history was
-  // trimmed). Pages are asked for with our own `since` rather than the reply's `next`
-  // URL, whose host a proxy may have rewritten.
-  async fetchRange(channel, after, until) {
+  // The first page of stored messages after `after`, oldest first, the ones up to
+  // `until`: empty when nothing is stored in that range (trimmed), or when the page does
+  // not move on (a cache that ignores the query, a buggy server). One page at a time,
+  // each delivered before the next is read: a long gap costs the memory of one page.
+  // Asked for with our own `since` rather than the reply's `next` URL, whose host a
+  // proxy may have rewritten.
+  async fetchPage(channel, after, until) {
     if (!this.fetch) throw new PushError("NOT_CONNECTED", "no fetch() to read the history");
-    const found = [];
-    for (let since = after; since < until; ) {
-      const url = new URL(this.channelUrl(channel));
-      url.searchParams.set("since", since);
-      url.searchParams.set("limit", Math.min(HISTORY_PAGE_MAX, until - since));
-      const response = await this.fetch(url.toString(), {
-        headers: this.restHeaders(),
-        credentials: "same-origin",
-        signal: AbortSignal.timeout(this.requestTimeoutMs),
-      });
-      if (!response.ok) {
-        const refusal = new PushError(`HTTP_${response.status}`, `history read answered ${response.status}`);
-        refusal.retryAfterMs = Math.max(0, Number(response.headers?.get("Retry-After")) * 1000 || 0);
-        throw refusal;
-      }
-      // Only what is after `since`: a page that does not move on (a cache that ignores
-      // the query, a buggy server) ends the read instead of looping for ever.
-      const page = (await response.json()).results.filter((message) => message.seq > since);
-      for (const message of page) if (message.seq <= until) found.push(message);
-      if (!page.length) break;
-      since = page.at(-1).seq;
+    const url = new URL(this.channelUrl(channel));
+    url.searchParams.set("since", after);
+    url.searchParams.set("limit", Math.min(HISTORY_PAGE_MAX, until - after));
+    const response = await this.fetch(url.toString(), {
+      headers: this.restHeaders(),
+      credentials: "same-origin",
+      signal: AbortSignal.timeout(this.requestTimeoutMs),
+    });
+    if (!response.ok) {
+      const refusal = new PushError(`HTTP_${response.status}`, `history read answered ${response.status}`);
+      refusal.retryAfterMs = Math.max(0, Number(response.headers?.get("Retry-After")) * 1000 || 0);
+      throw refusal;
     }
-    return found;
+    return (await response.json()).results.filter((message) => message.seq > after && message.seq <= until);
   }
 
   // Move past seqs the history no longer has (trimmed) or would not give: the
