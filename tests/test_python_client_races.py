@@ -271,3 +271,42 @@ async def test_a_long_gap_is_read_and_delivered_a_page_at_a_time() -> None:
     await wait_until(lambda: subscription.held is None, "the repair", timeout=10)
     assert seen == list(range(4, 2501))
     assert reads == [(4, 4), (1004, 1004), (2004, 2004)]
+
+
+async def test_an_unsubscribe_while_the_resubscribe_waits_for_its_retry_succeeds(
+    scripted: Callable[[Script], Awaitable[str]],
+) -> None:
+    # After a reconnect the resubscribe was refused for now (UNAVAILABLE) and waits to be
+    # asked again; the application unsubscribes meanwhile. The server holds no such
+    # subscription and says NOT_SUBSCRIBED: what the application asked for is done.
+    connections: list[ServerConnection] = []
+
+    async def script(ws: ServerConnection) -> None:
+        connections.append(ws)
+        await ws.send(established())
+        async for frame in ws:
+            request = json.loads(frame)
+            answer: dict[str, Any] = {"id": request.get("id"), "channel": "news"}
+            if request["type"] == "subscribe" and len(connections) == 1:
+                await ws.send(json.dumps({**answer, "type": "subscribed", "seq": 3}))
+                await ws.close(1012)
+                return
+            elif request["type"] == "subscribe":
+                error = {"type": "error", "code": "UNAVAILABLE", "message": "down"}
+                await ws.send(json.dumps({**answer, **error}))
+            elif request["type"] == "unsubscribe":
+                error = {"type": "error", "code": "NOT_SUBSCRIBED", "message": "not subscribed"}
+                await ws.send(json.dumps({**answer, **error}))
+
+    errors: list[str] = []
+    draws = iter([0.0])  # reconnect at once; the resubscribe's retry waits 5 s
+    client = PushClient(await scripted(script), base_delay_secs=5.0, rand=lambda: next(draws, 1.0))
+    client.on("error", lambda detail: errors.append(detail["code"]))
+    await client.connect()
+    try:
+        await client.subscribe("news")
+        await wait_until(lambda: errors == ["UNAVAILABLE"], "the refused resubscribe", timeout=10)
+        assert await client.unsubscribe("news") is None
+        assert client.last_seq("news") is None
+    finally:
+        await client.close()

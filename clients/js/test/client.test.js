@@ -424,3 +424,21 @@ test("a long gap is read and delivered a page at a time", async () => {
   assert.deepEqual(seen.messages.map(([seq]) => seq), range(4, 2500));
   assert.deepEqual(reads, [[4, 4], [1004, 1004], [2004, 2004]]);
 });
+
+test("an unsubscribe while the resubscribe waits for its retry succeeds", async () => {
+  // The resubscribe after a reconnect was refused for now and waits to be asked again:
+  // the server holds no such subscription and answers NOT_SUBSCRIBED, which is what
+  // the application asked for.
+  let draws = 0; // the reconnect at once, the resubscribe's retry after 5 s
+  const { client: c, seen } = await subscribedAtThree({ random: () => (draws++ ? 1 : 0), baseDelayMs: 5_000, maxDelayMs: 5_000 });
+  lastSocket().fail(1012);
+  await until("a reconnect", () => FakeSocket.opened.length === 2);
+  lastSocket().establish();
+  const refused = lastSocket().sent.find((frame) => frame.type === "subscribe");
+  lastSocket().receive({ type: "error", id: refused.id, code: "UNAVAILABLE", message: "down" });
+  const unsubscribed = c.unsubscribe("news");
+  const request = lastSocket().sent.find((frame) => frame.type === "unsubscribe");
+  lastSocket().receive({ type: "error", id: request.id, code: "NOT_SUBSCRIBED", message: "not subscribed" });
+  assert.equal(await unsubscribed, null);
+  assert.deepEqual(seen.error.map((error) => error.code), ["UNAVAILABLE"]);
+});

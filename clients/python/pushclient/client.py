@@ -863,13 +863,21 @@ class PushClient:
         return await self.subscribe(channel, handler, rewind=1, occupancy=occupancy)
 
     async def unsubscribe(self, channel: str) -> dict[str, Any] | None:
-        """Stop receiving ``channel``; returns the reply, or None when not connected."""
+        """Stop receiving ``channel``; returns the reply, or None when the server held no
+        such subscription (not connected, or its resubscribe was refused for now)."""
         subscription = self._subscriptions.pop(channel, None)
         if subscription is not None:
             _stop_repair(subscription)
         if subscription is None or self._state != State.CONNECTED:
             return None
-        return await self._request({"type": "unsubscribe", "channel": channel})
+        try:
+            return await self._request({"type": "unsubscribe", "channel": channel})
+        except PushError as exc:
+            if exc.code != "NOT_SUBSCRIBED":
+                raise
+            # Its resubscribe was refused (and waited to be asked again), or a delta
+            # resync had unsubscribed it: not subscribed is what was asked for.
+            return None
 
     async def publish(self, channel: str, data: Any) -> dict[str, Any]:
         """Publish ``data`` (any JSON value); returns the ``published`` reply.

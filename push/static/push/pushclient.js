@@ -939,7 +939,8 @@ export class PushClient {
 
   /**
    * Stop receiving `channel`. Resolves at once when not connected (nothing to tell the
-   * server), and on SSE (the stream is reopened without the channel).
+   * server), and on SSE (the stream is reopened without the channel); with null when the
+   * server held no such subscription (its resubscribe was refused for now).
    */
   async unsubscribe(channel) {
     const subscription = this.subscriptions.get(channel);
@@ -952,7 +953,14 @@ export class PushClient {
       return { type: "unsubscribed", channel };
     }
     if (this.state !== State.CONNECTED) return null;
-    return this.request({ type: "unsubscribe", channel });
+    try {
+      return await this.request({ type: "unsubscribe", channel });
+    } catch (error) {
+      // Its resubscribe was refused (and waited to be asked again), or a delta resync
+      // had unsubscribed it: not subscribed is what was asked for.
+      if (error.code === "NOT_SUBSCRIBED") return null;
+      throw error;
+    }
   }
 
   /**
