@@ -310,3 +310,26 @@ async def test_an_unsubscribe_while_the_resubscribe_waits_for_its_retry_succeeds
         assert client.last_seq("news") is None
     finally:
         await client.close()
+
+
+async def test_connections_closed_right_after_the_greeting_back_off_as_failures_do(
+    scripted: Callable[[Script], Awaitable[str]],
+) -> None:
+    # A node that greets and then closes at once (a server error, a slow consumer's
+    # replay that overflows again): reconnecting at the base delay every time would
+    # have every client of that node knock again and again within half a second.
+    async def script(ws: ServerConnection) -> None:
+        await ws.send(established())
+        await ws.close(1011)
+
+    delays: list[float] = []
+    client = PushClient(
+        await scripted(script), base_delay_secs=0.01, max_delay_secs=0.08, rand=lambda: 1.0
+    )
+    client.on("close", lambda detail: delays.append(detail.get("delay_secs", -1)))
+    await client.connect()
+    try:
+        await wait_until(lambda: len(delays) >= 5, "five reconnects", timeout=10)
+    finally:
+        await client.close()
+    assert delays[:5] == pytest.approx([0.01, 0.02, 0.04, 0.08, 0.08])

@@ -53,7 +53,8 @@ test("backoffDelay stays within the capped exponential and spreads over the whol
 test("reconnects after random() * min(max, base * 2^n), and starts over at base after a connect", async () => {
   const draws = [1, 0.5];
   let drawn = 0;
-  const c = client({ baseDelayMs: 2, maxDelayMs: 8, random: () => draws[drawn++ % draws.length] });
+  // Any connection counts as one that stayed up (the default asks for 5 s).
+  const c = client({ baseDelayMs: 2, maxDelayMs: 8, stableAfterMs: 0, random: () => draws[drawn++ % draws.length] });
   const delays = [];
   c.on("close", ({ willReconnect, delayMs }) => willReconnect && delays.push(delayMs));
   c.connect().catch(() => {}); // closed at the end of the test
@@ -68,6 +69,21 @@ test("reconnects after random() * min(max, base * 2^n), and starts over at base 
   assert.equal(c.protocol, "v1.json");
   lastSocket().fail(1012);
   assert.equal(delays.at(-1), 1 * 2);
+});
+
+test("connections closed right after the greeting back off as failures do", async () => {
+  // A node that greets and closes at once: reconnecting at the base delay every time
+  // would have every client of that node knock again and again within half a second.
+  const c = client({ baseDelayMs: 2, maxDelayMs: 8, random: () => 1 });
+  const delays = [];
+  c.on("close", ({ willReconnect, delayMs }) => willReconnect && delays.push(delayMs));
+  c.connect().catch(() => {});
+  for (let opened = 1; opened <= 5; opened++) {
+    await until(`attempt ${opened}`, () => FakeSocket.opened.length === opened);
+    lastSocket().establish();
+    lastSocket().fail(1011);
+  }
+  assert.deepEqual(delays, [2, 4, 8, 8, 8]);
 });
 
 // ----- duplicates and gaps -------------------------------------------------------------

@@ -46,6 +46,11 @@ Listener = Callable[[dict[str, Any]], None]
 
 DEFAULT_REQUEST_TIMEOUT_SECS = 10.0
 DEFAULT_OPEN_TIMEOUT_SECS = 10.0
+# The backoff starts again at its base only after a connection that stayed up this long:
+# a node that greets and closes at once (a server error, a slow consumer's replay that
+# overflows again) would otherwise have all its clients knock again within the base
+# delay, over and over, instead of backing off as they do while it refuses them.
+DEFAULT_STABLE_AFTER_SECS = 5.0
 # The largest frame read from the server: 16 times its default frame limit (a message's
 # data is at most PUSH_MAX_FRAME_BYTES, 1 MiB by default, plus its envelope). A larger
 # one (a broken or hostile server) closes the connection with 1009 before it is held.
@@ -181,6 +186,7 @@ class PushClient:
         api_url: str | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         max_held_messages: int = DEFAULT_MAX_HELD_MESSAGES,
+        stable_after_secs: float = DEFAULT_STABLE_AFTER_SECS,
     ) -> None:
         self.url = url
         # Where gaps are read from: the REST root next to the WebSocket by default.
@@ -193,6 +199,7 @@ class PushClient:
         self.open_timeout_secs = open_timeout_secs
         self.max_frame_bytes = max_frame_bytes
         self.max_held_messages = max_held_messages
+        self.stable_after_secs = stable_after_secs
         # None: use the interval the server announces in connection_established.
         self.heartbeat_interval_secs = heartbeat_interval_secs
         # The jitter source: uniform in [0, 1). A test passes a fixed sequence.
@@ -201,6 +208,8 @@ class PushClient:
         self.server_id: str | None = None
         self.connection_id: str | None = None
         self.attempt = 0
+        # When the current connection's connection_established came (loop time).
+        self._established_at: float | None = None
         self._state = State.DISCONNECTED
         self._events = _Events()
         self._subscriptions: dict[str, Subscription] = {}
@@ -280,6 +289,7 @@ class PushClient:
     async def _reconnect_forever(self) -> None:
         while True:
             end = await self._one_connection()
+            self._count_attempts()
             if self._closing or is_terminal_close(end.code):
                 self._finish(end)
                 return
@@ -296,6 +306,13 @@ class PushClient:
                 },
             )
             await asyncio.sleep(delay)
+
+    def _count_attempts(self) -> None:
+        """Start the backoff again at its base after a connection that stayed up."""
+        established_at, self._established_at = self._established_at, None
+        now = asyncio.get_running_loop().time()
+        if established_at is not None and now - established_at >= self.stable_after_secs:
+            self.attempt = 0
 
     def _backoff(self, attempt: int) -> float:
         return backoff_delay(
@@ -411,7 +428,7 @@ class PushClient:
     async def _on_established(self, ws: ClientConnection, envelope: dict[str, Any]) -> None:
         self.server_id = envelope.get("server_id")
         self.connection_id = envelope.get("connection_id")
-        self.attempt = 0
+        self._established_at = asyncio.get_running_loop().time()
         self._heartbeat_secs = self.heartbeat_interval_secs or float(
             envelope.get("heartbeat_interval") or 25
         )

@@ -67,6 +67,11 @@ const DEFAULT_REQUEST_TIMEOUT_MS = 10_000;
 // minutes; without this bound such a WebSocket would never count as failed.
 const DEFAULT_OPEN_TIMEOUT_MS = 10_000;
 const DEFAULT_HEARTBEAT_INTERVAL_MS = 25_000;
+// The backoff starts again at its base only after a connection that stayed up this long:
+// a node that greets and closes at once (a server error, a slow consumer's replay that
+// overflows again) would otherwise have all its clients knock again within the base
+// delay, over and over, instead of backing off as they do while it refuses them.
+export const DEFAULT_STABLE_AFTER_MS = 5_000;
 // Browsers only let a page close with 1000 or 3000-4999; 4001 mirrors the server's own
 // heartbeat-timeout code so logs read the same on both sides.
 const HEARTBEAT_TIMEOUT_CLOSE = 4001;
@@ -270,6 +275,7 @@ export class PushClient {
     this.heartbeatIntervalMs = options.heartbeatIntervalMs ?? null;
     this.openTimeoutMs = options.openTimeoutMs ?? DEFAULT_OPEN_TIMEOUT_MS;
     this.maxHeldMessages = options.maxHeldMessages ?? DEFAULT_MAX_HELD_MESSAGES;
+    this.stableAfterMs = options.stableAfterMs ?? DEFAULT_STABLE_AFTER_MS;
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this.transports = options.transports ?? [Transport.WEBSOCKET, Transport.SSE];
     this.sseFallbackAfter = options.sseFallbackAfter ?? DEFAULT_SSE_FALLBACK_AFTER;
@@ -288,6 +294,7 @@ export class PushClient {
     this.pending = new Map(); // request id -> { resolve, reject, timer, channel? }
     this.nextId = 1;
     this.attempt = 0;
+    this.openedAt = null; // when the current connection (socket or stream) was established
     this.ws = null;
     this.openTimer = null;
     this.wsFailures = 0; // WebSocket opens that failed in a row
@@ -351,6 +358,7 @@ export class PushClient {
       }
       this.closedByUser = false;
       this.attempt = 0;
+      this.openedAt = null;
       this.setState(State.CONNECTING);
       // An event stream names its channels when it opens: wait one task so that
       // subscribe() calls made right after connect() ride on the first stream.
@@ -454,6 +462,9 @@ export class PushClient {
   }
 
   scheduleReconnect({ code, reason }, transport) {
+    // The backoff starts again at its base after a connection that stayed up.
+    if (this.openedAt !== null && Date.now() - this.openedAt >= this.stableAfterMs) this.attempt = 0;
+    this.openedAt = null;
     const delayMs = this.backoff(this.attempt);
     this.attempt += 1;
     this.setState(State.RECONNECTING);
@@ -536,7 +547,7 @@ export class PushClient {
     this.serverId = envelope.server_id;
     this.connectionId = envelope.connection_id;
     this.protocol = this.ws?.protocol || null;
-    this.attempt = 0;
+    this.openedAt = Date.now();
     this.startHeartbeat(this.heartbeatIntervalMs ?? (envelope.heartbeat_interval * 1000 || DEFAULT_HEARTBEAT_INTERVAL_MS));
     this.setState(State.CONNECTED);
     this.emit("open", envelope);
@@ -1083,7 +1094,7 @@ export class PushClient {
   }
 
   enterSse(envelope) {
-    this.attempt = 0;
+    this.openedAt = Date.now();
     this.protocol = null; // the stream is always JSON, with no subprotocol
     this.setState(State.SSE);
     if (envelope) this.emit("open", envelope);
