@@ -333,3 +333,45 @@ async def test_connections_closed_right_after_the_greeting_back_off_as_failures_
     finally:
         await client.close()
     assert delays[:5] == pytest.approx([0.01, 0.02, 0.04, 0.08, 0.08])
+
+
+async def test_a_delta_resync_whose_unsubscribe_is_refused_still_subscribes_again(
+    scripted: Callable[[Script], Awaitable[str]],
+) -> None:
+    # A delta that does not apply makes the client unsubscribe and subscribe again from
+    # the last seq it delivered. An unsubscribe answered with an error (here
+    # NOT_SUBSCRIBED; a reply that comes too late is the same) must not leave the
+    # channel without a subscription, silent for the rest of the connection.
+    subscribes: list[dict[str, Any]] = []
+
+    async def script(ws: ServerConnection) -> None:
+        await ws.send(established())
+        async for frame in ws:
+            request = json.loads(frame)
+            answer = {"id": request["id"], "channel": "news"}
+            if request["type"] == "unsubscribe":
+                error = {"type": "error", "code": "NOT_SUBSCRIBED", "message": "not subscribed"}
+                await ws.send(json.dumps({**answer, **error}))
+                continue
+            if request["type"] != "subscribe":
+                continue
+            subscribes.append(request)
+            reply = {**answer, "type": "subscribed", "seq": 0 if len(subscribes) == 1 else 2}
+            await ws.send(json.dumps({**reply, "delta": "fossil"}))
+            first = {"type": "message", "channel": "news", "timestamp": 0}
+            if len(subscribes) == 1:
+                await ws.send(json.dumps({**first, "seq": 1, "data": {"n": 1}}))
+                broken = {"seq": 2, "delta": True, "data_delta": "bm90IGEgZGVsdGE="}
+                await ws.send(json.dumps({**first, **broken}))
+            else:
+                await ws.send(json.dumps({**first, "seq": 2, "data": {"n": 2}}))
+
+    received: list[int] = []
+    client = PushClient(await scripted(script), **FAST)
+    await client.connect()
+    try:
+        await client.subscribe("news", lambda m: received.append(m["seq"]), delta=True)
+        await wait_until(lambda: received == [1, 2], "both messages", timeout=5)
+    finally:
+        await client.close()
+    assert subscribes[1]["since"] == 1

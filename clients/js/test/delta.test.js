@@ -147,3 +147,18 @@ test("over MessagePack the base is rebuilt from the frame's bytes as the server 
   ];
   for (const [value, repr] of cases) assert.equal(msgpack.pythonFloat(value), repr);
 });
+
+test("a resync whose unsubscribe is refused still subscribes again", async () => {
+  // NOT_SUBSCRIBED (or a reply that comes too late) to the resync's unsubscribe must not
+  // leave the channel without a subscription, silent for the rest of the connection.
+  const { seen, frame, socket } = await subscribedWithDelta();
+  frame(fullFrame("board", 1, state(1)));
+  frame(deltaFrame("board", 2, "bm90IGEgZGVsdGE="));
+  const unsubscribe = socket.sent.find((f) => f.type === "unsubscribe");
+  socket.receive({ type: "error", id: unsubscribe.id, code: "NOT_SUBSCRIBED", message: "not subscribed" });
+  const again = await until("a second subscribe", () => socket.sent.filter((f) => f.type === "subscribe")[1]);
+  assert.equal(again.since, 1);
+  socket.receive({ type: "subscribed", id: again.id, channel: "board", seq: 2, recovered: true, delta: "fossil" });
+  frame(fullFrame("board", 2, state(2)));
+  assert.deepEqual(seen.messages.map((m) => m.seq), [1, 2]);
+});

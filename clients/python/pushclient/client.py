@@ -531,8 +531,13 @@ class PushClient:
     async def _resubscribe(self, subscription: Subscription) -> None:
         try:
             await self._request({"type": "unsubscribe", "channel": subscription.channel})
-        except PushError:
+        except (ConnectionLost, ConnectionClosed, NotConnected):
             return  # the connection dropped: the reconnect subscribes again with since
+        except PushError:
+            # Refused (NOT_SUBSCRIBED) or not answered in time: the server handles a
+            # connection's frames in order, so the subscribe below still comes after
+            # the unsubscribe, whatever became of it; without it the channel is silent.
+            pass
         finally:
             subscription.resync = None
         ws = self._ws

@@ -617,18 +617,18 @@ export class PushClient {
     if (subscription.deltaFailures >= DELTA_FAILURES_MAX) subscription.delta = false;
     this.emit("error", new PushError("DELTA_MISMATCH", `"${subscription.channel}" seq ${seq}: ${error.message}; resubscribing`));
     subscription.resyncing = true;
-    this.request({ type: "unsubscribe", channel: subscription.channel }).then(
-      () => {
-        subscription.resyncing = false;
-        if (this.subscriptions.get(subscription.channel) === subscription && this.state === State.CONNECTED) {
-          this.sendSubscribe(subscription);
-        }
-      },
-      // The connection dropped: the reconnect subscribes again from the last seq.
-      () => {
-        subscription.resyncing = false;
-      },
-    );
+    const { ws } = this;
+    const subscribeAgain = () => {
+      subscription.resyncing = false;
+      // Not after the connection dropped: the reconnect subscribes again from the last seq.
+      if (this.subscriptions.get(subscription.channel) === subscription && this.state === State.CONNECTED && this.ws === ws) {
+        this.sendSubscribe(subscription);
+      }
+    };
+    // Refused (NOT_SUBSCRIBED) or not answered in time, the unsubscribe is still followed
+    // by the subscribe: the server handles a connection's frames in order, and without it
+    // the channel would be silent.
+    this.request({ type: "unsubscribe", channel: subscription.channel }).then(subscribeAgain, subscribeAgain);
   }
 
   deliver(subscription, message, replayed = null) {
