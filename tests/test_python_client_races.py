@@ -375,3 +375,34 @@ async def test_a_delta_resync_whose_unsubscribe_is_refused_still_subscribes_agai
     finally:
         await client.close()
     assert subscribes[1]["since"] == 1
+
+
+async def test_a_handshake_refused_with_retry_after_is_not_tried_again_sooner() -> None:
+    # A load balancer in front of the nodes answers 503 with Retry-After: sooner is
+    # refused again, and a crowd of clients that ignore it keeps the balancer busy.
+    attempts: list[float] = []
+
+    def refuse(ws: ServerConnection, request: Any) -> Any:
+        attempts.append(time.monotonic())
+        if len(attempts) > 2:
+            return None  # the third attempt goes through
+        response = ws.respond(503, "busy\n")
+        response.headers["Retry-After"] = "1"
+        return response
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(established())
+        await ws.wait_closed()
+
+    delays: list[float] = []
+    subprotocols = [Subprotocol("v1.json")]
+    async with serve(
+        handler, "127.0.0.1", 0, subprotocols=subprotocols, process_request=refuse
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        client = PushClient(f"ws://127.0.0.1:{port}/ws/", base_delay_secs=0.05, max_delay_secs=2)
+        client.on("close", lambda detail: delays.append(detail.get("delay_secs", -1)))
+        await asyncio.wait_for(client.connect(), 10)
+        await client.close()
+    assert delays[:2] == [1.0, 1.0]
+    assert attempts[2] - attempts[1] >= 1.0 - 0.01

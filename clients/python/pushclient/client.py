@@ -131,6 +131,8 @@ class _Pending:
 class _ConnectionEnd:
     code: int | None
     reason: str = ""
+    # A refused handshake's Retry-After (a load balancer's 429 or 503), in seconds.
+    retry_after_secs: float = 0.0
 
 
 def _with_token(url: str, token: str | None) -> str:
@@ -293,7 +295,8 @@ class PushClient:
             if self._closing or is_terminal_close(end.code):
                 self._finish(end)
                 return
-            delay = self._backoff(self.attempt)
+            # Not sooner than a refusal asked: sooner is refused again.
+            delay = max(self._backoff(self.attempt), min(end.retry_after_secs, self.max_delay_secs))
             self.attempt += 1
             self._set_state(State.RECONNECTING)
             self._events.emit(
@@ -355,7 +358,8 @@ class PushClient:
         except InvalidStatus as exc:
             status = exc.response.status_code
             code = _POLICY_CLOSE if status in _AUTH_REFUSED_STATUSES else None
-            return _ConnectionEnd(code, f"handshake refused with HTTP {status}")
+            reason = f"handshake refused with HTTP {status}"
+            return _ConnectionEnd(code, reason, retry_after_secs(exc.response))
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             return _ConnectionEnd(None, f"{type(exc).__name__}: {exc}")
         self._ws = ws

@@ -45,9 +45,10 @@ def get_json(url: str, headers: dict[str, str], timeout_secs: float) -> Any:
         return json.load(response)
 
 
-def retry_after_secs(exc: Exception) -> float:
-    """The ``Retry-After`` of a refused read (429, 503) in seconds; 0 without one."""
-    headers = getattr(exc, "headers", None)
+def retry_after_secs(refusal: object) -> float:
+    """The ``Retry-After`` of a refusal (429, 503) in seconds, 0 without one: a refused
+    read's ``HTTPError``, or a refused handshake's response."""
+    headers = getattr(refusal, "headers", None)
     try:
         return max(0.0, float(headers.get("Retry-After")))
     except (AttributeError, TypeError, ValueError):
