@@ -458,3 +458,23 @@ test("an unsubscribe while the resubscribe waits for its retry succeeds", async 
   assert.equal(await unsubscribed, null);
   assert.deepEqual(seen.error.map((error) => error.code), ["UNAVAILABLE"]);
 });
+
+test("a second subscribe of a channel whose first is not answered yet settles with the first", async () => {
+  const c = client();
+  c.connect().catch(() => {});
+  await until("a socket", () => FakeSocket.opened.length === 1);
+  lastSocket().establish();
+  const first = c.subscribe("private-news", () => {});
+  const second = c.subscribe("private-news", () => {});
+  let settled = false;
+  second.then(
+    () => (settled = true),
+    () => (settled = true),
+  );
+  await sleep(5);
+  assert.equal(settled, false, "the server has not answered yet");
+  const request = lastSocket().sent.find((frame) => frame.type === "subscribe");
+  lastSocket().receive({ type: "error", id: request.id, code: "FORBIDDEN", message: "no" });
+  await assert.rejects(first, { code: "FORBIDDEN" });
+  await assert.rejects(second, { code: "FORBIDDEN" });
+});

@@ -245,6 +245,7 @@ class Subscription {
     // history: handlers get `{ replayed: true }` so live statistics can leave them out.
     this.replayUntil = null;
     this.ready = null; // settled on the first `subscribed` (or error) reply
+    this.pending = null; // the promise subscribe() returned, until it settles
     // While a gap is being repaired: seq -> { message, replayed } of what arrived
     // meanwhile (which also drops duplicates); null when delivery is not held back.
     this.held = null;
@@ -927,7 +928,8 @@ export class PushClient {
     const existing = this.subscriptions.get(channel);
     if (existing) {
       existing.handler = handler;
-      return Promise.resolve(existing);
+      // Not answered yet: settles with the first call, refused or not.
+      return existing.pending ?? Promise.resolve(existing);
     }
     const subscription = new Subscription(this, channel, handler, since, {
       rewind,
@@ -940,12 +942,19 @@ export class PushClient {
     this.subscriptions.set(channel, subscription);
     if (this.state === State.CONNECTED) this.sendSubscribe(subscription);
     else if (this.state === State.SSE) this.reopenStreamSoon();
-    return ready.then((reply) => {
-      subscription.ready = null;
-      subscription.seq = reply.seq;
-      subscription.recovered = reply.recovered;
-      return subscription;
-    });
+    subscription.pending = ready.then(
+      (reply) => {
+        subscription.ready = subscription.pending = null;
+        subscription.seq = reply.seq;
+        subscription.recovered = reply.recovered;
+        return subscription;
+      },
+      (error) => {
+        subscription.ready = subscription.pending = null;
+        throw error;
+      },
+    );
+    return subscription.pending;
   }
 
   /**
