@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +18,14 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
-from tests.test_python_client import FAST, FakeHistory, PushClient, Subscription, message
+from tests.test_python_client import (
+    CLIENT_PATH,
+    FAST,
+    FakeHistory,
+    PushClient,
+    Subscription,
+    message,
+)
 from tests.waiting import wait_until
 
 Script = Callable[[ServerConnection], Awaitable[None]]
@@ -406,3 +415,27 @@ async def test_a_handshake_refused_with_retry_after_is_not_tried_again_sooner() 
         await client.close()
     assert delays[:2] == [1.0, 1.0]
     assert attempts[2] - attempts[1] >= 1.0 - 0.01
+
+
+async def test_cli_subscribe_closed_for_good_by_the_server_exits_with_failure(
+    scripted: Callable[[Script], Awaitable[str]],
+) -> None:
+    # The server closes with 1008 (the token was revoked, or the client went over its
+    # rate): a script watching `python -m pushclient subscribe` must see it failed.
+    async def script(ws: ServerConnection) -> None:
+        await ws.send(established())
+        async for request in replies(ws):
+            reply = {"type": "subscribed", "id": request["id"], "channel": "news", "seq": 0}
+            await ws.send(json.dumps(reply))
+            await ws.close(1008, "token revoked")
+
+    # This tree's client, whatever copy the environment installed.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "pushclient", "subscribe", "news", "--url", await scripted(script)),
+        env={**os.environ, "PYTHONPATH": str(CLIENT_PATH)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1, err.decode()

@@ -77,7 +77,14 @@ async def _subscribe(args: argparse.Namespace) -> int:
 
     for event in ("state", "gap", "unrecovered", "error"):
         client.on(event, lambda detail, event=event: _stderr(event, detail))
-    client.on("close", lambda detail: done.set() if not detail["will_reconnect"] else None)
+    ended: list[dict[str, Any]] = []  # the close for good, if the server ended it
+
+    def on_close(detail: dict[str, Any]) -> None:
+        if not detail["will_reconnect"]:
+            ended.append(detail)
+            done.set()
+
+    client.on("close", on_close)
     try:
         await client.connect()
         # Concurrently: one round trip for all channels. Each resumes after `since`.
@@ -90,6 +97,10 @@ async def _subscribe(args: argparse.Namespace) -> int:
         for sub in subscriptions:
             _stderr("subscribed", {"channel": sub.channel, "seq": sub.seq})
         await done.wait()
+        if ended and ended[0]["code"] != 1000:
+            # Closed for good (1008: a token revoked, a rate gone over; 1009) before
+            # --count: a script watching this must not take it for done.
+            return EXIT_ERROR
     except PushError as exc:
         _stderr("error", {"code": exc.code, "message": exc.message})
         return EXIT_ERROR
