@@ -478,3 +478,19 @@ test("a second subscribe of a channel whose first is not answered yet settles wi
   await assert.rejects(first, { code: "FORBIDDEN" });
   await assert.rejects(second, { code: "FORBIDDEN" });
 });
+
+test("after a 1008 close a new token and connect() resume every channel", async () => {
+  const { client: c, seen } = await subscribedAtThree();
+  lastSocket().fail(1008);
+  assert.equal(c.state, State.DISCONNECTED);
+  c.token = "fresh";
+  c.connect().catch(() => {});
+  await until("a new socket", () => FakeSocket.opened.length === 2);
+  assert.equal(new URL(lastSocket().url).searchParams.get("token"), "fresh");
+  lastSocket().establish();
+  const resume = lastSocket().sent.find((frame) => frame.type === "subscribe");
+  assert.equal(resume.since, 3);
+  lastSocket().receive({ type: "subscribed", id: resume.id, channel: "news", seq: 3, recovered: true });
+  lastSocket().message("news", 4);
+  assert.deepEqual(seen.messages.map(([seq]) => seq), [4]);
+});
