@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from tests.test_python_client import (
@@ -439,3 +440,35 @@ async def test_cli_subscribe_closed_for_good_by_the_server_exits_with_failure(
     )
     _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 1, err.decode()
+
+
+async def test_close_called_from_a_handler_closes_the_connection(
+    scripted: Callable[[Script], Awaitable[str]],
+) -> None:
+    # "Stop after the message I wanted": close() from inside a handler runs on the
+    # client's own read loop. The connection must close, and nothing more be handed on.
+    server_side: list[ServerConnection] = []
+
+    async def script(ws: ServerConnection) -> None:
+        server_side.append(ws)
+        await ws.send(established())
+        async for request in replies(ws):
+            reply = {"type": "subscribed", "id": request["id"], "channel": "news", "seq": 0}
+            await ws.send(json.dumps(reply))
+            for seq in (1, 2):
+                message = {"type": "message", "channel": "news", "seq": seq, "data": seq}
+                await ws.send(json.dumps(message))
+
+    received: list[int] = []
+    client = PushClient(await scripted(script), **FAST)
+
+    async def handler(message: dict[str, Any]) -> None:
+        received.append(message["seq"])
+        await client.close()
+
+    await client.connect()
+    await client.subscribe("news", handler)
+    await wait_until(lambda: received, "the first message", timeout=5)
+    await wait_until(lambda: server_side[0].state is State.CLOSED, "the close", timeout=5)
+    assert received == [1]
+    assert client.state == "disconnected"

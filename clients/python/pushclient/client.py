@@ -274,7 +274,12 @@ class PushClient:
         """Close for good: no reconnect; requests in flight fail with ``ConnectionClosed``."""
         self._closing = True
         task, self._run_task = self._run_task, None
-        if task is not None and not task.done():
+        if task is asyncio.current_task():
+            # Called from a handler, on the read loop itself, which cannot wait for
+            # itself: it sees ``_closing`` when the handler returns, and closes the
+            # socket on its way out.
+            pass
+        elif task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -374,7 +379,7 @@ class PushClient:
                 await asyncio.shield(ws.close())
 
     async def _read_frames(self, ws: ClientConnection) -> _ConnectionEnd:
-        while True:
+        while not self._closing:
             # Before connection_established the open timeout applies; after it, two
             # heartbeat intervals without any frame mean a dead connection that TCP
             # has not noticed yet (a laptop lid, a NAT that forgot us).
@@ -411,6 +416,7 @@ class PushClient:
                 self._events.emit(
                     "error", {"code": "INVALID_ENVELOPE", "message": message, "envelope": envelope}
                 )
+        return _ConnectionEnd(1000, "client closed")
 
     # ----- inbound envelopes -----------------------------------------------------------
 
