@@ -91,6 +91,17 @@ async def test_a_repeated_connection_established_does_not_add_heartbeats(
     assert len(heartbeats) <= (heartbeats[-1] - started[0]) / interval + 1, heartbeats
 
 
+def subscribed(request: dict[str, Any], seq: int, **fields: Any) -> str:
+    """The reply to ``request``, a subscribe of ``news``."""
+    reply = {"type": "subscribed", "id": request["id"], "channel": "news", "seq": seq}
+    return json.dumps({**reply, **fields})
+
+
+def news(seq: int, **fields: Any) -> str:
+    """A message of ``news`` whose data is its seq."""
+    return json.dumps({"type": "message", "channel": "news", "seq": seq, "data": seq, **fields})
+
+
 async def replies(ws: ServerConnection) -> AsyncIterator[dict[str, Any]]:
     """The client's requests; ``unsubscribe`` and ``heartbeat`` are answered here."""
     async for frame in ws:
@@ -120,23 +131,19 @@ async def test_a_late_reply_to_an_old_subscribe_leaves_the_new_subscription_alon
         async for request in replies(ws):
             subscribes.append(request)
             if len(connections) == 1:
-                reply = {"type": "subscribed", "id": request["id"], "channel": "news", "seq": 3}
-                await ws.send(json.dumps(reply))
+                await ws.send(subscribed(request, 3))
                 await ws.close(1012)
                 return
             if len(subscribes) == 2:
                 old, new = subscribes
                 if late_reply == "error":
-                    late = {"type": "error", "id": old["id"], "code": "FORBIDDEN", "message": "no"}
+                    refusal = {"type": "error", "id": old["id"], "code": "FORBIDDEN"}
+                    await ws.send(json.dumps({**refusal, "message": "no"}))
                 else:
-                    late = {"type": "subscribed", "id": old["id"], "channel": "news", "seq": 0}
-                    late["recovered"] = False
-                await ws.send(json.dumps(late))
-                reply = {"type": "subscribed", "id": new["id"], "channel": "news", "seq": 7}
-                await ws.send(json.dumps(reply))
+                    await ws.send(subscribed(old, 0, recovered=False))
+                await ws.send(subscribed(new, 7))
                 for seq in (8, 9):
-                    message = {"type": "message", "channel": "news", "seq": seq, "data": seq}
-                    await ws.send(json.dumps(message))
+                    await ws.send(news(seq))
 
     received: list[int] = []
     trouble: list[dict[str, Any]] = []
@@ -204,11 +211,9 @@ async def test_after_recovered_false_no_seq_reaches_the_handler_after_the_refetc
     async def script(ws: ServerConnection) -> None:
         await ws.send(established())
         async for request in replies(ws):
-            reply = {"type": "subscribed", "id": request["id"], "channel": "news", "seq": 8}
-            await ws.send(json.dumps({**reply, "recovered": False}))
+            await ws.send(subscribed(request, 8, recovered=False))
             for seq in (6, 7, 8, 9):
-                message = {"type": "message", "channel": "news", "seq": seq, "data": seq}
-                await ws.send(json.dumps(message))
+                await ws.send(news(seq))
 
     received: list[int] = []
     unrecovered: list[dict[str, Any]] = []
@@ -237,11 +242,9 @@ async def test_a_subscribe_given_up_by_its_caller_is_not_held(
         async for request in replies(ws):
             subscribes.append(request)
             if len(subscribes) == 2:
-                for seq, number in ((3, 0), (3, 1)):
-                    reply = {"type": "subscribed", "id": subscribes[number]["id"]}
-                    await ws.send(json.dumps({**reply, "channel": "news", "seq": seq}))
-                message = {"type": "message", "channel": "news", "seq": 4, "data": 4}
-                await ws.send(json.dumps(message))
+                for request in subscribes:
+                    await ws.send(subscribed(request, 3))
+                await ws.send(news(4))
 
     first: list[int] = []
     second: list[int] = []
@@ -298,7 +301,7 @@ async def test_an_unsubscribe_while_the_resubscribe_waits_for_its_retry_succeeds
             request = json.loads(frame)
             answer: dict[str, Any] = {"id": request.get("id"), "channel": "news"}
             if request["type"] == "subscribe" and len(connections) == 1:
-                await ws.send(json.dumps({**answer, "type": "subscribed", "seq": 3}))
+                await ws.send(subscribed(request, 3))
                 await ws.close(1012)
                 return
             elif request["type"] == "subscribe":
@@ -366,15 +369,14 @@ async def test_a_delta_resync_whose_unsubscribe_is_refused_still_subscribes_agai
             if request["type"] != "subscribe":
                 continue
             subscribes.append(request)
-            reply = {**answer, "type": "subscribed", "seq": 0 if len(subscribes) == 1 else 2}
-            await ws.send(json.dumps({**reply, "delta": "fossil"}))
-            first = {"type": "message", "channel": "news", "timestamp": 0}
+            await ws.send(subscribed(request, 0 if len(subscribes) == 1 else 2, delta="fossil"))
             if len(subscribes) == 1:
-                await ws.send(json.dumps({**first, "seq": 1, "data": {"n": 1}}))
-                broken = {"seq": 2, "delta": True, "data_delta": "bm90IGEgZGVsdGE="}
-                await ws.send(json.dumps({**first, **broken}))
+                await ws.send(news(1))
+                # Not a delta of anything: it does not apply.
+                broken = {"type": "message", "channel": "news", "seq": 2, "delta": True}
+                await ws.send(json.dumps({**broken, "data_delta": "bm90IGEgZGVsdGE="}))
             else:
-                await ws.send(json.dumps({**first, "seq": 2, "data": {"n": 2}}))
+                await ws.send(news(2))
 
     received: list[int] = []
     client = PushClient(await scripted(script), **FAST)
@@ -426,8 +428,7 @@ async def test_cli_subscribe_closed_for_good_by_the_server_exits_with_failure(
     async def script(ws: ServerConnection) -> None:
         await ws.send(established())
         async for request in replies(ws):
-            reply = {"type": "subscribed", "id": request["id"], "channel": "news", "seq": 0}
-            await ws.send(json.dumps(reply))
+            await ws.send(subscribed(request, 0))
             await ws.close(1008, "token revoked")
 
     # This tree's client, whatever copy the environment installed.
@@ -453,11 +454,9 @@ async def test_close_called_from_a_handler_closes_the_connection(
         server_side.append(ws)
         await ws.send(established())
         async for request in replies(ws):
-            reply = {"type": "subscribed", "id": request["id"], "channel": "news", "seq": 0}
-            await ws.send(json.dumps(reply))
+            await ws.send(subscribed(request, 0))
             for seq in (1, 2):
-                message = {"type": "message", "channel": "news", "seq": seq, "data": seq}
-                await ws.send(json.dumps(message))
+                await ws.send(news(seq))
 
     received: list[int] = []
     client = PushClient(await scripted(script), **FAST)
