@@ -471,3 +471,24 @@ async def test_close_called_from_a_handler_closes_the_connection(
     await wait_until(lambda: server_side[0].state is State.CLOSED, "the close", timeout=5)
     assert received == [1]
     assert client.state == "disconnected"
+
+
+async def test_a_handler_that_unsubscribes_during_a_gap_repair_gets_nothing_more() -> None:
+    client = PushClient("ws://push.test/ws/")
+    client.get_json = FakeHistory(range(1, 10))
+    seen: list[int] = []
+
+    async def handler(message: dict[str, Any]) -> None:
+        seen.append(message["seq"])
+        if message["seq"] == 5:
+            await client.unsubscribe("news")
+
+    ready = asyncio.get_running_loop().create_future()
+    subscription = Subscription("news", handler, 3, ready)
+    client._subscriptions["news"] = subscription
+    for seq in (4, 8, 9):
+        await client._on_message(message(seq))
+    repair = subscription.repair
+    assert repair is not None
+    await asyncio.wait([repair])
+    assert seen == [4, 5]

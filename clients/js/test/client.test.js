@@ -494,3 +494,22 @@ test("after a 1008 close a new token and connect() resume every channel", async 
   lastSocket().message("news", 4);
   assert.deepEqual(seen.messages.map(([seq]) => seq), [4]);
 });
+
+test("a handler that unsubscribes during a gap repair gets nothing more", async () => {
+  const { fetch } = history(range(1, 9));
+  const c = client({ fetch });
+  const seen = [];
+  c.connect().catch(() => {});
+  const subscribed = c.subscribe("news", (message) => {
+    seen.push(message.seq);
+    if (message.seq === 5) c.unsubscribe("news").catch(() => {});
+  });
+  await until("a socket", () => FakeSocket.opened.length === 1);
+  lastSocket().establish();
+  lastSocket().answerSubscribes({ news: 3 });
+  await subscribed;
+  for (const seq of [4, 8, 9]) lastSocket().message("news", seq);
+  await until("the unsubscribe", () => lastSocket().sent.some((frame) => frame.type === "unsubscribe"));
+  await sleep(20);
+  assert.deepEqual(seen, [4, 5]);
+});

@@ -555,6 +555,8 @@ class PushClient:
             await self._send_subscribe(ws, subscription)
 
     async def _deliver(self, subscription: Subscription, message: dict[str, Any]) -> None:
+        if self._subscriptions.get(subscription.channel) is not subscription:
+            return  # unsubscribed meanwhile (by a handler, during a repair's run)
         subscription.last_seq = message["seq"]
         self._events.emit("message", message)
         if subscription.handler is None:

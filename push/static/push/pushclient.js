@@ -633,6 +633,8 @@ export class PushClient {
   }
 
   deliver(subscription, message, replayed = null) {
+    // Unsubscribed meanwhile (by a handler, during a repair's run): nothing more.
+    if (this.subscriptions.get(subscription.channel) !== subscription) return;
     subscription.lastSeq = message.seq;
     subscription.refusals = 0; // received: on SSE no `subscribed` says so
     const meta = { replayed: replayed ?? (subscription.replayUntil !== null && message.seq <= subscription.replayUntil) };
