@@ -4,6 +4,7 @@ replies come late, twice or out of turn, and when a channel's gap repair is slow
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import fossil_delta
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.protocol import State
@@ -28,6 +30,8 @@ from tests.test_python_client import (
     message,
 )
 from tests.waiting import wait_until
+
+from pushclient.delta import data_text  # isort: skip (after the client is importable)
 
 Script = Callable[[ServerConnection], Awaitable[None]]
 
@@ -492,3 +496,26 @@ async def test_a_handler_that_unsubscribes_during_a_gap_repair_gets_nothing_more
     assert repair is not None
     await asyncio.wait([repair])
     assert seen == [4, 5]
+
+
+async def test_a_delta_that_would_make_data_over_the_frame_limit_is_refused() -> None:
+    # A broken or hostile server: a few bytes of copy commands can declare and build
+    # gigabytes out of a small base.
+    client = PushClient("ws://push.test/ws/", max_frame_bytes=2_000)
+    seen: list[int] = []
+    errors: list[dict[str, Any]] = []
+    client.on("error", errors.append)
+    ready = asyncio.get_running_loop().create_future()
+    subscription = Subscription("news", lambda m: seen.append(m["seq"]), 0, ready, delta=True)
+    subscription.delta_agreed = True
+    client._subscriptions["news"] = subscription
+    base, large = {"pad": "x" * 100}, {"pad": "y" * 4_000}
+    await client._on_message({**json.loads(news(1)), "data": base})
+    text_delta = fossil_delta.create_delta(data_text(base).encode(), data_text(large).encode())
+    delta = {"delta": True, "data_delta": base64.b64encode(text_delta).decode()}
+    await client._on_message({"type": "message", "channel": "news", "seq": 2, **delta})
+    assert seen == [1]
+    assert [error["code"] for error in errors] == ["DELTA_MISMATCH"]
+    assert "2000" in errors[0]["message"]
+    if subscription.resync is not None:
+        await asyncio.wait([subscription.resync])

@@ -33,8 +33,8 @@ function deltaFrame(channel, seq, dataDelta) {
 
 const state = (version) => JSON.stringify({ version, price: 100.0 + version, rows: Array.from({ length: 40 }, (_, i) => ({ id: i, name: `row ${i}` })) });
 
-async function subscribedWithDelta() {
-  const c = new PushClient("ws://push.test/ws/", { WebSocket: FakeSocket, transports: ["websocket"], baseDelayMs: 1, maxDelayMs: 4 });
+async function subscribedWithDelta(options = {}) {
+  const c = new PushClient("ws://push.test/ws/", { WebSocket: FakeSocket, transports: ["websocket"], baseDelayMs: 1, maxDelayMs: 4, ...options });
   clients.push(c);
   const seen = { messages: [], errors: [] };
   c.on("error", (error) => seen.errors.push(error));
@@ -161,4 +161,16 @@ test("a resync whose unsubscribe is refused still subscribes again", async () =>
   socket.receive({ type: "subscribed", id: again.id, channel: "board", seq: 2, recovered: true, delta: "fossil" });
   frame(fullFrame("board", 2, state(2)));
   assert.deepEqual(seen.messages.map((m) => m.seq), [1, 2]);
+});
+
+test("a delta that would make data larger than maxDeltaBytes is refused before it is applied", async () => {
+  // A broken or hostile server: a few bytes of copy commands can declare and build
+  // gigabytes out of a small base.
+  const { seen, frame } = await subscribedWithDelta({ maxDeltaBytes: 2_000 });
+  frame(fullFrame("board", 1, state(1)));
+  const large = JSON.stringify({ version: 2, pad: "y".repeat(4_000) });
+  frame(deltaFrame("board", 2, deltaOf(state(1), large)));
+  assert.deepEqual(seen.messages.map((m) => m.seq), [1]);
+  assert.deepEqual(seen.errors.map((e) => e.code), ["DELTA_MISMATCH"]);
+  assert.match(seen.errors[0].message, /2000/);
 });

@@ -506,7 +506,7 @@ class PushClient:
         try:
             if base is None or base[0] != seq - 1:
                 raise DeltaMismatch(f"a delta for seq {seq} without the message before it")
-            text = apply_delta(base[1], message["data_delta"])
+            text = apply_delta(base[1], message["data_delta"], max_bytes=self.max_frame_bytes)
             data = json.loads(text)
         except (DeltaMismatch, KeyError, TypeError, ValueError) as exc:
             self._delta_failed(subscription, seq, exc)

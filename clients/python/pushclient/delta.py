@@ -19,6 +19,8 @@ import fossil_delta
 
 # The one algorithm this client asks for.
 FOSSIL = "fossil"
+# The largest data text a delta may make, by default (the client passes its frame limit).
+DEFAULT_MAX_DELTA_BYTES = 16 * 1024 * 1024
 
 # Fossil's integers are written in this base-64 alphabet, most significant digit first.
 _DIGITS = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~"
@@ -37,14 +39,19 @@ def data_text(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def apply_delta(base: str, data_delta: str) -> str:
+def apply_delta(base: str, data_delta: str, *, max_bytes: int = DEFAULT_MAX_DELTA_BYTES) -> str:
     """The JSON text ``data_delta`` (base64) makes of ``base``; ``DeltaMismatch`` when
-    it does not apply or its checksum does not match."""
+    it does not apply, its checksum does not match, or it declares more than
+    ``max_bytes``: a broken or hostile server could otherwise have the client build (and
+    allocate up front) gigabytes from a small base."""
     try:
         delta = base64.b64decode(data_delta, validate=True)
         source = base.encode("utf-8")
     except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
         raise DeltaMismatch(f"undecodable delta or base: {exc}") from exc
+    size, _ = _read_int(delta, 0)
+    if size > max_bytes:
+        raise DeltaMismatch(f"the delta makes {size} bytes, over the {max_bytes} allowed")
     expected = _declared_checksum(delta)
     try:
         output = fossil_delta.apply_delta(source, delta)

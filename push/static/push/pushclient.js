@@ -96,6 +96,12 @@ const HISTORY_PAGE_MAX = 1000;
 // before the client stops asking for them there.
 const FOSSIL = "fossil";
 export const DELTA_FAILURES_MAX = 2;
+// The largest data text a delta may make (it declares its output size first): a broken
+// or hostile server could otherwise build gigabytes from a small base with a few bytes
+// of copy commands. As the Python client's frame limit: 16 times the server's default.
+export const DEFAULT_MAX_DELTA_BYTES = 16 * 1024 * 1024;
+// Fossil writes its integers in this base-64 alphabet, most significant digit first.
+const FOSSIL_DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~";
 
 /** Capped exponential backoff with full jitter: uniform in [0, min(max, base * 2^attempt)]. */
 export function backoffDelay(attempt, { baseMs = DEFAULT_BASE_DELAY_MS, maxMs = DEFAULT_MAX_DELAY_MS, random = Math.random } = {}) {
@@ -205,9 +211,18 @@ export function dataText(message, frame, format = null) {
   return JSON.stringify(message.data);
 }
 
-/** `base` (text) with the fossil delta `dataDelta` (base64) applied; throws unless the result's length and checksum match. */
-export function applyDataDelta(base, dataDelta) {
-  return textDecoder.decode(applyDelta(textEncoder.encode(base), base64Bytes(dataDelta)));
+/**
+ * `base` (text) with the fossil delta `dataDelta` (base64) applied; throws unless the
+ * result's length and checksum match, or when it declares more than `maxBytes`.
+ */
+export function applyDataDelta(base, dataDelta, maxBytes = DEFAULT_MAX_DELTA_BYTES) {
+  const delta = base64Bytes(dataDelta);
+  let size = 0;
+  for (let i = 0, digit; i < delta.length && (digit = FOSSIL_DIGITS.indexOf(String.fromCharCode(delta[i]))) >= 0; i++) {
+    size = size * 64 + digit;
+  }
+  if (size > maxBytes) throw new Error(`the delta makes ${size} bytes, over the ${maxBytes} allowed`);
+  return textDecoder.decode(applyDelta(textEncoder.encode(base), delta));
 }
 
 export function formatCursor(entries) {
@@ -277,6 +292,7 @@ export class PushClient {
     this.openTimeoutMs = options.openTimeoutMs ?? DEFAULT_OPEN_TIMEOUT_MS;
     this.maxHeldMessages = options.maxHeldMessages ?? DEFAULT_MAX_HELD_MESSAGES;
     this.stableAfterMs = options.stableAfterMs ?? DEFAULT_STABLE_AFTER_MS;
+    this.maxDeltaBytes = options.maxDeltaBytes ?? DEFAULT_MAX_DELTA_BYTES;
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this.transports = options.transports ?? [Transport.WEBSOCKET, Transport.SSE];
     this.sseFallbackAfter = options.sseFallbackAfter ?? DEFAULT_SSE_FALLBACK_AFTER;
@@ -596,7 +612,7 @@ export class PushClient {
     try {
       const base = subscription.base;
       if (!base || base.seq !== message.seq - 1) throw new Error(`a delta for seq ${message.seq} without the message before it`);
-      text = applyDataDelta(base.text, message.data_delta);
+      text = applyDataDelta(base.text, message.data_delta, this.maxDeltaBytes);
       data = JSON.parse(text);
     } catch (error) {
       this.deltaFailed(subscription, message.seq, error);
