@@ -28,6 +28,7 @@ from tests.test_python_client import (
     PushClient,
     Subscription,
     message,
+    pushclient,
 )
 from tests.waiting import wait_until
 
@@ -519,3 +520,25 @@ async def test_a_delta_that_would_make_data_over_the_frame_limit_is_refused() ->
     assert "2000" in errors[0]["message"]
     if subscription.resync is not None:
         await asyncio.wait([subscription.resync])
+
+
+async def test_a_repair_in_flight_stops_when_its_channel_is_refused() -> None:
+    # The resubscribe after a reconnect is refused for good (FORBIDDEN: the grant was
+    # revoked) while the channel's gap is being read: the repair must end there, not
+    # read the history again and again for a channel the client no longer has.
+    history = GatedHistory(range(1, 10))
+    client = PushClient("ws://push.test/ws/")
+    client.get_json = history
+    ready = asyncio.get_running_loop().create_future()
+    ready.set_result({})
+    subscription = Subscription("news", None, 3, ready)
+    client._subscriptions["news"] = subscription
+    for seq in (4, 8):
+        await client._on_message(message(seq))
+    repair = subscription.repair
+    assert repair is not None
+    client._pending[1] = pushclient.client._Pending(future=None, subscription=subscription)
+    client._on_error({"type": "error", "id": 1, "code": "FORBIDDEN", "message": "revoked"})
+    history.gate.set()
+    await wait_until(repair.done, "the repair to end", timeout=5)
+    assert len(history.requests) <= 1

@@ -513,3 +513,28 @@ test("a handler that unsubscribes during a gap repair gets nothing more", async 
   await sleep(20);
   assert.deepEqual(seen, [4, 5]);
 });
+
+test("a repair in flight stops when its channel's resubscribe is refused", async () => {
+  // FORBIDDEN after a reconnect (the grant was revoked) while the gap is being read: the
+  // repair ends there instead of reading the history again and again.
+  let openGate;
+  const gate = new Promise((resolve) => {
+    openGate = resolve;
+  });
+  const { fetch: read, calls } = history(range(1, 9));
+  const fetch = async (url, init) => {
+    await gate;
+    return read(url, init);
+  };
+  const { seen } = await subscribedAtThree({ fetch });
+  for (const seq of [4, 8]) lastSocket().message("news", seq);
+  lastSocket().fail(1012);
+  await until("a reconnect", () => FakeSocket.opened.length === 2);
+  lastSocket().establish();
+  const resubscribe = lastSocket().sent.find((frame) => frame.type === "subscribe");
+  lastSocket().receive({ type: "error", id: resubscribe.id, code: "FORBIDDEN", message: "revoked" });
+  openGate();
+  await sleep(50);
+  assert.ok(calls.length <= 1, `${calls.length} history reads`);
+  assert.deepEqual(seen.messages.map(([seq]) => seq), [4]);
+});

@@ -612,6 +612,8 @@ class PushClient:
         """Deliver the seqs after the last delivered up to ``until`` from the history, a
         page at a time; what it does not have (trimmed) or will not give is given up."""
         while (after := subscription.delivered) < until:
+            if self._subscriptions.get(subscription.channel) is not subscription:
+                return  # dropped meanwhile: nothing more to read for it
             page = await self._fetch_missing(subscription, after, until)
             if not page:
                 break
@@ -751,6 +753,7 @@ class PushClient:
         if subscription is not None:
             # A refused subscribe must not be sent again on every reconnect.
             self._subscriptions.pop(subscription.channel, None)
+            _stop_repair(subscription)
         self._settle(envelope, error)
 
     async def _subscribe_again(self, ws: ClientConnection, subscription: Subscription) -> None:

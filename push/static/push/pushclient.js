@@ -670,8 +670,9 @@ export class PushClient {
   // behind, or a bug. REST rather than a second subscribe: on a drop-oldest channel the
   // server would push that replay through the same send queue that just overflowed.
   async repairGaps(subscription, held) {
-    // An unsubscribe or close() sets `held` to null (or a later repair to its own map).
-    const wanted = () => subscription.held === held;
+    // An unsubscribe or close() sets `held` to null (or a later repair to its own map); a
+    // refusal drops the subscription.
+    const wanted = () => subscription.held === held && this.subscriptions.get(subscription.channel) === subscription;
     try {
       while (wanted()) {
         this.deliverHeldRun(subscription, held);
