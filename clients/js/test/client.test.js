@@ -104,6 +104,21 @@ function history(stored, { failures = 0 } = {}) {
 
 const range = (first, last) => Array.from({ length: last - first + 1 }, (_, i) => first + i);
 
+// The history of `history(stored)` that answers only once the test calls `open()`: a
+// slow read, while which the channel goes on.
+function gatedHistory(stored) {
+  let open;
+  const gate = new Promise((resolve) => {
+    open = resolve;
+  });
+  const { fetch: read, calls } = history(stored);
+  const fetch = async (url, init) => {
+    await gate;
+    return read(url, init);
+  };
+  return { fetch, calls, open };
+}
+
 // A client subscribed to `news` at seq 3, and what its handler and listeners see.
 async function subscribedAtThree(options) {
   const c = client({ token: "key", ...options });
@@ -119,15 +134,7 @@ async function subscribedAtThree(options) {
 }
 
 test("duplicates are dropped, and a gap is filled from the history before anything after it", async () => {
-  const { fetch: read, calls } = history(range(1, 9));
-  let openGate;
-  const gate = new Promise((resolve) => {
-    openGate = resolve;
-  });
-  const fetch = async (url, init) => {
-    await gate;
-    return read(url, init);
-  };
+  const { fetch, calls, open: openGate } = gatedHistory(range(1, 9));
   const { seen } = await subscribedAtThree({ fetch });
   for (const seq of [4, 4, 7, 6, 9, 6]) lastSocket().message("news", seq);
   // While the history is read, what came after the gap waits.
@@ -256,15 +263,7 @@ test("a resubscribe with no reply in time is asked again", async () => {
 });
 
 test("an unsubscribe stops a repair in flight", async () => {
-  let openGate;
-  const gate = new Promise((resolve) => {
-    openGate = resolve;
-  });
-  const { fetch: read, calls } = history(range(1, 9));
-  const fetch = async (url, init) => {
-    await gate;
-    return read(url, init);
-  };
+  const { fetch, calls, open: openGate } = gatedHistory(range(1, 9));
   const { client: c, seen } = await subscribedAtThree({ fetch });
   lastSocket().message("news", 6);
   c.unsubscribe("news").catch(() => {}); // no reply from the fake server
@@ -366,15 +365,7 @@ test("a first subscribe with no reply in time is not held: its late reply delive
 });
 
 test("a slow gap repair holds a bounded number of messages, and reads what it left out from the history", async () => {
-  let openGate;
-  const gate = new Promise((resolve) => {
-    openGate = resolve;
-  });
-  const { fetch: read } = history(range(1, 40));
-  const fetch = async (url, init) => {
-    await gate;
-    return read(url, init);
-  };
+  const { fetch, open: openGate } = gatedHistory(range(1, 40));
   const { client: c, seen } = await subscribedAtThree({ fetch, maxHeldMessages: 5 });
   let heldMost = 0;
   for (const seq of [4, ...range(6, 40)]) {
@@ -517,15 +508,7 @@ test("a handler that unsubscribes during a gap repair gets nothing more", async 
 test("a repair in flight stops when its channel's resubscribe is refused", async () => {
   // FORBIDDEN after a reconnect (the grant was revoked) while the gap is being read: the
   // repair ends there instead of reading the history again and again.
-  let openGate;
-  const gate = new Promise((resolve) => {
-    openGate = resolve;
-  });
-  const { fetch: read, calls } = history(range(1, 9));
-  const fetch = async (url, init) => {
-    await gate;
-    return read(url, init);
-  };
+  const { fetch, calls, open: openGate } = gatedHistory(range(1, 9));
   const { seen } = await subscribedAtThree({ fetch });
   for (const seq of [4, 8]) lastSocket().message("news", seq);
   lastSocket().fail(1012);
