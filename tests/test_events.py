@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -34,6 +35,7 @@ from redis.backoff import NoBackoff
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from common.background import cancel_and_wait
 from devtools.processes import free_port
 from push.ops import event_worker
 from push.ops.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers, register_handler
@@ -42,12 +44,15 @@ from push.ops.events import (
     CHANNEL_VACATED,
     CLIENT_EVENT,
     CONNECT,
+    DISCONNECT,
     EventLog,
     event,
 )
 from push.ops.logs import RedactFilter
 from push.ops.webhooks import WebhookFailed, deliver_webhooks
+from push.services.runtime import get_node, stop_node
 from push.tests.backends import terminate_backends
+from push.tests.redis_proxy import Proxy
 from tests.servers import (
     ROOT,
     Database,
@@ -1002,3 +1007,54 @@ async def test_the_worker_serves_what_it_counts_to_prometheus(
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
         client.close()
+
+
+async def test_a_batch_being_written_when_the_node_stops_is_written_all_the_same() -> None:
+    """A node stopping cancels its event loop, possibly with a batch on its way to a slow
+    Redis: that batch is written by the stop's last flush, not lost."""
+    port = urlsplit(settings.REDIS_URL).port or 6379
+    proxy = Proxy(("127.0.0.1", port))
+    proxied = aioredis.Redis(host="127.0.0.1", port=await proxy.start(), db=_redis_db())
+    prefix = f"stopping{uuid.uuid4().hex[:8]}"
+    log = EventLog(proxied, prefix, "node-s", maxlen=1000)
+    try:
+        await proxied.ping()
+        proxy.frozen = True  # Redis answers nothing: the loop's batch stays in flight
+        log.emit(CONNECT, connection_id="c-in-flight")
+        loop_task = asyncio.create_task(log.run())
+        await wait_until(lambda: not log._buffer, "the loop to take the batch")
+        await cancel_and_wait([loop_task], timeout=5)
+        proxy.frozen = False
+        log.emit(DISCONNECT, connection_id="c-in-flight")
+        await asyncio.wait_for(log.flush(), 10)  # the stop's last flush
+        entries = await proxied.xrange(f"{prefix}:events")
+        kinds = [json.loads(fields[b"event"])["type"] for _, fields in entries]
+        # Both there (the cancelled write may have reached Redis too: twice is allowed).
+        assert {CONNECT, DISCONNECT} <= set(kinds), kinds
+    finally:
+        await proxied.delete(f"{prefix}:events")
+        await proxied.aclose()
+        await proxy.stop()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("fresh_node")
+async def test_events_emitted_just_before_the_node_stops_reach_the_stream() -> None:
+    node = await get_node()
+    stream = f"{node.directory.prefix}:events"
+    connection_id = f"c-last-{uuid.uuid4().hex[:6]}"
+    node.events.emit(DISCONNECT, connection_id=connection_id)
+    await stop_node()
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        assert connection_id in [e.get("connection_id") for e in _stream_events_of(client, stream)]
+    finally:
+        client.close()
+
+
+def _stream_events_of(client: redis.Redis, stream: str) -> list[dict]:
+    return [json.loads(fields[b"event"]) for _, fields in client.xrange(stream)]
+
+
+def _redis_db() -> int:
+    return int(urlsplit(settings.REDIS_URL).path.lstrip("/") or 0)

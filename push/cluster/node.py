@@ -9,6 +9,7 @@ the local hub delivers it at once and the broker carries it to the other nodes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -243,6 +244,7 @@ class Node:
         if running:
             relay.relay_with(None)
         await cancel_and_wait([*self._tasks, *self._reaping.values()], timeout=STOP_TASKS_SECS)
+        await self._flush_events(flush_secs)
         await self.broker.stop()
         await recent_store.store_close()
 
@@ -256,6 +258,15 @@ class Node:
         if self._cache_task is not None:
             flushing.append(asyncio.wait({self._cache_task}, timeout=timeout_secs))
         await asyncio.gather(*flushing)
+
+    async def _flush_events(self, timeout_secs: float) -> None:
+        """The lifecycle events still buffered, the batch the cancelled loop was writing
+        among them, written for ``timeout_secs`` at most: after the loops that emit them
+        have ended, or the last of them were lost with the process."""
+        if self.loop is not asyncio.get_running_loop():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.events.flush(), timeout_secs)
 
     def broadcast(self, message: ChannelMessage) -> None:
         """A message committed on this node: to local subscribers, the other nodes

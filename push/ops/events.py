@@ -126,6 +126,7 @@ class EventLog:
         self._buffered_bytes = 0
         # The channels this node holds, as its occupancy sets should say (``repair``).
         self._held: set[str] = set()
+        self._flushing = asyncio.Lock()
         if redis is not None:
             self._occupy = redis.register_script(_OCCUPY)
             self._vacate = redis.register_script(_VACATE)
@@ -159,6 +160,12 @@ class EventLog:
             metrics.EVENTS_DROPPED.inc(dropped)
 
     async def flush(self) -> None:
+        """Write what is buffered. One batch is in flight at a time, so a flush waits for
+        the one under way (the loop's, when the node stops) and batches land in order."""
+        async with self._flushing:
+            await self._write_buffered()
+
+    async def _write_buffered(self) -> None:
         if not self._buffer or self.redis is None:
             return
         batch, self._buffer = self._buffer, deque()
@@ -177,9 +184,14 @@ class EventLog:
                         approximate=True,
                     )
                 await pipe.execute()
-        except Exception as exc:
-            logger.warning("could not append %d events: %s", len(batch), exc)
+        except BaseException as exc:
+            # Cancelled too (a node stopping cancels its loops): the batch goes back, for
+            # the stop's last flush, or it was lost with its write under way. Written
+            # twice at worst, which at-least-once handling allows.
             self._restore(batch, batch_bytes)
+            if not isinstance(exc, Exception):
+                raise
+            logger.warning("could not append %d events: %s", len(batch), exc)
 
     def _restore(self, batch: deque[dict[str, Any] | OccupancyChange], nbytes: int) -> None:
         """Put an unwritten batch (of ``nbytes``) back before what was emitted since,
