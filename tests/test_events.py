@@ -37,7 +37,7 @@ from websockets.exceptions import ConnectionClosed
 
 from common.background import cancel_and_wait
 from devtools.processes import free_port
-from push.ops import event_worker
+from push.ops import event_worker, webhooks
 from push.ops.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers, register_handler
 from push.ops.events import (
     CHANNEL_OCCUPIED,
@@ -685,6 +685,52 @@ def test_a_receiver_that_trickles_its_answer_does_not_hold_the_worker() -> None:
         with override_settings(PUSH={"WEBHOOK_URLS": _urls([server])}):
             deliver_webhooks(event(CONNECT, connection_id="c-trickled"))  # 200: accepted
         assert time.monotonic() - started < 10, "the worker read the whole trickled answer"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _HeaderTrickler(BaseHTTPRequestHandler):
+    """A webhook receiver that sends its status line and headers a byte every 0.5 s
+    (each within any read timeout), for ``trickle_secs`` at most."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        head = b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"x" * 10_000 + b"\r\n\r\n"
+        until = time.monotonic() + self.server.trickle_secs  # type: ignore[attr-defined]  # set by the test
+        try:
+            for byte in head:
+                if time.monotonic() > until:
+                    break
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.5)
+        except OSError:  # the sender hung up: what a deadline does
+            pass
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_receiver_that_trickles_its_headers_is_given_up_at_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each byte comes within the read timeout: only a deadline on the whole request
+    frees the worker's thread (which would otherwise wait as long as the receiver likes)."""
+    monkeypatch.setattr(webhooks, "REQUEST_DEADLINE_SECS", 1.5)
+    monkeypatch.setattr(webhooks, "ATTEMPTS", 1)
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _HeaderTrickler)
+    server.trickle_secs = 15.0  # type: ignore[attr-defined]  # read by _HeaderTrickler
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with (
+            override_settings(PUSH={"WEBHOOK_URLS": _urls([server])}),
+            pytest.raises(WebhookFailed, match="Timeout"),
+        ):
+            deliver_webhooks(event(CONNECT, connection_id="c-slow-head"))
+        assert time.monotonic() - started < 8, "the receiver held the request past its deadline"
     finally:
         server.shutdown()
         server.server_close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import httpcore
 import httpx
 from django.conf import settings
 from django.core.cache import cache
@@ -40,7 +42,12 @@ from push.ops.logs import redact
 
 ATTEMPTS = 3
 FIRST_BACKOFF_SECS = 0.2
+# Each connect, read and write: a receiver that stops answering.
 TIMEOUT_SECS = 5.0
+# A whole attempt, connecting to the answer's status: a receiver that sends its status
+# line and headers a byte at a time, each within TIMEOUT_SECS, would otherwise hold a
+# worker's thread for as long as it likes.
+REQUEST_DEADLINE_SECS = 10.0
 # How long a URL that accepted an event is remembered: past every retry the event can
 # get (PUSH_EVENT_MAX_ATTEMPTS x PUSH_EVENT_RETRY_SECS, times a margin for busy workers),
 # and no longer: every delivered event leaves one key per URL in Redis for that long
@@ -93,10 +100,81 @@ class WebhookTarget:
     scope: str = ""
 
 
+# When the request this thread sends must be over (``time.monotonic()``), or None.
+_deadline = threading.local()
+
+
+def _within_deadline(timeout: float | None, late: type[Exception]) -> float | None:
+    """``timeout`` cut to what is left of this thread's request deadline; ``late`` is
+    raised once nothing is."""
+    at: float | None = getattr(_deadline, "at", None)
+    if at is None:
+        return timeout
+    left = at - time.monotonic()
+    if left <= 0:
+        raise late(f"no answer within {REQUEST_DEADLINE_SECS:g} s")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read and write ends by the request's deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _within_deadline(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _within_deadline(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        timeout = _within_deadline(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.SyncBackend):
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        timeout = _within_deadline(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(
+            super().connect_tcp(host, port, timeout, local_address, socket_options)
+        )
+
+
+class _DeadlineTransport(httpx.HTTPTransport):
+    """httpx's transport, on connections that keep the request deadline (httpx lets
+    no network backend be given, so its pool is made again with ours)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(), network_backend=_DeadlineBackend()
+        )
+
+
 def _post(client: httpx.Client, target: WebhookTarget) -> None:
     delay = FIRST_BACKOFF_SECS
     for attempt in range(1, ATTEMPTS + 1):
         body, headers = target.request()
+        _deadline.at = time.monotonic() + REQUEST_DEADLINE_SECS
         try:
             # Only the status is read: the body, which could be endless or trickled a
             # byte at a time (each within the read timeout), is left unread, and the
@@ -108,6 +186,8 @@ def _post(client: httpx.Client, target: WebhookTarget) -> None:
             problem = f"HTTP {status}"
         except httpx.HTTPError as exc:
             problem = f"{type(exc).__name__}: {exc}"
+        finally:
+            _deadline.at = None
         if attempt < ATTEMPTS:
             time.sleep(delay)
             delay *= 2
@@ -151,7 +231,7 @@ def deliver_to_targets(event_id: str, targets: list[WebhookTarget]) -> None:
         targets = [t for t in targets if _accepted_key(event_id, t) not in accepted]
     if not targets:
         return
-    with httpx.Client(timeout=TIMEOUT_SECS) as client:
+    with httpx.Client(timeout=TIMEOUT_SECS, transport=_DeadlineTransport()) as client:
         futures = [
             _executor().submit(_send_and_remember, client, target, event_id) for target in targets
         ]
