@@ -559,13 +559,23 @@ class PushSettings:
         [], EnvType.LIST, "dotted paths of `handler(event)` functions the event worker calls"
     )
     EVENT_MAX_ATTEMPTS: int = option(
-        5, EnvType.INT, "handler attempts before an event is dead-lettered"
+        10,
+        EnvType.INT,
+        "handler attempts before an event is dead-lettered (also bounded by "
+        "`PUSH_EVENT_RETRY_TOTAL_SECS`)",
     )
     EVENT_RETRY_SECS: float = option(
         10.0,
         EnvType.NUMBER,
         "how long an event whose handling failed (or whose worker died) waits before a "
-        "worker runs it again",
+        "worker runs it again; each later retry waits twice as long as the one before "
+        "(at most 5 minutes), with jitter",
+    )
+    EVENT_RETRY_TOTAL_SECS: float = option(
+        900.0,
+        EnvType.NUMBER,
+        "how long after its first failure an event is still retried: one whose next "
+        "retry would come later is dead-lettered",
     )
     WEBHOOK_URLS: list[str] = option([], EnvType.LIST, "where the event worker POSTs events")
     WEBHOOK_SECRET: str | None = option(

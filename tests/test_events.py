@@ -860,6 +860,73 @@ def test_a_channels_later_events_wait_for_its_failed_one() -> None:
         client.delete(stream, f"{stream}:dead")
 
 
+def test_a_receiver_down_for_a_while_gets_the_event_when_it_is_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Five attempts 0.3 s apart were spent in about a second, and the event
+    dead-lettered, while the receiver was down for two: the retries back off (0.3 s,
+    then about 0.6, 1.2, 2.4), so the last of them finds it back."""
+    monkeypatch.setattr(event_worker, "BLOCK_MS", 20)  # steps as often as the test likes
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"backoff-{uuid.uuid4().hex[:8]}:events"
+    back_at: list[float] = []
+    delivered: list[str] = []
+
+    def down_at_first(received: dict) -> None:
+        now = time.monotonic()
+        back_at.append(back_at[0] if back_at else now + 1.8)
+        if now < back_at[0]:
+            raise RuntimeError("receiver down")
+        delivered.append(received["id"])
+
+    worker = _in_process_worker(
+        client, stream, [down_at_first], concurrency=1, max_attempts=5, retry_idle_ms=300
+    )
+    try:
+        worker.ensure_group()
+        sent = event(CONNECT, connection_id="c-outage")
+        client.xadd(stream, {"event": json.dumps(sent)})
+        _step_until_none_pending(worker, client, stream)
+        assert delivered == [sent["id"]]
+        assert not client.xrange(f"{stream}:dead")
+    finally:
+        client.delete(stream, f"{stream}:dead")
+        client.close()
+
+
+def test_an_event_is_dead_lettered_once_its_retries_would_outlast_their_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Retries 0.2, 0.4 and 0.8 s after each failure: a third retry would come 1.4 s
+    after the first failure, past the 1 s the event may be retried for."""
+    monkeypatch.setattr(event_worker, "BLOCK_MS", 20)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"retry-total-{uuid.uuid4().hex[:8]}:events"
+
+    def refuses(received: dict) -> None:
+        raise RuntimeError("receiver refuses it")
+
+    worker = EventWorker(
+        client,
+        stream=stream,
+        group=DEFAULT_GROUP,
+        consumer="in-process",
+        handlers=[refuses],
+        max_attempts=10,
+        retry_idle_ms=200,
+        retry_total_ms=1000,
+    )
+    try:
+        worker.ensure_group()
+        client.xadd(stream, {"event": json.dumps(event(CONNECT, connection_id="c-refused"))})
+        _step_until_none_pending(worker, client, stream)
+        dead = client.xrange(f"{stream}:dead")
+        assert [fields[b"attempts"] for _, fields in dead] == [b"3"]
+    finally:
+        client.delete(stream, f"{stream}:dead")
+        client.close()
+
+
 @pytest.fixture
 def refusing_occupied() -> Iterator[tuple[redis.Redis, str, list[str], EventWorker]]:
     """A stream and a worker on it whose handler refuses every channel_occupied and

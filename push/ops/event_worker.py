@@ -6,21 +6,27 @@ URLs, plus any ``register_handler``).
 An entry is acknowledged only after every handler succeeded. A worker that dies leaves
 its entries pending; any worker claims entries idle for ``PUSH_EVENT_RETRY_SECS``
 (XAUTOCLAIM) and runs them again, so handlers see each event at least once (dedupe by
-the event's ``id``). While a worker works through a batch it keeps the rest of the
+the event's ``id``). An entry whose handling failed is retried with exponential backoff:
+first after about ``PUSH_EVENT_RETRY_SECS``, then twice as long each time (at most
+five minutes, ``push.ops.retries``), each delay drawn between half and all of that, so
+the events a receiver refused together do not all come back at once. Its due time is kept in
+``<stream>:retry:<entry id>``; one claimed before it is left pending again, its
+attempts as they were. While a worker works through a batch it keeps the rest of the
 batch its own (their idle time restarts), so a long batch is not taken over by another
 worker and handled twice. Up to ``PUSH_EVENT_CONCURRENCY`` entries of a batch are
 handled at once (handlers run on several threads, so one slow webhook receiver does not
 hold up the events behind it), except that the events of one connection, or of one
 channel's occupancy, run one after the other in stream order. An entry that failed
-``PUSH_EVENT_MAX_ATTEMPTS`` times moves to the dead-letter stream
+``PUSH_EVENT_MAX_ATTEMPTS`` times, or whose next retry would come later than
+``PUSH_EVENT_RETRY_TOTAL_SECS`` after its first failure, moves to the dead-letter stream
 ``<prefix>:events:dead``, shown in the admin.
 
 An event that failed holds back the later events of its connection (or channel) until
 it is handled or dead-lettered, whichever worker reads them: it is named in
 ``<stream>:waiting:<connection or channel>``, and a later event of the same one is
 left pending to be claimed with it, in stream order, without spending an attempt. An
-event waits so at most twice ``PUSH_EVENT_MAX_ATTEMPTS`` x ``PUSH_EVENT_RETRY_SECS``
-after it was added.
+event waits so at most twice the retries' span (``retry_span_secs``) plus the retry
+delay after it was added.
 
 A worker told to stop (SIGTERM) finishes the events in hand and leaves the rest of its
 batch pending, for another worker to claim after the retry delay: a batch of slow
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +51,7 @@ from django.db import close_old_connections
 from django.utils.module_loading import import_string
 
 from common import metrics
+from push.ops.retries import retry_delay_secs, retry_span_secs
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +106,7 @@ class EventWorker:
         handlers: list[Handler],
         max_attempts: int,
         retry_idle_ms: int,
+        retry_total_ms: int | None = None,
         concurrency: int = 1,
     ) -> None:
         self.redis = redis
@@ -108,12 +117,18 @@ class EventWorker:
         self.handlers = handlers
         self.max_attempts = max_attempts
         self.retry_idle_ms = retry_idle_ms
+        self.retry_total_ms = retry_total_ms
         self.concurrency = max(concurrency, 1)
         self._stop: Callable[[], bool] = lambda: False
-        # How long a failed event holds back those behind it, renewed at each failure: a
-        # few retry delays (a worker that died with it, another's busy batch), so that
-        # a lost name (a worker killed between acknowledging and releasing) frees them.
-        self._waiting_ms = retry_idle_ms * 6
+        # Where XAUTOCLAIM goes on in the pending list: from its start every time, it
+        # saw only the first BATCH x 10 entries, and failed events waiting past those
+        # were never claimed while the first ones kept failing.
+        self._claim_from = "0-0"
+        # How long a failed event holds back those behind it, renewed at each failure:
+        # its longest wait and a few retry delays (a worker that died with it, another's
+        # busy batch), so that a lost name (a worker killed between acknowledging and
+        # releasing) frees them.
+        self._waiting_ms = retry_idle_ms * 6 + int(self._delay_ms(max_attempts))
         self._release = redis.register_script(_RELEASE)
         self._pool = (
             ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="push-events")
@@ -136,12 +151,18 @@ class EventWorker:
 
     def step(self) -> int:
         """Handle what others left pending, then new entries; returns how many."""
-        _, claimed, *trimmed = self.redis.xautoclaim(
-            self.stream, self.group, self.consumer, self.retry_idle_ms, "0-0", count=BATCH
+        cursor, claimed, *trimmed = self.redis.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            self.retry_idle_ms,
+            self._claim_from,
+            count=BATCH,
         )
+        self._claim_from = _text(cursor)  # 0-0 again once it reached the end
         if trimmed and trimmed[0]:  # Redis 7 drops those from the pending list itself
             self._trimmed(len(trimmed[0]))
-        handled = self._handle_batch(claimed)
+        handled = self._handle_batch(self._due(claimed))
         if self._stop():
             return handled
         reply = self.redis.xreadgroup(
@@ -176,6 +197,46 @@ class EventWorker:
                 ran = self._pool.map(self._handle_in_order, groups, [waiting] * len(groups))
                 handled += sum(ran)
         return handled
+
+    def _retry_key(self, entry_id: Any) -> str:
+        return f"{self.stream}:retry:{_text(entry_id)}"
+
+    def _delay_ms(self, attempts: int) -> float:
+        return retry_delay_secs(attempts, self.retry_idle_ms / 1000) * 1000
+
+    def _due(self, claimed: list[tuple[Any, dict[Any, Any]]]) -> list[tuple[Any, dict[Any, Any]]]:
+        """Those of ``claimed`` whose retry is due; the others are left pending again,
+        to be claimed when it is (or after the retry delay, to look again)."""
+        if not claimed:
+            return []
+        due_at = self.redis.mget([self._retry_key(entry_id) for entry_id, _ in claimed])
+        now_ms = time.time() * 1000
+        due = []
+        for entry, at in zip(claimed, due_at, strict=True):
+            if at is None or float(at) <= now_ms:
+                due.append(entry)
+            else:
+                self._retry_later(entry[0], float(at) - now_ms, claimed=True)
+        return due
+
+    def _retry_later(self, entry_id: Any, wait_ms: float, *, claimed: bool) -> None:
+        """Leave ``entry_id`` pending so that it is claimed in ``wait_ms`` (or in the
+        retry delay, when that is shorter, to look again), its attempts as they were
+        before it was ``claimed`` once more."""
+        pending = self._pending(entry_id)
+        if pending is None:
+            return
+        attempts = pending["times_delivered"] - (1 if claimed else 0)
+        self.redis.xclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            0,
+            [entry_id],
+            idle=max(int(self.retry_idle_ms - wait_ms), 0),
+            retrycount=max(attempts, 0),
+            justid=True,
+        )
 
     def _waiting_key(self, about: str) -> str:
         return f"{self.stream}:waiting:{about}"
@@ -230,7 +291,13 @@ class EventWorker:
         delays the events of each connection by that much, not by that much for every
         event before them."""
         added_ms = int(entry_id.split("-", 1)[0])  # an entry id is its XADD time in ms
-        return time.time() * 1000 - added_ms > self.retry_idle_ms * self.max_attempts * 2
+        return time.time() * 1000 - added_ms > self._retries_ms() * 2
+
+    def _retries_ms(self) -> float:
+        """The longest a failed event is retried, and a retry delay for its claim."""
+        total_secs = None if self.retry_total_ms is None else self.retry_total_ms / 1000
+        span = retry_span_secs(self.max_attempts, self.retry_idle_ms / 1000, total_secs)
+        return span * 1000 + self.retry_idle_ms
 
     def _pending(self, entry_id: Any) -> dict[str, Any] | None:
         found = self.redis.xpending_range(
@@ -334,9 +401,9 @@ class EventWorker:
         )
         attempts = pending[0]["times_delivered"] if pending else 1
         logger.warning("event %s failed (attempt %d): %s", _text(entry_id), attempts, exc)
-        if attempts < self.max_attempts:
+        if self._retried(entry_id, attempts):
             metrics.EVENTS_PROCESSED.labels("retry").inc()
-            return  # stays pending; claimed again after the retry delay
+            return  # stays pending; claimed again when its retry is due
         self.redis.xadd(
             self.dead_stream,
             {"event": raw, "error": f"{type(exc).__name__}: {exc}"[:500], "attempts": attempts},
@@ -345,6 +412,21 @@ class EventWorker:
         )
         self.redis.xack(self.stream, self.group, entry_id)
         metrics.EVENTS_PROCESSED.labels("dead").inc()
+
+    def _retried(self, entry_id: Any, attempts: int) -> bool:
+        """Schedule the next attempt of an event that failed ``attempts`` times, after
+        its backoff with jitter; False when it has had its attempts, or its retries
+        would outlast ``retry_total_ms`` since its first failure."""
+        if attempts >= self.max_attempts:
+            return False
+        spent_ms = sum(self._delay_ms(n) for n in range(1, attempts + 1))
+        if self.retry_total_ms is not None and spent_ms > self.retry_total_ms:
+            return False
+        wait_ms = self._delay_ms(attempts) * random.uniform(0.5, 1.0)
+        due_ms = time.time() * 1000 + wait_ms
+        self.redis.set(self._retry_key(entry_id), repr(due_ms), px=int(wait_ms) + self._waiting_ms)
+        self._retry_later(entry_id, wait_ms, claimed=False)
+        return True
 
 
 def _in_order_groups(

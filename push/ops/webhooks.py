@@ -39,6 +39,7 @@ from django.core.cache import cache
 from common.conf import push_settings
 from common.keys import WEBHOOK_KEY_SALT, purpose_key
 from push.ops.logs import redact
+from push.ops.retries import retry_span_secs
 
 ATTEMPTS = 3
 FIRST_BACKOFF_SECS = 0.2
@@ -49,11 +50,11 @@ TIMEOUT_SECS = 5.0
 # worker's thread for as long as it likes.
 REQUEST_DEADLINE_SECS = 10.0
 # How long a URL that accepted an event is remembered: past every retry the event can
-# get (PUSH_EVENT_MAX_ATTEMPTS x PUSH_EVENT_RETRY_SECS, times a margin for busy workers),
-# and no longer: every delivered event leaves one key per URL in Redis for that long
-# (a day of them, at hundreds of events a second, was gigabytes). Forgotten early, a
-# retry sends the event to that URL again, which at-least-once delivery allows.
-ACCEPTED_MEMORY_MARGIN = 6
+# get (their span, ``retry_span_secs``, and a retry delay, times a margin for busy
+# workers), and no longer: every delivered event leaves one key per URL in Redis for that
+# long (a day of them, at hundreds of events a second, was gigabytes). Forgotten early,
+# a retry sends the event to that URL again, which at-least-once delivery allows.
+ACCEPTED_MEMORY_MARGIN = 2
 ACCEPTED_MEMORY_MIN_SECS = 600
 
 _pool: ThreadPoolExecutor | None = None
@@ -196,7 +197,11 @@ def _post(client: httpx.Client, target: WebhookTarget) -> None:
 
 
 def _accepted_memory_secs() -> float:
-    retries = push_settings.EVENT_MAX_ATTEMPTS * push_settings.EVENT_RETRY_SECS
+    conf = push_settings
+    span = retry_span_secs(
+        conf.EVENT_MAX_ATTEMPTS, conf.EVENT_RETRY_SECS, conf.EVENT_RETRY_TOTAL_SECS
+    )
+    retries = span + conf.EVENT_RETRY_SECS
     return max(retries * ACCEPTED_MEMORY_MARGIN, ACCEPTED_MEMORY_MIN_SECS)
 
 

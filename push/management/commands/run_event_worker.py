@@ -44,6 +44,7 @@ class Command(BaseCommand):
             handlers=configured_handlers(),
             max_attempts=push_settings.EVENT_MAX_ATTEMPTS,
             retry_idle_ms=int(push_settings.EVENT_RETRY_SECS * 1000),
+            retry_total_ms=int(push_settings.EVENT_RETRY_TOTAL_SECS * 1000),
             concurrency=push_settings.EVENT_CONCURRENCY,
         )
         if options["metrics_port"] is not None:
