@@ -20,6 +20,7 @@ other requests.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -165,10 +166,18 @@ class _DeadlineTransport(httpx.HTTPTransport):
     no network backend be given, so its pool is made again with ours)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        context = _ssl_context()
+        super().__init__(verify=context)
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(), network_backend=_DeadlineBackend()
+            ssl_context=context, network_backend=_DeadlineBackend()
         )
+
+
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """httpx's default, made once: loading the CA certificates costs ~50 ms, which each
+    event's delivery paid."""
+    return httpx.create_ssl_context()
 
 
 def _post(client: httpx.Client, target: WebhookTarget) -> None:
