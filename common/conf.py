@@ -577,6 +577,18 @@ class PushSettings:
         "how long after its first failure an event is still retried: one whose next "
         "retry would come later is dead-lettered",
     )
+    EVENT_WORKER_METRICS_PORT: int = option(
+        0,
+        EnvType.COUNT,
+        "port of the event worker's Prometheus `/metrics` (0: none; give each worker on "
+        "one host its own)",
+    )
+    EVENT_WORKER_METRICS_HOST: str = option(
+        "127.0.0.1",
+        EnvType.TEXT,
+        "address the event worker's `/metrics` listens on (`0.0.0.0` in a container, "
+        "for Prometheus to reach it)",
+    )
     WEBHOOK_URLS: list[str] = option([], EnvType.LIST, "where the event worker POSTs events")
     WEBHOOK_SECRET: str | None = option(
         None,

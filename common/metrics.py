@@ -337,7 +337,22 @@ EVENTS_DROPPED = Counter(
     "push_events_dropped_total", "Lifecycle events dropped while Redis was unreachable"
 )
 EVENTS_PROCESSED = Counter(
-    "push_events_processed_total", "Lifecycle events handled by workers", ["outcome"]
+    "push_events_processed_total",
+    "Lifecycle events the event worker ran its handlers on, by outcome: handled, retry "
+    "(failed, to be retried), dead (failed, dead-lettered), trimmed (dropped from the "
+    "stream while waiting for a retry)",
+    ["outcome"],
+)
+EVENT_HANDLE_SECONDS = Histogram(
+    "push_event_handle_seconds",
+    "Time the event worker took to run every handler (webhooks included) on one event",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+WEBHOOK_REQUESTS = Counter(
+    "push_webhook_requests_total",
+    "Webhook requests the event worker sent, by outcome: accepted (2xx), refused "
+    "(another status) or error (no status: connection refused, timeout)",
+    ["outcome"],
 )
 HISTORY_ROWS_READ = Counter(
     "push_history_rows_read_total", "Stored messages read from PostgreSQL (replays, REST)"

@@ -10,7 +10,6 @@ them those checks skip and say so. Everything else is pinned in requirements.txt
 
 from __future__ import annotations
 
-import argparse
 import ast
 import asyncio
 import contextlib
@@ -41,7 +40,6 @@ from common.conf import push_options, push_settings
 from devtools.cluster import Cluster
 from devtools.processes import free_port
 from monitoring import views as monitoring_views
-from push.management.commands.run_event_worker import Command as RunEventWorker
 from push.management.commands.runnode import Command as RunNode
 from tests.servers import ServerNode, create_token
 
@@ -421,28 +419,24 @@ def test_compose_nginx_fronts_every_node() -> None:
 def test_compose_prometheus_scrapes_every_node() -> None:
     mounts = bind_mounts(services()["prometheus"])
     config = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
-    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    job = jobs["push"]
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "push"]
     assert job["metrics_path"] == "/metrics"
     targets = {t for group in job["static_configs"] for t in group["targets"]}
     assert targets == {
         f"{name}:{runnode_options(s['command'])['port']}" for name, s in node_services().items()
     }
-    # The event workers count what they handle in their own processes, served by each.
-    worker = worker_metrics_options(services()["event-worker"]["command"])
-    assert worker["metrics_host"] == "0.0.0.0"  # noqa: S104
-    (lookup,) = jobs["push-event-worker"]["dns_sd_configs"]
-    assert (lookup["names"], lookup["port"]) == (["event-worker"], worker["metrics_port"])
 
 
-def worker_metrics_options(command: list[str]) -> dict[str, Any]:
-    """The ``--metrics-*`` options of a ``run_event_worker`` command, as it parses them."""
-    assert command[0] == "run_event_worker"
-    parser = argparse.ArgumentParser()
-    RunEventWorker().add_arguments(parser)
-    options = vars(parser.parse_args(command[1:]))
-    assert options["metrics_port"] is not None, f"{command} serves no metrics"
-    return options
+def test_compose_prometheus_scrapes_the_event_workers() -> None:
+    mounts = bind_mounts(services()["prometheus"])
+    config = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "push-event-worker"]
+    environment = services()["event-worker"]["environment"]
+    (discovery,) = job["dns_sd_configs"]
+    assert discovery["names"] == ["event-worker"]
+    assert discovery["port"] == int(environment["PUSH_EVENT_WORKER_METRICS_PORT"])
+    # Reachable from Prometheus in its own container, not only on the loopback.
+    assert environment["PUSH_EVENT_WORKER_METRICS_HOST"] == "0.0.0.0"  # noqa: S104
 
 
 def test_compose_grafana_is_provisioned_with_the_dashboard() -> None:
@@ -749,12 +743,13 @@ def test_k8s_service_hpa_and_pdb_select_the_node_pods() -> None:
 def test_k8s_event_worker_serves_its_metrics_where_its_annotations_say() -> None:
     deployment = resource("Deployment", "push-event-worker")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    options = worker_metrics_options(container["args"])
-    assert options["metrics_host"] == "0.0.0.0"  # noqa: S104
+    environment = {variable["name"]: variable["value"] for variable in container["env"]}
+    port = int(environment["PUSH_EVENT_WORKER_METRICS_PORT"])
+    assert environment["PUSH_EVENT_WORKER_METRICS_HOST"] == "0.0.0.0"  # noqa: S104
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == str(options["metrics_port"])
-    assert container["ports"][0]["containerPort"] == options["metrics_port"]
+    assert annotations["prometheus.io/port"] == str(port)
+    assert container["ports"][0]["containerPort"] == port
 
 
 def ingress_routes(path: str) -> bool:

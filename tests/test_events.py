@@ -50,6 +50,7 @@ from push.ops.events import (
 )
 from push.ops.logs import RedactFilter
 from push.ops.webhooks import WebhookFailed, deliver_webhooks
+from push.ops.worker_metrics import EventStreamCollector
 from push.services.runtime import get_node, stop_node
 from push.tests.backends import terminate_backends
 from push.tests.redis_proxy import Proxy
@@ -1081,47 +1082,6 @@ async def test_unwritten_events_are_bounded_in_bytes(unreachable: aioredis.Redis
     assert _dropped() - before == 3
 
 
-def _events_processed(url: str) -> dict[str, float]:
-    """``push_events_processed_total`` by outcome, as Prometheus scrapes it from ``url``;
-    empty while nothing answers there yet."""
-    try:
-        text = httpx.get(url, timeout=2).text
-    except httpx.HTTPError:
-        return {}
-    return {
-        sample.labels["outcome"]: sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "push_events_processed"
-        for sample in family.samples
-        if sample.name == "push_events_processed_total"
-    }
-
-
-async def test_the_worker_serves_what_it_counts_to_prometheus(
-    e2e_env: dict[str, str], tmp_path: Path
-) -> None:
-    """An operator's Prometheus scrapes the worker's own metrics: the events it handled
-    are counted in its process, which no node's /metrics shows."""
-    env = _event_env(e2e_env, tmp_path, PUSH_EVENT_HANDLERS="tests.event_sink.record")
-    client = redis.Redis.from_url(env["REDIS_URL"])
-    for i in range(3):
-        entry = event(CONNECT, connection_id=f"c-metrics-{i}")
-        client.xadd(f"{env['REDIS_PREFIX']}:events", {"event": json.dumps(entry)})
-    port = free_port()
-    worker = start_event_worker(env, "metrics", "--metrics-port", str(port))
-    try:
-        url = f"http://127.0.0.1:{port}/metrics"
-        await wait_until(
-            lambda: _events_processed(url).get("handled") == 3,
-            "the worker's /metrics to count 3 handled events",
-            timeout=30,
-        )
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(60)
-        client.close()
-
-
 async def test_a_batch_being_written_when_the_node_stops_is_written_all_the_same() -> None:
     """A node stopping cancels its event loop, possibly with a batch on its way to a slow
     Redis: that batch is written by the stop's last flush, not lost."""
@@ -1171,3 +1131,80 @@ def _stream_events_of(client: redis.Redis, stream: str) -> list[dict]:
 
 def _redis_db() -> int:
     return int(urlsplit(settings.REDIS_URL).path.lstrip("/") or 0)
+
+
+def _scraped(url: str) -> dict[str, float]:
+    """Every sample of a Prometheus endpoint, by name and labels."""
+    samples = {}
+    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def test_the_event_worker_shows_what_it_handled_on_its_metrics_endpoint(
+    e2e_env: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port()
+    env = _event_env(
+        e2e_env,
+        tmp_path,
+        PUSH_EVENT_HANDLERS="tests.event_sink.record",
+        EVENT_SINK_FAIL_TYPE="unsubscribe",
+        PUSH_EVENT_MAX_ATTEMPTS="1",
+        PUSH_EVENT_WORKER_METRICS_PORT=str(port),
+    )
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    stream = f"{env['REDIS_PREFIX']}:events"
+    for n in range(3):
+        client.xadd(stream, {"event": json.dumps(event(CONNECT, connection_id=f"c-{n}"))})
+    refused = event("unsubscribe", connection_id="c-9", channel="metered")
+    client.xadd(stream, {"event": json.dumps(refused)})
+    worker = start_event_worker(env, "metered")
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def scraped_when_done() -> dict[str, float] | None:
+        with contextlib.suppress(httpx.HTTPError):
+            samples = _scraped(url)
+            # The four run at once: all of them counted, whichever came last.
+            handled = samples.get("push_events_processed_total{outcome=handled}")
+            if handled == 3 and samples.get("push_events_processed_total{outcome=dead}") == 1:
+                return samples
+        return None
+
+    try:
+        samples = wait_until_blocking(scraped_when_done, "the worker's metrics", timeout=30)
+        assert samples["push_event_dead_letters{}"] == 1
+        assert samples["push_event_handle_seconds_count{}"] == 4
+        assert samples["push_event_stream_entries{}"] == 4
+        assert samples["push_event_pending{}"] == 0
+        assert samples["push_event_lag_seconds{}"] == 0
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(15)
+        client.delete(stream, f"{stream}:dead")
+        client.close()
+
+
+def test_the_metrics_show_how_far_behind_the_workers_are() -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"lagging-{uuid.uuid4().hex[:8]}:events"
+    collector = EventStreamCollector(client, stream=stream, group=DEFAULT_GROUP)
+    worker = _in_process_worker(client, stream, [lambda received: None], concurrency=1)
+    try:
+        worker.ensure_group()
+        added_ms = int(time.time() * 1000) - 30_000  # waiting for half a minute
+        for n in range(2):
+            entry = {"event": json.dumps(event(CONNECT, connection_id=f"c-{n}"))}
+            client.xadd(stream, entry, id=f"{added_ms + n}-0")
+        samples = {family.name: family.samples[0].value for family in collector.collect()}
+        assert samples["push_event_lag_seconds"] >= 30
+        assert samples["push_event_unread"] == 2
+        worker.step()
+        samples = {family.name: family.samples[0].value for family in collector.collect()}
+        assert samples["push_event_lag_seconds"] == 0
+        assert samples["push_event_unread"] == 0
+    finally:
+        client.delete(stream)
+        client.close()

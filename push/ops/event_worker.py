@@ -379,10 +379,12 @@ class EventWorker:
         of the pool for good, and once PostgreSQL had ended it (a restart) every later
         event on that thread would fail on it until the worker was restarted."""
         close_old_connections()
+        started = time.monotonic()
         try:
             for handler in self.handlers:
                 handler(event)
         finally:
+            metrics.EVENT_HANDLE_SECONDS.observe(time.monotonic() - started)
             close_old_connections()
 
     def _trimmed(self, count: int) -> None:

@@ -37,6 +37,7 @@ import httpx
 from django.conf import settings
 from django.core.cache import cache
 
+from common import metrics
 from common.conf import push_settings
 from common.keys import WEBHOOK_KEY_SALT, purpose_key
 from push.ops.logs import redact
@@ -192,9 +193,12 @@ def _post(client: httpx.Client, target: WebhookTarget) -> None:
             with client.stream("POST", target.url, content=body, headers=headers) as response:
                 status = response.status_code
             if status < 300:
+                metrics.WEBHOOK_REQUESTS.labels("accepted").inc()
                 return
+            metrics.WEBHOOK_REQUESTS.labels("refused").inc()
             problem = f"HTTP {status}"
         except httpx.HTTPError as exc:
+            metrics.WEBHOOK_REQUESTS.labels("error").inc()
             problem = f"{type(exc).__name__}: {exc}"
         finally:
             _deadline.at = None

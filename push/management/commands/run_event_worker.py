@@ -10,11 +10,11 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
-from prometheus_client import start_http_server
 
 from common.conf import push_settings
 from common.redis_client import redis_prefix, redis_sync
 from push.ops.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers
+from push.ops.worker_metrics import serve_worker_metrics
 
 
 class Command(BaseCommand):
@@ -23,14 +23,6 @@ class Command(BaseCommand):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--group", default=DEFAULT_GROUP)
         parser.add_argument("--consumer", default=f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
-        # The worker serves no HTTP otherwise, so what it counts (push_events_processed_total)
-        # would reach no Prometheus: nodes' /metrics are other processes.
-        parser.add_argument(
-            "--metrics-port",
-            type=int,
-            help="serve Prometheus metrics on this port (off by default)",
-        )
-        parser.add_argument("--metrics-host", default="127.0.0.1")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not settings.REDIS_URL:
@@ -47,8 +39,14 @@ class Command(BaseCommand):
             retry_total_ms=int(push_settings.EVENT_RETRY_TOTAL_SECS * 1000),
             concurrency=push_settings.EVENT_CONCURRENCY,
         )
-        if options["metrics_port"] is not None:
-            start_http_server(options["metrics_port"], addr=options["metrics_host"])
+        if push_settings.EVENT_WORKER_METRICS_PORT:
+            serve_worker_metrics(
+                client,
+                stream=worker.stream,
+                group=worker.group,
+                host=push_settings.EVENT_WORKER_METRICS_HOST,
+                port=push_settings.EVENT_WORKER_METRICS_PORT,
+            )
         stopping = {"now": False}
 
         def stop(signum: int, frame: Any) -> None:
