@@ -555,6 +555,12 @@ class PushSettings:
     EVENT_STREAM_MAXLEN: int = option(
         1_000_000, EnvType.INT, "events kept in the stream (approximate)"
     )
+    EVENT_STREAM_MAX_BYTES: int = option(
+        512 * 1_048_576,
+        EnvType.INT,
+        "Redis memory the event stream may take (checked every 5 s; the oldest events "
+        "are trimmed past it)",
+    )
     EVENT_HANDLERS: list[str] = option(
         [], EnvType.LIST, "dotted paths of `handler(event)` functions the event worker calls"
     )

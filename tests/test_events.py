@@ -37,7 +37,7 @@ from websockets.exceptions import ConnectionClosed
 
 from common.background import cancel_and_wait
 from devtools.processes import free_port
-from push.ops import event_worker, webhooks
+from push.ops import event_worker, events, webhooks
 from push.ops.event_worker import DEFAULT_GROUP, EventWorker, configured_handlers, register_handler
 from push.ops.events import (
     CHANNEL_OCCUPIED,
@@ -1208,3 +1208,30 @@ def test_the_metrics_show_how_far_behind_the_workers_are() -> None:
     finally:
         client.delete(stream)
         client.close()
+
+
+async def test_the_event_stream_is_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client events of 10 KB: a stream kept to its count alone took 10 GB of Redis for
+    a million of them. The node trims it to its bytes, the oldest first."""
+    monkeypatch.setattr(events, "STREAM_BYTES_CHECK_SECS", 0.1)
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    prefix = f"bytes{uuid.uuid4().hex[:8]}"
+    stream = f"{prefix}:events"
+    log = EventLog(client, prefix, "node-b", maxlen=1_000_000, max_stream_bytes=200_000)
+    loop_task = asyncio.create_task(log.run())
+    try:
+        for n in range(100):
+            log.emit(CLIENT_EVENT, channel="private-big", event="client-e", data="d" * 10_000, n=n)
+        await wait_until(lambda: client.xlen(stream), "the events in the stream")
+
+        async def within_bound() -> bool:
+            return (await client.memory_usage(stream, samples=0) or 0) <= 200_000
+
+        await wait_until(within_bound, "the stream trimmed to its bytes", timeout=10)
+        entries = await client.xrange(stream)
+        kept = [json.loads(fields[b"event"])["n"] for _, fields in entries]
+        assert kept and kept[-1] == 99 and kept == sorted(kept), "the newest kept"
+    finally:
+        await cancel_and_wait([loop_task], timeout=5)
+        await client.delete(stream)
+        await client.aclose()

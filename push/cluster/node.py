@@ -94,6 +94,7 @@ class Node:
             self.directory.prefix,
             server_id,
             maxlen=push_settings.EVENT_STREAM_MAXLEN,
+            max_stream_bytes=push_settings.EVENT_STREAM_MAX_BYTES,
         )
         self.started_at = time.time()
         self._rate_marks: tuple[float, dict[str, int]] = (time.monotonic(), {})

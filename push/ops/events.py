@@ -49,6 +49,12 @@ MAX_BUFFERED_EVENTS = 100_000
 MAX_BUFFERED_BYTES = 32 * 1_048_576
 # What an event costs in the buffer besides its data (its fields, dict and strings).
 _EVENT_BYTES = 400
+# The stream in Redis is bounded in bytes as well as in entries (PUSH_EVENT_STREAM_MAX_BYTES):
+# a million Pusher client events of 10 KB each were 10 GB of Redis within the count alone.
+# Every this often a node asks Redis what the stream takes (MEMORY USAGE, sampled) and
+# trims it to a length that fits, with this much room left.
+STREAM_BYTES_CHECK_SECS = 5.0
+STREAM_BYTES_HEADROOM = 0.9
 
 # KEYS: channel's node set, node's channel index, stream. ARGV: node, channel, event JSON,
 # maxlen. Returns 1 when the channel went from no node to this one.
@@ -111,6 +117,7 @@ class EventLog:
         server_id: str,
         *,
         maxlen: int,
+        max_stream_bytes: int | None = None,
         max_buffered: int = MAX_BUFFERED_EVENTS,
         max_buffered_bytes: int = MAX_BUFFERED_BYTES,
     ) -> None:
@@ -119,6 +126,7 @@ class EventLog:
         self.stream = f"{prefix}:events"
         self.prefix = prefix
         self.maxlen = maxlen
+        self.max_stream_bytes = max_stream_bytes
         self.max_buffered = max_buffered
         self.max_buffered_bytes = max_buffered_bytes
         # Bounded (``_drop_oldest``): appending to a full buffer drops the oldest.
@@ -202,9 +210,37 @@ class EventLog:
         self._drop_oldest()
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + STREAM_BYTES_CHECK_SECS
         while True:
             await asyncio.sleep(FLUSH_SECS)
             await self.flush()
+            if loop.time() >= next_check:
+                next_check = loop.time() + STREAM_BYTES_CHECK_SECS
+                try:
+                    await self.trim_to_bytes()
+                except Exception as exc:  # Redis away: the next check tries again
+                    logger.warning("could not check the event stream's size: %s", exc)
+
+    async def trim_to_bytes(self) -> int:
+        """Trim the stream to what fits in ``max_stream_bytes`` (the oldest go, as with
+        its count bound); returns how many entries went."""
+        if self.redis is None or self.max_stream_bytes is None:
+            return 0
+        used = await self.redis.memory_usage(self.stream, samples=5)
+        if not used or used <= self.max_stream_bytes:
+            return 0
+        length = await self.redis.xlen(self.stream)
+        keep = max(int(length * self.max_stream_bytes / used * STREAM_BYTES_HEADROOM), 1)
+        trimmed: int = await self.redis.xtrim(self.stream, maxlen=keep, approximate=True)
+        if trimmed:
+            logger.warning(
+                "event stream over PUSH_EVENT_STREAM_MAX_BYTES (%d bytes): %d oldest "
+                "events trimmed",
+                used,
+                trimmed,
+            )
+        return trimmed
 
     def _occupancy_keys(self, channel: str, server_id: str) -> list[str]:
         return [
