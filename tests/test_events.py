@@ -928,6 +928,48 @@ def test_an_event_is_dead_lettered_once_its_retries_would_outlast_their_time(
         client.close()
 
 
+def test_a_stopped_workers_unhandled_events_go_before_the_later_ones_of_their_connection() -> None:
+    """A worker stops after one event of its batch; another worker then reads that
+    connection's next event: the stopped worker's unhandled one goes first, not after
+    the retry delay (a disconnect sent before its subscribe)."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"handover-{uuid.uuid4().hex[:8]}:events"
+    seen: list[str] = []
+    stopping = [False]
+
+    def stops_after_one(received: dict) -> None:
+        seen.append(received["type"])
+        stopping[0] = True
+
+    stopped = _in_process_worker(client, stream, [stops_after_one], concurrency=1)
+    stopped._stop = lambda: stopping[0]
+    other = EventWorker(
+        client,
+        stream=stream,
+        group=DEFAULT_GROUP,
+        consumer="other",
+        handlers=[lambda received: seen.append(received["type"])],
+        max_attempts=2,
+        retry_idle_ms=10_000,
+    )
+
+    def add(kind: str) -> None:
+        client.xadd(stream, {"event": json.dumps(event(kind, connection_id="c-handover"))})
+
+    try:
+        stopped.ensure_group()
+        add(CONNECT)
+        add("subscribe")
+        stopped.step()
+        assert seen == [CONNECT], "stopped within its batch"
+        add(DISCONNECT)
+        other.step()
+        assert seen == [CONNECT, "subscribe", DISCONNECT]
+    finally:
+        client.delete(stream)
+        client.close()
+
+
 @pytest.fixture
 def refusing_occupied() -> Iterator[tuple[redis.Redis, str, list[str], EventWorker]]:
     """A stream and a worker on it whose handler refuses every channel_occupied and

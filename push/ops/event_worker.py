@@ -29,8 +29,9 @@ event waits so at most twice the retries' span (``retry_span_secs``) plus the re
 delay after it was added.
 
 A worker told to stop (SIGTERM) finishes the events in hand and leaves the rest of its
-batch pending, for another worker to claim after the retry delay: a batch of slow
-webhooks would outlast the grace a platform gives before it kills the process.
+batch pending, for another worker to claim at once (a batch of slow webhooks would
+outlast the grace a platform gives before it kills the process); their connections'
+(or channels') later events wait for them, as behind a failed one.
 
 Each event is handled as Django handles a request: the database connection a handler
 used goes back to the pool afterwards, so a restarted PostgreSQL costs the events
@@ -196,7 +197,24 @@ class EventWorker:
                 groups = _in_order_groups(chunk)
                 ran = self._pool.map(self._handle_in_order, groups, [waiting] * len(groups))
                 handled += sum(ran)
+        if remaining and self._stop():
+            self._leave_to_others(remaining)
         return handled
+
+    def _leave_to_others(self, entries: list[tuple[Any, dict[Any, Any]]]) -> None:
+        """A stopping worker's unhandled ``entries``: any worker may claim them at once,
+        and each connection's (or channel's) first of them is what its later events wait
+        for. Left pending for the retry delay, they were overtaken by those later events
+        (a disconnect sent before the subscribe) that another worker read meanwhile."""
+        for group in _in_order_groups(entries):
+            about = _about(group[0][1])
+            if about is not None:
+                first = _text(group[0][0])
+                self.redis.set(self._waiting_key(about), first, nx=True, px=self._waiting_ms)
+        ids = [entry_id for entry_id, _ in entries]
+        self.redis.xclaim(
+            self.stream, self.group, self.consumer, 0, ids, idle=self.retry_idle_ms, justid=True
+        )
 
     def _retry_key(self, entry_id: Any) -> str:
         return f"{self.stream}:retry:{_text(entry_id)}"
