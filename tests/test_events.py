@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
@@ -965,6 +965,45 @@ def test_a_stopped_workers_unhandled_events_go_before_the_later_ones_of_their_co
         add(DISCONNECT)
         other.step()
         assert seen == [CONNECT, "subscribe", DISCONNECT]
+    finally:
+        client.delete(stream)
+        client.close()
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_an_event_whose_handler_outlasts_the_retry_delay_is_not_handled_twice(
+    concurrency: int,
+) -> None:
+    """A slow webhook receiver (each attempt up to its deadline, three of them) keeps an
+    event in hand past the retry delay: another worker must not take it for abandoned
+    and send it again meanwhile."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"slow-{uuid.uuid4().hex[:8]}:events"
+    seen: list[tuple[str, str]] = []
+
+    def slow(name: str) -> Callable[[dict], None]:
+        def handler(received: dict) -> None:
+            seen.append((name, received["id"]))
+            time.sleep(2.0)
+
+        return handler
+
+    workers = [
+        _in_process_worker(client, stream, [slow(name)], concurrency=concurrency, retry_idle_ms=600)
+        for name in ("first", "second")
+    ]
+    workers[1].consumer = "second"
+    try:
+        workers[0].ensure_group()
+        sent = event(CONNECT, connection_id="c-slow")
+        client.xadd(stream, {"event": json.dumps(sent)})
+        in_hand = threading.Thread(target=workers[0].step)
+        in_hand.start()
+        wait_until_blocking(lambda: seen, "the first worker to start on it")
+        time.sleep(1.0)  # past the retry delay, the handler still running
+        workers[1].step()
+        in_hand.join()
+        assert seen == [("first", sent["id"])]
     finally:
         client.delete(stream)
         client.close()

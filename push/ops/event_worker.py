@@ -46,6 +46,7 @@ import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import Any
 
 from django.db import close_old_connections
@@ -125,16 +126,18 @@ class EventWorker:
         # saw only the first BATCH x 10 entries, and failed events waiting past those
         # were never claimed while the first ones kept failing.
         self._claim_from = "0-0"
+        # When the batch in hand was last claimed again (``_keep_ours``).
+        self._refreshed = time.monotonic()
         # How long a failed event holds back those behind it, renewed at each failure:
         # its longest wait and a few retry delays (a worker that died with it, another's
         # busy batch), so that a lost name (a worker killed between acknowledging and
         # releasing) frees them.
         self._waiting_ms = retry_idle_ms * 6 + int(self._delay_ms(max_attempts))
         self._release = redis.register_script(_RELEASE)
-        self._pool = (
-            ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="push-events")
-            if self.concurrency > 1
-            else None
+        # Handlers run on these threads, even one at a time: the worker's own thread
+        # keeps the events in hand claimed meanwhile (``_run_chunk``).
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.concurrency, thread_name_prefix="push-events"
         )
 
     def ensure_group(self) -> None:
@@ -176,27 +179,19 @@ class EventWorker:
     def _handle_batch(self, entries: list[tuple[Any, dict[Any, Any]]]) -> int:
         """Handle entries, ``concurrency`` at a time, those of one connection (or one
         channel's occupancy) in stream order. Every third of the retry delay the
-        entries not yet handled are claimed again: at 20 ms a handler, 100 entries
-        outlast a 1 s delay, and another worker would claim the rest as abandoned and
-        run them twice."""
+        entries not yet handled, and those in hand, are claimed again: at 20 ms a
+        handler, 100 entries outlast a 1 s delay, and a slow webhook receiver (three
+        attempts of up to 10 s) holds one event longer than the 10 s default; another
+        worker would claim them as abandoned and run them twice."""
         handled = 0
         remaining = list(entries)
-        refreshed = time.monotonic()
+        self._refreshed = time.monotonic()
         while remaining and not self._stop():
-            idle_ms = (time.monotonic() - refreshed) * 1000
-            if idle_ms >= self.retry_idle_ms / 3:
-                remaining = self._still_ours(remaining, idle_ms)
-                refreshed = time.monotonic()
-                if not remaining:
-                    break
+            remaining = self._keep_ours(remaining, [])
+            if not remaining:
+                break
             chunk, remaining = remaining[: self.concurrency], remaining[self.concurrency :]
-            waiting = self._waiting_for(chunk)
-            if self._pool is None:
-                handled += self._handle_in_order(chunk, waiting)
-            else:
-                groups = _in_order_groups(chunk)
-                ran = self._pool.map(self._handle_in_order, groups, [waiting] * len(groups))
-                handled += sum(ran)
+            handled, remaining = self._run_chunk(chunk, remaining, handled)
         if remaining and self._stop():
             self._leave_to_others(remaining)
         return handled
@@ -215,6 +210,38 @@ class EventWorker:
         self.redis.xclaim(
             self.stream, self.group, self.consumer, 0, ids, idle=self.retry_idle_ms, justid=True
         )
+
+    def _run_chunk(
+        self,
+        chunk: list[tuple[Any, dict[Any, Any]]],
+        remaining: list[tuple[Any, dict[Any, Any]]],
+        handled: int,
+    ) -> tuple[int, list[tuple[Any, dict[Any, Any]]]]:
+        """Run ``chunk`` on the handler threads, keeping it and ``remaining`` claimed
+        while it runs; returns the count handled and what is left of ``remaining``."""
+        waiting = self._waiting_for(chunk)
+        futures = [
+            self._pool.submit(self._handle_in_order, group, waiting)
+            for group in _in_order_groups(chunk)
+        ]
+        while futures_wait(futures, timeout=self.retry_idle_ms / 3000).not_done:
+            remaining = self._keep_ours(remaining, chunk)
+        return handled + sum(future.result() for future in futures), remaining
+
+    def _keep_ours(
+        self,
+        remaining: list[tuple[Any, dict[Any, Any]]],
+        in_hand: list[tuple[Any, dict[Any, Any]]],
+    ) -> list[tuple[Any, dict[Any, Any]]]:
+        """Claim ``remaining`` and ``in_hand`` again when a third of the retry delay has
+        passed since they last were; returns those of ``remaining`` still ours."""
+        idle_ms = (time.monotonic() - self._refreshed) * 1000
+        if idle_ms < self.retry_idle_ms / 3:
+            return remaining
+        kept = self._still_ours(remaining + in_hand, idle_ms)
+        self._refreshed = time.monotonic()
+        ours = {_text(entry_id) for entry_id, _ in kept}
+        return [entry for entry in remaining if _text(entry[0]) in ours]
 
     def _retry_key(self, entry_id: Any) -> str:
         return f"{self.stream}:retry:{_text(entry_id)}"
