@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 from common.db import db_call
 from common.redis_client import redis_async
 from push.models import Channel
 
 DEPENDENCY_TIMEOUT_SECS = 2.0
+# How long one round of checks answers every /ready: anyone may ask, as often as they
+# like, and each round costs a Redis connection and a database read; a load balancer's
+# probe comes every few seconds and sees a change within this.
+CHECKS_REUSED_SECS = 1.0
+
+# Each event loop's last round of checks: when it started and its (future) failures.
+_rounds: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, tuple[float, asyncio.Future[list[str]]]
+] = weakref.WeakKeyDictionary()
 
 
 def _database_read() -> None:
@@ -43,3 +53,19 @@ async def check_redis(redis_url: str | None) -> str | None:
     finally:
         await client.aclose()
     return None
+
+
+async def dependency_failures(redis_url: str | None) -> list[str]:
+    """What of PostgreSQL and Redis is unreachable: one round of checks at a time, and
+    its answer for ``CHECKS_REUSED_SECS`` to every request that asks meanwhile."""
+    loop = asyncio.get_running_loop()
+    found = _rounds.get(loop)
+    if found is None or loop.time() - found[0] >= CHECKS_REUSED_SECS:
+        round_ = loop.create_task(_check_all(redis_url))
+        found = _rounds[loop] = (loop.time(), round_)
+    return list(await asyncio.shield(found[1]))
+
+
+async def _check_all(redis_url: str | None) -> list[str]:
+    results = await asyncio.gather(check_database(), check_redis(redis_url))
+    return [failure for failure in results if failure is not None]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 
-from monitoring.checks import check_database, check_redis
+from monitoring.checks import dependency_failures
 from push.services.runtime import node_draining
 
 
@@ -19,11 +17,7 @@ async def ready(request: HttpRequest) -> JsonResponse:
     if node_draining():
         # Load balancers stop sending new clients here while it shuts down.
         return JsonResponse({"status": "draining", "failing": ["node draining"]}, status=503)
-    failures = [
-        failure
-        for failure in await asyncio.gather(check_database(), check_redis(settings.REDIS_URL))
-        if failure is not None
-    ]
+    failures = await dependency_failures(settings.REDIS_URL)
     if failures:
         return JsonResponse({"status": "unavailable", "failing": failures}, status=503)
     return JsonResponse({"status": "ready", "server_id": settings.NODE_ID})

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from django.test import AsyncClient
 
 from devtools.processes import free_port
+from monitoring import checks, views
 from tests.faults.services import tcp_proxy
 from tests.servers import Database, ServerNode
 
@@ -84,3 +86,24 @@ async def test_ready_follows_postgresql_and_reads_work_as_soon_as_it_is_back(
     finally:
         node.stop()
         proxy.stop()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_burst_of_ready_requests_costs_one_round_of_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Anyone may ask /ready: each answer opened a Redis connection and read the
+    database, as many at once as requests came. A burst now shares one round."""
+    rounds: list[str | None] = []
+    check_redis = checks.check_redis
+
+    async def counted(redis_url: str | None) -> str | None:
+        rounds.append(redis_url)
+        return await check_redis(redis_url)
+
+    monkeypatch.setattr(checks, "check_redis", counted)
+    monkeypatch.setattr(views, "check_redis", counted, raising=False)
+    client = AsyncClient()
+    responses = await asyncio.gather(*(client.get("/ready") for _ in range(20)))
+    assert len({(r.status_code, r.content) for r in responses}) == 1, "one answer for all"
+    assert len(rounds) == 1
