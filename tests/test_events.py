@@ -1009,6 +1009,30 @@ def test_an_event_whose_handler_outlasts_the_retry_delay_is_not_handled_twice(
         client.close()
 
 
+def test_an_entry_that_is_no_event_is_dead_lettered_and_the_rest_go_on() -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"garbled-{uuid.uuid4().hex[:8]}:events"
+    seen: list[str] = []
+    worker = _in_process_worker(
+        client,
+        stream,
+        [lambda received: seen.append(received["id"])],
+        concurrency=1,
+        max_attempts=1,
+    )
+    try:
+        worker.ensure_group()
+        client.xadd(stream, {"event": "{not json"})
+        sent = event(CONNECT, connection_id="c-after")
+        client.xadd(stream, {"event": json.dumps(sent)})
+        _step_until_none_pending(worker, client, stream)
+        assert seen == [sent["id"]]
+        assert [fields[b"event"] for _, fields in client.xrange(f"{stream}:dead")] == [b"{not json"]
+    finally:
+        client.delete(stream, f"{stream}:dead")
+        client.close()
+
+
 @pytest.fixture
 def refusing_occupied() -> Iterator[tuple[redis.Redis, str, list[str], EventWorker]]:
     """A stream and a worker on it whose handler refuses every channel_occupied and

@@ -408,9 +408,11 @@ class EventWorker:
             self._trimmed(1)
             return 0
         raw = _text(fields.get(b"event") or fields.get("event") or "{}")
-        event = json.loads(raw)
         try:
-            self._run_handlers(event)
+            # Decoded here, where a failure is the event's alone: raised out of the
+            # batch, an entry that is no JSON stopped the worker at every claim of it,
+            # before it read anything new, for good.
+            self._run_handlers(json.loads(raw))
         except Exception as exc:
             self._failed(entry_id, raw, exc)
             return 0
