@@ -1067,6 +1067,23 @@ def test_a_dead_lettered_event_lets_the_ones_behind_it_go(
     assert dead == [CHANNEL_OCCUPIED]
 
 
+def test_the_dead_letters_kept_are_bounded_and_the_newest(
+    refusing_occupied: tuple[redis.Redis, str, list[str], EventWorker],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, stream, _seen, worker = refusing_occupied
+    monkeypatch.setattr(event_worker, "DEAD_LETTERS_KEPT", 3, raising=False)
+    for n in range(5):
+        client.xadd(stream, {"event": json.dumps(event(CHANNEL_OCCUPIED, channel=f"ch-{n}"))})
+    _step_until_none_pending(worker, client, stream)
+    dead = client.xrange(f"{stream}:dead")
+    assert [json.loads(fields[b"event"])["channel"] for _, fields in dead] == [
+        "ch-2",
+        "ch-3",
+        "ch-4",
+    ]
+
+
 def test_an_event_waits_for_a_failed_one_only_so_long(
     refusing_occupied: tuple[redis.Redis, str, list[str], EventWorker],
 ) -> None:

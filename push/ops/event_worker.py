@@ -61,6 +61,10 @@ Handler = Callable[[dict[str, Any]], None]
 DEFAULT_GROUP = "push-handlers"
 BATCH = 100
 BLOCK_MS = 1000
+# The newest dead letters kept: each holds its event, a client event's 10 KB of data
+# among them, and the 100,000 once kept were up to a gigabyte of Redis when a receiver
+# refused every event for a day. The admin shows the newest 100.
+DEAD_LETTERS_KEPT = 10_000
 
 _registered: list[Handler] = []
 # KEYS: a connection's (or channel's) waiting key. ARGV: the event it waits for.
@@ -456,8 +460,8 @@ class EventWorker:
         self.redis.xadd(
             self.dead_stream,
             {"event": raw, "error": f"{type(exc).__name__}: {exc}"[:500], "attempts": attempts},
-            maxlen=100_000,
-            approximate=True,
+            maxlen=DEAD_LETTERS_KEPT,
+            approximate=False,  # one entry trimmed per one added: cheap, and exact
         )
         self.redis.xack(self.stream, self.group, entry_id)
         metrics.EVENTS_PROCESSED.labels("dead").inc()
