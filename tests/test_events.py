@@ -984,12 +984,14 @@ def test_an_event_whose_handler_outlasts_the_retry_delay_is_not_handled_twice(
     def slow(name: str) -> Callable[[dict], None]:
         def handler(received: dict) -> None:
             seen.append((name, received["id"]))
-            time.sleep(2.0)
+            time.sleep(2.5)
 
         return handler
 
     workers = [
-        _in_process_worker(client, stream, [slow(name)], concurrency=concurrency, retry_idle_ms=600)
+        _in_process_worker(
+            client, stream, [slow(name)], concurrency=concurrency, retry_idle_ms=1000
+        )
         for name in ("first", "second")
     ]
     workers[1].consumer = "second"
@@ -1000,7 +1002,7 @@ def test_an_event_whose_handler_outlasts_the_retry_delay_is_not_handled_twice(
         in_hand = threading.Thread(target=workers[0].step)
         in_hand.start()
         wait_until_blocking(lambda: seen, "the first worker to start on it")
-        time.sleep(1.0)  # past the retry delay, the handler still running
+        time.sleep(1.5)  # past the retry delay, the handler still running
         workers[1].step()
         in_hand.join()
         assert seen == [("first", sent["id"])]
