@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
+from prometheus_client.metrics_core import Metric
 
 import common.metrics  # noqa: F401 - registers our metrics
 
@@ -30,10 +32,31 @@ def exposed_sample_names() -> set[str]:
     # run that served no request has not registered them yet.
     Metrics.get_instance()
     names: set[str] = set()
-    for family in REGISTRY.collect():
+    for family in [*REGISTRY.collect(), *event_worker_stream_families()]:
         names.update(family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",)))
         names.update(sample.name for sample in family.samples)
     return names
+
+
+def event_worker_stream_families() -> list[Metric]:
+    """What the event worker's own /metrics reads from Redis at a scrape (registered in
+    the worker's process only), read here from a stream and group of the test's own."""
+    from django.conf import settings
+
+    from common.redis_client import redis_sync
+    from push.ops.worker_metrics import EventStreamCollector
+
+    if not settings.REDIS_URL:
+        return []
+    client = redis_sync()
+    stream = f"dashboard-test-{uuid.uuid4().hex[:8]}"
+    try:
+        client.xadd(stream, {"event": "{}"})
+        client.xgroup_create(stream, "workers", id="0")
+        return list(EventStreamCollector(client, stream=stream, group="workers").collect())
+    finally:
+        client.delete(stream)
+        client.close()
 
 
 def dashboard_exprs() -> list[str]:
