@@ -21,7 +21,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.pusherclient import APP_KEY, pusher_env
+from tests.pusherclient import APP_ID, APP_KEY, pusher_env, signed_post
 from tests.servers import ServerNode, manage
 from tests.sseclient import SseStream, sse_url
 
@@ -322,6 +322,43 @@ async def test_every_page_django_serves_draws_on_the_rest_budget(
         assert 429 in statuses, statuses
         assert statuses.index(429) >= REST_BURST
         assert (await http.get("/health")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path", [f"/apps/{APP_ID}/events", "/apps/no-such-app/events", "/pusher/auth"]
+)
+async def test_failed_requests_to_the_pusher_endpoints_draw_on_the_rest_budget(
+    budget_node: ServerNode, address: str, path: str
+) -> None:
+    """The Pusher HTTP API (signed by back-ends) and the authorization endpoints (a
+    browser asks them per private channel) are not held to the REST budget, but their
+    failures are: otherwise one address could make the node read a body, run Django
+    and log a warning for each unsigned request, as fast as it sends them."""
+    body = b"socket_id=1.1&channel_name=private-budget&" + b"x" * 100_000
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    started = time.monotonic()
+    async with http_from(address, budget_node.http_url) as http:
+        statuses = [
+            (await http.post(path, content=body, headers=headers)).status_code
+            for _ in range(REST_BURST + 20)
+        ]
+    refill = time.monotonic() - started + 1
+    served = [s for s in statuses if s != 429]
+    assert len(served) <= REST_BURST + refill, statuses
+    assert served[0] in (401, 403, 404)
+    # A back-end's signed requests are not charged: one address triggers past the burst.
+    async with http_from("127.0.2.6", budget_node.http_url) as http:
+        triggered = [
+            (
+                await signed_post(
+                    http,
+                    f"/apps/{APP_ID}/events",
+                    {"name": "e", "channel": "budget-pusher", "data": "{}"},
+                )
+            ).status_code
+            for _ in range(REST_BURST + 5)
+        ]
+    assert triggered == [200] * (REST_BURST + 5)
 
 
 async def test_history_an_address_reads_over_rest_has_a_byte_budget(

@@ -27,6 +27,7 @@ from tests.pusherclient import (
     ENCRYPTION_MASTER_KEY,
     PusherClient,
     shared_pusher_env,
+    signed_post,
 )
 from tests.servers import ServerNode, create_token, manage
 from tests.waiting import QUERY_INTERVAL_SECS, wait_until
@@ -436,23 +437,6 @@ async def test_a_tampered_body_is_refused(
     refused = await http.post(request.signed_path, content=tampered, headers=request.headers)
     assert (refused.status_code, refused.text) == (401, "body_md5 does not match the body")
     assert [m["data"]["data"] for m in await history(http, "ph-tampered")] == ["small"]
-
-
-async def signed_post(http: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
-    """A POST signed as Pusher's libraries sign it, for bodies the library would not send."""
-    content = json.dumps(body).encode()
-    params = {
-        "auth_key": APP_KEY,
-        "auth_timestamp": str(int(time.time())),
-        "auth_version": "1.0",
-        "body_md5": hashlib.md5(content, usedforsecurity=False).hexdigest(),
-    }
-    params["auth_signature"] = sign(
-        APP_SECRET, "\n".join(["POST", path, make_query_string(params)])
-    )
-    return await http.post(
-        path, params=params, content=content, headers={"Content-Type": "application/json"}
-    )
 
 
 # ----- /pusher/auth and /pusher/user-auth -----------------------------------------------------

@@ -53,13 +53,22 @@ class TokenBucket:
         self.updated = clock()
 
     def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_sec)
-        self.updated = now
-        if self.tokens >= 1.0:
+        if self.allowed():
             self.tokens -= 1.0
             return True
         return False
+
+    def allowed(self) -> bool:
+        """Whether a token is there (not in debt), without taking it."""
+        self.charge(0)
+        return self.tokens >= 1.0
+
+    def charge(self, amount: int) -> None:
+        """Take ``amount`` tokens, whether or not they are there."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_sec)
+        self.updated = now
+        self.tokens -= amount
 
     def wait_secs(self) -> float:
         """How long until a token is there again (0 when one is)."""
@@ -85,22 +94,10 @@ class ByteBucket(TokenBucket):
         super().__init__(burst, rate_per_sec, clock)
         self.reserved = 0
 
-    def allowed(self) -> bool:
-        """Not in debt: what was read is within the budget (reservations aside)."""
-        self.charge(0)
-        return self.tokens >= 1.0
-
     def can_reserve(self) -> bool:
         """Room for another read beside the reservations of those in flight."""
         self.charge(0)
         return self.tokens - self.reserved >= 1.0
-
-    def charge(self, nbytes: int) -> None:
-        """Take ``nbytes`` read."""
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_sec)
-        self.updated = now
-        self.tokens -= nbytes
 
     def reserve(self, nbytes: int) -> None:
         self.reserved += nbytes
@@ -302,14 +299,22 @@ class AddressBudgets:
         REFUSED_HANDSHAKES.inc()
         return False
 
-    def rest_refused(self, address: str | None) -> float | None:
-        """Take a REST request from ``address``'s budget: None when it may go on, else
-        the seconds until it may (``Retry-After``)."""
+    def rest_refused(self, address: str | None, *, take: bool = True) -> float | None:
+        """Take a REST request from ``address``'s budget (with ``take`` false, only look
+        whether one is left): None when it may go on, else the seconds until it may
+        (``Retry-After``)."""
         entry = self.get(address)
-        if entry is None or entry.rest.take():
+        if entry is None or (entry.rest.take() if take else entry.rest.allowed()):
             return None
         REFUSED_REST.inc()
         return entry.rest.wait_secs()
+
+    def rest_failed(self, address: str | None) -> None:
+        """Charge a request that is budgeted only when it fails (``rest_refused`` with
+        ``take`` false let it in) to ``address``'s REST budget."""
+        entry = self.get(address)
+        if entry is not None:
+            entry.rest.charge(1)
 
     async def history_admitted(
         self, address: str | None, reserve: int, patience: float

@@ -15,7 +15,7 @@ from accounts.middleware import header_token, session_key
 from accounts.principal_cache import is_known_service_key
 from accounts.principals import Principal
 from common.conf import push_settings
-from push.cluster.node import running_node
+from push.cluster.node import Node, running_node
 from push.services.runtime import get_node
 from push.services.subscriptions import client_ip
 
@@ -60,19 +60,34 @@ async def handshake_allowed(scope: Mapping[str, Any], principal: Principal) -> b
     return node.addresses.handshake_allowed(client_ip(scope))
 
 
-def rest_refused(scope: dict[str, Any]) -> float | None:
+def rest_refused(scope: dict[str, Any], *, take: bool = True) -> float | None:
     """Take one REST request from the budget of the scope's address: None when it may
     go on, else the seconds until it may. A request with the key of a service token
     this node verified lately is not counted; any other key (one never seen, a made-up
     one) counts, so a made-up key buys no way around the budget. Without a running
-    node (Redis down at its start) nothing is counted."""
+    node (Redis down at its start) nothing is counted. With ``take`` false nothing is
+    taken, only looked at: for the requests charged only when they fail
+    (``rest_failed``)."""
+    node = _budgeting_node(scope)
+    return None if node is None else node.addresses.rest_refused(client_ip(scope), take=take)
+
+
+def rest_failed(scope: dict[str, Any]) -> None:
+    """Charge a request that ``rest_refused`` let in without taking from the budget,
+    and that failed, to the budget of the scope's address."""
+    node = _budgeting_node(scope)
+    if node is not None:
+        node.addresses.rest_failed(client_ip(scope))
+
+
+def _budgeting_node(scope: dict[str, Any]) -> Node | None:
+    """The node whose budgets hold this request, or None when none do (no running
+    node, or the key of a service token this node verified lately)."""
     node = running_node()
-    if node is None:
-        return None
     key = header_token(scope)
-    if key is not None and is_known_service_key(key):
+    if node is None or (key is not None and is_known_service_key(key)):
         return None
-    return node.addresses.rest_refused(client_ip(scope))
+    return node
 
 
 async def history_admitted(scope: Mapping[str, Any], principal: Principal) -> float | None:
