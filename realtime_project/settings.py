@@ -279,6 +279,11 @@ REST_FRAMEWORK = {
         ),
     },
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    # DRF's two, with the browsable API bounded in what it shows (push.api.renderers).
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "push.api.renderers.BoundedBrowsableAPIRenderer",
+    ],
     # The JSON parser that answers a too deeply nested body 400, not 500.
     "DEFAULT_PARSER_CLASSES": [
         "push.api.parsers.JSONParser",

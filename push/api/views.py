@@ -20,7 +20,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework import exceptions, status
 from rest_framework.permissions import IsAuthenticated
-from rest_framework.renderers import BaseRenderer, BrowsableAPIRenderer
+from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -33,7 +33,11 @@ from common.db import db_call
 from common.errors import ErrorCode, PushError
 from push.api import schema
 from push.api.base import AsyncAPIView
-from push.api.renderers import MessagePageRenderer, StoredMessages
+from push.api.renderers import (
+    BoundedBrowsableAPIRenderer,
+    MessagePageRenderer,
+    StoredMessages,
+)
 from push.api.serializers import (
     MAX_BATCH_MESSAGES,
     ChannelListQuerySerializer,
@@ -143,7 +147,7 @@ class ChannelView(AsyncAPIView):
 
 class ChannelMessagesView(ChannelView):
     channel_rights = {"GET": "subscribe", "POST": "publish"}
-    renderer_classes = [MessagePageRenderer, BrowsableAPIRenderer]
+    renderer_classes = [MessagePageRenderer, BoundedBrowsableAPIRenderer]
 
     @_publish_schema(
         operation_id="channel_publish",
