@@ -276,16 +276,18 @@ class ChannelListView(APIView):
             default_limit=push_settings.HISTORY_PAGE_DEFAULT,
         )
         limit = query["limit"]
-        names = channel_names_visible(
+        names, scanned_to = channel_names_visible(
             principal=request_principal(request),
             prefix=query["prefix"],
             occupied=query["occupied"],
             after=query["after"],
             limit=limit + 1,
         )
-        has_more = len(names) > limit
+        # A page may hold fewer than ``limit`` names and still have a next one, where
+        # the stored list stopped looking (as a history page stops at its byte budget).
+        next_after = names[limit - 1] if len(names) > limit else scanned_to
         names = names[:limit]
-        next_url = _page_url(request, after=names[-1], limit=limit) if has_more else None
+        next_url = _page_url(request, after=next_after, limit=limit) if next_after else None
         return Response({"results": channel_bodies(names), "next": next_url})
 
 
