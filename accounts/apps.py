@@ -6,6 +6,7 @@ class AccountsConfig(AppConfig):
     verbose_name = "Accounts and permissions"
 
     def ready(self) -> None:
-        from accounts.principal_cache import connect_signals
+        from accounts import password_backend, principal_cache
 
-        connect_signals()
+        principal_cache.connect_signals()
+        password_backend.connect_signals()
