@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib.auth.backends import BaseBackend, ModelBackend
+from django.contrib.auth.backends import ModelBackend
 from django.contrib.auth.models import User
 from django.contrib.auth.signals import user_login_failed
 from django.core.exceptions import PermissionDenied
@@ -25,24 +25,24 @@ from django.http import HttpRequest
 from accounts.auth_failures import auth_failure_record, auth_failures_exceeded
 
 
-class AddressFailuresBackend(BaseBackend):
-    """First of ``AUTHENTICATION_BACKENDS``: stops ``authenticate`` (which then tries
-    no other backend, so hashes nothing) for an address past its failed
-    authentications; otherwise lets the next backend decide."""
+class AddressLimitedModelBackend(ModelBackend):
+    """Django's ``ModelBackend`` that checks no password from an address past its failed
+    authentications (``authenticate`` then stops: ``PermissionDenied``).
 
-    def authenticate(self, request: HttpRequest | None, **credentials: Any) -> None:
+    It replaces ``ModelBackend`` rather than going in front of it: with one backend,
+    application code may still call ``login(request, user)`` without naming a backend,
+    as Django allows when only one is configured."""
+
+    def authenticate(
+        self,
+        request: HttpRequest | None,
+        username: str | None = None,
+        password: str | None = None,
+        **credentials: Any,
+    ) -> User | None:
         if request is not None and auth_failures_exceeded(request.META.get("REMOTE_ADDR")):
             raise PermissionDenied
-        return None
-
-    def get_user(self, user_id: Any) -> User | None:
-        # A sign-in that names no backend (``force_login``, ``login`` of a user that
-        # ``authenticate`` did not return) is recorded in the session as the first
-        # backend's: its user is the model's.
-        return _MODEL_BACKEND.get_user(user_id)
-
-
-_MODEL_BACKEND = ModelBackend()
+        return super().authenticate(request, username=username, password=password, **credentials)
 
 
 def _count_failed_sign_in(

@@ -72,10 +72,7 @@ INSTALLED_APPS = [
 # block run on the event loop for async requests (push.api.middleware).
 # A password is checked only while its address has failed authentications left
 # (accounts.password_backend): each check costs ~360 ms of CPU.
-AUTHENTICATION_BACKENDS = [
-    "accounts.password_backend.AddressFailuresBackend",
-    "django.contrib.auth.backends.ModelBackend",
-]
+AUTHENTICATION_BACKENDS = ["accounts.password_backend.AddressLimitedModelBackend"]
 
 MIDDLEWARE = [
     "push.api.middleware.PrometheusBeforeMiddleware",
