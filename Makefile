@@ -44,9 +44,12 @@ format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The suite on TEST_WORKERS processes (pytest-xdist), each taking whole test files, so a
+# module's server nodes start once; `TEST_WORKERS=0` runs it in this one process.
+TEST_WORKERS ?= 2
 test: venv services lint
 	DEBUG=1 DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) \
-	REDIS_PREFIX=pushtest$$$$ $(PY) -m pytest $(PYTEST_ARGS)
+	REDIS_PREFIX=pushtest$$$$ $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Fault tests against a cluster of their own (nginx, 3 daphne nodes, their own
 # redis-server, PostgreSQL behind a TCP proxy): slower, so not part of `make test`.
