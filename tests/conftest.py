@@ -60,6 +60,9 @@ def e2e_env(e2e_database: Database) -> dict[str, str]:
         "PUSH_OVERLOAD_LAG_MS": "0",
         "PUSH_CLUSTER_ANNOUNCE_SECS": "0.5",
         "PUSH_NODE_DEAD_AFTER_SECS": "3",
+        # The suite's nodes, on two workers, keep within PostgreSQL's 100 connections:
+        # a pool keeps what it grew to, and a node of these tests needs a few at most.
+        "DATABASE_POOL_MAX": "6",
     }
     manage(env, "migrate", "--no-input")
     return env

@@ -35,8 +35,13 @@ def main() -> None:
         except Exception:
             answer["error"] = traceback.format_exc()
         finally:
-            # As a process of its own would leave it: no connection, no transaction.
+            # As a process of its own would leave it: no connection, no transaction. The
+            # pool's too: a session has a worker per environment, each idle most of the
+            # time, and PostgreSQL allows 100 connections to the suite's two workers.
             connections.close_all()
+            for connection in connections.all():
+                if hasattr(connection, "close_pool"):
+                    connection.close_pool()
         answer["output"] = output.getvalue()
         answers.write(json.dumps(answer) + "\n")
         answers.flush()

@@ -194,6 +194,8 @@ def test_a_receiver_that_was_collected_no_longer_turns_it_off() -> None:
         request_finished.disconnect(dispatch_uid="collected-listener")
 
 
+# close_old_connections looks at the test process's connection when the signal is sent.
+@pytest.mark.django_db
 def test_the_answer_is_kept_on_a_signal_that_caches_its_receivers() -> None:
     """A signal made with ``use_caching`` holds its cache weakly, by sender."""
     signal = Signal(use_caching=True)
