@@ -475,3 +475,5 @@ async def test_behind_a_trusted_proxy_the_budget_is_the_forwarded_clients(
     assert 429 in first and first[:REST_BURST] == [200] * REST_BURST
     # The same proxy (127.0.0.1), another client behind it.
     assert await statuses("203.0.113.6", 1) == [200]
+    # A proxy that appends the client's port names the same client.
+    assert await statuses("203.0.113.5:51000", 1) == [429]

@@ -249,6 +249,10 @@ def test_forwarded_address_is_the_one_the_trusted_proxy_appended() -> None:
     assert forwarded_client(scope, 1) == ("2.2.2.2", 0)
     assert forwarded_client(scope, 2) == ("1.1.1.1", 0)
     assert forwarded_client(scope, 5) == ("1.1.1.1", 0)
+    # Proxies that append the client's port: the address is still the client's.
+    ported = {**scope, "headers": [(b"x-forwarded-for", b"1.1.1.1:443, [2001:db8::7]:51000")]}
+    assert forwarded_client(ported, 1) == ("2001:db8::7", 0)
+    assert forwarded_client(ported, 2) == ("1.1.1.1", 0)
     garbage = {**scope, "headers": [(b"x-forwarded-for", b"<script>")]}
     assert forwarded_client(garbage, 1) == ("10.0.0.9", 5000), "no address: the peer's"
     assert forwarded_scheme(scope) == "https"

@@ -58,9 +58,21 @@ def forwarded_client(scope: dict[str, Any], trusted_proxies: int) -> tuple[str, 
     chosen = entries[-min(trusted_proxies, len(entries))] if entries else ""
     try:
         # The registry stores addresses as such: anything else is no address.
-        return str(ipaddress.ip_address(chosen)), 0
+        return str(ipaddress.ip_address(_without_port(chosen))), 0
     except ValueError:
         return tuple(peer) if peer else None
+
+
+def _without_port(entry: str) -> str:
+    """An ``X-Forwarded-For`` entry's address: some proxies (Azure's gateways, IIS ARR)
+    append the client's port, ``203.0.113.5:51000`` or ``[2001:db8::1]:51000``. Taken
+    for no address, every client behind such a proxy fell back to the proxy's own and
+    shared one budget, which one client could spend for all of them."""
+    if entry.startswith("["):
+        return entry[1 : entry.find("]")] if "]" in entry else entry
+    if entry.count(":") == 1:  # IPv4 with a port (an IPv6 address has several colons)
+        return entry.split(":", 1)[0]
+    return entry
 
 
 def forwarded_scheme(scope: dict[str, Any]) -> str:
