@@ -96,6 +96,29 @@ async def test_a_repeated_connection_established_does_not_add_heartbeats(
     assert len(heartbeats) <= (heartbeats[-1] - started[0]) / interval + 1, heartbeats
 
 
+@pytest.mark.parametrize("interval", [0, -1, 1e-9, "5", None])
+async def test_a_greeting_with_a_nonsense_heartbeat_interval_sends_no_flood_of_heartbeats(
+    scripted: Callable[[Script], Awaitable[str]], interval: Any
+) -> None:
+    # A server or proxy that sends 0, a negative, a tiny or no number: the client takes
+    # its default or at least 0.1 s, never a loop of heartbeats as fast as it can send.
+    heartbeats: list[float] = []
+
+    async def script(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({**json.loads(established()), "heartbeat_interval": interval}))
+        async for frame in ws:
+            if json.loads(frame)["type"] == "heartbeat":
+                heartbeats.append(time.monotonic())
+
+    client = PushClient(await scripted(script), **FAST)
+    await client.connect()
+    try:
+        await asyncio.sleep(0.5)
+    finally:
+        await client.close()
+    assert len(heartbeats) <= 6, len(heartbeats)
+
+
 def subscribed(request: dict[str, Any], seq: int, **fields: Any) -> str:
     """The reply to ``request``, a subscribe of ``news``."""
     reply = {"type": "subscribed", "id": request["id"], "channel": "news", "seq": seq}

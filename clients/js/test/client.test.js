@@ -284,6 +284,27 @@ test("a frame that is not an envelope is skipped, and delivery goes on", async (
 
 // ----- heartbeat -----------------------------------------------------------------------
 
+test("a greeting with a nonsense heartbeat_interval sends no flood of heartbeats", async () => {
+  // A server or proxy that sends 0, a negative, a tiny or no number: the default, or
+  // at least 100 ms, never heartbeats as fast as timers fire, nor a watchdog that
+  // drops the socket at once (4001) and reconnects.
+  for (const interval of [0, -1, 1e-9, "5", null, Number.NaN]) {
+    const c = client();
+    c.connect().catch(() => {}); // closed below
+    await until("a socket", () => FakeSocket.opened.length > 0 && lastSocket().readyState === 0);
+    const socket = lastSocket();
+    socket.readyState = 1;
+    socket.protocol = socket.protocols[0];
+    socket.receive({ type: "connection_established", connection_id: "c", server_id: "n", heartbeat_interval: interval, timestamp: 0 });
+    await sleep(150); // (the watchdog of a 100 ms interval drops a silent socket at 200)
+    const sent = socket.sent.filter((frame) => frame.type === "heartbeat").length;
+    const [state, closeCode] = [c.state, socket.closeCode];
+    c.close();
+    assert.ok(sent <= 2, `${interval}: ${sent} heartbeats in 150 ms`);
+    assert.equal(state, State.CONNECTED, `${interval}: closed ${closeCode}`);
+  }
+});
+
 test("heartbeats every interval; any frame keeps the socket, two silent intervals drop it with 4001", async () => {
   const intervalMs = 100;
   const c = client({ heartbeatIntervalMs: intervalMs });

@@ -45,6 +45,10 @@ Handler = Callable[[dict[str, Any]], Awaitable[None] | None]
 Listener = Callable[[dict[str, Any]], None]
 
 DEFAULT_REQUEST_TIMEOUT_SECS = 10.0
+DEFAULT_HEARTBEAT_SECS = 25.0
+# What the client takes of a greeting's heartbeat_interval: a server (or a proxy) that
+# sent 0, a negative or a tiny interval made it send heartbeats in a tight loop.
+MIN_HEARTBEAT_SECS = 0.1
 DEFAULT_OPEN_TIMEOUT_SECS = 10.0
 # The backoff starts again at its base only after a connection that stayed up this long:
 # a node that greets and closes at once (a server error, a slow consumer's replay that
@@ -439,8 +443,8 @@ class PushClient:
         self.server_id = envelope.get("server_id")
         self.connection_id = envelope.get("connection_id")
         self._established_at = asyncio.get_running_loop().time()
-        self._heartbeat_secs = self.heartbeat_interval_secs or float(
-            envelope.get("heartbeat_interval") or 25
+        self._heartbeat_secs = self.heartbeat_interval_secs or _server_heartbeat_secs(
+            envelope.get("heartbeat_interval")
         )
         # One heartbeat task per connection: a repeated greeting replaces it.
         if self._heartbeat_task is not None:
@@ -962,3 +966,13 @@ def _stop_repair(subscription: Subscription) -> None:
     if subscription.retry is not None:
         subscription.retry.cancel()
         subscription.retry = None
+
+
+def _server_heartbeat_secs(interval: Any) -> float:
+    """The greeting's ``heartbeat_interval`` in seconds; the default when it is no
+    positive number, and at least ``MIN_HEARTBEAT_SECS``."""
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)):
+        return DEFAULT_HEARTBEAT_SECS
+    if not interval > 0 or interval == float("inf"):  # (NaN is not > 0)
+        return DEFAULT_HEARTBEAT_SECS
+    return max(float(interval), MIN_HEARTBEAT_SECS)

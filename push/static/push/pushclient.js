@@ -67,6 +67,17 @@ const DEFAULT_REQUEST_TIMEOUT_MS = 10_000;
 // minutes; without this bound such a WebSocket would never count as failed.
 const DEFAULT_OPEN_TIMEOUT_MS = 10_000;
 const DEFAULT_HEARTBEAT_INTERVAL_MS = 25_000;
+// What the client takes of a greeting's heartbeat_interval: a server (or a proxy) that
+// sent 0, a negative or a tiny interval made it send heartbeats in a tight loop.
+const MIN_HEARTBEAT_INTERVAL_MS = 100;
+// The greeting's heartbeat_interval in ms: the default when it is no positive finite
+// number, and at least MIN_HEARTBEAT_INTERVAL_MS.
+function serverHeartbeatMs(interval) {
+  if (typeof interval !== "number" || !Number.isFinite(interval) || interval <= 0) {
+    return DEFAULT_HEARTBEAT_INTERVAL_MS;
+  }
+  return Math.max(interval * 1000, MIN_HEARTBEAT_INTERVAL_MS);
+}
 // The backoff starts again at its base only after a connection that stayed up this long:
 // a node that greets and closes at once (a server error, a slow consumer's replay that
 // overflows again) would otherwise have all its clients knock again within the base
@@ -565,7 +576,7 @@ export class PushClient {
     this.connectionId = envelope.connection_id;
     this.protocol = this.ws?.protocol || null;
     this.openedAt = Date.now();
-    this.startHeartbeat(this.heartbeatIntervalMs ?? (envelope.heartbeat_interval * 1000 || DEFAULT_HEARTBEAT_INTERVAL_MS));
+    this.startHeartbeat(this.heartbeatIntervalMs ?? serverHeartbeatMs(envelope.heartbeat_interval));
     this.setState(State.CONNECTED);
     this.emit("open", envelope);
     for (const subscription of this.subscriptions.values()) this.sendSubscribe(subscription);
