@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db.models import Min
 from django.utils import timezone
 
 from common.conf import push_settings
@@ -119,10 +118,6 @@ def durable_retention_policy(channel: str) -> RetentionPolicy:
     return RetentionPolicy(
         push_settings.RETENTION_MAX_MESSAGES or None, push_settings.RETENTION_MAX_AGE_SECS or None
     )
-
-
-def oldest_kept_seq(channel: Channel) -> int | None:
-    return Message.objects.filter(channel=channel).aggregate(m=Min("seq"))["m"]
 
 
 def _delete_in_batches(channel: Channel, *, max_seq: int | None, before: datetime | None) -> int:
