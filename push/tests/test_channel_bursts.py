@@ -30,10 +30,30 @@ CHANNELS = 300
 LAYER_CONNECTIONS = 2
 
 
-async def _all_recorded(node: Node, kind: str, channels: set[str]) -> bool:
-    entries = await node.directory.redis.xrange(f"{node.directory.prefix}:events")
-    events = [json.loads(fields[b"event"]) for _, fields in entries]
-    return {e.get("channel") for e in events if e["type"] == kind} >= channels
+class _StreamReader:
+    """The node's event stream from where it ended when made: each look reads only what
+    was appended since the last. The stream holds every earlier test's events in this
+    process, tens of thousands by the end of a run; read whole at every poll they took
+    the loop the node runs on for seconds."""
+
+    def __init__(self, node: Node, last_id: bytes) -> None:
+        self.redis = node.directory.redis
+        self.stream = f"{node.directory.prefix}:events"
+        self.last_id = last_id
+        self.seen: dict[str, set[str]] = {}
+
+    @classmethod
+    async def from_now(cls, node: Node) -> _StreamReader:
+        newest = await node.directory.redis.xrevrange(f"{node.directory.prefix}:events", count=1)
+        return cls(node, newest[0][0] if newest else b"0-0")
+
+    async def all_recorded(self, kind: str, channels: set[str]) -> bool:
+        entries = await self.redis.xrange(self.stream, min=b"(" + self.last_id)
+        for entry_id, fields in entries:
+            self.last_id = entry_id
+            event = json.loads(fields[b"event"])
+            self.seen.setdefault(event["type"], set()).add(event.get("channel"))
+        return self.seen.get(kind, set()) >= channels
 
 
 def _redis_connections() -> int:
@@ -52,12 +72,13 @@ async def test_channels_joined_at_once_share_the_nodes_bounded_redis_connections
     node = await get_node()
     channels = _channels(CHANNELS)
     client = FakeClient()
+    events = await _StreamReader.from_now(node)
     before = _redis_connections()
     await asyncio.gather(
         *(node.hub.subscribe(client, c, since=None, reply=client.reply) for c in channels)
     )
     await wait_until(
-        lambda: _all_recorded(node, CHANNEL_OCCUPIED, set(channels)),
+        lambda: events.all_recorded(CHANNEL_OCCUPIED, set(channels)),
         "every channel recorded occupied",
         interval=QUERY_INTERVAL_SECS,
     )
@@ -70,12 +91,13 @@ async def test_channels_emptied_at_once_are_vacated_without_a_connection_each() 
     node.hub.linger_secs = 0.05
     channels = _channels(CHANNELS)
     client = FakeClient()
+    events = await _StreamReader.from_now(node)
     subscriptions = [
         await node.hub.subscribe(client, channel, since=None, reply=client.reply)
         for channel in channels
     ]
     await wait_until(
-        lambda: _all_recorded(node, CHANNEL_OCCUPIED, set(channels)),
+        lambda: events.all_recorded(CHANNEL_OCCUPIED, set(channels)),
         "every channel recorded occupied",
         interval=QUERY_INTERVAL_SECS,
     )
@@ -83,7 +105,7 @@ async def test_channels_emptied_at_once_are_vacated_without_a_connection_each() 
     for subscription in subscriptions:
         node.hub.unsubscribe(subscription)
     await wait_until(
-        lambda: _all_recorded(node, CHANNEL_VACATED, set(channels)),
+        lambda: events.all_recorded(CHANNEL_VACATED, set(channels)),
         "every channel recorded vacated",
         interval=QUERY_INTERVAL_SECS,
     )
