@@ -486,6 +486,14 @@ class PushSettings:
     MAX_SUBSCRIPTIONS_PER_CONNECTION: int = option(
         1000, EnvType.INT, "subscriptions one connection may hold (`FORBIDDEN` past it)"
     )
+    MAX_CONNECTIONS: int = option(
+        0,
+        EnvType.COUNT,
+        "connections (WebSocket, SSE, Pusher) one node holds at once (close 1013, an SSE "
+        "stream an error, past it); 0: derived from the open-file limit (raised to its "
+        "hard limit at start), keeping a tenth of it, at least 256, for the node's own "
+        "database, Redis and HTTP sockets",
+    )
     MAX_CONNECTIONS_PER_USER: int = option(
         100,
         EnvType.COUNT,
@@ -495,6 +503,14 @@ class PushSettings:
         0,
         EnvType.COUNT,
         "connections per client address on one node (0: no limit); behind a proxy, set "
+        "`PUSH_TRUSTED_PROXIES`",
+    )
+    MAX_ANONYMOUS_CONNECTIONS_PER_IP: int = option(
+        1000,
+        EnvType.COUNT,
+        "anonymous connections per client address (an IPv6 /64) on one node (close 1013 past "
+        "it; 0: no limit): they cost a client nothing to open, where a user's or a service "
+        "token's count against `PUSH_MAX_CONNECTIONS_PER_USER`; behind a proxy, set "
         "`PUSH_TRUSTED_PROXIES`",
     )
     REVOCATION_CHECK_SECS: float = option(

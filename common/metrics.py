@@ -245,6 +245,12 @@ CONNECTIONS_OPENED = Counter(
 CONNECTIONS_CLOSED = Counter(
     "push_connections_closed_total", "WebSocket connections closed", ["reason"]
 )
+CONNECTIONS_REFUSED = Counter(
+    "push_connections_refused_total",
+    "Connections refused at their start for a connection limit: the node's "
+    "(PUSH_MAX_CONNECTIONS), a user's or an address's",
+    ["limit"],
+)
 CONNECTIONS_ACTIVE = Gauge(
     "push_connections_active", "Open WebSocket connections on this node", ["wire_format"]
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import resource
 import time
 
 import pytest
@@ -15,12 +16,14 @@ from django.conf import settings as django_settings
 from django.contrib.auth.models import Group, User
 from django.core.management import CommandError, call_command
 from django.test import override_settings
+from prometheus_client import REGISTRY
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from accounts.models import ChannelGrant, ServiceToken
 from accounts.subscription_tokens import subscription_token_issue
 from common.errors import CloseCode
+from push.cluster.admission import connection_capacity, raise_open_file_limit
 from push.services.publishing import message_publish
 from push.services.runtime import get_node
 from push.tests.sse_inprocess import InProcessStream
@@ -272,6 +275,64 @@ async def test_connections_per_ip_are_limited() -> None:
     again = await connected_client(client_address=crowd)  # a place is free again
     for client in (second, elsewhere, again):
         await client.close()
+
+
+@override_settings(PUSH={"MAX_ANONYMOUS_CONNECTIONS_PER_IP": 2})
+async def test_anonymous_connections_per_ip_are_limited_and_signed_in_ones_are_not() -> None:
+    crowd = ("192.0.2.7", 50000)
+    first = await connected_client(client_address=crowd)
+    second = await connected_client(client_address=crowd)
+    accepted, third, _ = await open_client(client_address=crowd)
+    assert accepted
+    assert await third.expect_close() == CloseCode.TRY_AGAIN_LATER
+    _, token = await sync_to_async(_user_token)("behind-the-same-nat")
+    member = await connected_client(token=token, client_address=crowd)
+    await first.close()
+    again = await connected_client(client_address=crowd)  # a place is free again
+    for client in (second, member, again):
+        await client.close()
+
+
+@override_settings(PUSH={"MAX_CONNECTIONS": 2})
+async def test_a_full_node_refuses_connections_from_anyone_until_one_closes() -> None:
+    refused_before = _refused("node")
+    first = await connected_client(client_address=("192.0.2.7", 50000))
+    second = await connected_client(client_address=("192.0.2.8", 50000))
+    accepted, third, _ = await open_client(client_address=("192.0.2.9", 50000))
+    assert accepted, "accepted first, so the client learns why it is closed"
+    assert await third.expect_close() == CloseCode.TRY_AGAIN_LATER
+    stream = InProcessStream("channel=news")
+    assert await stream.start() == 200
+    event, envelope = await stream.next_event()  # type: ignore[misc]  # None once the stream ends
+    assert event == "error" and envelope["code"] == "RATE_LIMITED"
+    assert await stream.next_event() is None
+    await stream.close()
+    assert _refused("node") == refused_before + 2
+    await first.close()
+    again = await connected_client(client_address=("192.0.2.9", 50000))  # a place is free
+    for client in (second, again):
+        await client.close()
+
+
+def _refused(limit: str) -> float:
+    return REGISTRY.get_sample_value("push_connections_refused_total", {"limit": limit}) or 0.0
+
+
+def test_a_node_keeps_a_tenth_of_its_open_files_for_its_own_sockets() -> None:
+    assert connection_capacity(20_000) == 18_000
+    assert connection_capacity(1_024) == 768  # at least 256 kept
+    assert connection_capacity(100) == 1
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(soft, hard, 4096) - 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        assert raise_open_file_limit() == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @override_settings(PUSH={"ANONYMOUS_SUBSCRIBE": False})

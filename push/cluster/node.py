@@ -31,7 +31,11 @@ from common.conf import push_settings
 from common.db import db_call
 from common.errors import CloseCode
 from push.cluster.address_budgets import AddressBudgets, Budget
-from push.cluster.admission import ConnectionCounter
+from push.cluster.admission import (
+    ConnectionCounter,
+    connection_capacity,
+    raise_open_file_limit,
+)
 from push.cluster.broker import CLIENT_EVENT, PRESENCE_EVENT, Broker, channel_group
 from push.cluster.directory import CONTROL_GROUP, DISCONNECT_EVENT, TOP_CHANNELS, NodeDirectory
 from push.cluster.live import LiveConnection
@@ -146,8 +150,12 @@ class Node:
             max_buffered=push_settings.REGISTRY_MAX_BUFFERED,
             on_previous_run_closed=self._announce_previous_run,
         )
+        self.max_connections = push_settings.MAX_CONNECTIONS or connection_capacity(
+            raise_open_file_limit()
+        )
         self._per_user = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_USER)
         self._per_ip = ConnectionCounter(push_settings.MAX_CONNECTIONS_PER_IP)
+        self._anonymous_per_ip = ConnectionCounter(push_settings.MAX_ANONYMOUS_CONNECTIONS_PER_IP)
         self.addresses = address_budgets_from_settings()
         self.overload = LoopLag(
             limit_secs=push_settings.OVERLOAD_LAG_MS / 1000,
@@ -159,12 +167,23 @@ class Node:
         self.on_connection_closing = self.release_subscriptions
 
     def admit(self, connection: LiveConnection) -> bool:
-        """Count a new connection against the per-user and per-IP limits of this node."""
+        """Count a new connection against this node's limits: its own, per user, per IP."""
+        if len(self.connections) >= self.max_connections:
+            metrics.CONNECTIONS_REFUSED.labels("node").inc()
+            return False
         user_key = connection.principal.key if connection.principal.is_authenticated else None
         if not self._per_user.try_add(user_key):
+            metrics.CONNECTIONS_REFUSED.labels("user").inc()
             return False
-        if not self._per_ip.try_add(_ip_key(connection.ip)):
+        ip_key = _ip_key(connection.ip)
+        if not self._per_ip.try_add(ip_key):
             self._per_user.remove(user_key)
+            metrics.CONNECTIONS_REFUSED.labels("address").inc()
+            return False
+        if not self._anonymous_per_ip.try_add(_anonymous_ip_key(connection)):
+            self._per_user.remove(user_key)
+            self._per_ip.remove(ip_key)
+            metrics.CONNECTIONS_REFUSED.labels("address").inc()
             return False
         self.connections[connection.connection_id] = connection
         # A back-end's service token is not held to its address's budgets.
@@ -198,6 +217,7 @@ class Node:
         principal = connection.principal
         self._per_user.remove(principal.key if principal.is_authenticated else None)
         self._per_ip.remove(_ip_key(connection.ip))
+        self._anonymous_per_ip.remove(_anonymous_ip_key(connection))
         if connection.address_budget is not None:
             self.addresses.release(connection.address_budget)
 
@@ -224,7 +244,11 @@ class Node:
         relay.relay_with(self.broker.storage_relay())
         global _running
         _running = self
-        logger.info("node %s started", self.server_id)
+        logger.info(
+            "node %s started, accepting at most %d connections",
+            self.server_id,
+            self.max_connections,
+        )
 
     async def stop(self, *, flush_secs: float = STOP_FLUSH_MIN_SECS) -> None:
         """Stop: the write pipeline first (what it commits meanwhile is broadcast, so
@@ -582,6 +606,12 @@ class Node:
             if connection.subscriptions and (changed or connection.token_expiry):
                 await self._revoke_subscriptions(self, connection, now)
         return closed
+
+
+def _anonymous_ip_key(connection: LiveConnection) -> str | None:
+    """What ``PUSH_MAX_ANONYMOUS_CONNECTIONS_PER_IP`` counts under: an anonymous
+    connection's address (as ``_ip_key``); others are not counted (None)."""
+    return _ip_key(connection.ip) if connection.principal.kind == "anonymous" else None
 
 
 def _ip_key(ip: str | None) -> str | None:

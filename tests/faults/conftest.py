@@ -103,6 +103,8 @@ def cluster_env(
         # Every client reaches the nodes through nginx from 127.0.0.1, and crowds of
         # them reconnect at once: these tests are about failing parts, not budgets.
         **NO_ADDRESS_BUDGETS,
+        # The crowd of 1,000 anonymous clients (test_node_killed) lands on one node.
+        "PUSH_MAX_ANONYMOUS_CONNECTIONS_PER_IP": "0",
         # A Pusher-protocol subscriber rides through the Redis restart beside ours.
         "PUSHER_APP_ID": APP_ID,
         "PUSHER_APP_KEY": APP_KEY,
