@@ -13,13 +13,16 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import Group, User
 from django.test import Client, override_settings
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rest_framework.authtoken.models import Token
 
 from accounts.models import ChannelGrant, ServiceToken
 from accounts.principals import principals_refresh
 from accounts.subscription_tokens import subscription_token_issue
 from common.errors import CloseCode
+from push.cluster.live import LiveConnection
 from push.services.publishing import message_publish
+from push.services.runtime import get_node
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import WsClient, connected_client
 
@@ -203,6 +206,42 @@ async def test_subscribing_again_with_a_fresh_token_extends_the_subscription() -
     await client.close()
 
 
+async def _only_connection() -> LiveConnection:
+    node = await get_node()
+    (connection,) = node.connections.values()
+    return connection
+
+
+@override_settings(PUSH={"REVOCATION_CHECK_SECS": 0.2, "MAX_SUBSCRIPTIONS_PER_CONNECTION": 1})
+async def test_a_token_subscribe_refused_at_the_subscription_limit_keeps_no_expiry() -> None:
+    """Its expiry kept, every refused subscribe would cost memory for a channel the
+    connection does not hold, and the revocation check a look at it every round."""
+    client = await connected_client()
+    assert (await client.request({"type": "subscribe", "channel": "news"}))["type"] == "subscribed"
+    token = subscription_token_issue(channel="private-call", ttl_secs=60)
+    refused = await client.request({"type": "subscribe", "channel": "private-call", "token": token})
+    assert refused["code"] == "FORBIDDEN" and "limit" in refused["message"], refused
+    assert not (await _only_connection()).token_expiry
+    await client.close()
+
+
+async def test_a_token_subscribe_whose_channel_cannot_be_joined_keeps_no_expiry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = await connected_client()
+    assert (await client.request({"type": "subscribe", "channel": "news"}))["type"] == "subscribed"
+
+    async def broker_away(channel: str) -> None:
+        raise RedisConnectionError("Connection refused.")
+
+    monkeypatch.setattr((await get_node()).broker, "join", broker_away)
+    token = subscription_token_issue(channel="private-call", ttl_secs=60)
+    refused = await client.request({"type": "subscribe", "channel": "private-call", "token": token})
+    assert refused["code"] == "UNAVAILABLE", refused
+    assert not (await _only_connection()).token_expiry
+    await client.close()
+
+
 # ----- SSE ------------------------------------------------------------------------------
 
 
@@ -254,7 +293,6 @@ async def test_a_connection_opened_while_the_check_queries_is_left_open(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from push.cluster import node as node_module
-    from push.services.runtime import get_node
 
     def setup() -> list[str]:
         return [Token.objects.create(user=_user(name)).key for name in ("early", "late")]

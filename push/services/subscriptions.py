@@ -191,9 +191,9 @@ async def channel_subscribe(
             claims = subscription_token_verify(token, channel=channel)
         else:
             authorize_subscribe(connection.principal, channel)
-    _remember_token_expiry(connection, channel, claims)
     existing = connection.subscriptions.get(channel)
     if existing is not None and existing.active:
+        _remember_token_expiry(connection, channel, claims)
         # Already receiving the channel's stream without a gap: nothing to replay.
         reply(
             max(existing.channel.delivered_seq, existing.last_seq), None if since is None else True
@@ -212,6 +212,7 @@ async def channel_subscribe(
         node.hub.unsubscribe(subscription)
         return
     connection.subscriptions[channel] = subscription
+    _remember_token_expiry(connection, channel, claims)
     _record_change(node, connection, events.SUBSCRIBE, channel)
     if occupancy:
         await node.occupancy.watch(subscription)
@@ -273,7 +274,12 @@ def _remember_token_expiry(
 ) -> None:
     """A subscription a signed token granted lasts until the token expires (the node's
     revocation check ends it); one the decider granted does not. Subscribing again
-    with a fresh token extends it."""
+    with a fresh token extends it.
+
+    Called only for a subscription the connection holds, with no await since it was
+    recorded: kept for a subscribe that was then refused (a limit, the overload, a
+    failed join), the expiry would be held for a channel the connection does not have,
+    and looked at by every revocation check of the connection's life."""
     if claims is not None:
         if connection.token_expiry is None:
             connection.token_expiry = {}
