@@ -494,6 +494,55 @@ async def test_frame_over_the_limit_closes_1009(wire_format: str, publisher_toke
     await subscriber.close()
 
 
+@override_settings(PUSH={"MAX_FRAME_BYTES": FRAME_LIMIT, "RATE_BURST": 2, "RATE_PER_SEC": 0.001})
+async def test_a_frame_over_the_limit_closes_1009_though_over_the_frame_rate_too(
+    wire_format: str, publisher_token: str
+) -> None:
+    """The size is checked first: over the rate, the frame used to be answered
+    ``RATE_LIMITED`` and the connection read on."""
+    client = await connected_client(subprotocol=wire_format, token=publisher_token)
+    for n in range(2):
+        assert (await client.request({"type": "heartbeat", "id": n}))["type"] == "heartbeat_ack"
+    over = await client.request({"type": "heartbeat", "id": "over"})
+    assert over["code"] == "RATE_LIMITED", over
+    await client.send({"type": "publish", "channel": "big", "data": "x" * FRAME_LIMIT, "id": 1})
+    reply = await client.recv()
+    assert reply["code"] == "MESSAGE_TOO_LARGE", reply
+    assert await client.expect_close() == CloseCode.TOO_LARGE
+
+
+@override_settings(PUSH={"MAX_FRAME_BYTES": FRAME_LIMIT})
+async def test_a_frame_over_the_limit_closes_1009_though_of_the_other_frame_type(
+    wire_format: str,
+) -> None:
+    client = await connected_client(subprotocol=wire_format)
+    text = "x" * (FRAME_LIMIT + 1)
+    await client.send_payload(text if client.codec.binary else text.encode())
+    reply = await client.recv()
+    assert reply["code"] == "MESSAGE_TOO_LARGE", reply
+    assert await client.expect_close() == CloseCode.TOO_LARGE
+
+
+@override_settings(PUSH={"MAX_FRAME_BYTES": FRAME_LIMIT})
+@pytest.mark.parametrize("past_the_limit", [0, 1])
+async def test_a_text_frame_is_measured_in_utf8_bytes_not_characters(
+    past_the_limit: int, publisher_token: str
+) -> None:
+    client = await connected_client(token=publisher_token)
+    head, tail = '{"type":"publish","channel":"big","data":"', '"}'
+    room = FRAME_LIMIT - len(head) - len(tail)
+    text = head + "é" * (room // 2) + "x" * (room % 2 + past_the_limit) + tail
+    assert len(text.encode()) == FRAME_LIMIT + past_the_limit and len(text) < FRAME_LIMIT
+    await client.send_payload(text)
+    reply = await client.recv()
+    if past_the_limit:
+        assert reply["code"] == "MESSAGE_TOO_LARGE", reply
+        assert await client.expect_close() == CloseCode.TOO_LARGE
+    else:
+        assert reply["type"] == "published", reply
+        await client.close()
+
+
 async def test_invalid_token_is_refused_at_handshake(
     transactional_db: None, wire_format: str
 ) -> None:

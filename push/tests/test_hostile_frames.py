@@ -16,7 +16,7 @@ import pytest
 from django.test import override_settings
 
 from common.conf import push_settings
-from common.errors import ErrorCode, PushError
+from common.errors import CloseCode, ErrorCode, PushError
 from push.tests.wsclient import connected_client
 from push.wire.codecs.msgpack_codec import MsgpackCodec
 
@@ -67,18 +67,22 @@ async def test_a_refused_frame_is_not_decoded_to_find_its_id(decoded_sizes: list
     more: a frame up to the server's own limit (4 MiB + 64 KiB, past the node's 1 MiB,
     which was checked only for frames let through) was decoded whole, ~300 MB of
     objects for one frame of empty maps. A small refused frame is still answered under
-    its id."""
+    its id. A frame past the node's limit is refused for its size first, over the rate
+    or not: closed 1009, undecoded as well."""
     client = await connected_client(subprotocol=MSGPACK)
     assert (await client.request({"type": "heartbeat", "id": 1}))["type"] == "heartbeat_ack"
 
     reply = await client.request({"type": "heartbeat", "id": "small"})
     assert reply["code"] == "RATE_LIMITED" and reply["id"] == "small"
 
+    await client.send_payload(empty_maps_frame(push_settings.MAX_FRAME_BYTES, request_id="big"))
+    reply = await client.recv()
+    assert reply["code"] == "RATE_LIMITED" and "id" not in reply
     over_the_limit = push_settings.MAX_FRAME_BYTES * 4
-    for size in (push_settings.MAX_FRAME_BYTES, over_the_limit):
-        await client.send_payload(empty_maps_frame(size, request_id="big"))
-        reply = await client.recv()
-        assert reply["code"] == "RATE_LIMITED" and "id" not in reply
+    await client.send_payload(empty_maps_frame(over_the_limit, request_id="big"))
+    reply = await client.recv()
+    assert reply["code"] == "MESSAGE_TOO_LARGE" and "id" not in reply
+    assert await client.expect_close() == CloseCode.TOO_LARGE
     # (The client's replies decode here too: only the big frames are the node's.)
     assert max(decoded_sizes) < 1000, "refused frames were decoded"
     await client.close()

@@ -107,10 +107,22 @@ def _reply_failure(
 
 
 def frame_size(payload: str | bytes) -> int:
-    # A str of n characters is at most 4n UTF-8 bytes: encode only when it matters.
-    if isinstance(payload, str) and len(payload) * 4 > push_settings.MAX_FRAME_BYTES:
+    """The payload's size in bytes, exact up to ``PUSH_MAX_FRAME_BYTES``; past it, a
+    size past it too (a text frame's characters, fewer than its bytes)."""
+    length = len(payload)
+    # A str of n characters is n to 4n UTF-8 bytes, n when ASCII (known without a look
+    # at them): encoded only when that leaves it open which side of the limit it is.
+    limit = push_settings.MAX_FRAME_BYTES
+    if isinstance(payload, str) and length <= limit < length * 4 and not payload.isascii():
         return len(payload.encode("utf-8", "surrogatepass"))
-    return len(payload)
+    return length
+
+
+def _too_large() -> PushError:
+    return PushError(
+        ErrorCode.MESSAGE_TOO_LARGE,
+        f"frame is larger than {push_settings.MAX_FRAME_BYTES} bytes",
+    )
 
 
 class PushConsumer(AsyncConsumer):
@@ -199,17 +211,18 @@ class PushConsumer(AsyncConsumer):
     async def on_frame(self, connection: ClientConnection, event: dict[str, Any]) -> None:
         request_id: RequestId | None = None
         connection.last_seen = time.monotonic()
+        size = frame_size(_payload_of(event))
+        if size > push_settings.MAX_FRAME_BYTES:
+            # Before any other check: a frame over the limit closes the connection 1009,
+            # over the frame rate or not, of this format's frame type or not. It is not
+            # decoded, not even for its id (it may be four times the limit).
+            _reply_failure(connection, _too_large(), None)
+            return
         if not connection.rate.take():
             self._rate_limited(connection, event)
             return
         try:
             payload = connection.codec.frame_payload(event)
-            size = frame_size(payload)
-            if size > push_settings.MAX_FRAME_BYTES:
-                raise PushError(
-                    ErrorCode.MESSAGE_TOO_LARGE,
-                    f"frame is larger than {push_settings.MAX_FRAME_BYTES} bytes",
-                )
             if size > UNCHARGED_FRAME_BYTES and not large_frame_allowed(
                 connection.address_budget, size
             ):
@@ -462,11 +475,17 @@ class PushConsumer(AsyncConsumer):
     }
 
 
-def _payload_length(event: dict[str, Any]) -> int:
+def _payload_of(event: dict[str, Any]) -> str | bytes:
+    """A ``websocket.receive`` event's payload, text or binary, whatever this
+    connection's format takes."""
     payload = event.get("text")
     if payload is None:
         payload = event.get("bytes") or b""
-    return len(payload)
+    return payload
+
+
+def _payload_length(event: dict[str, Any]) -> int:
+    return len(_payload_of(event))
 
 
 _REQUEST_TYPES = {
