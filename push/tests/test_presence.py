@@ -201,6 +201,23 @@ async def test_shared_member_lists_are_not_held_past_their_time_or_their_bound(
     assert list(store._listed) == ["presence-bound-4"]
 
 
+def _presence_joins_fail(node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis fails every presence join (an outage): the script's call, after the node
+    recorded the member for its repair to put back, as a real outage leaves it."""
+
+    async def redis_away(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("Redis connection lost")
+
+    monkeypatch.setattr(node.presence, "_join", redis_away)
+
+
+async def _member_ids_once_redis_is_back(node: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The members of ROOM after the outage, once the node's repair has run."""
+    monkeypatch.undo()
+    await node.presence.repair(node.announce_presence)
+    return [m["user_id"] for m in await node.presence.members(ROOM)]
+
+
 async def test_an_sse_stream_whose_presence_join_fails_goes_on_with_its_other_channels(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -208,22 +225,38 @@ async def test_an_sse_stream_whose_presence_join_fails_goes_on_with_its_other_ch
     gets an ``UNAVAILABLE`` error event naming it, and the stream goes on with its other
     channels, as a WebSocket's other subscriptions do. The failure used to escape the
     stream, which broke off without a word, its other channels with it, on every
-    reconnect while the outage lasted."""
+    reconnect while the outage lasted. Then the channel failed was streamed all the
+    same, and its member put back by the node's repair once Redis answered: now it is
+    neither (SSE has no ``subscribed`` that could say it stands)."""
     _, token = await sync_to_async(_member_token)("dee")
     node = await get_node()
-
-    async def failing(*args: Any, **kwargs: Any) -> bool:
-        raise ConnectionError("Redis connection lost")
-
-    monkeypatch.setattr(node.presence, "join", failing)
+    _presence_joins_fail(node, monkeypatch)
     stream = InProcessStream(f"channel={ROOM}&channel=news&token={token}")
     assert await stream.start() == 200
     assert (await stream.next_event() or ("",))[0] == "connection_established"
     kind, error = await stream.next_event() or ("", {})
     assert (kind, error["channel"], error["code"]) == ("error", ROOM, "UNAVAILABLE")
+    assert await _member_ids_once_redis_is_back(node, monkeypatch) == []
+    await sync_to_async(push.publish)(ROOM, "not streamed")
     await sync_to_async(push.publish)("news", "after")
     kind, message = await stream.next_event() or ("", {})
     assert (kind, message["channel"], message["data"]) == ("message", "news", "after")
+    await stream.close()
+
+
+async def test_an_sse_stream_whose_only_channel_cannot_join_presence_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, token = await sync_to_async(_member_token)("fay")
+    node = await get_node()
+    _presence_joins_fail(node, monkeypatch)
+    stream = InProcessStream(f"channel={ROOM}&token={token}")
+    assert await stream.start() == 200
+    assert (await stream.next_event() or ("",))[0] == "connection_established"
+    kind, error = await stream.next_event() or ("", {})
+    assert (kind, error["channel"], error["code"]) == ("error", ROOM, "UNAVAILABLE")
+    assert await stream.next_event() is None, "the stream ends"
+    assert await _member_ids_once_redis_is_back(node, monkeypatch) == []
     await stream.close()
 
 

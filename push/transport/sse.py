@@ -38,7 +38,13 @@ from push.cluster.node import Node
 from push.fanout.outbox import Outbox, OutFrame
 from push.services.admission import handshake_allowed, shed_anonymous
 from push.services.runtime import get_node
-from push.services.subscriptions import channel_subscribe, client_ip, session_closed, session_open
+from push.services.subscriptions import (
+    channel_subscribe,
+    channel_unsubscribe,
+    client_ip,
+    session_closed,
+    session_open,
+)
 from push.storage.history_modes import is_recent
 from push.transport.connection import CLOSE_FLUSH_SECS, ClientConnection
 from push.transport.origin import BrowserOriginValidator
@@ -364,15 +370,28 @@ async def _subscribe_all(node: Node, connection: SseConnection, request: StreamR
             # there. Dropped, the channel would start at its latest seq then, and what
             # was published meanwhile be skipped without a trace.
             connection.send_error(exc, None, channel=channel)
+            await _end_failed_subscription(node, connection, channel)
         except Exception:
             # A dependency failed in a way no PushError names (Redis under a presence
-            # join): this channel is told, as a WebSocket's subscribe would be, and the
-            # stream goes on with its other channels instead of breaking off.
+            # join): this channel is told, and the stream goes on with its other
+            # channels instead of breaking off.
             logger.exception("subscribing a stream to %s failed", channel)
             connection.send_error(_SUBSCRIBE_FAILED, None, channel=channel)
+            await _end_failed_subscription(node, connection, channel)
 
 
 _SUBSCRIBE_FAILED = PushError(ErrorCode.UNAVAILABLE, "the server could not subscribe this channel")
+
+
+async def _end_failed_subscription(node: Node, connection: SseConnection, channel: str) -> None:
+    """A channel whose subscribe failed after its subscription was made (Redis failed
+    the presence join) ends with the error just sent: a WebSocket's ``subscribed`` went
+    out first and the subscription stands, but a stream has no such answer, and its
+    error must mean the channel is not streamed. Its presence leaves with it, so the
+    node's repair does not put back a member for a stream told it failed. (Ended right
+    after the error, with no await between: no message of the channel follows it.)"""
+    if channel in connection.subscriptions:
+        await channel_unsubscribe(node, connection, channel)
 
 
 def _permitted(connection: SseConnection, channel: str) -> bool:
