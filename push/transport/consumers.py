@@ -107,8 +107,10 @@ def _reply_failure(
 
 
 def frame_size(payload: str | bytes) -> int:
-    """The payload's size in bytes, exact up to ``PUSH_MAX_FRAME_BYTES``; past it, a
-    size past it too (a text frame's characters, fewer than its bytes)."""
+    """The payload's size in bytes: exact for bytes, ASCII text, and text from a quarter
+    of ``PUSH_MAX_FRAME_BYTES`` up to it; past the limit, a size past it too; under a
+    quarter of it, a text frame's characters (at most 4x fewer than its bytes, and
+    under the limit either way)."""
     length = len(payload)
     # A str of n characters is n to 4n UTF-8 bytes, n when ASCII (known without a look
     # at them): encoded only when that leaves it open which side of the limit it is.
