@@ -132,10 +132,17 @@ async def test_an_overloaded_node_defers_anonymous_subscriptions_only_to_channel
 async def test_a_long_queue_is_let_in_a_probe_at_a_time_after_the_overload() -> None:
     """All at once, a long queue of subscriptions would be one loop turn long enough to
     start the overload again."""
-    lag = LoopLag(limit_secs=0.02, hold_secs=0.05, admit_per_sec=0)
+    # A hold long enough for the 120 to start waiting within it on a loaded machine
+    # (started after it, each was let in at once, and the test measured nothing).
+    hold_secs = 1.0
+    lag = LoopLag(limit_secs=0.02, hold_secs=hold_secs, admit_per_sec=0)
+    overloaded_at = time.monotonic()
     lag.observe(0.05)
     waiting = [asyncio.ensure_future(lag.admitted("subscribe", 5)) for _ in range(120)]
-    await asyncio.sleep(0.06)  # the hold is over
+    await asyncio.sleep(0)  # each has started, and waits
+    assert not any(w.done() for w in waiting)
+    await asyncio.sleep(max(overloaded_at + hold_secs - time.monotonic(), 0) + 0.01)
+    assert not lag.overloaded()
     lag.observe(0.0)
     await asyncio.sleep(0)
     assert sum(w.done() for w in waiting) == RELEASED_PER_PROBE
