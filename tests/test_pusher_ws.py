@@ -10,6 +10,7 @@ import asyncio
 import json
 import uuid
 
+import psycopg
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -23,7 +24,7 @@ from tests.pusherclient import (
     receive,
     sign,
 )
-from tests.servers import ServerNode, manage, publish_rest
+from tests.servers import Database, ServerNode, manage, publish_rest
 
 pytestmark = pytest.mark.e2e
 
@@ -336,6 +337,58 @@ async def test_a_quiet_client_is_pinged_then_closed_with_4201(e2e_env: dict[str,
         # The one that answered is still served (pinged again, as it stays quiet).
         assert (await answering.receive(8))["event"] == "pusher:ping"
         await answering.close()
+    finally:
+        node.stop()
+
+
+async def test_a_client_that_answers_pings_while_its_subscribe_waits_stays_connected(
+    e2e_env: dict[str, str], e2e_database: Database
+) -> None:
+    """A subscribe waits on PostgreSQL when the node joins the channel (its recent
+    messages) or sends a cache channel's last one; here the tables are locked, as a
+    migration or a stalled disk would leave them. The client answers the server's pings
+    meanwhile, as pusher-js does: it was closed 4201 (no pong) mid-subscribe, its pongs
+    unread behind the subscribe; under uvicorn, a frame left unread also stops its
+    keepalive pongs being read (1011 after 40 s). Its own ping is answered after the
+    subscription, in the order sent."""
+    env = {
+        **pusher_env(e2e_env),
+        "PUSHER_ACTIVITY_TIMEOUT": "1",
+        "PUSHER_PONG_TIMEOUT": "1",
+        "PUSH_HEARTBEAT_TIMEOUT_SECS": "3",  # the silence check runs every second
+    }
+    node = ServerNode(env, server="uvicorn", name="pusher-slow-subscribe").start()
+    try:
+        client = await PusherClient.connect(node.pusher_url)
+        channel = _channel("cache-")
+        answered_pings = 0
+        with psycopg.connect(e2e_database.url) as locking:
+            locking.execute("LOCK TABLE push_channel, push_message IN ACCESS EXCLUSIVE MODE")
+            await client.send("pusher:subscribe", {"channel": channel})
+            await client.send("pusher:ping", {})
+            deadline = asyncio.get_running_loop().time() + 5
+            while asyncio.get_running_loop().time() < deadline:
+                try:
+                    frame = await client.receive(0.2)  # pusher:error 4201 before
+                except TimeoutError:
+                    continue
+                assert frame["event"] == "pusher:ping", frame
+                await client.send("pusher:pong", {})
+                answered_pings += 1
+        assert answered_pings >= 2
+        events = []
+        while len(events) < 3:
+            frame = await client.receive()
+            if frame["event"] == "pusher:ping":
+                await client.send("pusher:pong", {})
+            else:
+                events.append((frame["event"], frame.get("channel")))
+        assert events == [
+            ("pusher_internal:subscription_succeeded", channel),
+            ("pusher:cache_miss", channel),
+            ("pusher:pong", None),
+        ]
+        await client.close()
     finally:
         node.stop()
 

@@ -75,7 +75,8 @@ REFUSED_FRAME_ID_MAX_CHARS = 8192
 # send meanwhile is a heartbeat every 25 s. Left unread, a frame the client sent made it
 # look silent (closed 4001 though it sent its heartbeats) and, under uvicorn, which
 # stops reading the socket until the application takes the frame, left its pongs unread
-# too (closed 1011, keepalive ping timeout, within a minute).
+# too (closed 1011, keepalive ping timeout, within a minute). The Pusher endpoint holds
+# the frames sent during any of its subscribes the same way (``push.transport.pusher``).
 HELD_MAX_FRAMES = 32
 HELD_MAX_CHARS = 65_536
 

@@ -276,12 +276,22 @@ class PusherConsumer(PushConsumer):
         elif name == pusher.PONG:
             pass  # last_seen moved: that is all a pong is for
         elif name == pusher.SUBSCRIBE:
-            await pusher_subscribe(
-                node,
+            # A subscribe may wait on PostgreSQL (the channel's recent messages when the
+            # node joins it, a cache channel's last one) and Redis (presence): the frames
+            # sent meanwhile are read and held for after it, as during our protocol's
+            # resumes. Left unread, they made the client look silent (4201 though it
+            # answered the server's pusher:ping) and, under uvicorn, which stops reading
+            # the socket while a frame waits, left unread the WebSocket pongs its
+            # keepalive asks for (1011 after 40 s, seen with PostgreSQL stalled so long).
+            await self._reading_meanwhile(
                 connection,
-                data.get("channel"),
-                auth=data.get("auth"),
-                channel_data=data.get("channel_data"),
+                pusher_subscribe(
+                    node,
+                    connection,
+                    data.get("channel"),
+                    auth=data.get("auth"),
+                    channel_data=data.get("channel_data"),
+                ),
             )
         elif name == pusher.UNSUBSCRIBE:
             await pusher_unsubscribe(node, connection, data.get("channel"))
