@@ -1,7 +1,10 @@
-"""The Pusher endpoint (``push.transport.pusher``) in this process, while a subscribe
-waits (on PostgreSQL or Redis, here on a gate): the frames its client sends meanwhile
-are read and held, within the same bounds as our own protocol's resumes, and answered
-after it, in the order sent; a client that leaves meanwhile ends the subscribe."""
+"""The Pusher endpoint (``push.transport.pusher``) in this process: what one client may
+make it hold and do.
+
+While a subscribe waits (on PostgreSQL or Redis, here on a gate), the frames its client
+sends are read and held, within the same bounds as our own protocol's resumes, and
+answered after it, in the order sent; a client that leaves meanwhile ends the
+subscribe. A frame over the size limit closes the connection, as in our own protocol."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.test import override_settings
 
 from push.tests.wsclient import WsClient, open_client
 from push.transport.consumers import HELD_MAX_CHARS, HELD_MAX_FRAMES
@@ -165,3 +169,27 @@ async def test_a_client_that_leaves_while_its_presence_subscribe_waits_is_no_mem
     assert await presence.members(room) == []
     gate.open()
     await client.communicator.wait(5)
+
+
+FRAME_LIMIT = 2000
+
+
+def _ping_of(size: int) -> str:
+    head, tail = '{"event":"pusher:ping","data":"', '"}'
+    return head + "x" * (size - len(head) - len(tail)) + tail
+
+
+@override_settings(PUSH={"MAX_FRAME_BYTES": FRAME_LIMIT})
+async def test_a_frame_over_the_size_limit_closes_the_connection() -> None:
+    """Answered with the connection left open, a client sent frames of up to four
+    times the limit (what the server passes) at its frame rate, never charged to its
+    address's byte budget, as many as it liked."""
+    client, _ = await _pusher_client()
+    await client.send_payload(_ping_of(FRAME_LIMIT))  # exactly the limit: accepted
+    assert (await client.recv())["event"] == "pusher:pong"
+    await client.send_payload(_ping_of(FRAME_LIMIT + 1))
+    refused = await client.recv()
+    assert refused["event"] == "pusher:error"
+    assert refused["data"]["code"] == 4009
+    assert f"larger than {FRAME_LIMIT} bytes" in refused["data"]["message"]
+    assert await client.expect_close() == 4009
