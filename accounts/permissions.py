@@ -18,10 +18,8 @@ public ones included.
 from __future__ import annotations
 
 import fnmatch
-import re
 from typing import Any
 
-from django.db.models import Q, QuerySet
 from rest_framework import exceptions
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
@@ -171,77 +169,6 @@ def authorize_presence(principal: Principal, channel: str) -> None:
         )
     if not can_see_presence(principal, channel):
         raise PushError(ErrorCode.FORBIDDEN, f"not allowed to see presence on {channel!r}")
-
-
-def _pattern_regex(pattern: str) -> str:
-    """A grant's shell-style pattern as an anchored regular expression that PostgreSQL
-    and SQLite both run, matching what ``fnmatch.fnmatchcase`` matches (the rights are
-    checked with it): ``*``, ``?`` and ``[...]`` (``[!...]`` negated; ``[`` without its
-    ``]`` is itself); every other character matches itself. Read literally, a grant
-    on ``room-[0-9]`` let a user subscribe to ``room-1`` but listed nothing."""
-    parts = []
-    i, n = 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        i += 1
-        if c == "*":
-            parts.append(".*")
-        elif c == "?":
-            parts.append(".")
-        elif c == "[" and (end := _class_end(pattern, i)) is not None:
-            parts.append(_class_regex(pattern[i:end]))
-            i = end + 1
-        else:
-            parts.append(re.escape(c))
-    return "^" + "".join(parts) + "$"
-
-
-def _class_end(pattern: str, start: int) -> int | None:
-    """Where the ``[...]`` opened just before ``start`` ends (its ``]``), as fnmatch
-    reads it: a ``]`` first (after ``!``) is one of its characters."""
-    j = start
-    if j < len(pattern) and pattern[j] == "!":
-        j += 1
-    if j < len(pattern) and pattern[j] == "]":
-        j += 1
-    end = pattern.find("]", j)
-    return None if end < 0 else end
-
-
-def _class_regex(inside: str) -> str:
-    """``[inside]`` of a pattern as a bracket expression of both regex dialects."""
-    negated = inside.startswith("!")
-    body = inside[1:] if negated else inside
-    # Inside brackets only these mean something besides the range's "-".
-    body = body.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
-    if not negated and body.startswith("^"):
-        body = "\\" + body
-    return "[" + ("^" if negated else "") + body + "]"
-
-
-def visible_channels(principal: Principal, channels: QuerySet, *, after: str = "") -> QuerySet:
-    """The channels of ``channels`` whose names ``principal`` may see, after ``after``."""
-    if after:
-        channels = channels.filter(name__gt=after)
-    if principal.is_staff:
-        return channels
-    # Grants that let the principal subscribe (user: channels are never granted).
-    granted = Q(pk__in=[])
-    for grant in principal.grants:
-        if grant.subscribe:
-            granted |= Q(name__regex=_pattern_regex(grant.pattern))
-    granted &= ~Q(name__istartswith=USER_PREFIX)
-    if principal.kind == "service":
-        # A service sees exactly the channels it may subscribe to: its subscribe scopes.
-        return channels.filter(granted)
-    reserved = Q()
-    for prefix in RESERVED_PREFIXES:
-        reserved |= Q(name__istartswith=prefix)
-    own = Q(name=f"{USER_PREFIX}{principal.id}") if principal.kind == "user" else Q(pk__in=[])
-    visible = channels.filter(~reserved | own | granted)
-    if not principal.is_authenticated and not push_settings.ANONYMOUS_SUBSCRIBE:
-        return visible.none()
-    return visible
 
 
 _AUTHORIZE = {

@@ -16,7 +16,6 @@ from accounts.permissions import (
     can_publish,
     can_see_presence,
     can_subscribe,
-    visible_channels,
 )
 from accounts.principals import ANONYMOUS, Grant, Principal
 
@@ -156,42 +155,3 @@ def test_a_principal_with_other_grants_starts_with_nothing_remembered() -> None:
     assert revoked.granted_rights == {}
     assert not can_publish(revoked, "ticker:ACME")
     assert revoked == dataclasses.replace(granted, grants=())  # not compared
-
-
-# ----- the channel list's patterns: what the rights match -----------------------------
-
-
-LISTED_PATTERNS = [
-    "news",
-    "ticker:*",
-    "ticker:?",
-    "room-[0-9]",
-    "room-[!0-9]",
-    "a[]b]",
-    "a[!]]b",
-    "a[b",
-    "x[a-c.]y",
-    "[!a]*",
-    "*[:]*",
-]
-LISTED_NAMES = ["news", "ticker:A", "ticker:AB", "room-1", "room-a", "a]b", "ab", "x.y", "xby"]
-
-
-@pytest.mark.django_db
-def test_the_channel_list_matches_a_pattern_as_the_rights_do() -> None:
-    """The rights match a grant's pattern with fnmatch, ``[...]`` classes included; the
-    channel list runs the pattern as a regular expression in the database. Read
-    literally there, a grant on ``room-[0-9]`` let its user subscribe to ``room-1``,
-    and listed nothing."""
-    from push.models import Channel
-
-    Channel.objects.bulk_create([Channel(name=name) for name in LISTED_NAMES])
-    listings = {}
-    for pattern in LISTED_PATTERNS:
-        # A service token lists exactly what its subscribe scopes grant.
-        grant = Grant(pattern, subscribe=True, publish=False, presence=False)
-        service = Principal(kind="service", id=9, name="lister", grants=(grant,))
-        listed = visible_channels(service, Channel.objects.all()).values_list("name", flat=True)
-        listings[pattern] = set(listed)
-        assert listings[pattern] == {n for n in LISTED_NAMES if can_subscribe(service, n)}
-    assert listings["room-[0-9]"] == {"room-1"} and listings["a[]b]"] == {"ab"}

@@ -18,6 +18,8 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.test import APIClient
 
 from accounts.models import ChannelGrant
+from accounts.permissions import can_subscribe
+from accounts.principals import Grant, Principal
 from push.models import Channel, Message
 from push.services import channel_info
 from push.services.publishing import message_publish
@@ -428,3 +430,42 @@ def test_channel_list_counts_presence_members_without_reading_each_channel(
     finally:
         redis.delete(*[f"{redis_prefix()}:presence:{room}:members" for room in rooms])
         redis.close()
+
+
+# ----- the channel list's patterns: what the rights match -----------------------------
+
+
+LISTED_PATTERNS = [
+    "news",
+    "ticker:*",
+    "ticker:?",
+    "room-[0-9]",
+    "room-[!0-9]",
+    "a[]b]",
+    "a[!]]b",
+    "a[b",
+    "x[a-c.]y",
+    "[!a]*",
+    "*[:]*",
+]
+LISTED_NAMES = ["news", "ticker:A", "ticker:AB", "room-1", "room-a", "a]b", "ab", "x.y", "xby"]
+
+
+@pytest.mark.django_db
+def test_the_channel_list_matches_a_pattern_as_the_rights_do() -> None:
+    """The rights match a grant's pattern with fnmatch, ``[...]`` classes included, and
+    the channel list lists what they match. (Once it ran the pattern as a regular
+    expression in the database: read literally there, a grant on ``room-[0-9]`` let
+    its user subscribe to ``room-1``, and listed nothing.)"""
+    Channel.objects.bulk_create([Channel(name=name) for name in LISTED_NAMES])
+    listings = {}
+    for pattern in LISTED_PATTERNS:
+        # A service token lists exactly what its subscribe scopes grant.
+        grant = Grant(pattern, subscribe=True, publish=False, presence=False)
+        service = Principal(kind="service", id=9, name="lister", grants=(grant,))
+        listed, _ = channel_info.channel_names_visible(
+            principal=service, prefix="", occupied=False, after="", limit=100
+        )
+        listings[pattern] = set(listed)
+        assert listings[pattern] == {n for n in LISTED_NAMES if can_subscribe(service, n)}
+    assert listings["room-[0-9]"] == {"room-1"} and listings["a[]b]"] == {"ab"}
