@@ -30,6 +30,14 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+def open_connection_capacity(open_files: int) -> int:
+    """The sockets of every kind (WebSockets, HTTP keep-alive, heads still coming) the
+    server accepts under ``open_files``: past the node's own limit on its clients'
+    connections (``connection_capacity``), half of what that keeps for the node."""
+    reserve = max(open_files // 20, RESERVED_FILES_LEAST // 2)
+    return max(open_files - reserve, 1)
+
+
 def connection_capacity(open_files: int) -> int:
     """The connections a node accepts under ``open_files``: a client that took the last
     file would leave the node unable to open a database or Redis connection (to

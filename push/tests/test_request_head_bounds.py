@@ -19,6 +19,7 @@ import uvicorn
 from websockets.asyncio.client import connect
 
 from push.transport.server_adapters import bounded_head_httptools_protocol
+from tests.waiting import wait_until
 
 DEADLINE_SECS = 0.3
 # Four times the pause between the writes of a body that keeps coming: a loaded machine
@@ -292,3 +293,27 @@ async def test_the_access_log_writes_what_its_level_lets_through(
     writer.close()
     assert [len(lines) for lines in logged] == [1, 0, 1]
     assert logged[0][0].endswith('"GET / HTTP/1.1" 200')
+
+
+async def test_past_its_open_connections_the_server_closes_a_new_one_until_one_goes() -> None:
+    """Idle keep-alive connections and WebSockets alike hold a file each: past
+    ``max_open_connections`` a new connection is closed unanswered, whatever its
+    address, and served again once one of them went."""
+    async with _serving(max_open_connections=2) as port:
+        _, writer = await _served_once(port)  # kept alive, idle
+        async with connect(f"ws://127.0.0.1:{port}/") as websocket:
+            third, _ = await _open(port)
+            assert await _closed(third, ANSWER_SECS)
+            await websocket.send("still served")
+            assert await asyncio.wait_for(websocket.recv(), ANSWER_SECS) == "still served"
+        # The WebSocket went (once the server saw its socket close): a place is free.
+        await wait_until(lambda: _served_unless_closed(port), "a new connection served")
+        writer.close()
+
+
+async def _served_unless_closed(port: int) -> bool:
+    """Whether a new connection is answered; False when the server closed (or reset) it."""
+    try:
+        return await _served(port)
+    except ConnectionError:
+        return False

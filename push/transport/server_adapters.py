@@ -702,6 +702,7 @@ def bounded_head_httptools_protocol(
     max_incomplete_per_peer: int = MAX_INCOMPLETE_HEADS_PER_PEER,
     body_idle_secs: float = REQUEST_BODY_IDLE_SECS,
     max_unfinished_body_bytes_per_peer: int = MAX_UNFINISHED_BODY_BYTES_PER_PEER,
+    max_open_connections: int = 0,
 ) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol (``uvicorn.Config(http=...)``) answering 431 and
     closing once a request's line and headers pass ``max_bytes`` bytes or
@@ -715,7 +716,11 @@ def bounded_head_httptools_protocol(
     unfinished bodies past ``max_unfinished_body_bytes_per_peer`` (0: no such bound;
     0 behind a proxy, which reads the bodies itself). A WebSocket upgrade hands the
     connection to the WebSocket protocol after its head, so frames are never counted
-    here."""
+    here. And closing at once a new connection while the server holds
+    ``max_open_connections`` (0: no such bound), WebSockets and HTTP alike: the node's
+    own limit (``PUSH_MAX_CONNECTIONS``) counts its clients' long-lived connections,
+    but idle keep-alive connections, and heads still coming, each hold a file too, and
+    a node out of files can open no database or Redis connection."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     incomplete: collections.Counter[str] = collections.Counter()
@@ -760,6 +765,11 @@ def bounded_head_httptools_protocol(
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's own signature
             super().connection_made(transport)
+            # (uvicorn's set of the server's connections holds this one now.)
+            if max_open_connections and len(self.connections) > max_open_connections:
+                metrics.CONNECTIONS_REFUSED.labels("open_files").inc()
+                transport.close()
+                return
             self._access_handlers = self.access_log  # whether uvicorn would log
             peer = self.client[0] if self.client else None
             if (max_incomplete_per_peer or max_unfinished_body_bytes_per_peer) and peer:

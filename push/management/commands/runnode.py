@@ -26,6 +26,7 @@ from django.core.management.base import BaseCommand
 
 from common.conf import push_settings
 from common.errors import CloseCode
+from push.cluster.admission import open_connection_capacity, raise_open_file_limit
 from push.services.runtime import drain_running_node
 from push.transport.server_adapters import (
     MAX_INCOMPLETE_HEADS_PER_PEER,
@@ -100,6 +101,7 @@ class Command(BaseCommand):
                 max_unfinished_body_bytes_per_peer=0
                 if behind_proxy
                 else MAX_UNFINISHED_BODY_BYTES_PER_PEER,
+                max_open_connections=open_connection_capacity(raise_open_file_limit()),
             ),
             # The sans-I/O implementation: ~30% less CPU per frame than the legacy one
             # in the fan-out benchmark, with the same flow control.
