@@ -11,6 +11,7 @@ import pytest
 from tests.pusherclient import shared_pusher_env
 from tests.servers import (
     NO_ADDRESS_BUDGETS,
+    SUBSCRIPTION_TOKEN_SECRET,
     Database,
     ServerNode,
     create_token,
@@ -96,6 +97,21 @@ def other_node(two_nodes: tuple[ServerNode, ServerNode]) -> ServerNode:
 def own_node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
     """A daphne node of ``e2e_env`` for this test alone, which it may stop and start."""
     node = ServerNode(e2e_env, name=f"own-{uuid.uuid4().hex[:6]}").start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def token_node(e2e_env: dict[str, str]) -> Iterator[ServerNode]:
+    """A node that knows SUBSCRIPTION_TOKEN_SECRET and checks signed tokens' expiry every
+    0.2 s, so that a subscription whose token expired ends at once: the clients' token
+    tests (tests/test_python_client_tokens.py, tests/test_token_js_e2e.py)."""
+    env = {
+        **e2e_env,
+        "PUSH_SUBSCRIPTION_TOKEN_SECRET": SUBSCRIPTION_TOKEN_SECRET,
+        "PUSH_REVOCATION_CHECK_SECS": "0.2",
+    }
+    node = ServerNode(env, name=f"tokens-{uuid.uuid4().hex[:6]}").start()
     yield node
     node.stop()
 

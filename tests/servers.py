@@ -43,6 +43,9 @@ NO_ADDRESS_BUDGETS = {
     "PUSH_ADDRESS_REST_PER_SEC": "0",
     "PUSH_ADDRESS_FRAME_BYTES_PER_SEC": "0",
 }
+# The key of the signed subscription tokens the tests mint as an app's back-end does
+# (the nodes of the ``token_node`` fixture know it).
+SUBSCRIPTION_TOKEN_SECRET = "e2e-subscription-token-secret"
 START_TIMEOUT_SECS = 30.0
 STOP_TIMEOUT_SECS = 10.0
 

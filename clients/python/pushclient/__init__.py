@@ -9,9 +9,11 @@ from pushclient.errors import (
     NotConnected,
     PushError,
     RequestTimeout,
+    TokenProviderFailed,
 )
 from pushclient.signing import subscription_token, webhook_verify
 from pushclient.state import State, is_terminal_close
+from pushclient.tokens import token_claims, token_refresh_delay_secs
 
 __all__ = [
     "ConnectionClosed",
@@ -22,9 +24,12 @@ __all__ = [
     "RequestTimeout",
     "State",
     "Subscription",
+    "TokenProviderFailed",
     "backoff_ceiling",
     "backoff_delay",
     "is_terminal_close",
     "subscription_token",
+    "token_claims",
+    "token_refresh_delay_secs",
     "webhook_verify",
 ]

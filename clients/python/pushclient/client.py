@@ -5,7 +5,8 @@ carry an ``id`` and their awaitables settle on the reply with that id; the clien
 reconnects with capped exponential backoff and full jitter, resubscribes every channel
 with ``since`` = the last seq it delivered, drops duplicates, repairs gaps from the REST
 history, and sends the contract's heartbeat, reconnecting when two intervals pass
-without a frame.
+without a frame. A subscription may carry a signed subscription token, or a provider of
+them that it asks for each subscribe it sends and again before the token expires.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from pushclient.errors import (
     NotConnected,
     PushError,
     RequestTimeout,
+    TokenProviderFailed,
 )
 from pushclient.formats import get_format
 from pushclient.history import GetJson, api_url_for, fetch_page, get_json, retry_after_secs
 from pushclient.state import State, check_transition, is_terminal_close
+from pushclient.tokens import TokenProvider, token_from, token_refresh_delay_secs
 
 logger = logging.getLogger("pushclient")
 
@@ -118,6 +121,20 @@ class Subscription:
     # how many times in a row it was refused.
     retry: asyncio.Task[None] | None = None
     refusals: int = 0
+    # A signed subscription token: a string, or a provider called with the channel for
+    # every subscribe the client sends for it (the first, each after a reconnect, and
+    # one before the token's ``exp`` that extends the subscription).
+    token: str | TokenProvider | None = None
+    # The provider call in flight, and the task that asks it again before ``exp``.
+    token_task: asyncio.Task[None] | None = None
+    refresh: asyncio.Task[None] | None = None
+    # Subscriptions the server ended by itself (a token expired) recovered in a row:
+    # each waits a longer backoff, so tokens that end at once make no loop.
+    endings: int = 0
+    # The connection on which the server holds this subscription (its ``subscribed``
+    # came): a subscribe sent there again extends it, with no replay and its delta
+    # base kept.
+    held_on: ClientConnection | None = None
 
     @property
     def delivered(self) -> int:
@@ -129,6 +146,10 @@ class Subscription:
 class _Pending:
     future: asyncio.Future[dict[str, Any]] | None
     subscription: Subscription | None = None
+    # A subscribe of a subscription the server holds on this connection: it extends it.
+    extending: bool = False
+    # With a token from a provider: when (loop time) to ask it for a fresh one.
+    refresh_at: float | None = None
 
 
 @dataclass
@@ -227,6 +248,8 @@ class PushClient:
         self._run_task: asyncio.Task[None] | None = None
         self._connect_waiters: list[asyncio.Future[None]] = []
         self._closing = False
+        # Fire-and-forget tasks, held here until done (asyncio keeps only weak ones).
+        self._background: set[asyncio.Task[Any]] = set()
 
     # ----- state and events ------------------------------------------------------------
 
@@ -530,6 +553,8 @@ class PushClient:
         subscription.delta_failures += 1
         if subscription.delta_failures >= 2:
             subscription.delta = False
+        # Unsubscribed next: the subscribe after it is a new subscription, not an extension.
+        subscription.held_on = None
         self._events.emit(
             "error",
             {
@@ -691,6 +716,12 @@ class PushClient:
     def _on_subscribed(self, reply: dict[str, Any]) -> None:
         subscription = self._subscription_replied(reply)
         if subscription is not None:
+            request = self._pending[reply["id"]]
+            subscription.held_on = self._ws
+            if request.extending:
+                # Extended with a fresh token: the subscription lives on, as it should.
+                subscription.endings = 0
+            self._schedule_refresh(subscription, request.refresh_at)
             if subscription.last_seq is None and subscription.rewind:
                 # The last ``rewind`` messages up to the reply's seq come first.
                 subscription.last_seq = max(0, reply["seq"] - subscription.rewind)
@@ -732,9 +763,13 @@ class PushClient:
         error = PushError(envelope.get("code", "ERROR"), envelope.get("message", ""), envelope)
         request = self._pending.get(envelope["id"]) if "id" in envelope else None
         if request is None:
-            self._events.emit(
-                "error", {"code": error.code, "message": error.message, "envelope": envelope}
-            )
+            # Without ``id`` but naming a channel the server holds for us: it ended that
+            # subscription by itself (a grant removed, a signed token expired).
+            ended = None if "id" in envelope else self._subscriptions.get(envelope.get("channel"))
+            if ended is not None and ended.held_on is not None and ended.held_on is self._ws:
+                self._on_subscription_ended(ended, error)
+            else:
+                self._emit_error(error)
             return
         subscription = request.subscription
         if subscription is not None and self._subscription_replied(envelope) is None:
@@ -743,27 +778,83 @@ class PushClient:
             return
         if subscription is not None and subscription.ready.done():
             # A subscription the application holds, asked for again (a reconnect, a
-            # delta resync): it must not end without a word.
+            # delta resync, a fresh token): it must not end without a word.
             self._pending.pop(envelope["id"], None)
-            self._events.emit(
-                "error", {"code": error.code, "message": error.message, "envelope": envelope}
-            )
             if error.code in _TRY_AGAIN_CODES and self._ws is not None:
-                subscription.retry = asyncio.create_task(
-                    self._subscribe_again(self._ws, subscription),
-                    name=f"pushclient-resubscribe-{subscription.channel}",
-                )
+                self._emit_error(error)
+                self._subscribe_again(self._ws, subscription)
                 return
+            # A refused fresh token: the server still holds the subscription until the
+            # old one's ``exp``, and is told to stop now rather than deliver to nobody.
+            self._drop(subscription, tell_server=request.extending)
+            self._emit_error(error)
+            return
         if subscription is not None:
             # A refused subscribe must not be sent again on every reconnect.
-            self._subscriptions.pop(subscription.channel, None)
-            _stop_repair(subscription)
+            self._drop(subscription)
         self._settle(envelope, error)
 
-    async def _subscribe_again(self, ws: ClientConnection, subscription: Subscription) -> None:
+    def _emit_error(self, error: PushError) -> None:
+        self._events.emit(
+            "error", {"code": error.code, "message": error.message, "envelope": error.envelope}
+        )
+
+    def _on_subscription_ended(self, subscription: Subscription, error: PushError) -> None:
+        """The server ended a subscription by itself. With a token provider the client
+        asks it for a fresh token and subscribes again from the last seq delivered,
+        after a backoff that grows while such endings follow each other; the
+        application hears of it only if that fails. Without one the subscription is
+        dropped and the error told."""
+        subscription.held_on = None
+        if subscription.refresh is not None:
+            subscription.refresh.cancel()
+            subscription.refresh = None
+        if not callable(subscription.token) or self._ws is None:
+            self._drop(subscription)
+            self._emit_error(error)
+            return
+        delay = self._backoff(subscription.endings)
+        subscription.endings += 1
+        self._subscribe_later(self._ws, subscription, delay)
+
+    def _drop(self, subscription: Subscription, *, tell_server: bool = False) -> None:
+        """Forget a subscription the server refused or ended: not asked for again after
+        a reconnect, and a new ``subscribe`` of its channel sends a new request."""
+        if self._subscriptions.get(subscription.channel) is not subscription:
+            return
+        del self._subscriptions[subscription.channel]
+        _stop_repair(subscription)
+        if tell_server:
+            task = asyncio.create_task(
+                self._unsubscribe_quietly(subscription.channel),
+                name=f"pushclient-unsubscribe-{subscription.channel}",
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _unsubscribe_quietly(self, channel: str) -> None:
+        with contextlib.suppress(PushError):
+            await self._request({"type": "unsubscribe", "channel": channel})
+
+    def _subscribe_again(self, ws: ClientConnection, subscription: Subscription) -> None:
         """Ask again, after a backoff delay, for a subscription refused for now."""
         delay = self._backoff(subscription.refusals)
         subscription.refusals += 1
+        self._subscribe_later(ws, subscription, delay)
+
+    def _subscribe_later(
+        self, ws: ClientConnection, subscription: Subscription, delay: float
+    ) -> None:
+        if subscription.retry is not None:
+            subscription.retry.cancel()
+        subscription.retry = asyncio.create_task(
+            self._send_subscribe_after(ws, subscription, delay),
+            name=f"pushclient-resubscribe-{subscription.channel}",
+        )
+
+    async def _send_subscribe_after(
+        self, ws: ClientConnection, subscription: Subscription, delay: float
+    ) -> None:
         await asyncio.sleep(delay)
         subscription.retry = None
         if self._ws is ws and self._subscriptions.get(subscription.channel) is subscription:
@@ -803,6 +894,60 @@ class PushClient:
         await ws.send(self.format.encode(envelope))
 
     async def _send_subscribe(self, ws: ClientConnection, subscription: Subscription) -> None:
+        """Send a subscribe for ``subscription``: at once, or, with a token provider,
+        from a task of its own once the provider has given a token (so that a slow
+        back-end holds neither the read loop nor the other channels' resubscribes)."""
+        provider = subscription.token
+        if not callable(provider):
+            await self._send_subscribe_with(ws, subscription, provider)
+            return
+        if subscription.token_task is not None:
+            subscription.token_task.cancel()  # superseded: this subscribe is the one sent
+        subscription.token_task = asyncio.create_task(
+            self._send_subscribe_with_fresh_token(ws, subscription, provider),
+            name=f"pushclient-token-{subscription.channel}",
+        )
+
+    async def _send_subscribe_with_fresh_token(
+        self, ws: ClientConnection, subscription: Subscription, provider: TokenProvider
+    ) -> None:
+        try:
+            token = await token_from(
+                provider, subscription.channel, timeout_secs=self.request_timeout_secs
+            )
+        except TokenProviderFailed as exc:
+            if subscription.token_task is asyncio.current_task():
+                subscription.token_task = None
+            if self._subscriptions.get(subscription.channel) is subscription:
+                self._token_failed(ws, subscription, exc)
+            return
+        if subscription.token_task is asyncio.current_task():
+            subscription.token_task = None
+        if self._ws is not ws or self._subscriptions.get(subscription.channel) is not subscription:
+            return  # the connection changed: the reconnect subscribes it again
+        delay = token_refresh_delay_secs(token)
+        refresh_at = None if delay is None else asyncio.get_running_loop().time() + delay
+        await self._send_subscribe_with(ws, subscription, token, refresh_at=refresh_at)
+
+    def _token_failed(
+        self, ws: ClientConnection, subscription: Subscription, error: TokenProviderFailed
+    ) -> None:
+        """A first subscribe fails for its caller; a subscription already held is asked
+        for again after a backoff delay that grows with each failure in a row."""
+        if not subscription.ready.done():
+            subscription.ready.set_exception(error)
+            return
+        self._emit_error(error)
+        self._subscribe_again(ws, subscription)
+
+    async def _send_subscribe_with(
+        self,
+        ws: ClientConnection,
+        subscription: Subscription,
+        token: str | None,
+        *,
+        refresh_at: float | None = None,
+    ) -> None:
         envelope: dict[str, Any] = {"type": "subscribe", "channel": subscription.channel}
         if subscription.last_seq is not None:
             envelope["since"] = subscription.last_seq
@@ -812,12 +957,43 @@ class PushClient:
             envelope["occupancy"] = True
         if subscription.delta:
             envelope["delta"] = FOSSIL
-        # A new subscription on the server: its deltas start after a full message.
-        subscription.base = None
+        if token:
+            envelope["token"] = token
+        # Held by the server on this connection: the subscribe extends it (a fresh
+        # token), and its deltas go on from the base. Otherwise a new subscription on
+        # the server: its deltas start after a full message. (``since`` is sent either
+        # way: should the server have ended it meanwhile, this resumes it without a gap.)
+        extending = subscription.held_on is not None and subscription.held_on is ws
+        if not extending:
+            subscription.base = None
         envelope["id"] = request_id = self._take_id()
-        self._pending[request_id] = _Pending(future=None, subscription=subscription)
+        self._pending[request_id] = _Pending(
+            future=None, subscription=subscription, extending=extending, refresh_at=refresh_at
+        )
         with contextlib.suppress(WebSocketClosed):  # the reconnect sends it again
             await self._send(ws, envelope)
+
+    def _schedule_refresh(self, subscription: Subscription, refresh_at: float | None) -> None:
+        """Extend the subscription with a fresh token from its provider shortly before
+        the token expires (``token_refresh_delay_secs``), on the connection that holds it."""
+        if subscription.refresh is not None:
+            subscription.refresh.cancel()
+            subscription.refresh = None
+        ws = self._ws
+        if refresh_at is not None and ws is not None:
+            subscription.refresh = asyncio.create_task(
+                self._refresh_at(ws, subscription, refresh_at),
+                name=f"pushclient-refresh-{subscription.channel}",
+            )
+
+    async def _refresh_at(
+        self, ws: ClientConnection, subscription: Subscription, refresh_at: float
+    ) -> None:
+        await asyncio.sleep(max(0.0, refresh_at - asyncio.get_running_loop().time()))
+        subscription.refresh = None
+        held = self._subscriptions.get(subscription.channel) is subscription
+        if held and self._ws is ws and self._state == State.CONNECTED:
+            await self._send_subscribe(ws, subscription)
 
     async def _request(self, envelope: dict[str, Any]) -> dict[str, Any]:
         ws = self._ws
@@ -847,6 +1023,7 @@ class PushClient:
         rewind: int | None = None,
         occupancy: bool = False,
         delta: bool = False,
+        token: str | TokenProvider | None = None,
     ) -> Subscription:
         """Receive ``channel``: ``handler(message)`` gets every message once, in seq order.
 
@@ -858,16 +1035,37 @@ class PushClient:
         a large state that changes a little); they are applied here, so the handler
         always sees ``data``. Raises ``PushError`` (for example FORBIDDEN) or
         ``ConnectionClosed``.
+
+        ``token`` is a signed subscription token for the channel (a ``private-`` or
+        ``presence-`` one your back-end lets the client into): a string, or a provider,
+        a function or coroutine function of the channel, that the client calls for
+        every subscribe it sends: this one, each one after a reconnect, and one shortly
+        before the token's ``exp``, which extends the subscription. A provider that
+        raises, gives no token or does not answer within ``request_timeout_secs`` fails
+        this call with ``TokenProviderFailed``; later on it is asked again after a
+        backoff delay. Given again for a channel already subscribed, the new token is
+        the one used from now on, and extends the subscription at once.
         """
+        if token is not None and not (callable(token) or (isinstance(token, str) and token)):
+            raise TypeError("token must be a non-empty string or a function that gives one")
         existing = self._subscriptions.get(channel)
         if existing is not None:
             existing.handler = handler
+            if token is not None:
+                await self._replace_token(existing, token)
             # Shielded: this caller giving up must not fail the subscribe for the others.
             await asyncio.shield(existing.ready)
             return existing
         ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         subscription = Subscription(
-            channel, handler, since, ready, rewind=rewind, occupancy=occupancy, delta=delta
+            channel,
+            handler,
+            since,
+            ready,
+            rewind=rewind,
+            occupancy=occupancy,
+            delta=delta,
+            token=token,
         )
         self._subscriptions[channel] = subscription
         try:
@@ -886,6 +1084,12 @@ class PushClient:
         subscription.seq = reply["seq"]
         subscription.recovered = reply.get("recovered")
         return subscription
+
+    async def _replace_token(self, subscription: Subscription, token: str | TokenProvider) -> None:
+        subscription.token = token
+        ws = self._ws
+        if ws is not None and subscription.held_on is ws and self._state == State.CONNECTED:
+            await self._send_subscribe(ws, subscription)
 
     async def latest(
         self,
@@ -966,6 +1170,10 @@ def _stop_repair(subscription: Subscription) -> None:
     if subscription.retry is not None:
         subscription.retry.cancel()
         subscription.retry = None
+    for task in (subscription.token_task, subscription.refresh):
+        if task is not None:
+            task.cancel()
+    subscription.token_task = subscription.refresh = None
 
 
 def _server_heartbeat_secs(interval: Any) -> float:

@@ -46,3 +46,13 @@ class NotConnected(PushError):
 
     def __init__(self, state: str) -> None:
         super().__init__("NOT_CONNECTED", f"not connected (state {state})")
+
+
+class TokenProviderFailed(PushError):
+    """Raised when a subscription's token provider raises, gives no token (not a
+    non-empty string) or does not answer within ``request_timeout_secs`` (code
+    ``TOKEN_PROVIDER_FAILED``; the provider's own exception is its ``__cause__``)."""
+
+    def __init__(self, channel: str, reason: str) -> None:
+        message = f"the token provider of {channel!r} failed: {reason}"
+        super().__init__("TOKEN_PROVIDER_FAILED", message)
