@@ -19,6 +19,10 @@
 // Events") and publishes over REST, keeping its subscriptions and per-channel cursors,
 // and tries the WebSocket again from time to time. The policy is `preferredTransport`.
 //
+// `subscribe(channel, handler, { token })` carries a signed subscription token (a string, or
+// a provider asked for each subscribe the client sends for the channel), and with a
+// provider extends the subscription with a fresh token before the token's `exp`.
+//
 // `subscribe(channel, handler, { delta: true })` asks for fossil deltas (docs/protocol.md):
 // the client applies them, so the handler always sees `data`. They are applied with
 // `./fossil-delta.js`, the npm package fossil-delta 2.0.0 (Dmitry Chestnykh, BSD; its
@@ -113,6 +117,14 @@ export const DELTA_FAILURES_MAX = 2;
 export const DEFAULT_MAX_DELTA_BYTES = 16 * 1024 * 1024;
 // Fossil writes its integers in this base-64 alphabet, most significant digit first.
 const FOSSIL_DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~";
+// A subscription whose signed token comes from a provider is extended with a fresh token
+// at 90% of the token's lifetime, and at least this long before its `exp` (half-way
+// through a token shorter than twice this): the server ends it within its revocation
+// check interval after `exp`, and a provider may take a round trip to the back-end.
+export const TOKEN_REFRESH_LEAD_MS = 5_000;
+// Never sooner after a token was obtained: a provider whose tokens look expired already
+// (a back-end's clock far behind) is asked once a second at most, never in a loop.
+export const MIN_TOKEN_REFRESH_MS = 1_000;
 
 /** Capped exponential backoff with full jitter: uniform in [0, min(max, base * 2^attempt)]. */
 export function backoffDelay(attempt, { baseMs = DEFAULT_BASE_DELAY_MS, maxMs = DEFAULT_MAX_DELAY_MS, random = Math.random } = {}) {
@@ -236,6 +248,37 @@ export function applyDataDelta(base, dataDelta, maxBytes = DEFAULT_MAX_DELTA_BYT
   return textDecoder.decode(applyDelta(textEncoder.encode(base), delta));
 }
 
+/**
+ * The claims of a signed subscription token (`<payload>.<signature>`, the payload
+ * base64url JSON), or null when it has none that read. Not verified: only the server
+ * can, and the client only needs `exp` to know when to ask for a fresh one.
+ */
+export function tokenClaims(token) {
+  if (typeof token !== "string") return null;
+  const payload = token.split(".", 1)[0].replace(/-/g, "+").replace(/_/g, "/");
+  try {
+    const claims = JSON.parse(textDecoder.decode(base64Bytes(payload + "=".repeat(-payload.length & 3))));
+    return claims !== null && typeof claims === "object" ? claims : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * How long after obtaining `token` a subscription asks its provider for a fresh one, in
+ * ms; null when the token names no `exp`. Over the token's lifetime, `exp - iat`, so
+ * that a client clock that is off does not matter (`exp` minus now without `iat`): at
+ * 90% of it, and at least TOKEN_REFRESH_LEAD_MS before `exp` (half-way for a short one).
+ */
+export function tokenRefreshDelayMs(token, nowMs = Date.now()) {
+  const claims = tokenClaims(token);
+  if (!Number.isFinite(claims?.exp)) return null;
+  const fromIat = Number.isFinite(claims.iat) && claims.iat <= claims.exp;
+  const lifetimeMs = fromIat ? (claims.exp - claims.iat) * 1000 : claims.exp * 1000 - nowMs;
+  const leadMs = Math.max(0.1 * lifetimeMs, Math.min(TOKEN_REFRESH_LEAD_MS, lifetimeMs / 2));
+  return Math.max(MIN_TOKEN_REFRESH_MS, lifetimeMs - leadMs);
+}
+
 export function formatCursor(entries) {
   return [...entries].map(([channel, seq]) => `${channel}:${seq}`).join(",");
 }
@@ -246,10 +289,21 @@ function csrfToken() {
 }
 
 class Subscription {
-  constructor(client, channel, handler, since, { rewind = null, occupancy = false, delta = false } = {}) {
+  constructor(client, channel, handler, since, { rewind = null, occupancy = false, delta = false, token = null } = {}) {
     this.client = client;
     this.channel = channel;
     this.handler = handler;
+    // A signed subscription token: a string, or a provider `(channel) => token` (or a
+    // promise of one) asked for every subscribe the client sends for this channel.
+    this.token = token;
+    this.tokenRequest = null; // the provider call in flight, until it answers
+    this.refreshTimer = null; // asks the provider again before the token's `exp`
+    // Subscriptions the server ended by itself (a token expired) recovered in a row:
+    // each waits a longer backoff, so tokens that end at once do not make a loop.
+    this.endings = 0;
+    // The socket on which the server holds this subscription (its `subscribed` came):
+    // a subscribe sent there again extends it, with no replay and its delta base kept.
+    this.heldOn = null;
     // Delta compression: asked for, and agreed by the server's `subscribed`. `base` is
     // { seq, text } of the channel's last message frame, what the next delta applies to.
     this.delta = delta;
@@ -517,7 +571,7 @@ export class PushClient {
       }
       // A repair in flight stops; a later connect() resumes from the last seq delivered.
       subscription.held = null;
-      clearTimeout(subscription.retryTimer);
+      this.stopTimers(subscription);
     }
     const error = new PushError("CONNECTION_CLOSED", `connection closed (${code}) ${reason ?? ""}`.trim());
     for (const waiter of this.connectWaiters.splice(0)) waiter.reject(error);
@@ -645,6 +699,9 @@ export class PushClient {
     if (subscription.deltaFailures >= DELTA_FAILURES_MAX) subscription.delta = false;
     this.emit("error", new PushError("DELTA_MISMATCH", `"${subscription.channel}" seq ${seq}: ${error.message}; resubscribing`));
     subscription.resyncing = true;
+    // Unsubscribed below: the subscribe after it is a new subscription, not an extension.
+    subscription.heldOn = null;
+    clearTimeout(subscription.refreshTimer);
     const { ws } = this;
     const subscribeAgain = () => {
       subscription.resyncing = false;
@@ -804,6 +861,11 @@ export class PushClient {
   onSubscribed(reply) {
     const subscription = this.subscriptionReplied(reply);
     if (subscription) {
+      const { extending, refreshAt } = this.pending.get(reply.id);
+      subscription.heldOn = this.ws;
+      // Extended with a fresh token: the subscription lives on, as it should.
+      if (extending) subscription.endings = 0;
+      this.scheduleRefresh(subscription, refreshAt);
       if (subscription.lastSeq === null && subscription.rewind) {
         // The last `rewind` messages up to the reply's seq come first, as replays.
         subscription.lastSeq = Math.max(0, reply.seq - subscription.rewind);
@@ -833,10 +895,14 @@ export class PushClient {
   onError(envelope) {
     const error = new PushError(envelope.code, envelope.message, envelope);
     if (envelope.id === undefined || !this.pending.has(envelope.id)) {
-      this.emit("error", error);
+      // Without `id` but naming a channel the server holds for us: it ended that
+      // subscription by itself (a grant removed, a signed token expired).
+      const ended = envelope.id === undefined ? this.subscriptions.get(envelope.channel) : null;
+      if (ended && ended.heldOn === this.ws) this.onSubscriptionEnded(ended, error);
+      else this.emit("error", error);
       return;
     }
-    const { subscription } = this.pending.get(envelope.id);
+    const { subscription, extending } = this.pending.get(envelope.id);
     if (subscription && !this.subscriptionReplied(envelope)) {
       // Refused after the application unsubscribed: nothing to drop or retry.
       this.settle(envelope, error);
@@ -844,25 +910,66 @@ export class PushClient {
     }
     if (subscription && !subscription.ready) {
       // A subscription the application holds, asked for again (a reconnect, a delta
-      // resync): it must not end without a word.
-      this.emit("error", error);
+      // resync, a fresh token): it must not end without a word.
       if (TRY_AGAIN_CODES.has(error.code)) {
+        this.emit("error", error);
         this.subscribeAgain(subscription);
         this.settle(envelope, error);
         return;
       }
+      // A refused fresh token: the server still holds the subscription until the old
+      // one's `exp`, and is told to stop now rather than deliver to nobody until then.
+      this.dropSubscription(subscription, { tellServer: extending });
+      this.settle(envelope, error);
+      this.emit("error", error);
+      return;
     }
     // A refused subscribe must not be retried on every reconnect.
-    if (subscription) this.subscriptions.delete(subscription.channel);
+    if (subscription) this.dropSubscription(subscription);
     this.settle(envelope, error);
+  }
+
+  // The server ended a subscription by itself. With a token provider the client asks
+  // it for a fresh token and subscribes again from the last seq delivered, after a
+  // backoff that grows while such endings follow each other; the application hears of
+  // it only if that fails. Without one the subscription is dropped and the error told.
+  onSubscriptionEnded(subscription, error) {
+    subscription.heldOn = null;
+    clearTimeout(subscription.refreshTimer);
+    if (typeof subscription.token !== "function") {
+      this.dropSubscription(subscription);
+      this.emit("error", error);
+      return;
+    }
+    this.subscribeLater(subscription, this.backoff(subscription.endings));
+    subscription.endings += 1;
+  }
+
+  // Forget a subscription the server refused or ended: not asked for again after a
+  // reconnect, and a new subscribe() of its channel sends a new request.
+  dropSubscription(subscription, { tellServer = false } = {}) {
+    if (this.subscriptions.get(subscription.channel) !== subscription) return;
+    this.subscriptions.delete(subscription.channel);
+    subscription.held = null;
+    this.stopTimers(subscription);
+    if (tellServer) this.request({ type: "unsubscribe", channel: subscription.channel }).catch(() => {});
+  }
+
+  stopTimers(subscription) {
+    clearTimeout(subscription.retryTimer);
+    clearTimeout(subscription.refreshTimer);
+    subscription.retryTimer = subscription.refreshTimer = subscription.tokenRequest = null;
   }
 
   // Ask again, after a backoff delay, for a subscription refused for now: a subscribe on
   // the same WebSocket, or on SSE a new stream.
   subscribeAgain(subscription) {
-    const { ws, stream } = this;
-    const delayMs = this.backoff(subscription.refusals);
+    this.subscribeLater(subscription, this.backoff(subscription.refusals));
     subscription.refusals += 1;
+  }
+
+  subscribeLater(subscription, delayMs) {
+    const { ws, stream } = this;
     clearTimeout(subscription.retryTimer);
     subscription.retryTimer = setTimeout(() => {
       subscription.retryTimer = null;
@@ -912,15 +1019,80 @@ export class PushClient {
     });
   }
 
+  // Send a subscribe for `subscription`: at once, or, with a token provider, once it
+  // has given a token (a provider call superseded by a newer subscribe, or answering
+  // after the connection changed, sends nothing: the newer one or the reconnect does).
   sendSubscribe(subscription) {
+    if (typeof subscription.token !== "function") {
+      this.sendSubscribeWith(subscription, subscription.token);
+      return;
+    }
+    const { ws } = this;
+    const call = {};
+    subscription.tokenRequest = call;
+    this.tokenFrom(subscription).then(
+      (token) => {
+        if (subscription.tokenRequest !== call) return;
+        subscription.tokenRequest = null;
+        const current = this.subscriptions.get(subscription.channel) === subscription;
+        if (current && this.ws === ws && this.state === State.CONNECTED) {
+          this.sendSubscribeWith(subscription, token, Date.now() + (tokenRefreshDelayMs(token) ?? NaN));
+        }
+      },
+      (error) => {
+        if (subscription.tokenRequest !== call) return;
+        subscription.tokenRequest = null;
+        if (this.subscriptions.get(subscription.channel) === subscription) this.tokenFailed(subscription, error);
+      },
+    );
+  }
+
+  // The provider's token, or a rejection when it threw, rejected, gave no string or
+  // took longer than a request may: a back-end that hangs must not leave the channel
+  // silent for good after a reconnect.
+  async tokenFrom(subscription) {
+    let timer;
+    const late = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`no token within ${this.requestTimeoutMs} ms`)), this.requestTimeoutMs);
+    });
+    try {
+      const token = await Promise.race([Promise.resolve().then(() => subscription.token(subscription.channel)), late]);
+      // Never the value itself in the message: it may be a token in the wrong shape.
+      if (typeof token !== "string" || !token) throw new Error(`it gave ${token === "" ? "an empty string" : typeof token}, not a token`);
+      return token;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  // A first subscribe fails for its caller; a subscription already held is asked for
+  // again after a backoff delay that grows with each failure in a row.
+  tokenFailed(subscription, cause) {
+    const error = new PushError("TOKEN_PROVIDER_FAILED", `the token provider of "${subscription.channel}" failed: ${cause?.message ?? cause}`);
+    error.cause = cause;
+    if (subscription.ready) {
+      this.subscriptions.delete(subscription.channel);
+      subscription.ready.reject(error);
+      return;
+    }
+    this.emit("error", error);
+    this.subscribeAgain(subscription);
+  }
+
+  sendSubscribeWith(subscription, token, refreshAt = NaN) {
     const envelope = { type: "subscribe", channel: subscription.channel };
     if (subscription.lastSeq !== null) envelope.since = subscription.lastSeq;
     else if (subscription.rewind) envelope.rewind = subscription.rewind;
     if (subscription.occupancy) envelope.occupancy = true;
     if (subscription.delta) envelope.delta = FOSSIL;
-    // A new subscription on the server: its deltas start after a full message.
-    subscription.base = null;
-    this.request(envelope, { subscription }).then(
+    if (token) envelope.token = token;
+    // Held by the server on this socket: the subscribe extends it (a fresh token), and
+    // its deltas go on from the base. Otherwise a new subscription on the server: its
+    // deltas start after a full message. (`since` is sent either way: should the server
+    // have ended it meanwhile, the subscribe resumes it without a gap.)
+    const extending = subscription.heldOn !== null && subscription.heldOn === this.ws;
+    if (!extending) subscription.base = null;
+    this.request(envelope, { subscription, extending, refreshAt: Number.isFinite(refreshAt) ? refreshAt : null }).then(
       (reply) => subscription.ready?.resolve(reply),
       (error) => {
         // Connection loss is retried by the reconnect; anything else is final for the
@@ -942,6 +1114,20 @@ export class PushClient {
     );
   }
 
+  // Extend the subscription with a fresh token from its provider shortly before the
+  // token expires (tokenRefreshDelayMs), on the socket that holds it.
+  scheduleRefresh(subscription, refreshAt) {
+    clearTimeout(subscription.refreshTimer);
+    subscription.refreshTimer = null;
+    if (refreshAt === null || refreshAt === undefined) return;
+    const { ws } = this;
+    subscription.refreshTimer = setTimeout(() => {
+      subscription.refreshTimer = null;
+      const current = this.subscriptions.get(subscription.channel) === subscription;
+      if (current && this.ws === ws && this.state === State.CONNECTED) this.sendSubscribe(subscription);
+    }, Math.max(0, refreshAt - Date.now()));
+  }
+
   /**
    * Subscribe to `channel`; `handler(message, { replayed })` gets every message once, in
    * seq order (`replayed` is true for stored messages sent by a resume).
@@ -953,25 +1139,41 @@ export class PushClient {
    * ({channel, subscribers}) and `subscription.subscribers`. `delta: true` asks for
    * fossil deltas over the WebSocket (less traffic for a large state that changes a
    * little); the handler still gets `data`.
+   * `token` is a signed subscription token for the channel (a `private-` or `presence-`
+   * one your back-end lets the client into): a string, or a provider `(channel) =>
+   * token` (or a promise of one) that the client calls for every subscribe it sends:
+   * this one, each one after a reconnect, and one shortly before the token's `exp`,
+   * which extends the subscription. A provider that throws, rejects or does not answer
+   * within `requestTimeoutMs` fails this call with `TOKEN_PROVIDER_FAILED`; later on it
+   * is asked again after a backoff delay. Tokens need the WebSocket: the SSE fallback
+   * cannot carry them, so such a channel waits for the WebSocket to come back.
    */
-  subscribe(channel, handler, { since = null, rewind = null, occupancy = false, delta = false } = {}) {
+  subscribe(channel, handler, { since = null, rewind = null, occupancy = false, delta = false, token = null } = {}) {
+    if (token !== null && !(typeof token === "function" || (typeof token === "string" && token))) {
+      return Promise.reject(new TypeError("token must be a non-empty string or a function that returns one"));
+    }
     const existing = this.subscriptions.get(channel);
     if (existing) {
       existing.handler = handler;
+      if (token !== null) this.replaceToken(existing, token);
       // Not answered yet: settles with the first call, refused or not.
       return existing.pending ?? Promise.resolve(existing);
+    }
+    if (token !== null && !this.canUse(Transport.WEBSOCKET)) {
+      return Promise.reject(new PushError("NO_TRANSPORT", "a signed subscription token needs the WebSocket, which this client does not use"));
     }
     const subscription = new Subscription(this, channel, handler, since, {
       rewind,
       occupancy,
       delta,
+      token,
     });
     const ready = new Promise((resolve, reject) => {
       subscription.ready = { resolve, reject };
     });
     this.subscriptions.set(channel, subscription);
     if (this.state === State.CONNECTED) this.sendSubscribe(subscription);
-    else if (this.state === State.SSE) this.reopenStreamSoon();
+    else if (this.state === State.SSE && !token) this.reopenStreamSoon();
     subscription.pending = ready.then(
       (reply) => {
         subscription.ready = subscription.pending = null;
@@ -987,6 +1189,15 @@ export class PushClient {
     return subscription.pending;
   }
 
+  // subscribe() again with a token: it is the one used from now on, and a subscription
+  // the server holds is extended with it at once (a refusal is told as an `error`).
+  replaceToken(subscription, token) {
+    subscription.token = token;
+    if (subscription.heldOn !== null && subscription.heldOn === this.ws && this.state === State.CONNECTED) {
+      this.sendSubscribe(subscription);
+    }
+  }
+
   /**
    * Stop receiving `channel`. Resolves at once when not connected (nothing to tell the
    * server), and on SSE (the stream is reopened without the channel); with null when the
@@ -997,9 +1208,9 @@ export class PushClient {
     if (!subscription) return null;
     this.subscriptions.delete(channel);
     subscription.held = null; // a repair in flight stops
-    clearTimeout(subscription.retryTimer);
+    this.stopTimers(subscription);
     if (this.state === State.SSE) {
-      this.reopenStreamSoon();
+      if (!subscription.token) this.reopenStreamSoon(); // not on the stream otherwise
       return { type: "unsubscribed", channel };
     }
     if (this.state !== State.CONNECTED) return null;
@@ -1054,9 +1265,15 @@ export class PushClient {
     return url.toString();
   }
 
+  // The channels an event stream carries: not those with a signed token, which a stream
+  // cannot send; they wait for the WebSocket (a probe brings it back).
+  streamChannels() {
+    return [...this.subscriptions.values()].filter((subscription) => !subscription.token).map((subscription) => subscription.channel);
+  }
+
   openStream() {
     this.closeStream();
-    const channels = [...this.subscriptions.keys()];
+    const channels = this.streamChannels();
     if (!channels.length) {
       // The server streams named channels only. With none there is nothing to receive,
       // and publishing needs no stream: on SSE without one until a subscribe.
@@ -1126,7 +1343,7 @@ export class PushClient {
       subscription?.ready?.resolve({ type: "subscribed", channel, seq: subscription.lastSeq });
     }
     // Channels subscribed while this stream was opening are not on it yet.
-    const current = [...this.subscriptions.keys()];
+    const current = this.streamChannels();
     if (current.length !== stream.channels.length || current.some((c) => !stream.channels.includes(c))) {
       this.reopenStreamSoon();
     }

@@ -1,0 +1,119 @@
+"""Signed subscription tokens with the JavaScript client in Node against a real node
+(``clients/js/test/live/token_subscriber.mjs``): a private channel subscribed with a
+token provider that mints tokens as an app's back-end does; after a dropped connection
+the provider is asked again and the resume loses and repeats nothing, while a slow
+back-end holds the resubscribe; tokens refreshed before their ``exp`` keep the
+subscription past it without the server ever ending it; a provider that fails is asked
+again after a backoff, and fails a first subscribe."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.servers import ROOT, SUBSCRIPTION_TOKEN_SECRET, ServerNode, publish_rest
+from tests.test_context_js_e2e import NodeSubscriber
+from tests.test_delta_e2e import node_command
+
+pytestmark = pytest.mark.e2e
+
+TOKEN_SUBSCRIBER = ROOT / "clients" / "js" / "test" / "live" / "token_subscriber.mjs"
+# Short-lived tokens, refreshed half-way: every 2 s.
+TTL_SECS = 4
+
+
+class TokenSubscriber(NodeSubscriber):
+    @classmethod
+    async def start(cls, url: str, channel: str, *args: str) -> TokenSubscriber:
+        process = await asyncio.create_subprocess_exec(
+            *node_command(),
+            str(TOKEN_SUBSCRIBER),
+            url,
+            channel,
+            SUBSCRIPTION_TOKEN_SECRET,
+            str(TTL_SECS),
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return cls(process)
+
+    async def tell(self, command: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{command}\n".encode())
+        await self.process.stdin.drain()
+
+    def count(self, key: str) -> int:
+        """How many lines so far have ``key``."""
+        return sum(1 for line in self.lines if key in line)
+
+
+def private_channel() -> str:
+    return f"private-tokens-js-{uuid.uuid4().hex[:8]}"
+
+
+async def test_the_javascript_client_resumes_refreshes_and_retries_with_a_token_provider(
+    token_node: ServerNode, publisher_token: str
+) -> None:
+    channel = private_channel()
+    script = await TokenSubscriber.start(token_node.ws_url, channel)
+
+    async def publish(data: Any) -> int:
+        return await publish_rest(token_node, publisher_token, channel, data)
+
+    async def delivered(seq: int) -> None:
+        await script.until(f"seq {seq}", lambda line: line.get("seq") == seq)
+
+    assert await script.until("the subscribe", lambda line: "subscribed" in line) == {
+        "subscribed": 0
+    }
+    for i in range(3):
+        last = await publish(i)
+    await delivered(last)
+
+    # A dropped connection while the back-end is slow: what is published meanwhile
+    # reaches the client only through the resume, from its last seq.
+    await script.tell("hold")
+    await script.tell("drop")
+    await script.until("the provider asked again", lambda line: line.get("provider") == 2)
+    for i in range(3):
+        last = await publish(f"missed {i}")
+    await script.tell("release")
+    await delivered(last)
+
+    # Past the current token's exp (and the node's check after it): refreshed in time,
+    # the subscription is never ended.
+    until = time.time() + TTL_SECS + 1.5
+    while time.time() < until:
+        last = await publish("live")
+        await asyncio.sleep(0.1)
+    await delivered(last)
+    refreshes = script.count("provider") - 2
+
+    # The back-end fails twice after a reconnect: asked again after backoff delays.
+    await script.tell("fail 2")
+    await script.tell("drop")
+    await script.until("the failures", lambda line: script.count("event") == 2)
+    last = await publish("after the failures")
+    await delivered(last)
+
+    lines = await script.finish()
+    assert [line["seq"] for line in lines if "seq" in line] == list(range(1, last + 1))
+    assert refreshes >= 2, lines
+    assert [line for line in lines if "ended" in line] == []
+    assert [line["code"] for line in lines if "event" in line] == ["TOKEN_PROVIDER_FAILED"] * 2
+
+
+async def test_the_javascript_client_fails_a_first_subscribe_whose_provider_fails(
+    token_node: ServerNode,
+) -> None:
+    script = await TokenSubscriber.start(token_node.ws_url, private_channel(), "fail-first")
+    await script.until("the refusal", lambda line: "rejected" in line)
+    lines = await script.finish()
+    assert {"rejected": "TOKEN_PROVIDER_FAILED"} in lines
+    assert [line for line in lines if "seq" in line or "event" in line] == []
