@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
+from urllib.parse import urlsplit
 
 from django.conf import settings
 
@@ -23,6 +24,11 @@ from django.conf import settings
 ANNOUNCES_BEFORE_DEAD = 3
 # Pusher's encrypted channels use NaCl secretbox keys: 32 bytes.
 ENCRYPTION_MASTER_KEY_BYTES = 32
+
+
+class ImproperlyConfiguredEnv(ValueError):
+    """Raised when an environment variable is present but cannot be read as its type, or
+    its value does not fit with another's."""
 
 
 class EnvType(enum.Enum):
@@ -34,10 +40,17 @@ class EnvType(enum.Enum):
     NUMBER = "number > 0"
     BOOL = "boolean"
     LIST = "comma-separated list"
+    # Channel-name patterns (``ticker:*``), each of characters some channel name holds.
+    PATTERNS = "comma-separated channel patterns"
+    URLS = "comma-separated http(s) URLs"
+    # 0 for none.
+    PORT = "port or 0"
     DURATION = "duration"
     # A limit that may be turned off: ``-`` (or ``0``) reads as 0, no limit.
     DURATION_OR_NONE = "duration or `-`"
     TEXT = "text"
+    # A throttle rate as DRF reads it: ``600/min``.
+    RATE = "rate"
     RETENTION_RULES = "retention rules"
     HISTORY_MODES = "history modes"
 
@@ -73,7 +86,7 @@ class PushSettings:
     )
     DROP_OLDEST_CHANNELS: list[str] = option(
         [],
-        EnvType.LIST,
+        EnvType.PATTERNS,
         "channel-name patterns (`ticker:*`) whose slow readers lose the oldest queued "
         "message instead of the connection",
     )
@@ -601,7 +614,7 @@ class PushSettings:
     )
     EVENT_WORKER_METRICS_PORT: int = option(
         0,
-        EnvType.COUNT,
+        EnvType.PORT,
         "port of the event worker's Prometheus `/metrics` (0: none; give each worker on "
         "one host its own)",
     )
@@ -611,7 +624,7 @@ class PushSettings:
         "address the event worker's `/metrics` listens on (`0.0.0.0` in a container, "
         "for Prometheus to reach it)",
     )
-    WEBHOOK_URLS: list[str] = option([], EnvType.LIST, "where the event worker POSTs events")
+    WEBHOOK_URLS: list[str] = option([], EnvType.URLS, "where the event worker POSTs events")
     WEBHOOK_SECRET: str | None = option(
         None,
         EnvType.TEXT,
@@ -656,7 +669,7 @@ class PushSettings:
     )
     PUSHER_WEBHOOK_URLS: list[str] = option(
         [],
-        EnvType.LIST,
+        EnvType.URLS,
         "where the event worker POSTs that app's webhooks, in Pusher's format",
         variable="PUSHER_WEBHOOK_URLS",
     )
@@ -696,12 +709,12 @@ class PushSettings:
     def __post_init__(self) -> None:
         key = self.PUSHER_APP_ENCRYPTION_MASTER_KEY
         if key is not None and not _is_base64_of(key, ENCRYPTION_MASTER_KEY_BYTES):
-            raise ValueError(
+            raise ImproperlyConfiguredEnv(
                 f"PUSHER_APP_ENCRYPTION_MASTER_KEY must be the base64 of "
                 f"{ENCRYPTION_MASTER_KEY_BYTES} bytes"
             )
         if self.NODE_DEAD_AFTER_SECS < ANNOUNCES_BEFORE_DEAD * self.CLUSTER_ANNOUNCE_SECS:
-            raise ValueError(
+            raise ImproperlyConfiguredEnv(
                 f"PUSH_NODE_DEAD_AFTER_SECS ({self.NODE_DEAD_AFTER_SECS}) must be at least "
                 f"{ANNOUNCES_BEFORE_DEAD} x PUSH_CLUSTER_ANNOUNCE_SECS "
                 f"({self.CLUSTER_ANNOUNCE_SECS}), or live nodes are taken for dead"
@@ -713,6 +726,18 @@ def _is_base64_of(text: str, size: int) -> bool:
         return len(base64.b64decode(text, validate=True)) == size
     except ValueError:  # binascii.Error is a ValueError
         return False
+
+
+def is_http_url(text: str) -> bool:
+    """An http:// or https:// URL with a host (and a port, if any, that is a number): what
+    a webhook can be POSTed to. Anything else failed every delivery, each retried until
+    dead-lettered, found only when events came."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 @dataclass(frozen=True)

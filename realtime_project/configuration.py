@@ -28,6 +28,7 @@ _READERS = {
     "env_int": EnvType.INT,
     "env_float": EnvType.NUMBER,
     "env_list": EnvType.LIST,
+    "env_rate": EnvType.RATE,
 }
 
 HEADER = """\
@@ -37,7 +38,9 @@ Every setting comes from the environment, read once at start-up by
 `realtime_project/env.py`; a value that cannot be read as its type stops start-up with
 an error that names the variable. A boolean is `1`/`0`, `true`/`false`, `yes`/`no` or
 `on`/`off`; a duration is whole seconds or a number with a unit: `90`, `90s`, `15m`,
-`12h`, `30d`.
+`12h`, `30d`; a rate is a count per period: `600/min`, `10/s`, `5000/hour`, `100000/day`.
+A channel pattern is a channel name with the wildcards `*`, `?` and `[...]`
+(`ticker:*`); one with a character no channel name holds (a space, a quote) is refused.
 
 This file is generated: `python -m realtime_project.configuration > docs/configuration.md`
 prints it from `common/conf.py` and `realtime_project/settings.py`, and a test fails when

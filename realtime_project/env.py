@@ -10,11 +10,13 @@ from those calls (``realtime_project.configuration``); they do nothing at run ti
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from common.conf import EnvType, Option
+from common.conf import EnvType, ImproperlyConfiguredEnv, Option, is_http_url
 
 T = TypeVar("T")
 
@@ -22,18 +24,22 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-class ImproperlyConfiguredEnv(ValueError):
-    """Raised when an environment variable is present but cannot be read as its type."""
-
-
 def _read(name: str, default: T, cast: Callable[[str], T]) -> T:
     raw = os.environ.get(name)
     if raw is None:
         return default
+    return checked(name, raw, lambda value: cast(value.strip()))
+
+
+def checked(name: str, raw: str, parse: Callable[[str], T], *, secret: bool = False) -> T:
+    """``parse(raw)``, where ``raw`` came from the variable ``name``: a value it refuses
+    stops start-up with an error that names the variable, and shows the value unless it
+    is ``secret`` (a URL with a password)."""
     try:
-        return cast(raw.strip())
+        return parse(raw)
     except (TypeError, ValueError) as exc:
-        raise ImproperlyConfiguredEnv(f"{name}={raw!r} is not valid: {exc}") from exc
+        shown = name if secret else f"{name}={raw!r}"
+        raise ImproperlyConfiguredEnv(f"{shown} is not valid: {exc}") from exc
 
 
 def _bool(raw: str) -> bool:
@@ -54,7 +60,9 @@ def _positive_int(raw: str) -> int:
 
 def _positive_float(raw: str) -> float:
     value = float(raw)
-    if not value > 0:
+    # ``inf`` (or ``1e999``) is no setting either: a wait that never ends, and an
+    # OverflowError where a number of seconds becomes milliseconds (the event worker's).
+    if not (value > 0 and math.isfinite(value)):
         raise ValueError("expected a positive number")
     return value
 
@@ -69,6 +77,61 @@ def _count(raw: str) -> int:
     if value < 0:
         raise ValueError("expected 0 (no limit) or a positive integer")
     return value
+
+
+PORT_MAX = 65_535
+
+
+def _port(raw: str) -> int:
+    """A TCP port, or 0 for none: socket calls refuse a larger one only when they bind,
+    after start-up, and some servers take it modulo 65,536."""
+    value = int(raw)
+    if not 0 <= value <= PORT_MAX:
+        raise ValueError(f"expected a port, 1 to {PORT_MAX} (0: none)")
+    return value
+
+
+# What a channel name may hold, in our protocol (push.wire.protocol) or Pusher's
+# (push.services.pusher_http), and fnmatch's wildcards. A pattern with anything else (a
+# space between two patterns, the quotes an env file kept) matches no channel: refused,
+# rather than silently applying to none.
+_CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9_\-.:@=,;*?\[\]!]+")
+
+
+def channel_pattern(raw: str) -> str:
+    pattern = raw.strip()
+    if _CHANNEL_PATTERN.fullmatch(pattern) is None:
+        raise ValueError(
+            f"pattern {pattern!r} can match no channel name (letters, digits and _-.:@=,; "
+            "with the wildcards *?[]!)"
+        )
+    return pattern
+
+
+def _patterns(raw: str) -> list[str]:
+    return [channel_pattern(item) for item in _csv(raw)]
+
+
+def _urls(raw: str) -> list[str]:
+    urls = _csv(raw)
+    for url in urls:
+        if not is_http_url(url):
+            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+    return urls
+
+
+# DRF's throttle periods, by the first letter it reads of them (SimpleRateThrottle).
+RATE_PERIODS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def _rate(raw: str) -> str:
+    """``COUNT/PERIOD`` (``600/min``, ``10/s``, ``100000/day``): DRF reads it at the first
+    request, and a rate it cannot read made every REST request a 500."""
+    count, slash, period = raw.partition("/")
+    if not slash or not period.isalpha() or period[0].lower() not in RATE_PERIODS:
+        raise ValueError("expected COUNT/PERIOD, the period s, min, hour or day")
+    _positive_int(count)
+    return raw
 
 
 def _text(raw: str) -> str | None:
@@ -98,6 +161,11 @@ def env_float(name: str, default: float, *, meaning: str) -> float:
 
 def env_list(name: str, default: list[str], *, meaning: str, shown: str = "") -> list[str]:
     return _read(name, default, _csv)
+
+
+def env_rate(name: str, default: str | None, *, meaning: str) -> str | None:
+    """A throttle rate; an empty value is no value (the default), as for empty text."""
+    return _read(name, default, lambda raw: _rate(raw) if raw else default)
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
@@ -138,7 +206,7 @@ def _retention_rules(raw: str) -> list[tuple[str, int | None, int | None]]:
             raise ValueError(f"rule {item!r} is not PATTERN=COUNT/AGE")
         rules.append(
             (
-                pattern.strip(),
+                channel_pattern(pattern),
                 _optional_limit(count, _positive_int),
                 _optional_limit(age, parse_duration_secs),
             )
@@ -160,7 +228,7 @@ def _history_modes(raw: str) -> list[tuple[str, str]]:
         mode = mode.strip().lower()
         if not pattern.strip() or mode not in HISTORY_MODES:
             raise ValueError(f"rule {item!r} is not PATTERN=durable or PATTERN=recent")
-        modes.append((pattern.strip(), mode))
+        modes.append((channel_pattern(pattern), mode))
     return modes
 
 
@@ -170,6 +238,9 @@ _PARSERS: dict[EnvType, Callable[[str], Any]] = {
     EnvType.NUMBER: _positive_float,
     EnvType.BOOL: _bool,
     EnvType.LIST: _csv,
+    EnvType.PATTERNS: _patterns,
+    EnvType.URLS: _urls,
+    EnvType.PORT: _port,
     EnvType.DURATION: parse_duration_secs,
     EnvType.DURATION_OR_NONE: _duration_or_none,
     EnvType.TEXT: _text,

@@ -3,22 +3,27 @@ from ``realtime_project.env``; nothing else here reads the environment."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
 import warnings
 from pathlib import Path
 
 import dj_database_url
+from redis.connection import parse_url
 
 from common.conf import PushSettings, push_options
 from common.redis_client import channel_layer_host, sentinel_address
 from realtime_project.env import (
+    ImproperlyConfiguredEnv,
+    checked,
     env_bool,
     env_float,
     env_int,
     env_list,
     env_optional_str,
     env_overrides,
+    env_rate,
     env_str,
 )
 
@@ -33,7 +38,7 @@ _secret = env_optional_str(
 )
 if _secret is None:
     if not DEBUG:
-        raise RuntimeError("SECRET_KEY must be set when DEBUG is off")
+        raise ImproperlyConfiguredEnv("SECRET_KEY must be set when DEBUG is off")
     _secret = "dev-only-insecure-key-do-not-use-in-production"  # noqa: S105 - DEBUG only
 SECRET_KEY = _secret
 
@@ -114,12 +119,17 @@ DATABASE_URL = env_str(
     shown="`sqlite:///db.sqlite3` in the project directory",
 )
 DATABASES = {
-    "default": dj_database_url.parse(
+    "default": checked(
+        "DATABASE_URL",
         DATABASE_URL,
-        # Connections are not kept per thread: PostgreSQL gets a pool (below), and
-        # SQLite, a file, costs nothing to open.
-        conn_max_age=0,
-        conn_health_checks=True,
+        lambda url: dj_database_url.parse(
+            url,
+            # Connections are not kept per thread: PostgreSQL gets a pool (below), and
+            # SQLite, a file, costs nothing to open.
+            conn_max_age=0,
+            conn_health_checks=True,
+        ),
+        secret=True,
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
@@ -166,10 +176,14 @@ REDIS_URL = env_optional_str(
     meaning="Redis for the channel layer across nodes; unset, an in-memory channel layer "
     "(one process)",
 )
+if REDIS_URL:
+    # Read as every Redis client will, so a malformed one stops start-up, not the first
+    # client made.
+    checked("REDIS_URL", REDIS_URL, parse_url, secret=True)
 # With Sentinel, every Redis client asks these for the current master (common.redis_client);
 # REDIS_URL then gives only the database and the password.
 REDIS_SENTINELS = [
-    sentinel_address(a)
+    checked("REDIS_SENTINELS", a, sentinel_address)
     for a in env_list(
         "REDIS_SENTINELS",
         [],
@@ -237,6 +251,9 @@ CACHES = {
 # The push server's own options, read through common.conf.push_settings: only those
 # whose variable is set; PushSettings there holds every default and its meaning.
 PUSH = env_overrides(push_options())
+# Made once here for the checks of options against each other (PushSettings'
+# __post_init__): at start-up, not at their first use, which may come late or never.
+PushSettings(**PUSH)
 
 # No request body past this is read (push.api.handler: 413 before reading one declared
 # larger, and a chunked one stops there); above the frame limit, so a REST publish just
@@ -268,16 +285,17 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_THROTTLE_CLASSES": ["accounts.throttling.PrincipalRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {
-        "principal": env_str(
+        "principal": env_rate(
             "PUSH_REST_RATE",
             "6000/min",
             meaning="REST throttle per user token or session (429 `RATE_LIMITED`)",
         ),
-        "anonymous": env_str(
+        "anonymous": env_rate(
             "PUSH_REST_ANON_RATE", "600/min", meaning="REST throttle per anonymous address"
         ),
-        "service": env_optional_str(
+        "service": env_rate(
             "PUSH_REST_SERVICE_RATE",
+            None,
             meaning="REST throttle per service token (a back-end), e.g. `100000/min`; unset, "
             "unthrottled",
         ),
@@ -326,7 +344,15 @@ NODE_ID = env_str(
     shown="`<hostname>-<random>`",
 )
 
-LOG_LEVEL = env_str("LOG_LEVEL", "INFO", meaning="root log level").upper()
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
+LOG_LEVEL = checked("LOG_LEVEL", env_str("LOG_LEVEL", "INFO", meaning="root log level"), _log_level)
 LOG_JSON = env_bool("LOG_JSON", False, meaning="one JSON object per log line")
 LOGGING = {
     "version": 1,

@@ -64,6 +64,19 @@ def test_unset_variables_are_not_passed(monkeypatch: pytest.MonkeyPatch) -> None
         ("PUSH_RETENTION_MAX_AGE", "-", "RETENTION_MAX_AGE_SECS", 0),
         ("PUSH_RETENTION_MAX_AGE", "0", "RETENTION_MAX_AGE_SECS", 0),
         ("PUSH_HISTORY_MODES", "t:*=recent", "HISTORY_MODES", [("t:*", "recent")]),
+        (
+            "PUSH_DROP_OLDEST_CHANNELS",
+            "ticker:*, presence-[ab]?",
+            "DROP_OLDEST_CHANNELS",
+            ["ticker:*", "presence-[ab]?"],
+        ),
+        (
+            "PUSH_WEBHOOK_URLS",
+            "http://event-sink:8080/hook",
+            "WEBHOOK_URLS",
+            ["http://event-sink:8080/hook"],
+        ),
+        ("PUSH_EVENT_WORKER_METRICS_PORT", "9100", "EVENT_WORKER_METRICS_PORT", 9100),
     ],
 )
 def test_a_set_variable_is_read_as_its_type(
@@ -80,7 +93,24 @@ def test_empty_text_is_no_value(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("variable", "raw"),
-    [("PUSH_RATE_BURST", "0"), ("PUSH_TRUSTED_PROXIES", "-1"), ("PUSH_EVENTS", "maybe")],
+    [
+        ("PUSH_RATE_BURST", "0"),
+        ("PUSH_TRUSTED_PROXIES", "-1"),
+        ("PUSH_EVENTS", "maybe"),
+        # No wait that never ends: the event worker's retry delay overflowed.
+        ("PUSH_GAP_WAIT_SECS", "inf"),
+        ("PUSH_EVENT_RETRY_SECS", "1e999"),
+        # Patterns that can match no channel name: two without their comma, quotes an
+        # env file kept.
+        ("PUSH_DROP_OLDEST_CHANNELS", "ticker:* chat:*"),
+        ("PUSH_DROP_OLDEST_CHANNELS", '"ticker:*"'),
+        ("PUSH_HISTORY_MODES", "ticker:* chat:*=recent"),
+        ("PUSH_RETENTION_RULES", "ticker/*=100/-"),
+        ("PUSH_WEBHOOK_URLS", "hooks.example.com/push"),
+        ("PUSHER_WEBHOOK_URLS", "http://hooks.example.com:port/pusher"),
+        # A port past 65535: the metrics server failed with an OverflowError when it bound.
+        ("PUSH_EVENT_WORKER_METRICS_PORT", "99999"),
+    ],
 )
 def test_a_malformed_variable_is_named(
     monkeypatch: pytest.MonkeyPatch, variable: str, raw: str

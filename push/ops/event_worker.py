@@ -86,7 +86,7 @@ def register_handler(handler: Handler) -> Handler:
 def configured_handlers() -> list[Handler]:
     from common.conf import push_settings
 
-    handlers = [import_string(path) for path in push_settings.EVENT_HANDLERS]
+    handlers = [_configured_handler(path) for path in push_settings.EVENT_HANDLERS]
     if push_settings.WEBHOOK_URLS:
         from push.ops.webhooks import deliver_webhooks
 
@@ -95,6 +95,15 @@ def configured_handlers() -> list[Handler]:
     # its path because ops sits below the services and imports none of them.
     handlers.extend(import_string(PUSHER_WEBHOOK_HANDLERS)())
     return handlers + _registered
+
+
+def _configured_handler(path: str) -> Handler:
+    from common.conf import ImproperlyConfiguredEnv
+
+    try:
+        return import_string(path)
+    except ImportError as exc:
+        raise ImproperlyConfiguredEnv(f"PUSH_EVENT_HANDLERS: {path!r}: {exc}") from exc
 
 
 def _text(value: Any) -> str:

@@ -28,25 +28,20 @@ class Command(BaseCommand):
         if not settings.REDIS_URL:
             raise CommandError("lifecycle events need REDIS_URL")
         client = redis_sync(socket_timeout=10)
+        handlers = configured_handlers()
         worker = EventWorker(
             client,
             stream=f"{redis_prefix()}:events",
             group=options["group"],
             consumer=options["consumer"],
-            handlers=configured_handlers(),
+            handlers=handlers,
             max_attempts=push_settings.EVENT_MAX_ATTEMPTS,
             retry_idle_ms=int(push_settings.EVENT_RETRY_SECS * 1000),
             retry_total_ms=int(push_settings.EVENT_RETRY_TOTAL_SECS * 1000),
             concurrency=push_settings.EVENT_CONCURRENCY,
         )
         if push_settings.EVENT_WORKER_METRICS_PORT:
-            serve_worker_metrics(
-                client,
-                stream=worker.stream,
-                group=worker.group,
-                host=push_settings.EVENT_WORKER_METRICS_HOST,
-                port=push_settings.EVENT_WORKER_METRICS_PORT,
-            )
+            self._serve_metrics(client, worker)
         stopping = {"now": False}
 
         def stop(signum: int, frame: Any) -> None:
@@ -57,3 +52,16 @@ class Command(BaseCommand):
         self.stdout.write(f"event worker {options['consumer']} in group {options['group']}")
         self.stdout.flush()  # a pipe or a file buffers it; operators want it at start
         worker.run(stop=lambda: stopping["now"])
+
+    def _serve_metrics(self, client: Any, worker: EventWorker) -> None:
+        host = push_settings.EVENT_WORKER_METRICS_HOST
+        port = push_settings.EVENT_WORKER_METRICS_PORT
+        try:
+            serve_worker_metrics(
+                client, stream=worker.stream, group=worker.group, host=host, port=port
+            )
+        except OSError as exc:  # the port taken, the host no address of this machine
+            raise CommandError(
+                f"cannot serve metrics on {host}:{port} (PUSH_EVENT_WORKER_METRICS_HOST, "
+                f"PUSH_EVENT_WORKER_METRICS_PORT): {exc}"
+            ) from exc
