@@ -120,3 +120,29 @@ def test_the_event_worker_says_when_its_metrics_port_is_taken(taken_port: int) -
     finished = manage("run_event_worker", PUSH_EVENT_WORKER_METRICS_PORT=str(taken_port))
     assert finished.returncode == 1
     assert f"cannot serve metrics on 127.0.0.1:{taken_port}" in last_line(finished)
+
+
+def test_runnode_refuses_a_port_out_of_range() -> None:
+    """uvicorn served ``--port 99999`` on 34463, without a word."""
+    finished = manage("runnode", "--port", "99999")
+    assert finished.returncode == 2
+    assert "argument --port: 99999 is not a port" in last_line(finished)
+
+
+def test_daphne_that_cannot_listen_exits_non_zero(taken_port: int) -> None:
+    finished = manage("runnode", "--server", "daphne", "--port", str(taken_port))
+    assert finished.returncode == 1
+    assert f"daphne could not listen on 127.0.0.1:{taken_port}" in last_line(finished)
+
+
+@pytest.mark.parametrize("every", ["0", "-5", "inf"])
+def test_trim_history_refuses_an_interval_that_is_not_positive(every: str) -> None:
+    finished = manage("trim_history", "--every", every)
+    assert finished.returncode == 2
+    assert f"argument --every: {every} is not a positive number of seconds" in last_line(finished)
+
+
+def test_pusher_app_refuses_a_webhook_url_it_could_never_post_to() -> None:
+    finished = manage("pusher_app", "create", "shop", "--webhook-url", "hooks.example.com/pusher")
+    assert finished.returncode == 1
+    assert "is not an http:// or https:// URL" in last_line(finished)

@@ -22,7 +22,7 @@ from typing import Any
 
 import uvicorn
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from common.conf import push_settings
 from common.errors import CloseCode
@@ -39,6 +39,7 @@ from push.transport.server_adapters import (
 APPLICATION = "realtime_project.asgi:application"
 LISTEN_BACKLOG = 4096
 DEFAULT_SERVER = "uvicorn"
+PORT_MAX = 65_535
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,21 @@ async def _drain() -> None:
         logger.exception("drain failed; stopping anyway")
 
 
+def port_number(raw: str) -> int:
+    """``--port``: uvicorn took 99999 as 34463 (modulo 65,536) and served there."""
+    port = int(raw)
+    if not 1 <= port <= PORT_MAX:
+        raise argparse.ArgumentTypeError(f"{raw} is not a port (1 to {PORT_MAX})")
+    return port
+
+
 class Command(BaseCommand):
     help = "Run one push server node (uvicorn or daphne)."
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--server", choices=["uvicorn", "daphne"], default=DEFAULT_SERVER)
         parser.add_argument("--host", default="127.0.0.1")
-        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--port", type=port_number, default=8000)
         parser.add_argument(
             "--access-log", action="store_true", help="log every HTTP request (off by default)"
         )
@@ -150,6 +159,10 @@ class Command(BaseCommand):
         bound_daphne_request_bodies(settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
         defer_autobahn_config_dump()
         server.run()
+        if not server.listening_addresses:
+            # daphne logged why (its "Listen failure" line) and stopped, returning as
+            # from a clean shutdown: exit status 0 told a supervisor all was well.
+            raise CommandError(f"daphne could not listen on {options['host']}:{options['port']}")
 
 
 def _install_daphne_drain() -> None:

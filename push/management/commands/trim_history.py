@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Any
 
@@ -14,6 +15,15 @@ from push.cluster.registry import registry_trim_closed
 from push.storage.retention import history_trim
 
 
+def interval_secs(raw: str) -> float:
+    """``--every``: a negative one failed after the first pass, and 0 trimmed in a loop
+    as fast as PostgreSQL answered."""
+    secs = float(raw)
+    if not (secs > 0 and math.isfinite(secs)):
+        raise argparse.ArgumentTypeError(f"{raw} is not a positive number of seconds")
+    return secs
+
+
 class Command(BaseCommand):
     help = (
         "Delete stored messages that the retention settings no longer keep, and the "
@@ -22,7 +32,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "--every", type=float, default=None, help="repeat every this many seconds"
+            "--every", type=interval_secs, default=None, help="repeat every this many seconds"
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
