@@ -31,11 +31,19 @@ def _database_read() -> None:
 _database_read_async = db_call(_database_read)
 
 
+def _failure(dependency: str, exc: Exception) -> str:
+    if isinstance(exc, TimeoutError):
+        # Its text is empty: "database: TimeoutError: " was all a probe said of a
+        # database that did not answer (the pool still waiting for a connection).
+        return f"{dependency}: no answer within {DEPENDENCY_TIMEOUT_SECS:g} s"
+    return f"{dependency}: {type(exc).__name__}: {exc}"[:300]
+
+
 async def check_database() -> str | None:
     try:
         await asyncio.wait_for(_database_read_async(), DEPENDENCY_TIMEOUT_SECS)
     except Exception as exc:
-        return f"database: {type(exc).__name__}: {exc}"[:300]
+        return _failure("database", exc)
     return None
 
 
@@ -49,7 +57,7 @@ async def check_redis(redis_url: str | None) -> str | None:
     try:
         await asyncio.wait_for(client.ping(), DEPENDENCY_TIMEOUT_SECS)  # type: ignore[arg-type]  # redis-py types sync and asyncio commands alike
     except Exception as exc:
-        return f"redis: {type(exc).__name__}: {exc}"[:300]
+        return _failure("redis", exc)
     finally:
         await client.aclose()
     return None

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 
 import pytest
 from django.db import connection, transaction
@@ -8,6 +10,7 @@ from django.test import Client, override_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 import push
+from monitoring import checks
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -45,6 +48,24 @@ def test_not_ready_when_the_database_answers_but_cannot_be_read() -> None:
     assert response.status_code == 503
     failing = response.json()["failing"]
     assert len(failing) == 1 and failing[0].startswith("database"), failing
+
+
+def test_not_ready_when_the_database_does_not_answer_says_so_within_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A database that does not answer (the pool still waiting for a connection) is
+    named with what happened, within the checks' bound."""
+
+    async def no_answer() -> None:
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(checks, "_database_read_async", no_answer)
+    monkeypatch.setattr(checks, "DEPENDENCY_TIMEOUT_SECS", 0.2)
+    started = time.monotonic()
+    response = Client().get("/ready")
+    assert time.monotonic() - started < 5
+    assert response.status_code == 503
+    assert response.json()["failing"] == ["database: no answer within 0.2 s"]
 
 
 def test_metrics_are_exposed() -> None:
