@@ -359,8 +359,9 @@ class Node:
             )
             return
         if event.get("type") == PRESENCE_EVENT:
-            # Before the subscribers hear of it: a member list they ask for next is read anew.
-            self.presence.forget_members(event["channel"])
+            # Before the subscribers hear of it: a member list they ask for next is read
+            # anew, and one being read meanwhile is told.
+            self.presence.heard(event["channel"], event["kind"], event["member"])
             self.hub.deliver_event(
                 event["channel"],
                 presence_change(

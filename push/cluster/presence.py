@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 Member = dict[str, Any]
 # Tell every node serving a channel that a member joined or left: (kind, channel, member).
 Announce = Callable[[str, str, Member], Awaitable[None]]
+# The joins and leaves of a channel this node heard, in the order its subscribers got
+# them: (kind, member).
+Heard = list[tuple[str, Member]]
 
 # KEYS: conns, counts, members, node index. ARGV: conn field, user, info, index entry.
 _JOIN = """
@@ -69,6 +72,24 @@ def _user_field(user_id: Any) -> str:
     return json.dumps(user_id)
 
 
+def member_key(one: Member) -> str:
+    """What tells members apart: their user id (``7`` and ``"7"`` are two)."""
+    return _user_field(one["user_id"])
+
+
+def members_after(listed: list[Member], heard: Heard) -> list[Member]:
+    """``listed`` with the joins and leaves ``heard`` since its read began, in order: the
+    members as a subscriber that got those events knows them. An event the read shows
+    already changes nothing (its member's next event, if any, is heard after it)."""
+    by_user = {member_key(m): m for m in listed}
+    for kind, changed in heard:
+        if kind == "join":
+            by_user[member_key(changed)] = changed
+        else:
+            by_user.pop(member_key(changed), None)
+    return list(by_user.values())
+
+
 class PresenceStore:
     """Join, leave and list members; ``redis`` None keeps everything in this process."""
 
@@ -85,6 +106,8 @@ class PresenceStore:
         self._mine: dict[str, tuple[str, str, str, str]] = {}
         # A join or leave failed since the last repair: compare entry by entry.
         self._unsure = False
+        # Channel -> the records of those who listen to its joins and leaves (``listen``).
+        self._listening: dict[str, list[Heard]] = {}
         if redis is not None:
             self._join = redis.register_script(_JOIN)
             self._leave = redis.register_script(_LEAVE)
@@ -195,6 +218,29 @@ class PresenceStore:
         """The channel's members changed: the next ``members`` reads them again (callers
         already waiting on a read keep it: they asked before the change)."""
         self._listed.pop(channel, None)
+
+    def listen(self, channel: str) -> Heard:
+        """Record, until ``unlisten``, the joins and leaves of ``channel`` this node
+        hears: what a member list read meanwhile may not show, though the channel's
+        subscribers here got it (``members_after``)."""
+        heard: Heard = []
+        self._listening.setdefault(channel, []).append(heard)
+        return heard
+
+    def unlisten(self, channel: str, heard: Heard) -> None:
+        # By identity: two records that heard the same are still two.
+        listening = [h for h in self._listening.get(channel, ()) if h is not heard]
+        if listening:
+            self._listening[channel] = listening
+        else:
+            self._listening.pop(channel, None)
+
+    def heard(self, channel: str, kind: str, changed: Member) -> None:
+        """A join or leave announced (by any node), just before this node's subscribers
+        of ``channel`` get it."""
+        self.forget_members(channel)
+        for heard in self._listening.get(channel, ()):
+            heard.append((kind, changed))
 
     async def repair(self, announce: Announce) -> None:
         """Make Redis hold this node's entries again where it does not: after Redis

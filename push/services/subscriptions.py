@@ -24,7 +24,12 @@ from push.cluster.address_budgets import subscription_allowed
 from push.cluster.live import LiveConnection
 from push.cluster.occupancy import Occupancy
 from push.cluster.overload import LoopLag
-from push.cluster.presence import PresenceStore, leave_presence, presence_member
+from push.cluster.presence import (
+    PresenceStore,
+    leave_presence,
+    members_after,
+    presence_member,
+)
 from push.cluster.registry import ConnectionRecord, ConnectionRegistry
 from push.fanout.delta import FOSSIL
 from push.fanout.hub import Hub
@@ -228,6 +233,18 @@ async def channel_subscribe(
                 await leave_presence(
                     node.presence, node.announce_presence, str(connection.connection_id), [channel]
                 )
+
+
+async def presence_list(node: SessionNode, channel: str) -> list[dict[str, Any]]:
+    """The members of ``channel`` as its subscribers here know them: with the joins and
+    leaves this node passed on while they were read applied. A read answered after
+    such an event (a slow read, a busy loop) would otherwise list a member the
+    subscriber was just told left, or lack one it was told joined."""
+    heard = node.presence.listen(channel)
+    try:
+        return members_after(await node.presence.members(channel), heard)
+    finally:
+        node.presence.unlisten(channel, heard)
 
 
 async def subscription_admit(node: SessionNode, connection: LiveConnection, channel: str) -> None:

@@ -518,3 +518,70 @@ async def test_a_presence_subscribe_whose_join_fails_is_answered_once_and_stands
     message = await client.recv_type("message")
     assert message["data"] == "after"
     await client.close()
+
+
+def _changed_while_read(monkeypatch: pytest.MonkeyPatch, change: Any) -> None:
+    """Every member list read returns what Redis held, but only once ``change`` (a join
+    or leave made by another node) has been made and announced: as when a read is slow,
+    or the node joins the channel's group meanwhile."""
+    from push.cluster.presence import PresenceStore
+
+    read_members = PresenceStore.members
+
+    async def changed_meanwhile(self: PresenceStore, channel: str, **kwargs: Any) -> list[dict]:
+        listed = await read_members(self, channel, **kwargs)
+        await change()
+        await asyncio.sleep(0.3)  # the announcement reaches this node
+        return listed
+
+    monkeypatch.setattr(PresenceStore, "members", changed_meanwhile)
+
+
+async def _another_node_member(node: Any) -> tuple[Any, Any]:
+    """A member "zed" on another node, and a function making its next change there
+    (join or leave, announced) once."""
+    from push.cluster.presence import PresenceStore, member
+
+    other = PresenceStore(node.presence.redis, node.presence.prefix, "presence-other-node")
+    zed = member("zed", {})
+    changes: list[str] = []
+
+    async def change(kind: str) -> None:
+        if kind in changes:
+            return
+        changes.append(kind)
+        if kind == "join":
+            assert await other.join(ROOM, "c-zed", zed)
+            await node.announce_presence("join", ROOM, zed)
+        else:
+            assert await other.leave(ROOM, "c-zed") == zed
+            await node.announce_presence("leave", ROOM, zed)
+
+    return other, change
+
+
+@pytest.mark.parametrize("kind", ["join", "leave"])
+async def test_a_member_list_answer_holds_the_joins_and_leaves_sent_before_it(
+    monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A member list read before a join or leave, and answered after the subscriber
+    was sent that event, contradicted it: the subscriber listed a member that had left,
+    or lacked one that had joined, until it asked again."""
+    node = await get_node()
+    other, change = await _another_node_member(node)
+    ann_id, ann = await sync_to_async(_member_token)("ann")
+    watcher = await _join(ann)
+    await watcher.recv_type("join")
+    if kind == "leave":
+        await change("join")
+        await watcher.recv_type("join")
+    _changed_while_read(monkeypatch, lambda: change(kind))
+    try:
+        await watcher.send({"type": "presence", "channel": ROOM, "id": 1})
+        assert (await watcher.recv_type(kind))["member"]["user_id"] == "zed"
+        listing = await watcher.recv_type("presence")
+        expected = [ann_id, "zed"] if kind == "join" else [ann_id]
+        assert sorted(str(m["user_id"]) for m in listing["members"]) == sorted(map(str, expected))
+    finally:
+        await other.leave(ROOM, "c-zed")
+        await watcher.close()

@@ -36,6 +36,7 @@ from push.services.subscriptions import (
     channel_subscribe,
     channel_unsubscribe,
     client_ip,
+    presence_list,
     session_closed,
     session_open,
     subscription_delta,
@@ -370,7 +371,7 @@ class PushConsumer(AsyncConsumer):
         subscribed = request.channel in connection.subscriptions
         if not (subscribed and is_presence_channel(request.channel)):
             authorize_presence(connection.principal, request.channel)
-        members = await self._require_node().presence.members(request.channel)
+        members = await presence_list(self._require_node(), request.channel)
         connection.send_envelope(
             protocol.presence(channel=request.channel, members=members, request_id=request.id)
         )
