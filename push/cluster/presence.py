@@ -180,15 +180,21 @@ class PresenceStore:
             seen.setdefault(user, info)
         return [member(json.loads(u), json.loads(i)) for u, i in seen.items()]
 
-    async def members(self, channel: str) -> list[Member]:
-        """The channel's members (shared with other callers: not to be changed)."""
+    async def members(self, channel: str, *, read_since: float | None = None) -> list[Member]:
+        """The channel's members (shared with other callers: not to be changed); with
+        ``read_since`` (the loop's time), from a read begun then or later."""
         if self.redis is None:
             return self.members_in_memory(channel)
         loop = asyncio.get_running_loop()
         now = loop.time()
         listed = self._listed.get(channel)
         read: asyncio.Future[list[Member]]
-        if listed is None or now - listed[0] > MEMBERS_REUSE_SECS or _failed(listed[1]):
+        if (
+            listed is None
+            or now - listed[0] > MEMBERS_REUSE_SECS
+            or _failed(listed[1])
+            or (read_since is not None and listed[0] < read_since)
+        ):
             read = asyncio.ensure_future(self._read_members(channel))
             read.add_done_callback(_retrieved)
             self._listed.pop(channel, None)

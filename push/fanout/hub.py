@@ -967,6 +967,14 @@ class Hub:
         self._drain_pending(hub_channel)
         return hub_channel
 
+    def live_channel(self, name: str) -> HubChannel | None:
+        """The channel as this node serves it now (its group joined on the broker), or
+        None. A subscription to the same object later was served all along between."""
+        hub_channel = self.channels.get(name)
+        if hub_channel is None or hub_channel.state is not ChannelState.LIVE:
+            return None
+        return hub_channel
+
     def drops_oldest(self, name: str) -> bool:
         """True for a drop-oldest channel (tickers): a slow reader loses old frames."""
         return any(fnmatch.fnmatchcase(name, p) for p in self._drop_oldest_patterns)

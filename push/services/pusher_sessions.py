@@ -13,14 +13,22 @@ cookie or token came with the handshake).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from accounts.permissions import PRIVATE_PREFIX, is_presence_channel
 from accounts.subscription_tokens import MAX_USER_ID_CHARS, is_member_user_id
 from common.errors import PushError
-from push.cluster.presence import leave_presence, presence_member
+from push.cluster.presence import (
+    Member,
+    leave_presence,
+    member_key,
+    members_after,
+    presence_member,
+)
 from push.ops.events import CACHE_MISS, CLIENT_EVENT
 from push.services.pusher_apps import PusherApp, channel_auth_valid, user_auth_valid
 from push.services.subscriptions import (
@@ -31,6 +39,8 @@ from push.services.subscriptions import (
 )
 from push.wire import pusher
 from push.wire.protocol import validate_channel_name
+
+logger = logging.getLogger(__name__)
 
 ENCRYPTED_PREFIX = "private-encrypted-"
 CACHE_PREFIXES = ("cache-", "private-cache-", "presence-cache-", "private-encrypted-cache-")
@@ -141,7 +151,6 @@ async def pusher_subscribe(
     )
     presence = is_presence_channel(channel)
     cache = is_cache_channel(channel)
-    members: list[dict[str, Any]] = []
     new = channel not in session.subscriptions
     if new:
         # Before a presence join: a refused subscription announces nobody.
@@ -150,9 +159,10 @@ async def pusher_subscribe(
         except PushError as exc:
             raise SubscriptionRefused(channel, exc.http_status, exc.message) from exc
     joining = presence and new
+    members = _MemberList(node, session, channel) if presence else None
 
     def reply(seq: int, recovered: bool | None) -> None:
-        data = pusher.presence_data(members) if presence else {}
+        data = members.answered() if members is not None else {}
         session.send_frame(pusher.event_frame(pusher.SUBSCRIPTION_SUCCEEDED, data, channel))
         if cache and seq == 0:
             session.send_frame(pusher.event_frame(pusher.CACHE_MISS, None, channel))
@@ -164,8 +174,8 @@ async def pusher_subscribe(
             session.presence_ids[channel] = pusher.pusher_user_id(joined["user_id"])
             if await node.presence.join(channel, str(session.connection_id), joined):
                 await node.announce_presence("join", channel, joined)
-        if presence:
-            members = await node.presence.members(channel)
+        if members is not None:
+            await members.read()
         await channel_subscribe(
             node,
             session,
@@ -179,9 +189,13 @@ async def pusher_subscribe(
             join_presence=False,
             admitted=new,
         )
+        if members is not None:
+            await members.put_right()
     except PushError as exc:
         raise SubscriptionRefused(channel, exc.http_status, exc.message) from exc
     finally:
+        if members is not None:
+            members.close()
         if joining and channel not in session.subscriptions:
             # Joined above (or maybe: a join whose answer was lost), but the
             # subscription did not happen (refused, the announcement or the member list
@@ -191,6 +205,79 @@ async def pusher_subscribe(
             await leave_presence(
                 node.presence, node.announce_presence, str(session.connection_id), [channel]
             )
+
+
+class _MemberList:
+    """A presence subscription's member list (``subscription_succeeded``), kept true to
+    the ``member_added`` / ``member_removed`` the connection gets after it.
+
+    The list is read before the subscription reaches the channel's events: a join or
+    leave in between (the node joining the channel's group and reading its recent
+    messages, for its first subscriber here; a slow read) reached the connection
+    neither in the list nor as an event, and its member stayed listed, or missing, for
+    the connection's life. So the joins and leaves this node hears from before the read
+    are applied to the list it answers; those heard until the subscription is live (a
+    cache channel's replay) follow it; and when the node did not serve the channel all
+    along (it heard nothing before joining its group), the members are read again once
+    the subscription is live, and each difference the connection has heard nothing of
+    since is sent as its event."""
+
+    def __init__(self, node: SessionNode, session: Any, channel: str) -> None:
+        self.node = node
+        self.session = session
+        self.channel = channel
+        self.heard = node.presence.listen(channel)
+        # The channel as the node serves it from before the read, if it does.
+        self.served = node.hub.live_channel(channel)
+        self.listed: list[Member] = []
+        self.sent: list[Member] = []
+        self.answered_at = 0  # how much of ``heard`` the answer holds
+
+    async def read(self) -> None:
+        self.listed = await self.node.presence.members(self.channel)
+
+    def answered(self) -> dict[str, Any]:
+        """The ``presence`` data of ``subscription_succeeded``, sent now."""
+        self.sent = members_after(self.listed, self.heard)
+        self.answered_at = len(self.heard)
+        return pusher.presence_data(self.sent)
+
+    async def put_right(self) -> None:
+        """Once the subscription is live: what the connection's list lacks."""
+        subscription = self.session.subscriptions.get(self.channel)
+        if subscription is None:
+            return
+        # Heard after the answer, before the subscription went live (the replay).
+        for kind, changed in self.heard[self.answered_at :]:
+            self._send(kind, changed)
+        if subscription.channel is self.served:
+            return  # every join and leave since the read was heard, and is applied
+        known = members_after(self.sent, self.heard[self.answered_at :])
+        live_from = len(self.heard)
+        read_since = asyncio.get_running_loop().time()
+        try:
+            listed = await self.node.presence.members(self.channel, read_since=read_since)
+        except Exception as exc:  # Redis away: the subscription stands, as answered
+            logger.warning("member list of %s not read again: %s", self.channel, exc)
+            return
+        if self.session.subscriptions.get(self.channel) is not subscription:
+            return
+        # A member with an event since the subscription went live is as that event said.
+        changed_since = {member_key(m) for _, m in self.heard[live_from:]}
+        now = {member_key(m): m for m in listed}
+        before = {member_key(m): m for m in known}
+        for key, one in now.items():
+            if key not in before and key not in changed_since:
+                self._send("join", one)
+        for key, one in before.items():
+            if key not in now and key not in changed_since:
+                self._send("leave", one)
+
+    def _send(self, kind: str, changed: Member) -> None:
+        self.session.send_frame(pusher.member_frame(kind, self.channel, changed))
+
+    def close(self) -> None:
+        self.node.presence.unlisten(self.channel, self.heard)
 
 
 def _server_to_user(session: PusherSession, channel: str) -> None:

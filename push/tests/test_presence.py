@@ -520,6 +520,22 @@ async def test_a_presence_subscribe_whose_join_fails_is_answered_once_and_stands
     await client.close()
 
 
+async def _pusher_members_seen(client: Any, answer: dict[str, Any]) -> set[str]:
+    """The members a Pusher client knows once its events stop coming: those of its
+    ``subscription_succeeded``, with each ``member_added`` / ``member_removed`` after."""
+    from push.tests.wsclient import RECEIVE_TIMEOUT_SECS
+
+    known = set(json.loads(answer["data"])["presence"]["ids"])
+    while not await client.receive_nothing(0.5):
+        frame = json.loads((await client.receive_output(RECEIVE_TIMEOUT_SECS))["text"])
+        user_id = json.loads(frame["data"]).get("user_id")
+        if frame["event"] == "pusher_internal:member_added":
+            known.add(user_id)
+        elif frame["event"] == "pusher_internal:member_removed":
+            known.discard(user_id)
+    return known
+
+
 def _changed_while_read(monkeypatch: pytest.MonkeyPatch, change: Any) -> None:
     """Every member list read returns what Redis held, but only once ``change`` (a join
     or leave made by another node) has been made and announced: as when a read is slow,
@@ -560,6 +576,42 @@ async def _another_node_member(node: Any) -> tuple[Any, Any]:
     return other, change
 
 
+@pytest.mark.parametrize("served", [False, True], ids=["new-to-node", "served"])
+@pytest.mark.parametrize("kind", ["join", "leave"])
+async def test_a_pusher_member_list_misses_no_join_or_leave_made_as_it_subscribes(
+    monkeypatch: pytest.MonkeyPatch, served: bool, kind: str
+) -> None:
+    """A Pusher subscription's member list was read before the subscription received
+    the channel's events: a member joining or leaving in between (on a node that
+    starts serving the channel, while it joins its group and reads its recent
+    messages) was in neither, and the client listed a member gone for good, or lacked
+    one there, for as long as it stayed."""
+    from push.cluster.presence import presence_members_sync
+
+    node = await get_node()
+    other, change = await _another_node_member(node)
+    watcher = None
+    if served:  # the node serves the channel already
+        _, ann = await sync_to_async(_member_token)("ann")
+        watcher = await _join(ann)
+        await watcher.recv_type("join")
+    if kind == "leave":
+        await change("join")
+    _changed_while_read(monkeypatch, lambda: change(kind))
+    client, answer = await _pusher_subscribe("pat")
+    try:
+        assert answer["event"] == "pusher_internal:subscription_succeeded", answer
+        listed = await sync_to_async(presence_members_sync)(ROOM, local=None)
+        expected = {str(m["user_id"]) for m in listed}
+        assert ("zed" in expected) is (kind == "join")
+        assert await _pusher_members_seen(client, answer) == expected
+    finally:
+        await client.disconnect()
+        await other.leave(ROOM, "c-zed")
+        if watcher is not None:
+            await watcher.close()
+
+
 @pytest.mark.parametrize("kind", ["join", "leave"])
 async def test_a_member_list_answer_holds_the_joins_and_leaves_sent_before_it(
     monkeypatch: pytest.MonkeyPatch, kind: str
@@ -585,3 +637,28 @@ async def test_a_member_list_answer_holds_the_joins_and_leaves_sent_before_it(
     finally:
         await other.leave(ROOM, "c-zed")
         await watcher.close()
+
+
+async def test_a_pusher_subscription_whose_members_cannot_be_read_again_stands(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The node starts serving the channel for this subscription, so it reads the
+    members again once the subscription is live: when Redis fails that read, the
+    subscription stands as answered, with no second answer (an error) for it."""
+    from push.cluster.presence import PresenceStore
+
+    read_members = PresenceStore.members
+
+    async def second_read_fails(self: PresenceStore, channel: str, **kwargs: Any) -> list[dict]:
+        if kwargs.get("read_since") is not None:
+            raise ConnectionError("Redis is away")
+        return await read_members(self, channel, **kwargs)
+
+    monkeypatch.setattr(PresenceStore, "members", second_read_fails)
+    client, answer = await _pusher_subscribe("pat")
+    assert answer["event"] == "pusher_internal:subscription_succeeded", answer
+    assert await client.receive_nothing(0.5)
+    monkeypatch.undo()
+    listed = await (await get_node()).presence.members(ROOM)
+    assert [m["user_id"] for m in listed] == ["pat"]
+    await client.disconnect()
