@@ -106,6 +106,10 @@ class PresenceStore:
         self._mine: dict[str, tuple[str, str, str, str]] = {}
         # A join or leave failed since the last repair: compare entry by entry.
         self._unsure = False
+        # This node's entries whose leave failed (index entry -> channel, user, info):
+        # Redis may have lost them with its data, or made the leave and lost the answer,
+        # and then only these say that the member may have left (``_put_right``).
+        self._leaving: dict[str, tuple[str, str, str]] = {}
         # Channel -> the records of those who listen to its joins and leaves (``listen``).
         self._listening: dict[str, list[Heard]] = {}
         if redis is not None:
@@ -160,12 +164,13 @@ class PresenceStore:
                 return None
             return member(json.loads(gone[0]), json.loads(gone[1]))
         entry = f"{channel}|{field}"
-        if server_id == self.server_id:
-            self._mine.pop(entry, None)
+        mine = self._mine.pop(entry, None) if server_id == self.server_id else None
         try:
             result = await self._leave(keys=self._keys(channel, server_id), args=[field, entry])
         except Exception:
             self._unsure = True
+            if mine is not None:
+                self._leaving[entry] = (channel, mine[2], mine[3])
             raise
         finally:
             self.forget_members(channel)
@@ -251,8 +256,9 @@ class PresenceStore:
     async def repair(self, announce: Announce) -> None:
         """Make Redis hold this node's entries again where it does not: after Redis
         restarted without them, or took this node for dead and reaped it, the members
-        still connected here join again; an entry whose leave failed leaves. Each join
-        or leave this changes is announced (the scripts decide, as ever, so once across
+        still connected here join again; an entry whose leave failed leaves (and is
+        announced gone even when Redis lost it with its data). Each join or leave this
+        changes is announced (the scripts decide, as ever, so once across
         the cluster). One SCARD when nothing is wrong."""
         if self.redis is None:
             return
@@ -281,6 +287,22 @@ class PresenceStore:
         for entry in recorded:
             if entry not in self._mine:
                 await self._leave_entry(announce, entry)
+                self._leaving.pop(entry, None)
+        await self._announce_lost_leaves(announce, recorded)
+
+    async def _announce_lost_leaves(self, announce: Announce, recorded: set[str]) -> None:
+        """The leaves that failed and whose entries Redis did not hold: lost with its
+        data (a restart while it was away), or made with their answer lost. Each member
+        no longer listed (this node's own entries are back by now) is announced as
+        gone, or its subscribers would list it for as long as they stay; one listed
+        through another connection is there, and nothing is said."""
+        for entry, (channel, user, info) in list(self._leaving.items()):
+            if entry in recorded or entry in self._mine:
+                continue
+            members_key = self._keys(channel, self.server_id)[2]
+            if not await self.redis.hexists(members_key, user):
+                await announce("leave", channel, member(json.loads(user), json.loads(info)))
+            self._leaving.pop(entry, None)
 
     async def _leave_entry(self, announce: Announce, entry: str) -> None:
         if entry in self._mine:  # joined again meanwhile

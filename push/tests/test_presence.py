@@ -662,3 +662,37 @@ async def test_a_pusher_subscription_whose_members_cannot_be_read_again_stands(
     listed = await (await get_node()).presence.members(ROOM)
     assert [m["user_id"] for m in listed] == ["pat"]
     await client.disconnect()
+
+
+async def test_a_leave_redis_lost_with_its_data_is_announced_once_it_is_back() -> None:
+    """A member whose leave could not reach Redis, which then restarted without its data:
+    the repair put the remaining members back (each heard joining again), and nothing
+    said the one that left had gone: its subscribers listed it for as long as they
+    stayed."""
+    node = await get_node()
+    ann_id, ann = await sync_to_async(_member_token)("ann")
+    bob_id, bob = await sync_to_async(_member_token)("bob")
+    watcher = await _join(ann)
+    await watcher.recv_type("join")
+    bob_tab = await _join(bob)
+    await watcher.recv_type("join")
+    store = node.presence
+    leave_script = store._leave
+
+    async def redis_away(**kwargs: Any) -> Any:
+        raise ConnectionError("Redis is away")
+
+    store._leave = redis_away
+    await bob_tab.close()
+    await asyncio.sleep(0.2)  # its leave is tried, and fails
+    await _presence_keys_lost()
+    store._leave = leave_script
+    await store.repair(node.announce_presence)
+    heard = [await watcher.recv() for _ in range(2)]
+    assert sorted((e["type"], e["member"]["user_id"]) for e in heard) == [
+        ("join", ann_id),  # it was there all along
+        ("leave", bob_id),
+    ]
+    await watcher.expect_nothing(0.3)
+    assert [m["user_id"] for m in await store.members(ROOM)] == [ann_id]
+    await watcher.close()
