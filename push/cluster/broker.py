@@ -322,12 +322,27 @@ class Broker:
     def storage_relay(self) -> GroupRelay | None:
         """What lets storage's scripts send the other nodes the messages they store
         (``push.storage.relay``). None where their Redis is not where the groups are
-        read, or not in this format: a layer other than the project's Redis pub/sub
-        one on the settings' ``REDIS_URL``, in one shard, with no encryption and no
-        random prefix (whose payloads a script could not write), or groups not read by
-        ``GroupSubscribers`` (which alone reads relayed payloads); or turned off
+        read, or not in this format (``_script_groups``); or turned off
         (``PUSH_STORAGE_RELAY``)."""
-        if self._subscribers is None or not push_settings.STORAGE_RELAY:
+        if not push_settings.STORAGE_RELAY:
+            return None
+        return self._script_groups()
+
+    def presence_relay(self) -> PresenceGroups | None:
+        """What lets the presence scripts send each join and leave to the channel's
+        nodes as they make it (``push.cluster.presence.PresenceRelay``): the payload
+        ``send_event`` would send, to the same group. None where a script cannot
+        (``_script_groups``): the node sends them itself then."""
+        groups = self._script_groups()
+        return None if groups is None else PresenceGroups(groups, self.layer.serialize)
+
+    def _script_groups(self) -> GroupRelay | None:
+        """The groups as scripts on the settings' Redis can reach them. None for a
+        layer other than the project's Redis pub/sub one on the settings' ``REDIS_URL``,
+        in one shard, with no encryption and no random prefix (whose payloads a script
+        could not write), or groups not read by ``GroupSubscribers`` (which alone reads
+        relayed payloads)."""
+        if self._subscribers is None:
             return None
         serializer = getattr(self.layer, "_serializer", None)
         if serializer is None or getattr(serializer, "crypter", True):
@@ -436,6 +451,25 @@ class GroupRelay:
             group = self._group_channel_name(channel_group(channel)).encode()
             self._groups[channel] = group
         return group
+
+
+def presence_event(kind: str, channel: str, member: dict[str, Any]) -> dict[str, Any]:
+    """A presence join or leave as it crosses to the channel's nodes."""
+    return {"type": PRESENCE_EVENT, "channel": channel, "kind": kind, "member": member}
+
+
+class PresenceGroups:
+    """``push.cluster.presence.PresenceRelay`` for the Redis pub/sub layer."""
+
+    def __init__(self, groups: GroupRelay, serialize: Callable[[dict[str, Any]], bytes]) -> None:
+        self._groups = groups
+        self._serialize = serialize
+
+    def group_of(self, channel: str) -> bytes:
+        return self._groups.group_of(channel)
+
+    def payload(self, kind: str, channel: str, changed: dict[str, Any]) -> bytes:
+        return self._serialize(presence_event(kind, channel, changed))
 
 
 # PUBLISH for each (channel, payload) pair, in order, in one command. ARGV[1] is the

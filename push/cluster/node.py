@@ -36,7 +36,13 @@ from push.cluster.admission import (
     connection_capacity,
     raise_open_file_limit,
 )
-from push.cluster.broker import CLIENT_EVENT, PRESENCE_EVENT, Broker, channel_group
+from push.cluster.broker import (
+    CLIENT_EVENT,
+    PRESENCE_EVENT,
+    Broker,
+    channel_group,
+    presence_event,
+)
 from push.cluster.directory import CONTROL_GROUP, DISCONNECT_EVENT, TOP_CHANNELS, NodeDirectory
 from push.cluster.live import LiveConnection
 from push.cluster.occupancy import Occupancy
@@ -242,6 +248,8 @@ class Node:
         self.is_running = True
         recent_store.serve_on(self.loop)
         relay.relay_with(self.broker.storage_relay())
+        if self.presence.redis is not None:
+            self.presence.relay = self.broker.presence_relay()
         global _running
         _running = self
         logger.info(
@@ -334,14 +342,18 @@ class Node:
         and record it in the event stream. Called exactly once per join or leave
         cluster-wide (the presence scripts decide, the dead-node reaper included), so
         this is where ``member_added`` / ``member_removed`` are emitted: before the
-        broker, whose failure must not lose the event."""
+        broker, whose failure must not lose the event. Where the presence store relays
+        (``PresenceStore.relay``), the change was sent to the nodes already, in Redis'
+        order."""
         self.events.emit(
             MEMBER_ADDED if kind == "join" else MEMBER_REMOVED,
             channel=channel,
             user_id=pusher_user_id(member.get("user_id")),
         )
-        event = {"type": PRESENCE_EVENT, "channel": channel, "kind": kind, "member": member}
-        await self.broker.send_event(channel_group(channel), event)
+        if self.presence.relay is None:
+            await self.broker.send_event(
+                channel_group(channel), presence_event(kind, channel, member)
+            )
 
     async def relay_client_event(self, channel: str, frame: dict[str, Any], sender: str) -> None:
         """A Pusher client event: to the channel's Pusher subscribers on every node but

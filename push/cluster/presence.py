@@ -15,7 +15,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from common.redis_client import redis_prefix, redis_sync
 
@@ -31,14 +31,22 @@ Announce = Callable[[str, str, Member], Awaitable[None]]
 # them: (kind, member).
 Heard = list[tuple[str, Member]]
 
-# KEYS: conns, counts, members, node index. ARGV: conn field, user, info, index entry.
+# KEYS: conns, counts, members, node index, leave payloads. ARGV: conn field, user, info,
+# index entry, and with a relay (``PresenceRelay``, else empty) the channel's group and
+# the payloads of the member's join (sent now) and leave (kept for the last leave).
 _JOIN = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('SADD', KEYS[4], ARGV[4])
 local n = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-if n == 1 then redis.call('HSET', KEYS[3], ARGV[2], ARGV[3]) return 1 end
-return 0
+if n ~= 1 then return 0 end
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[5], ARGV[2], ARGV[7])
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
+end
+return 1
 """
+# KEYS: as _JOIN's. ARGV: conn field, index entry, the channel's group (or empty).
 _LEAVE = """
 redis.call('SREM', KEYS[4], ARGV[2])
 local user = redis.call('HGET', KEYS[1], ARGV[1])
@@ -47,12 +55,35 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 local n = redis.call('HINCRBY', KEYS[2], user, -1)
 if n <= 0 then
   local info = redis.call('HGET', KEYS[3], user)
+  local leave = redis.call('HGET', KEYS[5], user)
   redis.call('HDEL', KEYS[2], user)
   redis.call('HDEL', KEYS[3], user)
-  return {user, info or '{}'}
+  redis.call('HDEL', KEYS[5], user)
+  local sent = 0
+  if leave and ARGV[3] ~= '' then
+    redis.call('PUBLISH', ARGV[3], leave)
+    sent = 1
+  end
+  return {user, info or '{}', sent}
 end
 return false
 """
+
+
+class PresenceRelay(Protocol):
+    """Where the presence scripts send each join and leave they make, as they make it
+    (``push.cluster.broker.Broker.presence_relay``): the channel's group on the
+    channel layer, and the payload the layer would carry there.
+
+    Announced by the node after the script, a change could reach the other nodes after
+    a later one made elsewhere: a node whose loop was busy between a member's last
+    leave and its announcement told every subscriber the member had gone after it had
+    come back on another node (a page reloaded), and it stayed gone for them. Sent by
+    the script, changes reach every node in the order Redis made them."""
+
+    def group_of(self, channel: str) -> bytes: ...
+
+    def payload(self, kind: str, channel: str, changed: Member) -> bytes: ...
 
 
 # A member list is read whole (every member of the channel): on a channel of 5,000
@@ -112,13 +143,22 @@ class PresenceStore:
         self._leaving: dict[str, tuple[str, str, str]] = {}
         # Channel -> the records of those who listen to its joins and leaves (``listen``).
         self._listening: dict[str, list[Heard]] = {}
+        # Set by the running node where its channel layer allows: then every join and
+        # leave this store reports has been sent to the channel's nodes already.
+        self.relay: PresenceRelay | None = None
         if redis is not None:
             self._join = redis.register_script(_JOIN)
             self._leave = redis.register_script(_LEAVE)
 
     def _keys(self, channel: str, server_id: str) -> list[str]:
         base = f"{self.prefix}:presence:{channel}"
-        return [f"{base}:conns", f"{base}:counts", f"{base}:members", self.node_index(server_id)]
+        return [
+            f"{base}:conns",
+            f"{base}:counts",
+            f"{base}:members",
+            self.node_index(server_id),
+            f"{base}:leaves",
+        ]
 
     def node_index(self, server_id: str) -> str:
         return f"{self.prefix}:presence-node:{server_id}"
@@ -139,8 +179,19 @@ class PresenceStore:
 
     async def _join_entry(self, channel: str, field: str, user: str, info: str) -> bool:
         keys = self._keys(channel, self.server_id)
+        args: list[str | bytes] = [field, user, info, f"{channel}|{field}"]
+        relay = self.relay
+        if relay is None:
+            args += ["", "", ""]
+        else:
+            joined = member(json.loads(user), json.loads(info))
+            args += [
+                relay.group_of(channel),
+                relay.payload("join", channel, joined),
+                relay.payload("leave", channel, joined),
+            ]
         try:
-            return bool(await self._join(keys=keys, args=[field, user, info, f"{channel}|{field}"]))
+            return bool(await self._join(keys=keys, args=args))
         except Exception:
             self._unsure = True
             raise
@@ -165,8 +216,16 @@ class PresenceStore:
             return member(json.loads(gone[0]), json.loads(gone[1]))
         entry = f"{channel}|{field}"
         mine = self._mine.pop(entry, None) if server_id == self.server_id else None
+        group = self.relay.group_of(channel) if self.relay is not None else ""
         try:
-            result = await self._leave(keys=self._keys(channel, server_id), args=[field, entry])
+            result = await self._leave(
+                keys=self._keys(channel, server_id), args=[field, entry, group]
+            )
+            if not result:
+                return None
+            left = member(json.loads(_text(result[0])), json.loads(_text(result[1])))
+            if not result[2]:  # joined by a node that kept no leave to send
+                await self._publish("leave", channel, left)
         except Exception:
             self._unsure = True
             if mine is not None:
@@ -174,10 +233,13 @@ class PresenceStore:
             raise
         finally:
             self.forget_members(channel)
-        if not result:
-            return None
-        user, info = (r.decode() if isinstance(r, bytes) else r for r in result)
-        return member(json.loads(user), json.loads(info))
+        return left
+
+    async def _publish(self, kind: str, channel: str, changed: Member) -> None:
+        """Send a join or leave no script sent to the channel's nodes, with a relay."""
+        relay = self.relay
+        if relay is not None:
+            await self.redis.publish(relay.group_of(channel), relay.payload(kind, channel, changed))
 
     def members_in_memory(self, channel: str) -> list[Member]:
         seen: dict[str, str] = {}
@@ -301,7 +363,9 @@ class PresenceStore:
                 continue
             members_key = self._keys(channel, self.server_id)[2]
             if not await self.redis.hexists(members_key, user):
-                await announce("leave", channel, member(json.loads(user), json.loads(info)))
+                left = member(json.loads(user), json.loads(info))
+                await self._publish("leave", channel, left)
+                await announce("leave", channel, left)
             self._leaving.pop(entry, None)
 
     async def _leave_entry(self, announce: Announce, entry: str) -> None:

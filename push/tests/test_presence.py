@@ -559,6 +559,7 @@ async def _another_node_member(node: Any) -> tuple[Any, Any]:
     from push.cluster.presence import PresenceStore, member
 
     other = PresenceStore(node.presence.redis, node.presence.prefix, "presence-other-node")
+    other.relay = node.presence.relay  # as that node's own would be
     zed = member("zed", {})
     changes: list[str] = []
 
@@ -696,3 +697,39 @@ async def test_a_leave_redis_lost_with_its_data_is_announced_once_it_is_back() -
     await watcher.expect_nothing(0.3)
     assert [m["user_id"] for m in await store.members(ROOM)] == [ann_id]
     await watcher.close()
+
+
+async def test_a_leave_announced_late_by_its_node_does_not_undo_a_later_join() -> None:
+    """A member's last connection closed on another node, whose loop was then busy
+    before it announced the leave; meanwhile the member came back here (a page reloaded
+    onto another node). The leave, announced after the join, told every subscriber the
+    member had gone, though it was there, and they listed it gone for good."""
+    from push.cluster.presence import presence_members_sync
+
+    node = await get_node()
+    assert node.presence.relay is not None, "the layer lets scripts send"
+    other, change = await _another_node_member(node)
+    ann_id, ann = await sync_to_async(_member_token)("ann")
+    watcher = await _join(ann)
+    await watcher.recv_type("join")
+    await change("join")
+    await watcher.recv_type("join")
+    zed = {"user_id": "zed", "info": {}}
+    left = await other.leave(ROOM, "c-zed")  # the other node's loop is busy now
+    assert await node.presence.join(ROOM, "c-back", zed)
+    await node.announce_presence("join", ROOM, zed)
+    await node.announce_presence("leave", ROOM, left)  # the other node's, late
+    try:
+        known = {ann_id, "zed"}
+        while not await watcher.communicator.receive_nothing(0.5):
+            event = await watcher.recv()
+            if event["type"] == "join":
+                known.add(event["member"]["user_id"])
+            else:
+                known.discard(event["member"]["user_id"])
+        listed = await sync_to_async(presence_members_sync)(ROOM, local=None)
+        assert {m["user_id"] for m in listed} == {ann_id, "zed"}
+        assert known == {ann_id, "zed"}
+    finally:
+        await node.presence.leave(ROOM, "c-back")
+        await watcher.close()
