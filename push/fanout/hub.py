@@ -252,6 +252,7 @@ class HubChannel:
         "droppable",
         "fanned_out",
         "held_dropped",
+        "history_lost",
         "linger_handle",
         "live",
         "name",
@@ -289,6 +290,9 @@ class HubChannel:
         self.pending_bytes = 0
         # An early message was let go (its buffer was full): a repair must read it back.
         self.held_dropped = False
+        # History had lost the channel when the node joined it (``HistoryPage.lost``):
+        # until a message comes, ``delivered_seq`` 0 says nothing of what was lost.
+        self.history_lost = False
         self.droppable = droppable
         self.retention = retention if retention is not None else KeepAll()
         self.ready: asyncio.Future[None] = loop.create_future()
@@ -489,12 +493,20 @@ class Hub:
         if since is None or since >= hub_channel.delivered_seq:
             # Messages held for reordering are past delivered_seq: they reach this
             # subscriber through the normal path, in order.
-            recovered = None if since is None else True
+            recovered = None if since is None else not self._lost_before_delivery(hub_channel)
             return self._attach_live(subscriber, hub_channel, since, reply, recovered, delta)
         kept = self._kept_in_memory(hub_channel, since)
         if kept is not None:
             return self._attach_from_recent(subscriber, hub_channel, since, kept, reply, delta)
         return await self._attach_with_replay(subscriber, hub_channel, since, reply, delta)
+
+    @staticmethod
+    def _lost_before_delivery(hub_channel: HubChannel) -> bool:
+        """Whether messages may be gone that this node never delivered: it joined the
+        channel while history had lost it (Redis lost a recent channel's lease) and no
+        message came since, so its ``delivered_seq`` of 0 is no latest seq, and a
+        resume from 0 is not recovered."""
+        return hub_channel.history_lost and hub_channel.delivered_seq == 0
 
     async def _attach_rewound(
         self,
@@ -941,6 +953,7 @@ class Hub:
             joined = True
             window = await self.history.recent(name, self.recent_size, self.recent_bytes)
             hub_channel.delivered_seq = window.latest_seq
+            hub_channel.history_lost = window.lost
         except BaseException as exc:
             # The subscribes waiting for this join get its refusal, or, when the
             # subscribe that joins was cancelled (its client went), join afresh.

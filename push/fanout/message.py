@@ -120,6 +120,10 @@ class HistoryPage:
     latest_seq: int
     # True when the page stopped at its byte budget before its count: more follow.
     truncated: bool = False
+    # True when history lost the channel and cannot tell its latest seq (a recent-only
+    # channel whose seq lease Redis lost after it handed some out): ``latest_seq`` is 0,
+    # and messages up to an unknown seq are gone.
+    lost: bool = False
 
     @property
     def complete_from_since(self) -> bool:

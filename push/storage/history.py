@@ -111,12 +111,26 @@ class RecentHistory:
     async def recent(self, channel: str, count: int, max_bytes: int) -> HistoryPage:
         answer = await _window_read(channel, None, count)
         if answer is None:
-            return HistoryPage(since=0, messages=[], latest_seq=0)
+            return HistoryPage(
+                since=0, messages=[], latest_seq=0, lost=await _seqs_were_handed_out(channel)
+            )
         latest, messages = answer
         # The newest that fit: the window's tail, contiguous up to the latest.
         messages = _within_bytes(messages[::-1], max_bytes)[::-1]
         since = messages[0].seq - 1 if messages else latest
         return HistoryPage(since=since, messages=messages, latest_seq=latest)
+
+
+async def _seqs_were_handed_out(channel: str) -> bool:
+    """Whether a recent channel whose lease is missing may have had messages: seqs
+    were reserved for it in PostgreSQL (a channel never published to has no row, and
+    nothing of it was lost). True when PostgreSQL cannot say."""
+    try:
+        ceilings = await _latest_seqs(channels=[channel])
+    except Exception as exc:
+        logger.warning("seq ceiling of %s not read: %s", channel, exc)
+        return True
+    return ceilings.get(channel, 0) > 0
 
 
 def _within_bytes(messages: list[ChannelMessage], max_bytes: int) -> list[ChannelMessage]:

@@ -678,6 +678,23 @@ async def test_while_the_lease_is_missing_a_resume_is_not_recovered() -> None:
     await client.close()
 
 
+@override_settings(PUSH=RECENT)
+async def test_a_resume_from_0_of_a_channel_whose_lease_is_missing_is_not_recovered() -> None:
+    """A node that joins the channel after Redis lost it reads latest seq 0: that is
+    no proof that nothing after 0 existed."""
+    await _publish("tick:zero", 3)
+    await _lose_keys("tick:zero")
+    client, subscribed = await _subscriber("tick:zero", since=0)
+    assert (subscribed["seq"], subscribed["recovered"]) == (0, False)
+    assert await _publish("tick:zero", 1) == [1001]
+    assert (await client.recv_type("message"))["seq"] == 1001
+    # A channel never published to lost nothing: a resume from 0 is recovered.
+    fresh, subscribed = await _subscriber("tick:never", since=0)
+    assert (subscribed["seq"], subscribed["recovered"]) == (0, True)
+    await client.close()
+    await fresh.close()
+
+
 @override_settings(PUSH={**RECENT, "RECENT_PER_CHANNEL": 2})
 async def test_a_node_never_claims_to_replay_what_redis_lost() -> None:
     live, _ = await _subscriber("tick:mem")
