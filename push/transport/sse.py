@@ -362,7 +362,7 @@ async def _subscribe_all(node: Node, connection: SseConnection, request: StreamR
                 since=since,
                 rewind=(back or None) if since is None else None,
                 token=None,
-                reply=_no_reply if since is not None else _cursor_from_reply(cursor, channel, back),
+                reply=_reply_for(connection, request, channel, since, back),
             )
         except PushError as exc:
             # The cursor keeps naming the channel where the client was: a browser that
@@ -403,8 +403,35 @@ def _permitted(connection: SseConnection, channel: str) -> bool:
     return True
 
 
+def _reply_for(
+    connection: SseConnection, request: StreamRequest, channel: str, since: int | None, back: int
+) -> Callable[[int, bool | None], None]:
+    if channel in request.since:
+        return _resume_reply(connection, channel)
+    if since is not None:
+        return _no_reply
+    return _cursor_from_reply(connection.cursor, channel, back)
+
+
 def _no_reply(seq: int, recovered: bool | None) -> None:
-    """SSE has no ``subscribed`` event: the stream's cursor already says where it is."""
+    """A channel the stream started at its latest seq (or ``rewind`` before it): the
+    cursor already says where it is."""
+
+
+def _resume_reply(connection: SseConnection, channel: str) -> Callable[[int, bool | None], None]:
+    """A channel started from a seq: the cursor already says where it is, so no
+    ``subscribed`` event, unless the resume is not whole (history trimmed past the
+    cursor, or a cursor past the channel's latest seq). A WebSocket client learns that
+    from ``recovered: false``; a stream gets the same ``subscribed`` envelope as an
+    event, before any message of the channel, or the gap would reach it unannounced."""
+
+    def reply(seq: int, recovered: bool | None) -> None:
+        if recovered is False:
+            connection.send_envelope(
+                protocol.subscribed(channel=channel, seq=seq, recovered=False, request_id=None)
+            )
+
+    return reply
 
 
 def _cursor_from_reply(
