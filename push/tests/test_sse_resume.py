@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from asgiref.sync import sync_to_async
 from django.test import override_settings
@@ -15,6 +17,12 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("
 async def _publish(channel: str, count: int) -> None:
     for n in range(count):
         await sync_to_async(message_publish)(channel=channel, data=n)
+
+
+async def _next_event(stream: InProcessStream) -> tuple[str, Any]:
+    event = await stream.next_event()
+    assert event is not None, "the stream ended"
+    return event
 
 
 # Retention keeps the last 5 of a channel; no resume served from the node's memory.
@@ -31,12 +39,12 @@ async def test_an_sse_resume_over_a_trimmed_range_says_it_was_not_recovered() ->
     )
     assert await stream.start() == 200
     assert (await stream.next_event() or ("",))[0] == "connection_established"
-    events = [await stream.next_event() for _ in range(7)]
+    events = [await _next_event(stream) for _ in range(7)]
     assert events[0] == (
         "subscribed",
         {"type": "subscribed", "channel": "sse-trimmed", "seq": 12, "recovered": False},
     )
-    assert [(kind, e["channel"], e["seq"]) for kind, e in events[1:]] == [  # type: ignore[misc]
+    assert [(kind, e["channel"], e["seq"]) for kind, e in events[1:]] == [
         *[("message", "sse-trimmed", seq) for seq in range(8, 13)],
         ("message", "sse-whole", 2),
     ]
@@ -57,7 +65,7 @@ async def test_an_sse_cursor_past_the_channels_latest_seq_says_it_was_not_recove
         {"type": "subscribed", "channel": "sse-ahead", "seq": 3, "recovered": False},
     )
     await _publish("sse-ahead", 1)
-    kind, message = await stream.next_event()  # type: ignore[misc]
+    kind, message = await _next_event(stream)
     assert (kind, message["seq"]) == ("message", 4)
     assert stream.last_event_id == "sse-ahead:4"
     await stream.close()
