@@ -67,6 +67,17 @@ def test_request_takes_channels_once_and_last_event_id_over_since() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    "rewind", ["%C2%B2", "%D9%A3", "9" * 5000], ids=["superscript", "arabic-indic", "5000 digits"]
+)
+def test_a_rewind_that_is_not_ascii_digits_is_invalid_message(rewind: str) -> None:
+    """``str.isdigit`` takes "²" (which int() refuses) and 5000 digits (past what
+    int() reads): they were a ValueError, a 500 and a logged traceback per request."""
+    with pytest.raises(PushError) as caught:
+        stream_request(_scope(f"channel=a&rewind={rewind}"))
+    assert (caught.value.code, caught.value.field) == ("INVALID_MESSAGE", "rewind")
+
+
 def test_request_without_channel_is_refused() -> None:
     with pytest.raises(PushError):
         stream_request(_scope("since=a:1"))

@@ -132,7 +132,14 @@ def _rewind_param(params: dict[str, list[str]]) -> int | None:
     if not values:
         return None
     text = values[-1]
-    if not text.isdigit() or not 1 <= int(text) <= protocol.MAX_REWIND:
+    # ASCII digits, and few: isdigit() alone takes "²", which int() refuses, and
+    # thousands of digits, past what int() reads (a ValueError, answered 500).
+    if (
+        not text.isascii()
+        or not text.isdigit()
+        or len(text) > len(str(protocol.MAX_REWIND))
+        or not 1 <= int(text) <= protocol.MAX_REWIND
+    ):
         raise PushError(
             ErrorCode.INVALID_MESSAGE,
             f"'rewind' must be an integer from 1 to {protocol.MAX_REWIND}",
