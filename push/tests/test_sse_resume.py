@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -69,3 +70,23 @@ async def test_an_sse_cursor_past_the_channels_latest_seq_says_it_was_not_recove
     assert (kind, message["seq"]) == ("message", 4)
     assert stream.last_event_id == "sse-ahead:4"
     await stream.close()
+
+
+@override_settings(PUSH={"MAX_SUBSCRIPTIONS_PER_CONNECTION": 2})
+async def test_a_stream_naming_more_channels_than_the_limit_is_refused_before_it_starts() -> None:
+    """Past the subscription limit the stream started all the same: every channel was
+    read, refused one by one with an ``error`` event, and kept in the cursor, so every
+    message event's id line named them all (a query string of 64 KiB names thousands).
+    The limit's worth of channels still makes a stream."""
+    await _publish("sse-limit-a", 1)
+    stream = InProcessStream("channel=sse-limit-a&channel=sse-limit-b&channel=sse-limit-c")
+    assert await stream.start() == 403
+    body = await stream.communicator.receive_output(5)
+    assert json.loads(body["body"])["code"] == "FORBIDDEN"
+    within = InProcessStream("channel=sse-limit-a&channel=sse-limit-b")
+    assert await within.start() == 200
+    assert (await _next_event(within))[0] == "connection_established"
+    await _publish("sse-limit-a", 1)
+    assert (await _next_event(within))[1]["seq"] == 2
+    assert within.last_event_id == "sse-limit-a:2,sse-limit-b:0"
+    await within.close()

@@ -13,7 +13,8 @@ channel exactly as ``subscribe`` with ``since`` does.
 Every problem after the response started is an ``error`` event naming its channel;
 a fatal one (no channel could be subscribed) ends the stream. A request that cannot
 become a stream is refused before it starts, as a WebSocket handshake would be, with
-the error envelope as JSON: 403 (token or origin), 400 (channel or cursor), 405 (not
+the error envelope as JSON: 403 (token or origin, or more channels than a connection
+may subscribe), 400 (channel or cursor), 405 (not
 GET), 429 (the address failed authentication too often, or is over its handshake
 budget), 503 (the database cannot check the token, or the node is not ready).
 """
@@ -167,6 +168,17 @@ def stream_request(scope: dict[str, Any]) -> StreamRequest:
         raise PushError(
             ErrorCode.INVALID_MESSAGE, "name at least one channel: ?channel=", field="channel"
         )
+    max_entries = push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION
+    if len(channels) > max_entries:
+        # Past the subscription limit every channel was still read (its latest seq),
+        # refused one by one, and kept in the cursor: each message event's id line
+        # carried them all, written again for every event of the stream.
+        raise PushError(
+            ErrorCode.FORBIDDEN,
+            f"subscription limit of {max_entries} reached: a stream names at most"
+            f" {max_entries} channels",
+            field="channel",
+        )
     for channel in channels:
         validate_channel_name(channel)
     since_text = _header(scope, b"last-event-id")
@@ -174,7 +186,6 @@ def stream_request(scope: dict[str, Any]) -> StreamRequest:
         since_values = params.get("since")
         since_text = since_values[-1] if since_values else ""
     rewind = _rewind_param(params)
-    max_entries = push_settings.MAX_SUBSCRIPTIONS_PER_CONNECTION
     return StreamRequest(
         channels=channels, since=cursor_parse(since_text, max_entries=max_entries), rewind=rewind
     )
