@@ -50,6 +50,9 @@ async def test_connection_established_names_a_socket_id_and_the_activity_timeout
         ("/app/unknown-key?protocol=7", 4001),
         (f"/app/{APP_KEY}", 4008),
         (f"/app/{APP_KEY}?protocol=x", 4006),
+        # Digits to isdigit() that int() refuses, and more than int() reads.
+        (f"/app/{APP_KEY}?protocol=%C2%B2", 4006),
+        (f"/app/{APP_KEY}?protocol={'7' * 5000}", 4006),
         (f"/app/{APP_KEY}?protocol=99", 4007),
     ],
 )

@@ -73,12 +73,17 @@ def app_key_of(scope: Mapping[str, Any]) -> str | None:
     return key if key and "/" not in key else None
 
 
+MAX_VERSION_DIGITS = 3
+
+
 def _version_refusal(scope: Mapping[str, Any]) -> tuple[int, str] | None:
     query = parse_qs((scope.get("query_string") or b"").decode("latin-1"))
     version = (query.get("protocol") or [None])[0]
     if version is None:
         return PusherError.NO_VERSION, "no protocol version supplied"
-    if not version.isdigit():
+    # ASCII digits, and few: isdigit() alone takes "²", which int() refuses, and
+    # thousands of digits, past what int() reads (either raised in the handshake).
+    if not version.isascii() or not version.isdigit() or len(version) > MAX_VERSION_DIGITS:
         return PusherError.INVALID_VERSION, "invalid version string format"
     if int(version) not in SUPPORTED_VERSIONS:
         return PusherError.UNSUPPORTED_VERSION, f"unsupported protocol version {version}"
