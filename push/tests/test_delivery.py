@@ -4,6 +4,7 @@ inside application transactions."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import threading
 import time
@@ -17,7 +18,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth.models import User
 from django.core.management import call_command
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.test import override_settings
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
@@ -228,6 +229,35 @@ def test_periodic_trimming_goes_on_after_postgresql_ended_its_connection(
     assert len(passes) == 2 and passes[1] != passes[0]
     stored = Message.objects.filter(channel__name="periodic").values_list("seq", flat=True)
     assert sorted(stored) == [3, 4], "the second pass trimmed"
+
+
+def test_periodic_trimming_goes_on_after_a_pass_postgresql_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``trim_history --every``: a pass PostgreSQL failed (down, failing over) is told
+    on stderr, and the next pass runs on time. The command used to exit, leaving
+    retention undone wherever nothing restarted it."""
+    from push.management.commands import trim_history
+
+    outcomes: list[str] = []
+
+    def trimming() -> dict[str, int]:
+        outcomes.append("failed" if not outcomes else "trimmed")
+        if outcomes[-1] == "failed":
+            raise OperationalError("connection refused")
+        return {}
+
+    def between_passes(secs: float) -> None:
+        if len(outcomes) == 2:
+            raise _Stop
+
+    monkeypatch.setattr(trim_history, "history_trim", trimming)
+    monkeypatch.setattr(trim_history, "time", SimpleNamespace(sleep=between_passes))
+    errors = io.StringIO()
+    with pytest.raises(_Stop):
+        call_command("trim_history", "--every", "300", stdout=io.StringIO(), stderr=errors)
+    assert outcomes == ["failed", "trimmed"]
+    assert errors.getvalue().strip() == "trim pass failed: connection refused; next in 300 s"
 
 
 @override_settings(PUSH={"RETENTION_MAX_MESSAGES": 3, "RECENT_PER_CHANNEL": 0})

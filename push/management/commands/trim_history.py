@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from django.core.management.base import BaseCommand
-from django.db import close_old_connections
+from django.db import DatabaseError, close_old_connections
 
 from common.conf import push_settings
 from push.cluster.registry import registry_trim_closed
@@ -36,16 +36,27 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        every = options["every"]
+        if every is None:
+            self._trim()  # once: a database error ends the command, with its one line
+            return
         while True:
-            trimmed = history_trim()
-            total = sum(trimmed.values())
-            self.stdout.write(f"trimmed {total} messages in {len(trimmed)} channels")
-            closed = registry_trim_closed(push_settings.REGISTRY_CLOSED_RETENTION_SECS)
-            self.stdout.write(f"deleted {closed} closed connections")
-            if options["every"] is None:
-                return
+            try:
+                self._trim()
+            except DatabaseError as exc:
+                # PostgreSQL away (restarting, failing over): the next pass tries again.
+                # Exiting left retention undone for good wherever nothing restarts the
+                # command, and the table growing.
+                self.stderr.write(f"trim pass failed: {exc}".strip() + f"; next in {every:g} s")
             # Back to the pool between passes, and checked when taken again: kept for
             # the next pass, a connection PostgreSQL ended meanwhile (a restart) failed
             # that pass, and the command exited.
             close_old_connections()
-            time.sleep(options["every"])
+            time.sleep(every)
+
+    def _trim(self) -> None:
+        trimmed = history_trim()
+        total = sum(trimmed.values())
+        self.stdout.write(f"trimmed {total} messages in {len(trimmed)} channels")
+        closed = registry_trim_closed(push_settings.REGISTRY_CLOSED_RETENTION_SECS)
+        self.stdout.write(f"deleted {closed} closed connections")
