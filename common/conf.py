@@ -740,6 +740,14 @@ def is_http_url(text: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
+def webhook_url_problem(url: str) -> str | None:
+    """Why a webhook cannot be POSTed to ``url``, or None when it can: the one check
+    (and wording) of the environment, ``manage.py pusher_app`` and the admin."""
+    if is_http_url(url):
+        return None
+    return f"{url!r} is not an http:// or https:// URL"
+
+
 @dataclass(frozen=True)
 class Option:
     """One option as the environment and the configuration reference see it."""

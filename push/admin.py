@@ -9,15 +9,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.auth import get_permission_codename
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path
 
+from common.conf import webhook_url_problem
 from common.redis_client import redis_prefix, redis_sync
 from push.cluster.directory import cluster_nodes, connections_disconnect
 from push.cluster.node import running_node
@@ -225,6 +227,22 @@ class ChannelAdmin(ReadOnlyAdmin):
         return retention_policy(obj.name).describe()
 
 
+class PusherAppForm(forms.ModelForm):
+    class Meta:
+        model = PusherApp
+        fields = "__all__"
+
+    def clean_webhook_urls(self) -> str:
+        """Only URLs a webhook can be POSTed to, as ``manage.py pusher_app`` takes: any
+        other failed every delivery, each retried until dead-lettered, found only when
+        events came."""
+        text: str = self.cleaned_data["webhook_urls"]
+        problems = [p for p in map(webhook_url_problem, text.split()) if p is not None]
+        if problems:
+            raise ValidationError(problems)
+        return text
+
+
 @admin.register(PusherApp)
 class PusherAppAdmin(admin.ModelAdmin):
     """Apps of the Pusher protocol. The id, key and secret are made by the server when
@@ -239,6 +257,7 @@ class PusherAppAdmin(admin.ModelAdmin):
     search_fields = ("name", "app_id", "key")
     fields = ("name", "app_id", "key", "client_events", "enabled", "webhook_urls")
     readonly_fields = ("app_id", "key")
+    form = PusherAppForm
 
     def save_model(self, request: HttpRequest, obj: PusherApp, form: Any, change: bool) -> None:
         if not change:

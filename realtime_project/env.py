@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from common.conf import EnvType, ImproperlyConfiguredEnv, Option, is_http_url
+from common.conf import EnvType, ImproperlyConfiguredEnv, Option, webhook_url_problem
 
 T = TypeVar("T")
 
@@ -115,8 +115,8 @@ def _patterns(raw: str) -> list[str]:
 def _urls(raw: str) -> list[str]:
     urls = _csv(raw)
     for url in urls:
-        if not is_http_url(url):
-            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        if problem := webhook_url_problem(url):
+            raise ValueError(problem)
     return urls
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from common.conf import is_http_url
+from common.conf import webhook_url_problem
 from push.models import PusherApp
 from push.services.pusher_apps import app_cache, free_app_id, new_credentials
 
@@ -47,8 +47,8 @@ class Command(BaseCommand):
         if not name:
             raise CommandError("an app needs a name")
         for url in options["webhook_url"]:
-            if not is_http_url(url):
-                raise CommandError(f"--webhook-url {url!r} is not an http:// or https:// URL")
+            if problem := webhook_url_problem(url):
+                raise CommandError(f"--webhook-url {problem}")
         key, secret = new_credentials()
         app = PusherApp.objects.create(
             name=name,
