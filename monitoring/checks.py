@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 
 from common.db import db_call
 from common.redis_client import redis_async
 from push.models import Channel
+
+logger = logging.getLogger(__name__)
 
 DEPENDENCY_TIMEOUT_SECS = 2.0
 # How long one round of checks answers every /ready: anyone may ask, as often as they
@@ -19,6 +22,10 @@ CHECKS_REUSED_SECS = 1.0
 _rounds: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, tuple[float, asyncio.Future[list[str]]]
 ] = weakref.WeakKeyDictionary()
+
+# The dependencies this process last said were failing: /ready logs when that changes,
+# not on every probe (a load balancer asks every second or so, all through an outage).
+_failing_logged: frozenset[str] = frozenset()
 
 
 def _database_read() -> None:
@@ -77,3 +84,22 @@ async def dependency_failures(redis_url: str | None) -> list[str]:
 async def _check_all(redis_url: str | None) -> list[str]:
     results = await asyncio.gather(check_database(), check_redis(redis_url))
     return [failure for failure in results if failure is not None]
+
+
+def _dependency(failure: str) -> str:
+    return failure.split(":", 1)[0]
+
+
+def log_readiness_change(failures: list[str]) -> None:
+    """Log, once each, a dependency that went down and one that came back (at WARNING,
+    so that a log kept at WARNING shows when an outage ended as well as when it began)."""
+    global _failing_logged
+    failing = frozenset(map(_dependency, failures))
+    if failing == _failing_logged:
+        return
+    for failure in failures:
+        if _dependency(failure) not in _failing_logged:
+            logger.warning("not ready: %s", failure)
+    for dependency in sorted(_failing_logged - failing):
+        logger.warning("%s answers again", dependency)
+    _failing_logged = failing

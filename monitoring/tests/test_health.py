@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 import pytest
@@ -33,6 +34,32 @@ def test_not_ready_when_redis_is_unreachable() -> None:
     assert response.status_code == 503
     failing = response.json()["failing"]
     assert len(failing) == 1 and failing[0].startswith("redis")
+
+
+def test_an_outage_probed_every_second_is_logged_once_not_once_per_probe(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load balancer probing /ready through an outage gets 503 each time, but the log
+    says once that Redis went down and once that it is back: no ERROR line per probe
+    from django.request."""
+    monkeypatch.setattr(checks, "_failing_logged", frozenset())
+    caplog.set_level(logging.INFO)
+    with override_settings(REDIS_URL="redis://127.0.0.1:1/0"):
+        answers = [Client().get("/ready") for _ in range(10)]
+    assert [a.status_code for a in answers] == [503] * 10
+    assert all(a.json()["failing"][0].startswith("redis") for a in answers)
+    assert Client().get("/ready").status_code == 200
+
+    errors = [
+        r for r in caplog.records if r.name == "django.request" and r.levelno >= logging.ERROR
+    ]
+    assert errors == []
+    changes = [
+        (r.levelname, r.getMessage()) for r in caplog.records if r.name == "monitoring.checks"
+    ]
+    assert len(changes) == 2, changes
+    assert changes[0][0] == "WARNING" and changes[0][1].startswith("not ready: redis: ")
+    assert changes[1] == ("WARNING", "redis answers again")
 
 
 def test_not_ready_when_the_database_answers_but_cannot_be_read() -> None:
