@@ -218,6 +218,22 @@ async def _member_ids_once_redis_is_back(node: Any, monkeypatch: pytest.MonkeyPa
     return [m["user_id"] for m in await node.presence.members(ROOM)]
 
 
+async def _stream_told_its_presence_join_failed(
+    node: Any, monkeypatch: pytest.MonkeyPatch, username: str, *others: str
+) -> InProcessStream:
+    """A member's stream of ROOM (and ``others``) while Redis fails every presence
+    join, past its ``connection_established`` and ROOM's ``UNAVAILABLE`` error."""
+    _, token = await sync_to_async(_member_token)(username)
+    _presence_joins_fail(node, monkeypatch)
+    channels = "".join(f"channel={c}&" for c in (ROOM, *others))
+    stream = InProcessStream(f"{channels}token={token}")
+    assert await stream.start() == 200
+    assert (await stream.next_event() or ("",))[0] == "connection_established"
+    kind, error = await stream.next_event() or ("", {})
+    assert (kind, error["channel"], error["code"]) == ("error", ROOM, "UNAVAILABLE")
+    return stream
+
+
 async def test_an_sse_stream_whose_presence_join_fails_goes_on_with_its_other_channels(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -228,14 +244,8 @@ async def test_an_sse_stream_whose_presence_join_fails_goes_on_with_its_other_ch
     reconnect while the outage lasted. Then the channel failed was streamed all the
     same, and its member put back by the node's repair once Redis answered: now it is
     neither (SSE has no ``subscribed`` that could say it stands)."""
-    _, token = await sync_to_async(_member_token)("dee")
     node = await get_node()
-    _presence_joins_fail(node, monkeypatch)
-    stream = InProcessStream(f"channel={ROOM}&channel=news&token={token}")
-    assert await stream.start() == 200
-    assert (await stream.next_event() or ("",))[0] == "connection_established"
-    kind, error = await stream.next_event() or ("", {})
-    assert (kind, error["channel"], error["code"]) == ("error", ROOM, "UNAVAILABLE")
+    stream = await _stream_told_its_presence_join_failed(node, monkeypatch, "dee", "news")
     assert await _member_ids_once_redis_is_back(node, monkeypatch) == []
     await sync_to_async(push.publish)(ROOM, "not streamed")
     await sync_to_async(push.publish)("news", "after")
@@ -247,14 +257,8 @@ async def test_an_sse_stream_whose_presence_join_fails_goes_on_with_its_other_ch
 async def test_an_sse_stream_whose_only_channel_cannot_join_presence_ends(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _, token = await sync_to_async(_member_token)("fay")
     node = await get_node()
-    _presence_joins_fail(node, monkeypatch)
-    stream = InProcessStream(f"channel={ROOM}&token={token}")
-    assert await stream.start() == 200
-    assert (await stream.next_event() or ("",))[0] == "connection_established"
-    kind, error = await stream.next_event() or ("", {})
-    assert (kind, error["channel"], error["code"]) == ("error", ROOM, "UNAVAILABLE")
+    stream = await _stream_told_its_presence_join_failed(node, monkeypatch, "fay")
     assert await stream.next_event() is None, "the stream ends"
     assert await _member_ids_once_redis_is_back(node, monkeypatch) == []
     await stream.close()
