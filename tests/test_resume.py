@@ -159,15 +159,20 @@ def _store_history(database: Database, channel: str, count: int) -> None:
 async def _subscribe_and_leave(url: str, channel: str) -> None:
     ws = await open_ws(url)
     await ws.send(json.dumps({"type": "subscribe", "channel": channel, "since": 0}))
-    await asyncio.sleep(0.01)  # the point: leave 10 ms into the replay
+    # The point: leave as the replay begins. Its reply comes once the first page is
+    # read (a fixed 10 ms could end before any read began, on a loaded machine: then
+    # nothing was read at all, and the test proved nothing).
+    reply = json.loads(await asyncio.wait_for(ws.recv(), RECEIVE_TIMEOUT_SECS))
+    assert reply["type"] == "subscribed", reply
     ws.transport.abort()
 
 
 async def test_resumes_whose_clients_leave_at_once_stop_reading_history(
     replaying_node: ServerNode, e2e_database: Database
 ) -> None:
-    """Anonymous clients resume from 0 on a channel of 6,000 messages and leave 10 ms
-    later: the node reads a page or so for each, and nothing after they left."""
+    """Anonymous clients resume from 0 on a channel of 6,000 messages and leave as
+    their replay begins: the node reads a page or so for each, and nothing after they
+    left."""
     node = replaying_node
     channel = f"deep-{uuid.uuid4().hex[:8]}"
     _store_history(e2e_database, channel, DEEP_HISTORY)
