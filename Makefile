@@ -12,7 +12,10 @@ TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 .PHONY: venv run test lint format services bench bench-codecs token cluster cluster-stop test-faults \
 	test-abuse
 
-$(STAMP): requirements.txt
+# The stamp's name holds requirements.txt's hash, so its content alone decides: a newer
+# file with the same content (a fresh checkout, a git worktree sharing this .venv) does
+# not install again, which reinstalled the client from wherever make ran.
+$(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
