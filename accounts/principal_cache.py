@@ -215,6 +215,9 @@ class SharedReads:
         # The keys of the checks waiting for the next read, and a future for each.
         self._waiting: tuple[set[str], list[asyncio.Future[dict[str, Any]]]] | None = None
         self._under_way: asyncio.Task[None] | None = None
+        # Made on the loop it serves (one per loop: ``_shared_reads``); asking asyncio
+        # for the running loop costs a system call (common.background.loop_runs_here).
+        self._loop = asyncio.get_running_loop()
         self._checks_last_read = 0
 
     async def read(self, keys: list[str]) -> dict[str, Any]:
@@ -226,10 +229,10 @@ class SharedReads:
         # A future of its own: a request that leaves cancels it, not the read of the
         # others (asyncio.shield did that for one shared future at ~1.5 us a check,
         # and a loop pass more before each check went on).
-        values: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        values: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         waiters.append(values)
         if self._under_way is None:
-            self._under_way = asyncio.get_running_loop().create_task(self._read())
+            self._under_way = self._loop.create_task(self._read())
         return await values
 
     async def _read(self) -> None:
@@ -259,7 +262,7 @@ class SharedReads:
                     values.cancel()
             self._under_way = None
             if self._waiting is not None:
-                self._under_way = asyncio.get_running_loop().create_task(self._read())
+                self._under_way = self._loop.create_task(self._read())
 
     async def _gathered(self) -> None:
         """After a loop pass, and more while checks keep joining the waiting read; at

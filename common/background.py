@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
@@ -73,6 +74,15 @@ async def cancel_and_wait(tasks: list[asyncio.Task[Any]], *, timeout: float) -> 
         _, pending = await asyncio.wait(pending, timeout=min(remaining, RECANCEL_SECS))
 
 
+def loop_runs_here(loop: asyncio.AbstractEventLoop, thread_id: int) -> bool:
+    """Whether the caller runs on ``loop``, which was running in thread ``thread_id``
+    when that was noted, without asking asyncio for the running loop: on Python 3.11
+    every ``asyncio.get_running_loop()`` makes a ``getpid()`` system call (1-2 us
+    here), and the publish path asked several times per publish. A thread runs one
+    loop at a time, and a running loop stays in its thread."""
+    return thread_id == threading.get_ident() and loop.is_running()
+
+
 class LoopLocal(Generic[T]):
     """One ``T`` per event loop, made by ``make`` on first use on that loop: what holds
     an asyncio Redis client or futures belongs to the loop it was made on (tests run
@@ -83,19 +93,22 @@ class LoopLocal(Generic[T]):
         self._values: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = (
             weakref.WeakKeyDictionary()
         )
-        # The loop asked for last, and its value: a node has one loop, and asks on
-        # every publish (a weak dictionary's look-up cost about 1 us of it).
-        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], T] | None = None
+        # The loop asked for last, the thread it ran in, and its value: a node has one
+        # loop, and asks on every publish (a weak dictionary's look-up cost about 1 us
+        # of it, and asking asyncio for the running loop as much: ``loop_runs_here``).
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], int, T] | None = None
 
     def get(self) -> T:
-        loop = asyncio.get_running_loop()
         last = self._last
-        if last is not None and last[0]() is loop:
-            return last[1]
+        if last is not None:
+            last_loop = last[0]()
+            if last_loop is not None and loop_runs_here(last_loop, last[1]):
+                return last[2]
+        loop = asyncio.get_running_loop()
         value = self._values.get(loop)
         if value is None:
             value = self._values[loop] = self._make()
-        self._last = (weakref.ref(loop), value)
+        self._last = (weakref.ref(loop), threading.get_ident(), value)
         return value
 
     def pop(self) -> T | None:

@@ -8,7 +8,6 @@ goes straight to the channel layer so the server nodes receive it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -48,7 +47,7 @@ async def broadcast_async(message: ChannelMessage) -> None:
     and the broker get it before the publisher's reply is sent."""
     node = running_node()
     if node is not None and node.is_running and not node.loop.is_closed():
-        if node.loop is asyncio.get_running_loop():
+        if node.serves_here():
             node.broadcast(message)
             return
         try:

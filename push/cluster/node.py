@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ from accounts.permissions import is_presence_channel
 from accounts.principals import principals_refresh
 from common import metrics
 from common.addresses import address_block
-from common.background import cancel_and_wait, spawn
+from common.background import cancel_and_wait, loop_runs_here, spawn
 from common.conf import push_settings
 from common.db import db_call
 from common.errors import CloseCode
@@ -87,6 +88,7 @@ class Node:
         self.server_id = server_id
         self._revoke_subscriptions = revoke_subscriptions
         self.loop = asyncio.get_running_loop()
+        self._loop_thread_id = threading.get_ident()
         self.is_running = False
         self.draining = False
         self.broker = Broker(
@@ -300,6 +302,11 @@ class Node:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.events.flush(), timeout_secs)
+
+    def serves_here(self) -> bool:
+        """Whether the node is running and the caller runs on its loop (cheaply:
+        ``loop_runs_here``)."""
+        return self.is_running and loop_runs_here(self.loop, self._loop_thread_id)
 
     def broadcast(self, message: ChannelMessage) -> None:
         """A message committed on this node: to local subscribers, the other nodes

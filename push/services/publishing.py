@@ -117,7 +117,7 @@ def _batch_unit(
 def _running_node_here() -> Node | None:
     """The node running on this event loop, if there is one."""
     node = running_node()
-    if node is None or not node.is_running or node.loop is not asyncio.get_running_loop():
+    if node is None or not node.serves_here():
         return None
     return node
 

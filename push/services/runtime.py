@@ -20,10 +20,10 @@ _starting: asyncio.Future[Node] | None = None
 async def get_node() -> Node:
     """The running node of this process, started on first use in this event loop."""
     global _starting
-    loop = asyncio.get_running_loop()
     node = running_node()
-    if node is not None and node.loop is loop and node.is_running:
+    if node is not None and node.serves_here():
         return node
+    loop = asyncio.get_running_loop()
     if _starting is not None and _starting.get_loop() is loop:
         return await asyncio.shield(_starting)
     _starting = loop.create_future()

@@ -235,7 +235,9 @@ class WritePipeline:
         ):
             metrics.PUBLISHES_REFUSED.labels("overloaded").inc()
             raise PushError(ErrorCode.UNAVAILABLE, "the node is overloaded; retry later")
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        # The writer's loop is the caller's (the node's): asking asyncio for the running
+        # loop costs a system call (common.background.loop_runs_here).
+        future: asyncio.Future[Outcome] = self._task.get_loop().create_future()
         self._queue.append(_Queued(unit, future))
         self._queued_messages += count
         self._queued_bytes += unit.nbytes

@@ -4,6 +4,7 @@ last (a node asks on every publish)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from common.background import LoopLocal
 
@@ -50,3 +51,35 @@ def test_a_popped_value_is_made_again() -> None:
 
     first, popped, again = asyncio.run(popped_then_got())
     assert popped is first and again is not first
+
+
+def test_loops_running_at_once_in_two_threads_each_see_their_own() -> None:
+    """The look-up skips asking asyncio for the running loop when the loop asked for
+    last runs in the caller's thread: a loop running in another thread at the same
+    time is not taken for the caller's."""
+
+    local = LoopLocal(object)
+    other_started, this_asked = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    async def other_loop() -> None:
+        seen["other"] = local.get()
+        other_started.set()
+        while not this_asked.is_set():  # keep it running while this thread asks
+            await asyncio.sleep(0.001)
+        seen["other again"] = local.get()
+
+    thread = threading.Thread(target=asyncio.run, args=(other_loop(),))
+    thread.start()
+    try:
+        assert other_started.wait(10)
+
+        async def this_loop() -> object:
+            return local.get()
+
+        seen["this"] = asyncio.run(this_loop())
+    finally:
+        this_asked.set()
+        thread.join(10)
+    assert seen["this"] is not seen["other"]
+    assert seen["other again"] is seen["other"]
