@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -191,6 +192,35 @@ async def test_a_trigger_with_a_recent_only_channel_among_others(
         await ws.close()
     assert [pusher_event(m) for m in messages] == [("e", "d")]
     assert len(await history(http, "ph-durable")) == 1
+
+
+async def test_a_trigger_refused_for_one_channel_publishes_on_none(
+    http: httpx.AsyncClient,
+) -> None:
+    """A name Pusher allows and we do not (``=``) refuses the whole trigger: the
+    recent-only channel named before it used to be published all the same, and the
+    back-end's retry (without the bad name) published it a second time."""
+    tag = uuid.uuid4().hex[:8]
+    named = [f"ph-recent-refused-{tag}", f"ph-refused-{tag}", f"ph-refused={tag}"]
+    body = {"name": "e", "data": "d", "channels": named}
+    refused = await signed_post(http, f"/apps/{APP_ID}/events", body)
+    assert refused.status_code == 400, refused.text
+    assert [await history(http, c) for c in named[:2]] == [[], []]
+    retried = await signed_post(http, f"/apps/{APP_ID}/events", {**body, "channels": named[:2]})
+    assert retried.status_code == 200, retried.text
+    assert [len(await history(http, c)) for c in named[:2]] == [1, 1]
+
+
+async def test_a_triggers_durable_channels_share_one_commit_around_a_recent_one(
+    backend: pusher.Pusher, http: httpx.AsyncClient
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    durable = [f"ph-around-a-{tag}", f"ph-around-b-{tag}"]
+    await call(backend.trigger, [durable[0], f"ph-recent-around-{tag}", durable[1]], "e", "d")
+    stored = [await history(http, c) for c in durable]
+    assert [len(s) for s in stored] == [1, 1]
+    # One transaction: both messages carry its commit's time.
+    assert stored[0][0]["timestamp"] == stored[1][0]["timestamp"]
 
 
 async def test_the_triggering_socket_does_not_get_its_own_event(

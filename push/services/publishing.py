@@ -332,6 +332,28 @@ async def messages_publish_batch(
     return published.messages, published.replayed
 
 
+async def messages_publish_batches(
+    *, batches: Sequence[tuple[Sequence[tuple[str, Any]], str | None]]
+) -> list[tuple[list[ChannelMessage], bool]]:
+    """Publish several batches (each its items and the socket id it excludes), each
+    one as ``messages_publish_batch`` does, answered in order; for a request whose
+    messages cannot share one commit (a Pusher trigger naming recent-only channels
+    among others, or excluding several socket ids).
+
+    Every batch is checked, and refused, before anything is written: a refusal that
+    came after a first batch was published would have the client retry the whole
+    request and publish that batch twice. The durable batches commit first, so the
+    database failing publishes nothing; only Redis failing after them (the recent-only
+    channels, each its own commit) leaves the request half published. A channel is
+    in one store, so its messages keep their order."""
+    units = [_batch_unit(items, None, None, None, exclude) for items, exclude in batches]
+    recent = {id(unit) for unit in units if _recent_channel(unit) is not None}
+    published: dict[int, Published] = {}
+    for unit in sorted(units, key=lambda unit: id(unit) in recent):
+        published[id(unit)] = await _written(unit, _queue(unit))
+    return [(published[id(u)].messages, published[id(u)].replayed) for u in units]
+
+
 def message_publish(*, channel: str, data: Any, publisher_id: int | None = None) -> ChannelMessage:
     """Store a message and broadcast it once the surrounding transaction commits.
 

@@ -6,7 +6,7 @@ pusher-http-python 3.3 sends without it), and is signed with that app's secret
 (``api_request_verify``). Every refusal is a ``PusherRefusal``: Pusher's status and a
 plain-text message, which the view sends as it is.
 
-An event goes through ``messages_publish_batch``, the REST API's write path: stored and
+An event goes through ``messages_publish_batches``, the REST API's write path: stored and
 numbered per channel like any message, its data ``{"event": E, "data": D}``
 (``push.wire.pusher.message_data``), so our own protocol's subscribers get it and may
 resume past it. ``socket_id`` keeps the triggering Pusher connection from receiving it
@@ -34,7 +34,7 @@ from push.cluster.directory import connections_disconnect
 from push.cluster.node import running_node
 from push.cluster.occupancy import occupied_channels, subscriber_totals
 from push.cluster.presence import presence_members_sync
-from push.services.publishing import messages_publish_batch
+from push.services.publishing import messages_publish_batches
 from push.services.pusher_apps import (
     AUTH_VERSION,
     PusherApp,
@@ -263,28 +263,44 @@ def batch_read(body: bytes) -> tuple[list[TriggeredEvent], list[tuple[str, ...]]
 
 
 def commit_units(events: Sequence[TriggeredEvent]) -> list[tuple[str | None, list[TriggeredEvent]]]:
-    """``events`` cut into the publishes that store them, in order: as few as the write
-    path allows. One publish is one transaction with one excluded socket, and a
-    recent-only channel commits alone (``push.services.publishing``), so a new one starts
-    where the socket id or the store changes; a channel's events keep their order."""
+    """``events`` cut into the publishes that store them: as few as the write path
+    allows. One publish is one transaction with one excluded socket, and a recent-only
+    channel commits alone (``push.services.publishing``): an event joins the last
+    publish of its store and socket id unless a later one holds its channel, so a
+    trigger's durable channels share one transaction in whatever order they are named,
+    and a channel's events keep their order."""
     units: list[tuple[tuple[str | None, str | None], list[TriggeredEvent]]] = []
     for event in events:
         key = (event.channel if is_recent(event.channel) else None, event.socket_id)
-        if units and units[-1][0] == key:
-            units[-1][1].append(event)
-        else:
+        joined = _unit_to_join(units, key, event.channel)
+        if joined is None:
             units.append((key, [event]))
+        else:
+            joined.append(event)
     return [(socket_id, unit) for (_, socket_id), unit in units]
 
 
+def _unit_to_join(
+    units: list[tuple[tuple[str | None, str | None], list[TriggeredEvent]]],
+    key: tuple[str | None, str | None],
+    channel: str,
+) -> list[TriggeredEvent] | None:
+    for unit_key, unit in reversed(units):
+        if unit_key == key:
+            return unit
+        if any(event.channel == channel for event in unit):
+            return None  # joining an earlier publish would put it before this one
+    return None
+
+
 async def events_publish(events: Sequence[TriggeredEvent]) -> None:
-    """Store and deliver ``events``; a channel named in several gets them in order. All
-    of one trigger share one transaction unless recent-only channels are among them."""
-    for exclude, unit in commit_units(events):
-        items = [(e.channel, message_data(e.name, e.data)) for e in unit]
-        messages, replayed = await messages_publish_batch(
-            items=items, publisher_id=None, exclude=exclude
-        )
+    """Store and deliver ``events``, all or none refused: a channel named in several
+    gets them in order. A trigger's durable channels share one transaction."""
+    batches = [
+        ([(e.channel, message_data(e.name, e.data)) for e in unit], exclude)
+        for exclude, unit in commit_units(events)
+    ]
+    for messages, replayed in await messages_publish_batches(batches=batches):
         if not replayed:
             metrics.MESSAGES_PUBLISHED.labels("pusher_http").inc(len(messages))
 

@@ -245,11 +245,28 @@ def test_a_recent_only_channel_commits_alone(settings: Any) -> None:
     settings.PUSH = {**settings.PUSH, "HISTORY_MODES": [("ticker:*", "recent")]}
     events = [TriggeredEvent(c, "e", "d") for c in ("a", "ticker:1", "ticker:2", "b")]
     units = commit_units(events)
+    # The durable channels share one commit, whatever the order they were named in.
     assert [[e.channel for e in unit] for _, unit in units] == [
-        ["a"],
+        ["a", "b"],
         ["ticker:1"],
         ["ticker:2"],
-        ["b"],
+    ]
+
+
+def test_a_channels_events_never_join_an_earlier_commit_past_its_own(settings: Any) -> None:
+    settings.PUSH = {**settings.PUSH, "HISTORY_MODES": [("ticker:*", "recent")]}
+    events = [
+        TriggeredEvent("a", "e", "1"),
+        TriggeredEvent("a", "e", "2", "1.1"),
+        TriggeredEvent("ticker:1", "e", "3"),
+        TriggeredEvent("b", "e", "4"),
+        TriggeredEvent("a", "e", "5"),
+    ]
+    assert [(exclude, [e.data for e in unit]) for exclude, unit in commit_units(events)] == [
+        (None, ["1", "4"]),
+        ("1.1", ["2"]),
+        (None, ["3"]),
+        (None, ["5"]),
     ]
 
 
