@@ -362,6 +362,14 @@ async def test_client_events_and_cache_misses_of_pusher_connections(cluster: Clu
     await sender.send("client-typing", {"text": "hi"}, channel=room)
     await sender.send("client-note", "plain text", channel=private)
     await reader.subscribe(cache)  # nothing was ever sent there
+    # Told of the miss too, but the back-end is called once to fill the channel: not
+    # for a subscriber who comes next, nor for the reader subscribing again.
+    later = await PusherClient.connect(node_b.pusher_url)
+    await later.subscribe(cache)
+    assert await later.receive() == {"event": "pusher:cache_miss", "channel": cache}
+    await reader.subscribe(cache)
+    # Emitted by the same node after them: once its webhook came, so had theirs.
+    await reader.send("client-done", "", channel=room)
 
     def client_events() -> list[dict[str, Any]]:
         found = [*_entries(ENV_APP, hooks[ENV_APP], room)]
@@ -369,9 +377,9 @@ async def test_client_events_and_cache_misses_of_pusher_connections(cluster: Clu
         return [e for e in found if e["name"] == "client_event"]
 
     await wait_until(
-        lambda: len(client_events()) == 2, "two client_event", interval=QUERY_INTERVAL_SECS
+        lambda: len(client_events()) == 3, "three client_event", interval=QUERY_INTERVAL_SECS
     )
-    assert client_events() == [
+    assert [e for e in client_events() if e["event"] != "client-done"] == [
         {
             "name": "client_event",
             "channel": room,
@@ -397,7 +405,7 @@ async def test_client_events_and_cache_misses_of_pusher_connections(cluster: Clu
     # Pusher's presence: members by the user ids of their channel_data.
     members = [e for e in _entries(ENV_APP, hooks[ENV_APP], room) if e["name"] == "member_added"]
     assert sorted(e["user_id"] for e in members) == ["reader", "typist"]
-    for client in (sender, reader):
+    for client in (sender, reader, later):
         await client.close()
 
 

@@ -177,6 +177,11 @@ async def test_cache_channel_sends_the_last_event_or_a_cache_miss(
     first = await PusherClient.connect(pusher_nodes[0].pusher_url)
     assert (await first.subscribe(channel))["event"] == "pusher_internal:subscription_succeeded"
     assert await first.receive() == {"event": "pusher:cache_miss", "channel": channel}
+    # Subscribing again is answered, but is no new subscriber: no second cache miss
+    # (the pong, answered after it, comes next).
+    assert (await first.subscribe(channel))["event"] == "pusher_internal:subscription_succeeded"
+    await first.send("pusher:ping", {})
+    assert (await first.receive())["event"] == "pusher:pong"
     for n in (1, 2):
         await publish_rest(
             pusher_nodes[1], publisher_token, channel, {"event": "price", "data": str(n)}

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -46,6 +48,14 @@ ENCRYPTED_PREFIX = "private-encrypted-"
 CACHE_PREFIXES = ("cache-", "private-cache-", "presence-cache-", "private-encrypted-cache-")
 # pusher-js subscribes a signed-in connection to this channel of its user by itself.
 SERVER_TO_USER_PREFIX = "#server-to-user-"
+# A cache_miss webhook at most this often per channel from one node: every subscriber
+# of an empty cache channel is told (``pusher:cache_miss``), but the back-end needs one
+# call to fill the channel, not one per subscriber (all of them subscribing again at
+# once after a deploy or a network blip).
+CACHE_MISS_WEBHOOK_INTERVAL_SECS = 5.0
+# Channels remembered for that; past it the oldest is forgotten (it may send another
+# webhook early), so a client naming endless empty channels holds no memory.
+MAX_CACHE_MISS_CHANNELS = 10_000
 
 
 class PusherProblem(Exception):
@@ -82,6 +92,35 @@ class PusherSession(Protocol):
     subscriptions: dict[str, Any]
 
     def send_frame(self, text: str) -> None: ...
+
+
+class CacheMissWebhooks:
+    """Which cache misses of this node become a ``cache_miss`` webhook: a channel's
+    first, then at most one every ``CACHE_MISS_WEBHOOK_INTERVAL_SECS``."""
+
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self) -> None:
+        # Channel -> when its last webhook went; oldest first (a channel goes to the
+        # end when it is sent again).
+        self._sent_at: OrderedDict[str, float] = OrderedDict()
+
+    def due(self, channel: str) -> bool:
+        now = self.clock()
+        self._forget_older_than(now - CACHE_MISS_WEBHOOK_INTERVAL_SECS)
+        if channel in self._sent_at:
+            return False
+        self._sent_at[channel] = now
+        if len(self._sent_at) > MAX_CACHE_MISS_CHANNELS:
+            self._sent_at.popitem(last=False)
+        return True
+
+    def _forget_older_than(self, cutoff: float) -> None:
+        while self._sent_at and next(iter(self._sent_at.values())) <= cutoff:
+            self._sent_at.popitem(last=False)
+
+
+cache_miss_webhooks = CacheMissWebhooks()
 
 
 def needs_signature(channel: str) -> bool:
@@ -136,7 +175,7 @@ async def pusher_subscribe(
     """Subscribe and answer ``subscription_succeeded`` (with the member list on a
     presence channel, where the connection joins first so the list holds it); on a
     cache channel the last message follows, or ``pusher:cache_miss`` when there is
-    none."""
+    none (on a new subscription only; the ``cache_miss`` webhook rate-limited)."""
     if not isinstance(channel, str):
         raise PusherProblem(None, "pusher:subscribe needs a channel")
     if channel.startswith(SERVER_TO_USER_PREFIX):
@@ -151,7 +190,11 @@ async def pusher_subscribe(
     )
     presence = is_presence_channel(channel)
     cache = is_cache_channel(channel)
-    new = channel not in session.subscriptions
+    existing = session.subscriptions.get(channel)
+    new = existing is None
+    # Subscribed already: answered again, but it is no new subscriber, which alone a
+    # cache channel answers with its last event or a cache miss (it got that already).
+    repeated = existing is not None and existing.active
     if new:
         # Before a presence join: a refused subscription announces nobody.
         try:
@@ -164,9 +207,10 @@ async def pusher_subscribe(
     def reply(seq: int, recovered: bool | None) -> None:
         data = members.answered() if members is not None else {}
         session.send_frame(pusher.event_frame(pusher.SUBSCRIPTION_SUCCEEDED, data, channel))
-        if cache and seq == 0:
+        if cache and seq == 0 and not repeated:
             session.send_frame(pusher.event_frame(pusher.CACHE_MISS, None, channel))
-            node.events.emit(CACHE_MISS, channel=channel)
+            if cache_miss_webhooks.due(channel):
+                node.events.emit(CACHE_MISS, channel=channel)
 
     try:
         if joining:
