@@ -37,16 +37,19 @@ def pusher_env(env: dict[str, str], *, client_events: bool = True) -> dict[str, 
 ENCRYPTION_MASTER_KEY = base64.b64encode(b"tests-encryption-master-key-0032").decode()
 # Channels the shared Pusher nodes keep recent-only (tests/test_pusher_http_api.py).
 RECENT_ONLY_CHANNELS = "ph-recent-*"
+# Channels whose messages are kept one second: a cache channel's last one expires.
+EXPIRING_CHANNELS = "cache-expiring-*"
 
 
 def shared_pusher_env(env: dict[str, str]) -> dict[str, str]:
     """The environment of the Pusher nodes the Pusher tests share (``pusher_nodes`` in
     tests/conftest.py): the app above with client events and an encryption master key,
-    and the channels one test needs recent-only."""
+    and the channels tests need recent-only or kept one second."""
     return {
         **pusher_env(env, client_events=True),
         "PUSHER_APP_ENCRYPTION_MASTER_KEY": ENCRYPTION_MASTER_KEY,
         "PUSH_HISTORY_MODES": f"{RECENT_ONLY_CHANNELS}=recent",
+        "PUSH_RETENTION_RULES": f"{EXPIRING_CHANNELS}=-/1s",
     }
 
 

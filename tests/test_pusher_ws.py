@@ -10,6 +10,7 @@ import asyncio
 import json
 import uuid
 
+import httpx
 import psycopg
 import pytest
 from websockets.asyncio.client import connect
@@ -25,6 +26,7 @@ from tests.pusherclient import (
     sign,
 )
 from tests.servers import Database, ServerNode, manage, publish_rest
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -170,16 +172,20 @@ async def test_presence_members_across_nodes_one_per_user(
     await alice.close()
 
 
+@pytest.mark.parametrize("prefix", ["cache-", "private-cache-", "presence-cache-"])
 async def test_cache_channel_sends_the_last_event_or_a_cache_miss(
-    pusher_nodes: tuple[ServerNode, ServerNode], publisher_token: str
+    pusher_nodes: tuple[ServerNode, ServerNode], publisher_token: str, prefix: str
 ) -> None:
-    channel = _channel("cache-")
+    channel = _channel(prefix)
+    member = presence_data("first") if prefix.startswith("presence-") else None
     first = await PusherClient.connect(pusher_nodes[0].pusher_url)
-    assert (await first.subscribe(channel))["event"] == "pusher_internal:subscription_succeeded"
+    succeeded = await first.subscribe(channel, channel_data=member)
+    assert succeeded["event"] == "pusher_internal:subscription_succeeded"
     assert await first.receive() == {"event": "pusher:cache_miss", "channel": channel}
     # Subscribing again is answered, but is no new subscriber: no second cache miss
     # (the pong, answered after it, comes next).
-    assert (await first.subscribe(channel))["event"] == "pusher_internal:subscription_succeeded"
+    succeeded = await first.subscribe(channel, channel_data=member)
+    assert succeeded["event"] == "pusher_internal:subscription_succeeded"
     await first.send("pusher:ping", {})
     assert (await first.receive())["event"] == "pusher:pong"
     for n in (1, 2):
@@ -188,11 +194,39 @@ async def test_cache_channel_sends_the_last_event_or_a_cache_miss(
         )
     assert [(await first.receive())["data"] for _ in range(2)] == ["1", "2"]
     later = await PusherClient.connect(pusher_nodes[0].pusher_url)
-    assert (await later.subscribe(channel))["event"] == "pusher_internal:subscription_succeeded"
+    succeeded = await later.subscribe(channel, channel_data=member and presence_data("later"))
+    assert succeeded["event"] == "pusher_internal:subscription_succeeded"
     assert await later.receive() == {"event": "price", "channel": channel, "data": "2"}
     await later.nothing_for(0.3)
     await first.close()
     await later.close()
+
+
+async def test_a_cache_channel_whose_last_event_expired_sends_a_cache_miss(
+    pusher_nodes: tuple[ServerNode, ServerNode], publisher_token: str
+) -> None:
+    """Retention removed the channel's only message (``cache-expiring-*`` keeps them a
+    second): a subscriber is told of the miss, as when there never was one. It used to
+    get nothing after ``subscription_succeeded``, neither the event nor the miss."""
+    channel = _channel("cache-expiring-")
+    await publish_rest(pusher_nodes[1], publisher_token, channel, {"event": "e", "data": "1"})
+    http = httpx.AsyncClient(base_url=pusher_nodes[0].http_url, timeout=10)
+
+    async def expired() -> bool:
+        response = await http.get(f"/api/v1/channels/{channel}/messages", params={"since": 0})
+        return response.status_code == 200 and response.json()["results"] == []
+
+    try:
+        await wait_until(expired, f"{channel}'s message to expire", interval=0.2)
+    finally:
+        await http.aclose()
+    for node in pusher_nodes:
+        client = await PusherClient.connect(node.pusher_url)
+        succeeded = await client.subscribe(channel)
+        assert succeeded["event"] == "pusher_internal:subscription_succeeded"
+        await client.send("pusher:ping", {})
+        assert await client.receive() == {"event": "pusher:cache_miss", "channel": channel}
+        await client.close()
 
 
 async def test_client_events_reach_the_others_and_never_the_sender(

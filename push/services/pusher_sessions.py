@@ -207,10 +207,6 @@ async def pusher_subscribe(
     def reply(seq: int, recovered: bool | None) -> None:
         data = members.answered() if members is not None else {}
         session.send_frame(pusher.event_frame(pusher.SUBSCRIPTION_SUCCEEDED, data, channel))
-        if cache and seq == 0 and not repeated:
-            session.send_frame(pusher.event_frame(pusher.CACHE_MISS, None, channel))
-            if cache_miss_webhooks.due(channel):
-                node.events.emit(CACHE_MISS, channel=channel)
 
     try:
         if joining:
@@ -233,6 +229,8 @@ async def pusher_subscribe(
             join_presence=False,
             admitted=new,
         )
+        if cache and not repeated:
+            _miss_if_nothing_came(node, session, channel)
         if members is not None:
             await members.put_right()
     except PushError as exc:
@@ -249,6 +247,22 @@ async def pusher_subscribe(
             await leave_presence(
                 node.presence, node.announce_presence, str(session.connection_id), [channel]
             )
+
+
+def _miss_if_nothing_came(node: SessionNode, session: Any, channel: str) -> None:
+    """``pusher:cache_miss`` for a new cache channel subscription that went live with
+    no message replayed: the channel never had one, or retention removed its last
+    (``PUSH_RETENTION_MAX_AGE``, a week by default), which the channel's seq alone did
+    not tell, and the client heard nothing at all. Called as the subscription went
+    live, with no await since, so nothing else was sent after
+    ``subscription_succeeded``; a live message held during the replay was replayed
+    (``sent_seq``), and is the channel's last event."""
+    subscription = session.subscriptions.get(channel)
+    if subscription is None or subscription.sent_seq:
+        return
+    session.send_frame(pusher.event_frame(pusher.CACHE_MISS, None, channel))
+    if cache_miss_webhooks.due(channel):
+        node.events.emit(CACHE_MISS, channel=channel)
 
 
 class _MemberList:
