@@ -219,6 +219,15 @@ LIMIT = _query(
     {"type": "integer", "minimum": 1},
     "Page size: 100 by default, at most 1,000 (PUSH_HISTORY_PAGE_DEFAULT, PUSH_HISTORY_PAGE_MAX).",
 )
+SUBSCRIPTION_TOKEN = OpenApiParameter(
+    "X-Subscription-Token",
+    {"type": "string"},
+    OpenApiParameter.HEADER,
+    description="A signed subscription token for this channel, as a WebSocket `subscribe` "
+    "carries one: it lets its holder read the channel without a grant (a bad, expired or "
+    "foreign-channel token is 403 `FORBIDDEN`). Send it again when following `next`.",
+)
+
 HISTORY_QUERY = [
     _query(
         "since",

@@ -166,8 +166,9 @@ class ChannelMessagesView(ChannelView):
         summary="Read a channel's history",
         description="Stored messages with a seq above `since`, oldest first. A page also "
         "stops at a byte budget, so it may hold fewer than `limit` while `next` is not "
-        "null: follow `next` until it is null.",
-        parameters=[schema.CHANNEL, *schema.HISTORY_QUERY],
+        "null: follow `next` until it is null. Needs the subscribe right on the channel, "
+        "or its signed subscription token in `X-Subscription-Token`.",
+        parameters=[schema.CHANNEL, *schema.HISTORY_QUERY, schema.SUBSCRIPTION_TOKEN],
         responses={
             200: schema.HistoryPageSerializer,
             **schema.error_responses(400, 401, 403, 429, 503),
@@ -302,7 +303,7 @@ class ChannelInfoView(ChannelView):
         summary="A channel's last seq and subscribers",
         description="For callers that may subscribe to the channel; `presence_members` "
         "on presence channels only.",
-        parameters=[schema.CHANNEL],
+        parameters=[schema.CHANNEL, schema.SUBSCRIPTION_TOKEN],
         responses={
             200: schema.ChannelSerializer,
             **schema.error_responses(400, 401, 403, 429, 503),

@@ -111,6 +111,18 @@ def test_publish_takes_data_and_an_optional_idempotency_key(schema: dict[str, An
             assert set(answer["properties"]) == {"channel", "seq", "message_id", "timestamp"}
 
 
+def test_the_reads_a_subscription_token_opens_name_its_header(schema: dict[str, Any]) -> None:
+    paths = schema["paths"]
+    for operation in (
+        paths["/api/v1/channels/{channel}/messages"]["get"],
+        paths["/api/v1/channels/{channel}"]["get"],
+    ):
+        token = _parameters(operation, "header")["X-Subscription-Token"]
+        assert not token.get("required", False)
+    publish = paths["/api/v1/channels/{channel}/messages"]["post"]
+    assert "X-Subscription-Token" not in _parameters(publish, "header")
+
+
 def test_history_takes_since_and_limit_and_answers_a_page(schema: dict[str, Any]) -> None:
     history = schema["paths"]["/api/v1/channels/{channel}/messages"]["get"]
     assert {"since", "limit"} <= set(_parameters(history, "query"))
