@@ -125,9 +125,12 @@ def message(seq: int) -> dict[str, Any]:
     return {"type": "message", "channel": "news", "seq": seq, "data": seq, "timestamp": 0.0}
 
 
-async def feed(history: FakeHistory, seqs: list[int], **options: Any) -> dict[str, list[Any]]:
+async def feed(
+    history: FakeHistory, seqs: list[int], *, token: Any = None, **options: Any
+) -> dict[str, list[Any]]:
     """Hand ``seqs`` to a client whose handler of ``news`` has delivered up to 3, wait for
-    any repair to finish, and say what the handler and the listeners saw."""
+    any repair to finish, and say what the handler and the listeners saw. ``token``: the
+    subscription's signed subscription token (or provider)."""
     client = PushClient("ws://push.test/ws/", token="key", **options)
     client.get_json = history
     seen: dict[str, list[Any]] = {"seqs": [], "gap": [], "unrecovered": [], "error": []}
@@ -135,6 +138,7 @@ async def feed(history: FakeHistory, seqs: list[int], **options: Any) -> dict[st
         client.on(event, seen[event].append)
     ready = asyncio.get_running_loop().create_future()
     subscription = Subscription("news", lambda m: seen["seqs"].append(m["seq"]), 3, ready)
+    subscription.token = token
     client._subscriptions["news"] = subscription
     for seq in seqs:
         await client._on_message(message(seq))

@@ -23,7 +23,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
 from tests.servers import SUBSCRIPTION_TOKEN_SECRET, ServerNode, publish_rest
-from tests.test_python_client import FAST, PushClient, PushError, State
+from tests.test_python_client import FAST, FakeHistory, PushClient, PushError, State, feed
 from tests.test_python_client_races import established
 from tests.waiting import wait_until
 
@@ -567,3 +567,79 @@ async def test_a_token_the_node_refuses_and_a_failing_provider_fail_the_subscrib
     finally:
         await client.close()
     assert [e["code"] for e in watched.errors] == ["TOKEN_PROVIDER_FAILED"] * 2
+
+
+# ----- gap repair on a channel held by token ----------------------------------------------
+
+
+def lose_frame(client: PushClient, seq: int) -> list[int]:
+    """The network loses the message frame of ``seq`` once (as a drop-oldest send queue
+    does): the client sees a gap and repairs it from the REST history. Returns the
+    seqs lost so far."""
+    lost: list[int] = []
+    on_message = client._on_message
+
+    async def lossy(message: dict[str, Any]) -> None:
+        if message.get("seq") == seq and seq not in lost:
+            lost.append(seq)
+            return
+        await on_message(message)
+
+    client._on_message = lossy  # type: ignore[method-assign]  # loses a frame, then passes on
+    return lost
+
+
+@e2e
+@pytest.mark.parametrize("given", ["string", "provider"])
+async def test_a_gap_on_a_channel_held_only_by_token_is_read_back_with_the_token(
+    token_node: ServerNode, publisher_token: str, given: str
+) -> None:
+    channel = private_channel()
+    provider = Provider(channel)
+    token = mint(channel, ttl_secs=600) if given == "string" else provider
+    # No credential of its own: the token is all that lets the client read the channel.
+    client = PushClient(token_node.ws_url, **FAST)
+    watched = Watched(client, channel)
+    gaps: list[dict[str, Any]] = []
+    unrecovered: list[dict[str, Any]] = []
+    client.on("gap", gaps.append)
+    client.on("unrecovered", unrecovered.append)
+    lost = lose_frame(client, 2)
+    await client.connect()
+    try:
+        await client.subscribe(channel, watched.handler, token=token)
+        for i in range(3):
+            await publish_rest(token_node, publisher_token, channel, i)
+        await wait_until(lambda: watched.seqs[-1:] == [3], "the message after the gap")
+    finally:
+        await client.close()
+    assert lost == [2]
+    assert [(gap["from"], gap["to"]) for gap in gaps] == [(2, 2)]
+    assert watched.seqs == [1, 2, 3], "the lost message read back from the history"
+    assert watched.errors == unrecovered == []
+    if given == "provider":
+        # One token for the subscribe, a fresh one for the history read.
+        assert len(provider.tokens) == 2
+
+
+async def test_the_history_read_carries_the_token_and_a_failing_provider_fails_it() -> None:
+    """Against a scripted history: the token in ``X-Subscription-Token`` (never in the
+    URL), a provider asked for each read, and one that fails is the read's failure."""
+    history = FakeHistory(range(1, 10))
+    calls: list[str] = []
+
+    def provider(channel: str) -> str:
+        calls.append(channel)
+        if len(calls) > 1:
+            raise ConnectionError("the back-end did not answer")
+        return "fresh-token"
+
+    seen = await feed(history, [4, 6], token=provider, base_delay_secs=0.01)
+    assert seen["seqs"] == [4, 5, 6]
+    (url, headers), *_ = history.requests
+    assert headers["X-Subscription-Token"] == "fresh-token"
+    assert "fresh-token" not in url
+    seen = await feed(history, [4, 6], token=provider, base_delay_secs=0.01)
+    assert seen["seqs"] == [4, 6]
+    assert [error["code"] for error in seen["error"]] == ["GAP_REPAIR_FAILED"]
+    assert "did not answer" in seen["error"][0]["message"]

@@ -681,8 +681,9 @@ class PushClient:
                     until=until,
                     token=self.token,
                     timeout_secs=self.request_timeout_secs,
+                    subscription_token=await self._history_token(subscription),
                 )
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, TokenProviderFailed) as exc:
                 failure = exc
                 retry_after = min(retry_after_secs(exc), self.max_delay_secs)
         message = f"reading seqs {after + 1}-{until} of {subscription.channel!r}: {failure}"
@@ -690,6 +691,18 @@ class PushClient:
             "error", {"code": "GAP_REPAIR_FAILED", "message": message, "envelope": None}
         )
         return []
+
+    async def _history_token(self, subscription: Subscription) -> str | None:
+        """The signed subscription token a history read of ``subscription`` carries: a
+        channel the client holds only by token is read only with it. A provider is asked
+        for a fresh one for each read, as for each subscribe: the one it gave last may
+        have expired since (a gap found after a long outage)."""
+        token = subscription.token
+        if callable(token):
+            return await token_from(
+                token, subscription.channel, timeout_secs=self.request_timeout_secs
+            )
+        return token
 
     def _give_up(self, subscription: Subscription, until: int) -> None:
         """Move past seqs the history no longer has (trimmed) or would not give: the
@@ -1044,7 +1057,9 @@ class PushClient:
         raises, gives no token or does not answer within ``request_timeout_secs`` fails
         this call with ``TokenProviderFailed``; later on it is asked again after a
         backoff delay. Given again for a channel already subscribed, the new token is
-        the one used from now on, and extends the subscription at once.
+        the one used from now on, and extends the subscription at once. The REST history
+        reads that repair a gap carry it too (a provider is asked for a fresh one for
+        each), so a channel held only by token loses nothing to a gap.
         """
         if token is not None and not (callable(token) or (isinstance(token, str) and token)):
             raise TypeError("token must be a non-empty string or a function that gives one")

@@ -19,6 +19,8 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 # The server's largest page (PUSH_HISTORY_PAGE_MAX's default); a smaller server limit
 # only means more pages.
 HISTORY_PAGE_MAX = 1000
+# Where a history read carries the channel's signed subscription token.
+SUBSCRIPTION_TOKEN_HEADER = "X-Subscription-Token"  # noqa: S105 (a header name)
 
 # (url, headers, timeout_secs) -> the decoded JSON body; raises OSError (urllib's
 # URLError and HTTPError included) or ValueError.
@@ -64,6 +66,7 @@ def fetch_page(
     until: int,
     token: str | None,
     timeout_secs: float,
+    subscription_token: str | None = None,
 ) -> list[dict[str, Any]]:
     """The first page of stored messages of ``channel`` after ``after``, oldest first,
     the ones up to ``until``: empty when nothing is stored in that range (trimmed), or
@@ -72,10 +75,16 @@ def fetch_page(
     One page at a time, each delivered before the next is read: a long gap costs the
     memory of one page, not of the whole range. Pages are asked for with our own
     ``since`` rather than the reply's ``next`` URL, whose host a proxy may have
-    rewritten."""
+    rewritten.
+
+    ``subscription_token``: the signed subscription token of the channel, which opens
+    its history as it opens the subscribe (``X-Subscription-Token``, a header so that it
+    stays out of URLs and access logs)."""
     headers = {"Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Token {token}"
+    if subscription_token:
+        headers[SUBSCRIPTION_TOKEN_HEADER] = subscription_token
     base = f"{api_url}channels/{quote(channel, safe='')}/messages"
     query = urlencode({"since": after, "limit": min(HISTORY_PAGE_MAX, until - after)})
     results = get(f"{base}?{query}", headers, timeout_secs)["results"]
