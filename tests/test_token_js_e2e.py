@@ -4,7 +4,8 @@ token provider that mints tokens as an app's back-end does; after a dropped conn
 the provider is asked again and the resume loses and repeats nothing, while a slow
 back-end holds the resubscribe; tokens refreshed before their ``exp`` keep the
 subscription past it without the server ever ending it; a provider that fails is asked
-again after a backoff, and fails a first subscribe."""
+again after a backoff, and fails a first subscribe; a frame lost on the way is read
+back from the REST history with a fresh token."""
 
 from __future__ import annotations
 
@@ -117,3 +118,25 @@ async def test_the_javascript_client_fails_a_first_subscribe_whose_provider_fail
     lines = await script.finish()
     assert {"rejected": "TOKEN_PROVIDER_FAILED"} in lines
     assert [line for line in lines if "seq" in line or "event" in line] == []
+
+
+async def test_the_javascript_client_reads_a_gap_back_with_its_token_provider(
+    token_node: ServerNode, publisher_token: str
+) -> None:
+    """A channel the client holds only by token (it has no credential of its own): a
+    lost frame is read back from the REST history with a fresh token, nothing lost."""
+    channel = private_channel()
+    script = await TokenSubscriber.start(token_node.ws_url, channel)
+    await script.until("the subscribe", lambda line: "subscribed" in line)
+    await script.tell("lose 2")
+    await script.until("the loss planned", lambda line: line.get("losing") == 2)
+    for i in range(3):
+        last = await publish_rest(token_node, publisher_token, channel, i)
+    await script.until(f"seq {last}", lambda line: line.get("seq") == last)
+    lines = await script.finish()
+    assert {"lost": 2} in lines
+    assert [line["gap"] for line in lines if "gap" in line] == [[2, 2]]
+    assert [line["seq"] for line in lines if "seq" in line] == [1, 2, 3]
+    assert [line for line in lines if "event" in line or "unrecovered" in line] == []
+    # The subscribe's token, then a fresh one for the history read.
+    assert script.count("provider") == 2

@@ -10,7 +10,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 
 import { MIN_TOKEN_REFRESH_MS, PushClient, tokenClaims, tokenRefreshDelayMs } from "../index.js";
 import { createDelta } from "../../../push/static/push/fossil-delta.js";
-import { FakeEventSource, FakeSocket, reset, until } from "./fakes.js";
+import { FakeEventSource, FakeSocket, fakeFetch, messageEnvelope, reset, until } from "./fakes.js";
 
 const clients = [];
 const lastSocket = () => FakeSocket.opened.at(-1);
@@ -337,4 +337,55 @@ test("a client that may not use the WebSocket refuses a token at once", async ()
   await assert.rejects(c.subscribe("private-x", () => {}, { token: "a.b" }), { code: "NO_TRANSPORT" });
   await assert.rejects(c.subscribe("private-x", () => {}, { token: 42 }), TypeError);
   await sleep(0);
+});
+
+// ----- gap repair ----------------------------------------------------------------------
+
+// The REST history of `private-x` up to seq 9, for the client that holds it by token.
+function tokenHistory() {
+  return fakeFetch((url) => {
+    const since = Number(new URL(url).searchParams.get("since"));
+    return { status: 200, body: { results: [since + 1].map((seq) => messageEnvelope("private-x", seq)), next: null } };
+  });
+}
+
+test("a gap is read back from the history with the subscription's token, a provider's fresh one each time", async () => {
+  const asked = [];
+  const provider = async () => {
+    asked.push(asked.length + 1);
+    return fresh(600, asked.length);
+  };
+  const { fetch, calls } = tokenHistory();
+  const { seen } = await subscribedWith(provider, { seq: 2, options: { fetch } });
+  lastSocket().message("private-x", 3);
+  lastSocket().message("private-x", 5); // 4 lost on the way
+  await until("the repair", () => seen.seqs.length === 3);
+  assert.deepEqual(seen.seqs, [3, 4, 5]);
+  assert.deepEqual(seen.errors, []);
+  const [read] = calls;
+  assert.equal(tokenClaims(read.headers["X-Subscription-Token"]).n, 2, "a fresh token, not the subscribe's");
+  assert.ok(!read.url.includes(read.headers["X-Subscription-Token"]), "never in the URL");
+});
+
+test("a token string rides on the history read; a provider that fails fails the read", async () => {
+  const secret = fresh(600);
+  const { fetch, calls } = tokenHistory();
+  const { seen } = await subscribedWith(secret, { seq: 2, options: { fetch } });
+  lastSocket().message("private-x", 4);
+  await until("the repair", () => seen.seqs.length === 2);
+  assert.equal(calls[0].headers["X-Subscription-Token"], secret);
+
+  reset();
+  let providerCalls = 0;
+  const failsAfterTheSubscribe = async () => {
+    providerCalls += 1;
+    if (providerCalls > 1) throw new Error("the back-end did not answer");
+    return fresh(600);
+  };
+  const failing = await subscribedWith(failsAfterTheSubscribe, { seq: 2, options: { fetch } });
+  lastSocket().message("private-x", 4);
+  await until("the repair given up", () => failing.seen.seqs.length === 1);
+  assert.deepEqual(failing.seen.seqs, [4]);
+  assert.deepEqual(failing.seen.errors.map((error) => error.code), ["GAP_REPAIR_FAILED"]);
+  assert.match(failing.seen.errors[0].message, /did not answer/);
 });

@@ -107,6 +107,8 @@ const TRY_AGAIN_CODES = new Set(["RATE_LIMITED", "UNAVAILABLE"]);
 // The server's largest history page (PUSH_HISTORY_PAGE_MAX's default); a smaller server
 // limit only means more pages.
 const HISTORY_PAGE_MAX = 1000;
+// Where a history read carries the channel's signed subscription token.
+const SUBSCRIPTION_TOKEN_HEADER = "X-Subscription-Token";
 // The delta algorithm asked for, and how many deltas may fail in a row on a channel
 // before the client stops asking for them there.
 const FOSSIL = "fossil";
@@ -767,7 +769,7 @@ export class PushClient {
   // a time; what it does not have (trimmed) or will not give is given up.
   async fillFromHistory(subscription, until, wanted) {
     for (let after = subscription.lastSeq; after < until; after = subscription.lastSeq) {
-      const page = await this.fetchMissing(subscription.channel, after, until, wanted);
+      const page = await this.fetchMissing(subscription, after, until, wanted);
       if (!wanted()) return;
       if (!page.length) break;
       for (const message of page) {
@@ -788,19 +790,19 @@ export class PushClient {
     for (const seq of held.keys()) if (seq <= subscription.lastSeq) held.delete(seq);
   }
 
-  async fetchMissing(channel, after, until, wanted) {
+  async fetchMissing(subscription, after, until, wanted) {
     let failure = null;
     for (let attempt = 0; attempt < GAP_FETCH_ATTEMPTS; attempt++) {
       // Not sooner than the server asked (429, 503): sooner is refused again.
       if (attempt) await sleep(Math.max(this.backoff(attempt - 1), Math.min(failure.retryAfterMs ?? 0, this.maxDelayMs)));
       if (!wanted()) return [];
       try {
-        return await this.fetchPage(channel, after, until);
+        return await this.fetchPage(subscription.channel, after, until, await this.historyToken(subscription));
       } catch (error) {
         failure = error;
       }
     }
-    this.emit("error", new PushError("GAP_REPAIR_FAILED", `reading seqs ${after + 1}-${until} of "${channel}": ${failure.message}`));
+    this.emit("error", new PushError("GAP_REPAIR_FAILED", `reading seqs ${after + 1}-${until} of "${subscription.channel}": ${failure.message}`));
     return [];
   }
 
@@ -809,14 +811,16 @@ export class PushClient {
   // not move on (a cache that ignores the query, a buggy server). One page at a time,
   // each delivered before the next is read: a long gap costs the memory of one page.
   // Asked for with our own `since` rather than the reply's `next` URL, whose host a
-  // proxy may have rewritten.
-  async fetchPage(channel, after, until) {
+  // proxy may have rewritten. `subscriptionToken`, the channel's signed subscription
+  // token, opens its history as it opens the subscribe: in a header, so that it stays
+  // out of URLs and access logs.
+  async fetchPage(channel, after, until, subscriptionToken = null) {
     if (!this.fetch) throw new PushError("NOT_CONNECTED", "no fetch() to read the history");
     const url = new URL(this.channelUrl(channel));
     url.searchParams.set("since", after);
     url.searchParams.set("limit", Math.min(HISTORY_PAGE_MAX, until - after));
     const response = await this.fetch(url.toString(), {
-      headers: this.restHeaders(),
+      headers: this.restHeaders(subscriptionToken ? { [SUBSCRIPTION_TOKEN_HEADER]: subscriptionToken } : {}),
       credentials: "same-origin",
       signal: AbortSignal.timeout(this.requestTimeoutMs),
     });
@@ -826,6 +830,14 @@ export class PushClient {
       throw refusal;
     }
     return (await response.json()).results.filter((message) => message.seq > after && message.seq <= until);
+  }
+
+  // The signed subscription token a history read carries: a channel the client holds
+  // only by token is read only with it. A provider is asked for a fresh one for each
+  // read, as for each subscribe: the one it gave last may have expired since.
+  async historyToken(subscription) {
+    if (typeof subscription.token === "function") return await this.tokenFrom(subscription);
+    return subscription.token;
   }
 
   // Move past seqs the history no longer has (trimmed) or would not give: the
@@ -1146,7 +1158,9 @@ export class PushClient {
    * which extends the subscription. A provider that throws, rejects or does not answer
    * within `requestTimeoutMs` fails this call with `TOKEN_PROVIDER_FAILED`; later on it
    * is asked again after a backoff delay. Tokens need the WebSocket: the SSE fallback
-   * cannot carry them, so such a channel waits for the WebSocket to come back.
+   * cannot carry them, so such a channel waits for the WebSocket to come back. The
+   * REST history reads that repair a gap carry the token too (a provider is asked for a
+   * fresh one for each), so a channel held only by token loses nothing to a gap.
    */
   subscribe(channel, handler, { since = null, rewind = null, occupancy = false, delta = false, token = null } = {}) {
     if (token !== null && !(typeof token === "function" || (typeof token === "string" && token))) {

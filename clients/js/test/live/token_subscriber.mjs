@@ -9,11 +9,14 @@
 //   fail <N>   the provider's next N calls throw
 //   drop       drop the connection as a silent one is dropped: the client reconnects
 //              and resumes
+//   lose <N>   the message frame of seq N is lost on the way (once): the client sees a
+//              gap and reads it back from the REST history
 //
 // Lines: {subscribed: seq}, {seq, data} per message, {provider: n} when the provider is
 // called, {ended: code} when the server ends the subscription by itself (the client may
 // recover from it without an `error`), {event: "error", code} for every `error`, and
-// {rejected: code} when the first subscribe fails (mode `fail-first`).
+// {rejected: code} when the first subscribe fails (mode `fail-first`), {losing: seq} once
+// `lose` is heard, {lost: seq} for a frame lost, {gap: [from, to]} and {unrecovered: seq} for the client's events.
 //
 //   node [--experimental-websocket] token_subscriber.mjs <ws url> <channel> <secret> <ttl> [fail-first]
 
@@ -49,6 +52,14 @@ async function provider(asked) {
 
 const client = new PushClient(url, { transports: ["websocket"], baseDelayMs: 50, maxDelayMs: 500 });
 client.on("error", (error) => print({ event: "error", code: error.code ?? null }));
+client.on("gap", ({ from, to }) => print({ gap: [from, to] }));
+client.on("unrecovered", ({ seq }) => print({ unrecovered: seq }));
+const lose = new Set(); // seqs whose message frame is lost once
+const onMessage = client.onMessage.bind(client);
+client.onMessage = (message, replayed) => {
+  if (lose.delete(message.seq)) print({ lost: message.seq });
+  else onMessage(message, replayed);
+};
 const onSubscriptionEnded = client.onSubscriptionEnded.bind(client);
 client.onSubscriptionEnded = (subscription, error) => {
   print({ ended: error.code });
@@ -73,6 +84,9 @@ commands.on("line", (line) => {
   } else if (command === "release") {
     held?.release();
     held = null;
+  } else if (command === "lose") {
+    lose.add(Number(argument));
+    print({ losing: Number(argument) });
   } else if (command === "fail") {
     failures = Number(argument);
   } else if (command === "drop") {
