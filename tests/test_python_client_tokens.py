@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import fossil_delta
+import httpx
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
@@ -28,6 +29,7 @@ from tests.test_python_client_races import established
 from tests.waiting import wait_until
 
 from pushclient import TokenProviderFailed  # isort: skip (after the client is importable)
+from pushclient.signing import subscription_token  # isort: skip
 from pushclient.delta import data_text  # isort: skip
 from pushclient.tokens import (  # isort: skip
     MIN_TOKEN_REFRESH_SECS,
@@ -643,3 +645,56 @@ async def test_the_history_read_carries_the_token_and_a_failing_provider_fails_i
     assert seen["seqs"] == [4, 6]
     assert [error["code"] for error in seen["error"]] == ["GAP_REPAIR_FAILED"]
     assert "did not answer" in seen["error"][0]["message"]
+
+
+# ----- tokens minted with pushclient.signing ---------------------------------------------
+
+
+def test_a_user_id_the_server_would_refuse_is_refused_when_minting() -> None:
+    for bad in [True, 1.5, "", "x" * 129, ["ann"]]:
+        with pytest.raises(ValueError, match="user_id"):
+            subscription_token("presence-x", ttl_secs=60, secret="s", user_id=bad)  # type: ignore[arg-type]  # wrong on purpose
+    claims = token_claims(subscription_token("presence-x", ttl_secs=60, secret="s", user_id=7))
+    assert claims is not None and claims["user_id"] == 7
+
+
+@e2e
+async def test_tokens_naming_one_user_id_make_one_presence_member_of_its_connections(
+    token_node: ServerNode,
+) -> None:
+    """Tokens minted by ``pushclient.signing`` with a ``user_id``: two connections of one
+    user are one member of the presence channel, named by that ``user_id``; the same
+    token reads the channel's details over REST."""
+    channel = f"presence-tokens-{uuid.uuid4().hex[:8]}"
+
+    def token_for(user_id: str) -> str:
+        return subscription_token(
+            channel,
+            ttl_secs=600,
+            secret=SUBSCRIPTION_TOKEN_SECRET,
+            info={"name": user_id.title()},
+            user_id=user_id,
+        )
+
+    tabs = [PushClient(token_node.ws_url, **FAST) for _ in range(3)]
+    try:
+        for tab, user_id in zip(tabs, ["ann", "ann", "bob"], strict=True):
+            await tab.connect()
+            await tab.subscribe(channel, token=token_for(user_id))
+        reply = await tabs[0]._request({"type": "presence", "channel": channel})
+        details = await asyncio.to_thread(
+            httpx.get,
+            f"{token_node.http_url}/api/v1/channels/{channel}",
+            headers={"X-Subscription-Token": token_for("ann")},
+            timeout=10,
+        )
+    finally:
+        for tab in tabs:
+            await tab.close()
+    members = sorted(reply["members"], key=lambda member: member["user_id"])
+    assert members == [
+        {"user_id": "ann", "info": {"name": "Ann"}},
+        {"user_id": "bob", "info": {"name": "Bob"}},
+    ]
+    assert details.status_code == 200, details.text
+    assert details.json()["presence_members"] == 2
