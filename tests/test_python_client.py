@@ -678,9 +678,10 @@ async def test_a_request_without_a_reply_fails_with_a_push_error_timeout(
 
 
 def cli_env() -> dict[str, str]:
+    """The environment of a CLI run: it runs the client these tests import (the
+    installed one, or another tree's put first on ``PYTHONPATH``), never a third."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    if not CLIENT_INSTALLED:
-        env["PYTHONPATH"] = str(CLIENT_PATH)
+    env["PYTHONPATH"] = str(Path(pushclient.client.__file__).parents[1])
     return env
 
 
@@ -748,3 +749,14 @@ async def test_cli_refuses_bad_input_without_connecting() -> None:
     bad_json = await run_cli("publish", "news", "{nope", "--token", "t")
     _, err = await bad_json.communicate()
     assert bad_json.returncode == 2 and b"JSON" in err
+    for bad, says in [
+        (("--subscription-token", "private-x"), b"CHANNEL=TOKEN"),
+        (("--subscription-token", "private-y=a.b"), b"not a CHANNEL"),
+        (
+            ("--subscription-token", "private-x=a.b", "--subscription-token", "private-x=c.d"),
+            b"twice",
+        ),
+    ]:
+        refused = await run_cli("subscribe", "private-x", "--url", "ws://127.0.0.1:1/ws/", *bad)
+        _, err = await asyncio.wait_for(refused.communicate(), WAIT_SECS)
+        assert refused.returncode == 2 and says in err, err.decode()

@@ -24,7 +24,15 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
 from tests.servers import SUBSCRIPTION_TOKEN_SECRET, ServerNode, publish_rest
-from tests.test_python_client import FAST, FakeHistory, PushClient, PushError, State, feed
+from tests.test_python_client import (
+    FAST,
+    FakeHistory,
+    PushClient,
+    PushError,
+    State,
+    feed,
+    run_cli,
+)
 from tests.test_python_client_races import established
 from tests.waiting import wait_until
 
@@ -698,3 +706,45 @@ async def test_tokens_naming_one_user_id_make_one_presence_member_of_its_connect
     ]
     assert details.status_code == 200, details.text
     assert details.json()["presence_members"] == 2
+
+
+@e2e
+async def test_the_cli_subscribes_with_a_subscription_token_per_channel(
+    token_node: ServerNode, publisher_token: str
+) -> None:
+    """``--subscription-token CHANNEL=TOKEN`` opens a private channel to a CLI with no
+    credential of its own; another channel of the same run needs none."""
+    channel, public = private_channel(), f"news-{uuid.uuid4().hex[:8]}"
+    await publish_rest(token_node, publisher_token, channel, "stored")
+    subscriber = await run_cli(
+        "subscribe",
+        channel,
+        public,
+        "--since",
+        "0",
+        "--count",
+        "3",
+        "--url",
+        token_node.ws_url,
+        "--subscription-token",
+        f"{channel}={mint(channel, ttl_secs=600)}",
+    )
+    assert subscriber.stderr is not None
+    for _ in channel, public:
+        await asyncio.wait_for(
+            _stderr_line_with(subscriber.stderr, b'"subscribed"'), timeout=WAIT_SECS
+        )
+    await publish_rest(token_node, publisher_token, channel, "live")
+    await publish_rest(token_node, publisher_token, public, "public")
+    out, err = await asyncio.wait_for(subscriber.communicate(), WAIT_SECS)
+    assert subscriber.returncode == 0, err.decode()
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    assert sorted((m["channel"], m["data"]) for m in lines) == sorted(
+        [(channel, "stored"), (channel, "live"), (public, "public")]
+    )
+
+
+async def _stderr_line_with(stream: asyncio.StreamReader, needle: bytes) -> bytes:
+    while needle not in (line := await stream.readline()):
+        assert line, "the CLI ended"
+    return line

@@ -2,10 +2,14 @@
 ``publish`` sends one JSON value and prints the ``published`` reply.
 
     python -m pushclient subscribe news chat --url ws://127.0.0.1:8000/ws/
+    python -m pushclient subscribe private-orders-42 --subscription-token private-orders-42=TOKEN
     python -m pushclient publish news '{"headline": "hello"}' --token KEY
 
-``--url`` and ``--token`` default to ``$PUSH_URL`` and ``$PUSH_TOKEN``. State changes,
-gaps and errors go to stderr, so stdout stays one message per line.
+``--url`` and ``--token`` default to ``$PUSH_URL`` and ``$PUSH_TOKEN``; ``--token`` is
+the connection's (and REST's) API token. ``--subscription-token CHANNEL=TOKEN``
+(repeatable) gives one of the channels subscribed a signed subscription token, which
+also reads back its gaps from the history. State changes, gaps and errors go to stderr,
+so stdout stays one message per line.
 """
 
 from __future__ import annotations
@@ -50,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
         "--delta", action="store_true", help="ask for fossil deltas (printed as full data)"
     )
     subscribe.add_argument("--max-delay", type=float, default=30.0, help="backoff cap, seconds")
+    subscribe.add_argument(
+        "--subscription-token",
+        action="append",
+        type=_channel_token,
+        default=[],
+        metavar="CHANNEL=TOKEN",
+        help="a signed subscription token for one of the CHANNELs (repeatable); it holds "
+        "until its exp, when the server ends that subscription (an error on stderr)",
+    )
 
     publish = commands.add_parser("publish", parents=[common], help="publish one message")
     publish.add_argument("channel", metavar="CHANNEL")
@@ -57,11 +70,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _channel_token(text: str) -> tuple[str, str]:
+    """``CHANNEL=TOKEN``: a channel name has no ``=``, nor has a token (base64url)."""
+    channel, sep, token = text.partition("=")
+    if not (channel and sep and token):
+        raise argparse.ArgumentTypeError(f"{text!r} is not CHANNEL=TOKEN")
+    return channel, token
+
+
+def _subscription_tokens(args: argparse.Namespace) -> dict[str, str]:
+    """Each ``--subscription-token``'s token by channel, once each, for channels that
+    are subscribed: a typo must not leave a channel without its token."""
+    tokens: dict[str, str] = {}
+    for channel, token in args.subscription_token:
+        if channel not in args.channels:
+            raise ValueError(f"--subscription-token names {channel!r}, which is not a CHANNEL")
+        if channel in tokens:
+            raise ValueError(f"--subscription-token names {channel!r} twice")
+        tokens[channel] = token
+    return tokens
+
+
 def _stderr(event: str, detail: dict[str, Any]) -> None:
     print(json.dumps({"event": event, **detail}, default=str), file=sys.stderr, flush=True)
 
 
 async def _subscribe(args: argparse.Namespace) -> int:
+    try:
+        tokens = _subscription_tokens(args)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
     client = PushClient(
         args.url, token=args.token, format=args.format, max_delay_secs=args.max_delay
     )
@@ -90,7 +129,13 @@ async def _subscribe(args: argparse.Namespace) -> int:
         # Concurrently: one round trip for all channels. Each resumes after `since`.
         subscriptions = await asyncio.gather(
             *(
-                client.subscribe(channel, print_message, since=args.since, delta=args.delta)
+                client.subscribe(
+                    channel,
+                    print_message,
+                    since=args.since,
+                    delta=args.delta,
+                    token=tokens.get(channel),
+                )
                 for channel in args.channels
             )
         )
