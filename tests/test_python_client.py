@@ -677,12 +677,17 @@ async def test_a_request_without_a_reply_fails_with_a_push_error_timeout(
 # ----- the command line ------------------------------------------------------------------
 
 
+def env_without_pythonpath() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+
+
 def cli_env() -> dict[str, str]:
     """The environment of a CLI run: it runs the client these tests import (the
     installed one, or another tree's put first on ``PYTHONPATH``), never a third."""
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(Path(pushclient.client.__file__).parents[1])
-    return env
+    return {
+        **env_without_pythonpath(),
+        "PYTHONPATH": str(Path(pushclient.client.__file__).parents[1]),
+    }
 
 
 def test_the_installed_client_runs_from_any_directory(tmp_path: Path) -> None:
@@ -694,7 +699,7 @@ def test_the_installed_client_runs_from_any_directory(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pushclient", "--help"],
         cwd=tmp_path,  # outside the repository: only the installed package can answer
-        env=cli_env(),
+        env=env_without_pythonpath(),
         capture_output=True,
         text=True,
         timeout=60,
