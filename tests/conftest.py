@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from devtools.processes import OwnedProcess, free_port, redis_server
 from tests.pusherclient import shared_pusher_env
 from tests.servers import (
     NO_ADDRESS_BUDGETS,
@@ -27,6 +29,15 @@ def _manage_workers() -> Iterator[None]:
     """The processes ``manage`` runs its commands in end with the session."""
     yield
     stop_manage_workers()
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnedProcess]:
+    """A redis-server of the test module's own, which its tests may kill, start again
+    or reconfigure (never the machine's shared one)."""
+    server = redis_server(free_port(), Path(tmp_path_factory.mktemp("own-redis")))
+    yield server.start()
+    server.stop()
 
 
 @pytest.fixture(scope="session")

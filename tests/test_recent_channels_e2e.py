@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from devtools.processes import OwnedProcess, free_port, redis_server
+from devtools.processes import OwnedProcess
 from tests.servers import Database, ServerNode, node_pair
 from tests.waiting import wait_until
 from tests.wsclient import (
@@ -31,13 +31,6 @@ from tests.wsclient import (
 pytestmark = pytest.mark.e2e
 
 WINDOW = 50
-
-
-@pytest.fixture(scope="module")
-def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnedProcess]:
-    server = redis_server(free_port(), Path(tmp_path_factory.mktemp("recent-redis")))
-    yield server.start()
-    server.stop()
 
 
 @pytest.fixture(scope="module")

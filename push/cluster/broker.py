@@ -129,6 +129,7 @@ class Broker:
         on_message: Callable[[ChannelMessage], None],
         on_event: Callable[[dict[str, Any]], None] | None = None,
         on_receive_error: Callable[[BaseException], None] | None = None,
+        on_resubscribed: Callable[[], None] | None = None,
         max_outgoing: int = OUTGOING_MAX_MESSAGES,
         max_outgoing_chars: int = OUTGOING_MAX_CHARS,
     ) -> None:
@@ -136,6 +137,7 @@ class Broker:
         self.on_message = on_message
         self.on_event = on_event
         self.on_receive_error = on_receive_error
+        self.on_resubscribed = on_resubscribed
         self.inbox: str | None = None
         self._listener: asyncio.Task[None] | None = None
         self._outgoing: collections.deque[ChannelMessage] = collections.deque()
@@ -159,7 +161,10 @@ class Broker:
         # The channels' groups are read on connections of their own where the layer
         # allows it (push.cluster.group_subscriber); the inbox stays on the layer.
         self._subscribers = GroupSubscribers.for_layer(
-            self.layer, on_message=self._receive, on_error=self._receive_failed
+            self.layer,
+            on_message=self._receive,
+            on_error=self._receive_failed,
+            on_resubscribed=self.on_resubscribed,
         )
         if self._subscribers is not None:
             self._subscribers.start()
@@ -209,6 +214,20 @@ class Broker:
                 await self._subscribers.unsubscribe(channel_group(channel))
             else:
                 await self.layer.group_discard(channel_group(channel), self.inbox)
+
+    @property
+    def hears_in_order(self) -> bool:
+        """Whether ``heard_all_before`` can tell when this node heard a channel's
+        events up to now, and ``on_resubscribed`` when it may have missed some: only
+        where the groups are read here (``GroupSubscribers``)."""
+        return self._subscribers is not None
+
+    async def heard_all_before(self, channels: list[str]) -> None:
+        """Return once everything Redis sent before now to the groups of ``channels``
+        was read and handed on. Raises while they cannot be read (Redis away)."""
+        if self._subscribers is None:
+            raise RuntimeError("the channels' groups are read by the layer")
+        await self._subscribers.heard_all_before(channel_group(c) for c in channels)
 
     def publish_soon(self, message: ChannelMessage) -> None:
         """Queue a committed message for the other nodes; one sender keeps the order.

@@ -22,7 +22,9 @@ Failures:
   the connection is down it raises at once, as the layer did;
 - a connection that breaks is opened again every ``RECONNECT_SECS``, and every group is
   subscribed again; what was published meanwhile is missed here and repaired as any
-  loss between nodes is (the hub's gap detection and its periodic sync with history);
+  loss between nodes is (the hub's gap detection and its periodic sync with history;
+  presence joins and leaves by ``push.cluster.presence_views``, told by
+  ``on_resubscribed``);
 - a connection that goes silent without a reset is found by a PING sent when nothing
   came for ``PING_SECS``, and given up when nothing came for one more.
 """
@@ -30,8 +32,9 @@ Failures:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
@@ -58,10 +61,17 @@ class ShardSubscriber:
         *,
         on_message: Callable[[bytes], None],
         on_error: Callable[[BaseException], None],
+        on_resubscribed: Callable[[], None] | None = None,
     ) -> None:
         self._pool = pool
         self._on_message = on_message
         self._on_error = on_error
+        self._on_resubscribed = on_resubscribed
+        # A connection was open before: the next one follows a failure.
+        self._was_connected = False
+        # PING tokens sent by ``heard_all_before``, until their PONG comes.
+        self._pongs: dict[bytes, asyncio.Future[None]] = {}
+        self._ping_tokens = itertools.count()
         self._groups: set[str] = set()
         # Connected, with every group of ``_groups`` subscribed (or being subscribed).
         self._connection: AbstractConnection | None = None
@@ -130,6 +140,9 @@ class ShardSubscriber:
                 await asyncio.sleep(RECONNECT_SECS)
                 continue
             ready.set_result(None)
+            if self._was_connected and self._on_resubscribed is not None:
+                self._on_resubscribed()
+            self._was_connected = True
             watchdog = spawn(self._watch(connection), name="push-broker-subscriber-ping")
             try:
                 await self._read(connection)
@@ -169,6 +182,24 @@ class ShardSubscriber:
                 for confirmed in self._confirmations.pop(reply[1], ()):
                     if not confirmed.done():
                         confirmed.set_result(None)
+            elif type(reply) is list and reply[0] == b"pong":
+                pong = self._pongs.pop(reply[1], None)
+                if pong is not None and not pong.done():
+                    pong.set_result(None)
+
+    async def heard_all_before(self) -> None:
+        """Return once every message Redis sent this connection before now was read (and
+        its groups' subscriptions, sent before, confirmed): a PING on the connection, whose
+        answer Redis queues behind them. Raises while the connection is down."""
+        connection = await self._connected()
+        token = str(next(self._ping_tokens)).encode()
+        pong = self._pongs[token] = asyncio.get_running_loop().create_future()
+        try:
+            await connection.send_command("PING", token, check_health=False)
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT_SECS):
+                await pong
+        finally:
+            self._pongs.pop(token, None)
 
     async def _watch(self, connection: AbstractConnection) -> None:
         """PING a connection that was silent for ``PING_SECS``; give it up when the
@@ -210,10 +241,12 @@ class GroupSubscribers:
         *,
         on_message: Callable[[bytes], None],
         on_error: Callable[[BaseException], None],
+        on_resubscribed: Callable[[], None] | None = None,
     ) -> None:
         self._layer = layer
         self._on_message = on_message
         self._on_error = on_error
+        self._on_resubscribed = on_resubscribed
         self._shards: dict[int, ShardSubscriber] = {}
 
     @classmethod
@@ -223,6 +256,7 @@ class GroupSubscribers:
         *,
         on_message: Callable[[bytes], None],
         on_error: Callable[[BaseException], None],
+        on_resubscribed: Callable[[], None] | None = None,
     ) -> GroupSubscribers | None:
         """Subscribers for ``layer``, or None when it is not a layer whose groups this
         can read (it reads attributes the layer does not document, and checks each)."""
@@ -245,7 +279,7 @@ class GroupSubscribers:
             return None
         if not hasattr(layer, "deserialize"):
             return None
-        return cls(layer, on_message=on_message, on_error=on_error)
+        return cls(layer, on_message=on_message, on_error=on_error, on_resubscribed=on_resubscribed)
 
     def start(self) -> None:
         from channels_redis.utils import create_pool  # type: ignore[import-untyped]  # no stubs
@@ -253,7 +287,10 @@ class GroupSubscribers:
         loop_layer = self._layer._get_layer()
         for index, shard in enumerate(loop_layer._shards):
             subscriber = ShardSubscriber(
-                create_pool(shard.host), on_message=self._on_message, on_error=self._on_error
+                create_pool(shard.host),
+                on_message=self._on_message,
+                on_error=self._on_error,
+                on_resubscribed=self._on_resubscribed,
             )
             self._shards[index] = subscriber
             subscriber.start()
@@ -276,3 +313,9 @@ class GroupSubscribers:
     async def unsubscribe(self, group: str) -> None:
         subscriber, group_channel = self._shard_of(group)
         await subscriber.unsubscribe(group_channel)
+
+    async def heard_all_before(self, groups: Iterable[str]) -> None:
+        """Return once every message Redis sent before now to ``groups`` was read
+        (``ShardSubscriber.heard_all_before``): one PING per shard they are on."""
+        shards = {id(s): s for s in (self._shard_of(group)[0] for group in groups)}
+        await asyncio.gather(*(shard.heard_all_before() for shard in shards.values()))

@@ -49,6 +49,7 @@ from push.cluster.live import LiveConnection
 from push.cluster.occupancy import Occupancy
 from push.cluster.overload import LoopLag
 from push.cluster.presence import PresenceStore, leave_presence
+from push.cluster.presence_views import PresenceViews
 from push.cluster.registry import ClosedConnection, ConnectionRegistry, close_node_connections
 from push.fanout.hub import Hub
 from push.fanout.message import ChannelMessage
@@ -92,7 +93,10 @@ class Node:
         self.is_running = False
         self.draining = False
         self.broker = Broker(
-            get_channel_layer(), on_message=self._on_broker_message, on_event=self._on_control
+            get_channel_layer(),
+            on_message=self._on_broker_message,
+            on_event=self._on_control,
+            on_resubscribed=self._on_resubscribed,
         )
         self.directory = NodeDirectory(
             settings.REDIS_URL,
@@ -101,6 +105,7 @@ class Node:
             dead_after_secs=push_settings.NODE_DEAD_AFTER_SECS,
         )
         self.presence = PresenceStore(self.directory.redis, self.directory.prefix, server_id)
+        self.presence_views = PresenceViews(self.presence, deliver=self._pass_on_presence)
         self.events = EventLog(
             self.directory.redis if push_settings.EVENTS else None,
             self.directory.prefix,
@@ -252,6 +257,11 @@ class Node:
         relay.relay_with(self.broker.storage_relay())
         if self.presence.redis is not None:
             self.presence.relay = self.broker.presence_relay()
+        if self.presence.relay is not None and self.broker.hears_in_order:
+            self.presence_views.hear_with(self.broker.heard_all_before)
+            self._tasks.append(
+                spawn(self.presence_views.run(), name="push-presence-views", loop=self.loop)
+            )
         global _running
         _running = self
         logger.info(
@@ -339,10 +349,16 @@ class Node:
     async def _join_channel(self, channel: str) -> None:
         await self.broker.join(channel)
         self.events.occupied(channel)
+        if is_presence_channel(channel):
+            self.presence_views.track(channel)
 
     async def _leave_channel(self, channel: str) -> None:
+        self.presence_views.untrack(channel)
         await self.broker.leave(channel)
         self.events.vacated(channel)
+
+    def _on_resubscribed(self) -> None:
+        self.presence_views.resubscribed()
 
     async def announce_presence(self, kind: str, channel: str, member: dict[str, Any]) -> None:
         """Tell every node serving ``channel`` (this one too) that a member joined/left,
@@ -378,15 +394,7 @@ class Node:
             )
             return
         if event.get("type") == PRESENCE_EVENT:
-            # Before the subscribers hear of it: a member list they ask for next is read
-            # anew, and one being read meanwhile is told.
-            self.presence.heard(event["channel"], event["kind"], event["member"])
-            self.hub.deliver_event(
-                event["channel"],
-                presence_change(
-                    kind=event["kind"], channel=event["channel"], member=event["member"]
-                ),
-            )
+            self._pass_on_presence(event["channel"], event["kind"], event["member"])
             return
         if event.get("type") != DISCONNECT_EVENT:
             return
@@ -401,6 +409,15 @@ class Node:
                 or getattr(connection, "pusher_user_id", None) in pusher_user_ids
             ):
                 connection.close(code)
+
+    def _pass_on_presence(self, channel: str, kind: str, member: dict[str, Any]) -> None:
+        """A join or leave to this node's subscribers of ``channel``: one heard from
+        Redis, or one it missed (``PresenceViews``)."""
+        # Before the subscribers hear of it: a member list they ask for next is read
+        # anew, and one being read meanwhile is told.
+        self.presence.heard(channel, kind, member)
+        self.presence_views.heard(channel, kind, member)
+        self.hub.deliver_event(channel, presence_change(kind=kind, channel=channel, member=member))
 
     def stats(self) -> dict[str, Any]:
         """What this node serves, with per-channel message rates since the last call."""

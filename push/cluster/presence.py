@@ -287,6 +287,14 @@ class PresenceStore:
     async def _read_members(self, channel: str) -> list[Member]:
         return _members_from(await self.redis.hgetall(self._keys(channel, self.server_id)[2]))
 
+    async def members_of(self, channels: list[str]) -> dict[str, list[Member]]:
+        """The members of each of ``channels``, read in one round trip (never shared)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for channel in channels:
+            pipe.hgetall(self._keys(channel, self.server_id)[2])
+        read = await pipe.execute()
+        return {c: _members_from(raw) for c, raw in zip(channels, read, strict=True)}
+
     def forget_members(self, channel: str) -> None:
         """The channel's members changed: the next ``members`` reads them again (callers
         already waiting on a read keep it: they asked before the change)."""

@@ -278,7 +278,10 @@ class _MemberList:
     cache channel's replay) follow it; and when the node did not serve the channel all
     along (it heard nothing before joining its group), the members are read again once
     the subscription is live, and each difference the connection has heard nothing of
-    since is sent as its event."""
+    since is sent as its event. Where the node keeps the channel's view (the members
+    its subscribers were told, ``PresenceViews``), the list starts from it: what the
+    connection then gets is what the others here get, put right with them after an
+    outage."""
 
     def __init__(self, node: SessionNode, session: Any, channel: str) -> None:
         self.node = node
@@ -290,9 +293,16 @@ class _MemberList:
         self.listed: list[Member] = []
         self.sent: list[Member] = []
         self.answered_at = 0  # how much of ``heard`` the answer holds
+        self.viewed = False  # ``listed`` is the node's view
 
     async def read(self) -> None:
-        self.listed = await self.node.presence.members(self.channel)
+        viewed = await self.node.presence_views.members(self.channel)
+        self.viewed = viewed is not None
+        # Heard events re-applied to a view change nothing: the last event of a member
+        # decides in both.
+        self.listed = (
+            viewed if viewed is not None else await self.node.presence.members(self.channel)
+        )
 
     def answered(self) -> dict[str, Any]:
         """The ``presence`` data of ``subscription_succeeded``, sent now."""
@@ -308,7 +318,7 @@ class _MemberList:
         # Heard after the answer, before the subscription went live (the replay).
         for kind, changed in self.heard[self.answered_at :]:
             self._send(kind, changed)
-        if subscription.channel is self.served:
+        if subscription.channel is self.served or self.viewed:
             return  # every join and leave since the read was heard, and is applied
         known = members_after(self.sent, self.heard[self.answered_at :])
         live_from = len(self.heard)

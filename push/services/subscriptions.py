@@ -30,6 +30,7 @@ from push.cluster.presence import (
     members_after,
     presence_member,
 )
+from push.cluster.presence_views import PresenceViews
 from push.cluster.registry import ConnectionRecord, ConnectionRegistry
 from push.fanout.delta import FOSSIL
 from push.fanout.hub import Hub
@@ -61,6 +62,7 @@ class SessionNode(Protocol):
     registry: ConnectionRegistry
     events: EventLog
     presence: PresenceStore
+    presence_views: PresenceViews
     occupancy: Occupancy
     overload: LoopLag
 
@@ -242,7 +244,12 @@ async def presence_list(node: SessionNode, channel: str) -> list[dict[str, Any]]
     subscriber was just told left, or lack one it was told joined."""
     heard = node.presence.listen(channel)
     try:
-        return members_after(await node.presence.members(channel), heard)
+        # What they were told, where the node keeps it (``PresenceViews``); the heard
+        # events applied again change nothing there (a member's last event decides).
+        listed = await node.presence_views.members(channel)
+        if listed is None:
+            listed = await node.presence.members(channel)
+        return members_after(listed, heard)
     finally:
         node.presence.unlisten(channel, heard)
 
