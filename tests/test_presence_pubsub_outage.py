@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +35,12 @@ EVENT_TIMEOUT_SECS = 30.0
 @pytest.fixture(scope="module")
 def admin(own_redis: OwnedProcess) -> redis.Redis:
     client = redis.Redis(port=own_redis.port, decode_responses=True)
-    client.acl_setuser(
+    _add_node_a_user(client)
+    return client
+
+
+def _add_node_a_user(admin: redis.Redis) -> None:
+    admin.acl_setuser(
         NODE_A_USER,
         enabled=True,
         passwords=[f"+{NODE_A_PASSWORD}"],
@@ -42,7 +48,6 @@ def admin(own_redis: OwnedProcess) -> redis.Redis:
         channels=["*"],
         commands=["+@all"],
     )
-    return client
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +106,22 @@ class Watcher:
         assert succeeded["event"] == "pusher_internal:subscription_succeeded", succeeded
         return cls(client, succeeded)
 
+    @classmethod
+    async def join_retrying(cls, node: ServerNode, channel: str, user_id: str) -> Watcher:
+        """``join`` on node A while it is cut, trying again after a 503 as a client would:
+        a new Redis connection it needs meanwhile is refused too."""
+
+        async def joined() -> Watcher | None:
+            client = await PusherClient.connect(node.pusher_url)
+            answer = await client.subscribe(channel, channel_data=presence_data(user_id))
+            if answer["event"] == "pusher_internal:subscription_succeeded":
+                return cls(client, answer)
+            assert json.loads(answer["data"])["status"] == 503, answer
+            await client.close()
+            return None
+
+        return await wait_until(joined, f"{user_id} subscribed", timeout=EVENT_TIMEOUT_SECS)
+
     async def _read(self) -> None:
         while True:
             frame = await self.client.receive(timeout=3600)
@@ -119,7 +140,9 @@ class Watcher:
                 self.task.result()  # its assertion, if it failed
             return self.members == expected
 
-        await wait_until(listed, f"members {expected}", timeout=EVENT_TIMEOUT_SECS)
+        await wait_until(
+            listed, f"members {expected}, listing {self.members}", timeout=EVENT_TIMEOUT_SECS
+        )
 
     async def close(self) -> None:
         self.task.cancel()
@@ -143,16 +166,54 @@ async def test_members_changed_while_a_node_could_not_hear_reach_its_subscribers
             lambda: set(admin.hkeys(_members_key(e2e_env, channel))) == {'"watcher"', '"bob"'},
             "alice gone and bob there in Redis",
         )
+        # Subscribed while its node cannot hear: its list is the node's, put right too.
+        late = await Watcher.join_retrying(node_a, channel, "late")
     finally:
         await _restore(admin)
 
-    everyone = {"watcher", "bob"}
-    for subscriber in (watcher, bob):
+    everyone = {"watcher", "bob", "late"}
+    for subscriber in (watcher, late, bob):
         await subscriber.lists(everyone)
     # Nothing more was owed: the next change is the next frame each one gets.
     carol = await Watcher.join(node_b, channel, "carol")
-    for subscriber in (watcher, bob):
+    for subscriber in (watcher, late, bob):
         await subscriber.lists(everyone | {"carol"})
     assert [f["event"] for f in watcher.frames[-1:]] == ["pusher_internal:member_added"]
+    for subscriber in (watcher, late, bob, carol):
+        await subscriber.close()
+
+
+async def test_after_redis_restarted_empty_every_subscriber_lists_who_is_there(
+    nodes: tuple[ServerNode, ServerNode], admin: redis.Redis, own_redis: OwnedProcess
+) -> None:
+    """Redis restarts without its data, and a member left while it was down: the nodes
+    put their members back (``PresenceStore.repair``), and each subscriber, on either
+    node, ends listing those there, told of no join of a member it lists."""
+    node_a, node_b = nodes
+    channel = f"presence-restart-{uuid.uuid4().hex[:8]}"
+    watcher = await Watcher.join(node_a, channel, "watcher")
+    alice = await Watcher.join(node_b, channel, "alice")
+    bob = await Watcher.join(node_b, channel, "bob")
+    await watcher.lists({"watcher", "alice", "bob"})
+
+    own_redis.stop(signal.SIGKILL)
+    try:
+        await alice.close()
+        await wait_until(
+            lambda: f"presence leave on {channel} failed" in node_b.log(),
+            "alice's leave tried while Redis is down",
+            timeout=EVENT_TIMEOUT_SECS,
+        )
+    finally:
+        own_redis.launch()
+        await asyncio.to_thread(own_redis.wait_answering)
+        _add_node_a_user(admin)  # lost with the rest
+
+    for subscriber in (watcher, bob):
+        await subscriber.lists({"watcher", "bob"})
+    carol = await Watcher.join(node_a, channel, "carol")
+    assert carol.members == {"watcher", "bob", "carol"}
+    for subscriber in (watcher, bob):
+        await subscriber.lists({"watcher", "bob", "carol"})
     for subscriber in (watcher, bob, carol):
         await subscriber.close()

@@ -222,6 +222,11 @@ class Broker:
         where the groups are read here (``GroupSubscribers``)."""
         return self._subscribers is not None
 
+    def hears(self, channel: str) -> bool:
+        """Whether what is published to ``channel``'s group now reaches this node (its
+        connection is open; where the layer reads the groups, as far as is known)."""
+        return self._subscribers is None or self._subscribers.hears(channel_group(channel))
+
     async def heard_all_before(self, channels: list[str]) -> None:
         """Return once everything Redis sent before now to the groups of ``channels``
         was read and handed on. Raises while they cannot be read (Redis away)."""

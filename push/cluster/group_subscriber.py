@@ -187,6 +187,11 @@ class ShardSubscriber:
                 if pong is not None and not pong.done():
                     pong.set_result(None)
 
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is open (it may be found broken later)."""
+        return self._connection is not None
+
     async def heard_all_before(self) -> None:
         """Return once every message Redis sent this connection before now was read (and
         its groups' subscriptions, sent before, confirmed): a PING on the connection, whose
@@ -313,6 +318,10 @@ class GroupSubscribers:
     async def unsubscribe(self, group: str) -> None:
         subscriber, group_channel = self._shard_of(group)
         await subscriber.unsubscribe(group_channel)
+
+    def hears(self, group: str) -> bool:
+        """Whether ``group``'s connection is open: what is published to it now arrives."""
+        return self._shard_of(group)[0].connected
 
     async def heard_all_before(self, groups: Iterable[str]) -> None:
         """Return once every message Redis sent before now to ``groups`` was read

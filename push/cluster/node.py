@@ -377,6 +377,12 @@ class Node:
             await self.broker.send_event(
                 channel_group(channel), presence_event(kind, channel, member)
             )
+        elif self.presence_views.enabled and not self.broker.hears(channel):
+            # Sent to the other nodes, but this one cannot hear it: its subscribers get
+            # it now, not at the next reconciliation (a Pusher member's own list must
+            # hold it). Heard after all (the connection came back as it was sent), it
+            # changes nothing in the view, and is not passed on twice.
+            self._pass_on_presence(channel, kind, member)
 
     async def relay_client_event(self, channel: str, frame: dict[str, Any], sender: str) -> None:
         """A Pusher client event: to the channel's Pusher subscribers on every node but
@@ -413,10 +419,11 @@ class Node:
     def _pass_on_presence(self, channel: str, kind: str, member: dict[str, Any]) -> None:
         """A join or leave to this node's subscribers of ``channel``: one heard from
         Redis, or one it missed (``PresenceViews``)."""
+        if not self.presence_views.heard(channel, kind, member):
+            return  # they were told already (``PresenceViews.heard``)
         # Before the subscribers hear of it: a member list they ask for next is read
         # anew, and one being read meanwhile is told.
         self.presence.heard(channel, kind, member)
-        self.presence_views.heard(channel, kind, member)
         self.hub.deliver_event(channel, presence_change(kind=kind, channel=channel, member=member))
 
     def stats(self) -> dict[str, Any]:

@@ -94,15 +94,21 @@ class PresenceViews:
         self._views.pop(channel, None)
         self._due.pop(channel, None)
 
-    def heard(self, channel: str, kind: str, changed: Member) -> None:
-        """A join or leave passed on to the channel's subscribers here."""
+    def heard(self, channel: str, kind: str, changed: Member) -> bool:
+        """A join or leave to pass on to the channel's subscribers here: False when
+        their view has it already (a join of a member listed as it is, a leave of one
+        not listed), which only an event heard twice makes (this node passed on what
+        it sent while it could not hear, or put right what a repair sends again)."""
         view = self._views.get(channel)
         if view is None or view.members is None:
-            return
+            return True
+        key = member_key(changed)
         if kind == "join":
-            view.members[member_key(changed)] = changed
-        else:
-            view.members.pop(member_key(changed), None)
+            if view.members.get(key) == changed:
+                return False
+            view.members[key] = changed
+            return True
+        return view.members.pop(key, None) is not None
 
     def resubscribed(self) -> None:
         """The node's groups are subscribed again after a break: what was published
@@ -111,15 +117,17 @@ class PresenceViews:
 
     async def members(self, channel: str) -> list[Member] | None:
         """The channel's members as its subscribers here know them, with every event
-        published before now heard; None when not known (not served, not read yet, or
-        the node cannot hear now): the caller reads Redis instead."""
+        published before now heard; None when not known (not served, not read yet):
+        the caller reads Redis instead. While the node cannot hear, the view as it is:
+        Redis may know better, but a list from Redis would be put right at the next
+        reconciliation as if it were the view, with joins it holds and leaves it lacks."""
         view = self._views.get(channel)
         if view is None or view.members is None or self._heard_all_before is None:
             return None
         try:
             await self._heard_all_before([channel])
-        except Exception:  # not subscribed now: the view may be behind Redis
-            return None
+        except Exception as exc:  # not subscribed now: behind Redis until reconciled
+            logger.info("presence view of %s answered unconfirmed: %s", channel, exc)
         if self._views.get(channel) is not view or view.members is None:
             return None
         return list(view.members.values())
