@@ -32,11 +32,16 @@ def _redis_url(port: int | None = None) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _subscriber(url: str) -> AsyncIterator[tuple[ShardSubscriber, list[bytes], list[Any]]]:
+async def _subscriber(
+    url: str, on_resubscribed: Callable[[], None] | None = None
+) -> AsyncIterator[tuple[ShardSubscriber, list[bytes], list[Any]]]:
     received: list[bytes] = []
     errors: list[BaseException] = []
     subscriber = ShardSubscriber(
-        ConnectionPool.from_url(url), on_message=received.append, on_error=errors.append
+        ConnectionPool.from_url(url),
+        on_message=received.append,
+        on_error=errors.append,
+        on_resubscribed=on_resubscribed,
     )
     subscriber.start()
     try:
@@ -89,16 +94,33 @@ async def test_a_cut_connection_is_opened_again_with_every_group() -> None:
     proxy = Proxy(("127.0.0.1", _redis_port()))
     port = await proxy.start()
     group = _group()
+    resubscribed: list[None] = []
     try:
-        async with _subscriber(_redis_url(port)) as (subscriber, received, errors):
+        async with _subscriber(
+            _redis_url(port), on_resubscribed=lambda: resubscribed.append(None)
+        ) as (subscriber, received, errors):
             await subscriber.subscribe(group)
+            assert not resubscribed  # the first connection follows no failure
             proxy.cut()
             await wait_until(lambda: errors, "the subscriber to see the cut")
             await wait_until(lambda: proxy.accepted == 2, "a new connection")
 
             await wait_until(_delivered(group, received), "a message after the cut")
+            # Told, so that what was missed meanwhile is put right (presence).
+            assert resubscribed == [None]
     finally:
         await proxy.stop()
+
+
+async def test_everything_published_before_is_read_once_heard_all_before_returns() -> None:
+    group = _group()
+    async with _subscriber(_redis_url()) as (subscriber, received, _):
+        await subscriber.subscribe(group)
+        sent = [f"m{n}".encode() for n in range(200)]
+        for data in sent:
+            await _publish(group, data)
+        await subscriber.heard_all_before()
+        assert received == sent
 
 
 async def test_a_silent_connection_is_given_up_once_a_ping_goes_unanswered(
@@ -128,6 +150,8 @@ async def test_subscribing_while_redis_cannot_be_reached_fails_at_once() -> None
         async with asyncio.timeout(2):
             with pytest.raises(ConnectionError):
                 await subscriber.subscribe(_group())
+            with pytest.raises(ConnectionError):
+                await subscriber.heard_all_before()
         assert errors
 
 
