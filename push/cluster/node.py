@@ -358,7 +358,19 @@ class Node:
         self.events.vacated(channel)
 
     def _on_resubscribed(self) -> None:
-        self.presence_views.resubscribed()
+        spawn(self._reconcile_presence(), name="push-presence-reconcile", loop=self.loop)
+
+    async def _reconcile_presence(self) -> None:
+        """Once the node hears Redis again: its own members back first where Redis lost
+        them (restarted without its data), as the repair loop would put them soon, so
+        that its subscribers are not told that members still here left (themselves
+        among them); then every channel it serves is put right."""
+        try:
+            await self.presence.repair(self.announce_presence)
+        except Exception as exc:  # the repair loop tries again
+            logger.warning("presence repair failed: %s", exc)
+        finally:
+            self.presence_views.resubscribed()
 
     async def announce_presence(self, kind: str, channel: str, member: dict[str, Any]) -> None:
         """Tell every node serving ``channel`` (this one too) that a member joined/left,

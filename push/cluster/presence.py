@@ -137,6 +137,7 @@ class PresenceStore:
         self._mine: dict[str, tuple[str, str, str, str]] = {}
         # A join or leave failed since the last repair: compare entry by entry.
         self._unsure = False
+        self._repairing = asyncio.Lock()
         # This node's entries whose leave failed (index entry -> channel, user, info):
         # Redis may have lost them with its data, or made the leave and lost the answer,
         # and then only these say that the member may have left (``_put_right``).
@@ -329,18 +330,21 @@ class PresenceStore:
         still connected here join again; an entry whose leave failed leaves (and is
         announced gone even when Redis lost it with its data). Each join or leave this
         changes is announced (the scripts decide, as ever, so once across
-        the cluster). One SCARD when nothing is wrong."""
+        the cluster). One SCARD when nothing is wrong. One repair at a time (the node
+        also repairs as soon as it hears Redis again): two would both announce a lost
+        leave."""
         if self.redis is None:
             return
-        index = self.node_index(self.server_id)
-        if not self._unsure and await self.redis.scard(index) == len(self._mine):
-            return
-        self._unsure = False
-        try:
-            await self._put_right(announce, index)
-        except Exception:
-            self._unsure = True  # compared entry by entry again next time
-            raise
+        async with self._repairing:
+            index = self.node_index(self.server_id)
+            if not self._unsure and await self.redis.scard(index) == len(self._mine):
+                return
+            self._unsure = False
+            try:
+                await self._put_right(announce, index)
+            except Exception:
+                self._unsure = True  # compared entry by entry again next time
+                raise
 
     async def _put_right(self, announce: Announce, index: str) -> None:
         recorded = {_text(entry) for entry in await self.redis.smembers(index)}
