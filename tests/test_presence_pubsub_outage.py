@@ -85,6 +85,14 @@ async def _restore(admin: redis.Redis) -> None:
     )
 
 
+def _names(frame: dict[str, Any], event: str, user_id: str) -> bool:
+    """Whether ``frame`` is Pusher's ``event`` (added or removed) for ``user_id``."""
+    return bool(
+        frame["event"] == f"pusher_internal:{event}"
+        and json.loads(frame["data"])["user_id"] == user_id
+    )
+
+
 def _members_key(env: dict[str, str], channel: str) -> str:
     return f"{env['REDIS_PREFIX']}:presence:{channel}:members"
 
@@ -168,6 +176,7 @@ async def test_members_changed_while_a_node_could_not_hear_reach_its_subscribers
         )
         # Subscribed while its node cannot hear: its list is the node's, put right too.
         late = await Watcher.join_retrying(node_a, channel, "late")
+        assert late.members == {"watcher", "alice", "late"}, "the node's view, and itself"
     finally:
         await _restore(admin)
 
@@ -211,6 +220,9 @@ async def test_after_redis_restarted_empty_every_subscriber_lists_who_is_there(
 
     for subscriber in (watcher, bob):
         await subscriber.lists({"watcher", "bob"})
+    # Its node put it back in Redis before it read the members again: never told that
+    # it left itself.
+    assert not [f for f in watcher.frames if _names(f, "member_removed", "watcher")]
     carol = await Watcher.join(node_a, channel, "carol")
     assert carol.members == {"watcher", "bob", "carol"}
     for subscriber in (watcher, bob):
