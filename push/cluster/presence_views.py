@@ -17,6 +17,12 @@ A read is made consistent with the events as ``PresenceStore.members`` answers a
 and after it (``Broker.heard_all_before``), whose answer Redis queues behind every
 event published before. So the read follows the groups' subscriptions, and every event
 it already shows has been heard by the time it is compared, never passed on twice.
+
+While it cannot hear, the node passes on its own members' joins and leaves at once
+(``Node.announce_presence``), so a member's own list holds it. A join of a member the
+view lists as it is, or a leave of one it does not list, is not passed on: only an
+event heard twice makes one (such an own event heard after all, a repair's
+announcement of a member put back in Redis).
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from push.cluster.presence import Member, PresenceStore, member_key, members_aft
 logger = logging.getLogger(__name__)
 
 # Channels read per round trip, one round trip at a time: a node with thousands of
-# presence channels puts them right after an outage without a burst of reads (a batch
-# of 50 channels of 100 members each is one reply of ~0.5 MB at most).
+# presence channels puts them right after an outage without a burst of reads, and with
+# one reply of a size Redis sends at once (estimated: 50 channels of 100 members of
+# ~100 bytes are ~0.5 MB).
 RECONCILE_BATCH_CHANNELS = 50
 # After a failed batch (Redis away again), before it is read again.
 RECONCILE_RETRY_SECS = 1.0
