@@ -72,8 +72,7 @@ async def test_thousands_of_channels_are_read_in_bounded_batches_one_at_a_time()
     node = await get_node()
     store = node.presence
     delivered: list[tuple[str, str, Member]] = []
-    views = PresenceViews(store, deliver=lambda *event: delivered.append(event))
-    views.batch_channels = 40
+    views = PresenceViews(store, deliver=lambda *event: delivered.append(event), batch_channels=40)
     batches: list[int] = []
     reading = 0
 
