@@ -60,6 +60,7 @@ def ours_env(database_url: str, redis_url: str, redis_prefix: str) -> dict[str, 
         "PUSH_ADDRESS_SUBSCRIBE_PER_SEC": "0",
         "PUSH_ADDRESS_REST_PER_SEC": "0",
         "PUSH_MAX_ANONYMOUS_CONNECTIONS_PER_IP": "0",
+        "PUSH_MAX_HTTP_CONNECTIONS_PER_IP": "0",
         # The benchmark drives the node to its limit on purpose, with anonymous
         # subscribers: shedding them while its loop lags would measure the shedding.
         "PUSH_OVERLOAD_LAG_MS": "0",

@@ -526,6 +526,15 @@ class PushSettings:
         "token's count against `PUSH_MAX_CONNECTIONS_PER_USER`; behind a proxy, set "
         "`PUSH_TRUSTED_PROXIES`",
     )
+    MAX_HTTP_CONNECTIONS_PER_IP: int = option(
+        1000,
+        EnvType.COUNT,
+        "open HTTP connections (keep-alive, idle or not, and SSE streams) per client "
+        "address (an IPv6 /64) on one uvicorn or daphne node, counted from the accept to "
+        "the close or a WebSocket upgrade: past it a new connection's request is answered "
+        "429 `RATE_LIMITED` with `Connection: close` (0: no limit); off behind a trusted "
+        "proxy (`PUSH_TRUSTED_PROXIES`), whose address every connection has",
+    )
     REVOCATION_CHECK_SECS: float = option(
         5.0,
         EnvType.NUMBER,

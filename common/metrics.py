@@ -248,8 +248,8 @@ CONNECTIONS_CLOSED = Counter(
 CONNECTIONS_REFUSED = Counter(
     "push_connections_refused_total",
     "Connections refused at their start for a connection limit: the node's "
-    "(PUSH_MAX_CONNECTIONS), a user's, an address's, or the server's sockets of every "
-    "kind (open_files)",
+    "(PUSH_MAX_CONNECTIONS), a user's, an address's, an address's open HTTP connections "
+    "(http_address), or the server's sockets of every kind (open_files)",
     ["limit"],
 )
 CONNECTIONS_ACTIVE = Gauge(

@@ -317,3 +317,28 @@ async def _served_unless_closed(port: int) -> bool:
         return await _served(port)
     except ConnectionError:
         return False
+
+
+async def _refused(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """The answer to a GET on a new connection, read to the server's close."""
+    writer.write(GET)
+    return await asyncio.wait_for(reader.read(), ANSWER_SECS)
+
+
+async def test_one_address_may_hold_only_so_many_http_connections() -> None:
+    """Idle keep-alive connections count against their address until they close; past
+    ``max_connections_per_peer`` a new one's request is answered 429 and closed. A
+    WebSocket counts only until it is upgraded (the application counts it then)."""
+    async with _serving(max_connections_per_peer=2) as port:
+        first = await _served_once(port)  # kept alive, idle
+        async with connect(f"ws://127.0.0.1:{port}/") as websocket:
+            second = await _served_once(port)
+            answer = await _refused(*await _open(port))
+            await websocket.send("still served")
+            assert await asyncio.wait_for(websocket.recv(), ANSWER_SECS) == "still served"
+        assert answer.startswith(b"HTTP/1.1 429 ")
+        assert b"connection: close\r\n" in answer
+        assert b'"code": "RATE_LIMITED"' in answer
+        second[1].close()  # one goes: a place is free once the server saw it
+        await wait_until(lambda: _served_unless_closed(port), "a new connection served")
+        first[1].close()

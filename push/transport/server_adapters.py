@@ -28,8 +28,9 @@ from typing import Any
 
 from common import metrics
 from common.addresses import address_block
+from common.errors import ErrorCode
 from push.cluster.address_budgets import TokenBucket
-from push.wire.protocol import body_too_large
+from push.wire.protocol import body_too_large, error
 
 logger = logging.getLogger(__name__)
 
@@ -473,27 +474,32 @@ def _bounded_request(request: Any, channel: Any, limit: int) -> Any:
         kind.requestReceived(request, *args)
 
     def refuse() -> None:
-        # What else arrives is dropped, and the application is never called.
-        for name in _BODY_HOOKS:
-            setattr(request, name, _ignore)
         body = json.dumps(body_too_large(limit)).encode()
         head = (
             "HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         )
-        channel.transport.write(head.encode() + body)
-        # Not closed at once: a close with unread bytes would reset the connection,
-        # and the client might lose the answer before reading it.
-        half_close = getattr(channel.transport, "loseWriteConnection", None)
-        if half_close is not None:  # not every transport can (TLS)
-            half_close()
-        # daphne runs Twisted on asyncio's loop.
-        asyncio.get_event_loop().call_later(LINGER_SECS, channel.transport.loseConnection)
+        _refuse_daphne_request(request, channel, head.encode() + body)
 
     request.gotLength = bounded_length
     request.handleContentChunk = bounded_chunk
     request.requestReceived = read_whole
     return request
+
+
+def _refuse_daphne_request(request: Any, channel: Any, answer: bytes) -> None:
+    """Answer ``request`` (daphne's) with ``answer``, which closes the connection: what
+    else arrives is dropped, and the application is never called."""
+    for name in _BODY_HOOKS:
+        setattr(request, name, _ignore)
+    channel.transport.write(answer)
+    # Not closed at once: a close with unread bytes would reset the connection,
+    # and the client might lose the answer before reading it.
+    half_close = getattr(channel.transport, "loseWriteConnection", None)
+    if half_close is not None:  # not every transport can (TLS)
+        half_close()
+    # daphne runs Twisted on asyncio's loop.
+    asyncio.get_event_loop().call_later(LINGER_SECS, channel.transport.loseConnection)
 
 
 # The request methods ``_bounded_request`` wraps.
@@ -507,6 +513,85 @@ def _ignore(*args: Any) -> None:
 # How long a refused request's connection stays open to read (and drop) what the client
 # is still sending, so it reads the answer before the close.
 LINGER_SECS = 2.0
+
+
+# ----- open connections per peer (daphne) ----------------------------------------------
+
+
+def bound_daphne_connections_per_peer(limit: int) -> None:
+    """Make daphne count its open HTTP connections per peer (IPv6: its /64) and answer
+    the requests of a new one past ``limit`` (0: none) with 429 ``RATE_LIMITED`` and
+    close it, as ``bounded_head_httptools_protocol`` does under uvicorn: a connection
+    counts from its accept until it closes or becomes a WebSocket. Called before
+    daphne's server starts, after ``bound_daphne_request_bodies`` (whose answer to a
+    refused connection's request this one replaces)."""
+    if not limit:
+        return
+    from daphne import http_protocol
+
+    open_per_peer: collections.Counter[str] = collections.Counter()
+    build_protocol = http_protocol.HTTPFactory.buildProtocol
+
+    def build_counted(factory: Any, addr: Any) -> Any:
+        protocol = build_protocol(factory, addr)
+        host = getattr(addr, "host", None)
+        if protocol is None or not host:
+            return protocol
+        key = address_block(host)
+        make_request = protocol.requestFactory
+        if open_per_peer[key] >= limit:
+            REFUSED_HTTP_CONNECTIONS.inc()
+            protocol.requestFactory = lambda channel, queued: _refused_request(
+                make_request(channel, queued), channel
+            )
+            return protocol
+        open_per_peer[key] += 1
+        counted = [True]
+
+        def uncount() -> None:
+            if counted[0]:
+                counted[0] = False
+                _uncount(open_per_peer, key, 1)
+
+        # Twisted tells the HTTP channel of its socket's close, unless the socket was
+        # handed to a WebSocket: each request says whether it did.
+        connection_lost = protocol.connectionLost
+
+        def counted_connection_lost(reason: Any) -> None:
+            uncount()
+            connection_lost(reason)
+
+        protocol.connectionLost = counted_connection_lost
+        protocol.requestFactory = lambda channel, queued: _uncounted_if_upgraded(
+            make_request(channel, queued), uncount
+        )
+        return protocol
+
+    http_protocol.HTTPFactory.buildProtocol = build_counted
+
+
+def _refused_request(request: Any, channel: Any) -> Any:
+    """``request`` (daphne's) answered ``TOO_MANY_CONNECTIONS`` once its head is read."""
+    request.gotLength = lambda length: _refuse_daphne_request(
+        request, channel, TOO_MANY_CONNECTIONS
+    )
+    return request
+
+
+def _uncounted_if_upgraded(request: Any, uncount: Callable[[], None]) -> Any:
+    """``request`` (daphne's), calling ``uncount`` if it hands its socket to a WebSocket
+    (daphne's ``process`` does, and takes the request's transport away)."""
+    kind = type(request)
+
+    def process() -> None:
+        del request.process  # no reference cycle left behind
+        kind.process(request)
+        if request.transport is None:
+            uncount()
+
+    request.process = process
+    return request
+
 
 # ----- whole responses (uvicorn) -------------------------------------------------------
 
@@ -692,6 +777,28 @@ _HEAD_TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
     b"content-length: 33\r\nconnection: close\r\n\r\nrequest line or headers too large"
 )
+# Nor had a client address a bound on its open HTTP connections: measured, one address
+# held 1,500 keep-alive connections under uvicorn with a request to /health each every
+# few seconds (uvicorn closes one idle for 5 s; daphne for 60 s), each a file of the
+# node's, which only the server's count of every socket (open_files) bounded. Past
+# ``PUSH_MAX_HTTP_CONNECTIONS_PER_IP`` a new connection's request is answered this, as
+# an SSE stream over its address's connections is, and the connection closed.
+TOO_MANY_CONNECTIONS_MESSAGE = "too many open HTTP connections from this address; close some"
+
+
+def _too_many_connections_answer() -> bytes:
+    body = json.dumps(
+        error(code=ErrorCode.RATE_LIMITED, message=TOO_MANY_CONNECTIONS_MESSAGE)
+    ).encode()
+    head = (
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+        f"retry-after: 1\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+TOO_MANY_CONNECTIONS = _too_many_connections_answer()
+REFUSED_HTTP_CONNECTIONS = metrics.CONNECTIONS_REFUSED.labels("http_address")
 
 
 def bounded_head_httptools_protocol(
@@ -703,6 +810,7 @@ def bounded_head_httptools_protocol(
     body_idle_secs: float = REQUEST_BODY_IDLE_SECS,
     max_unfinished_body_bytes_per_peer: int = MAX_UNFINISHED_BODY_BYTES_PER_PEER,
     max_open_connections: int = 0,
+    max_connections_per_peer: int = 0,
 ) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol (``uvicorn.Config(http=...)``) answering 431 and
     closing once a request's line and headers pass ``max_bytes`` bytes or
@@ -720,12 +828,22 @@ def bounded_head_httptools_protocol(
     ``max_open_connections`` (0: no such bound), WebSockets and HTTP alike: the node's
     own limit (``PUSH_MAX_CONNECTIONS``) counts its clients' long-lived connections,
     but idle keep-alive connections, and heads still coming, each hold a file too, and
-    a node out of files can open no database or Redis connection."""
+    a node out of files can open no database or Redis connection. And answering 429
+    ``RATE_LIMITED`` (``Connection: close``) to the first request of a new connection
+    from a peer (IPv6: its /64) that has ``max_connections_per_peer`` HTTP connections
+    open (0: no such bound; 0 behind a proxy), idle or not: a connection counts from
+    its accept until it closes or becomes a WebSocket, which the application's own
+    limits count instead."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     incomplete: collections.Counter[str] = collections.Counter()
     # Peer -> the bytes read of its requests' bodies not yet whole.
     unfinished_body_bytes: collections.Counter[str] = collections.Counter()
+    # Peer -> its open HTTP connections (not yet upgraded).
+    open_per_peer: collections.Counter[str] = collections.Counter()
+    per_peer = bool(
+        max_incomplete_per_peer or max_unfinished_body_bytes_per_peer or max_connections_per_peer
+    )
     # uvicorn's own handlers of what arrives, called for every request: through these
     # rather than super(), which makes a proxy object each time. Measured on a fake
     # transport, a REST request cost 2.2-3.7 us more in this class than in uvicorn's
@@ -750,6 +868,9 @@ def bounded_head_httptools_protocol(
         # only once it spans more than one read (see ``data_received``).
         _head_armed = False
         _head_refused = False
+        # Whether this connection counts in ``open_per_peer``, or was refused for it.
+        _counted_open = False
+        _refused_open = False
         _between_requests = False
         _head_deadline: asyncio.TimerHandle | None = None
         # The key this connection counts under in ``incomplete`` while its head is read.
@@ -772,12 +893,14 @@ def bounded_head_httptools_protocol(
                 return
             self._access_handlers = self.access_log  # whether uvicorn would log
             peer = self.client[0] if self.client else None
-            if (max_incomplete_per_peer or max_unfinished_body_bytes_per_peer) and peer:
+            if per_peer and peer:
                 key = address_block(peer)
                 if max_incomplete_per_peer and incomplete[key] >= max_incomplete_per_peer:
                     transport.close()
                     return
                 self._peer_key = key
+                if max_connections_per_peer:
+                    self._count_open(key)
             # Nothing read yet: the first head is bounded in time and counted from now.
             self._head_begins()
             self._arm_head()
@@ -785,9 +908,37 @@ def bounded_head_httptools_protocol(
         def connection_lost(self, exc: Exception | None) -> None:
             self._head_ends()
             self._body_ends()
+            self._uncount_open()
             super().connection_lost(exc)
 
+        def handle_websocket_upgrade(self) -> None:
+            self._uncount_open()
+            super().handle_websocket_upgrade()
+
+        def _count_open(self, key: str) -> None:
+            """Count this new connection under its peer, or refuse it when the peer has
+            its most: answered once its request comes, which the client then reads as
+            the answer to it (answered before, it might lose it to the reset that the
+            request arriving at a closed socket causes)."""
+            if open_per_peer[key] >= max_connections_per_peer:
+                REFUSED_HTTP_CONNECTIONS.inc()
+                self._refused_open = True
+                return
+            open_per_peer[key] += 1
+            self._counted_open = True
+
+        def _uncount_open(self) -> None:
+            if self._counted_open:
+                self._counted_open = False
+                assert self._peer_key is not None
+                _uncount(open_per_peer, self._peer_key, 1)
+
         def data_received(self, data: bytes) -> None:
+            if self._refused_open:
+                # Answered at its first bytes, unparsed (a request head comes in one
+                # read): the application is never called.
+                self._refuse(TOO_MANY_CONNECTIONS)
+                return
             if self._between_requests:
                 self._between_requests = False
                 if not self._in_head:  # _head_begins, inline: every request's first read
@@ -806,7 +957,7 @@ def bounded_head_httptools_protocol(
             base_data_received(self, data)
             if self._in_head:
                 if self._head_bytes > max_bytes:
-                    self._refuse_head()
+                    self._refuse(_HEAD_TOO_LARGE)
                 else:
                     # A keep-alive request's head nearly always comes whole in one
                     # read: only one that does not gets a deadline and is counted
@@ -828,7 +979,7 @@ def bounded_head_httptools_protocol(
 
         def send_400_response(self, msg: str) -> None:
             if self._head_refused:
-                self._refuse_head()
+                self._refuse(_HEAD_TOO_LARGE)
             else:
                 super().send_400_response(msg)
 
@@ -944,10 +1095,10 @@ def bounded_head_httptools_protocol(
             self._body_ends()
             self.transport.close()
 
-        def _refuse_head(self) -> None:
+        def _refuse(self, answer: bytes) -> None:
             self._head_ends()  # nothing more is counted, nor answered twice
             if not self.transport.is_closing():
-                self.transport.write(_HEAD_TOO_LARGE)
+                self.transport.write(answer)
                 self.transport.close()
 
     return BoundedHeadHttpToolsProtocol

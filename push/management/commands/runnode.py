@@ -31,6 +31,7 @@ from push.services.runtime import drain_running_node
 from push.transport.server_adapters import (
     MAX_INCOMPLETE_HEADS_PER_PEER,
     MAX_UNFINISHED_BODY_BYTES_PER_PEER,
+    bound_daphne_connections_per_peer,
     bound_daphne_request_bodies,
     bounded_head_httptools_protocol,
     defer_autobahn_config_dump,
@@ -111,6 +112,9 @@ class Command(BaseCommand):
                 if behind_proxy
                 else MAX_UNFINISHED_BODY_BYTES_PER_PEER,
                 max_open_connections=open_connection_capacity(raise_open_file_limit()),
+                max_connections_per_peer=0
+                if behind_proxy
+                else push_settings.MAX_HTTP_CONNECTIONS_PER_IP,
             ),
             # The sans-I/O implementation: ~30% less CPU per frame than the legacy one
             # in the fan-out benchmark, with the same flow control.
@@ -157,6 +161,9 @@ class Command(BaseCommand):
         )
         _install_daphne_drain()
         bound_daphne_request_bodies(settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+        # Behind a proxy every connection has the proxy's address.
+        if not push_settings.TRUSTED_PROXIES:
+            bound_daphne_connections_per_peer(push_settings.MAX_HTTP_CONNECTIONS_PER_IP)
         defer_autobahn_config_dump()
         server.run()
         if not server.listening_addresses:
