@@ -167,8 +167,6 @@ async def _closed_unanswered(reader: asyncio.StreamReader, within: float) -> boo
 async def test_one_address_holds_only_so_many_bytes_of_unfinished_bodies(
     node: ServerNode,
 ) -> None:
-    if node.server != "uvicorn":
-        pytest.skip("daphne's bodies have no count per address (docs/security.md)")
     # Eight bodies of ~1.9 MB each, every one still coming, fit in the address's 16 MiB;
     # nine do not, and the connection whose bytes pass it is dropped (which one depends
     # on the order the node reads them in).

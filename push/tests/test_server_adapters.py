@@ -598,3 +598,34 @@ async def test_sealing_sends_the_frames_pushed_soon_first() -> None:
     outbox.seal()
     await asyncio.sleep(0)
     assert written == [soon.wire] and outbox.closed
+
+
+class _CountedRequest(_Request):
+    def connectionLost(self, reason: object) -> None:  # Twisted's name
+        self.lost = True
+
+
+def _counted(held: Any) -> tuple[_Request, _Transport]:
+    transport = _Transport()
+    channel = type("Channel", (), {"transport": transport})()
+    request = server_adapters._bounded_request(_CountedRequest(), channel, 100, held, "peer")
+    return request, transport
+
+
+async def test_unfinished_bodies_of_one_peer_share_a_bound_until_they_are_whole() -> None:
+    held = server_adapters._HeldBodies(10)
+    first, _ = _counted(held)
+    second, dropped = _counted(held)
+    first.handleContentChunk(b"123456")
+    second.handleContentChunk(b"123456")
+    # Past the peer's bytes: dropped unanswered, what else comes not stored.
+    assert (dropped.closed, dropped.written, second.body) == (True, b"", b"")
+    second.handleContentChunk(b"7")
+    assert second.body == b""
+    first.requestReceived(b"POST", b"/", b"HTTP/1.1")
+    assert held.bytes == {}  # a body whole counts no longer
+    third, kept = _counted(held)
+    third.handleContentChunk(b"1234567890")
+    third.connectionLost(None)  # nor one whose client left
+    assert (kept.closed, held.bytes) == (False, {})
+    assert not set(vars(third)) & {*server_adapters._BODY_HOOKS, "connectionLost"}

@@ -415,8 +415,13 @@ def _fail_uvicorn(protocol: Any, code: int, reason: str) -> None:
 # ----- request bodies (daphne) ---------------------------------------------------------
 
 
-def bound_daphne_request_bodies(limit: int | None) -> None:
-    """Make daphne stop reading a request body past ``limit`` bytes.
+def bound_daphne_request_bodies(
+    limit: int | None, *, max_unfinished_body_bytes_per_peer: int = 0
+) -> None:
+    """Make daphne stop reading a request body past ``limit`` bytes, and drop a
+    connection whose read would take its peer's bytes of unfinished bodies past
+    ``max_unfinished_body_bytes_per_peer`` (0: no such bound; 0 behind a proxy), as
+    ``bounded_head_httptools_protocol`` does under uvicorn.
 
     daphne reads a whole body (into a temporary file past 100 KB) before it calls the
     application, so the application's own bound (``push.api.handler``) comes too late:
@@ -431,27 +436,60 @@ def bound_daphne_request_bodies(limit: int | None) -> None:
     from daphne import http_protocol
 
     build_protocol = http_protocol.HTTPFactory.buildProtocol
+    held = _HeldBodies(max_unfinished_body_bytes_per_peer)
 
     def build_bounded(factory: Any, addr: Any) -> Any:
         protocol = build_protocol(factory, addr)
         if protocol is not None:
+            host = getattr(addr, "host", None)
+            key = address_block(host) if host and held.limit else None
             make_request = protocol.requestFactory
             protocol.requestFactory = lambda channel, queued: _bounded_request(
-                make_request(channel, queued), channel, limit
+                make_request(channel, queued), channel, limit, held, key
             )
         return protocol
 
     http_protocol.HTTPFactory.buildProtocol = build_bounded
 
 
-def _bounded_request(request: Any, channel: Any, limit: int) -> Any:
-    """``request`` (daphne's) with its body bounded to ``limit`` bytes.
+class _HeldBodies:
+    """The bytes of unfinished request bodies each peer has on this node (daphne), and
+    their bound (``MAX_UNFINISHED_BODY_BYTES_PER_PEER``): daphne keeps every body it
+    reads, each in a temporary file (a file of the node's) past 100 KB, until it is
+    whole, however slowly it comes (measured: 20 bodies of 2 MB from one address, each
+    one byte short, held on the node while the client kept their sockets)."""
+
+    __slots__ = ("bytes", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes: collections.Counter[str] = collections.Counter()
+
+    def take(self, key: str, nbytes: int) -> bool:
+        """Count ``nbytes`` more under ``key``: False once they pass the bound."""
+        self.bytes[key] += nbytes
+        return self.bytes[key] <= self.limit
+
+    def give_back(self, key: str, nbytes: int) -> None:
+        _uncount(self.bytes, key, nbytes)
+
+
+def _bounded_request(
+    request: Any,
+    channel: Any,
+    limit: int,
+    held: _HeldBodies | None = None,
+    key: str | None = None,
+) -> Any:
+    """``request`` (daphne's) with its body bounded to ``limit`` bytes, and what it has
+    read of it counted under ``key`` in ``held`` until it is whole (None: not counted).
 
     The wrappers refer to the request, and the request to them: once the body is read
-    whole, or refused, they are taken off again, so no request is left in a reference
-    cycle for the garbage collector."""
+    whole, refused or dropped, they are taken off again, so no request is left in a
+    reference cycle for the garbage collector."""
     kind = type(request)
     received = 0
+    counted = 0  # what this request's body counts in ``held``
 
     def bounded_length(length: int | None) -> None:
         if length is not None and length > limit:
@@ -461,19 +499,40 @@ def _bounded_request(request: Any, channel: Any, limit: int) -> Any:
             kind.gotLength(request, length)
 
     def bounded_chunk(data: bytes) -> None:
-        nonlocal received
+        nonlocal received, counted
         received += len(data)
         if received > limit:
             refuse()
-        else:
-            kind.handleContentChunk(request, data)
+            return
+        if held is not None and key is not None:
+            counted += len(data)
+            if not held.take(key, len(data)):
+                # Dropped without an answer, as under uvicorn.
+                unwrap()
+                _ignore_body(request)
+                channel.transport.loseConnection()
+                return
+        kind.handleContentChunk(request, data)
 
     def read_whole(*args: Any) -> None:
-        for name in _BODY_HOOKS:
-            vars(request).pop(name, None)
+        unwrap()
         kind.requestReceived(request, *args)
 
+    def lost(reason: Any) -> None:
+        unwrap()
+        kind.connectionLost(request, reason)
+
+    def unwrap() -> None:
+        nonlocal counted
+        if counted:
+            assert held is not None and key is not None
+            held.give_back(key, counted)
+            counted = 0
+        for name in (*_BODY_HOOKS, "connectionLost"):
+            vars(request).pop(name, None)
+
     def refuse() -> None:
+        unwrap()
         body = json.dumps(body_too_large(limit)).encode()
         head = (
             "HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
@@ -484,14 +543,16 @@ def _bounded_request(request: Any, channel: Any, limit: int) -> Any:
     request.gotLength = bounded_length
     request.handleContentChunk = bounded_chunk
     request.requestReceived = read_whole
+    if held is not None and key is not None:
+        # The channel tells its requests of the socket's close, mid-body too.
+        request.connectionLost = lost
     return request
 
 
 def _refuse_daphne_request(request: Any, channel: Any, answer: bytes) -> None:
     """Answer ``request`` (daphne's) with ``answer``, which closes the connection: what
     else arrives is dropped, and the application is never called."""
-    for name in _BODY_HOOKS:
-        setattr(request, name, _ignore)
+    _ignore_body(request)
     channel.transport.write(answer)
     # Not closed at once: a close with unread bytes would reset the connection,
     # and the client might lose the answer before reading it.
@@ -508,6 +569,12 @@ _BODY_HOOKS = ("gotLength", "handleContentChunk", "requestReceived")
 
 def _ignore(*args: Any) -> None:
     pass
+
+
+def _ignore_body(request: Any) -> None:
+    """Drop what else arrives of ``request``'s body; the application is never called."""
+    for name in _BODY_HOOKS:
+        setattr(request, name, _ignore)
 
 
 # How long a refused request's connection stays open to read (and drop) what the client

@@ -160,9 +160,16 @@ class Command(BaseCommand):
             verbosity=0,
         )
         _install_daphne_drain()
-        bound_daphne_request_bodies(settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
-        # Behind a proxy every connection has the proxy's address.
-        if not push_settings.TRUSTED_PROXIES:
+        # Behind a proxy every connection has the proxy's address, and the proxy reads
+        # the bodies: they are then not counted per peer.
+        behind_proxy = bool(push_settings.TRUSTED_PROXIES)
+        bound_daphne_request_bodies(
+            settings.DATA_UPLOAD_MAX_MEMORY_SIZE,
+            max_unfinished_body_bytes_per_peer=0
+            if behind_proxy
+            else MAX_UNFINISHED_BODY_BYTES_PER_PEER,
+        )
+        if not behind_proxy:
             bound_daphne_connections_per_peer(push_settings.MAX_HTTP_CONNECTIONS_PER_IP)
         defer_autobahn_config_dump()
         server.run()
