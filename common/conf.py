@@ -531,9 +531,10 @@ class PushSettings:
         EnvType.COUNT,
         "open HTTP connections (keep-alive, idle or not, and SSE streams) per client "
         "address (an IPv6 /64) on one uvicorn or daphne node, counted from the accept to "
-        "the close or a WebSocket upgrade: past it a new connection's request is answered "
-        "429 `RATE_LIMITED` with `Connection: close` (0: no limit); off behind a trusted "
-        "proxy (`PUSH_TRUSTED_PROXIES`), whose address every connection has",
+        "the close or a WebSocket upgrade: past it a new connection is answered 429 "
+        "`RATE_LIMITED` with `Connection: close` at once and closed 2 s later (0: no "
+        "limit); off behind a trusted proxy (`PUSH_TRUSTED_PROXIES`), whose address every "
+        "connection has",
     )
     REVOCATION_CHECK_SECS: float = option(
         5.0,

@@ -72,7 +72,16 @@ async def test_one_address_holds_only_so_many_http_connections(node: ServerNode)
         assert b"connection: close" in head.lower()
         assert json.loads(body)["code"] == "RATE_LIMITED"
         assert await asyncio.wait_for(extra[0].read(), ANSWER_SECS) == b""
-        assert _refused_count(node) == refused_before + 1
+        # One that never sends its request is answered all the same, and does not stay.
+        silent, writer = await asyncio.open_connection(
+            "127.0.0.1", node.port, local_addr=("127.0.5.1", 0)
+        )
+        try:
+            answer = await asyncio.wait_for(silent.read(), ANSWER_SECS)
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 429 ")
+        assert _refused_count(node) == refused_before + 2
         # Another address is served as usual, over HTTP and WebSocket.
         (await _served_from(node, "127.0.5.2"))[1].close()
         async with connect(node.ws_url, open_timeout=ANSWER_SECS, local_addr=("127.0.5.3", 0)):

@@ -553,14 +553,19 @@ def _refuse_daphne_request(request: Any, channel: Any, answer: bytes) -> None:
     """Answer ``request`` (daphne's) with ``answer``, which closes the connection: what
     else arrives is dropped, and the application is never called."""
     _ignore_body(request)
-    channel.transport.write(answer)
+    _answer_and_linger(channel.transport, answer)
+
+
+def _answer_and_linger(transport: Any, answer: bytes) -> None:
+    """Write ``answer`` to a Twisted ``transport`` and close it ``LINGER_SECS`` later."""
+    transport.write(answer)
     # Not closed at once: a close with unread bytes would reset the connection,
     # and the client might lose the answer before reading it.
-    half_close = getattr(channel.transport, "loseWriteConnection", None)
+    half_close = getattr(transport, "loseWriteConnection", None)
     if half_close is not None:  # not every transport can (TLS)
         half_close()
     # daphne runs Twisted on asyncio's loop.
-    asyncio.get_event_loop().call_later(LINGER_SECS, channel.transport.loseConnection)
+    asyncio.get_event_loop().call_later(LINGER_SECS, transport.loseConnection)
 
 
 # The request methods ``_bounded_request`` wraps.
@@ -587,30 +592,48 @@ LINGER_SECS = 2.0
 
 def bound_daphne_connections_per_peer(limit: int) -> None:
     """Make daphne count its open HTTP connections per peer (IPv6: its /64) and answer
-    the requests of a new one past ``limit`` (0: none) with 429 ``RATE_LIMITED`` and
-    close it, as ``bounded_head_httptools_protocol`` does under uvicorn: a connection
-    counts from its accept until it closes or becomes a WebSocket. Called before
-    daphne's server starts, after ``bound_daphne_request_bodies`` (whose answer to a
-    refused connection's request this one replaces)."""
+    a new one past ``limit`` (0: none) with 429 ``RATE_LIMITED``, as
+    ``bounded_head_httptools_protocol`` does under uvicorn: a connection counts from its
+    accept until it closes or becomes a WebSocket. Called before daphne's server
+    starts.
+
+    A refused connection is answered at once, not after its request: daphne has no
+    deadline for a head nor count of unfinished ones, so waiting for the request would
+    let a client hold refused connections as long as it trickled their heads. It is
+    closed ``LINGER_SECS`` later (what arrives meanwhile is dropped), and while its
+    peer has ``MAX_INCOMPLETE_HEADS_PER_PEER`` refused ones lingering, a new one is
+    closed unanswered."""
     if not limit:
         return
     from daphne import http_protocol
+    from twisted.internet.protocol import Protocol
 
     open_per_peer: collections.Counter[str] = collections.Counter()
+    lingering: collections.Counter[str] = collections.Counter()
     build_protocol = http_protocol.HTTPFactory.buildProtocol
 
+    class Refused(Protocol):
+        """A connection over its peer's count: answered, then closed."""
+
+        def __init__(self, key: str) -> None:
+            self.key = key
+            lingering[key] += 1
+
+        def connectionMade(self) -> None:  # Twisted's name
+            _answer_and_linger(self.transport, TOO_MANY_CONNECTIONS)
+
+        def connectionLost(self, reason: Any = None) -> None:  # Twisted's name
+            _uncount(lingering, self.key, 1)
+
     def build_counted(factory: Any, addr: Any) -> Any:
-        protocol = build_protocol(factory, addr)
         host = getattr(addr, "host", None)
-        if protocol is None or not host:
-            return protocol
-        key = address_block(host)
-        make_request = protocol.requestFactory
-        if open_per_peer[key] >= limit:
+        key = address_block(host) if host else None
+        if key is not None and open_per_peer[key] >= limit:
             REFUSED_HTTP_CONNECTIONS.inc()
-            protocol.requestFactory = lambda channel, queued: _refused_request(
-                make_request(channel, queued), channel
-            )
+            # None: Twisted closes the socket at once.
+            return Refused(key) if lingering[key] < MAX_INCOMPLETE_HEADS_PER_PEER else None
+        protocol = build_protocol(factory, addr)
+        if protocol is None or key is None:
             return protocol
         open_per_peer[key] += 1
         counted = [True]
@@ -629,20 +652,13 @@ def bound_daphne_connections_per_peer(limit: int) -> None:
             connection_lost(reason)
 
         protocol.connectionLost = counted_connection_lost
+        make_request = protocol.requestFactory
         protocol.requestFactory = lambda channel, queued: _uncounted_if_upgraded(
             make_request(channel, queued), uncount
         )
         return protocol
 
     http_protocol.HTTPFactory.buildProtocol = build_counted
-
-
-def _refused_request(request: Any, channel: Any) -> Any:
-    """``request`` (daphne's) answered ``TOO_MANY_CONNECTIONS`` once its head is read."""
-    request.gotLength = lambda length: _refuse_daphne_request(
-        request, channel, TOO_MANY_CONNECTIONS
-    )
-    return request
 
 
 def _uncounted_if_upgraded(request: Any, uncount: Callable[[], None]) -> Any:
@@ -848,8 +864,8 @@ _HEAD_TOO_LARGE = (
 # held 1,500 keep-alive connections under uvicorn with a request to /health each every
 # few seconds (uvicorn closes one idle for 5 s; daphne for 60 s), each a file of the
 # node's, which only the server's count of every socket (open_files) bounded. Past
-# ``PUSH_MAX_HTTP_CONNECTIONS_PER_IP`` a new connection's request is answered this, as
-# an SSE stream over its address's connections is, and the connection closed.
+# ``PUSH_MAX_HTTP_CONNECTIONS_PER_IP`` a new connection is answered this, as an SSE
+# stream over its address's connections is, and closed.
 TOO_MANY_CONNECTIONS_MESSAGE = "too many open HTTP connections from this address; close some"
 
 
@@ -896,11 +912,11 @@ def bounded_head_httptools_protocol(
     own limit (``PUSH_MAX_CONNECTIONS``) counts its clients' long-lived connections,
     but idle keep-alive connections, and heads still coming, each hold a file too, and
     a node out of files can open no database or Redis connection. And answering 429
-    ``RATE_LIMITED`` (``Connection: close``) to the first request of a new connection
+    ``RATE_LIMITED`` (``Connection: close``) to a new connection, before its request,
     from a peer (IPv6: its /64) that has ``max_connections_per_peer`` HTTP connections
-    open (0: no such bound; 0 behind a proxy), idle or not: a connection counts from
-    its accept until it closes or becomes a WebSocket, which the application's own
-    limits count instead."""
+    open (0: no such bound; 0 behind a proxy), idle or not, and closing it
+    ``LINGER_SECS`` later: a connection counts from its accept until it closes or
+    becomes a WebSocket, which the application's own limits count instead."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     incomplete: collections.Counter[str] = collections.Counter()
@@ -966,11 +982,11 @@ def bounded_head_httptools_protocol(
                     transport.close()
                     return
                 self._peer_key = key
-                if max_connections_per_peer:
-                    self._count_open(key)
             # Nothing read yet: the first head is bounded in time and counted from now.
             self._head_begins()
             self._arm_head()
+            if max_connections_per_peer and self._peer_key is not None:
+                self._count_open(self._peer_key)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._head_ends()
@@ -984,15 +1000,20 @@ def bounded_head_httptools_protocol(
 
         def _count_open(self, key: str) -> None:
             """Count this new connection under its peer, or refuse it when the peer has
-            its most: answered once its request comes, which the client then reads as
-            the answer to it (answered before, it might lose it to the reset that the
-            request arriving at a closed socket causes)."""
-            if open_per_peer[key] >= max_connections_per_peer:
-                REFUSED_HTTP_CONNECTIONS.inc()
-                self._refused_open = True
+            its most: answered at once and closed ``LINGER_SECS`` later (closed at once,
+            its request might arrive after and reset the connection, and the client
+            lose the answer). Until then it counts as an unfinished head, which bounds
+            how many one peer has lingering."""
+            if open_per_peer[key] < max_connections_per_peer:
+                open_per_peer[key] += 1
+                self._counted_open = True
                 return
-            open_per_peer[key] += 1
-            self._counted_open = True
+            REFUSED_HTTP_CONNECTIONS.inc()
+            self._refused_open = True
+            self.transport.write(TOO_MANY_CONNECTIONS)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_SECS, self.transport.close)
 
         def _uncount_open(self) -> None:
             if self._counted_open:
@@ -1002,10 +1023,7 @@ def bounded_head_httptools_protocol(
 
         def data_received(self, data: bytes) -> None:
             if self._refused_open:
-                # Answered at its first bytes, unparsed (a request head comes in one
-                # read): the application is never called.
-                self._refuse(TOO_MANY_CONNECTIONS)
-                return
+                return  # answered already: dropped unparsed, the application not called
             if self._between_requests:
                 self._between_requests = False
                 if not self._in_head:  # _head_begins, inline: every request's first read
