@@ -183,6 +183,27 @@ async def _failures_budgeted(scope: dict[str, Any], receive: Any, send: Any) -> 
     return await django_asgi_app(scope, receive, send_charging_failure)
 
 
+def over_rest_budget_before_body(scope: dict[str, Any]) -> tuple[int, bytes] | None:
+    """For a server that reads a request's whole body before it calls the application
+    (daphne): the ``Retry-After`` and body of the 429 that ``application`` is going to
+    answer for the address's REST budget, so that the body is not read for nothing
+    (measured, 100 bodies of 2 MB from one address, refused: 0.86 s of CPU under
+    daphne, spooled to disk, against 0.25 s under uvicorn, which answers first); None
+    when the request may go on, or is not budgeted (the liveness probe, SSE streams).
+    Every other path takes from the budget or is refused while it is spent."""
+    if scope["path"] == LIVENESS_PATH or scope["path"] in SSE_PATHS:
+        return None
+    _apply_trusted_proxies(scope)
+    retry_after = rest_refused(scope, take=False)
+    if retry_after is None:
+        return None
+    return _retry_after_secs(retry_after), _OVER_REST_BUDGET
+
+
+def _retry_after_secs(secs: float) -> int:
+    return max(1, math.ceil(secs))
+
+
 async def _rest_refusal(send: Any, status: int, retry_after_secs: float, body: bytes) -> None:
     """429 ``RATE_LIMITED`` (as DRF's throttle answers) or 503 ``UNAVAILABLE``, with
     ``Retry-After``."""
@@ -192,7 +213,7 @@ async def _rest_refusal(send: Any, status: int, retry_after_secs: float, body: b
             "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
-                (b"retry-after", str(max(1, math.ceil(retry_after_secs))).encode()),
+                (b"retry-after", str(_retry_after_secs(retry_after_secs)).encode()),
             ],
         }
     )

@@ -310,6 +310,40 @@ async def test_rest_requests_of_an_address_have_a_budget_before_django(
         assert (await http.get(path)).status_code == 200
 
 
+async def _answer_to_head_only(
+    node: ServerNode, address: str, head: bytes, within: float = TIMEOUT_SECS
+) -> bytes:
+    """What the node answers to a request whose head is sent and whose body is not."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port, local_addr=(address, 0))
+    try:
+        writer.write(head)
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), within)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("path", ["/api/v1/channels/budget-body/messages", "/admin/login/"])
+async def test_over_its_rest_budget_an_address_is_refused_before_its_body_is_read(
+    budget_node: ServerNode, address: str, path: str
+) -> None:
+    """daphne reads a whole body before it calls the application: over the address's
+    REST budget, the refusal comes at the head, and a body of 2 MB is not read first
+    (uvicorn's application answers before the body, as this does)."""
+    async with http_from(address, budget_node.http_url) as http:
+        statuses = [(await http.get(path)).status_code for _ in range(REST_BURST + 10)]
+    assert 429 in statuses, statuses
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        "Content-Length: 2000000\r\n\r\n"
+    ).encode()
+    answer = await _answer_to_head_only(budget_node, address, head)
+    assert answer.startswith(b"HTTP/1.1 429 "), answer
+    assert b"retry-after:" in answer.lower()
+    # Another address's body is waited for, as ever.
+    with pytest.raises(TimeoutError):
+        await _answer_to_head_only(budget_node, "127.0.3.9", head, within=1.0)
+
+
 @pytest.mark.parametrize("path", ["/ready", "/metrics", "/admin/login/", "/no-such-page"])
 async def test_every_page_django_serves_draws_on_the_rest_budget(
     budget_node: ServerNode, address: str, path: str

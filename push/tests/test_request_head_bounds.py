@@ -337,7 +337,7 @@ async def test_one_address_may_hold_only_so_many_http_connections() -> None:
             await websocket.send("still served")
             assert await asyncio.wait_for(websocket.recv(), ANSWER_SECS) == "still served"
         assert answer.startswith(b"HTTP/1.1 429 ")
-        assert b"connection: close\r\n" in answer
+        assert b"connection: close\r\n" in answer.lower()
         assert b'"code": "RATE_LIMITED"' in answer
         second[1].close()  # one goes: a place is free once the server saw it
         await wait_until(lambda: _served_unless_closed(port), "a new connection served")

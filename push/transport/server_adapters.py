@@ -25,6 +25,7 @@ import logging
 import pprint
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import unquote
 
 from common import metrics
 from common.addresses import address_block
@@ -416,12 +417,17 @@ def _fail_uvicorn(protocol: Any, code: int, reason: str) -> None:
 
 
 def bound_daphne_request_bodies(
-    limit: int | None, *, max_unfinished_body_bytes_per_peer: int = 0
+    limit: int | None,
+    *,
+    max_unfinished_body_bytes_per_peer: int = 0,
+    refused_before_body: BodyRefusal | None = None,
 ) -> None:
     """Make daphne stop reading a request body past ``limit`` bytes, and drop a
     connection whose read would take its peer's bytes of unfinished bodies past
     ``max_unfinished_body_bytes_per_peer`` (0: no such bound; 0 behind a proxy), as
-    ``bounded_head_httptools_protocol`` does under uvicorn.
+    ``bounded_head_httptools_protocol`` does under uvicorn. A request with a body that
+    ``refused_before_body`` (given a scope of its path, client and headers) says the
+    application would refuse 429 is answered so at once, its body not read.
 
     daphne reads a whole body (into a temporary file past 100 KB) before it calls the
     application, so the application's own bound (``push.api.handler``) comes too late:
@@ -445,7 +451,7 @@ def bound_daphne_request_bodies(
             key = address_block(host) if host and held.limit else None
             make_request = protocol.requestFactory
             protocol.requestFactory = lambda channel, queued: _bounded_request(
-                make_request(channel, queued), channel, limit, held, key
+                make_request(channel, queued), channel, limit, held, key, refused_before_body
             )
         return protocol
 
@@ -480,9 +486,11 @@ def _bounded_request(
     limit: int,
     held: _HeldBodies | None = None,
     key: str | None = None,
+    refused_before_body: BodyRefusal | None = None,
 ) -> Any:
     """``request`` (daphne's) with its body bounded to ``limit`` bytes, and what it has
-    read of it counted under ``key`` in ``held`` until it is whole (None: not counted).
+    read of it counted under ``key`` in ``held`` until it is whole (None: not counted);
+    with a body, refused before it is read where ``refused_before_body`` says so.
 
     The wrappers refer to the request, and the request to them: once the body is read
     whole, refused or dropped, they are taken off again, so no request is left in a
@@ -495,6 +503,17 @@ def _bounded_request(
         if length is not None and length > limit:
             kind.gotLength(request, None)
             refuse()
+            return
+        # (None: chunked, a body of unknown length.)
+        refusal = None
+        if length != 0 and refused_before_body is not None:
+            refusal = refused_before_body(_daphne_scope(request))
+        if refusal is not None:
+            kind.gotLength(request, None)
+            unwrap()
+            retry_after, body = refusal
+            answer = closing_json_answer("429 Too Many Requests", body, retry_after)
+            _refuse_daphne_request(request, channel, answer)
         else:
             kind.gotLength(request, length)
 
@@ -534,11 +553,7 @@ def _bounded_request(
     def refuse() -> None:
         unwrap()
         body = json.dumps(body_too_large(limit)).encode()
-        head = (
-            "HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        )
-        _refuse_daphne_request(request, channel, head.encode() + body)
+        _refuse_daphne_request(request, channel, closing_json_answer("413 Payload Too Large", body))
 
     request.gotLength = bounded_length
     request.handleContentChunk = bounded_chunk
@@ -547,6 +562,17 @@ def _bounded_request(
         # The channel tells its requests of the socket's close, mid-body too.
         request.connectionLost = lost
     return request
+
+
+def closing_json_answer(status: str, body: bytes, retry_after_secs: int | None = None) -> bytes:
+    """A whole HTTP/1.1 response of JSON ``body`` that closes the connection, written
+    straight to a socket by the server's own code (the application never saw it)."""
+    retry_after = f"Retry-After: {retry_after_secs}\r\n" if retry_after_secs else ""
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{retry_after}"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 def _refuse_daphne_request(request: Any, channel: Any, answer: bytes) -> None:
@@ -566,6 +592,28 @@ def _answer_and_linger(transport: Any, answer: bytes) -> None:
         half_close()
     # daphne runs Twisted on asyncio's loop.
     asyncio.get_event_loop().call_later(LINGER_SECS, transport.loseConnection)
+
+
+# A request's ``Retry-After`` and body of a 429 before its body is read, or None.
+BodyRefusal = Callable[[dict[str, Any]], tuple[int, bytes] | None]
+
+
+def _daphne_scope(request: Any) -> dict[str, Any]:
+    """What the application's budgets read of a request (daphne's) whose head is read:
+    its path, client address and headers, as its ASGI scope will have them."""
+    peer: Any = request.channel.transport.getPeer() if request.channel else None
+    host = getattr(peer, "host", None)
+    headers = [
+        (name.lower(), value)
+        for name, values in request.requestHeaders.getAllRawHeaders()
+        for value in values
+    ]
+    return {
+        "type": "http",
+        "path": unquote(request.uri.split(b"?", 1)[0].decode("latin-1")),  # as daphne's
+        "client": (host, peer.port) if host else None,
+        "headers": headers,
+    }
 
 
 # The request methods ``_bounded_request`` wraps.
@@ -869,18 +917,11 @@ _HEAD_TOO_LARGE = (
 TOO_MANY_CONNECTIONS_MESSAGE = "too many open HTTP connections from this address; close some"
 
 
-def _too_many_connections_answer() -> bytes:
-    body = json.dumps(
-        error(code=ErrorCode.RATE_LIMITED, message=TOO_MANY_CONNECTIONS_MESSAGE)
-    ).encode()
-    head = (
-        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
-        f"retry-after: 1\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    )
-    return head.encode() + body
-
-
-TOO_MANY_CONNECTIONS = _too_many_connections_answer()
+TOO_MANY_CONNECTIONS = closing_json_answer(
+    "429 Too Many Requests",
+    json.dumps(error(code=ErrorCode.RATE_LIMITED, message=TOO_MANY_CONNECTIONS_MESSAGE)).encode(),
+    retry_after_secs=1,
+)
 REFUSED_HTTP_CONNECTIONS = metrics.CONNECTIONS_REFUSED.labels("http_address")
 
 

@@ -38,6 +38,9 @@ from push.transport.server_adapters import (
 )
 
 APPLICATION = "realtime_project.asgi:application"
+# Under daphne, which reads a request's whole body before it calls the application: the
+# application's answer to a request over its address's REST budget, given before that.
+OVER_REST_BUDGET_BEFORE_BODY = "realtime_project.asgi.over_rest_budget_before_body"
 LISTEN_BACKLOG = 4096
 DEFAULT_SERVER = "uvicorn"
 PORT_MAX = 65_535
@@ -168,6 +171,7 @@ class Command(BaseCommand):
             max_unfinished_body_bytes_per_peer=0
             if behind_proxy
             else MAX_UNFINISHED_BODY_BYTES_PER_PEER,
+            refused_before_body=import_string(OVER_REST_BUDGET_BEFORE_BODY),
         )
         if not behind_proxy:
             bound_daphne_connections_per_peer(push_settings.MAX_HTTP_CONNECTIONS_PER_IP)
