@@ -1,0 +1,224 @@
+"""What a ``trim_history`` pass deletes, what it costs with many channels, and how it
+meets a database failure half-way."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.db import DatabaseError, close_old_connections, connection
+from django.test import override_settings
+from django.utils import timezone
+
+from push.models import Channel, IdempotencyKey, Message
+from push.storage import retention
+from push.storage.retention import history_trim
+from push.tests.backends import terminate_backends
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+RULES = {
+    "RETENTION_MAX_MESSAGES": 5,
+    "RETENTION_MAX_AGE_SECS": 0,
+    "RETENTION_RULES": [
+        ("ticker:*", 3, None),
+        ("chat:*", None, 3600),
+        ("both:*", 4, 3600),
+        ("keep:*", None, None),
+    ],
+    "HISTORY_MODES": [("tick:*", "recent")],
+}
+
+
+def _store(name: str, seqs: int, *, old: tuple[int, ...] = (), last_seq: int = 0) -> None:
+    """A channel with messages 1..``seqs``; those in ``old`` two hours old."""
+    channel = Channel.objects.create(name=name, last_seq=last_seq or seqs)
+    now = timezone.now()
+    Message.objects.bulk_create(
+        Message(
+            channel=channel,
+            seq=seq,
+            message_id=uuid.uuid4(),
+            data="1",
+            created_at=now - timedelta(hours=2) if seq in old else now,
+        )
+        for seq in range(1, seqs + 1)
+    )
+
+
+def _kept(name: str) -> list[int]:
+    return list(
+        Message.objects.filter(channel__name=name).order_by("seq").values_list("seq", flat=True)
+    )
+
+
+@pytest.fixture
+def queries() -> Iterator[list[tuple[str, int]]]:
+    """Every statement run, with how many rows it touched."""
+    run: list[tuple[str, int]] = []
+
+    def counting(
+        execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        result = execute(sql, params, many, context)
+        run.append((sql, context["cursor"].rowcount))
+        return result
+
+    with connection.execute_wrapper(counting):
+        yield run
+
+
+@override_settings(PUSH=RULES)
+@pytest.mark.parametrize("page", [2, 1000])
+def test_a_pass_trims_each_rule_kind_whatever_the_page(
+    page: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retention, "CHANNEL_PAGE", page)
+    _store("news", 10)  # the default: 5 messages
+    _store("ticker:a", 10)
+    _store("ticker:b", 3)
+    # Seq 6 stamped by a node whose clock ran behind: 5 goes too, kept is one run.
+    _store("chat:old", 10, old=(1, 2, 3, 4, 6))
+    _store("chat:young", 10)
+    _store("both:count", 10, old=(1, 2))
+    _store("both:age", 10, old=tuple(range(1, 9)))
+    _store("keep:all", 10, old=tuple(range(1, 11)))
+    _store("empty", 0)
+    _store("tick:recent", 0, last_seq=100)  # a recent channel stores no rows
+    _store("tick:durable-past", 3, last_seq=100)  # rows from before it was recent
+    assert history_trim() == {
+        "news": 5,
+        "ticker:a": 7,
+        "chat:old": 6,
+        "both:count": 6,
+        "both:age": 8,
+        "tick:durable-past": 3,
+    }
+    assert {name: _kept(name) for name in ("news", "ticker:a", "ticker:b", "chat:old")} == {
+        "news": [6, 7, 8, 9, 10],
+        "ticker:a": [8, 9, 10],
+        "ticker:b": [1, 2, 3],
+        "chat:old": [7, 8, 9, 10],
+    }
+    assert {name: _kept(name) for name in ("both:count", "both:age", "tick:durable-past")} == {
+        "both:count": [7, 8, 9, 10],
+        "both:age": [9, 10],
+        "tick:durable-past": [],
+    }
+    assert _kept("chat:young") == _kept("keep:all") == list(range(1, 11))
+    assert history_trim() == {}
+
+
+@override_settings(PUSH={"RETENTION_MAX_MESSAGES": 5, "RETENTION_MAX_AGE_SECS": 3600})
+def test_a_pass_costs_queries_per_page_of_channels_not_per_channel(
+    monkeypatch: pytest.MonkeyPatch, queries: list[tuple[str, int]]
+) -> None:
+    """A pass read each channel's oldest row with a query of its own, rule by rule: a
+    million round trips for a million channels, nearly all finding nothing to trim."""
+    monkeypatch.setattr(retention, "CHANNEL_PAGE", 500)
+    channels = Channel.objects.bulk_create(
+        Channel(name=f"user:{n}", last_seq=7 if n % 500 == 0 else 2) for n in range(2000)
+    )
+    Message.objects.bulk_create(
+        Message(
+            channel=channel, seq=seq, message_id=uuid.uuid4(), data="1", created_at=timezone.now()
+        )
+        for channel in channels
+        for seq in range(1, channel.last_seq + 1)
+    )
+    queries.clear()
+    assert history_trim() == {f"user:{n}": 2 for n in range(0, 2000, 500)}
+    pages = 2000 // 500 + 1  # (the last one finds none)
+    # Trimming one channel by the count limit: its oldest row, a batch, the delete, its
+    # oldest row again; then its oldest row for the age limit.
+    assert len(queries) <= pages + 4 * 5 + 1, len(queries)
+    assert Message.objects.count() == 4 * 5 + 1996 * 2
+
+
+@override_settings(PUSH={"IDEMPOTENCY_WINDOW_SECS": 3600})
+def test_expired_idempotency_keys_are_deleted_in_bounded_batches(
+    monkeypatch: pytest.MonkeyPatch, queries: list[tuple[str, int]]
+) -> None:
+    """After a long pause of the job one statement deleted every expired key: the locks
+    and WAL of millions of rows in one transaction."""
+    monkeypatch.setattr(retention, "DELETE_BATCH", 3)
+    now = timezone.now()
+    IdempotencyKey.objects.bulk_create(
+        IdempotencyKey(principal="user:1", channel="c", key=str(n), created_at=at)
+        for n, at in enumerate([now - timedelta(hours=2)] * 10 + [now] * 2)
+    )
+    queries.clear()
+    history_trim()
+    table = IdempotencyKey._meta.db_table
+    deletes = [rows for sql, rows in queries if sql.startswith("DELETE") and table in sql]
+    assert sum(deletes) == 10 and max(deletes) <= 3, deletes
+    assert IdempotencyKey.objects.filter(created_at__gte=now).count() == 2
+    assert IdempotencyKey.objects.count() == 2
+
+
+class _Stop(Exception):
+    """Raised when the test has seen the passes it waited for."""
+
+
+@pytest.fixture
+def ended_after_first_page() -> Iterator[None]:
+    """PostgreSQL ends the trim's connection (a restart, a failover) once, right after
+    the first page of channels was read."""
+    ended: list[int] = []
+
+    def ending(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+        result = execute(sql, params, many, context)
+        reads_channels = sql.lstrip().startswith("SELECT") and Channel._meta.db_table in sql
+        if reads_channels and not ended:
+            ended.append(connection.connection.info.backend_pid)
+            terminate_backends(ended[0])
+        return result
+
+    with connection.execute_wrapper(ending):
+        yield
+    close_old_connections()
+    assert ended, "the connection was ended"
+
+
+@override_settings(PUSH={"RETENTION_MAX_MESSAGES": 2})
+@pytest.mark.usefixtures("ended_after_first_page")
+def test_a_pass_ended_half_way_is_told_and_the_next_pass_trims(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from push.management.commands import trim_history
+
+    monkeypatch.setattr(retention, "CHANNEL_PAGE", 2)
+    for n in range(5):
+        _store(f"orders:{n}", 4)
+    passes: list[float] = []
+
+    def between_passes(secs: float) -> None:
+        passes.append(secs)
+        if len(passes) == 2:
+            raise _Stop
+
+    monkeypatch.setattr(trim_history, "time", SimpleNamespace(sleep=between_passes))
+    out, errors = io.StringIO(), io.StringIO()
+    with pytest.raises(_Stop):
+        call_command("trim_history", "--every", "300", stdout=out, stderr=errors)
+    failed = errors.getvalue().strip()
+    assert failed.startswith("trim pass failed: ") and failed.endswith("; next in 300 s")
+    assert out.getvalue().splitlines() == [
+        "trimmed 10 messages in 5 channels",
+        "deleted 0 closed connections",
+    ]
+    assert {_kept(f"orders:{n}") == [3, 4] for n in range(5)} == {True}
+
+
+@override_settings(PUSH={"RETENTION_MAX_MESSAGES": 2})
+@pytest.mark.usefixtures("ended_after_first_page")
+def test_a_single_pass_ended_half_way_fails_the_command() -> None:
+    _store("orders", 4)
+    with pytest.raises(DatabaseError):
+        call_command("trim_history", stdout=io.StringIO())
