@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import connection
 from django.db.models import QuerySet
@@ -29,8 +29,10 @@ from push.storage.recent_store import entry_bytes_at_most
 logger = logging.getLogger(__name__)
 
 DELETE_BATCH = 5000
-# Channels a trim pass reads per query, each with its oldest row (one index probe):
-# measured here, a page of 1,000 took about N ms.
+# Channels a trim pass reads per query, each with its oldest row (one index probe).
+# Measured here (2 busy cores), a page of 1,000 channels took 2 ms in PostgreSQL and
+# about 23 ms in all; a pass over 100,000 channels with nothing to trim 2.4 s and 102
+# queries, where one query per channel and rule took 51,002 queries and 159 s.
 CHANNEL_PAGE = 1000
 
 
@@ -188,24 +190,45 @@ def history_trim() -> dict[str, int]:
     after = 0
     while True:
         page = _channels_with_oldest_row(after=after)
-        for channel, oldest_seq, oldest_at in page:
-            if oldest_at is not None and _has_rows_past_limits(
-                channel, oldest_seq, oldest_at, now=now
-            ):
-                deleted = channel_trim(channel, now=now)
-                if deleted:
-                    trimmed[channel.name] = deleted
+        for row in page:
+            if row.has_rows_past_limits(now):
+                channel = Channel(pk=row.id, name=row.name, last_seq=row.last_seq)
+                if deleted := channel_trim(channel, now=now):
+                    trimmed[row.name] = deleted
         if len(page) < CHANNEL_PAGE:
             break
-        after = page[-1][0].pk
+        after = page[-1].id
     window = timedelta(seconds=push_settings.IDEMPOTENCY_WINDOW_SECS)
     _delete_bounded(IdempotencyKey.objects.filter(created_at__lt=now - window))
     return trimmed
 
 
-def _channels_with_oldest_row(*, after: int) -> list[tuple[Channel, int, datetime | None]]:
+class _ChannelOldestRow(NamedTuple):
+    """A channel and its oldest stored row (None, None: it has none). A tuple: a model
+    instance for each channel doubled a pass's time (4.5 s instead of 2.3 s for 100,000)."""
+
+    id: int
+    name: str
+    last_seq: int
+    oldest_seq: int | None
+    oldest_at: datetime | None
+
+    def has_rows_past_limits(self, now: datetime) -> bool:
+        """Whether ``channel_trim`` would delete anything, judged by the oldest row: the
+        rows are walked from it, and it is inside both limits when nothing is to delete."""
+        if self.oldest_seq is None or self.oldest_at is None:
+            return False
+        policy = durable_retention_policy(self.name)
+        if policy.max_age_secs is not None and self.oldest_at < now - timedelta(
+            seconds=policy.max_age_secs
+        ):
+            return True
+        return self.oldest_seq < policy.oldest_kept_seq(self.last_seq)
+
+
+def _channels_with_oldest_row(*, after: int) -> list[_ChannelOldestRow]:
     """The next ``CHANNEL_PAGE`` channels by id past ``after``, each with its oldest
-    row's seq and time (None, None: no rows), found by the (channel, seq) index."""
+    row, found by the (channel, seq) index (one probe a channel)."""
     with connection.cursor() as cursor:
         cursor.execute(
             # (the tables' names are the models', not anyone's input)
@@ -220,22 +243,7 @@ def _channels_with_oldest_row(*, after: int) -> list[tuple[Channel, int, datetim
             """,  # noqa: S608
             [after, CHANNEL_PAGE],
         )
-        return [
-            (Channel(pk=pk, name=name, last_seq=last_seq), oldest_seq, oldest_at)
-            for pk, name, last_seq, oldest_seq, oldest_at in cursor.fetchall()
-        ]
-
-
-def _has_rows_past_limits(
-    channel: Channel, oldest_seq: int, oldest_at: datetime, *, now: datetime
-) -> bool:
-    """Whether ``channel_trim`` would delete anything, judged by the oldest row: the
-    rows are walked from it, and it is inside both limits when nothing is to delete."""
-    policy = durable_retention_policy(channel.name)
-    past_age = policy.max_age_secs is not None and oldest_at < now - timedelta(
-        seconds=policy.max_age_secs
-    )
-    return past_age or oldest_seq < policy.oldest_kept_seq(channel.last_seq)
+        return [_ChannelOldestRow(*row) for row in cursor.fetchall()]
 
 
 def _delete_bounded(rows: QuerySet[Any]) -> int:
