@@ -36,6 +36,7 @@ from common import metrics
 from common.db import db_call
 from common.errors import CloseCode
 from push.models import Connection
+from push.storage.retention import delete_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +194,7 @@ def registry_trim_closed(retention_secs: int) -> int:
     """Delete the rows of connections closed more than ``retention_secs`` ago; returns
     how many. Without it every connection ever made stays in the table."""
     cutoff = _now() - timedelta(seconds=retention_secs)
-    deleted, _ = Connection.objects.filter(disconnected_at__lt=cutoff).delete()
-    return deleted
+    return delete_bounded(Connection.objects.filter(disconnected_at__lt=cutoff))
 
 
 @dataclass(frozen=True)

@@ -199,7 +199,7 @@ def history_trim() -> dict[str, int]:
             break
         after = page[-1].id
     window = timedelta(seconds=push_settings.IDEMPOTENCY_WINDOW_SECS)
-    _delete_bounded(IdempotencyKey.objects.filter(created_at__lt=now - window))
+    delete_bounded(IdempotencyKey.objects.filter(created_at__lt=now - window))
     return trimmed
 
 
@@ -246,13 +246,13 @@ def _channels_with_oldest_row(*, after: int) -> list[_ChannelOldestRow]:
         return [_ChannelOldestRow(*row) for row in cursor.fetchall()]
 
 
-def _delete_bounded(rows: QuerySet[Any]) -> int:
+def delete_bounded(rows: QuerySet[Any]) -> int:
     """Delete ``rows`` ``DELETE_BATCH`` at a time; returns how many. After a long pause
     of the job (or its first run) one statement deleted them all at once: the locks and
     WAL of millions of rows in one transaction, and all lost when it failed."""
     deleted = 0
     while True:
-        batch = rows.model.objects.filter(pk__in=rows.values("pk")[:DELETE_BATCH])
+        batch = rows.model.objects.filter(pk__in=rows.order_by().values("pk")[:DELETE_BATCH])
         count = batch.delete()[0]
         deleted += count
         if count < DELETE_BATCH:

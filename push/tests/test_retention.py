@@ -6,17 +6,18 @@ from __future__ import annotations
 import io
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from django.core.management import call_command
 from django.db import DatabaseError, close_old_connections, connection
+from django.db.models import Model
 from django.test import override_settings
 from django.utils import timezone
 
-from push.models import Channel, IdempotencyKey, Message
+from push.models import Channel, Connection, IdempotencyKey, Message
 from push.storage import retention
 from push.storage.retention import history_trim
 from push.tests.backends import terminate_backends
@@ -141,25 +142,37 @@ def test_a_pass_costs_queries_per_page_of_channels_not_per_channel(
     assert Message.objects.count() == 4 * 5 + 1996 * 2
 
 
-@override_settings(PUSH={"IDEMPOTENCY_WINDOW_SECS": 3600})
-def test_expired_idempotency_keys_are_deleted_in_bounded_batches(
-    monkeypatch: pytest.MonkeyPatch, queries: list[tuple[str, int]]
+def _idempotency_key(n: int, at: datetime) -> IdempotencyKey:
+    return IdempotencyKey.objects.create(principal="user:1", channel="c", key=str(n), created_at=at)
+
+
+def _closed_connection(n: int, at: datetime) -> Connection:
+    return Connection.objects.create(
+        connection_id=uuid.uuid4(), server_id="gone", connected_at=at, disconnected_at=at
+    )
+
+
+@override_settings(PUSH={"IDEMPOTENCY_WINDOW_SECS": 3600, "REGISTRY_CLOSED_RETENTION_SECS": 3600})
+@pytest.mark.parametrize("expiring", [_idempotency_key, _closed_connection])
+def test_expired_rows_are_deleted_in_bounded_batches(
+    expiring: Callable[[int, datetime], Model],
+    monkeypatch: pytest.MonkeyPatch,
+    queries: list[tuple[str, int]],
 ) -> None:
-    """After a long pause of the job one statement deleted every expired key: the locks
-    and WAL of millions of rows in one transaction."""
+    """After a long pause of the job one statement deleted every expired key (every
+    closed connection's row): the locks and WAL of millions of rows in one transaction."""
     monkeypatch.setattr(retention, "DELETE_BATCH", 3)
     now = timezone.now()
-    IdempotencyKey.objects.bulk_create(
-        IdempotencyKey(principal="user:1", channel="c", key=str(n), created_at=at)
-        for n, at in enumerate([now - timedelta(hours=2)] * 10 + [now] * 2)
-    )
+    kept = [expiring(n, now) for n in range(2)]
+    for n in range(2, 12):
+        expiring(n, now - timedelta(hours=2))
     queries.clear()
-    history_trim()
-    table = IdempotencyKey._meta.db_table
+    call_command("trim_history", stdout=io.StringIO())
+    model = type(kept[0])
+    table = model._meta.db_table
     deletes = [rows for sql, rows in queries if sql.startswith("DELETE") and table in sql]
     assert sum(deletes) == 10 and max(deletes) <= 3, deletes
-    assert IdempotencyKey.objects.filter(created_at__gte=now).count() == 2
-    assert IdempotencyKey.objects.count() == 2
+    assert set(model.objects.values_list("pk", flat=True)) == {row.pk for row in kept}
 
 
 class _Stop(Exception):
