@@ -10,7 +10,9 @@ subscriber for it and vacated when the last node lets it go, decided in one Lua 
 so two nodes never both announce it. A node's occupancy changes go out with its events,
 in the same batches and in order: thousands of channels emptied at once (their linger
 ending together) once each took a Redis connection of their own, opened at once.
-Events need Redis; without it they are not kept.
+A batch is written at most once: a write whose answer never came (the node stopped
+meanwhile, or Redis was slow) is tried again, and what of it Redis had already written
+is not written twice (``_WRITE``). Events need Redis; without it they are not kept.
 """
 
 from __future__ import annotations
@@ -56,42 +58,65 @@ _EVENT_BYTES = 400
 STREAM_BYTES_CHECK_SECS = 5.0
 STREAM_BYTES_HEADROOM = 0.9
 
-# KEYS: channel's node set, node's channel index, stream. ARGV: node, channel, event JSON,
-# maxlen. Returns 1 when the channel went from no node to this one.
-_OCCUPY = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
-  redis.call('SADD', KEYS[2], ARGV[2])
-  if redis.call('SCARD', KEYS[1]) == 1 then
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[3])
-    return 1
+# A node's batch, written at once: each of its entries, unless this run of the node
+# wrote it already (numbered in emit order, the last written kept in a mark). A batch
+# whose answer was lost (the node stopping, Redis slow) is written again: each
+# entry once, however many tries reached Redis and in whatever order, and none of them
+# half (a pipeline of one command an entry, cut midway, wrote the first again after
+# the last: a member added again after it left).
+# KEYS: stream, this run's mark, then per occupancy change the channel's node set and
+# the node's channel index. ARGV: maxlen, the mark's lifetime (ms), the first entry's
+# number, then per entry its op (EVENT, OCCUPY, VACATE or HOLD), node, channel and
+# event JSON. An occupancy change is announced when the channel went from no node to
+# one (OCCUPY) or from one to none (VACATE), decided here, so two nodes never both
+# announce it; HOLD records a channel this node holds again in sets Redis lost
+# (restarted without its data), announcing nothing: it was announced when it was.
+# Returns the number of the last entry written.
+_WRITE = """
+local written = tonumber(redis.call('GET', KEYS[2]) or '0')
+local number = tonumber(ARGV[3]) - 1
+local k = 3
+for i = 4, #ARGV, 4 do
+  number = number + 1
+  local op, node, channel, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local nodes, index = KEYS[k], KEYS[k + 1]
+  if op ~= 'e' then k = k + 2 end
+  if number > written then
+    local announce = op == 'e'
+    if op == 'o' and redis.call('SADD', nodes, node) == 1 then
+      redis.call('SADD', index, channel)
+      announce = redis.call('SCARD', nodes) == 1
+    elseif op == 'v' and redis.call('SREM', nodes, node) == 1 then
+      redis.call('SREM', index, channel)
+      announce = redis.call('SCARD', nodes) == 0
+    elseif op == 'h' then
+      redis.call('SADD', nodes, node)
+      redis.call('SADD', index, channel)
+    end
+    if announce then
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', entry)
+    end
   end
 end
-return 0
-"""
-_VACATE = """
-if redis.call('SREM', KEYS[1], ARGV[1]) == 1 then
-  redis.call('SREM', KEYS[2], ARGV[2])
-  if redis.call('SCARD', KEYS[1]) == 0 then
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[3])
-    return 1
-  end
+if number > written then
+  redis.call('SET', KEYS[2], number, 'PX', ARGV[2])
+  return number
 end
-return 0
+return written
 """
-
-# Same KEYS and ARGV: this node holds the channel again in sets Redis lost (restarted
-# without its data), announcing nothing: it was announced occupied when it was.
-_HOLD = """
-redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
-return 0
-"""
+EVENT, OCCUPY, VACATE, HOLD = "e", "o", "v", "h"
+# Entries in one run of ``_WRITE``: a script holds Redis while it runs, and 100,000
+# events kept while Redis was away would hold it for a second.
+WRITE_CHUNK = 500
+# How long a run's mark outlives its last write: longer than a batch waits for its
+# next try (Redis away, the node partitioned from it). A node's restart is a new run.
+WRITTEN_MARK_SECS = 86_400
 
 
 def _entry_bytes(entry: dict[str, Any] | OccupancyChange) -> int:
     """About what ``entry`` holds in the buffer: its data (a client event's, or an
     occupancy change's event JSON) and a fixed share for the rest."""
-    data = entry.args[2] if isinstance(entry, OccupancyChange) else entry.get("data")
+    data = entry.event_json if isinstance(entry, OccupancyChange) else entry.get("data")
     return _EVENT_BYTES + (len(data) if isinstance(data, str) else 0)
 
 
@@ -100,11 +125,13 @@ def event(kind: str, **fields: Any) -> dict[str, Any]:
 
 
 class OccupancyChange(NamedTuple):
-    """One run of ``_OCCUPY`` or ``_VACATE``, waiting in the event buffer for its batch."""
+    """A channel this node (or a dead ``node``) took up, let go of or holds again
+    (OCCUPY, VACATE or HOLD), waiting in the event buffer for its batch (``_WRITE``)."""
 
-    script: Any
-    keys: list[str]
-    args: list[Any]
+    op: str
+    node: str
+    channel: str
+    event_json: str
 
 
 class EventLog:
@@ -135,10 +162,14 @@ class EventLog:
         # The channels this node holds, as its occupancy sets should say (``repair``).
         self._held: set[str] = set()
         self._flushing = asyncio.Lock()
+        # This run's entries are numbered as emitted, the newest ``_last_number``: the
+        # buffer holds a run of them that ends there (the oldest go first; an unwritten
+        # batch goes back before the newer ones), so its first is known by its length.
+        # Redis keeps the last written under ``_mark``, so none is written twice.
+        self._last_number = 0
+        self._mark = f"{prefix}:events:written:{uuid.uuid4().hex}"
         if redis is not None:
-            self._occupy = redis.register_script(_OCCUPY)
-            self._vacate = redis.register_script(_VACATE)
-            self._hold = redis.register_script(_HOLD)
+            self._write_script = redis.register_script(_WRITE)
 
     @property
     def enabled(self) -> bool:
@@ -151,6 +182,7 @@ class EventLog:
         self._append(event(kind, **{"node": self.server_id, **fields}))
 
     def _append(self, entry: dict[str, Any] | OccupancyChange) -> None:
+        self._last_number += 1
         self._buffer.append(entry)
         self._buffered_bytes += _entry_bytes(entry)
         self._drop_oldest()
@@ -178,28 +210,31 @@ class EventLog:
             return
         batch, self._buffer = self._buffer, deque()
         batch_bytes, self._buffered_bytes = self._buffered_bytes, 0
+        first = self._last_number - len(batch) + 1
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for entry in batch:
-                    if isinstance(entry, OccupancyChange):
-                        # Queued in the pipeline (which loads the script if Redis lacks it).
-                        await entry.script(keys=entry.keys, args=entry.args, client=pipe)
-                        continue
-                    pipe.xadd(
-                        self.stream,
-                        {"event": json.dumps(entry)},
-                        maxlen=self.maxlen,
-                        approximate=True,
-                    )
-                await pipe.execute()
+            await self._write(list(batch), first)
         except BaseException as exc:
             # Cancelled too (a node stopping cancels its loops): the batch goes back, for
-            # the stop's last flush, or it was lost with its write under way. Written
-            # twice at worst, which at-least-once handling allows.
+            # the stop's last flush, or it was lost with its write under way. What of it
+            # reached Redis meanwhile is not written again (``_WRITE``).
             self._restore(batch, batch_bytes)
             if not isinstance(exc, Exception):
                 raise
             logger.warning("could not append %d events: %s", len(batch), exc)
+
+    async def _write(self, entries: list[dict[str, Any] | OccupancyChange], first: int) -> None:
+        """Write ``entries``, the first numbered ``first``, a chunk at a time, in order."""
+        for start in range(0, len(entries), WRITE_CHUNK):
+            chunk = entries[start : start + WRITE_CHUNK]
+            keys = [self.stream, self._mark]
+            args: list[Any] = [self.maxlen, WRITTEN_MARK_SECS * 1000, first + start]
+            for entry in chunk:
+                if isinstance(entry, OccupancyChange):
+                    keys += self._occupancy_keys(entry.channel, entry.node)
+                    args += [entry.op, entry.node, entry.channel, entry.event_json]
+                else:
+                    args += [EVENT, "", "", json.dumps(entry)]
+            await self._write_script(keys=keys, args=args)
 
     def _restore(self, batch: deque[dict[str, Any] | OccupancyChange], nbytes: int) -> None:
         """Put an unwritten batch (of ``nbytes``) back before what was emitted since,
@@ -246,7 +281,6 @@ class EventLog:
         return [
             f"{self.prefix}:occupancy:{channel}",
             f"{self.prefix}:occupancy-node:{server_id}",
-            self.stream,
         ]
 
     def occupied(self, channel: str) -> None:
@@ -255,7 +289,7 @@ class EventLog:
         if self.redis is None:
             return
         self._held.add(channel)
-        self._change(self._occupy, CHANNEL_OCCUPIED, channel, self.server_id)
+        self._change(OCCUPY, CHANNEL_OCCUPIED, channel, self.server_id)
 
     def vacated(self, channel: str, server_id: str | None = None) -> None:
         """This node (or a dead ``server_id``) no longer serves ``channel``."""
@@ -263,12 +297,11 @@ class EventLog:
             return
         if server_id in (None, self.server_id):
             self._held.discard(channel)
-        self._change(self._vacate, CHANNEL_VACATED, channel, server_id or self.server_id)
+        self._change(VACATE, CHANNEL_VACATED, channel, server_id or self.server_id)
 
-    def _change(self, script: Any, kind: str, channel: str, server_id: str) -> None:
+    def _change(self, op: str, kind: str, channel: str, server_id: str) -> None:
         entry = json.dumps(event(kind, channel=channel, node=server_id))
-        keys = self._occupancy_keys(channel, server_id)
-        self._append(OccupancyChange(script, keys, [server_id, channel, entry, self.maxlen]))
+        self._append(OccupancyChange(op, server_id, channel, entry))
 
     async def repair(self) -> None:
         """Make this node's occupancy sets say what it holds again where Redis lost them
@@ -286,8 +319,7 @@ class EventLog:
             c.decode() if isinstance(c, bytes) else c for c in await self.redis.smembers(index)
         }
         for channel in self._held - recorded:
-            keys = self._occupancy_keys(channel, self.server_id)
-            self._append(OccupancyChange(self._hold, keys, [self.server_id, channel, "", 0]))
+            self._append(OccupancyChange(HOLD, self.server_id, channel, ""))
         for channel in recorded - self._held:
             self.vacated(channel)
 

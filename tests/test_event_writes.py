@@ -1,0 +1,141 @@
+"""A node's writes of lifecycle events to the stream: a batch whose write reached Redis
+but whose answer did not (the node stopping, a timeout) is written again without
+duplicates, so handlers and webhook receivers get each event once, in the order it
+happened; and what a node emits just before it stops reaches the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from django.conf import settings
+
+from common.background import cancel_and_wait
+from push.ops.events import (
+    CONNECT,
+    DISCONNECT,
+    MEMBER_ADDED,
+    MEMBER_REMOVED,
+    EventLog,
+)
+from push.tests.redis_proxy import Proxy
+from tests.test_events import _in_process_worker, _step_until_none_pending
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.e2e
+
+CHANNEL = "presence-lost-answer"
+
+
+def _redis_db() -> int:
+    return int(urlsplit(settings.REDIS_URL).path.lstrip("/") or 0)
+
+
+@pytest.fixture
+async def proxied() -> AsyncIterator[tuple[Proxy, aioredis.Redis, str]]:
+    """A proxy to the test Redis, a client through it, and a stream prefix of its own."""
+    port = urlsplit(settings.REDIS_URL).port or 6379
+    proxy = Proxy(("127.0.0.1", port))
+    client = aioredis.Redis(host="127.0.0.1", port=await proxy.start(), db=_redis_db())
+    prefix = f"writes{uuid.uuid4().hex[:8]}"
+    await client.ping()
+    yield proxy, client, prefix
+    direct = redis.Redis.from_url(settings.REDIS_URL)
+    keys = list(direct.scan_iter(f"{prefix}:*"))
+    if keys:
+        direct.delete(*keys)
+    direct.close()
+    await client.aclose()
+    await proxy.stop()
+
+
+async def _warmed_up(log: EventLog) -> EventLog:
+    """``log`` once it has written a batch: Redis has its scripts, so a batch later goes
+    out in one round trip (not behind a script load that would wait for the answer)."""
+    log.occupied("warm-up")
+    log.vacated("warm-up")
+    await log.flush()
+    assert not log._buffer
+    return log
+
+
+def _emit_a_members_visit(log: EventLog) -> None:
+    """A connection whose member joins a presence channel and leaves it."""
+    log.emit(CONNECT, connection_id="c-1")
+    log.emit(MEMBER_ADDED, channel=CHANNEL, user_id="u-1")
+    log.emit(MEMBER_REMOVED, channel=CHANNEL, user_id="u-1")
+    log.emit(DISCONNECT, connection_id="c-1")
+
+
+VISIT = [CONNECT, MEMBER_ADDED, MEMBER_REMOVED, DISCONNECT]
+
+
+def _handled(stream: str) -> list[str]:
+    """What a handler of the stream's events receives, in order."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    seen: list[str] = []
+
+    def record(received: dict) -> None:
+        if received.get("channel") != "warm-up":
+            seen.append(received["type"])
+
+    worker = _in_process_worker(client, stream, [record], concurrency=1)
+    try:
+        worker.ensure_group()
+        _step_until_none_pending(worker, client, stream)
+    finally:
+        client.close()
+    return seen
+
+
+def _stream_length(stream: str) -> int:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        return int(client.xlen(stream))
+    finally:
+        client.close()
+
+
+async def test_a_write_whose_answer_was_lost_is_not_written_again(
+    proxied: tuple[Proxy, aioredis.Redis, str],
+) -> None:
+    """The node stops while Redis' answer to its batch is on the way: the batch was
+    written, and the stop's last flush writes what it could not know was written. A
+    handler got every event twice, and out of order: the member added again after it
+    left, present for good as far as the receiver knew."""
+    proxy, client, prefix = proxied
+    stream = f"{prefix}:events"
+    log = await _warmed_up(EventLog(client, prefix, "node-lost", maxlen=1000))
+    written = _stream_length(stream)
+    proxy.answers_lost = True
+    _emit_a_members_visit(log)
+    loop_task = asyncio.create_task(log.run())
+    await wait_until(lambda: _stream_length(stream) == written + len(VISIT), "the batch written")
+    await cancel_and_wait([loop_task], timeout=5)  # the node stops
+    proxy.answers_lost = False
+    await asyncio.wait_for(log.flush(), 10)  # the stop's last flush
+    assert await asyncio.to_thread(_handled, stream) == VISIT
+
+
+async def test_a_write_that_reaches_redis_after_its_retry_is_not_written_twice(
+    proxied: tuple[Proxy, aioredis.Redis, str],
+) -> None:
+    """A batch held up on the way to Redis (a slow network) when the node stops: the
+    stop's flush writes it, and then the first write arrives and is not written again."""
+    proxy, client, prefix = proxied
+    stream = f"{prefix}:events"
+    log = await _warmed_up(EventLog(client, prefix, "node-late", maxlen=1000))
+    proxy.frozen = True  # the batch waits in the network
+    _emit_a_members_visit(log)
+    loop_task = asyncio.create_task(log.run())
+    await wait_until(lambda: not log._buffer, "the loop to take the batch")
+    await cancel_and_wait([loop_task], timeout=5)
+    proxy.frozen = False  # the held write goes on, as does the stop's
+    await asyncio.wait_for(log.flush(), 10)
+    await asyncio.sleep(0.5)  # the held write, if it went after the stop's: nothing
+    assert await asyncio.to_thread(_handled, stream) == VISIT
