@@ -6,8 +6,11 @@ happened; and what a node emits just before it stops reaches the stream."""
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -17,6 +20,8 @@ from django.conf import settings
 
 from common.background import cancel_and_wait
 from push.ops.events import (
+    CHANNEL_OCCUPIED,
+    CHANNEL_VACATED,
     CONNECT,
     DISCONNECT,
     MEMBER_ADDED,
@@ -24,8 +29,10 @@ from push.ops.events import (
     EventLog,
 )
 from push.tests.redis_proxy import Proxy
-from tests.test_events import _in_process_worker, _step_until_none_pending
+from tests.servers import ServerNode
+from tests.test_events import _event_env, _in_process_worker, _step_until_none_pending
 from tests.waiting import wait_until
+from tests.wsclient import subscribe
 
 pytestmark = pytest.mark.e2e
 
@@ -139,3 +146,32 @@ async def test_a_write_that_reaches_redis_after_its_retry_is_not_written_twice(
     await asyncio.wait_for(log.flush(), 10)
     await asyncio.sleep(0.5)  # the held write, if it went after the stop's: nothing
     assert await asyncio.to_thread(_handled, stream) == VISIT
+
+
+async def test_what_a_node_emits_just_before_sigterm_reaches_the_stream_once_in_order(
+    e2e_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A client subscribes and the node is sent SIGTERM at once, its connect,
+    channel_occupied and subscribe still in its buffer: they reach the stream, then the drain's
+    disconnect and channel_vacated, each once."""
+    env = _event_env(e2e_env, tmp_path)
+    node = ServerNode(env, name=f"sigterm-events-{uuid.uuid4().hex[:6]}").start()
+    stream = f"{env['REDIS_PREFIX']}:events"
+    channel = f"sigterm-{uuid.uuid4().hex[:6]}"
+    ws = None
+    try:
+        ws, _ = await subscribe(node.ws_url, channel)
+        assert node.process is not None
+        node.process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(node.process.wait, 60) == 0
+        client = redis.Redis.from_url(env["REDIS_URL"])
+        try:
+            written = [json.loads(fields[b"event"]) for _, fields in client.xrange(stream)]
+        finally:
+            client.close()
+        kinds = [e["type"] for e in written]
+        assert kinds == [CONNECT, CHANNEL_OCCUPIED, "subscribe", DISCONNECT, CHANNEL_VACATED]
+    finally:
+        if ws is not None:
+            ws.transport.abort()
+        node.stop()
