@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -175,3 +177,45 @@ async def test_what_a_node_emits_just_before_sigterm_reaches_the_stream_once_in_
         if ws is not None:
             ws.transport.abort()
         node.stop()
+
+
+async def test_a_channels_later_event_read_by_another_worker_waits_for_its_earlier_one() -> None:
+    """Two workers: one has a channel's occupied in hand (its receiver slow) when the
+    channel's vacated comes and the other reads it. The receiver got the vacated first,
+    and took the channel for occupied for good."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    prefix = f"workers{uuid.uuid4().hex[:8]}"
+    stream = f"{prefix}:events"
+    writer = aioredis.Redis.from_url(settings.REDIS_URL)
+    log = EventLog(writer, prefix, "node-w", maxlen=1000)
+    seen: list[str] = []
+    received = threading.Event()
+
+    def slow_receiver(event: dict) -> None:
+        if event["type"] == CHANNEL_OCCUPIED:
+            received.set()
+            time.sleep(2.0)
+        seen.append(event["type"])
+
+    first = _in_process_worker(client, stream, [slow_receiver], concurrency=1)
+    second = _in_process_worker(client, stream, [slow_receiver], concurrency=1)
+    second.consumer = "in-process-2"
+    try:
+        first.ensure_group()
+        log.occupied(CHANNEL)
+        await log.flush()
+        reading = asyncio.create_task(asyncio.to_thread(first.step))
+        assert await asyncio.to_thread(received.wait, 30), "the first worker took it"
+        log.vacated(CHANNEL)
+        await log.flush()
+        # The second reads the vacated while the occupied is in the first's hand.
+        await asyncio.to_thread(second.step)
+        await reading
+        await asyncio.to_thread(_step_until_none_pending, second, client, stream)
+        assert seen == [CHANNEL_OCCUPIED, CHANNEL_VACATED]
+    finally:
+        keys = list(client.scan_iter(f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+        await writer.aclose()

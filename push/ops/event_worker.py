@@ -53,6 +53,7 @@ from django.db import close_old_connections
 from django.utils.module_loading import import_string
 
 from common import metrics
+from push.ops.events import event_about
 from push.ops.retries import retry_delay_secs, retry_span_secs
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,9 @@ class EventWorker:
         self._claim_from = "0-0"
         # When the batch in hand was last claimed again (``_keep_ours``).
         self._refreshed = time.monotonic()
+        # The entries of the batch in hand this worker handled: the one before an entry
+        # among them needs no look at the pending list (``_befores``).
+        self._acked: set[str] = set()
         # How long a failed event holds back those behind it, renewed at each failure:
         # its longest wait and a few retry delays (a worker that died with it, another's
         # busy batch), so that a lost name (a worker killed between acknowledging and
@@ -199,6 +203,7 @@ class EventWorker:
         handled = 0
         remaining = list(entries)
         self._refreshed = time.monotonic()
+        self._acked.clear()
         while remaining and not self._stop():
             remaining = self._keep_ours(remaining, [])
             if not remaining:
@@ -300,13 +305,41 @@ class EventWorker:
         return f"{self.stream}:waiting:{about}"
 
     def _waiting_for(self, entries: list[tuple[Any, dict[Any, Any]]]) -> dict[str, str | None]:
-        """The failed event each of these entries' connections (or channels) waits for."""
+        """The event each of these entries' connections (or channels) waits for: a failed
+        one, or else the one before the first of them here while it is still pending,
+        in another worker's hand (read in an earlier batch, its receiver slow)."""
         abouts = list({about for _, fields in entries if (about := _about(fields))})
         if not abouts:
             return {}
         firsts = self.redis.mget([self._waiting_key(about) for about in abouts])
         found = zip(abouts, firsts, strict=True)
-        return {about: _text(first) if first else None for about, first in found}
+        waiting = {about: _text(first) if first else None for about, first in found}
+        befores = {a: b for a, b in self._befores(entries).items() if waiting.get(a) is None}
+        if befores:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for before in befores.values():
+                    pipe.xpending_range(self.stream, self.group, min=before, max=before, count=1)
+                pending = pipe.execute()
+            for (about, before), still in zip(befores.items(), pending, strict=True):
+                if still:
+                    waiting[about] = before
+        return waiting
+
+    def _befores(self, entries: list[tuple[Any, dict[Any, Any]]]) -> dict[str, str]:
+        """Per connection (or channel), the entry before the first of ``entries``, where
+        it is not among them and this worker has not handled it since its batch began."""
+        befores: dict[str, str] = {}
+        ids = {_text(entry_id) for entry_id, _ in entries}
+        seen: set[str] = set()
+        for _, fields in entries:
+            about = _about(fields)
+            if about is None or about in seen:
+                continue
+            seen.add(about)
+            before = _after(fields)
+            if before is not None and before not in ids and before not in self._acked:
+                befores[about] = before
+        return befores
 
     def _handle_in_order(
         self, entries: list[tuple[Any, dict[Any, Any]]], waiting: dict[str, str | None]
@@ -430,6 +463,7 @@ class EventWorker:
             self._failed(entry_id, raw, exc)
             return 0
         self.redis.xack(self.stream, self.group, entry_id)
+        self._acked.add(_text(entry_id))
         metrics.EVENTS_PROCESSED.labels("handled").inc()
         return 1
 
@@ -510,8 +544,13 @@ def _about(fields: dict[Any, Any]) -> str | None:
         event = json.loads(_text(fields.get(b"event") or fields.get("event") or "{}"))
     except ValueError:
         return None
-    about = event.get("connection_id") or event.get("channel") if isinstance(event, dict) else None
-    return str(about) if about else None
+    return event_about(event) if isinstance(event, dict) else None
+
+
+def _after(fields: dict[Any, Any]) -> str | None:
+    """The entry before this one of its connection (or channel), as its node wrote it."""
+    after = fields.get(b"after") or fields.get("after")
+    return _text(after) if after else None
 
 
 def dead_letters(redis: Any, stream: str, count: int = 100) -> list[dict[str, Any]]:

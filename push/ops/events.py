@@ -64,21 +64,31 @@ STREAM_BYTES_HEADROOM = 0.9
 # entry once, however many tries reached Redis and in whatever order, and none of them
 # half (a pipeline of one command an entry, cut midway, wrote the first again after
 # the last: a member added again after it left).
-# KEYS: stream, this run's mark, then per occupancy change the channel's node set and
-# the node's channel index. ARGV: maxlen, the mark's lifetime (ms), the first entry's
-# number, then per entry its op (EVENT, OCCUPY, VACATE or HOLD), node, channel and
-# event JSON. An occupancy change is announced when the channel went from no node to
-# one (OCCUPY) or from one to none (VACATE), decided here, so two nodes never both
-# announce it; HOLD records a channel this node holds again in sets Redis lost
-# (restarted without its data), announcing nothing: it was announced when it was.
-# Returns the number of the last entry written.
+# Each entry names the entry before it of the same connection (or channel), ``after``,
+# kept in ``<stream>:last:<connection or channel>``: a worker holds an entry back while
+# the one before it is in another worker's hand (``push.ops.event_worker``).
+# KEYS: stream, this run's mark, then per entry its connection's (or channel's) last
+# key when it has one, and per occupancy change the channel's node set and the node's
+# channel index. ARGV: maxlen, the mark's lifetime (ms), the last keys' lifetime (ms),
+# the first entry's number, then per entry its op (EVENT, OCCUPY, VACATE or HOLD),
+# node, channel, whether it has a last key ("1" or "") and event JSON. An occupancy
+# change is announced when the channel went from no node to one (OCCUPY) or from one
+# to none (VACATE), decided here, so two nodes never both announce it; HOLD records a
+# channel this node holds again in sets Redis lost (restarted without its data),
+# announcing nothing: it was announced when it was. Returns the number of the last
+# entry written.
 _WRITE = """
 local written = tonumber(redis.call('GET', KEYS[2]) or '0')
-local number = tonumber(ARGV[3]) - 1
+local number = tonumber(ARGV[4]) - 1
 local k = 3
-for i = 4, #ARGV, 4 do
+for i = 5, #ARGV, 5 do
   number = number + 1
-  local op, node, channel, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local op, node, channel, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 4]
+  local last = nil
+  if ARGV[i + 3] ~= '' then
+    last = KEYS[k]
+    k = k + 1
+  end
   local nodes, index = KEYS[k], KEYS[k + 1]
   if op ~= 'e' then k = k + 2 end
   if number > written then
@@ -94,7 +104,15 @@ for i = 4, #ARGV, 4 do
       redis.call('SADD', index, channel)
     end
     if announce then
-      redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', entry)
+      local before = last and redis.call('GET', last)
+      local id
+      if before then
+        id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', entry,
+          'after', before)
+      else
+        id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', entry)
+      end
+      if last then redis.call('SET', last, id, 'PX', ARGV[3]) end
     end
   end
 end
@@ -111,6 +129,11 @@ WRITE_CHUNK = 500
 # How long a run's mark outlives its last write: longer than a batch waits for its
 # next try (Redis away, the node partitioned from it). A node's restart is a new run.
 WRITTEN_MARK_SECS = 86_400
+# How long an entry stays the ``after`` of its connection's (or channel's) next: as long
+# as a worker may have it in hand (a slow webhook's attempts, ~30 s) with the workers
+# that far behind. One key per connection and channel active meanwhile: at a thousand
+# new connections a second, ten minutes of them are ~100 MB of Redis.
+AFTER_KEPT_SECS = 600
 
 
 def _entry_bytes(entry: dict[str, Any] | OccupancyChange) -> int:
@@ -118,6 +141,12 @@ def _entry_bytes(entry: dict[str, Any] | OccupancyChange) -> int:
     occupancy change's event JSON) and a fixed share for the rest."""
     data = entry.event_json if isinstance(entry, OccupancyChange) else entry.get("data")
     return _EVENT_BYTES + (len(data) if isinstance(data, str) else 0)
+
+
+def event_about(entry: dict[str, Any]) -> str | None:
+    """The connection (or channel) whose events ``entry`` must follow in order."""
+    about = entry.get("connection_id") or entry.get("channel")
+    return str(about) if about else None
 
 
 def event(kind: str, **fields: Any) -> dict[str, Any]:
@@ -227,13 +256,24 @@ class EventLog:
         for start in range(0, len(entries), WRITE_CHUNK):
             chunk = entries[start : start + WRITE_CHUNK]
             keys = [self.stream, self._mark]
-            args: list[Any] = [self.maxlen, WRITTEN_MARK_SECS * 1000, first + start]
+            args: list[Any] = [
+                self.maxlen,
+                WRITTEN_MARK_SECS * 1000,
+                AFTER_KEPT_SECS * 1000,
+                first + start,
+            ]
             for entry in chunk:
                 if isinstance(entry, OccupancyChange):
-                    keys += self._occupancy_keys(entry.channel, entry.node)
-                    args += [entry.op, entry.node, entry.channel, entry.event_json]
+                    about: str | None = entry.channel
+                    op, node, channel, data = entry.op, entry.node, entry.channel, entry.event_json
                 else:
-                    args += [EVENT, "", "", json.dumps(entry)]
+                    about = event_about(entry)
+                    op, node, channel, data = EVENT, "", "", json.dumps(entry)
+                if about is not None:
+                    keys.append(f"{self.stream}:last:{about}")
+                if op != EVENT:
+                    keys += self._occupancy_keys(channel, node)
+                args += [op, node, channel, "1" if about is not None else "", data]
             await self._write_script(keys=keys, args=args)
 
     def _restore(self, batch: deque[dict[str, Any] | OccupancyChange], nbytes: int) -> None:
