@@ -19,6 +19,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
+from django.test import override_settings
 
 from common.background import cancel_and_wait
 from push.ops.events import (
@@ -30,7 +31,9 @@ from push.ops.events import (
     MEMBER_REMOVED,
     EventLog,
 )
+from push.ops.webhooks import deliver_webhooks
 from push.tests.redis_proxy import Proxy
+from tests.event_sink import WebhookReceiver
 from tests.servers import ServerNode
 from tests.test_events import _event_env, _in_process_worker, _step_until_none_pending
 from tests.waiting import wait_until
@@ -54,13 +57,29 @@ async def proxied() -> AsyncIterator[tuple[Proxy, aioredis.Redis, str]]:
     prefix = f"writes{uuid.uuid4().hex[:8]}"
     await client.ping()
     yield proxy, client, prefix
+    _delete_prefixed(prefix)
+    await client.aclose()
+    await proxy.stop()
+
+
+def _delete_prefixed(prefix: str) -> None:
     direct = redis.Redis.from_url(settings.REDIS_URL)
     keys = list(direct.scan_iter(f"{prefix}:*"))
     if keys:
         direct.delete(*keys)
     direct.close()
-    await client.aclose()
-    await proxy.stop()
+
+
+@pytest.fixture
+async def direct_log() -> AsyncIterator[tuple[EventLog, redis.Redis, str]]:
+    """An event log straight to the test Redis, a client of that Redis, the log's stream."""
+    prefix = f"direct{uuid.uuid4().hex[:8]}"
+    writer = aioredis.Redis.from_url(settings.REDIS_URL)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    yield EventLog(writer, prefix, "node-d", maxlen=1000), client, f"{prefix}:events"
+    _delete_prefixed(prefix)
+    client.close()
+    await writer.aclose()
 
 
 async def _warmed_up(log: EventLog) -> EventLog:
@@ -179,15 +198,13 @@ async def test_what_a_node_emits_just_before_sigterm_reaches_the_stream_once_in_
         node.stop()
 
 
-async def test_a_channels_later_event_read_by_another_worker_waits_for_its_earlier_one() -> None:
+async def test_a_channels_later_event_read_by_another_worker_waits_for_its_earlier_one(
+    direct_log: tuple[EventLog, redis.Redis, str],
+) -> None:
     """Two workers: one has a channel's occupied in hand (its receiver slow) when the
     channel's vacated comes and the other reads it. The receiver got the vacated first,
     and took the channel for occupied for good."""
-    client = redis.Redis.from_url(settings.REDIS_URL)
-    prefix = f"workers{uuid.uuid4().hex[:8]}"
-    stream = f"{prefix}:events"
-    writer = aioredis.Redis.from_url(settings.REDIS_URL)
-    log = EventLog(writer, prefix, "node-w", maxlen=1000)
+    log, client, stream = direct_log
     seen: list[str] = []
     received = threading.Event()
 
@@ -200,22 +217,36 @@ async def test_a_channels_later_event_read_by_another_worker_waits_for_its_earli
     first = _in_process_worker(client, stream, [slow_receiver], concurrency=1)
     second = _in_process_worker(client, stream, [slow_receiver], concurrency=1)
     second.consumer = "in-process-2"
-    try:
-        first.ensure_group()
+    first.ensure_group()
+    log.occupied(CHANNEL)
+    await log.flush()
+    reading = asyncio.create_task(asyncio.to_thread(first.step))
+    assert await asyncio.to_thread(received.wait, 30), "the first worker took it"
+    log.vacated(CHANNEL)
+    await log.flush()
+    # The second reads the vacated while the occupied is in the first's hand.
+    await asyncio.to_thread(second.step)
+    await reading
+    await asyncio.to_thread(_step_until_none_pending, second, client, stream)
+    assert seen == [CHANNEL_OCCUPIED, CHANNEL_VACATED]
+
+
+async def test_a_webhook_carries_its_events_place_in_the_stream(
+    direct_log: tuple[EventLog, redis.Redis, str],
+) -> None:
+    """What a receiver orders a channel's events by, whatever the attempt: the event's
+    stream entry id, in a header and (our format) in the body."""
+    log, client, stream = direct_log
+    worker = _in_process_worker(client, stream, [deliver_webhooks], concurrency=1)
+    with WebhookReceiver() as receiver:
+        worker.ensure_group()
         log.occupied(CHANNEL)
-        await log.flush()
-        reading = asyncio.create_task(asyncio.to_thread(first.step))
-        assert await asyncio.to_thread(received.wait, 30), "the first worker took it"
         log.vacated(CHANNEL)
         await log.flush()
-        # The second reads the vacated while the occupied is in the first's hand.
-        await asyncio.to_thread(second.step)
-        await reading
-        await asyncio.to_thread(_step_until_none_pending, second, client, stream)
-        assert seen == [CHANNEL_OCCUPIED, CHANNEL_VACATED]
-    finally:
-        keys = list(client.scan_iter(f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
-        await writer.aclose()
+        with override_settings(PUSH={"WEBHOOK_URLS": [receiver.url()]}):
+            await asyncio.to_thread(_step_until_none_pending, worker, client, stream)
+    entry_ids = [entry_id.decode() for entry_id, _ in client.xrange(stream)]
+    got = receiver.accepted
+    assert [r.json()["type"] for r in got] == [CHANNEL_OCCUPIED, CHANNEL_VACATED]
+    assert [r.headers["X-Push-Event-Stream-Id"] for r in got] == entry_ids
+    assert [r.json()["stream_id"] for r in got] == entry_ids

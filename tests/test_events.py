@@ -318,9 +318,9 @@ def test_a_handler_registered_in_code_runs(monkeypatch: pytest.MonkeyPatch) -> N
     try:
         worker.ensure_group()
         sent = event(CONNECT, connection_id="c-1")
-        client.xadd(stream, {"event": json.dumps(sent)})
+        entry_id = client.xadd(stream, {"event": json.dumps(sent)}).decode()
         assert worker.step() == 1
-        assert seen == [sent]
+        assert seen == [{**sent, "stream_id": entry_id}], "with its place in the stream"
         assert client.xpending(stream, DEFAULT_GROUP)["pending"] == 0, "acknowledged"
     finally:
         client.delete(stream)

@@ -237,6 +237,13 @@ async def test_occupied_once_on_the_first_node_vacated_once_by_the_last(
         {"name": "channel_occupied", "channel": channel},
         {"name": "channel_vacated", "channel": channel},
     ]
+    # Each with its place in the event stream, what a receiver orders them by.
+    places = [
+        tuple(int(n) for n in r.headers["X-Push-Event-Stream-Id"].split("-"))
+        for r in hooks[ENV_APP].accepted
+        if channel.encode() in r.body
+    ]
+    assert len(places) == 2 and places[0] < places[1]
     await wait_until(
         lambda: len(_entries(ROW_APP, hooks[ROW_APP], channel)) == 2,
         "the app row's two webhooks",

@@ -21,6 +21,14 @@ channel's occupancy, run one after the other in stream order. An entry that fail
 ``PUSH_EVENT_RETRY_TOTAL_SECS`` after its first failure, moves to the dead-letter stream
 ``<prefix>:events:dead``, shown in the admin.
 
+Each stream entry names the one before it of its connection (or channel), ``after``
+(``push.ops.events``): while that one is pending (in another worker's hand, its
+receiver slow; in a killed worker's; failed, waiting for its retry) a worker holds the
+later one back as behind a failed event, below. Two workers, one with a channel's
+``channel_occupied`` in hand and the other reading its ``channel_vacated``, delivered
+the vacated first, and the receiver took the channel for occupied for good. Handlers
+get each event with its entry id, ``stream_id``: the order they are given in.
+
 An event that failed holds back the later events of its connection (or channel) until
 it is handled or dead-lettered, whichever worker reads them: it is named in
 ``<stream>:waiting:<connection or channel>``, and a later event of the same one is
@@ -458,7 +466,7 @@ class EventWorker:
             # Decoded here, where a failure is the event's alone: raised out of the
             # batch, an entry that is no JSON stopped the worker at every claim of it,
             # before it read anything new, for good.
-            self._run_handlers(json.loads(raw))
+            self._run_handlers(_received(raw, entry_id))
         except Exception as exc:
             self._failed(entry_id, raw, exc)
             return 0
@@ -545,6 +553,15 @@ def _about(fields: dict[Any, Any]) -> str | None:
     except ValueError:
         return None
     return event_about(event) if isinstance(event, dict) else None
+
+
+def _received(raw: str, entry_id: Any) -> Any:
+    """The event as handlers get it: with its place in the stream (``stream_id``), the
+    order of the events of one connection (or channel) that a receiver can check."""
+    received = json.loads(raw)
+    if isinstance(received, dict):
+        received["stream_id"] = _text(entry_id)
+    return received
 
 
 def _after(fields: dict[Any, Any]) -> str | None:

@@ -2,7 +2,9 @@
 signed with HMAC-SHA256 over a timestamp and the body, retried with backoff. Only the
 answer's status is read, never its body.
 
-Headers: ``X-Push-Event-Id`` (dedupe: delivery is at least once), ``X-Push-Timestamp``
+Headers: ``X-Push-Event-Id`` (dedupe: delivery is at least once),
+``X-Push-Event-Stream-Id`` (the event's place in the event stream, ``<ms>-<n>``: the
+order of a connection's or channel's events), ``X-Push-Timestamp``
 (unix seconds when this attempt was sent) and ``X-Push-Signature: sha256=<hex>``, the
 HMAC of ``<timestamp>.<body>`` with ``PUSH_WEBHOOK_SECRET`` (by default a key derived
 from ``SECRET_KEY`` for webhooks alone: ``manage.py push_secret webhook`` prints it). A
@@ -79,16 +81,28 @@ def signature(body: bytes, timestamp: int, secret: str | None = None) -> str:
     return "sha256=" + hmac.new(key, signed, hashlib.sha256).hexdigest()
 
 
-def _headers(event_id: str, body: bytes) -> dict[str, str]:
+def _headers(event: dict[str, Any], body: bytes) -> dict[str, str]:
     """Each attempt's own: a retry minutes later carries a fresh timestamp, which a
     receiver with a tolerance of a few minutes accepts."""
     timestamp = int(time.time())
     return {
         "Content-Type": "application/json",
-        "X-Push-Event-Id": event_id,
+        **event_headers(event),
         "X-Push-Timestamp": str(timestamp),
         "X-Push-Signature": signature(body, timestamp),
     }
+
+
+def event_headers(event: dict[str, Any]) -> dict[str, str]:
+    """What every webhook of ``event`` carries, in either format: its id, the same on
+    every attempt (a receiver drops duplicates by it), and its place in the stream (a
+    receiver orders a connection's or channel's events by it)."""
+    headers = {}
+    if event.get("id"):
+        headers["X-Push-Event-Id"] = str(event["id"])
+    if event.get("stream_id"):
+        headers["X-Push-Event-Stream-Id"] = str(event["stream_id"])
+    return headers
 
 
 @dataclass(frozen=True)
@@ -265,7 +279,7 @@ def deliver_webhooks(event: dict[str, Any]) -> None:
     event_id = str(event.get("id", ""))
 
     def request() -> tuple[bytes, dict[str, str]]:
-        return body, _headers(event_id, body)
+        return body, _headers(event, body)
 
     targets = [WebhookTarget(url, request) for url in push_settings.WEBHOOK_URLS]
     deliver_to_targets(event_id, targets)

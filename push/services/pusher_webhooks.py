@@ -11,8 +11,10 @@ refuse a body more than five minutes old, and a retry can come later than that.
 
 One event per request (Pusher may batch several; a list of one is the same format).
 ``X-Push-Event-Id`` names the event, the same on every attempt, for a receiver that
-wants to drop the duplicates at-least-once delivery can bring; Pusher's libraries
-ignore it.
+wants to drop the duplicates at-least-once delivery can bring, and
+``X-Push-Event-Stream-Id`` is its place in the event stream, the order of a channel's
+events (``time_ms`` is the attempt's, not the event's); Pusher's libraries ignore
+both.
 
 Channels are one namespace shared by every app (and by our own protocol): an app does
 not own its channels, so every enabled app with webhook URLs receives the events of
@@ -33,7 +35,7 @@ from typing import Any
 
 from push.ops import events
 from push.ops.event_worker import Handler
-from push.ops.webhooks import WebhookTarget, deliver_to_targets
+from push.ops.webhooks import WebhookTarget, deliver_to_targets, event_headers
 from push.services.pusher_apps import PusherApp, all_apps, compact_json, webhook_signature
 
 # Our event's fields that each Pusher webhook carries, besides its name and channel.
@@ -89,21 +91,21 @@ def deliver_pusher_webhooks(event: dict[str, Any]) -> None:
     if entry is None:
         return
     event_id = str(event.get("id", ""))
+    ours = event_headers(event)
     targets = [
-        WebhookTarget(url, partial(_request_with_id, app, entry, event_id), scope=app.key)
+        WebhookTarget(url, partial(_request_with, app, entry, ours), scope=app.key)
         for app in _hooked_apps()
         for url in app.webhook_urls
     ]
     deliver_to_targets(event_id, targets)
 
 
-def _request_with_id(
-    app: PusherApp, entry: dict[str, Any], event_id: str
+def _request_with(
+    app: PusherApp, entry: dict[str, Any], ours: dict[str, str]
 ) -> tuple[bytes, dict[str, str]]:
+    """One attempt's request, with our headers (``event_headers``) besides Pusher's."""
     body, headers = pusher_webhook_request(app, entry)
-    if event_id:
-        headers["X-Push-Event-Id"] = event_id
-    return body, headers
+    return body, {**headers, **ours}
 
 
 def pusher_webhook_handlers() -> list[Handler]:
