@@ -42,15 +42,13 @@ def _store(name: str, seqs: int, *, old: tuple[int, ...] = (), last_seq: int = 0
     channel = Channel.objects.create(name=name, last_seq=last_seq or seqs)
     now = timezone.now()
     Message.objects.bulk_create(
-        Message(
-            channel=channel,
-            seq=seq,
-            message_id=uuid.uuid4(),
-            data="1",
-            created_at=now - timedelta(hours=2) if seq in old else now,
-        )
+        _message(channel, seq, now - timedelta(hours=2) if seq in old else now)
         for seq in range(1, seqs + 1)
     )
+
+
+def _message(channel: Channel, seq: int, at: datetime) -> Message:
+    return Message(channel=channel, seq=seq, message_id=uuid.uuid4(), data="1", created_at=at)
 
 
 def _kept(name: str) -> list[int]:
@@ -127,19 +125,56 @@ def test_a_pass_costs_queries_per_page_of_channels_not_per_channel(
         Channel(name=f"user:{n}", last_seq=7 if n % 500 == 0 else 2) for n in range(2000)
     )
     Message.objects.bulk_create(
-        Message(
-            channel=channel, seq=seq, message_id=uuid.uuid4(), data="1", created_at=timezone.now()
-        )
+        _message(channel, seq, timezone.now())
         for channel in channels
         for seq in range(1, channel.last_seq + 1)
     )
     queries.clear()
     assert history_trim() == {f"user:{n}": 2 for n in range(0, 2000, 500)}
     pages = 2000 // 500 + 1  # (the last one finds none)
-    # Trimming one channel by the count limit: its oldest row, a batch, the delete, its
-    # oldest row again; then its oldest row for the age limit.
-    assert len(queries) <= pages + 4 * 5 + 1, len(queries)
+    # A page with a channel past its count limit: the delete, and the oldest rows left
+    # read for the age limit; then the expired idempotency keys' delete.
+    assert len(queries) <= pages + 4 * 2 + 1, len(queries)
     assert Message.objects.count() == 4 * 5 + 1996 * 2
+
+
+@override_settings(PUSH={"RETENTION_MAX_MESSAGES": 5, "RETENTION_MAX_AGE_SECS": 3600})
+def test_a_pass_deletes_past_count_limits_many_channels_a_statement(
+    monkeypatch: pytest.MonkeyPatch, queries: list[tuple[str, int]]
+) -> None:
+    """Channels over their count limit every pass (busy instruments keeping their last
+    1,000 messages) cost four or five queries each: 450,000 a pass for 100,000 of them."""
+    monkeypatch.setattr(retention, "CHANNEL_PAGE", 500)
+    monkeypatch.setattr(retention, "DELETE_BATCH", 300)
+    now = timezone.now()
+    rows = {n: range(1, 8) for n in range(2000)}  # 2 past the count limit each
+    rows[0] = range(1, 1006)  # 1,000 past it: a backlog
+    rows[1] = [1, 2, 50, 51, 52, 53, 54, 55, 56, 57]  # a gap: 5 past it, not 52
+    channels = Channel.objects.bulk_create(
+        Channel(name=f"ticker:{n}", last_seq=rows[n][-1]) for n in range(2000)
+    )
+    Message.objects.bulk_create(
+        # Past the age limit beyond the count's: the age rule deletes 3 to 6 then.
+        _message(channel, seq, now - timedelta(hours=2) if n == 2 and seq <= 6 else now)
+        for n, channel in enumerate(channels)
+        for seq in rows[n]
+    )
+    queries.clear()
+    trimmed = history_trim()
+    ran = list(queries)
+    assert trimmed == {"ticker:0": 1000, "ticker:1": 5, "ticker:2": 6} | {
+        f"ticker:{n}": 2 for n in range(3, 2000)
+    }
+    assert (_kept("ticker:0"), _kept("ticker:1")) == (list(range(1001, 1006)), [53, 54, 55, 56, 57])
+    assert _kept("ticker:2") == [7] and _kept("ticker:1999") == [3, 4, 5, 6, 7]
+    pages = 2000 // 500 + 1  # (the last one finds none)
+    # Each page: its statements of 300 rows, a last one with fewer, and the oldest rows
+    # left read for the age limit; ticker:2's walk by age (its oldest row, a batch, the
+    # delete, its oldest row again) and the expired idempotency keys' delete.
+    assert len(ran) <= pages + sum(trimmed.values()) // 300 + 4 * 2 + 4 + 1, len(ran)
+    table = Message._meta.db_table
+    deletes = [rows for sql, rows in ran if sql.lstrip().startswith("DELETE") and table in sql]
+    assert max(deletes) <= 300 and sum(deletes) == sum(trimmed.values()), deletes
 
 
 def _idempotency_key(n: int, at: datetime) -> IdempotencyKey:
