@@ -613,7 +613,7 @@ def _counted(held: Any) -> tuple[_Request, _Transport]:
 
 
 async def test_unfinished_bodies_of_one_peer_share_a_bound_until_they_are_whole() -> None:
-    held = server_adapters._HeldBodies(10)
+    held = server_adapters._HeldBytes(10)
     first, _ = _counted(held)
     second, dropped = _counted(held)
     first.handleContentChunk(b"123456")

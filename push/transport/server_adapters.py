@@ -62,14 +62,7 @@ def daphne_backlog_probe(send: Any) -> Callable[[], int] | None:
     if transport is None or not hasattr(transport, "dataBuffer"):
         return None
 
-    def backlog() -> int:
-        return (
-            len(transport.dataBuffer)
-            - getattr(transport, "offset", 0)
-            + getattr(transport, "_tempDataLen", 0)
-        )
-
-    return backlog
+    return functools.partial(_twisted_unsent, transport)
 
 
 def allow_slow_close(send: Any, secs: float) -> None:
@@ -442,7 +435,7 @@ def bound_daphne_request_bodies(
     from daphne import http_protocol
 
     build_protocol = http_protocol.HTTPFactory.buildProtocol
-    held = _HeldBodies(max_unfinished_body_bytes_per_peer)
+    held = _HeldBytes(max_unfinished_body_bytes_per_peer)
 
     def build_bounded(factory: Any, addr: Any) -> Any:
         protocol = build_protocol(factory, addr)
@@ -458,12 +451,14 @@ def bound_daphne_request_bodies(
     http_protocol.HTTPFactory.buildProtocol = build_bounded
 
 
-class _HeldBodies:
-    """The bytes of unfinished request bodies each peer has on this node (daphne), and
-    their bound (``MAX_UNFINISHED_BODY_BYTES_PER_PEER``): daphne keeps every body it
-    reads, each in a temporary file (a file of the node's) past 100 KB, until it is
-    whole, however slowly it comes (measured: 20 bodies of 2 MB from one address, each
-    one byte short, held on the node while the client kept their sockets)."""
+class _HeldBytes:
+    """Bytes each peer (IPv6: its /64) has the node hold for it, and their bound: the
+    unfinished request bodies daphne reads (``MAX_UNFINISHED_BODY_BYTES_PER_PEER``:
+    daphne keeps every body it reads, each in a temporary file (a file of the node's)
+    past 100 KB, until it is whole, however slowly it comes; measured, 20 bodies of
+    2 MB from one address, each one byte short, held on the node while the client kept
+    their sockets), or the unsent bytes of its HTTP responses under either server
+    (``MAX_UNSENT_RESPONSE_BYTES_PER_PEER``)."""
 
     __slots__ = ("bytes", "limit")
 
@@ -484,7 +479,7 @@ def _bounded_request(
     request: Any,
     channel: Any,
     limit: int,
-    held: _HeldBodies | None = None,
+    held: _HeldBytes | None = None,
     key: str | None = None,
     refused_before_body: BodyRefusal | None = None,
 ) -> Any:
@@ -724,6 +719,133 @@ def _uncounted_if_upgraded(request: Any, uncount: Callable[[], None]) -> Any:
     return request
 
 
+# ----- unsent response bytes per peer (daphne and uvicorn) ------------------------------
+
+# Neither server bounds what a response that its client does not read leaves on the
+# node: daphne (Twisted) buffers all of it in the transport, and uvicorn's send waits
+# only before its next write, with the whole body of a response (a history page of
+# up to 4 MiB) already handed to the transport. Measured, 60 connections from one
+# address each asking for a 3.8 MB history page and reading nothing (their receive
+# buffers 4 KiB, as a far client's window fills): the node's RSS rose ~350 MB under
+# daphne and ~490 MB under uvicorn, every socket still open 12 s later; uvicorn's
+# keep-alive close waits for its buffer to drain, so it held them for good, daphne until
+# Twisted's idle timeout (60 s, then 15 s to abort). (Over loopback with the default
+# buffers the kernel took uvicorn's whole pages and closed the sockets 5 s later.) So
+# one client address (IPv6: its /64) may have this many bytes of responses unsent on
+# a node, across its HTTP connections (SSE streams too): eight full history pages, or
+# twice its history budget's burst; the write that would pass it drops its
+# connection, as a WebSocket past its send queue is. A response counts from when the
+# server's buffer passes its high-water mark (64 KiB) until that buffer has drained
+# (about as long as it takes the client to read it).
+MAX_UNSENT_RESPONSE_BYTES_PER_PEER = 32 * 1024 * 1024
+DROPPED_UNSENT_RESPONSES = metrics.CONNECTIONS_REFUSED.labels("response_bytes")
+
+
+class _UnsentResponse:
+    """One HTTP connection's unsent response bytes, as its peer's count in ``held``
+    has them: its buffer's size when last seen past the high-water mark, until it has
+    drained."""
+
+    __slots__ = ("counted", "held", "key")
+
+    def __init__(self, held: _HeldBytes, key: str) -> None:
+        self.held = held
+        self.key = key
+        self.counted = 0
+
+    def grew_to(self, unsent: int) -> bool:
+        """The connection holds ``unsent`` bytes: False once its peer holds too many,
+        and the connection must be dropped."""
+        more = unsent - self.counted
+        if more <= 0:
+            return True
+        self.counted = unsent
+        return self.held.take(self.key, more)
+
+    def drained(self) -> None:
+        if self.counted:
+            self.held.give_back(self.key, self.counted)
+            self.counted = 0
+
+
+def _twisted_unsent(transport: Any) -> int:
+    """The bytes a Twisted TCP transport has buffered and not yet written."""
+    return (
+        len(transport.dataBuffer)
+        - getattr(transport, "offset", 0)
+        + getattr(transport, "_tempDataLen", 0)
+    )
+
+
+def bound_daphne_unsent_responses(limit: int) -> None:
+    """Make daphne drop an HTTP connection whose write would take the unsent bytes of
+    its peer's responses past ``limit`` (0: no such bound), as
+    ``bounded_head_httptools_protocol`` does under uvicorn. Twisted tells the HTTP
+    channel (its transport's producer) after every write that leaves more than 64 KiB
+    buffered, and again once the buffer is empty; a connection handed to a WebSocket
+    is not counted (its send queue bounds it). A TLS transport (a wrapper without its
+    own buffer) is not counted either: runnode listens on plain TCP. Called before
+    daphne's server starts."""
+    if not limit:
+        return
+    from daphne import http_protocol
+
+    held = _HeldBytes(limit)
+    build_protocol = http_protocol.HTTPFactory.buildProtocol
+
+    def build_bounded(factory: Any, addr: Any) -> Any:
+        protocol = build_protocol(factory, addr)
+        host = getattr(addr, "host", None)
+        # Twisted's HTTP channel, behind the protocol that would switch it to HTTP/2;
+        # none for a connection another bound refused.
+        channel = getattr(protocol, "_channel", None)
+        if channel is not None and host:
+            _count_unsent(protocol, channel, _UnsentResponse(held, address_block(host)))
+        return protocol
+
+    http_protocol.HTTPFactory.buildProtocol = build_bounded
+
+
+def _count_unsent(protocol: Any, channel: Any, unsent: _UnsentResponse) -> None:
+    """Count what the transport of ``protocol`` (Twisted's, around its HTTP
+    ``channel``) holds in ``unsent``, dropping the connection once its peer holds too
+    much. The methods they had, their own or what other bounds wrapped them in, are
+    called on after."""
+    pause, resume = channel.pauseProducing, channel.resumeProducing
+    connection_lost = protocol.connectionLost
+    dropped = False
+
+    def paused() -> None:
+        nonlocal dropped
+        transport = channel.transport
+        if dropped:
+            return  # an aborted transport takes writes until it is gone: not counted
+        # (A WebSocket's writes come here too: the channel stays its transport's
+        # producer after the upgrade.)
+        if getattr(transport, "protocol", None) is protocol and hasattr(transport, "dataBuffer"):
+            if not unsent.grew_to(_twisted_unsent(transport)):
+                DROPPED_UNSENT_RESPONSES.inc()
+                dropped = True
+                unsent.drained()
+                transport.abortConnection()  # its buffer dropped, not flushed first
+                return
+        else:
+            unsent.drained()
+        pause()
+
+    def resumed() -> None:
+        unsent.drained()
+        resume()
+
+    def lost(reason: Any) -> None:
+        unsent.drained()
+        connection_lost(reason)
+
+    channel.pauseProducing = paused
+    channel.resumeProducing = resumed
+    protocol.connectionLost = lost
+
+
 # ----- whole responses (uvicorn) -------------------------------------------------------
 
 # The ASGI extension (``scope["extensions"]``) under which the bounded httptools protocol
@@ -935,6 +1057,7 @@ def bounded_head_httptools_protocol(
     max_unfinished_body_bytes_per_peer: int = MAX_UNFINISHED_BODY_BYTES_PER_PEER,
     max_open_connections: int = 0,
     max_connections_per_peer: int = 0,
+    max_unsent_response_bytes_per_peer: int = 0,
 ) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol (``uvicorn.Config(http=...)``) answering 431 and
     closing once a request's line and headers pass ``max_bytes`` bytes or
@@ -957,7 +1080,11 @@ def bounded_head_httptools_protocol(
     from a peer (IPv6: its /64) that has ``max_connections_per_peer`` HTTP connections
     open (0: no such bound; 0 behind a proxy), idle or not, and closing it
     ``LINGER_SECS`` later: a connection counts from its accept until it closes or
-    becomes a WebSocket, which the application's own limits count instead."""
+    becomes a WebSocket, which the application's own limits count instead. And
+    dropping a connection whose response would take the unsent bytes of its peer's
+    responses past ``max_unsent_response_bytes_per_peer`` (0: no such bound; 0 behind a
+    proxy, which reads the responses itself), counted from when the transport's buffer
+    passes its high-water mark until it is below its low one again."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     incomplete: collections.Counter[str] = collections.Counter()
@@ -965,8 +1092,13 @@ def bounded_head_httptools_protocol(
     unfinished_body_bytes: collections.Counter[str] = collections.Counter()
     # Peer -> its open HTTP connections (not yet upgraded).
     open_per_peer: collections.Counter[str] = collections.Counter()
+    # Peer -> the bytes of its responses the transports hold unsent.
+    unsent_held = _HeldBytes(max_unsent_response_bytes_per_peer)
     per_peer = bool(
-        max_incomplete_per_peer or max_unfinished_body_bytes_per_peer or max_connections_per_peer
+        max_incomplete_per_peer
+        or max_unfinished_body_bytes_per_peer
+        or max_connections_per_peer
+        or max_unsent_response_bytes_per_peer
     )
     # uvicorn's own handlers of what arrives, called for every request: through these
     # rather than super(), which makes a proxy object each time. Measured on a fake
@@ -1007,6 +1139,8 @@ def bounded_head_httptools_protocol(
         _body_read_at = 0.0
         # What this connection's unfinished body counts in ``unfinished_body_bytes``.
         _body_held = 0
+        # What its responses left unsent count in ``unsent_held`` (None: not counted).
+        _unsent: _UnsentResponse | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's own signature
             super().connection_made(transport)
@@ -1023,6 +1157,8 @@ def bounded_head_httptools_protocol(
                     transport.close()
                     return
                 self._peer_key = key
+                if max_unsent_response_bytes_per_peer:
+                    self._unsent = _UnsentResponse(unsent_held, key)
             # Nothing read yet: the first head is bounded in time and counted from now.
             self._head_begins()
             self._arm_head()
@@ -1033,11 +1169,44 @@ def bounded_head_httptools_protocol(
             self._head_ends()
             self._body_ends()
             self._uncount_open()
+            if self._unsent is not None:
+                self._unsent.drained()
             super().connection_lost(exc)
 
         def handle_websocket_upgrade(self) -> None:
             self._uncount_open()
+            if self._unsent is not None:
+                self._unsent.drained()  # its send queue bounds a WebSocket
+                self._unsent = None
             super().handle_websocket_upgrade()
+
+        def pause_writing(self) -> None:
+            # Called in the write that passed the high-water mark; uvicorn's send
+            # waits for resume_writing before it writes again, and Django's sends a
+            # body 64 KiB at a time: the rest of the response (its Content-Length
+            # not yet written) waits in the application meanwhile, and counts too.
+            unsent = self._unsent
+            if unsent is not None and not unsent.grew_to(
+                self.transport.get_write_buffer_size() + self._response_unwritten()
+            ):
+                DROPPED_UNSENT_RESPONSES.inc()
+                unsent.drained()
+                self.transport.abort()  # its buffer dropped, not flushed first
+                return
+            super().pause_writing()
+
+        def resume_writing(self) -> None:
+            if self._unsent is not None:
+                self._unsent.drained()
+            super().resume_writing()
+
+        def _response_unwritten(self) -> int:
+            """The bytes of the response's declared length not yet written (0 for a
+            chunked one, or none begun)."""
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                return 0
+            return int(cycle.expected_content_length)
 
         def _count_open(self, key: str) -> None:
             """Count this new connection under its peer, or refuse it when the peer has
