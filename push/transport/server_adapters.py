@@ -722,21 +722,24 @@ def _uncounted_if_upgraded(request: Any, uncount: Callable[[], None]) -> Any:
 # ----- unsent response bytes per peer (daphne and uvicorn) ------------------------------
 
 # Neither server bounds what a response that its client does not read leaves on the
-# node: daphne (Twisted) buffers all of it in the transport, and uvicorn's send waits
-# only before its next write, with the whole body of a response (a history page of
-# up to 4 MiB) already handed to the transport. Measured, 60 connections from one
+# node: daphne (Twisted) takes every byte of it into the transport's buffer at once;
+# uvicorn's send waits while the transport's buffer is over its high-water mark, and
+# Django sends a body 64 KiB at a time, so the rest of the response waits in the
+# application instead, its request never done. Measured, 60 connections from one
 # address each asking for a 3.8 MB history page and reading nothing (their receive
 # buffers 4 KiB, as a far client's window fills): the node's RSS rose ~350 MB under
-# daphne and ~490 MB under uvicorn, every socket still open 12 s later; uvicorn's
-# keep-alive close waits for its buffer to drain, so it held them for good, daphne until
-# Twisted's idle timeout (60 s, then 15 s to abort). (Over loopback with the default
-# buffers the kernel took uvicorn's whole pages and closed the sockets 5 s later.) So
-# one client address (IPv6: its /64) may have this many bytes of responses unsent on
-# a node, across its HTTP connections (SSE streams too): eight full history pages, or
-# twice its history budget's burst; the write that would pass it drops its
-# connection, as a WebSocket past its send queue is. A response counts from when the
-# server's buffer passes its high-water mark (64 KiB) until that buffer has drained
-# (about as long as it takes the client to read it).
+# daphne and ~490 MB under uvicorn, every socket still open 12 s later; uvicorn would
+# have held them for good (its keep-alive timeout starts only once a response is
+# written whole), daphne until Twisted's idle timeout (60 s, then 15 s to abort). (Over
+# loopback with the default buffers the kernel took most of each page, uvicorn wrote
+# the rest, and its keep-alive timeout closed the sockets 5 s later; daphne kept them.)
+# So one client address (IPv6: its /64) may have this many bytes of responses unsent
+# on a node, across its HTTP connections (SSE streams too): eight full history pages,
+# or twice its history budget's burst; the write that would pass it drops its
+# connection, as a WebSocket past its send queue is. A connection counts from when
+# the server's buffer passes its high-water mark (64 KiB) until it has drained
+# (about as long as the client takes to read it): what the buffer holds, and under
+# uvicorn the response's bytes not yet written (of its Content-Length).
 MAX_UNSENT_RESPONSE_BYTES_PER_PEER = 32 * 1024 * 1024
 DROPPED_UNSENT_RESPONSES = metrics.CONNECTIONS_REFUSED.labels("response_bytes")
 
