@@ -629,3 +629,80 @@ async def test_unfinished_bodies_of_one_peer_share_a_bound_until_they_are_whole(
     third.connectionLost(None)  # nor one whose client left
     assert (kept.closed, held.bytes) == (False, {})
     assert not set(vars(third)) & {*server_adapters._BODY_HOOKS, "connectionLost"}
+
+
+class _TwistedTransport:
+    """What the unsent-response count reads of a Twisted TCP transport."""
+
+    def __init__(self) -> None:
+        self.dataBuffer = b""
+        self.offset = 0
+        self._tempDataLen = 0
+        self.protocol: Any = None
+        self.aborted = False
+
+    def abortConnection(self) -> None:  # Twisted's name
+        self.aborted = True
+
+
+class _HttpChannel:
+    def __init__(self, transport: _TwistedTransport) -> None:
+        self.transport = transport
+        self.paused = 0
+        self.resumed = 0
+
+    def pauseProducing(self) -> None:  # Twisted's name
+        self.paused += 1
+
+    def resumeProducing(self) -> None:  # Twisted's name
+        self.resumed += 1
+
+
+class _HttpProtocol:
+    def __init__(self) -> None:
+        self.lost = False
+
+    def connectionLost(self, reason: Any) -> None:  # Twisted's name
+        self.lost = True
+
+
+def _unsent_counted(held: Any) -> tuple[_HttpProtocol, _HttpChannel, _TwistedTransport]:
+    transport = _TwistedTransport()
+    protocol, channel = _HttpProtocol(), _HttpChannel(transport)
+    transport.protocol = protocol
+    unsent = server_adapters._UnsentResponse(held, "peer")
+    server_adapters._count_unsent(protocol, channel, unsent)
+    return protocol, channel, transport
+
+
+def test_unsent_responses_of_one_peer_share_a_bound_until_drained() -> None:
+    held = server_adapters._HeldBytes(100)
+    _, first, first_transport = _unsent_counted(held)
+    second_protocol, second, second_transport = _unsent_counted(held)
+    first_transport._tempDataLen = 60
+    first.pauseProducing()
+    second_transport.dataBuffer, second_transport.offset = b"x" * 70, 10
+    second.pauseProducing()
+    # Past the peer's bytes: that connection dropped, its buffer not flushed first.
+    assert (first_transport.aborted, second_transport.aborted) == (False, True)
+    assert (first.paused, second.paused, held.bytes) == (1, 0, {"peer": 60})
+    second.pauseProducing()  # an aborted transport still takes writes until it is gone
+    second_protocol.connectionLost(None)
+    assert (second_transport.aborted, second_protocol.lost, held.bytes) == (
+        True,
+        True,
+        {"peer": 60},
+    )
+    first.resumeProducing()  # drained
+    assert (first.resumed, held.bytes) == (1, {})
+
+
+def test_a_connection_handed_to_a_websocket_counts_no_unsent_response() -> None:
+    held = server_adapters._HeldBytes(100)
+    _, channel, transport = _unsent_counted(held)
+    transport._tempDataLen = 60
+    channel.pauseProducing()
+    transport.protocol = object()  # the WebSocket's, its frames bounded by its send queue
+    transport._tempDataLen = 1_000
+    channel.pauseProducing()
+    assert (transport.aborted, channel.paused, held.bytes) == (False, 2, {})
