@@ -1195,7 +1195,9 @@ def bounded_head_httptools_protocol(
                 DROPPED_UNSENT_RESPONSES.inc()
                 unsent.drained()
                 self.transport.abort()  # its buffer dropped, not flushed first
-                return
+            # Paused when dropped too: the application's send then waits until uvicorn
+            # hears of the close (and returns without writing), instead of writing to
+            # the closed transport.
             super().pause_writing()
 
         def resume_writing(self) -> None:
