@@ -47,6 +47,9 @@ pytestmark = pytest.mark.e2e
 # Vacated comes once the last node lets the channel go, the hub's linger (10 s) after
 # its last subscriber left.
 VACATED_WAIT_SECS = 40.0
+# A webhook goes through a node's event buffer, the stream, a worker and an HTTP call:
+# well under a second here, but past 10 s on a machine busy with two test workers.
+WEBHOOK_WAIT_SECS = 30.0
 
 
 @dataclass(frozen=True)
@@ -205,12 +208,14 @@ async def test_occupied_once_on_the_first_node_vacated_once_by_the_last(
     await wait_until(
         lambda: _names(ENV_APP, hooks[ENV_APP], channel) == ["channel_occupied"],
         "channel_occupied",
+        timeout=WEBHOOK_WAIT_SECS,
         interval=QUERY_INTERVAL_SECS,
     )
     on_b = [(await subscribe(node_b.ws_url, channel))[0] for _ in range(2)]
     await wait_until(
         lambda: len(_occupancy_nodes(env, channel)) == 2,
         "both nodes serving the channel",
+        timeout=WEBHOOK_WAIT_SECS,
         interval=QUERY_INTERVAL_SECS,
     )
     for ws in on_a:
@@ -247,6 +252,7 @@ async def test_occupied_once_on_the_first_node_vacated_once_by_the_last(
     await wait_until(
         lambda: len(_entries(ROW_APP, hooks[ROW_APP], channel)) == 2,
         "the app row's two webhooks",
+        timeout=WEBHOOK_WAIT_SECS,
         interval=QUERY_INTERVAL_SECS,
     )
     _every_app_got_the_same(cluster, channel)
@@ -296,7 +302,10 @@ async def test_members_added_and_removed_once_per_user_across_nodes(cluster: Clu
     added = sorted([("member_added", roamer_id), ("member_added", loner_id)])
     # The two joins come from two nodes' event buffers: in either order.
     await wait_until(
-        lambda: sorted(members_seen()) == added, "two member_added", interval=QUERY_INTERVAL_SECS
+        lambda: sorted(members_seen()) == added,
+        "two member_added",
+        timeout=WEBHOOK_WAIT_SECS,
+        interval=QUERY_INTERVAL_SECS,
     )
     for ws in roamer[:-1]:
         await ws.close()
@@ -304,12 +313,14 @@ async def test_members_added_and_removed_once_per_user_across_nodes(cluster: Clu
     await wait_until(
         lambda: members_seen()[2:] == [("member_removed", loner_id)],
         "the loner's member_removed",
+        timeout=WEBHOOK_WAIT_SECS,
         interval=QUERY_INTERVAL_SECS,
     )
     await roamer[-1].close()
     await wait_until(
         lambda: members_seen()[-1:] == [("member_removed", roamer_id)],
         "the roamer's member_removed, with its last connection",
+        timeout=WEBHOOK_WAIT_SECS,
         interval=QUERY_INTERVAL_SECS,
     )
     seen = members_seen()
@@ -325,6 +336,7 @@ async def test_members_added_and_removed_once_per_user_across_nodes(cluster: Clu
             == len(_entries(ENV_APP, hooks[ENV_APP], room))
         ),
         "the app row's webhooks",
+        timeout=WEBHOOK_WAIT_SECS,
         interval=QUERY_INTERVAL_SECS,
     )
     _every_app_got_the_same(cluster, room)
@@ -384,7 +396,10 @@ async def test_client_events_and_cache_misses_of_pusher_connections(cluster: Clu
         return [e for e in found if e["name"] == "client_event"]
 
     await wait_until(
-        lambda: len(client_events()) == 3, "three client_event", interval=QUERY_INTERVAL_SECS
+        lambda: len(client_events()) == 3,
+        "three client_event",
+        timeout=WEBHOOK_WAIT_SECS,
+        interval=QUERY_INTERVAL_SECS,
     )
     assert [e for e in client_events() if e["event"] != "client-done"] == [
         {
@@ -406,6 +421,7 @@ async def test_client_events_and_cache_misses_of_pusher_connections(cluster: Clu
     await wait_until(
         lambda: "cache_miss" in _names(ENV_APP, hooks[ENV_APP], cache),
         "the cache_miss",
+        timeout=WEBHOOK_WAIT_SECS,
         interval=QUERY_INTERVAL_SECS,
     )
     assert sorted(_names(ENV_APP, hooks[ENV_APP], cache)) == ["cache_miss", "channel_occupied"]
