@@ -12,9 +12,12 @@ import contextlib
 import hashlib
 import hmac
 import json
+import shlex
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import fossil_delta
@@ -742,6 +745,109 @@ async def test_the_cli_subscribes_with_a_subscription_token_per_channel(
     assert sorted((m["channel"], m["data"]) for m in lines) == sorted(
         [(channel, "stored"), (channel, "live"), (public, "public")]
     )
+
+
+@contextlib.asynccontextmanager
+async def _cli_with_token(
+    node: ServerNode, *channels: str, token_arg: list[str]
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A CLI subscribed to ``channels`` (the first one by token), once it says so;
+    killed if still running when the test ends (one that never exits is the failure)."""
+    subscriber = await run_cli(
+        "subscribe", *channels, "--count", "1", "--url", node.ws_url, *token_arg
+    )
+    try:
+        assert subscriber.stderr is not None
+        for _ in channels:
+            await asyncio.wait_for(
+                _stderr_line_with(subscriber.stderr, b'"subscribed"'), timeout=WAIT_SECS
+            )
+        yield subscriber
+    finally:
+        if subscriber.returncode is None:
+            subscriber.kill()
+            await subscriber.wait()
+
+
+@e2e
+async def test_the_cli_exits_with_3_and_says_why_once_its_only_channel_has_ended(
+    token_node: ServerNode,
+) -> None:
+    """A string token cannot be renewed: at its exp the stream is over for good, and a
+    script watching the CLI must learn it rather than wait on a silent process."""
+    channel = private_channel()
+    token = mint(channel, ttl_secs=4)
+    async with _cli_with_token(
+        token_node, channel, token_arg=["--subscription-token", f"{channel}={token}"]
+    ) as subscriber:
+        _, err = await asyncio.wait_for(subscriber.communicate(), WAIT_SECS)
+    assert subscriber.returncode == 3, err.decode()
+    events = [json.loads(line) for line in err.decode().splitlines()]
+    ended = [event for event in events if event["event"] == "ended"]
+    assert [(e["channel"], e["code"], e["streaming"]) for e in ended] == [
+        (channel, "FORBIDDEN", [])
+    ]
+    assert events[-1] == {
+        "event": "exit",
+        "status": 3,
+        "message": f"every channel ended: {channel} (FORBIDDEN: the subscription token "
+        f"for {channel!r} expired)",
+    }
+    assert token not in err.decode()
+
+
+@e2e
+async def test_the_cli_says_which_channel_ended_and_streams_the_others(
+    token_node: ServerNode, publisher_token: str
+) -> None:
+    channel, public = private_channel(), f"news-{uuid.uuid4().hex[:8]}"
+    token_arg = ["--subscription-token", f"{channel}={mint(channel, ttl_secs=4)}"]
+    async with _cli_with_token(token_node, channel, public, token_arg=token_arg) as subscriber:
+        assert subscriber.stderr is not None
+        line = await asyncio.wait_for(_stderr_line_with(subscriber.stderr, b'"ended"'), WAIT_SECS)
+        ended = json.loads(line)
+        assert (ended["channel"], ended["code"], ended["streaming"]) == (
+            channel,
+            "FORBIDDEN",
+            [public],
+        )
+        await publish_rest(token_node, publisher_token, public, "still here")
+        out, err = await asyncio.wait_for(subscriber.communicate(), WAIT_SECS)
+    assert subscriber.returncode == 0, err.decode()
+    assert [(m["channel"], m["data"]) for m in map(json.loads, out.decode().splitlines())] == [
+        (public, "still here")
+    ]
+
+
+@e2e
+async def test_with_a_token_command_the_cli_outlives_its_first_token(
+    token_node: ServerNode, publisher_token: str, tmp_path: Path
+) -> None:
+    """``--subscription-token-command`` is run for the subscribe and again before each
+    exp, so the CLI streams a token-only channel past its first token's exp."""
+    channel = private_channel()
+    given = tmp_path / "tokens"
+    mint_one = (
+        "import os, pathlib, pushclient.signing as s; "
+        "t = s.subscription_token(os.environ['PUSH_CHANNEL'], ttl_secs=4, "
+        f"secret={SUBSCRIPTION_TOKEN_SECRET!r}); "
+        f"pathlib.Path({str(given)!r}).open('a').write(t + '\\n'); print(t)"
+    )
+    command = f"{shlex.quote(sys.executable)} -c {shlex.quote(mint_one)}"
+    token_arg = ["--subscription-token-command", f"{channel}={command}"]
+    async with _cli_with_token(token_node, channel, token_arg=token_arg) as subscriber:
+        first = token_claims(given.read_text().split()[0])
+        assert first["ch"] == channel
+        # Past the first token's exp and the node's check after it, refreshed before it.
+        await wait_until(
+            lambda: time.time() > first["exp"] + 1.5, "past the first exp", timeout=WAIT_SECS
+        )
+        assert len(given.read_text().split()) >= 2
+        await publish_rest(token_node, publisher_token, channel, "later")
+        out, err = await asyncio.wait_for(subscriber.communicate(), WAIT_SECS)
+    assert subscriber.returncode == 0, err.decode()
+    assert [m["data"] for m in map(json.loads, out.decode().splitlines())] == ["later"]
+    assert b'"ended"' not in err
 
 
 async def _stderr_line_with(stream: asyncio.StreamReader, needle: bytes) -> bytes:

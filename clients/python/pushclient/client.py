@@ -799,8 +799,7 @@ class PushClient:
                 return
             # A refused fresh token: the server still holds the subscription until the
             # old one's ``exp``, and is told to stop now rather than deliver to nobody.
-            self._drop(subscription, tell_server=request.extending)
-            self._emit_error(error)
+            self._end(subscription, error, tell_server=request.extending)
             return
         if subscription is not None:
             # A refused subscribe must not be sent again on every reconnect.
@@ -823,12 +822,24 @@ class PushClient:
             subscription.refresh.cancel()
             subscription.refresh = None
         if not callable(subscription.token) or self._ws is None:
-            self._drop(subscription)
-            self._emit_error(error)
+            self._end(subscription, error)
             return
         delay = self._backoff(subscription.endings)
         subscription.endings += 1
         self._subscribe_later(self._ws, subscription, delay)
+
+    def _end(
+        self, subscription: Subscription, error: PushError, *, tell_server: bool = False
+    ) -> None:
+        """A subscription the application held is gone for good (the server ended or
+        refused it, and the client will not ask again): the error, then ``ended``, which
+        names the channel, so that the application need not read it from the error."""
+        self._drop(subscription, tell_server=tell_server)
+        self._emit_error(error)
+        self._events.emit(
+            "ended",
+            {"channel": subscription.channel, "code": error.code, "message": error.message},
+        )
 
     def _drop(self, subscription: Subscription, *, tell_server: bool = False) -> None:
         """Forget a subscription the server refused or ended: not asked for again after
