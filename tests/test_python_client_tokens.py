@@ -850,6 +850,38 @@ async def test_with_a_token_command_the_cli_outlives_its_first_token(
     assert b'"ended"' not in err
 
 
+@e2e
+async def test_a_token_command_that_fails_fails_the_cli_and_says_so(token_node: ServerNode) -> None:
+    channel = private_channel()
+    command = "echo 'no such user' >&2; exit 7"
+    subscriber = await run_cli(
+        "subscribe",
+        channel,
+        "--url",
+        token_node.ws_url,
+        "--subscription-token-command",
+        f"{channel}={command}",
+    )
+    try:
+        _, err = await asyncio.wait_for(subscriber.communicate(), WAIT_SECS)
+    finally:
+        if subscriber.returncode is None:
+            subscriber.kill()
+            await subscriber.wait()
+    assert subscriber.returncode == 1, err.decode()
+    told = err.decode().splitlines()
+    assert "no such user" in told  # the command's own stderr
+    errors = [json.loads(line) for line in told if '"error"' in line]
+    assert errors == [
+        {
+            "event": "error",
+            "code": "TOKEN_PROVIDER_FAILED",
+            "message": f"the token provider of {channel!r} failed: "
+            "RuntimeError: the token command exited with status 7",
+        }
+    ]
+
+
 async def _stderr_line_with(stream: asyncio.StreamReader, needle: bytes) -> bytes:
     while needle not in (line := await stream.readline()):
         assert line, "the CLI ended"
