@@ -262,6 +262,8 @@ async def test_a_refused_fresh_token_drops_the_subscription_and_stops_the_server
     server = Server()
     client, errors = await started(scripted, server)
     tokens = [unsigned({"iat": int(time.time()), "exp": int(time.time()) + 2}), "refused.x"]
+    ended: list[dict[str, Any]] = []
+    client.on("ended", ended.append)
     try:
         await client.subscribe("private-x", token=lambda channel: tokens.pop(0))
         server.answer = False  # the refresh is answered by the test
@@ -275,6 +277,9 @@ async def test_a_refused_fresh_token_drops_the_subscription_and_stops_the_server
     finally:
         await client.close()
     assert [e["code"] for e in errors] == ["FORBIDDEN"]
+    assert ended == [
+        {"channel": "private-x", "code": "FORBIDDEN", "message": "subscription token refused"}
+    ]
     assert client.last_seq("private-x") is None
 
 
@@ -286,11 +291,16 @@ async def test_without_a_provider_a_subscription_the_server_ended_is_dropped_and
     client, errors = await started(scripted, server)
     token = unsigned({"ch": "private-x", "exp": time.time() + 600})
     received: list[int] = []
+    told_ended: list[dict[str, Any]] = []
+    client.on("ended", told_ended.append)
     try:
         await client.subscribe("private-x", token=token)
         ended = {"type": "error", "code": "FORBIDDEN", "message": "token expired"}
         await server.send({**ended, "channel": "private-x"})
         await wait_until(lambda: errors, "the error told")
+        assert told_ended == [
+            {"channel": "private-x", "code": "FORBIDDEN", "message": "token expired"}
+        ]
         assert client.last_seq("private-x") is None
         # Subscribing again asks the server again, and receives again.
         await client.subscribe("private-x", lambda m: received.append(m["seq"]), token=token)
