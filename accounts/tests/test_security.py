@@ -88,7 +88,7 @@ async def test_the_webhook_key_cannot_mint_subscription_tokens(settings: Any) ->
 
 def test_a_webhook_signature_does_not_verify_as_a_subscription_token() -> None:
     body = json.dumps({"ch": "private-room", "exp": int(time.time()) + 60}).encode()
-    headers = _headers("event-1", body)
+    headers = _headers({"id": "event-1"}, body)
     forged = signing._b64(body) + "." + headers["X-Push-Signature"].removeprefix("sha256=")
     with pytest.raises(PushError) as refused:
         subscription_token_verify(forged, channel="private-room")
@@ -140,7 +140,7 @@ async def test_tokens_within_the_lifetime_and_from_the_client_are_accepted() -> 
 
 def test_webhook_signatures_cover_a_timestamp_and_stale_ones_fail() -> None:
     body = b'{"id":"e1","type":"connect"}'
-    headers = _headers("e1", body)
+    headers = _headers({"id": "e1"}, body)
     sent_at = int(headers["X-Push-Timestamp"])
     assert abs(sent_at - time.time()) < 5
     key = webhook_secret()
