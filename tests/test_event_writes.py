@@ -192,6 +192,9 @@ async def test_what_a_node_emits_just_before_sigterm_reaches_the_stream_once_in_
             client.close()
         kinds = [e["type"] for e in written]
         assert kinds == [CONNECT, CHANNEL_OCCUPIED, "subscribe", DISCONNECT, CHANNEL_VACATED]
+        # The channels the connection held when the drain closed it, as a client's own
+        # close (or a killed node's repair) lists them.
+        assert written[kinds.index(DISCONNECT)]["channels"] == [channel]
     finally:
         if ws is not None:
             ws.transport.abort()

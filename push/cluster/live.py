@@ -24,6 +24,9 @@ class LiveConnection(Subscriber, Protocol):
     # Replaced by the revocation check when the credential's grants change.
     principal: Principal
     subscriptions: dict[str, Subscription]
+    # The channels ``subscriptions`` held when the node released them, as the close
+    # began (``Node.release_subscriptions``): its disconnect event lists them.
+    released_channels: tuple[str, ...]
     # Channel -> expiry of the signed subscription token that granted it.
     token_expiry: dict[str, float] | None
     # When the client last sent anything (monotonic clock), and when it connected.
@@ -70,3 +73,11 @@ class LiveConnection(Subscriber, Protocol):
         ...
 
     def mark_closed(self, code: int | None) -> None: ...
+
+
+def channels_held(connection: LiveConnection) -> list[str]:
+    """The channels a connection holds, or held when its close began: a close the server
+    starts (a drain, a heartbeat timeout, a revocation) releases its subscriptions at
+    once, before its disconnect event is written, and the event lists them all the same,
+    as it does when the client closes."""
+    return list(connection.subscriptions or connection.released_channels)

@@ -45,7 +45,7 @@ from push.cluster.broker import (
     presence_event,
 )
 from push.cluster.directory import CONTROL_GROUP, DISCONNECT_EVENT, TOP_CHANNELS, NodeDirectory
-from push.cluster.live import LiveConnection
+from push.cluster.live import LiveConnection, channels_held
 from push.cluster.occupancy import Occupancy
 from push.cluster.overload import LoopLag
 from push.cluster.presence import PresenceStore, leave_presence
@@ -209,6 +209,8 @@ class Node:
     def release_subscriptions(self, connection: LiveConnection) -> None:
         """Unsubscribe a closing connection everywhere; presence members leave."""
         presence_channels = [c for c in connection.subscriptions if is_presence_channel(c)]
+        if connection.subscriptions:
+            connection.released_channels = tuple(connection.subscriptions)
         for subscription in connection.subscriptions.values():
             self.hub.unsubscribe(subscription)
         connection.subscriptions.clear()
@@ -605,7 +607,7 @@ class Node:
                 principal=connection.principal.key,
                 close_code=code,
                 duration_secs=round(time.monotonic() - connection.opened_at, 3),
-                channels=list(connection.subscriptions),
+                channels=channels_held(connection),
             )
             self.release(connection)
         try:
@@ -613,6 +615,10 @@ class Node:
             # or database that does not answer must not hold the exit past it.
             async with asyncio.timeout(max(deadline - self.loop.time(), STOP_FLUSH_MIN_SECS)):
                 await self.registry.close_all(code)
+                # The channels occupied since the last batch are in Redis' sets first:
+                # read from there, a channel joined just before the drain (its change
+                # still buffered) was never announced vacated.
+                await self.events.flush()
                 await self.events.vacate_all_of(self.server_id)
                 await self.events.flush()
                 await self.directory.withdraw()

@@ -21,7 +21,7 @@ from common import metrics
 from common.conf import push_settings
 from common.errors import CloseCode, ErrorCode, PushError
 from push.cluster.address_budgets import subscription_allowed
-from push.cluster.live import LiveConnection
+from push.cluster.live import LiveConnection, channels_held
 from push.cluster.occupancy import Occupancy
 from push.cluster.overload import LoopLag
 from push.cluster.presence import (
@@ -137,7 +137,7 @@ def session_closed(node: SessionNode, connection: LiveConnection, close_code: in
             principal=connection.principal.key,
             close_code=connection.close_code if not connection.is_open else close_code,
             duration_secs=round(time.monotonic() - connection.opened_at, 3),
-            channels=list(connection.subscriptions),
+            channels=channels_held(connection),
         )
     node.release_subscriptions(connection)
     connection.mark_closed(close_code)

@@ -82,6 +82,7 @@ class ClientConnection:
         "principal",
         "rate",
         "rate_limited_frames",
+        "released_channels",
         "state",
         "subscriptions",
         "token_expiry",
@@ -111,6 +112,8 @@ class ClientConnection:
         self.state = ConnectionState.OPEN
         self.close_code: int | None = None
         self.subscriptions: dict[str, Subscription] = {}
+        # What ``subscriptions`` held when the node released them (its close began).
+        self.released_channels: tuple[str, ...] = ()
         # Channel -> expiry (Unix seconds) of the signed subscription token that granted
         # it; None until one does, which most connections never see.
         self.token_expiry: dict[str, float] | None = None
