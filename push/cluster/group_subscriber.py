@@ -26,7 +26,9 @@ Failures:
   presence joins and leaves by ``push.cluster.presence_views``, told by
   ``on_resubscribed``);
 - a connection that goes silent without a reset is found by a PING sent when nothing
-  came for ``PING_SECS``, and given up when nothing came for one more.
+  came for ``PING_SECS``, and given up when nothing came for one more;
+- an ``unsubscribe`` whose UNSUBSCRIBE cannot be sent raises and gives the connection
+  up: opened again, it subscribes only the groups still wanted.
 """
 
 from __future__ import annotations
@@ -125,7 +127,14 @@ class ShardSubscriber:
         connection = self._connection
         if connection is not None:
             # Not waited for: a message that still comes is one the hub does not need.
-            await connection.send_command("UNSUBSCRIBE", group, check_health=False)
+            try:
+                await connection.send_command("UNSUBSCRIBE", group, check_health=False)
+            except BaseException:
+                # Unsent, the group would be read until the connection broke (redis-py
+                # gives up a connection whose write failed; this does not count on it):
+                # opened again, it subscribes only the groups still wanted.
+                await connection.disconnect(nowait=True)
+                raise
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

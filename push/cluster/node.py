@@ -356,8 +356,15 @@ class Node:
 
     async def _leave_channel(self, channel: str) -> None:
         self.presence_views.untrack(channel)
-        await self.broker.leave(channel)
-        self.events.vacated(channel)
+        try:
+            await self.broker.leave(channel)
+        finally:
+            # Vacated here whatever Redis answered: the hub forgets the channel either
+            # way, and a leave that failed left the group all the same (its reader
+            # connection is given up, and opened again with only the groups still
+            # joined). Unrecorded, the channel stayed occupied for good: no repair
+            # finds a channel this node still holds in its sets.
+            self.events.vacated(channel)
 
     def _on_resubscribed(self) -> None:
         spawn(self._reconcile_presence(), name="push-presence-reconcile", loop=self.loop)
