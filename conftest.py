@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from django.db import connections, transaction
@@ -30,15 +30,26 @@ def _fast_password_hashing() -> Iterator[None]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_overload_shedding() -> Iterator[None]:
-    """Nodes in this process count no lag as overload (``PUSH_OVERLOAD_LAG_MS=0``): a
-    slow or busy test machine would refuse the anonymous clients of tests that are not
-    about overload, by chance. push/tests/test_overload.py and tests/test_overload.py
-    are about it; tests that set ``PUSH`` whole get the default back."""
-    from django.conf import settings
-    from django.test import override_settings
+    """Nodes in this process count no lag as overload (``PUSH_OVERLOAD_LAG_MS=0``) unless
+    a test sets it: a slow or busy test machine would refuse the anonymous clients of
+    tests that are not about overload, by chance. push/tests/test_overload.py and
+    tests/test_overload.py are about it, and set it. Put in where the settings are read,
+    not in ``settings.PUSH``: a test that sets ``PUSH`` whole (``override_settings``)
+    kept the default of 25 ms, and a loop stall of 80 ms in a clean-clone CI run had
+    ``test_many_connections_cost_one_batch_not_a_write_each`` refused 1013."""
+    from unittest import mock
 
-    with override_settings(PUSH={**settings.PUSH, "OVERLOAD_LAG_MS": 0}):
+    from common import conf
+
+    load = conf._load
+
+    def load_without_shedding(overrides: dict[str, Any]) -> conf.PushSettings:
+        return load({"OVERLOAD_LAG_MS": 0, **overrides})
+
+    with mock.patch.object(conf, "_load", load_without_shedding):
+        conf.push_settings.reload()
         yield
+    conf.push_settings.reload()
 
 
 # Tables the emptying after a transactional test leaves as the migrations filled them:

@@ -36,7 +36,9 @@ def _tampered(kind: str) -> str:
     if kind == "another channel":
         return subscription_token_issue(channel="private-room-8", ttl_secs=60)
     if kind == "bad signature":
-        return f"{payload}.{signature[:-2]}AA"
+        # The first character: all six of its bits are the signature's (the last one's
+        # low bits are padding, and a changed last character may decode the same).
+        return f"{payload}.{'B' if signature[0] == 'A' else 'A'}{signature[1:]}"
     if kind == "forged payload":
         forged = json.dumps({"ch": CHANNEL, "exp": int(time.time()) + 600}).encode()
         return base64.urlsafe_b64encode(forged).rstrip(b"=").decode() + "." + signature
