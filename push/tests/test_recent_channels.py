@@ -33,6 +33,7 @@ from push.services.runtime import get_node
 from push.storage import recent_store
 from push.storage.history import RecentHistory
 from push.storage.write_batch import Published
+from push.tests.redis_proxy import proxied_settings
 from push.tests.sse_inprocess import InProcessStream
 from push.tests.wsclient import ConnectionClosed, WsClient, connected_client
 
@@ -285,17 +286,21 @@ async def test_publishes_in_flight_on_one_connection_keep_their_order(
 
 @override_settings(PUSH={**RECENT, "WRITE_QUEUE_MAX_MESSAGES": 3})
 async def test_publishes_past_the_queue_bound_are_refused_while_redis_is_slow() -> None:
-    await _publish("tick:slow", 1)
-    redis = redis_async()
-    await redis.client_pause(600, all=False)  # writes wait 0.6 s: Redis is slow
-    outcomes = await asyncio.gather(
-        *(
-            recent_store.publish("tick:slow", str(n), None, broadcast=broadcast_async)
-            for n in range(10)
-        ),
-        return_exceptions=True,
-    )
-    await redis.aclose()
+    # Through a proxy of its own: a CLIENT PAUSE would stop the Redis server that the
+    # other test process shares, and fail its tests.
+    async with proxied_settings() as proxy:
+        await recent_store.store_close()  # the next store talks through the proxy
+        await _publish("tick:slow", 1)
+        proxy.frozen = True  # Redis is slow: answers wait 0.6 s
+        asyncio.get_running_loop().call_later(0.6, setattr, proxy, "frozen", False)
+        outcomes = await asyncio.gather(
+            *(
+                recent_store.publish("tick:slow", str(n), None, broadcast=broadcast_async)
+                for n in range(10)
+            ),
+            return_exceptions=True,
+        )
+        await recent_store.store_close()
     refused = [o for o in outcomes if isinstance(o, PushError)]
     published = sorted(o.seq for o in outcomes if not isinstance(o, BaseException))
     # All ten arrive before the next call is sent: three queued, seven refused at once.
