@@ -253,7 +253,11 @@ async def test_two_workers_share_the_stream_and_one_takes_over_when_the_other_di
     workers = {name: start_event_worker(env, name) for name in names}
     try:
         await _until_started(names, offsets)
-        await _traffic(node, env, 30)
+        # In three bursts, each in the stream before the next starts: a node writes what
+        # comes together in one call, and the worker that read a burst of 30 clients'
+        # events is busy with it (20 ms each) when the next comes.
+        for _ in range(3):
+            await _traffic(node, env, 10)
         events = await _until_every_event_handled(env, client)
         assert set(Counter(e["id"] for e in events).values()) == {1}, "each event once"
         assert {e["handled_by"] for e in events} == {"left", "right"}, "both took a share"
