@@ -5,7 +5,8 @@ the provider is asked again and the resume loses and repeats nothing, while a sl
 back-end holds the resubscribe; tokens refreshed before their ``exp`` keep the
 subscription past it without the server ever ending it; a provider that fails is asked
 again after a backoff, and fails a first subscribe; a frame lost on the way is read
-back from the REST history with a fresh token."""
+back from the REST history with a fresh token; a token string's ``exp`` ends the
+subscription for good, which the client tells once as ``ended``."""
 
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ async def test_the_javascript_client_resumes_refreshes_and_retries_with_a_token_
     lines = await script.finish()
     assert [line["seq"] for line in lines if "seq" in line] == list(range(1, last + 1))
     assert refreshes >= 2, lines
-    assert [line for line in lines if "ended" in line] == []
+    assert [line for line in lines if "ended" in line or "told_ended" in line] == []
     assert [line["code"] for line in lines if "event" in line] == ["TOKEN_PROVIDER_FAILED"] * 2
 
 
@@ -140,3 +141,31 @@ async def test_the_javascript_client_reads_a_gap_back_with_its_token_provider(
     assert [line for line in lines if "event" in line or "unrecovered" in line] == []
     # The subscribe's token, then a fresh one for the history read.
     assert script.count("provider") == 2
+
+
+async def test_the_javascript_client_tells_ended_once_when_a_token_strings_exp_ends_it(
+    token_node: ServerNode, publisher_token: str
+) -> None:
+    """A token string cannot be refreshed: at its ``exp`` the node ends the subscription,
+    and the client emits ``error`` then ``ended`` naming the channel, once, and asks for
+    the channel no more, not even after a reconnect."""
+    channel = private_channel()
+    script = await TokenSubscriber.start(token_node.ws_url, channel, "string")
+    await script.until("the subscribe", lambda line: "subscribed" in line)
+    before = await publish_rest(token_node, publisher_token, channel, "before the exp")
+    await script.until(f"seq {before}", lambda line: line.get("seq") == before)
+    ended = await script.until("the end", lambda line: "told_ended" in line)
+    assert ended["told_ended"]["channel"] == channel
+    assert ended["told_ended"]["code"] == "FORBIDDEN"
+    assert "expired" in ended["told_ended"]["message"]
+
+    # Reconnected, the client does not subscribe the channel again: what is published
+    # now does not reach it, and nothing more is told.
+    await script.tell("drop")
+    await script.until("the reconnect", lambda line: line.get("opened") == 2)
+    await publish_rest(token_node, publisher_token, channel, "after the end")
+    await asyncio.sleep(TTL_SECS / 2)
+    lines = await script.finish()
+    assert [line["seq"] for line in lines if "seq" in line] == [before]
+    assert [line for line in lines if "told_ended" in line] == [ended]
+    assert [line["code"] for line in lines if "event" in line] == ["FORBIDDEN"]

@@ -122,8 +122,8 @@ function gatedHistory(stored) {
 // A client subscribed to `news` at seq 3, and what its handler and listeners see.
 async function subscribedAtThree(options) {
   const c = client({ token: "key", ...options });
-  const seen = { messages: [], gap: [], unrecovered: [], error: [] };
-  for (const event of ["gap", "unrecovered", "error"]) c.on(event, (detail) => seen[event].push(detail));
+  const seen = { messages: [], gap: [], unrecovered: [], error: [], ended: [] };
+  for (const event of ["gap", "unrecovered", "error", "ended"]) c.on(event, (detail) => seen[event].push(detail));
   c.connect().catch(() => {}); // closed at the end of the test
   const subscribed = c.subscribe("news", (message, { replayed }) => seen.messages.push([message.seq, replayed]));
   await until("a socket", () => FakeSocket.opened.length === 1);
@@ -541,4 +541,20 @@ test("a repair in flight stops when its channel's resubscribe is refused", async
   await sleep(50);
   assert.ok(calls.length <= 1, `${calls.length} history reads`);
   assert.deepEqual(seen.messages.map(([seq]) => seq), [4]);
+  assert.deepEqual(seen.ended, [{ channel: "news", code: "FORBIDDEN", message: "revoked" }]);
+});
+
+test("a channel the server ends by itself (its grant removed) is ended once, and not asked for again", async () => {
+  const { client: c, seen } = await subscribedAtThree();
+  lastSocket().receive({ type: "error", code: "FORBIDDEN", message: "the grant was removed", channel: "news" });
+  assert.deepEqual(seen.error.map((error) => error.code), ["FORBIDDEN"]);
+  assert.deepEqual(seen.ended, [{ channel: "news", code: "FORBIDDEN", message: "the grant was removed" }]);
+  assert.equal(c.lastSeq("news"), null);
+  lastSocket().fail(1012);
+  await until("a reconnect", () => FakeSocket.opened.length === 2);
+  lastSocket().establish();
+  assert.deepEqual(lastSocket().sent.filter((frame) => frame.type === "subscribe"), []);
+  // An error the server sends again for it (no longer held) is an error, not an end.
+  lastSocket().receive({ type: "error", code: "FORBIDDEN", message: "the grant was removed", channel: "news" });
+  assert.equal(seen.ended.length, 1);
 });

@@ -254,16 +254,19 @@ test("publish on SSE goes through REST and settles like a WebSocket publish", as
   await assert.rejects(c.publish("news", 1), { code: "NOT_CONNECTED" });
 });
 
-test("a channel the stream refuses is dropped and reported", async () => {
+test("a channel the stream refuses is dropped, reported and ended", async () => {
   const { client: c } = await onSse();
   const errors = [];
+  const ended = [];
   c.on("error", (error) => errors.push(error));
+  c.on("ended", (detail) => ended.push(detail));
   const secret = collect(c, "private-x");
   await until("a reopened stream", () => FakeEventSource.opened.length === 2);
   lastStream().establish();
   await secret.subscribed;
   lastStream().serverError({ code: "FORBIDDEN", message: "no grant", channel: "private-x" });
   assert.deepEqual(errors.map((error) => error.code), ["FORBIDDEN"]);
+  assert.deepEqual(ended, [{ channel: "private-x", code: "FORBIDDEN", message: "no grant" }]);
   assert.equal(c.subscriptions.has("private-x"), false);
   c.close();
 });

@@ -1,8 +1,8 @@
 // Signed subscription tokens in the JavaScript client (`subscribe(channel, handler,
 // { token })`), against a fake socket playing the server: the token on every subscribe,
 // a provider asked again after a reconnect and before the token's `exp` (which extends
-// the subscription without a replay), a subscription the server ends, and providers
-// that fail. `tests/test_token_js_e2e.py` runs the client against a real node.
+// the subscription without a replay), a subscription the server ends (`ended` when it is
+// gone for good), and providers that fail. `tests/test_token_js_e2e.py` runs the client against a real node.
 
 import { afterEach, beforeEach, test } from "node:test";
 import assert from "node:assert/strict";
@@ -44,8 +44,16 @@ const subscribes = (socket, channel = "private-x") => socket.sent.filter((frame)
 // The client connected, and the channel subscribed with `token` (answered at seq `seq`).
 async function subscribedWith(tokenOption, { seq = 0, options = {}, subscribeOptions = {}, reply = {} } = {}) {
   const c = client(options);
-  const seen = { seqs: [], errors: [] };
-  c.on("error", (error) => seen.errors.push(error));
+  // `told`: the application's error and ended events, in the order it heard them.
+  const seen = { seqs: [], errors: [], ended: [], told: [] };
+  c.on("error", (error) => {
+    seen.errors.push(error);
+    seen.told.push(["error", error.code]);
+  });
+  c.on("ended", (detail) => {
+    seen.ended.push(detail);
+    seen.told.push(["ended", detail.code]);
+  });
   c.connect().catch(() => {});
   await until("a socket", () => FakeSocket.opened.length === 1);
   lastSocket().establish();
@@ -156,7 +164,8 @@ test("a refused fresh token drops the subscription, stops the server's stream an
   await until("the refresh", () => subscribes(socket).length === 2, 3_000);
   const refresh = subscribes(socket)[1];
   socket.receive({ type: "error", id: refresh.id, code: "FORBIDDEN", message: "subscription token refused: bad signature" });
-  assert.deepEqual(seen.errors.map((error) => error.code), ["FORBIDDEN"]);
+  assert.deepEqual(seen.told, [["error", "FORBIDDEN"], ["ended", "FORBIDDEN"]]);
+  assert.deepEqual(seen.ended, [{ channel: "private-x", code: "FORBIDDEN", message: "subscription token refused: bad signature" }]);
   assert.equal(c.lastSeq("private-x"), null);
   assert.deepEqual(socket.sent.filter((frame) => frame.type === "unsubscribe").map((frame) => frame.channel), ["private-x"]);
   socket.message("private-x", 1); // the server's stream until it read the unsubscribe
@@ -165,11 +174,13 @@ test("a refused fresh token drops the subscription, stops the server's stream an
 
 // ----- the server ends the subscription -------------------------------------------------
 
-test("without a provider, a subscription the server ended is dropped and the error told", async () => {
+test("without a provider, a subscription the server ended is dropped, and the error then ended told", async () => {
   const { client: c, seen } = await subscribedWith(fresh(600), { seq: 3 });
   const socket = lastSocket();
   socket.receive({ type: "error", code: "FORBIDDEN", message: "subscription token expired", channel: "private-x" });
   assert.deepEqual(seen.errors.map((error) => [error.code, error.envelope.channel]), [["FORBIDDEN", "private-x"]]);
+  assert.deepEqual(seen.told, [["error", "FORBIDDEN"], ["ended", "FORBIDDEN"]]);
+  assert.deepEqual(seen.ended, [{ channel: "private-x", code: "FORBIDDEN", message: "subscription token expired" }]);
   assert.equal(c.lastSeq("private-x"), null);
   // Subscribing again (a new token) asks the server again and receives again.
   const again = c.subscribe("private-x", (message) => seen.seqs.push(message.seq), { token: fresh(600) });
@@ -184,6 +195,7 @@ test("without a provider, a subscription the server ended is dropped and the err
   await until("the reconnect", () => FakeSocket.opened.length === 2);
   lastSocket().establish();
   assert.deepEqual(subscribes(lastSocket()), []);
+  assert.equal(seen.ended.length, 1, "ended once");
 });
 
 test("with a provider, a subscription the server ended resumes with a fresh token from the last seq", async () => {
@@ -200,16 +212,18 @@ test("with a provider, a subscription the server ended resumes with a fresh toke
   for (const seq of [4, 5, 6]) socket.message("private-x", seq);
   assert.deepEqual(seen.seqs, [3, 4, 5, 6]);
   assert.deepEqual(seen.errors, [], "recovered: nothing for the application to hear");
+  assert.deepEqual(seen.ended, []);
 });
 
-test("a resubscribe refused after the server ended the subscription is told and dropped", async () => {
+test("a resubscribe refused after the server ended the subscription is told, ended and dropped", async () => {
   const { client: c, seen } = await subscribedWith(() => fresh(600), { seq: 2 });
   const socket = lastSocket();
   socket.receive({ type: "error", code: "FORBIDDEN", message: "the grant was removed", channel: "private-x" });
   await until("the resubscribe", () => subscribes(socket).length === 2);
   const resume = subscribes(socket)[1];
   socket.receive({ type: "error", id: resume.id, code: "FORBIDDEN", message: "subscription token refused: expired" });
-  assert.deepEqual(seen.errors.map((error) => error.code), ["FORBIDDEN"]);
+  assert.deepEqual(seen.told, [["error", "FORBIDDEN"], ["ended", "FORBIDDEN"]]);
+  assert.deepEqual(seen.ended, [{ channel: "private-x", code: "FORBIDDEN", message: "subscription token refused: expired" }]);
   assert.equal(c.lastSeq("private-x"), null);
   assert.deepEqual(socket.sent.filter((frame) => frame.type === "unsubscribe"), []); // it held nothing
 });
@@ -228,6 +242,7 @@ test("endings one after another back off, so tokens that end at once make no loo
   // backoff(0), (1), (2) with random() = 1: 40, 80, 160 ms.
   for (const [i, least] of [40, 80, 160].entries()) assert.ok(waits[i] >= least - 5, `waits ${waits}`);
   assert.deepEqual(seen.errors, []);
+  assert.deepEqual(seen.ended, []);
 });
 
 // ----- providers that fail ---------------------------------------------------------------

@@ -394,7 +394,11 @@ export class PushClient {
 
   // ----- events ------------------------------------------------------------------------
 
-  /** Listen to "state", "open", "close", "message", "gap", "unrecovered" or "error". Returns an off function. */
+  /**
+   * Listen to "state", "open", "close", "message", "gap", "unrecovered", "error" or
+   * "ended" ({channel, code, message}: a subscription gone for good, after its "error").
+   * Returns an off function.
+   */
   on(event, listener) {
     if (!this.listeners.has(event)) this.listeners.set(event, new Set());
     this.listeners.get(event).add(listener);
@@ -931,9 +935,8 @@ export class PushClient {
       }
       // A refused fresh token: the server still holds the subscription until the old
       // one's `exp`, and is told to stop now rather than deliver to nobody until then.
-      this.dropSubscription(subscription, { tellServer: extending });
       this.settle(envelope, error);
-      this.emit("error", error);
+      this.endSubscription(subscription, error, { tellServer: extending });
       return;
     }
     // A refused subscribe must not be retried on every reconnect.
@@ -944,17 +947,26 @@ export class PushClient {
   // The server ended a subscription by itself. With a token provider the client asks
   // it for a fresh token and subscribes again from the last seq delivered, after a
   // backoff that grows while such endings follow each other; the application hears of
-  // it only if that fails. Without one the subscription is dropped and the error told.
+  // it only if that fails. Without one the subscription ends for good.
   onSubscriptionEnded(subscription, error) {
     subscription.heldOn = null;
     clearTimeout(subscription.refreshTimer);
     if (typeof subscription.token !== "function") {
-      this.dropSubscription(subscription);
-      this.emit("error", error);
+      this.endSubscription(subscription, error);
       return;
     }
     this.subscribeLater(subscription, this.backoff(subscription.endings));
     subscription.endings += 1;
+  }
+
+  // A subscription the application held is gone for good (the server ended or refused
+  // it, and the client will not ask again): the `error`, then `ended`, which names the
+  // channel, so that the application need not read it from the error's envelope. The
+  // message is the server's, as in the Python client's event.
+  endSubscription(subscription, error, { tellServer = false } = {}) {
+    this.dropSubscription(subscription, { tellServer });
+    this.emit("error", error);
+    this.emit("ended", { channel: subscription.channel, code: error.code, message: error.envelope?.message ?? "" });
   }
 
   // Forget a subscription the server refused or ended: not asked for again after a
@@ -1155,12 +1167,14 @@ export class PushClient {
    * one your back-end lets the client into): a string, or a provider `(channel) =>
    * token` (or a promise of one) that the client calls for every subscribe it sends:
    * this one, each one after a reconnect, and one shortly before the token's `exp`,
-   * which extends the subscription. A provider that throws, rejects or does not answer
-   * within `requestTimeoutMs` fails this call with `TOKEN_PROVIDER_FAILED`; later on it
-   * is asked again after a backoff delay. Tokens need the WebSocket: the SSE fallback
-   * cannot carry them, so such a channel waits for the WebSocket to come back. The
-   * REST history reads that repair a gap carry the token too (a provider is asked for a
-   * fresh one for each), so a channel held only by token loses nothing to a gap.
+   * which extends the subscription (a string holds until its `exp`, when the server
+   * ends the subscription: `error`, then `ended`). A provider that throws, rejects or
+   * does not answer within `requestTimeoutMs` fails this call with
+   * `TOKEN_PROVIDER_FAILED`; later on it is asked again after a backoff delay. Tokens
+   * need the WebSocket: the SSE fallback cannot carry them, so such a channel waits for
+   * the WebSocket to come back. The REST history reads that repair a gap carry the
+   * token too (a provider is asked for a fresh one for each), so a channel held only by
+   * token loses nothing to a gap.
    */
   subscribe(channel, handler, { since = null, rewind = null, occupancy = false, delta = false, token = null } = {}) {
     if (token !== null && !(typeof token === "function" || (typeof token === "string" && token))) {
@@ -1401,14 +1415,15 @@ export class PushClient {
       this.subscribeAgain(subscription);
       return;
     }
-    if (subscription) {
+    if (subscription?.ready) {
       this.subscriptions.delete(envelope.channel);
-      if (subscription.ready) {
-        subscription.ready.reject(error);
-        return;
-      }
+      subscription.ready.reject(error);
+      return;
     }
-    this.emit("error", error);
+    // Refused after its stream opened (which resolved its subscribe()): a channel the
+    // application holds, gone for good.
+    if (subscription) this.endSubscription(subscription, error);
+    else this.emit("error", error);
   }
 
   // The browser would reconnect by itself with Last-Event-ID after a fixed pause; the

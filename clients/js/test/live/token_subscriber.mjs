@@ -14,11 +14,14 @@
 //
 // Lines: {subscribed: seq}, {seq, data} per message, {provider: n} when the provider is
 // called, {ended: code} when the server ends the subscription by itself (the client may
-// recover from it without an `error`), {event: "error", code} for every `error`, and
-// {rejected: code} when the first subscribe fails (mode `fail-first`), {losing: seq} once
-// `lose` is heard, {lost: seq} for a frame lost, {gap: [from, to]} and {unrecovered: seq} for the client's events.
+// recover from it without an `error`), {event: "error", code} for every `error`,
+// {told_ended: {channel, code, message}} for every `ended` (gone for good), {opened: n}
+// for each connection, and {rejected: code} when the first subscribe fails (mode
+// `fail-first`), {losing: seq} once `lose` is heard, {lost: seq} for a frame lost,
+// {gap: [from, to]} and {unrecovered: seq} for the client's events. In mode `string` the
+// channel is subscribed with one token string, which holds until its `exp`.
 //
-//   node [--experimental-websocket] token_subscriber.mjs <ws url> <channel> <secret> <ttl> [fail-first]
+//   node [--experimental-websocket] token_subscriber.mjs <ws url> <channel> <secret> <ttl> [fail-first | string]
 
 import { createHmac } from "node:crypto";
 import { createInterface } from "node:readline";
@@ -54,6 +57,9 @@ const client = new PushClient(url, { transports: ["websocket"], baseDelayMs: 50,
 client.on("error", (error) => print({ event: "error", code: error.code ?? null }));
 client.on("gap", ({ from, to }) => print({ gap: [from, to] }));
 client.on("unrecovered", ({ seq }) => print({ unrecovered: seq }));
+client.on("ended", (detail) => print({ told_ended: detail }));
+let opened = 0;
+client.on("open", () => print({ opened: ++opened }));
 const lose = new Set(); // seqs whose message frame is lost once
 const onMessage = client.onMessage.bind(client);
 client.onMessage = (message, replayed) => {
@@ -68,7 +74,7 @@ client.onSubscriptionEnded = (subscription, error) => {
 
 await client.connect();
 try {
-  const subscription = await client.subscribe(channel, (message) => print({ seq: message.seq, data: message.data }), { token: provider });
+  const subscription = await client.subscribe(channel, (message) => print({ seq: message.seq, data: message.data }), { token: mode === "string" ? mint() : provider });
   print({ subscribed: subscription.seq });
 } catch (error) {
   print({ rejected: error.code });
