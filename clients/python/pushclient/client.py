@@ -608,7 +608,7 @@ class PushClient:
         arriving meanwhile wait in ``held``; the read loop keeps reading other channels.
         """
         try:
-            while True:
+            while self._subscriptions.get(subscription.channel) is subscription:
                 await self._deliver_held_run(subscription, held)
                 after = subscription.delivered
                 if held:
@@ -631,6 +631,9 @@ class PushClient:
                     subscription.held = subscription.repair = None
                     return
                 await self._fill_from_history(subscription, until)
+            # Dropped meanwhile (a handler unsubscribed, with no await that let the
+            # cancellation in): nothing more to deliver, and the loop must not spin.
+            subscription.held = subscription.repair = None
         except Exception:
             # A bug here must not hold the channel back for good; a resume after the
             # next reconnect replays from the last seq delivered.
