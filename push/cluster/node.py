@@ -54,7 +54,7 @@ from push.cluster.registry import ClosedConnection, ConnectionRegistry, close_no
 from push.fanout.hub import Hub
 from push.fanout.message import ChannelMessage
 from push.fanout.replay_slots import ReplaySlots
-from push.ops.events import DISCONNECT, MEMBER_ADDED, MEMBER_REMOVED, EventLog
+from push.ops.events import DISCONNECT, EventLog
 from push.storage import recent_store, relay
 from push.storage.history import CachedHistory, DatabaseHistory, ModeHistory, RecentHistory
 from push.storage.history_modes import is_recent
@@ -62,7 +62,7 @@ from push.storage.recent_cache import RecentCache
 from push.storage.retention import retention_policy
 from push.storage.write_pipeline import WritePipeline, pipeline_conninfo
 from push.wire.protocol import presence_change
-from push.wire.pusher import PUSHER_CODEC, pusher_user_id
+from push.wire.pusher import PUSHER_CODEC
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ class Node:
             maxlen=push_settings.EVENT_STREAM_MAXLEN,
             max_stream_bytes=push_settings.EVENT_STREAM_MAX_BYTES,
         )
+        if self.events.enabled:
+            self.presence.events = self.events
         self.started_at = time.time()
         self._rate_marks: tuple[float, dict[str, int]] = (time.monotonic(), {})
         self.recent_cache = RecentCache(
@@ -382,18 +384,12 @@ class Node:
             self.presence_views.resubscribed()
 
     async def announce_presence(self, kind: str, channel: str, member: dict[str, Any]) -> None:
-        """Tell every node serving ``channel`` (this one too) that a member joined/left,
-        and record it in the event stream. Called exactly once per join or leave
-        cluster-wide (the presence scripts decide, the dead-node reaper included), so
-        this is where ``member_added`` / ``member_removed`` are emitted: before the
-        broker, whose failure must not lose the event. Where the presence store relays
+        """Tell every node serving ``channel`` (this one too) that a member joined/left.
+        Called exactly once per join or leave cluster-wide (the presence scripts decide,
+        the dead-node reaper included). Where the presence store relays
         (``PresenceStore.relay``), the change was sent to the nodes already, in Redis'
-        order."""
-        self.events.emit(
-            MEMBER_ADDED if kind == "join" else MEMBER_REMOVED,
-            channel=channel,
-            user_id=pusher_user_id(member.get("user_id")),
-        )
+        order; its ``member_added`` / ``member_removed`` the script wrote to the event
+        stream (``PresenceStore.events``)."""
         if self.presence.relay is None:
             await self.broker.send_event(
                 channel_group(channel), presence_event(kind, channel, member)

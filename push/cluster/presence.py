@@ -5,6 +5,9 @@ connection: the first connection of a user joins, the last one leaves, on whatev
 nodes they are. Counts live in Redis and change in Lua scripts, so two nodes never
 both announce the same join. Each node also records its own entries, so when a node
 dies the node that notices (``push.cluster.directory``) removes them and announces the leaves.
+The scripts that make a join or leave also write its ``member_added`` /
+``member_removed`` to the event stream (``PresenceStore.events``), so those enter it in
+the order Redis made them, whatever node made each.
 Without Redis (one process) the same rules run in memory.
 """
 
@@ -18,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from common.redis_client import redis_prefix, redis_sync
+from push.ops.events import MEMBER_ADDED, MEMBER_EVENT_LUA, MEMBER_REMOVED, EventLog
 
 if TYPE_CHECKING:
     from accounts.principals import Principal
@@ -31,10 +35,15 @@ Announce = Callable[[str, str, Member], Awaitable[None]]
 # them: (kind, member).
 Heard = list[tuple[str, Member]]
 
-# KEYS: conns, counts, members, node index, leave payloads. ARGV: conn field, user, info,
-# index entry, and with a relay (``PresenceRelay``, else empty) the channel's group and
-# the payloads of the member's join (sent now) and leave (kept for the last leave).
-_JOIN = """
+# KEYS: conns, counts, members, node index, leave payloads, and with events (``EventLog``)
+# the stream and the channel's last entry (``EventLog.member_event_keys``). ARGV: conn
+# field, user, info, index entry; with a relay (``PresenceRelay``, else empty) the
+# channel's group and the payloads of the member's join (sent now) and leave (kept for
+# the last leave); with events (else empty) the member_added event's head, the stream's
+# bound and how long its entry stays the channel's last (``EventLog.member_event_args``).
+_JOIN = (
+    MEMBER_EVENT_LUA
+    + """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('SADD', KEYS[4], ARGV[4])
 local n = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
@@ -44,10 +53,20 @@ if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[5], ARGV[2], ARGV[7])
   redis.call('PUBLISH', ARGV[5], ARGV[6])
 end
+if ARGV[8] ~= '' then
+  write_member_event(KEYS[6], KEYS[7], ARGV[8], ARGV[2], ARGV[9], ARGV[10])
+end
 return 1
 """
-# KEYS: as _JOIN's. ARGV: conn field, index entry, the channel's group (or empty).
-_LEAVE = """
+)
+# KEYS: as _JOIN's, then the leave's receipt. ARGV: conn field, index entry, the
+# channel's group (or empty), the member_removed event's head, bound and time kept (as
+# _JOIN's, or empty), and how long the receipt is kept (ms; empty: none). The receipt
+# says that this leave was made and its member_removed written, for a node that never
+# got the answer (``PresenceStore._announce_lost_leaves``).
+_LEAVE = (
+    MEMBER_EVENT_LUA
+    + """
 redis.call('SREM', KEYS[4], ARGV[2])
 local user = redis.call('HGET', KEYS[1], ARGV[1])
 if not user then return false end
@@ -64,10 +83,40 @@ if n <= 0 then
     redis.call('PUBLISH', ARGV[3], leave)
     sent = 1
   end
+  if ARGV[4] ~= '' then
+    write_member_event(KEYS[6], KEYS[7], ARGV[4], user, ARGV[5], ARGV[6])
+    if ARGV[7] ~= '' then redis.call('SET', KEYS[8], '1', 'PX', ARGV[7]) end
+  end
   return {user, info or '{}', sent}
 end
 return false
 """
+)
+# A leave this node made but never got the answer of, or that Redis lost with its data.
+# KEYS: members, the leave's receipt (``_LEAVE``), and the event keys (as _JOIN's). ARGV:
+# user, and the member_removed event's head, bound and time kept (or empty). Returns 0
+# when the member is there (through another connection), 2 when the leave was made and
+# written (the receipt), else 1, having written its member_removed.
+_LOST_LEAVE = (
+    MEMBER_EVENT_LUA
+    + """
+local made = redis.call('DEL', KEYS[2]) == 1
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+if made then return 2 end
+if ARGV[2] ~= '' then
+  write_member_event(KEYS[3], KEYS[4], ARGV[2], ARGV[1], ARGV[3], ARGV[4])
+end
+return 1
+"""
+)
+# How long a leave's receipt is kept: longer than a node that lost the leave's answer
+# (Redis slow, the connection broken) takes to ask again, which it does every
+# PUSH_CLUSTER_ANNOUNCE_SECS once Redis answers; as long as an event stays its channel's
+# ``after`` (``push.ops.events.AFTER_KEPT_SECS``). One key per member gone through the
+# node's own connections, ~170 bytes (MEMORY USAGE 136, and its expiry): at a thousand a
+# second, ~100 MB of Redis. A node away from Redis for longer may write a member_removed
+# twice (the receivers' dedupe by event id does not see it: the two have two ids).
+LEAVE_RECEIPT_SECS = 600
 
 
 class PresenceRelay(Protocol):
@@ -147,9 +196,13 @@ class PresenceStore:
         # Set by the running node where its channel layer allows: then every join and
         # leave this store reports has been sent to the channel's nodes already.
         self.relay: PresenceRelay | None = None
+        # Set by the node when it writes lifecycle events: then the scripts write the
+        # member events of the joins and leaves they make (``MEMBER_EVENT_LUA``).
+        self.events: EventLog | None = None
         if redis is not None:
             self._join = redis.register_script(_JOIN)
             self._leave = redis.register_script(_LEAVE)
+            self._lost_leave = redis.register_script(_LOST_LEAVE)
 
     def _keys(self, channel: str, server_id: str) -> list[str]:
         base = f"{self.prefix}:presence:{channel}"
@@ -163,6 +216,19 @@ class PresenceStore:
 
     def node_index(self, server_id: str) -> str:
         return f"{self.prefix}:presence-node:{server_id}"
+
+    def _receipt_key(self, entry: str) -> str:
+        return f"{self.prefix}:presence-left:{entry}"
+
+    async def _member_event(self, kind: str, channel: str) -> tuple[list[str], list[str | int]]:
+        """The keys and arguments a script needs to write the member event of a change
+        it makes on ``channel`` (none without events), once what this node emitted of
+        the channel before is written: a member added goes after its channel occupied."""
+        events = self.events
+        if events is None:
+            return [], ["", "", ""]
+        await events.write_before(channel)
+        return events.member_event_keys(channel), events.member_event_args(kind, channel)
 
     async def join(self, channel: str, connection_id: str, joined: Member) -> bool:
         """Record a connection; True when its user was not there yet (announce a join)."""
@@ -180,7 +246,7 @@ class PresenceStore:
 
     async def _join_entry(self, channel: str, field: str, user: str, info: str) -> bool:
         keys = self._keys(channel, self.server_id)
-        args: list[str | bytes] = [field, user, info, f"{channel}|{field}"]
+        args: list[str | bytes | int] = [field, user, info, f"{channel}|{field}"]
         relay = self.relay
         if relay is None:
             args += ["", "", ""]
@@ -192,7 +258,8 @@ class PresenceStore:
                 relay.payload("leave", channel, joined),
             ]
         try:
-            return bool(await self._join(keys=keys, args=args))
+            event_keys, event_args = await self._member_event(MEMBER_ADDED, channel)
+            return bool(await self._join(keys=keys + event_keys, args=args + event_args))
         except Exception:
             self._unsure = True
             raise
@@ -216,11 +283,16 @@ class PresenceStore:
                 return None
             return member(json.loads(gone[0]), json.loads(gone[1]))
         entry = f"{channel}|{field}"
-        mine = self._mine.pop(entry, None) if server_id == self.server_id else None
+        own = server_id == self.server_id
+        mine = self._mine.pop(entry, None) if own else None
         group = self.relay.group_of(channel) if self.relay is not None else ""
         try:
+            event_keys, event_args = await self._member_event(MEMBER_REMOVED, channel)
+            # A receipt for this node's own leaves: only they are asked about again.
+            receipt = LEAVE_RECEIPT_SECS * 1000 if own and event_keys else ""
             result = await self._leave(
-                keys=self._keys(channel, server_id), args=[field, entry, group]
+                keys=[*self._keys(channel, server_id), *event_keys, self._receipt_key(entry)],
+                args=[field, entry, group, *event_args, receipt],
             )
             if not result:
                 return None
@@ -369,12 +441,18 @@ class PresenceStore:
         data (a restart while it was away), or made with their answer lost. Each member
         no longer listed (this node's own entries are back by now) is announced as
         gone, or its subscribers would list it for as long as they stay; one listed
-        through another connection is there, and nothing is said."""
+        through another connection is there, and nothing is said. Its member_removed
+        is written unless its leave's receipt says that leave wrote it (``_LOST_LEAVE``)."""
         for entry, (channel, user, info) in list(self._leaving.items()):
             if entry in recorded or entry in self._mine:
                 continue
             members_key = self._keys(channel, self.server_id)[2]
-            if not await self.redis.hexists(members_key, user):
+            event_keys, event_args = await self._member_event(MEMBER_REMOVED, channel)
+            gone = await self._lost_leave(
+                keys=[members_key, self._receipt_key(entry), *event_keys],
+                args=[user, *event_args],
+            )
+            if gone:
                 left = member(json.loads(user), json.loads(info))
                 await self._publish("leave", channel, left)
                 await announce("leave", channel, left)

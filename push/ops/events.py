@@ -13,6 +13,13 @@ ending together) once each took a Redis connection of their own, opened at once.
 A batch is written at most once: a write whose answer never came (the node stopped
 meanwhile, or Redis was slow) is tried again, and what of it Redis had already written
 is not written twice (``_WRITE``). Events need Redis; without it they are not kept.
+
+Presence members are the exception: ``member_added`` / ``member_removed`` are written by
+the presence scripts that decide them (``push.cluster.presence``, with
+``MEMBER_EVENT_LUA``), so they enter the stream in the order Redis decided them, whatever
+node made them. Written by a node's batch, a user's join on one node could reach the
+stream after its leave on another (the first node's batch being later), and a receiver
+took the user for present for good.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import json
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from common import metrics
@@ -123,6 +131,25 @@ end
 return written
 """
 EVENT, OCCUPY, VACATE, HOLD = "e", "o", "v", "h"
+# A Lua function for the presence scripts: append a member event to the stream as
+# ``_WRITE`` appends an entry (its ``after`` the channel's last entry), at once. ``head``
+# is the event's JSON without its user id and closing brace (``member_event_head``);
+# ``user`` the member's user field (a JSON string or integer, ``accounts``' member ids),
+# whose Pusher form (a string) the event carries, as ``pusher_user_id`` makes it.
+MEMBER_EVENT_LUA = """
+local function write_member_event(stream, last, head, user, maxlen, kept_ms)
+  if string.sub(user, 1, 1) ~= '"' then user = '"' .. user .. '"' end
+  local entry = head .. ', "user_id": ' .. user .. '}'
+  local before = redis.call('GET', last)
+  local id
+  if before then
+    id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'event', entry, 'after', before)
+  else
+    id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'event', entry)
+  end
+  redis.call('SET', last, id, 'PX', kept_ms)
+end
+"""
 # Entries in one run of ``_WRITE``: a script holds Redis while it runs, and 100,000
 # events kept while Redis was away would hold it for a second.
 WRITE_CHUNK = 500
@@ -147,6 +174,17 @@ def event_about(entry: dict[str, Any]) -> str | None:
     """The connection (or channel) whose events ``entry`` must follow in order."""
     about = entry.get("connection_id") or entry.get("channel")
     return str(about) if about else None
+
+
+def _channel_of(entry: dict[str, Any] | OccupancyChange) -> str | None:
+    """The channel whose events ``entry`` follows in order, if it is a channel's (not a
+    connection's)."""
+    if isinstance(entry, OccupancyChange):
+        return entry.channel
+    if entry.get("connection_id"):
+        return None
+    channel = entry.get("channel")
+    return str(channel) if channel else None
 
 
 def event(kind: str, **fields: Any) -> dict[str, Any]:
@@ -188,6 +226,9 @@ class EventLog:
         # Bounded (``_drop_oldest``): appending to a full buffer drops the oldest.
         self._buffer: deque[dict[str, Any] | OccupancyChange] = deque()
         self._buffered_bytes = 0
+        # Channel -> how many of its events are buffered or being written: a member event
+        # of that channel, written by a presence script, waits for them (``write_before``).
+        self._unwritten_of: Counter[str] = Counter()
         # The channels this node holds, as its occupancy sets should say (``repair``).
         self._held: set[str] = set()
         self._flushing = asyncio.Lock()
@@ -214,7 +255,17 @@ class EventLog:
         self._last_number += 1
         self._buffer.append(entry)
         self._buffered_bytes += _entry_bytes(entry)
+        self._count_unwritten([entry], 1)
         self._drop_oldest()
+
+    def _count_unwritten(self, entries: Iterable[dict[str, Any] | OccupancyChange], n: int) -> None:
+        unwritten = self._unwritten_of
+        for entry in entries:
+            channel = _channel_of(entry)
+            if channel is not None:
+                unwritten[channel] += n
+                if unwritten[channel] <= 0:
+                    del unwritten[channel]
 
     def _drop_oldest(self) -> None:
         """Drop the oldest events past either bound (counted)."""
@@ -223,7 +274,9 @@ class EventLog:
         while len(buffer) > 1 and (
             len(buffer) > self.max_buffered or self._buffered_bytes > self.max_buffered_bytes
         ):
-            self._buffered_bytes -= _entry_bytes(buffer.popleft())
+            oldest = buffer.popleft()
+            self._buffered_bytes -= _entry_bytes(oldest)
+            self._count_unwritten([oldest], -1)
             dropped += 1
         if dropped:
             metrics.EVENTS_DROPPED.inc(dropped)
@@ -242,6 +295,7 @@ class EventLog:
         first = self._last_number - len(batch) + 1
         try:
             await self._write(list(batch), first)
+            self._count_unwritten(batch, -1)
         except BaseException as exc:
             # Cancelled too (a node stopping cancels its loops): the batch goes back, for
             # the stop's last flush, or it was lost with its write under way. What of it
@@ -250,6 +304,25 @@ class EventLog:
             if not isinstance(exc, Exception):
                 raise
             logger.warning("could not append %d events: %s", len(batch), exc)
+
+    async def write_before(self, channel: str) -> None:
+        """Write what this node emitted of ``channel`` so far (its ``channel_occupied``
+        first of all), before a presence script writes a member event of it: one
+        flush, only when there is any. A flush that fails is logged and the member
+        event goes first all the same (Redis is most likely away for that script too)."""
+        if self._unwritten_of.get(channel):
+            await self.flush()
+
+    def member_event_keys(self, channel: str) -> list[str]:
+        """The keys ``MEMBER_EVENT_LUA`` writes: the stream, the channel's last entry."""
+        return [self.stream, f"{self.stream}:last:{channel}"]
+
+    def member_event_args(self, kind: str, channel: str) -> list[str | int]:
+        """``MEMBER_EVENT_LUA``'s arguments but the user: the event made by this node
+        now, without its user id (the script has it), the stream's bound and how long
+        the entry stays its channel's ``after``."""
+        head = json.dumps(event(kind, node=self.server_id, channel=channel))
+        return [head[:-1], self.maxlen, AFTER_KEPT_SECS * 1000]
 
     async def _write(self, entries: list[dict[str, Any] | OccupancyChange], first: int) -> None:
         """Write ``entries``, the first numbered ``first``, a chunk at a time, in order."""
