@@ -225,3 +225,39 @@ async def test_a_leave_that_failed_is_in_the_stream_once(
     received = await asyncio.to_thread(receiver.received, room)
     assert _members_events(received, bob_id) == [MEMBER_ADDED, MEMBER_REMOVED]
     await watcher.close()
+
+
+async def test_a_dead_nodes_members_are_removed_after_they_were_added(
+    other_node: Node, receiver: _Receiver, room: str
+) -> None:
+    """A member on a node that died is removed by the node that reaps it, after its
+    member_added (written by the dead node's join), once."""
+    node = await get_node()
+    _, ann = await sync_to_async(_member_token)("ann")
+    watcher = await _join(ann, room)
+    await watcher.recv_type("join")
+    assert await other_node.presence.join(room, "zed-there", member("zed", {}))
+    assert (await watcher.recv_type("join"))["member"]["user_id"] == "zed"
+    await node._reap_presence(other_node.server_id)
+    assert (await watcher.recv_type("leave"))["member"]["user_id"] == "zed"
+    received = await asyncio.to_thread(receiver.received, room)
+    zeds = [e for e in received if e.get("user_id") == "zed"]
+    assert [e["type"] for e in zeds] == [MEMBER_ADDED, MEMBER_REMOVED]
+    assert [e["node"] for e in zeds] == [other_node.server_id, node.server_id]
+    await watcher.close()
+
+
+async def test_without_events_no_member_event_is_written(room: str, settings: Any) -> None:
+    """PUSH_EVENTS off: the presence scripts write nothing to the stream."""
+    settings.PUSH = {"EVENTS": False}
+    node = await get_node()
+    receiver = _Receiver(node.events.stream)
+    try:
+        _, ann = await sync_to_async(_member_token)("ann")
+        watcher = await _join(ann, room)
+        await watcher.recv_type("join")
+        await watcher.close()
+        await wait_until(lambda: _conns_are(node, room, 0), "ann's leave made")
+        assert await asyncio.to_thread(receiver.received, room) == []
+    finally:
+        receiver.close()
