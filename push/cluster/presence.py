@@ -59,14 +59,24 @@ end
 return 1
 """
 )
-# KEYS: as _JOIN's, then the leave's receipt. ARGV: conn field, index entry, the
+# KEYS: as _JOIN's, then the node's leave receipts. ARGV: conn field, index entry, the
 # channel's group (or empty), the member_removed event's head, bound and time kept (as
-# _JOIN's, or empty), and how long the receipt is kept (ms; empty: none). The receipt
-# says that this leave was made and its member_removed written, for a node that never
-# got the answer (``PresenceStore._announce_lost_leaves``).
+# _JOIN's, or empty), how long a receipt is kept (ms; empty: none) and how many at most.
+# A receipt (the index entry in the node's sorted set, scored by Redis' clock) says
+# that this leave was made and its member_removed written, for a node that never got
+# the answer (``PresenceStore._announce_lost_leaves``).
 _LEAVE = (
     MEMBER_EVENT_LUA
     + """
+local function keep_receipt(receipts, entry, kept_ms, most)
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  redis.call('ZADD', receipts, now, entry)
+  redis.call('ZREMRANGEBYSCORE', receipts, '-inf', now - kept_ms)
+  local extra = redis.call('ZCARD', receipts) - most
+  if extra > 0 then redis.call('ZREMRANGEBYRANK', receipts, 0, extra - 1) end
+  redis.call('PEXPIRE', receipts, kept_ms)
+end
 redis.call('SREM', KEYS[4], ARGV[2])
 local user = redis.call('HGET', KEYS[1], ARGV[1])
 if not user then return false end
@@ -85,7 +95,7 @@ if n <= 0 then
   end
   if ARGV[4] ~= '' then
     write_member_event(KEYS[6], KEYS[7], ARGV[4], user, ARGV[5], ARGV[6])
-    if ARGV[7] ~= '' then redis.call('SET', KEYS[8], '1', 'PX', ARGV[7]) end
+    if ARGV[7] ~= '' then keep_receipt(KEYS[8], ARGV[2], tonumber(ARGV[7]), tonumber(ARGV[8])) end
   end
   return {user, info or '{}', sent}
 end
@@ -93,14 +103,24 @@ return false
 """
 )
 # A leave this node made but never got the answer of, or that Redis lost with its data.
-# KEYS: members, the leave's receipt (``_LEAVE``), and the event keys (as _JOIN's). ARGV:
-# user, and the member_removed event's head, bound and time kept (or empty). Returns 0
+# KEYS: members, the node's leave receipts (``_LEAVE``), and the event keys (as _JOIN's).
+# ARGV: user, the member_removed event's head, bound and time kept (or empty), and the
+# leave's index entry. Returns 0
 # when the member is there (through another connection), 2 when the leave was made and
 # written (the receipt), else 1, having written its member_removed.
 _LOST_LEAVE = (
     MEMBER_EVENT_LUA
     + """
-local made = redis.call('DEL', KEYS[2]) == 1
+local function keep_receipt(receipts, entry, kept_ms, most)
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  redis.call('ZADD', receipts, now, entry)
+  redis.call('ZREMRANGEBYSCORE', receipts, '-inf', now - kept_ms)
+  local extra = redis.call('ZCARD', receipts) - most
+  if extra > 0 then redis.call('ZREMRANGEBYRANK', receipts, 0, extra - 1) end
+  redis.call('PEXPIRE', receipts, kept_ms)
+end
+local made = redis.call('ZREM', KEYS[2], ARGV[5]) == 1
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 if made then return 2 end
 if ARGV[2] ~= '' then
@@ -112,11 +132,17 @@ return 1
 # How long a leave's receipt is kept: longer than a node that lost the leave's answer
 # (Redis slow, the connection broken) takes to ask again, which it does every
 # PUSH_CLUSTER_ANNOUNCE_SECS once Redis answers; as long as an event stays its channel's
-# ``after`` (``push.ops.events.AFTER_KEPT_SECS``). One key per member gone through the
-# node's own connections, ~170 bytes (MEMORY USAGE 136, and its expiry): at a thousand a
-# second, ~100 MB of Redis. A node away from Redis for longer may write a member_removed
-# twice (the receivers' dedupe by event id does not see it: the two have two ids).
+# ``after`` (``push.ops.events.AFTER_KEPT_SECS``). A node away from Redis for longer
+# may write a member_removed twice (the receivers' dedupe by event id does not see it:
+# the two have two ids).
 LEAVE_RECEIPT_SECS = 600
+# The receipts a node keeps at most, the newest: one sorted-set entry (~100 bytes) per
+# member gone through the node's own connections. As separate keys, a user churning a
+# presence subscription on a few hundred connections (25 leaves a second each, within
+# the frame rate) made Redis hold hundreds of MB for the 10 minutes; now at most ~1 MB
+# per node. Past it, a leave lost long ago among a flood of newer ones may be written
+# twice, as above.
+LEAVE_RECEIPTS_KEPT = 10_000
 
 
 class PresenceRelay(Protocol):
@@ -217,8 +243,9 @@ class PresenceStore:
     def node_index(self, server_id: str) -> str:
         return f"{self.prefix}:presence-node:{server_id}"
 
-    def _receipt_key(self, entry: str) -> str:
-        return f"{self.prefix}:presence-left:{entry}"
+    def _receipts_key(self) -> str:
+        """The sorted set of this node's leave receipts (``_LEAVE``)."""
+        return f"{self.prefix}:presence-left:{self.server_id}"
 
     async def _member_event(self, kind: str, channel: str) -> tuple[list[str], list[str | int]]:
         """The keys and arguments a script needs to write the member event of a change
@@ -289,10 +316,12 @@ class PresenceStore:
         try:
             event_keys, event_args = await self._member_event(MEMBER_REMOVED, channel)
             # A receipt for this node's own leaves: only they are asked about again.
-            receipt = LEAVE_RECEIPT_SECS * 1000 if own and event_keys else ""
+            keep: list[str | int] = (
+                [LEAVE_RECEIPT_SECS * 1000, LEAVE_RECEIPTS_KEPT] if own and event_keys else ["", ""]
+            )
             result = await self._leave(
-                keys=[*self._keys(channel, server_id), *event_keys, self._receipt_key(entry)],
-                args=[field, entry, group, *event_args, receipt],
+                keys=[*self._keys(channel, server_id), *event_keys, self._receipts_key()],
+                args=[field, entry, group, *event_args, *keep],
             )
             if not result:
                 return None
@@ -449,8 +478,8 @@ class PresenceStore:
             members_key = self._keys(channel, self.server_id)[2]
             event_keys, event_args = await self._member_event(MEMBER_REMOVED, channel)
             gone = await self._lost_leave(
-                keys=[members_key, self._receipt_key(entry), *event_keys],
-                args=[user, *event_args],
+                keys=[members_key, self._receipts_key(), *event_keys],
+                args=[user, *event_args, entry],
             )
             if gone:
                 left = member(json.loads(user), json.loads(info))

@@ -19,6 +19,7 @@ from django.test import override_settings
 from rest_framework.authtoken.models import Token
 
 from accounts.models import ChannelGrant
+from push.cluster import presence
 from push.cluster.node import Node
 from push.cluster.presence import leave_presence, member
 from push.ops.event_worker import EventWorker
@@ -261,3 +262,26 @@ async def test_without_events_no_member_event_is_written(room: str, settings: An
         assert await asyncio.to_thread(receiver.received, room) == []
     finally:
         receiver.close()
+
+
+async def test_the_leave_receipts_a_node_keeps_are_bounded(
+    room: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user churning a presence subscription leaves a receipt per leave: at most
+    ``LEAVE_RECEIPTS_KEPT`` of them stay, the newest, in one key of the node's that
+    expires with the last."""
+    monkeypatch.setattr(presence, "LEAVE_RECEIPTS_KEPT", 3)
+    node = await get_node()
+    _, ann = await sync_to_async(_member_token)("ann")
+    for _ in range(5):
+        client = await _join(ann, room)
+        await client.close()
+
+        async def left() -> bool:
+            return await _conns(node, room) == 0
+
+        await wait_until(left, "the leave")
+    store = node.presence
+    receipts = f"{store.prefix}:presence-left:{store.server_id}"
+    assert await store.redis.zcard(receipts) == 3
+    assert 0 < await store.redis.pttl(receipts) <= presence.LEAVE_RECEIPT_SECS * 1000
