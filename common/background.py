@@ -115,3 +115,42 @@ class LoopLocal(Generic[T]):
         """This loop's value, no longer kept (None if none was made)."""
         self._last = None
         return self._values.pop(asyncio.get_running_loop(), None)
+
+
+class Wakeup:
+    """An ``asyncio.Event`` for one waiter at a time that asks asyncio for the running
+    loop once, at its first wait: ``asyncio.Event`` asks on every wait, a ``getpid()``
+    system call each on Python 3.11 (``loop_runs_here``), and a write pipeline waits
+    once per batch (py-spy: 1.5% of a node's main thread under REST publishing)."""
+
+    __slots__ = ("_loop", "_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        assert self._waiter is None, "one waiter at a time"
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None

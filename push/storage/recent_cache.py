@@ -32,6 +32,7 @@ from collections.abc import Container, Iterable
 from typing import Any
 
 from common import metrics
+from common.background import Wakeup
 from common.conf import push_settings
 from common.redis_client import HeldConnection, LuaScript, script_argument
 from push.fanout.message import ChannelMessage, data_bytes
@@ -276,7 +277,7 @@ class RecentCache:
         self._queue: collections.deque[ChannelMessage] = collections.deque(
             maxlen=MAX_QUEUED_APPENDS
         )
-        self._wakeup = asyncio.Event()
+        self._wakeup = Wakeup()
         # Set by ``close``: ``run`` writes what is queued, then ends.
         self._closing = False
         # The batch ``run`` is writing now (taken off the queue, not yet in Redis).

@@ -66,7 +66,7 @@ from psycopg import errors as pg_errors
 from psycopg import pq
 
 from common import metrics
-from common.background import spawn
+from common.background import Wakeup, spawn
 from common.db import closed_by_server, db_call
 from common.errors import ErrorCode, PushError
 from push.fanout.message import ChannelMessage
@@ -194,7 +194,7 @@ class WritePipeline:
         self._queue: deque[_Queued] = deque()
         self._queued_messages = 0
         self._queued_bytes = 0
-        self._wakeup = asyncio.Event()
+        self._wakeup = Wakeup()
         self._link: PipelinedConnection | None = None
         self._task: asyncio.Task[None] | None = None
         # Batches sent and not yet answered, oldest first.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from common.background import LoopLocal
+from common.background import LoopLocal, Wakeup
 
 
 def test_each_loop_gets_its_own_value_and_keeps_it() -> None:
@@ -83,3 +83,21 @@ def test_loops_running_at_once_in_two_threads_each_see_their_own() -> None:
         thread.join(10)
     assert seen["this"] is not seen["other"]
     assert seen["other again"] is seen["other"]
+
+
+async def test_a_wakeup_wakes_its_waiter_and_stays_set_until_cleared() -> None:
+    wakeup = Wakeup()
+    waiter = asyncio.ensure_future(wakeup.wait())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    wakeup.set()
+    await asyncio.wait_for(waiter, 1)
+    await asyncio.wait_for(wakeup.wait(), 1)  # still set: returns at once
+    wakeup.clear()
+    again = asyncio.ensure_future(wakeup.wait())
+    await asyncio.sleep(0.01)
+    assert not again.done()
+    again.cancel()  # a cancelled waiter leaves it usable
+    await asyncio.gather(again, return_exceptions=True)
+    wakeup.set()
+    await asyncio.wait_for(wakeup.wait(), 1)
