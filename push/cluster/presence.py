@@ -105,21 +105,12 @@ return false
 # A leave this node made but never got the answer of, or that Redis lost with its data.
 # KEYS: members, the node's leave receipts (``_LEAVE``), and the event keys (as _JOIN's).
 # ARGV: user, the member_removed event's head, bound and time kept (or empty), and the
-# leave's index entry. Returns 0
-# when the member is there (through another connection), 2 when the leave was made and
-# written (the receipt), else 1, having written its member_removed.
+# leave's index entry. Returns 0 when the member is there (through another connection),
+# 2 when the leave was made and written (the receipt), else 1, having written its
+# member_removed.
 _LOST_LEAVE = (
     MEMBER_EVENT_LUA
     + """
-local function keep_receipt(receipts, entry, kept_ms, most)
-  local clock = redis.call('TIME')
-  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-  redis.call('ZADD', receipts, now, entry)
-  redis.call('ZREMRANGEBYSCORE', receipts, '-inf', now - kept_ms)
-  local extra = redis.call('ZCARD', receipts) - most
-  if extra > 0 then redis.call('ZREMRANGEBYRANK', receipts, 0, extra - 1) end
-  redis.call('PEXPIRE', receipts, kept_ms)
-end
 local made = redis.call('ZREM', KEYS[2], ARGV[5]) == 1
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 if made then return 2 end
