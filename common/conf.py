@@ -548,6 +548,20 @@ class PushSettings:
         EnvType.NUMBER,
         "a client that sends nothing for this long is closed with 4001 (three missed heartbeats)",
     )
+    # A head is one packet for any real client, but one on a lossy mobile link may wait
+    # for retransmits (four losses in a row from a 1 s timeout: 15 s), and a browser's
+    # preconnected socket sends its request up to ~10 s after the accept. Neither
+    # server had a deadline of its own under daphne: a head trickled a byte every 5 s
+    # was still open after 100 s (Twisted's 60 s idle timeout starts again with each).
+    REQUEST_HEAD_DEADLINE_SECS: float = option(
+        30.0,
+        EnvType.NUMBER,
+        "how long an HTTP request's line and headers may take to arrive, under uvicorn and "
+        "daphne alike: from the connection's accept for its first request, from its first "
+        "byte for a later one on a kept-alive connection; then the connection is closed "
+        "without an answer. An idle kept-alive connection (between requests) and a "
+        "request's body are not timed by it",
+    )
     CLOSE_TIMEOUT_SECS: float = option(
         10.0,
         EnvType.NUMBER,

@@ -249,8 +249,10 @@ CONNECTIONS_REFUSED = Counter(
     "push_connections_refused_total",
     "Connections refused at their start for a connection limit: the node's "
     "(PUSH_MAX_CONNECTIONS), a user's, an address's, an address's open HTTP connections "
-    "(http_address), or the server's sockets of every kind (open_files); and HTTP "
-    "connections dropped for their address's unsent response bytes (response_bytes)",
+    "(http_address), an address's unfinished request heads (unfinished_heads), or the "
+    "server's sockets of every kind (open_files); and HTTP connections dropped for their "
+    "address's unsent response bytes (response_bytes) or a request head not done in time "
+    "(head_deadline)",
     ["limit"],
 )
 CONNECTIONS_ACTIVE = Gauge(

@@ -2,8 +2,10 @@
 head is read before the application sees the request, so no limit of ours could refuse
 it. uvicorn's httptools protocol has no bound of its own
 (``push.transport.server_adapters.bounded_head_httptools_protocol`` adds one); daphne's
-Twisted refuses long lines and many headers itself. Sent over a raw socket, as a client
-that never finishes its head would."""
+Twisted refuses long lines and many headers itself. Neither server bounds how long a
+head may take or how many one address leaves unfinished
+(``push.transport.server_adapters.bound_daphne_request_heads`` does for daphne). Sent
+over a raw socket, as a client that never finishes its head would."""
 
 from __future__ import annotations
 
@@ -28,8 +30,11 @@ pytestmark = pytest.mark.e2e
 SENT_BYTES = 16 * 1_048_576
 CHUNK = 64 * 1024
 ANSWER_SECS = 10.0
+# A connection refused is closed at once; one taken stays open this long and more.
+REFUSAL_SECS = 3.0
 # The node's RSS may grow by this much while it refuses one such head.
 GROWTH_BOUND_MB = 20
+REFUSED_UNFINISHED_HEADS = 'push_connections_refused_total{limit="unfinished_heads"}'
 
 
 @pytest.fixture(scope="module", params=["uvicorn", "daphne"])
@@ -101,17 +106,22 @@ def test_a_head_within_the_bound_is_served(node: ServerNode) -> None:
     assert answer.status_code == 200
 
 
+def _publish_head(token: str, channel: str, body: bytes) -> bytes:
+    """The head of a REST publish of ``body`` to ``channel``."""
+    return (
+        f"POST /api/v1/channels/{channel}/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Token {token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+
+
 def test_a_big_body_in_the_same_read_as_its_head_is_no_part_of_the_head(
     node: ServerNode, publisher_token: str
 ) -> None:
     """A publish of ~1 MiB sent in one write: the reads that end its head carry its
     body, which the bound on heads must not count."""
     body = b'{"data": "' + b"a" * 1_000_000 + b'"}'
-    head = (
-        "POST /api/v1/channels/heads/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Authorization: Token {publisher_token}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
+    head = _publish_head(publisher_token, "heads", body)
     with socket.create_connection(("127.0.0.1", node.port), timeout=ANSWER_SECS) as sock:
         sock.sendall(head + body)
         answer = sock.recv(4096)
@@ -120,10 +130,10 @@ def test_a_big_body_in_the_same_read_as_its_head_is_no_part_of_the_head(
 
 def test_one_address_may_hold_only_so_many_unfinished_heads(node: ServerNode) -> None:
     """Each head is bounded, but an address holding many unfinished at once held ~93 MB
-    with 1,500 of 60 KiB; past the bound a new connection of that address is closed at
-    once, and another address is served as usual."""
-    if node.server != "uvicorn":
-        pytest.skip("daphne's unfinished heads are Twisted's (see the report)")
+    with 1,500 of 60 KiB under uvicorn, ~90 MB with 1,000 of 500 headers under daphne;
+    past the bound a new connection of that address is closed at once, and another
+    address is served as usual."""
+    refused_before = node.metric(REFUSED_UNFINISHED_HEADS)
     held = []
     try:
         for _ in range(MAX_INCOMPLETE_HEADS_PER_PEER):
@@ -132,15 +142,135 @@ def test_one_address_may_hold_only_so_many_unfinished_heads(node: ServerNode) ->
             held.append(sock)
         time.sleep(0.5)
         with socket.create_connection(("127.0.0.1", node.port), timeout=ANSWER_SECS) as sock:
+            sock.settimeout(REFUSAL_SECS)
+            answer_bytes: bytes | None
             try:
                 sock.sendall(b"GET /health?x=")
                 answer_bytes = sock.recv(100)
             except ConnectionResetError:  # closed with what it sent unread
                 answer_bytes = b""
+            except TimeoutError:  # still open, waiting for the rest of its head
+                answer_bytes = None
             assert answer_bytes == b"", "one more unfinished head was taken"
         elsewhere = httpx.HTTPTransport(local_address="127.0.2.1")
         with httpx.Client(transport=elsewhere, timeout=ANSWER_SECS) as client:
             assert client.get(f"{node.http_url}/health").status_code == 200
+            metrics = client.get(f"{node.http_url}/metrics").text
+        assert f"{REFUSED_UNFINISHED_HEADS} {refused_before + 1}" in metrics
     finally:
         for sock in held:
             sock.close()
+
+
+# A small deadline for a head, so these tests are short; the default is tens of seconds.
+DEADLINE_SECS = 2.0
+# A trickled byte every this long: the node sees the client active all the while.
+TRICKLE_SECS = 0.2
+DROPPED_SLOW_HEADS = 'push_connections_refused_total{limit="head_deadline"}'
+GET = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.fixture(scope="module", params=["uvicorn", "daphne"])
+def quick_node(e2e_env: dict[str, str], request: pytest.FixtureRequest) -> Iterator[ServerNode]:
+    env = {**e2e_env, "PUSH_REQUEST_HEAD_DEADLINE_SECS": str(DEADLINE_SECS)}
+    started = ServerNode(env, server=request.param, name=f"head-deadline-{request.param}")
+    yield started.start()
+    started.stop()
+
+
+def _served(sock: socket.socket) -> bool:
+    """Whether a GET /health on ``sock`` is answered 200, its body read whole (so the
+    connection can be kept alive for another)."""
+    sock.settimeout(ANSWER_SECS)
+    sock.sendall(GET)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        more = sock.recv(4096)
+        if not more:
+            return False
+        answer += more
+    head, body = answer.split(b"\r\n\r\n", 1)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        more = sock.recv(4096)
+        if not more:
+            return False
+        body += more
+    return head.startswith(b"HTTP/1.1 200 ")
+
+
+def _trickle_until_closed(sock: socket.socket, head: bytes, within_secs: float) -> float | None:
+    """Send ``head`` a byte at a time, every TRICKLE_SECS, never finishing it; the
+    seconds until the node closed the connection (None: still open ``within_secs``
+    later). A normal request on another connection of the same address is served
+    meanwhile."""
+    started = time.monotonic()
+    other_served: bool | None = None
+    sock.settimeout(TRICKLE_SECS)
+    for byte in head:
+        elapsed = time.monotonic() - started
+        if elapsed > within_secs:
+            return None
+        if other_served is None and elapsed > DEADLINE_SECS / 2:
+            with socket.create_connection(sock.getpeername(), timeout=ANSWER_SECS) as other:
+                other_served = _served(other)
+            assert other_served, "a normal request was not served while a head trickled"
+        try:
+            sock.sendall(bytes([byte]))
+            if sock.recv(100) == b"":
+                return time.monotonic() - started
+            raise AssertionError("the node answered an unfinished head")
+        except TimeoutError:
+            continue  # nothing from the node: the head is still open
+        except ConnectionError:
+            return time.monotonic() - started
+    raise AssertionError("the trickled head ran out before any deadline")
+
+
+# A head that would never finish: its header value goes on and on.
+ENDLESS_HEAD = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 1000
+
+
+@pytest.mark.parametrize("after_a_request", [False, True], ids=["first-head", "later-head"])
+def test_a_head_trickled_byte_by_byte_is_dropped_at_its_deadline(
+    quick_node: ServerNode, after_a_request: bool
+) -> None:
+    """Each byte keeps the connection active, which reset daphne's only timeout (its
+    idle one, 60 s): a head trickled a byte every 5 s was still open after 100 s. Now
+    it is closed, unanswered, once the deadline has passed since it began (the
+    accept for a connection's first request, its first byte for a later one)."""
+    dropped_before = quick_node.metric(DROPPED_SLOW_HEADS)
+    with socket.create_connection(("127.0.0.1", quick_node.port), timeout=ANSWER_SECS) as sock:
+        if after_a_request:
+            assert _served(sock)
+        closed_after = _trickle_until_closed(sock, ENDLESS_HEAD, within_secs=DEADLINE_SECS * 4)
+    assert closed_after is not None, "the trickled head was never closed"
+    # (TRICKLE_SECS late at most: the client looks between its bytes.)
+    assert DEADLINE_SECS - TRICKLE_SECS < closed_after < DEADLINE_SECS + 1.0, closed_after
+    assert quick_node.metric(DROPPED_SLOW_HEADS) == dropped_before + 1
+
+
+def test_an_idle_kept_alive_connection_and_a_slow_body_are_not_heads(
+    quick_node: ServerNode, publisher_token: str
+) -> None:
+    """A connection idle between requests for longer than the head deadline (within
+    the server's keep-alive timeout) is served again, and a publish whose body comes a
+    byte at a time over longer than the deadline is published."""
+    with socket.create_connection(("127.0.0.1", quick_node.port), timeout=ANSWER_SECS) as sock:
+        assert _served(sock)
+        time.sleep(DEADLINE_SECS + 1.0)
+        assert _served(sock), "an idle kept-alive connection was closed"
+    body = b'{"data": "' + b"a" * 10 + b'"}'
+    head = _publish_head(publisher_token, "slow-body", body)
+    with socket.create_connection(("127.0.0.1", quick_node.port), timeout=ANSWER_SECS) as sock:
+        sock.sendall(head)
+        pause = (DEADLINE_SECS * 1.5) / len(body)
+        for byte in body:
+            time.sleep(pause)
+            sock.sendall(bytes([byte]))
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 201 "), answer[:200]

@@ -212,7 +212,8 @@ async def _scope_under_the_bounded_protocol() -> dict[str, Any]:
 
     config = Config(app, lifespan="off", log_config=None, proxy_headers=False)
     state = ServerState()
-    protocol = bounded_head_httptools_protocol()(config=config, server_state=state, app_state={})  # type: ignore[call-arg]  # uvicorn's protocol signature
+    bounded = bounded_head_httptools_protocol(deadline_secs=30.0)
+    protocol = bounded(config=config, server_state=state, app_state={})  # type: ignore[call-arg]  # uvicorn's protocol signature
     protocol.connection_made(Transport())  # type: ignore[arg-type]  # the parts uvicorn uses
     protocol.data_received(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
     await asyncio.gather(*state.tasks)

@@ -640,12 +640,11 @@ def bound_daphne_connections_per_peer(limit: int) -> None:
     accept until it closes or becomes a WebSocket. Called before daphne's server
     starts.
 
-    A refused connection is answered at once, not after its request: daphne has no
-    deadline for a head nor count of unfinished ones, so waiting for the request would
-    let a client hold refused connections as long as it trickled their heads. It is
-    closed ``LINGER_SECS`` later (what arrives meanwhile is dropped), and while its
-    peer has ``MAX_INCOMPLETE_HEADS_PER_PEER`` refused ones lingering, a new one is
-    closed unanswered."""
+    A refused connection is answered at once, not after its request: waiting for it
+    would let a client hold refused connections for as long as a head may take. It is
+    closed ``LINGER_SECS`` later (what arrives meanwhile is dropped), and while its peer
+    has ``MAX_INCOMPLETE_HEADS_PER_PEER`` refused ones lingering, a new one is closed
+    unanswered."""
     if not limit:
         return
     from daphne import http_protocol
@@ -1008,12 +1007,16 @@ MAX_REQUEST_HEADERS = 100
 # Bounding each head is not enough: it has no deadline either, and the budgets of an
 # address are kept by the application, after the head. Measured, 1,500 connections
 # from one host each holding 60 KiB of an unfinished head held ~93 MB of the node for
-# as long as they liked. So a head must be done within this long (nginx's
-# client_header_timeout is 60 s; a head is one packet for any real client), and one
-# client address (IPv6: its /64) may have this many unfinished at once: 256 of 64 KiB
-# is 16 MiB, and a busy NAT has a handful.
-REQUEST_HEAD_DEADLINE_SECS = 20.0
+# as long as they liked. So a head must be done within ``PUSH_REQUEST_HEAD_DEADLINE_SECS``
+# (nginx's client_header_timeout is 60 s; a head is one packet for any real client),
+# and one client address (IPv6: its /64) may have this many unfinished at once: 256 of
+# 64 KiB is 16 MiB, and a busy NAT has a handful. The same count and deadline hold
+# under daphne (``bound_daphne_request_heads``).
 MAX_INCOMPLETE_HEADS_PER_PEER = 256
+# A new connection closed at once for its address's unfinished heads, and a connection
+# dropped for a head not done by its deadline.
+REFUSED_UNFINISHED_HEADS = metrics.CONNECTIONS_REFUSED.labels("unfinished_heads")
+DROPPED_SLOW_HEADS = metrics.CONNECTIONS_REFUSED.labels("head_deadline")
 # Nor has a request's body a bound in time: measured, a REST publish whose body stopped
 # after its first bytes was held (its connection, and the body read so far, up to 1 MiB
 # in the fast path's hands or Django's) for as long as the client kept the socket, on
@@ -1054,7 +1057,7 @@ def bounded_head_httptools_protocol(
     *,
     max_bytes: int = MAX_REQUEST_HEAD_BYTES,
     max_headers: int = MAX_REQUEST_HEADERS,
-    deadline_secs: float = REQUEST_HEAD_DEADLINE_SECS,
+    deadline_secs: float,
     max_incomplete_per_peer: int = MAX_INCOMPLETE_HEADS_PER_PEER,
     body_idle_secs: float = REQUEST_BODY_IDLE_SECS,
     max_unfinished_body_bytes_per_peer: int = MAX_UNFINISHED_BODY_BYTES_PER_PEER,
@@ -1157,6 +1160,7 @@ def bounded_head_httptools_protocol(
             if per_peer and peer:
                 key = address_block(peer)
                 if max_incomplete_per_peer and incomplete[key] >= max_incomplete_per_peer:
+                    REFUSED_UNFINISHED_HEADS.inc()
                     transport.close()
                     return
                 self._peer_key = key
@@ -1347,6 +1351,7 @@ def bounded_head_httptools_protocol(
                 return
             # An idle keep-alive connection is uvicorn's to close (sooner); one in the
             # middle of a head is dropped without an answer, as nginx does.
+            DROPPED_SLOW_HEADS.inc()
             self.transport.close()
 
         def _body_comes(self, nbytes: int) -> None:
@@ -1414,6 +1419,147 @@ def _uncount(counter: collections.Counter[str], key: str, amount: int) -> None:
 
 class _HeadTooLarge(Exception):
     """Raised when a request's head has more header fields than allowed."""
+
+
+# ----- request heads (daphne) ----------------------------------------------------------
+
+# Twisted (daphne) bounds a head itself, to 16 KiB of whole lines, a line being read of
+# up to 16 KiB more, and 500 headers, but neither in time nor in number: its 60 s idle
+# timeout starts again with every byte (measured, a head trickled a byte every 5 s was
+# still open after 100 s), and only an address's open HTTP connections (1,000) bounded
+# how many it had. Measured, 1,000 heads of 500 headers each from one address grew the
+# node by ~90 MB (256 of them by ~22 MB, about what uvicorn's 256 of 64 KiB may hold):
+# the count bounds their bytes too.
+
+
+def bound_daphne_request_heads(*, deadline_secs: float, max_incomplete_per_peer: int) -> None:
+    """Make daphne close a connection whose request head (line and headers) is not done
+    ``deadline_secs`` after it began, and close at once a new connection from a peer
+    (IPv6: its /64) that has ``max_incomplete_per_peer`` heads unfinished (0: no such
+    bound; 0 behind a proxy, whose address every connection has), as
+    ``bounded_head_httptools_protocol`` does under uvicorn. A connection's first head
+    begins at its accept, a later one (kept alive) at its first byte; a head that
+    arrives whole in one read is neither timed nor counted. Called before daphne's
+    server starts, after the other bounds: a connection it refuses is never built."""
+    from daphne import http_protocol
+
+    incomplete: collections.Counter[str] = collections.Counter()
+    build_protocol = http_protocol.HTTPFactory.buildProtocol
+
+    def build_bounded(factory: Any, addr: Any) -> Any:
+        host = getattr(addr, "host", None)
+        key = address_block(host) if host and max_incomplete_per_peer else None
+        if key is not None and incomplete[key] >= max_incomplete_per_peer:
+            REFUSED_UNFINISHED_HEADS.inc()
+            return None  # Twisted closes the socket at once
+        protocol = build_protocol(factory, addr)
+        # Twisted's HTTP channel, behind the protocol that would switch it to HTTP/2;
+        # none for a connection another bound refused.
+        channel = getattr(protocol, "_channel", None)
+        if channel is not None:
+            _DaphneHeads(protocol, channel, deadline_secs, incomplete, key).first_head()
+        return protocol
+
+    http_protocol.HTTPFactory.buildProtocol = build_bounded
+
+
+class _DaphneHeads:
+    """The request heads of one daphne connection (Twisted's ``protocol`` around its
+    HTTP ``channel``): when each begins and ends, its deadline, and its count under
+    ``key`` in ``incomplete`` (None: not counted). The channel's methods are wrapped
+    on the instance, and unwrapped when the connection is lost."""
+
+    __slots__ = (
+        "armed",
+        "channel",
+        "deadline_secs",
+        "in_head",
+        "incomplete",
+        "key",
+        "protocol",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        protocol: Any,
+        channel: Any,
+        deadline_secs: float,
+        incomplete: collections.Counter[str],
+        key: str | None,
+    ) -> None:
+        self.protocol = protocol
+        self.channel = channel
+        self.deadline_secs = deadline_secs
+        self.incomplete = incomplete
+        self.key = key
+        self.in_head = False
+        self.armed = False
+        self.timer: Any = None
+
+    def first_head(self) -> None:
+        """Nothing read yet: the first head is timed and counted from the accept."""
+        self.in_head = True
+        self.arm()
+        channel, protocol = self.channel, self.protocol
+        data_received = channel.dataReceived
+        all_headers_received = channel.allHeadersReceived
+        connection_lost = protocol.connectionLost
+
+        def received(data: bytes) -> None:
+            # Line mode and no head: the next request's first bytes (read now, or
+            # kept while the last request was handled and passed on when it is done).
+            if self.in_head or not channel.line_mode:
+                data_received(data)
+                return
+            self.in_head = True
+            data_received(data)
+            # A kept-alive request's head nearly always comes whole in one read: only
+            # one that does not is timed and counted (from its first read, just now).
+            if self.in_head:
+                self.arm()
+
+        def headers_received() -> None:
+            self.head_ends()
+            all_headers_received()
+
+        def lost(reason: Any) -> None:
+            self.head_ends()
+            for name in ("dataReceived", "allHeadersReceived"):
+                vars(channel).pop(name, None)  # no reference cycle left behind
+            connection_lost(reason)
+
+        channel.dataReceived = received
+        channel.allHeadersReceived = headers_received
+        protocol.connectionLost = lost
+
+    def arm(self) -> None:
+        self.armed = True
+        self.timer = self.channel.callLater(self.deadline_secs, self.too_slow)
+        if self.key is not None:
+            self.incomplete[self.key] += 1
+
+    def head_ends(self) -> None:
+        self.in_head = False
+        if not self.armed:
+            return
+        self.armed = False
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+        if self.key is not None:
+            _uncount(self.incomplete, self.key, 1)
+
+    def too_slow(self) -> None:
+        self.timer = None
+        self.head_ends()
+        if self.protocol._channel is not self.channel:  # switched to HTTP/2
+            return
+        # Dropped without an answer, as under uvicorn: Twisted's own close of a client
+        # idle too long (the socket aborted if it is not gone 15 s later).
+        DROPPED_SLOW_HEADS.inc()
+        self.channel.timeoutConnection()
 
 
 # ----- inbound bound (daphne) ---------------------------------------------------------

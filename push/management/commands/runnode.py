@@ -34,6 +34,7 @@ from push.transport.server_adapters import (
     MAX_UNSENT_RESPONSE_BYTES_PER_PEER,
     bound_daphne_connections_per_peer,
     bound_daphne_request_bodies,
+    bound_daphne_request_heads,
     bound_daphne_unsent_responses,
     bounded_head_httptools_protocol,
     defer_autobahn_config_dump,
@@ -112,6 +113,7 @@ class Command(BaseCommand):
             # Behind a proxy every connection has the proxy's address, and the proxy
             # reads the heads and bodies: unfinished ones are then not counted per peer.
             http=bounded_head_httptools_protocol(
+                deadline_secs=push_settings.REQUEST_HEAD_DEADLINE_SECS,
                 max_incomplete_per_peer=0 if behind_proxy else MAX_INCOMPLETE_HEADS_PER_PEER,
                 max_unfinished_body_bytes_per_peer=0
                 if behind_proxy
@@ -181,6 +183,11 @@ class Command(BaseCommand):
         if not behind_proxy:
             bound_daphne_connections_per_peer(push_settings.MAX_HTTP_CONNECTIONS_PER_IP)
             bound_daphne_unsent_responses(MAX_UNSENT_RESPONSE_BYTES_PER_PEER)
+        # Last, so a connection refused for its address's unfinished heads is not built.
+        bound_daphne_request_heads(
+            deadline_secs=push_settings.REQUEST_HEAD_DEADLINE_SECS,
+            max_incomplete_per_peer=0 if behind_proxy else MAX_INCOMPLETE_HEADS_PER_PEER,
+        )
         defer_autobahn_config_dump()
         server.run()
         if not server.listening_addresses:
