@@ -51,6 +51,11 @@ class SseStream:
                     current.id = value
 
 
-def sse_url(base: str, channels: list[str], **params: str) -> str:
+def sse_url(
+    base: str, channels: list[str], *, tokens: dict[str, str] | None = None, **params: str
+) -> str:
+    """``tokens``: signed subscription tokens by channel, one ``subscription_token``
+    parameter each."""
     query = [("channel", c) for c in channels] + list(params.items())
+    query += [("subscription_token", f"{c}:{t}") for c, t in (tokens or {}).items()]
     return f"{base}/sse/?" + str(httpx.QueryParams(query))

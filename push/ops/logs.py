@@ -23,7 +23,8 @@ from common.errors import CloseCode
 # Any ``name=value`` that starts a query parameter (or a word); the name is compared
 # after percent-decoding, as the server decodes it: ``?%74oken=`` is a token too.
 _QUERY_PARAM = re.compile(r"((?:^|[?&\s\"'])([^=&?\s\"']+)=)[^&\s\"']+")
-_SECRET_NAMES = frozenset({"token", "key", "api_key"})
+# ``subscription_token``: an SSE stream's signed subscription tokens (push.transport.sse).
+_SECRET_NAMES = frozenset({"token", "key", "api_key", "subscription_token"})
 _SECRET_IN_HEADER = re.compile(r"(Authorization:\s*Token\s+)\S+", re.IGNORECASE)
 # The user and password of a URL (``https://user:password@host/``: a webhook URL's basic
 # auth, which httpx logs with every request).

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from django.utils import timezone
 
 from accounts.permissions import authorize_subscribe, is_presence_channel, subscription_refusal
+from accounts.principals import Principal
 from accounts.subscription_tokens import subscription_token_verify
 from common import metrics
 from common.conf import push_settings
@@ -194,10 +195,7 @@ async def channel_subscribe(
         return
     claims = authorized
     if authorized is None:
-        if token is not None:
-            claims = subscription_token_verify(token, channel=channel)
-        else:
-            authorize_subscribe(connection.principal, channel)
+        claims = subscription_authorize(connection.principal, channel, token=token)
     existing = connection.subscriptions.get(channel)
     if existing is not None and existing.active:
         _remember_token_expiry(connection, channel, claims)
@@ -235,6 +233,19 @@ async def channel_subscribe(
                 await leave_presence(
                     node.presence, node.announce_presence, str(connection.connection_id), [channel]
                 )
+
+
+def subscription_authorize(
+    principal: Principal, channel: str, *, token: str | None
+) -> dict[str, Any] | None:
+    """May ``principal`` subscribe to ``channel``: with a signed subscription token, the
+    token alone decides (its claims, or its ``FORBIDDEN``); without one, the permission
+    decider (None, or its refusal). Every transport's subscribe asks this, so a token
+    opens the same channels over WebSocket and SSE."""
+    if token is not None:
+        return subscription_token_verify(token, channel=channel)
+    authorize_subscribe(principal, channel)
+    return None
 
 
 async def presence_list(node: SessionNode, channel: str) -> list[dict[str, Any]]:

@@ -135,6 +135,13 @@ def test_secrets_never_reach_the_log() -> None:
     assert "s3cr3t" not in record.getMessage()
 
 
+def test_an_sse_streams_subscription_tokens_never_reach_the_log() -> None:
+    """A browser's stream carries them in its URL, which servers log."""
+    cleaned = redact("GET /sse/?channel=private-a&subscription_token=private-a:eyJjaA.s1g HTTP/1.1")
+    assert "eyJjaA" not in cleaned and "s1g" not in cleaned
+    assert "channel=private-a" in cleaned
+
+
 @pytest.mark.parametrize(
     "query",
     [

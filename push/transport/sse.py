@@ -10,11 +10,19 @@ the last seq delivered on every channel of the stream (``news:43,chat:7``), whic
 browser sends back as ``Last-Event-ID`` when it reconnects, and which resumes each
 channel exactly as ``subscribe`` with ``since`` does.
 
+A channel the client may read only through a signed subscription token takes it in
+``?subscription_token=<channel>:<token>`` (one per channel; or the same entries in the
+``X-Subscription-Token`` header), verified as the WebSocket's ``subscribe`` verifies its
+``token``. At the token's ``exp`` the node's revocation check ends that channel with the
+WebSocket's ``error``; a stream cannot be given a fresh token, so the client opens a new
+one with a fresh token and its cursor.
+
 Every problem after the response started is an ``error`` event naming its channel;
 a fatal one (no channel could be subscribed) ends the stream. A request that cannot
 become a stream is refused before it starts, as a WebSocket handshake would be, with
 the error envelope as JSON: 403 (token or origin, or more channels than a connection
-may subscribe), 400 (channel or cursor), 405 (not
+may subscribe), 400 (channel, cursor, or a subscription token for a channel the stream
+does not name), 405 (not
 GET), 429 (the address failed authentication too often, or is over its handshake
 budget), 503 (the database cannot check the token, or the node is not ready).
 """
@@ -25,12 +33,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
 from accounts.middleware import resolve_principal
-from accounts.permissions import authorize_subscribe
 from accounts.principals import Principal
 from common import metrics
 from common.conf import push_settings
@@ -45,6 +52,7 @@ from push.services.subscriptions import (
     client_ip,
     session_closed,
     session_open,
+    subscription_authorize,
 )
 from push.storage.history_modes import is_recent
 from push.transport.connection import CLOSE_FLUSH_SECS, ClientConnection
@@ -126,6 +134,8 @@ class StreamRequest:
     since: dict[str, int]
     # ``?rewind=N``: each channel without a cursor entry starts N messages back.
     rewind: int | None = None
+    # Signed subscription tokens by channel (``?subscription_token=<channel>:<token>``).
+    tokens: dict[str, str] = field(default_factory=dict)
 
 
 def _rewind_param(params: dict[str, list[str]]) -> int | None:
@@ -154,6 +164,55 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
+
+
+# Where a stream carries signed subscription tokens: a query parameter, since a
+# browser's EventSource sets no header, repeated once per channel, each
+# ``<channel>:<token>``. A token is base64url and ``.`` only, so its channel is what
+# comes before the last ``:`` (channel names may hold ``:``, as ``user:42``). Other
+# clients may send the same entries in the header, comma-separated (a channel name
+# never holds a comma), and so keep them out of access logs.
+SUBSCRIPTION_TOKEN_PARAM = "subscription_token"  # noqa: S105 (a parameter name)
+SUBSCRIPTION_TOKEN_HEADER = b"x-subscription-token"
+
+
+def _token_entry_error(message: str) -> PushError:
+    return PushError(ErrorCode.INVALID_MESSAGE, message, field=SUBSCRIPTION_TOKEN_PARAM)
+
+
+def stream_tokens(
+    params: dict[str, list[str]], scope: dict[str, Any], channels: list[str]
+) -> dict[str, str]:
+    """The stream's signed subscription tokens by channel. At most one per channel the
+    stream names (so tokens count against the same limit as channels); a token for a
+    channel the stream does not name, or a second one for a channel, is refused, as the
+    mistake it is, before the stream starts. Each token is verified later, when its
+    channel is subscribed, exactly as a WebSocket subscribe verifies it."""
+    entries = list(params.get(SUBSCRIPTION_TOKEN_PARAM, []))
+    header = _header(scope, SUBSCRIPTION_TOKEN_HEADER)
+    if header is not None:
+        entries += [entry.strip() for entry in header.split(",") if entry.strip()]
+    if len(entries) > len(channels):
+        raise _token_entry_error(
+            f"{len(entries)} subscription tokens for a stream of {len(channels)} channels:"
+            " at most one per channel"
+        )
+    tokens: dict[str, str] = {}
+    for entry in entries:
+        channel, _, token = entry.rpartition(":")
+        if not channel or not token:
+            raise _token_entry_error(
+                f"'{SUBSCRIPTION_TOKEN_PARAM}' must be <channel>:<token>, one per channel"
+            )
+        if channel not in channels:
+            raise _token_entry_error(
+                f"a subscription token for {channel[:MAX_CHANNEL_NAME_CHARS]!r}, which the"
+                " stream does not name in 'channel'"
+            )
+        if channel in tokens:
+            raise _token_entry_error(f"two subscription tokens for {channel!r}")
+        tokens[channel] = token
+    return tokens
 
 
 def stream_request(scope: dict[str, Any]) -> StreamRequest:
@@ -187,7 +246,10 @@ def stream_request(scope: dict[str, Any]) -> StreamRequest:
         since_text = since_values[-1] if since_values else ""
     rewind = _rewind_param(params)
     return StreamRequest(
-        channels=channels, since=cursor_parse(since_text, max_entries=max_entries), rewind=rewind
+        channels=channels,
+        since=cursor_parse(since_text, max_entries=max_entries),
+        rewind=rewind,
+        tokens=stream_tokens(params, scope, channels),
     )
 
 
@@ -354,7 +416,7 @@ async def _subscribe_all(node: Node, connection: SseConnection, request: StreamR
     it answered for the durable ones, or the channel's lease is missing) has no known
     seq: taken as 0 it would replay the whole window, messages from before the stream.
     It starts where the node is when its turn comes, and joins the cursor then."""
-    allowed = [c for c in request.channels if _permitted(connection, c)]
+    allowed = [c for c in request.channels if _permitted(connection, c, request.tokens.get(c))]
     fresh = [channel for channel in allowed if channel not in request.since]
     try:
         latest = await node.hub.history.latest_seqs(fresh) if fresh else {}
@@ -379,7 +441,7 @@ async def _subscribe_all(node: Node, connection: SseConnection, request: StreamR
                 channel,
                 since=since,
                 rewind=(back or None) if since is None else None,
-                token=None,
+                token=request.tokens.get(channel),
                 reply=_reply_for(connection, request, channel, since, back),
             )
         except PushError as exc:
@@ -412,9 +474,11 @@ async def _end_failed_subscription(node: Node, connection: SseConnection, channe
         await channel_unsubscribe(node, connection, channel)
 
 
-def _permitted(connection: SseConnection, channel: str) -> bool:
+def _permitted(connection: SseConnection, channel: str, token: str | None) -> bool:
+    """Checked before the stream reads where its channels are, so a refused channel
+    costs no read; ``channel_subscribe`` asks the same again (a token costs one HMAC)."""
     try:
-        authorize_subscribe(connection.principal, channel)
+        subscription_authorize(connection.principal, channel, token=token)
     except PushError as exc:
         connection.send_error(exc, None, channel=channel)
         return False
