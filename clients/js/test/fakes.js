@@ -86,6 +86,12 @@ export class FakeEventSource {
     return this.url.searchParams.get("since");
   }
 
+  // The signed subscription tokens it carries: channel -> token.
+  get tokens() {
+    const entries = this.url.searchParams.getAll("subscription_token");
+    return Object.fromEntries(entries.map((entry) => [entry.slice(0, entry.lastIndexOf(":")), entry.slice(entry.lastIndexOf(":") + 1)]));
+  }
+
   addEventListener(type, listener) {
     if (!this.listeners.has(type)) this.listeners.set(type, []);
     this.listeners.get(type).push(listener);

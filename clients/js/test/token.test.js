@@ -321,37 +321,162 @@ test("no token reaches the console or an error message, whatever fails", async (
 
 // ----- the SSE fallback --------------------------------------------------------------------
 
-test("a channel with a token stays off the event stream and waits for the WebSocket", async () => {
-  const c = new PushClient("ws://push.test/ws/", { WebSocket: FakeSocket, EventSource: FakeEventSource, baseDelayMs: 1, maxDelayMs: 3 });
+// A client on the stream alone, told what the application hears.
+function sseClient(options = {}) {
+  const c = new PushClient("ws://push.test/ws/", { EventSource: FakeEventSource, transports: ["sse"], baseDelayMs: 1, maxDelayMs: 3, ...options });
   clients.push(c);
+  const seen = { seqs: [], told: [] };
+  c.on("error", (error) => seen.told.push(["error", error.code]));
+  c.on("ended", (detail) => seen.told.push(["ended", detail.code]));
   c.connect().catch(() => {});
+  return { client: c, seen };
+}
+
+const lastStream = () => FakeEventSource.opened.at(-1);
+const expired = { code: "FORBIDDEN", message: "the subscription token for 'private-x' expired", channel: "private-x" };
+
+test("on SSE a token string rides on the stream, beside the channels without one", async () => {
+  const { client: c } = sseClient({ token: "key123" });
+  const secret = fresh(600);
   const news = c.subscribe("news", () => {});
-  const secret = c.subscribe("private-x", () => {}, { token: () => fresh(600) });
-  secret.catch(() => {});
-  for (let opened = 1; opened <= 2; opened++) {
-    await until(`socket ${opened}`, () => FakeSocket.opened.length === opened);
-    lastSocket().fail();
-  }
+  const held = c.subscribe("private-x", () => {}, { token: secret });
   await until("a stream", () => FakeEventSource.opened.length === 1);
-  const stream = FakeEventSource.opened[0];
-  assert.deepEqual(stream.channels, ["news"]);
+  const stream = lastStream();
+  assert.deepEqual(stream.channels, ["news", "private-x"]);
+  assert.deepEqual(stream.tokens, { "private-x": secret });
+  assert.equal(stream.url.searchParams.get("token"), "key123"); // the client's own credential
   stream.establish();
-  await news;
-  // The probe gets through: the WebSocket subscribes it, with its token.
-  await until("a probe", () => FakeSocket.opened.length === 3, 5_000);
-  lastSocket().establish();
-  await until("the subscribes", () => subscribes(lastSocket()).length === 1);
-  assert.equal(tokenClaims(subscribes(lastSocket())[0].token).ch, "private-x");
-  lastSocket().answerSubscribes({});
-  await secret;
+  await Promise.all([news, held]);
 });
 
-test("a client that may not use the WebSocket refuses a token at once", async () => {
-  const c = new PushClient("ws://push.test/ws/", { EventSource: FakeEventSource, transports: ["sse"] });
-  clients.push(c);
-  await assert.rejects(c.subscribe("private-x", () => {}, { token: "a.b" }), { code: "NO_TRANSPORT" });
+test("on SSE a provider is asked before each stream opens, and the stream waits for it", async () => {
+  const { client: c } = sseClient();
+  let answer;
+  const asked = [];
+  const provider = (channel) => {
+    asked.push(channel);
+    return new Promise((resolve) => {
+      answer = resolve;
+    });
+  };
+  const seqs = [];
+  const held = c.subscribe("private-x", (message) => seqs.push(message.seq), { token: provider });
+  await until("the provider asked", () => asked.length === 1);
+  await sleep(5);
+  assert.equal(FakeEventSource.opened.length, 0, "no stream before its token");
+  answer(fresh(600, 1));
+  await until("a stream", () => FakeEventSource.opened.length === 1);
+  assert.equal(tokenClaims(lastStream().tokens["private-x"]).n, 1);
+  lastStream().establish();
+  await held;
+  lastStream().message("private-x", 3);
+  lastStream().fail();
+  await until("the provider asked again", () => asked.length === 2);
+  answer(fresh(600, 2));
+  await until("a second stream", () => FakeEventSource.opened.length === 2);
+  assert.equal(tokenClaims(lastStream().tokens["private-x"]).n, 2, "a fresh token, not the first one again");
+  assert.equal(lastStream().since, "private-x:3");
+  assert.deepEqual(asked, ["private-x", "private-x"]);
+  assert.deepEqual(seqs, [3]);
+});
+
+test("on SSE a channel the server ends at its token's exp comes back on a new stream with a fresh token, losing and repeating nothing", async () => {
+  const { client: c, seen } = sseClient();
+  let n = 0;
+  // Tokens of 1.2 s: the server ends the channel at their exp.
+  const provider = () => {
+    n += 1;
+    const now = Date.now() / 1000;
+    return token({ ch: "private-x", iat: Math.floor(now), exp: Math.floor(now) + 1.2, n });
+  };
+  const news = [];
+  await Promise.all([
+    c.subscribe("private-x", (message) => seen.seqs.push(message.seq), { token: provider }),
+    c.subscribe("news", (message) => news.push(message.seq)),
+  ].map(async (subscribed) => {
+    await until("a stream", () => FakeEventSource.opened.length === 1);
+    lastStream().establish();
+    return subscribed;
+  }));
+  const first = lastStream();
+  first.message("private-x", 1, { cursor: "private-x:1,news:0" });
+  await sleep(1_200);
+  first.serverError(expired);
+  // The other channel goes on meanwhile.
+  first.message("news", 1, { cursor: "private-x:1,news:1" });
+  await until("a new stream", () => FakeEventSource.opened.length === 2);
+  assert.ok(first.closed);
+  const second = lastStream();
+  assert.deepEqual(second.channels, ["private-x", "news"]);
+  assert.equal(tokenClaims(second.tokens["private-x"]).n, 2);
+  assert.equal(second.since, "private-x:1,news:1");
+  second.establish();
+  // The server replays from the cursor; a seq delivered already is dropped.
+  for (const seq of [1, 2, 3]) second.message("private-x", seq, { cursor: `private-x:${seq},news:1` });
+  assert.deepEqual(seen.seqs, [1, 2, 3]);
+  assert.deepEqual(news, [1]);
+  assert.deepEqual(seen.told, [], "the application hears nothing of it");
+  assert.ok(c.subscriptions.has("private-x"));
+});
+
+test("on SSE a token string's exp ends the channel: error, then ended, and the others go on", async () => {
+  const { client: c, seen } = sseClient();
+  const now = Math.floor(Date.now() / 1000);
+  const held = c.subscribe("private-x", (message) => seen.seqs.push(message.seq), { token: token({ ch: "private-x", iat: now, exp: now + 1 }) });
+  const news = c.subscribe("news", () => {});
+  await until("a stream", () => FakeEventSource.opened.length === 1);
+  lastStream().establish();
+  await Promise.all([held, news]);
+  await sleep(1_000);
+  lastStream().serverError(expired);
+  assert.deepEqual(seen.told, [["error", "FORBIDDEN"], ["ended", "FORBIDDEN"]]);
+  assert.ok(!c.subscriptions.has("private-x") && c.subscriptions.has("news"));
+  await sleep(10);
+  assert.equal(FakeEventSource.opened.length, 1, "the stream goes on");
+});
+
+test("on SSE a provider's token refused is told and ended, not asked again: on the first stream and after an ending", async () => {
+  const { client: c, seen } = sseClient();
+  const refused = c.subscribe("private-x", () => {}, { token: () => fresh(600) });
+  await until("a stream", () => FakeEventSource.opened.length === 1);
+  lastStream().establish();
+  await refused; // resolved by the stream's opening, as every channel on SSE
+  lastStream().serverError({ code: "FORBIDDEN", message: "subscription token refused: bad signature", channel: "private-x" });
+  assert.deepEqual(seen.told.splice(0), [["error", "FORBIDDEN"], ["ended", "FORBIDDEN"]]);
+  assert.ok(!c.subscriptions.has("private-x"));
+
+  // Ended at exp, then the fresh token is refused: told once, ended, not asked again.
+  let n = 0;
+  const provider = () => {
+    n += 1;
+    const now = Math.floor(Date.now() / 1000);
+    return token({ ch: "private-x", iat: now, exp: now + (n === 1 ? 1 : 600), n });
+  };
+  const held = c.subscribe("private-x", () => {}, { token: provider });
+  await until("a second stream", () => FakeEventSource.opened.length === 2);
+  lastStream().establish();
+  await held;
+  await sleep(1_000);
+  lastStream().serverError(expired);
+  await until("a third stream", () => FakeEventSource.opened.length === 3);
+  lastStream().establish();
+  lastStream().serverError({ code: "FORBIDDEN", message: "subscription token refused: bad signature", channel: "private-x" });
+  assert.deepEqual(seen.told, [["error", "FORBIDDEN"], ["ended", "FORBIDDEN"]]);
+  assert.ok(!c.subscriptions.has("private-x"));
+  assert.equal(n, 2);
+});
+
+test("on SSE a provider that fails fails its subscribe, and the stream opens with the other channels", async () => {
+  const { client: c } = sseClient();
+  const failed = c.subscribe("private-x", () => {}, { token: () => Promise.reject(new Error("back-end down")) });
+  const news = c.subscribe("news", () => {});
+  await assert.rejects(failed, { code: "TOKEN_PROVIDER_FAILED" });
+  await until("a stream", () => FakeEventSource.opened.length >= 1);
+  assert.deepEqual(lastStream().channels, ["news"]);
+  assert.deepEqual(lastStream().tokens, {});
+  lastStream().establish();
+  await news;
   await assert.rejects(c.subscribe("private-x", () => {}, { token: 42 }), TypeError);
-  await sleep(0);
 });
 
 // ----- gap repair ----------------------------------------------------------------------

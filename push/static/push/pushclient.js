@@ -21,7 +21,10 @@
 //
 // `subscribe(channel, handler, { token })` carries a signed subscription token (a string, or
 // a provider asked for each subscribe the client sends for the channel), and with a
-// provider extends the subscription with a fresh token before the token's `exp`.
+// provider extends the subscription with a fresh token before the token's `exp`. On the
+// SSE fallback the stream carries it (`subscription_token=<channel>:<token>`), and a
+// channel the server ends at the token's `exp` comes back on a new stream with a fresh
+// token and its cursor.
 //
 // `subscribe(channel, handler, { delta: true })` asks for fossil deltas (docs/protocol.md):
 // the client applies them, so the handler always sees `data`. They are applied with
@@ -127,6 +130,13 @@ export const TOKEN_REFRESH_LEAD_MS = 5_000;
 // Never sooner after a token was obtained: a provider whose tokens look expired already
 // (a back-end's clock far behind) is asked once a second at most, never in a loop.
 export const MIN_TOKEN_REFRESH_MS = 1_000;
+// How much sooner than the client reckons a token's `exp` (from when it asked for the
+// token, over the token's lifetime) the server may end its subscription on a stream:
+// `iat` is whole seconds, so the token may have been minted up to a second before.
+const TOKEN_EXPIRY_SLACK_MS = 1_000;
+// Where an event stream carries a channel's signed subscription token, `<channel>:<token>`
+// (docs/protocol.md, "Server-Sent Events"): a token never holds a colon.
+const SUBSCRIPTION_TOKEN_PARAM = "subscription_token";
 
 /** Capped exponential backoff with full jitter: uniform in [0, min(max, base * 2^attempt)]. */
 export function backoffDelay(attempt, { baseMs = DEFAULT_BASE_DELAY_MS, maxMs = DEFAULT_MAX_DELAY_MS, random = Math.random } = {}) {
@@ -267,16 +277,25 @@ export function tokenClaims(token) {
 }
 
 /**
+ * How long `token` lives from when it was obtained, in ms: `exp - iat`, so that a client
+ * clock that is off does not matter (`exp` minus now without `iat`); null without `exp`.
+ */
+export function tokenLifetimeMs(token, nowMs = Date.now()) {
+  const claims = tokenClaims(token);
+  if (!Number.isFinite(claims?.exp)) return null;
+  const fromIat = Number.isFinite(claims.iat) && claims.iat <= claims.exp;
+  return fromIat ? (claims.exp - claims.iat) * 1000 : claims.exp * 1000 - nowMs;
+}
+
+/**
  * How long after obtaining `token` a subscription asks its provider for a fresh one, in
  * ms; null when the token names no `exp`. Over the token's lifetime, `exp - iat`, so
  * that a client clock that is off does not matter (`exp` minus now without `iat`): at
  * 90% of it, and at least TOKEN_REFRESH_LEAD_MS before `exp` (half-way for a short one).
  */
 export function tokenRefreshDelayMs(token, nowMs = Date.now()) {
-  const claims = tokenClaims(token);
-  if (!Number.isFinite(claims?.exp)) return null;
-  const fromIat = Number.isFinite(claims.iat) && claims.iat <= claims.exp;
-  const lifetimeMs = fromIat ? (claims.exp - claims.iat) * 1000 : claims.exp * 1000 - nowMs;
+  const lifetimeMs = tokenLifetimeMs(token, nowMs);
+  if (lifetimeMs === null) return null;
   const leadMs = Math.max(0.1 * lifetimeMs, Math.min(TOKEN_REFRESH_LEAD_MS, lifetimeMs / 2));
   return Math.max(MIN_TOKEN_REFRESH_MS, lifetimeMs - leadMs);
 }
@@ -382,7 +401,8 @@ export class PushClient {
     this.ws = null;
     this.openTimer = null;
     this.wsFailures = 0; // WebSocket opens that failed in a row
-    this.stream = null; // the Server-Sent Events stream: { source, channels, openedAt, openTimer }
+    // The Server-Sent Events stream: { source, channels, tokens, openedAt, openTimer }
+    this.stream = null;
     this.reopenTimer = null;
     this.probeTimer = null;
     this.closedByUser = false;
@@ -1170,10 +1190,12 @@ export class PushClient {
    * which extends the subscription (a string holds until its `exp`, when the server
    * ends the subscription: `error`, then `ended`). A provider that throws, rejects or
    * does not answer within `requestTimeoutMs` fails this call with
-   * `TOKEN_PROVIDER_FAILED`; later on it is asked again after a backoff delay. Tokens
-   * need the WebSocket: the SSE fallback cannot carry them, so such a channel waits for
-   * the WebSocket to come back. The REST history reads that repair a gap carry the
-   * token too (a provider is asked for a fresh one for each), so a channel held only by
+   * `TOKEN_PROVIDER_FAILED`; later on it is asked again after a backoff delay. On the
+   * SSE fallback the stream carries the token (a provider is asked before each stream
+   * opens); a stream cannot extend it, so when the server ends the channel at the
+   * token's `exp` a provider's channel comes back on a new stream with a fresh token
+   * and its cursor (nothing lost or repeated), and a string's ends (`error`, then
+   * `ended`). The REST history reads that repair a gap carry the token too (a provider is asked for a fresh one for each), so a channel held only by
    * token loses nothing to a gap.
    */
   subscribe(channel, handler, { since = null, rewind = null, occupancy = false, delta = false, token = null } = {}) {
@@ -1187,9 +1209,6 @@ export class PushClient {
       // Not answered yet: settles with the first call, refused or not.
       return existing.pending ?? Promise.resolve(existing);
     }
-    if (token !== null && !this.canUse(Transport.WEBSOCKET)) {
-      return Promise.reject(new PushError("NO_TRANSPORT", "a signed subscription token needs the WebSocket, which this client does not use"));
-    }
     const subscription = new Subscription(this, channel, handler, since, {
       rewind,
       occupancy,
@@ -1201,7 +1220,7 @@ export class PushClient {
     });
     this.subscriptions.set(channel, subscription);
     if (this.state === State.CONNECTED) this.sendSubscribe(subscription);
-    else if (this.state === State.SSE && !token) this.reopenStreamSoon();
+    else if (this.state === State.SSE) this.reopenStreamSoon();
     subscription.pending = ready.then(
       (reply) => {
         subscription.ready = subscription.pending = null;
@@ -1218,12 +1237,13 @@ export class PushClient {
   }
 
   // subscribe() again with a token: it is the one used from now on, and a subscription
-  // the server holds is extended with it at once (a refusal is told as an `error`).
+  // the server holds is extended with it at once (a refusal is told as an `error`); on
+  // SSE a new stream carries it, resuming from the cursors.
   replaceToken(subscription, token) {
     subscription.token = token;
     if (subscription.heldOn !== null && subscription.heldOn === this.ws && this.state === State.CONNECTED) {
       this.sendSubscribe(subscription);
-    }
+    } else if (this.state === State.SSE) this.reopenStreamSoon();
   }
 
   /**
@@ -1238,7 +1258,7 @@ export class PushClient {
     subscription.held = null; // a repair in flight stops
     this.stopTimers(subscription);
     if (this.state === State.SSE) {
-      if (!subscription.token) this.reopenStreamSoon(); // not on the stream otherwise
+      this.reopenStreamSoon();
       return { type: "unsubscribed", channel };
     }
     if (this.state !== State.CONNECTED) return null;
@@ -1278,9 +1298,11 @@ export class PushClient {
 
   // ----- Server-Sent Events fallback -----------------------------------------------------
 
-  streamUrl(channels) {
+  streamUrl(channels, tokens = new Map()) {
     const url = new URL(withToken(this.sseUrl, this.token));
     for (const channel of channels) url.searchParams.append("channel", channel);
+    // EventSource sets no header: a channel's signed token rides in the URL, one each.
+    for (const [channel, { token }] of tokens) url.searchParams.append(SUBSCRIPTION_TOKEN_PARAM, `${channel}:${token}`);
     // Our own cursors, not the browser's Last-Event-ID: they also cover a stream opened
     // with a new channel list, and channels the WebSocket delivered before the fallback.
     const known = channels.map((channel) => [channel, this.lastSeq(channel)]).filter(([, seq]) => seq !== null);
@@ -1293,10 +1315,9 @@ export class PushClient {
     return url.toString();
   }
 
-  // The channels an event stream carries: not those with a signed token, which a stream
-  // cannot send; they wait for the WebSocket (a probe brings it back).
+  // The channels an event stream carries: every subscription's.
   streamChannels() {
-    return [...this.subscriptions.values()].filter((subscription) => !subscription.token).map((subscription) => subscription.channel);
+    return [...this.subscriptions.keys()];
   }
 
   openStream() {
@@ -1308,8 +1329,48 @@ export class PushClient {
       this.enterSse(null);
       return;
     }
-    const source = new this.EventSource(this.streamUrl(channels));
-    const stream = { source, channels, openedAt: null, openTimer: null };
+    // `tokens`: channel -> { token, expiresAtMs } of the channels it carries by token;
+    // `waiting`: channels left off it because their provider failed (asked again after
+    // a backoff delay, which opens a new stream).
+    const stream = { source: null, channels, tokens: new Map(), waiting: new Set(), openedAt: null, openedAtMs: null, openTimer: null };
+    this.stream = stream;
+    this.streamTokens(stream).then(() => {
+      if (stream === this.stream) this.startStream(stream);
+    });
+  }
+
+  // Ask every provider of the stream's channels for a fresh token, all at once: a
+  // stream cannot be given one later, so each opens with tokens as new as can be.
+  async streamTokens(stream) {
+    const asked = stream.channels.map(async (channel) => {
+      const subscription = this.subscriptions.get(channel);
+      if (!subscription?.token) return;
+      const askedAtMs = Date.now();
+      let token = subscription.token;
+      if (typeof token === "function") {
+        try {
+          token = await this.tokenFrom(subscription);
+        } catch (error) {
+          stream.waiting.add(channel);
+          if (stream === this.stream && this.subscriptions.get(channel) === subscription) this.tokenFailed(subscription, error);
+          return;
+        }
+      }
+      const lifetimeMs = tokenLifetimeMs(token, askedAtMs);
+      stream.tokens.set(channel, { token, expiresAtMs: lifetimeMs === null ? Infinity : askedAtMs + lifetimeMs });
+    });
+    await Promise.all(asked);
+  }
+
+  startStream(stream) {
+    const carried = stream.channels.filter((channel) => !stream.waiting.has(channel));
+    if (!carried.length) {
+      this.stream = null;
+      this.enterSse(null);
+      return;
+    }
+    const source = new this.EventSource(this.streamUrl(carried, stream.tokens));
+    stream.source = source;
     source.addEventListener("connection_established", (event) => {
       if (stream === this.stream) this.onStreamEstablished(stream, event);
     });
@@ -1320,13 +1381,12 @@ export class PushClient {
     // and the browser's report of a failed or lost connection (a plain Event).
     source.addEventListener("error", (event) => {
       if (stream !== this.stream) return;
-      if (typeof event.data === "string") this.onStreamError(event);
+      if (typeof event.data === "string") this.onStreamError(stream, event);
       else this.onStreamLost(stream);
     });
     stream.openTimer = setTimeout(() => {
       if (stream === this.stream) this.onStreamLost(stream);
     }, this.openTimeoutMs);
-    this.stream = stream;
   }
 
   closeStream() {
@@ -1336,7 +1396,7 @@ export class PushClient {
     this.reopenTimer = null;
     if (!stream) return;
     clearTimeout(stream.openTimer);
-    stream.source.close();
+    stream.source?.close(); // none while its providers are asked
   }
 
   // Subscribe and unsubscribe on SSE reopen the stream with the new channel list; one
@@ -1363,10 +1423,12 @@ export class PushClient {
     if (!envelope) return;
     clearTimeout(stream.openTimer);
     stream.openedAt = envelope.timestamp;
+    stream.openedAtMs = Date.now();
     this.serverId = envelope.server_id;
     this.connectionId = envelope.connection_id;
     this.enterSse(envelope);
     for (const channel of stream.channels) {
+      if (stream.waiting.has(channel)) continue;
       const subscription = this.subscriptions.get(channel);
       subscription?.ready?.resolve({ type: "subscribed", channel, seq: subscription.lastSeq });
     }
@@ -1401,13 +1463,23 @@ export class PushClient {
     }
   }
 
-  onStreamError(event) {
+  onStreamError(stream, event) {
     const envelope = this.decodeStreamEvent(event);
     if (!envelope) return;
     const error = new PushError(envelope.code, envelope.message, envelope);
     // A channel the server refused is dropped, as a refused WebSocket subscribe is, so
     // the next stream does not ask for it again.
     const subscription = envelope.channel ? this.subscriptions.get(envelope.channel) : null;
+    if (subscription && typeof subscription.token === "function" && this.tokenEndedOn(stream, subscription.channel)) {
+      // Its token's `exp`, which a stream cannot extend: a new stream with a fresh token
+      // resumes it from its cursor, after the backoff of endings in a row (reset when
+      // the token served a while), as on the WebSocket.
+      if (stream.tokens.get(subscription.channel).expiresAtMs - stream.openedAtMs >= TOKEN_REFRESH_LEAD_MS) {
+        subscription.endings = 0;
+      }
+      this.onSubscriptionEnded(subscription, error);
+      return;
+    }
     if (subscription && !subscription.ready && TRY_AGAIN_CODES.has(error.code)) {
       // Refused for now (a budget spent, a dependency down): kept, and asked for again
       // by a new stream after a backoff delay, which resumes it from its cursor.
@@ -1424,6 +1496,16 @@ export class PushClient {
     // application holds, gone for good.
     if (subscription) this.endSubscription(subscription, error);
     else this.emit("error", error);
+  }
+
+  // Whether the server's refusal of `channel` on `stream` is its token's `exp` (when the
+  // server ends what a token granted), not a refusal of the token: the token the stream
+  // carried had not expired when the stream opened, and has now, by the client's
+  // reckoning (from when it asked for the token, over the token's lifetime).
+  tokenEndedOn(stream, channel) {
+    const carried = stream.tokens.get(channel);
+    if (!carried || stream.openedAtMs === null || stream.openedAtMs >= carried.expiresAtMs) return false;
+    return Date.now() >= carried.expiresAtMs - TOKEN_EXPIRY_SLACK_MS;
   }
 
   // The browser would reconnect by itself with Last-Event-ID after a fixed pause; the
