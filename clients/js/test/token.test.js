@@ -419,6 +419,32 @@ test("on SSE a channel the server ends at its token's exp comes back on a new st
   assert.ok(c.subscriptions.has("private-x"));
 });
 
+test("on SSE a stream whose only channel ends at its token's exp is replaced, not lost", async () => {
+  const { client: c, seen } = sseClient();
+  const states = [];
+  c.on("state", ({ state }) => states.push(state));
+  c.on("close", () => seen.told.push(["close"]));
+  let n = 0;
+  const provider = () => {
+    n += 1;
+    const now = Math.floor(Date.now() / 1000);
+    return token({ ch: "private-x", iat: now, exp: now + 1, n });
+  };
+  const held = c.subscribe("private-x", (message) => seen.seqs.push(message.seq), { token: provider });
+  await until("a stream", () => FakeEventSource.opened.length === 1);
+  lastStream().establish();
+  await held;
+  await sleep(1_000);
+  const first = lastStream();
+  first.serverError(expired);
+  first.fail(); // the server ends a stream with no channel left
+  await until("a new stream", () => FakeEventSource.opened.length === 2);
+  assert.equal(tokenClaims(lastStream().tokens["private-x"]).n, 2);
+  lastStream().establish();
+  assert.deepEqual(seen.told, []);
+  assert.ok(!states.includes("reconnecting"), states.join(","));
+});
+
 test("on SSE a token string's exp ends the channel: error, then ended, and the others go on", async () => {
   const { client: c, seen } = sseClient();
   const now = Math.floor(Date.now() / 1000);

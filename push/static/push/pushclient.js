@@ -1332,7 +1332,8 @@ export class PushClient {
     // `tokens`: channel -> { token, expiresAtMs } of the channels it carries by token;
     // `waiting`: channels left off it because their provider failed (asked again after
     // a backoff delay, which opens a new stream).
-    const stream = { source: null, channels, tokens: new Map(), waiting: new Set(), openedAt: null, openedAtMs: null, openTimer: null };
+    // `gone`: channels the server refused or ended on it.
+    const stream = { source: null, channels, tokens: new Map(), waiting: new Set(), gone: new Set(), openedAt: null, openedAtMs: null, openTimer: null };
     this.stream = stream;
     this.streamTokens(stream).then(() => {
       if (stream === this.stream) this.startStream(stream);
@@ -1470,6 +1471,7 @@ export class PushClient {
     // A channel the server refused is dropped, as a refused WebSocket subscribe is, so
     // the next stream does not ask for it again.
     const subscription = envelope.channel ? this.subscriptions.get(envelope.channel) : null;
+    if (envelope.channel) this.leftStream(stream, envelope.channel);
     if (subscription && typeof subscription.token === "function" && this.tokenEndedOn(stream, subscription.channel)) {
       // Its token's `exp`, which a stream cannot extend: a new stream with a fresh token
       // resumes it from its cursor, after the backoff of endings in a row (reset when
@@ -1496,6 +1498,14 @@ export class PushClient {
     // application holds, gone for good.
     if (subscription) this.endSubscription(subscription, error);
     else this.emit("error", error);
+  }
+
+  // The server refused or ended `channel` on `stream`. With no channel left the server
+  // ends the stream: closed first, so that its end is not taken for a lost connection
+  // (`sse → reconnecting`, a `close` event); the channels' own timers open the next one.
+  leftStream(stream, channel) {
+    stream.gone.add(channel);
+    if (stream.channels.every((c) => stream.waiting.has(c) || stream.gone.has(c))) this.closeStream();
   }
 
   // Whether the server's refusal of `channel` on `stream` is its token's `exp` (when the
