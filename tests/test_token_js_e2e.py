@@ -6,7 +6,9 @@ back-end holds the resubscribe; tokens refreshed before their ``exp`` keep the
 subscription past it without the server ever ending it; a provider that fails is asked
 again after a backoff, and fails a first subscribe; a frame lost on the way is read
 back from the REST history with a fresh token; a token string's ``exp`` ends the
-subscription for good, which the client tells once as ``ended``."""
+subscription for good, which the client tells once as ``ended``. On the SSE fallback
+alone the same: the stream carries the token, and at each ``exp`` a new stream with a
+fresh token resumes the channel with every seq once; a string's ``exp`` ends it."""
 
 from __future__ import annotations
 
@@ -169,3 +171,52 @@ async def test_the_javascript_client_tells_ended_once_when_a_token_strings_exp_e
     assert [line["seq"] for line in lines if "seq" in line] == [before]
     assert [line for line in lines if "told_ended" in line] == [ended]
     assert [line["code"] for line in lines if "event" in line] == ["FORBIDDEN"]
+
+
+async def test_the_javascript_clients_sse_fallback_carries_tokens_and_outlives_their_exp(
+    token_node: ServerNode, publisher_token: str
+) -> None:
+    """On the SSE fallback alone (Node, an EventSource over fetch): the stream carries a
+    fresh token from the provider; the node ends the channel at each token's ``exp`` and
+    the client opens a new stream with a fresh token and its cursor, while messages are
+    published all along: every seq once, in order, and nothing told the application."""
+    channel = private_channel()
+    script = await TokenSubscriber.start(token_node.ws_url, channel, "sse")
+    assert await script.until("the subscribe", lambda line: "subscribed" in line) == {
+        "subscribed": None
+    }
+    published = []
+    deadline = time.monotonic() + 2.5 * TTL_SECS  # past two ends
+    while time.monotonic() < deadline:
+        published.append(await publish_rest(token_node, publisher_token, channel, len(published)))
+        await asyncio.sleep(0.1)
+    await script.until(f"seq {published[-1]}", lambda line: line.get("seq") == published[-1])
+    lines = await script.finish()
+    assert [line["seq"] for line in lines if "seq" in line] == published
+    assert published == list(range(1, len(published) + 1))
+    assert script.count("ended") >= 2  # the node ended it at each exp (told only there)
+    assert script.count("provider") == script.count("stream") >= 3
+    assert [line for line in lines if "event" in line or "told_ended" in line] == []
+    # No stream was lost on the way: each was replaced by the client.
+    states = [line["state"] for line in lines if "state" in line]
+    assert states == ["connecting", "sse", "disconnected"]
+
+
+async def test_the_javascript_clients_sse_fallback_ends_a_token_strings_channel_at_exp(
+    token_node: ServerNode, publisher_token: str
+) -> None:
+    channel = private_channel()
+    script = await TokenSubscriber.start(token_node.ws_url, channel, "string", "sse")
+    await script.until("the subscribe", lambda line: "subscribed" in line)
+    before = await publish_rest(token_node, publisher_token, channel, "before the exp")
+    await script.until(f"seq {before}", lambda line: line.get("seq") == before)
+    ended = await script.until("the end", lambda line: "told_ended" in line)
+    assert ended["told_ended"]["channel"] == channel
+    assert ended["told_ended"]["code"] == "FORBIDDEN"
+    assert "expired" in ended["told_ended"]["message"]
+    await publish_rest(token_node, publisher_token, channel, "after the end")
+    await asyncio.sleep(1)
+    lines = await script.finish()
+    assert [line["seq"] for line in lines if "seq" in line] == [before]
+    assert [line["code"] for line in lines if "event" in line] == ["FORBIDDEN"]
+    assert script.count("stream") == 1

@@ -19,16 +19,21 @@
 // for each connection, and {rejected: code} when the first subscribe fails (mode
 // `fail-first`), {losing: seq} once `lose` is heard, {lost: seq} for a frame lost,
 // {gap: [from, to]} and {unrecovered: seq} for the client's events. In mode `string` the
-// channel is subscribed with one token string, which holds until its `exp`.
+// channel is subscribed with one token string, which holds until its `exp`. With `sse`
+// after the mode (or as it: `sse` alone is the provider), the client uses the
+// Server-Sent Events fallback only, and prints {stream: n} for each stream it opens and
+// {state} for each change of state.
 //
-//   node [--experimental-websocket] token_subscriber.mjs <ws url> <channel> <secret> <ttl> [fail-first | string]
+//   node [--experimental-websocket] token_subscriber.mjs <ws url> <channel> <secret> <ttl> [fail-first | string | sse] [sse]
 
 import { createHmac } from "node:crypto";
 import { createInterface } from "node:readline";
 
 import { PushClient } from "../../index.js";
+import { NodeEventSource } from "./event_source.mjs";
 
-const [url, channel, secret, ttlText, mode] = process.argv.slice(2);
+const [url, channel, secret, ttlText, mode, ...flags] = process.argv.slice(2);
+const overSse = mode === "sse" || flags.includes("sse");
 const print = (line) => process.stdout.write(`${JSON.stringify(line)}\n`);
 
 // The documented scheme: <payload>.<signature>, both base64url without padding.
@@ -53,7 +58,16 @@ async function provider(asked) {
   return mint();
 }
 
-const client = new PushClient(url, { transports: ["websocket"], baseDelayMs: 50, maxDelayMs: 500 });
+let streams = 0;
+class CountedEventSource extends NodeEventSource {
+  constructor(streamUrl) {
+    super(streamUrl);
+    print({ stream: ++streams });
+  }
+}
+const transport = overSse ? { transports: ["sse"], EventSource: CountedEventSource } : { transports: ["websocket"] };
+const client = new PushClient(url, { ...transport, baseDelayMs: 50, maxDelayMs: 500 });
+if (overSse) client.on("state", ({ state }) => print({ state }));
 client.on("error", (error) => print({ event: "error", code: error.code ?? null }));
 client.on("gap", ({ from, to }) => print({ gap: [from, to] }));
 client.on("unrecovered", ({ seq }) => print({ unrecovered: seq }));
