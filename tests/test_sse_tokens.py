@@ -1,11 +1,11 @@
 """Signed subscription tokens on Server-Sent Events, against real nodes (daphne and
-uvicorn) that check tokens' expiry every 0.2 s: a stream reads a channel it may read only through a token
-(``?subscription_token=<channel>:<token>`` or the ``X-Subscription-Token`` header); a
-token is refused with the WebSocket's own error, for its channel alone; a mistake in
-the request (a token for a channel the stream does not name, more tokens than
-channels) is refused before the stream starts; at the token's ``exp`` that channel
-ends with the WebSocket's error while the others go on; and a new stream with a fresh
-token and the cursor resumes without loss or repeat."""
+uvicorn) that check tokens' expiry every 0.2 s: a stream reads a channel it may read
+only through a token (``?subscription_token=<channel>:<token>`` or the
+``X-Subscription-Token`` header); a token is refused with the WebSocket's own error, for
+its channel alone; a mistake in the request (a token for a channel the stream does not
+name, more tokens than channels) is refused before the stream starts; at the token's
+``exp`` that channel ends with the WebSocket's error while the others go on; and a new
+stream with a fresh token and the cursor resumes without loss or repeat."""
 
 from __future__ import annotations
 

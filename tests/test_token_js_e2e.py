@@ -145,14 +145,13 @@ async def test_the_javascript_client_reads_a_gap_back_with_its_token_provider(
     assert script.count("provider") == 2
 
 
-async def test_the_javascript_client_tells_ended_once_when_a_token_strings_exp_ends_it(
-    token_node: ServerNode, publisher_token: str
-) -> None:
-    """A token string cannot be refreshed: at its ``exp`` the node ends the subscription,
-    and the client emits ``error`` then ``ended`` naming the channel, once, and asks for
-    the channel no more, not even after a reconnect."""
-    channel = private_channel()
-    script = await TokenSubscriber.start(token_node.ws_url, channel, "string")
+async def _ended_at_a_token_strings_exp(
+    token_node: ServerNode, publisher_token: str, channel: str, *flags: str
+) -> tuple[TokenSubscriber, int, dict[str, Any]]:
+    """The script subscribed with a token string, a message delivered before its
+    ``exp``, and the ``ended`` it tells at the ``exp``: the script, the message's seq and
+    that line."""
+    script = await TokenSubscriber.start(token_node.ws_url, channel, "string", *flags)
     await script.until("the subscribe", lambda line: "subscribed" in line)
     before = await publish_rest(token_node, publisher_token, channel, "before the exp")
     await script.until(f"seq {before}", lambda line: line.get("seq") == before)
@@ -160,6 +159,19 @@ async def test_the_javascript_client_tells_ended_once_when_a_token_strings_exp_e
     assert ended["told_ended"]["channel"] == channel
     assert ended["told_ended"]["code"] == "FORBIDDEN"
     assert "expired" in ended["told_ended"]["message"]
+    return script, before, ended
+
+
+async def test_the_javascript_client_tells_ended_once_when_a_token_strings_exp_ends_it(
+    token_node: ServerNode, publisher_token: str
+) -> None:
+    """A token string cannot be refreshed: at its ``exp`` the node ends the subscription,
+    and the client emits ``error`` then ``ended`` naming the channel, once, and asks for
+    the channel no more, not even after a reconnect."""
+    channel = private_channel()
+    script, before, ended = await _ended_at_a_token_strings_exp(
+        token_node, publisher_token, channel
+    )
 
     # Reconnected, the client does not subscribe the channel again: what is published
     # now does not reach it, and nothing more is told.
@@ -206,14 +218,9 @@ async def test_the_javascript_clients_sse_fallback_ends_a_token_strings_channel_
     token_node: ServerNode, publisher_token: str
 ) -> None:
     channel = private_channel()
-    script = await TokenSubscriber.start(token_node.ws_url, channel, "string", "sse")
-    await script.until("the subscribe", lambda line: "subscribed" in line)
-    before = await publish_rest(token_node, publisher_token, channel, "before the exp")
-    await script.until(f"seq {before}", lambda line: line.get("seq") == before)
-    ended = await script.until("the end", lambda line: "told_ended" in line)
-    assert ended["told_ended"]["channel"] == channel
-    assert ended["told_ended"]["code"] == "FORBIDDEN"
-    assert "expired" in ended["told_ended"]["message"]
+    script, before, _ended = await _ended_at_a_token_strings_exp(
+        token_node, publisher_token, channel, "sse"
+    )
     await publish_rest(token_node, publisher_token, channel, "after the end")
     await asyncio.sleep(1)
     lines = await script.finish()
