@@ -401,7 +401,8 @@ export class PushClient {
     this.ws = null;
     this.openTimer = null;
     this.wsFailures = 0; // WebSocket opens that failed in a row
-    // The Server-Sent Events stream: { source, channels, tokens, openedAt, openTimer }
+    // The Server-Sent Events stream (openStream): { source, channels, tokens, waiting,
+    // gone, openedAt, openedAtMs, openTimer }
     this.stream = null;
     this.reopenTimer = null;
     this.probeTimer = null;
@@ -1195,8 +1196,9 @@ export class PushClient {
    * opens); a stream cannot extend it, so when the server ends the channel at the
    * token's `exp` a provider's channel comes back on a new stream with a fresh token
    * and its cursor (nothing lost or repeated), and a string's ends (`error`, then
-   * `ended`). The REST history reads that repair a gap carry the token too (a provider is asked for a fresh one for each), so a channel held only by
-   * token loses nothing to a gap.
+   * `ended`). The REST history reads that repair a gap carry the token too (a provider
+   * is asked for a fresh one for each), so a channel held only by token loses nothing
+   * to a gap.
    */
   subscribe(channel, handler, { since = null, rewind = null, occupancy = false, delta = false, token = null } = {}) {
     if (token !== null && !(typeof token === "function" || (typeof token === "string" && token))) {
@@ -1331,8 +1333,8 @@ export class PushClient {
     }
     // `tokens`: channel -> { token, expiresAtMs } of the channels it carries by token;
     // `waiting`: channels left off it because their provider failed (asked again after
-    // a backoff delay, which opens a new stream).
-    // `gone`: channels the server refused or ended on it.
+    // a backoff delay, which opens a new stream); `gone`: channels the server refused or
+    // ended on it. No `source` until every provider answered.
     const stream = { source: null, channels, tokens: new Map(), waiting: new Set(), gone: new Set(), openedAt: null, openedAtMs: null, openTimer: null };
     this.stream = stream;
     this.streamTokens(stream).then(() => {
