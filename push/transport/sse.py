@@ -22,9 +22,8 @@ a fatal one (no channel could be subscribed) ends the stream. A request that can
 become a stream is refused before it starts, as a WebSocket handshake would be, with
 the error envelope as JSON: 403 (token or origin, or more channels than a connection
 may subscribe), 400 (channel, cursor, or a subscription token for a channel the stream
-does not name), 405 (not
-GET), 429 (the address failed authentication too often, or is over its handshake
-budget), 503 (the database cannot check the token, or the node is not ready).
+does not name), 405 (not GET), 429 (the address failed authentication too often, or is
+over its handshake budget), 503 (the database cannot check the token, or the node is not ready).
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from accounts.middleware import resolve_principal
+from accounts.permissions import SUBSCRIPTION_TOKEN_HEADER as REST_SUBSCRIPTION_TOKEN_HEADER
 from accounts.principals import Principal
 from common import metrics
 from common.conf import push_settings
@@ -173,7 +173,8 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 # clients may send the same entries in the header, comma-separated (a channel name
 # never holds a comma), and so keep them out of access logs.
 SUBSCRIPTION_TOKEN_PARAM = "subscription_token"  # noqa: S105 (a parameter name)
-SUBSCRIPTION_TOKEN_HEADER = b"x-subscription-token"
+# The header of REST reads (accounts.permissions), as ASGI names it.
+SUBSCRIPTION_TOKEN_HEADER = REST_SUBSCRIPTION_TOKEN_HEADER.lower().encode()
 
 
 def _token_entry_error(message: str) -> PushError:
@@ -197,6 +198,7 @@ def stream_tokens(
             f"{len(entries)} subscription tokens for a stream of {len(channels)} channels:"
             " at most one per channel"
         )
+    named = set(channels)
     tokens: dict[str, str] = {}
     for entry in entries:
         channel, _, token = entry.rpartition(":")
@@ -204,7 +206,7 @@ def stream_tokens(
             raise _token_entry_error(
                 f"'{SUBSCRIPTION_TOKEN_PARAM}' must be <channel>:<token>, one per channel"
             )
-        if channel not in channels:
+        if channel not in named:
             raise _token_entry_error(
                 f"a subscription token for {channel[:MAX_CHANNEL_NAME_CHARS]!r}, which the"
                 " stream does not name in 'channel'"
