@@ -702,7 +702,14 @@ async def test_tokens_naming_one_user_id_make_one_presence_member_of_its_connect
         for tab, user_id in zip(tabs, ["ann", "ann", "bob"], strict=True):
             await tab.connect()
             await tab.subscribe(channel, token=token_for(user_id))
-        reply = await tabs[0]._request({"type": "presence", "channel": channel})
+
+        async def both_listed() -> dict[str, Any] | None:
+            # A node lists a member once it has heard the join, a moment after its
+            # subscribe was answered (the first tab hears that join just then).
+            answer = await tabs[0]._request({"type": "presence", "channel": channel})
+            return answer if len(answer["members"]) == 2 else None
+
+        reply = await wait_until(both_listed, "both users listed")
         details = await asyncio.to_thread(
             httpx.get,
             f"{token_node.http_url}/api/v1/channels/{channel}",
