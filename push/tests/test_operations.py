@@ -21,6 +21,7 @@ from push.ops.logs import JsonFormatter, RedactFilter, redact
 from push.services.runtime import get_node
 from push.tests.redis_proxy import proxied_settings
 from push.tests.wsclient import connected_client, open_client
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_node")]
 
@@ -88,7 +89,14 @@ async def test_open_and_close_each_log_one_line(caplog: pytest.LogCaptureFixture
     client = await connected_client(token=token, subprotocol="v1.msgpack")
     await client.request({"type": "subscribe", "channel": "news"})
     await client.close()
-    lines = [r for r in caplog.records if r.name == "push.connections"]
+
+    def connection_lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "push.connections"]
+
+    # The close is logged once the node has ended the connection, which may come a
+    # moment after the client's side is closed.
+    await wait_until(lambda: len(connection_lines()) >= 2, "the close's line")
+    lines = connection_lines()
     assert len(lines) == 2, [r.getMessage() for r in lines]
     opened, closed = lines
     expected = {
