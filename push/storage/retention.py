@@ -129,29 +129,79 @@ def durable_retention_policy(channel: str) -> RetentionPolicy:
     )
 
 
-def _delete_past_age(channel_id: int, *, before: datetime) -> int:
-    """Delete the channel's messages up to the newest one older than ``before``, in
-    batches: those between too, so that what is kept is one run of seqs. A message
-    stamped by a node whose clock runs ahead may be newer than the next one: left, it
-    was a gap inside history that a resume replayed as ``recovered: true``.
+def _delete_past_age(aging: dict[int, datetime]) -> Counter[int]:
+    """Delete each channel's messages (``aging``: channel id -> ``before``) up to the
+    newest one older than ``before`` among its oldest ``DELETE_BATCH``, and again while
+    its oldest left is older; returns how many by channel id. Those between go too, so
+    that what is kept is one run of seqs: a message stamped by a node whose clock runs
+    ahead may be newer than the next one, and left, it was a gap inside history that a
+    resume replayed as ``recovered: true``.
 
-    The rows are walked from the channel's oldest by the (channel, seq) index, and the
-    trim stops at the first row that is inside the age limit: the rows after it are
-    younger (give or take the nodes' clocks, which the reads allow for:
+    The rows are walked from each channel's oldest by the (channel, seq) index, and the
+    trim stops at a channel's first row that is inside the age limit: the rows after it
+    are younger (give or take the nodes' clocks, which the reads allow for:
     ``RetentionPolicy.kept``). Looking for old rows among all of them read every row
-    of every channel on every pass, most of a big table every few minutes, to find
-    none."""
-    oldest = Message.objects.filter(channel_id=channel_id).order_by("seq")
-    deleted = 0
-    while True:
-        first = oldest.values_list("created_at", flat=True).first()
-        if first is None or first >= before:
-            return deleted  # (one row read for a channel with nothing to trim)
-        batch = oldest.values_list("seq", "created_at")[:DELETE_BATCH]
-        past = [seq for seq, created_at in batch if created_at < before]
-        if not past:  # (another trim deleted them meanwhile)
-            return deleted
-        deleted += Message.objects.filter(channel_id=channel_id, seq__lte=past[-1]).delete()[0]
+    of every channel on every pass, most of a big table every few minutes, to find none.
+
+    A round reads the windows of all the channels in one query and deletes with the
+    count limit's statements, many channels each. Walked channel by channel, it cost
+    four queries a channel: measured here (2 busy cores), 20,000 channels with three
+    messages past the limit took 80,022 queries and 65 s a pass; now 62 and 0.5 s (0.8
+    s with 50 younger messages each, which the windows read)."""
+    deleted: Counter[int] = Counter()
+    while aging:
+        windows = _oldest_windows(aging)
+        deleted.update(_delete_past_count(window.past_age for window in windows))
+        aging = {window.channel_id: aging[window.channel_id] for window in windows if window.more}
+    return deleted
+
+
+class _OldestWindow(NamedTuple):
+    """A channel's oldest ``DELETE_BATCH`` rows whose oldest is past its age limit."""
+
+    channel_id: int
+    first_seq: int
+    newest_old_seq: int  # the newest of them past the limit
+    last_seq: int
+    rows: int
+
+    @property
+    def past_age(self) -> _PastCount:
+        """The rows to delete: all up to the newest past the limit."""
+        at_most = self.newest_old_seq - self.first_seq + 1
+        return _PastCount(self.channel_id, self.newest_old_seq, at_most=at_most)
+
+    @property
+    def more(self) -> bool:
+        """Whether the rows after the window may be past the limit too: a whole window,
+        and its last row past it. (A younger row after the newest old one is the first
+        row left, where the walk stops.)"""
+        return self.rows == DELETE_BATCH and self.newest_old_seq == self.last_seq
+
+
+def _oldest_windows(aging: dict[int, datetime]) -> list[_OldestWindow]:
+    """The oldest-rows windows of the ``aging`` channels (id -> ``before``) whose oldest
+    row is older than ``before``, in one query: a channel whose oldest is younger is
+    read no further than that row."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT c.id, oldest.seq, window_rows.newest_old_seq, window_rows.last_seq,
+                window_rows.rows
+            FROM unnest(%s::bigint[], %s::timestamptz[]) AS c(id, before) {_OLDEST_ROW}
+            CROSS JOIN LATERAL (
+                SELECT max(w.seq) FILTER (WHERE w.created_at < c.before) AS newest_old_seq,
+                    max(w.seq) AS last_seq, count(*) AS rows
+                FROM (
+                    SELECT m.seq, m.created_at FROM {Message._meta.db_table} m
+                    WHERE m.channel_id = c.id ORDER BY m.seq LIMIT %s
+                ) w
+            ) window_rows
+            WHERE oldest.created_at < c.before
+            """,  # noqa: S608
+            [list(aging), list(aging.values()), DELETE_BATCH],
+        )
+        return [_OldestWindow(*row) for row in cursor.fetchall()]
 
 
 class _PastCount(NamedTuple):
@@ -226,22 +276,22 @@ def channel_trim(channel: Channel, *, now: datetime | None = None) -> int:
 
 def _channels_trim(channels: list[_ChannelOldestRow], *, now: datetime) -> dict[str, int]:
     """Delete what the channels' policies no longer keep; returns how many messages by
-    channel name. The rows past a count limit go first, many channels a statement; then
-    each channel whose oldest row left is past an age limit is walked from it.
+    channel name. The rows past a count limit go first, then those past an age limit
+    from each channel's oldest row left: many channels a query either way.
 
     A recent channel stores no rows (its ``last_seq`` is a ceiling of reserved seqs, not
     a count): only rows left from a durable past are trimmed, by the durable rules."""
     past_count = [channel.past_count() for channel in channels]
     deleted = _delete_past_count(due for due in past_count if due is not None)
-    aging = {channel.id: before for channel in channels if (before := channel.cutoff(now))}
-    oldest_at = {channel.id: channel.oldest_at for channel in channels}
-    # The oldest rows left after the count's deletes, read together, not one by one.
-    counted = [due.channel_id for due in past_count if due and due.channel_id in aging]
-    oldest_at |= dict.fromkeys(counted)
-    oldest_at |= {channel_id: at for channel_id, (_, at) in _oldest_rows(counted).items()}
-    for channel_id, before in aging.items():
-        if (at := oldest_at[channel_id]) is not None and at < before:
-            deleted[channel_id] += _delete_past_age(channel_id, before=before)
+    counted = {due.channel_id for due in past_count if due is not None}
+    # A channel the count trimmed has a new oldest row, which the age's walk reads.
+    aging = {
+        channel.id: before
+        for channel in channels
+        if (before := channel.cutoff(now))
+        and (channel.id in counted or (channel.oldest_at and channel.oldest_at < before))
+    }
+    deleted.update(_delete_past_age(aging))
     return {channel.name: deleted[channel.id] for channel in channels if deleted[channel.id]}
 
 

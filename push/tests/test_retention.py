@@ -73,6 +73,12 @@ def queries() -> Iterator[list[tuple[str, int]]]:
         yield run
 
 
+def _deletes(ran: list[tuple[str, int]]) -> list[int]:
+    """The rows each statement that deleted messages deleted."""
+    table = Message._meta.db_table
+    return [rows for sql, rows in ran if sql.lstrip().startswith("DELETE") and table in sql]
+
+
 @override_settings(PUSH=RULES)
 @pytest.mark.parametrize("page", [2, 1000])
 def test_a_pass_trims_each_rule_kind_whatever_the_page(
@@ -169,12 +175,90 @@ def test_a_pass_deletes_past_count_limits_many_channels_a_statement(
     assert _kept("ticker:2") == [7] and _kept("ticker:1999") == [3, 4, 5, 6, 7]
     pages = 2000 // 500 + 1  # (the last one finds none)
     # Each page: its statements of 300 rows, a last one with fewer, and the oldest rows
-    # left read for the age limit; ticker:2's walk by age (its oldest row, a batch, the
-    # delete, its oldest row again) and the expired idempotency keys' delete.
-    assert len(ran) <= pages + sum(trimmed.values()) // 300 + 4 * 2 + 4 + 1, len(ran)
-    table = Message._meta.db_table
-    deletes = [rows for sql, rows in ran if sql.lstrip().startswith("DELETE") and table in sql]
+    # left read for the age limit, with their windows; ticker:2's delete by age and the
+    # expired idempotency keys' delete.
+    assert len(ran) <= pages + sum(trimmed.values()) // 300 + 4 * 2 + 1 + 1, len(ran)
+    deletes = _deletes(ran)
     assert max(deletes) <= 300 and sum(deletes) == sum(trimmed.values()), deletes
+
+
+@override_settings(PUSH={"RETENTION_MAX_MESSAGES": 0, "RETENTION_MAX_AGE_SECS": 3600})
+def test_a_pass_deletes_past_age_limits_many_channels_a_statement(
+    monkeypatch: pytest.MonkeyPatch, queries: list[tuple[str, int]]
+) -> None:
+    """Per-user chat channels that each age a little every pass cost about four
+    queries each: 400,000 a pass for 100,000 of them, longer than ``--every``."""
+    monkeypatch.setattr(retention, "CHANNEL_PAGE", 500)
+    monkeypatch.setattr(retention, "DELETE_BATCH", 300)
+    channels = Channel.objects.bulk_create(
+        Channel(name=f"chat:{n}", last_seq=4) for n in range(2000)
+    )
+    old = timezone.now() - timedelta(hours=2)
+    Message.objects.bulk_create(
+        _message(channel, seq, old if seq <= 3 else timezone.now())
+        for channel in channels
+        for seq in range(1, 5)
+    )
+    queries.clear()
+    trimmed = history_trim()
+    ran = list(queries)
+    assert trimmed == {f"chat:{n}": 3 for n in range(2000)}
+    assert set(Message.objects.values_list("seq", flat=True)) == {4}
+    assert Message.objects.count() == 2000
+    pages = 2000 // 500 + 1  # (the last one finds none)
+    # Each page: its aging channels' oldest rows read together, the deletes of 300
+    # rows (1,500 a page); then the expired idempotency keys' delete.
+    assert len(ran) <= pages + 4 * (1 + 1500 // 300) + 1, len(ran)
+    assert max(_deletes(ran)) <= 300 and sum(_deletes(ran)) == 6000
+
+
+@override_settings(PUSH=RULES)
+def test_an_age_trim_walks_windows_of_delete_batch_rows_from_the_oldest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A row stamped by a node whose clock runs behind, between older ones, goes with
+    them: what is kept is one run of seqs. The trim looks for old rows in a window of
+    DELETE_BATCH rows from the oldest, again while the oldest row left is old."""
+    monkeypatch.setattr(retention, "DELETE_BATCH", 4)
+    _store("chat:skewed", 10, old=(1, 2, 4))  # 3 goes with 1, 2 and 4
+    _store("chat:windows", 10, old=(1, 2, 3, 4, 5, 7))  # a window of old rows, then 5 to 7
+    _store("chat:beyond", 10, old=(1, 3, 5))  # 5 is past the window, after a young row
+    _store("chat:next-young", 10, old=(1, 2, 3, 4, 6))  # the next window starts young
+    _store("chat:first-young", 10, old=(2, 3))  # the oldest row is inside the limit
+    _store("both:skewed", 10, old=(5, 7))  # 1 to 6 past the count; 7 then by age
+    assert history_trim() == {
+        "chat:skewed": 4,
+        "chat:windows": 7,
+        "chat:beyond": 3,
+        "chat:next-young": 4,
+        "both:skewed": 7,
+    }
+    # Rows past the limit after a young one are left (every read drops them all the
+    # same): a run of seqs is kept whatever the clocks.
+    assert {name: _kept(name) for name in ("chat:skewed", "chat:windows", "chat:beyond")} == {
+        "chat:skewed": [5, 6, 7, 8, 9, 10],
+        "chat:windows": [8, 9, 10],
+        "chat:beyond": [4, 5, 6, 7, 8, 9, 10],
+    }
+    assert _kept("chat:next-young") == [5, 6, 7, 8, 9, 10]
+    assert (_kept("chat:first-young"), _kept("both:skewed")) == (list(range(1, 11)), [8, 9, 10])
+
+
+@override_settings(PUSH=RULES)
+def test_an_age_backlog_is_deleted_in_rounds_of_bounded_statements(
+    monkeypatch: pytest.MonkeyPatch, queries: list[tuple[str, int]]
+) -> None:
+    """After a long pause of the job, a channel holds many windows of old rows."""
+    monkeypatch.setattr(retention, "DELETE_BATCH", 300)
+    # Seq 500 stamped by a node whose clock ran ahead: it goes with the old rows around.
+    _store("chat:backlog", 1005, old=tuple(n for n in range(1, 1001) if n != 500))
+    for n in range(3):
+        _store(f"chat:{n}", 5, old=(1, 2))
+    queries.clear()
+    assert history_trim() == {"chat:backlog": 1000} | {f"chat:{n}": 2 for n in range(3)}
+    assert _kept("chat:backlog") == list(range(1001, 1006))
+    assert {_kept(f"chat:{n}") == [3, 4, 5] for n in range(3)} == {True}
+    assert max(_deletes(queries)) <= 300 and sum(_deletes(queries)) == 1006
 
 
 def _idempotency_key(n: int, at: datetime) -> IdempotencyKey:
