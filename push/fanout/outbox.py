@@ -164,6 +164,7 @@ class OutFrame:
 class Outbox:
     __slots__ = (
         "_closed",
+        "_loop",
         "_queue",
         "_queued_bytes",
         "_send",
@@ -199,6 +200,8 @@ class Outbox:
         self._writer: asyncio.Task[None] | None = None
         # Frames of ``push_soon`` waiting for the end of this loop turn.
         self._soon: list[OutFrame] | None = None
+        # The loop it is used on, asked for once (``_running_loop``).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.max_frames = max_frames
         self.max_bytes = max_bytes
@@ -267,8 +270,18 @@ class Outbox:
         queue.append(frame)
         self._queued_bytes += frame.size
         if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._drain())
+            self._writer = self._running_loop().create_task(self._drain())
         return True
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this outbox is used on (a connection's, which stays on it), asked
+        for once: ``asyncio.get_running_loop()`` makes a ``getpid()`` system call on
+        Python 3.11, and a publish's answer asked for it on every write batch (py-spy:
+        2% of the node's main thread under recent-only publishing)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def push_soon(self, frame: OutFrame) -> None:
         """``push`` at the end of this turn of the event loop, in one write with the
@@ -280,7 +293,7 @@ class Outbox:
         soon = self._soon
         if soon is None:
             self._soon = [frame]
-            asyncio.get_running_loop().call_soon(self._push_soon_now)
+            self._running_loop().call_soon(self._push_soon_now)
         else:
             soon.append(frame)
 
@@ -362,7 +375,7 @@ class Outbox:
         except Exception as exc:  # the peer went away
             self._fail(exc)
             return False
-        self._writer = asyncio.get_running_loop().create_task(
+        self._writer = self._running_loop().create_task(
             self._drain(_Resumed(coroutine, waiting_on))
         )
         return True

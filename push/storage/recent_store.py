@@ -729,7 +729,7 @@ class RecentStore:
         self._queued_bytes += numbering.nbytes
         self._wake_sender(numbering.channel)
         if self._expiry is None:
-            self._expiry = asyncio.get_running_loop().call_later(EXPIRY_CHECK_SECS, self._expire)
+            self._expiry = self.loop.call_later(EXPIRY_CHECK_SECS, self._expire)
 
     def _expire(self) -> None:
         """Answer UNAVAILABLE (a ``TimeoutError``) every publish still without a seq at
@@ -738,7 +738,7 @@ class RecentStore:
         the store, not one per publish (a timer each cost a recent publish a tenth of
         its CPU)."""
         self._expiry = None
-        now = asyncio.get_running_loop().time()
+        now = self.loop.time()
         pending = False
         sending = [n for lane in self._lanes for group in lane.call.values() for n in group]
         in_call = {id(numbering) for numbering in sending}
@@ -755,7 +755,7 @@ class RecentStore:
             else:
                 pending = True
         if pending:
-            self._expiry = asyncio.get_running_loop().call_later(EXPIRY_CHECK_SECS, self._expire)
+            self._expiry = self.loop.call_later(EXPIRY_CHECK_SECS, self._expire)
 
     def _count_queued(self, numbering: _Numbering, sign: int) -> None:
         """Publishes waiting or held, not yet in a call: what the bound above counts."""
@@ -770,9 +770,13 @@ class RecentStore:
         first, second = self._lanes
         if first.idle():
             if second.idle() or (second.call and channel not in second.call):
-                first.task = spawn(self._send_waiting(first, second), name="push-recent-publish")
+                first.task = spawn(
+                    self._send_waiting(first, second), name="push-recent-publish", loop=self.loop
+                )
         elif second.idle() and first.call and channel not in first.call:
-            second.task = spawn(self._send_waiting(second, first), name="push-recent-publish")
+            second.task = spawn(
+                self._send_waiting(second, first), name="push-recent-publish", loop=self.loop
+            )
         # Else both run, or ``first`` has not taken its first call yet (and will take
         # everything queued).
 

@@ -149,9 +149,9 @@ async def test_a_publish_of_the_channel_in_redis_does_not_start_the_second_lane(
     started: list[str] = []
     spawn = recent_store.spawn
 
-    def counted(coroutine: Any, *, name: str) -> asyncio.Task[Any]:
+    def counted(coroutine: Any, *, name: str, loop: Any = None) -> asyncio.Task[Any]:
         started.append(name)
-        return spawn(coroutine, name=name)
+        return spawn(coroutine, name=name, loop=loop)
 
     monkeypatch.setattr(recent_store, "spawn", counted)
     answers = [_submit("tick:one", 1)]

@@ -27,6 +27,7 @@ through the server as before.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -72,7 +73,18 @@ def read_frames_directly(send: Any) -> bool:
     if not _at_frame_boundary(protocol):
         return False
     protocol.transport.set_protocol(FrameReader(protocol))
+    _queue_on_its_loop(protocol.queue)
     return True
+
+
+def _queue_on_its_loop(queue: asyncio.Queue[Any]) -> None:
+    """Let the connection's receive queue take its loop as known: ``asyncio.Queue.get``
+    asks for the running loop each time it waits (``_LoopBoundMixin._get_loop``, a
+    ``getpid()`` system call on Python 3.11), once per frame a publisher sends when it
+    reads them as they come (py-spy: 2.9% of the node's main thread under recent-only
+    publishing). The queue belongs to the connection's loop, where it stays."""
+    loop = asyncio.get_running_loop()
+    vars(queue)["_get_loop"] = lambda: loop
 
 
 def _qualified_name(kind: type) -> str:
