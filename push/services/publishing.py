@@ -128,7 +128,12 @@ def _recent_channel(unit: PublishUnit) -> str | None:
     that mixes durable and recent channels, or spans several recent ones, is refused
     (Redis commits one channel's messages at once), and so is an ``Idempotency-Key``
     on a recent channel (there is no row to remember it in)."""
-    recent = [index for index, (channel, _) in enumerate(unit.items) if is_recent(channel)]
+    items = unit.items
+    if len(items) == 1 and unit.idempotency_key is None:
+        # A lone publish, nearly every one on a busy node: its one channel decides.
+        only = items[0][0]
+        return only if is_recent(only) else None
+    recent = [index for index, (channel, _) in enumerate(items) if is_recent(channel)]
     if not recent:
         return None
     channel = unit.items[recent[0]][0]

@@ -55,7 +55,12 @@ class PublishUnit:
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.nbytes = sum(len(channel) + len(data) for channel, data in self.items)
+        items = self.items
+        if len(items) == 1:  # a lone publish, without a generator's cost
+            channel, data = items[0]
+            self.nbytes = len(channel) + len(data)
+        else:
+            self.nbytes = sum(len(channel) + len(data) for channel, data in items)
 
     @property
     def key_scope(self) -> KeyScope | None:

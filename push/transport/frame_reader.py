@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from websockets.frames import apply_mask
@@ -82,9 +83,19 @@ def _queue_on_its_loop(queue: asyncio.Queue[Any]) -> None:
     asks for the running loop each time it waits (``_LoopBoundMixin._get_loop``, a
     ``getpid()`` system call on Python 3.11), once per frame a publisher sends when it
     reads them as they come (py-spy: 2.9% of the node's main thread under recent-only
-    publishing). The queue belongs to the connection's loop, where it stays."""
+    publishing). The queue belongs to the connection's loop, where it stays; one
+    getter per loop serves every connection's queue."""
+    global _loop_getter
     loop = asyncio.get_running_loop()
-    vars(queue)["_get_loop"] = lambda: loop
+    if _loop_getter is None or _loop_getter[0] is not loop:
+        _loop_getter = (loop, lambda: loop)
+    vars(queue)["_get_loop"] = _loop_getter[1]
+
+
+# The loop of the last connection whose queue was given its loop, and the getter.
+_loop_getter: tuple[asyncio.AbstractEventLoop, Callable[[], asyncio.AbstractEventLoop]] | None = (
+    None
+)
 
 
 def _qualified_name(kind: type) -> str:
