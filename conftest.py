@@ -17,15 +17,6 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _asgi_application_loaded() -> None:
-    """The ASGI application imported before any test: its import runs
-    ``django.setup()``, which configures logging afresh and so took the log capture of
-    the test that happened to import it first (``caplog`` then saw no record: a test of
-    the log lines failed when run alone, or first in its process)."""
-    import realtime_project.asgi  # noqa: F401
-
-
-@pytest.fixture(scope="session", autouse=True)
 def _fast_password_hashing() -> Iterator[None]:
     """Passwords set and checked in this process (``create_user``, ``Client.login``) are
     hashed with MD5, as Django's testing docs advise: its default PBKDF2 hasher took
