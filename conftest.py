@@ -160,10 +160,10 @@ _DATABASE_FIXTURES = {"db", "transactional_db", "django_db_reset_sequences"}
 
 @pytest.fixture(autouse=True)
 def _forget_cached_recent_history(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Each test's database starts empty while Redis lives on: drop the recent-history
-    cache after a test, or the next one would read another test's messages; and the
-    failed-authentication counters, or one test's bad tokens would throttle the next.
-    Only after a test that used the database: the others never write these keys."""
+    """Each test's database starts empty while Redis lives on: drop what a test left
+    there (``_TEST_KEY_KINDS``), or the next one would read another test's messages,
+    be throttled by its bad tokens or be told its members left. Only after a test that
+    used the database: the others never write these keys."""
     yield
     uses_database = request.node.get_closest_marker("django_db") is not None or bool(
         _DATABASE_FIXTURES & set(request.fixturenames)
@@ -179,16 +179,30 @@ def _forget_cached_recent_history(request: pytest.FixtureRequest) -> Iterator[No
     from common.redis_client import redis_prefix, redis_sync
 
     client = redis_sync(socket_connect_timeout=2, socket_timeout=5)
+    prefix = f"{redis_prefix()}:".encode()
     try:
-        # The recent-history cache, recent channels' leases and windows, and the
-        # failed-authentication counters.
-        patterns = ("recent:*", "rseq:*", "rwin:*", "*:auth-failures:*")
-        for pattern in patterns:
-            keys = list(client.scan_iter(match=f"{redis_prefix()}:{pattern}", count=1000))
-            if keys:
-                client.delete(*keys)
+        # One pass over the worker's keys (one SCAN of the keyspace, not one per kind).
+        keys = [
+            key
+            for key in client.scan_iter(match=prefix + b"*", count=1000)
+            if _left_by_a_test(key[len(prefix) :])
+        ]
+        if keys:
+            client.delete(*keys)
     finally:
         client.close()
+
+
+# What a test leaves in Redis that the next one must not find: the recent-history
+# cache, recent channels' leases and windows, the failed-authentication counters, and
+# presence and occupancy entries. The last two are kept per node, and every test's node
+# in a worker has the same NODE_ID: a node that finds entries under its id repairs them
+# as a restarted node would, announcing the leave of a member of an earlier test.
+_TEST_KEY_KINDS = (b"recent:", b"rseq:", b"rwin:", b"presence", b"occupancy")
+
+
+def _left_by_a_test(kind: bytes) -> bool:
+    return kind.startswith(_TEST_KEY_KINDS) or b":auth-failures:" in kind
 
 
 @pytest.fixture(scope="session", autouse=True)
