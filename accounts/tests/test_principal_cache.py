@@ -199,6 +199,48 @@ async def test_a_redis_that_stops_answering_does_not_hold_a_token_look_up() -> N
         await proxy.stop()
 
 
+async def _kept_for(key: str, secs: float) -> list[tuple[float, Any]]:
+    """What ``kept_token_principal`` answers for ``key``, asked every 20 ms for ``secs``,
+    with when (seconds after the first)."""
+    answers = []
+    started = time.monotonic()
+    while (now := time.monotonic()) < started + secs:
+        answers.append((now - started, await kept_token_principal(key, ADDRESS)))
+        await asyncio.sleep(0.02)
+    return answers
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(PUSH={"REVOCATION_CHECK_SECS": 0.5})
+async def test_a_principal_in_use_is_looked_up_again_before_it_ends() -> None:
+    """A token in use goes on being served from what is kept, interval after interval:
+    when it ended, every request of the token went the usual way (Django, a database
+    thread) until one of them had kept it again."""
+    _token, key = await sync_to_async(_service)()
+    kept = await sync_to_async(token_principal)(key, ADDRESS)
+    answers = await _kept_for(key, 1.6)
+    assert [at for at, answer in answers if answer != kept] == []
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(PUSH={"REVOCATION_CHECK_SECS": 0.5})
+async def test_a_revocation_the_signals_miss_still_ends_a_principal_in_use_in_time() -> None:
+    """Looked up again ahead of its end, a key revoked behind the signals' back (an
+    UPDATE by hand) is still refused within the revocation interval, and from then on."""
+    token, key = await sync_to_async(_service)()
+    await sync_to_async(token_principal)(key, ADDRESS)
+    await sync_to_async(ServiceToken.objects.filter(pk=token.pk).update)(
+        revoked_at=timezone.now()
+    )  # no signal: no new generation
+    answers = await _kept_for(key, 1.0)
+    refused = [at for at, answer in answers if answer is None]
+    assert refused, "the revoked key was still served"
+    # Within the interval (the key was kept just before this began), and from then on.
+    assert refused[0] <= 0.5, refused[0]
+    assert [at for at, answer in answers if at > refused[0] and answer is not None] == []
+    assert await sync_to_async(token_principal)(key, ADDRESS) is None
+
+
 class _SlowRedis:
     """An ``MGET`` that answers only when the test lets it, from a dict the test sets."""
 
