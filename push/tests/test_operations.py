@@ -82,6 +82,17 @@ async def test_a_drain_whose_redis_stopped_answering_ends_within_its_deadline() 
     assert drained_after < 1 + 2 * STOP_FLUSH_MIN_SECS + 1.5, drained_after
 
 
+@pytest.fixture
+def _application_imported() -> None:
+    """The ASGI application imported before the test runs: its import calls
+    ``django.setup()``, which configures logging afresh and so removed the handler
+    ``caplog`` had put on the root logger for the test, when the test's own first
+    connection imported it (the test failed when run alone, or first in its process).
+    Imported here, in the test's setup, the handler is put on after it."""
+    import realtime_project.asgi  # noqa: F401
+
+
+@pytest.mark.usefixtures("_application_imported")
 async def test_open_and_close_each_log_one_line(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="push.connections")
     user = await sync_to_async(User.objects.create_user)("erin", password="pw")
@@ -115,6 +126,7 @@ async def test_open_and_close_each_log_one_line(caplog: pytest.LogCaptureFixture
     assert "code 1000, client closed" in closed.getMessage()
 
 
+@pytest.mark.usefixtures("_application_imported")
 async def test_an_anonymous_connection_closed_by_the_server_is_logged_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
