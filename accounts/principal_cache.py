@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -156,37 +157,46 @@ async def kept_token_principal(key: str, address: str | None) -> Principal | Non
 # every 5 s (measured over 12 s on one node: 41 requests went through Django, 16 of
 # them the clients' first; with this, those 16 alone).
 REFRESH_AHEAD_FRACTION = 0.2
-# The digests of the keys looked up again now: one look-up per key at a time.
-_refreshing: set[str] = set()
+# Digest -> when a look-up of its key may start again (infinity while one runs): one
+# at a time per key, and after a failed one none until the entry has ended (with the
+# database away, every request of the token started one, and logged its failure).
+_no_refresh_until: dict[str, float] = {}
 
 
 def _refresh_if_ending(key: str, entry: _Entry) -> None:
-    ttl = push_settings.REVOCATION_CHECK_SECS
-    if entry.expires_at - time.monotonic() > ttl * REFRESH_AHEAD_FRACTION:
+    now = time.monotonic()
+    ahead = push_settings.REVOCATION_CHECK_SECS * REFRESH_AHEAD_FRACTION
+    if entry.expires_at - now > ahead:
         return
     digest = _digest(key)
-    if digest in _refreshing:
+    if now < _no_refresh_until.get(digest, 0.0):
         return
-    _refreshing.add(digest)
-    spawn(_refresh(key, digest, entry.generation), name="push-principal-refresh")
+    if len(_no_refresh_until) >= MAX_ENTRIES:
+        _no_refresh_until.clear()  # keys no longer kept among them: each has one look-up
+    _no_refresh_until[digest] = math.inf
+    spawn(_refresh(key, digest, entry), name="push-principal-refresh")
 
 
-async def _refresh(key: str, digest: str, generation: Any) -> None:
-    """Look ``key`` up again and keep what it is now, under ``generation`` (read before
-    this look-up began, as ``token_principal`` reads it: a credential changed meanwhile
-    set a new one, which the next check sees). A key no longer valid is dropped: its
-    next request goes the usual way, which refuses it and counts the failure."""
+async def _refresh(key: str, digest: str, entry: _Entry) -> None:
+    """Look ``key`` up again and keep what it is now, under ``entry``'s generation, which
+    the check that started this read just before (as ``token_principal`` reads it
+    before its look-up: a credential changed meanwhile set a new one, which the next
+    check sees). A key no longer valid is dropped: its next request goes the usual
+    way, which refuses it and counts the failure."""
     try:
         principal = await _authenticate_key(key)
     except Exception as exc:  # the database away: the entry ends, and the usual way decides
+        _no_refresh_until[digest] = entry.expires_at
         logger.warning("looking a kept token up again failed: %s", exc)
         return
-    finally:
-        _refreshing.discard(digest)
+    except BaseException:  # cancelled: the loop is closing
+        _no_refresh_until.pop(digest, None)
+        raise
+    _no_refresh_until.pop(digest, None)
     if principal is None:
         _entries.pop(digest, None)
     else:
-        _keep(digest, principal, generation)
+        _keep(digest, principal, entry.generation)
 
 
 _authenticate_key = db_call(authenticate_key)

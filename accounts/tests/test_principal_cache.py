@@ -13,7 +13,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings as django_settings
 from django.contrib.auth.models import Group, User
 from django.core.cache import cache
-from django.db import connection
+from django.db import OperationalError, connection
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -239,6 +239,31 @@ async def test_a_revocation_the_signals_miss_still_ends_a_principal_in_use_in_ti
     assert refused[0] <= 0.5, refused[0]
     assert [at for at, answer in answers if at > refused[0] and answer is not None] == []
     assert await sync_to_async(token_principal)(key, ADDRESS) is None
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(PUSH={"REVOCATION_CHECK_SECS": 0.5})
+async def test_a_look_up_again_that_fails_is_not_tried_again_for_every_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the database away, the kept principal is served until it ends, then the
+    usual way decides; its key is looked up in the background once, not once per
+    request (each of which logged the failure)."""
+    _token, key = await sync_to_async(_service)()
+    kept = await sync_to_async(token_principal)(key, ADDRESS)
+    look_ups = 0
+
+    async def database_away(key: str) -> Any:
+        nonlocal look_ups
+        look_ups += 1
+        raise OperationalError("the database is away")
+
+    monkeypatch.setattr(principal_cache, "_authenticate_key", database_away)
+    answers = await _kept_for(key, 0.8)
+    assert look_ups == 1
+    served = [at for at, answer in answers if answer == kept]
+    refused = [at for at, answer in answers if answer is None]
+    assert served and refused and max(served) < min(refused) <= 0.55
 
 
 class _SlowRedis:
