@@ -211,14 +211,14 @@ async def _kept_for(key: str, secs: float) -> list[tuple[float, Any]]:
 
 
 @pytest.mark.django_db(transaction=True)
-@override_settings(PUSH={"REVOCATION_CHECK_SECS": 0.5})
+@override_settings(PUSH={"REVOCATION_CHECK_SECS": 1.0})  # 0.2 s for the look-up again
 async def test_a_principal_in_use_is_looked_up_again_before_it_ends() -> None:
     """A token in use goes on being served from what is kept, interval after interval:
     when it ended, every request of the token went the usual way (Django, a database
     thread) until one of them had kept it again."""
     _token, key = await sync_to_async(_service)()
     kept = await sync_to_async(token_principal)(key, ADDRESS)
-    answers = await _kept_for(key, 1.6)
+    answers = await _kept_for(key, 2.5)
     assert [at for at, answer in answers if answer != kept] == []
 
 
@@ -235,8 +235,9 @@ async def test_a_revocation_the_signals_miss_still_ends_a_principal_in_use_in_ti
     answers = await _kept_for(key, 1.0)
     refused = [at for at, answer in answers if answer is None]
     assert refused, "the revoked key was still served"
-    # Within the interval (the key was kept just before this began), and from then on.
-    assert refused[0] <= 0.5, refused[0]
+    # Within the interval (the key was kept just before this began; a check may come
+    # late on a busy machine), and from then on.
+    assert refused[0] <= 0.5 + 0.2, refused[0]
     assert [at for at, answer in answers if at > refused[0] and answer is not None] == []
     assert await sync_to_async(token_principal)(key, ADDRESS) is None
 
@@ -259,11 +260,11 @@ async def test_a_look_up_again_that_fails_is_not_tried_again_for_every_request(
         raise OperationalError("the database is away")
 
     monkeypatch.setattr(principal_cache, "_authenticate_key", database_away)
-    answers = await _kept_for(key, 0.8)
+    answers = await _kept_for(key, 1.0)
     assert look_ups == 1
     served = [at for at, answer in answers if answer == kept]
     refused = [at for at, answer in answers if answer is None]
-    assert served and refused and max(served) < min(refused) <= 0.55
+    assert served and refused and max(served) < min(refused) <= 0.5 + 0.2
 
 
 class _SlowRedis:
