@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+from websockets.exceptions import ConnectionClosed
 
 from devtools.processes import OwnedProcess
 from tests.pusherclient import PusherClient, presence_data, pusher_env
@@ -132,7 +133,10 @@ class Watcher:
 
     async def _read(self) -> None:
         while True:
-            frame = await self.client.receive(timeout=3600)
+            try:
+                frame = await self.client.receive(timeout=3600)
+            except ConnectionClosed:  # closed (the test's end): what it read is kept
+                return
             self.frames.append(frame)
             user_id = json.loads(frame["data"] or "{}").get("user_id")
             if frame["event"] == "pusher_internal:member_added":
