@@ -128,7 +128,8 @@ async def kept_token_principal(key: str, address: str | None) -> Principal | Non
     None whenever the usual way must decide: the key not kept (or expired, or kept
     under another generation), ``address`` at its failure budget (refused there),
     no shared Redis cache, or Redis not answering."""
-    entry = _entries.get(_digest(key))
+    digest = _digest(key)
+    entry = _entries.get(digest)
     if entry is None or time.monotonic() >= entry.expires_at or not _shared_cache_is_redis():
         return None
     limit = auth_failures_limit(address)
@@ -145,7 +146,7 @@ async def kept_token_principal(key: str, address: str | None) -> Principal | Non
             return None
     if entry.generation != _generation(values[generation_key]):
         return None
-    _refresh_if_ending(key, entry)
+    _refresh_if_ending(key, digest, entry)
     return entry.principal
 
 
@@ -163,12 +164,11 @@ REFRESH_AHEAD_FRACTION = 0.2
 _no_refresh_until: dict[str, float] = {}
 
 
-def _refresh_if_ending(key: str, entry: _Entry) -> None:
+def _refresh_if_ending(key: str, digest: str, entry: _Entry) -> None:
     now = time.monotonic()
     ahead = push_settings.REVOCATION_CHECK_SECS * REFRESH_AHEAD_FRACTION
     if entry.expires_at - now > ahead:
         return
-    digest = _digest(key)
     if now < _no_refresh_until.get(digest, 0.0):
         return
     if len(_no_refresh_until) >= MAX_ENTRIES:
