@@ -124,7 +124,8 @@ async def measure(abuse: AbuseNode, names: list[str], secs: float, work: Path) -
         ended = time.time()
         used = cpu_secs(node) - cpu_before - baseline_per_sec * (ended - started)
         report = json.loads(report_path.read_text())
-        (stats,) = report["attacks"]
+        # The report has a row for every attack; the others did nothing.
+        stats = next(row for row in report["attacks"] if row["name"] == name)
         p99, worst = honest.latency((started, ended))
         costs.append(
             Cost(name, stats["clients"], stats["requests"], ended - started, used, p99, worst)
