@@ -573,6 +573,16 @@ async def test_auth_for_an_encrypted_channel_gives_pushers_shared_secret(
     }
 
 
+async def test_more_query_parameters_than_django_reads_are_refused_400(
+    http: httpx.AsyncClient,
+) -> None:
+    # One more than DATA_UPLOAD_MAX_NUMBER_FIELDS: refused before the signature is read.
+    query = "&".join(f"p{i}=1" for i in range(1001))
+    response = await http.get(f"/apps/{APP_ID}/channels?{query}")
+    assert response.status_code == 400, response.text
+    assert "DATA_UPLOAD_MAX_NUMBER_FIELDS" in response.text
+
+
 async def test_auth_refuses_anonymous(http: httpx.AsyncClient) -> None:
     response = await authorize(http, "private-ph-a")
     assert response.status_code == 403

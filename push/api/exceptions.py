@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.db import DatabaseError
 from redis.exceptions import RedisError
 from rest_framework import exceptions
@@ -54,12 +55,24 @@ def error_envelope(exc: PushError | DatabaseError | RedisError) -> tuple[int, di
     return 503, _body(ErrorCode.UNAVAILABLE.value, "Redis unavailable; retry later")
 
 
+def _suspicious_request(exc: SuspiciousOperation) -> Response:
+    """Django's refusals of a request it will not read, such as more query parameters
+    than ``DATA_UPLOAD_MAX_NUMBER_FIELDS``. DRF leaves them uncaught: its content
+    negotiation reads the query string first, so the request was answered 500 (with
+    ``DEBUG`` on, after seconds of CPU rendering the error page)."""
+    if isinstance(exc, RequestDataTooBig):
+        return _envelope(ErrorCode.MESSAGE_TOO_LARGE.value, str(exc), 413)
+    return _envelope(ErrorCode.INVALID_MESSAGE.value, str(exc), 400)
+
+
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, (PushError, DatabaseError, RedisError)):
         status, body = error_envelope(exc)
         return Response(body, status=status)
     if isinstance(exc, exceptions.ParseError):
         return _envelope(ErrorCode.INVALID_JSON.value, str(exc.detail), 400)
+    if isinstance(exc, SuspiciousOperation):
+        return _suspicious_request(exc)
     if isinstance(exc, exceptions.ValidationError):
         return _envelope(
             ErrorCode.INVALID_MESSAGE.value,

@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 
 from channels.security.websocket import OriginValidator
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
@@ -86,6 +86,8 @@ async def _api(
         return JsonResponse(await handle(signed))
     except RequestDataTooBig:
         return _text(413, "Request body too large")
+    except SuspiciousOperation as exc:  # such as more than DATA_UPLOAD_MAX_NUMBER_FIELDS
+        return _text(400, str(exc))
     except PusherRefusal as exc:
         return _text(exc.status, exc.message)
     except PushError as exc:
