@@ -1215,6 +1215,7 @@ def bounded_head_httptools_protocol(
                 self._unsent.drained()  # its send queue bounds a WebSocket
                 self._unsent = None
             super().handle_websocket_upgrade()
+            _answer_unparsed_handshake(self.transport)
 
         def pause_writing(self) -> None:
             # Called in the write that passed the high-water mark; uvicorn's send
@@ -1436,6 +1437,21 @@ def bounded_head_httptools_protocol(
                 self.transport.close()
 
     return BoundedHeadHttpToolsProtocol
+
+
+def _answer_unparsed_handshake(transport: asyncio.Transport) -> None:
+    """Send the refusal websockets made of a WebSocket handshake it could not parse, and
+    close. httptools reads a longer head than websockets does (8 KiB a line, 128
+    headers), so a handshake with a URL or a header past those got websockets' 414 or
+    431, which uvicorn's websockets-sansio protocol never sent: measured, such a
+    connection stayed open unanswered for good, and one address held 600 of them (a file
+    of the node's each, past its address's connection bound, which ends at the upgrade).
+    """
+    conn = getattr(transport.get_protocol(), "conn", None)
+    if getattr(conn, "handshake_exc", None) is None or transport.is_closing():
+        return
+    transport.write(b"".join(conn.data_to_send()))  # type: ignore[union-attr]  # has handshake_exc
+    transport.close()
 
 
 def _uncount(counter: collections.Counter[str], key: str, amount: int) -> None:
