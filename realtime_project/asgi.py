@@ -31,7 +31,10 @@ django.setup(set_prefix=False)
 
 from push.api.fast_publish import FastPublish  # noqa: E402
 from push.api.handler import LoopHandler  # noqa: E402
-from push.transport.server_adapters import peer_gone_probe  # noqa: E402
+from push.transport.server_adapters import (  # noqa: E402
+    MAX_CONTENT_TYPE_BYTES,
+    peer_gone_probe,
+)
 
 # What get_asgi_application() returns, with the middleware hooks that cannot block
 # run on the event loop (push.api.middleware).
@@ -73,6 +76,8 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if not host_allowed(scope):
             return await _bad_host(send)
         return await sse_entry(scope, receive, send)
+    if scope["type"] == "http" and _content_type_too_long(scope):
+        return await _refusal(send, 415, _CONTENT_TYPE_TOO_LONG)
     if scope["type"] == "http" and scope["path"].startswith(NODE_PATHS):
         await _start_node()
         # Our REST API has the address budget; the Pusher HTTP API is for back-ends,
@@ -155,6 +160,13 @@ _OVER_REST_BUDGET = json.dumps(
         "message": "too many requests from this address; retry after Retry-After seconds",
     }
 ).encode()
+_CONTENT_TYPE_TOO_LONG = json.dumps(
+    {
+        "type": "error",
+        "code": ErrorCode.INVALID_MESSAGE.value,
+        "message": f"the Content-Type header is longer than {MAX_CONTENT_TYPE_BYTES} bytes",
+    }
+).encode()
 _OVERLOADED = json.dumps(
     {
         "type": "error",
@@ -202,6 +214,24 @@ def over_rest_budget_before_body(scope: dict[str, Any]) -> tuple[int, bytes] | N
 
 def _retry_after_secs(secs: float) -> int:
     return max(1, math.ceil(secs))
+
+
+def _content_type_too_long(scope: dict[str, Any]) -> bool:
+    return any(
+        name == b"content-type" and len(value) > MAX_CONTENT_TYPE_BYTES
+        for name, value in scope["headers"]
+    )
+
+
+async def _refusal(send: Any, status: int, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _rest_refusal(send: Any, status: int, retry_after_secs: float, body: bytes) -> None:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from push.transport.server_adapters import (
+    MAX_CONTENT_TYPE_BYTES,
     MAX_INCOMPLETE_HEADS_PER_PEER,
     MAX_REQUEST_HEAD_BYTES,
     MAX_REQUEST_HEADERS,
@@ -135,6 +136,24 @@ def test_a_websocket_handshake_past_what_the_server_parses_is_answered(
             assert sock.recv(4096) == b"", "the connection was left open"
         else:
             assert answer.startswith(b"HTTP/1.1 101 "), answer[:200]
+
+
+def test_a_content_type_past_its_bound_is_refused_before_django_parses_it(
+    node: ServerNode,
+) -> None:
+    """Django parses a request's content type and its parameters as it makes the
+    request, and DRF again (60 KB of parameters: 52 ms of CPU per anonymous request)."""
+    content_type = "application/json" + "; a=b" * 300
+    assert len(content_type) > MAX_CONTENT_TYPE_BYTES
+    answer = httpx.post(
+        f"{node.http_url}/api/v1/channels/heads/messages",
+        content=b'{"data": 1}',
+        headers={"Content-Type": content_type},
+        timeout=ANSWER_SECS,
+    )
+    assert answer.status_code == 415
+    assert answer.json()["code"] == "INVALID_MESSAGE"
+    assert str(MAX_CONTENT_TYPE_BYTES) in answer.json()["message"]
 
 
 def _publish_head(token: str, channel: str, body: bytes) -> bytes:
