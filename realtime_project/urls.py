@@ -9,3 +9,7 @@ urlpatterns = [
     path("", include("django_prometheus.urls")),
     path("", include("push.demo")),
 ]
+
+# An unknown path under /api/ is answered in the API's error envelope, not an HTML page
+# (with DEBUG on, Django's own debugging page answers instead).
+handler404 = "push.api.exceptions.not_found"

@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.db import DatabaseError
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views.defaults import page_not_found
 from redis.exceptions import RedisError
 from rest_framework import exceptions
 from rest_framework.response import Response
@@ -80,6 +83,12 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
             400,
             errors=exc.detail,
         )
+    # Django's own 404 and 403 (an unknown ?format= raises Http404 in DRF's content
+    # negotiation) become DRF's, as DRF's handler makes them, so they get the envelope.
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound(*exc.args)
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = exceptions.PermissionDenied(*exc.args)
     response = exception_handler(exc, context)
     if response is not None and isinstance(exc, exceptions.APIException):
         code = {
@@ -89,3 +98,11 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         }.get(response.status_code, str(exc.default_code).upper())
         response.data = {"type": "error", "code": code, "message": str(exc.detail)}
     return response
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """Django's 404 for a path no view serves: the error envelope under ``/api/``."""
+    if request.path.startswith("/api/"):
+        body = _body(ErrorCode.NOT_FOUND.value, f"no API endpoint at {request.path}")
+        return JsonResponse(body, status=404)
+    return page_not_found(request, exception)

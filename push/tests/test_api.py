@@ -303,6 +303,25 @@ def test_more_query_parameters_than_django_reads_are_refused_400(
     assert "DATA_UPLOAD_MAX_NUMBER_FIELDS" in body["message"]
 
 
+def test_an_unknown_format_is_a_404_in_the_error_envelope(client: APIClient) -> None:
+    # DRF's content negotiation raises Django's Http404, which the envelope missed.
+    response = client.get("/api/v1/channels/feed/messages?format=yaml")
+    assert response.status_code == 404
+    assert response.json() == {"type": "error", "code": "NOT_FOUND", "message": "Not found."}
+
+
+@override_settings(DEBUG=False)
+def test_an_unknown_api_path_is_a_404_in_the_error_envelope(client: APIClient) -> None:
+    response = client.get("/api/v1/chanels/feed/messages")
+    assert response.status_code == 404
+    assert response.json() == {
+        "type": "error",
+        "code": "NOT_FOUND",
+        "message": "no API endpoint at /api/v1/chanels/feed/messages",
+    }
+    assert client.get("/no-such-page/").status_code == 404  # Django's own page
+
+
 def test_history_of_private_channel_is_forbidden(client: APIClient) -> None:
     assert client.get("/api/v1/channels/private-x/messages").status_code == 403
 
