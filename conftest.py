@@ -52,6 +52,30 @@ def _no_overload_shedding() -> Iterator[None]:
     conf.push_settings.reload()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_clear_keeps_to_its_worker() -> Iterator[None]:
+    """Django's ``RedisCache.clear()`` is a ``FLUSHDB``: it emptied the tests' whole Redis
+    database, the other test worker's keys among them, mid-test. Two tests clear the
+    throttle counts that way, and a ``redis-cli monitor`` of a clean-clone run saw both
+    ``FLUSHDB``s: the recent-channel leases of the other worker's running test went with
+    them (seen as a publish numbered 1001 where 7 was due, and a history page read
+    empty). Here it deletes this worker's cache entries only (``KEY_PREFIX`` is the
+    worker's ``REDIS_PREFIX``)."""
+    from unittest import mock
+
+    from django.core.cache.backends.redis import RedisCache
+
+    def clear_own_keys(cache: RedisCache) -> None:
+        client = cache._cache.get_client(None, write=True)
+        pattern = f"{cache.key_prefix}:{cache.version}:*"
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        if keys:
+            client.delete(*keys)
+
+    with mock.patch.object(RedisCache, "clear", clear_own_keys):
+        yield
+
+
 # Tables the emptying after a transactional test leaves as the migrations filled them:
 # Django's flush empties them too, then re-creates every row (post_migrate), and no test
 # changes them.
