@@ -223,12 +223,15 @@ def _content_type_too_long(scope: dict[str, Any]) -> bool:
     )
 
 
-async def _refusal(send: Any, status: int, body: bytes) -> None:
+async def _refusal(
+    send: Any, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """A JSON error answered here, before Django."""
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json")],
+            "headers": [(b"content-type", b"application/json"), *headers],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -237,17 +240,8 @@ async def _refusal(send: Any, status: int, body: bytes) -> None:
 async def _rest_refusal(send: Any, status: int, retry_after_secs: float, body: bytes) -> None:
     """429 ``RATE_LIMITED`` (as DRF's throttle answers) or 503 ``UNAVAILABLE``, with
     ``Retry-After``."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"retry-after", str(_retry_after_secs(retry_after_secs)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    retry_after = str(_retry_after_secs(retry_after_secs)).encode()
+    await _refusal(send, status, body, ((b"retry-after", retry_after),))
 
 
 async def _bad_host(send: Any) -> None:
