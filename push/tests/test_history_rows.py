@@ -72,7 +72,8 @@ def test_a_page_walks_the_channel_and_seq_index_and_stops_at_its_limit() -> None
     page = channel_messages("long").filter(seq__gt=1000).order_by("seq")[:50]
     plan = page.explain(analyze=True)
     assert "message_unique_channel_seq" in plan and "Sort" not in plan, plan
-    scan = next(line for line in plan.splitlines() if "Index Scan" in line)
+    # (The channel's own look-up may be an index scan too, or a bitmap one.)
+    scan = next(line for line in plan.splitlines() if "message_unique_channel_seq" in line)
     assert "rows=50 loops=1" in scan, plan
     assert [m.seq for m in page] == list(range(1001, 1051))
 
