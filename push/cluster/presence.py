@@ -187,6 +187,31 @@ def members_after(listed: list[Member], heard: Heard) -> list[Member]:
     return list(by_user.values())
 
 
+class Listeners:
+    """Records of the joins and leaves heard on channels, each kept while its owner
+    listens (a member list or a view being read, ``members_after``)."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, list[Heard]] = {}
+
+    def listen(self, channel: str) -> Heard:
+        heard: Heard = []
+        self._records.setdefault(channel, []).append(heard)
+        return heard
+
+    def unlisten(self, channel: str, heard: Heard) -> None:
+        # By identity: two records that heard the same are still two.
+        records = [h for h in self._records.get(channel, ()) if h is not heard]
+        if records:
+            self._records[channel] = records
+        else:
+            self._records.pop(channel, None)
+
+    def record(self, channel: str, kind: str, changed: Member) -> None:
+        for heard in self._records.get(channel, ()):
+            heard.append((kind, changed))
+
+
 class PresenceStore:
     """Join, leave and list members; ``redis`` None keeps everything in this process."""
 
@@ -208,8 +233,8 @@ class PresenceStore:
         # Redis may have lost them with its data, or made the leave and lost the answer,
         # and then only these say that the member may have left (``_put_right``).
         self._leaving: dict[str, tuple[str, str, str]] = {}
-        # Channel -> the records of those who listen to its joins and leaves (``listen``).
-        self._listening: dict[str, list[Heard]] = {}
+        # The records of those who listen to a channel's joins and leaves (``listen``).
+        self._listening = Listeners()
         # Set by the running node where its channel layer allows: then every join and
         # leave this store reports has been sent to the channel's nodes already.
         self.relay: PresenceRelay | None = None
@@ -397,24 +422,16 @@ class PresenceStore:
         """Record, until ``unlisten``, the joins and leaves of ``channel`` this node
         hears: what a member list read meanwhile may not show, though the channel's
         subscribers here got it (``members_after``)."""
-        heard: Heard = []
-        self._listening.setdefault(channel, []).append(heard)
-        return heard
+        return self._listening.listen(channel)
 
     def unlisten(self, channel: str, heard: Heard) -> None:
-        # By identity: two records that heard the same are still two.
-        listening = [h for h in self._listening.get(channel, ()) if h is not heard]
-        if listening:
-            self._listening[channel] = listening
-        else:
-            self._listening.pop(channel, None)
+        self._listening.unlisten(channel, heard)
 
     def heard(self, channel: str, kind: str, changed: Member) -> None:
         """A join or leave announced (by any node), just before this node's subscribers
         of ``channel`` get it."""
         self.forget_members(channel)
-        for heard in self._listening.get(channel, ()):
-            heard.append((kind, changed))
+        self._listening.record(channel, kind, changed)
 
     async def repair(self, announce: Announce) -> None:
         """Make Redis hold this node's entries again where it does not: after Redis

@@ -17,6 +17,8 @@ A read is made consistent with the events as ``PresenceStore.members`` answers a
 and after it (``Broker.heard_all_before``), whose answer Redis queues behind every
 event published before. So the read follows the groups' subscriptions, and every event
 it already shows has been heard by the time it is compared, never passed on twice.
+Every event heard during the read counts in it, those the view had already (and so did
+not pass on) too: a repair putting a member back just after the read is one.
 
 While it cannot hear, the node passes on its own members' joins and leaves at once
 (``Node.announce_presence``), so a member's own list holds it. A join of a member the
@@ -32,7 +34,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from push.cluster.presence import Member, PresenceStore, member_key, members_after
+from push.cluster.presence import Listeners, Member, PresenceStore, member_key, members_after
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,9 @@ class PresenceViews:
         self._views: dict[str, _View] = {}
         # Channels whose view is to be read (again), in the order they became due.
         self._due: dict[str, None] = {}
+        # The records of the reads under way (``_reconcile``): every join and leave
+        # heard, those not passed on included.
+        self._reading = Listeners()
         self._wake = asyncio.Event()
 
     def hear_with(self, heard_all_before: HeardAllBefore) -> None:
@@ -107,6 +112,11 @@ class PresenceViews:
         their view has it already (a join of a member listed as it is, a leave of one
         not listed), which only an event heard twice makes (this node passed on what
         it sent while it could not hear, or put right what a repair sends again)."""
+        # Recorded whether passed on or not: a join a view already has may be one the
+        # read under way does not show yet (its member put back in Redis by a repair
+        # just after the read), and missing from the record the read would be taken
+        # to say that the member left.
+        self._reading.record(channel, kind, changed)
         view = self._views.get(channel)
         if view is None or view.members is None:
             return True
@@ -167,7 +177,7 @@ class PresenceViews:
         if heard_all_before is None:
             return
         views = {c: self._views[c] for c in channels if c in self._views}
-        heard = {c: self._store.listen(c) for c in views}
+        heard = {c: self._reading.listen(c) for c in views}
         try:
             # After the groups' subscriptions took: nothing published after the read
             # goes unheard.
@@ -178,7 +188,7 @@ class PresenceViews:
             await heard_all_before(list(views))
         finally:
             for channel, record in heard.items():
-                self._store.unlisten(channel, record)
+                self._reading.unlisten(channel, record)
         for channel, view in views.items():
             if self._views.get(channel) is not view:
                 continue  # no longer served, or served anew (and read anew)

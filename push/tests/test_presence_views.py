@@ -114,3 +114,50 @@ async def test_thousands_of_channels_are_read_in_bounded_batches_one_at_a_time()
         runner.cancel()
         for channel in channels[::100]:
             await unheard.leave(channel, "c-amy")
+
+
+async def test_a_member_put_back_in_redis_during_a_read_is_not_passed_on_as_gone() -> None:
+    """Redis lost a member its node still holds; the node's repair puts it back just
+    after the view's read, and the join is heard before the read is compared. The
+    view lists it already, so the join is not passed on, and the read does not show
+    it: the member is there all along, and its subscribers hear nothing of it."""
+    node = await get_node()
+    channel = "presence-put-back"
+    amy = member("amy", {})
+    delivered: list[tuple[str, str, Member]] = []
+
+    def pass_on(channel: str, kind: str, changed: Member) -> None:  # as the node's
+        if views.heard(channel, kind, changed):
+            node.presence.heard(channel, kind, changed)
+            delivered.append((channel, kind, changed))
+
+    views = PresenceViews(node.presence, deliver=pass_on)
+    unheard = _unheard_store(node)
+    # Set to 0 to make the repair's join: when the read, between the two calls, is made.
+    calls: int | None = None
+
+    async def heard_all_before(channels: list[str]) -> None:
+        nonlocal calls
+        if calls is None:
+            return
+        calls += 1
+        if calls == 2:
+            assert await unheard.join(channel, "c-amy", amy)  # the repair's join...
+            pass_on(channel, "join", amy)  # ...heard: the view has amy already
+
+    views.hear_with(heard_all_before)
+    runner = asyncio.ensure_future(views.run())
+    try:
+        assert await unheard.join(channel, "c-amy", amy)
+        views.track(channel)
+        await wait_until(lambda: views._views[channel].members, "the view read")
+        await unheard.leave(channel, "c-amy")  # Redis lost it, its node did not
+        calls = 0
+        views.resubscribed()
+        await wait_until(lambda: calls == 2 and not views._due, "read again")
+        await asyncio.sleep(0.2)
+        assert delivered == []
+        assert [m["user_id"] for m in await views.members(channel) or []] == ["amy"]
+    finally:
+        runner.cancel()
+        await unheard.leave(channel, "c-amy")
