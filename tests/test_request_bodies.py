@@ -196,6 +196,35 @@ async def test_one_address_holds_only_so_many_bytes_of_unfinished_bodies(
             writer.close()
 
 
+async def test_bodies_sent_after_their_refusal_leave_nothing_held_for_their_address(
+    node: ServerNode,
+) -> None:
+    # Refused at their heads (declared too large), ten bodies of 1.5 MB are sent all the
+    # same, and what the node reads of them is dropped: none of it counts against the
+    # address's 16 MiB of unfinished bodies once its connection is gone. Counted
+    # and never given back, 15 MB of them left the address no room for a 1.9 MB body:
+    # every later body from it was dropped, for as long as the node ran.
+    for _ in range(10):
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        try:
+            writer.write(_head("/api/v1/messages", f"Content-Length: {100 * LIMIT}"))
+            writer.write(b" " * 1_500_000)
+            status, _ = await asyncio.wait_for(_status_and_body(reader), ANSWER_SECS)
+            assert status == 413
+            await asyncio.sleep(0.2)  # what the node reads of the rest meanwhile
+        finally:
+            writer.close()
+    declared = 2_000_000
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(_head("/api/v1/messages", f"Content-Length: {declared}"))
+        writer.write(b" " * declared)
+        status, _ = await asyncio.wait_for(_status_and_body(reader), ANSWER_SECS)
+        assert status == 401  # read whole and answered (no token), not dropped
+    finally:
+        writer.close()
+
+
 async def test_a_form_body_reaches_the_application_as_sent(node: ServerNode) -> None:
     # daphne's Twisted parsed form bodies itself, on the event loop, before calling the
     # application (which reads the raw body, never what Twisted parsed): 2 MB of a

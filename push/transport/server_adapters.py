@@ -522,6 +522,13 @@ def _bounded_request(
     kind = type(request)
     received = 0
     counted = 0  # what this request's body counts in ``held``
+    # The body is over (read whole, refused, dropped or its connection lost). Twisted's
+    # transfer decoder took ``handleContentChunk`` when it read the request's length,
+    # so ``bounded_chunk`` is still what it calls for the rest of a refused body: it
+    # counted those bytes again, never given back once the connection closed (~2 MB a
+    # refusal; eight, and the address's every later body was dropped for good), and
+    # answered the refusal again for each chunk past the limit.
+    over = False
 
     def bounded_length(length: int | None) -> None:
         if length is not None and length > limit:
@@ -543,6 +550,8 @@ def _bounded_request(
 
     def bounded_chunk(data: bytes) -> None:
         nonlocal received, counted
+        if over:
+            return
         received += len(data)
         if received > limit:
             refuse()
@@ -566,7 +575,8 @@ def _bounded_request(
         kind.connectionLost(request, reason)
 
     def unwrap() -> None:
-        nonlocal counted
+        nonlocal counted, over
+        over = True
         if counted:
             assert held is not None and key is not None
             held.give_back(key, counted)
