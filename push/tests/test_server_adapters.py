@@ -706,3 +706,32 @@ def test_a_connection_handed_to_a_websocket_counts_no_unsent_response() -> None:
     transport._tempDataLen = 1_000
     channel.pauseProducing()
     assert (transport.aborted, channel.paused, held.bytes) == (False, 2, {})
+
+
+def test_daphne_requests_reach_the_application_with_nothing_parsed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Twisted parsed every query string (and form body) on the event loop before the
+    application was called: the node's requests leave both as they came."""
+    import io
+
+    from daphne import http_protocol
+    from twisted.web import http
+
+    monkeypatch.setattr(  # put back after the test
+        http_protocol.WebRequest, "requestReceived", http_protocol.WebRequest.requestReceived
+    )
+    server_adapters.leave_daphne_requests_unparsed()
+
+    def no_parsing(*args: Any) -> None:
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(http, "parse_qs", no_parsing)
+    processed: list[tuple[bytes, bytes, bytes]] = []
+    request = type("Request", (), {})()
+    request.content = io.BytesIO(b"a=1&" * 1000)
+    request.content.seek(0, 2)  # as Twisted leaves it: at the end of what it stored
+    request.process = lambda: processed.append((request.method, request.uri, request.path))
+    http_protocol.WebRequest.requestReceived(request, b"POST", b"/p?a&a&a", b"HTTP/1.1")
+    assert processed == [(b"POST", b"/p?a&a&a", b"/p")]
+    assert (request.args, request.clientproto, request.content.tell()) == ({}, b"HTTP/1.1", 0)

@@ -409,33 +409,41 @@ def _fail_uvicorn(protocol: Any, code: int, reason: str) -> None:
 # ----- request bodies (daphne) ---------------------------------------------------------
 
 
-def leave_daphne_form_bodies_unparsed() -> None:
-    """Make daphne's requests leave their bodies as they came: daphne hands the raw
-    body to the application and never reads what Twisted parses out of it.
+def leave_daphne_requests_unparsed() -> None:
+    """Make daphne's requests leave their query strings and bodies as they came: daphne
+    hands the raw query string and body to the application and never reads what
+    Twisted parses out of them (``request.args``).
 
-    Twisted's ``Request`` parses every POST whose ``Content-Type`` is a form
-    (``application/x-www-form-urlencoded`` or ``multipart/form-data``) into
-    ``request.args``, on the event loop, before the application sees the request, and
-    before any token or budget is checked. Measured: 2 MB of ``a&a&...`` cost the node
-    0.77 s of CPU per anonymous request (10 requests: 7.7 s, every connection of the
-    node stalled meanwhile), a multipart body as much, against 6 ms for a JSON body of
-    1 KB. Deciding whether a body is a form cost every POST 43 us too (the standard
-    library's e-mail header parser builds two classes per call, left to the cyclic
-    garbage collector). ``parsePOSTFormSubmission`` is Twisted's own switch for it.
-    Called before daphne's server starts, before the bounds below wrap the requests."""
+    Twisted's ``Request.requestReceived`` parses them on the event loop, before the
+    application sees the request, and so before any token or budget is checked, for
+    every request the node answers, refusals included:
+
+    - every query string, into lists of values: a 16 KiB request line of ``a&a&...``
+      cost 4.9 ms of CPU per request, against 0.35 ms for a short one (measured, one
+      anonymous keep-alive client, eight requests at a time: 166 requests a second took
+      82% of a core, almost all of them answered 429 over the address's REST budget);
+    - every POST whose ``Content-Type`` is a form (URL-encoded or multipart): 2 MB of
+      ``a&a&...`` cost 0.77 s of CPU per anonymous request, every connection of the
+      node stalled meanwhile, a multipart body as much; and a multipart body it could
+      not parse got Twisted's own 400 page. Deciding whether a body is a form cost
+      every POST 43 us too (the standard library's e-mail header parser builds two
+      classes per call, left to the cyclic garbage collector).
+
+    So daphne's request class takes Twisted's ``requestReceived`` without the parsing
+    (Twisted 26's, whose only other work is this). Django parses a query string or a
+    form only where a view reads one, within ``DATA_UPLOAD_MAX_NUMBER_FIELDS``. Called
+    before daphne's server starts."""
     from daphne import http_protocol
 
-    build_protocol = http_protocol.HTTPFactory.buildProtocol
+    def request_received(request: Any, command: bytes, path: bytes, version: bytes) -> None:
+        request.content.seek(0, 0)
+        request.args = {}
+        request.method, request.uri = command, path
+        request.clientproto = version
+        request.path = path.split(b"?", 1)[0]
+        request.process()
 
-    def build_unparsing(factory: Any, addr: Any) -> Any:
-        protocol = build_protocol(factory, addr)
-        if protocol is not None:
-            protocol.requestFactory = functools.partial(
-                protocol.requestFactory, parsePOSTFormSubmission=False
-            )
-        return protocol
-
-    http_protocol.HTTPFactory.buildProtocol = build_unparsing
+    http_protocol.WebRequest.requestReceived = request_received
 
 
 def bound_daphne_request_bodies(

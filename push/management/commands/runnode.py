@@ -38,7 +38,7 @@ from push.transport.server_adapters import (
     bound_daphne_unsent_responses,
     bounded_head_httptools_protocol,
     defer_autobahn_config_dump,
-    leave_daphne_form_bodies_unparsed,
+    leave_daphne_requests_unparsed,
 )
 
 APPLICATION = "realtime_project.asgi:application"
@@ -171,7 +171,7 @@ class Command(BaseCommand):
             verbosity=0,
         )
         _install_daphne_drain()
-        leave_daphne_form_bodies_unparsed()
+        leave_daphne_requests_unparsed()
         # Behind a proxy every connection has the proxy's address, and the proxy reads
         # the bodies: they are then not counted per peer.
         behind_proxy = bool(push_settings.TRUSTED_PROXIES)
