@@ -711,16 +711,17 @@ def test_a_connection_handed_to_a_websocket_counts_no_unsent_response() -> None:
 def test_daphne_requests_reach_the_application_with_nothing_parsed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Twisted parsed every query string (and form body) on the event loop before the
-    application was called: the node's requests leave both as they came."""
+    """Twisted parsed every cookie header, query string (and form body) on the event
+    loop before the application was called: the node's requests leave them as they
+    came."""
     import io
 
     from daphne import http_protocol
     from twisted.web import http
+    from twisted.web.http_headers import Headers
 
-    monkeypatch.setattr(  # put back after the test
-        http_protocol.WebRequest, "requestReceived", http_protocol.WebRequest.requestReceived
-    )
+    for name in ("requestReceived", "parseCookies"):  # put back after the test
+        monkeypatch.setattr(http_protocol.WebRequest, name, getattr(http_protocol.WebRequest, name))
     server_adapters.leave_daphne_requests_unparsed()
 
     def no_parsing(*args: Any) -> None:
@@ -735,3 +736,7 @@ def test_daphne_requests_reach_the_application_with_nothing_parsed(
     http_protocol.WebRequest.requestReceived(request, b"POST", b"/p?a&a&a", b"HTTP/1.1")
     assert processed == [(b"POST", b"/p?a&a&a", b"/p")]
     assert (request.args, request.clientproto, request.content.tell()) == ({}, b"HTTP/1.1", 0)
+    request.received_cookies = {}
+    request.requestHeaders = Headers({b"Cookie": [b"a=1; " * 1000]})
+    http_protocol.WebRequest.parseCookies(request)
+    assert request.received_cookies == {}, "its cookies unread"
