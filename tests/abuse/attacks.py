@@ -662,11 +662,14 @@ async def form_bodies(target: Target, stats: AttackStats) -> None:
 
 # Heads that cost a node most to read, each line within what both servers read (daphne's
 # Twisted closes a connection with a line over 16 KiB unanswered): a Content-Type of
-# 3,000 parameters, 1,800 cookies, 7,500 query parameters, and a WebSocket handshake
-# whose URL is past what the handshake's parser takes under uvicorn (8 KiB).
+# 3,000 parameters, 1,800 cookies, 15,000 semicolons as cookies, 7,500 query
+# parameters, and a WebSocket handshake whose URL is past what the handshake's parser
+# takes under uvicorn (8 KiB).
 HEAVY_LINE_BYTES = 15_000
 HEAVY_CONTENT_TYPE = ("application/json" + "; a=b" * 3_000)[:HEAVY_LINE_BYTES].rstrip("; ")
 HEAVY_COOKIE = "; ".join(f"c{i}=v" for i in range(3_000))[:HEAVY_LINE_BYTES].rstrip("; ")
+# Pieces without "=": Twisted caught an exception for each.
+HEAVY_BARE_COOKIE = ";" * HEAVY_LINE_BYTES
 HEAVY_QUERY = "&".join(["a"] * 7_500)  # past 1,000 fields; each one parsed under daphne
 LONG_HANDSHAKE_URL = "/ws/?x=" + "a" * 12_000
 
@@ -677,7 +680,7 @@ async def heavy_heads(target: Target, stats: AttackStats) -> None:
     host, port = urlsplit(target.http_url).hostname, urlsplit(target.http_url).port
     async with http_client(target) as http:
         while await pacer.tick():
-            kind = stats.requests % 4
+            kind = stats.requests % 5
             stats.rest_sent()
             if kind == 0:
                 response = await http.post(
@@ -694,6 +697,11 @@ async def heavy_heads(target: Target, stats: AttackStats) -> None:
             elif kind == 2:
                 response = await http.get(f"/api/v1/channels/heavy/messages?{HEAVY_QUERY}")
                 record_rest(stats, response.status_code, {400, 429})
+            elif kind == 3:
+                response = await http.get(
+                    "/api/v1/channels/heavy/messages", headers={"Cookie": HEAVY_BARE_COOKIE}
+                )
+                record_rest(stats, response.status_code, {200, 429})
             else:
                 status = await _long_handshake(host, port)
                 # 414 under uvicorn; daphne reads lines of up to 16 KiB and accepts it.
