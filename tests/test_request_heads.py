@@ -138,6 +138,49 @@ def test_a_websocket_handshake_past_what_the_server_parses_is_answered(
             assert answer.startswith(b"HTTP/1.1 101 "), answer[:200]
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Sec-WebSocket-Protocol: " + "," * 1100 + "v1.json\r\n",
+        "Sec-WebSocket-Extensions: " + ";" * 1100 + "\r\n",
+        # Sent twice, 1,200 bytes together.
+        "Sec-WebSocket-Protocol: v1.json"
+        + "," * 600
+        + "\r\nSec-WebSocket-Protocol: "
+        + "," * 600
+        + "v1.json\r\n",
+    ],
+)
+def test_a_handshake_with_long_negotiation_headers_is_refused_before_they_are_parsed(
+    node: ServerNode, header: str
+) -> None:
+    """The WebSocket libraries parse a handshake's subprotocols and extensions as lists,
+    before the application can refuse it: past 1 KiB each, the server refuses it."""
+    head = f"GET /ws/ HTTP/1.1\r\n{WEBSOCKET_HANDSHAKE}{header}\r\n".encode()
+    with socket.create_connection(("127.0.0.1", node.port), timeout=ANSWER_SECS) as sock:
+        sock.sendall(head)
+        answer = sock.recv(4096)
+    expected = b"431" if node.server == "uvicorn" else b"400"  # daphne: Twisted's own
+    assert answer.startswith(b"HTTP/1.1 " + expected + b" "), answer[:200]
+
+
+def test_a_handshake_with_negotiation_headers_within_their_bound_is_let_in(
+    node: ServerNode,
+) -> None:
+    header = (
+        "Sec-WebSocket-Protocol: " + "".join(f"x{i}, " for i in range(180)) + "v1.json\r\n"
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+        + "".join(f", x{i}" for i in range(150))
+        + "\r\n"
+    )
+    head = f"GET /ws/ HTTP/1.1\r\n{WEBSOCKET_HANDSHAKE}{header}\r\n".encode()
+    with socket.create_connection(("127.0.0.1", node.port), timeout=ANSWER_SECS) as sock:
+        sock.sendall(head)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 101 "), answer[:200]
+    assert b"v1.json" in answer.split(b"\r\n\r\n", 1)[0], "its subprotocol chosen"
+
+
 def test_a_content_type_past_its_bound_is_refused_before_django_parses_it(
     node: ServerNode,
 ) -> None:
