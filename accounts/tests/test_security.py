@@ -562,3 +562,16 @@ def test_a_deeply_nested_rest_body_is_invalid_json_not_a_server_error() -> None:
     body = '{"data":' + "[" * 100_000 + "]" * 100_000 + "}"
     response = client.post("/api/v1/channels/news/messages", body, content_type="application/json")
     assert response.status_code == 400 and response.json()["code"] == "INVALID_JSON"
+
+
+def test_the_session_cookie_is_read_as_django_reads_it_among_other_cookies() -> None:
+    from accounts.middleware import session_key
+
+    def key(*cookies: bytes) -> str | None:
+        return session_key({"headers": [(b"cookie", c) for c in cookies]})
+
+    assert key(b"a=1; sessionid=abc; b=2") == "abc"
+    assert key(b"a=1", b"sessionid=abc") == "abc"  # a second Cookie header
+    assert key(b"xsessionid=abc; sessionidx=1") is None  # its name only within others'
+    assert key(b";" * 15_000) is None
+    assert key(b";" * 15_000 + b"sessionid=abc") == "abc"
