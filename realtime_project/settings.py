@@ -357,7 +357,10 @@ LOG_JSON = env_bool("LOG_JSON", False, meaning="one JSON object per log line")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"redact": {"()": "push.ops.logs.RedactFilter"}},
+    "filters": {
+        "redact": {"()": "push.ops.logs.RedactFilter"},
+        "client_noise": {"()": "push.ops.logs.SampledClientNoise"},
+    },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
         "json": {"()": "push.ops.logs.JsonFormatter"},
@@ -374,5 +377,6 @@ LOGGING = {
         "django.channels.server": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
         "uvicorn.access": {"handlers": ["console"], "propagate": False},
+        "uvicorn.error": {"filters": ["client_noise"]},
     },
 }

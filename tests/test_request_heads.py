@@ -181,6 +181,18 @@ def test_a_handshake_with_negotiation_headers_within_their_bound_is_let_in(
     assert b"v1.json" in answer.split(b"\r\n\r\n", 1)[0], "its subprotocol chosen"
 
 
+def test_requests_that_do_not_parse_fill_no_log(node: ServerNode) -> None:
+    """uvicorn logs a warning for every request it cannot parse, as fast as a client
+    sends them: the node lets one through per interval, saying how many it left out."""
+    before = node.log().count("Invalid HTTP request received.")
+    for _ in range(200):
+        with socket.create_connection(("127.0.0.1", node.port), timeout=ANSWER_SECS) as sock:
+            sock.sendall(b"\x16\x03\x01 not http\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 400 ")
+    time.sleep(0.5)  # the node's log written
+    assert node.log().count("Invalid HTTP request received.") - before <= 1
+
+
 def test_a_content_type_past_its_bound_is_refused_before_django_parses_it(
     node: ServerNode,
 ) -> None:

@@ -17,7 +17,7 @@ from rest_framework.authtoken.models import Token
 
 from common.errors import CloseCode
 from push.cluster.node import STOP_FLUSH_MIN_SECS
-from push.ops.logs import JsonFormatter, RedactFilter, redact
+from push.ops.logs import JsonFormatter, RedactFilter, SampledClientNoise, redact
 from push.services.runtime import get_node
 from push.tests.redis_proxy import proxied_settings
 from push.tests.wsclient import connected_client, open_client
@@ -215,3 +215,21 @@ def test_json_log_lines_carry_extra_fields() -> None:
     entry = json.loads(JsonFormatter().format(record))
     assert entry["message"] == "closed" and entry["connection_id"] == "c-1"
     assert entry["duration_secs"] == 1.5 and entry["level"] == "INFO"
+
+
+def test_warnings_any_client_can_cause_are_logged_at_most_once_per_interval() -> None:
+    noise = SampledClientNoise(interval_secs=0.5)
+
+    def let_through(msg: str) -> str | None:
+        record = logging.LogRecord("uvicorn.error", logging.WARNING, "", 0, msg, None, None)
+        return record.getMessage() if noise.filter(record) else None
+
+    invalid = "Invalid HTTP request received."
+    assert let_through(invalid) == invalid
+    assert [let_through(invalid) for _ in range(1000)] == [None] * 1000
+    assert let_through("Unsupported upgrade request.") == "Unsupported upgrade request."
+    assert let_through("Something else.") == "Something else."  # others: all of them
+    time.sleep(0.6)
+    assert let_through(invalid) == (
+        f"{invalid} (1000 more since the last such line, not logged: at most one every 0.5 s)"
+    )
