@@ -7,13 +7,14 @@ delivery), so measuring costs nothing that shows in the benchmark.
 from __future__ import annotations
 
 import bisect
+import collections
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client import values as prometheus_values
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
@@ -255,6 +256,46 @@ CONNECTIONS_REFUSED = Counter(
     "(head_deadline)",
     ["limit"],
 )
+
+
+class _AddressHoldings(Collector):
+    """What client addresses hold of the node's server-level bounds right now, each
+    kind summed over every address: a count that never returns to zero once its
+    clients are gone is one that an address was never given back (and that address
+    would be refused or dropped for good)."""
+
+    def __init__(self) -> None:
+        self.counts: list[tuple[str, collections.Counter[str]]] = []
+        REGISTRY.register(self)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "push_address_holdings",
+            "What client addresses hold now, summed over them: open HTTP connections "
+            "(http_connections), refused ones lingering (refused_connections), "
+            "unfinished request heads (unfinished_heads), bytes of unfinished request "
+            "bodies (unfinished_body_bytes) and of unsent responses "
+            "(unsent_response_bytes)",
+            labels=["kind"],
+        )
+        totals: dict[str, int] = {}
+        for kind, counts in self.counts:
+            totals[kind] = totals.get(kind, 0) + sum(counts.values())
+        for kind, total in sorted(totals.items()):
+            family.add_metric([kind], total)
+        yield family
+
+
+_ADDRESS_HOLDINGS = _AddressHoldings()
+
+
+def address_holding(kind: str) -> collections.Counter[str]:
+    """A per-address count of ``kind``, summed into ``push_address_holdings``."""
+    counts: collections.Counter[str] = collections.Counter()
+    _ADDRESS_HOLDINGS.counts.append((kind, counts))
+    return counts
+
+
 CONNECTIONS_ACTIVE = Gauge(
     "push_connections_active", "Open WebSocket connections on this node", ["wire_format"]
 )

@@ -480,7 +480,7 @@ def bound_daphne_request_bodies(
     from daphne import http_protocol
 
     build_protocol = http_protocol.HTTPFactory.buildProtocol
-    held = _HeldBytes(max_unfinished_body_bytes_per_peer)
+    held = _HeldBytes(max_unfinished_body_bytes_per_peer, "unfinished_body_bytes")
 
     def build_bounded(factory: Any, addr: Any) -> Any:
         protocol = build_protocol(factory, addr)
@@ -507,9 +507,9 @@ class _HeldBytes:
 
     __slots__ = ("bytes", "limit")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, kind: str) -> None:
         self.limit = limit
-        self.bytes: collections.Counter[str] = collections.Counter()
+        self.bytes = metrics.address_holding(kind)
 
     def take(self, key: str, nbytes: int) -> bool:
         """Count ``nbytes`` more under ``key``: False once they pass the bound."""
@@ -705,8 +705,8 @@ def bound_daphne_connections_per_peer(limit: int) -> None:
     from daphne import http_protocol
     from twisted.internet.protocol import Protocol
 
-    open_per_peer: collections.Counter[str] = collections.Counter()
-    lingering: collections.Counter[str] = collections.Counter()
+    open_per_peer = metrics.address_holding("http_connections")
+    lingering = metrics.address_holding("refused_connections")
     build_protocol = http_protocol.HTTPFactory.buildProtocol
 
     class Refused(Protocol):
@@ -847,7 +847,7 @@ def bound_daphne_unsent_responses(limit: int) -> None:
         return
     from daphne import http_protocol
 
-    held = _HeldBytes(limit)
+    held = _HeldBytes(limit, "unsent_response_bytes")
     build_protocol = http_protocol.HTTPFactory.buildProtocol
 
     def build_bounded(factory: Any, addr: Any) -> Any:
@@ -1164,13 +1164,13 @@ def bounded_head_httptools_protocol(
     passes its high-water mark until it is below its low one again."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    incomplete: collections.Counter[str] = collections.Counter()
+    incomplete = metrics.address_holding("unfinished_heads")
     # Peer -> the bytes read of its requests' bodies not yet whole.
-    unfinished_body_bytes: collections.Counter[str] = collections.Counter()
+    unfinished_body_bytes = metrics.address_holding("unfinished_body_bytes")
     # Peer -> its open HTTP connections (not yet upgraded).
-    open_per_peer: collections.Counter[str] = collections.Counter()
+    open_per_peer = metrics.address_holding("http_connections")
     # Peer -> the bytes of its responses the transports hold unsent.
-    unsent_held = _HeldBytes(max_unsent_response_bytes_per_peer)
+    unsent_held = _HeldBytes(max_unsent_response_bytes_per_peer, "unsent_response_bytes")
     per_peer = bool(
         max_incomplete_per_peer
         or max_unfinished_body_bytes_per_peer
@@ -1547,7 +1547,7 @@ def bound_daphne_request_heads(*, deadline_secs: float, max_incomplete_per_peer:
     server starts, after the other bounds: a connection it refuses is never built."""
     from daphne import http_protocol
 
-    incomplete: collections.Counter[str] = collections.Counter()
+    incomplete = metrics.address_holding("unfinished_heads")
     build_protocol = http_protocol.HTTPFactory.buildProtocol
 
     def build_bounded(factory: Any, addr: Any) -> Any:
