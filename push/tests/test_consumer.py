@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import uuid
@@ -733,3 +734,19 @@ async def test_a_client_that_heartbeats_through_a_long_resume_is_not_closed_as_s
             break
         acks -= 1
     await client.close()
+
+
+async def test_a_handshake_whose_credentials_take_too_long_to_check_is_told_to_try_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Not kept waiting (uvicorn), nor dropped unanswered (daphne's autobahn, after 5 s).
+    from push.transport import entry
+
+    async def slow(scope: Any) -> None:
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(entry, "resolve_principal", slow)
+    monkeypatch.setattr(entry, "ADMISSION_DEADLINE_SECS", 0.2)
+    accepted, client, _ = await open_client(token="any")
+    assert accepted
+    assert await client.expect_close() == CloseCode.TRY_AGAIN_LATER

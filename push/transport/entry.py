@@ -9,6 +9,7 @@ connection, a seventh of the budget for one.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from channels.security.websocket import WebsocketDenier
@@ -28,6 +29,13 @@ WEBSOCKET_PATHS = frozenset({"/ws/", "/ws"})
 # reading its socket (daphne; see ``bound_inbound``): as many as the old websockets
 # implementation of uvicorn queues. Bytes: one frame of the size limit.
 INBOUND_MAX_FRAMES = 32
+# How long a handshake's credentials may take to check (a token or a session read on the
+# database's threads, which a loaded node may keep waiting): past it the client is told
+# to try again later (1013), as when the database is down. Without it, uvicorn kept such
+# a handshake waiting for as long as the check took, and daphne's autobahn dropped it
+# unanswered after its own 5 s (the abuse suite's handshake attackers under daphne saw
+# "did not receive a valid HTTP response" now and then).
+ADMISSION_DEADLINE_SECS = 4.0
 
 
 class WebSocketEntry:
@@ -39,8 +47,9 @@ class WebSocketEntry:
         if not (pusher or scope.get("path") in WEBSOCKET_PATHS) or not self.origins.allows(scope):
             return await WebsocketDenier()(scope, receive, send)
         try:
-            principal = await resolve_principal(scope)
-        except PushError:
+            async with asyncio.timeout(ADMISSION_DEADLINE_SECS):
+                principal = await resolve_principal(scope)
+        except (PushError, TimeoutError):
             return await _try_again_later(receive, send, pusher=pusher)
         if principal is None:
             return await WebsocketDenier()(scope, receive, send)
@@ -64,10 +73,10 @@ class WebSocketEntry:
 
 
 async def _try_again_later(receive: Any, send: Any, *, pusher: bool) -> None:
-    """The token could not be checked (the database is down, or the address failed too
-    often), the address is over its handshake budget, or the node is overloaded and the
-    client anonymous: accept and close with 1013, so
-    the client retries later instead of reading 403 as a bad token. A Pusher client is
+    """The token could not be checked (the database is down or too slow, or the address
+    failed too often), the address is over its handshake budget, or the node is
+    overloaded and the client anonymous: accept and close with 1013, so the client
+    retries later instead of reading 403 as a bad token. A Pusher client is
     told the same in Pusher's words (``pusher:error`` 4100, over capacity, and close
     4100: reconnect after a back-off), as its connection would be."""
     if (await receive())["type"] != "websocket.connect":
