@@ -613,7 +613,7 @@ def _counted(held: Any) -> tuple[_Request, _Transport]:
 
 
 async def test_unfinished_bodies_of_one_peer_share_a_bound_until_they_are_whole() -> None:
-    held = server_adapters._HeldBytes(10)
+    held = server_adapters._HeldBytes(10, "unfinished_body_bytes")
     first, _ = _counted(held)
     second, dropped = _counted(held)
     first.handleContentChunk(b"123456")
@@ -676,7 +676,7 @@ def _unsent_counted(held: Any) -> tuple[_HttpProtocol, _HttpChannel, _TwistedTra
 
 
 def test_unsent_responses_of_one_peer_share_a_bound_until_drained() -> None:
-    held = server_adapters._HeldBytes(100)
+    held = server_adapters._HeldBytes(100, "unsent_response_bytes")
     _, first, first_transport = _unsent_counted(held)
     second_protocol, second, second_transport = _unsent_counted(held)
     first_transport._tempDataLen = 60
@@ -698,7 +698,7 @@ def test_unsent_responses_of_one_peer_share_a_bound_until_drained() -> None:
 
 
 def test_a_connection_handed_to_a_websocket_counts_no_unsent_response() -> None:
-    held = server_adapters._HeldBytes(100)
+    held = server_adapters._HeldBytes(100, "unsent_response_bytes")
     _, channel, transport = _unsent_counted(held)
     transport._tempDataLen = 60
     channel.pauseProducing()
