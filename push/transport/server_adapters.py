@@ -423,7 +423,6 @@ def leave_daphne_requests_unparsed() -> None:
       ``=``: 15,000 semicolons (a head is at most 16 KiB) cost 8 ms of CPU per request
       (one anonymous keep-alive client, eight requests at a time: 119 requests a second
       took 96% of a core);
-
     - every query string, into lists of values: a 16 KiB request line of ``a&a&...``
       cost 4.9 ms of CPU per request, against 0.35 ms for a short one (measured, one
       anonymous keep-alive client, eight requests at a time: 166 requests a second took
