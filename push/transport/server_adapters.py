@@ -23,7 +23,7 @@ import importlib.metadata
 import json
 import logging
 import pprint
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -652,17 +652,22 @@ def _daphne_scope(request: Any) -> dict[str, Any]:
     its path, client address and headers, as its ASGI scope will have them."""
     peer: Any = request.channel.transport.getPeer() if request.channel else None
     host = getattr(peer, "host", None)
-    headers = [
-        (name.lower(), value)
-        for name, values in request.requestHeaders.getAllRawHeaders()
-        for value in values
-    ]
+    headers = _daphne_headers(request)
     return {
         "type": "http",
         "path": unquote(request.uri.split(b"?", 1)[0].decode("latin-1")),  # as daphne's
         "client": (host, peer.port) if host else None,
         "headers": headers,
     }
+
+
+def _daphne_headers(request: Any) -> list[tuple[bytes, bytes]]:
+    """A daphne request's headers as its ASGI scope will have them: lowercase names."""
+    return [
+        (name.lower(), value)
+        for name, values in request.requestHeaders.getAllRawHeaders()
+        for value in values
+    ]
 
 
 # The request methods ``_bounded_request`` wraps.
@@ -1195,8 +1200,6 @@ def bounded_head_httptools_protocol(
     class BoundedHeadHttpToolsProtocol(HttpToolsProtocol):
         _head_bytes = 0
         _head_fields = 0
-        # Of the head being read: the bytes of each negotiation header's values.
-        _negotiation_bytes: dict[bytes, int] | None = None
         _in_head = False
         # Whether the head being read has its deadline and counts in ``incomplete``:
         # only once it spans more than one read (see ``data_received``).
@@ -1322,7 +1325,6 @@ def bounded_head_httptools_protocol(
                     self._in_head = True
                     self._head_bytes = 0
                     self._head_fields = 0
-                    self._negotiation_bytes = None
             if not self._in_head:
                 base_data_received(self, data)
                 if self._in_body:
@@ -1348,25 +1350,17 @@ def bounded_head_httptools_protocol(
 
         def on_header(self, name: bytes, value: bytes) -> None:
             self._head_fields += 1
-            if self._head_fields > max_headers or (
-                name[:14].lower() == b"sec-websocket-" and self._too_much_negotiation(name, value)
-            ):
+            if self._head_fields > max_headers:
                 # Raised in the parser's callback, the parser stops and uvicorn answers
                 # through send_400_response, which says why instead.
                 self._head_refused = True
                 raise _HeadTooLarge
-            base_on_header(self, name, value)
-
-        def _too_much_negotiation(self, name: bytes, value: bytes) -> bool:
-            """Whether ``value`` takes a negotiation header of this head past its bound
-            (``MAX_WEBSOCKET_NEGOTIATION_BYTES``)."""
-            key = name.lower()
-            if key not in _NEGOTIATION_HEADERS:
-                return False
-            if self._negotiation_bytes is None:
-                self._negotiation_bytes = {}
-            taken = self._negotiation_bytes[key] = self._negotiation_bytes.get(key, 0) + len(value)
-            return taken > MAX_WEBSOCKET_NEGOTIATION_BYTES
+            base_on_header(self, name, value)  # kept in ``self.headers``, name lowered
+            if name[:14].lower() == b"sec-websocket-" and _negotiation_too_long(
+                self.headers[-1][0], self.headers
+            ):
+                self._head_refused = True  # as above
+                raise _HeadTooLarge
 
         def send_400_response(self, msg: str) -> None:
             if self._head_refused:
@@ -1409,7 +1403,6 @@ def bounded_head_httptools_protocol(
             self._in_head = True
             self._head_bytes = 0
             self._head_fields = 0
-            self._negotiation_bytes = None
 
         def _arm_head(self) -> None:
             if self._head_armed or not self._in_head:
@@ -1637,7 +1630,9 @@ class _DaphneHeads:
         def header_checked(line: bytes) -> bool:
             if not header_received(line):
                 return False
-            if line[:14].lower() == b"sec-websocket-" and _too_much_negotiation(channel, line):
+            if line[:14].lower() == b"sec-websocket-" and _negotiation_too_long(
+                line.split(b":", 1)[0].strip().lower(), _daphne_headers(channel.requests[-1])
+            ):
                 # Twisted's own answer to a head past its bounds; it reads no further.
                 channel._respondToBadRequestAndDisconnect()
                 return False
@@ -1677,14 +1672,13 @@ class _DaphneHeads:
         self.channel.timeoutConnection()
 
 
-def _too_much_negotiation(channel: Any, line: bytes) -> bool:
-    """Whether the header ``line`` Twisted's ``channel`` just stored takes a negotiation
-    header of its request past ``MAX_WEBSOCKET_NEGOTIATION_BYTES``."""
-    name = line.split(b":", 1)[0].strip().lower()
-    if name not in _NEGOTIATION_HEADERS:
-        return False
-    values = channel.requests[-1].requestHeaders.getRawHeaders(name) or ()
-    return sum(len(value) for value in values) > MAX_WEBSOCKET_NEGOTIATION_BYTES
+def _negotiation_too_long(name: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether the negotiation header ``name`` (lowercase; any other is never too long)
+    carries more than ``MAX_WEBSOCKET_NEGOTIATION_BYTES`` among ``headers`` (lowercase
+    names, as both servers keep a request's)."""
+    return name in _NEGOTIATION_HEADERS and (
+        sum(len(value) for key, value in headers if key == name) > MAX_WEBSOCKET_NEGOTIATION_BYTES
+    )
 
 
 # ----- inbound bound (daphne) ---------------------------------------------------------
