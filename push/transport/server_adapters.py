@@ -1064,11 +1064,11 @@ def _default_header_lines(headers: Headers) -> bytes | None:
 MAX_REQUEST_HEAD_BYTES = 65_536
 MAX_REQUEST_HEADERS = 100
 # The bytes a request may carry in each of the WebSocket handshake's negotiation headers
-# (its values together, when sent more than once): a browser sends some 50 bytes of
-# extensions, a client a few subprotocols. Both servers' WebSocket libraries parse them
-# as lists before the application can refuse anything, for every handshake, however
-# fast an address makes them (a refusal of its handshake budget comes after): measured,
-# 7 KB of commas as subprotocols cost uvicorn's websockets 2.3 ms of CPU per handshake,
+# (its lines together, names included, when sent more than once): a browser sends a
+# line of some 70 bytes of extensions, a client a few subprotocols. Both servers'
+# WebSocket libraries parse them as lists before the application can refuse anything,
+# for every handshake, however fast an address makes them (a refusal of its handshake
+# budget comes after): measured, 7 KB of commas as subprotocols cost uvicorn's websockets 2.3 ms of CPU per handshake,
 # and 7 KB of semicolons as extensions daphne's autobahn 3.3 ms, against 0.4 and 0.7 ms
 # for a plain handshake. Past it, uvicorn answers 431 and daphne's Twisted its own 400.
 MAX_WEBSOCKET_NEGOTIATION_BYTES = 1024
@@ -1356,8 +1356,9 @@ def bounded_head_httptools_protocol(
                 self._head_refused = True
                 raise _HeadTooLarge
             base_on_header(self, name, value)  # kept in ``self.headers``, name lowered
+            lowered = self.headers[-1][0]
             if name[:14].lower() == b"sec-websocket-" and _negotiation_too_long(
-                self.headers[-1][0], self.headers
+                lowered, (value for key, value in self.headers if key == lowered)
             ):
                 self._head_refused = True  # as above
                 raise _HeadTooLarge
@@ -1631,7 +1632,8 @@ class _DaphneHeads:
             if not header_received(line):
                 return False
             if line[:14].lower() == b"sec-websocket-" and _negotiation_too_long(
-                line.split(b":", 1)[0].strip().lower(), _daphne_headers(channel.requests[-1])
+                name := line.split(b":", 1)[0].strip().lower(),
+                channel.requests[-1].requestHeaders.getRawHeaders(name) or (),
             ):
                 # Twisted's own answer to a head past its bounds; it reads no further.
                 channel._respondToBadRequestAndDisconnect()
@@ -1672,13 +1674,16 @@ class _DaphneHeads:
         self.channel.timeoutConnection()
 
 
-def _negotiation_too_long(name: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """Whether the negotiation header ``name`` (lowercase; any other is never too long)
-    carries more than ``MAX_WEBSOCKET_NEGOTIATION_BYTES`` among ``headers`` (lowercase
-    names, as both servers keep a request's)."""
-    return name in _NEGOTIATION_HEADERS and (
-        sum(len(value) for key, value in headers if key == name) > MAX_WEBSOCKET_NEGOTIATION_BYTES
-    )
+def _negotiation_too_long(name: bytes, values: Iterable[bytes]) -> bool:
+    """Whether the lines of the negotiation header ``name`` (lowercase; any other is
+    never too long) with these ``values`` take more than
+    ``MAX_WEBSOCKET_NEGOTIATION_BYTES``. Whole lines, the name's bytes too: counted by
+    their values alone, 500 one-byte lines (as many headers as daphne takes) stayed
+    under it and cost a sum over all of them per line."""
+    if name not in _NEGOTIATION_HEADERS:
+        return False
+    line_bytes = len(name) + 2  # "name: "
+    return sum(line_bytes + len(value) for value in values) > MAX_WEBSOCKET_NEGOTIATION_BYTES
 
 
 # ----- inbound bound (daphne) ---------------------------------------------------------
