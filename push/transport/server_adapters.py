@@ -1068,9 +1068,10 @@ MAX_REQUEST_HEADERS = 100
 # line of some 70 bytes of extensions, a client a few subprotocols. Both servers'
 # WebSocket libraries parse them as lists before the application can refuse anything,
 # for every handshake, however fast an address makes them (a refusal of its handshake
-# budget comes after): measured, 7 KB of commas as subprotocols cost uvicorn's websockets 2.3 ms of CPU per handshake,
-# and 7 KB of semicolons as extensions daphne's autobahn 3.3 ms, against 0.4 and 0.7 ms
-# for a plain handshake. Past it, uvicorn answers 431 and daphne's Twisted its own 400.
+# budget comes after): measured, 7 KB of commas as subprotocols cost uvicorn's
+# websockets 2.3 ms of CPU per handshake, and 7 KB of semicolons as extensions daphne's
+# autobahn 3.3 ms, against 0.4 and 0.7 ms for a plain handshake. Past it, uvicorn
+# answers 431 and daphne's Twisted its own 400.
 MAX_WEBSOCKET_NEGOTIATION_BYTES = 1024
 _NEGOTIATION_HEADERS = (b"sec-websocket-protocol", b"sec-websocket-extensions")
 # A request whose Content-Type is longer is refused (415) before Django parses it
